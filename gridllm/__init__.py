@@ -1,0 +1,16 @@
+"""gridllm: an LLM inference server (gRPC services) and a vLLM-style in-process engine."""
+
+from gridllm.outputs import CompletionOutput, Logprob, RequestOutput
+from gridllm.sampling_params import SamplingParams
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # Heavy imports (torch, transformers) only when the engine is used.
+    if name == "LLM":
+        from gridllm.llm import LLM
+
+        return LLM
+    raise AttributeError(name)

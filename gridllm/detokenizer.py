@@ -1,0 +1,80 @@
+"""Incremental detokenization with stop strings, shared by ``LLM`` and the router."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gridllm.sampling_params import SamplingParams
+
+# Tokens before the first new one that are decoded again for context (spaces, merges).
+_CONTEXT_TOKENS = 5
+
+
+class IncrementalDetokenizer:
+    """Turns a stream of token ids into text without splitting a multi-byte character.
+
+    Also finds stop strings: ``update`` returns the matched string, after which
+    ``output_text`` ends at (or just after, with ``include_stop_str_in_output``) it.
+
+    Args:
+        tokenizer: a transformers tokenizer, or None (then text stays empty).
+        prompt_token_ids: decoded again as context for the first output tokens.
+        params: skip_special_tokens, stop, include_stop_str_in_output.
+    """
+
+    def __init__(self, tokenizer: Any | None, prompt_token_ids: list[int],
+                 params: SamplingParams):
+        self.tokenizer = tokenizer
+        self.params = params
+        self.token_ids = list(prompt_token_ids[-_CONTEXT_TOKENS:])
+        self.prefix_offset = 0
+        self.read_offset = len(self.token_ids)
+        self.output_text = ""
+        self._num_emitted = 0
+        self._max_stop_len = max((len(s) for s in params.stop), default=0)
+
+    def update(self, new_token_ids: list[int]) -> str | None:
+        """Append tokens; returns the stop string that ended the text, if any."""
+        if self.tokenizer is None:
+            return None
+        for token_id in new_token_ids:
+            self.token_ids.append(token_id)
+            delta = self._decode_next()
+            if not delta:
+                continue
+            start = max(len(self.output_text) - self._max_stop_len + 1, 0)
+            self.output_text += delta
+            stop = self._find_stop(start)
+            if stop is not None:
+                return stop
+        return None
+
+    def _decode_next(self) -> str:
+        decode = self.tokenizer.decode
+        skip = self.params.skip_special_tokens
+        prefix_text = decode(self.token_ids[self.prefix_offset:self.read_offset],
+                             skip_special_tokens=skip)
+        new_text = decode(self.token_ids[self.prefix_offset:], skip_special_tokens=skip)
+        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
+            return ""  # an incomplete UTF-8 sequence: wait for the next token
+        self.prefix_offset = self.read_offset
+        self.read_offset = len(self.token_ids)
+        return new_text[len(prefix_text):]
+
+    def _find_stop(self, start: int) -> str | None:
+        for stop in self.params.stop:
+            index = self.output_text.find(stop, start)
+            if index != -1:
+                end = index + len(stop) if self.params.include_stop_str_in_output else index
+                self.output_text = self.output_text[:end]
+                return stop
+        return None
+
+    def get_delta(self, finished: bool) -> str:
+        """Text not handed out yet; holds back a tail that could begin a stop string."""
+        end = len(self.output_text)
+        if not finished and self._max_stop_len > 1:
+            end = max(end - self._max_stop_len + 1, self._num_emitted)
+        delta = self.output_text[self._num_emitted:end]
+        self._num_emitted = end
+        return delta

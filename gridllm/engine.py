@@ -1,0 +1,96 @@
+"""The in-process engine core: scheduler + model runner, one step at a time."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from gridllm.config import CacheConfig, ModelConfig, SchedulerConfig
+from gridllm.logger import log_memory
+from gridllm.sampling_params import SamplingParams
+from scheduler_svc.output import RequestUpdate
+from scheduler_svc.request import Request, RequestStatus
+from scheduler_svc.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineStats:
+    num_requests_running: int
+    num_requests_waiting: int
+    kv_blocks_total: int
+    kv_blocks_free: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
+
+
+class EngineCore:
+    """Builds the model runner, sizes the scheduler from it and steps both.
+
+    Args:
+        model_config, cache_config, scheduler_config: ``cache_config.num_kv_blocks`` and
+            ``scheduler_config.max_model_len`` are filled in from the runner.
+        eos_token_id: the tokenizer's EOS id (None without a tokenizer).
+    """
+
+    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig,
+                 scheduler_config: SchedulerConfig, eos_token_id: int | None = None):
+        from worker_svc.model_runner import ModelRunner
+
+        self.runner = ModelRunner(model_config, cache_config, scheduler_config,
+                                  eos_token_id=eos_token_id)
+        cache_config.num_kv_blocks = self.runner.num_kv_blocks
+        scheduler_config.max_model_len = self.runner.max_model_len
+        scheduler_config.__post_init__()
+        self.scheduler = Scheduler(scheduler_config, cache_config)
+        self.eos_token_id = eos_token_id
+        self.vocab_size = self.runner.vocab_size
+        self.max_model_len = self.runner.max_model_len
+        log_memory("after weights load and KV cache allocation", self.runner.device)
+        logger.info("KV cache: %d blocks of %d tokens", self.runner.num_kv_blocks,
+                    cache_config.block_size)
+
+    def set_eos_token_id(self, eos_token_id: int | None) -> None:
+        self.eos_token_id = eos_token_id
+        self.runner.eos_token_id = eos_token_id
+
+    def make_request(self, req_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                     priority: int = 0, extra_stop_token_ids: Iterable[int] = ()) -> Request:
+        """Validate a prompt against this model and build its Request (ValueError if bad)."""
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt_token_ids must be in [0, {self.vocab_size}); got {bad[:5]}.")
+        params.verify_vocab(self.vocab_size)
+        self.scheduler.check_prompt(prompt_token_ids)
+        extra = [t for t in extra_stop_token_ids if t not in params.stop_token_ids]
+        if extra and not params.ignore_eos:
+            params = params.clone(stop_token_ids=params.stop_token_ids + extra)
+        return Request(req_id, list(prompt_token_ids), params, eos_token_id=self.eos_token_id,
+                       priority=priority)
+
+    def add_request(self, request: Request) -> None:
+        self.scheduler.add_request(request)
+
+    def abort_requests(self, req_ids: Iterable[str],
+                       status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> list[str]:
+        return self.scheduler.abort_requests(req_ids, status)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def step(self) -> list[RequestUpdate]:
+        """Schedule, run the model once and apply its output."""
+        scheduler_output = self.scheduler.schedule()
+        if scheduler_output.is_empty and not scheduler_output.finished_req_ids:
+            return []
+        runner_output = self.runner.execute_model(scheduler_output)
+        return self.scheduler.update_from_output(scheduler_output, runner_output)
+
+    def stats(self) -> EngineStats:
+        bm = self.scheduler.block_manager
+        return EngineStats(self.scheduler.num_running, self.scheduler.num_waiting,
+                           bm.num_blocks, bm.num_free_blocks, bm.prefix_cache_queries,
+                           bm.prefix_cache_hits, self.scheduler.num_preemptions)

@@ -1,0 +1,227 @@
+"""``gridllm.LLM``: the vLLM-style offline API over the in-process engine."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from gridllm.config import CacheConfig, ModelConfig, SchedulerConfig
+from gridllm.engine import EngineCore
+from gridllm.logger import configure_logging
+from gridllm.output_processor import OutputProcessor
+from gridllm.outputs import RequestOutput
+from gridllm.sampling_params import SamplingParams
+from gridllm.tokenizer import eos_token_ids, load_tokenizer
+from scheduler_svc.request import RequestStatus
+
+logger = logging.getLogger(__name__)
+
+PromptType = str | dict[str, Any]
+
+
+class LLM:
+    """Generate completions in-process, as ``vllm.LLM`` does.
+
+    Args:
+        model: HF directory, GGUF file or preset name (``"smollm2-135m"``).
+        tokenizer: tokenizer directory (defaults to the model's).
+        skip_tokenizer_init: load no tokenizer; token-id prompts only, empty text.
+        dtype: ``auto`` (bf16 on CUDA, fp32 on CPU), ``float32``, ``float16``, ``bfloat16``.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        max_model_len: longest prompt + completion (default: the model's).
+        block_size, num_kv_blocks, enable_prefix_caching: KV cache layout.
+        max_num_seqs, max_num_batched_tokens, enable_chunked_prefill, scheduling_policy:
+            scheduler budgets and policy (``fcfs`` or ``priority``).
+        seed: seed of the engine's random generator.
+        profile_dir: if set, a torch profiler Chrome trace of the steps of each
+            ``generate`` call is written there.
+        **kwargs: further ``ModelConfig``/``CacheConfig`` fields (``attention_backend``,
+            ``enforce_eager``, ``kv_cache_memory``, ``gpu_memory_utilization``).
+    """
+
+    def __init__(self, model: str, *, tokenizer: str | None = None,
+                 skip_tokenizer_init: bool = False, dtype: str = "auto", device: str = "auto",
+                 max_model_len: int | None = None, block_size: int = 16,
+                 num_kv_blocks: int | None = None, max_num_seqs: int = 256,
+                 max_num_batched_tokens: int = 2048, enable_prefix_caching: bool = True,
+                 enable_chunked_prefill: bool = True, scheduling_policy: str = "fcfs",
+                 seed: int = 0, profile_dir: str | None = None, **kwargs: Any):
+        from gridllm.presets import resolve_model
+
+        configure_logging()
+        model_kwargs = {k: kwargs.pop(k) for k in ("attention_backend", "enforce_eager")
+                        if k in kwargs}
+        cache_kwargs = {k: kwargs.pop(k) for k in ("kv_cache_memory", "gpu_memory_utilization")
+                        if k in kwargs}
+        if kwargs:
+            raise ValueError(f"unknown LLM arguments: {sorted(kwargs)}.")
+        model_path = resolve_model(model)
+        self.model_config = ModelConfig(model_path, tokenizer, skip_tokenizer_init, dtype, device,
+                                        max_model_len, seed=seed, **model_kwargs)
+        cache_config = CacheConfig(block_size, num_kv_blocks,
+                                   enable_prefix_caching=enable_prefix_caching, **cache_kwargs)
+        scheduler_config = SchedulerConfig(
+            max_num_seqs, max_num_batched_tokens,
+            max_model_len=max(max_model_len or 1, max_num_batched_tokens),
+            enable_chunked_prefill=enable_chunked_prefill, policy=scheduling_policy)
+        tokenizer_dir = tokenizer or (model_path if os.path.isdir(model_path) else None)
+        self.tokenizer = None if skip_tokenizer_init else load_tokenizer(tokenizer_dir)
+        self.engine = EngineCore(self.model_config, cache_config, scheduler_config)
+        eos_ids = eos_token_ids(self.tokenizer, self.engine.runner.hf_config,
+                                model_path if os.path.isdir(model_path) else None)
+        self.engine.set_eos_token_id(eos_ids[0] if eos_ids else None)
+        self._extra_stop_ids = eos_ids[1:]
+        self.profile_dir = profile_dir
+        self._counter = itertools.count()
+
+    def get_tokenizer(self) -> Any | None:
+        return self.tokenizer
+
+    def generate(self, prompts: PromptType | Sequence[PromptType],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+                 priority: Sequence[int] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Complete each prompt; outputs come back in prompt order.
+
+        Args:
+            prompts: a ``str`` or ``{"prompt_token_ids": [...]}``, or a list of them.
+            sampling_params: one for all prompts, or one per prompt.
+            priority: one per prompt (``scheduling_policy="priority"``; lower runs first).
+            use_tqdm: show a progress bar.
+        Raises:
+            ValueError: a bad prompt or parameter (no request is left behind).
+        """
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        params_list = self._expand(sampling_params, len(prompts), "sampling_params")
+        priorities = self._expand(priority, len(prompts), "priority", default=0)
+        requests = [self._prepare(p, sp) for p, sp in zip(prompts, params_list)]
+        processor = OutputProcessor(self.tokenizer)
+        order: dict[str, int] = {}
+        engine_requests = []
+        # Validate every prompt before queueing any, so a bad one leaves nothing behind.
+        for index, ((prompt_text, prompt_ids), params, prio) in enumerate(
+                zip(requests, params_list, priorities)):
+            parent_id = str(next(self._counter))
+            order[parent_id] = index
+            children = {f"{parent_id}-{k}" if params.n > 1 else parent_id:
+                        params.clone(n=1, seed=None if params.seed is None else params.seed + k)
+                        for k in range(params.n)}
+            processor.add(parent_id, prompt_text, prompt_ids, children)
+            engine_requests += [self.engine.make_request(child_id, prompt_ids, child_params,
+                                                         prio, self._extra_stop_ids)
+                                for child_id, child_params in children.items()]
+        for request in engine_requests:
+            self.engine.add_request(request)
+        return self._run(processor, order, use_tqdm)
+
+    def _run(self, processor: OutputProcessor, order: dict[str, int],
+             use_tqdm: bool) -> list[RequestOutput]:
+        from tqdm.auto import tqdm
+
+        results: list[RequestOutput | None] = [None] * len(order)
+        bar = tqdm(total=len(order), desc="Processed prompts", disable=not use_tqdm,
+                   dynamic_ncols=True)
+        profiler = self._start_profiler()
+        try:
+            while self.engine.has_unfinished_requests():
+                updates = self.engine.step()
+                finished, stopped = processor.process(updates)
+                if stopped:
+                    self.engine.abort_requests(stopped, RequestStatus.FINISHED_STOPPED)
+                for output in finished:
+                    results[order[output.request_id]] = output
+                bar.update(len(finished))
+                if profiler is not None:
+                    profiler.step()
+        except BaseException:
+            self.engine.abort_requests([r for r in list(self.engine.scheduler.requests)])
+            raise
+        finally:
+            bar.close()
+            self._stop_profiler(profiler)
+        return [r for r in results if r is not None]
+
+    def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+             add_generation_prompt: bool = True, use_tqdm: bool = True) -> list[RequestOutput]:
+        """Apply the tokenizer's chat template to one conversation (or a list) and generate."""
+        if self.tokenizer is None:
+            raise ValueError("chat needs a tokenizer; this LLM has none.")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [{"prompt_token_ids": apply_chat_template(self.tokenizer, conv,
+                                                            add_generation_prompt)}
+                   for conv in conversations]  # type: ignore[arg-type]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    # ----------------------------------------------------------------- helpers
+    @staticmethod
+    def _expand(value: Any, count: int, name: str, default: Any = None) -> list[Any]:
+        if value is None:
+            value = SamplingParams() if name == "sampling_params" else default
+        if isinstance(value, (list, tuple)):
+            if len(value) != count:
+                raise ValueError(f"{name} must have one entry per prompt ({count}), "
+                                 f"got {len(value)}.")
+            return list(value)
+        return [value] * count
+
+    def _prepare(self, prompt: PromptType, params: SamplingParams) -> tuple[str | None, list[int]]:
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params must be SamplingParams, got {type(params)!r}.")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("text prompts need a tokenizer; pass "
+                                 "{'prompt_token_ids': [...]} instead.")
+            if not prompt:
+                raise ValueError("prompt must not be empty.")
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            ids = prompt["prompt_token_ids"]
+            if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) for t in ids):
+                raise ValueError("prompt_token_ids must be a list of ints.")
+            return prompt.get("prompt"), list(ids)
+        raise ValueError("each prompt must be a str or a dict with 'prompt_token_ids'.")
+
+    def _start_profiler(self) -> Any:
+        if not self.profile_dir:
+            return None
+        import torch.profiler as tp
+
+        activities = [tp.ProfilerActivity.CPU]
+        if self.engine.runner.device.type == "cuda":
+            activities.append(tp.ProfilerActivity.CUDA)
+        profiler = tp.profile(activities=activities, record_shapes=True, profile_memory=True,
+                              with_stack=True)
+        profiler.__enter__()
+        return profiler
+
+    def _stop_profiler(self, profiler: Any) -> None:
+        if profiler is None:
+            return
+        profiler.__exit__(None, None, None)
+        os.makedirs(self.profile_dir, exist_ok=True)  # type: ignore[arg-type]
+        path = os.path.join(self.profile_dir, f"trace-{os.getpid()}-{next(self._counter)}.json")  # type: ignore[arg-type]
+        profiler.export_chrome_trace(path)
+        logger.info("profiler trace written to %s", path)
+
+
+def apply_chat_template(tokenizer: Any, messages: list[dict[str, str]],
+                        add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of a conversation under the tokenizer's chat template."""
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or set(message) - {"role", "content"}:
+            raise ValueError(f"messages[{i}] must have only 'role' and 'content' fields.")
+        if not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
+            raise ValueError(f"messages[{i}] needs string 'role' and 'content'.")
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("the tokenizer has no chat template.")
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                        tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+        ids = ids["input_ids"]
+    return list(ids)

@@ -1,0 +1,62 @@
+"""Argument checks and launch helpers shared by the kernel launchers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+# Activation/KV dtypes every kernel accepts.
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def check_tensor(name: str, t: object, *, ndim: int | None = None,
+                 dtypes: Iterable[torch.dtype] | None = None,
+                 device: torch.device | None = None, contiguous: bool = False,
+                 last_dim_contiguous: bool = False) -> torch.Tensor:
+    """Raise ``ValueError`` naming ``name`` unless ``t`` is a tensor as described."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}.")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}.")
+    if dtypes is not None:
+        dtypes = tuple(dtypes)
+        if t.dtype not in dtypes:
+            raise ValueError(f"{name} must have dtype in {dtypes}, got {t.dtype}.")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} must be on {device}, got {t.device}.")
+    if contiguous and not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous, got strides {t.stride()}.")
+    if last_dim_contiguous and t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last dim, got strides {t.stride()}.")
+    return t
+
+
+def check_shape(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``t.shape == shape``."""
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}.")
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def is_interpreter() -> bool:
+    """True when kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``)."""
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (a fixed guess off CUDA)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get exact (ieee) products so fp32 results match the reference tightly."""
+    return "ieee" if dtype == torch.float32 else "tf32"

@@ -1,0 +1,79 @@
+"""KV-cache write (vLLM's reshape_and_cache): store each new token's K/V at its slot."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._utils import FLOAT_DTYPES, INDEX_DTYPES, check_tensor, next_power_of_2
+
+
+@triton.jit
+def _kv_cache_write_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
+                           stride_kt, stride_kh, stride_vt, stride_vh,
+                           stride_cb, stride_ct, stride_ch,
+                           num_heads, head_dim, block_size,
+                           BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    tok = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + tok).to(tl.int64)
+    if slot < 0:
+        return
+    blk = slot // block_size
+    off = slot % block_size
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    dims = tl.arange(0, BLOCK_D)
+    mask = (heads[:, None] < num_heads) & (dims[None, :] < head_dim)
+    heads = heads.to(tl.int64)
+    cache_off = blk * stride_cb + off * stride_ct + heads[:, None] * stride_ch + dims[None, :]
+    k = tl.load(k_ptr + tok * stride_kt + heads[:, None] * stride_kh + dims[None, :],
+                mask=mask)
+    v = tl.load(v_ptr + tok * stride_vt + heads[:, None] * stride_vh + dims[None, :],
+                mask=mask)
+    tl.store(kc_ptr + cache_off, k.to(kc_ptr.dtype.element_ty), mask=mask)
+    tl.store(vc_ptr + cache_off, v.to(vc_ptr.dtype.element_ty), mask=mask)
+
+
+def write_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
+                   value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Drop-in for ``torch_ref.write_kv_cache`` (in place; slot -1 is skipped).
+
+    Args:
+        key, value: ``[T, Hkv, D]``, last dim contiguous (views of qkv are fine).
+        key_cache, value_cache: ``[num_blocks, block_size, Hkv, D]``, same strides,
+            last dim contiguous.
+        slot_mapping: ``[T]`` int32/int64, ``block_id * block_size + offset`` or -1.
+    """
+    check_tensor("key", key, ndim=3, dtypes=FLOAT_DTYPES, last_dim_contiguous=True)
+    check_tensor("value", value, ndim=3, dtypes=(key.dtype,), device=key.device,
+                 last_dim_contiguous=True)
+    check_tensor("key_cache", key_cache, ndim=4, dtypes=FLOAT_DTYPES, device=key.device,
+                 last_dim_contiguous=True)
+    check_tensor("value_cache", value_cache, ndim=4, dtypes=(key_cache.dtype,),
+                 device=key.device, last_dim_contiguous=True)
+    check_tensor("slot_mapping", slot_mapping, ndim=1, dtypes=INDEX_DTYPES,
+                 device=key.device)
+    num_tokens, num_heads, head_dim = key.shape
+    if tuple(value.shape) != tuple(key.shape):
+        raise ValueError(f"value must have shape {tuple(key.shape)}, "
+                         f"got {tuple(value.shape)}.")
+    if tuple(key_cache.shape[2:]) != (num_heads, head_dim):
+        raise ValueError(f"key_cache must be [num_blocks, block_size, {num_heads}, "
+                         f"{head_dim}], got {tuple(key_cache.shape)}.")
+    if value_cache.shape != key_cache.shape or value_cache.stride() != key_cache.stride():
+        raise ValueError("value_cache must have key_cache's shape and strides.")
+    if slot_mapping.shape[0] != num_tokens:
+        raise ValueError(f"slot_mapping must have {num_tokens} entries, "
+                         f"got {slot_mapping.shape[0]}.")
+    if num_tokens == 0:
+        return
+    block_d = next_power_of_2(head_dim)
+    # About 4K elements per program: enough bytes in flight, few idle lanes.
+    block_h = min(next_power_of_2(num_heads), max(1, 4096 // block_d))
+    grid = (num_tokens, triton.cdiv(num_heads, block_h))
+    _kv_cache_write_kernel[grid](
+        key, value, key_cache, value_cache, slot_mapping,
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        num_heads, head_dim, key_cache.shape[1],
+        BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4)

@@ -1,0 +1,214 @@
+"""Paged attention for decode (one query token per request), split-KV with a reduction.
+
+One program handles one (request, KV head, split): the ``group`` query heads that share
+the KV head are the rows of a single ``tl.dot`` (GQA), so every K/V tile is read once.
+When the batch is too small to fill the GPU, the context is split across programs and a
+second kernel merges the partial softmaxes. The split count depends only on the batch
+shape and the block-table width (never on ``seq_lens`` values), so it is CUDA-graph safe.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._utils import (FLOAT_DTYPES, INDEX_DTYPES, check_tensor, dot_precision,
+                            is_interpreter, next_power_of_2, num_sms)
+
+_LOG2E = 1.4426950408889634
+# Fewer context tokens than this per split costs more in the reduction than it saves.
+_MIN_TOKENS_PER_SPLIT = 256
+_MAX_SPLITS = 64
+
+
+@triton.jit
+def _paged_decode_attention_kernel(
+        q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
+        stride_qt, stride_qh, stride_cb, stride_ct, stride_ch, stride_bt,
+        stride_ot, stride_oh, num_heads, scale_log2, block_size, sliding_window,
+        GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+        HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    req = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + req).to(tl.int32)
+    # The only query sits at position seq_len - 1 and sees [lo, seq_len).
+    lo = 0
+    if HAS_WINDOW:
+        lo = tl.maximum(seq_len - sliding_window, 0)
+    per_split = tl.cdiv(tl.cdiv(seq_len - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = lo + split * per_split
+    end = tl.minimum(start + per_split, seq_len)
+
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    heads = kv_head * GROUP + g
+    gmask = g < GROUP
+    dmask = d < HEAD_DIM
+    q = tl.load(q_ptr + req * stride_qt + heads[:, None] * stride_qh + d[None, :],
+                mask=gmask[:, None] & dmask[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    table = bt_ptr + req * stride_bt
+    for n0 in range(start, end, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)
+        nmask = pos < end
+        blk = tl.load(table + pos // block_size, mask=nmask, other=0).to(tl.int64)
+        kv_off = blk * stride_cb + (pos % block_size).to(tl.int64) * stride_ct \
+            + kv_head * stride_ch
+        kv_mask = nmask[:, None] & dmask[None, :]
+        k = tl.load(kc_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        s = tl.where(nmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(vc_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    if NUM_SPLITS == 1:
+        # seq_len 0 (a padded CUDA-graph row) leaves l_i at 0: write zeros, not NaN.
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(out_ptr + req * stride_ot + heads[:, None] * stride_oh + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=gmask[:, None] & dmask[None, :])
+    else:
+        row = (req * num_heads + heads) * NUM_SPLITS + split
+        tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + d[None, :], acc,
+                 mask=gmask[:, None] & dmask[None, :])
+        tl.store(part_ml_ptr + row * 2, m_i, mask=gmask)
+        tl.store(part_ml_ptr + row * 2 + 1, l_i, mask=gmask)
+
+
+@triton.jit
+def _paged_decode_reduce_kernel(part_acc_ptr, part_ml_ptr, out_ptr, stride_ot, stride_oh,
+                                num_heads, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                                NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
+    req = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1).to(tl.int64)
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    smask = s < NUM_SPLITS
+    row = (req * num_heads + head) * NUM_SPLITS + s
+    m = tl.load(part_ml_ptr + row * 2, mask=smask, other=float("-inf"))
+    l = tl.load(part_ml_ptr + row * 2 + 1, mask=smask, other=0.0)
+    m_max = tl.max(m, axis=0)
+    # Empty splits carry m = -inf; a fully empty row (seq_len 0) must not make NaN.
+    w = tl.where(m > float("-inf"), tl.exp2(m - tl.where(m_max > float("-inf"), m_max, 0.0)),
+                 0.0)
+    denom = tl.sum(l * w, axis=0)
+    acc = tl.load(part_acc_ptr + row[:, None] * HEAD_DIM + d[None, :],
+                  mask=smask[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
+    out = tl.sum(acc * w[:, None], axis=0) / tl.where(denom > 0, denom, 1.0)
+    tl.store(out_ptr + req * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty),
+             mask=d < HEAD_DIM)
+
+
+def _check_paged_args(query, key_cache, value_cache, block_tables, seq_lens):
+    check_tensor("query", query, ndim=3, dtypes=FLOAT_DTYPES, last_dim_contiguous=True)
+    dev = query.device
+    check_tensor("key_cache", key_cache, ndim=4, dtypes=(query.dtype,), device=dev,
+                 last_dim_contiguous=True)
+    check_tensor("value_cache", value_cache, ndim=4, dtypes=(query.dtype,), device=dev,
+                 last_dim_contiguous=True)
+    check_tensor("block_tables", block_tables, ndim=2, dtypes=INDEX_DTYPES, device=dev,
+                 last_dim_contiguous=True)
+    check_tensor("seq_lens", seq_lens, ndim=1, dtypes=INDEX_DTYPES, device=dev,
+                 contiguous=True)
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    num_kv_heads = key_cache.shape[2]
+    if key_cache.shape[3] != head_dim:
+        raise ValueError(f"key_cache head dim must be {head_dim}, got {key_cache.shape[3]}.")
+    if value_cache.shape != key_cache.shape or value_cache.stride() != key_cache.stride():
+        raise ValueError("value_cache must have key_cache's shape and strides.")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"query heads ({num_heads}) must be a multiple of key_cache "
+                         f"heads ({num_kv_heads}).")
+    if block_tables.shape[0] != seq_lens.shape[0]:
+        raise ValueError(f"block_tables must have {seq_lens.shape[0]} rows, "
+                         f"got {block_tables.shape[0]}.")
+    if head_dim < 16 and is_interpreter():
+        raise ValueError("head_dim must be >= 16 (tl.dot).")
+
+
+def pick_num_splits(num_reqs: int, num_kv_heads: int, max_context: int,
+                    device: torch.device) -> int:
+    """Splits per (request, KV head) so that about two waves of programs fill the GPU."""
+    programs = max(1, num_reqs * num_kv_heads)
+    target = 2 * num_sms(device)
+    if programs >= target:
+        return 1
+    splits = triton.cdiv(target, programs)
+    return max(1, min(splits, max_context // _MIN_TOKENS_PER_SPLIT, _MAX_SPLITS))
+
+
+def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
+                           value_cache: torch.Tensor, block_tables: torch.Tensor,
+                           seq_lens: torch.Tensor, query_start_loc: torch.Tensor | None,
+                           scale: float, sliding_window: int | None = None,
+                           num_splits: int | None = None) -> torch.Tensor:
+    """Drop-in for ``torch_ref.paged_attention`` on decode-only batches.
+
+    Args:
+        query: ``[B, H, D]``, one token per request (``query_start_loc`` must be
+            ``arange(B + 1)``; it is not read, to avoid a device sync).
+        key_cache, value_cache: ``[num_blocks, block_size, Hkv, D]``, query's dtype.
+        block_tables: ``[B, max_blocks]`` int32/int64.
+        seq_lens: ``[B]`` tokens in the cache per request (the query's KV included);
+            0 marks a padding row, whose output is zeros.
+        scale: softmax scale.
+        sliding_window: keys with ``pos_q - pos_k >= sliding_window`` are hidden.
+        num_splits: split-KV count override (default: a heuristic on the batch shape).
+    Returns:
+        ``[B, H, D]`` attention output in query's dtype.
+    """
+    _check_paged_args(query, key_cache, value_cache, block_tables, seq_lens)
+    num_reqs, num_heads, head_dim = query.shape
+    if num_reqs != seq_lens.shape[0]:
+        raise ValueError(f"query must have one row per request ({seq_lens.shape[0]}), "
+                         f"got {num_reqs}; use prefill_attention for longer queries.")
+    if query_start_loc is not None and query_start_loc.shape[0] != num_reqs + 1:
+        raise ValueError(f"query_start_loc must have {num_reqs + 1} entries, "
+                         f"got {query_start_loc.shape[0]}.")
+    if sliding_window is not None and sliding_window <= 0:
+        raise ValueError(f"sliding_window must be positive, got {sliding_window}.")
+    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
+    out = torch.empty_like(query)
+    if num_reqs == 0:
+        return out
+    group = num_heads // num_kv_heads
+    max_context = block_tables.shape[1] * block_size
+    if sliding_window is not None:
+        max_context = min(max_context, sliding_window)
+    if num_splits is None:
+        num_splits = pick_num_splits(num_reqs, num_kv_heads, max_context, query.device)
+    block_d = max(16, next_power_of_2(head_dim))
+    block_n = 16 if is_interpreter() else (64 if query.dtype != torch.float32 else 32)
+    if num_splits > 1:
+        part_acc = torch.empty(num_reqs * num_heads * num_splits, head_dim,
+                               dtype=torch.float32, device=query.device)
+        part_ml = torch.empty(num_reqs * num_heads * num_splits, 2, dtype=torch.float32,
+                              device=query.device)
+    else:
+        part_acc = part_ml = out
+    _paged_decode_attention_kernel[(num_reqs, num_kv_heads, num_splits)](
+        query, key_cache, value_cache, block_tables, seq_lens, out, part_acc, part_ml,
+        query.stride(0), query.stride(1), key_cache.stride(0), key_cache.stride(1),
+        key_cache.stride(2), block_tables.stride(0), out.stride(0), out.stride(1),
+        num_heads, float(scale) * _LOG2E, block_size,
+        sliding_window if sliding_window is not None else 0,
+        GROUP=group, BLOCK_G=max(16, next_power_of_2(group)), HEAD_DIM=head_dim,
+        BLOCK_D=block_d, BLOCK_N=block_n, NUM_SPLITS=num_splits,
+        HAS_WINDOW=sliding_window is not None, DOT_PRECISION=dot_precision(query.dtype),
+        num_warps=4, num_stages=3)
+    if num_splits > 1:
+        _paged_decode_reduce_kernel[(num_reqs, num_heads)](
+            part_acc, part_ml, out, out.stride(0), out.stride(1), num_heads,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits,
+            BLOCK_S=next_power_of_2(num_splits), num_warps=4)
+    return out

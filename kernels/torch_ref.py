@@ -1,0 +1,162 @@
+"""Torch reference ops: the CPU backend and the oracle of every kernel test.
+
+Layouts shared with the Triton kernels:
+- KV cache of one layer: ``key_cache`` and ``value_cache``, each
+  ``[num_blocks, block_size, num_kv_heads, head_dim]``.
+- ``slot_mapping[t] = block_id * block_size + offset`` for each new token; -1 skips it.
+- A batch is packed: request ``i`` owns query rows ``query_start_loc[i]:query_start_loc[i+1]``,
+  which are its last tokens; ``seq_lens[i]`` counts all its tokens (cached + new), whose
+  KV is already written to the cache before attention runs.
+- ``cos_sin_cache[position] = cat(cos, sin)`` over ``rot_dim // 2`` frequencies.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None
+             ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm as transformers' Llama computes it; with ``residual``, adds it first and
+    returns ``(normed, x + residual)``."""
+    if residual is not None:
+        x = x + residual
+        residual = x
+    orig_dtype = x.dtype
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    out = weight * xf.to(orig_dtype)
+    return out if residual is None else (out, residual)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """``silu(x[..., :d]) * x[..., d:]`` for ``x[..., 2d]``."""
+    d = x.shape[-1] // 2
+    return F.silu(x[..., :d]) * x[..., d:]
+
+
+def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+                     cos_sin_cache: torch.Tensor, is_neox_style: bool = True
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate the first ``rot_dim`` dims of each head of ``query[T, H, D]``/``key[T, Hkv, D]``.
+
+    Neox style rotates halves (transformers' ``rotate_half``); GPT-J style rotates
+    interleaved pairs. Returns new tensors.
+    """
+    cos_sin = cos_sin_cache[positions.long()]
+    cos, sin = cos_sin.chunk(2, dim=-1)
+    rot_dim = cos_sin.shape[-1]
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        x_rot, x_pass = x[..., :rot_dim].float(), x[..., rot_dim:]
+        c, s = cos[:, None, :].float(), sin[:, None, :].float()
+        if is_neox_style:
+            x1, x2 = x_rot.chunk(2, dim=-1)
+            out = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+        else:
+            x1, x2 = x_rot[..., 0::2], x_rot[..., 1::2]
+            out = torch.stack((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).flatten(-2)
+        return torch.cat((out.to(x.dtype), x_pass), dim=-1)
+
+    return rotate(query), rotate(key)
+
+
+def write_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
+                   value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store ``key[T, Hkv, D]``/``value`` at their slots (in place); slot -1 is skipped."""
+    valid = slot_mapping >= 0
+    slots = slot_mapping[valid].long()
+    key_cache.view(-1, *key_cache.shape[2:])[slots] = key[valid].to(key_cache.dtype)
+    value_cache.view(-1, *value_cache.shape[2:])[slots] = value[valid].to(value_cache.dtype)
+
+
+def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                    block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                    query_start_loc: torch.Tensor, scale: float,
+                    sliding_window: int | None = None) -> torch.Tensor:
+    """Causal attention of packed queries ``[T, H, D]`` over each request's paged KV.
+
+    Query ``j`` of a request with ``n`` queries sits at position ``seq_len - n + j`` and
+    sees keys at positions ``p <= pos`` (and ``pos - p < sliding_window`` if set).
+    Covers decode (``n == 1``), prefill and chunked prefill after a prefix hit.
+    """
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
+    group = num_heads // num_kv_heads
+    out = torch.empty_like(query)
+    starts = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    for i, seq_len in enumerate(lens):
+        q = query[starts[i]:starts[i + 1]].float()
+        n = q.shape[0]
+        if n == 0:
+            continue
+        num_blocks = (seq_len + block_size - 1) // block_size
+        blocks = block_tables[i, :num_blocks].long()
+        k = key_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].float()
+        v = value_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].float()
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+        q_pos = torch.arange(seq_len - n, seq_len, device=query.device)[:, None]
+        k_pos = torch.arange(seq_len, device=query.device)[None, :]
+        mask = k_pos <= q_pos
+        if sliding_window is not None:
+            mask &= (q_pos - k_pos) < sliding_window
+        scores = scores.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out[starts[i]:starts[i + 1]] = torch.einsum("hqk,khd->qhd", probs, v).to(query.dtype)
+    return out
+
+
+def apply_penalties(logits: torch.Tensor, prompt_mask: torch.Tensor,
+                    output_counts: torch.Tensor, presence_penalty: torch.Tensor,
+                    frequency_penalty: torch.Tensor, repetition_penalty: torch.Tensor
+                    ) -> torch.Tensor:
+    """vLLM's penalties on ``logits[B, V]``.
+
+    ``prompt_mask[B, V]`` marks tokens in the prompt, ``output_counts[B, V]`` counts
+    generated ones. Repetition penalty divides positive and multiplies negative logits of
+    tokens seen in either; frequency and presence subtract for generated tokens.
+    """
+    logits = logits.float()
+    output_mask = output_counts > 0
+    seen = prompt_mask | output_mask
+    rep = repetition_penalty[:, None].float().expand_as(logits)
+    penalised = torch.where(logits > 0, logits / rep, logits * rep)
+    logits = torch.where(seen, penalised, logits)
+    logits = logits - frequency_penalty[:, None].float() * output_counts.float()
+    logits = logits - presence_penalty[:, None].float() * output_mask.float()
+    return logits
+
+
+def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                  min_p: torch.Tensor) -> torch.Tensor:
+    """Mask (with -inf) what min-p, then top-k, then top-p remove from ``logits[B, V]``.
+
+    Per row: ``top_k <= 0`` or ``>= V`` is off, ``top_p == 1`` is off, ``min_p == 0`` is
+    off. Ties at the top-k threshold are all kept. Top-p keeps the smallest prefix of the
+    sorted distribution (renormalised after top-k) whose mass reaches ``top_p``.
+    """
+    logits = logits.float()
+    vocab = logits.shape[-1]
+    probs = torch.softmax(logits, dim=-1)
+    threshold = probs.max(dim=-1, keepdim=True).values * min_p[:, None].float()
+    logits = logits.masked_fill(probs < threshold, float("-inf"))
+
+    sorted_logits, _ = logits.sort(dim=-1, descending=True)
+    k = top_k.long().clone()
+    k[(k <= 0) | (k > vocab)] = vocab
+    kth = sorted_logits.gather(-1, (k - 1)[:, None])
+    logits = logits.masked_fill(logits < kth, float("-inf"))
+
+    sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
+    sorted_probs = torch.softmax(sorted_logits, dim=-1)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    # Rows with top_p == 1 keep everything: rounding can push the cumsum to 1 before the tail.
+    remove_sorted = (mass_before >= top_p[:, None].float()) & (top_p[:, None] < 1.0)
+    remove_sorted[:, 0] = False
+    remove = torch.zeros_like(remove_sorted).scatter(-1, sorted_idx, remove_sorted)
+    return logits.masked_fill(remove, float("-inf"))

@@ -1,0 +1,196 @@
+"""Paged KV blocks: reference counts, an LRU free queue and automatic prefix caching.
+
+A full block is identified by a chained hash of (parent block hash, its token ids, an
+extra key), so a hash names a whole prefix. Freed blocks keep their hash and stay
+reusable until evicted; the free queue hands out first what is least worth keeping.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from scheduler_svc.request import Request
+
+_ROOT_HASH = 0
+
+
+def hash_block(parent_hash: int, token_ids: tuple[int, ...], extra_key: str | None) -> int:
+    """A 64-bit hash stable across processes (Redis mirrors it)."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(struct.pack(f"<Q{len(token_ids)}q", parent_hash, *token_ids))
+    if extra_key:
+        h.update(extra_key.encode())
+    return int.from_bytes(h.digest(), "little")
+
+
+@dataclass
+class KVBlock:
+    block_id: int
+    ref_cnt: int = 0
+    # Set once the block is full and registered in the prefix cache.
+    block_hash: int | None = None
+    # The block's tokens, checked on every prefix hit (guards against hash collisions).
+    token_ids: tuple[int, ...] | None = None
+
+
+class BlockManager:
+    """Owns the KV block pool of one worker.
+
+    Args:
+        num_blocks: blocks in the pool.
+        block_size: tokens per block.
+        enable_prefix_caching: reuse full blocks across requests by content hash.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be at least 1, got {num_blocks}.")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [KVBlock(i) for i in range(num_blocks)]
+        # Blocks with ref_cnt 0, first out first: unhashed ones, then cached ones by LRU.
+        self.free_queue: OrderedDict[int, KVBlock] = OrderedDict((b.block_id, b) for b in self.blocks)
+        self.cached_blocks: dict[int, KVBlock] = {}
+        self.req_to_blocks: dict[str, list[KVBlock]] = {}
+        self._req_to_hashes: dict[str, list[int]] = {}
+        # Prefix-cache counters, in tokens (as vLLM counts them).
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
+        # Hashes stored/evicted since the last drain (read by the Redis mirror).
+        self.stored_hashes: list[int] = []
+        self.removed_hashes: list[int] = []
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_queue)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.num_free_blocks / self.num_blocks
+
+    def get_block_ids(self, req_id: str) -> list[int]:
+        return [b.block_id for b in self.req_to_blocks.get(req_id, [])]
+
+    def _block_hashes(self, request: Request, num_tokens: int) -> list[int]:
+        """Hashes of the request's full blocks within its first ``num_tokens`` tokens."""
+        hashes = self._req_to_hashes.setdefault(request.req_id, [])
+        num_full = num_tokens // self.block_size
+        if len(hashes) < num_full:
+            tokens = request.all_token_ids
+            parent = hashes[-1] if hashes else _ROOT_HASH
+            for i in range(len(hashes), num_full):
+                chunk = tuple(tokens[i * self.block_size:(i + 1) * self.block_size])
+                parent = hash_block(parent, chunk, request.cache_salt)
+                hashes.append(parent)
+        return hashes[:num_full]
+
+    def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
+        """The longest cached prefix of the request, in full blocks.
+
+        At least one token is always left to compute, so the step yields logits.
+        Returns:
+            The cached blocks and the number of tokens they hold.
+        """
+        if not self.enable_prefix_caching or request.sampling_params.prompt_logprobs is not None:
+            return [], 0
+        max_tokens = request.num_tokens - 1
+        tokens = request.all_token_ids
+        hits: list[KVBlock] = []
+        for i, block_hash in enumerate(self._block_hashes(request, max_tokens)):
+            block = self.cached_blocks.get(block_hash)
+            chunk = tuple(tokens[i * self.block_size:(i + 1) * self.block_size])
+            if block is None or block.token_ids != chunk:
+                break
+            hits.append(block)
+        num_hit_tokens = len(hits) * self.block_size
+        self.prefix_cache_queries += request.num_tokens
+        self.prefix_cache_hits += num_hit_tokens
+        return hits, num_hit_tokens
+
+    def allocate_slots(self, request: Request, num_new_tokens: int,
+                       computed_blocks: list[KVBlock] | None = None) -> list[int] | None:
+        """Give the request room for ``num_new_tokens`` more tokens.
+
+        ``computed_blocks`` (a prefix hit, on first scheduling) join its table first.
+        Returns:
+            The ids of the blocks appended to its block table (hits included), or None if
+            the pool cannot hold them (nothing changes then).
+        """
+        computed_blocks = computed_blocks or []
+        req_blocks = self.req_to_blocks.setdefault(request.req_id, [])
+        num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
+        num_total = num_computed + num_new_tokens
+        num_required = -(-num_total // self.block_size) - len(req_blocks) - len(computed_blocks)
+        num_evictable_hits = sum(1 for b in computed_blocks if b.ref_cnt == 0)
+        if max(num_required, 0) + num_evictable_hits > self.num_free_blocks:
+            return None
+        for block in computed_blocks:
+            if block.ref_cnt == 0:
+                del self.free_queue[block.block_id]
+            block.ref_cnt += 1
+        new_blocks = [self._pop_free_block() for _ in range(max(num_required, 0))]
+        req_blocks.extend(computed_blocks)
+        req_blocks.extend(new_blocks)
+        if self.enable_prefix_caching:
+            self._cache_full_blocks(request, req_blocks, num_total)
+        return [b.block_id for b in computed_blocks] + [b.block_id for b in new_blocks]
+
+    def _pop_free_block(self) -> KVBlock:
+        _, block = self.free_queue.popitem(last=False)
+        if block.block_hash is not None:
+            if self.cached_blocks.get(block.block_hash) is block:
+                del self.cached_blocks[block.block_hash]
+                self.removed_hashes.append(block.block_hash)
+            block.block_hash = None
+            block.token_ids = None
+        block.ref_cnt = 1
+        return block
+
+    def _cache_full_blocks(self, request: Request, req_blocks: list[KVBlock],
+                           num_tokens: int) -> None:
+        # Blocks fill with KV during the coming step; registering them now lets requests
+        # scheduled later reuse them.
+        tokens = request.all_token_ids
+        hashes = self._block_hashes(request, min(num_tokens, len(tokens)))
+        for i, block_hash in enumerate(hashes):
+            block = req_blocks[i]
+            if block.block_hash is not None:
+                continue
+            block.block_hash = block_hash
+            block.token_ids = tuple(tokens[i * self.block_size:(i + 1) * self.block_size])
+            if block_hash not in self.cached_blocks:
+                self.cached_blocks[block_hash] = block
+                self.stored_hashes.append(block_hash)
+
+    def free(self, request: Request) -> None:
+        """Release the request's blocks; cached ones stay reusable until evicted."""
+        blocks = self.req_to_blocks.pop(request.req_id, [])
+        self._req_to_hashes.pop(request.req_id, None)
+        # Tail blocks are the least likely to be shared: evict them first.
+        for block in reversed(blocks):
+            block.ref_cnt -= 1
+            if block.ref_cnt == 0:
+                self.free_queue[block.block_id] = block
+                if block.block_hash is None:
+                    self.free_queue.move_to_end(block.block_id, last=False)
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached hash; refused (False) while any block is in use."""
+        if self.num_free_blocks != self.num_blocks:
+            return False
+        for block in self.blocks:
+            if block.block_hash is not None:
+                self.removed_hashes.append(block.block_hash)
+            block.block_hash, block.token_ids = None, None
+        self.cached_blocks.clear()
+        return True
+
+    def drain_events(self) -> tuple[list[int], list[int]]:
+        """Hashes stored and removed since the last call."""
+        stored, removed = self.stored_hashes, self.removed_hashes
+        self.stored_hashes, self.removed_hashes = [], []
+        return stored, removed

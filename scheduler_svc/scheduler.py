@@ -1,0 +1,241 @@
+"""Continuous batching by ``num_computed_tokens``.
+
+Every request's ``num_computed_tokens`` catches up to its token count: a fresh prompt,
+a chunk of a long prompt, a decode step, a prefix-cache hit and a recompute after
+preemption are all the same rule, so there is no prefill/decode mode.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from gridllm.config import CacheConfig, SchedulerConfig
+from scheduler_svc.block_manager import BlockManager
+from scheduler_svc.output import (CachedRequestData, NewRequestData, RequestUpdate,
+                                  SchedulerOutput)
+from scheduler_svc.request import Request, RequestStatus
+from scheduler_svc.request_queue import make_queue
+from worker_svc.output import ModelRunnerOutput
+
+logger = logging.getLogger(__name__)
+
+
+class Scheduler:
+    """Chooses each step's tokens under the token, sequence and KV-block budgets.
+
+    Args:
+        scheduler_config: budgets, policy and ``max_model_len``.
+        cache_config: block size, prefix caching; ``num_kv_blocks`` must be resolved.
+    """
+
+    def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig):
+        if cache_config.num_kv_blocks is None:
+            raise ValueError("num_kv_blocks must be resolved before building the scheduler.")
+        self.config = scheduler_config
+        self.block_size = cache_config.block_size
+        self.block_manager = BlockManager(cache_config.num_kv_blocks, cache_config.block_size,
+                                          cache_config.enable_prefix_caching)
+        self.requests: dict[str, Request] = {}
+        self.waiting = make_queue(scheduler_config.policy)
+        self.running: list[Request] = []
+        # Finished, aborted or preempted since the last schedule(): the runner drops them.
+        self._finished_req_ids: set[str] = set()
+        self.num_preemptions = 0
+
+    # ----------------------------------------------------------------- requests
+    def add_request(self, request: Request) -> None:
+        """Queue a request; ValueError if it can never run."""
+        if request.req_id in self.requests:
+            raise ValueError(f"request_id {request.req_id!r} is already in use.")
+        self.check_prompt(request.prompt_token_ids)
+        self.requests[request.req_id] = request
+        self.waiting.add(request)
+
+    def check_prompt(self, prompt_token_ids: list[int]) -> None:
+        """ValueError if a prompt is empty, too long or larger than the KV pool."""
+        num_tokens = len(prompt_token_ids)
+        if num_tokens == 0:
+            raise ValueError("prompt must not be empty.")
+        if num_tokens >= self.config.max_model_len:
+            raise ValueError(
+                f"prompt has {num_tokens} tokens; max_model_len is {self.config.max_model_len}, "
+                f"so prompts must be shorter than {self.config.max_model_len} tokens.")
+        num_blocks = -(-(num_tokens + 1) // self.block_size)
+        if num_blocks > self.block_manager.num_blocks:
+            raise ValueError(
+                f"prompt needs {num_blocks} KV blocks but the cache holds only "
+                f"{self.block_manager.num_blocks}.")
+
+    def abort_requests(self, req_ids: Iterable[str],
+                       status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> list[str]:
+        """Finish requests early (client abort, or a stop string found downstream).
+
+        Returns:
+            The ids that were still unfinished.
+        """
+        aborted = []
+        for req_id in req_ids:
+            request = self.requests.get(req_id)
+            if request is None or request.is_finished:
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            self._finish(request, status)
+            aborted.append(req_id)
+        return aborted
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        request.status = status
+        self.block_manager.free(request)
+        self._finished_req_ids.add(request.req_id)
+        del self.requests[request.req_id]
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    # ----------------------------------------------------------------- schedule
+    def schedule(self) -> SchedulerOutput:
+        """Pick this step's requests and token counts, allocating KV blocks."""
+        out = SchedulerOutput()
+        token_budget = self.config.max_num_batched_tokens
+        has_preempted = False
+
+        i = 0
+        while i < len(self.running) and token_budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_tokens - request.num_computed_tokens, token_budget)
+            new_block_ids = self.block_manager.allocate_slots(request, num_new)
+            while new_block_ids is None:
+                # Out of blocks: preempt by recompute until the request fits (or is the victim).
+                victim = self._pick_victim()
+                victim_index = self.running.index(victim)
+                self._preempt(victim)
+                has_preempted = True
+                if victim.req_id in out.num_scheduled_tokens:
+                    token_budget += out.num_scheduled_tokens.pop(victim.req_id)
+                    out.scheduled_cached_reqs = [
+                        c for c in out.scheduled_cached_reqs if c.req_id != victim.req_id]
+                if victim is request:
+                    break
+                if victim_index < i:
+                    i -= 1
+                new_block_ids = self.block_manager.allocate_slots(request, num_new)
+            if new_block_ids is None:
+                continue  # running[i] is now the next request
+            out.scheduled_cached_reqs.append(CachedRequestData(
+                request.req_id, new_block_ids, request.num_computed_tokens))
+            out.num_scheduled_tokens[request.req_id] = num_new
+            token_budget -= num_new
+            i += 1
+
+        while (not has_preempted and len(self.waiting) and token_budget > 0
+               and len(self.running) < self.config.max_num_seqs):
+            request = self.waiting.peek()
+            computed_blocks, num_computed = [], request.num_computed_tokens
+            if num_computed == 0:
+                computed_blocks, num_computed = self.block_manager.get_computed_blocks(request)
+            num_new = request.num_tokens - num_computed
+            if not self.config.enable_chunked_prefill and num_new > token_budget:
+                break
+            num_new = min(num_new, token_budget)
+            new_block_ids = self.block_manager.allocate_slots(request, num_new, computed_blocks)
+            if new_block_ids is None:
+                break
+            self.waiting.pop()
+            request.status = RequestStatus.RUNNING
+            request.num_computed_tokens = num_computed
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_computed
+            self.running.append(request)
+            out.scheduled_new_reqs.append(NewRequestData(
+                request.req_id, list(request.prompt_token_ids), request.sampling_params,
+                list(request.output_token_ids), self.block_manager.get_block_ids(request.req_id),
+                num_computed))
+            out.num_scheduled_tokens[request.req_id] = num_new
+            token_budget -= num_new
+
+        out.total_num_scheduled_tokens = sum(out.num_scheduled_tokens.values())
+        out.finished_req_ids = self._finished_req_ids
+        self._finished_req_ids = set()
+        return out
+
+    def _pick_victim(self) -> Request:
+        # Lowest priority (largest value) first under the priority policy, then latest arrival.
+        if self.config.policy == "priority":
+            return max(self.running, key=lambda r: (r.priority, r.arrival_time))
+        return max(self.running, key=lambda r: r.arrival_time)
+
+    def _preempt(self, request: Request) -> None:
+        # Preemption by recompute: drop the KV; cached full blocks make the redo cheap.
+        logger.debug("preempting %s (%d tokens)", request.req_id, request.num_tokens)
+        self.running.remove(request)
+        self.block_manager.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self._finished_req_ids.add(request.req_id)
+        self.waiting.prepend(request)
+
+    # ----------------------------------------------------------------- update
+    def update_from_output(self, scheduler_output: SchedulerOutput,
+                           runner_output: ModelRunnerOutput) -> list[RequestUpdate]:
+        """Advance requests by what the step computed and sampled; apply stop checks."""
+        updates = []
+        for req_id, num_tokens in scheduler_output.num_scheduled_tokens.items():
+            request = self.requests.get(req_id)
+            if request is None or request.status != RequestStatus.RUNNING:
+                continue  # aborted or preempted while the step ran
+            request.num_computed_tokens += num_tokens
+            update = RequestUpdate(req_id, num_cached_tokens=request.num_cached_tokens)
+            prompt_logprobs = runner_output.prompt_logprobs.get(req_id)
+            if prompt_logprobs:
+                update.new_prompt_logprobs = prompt_logprobs
+            sampled = runner_output.sampled_token_ids.get(req_id, [])
+            if sampled and request.num_computed_tokens < request.num_tokens:
+                sampled = []  # a chunk short of the end cannot sample
+            logprobs = runner_output.logprobs.get(req_id)
+            for k, token_id in enumerate(sampled):
+                request.output_token_ids.append(token_id)
+                update.new_token_ids.append(token_id)
+                if logprobs is not None:
+                    update.new_logprobs = (update.new_logprobs or []) + [logprobs[k]]
+                if self._check_stop(request):
+                    break
+            if request.is_finished:
+                self.running.remove(request)
+                self._finish(request, request.status)
+                update.finish_reason = request.finish_reason
+                update.stop_reason = request.stop_reason
+            if update.new_token_ids or update.finished or update.new_prompt_logprobs:
+                updates.append(update)
+        return updates
+
+    def _check_stop(self, request: Request) -> bool:
+        params = request.sampling_params
+        last = request.output_token_ids[-1]
+        if request.num_output_tokens >= params.min_tokens:
+            if not params.ignore_eos and last == request.eos_token_id:
+                request.status = RequestStatus.FINISHED_STOPPED
+                return True
+            if last in params.stop_token_ids:
+                request.status = RequestStatus.FINISHED_STOPPED
+                request.stop_reason = last
+                return True
+        max_tokens = params.max_tokens if params.max_tokens is not None else self.config.max_model_len
+        if (request.num_output_tokens >= max_tokens
+                or request.num_tokens >= self.config.max_model_len):
+            request.status = RequestStatus.FINISHED_LENGTH
+            return True
+        return False

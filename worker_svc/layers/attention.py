@@ -1,0 +1,80 @@
+"""Attention over the paged KV cache, behind a backend interface.
+
+A backend takes a step's packed queries/keys/values, writes the new KV through the slot
+mapping and attends over each request's cached context. The torch backend runs the
+reference ops (CPU); the Triton backend (kernels issue) runs on CUDA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kernels import torch_ref
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step layout of the packed batch, shared by every layer."""
+
+    # [T] int64: cache slot of each new token (-1 for padding).
+    slot_mapping: torch.Tensor
+    # [B + 1] int32: request i owns query rows query_start_loc[i]:query_start_loc[i+1].
+    query_start_loc: torch.Tensor
+    # [B] int32: tokens of each request in the cache after this step's writes.
+    seq_lens: torch.Tensor
+    # [B, max_blocks] int32: each request's block table (padded with 0).
+    block_tables: torch.Tensor
+    max_query_len: int
+    max_seq_len: int
+
+    @property
+    def num_reqs(self) -> int:
+        return self.seq_lens.shape[0]
+
+    @property
+    def is_decode_only(self) -> bool:
+        return self.max_query_len == 1
+
+
+class AttentionBackend:
+    """Writes new KV and computes attention; one instance per model."""
+
+    name = "base"
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key_cache: torch.Tensor, value_cache: torch.Tensor,
+                metadata: AttentionMetadata, scale: float,
+                sliding_window: int | None = None) -> torch.Tensor:
+        """Args:
+            query: ``[T, H, D]``; key, value: ``[T, Hkv, D]`` (already rotated).
+            key_cache, value_cache: ``[num_blocks, block_size, Hkv, D]`` of this layer.
+        Returns:
+            ``[T, H, D]`` attention output.
+        """
+        raise NotImplementedError
+
+
+class TorchAttentionBackend(AttentionBackend):
+    name = "torch"
+
+    def forward(self, query, key, value, key_cache, value_cache, metadata, scale,
+                sliding_window=None):
+        torch_ref.write_kv_cache(key, value, key_cache, value_cache, metadata.slot_mapping)
+        return torch_ref.paged_attention(query, key_cache, value_cache, metadata.block_tables,
+                                         metadata.seq_lens, metadata.query_start_loc, scale,
+                                         sliding_window)
+
+
+def get_attention_backend(name: str, device: torch.device) -> AttentionBackend:
+    """``auto`` picks triton on CUDA and torch elsewhere."""
+    if name == "auto":
+        name = "triton" if device.type == "cuda" else "torch"
+    if name == "torch":
+        return TorchAttentionBackend()
+    if name == "triton":
+        from worker_svc.layers.triton_attention import TritonAttentionBackend
+
+        return TritonAttentionBackend()
+    raise ValueError(f"attention_backend must be 'torch' or 'triton', got {name!r}.")

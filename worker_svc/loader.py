@@ -1,0 +1,136 @@
+"""Build a model from an HF directory (safetensors, sharded or not, or pytorch_model.bin)
+or a GGUF file, on the requested device and dtype."""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import logging
+import os
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from gridllm.config import ModelConfig
+from worker_svc.layers.attention import AttentionBackend, get_attention_backend
+from worker_svc.models import get_model_class
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA if available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` -> bfloat16 on CUDA, float32 elsewhere; explicit names are kept."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+def load_model(model_config: ModelConfig, backend: AttentionBackend | None = None,
+               device: torch.device | None = None):
+    """Load the model named by ``model_config.model``.
+
+    Args:
+        model_config: model path (HF directory, ``.gguf`` file or preset name), dtype, device.
+        backend: attention backend for the layers (default: ``model_config.attention_backend``).
+        device: overrides ``model_config.device``.
+    Returns:
+        ``(model, hf_config)``; the model is in eval mode on ``device``.
+    Raises:
+        ValueError: the path does not exist or the architecture is not supported.
+    """
+    from gridllm.presets import resolve_model
+
+    path = resolve_model(model_config.model)
+    device = device or resolve_device(model_config.device)
+    dtype = resolve_dtype(model_config.dtype, device)
+    hf_config, weights = read_checkpoint(path, dtype)
+    architectures = getattr(hf_config, "architectures", None) or [None]
+    model_cls = get_model_class(architectures[0])
+    backend = backend or get_attention_backend(model_config.attention_backend, device)
+    with _default_dtype(dtype), torch.device(device), _skip_init():
+        model = model_cls(hf_config, backend)
+    model.load_weights(weights)
+    model.eval()
+    logger.info("loaded %s (%s) on %s as %s", path, architectures[0], device, dtype)
+    return model, hf_config
+
+
+def read_checkpoint(path: str, dtype: torch.dtype | None = None):
+    """Returns ``(hf_config, iterable of (hf_name, tensor))`` for a directory or GGUF file."""
+    if os.path.isfile(path) and path.endswith(".gguf"):
+        from worker_svc.gguf_loader import load_gguf
+
+        config, tensors = load_gguf(path, dtype)
+        return config, tensors.items()
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"model {path!r} not found: expected a preset name, an HF directory "
+                         "with config.json or a .gguf file.")
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path), iter_hf_weights(path)
+
+
+def iter_hf_weights(directory: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` from safetensors (sharded or not) or pytorch_model.bin."""
+    files = _weight_files(directory, "model.safetensors")
+    if files:
+        from safetensors import safe_open
+
+        for file in files:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        return
+    files = _weight_files(directory, "pytorch_model.bin")
+    if not files:
+        raise ValueError(f"model {directory!r} has no *.safetensors or pytorch_model.bin weights.")
+    for file in files:
+        yield from torch.load(file, map_location="cpu", weights_only=True).items()
+
+
+def _weight_files(directory: str, single: str) -> list[str]:
+    index = os.path.join(directory, single + ".index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(directory, s) for s in shards]
+    if os.path.isfile(os.path.join(directory, single)):
+        return [os.path.join(directory, single)]
+    if single.endswith(".safetensors"):
+        return sorted(glob.glob(os.path.join(directory, "*.safetensors")))
+    return []
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+@contextlib.contextmanager
+def _skip_init():
+    # Every parameter is overwritten by the checkpoint; random init would only cost time.
+    saved = {cls: cls.reset_parameters for cls in (nn.Linear, nn.Embedding)}
+    for cls in saved:
+        cls.reset_parameters = lambda self: None
+    try:
+        yield
+    finally:
+        for cls, fn in saved.items():
+            cls.reset_parameters = fn
+

@@ -1,0 +1,180 @@
+"""Llama family decoder (Llama 2/3, SmolLM2, TinyLlama); Mistral and Qwen2/3 reuse it.
+
+q/k/v and gate/up projections are merged into one matmul each; ``load_weights`` maps the
+HF names onto the merged rows. Batches are packed ``[T, ...]`` with no padding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from worker_svc.layers.attention import AttentionBackend, AttentionMetadata
+from worker_svc.layers.layers import RMSNorm, SiluAndMul, get_activation
+from worker_svc.layers.rotary import RotaryEmbedding
+from worker_svc.models.weights import check_all_loaded, load_named_weights
+
+KVCache = tuple[torch.Tensor, torch.Tensor]
+
+
+def head_dim_of(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def sliding_window_of(config, layer_idx: int) -> int | None:
+    """The layer's attention window: ``layer_types`` decides where the config has it."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if window is None:
+        return None
+    if layer_types is not None:
+        return window if layer_types[layer_idx] == "sliding_attention" else None
+    return window
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config, layer_idx: int, rotary: RotaryEmbedding,
+                 backend: AttentionBackend, *, qkv_bias: bool, o_bias: bool, qk_norm: bool):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = head_dim_of(config)
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scale = self.head_dim ** -0.5
+        self.sliding_window = sliding_window_of(config, layer_idx)
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=o_bias)
+        if qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.has_qk_norm = qk_norm
+        self.rotary_emb = rotary
+        self.backend = backend
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: KVCache,
+                attn_metadata: AttentionMetadata) -> torch.Tensor:
+        num_tokens = hidden.shape[0]
+        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.has_qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary_emb(positions, q, k)
+        out = self.backend.forward(q, k, v, kv_cache[0], kv_cache[1], attn_metadata,
+                                   self.scale, self.sliding_window)
+        return self.o_proj(out.reshape(num_tokens, self.q_size))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config, bias: bool):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        act = getattr(config, "hidden_act", "silu")
+        self.act_and_mul = SiluAndMul() if act == "silu" else _ActAndMul(get_activation(act))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_and_mul(self.gate_up_proj(x)))
+
+
+class _ActAndMul(nn.Module):
+    def __init__(self, act):
+        super().__init__()
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = x.chunk(2, dim=-1)
+        return self.act(gate) * up
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config, layer_idx: int, rotary: RotaryEmbedding,
+                 backend: AttentionBackend, switches: dict):
+        super().__init__()
+        self.self_attn = LlamaAttention(config, layer_idx, rotary, backend, **switches)
+        self.mlp = LlamaMLP(config, bias=getattr(config, "mlp_bias", False))
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, positions, hidden, residual, kv_cache, attn_metadata):
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, kv_cache, attn_metadata)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config, backend: AttentionBackend, switches: dict):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        rotary = RotaryEmbedding(config, head_dim_of(config), config.max_position_embeddings)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, i, rotary, backend, switches)
+            for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids, positions, kv_caches, attn_metadata):
+        hidden, residual = self.embed_tokens(input_ids), None
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            hidden, residual = layer(positions, hidden, residual, kv_cache, attn_metadata)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class LlamaForCausalLM(nn.Module):
+    """Args:
+        config: the HF config (``LlamaConfig`` or a sibling).
+        backend: attention backend shared by every layer.
+    """
+
+    # Bias switches: None reads config.attention_bias, a bool is fixed by the architecture.
+    qkv_bias: bool | None = None
+    o_bias: bool | None = None
+    has_qk_norm = False
+
+    _STACKED = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"),
+                "v_proj": ("qkv_proj", "v"), "gate_proj": ("gate_up_proj", 0),
+                "up_proj": ("gate_up_proj", 1)}
+
+    def __init__(self, config, backend: AttentionBackend):
+        super().__init__()
+        self.config = config
+        config_bias = bool(getattr(config, "attention_bias", False))
+        switches = dict(qkv_bias=config_bias if self.qkv_bias is None else self.qkv_bias,
+                        o_bias=config_bias if self.o_bias is None else self.o_bias,
+                        qk_norm=self.has_qk_norm)
+        self.model = LlamaModel(config, backend, switches)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.is_tied = bool(getattr(config, "tie_word_embeddings", False))
+        if self.is_tied:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[KVCache], attn_metadata: AttentionMetadata) -> torch.Tensor:
+        """Args:
+            input_ids, positions: ``[T]`` packed over the batch.
+            kv_caches: per layer ``(key_cache, value_cache)``.
+        Returns:
+            Final hidden states ``[T, hidden_size]``.
+        """
+        return self.model(input_ids, positions, kv_caches, attn_metadata)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[N, hidden] -> [N, vocab]`` float32 logits."""
+        return self.lm_head(hidden).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load HF-named tensors (``model.layers.0.self_attn.q_proj.weight`` ...)."""
+        attn = self.model.layers[0].self_attn
+        inter = self.config.intermediate_size
+        rows = {"q": 0, "k": attn.q_size, "v": attn.q_size + attn.kv_size, 0: 0, 1: inter}
+        stacked = {hf: (merged, rows[part]) for hf, (merged, part) in self._STACKED.items()}
+        skip = ("rotary_emb.inv_freq",) + (("lm_head.weight",) if self.is_tied else ())
+        check_all_loaded(self, load_named_weights(self, weights, stacked, skip))
