@@ -3,7 +3,8 @@
 from gridllm.outputs import CompletionOutput, Logprob, RequestOutput
 from gridllm.sampling_params import SamplingParams
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]
+__all__ = ["LLM", "Client", "AsyncClient", "SamplingParams", "RequestOutput", "CompletionOutput",
+           "Logprob"]
 __version__ = "0.1.0"
 
 
@@ -13,4 +14,9 @@ def __getattr__(name: str):
         from gridllm.llm import LLM
 
         return LLM
+    # grpc only when a client is used.
+    if name in ("Client", "AsyncClient"):
+        from gridllm import client
+
+        return getattr(client, name)
     raise AttributeError(name)

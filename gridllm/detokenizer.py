@@ -31,6 +31,7 @@ class IncrementalDetokenizer:
         self.read_offset = len(self.token_ids)
         self.output_text = ""
         self._num_emitted = 0
+        self._stopped = False
         self._max_stop_len = max((len(s) for s in params.stop), default=0)
 
     def update(self, new_token_ids: list[int]) -> str | None:
@@ -61,17 +62,32 @@ class IncrementalDetokenizer:
         self.read_offset = len(self.token_ids)
         return new_text[len(prefix_text):]
 
+    def flush(self) -> None:
+        """At the end, emit what was held back waiting for a character to complete."""
+        if self.tokenizer is None or self.read_offset == len(self.token_ids) or self._stopped:
+            return
+        skip = self.params.skip_special_tokens
+        prefix_text = self.tokenizer.decode(self.token_ids[self.prefix_offset:self.read_offset],
+                                            skip_special_tokens=skip)
+        new_text = self.tokenizer.decode(self.token_ids[self.prefix_offset:],
+                                         skip_special_tokens=skip)
+        self.output_text += new_text[len(prefix_text):]
+        self.prefix_offset = self.read_offset = len(self.token_ids)
+
     def _find_stop(self, start: int) -> str | None:
         for stop in self.params.stop:
             index = self.output_text.find(stop, start)
             if index != -1:
                 end = index + len(stop) if self.params.include_stop_str_in_output else index
                 self.output_text = self.output_text[:end]
+                self._stopped = True
                 return stop
         return None
 
     def get_delta(self, finished: bool) -> str:
         """Text not handed out yet; holds back a tail that could begin a stop string."""
+        if finished:
+            self.flush()
         end = len(self.output_text)
         if not finished and self._max_stop_len > 1:
             end = max(end - self._max_stop_len + 1, self._num_emitted)

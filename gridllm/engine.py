@@ -12,6 +12,7 @@ from gridllm.sampling_params import SamplingParams
 from scheduler_svc.output import RequestUpdate
 from scheduler_svc.request import Request, RequestStatus
 from scheduler_svc.scheduler import Scheduler
+from worker_svc.logits_processors import verify_logits_processors
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ class EngineCore:
         if bad:
             raise ValueError(f"prompt_token_ids must be in [0, {self.vocab_size}); got {bad[:5]}.")
         params.verify_vocab(self.vocab_size)
+        verify_logits_processors(params)
         self.scheduler.check_prompt(prompt_token_ids)
         extra = [t for t in extra_stop_token_ids if t not in params.stop_token_ids]
         if extra and not params.ignore_eos:

@@ -82,6 +82,7 @@ class OutputProcessor:
                 completion.finish_reason = update.finish_reason.value
                 completion.stop_reason = update.stop_reason
             if completion.finish_reason is not None:
+                completion.detokenizer.flush()
                 del self._children[update.req_id]
                 output.outputs.append(self._completion_output(completion))
                 if len(output.outputs) == self._num_completions[parent_id]:

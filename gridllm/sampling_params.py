@@ -73,6 +73,9 @@ class SamplingParams:
             self.stop = list(self.stop)
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.logit_bias is not None:
+            # NaN would slip through the clamp below as +100; reject it.
+            _check(all(float(b) == float(b) for b in self.logit_bias.values()), "logit_bias",
+                   "values must be numbers, not NaN", self.logit_bias)
             self.logit_bias = {
                 int(tok): max(-_MAX_LOGIT_BIAS, min(_MAX_LOGIT_BIAS, float(bias)))
                 for tok, bias in self.logit_bias.items()
@@ -116,9 +119,9 @@ class SamplingParams:
         _check(self.prompt_logprobs is None
                or (isinstance(self.prompt_logprobs, int) and self.prompt_logprobs >= 0),
                "prompt_logprobs", "must be non-negative", self.prompt_logprobs)
-        _check(all(isinstance(s, str) and s for s in self.stop), "stop",
+        _check(all(isinstance(s, str) and s for s in self.stop or []), "stop",
                "must contain only non-empty strings", self.stop)
-        _check(all(t >= 0 for t in self.stop_token_ids), "stop_token_ids",
+        _check(all(t >= 0 for t in self.stop_token_ids or []), "stop_token_ids",
                "must contain only non-negative token ids", self.stop_token_ids)
         _check(self.allowed_token_ids is None or len(self.allowed_token_ids) > 0,
                "allowed_token_ids", "must not be empty", self.allowed_token_ids)

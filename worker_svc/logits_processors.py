@@ -124,7 +124,7 @@ def no_repeat_ngram(logits: torch.Tensor, batch: ProcessorBatch) -> torch.Tensor
     sizes = batch.extra_arg("no_repeat_ngram_size")
     # Per-row Python: matching n-grams is a sequential scan of each row's own tokens.
     for row, (n, prompt, output) in enumerate(zip(sizes, batch.prompt_token_ids,
-                                                  batch.output_token_ids)):
+                                                  batch.output_token_ids, strict=True)):
         ids = prompt + output
         if len(ids) + 1 < n:
             continue

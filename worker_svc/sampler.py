@@ -101,12 +101,13 @@ class SamplingMetadata:
             The metadata the ``Sampler`` consumes.
         """
         num_rows = len(params)
-        for name, rows in (("prompt_token_ids", prompt_token_ids),
-                           ("output_token_ids", output_token_ids),
-                           ("generators", generators), ("eos_token_ids", eos_token_ids)):
-            if len(rows) != num_rows:
+        lengths = {"prompt_token_ids": len(prompt_token_ids),
+                   "output_token_ids": len(output_token_ids),
+                   "generators": len(generators), "eos_token_ids": len(eos_token_ids)}
+        for name, length in lengths.items():
+            if length != num_rows:
                 raise ValueError(f"{name} must have one entry per row ({num_rows}), "
-                                 f"got {len(rows)}.")
+                                 f"got {length}.")
 
         def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype, device=device)
@@ -134,8 +135,9 @@ class SamplingMetadata:
         for i, p in enumerate(params):
             if len(output_token_ids[i]) < p.min_tokens:
                 stop_ids = set(p.stop_token_ids or [])
-                if not p.ignore_eos and eos_token_ids[i] is not None:
-                    stop_ids.add(eos_token_ids[i])
+                eos = eos_token_ids[i]
+                if not p.ignore_eos and eos is not None:
+                    stop_ids.add(eos)
                 min_tokens_pairs += [(i, t) for t in sorted(stop_ids)]
 
         bias_pairs = [(i, t) for i, p in enumerate(params) for t in (p.logit_bias or {})]
@@ -152,6 +154,12 @@ class SamplingMetadata:
                                        [output_token_ids[i] for i in rows])
                 row_index = None if len(rows) == num_rows else tensor(rows, torch.long)
                 processors.append((get_logits_processor(name), row_index, batch))
+
+        row_generators: dict[int, torch.Generator] = {}
+        for pos, row in enumerate(random_rows):
+            generator = generators[row]
+            if generator is not None:
+                row_generators[pos] = generator
 
         num_logprobs = [p.logprobs for p in params]
         requested = [n for n in num_logprobs if n is not None]
@@ -170,8 +178,7 @@ class SamplingMetadata:
             all_random=len(random_rows) == num_rows,
             random_rows=tensor(random_rows, torch.long),
             temperature=tensor([p.temperature for p in rand_params], torch.float32),
-            generators={pos: generators[row] for pos, row in enumerate(random_rows)
-                        if generators[row] is not None},
+            generators=row_generators,
             top_k=rand_filter("top_k", torch.long),
             top_p=rand_filter("top_p", torch.float32),
             min_p=rand_filter("min_p", torch.float32),
@@ -319,7 +326,7 @@ def _gather_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor,
         logprobs, token_ids = logprobs[index], token_ids[index]
     computed = _to_token_logprobs(logprobs, token_ids, [num_logprobs[i] or 0 for i in rows])
     result: list[TokenLogprobs | None] = [None] * len(num_logprobs)
-    for row, entry in zip(rows, computed):
+    for row, entry in zip(rows, computed, strict=True):
         result[row] = entry
     return result
 
@@ -340,7 +347,8 @@ def _to_token_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor,
         lps = torch.cat((lps, top_lp), dim=-1)
         ranks = torch.cat((ranks, top_ranks), dim=-1)
     return [TokenLogprobs(token_ids=i[:n + 1], logprobs=lp[:n + 1], ranks=r[:n + 1])
-            for i, lp, r, n in zip(ids.tolist(), lps.tolist(), ranks.tolist(), num_tops)]
+            for i, lp, r, n in zip(ids.tolist(), lps.tolist(), ranks.tolist(), num_tops,
+                                   strict=True)]
 
 
 def _count_tokens(token_ids: list[list[int]], vocab_size: int,

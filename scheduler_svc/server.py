@@ -1,0 +1,414 @@
+"""The scheduler service: Submit/Abort over a pool of workers, one step loop each.
+
+Workers are found in Redis (``gridllm:worker:*``) or given as addresses. Each connected
+worker gets a scheduler core (its own KV pool) and a WorkerLink; a new request goes to
+the worker holding most of its prefix, else to the one with most free KV capacity.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from dataclasses import dataclass, field
+
+import grpc
+
+from gridllm import redis_keys
+from gridllm.config import CacheConfig, SchedulerConfig
+from gridllm.convert import request_update_to_pb, sampling_params_from_pb
+from gridllm.grpc_utils import ServiceServer, channel_options
+from gridllm.v1 import generate_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
+from scheduler_svc.block_manager import hash_block
+from scheduler_svc.output import RequestUpdate, SchedulerOutput
+from scheduler_svc.redis_mirror import RedisMirror
+from scheduler_svc.request import FinishReason, Request, RequestStatus
+from scheduler_svc.scheduler import Scheduler
+from scheduler_svc.worker_link import WorkerLink, WorkerLinkError
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = "gridllm.v1.Scheduler"
+
+
+@dataclass
+class SchedulerServiceConfig:
+    # Budgets and policy; max_model_len comes from the workers.
+    scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
+    enable_prefix_caching: bool = True
+    # Worker addresses to dial (besides those found in Redis).
+    worker_addresses: list[str] = field(default_factory=list)
+    redis_url: str | None = None
+    # Registry id; None: a fresh uuid.
+    scheduler_id: str | None = None
+    bind_host: str = "127.0.0.1"
+    port: int = 0
+    advertise_host: str | None = None
+    # Seconds between looks for new workers in Redis / retries of lost ones.
+    discovery_interval: float = 1.0
+    # Registry entries expire this many seconds after the last heartbeat.
+    heartbeat_ttl: float = 6.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port!r}.")
+        if self.discovery_interval <= 0:
+            raise ValueError(f"discovery_interval must be positive, got {self.discovery_interval!r}.")
+        if self.heartbeat_ttl < 1.0:
+            raise ValueError(f"heartbeat_ttl must be at least 1 second, got {self.heartbeat_ttl!r}.")
+
+
+class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
+    """Request handling over the links that SchedulerServer maintains."""
+
+    def __init__(self, server: SchedulerServer):
+        self.server = server
+        # req_id -> the queue its Submit stream reads updates from.
+        self.streams: dict[str, asyncio.Queue[RequestUpdate]] = {}
+        self.req_links: dict[str, WorkerLink] = {}
+
+    def deliver(self, updates: list[RequestUpdate]) -> None:
+        for update in updates:
+            queue = self.streams.get(update.req_id)
+            if queue is not None:
+                queue.put_nowait(update)
+            if update.finished:
+                self.req_links.pop(update.req_id, None)
+
+    # ----------------------------------------------------------------- Submit
+    async def Submit(self, request: scheduler_pb2.SubmitRequest, context):
+        """Queue a request on a worker and stream its tokens.
+
+        Args:
+            request: token ids, sampling parameters, priority.
+        Returns:
+            SubmitResponse messages; the last carries finish_reason. A cancelled call
+            aborts the request. INVALID_ARGUMENT names a bad field; UNAVAILABLE without workers.
+        """
+        links = self.server.alive_links()
+        if not links:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "no worker is connected")
+        req = self._make_request(request, links[0].info)
+        link = self.server.pick_link(req, links)
+        queue: asyncio.Queue[RequestUpdate] = asyncio.Queue()
+        self.streams[req.req_id] = queue
+        is_finished = False
+        try:
+            link.add_request(req)
+            self.req_links[req.req_id] = link
+            while True:
+                update = await queue.get()
+                is_finished = update.finished
+                yield request_update_to_pb(update, link.worker_id)
+                if is_finished:
+                    return
+        finally:
+            self.streams.pop(req.req_id, None)
+            if not is_finished:
+                # Cancelled by the client (or the router went away): free its blocks.
+                self.req_links.pop(req.req_id, None)
+                if link.is_alive:
+                    link.abort([req.req_id])
+                logger.debug("request %s cancelled", req.req_id)
+
+    def _make_request(self, msg: scheduler_pb2.SubmitRequest,
+                      info: worker_pb2.WorkerInfo) -> Request:
+        if not msg.request_id:
+            raise ValueError("request_id must not be empty.")
+        if msg.request_id in self.streams:
+            raise ValueError(f"request_id {msg.request_id!r} is already in use.")
+        params = sampling_params_from_pb(
+            msg.sampling_params if msg.HasField("sampling_params") else None)
+        if params.n != 1:
+            raise ValueError(f"n must be 1 per Submit (the router fans out n > 1), got {params.n}.")
+        params.verify_vocab(info.vocab_size)
+        prompt = list(msg.prompt_token_ids)
+        bad = [t for t in prompt if t >= info.vocab_size]
+        if bad:
+            raise ValueError(f"prompt_token_ids must be in [0, {info.vocab_size}); got {bad[:5]}.")
+        extra = [t for t in msg.extra_stop_token_ids if t not in params.stop_token_ids]
+        if extra and not params.ignore_eos:
+            params = params.clone(stop_token_ids=params.stop_token_ids + extra)
+        eos = msg.eos_token_id if msg.HasField("eos_token_id") else (
+            info.eos_token_id if info.HasField("eos_token_id") else None)
+        request = Request(msg.request_id, prompt, params, eos_token_id=eos,
+                          priority=msg.priority, cache_salt=msg.cache_salt or None)
+        return request
+
+    # ----------------------------------------------------------------- Abort
+    async def Abort(self, request: scheduler_pb2.AbortRequest, context):
+        """Finish requests early; their streams end with ABORT (or STOP for reason STOP).
+
+        Args:
+            request: the ids and the reason.
+        Returns:
+            The ids that were still unfinished.
+        """
+        is_stop = request.reason == scheduler_pb2.ABORT_REASON_STOP
+        status = RequestStatus.FINISHED_STOPPED if is_stop else RequestStatus.FINISHED_ABORTED
+        reason = FinishReason.STOP if is_stop else FinishReason.ABORT
+        aborted = []
+        for req_id in request.request_ids:
+            link = self.req_links.get(req_id)
+            if link is None or not link.abort([req_id], status):
+                continue
+            aborted.append(req_id)
+            self.deliver([RequestUpdate(req_id, finish_reason=reason)])
+        return scheduler_pb2.AbortResponse(aborted_request_ids=aborted)
+
+    # ----------------------------------------------------------------- stats / info
+    async def GetStats(self, request, context):
+        """Returns:
+            Requests running/waiting, prefix-cache counters and KV blocks per worker.
+        """
+        return self.server.stats()
+
+    async def GetInfo(self, request, context):
+        """Returns:
+            The served model's limits (UNAVAILABLE before any worker connected).
+        """
+        info = self.server.model_info()
+        if info is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "no worker is connected")
+        return info
+
+
+class SchedulerServer:
+    """Owns the gRPC server, the worker links, discovery and the Redis mirror.
+
+    Args:
+        config: service settings.
+    """
+
+    def __init__(self, config: SchedulerServiceConfig | None = None):
+        self.config = config or SchedulerServiceConfig()
+        self.scheduler_id = self.config.scheduler_id or uuid.uuid4().hex[:12]
+        self.links: dict[str, WorkerLink] = {}
+        # worker_id -> (instance_id, core): a reconnecting worker keeps its block state.
+        self._cores: dict[str, tuple[str, Scheduler]] = {}
+        self._connecting: set[str] = set()
+        self.redis = None
+        if self.config.redis_url:
+            import redis.asyncio as aioredis
+
+            self.redis = aioredis.from_url(self.config.redis_url)
+        self.mirror = RedisMirror(self.redis, self.scheduler_id, self._registry_entry,
+                                  self.config.heartbeat_ttl)
+        self.servicer = SchedulerServicer(self)
+        self.service = ServiceServer([SERVICE_NAME])
+        scheduler_pb2_grpc.add_SchedulerServicer_to_server(self.servicer, self.service.server)
+        self.address = ""
+        self._discovery: asyncio.Task | None = None
+        self._last_info: worker_pb2.WorkerInfo | None = None
+
+    # ----------------------------------------------------------------- lifecycle
+    async def start(self) -> str:
+        """Bind, connect to the workers found so far and start discovery.
+
+        Returns:
+            The advertised address (host:port). Health turns SERVING with the first worker.
+        """
+        cfg = self.config
+        port = await self.service.start(f"{cfg.bind_host}:{cfg.port}")
+        self.address = f"{cfg.advertise_host or cfg.bind_host}:{port}"
+        self.mirror.start()
+        await self.discover_once()
+        self._discovery = asyncio.create_task(self._discovery_loop(), name="worker-discovery")
+        logger.info("scheduler %s at %s with %d workers", self.scheduler_id, self.address,
+                    len(self.links))
+        return self.address
+
+    async def stop(self, grace: float | None = 5.0) -> None:
+        """Stop accepting, drain Submit streams within ``grace``, close links and mirror."""
+        await self.service.set_serving(False)
+        await self.service.server.stop(grace)
+        await self._shutdown()
+
+    async def serve_until_signal(self, grace: float = 5.0) -> None:
+        await self.service.serve_until_signal(grace, on_stop=self._shutdown)
+
+    async def _shutdown(self) -> None:
+        if self._discovery is not None:
+            self._discovery.cancel()
+            await asyncio.gather(self._discovery, return_exceptions=True)
+        for link in list(self.links.values()):
+            await link.close()
+        await self.mirror.close()
+        if self.redis is not None:
+            await self.redis.aclose()
+
+    # ----------------------------------------------------------------- discovery
+    async def _discovery_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.discovery_interval)
+            try:
+                await self.discover_once()
+            except Exception as exc:  # noqa: BLE001 - keep looking
+                logger.warning("worker discovery failed: %s", exc)
+
+    async def discover_once(self) -> None:
+        """Connect to every known worker not linked yet; drop those whose entry expired."""
+        addresses = {addr: None for addr in self.config.worker_addresses}
+        registered: set[str] | None = None
+        if self.redis is not None:
+            registered = set()
+            keys = [k async for k in self.redis.scan_iter(match=redis_keys.WORKER_PATTERN)]
+            values = await self.redis.mget(keys) if keys else []
+            for value in values:
+                if value is None:
+                    continue
+                entry = json.loads(value)
+                registered.add(entry["worker_id"])
+                addresses.setdefault(entry["address"], entry["worker_id"])
+        if registered is not None:
+            # A worker whose heartbeat expired is gone even if its stream looks open.
+            for worker_id, link in list(self.links.items()):
+                if worker_id not in registered and link.info.address not in self.config.worker_addresses:
+                    logger.warning("worker %s left the registry", worker_id)
+                    await link.close()
+        linked = {link.info.address for link in self.links.values()}
+        pending = [addr for addr in addresses if addr not in linked and addr not in self._connecting]
+        await asyncio.gather(*(self._connect(addr) for addr in pending))
+
+    async def _connect(self, address: str) -> None:
+        self._connecting.add(address)
+        channel = grpc.aio.insecure_channel(address, options=channel_options())
+        try:
+            stub = worker_pb2_grpc.WorkerStub(channel)
+            info = await stub.GetInfo(worker_pb2.GetWorkerInfoRequest(), timeout=5.0)
+            if info.worker_id in self.links:
+                await channel.close()
+                return
+            core = await self._core_for(info)
+            link = WorkerLink(info, channel, core, self._on_step, self._on_dead)
+            await link.open()
+        except (grpc.aio.AioRpcError, WorkerLinkError) as exc:
+            logger.debug("cannot link worker at %s: %s", address, exc)
+            await channel.close()
+            return
+        except Exception:
+            logger.exception("cannot link worker at %s", address)
+            await channel.close()
+            return
+        finally:
+            self._connecting.discard(address)
+        self.links[info.worker_id] = link
+        self._last_info = info
+        self.mirror.track(info.worker_id, core.block_manager, lambda: self._worker_stats(link))
+        link.start()
+        logger.info("linked worker %s at %s (%d KV blocks)", info.worker_id, address,
+                    info.num_kv_blocks)
+        await self.service.set_serving(True)
+
+    async def _core_for(self, info: worker_pb2.WorkerInfo) -> Scheduler:
+        known = self._cores.get(info.worker_id)
+        if known is not None and known[0] == info.instance_id:
+            return known[1]
+        own = self.config.scheduler_config
+        scheduler_config = SchedulerConfig(
+            max_num_seqs=min(own.max_num_seqs, info.max_num_seqs or own.max_num_seqs),
+            max_num_batched_tokens=min(own.max_num_batched_tokens,
+                                       info.max_num_batched_tokens or own.max_num_batched_tokens),
+            max_model_len=info.max_model_len, enable_chunked_prefill=own.enable_chunked_prefill,
+            policy=own.policy)
+        cache_config = CacheConfig(block_size=info.block_size, num_kv_blocks=info.num_kv_blocks,
+                                   enable_prefix_caching=self.config.enable_prefix_caching)
+        core = Scheduler(scheduler_config, cache_config)
+        if self.config.enable_prefix_caching:
+            await self.mirror.restore(info.worker_id, info.instance_id, core.block_manager)
+        self._cores[info.worker_id] = (info.instance_id, core)
+        return core
+
+    # ----------------------------------------------------------------- link callbacks
+    def _on_step(self, link: WorkerLink, output: SchedulerOutput,
+                 updates: list[RequestUpdate]) -> None:
+        self.servicer.deliver(updates)
+        self.mirror.note_step(link.worker_id, output, updates)
+
+    def _on_dead(self, link: WorkerLink) -> None:
+        if self.links.get(link.worker_id) is link:
+            del self.links[link.worker_id]
+        self.mirror.untrack(link.worker_id)
+        if not self.links:
+            asyncio.ensure_future(self.service.set_serving(False))
+
+    # ----------------------------------------------------------------- routing
+    def alive_links(self) -> list[WorkerLink]:
+        return [link for link in self.links.values() if link.is_alive and not link.is_draining]
+
+    def pick_link(self, request: Request, links: list[WorkerLink]) -> WorkerLink:
+        """The link holding most of the prompt's prefix with room for it, else the freest."""
+        block_size = links[0].scheduler.block_size
+        needed = -(-(request.num_prompt_tokens + 1) // block_size)
+        hashes, parent = [], 0
+        tokens = request.prompt_token_ids
+        for i in range((len(tokens) - 1) // block_size):
+            parent = hash_block(parent, tuple(tokens[i * block_size:(i + 1) * block_size]),
+                                request.cache_salt)
+            hashes.append(parent)
+
+        def score(link: WorkerLink) -> tuple[int, int]:
+            capacity = _capacity(link.scheduler)
+            hits = 0
+            if capacity >= needed:
+                cached = link.scheduler.block_manager.cached_blocks
+                for block_hash in hashes:
+                    if block_hash not in cached:
+                        break
+                    hits += 1
+            return hits, capacity
+
+        return max(links, key=score)
+
+    # ----------------------------------------------------------------- stats
+    def _worker_stats(self, link: WorkerLink) -> dict:
+        return {"num_running": link.scheduler.num_running,
+                "num_waiting": link.scheduler.num_waiting}
+
+    def stats(self) -> generate_pb2.GetServerStatsResponse:
+        reply = generate_pb2.GetServerStatsResponse(num_schedulers=1)
+        for link in self.links.values():
+            core, bm = link.scheduler, link.scheduler.block_manager
+            reply.num_requests_running += core.num_running
+            reply.num_requests_waiting += core.num_waiting
+            reply.prefix_cache_queries += bm.prefix_cache_queries
+            reply.prefix_cache_hits += bm.prefix_cache_hits
+            reply.num_preemptions += core.num_preemptions
+            reply.num_workers_alive += int(link.is_alive)
+            reply.workers.append(generate_pb2.WorkerStats(
+                worker_id=link.worker_id, kv_blocks_total=bm.num_blocks,
+                kv_blocks_free=bm.num_free_blocks, address=link.info.address,
+                num_requests_running=core.num_running, num_requests_waiting=core.num_waiting,
+                is_alive=link.is_alive))
+        return reply
+
+    def model_info(self) -> scheduler_pb2.SchedulerInfo | None:
+        info = self._last_info
+        if info is None:
+            return None
+        reply = scheduler_pb2.SchedulerInfo(
+            scheduler_id=self.scheduler_id, model=info.model, max_model_len=info.max_model_len,
+            vocab_size=info.vocab_size, block_size=info.block_size,
+            num_workers=len(self.alive_links()))
+        if info.HasField("eos_token_id"):
+            reply.eos_token_id = info.eos_token_id
+        return reply
+
+    def _registry_entry(self) -> dict:
+        stats = self.stats()
+        info = self._last_info
+        return {"scheduler_id": self.scheduler_id, "address": self.address,
+                "model": info.model if info else "", "block_size": info.block_size if info else 0,
+                "worker_ids": [w.worker_id for w in stats.workers],
+                "num_requests_running": stats.num_requests_running,
+                "num_requests_waiting": stats.num_requests_waiting,
+                "kv_blocks_total": sum(w.kv_blocks_total for w in stats.workers),
+                "kv_blocks_free": sum(w.kv_blocks_free for w in stats.workers)}
+
+
+def _capacity(core: Scheduler) -> int:
+    # Free blocks minus what the queued prompts will take.
+    bm = core.block_manager
+    demand = sum(-(-r.num_tokens // bm.block_size) for r in core.waiting)
+    return bm.num_free_blocks - demand

@@ -1,0 +1,194 @@
+"""One worker as the scheduler service sees it: a scheduler core (one KV pool, since each
+worker has its own KV memory), a persistent bidirectional Step stream and the step loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import grpc
+
+from gridllm.convert import runner_output_from_pb, scheduler_output_to_pb
+from gridllm.v1 import worker_pb2, worker_pb2_grpc
+from scheduler_svc.output import RequestUpdate, SchedulerOutput
+from scheduler_svc.request import FinishReason, Request, RequestStatus
+from scheduler_svc.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+# Called after every step with the step's output and the updates it produced.
+StepCallback = Callable[["WorkerLink", SchedulerOutput, list[RequestUpdate]], None]
+
+
+class WorkerLinkError(ConnectionError):
+    """The Step stream broke or the worker refused it."""
+
+
+class WorkerLink:
+    """Drives one worker.
+
+    Args:
+        info: the worker's WorkerInfo (from GetInfo).
+        channel: an open channel to the worker.
+        scheduler: the core that owns this worker's KV pool.
+        on_step: receives every step's updates (to stream them and mirror block state).
+        on_dead: called once when the stream breaks, after every request was aborted.
+    """
+
+    def __init__(self, info: worker_pb2.WorkerInfo, channel: grpc.aio.Channel,
+                 scheduler: Scheduler, on_step: StepCallback,
+                 on_dead: Callable[[WorkerLink], None]):
+        self.info = info
+        self.worker_id = info.worker_id
+        self.channel = channel
+        self.scheduler = scheduler
+        self._on_step = on_step
+        self._on_dead = on_dead
+        self._call: grpc.aio.StreamStreamCall | None = None
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self.step_id = 0
+        self.is_alive = False
+        # Set once the worker said it shuts down: no new requests go to it.
+        self.is_draining = False
+        # A read posted while idle, so a closed stream or a drain notice is seen at once.
+        self._pending_read: asyncio.Future | None = None
+
+    async def open(self, timeout: float = 10.0) -> None:
+        """Open the Step stream and check it with an empty step.
+
+        Raises:
+            WorkerLinkError: the worker refused (another scheduler drives it) or is gone.
+        """
+        stub = worker_pb2_grpc.WorkerStub(self.channel)
+        self._call = stub.Step()
+        try:
+            await self._call.write(worker_pb2.StepRequest(step_id=0))
+            await asyncio.wait_for(self._read_response(0), timeout)
+        except (grpc.aio.AioRpcError, asyncio.TimeoutError, WorkerLinkError) as exc:
+            self._call.cancel()
+            raise WorkerLinkError(f"worker {self.worker_id} at {self.info.address}: "
+                                  f"{_describe(exc)}") from exc
+        if self.is_draining:
+            self._call.cancel()
+            raise WorkerLinkError(f"worker {self.worker_id} is shutting down")
+        self.is_alive = True
+
+    async def _read_response(self, step_id: int) -> worker_pb2.StepResponse:
+        """The answer to ``step_id``, noting drain notices on the way."""
+        assert self._call is not None
+        while True:
+            pending, self._pending_read = self._pending_read, None
+            response = await (pending if pending is not None else self._call.read())
+            if response is grpc.aio.EOF:
+                raise WorkerLinkError(f"worker {self.worker_id} closed the Step stream")
+            if response.is_draining and not self.is_draining:
+                logger.info("worker %s is draining", self.worker_id)
+                self.is_draining = True
+            if response.step_id == step_id:
+                return response
+            if response.step_id != 0:
+                raise WorkerLinkError(f"worker {self.worker_id} answered step "
+                                      f"{response.step_id} to step {step_id}")
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"step-loop-{self.worker_id}")
+
+    # ----------------------------------------------------------------- requests
+    def add_request(self, request: Request) -> None:
+        self.scheduler.add_request(request)
+        self._wakeup.set()
+
+    def abort(self, req_ids: list[str],
+              status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> list[str]:
+        aborted = self.scheduler.abort_requests(req_ids, status)
+        if aborted:
+            self._wakeup.set()  # the worker must drop their state
+        return aborted
+
+    def has_request(self, req_id: str) -> bool:
+        return req_id in self.scheduler.requests
+
+    # ----------------------------------------------------------------- step loop
+    async def _run(self) -> None:
+        try:
+            while True:
+                if self.is_draining and not self.scheduler.has_unfinished_requests():
+                    await self._close_drained()
+                    break
+                output = self.scheduler.schedule()
+                if output.is_empty and not output.finished_req_ids:
+                    await self._wait_idle()
+                    continue
+                self.step_id += 1
+                assert self._call is not None
+                await self._call.write(scheduler_output_to_pb(output, self.step_id))
+                response = await self._read_response(self.step_id)
+                updates = self.scheduler.update_from_output(output, runner_output_from_pb(response))
+                self._on_step(self, output, updates)
+        except asyncio.CancelledError:
+            raise
+        except (grpc.aio.AioRpcError, WorkerLinkError) as exc:
+            logger.warning("worker %s lost: %s", self.worker_id, _describe(exc))
+        except Exception:
+            logger.exception("step loop of worker %s failed", self.worker_id)
+        self._fail_all()
+
+    async def _wait_idle(self) -> None:
+        """Sleep until a request arrives or is aborted, or the worker speaks up."""
+        assert self._call is not None
+        self._wakeup.clear()
+        if self._pending_read is None:
+            self._pending_read = asyncio.ensure_future(self._call.read())
+        wakeup = asyncio.ensure_future(self._wakeup.wait())
+        try:
+            await asyncio.wait({self._pending_read, wakeup}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            wakeup.cancel()
+        if self._pending_read.done():
+            # Between steps the worker only sends a drain notice, or ends the stream.
+            await self._read_response(0)
+
+    async def _close_drained(self) -> None:
+        assert self._call is not None
+        logger.info("worker %s drained; closing its stream", self.worker_id)
+        await self._call.done_writing()
+        try:
+            await asyncio.wait_for(self._read_response(-1), 5.0)
+        except (WorkerLinkError, grpc.aio.AioRpcError, asyncio.TimeoutError):
+            pass
+
+    def _fail_all(self) -> None:
+        self.is_alive = False
+        if self._pending_read is not None:
+            self._pending_read.cancel()
+            self._pending_read = None
+        if self._call is not None:
+            self._call.cancel()
+        # Everything in flight on this worker ends with ABORT; the router may resubmit.
+        req_ids = list(self.scheduler.requests)
+        self.scheduler.abort_requests(req_ids)
+        self.scheduler.schedule()  # consume the finished ids: the next stream starts clean
+        updates = [RequestUpdate(req_id, finish_reason=FinishReason.ABORT) for req_id in req_ids]
+        self._on_step(self, SchedulerOutput(), updates)
+        self._on_dead(self)
+
+    async def close(self) -> None:
+        """Stop the step loop and the stream (in-flight requests end with ABORT)."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._fail_all()
+        elif self._task is None and self.is_alive:
+            self._fail_all()
+        if self._call is not None:
+            self._call.cancel()
+        await self.channel.close()
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    return str(exc)

@@ -1,0 +1,158 @@
+"""gridllm.LLM end to end on tiny random models: parity with transformers, scheduler
+invariance, sampling reproducibility, bad input and no leaked KV blocks."""
+
+import random
+
+import pytest
+
+from gridllm import LLM, SamplingParams
+from tests.worker_svc.hf_reference import hf_greedy
+from tests.worker_svc.tiny_models import TINY_ARCHS
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+def prompts_of(lengths, seed=0, vocab=320):
+    rng = random.Random(seed)
+    return [[rng.randrange(2, vocab) for _ in range(n)] for n in lengths]
+
+
+def token_prompts(prompts):
+    return [{"prompt_token_ids": p} for p in prompts]
+
+
+def assert_no_leak(llm):
+    stats = llm.engine.stats()
+    assert stats.kv_blocks_free == stats.kv_blocks_total
+    assert stats.num_requests_running == stats.num_requests_waiting == 0
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_ARCHS))
+def test_greedy_matches_transformers_one_at_a_time_and_batched(arch, tiny_model_dir):
+    model_dir = tiny_model_dir(arch)
+    llm = LLM(model_dir, block_size=4, num_kv_blocks=256, max_num_batched_tokens=512)
+    prompts = prompts_of([3, 17, 9, 30, 1, 21])
+    expected = [hf_greedy(model_dir, p, GREEDY.max_tokens)[0] for p in prompts]
+    for prompt, want in zip(prompts, expected):
+        got = llm.generate(token_prompts([prompt]), GREEDY, use_tqdm=False)[0]
+        assert got.outputs[0].token_ids == want
+    batched = llm.generate(token_prompts(prompts), GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in batched] == expected
+    assert all(o.outputs[0].finish_reason == "length" for o in batched)
+    assert_no_leak(llm)
+
+
+SCHEDULER_CONFIGS = [
+    dict(max_num_batched_tokens=7),                      # small prefill chunks
+    dict(max_num_seqs=1),
+    dict(enable_prefix_caching=False),
+    dict(num_kv_blocks=14, max_num_batched_tokens=64),   # forces preemption
+    dict(enable_chunked_prefill=False, max_num_batched_tokens=256, max_model_len=256),
+]
+
+
+@pytest.mark.parametrize("config", SCHEDULER_CONFIGS)
+def test_outputs_do_not_change_with_scheduler_configuration(config, tiny_model_dir):
+    model_dir = tiny_model_dir("llama")
+    shared = prompts_of([13], seed=7)[0]
+    prompts = [shared + p for p in prompts_of([3, 8, 1, 12], seed=8)] + prompts_of([5, 19])
+    reference = LLM(model_dir, block_size=4, num_kv_blocks=256)
+    want = [o.outputs[0].token_ids for o in reference.generate(token_prompts(prompts), GREEDY,
+                                                               use_tqdm=False)]
+    llm = LLM(model_dir, **{"block_size": 4, "num_kv_blocks": 256, **config})
+    got = llm.generate(token_prompts(prompts), GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == want
+    assert_no_leak(llm)
+    if config.get("num_kv_blocks") == 14:
+        assert llm.engine.stats().num_preemptions > 0
+
+
+def test_shared_prefixes_hit_the_cache(tiny_model_dir):
+    llm = LLM(tiny_model_dir("llama"), block_size=4, num_kv_blocks=256)
+    shared = prompts_of([16], seed=3)[0]
+    first = llm.generate(token_prompts([shared + [5]]), GREEDY, use_tqdm=False)[0]
+    second = llm.generate(token_prompts([shared + [5]]), GREEDY, use_tqdm=False)[0]
+    assert second.num_cached_tokens == 16
+    assert second.outputs[0].token_ids == first.outputs[0].token_ids
+    assert llm.engine.stats().prefix_cache_hits >= 16
+
+
+def test_seeded_sampling_reproduces_in_any_batch(tiny_model_dir):
+    llm = LLM(tiny_model_dir("qwen2"), block_size=4, num_kv_blocks=256)
+    prompt = prompts_of([6], seed=1)[0]
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=10, ignore_eos=True)
+    alone = llm.generate(token_prompts([prompt]), seeded, use_tqdm=False)[0].outputs[0].token_ids
+    others = SamplingParams(temperature=0.8, max_tokens=10, ignore_eos=True)
+    mixed = llm.generate(token_prompts(prompts_of([4, 9]) + [prompt]), [others, others, seeded],
+                         use_tqdm=False)
+    assert mixed[2].outputs[0].token_ids == alone
+
+
+def test_n_completions_and_priorities(tiny_model_dir):
+    llm = LLM(tiny_model_dir("llama"), block_size=4, num_kv_blocks=256,
+              scheduling_policy="priority")
+    params = SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=6, ignore_eos=True)
+    outputs = llm.generate(token_prompts(prompts_of([5, 7])), params, priority=[1, 0],
+                           use_tqdm=False)
+    assert [o.request_id for o in outputs] == sorted(o.request_id for o in outputs)
+    for output in outputs:
+        assert [c.index for c in output.outputs] == [0, 1, 2]
+        assert all(len(c.token_ids) == 6 for c in output.outputs)
+    assert_no_leak(llm)
+
+
+def test_logprobs_and_prompt_logprobs(tiny_model_dir):
+    import torch
+
+    model_dir = tiny_model_dir("llama")
+    llm = LLM(model_dir, block_size=4, num_kv_blocks=256)
+    prompt = prompts_of([7], seed=4)[0]
+    params = SamplingParams(temperature=0, max_tokens=4, logprobs=3, prompt_logprobs=2,
+                            ignore_eos=True)
+    out = llm.generate(token_prompts([prompt]), params, use_tqdm=False)[0]
+    tokens, hf_logits = hf_greedy(model_dir, prompt, 4)
+    completion = out.outputs[0]
+    assert completion.token_ids == tokens and len(completion.logprobs) == 4
+    for step, position in enumerate(completion.logprobs):
+        want = torch.log_softmax(hf_logits[step], dim=-1)
+        assert tokens[step] in position and len(position) == 3  # greedy token is rank 1
+        for token_id, lp in position.items():
+            assert lp.logprob == pytest.approx(want[token_id].item(), abs=1e-4)
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
+    assert all(prompt[i] in out.prompt_logprobs[i] for i in range(1, len(prompt)))
+
+
+@pytest.mark.parametrize("prompt, params, message", [
+    ({"prompt_token_ids": []}, GREEDY, "empty"),
+    ({"prompt_token_ids": list(range(2, 300))}, GREEDY, "max_model_len"),
+    ({"prompt_token_ids": [5, 999999]}, GREEDY, "prompt_token_ids"),
+    ({"prompt_token_ids": [5, 6]}, SamplingParams(stop_token_ids=[10**6]), "stop_token_ids"),
+    ({"prompt_token_ids": [5, 6]}, SamplingParams(logit_bias={10**6: 1.0}), "logit_bias"),
+    ("text needs a tokenizer", GREEDY, "tokenizer"),
+])
+def test_bad_input_raises_and_engine_keeps_serving(prompt, params, message, tiny_model_dir):
+    llm = LLM(tiny_model_dir("llama"), block_size=4, num_kv_blocks=256, max_model_len=128)
+    good = token_prompts(prompts_of([5]))
+    with pytest.raises(ValueError, match=message):
+        llm.generate(good + [prompt], [GREEDY, params], use_tqdm=False)
+    assert_no_leak(llm)
+    assert len(llm.generate(good, GREEDY, use_tqdm=False)[0].outputs[0].token_ids) == 12
+
+
+def test_bad_model_paths_and_arguments(tmp_path):
+    with pytest.raises(ValueError, match="not found"):
+        LLM(str(tmp_path / "missing"))
+    (tmp_path / "config.json").write_text(
+        '{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}')
+    with pytest.raises(ValueError, match="GPT2LMHeadModel"):
+        LLM(str(tmp_path))
+    with pytest.raises(ValueError, match="scheduling_policy"):
+        LLM(str(tmp_path), scheduling_policy="lifo")
+
+
+def test_profile_dir_writes_a_chrome_trace(tiny_model_dir, tmp_path):
+    llm = LLM(tiny_model_dir("llama"), block_size=4, num_kv_blocks=64,
+              profile_dir=str(tmp_path / "traces"))
+    llm.generate(token_prompts(prompts_of([4])), SamplingParams(max_tokens=2), use_tqdm=False)
+    traces = list((tmp_path / "traces").glob("*.json"))
+    assert traces and '"traceEvents"' in traces[0].read_text()

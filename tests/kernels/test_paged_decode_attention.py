@@ -1,0 +1,85 @@
+import pytest
+import torch
+
+from kernels import torch_ref
+from kernels.paged_decode_attention import paged_decode_attention, pick_num_splits
+from tests.kernels.conftest import (DEVICE, GPU_DTYPES, SMALL_DTYPES, assert_close,
+                                    make_paged_kv, needs_gpu, poisoned_allocations)
+
+
+def _check(seq_lens: list[int], num_heads: int, num_kv_heads: int, head_dim: int,
+           block_size: int, dtype: torch.dtype, device: torch.device,
+           sliding_window: int | None = None, num_splits: int | None = None) -> None:
+    key_cache, value_cache, block_tables, seq = make_paged_kv(
+        seq_lens, num_kv_heads, head_dim, block_size, dtype, device)
+    query = torch.randn(len(seq_lens), num_heads, head_dim, device=device).to(dtype)
+    qsl = torch.arange(len(seq_lens) + 1, dtype=torch.int32, device=device)
+    scale = head_dim ** -0.5
+    with poisoned_allocations():
+        out = paged_decode_attention(query, key_cache, value_cache, block_tables, seq, qsl,
+                                     scale, sliding_window, num_splits=num_splits)
+    expected = torch_ref.paged_attention(query, key_cache, value_cache, block_tables, seq,
+                                         qsl, scale, sliding_window)
+    assert_close(out, expected, "decode attention", dtype)
+
+
+@pytest.mark.parametrize("dtype", SMALL_DTYPES)
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(2, 2), (4, 2), (4, 1)])
+def test_decode_matches_reference(num_heads, num_kv_heads, dtype):
+    _check([1, 15, 17, 33], num_heads, num_kv_heads, 32, 16, dtype, DEVICE)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, 8])
+@pytest.mark.parametrize("sliding_window", [None, 10])
+def test_decode_split_kv_and_window(num_splits, sliding_window):
+    _check([1, 17, 50], 4, 2, 32, 16, torch.float32, DEVICE, sliding_window, num_splits)
+
+
+def test_decode_odd_head_dim_and_block_size():
+    _check([9, 40], 2, 1, 48, 8, torch.float32, DEVICE, num_splits=2)
+
+
+def test_decode_padding_row_gives_zeros():
+    key_cache, value_cache, block_tables, seq = make_paged_kv(
+        [5, 0], 1, 16, 16, torch.float32, DEVICE)
+    query = torch.randn(2, 2, 16, device=DEVICE)
+    for splits in (1, 2):
+        out = paged_decode_attention(query, key_cache, value_cache, block_tables, seq, None,
+                                     0.25, num_splits=splits)
+        assert torch.equal(out[1], torch.zeros_like(out[1]))
+        assert torch.isfinite(out).all()
+
+
+def test_pick_num_splits_fills_small_batches():
+    dev = torch.device("cpu")
+    assert pick_num_splits(256, 8, 8192, dev) == 1
+    assert pick_num_splits(1, 1, 8192, dev) > 1
+    assert pick_num_splits(1, 1, 100, dev) == 1
+
+
+def test_decode_rejects_bad_arguments():
+    key_cache, value_cache, block_tables, seq = make_paged_kv([5], 2, 16, 16,
+                                                              torch.float32, DEVICE)
+    with pytest.raises(ValueError, match="multiple"):
+        paged_decode_attention(torch.randn(1, 3, 16, device=DEVICE), key_cache, value_cache,
+                               block_tables, seq, None, 1.0)
+    with pytest.raises(ValueError, match="query"):
+        paged_decode_attention(torch.randn(2, 2, 16, device=DEVICE), key_cache, value_cache,
+                               block_tables, seq, None, 1.0)
+    with pytest.raises(ValueError, match="value_cache"):
+        paged_decode_attention(torch.randn(1, 2, 16, device=DEVICE), key_cache,
+                               value_cache.half(), block_tables, seq, None, 1.0)
+    with pytest.raises(ValueError, match="block_tables"):
+        paged_decode_attention(torch.randn(1, 2, 16, device=DEVICE), key_cache, value_cache,
+                               block_tables.float(), seq, None, 1.0)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("batch,max_len,sliding_window", [
+    (1, 8191, None), (64, 2049, None), (7, 5000, 1024)])
+def test_decode_gpu(batch, max_len, sliding_window, dtype):
+    seq_lens = torch.randint(1, max_len + 1, (batch,)).tolist()
+    seq_lens[0] = max_len
+    _check(seq_lens, 32, 8, 128, 16, dtype, torch.device("cuda"), sliding_window)

@@ -1,0 +1,71 @@
+import pytest
+import torch
+
+from kernels import torch_ref
+from kernels.prefill_attention import prefill_attention
+from tests.kernels.conftest import (DEVICE, GPU_DTYPES, SMALL_DTYPES, assert_close,
+                                    make_paged_kv, needs_gpu, poisoned_allocations)
+
+
+def _check(seq_lens: list[int], query_lens: list[int], num_heads: int, num_kv_heads: int,
+           head_dim: int, block_size: int, dtype: torch.dtype, device: torch.device,
+           sliding_window: int | None = None, pass_max_query_len: bool = True) -> None:
+    key_cache, value_cache, block_tables, seq = make_paged_kv(
+        seq_lens, num_kv_heads, head_dim, block_size, dtype, device)
+    qsl = torch.tensor([0] + query_lens, dtype=torch.int32).cumsum(0).to(torch.int32)
+    qsl = qsl.to(device)
+    query = torch.randn(sum(query_lens), num_heads, head_dim, device=device).to(dtype)
+    scale = head_dim ** -0.5
+    with poisoned_allocations():
+        out = prefill_attention(query, key_cache, value_cache, block_tables, seq, qsl, scale,
+                                sliding_window,
+                                max_query_len=max(query_lens) if pass_max_query_len else None)
+    expected = torch_ref.paged_attention(query, key_cache, value_cache, block_tables, seq,
+                                         qsl, scale, sliding_window)
+    assert_close(out, expected, "prefill attention", dtype)
+
+
+@pytest.mark.parametrize("dtype", SMALL_DTYPES)
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(2, 2), (4, 2), (4, 1)])
+def test_prefill_matches_reference(num_heads, num_kv_heads, dtype):
+    # Whole prompts of lengths around the block and tile boundaries.
+    _check([1, 15, 17, 33], [1, 15, 17, 33], num_heads, num_kv_heads, 32, 16, dtype, DEVICE)
+
+
+def test_prefill_chunks_after_cached_prefix():
+    # Chunks starting mid-sequence (prefix-cache hit or an earlier chunk), plus a decode row.
+    _check([40, 17, 33, 20], [7, 17, 1, 19], 4, 2, 32, 16, torch.float32, DEVICE,
+           pass_max_query_len=False)
+
+
+@pytest.mark.parametrize("sliding_window", [1, 10])
+def test_prefill_sliding_window_shorter_than_context(sliding_window):
+    _check([45, 17, 9], [30, 17, 2], 2, 1, 32, 16, torch.float32, DEVICE, sliding_window)
+
+
+def test_prefill_odd_head_dim_and_block_size():
+    _check([21, 3], [21, 2], 2, 2, 40, 8, torch.float32, DEVICE)
+
+
+def test_prefill_rejects_bad_arguments():
+    key_cache, value_cache, block_tables, seq = make_paged_kv([5], 1, 16, 16,
+                                                              torch.float32, DEVICE)
+    query = torch.randn(5, 1, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="query_start_loc"):
+        prefill_attention(query, key_cache, value_cache, block_tables, seq,
+                          torch.tensor([0, 3, 5], dtype=torch.int32, device=DEVICE), 1.0)
+    with pytest.raises(ValueError, match="sliding_window"):
+        prefill_attention(query, key_cache, value_cache, block_tables, seq,
+                          torch.tensor([0, 5], dtype=torch.int32, device=DEVICE), 1.0, 0)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("seq_lens,query_lens,sliding_window", [
+    ([4096, 4096], [4096, 4096], None),
+    ([3000, 1, 700, 5000], [1000, 1, 700, 333], None),
+    ([6000, 129], [2500, 129], 1024),
+])
+def test_prefill_gpu(seq_lens, query_lens, sliding_window, dtype):
+    _check(seq_lens, query_lens, 32, 8, 128, 16, dtype, torch.device("cuda"), sliding_window)

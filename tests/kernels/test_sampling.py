@@ -1,0 +1,136 @@
+import pytest
+import torch
+
+from kernels import torch_ref
+from kernels.sampling import sample
+from tests.kernels.conftest import DEVICE, assert_close, needs_gpu
+
+NEG_INF = float("-inf")
+
+
+def _params(num_rows: int, device: torch.device, temperature=1.0, top_k=0, top_p=1.0,
+            min_p=0.0):
+    def full(v, dtype):
+        t = torch.as_tensor(v, dtype=dtype)
+        return (t.expand(num_rows) if t.dim() == 0 else t).contiguous().to(device)
+
+    return dict(temperature=full(temperature, torch.float32),
+                top_k=full(top_k, torch.int32), top_p=full(top_p, torch.float32),
+                min_p=full(min_p, torch.float32))
+
+
+def _penalties(num_rows: int, vocab: int, device: torch.device):
+    return dict(
+        prompt_mask=(torch.rand(num_rows, vocab) < 0.2).to(device),
+        output_counts=(torch.randint(0, 3, (num_rows, vocab))
+                       * (torch.rand(num_rows, vocab) < 0.2)).to(torch.int32).to(device),
+        presence_penalty=(torch.rand(num_rows) - 0.5).to(device),
+        frequency_penalty=(torch.rand(num_rows) - 0.5).to(device),
+        repetition_penalty=(0.5 + torch.rand(num_rows) * 1.5).to(device))
+
+
+def _processed(logits, bias, pen, temperature):
+    x = torch_ref.apply_penalties(logits.float() + bias, pen["prompt_mask"],
+                                  pen["output_counts"], pen["presence_penalty"],
+                                  pen["frequency_penalty"], pen["repetition_penalty"])
+    return x, x / torch.where(temperature < 1e-5, 1.0, temperature)[:, None]
+
+
+def _check_processing_and_greedy(num_rows, vocab, device):
+    logits = 3 * torch.randn(num_rows, vocab, device=device)
+    bias = torch.zeros(num_rows, vocab, device=device)
+    bias[:, :5] = 4.0
+    bias[0, int(logits[0].argmax())] = NEG_INF  # a forbidden token
+    pen = _penalties(num_rows, vocab, device)
+    temperature = torch.rand(num_rows, device=device) + 0.2
+    temperature[::2] = 0.0  # greedy rows
+    params = _params(num_rows, device, temperature=temperature)
+    workspace = torch.full((num_rows, vocab), float("nan"), device=device)
+    seeds = torch.arange(num_rows, device=device)
+    tokens = sample(logits, seeds=seeds, offsets=torch.zeros_like(seeds), logit_bias=bias,
+                    workspace=workspace, **params, **pen)
+    penalised, scaled = _processed(logits, bias, pen, params["temperature"])
+    assert_close(workspace, scaled, "processed logits", torch.float32, equal_nan=False)
+    greedy = params["temperature"] < 1e-5
+    assert torch.equal(tokens[greedy], penalised[greedy].argmax(dim=-1))
+    assert bool((tokens[0] != logits[0].argmax()).item())
+
+
+def test_penalties_bias_temperature_and_greedy():
+    _check_processing_and_greedy(6, 300, DEVICE)
+
+
+def test_filtered_out_tokens_are_never_sampled():
+    # Each filter alone and combined; 5 differently seeded copies of every config.
+    configs = [(0, 1.0, 0.0), (3, 1.0, 0.0), (0, 0.6, 0.0), (0, 1.0, 0.2),
+               (10, 0.8, 0.05), (1, 1.0, 0.0), (50, 0.95, 0.0), (0, 0.0, 0.0)]
+    copies = 5
+    vocab = 300
+    num_rows = len(configs) * copies
+    top_k, top_p, min_p = (list(c) for c in zip(*[c for c in configs for _ in range(copies)]))
+    logits = 2 * torch.randn(len(configs), vocab).repeat_interleave(copies, 0).to(DEVICE)
+    logits[:, 7] = logits[:, 8]  # a tie, so top-k must keep ties
+    params = _params(num_rows, DEVICE, 0.9, top_k, top_p, min_p)
+    seeds = torch.arange(num_rows, device=DEVICE) * 7919
+    tokens = sample(logits, seeds=seeds, offsets=torch.zeros_like(seeds), **params)
+    kept = torch_ref.filter_logits(logits / 0.9, params["top_k"], params["top_p"],
+                                   params["min_p"]) > NEG_INF
+    ok = kept[torch.arange(num_rows), tokens.cpu() if not kept.is_cuda else tokens]
+    assert bool(ok.all()), f"sampled filtered-out tokens in rows {(~ok).nonzero().tolist()}"
+    # top_k=1 and top_p=0 leave only the argmax.
+    for c in (5, 7):
+        rows = slice(c * copies, (c + 1) * copies)
+        assert torch.equal(tokens[rows], logits[rows].argmax(-1))
+
+
+def test_same_seed_and_offset_reproduce_across_batches():
+    vocab = 200
+    row = torch.randn(1, vocab, device=DEVICE)
+    logits = torch.cat([row, torch.randn(2, vocab, device=DEVICE), row])
+    params = _params(4, DEVICE, 1.0, 20, 0.9)
+    seeds = torch.tensor([11, 12, 13, 11], device=DEVICE)
+    tokens = sample(logits, seeds=seeds, offsets=torch.tensor([4, 4, 4, 4], device=DEVICE),
+                    **params)
+    assert tokens[0] == tokens[3]
+    alone = sample(row, seeds=seeds[:1], offsets=torch.tensor([4], device=DEVICE),
+                   **_params(1, DEVICE, 1.0, 20, 0.9))
+    assert alone[0] == tokens[0]
+
+
+def _chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    n = counts.sum()
+    expected = probs * n
+    stat = ((counts - expected) ** 2 / expected).sum()
+    dof = torch.tensor(float(counts.numel() - 1), dtype=torch.float64)
+    return float(torch.special.gammaincc(dof / 2, stat / 2))
+
+
+def _check_distribution(num_draws: int, vocab: int, temperature: float, top_k: int,
+                        top_p: float, min_p: float, device: torch.device):
+    gen = torch.Generator().manual_seed(1234)
+    row = (2 * torch.randn(1, vocab, generator=gen)).to(device)
+    logits = row.expand(num_draws, vocab).contiguous()
+    params = _params(num_draws, device, temperature, top_k, top_p, min_p)
+    seeds = torch.arange(num_draws, device=device) + 99
+    tokens = sample(logits, seeds=seeds, offsets=torch.full_like(seeds, 3), **params)
+    filtered = torch_ref.filter_logits(row / temperature, params["top_k"][:1],
+                                       params["top_p"][:1], params["min_p"][:1])
+    probs = torch.softmax(filtered, dim=-1)[0].double().cpu()
+    counts = torch.bincount(tokens.cpu(), minlength=vocab).double()
+    support = probs > 0
+    assert counts[~support].sum() == 0, "sampled a filtered-out token"
+    p_value = _chi_square_p_value(counts[support], probs[support])
+    assert p_value > 1e-3, f"chi-square p={p_value:g}: counts {counts[support].tolist()} " \
+                           f"vs probs {probs[support].tolist()}"
+
+
+def test_sampling_matches_filtered_softmax():
+    _check_distribution(300, 48, 0.8, 12, 0.9, 0.01, DEVICE)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_sampling_gpu_large_vocab():
+    _check_processing_and_greedy(64, 128256, torch.device("cuda"))
+    _check_distribution(100000, 512, 1.1, 100, 0.95, 0.0, torch.device("cuda"))
+    _check_distribution(100000, 128256, 0.7, 40, 0.9, 0.02, torch.device("cuda"))

@@ -1,0 +1,51 @@
+"""TritonAttentionBackend against the torch backend (lives here for the interpreter switch)."""
+
+import pytest
+import torch
+
+from tests.kernels.conftest import DEVICE, assert_close
+from worker_svc.layers.attention import (AttentionMetadata, TorchAttentionBackend,
+                                         get_attention_backend)
+
+
+def _metadata(seq_lens, query_lens, block_size, max_blocks, device):
+    tables, slots, next_block = [], [], 0
+    for seq_len, q_len in zip(seq_lens, query_lens):
+        nb = (seq_len + block_size - 1) // block_size
+        row = list(range(next_block, next_block + nb)) + [0] * (max_blocks - nb)
+        next_block += nb
+        tables.append(row)
+        for pos in range(seq_len - q_len, seq_len):
+            slots.append(row[pos // block_size] * block_size + pos % block_size)
+    slots.append(-1)  # a padding token
+    qsl = torch.tensor([0] + list(query_lens)).cumsum(0).to(torch.int32)
+    return AttentionMetadata(
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        query_start_loc=qsl.to(device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        block_tables=torch.tensor(tables, dtype=torch.int32, device=device),
+        max_query_len=max(query_lens), max_seq_len=max(seq_lens)), next_block
+
+
+@pytest.mark.parametrize("sliding_window", [None, 8])
+@pytest.mark.parametrize("query_lens", [[1, 1, 1], [5, 1, 17]])
+def test_triton_backend_matches_torch_backend(query_lens, sliding_window):
+    seq_lens = [20, 3, 33]
+    block_size, num_heads, num_kv_heads, head_dim = 16, 4, 2, 32
+    meta, num_blocks = _metadata(seq_lens, query_lens, block_size, 4, DEVICE)
+    num_tokens = meta.slot_mapping.shape[0]
+    query = torch.randn(num_tokens, num_heads, head_dim, device=DEVICE)
+    key = torch.randn(num_tokens, num_kv_heads, head_dim, device=DEVICE)
+    value = torch.randn(num_tokens, num_kv_heads, head_dim, device=DEVICE)
+    cache_shape = (num_blocks + 1, block_size, num_kv_heads, head_dim)
+    key_cache = torch.randn(cache_shape, device=DEVICE)
+    value_cache = torch.randn(cache_shape, device=DEVICE)
+    ref_caches = key_cache.clone(), value_cache.clone()
+    backend = get_attention_backend("triton", DEVICE)
+    out = backend.forward(query[:-1], key, value, key_cache, value_cache, meta, 0.2,
+                          sliding_window)
+    expected = TorchAttentionBackend().forward(query[:-1], key, value, *ref_caches, meta, 0.2,
+                                               sliding_window)
+    assert_close(key_cache, ref_caches[0], "key_cache")
+    assert_close(value_cache, ref_caches[1], "value_cache")
+    assert_close(out, expected, "attention output")

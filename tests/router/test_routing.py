@@ -1,0 +1,118 @@
+"""router.routing: prompt hashes match the block manager's; the policy; the Redis index."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from gridllm import redis_keys
+from gridllm.sampling_params import SamplingParams
+from router.routing import PrefixIndex, SchedulerPool, choose, prompt_block_hashes
+from scheduler_svc.block_manager import BlockManager
+from scheduler_svc.request import Request
+
+BLOCK_SIZE = 4
+
+
+@pytest.mark.parametrize("num_tokens", [1, 4, 5, 8, 9, 15])
+def test_prompt_hashes_match_block_manager(num_tokens):
+    tokens = [(7 * i + 3) % 50 for i in range(num_tokens)]
+    manager = BlockManager(num_blocks=16, block_size=BLOCK_SIZE)
+    request = Request("r", tokens, SamplingParams())
+    assert manager.allocate_slots(request, num_tokens) is not None
+    stored, _ = manager.drain_events()
+    ours = prompt_block_hashes(tokens, BLOCK_SIZE)
+    # Reusable blocks only: the scheduler always computes the prompt's last token.
+    assert len(ours) == (num_tokens - 1) // BLOCK_SIZE
+    assert stored[:len(ours)] == ours
+    # And a second request with the same prompt hits exactly those blocks.
+    _, num_hit = manager.get_computed_blocks(Request("s", tokens, SamplingParams()))
+    assert num_hit == len(ours) * BLOCK_SIZE
+
+
+def test_prompt_hashes_depend_on_salt_and_prefix():
+    tokens = list(range(12))
+    assert prompt_block_hashes(tokens, BLOCK_SIZE) != prompt_block_hashes(tokens, BLOCK_SIZE, "t")
+    other = [99] + tokens[1:]
+    # A different first block changes every chained hash after it.
+    assert not set(prompt_block_hashes(tokens, BLOCK_SIZE)) & set(
+        prompt_block_hashes(other, BLOCK_SIZE))
+
+
+class _Link:
+    def __init__(self, address: str, load: int, worker_ids=()):
+        self.address, self.load, self.worker_ids = address, load, list(worker_ids)
+
+
+def test_choose_prefers_cache_overlap_when_balanced():
+    a, b = _Link("a", 3), _Link("b", 5)
+    assert choose([a, b], {"b": 4}) is b
+    assert choose([a, b], {}) is a  # no overlap anywhere: least loaded
+
+
+def test_choose_prefers_balance_when_badly_unbalanced():
+    a, b = _Link("a", 100), _Link("b", 2)
+    assert choose([a, b], {"a": 10}) is b
+
+
+def test_prefix_index_counts_leading_run(redis_server):
+    import redis.asyncio as aioredis
+
+    async def scenario():
+        client = aioredis.from_url(redis_server.rsplit("/", 1)[0] + "/3")
+        try:
+            await client.flushdb()
+            hashes = prompt_block_hashes(list(range(40)), BLOCK_SIZE)
+            assert len(hashes) == 9
+            # w1 caches the first 5 blocks; w2 the first 2 and (not a prefix) block 4.
+            for worker_id, cached in (("w1", hashes[:5]), ("w2", hashes[:2] + hashes[3:4])):
+                await client.hset(redis_keys.kv_cached_key(worker_id), mapping={
+                    str(h): redis_keys.encode_cached_block(i, (1, 2)) for i, h in enumerate(cached)})
+            index = PrefixIndex(client)
+            overlap = await index.overlap(["w1", "w2", "w3"], hashes)
+            assert overlap == {"w1": 5, "w2": 2, "w3": 0}
+
+            # The pool routes the prompt to the scheduler whose worker holds the longer prefix.
+            pool = SchedulerPool(["127.0.0.1:1", "127.0.0.1:2"], index)
+            try:
+                first, second = pool.links
+                for link, workers in ((first, ["w2"]), (second, ["w1"])):
+                    link.is_alive = True
+                    link.worker_ids = workers
+                    link.info = _info()
+                first.num_inflight, second.num_inflight = 0, 6
+                picked = await pool.pick(list(range(40)), timeout_s=1.0)
+                assert picked is second
+                # A prompt nobody caches goes to the least loaded one.
+                picked = await pool.pick([300 + i for i in range(40)], timeout_s=1.0)
+                assert picked is first
+            finally:
+                await pool.close()
+        finally:
+            await client.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_prefix_index_without_redis_is_empty():
+    assert asyncio.run(PrefixIndex(None).overlap(["w"], [1, 2])) == {}
+
+
+def test_pool_times_out_without_schedulers():
+    async def scenario():
+        pool = SchedulerPool(["127.0.0.1:1"], None)
+        try:
+            with pytest.raises(TimeoutError):
+                await pool.pick([1, 2, 3], timeout_s=0.3)
+        finally:
+            await pool.close()
+
+    asyncio.run(scenario())
+
+
+def _info():
+    from gridllm.v1 import scheduler_pb2
+
+    return scheduler_pb2.SchedulerInfo(block_size=BLOCK_SIZE, vocab_size=320, max_model_len=64,
+                                       num_workers=1)

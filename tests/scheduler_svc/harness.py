@@ -1,0 +1,77 @@
+"""In-process worker and scheduler servers on loopback for the service tests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import grpc
+
+from gridllm.config import CacheConfig, ModelConfig, SchedulerConfig
+from gridllm.v1 import generate_pb2, scheduler_pb2, scheduler_pb2_grpc
+from scheduler_svc.server import SchedulerServer, SchedulerServiceConfig
+from worker_svc.server import WorkerOptions, WorkerServer
+
+BLOCK_SIZE = 4
+NUM_KV_BLOCKS = 64
+MAX_NUM_BATCHED_TOKENS = 16
+
+
+def engine_configs(model_path: str) -> tuple[ModelConfig, CacheConfig, SchedulerConfig]:
+    """The configs both the worker and the in-process reference engine use."""
+    return (ModelConfig(model=model_path, skip_tokenizer_init=True),
+            CacheConfig(block_size=BLOCK_SIZE, num_kv_blocks=NUM_KV_BLOCKS),
+            SchedulerConfig(max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS, max_model_len=256))
+
+
+@contextlib.asynccontextmanager
+async def running_worker(model_path: str, redis_url: str | None = None):
+    server = WorkerServer(*engine_configs(model_path),
+                          WorkerOptions(redis_url=redis_url, heartbeat_ttl=3.0))
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop(grace=0)
+
+
+@contextlib.asynccontextmanager
+async def running_scheduler(worker_addresses=(), redis_url: str | None = None, **kwargs):
+    config = SchedulerServiceConfig(
+        scheduler_config=SchedulerConfig(max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS,
+                                         max_model_len=256),
+        worker_addresses=list(worker_addresses), redis_url=redis_url,
+        discovery_interval=0.1, heartbeat_ttl=3.0, **kwargs)
+    server = SchedulerServer(config)
+    await server.start()
+    channel = grpc.aio.insecure_channel(server.address)
+    try:
+        yield server, scheduler_pb2_grpc.SchedulerStub(channel)
+    finally:
+        await channel.close()
+        await server.stop(grace=0)
+
+
+def submit_request(req_id: str, prompt: list[int], **params) -> scheduler_pb2.SubmitRequest:
+    params.setdefault("temperature", 0.0)
+    return scheduler_pb2.SubmitRequest(request_id=req_id, prompt_token_ids=prompt,
+                                       sampling_params=generate_pb2.SamplingParams(**params))
+
+
+async def collect(stub, request: scheduler_pb2.SubmitRequest):
+    """Run one Submit stream to the end.
+
+    Returns:
+        (token ids, every response).
+    """
+    responses = [r async for r in stub.Submit(request, timeout=60)]
+    return [t for r in responses for t in r.token_ids], responses
+
+
+async def wait_until(predicate, timeout: float = 10.0, what: str = "condition") -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise TimeoutError(f"{what} not reached within {timeout}s")
+        await asyncio.sleep(0.02)

@@ -1,0 +1,75 @@
+"""A minimal stand-in for the scheduler: feeds hand-built SchedulerOutputs to a ModelRunner."""
+
+from __future__ import annotations
+
+from gridllm.sampling_params import SamplingParams
+from scheduler_svc.output import CachedRequestData, NewRequestData, SchedulerOutput
+
+
+def run_requests(runner, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+                 max_new_tokens: int, chunk_budget: int | None = None,
+                 max_steps: int = 1000):
+    """Generate ``max_new_tokens`` for every prompt, all in one running batch.
+
+    Each step schedules every unfinished request's remaining known tokens, cut by the
+    shared ``chunk_budget`` (chunked prefill); blocks come from a simple counter.
+
+    Returns:
+        ``(outputs, runner_outputs)``: per prompt the generated token ids, and every step's
+        ``ModelRunnerOutput``.
+    """
+    if isinstance(params, SamplingParams):
+        params = [params] * len(prompts)
+    block_size = runner.block_size
+    ids = [f"req-{i}" for i in range(len(prompts))]
+    tokens = {r: list(p) for r, p in zip(ids, prompts)}
+    outputs = {r: [] for r in ids}
+    computed = dict.fromkeys(ids, 0)
+    blocks: dict[str, list[int]] = {}
+    next_block = 0
+    finished: set[str] = set()
+    to_drop: set[str] = set()
+    steps = []
+    for _ in range(max_steps):
+        running = [r for r in ids if r not in finished]
+        if not running:
+            break
+        out = SchedulerOutput(finished_req_ids=to_drop)
+        to_drop = set()
+        budget = chunk_budget
+        for i, r in enumerate(ids):
+            if r in finished:
+                continue
+            n = len(tokens[r]) - computed[r]
+            if budget is not None:
+                n = min(n, budget)
+                budget -= n
+            if n <= 0:
+                continue
+            needed = -(-(computed[r] + n) // block_size)
+            new_blocks = []
+            while len(blocks.get(r, [])) + len(new_blocks) < needed:
+                new_blocks.append(next_block)
+                next_block += 1
+            if r not in blocks:
+                blocks[r] = new_blocks
+                out.scheduled_new_reqs.append(NewRequestData(
+                    req_id=r, prompt_token_ids=list(prompts[i]), sampling_params=params[i],
+                    output_token_ids=[], block_ids=list(new_blocks),
+                    num_computed_tokens=computed[r]))
+            else:
+                blocks[r] += new_blocks
+                out.scheduled_cached_reqs.append(CachedRequestData(
+                    req_id=r, new_block_ids=new_blocks, num_computed_tokens=computed[r]))
+            out.num_scheduled_tokens[r] = n
+            computed[r] += n
+        out.total_num_scheduled_tokens = sum(out.num_scheduled_tokens.values())
+        result = runner.execute_model(out)
+        steps.append(result)
+        for r, new_ids in result.sampled_token_ids.items():
+            tokens[r] += new_ids
+            outputs[r] += new_ids
+            if len(outputs[r]) >= max_new_tokens:
+                finished.add(r)
+                to_drop.add(r)
+    return [outputs[r] for r in ids], steps

@@ -1,0 +1,31 @@
+"""Attention backend on Triton kernels (CUDA; also runs in Triton's interpreter)."""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.kv_cache_write import write_kv_cache
+from kernels.paged_decode_attention import paged_decode_attention
+from kernels.prefill_attention import prefill_attention
+from worker_svc.layers.attention import AttentionBackend, AttentionMetadata
+
+
+class TritonAttentionBackend(AttentionBackend):
+    """Writes the step's KV with the cache-write kernel, then runs the split-KV decode
+    kernel for decode-only steps (the CUDA-graph path) and the varlen prefill kernel for
+    anything with a longer query chunk."""
+
+    name = "triton"
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key_cache: torch.Tensor, value_cache: torch.Tensor,
+                metadata: AttentionMetadata, scale: float,
+                sliding_window: int | None = None) -> torch.Tensor:
+        write_kv_cache(key, value, key_cache, value_cache, metadata.slot_mapping)
+        if metadata.is_decode_only:
+            return paged_decode_attention(query, key_cache, value_cache,
+                                          metadata.block_tables, metadata.seq_lens,
+                                          metadata.query_start_loc, scale, sliding_window)
+        return prefill_attention(query, key_cache, value_cache, metadata.block_tables,
+                                 metadata.seq_lens, metadata.query_start_loc, scale,
+                                 sliding_window, max_query_len=metadata.max_query_len)

@@ -1,0 +1,224 @@
+"""The model runner: holds weights, the paged KV cache and per-request state; turns a
+``SchedulerOutput`` into one forward pass plus sampling (a ``ModelRunnerOutput``)."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from gridllm.config import CacheConfig, ModelConfig, SchedulerConfig
+from scheduler_svc.output import SchedulerOutput
+from worker_svc.input_batch import BatchInputs, RequestState, prepare_inputs
+from worker_svc.layers.attention import get_attention_backend
+from worker_svc.loader import load_model, resolve_device, resolve_dtype
+from worker_svc.output import ModelRunnerOutput, TokenLogprobs
+from worker_svc.sampler import Sampler, SamplingMetadata, compute_token_logprobs
+
+logger = logging.getLogger(__name__)
+
+# Rows of prompt-logprob logits materialised at once ([rows, vocab] float32).
+_PROMPT_LOGPROB_CHUNK = 256
+
+
+def kv_cache_geometry(hf_config) -> tuple[int, int, int]:
+    """``(num_layers, num_kv_heads, head_dim)`` of the model's attention."""
+    num_heads = hf_config.num_attention_heads
+    num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or num_heads
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
+    return hf_config.num_hidden_layers, num_kv_heads, head_dim
+
+
+class ModelRunner:
+    """Args:
+        model_config: which model, dtype, device, attention backend.
+        cache_config: block size and how many KV blocks (or how much memory for them).
+        scheduler_config: batch limits (sizes the profiling forward on CUDA).
+        eos_token_id: EOS id the sampler holds back until ``min_tokens``; default: the
+            model config's (first) ``eos_token_id``.
+    """
+
+    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig,
+                 scheduler_config: SchedulerConfig, eos_token_id: int | None = None):
+        self.model_config = model_config
+        self.cache_config = cache_config
+        self.scheduler_config = scheduler_config
+        self.device = resolve_device(model_config.device)
+        self.dtype = resolve_dtype(model_config.dtype, self.device)
+        if model_config.seed is not None:
+            torch.manual_seed(model_config.seed)
+        self.attn_backend = get_attention_backend(model_config.attention_backend, self.device)
+        self.model, self.hf_config = load_model(model_config, self.attn_backend, self.device)
+        self.vocab_size = self.hf_config.vocab_size
+        self.max_model_len = self._resolve_max_model_len()
+        self.eos_token_id = eos_token_id if eos_token_id is not None else _first_eos(self.hf_config)
+        self.block_size = cache_config.block_size
+        self.sampler = Sampler()
+        self.requests: dict[str, RequestState] = {}
+        self.num_kv_blocks = self._num_kv_blocks()
+        self.kv_caches = self._allocate_kv_cache(self.num_kv_blocks)
+        logger.info("KV cache: %d blocks of %d tokens", self.num_kv_blocks, self.block_size)
+
+    # ---- setup -------------------------------------------------------------------------
+    def _resolve_max_model_len(self) -> int:
+        model_limit = getattr(self.hf_config, "max_position_embeddings", None)
+        requested = self.model_config.max_model_len
+        if requested is None:
+            if model_limit is None:
+                raise ValueError("max_model_len must be set: the model config has no "
+                                 "max_position_embeddings.")
+            return int(model_limit)
+        if model_limit is not None and requested > model_limit:
+            raise ValueError(f"max_model_len must be at most the model's "
+                             f"max_position_embeddings={model_limit}, got {requested}.")
+        return requested
+
+    def bytes_per_block(self) -> int:
+        num_layers, num_kv_heads, head_dim = kv_cache_geometry(self.hf_config)
+        element = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * num_layers * self.block_size * num_kv_heads * head_dim * element
+
+    def _num_kv_blocks(self) -> int:
+        if self.cache_config.num_kv_blocks is not None:
+            return self.cache_config.num_kv_blocks
+        if self.device.type != "cuda":
+            num = self.cache_config.kv_cache_memory // self.bytes_per_block()
+        else:
+            num = self._profile_cuda_blocks()
+        if num < 1:
+            raise ValueError("kv_cache_memory (or gpu_memory_utilization) leaves no room for "
+                             f"a single KV block of {self.bytes_per_block()} bytes.")
+        return int(num)
+
+    def _allocate_kv_cache(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        num_layers, num_kv_heads, head_dim = kv_cache_geometry(self.hf_config)
+        shape = (num_blocks, self.block_size, num_kv_heads, head_dim)
+        return [(_zeros(shape, self.dtype, self.device), _zeros(shape, self.dtype, self.device))
+                for _ in range(num_layers)]
+
+    @torch.inference_mode()
+    def _profile_cuda_blocks(self) -> int:
+        """Blocks that fit in ``gpu_memory_utilization`` of the GPU after a forward of the
+        largest step (the activation peak) on top of the weights."""
+        num_tokens = min(self.scheduler_config.max_num_batched_tokens, self.max_model_len)
+        num_blocks = -(-num_tokens // self.block_size)
+        caches = self._allocate_kv_cache(num_blocks)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        baseline = torch.cuda.memory_allocated(self.device)
+        state = RequestState(req_id="profile", num_prompt_tokens=num_tokens,
+                             token_ids=[0] * num_tokens, sampling_params=None,
+                             block_ids=list(range(num_blocks)), num_computed_tokens=0,
+                             generator=None, needs_prompt_logprobs=False)
+        batch = prepare_inputs([state], [num_tokens], self.block_size, self.device)
+        hidden = self.model(batch.input_ids, batch.positions, caches, batch.attn_metadata)
+        self.model.compute_logits(hidden[-1:])
+        torch.cuda.synchronize(self.device)
+        activation_peak = torch.cuda.max_memory_allocated(self.device) - baseline
+        del caches, hidden
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        budget = self.cache_config.gpu_memory_utilization * total - (total - free) - activation_peak
+        logger.info("profiling: activation peak %.1f MiB, KV budget %.1f MiB",
+                    activation_peak / 2**20, budget / 2**20)
+        return int(budget // self.bytes_per_block())
+
+    # ---- one step ----------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        """Run one step.
+
+        Args:
+            scheduler_output: new requests in full, cached ones as diffs, tokens per request.
+        Returns:
+            Sampled token ids of the requests whose chunk reached the end of their tokens,
+            plus logprobs / prompt logprobs where asked for.
+        """
+        self._update_states(scheduler_output)
+        req_ids = [r.req_id for r in scheduler_output.scheduled_new_reqs]
+        req_ids += [r.req_id for r in scheduler_output.scheduled_cached_reqs]
+        req_ids = [r for r in req_ids if scheduler_output.num_scheduled_tokens.get(r, 0) > 0]
+        output = ModelRunnerOutput()
+        if not req_ids:
+            return output
+        states = [self.requests[r] for r in req_ids]
+        num_scheduled = [scheduler_output.num_scheduled_tokens[r] for r in req_ids]
+        batch = prepare_inputs(states, num_scheduled, self.block_size, self.device)
+        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn_metadata)
+        self._prompt_logprobs(states, batch, hidden, output)
+        for state, n in zip(states, num_scheduled):
+            state.num_computed_tokens += n
+        sampling = [i for i, s in enumerate(states) if s.num_computed_tokens == len(s.token_ids)]
+        if sampling:
+            self._sample([states[i] for i in sampling],
+                         hidden[[batch.last_rows[i] for i in sampling]], output)
+        return output
+
+    def _update_states(self, scheduler_output: SchedulerOutput) -> None:
+        for req_id in scheduler_output.finished_req_ids:
+            self.requests.pop(req_id, None)
+        for new in scheduler_output.scheduled_new_reqs:
+            self.requests[new.req_id] = RequestState.from_new(new, self.device)
+        for cached in scheduler_output.scheduled_cached_reqs:
+            state = self.requests.get(cached.req_id)
+            if state is None:
+                raise ValueError(f"request {cached.req_id!r} is not known to the runner; "
+                                 "send it as a new request.")
+            state.block_ids.extend(cached.new_block_ids)
+            state.num_computed_tokens = cached.num_computed_tokens
+
+    def _sample(self, states: list[RequestState], hidden: torch.Tensor,
+                output: ModelRunnerOutput) -> None:
+        logits = self.model.compute_logits(hidden)
+        metadata = SamplingMetadata.build(
+            [s.sampling_params for s in states], [s.prompt_token_ids for s in states],
+            [s.output_token_ids for s in states], [s.generator for s in states],
+            [self.eos_token_id] * len(states), self.vocab_size, self.device)
+        sampled = self.sampler(logits, metadata)
+        token_ids = sampled.token_ids.tolist()
+        for i, (state, token_id) in enumerate(zip(states, token_ids)):
+            state.token_ids.append(token_id)
+            output.req_ids.append(state.req_id)
+            output.sampled_token_ids[state.req_id] = [token_id]
+            if state.sampling_params.logprobs is not None and sampled.logprobs is not None:
+                output.logprobs[state.req_id] = [sampled.logprobs[i]]
+
+    def _prompt_logprobs(self, states: list[RequestState], batch: BatchInputs,
+                         hidden: torch.Tensor, output: ModelRunnerOutput) -> None:
+        """Row at position p scores prompt token p + 1; positions are this step's chunk."""
+        row = 0
+        for state, start, n in zip(states, batch.starts, batch.num_tokens):
+            first_row, row = row, row + n
+            if not state.needs_prompt_logprobs:
+                continue
+            # Positions start..start+n-1 predicting prompt tokens start+1..min(end, prompt_len-1).
+            count = min(start + n, state.num_prompt_tokens - 1) - start
+            if count <= 0:
+                continue
+            targets = torch.tensor(state.token_ids[start + 1:start + 1 + count],
+                                   dtype=torch.long, device=self.device)
+            results: list[TokenLogprobs] = []
+            for offset in range(0, count, _PROMPT_LOGPROB_CHUNK):
+                size = min(_PROMPT_LOGPROB_CHUNK, count - offset)
+                logits = self.model.compute_logits(
+                    hidden[first_row + offset:first_row + offset + size])
+                results += compute_token_logprobs(logits, targets[offset:offset + size],
+                                                  state.sampling_params.prompt_logprobs)
+            output.prompt_logprobs.setdefault(state.req_id, []).extend(results)
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    # numpy's zeros is calloc: the OS hands out zero pages lazily, so a large CPU pool costs
+    # nothing until used (torch.zeros would touch every page up front).
+    num_bytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+    return torch.from_numpy(np.zeros(num_bytes, dtype=np.uint8)).view(dtype).view(shape)
+
+
+def _first_eos(hf_config) -> int | None:
+    eos = getattr(hf_config, "eos_token_id", None)
+    if isinstance(eos, (list, tuple)):
+        return eos[0] if eos else None
+    return eos

@@ -1,0 +1,294 @@
+"""The worker service: a ModelRunner behind a bidirectional Step stream.
+
+One scheduler drives a worker at a time. A new Step stream drops every per-request state
+but keeps the KV cache, so blocks the scheduler mirrored to Redis stay valid after the
+scheduler restarts. The worker registers itself in Redis under a unique id with a TTL
+that a heartbeat refreshes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+
+from gridllm import redis_keys
+from gridllm.convert import runner_output_to_pb, scheduler_output_from_pb
+from gridllm.grpc_utils import ServiceServer
+from gridllm.v1 import worker_pb2, worker_pb2_grpc
+from worker_svc.output import ModelRunnerOutput
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = "gridllm.v1.Worker"
+
+
+@dataclass
+class WorkerOptions:
+    # Unique id in the registry; None: a fresh uuid.
+    worker_id: str | None = None
+    # Address the worker binds ("host:port"; port 0 picks a free one).
+    bind_host: str = "127.0.0.1"
+    port: int = 0
+    # Host put in the registry for schedulers to dial; None: bind_host.
+    advertise_host: str | None = None
+    # Redis URL for registration; None: no registration (schedulers dial --worker).
+    redis_url: str | None = None
+    # Registry entries expire this many seconds after the last heartbeat.
+    heartbeat_ttl: float = 6.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port!r}.")
+        if self.heartbeat_ttl < 1.0:
+            raise ValueError(f"heartbeat_ttl must be at least 1 second, got {self.heartbeat_ttl!r}.")
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServicer):
+    """Runs the model runner's steps in one background thread, one stream at a time.
+
+    Args:
+        runner: a ModelRunner (or anything with ``execute_model`` and ``requests``).
+        info: the WorkerInfo to report (address filled in once bound).
+    """
+
+    def __init__(self, runner=None, info: worker_pb2.WorkerInfo | None = None):
+        # Both are set once the model is loaded; calls before that get UNAVAILABLE.
+        self.runner = runner
+        self.info = info
+        # The runner is not thread-safe; every call into it goes through this one thread.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-runner")
+        self._lock = threading.Lock()
+        self._active_stream = False
+        self.num_steps = 0
+        # Set on shutdown; the Step stream tells the scheduler.
+        self.draining = asyncio.Event()
+
+    def _reset_requests(self) -> None:
+        with self._lock:
+            self.runner.requests.clear()
+
+    def _execute(self, scheduler_output) -> tuple[ModelRunnerOutput, float]:
+        with self._lock:
+            start = time.perf_counter()
+            result = self.runner.execute_model(scheduler_output)
+            return result, time.perf_counter() - start
+
+    async def GetInfo(self, request, context):
+        """Returns:
+            The worker's identity, KV capacity and model limits.
+        """
+        if self.info is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "worker is loading its model")
+        return self.info
+
+    async def Step(self, request_iterator, context):
+        """Answer each StepRequest with its StepResponse, in order.
+
+        Args:
+            request_iterator: the scheduler's steps.
+        Returns:
+            One StepResponse per StepRequest, plus a drain notice (step_id 0) if the
+            worker starts shutting down between steps; FAILED_PRECONDITION if another
+            scheduler's stream is active.
+        """
+        if self.info is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "worker is loading its model")
+        if self._active_stream:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"worker {self.info.worker_id} is driven by another scheduler")
+        self._active_stream = True
+        loop = asyncio.get_running_loop()
+        # A new scheduler knows none of the old requests; the KV cache stays.
+        await loop.run_in_executor(self._executor, self._reset_requests)
+        logger.info("step stream opened by %s", context.peer())
+        steps = request_iterator.__aiter__()
+        drain = asyncio.ensure_future(self.draining.wait())
+        next_step: asyncio.Future | None = None
+        has_notified = False
+        try:
+            while True:
+                if next_step is None:
+                    next_step = asyncio.ensure_future(steps.__anext__())
+                waiting = {next_step} if has_notified else {next_step, drain}
+                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if not next_step.done():
+                    # Shutdown began between steps: tell the scheduler, keep serving.
+                    has_notified = True
+                    yield worker_pb2.StepResponse(step_id=0, is_draining=True)
+                    continue
+                try:
+                    step = next_step.result()
+                except StopAsyncIteration:
+                    break
+                next_step = None
+                scheduler_output = scheduler_output_from_pb(step)
+                output, seconds = await loop.run_in_executor(
+                    self._executor, self._execute, scheduler_output)
+                self.num_steps += 1
+                response = runner_output_to_pb(output, step.step_id, seconds)
+                if self.draining.is_set():
+                    response.is_draining = has_notified = True
+                yield response
+        finally:
+            for future in (drain, next_step):
+                if future is not None and not future.done():
+                    future.cancel()
+            self._active_stream = False
+            # Queued behind any step still running in the executor thread.
+            await asyncio.shield(loop.run_in_executor(self._executor, self._reset_requests))
+            logger.info("step stream closed")
+
+    def begin_drain(self) -> None:
+        """Ask the scheduler to send no new requests and close the stream when done."""
+        self.draining.set()
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+
+def build_info(runner, model: str, worker_id: str, scheduler_config) -> worker_pb2.WorkerInfo:
+    info = worker_pb2.WorkerInfo(
+        worker_id=worker_id, model=model, num_kv_blocks=runner.num_kv_blocks,
+        block_size=runner.block_size, vocab_size=runner.vocab_size,
+        max_model_len=runner.max_model_len, max_num_seqs=scheduler_config.max_num_seqs,
+        max_num_batched_tokens=scheduler_config.max_num_batched_tokens,
+        device=str(runner.device), dtype=str(getattr(runner, "dtype", "")).replace("torch.", ""),
+        instance_id=uuid.uuid4().hex)
+    if runner.eos_token_id is not None:
+        info.eos_token_id = runner.eos_token_id
+    return info
+
+
+def info_to_json(info: worker_pb2.WorkerInfo) -> str:
+    from google.protobuf import json_format
+
+    return json.dumps(json_format.MessageToDict(info, preserving_proto_field_name=True,
+                                                always_print_fields_with_no_presence=True))
+
+
+class Registration:
+    """Keeps ``gridllm:worker:<id>`` alive in Redis while the worker serves.
+
+    Args:
+        redis_url: the Redis to register in.
+        info: what to publish (with its address).
+        ttl: seconds the entry outlives the last heartbeat.
+    """
+
+    def __init__(self, redis_url: str, info: worker_pb2.WorkerInfo, ttl: float):
+        import redis.asyncio as aioredis
+
+        self.redis = aioredis.from_url(redis_url)
+        self.key = redis_keys.worker_key(info.worker_id)
+        self.value = info_to_json(info)
+        self.ttl = ttl
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        await self._beat()
+        self._task = asyncio.create_task(self._loop())
+
+    async def _beat(self) -> None:
+        await self.redis.set(self.key, self.value, px=int(self.ttl * 1000))
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.ttl / 3)
+            try:
+                await self._beat()
+            except Exception as exc:  # noqa: BLE001 - Redis hiccups must not kill the worker
+                logger.warning("heartbeat to Redis failed: %s", exc)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        try:
+            await self.redis.delete(self.key)
+        finally:
+            await self.redis.aclose()
+
+
+class WorkerServer:
+    """Builds the runner, serves the Worker service and registers it.
+
+    Args:
+        model_config, cache_config, scheduler_config: as for ModelRunner.
+        options: addresses, id and registry settings.
+        runner: an already built runner (tests); None builds one from the configs.
+    """
+
+    def __init__(self, model_config, cache_config, scheduler_config,
+                 options: WorkerOptions | None = None, runner=None):
+        self.model_config = model_config
+        self.cache_config = cache_config
+        self.scheduler_config = scheduler_config
+        self.options = options or WorkerOptions()
+        self.worker_id = self.options.worker_id or uuid.uuid4().hex[:12]
+        self.runner = runner
+        self.service = ServiceServer([SERVICE_NAME])
+        self.servicer = WorkerServicer()
+        # Registered before start: gRPC fixes its method table when the server starts.
+        worker_pb2_grpc.add_WorkerServicer_to_server(self.servicer, self.service.server)
+        self.registration: Registration | None = None
+        self.address = ""
+
+    async def start(self) -> str:
+        """Bind, load the model (health NOT_SERVING meanwhile), register, then SERVING.
+
+        Returns:
+            The advertised address (host:port).
+        """
+        opts = self.options
+        port = await self.service.start(f"{opts.bind_host}:{opts.port}")
+        self.address = f"{opts.advertise_host or opts.bind_host}:{port}"
+        if self.runner is None:
+            from worker_svc.model_runner import ModelRunner
+
+            loop = asyncio.get_running_loop()
+            # Loading takes seconds to minutes; keep answering health checks meanwhile.
+            self.runner = await loop.run_in_executor(None, lambda: ModelRunner(
+                self.model_config, self.cache_config, self.scheduler_config))
+        info = build_info(self.runner, self.model_config.model, self.worker_id,
+                          self.scheduler_config)
+        info.address = self.address
+        self.servicer.runner, self.servicer.info = self.runner, info
+        if opts.redis_url:
+            self.registration = Registration(opts.redis_url, info, opts.heartbeat_ttl)
+            await self.registration.start()
+        await self.service.set_serving(True)
+        logger.info("worker %s serving %s at %s (%d KV blocks of %d tokens)", self.worker_id,
+                    self.model_config.model, self.address, info.num_kv_blocks, info.block_size)
+        return self.address
+
+    async def stop(self, grace: float | None = 5.0) -> None:
+        """Deregister, then drain the Step stream within ``grace`` seconds.
+
+        The scheduler is told to send no new requests; it closes the stream once the
+        running ones finished (or the grace period cancels them).
+        """
+        await self._deregister()
+        await self.service.stop(grace)
+        self.servicer.close()
+
+    async def serve_until_signal(self, grace: float = 5.0) -> None:
+        """Serve until SIGTERM: deregister, drain the Step stream, release the runner."""
+        await self.service.serve_until_signal(grace, before_stop=self._deregister,
+                                              on_stop=self._close)
+
+    async def _deregister(self) -> None:
+        self.servicer.begin_drain()
+        if self.registration is not None:
+            await self.registration.stop()
+            self.registration = None
+
+    async def _close(self) -> None:
+        self.servicer.close()
