@@ -67,9 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--model", default=DEFAULT_MODEL)
     run.add_argument("--device", default="auto")
     run.add_argument("--max-model-len", type=int, default=None)
+    run.add_argument("--num-kv-blocks", type=int, default=None,
+                     help="KV blocks (default: sized from memory)")
     _add_sampling_flags(run)
 
-    bench = sub.add_parser("bench", help="benchmarks (not implemented yet)")
+    bench = sub.add_parser("bench", help="benchmarks: throughput | serve | latency (see --help)")
     bench.add_argument("args", nargs=argparse.REMAINDER)
     return parser
 
@@ -103,8 +105,10 @@ def cmd_up(args: argparse.Namespace) -> int:
                          host=args.host, redis_url=args.redis_url, log_dir=args.log_dir,
                          startup_timeout_s=args.startup_timeout, extra_worker_args=worker_args)
     stack = LocalStack(config)
-    # SIGTERM to the launcher alone must stop the children as Ctrl-C does.
+    # SIGTERM to the launcher alone must stop the children as Ctrl-C does; SIGINT is set
+    # too because a launcher started in the background inherits it ignored.
     signal.signal(signal.SIGTERM, _raise_terminate)
+    signal.signal(signal.SIGINT, _raise_terminate)
     stopped = threading.Event()
     try:
         stack.start()
@@ -114,13 +118,15 @@ def cmd_up(args: argparse.Namespace) -> int:
         while not stopped.wait(1.0):
             for process in stack.processes:
                 process.check_running()
-    except (KeyboardInterrupt, _Terminate):
+    except _Terminate:
         logger.info("stopping the stack")
     except RuntimeError as exc:
         logger.error("%s", exc)
         return 1
     finally:
+        # A second signal must not interrupt the shutdown half-way.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         stack.stop()
     return 0
 
@@ -149,7 +155,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from gridllm.llm import LLM
 
-    llm = LLM(args.model, device=args.device, max_model_len=args.max_model_len)
+    llm = LLM(args.model, device=args.device, max_model_len=args.max_model_len,
+              num_kv_blocks=args.num_kv_blocks)
     params = _sampling_params(args)
     if args.chat:
         outputs = llm.chat([{"role": "user", "content": args.prompt}], params, use_tqdm=False)
@@ -160,8 +167,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    sys.stdout.write("gridllm bench: not implemented yet\n")
-    return 2
+    from gridllm.bench import main as bench_main
+
+    return bench_main(args.args)
 
 
 _COMMANDS = {"up": cmd_up, "generate": cmd_generate, "run": cmd_run, "bench": cmd_bench}

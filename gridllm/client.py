@@ -137,7 +137,7 @@ def _logprobs_from_pb(items) -> list[PositionLogprobs]:
         tokens = list(item.tokens) or [None] * len(item.token_ids)
         position: PositionLogprobs = {}
         for token_id, logprob, rank, text in zip(item.token_ids, item.logprobs, item.ranks,
-                                                 tokens):
+                                                 tokens, strict=True):
             position.setdefault(token_id, Logprob(logprob, rank, text or None))
         positions.append(position)
     return positions

@@ -12,8 +12,7 @@ from google.protobuf import json_format, struct_pb2
 
 from gridllm.sampling_params import SamplingParams
 from gridllm.v1 import generate_pb2, scheduler_pb2, worker_pb2
-from scheduler_svc.output import (CachedRequestData, NewRequestData, RequestUpdate,
-                                  SchedulerOutput)
+from scheduler_svc.output import CachedRequestData, NewRequestData, RequestUpdate, SchedulerOutput
 from scheduler_svc.request import FinishReason
 from worker_svc.output import ModelRunnerOutput, TokenLogprobs
 
@@ -169,7 +168,8 @@ def runner_output_from_pb(msg: worker_pb2.StepResponse) -> ModelRunnerOutput:
 
 
 # ----------------------------------------------------------------------- RequestUpdate
-def request_update_to_pb(update: RequestUpdate, worker_id: str = "") -> scheduler_pb2.SubmitResponse:
+def request_update_to_pb(update: RequestUpdate,
+                         worker_id: str = "") -> scheduler_pb2.SubmitResponse:
     msg = scheduler_pb2.SubmitResponse(
         request_id=update.req_id, token_ids=update.new_token_ids,
         logprobs=logprobs_to_pb(update.new_logprobs),

@@ -51,12 +51,24 @@ def redis_server_binary() -> str:
                        "or pass --redis-url for an existing one.")
 
 
+def _load_prctl():
+    # Resolved in the parent: dlopen between fork and exec could deadlock on a lock that
+    # another thread of the parent held at fork time.
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _load_prctl()
+
+
 def _die_with_parent() -> None:
     # Runs in the child between fork and exec.
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
 
 
 class ManagedProcess:
@@ -88,7 +100,7 @@ class ManagedProcess:
             self.popen = subprocess.Popen(
                 self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env=env, start_new_session=True,
-                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+                preexec_fn=_die_with_parent if _PRCTL is not None else None)
         logger.info("started %s (pid %d): %s", self.name, self.popen.pid, " ".join(self.argv))
         return self
 
@@ -303,10 +315,10 @@ class LocalStack:
             if self.redis_url is None:
                 self._start_redis()
             # The scheduler reports SERVING once a worker is linked: start all, then wait.
-            self.start_scheduler(wait=False)
+            scheduler = self.start_scheduler(wait=False)
             for _ in range(self.config.num_workers):
                 self.add_worker(wait=False)
-            for process in (*self.workers, self.scheduler):
+            for process in (*self.workers, scheduler):
                 wait_for_health(process.env["GRIDLLM_ADDRESS"], process,
                                 self.config.startup_timeout_s)
             self._start_router()

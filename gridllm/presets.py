@@ -79,12 +79,10 @@ def preset_gguf_path(name: str) -> str:
 def _convert_gguf(gguf_path: str, target: str) -> None:
     """Dequantize ``gguf_path`` into an HF directory at ``target``, atomically."""
     from safetensors.torch import save_file
-    from transformers import AutoTokenizer
 
     from worker_svc.gguf_loader import load_gguf
 
     logger.info("converting %s into %s (once)", gguf_path, target)
-    directory, filename = os.path.split(gguf_path)
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
@@ -95,17 +93,27 @@ def _convert_gguf(gguf_path: str, target: str) -> None:
         config.save_pretrained(tmp)
         save_file({k: v.contiguous() for k, v in tensors.items()},
                   os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
-        tokenizer.save_pretrained(tmp)
+        _save_tokenizer(gguf_path, tmp)
         open(os.path.join(tmp, _DONE_MARKER), "w").close()
+        os.chmod(tmp, 0o755)
+        if os.path.isfile(os.path.join(target, _DONE_MARKER)):
+            # Another process finished first; its copy is as good as ours.
+            return
         if os.path.isdir(target):
             # A leftover without the marker is an interrupted conversion.
             shutil.rmtree(target)
         try:
             os.rename(tmp, target)
         except OSError:
-            # Another process finished first; its copy is as good as ours.
             if not os.path.isfile(os.path.join(target, _DONE_MARKER)):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _save_tokenizer(gguf_path: str, target: str) -> None:
+    """Tokenizer files (chat template included) rebuilt from the GGUF metadata."""
+    from transformers import AutoTokenizer
+
+    directory, filename = os.path.split(gguf_path)
+    AutoTokenizer.from_pretrained(directory, gguf_file=filename).save_pretrained(target)

@@ -1,11 +1,13 @@
 """Fused sampling: logit bias, penalties, temperature, min-p/top-k/top-p, greedy, seeded draws.
 
-One program owns one row and streams it a few times; no pass sorts the vocabulary.
-Top-k and top-p become value thresholds found by a 16-way radix search over the
-order-preserving int32 image of the fp32 logits: each pass counts (top-k) or sums the
-probability mass (top-p) of the logits at or above 16 pivots and narrows the range 16x,
-so about 8 passes find the exact threshold. Ties at the top-k threshold are all kept, as
-in ``torch_ref.filter_logits``. The draw is a Gumbel-max over the surviving logits with
+No pass sorts the vocabulary. Top-k and top-p become value thresholds found by a 16-way
+radix search over the order-preserving int32 image of the fp32 logits: each pass counts
+(top-k) or sums the probability mass (top-p) of the logits at or above 16 pivots and
+narrows the key range 16x, so 8 passes always find the exact threshold (ties at the top-k
+threshold are all kept, as in ``torch_ref.filter_logits``). Every pass is a grid of
+(row, vocab chunk) programs that add their partial sums atomically, so the whole GPU
+streams the logits; the launch sequence is fixed (CUDA-graph friendly) and rows that
+converged early skip their chunks. The draw is a Gumbel-max over the survivors with
 Philox noise keyed by a per-row seed and offset, so it is reproducible per request.
 """
 
@@ -19,147 +21,209 @@ from kernels._utils import FLOAT_DTYPES, INDEX_DTYPES, check_tensor, is_interpre
 
 # Below this temperature a row is greedy (SamplingParams' threshold).
 GREEDY_TEMPERATURE = 1e-5
-_LOG2E = 1.4426950408889634
-# Pivots per radix pass: 16 (4 bits a pass) keeps the compare matrix in registers.
+# Pivots per radix pass: 16 (4 bits a pass) keeps the compare matrix in registers;
+# 8 passes cover the 32-bit key space.
 _NUM_PIVOTS = 16
+_NUM_PASSES = 8
+_LOG2E = 1.4426950408889634
 
 
 @triton.jit
 def _order_key(x):
-    """fp32 -> int32 with the same order (negative floats get their magnitude bits flipped).
-    Loops inline this expression: nested jit calls are slow in the interpreter."""
+    """fp32 -> int32 with the same order (negative floats get their magnitude bits flipped)."""
     bits = x.to(tl.int32, bitcast=True)
     return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
 
 
 @triton.jit
-def _mass_at_or_above(ws_row, vocab, key_lo, row_max, BLOCK_V: tl.constexpr):
-    total = tl.zeros([BLOCK_V], tl.float32)
-    for v0 in range(0, vocab, BLOCK_V):
-        v = v0 + tl.arange(0, BLOCK_V)
-        x = tl.load(ws_row + v, mask=v < vocab, other=float("-inf"))
-        bits = x.to(tl.int32, bitcast=True)
-        keep = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits) >= key_lo
-        total += tl.where(keep, tl.exp2((x - row_max) * 1.4426950408889634), 0.0)
-    return tl.sum(total, axis=0)
+def _row_max(chunk_max_ptr, row, num_chunks, BLOCK_C: tl.constexpr):
+    c = tl.arange(0, BLOCK_C)
+    return tl.max(tl.load(chunk_max_ptr + row * num_chunks + c, mask=c < num_chunks,
+                          other=float("-inf")), axis=0)
 
 
 @triton.jit
-def _radix_select(ws_row, vocab, key_lo, key_hi, target, row_max, USE_MASS: tl.constexpr,
-                  BLOCK_V: tl.constexpr, NUM_PIVOTS: tl.constexpr):
-    """Largest key t in [key_lo, key_hi] whose count (or mass) of keys >= t reaches
-    ``target``; ``key_lo`` when even key_lo falls short."""
-    a = key_lo.to(tl.int64)
-    b = key_hi.to(tl.int64)
-    j_idx = tl.arange(0, NUM_PIVOTS)
-    while a < b:
-        step = (b - a + NUM_PIVOTS) // NUM_PIVOTS
-        pivots = tl.minimum(a + j_idx.to(tl.int64) * step, b).to(tl.int32)
-        acc = tl.zeros([NUM_PIVOTS], tl.float32)
-        for v0 in range(0, vocab, BLOCK_V):
-            v = v0 + tl.arange(0, BLOCK_V)
-            x = tl.load(ws_row + v, mask=v < vocab, other=float("-inf"))
-            bits = x.to(tl.int32, bitcast=True)
-            key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-            ge = key[:, None] >= pivots[None, :]
-            if USE_MASS:
-                w = tl.exp2((x - row_max) * 1.4426950408889634)
-                acc += tl.sum(tl.where(ge, w[:, None], 0.0), axis=0)
-            else:
-                acc += tl.sum(ge.to(tl.float32), axis=0)
-        # F is non-increasing in the pivot, so the passing pivots are a prefix.
-        num_ok = tl.sum((acc >= target).to(tl.int64), axis=0)
-        j = tl.maximum(num_ok - 1, 0)
-        new_a = tl.minimum(a + j * step, b)
-        new_b = tl.minimum(a + (j + 1) * step - 1, b)
-        a = new_a
-        b = tl.where(num_ok == 0, a, new_b)
-    return a.to(tl.int32)
-
-
-@triton.jit
-def _sampling_kernel(
-        logits_ptr, ws_ptr, out_ptr, temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr,
-        offset_ptr, bias_ptr, prompt_mask_ptr, counts_ptr, presence_ptr, frequency_ptr,
-        repetition_ptr, stride_logits, stride_bias, stride_prompt, stride_counts, vocab,
+def _prepare_kernel(
+        logits_ptr, ws_ptr, chunk_max_ptr, chunk_arg_ptr, temp_ptr, bias_ptr,
+        prompt_mask_ptr, counts_ptr, presence_ptr, frequency_ptr, repetition_ptr,
+        stride_logits, stride_bias, stride_prompt, stride_counts, vocab, num_chunks,
         greedy_temp, HAS_BIAS: tl.constexpr, HAS_PENALTIES: tl.constexpr,
-        BLOCK_V: tl.constexpr, NUM_PIVOTS: tl.constexpr):
+        CHUNK: tl.constexpr):
+    """Processed logits into the workspace; per-chunk max and its first index."""
     row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
     temp = tl.load(temp_ptr + row).to(tl.float32)
-    is_greedy = temp < greedy_temp
-    temp = tl.where(is_greedy, 1.0, temp)
+    temp = tl.where(temp < greedy_temp, 1.0, temp)
+    v = chunk * CHUNK + tl.arange(0, CHUNK)
+    vmask = v < vocab
+    x = tl.load(logits_ptr + row * stride_logits + v, mask=vmask,
+                other=float("-inf")).to(tl.float32)
+    if HAS_BIAS:
+        x += tl.load(bias_ptr + row * stride_bias + v, mask=vmask, other=0.0).to(tl.float32)
     if HAS_PENALTIES:
         presence = tl.load(presence_ptr + row).to(tl.float32)
         frequency = tl.load(frequency_ptr + row).to(tl.float32)
         repetition = tl.load(repetition_ptr + row).to(tl.float32)
-    ws_row = ws_ptr + row * vocab
+        in_prompt = tl.load(prompt_mask_ptr + row * stride_prompt + v, mask=vmask,
+                            other=0) != 0
+        count = tl.load(counts_ptr + row * stride_counts + v, mask=vmask,
+                        other=0).to(tl.float32)
+        seen = in_prompt | (count > 0)
+        x = tl.where(seen, tl.where(x > 0, x / repetition, x * repetition), x)
+        x = x - frequency * count - presence * (count > 0).to(tl.float32)
+    x = x / temp
+    tl.store(ws_ptr + row * vocab + v, x, mask=vmask)
+    tl.store(chunk_max_ptr + row * num_chunks + chunk, tl.max(x, axis=0))
+    tl.store(chunk_arg_ptr + row * num_chunks + chunk,
+             chunk * CHUNK + tl.argmax(x, axis=0, tie_break_left=True))
 
-    # Pass 1: processed logits into the workspace, with the row max and its first index.
-    best_val = float("-inf")
-    best_idx = 0
-    for v0 in range(0, vocab, BLOCK_V):
-        v = v0 + tl.arange(0, BLOCK_V)
-        vmask = v < vocab
-        x = tl.load(logits_ptr + row * stride_logits + v, mask=vmask,
-                    other=float("-inf")).to(tl.float32)
-        if HAS_BIAS:
-            x += tl.load(bias_ptr + row * stride_bias + v, mask=vmask, other=0.0).to(tl.float32)
-        if HAS_PENALTIES:
-            in_prompt = tl.load(prompt_mask_ptr + row * stride_prompt + v, mask=vmask,
-                                other=0) != 0
-            count = tl.load(counts_ptr + row * stride_counts + v, mask=vmask,
-                            other=0).to(tl.float32)
-            seen = in_prompt | (count > 0)
-            x = tl.where(seen, tl.where(x > 0, x / repetition, x * repetition), x)
-            x = x - frequency * count - presence * (count > 0).to(tl.float32)
-        x = x / temp
-        tl.store(ws_row + v, x, mask=vmask)
-        chunk_max = tl.max(x, axis=0)
-        chunk_idx = tl.argmax(x, axis=0, tie_break_left=True)
-        take = chunk_max > best_val
-        best_idx = tl.where(take, v0 + chunk_idx, best_idx)
-        best_val = tl.where(take, chunk_max, best_val)
 
-    if is_greedy:
-        tl.store(out_ptr + row, best_idx.to(tl.int64))
-    else:
-        row_max = best_val
-        top_k = tl.load(top_k_ptr + row).to(tl.int64)
-        top_p = tl.load(top_p_ptr + row).to(tl.float32)
-        min_p = tl.load(min_p_ptr + row).to(tl.float32)
-        key_max = _order_key(row_max)
+@triton.jit
+def _radix_pass_kernel(
+        ws_ptr, chunk_max_ptr, temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr,
+        state_in_ptr, state_out_ptr, sums_in_ptr, sums_out_ptr, mass_k_ptr,
+        vocab, num_chunks, greedy_temp, TOP_P_PHASE: tl.constexpr,
+        FIRST: tl.constexpr, NUM_PIVOTS: tl.constexpr, CHUNK: tl.constexpr,
+        BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One radix pass over one vocab chunk of one row.
+
+    ``state`` holds each row's key interval ``[a, b]``; ``sums`` the count (slot 0) and
+    mass (slot 1) at the interval's 16 pivots. Every program first narrows the interval
+    from the previous pass's complete sums (all programs get the same answer; chunk 0
+    stores it), then adds its chunk's sums for the new pivots.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    if tl.load(temp_ptr + row) < greedy_temp:
+        return
+    row_max = _row_max(chunk_max_ptr, row, num_chunks, BLOCK_C)
+    key_max = _order_key(row_max).to(tl.int64)
+    top_k = tl.load(top_k_ptr + row).to(tl.int64)
+    top_k_on = (top_k > 0) & (top_k < vocab)
+    j_idx = tl.arange(0, NUM_PIVOTS)
+    if FIRST and not TOP_P_PHASE:
         # min-p keeps p >= min_p * p_max, i.e. x >= max + log(min_p).
+        min_p = tl.load(min_p_ptr + row).to(tl.float32)
         min_p_val = tl.where(min_p > 0, row_max + tl.log(tl.maximum(min_p, 1e-30)),
                              float("-inf"))
-        key_thr = _order_key(min_p_val)
-        if (top_k > 0) & (top_k < vocab):
-            key_thr = _radix_select(ws_row, vocab, key_thr, key_max, top_k.to(tl.float32),
-                                    row_max, False, BLOCK_V, NUM_PIVOTS)
-        if top_p < 1.0:
-            mass = _mass_at_or_above(ws_row, vocab, key_thr, row_max, BLOCK_V)
-            key_thr = _radix_select(ws_row, vocab, key_thr, key_max, top_p * mass, row_max,
-                                    True, BLOCK_V, NUM_PIVOTS)
-        # Gumbel-max over the survivors; Philox counter = (vocab index, row offset).
-        seed = tl.load(seed_ptr + row).to(tl.int64)
-        rng_hi = tl.load(offset_ptr + row).to(tl.int64) << 32
-        best_score = float("-inf")
-        best_tok = best_idx
-        for v0 in range(0, vocab, BLOCK_V):
-            v = v0 + tl.arange(0, BLOCK_V)
-            vmask = v < vocab
-            x = tl.load(ws_row + v, mask=vmask, other=float("-inf"))
-            u = tl.rand(seed, rng_hi + v.to(tl.int64))
-            gumbel = -tl.log(-tl.log(tl.maximum(u, 1e-20)))
-            bits = x.to(tl.int32, bitcast=True)
-            key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-            keep = (key >= key_thr) & (x > float("-inf")) & vmask
-            score = tl.where(keep, x + gumbel, float("-inf"))
-            chunk_best = tl.max(score, axis=0)
-            chunk_idx = tl.argmax(score, axis=0, tie_break_left=True)
-            take = chunk_best > best_score
-            best_tok = tl.where(take, v0 + chunk_idx, best_tok)
-            best_score = tl.where(take, chunk_best, best_score)
-        tl.store(out_ptr + row, best_tok.to(tl.int64))
+        a = _order_key(min_p_val).to(tl.int64)
+        b = key_max
+    else:
+        a = tl.load(state_in_ptr + row * 2)
+        b = tl.load(state_in_ptr + row * 2 + 1)
+        step = (b - a + NUM_PIVOTS) // NUM_PIVOTS
+        counts = tl.load(sums_in_ptr + row * 2 * NUM_PIVOTS + j_idx)
+        masses = tl.load(sums_in_ptr + row * 2 * NUM_PIVOTS + NUM_PIVOTS + j_idx)
+        if FIRST:
+            # Close the top-k search (its target is the count k, or unreachable when off).
+            target = tl.where(top_k_on, top_k.to(tl.float32), float("inf"))
+            num_ok = tl.sum((counts >= target).to(tl.int64), axis=0)
+        else:
+            if TOP_P_PHASE:
+                target = tl.load(top_p_ptr + row).to(tl.float32) * tl.load(mass_k_ptr + row)
+                target = tl.where(tl.load(top_p_ptr + row) < 1.0, target, float("inf"))
+                num_ok = tl.sum((masses >= target).to(tl.int64), axis=0)
+            else:
+                target = tl.where(top_k_on, top_k.to(tl.float32), float("inf"))
+                num_ok = tl.sum((counts >= target).to(tl.int64), axis=0)
+        # F is non-increasing in the pivot, so the passing pivots are a prefix.
+        j = tl.maximum(num_ok - 1, 0)
+        mass_a = tl.sum(tl.where(j_idx == j, masses, 0.0), axis=0)
+        new_a = tl.minimum(a + j * step, b)
+        b = tl.where(num_ok == 0, new_a, tl.minimum(a + (j + 1) * step - 1, b))
+        a = new_a
+        if FIRST:
+            # The top-p search starts at the top-k threshold, aiming at top_p of its mass
+            # (or is done at once when top-p is off).
+            if chunk == 0:
+                tl.store(mass_k_ptr + row, mass_a)
+            b = tl.where(tl.load(top_p_ptr + row) < 1.0, key_max, a)
+    if chunk == 0:
+        tl.store(state_out_ptr + row * 2, a)
+        tl.store(state_out_ptr + row * 2 + 1, b)
+    if not (FIRST and not TOP_P_PHASE):
+        if a == b:
+            # Converged: carry the sums at a forward without reading the chunk.
+            if chunk == 0:
+                out = sums_out_ptr + row * 2 * NUM_PIVOTS
+                count_a = tl.sum(tl.where(j_idx == j, counts, 0.0), axis=0)
+                tl.store(out + j_idx, tl.zeros([NUM_PIVOTS], tl.float32) + count_a)
+                tl.store(out + NUM_PIVOTS + j_idx,
+                         tl.zeros([NUM_PIVOTS], tl.float32) + mass_a)
+            return
+    step = (b - a + NUM_PIVOTS) // NUM_PIVOTS
+    pivots = tl.minimum(a + j_idx.to(tl.int64) * step, b).to(tl.int32)
+    cnt2d = tl.zeros([BLOCK_V, NUM_PIVOTS], tl.float32)
+    mass2d = tl.zeros([BLOCK_V, NUM_PIVOTS], tl.float32)
+    ws_row = ws_ptr + row * vocab
+    for v0 in range(chunk * CHUNK, (chunk + 1) * CHUNK, BLOCK_V):
+        v = v0 + tl.arange(0, BLOCK_V)
+        x = tl.load(ws_row + v, mask=v < vocab, other=float("-inf"))
+        bits = x.to(tl.int32, bitcast=True)
+        key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+        ge = key[:, None] >= pivots[None, :]
+        w = tl.exp2((x - row_max) * 1.4426950408889634)
+        # Elementwise accumulation; one cross-thread reduction per program.
+        if not TOP_P_PHASE:
+            cnt2d += ge.to(tl.float32)
+        mass2d += tl.where(ge, w[:, None], 0.0)
+    out = sums_out_ptr + row * 2 * NUM_PIVOTS
+    tl.atomic_add(out + j_idx, tl.sum(cnt2d, axis=0))
+    tl.atomic_add(out + NUM_PIVOTS + j_idx, tl.sum(mass2d, axis=0))
+
+
+@triton.jit
+def _draw_kernel(ws_ptr, temp_ptr, top_p_ptr, state_ptr, sums_ptr, mass_k_ptr, seed_ptr,
+                 offset_ptr, chunk_score_ptr, chunk_tok_ptr, vocab, num_chunks, greedy_temp,
+                 NUM_PIVOTS: tl.constexpr, CHUNK: tl.constexpr):
+    """Closes the top-p search, then a Gumbel-max draw over one chunk's survivors."""
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    if tl.load(temp_ptr + row) < greedy_temp:
+        return
+    a = tl.load(state_ptr + row * 2)
+    b = tl.load(state_ptr + row * 2 + 1)
+    j_idx = tl.arange(0, NUM_PIVOTS)
+    step = (b - a + NUM_PIVOTS) // NUM_PIVOTS
+    masses = tl.load(sums_ptr + row * 2 * NUM_PIVOTS + NUM_PIVOTS + j_idx)
+    top_p = tl.load(top_p_ptr + row).to(tl.float32)
+    target = tl.where(top_p < 1.0, top_p * tl.load(mass_k_ptr + row), float("inf"))
+    num_ok = tl.sum((masses >= target).to(tl.int64), axis=0)
+    key_thr = tl.minimum(a + tl.maximum(num_ok - 1, 0) * step, b).to(tl.int32)
+
+    v = chunk * CHUNK + tl.arange(0, CHUNK)
+    vmask = v < vocab
+    x = tl.load(ws_ptr + row * vocab + v, mask=vmask, other=float("-inf"))
+    # Philox counter = (vocab index, row offset), keyed by the row's seed.
+    seed = tl.load(seed_ptr + row).to(tl.int64)
+    rng = (tl.load(offset_ptr + row).to(tl.int64) << 32) + v.to(tl.int64)
+    u = tl.rand(seed, rng)
+    gumbel = -tl.log(-tl.log(tl.maximum(u, 1e-20)))
+    bits = x.to(tl.int32, bitcast=True)
+    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    keep = (key >= key_thr) & (x > float("-inf")) & vmask
+    score = tl.where(keep, x + gumbel, float("-inf"))
+    tl.store(chunk_score_ptr + row * num_chunks + chunk, tl.max(score, axis=0))
+    tl.store(chunk_tok_ptr + row * num_chunks + chunk,
+             chunk * CHUNK + tl.argmax(score, axis=0, tie_break_left=True))
+
+
+@triton.jit
+def _finalize_kernel(temp_ptr, chunk_max_ptr, chunk_arg_ptr, chunk_score_ptr,
+                     chunk_tok_ptr, out_ptr, num_chunks, greedy_temp,
+                     BLOCK_C: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, BLOCK_C)
+    cmask = c < num_chunks
+    if tl.load(temp_ptr + row) < greedy_temp:
+        vals = tl.load(chunk_max_ptr + row * num_chunks + c, mask=cmask, other=float("-inf"))
+        toks = tl.load(chunk_arg_ptr + row * num_chunks + c, mask=cmask, other=0)
+    else:
+        vals = tl.load(chunk_score_ptr + row * num_chunks + c, mask=cmask,
+                       other=float("-inf"))
+        toks = tl.load(chunk_tok_ptr + row * num_chunks + c, mask=cmask, other=0)
+    best = tl.argmax(vals, axis=0, tie_break_left=True)
+    tl.store(out_ptr + row, tl.sum(tl.where(c == best, toks, 0), axis=0).to(tl.int64))
 
 
 def _row_param(name: str, t: torch.Tensor, num_rows: int, device: torch.device,
@@ -178,7 +242,7 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
            frequency_penalty: torch.Tensor | None = None,
            repetition_penalty: torch.Tensor | None = None,
            workspace: torch.Tensor | None = None) -> torch.Tensor:
-    """Sample one token per row with per-row parameters, in one launch.
+    """Sample one token per row with per-row parameters (a fixed sequence of launches).
 
     Per row, in vLLM's order: ``x = logits + logit_bias``; penalties as
     ``torch_ref.apply_penalties``; greedy rows (``temperature < 1e-5``) return
@@ -190,9 +254,9 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
         logits: ``[B, V]`` fp32/bf16/fp16, last dim contiguous.
         temperature, top_p, min_p: ``[B]`` fp32 (``top_p == 1``/``min_p == 0`` = off).
         top_k: ``[B]`` int32/int64 (``<= 0`` or ``>= V`` = off).
-        seeds: ``[B]`` int64 Philox keys; offsets: ``[B]`` int64 counters. The same
-            ``(seed, offset)`` and logits give the same token in any batch; advance the
-            offset by one per generated token.
+        seeds: ``[B]`` int32/int64 Philox keys; offsets: ``[B]`` int32/int64 counters.
+            The same ``(seed, offset)`` and logits give the same token in any batch;
+            advance the offset by one per generated token.
         logit_bias: optional ``[B, V]`` fp32 added first (``-inf`` forbids a token).
         prompt_mask: optional ``[B, V]`` bool, tokens of the prompt.
         output_counts: optional ``[B, V]`` int32/int64, counts of generated tokens.
@@ -247,10 +311,26 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     out = torch.empty(num_rows, dtype=torch.int64, device=dev)
     if num_rows == 0:
         return out
-    block_v = 256 if is_interpreter() else 1024
+
+    # Chunks of 4K tokens give B * 32 programs per pass at a 128K vocabulary.
+    chunk = 256 if is_interpreter() else 4096
+    block_v = chunk if is_interpreter() else 512
+    num_chunks = triton.cdiv(vocab, chunk)
+    block_c = triton.next_power_of_2(num_chunks)
+    grid = (num_rows, num_chunks)
+    chunk_max = torch.empty(num_rows, num_chunks, dtype=torch.float32, device=dev)
+    chunk_arg = torch.empty(num_rows, num_chunks, dtype=torch.int32, device=dev)
+    chunk_score = torch.empty(num_rows, num_chunks, dtype=torch.float32, device=dev)
+    chunk_tok = torch.empty(num_rows, num_chunks, dtype=torch.int32, device=dev)
+    num_passes = 2 * _NUM_PASSES
+    state = torch.empty(num_passes, num_rows, 2, dtype=torch.int64, device=dev)
+    sums = torch.zeros(num_passes, num_rows, 2, _NUM_PIVOTS, dtype=torch.float32,
+                       device=dev)
+    mass_k = torch.empty(num_rows, dtype=torch.float32, device=dev)
+
     dummy = logits
-    _sampling_kernel[(num_rows,)](
-        logits, workspace, out, temperature, top_k, top_p, min_p, seeds, offsets,
+    _prepare_kernel[grid](
+        logits, workspace, chunk_max, chunk_arg, temperature,
         logit_bias if logit_bias is not None else dummy,
         prompt_mask if has_penalties else dummy,
         output_counts if has_penalties else dummy,
@@ -260,6 +340,21 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
         logits.stride(0), logit_bias.stride(0) if logit_bias is not None else 0,
         prompt_mask.stride(0) if has_penalties else 0,
         output_counts.stride(0) if has_penalties else 0,
-        vocab, GREEDY_TEMPERATURE, HAS_BIAS=logit_bias is not None,
-        HAS_PENALTIES=has_penalties, BLOCK_V=block_v, NUM_PIVOTS=_NUM_PIVOTS, num_warps=8)
+        vocab, num_chunks, GREEDY_TEMPERATURE, HAS_BIAS=logit_bias is not None,
+        HAS_PENALTIES=has_penalties, CHUNK=chunk, num_warps=8)
+    for i in range(num_passes):
+        prev = max(i - 1, 0)
+        _radix_pass_kernel[grid](
+            workspace, chunk_max, temperature, top_k, top_p, min_p, state[prev], state[i],
+            sums[prev], sums[i], mass_k, vocab, num_chunks, GREEDY_TEMPERATURE,
+            TOP_P_PHASE=i >= _NUM_PASSES, FIRST=i % _NUM_PASSES == 0,
+            NUM_PIVOTS=_NUM_PIVOTS, CHUNK=chunk, BLOCK_V=block_v, BLOCK_C=block_c,
+            num_warps=4)
+    _draw_kernel[grid](
+        workspace, temperature, top_p, state[-1], sums[-1], mass_k, seeds, offsets,
+        chunk_score, chunk_tok, vocab, num_chunks, GREEDY_TEMPERATURE,
+        NUM_PIVOTS=_NUM_PIVOTS, CHUNK=chunk, num_warps=8)
+    _finalize_kernel[(num_rows,)](
+        temperature, chunk_max, chunk_arg, chunk_score, chunk_tok, out, num_chunks,
+        GREEDY_TEMPERATURE, BLOCK_C=block_c, num_warps=1)
     return out

@@ -112,7 +112,7 @@ class PrefixIndex:
             logger.warning("prefix index unavailable (%s): routing by load only", exc)
             return {}
         result = {}
-        for worker_id, values in zip(worker_ids, replies):
+        for worker_id, values in zip(worker_ids, replies, strict=True):
             num = 0
             for value in values:  # chained hashes: only a leading run is a reusable prefix
                 if value is None:

@@ -17,13 +17,19 @@ from typing import Any
 
 import grpc
 
-from gridllm.convert import FINISH_REASON_FROM_PB, sampling_params_to_pb
+from gridllm.convert import sampling_params_to_pb
 from gridllm.detokenizer import IncrementalDetokenizer
 from gridllm.grpc_utils import ServiceServer
 from gridllm.sampling_params import SamplingParams
 from gridllm.v1 import generate_pb2, generate_pb2_grpc, scheduler_pb2
 from router.routing import PrefixIndex, SchedulerLink, SchedulerPool
-from router.validation import ModelLimits, ValidatedRequest, render_chat, tokenize_text, validate_request
+from router.validation import (
+    ModelLimits,
+    ValidatedRequest,
+    render_chat,
+    tokenize_text,
+    validate_request,
+)
 
 logger = logging.getLogger(__name__)
 

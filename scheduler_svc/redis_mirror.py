@@ -1,9 +1,10 @@
 """Mirrors the scheduler's block state to Redis behind the step loop, and restores it.
 
-The step loop only marks what changed (no await); a background task snapshots the block
-managers and writes everything in one pipelined round trip, so a slow Redis delays the
-mirror, never a step. After a scheduler restart the prefix-cache index of a worker is read
-back, so blocks the worker still holds are prefix-cache hits again.
+After each step the step loop records what changed, synchronously and without I/O; a
+background task writes the records in one pipelined round trip, so a slow Redis delays
+the mirror, never a step. A prefix-cache entry is recorded only after the step that
+computed its KV, with its block version (scheduler_svc.block_versions): after a scheduler
+restart, entries whose block was overwritten since are recognised and dropped.
 """
 
 from __future__ import annotations
@@ -34,25 +35,36 @@ def restore_cached_blocks(block_manager: BlockManager,
     """
     restored = 0
     for block_hash, (block_id, token_ids) in entries.items():
-        if not 0 <= block_id < block_manager.num_blocks or len(token_ids) != block_manager.block_size:
+        if (not 0 <= block_id < block_manager.num_blocks
+                or len(token_ids) != block_manager.block_size):
             continue
         block = block_manager.blocks[block_id]
-        if block.block_hash is not None or block.ref_cnt != 0 or block_hash in block_manager.cached_blocks:
+        if (block.block_hash is not None or block.ref_cnt != 0
+                or block_hash in block_manager.cached_blocks):
             continue
         block.block_hash, block.token_ids = block_hash, tuple(token_ids)
         block_manager.cached_blocks[block_hash] = block
-        # Cached blocks go behind the unhashed ones: evicted last.
+        # Cached blocks go behind the never-used ones: evicted last.
         block_manager.free_queue.move_to_end(block_id)
         restored += 1
     return restored
 
 
 class _Tracked:
-    def __init__(self, block_manager: BlockManager, stats: Callable[[], dict[str, Any]]):
+    """One worker's block manager and the changes not written yet."""
+
+    def __init__(self, block_manager: BlockManager, versions: list[int],
+                 stats: Callable[[], dict[str, Any]]):
         self.block_manager = block_manager
+        self.versions = versions
         self.stats = stats
-        self.dirty_req_ids: set[str] = set()
+        # block hash -> encoded entry, or None to delete it.
+        self.cached: dict[int, str | None] = {}
+        # req_id -> "b0,b1,..." or None to delete it.
+        self.tables: dict[str, str | None] = {}
         self.is_dirty = True
+        # The worker's link is gone: write what is pending, then forget it.
+        self.is_retired = False
 
 
 class RedisMirror:
@@ -73,6 +85,7 @@ class RedisMirror:
         self.ttl = ttl
         self._tracked: dict[str, _Tracked] = {}
         self._wakeup = asyncio.Event()
+        self._flush_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task] = []
         self.num_flushes = 0
 
@@ -81,25 +94,50 @@ class RedisMirror:
         return self.redis is not None
 
     # ----------------------------------------------------------------- step loop side
-    def track(self, worker_id: str, block_manager: BlockManager,
+    def track(self, worker_id: str, block_manager: BlockManager, versions: list[int],
               stats: Callable[[], dict[str, Any]]) -> None:
-        self._tracked[worker_id] = _Tracked(block_manager, stats)
+        """Mirror a worker's block manager (call after restore())."""
+        self._tracked[worker_id] = _Tracked(block_manager, versions, stats)
         self._wakeup.set()
 
     def untrack(self, worker_id: str) -> None:
-        self._tracked.pop(worker_id, None)
+        """The worker's link is gone: write what is pending, then stop mirroring it.
+
+        Prefix-cache entries registered since the last completed step are dropped: the
+        step that would have computed their KV may never have run.
+        """
+        tracked = self._tracked.get(worker_id)
+        if tracked is None:
+            return
+        _unconfirmed, removed = tracked.block_manager.drain_events()
+        for block_hash in removed:
+            tracked.cached[block_hash] = None
+        tracked.is_retired = tracked.is_dirty = True
+        self._wakeup.set()
 
     def note_step(self, worker_id: str, output: SchedulerOutput,
                   updates: list[RequestUpdate]) -> None:
-        """Remember what a step changed; never waits."""
+        """Record what a completed step changed; no I/O."""
         tracked = self._tracked.get(worker_id)
-        if tracked is None or not self.enabled:
+        if tracked is None or tracked.is_retired or not self.enabled:
             return
-        dirty = tracked.dirty_req_ids
-        dirty.update(r.req_id for r in output.scheduled_new_reqs)
-        dirty.update(r.req_id for r in output.scheduled_cached_reqs if r.new_block_ids)
-        dirty.update(output.finished_req_ids)
-        dirty.update(u.req_id for u in updates if u.finished)
+        bm = tracked.block_manager
+        stored, removed = bm.drain_events()
+        # Removals first: a hash evicted and stored again within the step ends stored.
+        for block_hash in (*removed, *stored):
+            block = bm.cached_blocks.get(block_hash)
+            if block is None or block.token_ids is None:
+                tracked.cached[block_hash] = None
+            else:
+                tracked.cached[block_hash] = redis_keys.encode_cached_block(
+                    block.block_id, tracked.versions[block.block_id], block.token_ids)
+        req_ids = {r.req_id for r in output.scheduled_new_reqs}
+        req_ids.update(r.req_id for r in output.scheduled_cached_reqs if r.new_block_ids)
+        req_ids.update(output.finished_req_ids)
+        req_ids.update(u.req_id for u in updates if u.finished)
+        for req_id in req_ids:
+            block_ids = bm.get_block_ids(req_id)
+            tracked.tables[req_id] = ",".join(map(str, block_ids)) if block_ids else None
         tracked.is_dirty = True
         self._wakeup.set()
 
@@ -117,67 +155,58 @@ class RedisMirror:
                 await self.flush()
             except Exception as exc:  # noqa: BLE001 - Redis trouble must not stop serving
                 logger.warning("mirroring block state to Redis failed: %s", exc)
-                for tracked in self._tracked.values():
-                    tracked.is_dirty = True
                 await asyncio.sleep(0.5)
                 self._wakeup.set()
 
     async def flush(self) -> None:
-        """Write every change since the last flush in one pipelined round trip."""
+        """Write every recorded change in one pipelined round trip."""
         if not self.enabled:
             return
-        pipe = self.redis.pipeline(transaction=False)
-        num_commands = 0
-        for worker_id, tracked in list(self._tracked.items()):
-            if not tracked.is_dirty:
-                continue
-            num_commands += self._snapshot(pipe, worker_id, tracked)
-        if num_commands:
-            await pipe.execute()
+        async with self._flush_lock:
+            pipe = self.redis.pipeline(transaction=False)
+            taken = []
+            for worker_id, tracked in list(self._tracked.items()):
+                if tracked.is_dirty:
+                    taken.append((worker_id, tracked, self._take(pipe, worker_id, tracked)))
+            if not taken:
+                return
+            try:
+                await pipe.execute()
+            except Exception:
+                for _, tracked, (cached, tables) in taken:  # keep them for the retry
+                    tracked.cached = {**cached, **tracked.cached}
+                    tracked.tables = {**tables, **tracked.tables}
+                    tracked.is_dirty = True
+                raise
+            for worker_id, tracked, _ in taken:
+                if tracked.is_retired and self._tracked.get(worker_id) is tracked:
+                    del self._tracked[worker_id]
             self.num_flushes += 1
 
-    def _snapshot(self, pipe, worker_id: str, tracked: _Tracked) -> int:
-        # Runs without awaiting: the snapshot is one consistent state of the block manager.
-        bm = tracked.block_manager
+    def _take(self, pipe, worker_id: str, tracked: _Tracked):
+        cached, tracked.cached = tracked.cached, {}
+        tables, tracked.tables = tracked.tables, {}
         tracked.is_dirty = False
-        stored, removed = bm.drain_events()
         cached_key = redis_keys.kv_cached_key(worker_id)
-        to_set, to_delete = {}, []
-        # Look the current state up: a hash may be stored and evicted within one batch.
-        for block_hash in set(stored) | set(removed):
-            block = bm.cached_blocks.get(block_hash)
-            if block is not None and block.token_ids is not None:
-                to_set[str(block_hash)] = redis_keys.encode_cached_block(block.block_id,
-                                                                         block.token_ids)
-            else:
-                to_delete.append(str(block_hash))
-        n = 0
+        to_set = {str(h): v for h, v in cached.items() if v is not None}
+        to_delete = [str(h) for h, v in cached.items() if v is None]
         if to_set:
             pipe.hset(cached_key, mapping=to_set)
-            n += 1
         if to_delete:
             pipe.hdel(cached_key, *to_delete)
-            n += 1
         tables_key = redis_keys.kv_tables_key(worker_id)
-        tables, gone = {}, []
-        for req_id in tracked.dirty_req_ids:
-            block_ids = bm.get_block_ids(req_id)
-            if block_ids:
-                tables[req_id] = ",".join(map(str, block_ids))
-            else:
-                gone.append(req_id)
-        tracked.dirty_req_ids = set()
-        if tables:
-            pipe.hset(tables_key, mapping=tables)
-            n += 1
-        if gone:
-            pipe.hdel(tables_key, *gone)
-            n += 1
+        table_set = {r: v for r, v in tables.items() if v is not None}
+        table_delete = [r for r, v in tables.items() if v is None]
+        if table_set:
+            pipe.hset(tables_key, mapping=table_set)
+        if table_delete:
+            pipe.hdel(tables_key, *table_delete)
+        bm = tracked.block_manager
         state = {"num_blocks": bm.num_blocks, "num_free_blocks": bm.num_free_blocks,
                  "block_size": bm.block_size, "scheduler_id": self.scheduler_id,
                  "updated_at": time.time(), **tracked.stats()}
         pipe.hset(redis_keys.kv_state_key(worker_id), mapping=state)
-        return n + 1
+        return cached, tables
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -198,17 +227,21 @@ class RedisMirror:
         self._wakeup.set()
 
     # ----------------------------------------------------------------- restore
-    async def restore(self, worker_id: str, instance_id: str, block_manager: BlockManager) -> int:
+    async def restore(self, worker_id: str, instance_id: str, block_manager: BlockManager,
+                      versions: list[int]) -> int:
         """Rebuild a fresh block manager's prefix cache from Redis.
 
-        Only an index written for the same worker instance is trusted: a restarted worker
-        has an empty KV cache. Block tables of the old scheduler's requests are dropped
-        (those requests ended with it).
+        Only entries written for the same worker instance whose block version still
+        matches the worker's are trusted. Block tables of the old scheduler's requests
+        are dropped (those requests ended with it).
+        Args:
+            versions: the worker's block versions, from the stream handshake.
         Returns:
             The number of cached blocks restored.
         """
         if not self.enabled:
             return 0
+        await self.flush()  # entries of this worker's previous link, if any
         state_key = redis_keys.kv_state_key(worker_id)
         cached_key = redis_keys.kv_cached_key(worker_id)
         pipe = self.redis.pipeline(transaction=False)
@@ -217,22 +250,28 @@ class RedisMirror:
         stored_instance, raw = await pipe.execute()
         if isinstance(stored_instance, bytes):
             stored_instance = stored_instance.decode()
-        restored = 0
-        if stored_instance == instance_id and raw:
-            entries = {int(k): redis_keys.decode_cached_block(v) for k, v in raw.items()}
-            restored = restore_cached_blocks(block_manager, entries)
+        entries = {}
+        if stored_instance == instance_id:
+            for key, value in raw.items():
+                block_id, version, token_ids = redis_keys.decode_cached_block(value)
+                if 0 <= block_id < len(versions) and versions[block_id] == version:
+                    entries[int(key)] = (block_id, token_ids)
+        restored = restore_cached_blocks(block_manager, entries)
         pipe = self.redis.pipeline(transaction=False)
         pipe.delete(redis_keys.kv_tables_key(worker_id))
-        if stored_instance != instance_id:
+        if raw and restored != len(raw):
+            # Stale entries would mislead routers; rewrite what was kept.
             pipe.delete(cached_key)
+            kept = {str(h): redis_keys.encode_cached_block(b.block_id, versions[b.block_id],
+                                                           b.token_ids or ())
+                    for h, b in block_manager.cached_blocks.items()}
+            if kept:
+                pipe.hset(cached_key, mapping=kept)
         pipe.hset(state_key, mapping={"instance_id": instance_id,
                                       "scheduler_id": self.scheduler_id})
         await pipe.execute()
-        # Entries for blocks that could not be restored would mislead routers: rewrite.
-        if raw and restored != len(raw):
-            await self.redis.delete(cached_key)
-            block_manager.stored_hashes.extend(block_manager.cached_blocks)
-        logger.info("worker %s: restored %d cached KV blocks from Redis", worker_id, restored)
+        logger.info("worker %s: restored %d of %d mirrored KV blocks", worker_id, restored,
+                    len(raw))
         return restored
 
     async def close(self) -> None:

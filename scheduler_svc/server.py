@@ -54,9 +54,11 @@ class SchedulerServiceConfig:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port!r}.")
         if self.discovery_interval <= 0:
-            raise ValueError(f"discovery_interval must be positive, got {self.discovery_interval!r}.")
+            raise ValueError("discovery_interval must be positive, "
+                             f"got {self.discovery_interval!r}.")
         if self.heartbeat_ttl < 1.0:
-            raise ValueError(f"heartbeat_ttl must be at least 1 second, got {self.heartbeat_ttl!r}.")
+            raise ValueError("heartbeat_ttl must be at least 1 second, "
+                             f"got {self.heartbeat_ttl!r}.")
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
@@ -127,14 +129,14 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         bad = [t for t in prompt if t >= info.vocab_size]
         if bad:
             raise ValueError(f"prompt_token_ids must be in [0, {info.vocab_size}); got {bad[:5]}.")
-        extra = [t for t in msg.extra_stop_token_ids if t not in params.stop_token_ids]
+        stop_token_ids = list(params.stop_token_ids or [])
+        extra = [t for t in msg.extra_stop_token_ids if t not in stop_token_ids]
         if extra and not params.ignore_eos:
-            params = params.clone(stop_token_ids=params.stop_token_ids + extra)
+            params = params.clone(stop_token_ids=stop_token_ids + extra)
         eos = msg.eos_token_id if msg.HasField("eos_token_id") else (
             info.eos_token_id if info.HasField("eos_token_id") else None)
-        request = Request(msg.request_id, prompt, params, eos_token_id=eos,
-                          priority=msg.priority, cache_salt=msg.cache_salt or None)
-        return request
+        return Request(msg.request_id, prompt, params, eos_token_id=eos,
+                       priority=msg.priority, cache_salt=msg.cache_salt or None)
 
     # ----------------------------------------------------------------- Abort
     async def Abort(self, request: scheduler_pb2.AbortRequest, context):
@@ -185,8 +187,6 @@ class SchedulerServer:
         self.config = config or SchedulerServiceConfig()
         self.scheduler_id = self.config.scheduler_id or uuid.uuid4().hex[:12]
         self.links: dict[str, WorkerLink] = {}
-        # worker_id -> (instance_id, core): a reconnecting worker keeps its block state.
-        self._cores: dict[str, tuple[str, Scheduler]] = {}
         self._connecting: set[str] = set()
         self.redis = None
         if self.config.redis_url:
@@ -262,13 +262,17 @@ class SchedulerServer:
                 registered.add(entry["worker_id"])
                 addresses.setdefault(entry["address"], entry["worker_id"])
         if registered is not None:
-            # A worker whose heartbeat expired is gone even if its stream looks open.
-            for worker_id, link in list(self.links.items()):
-                if worker_id not in registered and link.info.address not in self.config.worker_addresses:
+            # A worker whose heartbeat expired gets no new requests; its stream lives on
+            # (a draining worker finishes its requests), or breaks if it is really gone.
+            for worker_id, link in self.links.items():
+                is_listed = (worker_id in registered
+                             or link.info.address in self.config.worker_addresses)
+                if link.is_listed and not is_listed:
                     logger.warning("worker %s left the registry", worker_id)
-                    await link.close()
+                link.is_listed = is_listed
         linked = {link.info.address for link in self.links.values()}
-        pending = [addr for addr in addresses if addr not in linked and addr not in self._connecting]
+        pending = [addr for addr in addresses
+                   if addr not in linked and addr not in self._connecting]
         await asyncio.gather(*(self._connect(addr) for addr in pending))
 
     async def _connect(self, address: str) -> None:
@@ -280,9 +284,9 @@ class SchedulerServer:
             if info.worker_id in self.links:
                 await channel.close()
                 return
-            core = await self._core_for(info)
-            link = WorkerLink(info, channel, core, self._on_step, self._on_dead)
+            link = WorkerLink(info, channel, None, self._on_step, self._on_dead)
             await link.open()
+            link.scheduler = await self._build_core(info, link.block_versions)
         except (grpc.aio.AioRpcError, WorkerLinkError) as exc:
             logger.debug("cannot link worker at %s: %s", address, exc)
             await channel.close()
@@ -295,16 +299,15 @@ class SchedulerServer:
             self._connecting.discard(address)
         self.links[info.worker_id] = link
         self._last_info = info
-        self.mirror.track(info.worker_id, core.block_manager, lambda: self._worker_stats(link))
+        self.mirror.track(info.worker_id, link.scheduler.block_manager, link.block_versions,
+                          lambda: self._worker_stats(link))
         link.start()
         logger.info("linked worker %s at %s (%d KV blocks)", info.worker_id, address,
                     info.num_kv_blocks)
         await self.service.set_serving(True)
 
-    async def _core_for(self, info: worker_pb2.WorkerInfo) -> Scheduler:
-        known = self._cores.get(info.worker_id)
-        if known is not None and known[0] == info.instance_id:
-            return known[1]
+    async def _build_core(self, info: worker_pb2.WorkerInfo, versions: list[int]) -> Scheduler:
+        """A scheduler core for the worker, its prefix cache restored from Redis."""
         own = self.config.scheduler_config
         scheduler_config = SchedulerConfig(
             max_num_seqs=min(own.max_num_seqs, info.max_num_seqs or own.max_num_seqs),
@@ -316,8 +319,8 @@ class SchedulerServer:
                                    enable_prefix_caching=self.config.enable_prefix_caching)
         core = Scheduler(scheduler_config, cache_config)
         if self.config.enable_prefix_caching:
-            await self.mirror.restore(info.worker_id, info.instance_id, core.block_manager)
-        self._cores[info.worker_id] = (info.instance_id, core)
+            await self.mirror.restore(info.worker_id, info.instance_id, core.block_manager,
+                                      versions)
         return core
 
     # ----------------------------------------------------------------- link callbacks
@@ -335,7 +338,8 @@ class SchedulerServer:
 
     # ----------------------------------------------------------------- routing
     def alive_links(self) -> list[WorkerLink]:
-        return [link for link in self.links.values() if link.is_alive and not link.is_draining]
+        return [link for link in self.links.values()
+                if link.is_alive and link.is_listed and not link.is_draining]
 
     def pick_link(self, request: Request, links: list[WorkerLink]) -> WorkerLink:
         """The link holding most of the prompt's prefix with room for it, else the freest."""

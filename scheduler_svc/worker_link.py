@@ -12,6 +12,7 @@ import grpc
 
 from gridllm.convert import runner_output_from_pb, scheduler_output_to_pb
 from gridllm.v1 import worker_pb2, worker_pb2_grpc
+from scheduler_svc.block_versions import bump_versions
 from scheduler_svc.output import RequestUpdate, SchedulerOutput
 from scheduler_svc.request import FinishReason, Request, RequestStatus
 from scheduler_svc.scheduler import Scheduler
@@ -32,18 +33,19 @@ class WorkerLink:
     Args:
         info: the worker's WorkerInfo (from GetInfo).
         channel: an open channel to the worker.
-        scheduler: the core that owns this worker's KV pool.
+        scheduler: the core that owns this worker's KV pool; may be set after open()
+            (it is rebuilt from the block versions the handshake returns).
         on_step: receives every step's updates (to stream them and mirror block state).
         on_dead: called once when the stream breaks, after every request was aborted.
     """
 
     def __init__(self, info: worker_pb2.WorkerInfo, channel: grpc.aio.Channel,
-                 scheduler: Scheduler, on_step: StepCallback,
+                 scheduler: Scheduler | None, on_step: StepCallback,
                  on_dead: Callable[[WorkerLink], None]):
         self.info = info
         self.worker_id = info.worker_id
         self.channel = channel
-        self.scheduler = scheduler
+        self._scheduler = scheduler
         self._on_step = on_step
         self._on_dead = on_dead
         self._call: grpc.aio.StreamStreamCall | None = None
@@ -51,8 +53,12 @@ class WorkerLink:
         self._task: asyncio.Task | None = None
         self.step_id = 0
         self.is_alive = False
+        # Per KV block: times handed out for new content, in step with the worker's count.
+        self.block_versions: list[int] = [0] * info.num_kv_blocks
         # Set once the worker said it shuts down: no new requests go to it.
         self.is_draining = False
+        # False while the worker is missing from the registry: no new requests go to it.
+        self.is_listed = True
         # A read posted while idle, so a closed stream or a drain notice is seen at once.
         self._pending_read: asyncio.Future | None = None
 
@@ -66,7 +72,7 @@ class WorkerLink:
         self._call = stub.Step()
         try:
             await self._call.write(worker_pb2.StepRequest(step_id=0))
-            await asyncio.wait_for(self._read_response(0), timeout)
+            handshake = await asyncio.wait_for(self._read_response(0), timeout)
         except (grpc.aio.AioRpcError, asyncio.TimeoutError, WorkerLinkError) as exc:
             self._call.cancel()
             raise WorkerLinkError(f"worker {self.worker_id} at {self.info.address}: "
@@ -74,6 +80,8 @@ class WorkerLink:
         if self.is_draining:
             self._call.cancel()
             raise WorkerLinkError(f"worker {self.worker_id} is shutting down")
+        if len(handshake.block_versions) == self.info.num_kv_blocks:
+            self.block_versions = list(handshake.block_versions)
         self.is_alive = True
 
     async def _read_response(self, step_id: int) -> worker_pb2.StepResponse:
@@ -92,6 +100,16 @@ class WorkerLink:
             if response.step_id != 0:
                 raise WorkerLinkError(f"worker {self.worker_id} answered step "
                                       f"{response.step_id} to step {step_id}")
+
+    @property
+    def scheduler(self) -> Scheduler:
+        if self._scheduler is None:
+            raise RuntimeError(f"worker link {self.worker_id} has no scheduler core yet")
+        return self._scheduler
+
+    @scheduler.setter
+    def scheduler(self, core: Scheduler) -> None:
+        self._scheduler = core
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"step-loop-{self.worker_id}")
@@ -124,6 +142,7 @@ class WorkerLink:
                     continue
                 self.step_id += 1
                 assert self._call is not None
+                bump_versions(self.block_versions, output, self.scheduler.block_size)
                 await self._call.write(scheduler_output_to_pb(output, self.step_id))
                 response = await self._read_response(self.step_id)
                 updates = self.scheduler.update_from_output(output, runner_output_from_pb(response))
@@ -167,13 +186,15 @@ class WorkerLink:
             self._pending_read = None
         if self._call is not None:
             self._call.cancel()
+        # First on_dead: the mirror drops prefix-cache entries of the unfinished step.
+        self._on_dead(self)
+        if self._scheduler is None:
+            return
         # Everything in flight on this worker ends with ABORT; the router may resubmit.
         req_ids = list(self.scheduler.requests)
         self.scheduler.abort_requests(req_ids)
-        self.scheduler.schedule()  # consume the finished ids: the next stream starts clean
         updates = [RequestUpdate(req_id, finish_reason=FinishReason.ABORT) for req_id in req_ids]
         self._on_step(self, SchedulerOutput(), updates)
-        self._on_dead(self)
 
     async def close(self) -> None:
         """Stop the step loop and the stream (in-flight requests end with ABORT)."""

@@ -28,7 +28,7 @@ class RequestState:
     needs_prompt_logprobs: bool
 
     @classmethod
-    def from_new(cls, new: NewRequestData, device: torch.device) -> "RequestState":
+    def from_new(cls, new: NewRequestData, device: torch.device) -> RequestState:
         params = new.sampling_params
         generator = None
         if params.seed is not None:
@@ -78,7 +78,7 @@ def prepare_inputs(states: list[RequestState], num_scheduled: list[int], block_s
     starts, ends = [], []
     max_blocks = max(len(s.block_ids) for s in states)
     block_tables = np.zeros((len(states), max(max_blocks, 1)), dtype=np.int64)
-    for i, (state, n) in enumerate(zip(states, num_scheduled)):
+    for i, (state, n) in enumerate(zip(states, num_scheduled, strict=True)):
         start, end = state.num_computed_tokens, state.num_computed_tokens + n
         if end > len(state.token_ids) or end > len(state.block_ids) * block_size:
             raise ValueError(

@@ -54,6 +54,12 @@ def load_model(model_config: ModelConfig, backend: AttentionBackend | None = Non
     path = resolve_model(model_config.model)
     device = device or resolve_device(model_config.device)
     dtype = resolve_dtype(model_config.dtype, device)
+    if path.startswith("random:"):
+        # Random-weight presets (gridllm/random_presets.py): built on the device, no checkpoint.
+        from worker_svc.random_model import build_random_model
+
+        backend = backend or get_attention_backend(model_config.attention_backend, device)
+        return build_random_model(path, backend, device, dtype, model_config.seed or 0)
     hf_config, weights = read_checkpoint(path, dtype)
     architectures = getattr(hf_config, "architectures", None) or [None]
     model_cls = get_model_class(architectures[0])

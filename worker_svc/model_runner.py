@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 import torch
 
 from gridllm.config import CacheConfig, ModelConfig, SchedulerConfig
+from gridllm.sampling_params import SamplingParams
 from scheduler_svc.output import SchedulerOutput
 from worker_svc.input_batch import BatchInputs, RequestState, prepare_inputs
 from worker_svc.layers.attention import get_attention_backend
@@ -50,6 +52,7 @@ class ModelRunner:
             torch.manual_seed(model_config.seed)
         self.attn_backend = get_attention_backend(model_config.attention_backend, self.device)
         self.model, self.hf_config = load_model(model_config, self.attn_backend, self.device)
+        logger.info("memory after loading weights: %s", memory_usage(self.device))
         self.vocab_size = self.hf_config.vocab_size
         self.max_model_len = self._resolve_max_model_len()
         self.eos_token_id = eos_token_id if eos_token_id is not None else _first_eos(self.hf_config)
@@ -58,7 +61,8 @@ class ModelRunner:
         self.requests: dict[str, RequestState] = {}
         self.num_kv_blocks = self._num_kv_blocks()
         self.kv_caches = self._allocate_kv_cache(self.num_kv_blocks)
-        logger.info("KV cache: %d blocks of %d tokens", self.num_kv_blocks, self.block_size)
+        logger.info("KV cache: %d blocks of %d tokens; memory after allocating it: %s",
+                    self.num_kv_blocks, self.block_size, memory_usage(self.device))
 
     # ---- setup -------------------------------------------------------------------------
     def _resolve_max_model_len(self) -> int:
@@ -108,7 +112,7 @@ class ModelRunner:
         torch.cuda.reset_peak_memory_stats(self.device)
         baseline = torch.cuda.memory_allocated(self.device)
         state = RequestState(req_id="profile", num_prompt_tokens=num_tokens,
-                             token_ids=[0] * num_tokens, sampling_params=None,
+                             token_ids=[0] * num_tokens, sampling_params=SamplingParams(),
                              block_ids=list(range(num_blocks)), num_computed_tokens=0,
                              generator=None, needs_prompt_logprobs=False)
         batch = prepare_inputs([state], [num_tokens], self.block_size, self.device)
@@ -147,7 +151,7 @@ class ModelRunner:
         batch = prepare_inputs(states, num_scheduled, self.block_size, self.device)
         hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn_metadata)
         self._prompt_logprobs(states, batch, hidden, output)
-        for state, n in zip(states, num_scheduled):
+        for state, n in zip(states, num_scheduled, strict=True):
             state.num_computed_tokens += n
         sampling = [i for i, s in enumerate(states) if s.num_computed_tokens == len(s.token_ids)]
         if sampling:
@@ -177,18 +181,19 @@ class ModelRunner:
             [self.eos_token_id] * len(states), self.vocab_size, self.device)
         sampled = self.sampler(logits, metadata)
         token_ids = sampled.token_ids.tolist()
-        for i, (state, token_id) in enumerate(zip(states, token_ids)):
+        for i, (state, token_id) in enumerate(zip(states, token_ids, strict=True)):
             state.token_ids.append(token_id)
             output.req_ids.append(state.req_id)
             output.sampled_token_ids[state.req_id] = [token_id]
-            if state.sampling_params.logprobs is not None and sampled.logprobs is not None:
-                output.logprobs[state.req_id] = [sampled.logprobs[i]]
+            entry = sampled.logprobs[i] if sampled.logprobs is not None else None
+            if state.sampling_params.logprobs is not None and entry is not None:
+                output.logprobs[state.req_id] = [entry]
 
     def _prompt_logprobs(self, states: list[RequestState], batch: BatchInputs,
                          hidden: torch.Tensor, output: ModelRunnerOutput) -> None:
         """Row at position p scores prompt token p + 1; positions are this step's chunk."""
         row = 0
-        for state, start, n in zip(states, batch.starts, batch.num_tokens):
+        for state, start, n in zip(states, batch.starts, batch.num_tokens, strict=True):
             first_row, row = row, row + n
             if not state.needs_prompt_logprobs:
                 continue
@@ -204,8 +209,23 @@ class ModelRunner:
                 logits = self.model.compute_logits(
                     hidden[first_row + offset:first_row + offset + size])
                 results += compute_token_logprobs(logits, targets[offset:offset + size],
-                                                  state.sampling_params.prompt_logprobs)
+                                                  state.sampling_params.prompt_logprobs or 0)
             output.prompt_logprobs.setdefault(state.req_id, []).extend(results)
+
+
+def memory_usage(device: torch.device) -> str:
+    """GPU memory allocated by torch on CUDA, the process's resident set size elsewhere."""
+    if device.type == "cuda":
+        return f"{torch.cuda.memory_allocated(device) / 2**30:.2f} GiB allocated on GPU"
+    try:
+        with open("/proc/self/statm") as f:
+            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        # ru_maxrss is the peak, in KiB on Linux.
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return f"{rss / 2**30:.2f} GiB RSS"
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

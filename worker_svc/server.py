@@ -23,6 +23,7 @@ from gridllm import redis_keys
 from gridllm.convert import runner_output_to_pb, scheduler_output_from_pb
 from gridllm.grpc_utils import ServiceServer
 from gridllm.v1 import worker_pb2, worker_pb2_grpc
+from scheduler_svc.block_versions import bump_versions
 from worker_svc.output import ModelRunnerOutput
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,8 @@ class WorkerOptions:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port!r}.")
         if self.heartbeat_ttl < 1.0:
-            raise ValueError(f"heartbeat_ttl must be at least 1 second, got {self.heartbeat_ttl!r}.")
+            raise ValueError("heartbeat_ttl must be at least 1 second, "
+                             f"got {self.heartbeat_ttl!r}.")
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
@@ -70,6 +72,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.num_steps = 0
         # Set on shutdown; the Step stream tells the scheduler.
         self.draining = asyncio.Event()
+        # Per KV block: times handed out for new content (kept across streams, like the KV).
+        self.block_versions: list[int] = [] if runner is None else [0] * runner.num_kv_blocks
 
     def _reset_requests(self) -> None:
         with self._lock:
@@ -130,10 +134,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     break
                 next_step = None
                 scheduler_output = scheduler_output_from_pb(step)
+                # Counted before running: a failed step may have overwritten its blocks.
+                bump_versions(self.block_versions, scheduler_output, self.runner.block_size)
                 output, seconds = await loop.run_in_executor(
                     self._executor, self._execute, scheduler_output)
                 self.num_steps += 1
                 response = runner_output_to_pb(output, step.step_id, seconds)
+                if step.step_id == 0:
+                    response.block_versions.extend(self.block_versions)
                 if self.draining.is_set():
                     response.is_draining = has_notified = True
                 yield response
@@ -260,6 +268,7 @@ class WorkerServer:
         info = build_info(self.runner, self.model_config.model, self.worker_id,
                           self.scheduler_config)
         info.address = self.address
+        self.servicer.block_versions = [0] * self.runner.num_kv_blocks
         self.servicer.runner, self.servicer.info = self.runner, info
         if opts.redis_url:
             self.registration = Registration(opts.redis_url, info, opts.heartbeat_ttl)

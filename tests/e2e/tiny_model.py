@@ -11,6 +11,7 @@ import os
 from tests.worker_svc.tiny_models import _COMMON, make_tiny_model
 
 # Ids fixed by the model config of tests.worker_svc.tiny_models (bos 0, eos 1).
+MAX_MODEL_LEN = 4096
 _SPECIAL_TOKENS = ["<|endoftext|>", "<|im_end|>", "<|im_start|>"]
 _CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -40,9 +41,21 @@ def build_tokenizer(path: str) -> None:
     fast.save_pretrained(path)
 
 
-def build_tiny_served_model(path) -> str:
-    """Tiny random Llama (vocab 320, max_model_len 256) plus tokenizer in ``path``."""
+def build_tiny_served_model(path, max_model_len: int = MAX_MODEL_LEN) -> str:
+    """Tiny random Llama (vocab 320) plus tokenizer in ``path``.
+
+    ``max_model_len`` is raised from the tiny config's 256 so a request can run long
+    enough (thousands of steps) for cancellation and deadlines to land mid-stream.
+    """
+    import json
+
     make_tiny_model("llama", path)
+    config_path = os.path.join(path, "config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    config["max_position_embeddings"] = max_model_len
+    with open(config_path, "w") as f:
+        json.dump(config, f, indent=2)
     build_tokenizer(str(path))
     assert os.path.isfile(os.path.join(path, "tokenizer.json"))
     return str(path)

@@ -67,8 +67,9 @@ def test_prefix_index_counts_leading_run(redis_server):
             assert len(hashes) == 9
             # w1 caches the first 5 blocks; w2 the first 2 and (not a prefix) block 4.
             for worker_id, cached in (("w1", hashes[:5]), ("w2", hashes[:2] + hashes[3:4])):
-                await client.hset(redis_keys.kv_cached_key(worker_id), mapping={
-                    str(h): redis_keys.encode_cached_block(i, (1, 2)) for i, h in enumerate(cached)})
+                mapping = {str(h): redis_keys.encode_cached_block(i, 0, (1, 2))
+                           for i, h in enumerate(cached)}
+                await client.hset(redis_keys.kv_cached_key(worker_id), mapping=mapping)
             index = PrefixIndex(client)
             overlap = await index.overlap(["w1", "w2", "w3"], hashes)
             assert overlap == {"w1": 5, "w2": 2, "w3": 0}

@@ -127,7 +127,8 @@ def test_chat_message_with_unknown_field_is_invalid(tiny_tokenizer):
     message = generate_pb2.ChatMessage(role="user", content="hi").SerializeToString()
     message += bytes([(3 << 3) | 2, 3]) + b"bob"
     chat = generate_pb2.ChatMessages.FromString(bytes([(1 << 3) | 2, len(message)]) + message)
-    with pytest.raises(ValueError, match=r"^chat\.messages\[0\] has unknown fields \(numbers \[3\]\)"):
+    with pytest.raises(ValueError,
+                       match=r"^chat\.messages\[0\] has unknown fields \(numbers \[3\]\)"):
         validate_request(_request(chat=chat), tiny_tokenizer, LIMITS)
 
 

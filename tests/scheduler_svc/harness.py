@@ -75,3 +75,13 @@ async def wait_until(predicate, timeout: float = 10.0, what: str = "condition") 
         if loop.time() > deadline:
             raise TimeoutError(f"{what} not reached within {timeout}s")
         await asyncio.sleep(0.02)
+
+
+async def read_rest(call) -> list:
+    """Read a stream started with ``call.read()`` to its end (iteration can't be mixed in)."""
+    responses = []
+    while True:
+        response = await call.read()
+        if response is grpc.aio.EOF:
+            return responses
+        responses.append(response)

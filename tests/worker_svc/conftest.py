@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.worker_svc.tiny_models import TINY_ARCHS, make_tiny_model
+from tests.worker_svc.tiny_models import ALL_TINY_ARCHS, make_tiny_model
 
 
 @pytest.fixture(scope="session")
@@ -20,7 +20,7 @@ def tiny_model_dir(tmp_path_factory):
     return get
 
 
-@pytest.fixture(params=sorted(TINY_ARCHS))
+@pytest.fixture(params=sorted(ALL_TINY_ARCHS))
 def tiny_arch(request) -> str:
     """Every tiny architecture in turn."""
     return request.param

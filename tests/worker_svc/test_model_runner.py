@@ -28,7 +28,7 @@ def _prompts(*lengths, seed=0):
 
 
 def _check_against_hf(model_dir, prompts, outputs, steps):
-    for i, (prompt, tokens) in enumerate(zip(prompts, outputs)):
+    for i, (prompt, tokens) in enumerate(zip(prompts, outputs, strict=True)):
         want_tokens, want_logits = hf_greedy(model_dir, prompt, NUM_NEW)
         assert tokens == want_tokens, f"prompt {i}"
         # The sampled token's logprob checks the runner's logits at every step.

@@ -25,7 +25,7 @@ def _caches(hf_config, num_blocks):
 
 def _packed_metadata(lengths, block_tables):
     slots, cu = [], [0]
-    for n, table in zip(lengths, block_tables):
+    for n, table in zip(lengths, block_tables, strict=True):
         slots += [table[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in range(n)]
         cu.append(cu[-1] + n)
     width = max(len(t) for t in block_tables)

@@ -36,20 +36,28 @@ TINY_ARCHS = {
                                    do_layer_norm_before=False, bos_token_id=0,
                                    eos_token_id=1, pad_token_id=1)),
 }
+# Variants only the worker tests sweep (the LLM tests sweep TINY_ARCHS).
+EXTRA_ARCHS = {
+    # Qwen2 with a window on layer 1 only (layer_types from max_window_layers).
+    "qwen2-sliding": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=6,
+                                          max_window_layers=1)),
+}
+ALL_TINY_ARCHS = {**TINY_ARCHS, **EXTRA_ARCHS}
 
 
 def make_tiny_model(arch: str, path) -> str:
-    """Build a tiny random fp32 model of ``arch`` (a key of TINY_ARCHS) and save it.
+    """Build a tiny random fp32 model of ``arch`` and save it.
 
     Args:
-        arch: e.g. ``"llama"``, ``"llama3"``, ``"mistral"``, ``"qwen2"``, ``"qwen3"``, ``"opt"``.
+        arch: a key of ``ALL_TINY_ARCHS``: ``"llama"``, ``"llama3"``, ``"mistral"``,
+            ``"qwen2"``, ``"qwen3"``, ``"opt"``, ``"opt-350m"``, ``"qwen2-sliding"``.
         path: target directory (created).
     Returns:
         ``str(path)``.
     """
     import transformers
 
-    config_name, overrides = TINY_ARCHS[arch]
+    config_name, overrides = ALL_TINY_ARCHS[arch]
     kwargs = overrides if config_name == "OPTConfig" else {**_COMMON, **overrides}
     config = getattr(transformers, config_name)(**kwargs)
     torch.manual_seed(0)
@@ -64,4 +72,57 @@ def make_tiny_model(arch: str, path) -> str:
                 param.copy_(0.15 * torch.randn_like(param))
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path)
+    return str(path)
+
+
+def _llama_cpp_permute(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    # llama.cpp's convert_hf_to_gguf interleaves the two rotary halves of each q/k head.
+    rows = weight.shape[0]
+    return (weight.reshape(num_heads, 2, rows // num_heads // 2, *weight.shape[1:])
+            .swapaxes(1, 2).reshape(weight.shape))
+
+
+def make_tiny_gguf(model_dir: str, path) -> str:
+    """Write the tiny ``llama`` model at ``model_dir`` as an f32 GGUF file, the way llama.cpp
+    converts it (tensor names, metadata and the q/k row permutation).
+
+    Returns:
+        ``str(path)``.
+    """
+    import gguf
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    tensors = load_file(os.path.join(model_dir, "model.safetensors"))
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    names = {"model.embed_tokens.weight": "token_embd.weight",
+             "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
+    parts = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+             "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    for i in range(config.num_hidden_layers):
+        for hf, gg in parts.items():
+            names[f"model.layers.{i}.{hf}.weight"] = f"blk.{i}.{gg}.weight"
+    for name, tensor in tensors.items():
+        if ".q_proj." in name:
+            tensor = _llama_cpp_permute(tensor, config.num_attention_heads)
+        elif ".k_proj." in name:
+            tensor = _llama_cpp_permute(tensor, config.num_key_value_heads)
+        writer.add_tensor(names[name], tensor.numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
     return str(path)

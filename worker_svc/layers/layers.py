@@ -42,7 +42,8 @@ _ACTIVATIONS = {
 def get_activation(name: str):
     """The elementwise activation called ``name`` in HF configs."""
     if name not in _ACTIVATIONS:
-        raise ValueError(f"activation_function must be one of {sorted(_ACTIVATIONS)}, got {name!r}.")
+        raise ValueError(f"activation_function must be one of {sorted(_ACTIVATIONS)}, "
+                         f"got {name!r}.")
     return _ACTIVATIONS[name]
 
 

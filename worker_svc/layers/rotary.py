@@ -33,7 +33,8 @@ def compute_inv_freq(config, head_dim: int) -> tuple[torch.Tensor, float, int]:
     if rope_type == "default":
         rot_dim = int(head_dim * (factor or 1.0))
         base = float(params["rope_theta"])
-        inv_freq = 1.0 / (base ** (torch.arange(0, rot_dim, 2, dtype=torch.int64).float() / rot_dim))
+        exponents = torch.arange(0, rot_dim, 2, dtype=torch.int64).float() / rot_dim
+        inv_freq = 1.0 / (base ** exponents)
         return inv_freq, 1.0, rot_dim
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
@@ -45,6 +46,8 @@ def compute_inv_freq(config, head_dim: int) -> tuple[torch.Tensor, float, int]:
 
 class RotaryEmbedding(nn.Module):
     """Rotates q/k by position; holds ``cos_sin_cache[max_position, rot_dim]`` (float32)."""
+
+    cos_sin_cache: torch.Tensor
 
     def __init__(self, config, head_dim: int, max_position: int, is_neox_style: bool = True):
         super().__init__()

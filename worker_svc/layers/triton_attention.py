@@ -22,7 +22,9 @@ class TritonAttentionBackend(AttentionBackend):
                 metadata: AttentionMetadata, scale: float,
                 sliding_window: int | None = None) -> torch.Tensor:
         write_kv_cache(key, value, key_cache, value_cache, metadata.slot_mapping)
-        if metadata.is_decode_only:
+        # The decode kernel wants exactly one query row per request; anything else
+        # (e.g. padded rows without padded seq_lens) takes the general kernel.
+        if metadata.is_decode_only and query.shape[0] == metadata.num_reqs:
             return paged_decode_attention(query, key_cache, value_cache,
                                           metadata.block_tables, metadata.seq_lens,
                                           metadata.query_start_loc, scale, sliding_window)

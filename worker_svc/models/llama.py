@@ -122,7 +122,7 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids, positions, kv_caches, attn_metadata):
         hidden, residual = self.embed_tokens(input_ids), None
-        for layer, kv_cache in zip(self.layers, kv_caches):
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             hidden, residual = layer(positions, hidden, residual, kv_cache, attn_metadata)
         hidden, _ = self.norm(hidden, residual)
         return hidden
@@ -172,9 +172,12 @@ class LlamaForCausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load HF-named tensors (``model.layers.0.self_attn.q_proj.weight`` ...)."""
-        attn = self.model.layers[0].self_attn
+        head_dim = head_dim_of(self.config)
+        q_size = self.config.num_attention_heads * head_dim
+        kv_size = (getattr(self.config, "num_key_value_heads", None)
+                   or self.config.num_attention_heads) * head_dim
         inter = self.config.intermediate_size
-        rows = {"q": 0, "k": attn.q_size, "v": attn.q_size + attn.kv_size, 0: 0, 1: inter}
+        rows = {"q": 0, "k": q_size, "v": q_size + kv_size, 0: 0, 1: inter}
         stacked = {hf: (merged, rows[part]) for hf, (merged, part) in self._STACKED.items()}
         skip = ("rotary_emb.inv_freq",) + (("lm_head.weight",) if self.is_tied else ())
         check_all_loaded(self, load_named_weights(self, weights, stacked, skip))

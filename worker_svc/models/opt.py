@@ -75,8 +75,10 @@ class OPTDecoder(nn.Module):
         self.embed_positions = nn.Embedding(config.max_position_embeddings + _POSITION_OFFSET,
                                             config.hidden_size)
         has_proj = embed_dim != config.hidden_size
-        self.project_in = nn.Linear(embed_dim, config.hidden_size, bias=False) if has_proj else None
-        self.project_out = nn.Linear(config.hidden_size, embed_dim, bias=False) if has_proj else None
+        self.project_in = (nn.Linear(embed_dim, config.hidden_size, bias=False)
+                           if has_proj else None)
+        self.project_out = (nn.Linear(config.hidden_size, embed_dim, bias=False)
+                            if has_proj else None)
         has_final_norm = (config.do_layer_norm_before
                           and not getattr(config, "_remove_final_layer_norm", False))
         affine = getattr(config, "layer_norm_elementwise_affine", True)
@@ -90,7 +92,7 @@ class OPTDecoder(nn.Module):
         if self.project_in is not None:
             hidden = self.project_in(hidden)
         hidden = hidden + self.embed_positions(positions + _POSITION_OFFSET)
-        for layer, kv_cache in zip(self.layers, kv_caches):
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             hidden = layer(hidden, kv_cache, attn_metadata)
         if self.final_layer_norm is not None:
             hidden = self.final_layer_norm(hidden)

@@ -1,0 +1,264 @@
+"""Time every Triton kernel against its torch reference and the card's measured limits.
+
+Run on a CUDA machine: ``python benchmarks/kernels.py --output kernels.json``. Limits are
+measured in the same run: device-to-device copy bandwidth of a large tensor (read + write
+bytes) and the bf16 matmul rate. Each row prints the kernel time (median), the torch
+reference time, and the fraction of the limit the kernel reaches. A failing kernel prints
+an error row and the script goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from kernels import torch_ref  # noqa: E402
+
+GB = 1e9
+
+
+def bench(fn: Callable[[], object], rep_ms: int = 100) -> float:
+    """Median milliseconds of ``fn`` (CUDA events, L2 flushed between runs)."""
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=10, rep=rep_ms, return_mode="median"))
+
+
+def bench_slow(fn: Callable[[], object], runs: int = 3) -> float:
+    """Median milliseconds for slow references (few runs, no L2 flush)."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(runs):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def measure_limits() -> dict:
+    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    ms = bench(lambda: y.copy_(x), rep_ms=200)
+    copy_gbps = 2 * x.numel() / (ms * 1e-3) / GB
+    del x, y
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    ms = bench(lambda: a @ b, rep_ms=200)
+    return {"copy_GBps": copy_gbps, "bf16_matmul_TFLOPs": 2 * n ** 3 / (ms * 1e-3) / 1e12}
+
+
+def paged_kv(batch: int, context: int, num_kv_heads: int, head_dim: int, block_size: int,
+             dtype: torch.dtype):
+    blocks_per_req = math.ceil(context / block_size)
+    num_blocks = batch * blocks_per_req
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    key_cache = torch.randn(shape, device="cuda", dtype=dtype)
+    value_cache = torch.randn(shape, device="cuda", dtype=dtype)
+    tables = torch.randperm(num_blocks, device="cuda").view(batch, blocks_per_req)
+    seq_lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+    return key_cache, value_cache, tables.to(torch.int32).contiguous(), seq_lens
+
+
+def bench_decode(limits, batch=64, context=4096, num_heads=32, num_kv_heads=8,
+                 head_dim=128, block_size=16, with_ref=True):
+    from kernels.paged_decode_attention import paged_decode_attention
+
+    dtype = torch.bfloat16
+    kc, vc, tables, seq = paged_kv(batch, context, num_kv_heads, head_dim, block_size, dtype)
+    q = torch.randn(batch, num_heads, head_dim, device="cuda", dtype=dtype)
+    qsl = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
+    args = (q, kc, vc, tables, seq, qsl, head_dim ** -0.5)
+    ms = bench(lambda: paged_decode_attention(*args))
+    ref_ms = bench_slow(lambda: torch_ref.paged_attention(*args)) if with_ref else None
+    nbytes = 2 * batch * context * num_kv_heads * head_dim * dtype.itemsize \
+        + 2 * q.numel() * dtype.itemsize
+    gbps = nbytes / (ms * 1e-3) / GB
+    return dict(ms=ms, ref_ms=ref_ms, metric=f"{gbps:.0f} GB/s",
+                pct_of_limit=100 * gbps / limits["copy_GBps"], limit="copy bandwidth",
+                goal_pct=70)
+
+
+def bench_prefill(limits, num_seqs=4, seq_len=4096, num_heads=32, num_kv_heads=8,
+                  head_dim=128, block_size=16):
+    from kernels.prefill_attention import prefill_attention
+
+    dtype = torch.bfloat16
+    kc, vc, tables, seq = paged_kv(num_seqs, seq_len, num_kv_heads, head_dim, block_size,
+                                   dtype)
+    q = torch.randn(num_seqs * seq_len, num_heads, head_dim, device="cuda", dtype=dtype)
+    qsl = torch.arange(0, num_seqs * seq_len + 1, seq_len, dtype=torch.int32, device="cuda")
+    args = (q, kc, vc, tables, seq, qsl, head_dim ** -0.5)
+    ms = bench(lambda: prefill_attention(*args, max_query_len=seq_len), rep_ms=300)
+    ref_ms = bench_slow(lambda: torch_ref.paged_attention(*args), runs=1)
+    flops = num_seqs * 4 * num_heads * head_dim * seq_len * (seq_len + 1) / 2
+    tflops = flops / (ms * 1e-3) / 1e12
+    # Context: torch's own flash SDPA on contiguous (unpaged) tensors.
+    qs = q.view(num_seqs, seq_len, num_heads, head_dim).transpose(1, 2)
+    ks = torch.randn(num_seqs, num_heads, seq_len, head_dim, device="cuda", dtype=dtype)
+    sdpa_ms = bench(lambda: torch.nn.functional.scaled_dot_product_attention(
+        qs, ks, ks, is_causal=True))
+    return dict(ms=ms, ref_ms=ref_ms, metric=f"{tflops:.0f} TFLOP/s",
+                pct_of_limit=100 * tflops / limits["bf16_matmul_TFLOPs"],
+                limit="bf16 matmul", goal="300 TFLOP/s", tflops=tflops,
+                torch_sdpa_contiguous_TFLOPs=flops / (sdpa_ms * 1e-3) / 1e12)
+
+
+def bench_rms_norm(limits, num_tokens=16384, hidden=4096, with_residual=True):
+    from kernels.rms_norm import rms_norm
+
+    dtype = torch.bfloat16
+    x = torch.randn(num_tokens, hidden, device="cuda", dtype=dtype)
+    w = torch.randn(hidden, device="cuda", dtype=dtype)
+    r = torch.randn_like(x) if with_residual else None
+    ms = bench(lambda: rms_norm(x, w, 1e-6, r))
+    ref_ms = bench(lambda: torch_ref.rms_norm(x, w, 1e-6, r))
+    nbytes = (4 if with_residual else 2) * x.numel() * dtype.itemsize
+    gbps = nbytes / (ms * 1e-3) / GB
+    return dict(ms=ms, ref_ms=ref_ms, metric=f"{gbps:.0f} GB/s",
+                pct_of_limit=100 * gbps / limits["copy_GBps"], limit="copy bandwidth",
+                goal_pct=80)
+
+
+def bench_kv_write(limits, num_tokens=16384, num_kv_heads=8, head_dim=128, block_size=16):
+    from kernels.kv_cache_write import write_kv_cache
+
+    dtype = torch.bfloat16
+    num_blocks = 2 * num_tokens // block_size
+    k = torch.randn(num_tokens, num_kv_heads, head_dim, device="cuda", dtype=dtype)
+    v = torch.randn_like(k)
+    kc = torch.zeros(num_blocks, block_size, num_kv_heads, head_dim, device="cuda", dtype=dtype)
+    vc = torch.zeros_like(kc)
+    slots = torch.randperm(num_blocks * block_size, device="cuda")[:num_tokens]
+    ms = bench(lambda: write_kv_cache(k, v, kc, vc, slots))
+    ref_ms = bench(lambda: torch_ref.write_kv_cache(k, v, kc, vc, slots))
+    gbps = 4 * k.numel() * dtype.itemsize / (ms * 1e-3) / GB
+    return dict(ms=ms, ref_ms=ref_ms, metric=f"{gbps:.0f} GB/s",
+                pct_of_limit=100 * gbps / limits["copy_GBps"], limit="copy bandwidth",
+                goal_pct=80)
+
+
+def bench_silu_and_mul(limits, num_tokens=4096, intermediate=14336):
+    from kernels.silu_and_mul import silu_and_mul
+
+    x = torch.randn(num_tokens, 2 * intermediate, device="cuda", dtype=torch.bfloat16)
+    ms = bench(lambda: silu_and_mul(x))
+    ref_ms = bench(lambda: torch_ref.silu_and_mul(x))
+    gbps = 1.5 * x.numel() * 2 / (ms * 1e-3) / GB
+    return dict(ms=ms, ref_ms=ref_ms, metric=f"{gbps:.0f} GB/s",
+                pct_of_limit=100 * gbps / limits["copy_GBps"], limit="copy bandwidth")
+
+
+def bench_rotary(limits, num_tokens=16384, num_heads=32, num_kv_heads=8, head_dim=128):
+    from kernels.rotary import rotary_embedding
+
+    dtype = torch.bfloat16
+    q = torch.randn(num_tokens, num_heads, head_dim, device="cuda", dtype=dtype)
+    k = torch.randn(num_tokens, num_kv_heads, head_dim, device="cuda", dtype=dtype)
+    inv = 1.0 / (500000 ** (torch.arange(0, head_dim, 2, device="cuda") / head_dim))
+    freqs = torch.outer(torch.arange(8192, device="cuda").float(), inv)
+    cache = torch.cat((freqs.cos(), freqs.sin()), -1)
+    pos = torch.randint(0, 8192, (num_tokens,), device="cuda")
+    ms = bench(lambda: rotary_embedding(pos, q, k, cache))
+    ref_ms = bench(lambda: torch_ref.rotary_embedding(pos, q, k, cache))
+    gbps = 2 * (q.numel() + k.numel()) * dtype.itemsize / (ms * 1e-3) / GB
+    return dict(ms=ms, ref_ms=ref_ms, metric=f"{gbps:.0f} GB/s",
+                pct_of_limit=100 * gbps / limits["copy_GBps"], limit="copy bandwidth")
+
+
+def bench_sampling(limits, batch=256, vocab=128256):
+    from kernels.sampling import sample
+
+    logits = 4 * torch.randn(batch, vocab, device="cuda")
+    temp = torch.full((batch,), 0.8, device="cuda")
+    top_k = torch.full((batch,), 50, dtype=torch.int32, device="cuda")
+    top_p = torch.full((batch,), 0.9, device="cuda")
+    min_p = torch.zeros(batch, device="cuda")
+    seeds = torch.arange(batch, device="cuda")
+    offsets = torch.zeros(batch, dtype=torch.int64, device="cuda")
+    workspace = torch.empty(batch, vocab, device="cuda")
+
+    def kernel():
+        return sample(logits, temp, top_k, top_p, min_p, seeds, offsets, workspace=workspace)
+
+    def reference():
+        filtered = torch_ref.filter_logits(logits / temp[:, None], top_k, top_p, min_p)
+        return torch.multinomial(torch.softmax(filtered, -1), 1)
+
+    ms = bench(kernel)
+    ref_ms = bench(reference)
+    return dict(ms=ms, ref_ms=ref_ms, metric=f"{ref_ms / ms:.1f}x vs torch",
+                pct_of_limit=None, limit="torch reference", goal="5x")
+
+
+BENCHES = [
+    ("paged decode attention b64 ctx4096 bf16", bench_decode),
+    ("paged decode attention b1 ctx32768 (split-KV)",
+     lambda lim: bench_decode(lim, batch=1, context=32768, with_ref=False)),
+    ("prefill attention 4x4096 causal bf16", bench_prefill),
+    ("rms_norm + residual 16384x4096 bf16", bench_rms_norm),
+    ("rms_norm 16384x4096 bf16", lambda lim: bench_rms_norm(lim, with_residual=False)),
+    ("kv cache write 16384 tok bf16", bench_kv_write),
+    ("silu_and_mul 4096x14336 bf16", bench_silu_and_mul),
+    ("rotary 16384 tok bf16", bench_rotary),
+    ("sampling top-k/top-p 256x128256", bench_sampling),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--output", default=None, help="write results as JSON here")
+    parser.add_argument("--only", default=None, help="run benches whose name has this")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/kernels.py needs a CUDA GPU")
+    started = time.time()
+    results = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
+               "torch": torch.__version__, "limits": {}, "kernels": {}}
+    import triton
+
+    results["triton"] = triton.__version__
+    limits = measure_limits()
+    results["limits"] = limits
+    print(f"{results['device']}: copy {limits['copy_GBps']:.0f} GB/s, "
+          f"bf16 matmul {limits['bf16_matmul_TFLOPs']:.0f} TFLOP/s")
+    print(f"{'kernel':48s} {'ms':>9s} {'torch ms':>9s} {'metric':>16s} {'% limit':>8s}")
+    for name, fn in BENCHES:
+        if args.only and args.only not in name:
+            continue
+        try:
+            row = fn(limits)
+            pct = row.get("pct_of_limit")
+            ref = row.get("ref_ms")
+            print(f"{name:48s} {row['ms']:9.3f} "
+                  f"{(f'{ref:9.3f}' if ref is not None else '-'):>9s} {row['metric']:>16s} "
+                  f"{(f'{pct:7.1f}%' if pct is not None else '-'):>8s}")
+        except Exception as exc:  # keep going: one broken kernel must not hide the rest
+            row = {"error": f"{type(exc).__name__}: {exc}"}
+            print(f"{name:48s} ERROR {row['error'][:200]}")
+            traceback.print_exc(limit=3)
+        results["kernels"][name] = row
+        torch.cuda.empty_cache()
+    results["wall_s"] = time.time() - started
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(results, f, indent=2)
+    print(f"done in {results['wall_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

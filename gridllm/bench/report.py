@@ -1,0 +1,55 @@
+"""Shared pieces of the benchmark results: machine description, tables, JSON files."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+from collections.abc import Sequence
+from typing import Any
+
+
+def machine_info(device: str = "auto") -> dict[str, Any]:
+    """Card (or CPU) name, core count and UTC date, recorded with every result."""
+    import torch
+
+    info: dict[str, Any] = {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_cores": os.cpu_count(),
+        "torch": torch.__version__,
+    }
+    use_cuda = device in ("auto", "cuda") and torch.cuda.is_available()
+    info["device"] = torch.cuda.get_device_name(0) if use_cuda else "cpu"
+    return info
+
+
+def format_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
+    """A plain-text table with right-aligned numbers (floats with 2 decimals)."""
+    def cell(value: Any) -> str:
+        if value is None:
+            return "n/a"
+        if isinstance(value, float):
+            return f"{value:,.2f}"
+        return str(value)
+
+    cells = [[cell(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h)
+              for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in
+                        enumerate(zip(row, widths))) for row in cells]
+    return "\n".join(lines)
+
+
+def write_json(path: str | None, result: Any) -> None:
+    """Write ``result`` to ``path`` (creating its directory); nothing if ``path`` is None."""
+    if not path:
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2, sort_keys=False)
+        f.write("\n")

@@ -1,0 +1,50 @@
+"""The e2e stack: a real Redis, one scheduler, two workers and the router on loopback.
+
+Started once per module through ``gridllm.launcher`` (the code ``gridllm up`` runs), on free
+ports, with the tiny model of ``tests.e2e.tiny_model``. Logs land in a tmp dir and are
+printed when a start fails.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from gridllm.launcher import LocalStack, StackConfig
+from tests.e2e.tiny_model import build_tiny_served_model
+
+# KV blocks per worker: room for one request of MAX_MODEL_LEN tokens (16 per block).
+NUM_KV_BLOCKS = 272
+
+
+@pytest.fixture(scope="session")
+def tiny_served_model(tmp_path_factory) -> str:
+    return build_tiny_served_model(tmp_path_factory.mktemp("tiny-served-model"))
+
+
+@pytest.fixture(scope="session")
+def e2e_redis_url(redis_server) -> str:
+    """A database of the session's Redis used only by the e2e stack (flushed first)."""
+    import redis
+
+    url = redis_server.rsplit("/", 1)[0] + "/9"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    client.close()
+    return url
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_served_model, e2e_redis_url, tmp_path_factory):
+    config = StackConfig(
+        model=tiny_served_model, num_workers=2, port=0, redis_url=e2e_redis_url,
+        log_dir=str(tmp_path_factory.mktemp("stack-logs")), startup_timeout_s=120.0,
+        stop_grace_s=5.0, extra_worker_args=["--num-kv-blocks", str(NUM_KV_BLOCKS)],
+        # Short heartbeats so a stopped worker leaves the registry quickly.
+        extra_scheduler_args=["--discovery-interval", "0.3"],
+        env={"GRIDLLM_LOGGING_LEVEL": "INFO"})
+    stack = LocalStack(config)
+    stack.start()
+    try:
+        yield stack
+    finally:
+        stack.stop()

@@ -1,0 +1,130 @@
+"""Block state mirrored to a real Redis and rebuilt from it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import redis.asyncio as aioredis
+
+from gridllm import redis_keys
+from gridllm.sampling_params import SamplingParams
+from scheduler_svc.block_manager import BlockManager
+from scheduler_svc.output import SchedulerOutput
+from scheduler_svc.redis_mirror import RedisMirror, restore_cached_blocks
+from scheduler_svc.request import Request
+
+BLOCK_SIZE = 4
+
+
+def _request(req_id: str, prompt: list[int]) -> Request:
+    return Request(req_id, prompt, SamplingParams(temperature=0.0))
+
+
+def _run_and_free(bm: BlockManager, request: Request) -> None:
+    blocks, num_computed = bm.get_computed_blocks(request)
+    request.num_computed_tokens = num_computed
+    assert bm.allocate_slots(request, request.num_tokens - num_computed, blocks) is not None
+    request.num_computed_tokens = request.num_tokens
+    bm.free(request)
+
+
+def test_restore_cached_blocks_reproduces_the_prefix_cache():
+    source = BlockManager(16, BLOCK_SIZE)
+    prompt = list(range(100, 113))  # three full blocks and one token
+    _run_and_free(source, _request("a", prompt))
+    entries = {h: (b.block_id, b.token_ids) for h, b in source.cached_blocks.items()}
+    entries[12345] = (99, (1, 2, 3, 4))  # a block id outside the pool is skipped
+    target = BlockManager(16, BLOCK_SIZE)
+    assert restore_cached_blocks(target, entries) == 3
+    hit_blocks, num_hit = target.get_computed_blocks(_request("b", prompt))
+    want_blocks, want_hit = source.get_computed_blocks(_request("c", prompt))
+    assert num_hit == want_hit == 12
+    assert [b.block_id for b in hit_blocks] == [b.block_id for b in want_blocks]
+    # Restored blocks are free but evicted only after the never-used ones.
+    assert target.num_free_blocks == 16
+    assert list(target.free_queue)[-3:] == sorted(b.block_id for b in hit_blocks) or \
+        set(list(target.free_queue)[-3:]) == {b.block_id for b in hit_blocks}
+
+
+def test_mirror_flush_then_restore_into_a_new_scheduler(redis_server):
+    worker_id = "w-flush"
+
+    async def main():
+        client = aioredis.from_url(redis_server)
+        await client.delete(*[k(worker_id) for k in (
+            redis_keys.kv_cached_key, redis_keys.kv_state_key, redis_keys.kv_tables_key)])
+        bm = BlockManager(8, BLOCK_SIZE)
+        versions = [0] * 8
+        mirror = RedisMirror(client, "sched-1", ttl=3.0)
+        restored = await mirror.restore(worker_id, "instance-1", bm, versions)
+        mirror.track(worker_id, bm, versions, lambda: {"num_running": 0, "num_waiting": 0})
+        running = _request("running", list(range(200, 209)))
+        running.num_computed_tokens = 0
+        bm.allocate_slots(running, running.num_tokens)
+        _run_and_free(bm, _request("done", list(range(300, 309))))
+        output = SchedulerOutput(finished_req_ids={"running", "done"})
+        mirror.note_step(worker_id, output, [])
+        await mirror.flush()
+        cached = await client.hgetall(redis_keys.kv_cached_key(worker_id))
+        tables = await client.hgetall(redis_keys.kv_tables_key(worker_id))
+        state = await client.hgetall(redis_keys.kv_state_key(worker_id))
+        # Fill the pool with other tokens: the "done" blocks are evicted and must vanish.
+        evict = _request("evict", list(range(400, 420)))
+        assert bm.allocate_slots(evict, 20) is not None
+        mirror.note_step(worker_id, SchedulerOutput(), [])
+        await mirror.flush()
+        after_evict = await client.hgetall(redis_keys.kv_cached_key(worker_id))
+        # A new scheduler of the same worker instance sees what is cached now.
+        fresh = BlockManager(8, BLOCK_SIZE)
+        num_restored = await RedisMirror(client, "sched-2").restore(
+            worker_id, "instance-1", fresh, versions)
+        # The worker overwrote block 0 since (a step the mirror never saw completed).
+        bumped = list(versions)
+        bumped[0] += 1
+        fewer = await RedisMirror(client, "sched-3").restore(
+            worker_id, "instance-1", BlockManager(8, BLOCK_SIZE), bumped)
+        other = BlockManager(8, BLOCK_SIZE)
+        num_other = await RedisMirror(client, "sched-4").restore(
+            worker_id, "instance-2", other, versions)
+        await client.aclose()
+        return (restored, bm, cached, tables, state, after_evict, fresh, num_restored, num_other,
+                fewer)
+
+    (restored, bm, cached, tables, state, after_evict, fresh, num_restored,
+     num_other, fewer) = asyncio.run(main())
+    assert restored == 0
+    assert len(cached) == 4  # two full blocks of each 9-token prompt
+    assert tables == {b"running": b"0,1,2"}  # "done" was freed: no table
+    assert int(state[b"num_free_blocks"]) == 5 and int(state[b"num_blocks"]) == 8
+    assert state[b"instance_id"] == b"instance-1"
+    live = {str(h).encode() for h in bm.cached_blocks}
+    done_hashes = {h for h, v in cached.items() if v.split(b":")[2].startswith(b"30")}
+    assert len(done_hashes) == 2 and not done_hashes & set(after_evict)
+    assert set(after_evict) == live
+    assert num_restored == len(live)
+    assert {h: b.block_id for h, b in fresh.cached_blocks.items()} == {
+        h: b.block_id for h, b in bm.cached_blocks.items()}
+    assert 0 in {b.block_id for b in bm.cached_blocks.values()}
+    assert fewer == num_restored - 1
+    # A restarted worker (another instance) has an empty KV cache: nothing restored.
+    assert num_other == 0
+
+
+def test_heartbeat_publishes_the_scheduler_with_a_ttl(redis_server):
+    async def main():
+        client = aioredis.from_url(redis_server)
+        entry = {"scheduler_id": "s-beat", "address": "127.0.0.1:1", "worker_ids": ["w"]}
+        mirror = RedisMirror(client, "s-beat", registry=lambda: entry, ttl=2.0)
+        await mirror.beat()
+        key = redis_keys.scheduler_key("s-beat")
+        value, ttl_ms = json.loads(await client.get(key)), await client.pttl(key)
+        await mirror.close()
+        gone = await client.exists(key)
+        await client.aclose()
+        return value, ttl_ms, gone
+
+    value, ttl_ms, gone = asyncio.run(main())
+    assert value["address"] == "127.0.0.1:1" and value["worker_ids"] == ["w"]
+    assert 0 < ttl_ms <= 2000
+    assert gone == 0

@@ -1,0 +1,307 @@
+"""The scheduler service over real gRPC on loopback, with real workers (tiny random model)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gridllm.engine import EngineCore
+from gridllm.sampling_params import SamplingParams
+from gridllm.v1 import generate_pb2, scheduler_pb2
+from tests.scheduler_svc.harness import (
+    collect,
+    engine_configs,
+    read_rest,
+    running_scheduler,
+    running_worker,
+    submit_request,
+    wait_until,
+)
+from tests.worker_svc.tiny_models import make_tiny_model
+
+# Prompts of 3, 9 and 21 tokens: one block, several, and chunked over two steps.
+PROMPTS = [[5, 6, 7], [11, 12, 13, 14, 15, 16, 17, 18, 19],
+           [30 + i for i in range(21)]]
+EOS = 1
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory) -> str:
+    return make_tiny_model("llama", tmp_path_factory.mktemp("tiny-llama"))
+
+
+def reference_tokens(model_path: str, prompts, params: SamplingParams) -> list[list[int]]:
+    """Greedy tokens of the in-process engine on the same model and configs."""
+    engine = EngineCore(*engine_configs(model_path), eos_token_id=EOS)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(engine.make_request(f"r{i}", prompt, params))
+    out: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
+    while engine.has_unfinished_requests():
+        for update in engine.step():
+            out[update.req_id] += update.new_token_ids
+    return [out[f"r{i}"] for i in range(len(prompts))]
+
+
+def test_submit_streams_the_engine_core_tokens(model_path):
+    params = dict(max_tokens=12)
+    expected = reference_tokens(model_path, PROMPTS, SamplingParams(temperature=0.0, **params))
+
+    async def main():
+        async with running_worker(model_path) as worker, \
+                running_scheduler([worker.address]) as (server, stub):
+            results = await asyncio.gather(*(
+                collect(stub, submit_request(f"q{i}", p, **params)) for i, p in enumerate(PROMPTS)))
+            stats = await stub.GetStats(generate_pb2.GetServerStatsRequest())
+            return results, stats
+
+    results, stats = asyncio.run(main())
+    for (tokens, responses), want in zip(results, expected, strict=True):
+        assert tokens == want
+        assert responses[-1].finish_reason in (generate_pb2.FINISH_REASON_LENGTH,
+                                               generate_pb2.FINISH_REASON_STOP)
+        assert all(r.finish_reason == generate_pb2.FINISH_REASON_UNSPECIFIED
+                   for r in responses[:-1])
+    assert stats.num_requests_running == stats.num_requests_waiting == 0
+    assert [w.kv_blocks_free for w in stats.workers] == [w.kv_blocks_total for w in stats.workers]
+
+
+def test_cancelled_submit_frees_its_blocks(model_path):
+    async def main():
+        async with running_worker(model_path) as worker, \
+                running_scheduler([worker.address]) as (server, stub):
+            call = stub.Submit(submit_request("long", PROMPTS[2], max_tokens=200, ignore_eos=True))
+            first = await call.read()
+            link = server.links[worker.worker_id]
+            bm = link.scheduler.block_manager
+            assert first.token_ids and bm.num_free_blocks < bm.num_blocks
+            call.cancel()
+            await wait_until(lambda: bm.num_free_blocks == bm.num_blocks
+                             and not link.scheduler.has_unfinished_requests(), 5.0,
+                             "blocks freed after cancel")
+            # The worker dropped the request too.
+            await wait_until(lambda: not worker.runner.requests, 5.0, "worker state dropped")
+            tokens, _ = await collect(stub, submit_request("after", PROMPTS[0], max_tokens=3))
+            assert len(tokens) == 3
+
+    asyncio.run(main())
+
+
+def test_abort_with_reason_stop_ends_the_stream_with_stop(model_path):
+    async def main():
+        async with running_worker(model_path) as worker, \
+                running_scheduler([worker.address]) as (server, stub):
+            call = stub.Submit(submit_request("s", PROMPTS[1], max_tokens=200, ignore_eos=True))
+            await call.read()
+            reply = await stub.Abort(scheduler_pb2.AbortRequest(
+                request_ids=["s", "unknown"], reason=scheduler_pb2.ABORT_REASON_STOP))
+            rest = await read_rest(call)
+            return reply, rest
+
+    reply, rest = asyncio.run(main())
+    assert list(reply.aborted_request_ids) == ["s"]
+    assert rest[-1].finish_reason == generate_pb2.FINISH_REASON_STOP
+
+
+@pytest.mark.parametrize("field,request_kwargs", [
+    ("temperature", dict(sampling_params=generate_pb2.SamplingParams(temperature=-1.0))),
+    ("top_p", dict(sampling_params=generate_pb2.SamplingParams(top_p=0.0))),
+    ("max_tokens", dict(sampling_params=generate_pb2.SamplingParams(max_tokens=0))),
+    ("stop_token_ids", dict(sampling_params=generate_pb2.SamplingParams(stop_token_ids=[10**6]))),
+    ("prompt", dict(prompt_token_ids=[])),
+    ("max_model_len", dict(prompt_token_ids=[3] * 300)),
+    ("prompt_token_ids", dict(prompt_token_ids=[10**6])),
+    ("request_id", dict(request_id="")),
+])
+def test_invalid_requests_get_invalid_argument_naming_the_field(model_path, field,
+                                                                request_kwargs):
+    async def main():
+        async with running_worker(model_path) as worker, \
+                running_scheduler([worker.address]) as (server, stub):
+            request = scheduler_pb2.SubmitRequest(request_id="bad", prompt_token_ids=[5, 6])
+            for key, value in request_kwargs.items():
+                if key == "sampling_params":
+                    request.sampling_params.CopyFrom(value)
+                elif key == "prompt_token_ids":
+                    del request.prompt_token_ids[:]
+                    request.prompt_token_ids.extend(value)
+                else:
+                    setattr(request, key, value)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await collect(stub, request)
+            bm = server.links[worker.worker_id].scheduler.block_manager
+            return info.value, bm.num_free_blocks == bm.num_blocks
+
+    error, all_free = asyncio.run(main())
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in error.details()
+    assert all_free
+
+
+def test_health_serving_once_a_worker_registers(model_path, redis_server):
+    async def health(address: str) -> int:
+        async with grpc.aio.insecure_channel(address) as channel:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=5)
+            return reply.status
+
+    async def main():
+        async with running_scheduler(redis_url=redis_server) as (server, stub):
+            before = await health(server.address)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await collect(stub, submit_request("x", PROMPTS[0]))
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            async with running_worker(model_path, redis_server):
+                await wait_until(lambda: server.alive_links(), 10.0, "worker discovered")
+                after = await health(server.address)
+                tokens, _ = await collect(stub, submit_request("y", PROMPTS[0], max_tokens=2))
+            return before, after, tokens
+
+    before, after, tokens = asyncio.run(main())
+    assert before == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert after == health_pb2.HealthCheckResponse.SERVING
+    assert len(tokens) == 2
+
+
+def test_restarted_scheduler_hits_the_prefix_cached_before(model_path, redis_server):
+    prompt = [40 + i for i in range(17)]  # four full blocks of 4
+
+    async def main():
+        async with running_worker(model_path, redis_server):
+            async with running_scheduler(redis_url=redis_server) as (server, stub):
+                first, responses = await collect(stub, submit_request("a", prompt, max_tokens=5))
+                assert responses[-1].num_cached_tokens == 0
+            # A new scheduler instance (new id) against the same worker and Redis.
+            async with running_scheduler(redis_url=redis_server) as (server, stub):
+                await wait_until(lambda: server.alive_links(), 10.0, "worker relinked")
+                second, responses = await collect(stub, submit_request("b", prompt, max_tokens=5))
+                stats = await stub.GetStats(generate_pb2.GetServerStatsRequest())
+            return first, second, responses[-1].num_cached_tokens, stats
+
+    first, second, num_cached, stats = asyncio.run(main())
+    assert num_cached == 16
+    assert stats.prefix_cache_hits == 16
+    assert second == first  # the reused KV is the right KV
+
+
+def test_two_workers_share_requests_and_one_stopping_leaves_the_other(model_path, redis_server):
+    async def main():
+        async with running_worker(model_path, redis_server) as w1, \
+                running_worker(model_path, redis_server) as w2, \
+                running_scheduler(redis_url=redis_server) as (server, stub):
+            await wait_until(lambda: len(server.alive_links()) == 2, 10.0, "both workers linked")
+            prompts = [[60 + 3 * i, 61 + i, 62] for i in range(4)]
+            calls = [stub.Submit(submit_request(f"p{i}", p, max_tokens=40, ignore_eos=True))
+                     for i, p in enumerate(prompts)]
+            firsts = [await call.read() for call in calls]
+            used = {r.worker_id for r in firsts}
+            # Graceful stop: w1's running requests finish, new ones go to w2.
+            stop = asyncio.create_task(w1.stop(grace=10))
+            await wait_until(lambda: w1.worker_id not in {
+                link.worker_id for link in server.alive_links()}, 5.0, "w1 draining")
+            late, late_responses = await collect(stub, submit_request("late", prompts[0],
+                                                                      max_tokens=3))
+            rests = [await read_rest(call) for call in calls]
+            await asyncio.wait_for(stop, 10)
+            tokens, after = await collect(stub, submit_request("after", prompts[1], max_tokens=3))
+            return used, firsts, rests, late_responses, after, w1.worker_id, w2.worker_id
+
+    used, firsts, rests, late, after, w1_id, w2_id = asyncio.run(main())
+    assert used == {w1_id, w2_id}
+    for first, rest in zip(firsts, rests, strict=True):
+        assert rest[-1].finish_reason == generate_pb2.FINISH_REASON_LENGTH
+        assert len(first.token_ids) + sum(len(r.token_ids) for r in rest) == 40
+    assert late[0].worker_id == w2_id and after[0].worker_id == w2_id
+    assert after[-1].finish_reason == generate_pb2.FINISH_REASON_LENGTH
+
+
+def test_killed_worker_aborts_its_requests_only(model_path, redis_server):
+    async def main():
+        async with running_worker(model_path, redis_server) as w1, \
+                running_worker(model_path, redis_server) as w2, \
+                running_scheduler(redis_url=redis_server) as (server, stub):
+            await wait_until(lambda: len(server.alive_links()) == 2, 10.0, "both workers linked")
+            calls = [stub.Submit(submit_request(f"k{i}", [70 + i, 71, 72], max_tokens=60,
+                                                ignore_eos=True)) for i in range(2)]
+            firsts = [await call.read() for call in calls]
+            assert {r.worker_id for r in firsts} == {w1.worker_id, w2.worker_id}
+            # No grace: the Step stream is cut mid-request.
+            await w1.service.server.stop(0)
+            rests = {first.worker_id: await read_rest(call)
+                     for first, call in zip(firsts, calls, strict=True)}
+            tokens, after = await collect(stub, submit_request("after", [5, 6], max_tokens=3))
+            return rests, after, w1.worker_id, w2.worker_id
+
+    rests, after, w1_id, w2_id = asyncio.run(main())
+    assert rests[w1_id][-1].finish_reason == generate_pb2.FINISH_REASON_ABORT
+    assert rests[w2_id][-1].finish_reason == generate_pb2.FINISH_REASON_LENGTH
+    assert after[0].worker_id == w2_id
+
+
+def test_killed_scheduler_process_restarts_with_the_prefix_cache(model_path, redis_server):
+    """``python -m scheduler_svc`` killed with SIGKILL mid-request, then started again."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import redis.asyncio as aioredis
+
+    from gridllm import redis_keys
+    from gridllm.grpc_utils import free_port, wait_for_serving
+    from gridllm.v1 import scheduler_pb2_grpc
+
+    repo_root = Path(__file__).resolve().parents[2]
+    prompt = [80 + i for i in range(17)]
+
+    def start_scheduler(port: int) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "scheduler_svc", "--port", str(port), "--redis-url",
+             redis_server, "--discovery-interval", "0.1", "--max-num-batched-tokens", "16"],
+            cwd=repo_root, env={**os.environ, "GRIDLLM_LOGGING_LEVEL": "WARNING"},
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    async def main():
+        client = aioredis.from_url(redis_server)
+        procs = []
+        try:
+            async with running_worker(model_path, redis_server) as worker:
+                cached_key = redis_keys.kv_cached_key(worker.worker_id)
+                results = []
+                for attempt in range(2):
+                    port = free_port()
+                    procs.append(start_scheduler(port))
+                    address = f"127.0.0.1:{port}"
+                    await wait_for_serving(address, timeout=30)
+                    async with grpc.aio.insecure_channel(address) as channel:
+                        stub = scheduler_pb2_grpc.SchedulerStub(channel)
+                        results.append(await collect(
+                            stub, submit_request(f"p{attempt}", prompt, max_tokens=5)))
+                        if attempt == 0:
+                            # Mirrored behind the step loop: wait for the four full blocks.
+                            for _ in range(200):
+                                if await client.hlen(cached_key) >= 4:
+                                    break
+                                await asyncio.sleep(0.02)
+                            busy = stub.Submit(submit_request("busy", [3, 4, 5], max_tokens=200,
+                                                              ignore_eos=True))
+                            await busy.read()
+                            procs[0].send_signal(signal.SIGKILL)
+                            procs[0].wait(10)
+                            with pytest.raises(grpc.aio.AioRpcError):
+                                await read_rest(busy)
+                return results
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait(10)
+            await client.aclose()
+
+    (first, first_responses), (second, second_responses) = asyncio.run(main())
+    assert first_responses[-1].num_cached_tokens == 0
+    assert second_responses[-1].num_cached_tokens == 16
+    assert second == first
