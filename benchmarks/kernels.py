@@ -50,11 +50,12 @@ def bench_slow(fn: Callable[[], object], runs: int = 3) -> float:
 
 
 def measure_limits() -> dict:
-    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    ms = bench(lambda: y.copy_(x), rep_ms=200)
-    copy_gbps = 2 * x.numel() / (ms * 1e-3) / GB
-    del x, y
+    nbytes = 1 << 30
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src), rep_ms=200)
+    copy_gbps = 2 * nbytes / (ms * 1e-3) / GB
+    src = dst = None  # free 2 GiB before the matmul
     n = 8192
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)

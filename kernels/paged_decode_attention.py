@@ -13,8 +13,15 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._utils import (FLOAT_DTYPES, INDEX_DTYPES, check_tensor, dot_precision,
-                            is_interpreter, next_power_of_2, num_sms)
+from kernels._utils import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    check_tensor,
+    dot_precision,
+    is_interpreter,
+    next_power_of_2,
+    num_sms,
+)
 
 _LOG2E = 1.4426950408889634
 # Fewer context tokens than this per split costs more in the reduction than it saves.
@@ -96,12 +103,12 @@ def _paged_decode_reduce_kernel(part_acc_ptr, part_ml_ptr, out_ptr, stride_ot, s
     smask = s < NUM_SPLITS
     row = (req * num_heads + head) * NUM_SPLITS + s
     m = tl.load(part_ml_ptr + row * 2, mask=smask, other=float("-inf"))
-    l = tl.load(part_ml_ptr + row * 2 + 1, mask=smask, other=0.0)
+    l_part = tl.load(part_ml_ptr + row * 2 + 1, mask=smask, other=0.0)
     m_max = tl.max(m, axis=0)
     # Empty splits carry m = -inf; a fully empty row (seq_len 0) must not make NaN.
     w = tl.where(m > float("-inf"), tl.exp2(m - tl.where(m_max > float("-inf"), m_max, 0.0)),
                  0.0)
-    denom = tl.sum(l * w, axis=0)
+    denom = tl.sum(l_part * w, axis=0)
     acc = tl.load(part_acc_ptr + row[:, None] * HEAD_DIM + d[None, :],
                   mask=smask[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
     out = tl.sum(acc * w[:, None], axis=0) / tl.where(denom > 0, denom, 1.0)

@@ -12,8 +12,13 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._utils import (INDEX_DTYPES, check_tensor, dot_precision, is_interpreter,
-                            next_power_of_2)
+from kernels._utils import (
+    INDEX_DTYPES,
+    check_tensor,
+    dot_precision,
+    is_interpreter,
+    next_power_of_2,
+)
 from kernels.paged_decode_attention import _LOG2E, _check_paged_args
 
 

@@ -44,12 +44,13 @@ def _row_max(chunk_max_ptr, row, num_chunks, BLOCK_C: tl.constexpr):
 
 @triton.jit
 def _prepare_kernel(
-        logits_ptr, ws_ptr, chunk_max_ptr, chunk_arg_ptr, temp_ptr, bias_ptr,
+        logits_ptr, ws_ptr, chunk_max_ptr, chunk_arg_ptr, sub_max_ptr, temp_ptr, bias_ptr,
         prompt_mask_ptr, counts_ptr, presence_ptr, frequency_ptr, repetition_ptr,
         stride_logits, stride_bias, stride_prompt, stride_counts, vocab, num_chunks,
         greedy_temp, HAS_BIAS: tl.constexpr, HAS_PENALTIES: tl.constexpr,
-        CHUNK: tl.constexpr):
-    """Processed logits into the workspace; per-chunk max and its first index."""
+        CHUNK: tl.constexpr, SUB: tl.constexpr):
+    """Processed logits into the workspace; the max (and its first index) of each chunk
+    and the max of each SUB-token sub-block, which later passes use to skip sub-blocks."""
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     temp = tl.load(temp_ptr + row).to(tl.float32)
@@ -76,21 +77,26 @@ def _prepare_kernel(
     tl.store(chunk_max_ptr + row * num_chunks + chunk, tl.max(x, axis=0))
     tl.store(chunk_arg_ptr + row * num_chunks + chunk,
              chunk * CHUNK + tl.argmax(x, axis=0, tie_break_left=True))
+    subs = tl.arange(0, CHUNK // SUB)
+    sub_max = tl.max(tl.reshape(x, [CHUNK // SUB, SUB]), axis=1)
+    tl.store(sub_max_ptr + row * num_chunks * (CHUNK // SUB) + chunk * (CHUNK // SUB) + subs,
+             sub_max)
 
 
 @triton.jit
 def _radix_pass_kernel(
-        ws_ptr, chunk_max_ptr, temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr,
+        ws_ptr, chunk_max_ptr, sub_max_ptr, temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr,
         state_in_ptr, state_out_ptr, sums_in_ptr, sums_out_ptr, mass_k_ptr,
-        vocab, num_chunks, greedy_temp, TOP_P_PHASE: tl.constexpr,
-        FIRST: tl.constexpr, NUM_PIVOTS: tl.constexpr, CHUNK: tl.constexpr,
-        BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr):
+        vocab, num_chunks, greedy_temp, TOP_P_PHASE: tl.constexpr, PASS: tl.constexpr,
+        NUM_PIVOTS: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr,
+        BLOCK_C: tl.constexpr):
     """One radix pass over one vocab chunk of one row.
 
-    ``state`` holds each row's key interval ``[a, b]``; ``sums`` the count (slot 0) and
-    mass (slot 1) at the interval's 16 pivots. Every program first narrows the interval
-    from the previous pass's complete sums (all programs get the same answer; chunk 0
-    stores it), then adds its chunk's sums for the new pivots.
+    ``state`` holds each row's key interval ``[a, b]``; ``sums`` the count (top-k) or
+    probability mass (top-p) of keys at or above the interval's 16 pivots. Every program
+    first narrows the interval from the previous pass's complete sums (all programs get
+    the same answer; chunk 0 stores it), then adds its chunk's sums for the new pivots,
+    skipping sub-blocks whose max is below the interval.
     """
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
@@ -100,8 +106,9 @@ def _radix_pass_kernel(
     key_max = _order_key(row_max).to(tl.int64)
     top_k = tl.load(top_k_ptr + row).to(tl.int64)
     top_k_on = (top_k > 0) & (top_k < vocab)
+    top_p = tl.load(top_p_ptr + row).to(tl.float32)
     j_idx = tl.arange(0, NUM_PIVOTS)
-    if FIRST and not TOP_P_PHASE:
+    if PASS == 0 and not TOP_P_PHASE:
         # min-p keeps p >= min_p * p_max, i.e. x >= max + log(min_p).
         min_p = tl.load(min_p_ptr + row).to(tl.float32)
         min_p_val = tl.where(min_p > 0, row_max + tl.log(tl.maximum(min_p, 1e-30)),
@@ -111,71 +118,65 @@ def _radix_pass_kernel(
     else:
         a = tl.load(state_in_ptr + row * 2)
         b = tl.load(state_in_ptr + row * 2 + 1)
-        step = (b - a + NUM_PIVOTS) // NUM_PIVOTS
-        counts = tl.load(sums_in_ptr + row * 2 * NUM_PIVOTS + j_idx)
-        masses = tl.load(sums_in_ptr + row * 2 * NUM_PIVOTS + NUM_PIVOTS + j_idx)
-        if FIRST:
-            # Close the top-k search (its target is the count k, or unreachable when off).
-            target = tl.where(top_k_on, top_k.to(tl.float32), float("inf"))
-            num_ok = tl.sum((counts >= target).to(tl.int64), axis=0)
-        else:
-            if TOP_P_PHASE:
-                target = tl.load(top_p_ptr + row).to(tl.float32) * tl.load(mass_k_ptr + row)
-                target = tl.where(tl.load(top_p_ptr + row) < 1.0, target, float("inf"))
-                num_ok = tl.sum((masses >= target).to(tl.int64), axis=0)
+        sums = tl.load(sums_in_ptr + row * NUM_PIVOTS + j_idx)
+        if TOP_P_PHASE and PASS > 0:
+            # The first top-p pass's pivot 0 was the top-k threshold: its mass is the
+            # total that top_p is a fraction of.
+            if PASS == 1:
+                mass_k = tl.sum(tl.where(j_idx == 0, sums, 0.0), axis=0)
+                if chunk == 0:
+                    tl.store(mass_k_ptr + row, mass_k)
             else:
-                target = tl.where(top_k_on, top_k.to(tl.float32), float("inf"))
-                num_ok = tl.sum((counts >= target).to(tl.int64), axis=0)
+                mass_k = tl.load(mass_k_ptr + row)
+            target = tl.where(top_p < 1.0, top_p * mass_k, float("inf"))
+        else:
+            # Top-k passes, and the first top-p pass closing the top-k search.
+            target = tl.where(top_k_on, top_k.to(tl.float32), float("inf"))
         # F is non-increasing in the pivot, so the passing pivots are a prefix.
+        num_ok = tl.sum((sums >= target).to(tl.int64), axis=0)
+        step = (b - a + NUM_PIVOTS) // NUM_PIVOTS
         j = tl.maximum(num_ok - 1, 0)
-        mass_a = tl.sum(tl.where(j_idx == j, masses, 0.0), axis=0)
         new_a = tl.minimum(a + j * step, b)
         b = tl.where(num_ok == 0, new_a, tl.minimum(a + (j + 1) * step - 1, b))
         a = new_a
-        if FIRST:
-            # The top-p search starts at the top-k threshold, aiming at top_p of its mass
-            # (or is done at once when top-p is off).
-            if chunk == 0:
-                tl.store(mass_k_ptr + row, mass_a)
-            b = tl.where(tl.load(top_p_ptr + row) < 1.0, key_max, a)
+        if TOP_P_PHASE and PASS == 0:
+            # Top-p searches [top-k threshold, max]; nothing to search when it is off.
+            b = tl.where(top_p < 1.0, key_max, a)
     if chunk == 0:
         tl.store(state_out_ptr + row * 2, a)
         tl.store(state_out_ptr + row * 2 + 1, b)
-    if not (FIRST and not TOP_P_PHASE):
-        if a == b:
-            # Converged: carry the sums at a forward without reading the chunk.
-            if chunk == 0:
-                out = sums_out_ptr + row * 2 * NUM_PIVOTS
-                count_a = tl.sum(tl.where(j_idx == j, counts, 0.0), axis=0)
-                tl.store(out + j_idx, tl.zeros([NUM_PIVOTS], tl.float32) + count_a)
-                tl.store(out + NUM_PIVOTS + j_idx,
-                         tl.zeros([NUM_PIVOTS], tl.float32) + mass_a)
-            return
+    if a == b:
+        # Converged: the threshold is known, later passes need no sums.
+        return
     step = (b - a + NUM_PIVOTS) // NUM_PIVOTS
     pivots = tl.minimum(a + j_idx.to(tl.int64) * step, b).to(tl.int32)
-    cnt2d = tl.zeros([BLOCK_V, NUM_PIVOTS], tl.float32)
-    mass2d = tl.zeros([BLOCK_V, NUM_PIVOTS], tl.float32)
+    a32 = a.to(tl.int32)
+    acc = tl.zeros([SUB, NUM_PIVOTS], tl.float32)
     ws_row = ws_ptr + row * vocab
-    for v0 in range(chunk * CHUNK, (chunk + 1) * CHUNK, BLOCK_V):
-        v = v0 + tl.arange(0, BLOCK_V)
-        x = tl.load(ws_row + v, mask=v < vocab, other=float("-inf"))
-        bits = x.to(tl.int32, bitcast=True)
-        key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-        ge = key[:, None] >= pivots[None, :]
-        w = tl.exp2((x - row_max) * 1.4426950408889634)
-        # Elementwise accumulation; one cross-thread reduction per program.
-        if not TOP_P_PHASE:
-            cnt2d += ge.to(tl.float32)
-        mass2d += tl.where(ge, w[:, None], 0.0)
-    out = sums_out_ptr + row * 2 * NUM_PIVOTS
-    tl.atomic_add(out + j_idx, tl.sum(cnt2d, axis=0))
-    tl.atomic_add(out + NUM_PIVOTS + j_idx, tl.sum(mass2d, axis=0))
+    sub_row = sub_max_ptr + row * num_chunks * (CHUNK // SUB)
+    for v0 in range(chunk * CHUNK, (chunk + 1) * CHUNK, SUB):
+        # Most sub-blocks hold nothing at or above the lowest pivot once a is near the
+        # threshold: skip them without reading.
+        if _order_key(tl.load(sub_row + v0 // SUB)) >= a32:
+            v = v0 + tl.arange(0, SUB)
+            x = tl.load(ws_row + v, mask=v < vocab, other=float("-inf"))
+            bits = x.to(tl.int32, bitcast=True)
+            key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+            ge = key[:, None] >= pivots[None, :]
+            # Elementwise accumulation; one cross-thread reduction per program.
+            if TOP_P_PHASE:
+                w = tl.exp2((x - row_max) * 1.4426950408889634)
+                acc += tl.where(ge, w[:, None], 0.0)
+            else:
+                acc += ge.to(tl.float32)
+    tl.atomic_add(sums_out_ptr + row * NUM_PIVOTS + j_idx, tl.sum(acc, axis=0))
 
 
 @triton.jit
-def _draw_kernel(ws_ptr, temp_ptr, top_p_ptr, state_ptr, sums_ptr, mass_k_ptr, seed_ptr,
-                 offset_ptr, chunk_score_ptr, chunk_tok_ptr, vocab, num_chunks, greedy_temp,
-                 NUM_PIVOTS: tl.constexpr, CHUNK: tl.constexpr):
+def _draw_kernel(ws_ptr, sub_max_ptr, temp_ptr, top_p_ptr, state_ptr, sums_ptr, mass_k_ptr,
+                 seed_ptr, offset_ptr, chunk_score_ptr, chunk_tok_ptr, vocab, num_chunks,
+                 greedy_temp, NUM_PIVOTS: tl.constexpr, CHUNK: tl.constexpr,
+                 SUB: tl.constexpr):
     """Closes the top-p search, then a Gumbel-max draw over one chunk's survivors."""
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
@@ -185,27 +186,37 @@ def _draw_kernel(ws_ptr, temp_ptr, top_p_ptr, state_ptr, sums_ptr, mass_k_ptr, s
     b = tl.load(state_ptr + row * 2 + 1)
     j_idx = tl.arange(0, NUM_PIVOTS)
     step = (b - a + NUM_PIVOTS) // NUM_PIVOTS
-    masses = tl.load(sums_ptr + row * 2 * NUM_PIVOTS + NUM_PIVOTS + j_idx)
+    masses = tl.load(sums_ptr + row * NUM_PIVOTS + j_idx)
     top_p = tl.load(top_p_ptr + row).to(tl.float32)
     target = tl.where(top_p < 1.0, top_p * tl.load(mass_k_ptr + row), float("inf"))
     num_ok = tl.sum((masses >= target).to(tl.int64), axis=0)
-    key_thr = tl.minimum(a + tl.maximum(num_ok - 1, 0) * step, b).to(tl.int32)
+    key_thr = tl.where(a == b, a, tl.minimum(a + tl.maximum(num_ok - 1, 0) * step, b))
+    key_thr = key_thr.to(tl.int32)
 
-    v = chunk * CHUNK + tl.arange(0, CHUNK)
-    vmask = v < vocab
-    x = tl.load(ws_ptr + row * vocab + v, mask=vmask, other=float("-inf"))
-    # Philox counter = (vocab index, row offset), keyed by the row's seed.
     seed = tl.load(seed_ptr + row).to(tl.int64)
-    rng = (tl.load(offset_ptr + row).to(tl.int64) << 32) + v.to(tl.int64)
-    u = tl.rand(seed, rng)
-    gumbel = -tl.log(-tl.log(tl.maximum(u, 1e-20)))
-    bits = x.to(tl.int32, bitcast=True)
-    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    keep = (key >= key_thr) & (x > float("-inf")) & vmask
-    score = tl.where(keep, x + gumbel, float("-inf"))
-    tl.store(chunk_score_ptr + row * num_chunks + chunk, tl.max(score, axis=0))
-    tl.store(chunk_tok_ptr + row * num_chunks + chunk,
-             chunk * CHUNK + tl.argmax(score, axis=0, tie_break_left=True))
+    rng_hi = tl.load(offset_ptr + row).to(tl.int64) << 32
+    sub_row = sub_max_ptr + row * num_chunks * (CHUNK // SUB)
+    best_score = float("-inf")
+    best_tok = chunk * CHUNK
+    for v0 in range(chunk * CHUNK, (chunk + 1) * CHUNK, SUB):
+        if _order_key(tl.load(sub_row + v0 // SUB)) >= key_thr:
+            v = v0 + tl.arange(0, SUB)
+            vmask = v < vocab
+            x = tl.load(ws_ptr + row * vocab + v, mask=vmask, other=float("-inf"))
+            # Philox counter = (vocab index, row offset), keyed by the row's seed.
+            u = tl.rand(seed, rng_hi + v.to(tl.int64))
+            gumbel = -tl.log(-tl.log(tl.maximum(u, 1e-20)))
+            bits = x.to(tl.int32, bitcast=True)
+            key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+            keep = (key >= key_thr) & (x > float("-inf")) & vmask
+            score = tl.where(keep, x + gumbel, float("-inf"))
+            sub_best = tl.max(score, axis=0)
+            sub_tok = v0 + tl.argmax(score, axis=0, tie_break_left=True)
+            take = sub_best > best_score
+            best_tok = tl.where(take, sub_tok, best_tok)
+            best_score = tl.where(take, sub_best, best_score)
+    tl.store(chunk_score_ptr + row * num_chunks + chunk, best_score)
+    tl.store(chunk_tok_ptr + row * num_chunks + chunk, best_tok)
 
 
 @triton.jit
@@ -312,25 +323,27 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     if num_rows == 0:
         return out
 
-    # Chunks of 4K tokens give B * 32 programs per pass at a 128K vocabulary.
+    # Chunks of 4K tokens give B * 32 programs per pass at a 128K vocabulary; sub-blocks
+    # of 256 are the unit a pass skips.
     chunk = 256 if is_interpreter() else 4096
-    block_v = chunk if is_interpreter() else 512
+    sub = 64 if is_interpreter() else 256
     num_chunks = triton.cdiv(vocab, chunk)
     block_c = triton.next_power_of_2(num_chunks)
     grid = (num_rows, num_chunks)
     chunk_max = torch.empty(num_rows, num_chunks, dtype=torch.float32, device=dev)
     chunk_arg = torch.empty(num_rows, num_chunks, dtype=torch.int32, device=dev)
+    sub_max = torch.empty(num_rows, num_chunks * (chunk // sub), dtype=torch.float32,
+                          device=dev)
     chunk_score = torch.empty(num_rows, num_chunks, dtype=torch.float32, device=dev)
     chunk_tok = torch.empty(num_rows, num_chunks, dtype=torch.int32, device=dev)
     num_passes = 2 * _NUM_PASSES
     state = torch.empty(num_passes, num_rows, 2, dtype=torch.int64, device=dev)
-    sums = torch.zeros(num_passes, num_rows, 2, _NUM_PIVOTS, dtype=torch.float32,
-                       device=dev)
+    sums = torch.zeros(num_passes, num_rows, _NUM_PIVOTS, dtype=torch.float32, device=dev)
     mass_k = torch.empty(num_rows, dtype=torch.float32, device=dev)
 
     dummy = logits
     _prepare_kernel[grid](
-        logits, workspace, chunk_max, chunk_arg, temperature,
+        logits, workspace, chunk_max, chunk_arg, sub_max, temperature,
         logit_bias if logit_bias is not None else dummy,
         prompt_mask if has_penalties else dummy,
         output_counts if has_penalties else dummy,
@@ -341,19 +354,18 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
         prompt_mask.stride(0) if has_penalties else 0,
         output_counts.stride(0) if has_penalties else 0,
         vocab, num_chunks, GREEDY_TEMPERATURE, HAS_BIAS=logit_bias is not None,
-        HAS_PENALTIES=has_penalties, CHUNK=chunk, num_warps=8)
+        HAS_PENALTIES=has_penalties, CHUNK=chunk, SUB=sub, num_warps=8)
     for i in range(num_passes):
         prev = max(i - 1, 0)
         _radix_pass_kernel[grid](
-            workspace, chunk_max, temperature, top_k, top_p, min_p, state[prev], state[i],
-            sums[prev], sums[i], mass_k, vocab, num_chunks, GREEDY_TEMPERATURE,
-            TOP_P_PHASE=i >= _NUM_PASSES, FIRST=i % _NUM_PASSES == 0,
-            NUM_PIVOTS=_NUM_PIVOTS, CHUNK=chunk, BLOCK_V=block_v, BLOCK_C=block_c,
-            num_warps=4)
+            workspace, chunk_max, sub_max, temperature, top_k, top_p, min_p, state[prev],
+            state[i], sums[prev], sums[i], mass_k, vocab, num_chunks, GREEDY_TEMPERATURE,
+            TOP_P_PHASE=i >= _NUM_PASSES, PASS=i % _NUM_PASSES, NUM_PIVOTS=_NUM_PIVOTS,
+            CHUNK=chunk, SUB=sub, BLOCK_C=block_c, num_warps=4)
     _draw_kernel[grid](
-        workspace, temperature, top_p, state[-1], sums[-1], mass_k, seeds, offsets,
+        workspace, sub_max, temperature, top_p, state[-1], sums[-1], mass_k, seeds, offsets,
         chunk_score, chunk_tok, vocab, num_chunks, GREEDY_TEMPERATURE,
-        NUM_PIVOTS=_NUM_PIVOTS, CHUNK=chunk, num_warps=8)
+        NUM_PIVOTS=_NUM_PIVOTS, CHUNK=chunk, SUB=sub, num_warps=4)
     _finalize_kernel[(num_rows,)](
         temperature, chunk_max, chunk_arg, chunk_score, chunk_tok, out, num_chunks,
         GREEDY_TEMPERATURE, BLOCK_C=block_c, num_warps=1)

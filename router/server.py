@@ -147,7 +147,8 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
                                                          generated),
                                     timeout=context.time_remaining())
             link.num_inflight += 1
-            is_finished = False
+            # Finished upstream (the scheduler freed the request) vs. here (a stop string).
+            is_upstream_done = is_finished = False
             try:
                 async for msg in call:
                     if is_first and attempt == 0:
@@ -155,11 +156,11 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
                     generated.extend(msg.token_ids)
                     stop_str = detokenizer.update(list(msg.token_ids))
                     finish = msg.finish_reason
+                    is_upstream_done = finish != generate_pb2.FINISH_REASON_UNSPECIFIED
                     if stop_str is not None:
                         finish = generate_pb2.FINISH_REASON_STOP
                     is_finished = finish != generate_pb2.FINISH_REASON_UNSPECIFIED
-                    response = self._response(validated, index, msg, detokenizer, is_finished,
-                                              is_first)
+                    response = self._response(validated, index, msg, detokenizer, is_finished)
                     is_first = False
                     if is_finished:
                         response.finish_reason = finish
@@ -178,7 +179,7 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
                 self._raise_unless_resubmittable(exc, link, attempt)
             finally:
                 link.num_inflight -= 1
-                if not is_finished:
+                if not is_upstream_done:
                     # Client cancel, deadline, stop string, or failure: abort it upstream.
                     call.cancel()
             logger.warning("request %s lost its scheduler %s after %d tokens; resubmitting",
@@ -217,7 +218,9 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
             params = params.clone(
                 max_tokens=None if params.max_tokens is None
                 else max(params.max_tokens - len(generated), 1),
-                min_tokens=max(params.min_tokens - len(generated), 0))
+                min_tokens=max(params.min_tokens - len(generated), 0),
+                # Sent already, with the first response.
+                prompt_logprobs=None)
         request = scheduler_pb2.SubmitRequest(
             # A fresh id per attempt: a restarted scheduler may still hold the old one.
             request_id=sub_id if attempt == 0 else f"{sub_id}~{attempt}",
@@ -229,8 +232,8 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
         return request
 
     def _response(self, validated: ValidatedRequest, index: int, msg: scheduler_pb2.SubmitResponse,
-                  detokenizer: IncrementalDetokenizer, is_finished: bool,
-                  is_first: bool) -> generate_pb2.GenerateResponse:
+                  detokenizer: IncrementalDetokenizer,
+                  is_finished: bool) -> generate_pb2.GenerateResponse:
         response = generate_pb2.GenerateResponse(
             request_id=validated.request_id, index=index,
             text=detokenizer.get_delta(is_finished))

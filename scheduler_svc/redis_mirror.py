@@ -22,6 +22,9 @@ from scheduler_svc.output import RequestUpdate, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
+# A worker's mirror expires this many heartbeat TTLs after its last write.
+_MIRROR_EXPIRY_TTLS = 10
+
 
 def restore_cached_blocks(block_manager: BlockManager,
                           entries: dict[int, tuple[int, tuple[int, ...]]]) -> int:
@@ -86,6 +89,7 @@ class RedisMirror:
         self._tracked: dict[str, _Tracked] = {}
         self._wakeup = asyncio.Event()
         self._flush_lock = asyncio.Lock()
+        self._beat_now = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self.num_flushes = 0
 
@@ -206,15 +210,28 @@ class RedisMirror:
                  "block_size": bm.block_size, "scheduler_id": self.scheduler_id,
                  "updated_at": time.time(), **tracked.stats()}
         pipe.hset(redis_keys.kv_state_key(worker_id), mapping=state)
+        # The mirror of a worker nobody drives any more (it died) expires; the heartbeat
+        # keeps a live one.
+        expiry_ms = int(self.ttl * _MIRROR_EXPIRY_TTLS * 1000)
+        for key in (cached_key, tables_key, redis_keys.kv_state_key(worker_id)):
+            pipe.pexpire(key, expiry_ms)
         return cached, tables
 
     async def _heartbeat_loop(self) -> None:
         while True:
+            self._beat_now.clear()
             try:
                 await self.beat()
             except Exception as exc:  # noqa: BLE001
                 logger.warning("scheduler heartbeat to Redis failed: %s", exc)
-            await asyncio.sleep(self.ttl / 3)
+            try:
+                await asyncio.wait_for(self._beat_now.wait(), self.ttl / 3)
+            except asyncio.TimeoutError:
+                pass
+
+    def beat_soon(self) -> None:
+        """Refresh the registry entry now (a worker joined or left)."""
+        self._beat_now.set()
 
     async def beat(self) -> None:
         """Refresh this scheduler's registry entry (and every worker's state)."""

@@ -302,6 +302,7 @@ class SchedulerServer:
         self.mirror.track(info.worker_id, link.scheduler.block_manager, link.block_versions,
                           lambda: self._worker_stats(link))
         link.start()
+        self.mirror.beat_soon()
         logger.info("linked worker %s at %s (%d KV blocks)", info.worker_id, address,
                     info.num_kv_blocks)
         await self.service.set_serving(True)
@@ -333,6 +334,7 @@ class SchedulerServer:
         if self.links.get(link.worker_id) is link:
             del self.links[link.worker_id]
         self.mirror.untrack(link.worker_id)
+        self.mirror.beat_soon()
         if not self.links:
             asyncio.ensure_future(self.service.set_serving(False))
 

@@ -12,8 +12,10 @@ import torch
 from gridllm.config import CacheConfig, ModelConfig, SchedulerConfig
 from gridllm.sampling_params import SamplingParams
 from scheduler_svc.output import SchedulerOutput
+from worker_svc.cuda_graph import CudaGraphRunner
 from worker_svc.input_batch import BatchInputs, RequestState, prepare_inputs
 from worker_svc.layers.attention import get_attention_backend
+from worker_svc.layers.ops import set_use_triton
 from worker_svc.loader import load_model, resolve_device, resolve_dtype
 from worker_svc.output import ModelRunnerOutput, TokenLogprobs
 from worker_svc.sampler import Sampler, SamplingMetadata, compute_token_logprobs
@@ -51,6 +53,7 @@ class ModelRunner:
         if model_config.seed is not None:
             torch.manual_seed(model_config.seed)
         self.attn_backend = get_attention_backend(model_config.attention_backend, self.device)
+        set_use_triton(self.attn_backend.name == "triton")
         self.model, self.hf_config = load_model(model_config, self.attn_backend, self.device)
         logger.info("memory after loading weights: %s", memory_usage(self.device))
         self.vocab_size = self.hf_config.vocab_size
@@ -63,6 +66,18 @@ class ModelRunner:
         self.kv_caches = self._allocate_kv_cache(self.num_kv_blocks)
         logger.info("KV cache: %d blocks of %d tokens; memory after allocating it: %s",
                     self.num_kv_blocks, self.block_size, memory_usage(self.device))
+        self.graph_runner = self._capture_cuda_graphs()
+
+    def _capture_cuda_graphs(self) -> CudaGraphRunner | None:
+        # Graphs need host-sync-free kernels: the Triton backend's decode path is.
+        if (self.device.type != "cuda" or self.model_config.enforce_eager
+                or self.attn_backend.name != "triton"):
+            return None
+        graph_runner = CudaGraphRunner(
+            self.model, self.kv_caches, min(self.scheduler_config.max_num_seqs, 256),
+            -(-self.max_model_len // self.block_size), self.max_model_len, self.device)
+        graph_runner.capture()
+        return graph_runner
 
     # ---- setup -------------------------------------------------------------------------
     def _resolve_max_model_len(self) -> int:
@@ -149,7 +164,11 @@ class ModelRunner:
         states = [self.requests[r] for r in req_ids]
         num_scheduled = [scheduler_output.num_scheduled_tokens[r] for r in req_ids]
         batch = prepare_inputs(states, num_scheduled, self.block_size, self.device)
-        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn_metadata)
+        if self.graph_runner is not None and self.graph_runner.can_run(batch):
+            hidden = self.graph_runner.run(batch)
+        else:
+            hidden = self.model(batch.input_ids, batch.positions, self.kv_caches,
+                                batch.attn_metadata)
         self._prompt_logprobs(states, batch, hidden, output)
         for state, n in zip(states, num_scheduled, strict=True):
             state.num_computed_tokens += n

@@ -86,18 +86,29 @@ def test_greedy_stream_equals_llm_generate(client, llm):
 
 
 @pytest.mark.parametrize("include_stop", [False, True])
-def test_stop_strings_match_llm(client, llm, include_stop):
+def test_stop_strings_match_llm_and_abort_upstream(client, llm, include_stop):
     prompt = PROMPTS[1]
-    free_text = llm.generate(prompt, GREEDY, use_tqdm=False)[0].outputs[0].text
+    free_text = llm.generate(prompt, GREEDY.clone(ignore_eos=True),
+                             use_tqdm=False)[0].outputs[0].text
     assert len(free_text) > 6
-    # A stop string from the middle of the free-running completion must end it there.
+    # A stop string from the middle of the free-running completion must end it there; the
+    # scheduler would otherwise run the request for thousands of steps.
     stop = free_text[3:5]
-    params = GREEDY.clone(stop=[stop], include_stop_str_in_output=include_stop)
+    params = ENDLESS.clone(stop=[stop], include_stop_str_in_output=include_stop)
     expected = llm.generate(prompt, params, use_tqdm=False)[0].outputs[0]
     chunks, text, _ = stream_text(client, prompt, params)
     assert text == expected.text
     assert chunks[-1].finish_reason == "stop" and chunks[-1].stop_reason == stop
     assert text.endswith(stop) == include_stop
+    wait_until(lambda: all_blocks_free(client), 5.0, "the stopped request's blocks freed")
+
+
+def test_n_seeded_completions_match_llm(client, llm):
+    params = SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=10)
+    expected = llm.generate(PROMPTS[0], params, use_tqdm=False)[0]
+    output = client.generate(PROMPTS[0], params)
+    assert [c.index for c in output.outputs] == [0, 1, 2]
+    assert [c.text for c in output.outputs] == [c.text for c in expected.outputs]
 
 
 def test_chat_and_tokenize(client, llm):

@@ -3,8 +3,15 @@ import torch
 
 from kernels import torch_ref
 from kernels.paged_decode_attention import paged_decode_attention, pick_num_splits
-from tests.kernels.conftest import (DEVICE, GPU_DTYPES, SMALL_DTYPES, assert_close,
-                                    make_paged_kv, needs_gpu, poisoned_allocations)
+from tests.kernels.conftest import (
+    DEVICE,
+    GPU_DTYPES,
+    SMALL_DTYPES,
+    assert_close,
+    make_paged_kv,
+    needs_gpu,
+    poisoned_allocations,
+)
 
 
 def _check(seq_lens: list[int], num_heads: int, num_kv_heads: int, head_dim: int,

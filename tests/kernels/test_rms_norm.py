@@ -3,8 +3,14 @@ import torch
 
 from kernels import torch_ref
 from kernels.rms_norm import rms_norm
-from tests.kernels.conftest import (DEVICE, GPU_DTYPES, SMALL_DTYPES, assert_close,
-                                    needs_gpu, poisoned_allocations)
+from tests.kernels.conftest import (
+    DEVICE,
+    GPU_DTYPES,
+    SMALL_DTYPES,
+    assert_close,
+    needs_gpu,
+    poisoned_allocations,
+)
 
 
 def _check(num_rows: int, hidden: int, dtype: torch.dtype, with_residual: bool,

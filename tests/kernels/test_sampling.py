@@ -67,7 +67,8 @@ def test_filtered_out_tokens_are_never_sampled():
     copies = 5
     vocab = 300
     num_rows = len(configs) * copies
-    top_k, top_p, min_p = (list(c) for c in zip(*[c for c in configs for _ in range(copies)]))
+    rows = [c for c in configs for _ in range(copies)]
+    top_k, top_p, min_p = ([r[i] for r in rows] for i in range(3))
     logits = 2 * torch.randn(len(configs), vocab).repeat_interleave(copies, 0).to(DEVICE)
     logits[:, 7] = logits[:, 8]  # a tie, so top-k must keep ties
     params = _params(num_rows, DEVICE, 0.9, top_k, top_p, min_p)

@@ -3,8 +3,14 @@ import torch
 
 from kernels import torch_ref
 from kernels.silu_and_mul import silu_and_mul
-from tests.kernels.conftest import (DEVICE, GPU_DTYPES, SMALL_DTYPES, assert_close,
-                                    needs_gpu, poisoned_allocations)
+from tests.kernels.conftest import (
+    DEVICE,
+    GPU_DTYPES,
+    SMALL_DTYPES,
+    assert_close,
+    needs_gpu,
+    poisoned_allocations,
+)
 
 
 def _check(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:

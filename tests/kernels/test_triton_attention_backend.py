@@ -4,13 +4,16 @@ import pytest
 import torch
 
 from tests.kernels.conftest import DEVICE, assert_close
-from worker_svc.layers.attention import (AttentionMetadata, TorchAttentionBackend,
-                                         get_attention_backend)
+from worker_svc.layers.attention import (
+    AttentionMetadata,
+    TorchAttentionBackend,
+    get_attention_backend,
+)
 
 
 def _metadata(seq_lens, query_lens, block_size, max_blocks, device):
     tables, slots, next_block = [], [], 0
-    for seq_len, q_len in zip(seq_lens, query_lens):
+    for seq_len, q_len in zip(seq_lens, query_lens, strict=True):
         nb = (seq_len + block_size - 1) // block_size
         row = list(range(next_block, next_block + nb)) + [0] * (max_blocks - nb)
         next_block += nb

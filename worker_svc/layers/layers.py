@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import torch_ref
+from worker_svc.layers import ops
 
 
 class RMSNorm(nn.Module):
@@ -19,14 +19,14 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """Returns ``normed`` or, with ``residual``, ``(normed, x + residual)``."""
-        return torch_ref.rms_norm(x, self.weight, self.eps, residual)
+        return ops.rms_norm(x, self.weight, self.eps, residual)
 
 
 class SiluAndMul(nn.Module):
     """``silu(gate) * up`` on a merged ``[..., 2 * d]`` gate/up projection."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch_ref.silu_and_mul(x)
+        return ops.silu_and_mul(x)
 
 
 _ACTIVATIONS = {

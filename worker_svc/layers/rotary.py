@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels import torch_ref
+from worker_svc.layers import ops
 
 
 def _rope_parameters(config) -> dict:
@@ -65,5 +65,5 @@ class RotaryEmbedding(nn.Module):
         Returns:
             Rotated ``(query, key)``.
         """
-        return torch_ref.rotary_embedding(positions, query, key, self.cos_sin_cache,
+        return ops.rotary_embedding(positions, query, key, self.cos_sin_cache,
                                           self.is_neox_style)
