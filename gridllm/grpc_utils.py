@@ -32,6 +32,15 @@ def message_size_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> 
             ("grpc.max_receive_message_length", max_message_bytes)]
 
 
+def server_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple]:
+    """Server options: size limits, and accepting the clients' keepalive pings."""
+    return message_size_options(max_message_bytes) + [
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+        ("grpc.http2.max_ping_strikes", 0),
+    ]
+
+
 def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple]:
     """Client channel options: size limits plus keepalives so a dead peer is noticed."""
     return message_size_options(max_message_bytes) + [
@@ -144,7 +153,7 @@ class ServiceServer:
                  options: list[tuple] | None = None):
         self.service_names = list(service_names)
         self.server = grpc.aio.server(interceptors=[ExceptionInterceptor()],
-                                      options=message_size_options(max_message_bytes)
+                                      options=server_options(max_message_bytes)
                                       + list(options or []))
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -228,3 +237,38 @@ async def wait_for_serving(target: str, timeout: float = 30.0, service: str = ""
             if loop.time() > deadline:
                 raise TimeoutError(f"{target} not SERVING after {timeout}s")
             await asyncio.sleep(0.05)
+
+
+# ----------------------------------------------------------------------- background loops
+async def wait_or_stop(stop: asyncio.Event, seconds: float) -> bool:
+    """Sleep up to ``seconds``, waking early when ``stop`` is set.
+
+    Returns:
+        Whether ``stop`` is set.
+    """
+    waiter = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({waiter}, timeout=seconds)
+    finally:
+        waiter.cancel()
+    return stop.is_set()
+
+
+async def stop_tasks(tasks: Iterable[asyncio.Task], stop: asyncio.Event,
+                     timeout: float = 2.0) -> None:
+    """Stop background loops: set ``stop``, give them ``timeout`` seconds, then cancel.
+
+    Loops must watch ``stop``: redis-py can swallow a cancel that lands inside a command,
+    so a cancel alone may never end a loop that talks to Redis.
+    """
+    stop.set()
+    tasks = [t for t in tasks if not t.done()]
+    if not tasks:
+        return
+    _, pending = await asyncio.wait(tasks, timeout=timeout)
+    for task in pending:
+        task.cancel()
+    if pending:
+        _, stuck = await asyncio.wait(pending, timeout=timeout)
+        for task in stuck:
+            logger.warning("background task %s did not stop", task.get_name())

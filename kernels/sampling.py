@@ -6,8 +6,10 @@ radix search over the order-preserving int32 image of the fp32 logits: each pass
 narrows the key range 16x, so 8 passes always find the exact threshold (ties at the top-k
 threshold are all kept, as in ``torch_ref.filter_logits``). Every pass is a grid of
 (row, vocab chunk) programs that add their partial sums atomically, so the whole GPU
-streams the logits; the launch sequence is fixed (CUDA-graph friendly) and rows that
-converged early skip their chunks. The draw is a Gumbel-max over the survivors with
+streams the logits; the launch sequence is fixed (CUDA-graph friendly, no host sync).
+Work shrinks as the search narrows: a pass skips every 256-token sub-block whose max
+(recorded by the first pass) is below the lowest pivot, and rows that converged skip
+their passes. The draw is a Gumbel-max over the survivors with
 Philox noise keyed by a per-row seed and offset, so it is reproducible per request.
 """
 
@@ -25,7 +27,6 @@ GREEDY_TEMPERATURE = 1e-5
 # 8 passes cover the 32-bit key space.
 _NUM_PIVOTS = 16
 _NUM_PASSES = 8
-_LOG2E = 1.4426950408889634
 
 
 @triton.jit

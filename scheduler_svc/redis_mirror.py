@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from gridllm import redis_keys
+from gridllm.grpc_utils import stop_tasks, wait_or_stop
 from scheduler_svc.block_manager import BlockManager
 from scheduler_svc.output import RequestUpdate, SchedulerOutput
 
@@ -90,6 +91,7 @@ class RedisMirror:
         self._wakeup = asyncio.Event()
         self._flush_lock = asyncio.Lock()
         self._beat_now = asyncio.Event()
+        self._is_closing = False
         self._tasks: list[asyncio.Task] = []
         self.num_flushes = 0
 
@@ -152,8 +154,10 @@ class RedisMirror:
                            asyncio.create_task(self._heartbeat_loop(), name="redis-heartbeat")]
 
     async def _flush_loop(self) -> None:
-        while True:
+        while not self._is_closing:
             await self._wakeup.wait()
+            if self._is_closing:
+                return
             self._wakeup.clear()
             try:
                 await self.flush()
@@ -218,16 +222,13 @@ class RedisMirror:
         return cached, tables
 
     async def _heartbeat_loop(self) -> None:
-        while True:
+        while not self._is_closing:
             self._beat_now.clear()
             try:
                 await self.beat()
             except Exception as exc:  # noqa: BLE001
                 logger.warning("scheduler heartbeat to Redis failed: %s", exc)
-            try:
-                await asyncio.wait_for(self._beat_now.wait(), self.ttl / 3)
-            except asyncio.TimeoutError:
-                pass
+            await wait_or_stop(self._beat_now, self.ttl / 3)
 
     def beat_soon(self) -> None:
         """Refresh the registry entry now (a worker joined or left)."""
@@ -293,9 +294,9 @@ class RedisMirror:
 
     async def close(self) -> None:
         """Final flush, remove the registry entry, stop the background tasks."""
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._is_closing = True
+        self._wakeup.set()
+        await stop_tasks(self._tasks, self._beat_now)
         self._tasks = []
         if not self.enabled:
             return

@@ -17,14 +17,14 @@ import grpc
 
 from gridllm import redis_keys
 from gridllm.config import CacheConfig, SchedulerConfig
-from gridllm.convert import request_update_to_pb, sampling_params_from_pb
-from gridllm.grpc_utils import ServiceServer, channel_options
+from gridllm.grpc_utils import ServiceServer, channel_options, stop_tasks, wait_or_stop
 from gridllm.v1 import generate_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
 from scheduler_svc.block_manager import hash_block
 from scheduler_svc.output import RequestUpdate, SchedulerOutput
 from scheduler_svc.redis_mirror import RedisMirror
-from scheduler_svc.request import FinishReason, Request, RequestStatus
+from scheduler_svc.request import Request
 from scheduler_svc.scheduler import Scheduler
+from scheduler_svc.servicer import SchedulerServicer
 from scheduler_svc.worker_link import WorkerLink, WorkerLinkError
 
 logger = logging.getLogger(__name__)
@@ -61,121 +61,6 @@ class SchedulerServiceConfig:
                              f"got {self.heartbeat_ttl!r}.")
 
 
-class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
-    """Request handling over the links that SchedulerServer maintains."""
-
-    def __init__(self, server: SchedulerServer):
-        self.server = server
-        # req_id -> the queue its Submit stream reads updates from.
-        self.streams: dict[str, asyncio.Queue[RequestUpdate]] = {}
-        self.req_links: dict[str, WorkerLink] = {}
-
-    def deliver(self, updates: list[RequestUpdate]) -> None:
-        for update in updates:
-            queue = self.streams.get(update.req_id)
-            if queue is not None:
-                queue.put_nowait(update)
-            if update.finished:
-                self.req_links.pop(update.req_id, None)
-
-    # ----------------------------------------------------------------- Submit
-    async def Submit(self, request: scheduler_pb2.SubmitRequest, context):
-        """Queue a request on a worker and stream its tokens.
-
-        Args:
-            request: token ids, sampling parameters, priority.
-        Returns:
-            SubmitResponse messages; the last carries finish_reason. A cancelled call
-            aborts the request. INVALID_ARGUMENT names a bad field; UNAVAILABLE without workers.
-        """
-        links = self.server.alive_links()
-        if not links:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "no worker is connected")
-        req = self._make_request(request, links[0].info)
-        link = self.server.pick_link(req, links)
-        queue: asyncio.Queue[RequestUpdate] = asyncio.Queue()
-        self.streams[req.req_id] = queue
-        is_finished = False
-        try:
-            link.add_request(req)
-            self.req_links[req.req_id] = link
-            while True:
-                update = await queue.get()
-                is_finished = update.finished
-                yield request_update_to_pb(update, link.worker_id)
-                if is_finished:
-                    return
-        finally:
-            self.streams.pop(req.req_id, None)
-            if not is_finished:
-                # Cancelled by the client (or the router went away): free its blocks.
-                self.req_links.pop(req.req_id, None)
-                if link.is_alive:
-                    link.abort([req.req_id])
-                logger.debug("request %s cancelled", req.req_id)
-
-    def _make_request(self, msg: scheduler_pb2.SubmitRequest,
-                      info: worker_pb2.WorkerInfo) -> Request:
-        if not msg.request_id:
-            raise ValueError("request_id must not be empty.")
-        if msg.request_id in self.streams:
-            raise ValueError(f"request_id {msg.request_id!r} is already in use.")
-        params = sampling_params_from_pb(
-            msg.sampling_params if msg.HasField("sampling_params") else None)
-        if params.n != 1:
-            raise ValueError(f"n must be 1 per Submit (the router fans out n > 1), got {params.n}.")
-        params.verify_vocab(info.vocab_size)
-        prompt = list(msg.prompt_token_ids)
-        bad = [t for t in prompt if t >= info.vocab_size]
-        if bad:
-            raise ValueError(f"prompt_token_ids must be in [0, {info.vocab_size}); got {bad[:5]}.")
-        stop_token_ids = list(params.stop_token_ids or [])
-        extra = [t for t in msg.extra_stop_token_ids if t not in stop_token_ids]
-        if extra and not params.ignore_eos:
-            params = params.clone(stop_token_ids=stop_token_ids + extra)
-        eos = msg.eos_token_id if msg.HasField("eos_token_id") else (
-            info.eos_token_id if info.HasField("eos_token_id") else None)
-        return Request(msg.request_id, prompt, params, eos_token_id=eos,
-                       priority=msg.priority, cache_salt=msg.cache_salt or None)
-
-    # ----------------------------------------------------------------- Abort
-    async def Abort(self, request: scheduler_pb2.AbortRequest, context):
-        """Finish requests early; their streams end with ABORT (or STOP for reason STOP).
-
-        Args:
-            request: the ids and the reason.
-        Returns:
-            The ids that were still unfinished.
-        """
-        is_stop = request.reason == scheduler_pb2.ABORT_REASON_STOP
-        status = RequestStatus.FINISHED_STOPPED if is_stop else RequestStatus.FINISHED_ABORTED
-        reason = FinishReason.STOP if is_stop else FinishReason.ABORT
-        aborted = []
-        for req_id in request.request_ids:
-            link = self.req_links.get(req_id)
-            if link is None or not link.abort([req_id], status):
-                continue
-            aborted.append(req_id)
-            self.deliver([RequestUpdate(req_id, finish_reason=reason)])
-        return scheduler_pb2.AbortResponse(aborted_request_ids=aborted)
-
-    # ----------------------------------------------------------------- stats / info
-    async def GetStats(self, request, context):
-        """Returns:
-            Requests running/waiting, prefix-cache counters and KV blocks per worker.
-        """
-        return self.server.stats()
-
-    async def GetInfo(self, request, context):
-        """Returns:
-            The served model's limits (UNAVAILABLE before any worker connected).
-        """
-        info = self.server.model_info()
-        if info is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "no worker is connected")
-        return info
-
-
 class SchedulerServer:
     """Owns the gRPC server, the worker links, discovery and the Redis mirror.
 
@@ -200,6 +85,7 @@ class SchedulerServer:
         scheduler_pb2_grpc.add_SchedulerServicer_to_server(self.servicer, self.service.server)
         self.address = ""
         self._discovery: asyncio.Task | None = None
+        self._stopping = asyncio.Event()
         self._last_info: worker_pb2.WorkerInfo | None = None
 
     # ----------------------------------------------------------------- lifecycle
@@ -221,6 +107,7 @@ class SchedulerServer:
 
     async def stop(self, grace: float | None = 5.0) -> None:
         """Stop accepting, drain Submit streams within ``grace``, close links and mirror."""
+        self._stopping.set()
         await self.service.set_serving(False)
         await self.service.server.stop(grace)
         await self._shutdown()
@@ -230,8 +117,7 @@ class SchedulerServer:
 
     async def _shutdown(self) -> None:
         if self._discovery is not None:
-            self._discovery.cancel()
-            await asyncio.gather(self._discovery, return_exceptions=True)
+            await stop_tasks([self._discovery], self._stopping)
         for link in list(self.links.values()):
             await link.close()
         await self.mirror.close()
@@ -240,8 +126,7 @@ class SchedulerServer:
 
     # ----------------------------------------------------------------- discovery
     async def _discovery_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.discovery_interval)
+        while not await wait_or_stop(self._stopping, self.config.discovery_interval):
             try:
                 await self.discover_once()
             except Exception as exc:  # noqa: BLE001 - keep looking
@@ -335,8 +220,12 @@ class SchedulerServer:
             del self.links[link.worker_id]
         self.mirror.untrack(link.worker_id)
         self.mirror.beat_soon()
-        if not self.links:
-            asyncio.ensure_future(self.service.set_serving(False))
+        if not self.links and not self._stopping.is_set():
+            asyncio.ensure_future(self._refresh_health())
+
+    async def _refresh_health(self) -> None:
+        # Decided when it runs: a worker may have linked since it was scheduled.
+        await self.service.set_serving(bool(self.links))
 
     # ----------------------------------------------------------------- routing
     def alive_links(self) -> list[WorkerLink]:

@@ -1,3 +1,12 @@
 """Session fixtures shared by every test package."""
 
-from tests.redis_fixture import redis_server  # noqa: F401 - re-exported fixture
+import os
+
+import torch
+
+# Triton reads TRITON_INTERPRET when a kernel module is imported: without a GPU, kernels
+# run in its interpreter, whichever test package imports them first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from tests.redis_fixture import redis_server  # noqa: E402,F401 - re-exported fixture

@@ -21,7 +21,7 @@ import grpc
 
 from gridllm import redis_keys
 from gridllm.convert import runner_output_to_pb, scheduler_output_from_pb
-from gridllm.grpc_utils import ServiceServer
+from gridllm.grpc_utils import ServiceServer, stop_tasks, wait_or_stop
 from gridllm.v1 import worker_pb2, worker_pb2_grpc
 from scheduler_svc.block_versions import bump_versions
 from worker_svc.output import ModelRunnerOutput
@@ -147,8 +147,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 yield response
         finally:
             for future in (drain, next_step):
-                if future is not None and not future.done():
+                if future is None:
+                    continue
+                if not future.done():
                     future.cancel()
+                elif not future.cancelled():
+                    future.exception()  # retrieved: the stream's end is no error
             self._active_stream = False
             # Queued behind any step still running in the executor thread.
             await asyncio.shield(loop.run_in_executor(self._executor, self._reset_requests))
@@ -199,6 +203,7 @@ class Registration:
         self.value = info_to_json(info)
         self.ttl = ttl
         self._task: asyncio.Task | None = None
+        self._stopping = asyncio.Event()
 
     async def start(self) -> None:
         await self._beat()
@@ -208,17 +213,16 @@ class Registration:
         await self.redis.set(self.key, self.value, px=int(self.ttl * 1000))
 
     async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.ttl / 3)
+        while not await wait_or_stop(self._stopping, self.ttl / 3):
             try:
                 await self._beat()
             except Exception as exc:  # noqa: BLE001 - Redis hiccups must not kill the worker
                 logger.warning("heartbeat to Redis failed: %s", exc)
 
     async def stop(self) -> None:
+        """Stop the heartbeat and remove the registry entry."""
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await stop_tasks([self._task], self._stopping)
         try:
             await self.redis.delete(self.key)
         finally:

@@ -66,7 +66,7 @@ def random_requests(num_prompts: int, input_len_range: tuple[int, int],
     input_lens = rng.integers(input_len_range[0], input_len_range[1] + 1, size=num_prompts)
     output_lens = rng.integers(output_len_range[0], output_len_range[1] + 1, size=num_prompts)
     return [BenchRequest(allowed[rng.integers(0, allowed.size, size=int(n))].tolist(), int(m))
-            for n, m in zip(input_lens, output_lens)]
+            for n, m in zip(input_lens, output_lens, strict=False)]
 
 
 def special_token_ids(tokenizer, hf_config=None) -> list[int]:

@@ -54,7 +54,7 @@ def load_hf_model(model: str, dtype: torch.dtype, device: torch.device, seed: in
                 os.path.dirname(path), gguf_file=os.path.basename(path), dtype=dtype)
         else:
             hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        hf_model.to(device)
+        hf_model = hf_model.to(device)  # type: ignore[arg-type]
     hf_model.eval()
     return hf_model
 

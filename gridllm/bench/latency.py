@@ -92,6 +92,7 @@ def run_inprocess(config: LatencyConfig) -> tuple[list[RequestRecord], Any, int]
     from gridllm.bench.roofline import decode_weight_bytes
     from gridllm.bench.throughput import ThroughputConfig, build_llm
 
+    assert config.model is not None
     llm = build_llm(ThroughputConfig(model=config.model, max_num_seqs=1, dtype=config.dtype,
                                      device=config.device, seed=config.seed,
                                      enforce_eager=config.enforce_eager,
@@ -119,6 +120,7 @@ def run_remote(config: LatencyConfig) -> tuple[list[RequestRecord], str]:
     from gridllm.client import Client
     from gridllm.sampling_params import SamplingParams
 
+    assert config.target is not None
     records = []
     with Client(config.target) as client:
         info = client.model_info()
@@ -157,7 +159,7 @@ def run_latency(config: LatencyConfig) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     limits = roofline(weight_bytes, measure_limits(device))
-    duration = sum(r.end_time - r.send_time for r in records)  # type: ignore[operator]
+    duration = sum((r.end_time or r.send_time) - r.send_time for r in records)
     metrics = compute_serve_metrics(records, duration)
     tpots = [(r.chunk_times[-1] - r.chunk_times[0]) / (r.num_output_tokens - 1)
              for r in records if r.is_success and r.num_output_tokens > 1]

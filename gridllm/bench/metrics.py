@@ -53,7 +53,7 @@ def summarize(values: Sequence[float], scale: float = 1000.0) -> dict[str, float
     if not len(values):
         return {"mean": None, **{f"p{p}": None for p in PERCENTILES}}
     array = np.asarray(values, dtype=np.float64) * scale
-    stats = {"mean": float(array.mean())}
+    stats: dict[str, float | None] = {"mean": float(array.mean())}
     stats.update({f"p{p}": float(np.percentile(array, p)) for p in PERCENTILES})
     return stats
 
@@ -75,7 +75,7 @@ def compute_serve_metrics(records: Sequence[RequestRecord], duration_s: float
     ttfts = [r.chunk_times[0] - r.send_time for r in done]
     tpots = [(r.chunk_times[-1] - r.chunk_times[0]) / (r.num_output_tokens - 1)
              for r in done if r.num_output_tokens > 1]
-    itls = [b - a for r in done for a, b in zip(r.chunk_times, r.chunk_times[1:])]
+    itls = [b - a for r in done for a, b in zip(r.chunk_times, r.chunk_times[1:], strict=False)]
     e2es = [r.end_time - r.send_time for r in done]  # type: ignore[operator]
     input_tokens = sum(r.input_len for r in done)
     output_tokens = sum(r.num_output_tokens for r in done)

@@ -37,10 +37,10 @@ def format_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
     cells = [[cell(v) for v in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h)
               for i, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)),
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=False)),
              "  ".join("-" * w for w in widths)]
     lines += ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in
-                        enumerate(zip(row, widths))) for row in cells]
+                        enumerate(zip(row, widths, strict=False))) for row in cells]
     return "\n".join(lines)
 
 

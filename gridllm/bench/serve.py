@@ -106,7 +106,7 @@ async def _run_requests(client, requests: list[BenchRequest], config: ServeConfi
     tasks = []
     for request, record, delay in zip(requests, records,
                                       arrival_delays(len(requests), config.request_rate,
-                                                     config.seed)):
+                                                     config.seed), strict=False):
         tasks.append(asyncio.create_task(limited(request, record)))
         if delay > 0:
             await asyncio.sleep(delay)
@@ -179,10 +179,10 @@ def plot_sweep(sweep: dict[str, Any], path: str) -> None:
     x = [r["output_tokens_per_s"] for r in runs]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     for ax, key, title in zip(axes, ("ttft_ms", "tpot_ms", "e2e_latency_ms"),
-                              ("TTFT", "TPOT", "end-to-end latency")):
+                              ("TTFT", "TPOT", "end-to-end latency"), strict=False):
         for stat, style in (("mean", "o-"), ("p99", "s--")):
             ax.plot(x, [r[key][stat] for r in runs], style, label=stat)
-        for xi, r in zip(x, runs):
+        for xi, r in zip(x, runs, strict=False):
             ax.annotate(f"{r['config']['request_rate']}/s", (xi, r[key]["mean"]),
                         textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.set_xlabel("output tokens/s")

@@ -40,6 +40,8 @@ class ThroughputConfig:
     # CPU KV-cache bytes (None: the engine's default); GPU share (weights + KV + activations).
     kv_cache_memory: int | None = None
     gpu_memory_utilization: float = 0.9
+    # Off for repeated runs of the same prompts (a second run would hit the prefix cache).
+    enable_prefix_caching: bool = True
     # Short requests run first so one-time compilation is not timed.
     is_warmup: bool = True
     use_tqdm: bool = True
@@ -65,7 +67,8 @@ def build_llm(config: ThroughputConfig, max_num_seqs: int | None = None):
     return LLM(config.model, skip_tokenizer_init=is_random_model(config.model),
                dtype=config.dtype, device=config.device, max_model_len=config.max_model_len,
                max_num_seqs=max_num_seqs or config.max_num_seqs,
-               max_num_batched_tokens=config.max_num_batched_tokens, seed=config.seed, **kwargs)
+               max_num_batched_tokens=config.max_num_batched_tokens, seed=config.seed,
+               enable_prefix_caching=config.enable_prefix_caching, **kwargs)
 
 
 def dataset_for(config: ThroughputConfig, vocab_size: int, excluded: list[int]
@@ -88,7 +91,8 @@ def run_gridllm(llm, requests: list[BenchRequest], use_tqdm: bool = True,
 
     if is_warmup:
         warm = requests[:4]
-        llm.generate([{"prompt_token_ids": r.prompt_token_ids[:64]} for r in warm],
+        # Reversed prefixes: same token ids, but no prefix-cache hit for the timed run.
+        llm.generate([{"prompt_token_ids": r.prompt_token_ids[:64][::-1]} for r in warm],
                      [params(4) for _ in warm], use_tqdm=False)
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
     sampling = [params(r.output_len) for r in requests]

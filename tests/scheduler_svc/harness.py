@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
+import logging
 
 import grpc
 
@@ -85,3 +87,35 @@ async def read_rest(call) -> list:
         if response is grpc.aio.EOF:
             return responses
         responses.append(response)
+
+
+def run(coro, timeout: float = 60.0):
+    """asyncio.run with a bound; on timeout the pending tasks' stacks go to the log."""
+    async def bounded():
+        task = asyncio.ensure_future(coro)
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+        if task in done:
+            return task.result()
+        for pending in asyncio.all_tasks():
+            logging.getLogger(__name__).error("pending task %s: %s", pending.get_name(),
+                                              " -> ".join(_await_chain(pending.get_coro())))
+        task.cancel()
+        raise TimeoutError(f"test body did not finish within {timeout}s")
+
+    return asyncio.run(bounded())
+
+
+def _await_chain(coro) -> list[str]:
+    import gc
+
+    chain = []
+    while coro is not None:
+        if type(coro).__name__ == "async_generator_asend":
+            # The asend wrapper hides its generator; find it among the referents.
+            gens = [g for g in gc.get_referents(coro) if inspect.isasyncgen(g)]
+            coro = gens[0] if gens else None
+            continue
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "ag_frame", None)
+        chain.append(f"{frame.f_code.co_name}:{frame.f_lineno}" if frame else repr(coro))
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "ag_await", None)
+    return chain

@@ -15,6 +15,7 @@ from tests.scheduler_svc.harness import (
     collect,
     engine_configs,
     read_rest,
+    run,
     running_scheduler,
     running_worker,
     submit_request,
@@ -57,7 +58,7 @@ def test_submit_streams_the_engine_core_tokens(model_path):
             stats = await stub.GetStats(generate_pb2.GetServerStatsRequest())
             return results, stats
 
-    results, stats = asyncio.run(main())
+    results, stats = run(main())
     for (tokens, responses), want in zip(results, expected, strict=True):
         assert tokens == want
         assert responses[-1].finish_reason in (generate_pb2.FINISH_REASON_LENGTH,
@@ -86,7 +87,7 @@ def test_cancelled_submit_frees_its_blocks(model_path):
             tokens, _ = await collect(stub, submit_request("after", PROMPTS[0], max_tokens=3))
             assert len(tokens) == 3
 
-    asyncio.run(main())
+    run(main())
 
 
 def test_abort_with_reason_stop_ends_the_stream_with_stop(model_path):
@@ -100,7 +101,7 @@ def test_abort_with_reason_stop_ends_the_stream_with_stop(model_path):
             rest = await read_rest(call)
             return reply, rest
 
-    reply, rest = asyncio.run(main())
+    reply, rest = run(main())
     assert list(reply.aborted_request_ids) == ["s"]
     assert rest[-1].finish_reason == generate_pb2.FINISH_REASON_STOP
 
@@ -114,6 +115,8 @@ def test_abort_with_reason_stop_ends_the_stream_with_stop(model_path):
     ("max_model_len", dict(prompt_token_ids=[3] * 300)),
     ("prompt_token_ids", dict(prompt_token_ids=[10**6])),
     ("request_id", dict(request_id="")),
+    ("logits_processors", dict(sampling_params=generate_pb2.SamplingParams(
+        logits_processors=["no-such-processor"]))),
 ])
 def test_invalid_requests_get_invalid_argument_naming_the_field(model_path, field,
                                                                 request_kwargs):
@@ -134,7 +137,7 @@ def test_invalid_requests_get_invalid_argument_naming_the_field(model_path, fiel
             bm = server.links[worker.worker_id].scheduler.block_manager
             return info.value, bm.num_free_blocks == bm.num_blocks
 
-    error, all_free = asyncio.run(main())
+    error, all_free = run(main())
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in error.details()
     assert all_free
@@ -159,7 +162,7 @@ def test_health_serving_once_a_worker_registers(model_path, redis_server):
                 tokens, _ = await collect(stub, submit_request("y", PROMPTS[0], max_tokens=2))
             return before, after, tokens
 
-    before, after, tokens = asyncio.run(main())
+    before, after, tokens = run(main())
     assert before == health_pb2.HealthCheckResponse.NOT_SERVING
     assert after == health_pb2.HealthCheckResponse.SERVING
     assert len(tokens) == 2
@@ -180,7 +183,7 @@ def test_restarted_scheduler_hits_the_prefix_cached_before(model_path, redis_ser
                 stats = await stub.GetStats(generate_pb2.GetServerStatsRequest())
             return first, second, responses[-1].num_cached_tokens, stats
 
-    first, second, num_cached, stats = asyncio.run(main())
+    first, second, num_cached, stats = run(main())
     assert num_cached == 16
     assert stats.prefix_cache_hits == 16
     assert second == first  # the reused KV is the right KV
@@ -208,7 +211,7 @@ def test_two_workers_share_requests_and_one_stopping_leaves_the_other(model_path
             tokens, after = await collect(stub, submit_request("after", prompts[1], max_tokens=3))
             return used, firsts, rests, late_responses, after, w1.worker_id, w2.worker_id
 
-    used, firsts, rests, late, after, w1_id, w2_id = asyncio.run(main())
+    used, firsts, rests, late, after, w1_id, w2_id = run(main())
     assert used == {w1_id, w2_id}
     for first, rest in zip(firsts, rests, strict=True):
         assert rest[-1].finish_reason == generate_pb2.FINISH_REASON_LENGTH
@@ -234,7 +237,7 @@ def test_killed_worker_aborts_its_requests_only(model_path, redis_server):
             tokens, after = await collect(stub, submit_request("after", [5, 6], max_tokens=3))
             return rests, after, w1.worker_id, w2.worker_id
 
-    rests, after, w1_id, w2_id = asyncio.run(main())
+    rests, after, w1_id, w2_id = run(main())
     assert rests[w1_id][-1].finish_reason == generate_pb2.FINISH_REASON_ABORT
     assert rests[w2_id][-1].finish_reason == generate_pb2.FINISH_REASON_LENGTH
     assert after[0].worker_id == w2_id
@@ -301,7 +304,7 @@ def test_killed_scheduler_process_restarts_with_the_prefix_cache(model_path, red
                     proc.wait(10)
             await client.aclose()
 
-    (first, first_responses), (second, second_responses) = asyncio.run(main())
+    (first, first_responses), (second, second_responses) = run(main())
     assert first_responses[-1].num_cached_tokens == 0
     assert second_responses[-1].num_cached_tokens == 16
     assert second == first

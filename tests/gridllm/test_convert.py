@@ -1,0 +1,68 @@
+"""from_pb / to_pb round trips between protobuf and the engine dataclasses."""
+
+from __future__ import annotations
+
+import pytest
+
+from gridllm import convert
+from gridllm.sampling_params import SamplingParams
+from gridllm.v1 import generate_pb2
+from scheduler_svc.output import CachedRequestData, NewRequestData, RequestUpdate, SchedulerOutput
+from scheduler_svc.request import FinishReason
+from worker_svc.output import ModelRunnerOutput, TokenLogprobs
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(),
+    SamplingParams(temperature=0.0, max_tokens=None, seed=7, stop=["\n", "END"],
+                   stop_token_ids=[3, 4], ignore_eos=True, min_tokens=2, logprobs=3,
+                   prompt_logprobs=0, skip_special_tokens=False,
+                   include_stop_str_in_output=True),
+    SamplingParams(n=2, temperature=0.7, top_p=0.9, top_k=-1, min_p=0.05, presence_penalty=0.5,
+                   frequency_penalty=-0.5, repetition_penalty=1.2, logit_bias={5: 2.5, 9: -100},
+                   allowed_token_ids=[5, 9, 11], logits_processors=["no_repeat_ngram"],
+                   extra_args={"no_repeat_ngram_size": 3, "name": "x", "ratio": 0.25}),
+])
+def test_sampling_params_round_trip(params):
+    again = convert.sampling_params_from_pb(convert.sampling_params_to_pb(params))
+    assert again == params
+    assert isinstance((again.extra_args or {}).get("no_repeat_ngram_size", 0), int)
+
+
+def test_absent_fields_take_the_python_defaults():
+    assert convert.sampling_params_from_pb(generate_pb2.SamplingParams()) == SamplingParams()
+    assert convert.sampling_params_from_pb(None) == SamplingParams()
+
+
+@pytest.mark.parametrize("field,msg", [
+    ("temperature", generate_pb2.SamplingParams(temperature=-0.5)),
+    ("top_k", generate_pb2.SamplingParams(top_k=-3)),
+    ("min_tokens", generate_pb2.SamplingParams(max_tokens=2, min_tokens=5)),
+    ("stop_token_ids", generate_pb2.SamplingParams(stop_token_ids=[-1])),
+])
+def test_bad_values_raise_naming_the_field(field, msg):
+    with pytest.raises(ValueError, match=field):
+        convert.sampling_params_from_pb(msg)
+
+
+def test_scheduler_output_round_trip_keeps_the_batch_order():
+    params = SamplingParams(temperature=0.0, logprobs=1)
+    out = SchedulerOutput(
+        scheduled_new_reqs=[NewRequestData("n1", [1, 2, 3], params, [7], [4, 5], 0)],
+        scheduled_cached_reqs=[CachedRequestData("c1", [9], 12), CachedRequestData("c2", [], 3)],
+        num_scheduled_tokens={"c1": 1, "c2": 1, "n1": 4}, total_num_scheduled_tokens=6,
+        finished_req_ids={"gone", "old"})
+    again = convert.scheduler_output_from_pb(convert.scheduler_output_to_pb(out, step_id=3))
+    assert again == out
+    assert list(again.num_scheduled_tokens) == list(out.num_scheduled_tokens)
+
+
+def test_runner_output_and_request_update_round_trip():
+    lp = TokenLogprobs([5, 2], [-0.25, -1.5], [1, 2])
+    out = ModelRunnerOutput(req_ids=["a", "b"], sampled_token_ids={"a": [5], "b": [8]},
+                            logprobs={"a": [lp]}, prompt_logprobs={"c": [lp, lp]})
+    assert convert.runner_output_from_pb(convert.runner_output_to_pb(out, 1)) == out
+    for update in (RequestUpdate("a", [5], [lp], None, None, None, 4),
+                   RequestUpdate("b", [1], None, [lp], FinishReason.STOP, 1, 0),
+                   RequestUpdate("c", finish_reason=FinishReason.ABORT)):
+        assert convert.request_update_from_pb(convert.request_update_to_pb(update)) == update
