@@ -66,7 +66,34 @@ class ModelRunner:
         self.kv_caches = self._allocate_kv_cache(self.num_kv_blocks)
         logger.info("KV cache: %d blocks of %d tokens; memory after allocating it: %s",
                     self.num_kv_blocks, self.block_size, memory_usage(self.device))
+        self._warm_up_kernels()
         self.graph_runner = self._capture_cuda_graphs()
+
+    @torch.inference_mode()
+    def _warm_up_kernels(self) -> None:
+        """Compile the Triton kernels' shape variants before serving.
+
+        Triton compiles on first launch per constexpr tile size and per integer-argument
+        specialisation (== 1, divisible by 16): unwarmed, the first request of a new
+        prompt-length class (or a prefix-cache hit's short chunk) waits ~1 s for the compiler.
+        """
+        if self.device.type != "cuda" or self.attn_backend.name != "triton":
+            return
+        limit = min(self.scheduler_config.max_num_batched_tokens, self.max_model_len - 1,
+                    self.num_kv_blocks * self.block_size)
+        for num_tokens in (1, 15, 16, 17, 31, 32, 33, 63, 64, 127, 128, 255, 256, 257, 513):
+            if num_tokens > limit:
+                break
+            num_blocks = -(-num_tokens // self.block_size)
+            state = RequestState(req_id="warmup", num_prompt_tokens=num_tokens,
+                                 token_ids=[0] * num_tokens, sampling_params=None,
+                                 block_ids=list(range(num_blocks)), num_computed_tokens=0,
+                                 generator=None, needs_prompt_logprobs=False)
+            batch = prepare_inputs([state], [num_tokens], self.block_size, self.device)
+            hidden = self.model(batch.input_ids, batch.positions, self.kv_caches,
+                                batch.attn_metadata)
+            self.model.compute_logits(hidden[-1:])
+        torch.cuda.synchronize(self.device)
 
     def _capture_cuda_graphs(self) -> CudaGraphRunner | None:
         # Graphs need host-sync-free kernels: the Triton backend's decode path is.
