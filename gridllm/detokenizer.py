@@ -32,7 +32,8 @@ class IncrementalDetokenizer:
         self.output_text = ""
         self._num_emitted = 0
         self._stopped = False
-        self._max_stop_len = max((len(s) for s in params.stop), default=0)
+        self._stops: list[str] = list(params.stop or [])
+        self._max_stop_len = max((len(s) for s in self._stops), default=0)
 
     def update(self, new_token_ids: list[int]) -> str | None:
         """Append tokens; returns the stop string that ended the text, if any."""
@@ -51,6 +52,7 @@ class IncrementalDetokenizer:
         return None
 
     def _decode_next(self) -> str:
+        assert self.tokenizer is not None
         decode = self.tokenizer.decode
         skip = self.params.skip_special_tokens
         prefix_text = decode(self.token_ids[self.prefix_offset:self.read_offset],
@@ -75,7 +77,7 @@ class IncrementalDetokenizer:
         self.prefix_offset = self.read_offset = len(self.token_ids)
 
     def _find_stop(self, start: int) -> str | None:
-        for stop in self.params.stop:
+        for stop in self._stops:
             index = self.output_text.find(stop, start)
             if index != -1:
                 end = index + len(stop) if self.params.include_stop_str_in_output else index

@@ -67,9 +67,10 @@ class EngineCore:
         params.verify_vocab(self.vocab_size)
         verify_logits_processors(params)
         self.scheduler.check_prompt(prompt_token_ids)
-        extra = [t for t in extra_stop_token_ids if t not in params.stop_token_ids]
+        stop_ids = params.stop_token_ids or []
+        extra = [t for t in extra_stop_token_ids if t not in stop_ids]
         if extra and not params.ignore_eos:
-            params = params.clone(stop_token_ids=params.stop_token_ids + extra)
+            params = params.clone(stop_token_ids=stop_ids + extra)
         return Request(req_id, list(prompt_token_ids), params, eos_token_id=self.eos_token_id,
                        priority=priority)
 

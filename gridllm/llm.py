@@ -99,13 +99,13 @@ class LLM:
         prompts = list(prompts)
         params_list = self._expand(sampling_params, len(prompts), "sampling_params")
         priorities = self._expand(priority, len(prompts), "priority", default=0)
-        requests = [self._prepare(p, sp) for p, sp in zip(prompts, params_list)]
+        requests = [self._prepare(p, sp) for p, sp in zip(prompts, params_list, strict=True)]
         processor = OutputProcessor(self.tokenizer)
         order: dict[str, int] = {}
         engine_requests = []
         # Validate every prompt before queueing any, so a bad one leaves nothing behind.
         for index, ((prompt_text, prompt_ids), params, prio) in enumerate(
-                zip(requests, params_list, priorities)):
+                zip(requests, params_list, priorities, strict=True)):
             parent_id = str(next(self._counter))
             order[parent_id] = index
             children = {f"{parent_id}-{k}" if params.n > 1 else parent_id:
@@ -152,10 +152,12 @@ class LLM:
         """Apply the tokenizer's chat template to one conversation (or a list) and generate."""
         if self.tokenizer is None:
             raise ValueError("chat needs a tokenizer; this LLM has none.")
-        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [{"prompt_token_ids": apply_chat_template(self.tokenizer, conv,
-                                                            add_generation_prompt)}
-                   for conv in conversations]  # type: ignore[arg-type]
+        conversations = ([messages] if messages and isinstance(messages[0], dict)
+                         else messages)
+        prompts: list[PromptType] = [
+            {"prompt_token_ids": apply_chat_template(self.tokenizer, conv,  # type: ignore[arg-type]
+                                                     add_generation_prompt)}
+            for conv in conversations]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     # ----------------------------------------------------------------- helpers

@@ -15,7 +15,8 @@ from worker_svc.output import TokenLogprobs
 def to_position_logprobs(entry: TokenLogprobs, tokenizer: Any | None) -> PositionLogprobs:
     """``TokenLogprobs`` -> ``{token_id: Logprob}`` with decoded tokens, chosen token first."""
     position: PositionLogprobs = {}
-    for token_id, logprob, rank in zip(entry.token_ids, entry.logprobs, entry.ranks):
+    for token_id, logprob, rank in zip(entry.token_ids, entry.logprobs,
+                                       entry.ranks, strict=True):
         if token_id not in position:
             text = tokenizer.decode([token_id]) if tokenizer is not None else None
             position[token_id] = Logprob(logprob, rank, text)

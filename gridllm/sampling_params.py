@@ -107,7 +107,8 @@ class SamplingParams:
                "must be greater than zero", self.repetition_penalty)
         _check(self.seed is None or isinstance(self.seed, int), "seed",
                "must be an integer or None", self.seed)
-        _check(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
+        _check(self.max_tokens is None
+               or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
                "max_tokens", "must be at least 1", self.max_tokens)
         _check(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens",
                "must be greater than or equal to 0", self.min_tokens)
@@ -144,7 +145,7 @@ class SamplingParams:
             _check(value is None or value <= vocab_size, name,
                    f"must be at most the vocabulary size {vocab_size}", value)
 
-    def clone(self, **changes: Any) -> "SamplingParams":
+    def clone(self, **changes: Any) -> SamplingParams:
         values = {f: getattr(self, f) for f in self.__dataclass_fields__}
         values.update(changes)
         return SamplingParams(**values)

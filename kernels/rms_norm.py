@@ -64,7 +64,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
                       device=x.device)
     res_out = torch.empty_like(x) if residual is not None else None
     if num_rows == 0:
-        return out if residual is None else (out, res_out)
+        return out if res_out is None else (out, res_out)
     block = next_power_of_2(hidden)
     num_warps = max(1, min(16, block // 512))
     out2 = out.view(-1, hidden)
@@ -74,4 +74,4 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
         x2.stride(0), res2.stride(0) if res2 is not None else 0, out2.stride(0),
         res_out2.stride(0), hidden, float(eps),
         HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=num_warps)
-    return out if residual is None else (out, res_out)
+    return out if res_out is None else (out, res_out)

@@ -53,7 +53,8 @@ class BlockManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [KVBlock(i) for i in range(num_blocks)]
         # Blocks with ref_cnt 0, first out first: unhashed ones, then cached ones by LRU.
-        self.free_queue: OrderedDict[int, KVBlock] = OrderedDict((b.block_id, b) for b in self.blocks)
+        self.free_queue: OrderedDict[int, KVBlock] = OrderedDict(
+            (b.block_id, b) for b in self.blocks)
         self.cached_blocks: dict[int, KVBlock] = {}
         self.req_to_blocks: dict[str, list[KVBlock]] = {}
         self._req_to_hashes: dict[str, list[int]] = {}

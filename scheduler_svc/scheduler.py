@@ -11,9 +11,8 @@ import logging
 from collections.abc import Iterable
 
 from gridllm.config import CacheConfig, SchedulerConfig
-from scheduler_svc.block_manager import BlockManager
-from scheduler_svc.output import (CachedRequestData, NewRequestData, RequestUpdate,
-                                  SchedulerOutput)
+from scheduler_svc.block_manager import BlockManager, KVBlock
+from scheduler_svc.output import CachedRequestData, NewRequestData, RequestUpdate, SchedulerOutput
 from scheduler_svc.request import Request, RequestStatus
 from scheduler_svc.request_queue import make_queue
 from worker_svc.output import ModelRunnerOutput
@@ -142,7 +141,8 @@ class Scheduler:
         while (not has_preempted and len(self.waiting) and token_budget > 0
                and len(self.running) < self.config.max_num_seqs):
             request = self.waiting.peek()
-            computed_blocks, num_computed = [], request.num_computed_tokens
+            computed_blocks: list[KVBlock] = []
+            num_computed = request.num_computed_tokens
             if num_computed == 0:
                 computed_blocks, num_computed = self.block_manager.get_computed_blocks(request)
             num_new = request.num_tokens - num_computed
@@ -229,11 +229,12 @@ class Scheduler:
             if not params.ignore_eos and last == request.eos_token_id:
                 request.status = RequestStatus.FINISHED_STOPPED
                 return True
-            if last in params.stop_token_ids:
+            if last in (params.stop_token_ids or []):
                 request.status = RequestStatus.FINISHED_STOPPED
                 request.stop_reason = last
                 return True
-        max_tokens = params.max_tokens if params.max_tokens is not None else self.config.max_model_len
+        max_tokens = (params.max_tokens if params.max_tokens is not None
+                      else self.config.max_model_len)
         if (request.num_output_tokens >= max_tokens
                 or request.num_tokens >= self.config.max_model_len):
             request.status = RequestStatus.FINISHED_LENGTH

@@ -86,7 +86,7 @@ class ModelRunner:
                 break
             num_blocks = -(-num_tokens // self.block_size)
             state = RequestState(req_id="warmup", num_prompt_tokens=num_tokens,
-                                 token_ids=[0] * num_tokens, sampling_params=None,
+                                 token_ids=[0] * num_tokens, sampling_params=SamplingParams(),
                                  block_ids=list(range(num_blocks)), num_computed_tokens=0,
                                  generator=None, needs_prompt_logprobs=False)
             batch = prepare_inputs([state], [num_tokens], self.block_size, self.device)

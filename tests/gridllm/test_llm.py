@@ -33,7 +33,7 @@ def test_greedy_matches_transformers_one_at_a_time_and_batched(arch, tiny_model_
     llm = LLM(model_dir, block_size=4, num_kv_blocks=256, max_num_batched_tokens=512)
     prompts = prompts_of([3, 17, 9, 30, 1, 21])
     expected = [hf_greedy(model_dir, p, GREEDY.max_tokens)[0] for p in prompts]
-    for prompt, want in zip(prompts, expected):
+    for prompt, want in zip(prompts, expected, strict=True):
         got = llm.generate(token_prompts([prompt]), GREEDY, use_tqdm=False)[0]
         assert got.outputs[0].token_ids == want
     batched = llm.generate(token_prompts(prompts), GREEDY, use_tqdm=False)
