@@ -63,6 +63,8 @@ class LLM:
                                         max_model_len, seed=seed, **model_kwargs)
         cache_config = CacheConfig(block_size, num_kv_blocks,
                                    enable_prefix_caching=enable_prefix_caching, **cache_kwargs)
+        # max_model_len is a placeholder here: the engine sets the model's resolved limit
+        # (and re-validates) once the runner has read the model config.
         scheduler_config = SchedulerConfig(
             max_num_seqs, max_num_batched_tokens,
             max_model_len=max(max_model_len or 1, max_num_batched_tokens),
