@@ -52,13 +52,17 @@ def main() -> None:
     parser.add_argument("--model", default="random:tiny")
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--num-steps", type=int, default=2000)
+    parser.add_argument("--max-steps-in-flight", type=int, default=2, choices=(1, 2),
+                        help="the scheduler's step pipelining depth")
     args = parser.parse_args()
     trip = asyncio.run(step_round_trip_us(args.model, args.num_steps))
     lengths = dict(input_len_range=(32, 128), output_len_range=(64, 256))
     inproc = throughput.run_throughput(throughput.ThroughputConfig(
         model=args.model, num_prompts=args.num_prompts, max_num_seqs=args.num_prompts,
         use_tqdm=False, **lengths))["gridllm"]
-    stack = serve.launch_stack(args.model, max_num_seqs=args.num_prompts)
+    stack = serve.launch_stack(
+        args.model, max_num_seqs=args.num_prompts,
+        scheduler_args=["--max-steps-in-flight", str(args.max_steps_in_flight)])
     try:
         served = serve.run_serve(serve.ServeConfig(
             target=stack.endpoint, num_prompts=args.num_prompts, request_rate=math.inf,
@@ -66,7 +70,8 @@ def main() -> None:
     finally:
         stack.stop()
     ratio = served["output_tokens_per_s"] / inproc["output_tokens_per_s"]
-    print(f"model {args.model}, {os.cpu_count()} CPU cores")
+    print(f"model {args.model}, {os.cpu_count()} CPU cores, "
+          f"max_steps_in_flight={args.max_steps_in_flight}")
     print(f"scheduler->worker step round trip (empty step): median {trip['median_us']:.0f} us, "
           f"p90 {trip['p90_us']:.0f} us")
     print(f"in-process: {inproc['output_tokens_per_s']:.0f} output tok/s; stack: "

@@ -33,6 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    action="store_false")
     p.add_argument("--discovery-interval", type=float, default=1.0)
     p.add_argument("--heartbeat-ttl", type=float, default=6.0)
+    p.add_argument("--max-steps-in-flight", type=int, default=2, choices=(1, 2),
+                   help="2 sends step N+1 while the worker runs step N (pipelining)")
     p.add_argument("--grace", type=float, default=5.0, help="seconds to drain on SIGTERM")
     p.add_argument("--log-level", default=None, help="default: GRIDLLM_LOGGING_LEVEL or INFO")
     return p.parse_args(argv)
@@ -54,7 +56,7 @@ def build_server(args: argparse.Namespace) -> SchedulerServer:
         worker_addresses=list(args.worker), redis_url=args.redis_url,
         scheduler_id=args.scheduler_id, bind_host=args.host, port=args.port,
         advertise_host=advertise, discovery_interval=args.discovery_interval,
-        heartbeat_ttl=args.heartbeat_ttl)
+        heartbeat_ttl=args.heartbeat_ttl, max_steps_in_flight=args.max_steps_in_flight)
     return SchedulerServer(config)
 
 

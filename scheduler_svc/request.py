@@ -50,8 +50,12 @@ class Request:
     cache_salt: str | None = None
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
-    # Tokens whose KV is in the cache; catches up to num_tokens, one rule for all phases.
+    # Tokens whose KV is in the cache or being computed by a step already sent; catches up
+    # to num_tokens (+ placeholders), one rule for all phases.
     num_computed_tokens: int = 0
+    # Tokens the worker sampled in steps still in flight (pipelined step loop): the worker
+    # feeds them to the next step itself; the scheduler learns their ids one step later.
+    num_output_placeholders: int = 0
     # Prompt tokens found in the prefix cache when first scheduled.
     num_cached_tokens: int = -1
     num_preemptions: int = 0

@@ -110,10 +110,15 @@ class Scheduler:
         token_budget = self.config.max_num_batched_tokens
         has_preempted = False
 
+        # Requests that will sample a token in this step (their chunk reaches the end).
+        sampling: set[str] = set()
         i = 0
         while i < len(self.running) and token_budget > 0:
             request = self.running[i]
-            num_new = min(request.num_tokens - request.num_computed_tokens, token_budget)
+            num_new = min(self._num_pending_tokens(request), token_budget)
+            if num_new <= 0 or self._is_capped(request):
+                i += 1  # its last token is still in flight
+                continue
             new_block_ids = self.block_manager.allocate_slots(request, num_new)
             while new_block_ids is None:
                 # Out of blocks: preempt by recompute until the request fits (or is the victim).
@@ -125,6 +130,9 @@ class Scheduler:
                     token_budget += out.num_scheduled_tokens.pop(victim.req_id)
                     out.scheduled_cached_reqs = [
                         c for c in out.scheduled_cached_reqs if c.req_id != victim.req_id]
+                    if victim.req_id in sampling:
+                        sampling.discard(victim.req_id)
+                        victim.num_output_placeholders -= 1
                 if victim is request:
                     break
                 if victim_index < i:
@@ -134,6 +142,7 @@ class Scheduler:
                 continue  # running[i] is now the next request
             out.scheduled_cached_reqs.append(CachedRequestData(
                 request.req_id, new_block_ids, request.num_computed_tokens))
+            self._advance(request, num_new, sampling)
             out.num_scheduled_tokens[request.req_id] = num_new
             token_budget -= num_new
             i += 1
@@ -141,6 +150,8 @@ class Scheduler:
         while (not has_preempted and len(self.waiting) and token_budget > 0
                and len(self.running) < self.config.max_num_seqs):
             request = self.waiting.peek()
+            if request.num_output_placeholders:
+                break  # preempted with a token in flight: rebuild it once the token is known
             computed_blocks: list[KVBlock] = []
             num_computed = request.num_computed_tokens
             if num_computed == 0:
@@ -162,6 +173,7 @@ class Scheduler:
                 request.req_id, list(request.prompt_token_ids), request.sampling_params,
                 list(request.output_token_ids), self.block_manager.get_block_ids(request.req_id),
                 num_computed))
+            self._advance(request, num_new, sampling)
             out.num_scheduled_tokens[request.req_id] = num_new
             token_budget -= num_new
 
@@ -169,6 +181,29 @@ class Scheduler:
         out.finished_req_ids = self._finished_req_ids
         self._finished_req_ids = set()
         return out
+
+    @staticmethod
+    def _num_pending_tokens(request: Request) -> int:
+        return request.num_tokens + request.num_output_placeholders - request.num_computed_tokens
+
+    def _advance(self, request: Request, num_new: int, sampling: set[str]) -> None:
+        # Counted as computed once sent: the next step may be scheduled before this one's
+        # answer (pipelining); a chunk reaching the end samples a token, known one step later.
+        request.num_computed_tokens += num_new
+        if self._num_pending_tokens(request) == 0:
+            request.num_output_placeholders += 1
+            sampling.add(request.req_id)
+
+    def _is_capped(self, request: Request) -> bool:
+        """True if the tokens in flight already reach max_tokens or max_model_len."""
+        if not request.num_output_placeholders:
+            return False
+        params = request.sampling_params
+        max_tokens = (params.max_tokens if params.max_tokens is not None
+                      else self.config.max_model_len)
+        num_ahead = request.num_output_placeholders
+        return (request.num_output_tokens + num_ahead >= max_tokens
+                or request.num_tokens + num_ahead >= self.config.max_model_len)
 
     def _pick_victim(self) -> Request:
         # Lowest priority (largest value) first under the priority policy, then latest arrival.
@@ -193,20 +228,20 @@ class Scheduler:
                            runner_output: ModelRunnerOutput) -> list[RequestUpdate]:
         """Advance requests by what the step computed and sampled; apply stop checks."""
         updates = []
-        for req_id, num_tokens in scheduler_output.num_scheduled_tokens.items():
+        for req_id in scheduler_output.num_scheduled_tokens:
             request = self.requests.get(req_id)
-            if request is None or request.status != RequestStatus.RUNNING:
-                continue  # aborted or preempted while the step ran
-            request.num_computed_tokens += num_tokens
+            if request is None:
+                continue  # finished or aborted while the step ran
             update = RequestUpdate(req_id, num_cached_tokens=request.num_cached_tokens)
             prompt_logprobs = runner_output.prompt_logprobs.get(req_id)
             if prompt_logprobs:
                 update.new_prompt_logprobs = prompt_logprobs
-            sampled = runner_output.sampled_token_ids.get(req_id, [])
-            if sampled and request.num_computed_tokens < request.num_tokens:
-                sampled = []  # a chunk short of the end cannot sample
             logprobs = runner_output.logprobs.get(req_id)
-            for k, token_id in enumerate(sampled):
+            for k, token_id in enumerate(runner_output.sampled_token_ids.get(req_id, [])):
+                if not request.num_output_placeholders:
+                    break  # not expected (its step was undone by a preemption)
+                # Tokens land even if the request was preempted meanwhile: the sample is valid.
+                request.num_output_placeholders -= 1
                 request.output_token_ids.append(token_id)
                 update.new_token_ids.append(token_id)
                 if logprobs is not None:
@@ -214,7 +249,10 @@ class Scheduler:
                 if self._check_stop(request):
                     break
             if request.is_finished:
-                self.running.remove(request)
+                if request in self.running:
+                    self.running.remove(request)
+                else:
+                    self.waiting.remove(request)
                 self._finish(request, request.status)
                 update.finish_reason = request.finish_reason
                 update.stop_reason = request.stop_reason

@@ -49,6 +49,8 @@ class SchedulerServiceConfig:
     discovery_interval: float = 1.0
     # Registry entries expire this many seconds after the last heartbeat.
     heartbeat_ttl: float = 6.0
+    # 2: step N+1 is sent while the worker runs step N (pipelined); 1: one step at a time.
+    max_steps_in_flight: int = 2
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -56,6 +58,9 @@ class SchedulerServiceConfig:
         if self.discovery_interval <= 0:
             raise ValueError("discovery_interval must be positive, "
                              f"got {self.discovery_interval!r}.")
+        if self.max_steps_in_flight not in (1, 2):
+            raise ValueError("max_steps_in_flight must be 1 or 2, "
+                             f"got {self.max_steps_in_flight!r}.")
         if self.heartbeat_ttl < 1.0:
             raise ValueError("heartbeat_ttl must be at least 1 second, "
                              f"got {self.heartbeat_ttl!r}.")
@@ -169,7 +174,8 @@ class SchedulerServer:
             if info.worker_id in self.links:
                 await channel.close()
                 return
-            link = WorkerLink(info, channel, None, self._on_step, self._on_dead)
+            link = WorkerLink(info, channel, None, self._on_step, self._on_dead,
+                              self.config.max_steps_in_flight)
             await link.open()
             link.scheduler = await self._build_core(info, link.block_versions)
         except (grpc.aio.AioRpcError, WorkerLinkError) as exc:

@@ -5,6 +5,7 @@ worker has its own KV memory), a persistent bidirectional Step stream and the st
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from collections.abc import Callable
 
@@ -37,11 +38,16 @@ class WorkerLink:
             (it is rebuilt from the block versions the handshake returns).
         on_step: receives every step's updates (to stream them and mirror block state).
         on_dead: called once when the stream breaks, after every request was aborted.
+        max_steps_in_flight: 2 pipelines the steps (N+1 is sent while N runs; a request
+            that finishes at N costs one wasted slot at N+1); 1 waits for each answer.
     """
 
     def __init__(self, info: worker_pb2.WorkerInfo, channel: grpc.aio.Channel,
                  scheduler: Scheduler | None, on_step: StepCallback,
-                 on_dead: Callable[[WorkerLink], None]):
+                 on_dead: Callable[[WorkerLink], None], max_steps_in_flight: int = 2):
+        if max_steps_in_flight not in (1, 2):
+            raise ValueError(f"max_steps_in_flight must be 1 or 2, got {max_steps_in_flight}.")
+        self.max_steps_in_flight = max_steps_in_flight
         self.info = info
         self.worker_id = info.worker_id
         self.channel = channel
@@ -131,20 +137,29 @@ class WorkerLink:
 
     # ----------------------------------------------------------------- step loop
     async def _run(self) -> None:
+        # Steps sent and not answered yet, oldest first. With two in flight the worker starts
+        # step N+1 (feeding its own samples) while this loop applies step N's answer.
+        in_flight: collections.deque[tuple[int, SchedulerOutput]] = collections.deque()
         try:
             while True:
-                if self.is_draining and not self.scheduler.has_unfinished_requests():
+                if (not in_flight and self.is_draining
+                        and not self.scheduler.has_unfinished_requests()):
                     await self._close_drained()
                     break
-                output = self.scheduler.schedule()
-                if output.is_empty and not output.finished_req_ids:
-                    await self._wait_idle()
-                    continue
-                self.step_id += 1
-                assert self._call is not None
-                bump_versions(self.block_versions, output, self.scheduler.block_size)
-                await self._call.write(scheduler_output_to_pb(output, self.step_id))
-                response = await self._read_response(self.step_id)
+                if len(in_flight) < self.max_steps_in_flight:
+                    output = self.scheduler.schedule()
+                    if not output.is_empty or output.finished_req_ids:
+                        self.step_id += 1
+                        assert self._call is not None
+                        bump_versions(self.block_versions, output, self.scheduler.block_size)
+                        await self._call.write(scheduler_output_to_pb(output, self.step_id))
+                        in_flight.append((self.step_id, output))
+                        continue
+                    if not in_flight:
+                        await self._wait_idle()
+                        continue
+                step_id, output = in_flight.popleft()
+                response = await self._read_response(step_id)
                 updates = self.scheduler.update_from_output(output, runner_output_from_pb(response))
                 self._on_step(self, output, updates)
         except asyncio.CancelledError:

@@ -234,8 +234,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def launch_stack(model: str, max_num_seqs: int | None = None,
-                 max_num_batched_tokens: int | None = None):
-    """Start Redis, scheduler, one worker and the router for ``model`` (``gridllm up``)."""
+                 max_num_batched_tokens: int | None = None,
+                 scheduler_args: list[str] | None = None):
+    """Start Redis, scheduler, one worker and the router for ``model`` (``gridllm up``);
+    ``scheduler_args`` go to the scheduler only."""
     from gridllm.launcher import LocalStack, StackConfig
 
     budget: list[str] = []
@@ -243,7 +245,8 @@ def launch_stack(model: str, max_num_seqs: int | None = None,
                         ("--max-num-batched-tokens", max_num_batched_tokens)):
         if value is not None:
             budget += [flag, str(value)]
-    stack = LocalStack(StackConfig(model=model, port=0, extra_scheduler_args=budget,
+    stack = LocalStack(StackConfig(model=model, port=0,
+                                   extra_scheduler_args=budget + list(scheduler_args or []),
                                    extra_worker_args=budget))
     stack.start()
     return stack

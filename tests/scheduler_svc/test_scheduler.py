@@ -74,17 +74,27 @@ def make_scheduler(num_blocks=64, block_size=4, **kwargs):
     return Scheduler(config, CacheConfig(block_size, num_blocks, enable_prefix_caching=caching))
 
 
-def run_to_completion(scheduler, max_steps=10_000):
+def run_to_completion(scheduler, max_steps=10_000, steps_in_flight=1):
+    """Drive the scheduler; with ``steps_in_flight=2`` step N+1 is scheduled (and run by
+    the simulated worker, which feeds its own samples) before step N's output is applied,
+    as the pipelined step loop of the scheduler service does."""
     bm = scheduler.block_manager
     runner = SimulatedRunner(bm.block_size, bm.num_blocks)
     outputs, reasons = {}, {}
+    in_flight = []
     for _ in range(max_steps):
-        if not scheduler.has_unfinished_requests():
+        if not scheduler.has_unfinished_requests() and not in_flight:
             break
-        out = scheduler.schedule()
-        assert out.total_num_scheduled_tokens <= scheduler.config.max_num_batched_tokens
-        assert len(out.num_scheduled_tokens) <= scheduler.config.max_num_seqs
-        for update in scheduler.update_from_output(out, runner.execute_model(out)):
+        if len(in_flight) < steps_in_flight:
+            out = scheduler.schedule()
+            assert out.total_num_scheduled_tokens <= scheduler.config.max_num_batched_tokens
+            assert len(out.num_scheduled_tokens) <= scheduler.config.max_num_seqs
+            if not out.is_empty or out.finished_req_ids:
+                in_flight.append((out, runner.execute_model(out)))
+                continue
+        assert in_flight, "nothing scheduled and nothing in flight"
+        out, result = in_flight.pop(0)
+        for update in scheduler.update_from_output(out, result):
             outputs.setdefault(update.req_id, []).extend(update.new_token_ids)
             if update.finished:
                 reasons[update.req_id] = update.finish_reason.value
@@ -103,6 +113,7 @@ def add_all(scheduler, max_tokens=12, **params):
             max_tokens=max_tokens, ignore_eos=True, **params), arrival_time=float(i)))
 
 
+@pytest.mark.parametrize("steps_in_flight", [1, 2])
 @pytest.mark.parametrize("config", [
     dict(),
     dict(max_num_batched_tokens=7),                       # tiny chunks
@@ -112,19 +123,20 @@ def add_all(scheduler, max_tokens=12, **params):
     dict(num_blocks=20, block_size=8, max_num_batched_tokens=5),
     dict(policy="priority", num_blocks=22),
 ])
-def test_outputs_do_not_depend_on_scheduler_configuration(config):
+def test_outputs_do_not_depend_on_scheduler_configuration(config, steps_in_flight):
     scheduler = make_scheduler(**config)
     add_all(scheduler)
-    outputs, reasons = run_to_completion(scheduler)
+    outputs, reasons = run_to_completion(scheduler, steps_in_flight=steps_in_flight)
     for i, prompt in enumerate(PROMPTS):
         assert outputs[f"r{i}"] == expected_output(prompt, 12), f"r{i} under {config}"
         assert reasons[f"r{i}"] == "length"
 
 
-def test_small_pool_preempts_and_recomputes():
+@pytest.mark.parametrize("steps_in_flight", [1, 2])
+def test_small_pool_preempts_and_recomputes(steps_in_flight):
     scheduler = make_scheduler(num_blocks=20, max_num_batched_tokens=64)
     add_all(scheduler)
-    run_to_completion(scheduler)
+    run_to_completion(scheduler, steps_in_flight=steps_in_flight)
     assert scheduler.num_preemptions > 0
 
 
@@ -208,11 +220,44 @@ def test_abort_while_step_in_flight_drops_its_output():
     assert scheduler.block_manager.num_free_blocks == 64
 
 
-def stop_run(params, prompt=(1, 2, 3), eos=None, max_model_len=256):
+def stop_run(params, prompt=(1, 2, 3), eos=None, max_model_len=256, steps_in_flight=1):
     scheduler = make_scheduler(max_model_len=max_model_len)
     scheduler.add_request(Request("a", list(prompt), params, eos_token_id=eos))
-    outputs, reasons = run_to_completion(scheduler)
+    outputs, reasons = run_to_completion(scheduler, steps_in_flight=steps_in_flight)
     return outputs["a"], reasons["a"], scheduler
+
+
+@pytest.mark.parametrize("steps_in_flight", [1, 2])
+def test_pipelined_stops_are_exact(steps_in_flight):
+    free_run = expected_output([1, 2, 3], 10)
+    tokens, reason, _ = stop_run(SamplingParams(max_tokens=10), eos=free_run[3],
+                                 steps_in_flight=steps_in_flight)
+    assert tokens == free_run[:4] and reason == "stop"
+    tokens, reason, _ = stop_run(SamplingParams(max_tokens=7, ignore_eos=True),
+                                 steps_in_flight=steps_in_flight)
+    assert tokens == free_run[:7] and reason == "length"
+    tokens, reason, _ = stop_run(SamplingParams(max_tokens=None), max_model_len=8,
+                                 steps_in_flight=steps_in_flight)
+    assert len(tokens) == 5 and reason == "length"
+
+
+def test_pipelined_abort_with_a_step_in_flight_frees_everything():
+    scheduler = make_scheduler()
+    add_all(scheduler, max_tokens=30)
+    runner = SimulatedRunner(4, 64)
+    first = scheduler.schedule()
+    first_result = runner.execute_model(first)
+    second = scheduler.schedule()  # sent before the first step's answer
+    # Every prompt finished its prefill in step 1: step 2 decodes their (unknown) samples.
+    assert second.num_scheduled_tokens == {f"r{i}": 1 for i in range(len(PROMPTS))}
+    second_result = runner.execute_model(second)
+    scheduler.update_from_output(first, first_result)
+    scheduler.abort_requests(["r0", "r2"])
+    updates = scheduler.update_from_output(second, second_result)
+    assert {u.req_id for u in updates}.isdisjoint({"r0", "r2"})
+    assert {"r0", "r2"} <= scheduler.schedule().finished_req_ids
+    scheduler.abort_requests(list(scheduler.requests))
+    assert scheduler.block_manager.num_free_blocks == scheduler.block_manager.num_blocks
 
 
 def test_stop_on_eos_unless_ignored_and_min_tokens():
