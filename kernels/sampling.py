@@ -304,14 +304,14 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
                      last_dim_contiguous=True)
         check_tensor("output_counts", output_counts, ndim=2, dtypes=INDEX_DTYPES,
                      device=dev, last_dim_contiguous=True)
-        for name, t in (("prompt_mask", prompt_mask), ("output_counts", output_counts)):
-            if tuple(t.shape) != (num_rows, vocab):
+        for name, table in (("prompt_mask", prompt_mask), ("output_counts", output_counts)):
+            if tuple(table.shape) != (num_rows, vocab):  # type: ignore[union-attr]
                 raise ValueError(f"{name} must have shape {(num_rows, vocab)}, "
-                                 f"got {tuple(t.shape)}.")
-        for name, t in (("presence_penalty", presence_penalty),
-                        ("frequency_penalty", frequency_penalty),
-                        ("repetition_penalty", repetition_penalty)):
-            _row_param(name, t, num_rows, dev, (torch.float32,))
+                                 f"got {tuple(table.shape)}.")  # type: ignore[union-attr]
+        for name, penalty in (("presence_penalty", presence_penalty),
+                              ("frequency_penalty", frequency_penalty),
+                              ("repetition_penalty", repetition_penalty)):
+            _row_param(name, penalty, num_rows, dev, (torch.float32,))  # type: ignore[arg-type]
     if workspace is None:
         workspace = torch.empty(num_rows, vocab, dtype=torch.float32, device=dev)
     else:
@@ -352,8 +352,8 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
         frequency_penalty if has_penalties else temperature,
         repetition_penalty if has_penalties else temperature,
         logits.stride(0), logit_bias.stride(0) if logit_bias is not None else 0,
-        prompt_mask.stride(0) if has_penalties else 0,
-        output_counts.stride(0) if has_penalties else 0,
+        prompt_mask.stride(0) if prompt_mask is not None else 0,
+        output_counts.stride(0) if output_counts is not None else 0,
         vocab, num_chunks, GREEDY_TEMPERATURE, HAS_BIAS=logit_bias is not None,
         HAS_PENALTIES=has_penalties, CHUNK=chunk, SUB=sub, num_warps=8)
     for i in range(num_passes):
