@@ -10,7 +10,7 @@ from gridllm.config import CacheConfig, ModelConfig, SchedulerConfig
 from gridllm.logger import log_memory
 from gridllm.sampling_params import SamplingParams
 from scheduler_svc.output import RequestUpdate
-from scheduler_svc.request import Request, RequestStatus
+from scheduler_svc.request import Request, RequestStatus, build_request
 from scheduler_svc.scheduler import Scheduler
 from worker_svc.logits_processors import verify_logits_processors
 
@@ -61,18 +61,12 @@ class EngineCore:
     def make_request(self, req_id: str, prompt_token_ids: list[int], params: SamplingParams,
                      priority: int = 0, extra_stop_token_ids: Iterable[int] = ()) -> Request:
         """Validate a prompt against this model and build its Request (ValueError if bad)."""
-        bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"prompt_token_ids must be in [0, {self.vocab_size}); got {bad[:5]}.")
-        params.verify_vocab(self.vocab_size)
+        request = build_request(req_id, prompt_token_ids, params, self.vocab_size,
+                                eos_token_id=self.eos_token_id, priority=priority,
+                                extra_stop_token_ids=tuple(extra_stop_token_ids))
         verify_logits_processors(params)
         self.scheduler.check_prompt(prompt_token_ids)
-        stop_ids = params.stop_token_ids or []
-        extra = [t for t in extra_stop_token_ids if t not in stop_ids]
-        if extra and not params.ignore_eos:
-            params = params.clone(stop_token_ids=stop_ids + extra)
-        return Request(req_id, list(prompt_token_ids), params, eos_token_id=self.eos_token_id,
-                       priority=priority)
+        return request
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)

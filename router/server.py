@@ -214,17 +214,15 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
                         params: SamplingParams, generated: list[int]
                         ) -> scheduler_pb2.SubmitRequest:
         if generated:
-            # Resumed: what was generated is now prompt, and counts against the limits.
-            params = params.clone(
-                max_tokens=None if params.max_tokens is None
-                else max(params.max_tokens - len(generated), 1),
-                min_tokens=max(params.min_tokens - len(generated), 0),
-                # Sent already, with the first response.
-                prompt_logprobs=None)
+            # Resumed: prompt logprobs were sent already, with the first response.
+            params = params.clone(prompt_logprobs=None)
         request = scheduler_pb2.SubmitRequest(
             # A fresh id per attempt: a restarted scheduler may still hold the old one.
             request_id=sub_id if attempt == 0 else f"{sub_id}~{attempt}",
-            prompt_token_ids=validated.prompt_token_ids + generated,
+            prompt_token_ids=validated.prompt_token_ids,
+            # What was generated resumes as output: max_tokens, min_tokens and the
+            # penalties see it as an uninterrupted run does.
+            output_token_ids=generated,
             sampling_params=sampling_params_to_pb(params), priority=validated.priority,
             extra_stop_token_ids=self.eos_token_ids[1:])
         if self.eos_token_ids:

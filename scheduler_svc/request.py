@@ -85,3 +85,31 @@ class Request:
     @property
     def finish_reason(self) -> FinishReason | None:
         return _FINISH_REASONS.get(self.status)
+
+
+def build_request(req_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                  vocab_size: int, *, eos_token_id: int | None = None, priority: int = 0,
+                  extra_stop_token_ids: list[int] | tuple[int, ...] = (),
+                  output_token_ids: list[int] | tuple[int, ...] = (),
+                  cache_salt: str | None = None) -> Request:
+    """A validated Request (ValueError naming the field otherwise).
+
+    Args:
+        extra_stop_token_ids: added to the params' stop_token_ids unless ignore_eos (e.g. a
+            chat template's end-of-turn ids).
+        output_token_ids: tokens generated before (a request resubmitted after its
+            scheduler died): they count as output, for max_tokens and the penalties.
+    """
+    for name, ids in (("prompt_token_ids", prompt_token_ids),
+                      ("output_token_ids", output_token_ids)):
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"{name} must be in [0, {vocab_size}); got {bad[:5]}.")
+    params.verify_vocab(vocab_size)
+    stop_ids = list(params.stop_token_ids or [])
+    extra = [t for t in extra_stop_token_ids if t not in stop_ids]
+    if extra and not params.ignore_eos:
+        params = params.clone(stop_token_ids=stop_ids + extra)
+    return Request(req_id, list(prompt_token_ids), params, eos_token_id=eos_token_id,
+                   priority=priority, cache_salt=cache_salt,
+                   output_token_ids=list(output_token_ids))

@@ -48,6 +48,8 @@ class Scheduler:
         if request.req_id in self.requests:
             raise ValueError(f"request_id {request.req_id!r} is already in use.")
         self.check_prompt(request.prompt_token_ids)
+        if request.output_token_ids:
+            self.check_prompt(request.all_token_ids)  # a resubmitted request resumes here
         self.requests[request.req_id] = request
         self.waiting.add(request)
 

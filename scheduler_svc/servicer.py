@@ -13,7 +13,7 @@ import grpc
 from gridllm.convert import request_update_to_pb, sampling_params_from_pb
 from gridllm.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2
 from scheduler_svc.output import RequestUpdate
-from scheduler_svc.request import FinishReason, Request, RequestStatus
+from scheduler_svc.request import FinishReason, Request, RequestStatus, build_request
 from scheduler_svc.worker_link import WorkerLink
 
 if TYPE_CHECKING:
@@ -88,25 +88,19 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             msg.sampling_params if msg.HasField("sampling_params") else None)
         if params.n != 1:
             raise ValueError(f"n must be 1 per Submit (the router fans out n > 1), got {params.n}.")
-        params.verify_vocab(info.vocab_size)
         if params.logits_processors:
             # Imported only when used: it pulls in torch, which the scheduler needs not.
             from worker_svc.logits_processors import verify_logits_processors
 
             # A bad name or argument found inside a step would break the whole stream.
             verify_logits_processors(params)
-        prompt = list(msg.prompt_token_ids)
-        bad = [t for t in prompt if t >= info.vocab_size]
-        if bad:
-            raise ValueError(f"prompt_token_ids must be in [0, {info.vocab_size}); got {bad[:5]}.")
-        stop_token_ids = list(params.stop_token_ids or [])
-        extra = [t for t in msg.extra_stop_token_ids if t not in stop_token_ids]
-        if extra and not params.ignore_eos:
-            params = params.clone(stop_token_ids=stop_token_ids + extra)
         eos = msg.eos_token_id if msg.HasField("eos_token_id") else (
             info.eos_token_id if info.HasField("eos_token_id") else None)
-        return Request(msg.request_id, prompt, params, eos_token_id=eos,
-                       priority=msg.priority, cache_salt=msg.cache_salt or None)
+        return build_request(msg.request_id, list(msg.prompt_token_ids), params,
+                             info.vocab_size, eos_token_id=eos, priority=msg.priority,
+                             extra_stop_token_ids=tuple(msg.extra_stop_token_ids),
+                             output_token_ids=tuple(msg.output_token_ids),
+                             cache_salt=msg.cache_salt or None)
 
     # ----------------------------------------------------------------- Abort
     async def Abort(self, request: scheduler_pb2.AbortRequest, context):

@@ -18,7 +18,7 @@ ABORT_REASON_CLIENT: AbortReason
 ABORT_REASON_STOP: AbortReason
 
 class SubmitRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling_params", "priority", "extra_stop_token_ids", "eos_token_id", "cache_salt")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling_params", "priority", "extra_stop_token_ids", "eos_token_id", "cache_salt", "output_token_ids")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_PARAMS_FIELD_NUMBER: _ClassVar[int]
@@ -26,6 +26,7 @@ class SubmitRequest(_message.Message):
     EXTRA_STOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling_params: _generate_pb2.SamplingParams
@@ -33,7 +34,8 @@ class SubmitRequest(_message.Message):
     extra_stop_token_ids: _containers.RepeatedScalarFieldContainer[int]
     eos_token_id: int
     cache_salt: str
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[_Union[_generate_pb2.SamplingParams, _Mapping]] = ..., priority: _Optional[int] = ..., extra_stop_token_ids: _Optional[_Iterable[int]] = ..., eos_token_id: _Optional[int] = ..., cache_salt: _Optional[str] = ...) -> None: ...
+    output_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[_Union[_generate_pb2.SamplingParams, _Mapping]] = ..., priority: _Optional[int] = ..., extra_stop_token_ids: _Optional[_Iterable[int]] = ..., eos_token_id: _Optional[int] = ..., cache_salt: _Optional[str] = ..., output_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SubmitResponse(_message.Message):
     __slots__ = ("request_id", "token_ids", "logprobs", "prompt_logprobs", "finish_reason", "stop_token_id", "num_cached_tokens", "worker_id")

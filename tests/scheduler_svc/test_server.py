@@ -308,3 +308,37 @@ def test_killed_scheduler_process_restarts_with_the_prefix_cache(model_path, red
     assert first_responses[-1].num_cached_tokens == 0
     assert second_responses[-1].num_cached_tokens == 16
     assert second == first
+
+
+def test_resubmitted_outputs_count_as_output(model_path):
+    # A penalty makes every token depend on the earlier outputs: a resumed request must see
+    # them as outputs (and count them against max_tokens) to continue the same run.
+    params = dict(max_tokens=10, frequency_penalty=1.5, presence_penalty=0.5, ignore_eos=True)
+    expected = reference_tokens(model_path, PROMPTS[1:2],
+                                SamplingParams(temperature=0.0, **params))[0]
+
+    async def main():
+        async with running_worker(model_path) as worker, \
+                running_scheduler([worker.address]) as (server, stub):
+            request = submit_request("resumed", PROMPTS[1], **params)
+            request.output_token_ids.extend(expected[:4])
+            return await collect(stub, request)
+
+    tokens, responses = run(main())
+    assert tokens == expected[4:]
+    assert responses[-1].finish_reason == generate_pb2.FINISH_REASON_LENGTH
+
+
+def test_resubmitted_outputs_outside_the_vocab_are_refused(model_path):
+    async def main():
+        async with running_worker(model_path) as worker, \
+                running_scheduler([worker.address]) as (server, stub):
+            request = submit_request("bad", PROMPTS[0], max_tokens=4)
+            request.output_token_ids.append(10**6)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await collect(stub, request)
+            return info.value
+
+    error = run(main())
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "output_token_ids" in error.details()
