@@ -10,6 +10,7 @@ broken by load.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -126,24 +127,49 @@ class SchedulerPool:
     """Links to the schedulers, kept fresh by a background poll, and the pick policy.
 
     Args:
-        addresses: ``host:port`` of each scheduler.
-        prefix_index: where prefix overlap is read (affinity only with several schedulers).
+        addresses: ``host:port`` of each scheduler; empty: discover them from the registry
+            in Redis (``gridllm:scheduler:*`` entries, which expire with their scheduler).
+        prefix_index: where prefix overlap is read (affinity only with several schedulers);
+            its Redis is also the registry read for discovery.
         poll_interval_s: how often each scheduler's stats (load, liveness) are refreshed.
     """
 
     def __init__(self, addresses: Sequence[str], prefix_index: PrefixIndex | None = None,
                  poll_interval_s: float = 0.5):
-        if not addresses:
-            raise ValueError("at least one scheduler address is needed (--scheduler).")
+        self.is_discovering = not addresses
+        if self.is_discovering and (prefix_index is None or prefix_index.redis is None):
+            raise ValueError("at least one scheduler address is needed (--scheduler), or "
+                             "--redis-url to discover the schedulers.")
         self.links: list[SchedulerLink] = []
         for address in addresses:
-            channel = grpc.aio.insecure_channel(address, options=channel_options())
-            self.links.append(SchedulerLink(address, channel,
-                                            scheduler_pb2_grpc.SchedulerStub(channel)))
+            self._add_link(address)
         self.prefix_index = prefix_index
         self.poll_interval_s = poll_interval_s
         self._changed = asyncio.Event()
         self._poller: asyncio.Task | None = None
+
+    def _add_link(self, address: str) -> None:
+        channel = grpc.aio.insecure_channel(address, options=channel_options())
+        self.links.append(SchedulerLink(address, channel,
+                                        scheduler_pb2_grpc.SchedulerStub(channel)))
+
+    async def discover(self) -> None:
+        """Link every scheduler registered in Redis that is not linked yet."""
+        assert self.prefix_index is not None and self.prefix_index.redis is not None
+        redis = self.prefix_index.redis
+        try:
+            keys = [k async for k in redis.scan_iter(match=redis_keys.SCHEDULER_PATTERN)]
+            values = await redis.mget(keys) if keys else []
+        except Exception as exc:  # noqa: BLE001 - keep routing to the known schedulers
+            logger.warning("scheduler registry unavailable: %s", exc)
+            return
+        known = {link.address for link in self.links}
+        for value in values:
+            address = json.loads(value).get("address") if value else None
+            if address and address not in known:
+                logger.info("discovered scheduler %s", address)
+                self._add_link(address)
+                known.add(address)
 
     def start(self) -> None:
         self._poller = asyncio.create_task(self._poll_forever())
@@ -172,6 +198,8 @@ class SchedulerPool:
 
     async def _poll_forever(self) -> None:
         while True:
+            if self.is_discovering:
+                await self.discover()
             await asyncio.gather(*(self.refresh(link) for link in self.links))
             await asyncio.sleep(self.poll_interval_s)
 

@@ -85,6 +85,25 @@ def test_greedy_stream_equals_llm_generate(client, llm):
         assert client.generate(prompt, GREEDY).outputs[0].text == expected.text
 
 
+def test_router_discovers_schedulers_from_redis(stack, llm, tiny_served_model, e2e_redis_url):
+    """A second router given no --scheduler finds the stack's scheduler in the registry."""
+    from router.server import RouterServer
+
+    async def main():
+        router = RouterServer([], tiny_served_model, redis_url=e2e_redis_url)
+        port = await router.start("127.0.0.1:0")
+        try:
+            async with AsyncClient(f"127.0.0.1:{port}", timeout=60.0) as aclient:
+                chunks = [c async for c in aclient.generate_stream(PROMPTS[0], GREEDY)]
+            return "".join(c.text for c in chunks), [a.address for a in router.pool.links]
+        finally:
+            await router.stop()
+
+    text, addresses = asyncio.run(main())
+    assert text == llm.generate(PROMPTS[0], GREEDY, use_tqdm=False)[0].outputs[0].text
+    assert len(addresses) == 1
+
+
 @pytest.mark.parametrize("include_stop", [False, True])
 def test_stop_strings_match_llm_and_abort_upstream(client, llm, include_stop):
     prompt = PROMPTS[1]
