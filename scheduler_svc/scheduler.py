@@ -198,12 +198,14 @@ class Scheduler:
 
     def _is_capped(self, request: Request) -> bool:
         """True if the tokens in flight already reach max_tokens or max_model_len."""
-        if not request.num_output_placeholders:
-            return False
+        return (request.num_output_placeholders > 0
+                and self._reaches_length(request, request.num_output_placeholders))
+
+    def _reaches_length(self, request: Request, num_ahead: int = 0) -> bool:
+        """True if ``num_ahead`` more tokens bring the request to max_tokens or max_model_len."""
         params = request.sampling_params
         max_tokens = (params.max_tokens if params.max_tokens is not None
                       else self.config.max_model_len)
-        num_ahead = request.num_output_placeholders
         return (request.num_output_tokens + num_ahead >= max_tokens
                 or request.num_tokens + num_ahead >= self.config.max_model_len)
 
@@ -273,10 +275,7 @@ class Scheduler:
                 request.status = RequestStatus.FINISHED_STOPPED
                 request.stop_reason = last
                 return True
-        max_tokens = (params.max_tokens if params.max_tokens is not None
-                      else self.config.max_model_len)
-        if (request.num_output_tokens >= max_tokens
-                or request.num_tokens >= self.config.max_model_len):
+        if self._reaches_length(request):
             request.status = RequestStatus.FINISHED_LENGTH
             return True
         return False
