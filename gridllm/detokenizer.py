@@ -51,14 +51,16 @@ class IncrementalDetokenizer:
                 return stop
         return None
 
-    def _decode_next(self) -> str:
+    def _decode_next(self, is_final: bool = False) -> str:
+        """Text the tokens after ``read_offset`` add; "" while a character is incomplete,
+        unless ``is_final``."""
         assert self.tokenizer is not None
         decode = self.tokenizer.decode
         skip = self.params.skip_special_tokens
         prefix_text = decode(self.token_ids[self.prefix_offset:self.read_offset],
                              skip_special_tokens=skip)
         new_text = decode(self.token_ids[self.prefix_offset:], skip_special_tokens=skip)
-        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
+        if len(new_text) <= len(prefix_text) or (new_text.endswith("\ufffd") and not is_final):
             return ""  # an incomplete UTF-8 sequence: wait for the next token
         self.prefix_offset = self.read_offset
         self.read_offset = len(self.token_ids)
@@ -68,13 +70,7 @@ class IncrementalDetokenizer:
         """At the end, emit what was held back waiting for a character to complete."""
         if self.tokenizer is None or self.read_offset == len(self.token_ids) or self._stopped:
             return
-        skip = self.params.skip_special_tokens
-        prefix_text = self.tokenizer.decode(self.token_ids[self.prefix_offset:self.read_offset],
-                                            skip_special_tokens=skip)
-        new_text = self.tokenizer.decode(self.token_ids[self.prefix_offset:],
-                                         skip_special_tokens=skip)
-        self.output_text += new_text[len(prefix_text):]
-        self.prefix_offset = self.read_offset = len(self.token_ids)
+        self.output_text += self._decode_next(is_final=True)
 
     def _find_stop(self, start: int) -> str | None:
         for stop in self._stops:
