@@ -84,16 +84,20 @@ class ModelRunner:
         for num_tokens in (1, 15, 16, 17, 31, 32, 33, 63, 64, 127, 128, 255, 256, 257, 513):
             if num_tokens > limit:
                 break
-            num_blocks = -(-num_tokens // self.block_size)
-            state = RequestState(req_id="warmup", num_prompt_tokens=num_tokens,
-                                 token_ids=[0] * num_tokens, sampling_params=SamplingParams(),
-                                 block_ids=list(range(num_blocks)), num_computed_tokens=0,
-                                 generator=None, needs_prompt_logprobs=False)
-            batch = prepare_inputs([state], [num_tokens], self.block_size, self.device)
-            hidden = self.model(batch.input_ids, batch.positions, self.kv_caches,
-                                batch.attn_metadata)
-            self.model.compute_logits(hidden[-1:])
+            self._dummy_prefill(num_tokens, self.kv_caches)
         torch.cuda.synchronize(self.device)
+
+    def _dummy_prefill(self, num_tokens: int, kv_caches: list) -> None:
+        """One request's prefill of ``num_tokens`` zeros into the first blocks of
+        ``kv_caches``, through the logits of its last token (before any real request)."""
+        num_blocks = -(-num_tokens // self.block_size)
+        state = RequestState(req_id="dummy", num_prompt_tokens=num_tokens,
+                             token_ids=[0] * num_tokens, sampling_params=SamplingParams(),
+                             block_ids=list(range(num_blocks)), num_computed_tokens=0,
+                             generator=None, needs_prompt_logprobs=False)
+        batch = prepare_inputs([state], [num_tokens], self.block_size, self.device)
+        hidden = self.model(batch.input_ids, batch.positions, kv_caches, batch.attn_metadata)
+        self.model.compute_logits(hidden[-1:])
 
     def _capture_cuda_graphs(self) -> CudaGraphRunner | None:
         # Graphs need host-sync-free kernels: the Triton backend's decode path is.
@@ -153,16 +157,10 @@ class ModelRunner:
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         baseline = torch.cuda.memory_allocated(self.device)
-        state = RequestState(req_id="profile", num_prompt_tokens=num_tokens,
-                             token_ids=[0] * num_tokens, sampling_params=SamplingParams(),
-                             block_ids=list(range(num_blocks)), num_computed_tokens=0,
-                             generator=None, needs_prompt_logprobs=False)
-        batch = prepare_inputs([state], [num_tokens], self.block_size, self.device)
-        hidden = self.model(batch.input_ids, batch.positions, caches, batch.attn_metadata)
-        self.model.compute_logits(hidden[-1:])
+        self._dummy_prefill(num_tokens, caches)
         torch.cuda.synchronize(self.device)
         activation_peak = torch.cuda.max_memory_allocated(self.device) - baseline
-        del caches, hidden
+        del caches
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
         budget = self.cache_config.gpu_memory_utilization * total - (total - free) - activation_peak
