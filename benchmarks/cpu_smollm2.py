@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from gridllm.bench.datasets import parse_range  # noqa: E402
 from gridllm.bench.report import write_json  # noqa: E402
 from gridllm.bench.throughput import ThroughputConfig, format_result  # noqa: E402
-from gridllm.logger import configure_logging  # noqa: E402
+from gridllm.common.logger import configure_logging  # noqa: E402
 
 
 def run_alternating(config: ThroughputConfig, repeats: int) -> dict:

@@ -85,7 +85,7 @@ cat >"$WORK/stack.py" <<'PYEOF'
 import json, math, os, sys, traceback
 from dataclasses import replace
 from gridllm.bench import serve, latency
-from gridllm.logger import configure_logging
+from gridllm.common.logger import configure_logging
 
 configure_logging()
 model, work, kind = sys.argv[1], sys.argv[2], sys.argv[3]

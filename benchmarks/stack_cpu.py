@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import grpc  # noqa: E402
 
 from gridllm.bench import serve, throughput  # noqa: E402
-from gridllm.config import CacheConfig, ModelConfig, SchedulerConfig  # noqa: E402
+from gridllm.common.config import CacheConfig, ModelConfig, SchedulerConfig  # noqa: E402
 from gridllm.v1 import worker_pb2, worker_pb2_grpc  # noqa: E402
 from worker_svc.server import WorkerOptions, WorkerServer  # noqa: E402
 

@@ -13,7 +13,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from gridllm.bench import latency, serve  # noqa: E402
-from gridllm.logger import configure_logging  # noqa: E402
+from gridllm.common.logger import configure_logging  # noqa: E402
 
 
 def main(model: str) -> None:

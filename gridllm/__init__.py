@@ -1,7 +1,7 @@
 """gridllm: an LLM inference server (gRPC services) and a vLLM-style in-process engine."""
 
-from gridllm.outputs import CompletionOutput, Logprob, RequestOutput
-from gridllm.sampling_params import SamplingParams
+from gridllm.common.outputs import CompletionOutput, Logprob, RequestOutput
+from gridllm.common.sampling_params import SamplingParams
 
 __all__ = ["LLM", "Client", "AsyncClient", "SamplingParams", "RequestOutput", "CompletionOutput",
            "Logprob"]

@@ -15,7 +15,7 @@ import sys
 import threading
 from types import FrameType
 
-from gridllm.logger import configure_logging
+from gridllm.common.logger import configure_logging
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _sampling_params(args: argparse.Namespace):
-    from gridllm.sampling_params import SamplingParams
+    from gridllm.common.sampling_params import SamplingParams
 
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                           top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop)

@@ -15,9 +15,9 @@ from typing import Any
 
 import grpc
 
-from gridllm.convert import sampling_params_to_pb
-from gridllm.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
-from gridllm.sampling_params import SamplingParams
+from gridllm.common.convert import sampling_params_to_pb
+from gridllm.common.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
+from gridllm.common.sampling_params import SamplingParams
 from gridllm.v1 import generate_pb2, generate_pb2_grpc
 
 _FINISH_REASONS = {

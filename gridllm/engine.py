@@ -6,10 +6,9 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from gridllm.config import CacheConfig, ModelConfig, SchedulerConfig
-from gridllm.logger import log_memory
-from gridllm.sampling_params import SamplingParams
-from scheduler_svc.output import RequestUpdate
+from gridllm.common.config import CacheConfig, ModelConfig, SchedulerConfig
+from gridllm.common.contract import RequestUpdate
+from gridllm.common.sampling_params import SamplingParams
 from scheduler_svc.request import Request, RequestStatus, build_request
 from scheduler_svc.scheduler import Scheduler
 from worker_svc.logits_processors import verify_logits_processors
@@ -50,7 +49,6 @@ class EngineCore:
         self.eos_token_id = eos_token_id
         self.vocab_size = self.runner.vocab_size
         self.max_model_len = self.runner.max_model_len
-        log_memory("after weights load and KV cache allocation", self.runner.device)
         logger.info("KV cache: %d blocks of %d tokens", self.runner.num_kv_blocks,
                     cache_config.block_size)
 

@@ -20,7 +20,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from gridllm.grpc_utils import free_port
+from gridllm.common.grpc_utils import free_port
 
 logger = logging.getLogger(__name__)
 
@@ -307,11 +307,11 @@ class LocalStack:
             RuntimeError: a service exited or did not become healthy in time (everything
                 started so far is stopped again).
         """
-        from gridllm.presets import resolve_model
+        from worker_svc.loader import resolve_model_path
 
         try:
             # Convert a preset once here, not concurrently in every service.
-            self.model_path = resolve_model(self.config.model)
+            self.model_path = resolve_model_path(self.config.model)
             if self.redis_url is None:
                 self._start_redis()
             # The scheduler reports SERVING once a worker is linked: start all, then wait.

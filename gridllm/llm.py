@@ -8,13 +8,13 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from gridllm.config import CacheConfig, ModelConfig, SchedulerConfig
+from gridllm.common.config import CacheConfig, ModelConfig, SchedulerConfig
+from gridllm.common.logger import configure_logging
+from gridllm.common.output_processor import OutputProcessor
+from gridllm.common.outputs import RequestOutput
+from gridllm.common.sampling_params import SamplingParams
+from gridllm.common.tokenizer import apply_chat_template, eos_token_ids, load_tokenizer
 from gridllm.engine import EngineCore
-from gridllm.logger import configure_logging
-from gridllm.output_processor import OutputProcessor
-from gridllm.outputs import RequestOutput
-from gridllm.sampling_params import SamplingParams
-from gridllm.tokenizer import eos_token_ids, load_tokenizer
 from scheduler_svc.request import RequestStatus
 
 logger = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class LLM:
                  max_num_batched_tokens: int = 2048, enable_prefix_caching: bool = True,
                  enable_chunked_prefill: bool = True, scheduling_policy: str = "fcfs",
                  seed: int = 0, profile_dir: str | None = None, **kwargs: Any):
-        from gridllm.presets import resolve_model
+        from worker_svc.loader import resolve_model_path
 
         configure_logging()
         model_kwargs = {k: kwargs.pop(k) for k in ("attention_backend", "enforce_eager")
@@ -58,7 +58,7 @@ class LLM:
                         if k in kwargs}
         if kwargs:
             raise ValueError(f"unknown LLM arguments: {sorted(kwargs)}.")
-        model_path = resolve_model(model)
+        model_path = resolve_model_path(model)
         self.model_config = ModelConfig(model_path, tokenizer, skip_tokenizer_init, dtype, device,
                                         max_model_len, seed=seed, **model_kwargs)
         cache_config = CacheConfig(block_size, num_kv_blocks,
@@ -212,20 +212,3 @@ class LLM:
         path = os.path.join(self.profile_dir, f"trace-{os.getpid()}-{next(self._counter)}.json")  # type: ignore[arg-type]
         profiler.export_chrome_trace(path)
         logger.info("profiler trace written to %s", path)
-
-
-def apply_chat_template(tokenizer: Any, messages: list[dict[str, str]],
-                        add_generation_prompt: bool = True) -> list[int]:
-    """Token ids of a conversation under the tokenizer's chat template."""
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or set(message) - {"role", "content"}:
-            raise ValueError(f"messages[{i}] must have only 'role' and 'content' fields.")
-        if not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
-            raise ValueError(f"messages[{i}] needs string 'role' and 'content'.")
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError("the tokenizer has no chat template.")
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                        tokenize=True)
-    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-        ids = ids["input_ids"]
-    return list(ids)

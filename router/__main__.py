@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import logging
 
-from gridllm.logger import configure_logging
+from gridllm.common.logger import configure_logging
 from router.server import RouterOptions, RouterServer
 
 logger = logging.getLogger(__name__)

@@ -19,36 +19,18 @@ from typing import Any
 
 import grpc
 
-from gridllm import redis_keys
-from gridllm.grpc_utils import channel_options
+from gridllm.common import redis_keys
+from gridllm.common.grpc_utils import channel_options
+from gridllm.common.prefix_hash import prompt_block_hashes
 from gridllm.v1 import generate_pb2, scheduler_pb2, scheduler_pb2_grpc
-from scheduler_svc.block_manager import hash_block
 
 logger = logging.getLogger(__name__)
 
-# Parent hash of a prompt's first block (scheduler_svc.block_manager's root).
-_ROOT_HASH = 0
 # Load gap (requests) above which balance beats cache affinity, if also max > ratio * min.
 _BALANCE_ABS_THRESHOLD = 32
 _BALANCE_REL_THRESHOLD = 2.0
 # Only the first blocks of a prompt are looked up: the prefix is what gets shared.
 _MAX_LOOKUP_BLOCKS = 64
-
-
-def prompt_block_hashes(token_ids: Sequence[int], block_size: int,
-                        cache_salt: str | None = None,
-                        max_blocks: int = _MAX_LOOKUP_BLOCKS) -> list[int]:
-    """Chained hashes of the prompt's full blocks, as the scheduler's block manager computes.
-
-    Only blocks the scheduler could reuse count: it always leaves the last token to compute.
-    """
-    num_full = min((len(token_ids) - 1) // block_size, max_blocks)
-    hashes, parent = [], _ROOT_HASH
-    for i in range(num_full):
-        parent = hash_block(parent, tuple(token_ids[i * block_size:(i + 1) * block_size]),
-                            cache_salt)
-        hashes.append(parent)
-    return hashes
 
 
 @dataclass
@@ -89,7 +71,7 @@ def choose(links: Sequence[SchedulerLink], overlaps: dict[str, int]) -> Schedule
 class PrefixIndex:
     """Reads the per-worker prefix-hash index the schedulers mirror to Redis.
 
-    The index of worker ``w`` is the hash ``gridllm.redis_keys.kv_cached_key(w)`` whose
+    The index of worker ``w`` is the hash ``gridllm.common.redis_keys.kv_cached_key(w)`` whose
     fields are ``str(block_hash)``.
 
     Args:
@@ -250,7 +232,8 @@ class SchedulerPool:
             return alive[0]
         overlaps: dict[str, int] = {}
         if self.prefix_index is not None and alive[0].info is not None:
-            hashes = prompt_block_hashes(token_ids, alive[0].info.block_size, cache_salt)
+            hashes = prompt_block_hashes(token_ids, alive[0].info.block_size, cache_salt,
+                                         _MAX_LOOKUP_BLOCKS)
             worker_ids = [w for link in alive for w in link.worker_ids]
             per_worker = await self.prefix_index.overlap(worker_ids, hashes)
             overlaps = {link.address: max((per_worker.get(w, 0) for w in link.worker_ids),

@@ -17,10 +17,10 @@ from typing import Any
 
 import grpc
 
-from gridllm.convert import sampling_params_to_pb
-from gridllm.detokenizer import IncrementalDetokenizer
-from gridllm.grpc_utils import ServiceServer
-from gridllm.sampling_params import SamplingParams
+from gridllm.common.convert import sampling_params_to_pb
+from gridllm.common.detokenizer import IncrementalDetokenizer
+from gridllm.common.grpc_utils import ServiceServer
+from gridllm.common.sampling_params import SamplingParams
 from gridllm.v1 import generate_pb2, generate_pb2_grpc, scheduler_pb2
 from router.routing import PrefixIndex, SchedulerLink, SchedulerPool
 from router.validation import (
@@ -318,8 +318,8 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
 
 def load_router_tokenizer(model: str, tokenizer: str | None) -> tuple[Any | None, list[int]]:
     """The tokenizer and EOS ids (as ``LLM`` derives them) of a model path or preset."""
-    from gridllm.presets import resolve_model
-    from gridllm.tokenizer import eos_token_ids, load_tokenizer
+    from gridllm.common.presets import resolve_model
+    from gridllm.common.tokenizer import eos_token_ids, load_tokenizer
 
     path = resolve_model(model)
     model_dir = path if os.path.isdir(path) else None

@@ -12,8 +12,9 @@ from typing import Any
 
 from google.protobuf import unknown_fields
 
-from gridllm.convert import sampling_params_from_pb
-from gridllm.sampling_params import SamplingParams
+from gridllm.common.convert import sampling_params_from_pb
+from gridllm.common.sampling_params import SamplingParams
+from gridllm.common.tokenizer import apply_chat_template
 from gridllm.v1 import generate_pb2
 
 # Longest client-chosen request id (it travels in logs and Redis keys).
@@ -141,8 +142,6 @@ def render_chat(tokenizer: Any | None, chat: generate_pb2.ChatMessages, field: s
         messages.append({"role": message.role, "content": message.content})
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError(f"{field}: the served model's tokenizer has no chat template.")
-    from gridllm.llm import apply_chat_template
-
     add_generation_prompt = (chat.add_generation_prompt
                              if chat.HasField("add_generation_prompt") else True)
     try:

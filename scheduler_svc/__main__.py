@@ -6,8 +6,8 @@ import argparse
 import asyncio
 import logging
 
-from gridllm.config import SchedulerConfig
-from gridllm.logger import configure_logging
+from gridllm.common.config import SchedulerConfig
+from gridllm.common.logger import configure_logging
 from scheduler_svc.server import SchedulerServer, SchedulerServiceConfig
 
 logger = logging.getLogger(__name__)

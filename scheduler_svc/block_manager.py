@@ -7,23 +7,11 @@ reusable until evicted; the free queue hands out first what is least worth keepi
 
 from __future__ import annotations
 
-import hashlib
-import struct
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from gridllm.common.prefix_hash import block_hashes
 from scheduler_svc.request import Request
-
-_ROOT_HASH = 0
-
-
-def hash_block(parent_hash: int, token_ids: tuple[int, ...], extra_key: str | None) -> int:
-    """A 64-bit hash stable across processes (Redis mirrors it)."""
-    h = hashlib.blake2b(digest_size=8)
-    h.update(struct.pack(f"<Q{len(token_ids)}q", parent_hash, *token_ids))
-    if extra_key:
-        h.update(extra_key.encode())
-    return int.from_bytes(h.digest(), "little")
 
 
 @dataclass
@@ -78,15 +66,12 @@ class BlockManager:
 
     def _block_hashes(self, request: Request, num_tokens: int) -> list[int]:
         """Hashes of the request's full blocks within its first ``num_tokens`` tokens."""
-        hashes = self._req_to_hashes.setdefault(request.req_id, [])
+        hashes = self._req_to_hashes.get(request.req_id, [])
         num_full = num_tokens // self.block_size
         if len(hashes) < num_full:
-            tokens = request.all_token_ids
-            parent = hashes[-1] if hashes else _ROOT_HASH
-            for i in range(len(hashes), num_full):
-                chunk = tuple(tokens[i * self.block_size:(i + 1) * self.block_size])
-                parent = hash_block(parent, chunk, request.cache_salt)
-                hashes.append(parent)
+            hashes = block_hashes(request.all_token_ids, self.block_size, request.cache_salt,
+                                  num_full, prefix=hashes)
+            self._req_to_hashes[request.req_id] = hashes
         return hashes[:num_full]
 
     def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
@@ -178,6 +163,50 @@ class BlockManager:
                 self.free_queue[block.block_id] = block
                 if block.block_hash is None:
                     self.free_queue.move_to_end(block.block_id, last=False)
+
+    def num_cached_prefix_blocks(self, hashes: list[int]) -> int:
+        """How many leading blocks of a prefix (its chained ``hashes``) are cached."""
+        num = 0
+        for block_hash in hashes:
+            if block_hash not in self.cached_blocks:
+                break
+            num += 1
+        return num
+
+    def cached_entry(self, block_hash: int) -> tuple[int, tuple[int, ...]] | None:
+        """``(block id, token ids)`` of a cached block, or None if the hash is not cached."""
+        block = self.cached_blocks.get(block_hash)
+        if block is None or block.token_ids is None:
+            return None
+        return block.block_id, block.token_ids
+
+    def cached_entries(self) -> dict[int, tuple[int, tuple[int, ...]]]:
+        """Every cached block: hash -> ``(block id, token ids)``."""
+        return {h: (b.block_id, b.token_ids or ()) for h, b in self.cached_blocks.items()}
+
+    def restore_cached(self, entries: dict[int, tuple[int, tuple[int, ...]]]) -> int:
+        """Register cached (free) blocks, e.g. a prefix cache mirrored before a restart.
+
+        Args:
+            entries: block hash -> (block id, its token ids); inconsistent ones are skipped
+                (an id outside the pool, a wrong length, a block in use or already cached).
+        Returns:
+            The number of blocks restored.
+        """
+        restored = 0
+        for block_hash, (block_id, token_ids) in entries.items():
+            if not 0 <= block_id < self.num_blocks or len(token_ids) != self.block_size:
+                continue
+            block = self.blocks[block_id]
+            if (block.block_hash is not None or block.ref_cnt != 0
+                    or block_hash in self.cached_blocks):
+                continue
+            block.block_hash, block.token_ids = block_hash, tuple(token_ids)
+            self.cached_blocks[block_hash] = block
+            # Cached blocks go behind the never-used ones: evicted last.
+            self.free_queue.move_to_end(block_id)
+            restored += 1
+        return restored
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached hash; refused (False) while any block is in use."""

@@ -3,7 +3,7 @@
 After each step the step loop records what changed, synchronously and without I/O; a
 background task writes the records in one pipelined round trip, so a slow Redis delays
 the mirror, never a step. A prefix-cache entry is recorded only after the step that
-computed its KV, with its block version (scheduler_svc.block_versions): after a scheduler
+computed its KV, with its block version (gridllm.common.block_versions): after a scheduler
 restart, entries whose block was overwritten since are recognised and dropped.
 """
 
@@ -16,42 +16,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from gridllm import redis_keys
-from gridllm.grpc_utils import stop_tasks, wait_or_stop
+from gridllm.common import redis_keys
+from gridllm.common.contract import RequestUpdate, SchedulerOutput
+from gridllm.common.grpc_utils import stop_tasks, wait_or_stop
 from scheduler_svc.block_manager import BlockManager
-from scheduler_svc.output import RequestUpdate, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
 # A worker's mirror expires this many heartbeat TTLs after its last write.
 _MIRROR_EXPIRY_TTLS = 10
-
-
-def restore_cached_blocks(block_manager: BlockManager,
-                          entries: dict[int, tuple[int, tuple[int, ...]]]) -> int:
-    """Register cached (free) blocks in a fresh block manager.
-
-    Args:
-        block_manager: one with every block free and nothing cached.
-        entries: block hash -> (block id, its token ids).
-    Returns:
-        The number of blocks restored (inconsistent entries are skipped).
-    """
-    restored = 0
-    for block_hash, (block_id, token_ids) in entries.items():
-        if (not 0 <= block_id < block_manager.num_blocks
-                or len(token_ids) != block_manager.block_size):
-            continue
-        block = block_manager.blocks[block_id]
-        if (block.block_hash is not None or block.ref_cnt != 0
-                or block_hash in block_manager.cached_blocks):
-            continue
-        block.block_hash, block.token_ids = block_hash, tuple(token_ids)
-        block_manager.cached_blocks[block_hash] = block
-        # Cached blocks go behind the never-used ones: evicted last.
-        block_manager.free_queue.move_to_end(block_id)
-        restored += 1
-    return restored
 
 
 class _Tracked:
@@ -131,12 +104,13 @@ class RedisMirror:
         stored, removed = bm.drain_events()
         # Removals first: a hash evicted and stored again within the step ends stored.
         for block_hash in (*removed, *stored):
-            block = bm.cached_blocks.get(block_hash)
-            if block is None or block.token_ids is None:
+            entry = bm.cached_entry(block_hash)
+            if entry is None:
                 tracked.cached[block_hash] = None
             else:
+                block_id, token_ids = entry
                 tracked.cached[block_hash] = redis_keys.encode_cached_block(
-                    block.block_id, tracked.versions[block.block_id], block.token_ids)
+                    block_id, tracked.versions[block_id], token_ids)
         req_ids = {r.req_id for r in output.scheduled_new_reqs}
         req_ids.update(r.req_id for r in output.scheduled_cached_reqs if r.new_block_ids)
         req_ids.update(output.finished_req_ids)
@@ -274,15 +248,14 @@ class RedisMirror:
                 block_id, version, token_ids = redis_keys.decode_cached_block(value)
                 if 0 <= block_id < len(versions) and versions[block_id] == version:
                     entries[int(key)] = (block_id, token_ids)
-        restored = restore_cached_blocks(block_manager, entries)
+        restored = block_manager.restore_cached(entries)
         pipe = self.redis.pipeline(transaction=False)
         pipe.delete(redis_keys.kv_tables_key(worker_id))
         if raw and restored != len(raw):
             # Stale entries would mislead routers; rewrite what was kept.
             pipe.delete(cached_key)
-            kept = {str(h): redis_keys.encode_cached_block(b.block_id, versions[b.block_id],
-                                                           b.token_ids or ())
-                    for h, b in block_manager.cached_blocks.items()}
+            kept = {str(h): redis_keys.encode_cached_block(block_id, versions[block_id], tokens)
+                    for h, (block_id, tokens) in block_manager.cached_entries().items()}
             if kept:
                 pipe.hset(cached_key, mapping=kept)
         pipe.hset(state_key, mapping={"instance_id": instance_id,

@@ -6,7 +6,8 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from gridllm.sampling_params import SamplingParams
+from gridllm.common.contract import FinishReason
+from gridllm.common.sampling_params import SamplingParams
 
 
 class RequestStatus(enum.IntEnum):
@@ -22,12 +23,6 @@ class RequestStatus(enum.IntEnum):
     @property
     def is_finished(self) -> bool:
         return self >= RequestStatus.FINISHED_STOPPED
-
-
-class FinishReason(str, enum.Enum):
-    STOP = "stop"
-    LENGTH = "length"
-    ABORT = "abort"
 
 
 _FINISH_REASONS = {

@@ -10,12 +10,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
-from gridllm.config import CacheConfig, SchedulerConfig
+from gridllm.common.config import CacheConfig, SchedulerConfig
+from gridllm.common.contract import (
+    CachedRequestData,
+    ModelRunnerOutput,
+    NewRequestData,
+    RequestUpdate,
+    SchedulerOutput,
+)
 from scheduler_svc.block_manager import BlockManager, KVBlock
-from scheduler_svc.output import CachedRequestData, NewRequestData, RequestUpdate, SchedulerOutput
 from scheduler_svc.request import Request, RequestStatus
 from scheduler_svc.request_queue import make_queue
-from worker_svc.output import ModelRunnerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +109,11 @@ class Scheduler:
     @property
     def num_waiting(self) -> int:
         return len(self.waiting)
+
+    def free_capacity(self) -> int:
+        """Free KV blocks minus what the queued requests will take."""
+        demand = sum(-(-r.num_tokens // self.block_size) for r in self.waiting)
+        return self.block_manager.num_free_blocks - demand
 
     # ----------------------------------------------------------------- schedule
     def schedule(self) -> SchedulerOutput:
@@ -237,12 +247,18 @@ class Scheduler:
             if request is None:
                 continue  # finished or aborted while the step ran
             update = RequestUpdate(req_id, num_cached_tokens=request.num_cached_tokens)
+            error = runner_output.failed.get(req_id)
+            if error is not None:
+                # Refused by the runner: nothing it produced for the request is valid.
+                request.num_output_placeholders = 0
+                request.status = RequestStatus.FINISHED_ABORTED
+                update.error = error
             prompt_logprobs = runner_output.prompt_logprobs.get(req_id)
             if prompt_logprobs:
                 update.new_prompt_logprobs = prompt_logprobs
             logprobs = runner_output.logprobs.get(req_id)
             for k, token_id in enumerate(runner_output.sampled_token_ids.get(req_id, [])):
-                if not request.num_output_placeholders:
+                if not request.num_output_placeholders or request.is_finished:
                     break  # not expected (its step was undone by a preemption)
                 # Tokens land even if the request was preempted meanwhile: the sample is valid.
                 request.num_output_placeholders -= 1

@@ -1,43 +1,58 @@
-"""The Scheduler gRPC service: Submit, Abort, GetStats and GetInfo over the worker links
-that scheduler_svc.server.SchedulerServer maintains.
-"""
+"""The Scheduler gRPC service: Submit, Abort, GetStats and GetInfo over a WorkerPool."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
 
 import grpc
 
-from gridllm.convert import request_update_to_pb, sampling_params_from_pb
+from gridllm.common.contract import FinishReason, RequestUpdate
+from gridllm.common.convert import request_update_to_pb, sampling_params_from_pb
 from gridllm.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2
-from scheduler_svc.output import RequestUpdate
-from scheduler_svc.request import FinishReason, Request, RequestStatus, build_request
-from scheduler_svc.worker_link import WorkerLink
-
-if TYPE_CHECKING:
-    from scheduler_svc.server import SchedulerServer
+from scheduler_svc.request import Request, RequestStatus, build_request
+from scheduler_svc.worker_pool import NoWorkerError, WorkerPool
 
 logger = logging.getLogger(__name__)
 
 
-class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
-    """Request handling over the links that SchedulerServer maintains."""
+class UpdateStreams:
+    """The queue each Submit stream reads its request's updates from."""
 
-    def __init__(self, server: SchedulerServer):
-        self.server = server
-        # req_id -> the queue its Submit stream reads updates from.
-        self.streams: dict[str, asyncio.Queue[RequestUpdate]] = {}
-        self.req_links: dict[str, WorkerLink] = {}
+    def __init__(self) -> None:
+        self._queues: dict[str, asyncio.Queue[RequestUpdate]] = {}
+
+    def open(self, req_id: str) -> asyncio.Queue[RequestUpdate]:
+        queue: asyncio.Queue[RequestUpdate] = asyncio.Queue()
+        self._queues[req_id] = queue
+        return queue
+
+    def close(self, req_id: str) -> None:
+        self._queues.pop(req_id, None)
+
+    def __contains__(self, req_id: str) -> bool:
+        return req_id in self._queues
 
     def deliver(self, updates: list[RequestUpdate]) -> None:
         for update in updates:
-            queue = self.streams.get(update.req_id)
+            queue = self._queues.get(update.req_id)
             if queue is not None:
                 queue.put_nowait(update)
-            if update.finished:
-                self.req_links.pop(update.req_id, None)
+
+
+class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
+    """Request handling over the workers of a WorkerPool.
+
+    Args:
+        pool: the workers.
+        streams: where the pool delivers the updates the Submit streams read.
+        scheduler_id: reported by GetInfo.
+    """
+
+    def __init__(self, pool: WorkerPool, streams: UpdateStreams, scheduler_id: str):
+        self.pool = pool
+        self.streams = streams
+        self.scheduler_id = scheduler_id
 
     # ----------------------------------------------------------------- Submit
     async def Submit(self, request: scheduler_pb2.SubmitRequest, context):
@@ -49,33 +64,33 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             SubmitResponse messages; the last carries finish_reason. A cancelled call
             aborts the request. INVALID_ARGUMENT names a bad field; UNAVAILABLE without workers.
         """
-        links = self.server.alive_links()
-        if not links:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "no worker is connected")
-        req = self._make_request(request, links[0].info)
-        link = self.server.pick_link(req, links)
-        queue: asyncio.Queue[RequestUpdate] = asyncio.Queue()
-        self.streams[req.req_id] = queue
+        try:
+            req = self._make_request(request, self.pool.any_info())
+        except NoWorkerError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        queue = self.streams.open(req.req_id)
         is_finished = False
         try:
-            link.add_request(req)
-            self.req_links[req.req_id] = link
+            try:
+                link = self.pool.add_request(req)
+            except NoWorkerError as exc:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
             while True:
                 update = await queue.get()
                 while not update.finished and not queue.empty():
                     # The stream fell behind the step loop: one message for all its steps.
                     update = _merge(update, queue.get_nowait())
                 is_finished = update.finished
+                if update.error is not None:
+                    raise ValueError(update.error)
                 yield request_update_to_pb(update, link.worker_id)
                 if is_finished:
                     return
         finally:
-            self.streams.pop(req.req_id, None)
+            self.streams.close(req.req_id)
             if not is_finished:
                 # Cancelled by the client (or the router went away): free its blocks.
-                self.req_links.pop(req.req_id, None)
-                if link.is_alive:
-                    link.abort([req.req_id])
+                self.pool.abort([req.req_id])
                 logger.debug("request %s cancelled", req.req_id)
 
     def _make_request(self, msg: scheduler_pb2.SubmitRequest,
@@ -88,12 +103,11 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             msg.sampling_params if msg.HasField("sampling_params") else None)
         if params.n != 1:
             raise ValueError(f"n must be 1 per Submit (the router fans out n > 1), got {params.n}.")
-        if params.logits_processors:
-            # Imported only when used: it pulls in torch, which the scheduler needs not.
-            from worker_svc.logits_processors import verify_logits_processors
-
-            # A bad name or argument found inside a step would break the whole stream.
-            verify_logits_processors(params)
+        unknown = [n for n in params.logits_processors or [] if n not in info.logits_processors]
+        if unknown:
+            # Arguments are checked by the worker, which holds the processors.
+            raise ValueError(f"logits_processors must name registered processors "
+                             f"{list(info.logits_processors)}, got {unknown[0]!r}.")
         eos = msg.eos_token_id if msg.HasField("eos_token_id") else (
             info.eos_token_id if info.HasField("eos_token_id") else None)
         return build_request(msg.request_id, list(msg.prompt_token_ids), params,
@@ -114,13 +128,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         is_stop = request.reason == scheduler_pb2.ABORT_REASON_STOP
         status = RequestStatus.FINISHED_STOPPED if is_stop else RequestStatus.FINISHED_ABORTED
         reason = FinishReason.STOP if is_stop else FinishReason.ABORT
-        aborted = []
-        for req_id in request.request_ids:
-            link = self.req_links.get(req_id)
-            if link is None or not link.abort([req_id], status):
-                continue
-            aborted.append(req_id)
-            self.deliver([RequestUpdate(req_id, finish_reason=reason)])
+        aborted = self.pool.abort(list(request.request_ids), status)
+        self.streams.deliver([RequestUpdate(req_id, finish_reason=reason) for req_id in aborted])
         return scheduler_pb2.AbortResponse(aborted_request_ids=aborted)
 
     # ----------------------------------------------------------------- stats / info
@@ -128,13 +137,13 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         """Returns:
             Requests running/waiting, prefix-cache counters and KV blocks per worker.
         """
-        return self.server.stats()
+        return self.pool.stats()
 
     async def GetInfo(self, request, context):
         """Returns:
             The served model's limits (UNAVAILABLE before any worker connected).
         """
-        info = self.server.model_info()
+        info = self.pool.model_info(self.scheduler_id)
         if info is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "no worker is connected")
         return info
@@ -149,4 +158,4 @@ def _merge(first: RequestUpdate, second: RequestUpdate) -> RequestUpdate:
         first.req_id, first.new_token_ids + second.new_token_ids,
         join(first.new_logprobs, second.new_logprobs),
         join(first.new_prompt_logprobs, second.new_prompt_logprobs),
-        second.finish_reason, second.stop_reason, second.num_cached_tokens)
+        second.finish_reason, second.stop_reason, second.num_cached_tokens, second.error)

@@ -11,11 +11,11 @@ from collections.abc import Callable
 
 import grpc
 
-from gridllm.convert import runner_output_from_pb, scheduler_output_to_pb
+from gridllm.common.block_versions import bump_versions
+from gridllm.common.contract import FinishReason, RequestUpdate, SchedulerOutput
+from gridllm.common.convert import runner_output_from_pb, scheduler_output_to_pb
 from gridllm.v1 import worker_pb2, worker_pb2_grpc
-from scheduler_svc.block_versions import bump_versions
-from scheduler_svc.output import RequestUpdate, SchedulerOutput
-from scheduler_svc.request import FinishReason, Request, RequestStatus
+from scheduler_svc.request import Request, RequestStatus
 from scheduler_svc.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)

@@ -6,8 +6,8 @@ import argparse
 import asyncio
 import logging
 
-from gridllm.config import CacheConfig, ModelConfig, SchedulerConfig
-from gridllm.logger import configure_logging
+from gridllm.common.config import CacheConfig, ModelConfig, SchedulerConfig
+from gridllm.common.logger import configure_logging
 from worker_svc.server import WorkerOptions, WorkerServer
 
 logger = logging.getLogger(__name__)

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 
 import torch
+
+from gridllm.common.presets import DONE_MARKER
 
 logger = logging.getLogger(__name__)
 
@@ -37,3 +41,44 @@ def load_gguf(path: str, dtype: torch.dtype | None = None):
                                   torch_dtype=dtype)
     logger.info("read %d tensors from %s", len(parsed["tensors"]), path)
     return config, parsed["tensors"]
+
+
+def convert_gguf_to_hf(gguf_path: str, target: str) -> None:
+    """Dequantize ``gguf_path`` into an HF directory at ``target``, atomically."""
+    from safetensors.torch import save_file
+
+    logger.info("converting %s into %s (once)", gguf_path, target)
+    parent = os.path.dirname(target)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    try:
+        # transformers refuses to save_pretrained a GGUF-loaded model, so the dequantized
+        # tensors (float32, already un-permuted) are written directly.
+        config, tensors = load_gguf(gguf_path)
+        config.save_pretrained(tmp)
+        save_file({k: v.contiguous() for k, v in tensors.items()},
+                  os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        _save_tokenizer(gguf_path, tmp)
+        open(os.path.join(tmp, DONE_MARKER), "w").close()
+        os.chmod(tmp, 0o755)
+        if os.path.isfile(os.path.join(target, DONE_MARKER)):
+            # Another process finished first; its copy is as good as ours.
+            return
+        if os.path.isdir(target):
+            # A leftover without the marker is an interrupted conversion.
+            shutil.rmtree(target)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not os.path.isfile(os.path.join(target, DONE_MARKER)):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _save_tokenizer(gguf_path: str, target: str) -> None:
+    """Tokenizer files (chat template included) rebuilt from the GGUF metadata."""
+    from transformers import AutoTokenizer
+
+    directory, filename = os.path.split(gguf_path)
+    AutoTokenizer.from_pretrained(directory, gguf_file=filename).save_pretrained(target)

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from gridllm.sampling_params import SamplingParams
-from scheduler_svc.output import NewRequestData
+from gridllm.common.contract import NewRequestData
+from gridllm.common.sampling_params import SamplingParams
 from worker_svc.layers.attention import AttentionMetadata
 
 

@@ -3,7 +3,6 @@ or a GGUF file, on the requested device and dtype."""
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import json
 import logging
@@ -11,29 +10,21 @@ import os
 from collections.abc import Iterator
 
 import torch
-from torch import nn
 
-from gridllm.config import ModelConfig
-from worker_svc.layers.attention import AttentionBackend, get_attention_backend
+from gridllm.common.config import ModelConfig
+from gridllm.common.presets import resolve_model
+from worker_svc.layers.attention import AttentionBackend
+from worker_svc.layers.selector import get_attention_backend
 from worker_svc.models import get_model_class
+from worker_svc.torch_utils import default_dtype, resolve_device, resolve_dtype, skip_init
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+def resolve_model_path(name: str) -> str:
+    """``resolve_model`` that converts a GGUF preset into its cached HF directory once."""
+    from worker_svc.gguf_loader import convert_gguf_to_hf
 
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA if available, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto`` -> bfloat16 on CUDA, float32 elsewhere; explicit names are kept."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _DTYPES[name]
+    return resolve_model(name, convert_gguf_to_hf)
 
 
 def load_model(model_config: ModelConfig, backend: AttentionBackend | None = None,
@@ -49,9 +40,7 @@ def load_model(model_config: ModelConfig, backend: AttentionBackend | None = Non
     Raises:
         ValueError: the path does not exist or the architecture is not supported.
     """
-    from gridllm.presets import resolve_model
-
-    path = resolve_model(model_config.model)
+    path = resolve_model_path(model_config.model)
     device = device or resolve_device(model_config.device)
     dtype = resolve_dtype(model_config.dtype, device)
     if path.startswith("random:"):
@@ -64,7 +53,7 @@ def load_model(model_config: ModelConfig, backend: AttentionBackend | None = Non
     architectures = getattr(hf_config, "architectures", None) or [None]
     model_cls = get_model_class(architectures[0])
     backend = backend or get_attention_backend(model_config.attention_backend, device)
-    with _default_dtype(dtype), torch.device(device), _skip_init():
+    with default_dtype(dtype), torch.device(device), skip_init():
         model = model_cls(hf_config, backend)
     model.load_weights(weights)
     model.eval()
@@ -116,27 +105,3 @@ def _weight_files(directory: str, single: str) -> list[str]:
     if single.endswith(".safetensors"):
         return sorted(glob.glob(os.path.join(directory, "*.safetensors")))
     return []
-
-
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype):
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
-@contextlib.contextmanager
-def _skip_init():
-    # Every parameter is overwritten by the checkpoint; random init would only cost time.
-    saved = {cls: cls.reset_parameters for cls in (nn.Linear, nn.Embedding)}
-    for cls in saved:
-        cls.reset_parameters = lambda self: None
-    try:
-        yield
-    finally:
-        for cls, fn in saved.items():
-            cls.reset_parameters = fn
-

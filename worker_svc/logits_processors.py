@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from gridllm.sampling_params import SamplingParams
+from gridllm.common.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 

@@ -4,21 +4,21 @@
 from __future__ import annotations
 
 import logging
-import os
 
 import numpy as np
 import torch
 
-from gridllm.config import CacheConfig, ModelConfig, SchedulerConfig
-from gridllm.sampling_params import SamplingParams
-from scheduler_svc.output import SchedulerOutput
+from gridllm.common.config import CacheConfig, ModelConfig, SchedulerConfig
+from gridllm.common.contract import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
+from gridllm.common.sampling_params import SamplingParams
 from worker_svc.cuda_graph import CudaGraphRunner
 from worker_svc.input_batch import BatchInputs, RequestState, prepare_inputs
-from worker_svc.layers.attention import get_attention_backend
 from worker_svc.layers.ops import set_use_triton
-from worker_svc.loader import load_model, resolve_device, resolve_dtype
-from worker_svc.output import ModelRunnerOutput, TokenLogprobs
+from worker_svc.layers.selector import get_attention_backend
+from worker_svc.loader import load_model
+from worker_svc.logits_processors import verify_logits_processors
 from worker_svc.sampler import Sampler, SamplingMetadata, compute_token_logprobs
+from worker_svc.torch_utils import memory_usage, resolve_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +62,8 @@ class ModelRunner:
         self.block_size = cache_config.block_size
         self.sampler = Sampler()
         self.requests: dict[str, RequestState] = {}
+        # Requests refused on arrival (bad processor arguments) until the scheduler drops them.
+        self._refused: set[str] = set()
         self.num_kv_blocks = self._num_kv_blocks()
         self.kv_caches = self._allocate_kv_cache(self.num_kv_blocks)
         logger.info("KV cache: %d blocks of %d tokens; memory after allocating it: %s",
@@ -179,11 +181,12 @@ class ModelRunner:
             Sampled token ids of the requests whose chunk reached the end of their tokens,
             plus logprobs / prompt logprobs where asked for.
         """
-        self._update_states(scheduler_output)
+        output = ModelRunnerOutput()
+        self._update_states(scheduler_output, output)
         req_ids = [r.req_id for r in scheduler_output.scheduled_new_reqs]
         req_ids += [r.req_id for r in scheduler_output.scheduled_cached_reqs]
-        req_ids = [r for r in req_ids if scheduler_output.num_scheduled_tokens.get(r, 0) > 0]
-        output = ModelRunnerOutput()
+        req_ids = [r for r in req_ids if scheduler_output.num_scheduled_tokens.get(r, 0) > 0
+                   and r in self.requests]
         if not req_ids:
             return output
         states = [self.requests[r] for r in req_ids]
@@ -203,12 +206,23 @@ class ModelRunner:
                          hidden[[batch.last_rows[i] for i in sampling]], output)
         return output
 
-    def _update_states(self, scheduler_output: SchedulerOutput) -> None:
+    def _update_states(self, scheduler_output: SchedulerOutput,
+                       output: ModelRunnerOutput) -> None:
         for req_id in scheduler_output.finished_req_ids:
             self.requests.pop(req_id, None)
+            self._refused.discard(req_id)
         for new in scheduler_output.scheduled_new_reqs:
+            try:
+                verify_logits_processors(new.sampling_params)
+            except ValueError as exc:
+                # One request's bad arguments must not fail the step for the others.
+                output.failed[new.req_id] = str(exc)
+                self._refused.add(new.req_id)
+                continue
             self.requests[new.req_id] = RequestState.from_new(new, self.device)
         for cached in scheduler_output.scheduled_cached_reqs:
+            if cached.req_id in self._refused:
+                continue  # scheduled again before the scheduler learnt of the refusal
             state = self.requests.get(cached.req_id)
             if state is None:
                 raise ValueError(f"request {cached.req_id!r} is not known to the runner; "
@@ -255,21 +269,6 @@ class ModelRunner:
                 results += compute_token_logprobs(logits, targets[offset:offset + size],
                                                   state.sampling_params.prompt_logprobs or 0)
             output.prompt_logprobs.setdefault(state.req_id, []).extend(results)
-
-
-def memory_usage(device: torch.device) -> str:
-    """GPU memory allocated by torch on CUDA, the process's resident set size elsewhere."""
-    if device.type == "cuda":
-        return f"{torch.cuda.memory_allocated(device) / 2**30:.2f} GiB allocated on GPU"
-    try:
-        with open("/proc/self/statm") as f:
-            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        import resource
-
-        # ru_maxrss is the peak, in KiB on Linux.
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return f"{rss / 2**30:.2f} GiB RSS"
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -12,9 +12,10 @@ import logging
 import torch
 from torch import nn
 
-from gridllm.random_presets import random_model_config
+from gridllm.common.random_presets import random_model_config
 from worker_svc.layers.attention import AttentionBackend
 from worker_svc.models import get_model_class
+from worker_svc.torch_utils import default_dtype, skip_init
 
 logger = logging.getLogger(__name__)
 
@@ -35,11 +36,9 @@ def build_random_model(name: str, backend: AttentionBackend, device: torch.devic
     Returns:
         ``(model, hf_config)``; the model is in eval mode.
     """
-    from worker_svc.loader import _default_dtype, _skip_init
-
     hf_config = random_model_config(name)
     model_cls = get_model_class(hf_config.architectures[0])
-    with _default_dtype(dtype), torch.device(device), _skip_init():
+    with default_dtype(dtype), torch.device(device), skip_init():
         model = model_cls(hf_config, backend)
     init_random_weights(model, device, seed)
     model.eval()

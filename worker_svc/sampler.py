@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from gridllm.sampling_params import SamplingParams
+from gridllm.common.contract import TokenLogprobs
+from gridllm.common.sampling_params import SamplingParams
 from kernels import torch_ref
 from worker_svc.logits_processors import (
     LogitsProcessorSpec,
@@ -21,7 +22,6 @@ from worker_svc.logits_processors import (
     get_logits_processor,
     registered_logits_processors,
 )
-from worker_svc.output import TokenLogprobs
 
 _NEG_INF = float("-inf")
 

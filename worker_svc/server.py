@@ -19,12 +19,13 @@ from dataclasses import dataclass
 
 import grpc
 
-from gridllm import redis_keys
-from gridllm.convert import runner_output_to_pb, scheduler_output_from_pb
-from gridllm.grpc_utils import ServiceServer, stop_tasks, wait_or_stop
+from gridllm.common import redis_keys
+from gridllm.common.block_versions import bump_versions
+from gridllm.common.contract import ModelRunnerOutput
+from gridllm.common.convert import runner_output_to_pb, scheduler_output_from_pb
+from gridllm.common.grpc_utils import ServiceServer, stop_tasks, wait_or_stop
 from gridllm.v1 import worker_pb2, worker_pb2_grpc
-from scheduler_svc.block_versions import bump_versions
-from worker_svc.output import ModelRunnerOutput
+from worker_svc.logits_processors import registered_logits_processors
 
 logger = logging.getLogger(__name__)
 
@@ -173,7 +174,7 @@ def build_info(runner, model: str, worker_id: str, scheduler_config) -> worker_p
         max_model_len=runner.max_model_len, max_num_seqs=scheduler_config.max_num_seqs,
         max_num_batched_tokens=scheduler_config.max_num_batched_tokens,
         device=str(runner.device), dtype=str(getattr(runner, "dtype", "")).replace("torch.", ""),
-        instance_id=uuid.uuid4().hex)
+        instance_id=uuid.uuid4().hex, logits_processors=registered_logits_processors())
     if runner.eos_token_id is not None:
         info.eos_token_id = runner.eos_token_id
     return info

@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``gridllm bench <command> ...``; returns the exit code (2 on bad input)."""
-    from gridllm.logger import configure_logging
+    from gridllm.common.logger import configure_logging
 
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)

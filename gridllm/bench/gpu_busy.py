@@ -43,7 +43,7 @@ def profile_decode(model: str, batch_size: int = 1, input_len: int = 128,
 
     from gridllm.bench.datasets import random_requests
     from gridllm.bench.throughput import ThroughputConfig, build_llm
-    from gridllm.sampling_params import SamplingParams
+    from gridllm.common.sampling_params import SamplingParams
 
     llm = build_llm(ThroughputConfig(model=model, max_num_seqs=max(batch_size, 1)))
     engine = llm.engine
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", default=None, help="write the result as JSON here")
     args = p.parse_args(argv)
     from gridllm.bench.report import write_json
-    from gridllm.logger import configure_logging
+    from gridllm.common.logger import configure_logging
 
     configure_logging()
     result = profile_decode(args.model, args.batch_size, args.input_len, args.num_steps,

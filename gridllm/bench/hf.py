@@ -38,8 +38,8 @@ def load_hf_model(model: str, dtype: torch.dtype, device: torch.device, seed: in
     """
     from transformers import AutoModelForCausalLM
 
-    from gridllm.presets import resolve_model
-    from gridllm.random_presets import is_random_model, random_model_config
+    from gridllm.common.random_presets import is_random_model, random_model_config
+    from worker_svc.loader import resolve_model_path
 
     if is_random_model(model):
         torch.manual_seed(seed)
@@ -48,7 +48,7 @@ def load_hf_model(model: str, dtype: torch.dtype, device: torch.device, seed: in
     else:
         import os
 
-        path = resolve_model(model)
+        path = resolve_model_path(model)
         if os.path.isfile(path) and path.endswith(".gguf"):
             hf_model = AutoModelForCausalLM.from_pretrained(
                 os.path.dirname(path), gguf_file=os.path.basename(path), dtype=dtype)

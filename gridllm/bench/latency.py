@@ -65,7 +65,7 @@ def _time_engine_request(engine, req_id: str, prompt: list[int], output_len: int
                          ) -> RequestRecord:
     import torch
 
-    from gridllm.sampling_params import SamplingParams
+    from gridllm.common.sampling_params import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
     record = RequestRecord(len(prompt), output_len, time.perf_counter())
@@ -118,7 +118,7 @@ def run_remote(config: LatencyConfig) -> tuple[list[RequestRecord], str]:
     from tqdm.auto import tqdm
 
     from gridllm.client import Client
-    from gridllm.sampling_params import SamplingParams
+    from gridllm.common.sampling_params import SamplingParams
 
     assert config.target is not None
     records = []
@@ -146,7 +146,7 @@ def run_latency(config: LatencyConfig) -> dict[str, Any]:
     import torch
 
     from gridllm.bench.roofline import measure_limits, model_decode_weight_bytes, roofline
-    from worker_svc.loader import resolve_device, resolve_dtype
+    from worker_svc.torch_utils import resolve_device, resolve_dtype
 
     if config.model is not None:
         records, device, weight_bytes = run_inprocess(config)

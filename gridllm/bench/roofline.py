@@ -77,21 +77,21 @@ def model_decode_weight_bytes(model: str, dtype: torch.dtype) -> int:
     """``decode_weight_bytes`` of a model name, built on the meta device (no memory)."""
     import os
 
-    from gridllm.presets import resolve_model
-    from gridllm.random_presets import is_random_model, random_model_config
-    from worker_svc.loader import _default_dtype
+    from gridllm.common.random_presets import is_random_model, random_model_config
+    from worker_svc.loader import resolve_model_path
     from worker_svc.models import get_model_class
+    from worker_svc.torch_utils import default_dtype
 
     if is_random_model(model):
         hf_config = random_model_config(model)
     else:
         from transformers import AutoConfig
 
-        path = resolve_model(model)
+        path = resolve_model_path(model)
         if not os.path.isdir(path):
             raise ValueError(f"weight bytes need an HF directory or a preset, got {model!r}.")
         hf_config = AutoConfig.from_pretrained(path)
-    with _default_dtype(dtype), torch.device("meta"):
+    with default_dtype(dtype), torch.device("meta"):
         meta_model = get_model_class(hf_config.architectures[0])(hf_config, None)
     return decode_weight_bytes(meta_model)
 

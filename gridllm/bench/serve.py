@@ -66,7 +66,7 @@ async def _send_one(client, request: BenchRequest, record: RequestRecord,
                     timeout_s: float | None) -> None:
     import grpc
 
-    from gridllm.sampling_params import SamplingParams
+    from gridllm.common.sampling_params import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=request.output_len, ignore_eos=True)
     record.send_time = time.perf_counter()

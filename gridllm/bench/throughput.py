@@ -57,8 +57,8 @@ class ThroughputConfig:
 
 def build_llm(config: ThroughputConfig, max_num_seqs: int | None = None):
     """The ``gridllm.LLM`` of a benchmark config (random presets have no tokenizer)."""
+    from gridllm.common.random_presets import is_random_model
     from gridllm.llm import LLM
-    from gridllm.random_presets import is_random_model
 
     kwargs: dict[str, Any] = {"gpu_memory_utilization": config.gpu_memory_utilization,
                               "enforce_eager": config.enforce_eager}
@@ -84,7 +84,7 @@ def run_gridllm(llm, requests: list[BenchRequest], use_tqdm: bool = True,
     Returns:
         Elapsed time, token totals (output tokens counted from what came back) and rates.
     """
-    from gridllm.sampling_params import SamplingParams
+    from gridllm.common.sampling_params import SamplingParams
 
     def params(n: int) -> SamplingParams:
         return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
@@ -139,7 +139,7 @@ def run_throughput(config: ThroughputConfig, llm: Any = None) -> dict[str, Any]:
     """
     import torch
 
-    from worker_svc.loader import resolve_device, resolve_dtype
+    from worker_svc.torch_utils import resolve_device, resolve_dtype
 
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
@@ -175,14 +175,14 @@ def model_config_and_tokenizer(model: str) -> tuple[Any, Any]:
 
     from transformers import AutoConfig
 
-    from gridllm.presets import resolve_model
-    from gridllm.random_presets import is_random_model, random_model_config
-    from gridllm.tokenizer import load_tokenizer
+    from gridllm.common.random_presets import is_random_model, random_model_config
+    from gridllm.common.tokenizer import load_tokenizer
+    from worker_svc.loader import resolve_model_path
 
     if is_random_model(model):
         return random_model_config(model), None
 
-    path = resolve_model(model)
+    path = resolve_model_path(model)
     if not os.path.isdir(path):
         raise ValueError(f"bench throughput needs an HF directory, a preset or random:<preset>; "
                          f"got {model!r}.")

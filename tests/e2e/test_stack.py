@@ -12,9 +12,9 @@ import time
 import grpc
 import pytest
 
-from gridllm import redis_keys
 from gridllm.client import AsyncClient, Client
-from gridllm.sampling_params import SamplingParams
+from gridllm.common import redis_keys
+from gridllm.common.sampling_params import SamplingParams
 from gridllm.v1 import generate_pb2
 from tests.e2e.tiny_model import MAX_MODEL_LEN
 

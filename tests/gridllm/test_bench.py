@@ -19,7 +19,7 @@ from gridllm.bench.metrics import RequestRecord, compute_serve_metrics, summariz
 from gridllm.bench.roofline import decode_weight_bytes, model_decode_weight_bytes, roofline
 from gridllm.bench.serve import ServeConfig, arrival_delays, parse_rates, run_serve_async
 from gridllm.bench.throughput import ThroughputConfig, dataset_for, run_throughput
-from gridllm.random_presets import random_model_config
+from gridllm.common.random_presets import random_model_config
 from gridllm.v1 import generate_pb2, generate_pb2_grpc
 
 TINY = "random:tiny"
@@ -255,7 +255,7 @@ def test_random_presets_shapes_and_unknown_name():
 
 
 def test_random_model_weights_are_small_seeded_and_on_the_device():
-    from worker_svc.layers.attention import get_attention_backend
+    from worker_svc.layers.selector import get_attention_backend
     from worker_svc.random_model import INIT_STD, build_random_model
 
     backend = get_attention_backend("torch", torch.device("cpu"))

@@ -27,8 +27,8 @@ def model_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def reference_text(model_dir) -> str:
+    from gridllm.common.sampling_params import SamplingParams
     from gridllm.llm import LLM
-    from gridllm.sampling_params import SamplingParams
 
     llm = LLM(model_dir, device="cpu", num_kv_blocks=32)
     return llm.generate(PROMPT, SamplingParams(temperature=0.0, max_tokens=12),

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from gridllm import LLM, SamplingParams
-from gridllm.config import ModelConfig
+from gridllm.common.config import ModelConfig
 from tests.worker_svc.hf_reference import hf_greedy, hf_prompt_logits
 from tests.worker_svc.tiny_models import TINY_ARCHS
-from worker_svc.layers.attention import get_attention_backend
 from worker_svc.layers.ops import set_use_triton
+from worker_svc.layers.selector import get_attention_backend
 from worker_svc.loader import load_model
 from worker_svc.model_runner import kv_cache_geometry
 

@@ -5,7 +5,7 @@ import importlib.util
 import pytest
 
 from gridllm import LLM, SamplingParams
-from gridllm.detokenizer import IncrementalDetokenizer
+from gridllm.common.detokenizer import IncrementalDetokenizer
 
 pytestmark = [
     pytest.mark.slow,

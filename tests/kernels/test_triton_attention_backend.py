@@ -4,11 +4,9 @@ import pytest
 import torch
 
 from tests.kernels.conftest import DEVICE, assert_close
-from worker_svc.layers.attention import (
-    AttentionMetadata,
-    TorchAttentionBackend,
-    get_attention_backend,
-)
+from worker_svc.layers.attention import AttentionMetadata
+from worker_svc.layers.selector import get_attention_backend
+from worker_svc.layers.torch_attention import TorchAttentionBackend
 
 
 def _metadata(seq_lens, query_lens, block_size, max_blocks, device):

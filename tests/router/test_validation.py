@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gridllm.sampling_params import SamplingParams
+from gridllm.common.sampling_params import SamplingParams
 from gridllm.v1 import generate_pb2
 from router.validation import ModelLimits, validate_request
 

@@ -9,7 +9,7 @@ import logging
 
 import grpc
 
-from gridllm.config import CacheConfig, ModelConfig, SchedulerConfig
+from gridllm.common.config import CacheConfig, ModelConfig, SchedulerConfig
 from gridllm.v1 import generate_pb2, scheduler_pb2, scheduler_pb2_grpc
 from scheduler_svc.server import SchedulerServer, SchedulerServiceConfig
 from worker_svc.server import WorkerOptions, WorkerServer

@@ -1,5 +1,6 @@
-from gridllm.sampling_params import SamplingParams
-from scheduler_svc.block_manager import BlockManager, hash_block
+from gridllm.common.prefix_hash import hash_block
+from gridllm.common.sampling_params import SamplingParams
+from scheduler_svc.block_manager import BlockManager
 from scheduler_svc.request import Request
 
 

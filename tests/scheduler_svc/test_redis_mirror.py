@@ -7,11 +7,11 @@ import json
 
 import redis.asyncio as aioredis
 
-from gridllm import redis_keys
-from gridllm.sampling_params import SamplingParams
+from gridllm.common import redis_keys
+from gridllm.common.contract import SchedulerOutput
+from gridllm.common.sampling_params import SamplingParams
 from scheduler_svc.block_manager import BlockManager
-from scheduler_svc.output import SchedulerOutput
-from scheduler_svc.redis_mirror import RedisMirror, restore_cached_blocks
+from scheduler_svc.redis_mirror import RedisMirror
 from scheduler_svc.request import Request
 
 BLOCK_SIZE = 4
@@ -36,7 +36,7 @@ def test_restore_cached_blocks_reproduces_the_prefix_cache():
     entries = {h: (b.block_id, b.token_ids) for h, b in source.cached_blocks.items()}
     entries[12345] = (99, (1, 2, 3, 4))  # a block id outside the pool is skipped
     target = BlockManager(16, BLOCK_SIZE)
-    assert restore_cached_blocks(target, entries) == 3
+    assert target.restore_cached(entries) == 3
     hit_blocks, num_hit = target.get_computed_blocks(_request("b", prompt))
     want_blocks, want_hit = source.get_computed_blocks(_request("c", prompt))
     assert num_hit == want_hit == 12

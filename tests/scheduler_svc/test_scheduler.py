@@ -7,12 +7,11 @@ the generated ids. The real model runner is covered in tests/worker_svc and test
 
 import pytest
 
-from gridllm.config import CacheConfig, SchedulerConfig
-from gridllm.sampling_params import SamplingParams
-from scheduler_svc.output import SchedulerOutput
+from gridllm.common.config import CacheConfig, SchedulerConfig
+from gridllm.common.contract import ModelRunnerOutput, SchedulerOutput
+from gridllm.common.sampling_params import SamplingParams
 from scheduler_svc.request import Request, RequestStatus
 from scheduler_svc.scheduler import Scheduler
-from worker_svc.output import ModelRunnerOutput
 
 VOCAB = 1000
 

@@ -8,8 +8,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gridllm.common.sampling_params import SamplingParams
 from gridllm.engine import EngineCore
-from gridllm.sampling_params import SamplingParams
 from gridllm.v1 import generate_pb2, scheduler_pb2
 from tests.scheduler_svc.harness import (
     collect,
@@ -75,7 +75,7 @@ def test_cancelled_submit_frees_its_blocks(model_path):
                 running_scheduler([worker.address]) as (server, stub):
             call = stub.Submit(submit_request("long", PROMPTS[2], max_tokens=200, ignore_eos=True))
             first = await call.read()
-            link = server.links[worker.worker_id]
+            link = server.pool.links[worker.worker_id]
             bm = link.scheduler.block_manager
             assert first.token_ids and bm.num_free_blocks < bm.num_blocks
             call.cancel()
@@ -134,7 +134,7 @@ def test_invalid_requests_get_invalid_argument_naming_the_field(model_path, fiel
                     setattr(request, key, value)
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await collect(stub, request)
-            bm = server.links[worker.worker_id].scheduler.block_manager
+            bm = server.pool.links[worker.worker_id].scheduler.block_manager
             return info.value, bm.num_free_blocks == bm.num_blocks
 
     error, all_free = run(main())
@@ -157,7 +157,7 @@ def test_health_serving_once_a_worker_registers(model_path, redis_server):
                 await collect(stub, submit_request("x", PROMPTS[0]))
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
             async with running_worker(model_path, redis_server):
-                await wait_until(lambda: server.alive_links(), 10.0, "worker discovered")
+                await wait_until(lambda: server.pool.alive_links(), 10.0, "worker discovered")
                 after = await health(server.address)
                 tokens, _ = await collect(stub, submit_request("y", PROMPTS[0], max_tokens=2))
             return before, after, tokens
@@ -178,7 +178,7 @@ def test_restarted_scheduler_hits_the_prefix_cached_before(model_path, redis_ser
                 assert responses[-1].num_cached_tokens == 0
             # A new scheduler instance (new id) against the same worker and Redis.
             async with running_scheduler(redis_url=redis_server) as (server, stub):
-                await wait_until(lambda: server.alive_links(), 10.0, "worker relinked")
+                await wait_until(lambda: server.pool.alive_links(), 10.0, "worker relinked")
                 second, responses = await collect(stub, submit_request("b", prompt, max_tokens=5))
                 stats = await stub.GetStats(generate_pb2.GetServerStatsRequest())
             return first, second, responses[-1].num_cached_tokens, stats
@@ -194,7 +194,8 @@ def test_two_workers_share_requests_and_one_stopping_leaves_the_other(model_path
         async with running_worker(model_path, redis_server) as w1, \
                 running_worker(model_path, redis_server) as w2, \
                 running_scheduler(redis_url=redis_server) as (server, stub):
-            await wait_until(lambda: len(server.alive_links()) == 2, 10.0, "both workers linked")
+            await wait_until(lambda: len(server.pool.alive_links()) == 2, 10.0,
+                             "both workers linked")
             prompts = [[60 + 3 * i, 61 + i, 62] for i in range(4)]
             calls = [stub.Submit(submit_request(f"p{i}", p, max_tokens=40, ignore_eos=True))
                      for i, p in enumerate(prompts)]
@@ -203,7 +204,7 @@ def test_two_workers_share_requests_and_one_stopping_leaves_the_other(model_path
             # Graceful stop: w1's running requests finish, new ones go to w2.
             stop = asyncio.create_task(w1.stop(grace=10))
             await wait_until(lambda: w1.worker_id not in {
-                link.worker_id for link in server.alive_links()}, 5.0, "w1 draining")
+                link.worker_id for link in server.pool.alive_links()}, 5.0, "w1 draining")
             late, late_responses = await collect(stub, submit_request("late", prompts[0],
                                                                       max_tokens=3))
             rests = [await read_rest(call) for call in calls]
@@ -225,7 +226,8 @@ def test_killed_worker_aborts_its_requests_only(model_path, redis_server):
         async with running_worker(model_path, redis_server) as w1, \
                 running_worker(model_path, redis_server) as w2, \
                 running_scheduler(redis_url=redis_server) as (server, stub):
-            await wait_until(lambda: len(server.alive_links()) == 2, 10.0, "both workers linked")
+            await wait_until(lambda: len(server.pool.alive_links()) == 2, 10.0,
+                             "both workers linked")
             calls = [stub.Submit(submit_request(f"k{i}", [70 + i, 71, 72], max_tokens=60,
                                                 ignore_eos=True)) for i in range(2)]
             firsts = [await call.read() for call in calls]
@@ -253,8 +255,8 @@ def test_killed_scheduler_process_restarts_with_the_prefix_cache(model_path, red
 
     import redis.asyncio as aioredis
 
-    from gridllm import redis_keys
-    from gridllm.grpc_utils import free_port, wait_for_serving
+    from gridllm.common import redis_keys
+    from gridllm.common.grpc_utils import free_port, wait_for_serving
     from gridllm.v1 import scheduler_pb2_grpc
 
     repo_root = Path(__file__).resolve().parents[2]

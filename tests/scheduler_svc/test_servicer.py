@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from scheduler_svc.output import RequestUpdate
-from scheduler_svc.request import FinishReason
+from gridllm.common.contract import FinishReason, RequestUpdate, TokenLogprobs
 from scheduler_svc.servicer import _merge
-from worker_svc.output import TokenLogprobs
 
 
 def test_merge_concatenates_and_keeps_the_last_finish():

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from gridllm.sampling_params import SamplingParams
-from scheduler_svc.output import CachedRequestData, NewRequestData, SchedulerOutput
+from gridllm.common.contract import CachedRequestData, NewRequestData, SchedulerOutput
+from gridllm.common.sampling_params import SamplingParams
 
 
 def run_requests(runner, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],

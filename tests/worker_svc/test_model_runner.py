@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gridllm.config import CacheConfig, ModelConfig, SchedulerConfig
-from gridllm.sampling_params import SamplingParams
-from scheduler_svc.output import NewRequestData, SchedulerOutput
+from gridllm.common.config import CacheConfig, ModelConfig, SchedulerConfig
+from gridllm.common.contract import NewRequestData, SchedulerOutput
+from gridllm.common.sampling_params import SamplingParams
 from tests.worker_svc.hf_reference import hf_greedy, hf_prompt_logits
 from tests.worker_svc.step_driver import run_requests
 from worker_svc.model_runner import ModelRunner

@@ -6,7 +6,7 @@ import torch
 from transformers import AutoConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from gridllm.config import ModelConfig
+from gridllm.common.config import ModelConfig
 from kernels import torch_ref
 from tests.worker_svc.hf_reference import hf_prompt_logits
 from worker_svc.layers.attention import AttentionMetadata

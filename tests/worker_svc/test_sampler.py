@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from gridllm.sampling_params import SamplingParams
+from gridllm.common.sampling_params import SamplingParams
 from kernels import torch_ref
 from worker_svc.sampler import Sampler, SamplingMetadata, compute_token_logprobs
 

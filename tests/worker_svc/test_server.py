@@ -11,12 +11,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gridllm import redis_keys
-from gridllm.config import CacheConfig, ModelConfig, SchedulerConfig
-from gridllm.convert import runner_output_from_pb, scheduler_output_to_pb
-from gridllm.sampling_params import SamplingParams
+from gridllm.common import redis_keys
+from gridllm.common.config import CacheConfig, ModelConfig, SchedulerConfig
+from gridllm.common.contract import NewRequestData, SchedulerOutput
+from gridllm.common.convert import runner_output_from_pb, scheduler_output_to_pb
+from gridllm.common.sampling_params import SamplingParams
 from gridllm.v1 import worker_pb2, worker_pb2_grpc
-from scheduler_svc.output import NewRequestData, SchedulerOutput
 from tests.worker_svc.step_driver import run_requests
 from worker_svc.server import WorkerOptions, WorkerServer
 

@@ -1,8 +1,9 @@
 """Attention over the paged KV cache, behind a backend interface.
 
 A backend takes a step's packed queries/keys/values, writes the new KV through the slot
-mapping and attends over each request's cached context. The torch backend runs the
-reference ops (CPU); the Triton backend (kernels issue) runs on CUDA.
+mapping and attends over each request's cached context. The torch backend
+(``torch_attention``) runs the reference ops (CPU); the Triton backend (``triton_attention``)
+runs on CUDA; ``selector.get_attention_backend`` picks one.
 """
 
 from __future__ import annotations
@@ -10,9 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-
-from kernels import torch_ref
 
 
 @dataclass
@@ -55,80 +53,3 @@ class AttentionBackend:
             ``[T, H, D]`` attention output.
         """
         raise NotImplementedError
-
-
-class TorchAttentionBackend(AttentionBackend):
-    """The CPU path: torch_ref's KV write, and the same attention as
-    ``torch_ref.paged_attention`` with decode rows batched into one SDPA call."""
-
-    name = "torch"
-
-    def forward(self, query, key, value, key_cache, value_cache, metadata, scale,
-                sliding_window=None):
-        torch_ref.write_kv_cache(key, value, key_cache, value_cache, metadata.slot_mapping)
-        return sdpa_paged_attention(query, key_cache, value_cache, metadata, scale,
-                                    sliding_window)
-
-
-def _gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, max_len: int) -> torch.Tensor:
-    """``[B, max_len, Hkv, D]``: each request's first ``max_len`` cached tokens."""
-    num_blocks = -(-max_len // cache.shape[1])
-    return cache[block_tables[:, :num_blocks].long()].flatten(1, 2)[:, :max_len]
-
-
-def sdpa_paged_attention(query: torch.Tensor, key_cache: torch.Tensor,
-                         value_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
-                         sliding_window: int | None = None) -> torch.Tensor:
-    """``torch_ref.paged_attention`` through SDPA: one call for all decode rows, one per
-    multi-token (prefill) request."""
-    out = torch.empty_like(query)
-    starts = metadata.query_start_loc.tolist()
-    lens = metadata.seq_lens.tolist()
-    q_lens = [starts[i + 1] - starts[i] for i in range(len(lens))]
-    decode = [i for i, n in enumerate(q_lens) if n == 1]
-    if decode:
-        index = torch.tensor(decode, device=query.device)
-        rows = metadata.query_start_loc[index].long()
-        seq_lens = metadata.seq_lens[index].long()
-        max_len = max(lens[i] for i in decode)
-        k = _gather_kv(key_cache, metadata.block_tables[index], max_len)
-        v = _gather_kv(value_cache, metadata.block_tables[index], max_len)
-        pos = torch.arange(max_len, device=query.device)[None, :]
-        mask = pos < seq_lens[:, None]
-        if sliding_window is not None:
-            mask &= (seq_lens[:, None] - 1 - pos) < sliding_window
-        q = query[rows][:, :, None]
-        o = F.scaled_dot_product_attention(
-            q, k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype),
-            attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True)
-        out[rows] = o[:, :, 0]
-    for i, n in enumerate(q_lens):
-        if n <= 1:
-            continue
-        seq_len = lens[i]
-        k = _gather_kv(key_cache, metadata.block_tables[i:i + 1], seq_len)[0]
-        v = _gather_kv(value_cache, metadata.block_tables[i:i + 1], seq_len)[0]
-        q_pos = torch.arange(seq_len - n, seq_len, device=query.device)[:, None]
-        k_pos = torch.arange(seq_len, device=query.device)[None, :]
-        mask = k_pos <= q_pos
-        if sliding_window is not None:
-            mask &= (q_pos - k_pos) < sliding_window
-        q = query[starts[i]:starts[i + 1]].transpose(0, 1)
-        o = F.scaled_dot_product_attention(q, k.transpose(0, 1).to(q.dtype),
-                                           v.transpose(0, 1).to(q.dtype), attn_mask=mask,
-                                           scale=scale, enable_gqa=True)
-        out[starts[i]:starts[i + 1]] = o.transpose(0, 1)
-    return out
-
-
-def get_attention_backend(name: str, device: torch.device) -> AttentionBackend:
-    """``auto`` picks triton on CUDA and torch elsewhere."""
-    if name == "auto":
-        name = "triton" if device.type == "cuda" else "torch"
-    if name == "torch":
-        return TorchAttentionBackend()
-    if name == "triton":
-        from worker_svc.layers.triton_attention import TritonAttentionBackend
-
-        return TritonAttentionBackend()
-    raise ValueError(f"attention_backend must be 'torch' or 'triton', got {name!r}.")

@@ -10,11 +10,17 @@ from typing import Any
 
 from google.protobuf import json_format, struct_pb2
 
-from gridllm.sampling_params import SamplingParams
+from gridllm.common.contract import (
+    CachedRequestData,
+    FinishReason,
+    ModelRunnerOutput,
+    NewRequestData,
+    RequestUpdate,
+    SchedulerOutput,
+    TokenLogprobs,
+)
+from gridllm.common.sampling_params import SamplingParams
 from gridllm.v1 import generate_pb2, scheduler_pb2, worker_pb2
-from scheduler_svc.output import CachedRequestData, NewRequestData, RequestUpdate, SchedulerOutput
-from scheduler_svc.request import FinishReason
-from worker_svc.output import ModelRunnerOutput, TokenLogprobs
 
 # Optional proto fields whose absence means the Python default.
 _OPTIONAL_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "presence_penalty",
@@ -146,12 +152,14 @@ def runner_output_to_pb(out: ModelRunnerOutput, step_id: int = 0,
                         execute_seconds: float = 0.0) -> worker_pb2.StepResponse:
     msg = worker_pb2.StepResponse(step_id=step_id, req_ids=out.req_ids,
                                   execute_seconds=execute_seconds)
-    req_ids = list(dict.fromkeys([*out.sampled_token_ids, *out.logprobs, *out.prompt_logprobs]))
+    req_ids = list(dict.fromkeys([*out.sampled_token_ids, *out.logprobs, *out.prompt_logprobs,
+                                  *out.failed]))
     for req_id in req_ids:
         msg.outputs.append(worker_pb2.RequestOutput(
             req_id=req_id, sampled_token_ids=out.sampled_token_ids.get(req_id, []),
             logprobs=logprobs_to_pb(out.logprobs.get(req_id)),
-            prompt_logprobs=logprobs_to_pb(out.prompt_logprobs.get(req_id))))
+            prompt_logprobs=logprobs_to_pb(out.prompt_logprobs.get(req_id)),
+            error=out.failed.get(req_id, "")))
     return msg
 
 
@@ -164,6 +172,8 @@ def runner_output_from_pb(msg: worker_pb2.StepResponse) -> ModelRunnerOutput:
             out.logprobs[item.req_id] = logprobs_from_pb(item.logprobs)
         if item.prompt_logprobs:
             out.prompt_logprobs[item.req_id] = logprobs_from_pb(item.prompt_logprobs)
+        if item.error:
+            out.failed[item.req_id] = item.error
     return out
 
 

@@ -1,4 +1,4 @@
-"""Tokenizer loading (transformers) with clear errors."""
+"""Tokenizer loading (transformers) with clear errors, EOS ids and chat templates."""
 
 from __future__ import annotations
 
@@ -45,3 +45,20 @@ def eos_token_ids(tokenizer: Any | None, hf_config: Any, model_dir: str | None) 
             if token_id is not None and int(token_id) not in ids:
                 ids.append(int(token_id))
     return ids
+
+
+def apply_chat_template(tokenizer: Any, messages: list[dict[str, str]],
+                        add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of a conversation under the tokenizer's chat template."""
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or set(message) - {"role", "content"}:
+            raise ValueError(f"messages[{i}] must have only 'role' and 'content' fields.")
+        if not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
+            raise ValueError(f"messages[{i}] needs string 'role' and 'content'.")
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("the tokenizer has no chat template.")
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                        tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+        ids = ids["input_ids"]
+    return list(ids)

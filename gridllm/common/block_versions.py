@@ -9,7 +9,7 @@ mirroring the eviction).
 
 from __future__ import annotations
 
-from scheduler_svc.output import SchedulerOutput
+from gridllm.common.contract import SchedulerOutput
 
 
 def fresh_block_ids(output: SchedulerOutput, block_size: int) -> list[int]:

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from gridllm.sampling_params import SamplingParams
+from gridllm.common.sampling_params import SamplingParams
 
 # vLLM's SamplingParams defaults (vllm/sampling_params.py), after its own normalisation.
 VLLM_DEFAULTS = {

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import pytest
 
-from gridllm import convert
-from gridllm.sampling_params import SamplingParams
+from gridllm.common import convert
+from gridllm.common.contract import (
+    CachedRequestData,
+    FinishReason,
+    ModelRunnerOutput,
+    NewRequestData,
+    RequestUpdate,
+    SchedulerOutput,
+    TokenLogprobs,
+)
+from gridllm.common.sampling_params import SamplingParams
 from gridllm.v1 import generate_pb2
-from scheduler_svc.output import CachedRequestData, NewRequestData, RequestUpdate, SchedulerOutput
-from scheduler_svc.request import FinishReason
-from worker_svc.output import ModelRunnerOutput, TokenLogprobs
 
 
 @pytest.mark.parametrize("params", [

@@ -5,11 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from gridllm.detokenizer import IncrementalDetokenizer
-from gridllm.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
-from gridllm.sampling_params import SamplingParams
-from scheduler_svc.output import RequestUpdate
-from worker_svc.output import TokenLogprobs
+from gridllm.common.contract import RequestUpdate, TokenLogprobs
+from gridllm.common.detokenizer import IncrementalDetokenizer
+from gridllm.common.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
+from gridllm.common.sampling_params import SamplingParams
 
 
 def to_position_logprobs(entry: TokenLogprobs, tokenizer: Any | None) -> PositionLogprobs:

@@ -9,7 +9,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from gridllm.grpc_utils import ServiceServer
+from gridllm.common.grpc_utils import ServiceServer
 
 _SERVICE = "test.Echo"
 

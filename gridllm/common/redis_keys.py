@@ -13,7 +13,7 @@ Block-state mirror per worker (written by the scheduler that drives it):
     gridllm:kv:<worker_id>:tables  HASH req_id -> "<b0>,<b1>,..."
 Block hashes are scheduler_svc.block_manager.hash_block chains, so a router can test
 prefix overlap with HMGET on the cached hash. ``version`` is the block's allocation count
-(scheduler_svc.block_versions) when its KV was computed.
+(gridllm.common.block_versions) when its KV was computed.
 """
 
 from __future__ import annotations

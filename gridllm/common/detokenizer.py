@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gridllm.sampling_params import SamplingParams
+from gridllm.common.sampling_params import SamplingParams
 
 # Tokens before the first new one that are decoded again for context (spaces, merges).
 _CONTEXT_TOKENS = 5

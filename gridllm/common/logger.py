@@ -1,4 +1,4 @@
-"""Logging set-up and the seed's debugging aids (trace, memory, profiler)."""
+"""Logging set-up and the function-call trace (GRIDLLM_TRACE_FUNCTION=1)."""
 
 from __future__ import annotations
 
@@ -47,20 +47,3 @@ def enable_function_trace() -> None:
     import threading
 
     threading.setprofile(_trace_calls)
-
-
-def memory_usage(device: Any = None) -> str:
-    """GPU memory on CUDA, process RSS on CPU, as a short string."""
-    import torch
-
-    if device is not None and getattr(device, "type", str(device)) == "cuda":
-        allocated = torch.cuda.memory_allocated(device) / 2**30
-        reserved = torch.cuda.memory_reserved(device) / 2**30
-        return f"GPU memory allocated={allocated:.2f} GiB reserved={reserved:.2f} GiB"
-    import psutil
-
-    return f"RSS={psutil.Process().memory_info().rss / 2**30:.2f} GiB"
-
-
-def log_memory(stage: str, device: Any = None) -> None:
-    logger.info("%s: %s", stage, memory_usage(device))

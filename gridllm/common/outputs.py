@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from scheduler_svc.request import FinishReason  # noqa: F401  (re-exported)
+from gridllm.common.contract import FinishReason  # noqa: F401  (re-exported)
 
 
 @dataclass

@@ -1,0 +1,281 @@
+"""The workers one scheduler drives: discovery, links, routing, stats.
+
+Workers are found in Redis (``gridllm:worker:*``) or given as addresses. Each linked worker
+gets a scheduler core (its own KV pool) and a WorkerLink running its step loop; a new request
+goes to the worker holding most of its prefix, else to the one with most free KV capacity.
+The servicer uses the pool through ``add_request``, ``abort``, ``stats`` and ``model_info``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from gridllm.common import redis_keys
+from gridllm.common.config import CacheConfig, SchedulerConfig
+from gridllm.common.contract import RequestUpdate, SchedulerOutput
+from gridllm.common.grpc_utils import channel_options, stop_tasks, wait_or_stop
+from gridllm.common.prefix_hash import prompt_block_hashes
+from gridllm.v1 import generate_pb2, scheduler_pb2, worker_pb2, worker_pb2_grpc
+from scheduler_svc.redis_mirror import RedisMirror
+from scheduler_svc.request import Request, RequestStatus
+from scheduler_svc.scheduler import Scheduler
+from scheduler_svc.worker_link import WorkerLink, WorkerLinkError
+
+logger = logging.getLogger(__name__)
+
+
+class WorkerPool:
+    """Links to the workers and the choice among them.
+
+    Args:
+        scheduler_config: budgets and policy of every core (capped by each worker's sizing).
+        worker_addresses: workers to dial besides those registered in Redis.
+        redis: a ``redis.asyncio`` client for discovery, or None.
+        mirror: where each core's block state is mirrored (and restored from).
+        deliver: receives every step's request updates.
+        on_serving: awaited with whether any worker is linked, when that changes.
+        enable_prefix_caching: reuse cached KV blocks across requests.
+        max_steps_in_flight: per link, see WorkerLink.
+    """
+
+    def __init__(self, scheduler_config: SchedulerConfig, worker_addresses: list[str],
+                 redis: Any, mirror: RedisMirror,
+                 deliver: Callable[[list[RequestUpdate]], None],
+                 on_serving: Callable[[bool], Awaitable[None]],
+                 enable_prefix_caching: bool = True, max_steps_in_flight: int = 2):
+        self.scheduler_config = scheduler_config
+        self.worker_addresses = list(worker_addresses)
+        self.redis = redis
+        self.mirror = mirror
+        self._deliver = deliver
+        self._on_serving = on_serving
+        self.enable_prefix_caching = enable_prefix_caching
+        self.max_steps_in_flight = max_steps_in_flight
+        self.links: dict[str, WorkerLink] = {}
+        # req_id -> the link running it.
+        self._req_links: dict[str, WorkerLink] = {}
+        self._connecting: set[str] = set()
+        self._last_info: worker_pb2.WorkerInfo | None = None
+        self._stopping = asyncio.Event()
+        self._discovery: asyncio.Task | None = None
+
+    # ----------------------------------------------------------------- lifecycle
+    async def start(self, discovery_interval: float) -> None:
+        """Link the workers known now, then keep looking every ``discovery_interval`` s."""
+        await self.discover_once()
+        self._discovery = asyncio.create_task(self._discovery_loop(discovery_interval),
+                                              name="worker-discovery")
+
+    async def close(self) -> None:
+        """Stop discovery and every link (their requests end with ABORT)."""
+        self._stopping.set()
+        if self._discovery is not None:
+            await stop_tasks([self._discovery], self._stopping)
+        for link in list(self.links.values()):
+            await link.close()
+
+    async def _discovery_loop(self, interval: float) -> None:
+        while not await wait_or_stop(self._stopping, interval):
+            try:
+                await self.discover_once()
+            except Exception as exc:  # noqa: BLE001 - keep looking
+                logger.warning("worker discovery failed: %s", exc)
+
+    async def discover_once(self) -> None:
+        """Connect to every known worker not linked yet; unlist those whose entry expired."""
+        addresses: dict[str, str | None] = {addr: None for addr in self.worker_addresses}
+        registered: set[str] | None = None
+        if self.redis is not None:
+            registered = set()
+            keys = [k async for k in self.redis.scan_iter(match=redis_keys.WORKER_PATTERN)]
+            values = await self.redis.mget(keys) if keys else []
+            for value in values:
+                if value is None:
+                    continue
+                entry = json.loads(value)
+                registered.add(entry["worker_id"])
+                addresses.setdefault(entry["address"], entry["worker_id"])
+        if registered is not None:
+            # A worker whose heartbeat expired gets no new requests; its stream lives on
+            # (a draining worker finishes its requests), or breaks if it is really gone.
+            for worker_id, link in self.links.items():
+                is_listed = (worker_id in registered
+                             or link.info.address in self.worker_addresses)
+                if link.is_listed and not is_listed:
+                    logger.warning("worker %s left the registry", worker_id)
+                link.is_listed = is_listed
+        linked = {link.info.address for link in self.links.values()}
+        pending = [addr for addr in addresses
+                   if addr not in linked and addr not in self._connecting]
+        await asyncio.gather(*(self._connect(addr) for addr in pending))
+
+    async def _connect(self, address: str) -> None:
+        self._connecting.add(address)
+        channel = grpc.aio.insecure_channel(address, options=channel_options())
+        try:
+            stub = worker_pb2_grpc.WorkerStub(channel)
+            info = await stub.GetInfo(worker_pb2.GetWorkerInfoRequest(), timeout=5.0)
+            if info.worker_id in self.links:
+                await channel.close()
+                return
+            link = WorkerLink(info, channel, None, self._on_step, self._on_dead,
+                              self.max_steps_in_flight)
+            await link.open()
+            link.scheduler = await self._build_core(info, link.block_versions)
+        except (grpc.aio.AioRpcError, WorkerLinkError) as exc:
+            logger.debug("cannot link worker at %s: %s", address, exc)
+            await channel.close()
+            return
+        except Exception:
+            logger.exception("cannot link worker at %s", address)
+            await channel.close()
+            return
+        finally:
+            self._connecting.discard(address)
+        self.links[info.worker_id] = link
+        self._last_info = info
+        self.mirror.track(info.worker_id, link.scheduler.block_manager, link.block_versions,
+                          lambda: {"num_running": link.scheduler.num_running,
+                                   "num_waiting": link.scheduler.num_waiting})
+        link.start()
+        self.mirror.beat_soon()
+        logger.info("linked worker %s at %s (%d KV blocks)", info.worker_id, address,
+                    info.num_kv_blocks)
+        await self._on_serving(True)
+
+    async def _build_core(self, info: worker_pb2.WorkerInfo, versions: list[int]) -> Scheduler:
+        """A scheduler core for the worker, its prefix cache restored from Redis."""
+        own = self.scheduler_config
+        config = SchedulerConfig(
+            max_num_seqs=min(own.max_num_seqs, info.max_num_seqs or own.max_num_seqs),
+            max_num_batched_tokens=min(own.max_num_batched_tokens,
+                                       info.max_num_batched_tokens or own.max_num_batched_tokens),
+            max_model_len=info.max_model_len, enable_chunked_prefill=own.enable_chunked_prefill,
+            policy=own.policy)
+        cache_config = CacheConfig(block_size=info.block_size, num_kv_blocks=info.num_kv_blocks,
+                                   enable_prefix_caching=self.enable_prefix_caching)
+        core = Scheduler(config, cache_config)
+        if cache_config.enable_prefix_caching:
+            await self.mirror.restore(info.worker_id, info.instance_id, core.block_manager,
+                                      versions)
+        return core
+
+    # ----------------------------------------------------------------- link callbacks
+    def _on_step(self, link: WorkerLink, output: SchedulerOutput,
+                 updates: list[RequestUpdate]) -> None:
+        for update in updates:
+            if update.finished:
+                self._req_links.pop(update.req_id, None)
+        self._deliver(updates)
+        self.mirror.note_step(link.worker_id, output, updates)
+
+    def _on_dead(self, link: WorkerLink) -> None:
+        if self.links.get(link.worker_id) is link:
+            del self.links[link.worker_id]
+        self.mirror.untrack(link.worker_id)
+        self.mirror.beat_soon()
+        if not self.links and not self._stopping.is_set():
+            asyncio.ensure_future(self._refresh_health())
+
+    async def _refresh_health(self) -> None:
+        # Decided when it runs: a worker may have linked since it was scheduled.
+        await self._on_serving(bool(self.links))
+
+    # ----------------------------------------------------------------- requests
+    def alive_links(self) -> list[WorkerLink]:
+        return [link for link in self.links.values()
+                if link.is_alive and link.is_listed and not link.is_draining]
+
+    def any_info(self) -> worker_pb2.WorkerInfo:
+        """A serving worker's description (NoWorkerError when none)."""
+        links = self.alive_links()
+        if not links:
+            raise NoWorkerError("no worker is connected")
+        return links[0].info
+
+    def pick(self, request: Request, links: list[WorkerLink]) -> WorkerLink:
+        """The link holding most of the prompt's prefix with room for it, else the freest."""
+        block_size = links[0].scheduler.block_size
+        needed = -(-(request.num_prompt_tokens + 1) // block_size)
+        hashes = prompt_block_hashes(request.prompt_token_ids, block_size, request.cache_salt)
+
+        def score(link: WorkerLink) -> tuple[int, int]:
+            capacity = link.scheduler.free_capacity()
+            hits = 0
+            if capacity >= needed:
+                hits = link.scheduler.block_manager.num_cached_prefix_blocks(hashes)
+            return hits, capacity
+
+        return max(links, key=score)
+
+    def add_request(self, request: Request) -> WorkerLink:
+        """Queue a request on the best alive worker (NoWorkerError if there is none)."""
+        links = self.alive_links()
+        if not links:
+            raise NoWorkerError("no worker is connected")
+        link = self.pick(request, links)
+        link.add_request(request)
+        self._req_links[request.req_id] = link
+        return link
+
+    def abort(self, req_ids: list[str],
+              status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> list[str]:
+        """Finish requests early wherever they run; returns those still unfinished."""
+        aborted = []
+        for req_id in req_ids:
+            link = self._req_links.pop(req_id, None)
+            if link is not None and link.is_alive and link.abort([req_id], status):
+                aborted.append(req_id)
+        return aborted
+
+    # ----------------------------------------------------------------- stats
+    def stats(self) -> generate_pb2.GetServerStatsResponse:
+        reply = generate_pb2.GetServerStatsResponse(num_schedulers=1)
+        for link in self.links.values():
+            core, bm = link.scheduler, link.scheduler.block_manager
+            reply.num_requests_running += core.num_running
+            reply.num_requests_waiting += core.num_waiting
+            reply.prefix_cache_queries += bm.prefix_cache_queries
+            reply.prefix_cache_hits += bm.prefix_cache_hits
+            reply.num_preemptions += core.num_preemptions
+            reply.num_workers_alive += int(link.is_alive)
+            reply.workers.append(generate_pb2.WorkerStats(
+                worker_id=link.worker_id, kv_blocks_total=bm.num_blocks,
+                kv_blocks_free=bm.num_free_blocks, address=link.info.address,
+                num_requests_running=core.num_running, num_requests_waiting=core.num_waiting,
+                is_alive=link.is_alive))
+        return reply
+
+    def model_info(self, scheduler_id: str) -> scheduler_pb2.SchedulerInfo | None:
+        """What the workers serve (None before any worker linked)."""
+        info = self._last_info
+        if info is None:
+            return None
+        reply = scheduler_pb2.SchedulerInfo(
+            scheduler_id=scheduler_id, model=info.model, max_model_len=info.max_model_len,
+            vocab_size=info.vocab_size, block_size=info.block_size,
+            num_workers=len(self.alive_links()))
+        if info.HasField("eos_token_id"):
+            reply.eos_token_id = info.eos_token_id
+        return reply
+
+    def registry_entry(self, scheduler_id: str, address: str) -> dict:
+        stats = self.stats()
+        info = self._last_info
+        return {"scheduler_id": scheduler_id, "address": address,
+                "model": info.model if info else "", "block_size": info.block_size if info else 0,
+                "worker_ids": [w.worker_id for w in stats.workers],
+                "num_requests_running": stats.num_requests_running,
+                "num_requests_waiting": stats.num_requests_waiting,
+                "kv_blocks_total": sum(w.kv_blocks_total for w in stats.workers),
+                "kv_blocks_free": sum(w.kv_blocks_free for w in stats.workers)}
+
+
+class NoWorkerError(RuntimeError):
+    """No worker can take a request now."""
