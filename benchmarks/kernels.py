@@ -1,9 +1,11 @@
 """Time every Triton kernel against its torch reference and the card's measured limits.
 
 Run on a CUDA machine: ``python benchmarks/kernels.py --output kernels.json``. Limits are
-measured in the same run: device-to-device copy bandwidth of a large tensor (read + write
-bytes) and the bf16 matmul rate. Each row prints the kernel time (median), the torch
-reference time, and the fraction of the limit the kernel reaches. A failing kernel prints
+measured in the same run by ``gridllm.bench.roofline.measure_limits`` (the estimator the
+roofline of the end-to-end benchmarks uses): device-to-device copy bandwidth of a 1 GiB
+tensor (read + write bytes, best of 30) and the bf16 matmul rate. Each row prints the
+kernel time (median), the torch reference time, and the fraction of the limit the kernel
+reaches. A failing kernel prints
 an error row and the script goes on.
 """
 
@@ -22,6 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from gridllm.bench.roofline import measure_limits  # noqa: E402
 from kernels import torch_ref  # noqa: E402
 
 GB = 1e9
@@ -47,20 +50,6 @@ def bench_slow(fn: Callable[[], object], runs: int = 3) -> float:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return sorted(times)[len(times) // 2]
-
-
-def measure_limits() -> dict:
-    nbytes = 1 << 30
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = bench(lambda: dst.copy_(src), rep_ms=200)
-    copy_gbps = 2 * nbytes / (ms * 1e-3) / GB
-    src = dst = None  # free 2 GiB before the matmul
-    n = 8192
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    ms = bench(lambda: a @ b, rep_ms=200)
-    return {"copy_GBps": copy_gbps, "bf16_matmul_TFLOPs": 2 * n ** 3 / (ms * 1e-3) / 1e12}
 
 
 def paged_kv(batch: int, context: int, num_kv_heads: int, head_dim: int, block_size: int,
@@ -90,7 +79,7 @@ def bench_decode(limits, batch=64, context=4096, num_heads=32, num_kv_heads=8,
         + 2 * q.numel() * dtype.itemsize
     gbps = nbytes / (ms * 1e-3) / GB
     return dict(ms=ms, ref_ms=ref_ms, metric=f"{gbps:.0f} GB/s",
-                pct_of_limit=100 * gbps / limits["copy_GBps"], limit="copy bandwidth",
+                pct_of_limit=100 * gbps / limits["copy_bandwidth_gbps"], limit="copy bandwidth",
                 goal_pct=70)
 
 
@@ -114,7 +103,7 @@ def bench_prefill(limits, num_seqs=4, seq_len=4096, num_heads=32, num_kv_heads=8
     sdpa_ms = bench(lambda: torch.nn.functional.scaled_dot_product_attention(
         qs, ks, ks, is_causal=True))
     return dict(ms=ms, ref_ms=ref_ms, metric=f"{tflops:.0f} TFLOP/s",
-                pct_of_limit=100 * tflops / limits["bf16_matmul_TFLOPs"],
+                pct_of_limit=100 * tflops / limits["bf16_matmul_tflops"],
                 limit="bf16 matmul", goal="300 TFLOP/s", tflops=tflops,
                 torch_sdpa_contiguous_TFLOPs=flops / (sdpa_ms * 1e-3) / 1e12)
 
@@ -131,7 +120,7 @@ def bench_rms_norm(limits, num_tokens=16384, hidden=4096, with_residual=True):
     nbytes = (4 if with_residual else 2) * x.numel() * dtype.itemsize
     gbps = nbytes / (ms * 1e-3) / GB
     return dict(ms=ms, ref_ms=ref_ms, metric=f"{gbps:.0f} GB/s",
-                pct_of_limit=100 * gbps / limits["copy_GBps"], limit="copy bandwidth",
+                pct_of_limit=100 * gbps / limits["copy_bandwidth_gbps"], limit="copy bandwidth",
                 goal_pct=80)
 
 
@@ -149,7 +138,7 @@ def bench_kv_write(limits, num_tokens=16384, num_kv_heads=8, head_dim=128, block
     ref_ms = bench(lambda: torch_ref.write_kv_cache(k, v, kc, vc, slots))
     gbps = 4 * k.numel() * dtype.itemsize / (ms * 1e-3) / GB
     return dict(ms=ms, ref_ms=ref_ms, metric=f"{gbps:.0f} GB/s",
-                pct_of_limit=100 * gbps / limits["copy_GBps"], limit="copy bandwidth",
+                pct_of_limit=100 * gbps / limits["copy_bandwidth_gbps"], limit="copy bandwidth",
                 goal_pct=80)
 
 
@@ -161,7 +150,7 @@ def bench_silu_and_mul(limits, num_tokens=4096, intermediate=14336):
     ref_ms = bench(lambda: torch_ref.silu_and_mul(x))
     gbps = 1.5 * x.numel() * 2 / (ms * 1e-3) / GB
     return dict(ms=ms, ref_ms=ref_ms, metric=f"{gbps:.0f} GB/s",
-                pct_of_limit=100 * gbps / limits["copy_GBps"], limit="copy bandwidth")
+                pct_of_limit=100 * gbps / limits["copy_bandwidth_gbps"], limit="copy bandwidth")
 
 
 def bench_rotary(limits, num_tokens=16384, num_heads=32, num_kv_heads=8, head_dim=128):
@@ -178,7 +167,7 @@ def bench_rotary(limits, num_tokens=16384, num_heads=32, num_kv_heads=8, head_di
     ref_ms = bench(lambda: torch_ref.rotary_embedding(pos, q, k, cache))
     gbps = 2 * (q.numel() + k.numel()) * dtype.itemsize / (ms * 1e-3) / GB
     return dict(ms=ms, ref_ms=ref_ms, metric=f"{gbps:.0f} GB/s",
-                pct_of_limit=100 * gbps / limits["copy_GBps"], limit="copy bandwidth")
+                pct_of_limit=100 * gbps / limits["copy_bandwidth_gbps"], limit="copy bandwidth")
 
 
 def bench_sampling(limits, batch=256, vocab=128256):
@@ -233,10 +222,11 @@ def main() -> None:
     import triton
 
     results["triton"] = triton.__version__
-    limits = measure_limits()
+    # The same estimator as the roofline of `gridllm bench latency|throughput`.
+    limits = measure_limits(torch.device("cuda"))
     results["limits"] = limits
-    print(f"{results['device']}: copy {limits['copy_GBps']:.0f} GB/s, "
-          f"bf16 matmul {limits['bf16_matmul_TFLOPs']:.0f} TFLOP/s")
+    print(f"{results['device']}: copy {limits['copy_bandwidth_gbps']:.0f} GB/s, "
+          f"bf16 matmul {limits['bf16_matmul_tflops']:.0f} TFLOP/s")
     print(f"{'kernel':48s} {'ms':>9s} {'torch ms':>9s} {'metric':>16s} {'% limit':>8s}")
     for name, fn in BENCHES:
         if args.only and args.only not in name:
