@@ -173,6 +173,11 @@ class BlockManager:
             num += 1
         return num
 
+    def block_tables(self) -> dict[str, list[int]]:
+        """Every request's block ids."""
+        return {req_id: [b.block_id for b in blocks]
+                for req_id, blocks in self.req_to_blocks.items() if blocks}
+
     def cached_entry(self, block_hash: int) -> tuple[int, tuple[int, ...]] | None:
         """``(block id, token ids)`` of a cached block, or None if the hash is not cached."""
         block = self.cached_blocks.get(block_hash)

@@ -2,8 +2,10 @@
 
 After each step the step loop records what changed, synchronously and without I/O; a
 background task writes the records in one pipelined round trip, so a slow Redis delays
-the mirror, never a step. A prefix-cache entry is recorded only after the step that
-computed its KV, with its block version (gridllm.common.block_versions): after a scheduler
+the mirror, never a step. After Redis was unreachable, or lost its data (a restart without
+persistence, noticed by the heartbeat), each worker's whole block state is written again.
+A prefix-cache entry is recorded only after the step that computed its KV, with its block
+version (gridllm.common.block_versions): after a scheduler
 restart, entries whose block was overwritten since are recognised and dropped.
 """
 
@@ -42,6 +44,8 @@ class _Tracked:
         self.is_dirty = True
         # The worker's link is gone: write what is pending, then forget it.
         self.is_retired = False
+        # Redis may have lost what was written: write the whole state, not the changes.
+        self.needs_full_sync = False
 
 
 class RedisMirror:
@@ -158,7 +162,8 @@ class RedisMirror:
                 for _, tracked, (cached, tables) in taken:  # keep them for the retry
                     tracked.cached = {**cached, **tracked.cached}
                     tracked.tables = {**tables, **tracked.tables}
-                    tracked.is_dirty = True
+                    # Redis may come back empty (restarted): then only the whole state helps.
+                    tracked.needs_full_sync = tracked.is_dirty = True
                 raise
             for worker_id, tracked, _ in taken:
                 if tracked.is_retired and self._tracked.get(worker_id) is tracked:
@@ -170,13 +175,21 @@ class RedisMirror:
         tables, tracked.tables = tracked.tables, {}
         tracked.is_dirty = False
         cached_key = redis_keys.kv_cached_key(worker_id)
+        tables_key = redis_keys.kv_tables_key(worker_id)
+        if tracked.needs_full_sync and not tracked.is_retired:
+            tracked.needs_full_sync = False
+            bm = tracked.block_manager
+            pipe.delete(cached_key, tables_key)
+            cached = {h: redis_keys.encode_cached_block(block_id, tracked.versions[block_id],
+                                                        tokens)
+                      for h, (block_id, tokens) in bm.cached_entries().items()}
+            tables = {r: ",".join(map(str, ids)) for r, ids in bm.block_tables().items()}
         to_set = {str(h): v for h, v in cached.items() if v is not None}
         to_delete = [str(h) for h, v in cached.items() if v is None]
         if to_set:
             pipe.hset(cached_key, mapping=to_set)
         if to_delete:
             pipe.hdel(cached_key, *to_delete)
-        tables_key = redis_keys.kv_tables_key(worker_id)
         table_set = {r: v for r, v in tables.items() if v is not None}
         table_delete = [r for r, v in tables.items() if v is None]
         if table_set:
@@ -212,10 +225,19 @@ class RedisMirror:
         """Refresh this scheduler's registry entry (and every worker's state)."""
         if not self.enabled or self.registry is None:
             return
-        for tracked in self._tracked.values():
-            tracked.is_dirty = True
-        await self.redis.set(redis_keys.scheduler_key(self.scheduler_id),
-                             json.dumps(self.registry()), px=int(self.ttl * 1000))
+        tracked = list(self._tracked.items())
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(redis_keys.scheduler_key(self.scheduler_id), json.dumps(self.registry()),
+                 px=int(self.ttl * 1000))
+        for worker_id, _ in tracked:
+            pipe.exists(redis_keys.kv_state_key(worker_id))
+        replies = await pipe.execute()
+        for (worker_id, entry), exists in zip(tracked, replies[1:], strict=True):
+            if not exists and not entry.is_retired:
+                # The state key is written with every flush: Redis lost the mirror.
+                logger.info("worker %s: mirror missing in Redis; writing it again", worker_id)
+                entry.needs_full_sync = True
+            entry.is_dirty = True
         self._wakeup.set()
 
     # ----------------------------------------------------------------- restore

@@ -128,3 +128,82 @@ def test_heartbeat_publishes_the_scheduler_with_a_ttl(redis_server):
     assert value["address"] == "127.0.0.1:1" and value["worker_ids"] == ["w"]
     assert 0 < ttl_ms <= 2000
     assert gone == 0
+
+
+def test_mirror_is_written_again_in_full_after_redis_restarts_empty(tmp_path):
+    """Redis killed (SIGKILL) and restarted without persistence: the mirror catches up with
+    every cached block and block table, those mirrored before the outage included."""
+    import subprocess
+
+    from tests.redis_fixture import _free_port, _wait_ready, redis_binary
+
+    binary = redis_binary()
+    if binary is None:
+        import pytest
+
+        pytest.skip("no redis-server available")
+    port = _free_port()
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path),
+            "--save", "", "--appendonly", "no"]
+
+    def start() -> subprocess.Popen:
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_ready(port, proc)
+        return proc
+
+    worker_id = "w-outage"
+    proc = start()
+
+    async def wait_for(predicate, timeout: float = 10.0) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not await predicate():
+            assert asyncio.get_running_loop().time() < deadline, "mirror did not catch up"
+            await asyncio.sleep(0.05)
+
+    async def main():
+        nonlocal proc
+        client = aioredis.from_url(f"redis://127.0.0.1:{port}/0", socket_timeout=1.0)
+        bm = BlockManager(32, BLOCK_SIZE)
+        mirror = RedisMirror(client, "sched-outage", registry=lambda: {"address": "x"}, ttl=1.0)
+        mirror.track(worker_id, bm, [0] * 32, lambda: {"num_running": 0, "num_waiting": 0})
+        mirror.start()
+        cached_key = redis_keys.kv_cached_key(worker_id)
+        try:
+            before = _request("before", list(range(200, 209)))
+            _run_and_free(bm, before)
+            running = _request("running", list(range(300, 309)))
+            assert bm.allocate_slots(running, running.num_tokens) is not None
+            mirror.note_step(worker_id, SchedulerOutput(), [])
+            await wait_for(lambda: _hlen(client, cached_key, 4))
+            proc.kill()
+            proc.wait()
+            # Steps go on while Redis is down: a new prefix is cached meanwhile.
+            _run_and_free(bm, _request("during", list(range(400, 409))))
+            mirror.note_step(worker_id, SchedulerOutput(), [])
+            await asyncio.sleep(0.3)
+            proc = start()  # empty: nothing was persisted
+            await wait_for(lambda: _hlen(client, cached_key, 6))
+            stored = {int(k) for k in await client.hkeys(cached_key)}
+            tables = await client.hgetall(redis_keys.kv_tables_key(worker_id))
+            want_tables = {r.encode(): ",".join(map(str, ids)).encode()
+                           for r, ids in bm.block_tables().items()}
+            return stored, set(bm.cached_entries()), tables, want_tables
+        finally:
+            await mirror.close()
+            await client.aclose()
+
+    try:
+        stored, want_stored, tables, want_tables = asyncio.run(main())
+    finally:
+        proc.kill()
+        proc.wait()
+    # Two full blocks of each of the three 9-token prompts, and the running request's table.
+    assert len(want_stored) == 6 and stored == want_stored
+    assert set(want_tables) == {b"running"} and tables == want_tables
+
+
+async def _hlen(client, key: str, want: int) -> bool:
+    try:
+        return await client.hlen(key) == want
+    except Exception:  # noqa: BLE001 - Redis is down or restarting
+        return False
