@@ -54,8 +54,18 @@ class Request:
     # Prompt tokens found in the prefix cache when first scheduled.
     num_cached_tokens: int = -1
     num_preemptions: int = 0
+    # Times the request moved to another worker after its worker was lost.
+    num_migrations: int = 0
     # The stop token id that ended the request, if any.
     stop_reason: int | str | None = None
+
+    def restart(self) -> None:
+        """Start over on another worker from the tokens known so far (samples of steps still
+        in flight on the lost worker are dropped: they were never reported)."""
+        self.status = RequestStatus.WAITING
+        self.num_computed_tokens = 0
+        self.num_output_placeholders = 0
+        self.num_migrations += 1
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -99,6 +99,17 @@ class Scheduler:
         self._finished_req_ids.add(request.req_id)
         del self.requests[request.req_id]
 
+    def take_unfinished(self) -> list[Request]:
+        """Remove every unfinished request, oldest first, freeing its blocks (its worker is
+        gone); each is ready to ``restart`` on another core."""
+        requests = sorted(self.requests.values(), key=lambda r: r.arrival_time)
+        for request in requests:
+            self.block_manager.free(request)
+        self.requests.clear()
+        self.running.clear()
+        self.waiting = make_queue(self.config.policy)
+        return requests
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 

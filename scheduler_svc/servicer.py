@@ -7,7 +7,7 @@ import logging
 
 import grpc
 
-from gridllm.common.contract import FinishReason, RequestUpdate
+from gridllm.common.contract import ErrorKind, FinishReason, RequestUpdate
 from gridllm.common.convert import request_update_to_pb, sampling_params_from_pb
 from gridllm.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2
 from scheduler_svc.request import Request, RequestStatus, build_request
@@ -16,14 +16,18 @@ from scheduler_svc.worker_pool import NoWorkerError, WorkerPool
 logger = logging.getLogger(__name__)
 
 
+# One request's update and the id of the worker that produced it.
+Delivery = tuple[RequestUpdate, str]
+
+
 class UpdateStreams:
     """The queue each Submit stream reads its request's updates from."""
 
     def __init__(self) -> None:
-        self._queues: dict[str, asyncio.Queue[RequestUpdate]] = {}
+        self._queues: dict[str, asyncio.Queue[Delivery]] = {}
 
-    def open(self, req_id: str) -> asyncio.Queue[RequestUpdate]:
-        queue: asyncio.Queue[RequestUpdate] = asyncio.Queue()
+    def open(self, req_id: str) -> asyncio.Queue[Delivery]:
+        queue: asyncio.Queue[Delivery] = asyncio.Queue()
         self._queues[req_id] = queue
         return queue
 
@@ -33,11 +37,11 @@ class UpdateStreams:
     def __contains__(self, req_id: str) -> bool:
         return req_id in self._queues
 
-    def deliver(self, updates: list[RequestUpdate]) -> None:
+    def deliver(self, updates: list[RequestUpdate], worker_id: str = "") -> None:
         for update in updates:
             queue = self._queues.get(update.req_id)
             if queue is not None:
-                queue.put_nowait(update)
+                queue.put_nowait((update, worker_id))
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
@@ -72,18 +76,21 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         is_finished = False
         try:
             try:
-                link = self.pool.add_request(req)
+                self.pool.add_request(req)
             except NoWorkerError as exc:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
             while True:
-                update = await queue.get()
+                update, worker_id = await queue.get()
                 while not update.finished and not queue.empty():
                     # The stream fell behind the step loop: one message for all its steps.
-                    update = _merge(update, queue.get_nowait())
+                    later, worker_id = queue.get_nowait()
+                    update = _merge(update, later)
                 is_finished = update.finished
                 if update.error is not None:
+                    if update.error_kind == ErrorKind.UNAVAILABLE:
+                        await context.abort(grpc.StatusCode.UNAVAILABLE, update.error)
                     raise ValueError(update.error)
-                yield request_update_to_pb(update, link.worker_id)
+                yield request_update_to_pb(update, worker_id)
                 if is_finished:
                     return
         finally:
@@ -158,4 +165,5 @@ def _merge(first: RequestUpdate, second: RequestUpdate) -> RequestUpdate:
         first.req_id, first.new_token_ids + second.new_token_ids,
         join(first.new_logprobs, second.new_logprobs),
         join(first.new_prompt_logprobs, second.new_prompt_logprobs),
-        second.finish_reason, second.stop_reason, second.num_cached_tokens, second.error)
+        second.finish_reason, second.stop_reason, second.num_cached_tokens, second.error,
+        second.error_kind)

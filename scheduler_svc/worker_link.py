@@ -12,7 +12,7 @@ from collections.abc import Callable
 import grpc
 
 from gridllm.common.block_versions import bump_versions
-from gridllm.common.contract import FinishReason, RequestUpdate, SchedulerOutput
+from gridllm.common.contract import RequestUpdate, SchedulerOutput
 from gridllm.common.convert import runner_output_from_pb, scheduler_output_to_pb
 from gridllm.v1 import worker_pb2, worker_pb2_grpc
 from scheduler_svc.request import Request, RequestStatus
@@ -37,14 +37,16 @@ class WorkerLink:
         scheduler: the core that owns this worker's KV pool; may be set after open()
             (it is rebuilt from the block versions the handshake returns).
         on_step: receives every step's updates (to stream them and mirror block state).
-        on_dead: called once when the stream breaks, after every request was aborted.
+        on_dead: called once when the stream breaks, with the requests that were unfinished
+            (taken out of this link's core, ready to resume on another worker).
         max_steps_in_flight: 2 pipelines the steps (N+1 is sent while N runs; a request
             that finishes at N costs one wasted slot at N+1); 1 waits for each answer.
     """
 
     def __init__(self, info: worker_pb2.WorkerInfo, channel: grpc.aio.Channel,
                  scheduler: Scheduler | None, on_step: StepCallback,
-                 on_dead: Callable[[WorkerLink], None], max_steps_in_flight: int = 2):
+                 on_dead: Callable[[WorkerLink, list[Request]], None],
+                 max_steps_in_flight: int = 2):
         if max_steps_in_flight not in (1, 2):
             raise ValueError(f"max_steps_in_flight must be 1 or 2, got {max_steps_in_flight}.")
         self.max_steps_in_flight = max_steps_in_flight
@@ -201,18 +203,12 @@ class WorkerLink:
             self._pending_read = None
         if self._call is not None:
             self._call.cancel()
-        # First on_dead: the mirror drops prefix-cache entries of the unfinished step.
-        self._on_dead(self)
-        if self._scheduler is None:
-            return
-        # Everything in flight on this worker ends with ABORT; the router may resubmit.
-        req_ids = list(self.scheduler.requests)
-        self.scheduler.abort_requests(req_ids)
-        updates = [RequestUpdate(req_id, finish_reason=FinishReason.ABORT) for req_id in req_ids]
-        self._on_step(self, SchedulerOutput(), updates)
+        # The requests this worker was running go back to the pool, to resume elsewhere.
+        orphans = [] if self._scheduler is None else self.scheduler.take_unfinished()
+        self._on_dead(self, orphans)
 
     async def close(self) -> None:
-        """Stop the step loop and the stream (in-flight requests end with ABORT)."""
+        """Stop the step loop and the stream (in-flight requests go to ``on_dead``)."""
         if self._task is not None and not self._task.done():
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)

@@ -18,7 +18,7 @@ import grpc
 
 from gridllm.common import redis_keys
 from gridllm.common.config import CacheConfig, SchedulerConfig
-from gridllm.common.contract import RequestUpdate, SchedulerOutput
+from gridllm.common.contract import ErrorKind, FinishReason, RequestUpdate, SchedulerOutput
 from gridllm.common.grpc_utils import channel_options, stop_tasks, wait_or_stop
 from gridllm.common.prefix_hash import prompt_block_hashes
 from gridllm.v1 import generate_pb2, scheduler_pb2, worker_pb2, worker_pb2_grpc
@@ -38,17 +38,20 @@ class WorkerPool:
         worker_addresses: workers to dial besides those registered in Redis.
         redis: a ``redis.asyncio`` client for discovery, or None.
         mirror: where each core's block state is mirrored (and restored from).
-        deliver: receives every step's request updates.
+        deliver: receives every step's request updates, with the id of the worker that
+            produced them.
         on_serving: awaited with whether any worker is linked, when that changes.
         enable_prefix_caching: reuse cached KV blocks across requests.
         max_steps_in_flight: per link, see WorkerLink.
+        max_migrations: times one request may move to another worker after losing its own.
     """
 
     def __init__(self, scheduler_config: SchedulerConfig, worker_addresses: list[str],
                  redis: Any, mirror: RedisMirror,
-                 deliver: Callable[[list[RequestUpdate]], None],
+                 deliver: Callable[[list[RequestUpdate], str], None],
                  on_serving: Callable[[bool], Awaitable[None]],
-                 enable_prefix_caching: bool = True, max_steps_in_flight: int = 2):
+                 enable_prefix_caching: bool = True, max_steps_in_flight: int = 2,
+                 max_migrations: int = 3):
         self.scheduler_config = scheduler_config
         self.worker_addresses = list(worker_addresses)
         self.redis = redis
@@ -57,6 +60,7 @@ class WorkerPool:
         self._on_serving = on_serving
         self.enable_prefix_caching = enable_prefix_caching
         self.max_steps_in_flight = max_steps_in_flight
+        self.max_migrations = max_migrations
         self.links: dict[str, WorkerLink] = {}
         # req_id -> the link running it.
         self._req_links: dict[str, WorkerLink] = {}
@@ -172,16 +176,47 @@ class WorkerPool:
         for update in updates:
             if update.finished:
                 self._req_links.pop(update.req_id, None)
-        self._deliver(updates)
+        self._deliver(updates, link.worker_id)
         self.mirror.note_step(link.worker_id, output, updates)
 
-    def _on_dead(self, link: WorkerLink) -> None:
+    def _on_dead(self, link: WorkerLink, orphans: list[Request]) -> None:
         if self.links.get(link.worker_id) is link:
             del self.links[link.worker_id]
         self.mirror.untrack(link.worker_id)
         self.mirror.beat_soon()
+        if orphans:
+            logger.warning("worker %s lost with %d requests; resuming them elsewhere",
+                           link.worker_id, len(orphans))
+        for request in orphans:
+            self._migrate(request)
         if not self.links and not self._stopping.is_set():
             asyncio.ensure_future(self._refresh_health())
+
+    def _migrate(self, request: Request) -> None:
+        """Resume a request of a lost worker on another one, from prompt + tokens so far;
+        its stream goes on without a gap or a repeated token. Fails it (UNAVAILABLE) when no
+        worker is left, the scheduler stops, or it moved ``max_migrations`` times already."""
+        links = self.alive_links()
+        error = None
+        if self._stopping.is_set():
+            error = "the scheduler is shutting down"
+        elif not links:
+            error = "its worker was lost and no other worker is available"
+        elif request.num_migrations >= self.max_migrations:
+            error = f"its worker was lost {request.num_migrations + 1} times"
+        if error is None:
+            request.restart()
+            link = self.pick(request, links)
+            try:
+                link.add_request(request)
+                self._req_links[request.req_id] = link
+                return
+            except ValueError as exc:  # e.g. the other worker's pool is smaller
+                error = f"it cannot resume on worker {link.worker_id}: {exc}"
+        self._req_links.pop(request.req_id, None)
+        self._deliver([RequestUpdate(request.req_id, finish_reason=FinishReason.ABORT,
+                                     error=f"request {request.req_id} failed: {error}",
+                                     error_kind=ErrorKind.UNAVAILABLE)], "")
 
     async def _refresh_health(self) -> None:
         # Decided when it runs: a worker may have linked since it was scheduled.

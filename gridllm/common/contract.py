@@ -20,6 +20,15 @@ class FinishReason(str, enum.Enum):
     ABORT = "abort"
 
 
+class ErrorKind(str, enum.Enum):
+    """Why a request ended with an error rather than a finish reason."""
+
+    # The request itself is at fault (a bad argument found after admission).
+    INVALID_ARGUMENT = "invalid_argument"
+    # The service could not serve it (its worker was lost and it could not resume).
+    UNAVAILABLE = "unavailable"
+
+
 @dataclass(frozen=True)
 class ModelLimits:
     """What one served model accepts, as the runner resolved it from the model."""
@@ -114,8 +123,9 @@ class RequestUpdate:
     stop_reason: int | str | None = None
     # Prompt tokens served from the prefix cache.
     num_cached_tokens: int = 0
-    # Why the request was refused after admission (bad arguments found on the worker).
+    # Why the request ended with an error (it then also has finish_reason ABORT).
     error: str | None = None
+    error_kind: ErrorKind = ErrorKind.INVALID_ARGUMENT
 
     @property
     def finished(self) -> bool:

@@ -221,28 +221,63 @@ def test_two_workers_share_requests_and_one_stopping_leaves_the_other(model_path
     assert after[-1].finish_reason == generate_pb2.FINISH_REASON_LENGTH
 
 
-def test_killed_worker_aborts_its_requests_only(model_path, redis_server):
+def test_killed_worker_requests_resume_on_the_other_worker(model_path, redis_server):
+    """A worker whose Step stream is cut mid-request: its requests continue on the surviving
+    worker, and every stream's tokens equal an undisturbed run's (no gap, no repeat)."""
+    prompts = [[70 + i, 71, 72] for i in range(4)]
+
     async def main():
         async with running_worker(model_path, redis_server) as w1, \
                 running_worker(model_path, redis_server) as w2, \
                 running_scheduler(redis_url=redis_server) as (server, stub):
             await wait_until(lambda: len(server.pool.alive_links()) == 2, 10.0,
                              "both workers linked")
-            calls = [stub.Submit(submit_request(f"k{i}", [70 + i, 71, 72], max_tokens=60,
-                                                ignore_eos=True)) for i in range(2)]
+            undisturbed = [(await collect(stub, submit_request(f"u{i}", p, max_tokens=60,
+                                                               ignore_eos=True)))[0]
+                           for i, p in enumerate(prompts)]
+            calls = [stub.Submit(submit_request(f"k{i}", p, max_tokens=60, ignore_eos=True))
+                     for i, p in enumerate(prompts)]
             firsts = [await call.read() for call in calls]
             assert {r.worker_id for r in firsts} == {w1.worker_id, w2.worker_id}
             # No grace: the Step stream is cut mid-request.
             await w1.service.server.stop(0)
-            rests = {first.worker_id: await read_rest(call)
-                     for first, call in zip(firsts, calls, strict=True)}
-            tokens, after = await collect(stub, submit_request("after", [5, 6], max_tokens=3))
-            return rests, after, w1.worker_id, w2.worker_id
+            rests = [await read_rest(call) for call in calls]
+            stats = await stub.GetStats(generate_pb2.GetServerStatsRequest())
+            return undisturbed, firsts, rests, stats, w1.worker_id, w2.worker_id
 
-    rests, after, w1_id, w2_id = run(main())
-    assert rests[w1_id][-1].finish_reason == generate_pb2.FINISH_REASON_ABORT
-    assert rests[w2_id][-1].finish_reason == generate_pb2.FINISH_REASON_LENGTH
-    assert after[0].worker_id == w2_id
+    undisturbed, firsts, rests, stats, w1_id, w2_id = run(main())
+    moved = 0
+    for want, first, rest in zip(undisturbed, firsts, rests, strict=True):
+        tokens = list(first.token_ids) + [t for r in rest for t in r.token_ids]
+        assert tokens == want
+        assert rest[-1].finish_reason == generate_pb2.FINISH_REASON_LENGTH
+        if first.worker_id == w1_id:
+            moved += 1
+            assert rest[-1].worker_id == w2_id
+    assert moved >= 1
+    # Every block of the surviving worker is free again.
+    (worker,) = stats.workers
+    assert worker.kv_blocks_free == worker.kv_blocks_total
+
+
+def test_killed_last_worker_fails_its_requests_with_unavailable(model_path, redis_server):
+    async def main():
+        async with running_worker(model_path, redis_server) as w1, \
+                running_scheduler(redis_url=redis_server) as (server, stub):
+            await wait_until(lambda: len(server.pool.alive_links()) == 1, 10.0, "worker linked")
+            call = stub.Submit(submit_request("last", [5, 6, 7], max_tokens=200,
+                                              ignore_eos=True))
+            await call.read()
+            await w1.service.server.stop(0)
+            try:
+                await read_rest(call)
+            except grpc.aio.AioRpcError as exc:
+                return exc.code(), exc.details()
+            return None, None
+
+    code, details = run(main())
+    assert code == grpc.StatusCode.UNAVAILABLE
+    assert "no other worker" in details
 
 
 def test_killed_scheduler_process_restarts_with_the_prefix_cache(model_path, redis_server):
