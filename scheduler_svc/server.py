@@ -82,7 +82,8 @@ class SchedulerServer:
         self.pool = WorkerPool(self.config.scheduler_config, self.config.worker_addresses,
                                self.redis, self.mirror, streams.deliver,
                                self.service.set_serving, self.config.enable_prefix_caching,
-                               self.config.max_steps_in_flight)
+                               self.config.max_steps_in_flight,
+                               lost_after_s=self.config.heartbeat_ttl)
         self.servicer = SchedulerServicer(self.pool, streams, self.scheduler_id)
         scheduler_pb2_grpc.add_SchedulerServicer_to_server(self.servicer, self.service.server)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import time
 from collections.abc import Callable
 
 import grpc
@@ -19,6 +20,9 @@ from scheduler_svc.request import Request, RequestStatus
 from scheduler_svc.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
+
+# How often a pending step answer checks that its worker is still heartbeating.
+_WATCHDOG_INTERVAL_S = 0.5
 
 # Called after every step with the step's output and the updates it produced.
 StepCallback = Callable[["WorkerLink", SchedulerOutput, list[RequestUpdate]], None]
@@ -41,12 +45,14 @@ class WorkerLink:
             (taken out of this link's core, ready to resume on another worker).
         max_steps_in_flight: 2 pipelines the steps (N+1 is sent while N runs; a request
             that finishes at N costs one wasted slot at N+1); 1 waits for each answer.
+        lost_after_s: a worker missing from the registry this long while a step is
+            outstanding is taken for lost (hung: its stream can stay open for ever).
     """
 
     def __init__(self, info: worker_pb2.WorkerInfo, channel: grpc.aio.Channel,
                  scheduler: Scheduler | None, on_step: StepCallback,
                  on_dead: Callable[[WorkerLink, list[Request]], None],
-                 max_steps_in_flight: int = 2):
+                 max_steps_in_flight: int = 2, lost_after_s: float = 6.0):
         if max_steps_in_flight not in (1, 2):
             raise ValueError(f"max_steps_in_flight must be 1 or 2, got {max_steps_in_flight}.")
         self.max_steps_in_flight = max_steps_in_flight
@@ -65,8 +71,9 @@ class WorkerLink:
         self.block_versions: list[int] = [0] * info.num_kv_blocks
         # Set once the worker said it shuts down: no new requests go to it.
         self.is_draining = False
-        # False while the worker is missing from the registry: no new requests go to it.
-        self.is_listed = True
+        self.lost_after_s = lost_after_s
+        # When the worker went missing from the registry (None: listed).
+        self._unlisted_since: float | None = None
         # A read posted while idle, so a closed stream or a drain notice is seen at once.
         self._pending_read: asyncio.Future | None = None
 
@@ -92,12 +99,42 @@ class WorkerLink:
             self.block_versions = list(handshake.block_versions)
         self.is_alive = True
 
+    @property
+    def is_listed(self) -> bool:
+        """False while the worker is missing from the registry: no new requests go to it."""
+        return self._unlisted_since is None
+
+    @is_listed.setter
+    def is_listed(self, is_listed: bool) -> None:
+        if is_listed:
+            self._unlisted_since = None
+        elif self._unlisted_since is None:
+            self._unlisted_since = time.monotonic()
+
+    def _is_unresponsive(self) -> bool:
+        # A draining worker leaves the registry on purpose and finishes its requests.
+        return (self._unlisted_since is not None and not self.is_draining
+                and time.monotonic() - self._unlisted_since > self.lost_after_s)
+
     async def _read_response(self, step_id: int) -> worker_pb2.StepResponse:
-        """The answer to ``step_id``, noting drain notices on the way."""
+        """The answer to ``step_id``, noting drain notices on the way.
+
+        Raises:
+            WorkerLinkError: the stream ended, or the worker stopped heartbeating while the
+                answer was awaited (a hung process).
+        """
         assert self._call is not None
         while True:
-            pending, self._pending_read = self._pending_read, None
-            response = await (pending if pending is not None else self._call.read())
+            read, self._pending_read = self._pending_read, None
+            if read is None:
+                read = asyncio.ensure_future(self._call.read())
+            while not read.done():
+                await asyncio.wait({read}, timeout=_WATCHDOG_INTERVAL_S)
+                if not read.done() and self._is_unresponsive():
+                    read.cancel()
+                    raise WorkerLinkError(f"worker {self.worker_id} missed its heartbeats "
+                                          f"for {self.lost_after_s:.1f}s with a step pending")
+            response = read.result()
             if response is grpc.aio.EOF:
                 raise WorkerLinkError(f"worker {self.worker_id} closed the Step stream")
             if response.is_draining and not self.is_draining:

@@ -44,6 +44,8 @@ class WorkerPool:
         enable_prefix_caching: reuse cached KV blocks across requests.
         max_steps_in_flight: per link, see WorkerLink.
         max_migrations: times one request may move to another worker after losing its own.
+        lost_after_s: a worker missing from the registry this long with a step pending is
+            taken for lost (see WorkerLink).
     """
 
     def __init__(self, scheduler_config: SchedulerConfig, worker_addresses: list[str],
@@ -51,7 +53,7 @@ class WorkerPool:
                  deliver: Callable[[list[RequestUpdate], str], None],
                  on_serving: Callable[[bool], Awaitable[None]],
                  enable_prefix_caching: bool = True, max_steps_in_flight: int = 2,
-                 max_migrations: int = 3):
+                 max_migrations: int = 3, lost_after_s: float = 6.0):
         self.scheduler_config = scheduler_config
         self.worker_addresses = list(worker_addresses)
         self.redis = redis
@@ -61,6 +63,7 @@ class WorkerPool:
         self.enable_prefix_caching = enable_prefix_caching
         self.max_steps_in_flight = max_steps_in_flight
         self.max_migrations = max_migrations
+        self.lost_after_s = lost_after_s
         self.links: dict[str, WorkerLink] = {}
         # req_id -> the link running it.
         self._req_links: dict[str, WorkerLink] = {}
@@ -129,7 +132,7 @@ class WorkerPool:
                 await channel.close()
                 return
             link = WorkerLink(info, channel, None, self._on_step, self._on_dead,
-                              self.max_steps_in_flight)
+                              self.max_steps_in_flight, self.lost_after_s)
             await link.open()
             link.scheduler = await self._build_core(info, link.block_versions)
         except (grpc.aio.AioRpcError, WorkerLinkError) as exc:

@@ -43,7 +43,7 @@ async def running_scheduler(worker_addresses=(), redis_url: str | None = None, *
         scheduler_config=SchedulerConfig(max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS,
                                          max_model_len=256),
         worker_addresses=list(worker_addresses), redis_url=redis_url,
-        discovery_interval=0.1, heartbeat_ttl=3.0, **kwargs)
+        **{"discovery_interval": 0.1, "heartbeat_ttl": 3.0, **kwargs})
     server = SchedulerServer(config)
     await server.start()
     channel = grpc.aio.insecure_channel(server.address)

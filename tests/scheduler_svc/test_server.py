@@ -280,6 +280,63 @@ def test_killed_last_worker_fails_its_requests_with_unavailable(model_path, redi
     assert "no other worker" in details
 
 
+def test_hung_worker_is_noticed_by_its_missed_heartbeats(model_path, redis_server):
+    """``python -m worker_svc`` frozen with SIGSTOP mid-request: its Step stream stays open,
+    but once its registry entry expires the scheduler takes it for lost and the request
+    resumes on the other worker, equal to an undisturbed run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from gridllm.common.grpc_utils import free_port, wait_for_serving
+
+    repo_root = Path(__file__).resolve().parents[2]
+    prompt = [90, 91, 92]
+
+    async def main():
+        port = free_port()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "worker_svc", "--model", model_path, "--port", str(port),
+             "--redis-url", redis_server, "--heartbeat-ttl", "1", "--block-size", "4",
+             "--num-kv-blocks", "64", "--max-num-batched-tokens", "16"],
+            cwd=repo_root, env={**os.environ, "GRIDLLM_LOGGING_LEVEL": "WARNING"},
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            await wait_for_serving(f"127.0.0.1:{port}", timeout=60)
+            async with running_worker(model_path, redis_server) as survivor, \
+                    running_scheduler(redis_url=redis_server, heartbeat_ttl=1.0) as (server,
+                                                                                     stub):
+                await wait_until(lambda: len(server.pool.alive_links()) == 2, 20.0,
+                                 "both workers linked")
+                want, _ = await collect(stub, submit_request("u", prompt, max_tokens=80,
+                                                             ignore_eos=True))
+                frozen_id = next(link.worker_id for link in server.pool.alive_links()
+                                 if link.worker_id != survivor.worker_id)
+                # Fill the survivor so the pick sends the next request to the other worker.
+                calls = [stub.Submit(submit_request(f"h{i}", prompt, max_tokens=80,
+                                                    ignore_eos=True)) for i in range(2)]
+                firsts = [await call.read() for call in calls]
+                assert frozen_id in {r.worker_id for r in firsts}
+                proc.send_signal(signal.SIGSTOP)
+                frozen_at = asyncio.get_running_loop().time()
+                rests = [await read_rest(call) for call in calls]
+                seconds = asyncio.get_running_loop().time() - frozen_at
+                return want, firsts, rests, seconds, survivor.worker_id
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+
+    want, firsts, rests, seconds, survivor_id = run(main(), timeout=120)
+    # Bounded by the heartbeat TTL (1 s) and the scheduler's check, well before gRPC
+    # keepalives (10 s + 5 s) would notice the frozen peer.
+    assert seconds < 12.0
+    for first, rest in zip(firsts, rests, strict=True):
+        assert list(first.token_ids) + [t for r in rest for t in r.token_ids] == want
+        assert rest[-1].worker_id == survivor_id
+
+
 def test_killed_scheduler_process_restarts_with_the_prefix_cache(model_path, redis_server):
     """``python -m scheduler_svc`` killed with SIGKILL mid-request, then started again."""
     import os
