@@ -121,6 +121,11 @@ class Scheduler:
     def num_waiting(self) -> int:
         return len(self.waiting)
 
+    @property
+    def num_queued_tokens(self) -> int:
+        """Tokens (prompt + output so far) of the waiting requests."""
+        return sum(r.num_tokens for r in self.waiting)
+
     def free_capacity(self) -> int:
         """Free KV blocks minus what the queued requests will take."""
         demand = sum(-(-r.num_tokens // self.block_size) for r in self.waiting)

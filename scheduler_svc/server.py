@@ -42,6 +42,12 @@ class SchedulerServiceConfig:
     heartbeat_ttl: float = 6.0
     # 2: step N+1 is sent while the worker runs step N (pipelined); 1: one step at a time.
     max_steps_in_flight: int = 2
+    # Admission: a Submit past these many waiting requests, or waiting tokens (prompt +
+    # output so far), over all workers, gets RESOURCE_EXHAUSTED instead of an unbounded queue.
+    max_num_queued_reqs: int = 1024
+    max_num_queued_tokens: int = 1 << 20
+    # Times a request may resume on another worker after losing its own.
+    max_migrations: int = 3
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -55,6 +61,11 @@ class SchedulerServiceConfig:
         if self.heartbeat_ttl < 1.0:
             raise ValueError("heartbeat_ttl must be at least 1 second, "
                              f"got {self.heartbeat_ttl!r}.")
+        for name in ("max_num_queued_reqs", "max_num_queued_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)!r}.")
+        if self.max_migrations < 0:
+            raise ValueError(f"max_migrations must be non-negative, got {self.max_migrations!r}.")
 
 
 class SchedulerServer:
@@ -83,8 +94,11 @@ class SchedulerServer:
                                self.redis, self.mirror, streams.deliver,
                                self.service.set_serving, self.config.enable_prefix_caching,
                                self.config.max_steps_in_flight,
+                               max_migrations=self.config.max_migrations,
                                lost_after_s=self.config.heartbeat_ttl)
-        self.servicer = SchedulerServicer(self.pool, streams, self.scheduler_id)
+        self.servicer = SchedulerServicer(self.pool, streams, self.scheduler_id,
+                                          self.config.max_num_queued_reqs,
+                                          self.config.max_num_queued_tokens)
         scheduler_pb2_grpc.add_SchedulerServicer_to_server(self.servicer, self.service.server)
 
     async def start(self) -> str:

@@ -15,6 +15,10 @@ from scheduler_svc.worker_pool import NoWorkerError, WorkerPool
 
 logger = logging.getLogger(__name__)
 
+# Trailing metadata of a RESOURCE_EXHAUSTED Submit: milliseconds to wait before retrying.
+RETRY_AFTER_KEY = "retry-after-ms"
+_RETRY_AFTER_MS = 1000
+
 
 # One request's update and the id of the worker that produced it.
 Delivery = tuple[RequestUpdate, str]
@@ -51,12 +55,17 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         pool: the workers.
         streams: where the pool delivers the updates the Submit streams read.
         scheduler_id: reported by GetInfo.
+        max_num_queued_reqs, max_num_queued_tokens: admission limits on the waiting queue
+            (over all workers); past them Submit gets RESOURCE_EXHAUSTED.
     """
 
-    def __init__(self, pool: WorkerPool, streams: UpdateStreams, scheduler_id: str):
+    def __init__(self, pool: WorkerPool, streams: UpdateStreams, scheduler_id: str,
+                 max_num_queued_reqs: int = 1024, max_num_queued_tokens: int = 1 << 20):
         self.pool = pool
         self.streams = streams
         self.scheduler_id = scheduler_id
+        self.max_num_queued_reqs = max_num_queued_reqs
+        self.max_num_queued_tokens = max_num_queued_tokens
 
     # ----------------------------------------------------------------- Submit
     async def Submit(self, request: scheduler_pb2.SubmitRequest, context):
@@ -72,6 +81,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             req = self._make_request(request, self.pool.any_info())
         except NoWorkerError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        refusal = self._admission_refusal(req)
+        if refusal is not None:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal,
+                                trailing_metadata=((RETRY_AFTER_KEY, str(_RETRY_AFTER_MS)),))
         queue = self.streams.open(req.req_id)
         is_finished = False
         try:
@@ -99,6 +112,19 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 # Cancelled by the client (or the router went away): free its blocks.
                 self.pool.abort([req.req_id])
                 logger.debug("request %s cancelled", req.req_id)
+
+    def _admission_refusal(self, req: Request) -> str | None:
+        """Why the waiting queue cannot take ``req`` now, or None."""
+        num_waiting, num_tokens = self.pool.queued()
+        if num_waiting >= self.max_num_queued_reqs:
+            return (f"the scheduler's queue is full: {num_waiting} requests waiting "
+                    f"(max_num_queued_reqs={self.max_num_queued_reqs}); retry later.")
+        # An empty queue takes any request: the limit bounds waiting work, not request size.
+        if num_waiting and num_tokens + req.num_tokens > self.max_num_queued_tokens:
+            return (f"the scheduler's queue is full: {num_tokens} tokens waiting, this request "
+                    f"adds {req.num_tokens} (max_num_queued_tokens="
+                    f"{self.max_num_queued_tokens}); retry later.")
+        return None
 
     def _make_request(self, msg: scheduler_pb2.SubmitRequest,
                       info: worker_pb2.WorkerInfo) -> Request:

@@ -252,6 +252,12 @@ class WorkerPool:
 
         return max(links, key=score)
 
+    def queued(self) -> tuple[int, int]:
+        """Requests waiting over all workers, and their tokens (prompt + output so far)."""
+        cores = [link.scheduler for link in self.links.values() if link.is_alive]
+        return (sum(core.num_waiting for core in cores),
+                sum(core.num_queued_tokens for core in cores))
+
     def add_request(self, request: Request) -> WorkerLink:
         """Queue a request on the best alive worker (NoWorkerError if there is none)."""
         links = self.alive_links()

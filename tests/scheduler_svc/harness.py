@@ -40,8 +40,8 @@ async def running_worker(model_path: str, redis_url: str | None = None):
 @contextlib.asynccontextmanager
 async def running_scheduler(worker_addresses=(), redis_url: str | None = None, **kwargs):
     config = SchedulerServiceConfig(
-        scheduler_config=SchedulerConfig(max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS,
-                                         max_model_len=256),
+        scheduler_config=kwargs.pop("scheduler_config", None) or SchedulerConfig(
+            max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS, max_model_len=256),
         worker_addresses=list(worker_addresses), redis_url=redis_url,
         **{"discovery_interval": 0.1, "heartbeat_ttl": 3.0, **kwargs})
     server = SchedulerServer(config)
