@@ -16,15 +16,18 @@ def logprobs_to_pb(items: list[DecodedLogprobs]) -> list[generate_pb2.TokenLogpr
 def generate_response(request_id: str, delta: CompletionDelta,
                       return_token_ids: bool) -> generate_pb2.GenerateResponse | None:
     """The response streamed for ``delta``; None when it carries nothing to send."""
-    response = generate_pb2.GenerateResponse(
-        request_id=request_id, index=delta.index, text=delta.text,
-        logprobs=logprobs_to_pb(delta.new_logprobs),
-        prompt_logprobs=logprobs_to_pb(delta.new_prompt_logprobs))
-    if return_token_ids:
+    # Lists are filled only when non-empty: this runs once per streamed token.
+    response = generate_pb2.GenerateResponse(request_id=request_id, index=delta.index,
+                                             text=delta.text)
+    if return_token_ids and delta.new_token_ids:
         response.token_ids.extend(delta.new_token_ids)
+    if delta.new_logprobs:
+        response.logprobs.extend(logprobs_to_pb(delta.new_logprobs))
+    if delta.new_prompt_logprobs:
+        response.prompt_logprobs.extend(logprobs_to_pb(delta.new_prompt_logprobs))
     if not delta.finished:
-        is_empty = not (response.text or response.token_ids or response.logprobs
-                        or response.prompt_logprobs)
+        is_empty = not (delta.text or response.token_ids or delta.new_logprobs
+                        or delta.new_prompt_logprobs)
         return None if is_empty else response
     response.finish_reason = FINISH_REASON_TO_PB[delta.finish_reason]
     assert delta.usage is not None

@@ -123,9 +123,11 @@ class CompletionState:
         self.token_ids.extend(update.new_token_ids)
         stop_str = self.detokenizer.update(update.new_token_ids)
         delta = CompletionDelta(self.index, "", list(update.new_token_ids))
-        if self.params.logprobs is not None:
+        if self.params.logprobs is not None and update.new_logprobs:
             delta.new_logprobs = decode_logprobs(update.new_logprobs, self.tokenizer)
-        delta.new_prompt_logprobs = decode_logprobs(update.new_prompt_logprobs, self.tokenizer)
+        if update.new_prompt_logprobs:
+            delta.new_prompt_logprobs = decode_logprobs(update.new_prompt_logprobs,
+                                                        self.tokenizer)
         if stop_str is not None:
             delta.finish_reason, delta.stop_reason = FinishReason.STOP, stop_str
             delta.needs_abort = update.finish_reason is None
