@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 
+from gridllm.common.completion import Usage
 from gridllm.common.convert import sampling_params_to_pb
 from gridllm.common.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 from gridllm.common.sampling_params import SamplingParams
@@ -29,14 +30,6 @@ _FINISH_REASONS = {
 _MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 _CHANNEL_OPTIONS = [("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
                     ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES)]
-
-
-@dataclass
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-    # Prompt tokens served from the prefix cache.
-    cached_tokens: int = 0
 
 
 @dataclass

@@ -110,13 +110,10 @@ class LLM:
                 zip(requests, params_list, priorities, strict=True)):
             parent_id = str(next(self._counter))
             order[parent_id] = index
-            children = {f"{parent_id}-{k}" if params.n > 1 else parent_id:
-                        params.clone(n=1, seed=None if params.seed is None else params.seed + k)
-                        for k in range(params.n)}
-            processor.add(parent_id, prompt_text, prompt_ids, children)
-            engine_requests += [self.engine.make_request(child_id, prompt_ids, child_params,
+            children = processor.add(parent_id, prompt_text, prompt_ids, params)
+            engine_requests += [self.engine.make_request(child.req_id, prompt_ids, child.params,
                                                          prio, self._extra_stop_ids)
-                                for child_id, child_params in children.items()]
+                                for child in children]
         for request in engine_requests:
             self.engine.add_request(request)
         return self._run(processor, order, use_tqdm)

@@ -17,11 +17,13 @@ from typing import Any
 
 import grpc
 
-from gridllm.common.convert import sampling_params_to_pb
-from gridllm.common.detokenizer import IncrementalDetokenizer
+from gridllm.common.completion import CompletionState
+from gridllm.common.convert import request_update_from_pb, sampling_params_to_pb
 from gridllm.common.grpc_utils import ServiceServer
+from gridllm.common.output_processor import Child, fan_out
 from gridllm.common.sampling_params import SamplingParams
 from gridllm.v1 import generate_pb2, generate_pb2_grpc, scheduler_pb2
+from router.responses import generate_response
 from router.routing import PrefixIndex, SchedulerLink, SchedulerPool
 from router.validation import (
     ModelLimits,
@@ -88,37 +90,34 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
         """Stream one request's completion(s); ValueError -> INVALID_ARGUMENT naming the field."""
         limits = await self._limits(context)
         validated = validate_request(request, self.tokenizer, limits)
-        params = validated.sampling_params
+        children = fan_out(validated.request_id, validated.sampling_params)
         try:
-            if params.n == 1:
-                async for response in self._complete(validated, validated.request_id, 0,
-                                                     params, context):
+            if len(children) == 1:
+                async for response in self._complete(validated, children[0], context):
                     yield response
             else:
-                async for response in self._complete_n(validated, context):
+                async for response in self._complete_n(validated, children, context):
                     yield response
         except RpcFailure as failure:
             await context.abort(failure.code, failure.details)
 
-    async def _complete_n(self, validated: ValidatedRequest, context: grpc.aio.ServicerContext
+    async def _complete_n(self, validated: ValidatedRequest, children: list[Child],
+                          context: grpc.aio.ServicerContext
                           ) -> AsyncIterator[generate_pb2.GenerateResponse]:
-        params = validated.sampling_params
         queue: asyncio.Queue = asyncio.Queue()
         done = object()
 
-        async def run(index: int) -> None:
-            child = params.clone(n=1, seed=None if params.seed is None else params.seed + index)
+        async def run(child: Child) -> None:
             try:
-                async for response in self._complete(validated, f"{validated.request_id}-{index}",
-                                                     index, child, context):
+                async for response in self._complete(validated, child, context):
                     await queue.put(response)
                 await queue.put(done)
             except Exception as exc:  # noqa: BLE001 - re-raised by the merging loop
                 await queue.put(exc)
 
-        tasks = [asyncio.create_task(run(i)) for i in range(params.n)]
+        tasks = [asyncio.create_task(run(child)) for child in children]
         try:
-            remaining = params.n
+            remaining = len(children)
             while remaining:
                 item = await queue.get()
                 if item is done:
@@ -132,49 +131,31 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _complete(self, validated: ValidatedRequest, sub_id: str, index: int,
-                        params: SamplingParams, context: grpc.aio.ServicerContext
+    async def _complete(self, validated: ValidatedRequest, child: Child,
+                        context: grpc.aio.ServicerContext
                         ) -> AsyncIterator[generate_pb2.GenerateResponse]:
         """One completion; survives scheduler deaths by resubmitting prompt + tokens so far."""
         prompt_ids = validated.prompt_token_ids
-        detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, params)
-        generated: list[int] = []
-        num_cached = 0
-        is_first = True
+        state = CompletionState(self.tokenizer, prompt_ids, child.params, child.index)
         for attempt in range(self.options.max_resubmits + 1):
-            link = await self._pick(prompt_ids + generated, context)
-            call = link.stub.Submit(self._submit_request(validated, sub_id, attempt, params,
-                                                         generated),
+            link = await self._pick(prompt_ids + state.token_ids, context)
+            call = link.stub.Submit(self._submit_request(validated, child.req_id, attempt,
+                                                         child.params, state.token_ids),
                                     timeout=context.time_remaining())
             link.num_inflight += 1
-            # Finished upstream (the scheduler freed the request) vs. here (a stop string).
-            is_upstream_done = is_finished = False
+            # Finished upstream (the scheduler freed the request), not here by a stop string.
+            is_upstream_done = False
             try:
                 async for msg in call:
-                    if is_first and attempt == 0:
-                        num_cached = msg.num_cached_tokens
-                    generated.extend(msg.token_ids)
-                    stop_str = detokenizer.update(list(msg.token_ids))
-                    finish = msg.finish_reason
-                    is_upstream_done = finish != generate_pb2.FINISH_REASON_UNSPECIFIED
-                    if stop_str is not None:
-                        finish = generate_pb2.FINISH_REASON_STOP
-                    is_finished = finish != generate_pb2.FINISH_REASON_UNSPECIFIED
-                    response = self._response(validated, index, msg, detokenizer, is_finished)
-                    is_first = False
-                    if is_finished:
-                        response.finish_reason = finish
-                        response.usage.CopyFrom(generate_pb2.Usage(
-                            prompt_tokens=len(prompt_ids), completion_tokens=len(generated),
-                            cached_tokens=num_cached))
-                        if stop_str is not None:
-                            response.stop_str = stop_str
-                        elif msg.HasField("stop_token_id"):
-                            response.stop_token_id = msg.stop_token_id
+                    update = request_update_from_pb(msg)
+                    is_upstream_done = update.finished
+                    delta = state.process(update)
+                    response = generate_response(validated.request_id, delta,
+                                                 validated.return_token_ids)
+                    if response is not None:
                         yield response
+                    if delta.finished:
                         return
-                    if response.text or response.token_ids or response.prompt_logprobs:
-                        yield response
             except grpc.aio.AioRpcError as exc:
                 self._raise_unless_resubmittable(exc, link, attempt)
             finally:
@@ -183,9 +164,9 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
                     # Client cancel, deadline, stop string, or failure: abort it upstream.
                     call.cancel()
             logger.warning("request %s lost its scheduler %s after %d tokens; resubmitting",
-                           sub_id, link.address, len(generated))
+                           child.req_id, link.address, len(state.token_ids))
         raise RpcFailure(grpc.StatusCode.UNAVAILABLE,
-                         f"request {sub_id} failed after {self.options.max_resubmits} "
+                         f"request {child.req_id} failed after {self.options.max_resubmits} "
                          "resubmissions: schedulers keep failing")
 
     def _raise_unless_resubmittable(self, exc: grpc.aio.AioRpcError, link: SchedulerLink,
@@ -228,30 +209,6 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
         if self.eos_token_ids:
             request.eos_token_id = self.eos_token_ids[0]
         return request
-
-    def _response(self, validated: ValidatedRequest, index: int, msg: scheduler_pb2.SubmitResponse,
-                  detokenizer: IncrementalDetokenizer,
-                  is_finished: bool) -> generate_pb2.GenerateResponse:
-        response = generate_pb2.GenerateResponse(
-            request_id=validated.request_id, index=index,
-            text=detokenizer.get_delta(is_finished))
-        if validated.return_token_ids:
-            response.token_ids.extend(msg.token_ids)
-        if validated.sampling_params.logprobs is not None:
-            response.logprobs.extend(self._decoded(msg.logprobs))
-        if msg.prompt_logprobs:
-            response.prompt_logprobs.extend(self._decoded(msg.prompt_logprobs))
-        return response
-
-    def _decoded(self, items) -> list[generate_pb2.TokenLogprobs]:
-        out = []
-        for item in items:
-            entry = generate_pb2.TokenLogprobs()
-            entry.CopyFrom(item)
-            if self.tokenizer is not None and not entry.tokens:
-                entry.tokens.extend(self.tokenizer.decode([t]) for t in entry.token_ids)
-            out.append(entry)
-        return out
 
     async def _limits(self, context: grpc.aio.ServicerContext) -> ModelLimits:
         info = self.pool.any_info()

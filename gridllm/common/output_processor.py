@@ -1,36 +1,43 @@
-"""Turns the scheduler's RequestUpdates into ``RequestOutput``s (text, logprobs, stops)."""
+"""A request's ``n`` completions (``fan_out``) and the offline engine's ``RequestOutput``s.
+
+``OutputProcessor`` accumulates the ``CompletionDelta``s of ``CompletionState`` (the per-completion
+logic the router streams from too) into one ``RequestOutput`` per prompt.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from gridllm.common.contract import RequestUpdate, TokenLogprobs
-from gridllm.common.detokenizer import IncrementalDetokenizer
-from gridllm.common.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
+from gridllm.common.completion import CompletionState
+from gridllm.common.contract import RequestUpdate
+from gridllm.common.outputs import CompletionOutput, RequestOutput
 from gridllm.common.sampling_params import SamplingParams
 
 
-def to_position_logprobs(entry: TokenLogprobs, tokenizer: Any | None) -> PositionLogprobs:
-    """``TokenLogprobs`` -> ``{token_id: Logprob}`` with decoded tokens, chosen token first."""
-    position: PositionLogprobs = {}
-    for token_id, logprob, rank in zip(entry.token_ids, entry.logprobs,
-                                       entry.ranks, strict=True):
-        if token_id not in position:
-            text = tokenizer.decode([token_id]) if tokenizer is not None else None
-            position[token_id] = Logprob(logprob, rank, text)
-    return position
+@dataclass(frozen=True)
+class Child:
+    """One of a request's n completions, run as a request of its own (n == 1)."""
+
+    req_id: str
+    index: int
+    params: SamplingParams
+
+
+def fan_out(parent_id: str, params: SamplingParams) -> list[Child]:
+    """The completions of one request: ids ``{parent_id}-{k}`` (``parent_id`` itself when
+    n == 1) and seeds ``seed + k``, so each reproduces on its own."""
+    ids = [parent_id] if params.n == 1 else [f"{parent_id}-{k}" for k in range(params.n)]
+    return [Child(req_id, k, params.clone(n=1, seed=None if params.seed is None
+                                          else params.seed + k))
+            for k, req_id in enumerate(ids)]
 
 
 @dataclass
 class _Completion:
-    index: int
-    params: SamplingParams
-    detokenizer: IncrementalDetokenizer
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[PositionLogprobs] | None = None
-    finish_reason: str | None = None
-    stop_reason: str | int | None = None
+    state: CompletionState
+    output: CompletionOutput
+    parent_id: str
 
 
 class OutputProcessor:
@@ -39,21 +46,23 @@ class OutputProcessor:
     def __init__(self, tokenizer: Any | None):
         self.tokenizer = tokenizer
         self._outputs: dict[str, RequestOutput] = {}
-        # child req_id -> (parent id, completion state)
-        self._children: dict[str, tuple[str, _Completion]] = {}
-        self._num_completions: dict[str, int] = {}
+        self._completions: dict[str, _Completion] = {}
+        self._num_unfinished: dict[str, int] = {}
 
     def add(self, parent_id: str, prompt: str | None, prompt_token_ids: list[int],
-            child_params: dict[str, SamplingParams]) -> None:
-        want_prompt_logprobs = any(p.prompt_logprobs is not None for p in child_params.values())
+            params: SamplingParams) -> list[Child]:
+        """Track a prompt; returns its completions, for the engine to run."""
+        children = fan_out(parent_id, params)
         self._outputs[parent_id] = RequestOutput(
-            parent_id, prompt, prompt_token_ids, [None] if want_prompt_logprobs else None)
-        self._num_completions[parent_id] = len(child_params)
-        for index, (child_id, params) in enumerate(child_params.items()):
-            detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params)
-            completion = _Completion(index, params, detok,
-                                     logprobs=[] if params.logprobs is not None else None)
-            self._children[child_id] = (parent_id, completion)
+            parent_id, prompt, prompt_token_ids,
+            [None] if params.prompt_logprobs is not None else None)
+        self._num_unfinished[parent_id] = len(children)
+        for child in children:
+            state = CompletionState(self.tokenizer, prompt_token_ids, child.params, child.index)
+            output = CompletionOutput(child.index, "", [], None,
+                                      [] if child.params.logprobs is not None else None)
+            self._completions[child.req_id] = _Completion(state, output, parent_id)
+        return children
 
     def process(self, updates: list[RequestUpdate]) -> tuple[list[RequestOutput], list[str]]:
         """Apply updates.
@@ -64,46 +73,30 @@ class OutputProcessor:
         """
         finished_outputs, stopped_ids = [], []
         for update in updates:
-            parent_id, completion = self._children[update.req_id]
-            output = self._outputs[parent_id]
-            if update.new_prompt_logprobs and completion.index == 0:
+            completion = self._completions[update.req_id]
+            output = self._outputs[completion.parent_id]
+            delta = completion.state.process(update)
+            if delta.new_prompt_logprobs and delta.index == 0:
                 output.prompt_logprobs.extend(  # type: ignore[union-attr]
-                    to_position_logprobs(e, self.tokenizer) for e in update.new_prompt_logprobs)
+                    e.to_position() for e in delta.new_prompt_logprobs)
             output.num_cached_tokens = max(output.num_cached_tokens, update.num_cached_tokens)
-            completion.token_ids.extend(update.new_token_ids)
-            if completion.logprobs is not None and update.new_logprobs:
-                completion.logprobs.extend(to_position_logprobs(e, self.tokenizer)
-                                           for e in update.new_logprobs)
-            stop = completion.detokenizer.update(update.new_token_ids)
-            if stop is not None and update.finish_reason is None:
-                completion.finish_reason, completion.stop_reason = "stop", stop
+            completion_output = completion.output
+            completion_output.text += delta.text
+            completion_output.token_ids.extend(delta.new_token_ids)
+            if completion_output.logprobs is not None:
+                completion_output.logprobs.extend(e.to_position() for e in delta.new_logprobs)
+            if delta.needs_abort:
                 stopped_ids.append(update.req_id)
-            elif update.finish_reason is not None:
-                completion.finish_reason = update.finish_reason.value
-                completion.stop_reason = update.stop_reason
-            if completion.finish_reason is not None:
-                completion.detokenizer.flush()
-                del self._children[update.req_id]
-                output.outputs.append(self._completion_output(completion))
-                if len(output.outputs) == self._num_completions[parent_id]:
-                    output.outputs.sort(key=lambda c: c.index)
-                    output.finished = True
-                    del self._num_completions[parent_id]
-                    finished_outputs.append(self._outputs.pop(parent_id))
+            if not delta.finished:
+                continue
+            completion_output.finish_reason = delta.finish_reason.value  # type: ignore[union-attr]
+            completion_output.stop_reason = delta.stop_reason
+            del self._completions[update.req_id]
+            output.outputs.append(completion_output)
+            self._num_unfinished[completion.parent_id] -= 1
+            if self._num_unfinished[completion.parent_id] == 0:
+                output.outputs.sort(key=lambda c: c.index)
+                output.finished = True
+                del self._num_unfinished[completion.parent_id]
+                finished_outputs.append(self._outputs.pop(completion.parent_id))
         return finished_outputs, stopped_ids
-
-    def abort_all(self) -> list[RequestOutput]:
-        """Close every in-flight prompt as aborted (e.g. generate() interrupted)."""
-        for child_id in list(self._children):
-            parent_id, completion = self._children.pop(child_id)
-            completion.finish_reason = "abort"
-            self._outputs[parent_id].outputs.append(self._completion_output(completion))
-        outputs = list(self._outputs.values())
-        self._outputs.clear()
-        self._num_completions.clear()
-        return outputs
-
-    @staticmethod
-    def _completion_output(c: _Completion) -> CompletionOutput:
-        return CompletionOutput(c.index, c.detokenizer.output_text, list(c.token_ids),
-                                c.finish_reason, c.logprobs, c.stop_reason)
