@@ -62,6 +62,6 @@ STOPSIGNAL SIGTERM
 ENTRYPOINT ["python", "-m", "gridllm.entrypoint"]
 CMD ["gridllm", "up", "--host", "0.0.0.0", "--port", "50051", \
      "--model", "/models/SmolLM2-135M-Instruct.Q4_1.gguf"]
-# Services override this with `python -m gridllm.healthcheck localhost:<their port>`.
+# Compose gives each service this probe on its own port.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=10m --retries=3 \
-    CMD ["python", "-m", "gridllm.healthcheck", "localhost:50051"]
+    CMD ["python", "-m", "gridllm.healthcheck", "127.0.0.1:50051"]

@@ -26,7 +26,8 @@ import sys
 
 from gridllm.common.logger import configure_logging
 
-logger = logging.getLogger(__name__)
+# Named, not __name__: run with -m it would log as "__main__".
+logger = logging.getLogger("gridllm.entrypoint")
 
 EXIT_CONFIG_ERROR = 2
 # Where the image expects models: a read-only volume (compose) or a PersistentVolume (k8s).

@@ -8,11 +8,13 @@ Overlays are rendered by tests/kustomize_render.py (the subset of kustomize they
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
 
 import kubernetes_validate
+import kubernetes_validate.utils
 import pytest
 import yaml
 
@@ -38,6 +40,16 @@ DATA_PATH = {("client", "router", 50051), ("router", "scheduler", 50052),
 
 def validate(obj: dict) -> None:
     kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _schemas_read_once():
+    # validate() reads and parses the 1.4 MB schema definitions on every call; the files do
+    # not change during a test run.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kubernetes_validate.utils, "schema_contents", functools.lru_cache(
+            maxsize=None)(kubernetes_validate.utils.schema_contents))
+        yield
 
 
 @pytest.fixture(scope="module")
