@@ -221,12 +221,21 @@ def test_commands_parse_with_the_services_own_flags_and_probes_hit_their_port(re
     assert models == {config_maps["gridllm-config"]["data"]["GRIDLLM_MODEL"]}
 
 
+def _image_uid() -> int:
+    with open(os.path.join(ROOT, "Dockerfile")) as f:
+        (uid,) = re.findall(r"^ARG APP_UID=(\d+)$", f.read(), re.MULTILINE)
+    return int(uid)
+
+
 @pytest.mark.parametrize("name", ("base", *OVERLAYS))
 def test_pods_run_unprivileged(renders, name):
     for workload in _workloads(renders[name]).values():
         pod = workload["spec"]["template"]["spec"]
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert pod["securityContext"]["runAsUser"] != 0
+        if workload["metadata"]["name"] != "redis":
+            # The image's user, who owns its writable directories.
+            assert pod["securityContext"]["runAsUser"] == _image_uid()
         assert pod["automountServiceAccountToken"] is False
         for container in pod["containers"]:
             context = container["securityContext"]
