@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +68,7 @@ class SamplingParams:
     extra_args: dict[str, Any] | None = field(default=None)
 
     def __post_init__(self) -> None:
+        _check_types(self)
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         elif self.stop is None:
@@ -154,3 +158,70 @@ class SamplingParams:
 def _check(ok: bool, name: str, allowed: str, value: object) -> None:
     if not ok:
         raise ValueError(f"{name} {allowed}, got {value!r}.")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def _is_list_of(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: isinstance(value, (list, tuple)) and all(check(v) for v in value)
+
+
+def _optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: value is None or check(value)
+
+
+def _is_token_key(value: Any) -> bool:
+    # JSON objects (the OpenAI API's logit_bias) key token ids by their decimal string.
+    return _is_int(value) or (isinstance(value, str) and value.strip().isdigit())
+
+
+_TYPE_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "n": (_is_int, "an integer"),
+    "temperature": (_is_number, "a finite number"),
+    "top_p": (_is_number, "a finite number"),
+    "top_k": (_is_int, "an integer"),
+    "min_p": (_is_number, "a finite number"),
+    "presence_penalty": (_is_number, "a finite number"),
+    "frequency_penalty": (_is_number, "a finite number"),
+    "repetition_penalty": (_is_number, "a finite number"),
+    "seed": (_optional(_is_int), "an integer or None"),
+    "stop": (_optional(lambda v: isinstance(v, str) or _is_list_of(
+        lambda s: isinstance(s, str))(v)), "a string, a list of strings or None"),
+    "stop_token_ids": (_optional(_is_list_of(_is_int)), "a list of integer token ids"),
+    "ignore_eos": (lambda v: isinstance(v, bool), "a bool"),
+    "max_tokens": (_optional(_is_int), "an integer or None"),
+    "min_tokens": (_is_int, "an integer"),
+    "logprobs": (_optional(_is_int), "an integer or None"),
+    "prompt_logprobs": (_optional(_is_int), "an integer or None"),
+    "skip_special_tokens": (lambda v: isinstance(v, bool), "a bool"),
+    "include_stop_str_in_output": (lambda v: isinstance(v, bool), "a bool"),
+    "logit_bias": (_optional(lambda v: isinstance(v, dict) and all(
+        _is_token_key(k) and isinstance(b, numbers.Real) and not isinstance(b, bool)
+        for k, b in v.items())), "a dict of token id -> number"),
+    "allowed_token_ids": (_optional(_is_list_of(_is_int)), "a list of integer token ids"),
+    "logits_processors": (_optional(_is_list_of(lambda v: isinstance(v, str))),
+                          "a list of processor names"),
+    "extra_args": (_optional(lambda v: isinstance(v, dict) and all(
+        isinstance(k, str) for k in v)), "a dict with string keys"),
+}
+
+
+class SamplingParamsTypeError(TypeError, ValueError):
+    """A field of the wrong type. Also a ValueError: to a service it is a bad argument like
+    an out-of-range value (INVALID_ARGUMENT / HTTP 400)."""
+
+
+def _check_types(params: SamplingParams) -> None:
+    """SamplingParamsTypeError naming the first field whose value has the wrong type."""
+    for name, (check, allowed) in _TYPE_CHECKS.items():
+        value = getattr(params, name)
+        if not check(value):
+            raise SamplingParamsTypeError(f"{name} must be {allowed}, got {value!r} "
+                                          f"({type(value).__name__}).")

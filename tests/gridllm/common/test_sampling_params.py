@@ -123,3 +123,22 @@ def test_verify_vocab_rejects_ids_outside_vocab(field, kwargs):
 def test_verify_vocab_accepts_last_id():
     SamplingParams(stop_token_ids=[9], allowed_token_ids=[0, 9], logit_bias={9: 1.0},
                    logprobs=10, prompt_logprobs=10).verify_vocab(10)
+
+
+@pytest.mark.parametrize("name,value", [
+    ("stop_token_ids", ["a"]), ("n", "2"), ("temperature", "hot"), ("top_k", 1.5),
+    ("logit_bias", {"a": 1}), ("logit_bias", [1]), ("max_tokens", "5"), ("stop", 5),
+    ("allowed_token_ids", "abc"), ("logprobs", True), ("extra_args", [1]),
+    ("logits_processors", "x"), ("ignore_eos", "yes"), ("temperature", float("nan")),
+    ("top_p", float("inf")), ("min_tokens", None), ("prompt_logprobs", 2.0),
+])
+def test_wrong_type_raises_type_error_naming_field(name, value):
+    with pytest.raises(TypeError, match=f"^{name} must be") as info:
+        SamplingParams(**{name: value})
+    # To the services a wrong type is a bad argument like an out-of-range value.
+    assert isinstance(info.value, ValueError)
+
+
+def test_token_id_keys_may_be_decimal_strings():
+    # JSON objects (the OpenAI API's logit_bias) key token ids by strings.
+    assert SamplingParams(logit_bias={"12": 5}).logit_bias == {12: 5.0}
