@@ -87,10 +87,10 @@ def test_greedy_stream_equals_llm_generate(client, llm):
 
 def test_router_discovers_schedulers_from_redis(stack, llm, tiny_served_model, e2e_redis_url):
     """A second router given no --scheduler finds the stack's scheduler in the registry."""
-    from router.server import RouterServer
+    from router.server import RouterOptions, RouterServer
 
     async def main():
-        router = RouterServer([], tiny_served_model, redis_url=e2e_redis_url)
+        router = RouterServer(RouterOptions(model=tiny_served_model, redis_url=e2e_redis_url))
         port = await router.start("127.0.0.1:0")
         try:
             async with AsyncClient(f"127.0.0.1:{port}", timeout=60.0) as aclient:

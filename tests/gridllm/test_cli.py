@@ -37,8 +37,8 @@ def reference_text(model_dir) -> str:
 
 def test_parser_defaults():
     args = build_parser().parse_args(["up"])
-    assert (args.model, args.workers, args.port, args.redis_url) == ("smollm2-135m", 1, 50051,
-                                                                     None)
+    assert (args.model, args.num_workers, args.port, args.redis_url) == ("smollm2-135m", 1,
+                                                                         50051, None)
     args = build_parser().parse_args(["generate", "hi"])
     assert args.target == "localhost:50051" and args.prompt == "hi"
 
