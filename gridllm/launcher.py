@@ -252,9 +252,9 @@ class StackConfig:
                                    help="an existing Redis (redis://host:port/db)")
     log_dir: str | None = option(None, default_help="a temp directory",
                                  help="one log file per service (and the embedded Redis's files)")
-    startup_timeout_s: float = option(300.0, flag="--startup-timeout",
+    startup_timeout_s: float = option(300.0, flag="--startup-timeout", metavar="S",
                                       help="seconds each service may take to become healthy")
-    stop_grace_s: float = option(10.0, flag="--stop-grace",
+    stop_grace_s: float = option(10.0, flag="--stop-grace", metavar="S",
                                  help="seconds a stopping service may drain before it is killed")
     # The workers' engine settings; None: the defaults. `model` is replaced by the stack's.
     model_config: ModelConfig | None = None

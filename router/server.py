@@ -68,7 +68,7 @@ class RouterOptions:
     host: str = option("127.0.0.1", help="address to bind")
     port: int = option(DEFAULT_ROUTER_PORT, help="port to bind; 0 picks a free one")
     scheduler_wait_s: float = option(
-        60.0, flag="--scheduler-wait",
+        60.0, flag="--scheduler-wait", metavar="S",
         help="seconds a request waits for a scheduler (at start, or after its scheduler died)")
     max_resubmits: int = option(
         3, help="resubmissions of one request after scheduler failures before giving up")

@@ -40,9 +40,10 @@ class SchedulerServiceConfig:
         None, default_help="--host; the hostname if --host is 0.0.0.0",
         help="host routers dial")
     discovery_interval: float = option(
-        1.0, help="seconds between looks for new workers in Redis and retries of lost ones")
+        1.0, metavar="S",
+        help="seconds between looks for new workers in Redis and retries of lost ones")
     heartbeat_ttl: float = option(
-        HEARTBEAT_TTL_S, help="seconds the registry entry outlives the last heartbeat")
+        HEARTBEAT_TTL_S, metavar="S", help="seconds the registry entry outlives the last heartbeat")
     max_steps_in_flight: int = option(
         2, choices=(1, 2),
         help="2: step N+1 is sent while the worker runs step N (pipelined); 1: one at a time")

@@ -55,7 +55,7 @@ class WorkerOptions:
         None, default_help="no registration: schedulers dial --worker",
         help="Redis to register in (e.g. redis://host:6379/0)")
     heartbeat_ttl: float = option(
-        HEARTBEAT_TTL_S, help="seconds the registry entry outlives the last heartbeat")
+        HEARTBEAT_TTL_S, metavar="S", help="seconds the registry entry outlives the last heartbeat")
 
     def __post_init__(self) -> None:
         check_port(self.port)

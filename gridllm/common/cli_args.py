@@ -20,6 +20,7 @@ from typing import Any
 
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
                "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_METAVARS = {"size": "SIZE", int: "N", float: "X"}
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
 
@@ -136,9 +137,8 @@ def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls
         default = (defaults or {}).get(f.name, _default_of(f))
         kwargs: dict[str, Any] = {"dest": f.name, "help": meta["help"].replace("%", "%%")}
         if base is not bool and not meta["choices"]:
-            kwargs["metavar"] = meta["metavar"] or ("SIZE" if meta["is_size"] else "N"
-                                                    if base is int else
-                                                    flag_of(f)[2:].upper().replace("-", "_"))
+            kwargs["metavar"] = meta["metavar"] or _METAVARS.get(
+                "size" if meta["is_size"] else base, flag_of(f)[2:].upper().replace("-", "_"))
         if default is dataclasses.MISSING:
             kwargs["required"] = True
         elif base is bool and not is_list:

@@ -76,7 +76,8 @@ class CacheConfig:
     kv_cache_memory: int = option(
         1 << 30, is_size=True, help="bytes of KV cache per worker on CPU (units: 1GiB, 512MB)")
     gpu_memory_utilization: float = option(
-        0.9, help="fraction of GPU memory a worker may use (weights + activations + KV cache)")
+        0.9, metavar="FRACTION",
+        help="fraction of GPU memory a worker may use (weights + activations + KV cache)")
 
     def __post_init__(self) -> None:
         self.kv_cache_memory = parse_size(self.kv_cache_memory, "kv_cache_memory")
@@ -122,7 +123,7 @@ class ModelConfig:
 _ENGINE_CONFIGS = (ModelConfig, CacheConfig, SchedulerConfig)
 
 
-def engine_configs(model: str, **kwargs: Any
+def engine_configs(model: str, /, **kwargs: Any
                    ) -> tuple[ModelConfig, CacheConfig, SchedulerConfig]:
     """The engine's three configs from one flat set of keyword arguments (``LLM``'s).
 

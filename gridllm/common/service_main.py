@@ -23,7 +23,7 @@ def service_parser(prog: str, description: str | None, grace_s: float
     """A parser with the flags every service has: ``--grace`` and ``--log-level``."""
     parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--grace", type=float, default=grace_s,
+    parser.add_argument("--grace", type=float, default=grace_s, metavar="S",
                         help=f"seconds to drain in-flight calls on SIGTERM (default: {grace_s})")
     parser.add_argument("--log-level", default=None,
                         help="logging level (default: GRIDLLM_LOGGING_LEVEL or INFO)")

@@ -16,6 +16,7 @@ from gridllm.client import AsyncClient, Client
 from gridllm.common import redis_keys
 from gridllm.common.sampling_params import SamplingParams
 from gridllm.v1 import generate_pb2
+from tests.e2e.conftest import NUM_KV_BLOCKS, SERVED_MODEL_NAME
 from tests.e2e.tiny_model import MAX_MODEL_LEN
 
 pytestmark = pytest.mark.slow
@@ -139,6 +140,15 @@ def test_chat_and_tokenize(client, llm):
     assert client.tokenize("café") == llm.get_tokenizer().encode("café")
     info = client.model_info()
     assert (info.vocab_size, info.max_model_len, info.eos_token_id) == (320, MAX_MODEL_LEN, 1)
+
+
+def test_settings_given_to_the_stack_reach_its_services(stack, client):
+    # RouterOptions.served_model_name, CacheConfig.num_kv_blocks and
+    # SchedulerServiceConfig.discovery_interval travel as the services' own flags.
+    assert client.model_info().model == SERVED_MODEL_NAME
+    workers = client.server_stats().workers
+    assert len(workers) == 2 and {w.kv_blocks_total for w in workers} == {NUM_KV_BLOCKS}
+    assert "--discovery-interval 0.3" in " ".join(stack.scheduler.argv)
 
 
 def test_50_concurrent_streams_complete_and_free_every_block(stack, client):

@@ -301,3 +301,17 @@ def test_duplicate_request_id_is_rejected():
     scheduler.add_request(Request("a", [1], SamplingParams()))
     with pytest.raises(ValueError, match="request_id"):
         scheduler.add_request(Request("a", [2], SamplingParams()))
+
+
+def test_limits_come_from_the_runner_and_are_checked_against_the_budgets():
+    scheduler = make_scheduler(num_blocks=10, block_size=8, max_model_len=40)
+    assert (scheduler.max_model_len, scheduler.block_size,
+            scheduler.block_manager.num_blocks) == (40, 8, 10)
+    # Without chunked prefill a whole prompt of max_model_len must fit one step's budget.
+    with pytest.raises(ValueError, match="max_num_batched_tokens must be at least "
+                                         "max_model_len=40 without chunked prefill"):
+        make_scheduler(max_model_len=40, max_num_batched_tokens=32,
+                       enable_chunked_prefill=False)
+    make_scheduler(max_model_len=32, max_num_batched_tokens=32, enable_chunked_prefill=False)
+    with pytest.raises(ValueError, match="num_kv_blocks must be at least 1"):
+        make_scheduler(num_blocks=0)
