@@ -66,7 +66,9 @@ def format_size(num_bytes: int) -> str:
     return str(num_bytes)
 
 
-def _size_type(name: str):
+def size_type(name: str):
+    """An argparse ``type`` for a byte size with units (errors name ``name``)."""
+
     def parse(text: str) -> int:
         try:
             return parse_size(text, name)
@@ -148,7 +150,7 @@ def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls
             # A repeated flag appends to its default: start from None, from_args fills in.
             kwargs["default"] = None if is_list else default
         if "action" not in kwargs:
-            kwargs["type"] = _size_type(f.name) if meta["is_size"] else base
+            kwargs["type"] = size_type(f.name) if meta["is_size"] else base
             if is_list:
                 kwargs["action"] = "append"
             if meta["choices"]:

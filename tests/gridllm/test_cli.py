@@ -211,3 +211,12 @@ def test_up_refuses_a_bad_value_before_starting_anything():
     with pytest.raises(ValueError, match="gpu_memory_utilization"):
         stack_config_from_args(build_parser().parse_args(["up", "--gpu-memory-utilization",
                                                           "1.5"]))
+
+
+def test_serving_docs_list_exactly_the_up_flags():
+    up = build_parser()._subparsers._group_actions[0].choices["up"]
+    flags = {s for a in up._actions for s in a.option_strings
+             if s.startswith("--") and not s.startswith("--no-") and s != "--help"}
+    with open(os.path.join(ROOT, "docs", "serving.md")) as f:
+        documented = set(re.findall(r"^\| `(--[a-z-]+)", f.read(), flags=re.MULTILINE))
+    assert documented == flags
