@@ -3,7 +3,10 @@
     gridllm up [--model M] [--workers N] [--port 50051] [--redis-url URL]
     gridllm generate [--target HOST:PORT] "prompt"
     gridllm run [--model M] "prompt"
-    gridllm bench ...
+    gridllm bench throughput|serve|latency ...
+    gridllm --version
+
+``gridllm up --help`` lists every engine and service setting with its default.
 """
 
 from __future__ import annotations
@@ -15,8 +18,26 @@ import sys
 import threading
 from types import FrameType
 
-from gridllm.common.config import DEFAULT_MODEL, DEFAULT_ROUTER_PORT
+from gridllm.common.cli_args import add_arguments, args_dict, from_args
+from gridllm.common.config import (
+    DEFAULT_MODEL,
+    DEFAULT_ROUTER_PORT,
+    WORKER_MODEL_EXCLUDED,
+    CacheConfig,
+    ModelConfig,
+    SchedulerConfig,
+)
 from gridllm.common.logger import configure_logging
+from gridllm.launcher import (
+    STACK_SET_ROUTER_FIELDS,
+    STACK_SET_SCHEDULER_FIELDS,
+    STACK_SET_WORKER_FIELDS,
+    LocalStack,
+    RouterOptions,
+    SchedulerServiceConfig,
+    StackConfig,
+    WorkerOptions,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -52,52 +73,20 @@ def _parser(sub, name: str, help_text: str, description: str | None = None):
 
 def _add_up_arguments(up: argparse.ArgumentParser) -> None:
     """The stack's flags, then every engine and service setting it passes on."""
-    from gridllm.common.cli_args import add_arguments
-    from gridllm.common.config import (
-        WORKER_MODEL_EXCLUDED,
-        CacheConfig,
-        ModelConfig,
-        SchedulerConfig,
-    )
-    from gridllm.launcher import (
-        STACK_SET_ROUTER_FIELDS,
-        STACK_SET_SCHEDULER_FIELDS,
-        RouterOptions,
-        SchedulerServiceConfig,
-        StackConfig,
-    )
-
     add_arguments(up.add_argument_group("stack"), StackConfig)
     add_arguments(up.add_argument_group("model (every worker)"), ModelConfig,
                   exclude=("model", *WORKER_MODEL_EXCLUDED))
     add_arguments(up.add_argument_group("KV cache (every worker)"), CacheConfig)
     add_arguments(up.add_argument_group("scheduling"), SchedulerConfig)
     services = up.add_argument_group("services")
-    # One --heartbeat-ttl serves the scheduler and the workers (WorkerOptions has no other
-    # field the stack leaves to the user).
     add_arguments(services, SchedulerServiceConfig, exclude=STACK_SET_SCHEDULER_FIELDS)
+    # The scheduler's --heartbeat-ttl serves the workers too.
+    add_arguments(services, WorkerOptions, exclude=(*STACK_SET_WORKER_FIELDS, "heartbeat_ttl"))
     add_arguments(services, RouterOptions, exclude=STACK_SET_ROUTER_FIELDS)
 
 
-def stack_config_from_args(args: argparse.Namespace):
-    """The StackConfig of parsed ``gridllm up`` flags."""
-    from gridllm.common.cli_args import from_args
-    from gridllm.common.config import (
-        WORKER_MODEL_EXCLUDED,
-        CacheConfig,
-        ModelConfig,
-        SchedulerConfig,
-    )
-    from gridllm.launcher import (
-        STACK_SET_ROUTER_FIELDS,
-        STACK_SET_SCHEDULER_FIELDS,
-        STACK_SET_WORKER_FIELDS,
-        RouterOptions,
-        SchedulerServiceConfig,
-        StackConfig,
-        WorkerOptions,
-    )
-
+def stack_config_from_args(args: argparse.Namespace) -> StackConfig:
+    """The StackConfig of parsed ``gridllm up`` flags (ValueError naming a bad one)."""
     scheduler_options = from_args(SchedulerServiceConfig, args,
                                   exclude=STACK_SET_SCHEDULER_FIELDS,
                                   scheduler_config=from_args(SchedulerConfig, args))
@@ -111,9 +100,6 @@ def stack_config_from_args(args: argparse.Namespace):
 
 
 def _add_engine_arguments(run: argparse.ArgumentParser) -> None:
-    from gridllm.common.cli_args import add_arguments
-    from gridllm.common.config import CacheConfig, ModelConfig, SchedulerConfig
-
     # The engine's seed is left at its default: --seed is the request's (sampling) seed.
     add_arguments(run.add_argument_group("model"), ModelConfig, exclude=("seed",),
                   defaults={"model": DEFAULT_MODEL})
@@ -174,8 +160,6 @@ def _raise_terminate(signum: int, frame: FrameType | None) -> None:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from gridllm.launcher import LocalStack
-
     config = stack_config_from_args(args)
     stack = LocalStack(config)
     # SIGTERM to the launcher alone must stop the children as Ctrl-C does; SIGINT is set
@@ -226,8 +210,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from gridllm.common.cli_args import args_dict
-    from gridllm.common.config import CacheConfig, ModelConfig, SchedulerConfig
     from gridllm.llm import LLM
 
     engine_kwargs = {name: value for cls in (ModelConfig, CacheConfig, SchedulerConfig)

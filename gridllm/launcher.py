@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 STACK_SET_SCHEDULER_FIELDS = ("worker_addresses", "redis_url", "host", "port", "advertise_host")
 STACK_SET_WORKER_FIELDS = ("worker_id", "host", "port", "advertise_host", "redis_url")
 STACK_SET_ROUTER_FIELDS = ("model", "scheduler_addresses", "redis_url", "host", "port")
+
 # prctl(PR_SET_PDEATHSIG): the kernel signals the child if the launcher dies unannounced.
 _PR_SET_PDEATHSIG = 1
 # The directory holding the gridllm, router, scheduler_svc and worker_svc packages.
