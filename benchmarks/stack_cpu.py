@@ -28,7 +28,7 @@ from worker_svc.server import WorkerOptions, WorkerServer  # noqa: E402
 async def step_round_trip_us(model: str, num_steps: int) -> dict[str, float]:
     """Empty steps over one persistent Step stream: pure transport + (de)serialisation."""
     server = WorkerServer(ModelConfig(model=model, skip_tokenizer_init=True),
-                          CacheConfig(num_kv_blocks=64), SchedulerConfig(max_model_len=2048),
+                          CacheConfig(num_kv_blocks=64), SchedulerConfig(),
                           WorkerOptions())
     await server.start()
     try:

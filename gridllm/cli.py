@@ -3,7 +3,10 @@
     gridllm up [--model M] [--workers N] [--port 50051] [--redis-url URL]
     gridllm generate [--target HOST:PORT] "prompt"
     gridllm run [--model M] "prompt"
-    gridllm bench ...
+    gridllm bench throughput|serve|latency ...
+    gridllm --version
+
+``gridllm up --help`` lists every engine and service setting with its default.
 """
 
 from __future__ import annotations
@@ -15,12 +18,28 @@ import sys
 import threading
 from types import FrameType
 
+from gridllm.common.cli_args import add_arguments, args_dict, from_args
+from gridllm.common.config import (
+    DEFAULT_MODEL,
+    DEFAULT_ROUTER_PORT,
+    WORKER_MODEL_EXCLUDED,
+    CacheConfig,
+    ModelConfig,
+    SchedulerConfig,
+)
 from gridllm.common.logger import configure_logging
+from gridllm.launcher import (
+    STACK_SET_ROUTER_FIELDS,
+    STACK_SET_SCHEDULER_FIELDS,
+    STACK_SET_WORKER_FIELDS,
+    LocalStack,
+    RouterOptions,
+    SchedulerServiceConfig,
+    StackConfig,
+    WorkerOptions,
+)
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_MODEL = "smollm2-135m"
-DEFAULT_PORT = 50051
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -34,45 +53,93 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
                    help="send the prompt as a user message through the chat template")
 
 
+def version() -> str:
+    """The installed distribution's version (the package's own when run from a checkout)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("gridllm")
+    except PackageNotFoundError:
+        from gridllm import __version__
+
+        return __version__
+
+
+def _parser(sub, name: str, help_text: str, description: str | None = None):
+    return sub.add_parser(name, help=help_text, description=description or help_text,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _add_up_arguments(up: argparse.ArgumentParser) -> None:
+    """The stack's flags, then every engine and service setting it passes on."""
+    add_arguments(up.add_argument_group("stack"), StackConfig)
+    add_arguments(up.add_argument_group("model (every worker)"), ModelConfig,
+                  exclude=("model", *WORKER_MODEL_EXCLUDED))
+    add_arguments(up.add_argument_group("KV cache (every worker)"), CacheConfig)
+    add_arguments(up.add_argument_group("scheduling"), SchedulerConfig)
+    services = up.add_argument_group("services")
+    add_arguments(services, SchedulerServiceConfig, exclude=STACK_SET_SCHEDULER_FIELDS)
+    # The scheduler's --heartbeat-ttl serves the workers too.
+    add_arguments(services, WorkerOptions, exclude=(*STACK_SET_WORKER_FIELDS, "heartbeat_ttl"))
+    add_arguments(services, RouterOptions, exclude=STACK_SET_ROUTER_FIELDS)
+
+
+def stack_config_from_args(args: argparse.Namespace) -> StackConfig:
+    """The StackConfig of parsed ``gridllm up`` flags (ValueError naming a bad one)."""
+    scheduler_options = from_args(SchedulerServiceConfig, args,
+                                  exclude=STACK_SET_SCHEDULER_FIELDS,
+                                  scheduler_config=from_args(SchedulerConfig, args))
+    return from_args(
+        StackConfig, args,
+        model_config=from_args(ModelConfig, args, exclude=WORKER_MODEL_EXCLUDED),
+        cache_config=from_args(CacheConfig, args), scheduler_options=scheduler_options,
+        worker_options=from_args(WorkerOptions, args, exclude=STACK_SET_WORKER_FIELDS),
+        router_options=from_args(RouterOptions, args, exclude=STACK_SET_ROUTER_FIELDS,
+                                 model=args.model))
+
+
+def _add_engine_arguments(run: argparse.ArgumentParser) -> None:
+    # The engine's seed is left at its default: --seed is the request's (sampling) seed.
+    add_arguments(run.add_argument_group("model"), ModelConfig, exclude=("seed",),
+                  defaults={"model": DEFAULT_MODEL})
+    add_arguments(run.add_argument_group("KV cache"), CacheConfig)
+    add_arguments(run.add_argument_group("scheduling"), SchedulerConfig)
+
+
+def _add_bench_arguments(bench: argparse.ArgumentParser) -> None:
+    from gridllm.bench import add_bench_subcommands
+
+    commands = bench.add_subparsers(dest="bench_command", required=True, metavar="COMMAND")
+    add_bench_subcommands(commands)
+    # `gridllm bench --help` shows each command's flags, not only their names.
+    bench.epilog = "\n".join(["commands' flags (`gridllm bench COMMAND --help` explains them):"]
+                             + [parser.format_usage().strip()
+                                for parser in commands.choices.values()])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gridllm", description="gridllm LLM inference server")
+    parser.add_argument("--version", action="version", version=f"gridllm {version()}")
     parser.add_argument("--log-level", default=None,
                         help="logging level (default: GRIDLLM_LOGGING_LEVEL or INFO)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    up = sub.add_parser("up", help="start Redis, scheduler, workers and router locally")
-    up.add_argument("--model", default=DEFAULT_MODEL, help="preset name, HF directory or GGUF")
-    up.add_argument("--workers", type=int, default=1, help="number of worker processes")
-    up.add_argument("--port", type=int, default=DEFAULT_PORT, help="router port (0: a free one)")
-    up.add_argument("--host", default="127.0.0.1", help="router bind address")
-    up.add_argument("--redis-url", default=None,
-                    help="use this Redis instead of starting one (redis://host:port/db)")
-    up.add_argument("--log-dir", default=None, help="service logs (default: a temp directory)")
-    up.add_argument("--startup-timeout", type=float, default=300.0,
-                    help="seconds each service may take to become healthy")
-    up.add_argument("--kv-cache-memory", type=int, default=None,
-                    help="bytes of KV cache per worker on CPU")
-    up.add_argument("--num-kv-blocks", type=int, default=None, help="KV blocks per worker")
-    up.add_argument("--max-model-len", type=int, default=None)
-    up.add_argument("--device", default=None, help="worker device: auto, cpu or cuda")
+    _add_up_arguments(_parser(sub, "up", "start Redis, scheduler, workers and router locally"))
 
-    gen = sub.add_parser("generate", help="stream a completion from a running server")
+    gen = _parser(sub, "generate", "stream a completion from a running server")
     gen.add_argument("prompt")
-    gen.add_argument("--target", default=f"localhost:{DEFAULT_PORT}", help="router HOST:PORT")
+    gen.add_argument("--target", default=f"localhost:{DEFAULT_ROUTER_PORT}",
+                     help="router HOST:PORT")
     gen.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     _add_sampling_flags(gen)
 
-    run = sub.add_parser("run", help="generate in-process with gridllm.LLM (no services)")
+    run = _parser(sub, "run", "generate in-process with gridllm.LLM (no services)")
     run.add_argument("prompt")
-    run.add_argument("--model", default=DEFAULT_MODEL)
-    run.add_argument("--device", default="auto")
-    run.add_argument("--max-model-len", type=int, default=None)
-    run.add_argument("--num-kv-blocks", type=int, default=None,
-                     help="KV blocks (default: sized from memory)")
     _add_sampling_flags(run)
+    _add_engine_arguments(run)
 
-    bench = sub.add_parser("bench", help="benchmarks: throughput | serve | latency (see --help)")
-    bench.add_argument("args", nargs=argparse.REMAINDER)
+    _add_bench_arguments(_parser(sub, "bench", "benchmarks: throughput | serve | latency"))
     return parser
 
 
@@ -93,17 +160,7 @@ def _raise_terminate(signum: int, frame: FrameType | None) -> None:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from gridllm.launcher import LocalStack, StackConfig
-
-    worker_args: list[str] = []
-    for flag, value in (("--kv-cache-memory", args.kv_cache_memory),
-                        ("--num-kv-blocks", args.num_kv_blocks),
-                        ("--max-model-len", args.max_model_len), ("--device", args.device)):
-        if value is not None:
-            worker_args += [flag, str(value)]
-    config = StackConfig(model=args.model, num_workers=args.workers, port=args.port,
-                         host=args.host, redis_url=args.redis_url, log_dir=args.log_dir,
-                         startup_timeout_s=args.startup_timeout, extra_worker_args=worker_args)
+    config = stack_config_from_args(args)
     stack = LocalStack(config)
     # SIGTERM to the launcher alone must stop the children as Ctrl-C does; SIGINT is set
     # too because a launcher started in the background inherits it ignored.
@@ -113,8 +170,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:
         stack.start()
         # stdout is the interface here (scripts read the endpoint), not a log line.
-        print(f"gridllm serving {args.model} at {stack.endpoint} "
-              f"({args.workers} worker(s); logs in {stack.log_dir})", flush=True)
+        print(f"gridllm serving {config.model} at {stack.endpoint} "
+              f"({config.num_workers} worker(s); logs in {stack.log_dir})", flush=True)
         while not stopped.wait(1.0):
             for process in stack.processes:
                 process.check_running()
@@ -155,8 +212,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from gridllm.llm import LLM
 
-    llm = LLM(args.model, device=args.device, max_model_len=args.max_model_len,
-              num_kv_blocks=args.num_kv_blocks)
+    engine_kwargs = {name: value for cls in (ModelConfig, CacheConfig, SchedulerConfig)
+                     for name, value in args_dict(cls, args, exclude=("model", "seed")).items()}
+    llm = LLM(args.model, **engine_kwargs)
     params = _sampling_params(args)
     if args.chat:
         outputs = llm.chat([{"role": "user", "content": args.prompt}], params, use_tqdm=False)
@@ -167,9 +225,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from gridllm.bench import main as bench_main
-
-    return bench_main(args.args)
+    return args.func(args)
 
 
 _COMMANDS = {"up": cmd_up, "generate": cmd_generate, "run": cmd_run, "bench": cmd_bench}

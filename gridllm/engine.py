@@ -28,11 +28,10 @@ class EngineStats:
 
 
 class EngineCore:
-    """Builds the model runner, sizes the scheduler from it and steps both.
+    """Builds the model runner, then the scheduler over the limits and KV pool it resolved.
 
     Args:
-        model_config, cache_config, scheduler_config: ``cache_config.num_kv_blocks`` and
-            ``scheduler_config.max_model_len`` are filled in from the runner.
+        model_config, cache_config, scheduler_config: as given by the user.
         eos_token_id: the tokenizer's EOS id (None without a tokenizer).
     """
 
@@ -42,15 +41,13 @@ class EngineCore:
 
         self.runner = ModelRunner(model_config, cache_config, scheduler_config,
                                   eos_token_id=eos_token_id)
-        cache_config.num_kv_blocks = self.runner.num_kv_blocks
-        scheduler_config.max_model_len = self.runner.max_model_len
-        scheduler_config.__post_init__()
-        self.scheduler = Scheduler(scheduler_config, cache_config)
+        limits = self.runner.limits
+        self.scheduler = Scheduler(scheduler_config, limits, self.runner.num_kv_blocks)
         self.eos_token_id = eos_token_id
-        self.vocab_size = self.runner.vocab_size
-        self.max_model_len = self.runner.max_model_len
+        self.vocab_size = limits.vocab_size
+        self.max_model_len = limits.max_model_len
         logger.info("KV cache: %d blocks of %d tokens", self.runner.num_kv_blocks,
-                    cache_config.block_size)
+                    limits.block_size)
 
     def set_eos_token_id(self, eos_token_id: int | None) -> None:
         self.eos_token_id = eos_token_id

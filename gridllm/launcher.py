@@ -9,6 +9,7 @@ stops the children in reverse start order: nothing is orphaned.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import logging
 import os
 import shutil
@@ -20,9 +21,29 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from gridllm.common.cli_args import option, to_argv
+from gridllm.common.config import (
+    DEFAULT_MODEL,
+    DEFAULT_ROUTER_PORT,
+    WORKER_MODEL_EXCLUDED,
+    WORKER_SIZING_FIELDS,
+    CacheConfig,
+    ModelConfig,
+    check_port,
+    require,
+)
 from gridllm.common.grpc_utils import free_port
+from router.server import RouterOptions
+from scheduler_svc.server import SchedulerServiceConfig
+from worker_svc.server import WorkerOptions
 
 logger = logging.getLogger(__name__)
+
+# The fields of each service's settings the stack sets itself (addresses, ids, Redis, model);
+# the others are passed on as the service's flags.
+STACK_SET_SCHEDULER_FIELDS = ("worker_addresses", "redis_url", "host", "port", "advertise_host")
+STACK_SET_WORKER_FIELDS = ("worker_id", "host", "port", "advertise_host", "redis_url")
+STACK_SET_ROUTER_FIELDS = ("model", "scheduler_addresses", "redis_url", "host", "port")
 
 # prctl(PR_SET_PDEATHSIG): the kernel signals the child if the launcher dies unannounced.
 _PR_SET_PDEATHSIG = 1
@@ -219,27 +240,32 @@ def wait_for_health(address: str, process: ManagedProcess | None, timeout_s: flo
 
 @dataclass
 class StackConfig:
-    """What ``gridllm up`` starts.
+    """What ``gridllm up`` starts: the stack's own settings (its flags), the services'
+    settings (passed on to each as its own flags), and raw extra flags per service."""
 
-    Attributes mirror the CLI flags; ``extra_*_args`` pass flags through to one service.
-    """
-
-    # Model name or path served by every worker (and tokenized by the router).
-    model: str = "smollm2-135m"
-    # Number of worker processes.
-    num_workers: int = 1
-    # The router's (public) port; 0 picks a free one.
-    port: int = 50051
-    # Address the router binds; internal services always bind loopback.
-    host: str = "127.0.0.1"
-    # An existing Redis; None starts one.
-    redis_url: str | None = None
-    # Where logs (and the embedded Redis's files) go; None makes a temp directory.
-    log_dir: str | None = None
-    # Seconds to wait for each service to report SERVING.
-    startup_timeout_s: float = 180.0
-    # Seconds a stopping service may drain before it is killed.
-    stop_grace_s: float = 10.0
+    model: str = option(DEFAULT_MODEL,
+                        help="preset name, HF directory or GGUF file served by every worker")
+    num_workers: int = option(1, flag="--workers", help="worker processes")
+    port: int = option(DEFAULT_ROUTER_PORT, help="the router's port; 0 picks a free one")
+    host: str = option("127.0.0.1", help="address the router binds (internal services "
+                                         "always bind loopback)")
+    redis_url: str | None = option(None, default_help="start one",
+                                   help="an existing Redis (redis://host:port/db)")
+    log_dir: str | None = option(None, default_help="a temp directory",
+                                 help="one log file per service (and the embedded Redis's files)")
+    startup_timeout_s: float = option(300.0, flag="--startup-timeout", metavar="S",
+                                      help="seconds each service may take to become healthy")
+    stop_grace_s: float = option(10.0, flag="--stop-grace", metavar="S",
+                                 help="seconds a stopping service may drain before it is killed")
+    # The workers' engine settings; None: the defaults. `model` is replaced by the stack's.
+    model_config: ModelConfig | None = None
+    cache_config: CacheConfig = field(default_factory=CacheConfig)
+    # The scheduler's settings; its scheduler_config's budgets also size the workers.
+    scheduler_options: SchedulerServiceConfig = field(default_factory=SchedulerServiceConfig)
+    worker_options: WorkerOptions = field(default_factory=WorkerOptions)
+    # None: the defaults; `model` is replaced by the stack's, and the served name defaults
+    # to `model` as given (not the path a preset resolves to).
+    router_options: RouterOptions | None = None
     extra_scheduler_args: list[str] = field(default_factory=list)
     extra_worker_args: list[str] = field(default_factory=list)
     extra_router_args: list[str] = field(default_factory=list)
@@ -247,14 +273,33 @@ class StackConfig:
     env: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.num_workers < 1:
-            raise ValueError(f"num_workers must be at least 1, got {self.num_workers}.")
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"port must be in [0, 65535], got {self.port}.")
-        if self.startup_timeout_s <= 0:
-            raise ValueError(f"startup_timeout_s must be positive, got {self.startup_timeout_s}.")
-        if not self.model:
-            raise ValueError("model must be a non-empty name or path.")
+        require(self.num_workers >= 1, "num_workers", "must be at least 1", self.num_workers)
+        check_port(self.port)
+        require(self.startup_timeout_s > 0, "startup_timeout_s", "must be positive",
+                self.startup_timeout_s)
+        require(bool(self.model), "model", "must be a non-empty name or path", self.model)
+
+    def scheduler_args(self) -> list[str]:
+        """Flags passing the scheduler's settings on (beyond address and Redis)."""
+        return [*to_argv(self.scheduler_options, exclude=STACK_SET_SCHEDULER_FIELDS),
+                *to_argv(self.scheduler_options.scheduler_config),
+                *self.extra_scheduler_args]
+
+    def worker_args(self) -> list[str]:
+        """Flags passing the workers' settings on (beyond model, address and Redis)."""
+        model_config = self.model_config or ModelConfig(self.model)
+        return [*to_argv(self.worker_options, exclude=STACK_SET_WORKER_FIELDS),
+                *to_argv(model_config, exclude=("model", *WORKER_MODEL_EXCLUDED)),
+                *to_argv(self.cache_config),
+                *to_argv(self.scheduler_options.scheduler_config, only=WORKER_SIZING_FIELDS),
+                *self.extra_worker_args]
+
+    def router_args(self) -> list[str]:
+        """Flags passing the router's settings on (beyond model, schedulers and Redis)."""
+        options = self.router_options or RouterOptions(self.model)
+        if options.served_model_name is None:
+            options = dataclasses.replace(options, served_model_name=self.model)
+        return [*to_argv(options, exclude=STACK_SET_ROUTER_FIELDS), *self.extra_router_args]
 
 
 class LocalStack:
@@ -344,7 +389,7 @@ class LocalStack:
         address = f"127.0.0.1:{self.scheduler_port}"
         argv = [sys.executable, "-m", "scheduler_svc", "--host", "127.0.0.1",
                 "--port", str(self.scheduler_port), "--redis-url", str(self.redis_url),
-                *self.config.extra_scheduler_args]
+                *self.config.scheduler_args()]
         self.scheduler = ManagedProcess("scheduler", argv, self._log_path("scheduler"),
                                         {**self.config.env, "GRIDLLM_ADDRESS": address}).start()
         if wait:
@@ -357,7 +402,7 @@ class LocalStack:
         address = f"127.0.0.1:{port}"
         argv = [sys.executable, "-m", "worker_svc", "--model", self.model_path,
                 "--host", "127.0.0.1", "--port", str(port), "--redis-url", str(self.redis_url),
-                *self.config.extra_worker_args]
+                *self.config.worker_args()]
         self._num_started += 1
         worker = ManagedProcess(f"worker-{self._num_started}", argv,
                                 self._log_path(f"worker-{self._num_started}"),
@@ -372,7 +417,7 @@ class LocalStack:
         argv = [sys.executable, "-m", "router", "--host", self.config.host,
                 "--port", str(self.router_port), "--model", self.model_path,
                 "--scheduler", f"127.0.0.1:{self.scheduler_port}",
-                "--redis-url", str(self.redis_url), *self.config.extra_router_args]
+                "--redis-url", str(self.redis_url), *self.config.router_args()]
         self.router = ManagedProcess("router", argv, self._log_path("router"),
                                      dict(self.config.env)).start()
         wait_for_health(self.endpoint, self.router, self.config.startup_timeout_s)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
 from collections.abc import Sequence
 from typing import Any
 
-from gridllm.common.config import CacheConfig, ModelConfig, SchedulerConfig
+from gridllm.common.config import engine_configs
 from gridllm.common.logger import configure_logging
 from gridllm.common.output_processor import OutputProcessor
 from gridllm.common.outputs import RequestOutput
@@ -27,50 +28,32 @@ class LLM:
 
     Args:
         model: HF directory, GGUF file or preset name (``"smollm2-135m"``).
-        tokenizer: tokenizer directory (defaults to the model's).
-        skip_tokenizer_init: load no tokenizer; token-id prompts only, empty text.
-        dtype: ``auto`` (bf16 on CUDA, fp32 on CPU), ``float32``, ``float16``, ``bfloat16``.
-        device: ``auto``, ``cpu`` or ``cuda``.
-        max_model_len: longest prompt + completion (default: the model's).
-        block_size, num_kv_blocks, enable_prefix_caching: KV cache layout.
-        max_num_seqs, max_num_batched_tokens, enable_chunked_prefill, scheduling_policy:
-            scheduler budgets and policy (``fcfs`` or ``priority``).
-        seed: seed of the engine's random generator.
         profile_dir: if set, a torch profiler Chrome trace of the steps of each
             ``generate`` call is written there.
-        **kwargs: further ``ModelConfig``/``CacheConfig`` fields (``attention_backend``,
-            ``enforce_eager``, ``kv_cache_memory``, ``gpu_memory_utilization``).
+        **kwargs: fields of ``ModelConfig``, ``CacheConfig`` and ``SchedulerConfig``
+            (``gridllm.common.config``), by name, e.g. ``tokenizer``, ``skip_tokenizer_init``,
+            ``dtype`` (``auto``: bf16 on CUDA, fp32 on CPU), ``device``, ``max_model_len``
+            (default: the model's), ``attention_backend``, ``enforce_eager``, ``seed``,
+            ``block_size``, ``num_kv_blocks``, ``kv_cache_memory`` (bytes, or ``"1GiB"``),
+            ``gpu_memory_utilization``, ``max_num_seqs``, ``max_num_batched_tokens``,
+            ``enable_chunked_prefill``, ``enable_prefix_caching``, ``scheduling_policy``
+            (``fcfs`` or ``priority``). The defaults are those of the dataclasses.
+    Raises:
+        ValueError: an unknown argument (named), a bad value (its field named), or a model
+            that cannot be found or loaded.
     """
 
-    def __init__(self, model: str, *, tokenizer: str | None = None,
-                 skip_tokenizer_init: bool = False, dtype: str = "auto", device: str = "auto",
-                 max_model_len: int | None = None, block_size: int = 16,
-                 num_kv_blocks: int | None = None, max_num_seqs: int = 256,
-                 max_num_batched_tokens: int = 2048, enable_prefix_caching: bool = True,
-                 enable_chunked_prefill: bool = True, scheduling_policy: str = "fcfs",
-                 seed: int = 0, profile_dir: str | None = None, **kwargs: Any):
+    def __init__(self, model: str, *, profile_dir: str | None = None, **kwargs: Any):
         from worker_svc.loader import resolve_model_path
 
         configure_logging()
-        model_kwargs = {k: kwargs.pop(k) for k in ("attention_backend", "enforce_eager")
-                        if k in kwargs}
-        cache_kwargs = {k: kwargs.pop(k) for k in ("kv_cache_memory", "gpu_memory_utilization")
-                        if k in kwargs}
-        if kwargs:
-            raise ValueError(f"unknown LLM arguments: {sorted(kwargs)}.")
+        model_config, cache_config, scheduler_config = engine_configs(model, **kwargs)
         model_path = resolve_model_path(model)
-        self.model_config = ModelConfig(model_path, tokenizer, skip_tokenizer_init, dtype, device,
-                                        max_model_len, seed=seed, **model_kwargs)
-        cache_config = CacheConfig(block_size, num_kv_blocks,
-                                   enable_prefix_caching=enable_prefix_caching, **cache_kwargs)
-        # max_model_len is a placeholder here: the engine sets the model's resolved limit
-        # (and re-validates) once the runner has read the model config.
-        scheduler_config = SchedulerConfig(
-            max_num_seqs, max_num_batched_tokens,
-            max_model_len=max(max_model_len or 1, max_num_batched_tokens),
-            enable_chunked_prefill=enable_chunked_prefill, policy=scheduling_policy)
-        tokenizer_dir = tokenizer or (model_path if os.path.isdir(model_path) else None)
-        self.tokenizer = None if skip_tokenizer_init else load_tokenizer(tokenizer_dir)
+        self.model_config = dataclasses.replace(model_config, model=model_path)
+        tokenizer_dir = model_config.tokenizer or (model_path if os.path.isdir(model_path)
+                                                   else None)
+        self.tokenizer = (None if model_config.skip_tokenizer_init
+                          else load_tokenizer(tokenizer_dir))
         self.engine = EngineCore(self.model_config, cache_config, scheduler_config)
         eos_ids = eos_token_ids(self.tokenizer, self.engine.runner.hf_config,
                                 model_path if os.path.isdir(model_path) else None)

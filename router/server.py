@@ -9,6 +9,7 @@ so far when its scheduler dies mid-stream. It keeps no state beyond the requests
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -17,8 +18,16 @@ from typing import Any
 
 import grpc
 
+from gridllm.common.cli_args import option
 from gridllm.common.completion import CompletionState
-from gridllm.common.convert import request_update_from_pb, sampling_params_to_pb
+from gridllm.common.config import DEFAULT_ROUTER_PORT, check_port, require
+from gridllm.common.contract import ModelLimits
+from gridllm.common.convert import (
+    model_limits_from_pb,
+    model_limits_to_pb,
+    request_update_from_pb,
+    sampling_params_to_pb,
+)
 from gridllm.common.grpc_utils import ServiceServer
 from gridllm.common.output_processor import Child, fan_out
 from gridllm.common.sampling_params import SamplingParams
@@ -26,7 +35,6 @@ from gridllm.v1 import generate_pb2, generate_pb2_grpc, scheduler_pb2
 from router.responses import generate_response
 from router.routing import PrefixIndex, SchedulerLink, SchedulerPool
 from router.validation import (
-    ModelLimits,
     ValidatedRequest,
     render_chat,
     tokenize_text,
@@ -52,18 +60,38 @@ class RpcFailure(Exception):
 
 @dataclass
 class RouterOptions:
-    # Model name reported by GetModelInfo (as given on the command line).
-    model_name: str
-    # Seconds a request waits for a scheduler (at start, or after its scheduler died).
-    scheduler_wait_s: float = 60.0
-    # Resubmissions of one request after scheduler failures before giving up.
-    max_resubmits: int = 3
+    model: str = option(help="model name or path the workers serve (its tokenizer is loaded)")
+    tokenizer: str | None = option(None, default_help="the model's",
+                                   help="tokenizer directory")
+    served_model_name: str | None = option(
+        None, default_help="--model", help="model name GetModelInfo reports to clients")
+    scheduler_addresses: list[str] = option(
+        default_factory=list, flag="--scheduler", metavar="HOST:PORT",
+        help="a scheduler to route to (repeatable); none: discover the schedulers "
+             "registered in --redis-url")
+    redis_url: str | None = option(
+        None, help="Redis with the prefix-hash index (cache-aware routing) and the "
+                   "scheduler registry")
+    host: str = option("127.0.0.1", help="address to bind")
+    port: int = option(DEFAULT_ROUTER_PORT, help="port to bind; 0 picks a free one")
+    scheduler_wait_s: float = option(
+        60.0, flag="--scheduler-wait", metavar="S",
+        help="seconds a request waits for a scheduler (at start, or after its scheduler died)")
+    max_resubmits: int = option(
+        3, help="resubmissions of one request after scheduler failures before giving up")
 
     def __post_init__(self) -> None:
-        if self.scheduler_wait_s <= 0:
-            raise ValueError(f"scheduler_wait_s must be positive, got {self.scheduler_wait_s}.")
-        if self.max_resubmits < 0:
-            raise ValueError(f"max_resubmits must be non-negative, got {self.max_resubmits}.")
+        require(bool(self.model), "model", "must be a non-empty name or path", self.model)
+        check_port(self.port)
+        require(self.scheduler_wait_s > 0, "scheduler_wait_s", "must be positive",
+                self.scheduler_wait_s)
+        require(self.max_resubmits >= 0, "max_resubmits", "must be non-negative",
+                self.max_resubmits)
+
+    @property
+    def model_name(self) -> str:
+        """The name clients see."""
+        return self.served_model_name or self.model
 
 
 class GenerationServicer(generate_pb2_grpc.GenerationServicer):
@@ -219,9 +247,7 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
                 await context.abort(failure.code, failure.details)
             info = self.pool.any_info()
         assert info is not None
-        return ModelLimits(info.max_model_len, info.vocab_size,
-                           info.eos_token_id if info.HasField("eos_token_id") else None,
-                           info.block_size)
+        return model_limits_from_pb(info)
 
     # ----------------------------------------------------------------- small RPCs
     async def Tokenize(self, request: generate_pb2.TokenizeRequest,
@@ -243,13 +269,11 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
                            ) -> generate_pb2.GetModelInfoResponse:
         """The served model (UNAVAILABLE until a scheduler with workers answered)."""
         limits = await self._limits(context)
-        response = generate_pb2.GetModelInfoResponse(
-            model=self.options.model_name, max_model_len=limits.max_model_len,
-            vocab_size=limits.vocab_size, block_size=limits.block_size)
-        eos = self.eos_token_ids[0] if self.eos_token_ids else limits.eos_token_id
-        if eos is not None:
-            response.eos_token_id = eos
-        return response
+        if self.eos_token_ids:
+            # The router's tokenizer decides what ends a request it sends.
+            limits = dataclasses.replace(limits, eos_token_id=self.eos_token_ids[0])
+        return model_limits_to_pb(
+            limits, generate_pb2.GetModelInfoResponse(model=self.options.model_name))
 
     async def GetServerStats(self, request: generate_pb2.GetServerStatsRequest,
                              context: grpc.aio.ServicerContext
@@ -303,26 +327,32 @@ class RouterServer:
     """The router process: server + scheduler pool (+ Redis for cache-aware routing).
 
     Args:
-        scheduler_addresses: ``host:port`` of each scheduler.
-        model: model name or path (its tokenizer is loaded here).
-        tokenizer: tokenizer directory, if not the model's.
-        redis_url: Redis holding the prefix-hash index (None: route by load only).
-        options: RouterOptions (model_name defaults to ``model``).
+        options: what to serve, where, and the schedulers to route to.
+    Raises:
+        ValueError: neither schedulers nor a Redis to discover them in.
     """
 
-    def __init__(self, scheduler_addresses: list[str], model: str, tokenizer: str | None = None,
-                 redis_url: str | None = None, options: RouterOptions | None = None):
-        self.options = options or RouterOptions(model_name=model)
-        self.tokenizer, self.eos_token_ids = load_router_tokenizer(model, tokenizer)
-        self.scheduler_addresses = scheduler_addresses
-        self.redis_url = redis_url
+    def __init__(self, options: RouterOptions):
+        if not options.scheduler_addresses and not options.redis_url:
+            raise ValueError("scheduler_addresses or redis_url must be given: --scheduler "
+                             "HOST:PORT (repeatable), or --redis-url to discover schedulers.")
+        self.options = options
+        self.tokenizer, self.eos_token_ids = load_router_tokenizer(options.model,
+                                                                   options.tokenizer)
+        self.scheduler_addresses = list(options.scheduler_addresses)
+        self.redis_url = options.redis_url
         self.server = ServiceServer([SERVICE_NAME])
         self.pool: SchedulerPool | None = None
         self._redis: Any = None
         self._ready_task: asyncio.Task | None = None
 
-    async def start(self, address: str) -> int:
-        """Bind and start; health turns SERVING once a scheduler with workers answers."""
+    async def start(self, address: str | None = None) -> int:
+        """Bind (``address``, default the options' host:port) and start; health turns
+        SERVING once a scheduler with workers answers.
+
+        Returns:
+            The bound port.
+        """
         if self.redis_url:
             import redis.asyncio as aioredis
 
@@ -331,7 +361,7 @@ class RouterServer:
         self.pool.start()
         servicer = GenerationServicer(self.tokenizer, self.eos_token_ids, self.pool, self.options)
         generate_pb2_grpc.add_GenerationServicer_to_server(servicer, self.server.server)
-        port = await self.server.start(address)
+        port = await self.server.start(address or f"{self.options.host}:{self.options.port}")
         self._ready_task = asyncio.create_task(self._become_ready())
         logger.info("router listening on port %d, schedulers %s", port, self.scheduler_addresses)
         return port

@@ -12,6 +12,7 @@ from typing import Any
 
 from google.protobuf import unknown_fields
 
+from gridllm.common.contract import ModelLimits
 from gridllm.common.convert import sampling_params_from_pb
 from gridllm.common.sampling_params import SamplingParams
 from gridllm.common.tokenizer import apply_chat_template
@@ -19,16 +20,6 @@ from gridllm.v1 import generate_pb2
 
 # Longest client-chosen request id (it travels in logs and Redis keys).
 _MAX_REQUEST_ID_LEN = 256
-
-
-@dataclass(frozen=True)
-class ModelLimits:
-    """What a request is checked against (from the scheduler's GetInfo)."""
-
-    max_model_len: int
-    vocab_size: int
-    eos_token_id: int | None = None
-    block_size: int = 16
 
 
 @dataclass

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from gridllm.common import redis_keys
+from gridllm.common.config import HEARTBEAT_TTL_S
 from gridllm.common.contract import RequestUpdate, SchedulerOutput
 from gridllm.common.grpc_utils import stop_tasks, wait_or_stop
 from scheduler_svc.block_manager import BlockManager
@@ -59,7 +60,8 @@ class RedisMirror:
     """
 
     def __init__(self, redis, scheduler_id: str,
-                 registry: Callable[[], dict[str, Any]] | None = None, ttl: float = 6.0):
+                 registry: Callable[[], dict[str, Any]] | None = None,
+                 ttl: float = HEARTBEAT_TTL_S):
         self.redis = redis
         self.scheduler_id = scheduler_id
         self.registry = registry

@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
-from gridllm.common.config import CacheConfig, SchedulerConfig
+from gridllm.common.config import SchedulerConfig, require
 from gridllm.common.contract import (
     CachedRequestData,
+    ModelLimits,
     ModelRunnerOutput,
     NewRequestData,
     RequestUpdate,
@@ -29,19 +30,23 @@ class Scheduler:
     """Chooses each step's tokens under the token, sequence and KV-block budgets.
 
     Args:
-        scheduler_config: budgets, policy and ``max_model_len``.
-        cache_config: block size, prefix caching; ``num_kv_blocks`` must be resolved.
+        scheduler_config: budgets, policy and prefix caching.
+        limits: what the model runner serves (``max_model_len``, ``block_size``).
+        num_kv_blocks: blocks in the runner's KV pool.
     """
 
-    def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig):
-        if cache_config.num_kv_blocks is None:
-            raise ValueError("num_kv_blocks must be resolved before building the scheduler.")
+    def __init__(self, scheduler_config: SchedulerConfig, limits: ModelLimits,
+                 num_kv_blocks: int):
+        require(num_kv_blocks >= 1, "num_kv_blocks", "must be at least 1", num_kv_blocks)
+        scheduler_config.check_model_len(limits.max_model_len)
         self.config = scheduler_config
-        self.block_size = cache_config.block_size
-        self.block_manager = BlockManager(cache_config.num_kv_blocks, cache_config.block_size,
-                                          cache_config.enable_prefix_caching)
+        self.limits = limits
+        self.max_model_len = limits.max_model_len
+        self.block_size = limits.block_size
+        self.block_manager = BlockManager(num_kv_blocks, limits.block_size,
+                                          scheduler_config.enable_prefix_caching)
         self.requests: dict[str, Request] = {}
-        self.waiting = make_queue(scheduler_config.policy)
+        self.waiting = make_queue(scheduler_config.scheduling_policy)
         self.running: list[Request] = []
         # Finished, aborted or preempted since the last schedule(): the runner drops them.
         self._finished_req_ids: set[str] = set()
@@ -63,10 +68,10 @@ class Scheduler:
         num_tokens = len(prompt_token_ids)
         if num_tokens == 0:
             raise ValueError("prompt must not be empty.")
-        if num_tokens >= self.config.max_model_len:
+        if num_tokens >= self.max_model_len:
             raise ValueError(
-                f"prompt has {num_tokens} tokens; max_model_len is {self.config.max_model_len}, "
-                f"so prompts must be shorter than {self.config.max_model_len} tokens.")
+                f"prompt has {num_tokens} tokens; max_model_len is {self.max_model_len}, "
+                f"so prompts must be shorter than {self.max_model_len} tokens.")
         num_blocks = -(-(num_tokens + 1) // self.block_size)
         if num_blocks > self.block_manager.num_blocks:
             raise ValueError(
@@ -107,7 +112,7 @@ class Scheduler:
             self.block_manager.free(request)
         self.requests.clear()
         self.running.clear()
-        self.waiting = make_queue(self.config.policy)
+        self.waiting = make_queue(self.config.scheduling_policy)
         return requests
 
     def has_unfinished_requests(self) -> bool:
@@ -231,13 +236,13 @@ class Scheduler:
         """True if ``num_ahead`` more tokens bring the request to max_tokens or max_model_len."""
         params = request.sampling_params
         max_tokens = (params.max_tokens if params.max_tokens is not None
-                      else self.config.max_model_len)
+                      else self.max_model_len)
         return (request.num_output_tokens + num_ahead >= max_tokens
-                or request.num_tokens + num_ahead >= self.config.max_model_len)
+                or request.num_tokens + num_ahead >= self.max_model_len)
 
     def _pick_victim(self) -> Request:
         # Lowest priority (largest value) first under the priority policy, then latest arrival.
-        if self.config.policy == "priority":
+        if self.config.scheduling_policy == "priority":
             return max(self.running, key=lambda r: (r.priority, r.arrival_time))
         return max(self.running, key=lambda r: r.arrival_time)
 

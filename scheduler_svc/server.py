@@ -11,8 +11,9 @@ import logging
 import uuid
 from dataclasses import dataclass, field
 
-from gridllm.common.config import SchedulerConfig
-from gridllm.common.grpc_utils import ServiceServer
+from gridllm.common.cli_args import option
+from gridllm.common.config import HEARTBEAT_TTL_S, SchedulerConfig, check_port, require
+from gridllm.common.grpc_utils import ServiceServer, advertised_address
 from gridllm.v1 import scheduler_pb2_grpc
 from scheduler_svc.redis_mirror import RedisMirror
 from scheduler_svc.servicer import SchedulerServicer, UpdateStreams
@@ -25,47 +26,48 @@ SERVICE_NAME = "gridllm.v1.Scheduler"
 
 @dataclass
 class SchedulerServiceConfig:
-    # Budgets and policy; max_model_len comes from the workers.
+    # Budgets, policy and prefix caching; max_model_len comes from each worker.
     scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
-    enable_prefix_caching: bool = True
-    # Worker addresses to dial (besides those found in Redis).
-    worker_addresses: list[str] = field(default_factory=list)
-    redis_url: str | None = None
-    # Registry id; None: a fresh uuid.
-    scheduler_id: str | None = None
-    bind_host: str = "127.0.0.1"
-    port: int = 0
-    advertise_host: str | None = None
-    # Seconds between looks for new workers in Redis / retries of lost ones.
-    discovery_interval: float = 1.0
-    # Registry entries expire this many seconds after the last heartbeat.
-    heartbeat_ttl: float = 6.0
-    # 2: step N+1 is sent while the worker runs step N (pipelined); 1: one step at a time.
-    max_steps_in_flight: int = 2
-    # Admission: a Submit past these many waiting requests, or waiting tokens (prompt +
-    # output so far), over all workers, gets RESOURCE_EXHAUSTED instead of an unbounded queue.
-    max_num_queued_reqs: int = 1024
-    max_num_queued_tokens: int = 1 << 20
-    # Times a request may resume on another worker after losing its own.
-    max_migrations: int = 3
+    worker_addresses: list[str] = option(
+        default_factory=list, flag="--worker", metavar="HOST:PORT",
+        help="a worker to drive (repeatable), besides those registered in Redis")
+    redis_url: str | None = option(
+        None, help="Redis to discover workers in, mirror block state to and register in")
+    scheduler_id: str | None = option(None, default_help="a fresh uuid", help="registry id")
+    host: str = option("127.0.0.1", help="address to bind")
+    port: int = option(0, help="port to bind; 0 picks a free one")
+    advertise_host: str | None = option(
+        None, default_help="--host; the hostname if --host is 0.0.0.0",
+        help="host routers dial")
+    discovery_interval: float = option(
+        1.0, metavar="S",
+        help="seconds between looks for new workers in Redis and retries of lost ones")
+    heartbeat_ttl: float = option(
+        HEARTBEAT_TTL_S, metavar="S", help="seconds the registry entry outlives the last heartbeat")
+    max_steps_in_flight: int = option(
+        2, choices=(1, 2),
+        help="2: step N+1 is sent while the worker runs step N (pipelined); 1: one at a time")
+    max_num_queued_reqs: int = option(
+        1024, help="admission: past this many waiting requests (all workers), Submit gets "
+        "RESOURCE_EXHAUSTED with a retry hint instead of an unbounded queue")
+    max_num_queued_tokens: int = option(
+        1 << 20, help="admission: past this many waiting tokens (prompt + output so far, all "
+        "workers) a new request gets RESOURCE_EXHAUSTED; an empty queue takes any request")
+    max_migrations: int = option(
+        3, help="times a request may resume on another worker after losing its own")
 
     def __post_init__(self) -> None:
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"port must be in [0, 65535], got {self.port!r}.")
-        if self.discovery_interval <= 0:
-            raise ValueError("discovery_interval must be positive, "
-                             f"got {self.discovery_interval!r}.")
-        if self.max_steps_in_flight not in (1, 2):
-            raise ValueError("max_steps_in_flight must be 1 or 2, "
-                             f"got {self.max_steps_in_flight!r}.")
-        if self.heartbeat_ttl < 1.0:
-            raise ValueError("heartbeat_ttl must be at least 1 second, "
-                             f"got {self.heartbeat_ttl!r}.")
+        check_port(self.port)
+        require(self.discovery_interval > 0, "discovery_interval", "must be positive",
+                self.discovery_interval)
+        require(self.max_steps_in_flight in (1, 2), "max_steps_in_flight", "must be 1 or 2",
+                self.max_steps_in_flight)
+        require(self.heartbeat_ttl >= 1.0, "heartbeat_ttl", "must be at least 1 second",
+                self.heartbeat_ttl)
         for name in ("max_num_queued_reqs", "max_num_queued_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)!r}.")
-        if self.max_migrations < 0:
-            raise ValueError(f"max_migrations must be non-negative, got {self.max_migrations!r}.")
+            require(getattr(self, name) >= 1, name, "must be at least 1", getattr(self, name))
+        require(self.max_migrations >= 0, "max_migrations", "must be non-negative",
+                self.max_migrations)
 
 
 class SchedulerServer:
@@ -92,8 +94,7 @@ class SchedulerServer:
         streams = UpdateStreams()
         self.pool = WorkerPool(self.config.scheduler_config, self.config.worker_addresses,
                                self.redis, self.mirror, streams.deliver,
-                               self.service.set_serving, self.config.enable_prefix_caching,
-                               self.config.max_steps_in_flight,
+                               self.service.set_serving, self.config.max_steps_in_flight,
                                max_migrations=self.config.max_migrations,
                                lost_after_s=self.config.heartbeat_ttl)
         self.servicer = SchedulerServicer(self.pool, streams, self.scheduler_id,
@@ -108,8 +109,8 @@ class SchedulerServer:
             The advertised address (host:port). Health turns SERVING with the first worker.
         """
         cfg = self.config
-        port = await self.service.start(f"{cfg.bind_host}:{cfg.port}")
-        self.address = f"{cfg.advertise_host or cfg.bind_host}:{port}"
+        port = await self.service.start(f"{cfg.host}:{cfg.port}")
+        self.address = advertised_address(cfg.host, cfg.advertise_host, port)
         self.mirror.start()
         await self.pool.start(cfg.discovery_interval)
         logger.info("scheduler %s at %s with %d workers", self.scheduler_id, self.address,

@@ -9,6 +9,7 @@ The servicer uses the pool through ``add_request``, ``abort``, ``stats`` and ``m
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -17,8 +18,9 @@ from typing import Any
 import grpc
 
 from gridllm.common import redis_keys
-from gridllm.common.config import CacheConfig, SchedulerConfig
+from gridllm.common.config import SchedulerConfig
 from gridllm.common.contract import ErrorKind, FinishReason, RequestUpdate, SchedulerOutput
+from gridllm.common.convert import model_limits_from_pb, model_limits_to_pb
 from gridllm.common.grpc_utils import channel_options, stop_tasks, wait_or_stop
 from gridllm.common.prefix_hash import prompt_block_hashes
 from gridllm.v1 import generate_pb2, scheduler_pb2, worker_pb2, worker_pb2_grpc
@@ -34,14 +36,14 @@ class WorkerPool:
     """Links to the workers and the choice among them.
 
     Args:
-        scheduler_config: budgets and policy of every core (capped by each worker's sizing).
+        scheduler_config: budgets, policy and prefix caching of every core (budgets capped
+            by each worker's sizing).
         worker_addresses: workers to dial besides those registered in Redis.
         redis: a ``redis.asyncio`` client for discovery, or None.
         mirror: where each core's block state is mirrored (and restored from).
         deliver: receives every step's request updates, with the id of the worker that
             produced them.
         on_serving: awaited with whether any worker is linked, when that changes.
-        enable_prefix_caching: reuse cached KV blocks across requests.
         max_steps_in_flight: per link, see WorkerLink.
         max_migrations: times one request may move to another worker after losing its own.
         lost_after_s: a worker missing from the registry this long with a step pending is
@@ -51,8 +53,7 @@ class WorkerPool:
     def __init__(self, scheduler_config: SchedulerConfig, worker_addresses: list[str],
                  redis: Any, mirror: RedisMirror,
                  deliver: Callable[[list[RequestUpdate], str], None],
-                 on_serving: Callable[[bool], Awaitable[None]],
-                 enable_prefix_caching: bool = True, max_steps_in_flight: int = 2,
+                 on_serving: Callable[[bool], Awaitable[None]], max_steps_in_flight: int = 2,
                  max_migrations: int = 3, lost_after_s: float = 6.0):
         self.scheduler_config = scheduler_config
         self.worker_addresses = list(worker_addresses)
@@ -60,7 +61,6 @@ class WorkerPool:
         self.mirror = mirror
         self._deliver = deliver
         self._on_serving = on_serving
-        self.enable_prefix_caching = enable_prefix_caching
         self.max_steps_in_flight = max_steps_in_flight
         self.max_migrations = max_migrations
         self.lost_after_s = lost_after_s
@@ -159,16 +159,13 @@ class WorkerPool:
     async def _build_core(self, info: worker_pb2.WorkerInfo, versions: list[int]) -> Scheduler:
         """A scheduler core for the worker, its prefix cache restored from Redis."""
         own = self.scheduler_config
-        config = SchedulerConfig(
-            max_num_seqs=min(own.max_num_seqs, info.max_num_seqs or own.max_num_seqs),
+        # Budgets beyond what the worker was sized for would overrun its CUDA graphs.
+        config = dataclasses.replace(
+            own, max_num_seqs=min(own.max_num_seqs, info.max_num_seqs or own.max_num_seqs),
             max_num_batched_tokens=min(own.max_num_batched_tokens,
-                                       info.max_num_batched_tokens or own.max_num_batched_tokens),
-            max_model_len=info.max_model_len, enable_chunked_prefill=own.enable_chunked_prefill,
-            policy=own.policy)
-        cache_config = CacheConfig(block_size=info.block_size, num_kv_blocks=info.num_kv_blocks,
-                                   enable_prefix_caching=self.enable_prefix_caching)
-        core = Scheduler(config, cache_config)
-        if cache_config.enable_prefix_caching:
+                                       info.max_num_batched_tokens or own.max_num_batched_tokens))
+        core = Scheduler(config, model_limits_from_pb(info), info.num_kv_blocks)
+        if config.enable_prefix_caching:
             await self.mirror.restore(info.worker_id, info.instance_id, core.block_manager,
                                       versions)
         return core
@@ -301,13 +298,9 @@ class WorkerPool:
         info = self._last_info
         if info is None:
             return None
-        reply = scheduler_pb2.SchedulerInfo(
-            scheduler_id=scheduler_id, model=info.model, max_model_len=info.max_model_len,
-            vocab_size=info.vocab_size, block_size=info.block_size,
-            num_workers=len(self.alive_links()))
-        if info.HasField("eos_token_id"):
-            reply.eos_token_id = info.eos_token_id
-        return reply
+        reply = scheduler_pb2.SchedulerInfo(scheduler_id=scheduler_id, model=info.model,
+                                            num_workers=len(self.alive_links()))
+        return model_limits_to_pb(model_limits_from_pb(info), reply)
 
     def registry_entry(self, scheduler_id: str, address: str) -> dict:
         stats = self.stats()

@@ -9,7 +9,12 @@ import numpy as np
 import torch
 
 from gridllm.common.config import CacheConfig, ModelConfig, SchedulerConfig
-from gridllm.common.contract import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
+from gridllm.common.contract import (
+    ModelLimits,
+    ModelRunnerOutput,
+    SchedulerOutput,
+    TokenLogprobs,
+)
 from gridllm.common.sampling_params import SamplingParams
 from worker_svc.cuda_graph import CudaGraphRunner
 from worker_svc.input_batch import BatchInputs, RequestState, prepare_inputs
@@ -111,6 +116,12 @@ class ModelRunner:
             -(-self.max_model_len // self.block_size), self.max_model_len, self.device)
         graph_runner.capture()
         return graph_runner
+
+    @property
+    def limits(self) -> ModelLimits:
+        """What this runner serves, resolved from the model and the configs."""
+        return ModelLimits(max_model_len=self.max_model_len, vocab_size=self.vocab_size,
+                           block_size=self.block_size, eos_token_id=self.eos_token_id)
 
     # ---- setup -------------------------------------------------------------------------
     def _resolve_max_model_len(self) -> int:

@@ -21,11 +21,21 @@ import grpc
 
 from gridllm.common import redis_keys
 from gridllm.common.block_versions import bump_versions
+from gridllm.common.cli_args import option
+from gridllm.common.config import HEARTBEAT_TTL_S, check_port, require
 from gridllm.common.contract import ModelRunnerOutput
-from gridllm.common.convert import runner_output_to_pb, scheduler_output_from_pb
-from gridllm.common.grpc_utils import ServiceServer, stop_tasks, wait_or_stop
+from gridllm.common.convert import (
+    model_limits_to_pb,
+    runner_output_to_pb,
+    scheduler_output_from_pb,
+)
+from gridllm.common.grpc_utils import (
+    ServiceServer,
+    advertised_address,
+    stop_tasks,
+    wait_or_stop,
+)
 from gridllm.v1 import worker_pb2, worker_pb2_grpc
-from worker_svc.logits_processors import registered_logits_processors
 
 logger = logging.getLogger(__name__)
 
@@ -34,24 +44,23 @@ SERVICE_NAME = "gridllm.v1.Worker"
 
 @dataclass
 class WorkerOptions:
-    # Unique id in the registry; None: a fresh uuid.
-    worker_id: str | None = None
-    # Address the worker binds ("host:port"; port 0 picks a free one).
-    bind_host: str = "127.0.0.1"
-    port: int = 0
-    # Host put in the registry for schedulers to dial; None: bind_host.
-    advertise_host: str | None = None
-    # Redis URL for registration; None: no registration (schedulers dial --worker).
-    redis_url: str | None = None
-    # Registry entries expire this many seconds after the last heartbeat.
-    heartbeat_ttl: float = 6.0
+    worker_id: str | None = option(None, default_help="a fresh uuid",
+                                   help="unique id in the registry")
+    host: str = option("127.0.0.1", help="address to bind")
+    port: int = option(0, help="port to bind; 0 picks a free one")
+    advertise_host: str | None = option(
+        None, default_help="--host; the hostname if --host is 0.0.0.0",
+        help="host put in the registry for schedulers to dial")
+    redis_url: str | None = option(
+        None, default_help="no registration: schedulers dial --worker",
+        help="Redis to register in (e.g. redis://host:6379/0)")
+    heartbeat_ttl: float = option(
+        HEARTBEAT_TTL_S, metavar="S", help="seconds the registry entry outlives the last heartbeat")
 
     def __post_init__(self) -> None:
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"port must be in [0, 65535], got {self.port!r}.")
-        if self.heartbeat_ttl < 1.0:
-            raise ValueError("heartbeat_ttl must be at least 1 second, "
-                             f"got {self.heartbeat_ttl!r}.")
+        check_port(self.port)
+        require(self.heartbeat_ttl >= 1.0, "heartbeat_ttl", "must be at least 1 second",
+                self.heartbeat_ttl)
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
@@ -168,16 +177,16 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
 
 def build_info(runner, model: str, worker_id: str, scheduler_config) -> worker_pb2.WorkerInfo:
+    # Here, not at module level: the options above are read by CLIs that load no torch.
+    from worker_svc.logits_processors import registered_logits_processors
+
     info = worker_pb2.WorkerInfo(
         worker_id=worker_id, model=model, num_kv_blocks=runner.num_kv_blocks,
-        block_size=runner.block_size, vocab_size=runner.vocab_size,
-        max_model_len=runner.max_model_len, max_num_seqs=scheduler_config.max_num_seqs,
+        max_num_seqs=scheduler_config.max_num_seqs,
         max_num_batched_tokens=scheduler_config.max_num_batched_tokens,
         device=str(runner.device), dtype=str(getattr(runner, "dtype", "")).replace("torch.", ""),
         instance_id=uuid.uuid4().hex, logits_processors=registered_logits_processors())
-    if runner.eos_token_id is not None:
-        info.eos_token_id = runner.eos_token_id
-    return info
+    return model_limits_to_pb(runner.limits, info)
 
 
 def info_to_json(info: worker_pb2.WorkerInfo) -> str:
@@ -261,8 +270,8 @@ class WorkerServer:
             The advertised address (host:port).
         """
         opts = self.options
-        port = await self.service.start(f"{opts.bind_host}:{opts.port}")
-        self.address = f"{opts.advertise_host or opts.bind_host}:{port}"
+        port = await self.service.start(f"{opts.host}:{opts.port}")
+        self.address = advertised_address(opts.host, opts.advertise_host, port)
         if self.runner is None:
             from worker_svc.model_runner import ModelRunner
 

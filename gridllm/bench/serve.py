@@ -238,16 +238,16 @@ def launch_stack(model: str, max_num_seqs: int | None = None,
                  scheduler_args: list[str] | None = None):
     """Start Redis, scheduler, one worker and the router for ``model`` (``gridllm up``);
     ``scheduler_args`` go to the scheduler only."""
+    from gridllm.common.config import SchedulerConfig
     from gridllm.launcher import LocalStack, StackConfig
+    from scheduler_svc.server import SchedulerServiceConfig
 
-    budget: list[str] = []
-    for flag, value in (("--max-num-seqs", max_num_seqs),
-                        ("--max-num-batched-tokens", max_num_batched_tokens)):
-        if value is not None:
-            budget += [flag, str(value)]
-    stack = LocalStack(StackConfig(model=model, port=0,
-                                   extra_scheduler_args=budget + list(scheduler_args or []),
-                                   extra_worker_args=budget))
+    given = (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens))
+    budgets: dict[str, Any] = {name: value for name, value in given if value is not None}
+    # The stack passes the budgets to the scheduler and sizes the workers by them.
+    scheduler_options = SchedulerServiceConfig(scheduler_config=SchedulerConfig(**budgets))
+    stack = LocalStack(StackConfig(model=model, port=0, scheduler_options=scheduler_options,
+                                   extra_scheduler_args=list(scheduler_args or [])))
     stack.start()
     return stack
 

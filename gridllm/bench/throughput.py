@@ -13,6 +13,7 @@ from typing import Any
 
 from gridllm.bench.datasets import BenchRequest, parse_range, random_requests, special_token_ids
 from gridllm.bench.report import format_table, machine_info, write_json
+from gridllm.common.cli_args import size_type
 
 logger = logging.getLogger(__name__)
 
@@ -233,7 +234,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hf-batch-size", type=int, default=None,
                    help="rows per transformers static batch (default: --max-num-seqs)")
     p.add_argument("--enforce-eager", action="store_true")
-    p.add_argument("--kv-cache-memory", type=int, default=None, help="CPU KV-cache bytes")
+    p.add_argument("--kv-cache-memory", type=size_type("kv_cache_memory"), default=None,
+                   metavar="SIZE", help="CPU KV-cache size, e.g. 1GiB (default: the engine's)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--no-warmup", dest="is_warmup", action="store_false")
     p.add_argument("--no-tqdm", dest="use_tqdm", action="store_false")

@@ -1,90 +1,145 @@
-"""One dataclass per component, validated where it is built."""
+"""One dataclass per component, validated where it is built.
+
+Each field is declared once, with its default and help: the services' flags, ``gridllm up``
+and ``gridllm run`` are generated from these declarations (``cli_args``), and the keyword
+arguments of ``LLM(...)`` are their field names (``engine_configs``).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
+
+from gridllm.common.cli_args import option, parse_size
 
 _POLICIES = ("fcfs", "priority")
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
+_ATTENTION_BACKENDS = ("auto", "torch", "triton")
+
+# What `gridllm up` and `gridllm run` serve when no --model is given.
+DEFAULT_MODEL = "smollm2-135m"
+# The router's port: where clients dial by default.
+DEFAULT_ROUTER_PORT = 50051
+# Seconds a worker's or scheduler's registry entry outlives its last heartbeat in Redis.
+HEARTBEAT_TTL_S = 6.0
+# The SchedulerConfig fields a worker is sized by (its CUDA graphs, its profiling forward).
+WORKER_SIZING_FIELDS = ("max_num_seqs", "max_num_batched_tokens")
+# The ModelConfig fields a worker takes no flag for: it loads no tokenizer.
+WORKER_MODEL_EXCLUDED = ("tokenizer", "skip_tokenizer_init")
 
 
-def _require(ok: bool, name: str, message: str, value: object) -> None:
+def require(ok: bool, name: str, message: str, value: object) -> None:
+    """ValueError ``"<name> <message>, got <value>."`` unless ``ok``."""
     if not ok:
         raise ValueError(f"{name} {message}, got {value!r}.")
 
 
+def check_port(port: int, name: str = "port") -> None:
+    require(isinstance(port, int) and 0 <= port <= 65535, name, "must be in [0, 65535]", port)
+
+
 @dataclass
 class SchedulerConfig:
-    # Most requests in one step.
-    max_num_seqs: int = 256
-    # Most tokens (prompt chunks + decodes) in one step.
-    max_num_batched_tokens: int = 2048
-    # Longest prompt + completion a request may reach.
-    max_model_len: int = 2048
-    # Split long prompts over several steps; off means a prompt is scheduled whole.
-    enable_chunked_prefill: bool = True
-    # "fcfs" or "priority" (lower value first, arrival breaks ties).
-    policy: str = "fcfs"
+    max_num_seqs: int = option(256, help="most requests in one step")
+    max_num_batched_tokens: int = option(
+        2048, help="most tokens (prompt chunks + decodes) in one step")
+    enable_chunked_prefill: bool = option(
+        True, help="split long prompts over several steps; off: a prompt is scheduled whole")
+    enable_prefix_caching: bool = option(
+        True, help="reuse the KV blocks of a prompt prefix seen before")
+    scheduling_policy: str = option(
+        "fcfs", choices=_POLICIES,
+        help="fcfs, or priority (lower value first, arrival breaks ties)")
 
     def __post_init__(self) -> None:
-        _require(self.max_num_seqs >= 1, "max_num_seqs", "must be at least 1", self.max_num_seqs)
-        _require(self.max_num_batched_tokens >= 1, "max_num_batched_tokens",
-                 "must be at least 1", self.max_num_batched_tokens)
-        _require(self.max_model_len >= 1, "max_model_len", "must be at least 1", self.max_model_len)
-        _require(self.policy in _POLICIES, "scheduling_policy", f"must be one of {_POLICIES}",
-                 self.policy)
+        require(self.max_num_seqs >= 1, "max_num_seqs", "must be at least 1", self.max_num_seqs)
+        require(self.max_num_batched_tokens >= 1, "max_num_batched_tokens",
+                "must be at least 1", self.max_num_batched_tokens)
+        require(self.scheduling_policy in _POLICIES, "scheduling_policy",
+                f"must be one of {_POLICIES}", self.scheduling_policy)
+
+    def check_model_len(self, max_model_len: int) -> None:
+        """ValueError if a request of ``max_model_len`` tokens could never be scheduled."""
         if not self.enable_chunked_prefill:
-            _require(self.max_num_batched_tokens >= self.max_model_len, "max_num_batched_tokens",
-                     f"must be at least max_model_len={self.max_model_len} without chunked "
-                     "prefill", self.max_num_batched_tokens)
+            require(self.max_num_batched_tokens >= max_model_len, "max_num_batched_tokens",
+                    f"must be at least max_model_len={max_model_len} without chunked prefill",
+                    self.max_num_batched_tokens)
 
 
 @dataclass
 class CacheConfig:
-    # Tokens per KV block.
-    block_size: int = 16
-    # Number of KV blocks; None sizes the pool from memory (kv_cache_memory or free GPU memory).
-    num_kv_blocks: int | None = None
-    # Bytes for the KV cache on CPU when num_kv_blocks is None.
-    kv_cache_memory: int = 1 << 30
-    # Fraction of GPU memory the worker may use (weights + activations + KV cache).
-    gpu_memory_utilization: float = 0.9
-    enable_prefix_caching: bool = True
+    block_size: int = option(16, help="tokens per KV block (a power of two)")
+    num_kv_blocks: int | None = option(
+        None, default_help="sized from memory",
+        help="KV blocks per worker (overrides the sizing from memory)")
+    kv_cache_memory: int = option(
+        1 << 30, is_size=True, help="bytes of KV cache per worker on CPU (units: 1GiB, 512MB)")
+    gpu_memory_utilization: float = option(
+        0.9, metavar="FRACTION",
+        help="fraction of GPU memory a worker may use (weights + activations + KV cache)")
 
     def __post_init__(self) -> None:
-        _require(self.block_size >= 1 and self.block_size & (self.block_size - 1) == 0,
-                 "block_size", "must be a power of two", self.block_size)
-        _require(self.num_kv_blocks is None or self.num_kv_blocks >= 1, "num_kv_blocks",
-                 "must be at least 1", self.num_kv_blocks)
-        _require(self.kv_cache_memory > 0, "kv_cache_memory", "must be positive",
-                 self.kv_cache_memory)
-        _require(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization",
-                 "must be in (0, 1]", self.gpu_memory_utilization)
+        self.kv_cache_memory = parse_size(self.kv_cache_memory, "kv_cache_memory")
+        require(self.block_size >= 1 and self.block_size & (self.block_size - 1) == 0,
+                "block_size", "must be a power of two", self.block_size)
+        require(self.num_kv_blocks is None or self.num_kv_blocks >= 1, "num_kv_blocks",
+                "must be at least 1", self.num_kv_blocks)
+        require(self.kv_cache_memory > 0, "kv_cache_memory", "must be positive",
+                self.kv_cache_memory)
+        require(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization",
+                "must be in (0, 1]", self.gpu_memory_utilization)
 
 
 @dataclass
 class ModelConfig:
-    # HF directory, GGUF file, a preset name ("smollm2-135m") or "random:<preset>".
-    model: str
-    tokenizer: str | None = None
-    skip_tokenizer_init: bool = False
-    # "auto": bfloat16 on CUDA, float32 on CPU.
-    dtype: str = "auto"
-    # "auto": CUDA if available, else CPU.
-    device: str = "auto"
-    # None: the model's own limit (max_position_embeddings).
-    max_model_len: int | None = None
-    # "auto": triton on CUDA, torch on CPU.
-    attention_backend: str = "auto"
-    # Capture no CUDA graphs.
-    enforce_eager: bool = False
-    seed: int = 0
+    model: str = option(help="preset name (smollm2-135m), HF directory, GGUF file or "
+                             "random:<preset>")
+    tokenizer: str | None = option(None, default_help="the model's",
+                                   help="tokenizer directory")
+    skip_tokenizer_init: bool = option(
+        False, help="load no tokenizer: token-id prompts only, no text")
+    dtype: str = option("auto", choices=_DTYPES,
+                        help="weight and KV dtype; auto: bfloat16 on CUDA, float32 on CPU")
+    device: str = option("auto", help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
+    max_model_len: int | None = option(
+        None, default_help="the model's",
+        help="longest prompt + completion in tokens (at most the model's own limit)")
+    attention_backend: str = option(
+        "auto", choices=_ATTENTION_BACKENDS, help="auto: triton on CUDA, torch on CPU")
+    enforce_eager: bool = option(False, help="capture no CUDA graphs")
+    seed: int = option(0, help="seed of the engine's random generator")
 
     def __post_init__(self) -> None:
-        _require(isinstance(self.model, str) and bool(self.model), "model",
-                 "must be a non-empty path or name", self.model)
-        _require(self.dtype in _DTYPES, "dtype", f"must be one of {_DTYPES}", self.dtype)
-        _require(self.attention_backend in ("auto", "torch", "triton"), "attention_backend",
-                 "must be one of ('auto', 'torch', 'triton')", self.attention_backend)
-        _require(self.max_model_len is None or self.max_model_len >= 1, "max_model_len",
-                 "must be at least 1", self.max_model_len)
+        require(isinstance(self.model, str) and bool(self.model), "model",
+                "must be a non-empty path or name", self.model)
+        require(self.dtype in _DTYPES, "dtype", f"must be one of {_DTYPES}", self.dtype)
+        require(self.attention_backend in _ATTENTION_BACKENDS, "attention_backend",
+                f"must be one of {_ATTENTION_BACKENDS}", self.attention_backend)
+        require(self.max_model_len is None or self.max_model_len >= 1, "max_model_len",
+                "must be at least 1", self.max_model_len)
+
+
+_ENGINE_CONFIGS = (ModelConfig, CacheConfig, SchedulerConfig)
+
+
+def engine_configs(model: str, /, **kwargs: Any
+                   ) -> tuple[ModelConfig, CacheConfig, SchedulerConfig]:
+    """The engine's three configs from one flat set of keyword arguments (``LLM``'s).
+
+    Each argument goes to the config with a field of its name.
+
+    Raises:
+        ValueError: an argument no config has (naming it), or a bad value.
+    """
+    owners = {f.name: cls for cls in _ENGINE_CONFIGS for f in dataclasses.fields(cls)}
+    unknown = sorted(name for name in kwargs if name not in owners or name == "model")
+    if unknown:
+        accepted = ", ".join(sorted(set(owners) - {"model"}))
+        raise ValueError(f"unknown engine argument(s) {', '.join(unknown)}; "
+                         f"accepted: {accepted}.")
+    split: dict[type, dict[str, Any]] = {cls: {} for cls in _ENGINE_CONFIGS}
+    for name, value in kwargs.items():
+        split[owners[name]][name] = value
+    return (ModelConfig(model, **split[ModelConfig]), CacheConfig(**split[CacheConfig]),
+            SchedulerConfig(**split[SchedulerConfig]))

@@ -13,6 +13,7 @@ from google.protobuf import json_format, struct_pb2
 from gridllm.common.contract import (
     CachedRequestData,
     FinishReason,
+    ModelLimits,
     ModelRunnerOutput,
     NewRequestData,
     RequestUpdate,
@@ -98,6 +99,28 @@ def _ints_back(value: Any) -> Any:
     if isinstance(value, list):
         return [_ints_back(v) for v in value]
     return value
+
+
+# ----------------------------------------------------------------------- ModelLimits
+# WorkerInfo, SchedulerInfo and GetModelInfoResponse carry the limits as flat fields of these
+# names (max_model_len, vocab_size, block_size, optional eos_token_id).
+def model_limits_from_pb(msg: Any) -> ModelLimits:
+    """The limits in a WorkerInfo, SchedulerInfo or GetModelInfoResponse."""
+    return ModelLimits(max_model_len=msg.max_model_len, vocab_size=msg.vocab_size,
+                       block_size=msg.block_size,
+                       eos_token_id=msg.eos_token_id if msg.HasField("eos_token_id") else None)
+
+
+def model_limits_to_pb(limits: ModelLimits, msg: Any) -> Any:
+    """Write ``limits`` into ``msg`` (one of the messages above); returns ``msg``."""
+    msg.max_model_len = limits.max_model_len
+    msg.vocab_size = limits.vocab_size
+    msg.block_size = limits.block_size
+    if limits.eos_token_id is None:
+        msg.ClearField("eos_token_id")
+    else:
+        msg.eos_token_id = limits.eos_token_id
+    return msg
 
 
 # ----------------------------------------------------------------------- logprobs

@@ -51,6 +51,14 @@ def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[
     ]
 
 
+def advertised_address(host: str, advertise_host: str | None, port: int) -> str:
+    """``host:port`` others dial: ``advertise_host``, else the bind host, else (bound to
+    every interface) this machine's hostname."""
+    if advertise_host is None and host in ("0.0.0.0", "::"):
+        advertise_host = socket.gethostname()
+    return f"{advertise_host or host}:{port}"
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port nobody listens on right now (for tests; servers should bind port 0)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

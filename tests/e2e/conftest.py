@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import pytest
 
+from gridllm.common.config import CacheConfig
 from gridllm.launcher import LocalStack, StackConfig
+from router.server import RouterOptions
+from scheduler_svc.server import SchedulerServiceConfig
 from tests.e2e.tiny_model import build_tiny_served_model
 
 # KV blocks per worker: room for one request of MAX_MODEL_LEN tokens (16 per block).
 NUM_KV_BLOCKS = 272
+# The name the router reports instead of the model's path.
+SERVED_MODEL_NAME = "tiny-served"
 
 
 @pytest.fixture(scope="session")
@@ -38,9 +43,11 @@ def stack(tiny_served_model, e2e_redis_url, tmp_path_factory):
     config = StackConfig(
         model=tiny_served_model, num_workers=2, port=0, redis_url=e2e_redis_url,
         log_dir=str(tmp_path_factory.mktemp("stack-logs")), startup_timeout_s=120.0,
-        stop_grace_s=5.0, extra_worker_args=["--num-kv-blocks", str(NUM_KV_BLOCKS)],
-        # Short heartbeats so a stopped worker leaves the registry quickly.
-        extra_scheduler_args=["--discovery-interval", "0.3"],
+        stop_grace_s=5.0, cache_config=CacheConfig(num_kv_blocks=NUM_KV_BLOCKS),
+        # Frequent looks so a restarted or stopped worker is noticed quickly.
+        scheduler_options=SchedulerServiceConfig(discovery_interval=0.3),
+        router_options=RouterOptions(model=tiny_served_model,
+                                     served_model_name=SERVED_MODEL_NAME),
         env={"GRIDLLM_LOGGING_LEVEL": "INFO"})
     stack = LocalStack(config)
     stack.start()

@@ -16,6 +16,7 @@ from gridllm.client import AsyncClient, Client
 from gridllm.common import redis_keys
 from gridllm.common.sampling_params import SamplingParams
 from gridllm.v1 import generate_pb2
+from tests.e2e.conftest import NUM_KV_BLOCKS, SERVED_MODEL_NAME
 from tests.e2e.tiny_model import MAX_MODEL_LEN
 
 pytestmark = pytest.mark.slow
@@ -87,10 +88,10 @@ def test_greedy_stream_equals_llm_generate(client, llm):
 
 def test_router_discovers_schedulers_from_redis(stack, llm, tiny_served_model, e2e_redis_url):
     """A second router given no --scheduler finds the stack's scheduler in the registry."""
-    from router.server import RouterServer
+    from router.server import RouterOptions, RouterServer
 
     async def main():
-        router = RouterServer([], tiny_served_model, redis_url=e2e_redis_url)
+        router = RouterServer(RouterOptions(model=tiny_served_model, redis_url=e2e_redis_url))
         port = await router.start("127.0.0.1:0")
         try:
             async with AsyncClient(f"127.0.0.1:{port}", timeout=60.0) as aclient:
@@ -139,6 +140,15 @@ def test_chat_and_tokenize(client, llm):
     assert client.tokenize("café") == llm.get_tokenizer().encode("café")
     info = client.model_info()
     assert (info.vocab_size, info.max_model_len, info.eos_token_id) == (320, MAX_MODEL_LEN, 1)
+
+
+def test_settings_given_to_the_stack_reach_its_services(stack, client):
+    # RouterOptions.served_model_name, CacheConfig.num_kv_blocks and
+    # SchedulerServiceConfig.discovery_interval travel as the services' own flags.
+    assert client.model_info().model == SERVED_MODEL_NAME
+    workers = client.server_stats().workers
+    assert len(workers) == 2 and {w.kv_blocks_total for w in workers} == {NUM_KV_BLOCKS}
+    assert "--discovery-interval 0.3" in " ".join(stack.scheduler.argv)
 
 
 def test_50_concurrent_streams_complete_and_free_every_block(stack, client):

@@ -37,8 +37,8 @@ def reference_text(model_dir) -> str:
 
 def test_parser_defaults():
     args = build_parser().parse_args(["up"])
-    assert (args.model, args.workers, args.port, args.redis_url) == ("smollm2-135m", 1, 50051,
-                                                                     None)
+    assert (args.model, args.num_workers, args.port, args.redis_url) == ("smollm2-135m", 1,
+                                                                         50051, None)
     args = build_parser().parse_args(["generate", "hi"])
     assert args.target == "localhost:50051" and args.prompt == "hi"
 
@@ -106,3 +106,117 @@ def test_up_serves_generate_and_stops_everything_on_sigterm(model_dir, reference
         if launcher.poll() is None:
             launcher.kill()
             launcher.wait()
+
+
+# ----------------------------------------------------------------------- flags
+def test_version_prints_the_package_version(capsys):
+    from gridllm import __version__
+
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"gridllm {__version__}"
+
+
+def _help(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args([*argv, "--help"])
+    assert exit_info.value.code == 0
+    return " ".join(capsys.readouterr().out.split())
+
+
+# Engine and service settings `gridllm up` must reach, with the default help shows.
+UP_FLAGS = {
+    "--max-num-seqs": "256", "--max-num-batched-tokens": "2048", "--dtype": "auto",
+    "--gpu-memory-utilization": "0.9", "--scheduling-policy": "fcfs",
+    "--max-model-len": "the model's", "--enable-prefix-caching": "True",
+    "--enable-chunked-prefill": "True", "--block-size": "16", "--enforce-eager": "False",
+    "--attention-backend": "auto", "--kv-cache-memory": "1GiB", "--num-kv-blocks": None,
+    "--device": "auto", "--served-model-name": "--model", "--heartbeat-ttl": "6.0",
+    "--max-steps-in-flight": "2", "--workers": "1", "--port": "50051",
+}
+
+
+def test_up_help_lists_every_engine_and_service_option_with_its_default(capsys):
+    text = _help(["up"], capsys)
+    listing = text[text.index("options:"):]  # past the usage line
+    for flag, default in UP_FLAGS.items():
+        entry = re.search(re.escape(flag) + r"[ ,].*?\(default: ([^)]*)\)", listing)
+        assert entry, flag
+        if default is not None:
+            assert entry.group(1).startswith(default), (flag, entry.group(1))
+
+
+def test_bench_help_lists_each_commands_flags(capsys):
+    text = _help(["bench"], capsys)
+    for command, flag in (("throughput", "--num-prompts"), ("serve", "--request-rate"),
+                          ("latency", "--num-iters")):
+        assert f"gridllm bench {command}" in text and flag in text
+
+
+def test_run_and_up_take_sizes_with_units():
+    args = build_parser().parse_args(["up", "--kv-cache-memory", "512MiB"])
+    assert args.kv_cache_memory == 512 << 20
+    args = build_parser().parse_args(["run", "--kv-cache-memory", "1.5GiB", "hi"])
+    assert args.kv_cache_memory == 3 << 29
+
+
+def test_up_flags_reach_the_services_it_starts():
+    """Every non-default `gridllm up` flag ends up in the argv of the service it belongs to,
+    where that service's own parser reads it back to the same value."""
+    import router.__main__ as router_main
+    import scheduler_svc.__main__ as scheduler_main
+    import worker_svc.__main__ as worker_main
+    from gridllm.cli import stack_config_from_args
+
+    args = build_parser().parse_args([
+        "up", "--model", "my-model", "--max-num-seqs", "8", "--max-num-batched-tokens", "512",
+        "--dtype", "float16", "--gpu-memory-utilization", "0.5", "--scheduling-policy",
+        "priority", "--max-model-len", "300", "--no-enable-prefix-caching",
+        "--no-enable-chunked-prefill", "--block-size", "32", "--enforce-eager",
+        "--attention-backend", "torch", "--kv-cache-memory", "2GiB", "--num-kv-blocks", "99",
+        "--device", "cpu", "--seed", "5", "--heartbeat-ttl", "9", "--discovery-interval", "0.5",
+        "--max-steps-in-flight", "1", "--scheduler-id", "s1", "--tokenizer", "tok",
+        "--scheduler-wait", "7", "--max-resubmits", "1"])
+    config = stack_config_from_args(args)
+    scheduler = scheduler_main.parse_args(config.scheduler_args())
+    assert (scheduler.max_num_seqs, scheduler.max_num_batched_tokens,
+            scheduler.scheduling_policy, scheduler.enable_prefix_caching,
+            scheduler.enable_chunked_prefill, scheduler.heartbeat_ttl,
+            scheduler.discovery_interval, scheduler.max_steps_in_flight,
+            scheduler.scheduler_id) == (8, 512, "priority", False, False, 9.0, 0.5, 1, "s1")
+    worker = worker_main.parse_args(["--model", "path", *config.worker_args()])
+    assert (worker.max_num_seqs, worker.max_num_batched_tokens, worker.dtype,
+            worker.gpu_memory_utilization, worker.max_model_len, worker.block_size,
+            worker.enforce_eager, worker.attention_backend, worker.kv_cache_memory,
+            worker.num_kv_blocks, worker.device, worker.seed, worker.heartbeat_ttl) == (
+        8, 512, "float16", 0.5, 300, 32, True, "torch", 2 << 30, 99, "cpu", 5, 9.0)
+    router = router_main.parse_args(["--model", "path", "--scheduler", "h:1",
+                                     *config.router_args()])
+    assert (router.served_model_name, router.tokenizer, router.scheduler_wait_s,
+            router.max_resubmits) == ("my-model", "tok", 7.0, 1)
+
+
+def test_up_with_defaults_passes_only_the_served_name():
+    from gridllm.cli import stack_config_from_args
+
+    config = stack_config_from_args(build_parser().parse_args(["up"]))
+    assert config.scheduler_args() == [] and config.worker_args() == []
+    assert config.router_args() == ["--served-model-name", "smollm2-135m"]
+
+
+def test_up_refuses_a_bad_value_before_starting_anything():
+    from gridllm.cli import stack_config_from_args
+
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        stack_config_from_args(build_parser().parse_args(["up", "--gpu-memory-utilization",
+                                                          "1.5"]))
+
+
+def test_serving_docs_list_exactly_the_up_flags():
+    up = build_parser()._subparsers._group_actions[0].choices["up"]
+    flags = {s for a in up._actions for s in a.option_strings
+             if s.startswith("--") and not s.startswith("--no-") and s != "--help"}
+    with open(os.path.join(ROOT, "docs", "serving.md")) as f:
+        documented = set(re.findall(r"^\| `(--[a-z-]+)", f.read(), flags=re.MULTILINE))
+    assert documented == flags

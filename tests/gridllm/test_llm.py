@@ -150,6 +150,14 @@ def test_bad_model_paths_and_arguments(tmp_path):
         LLM(str(tmp_path), scheduling_policy="lifo")
 
 
+def test_unknown_argument_is_named_before_anything_loads(tmp_path):
+    # The model does not exist: the argument is refused first.
+    with pytest.raises(ValueError, match="unknown engine argument.*max_num_seq\\b"):
+        LLM(str(tmp_path / "missing"), max_num_seq=8)
+    with pytest.raises(ValueError, match="kv_cache_memory must be a byte count"):
+        LLM(str(tmp_path / "missing"), kv_cache_memory="a lot")
+
+
 def test_profile_dir_writes_a_chrome_trace(tiny_model_dir, tmp_path):
     llm = LLM(tiny_model_dir("llama"), block_size=4, num_kv_blocks=64,
               profile_dir=str(tmp_path / "traces"))

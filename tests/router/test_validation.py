@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from gridllm.common.contract import ModelLimits
 from gridllm.common.sampling_params import SamplingParams
 from gridllm.v1 import generate_pb2
-from router.validation import ModelLimits, validate_request
+from router.validation import validate_request
 
 LIMITS = ModelLimits(max_model_len=64, vocab_size=320, eos_token_id=1, block_size=16)
 

@@ -23,7 +23,7 @@ def engine_configs(model_path: str) -> tuple[ModelConfig, CacheConfig, Scheduler
     """The configs both the worker and the in-process reference engine use."""
     return (ModelConfig(model=model_path, skip_tokenizer_init=True),
             CacheConfig(block_size=BLOCK_SIZE, num_kv_blocks=NUM_KV_BLOCKS),
-            SchedulerConfig(max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS, max_model_len=256))
+            SchedulerConfig(max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS))
 
 
 @contextlib.asynccontextmanager
@@ -41,7 +41,7 @@ async def running_worker(model_path: str, redis_url: str | None = None):
 async def running_scheduler(worker_addresses=(), redis_url: str | None = None, **kwargs):
     config = SchedulerServiceConfig(
         scheduler_config=kwargs.pop("scheduler_config", None) or SchedulerConfig(
-            max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS, max_model_len=256),
+            max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS),
         worker_addresses=list(worker_addresses), redis_url=redis_url,
         **{"discovery_interval": 0.1, "heartbeat_ttl": 3.0, **kwargs})
     server = SchedulerServer(config)

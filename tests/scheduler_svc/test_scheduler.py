@@ -7,8 +7,8 @@ the generated ids. The real model runner is covered in tests/worker_svc and test
 
 import pytest
 
-from gridllm.common.config import CacheConfig, SchedulerConfig
-from gridllm.common.contract import ModelRunnerOutput, SchedulerOutput
+from gridllm.common.config import SchedulerConfig
+from gridllm.common.contract import ModelLimits, ModelRunnerOutput, SchedulerOutput
 from gridllm.common.sampling_params import SamplingParams
 from scheduler_svc.request import Request, RequestStatus
 from scheduler_svc.scheduler import Scheduler
@@ -67,10 +67,9 @@ def expected_output(prompt, max_tokens):
     return tokens[len(prompt):]
 
 
-def make_scheduler(num_blocks=64, block_size=4, **kwargs):
-    caching = kwargs.pop("enable_prefix_caching", True)
-    config = SchedulerConfig(**{"max_model_len": 256, **kwargs})
-    return Scheduler(config, CacheConfig(block_size, num_blocks, enable_prefix_caching=caching))
+def make_scheduler(num_blocks=64, block_size=4, max_model_len=256, **kwargs):
+    limits = ModelLimits(max_model_len=max_model_len, vocab_size=VOCAB, block_size=block_size)
+    return Scheduler(SchedulerConfig(**kwargs), limits, num_blocks)
 
 
 def run_to_completion(scheduler, max_steps=10_000, steps_in_flight=1):
@@ -120,7 +119,7 @@ def add_all(scheduler, max_tokens=12, **params):
     dict(enable_prefix_caching=False),
     dict(num_blocks=20, max_num_batched_tokens=64),       # forces preemption
     dict(num_blocks=20, block_size=8, max_num_batched_tokens=5),
-    dict(policy="priority", num_blocks=22),
+    dict(scheduling_policy="priority", num_blocks=22),
 ])
 def test_outputs_do_not_depend_on_scheduler_configuration(config, steps_in_flight):
     scheduler = make_scheduler(**config)
@@ -163,7 +162,7 @@ def test_prefix_hit_skips_cached_tokens():
 
 
 def test_priority_policy_runs_lower_value_first_and_arrival_breaks_ties():
-    scheduler = make_scheduler(max_num_seqs=1, policy="priority")
+    scheduler = make_scheduler(max_num_seqs=1, scheduling_policy="priority")
     for name, prio, t in [("low", 5, 0.0), ("high", 0, 1.0), ("mid_late", 2, 3.0),
                           ("mid_early", 2, 2.0)]:
         scheduler.add_request(Request(name, [1, 2, 3], SamplingParams(max_tokens=1),
@@ -178,7 +177,7 @@ def test_priority_policy_runs_lower_value_first_and_arrival_breaks_ties():
 
 
 def test_preemption_victim_is_lowest_priority_then_latest():
-    scheduler = make_scheduler(num_blocks=6, block_size=4, policy="priority")
+    scheduler = make_scheduler(num_blocks=6, block_size=4, scheduling_policy="priority")
     for name, prio, t in [("a", 0, 0.0), ("b", 1, 1.0), ("c", 1, 2.0)]:
         scheduler.add_request(Request(name, [1, 2, 3, 4, 5, 6, 7], SamplingParams(
             max_tokens=20, ignore_eos=True), priority=prio, arrival_time=t))
@@ -302,3 +301,17 @@ def test_duplicate_request_id_is_rejected():
     scheduler.add_request(Request("a", [1], SamplingParams()))
     with pytest.raises(ValueError, match="request_id"):
         scheduler.add_request(Request("a", [2], SamplingParams()))
+
+
+def test_limits_come_from_the_runner_and_are_checked_against_the_budgets():
+    scheduler = make_scheduler(num_blocks=10, block_size=8, max_model_len=40)
+    assert (scheduler.max_model_len, scheduler.block_size,
+            scheduler.block_manager.num_blocks) == (40, 8, 10)
+    # Without chunked prefill a whole prompt of max_model_len must fit one step's budget.
+    with pytest.raises(ValueError, match="max_num_batched_tokens must be at least "
+                                         "max_model_len=40 without chunked prefill"):
+        make_scheduler(max_model_len=40, max_num_batched_tokens=32,
+                       enable_chunked_prefill=False)
+    make_scheduler(max_model_len=32, max_num_batched_tokens=32, enable_chunked_prefill=False)
+    with pytest.raises(ValueError, match="num_kv_blocks must be at least 1"):
+        make_scheduler(num_blocks=0)

@@ -284,8 +284,7 @@ def test_full_queue_is_refused_with_resource_exhausted_and_a_retry_hint(model_pa
     from gridllm.common.config import SchedulerConfig
     from scheduler_svc.servicer import RETRY_AFTER_KEY
 
-    one_at_a_time = SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=16,
-                                    max_model_len=256)
+    one_at_a_time = SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=16)
 
     async def main():
         async with running_worker(model_path) as worker, \

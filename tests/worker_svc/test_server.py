@@ -21,7 +21,7 @@ from tests.worker_svc.step_driver import run_requests
 from worker_svc.server import WorkerOptions, WorkerServer
 
 CONFIGS = dict(cache_config=CacheConfig(block_size=4, num_kv_blocks=48),
-               scheduler_config=SchedulerConfig(max_num_batched_tokens=16, max_model_len=256))
+               scheduler_config=SchedulerConfig(max_num_batched_tokens=16))
 
 
 @pytest.fixture(scope="module")

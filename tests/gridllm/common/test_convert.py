@@ -8,6 +8,7 @@ from gridllm.common import convert
 from gridllm.common.contract import (
     CachedRequestData,
     FinishReason,
+    ModelLimits,
     ModelRunnerOutput,
     NewRequestData,
     RequestUpdate,
@@ -15,7 +16,7 @@ from gridllm.common.contract import (
     TokenLogprobs,
 )
 from gridllm.common.sampling_params import SamplingParams
-from gridllm.v1 import generate_pb2
+from gridllm.v1 import generate_pb2, scheduler_pb2, worker_pb2
 
 
 @pytest.mark.parametrize("params", [
@@ -72,3 +73,59 @@ def test_runner_output_and_request_update_round_trip():
                    RequestUpdate("b", [1], None, [lp], FinishReason.STOP, 1, 0),
                    RequestUpdate("c", finish_reason=FinishReason.ABORT)):
         assert convert.request_update_from_pb(convert.request_update_to_pb(update)) == update
+
+
+# ----------------------------------------------------------------------- field parity
+# Deliberate differences between the dataclass and the proto message, each with its reason.
+# Proto-only: proto3 `optional` cannot say "unset means None" for max_tokens next to
+# "unset means the default 16"; unbounded_max_tokens=true is SamplingParams.max_tokens=None.
+PROTO_ONLY_FIELDS = {"unbounded_max_tokens"}
+# Dataclass-only: none (every SamplingParams field travels to the scheduler and workers).
+DATACLASS_ONLY_FIELDS: set[str] = set()
+
+# One value other than the default per SamplingParams field.
+NON_DEFAULT_VALUES = {
+    "n": 3, "temperature": 0.5, "top_p": 0.8, "top_k": 7, "min_p": 0.1,
+    "presence_penalty": 0.3, "frequency_penalty": -0.3, "repetition_penalty": 1.1, "seed": 11,
+    "stop": ["STOP"], "stop_token_ids": [8], "ignore_eos": True, "max_tokens": 5,
+    "min_tokens": 1, "logprobs": 2, "prompt_logprobs": 1, "skip_special_tokens": False,
+    "include_stop_str_in_output": True, "logit_bias": {4: 1.5}, "allowed_token_ids": [4, 6],
+    "logits_processors": ["no_repeat_ngram"], "extra_args": {"no_repeat_ngram_size": 2},
+}
+
+
+def _dataclass_fields() -> set[str]:
+    import dataclasses
+
+    return {f.name for f in dataclasses.fields(SamplingParams)}
+
+
+def test_every_sampling_params_field_has_a_proto_counterpart_and_back():
+    proto_fields = {f.name for f in generate_pb2.SamplingParams.DESCRIPTOR.fields}
+    dataclass_fields = _dataclass_fields()
+    assert dataclass_fields - proto_fields == DATACLASS_ONLY_FIELDS, \
+        "SamplingParams fields missing from protos/gridllm/v1/generate.proto"
+    assert proto_fields - dataclass_fields == PROTO_ONLY_FIELDS, \
+        "proto SamplingParams fields missing from gridllm.common.sampling_params"
+
+
+@pytest.mark.parametrize("name", sorted(_dataclass_fields()))
+def test_each_sampling_params_field_survives_the_wire(name):
+    assert set(NON_DEFAULT_VALUES) == _dataclass_fields(), "add a value for the new field"
+    params = SamplingParams(**{name: NON_DEFAULT_VALUES[name]})
+    assert getattr(params, name) != getattr(SamplingParams(), name)
+    assert convert.sampling_params_from_pb(convert.sampling_params_to_pb(params)) == params
+
+
+# ----------------------------------------------------------------------- ModelLimits
+@pytest.mark.parametrize("eos", [None, 0, 2])
+@pytest.mark.parametrize("message", [worker_pb2.WorkerInfo, scheduler_pb2.SchedulerInfo,
+                                     generate_pb2.GetModelInfoResponse])
+def test_model_limits_round_trip_through_each_info_message(message, eos):
+    limits = ModelLimits(max_model_len=300, vocab_size=320, block_size=8, eos_token_id=eos)
+    msg = convert.model_limits_to_pb(limits, message())
+    assert msg.HasField("eos_token_id") == (eos is not None)
+    assert convert.model_limits_from_pb(msg) == limits
+    # Writing limits without an EOS clears one written before.
+    cleared = convert.model_limits_to_pb(ModelLimits(300, 320, 8), msg)
+    assert not cleared.HasField("eos_token_id")

@@ -1,0 +1,49 @@
+"""The ``main`` every service process shares: flags, logging, build, serve until SIGTERM.
+
+    parser = service_parser("python -m worker_svc", __doc__, grace_s=5.0)
+    add_arguments(parser, WorkerOptions)           # the service's own flags
+    serve_main(parser, build_server, argv)         # build_server(args) -> a server
+
+A server has ``async start()`` and ``async serve_until_signal(grace)``. A ValueError while
+building it (a bad flag value, named by the config's check) is a one-line usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from gridllm.common.logger import configure_logging
+
+
+def service_parser(prog: str, description: str | None, grace_s: float
+                   ) -> argparse.ArgumentParser:
+    """A parser with the flags every service has: ``--grace`` and ``--log-level``."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--grace", type=float, default=grace_s, metavar="S",
+                        help=f"seconds to drain in-flight calls on SIGTERM (default: {grace_s})")
+    parser.add_argument("--log-level", default=None,
+                        help="logging level (default: GRIDLLM_LOGGING_LEVEL or INFO)")
+    return parser
+
+
+def serve_main(parser: argparse.ArgumentParser, build: Callable[[argparse.Namespace], Any],
+               argv: list[str] | None = None) -> None:
+    """Parse ``argv``, configure logging, build the server and serve until SIGTERM/SIGINT."""
+    args = parser.parse_args(argv)
+    configure_logging(args.log_level)
+    asyncio.run(_serve(parser, build, args))
+
+
+async def _serve(parser: argparse.ArgumentParser, build: Callable[[argparse.Namespace], Any],
+                 args: argparse.Namespace) -> None:
+    # Built inside the event loop: grpc.aio servers bind to the loop they are made in.
+    try:
+        server = build(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    await server.start()
+    await server.serve_until_signal(args.grace)
