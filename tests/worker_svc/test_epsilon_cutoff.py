@@ -1,4 +1,5 @@
-"""epsilon_cutoff: the sampling method added in docs/contributing.md's walkthrough."""
+"""epsilon_cutoff: a built-in sampling method (its sibling eta_cutoff is added in
+docs/contributing.md's walkthrough)."""
 
 import pytest
 import torch

