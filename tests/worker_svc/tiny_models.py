@@ -29,6 +29,11 @@ TINY_ARCHS = {
                               num_attention_heads=4, max_position_embeddings=256,
                               word_embed_proj_dim=64, do_layer_norm_before=True,
                               bos_token_id=0, eos_token_id=1, pad_token_id=1)),
+    # Local (window 6) and global layers interleaved; head_dim, query_pre_attn_scalar and
+    # both soft-caps differ from the defaults' effect so each one changes the outputs.
+    "gemma2": ("Gemma2Config", dict(num_hidden_layers=3, head_dim=32, query_pre_attn_scalar=24,
+                                    sliding_window=6, attn_logit_softcapping=4.0,
+                                    final_logit_softcapping=8.0, tie_word_embeddings=True)),
     # OPT-350m layout: post-norm and project_in/project_out.
     "opt-350m": ("OPTConfig", dict(vocab_size=320, hidden_size=64, ffn_dim=128,
                                    num_hidden_layers=2, num_attention_heads=4,
@@ -41,6 +46,13 @@ EXTRA_ARCHS = {
     # Qwen2 with a window on layer 1 only (layer_types from max_window_layers).
     "qwen2-sliding": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=6,
                                           max_window_layers=1)),
+    # Mistral with a window of 12 on every layer.
+    "mistral-w12": ("MistralConfig", dict(sliding_window=12)),
+    # Gemma 3 text: local, global, local; q/k norms; linear rope scaling on global layers.
+    "gemma3": ("Gemma3TextConfig", dict(num_hidden_layers=3, head_dim=32,
+                                        query_pre_attn_scalar=24, sliding_window=6,
+                                        sliding_window_pattern=2, tie_word_embeddings=True,
+                                        rope_scaling=dict(rope_type="linear", factor=4.0))),
 }
 ALL_TINY_ARCHS = {**TINY_ARCHS, **EXTRA_ARCHS}
 
@@ -49,8 +61,7 @@ def make_tiny_model(arch: str, path) -> str:
     """Build a tiny random fp32 model of ``arch`` and save it.
 
     Args:
-        arch: a key of ``ALL_TINY_ARCHS``: ``"llama"``, ``"llama3"``, ``"mistral"``,
-            ``"qwen2"``, ``"qwen3"``, ``"opt"``, ``"opt-350m"``, ``"qwen2-sliding"``.
+        arch: a key of ``ALL_TINY_ARCHS`` (``"llama"``, ``"mistral"``, ``"gemma2"`` ...).
         path: target directory (created).
     Returns:
         ``str(path)``.
@@ -65,7 +76,9 @@ def make_tiny_model(arch: str, path) -> str:
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name and name.endswith("weight"):
-                param.copy_(1.0 + 0.2 * torch.randn_like(param))
+                # Gemma's norms scale by 1 + weight: the stored weight is an offset.
+                offset = 0.0 if config.model_type.startswith("gemma") else 1.0
+                param.copy_(offset + 0.2 * torch.randn_like(param))
             elif name.endswith("bias"):
                 param.copy_(0.2 * torch.randn_like(param))
             else:
