@@ -38,8 +38,9 @@ class LLM:
         seed: seed of the engine's random generator.
         profile_dir: if set, a torch profiler Chrome trace of the steps of each
             ``generate`` call is written there.
-        **kwargs: further ``ModelConfig``/``CacheConfig`` fields (``attention_backend``,
-            ``enforce_eager``, ``kv_cache_memory``, ``gpu_memory_utilization``).
+        **kwargs: further ``ModelConfig``/``CacheConfig``/``SchedulerConfig`` fields
+            (``attention_backend``, ``enforce_eager``, ``kv_cache_memory``,
+            ``gpu_memory_utilization``, ``block_reservation``, ``prefetch_ratio``).
     """
 
     def __init__(self, model: str, *, tokenizer: str | None = None,
@@ -56,6 +57,8 @@ class LLM:
                         if k in kwargs}
         cache_kwargs = {k: kwargs.pop(k) for k in ("kv_cache_memory", "gpu_memory_utilization")
                         if k in kwargs}
+        scheduler_kwargs = {k: kwargs.pop(k) for k in ("block_reservation", "prefetch_ratio")
+                            if k in kwargs}
         if kwargs:
             raise ValueError(f"unknown LLM arguments: {sorted(kwargs)}.")
         model_path = resolve_model_path(model)
@@ -68,7 +71,8 @@ class LLM:
         scheduler_config = SchedulerConfig(
             max_num_seqs, max_num_batched_tokens,
             max_model_len=max(max_model_len or 1, max_num_batched_tokens),
-            enable_chunked_prefill=enable_chunked_prefill, policy=scheduling_policy)
+            enable_chunked_prefill=enable_chunked_prefill, policy=scheduling_policy,
+            **scheduler_kwargs)
         tokenizer_dir = tokenizer or (model_path if os.path.isdir(model_path) else None)
         self.tokenizer = None if skip_tokenizer_init else load_tokenizer(tokenizer_dir)
         self.engine = EngineCore(self.model_config, cache_config, scheduler_config)

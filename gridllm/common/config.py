@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 _POLICIES = ("fcfs", "priority")
+_BLOCK_RESERVATIONS = ("none", "predicted")
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
@@ -25,6 +26,11 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = True
     # "fcfs" or "priority" (lower value first, arrival breaks ties).
     policy: str = "fcfs"
+    # "none": admit a request once its prompt fits; "predicted": also keep KV room for the
+    # predicted output of every running request (fewer preemptions under KV pressure).
+    block_reservation: str = "none"
+    # Slack on the predicted length when reserving ("predicted" only): 0.1 is 10% more.
+    prefetch_ratio: float = 0.1
 
     def __post_init__(self) -> None:
         _require(self.max_num_seqs >= 1, "max_num_seqs", "must be at least 1", self.max_num_seqs)
@@ -33,6 +39,10 @@ class SchedulerConfig:
         _require(self.max_model_len >= 1, "max_model_len", "must be at least 1", self.max_model_len)
         _require(self.policy in _POLICIES, "scheduling_policy", f"must be one of {_POLICIES}",
                  self.policy)
+        _require(self.block_reservation in _BLOCK_RESERVATIONS, "block_reservation",
+                 f"must be one of {_BLOCK_RESERVATIONS}", self.block_reservation)
+        _require(isinstance(self.prefetch_ratio, (int, float)) and 0.0 <= self.prefetch_ratio
+                 <= 10.0, "prefetch_ratio", "must be in [0, 10]", self.prefetch_ratio)
         if not self.enable_chunked_prefill:
             _require(self.max_num_batched_tokens >= self.max_model_len, "max_num_batched_tokens",
                      f"must be at least max_model_len={self.max_model_len} without chunked "
