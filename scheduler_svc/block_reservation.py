@@ -2,10 +2,15 @@
 
 Without it the scheduler admits a request as soon as its prompt fits; under KV pressure the
 running requests then outgrow the pool and some are preempted and recomputed. With it, a
-request is admitted only if the free blocks cover, besides its own predicted footprint,
-the blocks every running request is still predicted to need. The reservation is
-bookkeeping, not allocation: blocks are still taken as tokens arrive, so a wrong prediction
-costs at worst a preemption (as without reservation) or some idle blocks, never a result.
+request is admitted only if the pool covers the predicted peak of the KV footprint of the
+running requests plus the new one: each holds its prompt and grows by a token per step until
+its predicted length (with ``prefetch_ratio`` slack), then frees everything. Requests finish
+at different times, so the peak is lower than the sum of final sizes; reserving the sum
+would leave the pool half idle.
+
+The reservation is bookkeeping, not allocation: blocks are still taken as tokens arrive, so
+a wrong prediction costs at worst a preemption (as without reservation) or some idle
+blocks, never a different result.
 """
 
 from __future__ import annotations
@@ -32,25 +37,51 @@ class BlockReservation:
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.prefetch_ratio = prefetch_ratio
+        # Predicted output length per request, fixed when first asked (at admission).
+        self._predicted: dict[str, int] = {}
 
-    def target_blocks(self, request: Request) -> int:
-        """Blocks the request is expected to hold when it finishes (slack included)."""
+    def target_tokens(self, request: Request) -> int:
+        """Tokens the request is expected to hold when it finishes (slack included)."""
         params = request.sampling_params
         max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len
-        num_output = min(self.predictor.predict(request), max_tokens)
+        predicted = self._predicted.get(request.req_id)
+        if predicted is None:
+            predicted = self._predicted[request.req_id] = self.predictor.predict(request)
+        num_output = min(predicted, max_tokens)
         # Past its prediction a request needs at least room for its next token.
         num_output = max(num_output, min(request.num_output_tokens
                                          + request.num_output_placeholders + 1, max_tokens))
         limit = min(request.num_prompt_tokens + max_tokens, self.max_model_len)
         num_tokens = min(request.num_prompt_tokens + num_output, limit)
-        num_tokens = min(math.ceil(num_tokens * (1.0 + self.prefetch_ratio)), limit)
-        return -(-num_tokens // self.block_size)
+        return min(math.ceil(num_tokens * (1.0 + self.prefetch_ratio)), limit)
 
-    def num_reserved_blocks(self, running: list[Request], block_manager: BlockManager) -> int:
-        """Blocks the running requests are still predicted to take."""
-        return sum(max(0, self.target_blocks(r) - len(block_manager.req_to_blocks.get(r.req_id,
-                                                                                     ())))
-                   for r in running)
+    def target_blocks(self, request: Request) -> int:
+        """Blocks the request is expected to hold when it finishes (slack included)."""
+        return -(-self.target_tokens(request) // self.block_size)
+
+    def peak_blocks(self, requests: list[Request]) -> int:
+        """Predicted peak of the blocks ``requests`` hold together from now on.
+
+        Each request holds all its tokens so far (its prompt counted whole, even if chunked
+        prefill has not reached its end) and grows by one token per step until its target,
+        when it frees its blocks.
+        """
+        # (tokens held now, tokens still to come), by how long each request has left.
+        spans = sorted(((r.num_tokens + r.num_output_placeholders,
+                         max(0, self.target_tokens(r) - r.num_tokens
+                             - r.num_output_placeholders)) for r in requests),
+                       key=lambda span: span[1])
+        # Within a stretch where no request finishes demand only grows, so the peak is at
+        # a step just before some request finishes (or now). A partly filled last block
+        # counts whole: block_size - 1 extra tokens per request.
+        peak, held_after = 0, sum(held for held, _ in spans)
+        for k, (held, remaining) in enumerate(spans):
+            num_active = len(spans) - k
+            step = max(remaining - 1, 0)
+            num_tokens = held_after + num_active * (step + self.block_size - 1)
+            peak = max(peak, num_tokens // self.block_size)
+            held_after -= held
+        return peak
 
     def admits(self, request: Request, computed_blocks: list[KVBlock], running: list[Request],
                block_manager: BlockManager) -> bool:
@@ -61,15 +92,16 @@ class BlockReservation:
         """
         if not running:
             return True
-        # Hit blocks used by another request cost no free block; free cached ones do.
+        held = sum(len(block_manager.req_to_blocks.get(r.req_id, ())) for r in running)
+        # Hit blocks used by another request are counted twice in the peak: give them back.
         num_shared = sum(1 for b in computed_blocks if b.ref_cnt > 0)
-        num_needed = max(0, self.target_blocks(request) - num_shared)
-        num_available = block_manager.num_free_blocks - self.num_reserved_blocks(
-            running, block_manager)
-        return num_needed <= num_available
+        peak = self.peak_blocks([*running, request]) - num_shared
+        return peak <= block_manager.num_free_blocks + held
 
     def observe(self, request: Request) -> None:
-        """Learn from a finished request; aborted ones say nothing about lengths."""
+        """Forget a finished request; learn from it unless it was aborted (an abort says
+        nothing about lengths)."""
+        self._predicted.pop(request.req_id, None)
         if request.status != RequestStatus.FINISHED_ABORTED:
             self.predictor.observe(request)
 

@@ -1,10 +1,13 @@
 """Length-aware admission: the predictors, the reservation rule and its effect on a
 KV-constrained workload (against the contract-checking simulated runner)."""
 
+import random
+
 import pytest
 
 from gridllm.common.config import SchedulerConfig
 from gridllm.common.sampling_params import SamplingParams
+from scheduler_svc.block_manager import BlockManager
 from scheduler_svc.block_reservation import BlockReservation
 from scheduler_svc.length_predictor import (
     OnlinePredictor,
@@ -101,6 +104,60 @@ def test_target_blocks_follow_prediction_slack_and_limits():
     assert reservation.target_blocks(request) == 12  # ceil(min(41 * 1.1, 64) / 4)
     request.output_token_ids = [3] * 53
     assert reservation.target_blocks(request) == 16  # max_model_len caps it
+
+
+class _FixedPredictor:
+    """Predicts each request's output length from a table (by req_id)."""
+
+    def __init__(self, lengths):
+        self.lengths = lengths
+
+    def predict(self, request):
+        return self.lengths[request.req_id]
+
+    def observe(self, request):
+        pass
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_peak_blocks_bounds_the_stepwise_demand(seed):
+    rng = random.Random(seed)
+    block_size = rng.choice([1, 4, 16])
+    requests, lengths = [], {}
+    for i in range(rng.randint(1, 8)):
+        request = Request(f"r{i}", [1] * rng.randint(1, 40),
+                          SamplingParams(max_tokens=rng.randint(1, 60)))
+        request.output_token_ids = [2] * rng.randint(0, request.sampling_params.max_tokens - 1)
+        lengths[request.req_id] = rng.randint(1, 80)
+        requests.append(request)
+    reservation = BlockReservation(_FixedPredictor(lengths), block_size, max_model_len=512,
+                                   prefetch_ratio=rng.choice([0.0, 0.1]))
+    spans = [(r.num_tokens, reservation.target_tokens(r) - r.num_tokens) for r in requests]
+    # Step by step: a request holds held + t tokens until it has produced its last one.
+    demand = [sum(-(-(held + t) // block_size) for held, remaining in spans
+                  if t < remaining or t == 0)
+              for t in range(max(1, max(remaining for _, remaining in spans)))]
+    peak = reservation.peak_blocks(requests)
+    # Partly filled blocks are rounded up over the sum: at most one block per request more.
+    assert max(demand) <= peak <= max(demand) + len(requests)
+    if block_size == 1:
+        assert peak == max(demand)
+
+
+@pytest.mark.parametrize("predicted_c, admitted", [(8, True), (20, False)])
+def test_admission_uses_the_peak_not_the_sum_of_final_sizes(predicted_c, admitted):
+    block_manager = BlockManager(num_blocks=10, block_size=4, enable_prefix_caching=False)
+    reservation = BlockReservation(_FixedPredictor({"a": 2, "b": 16, "c": predicted_c}),
+                                   block_size=4, max_model_len=512, prefetch_ratio=0.0)
+    running = [Request(name, [1] * 8, SamplingParams(max_tokens=100)) for name in "ab"]
+    for request in running:
+        assert block_manager.allocate_slots(request, 8) is not None
+    new = Request("c", [1] * 4, SamplingParams(max_tokens=100))
+    # Final sizes 3 + 6 + 3 blocks (12) exceed the 10-block pool either way, but "a" ends
+    # after 2 tokens: with c predicted at 8 tokens the peak is 8 blocks, at 20 it is 12.
+    assert sum(reservation.target_blocks(r) for r in [*running, new]) > 10
+    assert reservation.peak_blocks([*running, new]) == (8 if admitted else 12)
+    assert reservation.admits(new, [], running, block_manager) == admitted
 
 
 def test_reservation_lets_nothing_starve():
