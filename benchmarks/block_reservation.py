@@ -1,7 +1,7 @@
 """Length-aware admission on a KV-constrained workload: ``block_reservation`` none vs predicted.
 
     python benchmarks/block_reservation.py [--model random:tiny] [--num-prompts 96]
-        [--kv-fraction 0.3] [--rounds 2] [--repeats 3] [--output result.json]
+        [--kv-fraction 0.3] [--rounds 2] [--repeats 5] [--output result.json]
 
 The workload: prompts from a few templates (a shared prefix per template, then a random
 suffix); each template has its own output-length range (short answers to long essays), and
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="every request's limit (the lengths come from the stop token)")
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=3, help="alternating runs of every mode")
+    p.add_argument("--repeats", type=int, default=5, help="alternating runs of every mode")
     p.add_argument("--prefetch-ratio", type=float, default=0.1)
     p.add_argument("--modes", default="none,predicted")
     p.add_argument("--stop-token-id", type=int, default=3)
