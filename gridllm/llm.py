@@ -37,7 +37,8 @@ class LLM:
             ``block_size``, ``num_kv_blocks``, ``kv_cache_memory`` (bytes, or ``"1GiB"``),
             ``gpu_memory_utilization``, ``max_num_seqs``, ``max_num_batched_tokens``,
             ``enable_chunked_prefill``, ``enable_prefix_caching``, ``scheduling_policy``
-            (``fcfs`` or ``priority``). The defaults are those of the dataclasses.
+            (``fcfs`` or ``priority``), ``block_reservation`` (``none`` or ``predicted``),
+            ``prefetch_ratio``. The defaults are those of the dataclasses.
     Raises:
         ValueError: an unknown argument (named), a bad value (its field named), or a model
             that cannot be found or loaded.

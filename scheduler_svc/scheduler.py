@@ -20,6 +20,7 @@ from gridllm.common.contract import (
     SchedulerOutput,
 )
 from scheduler_svc.block_manager import BlockManager, KVBlock
+from scheduler_svc.block_reservation import make_block_reservation
 from scheduler_svc.request import Request, RequestStatus
 from scheduler_svc.request_queue import make_queue
 
@@ -51,6 +52,8 @@ class Scheduler:
         # Finished, aborted or preempted since the last schedule(): the runner drops them.
         self._finished_req_ids: set[str] = set()
         self.num_preemptions = 0
+        # Length-aware admission (None unless block_reservation="predicted").
+        self.reservation = make_block_reservation(scheduler_config, limits)
 
     # ----------------------------------------------------------------- requests
     def add_request(self, request: Request) -> None:
@@ -100,6 +103,8 @@ class Scheduler:
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
         request.status = status
+        if self.reservation is not None:
+            self.reservation.observe(request)
         self.block_manager.free(request)
         self._finished_req_ids.add(request.req_id)
         del self.requests[request.req_id]
@@ -193,6 +198,9 @@ class Scheduler:
             if not self.config.enable_chunked_prefill and num_new > token_budget:
                 break
             num_new = min(num_new, token_budget)
+            if self.reservation is not None and not self.reservation.admits(
+                    request, computed_blocks, self.running, self.block_manager):
+                break  # its predicted footprint would crowd out the running requests
             new_block_ids = self.block_manager.allocate_slots(request, num_new, computed_blocks)
             if new_block_ids is None:
                 break

@@ -14,6 +14,7 @@ from typing import Any
 from gridllm.common.cli_args import option, parse_size
 
 _POLICIES = ("fcfs", "priority")
+_BLOCK_RESERVATIONS = ("none", "predicted")
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _ATTENTION_BACKENDS = ("auto", "torch", "triton")
 
@@ -51,6 +52,13 @@ class SchedulerConfig:
     scheduling_policy: str = option(
         "fcfs", choices=_POLICIES,
         help="fcfs, or priority (lower value first, arrival breaks ties)")
+    block_reservation: str = option(
+        "none", choices=_BLOCK_RESERVATIONS,
+        help="none: admit a request once its prompt fits; predicted: also keep KV room for "
+        "the predicted output of every running request (fewer preemptions under KV pressure)")
+    prefetch_ratio: float = option(
+        0.1, help="slack on the predicted output length when reserving (predicted only): "
+        "0.1 is 10%% more")
 
     def __post_init__(self) -> None:
         require(self.max_num_seqs >= 1, "max_num_seqs", "must be at least 1", self.max_num_seqs)
@@ -58,6 +66,11 @@ class SchedulerConfig:
                 "must be at least 1", self.max_num_batched_tokens)
         require(self.scheduling_policy in _POLICIES, "scheduling_policy",
                 f"must be one of {_POLICIES}", self.scheduling_policy)
+        require(self.block_reservation in _BLOCK_RESERVATIONS, "block_reservation",
+                f"must be one of {_BLOCK_RESERVATIONS}", self.block_reservation)
+        require(isinstance(self.prefetch_ratio, (int, float))
+                and 0.0 <= self.prefetch_ratio <= 10.0, "prefetch_ratio", "must be in [0, 10]",
+                self.prefetch_ratio)
 
     def check_model_len(self, max_model_len: int) -> None:
         """ValueError if a request of ``max_model_len`` tokens could never be scheduled."""

@@ -36,11 +36,26 @@ TINY_ARCHS = {
                                    do_layer_norm_before=False, bos_token_id=0,
                                    eos_token_id=1, pad_token_id=1)),
 }
-# Variants only the worker tests sweep (the LLM tests sweep TINY_ARCHS).
+# Variants only the worker tests sweep (the LLM tests sweep TINY_ARCHS; the windowed ones
+# run end to end in tests/gridllm/test_sliding_window_parity.py).
 EXTRA_ARCHS = {
     # Qwen2 with a window on layer 1 only (layer_types from max_window_layers).
     "qwen2-sliding": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=6,
                                           max_window_layers=1)),
+    # Mistral with a window of 12 on every layer.
+    "mistral-w12": ("MistralConfig", dict(sliding_window=12)),
+    # Gemma 2: local (window 6) and global layers interleaved; head_dim differs from
+    # hidden_size // heads, query_pre_attn_scalar from head_dim, and the soft-caps are small
+    # enough to bite, so each one changes the outputs. Not in TINY_ARCHS (swept on the GPU
+    # too) because the triton kernels have no soft-capping yet.
+    "gemma2": ("Gemma2Config", dict(num_hidden_layers=3, head_dim=32, query_pre_attn_scalar=24,
+                                    sliding_window=6, attn_logit_softcapping=4.0,
+                                    final_logit_softcapping=8.0, tie_word_embeddings=True)),
+    # Gemma 3 text: local, global, local; q/k norms; linear rope scaling on global layers.
+    "gemma3": ("Gemma3TextConfig", dict(num_hidden_layers=3, head_dim=32,
+                                        query_pre_attn_scalar=24, sliding_window=6,
+                                        sliding_window_pattern=2, tie_word_embeddings=True,
+                                        rope_scaling=dict(rope_type="linear", factor=4.0))),
 }
 ALL_TINY_ARCHS = {**TINY_ARCHS, **EXTRA_ARCHS}
 
@@ -49,8 +64,7 @@ def make_tiny_model(arch: str, path) -> str:
     """Build a tiny random fp32 model of ``arch`` and save it.
 
     Args:
-        arch: a key of ``ALL_TINY_ARCHS``: ``"llama"``, ``"llama3"``, ``"mistral"``,
-            ``"qwen2"``, ``"qwen3"``, ``"opt"``, ``"opt-350m"``, ``"qwen2-sliding"``.
+        arch: a key of ``ALL_TINY_ARCHS`` (``"llama"``, ``"mistral"``, ``"gemma2"`` ...).
         path: target directory (created).
     Returns:
         ``str(path)``.
@@ -65,7 +79,9 @@ def make_tiny_model(arch: str, path) -> str:
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name and name.endswith("weight"):
-                param.copy_(1.0 + 0.2 * torch.randn_like(param))
+                # Gemma's norms scale by 1 + weight: the stored weight is an offset.
+                offset = 0.0 if config.model_type.startswith("gemma") else 1.0
+                param.copy_(offset + 0.2 * torch.randn_like(param))
             elif name.endswith("bias"):
                 param.copy_(0.2 * torch.randn_like(param))
             else:

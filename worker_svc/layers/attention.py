@@ -41,14 +41,19 @@ class AttentionBackend:
     """Writes new KV and computes attention; one instance per model."""
 
     name = "base"
+    # Whether forward() takes logit_softcap (Gemma 2's tanh capping of attention scores).
+    supports_logit_softcap = False
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 key_cache: torch.Tensor, value_cache: torch.Tensor,
                 metadata: AttentionMetadata, scale: float,
-                sliding_window: int | None = None) -> torch.Tensor:
+                sliding_window: int | None = None,
+                logit_softcap: float | None = None) -> torch.Tensor:
         """Args:
             query: ``[T, H, D]``; key, value: ``[T, Hkv, D]`` (already rotated).
             key_cache, value_cache: ``[num_blocks, block_size, Hkv, D]`` of this layer.
+            sliding_window: this layer's window (a query at ``q`` sees keys ``q - k < w``).
+            logit_softcap: if set, scores become ``c * tanh(scores / c)`` before the mask.
         Returns:
             ``[T, H, D]`` attention output.
         """

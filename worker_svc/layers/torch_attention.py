@@ -14,12 +14,13 @@ class TorchAttentionBackend(AttentionBackend):
     ``torch_ref.paged_attention`` with decode rows batched into one SDPA call."""
 
     name = "torch"
+    supports_logit_softcap = True
 
     def forward(self, query, key, value, key_cache, value_cache, metadata, scale,
-                sliding_window=None):
+                sliding_window=None, logit_softcap=None):
         torch_ref.write_kv_cache(key, value, key_cache, value_cache, metadata.slot_mapping)
         return sdpa_paged_attention(query, key_cache, value_cache, metadata, scale,
-                                    sliding_window)
+                                    sliding_window, logit_softcap)
 
 
 def _gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, max_len: int) -> torch.Tensor:
@@ -30,9 +31,11 @@ def _gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, max_len: int) ->
 
 def sdpa_paged_attention(query: torch.Tensor, key_cache: torch.Tensor,
                          value_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
-                         sliding_window: int | None = None) -> torch.Tensor:
+                         sliding_window: int | None = None,
+                         logit_softcap: float | None = None) -> torch.Tensor:
     """``torch_ref.paged_attention`` through SDPA: one call for all decode rows, one per
-    multi-token (prefill) request."""
+    multi-token (prefill) request. With ``logit_softcap`` the scores are capped as
+    ``c * tanh(s / c)`` before the mask (Gemma 2), which SDPA cannot do."""
     out = torch.empty_like(query)
     starts = metadata.query_start_loc.tolist()
     lens = metadata.seq_lens.tolist()
@@ -50,9 +53,8 @@ def sdpa_paged_attention(query: torch.Tensor, key_cache: torch.Tensor,
         if sliding_window is not None:
             mask &= (seq_lens[:, None] - 1 - pos) < sliding_window
         q = query[rows][:, :, None]
-        o = F.scaled_dot_product_attention(
-            q, k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype),
-            attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True)
+        o = _attend(q, k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype),
+                    mask[:, None, None, :], scale, logit_softcap)
         out[rows] = o[:, :, 0]
     for i, n in enumerate(q_lens):
         if n <= 1:
@@ -66,8 +68,22 @@ def sdpa_paged_attention(query: torch.Tensor, key_cache: torch.Tensor,
         if sliding_window is not None:
             mask &= (q_pos - k_pos) < sliding_window
         q = query[starts[i]:starts[i + 1]].transpose(0, 1)
-        o = F.scaled_dot_product_attention(q, k.transpose(0, 1).to(q.dtype),
-                                           v.transpose(0, 1).to(q.dtype), attn_mask=mask,
-                                           scale=scale, enable_gqa=True)
+        o = _attend(q, k.transpose(0, 1).to(q.dtype), v.transpose(0, 1).to(q.dtype), mask,
+                    scale, logit_softcap)
         out[starts[i]:starts[i + 1]] = o.transpose(0, 1)
     return out
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+            scale: float, logit_softcap: float | None) -> torch.Tensor:
+    """Masked attention over ``[..., H, Lq, D]`` queries and ``[..., Hkv, Lk, D]`` keys."""
+    if logit_softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                              enable_gqa=True)
+    group = q.shape[-3] // k.shape[-3]
+    k = k.repeat_interleave(group, dim=-3)
+    v = v.repeat_interleave(group, dim=-3)
+    scores = (q @ k.transpose(-1, -2)).float() * scale
+    scores = logit_softcap * torch.tanh(scores / logit_softcap)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1).to(v.dtype) @ v

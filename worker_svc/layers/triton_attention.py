@@ -20,7 +20,16 @@ class TritonAttentionBackend(AttentionBackend):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 key_cache: torch.Tensor, value_cache: torch.Tensor,
                 metadata: AttentionMetadata, scale: float,
-                sliding_window: int | None = None) -> torch.Tensor:
+                sliding_window: int | None = None,
+                logit_softcap: float | None = None) -> torch.Tensor:
+        if logit_softcap is not None:
+            # The decode and prefill kernels have no soft-capping switch yet. They need a
+            # logit_softcap argument (a constexpr switch) applying s = c * tanh(s / c) to the
+            # scaled q.k scores before the mask and the online softmax (with an exp2 softmax,
+            # fold log2(e) in after the tanh, not into the q scale); then set
+            # supports_logit_softcap = True and Gemma 2 runs here (and in the GPU tests).
+            raise NotImplementedError("attention logit soft-capping is not implemented in the "
+                                      "triton backend; use attention_backend='torch'.")
         write_kv_cache(key, value, key_cache, value_cache, metadata.slot_mapping)
         # The decode kernel wants exactly one query row per request; anything else
         # (e.g. padded rows without padded seq_lens) takes the general kernel.

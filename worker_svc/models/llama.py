@@ -14,6 +14,7 @@ from torch import nn
 from worker_svc.layers.attention import AttentionBackend, AttentionMetadata
 from worker_svc.layers.layers import RMSNorm, SiluAndMul, get_activation
 from worker_svc.layers.rotary import RotaryEmbedding
+from worker_svc.models.attention_pattern import layer_sliding_windows
 from worker_svc.models.weights import check_all_loaded, load_named_weights
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -24,14 +25,8 @@ def head_dim_of(config) -> int:
 
 
 def sliding_window_of(config, layer_idx: int) -> int | None:
-    """The layer's attention window: ``layer_types`` decides where the config has it."""
-    window = getattr(config, "sliding_window", None)
-    layer_types = getattr(config, "layer_types", None)
-    if window is None:
-        return None
-    if layer_types is not None:
-        return window if layer_types[layer_idx] == "sliding_attention" else None
-    return window
+    """The layer's attention window (None: full attention), as the config declares it."""
+    return layer_sliding_windows(config)[layer_idx]
 
 
 class LlamaAttention(nn.Module):
