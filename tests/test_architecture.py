@@ -79,3 +79,15 @@ def test_client_only_user_loads_no_ml_stack(statement):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=60)
     assert out.stdout.strip() == "[]"
+
+
+def test_architecture_doc_quotes_the_contracts_make_lint_runs():
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "pyproject.toml")) as f:
+        pyproject = f.read()
+    with open(os.path.join(root, "docs", "architecture.md")) as f:
+        doc = f.read()
+    contracts = pyproject[pyproject.index("[[tool.importlinter.contracts]]"):].strip()
+    assert contracts in doc
