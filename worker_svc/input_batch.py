@@ -23,21 +23,18 @@ class RequestState:
     sampling_params: SamplingParams
     block_ids: list[int]
     num_computed_tokens: int
-    generator: torch.Generator | None
+    # Philox key of the request's draws (its seed, or one drawn at admission).
+    seed: int
     # Prompt logprobs are reported once: a request rebuilt after preemption already sent them.
     needs_prompt_logprobs: bool
 
     @classmethod
-    def from_new(cls, new: NewRequestData, device: torch.device) -> RequestState:
+    def from_new(cls, new: NewRequestData, seed: int) -> RequestState:
         params = new.sampling_params
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator(device=device)
-            generator.manual_seed(params.seed)
         return cls(req_id=new.req_id, num_prompt_tokens=len(new.prompt_token_ids),
                    token_ids=list(new.prompt_token_ids) + list(new.output_token_ids),
                    sampling_params=params, block_ids=list(new.block_ids),
-                   num_computed_tokens=new.num_computed_tokens, generator=generator,
+                   num_computed_tokens=new.num_computed_tokens, seed=seed,
                    needs_prompt_logprobs=(params.prompt_logprobs is not None
                                           and not new.output_token_ids))
 

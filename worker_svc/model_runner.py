@@ -60,7 +60,9 @@ class ModelRunner:
         self.max_model_len = self._resolve_max_model_len()
         self.eos_token_id = eos_token_id if eos_token_id is not None else _first_eos(self.hf_config)
         self.block_size = cache_config.block_size
-        self.sampler = Sampler()
+        # The references on CUDA too when attention_backend="torch" (a kernel-free run).
+        self.sampler = Sampler(seed=model_config.seed,
+                               use_kernel=False if self.attn_backend.name == "torch" else None)
         self.requests: dict[str, RequestState] = {}
         # Requests refused on arrival (bad processor arguments) until the scheduler drops them.
         self._refused: set[str] = set()
@@ -96,7 +98,7 @@ class ModelRunner:
         state = RequestState(req_id="dummy", num_prompt_tokens=num_tokens,
                              token_ids=[0] * num_tokens, sampling_params=SamplingParams(),
                              block_ids=list(range(num_blocks)), num_computed_tokens=0,
-                             generator=None, needs_prompt_logprobs=False)
+                             seed=0, needs_prompt_logprobs=False)
         batch = prepare_inputs([state], [num_tokens], self.block_size, self.device)
         hidden = self.model(batch.input_ids, batch.positions, kv_caches, batch.attn_metadata)
         self.model.compute_logits(hidden[-1:])
@@ -219,7 +221,8 @@ class ModelRunner:
                 output.failed[new.req_id] = str(exc)
                 self._refused.add(new.req_id)
                 continue
-            self.requests[new.req_id] = RequestState.from_new(new, self.device)
+            self.requests[new.req_id] = RequestState.from_new(
+                new, self.sampler.request_seed(new.sampling_params))
         for cached in scheduler_output.scheduled_cached_reqs:
             if cached.req_id in self._refused:
                 continue  # scheduled again before the scheduler learnt of the refusal
@@ -235,15 +238,16 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden)
         metadata = SamplingMetadata.build(
             [s.sampling_params for s in states], [s.prompt_token_ids for s in states],
-            [s.output_token_ids for s in states], [s.generator for s in states],
+            [s.output_token_ids for s in states], [s.seed for s in states],
             [self.eos_token_id] * len(states), self.vocab_size, self.device)
         sampled = self.sampler(logits, metadata)
         token_ids = sampled.token_ids.tolist()
+        logprobs = sampled.logprobs
         for i, (state, token_id) in enumerate(zip(states, token_ids, strict=True)):
             state.token_ids.append(token_id)
             output.req_ids.append(state.req_id)
             output.sampled_token_ids[state.req_id] = [token_id]
-            entry = sampled.logprobs[i] if sampled.logprobs is not None else None
+            entry = logprobs[i] if logprobs is not None else None
             if state.sampling_params.logprobs is not None and entry is not None:
                 output.logprobs[state.req_id] = [entry]
 

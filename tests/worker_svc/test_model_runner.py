@@ -104,6 +104,28 @@ def test_seeded_sampling_reproduces(tiny_model_dir):
     assert first[0] == first[1] == second[0] == second[1]
 
 
+def test_seeded_request_ignores_its_batch_and_resumes_exactly(tiny_model_dir):
+    """Draws are keyed by (seed, output position): the same tokens alone, in a crowd, from
+    another runner, and from a fresh runner given the prompt and the tokens so far."""
+    model_dir = tiny_model_dir("llama")
+    prompt, other_a, other_b = _prompts(7, 12, 3, seed=5)
+    seeded = SamplingParams(temperature=1.0, top_k=60, top_p=0.95, seed=2024)
+
+    def runner(seed):
+        return _runner(model_dir, seed=seed)
+
+    (alone,), _ = run_requests(runner(0), [prompt], seeded, NUM_NEW)
+    crowd = [SamplingParams(temperature=0.9), seeded, SamplingParams(temperature=1.2, seed=7)]
+    in_crowd, _ = run_requests(runner(1), [other_a, prompt, other_b], crowd, NUM_NEW,
+                               chunk_budget=9)
+    assert in_crowd[1] == alone
+    (rest,), _ = run_requests(runner(2), [prompt], seeded, NUM_NEW,
+                              resumed_outputs=[alone[:3]])
+    assert alone[:3] + rest == alone
+    (reseeded,), _ = run_requests(runner(0), [prompt], seeded.clone(seed=2025), NUM_NEW)
+    assert reseeded != alone
+
+
 def test_kv_cache_sizing_and_layout(tiny_model_dir):
     model_dir = tiny_model_dir("qwen3")
     explicit = _runner(model_dir, num_kv_blocks=10)
