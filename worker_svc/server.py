@@ -78,7 +78,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     def _reset_requests(self) -> None:
         with self._lock:
-            self.runner.requests.clear()
+            self.runner.reset_requests()
 
     def _execute(self, scheduler_output) -> tuple[ModelRunnerOutput, float]:
         with self._lock:
