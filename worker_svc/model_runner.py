@@ -122,7 +122,8 @@ class ModelRunner:
             return None
         graph_runner = CudaGraphRunner(
             self.model, self.kv_caches, min(self.scheduler_config.max_num_seqs, 256),
-            -(-self.max_model_len // self.block_size), self.max_model_len, self.device)
+            -(-self.max_model_len // self.block_size), self.max_model_len, self.device,
+            num_kv_heads=kv_cache_geometry(self.hf_config)[1])
         graph_runner.capture()
         return graph_runner
 

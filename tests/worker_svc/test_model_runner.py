@@ -58,6 +58,16 @@ def test_batched_mixed_lengths_chunked_prefill(tiny_model_dir, tiny_arch):
     _check_against_hf(model_dir, prompts, outputs, steps)
 
 
+def test_triton_kernels_match_generate(tiny_model_dir, tiny_arch):
+    """The Triton attention backend (the fused rotary + KV write, prefill and split-KV
+    decode kernels; Triton's interpreter on a CPU) against transformers."""
+    model_dir = tiny_model_dir(tiny_arch)
+    prompts = _prompts(11, 5, seed=9)
+    outputs, steps = run_requests(_runner(model_dir, attention_backend="triton"), prompts,
+                                  GREEDY, NUM_NEW, chunk_budget=7)
+    _check_against_hf(model_dir, prompts, outputs, steps)
+
+
 def test_prompt_logprobs_over_chunks(tiny_model_dir):
     model_dir = tiny_model_dir("qwen2")
     prompt = _prompts(13, seed=2)[0]
