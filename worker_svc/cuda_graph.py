@@ -72,7 +72,8 @@ class CudaGraphRunner:
         self.num_kv_heads = num_kv_heads
         n = self.max_batch_size
         self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
-        self.positions = torch.zeros(n, dtype=torch.long, device=device)
+        # The dtypes of the eager path's inputs (one kernel variant for both).
+        self.positions = torch.zeros(n, dtype=torch.int32, device=device)
         self.slot_mapping = torch.full((n,), -1, dtype=torch.long, device=device)
         self.seq_lens = torch.zeros(n, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)

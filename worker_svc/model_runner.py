@@ -23,6 +23,7 @@ from worker_svc.request_state import RequestState
 from worker_svc.runner_output import AsyncRunnerOutput
 from worker_svc.sampler import Sampler
 from worker_svc.torch_utils import memory_usage, resolve_device, resolve_dtype
+from worker_svc.warmup import warm_up_kernels, warm_up_steps
 
 logger = logging.getLogger(__name__)
 
@@ -78,41 +79,39 @@ class ModelRunner:
         self.kv_caches = self._allocate_kv_cache(self.num_kv_blocks)
         logger.info("KV cache: %d blocks of %d tokens; memory after allocating it: %s",
                     self.num_kv_blocks, self.block_size, memory_usage(self.device))
-        self._warm_up_kernels()
+        self._warm_up()
         self.graph_runner = self._capture_cuda_graphs()
+        self._warm_up(steps=True)
 
-    @torch.inference_mode()
-    def _warm_up_kernels(self) -> None:
-        """Compile the Triton kernels' shape variants before serving.
-
-        Triton compiles on first launch per constexpr tile size and per integer-argument
-        specialisation (== 1, divisible by 16): unwarmed, the first request of a new
-        prompt-length class (or a prefix-cache hit's short chunk) waits ~1 s for the compiler.
-        """
+    def _warm_up(self, steps: bool = False) -> None:
+        """Build the serving path's Triton variants (then, with ``steps``, run real steps
+        through it) before serving: see worker_svc/warmup.py."""
         if self.device.type != "cuda" or self.attn_backend.name != "triton":
             return
-        limit = min(self.scheduler_config.max_num_batched_tokens, self.max_model_len - 1,
-                    self.num_kv_blocks * self.block_size)
-        for num_tokens in (1, 15, 16, 17, 31, 32, 33, 63, 64, 127, 128, 255, 256, 257, 513):
-            if num_tokens > limit:
-                break
-            self._dummy_prefill(num_tokens, self.kv_caches)
-        torch.cuda.synchronize(self.device)
+        if steps:
+            warm_up_steps(self)
+        else:
+            warm_up_kernels(self)
 
-    def _dummy_prefill(self, num_tokens: int, kv_caches: list) -> None:
-        """One request's prefill of ``num_tokens`` zeros into the first blocks of
-        ``kv_caches``, through the logits of its last token (before any real request)."""
+    def dummy_forward(self, num_tokens: int, kv_caches: list, width: int | None = None,
+                      seq_len: int | None = None) -> None:
+        """A forward of one request of ``seq_len`` tokens (default ``num_tokens``) whose
+        last ``num_tokens`` are computed (zeros), with a block table ``width`` blocks wide,
+        through the logits of its last token (before any real request: it writes KV)."""
         dev = self.device
-        num_blocks = -(-num_tokens // self.block_size)
+        seq_len = seq_len or num_tokens
+        num_blocks = -(-seq_len // self.block_size)
+        width = width or num_blocks
+        table = torch.arange(width, dtype=torch.int32, device=dev) % len(kv_caches[0][0])
+        positions = torch.arange(seq_len - num_tokens, seq_len, dtype=torch.int32, device=dev)
         metadata = AttentionMetadata(
-            slot_mapping=torch.arange(num_tokens, device=dev),
+            slot_mapping=(table[positions.long() // self.block_size].long() * self.block_size
+                          + positions % self.block_size),
             query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=dev),
-            block_tables=torch.arange(num_blocks, dtype=torch.int32, device=dev)[None],
-            max_query_len=num_tokens, max_seq_len=num_tokens)
+            seq_lens=torch.tensor([seq_len], dtype=torch.int32, device=dev),
+            block_tables=table[None], max_query_len=num_tokens, max_seq_len=seq_len)
         hidden = self.model(torch.zeros(num_tokens, dtype=torch.int32, device=dev),
-                            torch.arange(num_tokens, dtype=torch.int32, device=dev),
-                            kv_caches, metadata)
+                            positions, kv_caches, metadata)
         self.model.compute_logits(hidden[-1:])
 
     def _capture_cuda_graphs(self) -> CudaGraphRunner | None:
@@ -174,7 +173,7 @@ class ModelRunner:
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         baseline = torch.cuda.memory_allocated(self.device)
-        self._dummy_prefill(num_tokens, caches)
+        self.dummy_forward(num_tokens, caches)
         torch.cuda.synchronize(self.device)
         activation_peak = torch.cuda.max_memory_allocated(self.device) - baseline
         del caches

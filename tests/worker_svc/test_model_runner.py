@@ -157,3 +157,19 @@ def test_max_model_len_limits(tiny_model_dir):
     assert _runner(model_dir, max_model_len=100).max_model_len == 100
     with pytest.raises(ValueError, match="max_model_len"):
         _runner(model_dir, max_model_len=257)
+
+
+def test_warm_up_runs_the_serving_path_and_leaves_no_state(tiny_model_dir):
+    """The CUDA warm-up's dummy forwards and steps (here through Triton's interpreter)
+    leave no request behind, and generation afterwards is exact."""
+    from worker_svc.warmup import warm_up_kernels, warm_up_steps
+
+    model_dir = tiny_model_dir("qwen3")
+    runner = _runner(model_dir, attention_backend="triton", max_model_len=64)
+    warm_up_kernels(runner)
+    warm_up_steps(runner)
+    assert not runner.requests and runner.input_batch.num_reqs == 0
+    assert runner.input_batch.prompt_mask is None  # penalty tables are allocated on demand
+    prompts = _prompts(6, seed=10)
+    outputs, steps = run_requests(runner, prompts, GREEDY, NUM_NEW)
+    _check_against_hf(model_dir, prompts, outputs, steps)
