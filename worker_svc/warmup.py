@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,8 +30,8 @@ from worker_svc.cuda_graph import context_classes
 from worker_svc.input_batch import InputBatch
 from worker_svc.request_state import RequestState
 
-if TYPE_CHECKING:
-    from worker_svc.model_runner import ModelRunner
+# The model runner (worker_svc.model_runner.ModelRunner, which imports this module).
+ModelRunner = Any
 
 logger = logging.getLogger(__name__)
 
@@ -63,9 +63,9 @@ def warm_up_kernels(runner: ModelRunner) -> None:
         for width in block_table_widths(max_blocks, -(-num_tokens // runner.block_size)):
             runner.dummy_forward(num_tokens, runner.kv_caches, width=width)
     if _has_eager_decode(runner):
-        from worker_svc.model_runner import kv_cache_geometry
-
-        num_kv_heads = kv_cache_geometry(runner.hf_config)[1]
+        config = runner.hf_config
+        num_kv_heads = (getattr(config, "num_key_value_heads", None)
+                        or config.num_attention_heads)
         # A batch of one reaches every split count a bigger batch can.
         contexts = context_classes(1, num_kv_heads, runner.max_model_len, runner.device)
         for context in contexts.values():
