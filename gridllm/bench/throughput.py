@@ -46,6 +46,8 @@ class ThroughputConfig:
     is_warmup: bool = True
     # On CUDA: measure the card's limits and report the workload's roofline next to tok/s.
     roofline: bool = True
+    # The engine's step overlap (1 or 2); None: its default (2 on CUDA, 1 on the CPU).
+    max_steps_in_flight: int | None = None
     use_tqdm: bool = True
 
     def __post_init__(self) -> None:
@@ -53,6 +55,9 @@ class ThroughputConfig:
             raise ValueError(f"num_prompts must be at least 1, got {self.num_prompts}.")
         if self.compare not in (None, "hf"):
             raise ValueError(f"compare must be 'hf' or unset, got {self.compare!r}.")
+        if self.max_steps_in_flight not in (None, 1, 2):
+            raise ValueError(f"max_steps_in_flight must be 1 or 2, "
+                             f"got {self.max_steps_in_flight}.")
         if self.hf_batch_size is not None and self.hf_batch_size < 1:
             raise ValueError(f"hf_batch_size must be at least 1, got {self.hf_batch_size}.")
 
@@ -163,6 +168,8 @@ def run_throughput(config: ThroughputConfig, llm: Any = None) -> dict[str, Any]:
         limits = measure_limits(device)  # before the KV cache takes the free memory
     if owns_llm:
         llm = build_llm(config)
+    if config.max_steps_in_flight is not None:
+        llm.engine.max_steps_in_flight = config.max_steps_in_flight
     result["gridllm"] = run_gridllm(llm, requests, config.use_tqdm, config.is_warmup)
     if config.roofline and device.type == "cuda":
         result["roofline"] = _workload_roofline(config, llm, requests, dtype, limits)
@@ -280,6 +287,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-memory", type=int, default=None, help="CPU KV-cache bytes")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--no-warmup", dest="is_warmup", action="store_false")
+    p.add_argument("--max-steps-in-flight", type=int, default=None, choices=(1, 2),
+                   help="engine step overlap (default: 2 on CUDA, 1 on the CPU)")
     p.add_argument("--no-roofline", dest="roofline", action="store_false",
                    help="skip measuring the card's limits and the workload's roofline")
     p.add_argument("--no-tqdm", dest="use_tqdm", action="store_false")
@@ -296,7 +305,8 @@ def config_from_args(args: argparse.Namespace) -> ThroughputConfig:
         hf_batch_size=args.hf_batch_size, max_model_len=args.max_model_len,
         enforce_eager=args.enforce_eager, kv_cache_memory=args.kv_cache_memory,
         gpu_memory_utilization=args.gpu_memory_utilization, is_warmup=args.is_warmup,
-        roofline=args.roofline, use_tqdm=args.use_tqdm)
+        roofline=args.roofline, max_steps_in_flight=args.max_steps_in_flight,
+        use_tqdm=args.use_tqdm)
 
 
 def cmd_throughput(args: argparse.Namespace) -> int:
