@@ -36,8 +36,8 @@ ModelRunner = Any
 logger = logging.getLogger(__name__)
 
 # Query chunk lengths that pick each prefill tile (BLOCK_M 16, 32, 64, 128, 256), then
-# 256-token tiles: 2 tiles, 16 tiles (a tile count divisible by 16).
-_PREFILL_LENGTHS = (2, 17, 33, 65, 129, 257, 16 * 256 + 1)
+# 256-token tiles: 2 tiles, 16 tiles (Triton specialises a count divisible by 16).
+_PREFILL_LENGTHS = (2, 17, 33, 65, 129, 257, 16 * 256)
 
 
 def block_table_widths(max_blocks_per_req: int, num_blocks: int) -> list[int]:
