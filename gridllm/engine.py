@@ -11,6 +11,7 @@ from gridllm.common.contract import RequestUpdate
 from gridllm.common.sampling_params import SamplingParams
 from scheduler_svc.request import Request, RequestStatus, build_request
 from scheduler_svc.scheduler import Scheduler
+from scheduler_svc.step_pipeline import StepPipeline
 from worker_svc.logits_processors import verify_logits_processors
 
 logger = logging.getLogger(__name__)
@@ -71,15 +72,45 @@ class EngineCore:
         return self.scheduler.abort_requests(req_ids, status)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        """True while requests run or steps are in flight (``step`` until False drains)."""
+        return self.scheduler.has_unfinished_requests() or self.pipeline.num_in_flight > 0
+
+    @property
+    def max_steps_in_flight(self) -> int:
+        """2 on CUDA: step N+1 runs on the GPU while the host applies step N (a request
+        that finishes at N costs one wasted slot at N+1); 1 elsewhere, where a step runs
+        inside the call that queues it and there is nothing to overlap."""
+        return self.pipeline.max_steps_in_flight
+
+    @max_steps_in_flight.setter
+    def max_steps_in_flight(self, value: int) -> None:
+        if self.pipeline.num_in_flight:
+            raise RuntimeError("max_steps_in_flight can change only between steps in flight.")
+        self._pipeline = StepPipeline(self.scheduler, value)
+
+    @property
+    def pipeline(self) -> StepPipeline:
+        """The step loop shared with the scheduler service (built on first use)."""
+        pipeline = getattr(self, "_pipeline", None)
+        if pipeline is None:
+            steps = 2 if self.runner.device.type == "cuda" else 1
+            pipeline = self._pipeline = StepPipeline(self.scheduler, steps)
+        return pipeline
 
     def step(self) -> list[RequestUpdate]:
-        """Schedule, run the model once and apply its output."""
-        scheduler_output = self.scheduler.schedule()
-        if scheduler_output.is_empty and not scheduler_output.finished_req_ids:
+        """Queue steps on the runner until ``max_steps_in_flight`` are in flight, then
+        apply the oldest one's output (its sampled ids are the only thing waited for)."""
+        pipeline = self.pipeline
+        while (step := pipeline.schedule_next()) is not None:
+            try:
+                step.handle = self.runner.execute_model_async(step.output)
+            except BaseException:
+                pipeline.discard(step)
+                raise
+        if not pipeline.num_in_flight:
             return []
-        runner_output = self.runner.execute_model(scheduler_output)
-        return self.scheduler.update_from_output(scheduler_output, runner_output)
+        _, updates = pipeline.complete(pipeline.oldest().handle.get_output())
+        return updates
 
     def stats(self) -> EngineStats:
         bm = self.scheduler.block_manager

@@ -34,16 +34,9 @@ def _kv_cache_write_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
     tl.store(vc_ptr + cache_off, v.to(vc_ptr.dtype.element_ty), mask=mask)
 
 
-def write_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
-                   value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Drop-in for ``torch_ref.write_kv_cache`` (in place; slot -1 is skipped).
-
-    Args:
-        key, value: ``[T, Hkv, D]``, last dim contiguous (views of qkv are fine).
-        key_cache, value_cache: ``[num_blocks, block_size, Hkv, D]``, same strides,
-            last dim contiguous.
-        slot_mapping: ``[T]`` int32/int64, ``block_id * block_size + offset`` or -1.
-    """
+def check_kv_write_args(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
+                        value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Raise ValueError naming the argument unless the KV write's arguments agree."""
     check_tensor("key", key, ndim=3, dtypes=FLOAT_DTYPES, last_dim_contiguous=True)
     check_tensor("value", value, ndim=3, dtypes=(key.dtype,), device=key.device,
                  last_dim_contiguous=True)
@@ -65,6 +58,20 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tens
     if slot_mapping.shape[0] != num_tokens:
         raise ValueError(f"slot_mapping must have {num_tokens} entries, "
                          f"got {slot_mapping.shape[0]}.")
+
+
+def write_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
+                   value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Drop-in for ``torch_ref.write_kv_cache`` (in place; slot -1 is skipped).
+
+    Args:
+        key, value: ``[T, Hkv, D]``, last dim contiguous (views of qkv are fine).
+        key_cache, value_cache: ``[num_blocks, block_size, Hkv, D]``, same strides,
+            last dim contiguous.
+        slot_mapping: ``[T]`` int32/int64, ``block_id * block_size + offset`` or -1.
+    """
+    check_kv_write_args(key, value, key_cache, value_cache, slot_mapping)
+    num_tokens, num_heads, head_dim = key.shape
     if num_tokens == 0:
         return
     block_d = next_power_of_2(head_dim)

@@ -3,8 +3,11 @@
 One program handles one (request, KV head, split): the ``group`` query heads that share
 the KV head are the rows of a single ``tl.dot`` (GQA), so every K/V tile is read once.
 When the batch is too small to fill the GPU, the context is split across programs and a
-second kernel merges the partial softmaxes. The split count depends only on the batch
-shape and the block-table width (never on ``seq_lens`` values), so it is CUDA-graph safe.
+second kernel merges the partial softmaxes; a short context gets one split and no second
+kernel. The split count depends only on the batch shape and a host-side bound of the
+context (``max_seq_len``, else the block-table width), never on ``seq_lens`` values, and
+any count is correct for any ``seq_lens``: a CUDA graph captured for a count replays
+correctly for every batch of its shape.
 """
 
 from __future__ import annotations
@@ -160,7 +163,8 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
                            value_cache: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, query_start_loc: torch.Tensor | None,
                            scale: float, sliding_window: int | None = None,
-                           num_splits: int | None = None) -> torch.Tensor:
+                           num_splits: int | None = None,
+                           max_seq_len: int | None = None) -> torch.Tensor:
     """Drop-in for ``torch_ref.paged_attention`` on decode-only batches.
 
     Args:
@@ -173,6 +177,8 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
         scale: softmax scale.
         sliding_window: keys with ``pos_q - pos_k >= sliding_window`` are hidden.
         num_splits: split-KV count override (default: a heuristic on the batch shape).
+        max_seq_len: a bound of ``seq_lens`` known on the host (sizes the split count;
+            default: the block table's width).
     Returns:
         ``[B, H, D]`` attention output in query's dtype.
     """
@@ -192,6 +198,8 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
         return out
     group = num_heads // num_kv_heads
     max_context = block_tables.shape[1] * block_size
+    if max_seq_len is not None:
+        max_context = min(max_context, max_seq_len)
     if sliding_window is not None:
         max_context = min(max_context, sliding_window)
     if num_splits is None:

@@ -160,3 +160,93 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     remove_sorted[:, 0] = False
     remove = torch.zeros_like(remove_sorted).scatter(-1, sorted_idx, remove_sorted)
     return logits.masked_fill(remove, float("-inf"))
+
+
+# Philox-4x32-10 constants, as Triton's ``tl.rand`` uses them.
+_PHILOX_ROUND_A = 0xD2511F53
+_PHILOX_ROUND_B = 0xCD9E8D57
+_PHILOX_KEY_A = 0x9E3779B9
+_PHILOX_KEY_B = 0xBB67AE85
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul_hi_lo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # 32 x 32 -> 64-bit product in int64 without overflow: split b into 16-bit halves.
+    p_lo = a * (b & 0xFFFF)
+    p_hi = a * (b >> 16)
+    hi = (p_hi + (p_lo >> 16)) >> 16
+    lo = (p_lo + ((p_hi & 0xFFFF) << 16)) & _MASK32
+    return hi, lo
+
+
+def philox_uniform(seeds: torch.Tensor, counter_hi: torch.Tensor,
+                   counter_lo: torch.Tensor | int = 0) -> torch.Tensor:
+    """``tl.rand(seed, (counter_hi << 32) + counter_lo)`` bit for bit, in torch.
+
+    Args:
+        seeds: int64 Philox keys (non-negative).
+        counter_hi, counter_lo: the counter's high and low 32-bit words (broadcast with
+            ``seeds``).
+    Returns:
+        float32 uniforms in [0, 1).
+    """
+    seeds = seeds.long()
+    k0, k1 = seeds & _MASK32, (seeds >> 32) & _MASK32
+    c1 = torch.as_tensor(counter_hi, device=seeds.device).long() & _MASK32
+    c0 = torch.as_tensor(counter_lo, device=seeds.device).long() & _MASK32
+    c0, c1, k0, k1 = torch.broadcast_tensors(c0, c1, k0, k1)
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    for _ in range(10):
+        hi_b, lo_b = _mul_hi_lo(_PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _mul_hi_lo(_PHILOX_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + _PHILOX_KEY_A) & _MASK32
+        k1 = (k1 + _PHILOX_KEY_B) & _MASK32
+    # uint32 -> int32 bits; negative ones flipped, then scaled below 1 (tl.rand's mapping).
+    signed = torch.where(c0 >= 1 << 31, c0 - (1 << 32), c0)
+    folded = torch.where(signed < 0, -signed - 1, signed).to(torch.int32)
+    return folded.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
+
+
+def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+           top_p: torch.Tensor, min_p: torch.Tensor, seeds: torch.Tensor,
+           offsets: torch.Tensor, *, prompt_mask: torch.Tensor | None = None,
+           output_counts: torch.Tensor | None = None,
+           presence_penalty: torch.Tensor | None = None,
+           frequency_penalty: torch.Tensor | None = None,
+           repetition_penalty: torch.Tensor | None = None,
+           needs_filter: bool = True) -> torch.Tensor:
+    """The CPU counterpart of ``kernels.sampling.sample`` (same arguments and row rules).
+
+    Penalties, then greedy rows (``temperature < 1e-5``) take the first argmax; the others
+    divide by the temperature, filter as ``filter_logits`` and draw by inverse CDF over the
+    vocabulary in id order with ONE uniform ``philox_uniform(seed, offset)`` per row: the
+    draw depends only on (seed, offset, logits), whatever else the batch holds. (The kernel
+    keys the same Philox stream by (seed, offset) but draws one Gumbel per token, which is
+    too slow on a CPU.)
+
+    Args:
+        needs_filter: False skips ``filter_logits`` when the caller knows no row filters.
+    Returns:
+        ``[B]`` int64 token ids.
+    """
+    x = logits.float()
+    if prompt_mask is not None:
+        assert output_counts is not None and presence_penalty is not None
+        assert frequency_penalty is not None and repetition_penalty is not None
+        x = apply_penalties(x, prompt_mask, output_counts, presence_penalty,
+                            frequency_penalty, repetition_penalty)
+    greedy = temperature < 1e-5
+    argmax = x.argmax(dim=-1)
+    if bool(greedy.all()):
+        return argmax
+    x = x / torch.where(greedy, 1.0, temperature.float())[:, None]
+    if needs_filter:
+        x = filter_logits(x, top_k, top_p, min_p)
+    cdf = torch.softmax(x, dim=-1).double().cumsum_(dim=-1)
+    u = philox_uniform(seeds, offsets).double()
+    # The first token whose CDF passes u * total: a zero-probability token never is.
+    target = (u * cdf[:, -1])[:, None]
+    drawn = torch.searchsorted(cdf, target, right=True)[:, 0].clamp_(max=x.shape[-1] - 1)
+    return torch.where(greedy, argmax, drawn)

@@ -5,7 +5,6 @@ worker has its own KV memory), a persistent bidirectional Step stream and the st
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import time
 from collections.abc import Callable
@@ -18,6 +17,7 @@ from gridllm.common.convert import runner_output_from_pb, scheduler_output_to_pb
 from gridllm.v1 import worker_pb2, worker_pb2_grpc
 from scheduler_svc.request import Request, RequestStatus
 from scheduler_svc.scheduler import Scheduler
+from scheduler_svc.step_pipeline import StepPipeline
 
 logger = logging.getLogger(__name__)
 
@@ -176,30 +176,28 @@ class WorkerLink:
 
     # ----------------------------------------------------------------- step loop
     async def _run(self) -> None:
-        # Steps sent and not answered yet, oldest first. With two in flight the worker starts
-        # step N+1 (feeding its own samples) while this loop applies step N's answer.
-        in_flight: collections.deque[tuple[int, SchedulerOutput]] = collections.deque()
+        # With two steps in flight the worker starts step N+1 (feeding its own samples) while
+        # this loop applies step N's answer; each step's handle is its step id.
+        pipeline = StepPipeline(self.scheduler, self.max_steps_in_flight)
         try:
             while True:
-                if (not in_flight and self.is_draining
+                if (not pipeline.num_in_flight and self.is_draining
                         and not self.scheduler.has_unfinished_requests()):
                     await self._close_drained()
                     break
-                if len(in_flight) < self.max_steps_in_flight:
-                    output = self.scheduler.schedule()
-                    if not output.is_empty or output.finished_req_ids:
-                        self.step_id += 1
-                        assert self._call is not None
-                        bump_versions(self.block_versions, output, self.scheduler.block_size)
-                        await self._call.write(scheduler_output_to_pb(output, self.step_id))
-                        in_flight.append((self.step_id, output))
-                        continue
-                    if not in_flight:
-                        await self._wait_idle()
-                        continue
-                step_id, output = in_flight.popleft()
-                response = await self._read_response(step_id)
-                updates = self.scheduler.update_from_output(output, runner_output_from_pb(response))
+                step = pipeline.schedule_next()
+                if step is not None:
+                    self.step_id += 1
+                    assert self._call is not None
+                    bump_versions(self.block_versions, step.output, self.scheduler.block_size)
+                    step.handle = self.step_id
+                    await self._call.write(scheduler_output_to_pb(step.output, self.step_id))
+                    continue
+                if not pipeline.num_in_flight:
+                    await self._wait_idle()
+                    continue
+                response = await self._read_response(pipeline.oldest().handle)
+                output, updates = pipeline.complete(runner_output_from_pb(response))
                 self._on_step(self, output, updates)
         except asyncio.CancelledError:
             raise

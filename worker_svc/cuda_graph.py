@@ -1,10 +1,12 @@
-"""CUDA graphs for decode steps over a ladder of batch sizes (padded).
+"""CUDA graphs for decode steps over a ladder of batch sizes (padded) and context classes.
 
 Each graph replays the whole model forward for ``size`` one-token requests from static
 buffers. A step with fewer requests is padded to the next size: padding rows get
 ``seq_len = 0`` (the decode kernel writes zeros for them) and slot ``-1`` (no KV write).
-Prefill and mixed steps run eagerly. Kernels are compiled by a warm-up run before each
-capture, so no autotuning or JIT compilation happens inside capture.
+Per size there is one graph per split-KV count the decode kernel picks for some context
+length (``pick_num_splits``): a short context replays a graph without the split-KV reduce
+pass. Prefill and mixed steps run eagerly. Kernels are compiled by a warm-up run before
+each capture, so no autotuning or JIT compilation happens inside capture.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import time
 
 import torch
 
+from kernels.paged_decode_attention import pick_num_splits
 from worker_svc.input_batch import BatchInputs
 from worker_svc.layers.attention import AttentionMetadata
 
@@ -29,6 +32,20 @@ def batch_size_ladder(max_batch_size: int) -> list[int]:
     return sizes
 
 
+def context_classes(size: int, num_kv_heads: int, max_seq_len: int,
+                    device: torch.device) -> dict[int, int]:
+    """Split count -> the shortest context (a power of two, or ``max_seq_len``) for which
+    the decode kernel picks it at batch ``size``; covers every count up to ``max_seq_len``."""
+    classes: dict[int, int] = {}
+    context = 1
+    while True:
+        context = min(context, max_seq_len)
+        classes.setdefault(pick_num_splits(size, num_kv_heads, context, device), context)
+        if context == max_seq_len:
+            return classes
+        context *= 2
+
+
 class CudaGraphRunner:
     """Captures and replays decode forwards.
 
@@ -37,67 +54,88 @@ class CudaGraphRunner:
         kv_caches: the runner's per-layer caches (captured by address: never reallocate).
         max_batch_size: largest decode batch to capture.
         max_blocks_per_seq: width of the static block table (max_model_len / block_size).
-        max_seq_len: passed as ``max_seq_len`` at capture (sizes launch grids for the
-            longest context).
+        max_seq_len: longest context a replay may see.
+        device: the GPU.
+        num_kv_heads: the model's KV heads (the decode kernel's split count depends on it).
     """
 
     def __init__(self, model: torch.nn.Module, kv_caches: list, max_batch_size: int,
-                 max_blocks_per_seq: int, max_seq_len: int, device: torch.device):
+                 max_blocks_per_seq: int, max_seq_len: int, device: torch.device,
+                 num_kv_heads: int):
         self.model = model
         self.kv_caches = kv_caches
         self.sizes = batch_size_ladder(max_batch_size)
         self.max_batch_size = self.sizes[-1]
         self.max_blocks_per_seq = max_blocks_per_seq
         self.max_seq_len = max_seq_len
+        self.device = device
+        self.num_kv_heads = num_kv_heads
         n = self.max_batch_size
         self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
-        self.positions = torch.zeros(n, dtype=torch.long, device=device)
+        # The dtypes of the eager path's inputs (one kernel variant for both).
+        self.positions = torch.zeros(n, dtype=torch.int32, device=device)
         self.slot_mapping = torch.full((n,), -1, dtype=torch.long, device=device)
         self.seq_lens = torch.zeros(n, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32,
                                         device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        # (batch size, split count) -> graph and its output buffer.
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[int, int], torch.Tensor] = {}
 
-    def _metadata(self, size: int) -> AttentionMetadata:
+    def _metadata(self, size: int, max_seq_len: int) -> AttentionMetadata:
         return AttentionMetadata(self.slot_mapping[:size], self.query_start_loc[:size + 1],
                                  self.seq_lens[:size], self.block_tables[:size],
-                                 max_query_len=1, max_seq_len=self.max_seq_len)
+                                 max_query_len=1, max_seq_len=max_seq_len)
 
-    def _forward(self, size: int) -> torch.Tensor:
+    def _forward(self, size: int, max_seq_len: int) -> torch.Tensor:
         return self.model(self.input_ids[:size], self.positions[:size], self.kv_caches,
-                          self._metadata(size))
+                          self._metadata(size, max_seq_len))
+
+    def _classes(self, size: int) -> dict[int, int]:
+        return context_classes(size, self.num_kv_heads, self.max_seq_len, self.device)
 
     @torch.inference_mode()
     def capture(self) -> None:
-        """Capture every size, largest first, sharing one memory pool."""
+        """Capture every (size, split count), largest first, sharing one memory pool."""
         start = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         for size in reversed(self.sizes):
-            self._forward(size)  # warm-up: compiles the Triton kernels for this shape
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, stream=stream):
-                self.outputs[size] = self._forward(size)
-            self.graphs[size] = graph
+            for num_splits, context in sorted(self._classes(size).items(), reverse=True):
+                self._forward(size, context)  # warm-up: compiles this shape's kernels
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                    self.outputs[size, num_splits] = self._forward(size, context)
+                self.graphs[size, num_splits] = graph
         torch.cuda.synchronize()
-        logger.info("captured %d CUDA graphs (decode batch sizes %d..%d) in %.1f s",
-                    len(self.graphs), self.sizes[0], self.sizes[-1],
+        logger.info("captured %d CUDA graphs (decode batch sizes %d..%d, split-KV classes) "
+                    "in %.1f s", len(self.graphs), self.sizes[0], self.sizes[-1],
                     time.perf_counter() - start)
 
     def can_run(self, batch: BatchInputs) -> bool:
         meta = batch.attn_metadata
         return (meta.is_decode_only and meta.num_reqs <= self.max_batch_size
                 and meta.block_tables.shape[1] <= self.max_blocks_per_seq
+                and meta.max_seq_len <= self.max_seq_len
                 and batch.input_ids.shape[0] == meta.num_reqs)
+
+    def graph_key(self, num_reqs: int, max_seq_len: int) -> tuple[int, int]:
+        """The (padded size, split count) graph a decode batch replays."""
+        size = next(s for s in self.sizes if s >= num_reqs)
+        num_splits = pick_num_splits(size, self.num_kv_heads, max_seq_len, self.device)
+        if (size, num_splits) not in self.graphs:
+            # Any split count is correct; take the largest captured one below.
+            num_splits = max(s for (z, s) in self.graphs if z == size and s <= num_splits)
+        return size, num_splits
 
     def run(self, batch: BatchInputs) -> torch.Tensor:
         """Hidden states ``[num_reqs, hidden]`` of a decode batch, by graph replay."""
         meta = batch.attn_metadata
         num_reqs = meta.num_reqs
-        size = next(s for s in self.sizes if s >= num_reqs)
+        key = self.graph_key(num_reqs, meta.max_seq_len)
+        size = key[0]
         width = meta.block_tables.shape[1]
         self.input_ids[:num_reqs].copy_(batch.input_ids, non_blocking=True)
         self.positions[:num_reqs].copy_(batch.positions, non_blocking=True)
@@ -106,5 +144,5 @@ class CudaGraphRunner:
         self.seq_lens[:num_reqs].copy_(meta.seq_lens, non_blocking=True)
         self.seq_lens[num_reqs:size].zero_()
         self.block_tables[:num_reqs, :width].copy_(meta.block_tables, non_blocking=True)
-        self.graphs[size].replay()
-        return self.outputs[size][:num_reqs]
+        self.graphs[key].replay()
+        return self.outputs[key][:num_reqs]

@@ -3,27 +3,27 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 
 import numpy as np
 import torch
 
 from gridllm.common.config import CacheConfig, ModelConfig, SchedulerConfig
-from gridllm.common.contract import (
-    ModelLimits,
-    ModelRunnerOutput,
-    SchedulerOutput,
-    TokenLogprobs,
-)
-from gridllm.common.sampling_params import SamplingParams
+from gridllm.common.contract import ModelLimits, ModelRunnerOutput, SchedulerOutput
 from worker_svc.cuda_graph import CudaGraphRunner
-from worker_svc.input_batch import BatchInputs, RequestState, prepare_inputs
+from worker_svc.input_batch import BatchInputs, InputBatch
+from worker_svc.layers.attention import AttentionMetadata
 from worker_svc.layers.ops import set_use_triton
 from worker_svc.layers.selector import get_attention_backend
 from worker_svc.loader import load_model
 from worker_svc.logits_processors import verify_logits_processors
-from worker_svc.sampler import Sampler, SamplingMetadata, compute_token_logprobs
+from worker_svc.logprobs import LogprobsTensors
+from worker_svc.request_state import RequestState
+from worker_svc.runner_output import AsyncRunnerOutput
+from worker_svc.sampler import Sampler
 from worker_svc.torch_utils import memory_usage, resolve_device, resolve_dtype
+from worker_svc.warmup import warm_up_kernels, warm_up_steps
 
 logger = logging.getLogger(__name__)
 
@@ -65,45 +65,53 @@ class ModelRunner:
         self.max_model_len = self._resolve_max_model_len()
         self.eos_token_id = eos_token_id if eos_token_id is not None else _first_eos(self.hf_config)
         self.block_size = cache_config.block_size
-        self.sampler = Sampler()
+        # The references on CUDA too when attention_backend="torch" (a kernel-free run).
+        self.sampler = Sampler(seed=model_config.seed,
+                               use_kernel=False if self.attn_backend.name == "torch" else None)
         self.requests: dict[str, RequestState] = {}
+        self.input_batch = InputBatch(scheduler_config.max_num_seqs, self.max_model_len,
+                                      self.block_size, self.vocab_size, self.device)
+        # Step outputs not read yet, oldest first (at most two: see execute_model_async).
+        self._unread: collections.deque[AsyncRunnerOutput] = collections.deque()
         # Requests refused on arrival (bad processor arguments) until the scheduler drops them.
         self._refused: set[str] = set()
         self.num_kv_blocks = self._num_kv_blocks()
         self.kv_caches = self._allocate_kv_cache(self.num_kv_blocks)
         logger.info("KV cache: %d blocks of %d tokens; memory after allocating it: %s",
                     self.num_kv_blocks, self.block_size, memory_usage(self.device))
-        self._warm_up_kernels()
+        self._warm_up()
         self.graph_runner = self._capture_cuda_graphs()
+        self._warm_up(steps=True)
 
-    @torch.inference_mode()
-    def _warm_up_kernels(self) -> None:
-        """Compile the Triton kernels' shape variants before serving.
-
-        Triton compiles on first launch per constexpr tile size and per integer-argument
-        specialisation (== 1, divisible by 16): unwarmed, the first request of a new
-        prompt-length class (or a prefix-cache hit's short chunk) waits ~1 s for the compiler.
-        """
+    def _warm_up(self, steps: bool = False) -> None:
+        """Build the serving path's Triton variants (then, with ``steps``, run real steps
+        through it) before serving: see worker_svc/warmup.py."""
         if self.device.type != "cuda" or self.attn_backend.name != "triton":
             return
-        limit = min(self.scheduler_config.max_num_batched_tokens, self.max_model_len - 1,
-                    self.num_kv_blocks * self.block_size)
-        for num_tokens in (1, 15, 16, 17, 31, 32, 33, 63, 64, 127, 128, 255, 256, 257, 513):
-            if num_tokens > limit:
-                break
-            self._dummy_prefill(num_tokens, self.kv_caches)
-        torch.cuda.synchronize(self.device)
+        if steps:
+            warm_up_steps(self)
+        else:
+            warm_up_kernels(self)
 
-    def _dummy_prefill(self, num_tokens: int, kv_caches: list) -> None:
-        """One request's prefill of ``num_tokens`` zeros into the first blocks of
-        ``kv_caches``, through the logits of its last token (before any real request)."""
-        num_blocks = -(-num_tokens // self.block_size)
-        state = RequestState(req_id="dummy", num_prompt_tokens=num_tokens,
-                             token_ids=[0] * num_tokens, sampling_params=SamplingParams(),
-                             block_ids=list(range(num_blocks)), num_computed_tokens=0,
-                             generator=None, needs_prompt_logprobs=False)
-        batch = prepare_inputs([state], [num_tokens], self.block_size, self.device)
-        hidden = self.model(batch.input_ids, batch.positions, kv_caches, batch.attn_metadata)
+    def dummy_forward(self, num_tokens: int, kv_caches: list, width: int | None = None,
+                      seq_len: int | None = None) -> None:
+        """A forward of one request of ``seq_len`` tokens (default ``num_tokens``) whose
+        last ``num_tokens`` are computed (zeros), with a block table ``width`` blocks wide,
+        through the logits of its last token (before any real request: it writes KV)."""
+        dev = self.device
+        seq_len = seq_len or num_tokens
+        num_blocks = -(-seq_len // self.block_size)
+        width = width or num_blocks
+        table = torch.arange(width, dtype=torch.int32, device=dev) % len(kv_caches[0][0])
+        positions = torch.arange(seq_len - num_tokens, seq_len, dtype=torch.int32, device=dev)
+        metadata = AttentionMetadata(
+            slot_mapping=(table[positions.long() // self.block_size].long() * self.block_size
+                          + positions % self.block_size),
+            query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor([seq_len], dtype=torch.int32, device=dev),
+            block_tables=table[None], max_query_len=num_tokens, max_seq_len=seq_len)
+        hidden = self.model(torch.zeros(num_tokens, dtype=torch.int32, device=dev),
+                            positions, kv_caches, metadata)
         self.model.compute_logits(hidden[-1:])
 
     def _capture_cuda_graphs(self) -> CudaGraphRunner | None:
@@ -113,7 +121,8 @@ class ModelRunner:
             return None
         graph_runner = CudaGraphRunner(
             self.model, self.kv_caches, min(self.scheduler_config.max_num_seqs, 256),
-            -(-self.max_model_len // self.block_size), self.max_model_len, self.device)
+            -(-self.max_model_len // self.block_size), self.max_model_len, self.device,
+            num_kv_heads=kv_cache_geometry(self.hf_config)[1])
         graph_runner.capture()
         return graph_runner
 
@@ -170,7 +179,7 @@ class ModelRunner:
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         baseline = torch.cuda.memory_allocated(self.device)
-        self._dummy_prefill(num_tokens, caches)
+        self.dummy_forward(num_tokens, caches)
         torch.cuda.synchronize(self.device)
         activation_peak = torch.cuda.max_memory_allocated(self.device) - baseline
         del caches
@@ -182,46 +191,100 @@ class ModelRunner:
         return int(budget // self.bytes_per_block())
 
     # ---- one step ----------------------------------------------------------------------
+    def reset_requests(self) -> None:
+        """Forget every request (a new scheduler took over); the KV cache stays. Outputs
+        not read yet stay readable but no longer touch the runner's state."""
+        self._unread.clear()
+        self.requests.clear()
+        self._refused.clear()
+        self.input_batch.clear()
+
     @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        """Run one step.
+        """Run one step and wait for its output (``execute_model_async(...).get_output()``)."""
+        return self.execute_model_async(scheduler_output).get_output()
+
+    @torch.inference_mode()
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> AsyncRunnerOutput:
+        """Queue one step on the device; returns before its sampled ids reach the host.
+
+        A request whose sampled token's id is still on the device (the previous step's
+        output not read yet) gets it as its next input there. Outputs of steps before the
+        previous one are read here first.
 
         Args:
             scheduler_output: new requests in full, cached ones as diffs, tokens per request.
         Returns:
-            Sampled token ids of the requests whose chunk reached the end of their tokens,
-            plus logprobs / prompt logprobs where asked for.
+            The step's output: sampled token ids of the requests whose chunk reached the end
+            of their tokens, plus logprobs / prompt logprobs where asked for.
         """
+        self._unread = collections.deque(o for o in self._unread if not o.is_read)
+        while len(self._unread) > 1:
+            self._unread.popleft().get_output()
         output = ModelRunnerOutput()
         self._update_states(scheduler_output, output)
-        req_ids = [r.req_id for r in scheduler_output.scheduled_new_reqs]
-        req_ids += [r.req_id for r in scheduler_output.scheduled_cached_reqs]
-        req_ids = [r for r in req_ids if scheduler_output.num_scheduled_tokens.get(r, 0) > 0
-                   and r in self.requests]
-        if not req_ids:
-            return output
-        states = [self.requests[r] for r in req_ids]
-        num_scheduled = [scheduler_output.num_scheduled_tokens[r] for r in req_ids]
-        batch = prepare_inputs(states, num_scheduled, self.block_size, self.device)
-        if self.graph_runner is not None and self.graph_runner.can_run(batch):
-            hidden = self.graph_runner.run(batch)
+        batch = self.input_batch
+        if batch.num_reqs == 0:
+            return AsyncRunnerOutput(output)
+        num_scheduled = np.fromiter(
+            (scheduler_output.num_scheduled_tokens[r] for r in batch.req_ids),
+            dtype=np.int64, count=batch.num_reqs)
+        inputs = batch.prepare(num_scheduled)
+        if self.graph_runner is not None and self.graph_runner.can_run(inputs):
+            hidden = self.graph_runner.run(inputs)
         else:
-            hidden = self.model(batch.input_ids, batch.positions, self.kv_caches,
-                                batch.attn_metadata)
-        self._prompt_logprobs(states, batch, hidden, output)
-        for state, n in zip(states, num_scheduled, strict=True):
-            state.num_computed_tokens += n
-        sampling = [i for i, s in enumerate(states) if s.num_computed_tokens == len(s.token_ids)]
-        if sampling:
-            self._sample([states[i] for i in sampling],
-                         hidden[[batch.last_rows[i] for i in sampling]], output)
-        return output
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches,
+                                inputs.attn_metadata)
+        prompt_logprobs = self._prompt_logprobs(inputs, hidden)
+        logits = self.model.compute_logits(hidden[inputs.logits_indices])
+        if batch.processor_rows_have_pending_tokens():
+            for pending in self._unread:
+                pending.get_output()  # extra processors read the token ids on the host
+        sampled = self.sampler(logits, batch.sampling_metadata(inputs, self.eos_token_id))
+        batch.record_samples(sampled.token_ids, inputs)
+        states = batch.states.copy()
+        sample_rows = np.flatnonzero(inputs.is_sampling).tolist()
+        token_ids = _to_host(sampled.token_ids)
+        logprobs = (sampled.logprobs_tensors.to_host()
+                    if sampled.logprobs_tensors is not None else None)
+        prompt_logprobs = [(req_id, t.to_host(), n) for req_id, t, n in prompt_logprobs]
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+
+        def finalize(out: ModelRunnerOutput) -> None:
+            ids = token_ids.tolist()
+            for row in sample_rows:
+                state = states[row]
+                req_id = state.req_id
+                if self.requests.get(req_id) is state:  # not dropped meanwhile
+                    batch.append_known_token(states[row], ids[row])
+                out.req_ids.append(req_id)
+                out.sampled_token_ids[req_id] = [ids[row]]
+            if logprobs is not None:
+                assert sampled.logprobs_rows is not None
+                rows = sampled.logprobs_rows
+                entries = logprobs.to_lists([sampled.num_logprobs[r] or 0  # type: ignore[index]
+                                             for r in rows])
+                for row, entry in zip(rows, entries, strict=True):
+                    if inputs.is_sampling[row]:
+                        out.logprobs[states[row].req_id] = [entry]
+            for req_id, tensors, num_top in prompt_logprobs:
+                out.prompt_logprobs[req_id] = tensors.to_lists([num_top] * len(tensors.ranks))
+
+        pending = AsyncRunnerOutput(output, finalize, event)
+        self._unread.append(pending)
+        return pending
 
     def _update_states(self, scheduler_output: SchedulerOutput,
                        output: ModelRunnerOutput) -> None:
+        batch = self.input_batch
         for req_id in scheduler_output.finished_req_ids:
             self.requests.pop(req_id, None)
             self._refused.discard(req_id)
+            if req_id in batch.rows:
+                batch.remove(req_id)
         for new in scheduler_output.scheduled_new_reqs:
             try:
                 verify_logits_processors(new.sampling_params)
@@ -230,7 +293,11 @@ class ModelRunner:
                 output.failed[new.req_id] = str(exc)
                 self._refused.add(new.req_id)
                 continue
-            self.requests[new.req_id] = RequestState.from_new(new, self.device)
+            self.requests[new.req_id] = RequestState.from_new(
+                new, self.sampler.request_seed(new.sampling_params))
+        scheduled = scheduler_output.num_scheduled_tokens
+        for req_id in [r for r in batch.req_ids if not scheduled.get(r)]:
+            batch.remove(req_id)  # kept in self.requests: it is back in a later step
         for cached in scheduler_output.scheduled_cached_reqs:
             if cached.req_id in self._refused:
                 continue  # scheduled again before the scheduler learnt of the refusal
@@ -238,48 +305,53 @@ class ModelRunner:
             if state is None:
                 raise ValueError(f"request {cached.req_id!r} is not known to the runner; "
                                  "send it as a new request.")
-            state.block_ids.extend(cached.new_block_ids)
-            state.num_computed_tokens = cached.num_computed_tokens
+            if cached.req_id in batch.rows:
+                batch.update_cached(cached.req_id, cached.new_block_ids,
+                                    cached.num_computed_tokens)
+            else:
+                state.block_ids.extend(cached.new_block_ids)
+                state.num_computed_tokens = cached.num_computed_tokens
+        for req_id, num_tokens in scheduled.items():
+            if num_tokens > 0 and req_id not in batch.rows and req_id in self.requests:
+                batch.add(self.requests[req_id])
 
-    def _sample(self, states: list[RequestState], hidden: torch.Tensor,
-                output: ModelRunnerOutput) -> None:
-        logits = self.model.compute_logits(hidden)
-        metadata = SamplingMetadata.build(
-            [s.sampling_params for s in states], [s.prompt_token_ids for s in states],
-            [s.output_token_ids for s in states], [s.generator for s in states],
-            [self.eos_token_id] * len(states), self.vocab_size, self.device)
-        sampled = self.sampler(logits, metadata)
-        token_ids = sampled.token_ids.tolist()
-        for i, (state, token_id) in enumerate(zip(states, token_ids, strict=True)):
-            state.token_ids.append(token_id)
-            output.req_ids.append(state.req_id)
-            output.sampled_token_ids[state.req_id] = [token_id]
-            entry = sampled.logprobs[i] if sampled.logprobs is not None else None
-            if state.sampling_params.logprobs is not None and entry is not None:
-                output.logprobs[state.req_id] = [entry]
-
-    def _prompt_logprobs(self, states: list[RequestState], batch: BatchInputs,
-                         hidden: torch.Tensor, output: ModelRunnerOutput) -> None:
+    def _prompt_logprobs(self, inputs: BatchInputs, hidden: torch.Tensor
+                         ) -> list[tuple[str, LogprobsTensors, int]]:
         """Row at position p scores prompt token p + 1; positions are this step's chunk."""
-        row = 0
-        for state, start, n in zip(states, batch.starts, batch.num_tokens, strict=True):
-            first_row, row = row, row + n
-            if not state.needs_prompt_logprobs:
-                continue
+        results = []
+        batch = self.input_batch
+        first_rows = np.cumsum(inputs.num_tokens) - inputs.num_tokens
+        for row in np.flatnonzero(batch.needs_prompt_logprobs[:batch.num_reqs]).tolist():
+            state = batch.states[row]
+            start, n = int(inputs.starts[row]), int(inputs.num_tokens[row])
+            first_row = int(first_rows[row])
             # Positions start..start+n-1 predicting prompt tokens start+1..min(end, prompt_len-1).
             count = min(start + n, state.num_prompt_tokens - 1) - start
             if count <= 0:
                 continue
+            num_top = state.sampling_params.prompt_logprobs or 0
             targets = torch.tensor(state.token_ids[start + 1:start + 1 + count],
-                                   dtype=torch.long, device=self.device)
-            results: list[TokenLogprobs] = []
+                                   dtype=torch.long).to(self.device)
+            parts = []
             for offset in range(0, count, _PROMPT_LOGPROB_CHUNK):
                 size = min(_PROMPT_LOGPROB_CHUNK, count - offset)
                 logits = self.model.compute_logits(
                     hidden[first_row + offset:first_row + offset + size])
-                results += compute_token_logprobs(logits, targets[offset:offset + size],
-                                                  state.sampling_params.prompt_logprobs or 0)
-            output.prompt_logprobs.setdefault(state.req_id, []).extend(results)
+                parts.append(LogprobsTensors.compute(torch.log_softmax(logits, dim=-1),
+                                                     targets[offset:offset + size], num_top))
+            results.append((state.req_id, LogprobsTensors(
+                *(torch.cat([getattr(p, f) for p in parts]) for f in
+                  ("token_ids", "logprobs", "ranks"))), num_top))
+        return results
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """A host copy queued behind the step's kernels (pinned: it does not block)."""
+    if t.device.type == "cpu":
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -9,6 +9,7 @@ that a heartbeat refreshes.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import threading
@@ -16,6 +17,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -37,9 +39,31 @@ from gridllm.common.grpc_utils import (
 )
 from gridllm.v1 import worker_pb2, worker_pb2_grpc
 
+if TYPE_CHECKING:
+    from worker_svc.runner_output import AsyncRunnerOutput
+
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = "gridllm.v1.Worker"
+# Steps queued on the runner before the oldest one's answer is sent (the scheduler pipelines
+# at most two).
+_MAX_QUEUED_STEPS = 2
+
+
+@dataclass
+class _QueuedStep:
+    step_id: int
+    output: AsyncRunnerOutput
+    # When the step reached the worker (its answer reports the seconds since).
+    start: float
+    # Resolves once the output's host copies landed (waited for in a helper thread).
+    ready: asyncio.Future | None = None
+
+
+def _has_ended(next_step: asyncio.Future) -> bool:
+    """True if the scheduler closed its side of the stream."""
+    return (next_step.done() and not next_step.cancelled()
+            and isinstance(next_step.exception(), StopAsyncIteration))
 
 
 @dataclass
@@ -67,7 +91,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     """Runs the model runner's steps in one background thread, one stream at a time.
 
     Args:
-        runner: a ModelRunner (or anything with ``execute_model`` and ``requests``).
+        runner: a ModelRunner (or anything with ``execute_model_async`` and
+            ``reset_requests``).
         info: the WorkerInfo to report (address filled in once bound).
     """
 
@@ -87,13 +112,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     def _reset_requests(self) -> None:
         with self._lock:
-            self.runner.requests.clear()
+            self.runner.reset_requests()
 
-    def _execute(self, scheduler_output) -> tuple[ModelRunnerOutput, float]:
+    def _launch(self, scheduler_output) -> AsyncRunnerOutput:
         with self._lock:
-            start = time.perf_counter()
-            result = self.runner.execute_model(scheduler_output)
-            return result, time.perf_counter() - start
+            return self.runner.execute_model_async(scheduler_output)
+
+    def _read(self, pending: AsyncRunnerOutput) -> ModelRunnerOutput:
+        with self._lock:
+            return pending.get_output()
 
     async def GetInfo(self, request, context):
         """Returns:
@@ -105,6 +132,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     async def Step(self, request_iterator, context):
         """Answer each StepRequest with its StepResponse, in order.
+
+        A step is queued on the runner as soon as it arrives, before the previous step's
+        answer is read when the scheduler pipelines: the device runs step N+1 (fed with
+        step N's samples on the device) while N's sampled ids are copied back and sent.
 
         Args:
             request_iterator: the scheduler's steps.
@@ -126,18 +157,42 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         steps = request_iterator.__aiter__()
         drain = asyncio.ensure_future(self.draining.wait())
         next_step: asyncio.Future | None = None
+        # Steps queued on the runner and not answered yet, oldest first.
+        queued: collections.deque[_QueuedStep] = collections.deque()
         has_notified = False
         try:
             while True:
                 if next_step is None:
                     next_step = asyncio.ensure_future(steps.__anext__())
-                waiting = {next_step} if has_notified else {next_step, drain}
-                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-                if not next_step.done():
-                    # Shutdown began between steps: tell the scheduler, keep serving.
-                    has_notified = True
-                    yield worker_pb2.StepResponse(step_id=0, is_draining=True)
-                    continue
+                if queued:
+                    oldest = queued[0]
+                    if not (next_step.done() or oldest.output.is_ready()):
+                        # Whichever comes first: the next step to queue, or this answer.
+                        if oldest.ready is None:
+                            oldest.ready = loop.run_in_executor(None, oldest.output.wait)
+                        await asyncio.wait({next_step, oldest.ready},
+                                           return_when=asyncio.FIRST_COMPLETED)
+                    if not (next_step.done() and not _has_ended(next_step)
+                            and len(queued) < _MAX_QUEUED_STEPS):
+                        queued.popleft()
+                        output = await loop.run_in_executor(self._executor, self._read,
+                                                            oldest.output)
+                        response = runner_output_to_pb(output, oldest.step_id,
+                                                       time.perf_counter() - oldest.start)
+                        if oldest.step_id == 0:
+                            response.block_versions.extend(self.block_versions)
+                        if self.draining.is_set():
+                            response.is_draining = has_notified = True
+                        yield response
+                        continue
+                else:
+                    waiting = {next_step} if has_notified else {next_step, drain}
+                    await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                    if not next_step.done():
+                        # Shutdown began between steps: tell the scheduler, keep serving.
+                        has_notified = True
+                        yield worker_pb2.StepResponse(step_id=0, is_draining=True)
+                        continue
                 try:
                     step = next_step.result()
                 except StopAsyncIteration:
@@ -146,17 +201,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 scheduler_output = scheduler_output_from_pb(step)
                 # Counted before running: a failed step may have overwritten its blocks.
                 bump_versions(self.block_versions, scheduler_output, self.runner.block_size)
-                output, seconds = await loop.run_in_executor(
-                    self._executor, self._execute, scheduler_output)
+                start = time.perf_counter()
+                pending = await loop.run_in_executor(self._executor, self._launch,
+                                                     scheduler_output)
                 self.num_steps += 1
-                response = runner_output_to_pb(output, step.step_id, seconds)
-                if step.step_id == 0:
-                    response.block_versions.extend(self.block_versions)
-                if self.draining.is_set():
-                    response.is_draining = has_notified = True
-                yield response
+                queued.append(_QueuedStep(step.step_id, pending, start))
         finally:
-            for future in (drain, next_step):
+            for future in (drain, next_step, *(q.ready for q in queued)):
                 if future is None:
                     continue
                 if not future.done():

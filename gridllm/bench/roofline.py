@@ -73,8 +73,8 @@ def decode_weight_bytes(model: nn.Module) -> int:
     return total
 
 
-def model_decode_weight_bytes(model: str, dtype: torch.dtype) -> int:
-    """``decode_weight_bytes`` of a model name, built on the meta device (no memory)."""
+def meta_model(model: str, dtype: torch.dtype) -> tuple[nn.Module, Any]:
+    """``(gridllm model on the meta device, HF config)`` of a model name (no memory)."""
     import os
 
     from gridllm.common.random_presets import is_random_model, random_model_config
@@ -92,8 +92,13 @@ def model_decode_weight_bytes(model: str, dtype: torch.dtype) -> int:
             raise ValueError(f"weight bytes need an HF directory or a preset, got {model!r}.")
         hf_config = AutoConfig.from_pretrained(path)
     with default_dtype(dtype), torch.device("meta"):
-        meta_model = get_model_class(hf_config.architectures[0])(hf_config, None)
-    return decode_weight_bytes(meta_model)
+        built = get_model_class(hf_config.architectures[0])(hf_config, None)
+    return built, hf_config
+
+
+def model_decode_weight_bytes(model: str, dtype: torch.dtype) -> int:
+    """``decode_weight_bytes`` of a model name, built on the meta device (no memory)."""
+    return decode_weight_bytes(meta_model(model, dtype)[0])
 
 
 def measure_limits(device: torch.device) -> dict[str, Any]:

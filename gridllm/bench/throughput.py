@@ -45,6 +45,10 @@ class ThroughputConfig:
     enable_prefix_caching: bool = True
     # Short requests run first so one-time compilation is not timed.
     is_warmup: bool = True
+    # On CUDA: measure the card's limits and report the workload's roofline next to tok/s.
+    roofline: bool = True
+    # The engine's step overlap (1 or 2); None: its default (2 on CUDA, 1 on the CPU).
+    max_steps_in_flight: int | None = None
     use_tqdm: bool = True
 
     def __post_init__(self) -> None:
@@ -52,6 +56,9 @@ class ThroughputConfig:
             raise ValueError(f"num_prompts must be at least 1, got {self.num_prompts}.")
         if self.compare not in (None, "hf"):
             raise ValueError(f"compare must be 'hf' or unset, got {self.compare!r}.")
+        if self.max_steps_in_flight not in (None, 1, 2):
+            raise ValueError(f"max_steps_in_flight must be 1 or 2, "
+                             f"got {self.max_steps_in_flight}.")
         if self.hf_batch_size is not None and self.hf_batch_size < 1:
             raise ValueError(f"hf_batch_size must be at least 1, got {self.hf_batch_size}.")
 
@@ -140,6 +147,7 @@ def run_throughput(config: ThroughputConfig, llm: Any = None) -> dict[str, Any]:
     """
     import torch
 
+    from gridllm.bench.roofline import measure_limits
     from worker_svc.torch_utils import resolve_device, resolve_dtype
 
     device = resolve_device(config.device)
@@ -156,9 +164,19 @@ def run_throughput(config: ThroughputConfig, llm: Any = None) -> dict[str, Any]:
                               use_tqdm=config.use_tqdm)
         gc.collect()
     owns_llm = llm is None
+    limits = None
+    if config.roofline and device.type == "cuda" and owns_llm:
+        limits = measure_limits(device)  # before the KV cache takes the free memory
     if owns_llm:
         llm = build_llm(config)
+    if config.max_steps_in_flight is not None:
+        llm.engine.max_steps_in_flight = config.max_steps_in_flight
     result["gridllm"] = run_gridllm(llm, requests, config.use_tqdm, config.is_warmup)
+    if config.roofline and device.type == "cuda":
+        result["roofline"] = _workload_roofline(config, llm, requests, dtype, limits)
+        seconds = result["roofline"]["roofline_s"]
+        result["gridllm"]["roofline_fraction"] = (
+            seconds / result["gridllm"]["elapsed_s"] if seconds else None)
     if owns_llm:
         del llm
         gc.collect()
@@ -168,6 +186,31 @@ def run_throughput(config: ThroughputConfig, llm: Any = None) -> dict[str, Any]:
         result["speedup_vs_hf"] = (result["gridllm"]["output_tokens_per_s"]
                                    / result["hf"]["output_tokens_per_s"])
     return result
+
+
+def _workload_roofline(config: ThroughputConfig, llm: Any, requests: list[BenchRequest],
+                       dtype: Any, limits: dict[str, Any] | None) -> dict[str, Any]:
+    """The roofline of the very schedule the engine ran (its budgets and KV pool)."""
+    import torch
+
+    from gridllm.bench.roofline import measure_limits, meta_model
+    from gridllm.bench.workload_roofline import StepCostModel, workload_roofline
+    from gridllm.common.config import CacheConfig
+
+    if limits is None:
+        try:
+            limits = measure_limits(llm.engine.runner.device)
+        except torch.cuda.OutOfMemoryError:
+            limits = {"device": "cuda", "copy_bandwidth_gbps": None,
+                      "bf16_matmul_tflops": None}
+    model, hf_config = meta_model(config.model, dtype)
+    scheduler = llm.engine.scheduler
+    pool = scheduler.block_manager
+    cache = CacheConfig(pool.block_size, pool.num_blocks,
+                        enable_prefix_caching=pool.enable_prefix_caching)
+    return {**limits, **workload_roofline(requests, scheduler.config, cache,
+                                          StepCostModel.from_model(model, hf_config, dtype),
+                                          limits)}
 
 
 def model_config_and_tokenizer(model: str) -> tuple[Any, Any]:
@@ -201,16 +244,24 @@ def _config_dict(config: ThroughputConfig) -> dict[str, Any]:
 def format_result(result: dict[str, Any]) -> str:
     """The printed table of a throughput result."""
     rows = []
+    roofline = result.get("roofline") or {}
     for key in ("gridllm", "hf"):
         if key in result:
             r = result[key]
             rows.append([r["backend"], r["num_requests"], r["elapsed_s"], r["requests_per_s"],
-                         r["output_tokens_per_s"], r["total_tokens_per_s"]])
+                         r["output_tokens_per_s"], r["total_tokens_per_s"],
+                         roofline.get("roofline_output_tokens_per_s"),
+                         r.get("roofline_fraction")])
     machine = result["machine"]
     text = (f"model {result['config']['model']} on {machine['device']} "
             f"({machine['cpu_cores']} CPU cores), {machine['date_utc']} UTC\n")
     text += format_table(rows, ["backend", "requests", "seconds", "req/s", "output tok/s",
-                                "total tok/s"])
+                                "total tok/s", "roofline tok/s", "of roofline"])
+    if roofline.get("roofline_s"):
+        text += (f"\nroofline: {roofline['num_steps']} steps, each max(bytes / "
+                 f"{roofline['copy_bandwidth_gbps']:,.0f} GB/s, FLOPs / "
+                 f"{roofline['bf16_matmul_tflops']:,.0f} TFLOP/s), sum "
+                 f"{roofline['roofline_s']:.2f} s")
     if "speedup_vs_hf" in result:
         text += f"\ngridllm / transformers (output tok/s): {result['speedup_vs_hf']:.2f}x"
     return text
@@ -238,6 +289,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    metavar="SIZE", help="CPU KV-cache size, e.g. 1GiB (default: the engine's)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--no-warmup", dest="is_warmup", action="store_false")
+    p.add_argument("--max-steps-in-flight", type=int, default=None, choices=(1, 2),
+                   help="engine step overlap (default: 2 on CUDA, 1 on the CPU)")
+    p.add_argument("--no-roofline", dest="roofline", action="store_false",
+                   help="skip measuring the card's limits and the workload's roofline")
     p.add_argument("--no-tqdm", dest="use_tqdm", action="store_false")
     p.add_argument("--output", default=None, help="write the result as JSON here")
 
@@ -252,6 +307,7 @@ def config_from_args(args: argparse.Namespace) -> ThroughputConfig:
         hf_batch_size=args.hf_batch_size, max_model_len=args.max_model_len,
         enforce_eager=args.enforce_eager, kv_cache_memory=args.kv_cache_memory,
         gpu_memory_utilization=args.gpu_memory_utilization, is_warmup=args.is_warmup,
+        roofline=args.roofline, max_steps_in_flight=args.max_steps_in_flight,
         use_tqdm=args.use_tqdm)
 
 

@@ -99,3 +99,67 @@ def test_bf16_logits_within_one_percent(arch, tiny_model_dir):
     hf_rel = relative_error(hf_bf16_logits(model_dir, prompt), reference)
     print(f"{arch}: bf16 logits relative error gridllm {rel:.2e}, transformers {hf_rel:.2e}")
     assert rel < max(1e-2, 1.25 * hf_rel)
+
+
+@pytest.fixture
+def triton_compilations():
+    """The Triton kernels compiled (or loaded from the disk cache) from now on."""
+    import triton
+
+    knobs = getattr(triton, "knobs", None)
+    if knobs is None:
+        pytest.skip("this Triton has no compile hooks (triton.knobs)")
+    compiled: list[str] = []
+    previous = knobs.runtime.jit_post_compile_hook
+
+    def hook(*, repr, **kwargs):
+        compiled.append(repr)
+        return previous(repr=repr, **kwargs) if previous is not None else None
+
+    knobs.runtime.jit_post_compile_hook = hook
+    try:
+        yield compiled
+    finally:
+        knobs.runtime.jit_post_compile_hook = previous
+
+
+def _mixed_serving_run(llm, rng):
+    """Prompt lengths across every prefill tile and block-table class, contexts across the
+    split-KV classes, prefix-cache hits (short chunks over long contexts), varying batch
+    sizes, and every sampling feature (the penalty and plain sampling kernels)."""
+    vocab = llm.engine.vocab_size
+    lengths = [1, 2, 5, 15, 16, 17, 31, 33, 64, 65, 100, 129, 200, 257, 300, 520, 1100, 2100,
+               3000]
+    prompts = [[rng.randrange(2, vocab) for _ in range(n)] for n in lengths]
+    features = [
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=0.8, top_k=50, top_p=0.9, min_p=0.02, seed=7),
+        SamplingParams(temperature=1.0, repetition_penalty=1.2, presence_penalty=0.5,
+                       frequency_penalty=0.3),
+        SamplingParams(temperature=0.0, logprobs=5, prompt_logprobs=2),
+        SamplingParams(temperature=0.7, logit_bias={5: 3.0}, min_tokens=1),
+        SamplingParams(temperature=0.9, allowed_token_ids=list(range(100, 400))),
+        SamplingParams(temperature=0.6, logits_processors=["no_repeat_ngram"],
+                       extra_args={"no_repeat_ngram_size": 3}),
+    ]
+    for batch_size in (1, 3, 8, 19, len(prompts)):
+        picked = [rng.randrange(len(prompts)) for _ in range(batch_size)]
+        params = [features[rng.randrange(len(features))].clone(
+            max_tokens=rng.choice([1, 8, 40]), ignore_eos=True) for _ in picked]
+        llm.generate([{"prompt_token_ids": prompts[i]} for i in picked], params,
+                     use_tqdm=False)
+
+
+@pytest.mark.parametrize("enforce_eager", [False, True])
+def test_no_triton_compilation_after_start(enforce_eager, triton_compilations):
+    """Every Triton variant the serving path launches was built in the runner's warm-up."""
+    triton_compilations.clear()
+    llm = LLM("random:qwen3-0.6b", device="cuda", dtype="bfloat16", max_model_len=4096,
+              max_num_seqs=32, max_num_batched_tokens=1024, num_kv_blocks=2048,
+              enforce_eager=enforce_eager)
+    assert triton_compilations, "the warm-up built no Triton kernel: is the hook wired?"
+    triton_compilations.clear()
+    _mixed_serving_run(llm, random.Random(0))
+    assert triton_compilations == []
+    stats = llm.engine.stats()
+    assert stats.kv_blocks_free == stats.kv_blocks_total

@@ -1,6 +1,7 @@
 """gridllm.LLM end to end on tiny random models: parity with transformers, scheduler
 invariance, sampling reproducibility, bad input and no leaked KV blocks."""
 
+import functools
 import random
 
 import pytest
@@ -65,6 +66,53 @@ def test_outputs_do_not_change_with_scheduler_configuration(config, tiny_model_d
     assert_no_leak(llm)
     if config.get("num_kv_blocks") == 14:
         assert llm.engine.stats().num_preemptions > 0
+
+
+@functools.lru_cache(maxsize=64)
+def _hf_greedy_ids(model_dir, prompt, num_new):
+    return hf_greedy(model_dir, list(prompt), num_new)[0]
+
+
+@pytest.mark.parametrize("max_steps_in_flight", [1, 2])
+@pytest.mark.parametrize("config", [dict(), *SCHEDULER_CONFIGS,
+                                    dict(scheduling_policy="priority", num_kv_blocks=14,
+                                         max_num_batched_tokens=64)])
+def test_overlapped_steps_match_transformers(config, max_steps_in_flight, tiny_model_dir):
+    """Step N+1 queued before step N's ids are read (its inputs fed on the device) gives
+    transformers' greedy ids under every scheduler configuration, and no block leaks."""
+    model_dir = tiny_model_dir("llama")
+    shared = prompts_of([9], seed=21)[0]
+    prompts = [shared + p for p in prompts_of([2, 6, 1], seed=22)] + prompts_of([5, 14])
+    llm = LLM(model_dir, **{"block_size": 4, "num_kv_blocks": 256, **config})
+    llm.engine.max_steps_in_flight = max_steps_in_flight
+    expected = [_hf_greedy_ids(model_dir, tuple(p), GREEDY.max_tokens) for p in prompts]
+    for _ in range(2):  # the second round hits the prefix cache
+        got = llm.generate(token_prompts(prompts), GREEDY, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in got] == expected
+        assert_no_leak(llm)
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_overlap_keeps_sampling_penalties_and_logprobs_exact(tiny_model_dir):
+    model_dir = tiny_model_dir("qwen2")
+    prompts = token_prompts(prompts_of([5, 11, 3], seed=23))
+    params = [SamplingParams(temperature=0.9, seed=3, max_tokens=9, ignore_eos=True,
+                             repetition_penalty=1.4, frequency_penalty=0.5, logprobs=2),
+              SamplingParams(temperature=0.0, max_tokens=7, ignore_eos=True,
+                             presence_penalty=1.0, min_tokens=3, logit_bias={7: 2.0},
+                             prompt_logprobs=1),
+              SamplingParams(temperature=1.1, top_k=20, seed=4, max_tokens=8,
+                             ignore_eos=True, logits_processors=["no_repeat_ngram"],
+                             extra_args={"no_repeat_ngram_size": 2})]
+    runs = []
+    for steps in (1, 2):
+        llm = LLM(model_dir, block_size=4, num_kv_blocks=256, max_num_batched_tokens=8)
+        llm.engine.max_steps_in_flight = steps
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        runs.append([(o.outputs[0].token_ids, o.outputs[0].logprobs, o.prompt_logprobs)
+                     for o in outputs])
+        assert_no_leak(llm)
+    assert runs[0] == runs[1]
 
 
 def test_shared_prefixes_hit_the_cache(tiny_model_dir):

@@ -57,6 +57,37 @@ def test_decode_padding_row_gives_zeros():
         assert torch.isfinite(out).all()
 
 
+def test_short_context_bound_skips_the_reduce_pass(monkeypatch):
+    import kernels.paged_decode_attention as module
+
+    launches = []
+    reduce_kernel = module._paged_decode_reduce_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return reduce_kernel[grid]
+
+    monkeypatch.setattr(module, "_paged_decode_reduce_kernel", Recorder())
+    monkeypatch.setattr(module, "num_sms", lambda device: 64)
+    # A block table as wide as a long context, but every sequence is short.
+    key_cache, value_cache, block_tables, seq = make_paged_kv(
+        [5, 20], 2, 32, 16, torch.float32, DEVICE)
+    wide = torch.zeros(2, 128, dtype=block_tables.dtype, device=DEVICE)
+    wide[:, :block_tables.shape[1]] = block_tables
+    query = torch.randn(2, 4, 32, device=DEVICE)
+    expected = torch_ref.paged_attention(query, key_cache, value_cache, wide, seq,
+                                         torch.arange(3, device=DEVICE), 0.2)
+    out = paged_decode_attention(query, key_cache, value_cache, wide, seq, None, 0.2)
+    assert launches, "a wide table without a bound splits the context"
+    assert_close(out, expected, "decode attention (split)")
+    launches.clear()
+    out = paged_decode_attention(query, key_cache, value_cache, wide, seq, None, 0.2,
+                                 max_seq_len=20)
+    assert not launches
+    assert_close(out, expected, "decode attention (one split)")
+
+
 def test_pick_num_splits_fills_small_batches():
     dev = torch.device("cpu")
     assert pick_num_splits(256, 8, 8192, dev) == 1

@@ -1,5 +1,7 @@
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from kernels import torch_ref
 from kernels.sampling import sample
@@ -96,6 +98,43 @@ def test_same_seed_and_offset_reproduce_across_batches():
     alone = sample(row, seeds=seeds[:1], offsets=torch.tensor([4], device=DEVICE),
                    **_params(1, DEVICE, 1.0, 20, 0.9))
     assert alone[0] == tokens[0]
+
+
+@triton.jit
+def _uniforms_kernel(seed_ptr, offset_ptr, out_ptr, N: tl.constexpr):
+    row = tl.program_id(0)
+    seed = tl.load(seed_ptr + row).to(tl.int64)
+    hi = tl.load(offset_ptr + row).to(tl.int64) << 32
+    v = tl.arange(0, N)
+    tl.store(out_ptr + row * N + v, tl.rand(seed, hi + v.to(tl.int64)))
+
+
+def test_torch_philox_is_triton_rand_bit_for_bit():
+    # The CPU sampler keys its draws with the kernel's Philox stream.
+    seeds = torch.tensor([0, 1, 12345, 2**62 + 7, 2**40 + 3], device=DEVICE)
+    offsets = torch.tensor([0, 5, 2**31 + 1, 3, 1000], device=DEVICE)
+    out = torch.empty(5, 64, device=DEVICE)
+    _uniforms_kernel[(5,)](seeds, offsets, out, N=64)
+    expected = torch_ref.philox_uniform(seeds[:, None].cpu(), offsets[:, None].cpu(),
+                                        torch.arange(64)[None])
+    assert torch.equal(out.cpu(), expected)
+    assert 0.0 <= float(expected.min()) and float(expected.max()) < 1.0
+
+
+def test_torch_reference_draw_is_keyed_by_seed_and_offset():
+    vocab = 50
+    row = 2 * torch.randn(1, vocab)
+    logits = torch.cat([row, torch.randn(2, vocab), row])
+    params = _params(4, torch.device("cpu"), 1.0, 20, 0.9)
+    seeds = torch.tensor([11, 12, 13, 11])
+    tokens = torch_ref.sample(logits, seeds=seeds, offsets=torch.full((4,), 4), **params)
+    alone = torch_ref.sample(row, seeds=seeds[:1], offsets=torch.tensor([4]),
+                             **_params(1, torch.device("cpu"), 1.0, 20, 0.9))
+    assert tokens[0] == tokens[3] == alone[0]
+    draws = {int(torch_ref.sample(row, seeds=seeds[:1], offsets=torch.tensor([k]),
+                                  **_params(1, torch.device("cpu"), 1.0, 20, 0.9))[0])
+             for k in range(20)}
+    assert len(draws) > 1
 
 
 def _chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:

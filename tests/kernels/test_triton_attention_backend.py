@@ -3,7 +3,9 @@
 import pytest
 import torch
 
+from kernels import torch_ref
 from tests.kernels.conftest import DEVICE, assert_close
+from tests.kernels.test_rotary import _cos_sin_cache
 from worker_svc.layers.attention import AttentionMetadata
 from worker_svc.layers.selector import get_attention_backend
 from worker_svc.layers.torch_attention import TorchAttentionBackend
@@ -50,3 +52,42 @@ def test_triton_backend_matches_torch_backend(query_lens, sliding_window):
     assert_close(key_cache, ref_caches[0], "key_cache")
     assert_close(value_cache, ref_caches[1], "value_cache")
     assert_close(out, expected, "attention output")
+
+
+class _Rotary:
+    """The reference rotation with a RotaryEmbedding's attributes."""
+
+    def __init__(self, cos_sin_cache, is_neox_style):
+        self.cos_sin_cache, self.is_neox_style = cos_sin_cache, is_neox_style
+
+    def __call__(self, positions, query, key):
+        return torch_ref.rotary_embedding(positions, query, key, self.cos_sin_cache,
+                                          self.is_neox_style)
+
+
+@pytest.mark.parametrize("is_neox", [True, False])
+@pytest.mark.parametrize("query_lens", [[1, 1, 1], [5, 1, 17]])
+def test_fused_rotary_path_matches_torch_backend(query_lens, is_neox):
+    seq_lens = [20, 3, 33]
+    block_size, num_heads, num_kv_heads, head_dim = 16, 4, 2, 32
+    meta, num_blocks = _metadata(seq_lens, query_lens, block_size, 4, DEVICE)
+    positions = torch.cat([torch.arange(s - q, s) for s, q in zip(seq_lens, query_lens,
+                                                                   strict=True)]
+                          + [torch.tensor([0])]).to(DEVICE)  # the padding token's
+    num_tokens = positions.shape[0]
+    rotary = _Rotary(_cos_sin_cache(24, 64, DEVICE), is_neox)  # 24 of 32 dims rotate
+    query = torch.randn(num_tokens, num_heads, head_dim, device=DEVICE)
+    key = torch.randn(num_tokens, num_kv_heads, head_dim, device=DEVICE)
+    value = torch.randn(num_tokens, num_kv_heads, head_dim, device=DEVICE)
+    cache_shape = (num_blocks + 1, block_size, num_kv_heads, head_dim)
+    key_cache = torch.randn(cache_shape, device=DEVICE)
+    value_cache = torch.randn(cache_shape, device=DEVICE)
+    ref_caches = key_cache.clone(), value_cache.clone()
+    expected = TorchAttentionBackend().forward_rotary(
+        positions, rotary, query.clone(), key.clone(), value, *ref_caches, meta, 0.2)
+    out = get_attention_backend("triton", DEVICE).forward_rotary(
+        positions, rotary, query, key, value, key_cache, value_cache, meta, 0.2)
+    assert_close(key_cache, ref_caches[0], "key_cache")
+    assert_close(value_cache, ref_caches[1], "value_cache")
+    # The padding token's row belongs to no request: left unwritten.
+    assert_close(out[:-1], expected[:-1], "attention output")

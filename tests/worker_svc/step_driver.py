@@ -8,11 +8,13 @@ from gridllm.common.sampling_params import SamplingParams
 
 def run_requests(runner, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
                  max_new_tokens: int, chunk_budget: int | None = None,
-                 max_steps: int = 1000):
+                 max_steps: int = 1000, resumed_outputs: list[list[int]] | None = None):
     """Generate ``max_new_tokens`` for every prompt, all in one running batch.
 
     Each step schedules every unfinished request's remaining known tokens, cut by the
     shared ``chunk_budget`` (chunked prefill); blocks come from a simple counter.
+    ``resumed_outputs`` sends each request with tokens generated before (a resubmission);
+    they count towards ``max_new_tokens`` but are not returned.
 
     Returns:
         ``(outputs, runner_outputs)``: per prompt the generated token ids, and every step's
@@ -22,8 +24,10 @@ def run_requests(runner, prompts: list[list[int]], params: SamplingParams | list
         params = [params] * len(prompts)
     block_size = runner.block_size
     ids = [f"req-{i}" for i in range(len(prompts))]
-    tokens = {r: list(p) for r, p in zip(ids, prompts, strict=True)}
+    before = resumed_outputs or [[] for _ in prompts]
+    tokens = {r: list(p) + list(b) for r, p, b in zip(ids, prompts, before, strict=True)}
     outputs = {r: [] for r in ids}
+    num_before = {r: len(b) for r, b in zip(ids, before, strict=True)}
     computed = dict.fromkeys(ids, 0)
     blocks: dict[str, list[int]] = {}
     next_block = 0
@@ -55,7 +59,7 @@ def run_requests(runner, prompts: list[list[int]], params: SamplingParams | list
                 blocks[r] = new_blocks
                 out.scheduled_new_reqs.append(NewRequestData(
                     req_id=r, prompt_token_ids=list(prompts[i]), sampling_params=params[i],
-                    output_token_ids=[], block_ids=list(new_blocks),
+                    output_token_ids=list(before[i]), block_ids=list(new_blocks),
                     num_computed_tokens=computed[r]))
             else:
                 blocks[r] += new_blocks
@@ -69,7 +73,7 @@ def run_requests(runner, prompts: list[list[int]], params: SamplingParams | list
         for r, new_ids in result.sampled_token_ids.items():
             tokens[r] += new_ids
             outputs[r] += new_ids
-            if len(outputs[r]) >= max_new_tokens:
+            if num_before[r] + len(outputs[r]) >= max_new_tokens:
                 finished.add(r)
                 to_drop.add(r)
     return [outputs[r] for r in ids], steps

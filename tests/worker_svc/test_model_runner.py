@@ -58,6 +58,16 @@ def test_batched_mixed_lengths_chunked_prefill(tiny_model_dir, tiny_arch):
     _check_against_hf(model_dir, prompts, outputs, steps)
 
 
+def test_triton_kernels_match_generate(tiny_model_dir, tiny_arch):
+    """The Triton attention backend (the fused rotary + KV write, prefill and split-KV
+    decode kernels; Triton's interpreter on a CPU) against transformers."""
+    model_dir = tiny_model_dir(tiny_arch)
+    prompts = _prompts(11, 5, seed=9)
+    outputs, steps = run_requests(_runner(model_dir, attention_backend="triton"), prompts,
+                                  GREEDY, NUM_NEW, chunk_budget=7)
+    _check_against_hf(model_dir, prompts, outputs, steps)
+
+
 def test_prompt_logprobs_over_chunks(tiny_model_dir):
     model_dir = tiny_model_dir("qwen2")
     prompt = _prompts(13, seed=2)[0]
@@ -104,6 +114,28 @@ def test_seeded_sampling_reproduces(tiny_model_dir):
     assert first[0] == first[1] == second[0] == second[1]
 
 
+def test_seeded_request_ignores_its_batch_and_resumes_exactly(tiny_model_dir):
+    """Draws are keyed by (seed, output position): the same tokens alone, in a crowd, from
+    another runner, and from a fresh runner given the prompt and the tokens so far."""
+    model_dir = tiny_model_dir("llama")
+    prompt, other_a, other_b = _prompts(7, 12, 3, seed=5)
+    seeded = SamplingParams(temperature=1.0, top_k=60, top_p=0.95, seed=2024)
+
+    def runner(seed):
+        return _runner(model_dir, seed=seed)
+
+    (alone,), _ = run_requests(runner(0), [prompt], seeded, NUM_NEW)
+    crowd = [SamplingParams(temperature=0.9), seeded, SamplingParams(temperature=1.2, seed=7)]
+    in_crowd, _ = run_requests(runner(1), [other_a, prompt, other_b], crowd, NUM_NEW,
+                               chunk_budget=9)
+    assert in_crowd[1] == alone
+    (rest,), _ = run_requests(runner(2), [prompt], seeded, NUM_NEW,
+                              resumed_outputs=[alone[:3]])
+    assert alone[:3] + rest == alone
+    (reseeded,), _ = run_requests(runner(0), [prompt], seeded.clone(seed=2025), NUM_NEW)
+    assert reseeded != alone
+
+
 def test_kv_cache_sizing_and_layout(tiny_model_dir):
     model_dir = tiny_model_dir("qwen3")
     explicit = _runner(model_dir, num_kv_blocks=10)
@@ -125,3 +157,19 @@ def test_max_model_len_limits(tiny_model_dir):
     assert _runner(model_dir, max_model_len=100).max_model_len == 100
     with pytest.raises(ValueError, match="max_model_len"):
         _runner(model_dir, max_model_len=257)
+
+
+def test_warm_up_runs_the_serving_path_and_leaves_no_state(tiny_model_dir):
+    """The CUDA warm-up's dummy forwards and steps (here through Triton's interpreter)
+    leave no request behind, and generation afterwards is exact."""
+    from worker_svc.warmup import warm_up_kernels, warm_up_steps
+
+    model_dir = tiny_model_dir("qwen3")
+    runner = _runner(model_dir, attention_backend="triton", max_model_len=64)
+    warm_up_kernels(runner)
+    warm_up_steps(runner)
+    assert not runner.requests and runner.input_batch.num_reqs == 0
+    assert runner.input_batch.prompt_mask is None  # penalty tables are allocated on demand
+    prompts = _prompts(6, seed=10)
+    outputs, steps = run_requests(runner, prompts, GREEDY, NUM_NEW)
+    _check_against_hf(model_dir, prompts, outputs, steps)

@@ -13,15 +13,16 @@ from worker_svc.sampler import Sampler, SamplingMetadata, compute_token_logprobs
 CPU = torch.device("cpu")
 
 
-def build(params, vocab_size, prompts=None, outputs=None, generators=None, eos=None):
+def build(params, vocab_size, prompts=None, outputs=None, seeds=None, eos=None,
+          offsets=None):
     num_rows = len(params)
     return SamplingMetadata.build(
         params,
         prompts if prompts is not None else [[] for _ in range(num_rows)],
         outputs if outputs is not None else [[] for _ in range(num_rows)],
-        generators if generators is not None else [None] * num_rows,
+        seeds if seeds is not None else [None] * num_rows,
         eos if eos is not None else [None] * num_rows,
-        vocab_size, CPU)
+        vocab_size, CPU, offsets=offsets)
 
 
 def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
@@ -129,18 +130,14 @@ def test_filters_keep_exactly_the_expected_tokens():
 
 
 def run_steps(batch_params, seeded_row, seed, num_steps, vocab_size, sampler_seed):
-    """Sample num_steps steps; the seeded row keeps one generator across steps."""
-    generator = torch.Generator().manual_seed(seed)
+    """Sample num_steps steps; the seeded row is keyed by ``seed`` and its step number."""
     logits_gen = torch.Generator().manual_seed(99)
     sampled = []
-    for _ in range(num_steps):
-        generators = [generator if i == seeded_row else None for i in range(len(batch_params))]
-        # Other seeded rows get fresh generators of their own each step.
-        generators = [g if g is not None or p.seed is None
-                      else torch.Generator().manual_seed(p.seed)
-                      for g, p in zip(generators, batch_params, strict=True)]
+    for step in range(num_steps):
+        seeds = [seed if i == seeded_row else p.seed for i, p in enumerate(batch_params)]
         logits = torch.randn(vocab_size, generator=logits_gen)
-        meta = build(batch_params, vocab_size, generators=generators)
+        meta = build(batch_params, vocab_size, seeds=seeds,
+                     offsets=[step] * len(batch_params))
         out = Sampler(seed=sampler_seed)(logits.expand(len(batch_params), vocab_size), meta)
         sampled.append(out.token_ids[seeded_row].item())
     return sampled
@@ -222,8 +219,7 @@ def test_greedy_is_argmax_of_processed_logits():
               SamplingParams(temperature=0.0, allowed_token_ids=[3, 4])]
     prompts = [[int(t) for t in range(0, 50, 2)], [1], [1], [1]]
     logits = torch.randn(len(params), vocab_size, generator=torch.Generator().manual_seed(1))
-    meta = build(params, vocab_size, prompts,
-                 generators=[None, torch.Generator().manual_seed(3), None, None])
+    meta = build(params, vocab_size, prompts, seeds=[None, 3, None, None])
     sampler = Sampler(seed=0)
     token_ids = sampler(logits, meta).token_ids
     processed = sampler.process_logits(logits, meta)
@@ -304,3 +300,36 @@ def test_compute_token_logprobs_ranks_with_ties():
     only_token = compute_token_logprobs(logits, torch.tensor([3, 4]), num_top=0)
     assert [e.token_ids for e in only_token] == [[3], [4]]
     assert [e.ranks for e in only_token] == [[5], [1]]
+
+
+def test_kernel_path_matches_torch_semantics_and_keys_draws_by_seed():
+    """The fused kernel through the Sampler (Triton's interpreter here): greedy rows are the
+    argmax of the processed logits, masks apply, and a seeded row's draw depends only on
+    (seed, offset)."""
+    vocab_size = 40
+    gen = torch.Generator().manual_seed(5)
+    params = [SamplingParams(temperature=0.0, repetition_penalty=1.7, frequency_penalty=0.3),
+              SamplingParams(temperature=0.8, top_k=5, seed=11),
+              SamplingParams(temperature=0.0, allowed_token_ids=[3, 4], presence_penalty=1.0),
+              SamplingParams(temperature=1.3, top_p=0.7, seed=12, logit_bias={9: 3.0})]
+    prompts = [[1, 2, 3], [4], [3, 5], [9, 9]]
+    outputs = [[2, 2, 7], [1], [], [8]]
+    logits = torch.randn(len(params), vocab_size, generator=gen) * 2
+    meta = build(params, vocab_size, prompts, outputs, seeds=[None, 11, None, 12])
+    kernel = Sampler(seed=0, use_kernel=True)
+    token_ids = kernel(logits, meta).token_ids
+    processed = kernel.process_logits(logits, meta)
+    assert token_ids[[0, 2]].tolist() == processed[[0, 2]].argmax(-1).tolist()
+    assert token_ids[2] in (3, 4)
+    kept = torch_ref.filter_logits(processed[[1, 3]] / torch.tensor([0.8, 1.3])[:, None],
+                                   torch.tensor([5, 0]), torch.tensor([1.0, 0.7]),
+                                   torch.tensor([0.0, 0.0])) > float("-inf")
+    assert kept[0, token_ids[1]] and kept[1, token_ids[3]]
+    # Row 3 again, alone and in another position: the same draw; another offset: a new one.
+    again = kernel(logits[[3, 3]], build([SamplingParams(), params[3]], vocab_size,
+                                         [[0], prompts[3]], [[], outputs[3]], seeds=[5, 12]))
+    assert again.token_ids[1] == token_ids[3]
+    draws = {int(kernel(logits[[3]], build([params[3]], vocab_size, [prompts[3]], [outputs[3]],
+                                            seeds=[12], offsets=[k])).token_ids[0])
+             for k in range(12)}
+    assert len(draws) > 1

@@ -58,10 +58,10 @@ def test_step_stream_returns_what_the_runner_returns(runner):
     prompts = [[5, 6, 7], [20 + i for i in range(13)]]
     params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.0, logprobs=2)]
     recorder = _Recorder(runner)
-    runner.requests.clear()
+    runner.reset_requests()
     expected, expected_steps = run_requests(recorder, prompts, params, max_new_tokens=5,
                                             chunk_budget=8)
-    runner.requests.clear()
+    runner.reset_requests()
 
     async def main():
         server = _server(runner)

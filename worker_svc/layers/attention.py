@@ -9,6 +9,7 @@ runs on CUDA; ``selector.get_attention_backend`` picks one.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -58,3 +59,24 @@ class AttentionBackend:
             ``[T, H, D]`` attention output.
         """
         raise NotImplementedError
+
+    def forward_rotary(self, positions: torch.Tensor, rotary: RotaryLike, query: torch.Tensor,
+                       key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
+                       value_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
+                       sliding_window: int | None = None) -> torch.Tensor:
+        """``forward`` after rotating ``query``/``key`` by ``rotary`` at ``positions``;
+        a backend may fuse the rotation into its KV write (``query`` may be rotated in
+        place)."""
+        query, key = rotary(positions, query, key)
+        return self.forward(query, key, value, key_cache, value_cache, metadata, scale,
+                            sliding_window)
+
+
+class RotaryLike(Protocol):
+    """A rotary embedding (``worker_svc.layers.rotary.RotaryEmbedding``)."""
+
+    cos_sin_cache: torch.Tensor
+    is_neox_style: bool
+
+    def __call__(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]: ...

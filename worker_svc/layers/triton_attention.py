@@ -7,11 +7,13 @@ import torch
 from kernels.kv_cache_write import write_kv_cache
 from kernels.paged_decode_attention import paged_decode_attention
 from kernels.prefill_attention import prefill_attention
-from worker_svc.layers.attention import AttentionBackend, AttentionMetadata
+from kernels.rotary_kv_cache_write import rotary_kv_cache_write
+from worker_svc.layers.attention import AttentionBackend, AttentionMetadata, RotaryLike
 
 
 class TritonAttentionBackend(AttentionBackend):
-    """Writes the step's KV with the cache-write kernel, then runs the split-KV decode
+    """Writes the step's KV with the cache-write kernel (fused with the rotary embedding
+    when the model rotates through ``forward_rotary``), then runs the split-KV decode
     kernel for decode-only steps (the CUDA-graph path) and the varlen prefill kernel for
     anything with a longer query chunk."""
 
@@ -31,12 +33,29 @@ class TritonAttentionBackend(AttentionBackend):
             raise NotImplementedError("attention logit soft-capping is not implemented in the "
                                       "triton backend; use attention_backend='torch'.")
         write_kv_cache(key, value, key_cache, value_cache, metadata.slot_mapping)
+        return self._attend(query, key_cache, value_cache, metadata, scale, sliding_window)
+
+    def forward_rotary(self, positions: torch.Tensor, rotary: RotaryLike, query: torch.Tensor,
+                       key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
+                       value_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
+                       sliding_window: int | None = None) -> torch.Tensor:
+        # One launch rotates the queries and writes rotated keys and values to the cache.
+        rotary_kv_cache_write(positions, query, key, value, key_cache, value_cache,
+                              metadata.slot_mapping, rotary.cos_sin_cache,
+                              rotary.is_neox_style)
+        return self._attend(query, key_cache, value_cache, metadata, scale, sliding_window)
+
+    @staticmethod
+    def _attend(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                metadata: AttentionMetadata, scale: float,
+                sliding_window: int | None) -> torch.Tensor:
         # The decode kernel wants exactly one query row per request; anything else
         # (e.g. padded rows without padded seq_lens) takes the general kernel.
         if metadata.is_decode_only and query.shape[0] == metadata.num_reqs:
             return paged_decode_attention(query, key_cache, value_cache,
                                           metadata.block_tables, metadata.seq_lens,
-                                          metadata.query_start_loc, scale, sliding_window)
+                                          metadata.query_start_loc, scale, sliding_window,
+                                          max_seq_len=metadata.max_seq_len)
         return prefill_attention(query, key_cache, value_cache, metadata.block_tables,
                                  metadata.seq_lens, metadata.query_start_loc, scale,
                                  sliding_window, max_query_len=metadata.max_query_len)

@@ -58,9 +58,9 @@ class LlamaAttention(nn.Module):
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.has_qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary_emb(positions, q, k)
-        out = self.backend.forward(q, k, v, kv_cache[0], kv_cache[1], attn_metadata,
-                                   self.scale, self.sliding_window)
+        out = self.backend.forward_rotary(positions, self.rotary_emb, q, k, v, kv_cache[0],
+                                          kv_cache[1], attn_metadata, self.scale,
+                                          self.sliding_window)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 

@@ -1,0 +1,93 @@
+"""The persistent input batch: rows compacted in place, tokens fed from the device, and
+penalty state kept across steps (checked against per-token loops over a transformers
+forward of the whole sequence)."""
+
+import numpy as np
+import pytest
+import torch
+
+from gridllm.common.config import CacheConfig, ModelConfig, SchedulerConfig
+from gridllm.common.contract import NewRequestData
+from gridllm.common.sampling_params import SamplingParams
+from tests.worker_svc.hf_reference import hf_prompt_logits
+from tests.worker_svc.step_driver import run_requests
+from worker_svc.input_batch import InputBatch
+from worker_svc.model_runner import ModelRunner
+from worker_svc.request_state import RequestState
+
+CPU = torch.device("cpu")
+
+
+def _state(req_id, prompt, output=(), blocks=(0,), params=None):
+    new = NewRequestData(req_id, list(prompt), params or SamplingParams(temperature=0.0),
+                         list(output), list(blocks), 0)
+    return RequestState.from_new(new, seed=hash(req_id) & 0xFFFF)
+
+
+def test_finished_row_is_filled_by_the_last_row():
+    batch = InputBatch(2, 64, 4, 50, CPU)  # grows past its first 2 rows
+    penalised = SamplingParams(temperature=0.7, repetition_penalty=1.3)
+    for i, req_id in enumerate("abcd"):
+        batch.add(_state(req_id, [i + 1] * (i + 2), blocks=[10 * i, 10 * i + 1],
+                         params=penalised if req_id == "d" else None))
+    assert batch.capacity >= 4 and batch.req_ids == list("abcd")
+    batch.remove("b")
+    assert batch.req_ids == ["a", "d", "c"] and batch.rows == {"a": 0, "d": 1, "c": 2}
+    assert batch.token_ids[1, :5].tolist() == [4] * 5 and batch.num_known[1] == 5
+    assert batch.block_table[1, :2].tolist() == [30, 31] and batch.num_blocks[1] == 2
+    assert batch.temperature[1] == pytest.approx(0.7) and batch.has_penalties[1]
+    assert batch.prompt_mask is not None and batch.prompt_mask[1, 4]
+    assert int(batch.prompt_mask[1].sum()) == 1
+    batch.update_cached("d", [32], num_computed_tokens=3)
+    assert batch.block_table[1, :3].tolist() == [30, 31, 32] and batch.num_computed[1] == 3
+
+
+def test_sampled_token_is_fed_on_the_device_until_the_host_reads_it():
+    batch = InputBatch(4, 64, 4, 50, CPU)
+    state = _state("a", [5, 6, 7], blocks=[7, 8])
+    batch.add(state)
+    inputs = batch.prepare(np.array([3]))
+    assert inputs.input_ids.tolist() == [5, 6, 7] and inputs.is_sampling.tolist() == [True]
+    batch.record_samples(torch.tensor([42]), inputs)
+    batch.update_cached("a", [], num_computed_tokens=3)
+    again = batch.prepare(np.array([1]))
+    assert again.input_ids.tolist() == [42] and again.positions.tolist() == [3]
+    assert again.attn_metadata.slot_mapping.tolist() == [7 * 4 + 3]
+    batch.append_known_token(state, 42)
+    assert state.token_ids == [5, 6, 7, 42] and batch.num_pending[0] == 0
+    with pytest.raises(ValueError, match="exceed"):
+        batch.prepare(np.array([2]))
+
+
+def _reference_with_penalties(model_dir, prompt, params, num_new):
+    """Greedy decoding of a full transformers forward per token, penalties by loops."""
+    tokens = list(prompt)
+    for _ in range(num_new):
+        logits = hf_prompt_logits(model_dir, tokens)[-1].tolist()
+        output = tokens[len(prompt):]
+        for t, x in enumerate(logits):
+            if t in prompt or t in output:
+                rep = params.repetition_penalty
+                x = x / rep if x > 0 else x * rep
+            count = output.count(t)
+            logits[t] = x - params.frequency_penalty * count - params.presence_penalty * (
+                count > 0)
+        tokens.append(max(range(len(logits)), key=logits.__getitem__))
+    return tokens[len(prompt):]
+
+
+def test_penalties_follow_the_requests_across_steps_and_rows(tiny_model_dir):
+    model_dir = tiny_model_dir("llama")
+    runner = ModelRunner(ModelConfig(model=model_dir, device="cpu"),
+                         CacheConfig(block_size=4, num_kv_blocks=64), SchedulerConfig())
+    gen = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(2, 40, (n,), generator=gen).tolist() for n in (6, 11, 4)]
+    params = [SamplingParams(temperature=0.0, repetition_penalty=1.8),
+              SamplingParams(temperature=0.0),
+              SamplingParams(temperature=0.0, presence_penalty=1.5, frequency_penalty=0.7,
+                             repetition_penalty=0.9)]
+    # A budget of 5 tokens leaves some requests out of some steps: their rows go and
+    # come back.
+    outputs, _ = run_requests(runner, prompts, params, 6, chunk_budget=5)
+    for prompt, p, got in zip(prompts, params, outputs, strict=True):
+        assert got == _reference_with_penalties(model_dir, prompt, p, 6)

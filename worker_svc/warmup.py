@@ -1,0 +1,129 @@
+"""Build every Triton kernel variant and first-use buffer of the serving path before the
+worker reports SERVING (the runner's constructor calls these on CUDA).
+
+Triton compiles a kernel once per set of ``tl.constexpr`` values and per specialisation
+of its integer arguments (== 1, divisible by 16) and pointer alignments. What varies
+between steps on the serving path:
+- prefill attention: its query tile (``BLOCK_M``: 16 ... 256, from the longest query
+  chunk), its tile count (1, or more at 256) and the block table's row stride (the input
+  batch pads it to a multiple of 16, capped at the longest request's table);
+- eager decode attention (no CUDA graphs, or a batch above the largest graph): its
+  split-KV count, a power of two picked from the batch and the context;
+- the sampling kernel: with and without penalties (its 16 radix passes are one variant
+  each);
+everything else has one variant per model. CUDA graphs are captured separately
+(``CudaGraphRunner.capture``), then real steps run through the whole path.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from gridllm.common.contract import CachedRequestData, NewRequestData, SchedulerOutput
+from gridllm.common.sampling_params import SamplingParams
+from worker_svc.cuda_graph import context_classes
+from worker_svc.input_batch import InputBatch
+from worker_svc.request_state import RequestState
+
+# The model runner (worker_svc.model_runner.ModelRunner, which imports this module).
+ModelRunner = Any
+
+logger = logging.getLogger(__name__)
+
+# Query chunk lengths that pick each prefill tile (BLOCK_M 16, 32, 64, 128, 256), then
+# 256-token tiles: 2 tiles, 16 tiles (Triton specialises a count divisible by 16).
+_PREFILL_LENGTHS = (2, 17, 33, 65, 129, 257, 16 * 256)
+
+
+def block_table_widths(max_blocks_per_req: int, num_blocks: int) -> list[int]:
+    """One block-table width per stride class a step may have (see InputBatch.prepare)
+    that holds ``num_blocks`` blocks."""
+    aligned = -(-max(num_blocks, 1) // 16) * 16
+    widths = {max_blocks_per_req}
+    if aligned < max_blocks_per_req:
+        widths.add(aligned)
+    return sorted(widths)
+
+
+@torch.inference_mode()
+def warm_up_kernels(runner: ModelRunner) -> None:
+    """Compile the attention kernels' variants with dummy forwards (no request state)."""
+    start = time.perf_counter()
+    limit = min(runner.scheduler_config.max_num_batched_tokens, runner.max_model_len - 1,
+                runner.num_kv_blocks * runner.block_size)
+    max_blocks = runner.input_batch.max_blocks_per_req
+    for num_tokens in _PREFILL_LENGTHS:
+        if num_tokens > limit:
+            break
+        for width in block_table_widths(max_blocks, -(-num_tokens // runner.block_size)):
+            runner.dummy_forward(num_tokens, runner.kv_caches, width=width)
+    if _has_eager_decode(runner):
+        config = runner.hf_config
+        num_kv_heads = (getattr(config, "num_key_value_heads", None)
+                        or config.num_attention_heads)
+        # A batch of one reaches every split count a bigger batch can.
+        contexts = context_classes(1, num_kv_heads, runner.max_model_len, runner.device)
+        for context in contexts.values():
+            for width in block_table_widths(max_blocks, -(-context // runner.block_size)):
+                runner.dummy_forward(1, runner.kv_caches, width=width, seq_len=context)
+    _synchronize(runner.device)
+    logger.info("Triton kernel variants built in %.1f s", time.perf_counter() - start)
+
+
+def _has_eager_decode(runner: ModelRunner) -> bool:
+    # The graphs cover decode batches up to their largest size.
+    return (runner.model_config.enforce_eager or runner.device.type != "cuda"
+            or runner.scheduler_config.max_num_seqs > 256)
+
+
+@torch.inference_mode()
+def warm_up_steps(runner: ModelRunner) -> None:
+    """Real steps through the serving path (input staging, graphs or eager forward,
+    sampling kernel with and without penalties, logprobs), then forget them."""
+    if runner.num_kv_blocks < 4 or runner.max_model_len < runner.block_size + 2:
+        return
+    prompt = [0] * runner.block_size
+    params = [SamplingParams(temperature=0.8, top_k=3, top_p=0.9, min_p=0.01, logprobs=2,
+                             seed=1),
+              SamplingParams(temperature=0.0, prompt_logprobs=1)]
+    first = SchedulerOutput(
+        scheduled_new_reqs=[NewRequestData(f"warm-up-{i}", prompt, p, [], [i], 0)
+                            for i, p in enumerate(params)],
+        num_scheduled_tokens={f"warm-up-{i}": len(prompt) for i in range(len(params))},
+        total_num_scheduled_tokens=len(prompt) * len(params))
+    pending = runner.execute_model_async(first)
+    decode = SchedulerOutput(
+        scheduled_cached_reqs=[CachedRequestData(f"warm-up-{i}", [2 + i], len(prompt))
+                               for i in range(len(params))],
+        num_scheduled_tokens={f"warm-up-{i}": 1 for i in range(len(params))},
+        total_num_scheduled_tokens=len(params))
+    runner.execute_model_async(decode).get_output()
+    pending.get_output()
+    runner.reset_requests()
+    _warm_up_penalised_sampling(runner)
+    _synchronize(runner.device)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _warm_up_penalised_sampling(runner: ModelRunner) -> None:
+    # A two-row batch of its own: the runner's penalty tables stay unallocated until a
+    # request asks for penalties.
+    batch = InputBatch(2, runner.max_model_len, runner.block_size, runner.vocab_size,
+                       runner.device)
+    params = SamplingParams(temperature=0.7, top_p=0.8, repetition_penalty=1.2,
+                            frequency_penalty=0.1)
+    for i in range(2):
+        batch.add(RequestState(f"warm-up-{i}", 2, [0, 1], params, [i], 0, seed=i,
+                               needs_prompt_logprobs=False))
+    inputs = batch.prepare(np.array([2, 2]))
+    logits = torch.zeros(2, runner.vocab_size, dtype=torch.float32, device=runner.device)
+    runner.sampler(logits, batch.sampling_metadata(inputs, runner.eos_token_id))
