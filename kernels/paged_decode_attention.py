@@ -33,13 +33,33 @@ _MAX_SPLITS = 64
 
 
 @triton.jit
+def _scores(qk, scale_log2, softcap_mul, softcap_log2, HAS_SOFTCAP: tl.constexpr):
+    """q.k products as log2-scaled logits; with soft-capping ``c * tanh(scale * qk / c)``
+    (Gemma 2), where ``softcap_mul = scale / c`` and ``softcap_log2 = c * log2(e)``."""
+    if HAS_SOFTCAP:
+        # tanh(x) = 2 * sigmoid(2x) - 1 (sigmoid is in every Triton backend).
+        return softcap_log2 * (2.0 * tl.sigmoid(2.0 * softcap_mul * qk) - 1.0)
+    return qk * scale_log2
+
+
+def softcap_args(scale: float, logit_softcap: float | None) -> tuple[float, float]:
+    """``(softcap_mul, softcap_log2)`` kernel arguments (unused zeros without a cap)."""
+    if logit_softcap is None:
+        return 0.0, 0.0
+    if not logit_softcap > 0:
+        raise ValueError(f"logit_softcap must be positive, got {logit_softcap}.")
+    return float(scale) / logit_softcap, logit_softcap * _LOG2E
+
+
+@triton.jit
 def _paged_decode_attention_kernel(
         q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
         stride_qt, stride_qh, stride_cb, stride_ct, stride_ch, stride_bt,
         stride_ot, stride_oh, num_heads, scale_log2, block_size, sliding_window,
+        softcap_mul, softcap_log2,
         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-        HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
     req = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
@@ -72,7 +92,8 @@ def _paged_decode_attention_kernel(
             + kv_head * stride_ch
         kv_mask = nmask[:, None] & dmask[None, :]
         k = tl.load(kc_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        s = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), scale_log2,
+                    softcap_mul, softcap_log2, HAS_SOFTCAP)
         s = tl.where(nmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
@@ -164,7 +185,8 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
                            seq_lens: torch.Tensor, query_start_loc: torch.Tensor | None,
                            scale: float, sliding_window: int | None = None,
                            num_splits: int | None = None,
-                           max_seq_len: int | None = None) -> torch.Tensor:
+                           max_seq_len: int | None = None,
+                           logit_softcap: float | None = None) -> torch.Tensor:
     """Drop-in for ``torch_ref.paged_attention`` on decode-only batches.
 
     Args:
@@ -179,6 +201,7 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
         num_splits: split-KV count override (default: a heuristic on the batch shape).
         max_seq_len: a bound of ``seq_lens`` known on the host (sizes the split count;
             default: the block table's width).
+        logit_softcap: caps the scaled scores at ``c * tanh(s / c)`` (Gemma 2).
     Returns:
         ``[B, H, D]`` attention output in query's dtype.
     """
@@ -192,6 +215,7 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
                          f"got {query_start_loc.shape[0]}.")
     if sliding_window is not None and sliding_window <= 0:
         raise ValueError(f"sliding_window must be positive, got {sliding_window}.")
+    softcap_mul, softcap_log2 = softcap_args(scale, logit_softcap)
     block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
     out = torch.empty_like(query)
     if num_reqs == 0:
@@ -218,10 +242,11 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
         query.stride(0), query.stride(1), key_cache.stride(0), key_cache.stride(1),
         key_cache.stride(2), block_tables.stride(0), out.stride(0), out.stride(1),
         num_heads, float(scale) * _LOG2E, block_size,
-        sliding_window if sliding_window is not None else 0,
+        sliding_window if sliding_window is not None else 0, softcap_mul, softcap_log2,
         GROUP=group, BLOCK_G=max(16, next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_D=block_d, BLOCK_N=block_n, NUM_SPLITS=num_splits,
-        HAS_WINDOW=sliding_window is not None, DOT_PRECISION=dot_precision(query.dtype),
+        HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=logit_softcap is not None,
+        DOT_PRECISION=dot_precision(query.dtype),
         num_warps=4, num_stages=3)
     if num_splits > 1:
         _paged_decode_reduce_kernel[(num_reqs, num_heads)](

@@ -19,14 +19,15 @@ from kernels._utils import (
     is_interpreter,
     next_power_of_2,
 )
-from kernels.paged_decode_attention import _LOG2E, _check_paged_args
+from kernels.paged_decode_attention import _LOG2E, _check_paged_args, _scores, softcap_args
 
 
 @triton.jit
 def _attend_tile(acc, m_i, l_i, q, q_pos, kc_ptr, vc_ptr, table, kv_head, n0, hi,
                  seq_len, block_size, sliding_window, stride_cb, stride_ct, stride_ch,
-                 scale_log2, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                 BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                 scale_log2, softcap_mul, softcap_log2, HEAD_DIM: tl.constexpr,
+                 BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                 HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                  DOT_PRECISION: tl.constexpr):
     pos = n0 + tl.arange(0, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
@@ -35,7 +36,8 @@ def _attend_tile(acc, m_i, l_i, q, q_pos, kc_ptr, vc_ptr, table, kv_head, n0, hi
     kv_off = blk * stride_cb + (pos % block_size).to(tl.int64) * stride_ct + kv_head * stride_ch
     kv_mask = nmask[:, None] & (d[None, :] < HEAD_DIM)
     k = tl.load(kc_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+    s = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), scale_log2, softcap_mul,
+                softcap_log2, HAS_SOFTCAP)
     if MASKED:
         visible = (pos[None, :] <= q_pos[:, None]) & nmask[None, :]
         if HAS_WINDOW:
@@ -59,9 +61,10 @@ def _prefill_attention_kernel(
         q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr,
         stride_qt, stride_qh, stride_cb, stride_ct, stride_ch, stride_bt,
         stride_ot, stride_oh, scale_log2, block_size, sliding_window, num_q_tiles,
+        softcap_mul, softcap_log2,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr,
-        DOT_PRECISION: tl.constexpr):
+        HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
     head = tl.program_id(0).to(tl.int64)
     # Longest (latest) query tiles first: they have the most keys to visit.
     tile = num_q_tiles - 1 - tl.program_id(1)
@@ -92,7 +95,8 @@ def _prefill_attention_kernel(
             acc, m_i, l_i = _attend_tile(
                 acc, m_i, l_i, q, q_pos, kc_ptr, vc_ptr, table, kv_head, n0, hi, seq_len,
                 block_size, sliding_window, stride_cb, stride_ct, stride_ch, scale_log2,
-                HEAD_DIM, BLOCK_D, BLOCK_N, True, True, DOT_PRECISION)
+                softcap_mul, softcap_log2, HEAD_DIM, BLOCK_D, BLOCK_N, True, True, HAS_SOFTCAP,
+                DOT_PRECISION)
     else:
         # Tiles whose last key is at or before the tile's first query need no mask.
         full_end = (first_pos + 1) // BLOCK_N * BLOCK_N
@@ -100,12 +104,14 @@ def _prefill_attention_kernel(
             acc, m_i, l_i = _attend_tile(
                 acc, m_i, l_i, q, q_pos, kc_ptr, vc_ptr, table, kv_head, n0, hi, seq_len,
                 block_size, sliding_window, stride_cb, stride_ct, stride_ch, scale_log2,
-                HEAD_DIM, BLOCK_D, BLOCK_N, False, False, DOT_PRECISION)
+                softcap_mul, softcap_log2, HEAD_DIM, BLOCK_D, BLOCK_N, False, False,
+                HAS_SOFTCAP, DOT_PRECISION)
         for n0 in range(full_end, hi, BLOCK_N):
             acc, m_i, l_i = _attend_tile(
                 acc, m_i, l_i, q, q_pos, kc_ptr, vc_ptr, table, kv_head, n0, hi, seq_len,
                 block_size, sliding_window, stride_cb, stride_ct, stride_ch, scale_log2,
-                HEAD_DIM, BLOCK_D, BLOCK_N, True, False, DOT_PRECISION)
+                softcap_mul, softcap_log2, HEAD_DIM, BLOCK_D, BLOCK_N, True, False,
+                HAS_SOFTCAP, DOT_PRECISION)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + q_rows[:, None] * stride_ot + head * stride_oh + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=io_mask)
@@ -127,7 +133,8 @@ def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
                       block_tables: torch.Tensor, seq_lens: torch.Tensor,
                       query_start_loc: torch.Tensor, scale: float,
                       sliding_window: int | None = None,
-                      max_query_len: int | None = None) -> torch.Tensor:
+                      max_query_len: int | None = None,
+                      logit_softcap: float | None = None) -> torch.Tensor:
     """Drop-in for ``torch_ref.paged_attention`` (any mix of prefill, extend and decode).
 
     Args:
@@ -140,6 +147,7 @@ def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
         scale: softmax scale.
         sliding_window: keys with ``pos_q - pos_k >= sliding_window`` are hidden.
         max_query_len: longest query chunk; pass it to avoid a device sync.
+        logit_softcap: caps the scaled scores at ``c * tanh(s / c)`` (Gemma 2).
     Returns:
         ``[T, H, D]`` attention output in query's dtype (rows outside every request's
         range are left unwritten).
@@ -153,6 +161,7 @@ def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
                          f"got {query_start_loc.shape[0]}.")
     if sliding_window is not None and sliding_window <= 0:
         raise ValueError(f"sliding_window must be positive, got {sliding_window}.")
+    softcap_mul, softcap_log2 = softcap_args(scale, logit_softcap)
     out = torch.empty_like(query)
     if num_reqs == 0 or query.shape[0] == 0:
         return out
@@ -171,8 +180,10 @@ def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
         key_cache.stride(2), block_tables.stride(0), out.stride(0), out.stride(1),
         float(scale) * _LOG2E, block_size,
         sliding_window if sliding_window is not None else 0, num_q_tiles,
+        softcap_mul, softcap_log2,
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_D=max(16, next_power_of_2(head_dim)), BLOCK_M=block_m, BLOCK_N=block_n,
-        HAS_WINDOW=sliding_window is not None, DOT_PRECISION=dot_precision(query.dtype),
+        HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=logit_softcap is not None,
+        DOT_PRECISION=dot_precision(query.dtype),
         num_warps=num_warps, num_stages=num_stages)
     return out

@@ -75,11 +75,13 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tens
 def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                     block_tables: torch.Tensor, seq_lens: torch.Tensor,
                     query_start_loc: torch.Tensor, scale: float,
-                    sliding_window: int | None = None) -> torch.Tensor:
+                    sliding_window: int | None = None,
+                    logit_softcap: float | None = None) -> torch.Tensor:
     """Causal attention of packed queries ``[T, H, D]`` over each request's paged KV.
 
     Query ``j`` of a request with ``n`` queries sits at position ``seq_len - n + j`` and
-    sees keys at positions ``p <= pos`` (and ``pos - p < sliding_window`` if set).
+    sees keys at positions ``p <= pos`` (and ``pos - p < sliding_window`` if set). With
+    ``logit_softcap`` the scaled scores are capped at ``c * tanh(s / c)`` (Gemma 2).
     Covers decode (``n == 1``), prefill and chunked prefill after a prefix hit.
     """
     num_heads, head_dim = query.shape[1], query.shape[2]
@@ -100,6 +102,8 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
         k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)
         scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+        if logit_softcap is not None:
+            scores = logit_softcap * torch.tanh(scores / logit_softcap)
         q_pos = torch.arange(seq_len - n, seq_len, device=query.device)[:, None]
         k_pos = torch.arange(seq_len, device=query.device)[None, :]
         mask = k_pos <= q_pos

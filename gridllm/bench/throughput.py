@@ -195,8 +195,6 @@ def _workload_roofline(config: ThroughputConfig, llm: Any, requests: list[BenchR
 
     from gridllm.bench.roofline import measure_limits, meta_model
     from gridllm.bench.workload_roofline import StepCostModel, workload_roofline
-    from gridllm.common.config import CacheConfig
-
     if limits is None:
         try:
             limits = measure_limits(llm.engine.runner.device)
@@ -205,10 +203,8 @@ def _workload_roofline(config: ThroughputConfig, llm: Any, requests: list[BenchR
                       "bf16_matmul_tflops": None}
     model, hf_config = meta_model(config.model, dtype)
     scheduler = llm.engine.scheduler
-    pool = scheduler.block_manager
-    cache = CacheConfig(pool.block_size, pool.num_blocks,
-                        enable_prefix_caching=pool.enable_prefix_caching)
-    return {**limits, **workload_roofline(requests, scheduler.config, cache,
+    return {**limits, **workload_roofline(requests, scheduler.config, scheduler.limits,
+                                          scheduler.block_manager.num_blocks,
                                           StepCostModel.from_model(model, hf_config, dtype),
                                           limits)}
 

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from gridllm.bench.datasets import BenchRequest
-from gridllm.common.config import CacheConfig, SchedulerConfig
-from gridllm.common.contract import ModelRunnerOutput, SchedulerOutput
+from gridllm.common.config import SchedulerConfig
+from gridllm.common.contract import ModelLimits, ModelRunnerOutput, SchedulerOutput
 from gridllm.common.sampling_params import SamplingParams
 
 
@@ -77,14 +77,14 @@ class StepCostModel:
 
 
 def schedule_steps(requests: Sequence[BenchRequest], scheduler_config: SchedulerConfig,
-                   cache_config: CacheConfig, max_steps: int = 10_000_000
+                   model_limits: ModelLimits, num_kv_blocks: int, max_steps: int = 10_000_000
                    ) -> list[list[tuple[int, int]]]:
     """The steps the scheduler forms for ``requests`` (greedy, ``ignore_eos``,
     ``max_tokens = output_len``), each as its ``(start, num_tokens)`` chunks."""
     from scheduler_svc.request import Request
     from scheduler_svc.scheduler import Scheduler
 
-    scheduler = Scheduler(scheduler_config, cache_config)
+    scheduler = Scheduler(scheduler_config, model_limits, num_kv_blocks)
     for i, r in enumerate(requests):
         params = SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True)
         scheduler.add_request(Request(f"r{i}", list(r.prompt_token_ids), params,
@@ -118,7 +118,7 @@ def _sample_all(scheduler: Any, output: SchedulerOutput) -> ModelRunnerOutput:
 
 
 def workload_roofline(requests: Sequence[BenchRequest], scheduler_config: SchedulerConfig,
-                      cache_config: CacheConfig, cost: StepCostModel,
+                      model_limits: ModelLimits, num_kv_blocks: int, cost: StepCostModel,
                       limits: dict[str, Any]) -> dict[str, Any]:
     """The workload's roofline time under ``limits`` (``measure_limits``'s result).
 
@@ -128,7 +128,7 @@ def workload_roofline(requests: Sequence[BenchRequest], scheduler_config: Schedu
     """
     bandwidth = limits.get("copy_bandwidth_gbps")
     peak = limits.get("bf16_matmul_tflops")
-    steps = schedule_steps(requests, scheduler_config, cache_config)
+    steps = schedule_steps(requests, scheduler_config, model_limits, num_kv_blocks)
     total_bytes = total_flops = 0.0
     seconds: float | None = 0.0 if bandwidth and peak else None
     for chunks in steps:

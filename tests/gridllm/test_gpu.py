@@ -35,7 +35,11 @@ def _fp32_matmuls_stay_fp32():
     torch.backends.cuda.matmul.allow_tf32 = old
 
 
-@pytest.mark.parametrize("arch", sorted(TINY_ARCHS))
+# Interleaved local/global attention (windows, soft-capping, q/k norms) on the kernels too.
+WINDOWED_ARCHS = ["gemma2", "gemma3", "mistral-w12"]
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_ARCHS) + WINDOWED_ARCHS)
 @pytest.mark.parametrize("enforce_eager", [False, True])
 def test_fp32_greedy_matches_transformers(arch, enforce_eager, tiny_model_dir):
     model_dir = tiny_model_dir(arch)

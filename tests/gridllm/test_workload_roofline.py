@@ -9,7 +9,8 @@ from gridllm.bench.datasets import BenchRequest
 from gridllm.bench.roofline import meta_model
 from gridllm.bench.throughput import format_result
 from gridllm.bench.workload_roofline import StepCostModel, schedule_steps, workload_roofline
-from gridllm.common.config import CacheConfig, SchedulerConfig
+from gridllm.common.config import SchedulerConfig
+from gridllm.common.contract import ModelLimits
 from gridllm.common.sampling_params import SamplingParams
 
 TINY = "random:tiny"
@@ -43,9 +44,8 @@ def test_step_cost_follows_the_geometry():
 @pytest.mark.parametrize("budget", [64, 7])
 def test_schedule_computes_every_token_once(budget):
     requests = _requests([(5, 3), (20, 1), (9, 6)])
-    steps = schedule_steps(requests, SchedulerConfig(max_num_batched_tokens=budget,
-                                                     max_model_len=64),
-                           CacheConfig(block_size=4, num_kv_blocks=64))
+    steps = schedule_steps(requests, SchedulerConfig(max_num_batched_tokens=budget),
+                           ModelLimits(max_model_len=64, vocab_size=512, block_size=4), 64)
     assert sum(n for step in steps for _, n in step) == sum(
         r.input_len + r.output_len - 1 for r in requests)
     assert all(sum(n for _, n in step) <= budget for step in steps)
@@ -70,10 +70,8 @@ def test_schedule_is_the_engines():
                  [SamplingParams(temperature=0, max_tokens=r.output_len, ignore_eos=True)
                   for r in requests], use_tqdm=False)
     scheduler = llm.engine.scheduler
-    pool = scheduler.block_manager
-    replayed = schedule_steps(requests, scheduler.config,
-                              CacheConfig(pool.block_size, pool.num_blocks,
-                                          enable_prefix_caching=pool.enable_prefix_caching))
+    replayed = schedule_steps(requests, scheduler.config, scheduler.limits,
+                              scheduler.block_manager.num_blocks)
     assert [sorted(n for _, n in step) for step in replayed] == steps
 
 
@@ -81,17 +79,17 @@ def test_roofline_sums_the_bound_of_each_step():
     model, config = meta_model(TINY, torch.bfloat16)
     cost = StepCostModel.from_model(model, config, torch.bfloat16)
     requests = _requests([(30, 4), (6, 9)])
-    scheduler_config = SchedulerConfig(max_num_batched_tokens=16, max_model_len=64)
-    cache = CacheConfig(block_size=4, num_kv_blocks=64)
+    scheduler_config = SchedulerConfig(max_num_batched_tokens=16)
+    model_limits = ModelLimits(max_model_len=64, vocab_size=512, block_size=4)
     limits = {"copy_bandwidth_gbps": 2.0, "bf16_matmul_tflops": 0.001}
-    result = workload_roofline(requests, scheduler_config, cache, cost, limits)
-    steps = schedule_steps(requests, scheduler_config, cache)
+    result = workload_roofline(requests, scheduler_config, model_limits, 64, cost, limits)
+    steps = schedule_steps(requests, scheduler_config, model_limits, 64)
     expected = sum(max(cost.step_cost(s)[0] / 2e9, cost.step_cost(s)[1] / 1e9)
                    for s in steps)
     assert result["num_steps"] == len(steps)
     assert result["roofline_s"] == pytest.approx(expected)
     assert result["roofline_output_tokens_per_s"] == pytest.approx(13 / expected)
-    no_limits = workload_roofline(requests, scheduler_config, cache, cost,
+    no_limits = workload_roofline(requests, scheduler_config, model_limits, 64, cost,
                                   {"copy_bandwidth_gbps": None})
     assert no_limits["roofline_s"] is None and no_limits["num_steps"] == len(steps)
 

@@ -16,17 +16,21 @@ from tests.kernels.conftest import (
 
 def _check(seq_lens: list[int], num_heads: int, num_kv_heads: int, head_dim: int,
            block_size: int, dtype: torch.dtype, device: torch.device,
-           sliding_window: int | None = None, num_splits: int | None = None) -> None:
+           sliding_window: int | None = None, num_splits: int | None = None,
+           logit_softcap: float | None = None) -> None:
     key_cache, value_cache, block_tables, seq = make_paged_kv(
         seq_lens, num_kv_heads, head_dim, block_size, dtype, device)
     query = torch.randn(len(seq_lens), num_heads, head_dim, device=device).to(dtype)
+    if logit_softcap is not None:
+        query = query * 8  # scores well past the cap, so capping changes them
     qsl = torch.arange(len(seq_lens) + 1, dtype=torch.int32, device=device)
     scale = head_dim ** -0.5
     with poisoned_allocations():
         out = paged_decode_attention(query, key_cache, value_cache, block_tables, seq, qsl,
-                                     scale, sliding_window, num_splits=num_splits)
+                                     scale, sliding_window, num_splits=num_splits,
+                                     logit_softcap=logit_softcap)
     expected = torch_ref.paged_attention(query, key_cache, value_cache, block_tables, seq,
-                                         qsl, scale, sliding_window)
+                                         qsl, scale, sliding_window, logit_softcap)
     assert_close(out, expected, "decode attention", dtype)
 
 
@@ -40,6 +44,27 @@ def test_decode_matches_reference(num_heads, num_kv_heads, dtype):
 @pytest.mark.parametrize("sliding_window", [None, 10])
 def test_decode_split_kv_and_window(num_splits, sliding_window):
     _check([1, 17, 50], 4, 2, 32, 16, torch.float32, DEVICE, sliding_window, num_splits)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_logit_softcap(num_splits):
+    _check([1, 17, 50], 4, 2, 32, 16, torch.float32, DEVICE, 10, num_splits, logit_softcap=5.0)
+
+
+def test_softcap_changes_the_output():
+    """The cap is applied: without it the same inputs give another output."""
+    key_cache, value_cache, block_tables, seq = make_paged_kv(
+        [40], 2, 32, 16, torch.float32, DEVICE)
+    query = torch.randn(1, 4, 32, device=DEVICE) * 8
+    qsl = torch.arange(2, dtype=torch.int32, device=DEVICE)
+    capped = paged_decode_attention(query, key_cache, value_cache, block_tables, seq, qsl,
+                                    32 ** -0.5, logit_softcap=2.0)
+    plain = paged_decode_attention(query, key_cache, value_cache, block_tables, seq, qsl,
+                                   32 ** -0.5)
+    assert not torch.allclose(capped, plain, atol=1e-3)
+    with pytest.raises(ValueError, match="logit_softcap"):
+        paged_decode_attention(query, key_cache, value_cache, block_tables, seq, qsl, 1.0,
+                               logit_softcap=0.0)
 
 
 def test_decode_odd_head_dim_and_block_size():
@@ -115,9 +140,11 @@ def test_decode_rejects_bad_arguments():
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
-@pytest.mark.parametrize("batch,max_len,sliding_window", [
-    (1, 8191, None), (64, 2049, None), (7, 5000, 1024)])
-def test_decode_gpu(batch, max_len, sliding_window, dtype):
+@pytest.mark.parametrize("batch,max_len,sliding_window,logit_softcap", [
+    (1, 8191, None, None), (64, 2049, None, None), (7, 5000, 1024, None),
+    (7, 5000, 1024, 50.0)])
+def test_decode_gpu(batch, max_len, sliding_window, logit_softcap, dtype):
     seq_lens = torch.randint(1, max_len + 1, (batch,)).tolist()
     seq_lens[0] = max_len
-    _check(seq_lens, 32, 8, 128, 16, dtype, torch.device("cuda"), sliding_window)
+    _check(seq_lens, 32, 8, 128, 16, dtype, torch.device("cuda"), sliding_window,
+           logit_softcap=logit_softcap)

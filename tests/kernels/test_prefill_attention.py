@@ -16,19 +16,23 @@ from tests.kernels.conftest import (
 
 def _check(seq_lens: list[int], query_lens: list[int], num_heads: int, num_kv_heads: int,
            head_dim: int, block_size: int, dtype: torch.dtype, device: torch.device,
-           sliding_window: int | None = None, pass_max_query_len: bool = True) -> None:
+           sliding_window: int | None = None, pass_max_query_len: bool = True,
+           logit_softcap: float | None = None) -> None:
     key_cache, value_cache, block_tables, seq = make_paged_kv(
         seq_lens, num_kv_heads, head_dim, block_size, dtype, device)
     qsl = torch.tensor([0] + query_lens, dtype=torch.int32).cumsum(0).to(torch.int32)
     qsl = qsl.to(device)
     query = torch.randn(sum(query_lens), num_heads, head_dim, device=device).to(dtype)
+    if logit_softcap is not None:
+        query = query * 8  # scores well past the cap, so capping changes them
     scale = head_dim ** -0.5
     with poisoned_allocations():
         out = prefill_attention(query, key_cache, value_cache, block_tables, seq, qsl, scale,
                                 sliding_window,
-                                max_query_len=max(query_lens) if pass_max_query_len else None)
+                                max_query_len=max(query_lens) if pass_max_query_len else None,
+                                logit_softcap=logit_softcap)
     expected = torch_ref.paged_attention(query, key_cache, value_cache, block_tables, seq,
-                                         qsl, scale, sliding_window)
+                                         qsl, scale, sliding_window, logit_softcap)
     assert_close(out, expected, "prefill attention", dtype)
 
 
@@ -50,6 +54,12 @@ def test_prefill_sliding_window_shorter_than_context(sliding_window):
     _check([45, 17, 9], [30, 17, 2], 2, 1, 32, 16, torch.float32, DEVICE, sliding_window)
 
 
+@pytest.mark.parametrize("sliding_window", [None, 10])
+def test_prefill_logit_softcap(sliding_window):
+    _check([45, 17, 9], [30, 17, 1], 4, 2, 32, 16, torch.float32, DEVICE, sliding_window,
+           logit_softcap=5.0)
+
+
 def test_prefill_odd_head_dim_and_block_size():
     _check([21, 3], [21, 2], 2, 2, 40, 8, torch.float32, DEVICE)
 
@@ -69,10 +79,12 @@ def test_prefill_rejects_bad_arguments():
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
-@pytest.mark.parametrize("seq_lens,query_lens,sliding_window", [
-    ([4096, 4096], [4096, 4096], None),
-    ([3000, 1, 700, 5000], [1000, 1, 700, 333], None),
-    ([6000, 129], [2500, 129], 1024),
+@pytest.mark.parametrize("seq_lens,query_lens,sliding_window,logit_softcap", [
+    ([4096, 4096], [4096, 4096], None, None),
+    ([3000, 1, 700, 5000], [1000, 1, 700, 333], None, None),
+    ([6000, 129], [2500, 129], 1024, None),
+    ([3000, 129], [1000, 129], 1024, 50.0),
 ])
-def test_prefill_gpu(seq_lens, query_lens, sliding_window, dtype):
-    _check(seq_lens, query_lens, 32, 8, 128, 16, dtype, torch.device("cuda"), sliding_window)
+def test_prefill_gpu(seq_lens, query_lens, sliding_window, logit_softcap, dtype):
+    _check(seq_lens, query_lens, 32, 8, 128, 16, dtype, torch.device("cuda"), sliding_window,
+           logit_softcap=logit_softcap)

@@ -58,7 +58,7 @@ def drive(scheduler, max_steps_in_flight, max_iterations=10_000):
     dict(),
     dict(max_num_batched_tokens=7),
     dict(num_blocks=20, max_num_batched_tokens=64),       # forces preemption
-    dict(policy="priority", num_blocks=22),
+    dict(scheduling_policy="priority", num_blocks=22),
     dict(enable_prefix_caching=False, max_num_seqs=2),
 ])
 def test_pipeline_outputs_do_not_depend_on_overlap(config, max_steps_in_flight):

@@ -46,8 +46,7 @@ EXTRA_ARCHS = {
     "mistral-w12": ("MistralConfig", dict(sliding_window=12)),
     # Gemma 2: local (window 6) and global layers interleaved; head_dim differs from
     # hidden_size // heads, query_pre_attn_scalar from head_dim, and the soft-caps are small
-    # enough to bite, so each one changes the outputs. Not in TINY_ARCHS (swept on the GPU
-    # too) because the triton kernels have no soft-capping yet.
+    # enough to bite, so each one changes the outputs.
     "gemma2": ("Gemma2Config", dict(num_hidden_layers=3, head_dim=32, query_pre_attn_scalar=24,
                                     sliding_window=6, attn_logit_softcapping=4.0,
                                     final_logit_softcapping=8.0, tie_word_embeddings=True)),

@@ -63,13 +63,17 @@ class AttentionBackend:
     def forward_rotary(self, positions: torch.Tensor, rotary: RotaryLike, query: torch.Tensor,
                        key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
                        value_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
-                       sliding_window: int | None = None) -> torch.Tensor:
+                       sliding_window: int | None = None,
+                       logit_softcap: float | None = None) -> torch.Tensor:
         """``forward`` after rotating ``query``/``key`` by ``rotary`` at ``positions``;
         a backend may fuse the rotation into its KV write (``query`` may be rotated in
         place)."""
         query, key = rotary(positions, query, key)
+        if logit_softcap is None:
+            return self.forward(query, key, value, key_cache, value_cache, metadata, scale,
+                                sliding_window)
         return self.forward(query, key, value, key_cache, value_cache, metadata, scale,
-                            sliding_window)
+                            sliding_window, logit_softcap)
 
 
 class RotaryLike(Protocol):

@@ -18,44 +18,42 @@ class TritonAttentionBackend(AttentionBackend):
     anything with a longer query chunk."""
 
     name = "triton"
+    supports_logit_softcap = True
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 key_cache: torch.Tensor, value_cache: torch.Tensor,
                 metadata: AttentionMetadata, scale: float,
                 sliding_window: int | None = None,
                 logit_softcap: float | None = None) -> torch.Tensor:
-        if logit_softcap is not None:
-            # The decode and prefill kernels have no soft-capping switch yet. They need a
-            # logit_softcap argument (a constexpr switch) applying s = c * tanh(s / c) to the
-            # scaled q.k scores before the mask and the online softmax (with an exp2 softmax,
-            # fold log2(e) in after the tanh, not into the q scale); then set
-            # supports_logit_softcap = True and Gemma 2 runs here (and in the GPU tests).
-            raise NotImplementedError("attention logit soft-capping is not implemented in the "
-                                      "triton backend; use attention_backend='torch'.")
         write_kv_cache(key, value, key_cache, value_cache, metadata.slot_mapping)
-        return self._attend(query, key_cache, value_cache, metadata, scale, sliding_window)
+        return self._attend(query, key_cache, value_cache, metadata, scale, sliding_window,
+                            logit_softcap)
 
     def forward_rotary(self, positions: torch.Tensor, rotary: RotaryLike, query: torch.Tensor,
                        key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
                        value_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
-                       sliding_window: int | None = None) -> torch.Tensor:
+                       sliding_window: int | None = None,
+                       logit_softcap: float | None = None) -> torch.Tensor:
         # One launch rotates the queries and writes rotated keys and values to the cache.
         rotary_kv_cache_write(positions, query, key, value, key_cache, value_cache,
                               metadata.slot_mapping, rotary.cos_sin_cache,
                               rotary.is_neox_style)
-        return self._attend(query, key_cache, value_cache, metadata, scale, sliding_window)
+        return self._attend(query, key_cache, value_cache, metadata, scale, sliding_window,
+                            logit_softcap)
 
     @staticmethod
     def _attend(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                metadata: AttentionMetadata, scale: float,
-                sliding_window: int | None) -> torch.Tensor:
+                metadata: AttentionMetadata, scale: float, sliding_window: int | None,
+                logit_softcap: float | None = None) -> torch.Tensor:
         # The decode kernel wants exactly one query row per request; anything else
         # (e.g. padded rows without padded seq_lens) takes the general kernel.
         if metadata.is_decode_only and query.shape[0] == metadata.num_reqs:
             return paged_decode_attention(query, key_cache, value_cache,
                                           metadata.block_tables, metadata.seq_lens,
                                           metadata.query_start_loc, scale, sliding_window,
-                                          max_seq_len=metadata.max_seq_len)
+                                          max_seq_len=metadata.max_seq_len,
+                                          logit_softcap=logit_softcap)
         return prefill_attention(query, key_cache, value_cache, metadata.block_tables,
                                  metadata.seq_lens, metadata.query_start_loc, scale,
-                                 sliding_window, max_query_len=metadata.max_query_len)
+                                 sliding_window, max_query_len=metadata.max_query_len,
+                                 logit_softcap=logit_softcap)

@@ -18,8 +18,8 @@ from torch import nn
 from worker_svc.layers.attention import AttentionBackend, AttentionMetadata
 from worker_svc.layers.layers import get_activation
 from worker_svc.layers.rotary import RotaryEmbedding
-from worker_svc.models.attention_pattern import layer_sliding_windows, layer_types_of
-from worker_svc.models.llama import head_dim_of
+from worker_svc.models.attention_pattern import layer_types_of
+from worker_svc.models.llama import LlamaAttention, head_dim_of
 from worker_svc.models.weights import check_all_loaded, load_named_weights
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -69,41 +69,17 @@ def _soft_cap(config, name: str) -> float | None:
     return cap
 
 
-class GemmaAttention(nn.Module):
-    def __init__(self, config, window: int | None, rotary: RotaryEmbedding,
-                 backend: AttentionBackend, has_qk_norm: bool):
-        super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
-        self.head_dim = head_dim_of(config)
-        self.q_size = self.num_heads * self.head_dim
-        self.kv_size = self.num_kv_heads * self.head_dim
-        self.scale = config.query_pre_attn_scalar ** -0.5
-        self.sliding_window = window
-        self.logit_softcap = _soft_cap(config, "attn_logit_softcapping")
-        bias = bool(getattr(config, "attention_bias", False))
-        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=bias)
-        self.has_qk_norm = has_qk_norm
-        if has_qk_norm:
-            self.q_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps)
-            self.k_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps)
-        self.rotary_emb = rotary
-        self.backend = backend
+class GemmaAttention(LlamaAttention):
+    """Llama's attention with Gemma's scale (query_pre_attn_scalar), (1 + w) q/k norms
+    (Gemma 3) and attention logit soft-capping (Gemma 2)."""
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: KVCache,
-                attn_metadata: AttentionMetadata) -> torch.Tensor:
-        num_tokens = hidden.shape[0]
-        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.reshape(num_tokens, self.num_heads, self.head_dim)
-        k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.has_qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary_emb(positions, q, k)
-        out = self.backend.forward(q, k, v, kv_cache[0], kv_cache[1], attn_metadata,
-                                   self.scale, self.sliding_window, self.logit_softcap)
-        return self.o_proj(out.reshape(num_tokens, self.q_size))
+    def __init__(self, config, layer_idx: int, rotary: RotaryEmbedding,
+                 backend: AttentionBackend, has_qk_norm: bool):
+        bias = bool(getattr(config, "attention_bias", False))
+        super().__init__(config, layer_idx, rotary, backend, qkv_bias=bias, o_bias=bias,
+                         qk_norm=has_qk_norm, norm_cls=GemmaRMSNorm)
+        self.scale = config.query_pre_attn_scalar ** -0.5
+        self.logit_softcap = _soft_cap(config, "attn_logit_softcapping")
 
 
 class GemmaMLP(nn.Module):
@@ -122,11 +98,11 @@ class GemmaMLP(nn.Module):
 
 
 class GemmaDecoderLayer(nn.Module):
-    def __init__(self, config, window: int | None, rotary: RotaryEmbedding,
+    def __init__(self, config, layer_idx: int, rotary: RotaryEmbedding,
                  backend: AttentionBackend, has_qk_norm: bool):
         super().__init__()
         size, eps = config.hidden_size, config.rms_norm_eps
-        self.self_attn = GemmaAttention(config, window, rotary, backend, has_qk_norm)
+        self.self_attn = GemmaAttention(config, layer_idx, rotary, backend, has_qk_norm)
         self.mlp = GemmaMLP(config)
         self.input_layernorm = GemmaRMSNorm(size, eps)
         self.post_attention_layernorm = GemmaRMSNorm(size, eps)
@@ -147,9 +123,8 @@ class GemmaModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         rotaries = _rotaries(config, head_dim_of(config))
         self.layers = nn.ModuleList(
-            GemmaDecoderLayer(config, window, rotaries[layer_type], backend, has_qk_norm)
-            for layer_type, window in zip(layer_types_of(config), layer_sliding_windows(config),
-                                          strict=True))
+            GemmaDecoderLayer(config, layer_idx, rotaries[layer_type], backend, has_qk_norm)
+            for layer_idx, layer_type in enumerate(layer_types_of(config)))
         self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids, positions, kv_caches, attn_metadata):

@@ -30,8 +30,16 @@ def sliding_window_of(config, layer_idx: int) -> int | None:
 
 
 class LlamaAttention(nn.Module):
+    """Merged qkv projection, optional per-head q/k norms, rotary embedding fused into the
+    backend's KV write, this layer's window; subclasses (Gemma) change the scale, the norms
+    and soft-capping."""
+
+    # Attention scores are capped at c * tanh(s / c) when set (Gemma 2).
+    logit_softcap: float | None = None
+
     def __init__(self, config, layer_idx: int, rotary: RotaryEmbedding,
-                 backend: AttentionBackend, *, qkv_bias: bool, o_bias: bool, qk_norm: bool):
+                 backend: AttentionBackend, *, qkv_bias: bool, o_bias: bool, qk_norm: bool,
+                 norm_cls: type[nn.Module] = RMSNorm):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
@@ -43,8 +51,8 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=o_bias)
         if qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.q_norm = norm_cls(self.head_dim, config.rms_norm_eps)
+            self.k_norm = norm_cls(self.head_dim, config.rms_norm_eps)
         self.has_qk_norm = qk_norm
         self.rotary_emb = rotary
         self.backend = backend
@@ -60,7 +68,7 @@ class LlamaAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         out = self.backend.forward_rotary(positions, self.rotary_emb, q, k, v, kv_cache[0],
                                           kv_cache[1], attn_metadata, self.scale,
-                                          self.sliding_window)
+                                          self.sliding_window, self.logit_softcap)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 
