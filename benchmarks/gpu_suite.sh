@@ -46,8 +46,12 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
 
 # step NAME CAP_S CMD...: run CMD with a timeout of min(CAP_S, time left), log its tail.
+# SUITE_STEPS="name name ..." runs only those steps (default: all).
 step() {
   local name=$1 cap=$2; shift 2
+  if [ -n "${SUITE_STEPS:-}" ] && [[ " $SUITE_STEPS " != *" $name "* ]]; then
+    return 0
+  fi
   local left=$((BUDGET - ($(date +%s) - START)))
   local limit=$((cap < left ? cap : left))
   if [ "$limit" -lt 20 ]; then
@@ -116,7 +120,7 @@ try:
             return result
         guarded("sweep_qwen", sweep)
     else:
-        guarded(f"lat_stack_{kind}", lambda: latency.run_latency(latency.LatencyConfig(
+        guarded("lat_stack_llama", lambda: latency.run_latency(latency.LatencyConfig(
             target=stack.endpoint, input_len=128, output_len=128, num_iters=3, num_warmup=1,
             use_tqdm=False)))
 finally:
@@ -128,6 +132,13 @@ PYEOF
 export OUT
 step stack_qwen 210 $PY "$WORK/stack.py" random:qwen3-0.6b "$WORK" qwen 200 100:1024 100:1024 256
 step stack_llama 150 $PY "$WORK/stack.py" random:llama3-8b "$WORK" llama 64 128:512 128:256 64
+# The fast path's headline workload: 256 requests of 100 prompt and 1024 output tokens,
+# in-process and through the stack (the stack run also measures batch-1 latency).
+step tp_llama_256 150 $B throughput --model random:llama3-8b --num-prompts 256 \
+  --input-len-range 100:100 --output-len-range 1024:1024 --max-num-seqs 256 \
+  --max-num-batched-tokens 8192 --no-tqdm --output "$WORK/tp_llama_256.json"
+step stack_llama_256 240 $PY "$WORK/stack.py" random:llama3-8b "$WORK" llama_256 256 100:100 \
+  1024:1024 256
 
 # 7-8: diagnostics.
 step busy_llama 60 $PY -m gridllm.bench.gpu_busy --model random:llama3-8b --batch-size 1 \
@@ -176,7 +187,8 @@ def label(name):
             f"{c['output_len_range'][1]} seqs {c['max_num_seqs']}")
 for inproc, hf, stack in (("tp_qwen", None, "serve_qwen"),
                           ("tp_qwen_hf", "tp_qwen_hf", None),
-                          ("tp_llama_hf", "tp_llama_hf", "serve_llama")):
+                          ("tp_llama_hf", "tp_llama_hf", "serve_llama"),
+                          ("tp_llama_256", None, "serve_llama_256")):
     label_text = label(inproc)
     ip = g(inproc, "gridllm", "output_tokens_per_s")
     hf_tps = g(hf, "hf", "output_tokens_per_s") if hf else None
