@@ -9,9 +9,15 @@ import torch
 
 @functools.lru_cache(maxsize=16)
 def hf_model(model_dir: str):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    kwargs = {}
+    if getattr(AutoConfig.from_pretrained(model_dir), "attn_logit_softcapping", None):
+        # Only eager attention applies the soft-cap: some transformers releases default
+        # Gemma 2 to SDPA, which skips it.
+        kwargs["attn_implementation"] = "eager"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+                                                 **kwargs).eval()
     # Parity runs a fixed number of steps; EOS must not stop the reference early.
     model.generation_config.eos_token_id = None
     return model
