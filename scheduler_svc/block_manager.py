@@ -46,6 +46,8 @@ class BlockManager:
         self.cached_blocks: dict[int, KVBlock] = {}
         self.req_to_blocks: dict[str, list[KVBlock]] = {}
         self._req_to_hashes: dict[str, list[int]] = {}
+        # req_id -> leading blocks of its table already registered in the prefix cache.
+        self._num_registered: dict[str, int] = {}
         # Prefix-cache counters, in tokens (as vLLM counts them).
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
@@ -106,8 +108,15 @@ class BlockManager:
             The ids of the blocks appended to its block table (hits included), or None if
             the pool cannot hold them (nothing changes then).
         """
-        computed_blocks = computed_blocks or []
         req_blocks = self.req_to_blocks.setdefault(request.req_id, [])
+        if not computed_blocks:
+            # The common case (a decode step): room in the last block, nothing to pop.
+            num_total = request.num_computed_tokens + num_new_tokens
+            if -(-num_total // self.block_size) <= len(req_blocks):
+                if self.enable_prefix_caching:
+                    self._cache_full_blocks(request, req_blocks, num_total)
+                return []
+        computed_blocks = computed_blocks or []
         num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
         num_total = num_computed + num_new_tokens
         num_required = -(-num_total // self.block_size) - len(req_blocks) - len(computed_blocks)
@@ -139,11 +148,17 @@ class BlockManager:
     def _cache_full_blocks(self, request: Request, req_blocks: list[KVBlock],
                            num_tokens: int) -> None:
         # Blocks fill with KV during the coming step; registering them now lets requests
-        # scheduled later reuse them.
+        # scheduled later reuse them. Only blocks that became full since the last call are
+        # looked at: a decode step usually fills none (this runs per request per step).
+        num_full = min(num_tokens, request.num_tokens) // self.block_size
+        num_done = self._num_registered.get(request.req_id, 0)
+        if num_full <= num_done:
+            return
+        self._num_registered[request.req_id] = num_full
         tokens = request.all_token_ids
-        hashes = self._block_hashes(request, min(num_tokens, len(tokens)))
-        for i, block_hash in enumerate(hashes):
-            block = req_blocks[i]
+        hashes = self._block_hashes(request, num_full * self.block_size)
+        for i in range(num_done, num_full):
+            block, block_hash = req_blocks[i], hashes[i]
             if block.block_hash is not None:
                 continue
             block.block_hash = block_hash
@@ -156,6 +171,7 @@ class BlockManager:
         """Release the request's blocks; cached ones stay reusable until evicted."""
         blocks = self.req_to_blocks.pop(request.req_id, [])
         self._req_to_hashes.pop(request.req_id, None)
+        self._num_registered.pop(request.req_id, None)
         # Tail blocks are the least likely to be shared: evict them first.
         for block in reversed(blocks):
             block.ref_cnt -= 1
