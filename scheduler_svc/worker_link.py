@@ -76,6 +76,10 @@ class WorkerLink:
         self._unlisted_since: float | None = None
         # A read posted while idle, so a closed stream or a drain notice is seen at once.
         self._pending_read: asyncio.Future | None = None
+        # The step whose answer on_step gets: when it was sent (time.monotonic()) and the
+        # seconds the worker says it ran (for the metrics).
+        self.last_step_sent_at: float | None = None
+        self.last_step_execute_s = 0.0
 
     async def open(self, timeout: float = 10.0) -> None:
         """Open the Step stream and check it with an empty step.
@@ -178,7 +182,7 @@ class WorkerLink:
     async def _run(self) -> None:
         # Steps sent and not answered yet, oldest first. With two in flight the worker starts
         # step N+1 (feeding its own samples) while this loop applies step N's answer.
-        in_flight: collections.deque[tuple[int, SchedulerOutput]] = collections.deque()
+        in_flight: collections.deque[tuple[int, SchedulerOutput, float]] = collections.deque()
         try:
             while True:
                 if (not in_flight and self.is_draining
@@ -192,13 +196,14 @@ class WorkerLink:
                         assert self._call is not None
                         bump_versions(self.block_versions, output, self.scheduler.block_size)
                         await self._call.write(scheduler_output_to_pb(output, self.step_id))
-                        in_flight.append((self.step_id, output))
+                        in_flight.append((self.step_id, output, time.monotonic()))
                         continue
                     if not in_flight:
                         await self._wait_idle()
                         continue
-                step_id, output = in_flight.popleft()
+                step_id, output, self.last_step_sent_at = in_flight.popleft()
                 response = await self._read_response(step_id)
+                self.last_step_execute_s = response.execute_seconds
                 updates = self.scheduler.update_from_output(output, runner_output_from_pb(response))
                 self._on_step(self, output, updates)
         except asyncio.CancelledError:

@@ -35,7 +35,10 @@ from gridllm.common.grpc_utils import (
     stop_tasks,
     wait_or_stop,
 )
+from gridllm.common.http_server import HttpServer
+from gridllm.common.metrics import serve_metrics
 from gridllm.v1 import worker_pb2, worker_pb2_grpc
+from worker_svc.metrics import WorkerMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -56,9 +59,14 @@ class WorkerOptions:
         help="Redis to register in (e.g. redis://host:6379/0)")
     heartbeat_ttl: float = option(
         HEARTBEAT_TTL_S, metavar="S", help="seconds the registry entry outlives the last heartbeat")
+    metrics_port: int | None = option(
+        None, default_help="off",
+        help="port of the Prometheus /metrics endpoint (on --host); 0 picks a free one")
 
     def __post_init__(self) -> None:
         check_port(self.port)
+        if self.metrics_port is not None:
+            check_port(self.metrics_port, "metrics_port")
         require(self.heartbeat_ttl >= 1.0, "heartbeat_ttl", "must be at least 1 second",
                 self.heartbeat_ttl)
 
@@ -84,6 +92,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.draining = asyncio.Event()
         # Per KV block: times handed out for new content (kept across streams, like the KV).
         self.block_versions: list[int] = [] if runner is None else [0] * runner.num_kv_blocks
+        self.metrics = WorkerMetrics()
 
     def _reset_requests(self) -> None:
         with self._lock:
@@ -144,11 +153,17 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     break
                 next_step = None
                 scheduler_output = scheduler_output_from_pb(step)
+                for new in scheduler_output.scheduled_new_reqs:
+                    logger.info("request %s: %d prompt tokens, %d computed already",
+                                new.req_id, len(new.prompt_token_ids), new.num_computed_tokens,
+                                extra={"request_id": new.req_id})
                 # Counted before running: a failed step may have overwritten its blocks.
                 bump_versions(self.block_versions, scheduler_output, self.runner.block_size)
                 output, seconds = await loop.run_in_executor(
                     self._executor, self._execute, scheduler_output)
                 self.num_steps += 1
+                self.metrics.on_step(seconds, scheduler_output.total_num_scheduled_tokens,
+                                     len(scheduler_output.scheduled_new_reqs))
                 response = runner_output_to_pb(output, step.step_id, seconds)
                 if step.step_id == 0:
                     response.block_versions.extend(self.block_versions)
@@ -262,6 +277,9 @@ class WorkerServer:
         worker_pb2_grpc.add_WorkerServicer_to_server(self.servicer, self.service.server)
         self.registration: Registration | None = None
         self.address = ""
+        # Serving /metrics (None without --metrics-port); metrics_port is its bound port.
+        self.metrics_server: HttpServer | None = None
+        self.metrics_port = 0
 
     async def start(self) -> str:
         """Bind, load the model (health NOT_SERVING meanwhile), register, then SERVING.
@@ -272,6 +290,10 @@ class WorkerServer:
         opts = self.options
         port = await self.service.start(f"{opts.host}:{opts.port}")
         self.address = advertised_address(opts.host, opts.advertise_host, port)
+        if opts.metrics_port is not None:
+            self.metrics_server = await serve_metrics(self.servicer.metrics.registry, opts.host,
+                                                      opts.metrics_port)
+            self.metrics_port = self.metrics_server.port
         if self.runner is None:
             from worker_svc.model_runner import ModelRunner
 
@@ -283,6 +305,7 @@ class WorkerServer:
                           self.scheduler_config)
         info.address = self.address
         self.servicer.block_versions = [0] * self.runner.num_kv_blocks
+        self.servicer.metrics.num_kv_blocks.set(self.runner.num_kv_blocks)
         self.servicer.runner, self.servicer.info = self.runner, info
         if opts.redis_url:
             self.registration = Registration(opts.redis_url, info, opts.heartbeat_ttl)
@@ -300,7 +323,7 @@ class WorkerServer:
         """
         await self._deregister()
         await self.service.stop(grace)
-        self.servicer.close()
+        await self._close()
 
     async def serve_until_signal(self, grace: float = 5.0) -> None:
         """Serve until SIGTERM: deregister, drain the Step stream, release the runner."""
@@ -314,4 +337,6 @@ class WorkerServer:
             self.registration = None
 
     async def _close(self) -> None:
+        if self.metrics_server is not None:
+            await self.metrics_server.stop(0.0)
         self.servicer.close()

@@ -15,18 +15,23 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-from gridllm.common.logger import configure_logging
+from gridllm.common.logger import LOG_FORMATS, configure_logging
+from gridllm.common.tracing import configure_tracing
 
 
 def service_parser(prog: str, description: str | None, grace_s: float
                    ) -> argparse.ArgumentParser:
-    """A parser with the flags every service has: ``--grace`` and ``--log-level``."""
+    """A parser with the flags every service has: ``--grace``, ``--log-level`` and
+    ``--log-format``."""
     parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--grace", type=float, default=grace_s, metavar="S",
                         help=f"seconds to drain in-flight calls on SIGTERM (default: {grace_s})")
     parser.add_argument("--log-level", default=None,
                         help="logging level (default: GRIDLLM_LOGGING_LEVEL or INFO)")
+    parser.add_argument("--log-format", default=None, choices=LOG_FORMATS,
+                        help="text, or json: one JSON object per line (default: "
+                             "GRIDLLM_LOG_FORMAT or text)")
     return parser
 
 
@@ -34,7 +39,12 @@ def serve_main(parser: argparse.ArgumentParser, build: Callable[[argparse.Namesp
                argv: list[str] | None = None) -> None:
     """Parse ``argv``, configure logging, build the server and serve until SIGTERM/SIGINT."""
     args = parser.parse_args(argv)
-    configure_logging(args.log_level)
+    try:
+        configure_logging(args.log_level, args.log_format)
+    except ValueError as exc:
+        parser.error(str(exc))
+    # "python -m scheduler_svc" -> the span's service "gridllm-scheduler_svc".
+    configure_tracing(f"gridllm-{parser.prog.split()[-1]}")
     asyncio.run(_serve(parser, build, args))
 
 
