@@ -145,7 +145,7 @@ class SchedulerServer:
 
     async def _shutdown(self) -> None:
         if self.metrics_server is not None:
-            await self.metrics_server.stop(0.0)
+            await self.metrics_server.stop(1.0)
         await self.pool.close()
         await self.mirror.close()
         if self.redis is not None:

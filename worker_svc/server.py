@@ -338,5 +338,5 @@ class WorkerServer:
 
     async def _close(self) -> None:
         if self.metrics_server is not None:
-            await self.metrics_server.stop(0.0)
+            await self.metrics_server.stop(1.0)
         self.servicer.close()
