@@ -157,7 +157,11 @@ class HttpApi:
                                 "created": self.created, "owned_by": "gridllm"}
         info = self.engine.pool.any_info()
         if info is not None:
+            # vLLM's extra, and gridllm's (what a client needs to make token-id prompts).
             card["max_model_len"] = info.max_model_len
+            card["vocab_size"] = info.vocab_size
+            eos = self.engine.eos_token_ids
+            card["eos_token_id"] = eos[0] if eos else None
         return {"object": "list", "data": [card]}
 
     async def tokenize(self, request: Request) -> Response:

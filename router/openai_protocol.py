@@ -182,9 +182,10 @@ def _stream_options(body: dict, stream: bool) -> bool:
 def _base_request(body: dict, params: SamplingParams, request_id: str
                   ) -> generate_pb2.GenerateRequest:
     priority = _body_field(body, "priority", int, "an integer", 0)
-    request = generate_pb2.GenerateRequest(
-        request_id=request_id, sampling_params=sampling_params_to_pb(params), priority=priority)
-    return request
+    return_token_ids = _body_field(body, "return_token_ids", bool, "a boolean", False)
+    return generate_pb2.GenerateRequest(
+        request_id=request_id, sampling_params=sampling_params_to_pb(params), priority=priority,
+        return_token_ids=return_token_ids)
 
 
 def _warn_ignored(body: dict, known: set[str]) -> None:

@@ -58,6 +58,7 @@ class ChoiceState:
     text: str = ""
     logprobs: list[DecodedLogprobs] = field(default_factory=list)
     num_tokens: int = 0
+    token_ids: list[int] = field(default_factory=list)
     num_cached_tokens: int = 0
     finish_reason: str | None = None
     stop_reason: str | int | None = None
@@ -70,16 +71,21 @@ class ChoiceState:
         self.text += delta.text
         self.logprobs.extend(delta.new_logprobs)
         self.num_tokens += len(delta.new_token_ids)
+        self.token_ids.extend(delta.new_token_ids)
         if delta.finished:
             self.finish_reason = delta.finish_reason.value  # type: ignore[union-attr]
             self.stop_reason = delta.stop_reason
             if delta.usage is not None:
                 self.num_cached_tokens = delta.usage.cached_tokens
 
-    def completion_choice(self, with_logprobs: bool) -> dict[str, Any]:
-        return {"index": self.index, "text": self.text,
-                "logprobs": completion_logprobs(self.logprobs, 0) if with_logprobs else None,
-                "finish_reason": self.finish_reason, "stop_reason": self.stop_reason}
+    def completion_choice(self, with_logprobs: bool, with_token_ids: bool = False
+                          ) -> dict[str, Any]:
+        choice = {"index": self.index, "text": self.text,
+                  "logprobs": completion_logprobs(self.logprobs, 0) if with_logprobs else None,
+                  "finish_reason": self.finish_reason, "stop_reason": self.stop_reason}
+        if with_token_ids:
+            choice["token_ids"] = self.token_ids
+        return choice
 
     def chat_choice(self, with_logprobs: bool) -> dict[str, Any]:
         return {"index": self.index, "message": {"role": "assistant", "content": self.text},
@@ -88,15 +94,20 @@ class ChoiceState:
 
 
 def completion_chunk_choice(state: ChoiceState, delta: CompletionDelta, text: str,
-                            with_logprobs: bool) -> dict[str, Any]:
-    """The streamed choice for one delta of a completion (``text`` may carry an echo)."""
+                            with_logprobs: bool, with_token_ids: bool = False
+                            ) -> dict[str, Any]:
+    """The streamed choice for one delta of a completion (``text`` may carry an echo;
+    ``token_ids``, vLLM's extra, when asked for)."""
     logprobs = None
     if with_logprobs:
         logprobs = completion_logprobs(delta.new_logprobs, state.num_streamed_chars)
     state.num_streamed_chars += len(text)
-    return {"index": state.index, "text": text, "logprobs": logprobs,
-            "finish_reason": delta.finish_reason.value if delta.finished else None,  # type: ignore[union-attr]
-            "stop_reason": delta.stop_reason if delta.finished else None}
+    choice = {"index": state.index, "text": text, "logprobs": logprobs,
+              "finish_reason": delta.finish_reason.value if delta.finished else None,  # type: ignore[union-attr]
+              "stop_reason": delta.stop_reason if delta.finished else None}
+    if with_token_ids:
+        choice["token_ids"] = delta.new_token_ids
+    return choice
 
 
 def chat_chunk_choices(state: ChoiceState, delta: CompletionDelta,

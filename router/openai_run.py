@@ -62,6 +62,8 @@ class OpenAIRun:
         self.object = "chat.completion" if is_chat else "text_completion"
         self.chunk_object = "chat.completion.chunk" if is_chat else "text_completion"
         self.with_logprobs = parsed.num_logprobs is not None
+        # vLLM's extra: the choices carry their token ids too.
+        self.with_token_ids = validated[0].return_token_ids
         self.states = [ChoiceState(i) for i in range(len(validated) * parsed.n)]
         self.created = int(time.time())
 
@@ -95,7 +97,8 @@ class OpenAIRun:
             for state in self.states:
                 state.text = self._echo(state.index // self.parsed.n) + state.text
         choices = [s.chat_choice(self.with_logprobs) if self.is_chat
-                   else s.completion_choice(self.with_logprobs) for s in self.states]
+                   else s.completion_choice(self.with_logprobs, self.with_token_ids)
+                   for s in self.states]
         body = {"id": request_id, "object": self.object, "created": self.created,
                 "model": self.model_name, "choices": choices, "usage": self._usage()}
         return JSONResponse(body, headers=headers)
@@ -154,8 +157,10 @@ class OpenAIRun:
                 state.has_sent_role = True  # the echo goes out once, first
                 text = self._echo(position) + text
             choices = []
-            if text or delta.finished or (self.with_logprobs and delta.new_logprobs):
-                choices = [completion_chunk_choice(state, delta, text, self.with_logprobs)]
+            if text or delta.finished or (self.with_logprobs and delta.new_logprobs) or (
+                    self.with_token_ids and delta.new_token_ids):
+                choices = [completion_chunk_choice(state, delta, text, self.with_logprobs,
+                                                   self.with_token_ids)]
         state.add(delta)
         return choices
 

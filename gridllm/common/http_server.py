@@ -27,7 +27,9 @@ def bind_socket(host: str, port: int) -> socket.socket:
         PortInUseError: another process listens there.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto given explicitly: asyncio sets TCP_NODELAY on accepted connections only when it
+    # is IPPROTO_TCP; without it each streamed event waits for the client's delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     # As the gRPC servers: a port in TIME_WAIT is free, one with a listener is not.
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
