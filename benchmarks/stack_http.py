@@ -64,8 +64,13 @@ def main() -> None:
     cpu = {b: median("throughput", b,
                      lambda r: 1e6 * r["router_cpu_s"] / r["total_output_tokens"])
            for b in serve.BACKENDS}
-    print(f"model {args.model}, {os.cpu_count()} CPU cores, {time.strftime('%Y-%m-%d')}, "
+    print(f"model {args.model}, {os.cpu_count()} CPU cores, load average "
+          f"{os.getloadavg()[0]:.1f}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
           f"medians of {args.rounds} alternating rounds")
+    for (name, backend), runs in sorted(results.items()):
+        print(f"  {name:10s} {backend:6s} out tok/s "
+              + " ".join(f"{r['output_tokens_per_s']:.0f}" for r in runs) + "; TTFT p50 ms "
+              + " ".join(f"{r['ttft_ms']['p50']:.1f}" for r in runs))
     print(f"throughput ({args.num_prompts} prompts at once, in 32-128, out 64-256): "
           f"gRPC {tok['grpc']:.0f} out tok/s, HTTP {tok['openai']:.0f} out tok/s, "
           f"HTTP/gRPC {tok['openai'] / tok['grpc']:.3f}; ITL p50 gRPC {itl['grpc']:.2f} ms, "
