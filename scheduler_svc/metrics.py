@@ -51,9 +51,8 @@ class _PoolCollector:
                                           "recompute).", labels=["worker_id"])
         alive = GaugeMetricFamily(metric("num_workers_alive"), "Workers linked and serving.")
         num_alive = 0
+        # A link enters pool.links with its scheduler core built.
         for link in list(self.pool.links.values()):
-            if link._scheduler is None:
-                continue
             core, bm, labels = link.scheduler, link.scheduler.block_manager, [link.worker_id]
             running.add_metric(labels, core.num_running)
             waiting.add_metric(labels, core.num_waiting)
