@@ -257,8 +257,11 @@ def test_metrics_count_a_known_workload_exactly(http_stack, oai):
                  status="200") == num_requests
     for name in ("queue_time", "prefill_time", "decode_time", "inference_time"):
         assert moved(s0, scheduler, f"gridllm:request_{name}_seconds_count") == num_requests
-    assert moved(s0, scheduler, "gridllm:iteration_tokens_total_sum") == \
-        num_prompt_tokens + num_requests * (max_tokens - 1)
+    # Every prompt token once (distinct first blocks: no prefix-cache hits) and every decode;
+    # a request finishing at step N may hold one wasted slot at N + 1 (pipelined steps).
+    computed = num_prompt_tokens + num_requests * (max_tokens - 1)
+    assert computed <= moved(s0, scheduler, "gridllm:iteration_tokens_total_sum") <= \
+        computed + num_requests
     worker_id = next(dict(k[1])["worker_id"] for k in scheduler
                      if k[0] == "gridllm:num_requests_running")
     assert scheduler[("gridllm:num_requests_running", (("worker_id", worker_id),))] == 0
