@@ -53,8 +53,9 @@ RUN useradd --uid ${APP_UID} --user-group --create-home --home-dir /home/gridllm
     && chown gridllm:gridllm /cache /run/gridllm/gpu-locks
 USER ${APP_UID}
 
-# Router 50051 (published by compose), scheduler 50052, worker 50053 (internal only).
-EXPOSE 50051 50052 50053
+# Router 50051 (gRPC) and 8000 (OpenAI-compatible HTTP), published by compose; scheduler
+# 50052, worker 50053 and their metrics on 9090 (internal only).
+EXPOSE 50051 8000 50052 50053 9090
 # Services stop on SIGTERM after draining (compose's stop_grace_period bounds it); the
 # entrypoint execs the command, so the signal reaches the service itself.
 STOPSIGNAL SIGTERM

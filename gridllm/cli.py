@@ -1,6 +1,6 @@
 """``gridllm``: run the local stack, call it, or generate in-process.
 
-    gridllm up [--model M] [--workers N] [--port 50051] [--redis-url URL]
+    gridllm up [--model M] [--workers N] [--port 50051] [--http-port 8000] [--redis-url URL]
     gridllm generate [--target HOST[:PORT]] "prompt"
     gridllm run [--model M] "prompt"
     gridllm bench throughput|serve|latency ...
@@ -21,6 +21,7 @@ from types import FrameType
 
 from gridllm.common.cli_args import add_arguments, args_dict, from_args
 from gridllm.common.config import (
+    DEFAULT_HTTP_PORT,
     DEFAULT_MODEL,
     DEFAULT_ROUTER_PORT,
     WORKER_MODEL_EXCLUDED,
@@ -28,7 +29,7 @@ from gridllm.common.config import (
     ModelConfig,
     SchedulerConfig,
 )
-from gridllm.common.logger import configure_logging
+from gridllm.common.logger import LOG_FORMATS, configure_logging
 from gridllm.launcher import (
     STACK_SET_ROUTER_FIELDS,
     STACK_SET_SCHEDULER_FIELDS,
@@ -78,7 +79,8 @@ def _parser(sub, name: str, help_text: str, description: str | None = None):
 
 def _add_up_arguments(up: argparse.ArgumentParser) -> None:
     """The stack's flags, then every engine and service setting it passes on."""
-    add_arguments(up.add_argument_group("stack"), StackConfig)
+    add_arguments(up.add_argument_group("stack"), StackConfig,
+                  defaults={"http_port": DEFAULT_HTTP_PORT})
     add_arguments(up.add_argument_group("model (every worker)"), ModelConfig,
                   exclude=("model", *WORKER_MODEL_EXCLUDED))
     add_arguments(up.add_argument_group("KV cache (every worker)"), CacheConfig)
@@ -128,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gridllm {version()}")
     parser.add_argument("--log-level", default=None,
                         help="logging level (default: GRIDLLM_LOGGING_LEVEL or INFO)")
+    parser.add_argument("--log-format", default=None, choices=LOG_FORMATS,
+                        help="text, or json: one JSON object per line; `up` passes it on to "
+                             "every service (default: GRIDLLM_LOG_FORMAT or text)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     _add_up_arguments(_parser(sub, "up", "start Redis, scheduler, workers and router locally"))
@@ -171,6 +176,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     # Before anything starts: a typo must not cost a Redis, a scheduler and a traceback.
     check_model(args.model, "--model")
     config = stack_config_from_args(args)
+    if args.log_format is not None:
+        config.env.setdefault("GRIDLLM_LOG_FORMAT", args.log_format)
     stack = LocalStack(config)
     # SIGTERM to the launcher alone must stop the children as Ctrl-C does; SIGINT is set
     # too because a launcher started in the background inherits it ignored.
@@ -180,7 +187,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:
         stack.start()
         # stdout is the interface here (scripts read the endpoint), not a log line.
-        print(f"gridllm serving {config.model} at {stack.endpoint} "
+        http = f" and {stack.http_endpoint}/v1 (OpenAI API)" if stack.http_endpoint else ""
+        print(f"gridllm serving {config.model} at {stack.endpoint}{http} "
               f"({config.num_workers} worker(s); logs in {stack.log_dir})", flush=True)
         while not stopped.wait(1.0):
             for process in stack.processes:
@@ -303,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         # One line, as argparse reports its own errors; logging is not configured yet.
         sys.stderr.write(f"{parser.prog}: error: {problem}\n")
         return 2
-    configure_logging(args.log_level)
+    configure_logging(args.log_level, args.log_format)
     try:
         return _COMMANDS[args.command](args)
     except ValueError as exc:

@@ -44,9 +44,12 @@ logger = logging.getLogger(__name__)
 
 # The fields of each service's settings the stack sets itself (addresses, ids, Redis, model);
 # the others are passed on as the service's flags.
-STACK_SET_SCHEDULER_FIELDS = ("worker_addresses", "redis_url", "host", "port", "advertise_host")
-STACK_SET_WORKER_FIELDS = ("worker_id", "host", "port", "advertise_host", "redis_url")
-STACK_SET_ROUTER_FIELDS = ("model", "scheduler_addresses", "redis_url", "host", "port")
+STACK_SET_SCHEDULER_FIELDS = ("worker_addresses", "redis_url", "host", "port", "advertise_host",
+                              "metrics_port")
+STACK_SET_WORKER_FIELDS = ("worker_id", "host", "port", "advertise_host", "redis_url",
+                           "metrics_port")
+STACK_SET_ROUTER_FIELDS = ("model", "scheduler_addresses", "redis_url", "host", "port",
+                           "http_port")
 
 # prctl(PR_SET_PDEATHSIG): the kernel signals the child if the launcher dies unannounced.
 _PR_SET_PDEATHSIG = 1
@@ -309,8 +312,17 @@ class StackConfig:
                         help="preset name, HF directory or GGUF file served by every worker")
     num_workers: int = option(1, flag="--workers", help="worker processes")
     port: int = option(DEFAULT_ROUTER_PORT, help="the router's port; 0 picks a free one")
+    http_port: int | None = option(
+        None, help="the router's OpenAI-compatible HTTP API (and /metrics, /health, /ready); "
+             "0 picks a free one")
     host: str = option("127.0.0.1", help="address the router binds (internal services "
                                          "always bind loopback)")
+    scheduler_metrics_port: int | None = option(
+        None, default_help="off", help="the scheduler's Prometheus /metrics port (loopback); "
+                                       "0 picks a free one")
+    worker_metrics_port: int | None = option(
+        None, default_help="off", help="the first worker's Prometheus /metrics port "
+        "(loopback; worker k gets this + k - 1); 0 picks free ones")
     redis_url: str | None = option(None, default_help="start one",
                                    help="an existing Redis (redis://host:port/db)")
     log_dir: str | None = option(
@@ -338,6 +350,9 @@ class StackConfig:
     def __post_init__(self) -> None:
         require(self.num_workers >= 1, "num_workers", "must be at least 1", self.num_workers)
         check_port(self.port)
+        for name in ("http_port", "scheduler_metrics_port", "worker_metrics_port"):
+            if getattr(self, name) is not None:
+                check_port(getattr(self, name), name)
         require(self.startup_timeout_s > 0, "startup_timeout_s", "must be positive",
                 self.startup_timeout_s)
         require(bool(self.model), "model", "must be a non-empty name or path", self.model)
@@ -386,6 +401,9 @@ class LocalStack:
         self.workers: list[ManagedProcess] = []
         self.router: ManagedProcess | None = None
         self.router_port = 0
+        # The router's HTTP port (0: no HTTP API), and each service's metrics port by name.
+        self.http_port = 0
+        self.metrics_ports: dict[str, int] = {}
         self.model_path = config.model
         self._num_started = 0
 
@@ -394,6 +412,13 @@ class LocalStack:
         """``host:port`` clients dial."""
         host = "127.0.0.1" if self.config.host in ("0.0.0.0", "::") else self.config.host
         return f"{host}:{self.router_port}"
+
+    @property
+    def http_endpoint(self) -> str | None:
+        """``http://host:port`` of the router's HTTP API (None when it serves none)."""
+        if not self.http_port:
+            return None
+        return f"http://{self.endpoint.rsplit(':', 1)[0]}:{self.http_port}"
 
     @property
     def processes(self) -> list[ManagedProcess]:
@@ -418,9 +443,10 @@ class LocalStack:
                 started so far is stopped again).
         """
         check_model(self.config.model)
-        if not is_port_free(self.config.host, self.config.port):
-            raise PortInUseError(f"port {self.config.port} is in use on {self.config.host}: "
-                                 "another process listens there; pick another port.")
+        for port in (self.config.port, self.config.http_port):
+            if port and not is_port_free(self.config.host, port):
+                raise PortInUseError(f"port {port} is in use on {self.config.host}: another "
+                                     "process listens there; pick another port.")
         self.log_dir = self.log_dir or new_log_dir()
         os.makedirs(self.log_dir, exist_ok=True)
         try:
@@ -460,6 +486,7 @@ class LocalStack:
         address = f"127.0.0.1:{self.scheduler_port}"
         argv = [sys.executable, "-m", "scheduler_svc", "--host", "127.0.0.1",
                 "--port", str(self.scheduler_port), "--redis-url", str(self.redis_url),
+                *self._metrics_args("scheduler", self.config.scheduler_metrics_port),
                 *self.config.scheduler_args()]
         self.scheduler = ManagedProcess("scheduler", argv, self._log_path("scheduler"),
                                         {**self.config.env, "GRIDLLM_ADDRESS": address}).start()
@@ -471,10 +498,13 @@ class LocalStack:
         """Start one more worker; it registers in Redis and the scheduler picks it up."""
         port = free_port()
         address = f"127.0.0.1:{port}"
+        self._num_started += 1
+        first = self.config.worker_metrics_port
+        metrics_args = self._metrics_args(f"worker-{self._num_started}",
+                                          first and first + self._num_started - 1)
         argv = [sys.executable, "-m", "worker_svc", "--model", self.model_path,
                 "--host", "127.0.0.1", "--port", str(port), "--redis-url", str(self.redis_url),
-                *self.config.worker_args()]
-        self._num_started += 1
+                *metrics_args, *self.config.worker_args()]
         worker = ManagedProcess(f"worker-{self._num_started}", argv,
                                 self._log_path(f"worker-{self._num_started}"),
                                 {**self.config.env, "GRIDLLM_ADDRESS": address}).start()
@@ -485,13 +515,25 @@ class LocalStack:
 
     def _start_router(self) -> None:
         self.router_port = self.config.port or free_port()
+        http_args: list[str] = []
+        if self.config.http_port is not None:
+            self.http_port = self.config.http_port or free_port(self.config.host)
+            http_args = ["--http-port", str(self.http_port)]
         argv = [sys.executable, "-m", "router", "--host", self.config.host,
                 "--port", str(self.router_port), "--model", self.model_path,
                 "--scheduler", f"127.0.0.1:{self.scheduler_port}",
-                "--redis-url", str(self.redis_url), *self.config.router_args()]
+                "--redis-url", str(self.redis_url), *http_args, *self.config.router_args()]
         self.router = ManagedProcess("router", argv, self._log_path("router"),
                                      dict(self.config.env)).start()
         wait_for_health(self.endpoint, self.router, self.config.startup_timeout_s)
+
+    def _metrics_args(self, name: str, port: int | None) -> list[str]:
+        """``--metrics-port`` for a service (port 0: a free one, remembered by name)."""
+        if port is None:
+            return []
+        port = self.metrics_ports.get(name) or port or free_port()
+        self.metrics_ports[name] = port
+        return ["--metrics-port", str(port)]
 
     def _log_path(self, name: str) -> str:
         return os.path.join(self.log_dir, f"{name}.log")

@@ -19,43 +19,34 @@ from typing import Any
 import grpc
 
 from gridllm.common.cli_args import option
-from gridllm.common.completion import CompletionState
 from gridllm.common.config import DEFAULT_ROUTER_PORT, check_port, require
 from gridllm.common.contract import ModelLimits
-from gridllm.common.convert import (
-    model_limits_from_pb,
-    model_limits_to_pb,
-    request_update_from_pb,
-    sampling_params_to_pb,
-)
+from gridllm.common.convert import model_limits_to_pb
 from gridllm.common.grpc_utils import ServiceServer
-from gridllm.common.output_processor import Child, fan_out
-from gridllm.common.sampling_params import SamplingParams
-from gridllm.v1 import generate_pb2, generate_pb2_grpc, scheduler_pb2
-from router.responses import generate_response
-from router.routing import PrefixIndex, SchedulerLink, SchedulerPool
-from router.validation import (
-    ValidatedRequest,
-    render_chat,
-    tokenize_text,
-    validate_request,
+from gridllm.common.http_server import HttpServer
+from gridllm.v1 import generate_pb2, generate_pb2_grpc
+from router.engine_client import (
+    RETRY_AFTER_KEY,
+    EngineClient,
+    RequestFailure,
+    deadline_after,
 )
+from router.metrics import RouterMetrics
+from router.responses import generate_response
+from router.routing import PrefixIndex, SchedulerPool
+from router.validation import render_chat, tokenize_text, validate_request
 
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = "gridllm.v1.Generation"
-# Status codes of a Submit stream that mean "the scheduler went away", not "the request is bad".
-_RESUBMIT_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
-                   grpc.StatusCode.UNKNOWN, grpc.StatusCode.ABORTED, grpc.StatusCode.INTERNAL)
+# Kept for callers of the former name: the request path's failure.
+RpcFailure = RequestFailure
 
 
-class RpcFailure(Exception):
-    """Ends a client call with ``code`` (raised inside completions, aborted by the handler)."""
-
-    def __init__(self, code: grpc.StatusCode, details: str):
-        super().__init__(details)
-        self.code = code
-        self.details = details
+async def _abort(context: grpc.aio.ServicerContext, failure: RequestFailure) -> None:
+    metadata = (() if failure.retry_after_ms is None
+                else ((RETRY_AFTER_KEY, str(failure.retry_after_ms)),))
+    await context.abort(failure.code, failure.details, trailing_metadata=metadata)
 
 
 @dataclass
@@ -64,7 +55,8 @@ class RouterOptions:
     tokenizer: str | None = option(None, default_help="the model's",
                                    help="tokenizer directory")
     served_model_name: str | None = option(
-        None, default_help="--model", help="model name GetModelInfo reports to clients")
+        None, default_help="--model",
+        help="model name GetModelInfo and the HTTP API's /v1/models report to clients")
     scheduler_addresses: list[str] = option(
         default_factory=list, flag="--scheduler", metavar="HOST:PORT",
         help="a scheduler to route to (repeatable); none: discover the schedulers "
@@ -74,6 +66,10 @@ class RouterOptions:
                    "scheduler registry")
     host: str = option("127.0.0.1", help="address to bind")
     port: int = option(DEFAULT_ROUTER_PORT, help="port to bind; 0 picks a free one")
+    http_port: int | None = option(
+        None, default_help="none: gRPC only",
+        help="port of the OpenAI-compatible HTTP API, /metrics, /health and /ready (same "
+             "host); 0 picks a free one")
     scheduler_wait_s: float = option(
         60.0, flag="--scheduler-wait", metavar="S",
         help="seconds a request waits for a scheduler (at start, or after its scheduler died)")
@@ -83,6 +79,8 @@ class RouterOptions:
     def __post_init__(self) -> None:
         require(bool(self.model), "model", "must be a non-empty name or path", self.model)
         check_port(self.port)
+        if self.http_port is not None:
+            check_port(self.http_port, "http_port")
         require(self.scheduler_wait_s > 0, "scheduler_wait_s", "must be positive",
                 self.scheduler_wait_s)
         require(self.max_resubmits >= 0, "max_resubmits", "must be non-negative",
@@ -102,14 +100,17 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
         eos_token_ids: the first is sent as the request's EOS, the rest as extra stop ids.
         pool: the schedulers.
         options: RouterOptions.
+        engine: the request path (shared with the HTTP front); None: one of its own.
     """
 
     def __init__(self, tokenizer: Any | None, eos_token_ids: list[int], pool: SchedulerPool,
-                 options: RouterOptions):
+                 options: RouterOptions, engine: EngineClient | None = None):
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
         self.pool = pool
         self.options = options
+        self.engine = engine or EngineClient(tokenizer, eos_token_ids, pool,
+                                             options.scheduler_wait_s, options.max_resubmits)
 
     # ----------------------------------------------------------------- Generate
     async def Generate(self, request: generate_pb2.GenerateRequest,
@@ -118,136 +119,22 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
         """Stream one request's completion(s); ValueError -> INVALID_ARGUMENT naming the field."""
         limits = await self._limits(context)
         validated = validate_request(request, self.tokenizer, limits)
-        children = fan_out(validated.request_id, validated.sampling_params)
         try:
-            if len(children) == 1:
-                async for response in self._complete(validated, children[0], context):
+            async for delta in self.engine.generate(
+                    validated, deadline_after(context.time_remaining()), "grpc"):
+                response = generate_response(validated.request_id, delta,
+                                             validated.return_token_ids)
+                if response is not None:
                     yield response
-            else:
-                async for response in self._complete_n(validated, children, context):
-                    yield response
-        except RpcFailure as failure:
-            await context.abort(failure.code, failure.details)
-
-    async def _complete_n(self, validated: ValidatedRequest, children: list[Child],
-                          context: grpc.aio.ServicerContext
-                          ) -> AsyncIterator[generate_pb2.GenerateResponse]:
-        queue: asyncio.Queue = asyncio.Queue()
-        done = object()
-
-        async def run(child: Child) -> None:
-            try:
-                async for response in self._complete(validated, child, context):
-                    await queue.put(response)
-                await queue.put(done)
-            except Exception as exc:  # noqa: BLE001 - re-raised by the merging loop
-                await queue.put(exc)
-
-        tasks = [asyncio.create_task(run(child)) for child in children]
-        try:
-            remaining = len(children)
-            while remaining:
-                item = await queue.get()
-                if item is done:
-                    remaining -= 1
-                elif isinstance(item, Exception):
-                    raise item
-                else:
-                    yield item
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-    async def _complete(self, validated: ValidatedRequest, child: Child,
-                        context: grpc.aio.ServicerContext
-                        ) -> AsyncIterator[generate_pb2.GenerateResponse]:
-        """One completion; survives scheduler deaths by resubmitting prompt + tokens so far."""
-        prompt_ids = validated.prompt_token_ids
-        state = CompletionState(self.tokenizer, prompt_ids, child.params, child.index)
-        for attempt in range(self.options.max_resubmits + 1):
-            link = await self._pick(prompt_ids + state.token_ids, context)
-            call = link.stub.Submit(self._submit_request(validated, child.req_id, attempt,
-                                                         child.params, state.token_ids),
-                                    timeout=context.time_remaining())
-            link.num_inflight += 1
-            # Finished upstream (the scheduler freed the request), not here by a stop string.
-            is_upstream_done = False
-            try:
-                async for msg in call:
-                    update = request_update_from_pb(msg)
-                    is_upstream_done = update.finished
-                    delta = state.process(update)
-                    response = generate_response(validated.request_id, delta,
-                                                 validated.return_token_ids)
-                    if response is not None:
-                        yield response
-                    if delta.finished:
-                        return
-            except grpc.aio.AioRpcError as exc:
-                self._raise_unless_resubmittable(exc, link, attempt)
-            finally:
-                link.num_inflight -= 1
-                if not is_upstream_done:
-                    # Client cancel, deadline, stop string, or failure: abort it upstream.
-                    call.cancel()
-            logger.warning("request %s lost its scheduler %s after %d tokens; resubmitting",
-                           child.req_id, link.address, len(state.token_ids))
-        raise RpcFailure(grpc.StatusCode.UNAVAILABLE,
-                         f"request {child.req_id} failed after {self.options.max_resubmits} "
-                         "resubmissions: schedulers keep failing")
-
-    def _raise_unless_resubmittable(self, exc: grpc.aio.AioRpcError, link: SchedulerLink,
-                                    attempt: int) -> None:
-        code = exc.code()
-        if code == grpc.StatusCode.INVALID_ARGUMENT:
-            raise ValueError(exc.details())
-        if code not in _RESUBMIT_CODES:
-            raise RpcFailure(code, exc.details() or code.name)
-        self.pool.mark_down(link)
-        if attempt >= self.options.max_resubmits:
-            raise RpcFailure(code, f"scheduler failed: {exc.details()}")
-
-    async def _pick(self, token_ids: list[int], context: grpc.aio.ServicerContext
-                    ) -> SchedulerLink:
-        wait_s = self.options.scheduler_wait_s
-        remaining = context.time_remaining()
-        if remaining is not None:
-            wait_s = min(wait_s, remaining)
-        try:
-            return await self.pool.pick(token_ids, wait_s)
-        except TimeoutError as exc:
-            raise RpcFailure(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
-
-    def _submit_request(self, validated: ValidatedRequest, sub_id: str, attempt: int,
-                        params: SamplingParams, generated: list[int]
-                        ) -> scheduler_pb2.SubmitRequest:
-        if generated:
-            # Resumed: prompt logprobs were sent already, with the first response.
-            params = params.clone(prompt_logprobs=None)
-        request = scheduler_pb2.SubmitRequest(
-            # A fresh id per attempt: a restarted scheduler may still hold the old one.
-            request_id=sub_id if attempt == 0 else f"{sub_id}~{attempt}",
-            prompt_token_ids=validated.prompt_token_ids,
-            # What was generated resumes as output: max_tokens, min_tokens and the
-            # penalties see it as an uninterrupted run does.
-            output_token_ids=generated,
-            sampling_params=sampling_params_to_pb(params), priority=validated.priority,
-            extra_stop_token_ids=self.eos_token_ids[1:])
-        if self.eos_token_ids:
-            request.eos_token_id = self.eos_token_ids[0]
-        return request
+        except RequestFailure as failure:
+            await _abort(context, failure)
 
     async def _limits(self, context: grpc.aio.ServicerContext) -> ModelLimits:
-        info = self.pool.any_info()
-        if info is None:
-            try:
-                await self._pick([], context)
-            except RpcFailure as failure:
-                await context.abort(failure.code, failure.details)
-            info = self.pool.any_info()
-        assert info is not None
-        return model_limits_from_pb(info)
+        try:
+            return await self.engine.model_limits(deadline_after(context.time_remaining()))
+        except RequestFailure as failure:
+            await _abort(context, failure)
+            raise  # not reached: abort raises
 
     # ----------------------------------------------------------------- small RPCs
     async def Tokenize(self, request: generate_pb2.TokenizeRequest,
@@ -345,6 +232,11 @@ class RouterServer:
         self.pool: SchedulerPool | None = None
         self._redis: Any = None
         self._ready_task: asyncio.Task | None = None
+        self.metrics = RouterMetrics()
+        # The OpenAI-compatible API (None without --http-port); http_port is its bound port.
+        self.http: HttpServer | None = None
+        self.http_port = 0
+        self._http_drain: asyncio.Task | None = None
 
     async def start(self, address: str | None = None) -> int:
         """Bind (``address``, default the options' host:port) and start; health turns
@@ -359,12 +251,31 @@ class RouterServer:
             self._redis = aioredis.from_url(self.redis_url)
         self.pool = SchedulerPool(self.scheduler_addresses, PrefixIndex(self._redis))
         self.pool.start()
-        servicer = GenerationServicer(self.tokenizer, self.eos_token_ids, self.pool, self.options)
+        engine = EngineClient(self.tokenizer, self.eos_token_ids, self.pool,
+                              self.options.scheduler_wait_s, self.options.max_resubmits,
+                              self.metrics)
+        servicer = GenerationServicer(self.tokenizer, self.eos_token_ids, self.pool, self.options,
+                                      engine)
         generate_pb2_grpc.add_GenerationServicer_to_server(servicer, self.server.server)
         port = await self.server.start(address or f"{self.options.host}:{self.options.port}")
+        if self.options.http_port is not None:
+            await self._start_http(engine)
         self._ready_task = asyncio.create_task(self._become_ready())
         logger.info("router listening on port %d, schedulers %s", port, self.scheduler_addresses)
         return port
+
+    async def _start_http(self, engine: EngineClient) -> None:
+        from router.http_api import HttpApi
+
+        pool = self.pool
+        assert pool is not None
+        api = HttpApi(engine, self.options.model_name, [self.options.model], self.metrics,
+                      is_ready=lambda: bool(pool.alive()))
+        self.http = HttpServer(api.asgi(), self.options.host, self.options.http_port or 0,
+                               "router-http")
+        self.http_port = await self.http.start()
+        logger.info("router HTTP API (OpenAI-compatible) at http://%s:%d/v1",
+                    self.options.host, self.http_port)
 
     async def _become_ready(self) -> None:
         assert self.pool is not None
@@ -380,10 +291,21 @@ class RouterServer:
     async def stop(self) -> None:
         if self._ready_task is not None:
             self._ready_task.cancel()
+        if self.http is not None:
+            await self.http.stop(0.0)
+        if self._http_drain is not None:
+            await self._http_drain
         if self.pool is not None:
             await self.pool.close()
         if self._redis is not None:
             await self._redis.aclose()
 
     async def serve_until_signal(self, grace: float) -> None:
-        await self.server.serve_until_signal(grace, on_stop=self.stop)
+        await self.server.serve_until_signal(grace, on_stop=self.stop,
+                                             before_stop=lambda: self._drain_http(grace))
+
+    async def _drain_http(self, grace: float) -> None:
+        # Stops accepting now and drains alongside the gRPC streams (not after them).
+        if self.http is not None:
+            http, self.http = self.http, None
+            self._http_drain = asyncio.create_task(http.stop(grace))

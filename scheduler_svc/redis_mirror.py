@@ -73,6 +73,10 @@ class RedisMirror:
         self._is_closing = False
         self._tasks: list[asyncio.Task] = []
         self.num_flushes = 0
+        # When the oldest change not yet written was recorded (time.monotonic()), and who
+        # hears how long it waited once written (the metrics' mirror lag).
+        self._oldest_change: float | None = None
+        self.on_flush: Callable[[float], None] | None = None
 
     @property
     def enabled(self) -> bool:
@@ -125,6 +129,8 @@ class RedisMirror:
             block_ids = bm.get_block_ids(req_id)
             tracked.tables[req_id] = ",".join(map(str, block_ids)) if block_ids else None
         tracked.is_dirty = True
+        if self._oldest_change is None:
+            self._oldest_change = time.monotonic()
         self._wakeup.set()
 
     # ----------------------------------------------------------------- background
@@ -158,9 +164,12 @@ class RedisMirror:
                     taken.append((worker_id, tracked, self._take(pipe, worker_id, tracked)))
             if not taken:
                 return
+            changed_at, self._oldest_change = self._oldest_change, None
             try:
                 await pipe.execute()
             except Exception:
+                if changed_at is not None:
+                    self._oldest_change = min(changed_at, self._oldest_change or changed_at)
                 for _, tracked, (cached, tables) in taken:  # keep them for the retry
                     tracked.cached = {**cached, **tracked.cached}
                     tracked.tables = {**tables, **tracked.tables}
@@ -171,6 +180,8 @@ class RedisMirror:
                 if tracked.is_retired and self._tracked.get(worker_id) is tracked:
                     del self._tracked[worker_id]
             self.num_flushes += 1
+            if changed_at is not None and self.on_flush is not None:
+                self.on_flush(time.monotonic() - changed_at)
 
     def _take(self, pipe, worker_id: str, tracked: _Tracked):
         cached, tracked.cached = tracked.cached, {}

@@ -14,7 +14,10 @@ from dataclasses import dataclass, field
 from gridllm.common.cli_args import option
 from gridllm.common.config import HEARTBEAT_TTL_S, SchedulerConfig, check_port, require
 from gridllm.common.grpc_utils import ServiceServer, advertised_address
+from gridllm.common.http_server import HttpServer
+from gridllm.common.metrics import serve_metrics
 from gridllm.v1 import scheduler_pb2_grpc
+from scheduler_svc.metrics import SchedulerMetrics
 from scheduler_svc.redis_mirror import RedisMirror
 from scheduler_svc.servicer import SchedulerServicer, UpdateStreams
 from scheduler_svc.worker_pool import WorkerPool
@@ -55,6 +58,9 @@ class SchedulerServiceConfig:
         "workers) a new request gets RESOURCE_EXHAUSTED; an empty queue takes any request")
     max_migrations: int = option(
         3, help="times a request may resume on another worker after losing its own")
+    metrics_port: int | None = option(
+        None, default_help="off",
+        help="port of the Prometheus /metrics endpoint (on --host); 0 picks a free one")
 
     def __post_init__(self) -> None:
         check_port(self.port)
@@ -68,6 +74,8 @@ class SchedulerServiceConfig:
             require(getattr(self, name) >= 1, name, "must be at least 1", getattr(self, name))
         require(self.max_migrations >= 0, "max_migrations", "must be non-negative",
                 self.max_migrations)
+        if self.metrics_port is not None:
+            check_port(self.metrics_port, "metrics_port")
 
 
 class SchedulerServer:
@@ -101,6 +109,12 @@ class SchedulerServer:
                                           self.config.max_num_queued_reqs,
                                           self.config.max_num_queued_tokens)
         scheduler_pb2_grpc.add_SchedulerServicer_to_server(self.servicer, self.service.server)
+        self.metrics = SchedulerMetrics(self.pool)
+        self.pool.step_observer = self.metrics.on_step
+        self.mirror.on_flush = self.metrics.mirror_lag.observe
+        # Serving /metrics (None without --metrics-port); metrics_port is its bound port.
+        self.metrics_server: HttpServer | None = None
+        self.metrics_port = 0
 
     async def start(self) -> str:
         """Bind, connect to the workers found so far and start discovery.
@@ -112,6 +126,10 @@ class SchedulerServer:
         port = await self.service.start(f"{cfg.host}:{cfg.port}")
         self.address = advertised_address(cfg.host, cfg.advertise_host, port)
         self.mirror.start()
+        if cfg.metrics_port is not None:
+            self.metrics_server = await serve_metrics(self.metrics.registry, cfg.host,
+                                                      cfg.metrics_port)
+            self.metrics_port = self.metrics_server.port
         await self.pool.start(cfg.discovery_interval)
         logger.info("scheduler %s at %s with %d workers", self.scheduler_id, self.address,
                     len(self.pool.links))
@@ -126,6 +144,8 @@ class SchedulerServer:
         await self.service.serve_until_signal(grace, on_stop=self._shutdown)
 
     async def _shutdown(self) -> None:
+        if self.metrics_server is not None:
+            await self.metrics_server.stop(1.0)
         await self.pool.close()
         await self.mirror.close()
         if self.redis is not None:

@@ -7,8 +7,10 @@ import logging
 
 import grpc
 
+from gridllm.common import tracing
 from gridllm.common.contract import ErrorKind, FinishReason, RequestUpdate
 from gridllm.common.convert import request_update_to_pb, sampling_params_from_pb
+from gridllm.common.logger import request_id_var
 from gridllm.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2
 from scheduler_svc.request import Request, RequestStatus, build_request
 from scheduler_svc.worker_pool import NoWorkerError, WorkerPool
@@ -17,6 +19,8 @@ logger = logging.getLogger(__name__)
 
 # Trailing metadata of a RESOURCE_EXHAUSTED Submit: milliseconds to wait before retrying.
 RETRY_AFTER_KEY = "retry-after-ms"
+# Invocation metadata of a Submit: the request's id as its client knows it (for the logs).
+REQUEST_ID_KEY = "x-request-id"
 _RETRY_AFTER_MS = 1000
 
 
@@ -77,16 +81,28 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             SubmitResponse messages; the last carries finish_reason. A cancelled call
             aborts the request. INVALID_ARGUMENT names a bad field; UNAVAILABLE without workers.
         """
+        metadata = context.invocation_metadata() or ()
+        # The id the client knows (the router's); the request's own id otherwise.
+        request_id_var.set(next((v for k, v in metadata if k == REQUEST_ID_KEY), None)
+                           or request.request_id or None)
+        with tracing.span("scheduler.submit", request.request_id, metadata):
+            async for response in self._submit(request, context):
+                yield response
+
+    async def _submit(self, request: scheduler_pb2.SubmitRequest, context):
         try:
             req = self._make_request(request, self.pool.any_info())
         except NoWorkerError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         refusal = self._admission_refusal(req)
         if refusal is not None:
+            logger.info("request %s refused: %s", req.req_id, refusal)
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal,
                                 trailing_metadata=((RETRY_AFTER_KEY, str(_RETRY_AFTER_MS)),))
         queue = self.streams.open(req.req_id)
         is_finished = False
+        num_output_tokens = 0
+        worker_id = ""
         try:
             try:
                 self.pool.add_request(req)
@@ -99,6 +115,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                     later, worker_id = queue.get_nowait()
                     update = _merge(update, later)
                 is_finished = update.finished
+                num_output_tokens += len(update.new_token_ids)
                 if update.error is not None:
                     if update.error_kind == ErrorKind.UNAVAILABLE:
                         await context.abort(grpc.StatusCode.UNAVAILABLE, update.error)
@@ -111,7 +128,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             if not is_finished:
                 # Cancelled by the client (or the router went away): free its blocks.
                 self.pool.abort([req.req_id])
-                logger.debug("request %s cancelled", req.req_id)
+            logger.info("request %s %s on worker %s: %d prompt + %d output tokens", req.req_id,
+                        update.finish_reason.value if is_finished and update.finish_reason
+                        else "cancelled", worker_id or "-", req.num_prompt_tokens,
+                        num_output_tokens)
 
     def _admission_refusal(self, req: Request) -> str | None:
         """Why the waiting queue cannot take ``req`` now, or None."""

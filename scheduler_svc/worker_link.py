@@ -76,6 +76,12 @@ class WorkerLink:
         self._unlisted_since: float | None = None
         # A read posted while idle, so a closed stream or a drain notice is seen at once.
         self._pending_read: asyncio.Future | None = None
+        # The step whose answer on_step gets: when it was sent (time.monotonic()) and the
+        # seconds the worker says it ran (for the metrics).
+        self.last_step_sent_at: float | None = None
+        # step id -> when it was sent (for the round-trip metric).
+        self._sent_at: dict[int, float] = {}
+        self.last_step_execute_s = 0.0
 
     async def open(self, timeout: float = 10.0) -> None:
         """Open the Step stream and check it with an empty step.
@@ -191,12 +197,16 @@ class WorkerLink:
                     assert self._call is not None
                     bump_versions(self.block_versions, step.output, self.scheduler.block_size)
                     step.handle = self.step_id
+                    self._sent_at[self.step_id] = time.monotonic()
                     await self._call.write(scheduler_output_to_pb(step.output, self.step_id))
                     continue
                 if not pipeline.num_in_flight:
                     await self._wait_idle()
                     continue
-                response = await self._read_response(pipeline.oldest().handle)
+                step_id = pipeline.oldest().handle
+                response = await self._read_response(step_id)
+                self.last_step_sent_at = self._sent_at.pop(step_id, None)
+                self.last_step_execute_s = response.execute_seconds
                 output, updates = pipeline.complete(runner_output_from_pb(response))
                 self._on_step(self, output, updates)
         except asyncio.CancelledError:

@@ -71,6 +71,9 @@ class WorkerPool:
         self._last_info: worker_pb2.WorkerInfo | None = None
         self._stopping = asyncio.Event()
         self._discovery: asyncio.Task | None = None
+        # Sees every step after it was applied (the metrics), if set.
+        self.step_observer: Callable[[WorkerLink, SchedulerOutput, list[RequestUpdate]],
+                                     None] | None = None
 
     # ----------------------------------------------------------------- lifecycle
     async def start(self, discovery_interval: float) -> None:
@@ -178,6 +181,8 @@ class WorkerPool:
                 self._req_links.pop(update.req_id, None)
         self._deliver(updates, link.worker_id)
         self.mirror.note_step(link.worker_id, output, updates)
+        if self.step_observer is not None:
+            self.step_observer(link, output, updates)
 
     def _on_dead(self, link: WorkerLink, orphans: list[Request]) -> None:
         if self.links.get(link.worker_id) is link:

@@ -194,12 +194,30 @@ def test_the_model_is_chosen_at_run_time_from_the_models_volume(compose):
         assert set(services[name]["build"].get("args", {})) == {"DEVICE"}
 
 
+def _published(router: dict, target: int) -> dict:
+    (port,) = [p for p in router["ports"] if p["target"] == target]
+    return port
+
+
 def test_the_router_port_is_published_on_loopback_unless_told_otherwise(compose):
-    (port,) = _config(compose, "docker-compose.yml")["services"]["router"]["ports"]
+    port = _published(_config(compose, "docker-compose.yml")["services"]["router"], 50051)
     assert port["host_ip"] == "127.0.0.1" and port["published"] == "50051"
-    (port,) = _config(compose, "docker-compose.yml", GRIDLLM_BIND="0.0.0.0",
-                      GRIDLLM_PORT="8443")["services"]["router"]["ports"]
+    port = _published(_config(compose, "docker-compose.yml", GRIDLLM_BIND="0.0.0.0",
+                              GRIDLLM_PORT="8443")["services"]["router"], 50051)
     assert port["host_ip"] == "0.0.0.0" and port["published"] == "8443"
+
+
+def test_the_router_http_port_is_published_next_to_grpc(compose):
+    import router.__main__ as router_main
+
+    router = _config(compose, "docker-compose.yml")["services"]["router"]
+    assert sorted(p["target"] for p in router["ports"]) == [8000, 50051]
+    port = _published(router, 8000)
+    assert port["host_ip"] == "127.0.0.1" and port["published"] == "8000"
+    assert router_main.parse_args(_module_args(router["command"])[1]).http_port == 8000
+    port = _published(_config(compose, "docker-compose.yml", GRIDLLM_BIND="0.0.0.0",
+                              GRIDLLM_HTTP_PORT="9000")["services"]["router"], 8000)
+    assert port["host_ip"] == "0.0.0.0" and port["published"] == "9000"
 
 
 def test_one_gpu_per_worker(compose):

@@ -37,7 +37,10 @@ from gridllm.common.grpc_utils import (
     stop_tasks,
     wait_or_stop,
 )
+from gridllm.common.http_server import HttpServer
+from gridllm.common.metrics import serve_metrics
 from gridllm.v1 import worker_pb2, worker_pb2_grpc
+from worker_svc.metrics import WorkerMetrics
 
 if TYPE_CHECKING:
     from worker_svc.runner_output import AsyncRunnerOutput
@@ -56,6 +59,9 @@ class _QueuedStep:
     output: AsyncRunnerOutput
     # When the step reached the worker (its answer reports the seconds since).
     start: float
+    # Tokens and new requests of the step (for the metrics).
+    num_tokens: int = 0
+    num_new_requests: int = 0
     # Resolves once the output's host copies landed (waited for in a helper thread).
     ready: asyncio.Future | None = None
 
@@ -80,9 +86,14 @@ class WorkerOptions:
         help="Redis to register in (e.g. redis://host:6379/0)")
     heartbeat_ttl: float = option(
         HEARTBEAT_TTL_S, metavar="S", help="seconds the registry entry outlives the last heartbeat")
+    metrics_port: int | None = option(
+        None, default_help="off",
+        help="port of the Prometheus /metrics endpoint (on --host); 0 picks a free one")
 
     def __post_init__(self) -> None:
         check_port(self.port)
+        if self.metrics_port is not None:
+            check_port(self.metrics_port, "metrics_port")
         require(self.heartbeat_ttl >= 1.0, "heartbeat_ttl", "must be at least 1 second",
                 self.heartbeat_ttl)
 
@@ -109,6 +120,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.draining = asyncio.Event()
         # Per KV block: times handed out for new content (kept across streams, like the KV).
         self.block_versions: list[int] = [] if runner is None else [0] * runner.num_kv_blocks
+        self.metrics = WorkerMetrics()
 
     def _reset_requests(self) -> None:
         with self._lock:
@@ -177,8 +189,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                         queued.popleft()
                         output = await loop.run_in_executor(self._executor, self._read,
                                                             oldest.output)
-                        response = runner_output_to_pb(output, oldest.step_id,
-                                                       time.perf_counter() - oldest.start)
+                        seconds = time.perf_counter() - oldest.start
+                        self.metrics.on_step(seconds, oldest.num_tokens,
+                                             oldest.num_new_requests)
+                        response = runner_output_to_pb(output, oldest.step_id, seconds)
                         if oldest.step_id == 0:
                             response.block_versions.extend(self.block_versions)
                         if self.draining.is_set():
@@ -199,13 +213,19 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     break
                 next_step = None
                 scheduler_output = scheduler_output_from_pb(step)
+                for new in scheduler_output.scheduled_new_reqs:
+                    logger.info("request %s: %d prompt tokens, %d computed already",
+                                new.req_id, len(new.prompt_token_ids), new.num_computed_tokens,
+                                extra={"request_id": new.req_id})
                 # Counted before running: a failed step may have overwritten its blocks.
                 bump_versions(self.block_versions, scheduler_output, self.runner.block_size)
                 start = time.perf_counter()
                 pending = await loop.run_in_executor(self._executor, self._launch,
                                                      scheduler_output)
                 self.num_steps += 1
-                queued.append(_QueuedStep(step.step_id, pending, start))
+                queued.append(_QueuedStep(step.step_id, pending, start,
+                                          scheduler_output.total_num_scheduled_tokens,
+                                          len(scheduler_output.scheduled_new_reqs)))
         finally:
             for future in (drain, next_step, *(q.ready for q in queued)):
                 if future is None:
@@ -313,6 +333,9 @@ class WorkerServer:
         worker_pb2_grpc.add_WorkerServicer_to_server(self.servicer, self.service.server)
         self.registration: Registration | None = None
         self.address = ""
+        # Serving /metrics (None without --metrics-port); metrics_port is its bound port.
+        self.metrics_server: HttpServer | None = None
+        self.metrics_port = 0
 
     async def start(self) -> str:
         """Bind, load the model (health NOT_SERVING meanwhile), register, then SERVING.
@@ -323,6 +346,10 @@ class WorkerServer:
         opts = self.options
         port = await self.service.start(f"{opts.host}:{opts.port}")
         self.address = advertised_address(opts.host, opts.advertise_host, port)
+        if opts.metrics_port is not None:
+            self.metrics_server = await serve_metrics(self.servicer.metrics.registry, opts.host,
+                                                      opts.metrics_port)
+            self.metrics_port = self.metrics_server.port
         if self.runner is None:
             from worker_svc.model_runner import ModelRunner
 
@@ -334,6 +361,7 @@ class WorkerServer:
                           self.scheduler_config)
         info.address = self.address
         self.servicer.block_versions = [0] * self.runner.num_kv_blocks
+        self.servicer.metrics.num_kv_blocks.set(self.runner.num_kv_blocks)
         self.servicer.runner, self.servicer.info = self.runner, info
         if opts.redis_url:
             self.registration = Registration(opts.redis_url, info, opts.heartbeat_ttl)
@@ -351,7 +379,7 @@ class WorkerServer:
         """
         await self._deregister()
         await self.service.stop(grace)
-        self.servicer.close()
+        await self._close()
 
     async def serve_until_signal(self, grace: float = 5.0) -> None:
         """Serve until SIGTERM: deregister, drain the Step stream, release the runner."""
@@ -365,4 +393,6 @@ class WorkerServer:
             self.registration = None
 
     async def _close(self) -> None:
+        if self.metrics_server is not None:
+            await self.metrics_server.stop(1.0)
         self.servicer.close()

@@ -1,9 +1,12 @@
-"""``gridllm bench serve``: online benchmark through the router's public gRPC API.
+"""``gridllm bench serve``: online benchmark through the router's public gRPC API, or its
+OpenAI-compatible HTTP API (``--backend openai``: streamed ``/v1/completions``).
 
 Requests (random token-id prompts, greedy, ``ignore_eos``, ``max_tokens = output_len``) are
 sent as a Poisson process of ``--request-rate`` per second (``inf``: all at once), optionally
 capped at ``--max-concurrency`` in flight. Each streamed response is timestamped on arrival;
-``gridllm.bench.metrics`` turns the timestamps into TTFT/TPOT/ITL/E2E statistics.
+``gridllm.bench.metrics`` turns the timestamps into TTFT/TPOT/ITL/E2E statistics, the same
+for both backends (the HTTP requests ask for vLLM's ``return_token_ids`` so every event's
+tokens are counted as the gRPC responses' are).
 ``--sweep r1,r2,...`` repeats the run per rate and plots latency against throughput.
 """
 
@@ -11,11 +14,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import math
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -27,10 +32,14 @@ from gridllm.bench.report import format_table, machine_info, write_json
 logger = logging.getLogger(__name__)
 
 
+BACKENDS = ("grpc", "openai")
+
+
 @dataclass
 class ServeConfig:
     """What ``bench serve`` sends; fields mirror the CLI flags."""
 
+    # HOST:PORT (grpc) or http://HOST:PORT (openai).
     target: str
     num_prompts: int = 256
     input_len_range: tuple[int, int] = (100, 1024)
@@ -43,8 +52,13 @@ class ServeConfig:
     # Deadline of each request in seconds (None: none).
     request_timeout_s: float | None = None
     use_tqdm: bool = True
+    # "grpc": the Generation service; "openai": the HTTP API's streamed /v1/completions.
+    backend: str = "grpc"
 
     def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got "
+                             f"{self.backend!r}.")
         if self.num_prompts < 1:
             raise ValueError(f"num_prompts must be at least 1, got {self.num_prompts}.")
         if not self.request_rate > 0:
@@ -85,8 +99,34 @@ async def _send_one(client, request: BenchRequest, record: RequestRecord,
         record.error = repr(exc)
 
 
-async def _run_requests(client, requests: list[BenchRequest], config: ServeConfig
-                        ) -> tuple[list[RequestRecord], float]:
+async def _send_one_openai(client, model: str, request: BenchRequest, record: RequestRecord,
+                           timeout_s: float | None) -> None:
+    body = {"model": model, "prompt": request.prompt_token_ids, "max_tokens": request.output_len,
+            "temperature": 0.0, "ignore_eos": True, "stream": True, "return_token_ids": True}
+
+    async def stream() -> None:
+        async for data in client.stream_events("/v1/completions", body):
+            now = time.perf_counter()
+            if data == b"[DONE]":
+                continue  # the stream ends next; read to its end to reuse the connection
+            event = json.loads(data)
+            if "error" in event:
+                raise RuntimeError(event["error"].get("message"))
+            num_tokens = len(event["choices"][0].get("token_ids") or ())
+            if num_tokens:
+                record.chunk_times.append(now)
+                record.chunk_num_tokens.append(num_tokens)
+
+    record.send_time = time.perf_counter()
+    try:
+        await asyncio.wait_for(stream(), timeout_s)
+        record.end_time = time.perf_counter()
+    except Exception as exc:  # noqa: BLE001 - one failed request must not stop the run
+        record.error = repr(exc)
+
+
+async def _run_requests(client, requests: list[BenchRequest], config: ServeConfig,
+                        model: str = "") -> tuple[list[RequestRecord], float]:
     from tqdm.auto import tqdm
 
     records = [RequestRecord(r.input_len, r.output_len, 0.0) for r in requests]
@@ -94,12 +134,18 @@ async def _run_requests(client, requests: list[BenchRequest], config: ServeConfi
     bar = tqdm(total=len(requests), desc=f"requests (rate {config.request_rate})",
                disable=not config.use_tqdm, dynamic_ncols=True)
 
+    async def send(request: BenchRequest, record: RequestRecord) -> None:
+        if config.backend == "openai":
+            await _send_one_openai(client, model, request, record, config.request_timeout_s)
+        else:
+            await _send_one(client, request, record, config.request_timeout_s)
+
     async def limited(request: BenchRequest, record: RequestRecord) -> None:
         if semaphore is None:
-            await _send_one(client, request, record, config.request_timeout_s)
+            await send(request, record)
         else:
             async with semaphore:
-                await _send_one(client, request, record, config.request_timeout_s)
+                await send(request, record)
         bar.update(1)
 
     start = time.perf_counter()
@@ -118,10 +164,16 @@ async def _run_requests(client, requests: list[BenchRequest], config: ServeConfi
 
 async def run_serve_async(config: ServeConfig) -> dict[str, Any]:
     """Run one serving benchmark against ``config.target``; returns a JSON-ready dict."""
-    from gridllm.client import AsyncClient
+    if config.backend == "openai":
+        from gridllm.bench.http_client import HttpClient
 
-    async with AsyncClient(config.target) as client:
-        info = await client.model_info()
+        client_context: Any = HttpClient(config.target)
+    else:
+        from gridllm.client import AsyncClient
+
+        client_context = AsyncClient(config.target)
+    async with client_context as client:
+        info = await _model_info(client, config.backend)
         excluded = [] if info.eos_token_id is None else [info.eos_token_id]
         requests = random_requests(config.num_prompts, config.input_len_range,
                                    config.output_len_range, info.vocab_size, seed=config.seed,
@@ -130,7 +182,7 @@ async def run_serve_async(config: ServeConfig) -> dict[str, Any]:
         if info.max_model_len and longest > info.max_model_len:
             logger.warning("input + output up to %d tokens exceeds the server's max_model_len "
                            "%d: some requests will be rejected", longest, info.max_model_len)
-        records, duration = await _run_requests(client, requests, config)
+        records, duration = await _run_requests(client, requests, config, info.model)
     failures = [r.error for r in records if r.error]
     if failures:
         logger.warning("%d of %d requests failed; first: %s", len(failures), len(records),
@@ -141,6 +193,17 @@ async def run_serve_async(config: ServeConfig) -> dict[str, Any]:
     return {"benchmark": "serve", "model": info.model, "client_machine": machine_info("cpu"),
             "config": config_dict, **compute_serve_metrics(records, duration),
             "first_errors": failures[:3]}
+
+
+async def _model_info(client, backend: str):
+    if backend != "openai":
+        return await client.model_info()
+    card = (await client.get_json("/v1/models"))["data"][0]
+    if "vocab_size" not in card:
+        raise RuntimeError("the server's /v1/models names no vocab_size (is it gridllm?)")
+    return SimpleNamespace(model=card["id"], vocab_size=card["vocab_size"],
+                           eos_token_id=card.get("eos_token_id"),
+                           max_model_len=card.get("max_model_len"))
 
 
 def run_serve(config: ServeConfig) -> dict[str, Any]:
@@ -213,7 +276,11 @@ def format_result(result: dict[str, Any]) -> str:
 
 # ------------------------------------------------------------------------------- CLI
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", default=None, help="router HOST:PORT")
+    p.add_argument("--target", default=None,
+                   help="router HOST:PORT (grpc) or http://HOST:PORT (openai)")
+    p.add_argument("--backend", default="grpc", choices=BACKENDS,
+                   help="grpc: the Generation service; openai: the HTTP API's streamed "
+                        "/v1/completions (same workload and statistics)")
     p.add_argument("--launch", action="store_true",
                    help="start the local stack (as `gridllm up`) for --model and bench it")
     p.add_argument("--model", default=None, help="model for --launch")
@@ -236,8 +303,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def launch_stack(model: str, max_num_seqs: int | None = None,
                  max_num_batched_tokens: int | None = None,
                  scheduler_args: list[str] | None = None):
-    """Start Redis, scheduler, one worker and the router for ``model`` (``gridllm up``);
-    ``scheduler_args`` go to the scheduler only."""
+    """Start Redis, scheduler, one worker and the router (gRPC and HTTP) for ``model``
+    (``gridllm up``); ``scheduler_args`` go to the scheduler only."""
     from gridllm.common.config import SchedulerConfig
     from gridllm.launcher import LocalStack, StackConfig
     from scheduler_svc.server import SchedulerServiceConfig
@@ -246,10 +313,16 @@ def launch_stack(model: str, max_num_seqs: int | None = None,
     budgets: dict[str, Any] = {name: value for name, value in given if value is not None}
     # The stack passes the budgets to the scheduler and sizes the workers by them.
     scheduler_options = SchedulerServiceConfig(scheduler_config=SchedulerConfig(**budgets))
-    stack = LocalStack(StackConfig(model=model, port=0, scheduler_options=scheduler_options,
+    stack = LocalStack(StackConfig(model=model, port=0, http_port=0,
+                                   scheduler_options=scheduler_options,
                                    extra_scheduler_args=list(scheduler_args or [])))
     stack.start()
     return stack
+
+
+def stack_target(stack, backend: str) -> str:
+    """Where ``backend`` reaches a launched stack."""
+    return stack.http_endpoint if backend == "openai" else stack.endpoint
 
 
 def _check_plotting() -> None:
@@ -276,7 +349,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     plot_error = None
     try:
         config = ServeConfig(
-            target=stack.endpoint if stack else args.target, num_prompts=args.num_prompts,
+            target=(stack_target(stack, args.backend) if stack else args.target),
+            num_prompts=args.num_prompts, backend=args.backend,
             input_len_range=parse_range(args.input_len_range, "--input-len-range"),
             output_len_range=parse_range(args.output_len_range, "--output-len-range"),
             request_rate=args.request_rate, max_concurrency=args.max_concurrency,

@@ -22,6 +22,8 @@ _ATTENTION_BACKENDS = ("auto", "torch", "triton")
 DEFAULT_MODEL = "smollm2-135m"
 # The router's port: where clients dial by default.
 DEFAULT_ROUTER_PORT = 50051
+# The router's OpenAI-compatible HTTP port under `gridllm up`.
+DEFAULT_HTTP_PORT = 8000
 # Seconds a worker's or scheduler's registry entry outlives its last heartbeat in Redis.
 HEARTBEAT_TTL_S = 6.0
 # The SchedulerConfig fields a worker is sized by (its CUDA graphs, its profiling forward).

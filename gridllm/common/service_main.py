@@ -12,21 +12,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 from collections.abc import Callable
 from typing import Any
 
-from gridllm.common.logger import configure_logging
+from gridllm.common.logger import LOG_FORMATS, configure_logging
+from gridllm.common.tracing import configure_tracing
 
 
 def service_parser(prog: str, description: str | None, grace_s: float
                    ) -> argparse.ArgumentParser:
-    """A parser with the flags every service has: ``--grace`` and ``--log-level``."""
+    """A parser with the flags every service has: ``--grace``, ``--log-level`` and
+    ``--log-format``."""
     parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--grace", type=float, default=grace_s, metavar="S",
                         help=f"seconds to drain in-flight calls on SIGTERM (default: {grace_s})")
     parser.add_argument("--log-level", default=None,
                         help="logging level (default: GRIDLLM_LOGGING_LEVEL or INFO)")
+    parser.add_argument("--log-format", default=None, choices=LOG_FORMATS,
+                        help="text, or json: one JSON object per line (default: "
+                             "GRIDLLM_LOG_FORMAT or text)")
     return parser
 
 
@@ -34,7 +40,12 @@ def serve_main(parser: argparse.ArgumentParser, build: Callable[[argparse.Namesp
                argv: list[str] | None = None) -> None:
     """Parse ``argv``, configure logging, build the server and serve until SIGTERM/SIGINT."""
     args = parser.parse_args(argv)
-    configure_logging(args.log_level)
+    try:
+        configure_logging(args.log_level, args.log_format)
+    except ValueError as exc:
+        parser.error(str(exc))
+    # "python -m scheduler_svc" -> the span's service "gridllm-scheduler_svc".
+    configure_tracing(f"gridllm-{parser.prog.split()[-1]}")
     asyncio.run(_serve(parser, build, args))
 
 
@@ -46,4 +57,13 @@ async def _serve(parser: argparse.ArgumentParser, build: Callable[[argparse.Name
     except ValueError as exc:
         parser.error(str(exc))
     await server.start()
+    freeze_startup_objects()
     await server.serve_until_signal(args.grace)
+
+
+def freeze_startup_objects() -> None:
+    """Keep what start-up built (imported modules, tokenizer, weights' Python objects) out of
+    the garbage collector's full collections: with millions of such objects a full
+    collection stalls the event loop for hundreds of milliseconds mid-request."""
+    gc.collect()
+    gc.freeze()

@@ -38,17 +38,23 @@ def e2e_redis_url(redis_server) -> str:
     return url
 
 
-@pytest.fixture(scope="module")
-def stack(tiny_served_model, e2e_redis_url, tmp_path_factory):
-    config = StackConfig(
-        model=tiny_served_model, num_workers=2, port=0, redis_url=e2e_redis_url,
-        log_dir=str(tmp_path_factory.mktemp("stack-logs")), startup_timeout_s=120.0,
-        stop_grace_s=5.0, cache_config=CacheConfig(num_kv_blocks=NUM_KV_BLOCKS),
+def stack_config(model: str, redis_url: str, log_dir: str, **changes) -> StackConfig:
+    """The e2e stack's settings (``changes`` override StackConfig fields)."""
+    settings = dict(
+        model=model, num_workers=2, port=0, redis_url=redis_url, log_dir=log_dir,
+        startup_timeout_s=120.0, stop_grace_s=5.0,
+        cache_config=CacheConfig(num_kv_blocks=NUM_KV_BLOCKS),
         # Frequent looks so a restarted or stopped worker is noticed quickly.
         scheduler_options=SchedulerServiceConfig(discovery_interval=0.3),
-        router_options=RouterOptions(model=tiny_served_model,
-                                     served_model_name=SERVED_MODEL_NAME),
+        router_options=RouterOptions(model=model, served_model_name=SERVED_MODEL_NAME),
         env={"GRIDLLM_LOGGING_LEVEL": "INFO"})
+    return StackConfig(**{**settings, **changes})
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_served_model, e2e_redis_url, tmp_path_factory):
+    config = stack_config(tiny_served_model, e2e_redis_url,
+                          str(tmp_path_factory.mktemp("stack-logs")))
     stack = LocalStack(config)
     stack.start()
     try:

@@ -33,3 +33,15 @@ def test_every_service_has_grace_and_log_level_with_defaults_shown(capsys):
         assert f"--grace S seconds to drain in-flight calls on SIGTERM (default: {grace})" \
             in text
         assert "--log-level" in text
+
+
+def test_startup_objects_leave_the_collectors_full_collections():
+    import gc
+
+    from gridllm.common.service_main import freeze_startup_objects
+
+    try:
+        freeze_startup_objects()
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
