@@ -9,22 +9,26 @@ so far when its scheduler dies mid-stream. It keeps no state beyond the requests
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import logging
 import os
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
-from gridllm.common.cli_args import option
+from gridllm.common.cli_args import option, parse_size
 from gridllm.common.completion import CompletionState
-from gridllm.common.config import DEFAULT_ROUTER_PORT, check_port, require
+from gridllm.common.config import DEFAULT_ROUTER_PORT, RequestLimits, check_port, require
 from gridllm.common.contract import ModelLimits
 from gridllm.common.convert import (
     model_limits_from_pb,
     model_limits_to_pb,
+    request_limits_from_pb,
     request_update_from_pb,
     sampling_params_to_pb,
 )
@@ -47,6 +51,10 @@ SERVICE_NAME = "gridllm.v1.Generation"
 # Status codes of a Submit stream that mean "the scheduler went away", not "the request is bad".
 _RESUBMIT_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
                    grpc.StatusCode.UNKNOWN, grpc.StatusCode.ABORTED, grpc.StatusCode.INTERNAL)
+# Threads tokenizing requests (and rendering chat templates) off the event loop; the
+# tokenizers library releases the GIL while it encodes.
+_NUM_TOKENIZER_THREADS = 4
+_T = TypeVar("_T")
 
 
 class RpcFailure(Exception):
@@ -79,6 +87,9 @@ class RouterOptions:
         help="seconds a request waits for a scheduler (at start, or after its scheduler died)")
     max_resubmits: int = option(
         3, help="resubmissions of one request after scheduler failures before giving up")
+    max_request_bytes: int = option(
+        16 << 20, is_size=True, help="largest request (and response) message the router "
+        "takes; a larger one gets RESOURCE_EXHAUSTED before it is read")
 
     def __post_init__(self) -> None:
         require(bool(self.model), "model", "must be a non-empty name or path", self.model)
@@ -87,6 +98,9 @@ class RouterOptions:
                 self.scheduler_wait_s)
         require(self.max_resubmits >= 0, "max_resubmits", "must be non-negative",
                 self.max_resubmits)
+        self.max_request_bytes = parse_size(self.max_request_bytes, "max_request_bytes")
+        require(self.max_request_bytes >= 1024, "max_request_bytes", "must be at least 1KiB",
+                self.max_request_bytes)
 
     @property
     def model_name(self) -> str:
@@ -110,14 +124,35 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
         self.eos_token_ids = eos_token_ids
         self.pool = pool
         self.options = options
+        self._executor = ThreadPoolExecutor(_NUM_TOKENIZER_THREADS,
+                                            thread_name_prefix="tokenize")
+        # Each tokenizing thread works on its own copy of the tokenizer.
+        self._local = threading.local()
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _thread_tokenizer(self) -> Any | None:
+        tokenizer = getattr(self._local, "tokenizer", None)
+        if tokenizer is None and self.tokenizer is not None:
+            tokenizer = self._local.tokenizer = copy.deepcopy(self.tokenizer)
+        return tokenizer
+
+    async def _off_loop(self, work: Callable[[Any], _T]) -> _T:
+        """``work(tokenizer)`` on a tokenizing thread (so a huge prompt or chat template
+        does not freeze the streams this event loop serves)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor,
+                                          lambda: work(self._thread_tokenizer()))
 
     # ----------------------------------------------------------------- Generate
     async def Generate(self, request: generate_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[generate_pb2.GenerateResponse]:
         """Stream one request's completion(s); ValueError -> INVALID_ARGUMENT naming the field."""
-        limits = await self._limits(context)
-        validated = validate_request(request, self.tokenizer, limits)
+        limits, request_limits = await self._limits(context)
+        validated = await self._off_loop(
+            lambda tokenizer: validate_request(request, tokenizer, limits, request_limits))
         children = fan_out(validated.request_id, validated.sampling_params)
         try:
             if len(children) == 1:
@@ -238,7 +273,9 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
             request.eos_token_id = self.eos_token_ids[0]
         return request
 
-    async def _limits(self, context: grpc.aio.ServicerContext) -> ModelLimits:
+    async def _limits(self, context: grpc.aio.ServicerContext
+                      ) -> tuple[ModelLimits, RequestLimits]:
+        """The served model's limits and the request limits its scheduler admits."""
         info = self.pool.any_info()
         if info is None:
             try:
@@ -247,7 +284,7 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
                 await context.abort(failure.code, failure.details)
             info = self.pool.any_info()
         assert info is not None
-        return model_limits_from_pb(info)
+        return model_limits_from_pb(info), request_limits_from_pb(info.request_limits)
 
     # ----------------------------------------------------------------- small RPCs
     async def Tokenize(self, request: generate_pb2.TokenizeRequest,
@@ -256,19 +293,22 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
         kind = request.WhichOneof("input")
         add_special = (request.add_special_tokens if request.HasField("add_special_tokens")
                        else True)
-        if kind == "text":
-            ids = tokenize_text(self.tokenizer, request.text, add_special, "text")
-        elif kind == "chat":
-            ids = render_chat(self.tokenizer, request.chat, "chat")
-        else:
+        if kind not in ("text", "chat"):
             raise ValueError("input must be set: text or chat.")
+        max_model_len = (await self._limits(context))[0].max_model_len
+        if kind == "text":
+            ids = await self._off_loop(lambda tokenizer: tokenize_text(
+                tokenizer, request.text, add_special, "text", max_model_len))
+        else:
+            ids = await self._off_loop(lambda tokenizer: render_chat(
+                tokenizer, request.chat, "chat", max_model_len))
         return generate_pb2.TokenizeResponse(token_ids=ids)
 
     async def GetModelInfo(self, request: generate_pb2.GetModelInfoRequest,
                            context: grpc.aio.ServicerContext
                            ) -> generate_pb2.GetModelInfoResponse:
         """The served model (UNAVAILABLE until a scheduler with workers answered)."""
-        limits = await self._limits(context)
+        limits = (await self._limits(context))[0]
         if self.eos_token_ids:
             # The router's tokenizer decides what ends a request it sends.
             limits = dataclasses.replace(limits, eos_token_id=self.eos_token_ids[0])
@@ -341,8 +381,9 @@ class RouterServer:
                                                                    options.tokenizer)
         self.scheduler_addresses = list(options.scheduler_addresses)
         self.redis_url = options.redis_url
-        self.server = ServiceServer([SERVICE_NAME])
+        self.server = ServiceServer([SERVICE_NAME], max_message_bytes=options.max_request_bytes)
         self.pool: SchedulerPool | None = None
+        self.servicer: GenerationServicer | None = None
         self._redis: Any = None
         self._ready_task: asyncio.Task | None = None
 
@@ -359,8 +400,9 @@ class RouterServer:
             self._redis = aioredis.from_url(self.redis_url)
         self.pool = SchedulerPool(self.scheduler_addresses, PrefixIndex(self._redis))
         self.pool.start()
-        servicer = GenerationServicer(self.tokenizer, self.eos_token_ids, self.pool, self.options)
-        generate_pb2_grpc.add_GenerationServicer_to_server(servicer, self.server.server)
+        self.servicer = GenerationServicer(self.tokenizer, self.eos_token_ids, self.pool,
+                                           self.options)
+        generate_pb2_grpc.add_GenerationServicer_to_server(self.servicer, self.server.server)
         port = await self.server.start(address or f"{self.options.host}:{self.options.port}")
         self._ready_task = asyncio.create_task(self._become_ready())
         logger.info("router listening on port %d, schedulers %s", port, self.scheduler_addresses)
@@ -382,6 +424,8 @@ class RouterServer:
             self._ready_task.cancel()
         if self.pool is not None:
             await self.pool.close()
+        if self.servicer is not None:
+            self.servicer.close()
         if self._redis is not None:
             await self._redis.aclose()
 

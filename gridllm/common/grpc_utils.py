@@ -99,9 +99,37 @@ async def _abort(context: grpc.aio.ServicerContext, method: str, exc: Exception)
     await context.abort(code, _details(exc))
 
 
+class _Undecodable:
+    """Stands for a request whose bytes did not parse (the handler is not called)."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _tolerant(deserializer: Callable | None) -> Callable | None:
+    # gRPC answers UNKNOWN when a deserializer raises; the caller sent bad bytes, so the
+    # wrapped handler answers INVALID_ARGUMENT instead.
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # noqa: BLE001 - DecodeError, bad UTF-8, ...
+            return _Undecodable(exc)
+    return parse
+
+
+async def _refuse_undecodable(context: grpc.aio.ServicerContext, request: _Undecodable) -> None:
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                        f"the request could not be parsed: {request.error}")
+
+
 def _wrap(behavior: Callable, method: str, streaming_response: bool) -> Callable:
     if streaming_response and inspect.isasyncgenfunction(behavior):
         async def stream_wrapper(request: Any, context: grpc.aio.ServicerContext):
+            if isinstance(request, _Undecodable):
+                await _refuse_undecodable(context, request)
             try:
                 async for item in behavior(request, context):
                     yield item
@@ -112,6 +140,8 @@ def _wrap(behavior: Callable, method: str, streaming_response: bool) -> Callable
         return stream_wrapper
 
     async def unary_wrapper(request: Any, context: grpc.aio.ServicerContext):
+        if isinstance(request, _Undecodable):
+            await _refuse_undecodable(context, request)
         try:
             result = behavior(request, context)
             if inspect.isawaitable(result):
@@ -129,7 +159,7 @@ class ExceptionInterceptor(grpc.aio.ServerInterceptor):
 
     ValueError -> INVALID_ARGUMENT (its message names the field), KeyError/LookupError ->
     NOT_FOUND, TimeoutError -> DEADLINE_EXCEEDED, anything else -> INTERNAL (logged with
-    its traceback).
+    its traceback). A single request that does not parse -> INVALID_ARGUMENT.
     """
 
     async def intercept_service(self, continuation: Callable[..., Awaitable],
@@ -145,8 +175,11 @@ class ExceptionInterceptor(grpc.aio.ServerInterceptor):
         for attr, factory, streaming in kinds:
             behavior = getattr(handler, attr)
             if behavior is not None:
+                deserializer = handler.request_deserializer
+                if not handler.request_streaming:
+                    deserializer = _tolerant(deserializer)
                 return factory(_wrap(behavior, method, streaming),
-                               request_deserializer=handler.request_deserializer,
+                               request_deserializer=deserializer,
                                response_serializer=handler.response_serializer)
         return handler
 
