@@ -56,7 +56,7 @@ def test_submit_checks_the_limits_and_get_info_reports_them(model_path):
                 running_scheduler([worker.address], scheduler_config=config) as (server, stub):
             info = await stub.GetInfo(scheduler_pb2.GetSchedulerInfoRequest())
             errors = []
-            for k, (field, _, params) in enumerate(BAD):
+            for k, (_, _, params) in enumerate(BAD):
                 request = scheduler_pb2.SubmitRequest(request_id=f"bad{k}",
                                                       prompt_token_ids=[5] * 10)
                 if params is None:  # resumed output that no longer fits the context
