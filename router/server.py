@@ -9,6 +9,7 @@ so far when its scheduler dies mid-stream. It keeps no state beyond the requests
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -32,7 +33,7 @@ from gridllm.common.convert import (
     request_update_from_pb,
     sampling_params_to_pb,
 )
-from gridllm.common.grpc_utils import ServiceServer
+from gridllm.common.grpc_utils import RETRY_AFTER_KEY, ServiceServer
 from gridllm.common.output_processor import Child, fan_out
 from gridllm.common.sampling_params import SamplingParams
 from gridllm.v1 import generate_pb2, generate_pb2_grpc, scheduler_pb2
@@ -54,16 +55,19 @@ _RESUBMIT_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
 # Threads tokenizing requests (and rendering chat templates) off the event loop; the
 # tokenizers library releases the GIL while it encodes.
 _NUM_TOKENIZER_THREADS = 4
+_RETRY_AFTER_MS = 1000
 _T = TypeVar("_T")
 
 
 class RpcFailure(Exception):
     """Ends a client call with ``code`` (raised inside completions, aborted by the handler)."""
 
-    def __init__(self, code: grpc.StatusCode, details: str):
+    def __init__(self, code: grpc.StatusCode, details: str,
+                 trailing_metadata: tuple[tuple[str, str], ...] = ()):
         super().__init__(details)
         self.code = code
         self.details = details
+        self.trailing_metadata = trailing_metadata
 
 
 @dataclass
@@ -87,6 +91,10 @@ class RouterOptions:
         help="seconds a request waits for a scheduler (at start, or after its scheduler died)")
     max_resubmits: int = option(
         3, help="resubmissions of one request after scheduler failures before giving up")
+    max_num_streams: int = option(
+        4096, help="most Generate calls the router serves at once; past it a new one gets "
+        "RESOURCE_EXHAUSTED with a retry hint (instead of queueing inside gRPC, which "
+        "cancels calls it held too long)")
     max_request_bytes: int = option(
         16 << 20, is_size=True, help="largest request (and response) message the router "
         "takes; a larger one gets RESOURCE_EXHAUSTED before it is read")
@@ -98,6 +106,8 @@ class RouterOptions:
                 self.scheduler_wait_s)
         require(self.max_resubmits >= 0, "max_resubmits", "must be non-negative",
                 self.max_resubmits)
+        require(self.max_num_streams >= 1, "max_num_streams", "must be at least 1",
+                self.max_num_streams)
         self.max_request_bytes = parse_size(self.max_request_bytes, "max_request_bytes")
         require(self.max_request_bytes >= 1024, "max_request_bytes", "must be at least 1KiB",
                 self.max_request_bytes)
@@ -128,6 +138,7 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
                                             thread_name_prefix="tokenize")
         # Each tokenizing thread works on its own copy of the tokenizer.
         self._local = threading.local()
+        self.num_streams = 0
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -149,7 +160,25 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
     async def Generate(self, request: generate_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[generate_pb2.GenerateResponse]:
-        """Stream one request's completion(s); ValueError -> INVALID_ARGUMENT naming the field."""
+        """Stream one request's completion(s); ValueError -> INVALID_ARGUMENT naming the field,
+        RESOURCE_EXHAUSTED (with a retry hint) past max_num_streams or a scheduler's queue."""
+        if self.num_streams >= self.options.max_num_streams:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the router serves {self.num_streams} streams (max_num_streams="
+                f"{self.options.max_num_streams}); retry later.",
+                trailing_metadata=((RETRY_AFTER_KEY, str(_RETRY_AFTER_MS)),))
+        self.num_streams += 1
+        try:
+            async with contextlib.aclosing(self._generate(request, context)) as responses:
+                async for response in responses:
+                    yield response
+        finally:
+            self.num_streams -= 1
+
+    async def _generate(self, request: generate_pb2.GenerateRequest,
+                        context: grpc.aio.ServicerContext
+                        ) -> AsyncIterator[generate_pb2.GenerateResponse]:
         limits, request_limits = await self._limits(context)
         validated = await self._off_loop(
             lambda tokenizer: validate_request(request, tokenizer, limits, request_limits))
@@ -162,7 +191,8 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
                 async for response in self._complete_n(validated, children, context):
                     yield response
         except RpcFailure as failure:
-            await context.abort(failure.code, failure.details)
+            await context.abort(failure.code, failure.details,
+                                trailing_metadata=failure.trailing_metadata)
 
     async def _complete_n(self, validated: ValidatedRequest, children: list[Child],
                           context: grpc.aio.ServicerContext
@@ -238,7 +268,9 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
         if code == grpc.StatusCode.INVALID_ARGUMENT:
             raise ValueError(exc.details())
         if code not in _RESUBMIT_CODES:
-            raise RpcFailure(code, exc.details() or code.name)
+            # RESOURCE_EXHAUSTED keeps the scheduler's retry hint.
+            raise RpcFailure(code, exc.details() or code.name,
+                             tuple(exc.trailing_metadata() or ()))
         self.pool.mark_down(link)
         if attempt >= self.options.max_resubmits:
             raise RpcFailure(code, f"scheduler failed: {exc.details()}")

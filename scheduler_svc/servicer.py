@@ -14,14 +14,13 @@ from gridllm.common.convert import (
     request_update_to_pb,
     sampling_params_from_pb,
 )
+from gridllm.common.grpc_utils import RETRY_AFTER_KEY
 from gridllm.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2
 from scheduler_svc.request import Request, RequestStatus, build_request
 from scheduler_svc.worker_pool import NoWorkerError, WorkerPool
 
 logger = logging.getLogger(__name__)
 
-# Trailing metadata of a RESOURCE_EXHAUSTED Submit: milliseconds to wait before retrying.
-RETRY_AFTER_KEY = "retry-after-ms"
 _RETRY_AFTER_MS = 1000
 
 

@@ -25,6 +25,15 @@ logger = logging.getLogger(__name__)
 
 # Prompts of a full context plus logprobs fit comfortably; larger messages are a bug.
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# Calls gRPC holds while the handlers catch up. Past its own defaults (1,000, then 3,000
+# calls, or 30 s held) it cancels calls with a bare CANCELLED before any handler sees them: a
+# burst of a few thousand streams lost some, and a router took its scheduler for dead. With
+# these, a held call is answered by the service's admission control (RESOURCE_EXHAUSTED with
+# a retry hint) or ends at its own deadline (DEADLINE_EXCEEDED).
+MAX_PENDING_CALLS = 1 << 16
+MAX_PENDING_SECONDS = 24 * 3600
+# Trailing metadata of a RESOURCE_EXHAUSTED answer: milliseconds to wait before retrying.
+RETRY_AFTER_KEY = "retry-after-ms"
 DEFAULT_GRACE_SECONDS = 10.0
 
 
@@ -40,6 +49,9 @@ def server_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[t
         # gRPC sets SO_REUSEPORT by default: a second server on a busy port would bind and
         # share its connections with the first instead of failing.
         ("grpc.so_reuseport", 0),
+        ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+        ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
+        ("grpc.server_max_unrequested_time_in_server", MAX_PENDING_SECONDS),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
         ("grpc.http2.max_ping_strikes", 0),

@@ -7,38 +7,13 @@ from __future__ import annotations
 import asyncio
 import time
 
-import grpc
-
 from gridllm.client import AsyncClient
-from gridllm.common.grpc_utils import ServiceServer
 from gridllm.common.sampling_params import SamplingParams
-from gridllm.v1 import generate_pb2, generate_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
-from router.routing import SchedulerPool
-from router.server import SERVICE_NAME, GenerationServicer, RouterOptions
+from tests.router.ticking import router_over_ticking
 
 # A context long enough that a prompt of megabytes is valid and takes seconds to tokenize.
 MAX_MODEL_LEN = 1 << 22
 NUM_CANARY_TOKENS = 200
-
-
-class TickingScheduler(scheduler_pb2_grpc.SchedulerServicer):
-    """Streams a token every 10 ms until ``max_tokens``."""
-
-    async def Submit(self, request, context):
-        for k in range(request.sampling_params.max_tokens):
-            await asyncio.sleep(0.01)
-            yield scheduler_pb2.SubmitResponse(
-                request_id=request.request_id, token_ids=[40 + k % 50],
-                finish_reason=(generate_pb2.FINISH_REASON_LENGTH
-                               if k == request.sampling_params.max_tokens - 1 else 0))
-
-    async def GetInfo(self, request, context):
-        return scheduler_pb2.SchedulerInfo(scheduler_id="ticking", model="m",
-                                           max_model_len=MAX_MODEL_LEN, vocab_size=320,
-                                           block_size=16, num_workers=1, eos_token_id=1)
-
-    async def GetStats(self, request, context):
-        return generate_pb2.GetServerStatsResponse()
 
 
 def test_a_huge_prompt_does_not_freeze_a_running_stream(tiny_tokenizer):
@@ -46,19 +21,8 @@ def test_a_huge_prompt_does_not_freeze_a_running_stream(tiny_tokenizer):
     num_big_tokens = len(tiny_tokenizer.encode(big))
 
     async def main():
-        upstream = grpc.aio.server()
-        scheduler_pb2_grpc.add_SchedulerServicer_to_server(TickingScheduler(), upstream)
-        upstream_port = upstream.add_insecure_port("127.0.0.1:0")
-        await upstream.start()
-        pool = SchedulerPool([f"127.0.0.1:{upstream_port}"], poll_interval_s=0.05)
-        pool.start()
-        router = ServiceServer([SERVICE_NAME])
-        servicer = GenerationServicer(tiny_tokenizer, [1], pool,
-                                      RouterOptions("m", scheduler_wait_s=10.0))
-        generate_pb2_grpc.add_GenerationServicer_to_server(servicer, router.server)
-        port = await router.start("127.0.0.1:0")
-        try:
-            async with AsyncClient(f"127.0.0.1:{port}", timeout=60.0) as client:
+        async with router_over_ticking(tiny_tokenizer, MAX_MODEL_LEN) as target:
+            async with AsyncClient(target, timeout=60.0) as client:
                 arrivals: list[float] = []
 
                 async def canary():
@@ -74,11 +38,6 @@ def test_a_huge_prompt_does_not_freeze_a_running_stream(tiny_tokenizer):
                 big_done = time.perf_counter()
                 await canary_task
                 return arrivals, sent, big_done, output
-        finally:
-            await router.stop(0)
-            servicer.close()
-            await pool.close()
-            await upstream.stop(0)
 
     arrivals, sent, big_done, output = asyncio.run(asyncio.wait_for(main(), timeout=120))
     assert output.usage.prompt_tokens == num_big_tokens
