@@ -70,7 +70,11 @@ def sampling_params_from_pb(msg: generate_pb2.SamplingParams | None,
         kwargs["allowed_token_ids"] = list(msg.allowed_token_ids)
     kwargs["logits_processors"] = list(msg.logits_processors)
     if msg.HasField("extra_args"):
-        kwargs["extra_args"] = _ints_back(json_format.MessageToDict(msg.extra_args))
+        try:
+            extra_args = json_format.MessageToDict(msg.extra_args)
+        except (ValueError, json_format.Error) as exc:  # e.g. NaN or Infinity in a value
+            raise ValueError(f"extra_args must hold JSON values: {exc}") from None
+        kwargs["extra_args"] = _ints_back(extra_args)
     return SamplingParams(**kwargs)
 
 
