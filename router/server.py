@@ -327,7 +327,9 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
                        else True)
         if kind not in ("text", "chat"):
             raise ValueError("input must be set: text or chat.")
-        max_model_len = (await self._limits(context))[0].max_model_len
+        # Tokenizing needs no scheduler; with one known, a text that cannot fit is refused.
+        info = self.pool.any_info()
+        max_model_len = info.max_model_len if info is not None else None
         if kind == "text":
             ids = await self._off_loop(lambda tokenizer: tokenize_text(
                 tokenizer, request.text, add_special, "text", max_model_len))
