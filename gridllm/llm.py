@@ -38,7 +38,9 @@ class LLM:
             ``gpu_memory_utilization``, ``max_num_seqs``, ``max_num_batched_tokens``,
             ``enable_chunked_prefill``, ``enable_prefix_caching``, ``scheduling_policy``
             (``fcfs`` or ``priority``), ``block_reservation`` (``none`` or ``predicted``),
-            ``prefetch_ratio``. The defaults are those of the dataclasses.
+            ``prefetch_ratio``, and the request limits ``max_n``, ``max_logprobs``,
+            ``max_num_stop_strings``, ``max_stop_string_len``, ``max_num_stop_token_ids``,
+            ``max_num_logit_bias``. The defaults are those of the dataclasses.
     Raises:
         ValueError: an unknown argument (named), a bad value (its field named), or a model
             that cannot be found or loaded.
