@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 from gridllm.common.sampling_params import SamplingParams
@@ -21,14 +22,13 @@ def _decode_stream(tokenizer: Any, context_ids: list[int], skip_special_tokens: 
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None or getattr(tokenizer, "clean_up_tokenization_spaces", False):
         return None, None
-    try:
-        from tokenizers import Tokenizer
-        from tokenizers.decoders import DecodeStream
-    except ImportError:  # tokenizers < 0.21
+    # Taken from the library the backend comes from, already loaded with it: the ground
+    # imports no tokenizer library (the client needs none).
+    library = sys.modules.get(type(backend).__module__.split(".")[0])
+    stream_class = getattr(getattr(library, "decoders", None), "DecodeStream", None)
+    if stream_class is None or type(backend).__name__ != "Tokenizer":  # tokenizers < 0.21
         return None, None
-    if not isinstance(backend, Tokenizer):
-        return None, None
-    return DecodeStream(context_ids, skip_special_tokens), backend
+    return stream_class(context_ids, skip_special_tokens), backend
 
 
 class IncrementalDetokenizer:
