@@ -12,6 +12,8 @@ from typing import Any
 _GREEDY_EPS = 1e-5
 # logit_bias values are clamped to this magnitude, as the OpenAI API does.
 _MAX_LOGIT_BIAS = 100.0
+# Seeds are 64-bit signed integers (the API's int64).
+_MIN_SEED, _MAX_SEED = -(2**63), 2**63 - 1
 
 
 @dataclass
@@ -111,6 +113,9 @@ class SamplingParams:
                "must be greater than zero", self.repetition_penalty)
         _check(self.seed is None or isinstance(self.seed, int), "seed",
                "must be an integer or None", self.seed)
+        # Completion k of n is seeded with seed + k, which must stay a 64-bit integer.
+        _check(self.seed is None or _MIN_SEED <= self.seed <= _MAX_SEED - (self.n - 1),
+               "seed", f"must be in [{_MIN_SEED}, {_MAX_SEED} - (n - 1)]", self.seed)
         _check(self.max_tokens is None
                or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
                "max_tokens", "must be at least 1", self.max_tokens)

@@ -113,3 +113,12 @@ def test_a_logits_processor_named_twice_is_refused():
     with pytest.raises(ValueError, match=r"^logits_processors must name each processor at "
                                          r"most once"):
         SamplingParams(logits_processors=["a", "a"])
+
+
+def test_seeds_stay_64_bit_for_every_completion():
+    SamplingParams(seed=2**63 - 1)
+    SamplingParams(n=3, seed=2**63 - 3)
+    SamplingParams(seed=-(2**63))
+    for kwargs in (dict(seed=2**63), dict(seed=-(2**63) - 1), dict(n=2, seed=2**63 - 1)):
+        with pytest.raises(ValueError, match=r"^seed must be in \["):
+            SamplingParams(**kwargs)
