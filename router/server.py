@@ -1,6 +1,7 @@
 """The router: the public ``gridllm.v1.Generation`` service in front of the schedulers.
 
-It validates and tokenizes requests (chat templates too), picks a scheduler, detokenizes the
+It validates and tokenizes requests (chat templates too, on threads off the event loop, against
+the request limits its scheduler reports), picks a scheduler, detokenizes the
 streamed token ids incrementally, applies stop strings, turns client cancellation and
 deadlines into aborts upstream (by cancelling the Submit call), and resubmits prompt + tokens
 so far when its scheduler dies mid-stream. It keeps no state beyond the requests in flight.
