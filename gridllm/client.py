@@ -57,6 +57,15 @@ class GenerateChunk:
 
 
 @dataclass
+class GenerateOutput(RequestOutput):
+    """What ``generate`` returns: a ``RequestOutput`` (as ``LLM.generate`` gives) plus the
+    usage the stream reported: prompt tokens, completion tokens of every completion together,
+    and prompt tokens served from the prefix cache."""
+
+    usage: Usage | None = None
+
+
+@dataclass
 class ModelInfo:
     model: str
     max_model_len: int
@@ -151,7 +160,7 @@ class _Collector:
     """Accumulates chunks into a RequestOutput (the non-streaming result)."""
 
     def __init__(self, prompt: str | None, prompt_token_ids: list[int] | None):
-        self.output = RequestOutput("", prompt, list(prompt_token_ids or []), None)
+        self.output = GenerateOutput("", prompt, list(prompt_token_ids or []), None)
         self._completions: dict[int, CompletionOutput] = {}
 
     def add(self, chunk: GenerateChunk) -> None:
@@ -168,8 +177,12 @@ class _Collector:
         if chunk.usage is not None:
             self.output.num_cached_tokens = max(self.output.num_cached_tokens,
                                                 chunk.usage.cached_tokens)
+            usage = self.output.usage or Usage(chunk.usage.prompt_tokens, 0, 0)
+            self.output.usage = Usage(
+                usage.prompt_tokens, usage.completion_tokens + chunk.usage.completion_tokens,
+                max(usage.cached_tokens, chunk.usage.cached_tokens))
 
-    def result(self) -> RequestOutput:
+    def result(self) -> GenerateOutput:
         self.output.outputs = [self._completions[i] for i in sorted(self._completions)]
         self.output.finished = all(c.finished for c in self.output.outputs)
         return self.output
@@ -242,8 +255,9 @@ class Client:
             call.cancel()  # no-op once the stream ended; aborts it if the caller stopped early
 
     def generate(self, prompt: str | None = None, sampling_params: SamplingParams | None = None,
-                 *, timeout: float | None = None, **kwargs: Any) -> RequestOutput:
-        """The whole completion(s) of one prompt, as ``LLM.generate`` returns them."""
+                 *, timeout: float | None = None, **kwargs: Any) -> GenerateOutput:
+        """The whole completion(s) of one prompt, as ``LLM.generate`` returns them, with
+        ``usage`` (summed over the n completions)."""
         collector = _Collector(prompt, kwargs.get("prompt_token_ids"))
         for chunk in self.generate_stream(prompt, sampling_params, timeout=timeout, **kwargs):
             collector.add(chunk)
@@ -302,7 +316,7 @@ class AsyncClient:
 
     async def generate(self, prompt: str | None = None,
                        sampling_params: SamplingParams | None = None, *,
-                       timeout: float | None = None, **kwargs: Any) -> RequestOutput:
+                       timeout: float | None = None, **kwargs: Any) -> GenerateOutput:
         collector = _Collector(prompt, kwargs.get("prompt_token_ids"))
         async for chunk in self.generate_stream(prompt, sampling_params, timeout=timeout,
                                                 **kwargs):

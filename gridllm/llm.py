@@ -38,7 +38,9 @@ class LLM:
             ``gpu_memory_utilization``, ``max_num_seqs``, ``max_num_batched_tokens``,
             ``enable_chunked_prefill``, ``enable_prefix_caching``, ``scheduling_policy``
             (``fcfs`` or ``priority``), ``block_reservation`` (``none`` or ``predicted``),
-            ``prefetch_ratio``. The defaults are those of the dataclasses.
+            ``prefetch_ratio``, and the request limits ``max_n``, ``max_logprobs``,
+            ``max_num_stop_strings``, ``max_stop_string_len``, ``max_num_stop_token_ids``,
+            ``max_num_logit_bias``. The defaults are those of the dataclasses.
     Raises:
         ValueError: an unknown argument (named), a bad value (its field named), or a model
             that cannot be found or loaded.
@@ -60,6 +62,7 @@ class LLM:
                                 model_path if os.path.isdir(model_path) else None)
         self.engine.set_eos_token_id(eos_ids[0] if eos_ids else None)
         self._extra_stop_ids = eos_ids[1:]
+        self.request_limits = scheduler_config.request_limits()
         self.profile_dir = profile_dir
         self._counter = itertools.count()
 
@@ -78,7 +81,9 @@ class LLM:
             priority: one per prompt (``scheduling_policy="priority"``; lower runs first).
             use_tqdm: show a progress bar.
         Raises:
-            ValueError: a bad prompt or parameter (no request is left behind).
+            ValueError: a bad prompt or parameter, a request past the request limits
+                (``max_n``, ``max_logprobs``, ...), or ``max_tokens`` beyond what the
+                context leaves after the prompt (no request is left behind).
         """
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
@@ -92,6 +97,9 @@ class LLM:
         # Validate every prompt before queueing any, so a bad one leaves nothing behind.
         for index, ((prompt_text, prompt_ids), params, prio) in enumerate(
                 zip(requests, params_list, priorities, strict=True)):
+            self.request_limits.check(params)
+            self.engine.scheduler.check_prompt(prompt_ids)  # names the prompt before max_tokens
+            params.verify_max_tokens(len(prompt_ids), self.engine.max_model_len)
             parent_id = str(next(self._counter))
             order[parent_id] = index
             children = processor.add(parent_id, prompt_text, prompt_ids, params)

@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
+import threading
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import grpc
 
@@ -25,24 +28,29 @@ from gridllm.common.completion import CompletionDelta, CompletionState
 from gridllm.common.contract import ModelLimits
 from gridllm.common.convert import (
     model_limits_from_pb,
+    request_limits_from_pb,
     request_update_from_pb,
     sampling_params_to_pb,
 )
+from gridllm.common.grpc_utils import REQUEST_ID_KEY, RETRY_AFTER_KEY
 from gridllm.common.logger import request_id_var
 from gridllm.common.output_processor import Child, fan_out
 from gridllm.common.sampling_params import SamplingParams
-from gridllm.v1 import scheduler_pb2
+from gridllm.v1 import generate_pb2, scheduler_pb2
 from router.metrics import RouterMetrics
 from router.request_log import RequestRecord
 from router.routing import SchedulerLink, SchedulerPool
-from router.validation import ValidatedRequest
+from router.validation import ValidatedRequest, validate_request
 
 logger = logging.getLogger(__name__)
 
-# gRPC metadata carrying the client-facing request id to the scheduler (for its logs).
-REQUEST_ID_KEY = "x-request-id"
-# Trailing metadata of a RESOURCE_EXHAUSTED Submit: milliseconds to wait before retrying.
-RETRY_AFTER_KEY = "retry-after-ms"
+# Threads tokenizing requests (and rendering chat templates) off the event loop; the
+# tokenizers library releases the GIL while it encodes.
+_NUM_TOKENIZER_THREADS = 4
+# The retry hint of a request refused because the router serves max_num_streams already.
+_RETRY_AFTER_MS = 1000
+_T = TypeVar("_T")
+
 # Status codes of a Submit stream that mean "the scheduler went away", not "the request is bad".
 _RESUBMIT_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
                    grpc.StatusCode.UNKNOWN, grpc.StatusCode.ABORTED, grpc.StatusCode.INTERNAL)
@@ -78,24 +86,75 @@ class EngineClient:
 
     def __init__(self, tokenizer: Any | None, eos_token_ids: list[int], pool: SchedulerPool,
                  scheduler_wait_s: float = 60.0, max_resubmits: int = 3,
-                 metrics: RouterMetrics | None = None):
+                 metrics: RouterMetrics | None = None, max_num_streams: int = 4096):
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
         self.pool = pool
         self.scheduler_wait_s = scheduler_wait_s
         self.max_resubmits = max_resubmits
         self.metrics = metrics
+        self.max_num_streams = max_num_streams
+        # Requests being served now, over both fronts.
+        self.num_streams = 0
+        self._executor = ThreadPoolExecutor(_NUM_TOKENIZER_THREADS,
+                                            thread_name_prefix="tokenize")
+        # Each tokenizing thread works on its own copy of the tokenizer.
+        self._local = threading.local()
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     # ----------------------------------------------------------------- model
     async def model_limits(self, deadline: float | None = None) -> ModelLimits:
         """The served model's limits (waits for a scheduler with workers; RequestFailure
         UNAVAILABLE when none comes in time)."""
+        return model_limits_from_pb(await self._info(deadline))
+
+    async def _info(self, deadline: float | None) -> scheduler_pb2.SchedulerInfo:
         info = self.pool.any_info()
         if info is None:
             await self._pick([], deadline)
             info = self.pool.any_info()
         assert info is not None
-        return model_limits_from_pb(info)
+        return info
+
+    async def validate(self, request: generate_pb2.GenerateRequest,
+                       deadline: float | None = None) -> ValidatedRequest:
+        """Check and tokenize a request against the model's limits and the request limits
+        its scheduler admits, on a tokenizing thread (a huge prompt or chat template must not
+        freeze the streams this event loop serves)."""
+        info = await self._info(deadline)
+        limits, request_limits = (model_limits_from_pb(info),
+                                  request_limits_from_pb(info.request_limits))
+        return await self.off_loop(
+            lambda tokenizer: validate_request(request, tokenizer, limits, request_limits))
+
+    async def off_loop(self, work: Callable[[Any], _T]) -> _T:
+        """``work(tokenizer)`` on a tokenizing thread, with that thread's tokenizer copy."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor,
+                                          lambda: work(self._thread_tokenizer()))
+
+    def _thread_tokenizer(self) -> Any | None:
+        tokenizer = getattr(self._local, "tokenizer", None)
+        if tokenizer is None and self.tokenizer is not None:
+            tokenizer = self._local.tokenizer = copy.deepcopy(self.tokenizer)
+        return tokenizer
+
+    @contextlib.contextmanager
+    def stream_slot(self) -> Iterator[None]:
+        """Counts one request being served; RequestFailure RESOURCE_EXHAUSTED (with a retry
+        hint) past ``max_num_streams`` instead of queueing inside gRPC or the HTTP server."""
+        if self.num_streams >= self.max_num_streams:
+            raise RequestFailure(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the router serves {self.num_streams} streams (max_num_streams="
+                f"{self.max_num_streams}); retry later.", _RETRY_AFTER_MS)
+        self.num_streams += 1
+        try:
+            yield
+        finally:
+            self.num_streams -= 1
 
     # ----------------------------------------------------------------- generate
     async def generate(self, validated: ValidatedRequest, deadline: float | None = None,

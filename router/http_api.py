@@ -36,7 +36,7 @@ from router.openai_protocol import (
 )
 from router.openai_run import OpenAIRun
 from router.request_log import access_logger
-from router.validation import ValidatedRequest, render_chat, tokenize_text, validate_request
+from router.validation import ValidatedRequest, render_chat, tokenize_text
 
 logger = logging.getLogger(__name__)
 
@@ -132,14 +132,12 @@ class HttpApi:
             request_id_var.reset(token)
 
     async def _validate(self, parsed: ParsedRequest) -> list[ValidatedRequest]:
-        try:
-            limits = await self.engine.model_limits()
-        except RequestFailure as failure:
-            raise failure_error(failure) from None
         validated = []
         for pb in parsed.requests:
             try:
-                validated.append(validate_request(pb, self.tokenizer, limits))
+                validated.append(await self.engine.validate(pb))
+            except RequestFailure as failure:
+                raise failure_error(failure) from None
             except ValueError as exc:
                 raise bad_request(str(exc), param_of(str(exc))) from None
         return validated
@@ -172,10 +170,12 @@ class HttpApi:
             if "messages" in body:
                 chat = chat_messages(body["messages"])
                 chat.add_generation_prompt = bool(body.get("add_generation_prompt", True))
-                ids = render_chat(self.tokenizer, chat, "messages")
+                ids = await self.engine.off_loop(
+                    lambda tokenizer: render_chat(tokenizer, chat, "messages"))
             elif isinstance(body.get("prompt"), str):
-                ids = tokenize_text(self.tokenizer, body["prompt"],
-                                    True if add_special is None else bool(add_special), "prompt")
+                special = True if add_special is None else bool(add_special)
+                ids = await self.engine.off_loop(
+                    lambda tokenizer: tokenize_text(tokenizer, body["prompt"], special, "prompt"))
             else:
                 raise bad_request("prompt must be a string (or give messages).", "prompt")
             answer: dict[str, Any] = {"count": len(ids), "tokens": ids}

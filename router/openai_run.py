@@ -67,8 +67,13 @@ class OpenAIRun:
         self.states = [ChoiceState(i) for i in range(len(validated) * parsed.n)]
         self.created = int(time.time())
 
-    def _deltas(self) -> AsyncIterator[tuple[int, CompletionDelta]]:
-        return merge([self.engine.generate(v, None, "http") for v in self.validated])
+    async def _deltas(self) -> AsyncIterator[tuple[int, CompletionDelta]]:
+        # One of the router's max_num_streams for as long as the request runs.
+        with self.engine.stream_slot():
+            async with contextlib.aclosing(merge(  # type: ignore[type-var]
+                    [self.engine.generate(v, None, "http") for v in self.validated])) as items:
+                async for item in items:
+                    yield item
 
     def _echo(self, prompt_index: int) -> str:
         validated = self.validated[prompt_index]

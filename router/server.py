@@ -18,7 +18,7 @@ from typing import Any
 
 import grpc
 
-from gridllm.common.cli_args import option
+from gridllm.common.cli_args import option, parse_size
 from gridllm.common.config import DEFAULT_ROUTER_PORT, check_port, require
 from gridllm.common.contract import ModelLimits
 from gridllm.common.convert import model_limits_to_pb
@@ -34,7 +34,7 @@ from router.engine_client import (
 from router.metrics import RouterMetrics
 from router.responses import generate_response
 from router.routing import PrefixIndex, SchedulerPool
-from router.validation import render_chat, tokenize_text, validate_request
+from router.validation import render_chat, tokenize_text
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +75,13 @@ class RouterOptions:
         help="seconds a request waits for a scheduler (at start, or after its scheduler died)")
     max_resubmits: int = option(
         3, help="resubmissions of one request after scheduler failures before giving up")
+    max_num_streams: int = option(
+        4096, help="most requests the router serves at once (gRPC and HTTP); past it a new "
+        "one gets RESOURCE_EXHAUSTED / 429 with a retry hint (instead of queueing inside gRPC, "
+        "which cancels calls it held too long)")
+    max_request_bytes: int = option(
+        16 << 20, is_size=True, help="largest request (and response) message the router "
+        "takes; a larger one gets RESOURCE_EXHAUSTED before it is read")
 
     def __post_init__(self) -> None:
         require(bool(self.model), "model", "must be a non-empty name or path", self.model)
@@ -85,6 +92,11 @@ class RouterOptions:
                 self.scheduler_wait_s)
         require(self.max_resubmits >= 0, "max_resubmits", "must be non-negative",
                 self.max_resubmits)
+        require(self.max_num_streams >= 1, "max_num_streams", "must be at least 1",
+                self.max_num_streams)
+        self.max_request_bytes = parse_size(self.max_request_bytes, "max_request_bytes")
+        require(self.max_request_bytes >= 1024, "max_request_bytes", "must be at least 1KiB",
+                self.max_request_bytes)
 
     @property
     def model_name(self) -> str:
@@ -110,22 +122,24 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
         self.pool = pool
         self.options = options
         self.engine = engine or EngineClient(tokenizer, eos_token_ids, pool,
-                                             options.scheduler_wait_s, options.max_resubmits)
+                                             options.scheduler_wait_s, options.max_resubmits,
+                                             max_num_streams=options.max_num_streams)
 
     # ----------------------------------------------------------------- Generate
     async def Generate(self, request: generate_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[generate_pb2.GenerateResponse]:
-        """Stream one request's completion(s); ValueError -> INVALID_ARGUMENT naming the field."""
-        limits = await self._limits(context)
-        validated = validate_request(request, self.tokenizer, limits)
+        """Stream one request's completion(s); ValueError -> INVALID_ARGUMENT naming the field,
+        RESOURCE_EXHAUSTED (with a retry hint) past max_num_streams or a scheduler's queue."""
+        deadline = deadline_after(context.time_remaining())
         try:
-            async for delta in self.engine.generate(
-                    validated, deadline_after(context.time_remaining()), "grpc"):
-                response = generate_response(validated.request_id, delta,
-                                             validated.return_token_ids)
-                if response is not None:
-                    yield response
+            with self.engine.stream_slot():
+                validated = await self.engine.validate(request, deadline)
+                async for delta in self.engine.generate(validated, deadline, "grpc"):
+                    response = generate_response(validated.request_id, delta,
+                                                 validated.return_token_ids)
+                    if response is not None:
+                        yield response
         except RequestFailure as failure:
             await _abort(context, failure)
 
@@ -143,12 +157,17 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
         kind = request.WhichOneof("input")
         add_special = (request.add_special_tokens if request.HasField("add_special_tokens")
                        else True)
-        if kind == "text":
-            ids = tokenize_text(self.tokenizer, request.text, add_special, "text")
-        elif kind == "chat":
-            ids = render_chat(self.tokenizer, request.chat, "chat")
-        else:
+        if kind not in ("text", "chat"):
             raise ValueError("input must be set: text or chat.")
+        # Tokenizing needs no scheduler; with one known, a text that cannot fit is refused.
+        info = self.pool.any_info()
+        max_model_len = info.max_model_len if info is not None else None
+        if kind == "text":
+            ids = await self.engine.off_loop(lambda tokenizer: tokenize_text(
+                tokenizer, request.text, add_special, "text", max_model_len))
+        else:
+            ids = await self.engine.off_loop(lambda tokenizer: render_chat(
+                tokenizer, request.chat, "chat", max_model_len))
         return generate_pb2.TokenizeResponse(token_ids=ids)
 
     async def GetModelInfo(self, request: generate_pb2.GetModelInfoRequest,
@@ -228,8 +247,10 @@ class RouterServer:
                                                                    options.tokenizer)
         self.scheduler_addresses = list(options.scheduler_addresses)
         self.redis_url = options.redis_url
-        self.server = ServiceServer([SERVICE_NAME])
+        self.server = ServiceServer([SERVICE_NAME],
+                                    max_message_bytes=self.options.max_request_bytes)
         self.pool: SchedulerPool | None = None
+        self.engine: EngineClient | None = None
         self._redis: Any = None
         self._ready_task: asyncio.Task | None = None
         self.metrics = RouterMetrics()
@@ -251,9 +272,9 @@ class RouterServer:
             self._redis = aioredis.from_url(self.redis_url)
         self.pool = SchedulerPool(self.scheduler_addresses, PrefixIndex(self._redis))
         self.pool.start()
-        engine = EngineClient(self.tokenizer, self.eos_token_ids, self.pool,
-                              self.options.scheduler_wait_s, self.options.max_resubmits,
-                              self.metrics)
+        engine = self.engine = EngineClient(
+            self.tokenizer, self.eos_token_ids, self.pool, self.options.scheduler_wait_s,
+            self.options.max_resubmits, self.metrics, self.options.max_num_streams)
         servicer = GenerationServicer(self.tokenizer, self.eos_token_ids, self.pool, self.options,
                                       engine)
         generate_pb2_grpc.add_GenerationServicer_to_server(servicer, self.server.server)
@@ -297,6 +318,8 @@ class RouterServer:
             await self._http_drain
         if self.pool is not None:
             await self.pool.close()
+        if self.engine is not None:
+            self.engine.close()
         if self._redis is not None:
             await self._redis.aclose()
 

@@ -9,7 +9,13 @@ import grpc
 
 from gridllm.common import tracing
 from gridllm.common.contract import ErrorKind, FinishReason, RequestUpdate
-from gridllm.common.convert import request_update_to_pb, sampling_params_from_pb
+from gridllm.common.convert import (
+    check_max_tokens,
+    request_limits_to_pb,
+    request_update_to_pb,
+    sampling_params_from_pb,
+)
+from gridllm.common.grpc_utils import REQUEST_ID_KEY, RETRY_AFTER_KEY
 from gridllm.common.logger import request_id_var
 from gridllm.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2
 from scheduler_svc.request import Request, RequestStatus, build_request
@@ -17,10 +23,6 @@ from scheduler_svc.worker_pool import NoWorkerError, WorkerPool
 
 logger = logging.getLogger(__name__)
 
-# Trailing metadata of a RESOURCE_EXHAUSTED Submit: milliseconds to wait before retrying.
-RETRY_AFTER_KEY = "retry-after-ms"
-# Invocation metadata of a Submit: the request's id as its client knows it (for the logs).
-REQUEST_ID_KEY = "x-request-id"
 _RETRY_AFTER_MS = 1000
 
 
@@ -70,6 +72,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self.scheduler_id = scheduler_id
         self.max_num_queued_reqs = max_num_queued_reqs
         self.max_num_queued_tokens = max_num_queued_tokens
+        # Checked on every Submit (the router checks them first, but is not the only client).
+        self.request_limits = pool.scheduler_config.request_limits()
 
     # ----------------------------------------------------------------- Submit
     async def Submit(self, request: scheduler_pb2.SubmitRequest, context):
@@ -152,8 +156,16 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             raise ValueError("request_id must not be empty.")
         if msg.request_id in self.streams:
             raise ValueError(f"request_id {msg.request_id!r} is already in use.")
-        params = sampling_params_from_pb(
-            msg.sampling_params if msg.HasField("sampling_params") else None)
+        # Lengths first: a hostile list is refused before it is copied or scanned.
+        num_tokens = len(msg.prompt_token_ids) + len(msg.output_token_ids)
+        if num_tokens >= info.max_model_len:
+            raise ValueError(f"prompt_token_ids has {len(msg.prompt_token_ids)} tokens and "
+                             f"output_token_ids {len(msg.output_token_ids)}; max_model_len is "
+                             f"{info.max_model_len}, so together they must be shorter.")
+        sampling_msg = msg.sampling_params if msg.HasField("sampling_params") else None
+        params = sampling_params_from_pb(sampling_msg, self.request_limits)
+        params = check_max_tokens(params, sampling_msg, len(msg.prompt_token_ids),
+                                  info.max_model_len)
         if params.n != 1:
             raise ValueError(f"n must be 1 per Submit (the router fans out n > 1), got {params.n}.")
         unknown = [n for n in params.logits_processors or [] if n not in info.logits_processors]
@@ -199,6 +211,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         info = self.pool.model_info(self.scheduler_id)
         if info is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "no worker is connected")
+        info.request_limits.CopyFrom(request_limits_to_pb(self.request_limits))
         return info
 
 

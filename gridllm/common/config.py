@@ -42,11 +42,63 @@ def check_port(port: int, name: str = "port") -> None:
     require(isinstance(port, int) and 0 <= port <= 65535, name, "must be in [0, 65535]", port)
 
 
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request may ask for: bounds on the sizes a hostile or mistaken request could
+    blow up (n completions, logprobs per position, stop lists, logit_bias entries).
+
+    The scheduler admits only requests within its limits and reports them to the router,
+    which checks them before any work is done; ``LLM`` checks its scheduler config's.
+    """
+
+    max_n: int = 128
+    max_logprobs: int = 20
+    max_num_stop_strings: int = 64
+    max_stop_string_len: int = 512
+    max_num_stop_token_ids: int = 1024
+    max_num_logit_bias: int = 1024
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                    f.name, "must be an integer of at least 1", value)
+
+    def check(self, params: Any) -> None:
+        """ValueError naming the field (and the limit) a SamplingParams exceeds."""
+        _within(params.n, self.max_n, "n", "completions", "max_n")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            if value is not None:
+                _within(value, self.max_logprobs, name, "log-probabilities per position",
+                        "max_logprobs")
+        stop = params.stop or []
+        _within(len(stop), self.max_num_stop_strings, "stop", "strings",
+                "max_num_stop_strings")
+        longest = max(stop, key=len, default="")
+        if len(longest) > self.max_stop_string_len:
+            raise ValueError(f"stop strings must be at most {self.max_stop_string_len} "
+                             f"characters (max_stop_string_len), got one of {len(longest)}.")
+        _within(len(params.stop_token_ids or []), self.max_num_stop_token_ids,
+                "stop_token_ids", "ids", "max_num_stop_token_ids")
+        _within(len(params.logit_bias or {}), self.max_num_logit_bias, "logit_bias",
+                "entries", "max_num_logit_bias")
+
+
+def _within(value: int, limit: int, name: str, what: str, limit_name: str) -> None:
+    if value > limit:
+        raise ValueError(f"{name} must be at most {limit} {what} ({limit_name}), got {value}.")
+
+
+_LIMITS = RequestLimits()
+
+
 @dataclass
 class SchedulerConfig:
     max_num_seqs: int = option(256, help="most requests in one step")
     max_num_batched_tokens: int = option(
-        2048, help="most tokens (prompt chunks + decodes) in one step")
+        2048, help="most tokens (prompt chunks + decodes) in one step: bounds how long one "
+        "step (and so every stream's next token) can take while a long prompt is prefilled")
     enable_chunked_prefill: bool = option(
         True, help="split long prompts over several steps; off: a prompt is scheduled whole")
     enable_prefix_caching: bool = option(
@@ -61,6 +113,20 @@ class SchedulerConfig:
     prefetch_ratio: float = option(
         0.1, help="slack on the predicted output length when reserving (predicted only): "
         "0.1 is 10%% more")
+    # What one request may ask for (RequestLimits): the scheduler refuses more with
+    # INVALID_ARGUMENT naming the field and reports them to the router, which checks first.
+    max_n: int = option(_LIMITS.max_n, help="most completions (n) one request may ask for")
+    max_logprobs: int = option(
+        _LIMITS.max_logprobs, help="most log-probabilities per position a request may ask "
+        "for (logprobs and prompt_logprobs)")
+    max_num_stop_strings: int = option(
+        _LIMITS.max_num_stop_strings, help="most stop strings in one request")
+    max_stop_string_len: int = option(
+        _LIMITS.max_stop_string_len, help="longest stop string, in characters")
+    max_num_stop_token_ids: int = option(
+        _LIMITS.max_num_stop_token_ids, help="most stop_token_ids in one request")
+    max_num_logit_bias: int = option(
+        _LIMITS.max_num_logit_bias, help="most logit_bias entries in one request")
 
     def __post_init__(self) -> None:
         require(self.max_num_seqs >= 1, "max_num_seqs", "must be at least 1", self.max_num_seqs)
@@ -73,6 +139,12 @@ class SchedulerConfig:
         require(isinstance(self.prefetch_ratio, (int, float))
                 and 0.0 <= self.prefetch_ratio <= 10.0, "prefetch_ratio", "must be in [0, 10]",
                 self.prefetch_ratio)
+        self.request_limits()  # names a bad limit
+
+    def request_limits(self) -> RequestLimits:
+        """The request limits among these settings."""
+        return RequestLimits(**{f.name: getattr(self, f.name)
+                                for f in dataclasses.fields(RequestLimits)})
 
     def check_model_len(self, max_model_len: int) -> None:
         """ValueError if a request of ``max_model_len`` tokens could never be scheduled."""

@@ -6,10 +6,12 @@ see only the dataclasses built here.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from google.protobuf import json_format, struct_pb2
 
+from gridllm.common.config import RequestLimits
 from gridllm.common.contract import (
     CachedRequestData,
     FinishReason,
@@ -39,10 +41,17 @@ FINISH_REASON_FROM_PB = {v: k for k, v in FINISH_REASON_TO_PB.items()}
 
 
 # ----------------------------------------------------------------------- SamplingParams
-def sampling_params_from_pb(msg: generate_pb2.SamplingParams | None) -> SamplingParams:
-    """Build (and so validate) SamplingParams; ValueError names the bad field."""
+def sampling_params_from_pb(msg: generate_pb2.SamplingParams | None,
+                            limits: RequestLimits | None = None) -> SamplingParams:
+    """Build (and so validate) SamplingParams; ValueError names the bad field.
+
+    Args:
+        limits: checked on the message first, before its lists are copied.
+    """
     if msg is None:
         return SamplingParams()
+    if limits is not None:
+        limits.check(msg)  # the message has SamplingParams' field names
     kwargs: dict[str, Any] = {}
     for name in _OPTIONAL_FIELDS:
         if msg.HasField(name):
@@ -61,8 +70,23 @@ def sampling_params_from_pb(msg: generate_pb2.SamplingParams | None) -> Sampling
         kwargs["allowed_token_ids"] = list(msg.allowed_token_ids)
     kwargs["logits_processors"] = list(msg.logits_processors)
     if msg.HasField("extra_args"):
-        kwargs["extra_args"] = _ints_back(json_format.MessageToDict(msg.extra_args))
+        try:
+            extra_args = json_format.MessageToDict(msg.extra_args)
+        except (ValueError, json_format.Error) as exc:  # e.g. NaN or Infinity in a value
+            raise ValueError(f"extra_args must hold JSON values: {exc}") from None
+        kwargs["extra_args"] = _ints_back(extra_args)
     return SamplingParams(**kwargs)
+
+
+def check_max_tokens(params: SamplingParams, msg: generate_pb2.SamplingParams | None,
+                     num_prompt_tokens: int, max_model_len: int) -> SamplingParams:
+    """``params`` (built from ``msg``) checked against the context: a max_tokens the message
+    sets past what the prompt leaves is a ValueError naming it (as vLLM refuses it); the
+    default one, left unset, is cut to fit."""
+    if msg is not None and (msg.HasField("max_tokens") or msg.unbounded_max_tokens):
+        params.verify_max_tokens(num_prompt_tokens, max_model_len)
+        return params
+    return params.fit_max_tokens(num_prompt_tokens, max_model_len)
 
 
 def sampling_params_to_pb(params: SamplingParams) -> generate_pb2.SamplingParams:
@@ -121,6 +145,17 @@ def model_limits_to_pb(limits: ModelLimits, msg: Any) -> Any:
     else:
         msg.eos_token_id = limits.eos_token_id
     return msg
+
+
+# ----------------------------------------------------------------------- RequestLimits
+def request_limits_to_pb(limits: RequestLimits) -> scheduler_pb2.RequestLimits:
+    return scheduler_pb2.RequestLimits(**dataclasses.asdict(limits))
+
+
+def request_limits_from_pb(msg: scheduler_pb2.RequestLimits) -> RequestLimits:
+    """The limits a scheduler reported; a field it left at zero keeps the default."""
+    return RequestLimits(**{f.name: getattr(msg, f.name)
+                            for f in dataclasses.fields(RequestLimits) if getattr(msg, f.name)})
 
 
 # ----------------------------------------------------------------------- logprobs

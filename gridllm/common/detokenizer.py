@@ -2,12 +2,33 @@
 
 from __future__ import annotations
 
+import logging
+import sys
 from typing import Any
 
 from gridllm.common.sampling_params import SamplingParams
 
+logger = logging.getLogger(__name__)
+
 # Tokens before the first new one that are decoded again for context (spaces, merges).
 _CONTEXT_TOKENS = 5
+
+
+def _decode_stream(tokenizer: Any, context_ids: list[int], skip_special_tokens: bool
+                   ) -> tuple[Any, Any] | tuple[None, None]:
+    """``(DecodeStream, backend)`` where the tokenizers library can decode the stream itself
+    with the same result as ``tokenizer.decode`` (a fast tokenizer that cleans up no
+    spaces), else ``(None, None)``."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return None, None
+    # Taken from the library the backend comes from, already loaded with it: the ground
+    # imports no tokenizer library (the client needs none).
+    library = sys.modules.get(type(backend).__module__.split(".")[0])
+    stream_class = getattr(getattr(library, "decoders", None), "DecodeStream", None)
+    if stream_class is None or type(backend).__name__ != "Tokenizer":  # tokenizers < 0.21
+        return None, None
+    return stream_class(context_ids, skip_special_tokens), backend
 
 
 class IncrementalDetokenizer:
@@ -15,6 +36,9 @@ class IncrementalDetokenizer:
 
     Also finds stop strings: ``update`` returns the matched string, after which
     ``output_text`` ends at (or just after, with ``include_stop_str_in_output``) it.
+
+    A fast tokenizer decodes through the tokenizers library's ``DecodeStream`` (one call per
+    token, on a window of a few tokens); others decode the window twice per token.
 
     Args:
         tokenizer: a transformers tokenizer, or None (then text stays empty).
@@ -30,6 +54,9 @@ class IncrementalDetokenizer:
         self.prefix_offset = 0
         self.read_offset = len(self.token_ids)
         self.output_text = ""
+        self._stream, self._backend = (
+            _decode_stream(tokenizer, self.token_ids, params.skip_special_tokens)
+            if tokenizer is not None else (None, None))
         self._num_emitted = 0
         self._stopped = False
         self._stops: list[str] = list(params.stop or [])
@@ -54,6 +81,22 @@ class IncrementalDetokenizer:
     def _decode_next(self, is_final: bool = False) -> str:
         """Text the tokens after ``read_offset`` add; "" while a character is incomplete,
         unless ``is_final``."""
+        if self._stream is not None and not is_final:
+            try:
+                chunk = self._stream.step(self._backend, self.token_ids[-1])
+            except Exception as exc:  # noqa: BLE001 - a decoder the stream cannot follow
+                logger.debug("streaming decode failed (%s); decoding windows instead", exc)
+                self._stream = None
+            else:
+                if chunk is None:
+                    return ""
+                # Kept for flush(), which decodes what the stream still holds back.
+                self.prefix_offset = self.read_offset
+                self.read_offset = len(self.token_ids)
+                return chunk
+        return self._decode_window(is_final)
+
+    def _decode_window(self, is_final: bool) -> str:
         assert self.tokenizer is not None
         decode = self.tokenizer.decode
         skip = self.params.skip_special_tokens

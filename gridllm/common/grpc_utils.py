@@ -25,6 +25,17 @@ logger = logging.getLogger(__name__)
 
 # Prompts of a full context plus logprobs fit comfortably; larger messages are a bug.
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# Calls gRPC holds while the handlers catch up. Past its own defaults (1,000, then 3,000
+# calls, or 30 s held) it cancels calls with a bare CANCELLED before any handler sees them: a
+# burst of a few thousand streams lost some, and a router took its scheduler for dead. With
+# these, a held call is answered by the service's admission control (RESOURCE_EXHAUSTED with
+# a retry hint) or ends at its own deadline (DEADLINE_EXCEEDED).
+MAX_PENDING_CALLS = 1 << 16
+MAX_PENDING_SECONDS = 24 * 3600
+# Trailing metadata of a RESOURCE_EXHAUSTED answer: milliseconds to wait before retrying.
+RETRY_AFTER_KEY = "retry-after-ms"
+# Invocation metadata of a call: the request's id as its client knows it (for the logs).
+REQUEST_ID_KEY = "x-request-id"
 DEFAULT_GRACE_SECONDS = 10.0
 
 
@@ -40,6 +51,9 @@ def server_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[t
         # gRPC sets SO_REUSEPORT by default: a second server on a busy port would bind and
         # share its connections with the first instead of failing.
         ("grpc.so_reuseport", 0),
+        ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+        ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
+        ("grpc.server_max_unrequested_time_in_server", MAX_PENDING_SECONDS),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
         ("grpc.http2.max_ping_strikes", 0),
@@ -99,9 +113,37 @@ async def _abort(context: grpc.aio.ServicerContext, method: str, exc: Exception)
     await context.abort(code, _details(exc))
 
 
+class _Undecodable:
+    """Stands for a request whose bytes did not parse (the handler is not called)."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _tolerant(deserializer: Callable | None) -> Callable | None:
+    # gRPC answers UNKNOWN when a deserializer raises; the caller sent bad bytes, so the
+    # wrapped handler answers INVALID_ARGUMENT instead.
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # noqa: BLE001 - DecodeError, bad UTF-8, ...
+            return _Undecodable(exc)
+    return parse
+
+
+async def _refuse_undecodable(context: grpc.aio.ServicerContext, request: _Undecodable) -> None:
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                        f"the request could not be parsed: {request.error}")
+
+
 def _wrap(behavior: Callable, method: str, streaming_response: bool) -> Callable:
     if streaming_response and inspect.isasyncgenfunction(behavior):
         async def stream_wrapper(request: Any, context: grpc.aio.ServicerContext):
+            if isinstance(request, _Undecodable):
+                await _refuse_undecodable(context, request)
             try:
                 async for item in behavior(request, context):
                     yield item
@@ -112,6 +154,8 @@ def _wrap(behavior: Callable, method: str, streaming_response: bool) -> Callable
         return stream_wrapper
 
     async def unary_wrapper(request: Any, context: grpc.aio.ServicerContext):
+        if isinstance(request, _Undecodable):
+            await _refuse_undecodable(context, request)
         try:
             result = behavior(request, context)
             if inspect.isawaitable(result):
@@ -129,7 +173,7 @@ class ExceptionInterceptor(grpc.aio.ServerInterceptor):
 
     ValueError -> INVALID_ARGUMENT (its message names the field), KeyError/LookupError ->
     NOT_FOUND, TimeoutError -> DEADLINE_EXCEEDED, anything else -> INTERNAL (logged with
-    its traceback).
+    its traceback). A single request that does not parse -> INVALID_ARGUMENT.
     """
 
     async def intercept_service(self, continuation: Callable[..., Awaitable],
@@ -145,8 +189,11 @@ class ExceptionInterceptor(grpc.aio.ServerInterceptor):
         for attr, factory, streaming in kinds:
             behavior = getattr(handler, attr)
             if behavior is not None:
+                deserializer = handler.request_deserializer
+                if not handler.request_streaming:
+                    deserializer = _tolerant(deserializer)
                 return factory(_wrap(behavior, method, streaming),
-                               request_deserializer=handler.request_deserializer,
+                               request_deserializer=deserializer,
                                response_serializer=handler.response_serializer)
         return handler
 

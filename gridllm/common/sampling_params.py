@@ -12,6 +12,8 @@ from typing import Any
 _GREEDY_EPS = 1e-5
 # logit_bias values are clamped to this magnitude, as the OpenAI API does.
 _MAX_LOGIT_BIAS = 100.0
+# Seeds are 64-bit signed integers (the API's int64).
+_MIN_SEED, _MAX_SEED = -(2**63), 2**63 - 1
 
 
 @dataclass
@@ -111,6 +113,9 @@ class SamplingParams:
                "must be greater than zero", self.repetition_penalty)
         _check(self.seed is None or isinstance(self.seed, int), "seed",
                "must be an integer or None", self.seed)
+        # Completion k of n is seeded with seed + k, which must stay a 64-bit integer.
+        _check(self.seed is None or _MIN_SEED <= self.seed <= _MAX_SEED - (self.n - 1),
+               "seed", f"must be in [{_MIN_SEED}, {_MAX_SEED} - (n - 1)]", self.seed)
         _check(self.max_tokens is None
                or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
                "max_tokens", "must be at least 1", self.max_tokens)
@@ -135,6 +140,10 @@ class SamplingParams:
                self.allowed_token_ids)
         _check(self.logit_bias is None or all(t >= 0 for t in self.logit_bias),
                "logit_bias", "keys must be non-negative token ids", self.logit_bias)
+        # A processor named twice would run twice per step: a cheap way to stall a worker.
+        _check(len(set(self.logits_processors or [])) == len(self.logits_processors or []),
+               "logits_processors", "must name each processor at most once",
+               self.logits_processors)
 
     def verify_vocab(self, vocab_size: int) -> None:
         """Raise ValueError if a token id field names a token outside [0, vocab_size)."""
@@ -144,10 +153,38 @@ class SamplingParams:
             _check(not bad, name, f"must be token ids in [0, {vocab_size})", bad)
         bad = [t for t in (self.logit_bias or {}) if t >= vocab_size]
         _check(not bad, "logit_bias", f"keys must be token ids in [0, {vocab_size})", bad)
+        # Longer lists repeat ids: they only cost memory and time.
+        for name in ("allowed_token_ids", "stop_token_ids"):
+            num_ids = len(getattr(self, name) or [])
+            _check(num_ids <= vocab_size, name,
+                   f"must have at most one entry per token of the vocabulary ({vocab_size})",
+                   num_ids)
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             _check(value is None or value <= vocab_size, name,
                    f"must be at most the vocabulary size {vocab_size}", value)
+
+    def verify_max_tokens(self, num_prompt_tokens: int, max_model_len: int) -> None:
+        """ValueError naming max_tokens if prompt + max_tokens exceeds the context (as vLLM
+        refuses it; the completion is not silently cut to fit)."""
+        if self.max_tokens is None or num_prompt_tokens + self.max_tokens <= max_model_len:
+            return
+        room = max(max_model_len - num_prompt_tokens, 0)
+        raise ValueError(
+            f"max_tokens must be at most {room} for this prompt: the prompt has "
+            f"{num_prompt_tokens} tokens and max_model_len is {max_model_len}, got "
+            f"{self.max_tokens}.")
+
+    def fit_max_tokens(self, num_prompt_tokens: int, max_model_len: int) -> SamplingParams:
+        """These params with max_tokens cut to the room the prompt leaves (for a max_tokens
+        the caller did not choose: a service's default); ValueError if even min_tokens
+        does not fit."""
+        room = max(max_model_len - num_prompt_tokens, 0)
+        if self.max_tokens is None or self.max_tokens <= room:
+            return self
+        fitted = self.clone(max_tokens=max(room, self.min_tokens, 1))
+        fitted.verify_max_tokens(num_prompt_tokens, max_model_len)
+        return fitted
 
     def clone(self, **changes: Any) -> SamplingParams:
         values = {f: getattr(self, f) for f in self.__dataclass_fields__}

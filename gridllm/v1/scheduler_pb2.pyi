@@ -76,7 +76,7 @@ class GetSchedulerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class SchedulerInfo(_message.Message):
-    __slots__ = ("scheduler_id", "model", "max_model_len", "vocab_size", "eos_token_id", "block_size", "num_workers")
+    __slots__ = ("scheduler_id", "model", "max_model_len", "vocab_size", "eos_token_id", "block_size", "num_workers", "request_limits")
     SCHEDULER_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +84,7 @@ class SchedulerInfo(_message.Message):
     EOS_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     NUM_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_LIMITS_FIELD_NUMBER: _ClassVar[int]
     scheduler_id: str
     model: str
     max_model_len: int
@@ -91,4 +92,21 @@ class SchedulerInfo(_message.Message):
     eos_token_id: int
     block_size: int
     num_workers: int
-    def __init__(self, scheduler_id: _Optional[str] = ..., model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., block_size: _Optional[int] = ..., num_workers: _Optional[int] = ...) -> None: ...
+    request_limits: RequestLimits
+    def __init__(self, scheduler_id: _Optional[str] = ..., model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., block_size: _Optional[int] = ..., num_workers: _Optional[int] = ..., request_limits: _Optional[_Union[RequestLimits, _Mapping]] = ...) -> None: ...
+
+class RequestLimits(_message.Message):
+    __slots__ = ("max_n", "max_logprobs", "max_num_stop_strings", "max_stop_string_len", "max_num_stop_token_ids", "max_num_logit_bias")
+    MAX_N_FIELD_NUMBER: _ClassVar[int]
+    MAX_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    MAX_NUM_STOP_STRINGS_FIELD_NUMBER: _ClassVar[int]
+    MAX_STOP_STRING_LEN_FIELD_NUMBER: _ClassVar[int]
+    MAX_NUM_STOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_NUM_LOGIT_BIAS_FIELD_NUMBER: _ClassVar[int]
+    max_n: int
+    max_logprobs: int
+    max_num_stop_strings: int
+    max_stop_string_len: int
+    max_num_stop_token_ids: int
+    max_num_logit_bias: int
+    def __init__(self, max_n: _Optional[int] = ..., max_logprobs: _Optional[int] = ..., max_num_stop_strings: _Optional[int] = ..., max_stop_string_len: _Optional[int] = ..., max_num_stop_token_ids: _Optional[int] = ..., max_num_logit_bias: _Optional[int] = ...) -> None: ...
