@@ -125,6 +125,10 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
                                              options.scheduler_wait_s, options.max_resubmits,
                                              max_num_streams=options.max_num_streams)
 
+    def close(self) -> None:
+        """Stop the request path's tokenizing threads."""
+        self.engine.close()
+
     # ----------------------------------------------------------------- Generate
     async def Generate(self, request: generate_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext
