@@ -44,8 +44,10 @@ logger = logging.getLogger(__name__)
 
 # The fields of each service's settings the stack sets itself (addresses, ids, Redis, model);
 # the others are passed on as the service's flags.
-STACK_SET_SCHEDULER_FIELDS = ("worker_addresses", "redis_url", "host", "port", "advertise_host")
-STACK_SET_WORKER_FIELDS = ("worker_id", "host", "port", "advertise_host", "redis_url")
+STACK_SET_SCHEDULER_FIELDS = ("worker_addresses", "redis_url", "host", "port", "advertise_host",
+                              "worker_group")
+STACK_SET_WORKER_FIELDS = ("worker_id", "host", "port", "advertise_host", "redis_url",
+                           "worker_group")
 STACK_SET_ROUTER_FIELDS = ("model", "scheduler_addresses", "redis_url", "host", "port")
 
 # prctl(PR_SET_PDEATHSIG): the kernel signals the child if the launcher dies unannounced.
@@ -307,7 +309,10 @@ class StackConfig:
 
     model: str = option(DEFAULT_MODEL,
                         help="preset name, HF directory or GGUF file served by every worker")
-    num_workers: int = option(1, flag="--workers", help="worker processes")
+    num_workers: int = option(1, flag="--workers", help="worker processes per scheduler")
+    num_schedulers: int = option(
+        1, flag="--schedulers", help="schedulers, each driving its own --workers workers "
+        "(one worker group per scheduler); the router routes between them")
     port: int = option(DEFAULT_ROUTER_PORT, help="the router's port; 0 picks a free one")
     host: str = option("127.0.0.1", help="address the router binds (internal services "
                                          "always bind loopback)")
@@ -337,6 +342,11 @@ class StackConfig:
 
     def __post_init__(self) -> None:
         require(self.num_workers >= 1, "num_workers", "must be at least 1", self.num_workers)
+        require(self.num_schedulers >= 1, "num_schedulers", "must be at least 1",
+                self.num_schedulers)
+        require(self.num_schedulers == 1 or self.scheduler_options.scheduler_id is None,
+                "scheduler_options.scheduler_id", "must be unset with several schedulers "
+                "(each gets a fresh id)", self.scheduler_options.scheduler_id)
         check_port(self.port)
         require(self.startup_timeout_s > 0, "startup_timeout_s", "must be positive",
                 self.startup_timeout_s)
@@ -347,6 +357,10 @@ class StackConfig:
         return [*to_argv(self.scheduler_options, exclude=STACK_SET_SCHEDULER_FIELDS),
                 *to_argv(self.scheduler_options.scheduler_config),
                 *self.extra_scheduler_args]
+
+    def worker_group(self, index: int) -> str:
+        """The worker group of scheduler ``index`` (the default group with one scheduler)."""
+        return f"group-{index}" if self.num_schedulers > 1 else ""
 
     def worker_args(self) -> list[str]:
         """Flags passing the workers' settings on (beyond model, address and Redis)."""
@@ -366,7 +380,7 @@ class StackConfig:
 
 
 class LocalStack:
-    """Redis (unless given), one scheduler, N workers and the router, on loopback.
+    """Redis (unless given), M schedulers with N workers each, and the router, on loopback.
 
     Internal ports are picked free; only the router's is chosen by the caller. Use as a
     context manager, or call ``start()`` / ``stop()``.
@@ -381,9 +395,12 @@ class LocalStack:
         self.log_dir = config.log_dir or ""
         self.redis: ManagedProcess | None = None
         self.redis_url = config.redis_url
-        self.scheduler: ManagedProcess | None = None
-        self.scheduler_port = 0
+        # One per scheduler, by index; a restart replaces its entry and keeps its port.
+        self.schedulers: list[ManagedProcess | None] = [None] * config.num_schedulers
+        self.scheduler_ports = [0] * config.num_schedulers
         self.workers: list[ManagedProcess] = []
+        # The scheduler index each worker serves, in the order of ``workers``.
+        self.worker_groups: list[int] = []
         self.router: ManagedProcess | None = None
         self.router_port = 0
         self.model_path = config.model
@@ -396,9 +413,18 @@ class LocalStack:
         return f"{host}:{self.router_port}"
 
     @property
+    def scheduler(self) -> ManagedProcess | None:
+        """The first scheduler."""
+        return self.schedulers[0]
+
+    @property
+    def scheduler_port(self) -> int:
+        return self.scheduler_ports[0]
+
+    @property
     def processes(self) -> list[ManagedProcess]:
         """Every process started, in start order."""
-        return [p for p in (self.redis, self.scheduler, *self.workers, self.router)
+        return [p for p in (self.redis, *self.schedulers, *self.workers, self.router)
                 if p is not None]
 
     def __enter__(self) -> LocalStack:
@@ -430,11 +456,13 @@ class LocalStack:
             self.model_path = resolve_model_path(self.config.model)
             if self.redis_url is None:
                 self._start_redis()
-            # The scheduler reports SERVING once a worker is linked: start all, then wait.
-            scheduler = self.start_scheduler(wait=False)
-            for _ in range(self.config.num_workers):
-                self.add_worker(wait=False)
-            for process in (*self.workers, scheduler):
+            # A scheduler reports SERVING once a worker is linked: start all, then wait.
+            schedulers = [self.start_scheduler(wait=False, index=i)
+                          for i in range(self.config.num_schedulers)]
+            for index in range(self.config.num_schedulers):
+                for _ in range(self.config.num_workers):
+                    self.add_worker(wait=False, group=index)
+            for process in (*self.workers, *schedulers):
                 wait_for_health(process.env["GRIDLLM_ADDRESS"], process,
                                 self.config.startup_timeout_s)
             self._start_router()
@@ -454,31 +482,39 @@ class LocalStack:
         self.redis_url = f"redis://127.0.0.1:{port}/0"
         wait_for_redis(self.redis_url, self.redis, self.config.startup_timeout_s)
 
-    def start_scheduler(self, wait: bool = True) -> ManagedProcess:
-        """(Re)start the scheduler; a restart reuses its port so the router finds it again."""
-        self.scheduler_port = self.scheduler_port or free_port()
-        address = f"127.0.0.1:{self.scheduler_port}"
+    def start_scheduler(self, wait: bool = True, index: int = 0) -> ManagedProcess:
+        """(Re)start scheduler ``index``; a restart reuses its port so the router finds it
+        again."""
+        port = self.scheduler_ports[index] = self.scheduler_ports[index] or free_port()
+        address = f"127.0.0.1:{port}"
+        group = self.config.worker_group(index)
         argv = [sys.executable, "-m", "scheduler_svc", "--host", "127.0.0.1",
-                "--port", str(self.scheduler_port), "--redis-url", str(self.redis_url),
-                *self.config.scheduler_args()]
-        self.scheduler = ManagedProcess("scheduler", argv, self._log_path("scheduler"),
-                                        {**self.config.env, "GRIDLLM_ADDRESS": address}).start()
+                "--port", str(port), "--redis-url", str(self.redis_url),
+                *(["--worker-group", group] if group else []), *self.config.scheduler_args()]
+        name = "scheduler" if index == 0 else f"scheduler-{index}"
+        scheduler = ManagedProcess(name, argv, self._log_path(name),
+                                   {**self.config.env, "GRIDLLM_ADDRESS": address}).start()
+        self.schedulers[index] = scheduler
         if wait:
-            wait_for_health(address, self.scheduler, self.config.startup_timeout_s)
-        return self.scheduler
+            wait_for_health(address, scheduler, self.config.startup_timeout_s)
+        return scheduler
 
-    def add_worker(self, wait: bool = True) -> ManagedProcess:
-        """Start one more worker; it registers in Redis and the scheduler picks it up."""
+    def add_worker(self, wait: bool = True, group: int = 0) -> ManagedProcess:
+        """Start one more worker for scheduler ``group``; it registers in Redis (in that
+        scheduler's worker group) and the scheduler picks it up."""
         port = free_port()
         address = f"127.0.0.1:{port}"
+        worker_group = self.config.worker_group(group)
         argv = [sys.executable, "-m", "worker_svc", "--model", self.model_path,
                 "--host", "127.0.0.1", "--port", str(port), "--redis-url", str(self.redis_url),
+                *(["--worker-group", worker_group] if worker_group else []),
                 *self.config.worker_args()]
         self._num_started += 1
         worker = ManagedProcess(f"worker-{self._num_started}", argv,
                                 self._log_path(f"worker-{self._num_started}"),
                                 {**self.config.env, "GRIDLLM_ADDRESS": address}).start()
         self.workers.append(worker)
+        self.worker_groups.append(group)
         if wait:
             wait_for_health(address, worker, self.config.startup_timeout_s)
         return worker
@@ -487,7 +523,7 @@ class LocalStack:
         self.router_port = self.config.port or free_port()
         argv = [sys.executable, "-m", "router", "--host", self.config.host,
                 "--port", str(self.router_port), "--model", self.model_path,
-                "--scheduler", f"127.0.0.1:{self.scheduler_port}",
+                *[a for port in self.scheduler_ports for a in ("--scheduler", f"127.0.0.1:{port}")],
                 "--redis-url", str(self.redis_url), *self.config.router_args()]
         self.router = ManagedProcess("router", argv, self._log_path("router"),
                                      dict(self.config.env)).start()

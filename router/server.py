@@ -32,6 +32,9 @@ from gridllm.common.grpc_utils import ServiceServer
 from gridllm.common.output_processor import Child, fan_out
 from gridllm.common.sampling_params import SamplingParams
 from gridllm.v1 import generate_pb2, generate_pb2_grpc, scheduler_pb2
+from router.kv_api import KvApiError, get_loads, subscribe_kv_events
+from router.kv_index import KvIndexFollower
+from router.policy import POLICY_NAMES, make_policy
 from router.responses import generate_response
 from router.routing import PrefixIndex, SchedulerLink, SchedulerPool
 from router.validation import (
@@ -79,6 +82,10 @@ class RouterOptions:
         help="seconds a request waits for a scheduler (at start, or after its scheduler died)")
     max_resubmits: int = option(
         3, help="resubmissions of one request after scheduler failures before giving up")
+    routing_policy: str = option(
+        "cache_aware", choices=POLICY_NAMES,
+        help="how a scheduler is picked: cache_aware (prefix-cache overlap against load), "
+        "least_load, or round_robin")
 
     def __post_init__(self) -> None:
         require(bool(self.model), "model", "must be a non-empty name or path", self.model)
@@ -87,6 +94,8 @@ class RouterOptions:
                 self.scheduler_wait_s)
         require(self.max_resubmits >= 0, "max_resubmits", "must be non-negative",
                 self.max_resubmits)
+        require(self.routing_policy in POLICY_NAMES, "routing_policy",
+                f"must be one of {POLICY_NAMES}", self.routing_policy)
 
     @property
     def model_name(self) -> str:
@@ -105,11 +114,13 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
     """
 
     def __init__(self, tokenizer: Any | None, eos_token_ids: list[int], pool: SchedulerPool,
-                 options: RouterOptions):
+                 options: RouterOptions, redis: Any | None = None):
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
         self.pool = pool
         self.options = options
+        # The KV event log's Redis (None: SubscribeKvEvents is refused).
+        self.redis = redis
 
     # ----------------------------------------------------------------- Generate
     async def Generate(self, request: generate_pb2.GenerateRequest,
@@ -296,6 +307,22 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
             total.num_schedulers += 1
         return total
 
+    async def SubscribeKvEvents(self, request: generate_pb2.SubscribeKvEventsRequest,
+                                context: grpc.aio.ServicerContext
+                                ) -> AsyncIterator[generate_pb2.SubscribeKvEventsResponse]:
+        """Every scheduler's KV events in sequence order, replayed from
+        ``start_sequence_number`` when given, then live (router.kv_api)."""
+        try:
+            async for response in subscribe_kv_events(self.redis, request):
+                yield response
+        except KvApiError as error:
+            await context.abort(error.code, error.details)
+
+    async def GetLoads(self, request: generate_pb2.GetLoadsRequest,
+                       context: grpc.aio.ServicerContext) -> generate_pb2.GetLoadsResponse:
+        """Running, waiting, KV usage and hit rate of every scheduler and worker."""
+        return await get_loads(self.pool.links)
+
 
 def load_router_tokenizer(model: str, tokenizer: str | None) -> tuple[Any | None, list[int]]:
     """The tokenizer and EOS ids (as ``LLM`` derives them) of a model path or preset."""
@@ -343,6 +370,7 @@ class RouterServer:
         self.redis_url = options.redis_url
         self.server = ServiceServer([SERVICE_NAME])
         self.pool: SchedulerPool | None = None
+        self.kv_follower: KvIndexFollower | None = None
         self._redis: Any = None
         self._ready_task: asyncio.Task | None = None
 
@@ -357,9 +385,14 @@ class RouterServer:
             import redis.asyncio as aioredis
 
             self._redis = aioredis.from_url(self.redis_url)
-        self.pool = SchedulerPool(self.scheduler_addresses, PrefixIndex(self._redis))
+            self.kv_follower = KvIndexFollower(self._redis)
+            self.kv_follower.start()
+        self.pool = SchedulerPool(self.scheduler_addresses,
+                                  PrefixIndex(self._redis, self.kv_follower),
+                                  policy=make_policy(self.options.routing_policy))
         self.pool.start()
-        servicer = GenerationServicer(self.tokenizer, self.eos_token_ids, self.pool, self.options)
+        servicer = GenerationServicer(self.tokenizer, self.eos_token_ids, self.pool, self.options,
+                                      self._redis)
         generate_pb2_grpc.add_GenerationServicer_to_server(servicer, self.server.server)
         port = await self.server.start(address or f"{self.options.host}:{self.options.port}")
         self._ready_task = asyncio.create_task(self._become_ready())
@@ -382,6 +415,8 @@ class RouterServer:
             self._ready_task.cancel()
         if self.pool is not None:
             await self.pool.close()
+        if self.kv_follower is not None:
+            await self.kv_follower.close()
         if self._redis is not None:
             await self._redis.aclose()
 

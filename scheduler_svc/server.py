@@ -33,6 +33,9 @@ class SchedulerServiceConfig:
         help="a worker to drive (repeatable), besides those registered in Redis")
     redis_url: str | None = option(
         None, help="Redis to discover workers in, mirror block state to and register in")
+    worker_group: str = option(
+        "", metavar="NAME", help="link only the registered workers of this group (their "
+        "--worker-group); one scheduler per group. Empty: the default group")
     scheduler_id: str | None = option(None, default_help="a fresh uuid", help="registry id")
     host: str = option("127.0.0.1", help="address to bind")
     port: int = option(0, help="port to bind; 0 picks a free one")
@@ -55,6 +58,9 @@ class SchedulerServiceConfig:
         "workers) a new request gets RESOURCE_EXHAUSTED; an empty queue takes any request")
     max_migrations: int = option(
         3, help="times a request may resume on another worker after losing its own")
+    kv_events_max_len: int = option(
+        100_000, metavar="N", help="KV events (blocks stored/removed) are published to the "
+        "stack-wide log in Redis, which keeps about this many newest events; 0: publish none")
 
     def __post_init__(self) -> None:
         check_port(self.port)
@@ -68,6 +74,8 @@ class SchedulerServiceConfig:
             require(getattr(self, name) >= 1, name, "must be at least 1", getattr(self, name))
         require(self.max_migrations >= 0, "max_migrations", "must be non-negative",
                 self.max_migrations)
+        require(self.kv_events_max_len >= 0, "kv_events_max_len", "must be non-negative",
+                self.kv_events_max_len)
 
 
 class SchedulerServer:
@@ -89,14 +97,15 @@ class SchedulerServer:
         self.mirror = RedisMirror(self.redis, self.scheduler_id,
                                   lambda: self.pool.registry_entry(self.scheduler_id,
                                                                    self.address),
-                                  self.config.heartbeat_ttl)
+                                  self.config.heartbeat_ttl, self.config.kv_events_max_len)
         self.service = ServiceServer([SERVICE_NAME])
         streams = UpdateStreams()
         self.pool = WorkerPool(self.config.scheduler_config, self.config.worker_addresses,
                                self.redis, self.mirror, streams.deliver,
                                self.service.set_serving, self.config.max_steps_in_flight,
                                max_migrations=self.config.max_migrations,
-                               lost_after_s=self.config.heartbeat_ttl)
+                               lost_after_s=self.config.heartbeat_ttl,
+                               worker_group=self.config.worker_group)
         self.servicer = SchedulerServicer(self.pool, streams, self.scheduler_id,
                                           self.config.max_num_queued_reqs,
                                           self.config.max_num_queued_tokens)

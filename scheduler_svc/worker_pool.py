@@ -48,13 +48,15 @@ class WorkerPool:
         max_migrations: times one request may move to another worker after losing its own.
         lost_after_s: a worker missing from the registry this long with a step pending is
             taken for lost (see WorkerLink).
+        worker_group: only registered workers of this group are linked (those given by
+            address always are).
     """
 
     def __init__(self, scheduler_config: SchedulerConfig, worker_addresses: list[str],
                  redis: Any, mirror: RedisMirror,
                  deliver: Callable[[list[RequestUpdate], str], None],
                  on_serving: Callable[[bool], Awaitable[None]], max_steps_in_flight: int = 2,
-                 max_migrations: int = 3, lost_after_s: float = 6.0):
+                 max_migrations: int = 3, lost_after_s: float = 6.0, worker_group: str = ""):
         self.scheduler_config = scheduler_config
         self.worker_addresses = list(worker_addresses)
         self.redis = redis
@@ -64,6 +66,7 @@ class WorkerPool:
         self.max_steps_in_flight = max_steps_in_flight
         self.max_migrations = max_migrations
         self.lost_after_s = lost_after_s
+        self.worker_group = worker_group
         self.links: dict[str, WorkerLink] = {}
         # req_id -> the link running it.
         self._req_links: dict[str, WorkerLink] = {}
@@ -106,6 +109,8 @@ class WorkerPool:
                 if value is None:
                     continue
                 entry = json.loads(value)
+                if entry.get("worker_group", "") != self.worker_group:
+                    continue  # another scheduler's worker
                 registered.add(entry["worker_id"])
                 addresses.setdefault(entry["address"], entry["worker_id"])
         if registered is not None:
@@ -290,7 +295,8 @@ class WorkerPool:
                 worker_id=link.worker_id, kv_blocks_total=bm.num_blocks,
                 kv_blocks_free=bm.num_free_blocks, address=link.info.address,
                 num_requests_running=core.num_running, num_requests_waiting=core.num_waiting,
-                is_alive=link.is_alive))
+                is_alive=link.is_alive, prefix_cache_queries=bm.prefix_cache_queries,
+                prefix_cache_hits=bm.prefix_cache_hits, num_queued_tokens=core.num_queued_tokens))
         return reply
 
     def model_info(self, scheduler_id: str) -> scheduler_pb2.SchedulerInfo | None:
@@ -306,6 +312,7 @@ class WorkerPool:
         stats = self.stats()
         info = self._last_info
         return {"scheduler_id": scheduler_id, "address": address,
+                "worker_group": self.worker_group,
                 "model": info.model if info else "", "block_size": info.block_size if info else 0,
                 "worker_ids": [w.worker_id for w in stats.workers],
                 "num_requests_running": stats.num_requests_running,

@@ -56,6 +56,9 @@ class WorkerOptions:
         help="Redis to register in (e.g. redis://host:6379/0)")
     heartbeat_ttl: float = option(
         HEARTBEAT_TTL_S, metavar="S", help="seconds the registry entry outlives the last heartbeat")
+    worker_group: str = option(
+        "", metavar="NAME", help="the group registered with the worker: only a scheduler "
+        "with the same --worker-group links it. Empty: the default group")
 
     def __post_init__(self) -> None:
         check_port(self.port)
@@ -282,6 +285,7 @@ class WorkerServer:
         info = build_info(self.runner, self.model_config.model, self.worker_id,
                           self.scheduler_config)
         info.address = self.address
+        info.worker_group = opts.worker_group
         self.servicer.block_versions = [0] * self.runner.num_kv_blocks
         self.servicer.runner, self.servicer.info = self.runner, info
         if opts.redis_url:

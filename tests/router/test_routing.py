@@ -8,7 +8,8 @@ import pytest
 
 from gridllm.common import redis_keys
 from gridllm.common.prefix_hash import prompt_block_hashes
-from router.routing import PrefixIndex, SchedulerPool, choose
+from router.policy import CacheAwarePolicy, Candidate
+from router.routing import PrefixIndex, SchedulerPool
 
 BLOCK_SIZE = 4
 
@@ -16,6 +17,14 @@ BLOCK_SIZE = 4
 class _Link:
     def __init__(self, address: str, load: int, worker_ids=()):
         self.address, self.load, self.worker_ids = address, load, list(worker_ids)
+
+
+def choose(links: list[_Link], overlaps: dict[str, int]) -> _Link:
+    # The prompt: the largest overlap plus a block (every overlap is a real prefix of it).
+    num_prompt_tokens = (max(overlaps.values(), default=0) + 1) * 16
+    candidates = [Candidate(link.address, overlaps.get(link.address, 0), num_running=link.load)
+                  for link in links]
+    return links[CacheAwarePolicy().choose(candidates, num_prompt_tokens, 16)]
 
 
 def test_choose_prefers_cache_overlap_when_balanced():
@@ -48,7 +57,10 @@ def test_prefix_index_counts_leading_run(redis_server):
             assert overlap == {"w1": 5, "w2": 2, "w3": 0}
 
             # The pool routes the prompt to the scheduler whose worker holds the longer prefix.
-            pool = SchedulerPool(["127.0.0.1:1", "127.0.0.1:2"], index)
+            # A running request weighs one token: the 3-block overlap gap outweighs the
+            # 6-request load gap.
+            pool = SchedulerPool(["127.0.0.1:1", "127.0.0.1:2"], index,
+                                 policy=CacheAwarePolicy(running_weight=1.0))
             try:
                 first, second = pool.links
                 for link, workers in ((first, ["w2"]), (second, ["w1"])):
