@@ -123,6 +123,7 @@ class KvIndexFollower:
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
+        self._stopping.clear()
         self._task = asyncio.create_task(self._run(), name="kv-index")
 
     async def close(self) -> None:

@@ -6,7 +6,8 @@ One small, swappable piece, pure (no I/O), shared by the router and the cluster 
 - ``cache_aware`` (default): the lowest cost, in prompt-token equivalents of work ahead of
   the request's first token: its prompt tokens not cached there, plus the tokens queued
   there, plus ``running_weight`` per request there, plus a penalty as the KV pool nears
-  full (its cache is about to be evicted, its requests preempted). Overlap and load trade
+  full (its cache is about to be evicted, its requests preempted: at a full pool, the
+  prompt counts ``1 + kv_weight`` times). Overlap and load trade
   off in one unit, as in Dynamo's KV router. Candidates within ``tie_tolerance`` (a
   fraction) of the best cost count as tied and a seeded random draw picks among them, so several routers sharing
   one stale view do not all herd onto one target.
@@ -53,14 +54,16 @@ class CacheAwarePolicy:
     Args:
         running_weight: prompt-token equivalents one running or queued request costs a
             newcomer (it slows every step the newcomer's prefill shares).
-        kv_threshold: KV usage above which the penalty starts; at a full pool it costs as
-            much as computing the whole prompt again.
+        kv_threshold: KV usage above which the penalty starts.
+        kv_weight: the penalty at a full pool, in prompts (it grows linearly from 0 at
+            ``kv_threshold``).
         tie_tolerance: costs within this fraction of the best one are tied.
         seed: of the tie-break draw.
     """
 
     running_weight: float = 4.0
     kv_threshold: float = 0.9
+    kv_weight: float = 2.0
     tie_tolerance: float = 0.05
     seed: int = 0
     name: str = "cache_aware"
@@ -70,6 +73,7 @@ class CacheAwarePolicy:
                 self.running_weight)
         require(0.0 <= self.kv_threshold < 1.0, "kv_threshold", "must be in [0, 1)",
                 self.kv_threshold)
+        require(self.kv_weight >= 0, "kv_weight", "must be non-negative", self.kv_weight)
         require(self.tie_tolerance >= 0, "tie_tolerance", "must be non-negative",
                 self.tie_tolerance)
         self._rng = random.Random(self.seed)
@@ -78,7 +82,7 @@ class CacheAwarePolicy:
         uncached = max(num_prompt_tokens - candidate.num_overlap_blocks * block_size, 0)
         pressure = max(candidate.kv_usage - self.kv_threshold, 0.0) / (1.0 - self.kv_threshold)
         return (uncached + candidate.num_queued_tokens + self.running_weight * candidate.load
-                + pressure * num_prompt_tokens)
+                + self.kv_weight * pressure * num_prompt_tokens)
 
     def choose(self, candidates: Sequence[Candidate], num_prompt_tokens: int,
                block_size: int) -> int:

@@ -89,7 +89,7 @@ def decode(raw: str | bytes, sequence_number: int) -> KvEvent:
             raise ValueError(f"unknown kind {kind!r}")
         return KvEvent(record["w"], data, record.get("s", ""), float(record.get("t", 0.0)),
                        sequence_number)
-    except (KeyError, TypeError, json.JSONDecodeError) as exc:
+    except (KeyError, TypeError, ValueError) as exc:  # JSONDecodeError is a ValueError
         raise ValueError(f"malformed KV event {raw!r}: {exc}") from exc
 
 

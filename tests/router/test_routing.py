@@ -102,3 +102,33 @@ def _info():
 
     return scheduler_pb2.SchedulerInfo(block_size=BLOCK_SIZE, vocab_size=320, max_model_len=64,
                                        num_workers=1)
+
+
+def test_routing_never_sends_to_a_dead_scheduler():
+    """Whatever the policy and however much of the prompt a dead scheduler's workers hold
+    (in the index, or in this router's recent routes), only alive schedulers are picked."""
+    from router.kv_index import KvIndex, KvIndexFollower
+    from router.policy import LeastLoadPolicy, RoundRobinPolicy
+
+    prompt = list(range(40))
+    hashes = prompt_block_hashes(prompt, BLOCK_SIZE)
+
+    async def scenario(policy):
+        follower = KvIndexFollower(None, KvIndex())
+        follower.index.replace({"w-dead": set(hashes)}, 1)
+        pool = SchedulerPool(["127.0.0.1:1", "127.0.0.1:2"], PrefixIndex(None, follower),
+                             policy=policy)
+        try:
+            dead, alive = pool.links
+            for link, workers in ((dead, ["w-dead"]), (alive, ["w-alive"])):
+                link.is_alive, link.worker_ids, link.info = True, workers, _info()
+            alive.num_inflight = 50  # busy: every policy but round-robin prefers `dead`
+            assert (await pool.pick(prompt, timeout_s=1.0)) is dead or policy.name != \
+                "cache_aware"
+            pool.mark_down(dead)
+            return {(await pool.pick(prompt, timeout_s=1.0)).address for _ in range(20)}
+        finally:
+            await pool.close()
+
+    for policy in (CacheAwarePolicy(), LeastLoadPolicy(), RoundRobinPolicy()):
+        assert asyncio.run(scenario(policy)) == {"127.0.0.1:2"}, policy.name
