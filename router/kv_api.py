@@ -8,7 +8,7 @@ served.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -77,14 +77,22 @@ async def subscribe_kv_events(redis: Any, request: generate_pb2.SubscribeKvEvent
         yield response
 
 
-async def get_loads(links: Sequence[SchedulerLink]) -> generate_pb2.GetLoadsResponse:
-    """Every reachable scheduler's load and its workers', asked now."""
+async def get_loads(links: Sequence[SchedulerLink],
+                    on_failure: Callable[[SchedulerLink], None] | None = None
+                    ) -> generate_pb2.GetLoadsResponse:
+    """Every reachable scheduler's load and its workers', asked now.
+
+    Args:
+        on_failure: called with each link that did not answer (the pool routes around it).
+    """
     replies = await asyncio.gather(
         *(link.stub.GetStats(generate_pb2.GetServerStatsRequest(), timeout=2.0)
           for link in links), return_exceptions=True)
     response = generate_pb2.GetLoadsResponse()
     for link, stats in zip(links, replies, strict=True):
         if isinstance(stats, BaseException):
+            if on_failure is not None and isinstance(stats, grpc.aio.AioRpcError):
+                on_failure(link)
             continue
         load = response.schedulers.add(
             scheduler_id=link.info.scheduler_id if link.info is not None else "",

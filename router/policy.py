@@ -6,11 +6,11 @@ One small, swappable piece, pure (no I/O), shared by the router and the cluster 
 - ``cache_aware`` (default): the lowest cost, in prompt-token equivalents of work ahead of
   the request's first token: its prompt tokens not cached there, plus the tokens queued
   there, plus ``running_weight`` per request there, plus a penalty as the KV pool nears
-  full (its cache is about to be evicted, its requests preempted: at a full pool, the
-  prompt counts ``1 + kv_weight`` times). Overlap and load trade
-  off in one unit, as in Dynamo's KV router. Candidates within ``tie_tolerance`` (a
-  fraction) of the best cost count as tied and a seeded random draw picks among them, so several routers sharing
-  one stale view do not all herd onto one target.
+  full (its cache is about to be evicted, its requests preempted: at a full pool the prompt
+  counts ``1 + kv_weight`` times). Overlap and load trade off in one unit, as in Dynamo's
+  KV router. Candidates within ``tie_tolerance`` (a fraction) of the best cost count as
+  tied and a seeded random draw picks among them, so several routers sharing one stale
+  view do not all herd onto one target.
 - ``least_load``: fewest requests (then fewest queued tokens), ties in rotation.
 - ``round_robin``: in turn, ignoring load and cache.
 """

@@ -9,6 +9,7 @@ against its load (polled with GetStats).
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import time
@@ -51,8 +52,9 @@ class SchedulerLink:
     num_waiting: int = 0
     num_queued_tokens: int = 0
     kv_usage: float = 0.0
-    # Prompt tokens this router sent there since that GetStats (not in its queue count yet).
-    num_routed_tokens: int = 0
+    # Uncached prompt tokens of this router's requests there that have no first token yet
+    # (exact, where the reported queue lags), one entry per request, oldest first.
+    routed_tokens: collections.deque[int] = field(default_factory=collections.deque)
 
     @property
     def load(self) -> int:
@@ -60,8 +62,14 @@ class SchedulerLink:
 
     def candidate(self, num_overlap_blocks: int) -> Candidate:
         return Candidate(self.address, num_overlap_blocks, self.num_running, self.num_waiting,
-                         self.num_queued_tokens + self.num_routed_tokens, self.kv_usage,
+                         max(self.num_queued_tokens, sum(self.routed_tokens)), self.kv_usage,
                          self.num_inflight)
+
+    def prefilled(self) -> None:
+        """One request routed here got its first token (or ended): its prompt no longer
+        waits. Requests are taken oldest first, which the sum does not mind."""
+        if self.routed_tokens:
+            self.routed_tokens.popleft()
 
 
 class PrefixIndex:
@@ -251,8 +259,12 @@ class SchedulerPool:
             if target is not None:
                 overlaps[target] = max(overlaps.get(target, 0), depth)
         candidates = [link.candidate(overlaps.get(link.address, 0)) for link in alive]
-        link = alive[self.policy.choose(candidates, len(token_ids), max(block_size, 1))]
-        link.num_routed_tokens += len(token_ids)
+        index = self.policy.choose(candidates, len(token_ids), max(block_size, 1))
+        link = alive[index]
+        # Prefill work sent there: what its cache does not cover.
+        if token_ids:
+            link.routed_tokens.append(
+                max(len(token_ids) - candidates[index].num_overlap_blocks * block_size, 0))
         if hashes:
             self.recent.note(link.address, hashes)
         return link
@@ -267,4 +279,3 @@ def _note_load(link: SchedulerLink, stats: generate_pb2.GetServerStatsResponse) 
     num_total = sum(w.kv_blocks_total for w in workers)
     link.kv_usage = (1.0 - sum(w.kv_blocks_free for w in workers) / num_total
                      if num_total else 0.0)
-    link.num_routed_tokens = 0

@@ -184,8 +184,12 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
             link.num_inflight += 1
             # Finished upstream (the scheduler freed the request), not here by a stop string.
             is_upstream_done = False
+            is_prefilled = False  # the routing policy counts its prompt as queued until then
             try:
                 async for msg in call:
+                    if not is_prefilled:
+                        link.prefilled()
+                        is_prefilled = True
                     update = request_update_from_pb(msg)
                     is_upstream_done = update.finished
                     delta = state.process(update)
@@ -199,6 +203,8 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
                 self._raise_unless_resubmittable(exc, link, attempt)
             finally:
                 link.num_inflight -= 1
+                if not is_prefilled:
+                    link.prefilled()
                 if not is_upstream_done:
                     # Client cancel, deadline, stop string, or failure: abort it upstream.
                     call.cancel()
@@ -321,7 +327,7 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
     async def GetLoads(self, request: generate_pb2.GetLoadsRequest,
                        context: grpc.aio.ServicerContext) -> generate_pb2.GetLoadsResponse:
         """Running, waiting, KV usage and hit rate of every scheduler and worker."""
-        return await get_loads(self.pool.links)
+        return await get_loads(self.pool.links, self.pool.mark_down)
 
 
 def load_router_tokenizer(model: str, tokenizer: str | None) -> tuple[Any | None, list[int]]:
