@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from gridllm.common import redis_keys
@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 # Events read per XREAD, and how long one waits for new events.
 _READ_COUNT = 1000
-_READ_BLOCK_MS = 1000
+_READ_BLOCK_MS = 250
 _RETRY_S = 1.0
 
 
@@ -200,16 +200,19 @@ class RecentRoutes:
     Args:
         ttl_s: how long a route counts.
         max_entries: most block hashes remembered (oldest dropped first).
+        clock: seconds, monotonic (the cluster simulator passes its own).
     """
 
-    def __init__(self, ttl_s: float = 5.0, max_entries: int = 100_000):
+    def __init__(self, ttl_s: float = 5.0, max_entries: int = 100_000,
+                 clock: Callable[[], float] = time.monotonic):
         self.ttl_s = ttl_s
         self.max_entries = max_entries
+        self.clock = clock
         # block hash -> (target, expiry).
         self._routes: OrderedDict[int, tuple[str, float]] = OrderedDict()
 
     def note(self, target: str, hashes: Sequence[int]) -> None:
-        expiry = time.monotonic() + self.ttl_s
+        expiry = self.clock() + self.ttl_s
         for block_hash in hashes:
             self._routes.pop(block_hash, None)
             self._routes[block_hash] = (target, expiry)
@@ -218,7 +221,7 @@ class RecentRoutes:
 
     def overlap(self, hashes: Sequence[int]) -> tuple[str | None, int]:
         """The target the longest leading run of ``hashes`` was sent to, and that run."""
-        now = time.monotonic()
+        now = self.clock()
         target, depth = None, 0
         for block_hash in hashes:
             route = self._routes.get(block_hash)

@@ -1,9 +1,9 @@
 """Which scheduler gets a request: the pool of scheduler links and the routing policy.
 
-With one scheduler there is nothing to choose. With several, a policy (router.policy;
-cache-aware by default) weighs each scheduler's prefix overlap with the prompt (the most
-any of its workers caches, from the prefix index the KV event log feeds, router.kv_index)
-against its load (polled with GetStats).
+With one scheduler there is nothing to choose. With several, a policy
+(gridllm.common.routing_policy; cache-aware by default) weighs each scheduler's prefix
+overlap with the prompt (the most any of its workers caches, from the prefix index the KV
+event log feeds, router.kv_index) against its load (polled with GetStats).
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import grpc
 from gridllm.common import redis_keys
 from gridllm.common.grpc_utils import channel_options
 from gridllm.common.prefix_hash import prompt_block_hashes
+from gridllm.common.routing_policy import CacheAwarePolicy, Candidate, RoutingPolicy
 from gridllm.v1 import generate_pb2, scheduler_pb2, scheduler_pb2_grpc
 from router.kv_index import KvIndexFollower, RecentRoutes
-from router.policy import CacheAwarePolicy, Candidate, RoutingPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ class SchedulerPool:
         prefix_index: where prefix overlap is read (affinity only with several schedulers);
             its Redis is also the registry read for discovery.
         poll_interval_s: how often each scheduler's stats (load, liveness) are refreshed.
-        policy: the routing policy (router.policy; default cache-aware).
+        policy: the routing policy (gridllm.common.routing_policy; default cache-aware).
     """
 
     def __init__(self, addresses: Sequence[str], prefix_index: PrefixIndex | None = None,
@@ -214,7 +214,7 @@ class SchedulerPool:
         link.info = info if info.vocab_size > 0 else link.info
         link.num_reported = stats.num_requests_running + stats.num_requests_waiting
         link.worker_ids = [w.worker_id for w in stats.workers if w.is_alive]
-        _note_load(link, stats)
+        note_load(link, stats)
         link.last_ok = time.monotonic()
         if link.is_alive and not was_alive:
             logger.info("scheduler %s is serving (%d workers)", link.address, info.num_workers)
@@ -255,22 +255,36 @@ class SchedulerPool:
             per_worker = await self.prefix_index.overlap(worker_ids, hashes)
             overlaps = {link.address: max((per_worker.get(w, 0) for w in link.worker_ids),
                                           default=0) for link in alive}
-            target, depth = self.recent.overlap(hashes)
-            if target is not None:
-                overlaps[target] = max(overlaps.get(target, 0), depth)
-        candidates = [link.candidate(overlaps.get(link.address, 0)) for link in alive]
-        index = self.policy.choose(candidates, len(token_ids), max(block_size, 1))
-        link = alive[index]
+        return choose_link(alive, overlaps, self.policy, token_ids, block_size, hashes,
+                           self.recent)
+
+
+def choose_link(alive: Sequence[SchedulerLink], overlaps: dict[str, int],
+                policy: RoutingPolicy, token_ids: Sequence[int], block_size: int,
+                hashes: Sequence[int], recent: RecentRoutes) -> SchedulerLink:
+    """The policy's pick among ``alive``, noted as routed there (pure; the cluster
+    simulator calls it too).
+
+    Args:
+        overlaps: address -> prompt blocks its workers cache (from the prefix index); the
+            recent routes of this router add what is not in the index yet.
+    """
+    target, depth = recent.overlap(hashes)
+    if target is not None:
+        overlaps = {**overlaps, target: max(overlaps.get(target, 0), depth)}
+    candidates = [link.candidate(overlaps.get(link.address, 0)) for link in alive]
+    index = policy.choose(candidates, len(token_ids), max(block_size, 1))
+    link = alive[index]
+    if token_ids:
         # Prefill work sent there: what its cache does not cover.
-        if token_ids:
-            link.routed_tokens.append(
-                max(len(token_ids) - candidates[index].num_overlap_blocks * block_size, 0))
-        if hashes:
-            self.recent.note(link.address, hashes)
-        return link
+        link.routed_tokens.append(
+            max(len(token_ids) - candidates[index].num_overlap_blocks * block_size, 0))
+    if hashes:
+        recent.note(link.address, hashes)
+    return link
 
 
-def _note_load(link: SchedulerLink, stats: generate_pb2.GetServerStatsResponse) -> None:
+def note_load(link: SchedulerLink, stats: generate_pb2.GetServerStatsResponse) -> None:
     """The load a policy weighs, from a scheduler's GetStats."""
     workers = [w for w in stats.workers if w.is_alive]
     link.num_running = stats.num_requests_running

@@ -30,11 +30,11 @@ from gridllm.common.convert import (
 )
 from gridllm.common.grpc_utils import ServiceServer
 from gridllm.common.output_processor import Child, fan_out
+from gridllm.common.routing_policy import POLICY_NAMES, make_policy
 from gridllm.common.sampling_params import SamplingParams
 from gridllm.v1 import generate_pb2, generate_pb2_grpc, scheduler_pb2
 from router.kv_api import KvApiError, get_loads, subscribe_kv_events
 from router.kv_index import KvIndexFollower
-from router.policy import POLICY_NAMES, make_policy
 from router.responses import generate_response
 from router.routing import PrefixIndex, SchedulerLink, SchedulerPool
 from router.validation import (

@@ -52,7 +52,8 @@ class KvEventPublisher:
     """Builds a scheduler's events and appends them to the log in a pipeline.
 
     Args:
-        redis: a ``redis.asyncio`` client.
+        redis: a ``redis.asyncio`` client (None: events are built, not appended; the
+            cluster simulator does so).
         scheduler_id: written into every event.
         max_len: the log keeps about this many newest events (Redis ``MAXLEN ~``).
     """
@@ -62,7 +63,7 @@ class KvEventPublisher:
             raise ValueError(f"max_len must be at least 1, got {max_len}.")
         self.scheduler_id = scheduler_id
         self.max_len = max_len
-        self._script = redis.register_script(_APPEND_SCRIPT)
+        self._script = redis.register_script(_APPEND_SCRIPT) if redis is not None else None
         self.num_published = 0
 
     def changes(self, worker_id: str, block_size: int,
@@ -94,7 +95,7 @@ class KvEventPublisher:
     def append(self, pipe: Any, events: Iterable[KvEvent]) -> int:
         """Queue the events' append on ``pipe``; returns how many."""
         encoded = [encode(event) for event in events]
-        if encoded:
+        if encoded and self._script is not None:
             # The pipeline loads the script into Redis (if missing) when it executes.
             pipe.scripts.add(self._script)
             pipe.evalsha(self._script.sha, 2, redis_keys.KV_EVENTS_STREAM,

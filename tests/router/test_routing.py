@@ -8,7 +8,7 @@ import pytest
 
 from gridllm.common import redis_keys
 from gridllm.common.prefix_hash import prompt_block_hashes
-from router.policy import CacheAwarePolicy, Candidate
+from gridllm.common.routing_policy import CacheAwarePolicy, Candidate
 from router.routing import PrefixIndex, SchedulerPool
 
 BLOCK_SIZE = 4
@@ -107,8 +107,8 @@ def _info():
 def test_routing_never_sends_to_a_dead_scheduler():
     """Whatever the policy and however much of the prompt a dead scheduler's workers hold
     (in the index, or in this router's recent routes), only alive schedulers are picked."""
+    from gridllm.common.routing_policy import LeastLoadPolicy, RoundRobinPolicy
     from router.kv_index import KvIndex, KvIndexFollower
-    from router.policy import LeastLoadPolicy, RoundRobinPolicy
 
     prompt = list(range(40))
     hashes = prompt_block_hashes(prompt, BLOCK_SIZE)

@@ -1,7 +1,8 @@
 """Routing policies: which of several schedulers (or workers) gets a request.
 
-One small, swappable piece, pure (no I/O), shared by the router and the cluster simulator
-(benchmarks/simulate.py):
+One small, swappable piece, pure (no I/O): the router picks a scheduler with it, a
+scheduler picks one of its workers with ``cache_aware``, and the cluster simulator
+(benchmarks/simulate.py) runs both:
 
 - ``cache_aware`` (default): the lowest cost, in prompt-token equivalents of work ahead of
   the request's first token: its prompt tokens not cached there, plus the tokens queued

@@ -1,4 +1,4 @@
-"""router.policy: cache-aware scoring, its tie-break, least-load and round-robin."""
+"""gridllm.common.routing_policy: cache-aware scoring, its tie-break, least-load and round-robin."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import collections
 
 import pytest
 
-from router.policy import (
+from gridllm.common.routing_policy import (
     CacheAwarePolicy,
     Candidate,
     LeastLoadPolicy,
