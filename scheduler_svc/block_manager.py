@@ -49,6 +49,8 @@ class BlockManager:
         self.cached_blocks: dict[int, KVBlock] = {}
         self.req_to_blocks: dict[str, list[KVBlock]] = {}
         self._req_to_hashes: dict[str, list[int]] = {}
+        # req_id -> leading blocks of its table that carry their hash.
+        self._num_hashed_blocks: dict[str, int] = {}
         # Prefix-cache counters, in tokens (as vLLM counts them).
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
@@ -144,9 +146,16 @@ class BlockManager:
                            num_tokens: int) -> None:
         # Blocks fill with KV during the coming step; registering them now lets requests
         # scheduled later reuse them.
+        num_full = min(num_tokens, request.num_tokens) // self.block_size
+        # Blocks before this one have a hash already: a decode step looks at the new ones.
+        start = self._num_hashed_blocks.get(request.req_id, 0)
+        if start >= num_full:
+            return
         tokens = request.all_token_ids
-        hashes = self._block_hashes(request, min(num_tokens, len(tokens)))
-        for i, block_hash in enumerate(hashes):
+        hashes = self._block_hashes(request, num_full * self.block_size)
+        self._num_hashed_blocks[request.req_id] = num_full
+        for i in range(start, num_full):
+            block_hash = hashes[i]
             block = req_blocks[i]
             if block.block_hash is not None:
                 continue
@@ -161,6 +170,7 @@ class BlockManager:
         """Release the request's blocks; cached ones stay reusable until evicted."""
         blocks = self.req_to_blocks.pop(request.req_id, [])
         self._req_to_hashes.pop(request.req_id, None)
+        self._num_hashed_blocks.pop(request.req_id, None)
         # Tail blocks are the least likely to be shared: evict them first.
         for block in reversed(blocks):
             block.ref_cnt -= 1
