@@ -36,6 +36,10 @@ class SchedulerServiceConfig:
     worker_group: str = option(
         "", metavar="NAME", help="link only the registered workers of this group (their "
         "--worker-group); one scheduler per group. Empty: the default group")
+    max_workers: int | None = option(
+        None, default_help="no limit", help="link at most this many workers: schedulers "
+        "sharing one registry (and group) then split its workers between them, as each "
+        "worker takes one scheduler")
     scheduler_id: str | None = option(None, default_help="a fresh uuid", help="registry id")
     host: str = option("127.0.0.1", help="address to bind")
     port: int = option(0, help="port to bind; 0 picks a free one")
@@ -74,6 +78,8 @@ class SchedulerServiceConfig:
             require(getattr(self, name) >= 1, name, "must be at least 1", getattr(self, name))
         require(self.max_migrations >= 0, "max_migrations", "must be non-negative",
                 self.max_migrations)
+        require(self.max_workers is None or self.max_workers >= 1, "max_workers",
+                "must be at least 1", self.max_workers)
         require(self.kv_events_max_len >= 0, "kv_events_max_len", "must be non-negative",
                 self.kv_events_max_len)
 
@@ -105,7 +111,8 @@ class SchedulerServer:
                                self.service.set_serving, self.config.max_steps_in_flight,
                                max_migrations=self.config.max_migrations,
                                lost_after_s=self.config.heartbeat_ttl,
-                               worker_group=self.config.worker_group)
+                               worker_group=self.config.worker_group,
+                               max_workers=self.config.max_workers)
         self.servicer = SchedulerServicer(self.pool, streams, self.scheduler_id,
                                           self.config.max_num_queued_reqs,
                                           self.config.max_num_queued_tokens)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import random
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -51,13 +52,15 @@ class WorkerPool:
             taken for lost (see WorkerLink).
         worker_group: only registered workers of this group are linked (those given by
             address always are).
+        max_workers: link at most this many workers (None: every one found).
     """
 
     def __init__(self, scheduler_config: SchedulerConfig, worker_addresses: list[str],
                  redis: Any, mirror: RedisMirror,
                  deliver: Callable[[list[RequestUpdate], str], None],
                  on_serving: Callable[[bool], Awaitable[None]], max_steps_in_flight: int = 2,
-                 max_migrations: int = 3, lost_after_s: float = 6.0, worker_group: str = ""):
+                 max_migrations: int = 3, lost_after_s: float = 6.0, worker_group: str = "",
+                 max_workers: int | None = None):
         self.scheduler_config = scheduler_config
         self.worker_addresses = list(worker_addresses)
         self.redis = redis
@@ -68,6 +71,7 @@ class WorkerPool:
         self.max_migrations = max_migrations
         self.lost_after_s = lost_after_s
         self.worker_group = worker_group
+        self.max_workers = max_workers
         self.policy = CacheAwarePolicy()
         self.links: dict[str, WorkerLink] = {}
         # req_id -> the link running it.
@@ -127,6 +131,11 @@ class WorkerPool:
         linked = {link.info.address for link in self.links.values()}
         pending = [addr for addr in addresses
                    if addr not in linked and addr not in self._connecting]
+        if self.max_workers is not None:
+            # Several schedulers share the registry: each takes a random few of the workers
+            # not driven yet (a worker refuses a second scheduler), until it holds its share.
+            room = self.max_workers - len(self.links) - len(self._connecting)
+            pending = random.sample(pending, min(max(room, 0), len(pending)))
         await asyncio.gather(*(self._connect(addr) for addr in pending))
 
     async def _connect(self, address: str) -> None:
