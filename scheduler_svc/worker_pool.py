@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import random
 import logging
+import random
 from collections.abc import Awaitable, Callable
 from typing import Any
 

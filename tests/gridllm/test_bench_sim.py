@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from gridllm.bench.sim.cluster import FleetConfig, Simulation, SimRequest, summarize
+from gridllm.bench.sim.cluster import FleetConfig, SimRequest, Simulation, summarize
 from gridllm.bench.sim.cost import FIT_TARGET, LLAMA3_8B_H100, CostModel
 from gridllm.bench.sim.workloads import WorkloadConfig, add_workload
 
