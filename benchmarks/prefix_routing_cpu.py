@@ -9,7 +9,7 @@ show in TTFT), unless --model is given. Each configuration gets a fresh stack (c
 caches) and a short warm-up of unrelated prompts; the hit rate is the prefix-cache hits
 over lookups (prompt tokens) of the timed requests, from GetServerStats.
 
-Usage: ``python benchmarks/prefix_routing_cpu.py [--num-requests 160] [--request-rate 2]
+Usage: ``python benchmarks/prefix_routing_cpu.py [--num-requests 96] [--request-rate 2]
 [--output result.json]`` (about 2 minutes per configuration on 2 cores).
 """
 
@@ -35,6 +35,7 @@ from gridllm.bench.serve import ServeConfig, _run_requests  # noqa: E402
 
 # (label, schedulers, workers per scheduler, routing policy).
 CONFIGS = [("1 x 1, everything in one cache", 1, 1, "cache_aware"),
+           ("1 x 4, one scheduler sees every cache", 1, 4, "cache_aware"),
            ("2 x 2, round_robin", 2, 2, "round_robin"),
            ("2 x 2, least_load", 2, 2, "least_load"),
            ("2 x 2, cache_aware", 2, 2, "cache_aware")]
@@ -107,7 +108,7 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="default: a random Llama, see above")
     parser.add_argument("--hidden-size", type=int, default=256)
     parser.add_argument("--num-layers", type=int, default=4)
-    parser.add_argument("--num-requests", type=int, default=160)
+    parser.add_argument("--num-requests", type=int, default=96)
     parser.add_argument("--num-prefixes", type=int, default=16)
     parser.add_argument("--prefix-len", type=int, default=512)
     parser.add_argument("--suffix-len", type=int, default=32)
@@ -119,7 +120,7 @@ def main() -> None:
                         "decides the hits)")
     parser.add_argument("--only", default=None,
                         help="comma-separated policies (round_robin,least_load,cache_aware) "
-                        "and/or 'single' to run a subset")
+                        "and/or single1, single4 (one scheduler with 1 or 4 workers)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
@@ -137,7 +138,7 @@ def main() -> None:
     selected = set(args.only.split(",")) if args.only else None
     results = []
     for label, num_schedulers, num_workers, policy in CONFIGS:
-        key = "single" if num_schedulers == 1 else policy
+        key = f"single{num_workers}" if num_schedulers == 1 else policy
         if selected is not None and key not in selected:
             continue
         result = run_config(model, num_schedulers, num_workers, policy, requests, warmup, args)
