@@ -244,4 +244,7 @@ async def first_sequence(redis: Any) -> int:
 
 
 def _field(fields: dict) -> bytes | str:
-    return fields.get(b"e", fields.get("e"))
+    value = fields.get(b"e", fields.get("e"))
+    if value is None:
+        raise ValueError(f"a KV event log entry without its field 'e': {fields!r}")
+    return value

@@ -302,7 +302,8 @@ class RedisMirror:
             # Stale entries would mislead routers; rewrite what was kept.
             pipe.delete(cached_key)
             kept = {str(h): redis_keys.encode_cached_block(*entry)
-                    for h, entry in _cached_state(block_manager, versions).items()}
+                    for h, entry in _cached_state(block_manager, versions).items()
+                    if entry is not None}
             if kept:
                 pipe.hset(cached_key, mapping=kept)
         pipe.hset(state_key, mapping={"instance_id": instance_id,

@@ -78,8 +78,9 @@ class SchedulerServiceConfig:
             require(getattr(self, name) >= 1, name, "must be at least 1", getattr(self, name))
         require(self.max_migrations >= 0, "max_migrations", "must be non-negative",
                 self.max_migrations)
-        require(self.max_workers is None or self.max_workers >= 1, "max_workers",
-                "must be at least 1", self.max_workers)
+        require(self.max_workers is None or (isinstance(self.max_workers, int)
+                                             and self.max_workers >= 1),
+                "max_workers", "must be at least 1", self.max_workers)
         require(self.kv_events_max_len >= 0, "kv_events_max_len", "must be non-negative",
                 self.kv_events_max_len)
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from gridllm.bench.sim.cost import CostModel
 from gridllm.common.config import SchedulerConfig
-from gridllm.common.contract import ModelLimits, ModelRunnerOutput
+from gridllm.common.contract import ModelLimits, ModelRunnerOutput, SchedulerOutput
 from gridllm.common.prefix_hash import prompt_block_hashes
 from gridllm.common.routing_policy import CacheAwarePolicy, make_policy
 from gridllm.common.sampling_params import SamplingParams
@@ -92,7 +92,7 @@ class SimWorker:
         self.is_stepping = False
         self.busy_s = 0.0
         self.num_steps = 0
-        self._output = None
+        self._output: SchedulerOutput | None = None
 
     def start_step(self) -> float | None:
         """Schedule a step; its duration, or None if there is nothing to run."""
@@ -119,6 +119,7 @@ class SimWorker:
     def finish_step(self):
         """Apply the step's samples; the request updates."""
         output, self._output = self._output, None
+        assert output is not None, "finish_step without a step"
         self.is_stepping = False
         runner = ModelRunnerOutput()
         for req_id in output.num_scheduled_tokens:
@@ -310,6 +311,7 @@ class SimResult:
 
 def summarize(sim: Simulation) -> SimResult:
     done = [r for r in sim.requests if r.finish_s is not None]
+    finishes = [(r.finish_s, r) for r in done if r.finish_s is not None]
     queries = sum(w.core.block_manager.prefix_cache_queries for w in sim.workers)
     hits = sum(w.core.block_manager.prefix_cache_hits for w in sim.workers)
     busy = [w.busy_s for w in sim.workers]
@@ -318,8 +320,8 @@ def summarize(sim: Simulation) -> SimResult:
         num_requests=len(sim.requests), num_finished=len(done),
         hit_rate=hits / queries if queries else 0.0,
         ttft_s=[r.first_token_s - r.arrival_s for r in done if r.first_token_s is not None],
-        e2e_s=[r.finish_s - r.arrival_s for r in done],
-        sim_duration_s=max((r.finish_s for r in done), default=0.0),
+        e2e_s=[finish - r.arrival_s for finish, r in finishes],
+        sim_duration_s=max((finish for finish, _ in finishes), default=0.0),
         num_output_tokens=sum(r.output_len for r in done),
         imbalance=max(busy) / mean_busy if mean_busy else 0.0,
         num_steps=sum(w.num_steps for w in sim.workers),

@@ -103,7 +103,7 @@ def _sample(cls):
                    else f.default_factory() if f.default_factory is not dataclasses.MISSING
                    else None)
         value = _non_default(f, default)
-        if default is None and f.name in ("num_kv_blocks", "max_model_len"):
+        if default is None and f.name in ("num_kv_blocks", "max_model_len", "max_workers"):
             value = 48
         kwargs[f.name] = value
     return cls(**kwargs)
