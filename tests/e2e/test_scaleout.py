@@ -60,6 +60,13 @@ def _events(endpoint: str, start: int, until: int) -> list[generate_pb2.KvEvent]
     return [e for e in events if e.sequence_number <= until]
 
 
+async def _wait_for(predicate, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.05)
+
+
 def _last_sequence(url: str) -> int:
     import redis
 
@@ -91,6 +98,7 @@ def test_each_scheduler_links_only_its_own_group(stack):
 
 def test_shared_prefix_follows_its_cache_and_events_replay_alike_on_two_routers(
         stack, tiny_served_model):
+    from router.kv_index import RecentRoutes
     from router.server import RouterOptions, RouterServer
 
     with Client(stack.endpoint, timeout=60) as client:
@@ -103,19 +111,33 @@ def test_shared_prefix_follows_its_cache_and_events_replay_alike_on_two_routers(
     # The event log holds the prefix's blocks; a second router replays the same log.
     loads = _loads(stack.endpoint)
     last = _last_sequence(stack.redis_url)
+    holder = {w.worker_id: s.address for s in loads.schedulers for w in s.workers
+              if w.prefix_cache_hit_rate > 0}
+
     async def second_router():
         router = RouterServer(RouterOptions(model=tiny_served_model, redis_url=stack.redis_url))
         port = await router.start("127.0.0.1:0")
         try:
+            # A router that never saw these requests routes the prefix where it is cached:
+            # it learnt that from the shared Redis alone (no per-request state).
+            await router.pool.wait_alive(30)
+            await _wait_for(lambda: len(router.pool.alive()) == 2
+                            and router.kv_follower.index.has_state, 10)
+            prompt = router.tokenizer.encode(PREFIX + "via another router")
+            picks = set()
+            for _ in range(6):
+                router.pool.recent = RecentRoutes()  # only the index may guide the pick
+                picks.add((await router.pool.pick(prompt, 5)).address)
             loop = asyncio.get_running_loop()
-            return port, await loop.run_in_executor(
+            return picks, await loop.run_in_executor(
                 None, lambda: (_events(f"127.0.0.1:{port}", 1, last),
                                _events(stack.endpoint, 1, last),
                                _loads(f"127.0.0.1:{port}")))
         finally:
             await router.stop()
 
-    _, (from_b, from_a, loads_b) = asyncio.run(second_router())
+    picks, (from_b, from_a, loads_b) = asyncio.run(second_router())
+    assert len(set(holder.values())) == 1 and picks == set(holder.values())
     assert [e.sequence_number for e in from_a] == list(range(1, last + 1))
     assert from_a == from_b
     assert any(e.HasField("block_stored") for e in from_a)
