@@ -92,6 +92,12 @@ def _add_up_arguments(up: argparse.ArgumentParser) -> None:
     add_arguments(services, RouterOptions, exclude=STACK_SET_ROUTER_FIELDS)
 
 
+def _describe_fleet(config: StackConfig) -> str:
+    if config.num_schedulers == 1:
+        return f"{config.num_workers} worker(s)"
+    return (f"{config.num_schedulers} schedulers x {config.num_workers} worker(s)")
+
+
 def stack_config_from_args(args: argparse.Namespace) -> StackConfig:
     """The StackConfig of parsed ``gridllm up`` flags (ValueError naming a bad one)."""
     scheduler_options = from_args(SchedulerServiceConfig, args,
@@ -189,7 +195,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         # stdout is the interface here (scripts read the endpoint), not a log line.
         http = f" and {stack.http_endpoint}/v1 (OpenAI API)" if stack.http_endpoint else ""
         print(f"gridllm serving {config.model} at {stack.endpoint}{http} "
-              f"({config.num_workers} worker(s); logs in {stack.log_dir})", flush=True)
+              f"({_describe_fleet(config)}; logs in {stack.log_dir})", flush=True)
         while not stopped.wait(1.0):
             for process in stack.processes:
                 process.check_running()

@@ -45,9 +45,9 @@ logger = logging.getLogger(__name__)
 # The fields of each service's settings the stack sets itself (addresses, ids, Redis, model);
 # the others are passed on as the service's flags.
 STACK_SET_SCHEDULER_FIELDS = ("worker_addresses", "redis_url", "host", "port", "advertise_host",
-                              "metrics_port")
+                              "metrics_port", "worker_group")
 STACK_SET_WORKER_FIELDS = ("worker_id", "host", "port", "advertise_host", "redis_url",
-                           "metrics_port")
+                           "metrics_port", "worker_group")
 STACK_SET_ROUTER_FIELDS = ("model", "scheduler_addresses", "redis_url", "host", "port",
                            "http_port")
 
@@ -310,7 +310,10 @@ class StackConfig:
 
     model: str = option(DEFAULT_MODEL,
                         help="preset name, HF directory or GGUF file served by every worker")
-    num_workers: int = option(1, flag="--workers", help="worker processes")
+    num_workers: int = option(1, flag="--workers", help="worker processes per scheduler")
+    num_schedulers: int = option(
+        1, flag="--schedulers", help="schedulers, each driving its own --workers workers "
+        "(one worker group per scheduler); the router routes between them")
     port: int = option(DEFAULT_ROUTER_PORT, help="the router's port; 0 picks a free one")
     http_port: int | None = option(
         None, help="the router's OpenAI-compatible HTTP API (and /metrics, /health, /ready); "
@@ -349,6 +352,11 @@ class StackConfig:
 
     def __post_init__(self) -> None:
         require(self.num_workers >= 1, "num_workers", "must be at least 1", self.num_workers)
+        require(self.num_schedulers >= 1, "num_schedulers", "must be at least 1",
+                self.num_schedulers)
+        require(self.num_schedulers == 1 or self.scheduler_options.scheduler_id is None,
+                "scheduler_options.scheduler_id", "must be unset with several schedulers "
+                "(each gets a fresh id)", self.scheduler_options.scheduler_id)
         check_port(self.port)
         for name in ("http_port", "scheduler_metrics_port", "worker_metrics_port"):
             if getattr(self, name) is not None:
@@ -362,6 +370,10 @@ class StackConfig:
         return [*to_argv(self.scheduler_options, exclude=STACK_SET_SCHEDULER_FIELDS),
                 *to_argv(self.scheduler_options.scheduler_config),
                 *self.extra_scheduler_args]
+
+    def worker_group(self, index: int) -> str:
+        """The worker group of scheduler ``index`` (the default group with one scheduler)."""
+        return f"group-{index}" if self.num_schedulers > 1 else ""
 
     def worker_args(self) -> list[str]:
         """Flags passing the workers' settings on (beyond model, address and Redis)."""
@@ -381,7 +393,7 @@ class StackConfig:
 
 
 class LocalStack:
-    """Redis (unless given), one scheduler, N workers and the router, on loopback.
+    """Redis (unless given), M schedulers with N workers each, and the router, on loopback.
 
     Internal ports are picked free; only the router's is chosen by the caller. Use as a
     context manager, or call ``start()`` / ``stop()``.
@@ -396,9 +408,12 @@ class LocalStack:
         self.log_dir = config.log_dir or ""
         self.redis: ManagedProcess | None = None
         self.redis_url = config.redis_url
-        self.scheduler: ManagedProcess | None = None
-        self.scheduler_port = 0
+        # One per scheduler, by index; a restart replaces its entry and keeps its port.
+        self.schedulers: list[ManagedProcess | None] = [None] * config.num_schedulers
+        self.scheduler_ports = [0] * config.num_schedulers
         self.workers: list[ManagedProcess] = []
+        # The scheduler index each worker serves, in the order of ``workers``.
+        self.worker_groups: list[int] = []
         self.router: ManagedProcess | None = None
         self.router_port = 0
         # The router's HTTP port (0: no HTTP API), and each service's metrics port by name.
@@ -421,9 +436,18 @@ class LocalStack:
         return f"http://{self.endpoint.rsplit(':', 1)[0]}:{self.http_port}"
 
     @property
+    def scheduler(self) -> ManagedProcess | None:
+        """The first scheduler."""
+        return self.schedulers[0]
+
+    @property
+    def scheduler_port(self) -> int:
+        return self.scheduler_ports[0]
+
+    @property
     def processes(self) -> list[ManagedProcess]:
         """Every process started, in start order."""
-        return [p for p in (self.redis, self.scheduler, *self.workers, self.router)
+        return [p for p in (self.redis, *self.schedulers, *self.workers, self.router)
                 if p is not None]
 
     def __enter__(self) -> LocalStack:
@@ -456,11 +480,13 @@ class LocalStack:
             self.model_path = resolve_model_path(self.config.model)
             if self.redis_url is None:
                 self._start_redis()
-            # The scheduler reports SERVING once a worker is linked: start all, then wait.
-            scheduler = self.start_scheduler(wait=False)
-            for _ in range(self.config.num_workers):
-                self.add_worker(wait=False)
-            for process in (*self.workers, scheduler):
+            # A scheduler reports SERVING once a worker is linked: start all, then wait.
+            schedulers = [self.start_scheduler(wait=False, index=i)
+                          for i in range(self.config.num_schedulers)]
+            for index in range(self.config.num_schedulers):
+                for _ in range(self.config.num_workers):
+                    self.add_worker(wait=False, group=index)
+            for process in (*self.workers, *schedulers):
                 wait_for_health(process.env["GRIDLLM_ADDRESS"], process,
                                 self.config.startup_timeout_s)
             self._start_router()
@@ -480,35 +506,45 @@ class LocalStack:
         self.redis_url = f"redis://127.0.0.1:{port}/0"
         wait_for_redis(self.redis_url, self.redis, self.config.startup_timeout_s)
 
-    def start_scheduler(self, wait: bool = True) -> ManagedProcess:
-        """(Re)start the scheduler; a restart reuses its port so the router finds it again."""
-        self.scheduler_port = self.scheduler_port or free_port()
-        address = f"127.0.0.1:{self.scheduler_port}"
+    def start_scheduler(self, wait: bool = True, index: int = 0) -> ManagedProcess:
+        """(Re)start scheduler ``index``; a restart reuses its port so the router finds it
+        again."""
+        port = self.scheduler_ports[index] = self.scheduler_ports[index] or free_port()
+        address = f"127.0.0.1:{port}"
+        group = self.config.worker_group(index)
+        name = "scheduler" if index == 0 else f"scheduler-{index}"
+        first = self.config.scheduler_metrics_port
         argv = [sys.executable, "-m", "scheduler_svc", "--host", "127.0.0.1",
-                "--port", str(self.scheduler_port), "--redis-url", str(self.redis_url),
-                *self._metrics_args("scheduler", self.config.scheduler_metrics_port),
+                "--port", str(port), "--redis-url", str(self.redis_url),
+                *(["--worker-group", group] if group else []),
+                *self._metrics_args(name, first and first + index),
                 *self.config.scheduler_args()]
-        self.scheduler = ManagedProcess("scheduler", argv, self._log_path("scheduler"),
-                                        {**self.config.env, "GRIDLLM_ADDRESS": address}).start()
+        scheduler = ManagedProcess(name, argv, self._log_path(name),
+                                   {**self.config.env, "GRIDLLM_ADDRESS": address}).start()
+        self.schedulers[index] = scheduler
         if wait:
-            wait_for_health(address, self.scheduler, self.config.startup_timeout_s)
-        return self.scheduler
+            wait_for_health(address, scheduler, self.config.startup_timeout_s)
+        return scheduler
 
-    def add_worker(self, wait: bool = True) -> ManagedProcess:
-        """Start one more worker; it registers in Redis and the scheduler picks it up."""
+    def add_worker(self, wait: bool = True, group: int = 0) -> ManagedProcess:
+        """Start one more worker for scheduler ``group``; it registers in Redis (in that
+        scheduler's worker group) and the scheduler picks it up."""
         port = free_port()
         address = f"127.0.0.1:{port}"
+        worker_group = self.config.worker_group(group)
         self._num_started += 1
         first = self.config.worker_metrics_port
         metrics_args = self._metrics_args(f"worker-{self._num_started}",
                                           first and first + self._num_started - 1)
         argv = [sys.executable, "-m", "worker_svc", "--model", self.model_path,
                 "--host", "127.0.0.1", "--port", str(port), "--redis-url", str(self.redis_url),
+                *(["--worker-group", worker_group] if worker_group else []),
                 *metrics_args, *self.config.worker_args()]
         worker = ManagedProcess(f"worker-{self._num_started}", argv,
                                 self._log_path(f"worker-{self._num_started}"),
                                 {**self.config.env, "GRIDLLM_ADDRESS": address}).start()
         self.workers.append(worker)
+        self.worker_groups.append(group)
         if wait:
             wait_for_health(address, worker, self.config.startup_timeout_s)
         return worker
@@ -521,7 +557,7 @@ class LocalStack:
             http_args = ["--http-port", str(self.http_port)]
         argv = [sys.executable, "-m", "router", "--host", self.config.host,
                 "--port", str(self.router_port), "--model", self.model_path,
-                "--scheduler", f"127.0.0.1:{self.scheduler_port}",
+                *[a for port in self.scheduler_ports for a in ("--scheduler", f"127.0.0.1:{port}")],
                 "--redis-url", str(self.redis_url), *http_args, *self.config.router_args()]
         self.router = ManagedProcess("router", argv, self._log_path("router"),
                                      dict(self.config.env)).start()

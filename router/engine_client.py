@@ -243,8 +243,12 @@ class EngineClient:
             link.num_inflight += 1
             # Finished upstream (the scheduler freed the request), not here by a stop string.
             is_upstream_done = False
+            is_prefilled = False  # the routing policy counts its prompt as queued until then
             try:
                 async for msg in call:
+                    if not is_prefilled:
+                        link.prefilled()
+                        is_prefilled = True
                     update = request_update_from_pb(msg)
                     is_upstream_done = update.finished
                     delta = state.process(update)
@@ -255,6 +259,8 @@ class EngineClient:
                 self._raise_unless_resubmittable(exc, link, attempt)
             finally:
                 link.num_inflight -= 1
+                if not is_prefilled:
+                    link.prefilled()
                 if not is_upstream_done:
                     # Client cancel, deadline, stop string, or failure: abort it upstream.
                     call.cancel()

@@ -24,6 +24,7 @@ from gridllm.common.contract import ModelLimits
 from gridllm.common.convert import model_limits_to_pb
 from gridllm.common.grpc_utils import ServiceServer
 from gridllm.common.http_server import HttpServer
+from gridllm.common.routing_policy import POLICY_NAMES, make_policy
 from gridllm.v1 import generate_pb2, generate_pb2_grpc
 from router.engine_client import (
     RETRY_AFTER_KEY,
@@ -31,6 +32,8 @@ from router.engine_client import (
     RequestFailure,
     deadline_after,
 )
+from router.kv_api import KvApiError, get_loads, subscribe_kv_events
+from router.kv_index import KvIndexFollower
 from router.metrics import RouterMetrics
 from router.responses import generate_response
 from router.routing import PrefixIndex, SchedulerPool
@@ -82,6 +85,10 @@ class RouterOptions:
     max_request_bytes: int = option(
         16 << 20, is_size=True, help="largest request (and response) message the router "
         "takes; a larger one gets RESOURCE_EXHAUSTED before it is read")
+    routing_policy: str = option(
+        "cache_aware", choices=POLICY_NAMES,
+        help="how a scheduler is picked: cache_aware (prefix-cache overlap against load), "
+        "least_load, or round_robin")
 
     def __post_init__(self) -> None:
         require(bool(self.model), "model", "must be a non-empty name or path", self.model)
@@ -97,6 +104,8 @@ class RouterOptions:
         self.max_request_bytes = parse_size(self.max_request_bytes, "max_request_bytes")
         require(self.max_request_bytes >= 1024, "max_request_bytes", "must be at least 1KiB",
                 self.max_request_bytes)
+        require(self.routing_policy in POLICY_NAMES, "routing_policy",
+                f"must be one of {POLICY_NAMES}", self.routing_policy)
 
     @property
     def model_name(self) -> str:
@@ -116,11 +125,14 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
     """
 
     def __init__(self, tokenizer: Any | None, eos_token_ids: list[int], pool: SchedulerPool,
-                 options: RouterOptions, engine: EngineClient | None = None):
+                 options: RouterOptions, engine: EngineClient | None = None,
+                 redis: Any | None = None):
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
         self.pool = pool
         self.options = options
+        # The KV event log's Redis (None: SubscribeKvEvents is refused).
+        self.redis = redis
         self.engine = engine or EngineClient(tokenizer, eos_token_ids, pool,
                                              options.scheduler_wait_s, options.max_resubmits,
                                              max_num_streams=options.max_num_streams)
@@ -206,6 +218,22 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
             total.num_schedulers += 1
         return total
 
+    async def SubscribeKvEvents(self, request: generate_pb2.SubscribeKvEventsRequest,
+                                context: grpc.aio.ServicerContext
+                                ) -> AsyncIterator[generate_pb2.SubscribeKvEventsResponse]:
+        """Every scheduler's KV events in sequence order, replayed from
+        ``start_sequence_number`` when given, then live (router.kv_api)."""
+        try:
+            async for response in subscribe_kv_events(self.redis, request):
+                yield response
+        except KvApiError as error:
+            await context.abort(error.code, error.details)
+
+    async def GetLoads(self, request: generate_pb2.GetLoadsRequest,
+                       context: grpc.aio.ServicerContext) -> generate_pb2.GetLoadsResponse:
+        """Running, waiting, KV usage and hit rate of every scheduler and worker."""
+        return await get_loads(self.pool.links, self.pool.mark_down)
+
 
 def load_router_tokenizer(model: str, tokenizer: str | None) -> tuple[Any | None, list[int]]:
     """The tokenizer and EOS ids (as ``LLM`` derives them) of a model path or preset."""
@@ -254,6 +282,7 @@ class RouterServer:
         self.server = ServiceServer([SERVICE_NAME],
                                     max_message_bytes=self.options.max_request_bytes)
         self.pool: SchedulerPool | None = None
+        self.kv_follower: KvIndexFollower | None = None
         self.engine: EngineClient | None = None
         self._redis: Any = None
         self._ready_task: asyncio.Task | None = None
@@ -274,13 +303,17 @@ class RouterServer:
             import redis.asyncio as aioredis
 
             self._redis = aioredis.from_url(self.redis_url)
-        self.pool = SchedulerPool(self.scheduler_addresses, PrefixIndex(self._redis))
+            self.kv_follower = KvIndexFollower(self._redis)
+            self.kv_follower.start()
+        self.pool = SchedulerPool(self.scheduler_addresses,
+                                  PrefixIndex(self._redis, self.kv_follower),
+                                  policy=make_policy(self.options.routing_policy))
         self.pool.start()
         engine = self.engine = EngineClient(
             self.tokenizer, self.eos_token_ids, self.pool, self.options.scheduler_wait_s,
             self.options.max_resubmits, self.metrics, self.options.max_num_streams)
         servicer = GenerationServicer(self.tokenizer, self.eos_token_ids, self.pool, self.options,
-                                      engine)
+                                      engine, self._redis)
         generate_pb2_grpc.add_GenerationServicer_to_server(servicer, self.server.server)
         port = await self.server.start(address or f"{self.options.host}:{self.options.port}")
         if self.options.http_port is not None:
@@ -322,6 +355,8 @@ class RouterServer:
             await self._http_drain
         if self.pool is not None:
             await self.pool.close()
+        if self.kv_follower is not None:
+            await self.kv_follower.close()
         if self.engine is not None:
             self.engine.close()
         if self._redis is not None:

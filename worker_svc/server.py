@@ -89,6 +89,9 @@ class WorkerOptions:
     metrics_port: int | None = option(
         None, default_help="off",
         help="port of the Prometheus /metrics endpoint (on --host); 0 picks a free one")
+    worker_group: str = option(
+        "", metavar="NAME", help="the group registered with the worker: only a scheduler "
+        "with the same --worker-group links it. Empty: the default group")
 
     def __post_init__(self) -> None:
         check_port(self.port)
@@ -360,6 +363,7 @@ class WorkerServer:
         info = build_info(self.runner, self.model_config.model, self.worker_id,
                           self.scheduler_config)
         info.address = self.address
+        info.worker_group = opts.worker_group
         self.servicer.block_versions = [0] * self.runner.num_kv_blocks
         self.servicer.metrics.num_kv_blocks.set(self.runner.num_kv_blocks)
         self.servicer.runner, self.servicer.info = self.runner, info
