@@ -252,6 +252,8 @@ class EngineClient:
                     update = request_update_from_pb(msg)
                     is_upstream_done = update.finished
                     delta = state.process(update)
+                    if is_upstream_done and update.error is None:
+                        self.pool.note_computed(link, prompt_ids + state.token_ids)
                     yield delta
                     if delta.finished:
                         return

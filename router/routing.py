@@ -258,6 +258,16 @@ class SchedulerPool:
         return choose_link(alive, overlaps, self.policy, token_ids, block_size, hashes,
                            self.recent)
 
+    def note_computed(self, link: SchedulerLink, token_ids: Sequence[int],
+                      cache_salt: str | None = None) -> None:
+        """A request routed to ``link`` finished: its blocks are cached there from now, and
+        the event log reports them a little later; until then this router's recent routes
+        send the prefix after it (however long the request itself took)."""
+        block_size = link.info.block_size if link.info is not None else 0
+        if block_size and self.prefix_index is not None:
+            self.recent.note(link.address, prompt_block_hashes(
+                token_ids, block_size, cache_salt, _MAX_LOOKUP_BLOCKS))
+
 
 def choose_link(alive: Sequence[SchedulerLink], overlaps: dict[str, int],
                 policy: RoutingPolicy, token_ids: Sequence[int], block_size: int,
