@@ -34,8 +34,9 @@ from gridllm.common.config import (
     check_port,
     require,
 )
-from gridllm.common.grpc_utils import PortInUseError, free_port, is_port_free
+from gridllm.common.grpc_utils import PortInUseError, free_port, is_port_free, split_address
 from gridllm.common.presets import cache_dir, check_model
+from gridllm.supervisor import RestartPolicy, Supervisor
 from router.server import RouterOptions
 from scheduler_svc.server import SchedulerServiceConfig
 from worker_svc.server import WorkerOptions
@@ -55,6 +56,8 @@ _SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Log directories of past runs kept under log_root(); older ones are removed.
 MAX_KEPT_LOG_DIRS = 10
 _LOG_DIR_PREFIX = "up-"
+# Seconds a service gets, past its drain grace period, to exit before it is killed.
+_EXIT_MARGIN_S = 5.0
 
 
 # Tried in this order: a server the system provides, then the embedded ones from PyPI
@@ -194,6 +197,15 @@ class ManagedProcess:
     def is_alive(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
 
+    def exit_code(self) -> int | None:
+        """The exit status once the process ended (negative: the signal), else None."""
+        return None if self.popen is None else self.popen.poll()
+
+    @property
+    def is_stopped(self) -> bool:
+        """Whether it was stopped on purpose (``stop()`` or ``kill()``), not crashed."""
+        return self._is_stopped
+
     def signal(self, signum: int) -> None:
         """Send ``signum`` to the child's whole process group."""
         if self.popen is None:
@@ -318,8 +330,13 @@ class StackConfig:
         "newest 10", help="one log file per service (and the embedded Redis's files)")
     startup_timeout_s: float = option(300.0, flag="--startup-timeout", metavar="S",
                                       help="seconds each service may take to become healthy")
-    stop_grace_s: float = option(10.0, flag="--stop-grace", metavar="S",
-                                 help="seconds a stopping service may drain before it is killed")
+    stop_grace_s: float = option(
+        10.0, flag="--stop-grace", metavar="S",
+        help="seconds each service may drain on stop (router, then scheduler, then workers, "
+             "then Redis): in-flight requests finish, new ones get UNAVAILABLE")
+    restart: bool = option(True, help="restart a service that dies, with backoff; "
+                                      "--no-restart: stop the whole stack instead")
+    restart_policy: RestartPolicy = field(default_factory=RestartPolicy)
     # The workers' engine settings; None: the defaults. `model` is replaced by the stack's.
     model_config: ModelConfig | None = None
     cache_config: CacheConfig = field(default_factory=CacheConfig)
@@ -340,6 +357,8 @@ class StackConfig:
         check_port(self.port)
         require(self.startup_timeout_s > 0, "startup_timeout_s", "must be positive",
                 self.startup_timeout_s)
+        require(self.stop_grace_s >= 0, "stop_grace_s", "must be non-negative",
+                self.stop_grace_s)
         require(bool(self.model), "model", "must be a non-empty name or path", self.model)
 
     def scheduler_args(self) -> list[str]:
@@ -388,6 +407,8 @@ class LocalStack:
         self.router_port = 0
         self.model_path = config.model
         self._num_started = 0
+        # Restarts dead services (made by start() when config.restart is set).
+        self.supervisor: Supervisor | None = None
 
     @property
     def endpoint(self) -> str:
@@ -441,7 +462,32 @@ class LocalStack:
         except BaseException:
             self.stop()
             raise
+        if self.config.restart:
+            self.supervisor = self._build_supervisor()
         return self
+
+    def _build_supervisor(self) -> Supervisor:
+        supervisor = Supervisor(self.config.restart_policy)
+        if self.redis is not None:
+            supervisor.watch("redis", lambda: self.redis, self._restart_redis)
+        supervisor.watch("scheduler", lambda: self.scheduler,
+                         lambda: self.start_scheduler(wait=False))
+        for index, worker in enumerate(self.workers):
+            self._watch_worker(supervisor, index, worker.name)
+        supervisor.watch("router", lambda: self.router, lambda: self._start_router(wait=False))
+        return supervisor
+
+    def _watch_worker(self, supervisor: Supervisor, index: int, name: str) -> None:
+        supervisor.watch(name, lambda: self.workers[index],
+                         lambda: self._restart_worker(index))
+
+    def start_supervising(self, interval_s: float = 0.5) -> Supervisor:
+        """Supervise in a background thread (``gridllm up`` checks from its own loop
+        instead); a crash loop stops the stack."""
+        if self.supervisor is None:
+            self.supervisor = self._build_supervisor()
+        self.supervisor.start(interval_s, on_give_up=lambda exc: self.stop())
+        return self.supervisor
 
     def _start_redis(self) -> None:
         port = free_port()
@@ -454,13 +500,20 @@ class LocalStack:
         self.redis_url = f"redis://127.0.0.1:{port}/0"
         wait_for_redis(self.redis_url, self.redis, self.config.startup_timeout_s)
 
+    def _restart_redis(self) -> ManagedProcess:
+        # The same port, so every service's URL stays valid; they reconnect by themselves,
+        # re-register and write the block-state mirror again in full.
+        assert self.redis is not None
+        self.redis = ManagedProcess("redis", self.redis.argv, self.redis.log_path).start()
+        return self.redis
+
     def start_scheduler(self, wait: bool = True) -> ManagedProcess:
         """(Re)start the scheduler; a restart reuses its port so the router finds it again."""
         self.scheduler_port = self.scheduler_port or free_port()
         address = f"127.0.0.1:{self.scheduler_port}"
         argv = [sys.executable, "-m", "scheduler_svc", "--host", "127.0.0.1",
                 "--port", str(self.scheduler_port), "--redis-url", str(self.redis_url),
-                *self.config.scheduler_args()]
+                *self._grace_args(), *self.config.scheduler_args()]
         self.scheduler = ManagedProcess("scheduler", argv, self._log_path("scheduler"),
                                         {**self.config.env, "GRIDLLM_ADDRESS": address}).start()
         if wait:
@@ -469,37 +522,63 @@ class LocalStack:
 
     def add_worker(self, wait: bool = True) -> ManagedProcess:
         """Start one more worker; it registers in Redis and the scheduler picks it up."""
-        port = free_port()
+        self._num_started += 1
+        worker = self._worker_process(f"worker-{self._num_started}", free_port())
+        self.workers.append(worker)
+        if self.supervisor is not None:
+            self._watch_worker(self.supervisor, len(self.workers) - 1, worker.name)
+        if wait:
+            wait_for_health(worker.env["GRIDLLM_ADDRESS"], worker,
+                            self.config.startup_timeout_s)
+        return worker
+
+    def _worker_process(self, name: str, port: int) -> ManagedProcess:
         address = f"127.0.0.1:{port}"
         argv = [sys.executable, "-m", "worker_svc", "--model", self.model_path,
                 "--host", "127.0.0.1", "--port", str(port), "--redis-url", str(self.redis_url),
-                *self.config.worker_args()]
-        self._num_started += 1
-        worker = ManagedProcess(f"worker-{self._num_started}", argv,
-                                self._log_path(f"worker-{self._num_started}"),
-                                {**self.config.env, "GRIDLLM_ADDRESS": address}).start()
-        self.workers.append(worker)
-        if wait:
-            wait_for_health(address, worker, self.config.startup_timeout_s)
-        return worker
+                *self._grace_args(), *self.config.worker_args()]
+        return ManagedProcess(name, argv, self._log_path(name),
+                              {**self.config.env, "GRIDLLM_ADDRESS": address}).start()
 
-    def _start_router(self) -> None:
-        self.router_port = self.config.port or free_port()
+    def _restart_worker(self, index: int) -> ManagedProcess:
+        # Found through the registry, so any port serves; the old one if it is free.
+        old = self.workers[index]
+        _, port = split_address(old.env["GRIDLLM_ADDRESS"])
+        if not is_port_free("127.0.0.1", port):
+            port = free_port()
+        self.workers[index] = self._worker_process(old.name, port)
+        return self.workers[index]
+
+    def _start_router(self, wait: bool = True) -> ManagedProcess:
+        # A restart keeps the port: it is the one clients dial.
+        self.router_port = self.router_port or self.config.port or free_port()
         argv = [sys.executable, "-m", "router", "--host", self.config.host,
                 "--port", str(self.router_port), "--model", self.model_path,
                 "--scheduler", f"127.0.0.1:{self.scheduler_port}",
-                "--redis-url", str(self.redis_url), *self.config.router_args()]
+                "--redis-url", str(self.redis_url), *self._grace_args(),
+                *self.config.router_args()]
         self.router = ManagedProcess("router", argv, self._log_path("router"),
                                      dict(self.config.env)).start()
-        wait_for_health(self.endpoint, self.router, self.config.startup_timeout_s)
+        if wait:
+            wait_for_health(self.endpoint, self.router, self.config.startup_timeout_s)
+        return self.router
+
+    def _grace_args(self) -> list[str]:
+        return ["--grace", str(self.config.stop_grace_s)]
 
     def _log_path(self, name: str) -> str:
         return os.path.join(self.log_dir, f"{name}.log")
 
     def stop(self) -> None:
-        """Stop every started process, router first and Redis last."""
-        for process in reversed(self.processes):
+        """Drain and stop every started process: the router first (its in-flight requests
+        finish while everything behind it still runs, new ones get UNAVAILABLE), then the
+        scheduler, then the workers, and Redis last. Nothing is restarted meanwhile."""
+        if self.supervisor is not None:
+            self.supervisor.stop()
+        order = [self.router, self.scheduler, *self.workers, self.redis]
+        for process in (p for p in order if p is not None):
             try:
-                process.stop(self.config.stop_grace_s)
+                # The service drains for stop_grace_s by itself; the margin lets it exit.
+                process.stop(self.config.stop_grace_s + _EXIT_MARGIN_S)
             except Exception:  # noqa: BLE001 - keep stopping the others
                 logger.exception("stopping %s failed", process.name)

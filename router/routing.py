@@ -13,7 +13,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +31,10 @@ _BALANCE_ABS_THRESHOLD = 32
 _BALANCE_REL_THRESHOLD = 2.0
 # Only the first blocks of a prompt are looked up: the prefix is what gets shared.
 _MAX_LOOKUP_BLOCKS = 64
+
+
+class NoSchedulerError(TimeoutError):
+    """No scheduler with a live worker answered (within the wait allowed)."""
 
 
 @dataclass
@@ -114,10 +118,12 @@ class SchedulerPool:
         prefix_index: where prefix overlap is read (affinity only with several schedulers);
             its Redis is also the registry read for discovery.
         poll_interval_s: how often each scheduler's stats (load, liveness) are refreshed.
+        on_availability: called with whether any scheduler is alive whenever that changes.
     """
 
     def __init__(self, addresses: Sequence[str], prefix_index: PrefixIndex | None = None,
-                 poll_interval_s: float = 0.5):
+                 poll_interval_s: float = 0.5,
+                 on_availability: Callable[[bool], None] | None = None):
         self.is_discovering = not addresses
         if self.is_discovering and (prefix_index is None or prefix_index.redis is None):
             raise ValueError("at least one scheduler address is needed (--scheduler), or "
@@ -127,8 +133,12 @@ class SchedulerPool:
             self._add_link(address)
         self.prefix_index = prefix_index
         self.poll_interval_s = poll_interval_s
+        self._on_availability = on_availability
+        self.is_available = False
         self._changed = asyncio.Event()
         self._poller: asyncio.Task | None = None
+        # The refresh of every link in progress; concurrent callers share it.
+        self._refreshing: asyncio.Future | None = None
 
     def _add_link(self, address: str) -> None:
         channel = grpc.aio.insecure_channel(address, options=channel_options())
@@ -157,9 +167,10 @@ class SchedulerPool:
         self._poller = asyncio.create_task(self._poll_forever())
 
     async def close(self) -> None:
-        if self._poller is not None:
-            self._poller.cancel()
-            await asyncio.gather(self._poller, return_exceptions=True)
+        for task in (self._poller, self._refreshing):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         for link in self.links:
             await link.channel.close()
 
@@ -177,13 +188,31 @@ class SchedulerPool:
         if link.is_alive:
             logger.warning("scheduler %s is unreachable; routing around it", link.address)
         link.is_alive = False
+        self._note_availability()
+
+    def _note_availability(self) -> None:
+        is_available = any(link.is_alive for link in self.links)
+        if is_available != self.is_available:
+            self.is_available = is_available
+            if self._on_availability is not None:
+                self._on_availability(is_available)
 
     async def _poll_forever(self) -> None:
         while True:
-            if self.is_discovering:
-                await self.discover()
-            await asyncio.gather(*(self.refresh(link) for link in self.links))
+            await self.refresh_all()
             await asyncio.sleep(self.poll_interval_s)
+
+    async def refresh_all(self) -> None:
+        """Discover (when discovering) and refresh every link now; concurrent callers share
+        one round."""
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.ensure_future(self._refresh_all())
+        await asyncio.shield(self._refreshing)
+
+    async def _refresh_all(self) -> None:
+        if self.is_discovering:
+            await self.discover()
+        await asyncio.gather(*(self.refresh(link) for link in self.links))
 
     async def refresh(self, link: SchedulerLink) -> None:
         """GetInfo + GetStats: marks the link alive (a scheduler with workers) or down."""
@@ -203,22 +232,31 @@ class SchedulerPool:
         if link.is_alive and not was_alive:
             logger.info("scheduler %s is serving (%d workers)", link.address, info.num_workers)
             self._changed.set()
+        elif was_alive and not link.is_alive:
+            logger.warning("scheduler %s has no live worker", link.address)
+        self._note_availability()
 
     async def wait_alive(self, timeout_s: float) -> list[SchedulerLink]:
-        """The alive links, waiting up to ``timeout_s`` for one (TimeoutError if none)."""
+        """The alive links, waiting up to ``timeout_s`` for one (TimeoutError if none).
+
+        With none alive, every link is asked again first: ``timeout_s=0`` answers after one
+        round of checks (milliseconds for a dead scheduler, at most a call timeout).
+        """
         deadline = time.monotonic() + timeout_s
         while True:
             alive = self.alive()
             if alive:
                 return alive
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"no scheduler available after {timeout_s:.1f}s")
             self._changed.clear()
             # Poll actively too: the background poll may be sleeping.
-            await asyncio.gather(*(self.refresh(link) for link in self.links))
+            await self.refresh_all()
             if self.alive():
                 continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise NoSchedulerError(
+                    "no scheduler with a live worker is reachable" if timeout_s <= 0 else
+                    f"no scheduler with a live worker came back within {timeout_s:.1f}s")
             try:
                 await asyncio.wait_for(self._changed.wait(), min(remaining, 0.2))
             except asyncio.TimeoutError:

@@ -12,7 +12,7 @@ import asyncio
 import dataclasses
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,10 +30,11 @@ from gridllm.common.convert import (
 )
 from gridllm.common.grpc_utils import ServiceServer
 from gridllm.common.output_processor import Child, fan_out
+from gridllm.common.redis_client import async_redis
 from gridllm.common.sampling_params import SamplingParams
 from gridllm.v1 import generate_pb2, generate_pb2_grpc, scheduler_pb2
 from router.responses import generate_response
-from router.routing import PrefixIndex, SchedulerLink, SchedulerPool
+from router.routing import NoSchedulerError, PrefixIndex, SchedulerLink, SchedulerPool
 from router.validation import (
     ValidatedRequest,
     render_chat,
@@ -76,7 +77,9 @@ class RouterOptions:
     port: int = option(DEFAULT_ROUTER_PORT, help="port to bind; 0 picks a free one")
     scheduler_wait_s: float = option(
         60.0, flag="--scheduler-wait", metavar="S",
-        help="seconds a request waits for a scheduler (at start, or after its scheduler died)")
+        help="seconds a request in flight waits for a scheduler after its own died (then "
+             "UNAVAILABLE); a new request never waits: UNAVAILABLE at once while no "
+             "scheduler with a live worker is reachable")
     max_resubmits: int = option(
         3, help="resubmissions of one request after scheduler failures before giving up")
 
@@ -102,20 +105,29 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
         eos_token_ids: the first is sent as the request's EOS, the rest as extra stop ids.
         pool: the schedulers.
         options: RouterOptions.
+        is_draining: whether the router is shutting down (new requests are refused).
     """
 
     def __init__(self, tokenizer: Any | None, eos_token_ids: list[int], pool: SchedulerPool,
-                 options: RouterOptions):
+                 options: RouterOptions, is_draining: Callable[[], bool] = lambda: False):
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
         self.pool = pool
         self.options = options
+        self.is_draining = is_draining
 
     # ----------------------------------------------------------------- Generate
     async def Generate(self, request: generate_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[generate_pb2.GenerateResponse]:
-        """Stream one request's completion(s); ValueError -> INVALID_ARGUMENT naming the field."""
+        """Stream one request's completion(s); ValueError -> INVALID_ARGUMENT naming the field.
+
+        UNAVAILABLE at once while the router drains or no scheduler with a live worker is
+        reachable; a request in flight whose scheduler dies waits up to ``scheduler_wait_s``
+        for one to resume on.
+        """
+        if self.is_draining():
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the router is shutting down")
         limits = await self._limits(context)
         validated = validate_request(request, self.tokenizer, limits)
         children = fan_out(validated.request_id, validated.sampling_params)
@@ -166,7 +178,10 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
         prompt_ids = validated.prompt_token_ids
         state = CompletionState(self.tokenizer, prompt_ids, child.params, child.index)
         for attempt in range(self.options.max_resubmits + 1):
-            link = await self._pick(prompt_ids + state.token_ids, context)
+            # A new request is refused at once without a scheduler; one whose scheduler
+            # died is held for it to come back (or another to take over).
+            link = await self._pick(prompt_ids + state.token_ids, context,
+                                    self.options.scheduler_wait_s if attempt else 0.0)
             call = link.stub.Submit(self._submit_request(validated, child.req_id, attempt,
                                                          child.params, state.token_ids),
                                     timeout=context.time_remaining())
@@ -208,16 +223,15 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
         if attempt >= self.options.max_resubmits:
             raise RpcFailure(code, f"scheduler failed: {exc.details()}")
 
-    async def _pick(self, token_ids: list[int], context: grpc.aio.ServicerContext
-                    ) -> SchedulerLink:
-        wait_s = self.options.scheduler_wait_s
+    async def _pick(self, token_ids: list[int], context: grpc.aio.ServicerContext,
+                    wait_s: float) -> SchedulerLink:
         remaining = context.time_remaining()
         if remaining is not None:
             wait_s = min(wait_s, remaining)
         try:
             return await self.pool.pick(token_ids, wait_s)
-        except TimeoutError as exc:
-            raise RpcFailure(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
+        except NoSchedulerError as exc:
+            raise RpcFailure(grpc.StatusCode.UNAVAILABLE, f"{exc}; retry later") from None
 
     def _submit_request(self, validated: ValidatedRequest, sub_id: str, attempt: int,
                         params: SamplingParams, generated: list[int]
@@ -242,7 +256,7 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
         info = self.pool.any_info()
         if info is None:
             try:
-                await self._pick([], context)
+                await self._pick([], context, 0.0)
             except RpcFailure as failure:
                 await context.abort(failure.code, failure.details)
             info = self.pool.any_info()
@@ -344,42 +358,48 @@ class RouterServer:
         self.server = ServiceServer([SERVICE_NAME])
         self.pool: SchedulerPool | None = None
         self._redis: Any = None
-        self._ready_task: asyncio.Task | None = None
+        # Readiness as last reported (NOT_SERVING at start).
+        self._is_serving = False
+        self._health_task: asyncio.Future | None = None
 
     async def start(self, address: str | None = None) -> int:
-        """Bind (``address``, default the options' host:port) and start; health turns
-        SERVING once a scheduler with workers answers.
+        """Bind (``address``, default the options' host:port) and start. Readiness is
+        SERVING while a scheduler with a live worker answers; liveness from the start.
 
         Returns:
             The bound port.
         """
         if self.redis_url:
-            import redis.asyncio as aioredis
-
-            self._redis = aioredis.from_url(self.redis_url)
-        self.pool = SchedulerPool(self.scheduler_addresses, PrefixIndex(self._redis))
-        self.pool.start()
-        servicer = GenerationServicer(self.tokenizer, self.eos_token_ids, self.pool, self.options)
+            self._redis = async_redis(self.redis_url)
+        self.pool = SchedulerPool(self.scheduler_addresses, PrefixIndex(self._redis),
+                                  on_availability=self._on_availability)
+        servicer = GenerationServicer(self.tokenizer, self.eos_token_ids, self.pool, self.options,
+                                      is_draining=lambda: self.server.is_draining)
         generate_pb2_grpc.add_GenerationServicer_to_server(servicer, self.server.server)
         port = await self.server.start(address or f"{self.options.host}:{self.options.port}")
-        self._ready_task = asyncio.create_task(self._become_ready())
+        self.pool.start()
         logger.info("router listening on port %d, schedulers %s", port, self.scheduler_addresses)
         return port
 
-    async def _become_ready(self) -> None:
+    def _on_availability(self, is_available: bool) -> None:
+        # Readiness follows the pool: SERVING exactly while a scheduler with a live worker
+        # answers. Set from the pool's current state when the task runs, so flips that
+        # happen in quick succession end in the right status.
+        self._health_task = asyncio.ensure_future(self._sync_health())
+
+    async def _sync_health(self) -> None:
         assert self.pool is not None
-        while True:
-            try:
-                await self.pool.wait_alive(3600.0)
-                break
-            except TimeoutError:
-                continue
-        await self.server.set_serving(True)
-        logger.info("router is serving")
+        is_available = self.pool.is_available
+        if is_available == self._is_serving:
+            return
+        self._is_serving = is_available
+        await self.server.set_serving(is_available)
+        if is_available:
+            logger.info("router is serving")
+        else:
+            logger.warning("router is NOT_SERVING: no scheduler with a live worker")
 
     async def stop(self) -> None:
-        if self._ready_task is not None:
-            self._ready_task.cancel()
         if self.pool is not None:
             await self.pool.close()
         if self._redis is not None:

@@ -35,11 +35,15 @@ from gridllm.common.grpc_utils import (
     stop_tasks,
     wait_or_stop,
 )
+from gridllm.common.redis_client import async_redis
 from gridllm.v1 import worker_pb2, worker_pb2_grpc
+from worker_svc.progress_watchdog import ProgressWatchdog
 
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = "gridllm.v1.Worker"
+# Seconds between heartbeat retries while Redis is unreachable.
+_RETRY_S = 0.5
 
 
 @dataclass
@@ -56,11 +60,18 @@ class WorkerOptions:
         help="Redis to register in (e.g. redis://host:6379/0)")
     heartbeat_ttl: float = option(
         HEARTBEAT_TTL_S, metavar="S", help="seconds the registry entry outlives the last heartbeat")
+    progress_timeout: float = option(
+        60.0, metavar="S",
+        help="a step still running after this many seconds makes the worker NOT_SERVING "
+             "(readiness and liveness) and takes it out of the registry, so its scheduler "
+             "moves its requests to another worker; it rejoins once the step finishes")
 
     def __post_init__(self) -> None:
         check_port(self.port)
         require(self.heartbeat_ttl >= 1.0, "heartbeat_ttl", "must be at least 1 second",
                 self.heartbeat_ttl)
+        require(self.progress_timeout > 0, "progress_timeout", "must be positive",
+                self.progress_timeout)
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
@@ -80,6 +91,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self._lock = threading.Lock()
         self._active_stream = False
         self.num_steps = 0
+        # When the step now running began (time.monotonic()), None between steps. Written
+        # by the runner's thread, so a step stuck there is seen even if its stream is gone.
+        self.step_started_at: float | None = None
         # Set on shutdown; the Step stream tells the scheduler.
         self.draining = asyncio.Event()
         # Per KV block: times handed out for new content (kept across streams, like the KV).
@@ -91,9 +105,18 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     def _execute(self, scheduler_output) -> tuple[ModelRunnerOutput, float]:
         with self._lock:
+            self.step_started_at = time.monotonic()
             start = time.perf_counter()
-            result = self.runner.execute_model(scheduler_output)
+            try:
+                result = self.runner.execute_model(scheduler_output)
+            finally:
+                self.step_started_at = None
             return result, time.perf_counter() - start
+
+    def seconds_in_step(self) -> float:
+        """How long the step now running has taken so far (0 between steps)."""
+        started = self.step_started_at
+        return 0.0 if started is None else time.monotonic() - started
 
     async def GetInfo(self, request, context):
         """Returns:
@@ -199,6 +222,9 @@ def info_to_json(info: worker_pb2.WorkerInfo) -> str:
 class Registration:
     """Keeps ``gridllm:worker:<id>`` alive in Redis while the worker serves.
 
+    A heartbeat every third of the TTL; while Redis is unreachable, a retry every
+    ``_RETRY_S``, so the entry is back moments after Redis is (a restarted Redis is empty).
+
     Args:
         redis_url: the Redis to register in.
         info: what to publish (with its address).
@@ -206,33 +232,64 @@ class Registration:
     """
 
     def __init__(self, redis_url: str, info: worker_pb2.WorkerInfo, ttl: float):
-        import redis.asyncio as aioredis
-
-        self.redis = aioredis.from_url(redis_url)
+        self.redis = async_redis(redis_url)
         self.key = redis_keys.worker_key(info.worker_id)
         self.value = info_to_json(info)
         self.ttl = ttl
         self._task: asyncio.Task | None = None
-        self._stopping = asyncio.Event()
+        self._stopping = False
+        # Wakes the loop early: to stop, or to beat at once after a pause.
+        self._wakeup = asyncio.Event()
+        # While paused no heartbeat is sent (the entry was removed): nobody routes here.
+        self.is_paused = False
 
     async def start(self) -> None:
         await self._beat()
-        self._task = asyncio.create_task(self._loop())
+        self._task = asyncio.create_task(self._loop(), name="registration")
 
     async def _beat(self) -> None:
         await self.redis.set(self.key, self.value, px=int(self.ttl * 1000))
 
     async def _loop(self) -> None:
-        while not await wait_or_stop(self._stopping, self.ttl / 3):
+        is_failing = False
+        while True:
+            interval = min(_RETRY_S, self.ttl / 3) if is_failing else self.ttl / 3
+            await wait_or_stop(self._wakeup, interval)
+            self._wakeup.clear()
+            if self._stopping:
+                return
+            if self.is_paused:
+                continue
             try:
                 await self._beat()
             except Exception as exc:  # noqa: BLE001 - Redis hiccups must not kill the worker
-                logger.warning("heartbeat to Redis failed: %s", exc)
+                if not is_failing:
+                    logger.warning("heartbeat to Redis failed (%s); retrying every %.1fs",
+                                   exc, min(_RETRY_S, self.ttl / 3))
+                is_failing = True
+                continue
+            if is_failing:
+                logger.info("heartbeat to Redis restored")
+                is_failing = False
+
+    async def pause(self) -> None:
+        """Leave the registry (best effort) and send no heartbeat until ``resume()``."""
+        self.is_paused = True
+        try:
+            await self.redis.delete(self.key)
+        except Exception as exc:  # noqa: BLE001 - the entry then expires with its TTL
+            logger.warning("could not remove the registry entry: %s", exc)
+
+    def resume(self) -> None:
+        """Register again at once."""
+        self.is_paused = False
+        self._wakeup.set()
 
     async def stop(self) -> None:
         """Stop the heartbeat and remove the registry entry."""
+        self._stopping = True
         if self._task is not None:
-            await stop_tasks([self._task], self._stopping)
+            await stop_tasks([self._task], self._wakeup)
         try:
             await self.redis.delete(self.key)
         finally:
@@ -262,9 +319,12 @@ class WorkerServer:
         worker_pb2_grpc.add_WorkerServicer_to_server(self.servicer, self.service.server)
         self.registration: Registration | None = None
         self.address = ""
+        self.watchdog = ProgressWatchdog(self.servicer.seconds_in_step,
+                                         self.options.progress_timeout, self._on_stall)
 
     async def start(self) -> str:
         """Bind, load the model (health NOT_SERVING meanwhile), register, then SERVING.
+        Liveness is SERVING from the start (loading is progress), until a step stalls.
 
         Returns:
             The advertised address (host:port).
@@ -288,9 +348,21 @@ class WorkerServer:
             self.registration = Registration(opts.redis_url, info, opts.heartbeat_ttl)
             await self.registration.start()
         await self.service.set_serving(True)
+        self.watchdog.start()
         logger.info("worker %s serving %s at %s (%d KV blocks of %d tokens)", self.worker_id,
                     self.model_config.model, self.address, info.num_kv_blocks, info.block_size)
         return self.address
+
+    async def _on_stall(self, is_stalled: bool) -> None:
+        # Out of the registry, the worker is taken for lost by its scheduler (which then
+        # resumes its requests elsewhere) once its heartbeat would have expired.
+        await self.service.set_serving(not is_stalled)
+        await self.service.set_live(not is_stalled)
+        if self.registration is not None:
+            if is_stalled:
+                await self.registration.pause()
+            else:
+                self.registration.resume()
 
     async def stop(self, grace: float | None = 5.0) -> None:
         """Deregister, then drain the Step stream within ``grace`` seconds.
@@ -308,6 +380,7 @@ class WorkerServer:
                                               on_stop=self._close)
 
     async def _deregister(self) -> None:
+        await self.watchdog.stop()
         self.servicer.begin_drain()
         if self.registration is not None:
             await self.registration.stop()

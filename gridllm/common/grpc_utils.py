@@ -1,9 +1,14 @@
 """Server plumbing shared by the router, scheduler and worker services.
 
 A ``grpc.aio`` server with explicit message size limits, the standard ``grpc.health.v1``
-service (NOT_SERVING until the service says it is ready), server reflection, an interceptor
-mapping Python exceptions to status codes, and a SIGTERM handler that stops accepting calls
-and drains in-flight ones within a grace period.
+service, server reflection, an interceptor mapping Python exceptions to status codes, and a
+SIGTERM handler that stops accepting calls and drains in-flight ones within a grace period.
+
+Health answers two questions. *Readiness* (the service ``""`` and each service's own name):
+SERVING only while the service takes new work (NOT_SERVING until it says it is ready, when it
+loses what it needs, and from the moment it starts draining). *Liveness* (the service
+``liveness``): SERVING while the process can do its work at all; a supervisor restarts a
+process that fails it (or stops answering).
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ logger = logging.getLogger(__name__)
 # Prompts of a full context plus logprobs fit comfortably; larger messages are a bug.
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 DEFAULT_GRACE_SECONDS = 10.0
+# The health service name that reports liveness; "" and the services' names report readiness.
+LIVENESS_SERVICE = "liveness"
 
 
 def message_size_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple]:
@@ -208,9 +215,12 @@ class ServiceServer:
             [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
         self.port = 0
         self._stop_event: asyncio.Event | None = None
+        # Set once stopping began: readiness stays NOT_SERVING, new calls are refused.
+        self.is_draining = False
 
     async def start(self, address: str) -> int:
-        """Bind (``host:0`` picks a free port), start, and report NOT_SERVING.
+        """Bind (``host:0`` picks a free port), start, and report NOT_SERVING (readiness)
+        and SERVING (liveness).
 
         Returns:
             The bound port.
@@ -228,20 +238,34 @@ class ServiceServer:
                                      "(another process listens there; pick another port)")
             raise RuntimeError(f"could not bind {address}")
         await self._set_status(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.set_live(True)
         await self.server.start()
         return self.port
 
     async def set_serving(self, is_serving: bool = True) -> None:
-        await self._set_status(health_pb2.HealthCheckResponse.SERVING if is_serving
+        """Readiness: whether the service takes new work now (never SERVING once draining)."""
+        await self._set_status(health_pb2.HealthCheckResponse.SERVING
+                               if is_serving and not self.is_draining
                                else health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def set_live(self, is_live: bool = True) -> None:
+        """Liveness: False when the process cannot make progress (restart it)."""
+        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING
+                              if is_live else health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def _set_status(self, status: int) -> None:
         for name in ("", *self.service_names):
             await self.health.set(name, status)
 
-    async def stop(self, grace: float | None = DEFAULT_GRACE_SECONDS) -> None:
-        """Stop accepting calls, let in-flight ones finish within ``grace`` seconds."""
+    async def begin_drain(self) -> None:
+        """Report NOT_SERVING for good; handlers refuse new work (``is_draining``)."""
+        self.is_draining = True
         await self.set_serving(False)
+
+    async def stop(self, grace: float | None = DEFAULT_GRACE_SECONDS) -> None:
+        """Stop accepting calls (new ones get UNAVAILABLE), let in-flight ones finish within
+        ``grace`` seconds, then cancel them."""
+        await self.begin_drain()
         await self.server.stop(grace)
 
     def request_stop(self) -> None:
@@ -267,6 +291,7 @@ class ServiceServer:
             except (NotImplementedError, RuntimeError):  # not the main thread
                 pass
         await self._stop_event.wait()
+        await self.begin_drain()
         if before_stop is not None:
             await before_stop()
         logger.info("stopping: draining in-flight calls for up to %.1fs", grace)
