@@ -3,7 +3,9 @@ workers and router as child processes on free loopback ports.
 
 Every child runs in its own process group (its own session), so stopping one stops
 whatever it spawned, and a Ctrl-C in the terminal reaches only the launcher, which then
-stops the children in reverse start order: nothing is orphaned.
+drains and stops the children (router, scheduler, workers, Redis); each child is also tied
+to the launcher's life by the kernel: nothing is orphaned. While the stack runs, a
+``supervisor.Supervisor`` starts again whatever dies.
 """
 
 from __future__ import annotations
@@ -137,24 +139,32 @@ def new_log_dir(root: str | None = None, max_kept: int = MAX_KEPT_LOG_DIRS) -> s
     return path
 
 
-def _load_prctl():
-    # Resolved in the parent: dlopen between fork and exec could deadlock on a lock that
-    # another thread of the parent held at fork time.
+def _has_prctl() -> bool:
     if not sys.platform.startswith("linux"):
-        return None
+        return False
     try:
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
+        return hasattr(ctypes.CDLL(None), "prctl")
+    except OSError:
+        return False
 
 
-_PRCTL = _load_prctl()
+# Runs as ``python -I -S -c _DIE_WITH_PARENT <launcher pid> <command...>``: asks the kernel to
+# SIGTERM the process when the launcher's thread that started it ends (even by SIGKILL), then
+# becomes the command (same pid and process group). A separate step, not a preexec_fn:
+# Python code between fork and exec can crash or deadlock in a parent with threads (gRPC's).
+_DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    f"ctypes.CDLL(None, use_errno=True).prctl({_PR_SET_PDEATHSIG}, int(signal.SIGTERM))\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    sys.exit(1)  # the launcher died before the request took effect\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n")
+_HAS_PRCTL = _has_prctl()
 
 
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec.
-    if _PRCTL is not None:
-        _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
+def _tied_to_launcher(argv: list[str]) -> list[str]:
+    if not _HAS_PRCTL:
+        return argv
+    return [sys.executable, "-I", "-S", "-c", _DIE_WITH_PARENT, str(os.getpid()), *argv]
 
 
 class ManagedProcess:
@@ -184,9 +194,8 @@ class ManagedProcess:
         env.setdefault("PYTHONUNBUFFERED", "1")
         with open(self.log_path, "ab") as log:
             self.popen = subprocess.Popen(
-                self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=env, start_new_session=True,
-                preexec_fn=_die_with_parent if _PRCTL is not None else None)
+                _tied_to_launcher(self.argv), stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, env=env, start_new_session=True)
         logger.info("started %s (pid %d): %s", self.name, self.popen.pid, " ".join(self.argv))
         return self
 
@@ -223,9 +232,12 @@ class ManagedProcess:
             return self.popen.returncode
         self._is_stopped = True
         if self.popen.poll() is None:
+            started = time.monotonic()
             self.signal(signal.SIGTERM)
             try:
                 self.popen.wait(grace_s)
+                logger.info("%s stopped in %.1fs (exit code %s)", self.name,
+                            time.monotonic() - started, self.popen.returncode)
             except subprocess.TimeoutExpired:
                 logger.warning("%s did not stop within %.0fs: killing it", self.name, grace_s)
         # Also reaps anything the child left behind in its group.
@@ -574,7 +586,7 @@ class LocalStack:
         finish while everything behind it still runs, new ones get UNAVAILABLE), then the
         scheduler, then the workers, and Redis last. Nothing is restarted meanwhile."""
         if self.supervisor is not None:
-            self.supervisor.stop()
+            self.supervisor.pause()
         order = [self.router, self.scheduler, *self.workers, self.redis]
         for process in (p for p in order if p is not None):
             try:
@@ -582,3 +594,6 @@ class LocalStack:
                 process.stop(self.config.stop_grace_s + _EXIT_MARGIN_S)
             except Exception:  # noqa: BLE001 - keep stopping the others
                 logger.exception("stopping %s failed", process.name)
+        if self.supervisor is not None:
+            # Only now: the processes it restarted die with its thread.
+            self.supervisor.stop()

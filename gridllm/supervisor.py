@@ -102,6 +102,8 @@ class Supervisor:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        # Set while the stack stops: nothing is restarted any more.
+        self.is_paused = False
         # What ended a background supervisor (a CrashLoopError), if anything.
         self.error: BaseException | None = None
 
@@ -127,8 +129,15 @@ class Supervisor:
             CrashLoopError: a service exited ``max_crashes`` times within the window.
         """
         with self._lock:
+            if self.is_paused:
+                return
             for service in self.services.values():
                 self._check_one(service)
+
+    def pause(self) -> None:
+        """Restart nothing from now on (waits for a pass in progress)."""
+        with self._lock:
+            self.is_paused = True
 
     def _check_one(self, service: _Service) -> None:
         now = self.clock()
@@ -175,7 +184,11 @@ class Supervisor:
     def start(self, interval_s: float = 0.5,
               on_give_up: Callable[[BaseException], None] | None = None) -> None:
         """Run ``check()`` every ``interval_s`` in a daemon thread until ``stop()``; a crash
-        loop ends the thread, is kept in ``error`` and passed to ``on_give_up``."""
+        loop is kept in ``error`` and passed to ``on_give_up`` (called in the thread).
+
+        The processes it restarts are its children: stop them before ``stop()`` ends the
+        thread (the launcher ties each child's life to the thread that started it).
+        """
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, args=(interval_s, on_give_up),
                                         name="supervisor", daemon=True)
@@ -188,9 +201,9 @@ class Supervisor:
                 self.check()
             except CrashLoopError as exc:
                 self.error = exc
+                self.pause()
                 if on_give_up is not None:
                     on_give_up(exc)
-                return
             except Exception:  # noqa: BLE001 - keep supervising the others
                 logger.exception("supervisor pass failed")
 

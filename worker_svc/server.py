@@ -188,7 +188,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     future.exception()  # retrieved: the stream's end is no error
             self._active_stream = False
             # Queued behind any step still running in the executor thread.
-            await asyncio.shield(loop.run_in_executor(self._executor, self._reset_requests))
+            try:
+                await asyncio.shield(loop.run_in_executor(self._executor,
+                                                          self._reset_requests))
+            except RuntimeError:  # the executor is shut down: the worker is stopping
+                pass
             logger.info("step stream closed")
 
     def begin_drain(self) -> None:

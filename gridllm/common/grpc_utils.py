@@ -54,12 +54,17 @@ def server_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[t
 
 
 def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple]:
-    """Client channel options: size limits plus keepalives so a dead peer is noticed."""
+    """Client channel options: size limits, keepalives so a dead peer is noticed, and
+    reconnect attempts at least every second, so a restarted peer is found at once (gRPC's
+    default backoff grows to two minutes while the peer is down)."""
     return message_size_options(max_message_bytes) + [
         ("grpc.keepalive_time_ms", 10_000),
         ("grpc.keepalive_timeout_ms", 5_000),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 1_000),
     ]
 
 

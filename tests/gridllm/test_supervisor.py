@@ -7,13 +7,18 @@ restart paths; a fake clock and fake processes for the exact backoff and window 
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
 
 from gridllm.launcher import ManagedProcess
 from gridllm.supervisor import CrashLoopError, RestartPolicy, Supervisor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def wait_until(predicate, timeout_s: float, what: str):
@@ -173,3 +178,35 @@ def test_a_failed_restart_counts_as_a_crash():
 def test_restart_policy_names_a_bad_field(field, value):
     with pytest.raises(ValueError, match=field):
         RestartPolicy(**{field: value})
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie is dead
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc (Linux)")
+def test_a_child_becomes_its_command_and_dies_with_the_launcher(tmp_path):
+    code = ("import sys, time\n"
+            "from gridllm.launcher import ManagedProcess\n"
+            "child = ManagedProcess('child', ['sleep', '60'], sys.argv[1]).start()\n"
+            "print(child.pid, flush=True)\n"
+            "time.sleep(60)\n")
+    launcher = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "child.log")],
+                                stdout=subprocess.PIPE, cwd=ROOT,
+                                env={**os.environ, "PYTHONPATH": ROOT})
+    try:
+        pid = int(launcher.stdout.readline())
+        wait_until(lambda: open(f"/proc/{pid}/cmdline").read() == "sleep\x0060\x00", 10.0,
+                   "the child to exec its command")
+        launcher.kill()  # no chance to stop its children itself
+        launcher.wait()
+        wait_until(lambda: not _is_running(pid), 10.0, "the child to die with the launcher")
+    finally:
+        launcher.kill()
+        launcher.wait()
+        if _is_running(pid):
+            os.kill(pid, signal.SIGKILL)
