@@ -185,6 +185,9 @@ class ManagedProcess:
         self.env = env or {}
         self.popen: subprocess.Popen | None = None
         self._is_stopped = False
+        # When the SIGTERM of stop() was sent, and whether stop() has waited already.
+        self._stop_began: float | None = None
+        self._is_waited = False
 
     def start(self) -> ManagedProcess:
         env = {**os.environ, **self.env}
@@ -224,22 +227,35 @@ class ManagedProcess:
         except ProcessLookupError:
             pass
 
+    def begin_stop(self) -> None:
+        """SIGTERM the process group once (the service starts draining); ``stop()`` waits."""
+        if self.popen is None or self._is_stopped:
+            return
+        self._is_stopped = True
+        self._stop_began = time.monotonic()
+        if self.popen.poll() is None:
+            self.signal(signal.SIGTERM)
+
     def stop(self, grace_s: float = 10.0) -> int | None:
-        """SIGTERM the process group, SIGKILL it after ``grace_s``; returns the exit code."""
+        """SIGTERM the process group (unless ``begin_stop()`` did), SIGKILL it ``grace_s``
+        after the SIGTERM; returns the exit code."""
         if self.popen is None:
             return None
-        if self._is_stopped:
+        if self._stop_began is None:
+            if self._is_stopped:  # killed
+                return self.popen.returncode
+            self.begin_stop()
+        if self._is_waited:
             return self.popen.returncode
-        self._is_stopped = True
-        if self.popen.poll() is None:
-            started = time.monotonic()
-            self.signal(signal.SIGTERM)
-            try:
-                self.popen.wait(grace_s)
-                logger.info("%s stopped in %.1fs (exit code %s)", self.name,
-                            time.monotonic() - started, self.popen.returncode)
-            except subprocess.TimeoutExpired:
-                logger.warning("%s did not stop within %.0fs: killing it", self.name, grace_s)
+        self._is_waited = True
+        assert self._stop_began is not None
+        remaining = max(self._stop_began + grace_s - time.monotonic(), 0.0)
+        try:
+            self.popen.wait(remaining)
+            logger.info("%s stopped in %.1fs (exit code %s)", self.name,
+                        time.monotonic() - self._stop_began, self.popen.returncode)
+        except subprocess.TimeoutExpired:
+            logger.warning("%s did not stop within %.0fs: killing it", self.name, grace_s)
         # Also reaps anything the child left behind in its group.
         self.signal(signal.SIGKILL)
         try:
@@ -463,14 +479,16 @@ class LocalStack:
             self.model_path = resolve_model_path(self.config.model)
             if self.redis_url is None:
                 self._start_redis()
-            # The scheduler reports SERVING once a worker is linked: start all, then wait.
+            # The scheduler reports SERVING once a worker is linked, the router once the
+            # scheduler does: start all (their imports and loading overlap), then wait.
             scheduler = self.start_scheduler(wait=False)
             for _ in range(self.config.num_workers):
                 self.add_worker(wait=False)
+            router = self._start_router(wait=False)
             for process in (*self.workers, scheduler):
                 wait_for_health(process.env["GRIDLLM_ADDRESS"], process,
                                 self.config.startup_timeout_s)
-            self._start_router()
+            wait_for_health(self.endpoint, router, self.config.startup_timeout_s)
         except BaseException:
             self.stop()
             raise
@@ -587,13 +605,18 @@ class LocalStack:
         scheduler, then the workers, and Redis last. Nothing is restarted meanwhile."""
         if self.supervisor is not None:
             self.supervisor.pause()
-        order = [self.router, self.scheduler, *self.workers, self.redis]
-        for process in (p for p in order if p is not None):
-            try:
-                # The service drains for stop_grace_s by itself; the margin lets it exit.
-                process.stop(self.config.stop_grace_s + _EXIT_MARGIN_S)
-            except Exception:  # noqa: BLE001 - keep stopping the others
-                logger.exception("stopping %s failed", process.name)
+        # Workers stop together: by then nothing is in flight on them.
+        stages = [[self.router], [self.scheduler], self.workers, [self.redis]]
+        for stage in stages:
+            stage = [p for p in stage if p is not None]
+            for process in stage:
+                process.begin_stop()
+            for process in stage:
+                try:
+                    # The service drains for stop_grace_s by itself; the margin lets it exit.
+                    process.stop(self.config.stop_grace_s + _EXIT_MARGIN_S)
+                except Exception:  # noqa: BLE001 - keep stopping the others
+                    logger.exception("stopping %s failed", process.name)
         if self.supervisor is not None:
             # Only now: the processes it restarted die with its thread.
             self.supervisor.stop()

@@ -2,10 +2,11 @@
 two workers, the router) with its supervisor, on loopback, serving the tiny model.
 
 - Chaos: 50 greedy streams run while a worker, then the scheduler, then Redis are killed
-  (``SIGKILL``, one at a time, each recovered before the next; Redis is first frozen with
-  ``SIGSTOP`` to show that serving never waits on it). Every stream must complete with the
-  tokens and text of an undisturbed run (the same streams run first on the same stack), every
-  KV block must be free afterwards and every process back.
+  (``SIGKILL``, one at a time: the next once every stream moved on; Redis is first frozen
+  with ``SIGSTOP`` to show that serving never waits on it). Every stream must complete with
+  the tokens and text of an undisturbed run (the same streams run first on the same stack),
+  every KV block must be free afterwards and every process back (restarted by the
+  supervisor).
 - Health: the router reports NOT_SERVING within two heartbeat intervals of its last worker
   dying, and SERVING once the restarted workers are linked again.
 - Drain: stopping the stack with streams in flight completes them all; a new request during
@@ -205,16 +206,9 @@ def test_every_stream_survives_a_worker_the_scheduler_and_redis_dying(stack, cli
     fault("scheduler", lambda: stack.scheduler.signal(signal.SIGKILL))
     redis_process = stack.redis
     assert redis_process is not None
-
-    def freeze_then_kill_redis() -> None:
-        redis_process.signal(signal.SIGSTOP)
-        progress["redis frozen"] = frozen_at = streams.counts()
-        # Nothing waits on Redis: every stream keeps going while it hangs.
-        wait_until(lambda: streams.all_advanced_past(frozen_at, 5), 30.0,
-                   "streams advancing while Redis hangs")
-        redis_process.signal(signal.SIGKILL)
-
-    fault("redis", freeze_then_kill_redis)
+    # Nothing waits on Redis: every stream keeps going while it hangs, and after it dies.
+    fault("redis hangs", lambda: redis_process.signal(signal.SIGSTOP))
+    fault("redis dies", lambda: redis_process.signal(signal.SIGKILL))
     streams.join(180.0)
 
     # Every fault landed mid-stream for most streams (they run at different paces: the
