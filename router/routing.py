@@ -13,7 +13,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -118,12 +118,10 @@ class SchedulerPool:
         prefix_index: where prefix overlap is read (affinity only with several schedulers);
             its Redis is also the registry read for discovery.
         poll_interval_s: how often each scheduler's stats (load, liveness) are refreshed.
-        on_availability: called with whether any scheduler is alive whenever that changes.
     """
 
     def __init__(self, addresses: Sequence[str], prefix_index: PrefixIndex | None = None,
-                 poll_interval_s: float = 0.5,
-                 on_availability: Callable[[bool], None] | None = None):
+                 poll_interval_s: float = 0.5):
         self.is_discovering = not addresses
         if self.is_discovering and (prefix_index is None or prefix_index.redis is None):
             raise ValueError("at least one scheduler address is needed (--scheduler), or "
@@ -133,8 +131,9 @@ class SchedulerPool:
             self._add_link(address)
         self.prefix_index = prefix_index
         self.poll_interval_s = poll_interval_s
-        self._on_availability = on_availability
+        # Whether any scheduler is alive; ``availability_changed`` is set when that flips.
         self.is_available = False
+        self.availability_changed = asyncio.Event()
         self._changed = asyncio.Event()
         self._poller: asyncio.Task | None = None
         # The refresh of every link in progress; concurrent callers share it.
@@ -171,6 +170,8 @@ class SchedulerPool:
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+        # Cancelled tasks hold their frames, which hold this pool: no cycle left behind.
+        self._poller = self._refreshing = None
         for link in self.links:
             await link.channel.close()
 
@@ -194,8 +195,7 @@ class SchedulerPool:
         is_available = any(link.is_alive for link in self.links)
         if is_available != self.is_available:
             self.is_available = is_available
-            if self._on_availability is not None:
-                self._on_availability(is_available)
+            self.availability_changed.set()
 
     async def _poll_forever(self) -> None:
         while True:

@@ -337,6 +337,27 @@ def load_router_tokenizer(model: str, tokenizer: str | None) -> tuple[Any | None
     return tok, eos_token_ids(tok, hf_config, model_dir)
 
 
+async def _track_health(pool: SchedulerPool, server: ServiceServer) -> None:
+    """Readiness follows the pool: SERVING exactly while a scheduler with a live worker
+    answers.
+
+    A function, not a method: the frame of a cancelled task outlives it in the task's
+    traceback, and a frame holding the RouterServer would make a reference cycle that keeps
+    the gRPC server alive past its event loop.
+    """
+    is_serving = False
+    while True:
+        pool.availability_changed.clear()
+        if pool.is_available != is_serving:
+            is_serving = pool.is_available
+            await server.set_serving(is_serving)
+            if is_serving:
+                logger.info("router is serving")
+            else:
+                logger.warning("router is NOT_SERVING: no scheduler with a live worker")
+        await pool.availability_changed.wait()
+
+
 class RouterServer:
     """The router process: server + scheduler pool (+ Redis for cache-aware routing).
 
@@ -358,9 +379,7 @@ class RouterServer:
         self.server = ServiceServer([SERVICE_NAME])
         self.pool: SchedulerPool | None = None
         self._redis: Any = None
-        # Readiness as last reported (NOT_SERVING at start).
-        self._is_serving = False
-        self._health_task: asyncio.Future | None = None
+        self._health_task: asyncio.Task | None = None
 
     async def start(self, address: str | None = None) -> int:
         """Bind (``address``, default the options' host:port) and start. Readiness is
@@ -371,35 +390,22 @@ class RouterServer:
         """
         if self.redis_url:
             self._redis = async_redis(self.redis_url)
-        self.pool = SchedulerPool(self.scheduler_addresses, PrefixIndex(self._redis),
-                                  on_availability=self._on_availability)
+        self.pool = SchedulerPool(self.scheduler_addresses, PrefixIndex(self._redis))
         servicer = GenerationServicer(self.tokenizer, self.eos_token_ids, self.pool, self.options,
-                                      is_draining=lambda: self.server.is_draining)
+                                      is_draining=self.server.draining.is_set)
         generate_pb2_grpc.add_GenerationServicer_to_server(servicer, self.server.server)
         port = await self.server.start(address or f"{self.options.host}:{self.options.port}")
         self.pool.start()
+        self._health_task = asyncio.create_task(_track_health(self.pool, self.server),
+                                                name="router-health")
         logger.info("router listening on port %d, schedulers %s", port, self.scheduler_addresses)
         return port
 
-    def _on_availability(self, is_available: bool) -> None:
-        # Readiness follows the pool: SERVING exactly while a scheduler with a live worker
-        # answers. Set from the pool's current state when the task runs, so flips that
-        # happen in quick succession end in the right status.
-        self._health_task = asyncio.ensure_future(self._sync_health())
-
-    async def _sync_health(self) -> None:
-        assert self.pool is not None
-        is_available = self.pool.is_available
-        if is_available == self._is_serving:
-            return
-        self._is_serving = is_available
-        await self.server.set_serving(is_available)
-        if is_available:
-            logger.info("router is serving")
-        else:
-            logger.warning("router is NOT_SERVING: no scheduler with a live worker")
-
     async def stop(self) -> None:
+        if self._health_task is not None:
+            self._health_task.cancel()
+            await asyncio.gather(self._health_task, return_exceptions=True)
+            self._health_task = None
         if self.pool is not None:
             await self.pool.close()
         if self._redis is not None:

@@ -10,7 +10,9 @@ requests to another worker), and when the step finishes at last it reports the r
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
+import weakref
 from collections.abc import Awaitable, Callable
 
 from gridllm.common.grpc_utils import stop_tasks, wait_or_stop
@@ -34,7 +36,10 @@ class ProgressWatchdog:
             raise ValueError(f"timeout_s must be positive, got {timeout_s!r}.")
         self.seconds_in_step = seconds_in_step
         self.timeout_s = timeout_s
-        self.on_change = on_change
+        # Weakly, when a method: its owner holds this watchdog, and a cycle through the
+        # owner's gRPC server would keep that server alive past its event loop.
+        self._on_change = (weakref.WeakMethod(on_change) if inspect.ismethod(on_change)
+                           else lambda: on_change)
         self.is_stalled = False
         # Checked often enough that a stall is reported within a quarter of the timeout.
         self.interval_s = min(1.0, timeout_s / 4)
@@ -67,4 +72,6 @@ class ProgressWatchdog:
                          "NOT_SERVING and leaving the registry", seconds, self.timeout_s)
         else:
             logger.warning("steps finish again: serving and registering again")
-        await self.on_change(is_stalled)
+        on_change = self._on_change()
+        if on_change is not None:
+            await on_change(is_stalled)

@@ -19,6 +19,7 @@ import inspect
 import logging
 import signal
 import socket
+import threading
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -220,8 +221,10 @@ class ServiceServer:
             [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
         self.port = 0
         self._stop_event: asyncio.Event | None = None
-        # Set once stopping began: readiness stays NOT_SERVING, new calls are refused.
-        self.is_draining = False
+        # Set once stopping began: readiness stays NOT_SERVING, new calls are refused. An
+        # Event, so a servicer can be handed ``draining.is_set`` without referring back to
+        # this server (a reference cycle would outlive the event loop the server runs on).
+        self.draining = threading.Event()
 
     async def start(self, address: str) -> int:
         """Bind (``host:0`` picks a free port), start, and report NOT_SERVING (readiness)
@@ -247,6 +250,10 @@ class ServiceServer:
         await self.server.start()
         return self.port
 
+    @property
+    def is_draining(self) -> bool:
+        return self.draining.is_set()
+
     async def set_serving(self, is_serving: bool = True) -> None:
         """Readiness: whether the service takes new work now (never SERVING once draining)."""
         await self._set_status(health_pb2.HealthCheckResponse.SERVING
@@ -264,7 +271,7 @@ class ServiceServer:
 
     async def begin_drain(self) -> None:
         """Report NOT_SERVING for good; handlers refuse new work (``is_draining``)."""
-        self.is_draining = True
+        self.draining.set()
         await self.set_serving(False)
 
     async def stop(self, grace: float | None = DEFAULT_GRACE_SECONDS) -> None:
