@@ -248,7 +248,21 @@ class Registration:
         self.is_paused = False
 
     async def start(self) -> None:
-        await self._beat()
+        """Register, waiting for Redis as long as it takes (it may be restarting); then
+        keep the entry alive in the background."""
+        is_warned = False
+        while True:
+            try:
+                await self._beat()
+                break
+            except Exception as exc:  # noqa: BLE001 - Redis down: not ready until it is back
+                if not is_warned:
+                    logger.warning("cannot register in Redis (%s); retrying every %.1fs",
+                                   exc, _RETRY_S)
+                    is_warned = True
+                await asyncio.sleep(_RETRY_S)
+        if is_warned:
+            logger.info("registered in Redis")
         self._task = asyncio.create_task(self._loop(), name="registration")
 
     async def _beat(self) -> None:
@@ -349,6 +363,7 @@ class WorkerServer:
         self.servicer.block_versions = [0] * self.runner.num_kv_blocks
         self.servicer.runner, self.servicer.info = self.runner, info
         if opts.redis_url:
+            # Not ready before it is registered: no scheduler could find it.
             self.registration = Registration(opts.redis_url, info, opts.heartbeat_ttl)
             await self.registration.start()
         await self.service.set_serving(True)

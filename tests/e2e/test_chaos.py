@@ -2,11 +2,11 @@
 two workers, the router) with its supervisor, on loopback, serving the tiny model.
 
 - Chaos: 50 greedy streams run while a worker, then the scheduler, then Redis are killed
-  (``SIGKILL``, one at a time: the next once every stream moved on; Redis is first frozen
-  with ``SIGSTOP`` to show that serving never waits on it). Every stream must complete with
-  the tokens and text of an undisturbed run (the same streams run first on the same stack),
-  every KV block must be free afterwards and every process back (restarted by the
-  supervisor).
+  (``SIGKILL``, one at a time: the next once the services report the recovery and every
+  stream moved on; Redis is first frozen with ``SIGSTOP`` and every stream must move on
+  while it hangs). Every stream must complete with the tokens and text of an undisturbed
+  run (each prompt streamed once on the same stack), every KV block must be free afterwards
+  and every process back (restarted by the supervisor).
 - Health: the router reports NOT_SERVING within two heartbeat intervals of its last worker
   dying, and SERVING once the restarted workers are linked again.
 - Drain: stopping the stack with streams in flight completes them all; a new request during
@@ -18,6 +18,7 @@ The tests share one stack and run in file order (the last one stops it).
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import threading
 import time
@@ -39,8 +40,8 @@ from scheduler_svc.server import SchedulerServiceConfig
 pytestmark = pytest.mark.slow
 
 NUM_STREAMS = 50
-# Long enough that all three faults land while every stream still runs.
-NUM_TOKENS = 200
+# Long enough that every fault lands while the streams run.
+NUM_TOKENS = 500
 # Streams that must be mid-way (started, unfinished) when each fault strikes.
 MIN_RUNNING_AT_FAULT = NUM_STREAMS // 2
 GREEDY = SamplingParams(temperature=0.0, max_tokens=NUM_TOKENS, ignore_eos=True)
@@ -48,17 +49,20 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=NUM_TOKENS, ignore_eos=True)
 HEARTBEAT_TTL_S = 3.0
 HEARTBEAT_INTERVAL_S = HEARTBEAT_TTL_S / 3
 # Every stream on one worker fits its KV pool (prompt + NUM_TOKENS, 16 tokens per block).
-NUM_KV_BLOCKS = NUM_STREAMS * (NUM_TOKENS // 16 + 4)
+NUM_KV_BLOCKS = NUM_STREAMS * (NUM_TOKENS // 16 + 3)
+# Seconds Redis stays frozen with every stream required to move on meanwhile (the services'
+# Redis calls time out after 2 s: a step waiting on one would stall every stream).
+REDIS_FROZEN_S = 1.0
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# Shorter than a KV block (16 tokens): no prefix affinity, load spreads the streams over
+# both workers; stream i sends PROMPTS[i % len(PROMPTS)].
+PROMPTS = ["Hello world", "The quick brown fox", "Once upon a time", "Hello gridllm",
+           "tiny model tokens", "jumps over the lazy dog", "multi-byte characters"]
 
 
-def prompts(num: int, tag: str = "") -> list[str]:
-    bodies = ["Hello world", "The quick brown fox jumps over the lazy dog.",
-              "café naïve 日本語 🙂", "Once upon a time there was a tiny model."]
-    # Distinct first blocks: load, not prefix affinity, spreads them over the workers.
-    return [f"{tag}{i} is the number of this request. {bodies[i % len(bodies)]}"
-            for i in range(num)]
+def prompts(num: int) -> list[str]:
+    return [PROMPTS[i % len(PROMPTS)] for i in range(num)]
 
 
 def wait_until(predicate, timeout_s: float, what: str, interval_s: float = 0.05):
@@ -176,12 +180,17 @@ def registry(stack: LocalStack) -> tuple[set[str], int]:
 
 @pytest.fixture(scope="module")
 def undisturbed(stack) -> Streams:
-    """The streams run once with no fault: the reference of the tests below."""
-    streams = Streams(stack.endpoint, prompts(NUM_STREAMS), GREEDY).start()
+    """Each prompt streamed once with no fault: the reference of the tests below."""
+    streams = Streams(stack.endpoint, PROMPTS, GREEDY).start()
     streams.join(120.0)
-    assert streams.errors == [None] * NUM_STREAMS
-    assert streams.counts() == [NUM_TOKENS] * NUM_STREAMS
+    assert streams.errors == [None] * len(PROMPTS)
+    assert streams.counts() == [NUM_TOKENS] * len(PROMPTS)
     return streams
+
+
+def expected_tokens(undisturbed: Streams, num: int, max_tokens: int = NUM_TOKENS
+                    ) -> list[list[int]]:
+    return [undisturbed.token_ids[i % len(PROMPTS)][:max_tokens] for i in range(num)]
 
 
 def test_every_stream_survives_a_worker_the_scheduler_and_redis_dying(stack, client,
@@ -190,25 +199,55 @@ def test_every_stream_survives_a_worker_the_scheduler_and_redis_dying(stack, cli
     wait_until(lambda: min(streams.counts()) >= 3, 60.0, "every stream under way")
     # Tokens every stream had when each fault was injected.
     progress: dict[str, list[int]] = {}
-    # Seconds from each fault until every stream had 5 more tokens.
+    # Seconds from each fault until it was recovered from and every stream moved on.
     recovery_s: dict[str, float] = {}
 
-    def fault(name: str, inject) -> None:
-        # One at a time: the next fault only once every stream moved on after this one.
-        progress[name] = before = streams.counts()
+    def fault(name: str, inject, recovered) -> None:
+        # One at a time: the next fault once the services recovered from this one (as
+        # they report it, not as the streams show it: a client can lag behind) and every
+        # stream moved on since.
+        progress[name] = streams.counts()
         started = time.monotonic()
         inject()
-        wait_until(lambda: streams.all_advanced_past(before, 5), 60.0,
-                   f"every stream advancing after the {name} died")
+        wait_until(recovered, 60.0, f"recovery from: {name}", interval_s=0.02)
+        since = streams.counts()
+        wait_until(lambda: streams.all_advanced_past(since, 5), 60.0,
+                   f"every stream moving on after: {name}")
         recovery_s[name] = time.monotonic() - started
 
-    fault("worker", lambda: stack.workers[0].signal(signal.SIGKILL))
-    fault("scheduler", lambda: stack.scheduler.signal(signal.SIGKILL))
+    dead_worker = stack.workers[0]
+    dead_worker_ids = {w.worker_id for w in client.server_stats().workers}
+    fault("worker dies", lambda: dead_worker.signal(signal.SIGKILL),
+          # Its requests moved to the other worker: only that one is left linked.
+          lambda: len(dead_worker_ids & {w.worker_id for w in client.server_stats().workers})
+          == 1)
+    dead_scheduler = stack.scheduler
+    seen_down = threading.Event()
+
+    def scheduler_back() -> bool:
+        # The router saw it go, then a restarted one with a worker linked.
+        is_serving = health(stack.endpoint) == SERVING
+        if not is_serving:
+            seen_down.set()
+        return seen_down.is_set() and is_serving and stack.scheduler is not dead_scheduler
+
+    fault("scheduler dies", lambda: dead_scheduler.signal(signal.SIGKILL), scheduler_back)
     redis_process = stack.redis
     assert redis_process is not None
-    # Nothing waits on Redis: every stream keeps going while it hangs, and after it dies.
-    fault("redis hangs", lambda: redis_process.signal(signal.SIGSTOP))
-    fault("redis dies", lambda: redis_process.signal(signal.SIGKILL))
+    frozen_at: list[float] = []
+
+    def freeze_redis() -> None:
+        redis_process.signal(signal.SIGSTOP)
+        frozen_at.append(time.monotonic())
+
+    # Recovered, as far as anything waits on Redis: nothing does. Still frozen afterwards.
+    fault("redis hangs", freeze_redis,
+          lambda: time.monotonic() - frozen_at[0] > REDIS_FROZEN_S)
+    assert redis_process.exit_code() is None
+    fault("redis dies", lambda: redis_process.signal(signal.SIGKILL),
+          # Restarted, and every worker and the scheduler registered in it again.
+          lambda: stack.redis is not redis_process and registry(stack) == (
+              {w.worker_id for w in client.server_stats().workers}, 1))
     streams.join(180.0)
 
     # Every fault landed mid-stream for most streams (they run at different paces: the
@@ -222,13 +261,10 @@ def test_every_stream_survives_a_worker_the_scheduler_and_redis_dying(stack, cli
     assert all(n >= MIN_RUNNING_AT_FAULT for n in num_running.values()), num_running
     assert streams.errors == [None] * NUM_STREAMS
     assert streams.finish_reasons == ["length"] * NUM_STREAMS
-    assert streams.token_ids == undisturbed.token_ids
-    assert streams.text == undisturbed.text
+    assert streams.token_ids == expected_tokens(undisturbed, NUM_STREAMS)
+    assert streams.text == [undisturbed.text[i % len(PROMPTS)] for i in range(NUM_STREAMS)]
     wait_until(lambda: every_process_back(stack) and all_blocks_free(client), 60.0,
                "every process back and every KV block free")
-    # Workers and the scheduler registered again in the restarted Redis.
-    wait_until(lambda: registry(stack) == (
-        {w.worker_id for w in client.server_stats().workers}, 1), 10.0, "the registry back")
     assert {name: stack.supervisor.num_restarts(name)
             for name in ("redis", "scheduler", "worker-1", "worker-2", "router")} == {
         "redis": 1, "scheduler": 1, "worker-1": 1, "worker-2": 0, "router": 0}
@@ -241,11 +277,16 @@ def test_every_stream_survives_a_worker_the_scheduler_and_redis_dying(stack, cli
             assert r.exists(redis_keys.kv_state_key(worker_stats.worker_id))
     finally:
         r.close()
-    # The worker's requests migrated; the scheduler's were resubmitted by the router.
+    # As the services saw it: the dead worker's requests moved mid-stream, and the router
+    # resubmitted streams mid-way when the scheduler died.
     with open(stack.scheduler.log_path) as log:
-        assert "resuming them elsewhere" in log.read()
+        moved = [int(n) for n in re.findall(r"lost with (\d+) requests; resuming", log.read())]
     with open(stack.router.log_path) as log:
-        assert "resubmitting" in log.read()
+        resubmitted_after = [int(n) for n in re.findall(r"after (\d+) tokens; resubmitting",
+                                                        log.read())]
+    assert len(moved) == 1 and moved[0] >= 1
+    assert len(resubmitted_after) >= MIN_RUNNING_AT_FAULT
+    assert all(0 < n < NUM_TOKENS for n in resubmitted_after)
 
 
 def test_router_is_not_serving_without_a_live_worker_and_serving_once_one_returns(stack, client):
@@ -274,7 +315,7 @@ def test_router_is_not_serving_without_a_live_worker_and_serving_once_one_return
 
 def test_stopping_the_stack_drains_streams_and_refuses_new_requests(stack, undisturbed):
     num_streams = 10
-    params = GREEDY.clone(max_tokens=NUM_TOKENS // 2)
+    params = GREEDY.clone(max_tokens=NUM_TOKENS // 4)
     streams = Streams(stack.endpoint, prompts(num_streams), params).start()
     wait_until(lambda: min(streams.counts()) >= 3, 60.0, "every stream under way")
     router = stack.router
@@ -292,7 +333,6 @@ def test_stopping_the_stack_drains_streams_and_refuses_new_requests(stack, undis
     assert max(drained_at) < params.max_tokens  # the drain began mid-stream
     assert streams.errors == [None] * num_streams
     # Greedy: the undisturbed streams' first max_tokens tokens.
-    assert streams.token_ids == [ids[:params.max_tokens]
-                                 for ids in undisturbed.token_ids[:num_streams]]
+    assert streams.token_ids == expected_tokens(undisturbed, num_streams, params.max_tokens)
     assert router.exit_code() == 0
     assert not any(p.is_alive() for p in stack.processes)
