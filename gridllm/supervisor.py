@@ -104,14 +104,15 @@ class Supervisor:
         self._stop = threading.Event()
         # Set while the stack stops: nothing is restarted any more.
         self.is_paused = False
-        # What ended a background supervisor (a CrashLoopError), if anything.
+        # What made a background supervisor give up (a CrashLoopError), if anything.
         self.error: BaseException | None = None
 
     def watch(self, name: str, current: Callable[[], Process],
               restart: Callable[[], Process]) -> None:
         """Supervise the service ``name``: ``current()`` is its process now, ``restart()``
         starts a new one (without waiting for it to be healthy) and returns it."""
-        self.services[name] = _Service(name, current, restart, collections.deque())
+        with self._lock:
+            self.services[name] = _Service(name, current, restart, collections.deque())
 
     def num_restarts(self, name: str) -> int:
         return self.services[name].num_restarts

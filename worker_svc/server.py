@@ -280,6 +280,8 @@ class Registration:
                 continue
             try:
                 await self._beat()
+                if self.is_paused:  # paused while the beat was on its way: undo it
+                    await self.redis.delete(self.key)
             except Exception as exc:  # noqa: BLE001 - Redis hiccups must not kill the worker
                 if not is_failing:
                     logger.warning("heartbeat to Redis failed (%s); retrying every %.1fs",
