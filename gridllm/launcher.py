@@ -312,6 +312,41 @@ def wait_for_redis(url: str, process: ManagedProcess | None, timeout_s: float) -
         client.close()
 
 
+def wait_for_links(address: str, router: ManagedProcess | None, num_schedulers: int,
+                   num_workers: int, timeout_s: float) -> None:
+    """Poll the router's ``GetLoads`` until it lists ``num_schedulers`` schedulers, each
+    with ``num_workers`` live workers.
+
+    Raises:
+        RuntimeError: the router exited, or ``timeout_s`` passed.
+    """
+    import grpc
+
+    from gridllm.v1 import generate_pb2, generate_pb2_grpc
+
+    deadline = time.monotonic() + timeout_s
+    seen = "nothing"
+    with grpc.insecure_channel(address) as channel:
+        stub = generate_pb2_grpc.GenerationStub(channel)
+        while True:
+            if router is not None:
+                router.check_running()
+            try:
+                loads = stub.GetLoads(generate_pb2.GetLoadsRequest(), timeout=2.0)
+                counts = [sum(w.is_alive for w in s.workers) for s in loads.schedulers
+                          if s.scheduler_id]
+                if counts == [num_workers] * num_schedulers:
+                    return
+                seen = f"live workers per scheduler {counts}"
+            except grpc.RpcError as exc:
+                seen = f"GetLoads failed: {exc.code().name}"
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"the stack did not link {num_schedulers} scheduler(s) with {num_workers} "
+                    f"worker(s) each within {timeout_s:.0f}s ({seen})")
+            time.sleep(0.1)
+
+
 def wait_for_health(address: str, process: ManagedProcess | None, timeout_s: float,
                     service: str = "") -> None:
     """Poll ``grpc.health.v1.Health/Check`` until SERVING.
@@ -541,6 +576,9 @@ class LocalStack:
                 wait_for_health(process.env["GRIDLLM_ADDRESS"], process,
                                 self.config.startup_timeout_s)
             wait_for_health(self.endpoint, router, self.config.startup_timeout_s)
+            # SERVING needs one link each; started means every worker serves its scheduler.
+            wait_for_links(self.endpoint, router, self.config.num_schedulers,
+                           self.config.num_workers, self.config.startup_timeout_s)
         except BaseException:
             self.stop()
             raise

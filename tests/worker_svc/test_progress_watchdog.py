@@ -35,10 +35,18 @@ class _GatedRunner:
     def __getattr__(self, name):
         return getattr(self.runner, name)
 
-    def execute_model(self, scheduler_output):
+    def _wait(self):
         self.entered.set()
         assert self.gate.wait(30)
+
+    def execute_model(self, scheduler_output):
+        self._wait()
         return self.runner.execute_model(scheduler_output)
+
+    def execute_model_async(self, scheduler_output):
+        # The worker queues steps (launch now, read back later): the launch wedges.
+        self._wait()
+        return self.runner.execute_model_async(scheduler_output)
 
 
 @pytest.fixture(scope="module")
