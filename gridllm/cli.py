@@ -198,8 +198,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         stack.start()
         # stdout is the interface here (scripts read the endpoint), not a log line.
         http = f" and {stack.http_endpoint}/v1 (OpenAI API)" if stack.http_endpoint else ""
+        tls = f"; TLS, CA {stack.tls.ca_file}" if stack.tls is not None else ""
         print(f"gridllm serving {config.model} at {stack.endpoint}{http} "
-              f"({_describe_fleet(config)}; logs in {stack.log_dir})", flush=True)
+              f"({_describe_fleet(config)}; logs in {stack.log_dir}{tls})", flush=True)
         while not stopped.wait(_SUPERVISE_INTERVAL_S):
             if stack.supervisor is not None:
                 stack.supervisor.check()  # restarts the dead; CrashLoopError gives up
