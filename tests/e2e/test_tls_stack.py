@@ -25,7 +25,7 @@ import pytest
 from gridllm.client import Client
 from gridllm.common.redis_keys import RedisKeys
 from gridllm.common.sampling_params import SamplingParams
-from gridllm.common.tls_certs import LOCAL_NAMES, Authority
+from gridllm.common.tls_certs import Authority
 from gridllm.launcher import LocalStack
 from tests.e2e.conftest import SERVED_MODEL_NAME, stack_config
 from tests.redis_fixture import _free_port, redis_binary
