@@ -140,6 +140,14 @@ def test_internal_services_refuse_a_client_without_the_stack_certificate(tls_sta
                 health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
                                                           timeout=3.0)
         assert failure.value.code() == grpc.StatusCode.UNAVAILABLE, process.name
+    # The health probe of the containers, with the stack's certificate and the role's name.
+    from gridllm import healthcheck
+
+    worker = tls_stack.workers[0].env["GRIDLLM_ADDRESS"]
+    router_dir = tls_stack.tls.dirs["router"]
+    assert healthcheck.main([worker, "--tls-dir", router_dir,
+                             "--tls-server-name", "gridllm-worker"]) == healthcheck.EXIT_SERVING
+    assert healthcheck.main([worker, "--timeout", "1"]) == healthcheck.EXIT_NOT_SERVING
 
 
 def test_the_stack_registered_in_its_namespace_of_the_password_redis(tls_stack, password_redis):
