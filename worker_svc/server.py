@@ -331,7 +331,8 @@ def info_to_json(info: worker_pb2.WorkerInfo) -> str:
 
 
 class Registration:
-    """Keeps ``gridllm:worker:<id>`` alive in Redis while the worker serves.
+    """Keeps the worker's registry entry (``gridllm:<deployment>:worker:<id>``) alive in
+    Redis while the worker serves.
 
     A heartbeat every third of the TTL; while Redis is unreachable, a retry every
     ``_RETRY_S``, so the entry is back moments after Redis is (a restarted Redis is empty).
