@@ -153,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"router HOST[:PORT] (port {DEFAULT_ROUTER_PORT} when left out; "
                           "http://HOST:PORT also accepted)")
     gen.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    gen.add_argument("--tls-ca", default=None, metavar="FILE",
+                     help="dial the router over TLS, trusting this CA certificate (PEM; "
+                          "`gridllm up --tls` prints it)")
     _add_sampling_flags(gen)
 
     run = _parser(sub, "run", "generate in-process with gridllm.LLM (no services)")
@@ -228,8 +231,8 @@ def parse_target(target: str) -> str:
     scheme, sep, rest = text.partition("://")
     if sep:
         if scheme.lower() == "https":
-            raise ValueError(f"--target {target!r}: the router serves plaintext gRPC, not TLS; "
-                             "use HOST:PORT or http://HOST:PORT.")
+            raise ValueError(f"--target {target!r}: a target is HOST:PORT, dialed in "
+                             "plaintext gRPC, not TLS, unless --tls-ca FILE is given.")
         if scheme.lower() != "http":
             return text  # gRPC's own schemes (dns:///, unix://, ipv4:) pass through
         text = rest.rstrip("/")
@@ -260,7 +263,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompt_kwargs = ({"messages": [{"role": "user", "content": args.prompt}]} if args.chat
                      else {"prompt": args.prompt})
     try:
-        with Client(target, timeout=args.timeout) as client:
+        with Client(target, timeout=args.timeout, tls_ca=args.tls_ca) as client:
             for chunk in client.generate_stream(sampling_params=params, **prompt_kwargs):
                 sys.stdout.write(chunk.text)
                 sys.stdout.flush()

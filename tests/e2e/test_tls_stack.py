@@ -104,6 +104,12 @@ def test_tls_client_streams_the_engine_greedy_text(tls_stack, llm):
         for prompt, reference in zip(PROMPTS, references, strict=True):
             output = client.generate(prompt, GREEDY)
             assert output.outputs[0].text == reference.outputs[0].text, prompt
+    done = subprocess.run(
+        [sys.executable, "-m", "gridllm.cli", "generate", "--target", tls_stack.endpoint,
+         "--tls-ca", tls_stack.tls.ca_file, "--max-tokens", str(GREEDY.max_tokens),
+         "--timeout", "60", PROMPTS[0]], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == references[0].outputs[0].text + "\n"  # the CLI ends the line
 
 
 def test_plaintext_client_or_another_ca_cannot_reach_the_tls_router(tls_stack, tmp_path):
