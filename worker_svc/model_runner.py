@@ -130,7 +130,8 @@ class ModelRunner:
     def limits(self) -> ModelLimits:
         """What this runner serves, resolved from the model and the configs."""
         return ModelLimits(max_model_len=self.max_model_len, vocab_size=self.vocab_size,
-                           block_size=self.block_size, eos_token_id=self.eos_token_id)
+                           block_size=self.block_size, eos_token_id=self.eos_token_id,
+                           kv_window=kv_window_of(self.model, self.hf_config.num_hidden_layers))
 
     # ---- setup -------------------------------------------------------------------------
     def _resolve_max_model_len(self) -> int:
@@ -361,6 +362,19 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     # nothing until used (torch.zeros would touch every page up front).
     num_bytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
     return torch.from_numpy(np.zeros(num_bytes, dtype=np.uint8)).view(dtype).view(shape)
+
+
+def kv_window_of(model: torch.nn.Module, num_layers: int) -> int | None:
+    """The widest attention window when every attention layer has one, else None.
+
+    Read from the built layers (not the config), so an architecture that does not apply a
+    window its config names is never treated as windowed.
+    """
+    windows = [getattr(m, "sliding_window", None) for m in model.modules()
+               if hasattr(m, "sliding_window")]
+    if len(windows) != num_layers or None in windows:
+        return None
+    return max(windows)
 
 
 def _first_eos(hf_config) -> int | None:
