@@ -57,7 +57,8 @@ class ModelRunner:
         self.dtype = resolve_dtype(model_config.dtype, self.device)
         if model_config.seed is not None:
             torch.manual_seed(model_config.seed)
-        self.attn_backend = get_attention_backend(model_config.attention_backend, self.device)
+        self.attn_backend = get_attention_backend(model_config.attention_backend, self.device,
+                                                  model_config.sparse_attention)
         set_use_triton(self.attn_backend.name == "triton")
         self.model, self.hf_config = load_model(model_config, self.attn_backend, self.device)
         logger.info("memory after loading weights: %s", memory_usage(self.device))
