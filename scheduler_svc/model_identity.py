@@ -1,8 +1,9 @@
 """What a scheduler checks before it links a worker: that it serves the same model.
 
 A scheduler's requests move between its workers (migration, prefix-cache routing) and its
-block tables assume one block size, so every worker must run the same weights in the same
-dtype with the same KV block size. The first worker linked fixes the identity (or the
+block tables assume one block size, so every worker must run the same model (architecture
+config and attention pattern, as the config hash covers them) in the same dtype with the same
+KV block size. The first worker linked fixes the identity (or the
 scheduler's ``--model``, when given, fixes the name); a worker that differs is refused with a
 log line naming what differs, and never gets a Step stream, so never a request.
 """

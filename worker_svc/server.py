@@ -301,7 +301,9 @@ def build_info(runner, model: str, worker_id: str, scheduler_config) -> worker_p
         max_num_batched_tokens=scheduler_config.max_num_batched_tokens,
         device=str(runner.device), dtype=str(getattr(runner, "dtype", "")).replace("torch.", ""),
         instance_id=uuid.uuid4().hex, logits_processors=registered_logits_processors(),
-        model_config_hash=model_config_hash(getattr(runner, "hf_config", None)))
+        model_config_hash=model_config_hash(
+            getattr(runner, "hf_config", None),
+            getattr(getattr(runner, "model_config", None), "sparse_attention", None)))
     return model_limits_to_pb(runner.limits, info)
 
 
@@ -309,9 +311,10 @@ def build_info(runner, model: str, worker_id: str, scheduler_config) -> worker_p
 _UNHASHED_CONFIG_KEYS = ("transformers_version", "torch_dtype", "dtype")
 
 
-def model_config_hash(hf_config) -> str:
+def model_config_hash(hf_config, sparse_attention: str | None = None) -> str:
     """A digest of the model's architecture config (empty without one): equal for the same
-    model wherever it was loaded from, different for another architecture or size."""
+    model wherever it was loaded from, different for another architecture or size, or
+    another attention pattern (``sparse_attention``: the outputs differ)."""
     if hf_config is None:
         return ""
     import hashlib
@@ -319,6 +322,8 @@ def model_config_hash(hf_config) -> str:
     config = hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(vars(hf_config))
     kept = {k: v for k, v in config.items()
             if not k.startswith("_") and k not in _UNHASHED_CONFIG_KEYS}
+    if sparse_attention:
+        kept["gridllm_sparse_attention"] = sparse_attention
     text = json.dumps(kept, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -181,6 +181,8 @@ def test_config_hash_names_the_architecture_not_the_path(model_path, other_model
 
     assert digest(model_path) == digest(copy)
     assert digest(model_path) != digest(other_model_path)
+    config = transformers.AutoConfig.from_pretrained(model_path)
+    assert config_hash_of(config, "local:8") != digest(model_path)
     assert len(digest(model_path)) == 16
 
 
