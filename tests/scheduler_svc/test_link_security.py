@@ -219,3 +219,40 @@ def test_two_deployments_in_one_redis_do_not_see_each_other(model_path, redis_se
         assert f"gridllm:{name}:kv:{own}:cached" in keys[name]
         assert f"gridllm:{name}:{{kv-events}}" in keys[name]
         assert not any(other in key for key in keys[name])
+
+
+def test_an_acl_user_limited_to_its_deployment_keys_serves(model_path, redis_server, expected):
+    """The ACL docs/deploy.md gives a deployment's services is all they need: the worker
+    registers, the scheduler links it, mirrors its blocks and publishes KV events."""
+    import redis.asyncio as aioredis
+
+    deployment = f"acl-{uuid.uuid4().hex[:8]}"
+    user, password = f"gridllm-{deployment}", uuid.uuid4().hex
+    categories = ["+@read", "+@write", "+@keyspace", "+@stream", "+@scripting",
+                  "+@connection"]
+
+    async def main():
+        admin = aioredis.from_url(redis_server)
+        try:
+            await admin.acl_setuser(user, enabled=True, passwords=[f"+{password}"],
+                                    keys=[f"gridllm:{deployment}:*"], commands=categories)
+        except Exception as exc:  # noqa: BLE001 - a server without ACLs (Redis < 6)
+            await admin.aclose()
+            pytest.skip(f"no ACL support: {exc}")
+        url = f"redis://{user}:{password}@{redis_server.split('://', 1)[1]}"
+        try:
+            async with running_worker(model_path, url, deployment=deployment) as worker, \
+                    running_scheduler(redis_url=url, deployment=deployment) as (server, stub):
+                await wait_until(lambda: worker.worker_id in server.pool.links, 10.0, "linked")
+                tokens = await greedy(stub)
+                await server.mirror.flush()
+                published = server.mirror.events.num_published
+                cached = await admin.hlen(f"gridllm:{deployment}:kv:{worker.worker_id}:cached")
+            return tokens, published, cached
+        finally:
+            await admin.acl_deluser(user)
+            await admin.aclose()
+
+    tokens, published, cached = run(main())
+    assert tokens == expected
+    assert published > 0 and cached > 0
