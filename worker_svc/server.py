@@ -471,6 +471,13 @@ class WorkerServer:
             The advertised address (host:port).
         """
         opts = self.options
+        if opts.redis_url:
+            # Wrong credentials end the start before minutes of model loading, not after.
+            probe = async_redis(opts.redis_url)
+            try:
+                await check_redis(probe, opts.redis_url)
+            finally:
+                await probe.aclose()
         port = await self.service.start(f"{opts.host}:{opts.port}")
         self.address = advertised_address(opts.host, opts.advertise_host, port)
         if opts.metrics_port is not None:

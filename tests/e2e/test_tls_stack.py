@@ -187,13 +187,16 @@ def test_wrong_redis_password_stops_the_stack_at_once(tiny_served_model, passwor
     assert wrong not in message and not stack.processes
 
 
-def test_a_service_with_a_wrong_redis_password_exits_with_a_clear_message(password_redis):
+@pytest.mark.parametrize("service", ["scheduler_svc", "worker_svc", "router"])
+def test_a_service_with_a_wrong_redis_password_exits_with_a_clear_message(
+        service, password_redis, tiny_served_model):
     port, password = password_redis
     wrong = "not-" + password
+    model_args = [] if service == "scheduler_svc" else ["--model", tiny_served_model]
     start = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "-m", "scheduler_svc", "--port", "0",
-         "--redis-url", redis_url(port, wrong)],
+        [sys.executable, "-m", service, "--port", "0", "--redis-url", redis_url(port, wrong),
+         *model_args],
         capture_output=True, text=True, timeout=60,
         env={**os.environ, "GRIDLLM_LOGGING_LEVEL": "INFO"})
     assert time.monotonic() - start < 30.0
