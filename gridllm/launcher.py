@@ -25,6 +25,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from gridllm.common.auth import warn_if_open
 from gridllm.common.cli_args import option, to_argv
 from gridllm.common.config import (
     DEFAULT_MODEL,
@@ -38,6 +39,7 @@ from gridllm.common.config import (
 )
 from gridllm.common.grpc_utils import PortInUseError, free_port, is_port_free, split_address
 from gridllm.common.presets import cache_dir, check_model
+from gridllm.stack_keys import StackKeys
 from gridllm.supervisor import RestartPolicy, Supervisor
 from router.server import RouterOptions
 from scheduler_svc.server import SchedulerServiceConfig
@@ -313,7 +315,8 @@ def wait_for_redis(url: str, process: ManagedProcess | None, timeout_s: float) -
 
 
 def wait_for_links(address: str, router: ManagedProcess | None, num_schedulers: int,
-                   num_workers: int, timeout_s: float) -> None:
+                   num_workers: int, timeout_s: float,
+                   metadata: tuple[tuple[str, str], ...] = ()) -> None:
     """Poll the router's ``GetLoads`` until it lists ``num_schedulers`` schedulers, each
     with ``num_workers`` live workers.
 
@@ -332,7 +335,8 @@ def wait_for_links(address: str, router: ManagedProcess | None, num_schedulers: 
             if router is not None:
                 router.check_running()
             try:
-                loads = stub.GetLoads(generate_pb2.GetLoadsRequest(), timeout=2.0)
+                loads = stub.GetLoads(generate_pb2.GetLoadsRequest(), timeout=2.0,
+                                      metadata=metadata)
                 counts = [sum(w.is_alive for w in s.workers) for s in loads.schedulers
                           if s.scheduler_id]
                 if counts == [num_workers] * num_schedulers:
@@ -348,7 +352,7 @@ def wait_for_links(address: str, router: ManagedProcess | None, num_schedulers: 
 
 
 def wait_for_health(address: str, process: ManagedProcess | None, timeout_s: float,
-                    service: str = "") -> None:
+                    service: str = "", metadata: tuple[tuple[str, str], ...] = ()) -> None:
     """Poll ``grpc.health.v1.Health/Check`` until SERVING.
 
     Raises:
@@ -365,7 +369,8 @@ def wait_for_health(address: str, process: ManagedProcess | None, timeout_s: flo
             if process is not None:
                 process.check_running()
             try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0,
+                                   metadata=metadata)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     logger.info("%s is serving at %s", name, address)
                     return
@@ -471,7 +476,9 @@ class StackConfig:
         options = self.router_options or RouterOptions(self.model)
         if options.served_model_name is None:
             options = dataclasses.replace(options, served_model_name=self.model)
-        return [*to_argv(options, exclude=STACK_SET_ROUTER_FIELDS), *self.extra_router_args]
+        # The keys reach the router hashed, in a file (gridllm.stack_keys), never as flags.
+        return [*to_argv(options, exclude=(*STACK_SET_ROUTER_FIELDS, "api_keys", "api_key_file")),
+                *self.extra_router_args]
 
 
 class LocalStack:
@@ -505,6 +512,7 @@ class LocalStack:
         self._num_started = 0
         # Restarts dead services (made by start() when config.restart is set).
         self.supervisor: Supervisor | None = None
+        self.keys = StackKeys([], None)
 
     @property
     def endpoint(self) -> str:
@@ -551,6 +559,9 @@ class LocalStack:
                 started so far is stopped again).
         """
         check_model(self.config.model)
+        options = self.config.router_options or RouterOptions(self.config.model)
+        self.keys = StackKeys(options.api_keys, options.api_key_file)
+        warn_if_open(self.config.host, self.keys.keyring, "gridllm up: the router")
         for port in (self.config.port, self.config.http_port):
             if port and not is_port_free(self.config.host, port):
                 raise PortInUseError(f"port {port} is in use on {self.config.host}: another "
@@ -575,10 +586,12 @@ class LocalStack:
             for process in (*self.workers, *schedulers):
                 wait_for_health(process.env["GRIDLLM_ADDRESS"], process,
                                 self.config.startup_timeout_s)
-            wait_for_health(self.endpoint, router, self.config.startup_timeout_s)
+            wait_for_health(self.endpoint, router, self.config.startup_timeout_s,
+                            metadata=self.keys.metadata)
             # SERVING needs one link each; started means every worker serves its scheduler.
             wait_for_links(self.endpoint, router, self.config.num_schedulers,
-                           self.config.num_workers, self.config.startup_timeout_s)
+                           self.config.num_workers, self.config.startup_timeout_s,
+                           self.keys.metadata)
         except BaseException:
             self.stop()
             raise
@@ -698,11 +711,12 @@ class LocalStack:
                 "--port", str(self.router_port), "--model", self.model_path,
                 *[a for port in self.scheduler_ports for a in ("--scheduler", f"127.0.0.1:{port}")],
                 "--redis-url", str(self.redis_url), *http_args, *self._grace_args(),
-                *self.config.router_args()]
+                *self.keys.router_args(self.log_dir), *self.config.router_args()]
         self.router = ManagedProcess("router", argv, self._log_path("router"),
                                      dict(self.config.env)).start()
         if wait:
-            wait_for_health(self.endpoint, self.router, self.config.startup_timeout_s)
+            wait_for_health(self.endpoint, self.router, self.config.startup_timeout_s,
+                            metadata=self.keys.metadata)
         return self.router
 
     def _grace_args(self) -> list[str]:

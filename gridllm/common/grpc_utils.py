@@ -253,13 +253,16 @@ class ServiceServer:
         service_names: full names of the services added (for health and reflection).
         max_message_bytes: send and receive limit.
         options: extra channel arguments.
+        interceptors: run before the exception interceptor (an API-key check).
     """
 
     def __init__(self, service_names: Iterable[str],
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 options: list[tuple] | None = None):
+                 options: list[tuple] | None = None,
+                 interceptors: list[grpc.aio.ServerInterceptor] | None = None):
         self.service_names = list(service_names)
-        self.server = grpc.aio.server(interceptors=[ExceptionInterceptor()],
+        self.server = grpc.aio.server(interceptors=[*(interceptors or ()),
+                                                    ExceptionInterceptor()],
                                       options=server_options(max_message_bytes)
                                       + list(options or []))
         self.health = health.aio.HealthServicer()
