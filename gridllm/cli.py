@@ -153,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"router HOST[:PORT] (port {DEFAULT_ROUTER_PORT} when left out; "
                           "http://HOST:PORT also accepted)")
     gen.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    gen.add_argument("--api-key", default=None,
+                     help="the router's API key (default: $GRIDLLM_API_KEY, or none)")
     _add_sampling_flags(gen)
 
     run = _parser(sub, "run", "generate in-process with gridllm.LLM (no services)")
@@ -259,7 +261,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompt_kwargs = ({"messages": [{"role": "user", "content": args.prompt}]} if args.chat
                      else {"prompt": args.prompt})
     try:
-        with Client(target, timeout=args.timeout) as client:
+        with Client(target, timeout=args.timeout, api_key=args.api_key) as client:
             for chunk in client.generate_stream(sampling_params=params, **prompt_kwargs):
                 sys.stdout.write(chunk.text)
                 sys.stdout.flush()
