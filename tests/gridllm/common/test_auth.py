@@ -73,6 +73,7 @@ def test_keys_come_from_flags_environment_and_file(tmp_path):
     assert ring.tenants == sorted(["bob", f"key-{sha(ALICE)[:8]}",
                                    f"key-{sha('env-key-0123456789')[:8]}"])
     assert not KeyRing(load_keys([], None, {})).is_enabled
+    assert not KeyRing(load_keys([], None, {API_KEY_ENV: ""})).is_enabled  # compose: unset
     with pytest.raises(ValueError, match=API_KEY_ENV):
         load_keys([], None, {API_KEY_ENV: "short"})
 
