@@ -14,7 +14,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from gridllm import healthcheck
 from gridllm.client import build_generate_request
+from gridllm.common.auth import API_KEY_ENV
 from gridllm.common.sampling_params import SamplingParams
 from gridllm.v1 import generate_pb2_grpc
 from router.server import RouterOptions, RouterServer
@@ -62,7 +64,7 @@ def http_status(url: str, key: str | None = None) -> int:
         return error.code
 
 
-def test_health_reflection_and_metrics_can_ask_for_a_key(tokenizer_dir):
+def test_health_reflection_and_metrics_can_ask_for_a_key(tokenizer_dir, monkeypatch):
     async def check(metadata) -> list:
         async with grpc.aio.insecure_channel(target) as channel:
             results = []
@@ -87,18 +89,28 @@ def test_health_reflection_and_metrics_can_ask_for_a_key(tokenizer_dir):
             loop = asyncio.get_running_loop()
             statuses = [await loop.run_in_executor(None, http_status, base + path, key)
                         for key in (None, KEY) for path in ("/health", "/ready", "/metrics")]
+            # The container probe sends $GRIDLLM_API_KEY when set.
+            probes = []
+            for key in (None, KEY):
+                if key:
+                    monkeypatch.setenv(API_KEY_ENV, key)
+                probes.append((await loop.run_in_executor(
+                    None, healthcheck.check, target, "liveness", 5.0))[0])
+            monkeypatch.delenv(API_KEY_ENV)
             return (await check(()), await check((("authorization", f"Bearer {KEY}"),)),
-                    statuses)
+                    statuses, probes)
 
     target = ""
     # /ready is 503 until the ticking scheduler is seen; either way it is not 401.
-    without, with_key, statuses = asyncio.run(main())
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    without, with_key, statuses, probes = asyncio.run(main())
     assert without == with_key == ["OK", "OK"]
-    assert 401 not in statuses
-    without, with_key, statuses = asyncio.run(main(auth_health=True, auth_reflection=True,
-                                                   auth_metrics=True))
+    assert 401 not in statuses and probes == [True, True]
+    without, with_key, statuses, probes = asyncio.run(main(
+        auth_health=True, auth_reflection=True, auth_metrics=True))
     assert without == ["UNAUTHENTICATED", "UNAUTHENTICATED"] and with_key == ["OK", "OK"]
     assert statuses[:3] == [401, 401, 401] and 401 not in statuses[3:]
+    assert probes == [False, True]
 
 
 def test_a_bad_key_file_stops_the_router_before_it_binds(tokenizer_dir, tmp_path):
