@@ -37,10 +37,10 @@ from gridllm.common.convert import (
 from gridllm.common.grpc_utils import REQUEST_ID_KEY, RETRY_AFTER_KEY
 from gridllm.common.logger import request_id_var
 from gridllm.common.output_processor import Child, fan_out
+from gridllm.common.request_ids import new_scope, scoped
 from gridllm.common.sampling_params import SamplingParams
 from gridllm.v1 import generate_pb2, scheduler_pb2
 from router.metrics import RouterMetrics
-from router.request_ids import new_scope, scoped
 from router.request_log import RequestRecord
 from router.routing import NoSchedulerError, SchedulerLink, SchedulerPool
 from router.validation import ValidatedRequest, validate_request

@@ -18,9 +18,9 @@ from gridllm.common.contract import FinishReason, RequestUpdate, TokenLogprobs
 from gridllm.common.convert import request_update_to_pb, sampling_params_from_pb
 from gridllm.common.grpc_utils import ServiceServer
 from gridllm.common.output_processor import OutputProcessor
+from gridllm.common.request_ids import unscoped
 from gridllm.common.sampling_params import SamplingParams
 from gridllm.v1 import generate_pb2, generate_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
-from router.request_ids import unscoped
 from router.routing import SchedulerPool
 from router.server import SERVICE_NAME, GenerationServicer, RouterOptions
 

@@ -5,7 +5,7 @@ so two clients (or tenants) may well send the same ones. Upstream every completi
 ``{child id}@{scope}``, the scope being 16 random hex digits drawn for each request: no
 request can collide with another client's, and no caller can name (and so abort) a request
 whose scope it never saw. Responses and the logs keep showing the client's id (the Submit's
-``x-request-id`` metadata carries it to the scheduler's and workers' log lines).
+``x-request-id`` metadata carries it to the scheduler's log lines; workers log ``unscoped``).
 """
 
 from __future__ import annotations
