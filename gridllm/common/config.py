@@ -196,10 +196,18 @@ class ModelConfig:
         "auto", choices=_ATTENTION_BACKENDS, help="auto: triton on CUDA, torch on CPU")
     enforce_eager: bool = option(False, help="capture no CUDA graphs")
     seed: int = option(0, help="seed of the engine's random generator")
+    tensor_parallel_size: int = option(
+        1, help="devices one worker (or LLM) shards the model across, one process each: "
+        "attention heads, MLP and vocabulary split Megatron-style (Llama, Mistral, Qwen2, "
+        "Qwen3)")
 
     def __post_init__(self) -> None:
         require(isinstance(self.model, str) and bool(self.model), "model",
                 "must be a non-empty path or name", self.model)
+        require(isinstance(self.tensor_parallel_size, int)
+                and not isinstance(self.tensor_parallel_size, bool)
+                and self.tensor_parallel_size >= 1, "tensor_parallel_size",
+                "must be an integer of at least 1", self.tensor_parallel_size)
         require(self.dtype in _DTYPES, "dtype", f"must be one of {_DTYPES}", self.dtype)
         require(self.attention_backend in _ATTENTION_BACKENDS, "attention_backend",
                 f"must be one of {_ATTENTION_BACKENDS}", self.attention_backend)
