@@ -32,6 +32,10 @@ logger = logging.getLogger(__name__)
 _MAX_LOOKUP_BLOCKS = 64
 
 
+class NoSchedulerError(TimeoutError):
+    """No scheduler with a live worker answered (within the wait allowed)."""
+
+
 @dataclass
 class SchedulerLink:
     """One scheduler: its channel, what it serves, and how loaded it is."""
@@ -142,8 +146,13 @@ class SchedulerPool:
         self.poll_interval_s = poll_interval_s
         self.policy = policy or CacheAwarePolicy()
         self.recent = RecentRoutes()
+        # Whether any scheduler is alive; ``availability_changed`` is set when that flips.
+        self.is_available = False
+        self.availability_changed = asyncio.Event()
         self._changed = asyncio.Event()
         self._poller: asyncio.Task | None = None
+        # The refresh of every link in progress; concurrent callers share it.
+        self._refreshing: asyncio.Future | None = None
 
     def _add_link(self, address: str) -> None:
         channel = grpc.aio.insecure_channel(address, options=channel_options())
@@ -172,9 +181,12 @@ class SchedulerPool:
         self._poller = asyncio.create_task(self._poll_forever())
 
     async def close(self) -> None:
-        if self._poller is not None:
-            self._poller.cancel()
-            await asyncio.gather(self._poller, return_exceptions=True)
+        for task in (self._poller, self._refreshing):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        # Cancelled tasks hold their frames, which hold this pool: no cycle left behind.
+        self._poller = self._refreshing = None
         for link in self.links:
             await link.channel.close()
 
@@ -192,13 +204,30 @@ class SchedulerPool:
         if link.is_alive:
             logger.warning("scheduler %s is unreachable; routing around it", link.address)
         link.is_alive = False
+        self._note_availability()
+
+    def _note_availability(self) -> None:
+        is_available = any(link.is_alive for link in self.links)
+        if is_available != self.is_available:
+            self.is_available = is_available
+            self.availability_changed.set()
 
     async def _poll_forever(self) -> None:
         while True:
-            if self.is_discovering:
-                await self.discover()
-            await asyncio.gather(*(self.refresh(link) for link in self.links))
+            await self.refresh_all()
             await asyncio.sleep(self.poll_interval_s)
+
+    async def refresh_all(self) -> None:
+        """Discover (when discovering) and refresh every link now; concurrent callers share
+        one round."""
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.ensure_future(self._refresh_all())
+        await asyncio.shield(self._refreshing)
+
+    async def _refresh_all(self) -> None:
+        if self.is_discovering:
+            await self.discover()
+        await asyncio.gather(*(self.refresh(link) for link in self.links))
 
     async def refresh(self, link: SchedulerLink) -> None:
         """GetInfo + GetStats: marks the link alive (a scheduler with workers) or down."""
@@ -219,22 +248,31 @@ class SchedulerPool:
         if link.is_alive and not was_alive:
             logger.info("scheduler %s is serving (%d workers)", link.address, info.num_workers)
             self._changed.set()
+        elif was_alive and not link.is_alive:
+            logger.warning("scheduler %s has no live worker", link.address)
+        self._note_availability()
 
     async def wait_alive(self, timeout_s: float) -> list[SchedulerLink]:
-        """The alive links, waiting up to ``timeout_s`` for one (TimeoutError if none)."""
+        """The alive links, waiting up to ``timeout_s`` for one (TimeoutError if none).
+
+        With none alive, every link is asked again first: ``timeout_s=0`` answers after one
+        round of checks (milliseconds for a dead scheduler, at most a call timeout).
+        """
         deadline = time.monotonic() + timeout_s
         while True:
             alive = self.alive()
             if alive:
                 return alive
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"no scheduler available after {timeout_s:.1f}s")
             self._changed.clear()
             # Poll actively too: the background poll may be sleeping.
-            await asyncio.gather(*(self.refresh(link) for link in self.links))
+            await self.refresh_all()
             if self.alive():
                 continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise NoSchedulerError(
+                    "no scheduler with a live worker is reachable" if timeout_s <= 0 else
+                    f"no scheduler with a live worker came back within {timeout_s:.1f}s")
             try:
                 await asyncio.wait_for(self._changed.wait(), min(remaining, 0.2))
             except asyncio.TimeoutError:

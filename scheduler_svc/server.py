@@ -16,6 +16,7 @@ from gridllm.common.config import HEARTBEAT_TTL_S, SchedulerConfig, check_port, 
 from gridllm.common.grpc_utils import ServiceServer, advertised_address
 from gridllm.common.http_server import HttpServer
 from gridllm.common.metrics import serve_metrics
+from gridllm.common.redis_client import async_redis
 from gridllm.v1 import scheduler_pb2_grpc
 from scheduler_svc.metrics import SchedulerMetrics
 from scheduler_svc.redis_mirror import RedisMirror
@@ -105,9 +106,7 @@ class SchedulerServer:
         self.scheduler_id = self.config.scheduler_id or uuid.uuid4().hex[:12]
         self.redis = None
         if self.config.redis_url:
-            import redis.asyncio as aioredis
-
-            self.redis = aioredis.from_url(self.config.redis_url)
+            self.redis = async_redis(self.config.redis_url)
         self.address = ""
         self.mirror = RedisMirror(self.redis, self.scheduler_id,
                                   lambda: self.pool.registry_entry(self.scheduler_id,

@@ -87,7 +87,10 @@ class WorkerPool:
     # ----------------------------------------------------------------- lifecycle
     async def start(self, discovery_interval: float) -> None:
         """Link the workers known now, then keep looking every ``discovery_interval`` s."""
-        await self.discover_once()
+        try:
+            await self.discover_once()
+        except Exception as exc:  # noqa: BLE001 - Redis may be down: the loop keeps looking
+            logger.warning("worker discovery failed: %s", exc)
         self._discovery = asyncio.create_task(self._discovery_loop(discovery_interval),
                                               name="worker-discovery")
 

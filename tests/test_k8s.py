@@ -18,6 +18,7 @@ import kubernetes_validate.utils
 import pytest
 import yaml
 
+from gridllm.common.grpc_utils import LIVENESS_SERVICE
 from tests.kustomize_render import (
     UnsupportedError,
     find_kustomization,
@@ -211,7 +212,8 @@ def test_commands_parse_with_the_services_own_flags_and_probes_hit_their_port(re
         assert parsed.host == "0.0.0.0"
         assert [p["containerPort"] for p in container["ports"]] == [parsed.port]
         assert container["readinessProbe"]["grpc"]["port"] == parsed.port
-        assert container["livenessProbe"]["tcpSocket"]["port"] == parsed.port
+        assert container["livenessProbe"]["grpc"] == {"port": parsed.port,
+                                                      "service": LIVENESS_SERVICE}
         assert parsed.redis_url == "redis://redis:6379/0"
         if hasattr(parsed, "model"):
             models.add(parsed.model)
