@@ -94,6 +94,21 @@ def rank_device(model_config: ModelConfig, rank: int) -> str:
     return f"cuda:{rank}"
 
 
+def check_tensor_parallel_config(model_config: ModelConfig) -> None:
+    """Refuse, before any process starts, a ``tensor_parallel_size`` the model or the host
+    cannot serve: heads, KV heads or MLP width that do not split, an architecture not
+    sharded yet, a device naming one GPU, fewer GPUs than ranks (``gridllm up`` runs this
+    before it starts any service).
+
+    Raises:
+        ValueError: naming ``tensor_parallel_size`` (or ``device``).
+    """
+    if model_config.tensor_parallel_size == 1:
+        return
+    _check_shardable(model_config)
+    rank_device(model_config, 0)
+
+
 def _check_shardable(model_config: ModelConfig) -> None:
     """Refuse a model that cannot be split before any process starts (HF directories and
     random presets; a GGUF file is checked when every rank loads it)."""
@@ -139,8 +154,7 @@ class TensorParallelRunner:
         if is_tensor_parallel_process():
             raise RuntimeError("this process already runs a tensor-parallel engine: shut it "
                                "down first (LLM.shutdown()).")
-        _check_shardable(model_config)
-        rank_device(model_config, 0)  # refuses a bad device before any process starts
+        check_tensor_parallel_config(model_config)
         if model_config.seed is None:
             # Every rank samples: unseeded requests must draw the same keys on each.
             model_config = dataclasses.replace(model_config, seed=random.getrandbits(31))
