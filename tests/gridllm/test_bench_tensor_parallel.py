@@ -62,3 +62,39 @@ def test_throughput_cli_runs_two_ranks(tmp_path):
     assert (sharded["gridllm"]["total_output_tokens"]
             == single["gridllm"]["total_output_tokens"])
     assert _no_rank_processes()
+
+
+@pytest.mark.slow
+def test_collectives_time_a_steps_all_reduces_over_the_ranks(tmp_path):
+    from gridllm.bench.collectives import CollectivesConfig, format_result, run_collectives
+    from gridllm.common.random_presets import random_model_config
+
+    hf_config = random_model_config(TINY)
+    result = run_collectives(CollectivesConfig(model=TINY, tensor_parallel_size=2,
+                                               batch_sizes=(1, 4), device="cpu",
+                                               num_iters=3, num_warmup=1))
+    # o_proj and down_proj in every layer, plus the embedding.
+    assert result["shapes"] == {"hidden_size": hf_config.hidden_size,
+                                "vocab_per_rank": -(-hf_config.vocab_size // 2),
+                                "num_all_reduces": 2 * hf_config.num_hidden_layers + 1}
+    assert result["backend"] == "gloo"
+    assert [r["batch_size"] for r in result["results"]] == [1, 4]
+    for row in result["results"]:
+        assert row["all_reduce_bytes"] == row["batch_size"] * hf_config.hidden_size * 4
+        assert row["all_reduce_us"] > 0 and row["step_eager_ms"] > 0
+        assert row["step_graph_ms"] is None  # CUDA only
+    assert "5 all-reduces" in format_result(result)
+    assert not [p for p in multiprocessing.active_children()
+                if p.name.startswith("gridllm-collectives")]
+
+
+def test_collectives_refuse_what_they_cannot_time(tiny_model_dir):
+    from gridllm.bench.collectives import CollectivesConfig, run_collectives
+
+    with pytest.raises(ValueError, match="tensor_parallel_size must be at least 2"):
+        CollectivesConfig(model=TINY, tensor_parallel_size=1)
+    with pytest.raises(ValueError, match="batch_sizes"):
+        CollectivesConfig(model=TINY, batch_sizes=(0,))
+    with pytest.raises(ValueError, match="is not sharded"):
+        run_collectives(CollectivesConfig(model=tiny_model_dir("opt"), device="cpu"))
+    assert bench_main(["collectives", "--model", TINY, "--batch-sizes", "one"]) == 2
