@@ -6,7 +6,8 @@ takes its whole worker down (it names the lost rank in its log and exits 75), an
 scheduler moves the worker's requests to the other worker (they finish with the ids an
 undisturbed run gives) or, with no worker left, fails them with UNAVAILABLE; the supervisor
 of ``gridllm up`` then starts both workers again, each with its two ranks, and they serve
-the same ids. The tests share one stack and run in file order.
+the same ids; stopping the stack drains them, ranks included, with a clean exit. The tests
+share one stack and run in file order.
 """
 
 from __future__ import annotations
@@ -194,3 +195,14 @@ def test_the_supervisor_restarts_the_workers_with_their_ranks(stack, client, llm
     references = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
     for prompt, reference in zip(PROMPTS, references, strict=True):
         assert stream_text(client, prompt, GREEDY)[2] == reference.outputs[0].token_ids
+
+
+def test_stopping_the_stack_drains_the_workers_and_their_ranks(stack):
+    workers = list(stack.workers)
+    stack.stop()
+    # SIGTERM reaches the whole group; rank 0 alone drains, then stops its follower: a clean
+    # exit within the grace period, not the launcher's SIGKILL.
+    assert [w.popen.returncode for w in workers] == [0] * len(workers)
+    for worker in workers:  # the followers (forked by its forkserver) share its group
+        wait_until(lambda w=worker: not live_processes_of_group(w.pid), 10.0,
+                   "every process of the worker to exit")
