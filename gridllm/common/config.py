@@ -199,7 +199,7 @@ class ModelConfig:
     tensor_parallel_size: int = option(
         1, help="devices one worker (or LLM) shards the model across, one process each: "
         "attention heads, MLP and vocabulary split Megatron-style (Llama, Mistral, Qwen2, "
-        "Qwen3)")
+        "Qwen3, Gemma 2, Gemma 3)")
 
     def __post_init__(self) -> None:
         require(isinstance(self.model, str) and bool(self.model), "model",

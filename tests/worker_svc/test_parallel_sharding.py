@@ -83,8 +83,7 @@ def _hf_config(model_type: str, **kwargs):
     return AutoConfig.for_model(model_type, **kwargs)
 
 
-@pytest.mark.parametrize("architecture", ["OPTForCausalLM", "Gemma2ForCausalLM",
-                                          "Gemma3ForCausalLM"])
+@pytest.mark.parametrize("architecture", ["OPTForCausalLM"])
 def test_unsharded_architectures_are_refused(architecture):
     config = _hf_config("llama", num_attention_heads=4, num_key_value_heads=2,
                         intermediate_size=128)
@@ -94,8 +93,9 @@ def test_unsharded_architectures_are_refused(architecture):
     check_tensor_parallel(config, architecture, get_model_class(architecture), 1)
 
 
-def test_sharded_architectures_are_the_llama_family():
-    assert sharded_architectures() == ["LlamaForCausalLM", "MistralForCausalLM",
+def test_sharded_architectures_are_the_llama_and_gemma_families():
+    assert sharded_architectures() == ["Gemma2ForCausalLM", "Gemma3ForCausalLM",
+                                       "LlamaForCausalLM", "MistralForCausalLM",
                                        "Qwen2ForCausalLM", "Qwen3ForCausalLM"]
 
 
