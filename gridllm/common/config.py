@@ -198,8 +198,8 @@ class ModelConfig:
     seed: int = option(0, help="seed of the engine's random generator")
     tensor_parallel_size: int = option(
         1, help="devices one worker (or LLM) shards the model across, one process each: "
-        "attention heads, MLP and vocabulary split Megatron-style (Llama, Mistral, Qwen2, "
-        "Qwen3, Gemma 2, Gemma 3)")
+        "attention heads, MLP and vocabulary split Megatron-style (every supported "
+        "architecture)")
 
     def __post_init__(self) -> None:
         require(isinstance(self.model, str) and bool(self.model), "model",

@@ -88,13 +88,18 @@ def test_collectives_time_a_steps_all_reduces_over_the_ranks(tmp_path):
                 if p.name.startswith("gridllm-collectives")]
 
 
-def test_collectives_refuse_what_they_cannot_time(tiny_model_dir):
-    from gridllm.bench.collectives import CollectivesConfig, run_collectives
+def test_collectives_refuse_what_they_cannot_time(monkeypatch):
+    import gridllm.bench.roofline
+    from gridllm.bench.collectives import CollectivesConfig, step_shapes
+    from gridllm.common.random_presets import random_model_config
 
     with pytest.raises(ValueError, match="tensor_parallel_size must be at least 2"):
         CollectivesConfig(model=TINY, tensor_parallel_size=1)
     with pytest.raises(ValueError, match="batch_sizes"):
         CollectivesConfig(model=TINY, batch_sizes=(0,))
-    with pytest.raises(ValueError, match="is not sharded"):
-        run_collectives(CollectivesConfig(model=tiny_model_dir("opt"), device="cpu"))
     assert bench_main(["collectives", "--model", TINY, "--batch-sizes", "one"]) == 2
+    # A model built of plain layers has nothing to time (every shipped one is sharded).
+    monkeypatch.setattr(gridllm.bench.roofline, "meta_model", lambda model, dtype: (
+        torch.nn.Sequential(torch.nn.Linear(4, 4)), random_model_config(TINY)))
+    with pytest.raises(ValueError, match="is not sharded"):
+        step_shapes(TINY, 2)

@@ -18,7 +18,7 @@ from tests.worker_svc.tiny_models import ALL_TINY_ARCHS
 pytestmark = pytest.mark.slow
 
 SHARDED_ARCHS = ["llama", "llama3", "mistral", "mistral-w12", "qwen2", "qwen2-sliding",
-                 "qwen3", "gemma2", "gemma3"]
+                 "qwen3", "gemma2", "gemma3", "opt", "opt-350m"]
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 # Small blocks and step budget: chunked prefill, mixed steps, windows crossing blocks.
 ENGINE = dict(device="cpu", block_size=4, num_kv_blocks=96, max_num_batched_tokens=24,
@@ -132,10 +132,14 @@ def test_a_killed_rank_fails_the_engine_and_stops_the_others(tiny_model_dir):
         assert greedy_ids(again) == reference("llama", model_dir)
 
 
-@pytest.mark.parametrize("arch", ["opt", "opt-350m"])
-def test_unsharded_architectures_are_refused_before_any_process_starts(arch, tiny_model_dir):
-    with pytest.raises(ValueError, match=r"tensor_parallel_size=2: \w+ForCausalLM is not "
-                                         "sharded yet"):
-        LLM(tiny_model_dir(arch), tensor_parallel_size=2, **ENGINE)
+@pytest.mark.parametrize(("size", "message"), [
+    (3, "attention heads"),  # 4 heads
+    (8, "attention heads"),
+])
+def test_a_size_the_model_cannot_be_split_by_is_refused_before_any_process_starts(
+        size, message, tiny_model_dir):
+    with pytest.raises(ValueError, match=f"tensor_parallel_size must divide the model's "
+                                         f"4 {message}, got {size}"):
+        LLM(tiny_model_dir("llama"), tensor_parallel_size=size, **ENGINE)
     assert not [p for p in multiprocessing.active_children()
                 if p.name.startswith("gridllm-tp")]

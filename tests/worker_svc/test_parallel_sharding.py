@@ -9,7 +9,11 @@ import torch
 from transformers import AutoConfig
 
 from gridllm.common.config import ModelConfig, engine_configs
-from worker_svc.models import get_model_class, sharded_architectures
+from worker_svc.models import (
+    get_model_class,
+    sharded_architectures,
+    supported_architectures,
+)
 from worker_svc.parallel.sharding import (
     ShardPart,
     ShardSpec,
@@ -83,20 +87,29 @@ def _hf_config(model_type: str, **kwargs):
     return AutoConfig.for_model(model_type, **kwargs)
 
 
-@pytest.mark.parametrize("architecture", ["OPTForCausalLM"])
-def test_unsharded_architectures_are_refused(architecture):
+def test_unsharded_architectures_are_refused():
     config = _hf_config("llama", num_attention_heads=4, num_key_value_heads=2,
                         intermediate_size=128)
-    with pytest.raises(ValueError, match=f"tensor_parallel_size=2: {architecture} is not "
+    # A model class without sharded layers (every shipped one has them).
+    unsharded = type("UnshardedForCausalLM", (), {})
+    with pytest.raises(ValueError, match="tensor_parallel_size=2: UnshardedForCausalLM is not "
                                          "sharded yet"):
-        check_tensor_parallel(config, architecture, get_model_class(architecture), 2)
-    check_tensor_parallel(config, architecture, get_model_class(architecture), 1)
+        check_tensor_parallel(config, "UnshardedForCausalLM", unsharded, 2)
+    check_tensor_parallel(config, "UnshardedForCausalLM", unsharded, 1)
 
 
-def test_sharded_architectures_are_the_llama_and_gemma_families():
-    assert sharded_architectures() == ["Gemma2ForCausalLM", "Gemma3ForCausalLM",
-                                       "LlamaForCausalLM", "MistralForCausalLM",
-                                       "Qwen2ForCausalLM", "Qwen3ForCausalLM"]
+def test_opts_mlp_width_is_its_ffn_dim():
+    from transformers import OPTConfig
+
+    config = OPTConfig(hidden_size=64, num_attention_heads=4, ffn_dim=130)
+    with pytest.raises(ValueError, match="tensor_parallel_size must divide the model's "
+                                         "ffn_dim 130, got 4"):
+        check_tensor_parallel(config, "OPTForCausalLM", get_model_class("OPTForCausalLM"), 4)
+    check_tensor_parallel(config, "OPTForCausalLM", get_model_class("OPTForCausalLM"), 2)
+
+
+def test_every_supported_architecture_is_sharded():
+    assert sharded_architectures() == supported_architectures()
 
 
 @pytest.mark.parametrize("changes,size,message", [

@@ -121,7 +121,9 @@ def check_tensor_parallel(hf_config, architecture: str, model_cls: type,
     if num_kv_heads % size and size % num_kv_heads:
         raise ValueError(f"tensor_parallel_size must divide the model's {num_kv_heads} KV "
                          f"heads or be a multiple of them, got {size}.")
-    intermediate = hf_config.intermediate_size
+    # OPT names its MLP width ffn_dim.
+    width = "intermediate_size" if hasattr(hf_config, "intermediate_size") else "ffn_dim"
+    intermediate = getattr(hf_config, width)
     if intermediate % size:
-        raise ValueError(f"tensor_parallel_size must divide the model's intermediate_size "
+        raise ValueError(f"tensor_parallel_size must divide the model's {width} "
                          f"{intermediate}, got {size}.")
