@@ -38,10 +38,11 @@ class EngineCore:
 
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig,
                  scheduler_config: SchedulerConfig, eos_token_id: int | None = None):
-        from worker_svc.model_runner import ModelRunner
+        from worker_svc.ranks.launch import build_runner
 
-        self.runner = ModelRunner(model_config, cache_config, scheduler_config,
-                                  eos_token_id=eos_token_id)
+        # With tensor_parallel_size > 1: rank 0 of a group of processes (worker_svc/parallel).
+        self.runner = build_runner(model_config, cache_config, scheduler_config,
+                                   eos_token_id=eos_token_id)
         limits = self.runner.limits
         self.scheduler = Scheduler(scheduler_config, limits, self.runner.num_kv_blocks)
         self.eos_token_id = eos_token_id
@@ -111,6 +112,12 @@ class EngineCore:
             return []
         _, updates = pipeline.complete(pipeline.oldest().handle.get_output())
         return updates
+
+    def shutdown(self) -> None:
+        """Stop the runner's other tensor-parallel ranks, if any (idempotent)."""
+        shutdown = getattr(self.runner, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
 
     def stats(self) -> EngineStats:
         bm = self.scheduler.block_manager

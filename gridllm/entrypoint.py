@@ -12,6 +12,8 @@ command unchanged (it keeps the PID, so signals and the drain on SIGTERM work as
   an exclusive ``flock`` on ``<dir>/gpu-<i>.lock`` in a volume the replicas share and sets
   ``CUDA_VISIBLE_DEVICES=<i>``. The lock's descriptor is inherited across ``exec``, so it is
   held exactly as long as the service runs and is released when it dies, however it dies.
+  A worker given ``--tensor-parallel-size T`` claims T GPUs (``CUDA_VISIBLE_DEVICES=<i>,<j>``):
+  its ranks run on them, one each.
 """
 
 from __future__ import annotations
@@ -36,10 +38,29 @@ _MAX_LISTED = 20
 
 def model_arg(argv: list[str]) -> str | None:
     """The value of ``--model`` (``--model X`` or ``--model=X``) in a command line."""
+    return _flag_value(argv, "--model")
+
+
+def num_gpus_arg(argv: list[str]) -> int:
+    """GPUs the command needs: its ``--tensor-parallel-size`` (1 without it).
+
+    Raises:
+        ValueError: a value that is not a positive count (naming the flag).
+    """
+    value = _flag_value(argv, "--tensor-parallel-size")
+    if value is None:
+        return 1
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"--tensor-parallel-size: expected a count of at least 1, "
+                         f"got {value!r}")
+    return int(value)
+
+
+def _flag_value(argv: list[str], flag: str) -> str | None:
     for i, arg in enumerate(argv):
-        if arg == "--model" and i + 1 < len(argv):
+        if arg == flag and i + 1 < len(argv):
             return argv[i + 1]
-        if arg.startswith("--model="):
+        if arg.startswith(f"{flag}="):
             return arg.split("=", 1)[1]
     return None
 
@@ -94,11 +115,29 @@ def claim_gpu(lock_dir: str, num_gpus: int) -> tuple[int, int]:
     Raises:
         RuntimeError: every slot is held (more replicas than GPUs), or there are no GPUs.
     """
+    indices, fds = claim_gpus(lock_dir, num_gpus, 1)
+    return indices[0], fds[0]
+
+
+def claim_gpus(lock_dir: str, num_gpus: int, count: int) -> tuple[list[int], list[int]]:
+    """Lock the first ``count`` free GPU slots (all or none).
+
+    Returns:
+        ``(gpu indices, file descriptors holding the locks)``; the descriptors are
+        inheritable.
+    Raises:
+        RuntimeError: fewer than ``count`` slots are free (more replicas than GPUs), or
+            there are no GPUs.
+    """
     if num_gpus <= 0:
         raise RuntimeError("GRIDLLM_GPU_LOCK_DIR is set but this container sees no GPU "
                            "(no /dev/nvidia<N>; set GRIDLLM_NUM_GPUS or reserve GPUs)")
     os.makedirs(lock_dir, exist_ok=True)
+    indices: list[int] = []
+    fds: list[int] = []
     for index in range(num_gpus):
+        if len(indices) == count:
+            break
         fd = os.open(os.path.join(lock_dir, f"gpu-{index}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -109,32 +148,42 @@ def claim_gpu(lock_dir: str, num_gpus: int) -> tuple[int, int]:
         os.ftruncate(fd, 0)
         os.write(fd, f"{socket.gethostname()} pid {os.getpid()}\n".encode())
         os.set_inheritable(fd, True)
-        return index, fd
-    raise RuntimeError(f"all {num_gpus} GPUs are claimed by other worker replicas (locks in "
-                       f"{lock_dir}): scale the workers to at most {num_gpus}")
+        indices.append(index)
+        fds.append(fd)
+    if len(indices) == count:
+        return indices, fds
+    for fd in fds:  # closing releases the lock: another replica may take them
+        os.close(fd)
+    if count == 1:
+        raise RuntimeError(f"all {num_gpus} GPUs are claimed by other worker replicas (locks "
+                           f"in {lock_dir}): scale the workers to at most {num_gpus}")
+    raise RuntimeError(f"{count} GPUs needed (--tensor-parallel-size {count}) but only "
+                       f"{len(indices)} of {num_gpus} are free (locks in {lock_dir}): scale "
+                       f"the workers to at most {num_gpus // count}")
 
 
-def prepare(argv: list[str], env: dict[str, str]) -> int | None:
-    """Run the checks for ``argv``; set ``CUDA_VISIBLE_DEVICES`` in ``env`` if a GPU is claimed.
+def prepare(argv: list[str], env: dict[str, str]) -> list[int]:
+    """Run the checks for ``argv``; set ``CUDA_VISIBLE_DEVICES`` in ``env`` if GPUs are claimed.
 
     Returns:
-        The descriptor holding the GPU lock, or None when no GPU was claimed.
+        The descriptors holding the GPU locks (empty when no GPU was claimed).
     Raises:
         ValueError, RuntimeError: the container cannot start as configured.
     """
     model = model_arg(argv)
     if model is not None:
         check_model(model, env.get("GRIDLLM_MODELS_DIR") or DEFAULT_MODELS_DIR)
+    num_needed = num_gpus_arg(argv)
     lock_dir = env.get("GRIDLLM_GPU_LOCK_DIR", "")
     if not lock_dir:
-        return None
+        return []
     if env.get("CUDA_VISIBLE_DEVICES", "") != "":
         logger.info("CUDA_VISIBLE_DEVICES=%s given; no GPU claimed", env["CUDA_VISIBLE_DEVICES"])
-        return None
-    index, fd = claim_gpu(lock_dir, count_gpus())
-    env["CUDA_VISIBLE_DEVICES"] = str(index)
-    logger.info("claimed GPU %d (lock %s)", index, lock_dir)
-    return fd
+        return []
+    indices, fds = claim_gpus(lock_dir, count_gpus(), num_needed)
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, indices))
+    logger.info("claimed GPU(s) %s (lock %s)", env["CUDA_VISIBLE_DEVICES"], lock_dir)
+    return fds
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -575,7 +575,8 @@ class LocalStack:
         """Start everything and wait until each service reports SERVING.
 
         Raises:
-            ValueError: the model cannot be loaded (checked before anything starts).
+            ValueError: the model cannot be loaded, or not split tensor_parallel_size ways
+                (checked before anything starts).
             PortInUseError: the router's port is taken (checked before anything starts).
             RuntimeError: a service exited or did not become healthy in time (everything
                 started so far is stopped again).
@@ -588,15 +589,20 @@ class LocalStack:
             if port and not is_port_free(self.config.host, port):
                 raise PortInUseError(f"port {port} is in use on {self.config.host}: another "
                                      "process listens there; pick another port.")
+        from worker_svc.loader import resolve_model_path  # torch: only once checks passed
+        from worker_svc.ranks.launch import check_tensor_parallel_config
+
+        # Convert a preset once here, not concurrently in every service.
+        self.model_path = resolve_model_path(self.config.model)
+        if self.config.model_config is not None:
+            # A tensor_parallel_size the model cannot be split by fails here, once.
+            check_tensor_parallel_config(dataclasses.replace(self.config.model_config,
+                                                             model=self.model_path))
         self.log_dir = self.log_dir or new_log_dir()
         os.makedirs(self.log_dir, exist_ok=True)
         if self.config.tls:
             self.tls = StackTls(os.path.join(self.log_dir, "tls"), self.config.host)
         try:
-            from worker_svc.loader import resolve_model_path  # torch: only once checks passed
-
-            # Convert a preset once here, not concurrently in every service.
-            self.model_path = resolve_model_path(self.config.model)
             if self.redis_url is None:
                 self._start_redis()
             else:  # wrong credentials fail here, before any service starts

@@ -40,7 +40,10 @@ class LLM:
             (``fcfs`` or ``priority``), ``block_reservation`` (``none`` or ``predicted``),
             ``prefetch_ratio``, and the request limits ``max_n``, ``max_logprobs``,
             ``max_num_stop_strings``, ``max_stop_string_len``, ``max_num_stop_token_ids``,
-            ``max_num_logit_bias``. The defaults are those of the dataclasses.
+            ``max_num_logit_bias``, and ``tensor_parallel_size`` (shard the model over that
+            many devices, one process each: this process is rank 0 and starts the others,
+            so a script using it must guard its entry point with
+            ``if __name__ == "__main__":``). The defaults are those of the dataclasses.
     Raises:
         ValueError: an unknown argument (named), a bad value (its field named), or a model
             that cannot be found or loaded.
@@ -65,6 +68,17 @@ class LLM:
         self.request_limits = scheduler_config.request_limits()
         self.profile_dir = profile_dir
         self._counter = itertools.count()
+
+    def shutdown(self) -> None:
+        """Stop the engine's tensor-parallel follower processes (``tensor_parallel_size`` >
+        1; also done when the LLM is garbage-collected or the interpreter exits)."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
 
     def get_tokenizer(self) -> Any | None:
         return self.tokenizer

@@ -17,6 +17,7 @@ from gridllm.common.config import (
 )
 from gridllm.common.service_main import serve_main, service_parser
 from gridllm.common.tls import TlsOptions
+from worker_svc.ranks.launch import check_tensor_parallel_config
 from worker_svc.server import WorkerOptions, WorkerServer
 
 
@@ -38,6 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_server(args: argparse.Namespace) -> WorkerServer:
     model_config = from_args(ModelConfig, args, skip_tokenizer_init=True)
+    # A tensor_parallel_size the model cannot be split by is a usage error, before loading.
+    check_tensor_parallel_config(model_config)
     return WorkerServer(model_config, from_args(CacheConfig, args),
                         from_args(SchedulerConfig, args),
                         from_args(WorkerOptions, args, tls=from_args(TlsOptions, args)))

@@ -16,6 +16,8 @@ from gridllm.common.presets import resolve_model
 from worker_svc.layers.attention import AttentionBackend
 from worker_svc.layers.selector import get_attention_backend
 from worker_svc.models import get_model_class
+from worker_svc.parallel.sharding import check_tensor_parallel
+from worker_svc.parallel.state import building, state_for
 from worker_svc.torch_utils import default_dtype, resolve_device, resolve_dtype, skip_init
 
 logger = logging.getLogger(__name__)
@@ -36,9 +38,11 @@ def load_model(model_config: ModelConfig, backend: AttentionBackend | None = Non
         backend: attention backend for the layers (default: ``model_config.attention_backend``).
         device: overrides ``model_config.device``.
     Returns:
-        ``(model, hf_config)``; the model is in eval mode on ``device``.
+        ``(model, hf_config)``; the model is in eval mode on ``device`` (with
+        ``tensor_parallel_size`` > 1: this rank's shard).
     Raises:
-        ValueError: the path does not exist or the architecture is not supported.
+        ValueError: the path does not exist, the architecture is not supported, or it
+            cannot be split ``tensor_parallel_size`` ways.
     """
     path = resolve_model_path(model_config.model)
     device = device or resolve_device(model_config.device)
@@ -49,13 +53,17 @@ def load_model(model_config: ModelConfig, backend: AttentionBackend | None = Non
 
         backend = backend or get_attention_backend(model_config.attention_backend, device,
                                                    model_config.sparse_attention)
-        return build_random_model(path, backend, device, dtype, model_config.seed or 0)
+        return build_random_model(path, backend, device, dtype, model_config.seed or 0,
+                                  model_config.tensor_parallel_size)
     hf_config, weights = read_checkpoint(path, dtype)
     architectures = getattr(hf_config, "architectures", None) or [None]
     model_cls = get_model_class(architectures[0])
+    tp_size = model_config.tensor_parallel_size
+    check_tensor_parallel(hf_config, architectures[0], model_cls, tp_size)
     backend = backend or get_attention_backend(model_config.attention_backend, device,
                                                model_config.sparse_attention)
-    with default_dtype(dtype), torch.device(device), skip_init():
+    with (default_dtype(dtype), torch.device(device), skip_init(),
+          building(state_for(tp_size))):
         model = model_cls(hf_config, backend)
     model.load_weights(weights)
     model.eval()

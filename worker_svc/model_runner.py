@@ -19,6 +19,7 @@ from worker_svc.layers.selector import get_attention_backend
 from worker_svc.loader import load_model
 from worker_svc.logits_processors import verify_logits_processors
 from worker_svc.logprobs import LogprobsTensors
+from worker_svc.parallel.state import state_for
 from worker_svc.request_state import RequestState
 from worker_svc.runner_output import AsyncRunnerOutput
 from worker_svc.sampler import Sampler
@@ -31,10 +32,12 @@ logger = logging.getLogger(__name__)
 _PROMPT_LOGPROB_CHUNK = 256
 
 
-def kv_cache_geometry(hf_config) -> tuple[int, int, int]:
-    """``(num_layers, num_kv_heads, head_dim)`` of the model's attention."""
+def kv_cache_geometry(hf_config, tensor_parallel_size: int = 1) -> tuple[int, int, int]:
+    """``(num_layers, num_kv_heads, head_dim)`` of the model's attention (KV heads: those
+    of one rank; one, replicated, when there are fewer than ranks)."""
     num_heads = hf_config.num_attention_heads
     num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or num_heads
+    num_kv_heads = max(num_kv_heads // tensor_parallel_size, 1)
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
     return hf_config.num_hidden_layers, num_kv_heads, head_dim
 
@@ -76,7 +79,9 @@ class ModelRunner:
         self._unread: collections.deque[AsyncRunnerOutput] = collections.deque()
         # Requests refused on arrival (bad processor arguments) until the scheduler drops them.
         self._refused: set[str] = set()
-        self.num_kv_blocks = self._num_kv_blocks()
+        # Tensor-parallel ranks all hold as many blocks as the smallest one can.
+        self.num_kv_blocks = state_for(model_config.tensor_parallel_size).min_int(
+            self._num_kv_blocks(), self.device)
         self.kv_caches = self._allocate_kv_cache(self.num_kv_blocks)
         logger.info("KV cache: %d blocks of %d tokens; memory after allocating it: %s",
                     self.num_kv_blocks, self.block_size, memory_usage(self.device))
@@ -123,7 +128,7 @@ class ModelRunner:
         graph_runner = CudaGraphRunner(
             self.model, self.kv_caches, min(self.scheduler_config.max_num_seqs, 256),
             -(-self.max_model_len // self.block_size), self.max_model_len, self.device,
-            num_kv_heads=kv_cache_geometry(self.hf_config)[1])
+            num_kv_heads=self._kv_geometry()[1])
         graph_runner.capture()
         return graph_runner
 
@@ -148,8 +153,11 @@ class ModelRunner:
                              f"max_position_embeddings={model_limit}, got {requested}.")
         return requested
 
+    def _kv_geometry(self) -> tuple[int, int, int]:
+        return kv_cache_geometry(self.hf_config, self.model_config.tensor_parallel_size)
+
     def bytes_per_block(self) -> int:
-        num_layers, num_kv_heads, head_dim = kv_cache_geometry(self.hf_config)
+        num_layers, num_kv_heads, head_dim = self._kv_geometry()
         element = torch.empty((), dtype=self.dtype).element_size()
         return 2 * num_layers * self.block_size * num_kv_heads * head_dim * element
 
@@ -166,7 +174,7 @@ class ModelRunner:
         return int(num)
 
     def _allocate_kv_cache(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        num_layers, num_kv_heads, head_dim = kv_cache_geometry(self.hf_config)
+        num_layers, num_kv_heads, head_dim = self._kv_geometry()
         shape = (num_blocks, self.block_size, num_kv_heads, head_dim)
         return [(_zeros(shape, self.dtype, self.device), _zeros(shape, self.dtype, self.device))
                 for _ in range(num_layers)]
@@ -282,7 +290,9 @@ class ModelRunner:
     def _update_states(self, scheduler_output: SchedulerOutput,
                        output: ModelRunnerOutput) -> None:
         batch = self.input_batch
-        for req_id in scheduler_output.finished_req_ids:
+        # Sorted: the rows' order must not depend on the process's string hashing (every
+        # tensor-parallel rank builds the same batch).
+        for req_id in sorted(scheduler_output.finished_req_ids):
             self.requests.pop(req_id, None)
             self._refused.discard(req_id)
             if req_id in batch.rows:

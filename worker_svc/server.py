@@ -12,6 +12,7 @@ import asyncio
 import collections
 import json
 import logging
+import os
 import threading
 import time
 import uuid
@@ -52,6 +53,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = "gridllm.v1.Worker"
+# Exit status of a worker whose tensor-parallel rank died.
+EXIT_RANK_LOST = 75
 # Steps queued on the runner before the oldest one's answer is sent (the scheduler pipelines
 # at most two).
 _MAX_QUEUED_STEPS = 2
@@ -486,12 +489,14 @@ class WorkerServer:
                                                       opts.metrics_port)
             self.metrics_port = self.metrics_server.port
         if self.runner is None:
-            from worker_svc.model_runner import ModelRunner
+            from worker_svc.ranks.launch import build_runner
 
             loop = asyncio.get_running_loop()
             # Loading takes seconds to minutes; keep answering health checks meanwhile.
-            self.runner = await loop.run_in_executor(None, lambda: ModelRunner(
-                self.model_config, self.cache_config, self.scheduler_config))
+            # With tensor_parallel_size > 1 this process is rank 0 and starts the others.
+            self.runner = await loop.run_in_executor(None, lambda: build_runner(
+                self.model_config, self.cache_config, self.scheduler_config,
+                on_rank_lost=self._on_rank_lost))
         info = build_info(self.runner, self.model_config.model, self.worker_id,
                           self.scheduler_config)
         info.address = self.address
@@ -547,3 +552,30 @@ class WorkerServer:
         if self.metrics_server is not None:
             await self.metrics_server.stop(1.0)
         self.servicer.close()
+        shutdown = getattr(self.runner, "shutdown", None)
+        if shutdown is not None:
+            shutdown()  # the other tensor-parallel ranks
+
+    def _on_rank_lost(self, what: str) -> None:
+        """A tensor-parallel rank died (the others are killed already): no step can run,
+        so the worker exits at once. Its Step stream breaks and the scheduler moves the
+        requests to another worker (or fails them with UNAVAILABLE)."""
+        logger.critical("%s; worker %s exits", what, self.worker_id)
+        if self.options.redis_url:
+            _delete_registration(self.options.redis_url,
+                                 RedisKeys(self.options.deployment).worker_key(self.worker_id))
+        logging.shutdown()
+        os._exit(EXIT_RANK_LOST)
+
+
+def _delete_registration(redis_url: str, key: str) -> None:
+    """Best effort, bounded: a dead worker's entry would otherwise outlive it by its TTL."""
+    import redis
+
+    try:
+        client = redis.Redis.from_url(redis_url, socket_timeout=1.0,
+                                      socket_connect_timeout=1.0)
+        client.delete(key)
+        client.close()
+    except Exception as exc:  # noqa: BLE001 - exiting anyway
+        logger.warning("could not remove the registry entry: %s", exc)

@@ -1,10 +1,11 @@
-"""Benchmarks: ``gridllm bench throughput | serve | latency``.
+"""Benchmarks: ``gridllm bench throughput | serve | latency | collectives``.
 
     gridllm bench throughput --model random:qwen3-0.6b --compare hf
     gridllm bench serve --target localhost:50051 --sweep 1,4,16,inf --output sweep.json
     gridllm bench latency --model random:llama3-8b
+    gridllm bench collectives --model random:llama3-8b --tensor-parallel-size 2
 
-``add_bench_subcommands`` adds the three parsers to an argparse sub-parser set (the
+``add_bench_subcommands`` adds the parsers to an argparse sub-parser set (the
 ``gridllm`` CLI's ``bench`` slot); ``main(argv)`` parses and runs one of them.
 """
 
@@ -18,9 +19,9 @@ logger = logging.getLogger(__name__)
 
 
 def add_bench_subcommands(subparsers) -> None:
-    """Add ``throughput``, ``serve`` and ``latency`` to ``subparsers``; each parser's
-    ``func`` default runs the command (returns an exit code)."""
-    from gridllm.bench import latency, serve, throughput
+    """Add ``throughput``, ``serve``, ``latency`` and ``collectives`` to ``subparsers``;
+    each parser's ``func`` default runs the command (returns an exit code)."""
+    from gridllm.bench import collectives, latency, serve, throughput
 
     for name, module, command, help_text in (
             ("throughput", throughput, throughput.cmd_throughput,
@@ -28,7 +29,9 @@ def add_bench_subcommands(subparsers) -> None:
             ("serve", serve, serve.cmd_serve,
              "online benchmark through the router: TTFT, TPOT, ITL, E2E, throughput"),
             ("latency", latency, latency.cmd_latency,
-             "batch-1 latency next to the weight-bandwidth roofline")):
+             "batch-1 latency next to the weight-bandwidth roofline"),
+            ("collectives", collectives, collectives.cmd_collectives,
+             "the all-reduce time of a tensor-parallel step, over T processes")):
         parser = subparsers.add_parser(name, help=help_text, description=module.__doc__,
                                        formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(parser)

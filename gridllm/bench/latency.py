@@ -39,6 +39,9 @@ class LatencyConfig:
     device: str = "auto"
     seed: int = 0
     enforce_eager: bool = False
+    # GPUs the model is sharded over (in-process: the engine's; through the stack: the
+    # workers', for the roofline).
+    tensor_parallel_size: int = 1
     use_tqdm: bool = True
     # The router's API key (None: $GRIDLLM_API_KEY, or none); never written to results.
     api_key: str | None = field(default=None, repr=False)
@@ -46,7 +49,7 @@ class LatencyConfig:
     def __post_init__(self) -> None:
         if (self.model is None) == (self.target is None):
             raise ValueError("pass exactly one of model (in-process) or target (HOST:PORT).")
-        for name in ("input_len", "output_len", "num_iters"):
+        for name in ("input_len", "output_len", "num_iters", "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
         if self.num_warmup < 0:
@@ -91,14 +94,15 @@ def run_inprocess(config: LatencyConfig) -> tuple[list[RequestRecord], Any, int]
     from tqdm.auto import tqdm
 
     from gridllm.bench.datasets import special_token_ids
-    from gridllm.bench.roofline import decode_weight_bytes
+    from gridllm.bench.roofline import decode_weight_bytes, model_decode_weight_bytes
     from gridllm.bench.throughput import ThroughputConfig, build_llm
 
     assert config.model is not None
     llm = build_llm(ThroughputConfig(model=config.model, max_num_seqs=1, dtype=config.dtype,
                                      device=config.device, seed=config.seed,
                                      enforce_eager=config.enforce_eager,
-                                     gpu_memory_utilization=0.9))
+                                     gpu_memory_utilization=0.9,
+                                     tensor_parallel_size=config.tensor_parallel_size))
     engine = llm.engine
     prompts = _prompts(config, engine.vocab_size,
                        special_token_ids(llm.tokenizer, engine.runner.hf_config))
@@ -109,7 +113,11 @@ def run_inprocess(config: LatencyConfig) -> tuple[list[RequestRecord], Any, int]
         if i >= config.num_warmup:
             records.append(record)
     device = engine.runner.device
-    weight_bytes = decode_weight_bytes(engine.runner.model)
+    if config.tensor_parallel_size == 1:
+        weight_bytes = decode_weight_bytes(engine.runner.model)
+    else:  # this process holds one shard: count the whole model
+        weight_bytes = model_decode_weight_bytes(config.model, engine.runner.dtype)
+    llm.shutdown()
     del llm, engine
     gc.collect()
     return records, device, weight_bytes
@@ -160,7 +168,7 @@ def run_latency(config: LatencyConfig) -> dict[str, Any]:
         weight_bytes = model_decode_weight_bytes(model, resolve_dtype(config.dtype, device))
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    limits = roofline(weight_bytes, measure_limits(device))
+    limits = roofline(weight_bytes, measure_limits(device), config.tensor_parallel_size)
     duration = sum((r.end_time or r.send_time) - r.send_time for r in records)
     metrics = compute_serve_metrics(records, duration)
     tpots = [(r.chunk_times[-1] - r.chunk_times[0]) / (r.num_output_tokens - 1)
@@ -183,7 +191,8 @@ def run_latency(config: LatencyConfig) -> dict[str, Any]:
 def format_result(result: dict[str, Any]) -> str:
     roof = result["roofline"]
     rows = [["decode tokens/s (1/median TPOT)", result["decode_tokens_per_s"]],
-            ["roofline tokens/s (weights / copy bandwidth)", roof["roofline_tokens_per_s"]],
+            [f"roofline tokens/s ({roof['num_gpus']} x copy bandwidth / weights)",
+             roof["roofline_tokens_per_s"]],
             ["fraction of roofline", result["fraction_of_roofline"]],
             ["TTFT mean (ms)", result["ttft_ms"]["mean"]],
             ["TPOT mean (ms)", result["tpot_ms"]["mean"]],
@@ -211,6 +220,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--api-key", default=None,
                    help="API key sent as `Authorization: Bearer KEY` (default: $GRIDLLM_API_KEY)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="GPUs the model is sharded over (with --target: the workers'; sets "
+                        "the roofline)")
     p.add_argument("--no-tqdm", dest="use_tqdm", action="store_false")
     p.add_argument("--output", default=None, help="write the result as JSON here")
 
@@ -220,6 +232,7 @@ def cmd_latency(args: argparse.Namespace) -> int:
                            output_len=args.output_len, num_iters=args.num_iters,
                            num_warmup=args.num_warmup, dtype=args.dtype, device=args.device,
                            seed=args.seed, enforce_eager=args.enforce_eager,
+                           tensor_parallel_size=args.tensor_parallel_size,
                            use_tqdm=args.use_tqdm, api_key=args.api_key)
     result = run_latency(config)
     write_json(args.output, result)

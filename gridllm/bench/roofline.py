@@ -108,20 +108,23 @@ def measure_limits(device: torch.device) -> dict[str, Any]:
             "bf16_matmul_tflops": measure_matmul_tflops(device)}
 
 
-def roofline(weight_bytes: int, limits: dict[str, Any]) -> dict[str, Any]:
-    """Batch-1 decode bound: ``tokens/s <= bandwidth / weight_bytes``.
+def roofline(weight_bytes: int, limits: dict[str, Any], num_gpus: int = 1) -> dict[str, Any]:
+    """Batch-1 decode bound: ``tokens/s <= num_gpus x bandwidth / weight_bytes``.
 
     Args:
-        weight_bytes: ``decode_weight_bytes`` of the model.
-        limits: ``measure_limits``'s result.
+        weight_bytes: ``decode_weight_bytes`` of the whole model.
+        limits: ``measure_limits``'s result (one card).
+        num_gpus: cards the weights are split over (tensor parallelism): each reads its
+            share at the same time.
     Returns:
-        The limits plus ``weight_bytes``, ``roofline_ms_per_token`` and
+        The limits plus ``weight_bytes``, ``num_gpus``, ``roofline_ms_per_token`` and
         ``roofline_tokens_per_s`` (None without a measured bandwidth).
     """
     bandwidth = limits.get("copy_bandwidth_gbps")
-    result = {**limits, "weight_bytes": weight_bytes, "roofline_ms_per_token": None,
-              "roofline_tokens_per_s": None}
+    result = {**limits, "weight_bytes": weight_bytes, "num_gpus": num_gpus,
+              "roofline_ms_per_token": None, "roofline_tokens_per_s": None}
     if bandwidth:
+        bandwidth *= num_gpus
         result["roofline_ms_per_token"] = weight_bytes / (bandwidth * 1e9) * 1e3
         result["roofline_tokens_per_s"] = bandwidth * 1e9 / weight_bytes
     return result

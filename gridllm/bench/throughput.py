@@ -49,11 +49,16 @@ class ThroughputConfig:
     roofline: bool = True
     # The engine's step overlap (1 or 2); None: its default (2 on CUDA, 1 on the CPU).
     max_steps_in_flight: int | None = None
+    # GPUs the model is sharded over (the roofline then has that many cards).
+    tensor_parallel_size: int = 1
     use_tqdm: bool = True
 
     def __post_init__(self) -> None:
         if self.num_prompts < 1:
             raise ValueError(f"num_prompts must be at least 1, got {self.num_prompts}.")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be at least 1, "
+                             f"got {self.tensor_parallel_size}.")
         if self.compare not in (None, "hf"):
             raise ValueError(f"compare must be 'hf' or unset, got {self.compare!r}.")
         if self.max_steps_in_flight not in (None, 1, 2):
@@ -69,7 +74,8 @@ def build_llm(config: ThroughputConfig, max_num_seqs: int | None = None):
     from gridllm.llm import LLM
 
     kwargs: dict[str, Any] = {"gpu_memory_utilization": config.gpu_memory_utilization,
-                              "enforce_eager": config.enforce_eager}
+                              "enforce_eager": config.enforce_eager,
+                              "tensor_parallel_size": config.tensor_parallel_size}
     if config.kv_cache_memory is not None:
         kwargs["kv_cache_memory"] = config.kv_cache_memory
     return LLM(config.model, skip_tokenizer_init=is_random_model(config.model),
@@ -178,6 +184,7 @@ def run_throughput(config: ThroughputConfig, llm: Any = None) -> dict[str, Any]:
         result["gridllm"]["roofline_fraction"] = (
             seconds / result["gridllm"]["elapsed_s"] if seconds else None)
     if owns_llm:
+        llm.shutdown()  # the other tensor-parallel ranks, if any
         del llm
         gc.collect()
         if device.type == "cuda":
@@ -203,10 +210,15 @@ def _workload_roofline(config: ThroughputConfig, llm: Any, requests: list[BenchR
                       "bf16_matmul_tflops": None}
     model, hf_config = meta_model(config.model, dtype)
     scheduler = llm.engine.scheduler
-    return {**limits, **workload_roofline(requests, scheduler.config, scheduler.limits,
-                                          scheduler.block_manager.num_blocks,
-                                          StepCostModel.from_model(model, hf_config, dtype),
-                                          limits)}
+    # Sharded over T cards, each step's bytes and FLOPs split across them.
+    num_gpus = config.tensor_parallel_size
+    cards = {k: v * num_gpus if v else v for k, v in limits.items()
+             if k in ("copy_bandwidth_gbps", "bf16_matmul_tflops")}
+    return {**limits, "num_gpus": num_gpus,
+            **workload_roofline(requests, scheduler.config, scheduler.limits,
+                                scheduler.block_manager.num_blocks,
+                                StepCostModel.from_model(model, hf_config, dtype),
+                                {**limits, **cards})}
 
 
 def model_config_and_tokenizer(model: str) -> tuple[Any, Any]:
@@ -254,9 +266,11 @@ def format_result(result: dict[str, Any]) -> str:
     text += format_table(rows, ["backend", "requests", "seconds", "req/s", "output tok/s",
                                 "total tok/s", "roofline tok/s", "of roofline"])
     if roofline.get("roofline_s"):
+        cards = roofline.get("num_gpus", 1)
+        per = f"{cards} x " if cards > 1 else ""
         text += (f"\nroofline: {roofline['num_steps']} steps, each max(bytes / "
-                 f"{roofline['copy_bandwidth_gbps']:,.0f} GB/s, FLOPs / "
-                 f"{roofline['bf16_matmul_tflops']:,.0f} TFLOP/s), sum "
+                 f"{per}{roofline['copy_bandwidth_gbps']:,.0f} GB/s, FLOPs / "
+                 f"{per}{roofline['bf16_matmul_tflops']:,.0f} TFLOP/s), sum "
                  f"{roofline['roofline_s']:.2f} s")
     if "speedup_vs_hf" in result:
         text += f"\ngridllm / transformers (output tok/s): {result['speedup_vs_hf']:.2f}x"
@@ -289,6 +303,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="engine step overlap (default: 2 on CUDA, 1 on the CPU)")
     p.add_argument("--no-roofline", dest="roofline", action="store_false",
                    help="skip measuring the card's limits and the workload's roofline")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="GPUs the model is sharded over, one process each")
     p.add_argument("--no-tqdm", dest="use_tqdm", action="store_false")
     p.add_argument("--output", default=None, help="write the result as JSON here")
 
@@ -304,7 +320,7 @@ def config_from_args(args: argparse.Namespace) -> ThroughputConfig:
         enforce_eager=args.enforce_eager, kv_cache_memory=args.kv_cache_memory,
         gpu_memory_utilization=args.gpu_memory_utilization, is_warmup=args.is_warmup,
         roofline=args.roofline, max_steps_in_flight=args.max_steps_in_flight,
-        use_tqdm=args.use_tqdm)
+        tensor_parallel_size=args.tensor_parallel_size, use_tqdm=args.use_tqdm)
 
 
 def cmd_throughput(args: argparse.Namespace) -> int:

@@ -220,11 +220,19 @@ class ModelConfig:
              "the model): local:W (the W latest tokens; frees the KV blocks before them "
              "when every layer is local) or strided:S (the S latest tokens and every S-th "
              "before them)")
+    tensor_parallel_size: int = option(
+        1, help="devices one worker (or LLM) shards the model across, one process each: "
+        "attention heads, MLP and vocabulary split Megatron-style (every supported "
+        "architecture)")
 
     def __post_init__(self) -> None:
         require(isinstance(self.model, str) and bool(self.model), "model",
                 "must be a non-empty path or name", self.model)
         parse_sparse_attention(self.sparse_attention)
+        require(isinstance(self.tensor_parallel_size, int)
+                and not isinstance(self.tensor_parallel_size, bool)
+                and self.tensor_parallel_size >= 1, "tensor_parallel_size",
+                "must be an integer of at least 1", self.tensor_parallel_size)
         require(self.dtype in _DTYPES, "dtype", f"must be one of {_DTYPES}", self.dtype)
         require(self.attention_backend in _ATTENTION_BACKENDS, "attention_backend",
                 f"must be one of {_ATTENTION_BACKENDS}", self.attention_backend)

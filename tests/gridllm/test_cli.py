@@ -234,6 +234,22 @@ def test_up_refuses_a_bad_value_before_starting_anything():
                                                           "1.5"]))
 
 
+def test_up_passes_the_tensor_parallel_size_on_to_every_worker():
+    from gridllm.cli import stack_config_from_args
+
+    config = stack_config_from_args(build_parser().parse_args(
+        ["up", "--tensor-parallel-size", "2", "--workers", "2"]))
+    assert config.model_config.tensor_parallel_size == 2
+    args = config.worker_args()
+    assert args[args.index("--tensor-parallel-size") + 1] == "2"
+    # The default (one device) adds no flag.
+    assert "--tensor-parallel-size" not in stack_config_from_args(
+        build_parser().parse_args(["up"])).worker_args()
+    with pytest.raises(ValueError, match="tensor_parallel_size"):
+        stack_config_from_args(build_parser().parse_args(["up", "--tensor-parallel-size",
+                                                          "0"]))
+
+
 def test_serving_docs_list_exactly_the_up_flags():
     up = build_parser()._subparsers._group_actions[0].choices["up"]
     flags = {s for a in up._actions for s in a.option_strings

@@ -65,6 +65,18 @@ def test_up_names_what_is_wrong_with_the_model(model, problem, tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_up_refuses_a_tensor_parallel_size_the_model_cannot_be_split_by(tmp_path):
+    # random:tiny has 4 attention heads.
+    result = _gridllm("up", "--model", "random:tiny", "--port", "0", "--device", "cpu",
+                      "--tensor-parallel-size", "3", tmp_path=tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = _error_lines(result.stderr)
+    assert len(lines) == 1, result.stderr
+    assert "tensor_parallel_size must divide the model's 4 attention heads, got 3." in lines[0]
+    # Refused before anything started: no log directory, no Redis.
+    assert not (tmp_path / "cache").exists()
+
+
 # ----------------------------------------------------------------------- --log-level
 def test_bad_log_level_is_a_one_line_error(tmp_path):
     result = _gridllm("--log-level", "LOUD", "generate", "hi", tmp_path=tmp_path)

@@ -105,6 +105,35 @@ def test_gpu_claims_are_exclusive_and_released(tmp_path):
         entrypoint.claim_gpu(lock_dir, 0)
 
 
+def test_tensor_parallel_claims_take_every_gpu_or_none(tmp_path):
+    lock_dir = str(tmp_path / "locks")
+    single, single_fd = entrypoint.claim_gpu(lock_dir, 4)
+    pair, pair_fds = entrypoint.claim_gpus(lock_dir, 4, 2)
+    assert (single, pair) == (0, [1, 2])
+    with pytest.raises(RuntimeError, match=r"2 GPUs needed \(--tensor-parallel-size 2\) "
+                                           r"but only 1 of 4 are free.*at most 2"):
+        entrypoint.claim_gpus(lock_dir, 4, 2)
+    # The refused claim let go of the GPU it had locked.
+    last, last_fd = entrypoint.claim_gpu(lock_dir, 4)
+    assert last == 3
+    for fd in (single_fd, *pair_fds, last_fd):
+        os.close(fd)
+
+
+@pytest.mark.parametrize(("argv", "count"), [
+    (["python", "-m", "worker_svc"], 1),
+    (["python", "-m", "worker_svc", "--tensor-parallel-size", "4"], 4),
+    (["python", "-m", "worker_svc", "--tensor-parallel-size=2"], 2),
+])
+def test_num_gpus_arg(argv, count):
+    assert entrypoint.num_gpus_arg(argv) == count
+
+
+def test_a_bad_tensor_parallel_size_is_named():
+    with pytest.raises(ValueError, match="--tensor-parallel-size: expected a count"):
+        entrypoint.num_gpus_arg(["--tensor-parallel-size", "two"])
+
+
 def test_count_gpus(tmp_path, monkeypatch):
     monkeypatch.delenv("GRIDLLM_NUM_GPUS", raising=False)
     for name in ("nvidia0", "nvidia1", "nvidia3", "nvidiactl", "nvidia-uvm", "null"):
@@ -161,6 +190,26 @@ def test_replicas_get_one_gpu_each_for_as_long_as_they_run(tmp_path):
         pinned = _start({**env, "CUDA_VISIBLE_DEVICES": "5"}, sys.executable, "-c", _REPORT)
         children.append(pinned)
         assert pinned.stdout.readline().split()[1] == "5"
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.communicate("", timeout=60)
+
+
+def test_a_tensor_parallel_replica_gets_as_many_gpus_as_ranks(tmp_path):
+    env = _env(GRIDLLM_GPU_LOCK_DIR=str(tmp_path / "locks"), GRIDLLM_NUM_GPUS="3")
+    children = []
+    try:
+        pair = _start(env, sys.executable, "-c", _REPORT, "--tensor-parallel-size", "2")
+        children.append(pair)
+        assert pair.stdout.readline().split()[1] == "0,1"
+        refused = _start(env, sys.executable, "-c", _REPORT, "--tensor-parallel-size", "2")
+        _, err = refused.communicate(timeout=60)
+        assert refused.returncode == entrypoint.EXIT_CONFIG_ERROR
+        assert "2 GPUs needed (--tensor-parallel-size 2) but only 1 of 3 are free" in err
+        single = _start(env, sys.executable, "-c", _REPORT)
+        children.append(single)
+        assert single.stdout.readline().split()[1] == "2"
     finally:
         for child in children:
             if child.poll() is None:

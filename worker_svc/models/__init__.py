@@ -20,6 +20,12 @@ def supported_architectures() -> list[str]:
     return sorted(_MODELS)
 
 
+def sharded_architectures() -> list[str]:
+    """The architectures that can run with tensor_parallel_size > 1."""
+    return [a for a in supported_architectures()
+            if getattr(get_model_class(a), "supports_tensor_parallel", False)]
+
+
 def get_model_class(architecture: str):
     """Return the model class for an HF architecture name.
 

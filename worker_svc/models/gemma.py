@@ -6,6 +6,10 @@ What differs from Llama: embeddings scaled by ``sqrt(hidden_size)``; RMSNorm sca
 ``query_pre_attn_scalar``; tanh soft-capping of attention scores and of the final logits
 (Gemma 2); per-head q/k norms and a separate rope base for local layers (Gemma 3); tied
 embeddings. Each layer's window comes from ``attention_pattern.layer_sliding_windows``.
+
+Built under a tensor-parallel group the model shards as Llama does (worker_svc/parallel):
+the attention is Llama's, gate/up column-parallel, down row-parallel, the embedding and LM
+head split over the vocabulary (the soft-cap applies to the gathered logits).
 """
 
 from __future__ import annotations
@@ -21,6 +25,12 @@ from worker_svc.layers.rotary import RotaryEmbedding
 from worker_svc.models.attention_pattern import layer_types_of
 from worker_svc.models.llama import LlamaAttention, head_dim_of
 from worker_svc.models.weights import check_all_loaded, load_named_weights
+from worker_svc.parallel.layers import (
+    ColumnParallelLinear,
+    ParallelLMHead,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
@@ -87,9 +97,10 @@ class GemmaMLP(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size,
-                                      bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        inter = config.intermediate_size
+        self.gate_up_proj = ColumnParallelLinear.merged(config.hidden_size, [inter, inter],
+                                                        bias=False)
+        self.down_proj = RowParallelLinear(inter, config.hidden_size, bias=False)
         self.act = get_activation(getattr(config, "hidden_activation", "gelu_pytorch_tanh"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -120,7 +131,7 @@ class GemmaModel(nn.Module):
     def __init__(self, config, backend: AttentionBackend, has_qk_norm: bool):
         super().__init__()
         self.hidden_size = config.hidden_size
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         rotaries = _rotaries(config, head_dim_of(config))
         self.layers = nn.ModuleList(
             GemmaDecoderLayer(config, layer_idx, rotaries[layer_type], backend, has_qk_norm)
@@ -145,6 +156,8 @@ class Gemma2ForCausalLM(nn.Module):
             attention, soft-capping on a backend without it).
     """
 
+    # Built under a tensor-parallel group, the layers shard (see worker_svc/parallel).
+    supports_tensor_parallel = True
     has_qk_norm = False
 
     _STACKED = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"),
@@ -163,7 +176,7 @@ class Gemma2ForCausalLM(nn.Module):
                              f"attention_backend='torch'.")
         self.config = config
         self.model = GemmaModel(config, backend, self.has_qk_norm)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size)
         self.is_tied = bool(getattr(config, "tie_word_embeddings", True))
         if self.is_tied:
             self.lm_head.weight = self.model.embed_tokens.weight

@@ -2,6 +2,10 @@
 
 q/k/v and gate/up projections are merged into one matmul each; ``load_weights`` maps the
 HF names onto the merged rows. Batches are packed ``[T, ...]`` with no padding.
+
+Built under a tensor-parallel group (worker_svc/parallel) the model is Megatron-sharded:
+qkv and gate/up column-parallel, o_proj and down_proj row-parallel (one all-reduce per
+attention and per MLP block), the embedding and LM head split over the vocabulary.
 """
 
 from __future__ import annotations
@@ -16,6 +20,14 @@ from worker_svc.layers.layers import RMSNorm, SiluAndMul, get_activation
 from worker_svc.layers.rotary import RotaryEmbedding
 from worker_svc.models.attention_pattern import layer_sliding_windows
 from worker_svc.models.weights import check_all_loaded, load_named_weights
+from worker_svc.parallel.layers import (
+    ColumnParallelLinear,
+    ParallelLMHead,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
+from worker_svc.parallel.sharding import ShardPart, shard_heads
+from worker_svc.parallel.state import current
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
@@ -41,17 +53,24 @@ class LlamaAttention(nn.Module):
                  backend: AttentionBackend, *, qkv_bias: bool, o_bias: bool, qk_norm: bool,
                  norm_cls: type[nn.Module] = RMSNorm):
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
-        self.head_dim = head_dim_of(config)
-        self.q_size = self.num_heads * self.head_dim
-        self.kv_size = self.num_kv_heads * self.head_dim
+        total_heads = config.num_attention_heads
+        total_kv_heads = getattr(config, "num_key_value_heads", None) or total_heads
+        tp = current()
+        # This rank's heads (all of them on a single device).
+        heads = shard_heads(total_heads, total_kv_heads, tp.rank, tp.world_size)
+        self.num_heads, self.num_kv_heads = heads.num_heads, heads.num_kv_heads
+        self.head_dim = hd = head_dim_of(config)
+        self.q_size = self.num_heads * hd
+        self.kv_size = self.num_kv_heads * hd
         self.scale = self.head_dim ** -0.5
         # The backend's sparse pattern (if any) narrows a window or adds one.
         window = sliding_window_of(config, layer_idx)
         self.sliding_window = window if backend is None else backend.layer_window(window)
-        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=o_bias)
+        q_part = ShardPart(total_heads * hd, heads.head_start * hd, self.q_size)
+        kv_part = ShardPart(total_kv_heads * hd, heads.kv_head_start * hd, self.kv_size)
+        self.qkv_proj = ColumnParallelLinear(config.hidden_size, [q_part, kv_part, kv_part],
+                                             bias=qkv_bias)
+        self.o_proj = RowParallelLinear(total_heads * hd, config.hidden_size, bias=o_bias)
         if qk_norm:
             self.q_norm = norm_cls(self.head_dim, config.rms_norm_eps)
             self.k_norm = norm_cls(self.head_dim, config.rms_norm_eps)
@@ -77,8 +96,9 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, config, bias: bool):
         super().__init__()
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        inter = config.intermediate_size
+        self.gate_up_proj = ColumnParallelLinear.merged(config.hidden_size, [inter, inter], bias)
+        self.down_proj = RowParallelLinear(inter, config.hidden_size, bias=bias)
         act = getattr(config, "hidden_act", "silu")
         self.act_and_mul = SiluAndMul() if act == "silu" else _ActAndMul(get_activation(act))
 
@@ -118,7 +138,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config, backend: AttentionBackend, switches: dict):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         rotary = RotaryEmbedding(config, head_dim_of(config), config.max_position_embeddings)
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, i, rotary, backend, switches)
@@ -139,6 +159,8 @@ class LlamaForCausalLM(nn.Module):
         backend: attention backend shared by every layer.
     """
 
+    # Built under a tensor-parallel group, the layers shard (see worker_svc/parallel).
+    supports_tensor_parallel = True
     # Bias switches: None reads config.attention_bias, a bool is fixed by the architecture.
     qkv_bias: bool | None = None
     o_bias: bool | None = None
@@ -156,7 +178,7 @@ class LlamaForCausalLM(nn.Module):
                         o_bias=config_bias if self.o_bias is None else self.o_bias,
                         qk_norm=self.has_qk_norm)
         self.model = LlamaModel(config, backend, switches)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size)
         self.is_tied = bool(getattr(config, "tie_word_embeddings", False))
         if self.is_tied:
             self.lm_head.weight = self.model.embed_tokens.weight

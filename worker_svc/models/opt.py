@@ -1,5 +1,10 @@
 """OPT (facebook/opt-125m family): learned positions (offset 2), LayerNorm, biases,
-pre- or post-norm (``do_layer_norm_before``), optional project_in/out."""
+pre- or post-norm (``do_layer_norm_before``), optional project_in/out.
+
+Built under a tensor-parallel group (worker_svc/parallel) the model is Megatron-sharded:
+q/k/v and fc1 column-parallel, out_proj and fc2 row-parallel, the token embedding and LM head
+split over the vocabulary; positions, norms and project_in/out are replicated.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,14 @@ from torch import nn
 from worker_svc.layers.attention import AttentionBackend, AttentionMetadata
 from worker_svc.layers.layers import get_activation
 from worker_svc.models.weights import check_all_loaded, load_named_weights
+from worker_svc.parallel.layers import (
+    ColumnParallelLinear,
+    ParallelLMHead,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
+from worker_svc.parallel.sharding import even_part
+from worker_svc.parallel.state import current
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 # OPT's position table starts two rows in (a fairseq padding legacy).
@@ -20,13 +33,17 @@ _POSITION_OFFSET = 2
 class OPTAttention(nn.Module):
     def __init__(self, config, backend: AttentionBackend):
         super().__init__()
-        self.hidden_size = config.hidden_size
-        self.num_heads = config.num_attention_heads
-        self.head_dim = self.hidden_size // self.num_heads
+        tp = current()
+        size = config.hidden_size
+        self.head_dim = size // config.num_attention_heads
+        # This rank's heads (all of them on a single device).
+        self.num_heads = config.num_attention_heads // tp.world_size
+        self.hidden_size = self.num_heads * self.head_dim
         self.scale = self.head_dim ** -0.5
         bias = getattr(config, "enable_bias", True)
-        self.qkv_proj = nn.Linear(self.hidden_size, 3 * self.hidden_size, bias=bias)
-        self.out_proj = nn.Linear(self.hidden_size, self.hidden_size, bias=bias)
+        part = even_part(size, tp.rank, tp.world_size)
+        self.qkv_proj = ColumnParallelLinear(size, [part, part, part], bias=bias)
+        self.out_proj = RowParallelLinear(size, size, bias=bias)
         self.backend = backend
 
     def forward(self, hidden: torch.Tensor, kv_cache: KVCache,
@@ -46,8 +63,8 @@ class OPTDecoderLayer(nn.Module):
         self.do_layer_norm_before = config.do_layer_norm_before
         self.self_attn = OPTAttention(config, backend)
         self.self_attn_layer_norm = nn.LayerNorm(config.hidden_size, elementwise_affine=affine)
-        self.fc1 = nn.Linear(config.hidden_size, config.ffn_dim, bias=bias)
-        self.fc2 = nn.Linear(config.ffn_dim, config.hidden_size, bias=bias)
+        self.fc1 = ColumnParallelLinear.merged(config.hidden_size, [config.ffn_dim], bias)
+        self.fc2 = RowParallelLinear(config.ffn_dim, config.hidden_size, bias=bias)
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, elementwise_affine=affine)
         self.act = get_activation(config.activation_function)
 
@@ -71,7 +88,7 @@ class OPTDecoder(nn.Module):
     def __init__(self, config, backend: AttentionBackend):
         super().__init__()
         embed_dim = config.word_embed_proj_dim
-        self.embed_tokens = nn.Embedding(config.vocab_size, embed_dim)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, embed_dim)
         self.embed_positions = nn.Embedding(config.max_position_embeddings + _POSITION_OFFSET,
                                             config.hidden_size)
         has_proj = embed_dim != config.hidden_size
@@ -114,11 +131,14 @@ class OPTForCausalLM(nn.Module):
         backend: attention backend shared by every layer.
     """
 
+    # Built under a tensor-parallel group, the layers shard (see worker_svc/parallel).
+    supports_tensor_parallel = True
+
     def __init__(self, config, backend: AttentionBackend):
         super().__init__()
         self.config = config
         self.model = _OPTModel(config, backend)
-        self.lm_head = nn.Linear(config.word_embed_proj_dim, config.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(config.word_embed_proj_dim, config.vocab_size)
         self.is_tied = bool(getattr(config, "tie_word_embeddings", True))
         if self.is_tied:
             self.lm_head.weight = self.model.decoder.embed_tokens.weight

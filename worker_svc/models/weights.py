@@ -41,6 +41,12 @@ def load_named_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tens
             raise ValueError(f"checkpoint tensor {hf_name!r} matches no parameter of "
                              f"{type(model).__name__}.")
         param = params[name]
+        shard = getattr(param, "tp_shard", None)
+        if shard is not None:
+            # A tensor-parallel rank keeps its slice of the part (full-model coordinates).
+            index = shard.part_at(offset or 0)
+            tensor = _take_part(hf_name, shard, index, tensor)
+            offset = None if offset is None else shard.local_offset(index)
         with torch.no_grad():
             if offset is None:
                 if param.shape != tensor.shape:
@@ -55,6 +61,13 @@ def load_named_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tens
                 rows.copy_(tensor)
         loaded.add(name)
     return loaded
+
+
+def _take_part(hf_name: str, shard, index: int, tensor: torch.Tensor) -> torch.Tensor:
+    try:
+        return shard.take_part(index, tensor)
+    except ValueError as exc:
+        raise ValueError(f"checkpoint tensor {hf_name!r}: {exc}") from None
 
 
 def check_all_loaded(model: nn.Module, loaded: set[str]) -> None:

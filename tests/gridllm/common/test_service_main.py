@@ -16,6 +16,12 @@ import worker_svc.__main__ as worker_main
      "heartbeat_ttl must be at least 1 second"),
     (worker_main.main, ["--model", "m", "--gpu-memory-utilization", "2"],
      "gpu_memory_utilization must be in (0, 1]"),
+    (worker_main.main, ["--model", "m", "--tensor-parallel-size", "0"],
+     "tensor_parallel_size must be an integer of at least 1"),
+    # Checked before the model loads (random:tiny has 4 attention heads).
+    (worker_main.main, ["--model", "random:tiny", "--device", "cpu",
+                        "--tensor-parallel-size", "3"],
+     "tensor_parallel_size must divide the model's 4 attention heads, got 3."),
     (router_main.main, ["--model", "m"], "scheduler_addresses or redis_url must be given"),
 ])
 def test_bad_value_is_a_usage_error(main, argv, message, capsys):

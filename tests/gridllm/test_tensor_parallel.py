@@ -1,0 +1,145 @@
+"""LLM(tensor_parallel_size=T) on the CPU (gloo): every sharded tiny architecture gives the
+single-device greedy ids at T=2 and T=4 (KV heads split at 2, replicated at 4), seeded
+sampling draws the same ids on every rank, and a killed rank fails the engine cleanly."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import time
+
+import pytest
+
+from gridllm import LLM, SamplingParams
+from tests.gridllm.test_llm import prompts_of, token_prompts
+from tests.worker_svc.tiny_models import ALL_TINY_ARCHS
+
+pytestmark = pytest.mark.slow
+
+SHARDED_ARCHS = ["llama", "llama3", "mistral", "mistral-w12", "qwen2", "qwen2-sliding",
+                 "qwen3", "gemma2", "gemma3", "opt", "opt-350m"]
+GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+# Small blocks and step budget: chunked prefill, mixed steps, windows crossing blocks.
+ENGINE = dict(device="cpu", block_size=4, num_kv_blocks=96, max_num_batched_tokens=24,
+              skip_tokenizer_init=True)
+PROMPTS = prompts_of([3, 21, 9, 30])
+
+_references: dict[str, list[list[int]]] = {}
+
+
+def greedy_ids(llm: LLM, prompts=PROMPTS, params=GREEDY) -> list[list[int]]:
+    return [o.outputs[0].token_ids
+            for o in llm.generate(token_prompts(prompts), params, use_tqdm=False)]
+
+
+def reference(arch: str, model_dir: str) -> list[list[int]]:
+    if arch not in _references:
+        _references[arch] = greedy_ids(LLM(model_dir, **ENGINE))
+    return _references[arch]
+
+
+def assert_processes_gone(pids: list[int], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while any(_is_running(p) for p in pids):
+        assert time.monotonic() < deadline, f"rank processes {pids} still running"
+        time.sleep(0.05)
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_sharded_archs_cover_every_sharded_architecture():
+    from worker_svc.models import sharded_architectures
+
+    # Gemma3TextConfig -> Gemma3ForCausalLM (the text model's architecture name).
+    covered = {ALL_TINY_ARCHS[a][0].replace("TextConfig", "Config").replace(
+        "Config", "ForCausalLM") for a in SHARDED_ARCHS}
+    assert covered == set(sharded_architectures())
+
+
+@pytest.mark.parametrize("size", [2, 4])
+@pytest.mark.parametrize("arch", SHARDED_ARCHS)
+def test_greedy_ids_equal_a_single_device(arch, size, tiny_model_dir):
+    model_dir = tiny_model_dir(arch)
+    expected = reference(arch, model_dir)
+    with LLM(model_dir, tensor_parallel_size=size, **ENGINE) as llm:
+        pids = llm.engine.runner.follower_pids
+        assert len(pids) == size - 1 and all(_is_running(p) for p in pids)
+        assert llm.engine.runner.num_kv_blocks == ENGINE["num_kv_blocks"]
+        assert greedy_ids(llm) == expected
+        stats = llm.engine.stats()
+        assert stats.kv_blocks_free == stats.kv_blocks_total
+    assert_processes_gone(pids)
+
+
+def test_seeded_sampling_and_logprobs_equal_a_single_device(tiny_model_dir):
+    """Every rank samples: with the same seeds they draw the ids one device draws."""
+    model_dir = tiny_model_dir("qwen2")
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=11, max_tokens=10,
+                            ignore_eos=True, logprobs=3, prompt_logprobs=2)
+    # Unseeded requests draw their keys from the engine seed's generator.
+    unseeded = SamplingParams(temperature=0.8, max_tokens=10, ignore_eos=True, n=2)
+    prompts = token_prompts(prompts_of([7, 15], seed=3))
+
+    def run(llm):
+        outputs = llm.generate(prompts, seeded, use_tqdm=False)
+        outputs += llm.generate(prompts, unseeded, use_tqdm=False)
+        return outputs
+
+    expected = run(LLM(model_dir, seed=5, **ENGINE))
+    with LLM(model_dir, seed=5, tensor_parallel_size=2, **ENGINE) as llm:
+        got = run(llm)
+    for want, have in zip(expected, got, strict=True):
+        assert [c.token_ids for c in have.outputs] == [c.token_ids for c in want.outputs]
+        for w, h in zip(want.outputs[0].logprobs or [], have.outputs[0].logprobs or [],
+                        strict=True):
+            assert w.keys() == h.keys()
+            assert all(abs(w[t].logprob - h[t].logprob) < 1e-4 for t in w)
+        for w, h in zip(want.prompt_logprobs or [], have.prompt_logprobs or [], strict=True):
+            assert (w is None) == (h is None)
+            if w is not None:
+                assert all(abs(w[t].logprob - h[t].logprob) < 1e-4 for t in w)
+
+
+def test_random_preset_ranks_hold_slices_of_the_same_weights():
+    engine = dict(ENGINE, num_kv_blocks=64)
+    prompts = prompts_of([5, 12], vocab=512)
+    expected = greedy_ids(LLM("random:tiny", **engine), prompts)
+    with LLM("random:tiny", tensor_parallel_size=2, **engine) as llm:
+        assert greedy_ids(llm, prompts) == expected
+
+
+def test_a_killed_rank_fails_the_engine_and_stops_the_others(tiny_model_dir):
+    model_dir = tiny_model_dir("llama")
+    llm = LLM(model_dir, tensor_parallel_size=4, **ENGINE)
+    pids = llm.engine.runner.follower_pids
+    os.kill(pids[1], signal.SIGKILL)
+    assert_processes_gone(pids)  # the monitor kills the other ranks
+    with pytest.raises(RuntimeError, match=r"tensor-parallel rank 2 \(pid \d+\) exited "
+                                           r"with code -9"):
+        greedy_ids(llm)
+    llm.shutdown()
+    assert not [p for p in multiprocessing.active_children()
+                if p.name.startswith("gridllm-tp")]
+    # The group is left: this process can start another engine.
+    with LLM(model_dir, tensor_parallel_size=2, **ENGINE) as again:
+        assert greedy_ids(again) == reference("llama", model_dir)
+
+
+@pytest.mark.parametrize(("size", "message"), [
+    (3, "attention heads"),  # 4 heads
+    (8, "attention heads"),
+])
+def test_a_size_the_model_cannot_be_split_by_is_refused_before_any_process_starts(
+        size, message, tiny_model_dir):
+    with pytest.raises(ValueError, match=f"tensor_parallel_size must divide the model's "
+                                         f"4 {message}, got {size}"):
+        LLM(tiny_model_dir("llama"), tensor_parallel_size=size, **ENGINE)
+    assert not [p for p in multiprocessing.active_children()
+                if p.name.startswith("gridllm-tp")]

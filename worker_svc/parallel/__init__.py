@@ -1,0 +1,1 @@
+"""Tensor parallelism: a model sharded over several processes (ranks), one per device."""

@@ -1,0 +1,420 @@
+"""Build the engine's model runner: one ModelRunner, or a tensor-parallel group of them.
+
+With ``tensor_parallel_size=T`` > 1 the caller's process (the worker service, or the
+in-process ``LLM``) is rank 0 and starts T - 1 follower processes (forked from a
+multiprocessing forkserver that has imported torch once). Every rank builds the same
+ModelRunner over its shard of the model; rank 0's is the one the caller drives, through
+``TensorParallelRunner``, which has the ModelRunner's interface.
+
+One step: rank 0 pickles the SchedulerOutput once and writes it to every follower's pipe,
+then every rank runs the same step: the same per-request state updates, the same forward
+(whose all-reduces pair up across the ranks) and the same sampling. The LM head's logits are
+all-gathered, so every rank holds the full logits and samples the same ids with the same
+counter-based seeds (Philox keyed by the request's seed and the output position; unseeded
+requests draw their key from a generator seeded alike on every rank), then feeds them to
+its own next step. No sampled id travels between ranks; only rank 0's output is read.
+
+Failure: a monitor thread in rank 0 waits on every follower. One that exits while the
+engine runs has the others killed and ``on_rank_lost`` called (the worker service exits, so
+its scheduler migrates its requests; the ``LLM`` raises on its next step). A follower exits
+when rank 0 dies: the pipes from rank 0 close.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import multiprocessing
+import os
+import pickle
+import random
+import threading
+import weakref
+from collections.abc import Callable
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+import torch
+
+from gridllm.common.config import CacheConfig, ModelConfig, SchedulerConfig
+from worker_svc.parallel.state import (
+    abort_tensor_parallel,
+    destroy_tensor_parallel,
+    disable_nvlink_multicast,
+    init_tensor_parallel,
+    is_tensor_parallel_process,
+)
+from worker_svc.ranks.follower import FollowerArgs, rows_digest, run_follower
+from worker_svc.torch_utils import resolve_device
+
+logger = logging.getLogger(__name__)
+
+# Seconds rank 0 waits for the followers to start (import, fork) and reach the store.
+START_TIMEOUT_S = 300.0
+# Seconds a stopping follower may take before it is killed.
+STOP_TIMEOUT_S = 10.0
+_LOG_ENV = ("GRIDLLM_LOGGING_LEVEL", "GRIDLLM_LOG_FORMAT", "GRIDLLM_TRACE_FUNCTION")
+
+
+def build_runner(model_config: ModelConfig, cache_config: CacheConfig,
+                 scheduler_config: SchedulerConfig, eos_token_id: int | None = None,
+                 on_rank_lost: Callable[[str], None] | None = None):
+    """A ModelRunner, or with ``tensor_parallel_size`` > 1 a TensorParallelRunner.
+
+    Args:
+        model_config, cache_config, scheduler_config, eos_token_id: as for ModelRunner.
+        on_rank_lost: called (from a monitor thread) with what happened when a follower
+            rank dies while the engine runs; the other ranks are killed already.
+    """
+    if model_config.tensor_parallel_size == 1:
+        from worker_svc.model_runner import ModelRunner
+
+        return ModelRunner(model_config, cache_config, scheduler_config,
+                           eos_token_id=eos_token_id)
+    return TensorParallelRunner(model_config, cache_config, scheduler_config, eos_token_id,
+                                on_rank_lost)
+
+
+def rank_device(model_config: ModelConfig, rank: int) -> str:
+    """The device rank ``rank`` runs on: ``cuda:<rank>`` on CUDA, else the CPU.
+
+    Raises:
+        ValueError: a device that names one GPU, or fewer GPUs than ranks.
+    """
+    size = model_config.tensor_parallel_size
+    device = resolve_device(model_config.device)
+    if device.type == "cpu":
+        return "cpu"
+    if device.type != "cuda" or device.index is not None:
+        raise ValueError(f"device must be auto, cuda or cpu with tensor_parallel_size={size} "
+                         f"(rank r runs on cuda:r), got {model_config.device!r}.")
+    if torch.cuda.device_count() < size:
+        raise ValueError(f"tensor_parallel_size={size} needs {size} GPUs; "
+                         f"{torch.cuda.device_count()} visible.")
+    return f"cuda:{rank}"
+
+
+def check_tensor_parallel_config(model_config: ModelConfig) -> None:
+    """Refuse, before any process starts, a ``tensor_parallel_size`` the model or the host
+    cannot serve: heads, KV heads or MLP width that do not split, an architecture not
+    sharded yet, a device naming one GPU, fewer GPUs than ranks (``gridllm up`` runs this
+    before it starts any service).
+
+    Raises:
+        ValueError: naming ``tensor_parallel_size`` (or ``device``).
+    """
+    if model_config.tensor_parallel_size == 1:
+        return
+    _check_shardable(model_config)
+    rank_device(model_config, 0)
+
+
+def _check_shardable(model_config: ModelConfig) -> None:
+    """Refuse a model that cannot be split before any process starts (HF directories and
+    random presets; a GGUF file is checked when every rank loads it)."""
+    from gridllm.common.random_presets import random_model_config
+    from worker_svc.loader import resolve_model_path
+    from worker_svc.models import get_model_class
+    from worker_svc.parallel.sharding import check_tensor_parallel
+
+    path = resolve_model_path(model_config.model)
+    if path.startswith("random:"):
+        hf_config = random_model_config(path)
+    elif os.path.isfile(os.path.join(path, "config.json")):
+        from transformers import AutoConfig
+
+        hf_config = AutoConfig.from_pretrained(path)
+    else:
+        return
+    architecture = (getattr(hf_config, "architectures", None) or [None])[0]
+    check_tensor_parallel(hf_config, architecture, get_model_class(architecture),
+                          model_config.tensor_parallel_size)
+
+
+class TensorParallelRunner:
+    """Rank 0 of a tensor-parallel group, with the ModelRunner interface the engine and the
+    worker service drive (attributes not defined here are rank 0's ModelRunner's).
+
+    Args:
+        model_config, cache_config, scheduler_config, eos_token_id: as for ModelRunner.
+        on_rank_lost: see ``build_runner``.
+    Raises:
+        ValueError: the model cannot be split ``tensor_parallel_size`` ways (or any error
+            building the runner raises).
+        RuntimeError: a follower failed to start (its traceback in the message).
+    """
+
+    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig,
+                 scheduler_config: SchedulerConfig, eos_token_id: int | None = None,
+                 on_rank_lost: Callable[[str], None] | None = None):
+        from worker_svc.model_runner import ModelRunner
+
+        disable_nvlink_multicast()
+        size = model_config.tensor_parallel_size
+        if is_tensor_parallel_process():
+            raise RuntimeError("this process already runs a tensor-parallel engine: shut it "
+                               "down first (LLM.shutdown()).")
+        check_tensor_parallel_config(model_config)
+        if model_config.seed is None:
+            # Every rank samples: unseeded requests must draw the same keys on each.
+            model_config = dataclasses.replace(model_config, seed=random.getrandbits(31))
+        self.tensor_parallel_size = size
+        self._ranks = _Ranks(model_config, cache_config, scheduler_config, eos_token_id,
+                             on_rank_lost)
+        # Followers stop and the group is left when this runner is collected unstopped.
+        self._finalizer = weakref.finalize(self, self._ranks.stop)
+        try:
+            self._ranks.start()
+            device = rank_device(model_config, 0)
+            if device.startswith("cuda"):
+                torch.cuda.set_device(torch.device(device))
+            else:
+                # The ranks share the host's cores (restored by shutdown).
+                self._ranks.num_threads = torch.get_num_threads()
+                torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
+            rank_config = dataclasses.replace(model_config, device=device)
+            self.runner = ModelRunner(rank_config, cache_config, scheduler_config,
+                                      eos_token_id=eos_token_id)
+        except BaseException as exc:
+            failure = self._ranks.failure()
+            self.shutdown()
+            if failure and not isinstance(exc, ValueError):
+                raise RuntimeError(failure) from exc
+            raise
+        self._ranks.is_serving = True
+        logger.info("tensor-parallel group of %d ranks ready (%d KV blocks each)", size,
+                    self.runner.num_kv_blocks)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "runner":  # not built (yet): no attribute to hand on
+            raise AttributeError(name)
+        return getattr(self.runner, name)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.runner.eos_token_id
+
+    @eos_token_id.setter
+    def eos_token_id(self, value: int | None) -> None:
+        self._ranks.send(("eos", value))
+        self.runner.eos_token_id = value
+
+    @property
+    def follower_pids(self) -> list[int]:
+        """Process ids of ranks 1 .. T-1."""
+        return [p.pid for p in self._ranks.processes if p.pid is not None]
+
+    def execute_model_async(self, scheduler_output):
+        """ModelRunner.execute_model_async on every rank; returns rank 0's output.
+
+        An Exception (a bad step: every rank raises it before any collective) leaves the
+        group in step; anything else (KeyboardInterrupt) may have left rank 0 between two
+        collectives, so the group is stopped and later calls raise.
+        """
+        # The rows rank 0 holds going into the step: a follower holding others has diverged.
+        rows = rows_digest(self.runner.input_batch.req_ids)
+        self._ranks.send(("step", scheduler_output, rows))
+        try:
+            return self.runner.execute_model_async(scheduler_output)
+        except Exception:
+            raise
+        except BaseException as exc:
+            self._ranks.stop(f"interrupted in the middle of a step ({type(exc).__name__})")
+            raise
+
+    def execute_model(self, scheduler_output):
+        return self.execute_model_async(scheduler_output).get_output()
+
+    def reset_requests(self) -> None:
+        self._ranks.send(("reset",))
+        self.runner.reset_requests()
+
+    def shutdown(self) -> None:
+        """Stop the followers and leave the group (idempotent)."""
+        self._finalizer()
+
+
+class _Ranks:
+    """The follower processes, their pipes and the monitor thread (no reference to the
+    runner, so the runner can be collected)."""
+
+    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig,
+                 scheduler_config: SchedulerConfig, eos_token_id: int | None,
+                 on_rank_lost: Callable[[str], None] | None):
+        self.configs = (model_config, cache_config, scheduler_config)
+        self.eos_token_id = eos_token_id
+        self.on_rank_lost = on_rank_lost
+        self.size = model_config.tensor_parallel_size
+        self.processes: list[Any] = []
+        self.steps: list[Connection] = []
+        self.statuses: list[Connection] = []
+        self.alive: list[Connection] = []
+        self.is_serving = False
+        # True once this process joined the group (so stop leaves it).
+        self.has_joined = False
+        # Rank 0's torch threads before a CPU group took its share (restored on stop).
+        self.num_threads: int | None = None
+        self._is_stopping = threading.Event()
+        # Set once a follower was lost (what happened); every later call raises it.
+        self.lost: str | None = None
+        self._monitor: threading.Thread | None = None
+
+    def start(self) -> None:
+        model_config, cache_config, scheduler_config = self.configs
+        backend = "nccl" if rank_device(model_config, 0).startswith("cuda") else "gloo"
+        store = torch.distributed.TCPStore("127.0.0.1", 0, self.size, is_master=True,
+                                           wait_for_workers=False)
+        context = multiprocessing.get_context("forkserver")
+        # The forkserver imports torch and the runner once; each follower is a fork of it.
+        context.set_forkserver_preload(["worker_svc.ranks.forkserver_preload"])
+        extra = _extra_processors()
+        log_env = {k: os.environ[k] for k in _LOG_ENV if k in os.environ}
+        for rank in range(1, self.size):
+            args = FollowerArgs(rank, self.size, store.port, backend,
+                                dataclasses.replace(model_config,
+                                                    device=rank_device(model_config, rank)),
+                                cache_config, scheduler_config, self.eos_token_id, extra,
+                                log_env)
+            steps_recv, steps_send = context.Pipe(duplex=False)
+            status_recv, status_send = context.Pipe(duplex=False)
+            alive_recv, alive_send = context.Pipe(duplex=False)
+            process = context.Process(target=run_follower, name=f"gridllm-tp-rank{rank}",
+                                      args=(args, steps_recv, status_send, alive_recv),
+                                      daemon=True)
+            process.start()
+            for child_end in (steps_recv, status_send, alive_recv):
+                child_end.close()
+            self.processes.append(process)
+            self.steps.append(steps_send)
+            self.statuses.append(status_recv)
+            self.alive.append(alive_send)
+            logger.info("tensor-parallel rank %d of %d: pid %d", rank, self.size, process.pid)
+        self._wait_until_up()
+        self._monitor = threading.Thread(target=self._watch, daemon=True,
+                                         name="tp-rank-monitor")
+        self._monitor.start()
+        init_tensor_parallel(0, self.size, backend, store)
+        self.has_joined = True
+
+    def _wait_until_up(self) -> None:
+        """Block until every follower reached the store (raise if one died first)."""
+        pending = dict(zip(self.statuses, self.processes, strict=True))
+        sentinels = {p.sentinel: p for p in self.processes}
+        while pending:
+            ready = wait([*pending, *sentinels], timeout=START_TIMEOUT_S)
+            if not ready:
+                raise RuntimeError(f"tensor-parallel followers did not start within "
+                                   f"{START_TIMEOUT_S:.0f}s.")
+            for item in ready:
+                if item in sentinels:
+                    raise RuntimeError(self.failure() or _describe(sentinels[item]))
+                message = _receive(item)
+                if message is None or message[0] != "up":
+                    raise RuntimeError(self.failure() or _describe(pending[item]))
+                del pending[item]
+
+    def _watch(self) -> None:
+        sentinels = {p.sentinel: p for p in self.processes}
+        ready = wait(list(sentinels))
+        if self._is_stopping.is_set():
+            return
+        dead = sentinels[ready[0]]
+        rank = self.processes.index(dead) + 1
+        self.lost = (f"tensor-parallel rank {rank} (pid {dead.pid}) exited with code "
+                     f"{dead.exitcode}: the engine's ranks are stopped")
+        logger.error("%s", self.lost)
+        self._kill_all()
+        abort_tensor_parallel()
+        if self.on_rank_lost is not None and self.is_serving:
+            self.on_rank_lost(self.lost)
+
+    def failure(self) -> str | None:
+        """A follower's startup error (its traceback), or how it was lost, if any."""
+        for status in self.statuses:
+            message = _receive(status, block=False)
+            if message is not None and message[0] == "error":
+                return f"a tensor-parallel follower failed to start:\n{message[1]}"
+        return self.lost
+
+    def send(self, message: tuple) -> None:
+        """Write ``message`` to every follower (pickled once).
+
+        Raises:
+            RuntimeError: a follower was lost (the engine cannot run).
+        """
+        if self.lost:
+            raise RuntimeError(self.lost)
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            for conn in self.steps:
+                conn.send_bytes(data)
+        except OSError as exc:
+            raise RuntimeError(self.lost or f"a tensor-parallel follower is gone: {exc}") \
+                from exc
+
+    def _kill_all(self) -> None:
+        for process in self.processes:
+            if process.is_alive():
+                process.kill()
+        for process in self.processes:
+            process.join(STOP_TIMEOUT_S)
+
+    def stop(self, reason: str | None = None) -> None:
+        """Ask the followers to exit, kill those that do not, leave the group.
+
+        Args:
+            reason: why, if the engine is broken (later calls raise RuntimeError with it).
+        """
+        self._is_stopping.set()
+        if reason is not None and not self.lost:
+            self.lost = f"the tensor-parallel engine was stopped: {reason}"
+            self._kill_all()
+        if not self.lost:
+            try:
+                self.send(("stop",))
+            except RuntimeError:
+                pass
+        for process in self.processes:
+            process.join(STOP_TIMEOUT_S)
+        self._kill_all()
+        for conn in (*self.steps, *self.statuses, *self.alive):
+            conn.close()
+        if self.has_joined:
+            destroy_tensor_parallel()
+            self.has_joined = False
+        if self.num_threads is not None:
+            torch.set_num_threads(self.num_threads)
+            self.num_threads = None
+
+
+def _receive(conn: Connection, block: bool = True) -> tuple | None:
+    try:
+        if not block and not conn.poll():
+            return None
+        return conn.recv()
+    except (EOFError, OSError):
+        return None
+
+
+def _describe(process) -> str:
+    process.join(1.0)
+    return (f"tensor-parallel follower {process.name} (pid {process.pid}) exited with code "
+            f"{process.exitcode} before joining the group")
+
+
+def _extra_processors() -> list[tuple[str, Any, Any]]:
+    """The registered logits processors that can travel to a follower (by reference)."""
+    from worker_svc.logits_processors import get_logits_processor, registered_logits_processors
+
+    extra = []
+    for name in registered_logits_processors():
+        spec = get_logits_processor(name)
+        try:
+            pickle.dumps((spec.fn, spec.verify))
+        except Exception:  # noqa: BLE001 - pickling can raise anything
+            logger.warning("logits processor %r cannot reach the tensor-parallel followers "
+                           "(not an importable module-level function): requests naming it "
+                           "will fail", name)
+            continue
+        extra.append((name, spec.fn, spec.verify))
+    return extra
