@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19gridllm/v1/generate.proto\x12\ngridllm.v1\x1a\x1cgoogle/protobuf/struct.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"w\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.gridllm.v1.ChatMessage\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x18\n\x16_add_generation_prompt\"\x98\x07\n\x0eSamplingParams\x12\x0e\n\x01n\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x03\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x17\n\nmax_tokens\x18\r \x01(\x05H\t\x88\x01\x01\x12\x1c\n\x14unbounded_max_tokens\x18\x0e \x01(\x08\x12\x17\n\nmin_tokens\x18\x0f \x01(\x05H\n\x88\x01\x01\x12\x15\n\x08logprobs\x18\x10 \x01(\x05H\x0b\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x11 \x01(\x05H\x0c\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x12 \x01(\x08H\r\x88\x01\x01\x12\"\n\x1ainclude_stop_str_in_output\x18\x13 \x01(\x08\x12=\n\nlogit_bias\x18\x14 \x03(\x0b\x32).gridllm.v1.SamplingParams.LogitBiasEntry\x12\x19\n\x11\x61llowed_token_ids\x18\x15 \x03(\x03\x12\x19\n\x11logits_processors\x18\x16 \x03(\t\x12+\n\nextra_args\x18\x17 \x01(\x0b\x32\x17.google.protobuf.Struct\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x04\n\x02_nB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobsB\x16\n\x14_skip_special_tokens\"S\n\rTokenLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\r\n\x05ranks\x18\x03 \x03(\r\x12\x0e\n\x06tokens\x18\x04 \x03(\t\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\xc9\x02\n\x0fGenerateRequest\x12\x17\n\nrequest_id\x18\x01 \x01(\tH\x01\x88\x01\x01\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\x30\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x14.gridllm.v1.TokenIdsH\x00\x12(\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x18.gridllm.v1.ChatMessagesH\x00\x12\x33\n\x0fsampling_params\x18\x05 \x01(\x0b\x32\x1a.gridllm.v1.SamplingParams\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\x18\n\x10return_token_ids\x18\x07 \x01(\x08\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x08 \x01(\x08H\x02\x88\x01\x01\x42\x07\n\x05inputB\r\n\x0b_request_idB\x15\n\x13_add_special_tokens\"\xc6\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12+\n\x08logprobs\x18\x04 \x03(\x0b\x32\x19.gridllm.v1.TokenLogprobs\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.gridllm.v1.FinishReason\x12 \n\x05usage\x18\x06 \x01(\x0b\x32\x11.gridllm.v1.Usage\x12\x32\n\x0fprompt_logprobs\x18\x07 \x03(\x0b\x32\x19.gridllm.v1.TokenLogprobs\x12\x17\n\rstop_token_id\x18\x08 \x01(\rH\x00\x12\x12\n\x08stop_str\x18\t \x01(\tH\x00\x12\r\n\x05index\x18\n \x01(\rB\r\n\x0bstop_reason\"\x8c\x01\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12(\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x18.gridllm.v1.ChatMessagesH\x00\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08H\x01\x88\x01\x01\x42\x07\n\x05inputB\x15\n\x13_add_special_tokens\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"\x15\n\x13GetModelInfoRequest\"\x90\x01\n\x14GetModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x19\n\x0c\x65os_token_id\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x12\n\nblock_size\x18\x05 \x01(\rB\x0f\n\r_eos_token_id\"\x17\n\x15GetServerStatsRequest\"\xb0\x01\n\x0bWorkerStats\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x17\n\x0fkv_blocks_total\x18\x02 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x03 \x01(\r\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12\x1c\n\x14num_requests_running\x18\x05 \x01(\r\x12\x1c\n\x14num_requests_waiting\x18\x06 \x01(\r\x12\x10\n\x08is_alive\x18\x07 \x01(\x08\"\x83\x02\n\x16GetServerStatsResponse\x12\x1c\n\x14num_requests_running\x18\x01 \x01(\r\x12\x1c\n\x14num_requests_waiting\x18\x02 \x01(\r\x12\x1c\n\x14prefix_cache_queries\x18\x03 \x01(\x04\x12\x19\n\x11prefix_cache_hits\x18\x04 \x01(\x04\x12(\n\x07workers\x18\x05 \x03(\x0b\x32\x17.gridllm.v1.WorkerStats\x12\x19\n\x11num_workers_alive\x18\x06 \x01(\r\x12\x17\n\x0fnum_preemptions\x18\x07 \x01(\x04\x12\x16\n\x0enum_schedulers\x18\x08 \x01(\r*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xc8\x02\n\nGeneration\x12G\n\x08Generate\x12\x1b.gridllm.v1.GenerateRequest\x1a\x1c.gridllm.v1.GenerateResponse0\x01\x12\x45\n\x08Tokenize\x12\x1b.gridllm.v1.TokenizeRequest\x1a\x1c.gridllm.v1.TokenizeResponse\x12Q\n\x0cGetModelInfo\x12\x1f.gridllm.v1.GetModelInfoRequest\x1a .gridllm.v1.GetModelInfoResponse\x12W\n\x0eGetServerStats\x12!.gridllm.v1.GetServerStatsRequest\x1a\".gridllm.v1.GetServerStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19gridllm/v1/generate.proto\x12\ngridllm.v1\x1a\x1cgoogle/protobuf/struct.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"B\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x17\n\x0fparameters_json\x18\x03 \x01(\t\"l\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12(\n\ntool_calls\x18\x03 \x03(\x0b\x32\x14.gridllm.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\"\x98\x01\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.gridllm.v1.ChatMessage\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x1f\n\x05tools\x18\x03 \x03(\x0b\x32\x10.gridllm.v1.ToolB\x18\n\x16_add_generation_prompt\"\x1c\n\nStringList\x12\x0e\n\x06values\x18\x01 \x03(\t\"\xb0\x01\n\x11StructuredOutputs\x12\x0e\n\x04json\x18\x01 \x01(\tH\x00\x12\x0f\n\x05regex\x18\x02 \x01(\tH\x00\x12(\n\x06\x63hoice\x18\x03 \x01(\x0b\x32\x16.gridllm.v1.StringListH\x00\x12\x11\n\x07grammar\x18\x04 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x05 \x01(\x08H\x00\x12\x1e\n\x16\x64isable_any_whitespace\x18\x06 \x01(\x08\x42\x06\n\x04kind\"\xd3\x07\n\x0eSamplingParams\x12\x0e\n\x01n\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x03\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x17\n\nmax_tokens\x18\r \x01(\x05H\t\x88\x01\x01\x12\x1c\n\x14unbounded_max_tokens\x18\x0e \x01(\x08\x12\x17\n\nmin_tokens\x18\x0f \x01(\x05H\n\x88\x01\x01\x12\x15\n\x08logprobs\x18\x10 \x01(\x05H\x0b\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x11 \x01(\x05H\x0c\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x12 \x01(\x08H\r\x88\x01\x01\x12\"\n\x1ainclude_stop_str_in_output\x18\x13 \x01(\x08\x12=\n\nlogit_bias\x18\x14 \x03(\x0b\x32).gridllm.v1.SamplingParams.LogitBiasEntry\x12\x19\n\x11\x61llowed_token_ids\x18\x15 \x03(\x03\x12\x19\n\x11logits_processors\x18\x16 \x03(\t\x12+\n\nextra_args\x18\x17 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x39\n\x12structured_outputs\x18\x18 \x01(\x0b\x32\x1d.gridllm.v1.StructuredOutputs\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x04\n\x02_nB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobsB\x16\n\x14_skip_special_tokens\"S\n\rTokenLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\r\n\x05ranks\x18\x03 \x03(\r\x12\x0e\n\x06tokens\x18\x04 \x03(\t\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\xc9\x02\n\x0fGenerateRequest\x12\x17\n\nrequest_id\x18\x01 \x01(\tH\x01\x88\x01\x01\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\x30\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x14.gridllm.v1.TokenIdsH\x00\x12(\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x18.gridllm.v1.ChatMessagesH\x00\x12\x33\n\x0fsampling_params\x18\x05 \x01(\x0b\x32\x1a.gridllm.v1.SamplingParams\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\x18\n\x10return_token_ids\x18\x07 \x01(\x08\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x08 \x01(\x08H\x02\x88\x01\x01\x42\x07\n\x05inputB\r\n\x0b_request_idB\x15\n\x13_add_special_tokens\"\xc6\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12+\n\x08logprobs\x18\x04 \x03(\x0b\x32\x19.gridllm.v1.TokenLogprobs\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.gridllm.v1.FinishReason\x12 \n\x05usage\x18\x06 \x01(\x0b\x32\x11.gridllm.v1.Usage\x12\x32\n\x0fprompt_logprobs\x18\x07 \x03(\x0b\x32\x19.gridllm.v1.TokenLogprobs\x12\x17\n\rstop_token_id\x18\x08 \x01(\rH\x00\x12\x12\n\x08stop_str\x18\t \x01(\tH\x00\x12\r\n\x05index\x18\n \x01(\rB\r\n\x0bstop_reason\"\x8c\x01\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12(\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x18.gridllm.v1.ChatMessagesH\x00\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08H\x01\x88\x01\x01\x42\x07\n\x05inputB\x15\n\x13_add_special_tokens\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"\x15\n\x13GetModelInfoRequest\"\x90\x01\n\x14GetModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x19\n\x0c\x65os_token_id\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x12\n\nblock_size\x18\x05 \x01(\rB\x0f\n\r_eos_token_id\"\x17\n\x15GetServerStatsRequest\"\xb0\x01\n\x0bWorkerStats\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x17\n\x0fkv_blocks_total\x18\x02 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x03 \x01(\r\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12\x1c\n\x14num_requests_running\x18\x05 \x01(\r\x12\x1c\n\x14num_requests_waiting\x18\x06 \x01(\r\x12\x10\n\x08is_alive\x18\x07 \x01(\x08\"\x83\x02\n\x16GetServerStatsResponse\x12\x1c\n\x14num_requests_running\x18\x01 \x01(\r\x12\x1c\n\x14num_requests_waiting\x18\x02 \x01(\r\x12\x1c\n\x14prefix_cache_queries\x18\x03 \x01(\x04\x12\x19\n\x11prefix_cache_hits\x18\x04 \x01(\x04\x12(\n\x07workers\x18\x05 \x03(\x0b\x32\x17.gridllm.v1.WorkerStats\x12\x19\n\x11num_workers_alive\x18\x06 \x01(\r\x12\x17\n\x0fnum_preemptions\x18\x07 \x01(\x04\x12\x16\n\x0enum_schedulers\x18\x08 \x01(\r*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xc8\x02\n\nGeneration\x12G\n\x08Generate\x12\x1b.gridllm.v1.GenerateRequest\x1a\x1c.gridllm.v1.GenerateResponse0\x01\x12\x45\n\x08Tokenize\x12\x1b.gridllm.v1.TokenizeRequest\x1a\x1c.gridllm.v1.TokenizeResponse\x12Q\n\x0cGetModelInfo\x12\x1f.gridllm.v1.GetModelInfoRequest\x1a .gridllm.v1.GetModelInfoResponse\x12W\n\x0eGetServerStats\x12!.gridllm.v1.GetServerStatsRequest\x1a\".gridllm.v1.GetServerStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,40 +34,48 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=2832
-  _globals['_FINISHREASON']._serialized_end=2952
+  _globals['_FINISHREASON']._serialized_start=3323
+  _globals['_FINISHREASON']._serialized_end=3443
   _globals['_TOKENIDS']._serialized_start=71
   _globals['_TOKENIDS']._serialized_end=94
-  _globals['_CHATMESSAGE']._serialized_start=96
-  _globals['_CHATMESSAGE']._serialized_end=140
-  _globals['_CHATMESSAGES']._serialized_start=142
-  _globals['_CHATMESSAGES']._serialized_end=261
-  _globals['_SAMPLINGPARAMS']._serialized_start=264
-  _globals['_SAMPLINGPARAMS']._serialized_end=1184
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=922
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=970
-  _globals['_TOKENLOGPROBS']._serialized_start=1186
-  _globals['_TOKENLOGPROBS']._serialized_end=1269
-  _globals['_USAGE']._serialized_start=1271
-  _globals['_USAGE']._serialized_end=1351
-  _globals['_GENERATEREQUEST']._serialized_start=1354
-  _globals['_GENERATEREQUEST']._serialized_end=1683
-  _globals['_GENERATERESPONSE']._serialized_start=1686
-  _globals['_GENERATERESPONSE']._serialized_end=2012
-  _globals['_TOKENIZEREQUEST']._serialized_start=2015
-  _globals['_TOKENIZEREQUEST']._serialized_end=2155
-  _globals['_TOKENIZERESPONSE']._serialized_start=2157
-  _globals['_TOKENIZERESPONSE']._serialized_end=2194
-  _globals['_GETMODELINFOREQUEST']._serialized_start=2196
-  _globals['_GETMODELINFOREQUEST']._serialized_end=2217
-  _globals['_GETMODELINFORESPONSE']._serialized_start=2220
-  _globals['_GETMODELINFORESPONSE']._serialized_end=2364
-  _globals['_GETSERVERSTATSREQUEST']._serialized_start=2366
-  _globals['_GETSERVERSTATSREQUEST']._serialized_end=2389
-  _globals['_WORKERSTATS']._serialized_start=2392
-  _globals['_WORKERSTATS']._serialized_end=2568
-  _globals['_GETSERVERSTATSRESPONSE']._serialized_start=2571
-  _globals['_GETSERVERSTATSRESPONSE']._serialized_end=2830
-  _globals['_GENERATION']._serialized_start=2955
-  _globals['_GENERATION']._serialized_end=3283
+  _globals['_TOOLCALL']._serialized_start=96
+  _globals['_TOOLCALL']._serialized_end=151
+  _globals['_TOOL']._serialized_start=153
+  _globals['_TOOL']._serialized_end=219
+  _globals['_CHATMESSAGE']._serialized_start=221
+  _globals['_CHATMESSAGE']._serialized_end=329
+  _globals['_CHATMESSAGES']._serialized_start=332
+  _globals['_CHATMESSAGES']._serialized_end=484
+  _globals['_STRINGLIST']._serialized_start=486
+  _globals['_STRINGLIST']._serialized_end=514
+  _globals['_STRUCTUREDOUTPUTS']._serialized_start=517
+  _globals['_STRUCTUREDOUTPUTS']._serialized_end=693
+  _globals['_SAMPLINGPARAMS']._serialized_start=696
+  _globals['_SAMPLINGPARAMS']._serialized_end=1675
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=1413
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=1461
+  _globals['_TOKENLOGPROBS']._serialized_start=1677
+  _globals['_TOKENLOGPROBS']._serialized_end=1760
+  _globals['_USAGE']._serialized_start=1762
+  _globals['_USAGE']._serialized_end=1842
+  _globals['_GENERATEREQUEST']._serialized_start=1845
+  _globals['_GENERATEREQUEST']._serialized_end=2174
+  _globals['_GENERATERESPONSE']._serialized_start=2177
+  _globals['_GENERATERESPONSE']._serialized_end=2503
+  _globals['_TOKENIZEREQUEST']._serialized_start=2506
+  _globals['_TOKENIZEREQUEST']._serialized_end=2646
+  _globals['_TOKENIZERESPONSE']._serialized_start=2648
+  _globals['_TOKENIZERESPONSE']._serialized_end=2685
+  _globals['_GETMODELINFOREQUEST']._serialized_start=2687
+  _globals['_GETMODELINFOREQUEST']._serialized_end=2708
+  _globals['_GETMODELINFORESPONSE']._serialized_start=2711
+  _globals['_GETMODELINFORESPONSE']._serialized_end=2855
+  _globals['_GETSERVERSTATSREQUEST']._serialized_start=2857
+  _globals['_GETSERVERSTATSREQUEST']._serialized_end=2880
+  _globals['_WORKERSTATS']._serialized_start=2883
+  _globals['_WORKERSTATS']._serialized_end=3059
+  _globals['_GETSERVERSTATSRESPONSE']._serialized_start=3062
+  _globals['_GETSERVERSTATSRESPONSE']._serialized_end=3321
+  _globals['_GENERATION']._serialized_start=3446
+  _globals['_GENERATION']._serialized_end=3774
 # @@protoc_insertion_point(module_scope)
