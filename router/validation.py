@@ -17,11 +17,11 @@ from typing import Any
 
 from google.protobuf import unknown_fields
 
+from gridllm.common.chat_tools import check_tools
 from gridllm.common.config import RequestLimits
 from gridllm.common.contract import ModelLimits
 from gridllm.common.convert import check_max_tokens, sampling_params_from_pb
 from gridllm.common.sampling_params import SamplingParams
-from gridllm.common.chat_tools import check_tools
 from gridllm.common.tokenizer import apply_chat_template
 from gridllm.v1 import generate_pb2
 
