@@ -398,16 +398,12 @@ def _to_host(t: torch.Tensor) -> torch.Tensor:
 
 
 def tokenizer_loader(model_config: ModelConfig) -> Callable[[], Any] | None:
-    """What loads the model's tokenizer for the grammar compiler: from ``tokenizer``, the
-    model directory or the GGUF file; None where there is none (random weights, a
-    directory without tokenizer files)."""
+    """What loads the model's tokenizer for the grammar compiler: from ``tokenizer`` (a
+    directory or preset), else the model's directory or GGUF file; None where there is none
+    (random weights without ``tokenizer``, a directory without tokenizer files)."""
     from worker_svc.loader import resolve_model_path
 
-    path = model_config.tokenizer
-    if path is None:
-        if model_config.model.startswith("random:"):
-            return None
-        path = resolve_model_path(model_config.model)
+    path = resolve_model_path(model_config.tokenizer or model_config.model)
     if os.path.isfile(path) and path.endswith(".gguf"):
         directory, filename = os.path.split(path)
 

@@ -304,6 +304,10 @@ class StructuredOutputManager:
         # outlasted its request's prompt).
         self.num_compile_waits = 0
         self.compile_wait_seconds = 0.0
+        # Steps with masked rows, those rows, and the host time filling and sending masks.
+        self.num_masked_steps = 0
+        self.num_masked_rows = 0
+        self.mask_seconds = 0.0
 
     def new_request(self, params: SamplingParams, eos_token_id: int | None,
                     output_token_ids: list[int]) -> RequestGrammar:
@@ -348,9 +352,13 @@ class StructuredOutputManager:
                 masked_rows.append(row)
         if not masked:
             return None, None, failures
+        start = time.perf_counter()
         host = self.filler.fill(masked)
         dev = self.staging.send({"bitmask": host,
                                  "rows": np.asarray(masked_rows, dtype=np.int64)})
+        self.mask_seconds += time.perf_counter() - start
+        self.num_masked_steps += 1
+        self.num_masked_rows += len(masked)
         return dev["bitmask"], dev["rows"], failures
 
     def close(self) -> None:
