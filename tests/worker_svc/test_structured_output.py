@@ -319,3 +319,24 @@ def test_manager_waits_for_a_compile_still_running(tokenizer, monkeypatch):
     finally:
         release.set()
         manager.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_the_kernel_path_fits_with_and_without_pipelined_steps(model_dir):
+    """The Triton bitmask kernel and the pipelined loop's host read, on a GPU."""
+    from gridllm.llm import LLM
+
+    gpu = LLM(model_dir, device="cuda", num_kv_blocks=128, max_model_len=512)
+    prompts = ["Hello world", "The quick brown fox", "café"] * 2
+    params = _params(1) + _params(7)
+    outputs = {}
+    for max_steps_in_flight in (1, 2):
+        gpu.engine.max_steps_in_flight = max_steps_in_flight
+        outs = gpu.generate(prompts, params, use_tqdm=False)
+        outputs[max_steps_in_flight] = [o.outputs[0].token_ids for o in outs]
+        for spec, out in zip(SPECS * 2, outs, strict=True):
+            assert out.outputs[0].finish_reason == "stop", out.outputs[0].text
+            assert _fits(spec, out.outputs[0].text), out.outputs[0].text
+    assert outputs[1] == outputs[2]
+    assert gpu.engine.runner.structured_outputs.num_masked_steps > 0
