@@ -10,7 +10,7 @@ the time to first token of a request whose schema is new.
    (an unbounded array of nested objects, so the grammar stays active), through the
    in-process engine; alternating runs, the best median step time of each is kept. The
    constrained run also reports the host time per step spent filling and sending the masks,
-   and the bitmask kernel (torch reference on the CPU) timed alone at that batch.
+   and the bitmask kernel (xgrammar's C++ loop on the CPU) timed alone at that batch.
 2. **TTFT with a new schema** (``LLM.generate``, max_tokens=1): unconstrained, a schema never
    seen (compiled at admission), the same schema again (cached), and the compile alone.
 3. **A new schema reaching a busy worker**: ``--batch-size - 1`` unconstrained requests
@@ -103,8 +103,6 @@ def bitmask_apply_ms(llm, batch_size: int, iterations: int = 50) -> float:
     """The bitmask applied to ``[batch_size, vocab]`` fp32 logits, as the sampler does."""
     import torch
 
-    from kernels import torch_ref
-
     runner = llm.engine.runner
     vocab, device = runner.vocab_size, runner.device
     logits = torch.randn(batch_size, vocab, device=device)
@@ -114,7 +112,7 @@ def bitmask_apply_ms(llm, batch_size: int, iterations: int = 50) -> float:
     if device.type == "cuda":
         from kernels.token_bitmask import apply_token_bitmask as apply
     else:
-        apply = torch_ref.apply_token_bitmask
+        from kernels.token_bitmask import apply_token_bitmask_cpu as apply
     for _ in range(3):
         apply(logits, bitmask, rows)
     if device.type == "cuda":

@@ -117,6 +117,10 @@ class Sampler:
                 from kernels.token_bitmask import apply_token_bitmask
 
                 apply_token_bitmask(logits, meta.token_bitmask, meta.bitmask_rows)
+            elif logits.device.type == "cpu":
+                from kernels.token_bitmask import apply_token_bitmask_cpu
+
+                apply_token_bitmask_cpu(logits, meta.token_bitmask, meta.bitmask_rows)
             else:
                 torch_ref.apply_token_bitmask(logits, meta.token_bitmask, meta.bitmask_rows)
         if meta.disallowed_mask is not None:

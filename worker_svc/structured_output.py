@@ -59,15 +59,17 @@ class GrammarCompiler:
             tokenizer's vocabulary are never allowed).
         max_cache_bytes: compiled grammars kept for reuse, in bytes.
         max_cache_entries: specs remembered (failed compiles included).
+        num_threads: compiles at once (a long one does not hold up the next).
     """
 
     def __init__(self, load_tokenizer: Callable[[], Any] | None, vocab_size: int,
                  max_cache_bytes: int = DEFAULT_CACHE_BYTES,
-                 max_cache_entries: int = 4096) -> None:
+                 max_cache_entries: int = 4096, num_threads: int = 2) -> None:
         self.vocab_size = vocab_size
         self.max_cache_bytes = max_cache_bytes
         self.max_cache_entries = max_cache_entries
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar")
+        self._executor = ThreadPoolExecutor(max_workers=num_threads,
+                                            thread_name_prefix="grammar")
         self._lock = threading.Lock()
         # spec key -> compile (done or running), least recently used first.
         self._cache: collections.OrderedDict[tuple, Future] = collections.OrderedDict()
@@ -128,7 +130,8 @@ class GrammarCompiler:
             message = _CPP_PREFIX.sub("", str(exc).strip())
             raise ValueError(f"structured_outputs.{params.kind} does not compile: "
                              f"{message}") from None
-        self.num_compiles += 1
+        with self._lock:
+            self.num_compiles += 1
         logger.debug("compiled a %s grammar in %.1f ms", params.kind,
                      1000 * (time.perf_counter() - start))
         return compiled

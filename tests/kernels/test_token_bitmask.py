@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from kernels import torch_ref
-from kernels.token_bitmask import apply_token_bitmask
+from kernels.token_bitmask import apply_token_bitmask, apply_token_bitmask_cpu
 from tests.kernels.conftest import DEVICE, GPU_DTYPES, SMALL_DTYPES, needs_gpu
 
 NEG_INF = float("-inf")
@@ -45,6 +45,17 @@ def test_token_bitmask_matches_reference(num_rows, vocab, rows, dtype):
     # Allowed logits keep their exact bits; unconstrained rows are untouched.
     assert torch.equal(logits.cpu(), expected), \
         f"{int((logits.cpu() != expected).sum())} mismatches"
+
+
+@pytest.mark.parametrize("num_rows,vocab,rows", [
+    (1, 32, [0]), (4, 97, [3, 1]), (6, 2050, [0, 1, 2, 3, 4, 5]), (3, 1024, []),
+])
+def test_cpu_launcher_matches_the_reference(num_rows, vocab, rows):
+    pytest.importorskip("xgrammar")
+    logits, bitmask, index, expected = _case(num_rows, vocab, rows, torch.float32,
+                                             torch.device("cpu"))
+    apply_token_bitmask_cpu(logits, bitmask, index)
+    assert torch.equal(logits, expected), f"{int((logits != expected).sum())} mismatches"
 
 
 def test_unpack_token_bitmask_reads_xgrammars_layout():
