@@ -40,12 +40,15 @@ from gridllm.launcher import (
     StackConfig,
     WorkerOptions,
 )
+from gridllm.supervisor import RestartPolicy
 
 logger = logging.getLogger(__name__)
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # The exit status of a command stopped by Ctrl-C (128 + SIGINT), as shells report it.
 _EXIT_INTERRUPTED = 128 + signal.SIGINT
+# Seconds between the launcher's looks at its children.
+_SUPERVISE_INTERVAL_S = 0.5
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -79,8 +82,9 @@ def _parser(sub, name: str, help_text: str, description: str | None = None):
 
 def _add_up_arguments(up: argparse.ArgumentParser) -> None:
     """The stack's flags, then every engine and service setting it passes on."""
-    add_arguments(up.add_argument_group("stack"), StackConfig,
-                  defaults={"http_port": DEFAULT_HTTP_PORT})
+    stack = up.add_argument_group("stack")
+    add_arguments(stack, StackConfig, defaults={"http_port": DEFAULT_HTTP_PORT})
+    add_arguments(stack, RestartPolicy)
     add_arguments(up.add_argument_group("model (every worker)"), ModelConfig,
                   exclude=("model", *WORKER_MODEL_EXCLUDED))
     add_arguments(up.add_argument_group("KV cache (every worker)"), CacheConfig)
@@ -92,13 +96,19 @@ def _add_up_arguments(up: argparse.ArgumentParser) -> None:
     add_arguments(services, RouterOptions, exclude=STACK_SET_ROUTER_FIELDS)
 
 
+def _describe_fleet(config: StackConfig) -> str:
+    if config.num_schedulers == 1:
+        return f"{config.num_workers} worker(s)"
+    return (f"{config.num_schedulers} schedulers x {config.num_workers} worker(s)")
+
+
 def stack_config_from_args(args: argparse.Namespace) -> StackConfig:
     """The StackConfig of parsed ``gridllm up`` flags (ValueError naming a bad one)."""
     scheduler_options = from_args(SchedulerServiceConfig, args,
                                   exclude=STACK_SET_SCHEDULER_FIELDS,
                                   scheduler_config=from_args(SchedulerConfig, args))
     return from_args(
-        StackConfig, args,
+        StackConfig, args, restart_policy=from_args(RestartPolicy, args),
         model_config=from_args(ModelConfig, args, exclude=WORKER_MODEL_EXCLUDED),
         cache_config=from_args(CacheConfig, args), scheduler_options=scheduler_options,
         worker_options=from_args(WorkerOptions, args, exclude=STACK_SET_WORKER_FIELDS),
@@ -189,10 +199,13 @@ def cmd_up(args: argparse.Namespace) -> int:
         # stdout is the interface here (scripts read the endpoint), not a log line.
         http = f" and {stack.http_endpoint}/v1 (OpenAI API)" if stack.http_endpoint else ""
         print(f"gridllm serving {config.model} at {stack.endpoint}{http} "
-              f"({config.num_workers} worker(s); logs in {stack.log_dir})", flush=True)
-        while not stopped.wait(1.0):
-            for process in stack.processes:
-                process.check_running()
+              f"({_describe_fleet(config)}; logs in {stack.log_dir})", flush=True)
+        while not stopped.wait(_SUPERVISE_INTERVAL_S):
+            if stack.supervisor is not None:
+                stack.supervisor.check()  # restarts the dead; CrashLoopError gives up
+            else:
+                for process in stack.processes:
+                    process.check_running()
     except _Terminate:
         logger.info("stopping the stack")
     except RuntimeError as exc:

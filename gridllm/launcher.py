@@ -3,7 +3,9 @@ workers and router as child processes on free loopback ports.
 
 Every child runs in its own process group (its own session), so stopping one stops
 whatever it spawned, and a Ctrl-C in the terminal reaches only the launcher, which then
-stops the children in reverse start order: nothing is orphaned.
+drains and stops the children (router, scheduler, workers, Redis); each child is also tied
+to the launcher's life by the kernel: nothing is orphaned. While the stack runs, a
+``supervisor.Supervisor`` starts again whatever dies.
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ from gridllm.common.config import (
     check_port,
     require,
 )
-from gridllm.common.grpc_utils import PortInUseError, free_port, is_port_free
+from gridllm.common.grpc_utils import PortInUseError, free_port, is_port_free, split_address
 from gridllm.common.presets import cache_dir, check_model
+from gridllm.supervisor import RestartPolicy, Supervisor
 from router.server import RouterOptions
 from scheduler_svc.server import SchedulerServiceConfig
 from worker_svc.server import WorkerOptions
@@ -45,9 +48,9 @@ logger = logging.getLogger(__name__)
 # The fields of each service's settings the stack sets itself (addresses, ids, Redis, model);
 # the others are passed on as the service's flags.
 STACK_SET_SCHEDULER_FIELDS = ("worker_addresses", "redis_url", "host", "port", "advertise_host",
-                              "metrics_port")
+                              "metrics_port", "worker_group")
 STACK_SET_WORKER_FIELDS = ("worker_id", "host", "port", "advertise_host", "redis_url",
-                           "metrics_port")
+                           "metrics_port", "worker_group")
 STACK_SET_ROUTER_FIELDS = ("model", "scheduler_addresses", "redis_url", "host", "port",
                            "http_port")
 
@@ -58,6 +61,8 @@ _SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Log directories of past runs kept under log_root(); older ones are removed.
 MAX_KEPT_LOG_DIRS = 10
 _LOG_DIR_PREFIX = "up-"
+# Seconds a service gets, past its drain grace period, to exit before it is killed.
+_EXIT_MARGIN_S = 5.0
 
 
 # Tried in this order: a server the system provides, then the embedded ones from PyPI
@@ -137,24 +142,32 @@ def new_log_dir(root: str | None = None, max_kept: int = MAX_KEPT_LOG_DIRS) -> s
     return path
 
 
-def _load_prctl():
-    # Resolved in the parent: dlopen between fork and exec could deadlock on a lock that
-    # another thread of the parent held at fork time.
+def _has_prctl() -> bool:
     if not sys.platform.startswith("linux"):
-        return None
+        return False
     try:
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
+        return hasattr(ctypes.CDLL(None), "prctl")
+    except OSError:
+        return False
 
 
-_PRCTL = _load_prctl()
+# Runs as ``python -I -S -c _DIE_WITH_PARENT <launcher pid> <command...>``: asks the kernel to
+# SIGTERM the process when the launcher's thread that started it ends (even by SIGKILL), then
+# becomes the command (same pid and process group). A separate step, not a preexec_fn:
+# Python code between fork and exec can crash or deadlock in a parent with threads (gRPC's).
+_DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    f"ctypes.CDLL(None, use_errno=True).prctl({_PR_SET_PDEATHSIG}, int(signal.SIGTERM))\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    sys.exit(1)  # the launcher died before the request took effect\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n")
+_HAS_PRCTL = _has_prctl()
 
 
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec.
-    if _PRCTL is not None:
-        _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
+def _tied_to_launcher(argv: list[str]) -> list[str]:
+    if not _HAS_PRCTL:
+        return argv
+    return [sys.executable, "-I", "-S", "-c", _DIE_WITH_PARENT, str(os.getpid()), *argv]
 
 
 class ManagedProcess:
@@ -175,6 +188,9 @@ class ManagedProcess:
         self.env = env or {}
         self.popen: subprocess.Popen | None = None
         self._is_stopped = False
+        # When the SIGTERM of stop() was sent, and whether stop() has waited already.
+        self._stop_began: float | None = None
+        self._is_waited = False
 
     def start(self) -> ManagedProcess:
         env = {**os.environ, **self.env}
@@ -184,9 +200,8 @@ class ManagedProcess:
         env.setdefault("PYTHONUNBUFFERED", "1")
         with open(self.log_path, "ab") as log:
             self.popen = subprocess.Popen(
-                self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=env, start_new_session=True,
-                preexec_fn=_die_with_parent if _PRCTL is not None else None)
+                _tied_to_launcher(self.argv), stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, env=env, start_new_session=True)
         logger.info("started %s (pid %d): %s", self.name, self.popen.pid, " ".join(self.argv))
         return self
 
@@ -197,6 +212,15 @@ class ManagedProcess:
     def is_alive(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
 
+    def exit_code(self) -> int | None:
+        """The exit status once the process ended (negative: the signal), else None."""
+        return None if self.popen is None else self.popen.poll()
+
+    @property
+    def is_stopped(self) -> bool:
+        """Whether it was stopped on purpose (``stop()`` or ``kill()``), not crashed."""
+        return self._is_stopped
+
     def signal(self, signum: int) -> None:
         """Send ``signum`` to the child's whole process group."""
         if self.popen is None:
@@ -206,19 +230,35 @@ class ManagedProcess:
         except ProcessLookupError:
             pass
 
-    def stop(self, grace_s: float = 10.0) -> int | None:
-        """SIGTERM the process group, SIGKILL it after ``grace_s``; returns the exit code."""
-        if self.popen is None:
-            return None
-        if self._is_stopped:
-            return self.popen.returncode
+    def begin_stop(self) -> None:
+        """SIGTERM the process group once (the service starts draining); ``stop()`` waits."""
+        if self.popen is None or self._is_stopped:
+            return
         self._is_stopped = True
+        self._stop_began = time.monotonic()
         if self.popen.poll() is None:
             self.signal(signal.SIGTERM)
-            try:
-                self.popen.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                logger.warning("%s did not stop within %.0fs: killing it", self.name, grace_s)
+
+    def stop(self, grace_s: float = 10.0) -> int | None:
+        """SIGTERM the process group (unless ``begin_stop()`` did), SIGKILL it ``grace_s``
+        after the SIGTERM; returns the exit code."""
+        if self.popen is None:
+            return None
+        if self._stop_began is None:
+            if self._is_stopped:  # killed
+                return self.popen.returncode
+            self.begin_stop()
+        if self._is_waited:
+            return self.popen.returncode
+        self._is_waited = True
+        assert self._stop_began is not None
+        remaining = max(self._stop_began + grace_s - time.monotonic(), 0.0)
+        try:
+            self.popen.wait(remaining)
+            logger.info("%s stopped in %.1fs (exit code %s)", self.name,
+                        time.monotonic() - self._stop_began, self.popen.returncode)
+        except subprocess.TimeoutExpired:
+            logger.warning("%s did not stop within %.0fs: killing it", self.name, grace_s)
         # Also reaps anything the child left behind in its group.
         self.signal(signal.SIGKILL)
         try:
@@ -272,6 +312,41 @@ def wait_for_redis(url: str, process: ManagedProcess | None, timeout_s: float) -
         client.close()
 
 
+def wait_for_links(address: str, router: ManagedProcess | None, num_schedulers: int,
+                   num_workers: int, timeout_s: float) -> None:
+    """Poll the router's ``GetLoads`` until it lists ``num_schedulers`` schedulers, each
+    with ``num_workers`` live workers.
+
+    Raises:
+        RuntimeError: the router exited, or ``timeout_s`` passed.
+    """
+    import grpc
+
+    from gridllm.v1 import generate_pb2, generate_pb2_grpc
+
+    deadline = time.monotonic() + timeout_s
+    seen = "nothing"
+    with grpc.insecure_channel(address) as channel:
+        stub = generate_pb2_grpc.GenerationStub(channel)
+        while True:
+            if router is not None:
+                router.check_running()
+            try:
+                loads = stub.GetLoads(generate_pb2.GetLoadsRequest(), timeout=2.0)
+                counts = [sum(w.is_alive for w in s.workers) for s in loads.schedulers
+                          if s.scheduler_id]
+                if counts == [num_workers] * num_schedulers:
+                    return
+                seen = f"live workers per scheduler {counts}"
+            except grpc.RpcError as exc:
+                seen = f"GetLoads failed: {exc.code().name}"
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"the stack did not link {num_schedulers} scheduler(s) with {num_workers} "
+                    f"worker(s) each within {timeout_s:.0f}s ({seen})")
+            time.sleep(0.1)
+
+
 def wait_for_health(address: str, process: ManagedProcess | None, timeout_s: float,
                     service: str = "") -> None:
     """Poll ``grpc.health.v1.Health/Check`` until SERVING.
@@ -310,7 +385,10 @@ class StackConfig:
 
     model: str = option(DEFAULT_MODEL,
                         help="preset name, HF directory or GGUF file served by every worker")
-    num_workers: int = option(1, flag="--workers", help="worker processes")
+    num_workers: int = option(1, flag="--workers", help="worker processes per scheduler")
+    num_schedulers: int = option(
+        1, flag="--schedulers", help="schedulers, each driving its own --workers workers "
+        "(one worker group per scheduler); the router routes between them")
     port: int = option(DEFAULT_ROUTER_PORT, help="the router's port; 0 picks a free one")
     http_port: int | None = option(
         None, help="the router's OpenAI-compatible HTTP API (and /metrics, /health, /ready); "
@@ -330,8 +408,13 @@ class StackConfig:
         "newest 10", help="one log file per service (and the embedded Redis's files)")
     startup_timeout_s: float = option(300.0, flag="--startup-timeout", metavar="S",
                                       help="seconds each service may take to become healthy")
-    stop_grace_s: float = option(10.0, flag="--stop-grace", metavar="S",
-                                 help="seconds a stopping service may drain before it is killed")
+    stop_grace_s: float = option(
+        10.0, flag="--stop-grace", metavar="S",
+        help="seconds each service may drain on stop (router, then scheduler, then workers, "
+             "then Redis): in-flight requests finish, new ones get UNAVAILABLE")
+    restart: bool = option(True, help="restart a service that dies, with backoff; "
+                                      "--no-restart: stop the whole stack instead")
+    restart_policy: RestartPolicy = field(default_factory=RestartPolicy)
     # The workers' engine settings; None: the defaults. `model` is replaced by the stack's.
     model_config: ModelConfig | None = None
     cache_config: CacheConfig = field(default_factory=CacheConfig)
@@ -349,12 +432,19 @@ class StackConfig:
 
     def __post_init__(self) -> None:
         require(self.num_workers >= 1, "num_workers", "must be at least 1", self.num_workers)
+        require(self.num_schedulers >= 1, "num_schedulers", "must be at least 1",
+                self.num_schedulers)
+        require(self.num_schedulers == 1 or self.scheduler_options.scheduler_id is None,
+                "scheduler_options.scheduler_id", "must be unset with several schedulers "
+                "(each gets a fresh id)", self.scheduler_options.scheduler_id)
         check_port(self.port)
         for name in ("http_port", "scheduler_metrics_port", "worker_metrics_port"):
             if getattr(self, name) is not None:
                 check_port(getattr(self, name), name)
         require(self.startup_timeout_s > 0, "startup_timeout_s", "must be positive",
                 self.startup_timeout_s)
+        require(self.stop_grace_s >= 0, "stop_grace_s", "must be non-negative",
+                self.stop_grace_s)
         require(bool(self.model), "model", "must be a non-empty name or path", self.model)
 
     def scheduler_args(self) -> list[str]:
@@ -362,6 +452,10 @@ class StackConfig:
         return [*to_argv(self.scheduler_options, exclude=STACK_SET_SCHEDULER_FIELDS),
                 *to_argv(self.scheduler_options.scheduler_config),
                 *self.extra_scheduler_args]
+
+    def worker_group(self, index: int) -> str:
+        """The worker group of scheduler ``index`` (the default group with one scheduler)."""
+        return f"group-{index}" if self.num_schedulers > 1 else ""
 
     def worker_args(self) -> list[str]:
         """Flags passing the workers' settings on (beyond model, address and Redis)."""
@@ -381,7 +475,7 @@ class StackConfig:
 
 
 class LocalStack:
-    """Redis (unless given), one scheduler, N workers and the router, on loopback.
+    """Redis (unless given), M schedulers with N workers each, and the router, on loopback.
 
     Internal ports are picked free; only the router's is chosen by the caller. Use as a
     context manager, or call ``start()`` / ``stop()``.
@@ -396,9 +490,12 @@ class LocalStack:
         self.log_dir = config.log_dir or ""
         self.redis: ManagedProcess | None = None
         self.redis_url = config.redis_url
-        self.scheduler: ManagedProcess | None = None
-        self.scheduler_port = 0
+        # One per scheduler, by index; a restart replaces its entry and keeps its port.
+        self.schedulers: list[ManagedProcess | None] = [None] * config.num_schedulers
+        self.scheduler_ports = [0] * config.num_schedulers
         self.workers: list[ManagedProcess] = []
+        # The scheduler index each worker serves, in the order of ``workers``.
+        self.worker_groups: list[int] = []
         self.router: ManagedProcess | None = None
         self.router_port = 0
         # The router's HTTP port (0: no HTTP API), and each service's metrics port by name.
@@ -406,6 +503,8 @@ class LocalStack:
         self.metrics_ports: dict[str, int] = {}
         self.model_path = config.model
         self._num_started = 0
+        # Restarts dead services (made by start() when config.restart is set).
+        self.supervisor: Supervisor | None = None
 
     @property
     def endpoint(self) -> str:
@@ -421,9 +520,18 @@ class LocalStack:
         return f"http://{self.endpoint.rsplit(':', 1)[0]}:{self.http_port}"
 
     @property
+    def scheduler(self) -> ManagedProcess | None:
+        """The first scheduler."""
+        return self.schedulers[0]
+
+    @property
+    def scheduler_port(self) -> int:
+        return self.scheduler_ports[0]
+
+    @property
     def processes(self) -> list[ManagedProcess]:
         """Every process started, in start order."""
-        return [p for p in (self.redis, self.scheduler, *self.workers, self.router)
+        return [p for p in (self.redis, *self.schedulers, *self.workers, self.router)
                 if p is not None]
 
     def __enter__(self) -> LocalStack:
@@ -456,18 +564,52 @@ class LocalStack:
             self.model_path = resolve_model_path(self.config.model)
             if self.redis_url is None:
                 self._start_redis()
-            # The scheduler reports SERVING once a worker is linked: start all, then wait.
-            scheduler = self.start_scheduler(wait=False)
-            for _ in range(self.config.num_workers):
-                self.add_worker(wait=False)
-            for process in (*self.workers, scheduler):
+            # A scheduler reports SERVING once a worker is linked, the router once a
+            # scheduler does: start all (their imports and loading overlap), then wait.
+            schedulers = [self.start_scheduler(wait=False, index=i)
+                          for i in range(self.config.num_schedulers)]
+            for index in range(self.config.num_schedulers):
+                for _ in range(self.config.num_workers):
+                    self.add_worker(wait=False, group=index)
+            router = self._start_router(wait=False)
+            for process in (*self.workers, *schedulers):
                 wait_for_health(process.env["GRIDLLM_ADDRESS"], process,
                                 self.config.startup_timeout_s)
-            self._start_router()
+            wait_for_health(self.endpoint, router, self.config.startup_timeout_s)
+            # SERVING needs one link each; started means every worker serves its scheduler.
+            wait_for_links(self.endpoint, router, self.config.num_schedulers,
+                           self.config.num_workers, self.config.startup_timeout_s)
         except BaseException:
             self.stop()
             raise
+        if self.config.restart:
+            self.supervisor = self._build_supervisor()
         return self
+
+    def _build_supervisor(self) -> Supervisor:
+        supervisor = Supervisor(self.config.restart_policy)
+        if self.redis is not None:
+            supervisor.watch("redis", lambda: self.redis, self._restart_redis)
+        for index, scheduler in enumerate(self.schedulers):
+            assert scheduler is not None
+            supervisor.watch(scheduler.name, lambda i=index: self.schedulers[i],
+                             lambda i=index: self.start_scheduler(wait=False, index=i))
+        for index, worker in enumerate(self.workers):
+            self._watch_worker(supervisor, index, worker.name)
+        supervisor.watch("router", lambda: self.router, lambda: self._start_router(wait=False))
+        return supervisor
+
+    def _watch_worker(self, supervisor: Supervisor, index: int, name: str) -> None:
+        supervisor.watch(name, lambda: self.workers[index],
+                         lambda: self._restart_worker(index))
+
+    def start_supervising(self, interval_s: float = 0.5) -> Supervisor:
+        """Supervise in a background thread (``gridllm up`` checks from its own loop
+        instead); a crash loop stops the stack."""
+        if self.supervisor is None:
+            self.supervisor = self._build_supervisor()
+        self.supervisor.start(interval_s, on_give_up=lambda exc: self.stop())
+        return self.supervisor
 
     def _start_redis(self) -> None:
         port = free_port()
@@ -480,52 +622,91 @@ class LocalStack:
         self.redis_url = f"redis://127.0.0.1:{port}/0"
         wait_for_redis(self.redis_url, self.redis, self.config.startup_timeout_s)
 
-    def start_scheduler(self, wait: bool = True) -> ManagedProcess:
-        """(Re)start the scheduler; a restart reuses its port so the router finds it again."""
-        self.scheduler_port = self.scheduler_port or free_port()
-        address = f"127.0.0.1:{self.scheduler_port}"
-        argv = [sys.executable, "-m", "scheduler_svc", "--host", "127.0.0.1",
-                "--port", str(self.scheduler_port), "--redis-url", str(self.redis_url),
-                *self._metrics_args("scheduler", self.config.scheduler_metrics_port),
-                *self.config.scheduler_args()]
-        self.scheduler = ManagedProcess("scheduler", argv, self._log_path("scheduler"),
-                                        {**self.config.env, "GRIDLLM_ADDRESS": address}).start()
-        if wait:
-            wait_for_health(address, self.scheduler, self.config.startup_timeout_s)
-        return self.scheduler
+    def _restart_redis(self) -> ManagedProcess:
+        # The same port, so every service's URL stays valid; they reconnect by themselves,
+        # re-register and write the block-state mirror again in full.
+        assert self.redis is not None
+        self.redis = ManagedProcess("redis", self.redis.argv, self.redis.log_path).start()
+        return self.redis
 
-    def add_worker(self, wait: bool = True) -> ManagedProcess:
-        """Start one more worker; it registers in Redis and the scheduler picks it up."""
-        port = free_port()
+    def start_scheduler(self, wait: bool = True, index: int = 0) -> ManagedProcess:
+        """(Re)start scheduler ``index``; a restart reuses its port so the router finds it
+        again."""
+        port = self.scheduler_ports[index] = self.scheduler_ports[index] or free_port()
         address = f"127.0.0.1:{port}"
-        self._num_started += 1
-        first = self.config.worker_metrics_port
-        metrics_args = self._metrics_args(f"worker-{self._num_started}",
-                                          first and first + self._num_started - 1)
-        argv = [sys.executable, "-m", "worker_svc", "--model", self.model_path,
-                "--host", "127.0.0.1", "--port", str(port), "--redis-url", str(self.redis_url),
-                *metrics_args, *self.config.worker_args()]
-        worker = ManagedProcess(f"worker-{self._num_started}", argv,
-                                self._log_path(f"worker-{self._num_started}"),
-                                {**self.config.env, "GRIDLLM_ADDRESS": address}).start()
-        self.workers.append(worker)
+        group = self.config.worker_group(index)
+        name = "scheduler" if index == 0 else f"scheduler-{index}"
+        first = self.config.scheduler_metrics_port
+        argv = [sys.executable, "-m", "scheduler_svc", "--host", "127.0.0.1",
+                "--port", str(port), "--redis-url", str(self.redis_url),
+                *(["--worker-group", group] if group else []),
+                *self._metrics_args(name, first and first + index),
+                *self._grace_args(), *self.config.scheduler_args()]
+        scheduler = ManagedProcess(name, argv, self._log_path(name),
+                                   {**self.config.env, "GRIDLLM_ADDRESS": address}).start()
+        self.schedulers[index] = scheduler
         if wait:
-            wait_for_health(address, worker, self.config.startup_timeout_s)
+            wait_for_health(address, scheduler, self.config.startup_timeout_s)
+        return scheduler
+
+    def add_worker(self, wait: bool = True, group: int = 0) -> ManagedProcess:
+        """Start one more worker for scheduler ``group``; it registers in Redis (in that
+        scheduler's worker group) and the scheduler picks it up."""
+        self._num_started += 1
+        worker = self._worker_process(f"worker-{self._num_started}", free_port(), group)
+        self.workers.append(worker)
+        self.worker_groups.append(group)
+        if self.supervisor is not None:
+            self._watch_worker(self.supervisor, len(self.workers) - 1, worker.name)
+        if wait:
+            wait_for_health(worker.env["GRIDLLM_ADDRESS"], worker,
+                            self.config.startup_timeout_s)
         return worker
 
-    def _start_router(self) -> None:
-        self.router_port = self.config.port or free_port()
+    def _worker_process(self, name: str, port: int, group: int) -> ManagedProcess:
+        address = f"127.0.0.1:{port}"
+        worker_group = self.config.worker_group(group)
+        first = self.config.worker_metrics_port
+        # worker-k gets the k-th metrics port (a restart keeps it: remembered by name).
+        number = int(name.rsplit("-", 1)[1])
+        metrics_args = self._metrics_args(name, first and first + number - 1)
+        argv = [sys.executable, "-m", "worker_svc", "--model", self.model_path,
+                "--host", "127.0.0.1", "--port", str(port), "--redis-url", str(self.redis_url),
+                *(["--worker-group", worker_group] if worker_group else []),
+                *metrics_args, *self._grace_args(), *self.config.worker_args()]
+        return ManagedProcess(name, argv, self._log_path(name),
+                              {**self.config.env, "GRIDLLM_ADDRESS": address}).start()
+
+    def _restart_worker(self, index: int) -> ManagedProcess:
+        # Found through the registry, so any port serves; the old one if it is free.
+        old = self.workers[index]
+        _, port = split_address(old.env["GRIDLLM_ADDRESS"])
+        if not is_port_free("127.0.0.1", port):
+            port = free_port()
+        self.workers[index] = self._worker_process(old.name, port, self.worker_groups[index])
+        return self.workers[index]
+
+    def _start_router(self, wait: bool = True) -> ManagedProcess:
+        # A restart keeps the ports: they are the ones clients dial.
+        self.router_port = self.router_port or self.config.port or free_port()
         http_args: list[str] = []
         if self.config.http_port is not None:
-            self.http_port = self.config.http_port or free_port(self.config.host)
+            self.http_port = self.http_port or self.config.http_port or free_port(
+                self.config.host)
             http_args = ["--http-port", str(self.http_port)]
         argv = [sys.executable, "-m", "router", "--host", self.config.host,
                 "--port", str(self.router_port), "--model", self.model_path,
-                "--scheduler", f"127.0.0.1:{self.scheduler_port}",
-                "--redis-url", str(self.redis_url), *http_args, *self.config.router_args()]
+                *[a for port in self.scheduler_ports for a in ("--scheduler", f"127.0.0.1:{port}")],
+                "--redis-url", str(self.redis_url), *http_args, *self._grace_args(),
+                *self.config.router_args()]
         self.router = ManagedProcess("router", argv, self._log_path("router"),
                                      dict(self.config.env)).start()
-        wait_for_health(self.endpoint, self.router, self.config.startup_timeout_s)
+        if wait:
+            wait_for_health(self.endpoint, self.router, self.config.startup_timeout_s)
+        return self.router
+
+    def _grace_args(self) -> list[str]:
+        return ["--grace", str(self.config.stop_grace_s)]
 
     def _metrics_args(self, name: str, port: int | None) -> list[str]:
         """``--metrics-port`` for a service (port 0: a free one, remembered by name)."""
@@ -539,9 +720,23 @@ class LocalStack:
         return os.path.join(self.log_dir, f"{name}.log")
 
     def stop(self) -> None:
-        """Stop every started process, router first and Redis last."""
-        for process in reversed(self.processes):
-            try:
-                process.stop(self.config.stop_grace_s)
-            except Exception:  # noqa: BLE001 - keep stopping the others
-                logger.exception("stopping %s failed", process.name)
+        """Drain and stop every started process: the router first (its in-flight requests
+        finish while everything behind it still runs, new ones get UNAVAILABLE), then the
+        schedulers, then the workers, and Redis last. Nothing is restarted meanwhile."""
+        if self.supervisor is not None:
+            self.supervisor.pause()
+        # Workers stop together: by then nothing is in flight on them.
+        stages = [[self.router], list(self.schedulers), self.workers, [self.redis]]
+        for stage in stages:
+            stage = [p for p in stage if p is not None]
+            for process in stage:
+                process.begin_stop()
+            for process in stage:
+                try:
+                    # The service drains for stop_grace_s by itself; the margin lets it exit.
+                    process.stop(self.config.stop_grace_s + _EXIT_MARGIN_S)
+                except Exception:  # noqa: BLE001 - keep stopping the others
+                    logger.exception("stopping %s failed", process.name)
+        if self.supervisor is not None:
+            # Only now: the processes it restarted die with its thread.
+            self.supervisor.stop()

@@ -39,7 +39,7 @@ from gridllm.common.sampling_params import SamplingParams
 from gridllm.v1 import generate_pb2, scheduler_pb2
 from router.metrics import RouterMetrics
 from router.request_log import RequestRecord
-from router.routing import SchedulerLink, SchedulerPool
+from router.routing import NoSchedulerError, SchedulerLink, SchedulerPool
 from router.validation import ValidatedRequest, validate_request
 
 logger = logging.getLogger(__name__)
@@ -236,18 +236,27 @@ class EngineClient:
         state = CompletionState(self.tokenizer, prompt_ids, child.params, child.index)
         metadata = ((REQUEST_ID_KEY, validated.request_id), *tracing.grpc_metadata())
         for attempt in range(self.max_resubmits + 1):
-            link = await self._pick(prompt_ids + state.token_ids, deadline)
+            # A new request is refused at once without a scheduler; one whose scheduler
+            # died is held for it to come back (or another to take over).
+            link = await self._pick(prompt_ids + state.token_ids, deadline,
+                                    self.scheduler_wait_s if attempt else 0.0)
             call = link.stub.Submit(self._submit_request(validated, child.req_id, attempt,
                                                          child.params, state.token_ids),
                                     timeout=_remaining(deadline), metadata=metadata)
             link.num_inflight += 1
             # Finished upstream (the scheduler freed the request), not here by a stop string.
             is_upstream_done = False
+            is_prefilled = False  # the routing policy counts its prompt as queued until then
             try:
                 async for msg in call:
+                    if not is_prefilled:
+                        link.prefilled()
+                        is_prefilled = True
                     update = request_update_from_pb(msg)
                     is_upstream_done = update.finished
                     delta = state.process(update)
+                    if is_upstream_done and update.error is None:
+                        self.pool.note_computed(link, prompt_ids + state.token_ids)
                     yield delta
                     if delta.finished:
                         return
@@ -255,6 +264,8 @@ class EngineClient:
                 self._raise_unless_resubmittable(exc, link, attempt)
             finally:
                 link.num_inflight -= 1
+                if not is_prefilled:
+                    link.prefilled()
                 if not is_upstream_done:
                     # Client cancel, deadline, stop string, or failure: abort it upstream.
                     call.cancel()
@@ -277,15 +288,17 @@ class EngineClient:
         if attempt >= self.max_resubmits:
             raise RequestFailure(code, f"scheduler failed: {exc.details()}")
 
-    async def _pick(self, token_ids: list[int], deadline: float | None) -> SchedulerLink:
-        wait_s = self.scheduler_wait_s
+    async def _pick(self, token_ids: list[int], deadline: float | None,
+                    wait_s: float = 0.0) -> SchedulerLink:
+        """A scheduler for the tokens; RequestFailure UNAVAILABLE if none with a live worker
+        answers within ``wait_s`` (0: a new request is refused at once)."""
         remaining = _remaining(deadline)
         if remaining is not None:
             wait_s = min(wait_s, remaining)
         try:
             return await self.pool.pick(token_ids, wait_s)
-        except TimeoutError as exc:
-            raise RequestFailure(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
+        except NoSchedulerError as exc:
+            raise RequestFailure(grpc.StatusCode.UNAVAILABLE, f"{exc}; retry later") from None
 
     def _submit_request(self, validated: ValidatedRequest, sub_id: str, attempt: int,
                         params: SamplingParams, generated: list[int]

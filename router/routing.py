@@ -1,15 +1,15 @@
 """Which scheduler gets a request: the pool of scheduler links and the routing policy.
 
-With one scheduler there is nothing to choose. With several, the policy is cache-aware
-with a load guard (as SGLang's router): if the load is badly unbalanced the least loaded
-scheduler wins; otherwise the one whose workers already cache the longest prefix of the
-prompt (read from the per-worker prefix-hash index the schedulers mirror to Redis), ties
-broken by load.
+With one scheduler there is nothing to choose. With several, a policy
+(gridllm.common.routing_policy; cache-aware by default) weighs each scheduler's prefix
+overlap with the prompt (the most any of its workers caches, from the prefix index the KV
+event log feeds, router.kv_index) against its load (polled with GetStats).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import time
@@ -22,15 +22,18 @@ import grpc
 from gridllm.common import redis_keys
 from gridllm.common.grpc_utils import channel_options
 from gridllm.common.prefix_hash import prompt_block_hashes
+from gridllm.common.routing_policy import CacheAwarePolicy, Candidate, RoutingPolicy
 from gridllm.v1 import generate_pb2, scheduler_pb2, scheduler_pb2_grpc
+from router.kv_index import KvIndexFollower, RecentRoutes
 
 logger = logging.getLogger(__name__)
 
-# Load gap (requests) above which balance beats cache affinity, if also max > ratio * min.
-_BALANCE_ABS_THRESHOLD = 32
-_BALANCE_REL_THRESHOLD = 2.0
 # Only the first blocks of a prompt are looked up: the prefix is what gets shared.
 _MAX_LOOKUP_BLOCKS = 64
+
+
+class NoSchedulerError(TimeoutError):
+    """No scheduler with a live worker answered (within the wait allowed)."""
 
 
 @dataclass
@@ -48,42 +51,55 @@ class SchedulerLink:
     num_reported: int = 0
     worker_ids: list[str] = field(default_factory=list)
     last_ok: float = 0.0
+    # From the last GetStats too: the load a routing policy weighs.
+    num_running: int = 0
+    num_waiting: int = 0
+    num_queued_tokens: int = 0
+    kv_usage: float = 0.0
+    # Uncached prompt tokens of this router's requests there that have no first token yet
+    # (exact, where the reported queue lags), one entry per request, oldest first.
+    routed_tokens: collections.deque[int] = field(default_factory=collections.deque)
 
     @property
     def load(self) -> int:
         return max(self.num_inflight, self.num_reported)
 
+    def candidate(self, num_overlap_blocks: int) -> Candidate:
+        return Candidate(self.address, num_overlap_blocks, self.num_running, self.num_waiting,
+                         max(self.num_queued_tokens, sum(self.routed_tokens)), self.kv_usage,
+                         self.num_inflight)
 
-def choose(links: Sequence[SchedulerLink], overlaps: dict[str, int]) -> SchedulerLink:
-    """The routing policy (pure, for tests).
-
-    Args:
-        links: alive schedulers (at least one).
-        overlaps: address -> prompt blocks cached on that scheduler's workers.
-    """
-    loads = [link.load for link in links]
-    if (max(loads) - min(loads) > _BALANCE_ABS_THRESHOLD
-            and max(loads) > _BALANCE_REL_THRESHOLD * min(loads)):
-        return min(links, key=lambda link: link.load)
-    return max(links, key=lambda link: (overlaps.get(link.address, 0), -link.load))
+    def prefilled(self) -> None:
+        """One request routed here got its first token (or ended): its prompt no longer
+        waits. Requests are taken oldest first, which the sum does not mind."""
+        if self.routed_tokens:
+            self.routed_tokens.popleft()
 
 
 class PrefixIndex:
-    """Reads the per-worker prefix-hash index the schedulers mirror to Redis.
+    """Which worker caches how much of a prompt.
 
-    The index of worker ``w`` is the hash ``gridllm.common.redis_keys.kv_cached_key(w)`` whose
-    fields are ``str(block_hash)``.
+    Answers from the index the KV event log feeds (``follower``) once it holds a state,
+    and keeps answering from its last state while Redis is unreachable. Without one, reads
+    the per-worker hash sets the schedulers mirror to Redis
+    (``gridllm.common.redis_keys.kv_cached_key(w)``, fields ``str(block_hash)``) with HMGET.
 
     Args:
         redis_client: a ``redis.asyncio.Redis`` (None: no cache affinity).
+        follower: the event-fed index, or None.
     """
 
-    def __init__(self, redis_client: Any | None):
+    def __init__(self, redis_client: Any | None, follower: KvIndexFollower | None = None):
         self.redis = redis_client
+        self.follower = follower
 
     async def overlap(self, worker_ids: Sequence[str], hashes: Sequence[int]) -> dict[str, int]:
         """worker id -> number of leading ``hashes`` cached on it (empty on Redis trouble)."""
-        if self.redis is None or not hashes or not worker_ids:
+        if not hashes or not worker_ids:
+            return {}
+        if self.follower is not None and self.follower.index.has_state:
+            return self.follower.index.overlap(worker_ids, hashes)
+        if self.redis is None:
             return {}
         fields = [str(h) for h in hashes]
         try:
@@ -114,10 +130,11 @@ class SchedulerPool:
         prefix_index: where prefix overlap is read (affinity only with several schedulers);
             its Redis is also the registry read for discovery.
         poll_interval_s: how often each scheduler's stats (load, liveness) are refreshed.
+        policy: the routing policy (gridllm.common.routing_policy; default cache-aware).
     """
 
     def __init__(self, addresses: Sequence[str], prefix_index: PrefixIndex | None = None,
-                 poll_interval_s: float = 0.5):
+                 poll_interval_s: float = 0.5, policy: RoutingPolicy | None = None):
         self.is_discovering = not addresses
         if self.is_discovering and (prefix_index is None or prefix_index.redis is None):
             raise ValueError("at least one scheduler address is needed (--scheduler), or "
@@ -127,8 +144,15 @@ class SchedulerPool:
             self._add_link(address)
         self.prefix_index = prefix_index
         self.poll_interval_s = poll_interval_s
+        self.policy = policy or CacheAwarePolicy()
+        self.recent = RecentRoutes()
+        # Whether any scheduler is alive; ``availability_changed`` is set when that flips.
+        self.is_available = False
+        self.availability_changed = asyncio.Event()
         self._changed = asyncio.Event()
         self._poller: asyncio.Task | None = None
+        # The refresh of every link in progress; concurrent callers share it.
+        self._refreshing: asyncio.Future | None = None
 
     def _add_link(self, address: str) -> None:
         channel = grpc.aio.insecure_channel(address, options=channel_options())
@@ -157,9 +181,12 @@ class SchedulerPool:
         self._poller = asyncio.create_task(self._poll_forever())
 
     async def close(self) -> None:
-        if self._poller is not None:
-            self._poller.cancel()
-            await asyncio.gather(self._poller, return_exceptions=True)
+        for task in (self._poller, self._refreshing):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        # Cancelled tasks hold their frames, which hold this pool: no cycle left behind.
+        self._poller = self._refreshing = None
         for link in self.links:
             await link.channel.close()
 
@@ -177,13 +204,30 @@ class SchedulerPool:
         if link.is_alive:
             logger.warning("scheduler %s is unreachable; routing around it", link.address)
         link.is_alive = False
+        self._note_availability()
+
+    def _note_availability(self) -> None:
+        is_available = any(link.is_alive for link in self.links)
+        if is_available != self.is_available:
+            self.is_available = is_available
+            self.availability_changed.set()
 
     async def _poll_forever(self) -> None:
         while True:
-            if self.is_discovering:
-                await self.discover()
-            await asyncio.gather(*(self.refresh(link) for link in self.links))
+            await self.refresh_all()
             await asyncio.sleep(self.poll_interval_s)
+
+    async def refresh_all(self) -> None:
+        """Discover (when discovering) and refresh every link now; concurrent callers share
+        one round."""
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.ensure_future(self._refresh_all())
+        await asyncio.shield(self._refreshing)
+
+    async def _refresh_all(self) -> None:
+        if self.is_discovering:
+            await self.discover()
+        await asyncio.gather(*(self.refresh(link) for link in self.links))
 
     async def refresh(self, link: SchedulerLink) -> None:
         """GetInfo + GetStats: marks the link alive (a scheduler with workers) or down."""
@@ -199,26 +243,36 @@ class SchedulerPool:
         link.info = info if info.vocab_size > 0 else link.info
         link.num_reported = stats.num_requests_running + stats.num_requests_waiting
         link.worker_ids = [w.worker_id for w in stats.workers if w.is_alive]
+        note_load(link, stats)
         link.last_ok = time.monotonic()
         if link.is_alive and not was_alive:
             logger.info("scheduler %s is serving (%d workers)", link.address, info.num_workers)
             self._changed.set()
+        elif was_alive and not link.is_alive:
+            logger.warning("scheduler %s has no live worker", link.address)
+        self._note_availability()
 
     async def wait_alive(self, timeout_s: float) -> list[SchedulerLink]:
-        """The alive links, waiting up to ``timeout_s`` for one (TimeoutError if none)."""
+        """The alive links, waiting up to ``timeout_s`` for one (TimeoutError if none).
+
+        With none alive, every link is asked again first: ``timeout_s=0`` answers after one
+        round of checks (milliseconds for a dead scheduler, at most a call timeout).
+        """
         deadline = time.monotonic() + timeout_s
         while True:
             alive = self.alive()
             if alive:
                 return alive
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"no scheduler available after {timeout_s:.1f}s")
             self._changed.clear()
             # Poll actively too: the background poll may be sleeping.
-            await asyncio.gather(*(self.refresh(link) for link in self.links))
+            await self.refresh_all()
             if self.alive():
                 continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise NoSchedulerError(
+                    "no scheduler with a live worker is reachable" if timeout_s <= 0 else
+                    f"no scheduler with a live worker came back within {timeout_s:.1f}s")
             try:
                 await asyncio.wait_for(self._changed.wait(), min(remaining, 0.2))
             except asyncio.TimeoutError:
@@ -231,11 +285,59 @@ class SchedulerPool:
         if len(alive) == 1:
             return alive[0]
         overlaps: dict[str, int] = {}
-        if self.prefix_index is not None and alive[0].info is not None:
-            hashes = prompt_block_hashes(token_ids, alive[0].info.block_size, cache_salt,
-                                         _MAX_LOOKUP_BLOCKS)
+        hashes: list[int] = []
+        block_size = alive[0].info.block_size if alive[0].info is not None else 0
+        if self.prefix_index is not None and block_size:
+            hashes = prompt_block_hashes(token_ids, block_size, cache_salt, _MAX_LOOKUP_BLOCKS)
             worker_ids = [w for link in alive for w in link.worker_ids]
             per_worker = await self.prefix_index.overlap(worker_ids, hashes)
             overlaps = {link.address: max((per_worker.get(w, 0) for w in link.worker_ids),
                                           default=0) for link in alive}
-        return choose(alive, overlaps)
+        return choose_link(alive, overlaps, self.policy, token_ids, block_size, hashes,
+                           self.recent)
+
+    def note_computed(self, link: SchedulerLink, token_ids: Sequence[int],
+                      cache_salt: str | None = None) -> None:
+        """A request routed to ``link`` finished: its blocks are cached there from now, and
+        the event log reports them a little later; until then this router's recent routes
+        send the prefix after it (however long the request itself took)."""
+        block_size = link.info.block_size if link.info is not None else 0
+        if block_size and self.prefix_index is not None:
+            self.recent.note(link.address, prompt_block_hashes(
+                token_ids, block_size, cache_salt, _MAX_LOOKUP_BLOCKS))
+
+
+def choose_link(alive: Sequence[SchedulerLink], overlaps: dict[str, int],
+                policy: RoutingPolicy, token_ids: Sequence[int], block_size: int,
+                hashes: Sequence[int], recent: RecentRoutes) -> SchedulerLink:
+    """The policy's pick among ``alive``, noted as routed there (pure; the cluster
+    simulator calls it too).
+
+    Args:
+        overlaps: address -> prompt blocks its workers cache (from the prefix index); the
+            recent routes of this router add what is not in the index yet.
+    """
+    target, depth = recent.overlap(hashes)
+    if target is not None:
+        overlaps = {**overlaps, target: max(overlaps.get(target, 0), depth)}
+    candidates = [link.candidate(overlaps.get(link.address, 0)) for link in alive]
+    index = policy.choose(candidates, len(token_ids), max(block_size, 1))
+    link = alive[index]
+    if token_ids:
+        # Prefill work sent there: what its cache does not cover.
+        link.routed_tokens.append(
+            max(len(token_ids) - candidates[index].num_overlap_blocks * block_size, 0))
+    if hashes:
+        recent.note(link.address, hashes)
+    return link
+
+
+def note_load(link: SchedulerLink, stats: generate_pb2.GetServerStatsResponse) -> None:
+    """The load a policy weighs, from a scheduler's GetStats."""
+    workers = [w for w in stats.workers if w.is_alive]
+    link.num_running = stats.num_requests_running
+    link.num_waiting = stats.num_requests_waiting
+    link.num_queued_tokens = sum(w.num_queued_tokens for w in workers)
+    num_total = sum(w.kv_blocks_total for w in workers)
+    link.kv_usage = (1.0 - sum(w.kv_blocks_free for w in workers) / num_total
+                     if num_total else 0.0)

@@ -12,7 +12,7 @@ import asyncio
 import dataclasses
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +24,8 @@ from gridllm.common.contract import ModelLimits
 from gridllm.common.convert import model_limits_to_pb
 from gridllm.common.grpc_utils import ServiceServer
 from gridllm.common.http_server import HttpServer
+from gridllm.common.redis_client import async_redis
+from gridllm.common.routing_policy import POLICY_NAMES, make_policy
 from gridllm.v1 import generate_pb2, generate_pb2_grpc
 from router.engine_client import (
     RETRY_AFTER_KEY,
@@ -31,6 +33,8 @@ from router.engine_client import (
     RequestFailure,
     deadline_after,
 )
+from router.kv_api import KvApiError, get_loads, subscribe_kv_events
+from router.kv_index import KvIndexFollower
 from router.metrics import RouterMetrics
 from router.responses import generate_response
 from router.routing import PrefixIndex, SchedulerPool
@@ -72,7 +76,9 @@ class RouterOptions:
              "host); 0 picks a free one")
     scheduler_wait_s: float = option(
         60.0, flag="--scheduler-wait", metavar="S",
-        help="seconds a request waits for a scheduler (at start, or after its scheduler died)")
+        help="seconds a request in flight waits for a scheduler after its own died (then "
+             "UNAVAILABLE); a new request never waits: UNAVAILABLE at once while no "
+             "scheduler with a live worker is reachable")
     max_resubmits: int = option(
         3, help="resubmissions of one request after scheduler failures before giving up")
     max_num_streams: int = option(
@@ -82,6 +88,10 @@ class RouterOptions:
     max_request_bytes: int = option(
         16 << 20, is_size=True, help="largest request (and response) message the router "
         "takes; a larger one gets RESOURCE_EXHAUSTED before it is read")
+    routing_policy: str = option(
+        "cache_aware", choices=POLICY_NAMES,
+        help="how a scheduler is picked: cache_aware (prefix-cache overlap against load), "
+        "least_load, or round_robin")
 
     def __post_init__(self) -> None:
         require(bool(self.model), "model", "must be a non-empty name or path", self.model)
@@ -97,6 +107,8 @@ class RouterOptions:
         self.max_request_bytes = parse_size(self.max_request_bytes, "max_request_bytes")
         require(self.max_request_bytes >= 1024, "max_request_bytes", "must be at least 1KiB",
                 self.max_request_bytes)
+        require(self.routing_policy in POLICY_NAMES, "routing_policy",
+                f"must be one of {POLICY_NAMES}", self.routing_policy)
 
     @property
     def model_name(self) -> str:
@@ -113,14 +125,19 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
         pool: the schedulers.
         options: RouterOptions.
         engine: the request path (shared with the HTTP front); None: one of its own.
+        redis: the KV event log's Redis (None: SubscribeKvEvents is refused).
+        is_draining: whether the router is shutting down (new requests are refused).
     """
 
     def __init__(self, tokenizer: Any | None, eos_token_ids: list[int], pool: SchedulerPool,
-                 options: RouterOptions, engine: EngineClient | None = None):
+                 options: RouterOptions, engine: EngineClient | None = None,
+                 redis: Any | None = None, is_draining: Callable[[], bool] = lambda: False):
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
         self.pool = pool
         self.options = options
+        self.redis = redis
+        self.is_draining = is_draining
         self.engine = engine or EngineClient(tokenizer, eos_token_ids, pool,
                                              options.scheduler_wait_s, options.max_resubmits,
                                              max_num_streams=options.max_num_streams)
@@ -134,7 +151,14 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
                        context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[generate_pb2.GenerateResponse]:
         """Stream one request's completion(s); ValueError -> INVALID_ARGUMENT naming the field,
-        RESOURCE_EXHAUSTED (with a retry hint) past max_num_streams or a scheduler's queue."""
+        RESOURCE_EXHAUSTED (with a retry hint) past max_num_streams or a scheduler's queue.
+
+        UNAVAILABLE at once while the router drains or no scheduler with a live worker is
+        reachable; a request in flight whose scheduler dies waits up to ``scheduler_wait_s``
+        for one to resume on.
+        """
+        if self.is_draining():
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the router is shutting down")
         deadline = deadline_after(context.time_remaining())
         try:
             with self.engine.stream_slot():
@@ -206,6 +230,22 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
             total.num_schedulers += 1
         return total
 
+    async def SubscribeKvEvents(self, request: generate_pb2.SubscribeKvEventsRequest,
+                                context: grpc.aio.ServicerContext
+                                ) -> AsyncIterator[generate_pb2.SubscribeKvEventsResponse]:
+        """Every scheduler's KV events in sequence order, replayed from
+        ``start_sequence_number`` when given, then live (router.kv_api)."""
+        try:
+            async for response in subscribe_kv_events(self.redis, request):
+                yield response
+        except KvApiError as error:
+            await context.abort(error.code, error.details)
+
+    async def GetLoads(self, request: generate_pb2.GetLoadsRequest,
+                       context: grpc.aio.ServicerContext) -> generate_pb2.GetLoadsResponse:
+        """Running, waiting, KV usage and hit rate of every scheduler and worker."""
+        return await get_loads(self.pool.links, self.pool.mark_down)
+
 
 def load_router_tokenizer(model: str, tokenizer: str | None) -> tuple[Any | None, list[int]]:
     """The tokenizer and EOS ids (as ``LLM`` derives them) of a model path or preset."""
@@ -233,6 +273,27 @@ def load_router_tokenizer(model: str, tokenizer: str | None) -> tuple[Any | None
     return tok, eos_token_ids(tok, hf_config, model_dir)
 
 
+async def _track_health(pool: SchedulerPool, server: ServiceServer) -> None:
+    """Readiness follows the pool: SERVING exactly while a scheduler with a live worker
+    answers.
+
+    A function, not a method: the frame of a cancelled task outlives it in the task's
+    traceback, and a frame holding the RouterServer would make a reference cycle that keeps
+    the gRPC server alive past its event loop.
+    """
+    is_serving = False
+    while True:
+        pool.availability_changed.clear()
+        if pool.is_available != is_serving:
+            is_serving = pool.is_available
+            await server.set_serving(is_serving)
+            if is_serving:
+                logger.info("router is serving")
+            else:
+                logger.warning("router is NOT_SERVING: no scheduler with a live worker")
+        await pool.availability_changed.wait()
+
+
 class RouterServer:
     """The router process: server + scheduler pool (+ Redis for cache-aware routing).
 
@@ -254,9 +315,10 @@ class RouterServer:
         self.server = ServiceServer([SERVICE_NAME],
                                     max_message_bytes=self.options.max_request_bytes)
         self.pool: SchedulerPool | None = None
+        self.kv_follower: KvIndexFollower | None = None
         self.engine: EngineClient | None = None
         self._redis: Any = None
-        self._ready_task: asyncio.Task | None = None
+        self._health_task: asyncio.Task | None = None
         self.metrics = RouterMetrics()
         # The OpenAI-compatible API (None without --http-port); http_port is its bound port.
         self.http: HttpServer | None = None
@@ -264,28 +326,31 @@ class RouterServer:
         self._http_drain: asyncio.Task | None = None
 
     async def start(self, address: str | None = None) -> int:
-        """Bind (``address``, default the options' host:port) and start; health turns
-        SERVING once a scheduler with workers answers.
+        """Bind (``address``, default the options' host:port) and start. Readiness is
+        SERVING while a scheduler with a live worker answers; liveness from the start.
 
         Returns:
             The bound port.
         """
         if self.redis_url:
-            import redis.asyncio as aioredis
-
-            self._redis = aioredis.from_url(self.redis_url)
-        self.pool = SchedulerPool(self.scheduler_addresses, PrefixIndex(self._redis))
-        self.pool.start()
+            self._redis = async_redis(self.redis_url)
+            self.kv_follower = KvIndexFollower(self._redis)
+            self.kv_follower.start()
+        self.pool = SchedulerPool(self.scheduler_addresses,
+                                  PrefixIndex(self._redis, self.kv_follower),
+                                  policy=make_policy(self.options.routing_policy))
         engine = self.engine = EngineClient(
             self.tokenizer, self.eos_token_ids, self.pool, self.options.scheduler_wait_s,
             self.options.max_resubmits, self.metrics, self.options.max_num_streams)
         servicer = GenerationServicer(self.tokenizer, self.eos_token_ids, self.pool, self.options,
-                                      engine)
+                                      engine, self._redis, self.server.draining.is_set)
         generate_pb2_grpc.add_GenerationServicer_to_server(servicer, self.server.server)
         port = await self.server.start(address or f"{self.options.host}:{self.options.port}")
         if self.options.http_port is not None:
             await self._start_http(engine)
-        self._ready_task = asyncio.create_task(self._become_ready())
+        self.pool.start()
+        self._health_task = asyncio.create_task(_track_health(self.pool, self.server),
+                                                name="router-health")
         logger.info("router listening on port %d, schedulers %s", port, self.scheduler_addresses)
         return port
 
@@ -302,26 +367,19 @@ class RouterServer:
         logger.info("router HTTP API (OpenAI-compatible) at http://%s:%d/v1",
                     self.options.host, self.http_port)
 
-    async def _become_ready(self) -> None:
-        assert self.pool is not None
-        while True:
-            try:
-                await self.pool.wait_alive(3600.0)
-                break
-            except TimeoutError:
-                continue
-        await self.server.set_serving(True)
-        logger.info("router is serving")
-
     async def stop(self) -> None:
-        if self._ready_task is not None:
-            self._ready_task.cancel()
+        if self._health_task is not None:
+            self._health_task.cancel()
+            await asyncio.gather(self._health_task, return_exceptions=True)
+            self._health_task = None
         if self.http is not None:
             await self.http.stop(0.0)
         if self._http_drain is not None:
             await self._http_drain
         if self.pool is not None:
             await self.pool.close()
+        if self.kv_follower is not None:
+            await self.kv_follower.close()
         if self.engine is not None:
             self.engine.close()
         if self._redis is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from gridllm.common.prefix_hash import block_hashes
+from gridllm.common.prefix_hash import ROOT_HASH, block_hashes
 from scheduler_svc.request import Request
 
 
@@ -22,6 +22,9 @@ class KVBlock:
     block_hash: int | None = None
     # The block's tokens, checked on every prefix hit (guards against hash collisions).
     token_ids: tuple[int, ...] | None = None
+    # Hash of the block before it in its sequence (ROOT_HASH for a first block; None when
+    # unknown, e.g. restored from a mirror that did not record it). Read by KV events.
+    parent_hash: int | None = None
 
 
 class BlockManager:
@@ -142,6 +145,7 @@ class BlockManager:
                 self.removed_hashes.append(block.block_hash)
             block.block_hash = None
             block.token_ids = None
+            block.parent_hash = None
         block.ref_cnt = 1
         return block
 
@@ -163,6 +167,7 @@ class BlockManager:
                 continue
             block.block_hash = block_hash
             block.token_ids = tuple(tokens[i * self.block_size:(i + 1) * self.block_size])
+            block.parent_hash = hashes[i - 1] if i else ROOT_HASH
             if block_hash not in self.cached_blocks:
                 self.cached_blocks[block_hash] = block
                 self.stored_hashes.append(block_hash)
@@ -205,12 +210,20 @@ class BlockManager:
         """Every cached block: hash -> ``(block id, token ids)``."""
         return {h: (b.block_id, b.token_ids or ()) for h, b in self.cached_blocks.items()}
 
-    def restore_cached(self, entries: dict[int, tuple[int, tuple[int, ...]]]) -> int:
+    def cached_parent(self, block_hash: int) -> int | None:
+        """The parent hash of a cached block (ROOT_HASH for a first block), None if the
+        hash is not cached or its parent is unknown."""
+        block = self.cached_blocks.get(block_hash)
+        return None if block is None else block.parent_hash
+
+    def restore_cached(self, entries: dict[int, tuple[int, tuple[int, ...]]],
+                       parents: dict[int, int] | None = None) -> int:
         """Register cached (free) blocks, e.g. a prefix cache mirrored before a restart.
 
         Args:
             entries: block hash -> (block id, its token ids); inconsistent ones are skipped
                 (an id outside the pool, a wrong length, a block in use or already cached).
+            parents: block hash -> its parent's hash, where known.
         Returns:
             The number of blocks restored.
         """
@@ -223,6 +236,7 @@ class BlockManager:
                     or block_hash in self.cached_blocks):
                 continue
             block.block_hash, block.token_ids = block_hash, tuple(token_ids)
+            block.parent_hash = (parents or {}).get(block_hash)
             self.cached_blocks[block_hash] = block
             # Cached blocks go behind the never-used ones: evicted last.
             self.free_queue.move_to_end(block_id)
@@ -236,7 +250,7 @@ class BlockManager:
         for block in self.blocks:
             if block.block_hash is not None:
                 self.removed_hashes.append(block.block_hash)
-            block.block_hash, block.token_ids = None, None
+            block.block_hash, block.token_ids, block.parent_hash = None, None, None
         self.cached_blocks.clear()
         return True
 

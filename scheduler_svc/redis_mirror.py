@@ -7,6 +7,10 @@ persistence, noticed by the heartbeat), each worker's whole block state is writt
 A prefix-cache entry is recorded only after the step that computed its KV, with its block
 version (gridllm.common.block_versions): after a scheduler
 restart, entries whose block was overwritten since are recognised and dropped.
+
+The same net changes go out as KV events (scheduler_svc.kv_events) in the same pipeline: a
+worker's first flush after it is linked, and any full re-sync, start with AllBlocksCleared
+and store every cached block; a worker whose link is gone ends with AllBlocksCleared.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from gridllm.common.config import HEARTBEAT_TTL_S
 from gridllm.common.contract import RequestUpdate, SchedulerOutput
 from gridllm.common.grpc_utils import stop_tasks, wait_or_stop
 from scheduler_svc.block_manager import BlockManager
+from scheduler_svc.kv_events import CachedBlock, KvEventPublisher
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +43,8 @@ class _Tracked:
         self.block_manager = block_manager
         self.versions = versions
         self.stats = stats
-        # block hash -> encoded entry, or None to delete it.
-        self.cached: dict[int, str | None] = {}
+        # block hash -> (block id, version, token ids, parent hash), or None to delete it.
+        self.cached: dict[int, CachedBlock | None] = {}
         # req_id -> "b0,b1,..." or None to delete it.
         self.tables: dict[str, str | None] = {}
         self.is_dirty = True
@@ -47,6 +52,9 @@ class _Tracked:
         self.is_retired = False
         # Redis may have lost what was written: write the whole state, not the changes.
         self.needs_full_sync = False
+        # KV events: the next flush clears the worker and stores its whole cache (a newly
+        # linked worker; after a full sync too).
+        self.needs_event_rebuild = True
 
 
 class RedisMirror:
@@ -57,15 +65,19 @@ class RedisMirror:
         scheduler_id: this scheduler's id (written next to each worker's state).
         registry: returns this scheduler's registry entry (JSON-able) for the heartbeat.
         ttl: seconds the registry entry outlives the last heartbeat.
+        kv_events_max_len: KV events are published to a log of about this many newest
+            events; 0 publishes none.
     """
 
     def __init__(self, redis, scheduler_id: str,
                  registry: Callable[[], dict[str, Any]] | None = None,
-                 ttl: float = HEARTBEAT_TTL_S):
+                 ttl: float = HEARTBEAT_TTL_S, kv_events_max_len: int = 100_000):
         self.redis = redis
         self.scheduler_id = scheduler_id
         self.registry = registry
         self.ttl = ttl
+        self.events = (KvEventPublisher(redis, scheduler_id, kv_events_max_len)
+                       if redis is not None and kv_events_max_len > 0 else None)
         self._tracked: dict[str, _Tracked] = {}
         self._wakeup = asyncio.Event()
         self._flush_lock = asyncio.Lock()
@@ -119,8 +131,8 @@ class RedisMirror:
                 tracked.cached[block_hash] = None
             else:
                 block_id, token_ids = entry
-                tracked.cached[block_hash] = redis_keys.encode_cached_block(
-                    block_id, tracked.versions[block_id], token_ids)
+                tracked.cached[block_hash] = (block_id, tracked.versions[block_id], token_ids,
+                                              bm.cached_parent(block_hash))
         req_ids = {r.req_id for r in output.scheduled_new_reqs}
         req_ids.update(r.req_id for r in output.scheduled_cached_reqs if r.new_block_ids)
         req_ids.update(output.finished_req_ids)
@@ -175,6 +187,7 @@ class RedisMirror:
                     tracked.tables = {**tables, **tracked.tables}
                     # Redis may come back empty (restarted): then only the whole state helps.
                     tracked.needs_full_sync = tracked.is_dirty = True
+                    tracked.needs_event_rebuild = True
                 raise
             for worker_id, tracked, _ in taken:
                 if tracked.is_retired and self._tracked.get(worker_id) is tracked:
@@ -189,15 +202,24 @@ class RedisMirror:
         tracked.is_dirty = False
         cached_key = redis_keys.kv_cached_key(worker_id)
         tables_key = redis_keys.kv_tables_key(worker_id)
-        if tracked.needs_full_sync and not tracked.is_retired:
+        bm = tracked.block_manager
+        is_full = tracked.needs_full_sync and not tracked.is_retired
+        is_rebuild = (is_full or tracked.needs_event_rebuild) and not tracked.is_retired
+        tracked.needs_event_rebuild = False
+        whole = _cached_state(bm, tracked.versions) if is_rebuild else {}
+        if is_full:
             tracked.needs_full_sync = False
-            bm = tracked.block_manager
             pipe.delete(cached_key, tables_key)
-            cached = {h: redis_keys.encode_cached_block(block_id, tracked.versions[block_id],
-                                                        tokens)
-                      for h, (block_id, tokens) in bm.cached_entries().items()}
+            cached = whole
             tables = {r: ",".join(map(str, ids)) for r, ids in bm.block_tables().items()}
-        to_set = {str(h): v for h, v in cached.items() if v is not None}
+        if self.events is not None:
+            events = self.events.changes(worker_id, bm.block_size,
+                                         whole if is_rebuild else cached, is_rebuild)
+            if tracked.is_retired:
+                events.append(self.events.cleared(worker_id))
+            self.events.append(pipe, events)
+        to_set = {str(h): redis_keys.encode_cached_block(*v) for h, v in cached.items()
+                  if v is not None}
         to_delete = [str(h) for h, v in cached.items() if v is None]
         if to_set:
             pipe.hset(cached_key, mapping=to_set)
@@ -209,7 +231,6 @@ class RedisMirror:
             pipe.hset(tables_key, mapping=table_set)
         if table_delete:
             pipe.hdel(tables_key, *table_delete)
-        bm = tracked.block_manager
         state = {"num_blocks": bm.num_blocks, "num_free_blocks": bm.num_free_blocks,
                  "block_size": bm.block_size, "scheduler_id": self.scheduler_id,
                  "updated_at": time.time(), **tracked.stats()}
@@ -277,20 +298,23 @@ class RedisMirror:
         stored_instance, raw = await pipe.execute()
         if isinstance(stored_instance, bytes):
             stored_instance = stored_instance.decode()
-        entries = {}
+        entries, parents = {}, {}
         if stored_instance == instance_id:
             for key, value in raw.items():
-                block_id, version, token_ids = redis_keys.decode_cached_block(value)
+                block_id, version, token_ids, parent = redis_keys.decode_cached_entry(value)
                 if 0 <= block_id < len(versions) and versions[block_id] == version:
                     entries[int(key)] = (block_id, token_ids)
-        restored = block_manager.restore_cached(entries)
+                    if parent is not None:
+                        parents[int(key)] = parent
+        restored = block_manager.restore_cached(entries, parents)
         pipe = self.redis.pipeline(transaction=False)
         pipe.delete(redis_keys.kv_tables_key(worker_id))
         if raw and restored != len(raw):
             # Stale entries would mislead routers; rewrite what was kept.
             pipe.delete(cached_key)
-            kept = {str(h): redis_keys.encode_cached_block(block_id, versions[block_id], tokens)
-                    for h, (block_id, tokens) in block_manager.cached_entries().items()}
+            kept = {str(h): redis_keys.encode_cached_block(*entry)
+                    for h, entry in _cached_state(block_manager, versions).items()
+                    if entry is not None}
             if kept:
                 pipe.hset(cached_key, mapping=kept)
         pipe.hset(state_key, mapping={"instance_id": instance_id,
@@ -313,3 +337,9 @@ class RedisMirror:
             await self.redis.delete(redis_keys.scheduler_key(self.scheduler_id))
         except Exception as exc:  # noqa: BLE001
             logger.warning("final Redis flush failed: %s", exc)
+
+
+def _cached_state(bm: BlockManager, versions: list[int]) -> dict[int, CachedBlock | None]:
+    """Every cached block of ``bm`` as the mirror records it."""
+    return {h: (block_id, versions[block_id], tokens, bm.cached_parent(h))
+            for h, (block_id, tokens) in bm.cached_entries().items()}

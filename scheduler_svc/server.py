@@ -16,6 +16,7 @@ from gridllm.common.config import HEARTBEAT_TTL_S, SchedulerConfig, check_port, 
 from gridllm.common.grpc_utils import ServiceServer, advertised_address
 from gridllm.common.http_server import HttpServer
 from gridllm.common.metrics import serve_metrics
+from gridllm.common.redis_client import async_redis
 from gridllm.v1 import scheduler_pb2_grpc
 from scheduler_svc.metrics import SchedulerMetrics
 from scheduler_svc.redis_mirror import RedisMirror
@@ -36,6 +37,13 @@ class SchedulerServiceConfig:
         help="a worker to drive (repeatable), besides those registered in Redis")
     redis_url: str | None = option(
         None, help="Redis to discover workers in, mirror block state to and register in")
+    worker_group: str = option(
+        "", metavar="NAME", help="link only the registered workers of this group (their "
+        "--worker-group); one scheduler per group. Empty: the default group")
+    max_workers: int | None = option(
+        None, default_help="no limit", help="link at most this many workers: schedulers "
+        "sharing one registry (and group) then split its workers between them, as each "
+        "worker takes one scheduler")
     scheduler_id: str | None = option(None, default_help="a fresh uuid", help="registry id")
     host: str = option("127.0.0.1", help="address to bind")
     port: int = option(0, help="port to bind; 0 picks a free one")
@@ -61,6 +69,9 @@ class SchedulerServiceConfig:
     metrics_port: int | None = option(
         None, default_help="off",
         help="port of the Prometheus /metrics endpoint (on --host); 0 picks a free one")
+    kv_events_max_len: int = option(
+        100_000, metavar="N", help="KV events (blocks stored/removed) are published to the "
+        "stack-wide log in Redis, which keeps about this many newest events; 0: publish none")
 
     def __post_init__(self) -> None:
         check_port(self.port)
@@ -76,6 +87,11 @@ class SchedulerServiceConfig:
                 self.max_migrations)
         if self.metrics_port is not None:
             check_port(self.metrics_port, "metrics_port")
+        require(self.max_workers is None or (isinstance(self.max_workers, int)
+                                             and self.max_workers >= 1),
+                "max_workers", "must be at least 1", self.max_workers)
+        require(self.kv_events_max_len >= 0, "kv_events_max_len", "must be non-negative",
+                self.kv_events_max_len)
 
 
 class SchedulerServer:
@@ -90,21 +106,21 @@ class SchedulerServer:
         self.scheduler_id = self.config.scheduler_id or uuid.uuid4().hex[:12]
         self.redis = None
         if self.config.redis_url:
-            import redis.asyncio as aioredis
-
-            self.redis = aioredis.from_url(self.config.redis_url)
+            self.redis = async_redis(self.config.redis_url)
         self.address = ""
         self.mirror = RedisMirror(self.redis, self.scheduler_id,
                                   lambda: self.pool.registry_entry(self.scheduler_id,
                                                                    self.address),
-                                  self.config.heartbeat_ttl)
+                                  self.config.heartbeat_ttl, self.config.kv_events_max_len)
         self.service = ServiceServer([SERVICE_NAME])
         streams = UpdateStreams()
         self.pool = WorkerPool(self.config.scheduler_config, self.config.worker_addresses,
                                self.redis, self.mirror, streams.deliver,
                                self.service.set_serving, self.config.max_steps_in_flight,
                                max_migrations=self.config.max_migrations,
-                               lost_after_s=self.config.heartbeat_ttl)
+                               lost_after_s=self.config.heartbeat_ttl,
+                               worker_group=self.config.worker_group,
+                               max_workers=self.config.max_workers)
         self.servicer = SchedulerServicer(self.pool, streams, self.scheduler_id,
                                           self.config.max_num_queued_reqs,
                                           self.config.max_num_queued_tokens)

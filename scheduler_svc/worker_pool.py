@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import random
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -23,6 +24,7 @@ from gridllm.common.contract import ErrorKind, FinishReason, RequestUpdate, Sche
 from gridllm.common.convert import model_limits_from_pb, model_limits_to_pb
 from gridllm.common.grpc_utils import channel_options, stop_tasks, wait_or_stop
 from gridllm.common.prefix_hash import prompt_block_hashes
+from gridllm.common.routing_policy import CacheAwarePolicy, Candidate
 from gridllm.v1 import generate_pb2, scheduler_pb2, worker_pb2, worker_pb2_grpc
 from scheduler_svc.redis_mirror import RedisMirror
 from scheduler_svc.request import Request, RequestStatus
@@ -48,13 +50,17 @@ class WorkerPool:
         max_migrations: times one request may move to another worker after losing its own.
         lost_after_s: a worker missing from the registry this long with a step pending is
             taken for lost (see WorkerLink).
+        worker_group: only registered workers of this group are linked (those given by
+            address always are).
+        max_workers: link at most this many workers (None: every one found).
     """
 
     def __init__(self, scheduler_config: SchedulerConfig, worker_addresses: list[str],
                  redis: Any, mirror: RedisMirror,
                  deliver: Callable[[list[RequestUpdate], str], None],
                  on_serving: Callable[[bool], Awaitable[None]], max_steps_in_flight: int = 2,
-                 max_migrations: int = 3, lost_after_s: float = 6.0):
+                 max_migrations: int = 3, lost_after_s: float = 6.0, worker_group: str = "",
+                 max_workers: int | None = None):
         self.scheduler_config = scheduler_config
         self.worker_addresses = list(worker_addresses)
         self.redis = redis
@@ -64,6 +70,9 @@ class WorkerPool:
         self.max_steps_in_flight = max_steps_in_flight
         self.max_migrations = max_migrations
         self.lost_after_s = lost_after_s
+        self.worker_group = worker_group
+        self.max_workers = max_workers
+        self.policy = CacheAwarePolicy()
         self.links: dict[str, WorkerLink] = {}
         # req_id -> the link running it.
         self._req_links: dict[str, WorkerLink] = {}
@@ -78,7 +87,10 @@ class WorkerPool:
     # ----------------------------------------------------------------- lifecycle
     async def start(self, discovery_interval: float) -> None:
         """Link the workers known now, then keep looking every ``discovery_interval`` s."""
-        await self.discover_once()
+        try:
+            await self.discover_once()
+        except Exception as exc:  # noqa: BLE001 - Redis may be down: the loop keeps looking
+            logger.warning("worker discovery failed: %s", exc)
         self._discovery = asyncio.create_task(self._discovery_loop(discovery_interval),
                                               name="worker-discovery")
 
@@ -109,6 +121,8 @@ class WorkerPool:
                 if value is None:
                     continue
                 entry = json.loads(value)
+                if entry.get("worker_group", "") != self.worker_group:
+                    continue  # another scheduler's worker
                 registered.add(entry["worker_id"])
                 addresses.setdefault(entry["address"], entry["worker_id"])
         if registered is not None:
@@ -123,6 +137,11 @@ class WorkerPool:
         linked = {link.info.address for link in self.links.values()}
         pending = [addr for addr in addresses
                    if addr not in linked and addr not in self._connecting]
+        if self.max_workers is not None:
+            # Several schedulers share the registry: each takes a random few of the workers
+            # not driven yet (a worker refuses a second scheduler), until it holds its share.
+            room = self.max_workers - len(self.links) - len(self._connecting)
+            pending = random.sample(pending, min(max(room, 0), len(pending)))
         await asyncio.gather(*(self._connect(addr) for addr in pending))
 
     async def _connect(self, address: str) -> None:
@@ -240,19 +259,8 @@ class WorkerPool:
         return links[0].info
 
     def pick(self, request: Request, links: list[WorkerLink]) -> WorkerLink:
-        """The link holding most of the prompt's prefix with room for it, else the freest."""
-        block_size = links[0].scheduler.block_size
-        needed = -(-(request.num_prompt_tokens + 1) // block_size)
-        hashes = prompt_block_hashes(request.prompt_token_ids, block_size, request.cache_salt)
-
-        def score(link: WorkerLink) -> tuple[int, int]:
-            capacity = link.scheduler.free_capacity()
-            hits = 0
-            if capacity >= needed:
-                hits = link.scheduler.block_manager.num_cached_prefix_blocks(hashes)
-            return hits, capacity
-
-        return max(links, key=score)
+        """The link where the least work stands before the request's first token."""
+        return links[pick_worker(request, [link.scheduler for link in links], self.policy)]
 
     def queued(self) -> tuple[int, int]:
         """Requests waiting over all workers, and their tokens (prompt + output so far)."""
@@ -284,18 +292,8 @@ class WorkerPool:
     def stats(self) -> generate_pb2.GetServerStatsResponse:
         reply = generate_pb2.GetServerStatsResponse(num_schedulers=1)
         for link in self.links.values():
-            core, bm = link.scheduler, link.scheduler.block_manager
-            reply.num_requests_running += core.num_running
-            reply.num_requests_waiting += core.num_waiting
-            reply.prefix_cache_queries += bm.prefix_cache_queries
-            reply.prefix_cache_hits += bm.prefix_cache_hits
-            reply.num_preemptions += core.num_preemptions
-            reply.num_workers_alive += int(link.is_alive)
-            reply.workers.append(generate_pb2.WorkerStats(
-                worker_id=link.worker_id, kv_blocks_total=bm.num_blocks,
-                kv_blocks_free=bm.num_free_blocks, address=link.info.address,
-                num_requests_running=core.num_running, num_requests_waiting=core.num_waiting,
-                is_alive=link.is_alive))
+            add_worker_stats(reply, link.worker_id, link.scheduler, link.is_alive,
+                             link.info.address)
         return reply
 
     def model_info(self, scheduler_id: str) -> scheduler_pb2.SchedulerInfo | None:
@@ -311,6 +309,7 @@ class WorkerPool:
         stats = self.stats()
         info = self._last_info
         return {"scheduler_id": scheduler_id, "address": address,
+                "worker_group": self.worker_group,
                 "model": info.model if info else "", "block_size": info.block_size if info else 0,
                 "worker_ids": [w.worker_id for w in stats.workers],
                 "num_requests_running": stats.num_requests_running,
@@ -321,3 +320,38 @@ class WorkerPool:
 
 class NoWorkerError(RuntimeError):
     """No worker can take a request now."""
+
+
+def pick_worker(request: Request, cores: list[Scheduler], policy: CacheAwarePolicy) -> int:
+    """Index of the worker (by its core) the policy picks for ``request``: the cached
+    prefix counts only where the prompt also fits in the free KV blocks."""
+    block_size = cores[0].block_size
+    needed = -(-(request.num_prompt_tokens + 1) // block_size)
+    hashes = prompt_block_hashes(request.prompt_token_ids, block_size, request.cache_salt)
+    candidates = []
+    for i, core in enumerate(cores):
+        bm = core.block_manager
+        capacity = core.free_capacity()
+        hits = bm.num_cached_prefix_blocks(hashes) if capacity >= needed else 0
+        candidates.append(Candidate(str(i), hits, core.num_running, core.num_waiting,
+                                    core.num_queued_tokens,
+                                    min(max(1.0 - capacity / bm.num_blocks, 0.0), 1.0)))
+    return policy.choose(candidates, request.num_tokens, block_size)
+
+
+def add_worker_stats(reply: generate_pb2.GetServerStatsResponse, worker_id: str,
+                     core: Scheduler, is_alive: bool, address: str = "") -> None:
+    """Add one worker's load and cache counters to a GetStats reply."""
+    bm = core.block_manager
+    reply.num_requests_running += core.num_running
+    reply.num_requests_waiting += core.num_waiting
+    reply.prefix_cache_queries += bm.prefix_cache_queries
+    reply.prefix_cache_hits += bm.prefix_cache_hits
+    reply.num_preemptions += core.num_preemptions
+    reply.num_workers_alive += int(is_alive)
+    reply.workers.append(generate_pb2.WorkerStats(
+        worker_id=worker_id, kv_blocks_total=bm.num_blocks, kv_blocks_free=bm.num_free_blocks,
+        address=address, num_requests_running=core.num_running,
+        num_requests_waiting=core.num_waiting, is_alive=is_alive,
+        prefix_cache_queries=bm.prefix_cache_queries, prefix_cache_hits=bm.prefix_cache_hits,
+        num_queued_tokens=core.num_queued_tokens))

@@ -269,3 +269,31 @@ def test_image_runs_unprivileged_with_a_default_command_that_parses():
     assert cmd[0] == "gridllm"
     parsed = build_parser().parse_args(cmd[1:])
     assert parsed.host == "0.0.0.0" and parsed.model.startswith("/models/")
+
+
+# ----------------------------------------------------------------------- several schedulers
+@pytest.mark.parametrize("below", [("docker-compose.yml",),
+                                   ("docker-compose.yml", "docker-compose.cpu.yml")])
+def test_scaleout_variant_shares_the_workers_between_scalable_schedulers(compose, below):
+    import router.__main__ as router_main
+    import scheduler_svc.__main__ as scheduler_main
+
+    base = _config(compose, *below)["services"]
+    services = _config(compose, *below, "docker-compose.scaleout.yml",
+                       GRIDLLM_WORKERS_PER_SCHEDULER="3")["services"]
+    scheduler = services["scheduler"]
+    assert "container_name" not in scheduler and "ports" not in scheduler
+    parsed = scheduler_main.parse_args(_module_args(scheduler["command"])[1])
+    assert parsed.max_workers == 3 and parsed.host == "0.0.0.0"
+    assert parsed.redis_url == _flag(_module_args(base["scheduler"]["command"])[1],
+                                     "--redis-url")
+    # The router discovers the schedulers: no fixed --scheduler.
+    routed = router_main.parse_args(_module_args(services["router"]["command"])[1])
+    assert not routed.scheduler_addresses and routed.redis_url == parsed.redis_url
+    assert routed.routing_policy == "cache_aware"
+    assert routed.model == router_main.parse_args(
+        _module_args(base["router"]["command"])[1]).model
+    # The workers are those of the layer below, untouched.
+    assert services["worker"]["command"] == base["worker"]["command"]
+    # Health checks still probe the port each service binds.
+    assert services["scheduler"]["healthcheck"]["test"][-1] == f"127.0.0.1:{parsed.port}"

@@ -18,6 +18,7 @@ import kubernetes_validate.utils
 import pytest
 import yaml
 
+from gridllm.common.grpc_utils import LIVENESS_SERVICE
 from tests.kustomize_render import (
     UnsupportedError,
     find_kustomization,
@@ -28,7 +29,7 @@ from tests.kustomize_render import (
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 K8S = os.path.join(ROOT, "deploy", "k8s")
-OVERLAYS = ("overlays/cpu", "overlays/gpu")
+OVERLAYS = ("overlays/cpu", "overlays/gpu", "overlays/scaleout")
 # The oldest Kubernetes the manifests promise (gRPC probes are GA from 1.27).
 KUBERNETES_VERSION = "1.30"
 SERVICE_MODULES = {"router": "router", "scheduler": "scheduler_svc", "worker": "worker_svc"}
@@ -211,7 +212,8 @@ def test_commands_parse_with_the_services_own_flags_and_probes_hit_their_port(re
         assert parsed.host == "0.0.0.0"
         assert [p["containerPort"] for p in container["ports"]] == [parsed.port]
         assert container["readinessProbe"]["grpc"]["port"] == parsed.port
-        assert container["livenessProbe"]["tcpSocket"]["port"] == parsed.port
+        assert container["livenessProbe"]["grpc"] == {"port": parsed.port,
+                                                      "service": LIVENESS_SERVICE}
         assert parsed.redis_url == "redis://redis:6379/0"
         if hasattr(parsed, "model"):
             models.add(parsed.model)
@@ -404,3 +406,20 @@ def test_render_refuses_what_it_does_not_do(tmp_path, kustomization, error):
     _write(tmp_path / "kustomization.yaml", kustomization)
     with pytest.raises(error):
         render(str(tmp_path))
+
+
+def test_scaleout_overlay_splits_the_workers_between_its_schedulers(renders):
+    import scheduler_svc.__main__ as scheduler_main
+
+    workloads = _workloads(renders["overlays/scaleout"])
+    scheduler, worker = workloads["scheduler"], workloads["worker"]
+    args = _container(scheduler)["args"]
+    parsed = scheduler_main.parse_args(args[3:])
+    assert scheduler["spec"]["replicas"] >= 2
+    assert scheduler["spec"]["replicas"] * parsed.max_workers == worker["spec"]["replicas"]
+    # The patch replaced args, so it must keep the base's flags; the GPU overlay below stays.
+    base = _container(_workloads(renders["base"])["scheduler"])["args"]
+    assert args[:len(base)] == base
+    assert _container(worker) == _container(_workloads(renders["overlays/gpu"])["worker"])
+    # The routers discover the schedulers (no fixed --scheduler).
+    assert "--scheduler" not in _container(workloads["router"])["args"]

@@ -39,8 +39,10 @@ from gridllm.common.grpc_utils import (
 )
 from gridllm.common.http_server import HttpServer
 from gridllm.common.metrics import serve_metrics
+from gridllm.common.redis_client import async_redis
 from gridllm.v1 import worker_pb2, worker_pb2_grpc
 from worker_svc.metrics import WorkerMetrics
+from worker_svc.progress_watchdog import ProgressWatchdog
 
 if TYPE_CHECKING:
     from worker_svc.runner_output import AsyncRunnerOutput
@@ -70,6 +72,8 @@ def _has_ended(next_step: asyncio.Future) -> bool:
     """True if the scheduler closed its side of the stream."""
     return (next_step.done() and not next_step.cancelled()
             and isinstance(next_step.exception(), StopAsyncIteration))
+# Seconds between heartbeat retries while Redis is unreachable.
+_RETRY_S = 0.5
 
 
 @dataclass
@@ -89,6 +93,14 @@ class WorkerOptions:
     metrics_port: int | None = option(
         None, default_help="off",
         help="port of the Prometheus /metrics endpoint (on --host); 0 picks a free one")
+    worker_group: str = option(
+        "", metavar="NAME", help="the group registered with the worker: only a scheduler "
+        "with the same --worker-group links it. Empty: the default group")
+    progress_timeout: float = option(
+        60.0, metavar="S",
+        help="a step still running after this many seconds makes the worker NOT_SERVING "
+             "(readiness and liveness) and takes it out of the registry, so its scheduler "
+             "moves its requests to another worker; it rejoins once the step finishes")
 
     def __post_init__(self) -> None:
         check_port(self.port)
@@ -96,6 +108,8 @@ class WorkerOptions:
             check_port(self.metrics_port, "metrics_port")
         require(self.heartbeat_ttl >= 1.0, "heartbeat_ttl", "must be at least 1 second",
                 self.heartbeat_ttl)
+        require(self.progress_timeout > 0, "progress_timeout", "must be positive",
+                self.progress_timeout)
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
@@ -116,6 +130,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self._lock = threading.Lock()
         self._active_stream = False
         self.num_steps = 0
+        # When each step launched and not read back yet began (time.monotonic()), oldest
+        # first. Written by the runner's thread, so a step stuck there is seen even if its
+        # stream is gone.
+        self._launch_times: collections.deque[float] = collections.deque()
         # Set on shutdown; the Step stream tells the scheduler.
         self.draining = asyncio.Event()
         # Per KV block: times handed out for new content (kept across streams, like the KV).
@@ -125,14 +143,28 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     def _reset_requests(self) -> None:
         with self._lock:
             self.runner.reset_requests()
+            # Steps launched for a stream that ended are never read back.
+            self._launch_times.clear()
 
     def _launch(self, scheduler_output) -> AsyncRunnerOutput:
         with self._lock:
+            # The watchdog measures from the oldest step launched and not read back yet.
+            self._launch_times.append(time.monotonic())
             return self.runner.execute_model_async(scheduler_output)
 
     def _read(self, pending: AsyncRunnerOutput) -> ModelRunnerOutput:
         with self._lock:
-            return pending.get_output()
+            try:
+                return pending.get_output()
+            finally:
+                self._launch_times.popleft()
+
+    def seconds_in_step(self) -> float:
+        """How long the oldest step not answered yet has taken so far (0 between steps)."""
+        try:
+            return time.monotonic() - self._launch_times[0]
+        except IndexError:
+            return 0.0
 
     async def GetInfo(self, request, context):
         """Returns:
@@ -236,7 +268,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     future.exception()  # retrieved: the stream's end is no error
             self._active_stream = False
             # Queued behind any step still running in the executor thread.
-            await asyncio.shield(loop.run_in_executor(self._executor, self._reset_requests))
+            try:
+                await asyncio.shield(loop.run_in_executor(self._executor,
+                                                          self._reset_requests))
+            except RuntimeError:  # the executor is shut down: the worker is stopping
+                pass
             logger.info("step stream closed")
 
     def begin_drain(self) -> None:
@@ -270,6 +306,9 @@ def info_to_json(info: worker_pb2.WorkerInfo) -> str:
 class Registration:
     """Keeps ``gridllm:worker:<id>`` alive in Redis while the worker serves.
 
+    A heartbeat every third of the TTL; while Redis is unreachable, a retry every
+    ``_RETRY_S``, so the entry is back moments after Redis is (a restarted Redis is empty).
+
     Args:
         redis_url: the Redis to register in.
         info: what to publish (with its address).
@@ -277,33 +316,80 @@ class Registration:
     """
 
     def __init__(self, redis_url: str, info: worker_pb2.WorkerInfo, ttl: float):
-        import redis.asyncio as aioredis
-
-        self.redis = aioredis.from_url(redis_url)
+        self.redis = async_redis(redis_url)
         self.key = redis_keys.worker_key(info.worker_id)
         self.value = info_to_json(info)
         self.ttl = ttl
         self._task: asyncio.Task | None = None
-        self._stopping = asyncio.Event()
+        self._stopping = False
+        # Wakes the loop early: to stop, or to beat at once after a pause.
+        self._wakeup = asyncio.Event()
+        # While paused no heartbeat is sent (the entry was removed): nobody routes here.
+        self.is_paused = False
 
     async def start(self) -> None:
-        await self._beat()
-        self._task = asyncio.create_task(self._loop())
+        """Register, waiting for Redis as long as it takes (it may be restarting); then
+        keep the entry alive in the background."""
+        is_warned = False
+        while True:
+            try:
+                await self._beat()
+                break
+            except Exception as exc:  # noqa: BLE001 - Redis down: not ready until it is back
+                if not is_warned:
+                    logger.warning("cannot register in Redis (%s); retrying every %.1fs",
+                                   exc, _RETRY_S)
+                    is_warned = True
+                await asyncio.sleep(_RETRY_S)
+        if is_warned:
+            logger.info("registered in Redis")
+        self._task = asyncio.create_task(self._loop(), name="registration")
 
     async def _beat(self) -> None:
         await self.redis.set(self.key, self.value, px=int(self.ttl * 1000))
 
     async def _loop(self) -> None:
-        while not await wait_or_stop(self._stopping, self.ttl / 3):
+        is_failing = False
+        while True:
+            interval = min(_RETRY_S, self.ttl / 3) if is_failing else self.ttl / 3
+            await wait_or_stop(self._wakeup, interval)
+            self._wakeup.clear()
+            if self._stopping:
+                return
+            if self.is_paused:
+                continue
             try:
                 await self._beat()
+                if self.is_paused:  # paused while the beat was on its way: undo it
+                    await self.redis.delete(self.key)
             except Exception as exc:  # noqa: BLE001 - Redis hiccups must not kill the worker
-                logger.warning("heartbeat to Redis failed: %s", exc)
+                if not is_failing:
+                    logger.warning("heartbeat to Redis failed (%s); retrying every %.1fs",
+                                   exc, min(_RETRY_S, self.ttl / 3))
+                is_failing = True
+                continue
+            if is_failing:
+                logger.info("heartbeat to Redis restored")
+                is_failing = False
+
+    async def pause(self) -> None:
+        """Leave the registry (best effort) and send no heartbeat until ``resume()``."""
+        self.is_paused = True
+        try:
+            await self.redis.delete(self.key)
+        except Exception as exc:  # noqa: BLE001 - the entry then expires with its TTL
+            logger.warning("could not remove the registry entry: %s", exc)
+
+    def resume(self) -> None:
+        """Register again at once."""
+        self.is_paused = False
+        self._wakeup.set()
 
     async def stop(self) -> None:
         """Stop the heartbeat and remove the registry entry."""
+        self._stopping = True
         if self._task is not None:
-            await stop_tasks([self._task], self._stopping)
+            await stop_tasks([self._task], self._wakeup)
         try:
             await self.redis.delete(self.key)
         finally:
@@ -336,9 +422,12 @@ class WorkerServer:
         # Serving /metrics (None without --metrics-port); metrics_port is its bound port.
         self.metrics_server: HttpServer | None = None
         self.metrics_port = 0
+        self.watchdog = ProgressWatchdog(self.servicer.seconds_in_step,
+                                         self.options.progress_timeout, self._on_stall)
 
     async def start(self) -> str:
         """Bind, load the model (health NOT_SERVING meanwhile), register, then SERVING.
+        Liveness is SERVING from the start (loading is progress), until a step stalls.
 
         Returns:
             The advertised address (host:port).
@@ -360,16 +449,30 @@ class WorkerServer:
         info = build_info(self.runner, self.model_config.model, self.worker_id,
                           self.scheduler_config)
         info.address = self.address
+        info.worker_group = opts.worker_group
         self.servicer.block_versions = [0] * self.runner.num_kv_blocks
         self.servicer.metrics.num_kv_blocks.set(self.runner.num_kv_blocks)
         self.servicer.runner, self.servicer.info = self.runner, info
         if opts.redis_url:
+            # Not ready before it is registered: no scheduler could find it.
             self.registration = Registration(opts.redis_url, info, opts.heartbeat_ttl)
             await self.registration.start()
         await self.service.set_serving(True)
+        self.watchdog.start()
         logger.info("worker %s serving %s at %s (%d KV blocks of %d tokens)", self.worker_id,
                     self.model_config.model, self.address, info.num_kv_blocks, info.block_size)
         return self.address
+
+    async def _on_stall(self, is_stalled: bool) -> None:
+        # Out of the registry, the worker is taken for lost by its scheduler (which then
+        # resumes its requests elsewhere) once its heartbeat would have expired.
+        await self.service.set_serving(not is_stalled)
+        await self.service.set_live(not is_stalled)
+        if self.registration is not None:
+            if is_stalled:
+                await self.registration.pause()
+            else:
+                self.registration.resume()
 
     async def stop(self, grace: float | None = 5.0) -> None:
         """Deregister, then drain the Step stream within ``grace`` seconds.
@@ -387,6 +490,7 @@ class WorkerServer:
                                               on_stop=self._close)
 
     async def _deregister(self) -> None:
+        await self.watchdog.stop()
         self.servicer.begin_drain()
         if self.registration is not None:
             await self.registration.stop()

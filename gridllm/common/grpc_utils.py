@@ -1,9 +1,14 @@
 """Server plumbing shared by the router, scheduler and worker services.
 
 A ``grpc.aio`` server with explicit message size limits, the standard ``grpc.health.v1``
-service (NOT_SERVING until the service says it is ready), server reflection, an interceptor
-mapping Python exceptions to status codes, and a SIGTERM handler that stops accepting calls
-and drains in-flight ones within a grace period.
+service, server reflection, an interceptor mapping Python exceptions to status codes, and a
+SIGTERM handler that stops accepting calls and drains in-flight ones within a grace period.
+
+Health answers two questions. *Readiness* (the service ``""`` and each service's own name):
+SERVING only while the service takes new work (NOT_SERVING until it says it is ready, when it
+loses what it needs, and from the moment it starts draining). *Liveness* (the service
+``liveness``): SERVING while the process can do its work at all; a supervisor restarts a
+process that fails it (or stops answering).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import inspect
 import logging
 import signal
 import socket
+import threading
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -37,6 +43,8 @@ RETRY_AFTER_KEY = "retry-after-ms"
 # Invocation metadata of a call: the request's id as its client knows it (for the logs).
 REQUEST_ID_KEY = "x-request-id"
 DEFAULT_GRACE_SECONDS = 10.0
+# The health service name that reports liveness; "" and the services' names report readiness.
+LIVENESS_SERVICE = "liveness"
 
 
 def message_size_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple]:
@@ -61,12 +69,17 @@ def server_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[t
 
 
 def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple]:
-    """Client channel options: size limits plus keepalives so a dead peer is noticed."""
+    """Client channel options: size limits, keepalives so a dead peer is noticed, and
+    reconnect attempts at least every second, so a restarted peer is found at once (gRPC's
+    default backoff grows to two minutes while the peer is down)."""
     return message_size_options(max_message_bytes) + [
         ("grpc.keepalive_time_ms", 10_000),
         ("grpc.keepalive_timeout_ms", 5_000),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 1_000),
     ]
 
 
@@ -255,9 +268,14 @@ class ServiceServer:
             [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
         self.port = 0
         self._stop_event: asyncio.Event | None = None
+        # Set once stopping began: readiness stays NOT_SERVING, new calls are refused. An
+        # Event, so a servicer can be handed ``draining.is_set`` without referring back to
+        # this server (a reference cycle would outlive the event loop the server runs on).
+        self.draining = threading.Event()
 
     async def start(self, address: str) -> int:
-        """Bind (``host:0`` picks a free port), start, and report NOT_SERVING.
+        """Bind (``host:0`` picks a free port), start, and report NOT_SERVING (readiness)
+        and SERVING (liveness).
 
         Returns:
             The bound port.
@@ -275,20 +293,38 @@ class ServiceServer:
                                      "(another process listens there; pick another port)")
             raise RuntimeError(f"could not bind {address}")
         await self._set_status(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.set_live(True)
         await self.server.start()
         return self.port
 
+    @property
+    def is_draining(self) -> bool:
+        return self.draining.is_set()
+
     async def set_serving(self, is_serving: bool = True) -> None:
-        await self._set_status(health_pb2.HealthCheckResponse.SERVING if is_serving
+        """Readiness: whether the service takes new work now (never SERVING once draining)."""
+        await self._set_status(health_pb2.HealthCheckResponse.SERVING
+                               if is_serving and not self.is_draining
                                else health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def set_live(self, is_live: bool = True) -> None:
+        """Liveness: False when the process cannot make progress (restart it)."""
+        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING
+                              if is_live else health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def _set_status(self, status: int) -> None:
         for name in ("", *self.service_names):
             await self.health.set(name, status)
 
-    async def stop(self, grace: float | None = DEFAULT_GRACE_SECONDS) -> None:
-        """Stop accepting calls, let in-flight ones finish within ``grace`` seconds."""
+    async def begin_drain(self) -> None:
+        """Report NOT_SERVING for good; handlers refuse new work (``is_draining``)."""
+        self.draining.set()
         await self.set_serving(False)
+
+    async def stop(self, grace: float | None = DEFAULT_GRACE_SECONDS) -> None:
+        """Stop accepting calls (new ones get UNAVAILABLE), let in-flight ones finish within
+        ``grace`` seconds, then cancel them."""
+        await self.begin_drain()
         await self.server.stop(grace)
 
     def request_stop(self) -> None:
@@ -314,6 +350,7 @@ class ServiceServer:
             except (NotImplementedError, RuntimeError):  # not the main thread
                 pass
         await self._stop_event.wait()
+        await self.begin_drain()
         if before_stop is not None:
             await before_stop()
         logger.info("stopping: draining in-flight calls for up to %.1fs", grace)

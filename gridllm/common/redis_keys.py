@@ -7,13 +7,18 @@ Registry (JSON values, refreshed with a TTL so a dead process disappears):
                                          "num_requests_waiting", "kv_blocks_total",
                                          "kv_blocks_free"}
 Block-state mirror per worker (written by the scheduler that drives it):
-    gridllm:kv:<worker_id>:cached  HASH str(block_hash) -> "<block_id>:<version>:<t0>,<t1>,..."
+    gridllm:kv:<worker_id>:cached  HASH str(block_hash)
+                                        -> "<block_id>:<version>:<t0>,<t1>,...[:<parent>]"
     gridllm:kv:<worker_id>:state   HASH num_blocks, num_free_blocks, num_running,
                                         num_waiting, block_size, instance_id, scheduler_id
     gridllm:kv:<worker_id>:tables  HASH req_id -> "<b0>,<b1>,..."
-Block hashes are scheduler_svc.block_manager.hash_block chains, so a router can test
-prefix overlap with HMGET on the cached hash. ``version`` is the block's allocation count
-(gridllm.common.block_versions) when its KV was computed.
+KV events of every scheduler (gridllm.common.kv_events), one stack-wide log:
+    gridllm:{kv-events}      STREAM, entry id "0-<sequence number>", field "e" -> the event
+    gridllm:{kv-events}:seq  the last sequence number handed out
+Block hashes are gridllm.common.prefix_hash chains, so a router can test prefix overlap
+with HMGET on the cached hash. ``version`` is the block's allocation count
+(gridllm.common.block_versions) when its KV was computed; ``parent`` the hash of the block
+before it (absent when unknown).
 """
 
 from __future__ import annotations
@@ -21,6 +26,10 @@ from __future__ import annotations
 PREFIX = "gridllm"
 WORKER_PATTERN = f"{PREFIX}:worker:*"
 SCHEDULER_PATTERN = f"{PREFIX}:scheduler:*"
+KV_CACHED_PATTERN = f"{PREFIX}:kv:*:cached"
+# Hash-tagged: the publishing script touches both keys, which must share a cluster slot.
+KV_EVENTS_STREAM = f"{PREFIX}:{{kv-events}}"
+KV_EVENTS_SEQ = f"{PREFIX}:{{kv-events}}:seq"
 
 
 def worker_key(worker_id: str) -> str:
@@ -43,16 +52,33 @@ def kv_tables_key(worker_id: str) -> str:
     return f"{PREFIX}:kv:{worker_id}:tables"
 
 
-def encode_cached_block(block_id: int, version: int,
-                        token_ids: tuple[int, ...] | list[int]) -> str:
-    return f"{block_id}:{version}:{','.join(map(str, token_ids))}"
+def worker_of_cached_key(key: str | bytes) -> str:
+    """The worker id in a ``kv_cached_key``."""
+    if isinstance(key, bytes):
+        key = key.decode()
+    return key[len(f"{PREFIX}:kv:"):-len(":cached")]
+
+
+def encode_cached_block(block_id: int, version: int, token_ids: tuple[int, ...] | list[int],
+                        parent_hash: int | None = None) -> str:
+    value = f"{block_id}:{version}:{','.join(map(str, token_ids))}"
+    return value if parent_hash is None else f"{value}:{parent_hash}"
 
 
 def decode_cached_block(value: str | bytes) -> tuple[int, int, tuple[int, ...]]:
     """Returns:
         (block id, version, token ids).
     """
+    return decode_cached_entry(value)[:3]  # type: ignore[return-value]
+
+
+def decode_cached_entry(value: str | bytes
+                        ) -> tuple[int, int, tuple[int, ...], int | None]:
+    """Returns:
+        (block id, version, token ids, parent hash or None).
+    """
     if isinstance(value, bytes):
         value = value.decode()
-    block_id, version, tokens = value.split(":", 2)
-    return int(block_id), int(version), tuple(int(t) for t in tokens.split(",") if t)
+    block_id, version, tokens, *parent = value.split(":", 3)
+    return (int(block_id), int(version), tuple(int(t) for t in tokens.split(",") if t),
+            int(parent[0]) if parent else None)

@@ -253,7 +253,7 @@ class GetServerStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("worker_id", "kv_blocks_total", "kv_blocks_free", "address", "num_requests_running", "num_requests_waiting", "is_alive")
+    __slots__ = ("worker_id", "kv_blocks_total", "kv_blocks_free", "address", "num_requests_running", "num_requests_waiting", "is_alive", "prefix_cache_queries", "prefix_cache_hits", "num_queued_tokens")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_FREE_FIELD_NUMBER: _ClassVar[int]
@@ -261,6 +261,9 @@ class WorkerStats(_message.Message):
     NUM_REQUESTS_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_REQUESTS_WAITING_FIELD_NUMBER: _ClassVar[int]
     IS_ALIVE_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_QUERIES_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
+    NUM_QUEUED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     kv_blocks_total: int
     kv_blocks_free: int
@@ -268,7 +271,10 @@ class WorkerStats(_message.Message):
     num_requests_running: int
     num_requests_waiting: int
     is_alive: bool
-    def __init__(self, worker_id: _Optional[str] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., address: _Optional[str] = ..., num_requests_running: _Optional[int] = ..., num_requests_waiting: _Optional[int] = ..., is_alive: _Optional[bool] = ...) -> None: ...
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_queued_tokens: int
+    def __init__(self, worker_id: _Optional[str] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., address: _Optional[str] = ..., num_requests_running: _Optional[int] = ..., num_requests_waiting: _Optional[int] = ..., is_alive: _Optional[bool] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., num_queued_tokens: _Optional[int] = ...) -> None: ...
 
 class GetServerStatsResponse(_message.Message):
     __slots__ = ("num_requests_running", "num_requests_waiting", "prefix_cache_queries", "prefix_cache_hits", "workers", "num_workers_alive", "num_preemptions", "num_schedulers")
@@ -289,3 +295,107 @@ class GetServerStatsResponse(_message.Message):
     num_preemptions: int
     num_schedulers: int
     def __init__(self, num_requests_running: _Optional[int] = ..., num_requests_waiting: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerStats, _Mapping]]] = ..., num_workers_alive: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., num_schedulers: _Optional[int] = ...) -> None: ...
+
+class SubscribeKvEventsRequest(_message.Message):
+    __slots__ = ("start_sequence_number",)
+    START_SEQUENCE_NUMBER_FIELD_NUMBER: _ClassVar[int]
+    start_sequence_number: int
+    def __init__(self, start_sequence_number: _Optional[int] = ...) -> None: ...
+
+class KvBlockStored(_message.Message):
+    __slots__ = ("block_hashes", "parent_block_hash", "num_tokens", "token_ids", "block_size")
+    BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    PARENT_BLOCK_HASH_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    block_hashes: _containers.RepeatedScalarFieldContainer[int]
+    parent_block_hash: int
+    num_tokens: int
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    block_size: int
+    def __init__(self, block_hashes: _Optional[_Iterable[int]] = ..., parent_block_hash: _Optional[int] = ..., num_tokens: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., block_size: _Optional[int] = ...) -> None: ...
+
+class KvBlockRemoved(_message.Message):
+    __slots__ = ("block_hashes",)
+    BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    block_hashes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, block_hashes: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class KvAllBlocksCleared(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class KvEvent(_message.Message):
+    __slots__ = ("sequence_number", "scheduler_id", "worker_id", "timestamp", "block_stored", "block_removed", "all_blocks_cleared")
+    SEQUENCE_NUMBER_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULER_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_STORED_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_REMOVED_FIELD_NUMBER: _ClassVar[int]
+    ALL_BLOCKS_CLEARED_FIELD_NUMBER: _ClassVar[int]
+    sequence_number: int
+    scheduler_id: str
+    worker_id: str
+    timestamp: float
+    block_stored: KvBlockStored
+    block_removed: KvBlockRemoved
+    all_blocks_cleared: KvAllBlocksCleared
+    def __init__(self, sequence_number: _Optional[int] = ..., scheduler_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., timestamp: _Optional[float] = ..., block_stored: _Optional[_Union[KvBlockStored, _Mapping]] = ..., block_removed: _Optional[_Union[KvBlockRemoved, _Mapping]] = ..., all_blocks_cleared: _Optional[_Union[KvAllBlocksCleared, _Mapping]] = ...) -> None: ...
+
+class SubscribeKvEventsResponse(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[KvEvent]
+    def __init__(self, events: _Optional[_Iterable[_Union[KvEvent, _Mapping]]] = ...) -> None: ...
+
+class GetLoadsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WorkerLoad(_message.Message):
+    __slots__ = ("worker_id", "num_requests_running", "num_requests_waiting", "kv_usage", "prefix_cache_hit_rate", "kv_blocks_total", "kv_blocks_free", "num_queued_tokens", "is_alive")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    NUM_REQUESTS_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    NUM_REQUESTS_WAITING_FIELD_NUMBER: _ClassVar[int]
+    KV_USAGE_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_HIT_RATE_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_FREE_FIELD_NUMBER: _ClassVar[int]
+    NUM_QUEUED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    IS_ALIVE_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    num_requests_running: int
+    num_requests_waiting: int
+    kv_usage: float
+    prefix_cache_hit_rate: float
+    kv_blocks_total: int
+    kv_blocks_free: int
+    num_queued_tokens: int
+    is_alive: bool
+    def __init__(self, worker_id: _Optional[str] = ..., num_requests_running: _Optional[int] = ..., num_requests_waiting: _Optional[int] = ..., kv_usage: _Optional[float] = ..., prefix_cache_hit_rate: _Optional[float] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., num_queued_tokens: _Optional[int] = ..., is_alive: _Optional[bool] = ...) -> None: ...
+
+class SchedulerLoad(_message.Message):
+    __slots__ = ("scheduler_id", "address", "num_requests_running", "num_requests_waiting", "kv_usage", "prefix_cache_hit_rate", "workers")
+    SCHEDULER_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    NUM_REQUESTS_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    NUM_REQUESTS_WAITING_FIELD_NUMBER: _ClassVar[int]
+    KV_USAGE_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_HIT_RATE_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    scheduler_id: str
+    address: str
+    num_requests_running: int
+    num_requests_waiting: int
+    kv_usage: float
+    prefix_cache_hit_rate: float
+    workers: _containers.RepeatedCompositeFieldContainer[WorkerLoad]
+    def __init__(self, scheduler_id: _Optional[str] = ..., address: _Optional[str] = ..., num_requests_running: _Optional[int] = ..., num_requests_waiting: _Optional[int] = ..., kv_usage: _Optional[float] = ..., prefix_cache_hit_rate: _Optional[float] = ..., workers: _Optional[_Iterable[_Union[WorkerLoad, _Mapping]]] = ...) -> None: ...
+
+class GetLoadsResponse(_message.Message):
+    __slots__ = ("schedulers",)
+    SCHEDULERS_FIELD_NUMBER: _ClassVar[int]
+    schedulers: _containers.RepeatedCompositeFieldContainer[SchedulerLoad]
+    def __init__(self, schedulers: _Optional[_Iterable[_Union[SchedulerLoad, _Mapping]]] = ...) -> None: ...

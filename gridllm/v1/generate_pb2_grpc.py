@@ -55,6 +55,16 @@ class GenerationStub:
                 request_serializer=gridllm_dot_v1_dot_generate__pb2.GetServerStatsRequest.SerializeToString,
                 response_deserializer=gridllm_dot_v1_dot_generate__pb2.GetServerStatsResponse.FromString,
                 _registered_method=True)
+        self.SubscribeKvEvents = channel.unary_stream(
+                '/gridllm.v1.Generation/SubscribeKvEvents',
+                request_serializer=gridllm_dot_v1_dot_generate__pb2.SubscribeKvEventsRequest.SerializeToString,
+                response_deserializer=gridllm_dot_v1_dot_generate__pb2.SubscribeKvEventsResponse.FromString,
+                _registered_method=True)
+        self.GetLoads = channel.unary_unary(
+                '/gridllm.v1.Generation/GetLoads',
+                request_serializer=gridllm_dot_v1_dot_generate__pb2.GetLoadsRequest.SerializeToString,
+                response_deserializer=gridllm_dot_v1_dot_generate__pb2.GetLoadsResponse.FromString,
+                _registered_method=True)
 
 
 class GenerationServicer:
@@ -90,6 +100,25 @@ class GenerationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubscribeKvEvents(self, request, context):
+        """Streams the KV-cache events of every scheduler (blocks stored, removed, all
+        cleared), in sequence-number order, optionally replaying from a sequence number:
+        what an external KV-aware router needs to mirror each worker's prefix cache.
+        OUT_OF_RANGE if the requested start was trimmed from the bounded event log;
+        FAILED_PRECONDITION without Redis; DATA_LOSS if the log restarted (resubscribe from 1).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetLoads(self, request, context):
+        """Load of every scheduler and each of its workers: running and waiting requests,
+        KV usage and prefix-cache hit rate.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -112,6 +141,16 @@ def add_GenerationServicer_to_server(servicer, server):
                     servicer.GetServerStats,
                     request_deserializer=gridllm_dot_v1_dot_generate__pb2.GetServerStatsRequest.FromString,
                     response_serializer=gridllm_dot_v1_dot_generate__pb2.GetServerStatsResponse.SerializeToString,
+            ),
+            'SubscribeKvEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.SubscribeKvEvents,
+                    request_deserializer=gridllm_dot_v1_dot_generate__pb2.SubscribeKvEventsRequest.FromString,
+                    response_serializer=gridllm_dot_v1_dot_generate__pb2.SubscribeKvEventsResponse.SerializeToString,
+            ),
+            'GetLoads': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLoads,
+                    request_deserializer=gridllm_dot_v1_dot_generate__pb2.GetLoadsRequest.FromString,
+                    response_serializer=gridllm_dot_v1_dot_generate__pb2.GetLoadsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -223,6 +262,60 @@ class Generation:
             '/gridllm.v1.Generation/GetServerStats',
             gridllm_dot_v1_dot_generate__pb2.GetServerStatsRequest.SerializeToString,
             gridllm_dot_v1_dot_generate__pb2.GetServerStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubscribeKvEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/gridllm.v1.Generation/SubscribeKvEvents',
+            gridllm_dot_v1_dot_generate__pb2.SubscribeKvEventsRequest.SerializeToString,
+            gridllm_dot_v1_dot_generate__pb2.SubscribeKvEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLoads(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gridllm.v1.Generation/GetLoads',
+            gridllm_dot_v1_dot_generate__pb2.GetLoadsRequest.SerializeToString,
+            gridllm_dot_v1_dot_generate__pb2.GetLoadsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -220,3 +220,26 @@ def test_serving_docs_list_exactly_the_up_flags():
     with open(os.path.join(ROOT, "docs", "serving.md")) as f:
         documented = set(re.findall(r"^\| `(--[a-z-]+)", f.read(), flags=re.MULTILINE))
     assert documented == flags
+
+
+def test_up_with_several_schedulers_gives_each_its_own_worker_group():
+    from gridllm.cli import stack_config_from_args
+    from gridllm.launcher import LocalStack
+
+    args = build_parser().parse_args(["up", "--schedulers", "3", "--workers", "2",
+                                      "--routing-policy", "least_load", "--max-workers", "2"])
+    config = stack_config_from_args(args)
+    assert (config.num_schedulers, config.num_workers) == (3, 2)
+    assert [config.worker_group(i) for i in range(3)] == ["group-0", "group-1", "group-2"]
+    # The stack sets each process's group itself; the settings it passes on do not.
+    assert "--worker-group" not in config.scheduler_args() + config.worker_args()
+    assert "--max-workers" in config.scheduler_args()
+    assert config.router_args()[config.router_args().index("--routing-policy") + 1] == \
+        "least_load"
+    stack = LocalStack(config)
+    assert stack.schedulers == [None, None, None] and stack.scheduler is None
+    # One scheduler keeps the default group (and the flags of a single-scheduler stack).
+    single = stack_config_from_args(build_parser().parse_args(["up"]))
+    assert single.worker_group(0) == ""
+    with pytest.raises(ValueError, match="num_schedulers"):
+        stack_config_from_args(build_parser().parse_args(["up", "--schedulers", "0"]))

@@ -8,7 +8,8 @@ import pytest
 
 from gridllm.common import redis_keys
 from gridllm.common.prefix_hash import prompt_block_hashes
-from router.routing import PrefixIndex, SchedulerPool, choose
+from gridllm.common.routing_policy import CacheAwarePolicy, Candidate
+from router.routing import PrefixIndex, SchedulerPool
 
 BLOCK_SIZE = 4
 
@@ -16,6 +17,14 @@ BLOCK_SIZE = 4
 class _Link:
     def __init__(self, address: str, load: int, worker_ids=()):
         self.address, self.load, self.worker_ids = address, load, list(worker_ids)
+
+
+def choose(links: list[_Link], overlaps: dict[str, int]) -> _Link:
+    # The prompt: the largest overlap plus a block (every overlap is a real prefix of it).
+    num_prompt_tokens = (max(overlaps.values(), default=0) + 1) * 16
+    candidates = [Candidate(link.address, overlaps.get(link.address, 0), num_running=link.load)
+                  for link in links]
+    return links[CacheAwarePolicy().choose(candidates, num_prompt_tokens, 16)]
 
 
 def test_choose_prefers_cache_overlap_when_balanced():
@@ -48,7 +57,10 @@ def test_prefix_index_counts_leading_run(redis_server):
             assert overlap == {"w1": 5, "w2": 2, "w3": 0}
 
             # The pool routes the prompt to the scheduler whose worker holds the longer prefix.
-            pool = SchedulerPool(["127.0.0.1:1", "127.0.0.1:2"], index)
+            # A running request weighs one token: the 3-block overlap gap outweighs the
+            # 6-request load gap.
+            pool = SchedulerPool(["127.0.0.1:1", "127.0.0.1:2"], index,
+                                 policy=CacheAwarePolicy(running_weight=1.0))
             try:
                 first, second = pool.links
                 for link, workers in ((first, ["w2"]), (second, ["w1"])):
@@ -90,3 +102,33 @@ def _info():
 
     return scheduler_pb2.SchedulerInfo(block_size=BLOCK_SIZE, vocab_size=320, max_model_len=64,
                                        num_workers=1)
+
+
+def test_routing_never_sends_to_a_dead_scheduler():
+    """Whatever the policy and however much of the prompt a dead scheduler's workers hold
+    (in the index, or in this router's recent routes), only alive schedulers are picked."""
+    from gridllm.common.routing_policy import LeastLoadPolicy, RoundRobinPolicy
+    from router.kv_index import KvIndex, KvIndexFollower
+
+    prompt = list(range(40))
+    hashes = prompt_block_hashes(prompt, BLOCK_SIZE)
+
+    async def scenario(policy):
+        follower = KvIndexFollower(None, KvIndex())
+        follower.index.replace({"w-dead": set(hashes)}, 1)
+        pool = SchedulerPool(["127.0.0.1:1", "127.0.0.1:2"], PrefixIndex(None, follower),
+                             policy=policy)
+        try:
+            dead, alive = pool.links
+            for link, workers in ((dead, ["w-dead"]), (alive, ["w-alive"])):
+                link.is_alive, link.worker_ids, link.info = True, workers, _info()
+            alive.num_inflight = 50  # busy: every policy but round-robin prefers `dead`
+            assert (await pool.pick(prompt, timeout_s=1.0)) is dead or policy.name != \
+                "cache_aware"
+            pool.mark_down(dead)
+            return {(await pool.pick(prompt, timeout_s=1.0)).address for _ in range(20)}
+        finally:
+            await pool.close()
+
+    for policy in (CacheAwarePolicy(), LeastLoadPolicy(), RoundRobinPolicy()):
+        assert asyncio.run(scenario(policy)) == {"127.0.0.1:2"}, policy.name

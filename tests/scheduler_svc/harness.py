@@ -27,9 +27,9 @@ def engine_configs(model_path: str) -> tuple[ModelConfig, CacheConfig, Scheduler
 
 
 @contextlib.asynccontextmanager
-async def running_worker(model_path: str, redis_url: str | None = None):
+async def running_worker(model_path: str, redis_url: str | None = None, **options):
     server = WorkerServer(*engine_configs(model_path),
-                          WorkerOptions(redis_url=redis_url, heartbeat_ttl=3.0))
+                          WorkerOptions(redis_url=redis_url, heartbeat_ttl=3.0, **options))
     await server.start()
     try:
         yield server

@@ -104,7 +104,7 @@ def _sample(cls):
                    else None)
         value = _non_default(f, default)
         if default is None and f.name in ("num_kv_blocks", "max_model_len", "metrics_port",
-                                          "http_port"):
+                                          "http_port", "max_workers"):
             value = 48
         kwargs[f.name] = value
     return cls(**kwargs)
