@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -201,11 +202,26 @@ def render_chat(tokenizer: Any | None, chat: generate_pb2.ChatMessages, field: s
         raise ValueError(f"{field}: the served model's tokenizer has no chat template.")
     add_generation_prompt = (chat.add_generation_prompt
                              if chat.HasField("add_generation_prompt") else True)
-    checked = check_tools(tools, f"{field}.tools") if tools else None
+    checked = _check_pb_tools(tools, f"{field}.tools") if tools else None
     try:
         return apply_chat_template(tokenizer, messages, add_generation_prompt, checked)
     except Exception as exc:  # template errors (jinja raise_exception) are the caller's
         raise ValueError(f"{field}: the chat template rejected the messages: {exc}") from None
+
+
+# check_tools names OpenAI's nesting (tools[0].function.name); the proto's Tool is flat.
+_PB_TOOL_FIELDS = re.compile(r"(tools\[\d+\])\.function\.(name|description|parameters)\b")
+_PB_TOOL_NAMES = {"name": "name", "description": "description",
+                  "parameters": "parameters_json"}
+
+
+def _check_pb_tools(tools: list[dict[str, Any]], field: str) -> list[dict[str, Any]]:
+    """check_tools, its errors naming the proto's fields (``chat.tools[0].name``)."""
+    try:
+        return check_tools(tools, field)
+    except ValueError as exc:
+        message = _PB_TOOL_FIELDS.sub(lambda m: f"{m[1]}.{_PB_TOOL_NAMES[m[2]]}", str(exc))
+        raise ValueError(message) from None
 
 
 def _tool(tool: generate_pb2.Tool, field: str) -> dict[str, Any]:
