@@ -74,6 +74,7 @@ class GrammarCompiler:
         # spec key -> compile (done or running), least recently used first.
         self._cache: collections.OrderedDict[tuple, Future] = collections.OrderedDict()
         self._cache_bytes = 0
+        self._sizes: dict[tuple, int] = {}  # bytes of each finished compile in the cache
         self.num_compiles = 0
         self._compiler: Future | None = None
         if load_tokenizer is not None:
@@ -117,40 +118,45 @@ class GrammarCompiler:
                 return future
             future = self._executor.submit(self._compile, params)
             self._cache[key] = future
-        future.add_done_callback(lambda f: self._account(key, f))
         return future
 
     def _compile(self, params: StructuredOutputsParams) -> Any:
         assert self._compiler is not None
-        compiler = self._compiler.result()
-        start = time.perf_counter()
+        size = 0
         try:
+            compiler = self._compiler.result()
+            start = time.perf_counter()
             compiled = _compile_spec(compiler, params)
+            size = compiled.memory_size_bytes
+            with self._lock:
+                self.num_compiles += 1
+            logger.debug("compiled a %s grammar in %.1f ms", params.kind,
+                         1000 * (time.perf_counter() - start))
+            return compiled
         except RuntimeError as exc:  # xgrammar's parse errors
             message = _CPP_PREFIX.sub("", str(exc).strip())
             raise ValueError(f"structured_outputs.{params.kind} does not compile: "
                              f"{message}") from None
-        with self._lock:
-            self.num_compiles += 1
-        logger.debug("compiled a %s grammar in %.1f ms", params.kind,
-                     1000 * (time.perf_counter() - start))
-        return compiled
+        finally:
+            self._account(params.cache_key, size)
 
-    def _account(self, key: tuple, future: Future) -> None:
-        size = 0 if future.exception() is not None else future.result().memory_size_bytes
+    def _account(self, key: tuple, size: int) -> None:
+        """Count a finished compile (failed ones too) and evict beyond the budgets. Runs on
+        the compile thread before the Future resolves, so whoever sees it done sees the cache
+        already trimmed."""
         with self._lock:
-            if self._cache.get(key) is not future:
+            if key not in self._cache:
                 return
+            self._sizes[key] = size
             self._cache_bytes += size
-            future.num_bytes = size  # type: ignore[attr-defined]
-            # Evict the least recently used finished compiles beyond the budgets.
+            # Evict the least recently used finished compiles (this one included).
             while ((self._cache_bytes > self.max_cache_bytes
                     or len(self._cache) > self.max_cache_entries) and len(self._cache) > 1):
-                old_key, old = next(iter(self._cache.items()))
-                if not old.done():
-                    break
+                old_key = next(iter(self._cache))
+                if old_key not in self._sizes:
+                    break  # still compiling
                 del self._cache[old_key]
-                self._cache_bytes -= getattr(old, "num_bytes", 0)
+                self._cache_bytes -= self._sizes.pop(old_key, 0)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
