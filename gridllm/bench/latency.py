@@ -14,7 +14,7 @@ import gc
 import logging
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -40,6 +40,8 @@ class LatencyConfig:
     seed: int = 0
     enforce_eager: bool = False
     use_tqdm: bool = True
+    # The router's API key (None: $GRIDLLM_API_KEY, or none); never written to results.
+    api_key: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if (self.model is None) == (self.target is None):
@@ -122,7 +124,7 @@ def run_remote(config: LatencyConfig) -> tuple[list[RequestRecord], str]:
 
     assert config.target is not None
     records = []
-    with Client(config.target) as client:
+    with Client(config.target, api_key=config.api_key) as client:
         info = client.model_info()
         excluded = [] if info.eos_token_id is None else [info.eos_token_id]
         prompts = _prompts(config, info.vocab_size, excluded)
@@ -166,6 +168,7 @@ def run_latency(config: LatencyConfig) -> dict[str, Any]:
     decode_tps = float(1.0 / np.median(tpots)) if tpots else None
     config_dict = asdict(config)
     config_dict.pop("use_tqdm")
+    config_dict.pop("api_key")
     result = {"benchmark": "latency", "model": model, "mode": "in-process"
               if config.model else "stack", "machine": machine_info(device.type),
               "config": config_dict, "roofline": limits,
@@ -206,6 +209,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--api-key", default=None,
+                   help="API key sent as `Authorization: Bearer KEY` (default: $GRIDLLM_API_KEY)")
     p.add_argument("--no-tqdm", dest="use_tqdm", action="store_false")
     p.add_argument("--output", default=None, help="write the result as JSON here")
 
@@ -215,7 +220,7 @@ def cmd_latency(args: argparse.Namespace) -> int:
                            output_len=args.output_len, num_iters=args.num_iters,
                            num_warmup=args.num_warmup, dtype=args.dtype, device=args.device,
                            seed=args.seed, enforce_eager=args.enforce_eager,
-                           use_tqdm=args.use_tqdm)
+                           use_tqdm=args.use_tqdm, api_key=args.api_key)
     result = run_latency(config)
     write_json(args.output, result)
     sys.stdout.write(format_result(result) + "\n")
