@@ -2,9 +2,10 @@
 
 from gridllm.common.outputs import CompletionOutput, Logprob, RequestOutput
 from gridllm.common.sampling_params import SamplingParams
+from gridllm.common.structured_outputs import StructuredOutputsParams
 
-__all__ = ["LLM", "Client", "AsyncClient", "SamplingParams", "RequestOutput", "CompletionOutput",
-           "Logprob"]
+__all__ = ["LLM", "Client", "AsyncClient", "SamplingParams", "StructuredOutputsParams",
+           "RequestOutput", "CompletionOutput", "Logprob"]
 __version__ = "0.1.0"
 
 

@@ -114,6 +114,9 @@ class LLM:
             self.request_limits.check(params)
             self.engine.scheduler.check_prompt(prompt_ids)  # names the prompt before max_tokens
             params.verify_max_tokens(len(prompt_ids), self.engine.max_model_len)
+            if params.structured_outputs is not None:
+                # Compiled here, once per spec: no step waits for it later.
+                self.engine.runner.structured_outputs.check(params.structured_outputs)
             parent_id = str(next(self._counter))
             order[parent_id] = index
             children = processor.add(parent_id, prompt_text, prompt_ids, params)
@@ -151,17 +154,24 @@ class LLM:
             self._stop_profiler(profiler)
         return [r for r in results if r is not None]
 
-    def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]],
+    def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
-             add_generation_prompt: bool = True, use_tqdm: bool = True) -> list[RequestOutput]:
-        """Apply the tokenizer's chat template to one conversation (or a list) and generate."""
+             add_generation_prompt: bool = True, use_tqdm: bool = True,
+             tools: list[dict[str, Any]] | None = None) -> list[RequestOutput]:
+        """Apply the tokenizer's chat template to one conversation (or a list) and generate.
+
+        Args:
+            tools: OpenAI function tools the template renders (a template that knows no
+                tools gets them described in a system turn, see ``gridllm.common.chat_tools``);
+                to force a call, constrain the reply with ``structured_outputs``.
+        """
         if self.tokenizer is None:
             raise ValueError("chat needs a tokenizer; this LLM has none.")
         conversations = ([messages] if messages and isinstance(messages[0], dict)
                          else messages)
         prompts: list[PromptType] = [
             {"prompt_token_ids": apply_chat_template(self.tokenizer, conv,  # type: ignore[arg-type]
-                                                     add_generation_prompt)}
+                                                     add_generation_prompt, tools)}
             for conv in conversations]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 

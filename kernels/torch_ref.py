@@ -125,6 +125,24 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     return out
 
 
+def unpack_token_bitmask(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
+    """``[R, W]`` int32 words -> ``[R, vocab]`` bool, True where a token is allowed (bit
+    ``t % 32`` of word ``t // 32``)."""
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    bits = (bitmask.to(torch.int32)[:, :, None] >> shifts) & 1
+    return bits.reshape(bitmask.shape[0], -1)[:, :vocab].bool()
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor,
+                        rows: torch.Tensor) -> None:
+    """Set ``logits[rows[r], t]`` to -inf where bit t of ``bitmask[r]`` is 0 (in place)."""
+    if rows.numel() == 0:
+        return
+    allowed = unpack_token_bitmask(bitmask, logits.shape[1])
+    index = rows.long()
+    logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+
+
 def apply_penalties(logits: torch.Tensor, prompt_mask: torch.Tensor,
                     output_counts: torch.Tensor, presence_penalty: torch.Tensor,
                     frequency_penalty: torch.Tensor, repetition_penalty: torch.Tensor

@@ -7,18 +7,28 @@
 sampling fields become a ``SamplingParams`` (whose checks name the field), the prompt a
 ``GenerateRequest``, which ``router.validation.validate_request`` checks as it checks a gRPC
 request. Every refusal is an ``ApiError`` naming the field (``param``).
+
+Structured outputs come from OpenAI's ``response_format`` (``json_object``, ``json_schema``),
+vLLM's ``structured_outputs`` object (its kind, and options such as
+``disable_any_whitespace`` that also apply to the other sources) and vLLM's older
+``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``guided_grammar``; one kind per
+request. Chat ``tools`` are rendered by the chat template; ``tool_choice`` ``required`` or a
+named function forces the call with a JSON-schema grammar (``gridllm.common.chat_tools``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
 from dataclasses import dataclass
 from typing import Any
 
+from gridllm.common.chat_tools import check_tools, required_tool_schema
 from gridllm.common.convert import sampling_params_to_pb
 from gridllm.common.sampling_params import SamplingParams
+from gridllm.common.structured_outputs import KINDS, StructuredOutputsParams
 from gridllm.v1 import generate_pb2
 from router.engine_client import HTTP_STATUS, RequestFailure
 
@@ -47,11 +57,16 @@ _INT32_FIELDS = ("n", "top_k", "max_tokens", "max_completion_tokens", "min_token
 _COMMON_FIELDS = {"model", "stream", "stream_options", "user", "priority", "request_id",
                   "max_tokens", "logprobs", "best_of", "add_special_tokens",
                   "spaces_between_special_tokens", "return_token_ids"}
-_COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "echo", "suffix"}
-_CHAT_FIELDS = _COMMON_FIELDS | {
+# vLLM's older names of the structured output kinds.
+_GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+                  "guided_grammar": "grammar"}
+_STRUCTURED_FIELDS = {"response_format", "structured_outputs", "guided_decoding_backend",
+                      *_GUIDED_FIELDS}
+_COMPLETION_FIELDS = _COMMON_FIELDS | _STRUCTURED_FIELDS | {"prompt", "echo", "suffix"}
+_CHAT_FIELDS = _COMMON_FIELDS | _STRUCTURED_FIELDS | {
     "messages", "max_completion_tokens", "top_logprobs", "add_generation_prompt",
-    "tools", "tool_choice", "parallel_tool_calls", "functions", "function_call",
-    "response_format"}
+    "tools", "tool_choice", "parallel_tool_calls", "functions", "function_call"}
+_TOOL_CHOICES = ("none", "auto", "required")
 
 
 class ApiError(Exception):
@@ -128,6 +143,11 @@ class ParsedRequest:
     echo: bool
     # Completions: top log-probs per token (None: none). Chat: set when logprobs is true.
     num_logprobs: int | None
+    # Chat with tools: how the reply's tool calls are read ("auto", "required", or "named"
+    # for a function named in tool_choice); None: no tools (or tool_choice "none").
+    tool_mode: str | None = None
+    # The function a named tool_choice forces.
+    tool_name: str | None = None
 
 
 def _body_field(body: dict, name: str, kind: type | tuple[type, ...], what: str,
@@ -150,9 +170,13 @@ def _check_int32(body: dict) -> None:
             raise bad_request(f"{name} must fit in a 32-bit integer, got {value}.", name)
 
 
-def _sampling_params(body: dict, max_tokens: Any, logprobs: int | None) -> SamplingParams:
-    values = {field: body[key] for key, field in _SAMPLING_FIELDS.items()
-              if body.get(key) is not None}
+def _sampling_params(body: dict, max_tokens: Any, logprobs: int | None,
+                     forced: tuple[str, dict[str, Any]] | None = None) -> SamplingParams:
+    values: dict[str, Any] = {field: body[key] for key, field in _SAMPLING_FIELDS.items()
+                              if body.get(key) is not None}
+    structured = _structured_outputs(body, forced)
+    if structured is not None:
+        values["structured_outputs"] = structured
     if isinstance(values.get("logit_bias"), dict):
         values["logit_bias"] = {(int(k) if isinstance(k, str) and k.strip().isdigit() else k): v
                                 for k, v in values["logit_bias"].items()}
@@ -163,6 +187,77 @@ def _sampling_params(body: dict, max_tokens: Any, logprobs: int | None) -> Sampl
         return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **values)
     except (TypeError, ValueError) as exc:
         raise bad_request(str(exc), param_of(str(exc))) from None
+
+
+def _structured_outputs(body: dict, forced: tuple[str, dict[str, Any]] | None = None
+                        ) -> StructuredOutputsParams | None:
+    """The one structured output the body asks for, from any of its sources.
+
+    Args:
+        forced: ``(field, schema)`` of a forced tool call (the field that forced it).
+    """
+    values: dict[str, Any] = {}
+    # kind -> the body field that set it (named in errors).
+    sources: dict[str, str] = {}
+
+    def set_kind(kind: str, value: Any, field: str) -> None:
+        if kind in sources:
+            raise bad_request(f"{field} cannot be combined with {sources[kind]}: a request "
+                              "has one structured output.", field)
+        values[kind], sources[kind] = value, field
+
+    extra = _body_field(body, "structured_outputs", dict, "an object")
+    for key, value in (extra or {}).items():
+        if value is not None:
+            values[key] = value
+            if key in KINDS and value is not False:
+                sources[key] = f"structured_outputs.{key}"
+    for field, kind in _GUIDED_FIELDS.items():
+        if body.get(field) is not None:
+            set_kind(kind, body[field], field)
+    response_format = _response_format(body.get("response_format"))
+    if response_format is not None:
+        set_kind(*response_format)
+    if forced is not None:
+        set_kind("json", forced[1], forced[0])
+    if not values:
+        return None
+    kinds = [k for k in KINDS if k in sources]
+    if len(kinds) > 1:
+        raise bad_request(f"{sources[kinds[1]]} cannot be combined with {sources[kinds[0]]}: "
+                          "a request has one structured output.", sources[kinds[1]])
+    try:
+        return StructuredOutputsParams.from_dict(values)
+    except ValueError as exc:
+        message = str(exc)
+        if kinds:
+            # Named as the body names it (response_format.json_schema.schema, guided_regex).
+            prefix, field = f"structured_outputs.{kinds[0]}", sources[kinds[0]]
+            if message.startswith(prefix) and field != prefix:
+                raise bad_request(field + message[len(prefix):], field) from None
+        raise bad_request(message, param_of(message)) from None
+
+
+def _response_format(response_format: Any) -> tuple[str, Any, str] | None:
+    """OpenAI's response_format as ``(kind, value, field)``; None for plain text."""
+    if response_format is None:
+        return None
+    if not isinstance(response_format, dict):
+        raise bad_request("response_format must be an object with a type.", "response_format")
+    kind = response_format.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return "json_object", True, "response_format"
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict):
+            raise bad_request("response_format.json_schema must be an object with name and "
+                              "schema.", "response_format.json_schema")
+        schema = spec.get("schema", {"type": "object"})
+        return "json", schema, "response_format.json_schema.schema"
+    raise bad_request(f"response_format.type must be text, json_object or json_schema, got "
+                      f"{kind!r}.", "response_format.type")
 
 
 def _stream_options(body: dict, stream: bool) -> bool:
@@ -251,13 +346,11 @@ def parse_chat(body: dict, request_id: str) -> ParsedRequest:
     """A ``/v1/chat/completions`` body (ApiError 400 naming the field when it is wrong)."""
     _warn_ignored(body, _CHAT_FIELDS)
     _check_int32(body)
-    for name in ("tools", "functions"):
-        if body.get(name):
-            raise bad_request(f"{name} (tool calling) is not supported.", name)
-    response_format = body.get("response_format")
-    if response_format not in (None, {"type": "text"}):
-        raise bad_request("response_format other than {\"type\": \"text\"} is not supported.",
-                          "response_format")
+    for name in ("functions", "function_call"):
+        if body.get(name) is not None:
+            raise bad_request(f"{name} is deprecated and not supported; use tools and "
+                              "tool_choice.", name)
+    tools, tool_mode, tool_name, forced = _tools(body)
     stream = bool(_body_field(body, "stream", bool, "a boolean", False))
     has_logprobs = bool(_body_field(body, "logprobs", bool, "a boolean", False))
     top_logprobs = _body_field(body, "top_logprobs", int, "an integer", None)
@@ -271,16 +364,54 @@ def parse_chat(body: dict, request_id: str) -> ParsedRequest:
     max_tokens = body.get("max_completion_tokens")
     if max_tokens is None:
         max_tokens = body.get("max_tokens")
-    params = _sampling_params(body, max_tokens, num_logprobs)
+    params = _sampling_params(body, max_tokens, num_logprobs, forced)
     request = _base_request(body, params, request_id)
     request.chat.CopyFrom(chat_messages(body.get("messages")))
+    for tool in tools:
+        function = tool["function"]
+        request.chat.tools.add(name=function["name"],
+                               description=function.get("description", ""),
+                               parameters_json=json.dumps(function["parameters"]))
     add_generation_prompt = _body_field(body, "add_generation_prompt", bool, "a boolean", True)
     request.chat.add_generation_prompt = add_generation_prompt
     # A chat template writes the special tokens itself.
     request.add_special_tokens = _body_field(body, "add_special_tokens", bool, "a boolean",
                                              False)
     return ParsedRequest([request], [None], params.n, stream, _stream_options(body, stream),
-                         False, num_logprobs)
+                         False, num_logprobs, tool_mode, tool_name)
+
+
+def _tools(body: dict) -> tuple[list[dict[str, Any]], str | None, str | None,
+                                tuple[str, dict[str, Any]] | None]:
+    """``(tools to render, tool_mode, forced function name, (field, forced schema))``."""
+    choice = body.get("tool_choice")
+    if not body.get("tools"):
+        if choice not in (None, "none", "auto"):
+            raise bad_request("tool_choice needs tools.", "tool_choice")
+        return [], None, None, None
+    try:
+        tools = check_tools(body["tools"])
+    except ValueError as exc:
+        raise bad_request(str(exc), param_of(str(exc))) from None
+    parallel = _body_field(body, "parallel_tool_calls", bool, "a boolean", True)
+    if choice is None or choice == "auto":
+        return tools, "auto", None, None
+    if choice == "none":
+        return [], None, None, None  # not offered: the model answers in text
+    if choice == "required":
+        return tools, "required", None, ("tool_choice", required_tool_schema(tools, parallel))
+    function = choice.get("function") if isinstance(choice, dict) else None
+    if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(
+            function, dict):
+        name = function.get("name")
+        named = [t["function"] for t in tools if t["function"]["name"] == name]
+        if not named:
+            raise bad_request(f"tool_choice.function.name must name one of the tools, got "
+                              f"{name!r}.", "tool_choice.function.name")
+        return tools, "named", name, ("tool_choice", named[0]["parameters"])
+    raise bad_request(f"tool_choice must be one of {', '.join(_TOOL_CHOICES)} or "
+                      '{"type": "function", "function": {"name": ...}}, got '
+                      f"{str(choice)[:80]}.", "tool_choice")
 
 
 def chat_messages(messages: Any, field: str = "messages") -> generate_pb2.ChatMessages:
@@ -296,9 +427,35 @@ def chat_messages(messages: Any, field: str = "messages") -> generate_pb2.ChatMe
         if not isinstance(role, str) or not role:
             raise bad_request(f"{name}.role must be a non-empty string, got {role!r}.",
                               f"{name}.role")
-        out.messages.add(role=role, content=_content_text(message.get("content"),
-                                                          f"{name}.content"))
+        entry = out.messages.add(role=role, content=_content_text(message.get("content"),
+                                                                  f"{name}.content"))
+        _tool_calls(message.get("tool_calls"), entry, f"{name}.tool_calls")
+        tool_call_id = message.get("tool_call_id")
+        if tool_call_id is not None:
+            if not isinstance(tool_call_id, str):
+                raise bad_request(f"{name}.tool_call_id must be a string.",
+                                  f"{name}.tool_call_id")
+            entry.tool_call_id = tool_call_id
     return out
+
+
+def _tool_calls(calls: Any, entry: generate_pb2.ChatMessage, field: str) -> None:
+    """An assistant turn's OpenAI ``tool_calls`` into ``entry``."""
+    if calls is None:
+        return
+    if not isinstance(calls, list):
+        raise bad_request(f"{field} must be a list of calls.", field)
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        arguments = function.get("arguments", "{}") if isinstance(function, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or \
+                not isinstance(arguments, (str, dict)):
+            raise bad_request(f"{field}[{j}] must be {{\"type\": \"function\", \"function\": "
+                              '{"name": ..., "arguments": ...}}.', f"{field}[{j}]")
+        if isinstance(arguments, dict):
+            arguments = json.dumps(arguments)
+        entry.tool_calls.add(id=str(call.get("id") or ""), name=function["name"],
+                             arguments=arguments)
 
 
 def _content_text(content: Any, field: str) -> str:

@@ -64,7 +64,8 @@ class OpenAIRun:
         self.with_logprobs = parsed.num_logprobs is not None
         # vLLM's extra: the choices carry their token ids too.
         self.with_token_ids = validated[0].return_token_ids
-        self.states = [ChoiceState(i) for i in range(len(validated) * parsed.n)]
+        self.states = [ChoiceState(i, tool_mode=parsed.tool_mode, tool_name=parsed.tool_name)
+                       for i in range(len(validated) * parsed.n)]
         self.created = int(time.time())
 
     async def _deltas(self) -> AsyncIterator[tuple[int, CompletionDelta]]:

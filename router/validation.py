@@ -10,12 +10,15 @@ text's length before it is tokenized. The functions here are synchronous and may
 from __future__ import annotations
 
 import functools
+import json
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf import unknown_fields
 
+from gridllm.common.chat_tools import check_tools
 from gridllm.common.config import RequestLimits
 from gridllm.common.contract import ModelLimits
 from gridllm.common.convert import check_max_tokens, sampling_params_from_pb
@@ -161,8 +164,8 @@ def render_chat(tokenizer: Any | None, chat: generate_pb2.ChatMessages, field: s
         max_model_len: if given, a conversation that cannot fit in it (more messages than
             tokens, or more text than that many tokens can hold) is refused before rendering.
     Raises:
-        ValueError: no messages, a message with fields other than role and content (sent
-            by a client built from a different proto), an empty role, or no template.
+        ValueError: no messages, a message with fields this proto does not know (sent by a
+            client built from a different one), an empty role, a bad tool, or no template.
     """
     if tokenizer is None:
         raise ValueError(f"{field}: the served model has no tokenizer; send prompt_token_ids.")
@@ -173,23 +176,64 @@ def render_chat(tokenizer: Any | None, chat: generate_pb2.ChatMessages, field: s
         if len(chat.messages) >= max_model_len:
             raise ValueError(f"{field}.messages has {len(chat.messages)} messages; "
                              f"max_model_len is {max_model_len} tokens.")
-        check_text_size(sum(len(m.role) + len(m.content) for m in chat.messages), tokenizer,
-                        max_model_len, f"{field}.messages")
-    messages = []
+        num_chars = sum(len(m.role) + len(m.content) + sum(
+            len(c.name) + len(c.arguments) for c in m.tool_calls) for m in chat.messages)
+        num_chars += sum(len(t.name) + len(t.description) + len(t.parameters_json)
+                         for t in chat.tools)
+        check_text_size(num_chars, tokenizer, max_model_len, f"{field}.messages")
+    messages: list[dict[str, Any]] = []
     for i, message in enumerate(chat.messages):
         _reject_unknown_fields(message, f"{field}.messages[{i}]",
-                               "a chat message has only 'role' and 'content'")
+                               "a chat message has only 'role', 'content', 'tool_calls' and "
+                               "'tool_call_id'")
         if not message.role:
             raise ValueError(f"{field}.messages[{i}].role must not be empty.")
-        messages.append({"role": message.role, "content": message.content})
+        entry: dict[str, Any] = {"role": message.role, "content": message.content}
+        if message.tool_calls:
+            entry["tool_calls"] = [
+                {"id": c.id, "type": "function",
+                 "function": {"name": c.name, "arguments": c.arguments or "{}"}}
+                for c in message.tool_calls]
+        if message.tool_call_id:
+            entry["tool_call_id"] = message.tool_call_id
+        messages.append(entry)
+    tools = [_tool(t, f"{field}.tools[{i}]") for i, t in enumerate(chat.tools)]
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError(f"{field}: the served model's tokenizer has no chat template.")
     add_generation_prompt = (chat.add_generation_prompt
                              if chat.HasField("add_generation_prompt") else True)
+    checked = _check_pb_tools(tools, f"{field}.tools") if tools else None
     try:
-        return apply_chat_template(tokenizer, messages, add_generation_prompt)
+        return apply_chat_template(tokenizer, messages, add_generation_prompt, checked)
     except Exception as exc:  # template errors (jinja raise_exception) are the caller's
         raise ValueError(f"{field}: the chat template rejected the messages: {exc}") from None
+
+
+# check_tools names OpenAI's nesting (tools[0].function.name); the proto's Tool is flat.
+_PB_TOOL_FIELDS = re.compile(r"(tools\[\d+\])\.function\.(name|description|parameters)\b")
+_PB_TOOL_NAMES = {"name": "name", "description": "description",
+                  "parameters": "parameters_json"}
+
+
+def _check_pb_tools(tools: list[dict[str, Any]], field: str) -> list[dict[str, Any]]:
+    """check_tools, its errors naming the proto's fields (``chat.tools[0].name``)."""
+    try:
+        return check_tools(tools, field)
+    except ValueError as exc:
+        message = _PB_TOOL_FIELDS.sub(lambda m: f"{m[1]}.{_PB_TOOL_NAMES[m[2]]}", str(exc))
+        raise ValueError(message) from None
+
+
+def _tool(tool: generate_pb2.Tool, field: str) -> dict[str, Any]:
+    function: dict[str, Any] = {"name": tool.name}
+    if tool.description:
+        function["description"] = tool.description
+    if tool.parameters_json:
+        try:
+            function["parameters"] = json.loads(tool.parameters_json)
+        except ValueError as exc:
+            raise ValueError(f"{field}.parameters_json must be JSON: {exc}.") from None
+    return {"type": "function", "function": function}
 
 
 def _reject_unknown_fields(message: Any, field: str, hint: str = "") -> None:

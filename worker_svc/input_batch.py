@@ -78,6 +78,7 @@ class InputBatch:
     num_logprobs: np.ndarray
     is_filtered: np.ndarray
     is_masked: np.ndarray
+    is_constrained: np.ndarray
     has_penalties: np.ndarray
     needs_prompt_logprobs: np.ndarray
     prev_sample_row: np.ndarray
@@ -114,6 +115,8 @@ class InputBatch:
             "num_blocks": (capacity, np.int64), "temperature": (capacity, np.float32),
             "seeds": (capacity, np.int64), "num_logprobs": (capacity, np.int64),
             "is_filtered": (capacity, np.bool_), "is_masked": (capacity, np.bool_),
+            # Structured outputs: the row's grammar masks its samples.
+            "is_constrained": (capacity, np.bool_),
             "has_penalties": (capacity, np.bool_), "needs_prompt_logprobs": (capacity, np.bool_),
             # Row of each request in the last step's samples, -1 if it sampled none there.
             "prev_sample_row": (capacity, np.int64),
@@ -162,6 +165,7 @@ class InputBatch:
         self.is_filtered[row] = not params.is_greedy and (
             params.top_k > 0 or params.top_p < 1.0 or params.min_p > 0.0)
         self.is_masked[row] = needs_masking(params)
+        self.is_constrained[row] = state.grammar is not None
         self.has_penalties[row] = has_penalties(params)
         self.needs_prompt_logprobs[row] = state.needs_prompt_logprobs
         pending_row = self._last_sample_row(state)
@@ -382,6 +386,15 @@ class InputBatch:
             meta.num_logprobs = [None if k < 0 else k for k in num_logprobs.tolist()]
             meta.max_num_logprobs = int(num_logprobs.max())
         return meta
+
+    def constrained_rows(self, inputs: BatchInputs) -> list[int]:
+        """Rows whose grammar masks this step's sample (their chunk reaches the end)."""
+        n = self.num_reqs
+        return np.flatnonzero(self.is_constrained[:n] & inputs.is_sampling).tolist()
+
+    def rows_have_pending_tokens(self, rows: list[int]) -> bool:
+        """True if a token of one of ``rows`` is still on the device (its id not read)."""
+        return bool(rows) and bool((self.num_pending[rows] > 0).any())
 
     def processor_rows_have_pending_tokens(self) -> bool:
         """True if a row whose processors read its token ids has ids still on the device."""

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from gridllm.common.config import CacheConfig, ModelConfig, SchedulerConfig
 from gridllm.common.contract import ModelLimits, ModelRunnerOutput, SchedulerOutput
+from gridllm.common.tokenizer import TOKENIZER_FILES, load_tokenizer
 from worker_svc.cuda_graph import CudaGraphRunner
 from worker_svc.input_batch import BatchInputs, InputBatch
 from worker_svc.layers.attention import AttentionMetadata
@@ -23,6 +27,7 @@ from worker_svc.parallel.state import state_for
 from worker_svc.request_state import RequestState
 from worker_svc.runner_output import AsyncRunnerOutput
 from worker_svc.sampler import Sampler
+from worker_svc.structured_output import StructuredOutputManager
 from worker_svc.torch_utils import memory_usage, resolve_device, resolve_dtype
 from worker_svc.warmup import warm_up_kernels, warm_up_steps
 
@@ -77,8 +82,12 @@ class ModelRunner:
                                       self.block_size, self.vocab_size, self.device)
         # Step outputs not read yet, oldest first (at most two: see execute_model_async).
         self._unread: collections.deque[AsyncRunnerOutput] = collections.deque()
-        # Requests refused on arrival (bad processor arguments) until the scheduler drops them.
+        # Requests refused (bad processor arguments, a grammar that does not compile) until
+        # the scheduler drops them.
         self._refused: set[str] = set()
+        # Grammars of the requests with structured_outputs (compiled on a background thread).
+        self.structured_outputs = StructuredOutputManager(
+            tokenizer_loader(model_config), self.vocab_size, self.device)
         # Tensor-parallel ranks all hold as many blocks as the smallest one can.
         self.num_kv_blocks = state_for(model_config.tensor_parallel_size).min_int(
             self._num_kv_blocks(), self.device)
@@ -247,12 +256,25 @@ class ModelRunner:
                                 inputs.attn_metadata)
         prompt_logprobs = self._prompt_logprobs(inputs, hidden)
         logits = self.model.compute_logits(hidden[inputs.logits_indices])
-        if batch.processor_rows_have_pending_tokens():
+        constrained = batch.constrained_rows(inputs)
+        if (batch.processor_rows_have_pending_tokens()
+                or batch.rows_have_pending_tokens(constrained)):
+            # Extra processors read the token ids on the host, and a grammar's next mask
+            # needs the last token: wait for the previous step's ids (its copy only; this
+            # step's forward keeps the device busy meanwhile).
             for pending in self._unread:
-                pending.get_output()  # extra processors read the token ids on the host
-        sampled = self.sampler(logits, batch.sampling_metadata(inputs, self.eos_token_id))
+                pending.get_output()
+        meta = batch.sampling_metadata(inputs, self.eos_token_id)
+        grammar_failures: dict[int, str] = {}
+        if constrained:
+            meta.token_bitmask, meta.bitmask_rows, grammar_failures = \
+                self.structured_outputs.prepare(
+                    [batch.states[r].grammar for r in constrained], constrained)
+        sampled = self.sampler(logits, meta)
         batch.record_samples(sampled.token_ids, inputs)
         states = batch.states.copy()
+        for row, error in grammar_failures.items():
+            self._refuse(states[row].req_id, error, output)
         sample_rows = np.flatnonzero(inputs.is_sampling).tolist()
         token_ids = _to_host(sampled.token_ids)
         logprobs = (sampled.logprobs_tensors.to_host()
@@ -270,6 +292,10 @@ class ModelRunner:
                 req_id = state.req_id
                 if self.requests.get(req_id) is state:  # not dropped meanwhile
                     batch.append_known_token(states[row], ids[row])
+                    error = (state.grammar.accept(ids[row]) if state.grammar is not None
+                             else None)
+                    if error is not None:
+                        out.failed[req_id] = error  # the scheduler drops the request
                 out.req_ids.append(req_id)
                 out.sampled_token_ids[req_id] = [ids[row]]
             if logprobs is not None:
@@ -305,8 +331,17 @@ class ModelRunner:
                 output.failed[new.req_id] = str(exc)
                 self._refused.add(new.req_id)
                 continue
-            self.requests[new.req_id] = RequestState.from_new(
-                new, self.sampler.request_seed(new.sampling_params))
+            state = RequestState.from_new(new, self.sampler.request_seed(new.sampling_params))
+            if new.sampling_params.structured_outputs is not None:
+                # Compiles meanwhile; a rebuilt request's tokens replay into a fresh matcher.
+                state.grammar = self.structured_outputs.new_request(
+                    new.sampling_params, self.eos_token_id, new.output_token_ids)
+                error = state.grammar.error() if state.grammar.is_ready else None
+                if error is not None:
+                    output.failed[new.req_id] = error
+                    self._refused.add(new.req_id)
+                    continue
+            self.requests[new.req_id] = state
         scheduled = scheduler_output.num_scheduled_tokens
         for req_id in [r for r in batch.req_ids if not scheduled.get(r)]:
             batch.remove(req_id)  # kept in self.requests: it is back in a later step
@@ -326,6 +361,14 @@ class ModelRunner:
         for req_id, num_tokens in scheduled.items():
             if num_tokens > 0 and req_id not in batch.rows and req_id in self.requests:
                 batch.add(self.requests[req_id])
+
+    def _refuse(self, req_id: str, error: str, output: ModelRunnerOutput) -> None:
+        """Fail one request of a step already sampled (its grammar did not compile)."""
+        output.failed[req_id] = error
+        self._refused.add(req_id)
+        self.requests.pop(req_id, None)
+        if req_id in self.input_batch.rows:
+            self.input_batch.remove(req_id)
 
     def _prompt_logprobs(self, inputs: BatchInputs, hidden: torch.Tensor
                          ) -> list[tuple[str, LogprobsTensors, int]]:
@@ -364,6 +407,27 @@ def _to_host(t: torch.Tensor) -> torch.Tensor:
     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     host.copy_(t, non_blocking=True)
     return host
+
+
+def tokenizer_loader(model_config: ModelConfig) -> Callable[[], Any] | None:
+    """What loads the model's tokenizer for the grammar compiler: from ``tokenizer`` (a
+    directory or preset), else the model's directory or GGUF file; None where there is none
+    (random weights without ``tokenizer``, a directory without tokenizer files)."""
+    from worker_svc.loader import resolve_model_path
+
+    path = resolve_model_path(model_config.tokenizer or model_config.model)
+    if os.path.isfile(path) and path.endswith(".gguf"):
+        directory, filename = os.path.split(path)
+
+        def load_gguf_tokenizer() -> Any:
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(directory, gguf_file=filename)
+        return load_gguf_tokenizer
+    if not (os.path.isdir(path) and any(os.path.exists(os.path.join(path, f))
+                                        for f in TOKENIZER_FILES)):
+        return None
+    return lambda: load_tokenizer(path)
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

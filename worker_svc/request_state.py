@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from gridllm.common.contract import NewRequestData
 from gridllm.common.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from worker_svc.structured_output import RequestGrammar
 
 
 @dataclass
@@ -25,6 +29,8 @@ class RequestState:
     needs_prompt_logprobs: bool
     # Sampled by steps whose output the host has not read yet (ids still on the device).
     num_pending_tokens: int = 0
+    # The grammar matcher of a request with structured_outputs (fed each token read).
+    grammar: RequestGrammar | None = None
 
     @classmethod
     def from_new(cls, new: NewRequestData, seed: int) -> RequestState:

@@ -1,11 +1,12 @@
 """Turn one step's logits into token ids (vLLM v1 semantics).
 
-Order per row: allowed_token_ids, min_tokens, logit_bias, extra logits processors (torch, and
-only when some row asks), then penalties, greedy argmax or temperature, min-p/top-k/top-p
-and a draw. The last stages run in one fused Triton kernel on CUDA
-(``kernels.sampling.sample``) and in ``kernels.torch_ref.sample`` elsewhere. Both draw with
-Philox keyed by the row's seed and counted by the position of the token in the request's
-output, so a seeded request samples the same tokens in any batch and after a resubmission.
+Order per row: a structured output's token bitmask, allowed_token_ids, min_tokens,
+logit_bias, extra logits processors (torch, and only when some row asks), then penalties,
+greedy argmax or temperature, min-p/top-k/top-p and a draw. The last stages run in one
+fused Triton kernel on CUDA (``kernels.sampling.sample``) and in
+``kernels.torch_ref.sample`` elsewhere. Both draw with Philox keyed by the row's seed and
+counted by the position of the token in the request's output, so a seeded request samples
+the same tokens in any batch and after a resubmission.
 Logprobs come from the raw logits.
 """
 
@@ -89,7 +90,8 @@ class Sampler:
         return output
 
     def process_logits(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-        """Apply allowed_token_ids, min_tokens, logit_bias, extra processors and penalties.
+        """Apply the token bitmask, allowed_token_ids, min_tokens, logit_bias, extra
+        processors and penalties.
 
         Returns:
             New float32 logits (or ``logits`` itself when no row needs any of these).
@@ -109,6 +111,18 @@ class Sampler:
         if not meta.needs_masking:
             return logits
         logits = logits.float().clone()
+        if meta.token_bitmask is not None:
+            assert meta.bitmask_rows is not None
+            if self._uses_kernel(logits):
+                from kernels.token_bitmask import apply_token_bitmask
+
+                apply_token_bitmask(logits, meta.token_bitmask, meta.bitmask_rows)
+            elif logits.device.type == "cpu":
+                from kernels.token_bitmask import apply_token_bitmask_cpu
+
+                apply_token_bitmask_cpu(logits, meta.token_bitmask, meta.bitmask_rows)
+            else:
+                torch_ref.apply_token_bitmask(logits, meta.token_bitmask, meta.bitmask_rows)
         if meta.disallowed_mask is not None:
             logits.masked_fill_(meta.disallowed_mask, _NEG_INF)
         if meta.min_tokens_index is not None:

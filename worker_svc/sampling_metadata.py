@@ -56,6 +56,10 @@ class SamplingMetadata:
     # (rows, token ids) and values of logit_bias.
     logit_bias_index: tuple[torch.Tensor, torch.Tensor] | None = None
     logit_bias_values: torch.Tensor | None = None
+    # Structured outputs: [R, ceil(V / 32)] int32 bitmasks of allowed tokens (bit t % 32 of
+    # word t // 32) and the [R] rows they apply to; None if no row is constrained.
+    token_bitmask: torch.Tensor | None = None
+    bitmask_rows: torch.Tensor | None = None
     # Extra processors in registration order, with their rows (None: every row).
     processors: list[tuple[LogitsProcessorSpec, torch.Tensor | None, ProcessorBatch]] = \
         field(default_factory=list)
@@ -74,8 +78,10 @@ class SamplingMetadata:
 
     @property
     def needs_masking(self) -> bool:
-        """True if any row needs allowed_token_ids, min_tokens, logit_bias or a processor."""
-        return (self.disallowed_mask is not None or self.min_tokens_index is not None
+        """True if any row needs a grammar's bitmask, allowed_token_ids, min_tokens,
+        logit_bias or a processor."""
+        return (self.token_bitmask is not None or self.disallowed_mask is not None
+                or self.min_tokens_index is not None
                 or self.logit_bias_index is not None or bool(self.processors))
 
     @classmethod

@@ -10,7 +10,7 @@ between steps on the serving path:
 - eager decode attention (no CUDA graphs, or a batch above the largest graph): its
   split-KV count, a power of two picked from the batch and the context;
 - the sampling kernel: with and without penalties (its 16 radix passes are one variant
-  each);
+  each); the token-bitmask kernel of structured outputs (one variant);
 everything else has one variant per model. CUDA graphs are captured separately
 (``CudaGraphRunner.capture``), then real steps run through the whole path.
 """
@@ -106,6 +106,7 @@ def warm_up_steps(runner: ModelRunner) -> None:
     pending.get_output()
     runner.reset_requests()
     _warm_up_penalised_sampling(runner)
+    _warm_up_token_bitmask(runner)
     _synchronize(runner.device)
 
 
@@ -127,3 +128,13 @@ def _warm_up_penalised_sampling(runner: ModelRunner) -> None:
     inputs = batch.prepare(np.array([2, 2]))
     logits = torch.zeros(2, runner.vocab_size, dtype=torch.float32, device=runner.device)
     runner.sampler(logits, batch.sampling_metadata(inputs, runner.eos_token_id))
+
+
+def _warm_up_token_bitmask(runner: ModelRunner) -> None:
+    # The first structured-output request must not pay the kernel's build (nor its step).
+    from kernels.token_bitmask import apply_token_bitmask
+
+    logits = torch.zeros(2, runner.vocab_size, dtype=torch.float32, device=runner.device)
+    bitmask = torch.full((1, -(-runner.vocab_size // 32)), -1, dtype=torch.int32,
+                         device=runner.device)
+    apply_token_bitmask(logits, bitmask, torch.ones(1, dtype=torch.int64, device=runner.device))

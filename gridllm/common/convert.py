@@ -23,6 +23,7 @@ from gridllm.common.contract import (
     TokenLogprobs,
 )
 from gridllm.common.sampling_params import SamplingParams
+from gridllm.common.structured_outputs import StructuredOutputsParams
 from gridllm.v1 import generate_pb2, scheduler_pb2, worker_pb2
 
 # Optional proto fields whose absence means the Python default.
@@ -75,6 +76,8 @@ def sampling_params_from_pb(msg: generate_pb2.SamplingParams | None,
         except (ValueError, json_format.Error) as exc:  # e.g. NaN or Infinity in a value
             raise ValueError(f"extra_args must hold JSON values: {exc}") from None
         kwargs["extra_args"] = _ints_back(extra_args)
+    if msg.HasField("structured_outputs"):
+        kwargs["structured_outputs"] = structured_outputs_from_pb(msg.structured_outputs)
     return SamplingParams(**kwargs)
 
 
@@ -111,6 +114,34 @@ def sampling_params_to_pb(params: SamplingParams) -> generate_pb2.SamplingParams
         struct = struct_pb2.Struct()
         struct.update(params.extra_args)
         msg.extra_args.CopyFrom(struct)
+    if params.structured_outputs is not None:
+        msg.structured_outputs.CopyFrom(structured_outputs_to_pb(params.structured_outputs))
+    return msg
+
+
+def structured_outputs_from_pb(msg: generate_pb2.StructuredOutputs) -> StructuredOutputsParams:
+    """ValueError naming ``structured_outputs`` (or its field) if no kind is set or the
+    value is bad."""
+    kind = msg.WhichOneof("kind")
+    if kind is None:
+        raise ValueError("structured_outputs must set one of json, regex, choice, grammar, "
+                         "json_object.")
+    value: Any = getattr(msg, kind)
+    if kind == "choice":
+        value = list(value.values)
+    return StructuredOutputsParams(**{kind: value},
+                                   disable_any_whitespace=msg.disable_any_whitespace)
+
+
+def structured_outputs_to_pb(params: StructuredOutputsParams) -> generate_pb2.StructuredOutputs:
+    msg = generate_pb2.StructuredOutputs(disable_any_whitespace=params.disable_any_whitespace)
+    kind = params.kind
+    if kind == "choice":
+        msg.choice.values.extend(params.choice or [])
+    elif kind == "json_object":
+        msg.json_object = True
+    else:
+        setattr(msg, kind, params.spec)
     return msg
 
 

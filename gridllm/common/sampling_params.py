@@ -8,6 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from gridllm.common.structured_outputs import StructuredOutputsParams
+
 # Below this temperature sampling is greedy (vLLM's threshold).
 _GREEDY_EPS = 1e-5
 # logit_bias values are clamped to this magnitude, as the OpenAI API does.
@@ -68,6 +70,9 @@ class SamplingParams:
     logits_processors: list[str] | None = None
     # Free-form arguments read by extra logits processors.
     extra_args: dict[str, Any] | None = field(default=None)
+    # Constrain the completion to a JSON schema, regex, choice or grammar (a dict is read as
+    # StructuredOutputsParams' fields).
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -89,6 +94,8 @@ class SamplingParams:
         if self.allowed_token_ids is not None:
             self.allowed_token_ids = [int(t) for t in self.allowed_token_ids]
         self.logits_processors = list(self.logits_processors or [])
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams.from_dict(self.structured_outputs)
         self._verify()
         if self.is_greedy:
             # Greedy sampling ignores the filters; normalise them so batches stay uniform.
@@ -247,6 +254,8 @@ _TYPE_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
                           "a list of processor names"),
     "extra_args": (_optional(lambda v: isinstance(v, dict) and all(
         isinstance(k, str) for k in v)), "a dict with string keys"),
+    "structured_outputs": (_optional(lambda v: isinstance(v, (StructuredOutputsParams, dict))),
+                           "a StructuredOutputsParams (or a dict of its fields) or None"),
 }
 
 

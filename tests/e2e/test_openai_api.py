@@ -299,3 +299,65 @@ def test_json_logs_follow_one_request_through_every_service(http_stack, oai):
                                                                          "length")
     assert line["completion_tokens"] == 4 and line["prompt_tokens"] > 0
     assert 0 < line["ttft_ms"] <= line["total_ms"]
+
+
+# ------------------------------------------------------------------------- structured outputs
+CITY_SCHEMA = {"type": "object", "properties": {
+    "city": {"enum": ["Paris", "Rome", "Oslo"]}, "sunny": {"type": "boolean"},
+    "tags": {"type": "array", "items": {"enum": ["warm", "cold"]}, "maxItems": 2}},
+    "required": ["city", "sunny", "tags"], "additionalProperties": False}
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}},
+                   "required": ["city"], "additionalProperties": False}}}
+# Random weights fill any whitespace the grammar allows: compact JSON ends.
+COMPACT = {"structured_outputs": {"disable_any_whitespace": True}}
+
+
+def test_response_format_json_schema(oai):
+    jsonschema = pytest.importorskip("jsonschema")
+    response_format = {"type": "json_schema",
+                       "json_schema": {"name": "weather", "schema": CITY_SCHEMA}}
+    messages = [{"role": "user", "content": "Weather as JSON"}]
+    for temperature, seed in ((0.0, None), (1.0, 1), (1.0, 2)):
+        answer = oai.chat.completions.create(
+            model=SERVED_MODEL_NAME, messages=messages, response_format=response_format,
+            temperature=temperature, seed=seed, max_tokens=200, extra_body=COMPACT)
+        choice = answer.choices[0]
+        assert choice.finish_reason == "stop"
+        jsonschema.validate(json.loads(choice.message.content), CITY_SCHEMA)
+    chunks = list(oai.chat.completions.create(
+        model=SERVED_MODEL_NAME, messages=messages, response_format=response_format,
+        temperature=0, max_tokens=200, stream=True, extra_body=COMPACT))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    jsonschema.validate(json.loads(text), CITY_SCHEMA)
+
+
+def test_forced_tool_calls(oai):
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    named = oai.chat.completions.create(
+        model=SERVED_MODEL_NAME, messages=messages, tools=[WEATHER_TOOL], max_tokens=100,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        temperature=0, extra_body=COMPACT)
+    (call,) = named.choices[0].message.tool_calls
+    assert call.function.name == "get_weather" and call.type == "function"
+    assert json.loads(call.function.arguments)["city"] in ("Paris", "Rome")
+    required = oai.chat.completions.create(
+        model=SERVED_MODEL_NAME, messages=messages, tools=[WEATHER_TOOL], max_tokens=200,
+        tool_choice="required", temperature=1.0, seed=3, extra_body=COMPACT)
+    choice = required.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.tool_calls
+    for call in choice.message.tool_calls:
+        assert call.function.name == "get_weather"
+        assert set(json.loads(call.function.arguments)) == {"city"}
+
+
+def test_a_grammar_the_worker_cannot_compile_is_400(oai):
+    with pytest.raises(openai.BadRequestError) as error:
+        oai.completions.create(model=SERVED_MODEL_NAME, prompt="Hello", max_tokens=4,
+                               extra_body={"guided_regex": "(unclosed"})
+    assert "structured_outputs.regex does not compile" in error.value.body["message"]
+    # The worker serves on.
+    answer = oai.completions.create(model=SERVED_MODEL_NAME, prompt="Hello", max_tokens=4,
+                                    extra_body={"guided_choice": ["yes", "no"]})
+    assert answer.choices[0].text in ("yes", "no")

@@ -245,6 +245,18 @@ def _invalid_requests() -> list[tuple[str, bytes]]:
     message += bytes([(3 << 3) | 2, 3]) + b"bob"  # field 3: unknown to this proto
     chat = bytes([(1 << 3) | 2, len(message)]) + message
     out.append(("chat.messages[0] has unknown fields", bytes([(4 << 3) | 2, len(chat)]) + chat))
+    so = generate_pb2.StructuredOutputs
+    for name, structured in (("structured_outputs.json", so(json="{nope")),
+                             ("structured_outputs.choice", so(choice=generate_pb2.StringList())),
+                             # Well-formed, so only the worker's compile refuses it.
+                             ("structured_outputs.regex does not compile", so(regex="(x"))):
+        out.append((name, generate_pb2.GenerateRequest(prompt="hi", sampling_params=sp(
+            structured_outputs=structured)).SerializeToString()))
+    tools = generate_pb2.ChatMessages(
+        messages=[generate_pb2.ChatMessage(role="user", content="hi")],
+        tools=[generate_pb2.Tool(name="f", parameters_json="{")])
+    out.append(("chat.tools[0].parameters_json",
+                generate_pb2.GenerateRequest(chat=tools).SerializeToString()))
     return out
 
 

@@ -173,3 +173,26 @@ def test_no_triton_compilation_after_start(enforce_eager, triton_compilations):
     assert triton_compilations == []
     stats = llm.engine.stats()
     assert stats.kv_blocks_free == stats.kv_blocks_total
+
+
+def test_no_triton_compilation_for_structured_outputs_after_start(triton_compilations,
+                                                                  tmp_path):
+    """The token-bitmask variant that constrained rows of a mixed batch launch was built in
+    the warm-up (a random-weight model borrows the tiny tokenizer, so grammars compile)."""
+    from gridllm import StructuredOutputsParams
+    from tests.e2e.tiny_model import build_tokenizer
+
+    build_tokenizer(str(tmp_path))
+    llm = LLM("random:qwen3-0.6b", tokenizer=str(tmp_path), device="cuda", dtype="bfloat16",
+              max_model_len=1024, max_num_seqs=8, num_kv_blocks=512)
+    triton_compilations.clear()
+    specs = [StructuredOutputsParams(choice=["yes", "no"]),
+             StructuredOutputsParams(regex=r"[a-z]{1,8}"),
+             StructuredOutputsParams(json_object=True, disable_any_whitespace=True)]
+    params = [SamplingParams(temperature=1.0, seed=i, max_tokens=16, structured_outputs=spec)
+              for i, spec in enumerate(specs)] + [SamplingParams(temperature=0, max_tokens=16)]
+    outs = llm.generate(["Hello world", "The quick brown fox", "café", "hi"], params,
+                        use_tqdm=False)
+    assert all(o.outputs[0].finish_reason is not None for o in outs)
+    assert llm.engine.runner.structured_outputs.num_masked_steps > 0
+    assert triton_compilations == []

@@ -16,6 +16,7 @@ from gridllm.common.contract import (
     TokenLogprobs,
 )
 from gridllm.common.sampling_params import SamplingParams
+from gridllm.common.structured_outputs import StructuredOutputsParams
 from gridllm.v1 import generate_pb2, scheduler_pb2, worker_pb2
 
 
@@ -34,6 +35,37 @@ def test_sampling_params_round_trip(params):
     again = convert.sampling_params_from_pb(convert.sampling_params_to_pb(params))
     assert again == params
     assert isinstance((again.extra_args or {}).get("no_repeat_ngram_size", 0), int)
+
+
+@pytest.mark.parametrize("structured", [
+    StructuredOutputsParams(json={"type": "object", "properties": {"b": {"type": "string"},
+                                                                   "a": {"enum": [1, 2]}}}),
+    StructuredOutputsParams(json='{"type": "array"}', disable_any_whitespace=True),
+    StructuredOutputsParams(regex=r"\d{3}-[a-z]+"),
+    StructuredOutputsParams(choice=["yes", "no", "ünï \"q\""]),
+    StructuredOutputsParams(grammar='root ::= "a" | "b"'),
+    StructuredOutputsParams(json_object=True),
+])
+def test_structured_outputs_round_trip(structured):
+    params = SamplingParams(structured_outputs=structured)
+    again = convert.sampling_params_from_pb(convert.sampling_params_to_pb(params))
+    assert again == params
+    assert again.structured_outputs.cache_key == structured.cache_key
+    if structured.json is not None:  # the schema's key order survives (it orders the output)
+        assert list(again.structured_outputs.json) == list(structured.json)
+
+
+@pytest.mark.parametrize("field,msg", [
+    ("structured_outputs must set one of", generate_pb2.StructuredOutputs()),
+    ("structured_outputs.json", generate_pb2.StructuredOutputs(json="{not json")),
+    ("structured_outputs must set exactly one",
+     generate_pb2.StructuredOutputs(json_object=False)),
+    ("structured_outputs.choice", generate_pb2.StructuredOutputs(
+        choice=generate_pb2.StringList())),
+])
+def test_bad_structured_outputs_raise_naming_the_field(field, msg):
+    with pytest.raises(ValueError, match=f"^{field}"):
+        convert.sampling_params_from_pb(generate_pb2.SamplingParams(structured_outputs=msg))
 
 
 def test_absent_fields_take_the_python_defaults():
@@ -91,6 +123,7 @@ NON_DEFAULT_VALUES = {
     "min_tokens": 1, "logprobs": 2, "prompt_logprobs": 1, "skip_special_tokens": False,
     "include_stop_str_in_output": True, "logit_bias": {4: 1.5}, "allowed_token_ids": [4, 6],
     "logits_processors": ["no_repeat_ngram"], "extra_args": {"no_repeat_ngram_size": 2},
+    "structured_outputs": StructuredOutputsParams(choice=["yes", "no"]),
 }
 
 
