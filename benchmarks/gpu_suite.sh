@@ -25,6 +25,7 @@
 #   6. the stack serving random:llama3-8b: the workload of step 3 through gRPC, then
 #      batch-1 latency through gRPC next to the roofline
 #   7. GPU busy fraction over decode steps (torch profiler), both models
+#   0. the GPU-marked tests
 #   8. kernel benchmark (benchmarks/kernels.py); sliding-window decode attention at a 32k
 #      context, dense vs a 4096-token window (benchmarks/sliding_window.py)
 # Results: $OUT/results.json (every step), $OUT/summary.txt (the tables), $OUT/kernels.json,
@@ -73,6 +74,12 @@ step() {
 
 B="$PY -m gridllm.bench"
 
+# 0: the GPU-marked tests (kernels at real shapes, end-to-end parity with CUDA graphs,
+# structured outputs' bitmask kernel, FP8 GEMMs and caches).
+step gpu_tests 200 $PY -m pytest -q -p no:cacheprovider -m gpu tests/kernels \
+  tests/gridllm/test_gpu.py tests/worker_svc/test_structured_output.py \
+  tests/worker_svc/test_quantization.py
+
 # 1-4: in-process.
 step tp_qwen 120 $B throughput --model random:qwen3-0.6b --num-prompts 200 \
   --input-len-range 100:1024 --output-len-range 100:1024 --max-num-seqs 256 \
@@ -85,6 +92,15 @@ step tp_llama_hf 150 $B throughput --model random:llama3-8b --num-prompts 64 \
   --max-num-batched-tokens 8192 --compare hf --no-tqdm --output "$WORK/tp_llama_hf.json"
 step lat_llama 70 $B latency --model random:llama3-8b --input-len 128 --output-len 128 \
   --num-iters 3 --num-warmup 1 --no-tqdm --output "$WORK/lat_llama.json"
+# FP8 weights and KV cache: batch-1 latency against the FP8 roofline, and the 256-request
+# workload of step 6 (its bf16 run is tp_llama_256).
+step lat_llama_fp8 60 $B latency --model random:llama3-8b --input-len 128 --output-len 128 \
+  --num-iters 3 --num-warmup 1 --quantization fp8 --kv-cache-dtype fp8 --no-tqdm \
+  --output "$WORK/lat_llama_fp8.json"
+step tp_llama_256_fp8 90 $B throughput --model random:llama3-8b --num-prompts 256 \
+  --input-len-range 100:100 --output-len-range 1024:1024 --max-num-seqs 256 \
+  --max-num-batched-tokens 8192 --quantization fp8 --kv-cache-dtype fp8 --no-tqdm \
+  --output "$WORK/tp_llama_256_fp8.json"
 
 # 5-6: through the stack. One Python process per model starts the stack (as `gridllm up`
 # does, with the same scheduler budgets as the in-process runs), runs its benchmarks and
@@ -143,6 +159,9 @@ step tp_llama_256 150 $B throughput --model random:llama3-8b --num-prompts 256 \
   --max-num-batched-tokens 8192 --no-tqdm --output "$WORK/tp_llama_256.json"
 step stack_llama_256 240 $PY "$WORK/stack.py" random:llama3-8b "$WORK" llama_256 256 100:100 \
   1024:1024 256
+# The OpenAI HTTP front against gRPC through one stack (table in the log).
+step http_qwen 90 $PY benchmarks/stack_http.py --model random:qwen3-0.6b --rounds 2 \
+  --num-prompts 64
 
 # 7-8: diagnostics.
 step busy_llama 60 $PY -m gridllm.bench.gpu_busy --model random:llama3-8b --batch-size 1 \
@@ -151,6 +170,13 @@ step busy_qwen 50 $PY -m gridllm.bench.gpu_busy --model random:qwen3-0.6b --batc
   --output "$WORK/busy_qwen_b64.json"
 step kernels 90 $PY benchmarks/kernels.py --output "$OUT/kernels.json"
 step sliding_window 40 $PY benchmarks/sliding_window.py --output "$WORK/sliding_window.json"
+# Structured outputs' step overhead at batch 64 and time to first token with a new schema
+# (a random-weight model has no tokenizer: SmolLM2's, copied into models/smollm2-tok).
+if [ -d models/smollm2-tok ]; then
+  step structured 100 $PY benchmarks/structured_outputs.py --device cuda \
+    --model random:llama3-8b --tokenizer models/smollm2-tok --batch-size 64 --num-steps 24 \
+    --repeats 3 --ttft-trials 3 --output "$WORK/structured_llama3-8b.json"
+fi
 
 # Merge and summarise (always runs).
 $PY - "$WORK" "$OUT" <<'PYEOF' 2>&1 | tee -a "$LOG"
