@@ -24,13 +24,26 @@ KV_CACHE_DTYPES = FLOAT_DTYPES + (FP8_DTYPE,)
 
 
 @triton.jit
+def _round_to_e4m3(y):
+    """``y`` (float32, ``|y| <= 448``) rounded to the nearest e4m3 value (ties to even),
+    still in float32: adding and subtracting ``1.5 * 2^23 * ulp`` rounds to a multiple of
+    the e4m3 ulp at ``y`` (2^-9 below 2^-6, where e4m3 is subnormal). The cast that follows
+    is then exact, so every backend agrees with torch (Triton's interpreter truncates
+    instead of carrying a rounded-up mantissa into the exponent)."""
+    exponent = ((y.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    ulp_exponent = tl.maximum(exponent, -6) - 3
+    magic = (((ulp_exponent + 150) << 23) | (1 << 22)).to(tl.float32, bitcast=True)
+    return (y + magic) - magic
+
+
+@triton.jit
 def store_cache(ptr, x, inv_scale, mask, IS_FP8: tl.constexpr):
     """Store ``x`` at ``ptr`` in the cache's element type; an FP8 cache gets
-    ``clamp(x * inv_scale)`` (the cast alone would not saturate everywhere)."""
+    ``clamp(x * inv_scale)`` (a plain cast would not saturate everywhere)."""
     if IS_FP8:
         y = x.to(tl.float32) * inv_scale
         # +-448: e4m3's largest finite value (kernels.fp8.FP8_MAX).
-        y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+        y = _round_to_e4m3(tl.minimum(tl.maximum(y, -448.0), 448.0))
         tl.store(ptr, y.to(ptr.dtype.element_ty), mask=mask)
     else:
         tl.store(ptr, x.to(ptr.dtype.element_ty), mask=mask)
