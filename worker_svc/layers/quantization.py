@@ -117,20 +117,22 @@ def quantize_weights(model: nn.Module, quantization: str | None) -> None:
     """Replace the model's decoder linear layers by their quantized form (in place).
 
     Raises:
-        ValueError: an unknown method, or a model without any of ``FP8_LINEAR_NAMES``.
+        ValueError: an unknown method, or a model without all of ``FP8_LINEAR_NAMES``.
     """
     if quantization is None:
         return
     if quantization != "fp8":
         raise ValueError(f"quantization must be None or 'fp8', got {quantization!r}.")
-    num_replaced = 0
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if name in FP8_LINEAR_NAMES and type(child) is nn.Linear:
-                setattr(module, name, Fp8Linear.from_linear(child))
-                num_replaced += 1
-    if num_replaced == 0:
+    targets = [(module, name) for module in model.modules()
+               for name, child in module.named_children()
+               if name in FP8_LINEAR_NAMES and type(child) is nn.Linear]
+    missing = set(FP8_LINEAR_NAMES) - {name for _, name in targets}
+    if missing:
+        # Another family (OPT's fc1/fc2, say) would be quantized only in part.
         raise ValueError(f"quantization='fp8' supports the Llama family (linear layers "
-                         f"{', '.join(FP8_LINEAR_NAMES)}); {type(model).__name__} has none.")
+                         f"{', '.join(FP8_LINEAR_NAMES)}); {type(model).__name__} has no "
+                         f"{', '.join(sorted(missing))}.")
+    for module, name in targets:
+        setattr(module, name, Fp8Linear.from_linear(getattr(module, name)))
     logger.info("quantization=fp8: %d linear layers hold float8_e4m3fn weights",
-                num_replaced)
+                len(targets))

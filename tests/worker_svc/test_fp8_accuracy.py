@@ -1,0 +1,132 @@
+"""FP8 KV cache and FP8 weights on real SmolLM2-135M weights (CPU: the fake-quantization
+path of the same code), against transformers' own bf16-vs-fp32 difference.
+
+The measure, on a fixed prompt set: transformers fp32 generates a greedy continuation of
+each prompt (the reference sequence); every variant then predicts each next token along
+that sequence (teacher-forced: gridllm through a prefill of the prompt and one decode step
+per token, so both attention paths read the cache). Per variant:
+
+- top-1 agreement: the fraction of positions where its argmax is the fp32 argmax;
+- max logit error: the largest |logit - fp32 logit| over positions and vocabulary.
+
+A quantized variant passes if its agreement is at least transformers bf16's and its max
+logit error at most bf16's. gridllm's unquantized fp32 run is measured the same way, so
+the harness itself is checked (it must agree everywhere, with a tiny error).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gridllm.common.config import ModelConfig
+from gridllm.common.presets import is_preset_available
+from worker_svc.layers.attention import AttentionMetadata
+from worker_svc.layers.quantization import Fp8Linear
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not is_preset_available("smollm2-135m"),
+                       reason="smollm2-135m is not in the cache (make test fetches it)"),
+]
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n",
+    "Water boils at a temperature of",
+    "Once upon a time, in a small village,",
+]
+NUM_NEW = 16
+BLOCK_SIZE = 16
+
+
+def _reference(model_dir: str):
+    """Per prompt: the fp32 greedy sequence, its prompt length, fp32 and bf16 logits."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    fp32 = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    bf16 = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    cases = []
+    with torch.no_grad():
+        for text in PROMPTS:
+            prompt = tokenizer(text, return_tensors="pt").input_ids
+            seq = fp32.generate(prompt, max_new_tokens=NUM_NEW, min_new_tokens=NUM_NEW,
+                                do_sample=False, eos_token_id=None, pad_token_id=0,
+                                attention_mask=torch.ones_like(prompt))[0]
+            n = prompt.shape[1]
+            rows = slice(n - 1, len(seq) - 1)  # the positions that predict the new tokens
+            ref = fp32(seq[None]).logits[0, rows].float()
+            half = bf16(seq[None]).logits[0, rows].float()
+            cases.append((seq, n, ref, half))
+    return cases
+
+
+def _teacher_forced_logits(model, seq: torch.Tensor, prompt_len: int,
+                           kv_dtype: torch.dtype) -> torch.Tensor:
+    """Logits predicting ``seq[prompt_len:]``: one prefill of the prompt, then one decode
+    step per token, over a paged cache of ``kv_dtype``."""
+    config = model.config
+    num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    num_blocks = -(-len(seq) // BLOCK_SIZE)
+    shape = (num_blocks, BLOCK_SIZE, num_kv_heads, head_dim)
+    caches = [(torch.zeros(shape, dtype=kv_dtype), torch.zeros(shape, dtype=kv_dtype))
+              for _ in range(config.num_hidden_layers)]
+    table = torch.arange(num_blocks, dtype=torch.int32)[None]
+    steps = [(0, prompt_len)] + [(t, t + 1) for t in range(prompt_len, len(seq) - 1)]
+    logits = []
+    with torch.inference_mode():
+        for start, end in steps:
+            positions = torch.arange(start, end, dtype=torch.int32)
+            metadata = AttentionMetadata(
+                slot_mapping=positions.long(),
+                query_start_loc=torch.tensor([0, end - start], dtype=torch.int32),
+                seq_lens=torch.tensor([end], dtype=torch.int32), block_tables=table,
+                max_query_len=end - start, max_seq_len=end)
+            hidden = model(seq[start:end].int(), positions, caches, metadata)
+            logits.append(model.compute_logits(hidden[-1:]))
+    return torch.cat(logits)
+
+
+def _measure(pairs) -> tuple[float, float]:
+    """``(mean top-1 agreement, max |logit error|)`` over ``(logits, reference)`` pairs."""
+    agree = torch.cat([(out.argmax(-1) == ref.argmax(-1)).float() for out, ref in pairs])
+    error = max(float((out - ref).abs().max()) for out, ref in pairs)
+    return float(agree.mean()), error
+
+
+@pytest.fixture(scope="module")
+def accuracy():
+    from worker_svc.loader import load_model, resolve_model_path
+
+    model_dir = resolve_model_path("smollm2-135m")
+    cases = _reference(model_dir)
+    results = {"transformers bf16": _measure([(half, ref) for _, _, ref, half in cases])}
+    variants = {"gridllm fp32": (None, torch.float32),
+                "gridllm fp8 kv cache": (None, torch.float8_e4m3fn),
+                "gridllm fp8 weights": ("fp8", torch.float32)}
+    for name, (quantization, kv_dtype) in variants.items():
+        model, _ = load_model(ModelConfig("smollm2-135m", device="cpu", dtype="float32",
+                                          attention_backend="torch",
+                                          quantization=quantization))
+        if quantization == "fp8":
+            assert any(isinstance(m, Fp8Linear) for m in model.modules())
+        results[name] = _measure([(_teacher_forced_logits(model, seq, n, kv_dtype), ref)
+                                  for seq, n, ref, _ in cases])
+    for name, (agree, error) in results.items():
+        print(f"{name:24s} top-1 agreement {agree:.4f}  max logit error {error:.4f}")
+    return results
+
+
+def test_harness_reproduces_fp32(accuracy):
+    agree, error = accuracy["gridllm fp32"]
+    assert agree == 1.0 and error < 1e-2
+
+
+@pytest.mark.parametrize("variant", ["gridllm fp8 kv cache", "gridllm fp8 weights"])
+def test_fp8_changes_outputs_no_more_than_bf16(accuracy, variant):
+    agree, error = accuracy[variant]
+    bf16_agree, bf16_error = accuracy["transformers bf16"]
+    assert agree >= bf16_agree, (variant, agree, bf16_agree)
+    assert error <= bf16_error, (variant, error, bf16_error)
