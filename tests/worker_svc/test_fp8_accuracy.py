@@ -62,31 +62,41 @@ def _reference(model_dir: str):
     return cases
 
 
-def _teacher_forced_logits(model, seq: torch.Tensor, prompt_len: int,
-                           kv_dtype: torch.dtype) -> torch.Tensor:
-    """Logits predicting ``seq[prompt_len:]``: one prefill of the prompt, then one decode
-    step per token, over a paged cache of ``kv_dtype``."""
+def _teacher_forced_logits(model, cases, kv_dtype: torch.dtype) -> list[torch.Tensor]:
+    """Per case, the logits predicting ``seq[prompt_len:]``: one step prefills every
+    prompt, then each step decodes one reference token of every sequence, over a paged
+    cache of ``kv_dtype``."""
     config = model.config
     num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    num_blocks = -(-len(seq) // BLOCK_SIZE)
-    shape = (num_blocks, BLOCK_SIZE, num_kv_heads, head_dim)
+    width = max(-(-len(seq) // BLOCK_SIZE) for seq, *_ in cases)
+    shape = (width * len(cases), BLOCK_SIZE, num_kv_heads, head_dim)
     caches = [(torch.zeros(shape, dtype=kv_dtype), torch.zeros(shape, dtype=kv_dtype))
               for _ in range(config.num_hidden_layers)]
-    table = torch.arange(num_blocks, dtype=torch.int32)[None]
-    steps = [(0, prompt_len)] + [(t, t + 1) for t in range(prompt_len, len(seq) - 1)]
-    logits = []
+    tables = torch.arange(width * len(cases), dtype=torch.int32).view(len(cases), width)
+    # Step 0: every prompt whole; step j > 0: token prompt_len + j - 1 of every sequence.
+    steps = [[(0, n) for _, n, *_ in cases]]
+    steps += [[(n + j - 1, n + j) for _, n, *_ in cases] for j in range(1, NUM_NEW)]
+    logits: list[list[torch.Tensor]] = [[] for _ in cases]
     with torch.inference_mode():
-        for start, end in steps:
-            positions = torch.arange(start, end, dtype=torch.int32)
+        for spans in steps:
+            positions = torch.cat([torch.arange(a, b, dtype=torch.int32) for a, b in spans])
+            slots = torch.cat([tables[i, torch.arange(a, b) // BLOCK_SIZE].long() * BLOCK_SIZE
+                               + torch.arange(a, b) % BLOCK_SIZE
+                               for i, (a, b) in enumerate(spans)])
+            ids = torch.cat([seq[a:b] for (seq, *_), (a, b) in zip(cases, spans, strict=True)])
+            lens = torch.tensor([b - a for a, b in spans])
+            starts = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])
             metadata = AttentionMetadata(
-                slot_mapping=positions.long(),
-                query_start_loc=torch.tensor([0, end - start], dtype=torch.int32),
-                seq_lens=torch.tensor([end], dtype=torch.int32), block_tables=table,
-                max_query_len=end - start, max_seq_len=end)
-            hidden = model(seq[start:end].int(), positions, caches, metadata)
-            logits.append(model.compute_logits(hidden[-1:]))
-    return torch.cat(logits)
+                slot_mapping=slots, query_start_loc=starts.int(),
+                seq_lens=torch.tensor([b for _, b in spans], dtype=torch.int32),
+                block_tables=tables, max_query_len=int(lens.max()),
+                max_seq_len=max(b for _, b in spans))
+            hidden = model(ids.int(), positions, caches, metadata)
+            last = model.compute_logits(hidden[starts[1:] - 1])
+            for i in range(len(cases)):
+                logits[i].append(last[i:i + 1])
+    return [torch.cat(rows) for rows in logits]
 
 
 def _measure(pairs) -> tuple[float, float]:
@@ -103,6 +113,7 @@ def accuracy():
     model_dir = resolve_model_path("smollm2-135m")
     cases = _reference(model_dir)
     results = {"transformers bf16": _measure([(half, ref) for _, _, ref, half in cases])}
+    print("transformers bf16", results["transformers bf16"], flush=True)
     variants = {"gridllm fp32": (None, torch.float32),
                 "gridllm fp8 kv cache": (None, torch.float8_e4m3fn),
                 "gridllm fp8 weights": ("fp8", torch.float32)}
@@ -112,8 +123,10 @@ def accuracy():
                                           quantization=quantization))
         if quantization == "fp8":
             assert any(isinstance(m, Fp8Linear) for m in model.modules())
-        results[name] = _measure([(_teacher_forced_logits(model, seq, n, kv_dtype), ref)
-                                  for seq, n, ref, _ in cases])
+        logits = _teacher_forced_logits(model, cases, kv_dtype)
+        results[name] = _measure([(out, ref) for out, (_, _, ref, _) in
+                                  zip(logits, cases, strict=True)])
+        print(name, results[name], flush=True)
     for name, (agree, error) in results.items():
         print(f"{name:24s} top-1 agreement {agree:.4f}  max logit error {error:.4f}")
     return results
