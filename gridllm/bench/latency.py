@@ -21,6 +21,7 @@ import numpy as np
 
 from gridllm.bench.metrics import RequestRecord, compute_serve_metrics
 from gridllm.bench.report import format_table, machine_info, write_json
+from gridllm.common.config import KV_CACHE_DTYPES, QUANTIZATIONS
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,9 @@ class LatencyConfig:
     device: str = "auto"
     seed: int = 0
     enforce_eager: bool = False
+    # In-process only: weight quantization (None or "fp8") and KV cache element type.
+    quantization: str | None = None
+    kv_cache_dtype: str = "auto"
     use_tqdm: bool = True
 
     def __post_init__(self) -> None:
@@ -96,7 +100,9 @@ def run_inprocess(config: LatencyConfig) -> tuple[list[RequestRecord], Any, int]
     llm = build_llm(ThroughputConfig(model=config.model, max_num_seqs=1, dtype=config.dtype,
                                      device=config.device, seed=config.seed,
                                      enforce_eager=config.enforce_eager,
-                                     gpu_memory_utilization=0.9))
+                                     gpu_memory_utilization=0.9,
+                                     quantization=config.quantization,
+                                     kv_cache_dtype=config.kv_cache_dtype))
     engine = llm.engine
     prompts = _prompts(config, engine.vocab_size,
                        special_token_ids(llm.tokenizer, engine.runner.hf_config))
@@ -206,6 +212,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--quantization", default=None, choices=QUANTIZATIONS,
+                   help="in-process: weight quantization (default: none; the roofline "
+                   "counts the quantized bytes)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                   help="in-process: KV cache element type (auto: the model's dtype)")
     p.add_argument("--no-tqdm", dest="use_tqdm", action="store_false")
     p.add_argument("--output", default=None, help="write the result as JSON here")
 
@@ -215,6 +226,7 @@ def cmd_latency(args: argparse.Namespace) -> int:
                            output_len=args.output_len, num_iters=args.num_iters,
                            num_warmup=args.num_warmup, dtype=args.dtype, device=args.device,
                            seed=args.seed, enforce_eager=args.enforce_eager,
+                           quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
                            use_tqdm=args.use_tqdm)
     result = run_latency(config)
     write_json(args.output, result)

@@ -21,6 +21,7 @@ from tests.kernels.conftest import (
     SMALL_DTYPES,
     assert_close,
     make_paged_kv,
+    needs_gpu,
     poisoned_allocations,
 )
 from tests.kernels.test_rotary import _cos_sin_cache
@@ -159,3 +160,28 @@ def test_kv_write_rounds_like_torch_across_the_range():
     write_kv_cache(sweep, sweep, kc, vc, torch.arange(sweep.shape[0], device=DEVICE))
     _assert_fp8_equal(kc.view(sweep.shape), sweep.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE),
                       "rounded sweep")
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("num_splits", [None, 1])
+def test_fp8_cache_at_llama3_8b_shapes(num_splits):
+    """Llama-3-8B attention (32 query heads, 8 KV heads, head_dim 128), bf16 queries over an
+    FP8 cache: decode (split-KV heuristic and one split) and a prefill chunk after a prefix."""
+    seq_lens = [1000, 4096, 37]
+    kc, vc, tables, seq = _fp8_cache(seq_lens, 8, 128, 0.5, 0.25)
+    query = torch.randn(len(seq_lens), 32, 128, device=DEVICE).to(torch.bfloat16)
+    qsl = torch.arange(len(seq_lens) + 1, dtype=torch.int32, device=DEVICE)
+    out = paged_decode_attention(query, kc, vc, tables, seq, qsl, 128 ** -0.5,
+                                 num_splits=num_splits, k_scale=0.5, v_scale=0.25)
+    expected = torch_ref.paged_attention(query, kc, vc, tables, seq, qsl, 128 ** -0.5,
+                                         k_scale=0.5, v_scale=0.25)
+    assert_close(out, expected, "decode attention, FP8 cache", torch.bfloat16)
+    query_lens = [512, 256, 37]
+    qsl = torch.tensor([0] + query_lens).cumsum(0).to(torch.int32).to(DEVICE)
+    query = torch.randn(sum(query_lens), 32, 128, device=DEVICE).to(torch.bfloat16)
+    out = prefill_attention(query, kc, vc, tables, seq, qsl, 128 ** -0.5, k_scale=0.5,
+                            v_scale=0.25)
+    expected = torch_ref.paged_attention(query, kc, vc, tables, seq, qsl, 128 ** -0.5,
+                                         k_scale=0.5, v_scale=0.25)
+    assert_close(out, expected, "prefill attention, FP8 cache", torch.bfloat16)
