@@ -25,7 +25,8 @@
 #   6. the stack serving random:llama3-8b: the workload of step 3 through gRPC, then
 #      batch-1 latency through gRPC next to the roofline
 #   7. GPU busy fraction over decode steps (torch profiler), both models
-#   8. kernel benchmark (benchmarks/kernels.py)
+#   8. kernel benchmark (benchmarks/kernels.py); sliding-window decode attention at a 32k
+#      context, dense vs a 4096-token window (benchmarks/sliding_window.py)
 # Results: $OUT/results.json (every step), $OUT/summary.txt (the tables), $OUT/kernels.json,
 # $OUT/sweep_qwen3-0.6b.png, $OUT/suite.log (each step's output tail).
 set -u
@@ -149,6 +150,7 @@ step busy_llama 60 $PY -m gridllm.bench.gpu_busy --model random:llama3-8b --batc
 step busy_qwen 50 $PY -m gridllm.bench.gpu_busy --model random:qwen3-0.6b --batch-size 64 \
   --output "$WORK/busy_qwen_b64.json"
 step kernels 90 $PY benchmarks/kernels.py --output "$OUT/kernels.json"
+step sliding_window 40 $PY benchmarks/sliding_window.py --output "$WORK/sliding_window.json"
 
 # Merge and summarise (always runs).
 $PY - "$WORK" "$OUT" <<'PYEOF' 2>&1 | tee -a "$LOG"

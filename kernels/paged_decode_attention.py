@@ -12,6 +12,11 @@ correctly for every batch of its shape.
 An FP8 cache is read as ``k * k_scale`` and ``v * v_scale``: tiles are converted to the
 query's dtype (exact: every e4m3 value is a float16/bfloat16 value), ``k_scale`` is folded
 into the softmax scale and ``v_scale`` multiplies the output.
+
+Sparse patterns skip keys rather than mask them: a sliding window starts each request at
+its window; the strided pattern (the ``stride`` latest keys, then every ``stride``-th key
+before them) visits only those keys, gathered by position through the block table, so a
+long context costs ``stride + context / stride`` keys instead of ``context``.
 """
 
 from __future__ import annotations
@@ -62,21 +67,33 @@ def _paged_decode_attention_kernel(
         q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
         stride_qt, stride_qh, stride_cb, stride_ct, stride_ch, stride_bt,
         stride_ot, stride_oh, num_heads, scale_log2, block_size, sliding_window,
-        softcap_mul, softcap_log2, v_scale,
+        softcap_mul, softcap_log2, v_scale, attention_stride,
         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-        HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        IS_STRIDED: tl.constexpr = False):
     req = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + req).to(tl.int32)
-    # The only query sits at position seq_len - 1 and sees [lo, seq_len).
+    # The only query sits at position seq_len - 1 and sees [lo, seq_len). The loop runs
+    # over visited keys ("virtual" indices [lo, hi)); only the strided pattern maps them to
+    # other positions: first the far keys (every stride-th), then the latest stride.
     lo = 0
+    hi = seq_len
+    num_far = 0
+    far_first = 0
+    local_lo = 0
     if HAS_WINDOW:
         lo = tl.maximum(seq_len - sliding_window, 0)
-    per_split = tl.cdiv(tl.cdiv(seq_len - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    if IS_STRIDED:
+        local_lo = tl.maximum(seq_len - attention_stride, 0)
+        num_far = tl.maximum(seq_len - 1, 0) // attention_stride
+        far_first = seq_len - 1 - num_far * attention_stride
+        hi = num_far + seq_len - local_lo
+    per_split = tl.cdiv(tl.cdiv(hi - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = lo + split * per_split
-    end = tl.minimum(start + per_split, seq_len)
+    end = tl.minimum(start + per_split, hi)
 
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
@@ -93,6 +110,9 @@ def _paged_decode_attention_kernel(
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         nmask = pos < end
+        if IS_STRIDED:
+            pos = tl.where(pos < num_far, far_first + pos * attention_stride,
+                           local_lo + pos - num_far)
         blk = tl.load(table + pos // block_size, mask=nmask, other=0).to(tl.int64)
         kv_off = blk * stride_cb + (pos % block_size).to(tl.int64) * stride_ct \
             + kv_head * stride_ch
@@ -149,6 +169,17 @@ def _paged_decode_reduce_kernel(part_acc_ptr, part_ml_ptr, out_ptr, stride_ot, s
              mask=d < HEAD_DIM)
 
 
+def check_pattern(sliding_window: int | None, attention_stride: int | None) -> None:
+    """ValueError unless the sparse pattern arguments are usable together."""
+    if sliding_window is not None and sliding_window <= 0:
+        raise ValueError(f"sliding_window must be positive, got {sliding_window}.")
+    if attention_stride is not None and attention_stride <= 0:
+        raise ValueError(f"attention_stride must be positive, got {attention_stride}.")
+    if sliding_window is not None and attention_stride is not None:
+        raise ValueError("sliding_window and attention_stride cannot be combined: pick one "
+                         "sparse pattern.")
+
+
 def _check_paged_args(query, key_cache, value_cache, block_tables, seq_lens,
                       k_scale: float = 1.0, v_scale: float = 1.0):
     check_tensor("query", query, ndim=3, dtypes=FLOAT_DTYPES, last_dim_contiguous=True)
@@ -199,6 +230,7 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
                            num_splits: int | None = None,
                            max_seq_len: int | None = None,
                            logit_softcap: float | None = None,
+                           attention_stride: int | None = None,
                            k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """Drop-in for ``torch_ref.paged_attention`` on decode-only batches.
 
@@ -216,6 +248,7 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
         max_seq_len: a bound of ``seq_lens`` known on the host (sizes the split count;
             default: the block table's width).
         logit_softcap: caps the scaled scores at ``c * tanh(s / c)`` (Gemma 2).
+        attention_stride: the strided pattern with this stride (not with a window).
         k_scale, v_scale: the FP8 cache's scales (1.0 for other caches).
     Returns:
         ``[B, H, D]`` attention output in query's dtype.
@@ -228,8 +261,7 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
     if query_start_loc is not None and query_start_loc.shape[0] != num_reqs + 1:
         raise ValueError(f"query_start_loc must have {num_reqs + 1} entries, "
                          f"got {query_start_loc.shape[0]}.")
-    if sliding_window is not None and sliding_window <= 0:
-        raise ValueError(f"sliding_window must be positive, got {sliding_window}.")
+    check_pattern(sliding_window, attention_stride)
     scale = float(scale) * k_scale
     softcap_mul, softcap_log2 = softcap_args(scale, logit_softcap)
     block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
@@ -242,6 +274,8 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
         max_context = min(max_context, max_seq_len)
     if sliding_window is not None:
         max_context = min(max_context, sliding_window)
+    if attention_stride is not None:
+        max_context = min(max_context, attention_stride + max_context // attention_stride)
     if num_splits is None:
         num_splits = pick_num_splits(num_reqs, num_kv_heads, max_context, query.device)
     block_d = max(16, next_power_of_2(head_dim))
@@ -259,10 +293,11 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
         key_cache.stride(2), block_tables.stride(0), out.stride(0), out.stride(1),
         num_heads, float(scale) * _LOG2E, block_size,
         sliding_window if sliding_window is not None else 0, softcap_mul, softcap_log2,
-        float(v_scale), GROUP=group, BLOCK_G=max(16, next_power_of_2(group)), HEAD_DIM=head_dim,
+        float(v_scale), attention_stride or 1, GROUP=group,
+        BLOCK_G=max(16, next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_D=block_d, BLOCK_N=block_n, NUM_SPLITS=num_splits,
         HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=logit_softcap is not None,
-        DOT_PRECISION=dot_precision(query.dtype),
+        DOT_PRECISION=dot_precision(query.dtype), IS_STRIDED=attention_stride is not None,
         num_warps=4, num_stages=3)
     if num_splits > 1:
         _paged_decode_reduce_kernel[(num_reqs, num_heads)](

@@ -4,6 +4,9 @@ Request ``i`` owns query rows ``query_start_loc[i]:query_start_loc[i+1]``, its l
 tokens; their KV is already in the cache, so a chunk attends to the cached prefix and to
 itself through the same block table. One program handles ``BLOCK_M`` queries of one head:
 key tiles fully below the diagonal run without masks, the rest with the causal/window mask.
+A sliding window starts each query tile at its window; under the strided pattern (the
+``stride`` latest keys, then every ``stride``-th) a key tile in which no query of the tile
+sees any key is skipped, so with a stride wider than the tiles most tiles are.
 An FP8 cache is read as in ``paged_decode_attention`` (``k_scale`` folded into the softmax
 scale, ``v_scale`` applied to the output).
 """
@@ -21,7 +24,13 @@ from kernels._utils import (
     is_interpreter,
     next_power_of_2,
 )
-from kernels.paged_decode_attention import _LOG2E, _check_paged_args, _scores, softcap_args
+from kernels.paged_decode_attention import (
+    _LOG2E,
+    _check_paged_args,
+    _scores,
+    check_pattern,
+    softcap_args,
+)
 
 
 @triton.jit
@@ -30,7 +39,8 @@ def _attend_tile(acc, m_i, l_i, q, q_pos, kc_ptr, vc_ptr, table, kv_head, n0, hi
                  scale_log2, softcap_mul, softcap_log2, HEAD_DIM: tl.constexpr,
                  BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                  HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr):
+                 DOT_PRECISION: tl.constexpr, attention_stride=1,
+                 IS_STRIDED: tl.constexpr = False):
     pos = n0 + tl.arange(0, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
     nmask = pos < hi
@@ -44,6 +54,9 @@ def _attend_tile(acc, m_i, l_i, q, q_pos, kc_ptr, vc_ptr, table, kv_head, n0, hi
         visible = (pos[None, :] <= q_pos[:, None]) & nmask[None, :]
         if HAS_WINDOW:
             visible = visible & (q_pos[:, None] - pos[None, :] < sliding_window)
+        if IS_STRIDED:
+            dist = q_pos[:, None] - pos[None, :]
+            visible = visible & ((dist < attention_stride) | (dist % attention_stride == 0))
         s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_ref = m_new
@@ -63,10 +76,11 @@ def _prefill_attention_kernel(
         q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr,
         stride_qt, stride_qh, stride_cb, stride_ct, stride_ch, stride_bt,
         stride_ot, stride_oh, scale_log2, block_size, sliding_window, num_q_tiles,
-        softcap_mul, softcap_log2, v_scale,
+        softcap_mul, softcap_log2, v_scale, attention_stride,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr,
-        HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        IS_STRIDED: tl.constexpr = False):
     head = tl.program_id(0).to(tl.int64)
     # Longest (latest) query tiles first: they have the most keys to visit.
     tile = num_q_tiles - 1 - tl.program_id(1)
@@ -91,7 +105,19 @@ def _prefill_attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    if HAS_WINDOW:
+    if IS_STRIDED:
+        for n0 in range(0, hi, BLOCK_N):
+            # Distances between this tile's queries and the key tile's keys.
+            min_dist = first_pos - (n0 + BLOCK_N - 1)
+            max_dist = hi - 1 - n0
+            if (min_dist < attention_stride) | (
+                    max_dist // attention_stride * attention_stride >= min_dist):
+                acc, m_i, l_i = _attend_tile(
+                    acc, m_i, l_i, q, q_pos, kc_ptr, vc_ptr, table, kv_head, n0, hi, seq_len,
+                    block_size, sliding_window, stride_cb, stride_ct, stride_ch, scale_log2,
+                    softcap_mul, softcap_log2, HEAD_DIM, BLOCK_D, BLOCK_N, True, False,
+                    HAS_SOFTCAP, DOT_PRECISION, attention_stride, True)
+    elif HAS_WINDOW:
         lo = tl.maximum(first_pos - sliding_window + 1, 0) // BLOCK_N * BLOCK_N
         for n0 in range(lo, hi, BLOCK_N):
             acc, m_i, l_i = _attend_tile(
@@ -137,6 +163,7 @@ def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
                       sliding_window: int | None = None,
                       max_query_len: int | None = None,
                       logit_softcap: float | None = None,
+                      attention_stride: int | None = None,
                       k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """Drop-in for ``torch_ref.paged_attention`` (any mix of prefill, extend and decode).
 
@@ -152,6 +179,7 @@ def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
         sliding_window: keys with ``pos_q - pos_k >= sliding_window`` are hidden.
         max_query_len: longest query chunk; pass it to avoid a device sync.
         logit_softcap: caps the scaled scores at ``c * tanh(s / c)`` (Gemma 2).
+        attention_stride: the strided pattern with this stride (not with a window).
         k_scale, v_scale: the FP8 cache's scales (1.0 for other caches).
     Returns:
         ``[T, H, D]`` attention output in query's dtype (rows outside every request's
@@ -164,8 +192,7 @@ def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
     if query_start_loc.shape[0] != num_reqs + 1:
         raise ValueError(f"query_start_loc must have {num_reqs + 1} entries, "
                          f"got {query_start_loc.shape[0]}.")
-    if sliding_window is not None and sliding_window <= 0:
-        raise ValueError(f"sliding_window must be positive, got {sliding_window}.")
+    check_pattern(sliding_window, attention_stride)
     scale = float(scale) * k_scale
     softcap_mul, softcap_log2 = softcap_args(scale, logit_softcap)
     out = torch.empty_like(query)
@@ -186,10 +213,10 @@ def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
         key_cache.stride(2), block_tables.stride(0), out.stride(0), out.stride(1),
         float(scale) * _LOG2E, block_size,
         sliding_window if sliding_window is not None else 0, num_q_tiles,
-        softcap_mul, softcap_log2, float(v_scale),
+        softcap_mul, softcap_log2, float(v_scale), attention_stride or 1,
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_D=max(16, next_power_of_2(head_dim)), BLOCK_M=block_m, BLOCK_N=block_n,
         HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=logit_softcap is not None,
-        DOT_PRECISION=dot_precision(query.dtype),
+        DOT_PRECISION=dot_precision(query.dtype), IS_STRIDED=attention_stride is not None,
         num_warps=num_warps, num_stages=num_stages)
     return out

@@ -83,17 +83,25 @@ def _to_cache(x: torch.Tensor, cache: torch.Tensor, scale: float) -> torch.Tenso
     return x.to(cache.dtype)
 
 
+def strided_visible(distance: torch.Tensor, stride: int) -> torch.Tensor:
+    """The strided sparse pattern (Sparse Transformer): a query sees the ``stride`` latest
+    keys and every ``stride``-th key before them (``distance`` = query pos - key pos)."""
+    return (distance < stride) | (distance % stride == 0)
+
+
 def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                     block_tables: torch.Tensor, seq_lens: torch.Tensor,
                     query_start_loc: torch.Tensor, scale: float,
                     sliding_window: int | None = None,
                     logit_softcap: float | None = None,
+                    attention_stride: int | None = None,
                     k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """Causal attention of packed queries ``[T, H, D]`` over each request's paged KV.
 
     Query ``j`` of a request with ``n`` queries sits at position ``seq_len - n + j`` and
-    sees keys at positions ``p <= pos`` (and ``pos - p < sliding_window`` if set). With
-    ``logit_softcap`` the scaled scores are capped at ``c * tanh(s / c)`` (Gemma 2).
+    sees keys at positions ``p <= pos`` (and ``pos - p < sliding_window`` if set; with
+    ``attention_stride`` s, the strided pattern: ``pos - p < s`` or ``(pos - p) % s == 0``).
+    With ``logit_softcap`` the scaled scores are capped at ``c * tanh(s / c)`` (Gemma 2).
     Covers decode (``n == 1``), prefill and chunked prefill after a prefix hit. The
     cache is read as ``k * k_scale``, ``v * v_scale`` (an FP8 cache's scales).
     """
@@ -122,6 +130,8 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
         mask = k_pos <= q_pos
         if sliding_window is not None:
             mask &= (q_pos - k_pos) < sliding_window
+        if attention_stride is not None:
+            mask &= strided_visible(q_pos - k_pos, attention_stride)
         scores = scores.masked_fill(~mask, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         out[starts[i]:starts[i + 1]] = torch.einsum("hqk,khd->qhd", probs, v).to(query.dtype)

@@ -3,6 +3,13 @@
 A full block is identified by a chained hash of (parent block hash, its token ids, an
 extra key), so a hash names a whole prefix. Freed blocks keep their hash and stay
 reusable until evicted; the free queue hands out first what is least worth keeping.
+
+When every attention layer sees only a window of the latest ``kv_window`` tokens, a
+request's leading blocks that no query of its coming steps can see are given back as it
+advances, so a long request holds about ``kv_window / block_size`` blocks. Their ids stay in
+the request's table, positionally (the runner's kernels start at the window and never read
+them; the worker's steps run in order, so a block reused by another request in this step is
+written after every earlier step's reads).
 """
 
 from __future__ import annotations
@@ -36,9 +43,13 @@ class BlockManager:
         enable_prefix_caching: reuse full blocks across requests by content hash.
     """
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 kv_window: int | None = None):
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be at least 1, got {num_blocks}.")
+        if kv_window is not None and kv_window < 1:
+            raise ValueError(f"kv_window must be positive, got {kv_window}.")
+        self.kv_window = kv_window
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
@@ -51,6 +62,8 @@ class BlockManager:
         self._req_to_hashes: dict[str, list[int]] = {}
         # req_id -> leading blocks of its table already registered in the prefix cache.
         self._num_registered: dict[str, int] = {}
+        # req_id -> leading blocks of its table given back (outside the window).
+        self._num_released: dict[str, int] = {}
         # Prefix-cache counters, in tokens (as vLLM counts them).
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
@@ -68,6 +81,22 @@ class BlockManager:
 
     def get_block_ids(self, req_id: str) -> list[int]:
         return [b.block_id for b in self.req_to_blocks.get(req_id, [])]
+
+    def num_held_blocks(self, req_id: str) -> int:
+        """Blocks the request holds now (its table less those given back)."""
+        return len(self.req_to_blocks.get(req_id, ())) - self._num_released.get(req_id, 0)
+
+    def _release_outside_window(self, request: Request, req_blocks: list[KVBlock]) -> None:
+        # The coming step's first query is at num_computed_tokens; it sees keys after
+        # num_computed_tokens - kv_window, and later queries see less.
+        num_dead = (request.num_computed_tokens - self.kv_window + 1) // self.block_size
+        num_released = self._num_released.get(request.req_id, 0)
+        if num_dead <= num_released:
+            return
+        num_dead = min(num_dead, len(req_blocks))
+        self._num_released[request.req_id] = num_dead
+        for block in req_blocks[num_released:num_dead]:
+            self._unref(block)
 
     def _block_hashes(self, request: Request, num_tokens: int) -> list[int]:
         """Hashes of the request's full blocks within its first ``num_tokens`` tokens."""
@@ -112,6 +141,8 @@ class BlockManager:
             the pool cannot hold them (nothing changes then).
         """
         req_blocks = self.req_to_blocks.setdefault(request.req_id, [])
+        if self.kv_window is not None and req_blocks:
+            self._release_outside_window(request, req_blocks)
         if not computed_blocks:
             # The common case (a decode step): room in the last block, nothing to pop.
             num_total = request.num_computed_tokens + num_new_tokens
@@ -177,13 +208,17 @@ class BlockManager:
         blocks = self.req_to_blocks.pop(request.req_id, [])
         self._req_to_hashes.pop(request.req_id, None)
         self._num_registered.pop(request.req_id, None)
+        num_released = self._num_released.pop(request.req_id, 0)
         # Tail blocks are the least likely to be shared: evict them first.
-        for block in reversed(blocks):
-            block.ref_cnt -= 1
-            if block.ref_cnt == 0:
-                self.free_queue[block.block_id] = block
-                if block.block_hash is None:
-                    self.free_queue.move_to_end(block.block_id, last=False)
+        for block in reversed(blocks[num_released:]):
+            self._unref(block)
+
+    def _unref(self, block: KVBlock) -> None:
+        block.ref_cnt -= 1
+        if block.ref_cnt == 0:
+            self.free_queue[block.block_id] = block
+            if block.block_hash is None:
+                self.free_queue.move_to_end(block.block_id, last=False)
 
     def num_cached_prefix_blocks(self, hashes: list[int]) -> int:
         """How many leading blocks of a prefix (its chained ``hashes``) are cached."""

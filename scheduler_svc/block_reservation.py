@@ -93,7 +93,7 @@ class BlockReservation:
         """
         if not running:
             return True
-        held = sum(len(block_manager.req_to_blocks.get(r.req_id, ())) for r in running)
+        held = sum(block_manager.num_held_blocks(r.req_id) for r in running)
         # Hit blocks used by another request are counted twice in the peak: give them back.
         num_shared = sum(1 for b in computed_blocks if b.ref_cnt > 0)
         peak = self.peak_blocks([*running, request]) - num_shared

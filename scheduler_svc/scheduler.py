@@ -45,7 +45,8 @@ class Scheduler:
         self.max_model_len = limits.max_model_len
         self.block_size = limits.block_size
         self.block_manager = BlockManager(num_kv_blocks, limits.block_size,
-                                          scheduler_config.enable_prefix_caching)
+                                          scheduler_config.enable_prefix_caching,
+                                          kv_window=limits.kv_window)
         self.requests: dict[str, Request] = {}
         self.waiting = make_queue(scheduler_config.scheduling_policy)
         self.running: list[Request] = []

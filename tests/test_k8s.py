@@ -34,7 +34,8 @@ OVERLAYS = ("overlays/cpu", "overlays/gpu", "overlays/scaleout")
 KUBERNETES_VERSION = "1.30"
 SERVICE_MODULES = {"router": "router", "scheduler": "scheduler_svc", "worker": "worker_svc"}
 # (from, to, port): the data path; "client" is anything outside the namespace.
-DATA_PATH = {("client", "router", 50051), ("router", "scheduler", 50052),
+DATA_PATH = {("client", "router", 50051), ("client", "router", 8000),
+             ("router", "scheduler", 50052),
              ("scheduler", "worker", 50053), ("router", "redis", 6379),
              ("scheduler", "redis", 6379), ("worker", "redis", 6379)}
 
@@ -210,7 +211,9 @@ def test_commands_parse_with_the_services_own_flags_and_probes_hit_their_port(re
         assert args[:3] == ["python", "-m", module]
         parsed = parsers[module](args[3:])
         assert parsed.host == "0.0.0.0"
-        assert [p["containerPort"] for p in container["ports"]] == [parsed.port]
+        # The router also serves HTTP (the OpenAI API and /metrics) on --http-port.
+        http = [parsed.http_port] if component == "router" else []
+        assert [p["containerPort"] for p in container["ports"]] == [parsed.port, *http]
         assert container["readinessProbe"]["grpc"]["port"] == parsed.port
         assert container["livenessProbe"]["grpc"] == {"port": parsed.port,
                                                       "service": LIVENESS_SERVICE}

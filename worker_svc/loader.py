@@ -48,7 +48,8 @@ def load_model(model_config: ModelConfig, backend: AttentionBackend | None = Non
         # Random-weight presets (gridllm/random_presets.py): built on the device, no checkpoint.
         from worker_svc.random_model import build_random_model
 
-        backend = backend or get_attention_backend(model_config.attention_backend, device)
+        backend = backend or get_attention_backend(model_config.attention_backend, device,
+                                                   model_config.sparse_attention)
         model, hf_config = build_random_model(path, backend, device, dtype,
                                               model_config.seed or 0)
         quantize_weights(model, model_config.quantization)
@@ -56,7 +57,8 @@ def load_model(model_config: ModelConfig, backend: AttentionBackend | None = Non
     hf_config, weights = read_checkpoint(path, dtype)
     architectures = getattr(hf_config, "architectures", None) or [None]
     model_cls = get_model_class(architectures[0])
-    backend = backend or get_attention_backend(model_config.attention_backend, device)
+    backend = backend or get_attention_backend(model_config.attention_backend, device,
+                                               model_config.sparse_attention)
     with default_dtype(dtype), torch.device(device), skip_init():
         model = model_cls(hf_config, backend)
     model.load_weights(weights)

@@ -58,7 +58,8 @@ class ModelRunner:
         self.dtype = resolve_dtype(model_config.dtype, self.device)
         if model_config.seed is not None:
             torch.manual_seed(model_config.seed)
-        self.attn_backend = get_attention_backend(model_config.attention_backend, self.device)
+        self.attn_backend = get_attention_backend(model_config.attention_backend, self.device,
+                                                  model_config.sparse_attention)
         set_use_triton(self.attn_backend.name == "triton")
         self.kv_cache_dtype = kv_cache_torch_dtype(cache_config.kv_cache_dtype, self.dtype,
                                                    self.device, self.attn_backend.name)
@@ -133,7 +134,8 @@ class ModelRunner:
     def limits(self) -> ModelLimits:
         """What this runner serves, resolved from the model and the configs."""
         return ModelLimits(max_model_len=self.max_model_len, vocab_size=self.vocab_size,
-                           block_size=self.block_size, eos_token_id=self.eos_token_id)
+                           block_size=self.block_size, eos_token_id=self.eos_token_id,
+                           kv_window=kv_window_of(self.model, self.hf_config.num_hidden_layers))
 
     # ---- setup -------------------------------------------------------------------------
     def _resolve_max_model_len(self) -> int:
@@ -365,6 +367,19 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     # nothing until used (torch.zeros would touch every page up front).
     num_bytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
     return torch.from_numpy(np.zeros(num_bytes, dtype=np.uint8)).view(dtype).view(shape)
+
+
+def kv_window_of(model: torch.nn.Module, num_layers: int) -> int | None:
+    """The widest attention window when every attention layer has one, else None.
+
+    Read from the built layers (not the config), so an architecture that does not apply a
+    window its config names is never treated as windowed.
+    """
+    windows = [getattr(m, "sliding_window", None) for m in model.modules()
+               if hasattr(m, "sliding_window")]
+    if len(windows) != num_layers or None in windows:
+        return None
+    return max(windows)
 
 
 def _first_eos(hf_config) -> int | None:

@@ -188,6 +188,24 @@ class CacheConfig:
                 "must be in (0, 1]", self.gpu_memory_utilization)
 
 
+SPARSE_PATTERNS = ("local", "strided")
+
+
+def parse_sparse_attention(value: str | None) -> tuple[str, int] | None:
+    """``"local:W"`` / ``"strided:S"`` as ``(pattern, size)``; None stays None.
+
+    Raises:
+        ValueError: naming ``sparse_attention``, for any other value.
+    """
+    if value is None:
+        return None
+    pattern, _, size = str(value).partition(":")
+    if pattern not in SPARSE_PATTERNS or not size.isdigit() or int(size) < 1:
+        raise ValueError(f"sparse_attention must be 'local:W' or 'strided:S' with a positive "
+                         f"integer size, got {value!r}.")
+    return pattern, int(size)
+
+
 @dataclass
 class ModelConfig:
     model: str = option(help="preset name (smollm2-135m), HF directory, GGUF file or "
@@ -210,10 +228,17 @@ class ModelConfig:
         help="weight quantization at load: fp8 (per-channel float8 e4m3 weights of the "
         "Llama family's linear layers, activations quantized per token)")
     seed: int = option(0, help="seed of the engine's random generator")
+    sparse_attention: str | None = option(
+        None, default_help="none: the model's own attention",
+        help="a sparse pattern on the layers without a window of their own (approximates "
+             "the model): local:W (the W latest tokens; frees the KV blocks before them "
+             "when every layer is local) or strided:S (the S latest tokens and every S-th "
+             "before them)")
 
     def __post_init__(self) -> None:
         require(isinstance(self.model, str) and bool(self.model), "model",
                 "must be a non-empty path or name", self.model)
+        parse_sparse_attention(self.sparse_attention)
         require(self.dtype in _DTYPES, "dtype", f"must be one of {_DTYPES}", self.dtype)
         require(self.attention_backend in _ATTENTION_BACKENDS, "attention_backend",
                 f"must be one of {_ATTENTION_BACKENDS}", self.attention_backend)

@@ -41,6 +41,9 @@ class ModelLimits:
     block_size: int
     # The model's EOS token id, if known.
     eos_token_id: int | None = None
+    # Set when every attention layer sees only this many latest tokens (a sliding window
+    # on all layers, as Mistral's): KV blocks wholly before the window are given back.
+    kv_window: int | None = None
 
 
 @dataclass

@@ -127,12 +127,14 @@ def _ints_back(value: Any) -> Any:
 
 # ----------------------------------------------------------------------- ModelLimits
 # WorkerInfo, SchedulerInfo and GetModelInfoResponse carry the limits as flat fields of these
-# names (max_model_len, vocab_size, block_size, optional eos_token_id).
+# names (max_model_len, vocab_size, block_size, optional eos_token_id; kv_window, 0 for none,
+# where the scheduler needs it).
 def model_limits_from_pb(msg: Any) -> ModelLimits:
     """The limits in a WorkerInfo, SchedulerInfo or GetModelInfoResponse."""
     return ModelLimits(max_model_len=msg.max_model_len, vocab_size=msg.vocab_size,
                        block_size=msg.block_size,
-                       eos_token_id=msg.eos_token_id if msg.HasField("eos_token_id") else None)
+                       eos_token_id=msg.eos_token_id if msg.HasField("eos_token_id") else None,
+                       kv_window=getattr(msg, "kv_window", 0) or None)
 
 
 def model_limits_to_pb(limits: ModelLimits, msg: Any) -> Any:
@@ -144,6 +146,8 @@ def model_limits_to_pb(limits: ModelLimits, msg: Any) -> Any:
         msg.ClearField("eos_token_id")
     else:
         msg.eos_token_id = limits.eos_token_id
+    if hasattr(msg, "kv_window"):
+        msg.kv_window = limits.kv_window or 0
     return msg
 
 

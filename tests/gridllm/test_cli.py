@@ -77,7 +77,8 @@ def test_up_serves_generate_and_stops_everything_on_sigterm(model_dir, reference
         # Its own session: SIGTERM goes to the launcher alone, not to a process group.
         launcher = subprocess.Popen(
             [sys.executable, "-m", "gridllm.cli", "up", "--model", model_dir, "--workers", "1",
-             "--port", "0", "--num-kv-blocks", "32", "--log-dir", str(tmp_path / "logs"),
+             "--port", "0", "--http-port", "0", "--num-kv-blocks", "32",
+             "--log-dir", str(tmp_path / "logs"),
              "--startup-timeout", "120"],
             stdout=subprocess.PIPE, stderr=log, env=_env(), cwd=str(tmp_path),
             start_new_session=True)

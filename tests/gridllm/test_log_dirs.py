@@ -53,6 +53,7 @@ def test_up_logs_under_the_cache_and_nothing_in_tmp(tmp_path, redis_server):
            "TMPDIR": str(tmp), "GRIDLLM_LOGGING_LEVEL": "INFO", "PYTHONUNBUFFERED": "1"}
     launcher = subprocess.Popen(
         [sys.executable, "-m", "gridllm.cli", "up", "--model", "random:tiny", "--port", "0",
+         "--http-port", "0",
          "--redis-url", redis_server.rsplit("/", 1)[0] + "/11", "--num-kv-blocks", "16",
          "--device", "cpu", "--startup-timeout", "120"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=str(tmp_path),

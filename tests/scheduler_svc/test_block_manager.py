@@ -154,3 +154,35 @@ def test_events_report_stored_and_evicted_hashes():
     schedule_whole(bm, make_request("b", [7, 8, 9, 10]))
     _, removed = bm.drain_events()
     assert removed == stored
+
+
+def test_blocks_before_the_window_are_given_back_once_and_shared_ones_stay():
+    bm = BlockManager(num_blocks=16, block_size=4, kv_window=6)
+    prompt = list(range(12))
+    first = make_request("a", prompt + [50])
+    schedule_whole(bm, first)  # 13 tokens: 4 blocks, the first three full and cached
+    second = make_request("b", prompt + [60])
+    _, num_hit = schedule_whole(bm, second)  # shares those three blocks
+    assert num_hit == 12 and bm.num_free_blocks == 11
+    # "a" computed 13 tokens: its next query (position 13) sees keys 8.. -> blocks 0, 1 go.
+    first.output_token_ids.append(1)
+    assert bm.allocate_slots(first, 1) == []
+    assert bm.num_held_blocks("a") == 2
+    # Still referenced by "b": nothing returns to the pool yet.
+    assert bm.num_free_blocks == 11
+    # Again at the same position: nothing is given back twice.
+    assert bm.allocate_slots(first, 1) == []
+    assert bm.num_held_blocks("a") == 2 and bm.num_free_blocks == 11
+    bm.free(second)
+    assert bm.num_free_blocks == 14  # b's own block, and blocks 0, 1 now unreferenced
+    bm.free(first)
+    assert bm.num_free_blocks == 16
+    # The given-back blocks stayed cached: a new request still hits the prefix.
+    assert bm.get_computed_blocks(make_request("c", prompt + [70]))[1] == 12
+
+
+def test_kv_window_must_be_positive():
+    import pytest
+
+    with pytest.raises(ValueError, match="kv_window"):
+        BlockManager(num_blocks=4, block_size=4, kv_window=0)

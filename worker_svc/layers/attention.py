@@ -39,7 +39,12 @@ class AttentionMetadata:
 
 
 class AttentionBackend:
-    """Writes new KV and computes attention; one instance per model."""
+    """Writes new KV and computes attention; one instance per model.
+
+    Args:
+        sparse_attention: ``(pattern, size)`` from ``config.parse_sparse_attention``: a
+            sparse pattern for the layers that have no window of their own.
+    """
 
     name = "base"
     # Scales of an FP8 KV cache (the cache holds k / k_scale and v / v_scale; ignored by
@@ -50,6 +55,24 @@ class AttentionBackend:
     v_scale: float = 1.0
     # Whether forward() takes logit_softcap (Gemma 2's tanh capping of attention scores).
     supports_logit_softcap = False
+
+    def __init__(self, sparse_attention: tuple[str, int] | None = None):
+        self.sparse_attention = sparse_attention
+
+    def layer_window(self, sliding_window: int | None) -> int | None:
+        """A layer's window under the backend's pattern (``local`` narrows it)."""
+        if self.sparse_attention is None or self.sparse_attention[0] != "local":
+            return sliding_window
+        size = self.sparse_attention[1]
+        return size if sliding_window is None else min(sliding_window, size)
+
+    def stride_for(self, sliding_window: int | None) -> int | None:
+        """The strided pattern's stride for a layer with this window (None: not strided;
+        a layer with its own window keeps it)."""
+        if (self.sparse_attention is None or self.sparse_attention[0] != "strided"
+                or sliding_window is not None):
+            return None
+        return self.sparse_attention[1]
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 key_cache: torch.Tensor, value_cache: torch.Tensor,

@@ -45,6 +45,7 @@ class TritonAttentionBackend(AttentionBackend):
     def _attend(self, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                 metadata: AttentionMetadata, scale: float, sliding_window: int | None,
                 logit_softcap: float | None = None) -> torch.Tensor:
+        stride = self.stride_for(sliding_window)
         # The decode kernel wants exactly one query row per request; anything else
         # (e.g. padded rows without padded seq_lens) takes the general kernel.
         if metadata.is_decode_only and query.shape[0] == metadata.num_reqs:
@@ -53,9 +54,10 @@ class TritonAttentionBackend(AttentionBackend):
                                           metadata.query_start_loc, scale, sliding_window,
                                           max_seq_len=metadata.max_seq_len,
                                           logit_softcap=logit_softcap,
-                                          k_scale=self.k_scale, v_scale=self.v_scale)
+                                          attention_stride=stride, k_scale=self.k_scale,
+                                          v_scale=self.v_scale)
         return prefill_attention(query, key_cache, value_cache, metadata.block_tables,
                                  metadata.seq_lens, metadata.query_start_loc, scale,
                                  sliding_window, max_query_len=metadata.max_query_len,
-                                 logit_softcap=logit_softcap, k_scale=self.k_scale,
-                                 v_scale=self.v_scale)
+                                 logit_softcap=logit_softcap, attention_stride=stride,
+                                 k_scale=self.k_scale, v_scale=self.v_scale)

@@ -129,3 +129,11 @@ def test_model_limits_round_trip_through_each_info_message(message, eos):
     # Writing limits without an EOS clears one written before.
     cleared = convert.model_limits_to_pb(ModelLimits(300, 320, 8), msg)
     assert not cleared.HasField("eos_token_id")
+
+
+def test_the_kv_window_travels_from_worker_to_scheduler():
+    limits = ModelLimits(max_model_len=300, vocab_size=320, block_size=8, kv_window=12)
+    msg = convert.model_limits_to_pb(limits, worker_pb2.WorkerInfo())
+    assert msg.kv_window == 12 and convert.model_limits_from_pb(msg) == limits
+    # 0 on the wire is "no window on some layer".
+    assert convert.model_limits_from_pb(worker_pb2.WorkerInfo(block_size=8)).kv_window is None
