@@ -130,3 +130,15 @@ def test_scaled_mm_matches_fake_quantization():
     assert out.dtype == torch.bfloat16
     expected = _fake_quant_reference(x, linear)
     torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
+
+
+def test_gridllm_up_passes_the_fp8_flags_to_its_workers():
+    from gridllm.cli import build_parser, stack_config_from_args
+    from gridllm.common.cli_args import to_argv
+
+    config = stack_config_from_args(build_parser().parse_args(
+        ["up", "--quantization", "fp8", "--kv-cache-dtype", "fp8_e4m3"]))
+    assert "--quantization" in to_argv(config.model_config)
+    assert to_argv(config.cache_config) == ["--kv-cache-dtype", "fp8_e4m3"]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["up", "--quantization", "int3"])
