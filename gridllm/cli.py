@@ -153,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"router HOST[:PORT] (port {DEFAULT_ROUTER_PORT} when left out; "
                           "http://HOST:PORT also accepted)")
     gen.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    gen.add_argument("--tls-ca", default=None, metavar="FILE",
+                     help="dial the router over TLS, trusting this CA certificate (PEM; "
+                          "`gridllm up --tls` prints it)")
     _add_sampling_flags(gen)
 
     run = _parser(sub, "run", "generate in-process with gridllm.LLM (no services)")
@@ -198,8 +201,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         stack.start()
         # stdout is the interface here (scripts read the endpoint), not a log line.
         http = f" and {stack.http_endpoint}/v1 (OpenAI API)" if stack.http_endpoint else ""
+        tls = f"; TLS, CA {stack.tls.ca_file}" if stack.tls is not None else ""
         print(f"gridllm serving {config.model} at {stack.endpoint}{http} "
-              f"({_describe_fleet(config)}; logs in {stack.log_dir})", flush=True)
+              f"({_describe_fleet(config)}; logs in {stack.log_dir}{tls})", flush=True)
         while not stopped.wait(_SUPERVISE_INTERVAL_S):
             if stack.supervisor is not None:
                 stack.supervisor.check()  # restarts the dead; CrashLoopError gives up
@@ -227,8 +231,8 @@ def parse_target(target: str) -> str:
     scheme, sep, rest = text.partition("://")
     if sep:
         if scheme.lower() == "https":
-            raise ValueError(f"--target {target!r}: the router serves plaintext gRPC, not TLS; "
-                             "use HOST:PORT or http://HOST:PORT.")
+            raise ValueError(f"--target {target!r}: a target is HOST:PORT, dialed in "
+                             "plaintext gRPC, not TLS, unless --tls-ca FILE is given.")
         if scheme.lower() != "http":
             return text  # gRPC's own schemes (dns:///, unix://, ipv4:) pass through
         text = rest.rstrip("/")
@@ -259,7 +263,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompt_kwargs = ({"messages": [{"role": "user", "content": args.prompt}]} if args.chat
                      else {"prompt": args.prompt})
     try:
-        with Client(target, timeout=args.timeout) as client:
+        with Client(target, timeout=args.timeout, tls_ca=args.tls_ca) as client:
             for chunk in client.generate_stream(sampling_params=params, **prompt_kwargs):
                 sys.stdout.write(chunk.text)
                 sys.stdout.flush()

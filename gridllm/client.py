@@ -216,6 +216,33 @@ def _tokenize_request(text: str | None, messages: list[dict[str, str]] | None,
     return request
 
 
+# ----------------------------------------------------------------------- TLS
+def _channel(target: str, is_async: bool, tls: bool | None, tls_ca: str | None,
+             tls_cert: str | None, tls_key: str | None, tls_server_name: str | None) -> Any:
+    """A plaintext channel, or a TLS one when ``tls`` (None: when ``tls_ca`` or
+    ``tls_cert`` is given): the router's certificate checked against ``tls_ca`` (None: the
+    system's roots), ``tls_cert``/``tls_key`` presented when the router asks for them."""
+    module = grpc.aio if is_async else grpc
+    if tls is None:
+        tls = tls_ca is not None or tls_cert is not None
+    if not tls:
+        return module.insecure_channel(target, options=_CHANNEL_OPTIONS)
+    if (tls_cert is None) != (tls_key is None):
+        raise ValueError("tls_cert and tls_key must be given together.")
+
+    def read(path: str | None) -> bytes | None:
+        if path is None:
+            return None
+        with open(path, "rb") as f:
+            return f.read()
+
+    credentials = grpc.ssl_channel_credentials(read(tls_ca), read(tls_key), read(tls_cert))
+    options = list(_CHANNEL_OPTIONS)
+    if tls_server_name:
+        options.append(("grpc.ssl_target_name_override", tls_server_name))
+    return module.secure_channel(target, credentials, options=options)
+
+
 # ----------------------------------------------------------------------- clients
 class Client:
     """Blocking client of a gridllm router.
@@ -223,13 +250,24 @@ class Client:
     Args:
         target: ``host:port`` of the router.
         timeout: default deadline of every call, in seconds (None: none).
+        tls: dial with TLS (None: when ``tls_ca`` or ``tls_cert`` is given).
+        tls_ca: CA certificate (PEM file) the router's certificate must chain to (None
+            with ``tls``: the system's roots); ``gridllm up --tls`` prints its path.
+        tls_cert, tls_key: a client certificate and its key (PEM files), for a router that
+            asks for one.
+        tls_server_name: the name checked in the router's certificate (default: the host
+            in ``target``).
     Errors are ``grpc.RpcError`` (e.g. ``INVALID_ARGUMENT`` naming the bad field).
     """
 
-    def __init__(self, target: str = "localhost:50051", *, timeout: float | None = None):
+    def __init__(self, target: str = "localhost:50051", *, timeout: float | None = None,
+                 tls: bool | None = None, tls_ca: str | None = None,
+                 tls_cert: str | None = None, tls_key: str | None = None,
+                 tls_server_name: str | None = None):
         self.target = target
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        self._channel = _channel(target, False, tls, tls_ca, tls_cert, tls_key,
+                                 tls_server_name)
         self._stub = generate_pb2_grpc.GenerationStub(self._channel)
 
     def generate_stream(self, prompt: str | None = None,
@@ -293,12 +331,17 @@ class AsyncClient:
     Args:
         target: ``host:port`` of the router.
         timeout: default deadline of every call, in seconds (None: none).
+        tls, tls_ca, tls_cert, tls_key, tls_server_name: as for ``Client``.
     """
 
-    def __init__(self, target: str = "localhost:50051", *, timeout: float | None = None):
+    def __init__(self, target: str = "localhost:50051", *, timeout: float | None = None,
+                 tls: bool | None = None, tls_ca: str | None = None,
+                 tls_cert: str | None = None, tls_key: str | None = None,
+                 tls_server_name: str | None = None):
         self.target = target
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        self._channel = _channel(target, True, tls, tls_ca, tls_cert, tls_key,
+                                 tls_server_name)
         self._stub = generate_pb2_grpc.GenerationStub(self._channel)
 
     async def generate_stream(self, prompt: str | None = None,

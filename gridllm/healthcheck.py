@@ -3,12 +3,17 @@
 Exits 0 when the server reports SERVING, 1 otherwise (NOT_SERVING, unknown service,
 unreachable, too slow). Container healthchecks run it: the image has no grpc_health_probe
 binary, and this needs only grpc (no torch), so a probe costs a fraction of a second.
+A service serving TLS is probed with a certificate of its deployment (``--tls-dir``) and its
+role name (``--tls-server-name gridllm-worker``).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+from gridllm.common.cli_args import add_arguments, from_args
+from gridllm.common.tls import TlsOptions, blocking_channel
 
 EXIT_SERVING = 0
 EXIT_NOT_SERVING = 1
@@ -21,6 +26,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="service name to ask about (default: the server as a whole)")
     p.add_argument("--timeout", type=float, default=3.0,
                    help="seconds the probe may take (connecting included)")
+    add_arguments(p.add_argument_group("TLS"), TlsOptions)
+    p.add_argument("--tls-server-name", default=None, metavar="NAME",
+                   help="name checked in the server's certificate (e.g. gridllm-worker; "
+                        "default: the target's host)")
     args = p.parse_args(argv)
     host, _, port = args.target.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -30,8 +39,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def check(target: str, service: str = "", timeout: float = 3.0) -> tuple[bool, str]:
-    """Ask ``target`` for the health of ``service``.
+def check(target: str, service: str = "", timeout: float = 3.0, tls: TlsOptions | None = None,
+          server_name: str | None = None) -> tuple[bool, str]:
+    """Ask ``target`` for the health of ``service`` (over TLS with ``tls``).
 
     Returns:
         ``(is_serving, what was seen)``: the status name, or the RPC error.
@@ -39,7 +49,7 @@ def check(target: str, service: str = "", timeout: float = 3.0) -> tuple[bool, s
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(target) as channel:
+    with blocking_channel(target, tls, server_name) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             # wait_for_ready: a server still binding counts as slow, not as refused.
@@ -53,7 +63,12 @@ def check(target: str, service: str = "", timeout: float = 3.0) -> tuple[bool, s
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    is_serving, seen = check(args.target, args.service, args.timeout)
+    try:
+        tls = from_args(TlsOptions, args)
+    except ValueError as exc:
+        print(f"{args.target}: {exc}")
+        return EXIT_NOT_SERVING
+    is_serving, seen = check(args.target, args.service, args.timeout, tls, args.tls_server_name)
     # stdout is the interface: docker keeps the last probes' output in `docker inspect`.
     name = f" service {args.service!r}" if args.service else ""
     print(f"{args.target}{name}: {seen}")

@@ -38,6 +38,10 @@ from gridllm.common.config import (
 )
 from gridllm.common.grpc_utils import PortInUseError, free_port, is_port_free, split_address
 from gridllm.common.presets import cache_dir, check_model
+from gridllm.common.redis_client import auth_error, is_auth_error
+from gridllm.common.redis_keys import DEFAULT_DEPLOYMENT, check_deployment
+from gridllm.common.tls import TlsOptions
+from gridllm.stack_tls import SERVER_NAMES, StackTls
 from gridllm.supervisor import RestartPolicy, Supervisor
 from router.server import RouterOptions
 from scheduler_svc.server import SchedulerServiceConfig
@@ -48,11 +52,11 @@ logger = logging.getLogger(__name__)
 # The fields of each service's settings the stack sets itself (addresses, ids, Redis, model);
 # the others are passed on as the service's flags.
 STACK_SET_SCHEDULER_FIELDS = ("worker_addresses", "redis_url", "host", "port", "advertise_host",
-                              "metrics_port", "worker_group")
+                              "metrics_port", "worker_group", "deployment", "model")
 STACK_SET_WORKER_FIELDS = ("worker_id", "host", "port", "advertise_host", "redis_url",
-                           "metrics_port", "worker_group")
+                           "metrics_port", "worker_group", "deployment")
 STACK_SET_ROUTER_FIELDS = ("model", "scheduler_addresses", "redis_url", "host", "port",
-                           "http_port")
+                           "http_port", "deployment")
 
 # prctl(PR_SET_PDEATHSIG): the kernel signals the child if the launcher dies unannounced.
 _PR_SET_PDEATHSIG = 1
@@ -303,8 +307,9 @@ def wait_for_redis(url: str, process: ManagedProcess | None, timeout_s: float) -
             try:
                 if client.ping():
                     return
-            except redis.RedisError:
-                pass
+            except redis.RedisError as exc:
+                if is_auth_error(exc):
+                    raise RuntimeError(str(auth_error(url, exc))) from None
             if time.monotonic() > deadline:
                 raise RuntimeError(f"Redis at {url} not answering after {timeout_s:.0f}s")
             time.sleep(0.05)
@@ -313,7 +318,7 @@ def wait_for_redis(url: str, process: ManagedProcess | None, timeout_s: float) -
 
 
 def wait_for_links(address: str, router: ManagedProcess | None, num_schedulers: int,
-                   num_workers: int, timeout_s: float) -> None:
+                   num_workers: int, timeout_s: float, tls: TlsOptions | None = None) -> None:
     """Poll the router's ``GetLoads`` until it lists ``num_schedulers`` schedulers, each
     with ``num_workers`` live workers.
 
@@ -322,11 +327,12 @@ def wait_for_links(address: str, router: ManagedProcess | None, num_schedulers: 
     """
     import grpc
 
+    from gridllm.common.tls import blocking_channel
     from gridllm.v1 import generate_pb2, generate_pb2_grpc
 
     deadline = time.monotonic() + timeout_s
     seen = "nothing"
-    with grpc.insecure_channel(address) as channel:
+    with blocking_channel(address, tls, SERVER_NAMES["router"]) as channel:
         stub = generate_pb2_grpc.GenerationStub(channel)
         while True:
             if router is not None:
@@ -348,7 +354,8 @@ def wait_for_links(address: str, router: ManagedProcess | None, num_schedulers: 
 
 
 def wait_for_health(address: str, process: ManagedProcess | None, timeout_s: float,
-                    service: str = "") -> None:
+                    service: str = "", tls: TlsOptions | None = None,
+                    server_name: str | None = None) -> None:
     """Poll ``grpc.health.v1.Health/Check`` until SERVING.
 
     Raises:
@@ -357,9 +364,11 @@ def wait_for_health(address: str, process: ManagedProcess | None, timeout_s: flo
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    from gridllm.common.tls import blocking_channel
+
     deadline = time.monotonic() + timeout_s
     name = process.name if process is not None else address
-    with grpc.insecure_channel(address) as channel:
+    with blocking_channel(address, tls, server_name) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             if process is not None:
@@ -412,6 +421,14 @@ class StackConfig:
         10.0, flag="--stop-grace", metavar="S",
         help="seconds each service may drain on stop (router, then scheduler, then workers, "
              "then Redis): in-flight requests finish, new ones get UNAVAILABLE")
+    tls: bool = option(
+        False, help="TLS on every hop with a throwaway CA and one certificate per service "
+        "(made in the log directory's tls/): the router's gRPC and HTTP APIs over TLS "
+        "(clients trust tls/router/ca.crt), mutual TLS between router, scheduler and workers")
+    deployment: str = option(
+        DEFAULT_DEPLOYMENT, metavar="NAME",
+        help="namespace of the stack's keys in Redis: stacks sharing one --redis-url need "
+             "distinct names")
     restart: bool = option(True, help="restart a service that dies, with backoff; "
                                       "--no-restart: stop the whole stack instead")
     restart_policy: RestartPolicy = field(default_factory=RestartPolicy)
@@ -446,6 +463,7 @@ class StackConfig:
         require(self.stop_grace_s >= 0, "stop_grace_s", "must be non-negative",
                 self.stop_grace_s)
         require(bool(self.model), "model", "must be a non-empty name or path", self.model)
+        check_deployment(self.deployment)
 
     def scheduler_args(self) -> list[str]:
         """Flags passing the scheduler's settings on (beyond address and Redis)."""
@@ -502,6 +520,8 @@ class LocalStack:
         self.http_port = 0
         self.metrics_ports: dict[str, int] = {}
         self.model_path = config.model
+        # The stack's certificates (None without config.tls), made in start().
+        self.tls: StackTls | None = None
         self._num_started = 0
         # Restarts dead services (made by start() when config.restart is set).
         self.supervisor: Supervisor | None = None
@@ -514,10 +534,11 @@ class LocalStack:
 
     @property
     def http_endpoint(self) -> str | None:
-        """``http://host:port`` of the router's HTTP API (None when it serves none)."""
+        """``http(s)://host:port`` of the router's HTTP API (None when it serves none)."""
         if not self.http_port:
             return None
-        return f"http://{self.endpoint.rsplit(':', 1)[0]}:{self.http_port}"
+        scheme = "https" if self.config.tls else "http"
+        return f"{scheme}://{self.endpoint.rsplit(':', 1)[0]}:{self.http_port}"
 
     @property
     def scheduler(self) -> ManagedProcess | None:
@@ -557,6 +578,8 @@ class LocalStack:
                                      "process listens there; pick another port.")
         self.log_dir = self.log_dir or new_log_dir()
         os.makedirs(self.log_dir, exist_ok=True)
+        if self.config.tls:
+            self.tls = StackTls(os.path.join(self.log_dir, "tls"), self.config.host)
         try:
             from worker_svc.loader import resolve_model_path  # torch: only once checks passed
 
@@ -564,6 +587,8 @@ class LocalStack:
             self.model_path = resolve_model_path(self.config.model)
             if self.redis_url is None:
                 self._start_redis()
+            else:  # wrong credentials fail here, before any service starts
+                wait_for_redis(self.redis_url, None, self.config.startup_timeout_s)
             # A scheduler reports SERVING once a worker is linked, the router once a
             # scheduler does: start all (their imports and loading overlap), then wait.
             schedulers = [self.start_scheduler(wait=False, index=i)
@@ -573,18 +598,33 @@ class LocalStack:
                     self.add_worker(wait=False, group=index)
             router = self._start_router(wait=False)
             for process in (*self.workers, *schedulers):
-                wait_for_health(process.env["GRIDLLM_ADDRESS"], process,
-                                self.config.startup_timeout_s)
-            wait_for_health(self.endpoint, router, self.config.startup_timeout_s)
+                self._wait_healthy(process.env["GRIDLLM_ADDRESS"], process)
+            self._wait_healthy(self.endpoint, router)
             # SERVING needs one link each; started means every worker serves its scheduler.
             wait_for_links(self.endpoint, router, self.config.num_schedulers,
-                           self.config.num_workers, self.config.startup_timeout_s)
+                           self.config.num_workers, self.config.startup_timeout_s,
+                           self.client_tls)
         except BaseException:
             self.stop()
             raise
         if self.config.restart:
             self.supervisor = self._build_supervisor()
         return self
+
+    @property
+    def client_tls(self) -> TlsOptions | None:
+        """A certificate of the stack's CA, to dial any of its services (None: plaintext)."""
+        return self.tls.client if self.tls is not None else None
+
+    def _wait_healthy(self, address: str, process: ManagedProcess) -> None:
+        role = process.name.split("-", 1)[0]
+        wait_for_health(address, process, self.config.startup_timeout_s, tls=self.client_tls,
+                        server_name=SERVER_NAMES.get(role))
+
+    def _service_args(self, role: str) -> list[str]:
+        """The deployment and, with TLS, the certificate of a ``role`` process."""
+        tls_args = self.tls.args(role) if self.tls is not None else []
+        return ["--deployment", self.config.deployment, *tls_args]
 
     def _build_supervisor(self) -> Supervisor:
         supervisor = Supervisor(self.config.restart_policy)
@@ -639,6 +679,7 @@ class LocalStack:
         first = self.config.scheduler_metrics_port
         argv = [sys.executable, "-m", "scheduler_svc", "--host", "127.0.0.1",
                 "--port", str(port), "--redis-url", str(self.redis_url),
+                "--model", self.model_path, *self._service_args("scheduler"),
                 *(["--worker-group", group] if group else []),
                 *self._metrics_args(name, first and first + index),
                 *self._grace_args(), *self.config.scheduler_args()]
@@ -646,7 +687,7 @@ class LocalStack:
                                    {**self.config.env, "GRIDLLM_ADDRESS": address}).start()
         self.schedulers[index] = scheduler
         if wait:
-            wait_for_health(address, scheduler, self.config.startup_timeout_s)
+            self._wait_healthy(address, scheduler)
         return scheduler
 
     def add_worker(self, wait: bool = True, group: int = 0) -> ManagedProcess:
@@ -659,8 +700,7 @@ class LocalStack:
         if self.supervisor is not None:
             self._watch_worker(self.supervisor, len(self.workers) - 1, worker.name)
         if wait:
-            wait_for_health(worker.env["GRIDLLM_ADDRESS"], worker,
-                            self.config.startup_timeout_s)
+            self._wait_healthy(worker.env["GRIDLLM_ADDRESS"], worker)
         return worker
 
     def _worker_process(self, name: str, port: int, group: int) -> ManagedProcess:
@@ -672,6 +712,7 @@ class LocalStack:
         metrics_args = self._metrics_args(name, first and first + number - 1)
         argv = [sys.executable, "-m", "worker_svc", "--model", self.model_path,
                 "--host", "127.0.0.1", "--port", str(port), "--redis-url", str(self.redis_url),
+                *self._service_args("worker"),
                 *(["--worker-group", worker_group] if worker_group else []),
                 *metrics_args, *self._grace_args(), *self.config.worker_args()]
         return ManagedProcess(name, argv, self._log_path(name),
@@ -698,11 +739,12 @@ class LocalStack:
                 "--port", str(self.router_port), "--model", self.model_path,
                 *[a for port in self.scheduler_ports for a in ("--scheduler", f"127.0.0.1:{port}")],
                 "--redis-url", str(self.redis_url), *http_args, *self._grace_args(),
+                *self._service_args("router"),
                 *self.config.router_args()]
         self.router = ManagedProcess("router", argv, self._log_path("router"),
                                      dict(self.config.env)).start()
         if wait:
-            wait_for_health(self.endpoint, self.router, self.config.startup_timeout_s)
+            self._wait_healthy(self.endpoint, self.router)
         return self.router
 
     def _grace_args(self) -> list[str]:

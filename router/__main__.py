@@ -10,12 +10,14 @@ import argparse
 
 from gridllm.common.cli_args import add_arguments, from_args
 from gridllm.common.service_main import serve_main, service_parser
+from gridllm.common.tls import TlsOptions
 from router.server import RouterOptions, RouterServer
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = service_parser("python -m router", __doc__, grace_s=10.0)
     add_arguments(parser, RouterOptions)
+    add_arguments(parser.add_argument_group("TLS"), TlsOptions)
     return parser
 
 
@@ -24,7 +26,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_server(args: argparse.Namespace) -> RouterServer:
-    return RouterServer(from_args(RouterOptions, args))
+    return RouterServer(from_args(RouterOptions, args, tls=from_args(TlsOptions, args)))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -13,8 +13,8 @@ from typing import Any
 
 import grpc
 
-from gridllm.common import redis_keys
 from gridllm.common.kv_events import decode, entry_id, sequence_of, to_pb
+from gridllm.common.redis_keys import DEFAULT_KEYS, RedisKeys
 from gridllm.v1 import generate_pb2
 from router.kv_index import first_sequence, last_sequence
 from router.routing import SchedulerLink
@@ -33,7 +33,8 @@ class KvApiError(Exception):
         self.details = details
 
 
-async def subscribe_kv_events(redis: Any, request: generate_pb2.SubscribeKvEventsRequest
+async def subscribe_kv_events(redis: Any, request: generate_pb2.SubscribeKvEventsRequest,
+                              keys: RedisKeys = DEFAULT_KEYS
                               ) -> AsyncIterator[generate_pb2.SubscribeKvEventsResponse]:
     """The event log from the requested position, then live, batch by batch.
 
@@ -47,18 +48,18 @@ async def subscribe_kv_events(redis: Any, request: generate_pb2.SubscribeKvEvent
                          "KV events need the router to have --redis-url")
     if request.HasField("start_sequence_number"):
         start = request.start_sequence_number
-        oldest = await first_sequence(redis)
+        oldest = await first_sequence(redis, keys)
         if start == 0:
             start = max(oldest, 1)
         position = start - 1
     else:
-        position = await last_sequence(redis)
+        position = await last_sequence(redis, keys)
     while True:
-        reply = await redis.xread({redis_keys.KV_EVENTS_STREAM: entry_id(position)},
+        reply = await redis.xread({keys.kv_events_stream: entry_id(position)},
                                   count=_BATCH, block=_BLOCK_MS)
         entries = reply[0][1] if reply else []
         if not entries:
-            if await last_sequence(redis) < position:
+            if await last_sequence(redis, keys) < position:
                 raise KvApiError(grpc.StatusCode.DATA_LOSS,
                                  f"the KV event log restarted below sequence {position} "
                                  "(Redis lost it); resubscribe with start_sequence_number=1")

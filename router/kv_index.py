@@ -17,7 +17,6 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from gridllm.common import redis_keys
 from gridllm.common.grpc_utils import stop_tasks, wait_or_stop
 from gridllm.common.kv_events import (
     AllBlocksCleared,
@@ -28,6 +27,7 @@ from gridllm.common.kv_events import (
     entry_id,
     sequence_of,
 )
+from gridllm.common.redis_keys import DEFAULT_KEYS, RedisKeys
 
 logger = logging.getLogger(__name__)
 
@@ -111,10 +111,13 @@ class KvIndexFollower:
     Args:
         redis: a ``redis.asyncio`` client.
         index: the index to feed (a new one if None).
+        keys: the deployment's Redis keys.
     """
 
-    def __init__(self, redis: Any, index: KvIndex | None = None):
+    def __init__(self, redis: Any, index: KvIndex | None = None,
+                 keys: RedisKeys = DEFAULT_KEYS):
         self.redis = redis
+        self.keys = keys
         self.index = index or KvIndex()
         # Whether the index follows the log now (False after trouble, until re-synced).
         self.is_synced = False
@@ -149,8 +152,8 @@ class KvIndexFollower:
 
     async def bootstrap(self) -> None:
         """Load every worker's mirrored block set, positioned at the log's end."""
-        last = await last_sequence(self.redis)
-        keys = [k async for k in self.redis.scan_iter(match=redis_keys.KV_CACHED_PATTERN,
+        last = await last_sequence(self.redis, self.keys)
+        keys = [k async for k in self.redis.scan_iter(match=self.keys.kv_cached_pattern,
                                                       count=1000)]
         blocks_of: dict[str, set[int]] = {}
         if keys:
@@ -159,7 +162,7 @@ class KvIndexFollower:
                     pipe.hkeys(key)
                 replies = await pipe.execute()
             for key, fields in zip(keys, replies, strict=True):
-                blocks_of[redis_keys.worker_of_cached_key(key)] = {int(f) for f in fields}
+                blocks_of[self.keys.worker_of_cached_key(key)] = {int(f) for f in fields}
         self.index.replace(blocks_of, last)
         self.is_synced = True
         self.num_bootstraps += 1
@@ -174,11 +177,11 @@ class KvIndexFollower:
             past the index (trimmed) or restarted below it.
         """
         position = self.index.last_sequence
-        reply = await self.redis.xread({redis_keys.KV_EVENTS_STREAM: entry_id(position)},
+        reply = await self.redis.xread({self.keys.kv_events_stream: entry_id(position)},
                                        count=_READ_COUNT, block=_READ_BLOCK_MS)
         entries = reply[0][1] if reply else []
         if not entries:
-            if await last_sequence(self.redis) < position:
+            if await last_sequence(self.redis, self.keys) < position:
                 logger.warning("KV event log restarted (Redis lost it); reloading the index")
                 self.is_synced = False
             return 0
@@ -231,15 +234,15 @@ class RecentRoutes:
         return target, depth
 
 
-async def last_sequence(redis: Any) -> int:
+async def last_sequence(redis: Any, keys: RedisKeys = DEFAULT_KEYS) -> int:
     """The sequence number of the log's newest event (0 if empty or missing)."""
-    top = await redis.xrevrange(redis_keys.KV_EVENTS_STREAM, count=1)
+    top = await redis.xrevrange(keys.kv_events_stream, count=1)
     return sequence_of(top[0][0]) if top else 0
 
 
-async def first_sequence(redis: Any) -> int:
+async def first_sequence(redis: Any, keys: RedisKeys = DEFAULT_KEYS) -> int:
     """The sequence number of the log's oldest retained event (0 if empty or missing)."""
-    bottom = await redis.xrange(redis_keys.KV_EVENTS_STREAM, count=1)
+    bottom = await redis.xrange(keys.kv_events_stream, count=1)
     return sequence_of(bottom[0][0]) if bottom else 0
 
 

@@ -19,10 +19,11 @@ from typing import Any
 
 import grpc
 
-from gridllm.common import redis_keys
 from gridllm.common.grpc_utils import channel_options
 from gridllm.common.prefix_hash import prompt_block_hashes
+from gridllm.common.redis_keys import DEFAULT_KEYS, RedisKeys
 from gridllm.common.routing_policy import CacheAwarePolicy, Candidate, RoutingPolicy
+from gridllm.common.tls import SCHEDULER_SERVER_NAME, TlsOptions, internal_channel
 from gridllm.v1 import generate_pb2, scheduler_pb2, scheduler_pb2_grpc
 from router.kv_index import KvIndexFollower, RecentRoutes
 
@@ -82,16 +83,19 @@ class PrefixIndex:
     Answers from the index the KV event log feeds (``follower``) once it holds a state,
     and keeps answering from its last state while Redis is unreachable. Without one, reads
     the per-worker hash sets the schedulers mirror to Redis
-    (``gridllm.common.redis_keys.kv_cached_key(w)``, fields ``str(block_hash)``) with HMGET.
+    (``RedisKeys.kv_cached_key(w)``, fields ``str(block_hash)``) with HMGET.
 
     Args:
         redis_client: a ``redis.asyncio.Redis`` (None: no cache affinity).
         follower: the event-fed index, or None.
+        keys: the deployment's Redis keys (also those of its scheduler registry).
     """
 
-    def __init__(self, redis_client: Any | None, follower: KvIndexFollower | None = None):
+    def __init__(self, redis_client: Any | None, follower: KvIndexFollower | None = None,
+                 keys: RedisKeys = DEFAULT_KEYS):
         self.redis = redis_client
         self.follower = follower
+        self.keys = keys
 
     async def overlap(self, worker_ids: Sequence[str], hashes: Sequence[int]) -> dict[str, int]:
         """worker id -> number of leading ``hashes`` cached on it (empty on Redis trouble)."""
@@ -105,7 +109,7 @@ class PrefixIndex:
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for worker_id in worker_ids:
-                    pipe.hmget(redis_keys.kv_cached_key(worker_id), fields)
+                    pipe.hmget(self.keys.kv_cached_key(worker_id), fields)
                 replies = await asyncio.wait_for(pipe.execute(), timeout=0.5)
         except Exception as exc:  # noqa: BLE001 - routing must not fail on Redis trouble
             logger.warning("prefix index unavailable (%s): routing by load only", exc)
@@ -126,15 +130,20 @@ class SchedulerPool:
 
     Args:
         addresses: ``host:port`` of each scheduler; empty: discover them from the registry
-            in Redis (``gridllm:scheduler:*`` entries, which expire with their scheduler).
+            in Redis (the deployment's ``scheduler:*`` entries, which expire with their
+            scheduler).
         prefix_index: where prefix overlap is read (affinity only with several schedulers);
             its Redis is also the registry read for discovery.
         poll_interval_s: how often each scheduler's stats (load, liveness) are refreshed.
         policy: the routing policy (gridllm.common.routing_policy; default cache-aware).
+        tls: the router's certificate and the deployment's CA (mutual TLS to the
+            schedulers); None or disabled: plaintext.
     """
 
     def __init__(self, addresses: Sequence[str], prefix_index: PrefixIndex | None = None,
-                 poll_interval_s: float = 0.5, policy: RoutingPolicy | None = None):
+                 poll_interval_s: float = 0.5, policy: RoutingPolicy | None = None,
+                 tls: TlsOptions | None = None):
+        self.tls = tls
         self.is_discovering = not addresses
         if self.is_discovering and (prefix_index is None or prefix_index.redis is None):
             raise ValueError("at least one scheduler address is needed (--scheduler), or "
@@ -155,7 +164,7 @@ class SchedulerPool:
         self._refreshing: asyncio.Future | None = None
 
     def _add_link(self, address: str) -> None:
-        channel = grpc.aio.insecure_channel(address, options=channel_options())
+        channel = internal_channel(address, self.tls, SCHEDULER_SERVER_NAME, channel_options())
         self.links.append(SchedulerLink(address, channel,
                                         scheduler_pb2_grpc.SchedulerStub(channel)))
 
@@ -164,7 +173,8 @@ class SchedulerPool:
         assert self.prefix_index is not None and self.prefix_index.redis is not None
         redis = self.prefix_index.redis
         try:
-            keys = [k async for k in redis.scan_iter(match=redis_keys.SCHEDULER_PATTERN)]
+            pattern = self.prefix_index.keys.scheduler_pattern
+            keys = [k async for k in redis.scan_iter(match=pattern)]
             values = await redis.mget(keys) if keys else []
         except Exception as exc:  # noqa: BLE001 - keep routing to the known schedulers
             logger.warning("scheduler registry unavailable: %s", exc)

@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -24,8 +24,10 @@ from gridllm.common.contract import ModelLimits
 from gridllm.common.convert import model_limits_to_pb
 from gridllm.common.grpc_utils import ServiceServer
 from gridllm.common.http_server import HttpServer
-from gridllm.common.redis_client import async_redis
+from gridllm.common.redis_client import async_redis, check_redis
+from gridllm.common.redis_keys import DEFAULT_DEPLOYMENT, RedisKeys, check_deployment
 from gridllm.common.routing_policy import POLICY_NAMES, make_policy
+from gridllm.common.tls import TlsOptions, server_credentials
 from gridllm.v1 import generate_pb2, generate_pb2_grpc
 from router.engine_client import (
     RETRY_AFTER_KEY,
@@ -92,8 +94,15 @@ class RouterOptions:
         "cache_aware", choices=POLICY_NAMES,
         help="how a scheduler is picked: cache_aware (prefix-cache overlap against load), "
         "least_load, or round_robin")
+    deployment: str = option(
+        DEFAULT_DEPLOYMENT, metavar="NAME",
+        help="the deployment's namespace in Redis (keys gridllm:NAME:*): only its schedulers "
+             "and caches are seen")
+    # TLS on the public gRPC and HTTP APIs, mutual TLS to the schedulers.
+    tls: TlsOptions = field(default_factory=TlsOptions)
 
     def __post_init__(self) -> None:
+        check_deployment(self.deployment)
         require(bool(self.model), "model", "must be a non-empty name or path", self.model)
         check_port(self.port)
         if self.http_port is not None:
@@ -236,7 +245,8 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
         """Every scheduler's KV events in sequence order, replayed from
         ``start_sequence_number`` when given, then live (router.kv_api)."""
         try:
-            async for response in subscribe_kv_events(self.redis, request):
+            async for response in subscribe_kv_events(self.redis, request,
+                                                      RedisKeys(self.options.deployment)):
                 yield response
         except KvApiError as error:
             await context.abort(error.code, error.details)
@@ -312,8 +322,10 @@ class RouterServer:
                                                                    options.tokenizer)
         self.scheduler_addresses = list(options.scheduler_addresses)
         self.redis_url = options.redis_url
+        # Clients authenticate with API keys, not certificates: TLS only, no client cert.
         self.server = ServiceServer([SERVICE_NAME],
-                                    max_message_bytes=self.options.max_request_bytes)
+                                    max_message_bytes=self.options.max_request_bytes,
+                                    credentials=server_credentials(options.tls, False))
         self.pool: SchedulerPool | None = None
         self.kv_follower: KvIndexFollower | None = None
         self.engine: EngineClient | None = None
@@ -332,13 +344,16 @@ class RouterServer:
         Returns:
             The bound port.
         """
+        keys = RedisKeys(self.options.deployment)
         if self.redis_url:
             self._redis = async_redis(self.redis_url)
-            self.kv_follower = KvIndexFollower(self._redis)
+            await check_redis(self._redis, self.redis_url)
+            self.kv_follower = KvIndexFollower(self._redis, keys=keys)
             self.kv_follower.start()
         self.pool = SchedulerPool(self.scheduler_addresses,
-                                  PrefixIndex(self._redis, self.kv_follower),
-                                  policy=make_policy(self.options.routing_policy))
+                                  PrefixIndex(self._redis, self.kv_follower, keys),
+                                  policy=make_policy(self.options.routing_policy),
+                                  tls=self.options.tls)
         engine = self.engine = EngineClient(
             self.tokenizer, self.eos_token_ids, self.pool, self.options.scheduler_wait_s,
             self.options.max_resubmits, self.metrics, self.options.max_num_streams)
@@ -361,11 +376,12 @@ class RouterServer:
         assert pool is not None
         api = HttpApi(engine, self.options.model_name, [self.options.model], self.metrics,
                       is_ready=lambda: bool(pool.alive()))
+        tls = self.options.tls
         self.http = HttpServer(api.asgi(), self.options.host, self.options.http_port or 0,
-                               "router-http")
+                               "router-http", ssl=tls.uvicorn_kwargs() if tls.is_enabled else None)
         self.http_port = await self.http.start()
-        logger.info("router HTTP API (OpenAI-compatible) at http://%s:%d/v1",
-                    self.options.host, self.http_port)
+        logger.info("router HTTP API (OpenAI-compatible) at %s://%s:%d/v1",
+                    "https" if tls.is_enabled else "http", self.options.host, self.http_port)
 
     async def stop(self) -> None:
         if self._health_task is not None:

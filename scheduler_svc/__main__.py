@@ -11,6 +11,7 @@ import argparse
 from gridllm.common.cli_args import add_arguments, from_args
 from gridllm.common.config import SchedulerConfig
 from gridllm.common.service_main import serve_main, service_parser
+from gridllm.common.tls import TlsOptions
 from scheduler_svc.server import SchedulerServer, SchedulerServiceConfig
 
 
@@ -18,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = service_parser("python -m scheduler_svc", __doc__, grace_s=5.0)
     add_arguments(parser.add_argument_group("service"), SchedulerServiceConfig)
     add_arguments(parser.add_argument_group("scheduling"), SchedulerConfig)
+    add_arguments(parser.add_argument_group("TLS"), TlsOptions)
     return parser
 
 
@@ -27,7 +29,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_server(args: argparse.Namespace) -> SchedulerServer:
     config = from_args(SchedulerServiceConfig, args,
-                       scheduler_config=from_args(SchedulerConfig, args))
+                       scheduler_config=from_args(SchedulerConfig, args),
+                       tls=from_args(TlsOptions, args))
     return SchedulerServer(config)
 
 

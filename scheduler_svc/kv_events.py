@@ -13,7 +13,6 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from gridllm.common import redis_keys
 from gridllm.common.kv_events import (
     AllBlocksCleared,
     BlockRemoved,
@@ -21,6 +20,7 @@ from gridllm.common.kv_events import (
     encode,
     stored_chains,
 )
+from gridllm.common.redis_keys import DEFAULT_KEYS, RedisKeys
 
 # Appends ARGV[2..] (encoded events) to the stream KEYS[1] as entries "0-<n>", n taken from
 # the counter KEYS[2], trimming the stream to about ARGV[1] entries. If the counter is gone
@@ -56,9 +56,12 @@ class KvEventPublisher:
             cluster simulator does so).
         scheduler_id: written into every event.
         max_len: the log keeps about this many newest events (Redis ``MAXLEN ~``).
+        keys: the deployment's Redis keys (its log).
     """
 
-    def __init__(self, redis: Any, scheduler_id: str, max_len: int = 100_000):
+    def __init__(self, redis: Any, scheduler_id: str, max_len: int = 100_000,
+                 keys: RedisKeys = DEFAULT_KEYS):
+        self.keys = keys
         if max_len < 1:
             raise ValueError(f"max_len must be at least 1, got {max_len}.")
         self.scheduler_id = scheduler_id
@@ -98,7 +101,7 @@ class KvEventPublisher:
         if encoded and self._script is not None:
             # The pipeline loads the script into Redis (if missing) when it executes.
             pipe.scripts.add(self._script)
-            pipe.evalsha(self._script.sha, 2, redis_keys.KV_EVENTS_STREAM,
-                         redis_keys.KV_EVENTS_SEQ, self.max_len, *encoded)
+            pipe.evalsha(self._script.sha, 2, self.keys.kv_events_stream,
+                         self.keys.kv_events_seq, self.max_len, *encoded)
             self.num_published += len(encoded)
         return len(encoded)

@@ -26,6 +26,7 @@ from gridllm.common import redis_keys
 from gridllm.common.config import HEARTBEAT_TTL_S
 from gridllm.common.contract import RequestUpdate, SchedulerOutput
 from gridllm.common.grpc_utils import stop_tasks, wait_or_stop
+from gridllm.common.redis_keys import DEFAULT_KEYS, RedisKeys
 from scheduler_svc.block_manager import BlockManager
 from scheduler_svc.kv_events import CachedBlock, KvEventPublisher
 
@@ -67,16 +68,19 @@ class RedisMirror:
         ttl: seconds the registry entry outlives the last heartbeat.
         kv_events_max_len: KV events are published to a log of about this many newest
             events; 0 publishes none.
+        keys: the deployment's Redis keys.
     """
 
     def __init__(self, redis, scheduler_id: str,
                  registry: Callable[[], dict[str, Any]] | None = None,
-                 ttl: float = HEARTBEAT_TTL_S, kv_events_max_len: int = 100_000):
+                 ttl: float = HEARTBEAT_TTL_S, kv_events_max_len: int = 100_000,
+                 keys: RedisKeys = DEFAULT_KEYS):
         self.redis = redis
+        self.keys = keys
         self.scheduler_id = scheduler_id
         self.registry = registry
         self.ttl = ttl
-        self.events = (KvEventPublisher(redis, scheduler_id, kv_events_max_len)
+        self.events = (KvEventPublisher(redis, scheduler_id, kv_events_max_len, keys)
                        if redis is not None and kv_events_max_len > 0 else None)
         self._tracked: dict[str, _Tracked] = {}
         self._wakeup = asyncio.Event()
@@ -200,8 +204,8 @@ class RedisMirror:
         cached, tracked.cached = tracked.cached, {}
         tables, tracked.tables = tracked.tables, {}
         tracked.is_dirty = False
-        cached_key = redis_keys.kv_cached_key(worker_id)
-        tables_key = redis_keys.kv_tables_key(worker_id)
+        cached_key = self.keys.kv_cached_key(worker_id)
+        tables_key = self.keys.kv_tables_key(worker_id)
         bm = tracked.block_manager
         is_full = tracked.needs_full_sync and not tracked.is_retired
         is_rebuild = (is_full or tracked.needs_event_rebuild) and not tracked.is_retired
@@ -234,11 +238,11 @@ class RedisMirror:
         state = {"num_blocks": bm.num_blocks, "num_free_blocks": bm.num_free_blocks,
                  "block_size": bm.block_size, "scheduler_id": self.scheduler_id,
                  "updated_at": time.time(), **tracked.stats()}
-        pipe.hset(redis_keys.kv_state_key(worker_id), mapping=state)
+        pipe.hset(self.keys.kv_state_key(worker_id), mapping=state)
         # The mirror of a worker nobody drives any more (it died) expires; the heartbeat
         # keeps a live one.
         expiry_ms = int(self.ttl * _MIRROR_EXPIRY_TTLS * 1000)
-        for key in (cached_key, tables_key, redis_keys.kv_state_key(worker_id)):
+        for key in (cached_key, tables_key, self.keys.kv_state_key(worker_id)):
             pipe.pexpire(key, expiry_ms)
         return cached, tables
 
@@ -261,10 +265,10 @@ class RedisMirror:
             return
         tracked = list(self._tracked.items())
         pipe = self.redis.pipeline(transaction=False)
-        pipe.set(redis_keys.scheduler_key(self.scheduler_id), json.dumps(self.registry()),
+        pipe.set(self.keys.scheduler_key(self.scheduler_id), json.dumps(self.registry()),
                  px=int(self.ttl * 1000))
         for worker_id, _ in tracked:
-            pipe.exists(redis_keys.kv_state_key(worker_id))
+            pipe.exists(self.keys.kv_state_key(worker_id))
         replies = await pipe.execute()
         for (worker_id, entry), exists in zip(tracked, replies[1:], strict=True):
             if not exists and not entry.is_retired:
@@ -290,8 +294,8 @@ class RedisMirror:
         if not self.enabled:
             return 0
         await self.flush()  # entries of this worker's previous link, if any
-        state_key = redis_keys.kv_state_key(worker_id)
-        cached_key = redis_keys.kv_cached_key(worker_id)
+        state_key = self.keys.kv_state_key(worker_id)
+        cached_key = self.keys.kv_cached_key(worker_id)
         pipe = self.redis.pipeline(transaction=False)
         pipe.hget(state_key, "instance_id")
         pipe.hgetall(cached_key)
@@ -308,7 +312,7 @@ class RedisMirror:
                         parents[int(key)] = parent
         restored = block_manager.restore_cached(entries, parents)
         pipe = self.redis.pipeline(transaction=False)
-        pipe.delete(redis_keys.kv_tables_key(worker_id))
+        pipe.delete(self.keys.kv_tables_key(worker_id))
         if raw and restored != len(raw):
             # Stale entries would mislead routers; rewrite what was kept.
             pipe.delete(cached_key)
@@ -334,7 +338,7 @@ class RedisMirror:
             return
         try:
             await self.flush()
-            await self.redis.delete(redis_keys.scheduler_key(self.scheduler_id))
+            await self.redis.delete(self.keys.scheduler_key(self.scheduler_id))
         except Exception as exc:  # noqa: BLE001
             logger.warning("final Redis flush failed: %s", exc)
 

@@ -16,7 +16,9 @@ from gridllm.common.config import HEARTBEAT_TTL_S, SchedulerConfig, check_port, 
 from gridllm.common.grpc_utils import ServiceServer, advertised_address
 from gridllm.common.http_server import HttpServer
 from gridllm.common.metrics import serve_metrics
-from gridllm.common.redis_client import async_redis
+from gridllm.common.redis_client import async_redis, check_redis
+from gridllm.common.redis_keys import DEFAULT_DEPLOYMENT, RedisKeys, check_deployment
+from gridllm.common.tls import TlsOptions, server_credentials
 from gridllm.v1 import scheduler_pb2_grpc
 from scheduler_svc.metrics import SchedulerMetrics
 from scheduler_svc.redis_mirror import RedisMirror
@@ -72,8 +74,20 @@ class SchedulerServiceConfig:
     kv_events_max_len: int = option(
         100_000, metavar="N", help="KV events (blocks stored/removed) are published to the "
         "stack-wide log in Redis, which keeps about this many newest events; 0: publish none")
+    deployment: str = option(
+        DEFAULT_DEPLOYMENT, metavar="NAME",
+        help="the deployment's namespace in Redis (keys gridllm:NAME:*): only its workers "
+             "are linked")
+    model: str | None = option(
+        None, default_help="the first linked worker's",
+        help="the model (name or path, as the workers' --model) every worker must serve; "
+             "a worker serving another model, dtype or block size is refused")
+    # Mutual TLS: the server takes only clients with the CA's certificates, the links to
+    # the workers present this one.
+    tls: TlsOptions = field(default_factory=TlsOptions)
 
     def __post_init__(self) -> None:
+        check_deployment(self.deployment)
         check_port(self.port)
         require(self.discovery_interval > 0, "discovery_interval", "must be positive",
                 self.discovery_interval)
@@ -108,11 +122,14 @@ class SchedulerServer:
         if self.config.redis_url:
             self.redis = async_redis(self.config.redis_url)
         self.address = ""
+        keys = RedisKeys(self.config.deployment)
         self.mirror = RedisMirror(self.redis, self.scheduler_id,
                                   lambda: self.pool.registry_entry(self.scheduler_id,
                                                                    self.address),
-                                  self.config.heartbeat_ttl, self.config.kv_events_max_len)
-        self.service = ServiceServer([SERVICE_NAME])
+                                  self.config.heartbeat_ttl, self.config.kv_events_max_len,
+                                  keys)
+        self.service = ServiceServer([SERVICE_NAME],
+                                     credentials=server_credentials(self.config.tls))
         streams = UpdateStreams()
         self.pool = WorkerPool(self.config.scheduler_config, self.config.worker_addresses,
                                self.redis, self.mirror, streams.deliver,
@@ -120,7 +137,8 @@ class SchedulerServer:
                                max_migrations=self.config.max_migrations,
                                lost_after_s=self.config.heartbeat_ttl,
                                worker_group=self.config.worker_group,
-                               max_workers=self.config.max_workers)
+                               max_workers=self.config.max_workers, keys=keys,
+                               tls=self.config.tls, model=self.config.model)
         self.servicer = SchedulerServicer(self.pool, streams, self.scheduler_id,
                                           self.config.max_num_queued_reqs,
                                           self.config.max_num_queued_tokens)
@@ -139,6 +157,8 @@ class SchedulerServer:
             The advertised address (host:port). Health turns SERVING with the first worker.
         """
         cfg = self.config
+        if self.redis is not None:
+            await check_redis(self.redis, str(cfg.redis_url))
         port = await self.service.start(f"{cfg.host}:{cfg.port}")
         self.address = advertised_address(cfg.host, cfg.advertise_host, port)
         self.mirror.start()

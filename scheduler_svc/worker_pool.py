@@ -1,8 +1,9 @@
 """The workers one scheduler drives: discovery, links, routing, stats.
 
-Workers are found in Redis (``gridllm:worker:*``) or given as addresses. Each linked worker
-gets a scheduler core (its own KV pool) and a WorkerLink running its step loop; a new request
-goes to the worker holding most of its prefix, else to the one with most free KV capacity.
+Workers are found in Redis (the deployment's ``worker:*`` entries) or given as addresses. Each
+linked worker (serving the same model, see model_identity) gets a scheduler core (its own KV
+pool) and a WorkerLink running its step loop; a new request goes to the worker holding most
+of its prefix, else to the one with most free KV capacity.
 The servicer uses the pool through ``add_request``, ``abort``, ``stats`` and ``model_info``.
 """
 
@@ -18,14 +19,16 @@ from typing import Any
 
 import grpc
 
-from gridllm.common import redis_keys
 from gridllm.common.config import SchedulerConfig
 from gridllm.common.contract import ErrorKind, FinishReason, RequestUpdate, SchedulerOutput
 from gridllm.common.convert import model_limits_from_pb, model_limits_to_pb
 from gridllm.common.grpc_utils import channel_options, stop_tasks, wait_or_stop
 from gridllm.common.prefix_hash import prompt_block_hashes
+from gridllm.common.redis_keys import DEFAULT_KEYS, RedisKeys
 from gridllm.common.routing_policy import CacheAwarePolicy, Candidate
+from gridllm.common.tls import WORKER_SERVER_NAME, TlsOptions, internal_channel
 from gridllm.v1 import generate_pb2, scheduler_pb2, worker_pb2, worker_pb2_grpc
+from scheduler_svc.model_identity import ModelIdentity
 from scheduler_svc.redis_mirror import RedisMirror
 from scheduler_svc.request import Request, RequestStatus
 from scheduler_svc.scheduler import Scheduler
@@ -53,6 +56,10 @@ class WorkerPool:
         worker_group: only registered workers of this group are linked (those given by
             address always are).
         max_workers: link at most this many workers (None: every one found).
+        keys: the deployment's Redis keys (whose workers are discovered).
+        tls: this scheduler's certificate and the deployment's CA (mutual TLS to the
+            workers); None or disabled: plaintext.
+        model: the model name workers must serve (None: the first linked worker's).
     """
 
     def __init__(self, scheduler_config: SchedulerConfig, worker_addresses: list[str],
@@ -60,8 +67,16 @@ class WorkerPool:
                  deliver: Callable[[list[RequestUpdate], str], None],
                  on_serving: Callable[[bool], Awaitable[None]], max_steps_in_flight: int = 2,
                  max_migrations: int = 3, lost_after_s: float = 6.0, worker_group: str = "",
-                 max_workers: int | None = None):
+                 max_workers: int | None = None, keys: RedisKeys = DEFAULT_KEYS,
+                 tls: TlsOptions | None = None, model: str | None = None):
         self.scheduler_config = scheduler_config
+        self.keys = keys
+        self.tls = tls
+        self.model = model
+        # What every linked worker serves (fixed by the first one linked).
+        self.identity: ModelIdentity | None = None
+        # address -> why its worker was refused (logged once per reason).
+        self.refused: dict[str, str] = {}
         self.worker_addresses = list(worker_addresses)
         self.redis = redis
         self.mirror = mirror
@@ -115,7 +130,7 @@ class WorkerPool:
         registered: set[str] | None = None
         if self.redis is not None:
             registered = set()
-            keys = [k async for k in self.redis.scan_iter(match=redis_keys.WORKER_PATTERN)]
+            keys = [k async for k in self.redis.scan_iter(match=self.keys.worker_pattern)]
             values = await self.redis.mget(keys) if keys else []
             for value in values:
                 if value is None:
@@ -146,11 +161,11 @@ class WorkerPool:
 
     async def _connect(self, address: str) -> None:
         self._connecting.add(address)
-        channel = grpc.aio.insecure_channel(address, options=channel_options())
+        channel = internal_channel(address, self.tls, WORKER_SERVER_NAME, channel_options())
         try:
             stub = worker_pb2_grpc.WorkerStub(channel)
             info = await stub.GetInfo(worker_pb2.GetWorkerInfoRequest(), timeout=5.0)
-            if info.worker_id in self.links:
+            if info.worker_id in self.links or not self._admits(address, info):
                 await channel.close()
                 return
             link = WorkerLink(info, channel, None, self._on_step, self._on_dead,
@@ -158,7 +173,12 @@ class WorkerPool:
             await link.open()
             link.scheduler = await self._build_core(info, link.block_versions)
         except (grpc.aio.AioRpcError, WorkerLinkError) as exc:
-            logger.debug("cannot link worker at %s: %s", address, exc)
+            if (isinstance(exc, grpc.aio.AioRpcError) and self.tls is not None
+                    and self.tls.is_enabled and exc.code() == grpc.StatusCode.UNAVAILABLE):
+                # Also what a worker without a certificate of this deployment's CA looks like.
+                self._refuse(address, f"unreachable over mutual TLS ({exc.details()})")
+            else:
+                logger.debug("cannot link worker at %s: %s", address, exc)
             await channel.close()
             return
         except Exception:
@@ -169,6 +189,7 @@ class WorkerPool:
             self._connecting.discard(address)
         self.links[info.worker_id] = link
         self._last_info = info
+        self.refused.pop(address, None)
         self.mirror.track(info.worker_id, link.scheduler.block_manager, link.block_versions,
                           lambda: {"num_running": link.scheduler.num_running,
                                    "num_waiting": link.scheduler.num_waiting})
@@ -177,6 +198,26 @@ class WorkerPool:
         logger.info("linked worker %s at %s (%d KV blocks)", info.worker_id, address,
                     info.num_kv_blocks)
         await self._on_serving(True)
+
+    def _admits(self, address: str, info: worker_pb2.WorkerInfo) -> bool:
+        """Whether the worker serves this scheduler's model (name, config, dtype, block
+        size); a refusal is logged once per reason."""
+        theirs = ModelIdentity.of(info)
+        ours = self.identity or (dataclasses.replace(theirs, model=self.model)
+                                 if self.model else theirs)
+        differences = ours.differences(theirs)
+        if differences:
+            self._refuse(address, f"worker {info.worker_id} serves another model: "
+                                  + "; ".join(differences))
+            return False
+        # Fixed at admission, not once linked: workers found together link concurrently.
+        self.identity = ours
+        return True
+
+    def _refuse(self, address: str, reason: str) -> None:
+        if self.refused.get(address) != reason:
+            logger.warning("refused worker at %s: %s", address, reason)
+        self.refused[address] = reason
 
     async def _build_core(self, info: worker_pb2.WorkerInfo, versions: list[int]) -> Scheduler:
         """A scheduler core for the worker, its prefix cache restored from Redis."""

@@ -16,6 +16,7 @@ from gridllm.common.config import (
     SchedulerConfig,
 )
 from gridllm.common.service_main import serve_main, service_parser
+from gridllm.common.tls import TlsOptions
 from worker_svc.server import WorkerOptions, WorkerServer
 
 
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(parser.add_argument_group("KV cache"), CacheConfig)
     add_arguments(parser.add_argument_group("batch sizing"), SchedulerConfig,
                   only=WORKER_SIZING_FIELDS)
+    add_arguments(parser.add_argument_group("TLS"), TlsOptions)
     return parser
 
 
@@ -37,7 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_server(args: argparse.Namespace) -> WorkerServer:
     model_config = from_args(ModelConfig, args, skip_tokenizer_init=True)
     return WorkerServer(model_config, from_args(CacheConfig, args),
-                        from_args(SchedulerConfig, args), from_args(WorkerOptions, args))
+                        from_args(SchedulerConfig, args),
+                        from_args(WorkerOptions, args, tls=from_args(TlsOptions, args)))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,12 +16,11 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import grpc
 
-from gridllm.common import redis_keys
 from gridllm.common.block_versions import bump_versions
 from gridllm.common.cli_args import option
 from gridllm.common.config import HEARTBEAT_TTL_S, check_port, require
@@ -39,7 +38,9 @@ from gridllm.common.grpc_utils import (
 )
 from gridllm.common.http_server import HttpServer
 from gridllm.common.metrics import serve_metrics
-from gridllm.common.redis_client import async_redis
+from gridllm.common.redis_client import async_redis, check_redis
+from gridllm.common.redis_keys import DEFAULT_DEPLOYMENT, DEFAULT_KEYS, RedisKeys, check_deployment
+from gridllm.common.tls import TlsOptions, server_credentials
 from gridllm.v1 import worker_pb2, worker_pb2_grpc
 from worker_svc.metrics import WorkerMetrics
 from worker_svc.progress_watchdog import ProgressWatchdog
@@ -101,8 +102,15 @@ class WorkerOptions:
         help="a step still running after this many seconds makes the worker NOT_SERVING "
              "(readiness and liveness) and takes it out of the registry, so its scheduler "
              "moves its requests to another worker; it rejoins once the step finishes")
+    deployment: str = option(
+        DEFAULT_DEPLOYMENT, metavar="NAME",
+        help="the deployment's namespace in Redis (keys gridllm:NAME:*) the worker registers "
+             "in: only that deployment's schedulers find it")
+    # Mutual TLS: only clients (schedulers) with the CA's certificates reach the worker.
+    tls: TlsOptions = field(default_factory=TlsOptions)
 
     def __post_init__(self) -> None:
+        check_deployment(self.deployment)
         check_port(self.port)
         if self.metrics_port is not None:
             check_port(self.metrics_port, "metrics_port")
@@ -292,8 +300,32 @@ def build_info(runner, model: str, worker_id: str, scheduler_config) -> worker_p
         max_num_seqs=scheduler_config.max_num_seqs,
         max_num_batched_tokens=scheduler_config.max_num_batched_tokens,
         device=str(runner.device), dtype=str(getattr(runner, "dtype", "")).replace("torch.", ""),
-        instance_id=uuid.uuid4().hex, logits_processors=registered_logits_processors())
+        instance_id=uuid.uuid4().hex, logits_processors=registered_logits_processors(),
+        model_config_hash=model_config_hash(
+            getattr(runner, "hf_config", None),
+            getattr(getattr(runner, "model_config", None), "sparse_attention", None)))
     return model_limits_to_pb(runner.limits, info)
+
+
+# Config entries that name where or how a model was saved, not what it computes.
+_UNHASHED_CONFIG_KEYS = ("transformers_version", "torch_dtype", "dtype")
+
+
+def model_config_hash(hf_config, sparse_attention: str | None = None) -> str:
+    """A digest of the model's architecture config (empty without one): equal for the same
+    model wherever it was loaded from, different for another architecture or size, or
+    another attention pattern (``sparse_attention``: the outputs differ)."""
+    if hf_config is None:
+        return ""
+    import hashlib
+
+    config = hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(vars(hf_config))
+    kept = {k: v for k, v in config.items()
+            if not k.startswith("_") and k not in _UNHASHED_CONFIG_KEYS}
+    if sparse_attention:
+        kept["gridllm_sparse_attention"] = sparse_attention
+    text = json.dumps(kept, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def info_to_json(info: worker_pb2.WorkerInfo) -> str:
@@ -304,7 +336,8 @@ def info_to_json(info: worker_pb2.WorkerInfo) -> str:
 
 
 class Registration:
-    """Keeps ``gridllm:worker:<id>`` alive in Redis while the worker serves.
+    """Keeps the worker's registry entry (``gridllm:<deployment>:worker:<id>``) alive in
+    Redis while the worker serves.
 
     A heartbeat every third of the TTL; while Redis is unreachable, a retry every
     ``_RETRY_S``, so the entry is back moments after Redis is (a restarted Redis is empty).
@@ -313,11 +346,14 @@ class Registration:
         redis_url: the Redis to register in.
         info: what to publish (with its address).
         ttl: seconds the entry outlives the last heartbeat.
+        keys: the deployment's Redis keys.
     """
 
-    def __init__(self, redis_url: str, info: worker_pb2.WorkerInfo, ttl: float):
+    def __init__(self, redis_url: str, info: worker_pb2.WorkerInfo, ttl: float,
+                 keys: RedisKeys = DEFAULT_KEYS):
+        self.redis_url = redis_url
         self.redis = async_redis(redis_url)
-        self.key = redis_keys.worker_key(info.worker_id)
+        self.key = keys.worker_key(info.worker_id)
         self.value = info_to_json(info)
         self.ttl = ttl
         self._task: asyncio.Task | None = None
@@ -330,6 +366,7 @@ class Registration:
     async def start(self) -> None:
         """Register, waiting for Redis as long as it takes (it may be restarting); then
         keep the entry alive in the background."""
+        await check_redis(self.redis, self.redis_url)
         is_warned = False
         while True:
             try:
@@ -413,7 +450,8 @@ class WorkerServer:
         self.options = options or WorkerOptions()
         self.worker_id = self.options.worker_id or uuid.uuid4().hex[:12]
         self.runner = runner
-        self.service = ServiceServer([SERVICE_NAME])
+        self.service = ServiceServer([SERVICE_NAME],
+                                     credentials=server_credentials(self.options.tls))
         self.servicer = WorkerServicer()
         # Registered before start: gRPC fixes its method table when the server starts.
         worker_pb2_grpc.add_WorkerServicer_to_server(self.servicer, self.service.server)
@@ -433,6 +471,13 @@ class WorkerServer:
             The advertised address (host:port).
         """
         opts = self.options
+        if opts.redis_url:
+            # Wrong credentials end the start before minutes of model loading, not after.
+            probe = async_redis(opts.redis_url)
+            try:
+                await check_redis(probe, opts.redis_url)
+            finally:
+                await probe.aclose()
         port = await self.service.start(f"{opts.host}:{opts.port}")
         self.address = advertised_address(opts.host, opts.advertise_host, port)
         if opts.metrics_port is not None:
@@ -455,7 +500,8 @@ class WorkerServer:
         self.servicer.runner, self.servicer.info = self.runner, info
         if opts.redis_url:
             # Not ready before it is registered: no scheduler could find it.
-            self.registration = Registration(opts.redis_url, info, opts.heartbeat_ttl)
+            self.registration = Registration(opts.redis_url, info, opts.heartbeat_ttl,
+                                             RedisKeys(opts.deployment))
             await self.registration.start()
         await self.service.set_serving(True)
         self.watchdog.start()

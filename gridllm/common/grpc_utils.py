@@ -253,12 +253,15 @@ class ServiceServer:
         service_names: full names of the services added (for health and reflection).
         max_message_bytes: send and receive limit.
         options: extra channel arguments.
+        credentials: TLS (gridllm.common.tls.server_credentials); None: plaintext.
     """
 
     def __init__(self, service_names: Iterable[str],
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 options: list[tuple] | None = None):
+                 options: list[tuple] | None = None,
+                 credentials: grpc.ServerCredentials | None = None):
         self.service_names = list(service_names)
+        self.credentials = credentials
         self.server = grpc.aio.server(interceptors=[ExceptionInterceptor()],
                                       options=server_options(max_message_bytes)
                                       + list(options or []))
@@ -283,7 +286,9 @@ class ServiceServer:
             PortInUseError: the address is taken (another server, or any other process).
         """
         try:
-            self.port = self.server.add_insecure_port(address)
+            self.port = (self.server.add_secure_port(address, self.credentials)
+                         if self.credentials is not None
+                         else self.server.add_insecure_port(address))
         except RuntimeError:  # grpcio raises this when bind() fails
             self.port = 0
         if self.port == 0:

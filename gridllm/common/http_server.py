@@ -53,10 +53,12 @@ class HttpServer:
         host, port: where to listen (port 0: a free one; ``port`` holds the bound one).
         name: shown in logs.
         keep_alive_s: seconds an idle keep-alive connection stays open.
+        ssl: uvicorn's ``ssl_*`` settings to serve HTTPS (gridllm.common.tls); None: HTTP.
     """
 
     def __init__(self, app: Any, host: str, port: int, name: str = "http",
-                 keep_alive_s: float = 30.0):
+                 keep_alive_s: float = 30.0, ssl: dict[str, Any] | None = None):
+        self.ssl = dict(ssl or {})
         self.app = app
         self.host = host
         self.port = port
@@ -74,7 +76,7 @@ class HttpServer:
         self.port = self._socket.getsockname()[1]
         config = uvicorn.Config(self.app, log_config=None, access_log=False, lifespan="off",
                                 timeout_keep_alive=self.keep_alive_s,
-                                http=_http_implementation(), loop="none")
+                                http=_http_implementation(), loop="none", **self.ssl)
         self._server = uvicorn.Server(config)
         config.load()
         self._server.lifespan = config.lifespan_class(config)

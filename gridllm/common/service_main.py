@@ -13,11 +13,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import logging
 from collections.abc import Callable
 from typing import Any
 
 from gridllm.common.logger import LOG_FORMATS, configure_logging
+from gridllm.common.redis_client import RedisAuthError
 from gridllm.common.tracing import configure_tracing
+
+# A service's exit status when Redis refused its credentials.
+EXIT_REDIS_AUTH = 3
 
 
 def service_parser(prog: str, description: str | None, grace_s: float
@@ -56,7 +61,12 @@ async def _serve(parser: argparse.ArgumentParser, build: Callable[[argparse.Name
         server = build(args)
     except ValueError as exc:
         parser.error(str(exc))
-    await server.start()
+    try:
+        await server.start()
+    except RedisAuthError as exc:
+        # Final: a restart would be refused again. One clear line, no traceback.
+        logging.getLogger(parser.prog).error("%s", exc)
+        raise SystemExit(EXIT_REDIS_AUTH) from None
     freeze_startup_objects()
     await server.serve_until_signal(args.grace)
 

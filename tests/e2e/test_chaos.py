@@ -28,9 +28,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gridllm.client import AsyncClient, Client
-from gridllm.common import redis_keys
 from gridllm.common.config import CacheConfig
 from gridllm.common.grpc_utils import LIVENESS_SERVICE
+from gridllm.common.redis_keys import DEFAULT_KEYS as KEYS
 from gridllm.common.sampling_params import SamplingParams
 from gridllm.launcher import LocalStack, StackConfig
 from gridllm.supervisor import RestartPolicy
@@ -170,8 +170,8 @@ def registry(stack: LocalStack) -> tuple[set[str], int]:
 
     r = redis.Redis.from_url(stack.redis_url, socket_timeout=2.0)
     try:
-        workers = {k.decode().rsplit(":", 1)[-1] for k in r.scan_iter(redis_keys.WORKER_PATTERN)}
-        return workers, len(list(r.scan_iter(redis_keys.SCHEDULER_PATTERN)))
+        workers = {k.decode().rsplit(":", 1)[-1] for k in r.scan_iter(KEYS.worker_pattern)}
+        return workers, len(list(r.scan_iter(KEYS.scheduler_pattern)))
     except redis.RedisError:
         return set(), 0
     finally:
@@ -274,7 +274,7 @@ def test_every_stream_survives_a_worker_the_scheduler_and_redis_dying(stack, cli
     r = redis.Redis.from_url(stack.redis_url)
     try:
         for worker_stats in client.server_stats().workers:
-            assert r.exists(redis_keys.kv_state_key(worker_stats.worker_id))
+            assert r.exists(KEYS.kv_state_key(worker_stats.worker_id))
     finally:
         r.close()
     # As the services saw it: the dead worker's requests moved mid-stream, and the router

@@ -11,8 +11,8 @@ import grpc
 import pytest
 
 from gridllm.client import Client
-from gridllm.common import redis_keys
 from gridllm.common.config import CacheConfig
+from gridllm.common.redis_keys import DEFAULT_KEYS as KEYS
 from gridllm.common.sampling_params import SamplingParams
 from gridllm.launcher import LocalStack, StackConfig
 from gridllm.v1 import generate_pb2, generate_pb2_grpc
@@ -72,7 +72,7 @@ def _last_sequence(url: str) -> int:
 
     r = redis.Redis.from_url(url)
     try:
-        (entry_id, _), = r.xrevrange(redis_keys.KV_EVENTS_STREAM, count=1)
+        (entry_id, _), = r.xrevrange(KEYS.kv_events_stream, count=1)
         return int(entry_id.decode().partition("-")[2])
     finally:
         r.close()
@@ -88,8 +88,8 @@ def test_each_scheduler_links_only_its_own_group(stack):
     r = redis.Redis.from_url(stack.redis_url)
     try:
         for scheduler in loads.schedulers:
-            entry = json.loads(r.get(redis_keys.scheduler_key(scheduler.scheduler_id)))
-            groups = {json.loads(r.get(redis_keys.worker_key(w.worker_id)))["worker_group"]
+            entry = json.loads(r.get(KEYS.scheduler_key(scheduler.scheduler_id)))
+            groups = {json.loads(r.get(KEYS.worker_key(w.worker_id)))["worker_group"]
                       for w in scheduler.workers}
             assert groups == {entry["worker_group"]} and entry["worker_group"]
     finally:

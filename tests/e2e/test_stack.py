@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from gridllm.client import AsyncClient, Client
-from gridllm.common import redis_keys
+from gridllm.common.redis_keys import DEFAULT_KEYS as KEYS
 from gridllm.common.sampling_params import SamplingParams
 from gridllm.v1 import generate_pb2
 from tests.e2e.conftest import NUM_KV_BLOCKS, SERVED_MODEL_NAME
@@ -177,7 +177,7 @@ def test_50_concurrent_streams_complete_and_free_every_block(stack, client):
     try:
         counts = wait_until(
             lambda: (lambda c: c if all(c) else None)(
-                [r.hlen(redis_keys.kv_cached_key(w.worker_id)) for w in stats.workers]),
+                [r.hlen(KEYS.kv_cached_key(w.worker_id)) for w in stats.workers]),
             5.0, "both workers to hold cached prompt blocks")
     finally:
         r.close()

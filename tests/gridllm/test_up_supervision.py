@@ -42,7 +42,7 @@ class _FakeStack:
     def __init__(self, config):
         self.config, self.calls = config, []
         self.endpoint, self.log_dir, self.processes = "127.0.0.1:1", "/logs", []
-        self.http_endpoint = None
+        self.http_endpoint, self.tls = None, None
         self.supervisor = _GivingUpSupervisor()
         _FakeStack.instances.append(self)
 

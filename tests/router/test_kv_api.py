@@ -9,8 +9,9 @@ import grpc
 import pytest
 import redis.asyncio as aioredis
 
-from gridllm.common import kv_events, redis_keys
+from gridllm.common import kv_events
 from gridllm.common.kv_events import BlockStored, KvEvent
+from gridllm.common.redis_keys import DEFAULT_KEYS as KEYS
 from gridllm.v1 import generate_pb2
 from router.kv_api import KvApiError, subscribe_kv_events
 
@@ -25,7 +26,7 @@ def _request(start: int | None = None) -> generate_pb2.SubscribeKvEventsRequest:
 async def _append(client, first: int, last: int) -> None:
     for seq in range(first, last + 1):
         event = KvEvent(f"w{seq % 3}", BlockStored([seq], None, [seq] * 4, 4), "s", float(seq))
-        await client.xadd(redis_keys.KV_EVENTS_STREAM, {"e": kv_events.encode(event)},
+        await client.xadd(KEYS.kv_events_stream, {"e": kv_events.encode(event)},
                           id=kv_events.entry_id(seq))
 
 
@@ -73,7 +74,7 @@ def test_replay_from_a_number_then_live_events(redis_server):
 def test_a_trimmed_start_is_out_of_range_and_names_the_field(redis_server):
     async def body(client):
         await _append(client, 1, 40)
-        await client.xtrim(redis_keys.KV_EVENTS_STREAM, maxlen=10, approximate=False)
+        await client.xtrim(KEYS.kv_events_stream, maxlen=10, approximate=False)
         with pytest.raises(KvApiError) as info:
             await _take(subscribe_kv_events(client, _request(5)), 1)
         # From the oldest retained instead: fine.
@@ -92,7 +93,7 @@ def test_a_restarted_log_is_data_loss(redis_server):
         stream = subscribe_kv_events(client, _request(21))
         reader = asyncio.ensure_future(_take(stream, 1))
         await asyncio.sleep(0.3)
-        await client.delete(redis_keys.KV_EVENTS_STREAM)
+        await client.delete(KEYS.kv_events_stream)
         await _append(client, 1, 3)  # Redis lost the log; numbering starts again
         with pytest.raises(KvApiError) as info:
             await reader

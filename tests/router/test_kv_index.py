@@ -7,10 +7,11 @@ import time
 
 import redis.asyncio as aioredis
 
-from gridllm.common import kv_events, redis_keys
+from gridllm.common import kv_events
 from gridllm.common.contract import SchedulerOutput
 from gridllm.common.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KvEvent
 from gridllm.common.prefix_hash import prompt_block_hashes
+from gridllm.common.redis_keys import DEFAULT_KEYS as KEYS
 from gridllm.common.sampling_params import SamplingParams
 from router.kv_index import KvIndex, KvIndexFollower, RecentRoutes
 from router.routing import PrefixIndex
@@ -85,12 +86,12 @@ def test_follower_loads_the_mirror_follows_the_log_and_reloads_after_gaps(redis_
             _serve(bm, "later", list(range(400, 405)))
             mirror.note_step("w-f", SchedulerOutput(), [])
             await mirror.flush()
-            await client.xtrim(redis_keys.KV_EVENTS_STREAM, maxlen=1, approximate=False)
+            await client.xtrim(KEYS.kv_events_stream, maxlen=1, approximate=False)
             follower.start()
             await _until(lambda: follower.num_bootstraps == 2)
             await _until(lambda: follower.index.blocks_of("w-f") == set(bm.cached_blocks))
             # The log restarts (Redis lost it): below the follower's position.
-            await client.delete(redis_keys.KV_EVENTS_STREAM, redis_keys.KV_EVENTS_SEQ)
+            await client.delete(KEYS.kv_events_stream, KEYS.kv_events_seq)
             _serve(bm, "reset", list(range(500, 505)))
             mirror.note_step("w-f", SchedulerOutput(), [])
             await mirror.flush()
@@ -143,11 +144,11 @@ def test_event_log_entries_decode_in_the_follower_format(redis_server):
         client = aioredis.from_url(redis_server.rsplit("/", 1)[0] + "/6")
         await client.flushdb()
         event = KvEvent("w-x", BlockStored([1, 2], None, list(range(8)), 4), "s", 1.0)
-        await client.xadd(redis_keys.KV_EVENTS_STREAM, {"e": kv_events.encode(event)},
+        await client.xadd(KEYS.kv_events_stream, {"e": kv_events.encode(event)},
                           id=kv_events.entry_id(1))
         follower = KvIndexFollower(client)
         await follower.bootstrap()  # positioned at the end: 1
-        await client.xadd(redis_keys.KV_EVENTS_STREAM, {"e": kv_events.encode(event).replace(
+        await client.xadd(KEYS.kv_events_stream, {"e": kv_events.encode(event).replace(
             "w-x", "w-y")}, id=kv_events.entry_id(2))
         applied = await follower.follow_once()
         await client.aclose()

@@ -8,6 +8,7 @@ import pytest
 
 from gridllm.common import redis_keys
 from gridllm.common.prefix_hash import prompt_block_hashes
+from gridllm.common.redis_keys import DEFAULT_KEYS as KEYS
 from gridllm.common.routing_policy import CacheAwarePolicy, Candidate
 from router.routing import PrefixIndex, SchedulerPool
 
@@ -51,7 +52,7 @@ def test_prefix_index_counts_leading_run(redis_server):
             for worker_id, cached in (("w1", hashes[:5]), ("w2", hashes[:2] + hashes[3:4])):
                 mapping = {str(h): redis_keys.encode_cached_block(i, 0, (1, 2))
                            for i, h in enumerate(cached)}
-                await client.hset(redis_keys.kv_cached_key(worker_id), mapping=mapping)
+                await client.hset(KEYS.kv_cached_key(worker_id), mapping=mapping)
             index = PrefixIndex(client)
             overlap = await index.overlap(["w1", "w2", "w3"], hashes)
             assert overlap == {"w1": 5, "w2": 2, "w3": 0}

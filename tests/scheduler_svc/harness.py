@@ -10,6 +10,7 @@ import logging
 import grpc
 
 from gridllm.common.config import CacheConfig, ModelConfig, SchedulerConfig
+from gridllm.common.tls import SCHEDULER_SERVER_NAME, internal_channel
 from gridllm.v1 import generate_pb2, scheduler_pb2, scheduler_pb2_grpc
 from scheduler_svc.server import SchedulerServer, SchedulerServiceConfig
 from worker_svc.server import WorkerOptions, WorkerServer
@@ -46,7 +47,8 @@ async def running_scheduler(worker_addresses=(), redis_url: str | None = None, *
         **{"discovery_interval": 0.1, "heartbeat_ttl": 3.0, **kwargs})
     server = SchedulerServer(config)
     await server.start()
-    channel = grpc.aio.insecure_channel(server.address)
+    # With TLS the test dials as the router does: the deployment's certificate.
+    channel = internal_channel(server.address, config.tls, SCHEDULER_SERVER_NAME)
     try:
         yield server, scheduler_pb2_grpc.SchedulerStub(channel)
     finally:

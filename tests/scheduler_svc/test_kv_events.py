@@ -8,10 +8,11 @@ import random
 
 import redis.asyncio as aioredis
 
-from gridllm.common import kv_events, redis_keys
+from gridllm.common import kv_events
 from gridllm.common.contract import SchedulerOutput
 from gridllm.common.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
 from gridllm.common.prefix_hash import ROOT_HASH, hash_block
+from gridllm.common.redis_keys import DEFAULT_KEYS as KEYS
 from gridllm.common.sampling_params import SamplingParams
 from router.kv_index import KvIndex
 from scheduler_svc.block_manager import BlockManager
@@ -45,7 +46,7 @@ def _serve(bm: BlockManager, req_id: str, prompt: list[int], keep: bool = False)
 
 
 async def _log(client, start: str = "-") -> list[kv_events.KvEvent]:
-    entries = await client.xrange(redis_keys.KV_EVENTS_STREAM, min=start)
+    entries = await client.xrange(KEYS.kv_events_stream, min=start)
     return [kv_events.decode(fields[b"e"], kv_events.sequence_of(raw_id))
             for raw_id, fields in entries]
 
@@ -182,10 +183,10 @@ def test_the_log_is_bounded_and_survives_a_lost_counter(redis_server):
             _serve(bm, f"r{i}", [i % 250 + 2, i // 250 + 2] * 2 + [1])
             mirror.note_step("w-b", SchedulerOutput(), [])
             await mirror.flush()
-        length = await client.xlen(redis_keys.KV_EVENTS_STREAM)
+        length = await client.xlen(KEYS.kv_events_stream)
         # The counter is evicted: numbering resumes after the log's last entry.
         last = (await _log(client))[-1].sequence_number
-        await client.delete(redis_keys.KV_EVENTS_SEQ)
+        await client.delete(KEYS.kv_events_seq)
         _serve(bm, "after", [300, 301, 302, 303, 1])
         mirror.note_step("w-b", SchedulerOutput(), [])
         await mirror.flush()
@@ -208,8 +209,8 @@ def test_no_events_when_disabled(redis_server):
         _serve(bm, "a", list(range(50, 59)))
         mirror.note_step("w-off", SchedulerOutput(), [])
         await mirror.flush()
-        exists = await client.exists(redis_keys.KV_EVENTS_STREAM)
-        cached = await client.hlen(redis_keys.kv_cached_key("w-off"))
+        exists = await client.exists(KEYS.kv_events_stream)
+        cached = await client.hlen(KEYS.kv_cached_key("w-off"))
         await client.aclose()
         return exists, cached
 

@@ -7,8 +7,8 @@ import json
 
 import redis.asyncio as aioredis
 
-from gridllm.common import redis_keys
 from gridllm.common.contract import SchedulerOutput
+from gridllm.common.redis_keys import DEFAULT_KEYS as KEYS
 from gridllm.common.sampling_params import SamplingParams
 from scheduler_svc.block_manager import BlockManager
 from scheduler_svc.redis_mirror import RedisMirror
@@ -53,7 +53,7 @@ def test_mirror_flush_then_restore_into_a_new_scheduler(redis_server):
     async def main():
         client = aioredis.from_url(redis_server)
         await client.delete(*[k(worker_id) for k in (
-            redis_keys.kv_cached_key, redis_keys.kv_state_key, redis_keys.kv_tables_key)])
+            KEYS.kv_cached_key, KEYS.kv_state_key, KEYS.kv_tables_key)])
         bm = BlockManager(8, BLOCK_SIZE)
         versions = [0] * 8
         mirror = RedisMirror(client, "sched-1", ttl=3.0)
@@ -66,15 +66,15 @@ def test_mirror_flush_then_restore_into_a_new_scheduler(redis_server):
         output = SchedulerOutput(finished_req_ids={"running", "done"})
         mirror.note_step(worker_id, output, [])
         await mirror.flush()
-        cached = await client.hgetall(redis_keys.kv_cached_key(worker_id))
-        tables = await client.hgetall(redis_keys.kv_tables_key(worker_id))
-        state = await client.hgetall(redis_keys.kv_state_key(worker_id))
+        cached = await client.hgetall(KEYS.kv_cached_key(worker_id))
+        tables = await client.hgetall(KEYS.kv_tables_key(worker_id))
+        state = await client.hgetall(KEYS.kv_state_key(worker_id))
         # Fill the pool with other tokens: the "done" blocks are evicted and must vanish.
         evict = _request("evict", list(range(400, 420)))
         assert bm.allocate_slots(evict, 20) is not None
         mirror.note_step(worker_id, SchedulerOutput(), [])
         await mirror.flush()
-        after_evict = await client.hgetall(redis_keys.kv_cached_key(worker_id))
+        after_evict = await client.hgetall(KEYS.kv_cached_key(worker_id))
         # A new scheduler of the same worker instance sees what is cached now.
         fresh = BlockManager(8, BLOCK_SIZE)
         num_restored = await RedisMirror(client, "sched-2").restore(
@@ -117,7 +117,7 @@ def test_heartbeat_publishes_the_scheduler_with_a_ttl(redis_server):
         entry = {"scheduler_id": "s-beat", "address": "127.0.0.1:1", "worker_ids": ["w"]}
         mirror = RedisMirror(client, "s-beat", registry=lambda: entry, ttl=2.0)
         await mirror.beat()
-        key = redis_keys.scheduler_key("s-beat")
+        key = KEYS.scheduler_key("s-beat")
         value, ttl_ms = json.loads(await client.get(key)), await client.pttl(key)
         await mirror.close()
         gone = await client.exists(key)
@@ -167,7 +167,7 @@ def test_mirror_is_written_again_in_full_after_redis_restarts_empty(tmp_path):
         mirror = RedisMirror(client, "sched-outage", registry=lambda: {"address": "x"}, ttl=1.0)
         mirror.track(worker_id, bm, [0] * 32, lambda: {"num_running": 0, "num_waiting": 0})
         mirror.start()
-        cached_key = redis_keys.kv_cached_key(worker_id)
+        cached_key = KEYS.kv_cached_key(worker_id)
         try:
             before = _request("before", list(range(200, 209)))
             _run_and_free(bm, before)
@@ -184,7 +184,7 @@ def test_mirror_is_written_again_in_full_after_redis_restarts_empty(tmp_path):
             proc = start()  # empty: nothing was persisted
             await wait_for(lambda: _hlen(client, cached_key, 6))
             stored = {int(k) for k in await client.hkeys(cached_key)}
-            tables = await client.hgetall(redis_keys.kv_tables_key(worker_id))
+            tables = await client.hgetall(KEYS.kv_tables_key(worker_id))
             want_tables = {r.encode(): ",".join(map(str, ids)).encode()
                            for r, ids in bm.block_tables().items()}
             return stored, set(bm.cached_entries()), tables, want_tables

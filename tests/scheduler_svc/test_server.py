@@ -399,8 +399,8 @@ def test_killed_scheduler_process_restarts_with_the_prefix_cache(model_path, red
 
     import redis.asyncio as aioredis
 
-    from gridllm.common import redis_keys
     from gridllm.common.grpc_utils import free_port, wait_for_serving
+    from gridllm.common.redis_keys import DEFAULT_KEYS as KEYS
     from gridllm.v1 import scheduler_pb2_grpc
 
     repo_root = Path(__file__).resolve().parents[2]
@@ -418,7 +418,7 @@ def test_killed_scheduler_process_restarts_with_the_prefix_cache(model_path, red
         procs = []
         try:
             async with running_worker(model_path, redis_server) as worker:
-                cached_key = redis_keys.kv_cached_key(worker.worker_id)
+                cached_key = KEYS.kv_cached_key(worker.worker_id)
                 results = []
                 for attempt in range(2):
                     port = free_port()

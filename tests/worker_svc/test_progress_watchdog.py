@@ -12,8 +12,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gridllm.common import redis_keys
 from gridllm.common.grpc_utils import LIVENESS_SERVICE
+from gridllm.common.redis_keys import DEFAULT_KEYS as KEYS
 from gridllm.v1 import worker_pb2_grpc
 from tests.worker_svc.test_server import CONFIGS, _new_request_step
 from worker_svc.server import WorkerOptions, WorkerServer
@@ -74,7 +74,7 @@ def test_a_stalled_step_turns_the_worker_not_serving_until_it_finishes(runner, r
                               runner=gated)
         await server.start()
         client = aioredis.from_url(redis_server)
-        key = redis_keys.worker_key(server.worker_id)
+        key = KEYS.worker_key(server.worker_id)
         seen: dict[str, object] = {}
         try:
             async with grpc.aio.insecure_channel(server.address) as channel:

@@ -11,10 +11,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gridllm.common import redis_keys
 from gridllm.common.config import CacheConfig, ModelConfig, SchedulerConfig
 from gridllm.common.contract import NewRequestData, SchedulerOutput
 from gridllm.common.convert import runner_output_from_pb, scheduler_output_to_pb
+from gridllm.common.redis_keys import DEFAULT_KEYS as KEYS
 from gridllm.common.sampling_params import SamplingParams
 from gridllm.v1 import worker_pb2, worker_pb2_grpc
 from tests.worker_svc.step_driver import run_requests
@@ -178,7 +178,7 @@ def test_registers_in_redis_with_a_ttl_and_deregisters_on_stop(runner, redis_ser
         client = aioredis.from_url(redis_server)
         server = _server(runner, redis_server)
         await server.start()
-        key = redis_keys.worker_key(server.worker_id)
+        key = KEYS.worker_key(server.worker_id)
         entry = json.loads(await client.get(key))
         ttl_ms = await client.pttl(key)
         await server.stop(0)
