@@ -59,9 +59,11 @@ def quantize_per_row(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return quantize_fp8(x, scale), scale
 
 
-def _has_scaled_mm(x: torch.Tensor) -> bool:
-    return (x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_scaled_mm")
-            and torch.cuda.get_device_capability(x.device) >= (8, 9))
+def _can_use_scaled_mm(weight: torch.Tensor) -> bool:
+    """FP8 tensor-core GEMMs: CUDA 8.9+, and both weight dims multiples of 16."""
+    return (weight.is_cuda and hasattr(torch, "_scaled_mm")
+            and torch.cuda.get_device_capability(weight.device) >= (8, 9)
+            and weight.shape[0] % 16 == 0 and weight.shape[1] % 16 == 0)
 
 
 class Fp8Linear(nn.Module):
@@ -81,6 +83,8 @@ class Fp8Linear(nn.Module):
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.weight_scale = nn.Parameter(weight_scale, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        # Decided once here: forward stays free of host queries (CUDA-graph capture).
+        self.is_scaled_mm = _can_use_scaled_mm(weight)
         # The dequantized weight of the fake-quantization path, built on first use.
         self._dequantized: torch.Tensor | None = None
 
@@ -94,7 +98,7 @@ class Fp8Linear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         x_q, x_scale = quantize_per_row(x2)
-        if _has_scaled_mm(x2):
+        if self.is_scaled_mm and x.dtype == torch.bfloat16:
             # Row-wise scales: scale_a [M, 1] per token, scale_b [1, N] per channel.
             out = torch._scaled_mm(x_q, self.weight.t(), scale_a=x_scale,
                                    scale_b=self.weight_scale[None, :], bias=self.bias,
