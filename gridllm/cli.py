@@ -156,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--tls-ca", default=None, metavar="FILE",
                      help="dial the router over TLS, trusting this CA certificate (PEM; "
                           "`gridllm up --tls` prints it)")
+    gen.add_argument("--api-key", default=None,
+                     help="the router's API key (default: $GRIDLLM_API_KEY, or none)")
     _add_sampling_flags(gen)
 
     run = _parser(sub, "run", "generate in-process with gridllm.LLM (no services)")
@@ -263,7 +265,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompt_kwargs = ({"messages": [{"role": "user", "content": args.prompt}]} if args.chat
                      else {"prompt": args.prompt})
     try:
-        with Client(target, timeout=args.timeout, tls_ca=args.tls_ca) as client:
+        with Client(target, timeout=args.timeout, tls_ca=args.tls_ca,
+                    api_key=args.api_key) as client:
             for chunk in client.generate_stream(sampling_params=params, **prompt_kwargs):
                 sys.stdout.write(chunk.text)
                 sys.stdout.flush()

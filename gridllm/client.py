@@ -9,12 +9,14 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 
+from gridllm.common.auth import API_KEY_ENV, bearer_metadata
 from gridllm.common.completion import Usage
 from gridllm.common.convert import sampling_params_to_pb
 from gridllm.common.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
@@ -243,6 +245,10 @@ def _channel(target: str, is_async: bool, tls: bool | None, tls_ca: str | None,
     return module.secure_channel(target, credentials, options=options)
 
 
+def _auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
+    return bearer_metadata(api_key if api_key is not None else os.environ.get(API_KEY_ENV))
+
+
 # ----------------------------------------------------------------------- clients
 class Client:
     """Blocking client of a gridllm router.
@@ -257,15 +263,19 @@ class Client:
             asks for one.
         tls_server_name: the name checked in the router's certificate (default: the host
             in ``target``).
-    Errors are ``grpc.RpcError`` (e.g. ``INVALID_ARGUMENT`` naming the bad field).
+        api_key: sent as ``authorization: Bearer KEY`` on every call (None:
+            ``$GRIDLLM_API_KEY`` if set, else no key).
+    Errors are ``grpc.RpcError`` (e.g. ``INVALID_ARGUMENT`` naming the bad field,
+    ``UNAUTHENTICATED`` without a valid key).
     """
 
     def __init__(self, target: str = "localhost:50051", *, timeout: float | None = None,
                  tls: bool | None = None, tls_ca: str | None = None,
                  tls_cert: str | None = None, tls_key: str | None = None,
-                 tls_server_name: str | None = None):
+                 tls_server_name: str | None = None, api_key: str | None = None):
         self.target = target
         self.timeout = timeout
+        self._metadata = _auth_metadata(api_key)
         self._channel = _channel(target, False, tls, tls_ca, tls_cert, tls_key,
                                  tls_server_name)
         self._stub = generate_pb2_grpc.GenerationStub(self._channel)
@@ -285,7 +295,8 @@ class Client:
             An iterator of GenerateChunk; closing it early cancels the request.
         """
         request = build_generate_request(prompt, sampling_params, **kwargs)
-        call = self._stub.Generate(request, timeout=timeout or self.timeout)
+        call = self._stub.Generate(request, timeout=timeout or self.timeout,
+                                   metadata=self._metadata)
         try:
             for msg in call:
                 yield chunk_from_pb(msg)
@@ -304,16 +315,16 @@ class Client:
     def tokenize(self, text: str | None = None, *, messages: list[dict[str, str]] | None = None,
                  add_special_tokens: bool | None = None) -> list[int]:
         reply = self._stub.Tokenize(_tokenize_request(text, messages, add_special_tokens),
-                                    timeout=self.timeout)
+                                    timeout=self.timeout, metadata=self._metadata)
         return list(reply.token_ids)
 
     def model_info(self) -> ModelInfo:
-        return _model_info(self._stub.GetModelInfo(generate_pb2.GetModelInfoRequest(),
-                                                   timeout=self.timeout))
+        return _model_info(self._stub.GetModelInfo(
+            generate_pb2.GetModelInfoRequest(), timeout=self.timeout, metadata=self._metadata))
 
     def server_stats(self) -> ServerStats:
-        return _server_stats(self._stub.GetServerStats(generate_pb2.GetServerStatsRequest(),
-                                                       timeout=self.timeout))
+        return _server_stats(self._stub.GetServerStats(
+            generate_pb2.GetServerStatsRequest(), timeout=self.timeout, metadata=self._metadata))
 
     def close(self) -> None:
         self._channel.close()
@@ -331,15 +342,16 @@ class AsyncClient:
     Args:
         target: ``host:port`` of the router.
         timeout: default deadline of every call, in seconds (None: none).
-        tls, tls_ca, tls_cert, tls_key, tls_server_name: as for ``Client``.
+        tls, tls_ca, tls_cert, tls_key, tls_server_name, api_key: as for ``Client``.
     """
 
     def __init__(self, target: str = "localhost:50051", *, timeout: float | None = None,
                  tls: bool | None = None, tls_ca: str | None = None,
                  tls_cert: str | None = None, tls_key: str | None = None,
-                 tls_server_name: str | None = None):
+                 tls_server_name: str | None = None, api_key: str | None = None):
         self.target = target
         self.timeout = timeout
+        self._metadata = _auth_metadata(api_key)
         self._channel = _channel(target, True, tls, tls_ca, tls_cert, tls_key,
                                  tls_server_name)
         self._stub = generate_pb2_grpc.GenerationStub(self._channel)
@@ -350,7 +362,8 @@ class AsyncClient:
                               **kwargs: Any) -> AsyncIterator[GenerateChunk]:
         """Stream a completion; breaking out of the loop (or cancelling) aborts it."""
         request = build_generate_request(prompt, sampling_params, **kwargs)
-        call = self._stub.Generate(request, timeout=timeout or self.timeout)
+        call = self._stub.Generate(request, timeout=timeout or self.timeout,
+                                   metadata=self._metadata)
         try:
             async for msg in call:
                 yield chunk_from_pb(msg)
@@ -370,16 +383,16 @@ class AsyncClient:
                        messages: list[dict[str, str]] | None = None,
                        add_special_tokens: bool | None = None) -> list[int]:
         reply = await self._stub.Tokenize(_tokenize_request(text, messages, add_special_tokens),
-                                          timeout=self.timeout)
+                                          timeout=self.timeout, metadata=self._metadata)
         return list(reply.token_ids)
 
     async def model_info(self) -> ModelInfo:
-        return _model_info(await self._stub.GetModelInfo(generate_pb2.GetModelInfoRequest(),
-                                                         timeout=self.timeout))
+        return _model_info(await self._stub.GetModelInfo(
+            generate_pb2.GetModelInfoRequest(), timeout=self.timeout, metadata=self._metadata))
 
     async def server_stats(self) -> ServerStats:
         return _server_stats(await self._stub.GetServerStats(
-            generate_pb2.GetServerStatsRequest(), timeout=self.timeout))
+            generate_pb2.GetServerStatsRequest(), timeout=self.timeout, metadata=self._metadata))
 
     async def close(self) -> None:
         await self._channel.close()

@@ -4,7 +4,8 @@ Exits 0 when the server reports SERVING, 1 otherwise (NOT_SERVING, unknown servi
 unreachable, too slow). Container healthchecks run it: the image has no grpc_health_probe
 binary, and this needs only grpc (no torch), so a probe costs a fraction of a second.
 A service serving TLS is probed with a certificate of its deployment (``--tls-dir``) and its
-role name (``--tls-server-name gridllm-worker``).
+role name (``--tls-server-name gridllm-worker``). With ``GRIDLLM_API_KEY`` set it sends that
+key, for a router started with ``--auth-health``.
 """
 
 from __future__ import annotations
@@ -46,15 +47,20 @@ def check(target: str, service: str = "", timeout: float = 3.0, tls: TlsOptions 
     Returns:
         ``(is_serving, what was seen)``: the status name, or the RPC error.
     """
+    import os
+
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from gridllm.common.auth import API_KEY_ENV, bearer_metadata
 
     with blocking_channel(target, tls, server_name) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             # wait_for_ready: a server still binding counts as slow, not as refused.
             reply = stub.Check(health_pb2.HealthCheckRequest(service=service),
-                               timeout=timeout, wait_for_ready=True)
+                               timeout=timeout, wait_for_ready=True,
+                               metadata=bearer_metadata(os.environ.get(API_KEY_ENV)))
         except grpc.RpcError as exc:
             return False, f"{exc.code().name}: {exc.details()}"
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)

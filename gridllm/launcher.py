@@ -25,6 +25,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from gridllm.common.auth import warn_if_open
 from gridllm.common.cli_args import option, to_argv
 from gridllm.common.config import (
     DEFAULT_MODEL,
@@ -41,6 +42,7 @@ from gridllm.common.presets import cache_dir, check_model
 from gridllm.common.redis_client import auth_error, is_auth_error
 from gridllm.common.redis_keys import DEFAULT_DEPLOYMENT, check_deployment
 from gridllm.common.tls import TlsOptions
+from gridllm.stack_keys import StackKeys
 from gridllm.stack_tls import SERVER_NAMES, StackTls
 from gridllm.supervisor import RestartPolicy, Supervisor
 from router.server import RouterOptions
@@ -318,7 +320,8 @@ def wait_for_redis(url: str, process: ManagedProcess | None, timeout_s: float) -
 
 
 def wait_for_links(address: str, router: ManagedProcess | None, num_schedulers: int,
-                   num_workers: int, timeout_s: float, tls: TlsOptions | None = None) -> None:
+                   num_workers: int, timeout_s: float, tls: TlsOptions | None = None,
+                   metadata: tuple[tuple[str, str], ...] = ()) -> None:
     """Poll the router's ``GetLoads`` until it lists ``num_schedulers`` schedulers, each
     with ``num_workers`` live workers.
 
@@ -338,7 +341,8 @@ def wait_for_links(address: str, router: ManagedProcess | None, num_schedulers: 
             if router is not None:
                 router.check_running()
             try:
-                loads = stub.GetLoads(generate_pb2.GetLoadsRequest(), timeout=2.0)
+                loads = stub.GetLoads(generate_pb2.GetLoadsRequest(), timeout=2.0,
+                                      metadata=metadata)
                 counts = [sum(w.is_alive for w in s.workers) for s in loads.schedulers
                           if s.scheduler_id]
                 if counts == [num_workers] * num_schedulers:
@@ -355,7 +359,8 @@ def wait_for_links(address: str, router: ManagedProcess | None, num_schedulers: 
 
 def wait_for_health(address: str, process: ManagedProcess | None, timeout_s: float,
                     service: str = "", tls: TlsOptions | None = None,
-                    server_name: str | None = None) -> None:
+                    server_name: str | None = None,
+                    metadata: tuple[tuple[str, str], ...] = ()) -> None:
     """Poll ``grpc.health.v1.Health/Check`` until SERVING.
 
     Raises:
@@ -374,7 +379,8 @@ def wait_for_health(address: str, process: ManagedProcess | None, timeout_s: flo
             if process is not None:
                 process.check_running()
             try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0,
+                                   metadata=metadata)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     logger.info("%s is serving at %s", name, address)
                     return
@@ -489,7 +495,9 @@ class StackConfig:
         options = self.router_options or RouterOptions(self.model)
         if options.served_model_name is None:
             options = dataclasses.replace(options, served_model_name=self.model)
-        return [*to_argv(options, exclude=STACK_SET_ROUTER_FIELDS), *self.extra_router_args]
+        # The keys reach the router hashed, in a file (gridllm.stack_keys), never as flags.
+        return [*to_argv(options, exclude=(*STACK_SET_ROUTER_FIELDS, "api_keys", "api_key_file")),
+                *self.extra_router_args]
 
 
 class LocalStack:
@@ -525,6 +533,7 @@ class LocalStack:
         self._num_started = 0
         # Restarts dead services (made by start() when config.restart is set).
         self.supervisor: Supervisor | None = None
+        self.keys = StackKeys([], None)
 
     @property
     def endpoint(self) -> str:
@@ -572,6 +581,9 @@ class LocalStack:
                 started so far is stopped again).
         """
         check_model(self.config.model)
+        options = self.config.router_options or RouterOptions(self.config.model)
+        self.keys = StackKeys(options.api_keys, options.api_key_file)
+        warn_if_open(self.config.host, self.keys.keyring, "gridllm up: the router")
         for port in (self.config.port, self.config.http_port):
             if port and not is_port_free(self.config.host, port):
                 raise PortInUseError(f"port {port} is in use on {self.config.host}: another "
@@ -603,7 +615,7 @@ class LocalStack:
             # SERVING needs one link each; started means every worker serves its scheduler.
             wait_for_links(self.endpoint, router, self.config.num_schedulers,
                            self.config.num_workers, self.config.startup_timeout_s,
-                           self.client_tls)
+                           self.client_tls, self.keys.metadata)
         except BaseException:
             self.stop()
             raise
@@ -618,8 +630,10 @@ class LocalStack:
 
     def _wait_healthy(self, address: str, process: ManagedProcess) -> None:
         role = process.name.split("-", 1)[0]
+        # The router may ask for an API key on health too: it gets the launcher's own.
         wait_for_health(address, process, self.config.startup_timeout_s, tls=self.client_tls,
-                        server_name=SERVER_NAMES.get(role))
+                        server_name=SERVER_NAMES.get(role),
+                        metadata=self.keys.metadata if role == "router" else ())
 
     def _service_args(self, role: str) -> list[str]:
         """The deployment and, with TLS, the certificate of a ``role`` process."""
@@ -740,7 +754,7 @@ class LocalStack:
                 *[a for port in self.scheduler_ports for a in ("--scheduler", f"127.0.0.1:{port}")],
                 "--redis-url", str(self.redis_url), *http_args, *self._grace_args(),
                 *self._service_args("router"),
-                *self.config.router_args()]
+                *self.keys.router_args(self.log_dir), *self.config.router_args()]
         self.router = ManagedProcess("router", argv, self._log_path("router"),
                                      dict(self.config.env)).start()
         if wait:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import dataclasses
 import logging
 import threading
 import time
@@ -24,6 +25,7 @@ from typing import Any, TypeVar
 import grpc
 
 from gridllm.common import tracing
+from gridllm.common.auth import TENANT_KEY, tenant_var
 from gridllm.common.completion import CompletionDelta, CompletionState
 from gridllm.common.contract import ModelLimits
 from gridllm.common.convert import (
@@ -35,6 +37,7 @@ from gridllm.common.convert import (
 from gridllm.common.grpc_utils import REQUEST_ID_KEY, RETRY_AFTER_KEY
 from gridllm.common.logger import request_id_var
 from gridllm.common.output_processor import Child, fan_out
+from gridllm.common.request_ids import new_scope, scoped
 from gridllm.common.sampling_params import SamplingParams
 from gridllm.v1 import generate_pb2, scheduler_pb2
 from router.metrics import RouterMetrics
@@ -171,9 +174,12 @@ class EngineClient:
                 it (RESOURCE_EXHAUSTED, with its retry hint), or the deadline passed.
             ValueError: the scheduler found it invalid (the message names the field).
         """
-        children = fan_out(validated.request_id, validated.sampling_params)
+        # Upstream ids are scoped to this request: clients' ids may collide, these do not.
+        scope = new_scope()
+        children = [dataclasses.replace(child, req_id=scoped(child.req_id, scope))
+                    for child in fan_out(validated.request_id, validated.sampling_params)]
         record = RequestRecord(validated.request_id, len(validated.prompt_token_ids),
-                               len(children), protocol, self.metrics)
+                               len(children), protocol, self.metrics, tenant_var.get())
         token = request_id_var.set(validated.request_id)
         code = grpc.StatusCode.OK
         try:
@@ -234,7 +240,9 @@ class EngineClient:
         """One completion; survives scheduler deaths by resubmitting prompt + tokens so far."""
         prompt_ids = validated.prompt_token_ids
         state = CompletionState(self.tokenizer, prompt_ids, child.params, child.index)
-        metadata = ((REQUEST_ID_KEY, validated.request_id), *tracing.grpc_metadata())
+        tenant = tenant_var.get()
+        metadata = ((REQUEST_ID_KEY, validated.request_id),
+                    *(((TENANT_KEY, tenant),) if tenant else ()), *tracing.grpc_metadata())
         for attempt in range(self.max_resubmits + 1):
             # A new request is refused at once without a scheduler; one whose scheduler
             # died is held for it to come back (or another to take over).

@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gridllm.common.logger import request_id_var
+from router.auth import RouterAuth
 from router.engine_client import EngineClient, RequestFailure
 from router.metrics import RouterMetrics
 from router.openai_protocol import (
@@ -62,23 +63,28 @@ class HttpApi:
         accepted_models: other names a request's ``model`` may give (the model's path).
         metrics: the router's metrics, served at ``/metrics``.
         is_ready: readiness (a scheduler with a live worker can serve).
+        auth: the API-key check (None: none).
     """
 
     def __init__(self, engine: EngineClient, model_name: str, accepted_models: list[str],
-                 metrics: RouterMetrics, is_ready: Callable[[], bool]):
+                 metrics: RouterMetrics, is_ready: Callable[[], bool],
+                 auth: RouterAuth | None = None):
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.model_name = model_name
         self.accepted_models = {model_name, *accepted_models}
         self.metrics = metrics
         self.is_ready = is_ready
+        self.auth = auth
         self.created = int(time.time())
         self.app = FastAPI(title="gridllm", docs_url=None, redoc_url=None, openapi_url=None)
         self._add_routes()
 
     def asgi(self) -> Any:
-        """The app, counting answers per route and status in ``gridllm:http_requests``."""
-        app, counter = self.app, self.metrics.http_requests
+        """The app behind the API-key check (when keys are set), counting answers per route
+        and status in ``gridllm:http_requests`` (401s too)."""
+        app = self.app if self.auth is None else self.auth.http(self.app)
+        counter = self.metrics.http_requests
 
         async def counted(scope, receive, send):
             if scope["type"] != "http":

@@ -58,6 +58,13 @@ class RouterMetrics:
         self.resubmissions = Counter(
             metric("router_resubmissions"), "Completions resubmitted after their scheduler "
             "failed.", registry=r)
+        # One label value per configured tenant (bounded by the key file), "" without keys.
+        self.tenant_requests = Counter(
+            metric("tenant_requests"), "Requests ended, by tenant (of the API key) and "
+            "status code.", ["tenant", "code"], registry=r)
+        self.tenant_generation_tokens = Counter(
+            metric("tenant_generation_tokens"), "Tokens generated, by tenant (of the API "
+            "key).", ["tenant"], registry=r)
         self.http_requests = Counter(
             metric("http_requests"), "HTTP requests answered, by route and status.",
             ["route", "status"], registry=r)

@@ -35,11 +35,13 @@ class RequestRecord:
         num_completions: the request's ``n``.
         protocol: ``grpc`` or ``http`` (the access log says which front served it).
         metrics: where the observations go (None: only the access log).
+        tenant: the tenant of the request's API key ("" without keys).
     """
 
     def __init__(self, request_id: str, num_prompt_tokens: int, num_completions: int,
-                 protocol: str, metrics: RouterMetrics | None):
+                 protocol: str, metrics: RouterMetrics | None, tenant: str = ""):
         self.request_id = request_id
+        self.tenant = tenant
         self.num_prompt_tokens = num_prompt_tokens
         self.protocol = protocol
         self.metrics = metrics
@@ -83,6 +85,9 @@ class RequestRecord:
         metrics = self.metrics
         if metrics is not None:
             metrics.requests_in_flight.dec()
+            metrics.tenant_requests.labels(self.tenant, code).inc()
+            metrics.tenant_generation_tokens.labels(self.tenant).inc(
+                sum(c.num_tokens for c in self.completions.values()))
             if code not in ("OK", "CANCELLED"):
                 metrics.request_failure.labels(code).inc()
             for completion in self.completions.values():
@@ -98,7 +103,8 @@ class RequestRecord:
         ttft_ms = (None if self.first_token_time is None
                    else round((self.first_token_time - self.arrival_time) * 1000, 3))
         fields = {
-            "request_id": self.request_id, "protocol": self.protocol, "status": status,
+            "request_id": self.request_id, "tenant": self.tenant, "protocol": self.protocol,
+            "status": status,
             "prompt_tokens": self.num_prompt_tokens,
             "completion_tokens": sum(c.num_tokens for c in self.completions.values()),
             "cached_tokens": max((c.num_cached_tokens for c in self.completions.values()),
@@ -109,8 +115,8 @@ class RequestRecord:
         }
         # The request id follows the message (text) or is a key (JSON), as on every line.
         access_logger.info(
-            "%s request done: status=%s prompt_tokens=%d completion_tokens=%d "
+            "%s request done: tenant=%s status=%s prompt_tokens=%d completion_tokens=%d "
             "cached_tokens=%d ttft_ms=%s total_ms=%.1f finish_reason=%s", fields["protocol"],
-            status, fields["prompt_tokens"], fields["completion_tokens"],
+            self.tenant or "-", status, fields["prompt_tokens"], fields["completion_tokens"],
             fields["cached_tokens"], "-" if ttft_ms is None else f"{ttft_ms:.1f}",
             fields["total_ms"], fields["finish_reason"] or "-", extra=fields)

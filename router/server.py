@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 
+from gridllm.common.auth import warn_if_open
 from gridllm.common.cli_args import option, parse_size
 from gridllm.common.config import DEFAULT_ROUTER_PORT, check_port, require
 from gridllm.common.contract import ModelLimits
@@ -29,6 +30,7 @@ from gridllm.common.redis_keys import DEFAULT_DEPLOYMENT, RedisKeys, check_deplo
 from gridllm.common.routing_policy import POLICY_NAMES, make_policy
 from gridllm.common.tls import TlsOptions, server_credentials
 from gridllm.v1 import generate_pb2, generate_pb2_grpc
+from router.auth import RouterAuth
 from router.engine_client import (
     RETRY_AFTER_KEY,
     EngineClient,
@@ -100,6 +102,20 @@ class RouterOptions:
              "and caches are seen")
     # TLS on the public gRPC and HTTP APIs, mutual TLS to the schedulers.
     tls: TlsOptions = field(default_factory=TlsOptions)
+    max_concurrent_streams: int = option(
+        1024, help="most streams one client connection holds open at once (HTTP/2 "
+        "SETTINGS_MAX_CONCURRENT_STREAMS); a client's further calls wait for a free one")
+    api_keys: list[str] = option(
+        default_factory=list, flag="--api-key", metavar="KEY",
+        help="an API key clients send as `authorization: Bearer KEY` (repeatable; also "
+             "$GRIDLLM_API_KEY); none given anywhere: no key is asked")
+    api_key_file: str | None = option(
+        None, metavar="PATH", help="API keys, one `KEY [TENANT]` per line (KEY may be "
+        "sha256:<hex digest>)")
+    auth_health: bool = option(False, help="ask a key for gRPC health and HTTP /health, "
+                                           "/ready too (probes then need one)")
+    auth_reflection: bool = option(False, help="ask a key for gRPC server reflection too")
+    auth_metrics: bool = option(False, help="ask a key for HTTP /metrics too")
 
     def __post_init__(self) -> None:
         check_deployment(self.deployment)
@@ -118,6 +134,8 @@ class RouterOptions:
                 self.max_request_bytes)
         require(self.routing_policy in POLICY_NAMES, "routing_policy",
                 f"must be one of {POLICY_NAMES}", self.routing_policy)
+        require(self.max_concurrent_streams >= 1, "max_concurrent_streams",
+                "must be at least 1", self.max_concurrent_streams)
 
     @property
     def model_name(self) -> str:
@@ -322,10 +340,15 @@ class RouterServer:
                                                                    options.tokenizer)
         self.scheduler_addresses = list(options.scheduler_addresses)
         self.redis_url = options.redis_url
+        self.auth = RouterAuth.from_options(
+            options.api_keys, options.api_key_file, options.auth_health,
+            options.auth_reflection, options.auth_metrics)
         # Clients authenticate with API keys, not certificates: TLS only, no client cert.
-        self.server = ServiceServer([SERVICE_NAME],
-                                    max_message_bytes=self.options.max_request_bytes,
-                                    credentials=server_credentials(options.tls, False))
+        self.server = ServiceServer(
+            [SERVICE_NAME], max_message_bytes=self.options.max_request_bytes,
+            options=[("grpc.max_concurrent_streams", options.max_concurrent_streams)],
+            credentials=server_credentials(options.tls, False),
+            interceptors=[self.auth.grpc_interceptor()])
         self.pool: SchedulerPool | None = None
         self.kv_follower: KvIndexFollower | None = None
         self.engine: EngineClient | None = None
@@ -360,6 +383,7 @@ class RouterServer:
         servicer = GenerationServicer(self.tokenizer, self.eos_token_ids, self.pool, self.options,
                                       engine, self._redis, self.server.draining.is_set)
         generate_pb2_grpc.add_GenerationServicer_to_server(servicer, self.server.server)
+        warn_if_open(self.options.host, self.auth.keyring, "the router")
         port = await self.server.start(address or f"{self.options.host}:{self.options.port}")
         if self.options.http_port is not None:
             await self._start_http(engine)
@@ -375,7 +399,7 @@ class RouterServer:
         pool = self.pool
         assert pool is not None
         api = HttpApi(engine, self.options.model_name, [self.options.model], self.metrics,
-                      is_ready=lambda: bool(pool.alive()))
+                      is_ready=lambda: bool(pool.alive()), auth=self.auth)
         tls = self.options.tls
         self.http = HttpServer(api.asgi(), self.options.host, self.options.http_port or 0,
                                "router-http", ssl=tls.uvicorn_kwargs() if tls.is_enabled else None)

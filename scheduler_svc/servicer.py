@@ -8,6 +8,7 @@ import logging
 import grpc
 
 from gridllm.common import tracing
+from gridllm.common.auth import TENANT_KEY
 from gridllm.common.contract import ErrorKind, FinishReason, RequestUpdate
 from gridllm.common.convert import (
     check_max_tokens,
@@ -31,18 +32,26 @@ Delivery = tuple[RequestUpdate, str]
 
 
 class UpdateStreams:
-    """The queue each Submit stream reads its request's updates from."""
+    """The queue each Submit stream reads its request's updates from, and the tenant that
+    submitted it."""
 
     def __init__(self) -> None:
         self._queues: dict[str, asyncio.Queue[Delivery]] = {}
+        self._tenants: dict[str, str] = {}
 
-    def open(self, req_id: str) -> asyncio.Queue[Delivery]:
+    def open(self, req_id: str, tenant: str = "") -> asyncio.Queue[Delivery]:
         queue: asyncio.Queue[Delivery] = asyncio.Queue()
         self._queues[req_id] = queue
+        self._tenants[req_id] = tenant
         return queue
 
     def close(self, req_id: str) -> None:
         self._queues.pop(req_id, None)
+        self._tenants.pop(req_id, None)
+
+    def owned_by(self, req_ids: list[str], tenant: str) -> list[str]:
+        """Those of ``req_ids`` in flight for ``tenant`` (the others are not its to touch)."""
+        return [r for r in req_ids if r in self._queues and self._tenants[r] == tenant]
 
     def __contains__(self, req_id: str) -> bool:
         return req_id in self._queues
@@ -90,10 +99,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         request_id_var.set(next((v for k, v in metadata if k == REQUEST_ID_KEY), None)
                            or request.request_id or None)
         with tracing.span("scheduler.submit", request.request_id, metadata):
-            async for response in self._submit(request, context):
+            async for response in self._submit(request, context, _tenant(metadata)):
                 yield response
 
-    async def _submit(self, request: scheduler_pb2.SubmitRequest, context):
+    async def _submit(self, request: scheduler_pb2.SubmitRequest, context, tenant: str):
         try:
             req = self._make_request(request, self.pool.any_info())
         except NoWorkerError as exc:
@@ -103,7 +112,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             logger.info("request %s refused: %s", req.req_id, refusal)
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal,
                                 trailing_metadata=((RETRY_AFTER_KEY, str(_RETRY_AFTER_MS)),))
-        queue = self.streams.open(req.req_id)
+        queue = self.streams.open(req.req_id, tenant)
         is_finished = False
         num_output_tokens = 0
         worker_id = ""
@@ -132,7 +141,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             if not is_finished:
                 # Cancelled by the client (or the router went away): free its blocks.
                 self.pool.abort([req.req_id])
-            logger.info("request %s %s on worker %s: %d prompt + %d output tokens", req.req_id,
+            logger.info("request %s of tenant %s %s on worker %s: %d prompt + %d output "
+                        "tokens", req.req_id, tenant or "-",
                         update.finish_reason.value if is_finished and update.finish_reason
                         else "cancelled", worker_id or "-", req.num_prompt_tokens,
                         num_output_tokens)
@@ -185,6 +195,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     async def Abort(self, request: scheduler_pb2.AbortRequest, context):
         """Finish requests early; their streams end with ABORT (or STOP for reason STOP).
 
+        Only requests submitted by the caller's tenant (``x-gridllm-tenant`` metadata, none:
+        the requests submitted without one) are touched; others' ids are ignored like
+        unknown ones.
+
         Args:
             request: the ids and the reason.
         Returns:
@@ -193,7 +207,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         is_stop = request.reason == scheduler_pb2.ABORT_REASON_STOP
         status = RequestStatus.FINISHED_STOPPED if is_stop else RequestStatus.FINISHED_ABORTED
         reason = FinishReason.STOP if is_stop else FinishReason.ABORT
-        aborted = self.pool.abort(list(request.request_ids), status)
+        tenant = _tenant(context.invocation_metadata() or ())
+        aborted = self.pool.abort(self.streams.owned_by(list(request.request_ids), tenant),
+                                  status)
         self.streams.deliver([RequestUpdate(req_id, finish_reason=reason) for req_id in aborted])
         return scheduler_pb2.AbortResponse(aborted_request_ids=aborted)
 
@@ -213,6 +229,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "no worker is connected")
         info.request_limits.CopyFrom(request_limits_to_pb(self.request_limits))
         return info
+
+
+def _tenant(metadata) -> str:
+    return next((v for k, v in metadata if k == TENANT_KEY), "")
 
 
 def _merge(first: RequestUpdate, second: RequestUpdate) -> RequestUpdate:

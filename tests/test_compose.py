@@ -220,6 +220,19 @@ def test_the_router_http_port_is_published_next_to_grpc(compose):
     assert port["host_ip"] == "0.0.0.0" and port["published"] == "9000"
 
 
+def test_the_router_alone_gets_the_api_key_and_only_it_publishes_ports(compose):
+    services = _config(compose, "docker-compose.yml",
+                       GRIDLLM_API_KEY="compose-key-0123456789")["services"]
+    assert services["router"]["environment"]["GRIDLLM_API_KEY"] == "compose-key-0123456789"
+    # The other settings still reach the router.
+    assert services["router"]["environment"]["GRIDLLM_LOGGING_LEVEL"] == "INFO"
+    others = [name for name in services if name != "router"]
+    assert all("GRIDLLM_API_KEY" not in (services[n].get("environment") or {}) for n in others)
+    assert [n for n in services if services[n].get("ports")] == ["router"]
+    unset = _config(compose, "docker-compose.yml")["services"]["router"]["environment"]
+    assert unset["GRIDLLM_API_KEY"] == ""  # empty: the router asks no key
+
+
 def test_one_gpu_per_worker(compose):
     # --scale worker=N: each replica sees all GPUs and claims one through a shared lock volume.
     config = _config(compose, "docker-compose.yml")

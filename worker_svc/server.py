@@ -40,6 +40,7 @@ from gridllm.common.http_server import HttpServer
 from gridllm.common.metrics import serve_metrics
 from gridllm.common.redis_client import async_redis, check_redis
 from gridllm.common.redis_keys import DEFAULT_DEPLOYMENT, DEFAULT_KEYS, RedisKeys, check_deployment
+from gridllm.common.request_ids import unscoped
 from gridllm.common.tls import TlsOptions, server_credentials
 from gridllm.v1 import worker_pb2, worker_pb2_grpc
 from worker_svc.metrics import WorkerMetrics
@@ -256,7 +257,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 for new in scheduler_output.scheduled_new_reqs:
                     logger.info("request %s: %d prompt tokens, %d computed already",
                                 new.req_id, len(new.prompt_token_ids), new.num_computed_tokens,
-                                extra={"request_id": new.req_id})
+                                extra={"request_id": unscoped(new.req_id)})
                 # Counted before running: a failed step may have overwritten its blocks.
                 bump_versions(self.block_versions, scheduler_output, self.runner.block_size)
                 start = time.perf_counter()

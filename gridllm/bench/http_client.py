@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
+
+from gridllm.common.auth import API_KEY_ENV
 
 
 class HttpError(Exception):
@@ -35,7 +38,7 @@ class _Connection:
 class HttpClient:
     """Requests to one server (``http://host:port``), on reused connections."""
 
-    def __init__(self, base_url: str):
+    def __init__(self, base_url: str, api_key: str | None = None):
         parts = urlsplit(base_url)
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError(f"--target must be http://HOST:PORT for the openai backend, "
@@ -43,6 +46,8 @@ class HttpClient:
         self.host = parts.hostname
         self.port = parts.port or 80
         self._idle: list[_Connection] = []
+        api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+        self._auth_header = f"Authorization: Bearer {api_key}\r\n" if api_key else ""
 
     async def __aenter__(self) -> HttpClient:
         return self
@@ -82,7 +87,7 @@ class HttpClient:
         is_reusable = False
         try:
             head = (f"{method} {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
-                    "Accept: */*\r\n")
+                    f"Accept: */*\r\n{self._auth_header}")
             if payload is not None:
                 head += f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
             connection.writer.write(head.encode() + b"\r\n" + (payload or b""))

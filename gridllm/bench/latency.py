@@ -14,7 +14,7 @@ import gc
 import logging
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -44,6 +44,8 @@ class LatencyConfig:
     quantization: str | None = None
     kv_cache_dtype: str = "auto"
     use_tqdm: bool = True
+    # The router's API key (None: $GRIDLLM_API_KEY, or none); never written to results.
+    api_key: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if (self.model is None) == (self.target is None):
@@ -128,7 +130,7 @@ def run_remote(config: LatencyConfig) -> tuple[list[RequestRecord], str]:
 
     assert config.target is not None
     records = []
-    with Client(config.target) as client:
+    with Client(config.target, api_key=config.api_key) as client:
         info = client.model_info()
         excluded = [] if info.eos_token_id is None else [info.eos_token_id]
         prompts = _prompts(config, info.vocab_size, excluded)
@@ -172,6 +174,7 @@ def run_latency(config: LatencyConfig) -> dict[str, Any]:
     decode_tps = float(1.0 / np.median(tpots)) if tpots else None
     config_dict = asdict(config)
     config_dict.pop("use_tqdm")
+    config_dict.pop("api_key")
     result = {"benchmark": "latency", "model": model, "mode": "in-process"
               if config.model else "stack", "machine": machine_info(device.type),
               "config": config_dict, "roofline": limits,
@@ -217,6 +220,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "counts the quantized bytes)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
                    help="in-process: KV cache element type (auto: the model's dtype)")
+    p.add_argument("--api-key", default=None,
+                   help="API key sent as `Authorization: Bearer KEY` (default: $GRIDLLM_API_KEY)")
     p.add_argument("--no-tqdm", dest="use_tqdm", action="store_false")
     p.add_argument("--output", default=None, help="write the result as JSON here")
 
@@ -227,7 +232,7 @@ def cmd_latency(args: argparse.Namespace) -> int:
                            num_warmup=args.num_warmup, dtype=args.dtype, device=args.device,
                            seed=args.seed, enforce_eager=args.enforce_eager,
                            quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
-                           use_tqdm=args.use_tqdm)
+                           use_tqdm=args.use_tqdm, api_key=args.api_key)
     result = run_latency(config)
     write_json(args.output, result)
     sys.stdout.write(format_result(result) + "\n")

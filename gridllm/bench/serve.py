@@ -19,7 +19,7 @@ import logging
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from types import SimpleNamespace
 from typing import Any
 
@@ -54,6 +54,8 @@ class ServeConfig:
     use_tqdm: bool = True
     # "grpc": the Generation service; "openai": the HTTP API's streamed /v1/completions.
     backend: str = "grpc"
+    # The router's API key (None: $GRIDLLM_API_KEY, or none); never written to results.
+    api_key: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -167,11 +169,11 @@ async def run_serve_async(config: ServeConfig) -> dict[str, Any]:
     if config.backend == "openai":
         from gridllm.bench.http_client import HttpClient
 
-        client_context: Any = HttpClient(config.target)
+        client_context: Any = HttpClient(config.target, api_key=config.api_key)
     else:
         from gridllm.client import AsyncClient
 
-        client_context = AsyncClient(config.target)
+        client_context = AsyncClient(config.target, api_key=config.api_key)
     async with client_context as client:
         info = await _model_info(client, config.backend)
         excluded = [] if info.eos_token_id is None else [info.eos_token_id]
@@ -190,6 +192,7 @@ async def run_serve_async(config: ServeConfig) -> dict[str, Any]:
     config_dict = asdict(config)
     config_dict["request_rate"] = _rate_json(config.request_rate)
     config_dict.pop("use_tqdm")
+    config_dict.pop("api_key")
     return {"benchmark": "serve", "model": info.model, "client_machine": machine_info("cpu"),
             "config": config_dict, **compute_serve_metrics(records, duration),
             "first_errors": failures[:3]}
@@ -297,6 +300,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=None, help="with --launch")
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="with --launch")
     p.add_argument("--no-tqdm", dest="use_tqdm", action="store_false")
+    p.add_argument("--api-key", default=None,
+                   help="API key sent as `Authorization: Bearer KEY` (default: $GRIDLLM_API_KEY)")
     p.add_argument("--output", default=None, help="write the result as JSON here")
 
 
@@ -354,7 +359,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             input_len_range=parse_range(args.input_len_range, "--input-len-range"),
             output_len_range=parse_range(args.output_len_range, "--output-len-range"),
             request_rate=args.request_rate, max_concurrency=args.max_concurrency,
-            seed=args.seed, request_timeout_s=args.request_timeout, use_tqdm=args.use_tqdm)
+            seed=args.seed, request_timeout_s=args.request_timeout, use_tqdm=args.use_tqdm,
+            api_key=args.api_key)
         if rates:
             result = run_sweep(config, rates)
             if plot:

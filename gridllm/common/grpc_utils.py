@@ -254,15 +254,18 @@ class ServiceServer:
         max_message_bytes: send and receive limit.
         options: extra channel arguments.
         credentials: TLS (gridllm.common.tls.server_credentials); None: plaintext.
+        interceptors: run before the exception interceptor (an API-key check).
     """
 
     def __init__(self, service_names: Iterable[str],
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  options: list[tuple] | None = None,
-                 credentials: grpc.ServerCredentials | None = None):
+                 credentials: grpc.ServerCredentials | None = None,
+                 interceptors: list[grpc.aio.ServerInterceptor] | None = None):
         self.service_names = list(service_names)
         self.credentials = credentials
-        self.server = grpc.aio.server(interceptors=[ExceptionInterceptor()],
+        self.server = grpc.aio.server(interceptors=[*(interceptors or ()),
+                                                    ExceptionInterceptor()],
                                       options=server_options(max_message_bytes)
                                       + list(options or []))
         self.health = health.aio.HealthServicer()

@@ -206,6 +206,26 @@ def test_up_with_defaults_passes_only_the_served_name():
     assert config.router_args() == ["--served-model-name", "smollm2-135m"]
 
 
+def test_up_passes_api_keys_to_the_router_hashed_never_as_flags(tmp_path, monkeypatch):
+    from gridllm.cli import stack_config_from_args
+    from gridllm.stack_keys import StackKeys
+
+    monkeypatch.delenv("GRIDLLM_API_KEY", raising=False)
+    key = "up-key-0123456789"
+    config = stack_config_from_args(build_parser().parse_args(
+        ["up", "--api-key", key, "--auth-metrics", "--max-concurrent-streams", "64"]))
+    args = config.router_args()
+    assert key not in " ".join(args) and "--api-key" not in args
+    assert "--auth-metrics" in args and args[args.index("--max-concurrent-streams") + 1] == "64"
+    keys = StackKeys(config.router_options.api_keys, config.router_options.api_key_file)
+    flag, path = keys.router_args(str(tmp_path))
+    with open(path) as f:
+        text = f.read()
+    assert flag == "--api-key-file" and key not in text and len(text.splitlines()) == 2
+    assert keys.keyring.authenticate(f"Bearer {key}") is not None
+    assert StackKeys([], None).router_args(str(tmp_path)) == []
+
+
 def test_up_refuses_a_bad_value_before_starting_anything():
     from gridllm.cli import stack_config_from_args
 

@@ -18,6 +18,7 @@ from gridllm.common.contract import FinishReason, RequestUpdate, TokenLogprobs
 from gridllm.common.convert import request_update_to_pb, sampling_params_from_pb
 from gridllm.common.grpc_utils import ServiceServer
 from gridllm.common.output_processor import OutputProcessor
+from gridllm.common.request_ids import unscoped
 from gridllm.common.sampling_params import SamplingParams
 from gridllm.v1 import generate_pb2, generate_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from router.routing import SchedulerPool
@@ -45,6 +46,8 @@ class ReplayScheduler(scheduler_pb2_grpc.SchedulerServicer):
         self.cancelled_ids: list[str] = []
 
     async def Submit(self, request, context):
+        # Recorded under the client's child ids: the router scopes each request's ids.
+        request.request_id = unscoped(request.request_id)
         self.submits.append(request)
         req_id = request.request_id.split("~")[0]
         is_first = sum(s.request_id.split("~")[0] == req_id for s in self.submits) == 1

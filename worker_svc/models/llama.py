@@ -48,7 +48,8 @@ class LlamaAttention(nn.Module):
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim ** -0.5
         # The backend's sparse pattern (if any) narrows a window or adds one.
-        self.sliding_window = backend.layer_window(sliding_window_of(config, layer_idx))
+        window = sliding_window_of(config, layer_idx)
+        self.sliding_window = window if backend is None else backend.layer_window(window)
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=o_bias)
         if qk_norm:

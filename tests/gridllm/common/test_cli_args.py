@@ -86,7 +86,7 @@ def _non_default(f: dataclasses.Field, value):
     if isinstance(value, list):
         return ["127.0.0.1:1", "127.0.0.1:2"]
     overrides = {"block_size": 64, "port": 4321, "gpu_memory_utilization": 0.5,
-                 "kv_cache_memory": 3 << 29}
+                 "kv_cache_memory": 3 << 29, "sparse_attention": "strided:8"}
     if f.name in overrides:
         return overrides[f.name]
     if isinstance(value, float):
