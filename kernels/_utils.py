@@ -33,6 +33,13 @@ def check_tensor(name: str, t: object, *, ndim: int | None = None,
     return t
 
 
+def check_scale(name: str, scale: object) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``scale`` is a positive finite number."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) \
+            or not 0 < scale < float("inf"):
+        raise ValueError(f"{name} must be a positive float, got {scale!r}.")
+
+
 def check_shape(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
     """Raise ``ValueError`` naming ``name`` unless ``t.shape == shape``."""
     if tuple(t.shape) != tuple(shape):

@@ -9,6 +9,10 @@ context (``max_seq_len``, else the block-table width), never on ``seq_lens`` val
 any count is correct for any ``seq_lens``: a CUDA graph captured for a count replays
 correctly for every batch of its shape.
 
+An FP8 cache is read as ``k * k_scale`` and ``v * v_scale``: tiles are converted to the
+query's dtype (exact: every e4m3 value is a float16/bfloat16 value), ``k_scale`` is folded
+into the softmax scale and ``v_scale`` multiplies the output.
+
 Sparse patterns skip keys rather than mask them: a sliding window starts each request at
 its window; the strided pattern (the ``stride`` latest keys, then every ``stride``-th key
 before them) visits only those keys, gathered by position through the block table, so a
@@ -24,12 +28,14 @@ import triton.language as tl
 from kernels._utils import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
+    check_scale,
     check_tensor,
     dot_precision,
     is_interpreter,
     next_power_of_2,
     num_sms,
 )
+from kernels.fp8 import FP8_DTYPE
 
 _LOG2E = 1.4426950408889634
 # Fewer context tokens than this per split costs more in the reduction than it saves.
@@ -61,7 +67,7 @@ def _paged_decode_attention_kernel(
         q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
         stride_qt, stride_qh, stride_cb, stride_ct, stride_ch, stride_bt,
         stride_ot, stride_oh, num_heads, scale_log2, block_size, sliding_window,
-        softcap_mul, softcap_log2, attention_stride,
+        softcap_mul, softcap_log2, v_scale, attention_stride,
         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
         HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -112,6 +118,7 @@ def _paged_decode_attention_kernel(
             + kv_head * stride_ch
         kv_mask = nmask[:, None] & dmask[None, :]
         k = tl.load(kc_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        k = k.to(q.dtype)
         s = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), scale_log2,
                     softcap_mul, softcap_log2, HAS_SOFTCAP)
         s = tl.where(nmask[None, :], s, float("-inf"))
@@ -120,8 +127,10 @@ def _paged_decode_attention_kernel(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(vc_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        v = v.to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
+    acc = acc * v_scale
 
     if NUM_SPLITS == 1:
         # seq_len 0 (a padded CUDA-graph row) leaves l_i at 0: write zeros, not NaN.
@@ -171,13 +180,16 @@ def check_pattern(sliding_window: int | None, attention_stride: int | None) -> N
                          "sparse pattern.")
 
 
-def _check_paged_args(query, key_cache, value_cache, block_tables, seq_lens):
+def _check_paged_args(query, key_cache, value_cache, block_tables, seq_lens,
+                      k_scale: float = 1.0, v_scale: float = 1.0):
     check_tensor("query", query, ndim=3, dtypes=FLOAT_DTYPES, last_dim_contiguous=True)
     dev = query.device
-    check_tensor("key_cache", key_cache, ndim=4, dtypes=(query.dtype,), device=dev,
+    check_tensor("key_cache", key_cache, ndim=4, dtypes=(query.dtype, FP8_DTYPE), device=dev,
                  last_dim_contiguous=True)
-    check_tensor("value_cache", value_cache, ndim=4, dtypes=(query.dtype,), device=dev,
+    check_tensor("value_cache", value_cache, ndim=4, dtypes=(key_cache.dtype,), device=dev,
                  last_dim_contiguous=True)
+    check_scale("k_scale", k_scale)
+    check_scale("v_scale", v_scale)
     check_tensor("block_tables", block_tables, ndim=2, dtypes=INDEX_DTYPES, device=dev,
                  last_dim_contiguous=True)
     check_tensor("seq_lens", seq_lens, ndim=1, dtypes=INDEX_DTYPES, device=dev,
@@ -218,13 +230,15 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
                            num_splits: int | None = None,
                            max_seq_len: int | None = None,
                            logit_softcap: float | None = None,
-                           attention_stride: int | None = None) -> torch.Tensor:
+                           attention_stride: int | None = None,
+                           k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """Drop-in for ``torch_ref.paged_attention`` on decode-only batches.
 
     Args:
         query: ``[B, H, D]``, one token per request (``query_start_loc`` must be
             ``arange(B + 1)``; it is not read, to avoid a device sync).
-        key_cache, value_cache: ``[num_blocks, block_size, Hkv, D]``, query's dtype.
+        key_cache, value_cache: ``[num_blocks, block_size, Hkv, D]``, query's dtype or
+            ``float8_e4m3fn`` (read as ``k * k_scale``, ``v * v_scale``).
         block_tables: ``[B, max_blocks]`` int32/int64.
         seq_lens: ``[B]`` tokens in the cache per request (the query's KV included);
             0 marks a padding row, whose output is zeros.
@@ -235,10 +249,11 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
             default: the block table's width).
         logit_softcap: caps the scaled scores at ``c * tanh(s / c)`` (Gemma 2).
         attention_stride: the strided pattern with this stride (not with a window).
+        k_scale, v_scale: the FP8 cache's scales (1.0 for other caches).
     Returns:
         ``[B, H, D]`` attention output in query's dtype.
     """
-    _check_paged_args(query, key_cache, value_cache, block_tables, seq_lens)
+    _check_paged_args(query, key_cache, value_cache, block_tables, seq_lens, k_scale, v_scale)
     num_reqs, num_heads, head_dim = query.shape
     if num_reqs != seq_lens.shape[0]:
         raise ValueError(f"query must have one row per request ({seq_lens.shape[0]}), "
@@ -247,6 +262,7 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
         raise ValueError(f"query_start_loc must have {num_reqs + 1} entries, "
                          f"got {query_start_loc.shape[0]}.")
     check_pattern(sliding_window, attention_stride)
+    scale = float(scale) * k_scale
     softcap_mul, softcap_log2 = softcap_args(scale, logit_softcap)
     block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
     out = torch.empty_like(query)
@@ -277,8 +293,8 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
         key_cache.stride(2), block_tables.stride(0), out.stride(0), out.stride(1),
         num_heads, float(scale) * _LOG2E, block_size,
         sliding_window if sliding_window is not None else 0, softcap_mul, softcap_log2,
-        attention_stride or 1, GROUP=group, BLOCK_G=max(16, next_power_of_2(group)),
-        HEAD_DIM=head_dim,
+        float(v_scale), attention_stride or 1, GROUP=group,
+        BLOCK_G=max(16, next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_D=block_d, BLOCK_N=block_n, NUM_SPLITS=num_splits,
         HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=logit_softcap is not None,
         DOT_PRECISION=dot_precision(query.dtype), IS_STRIDED=attention_stride is not None,

@@ -7,6 +7,8 @@ key tiles fully below the diagonal run without masks, the rest with the causal/w
 A sliding window starts each query tile at its window; under the strided pattern (the
 ``stride`` latest keys, then every ``stride``-th) a key tile in which no query of the tile
 sees any key is skipped, so with a stride wider than the tiles most tiles are.
+An FP8 cache is read as in ``paged_decode_attention`` (``k_scale`` folded into the softmax
+scale, ``v_scale`` applied to the output).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def _attend_tile(acc, m_i, l_i, q, q_pos, kc_ptr, vc_ptr, table, kv_head, n0, hi
     blk = tl.load(table + pos // block_size, mask=nmask, other=0).to(tl.int64)
     kv_off = blk * stride_cb + (pos % block_size).to(tl.int64) * stride_ct + kv_head * stride_ch
     kv_mask = nmask[:, None] & (d[None, :] < HEAD_DIM)
-    k = tl.load(kc_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    k = tl.load(kc_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
     s = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), scale_log2, softcap_mul,
                 softcap_log2, HAS_SOFTCAP)
     if MASKED:
@@ -64,7 +66,7 @@ def _attend_tile(acc, m_i, l_i, q, q_pos, kc_ptr, vc_ptr, table, kv_head, n0, hi
     alpha = tl.exp2(m_i - m_ref)
     p = tl.exp2(s - m_ref[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    v = tl.load(vc_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(vc_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 
@@ -74,7 +76,7 @@ def _prefill_attention_kernel(
         q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr,
         stride_qt, stride_qh, stride_cb, stride_ct, stride_ch, stride_bt,
         stride_ot, stride_oh, scale_log2, block_size, sliding_window, num_q_tiles,
-        softcap_mul, softcap_log2, attention_stride,
+        softcap_mul, softcap_log2, v_scale, attention_stride,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr,
         HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -138,7 +140,7 @@ def _prefill_attention_kernel(
                 block_size, sliding_window, stride_cb, stride_ct, stride_ch, scale_log2,
                 softcap_mul, softcap_log2, HEAD_DIM, BLOCK_D, BLOCK_N, True, False,
                 HAS_SOFTCAP, DOT_PRECISION)
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    out = acc * v_scale / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + q_rows[:, None] * stride_ot + head * stride_oh + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=io_mask)
 
@@ -161,13 +163,15 @@ def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
                       sliding_window: int | None = None,
                       max_query_len: int | None = None,
                       logit_softcap: float | None = None,
-                      attention_stride: int | None = None) -> torch.Tensor:
+                      attention_stride: int | None = None,
+                      k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """Drop-in for ``torch_ref.paged_attention`` (any mix of prefill, extend and decode).
 
     Args:
         query: ``[T, H, D]`` packed queries, last dim contiguous.
-        key_cache, value_cache: ``[num_blocks, block_size, Hkv, D]``, query's dtype, with
-            this step's KV already written.
+        key_cache, value_cache: ``[num_blocks, block_size, Hkv, D]``, query's dtype or
+            ``float8_e4m3fn`` (read as ``k * k_scale``, ``v * v_scale``), with this step's
+            KV already written.
         block_tables: ``[B, max_blocks]`` int32/int64.
         seq_lens: ``[B]`` cached + new tokens per request.
         query_start_loc: ``[B + 1]`` row offsets of each request's queries.
@@ -176,11 +180,12 @@ def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
         max_query_len: longest query chunk; pass it to avoid a device sync.
         logit_softcap: caps the scaled scores at ``c * tanh(s / c)`` (Gemma 2).
         attention_stride: the strided pattern with this stride (not with a window).
+        k_scale, v_scale: the FP8 cache's scales (1.0 for other caches).
     Returns:
         ``[T, H, D]`` attention output in query's dtype (rows outside every request's
         range are left unwritten).
     """
-    _check_paged_args(query, key_cache, value_cache, block_tables, seq_lens)
+    _check_paged_args(query, key_cache, value_cache, block_tables, seq_lens, k_scale, v_scale)
     check_tensor("query_start_loc", query_start_loc, ndim=1, dtypes=INDEX_DTYPES,
                  device=query.device, contiguous=True)
     num_reqs = seq_lens.shape[0]
@@ -188,6 +193,7 @@ def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
         raise ValueError(f"query_start_loc must have {num_reqs + 1} entries, "
                          f"got {query_start_loc.shape[0]}.")
     check_pattern(sliding_window, attention_stride)
+    scale = float(scale) * k_scale
     softcap_mul, softcap_log2 = softcap_args(scale, logit_softcap)
     out = torch.empty_like(query)
     if num_reqs == 0 or query.shape[0] == 0:
@@ -207,7 +213,7 @@ def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
         key_cache.stride(2), block_tables.stride(0), out.stride(0), out.stride(1),
         float(scale) * _LOG2E, block_size,
         sliding_window if sliding_window is not None else 0, num_q_tiles,
-        softcap_mul, softcap_log2, attention_stride or 1,
+        softcap_mul, softcap_log2, float(v_scale), attention_stride or 1,
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_D=max(16, next_power_of_2(head_dim)), BLOCK_M=block_m, BLOCK_N=block_n,
         HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=logit_softcap is not None,

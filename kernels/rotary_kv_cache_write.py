@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from kernels._utils import FLOAT_DTYPES, INDEX_DTYPES, check_tensor, next_power_of_2
-from kernels.kv_cache_write import check_kv_write_args
+from kernels.kv_cache_write import check_kv_write_args, inverse_scales, store_cache
 
 
 @triton.jit
@@ -20,8 +20,8 @@ def _rotary_kv_cache_write_kernel(
         pos_ptr, slot_ptr, q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, cache_ptr,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
         stride_cb, stride_ct, stride_ch, stride_cos,
-        num_q_heads, num_kv_heads, head_dim, half, block_size,
-        IS_NEOX: tl.constexpr, HAS_PASS: tl.constexpr, BLOCK_HQ: tl.constexpr,
+        num_q_heads, num_kv_heads, head_dim, half, block_size, k_inv_scale, v_inv_scale,
+        IS_FP8: tl.constexpr, IS_NEOX: tl.constexpr, HAS_PASS: tl.constexpr, BLOCK_HQ: tl.constexpr,
         BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr):
     tok = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + tok).to(tl.int64)
@@ -65,24 +65,24 @@ def _rotary_kv_cache_write_kernel(
     y2f = y2.to(tl.float32)
     r1 = (y1f * cos - y2f * sin).to(y1.dtype)
     r2 = (y2f * cos + y1f * sin).to(y1.dtype)
-    tl.store(kc_ptr + cache_base + off1, r1.to(kc_ptr.dtype.element_ty), mask=k_mask)
-    tl.store(kc_ptr + cache_base + off2, r2.to(kc_ptr.dtype.element_ty), mask=k_mask)
+    store_cache(kc_ptr + cache_base + off1, r1, k_inv_scale, k_mask, IS_FP8)
+    store_cache(kc_ptr + cache_base + off2, r2, k_inv_scale, k_mask, IS_FP8)
     all_dims = tl.arange(0, BLOCK_D)[None, :]
     full_mask = (kv_heads[:, None] < num_kv_heads) & (all_dims < head_dim)
     if HAS_PASS:
         # Dims past the rotated ones are copied as they are.
         pass_mask = full_mask & (all_dims >= 2 * half)
         kp = tl.load(k_base + all_dims, mask=pass_mask, other=0.0)
-        tl.store(kc_ptr + cache_base + all_dims, kp.to(kc_ptr.dtype.element_ty),
-                 mask=pass_mask)
+        store_cache(kc_ptr + cache_base + all_dims, kp, k_inv_scale, pass_mask, IS_FP8)
     v = tl.load(v_ptr + tok * stride_vt + kv_heads64 * stride_vh + all_dims, mask=full_mask)
-    tl.store(vc_ptr + cache_base + all_dims, v.to(vc_ptr.dtype.element_ty), mask=full_mask)
+    store_cache(vc_ptr + cache_base + all_dims, v, v_inv_scale, full_mask, IS_FP8)
 
 
 def rotary_kv_cache_write(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
                           value: torch.Tensor, key_cache: torch.Tensor,
                           value_cache: torch.Tensor, slot_mapping: torch.Tensor,
-                          cos_sin_cache: torch.Tensor, is_neox_style: bool = True) -> None:
+                          cos_sin_cache: torch.Tensor, is_neox_style: bool = True,
+                          k_scale: float = 1.0, v_scale: float = 1.0) -> None:
     """``torch_ref.rotary_embedding`` then ``torch_ref.write_kv_cache``, in one launch.
 
     Rotates ``query`` IN PLACE and stores the rotated keys and the values at their slots
@@ -96,8 +96,10 @@ def rotary_kv_cache_write(positions: torch.Tensor, query: torch.Tensor, key: tor
         slot_mapping: ``[T]`` int32/int64 ``block_id * block_size + offset`` or -1.
         cos_sin_cache: ``[max_positions, rot_dim]`` = ``cat(cos, sin)``.
         is_neox_style: rotate halves (NeoX/Llama) or interleaved pairs (GPT-J).
+        k_scale, v_scale: an FP8 cache stores ``k / k_scale``, ``v / v_scale`` (saturated).
     """
     check_kv_write_args(key, value, key_cache, value_cache, slot_mapping)
+    k_inv, v_inv, is_fp8 = inverse_scales(key_cache, k_scale, v_scale)
     check_tensor("positions", positions, ndim=1, dtypes=INDEX_DTYPES, device=key.device)
     check_tensor("query", query, ndim=3, dtypes=(key.dtype,), device=key.device,
                  last_dim_contiguous=True)
@@ -122,6 +124,7 @@ def rotary_kv_cache_write(positions: torch.Tensor, query: torch.Tensor, key: tor
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0),
         value.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         cos_sin_cache.stride(0), query.shape[1], num_kv_heads, head_dim, half,
-        key_cache.shape[1], IS_NEOX=bool(is_neox_style), HAS_PASS=rot_dim < head_dim,
+        key_cache.shape[1], k_inv, v_inv, IS_FP8=is_fp8, IS_NEOX=bool(is_neox_style),
+        HAS_PASS=rot_dim < head_dim,
         BLOCK_HQ=next_power_of_2(query.shape[1]), BLOCK_HK=next_power_of_2(num_kv_heads),
         BLOCK_HALF=next_power_of_2(half), BLOCK_D=next_power_of_2(head_dim), num_warps=4)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels.fp8 import FP8_DTYPE, quantize_fp8
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
              residual: torch.Tensor | None = None
@@ -64,12 +66,21 @@ def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Te
 
 
 def write_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
-                   value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Store ``key[T, Hkv, D]``/``value`` at their slots (in place); slot -1 is skipped."""
+                   value_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                   k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+    """Store ``key[T, Hkv, D]``/``value`` at their slots (in place); slot -1 is skipped.
+    An FP8 cache stores ``k / k_scale`` and ``v / v_scale``, saturated."""
     valid = slot_mapping >= 0
     slots = slot_mapping[valid].long()
-    key_cache.view(-1, *key_cache.shape[2:])[slots] = key[valid].to(key_cache.dtype)
-    value_cache.view(-1, *value_cache.shape[2:])[slots] = value[valid].to(value_cache.dtype)
+    key_cache.view(-1, *key_cache.shape[2:])[slots] = _to_cache(key[valid], key_cache, k_scale)
+    value_cache.view(-1, *value_cache.shape[2:])[slots] = _to_cache(value[valid], value_cache,
+                                                                    v_scale)
+
+
+def _to_cache(x: torch.Tensor, cache: torch.Tensor, scale: float) -> torch.Tensor:
+    if cache.dtype == FP8_DTYPE:
+        return quantize_fp8(x, scale)
+    return x.to(cache.dtype)
 
 
 def strided_visible(distance: torch.Tensor, stride: int) -> torch.Tensor:
@@ -83,14 +94,16 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
                     query_start_loc: torch.Tensor, scale: float,
                     sliding_window: int | None = None,
                     logit_softcap: float | None = None,
-                    attention_stride: int | None = None) -> torch.Tensor:
+                    attention_stride: int | None = None,
+                    k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """Causal attention of packed queries ``[T, H, D]`` over each request's paged KV.
 
     Query ``j`` of a request with ``n`` queries sits at position ``seq_len - n + j`` and
     sees keys at positions ``p <= pos`` (and ``pos - p < sliding_window`` if set; with
     ``attention_stride`` s, the strided pattern: ``pos - p < s`` or ``(pos - p) % s == 0``).
     With ``logit_softcap`` the scaled scores are capped at ``c * tanh(s / c)`` (Gemma 2).
-    Covers decode (``n == 1``), prefill and chunked prefill after a prefix hit.
+    Covers decode (``n == 1``), prefill and chunked prefill after a prefix hit. The
+    cache is read as ``k * k_scale``, ``v * v_scale`` (an FP8 cache's scales).
     """
     num_heads, head_dim = query.shape[1], query.shape[2]
     block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
@@ -105,8 +118,8 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
             continue
         num_blocks = (seq_len + block_size - 1) // block_size
         blocks = block_tables[i, :num_blocks].long()
-        k = key_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].float()
-        v = value_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].float()
+        k = key_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].float() * k_scale
+        v = value_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].float() * v_scale
         k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)
         scores = torch.einsum("qhd,khd->hqk", q, k) * scale

@@ -14,6 +14,7 @@ import torch
 from gridllm.common.config import ModelConfig
 from gridllm.common.presets import resolve_model
 from worker_svc.layers.attention import AttentionBackend
+from worker_svc.layers.quantization import quantize_weights
 from worker_svc.layers.selector import get_attention_backend
 from worker_svc.models import get_model_class
 from worker_svc.parallel.sharding import check_tensor_parallel
@@ -53,8 +54,11 @@ def load_model(model_config: ModelConfig, backend: AttentionBackend | None = Non
 
         backend = backend or get_attention_backend(model_config.attention_backend, device,
                                                    model_config.sparse_attention)
-        return build_random_model(path, backend, device, dtype, model_config.seed or 0,
-                                  model_config.tensor_parallel_size)
+        model, hf_config = build_random_model(path, backend, device, dtype,
+                                              model_config.seed or 0,
+                                              model_config.tensor_parallel_size)
+        quantize_weights(model, model_config.quantization)
+        return model, hf_config
     hf_config, weights = read_checkpoint(path, dtype)
     architectures = getattr(hf_config, "architectures", None) or [None]
     model_cls = get_model_class(architectures[0])
@@ -66,6 +70,7 @@ def load_model(model_config: ModelConfig, backend: AttentionBackend | None = Non
           building(state_for(tp_size))):
         model = model_cls(hf_config, backend)
     model.load_weights(weights)
+    quantize_weights(model, model_config.quantization)
     model.eval()
     logger.info("loaded %s (%s) on %s as %s", path, architectures[0], device, dtype)
     return model, hf_config

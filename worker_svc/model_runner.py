@@ -19,6 +19,7 @@ from worker_svc.cuda_graph import CudaGraphRunner
 from worker_svc.input_batch import BatchInputs, InputBatch
 from worker_svc.layers.attention import AttentionMetadata
 from worker_svc.layers.ops import set_use_triton
+from worker_svc.layers.quantization import kv_cache_torch_dtype
 from worker_svc.layers.selector import get_attention_backend
 from worker_svc.loader import load_model
 from worker_svc.logits_processors import verify_logits_processors
@@ -68,6 +69,8 @@ class ModelRunner:
         self.attn_backend = get_attention_backend(model_config.attention_backend, self.device,
                                                   model_config.sparse_attention)
         set_use_triton(self.attn_backend.name == "triton")
+        self.kv_cache_dtype = kv_cache_torch_dtype(cache_config.kv_cache_dtype, self.dtype,
+                                                   self.device, self.attn_backend.name)
         self.model, self.hf_config = load_model(model_config, self.attn_backend, self.device)
         logger.info("memory after loading weights: %s", memory_usage(self.device))
         self.vocab_size = self.hf_config.vocab_size
@@ -167,7 +170,7 @@ class ModelRunner:
 
     def bytes_per_block(self) -> int:
         num_layers, num_kv_heads, head_dim = self._kv_geometry()
-        element = torch.empty((), dtype=self.dtype).element_size()
+        element = torch.empty((), dtype=self.kv_cache_dtype).element_size()
         return 2 * num_layers * self.block_size * num_kv_heads * head_dim * element
 
     def _num_kv_blocks(self) -> int:
@@ -185,7 +188,8 @@ class ModelRunner:
     def _allocate_kv_cache(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         num_layers, num_kv_heads, head_dim = self._kv_geometry()
         shape = (num_blocks, self.block_size, num_kv_heads, head_dim)
-        return [(_zeros(shape, self.dtype, self.device), _zeros(shape, self.dtype, self.device))
+        dtype = self.kv_cache_dtype
+        return [(_zeros(shape, dtype, self.device), _zeros(shape, dtype, self.device))
                 for _ in range(num_layers)]
 
     @torch.inference_mode()

@@ -21,6 +21,7 @@ import numpy as np
 
 from gridllm.bench.metrics import RequestRecord, compute_serve_metrics
 from gridllm.bench.report import format_table, machine_info, write_json
+from gridllm.common.config import KV_CACHE_DTYPES, QUANTIZATIONS
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,9 @@ class LatencyConfig:
     # GPUs the model is sharded over (in-process: the engine's; through the stack: the
     # workers', for the roofline).
     tensor_parallel_size: int = 1
+    # In-process only: weight quantization (None or "fp8") and KV cache element type.
+    quantization: str | None = None
+    kv_cache_dtype: str = "auto"
     use_tqdm: bool = True
     # The router's API key (None: $GRIDLLM_API_KEY, or none); never written to results.
     api_key: str | None = field(default=None, repr=False)
@@ -102,7 +106,9 @@ def run_inprocess(config: LatencyConfig) -> tuple[list[RequestRecord], Any, int]
                                      device=config.device, seed=config.seed,
                                      enforce_eager=config.enforce_eager,
                                      gpu_memory_utilization=0.9,
-                                     tensor_parallel_size=config.tensor_parallel_size))
+                                     tensor_parallel_size=config.tensor_parallel_size,
+                                     quantization=config.quantization,
+                                     kv_cache_dtype=config.kv_cache_dtype))
     engine = llm.engine
     prompts = _prompts(config, engine.vocab_size,
                        special_token_ids(llm.tokenizer, engine.runner.hf_config))
@@ -218,6 +224,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--quantization", default=None, choices=QUANTIZATIONS,
+                   help="in-process: weight quantization (default: none; the roofline "
+                   "counts the quantized bytes)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                   help="in-process: KV cache element type (auto: the model's dtype)")
     p.add_argument("--api-key", default=None,
                    help="API key sent as `Authorization: Bearer KEY` (default: $GRIDLLM_API_KEY)")
     p.add_argument("--tensor-parallel-size", type=int, default=1,
@@ -233,6 +244,7 @@ def cmd_latency(args: argparse.Namespace) -> int:
                            num_warmup=args.num_warmup, dtype=args.dtype, device=args.device,
                            seed=args.seed, enforce_eager=args.enforce_eager,
                            tensor_parallel_size=args.tensor_parallel_size,
+                           quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
                            use_tqdm=args.use_tqdm, api_key=args.api_key)
     result = run_latency(config)
     write_json(args.output, result)

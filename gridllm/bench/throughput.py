@@ -14,6 +14,7 @@ from typing import Any
 from gridllm.bench.datasets import BenchRequest, parse_range, random_requests, special_token_ids
 from gridllm.bench.report import format_table, machine_info, write_json
 from gridllm.common.cli_args import size_type
+from gridllm.common.config import KV_CACHE_DTYPES, QUANTIZATIONS
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,9 @@ class ThroughputConfig:
     # CPU KV-cache bytes (None: the engine's default); GPU share (weights + KV + activations).
     kv_cache_memory: int | None = None
     gpu_memory_utilization: float = 0.9
+    # Weight quantization (None or "fp8") and KV cache element type ("auto" or "fp8").
+    quantization: str | None = None
+    kv_cache_dtype: str = "auto"
     # Off for repeated runs of the same prompts (a second run would hit the prefix cache).
     enable_prefix_caching: bool = True
     # Short requests run first so one-time compilation is not timed.
@@ -75,7 +79,9 @@ def build_llm(config: ThroughputConfig, max_num_seqs: int | None = None):
 
     kwargs: dict[str, Any] = {"gpu_memory_utilization": config.gpu_memory_utilization,
                               "enforce_eager": config.enforce_eager,
-                              "tensor_parallel_size": config.tensor_parallel_size}
+                              "tensor_parallel_size": config.tensor_parallel_size,
+                              "quantization": config.quantization,
+                              "kv_cache_dtype": config.kv_cache_dtype}
     if config.kv_cache_memory is not None:
         kwargs["kv_cache_memory"] = config.kv_cache_memory
     return LLM(config.model, skip_tokenizer_init=is_random_model(config.model),
@@ -202,6 +208,7 @@ def _workload_roofline(config: ThroughputConfig, llm: Any, requests: list[BenchR
 
     from gridllm.bench.roofline import measure_limits, meta_model
     from gridllm.bench.workload_roofline import StepCostModel, workload_roofline
+    from worker_svc.layers.quantization import quantize_weights
     if limits is None:
         try:
             limits = measure_limits(llm.engine.runner.device)
@@ -209,6 +216,7 @@ def _workload_roofline(config: ThroughputConfig, llm: Any, requests: list[BenchR
             limits = {"device": "cuda", "copy_bandwidth_gbps": None,
                       "bf16_matmul_tflops": None}
     model, hf_config = meta_model(config.model, dtype)
+    quantize_weights(model, config.quantization)  # FP8 weights: 1 byte per parameter read
     scheduler = llm.engine.scheduler
     # Sharded over T cards, each step's bytes and FLOPs split across them.
     num_gpus = config.tensor_parallel_size
@@ -217,7 +225,8 @@ def _workload_roofline(config: ThroughputConfig, llm: Any, requests: list[BenchR
     return {**limits, "num_gpus": num_gpus,
             **workload_roofline(requests, scheduler.config, scheduler.limits,
                                 scheduler.block_manager.num_blocks,
-                                StepCostModel.from_model(model, hf_config, dtype),
+                                StepCostModel.from_model(model, hf_config, dtype,
+                                                         llm.engine.runner.kv_cache_dtype),
                                 {**limits, **cards})}
 
 
@@ -261,8 +270,11 @@ def format_result(result: dict[str, Any]) -> str:
                          roofline.get("roofline_output_tokens_per_s"),
                          r.get("roofline_fraction")])
     machine = result["machine"]
-    text = (f"model {result['config']['model']} on {machine['device']} "
-            f"({machine['cpu_cores']} CPU cores), {machine['date_utc']} UTC\n")
+    config = result["config"]
+    text = (f"model {config['model']} on {machine['device']} "
+            f"({machine['cpu_cores']} CPU cores), {machine['date_utc']} UTC; "
+            f"quantization {config.get('quantization') or 'none'}, "
+            f"kv_cache_dtype {config.get('kv_cache_dtype', 'auto')}\n")
     text += format_table(rows, ["backend", "requests", "seconds", "req/s", "output tok/s",
                                 "total tok/s", "roofline tok/s", "of roofline"])
     if roofline.get("roofline_s"):
@@ -298,6 +310,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-memory", type=size_type("kv_cache_memory"), default=None,
                    metavar="SIZE", help="CPU KV-cache size, e.g. 1GiB (default: the engine's)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--quantization", default=None, choices=QUANTIZATIONS,
+                   help="weight quantization of gridllm (default: none)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                   help="gridllm's KV cache element type (auto: the model's dtype)")
     p.add_argument("--no-warmup", dest="is_warmup", action="store_false")
     p.add_argument("--max-steps-in-flight", type=int, default=None, choices=(1, 2),
                    help="engine step overlap (default: 2 on CUDA, 1 on the CPU)")
@@ -318,7 +334,9 @@ def config_from_args(args: argparse.Namespace) -> ThroughputConfig:
         dtype=args.dtype, device=args.device, seed=args.seed, compare=args.compare,
         hf_batch_size=args.hf_batch_size, max_model_len=args.max_model_len,
         enforce_eager=args.enforce_eager, kv_cache_memory=args.kv_cache_memory,
-        gpu_memory_utilization=args.gpu_memory_utilization, is_warmup=args.is_warmup,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+        is_warmup=args.is_warmup,
         roofline=args.roofline, max_steps_in_flight=args.max_steps_in_flight,
         tensor_parallel_size=args.tensor_parallel_size, use_tqdm=args.use_tqdm)
 

@@ -40,11 +40,14 @@ class StepCostModel:
     attention_flops_per_pair: int
 
     @classmethod
-    def from_model(cls, model: nn.Module, hf_config: Any, dtype: torch.dtype) -> StepCostModel:
+    def from_model(cls, model: nn.Module, hf_config: Any, dtype: torch.dtype,
+                   kv_cache_dtype: torch.dtype | None = None) -> StepCostModel:
         """Args:
-            model: the gridllm model (a meta-device build is enough).
+            model: the gridllm model (a meta-device build is enough; quantized layers
+                count their stored bytes).
             hf_config: its HF config (layers, heads, head_dim).
-            dtype: the activation and KV-cache dtype.
+            dtype: the activation dtype.
+            kv_cache_dtype: the KV cache's element type (default: ``dtype``).
         """
         from gridllm.bench.roofline import decode_weight_bytes
 
@@ -52,10 +55,11 @@ class StepCostModel:
         num_heads = hf_config.num_attention_heads
         num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or num_heads
         head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
-        element = torch.empty((), dtype=dtype).element_size()
+        element = torch.empty((), dtype=kv_cache_dtype or dtype).element_size()
         head = getattr(model, "lm_head", None)
+        # Linear layers, quantized ones (Fp8Linear) included: those with in_features.
         linear = sum(m.weight.numel() for m in model.modules()
-                     if isinstance(m, nn.Linear) and m is not head)
+                     if getattr(m, "in_features", None) is not None and m is not head)
         return cls(weight_bytes=decode_weight_bytes(model),
                    kv_bytes_per_token=2 * num_layers * num_kv_heads * head_dim * element,
                    linear_flops_per_token=2 * linear,

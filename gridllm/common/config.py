@@ -17,6 +17,10 @@ _POLICIES = ("fcfs", "priority")
 _BLOCK_RESERVATIONS = ("none", "predicted")
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _ATTENTION_BACKENDS = ("auto", "torch", "triton")
+# KV cache element types (vLLM's names): auto is the model's dtype; fp8 is an alias of fp8_e4m3.
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+# Weight quantization methods applied at load (vLLM's names).
+QUANTIZATIONS = ("fp8",)
 
 # What `gridllm up` and `gridllm run` serve when no --model is given.
 DEFAULT_MODEL = "smollm2-135m"
@@ -165,8 +169,14 @@ class CacheConfig:
     gpu_memory_utilization: float = option(
         0.9, metavar="FRACTION",
         help="fraction of GPU memory a worker may use (weights + activations + KV cache)")
+    kv_cache_dtype: str = option(
+        "auto", choices=KV_CACHE_DTYPES,
+        help="KV cache element type: auto (the model's dtype), or fp8 / fp8_e4m3 (float8 "
+        "e4m3 with a per-tensor scale: twice the blocks per GiB of bfloat16)")
 
     def __post_init__(self) -> None:
+        require(self.kv_cache_dtype in KV_CACHE_DTYPES, "kv_cache_dtype",
+                f"must be one of {KV_CACHE_DTYPES}", self.kv_cache_dtype)
         self.kv_cache_memory = parse_size(self.kv_cache_memory, "kv_cache_memory")
         require(self.block_size >= 1 and self.block_size & (self.block_size - 1) == 0,
                 "block_size", "must be a power of two", self.block_size)
@@ -213,6 +223,10 @@ class ModelConfig:
     attention_backend: str = option(
         "auto", choices=_ATTENTION_BACKENDS, help="auto: triton on CUDA, torch on CPU")
     enforce_eager: bool = option(False, help="capture no CUDA graphs")
+    quantization: str | None = option(
+        None, choices=QUANTIZATIONS, default_help="none",
+        help="weight quantization at load: fp8 (per-channel float8 e4m3 weights of the "
+        "Llama family's linear layers, activations quantized per token)")
     seed: int = option(0, help="seed of the engine's random generator")
     sparse_attention: str | None = option(
         None, default_help="none: the model's own attention",
@@ -238,6 +252,8 @@ class ModelConfig:
                 f"must be one of {_ATTENTION_BACKENDS}", self.attention_backend)
         require(self.max_model_len is None or self.max_model_len >= 1, "max_model_len",
                 "must be at least 1", self.max_model_len)
+        require(self.quantization is None or self.quantization in QUANTIZATIONS,
+                "quantization", f"must be None or one of {QUANTIZATIONS}", self.quantization)
 
 
 _ENGINE_CONFIGS = (ModelConfig, CacheConfig, SchedulerConfig)

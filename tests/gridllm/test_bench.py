@@ -90,6 +90,23 @@ def test_throughput_cli_writes_sane_json(tmp_path):
     assert "hf" not in result
 
 
+def test_throughput_cli_runs_fp8(tmp_path):
+    """--quantization fp8 --kv-cache-dtype fp8 reach the engine and the JSON record."""
+    out = tmp_path / "tp.json"
+    code = bench_main(["throughput", "--model", TINY, "--num-prompts", "3",
+                       "--input-len-range", "4:12", "--output-len-range", "2:4",
+                       "--max-num-seqs", "4", "--device", "cpu", "--kv-cache-memory",
+                       str(1 << 22), "--no-tqdm", "--quantization", "fp8",
+                       "--kv-cache-dtype", "fp8", "--output", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["config"]["quantization"] == "fp8"
+    assert result["config"]["kv_cache_dtype"] == "fp8"
+    assert result["gridllm"]["num_requests"] == 3
+    with pytest.raises(SystemExit):
+        bench_main(["throughput", "--model", TINY, "--kv-cache-dtype", "fp4"])
+
+
 def test_throughput_compare_hf_counts_the_same_tokens():
     config = _tiny_config(num_prompts=5, compare="hf", hf_batch_size=2)
     result = run_throughput(config)

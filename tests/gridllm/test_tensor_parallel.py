@@ -143,3 +143,25 @@ def test_a_size_the_model_cannot_be_split_by_is_refused_before_any_process_start
         LLM(tiny_model_dir("llama"), tensor_parallel_size=size, **ENGINE)
     assert not [p for p in multiprocessing.active_children()
                 if p.name.startswith("gridllm-tp")]
+
+
+def test_fp8_weights_and_cache_shard_too(tiny_model_dir):
+    """FP8 at T=2: each rank quantizes its shard (a row-parallel shard per token over its
+    half of the features, so activation scales differ from one device's and close logits
+    may flip); losing the all-reduce or adding the bias twice would change nearly every
+    prediction. Measured teacher-forced: the top-1 token at every prompt position."""
+    model_dir = tiny_model_dir("qwen2")  # q/k/v biases: column-parallel, on every rank
+    fp8 = dict(ENGINE, quantization="fp8", kv_cache_dtype="fp8")
+    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1)
+    prompts = token_prompts(prompts_of([30, 24, 27], seed=4))
+
+    def top1(llm) -> list[int]:
+        return [max(d, key=lambda t: d[t].logprob)
+                for o in llm.generate(prompts, params, use_tqdm=False)
+                for d in o.prompt_logprobs[1:]]
+
+    expected = top1(LLM(model_dir, **fp8))
+    with LLM(model_dir, tensor_parallel_size=2, **fp8) as llm:
+        got = top1(llm)
+    agreement = sum(a == b for a, b in zip(got, expected, strict=True)) / len(expected)
+    assert agreement >= 0.8, agreement

@@ -106,3 +106,20 @@ def test_throughput_table_shows_the_roofline_and_the_fraction():
     text = format_result(result)
     assert "roofline tok/s" in text and "of roofline" in text
     assert "100.00" in text and "0.25" in text and "7 steps" in text
+
+
+def test_step_cost_counts_fp8_weights_and_kv_cache():
+    """FP8 weights are read as 1 byte (plus a float32 scale per output channel) and an FP8
+    KV cache holds 1 byte per element; the FLOPs do not change."""
+    from worker_svc.layers.quantization import quantize_weights
+
+    model, config = meta_model(TINY, torch.bfloat16)
+    plain = StepCostModel.from_model(model, config, torch.bfloat16)
+    linear_bytes = plain.linear_flops_per_token  # 2 bytes per weight = 2 FLOPs per weight
+    quantize_weights(model, "fp8")
+    fp8 = StepCostModel.from_model(model, config, torch.bfloat16, torch.float8_e4m3fn)
+    assert fp8.linear_flops_per_token == plain.linear_flops_per_token
+    assert fp8.kv_bytes_per_token * 2 == plain.kv_bytes_per_token
+    scale_bytes = 4 * sum(m.weight.shape[0] for m in model.modules()
+                          if type(m).__name__ == "Fp8Linear")
+    assert fp8.weight_bytes == plain.weight_bytes - linear_bytes // 2 + scale_bytes

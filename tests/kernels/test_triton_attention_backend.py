@@ -91,3 +91,38 @@ def test_fused_rotary_path_matches_torch_backend(query_lens, is_neox):
     assert_close(value_cache, ref_caches[1], "value_cache")
     # The padding token's row belongs to no request: left unwritten.
     assert_close(out[:-1], expected[:-1], "attention output")
+
+
+@pytest.mark.parametrize("is_rotary", [False, True])
+def test_fp8_kv_cache_matches_torch_backend(is_rotary):
+    """Both backends write and read an FP8 cache with the same scales alike (prefill and
+    decode rows in one step)."""
+    seq_lens, query_lens = [20, 3, 33], [5, 1, 17]
+    block_size, num_heads, num_kv_heads, head_dim = 16, 4, 2, 32
+    meta, num_blocks = _metadata(seq_lens, query_lens, block_size, 4, DEVICE)
+    positions = torch.cat([torch.arange(s - q, s) for s, q in zip(seq_lens, query_lens,
+                                                                   strict=True)]
+                          + [torch.tensor([0])]).to(DEVICE)
+    num_tokens = positions.shape[0]
+    query = torch.randn(num_tokens, num_heads, head_dim, device=DEVICE)
+    key = torch.randn(num_tokens, num_kv_heads, head_dim, device=DEVICE) * 3
+    value = torch.randn(num_tokens, num_kv_heads, head_dim, device=DEVICE)
+    cache_shape = (num_blocks + 1, block_size, num_kv_heads, head_dim)
+    key_cache = torch.randn(cache_shape, device=DEVICE).to(torch.float8_e4m3fn)
+    value_cache = torch.randn(cache_shape, device=DEVICE).to(torch.float8_e4m3fn)
+    ref_caches = key_cache.clone(), value_cache.clone()
+    backends = TorchAttentionBackend(), get_attention_backend("triton", DEVICE)
+    for backend in backends:
+        backend.k_scale, backend.v_scale = 0.5, 2.0
+    if is_rotary:
+        rotary = _Rotary(_cos_sin_cache(32, 64, DEVICE), True)
+        expected = backends[0].forward_rotary(positions, rotary, query.clone(), key, value,
+                                              *ref_caches, meta, 0.2)
+        out = backends[1].forward_rotary(positions, rotary, query, key, value, key_cache,
+                                         value_cache, meta, 0.2)
+    else:
+        expected = backends[0].forward(query[:-1], key, value, *ref_caches, meta, 0.2)
+        out = backends[1].forward(query[:-1], key, value, key_cache, value_cache, meta, 0.2)
+    assert_close(key_cache.float(), ref_caches[0].float(), "key_cache")
+    assert_close(value_cache.float(), ref_caches[1].float(), "value_cache")
+    assert_close(out[:num_tokens - 1], expected[:num_tokens - 1], "attention output")

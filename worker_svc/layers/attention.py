@@ -47,6 +47,12 @@ class AttentionBackend:
     """
 
     name = "base"
+    # Scales of an FP8 KV cache (the cache holds k / k_scale and v / v_scale; ignored by
+    # other caches). 1.0, as vLLM uses when a checkpoint carries no calibrated scales:
+    # keys and values of the models served stay far inside e4m3's +-448 range, where the
+    # relative rounding error (2^-4) does not depend on the scale.
+    k_scale: float = 1.0
+    v_scale: float = 1.0
     # Whether forward() takes logit_softcap (Gemma 2's tanh capping of attention scores).
     supports_logit_softcap = False
 
@@ -75,7 +81,8 @@ class AttentionBackend:
                 logit_softcap: float | None = None) -> torch.Tensor:
         """Args:
             query: ``[T, H, D]``; key, value: ``[T, Hkv, D]`` (already rotated).
-            key_cache, value_cache: ``[num_blocks, block_size, Hkv, D]`` of this layer.
+            key_cache, value_cache: ``[num_blocks, block_size, Hkv, D]`` of this layer,
+                in the model's dtype or float8_e4m3fn (scaled by ``k_scale``/``v_scale``).
             sliding_window: this layer's window (a query at ``q`` sees keys ``q - k < w``).
             logit_softcap: if set, scores become ``c * tanh(scores / c)`` before the mask.
         Returns:

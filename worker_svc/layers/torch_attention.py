@@ -18,10 +18,12 @@ class TorchAttentionBackend(AttentionBackend):
 
     def forward(self, query, key, value, key_cache, value_cache, metadata, scale,
                 sliding_window=None, logit_softcap=None):
-        torch_ref.write_kv_cache(key, value, key_cache, value_cache, metadata.slot_mapping)
+        torch_ref.write_kv_cache(key, value, key_cache, value_cache, metadata.slot_mapping,
+                                 self.k_scale, self.v_scale)
         return sdpa_paged_attention(query, key_cache, value_cache, metadata, scale,
                                     sliding_window, logit_softcap,
-                                    self.stride_for(sliding_window))
+                                    self.stride_for(sliding_window), self.k_scale,
+                                    self.v_scale)
 
 
 def _gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, max_len: int) -> torch.Tensor:
@@ -34,11 +36,15 @@ def sdpa_paged_attention(query: torch.Tensor, key_cache: torch.Tensor,
                          value_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
                          sliding_window: int | None = None,
                          logit_softcap: float | None = None,
-                         attention_stride: int | None = None) -> torch.Tensor:
+                         attention_stride: int | None = None,
+                         k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """``torch_ref.paged_attention`` through SDPA: one call for all decode rows, one per
     multi-token (prefill) request. With ``logit_softcap`` the scores are capped as
     ``c * tanh(s / c)`` before the mask (Gemma 2), which SDPA cannot do; the strided
-    pattern is a mask here (the Triton kernels skip what it hides)."""
+    pattern is a mask here (the Triton kernels skip what it hides). An FP8 cache is cast
+    to the query's dtype (exactly) with ``k_scale`` folded into the softmax scale and
+    ``v_scale`` applied to the output, as the Triton kernels do."""
+    scale = scale * k_scale
     out = torch.empty_like(query)
     starts = metadata.query_start_loc.tolist()
     lens = metadata.seq_lens.tolist()
@@ -78,6 +84,8 @@ def sdpa_paged_attention(query: torch.Tensor, key_cache: torch.Tensor,
         o = _attend(q, k.transpose(0, 1).to(q.dtype), v.transpose(0, 1).to(q.dtype), mask,
                     scale, logit_softcap)
         out[starts[i]:starts[i + 1]] = o.transpose(0, 1)
+    if v_scale != 1.0:
+        out.mul_(v_scale)
     return out
 
 

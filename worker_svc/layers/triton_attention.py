@@ -25,7 +25,8 @@ class TritonAttentionBackend(AttentionBackend):
                 metadata: AttentionMetadata, scale: float,
                 sliding_window: int | None = None,
                 logit_softcap: float | None = None) -> torch.Tensor:
-        write_kv_cache(key, value, key_cache, value_cache, metadata.slot_mapping)
+        write_kv_cache(key, value, key_cache, value_cache, metadata.slot_mapping,
+                       self.k_scale, self.v_scale)
         return self._attend(query, key_cache, value_cache, metadata, scale, sliding_window,
                             logit_softcap)
 
@@ -37,7 +38,7 @@ class TritonAttentionBackend(AttentionBackend):
         # One launch rotates the queries and writes rotated keys and values to the cache.
         rotary_kv_cache_write(positions, query, key, value, key_cache, value_cache,
                               metadata.slot_mapping, rotary.cos_sin_cache,
-                              rotary.is_neox_style)
+                              rotary.is_neox_style, self.k_scale, self.v_scale)
         return self._attend(query, key_cache, value_cache, metadata, scale, sliding_window,
                             logit_softcap)
 
@@ -53,8 +54,10 @@ class TritonAttentionBackend(AttentionBackend):
                                           metadata.query_start_loc, scale, sliding_window,
                                           max_seq_len=metadata.max_seq_len,
                                           logit_softcap=logit_softcap,
-                                          attention_stride=stride)
+                                          attention_stride=stride, k_scale=self.k_scale,
+                                          v_scale=self.v_scale)
         return prefill_attention(query, key_cache, value_cache, metadata.block_tables,
                                  metadata.seq_lens, metadata.query_start_loc, scale,
                                  sliding_window, max_query_len=metadata.max_query_len,
-                                 logit_softcap=logit_softcap, attention_stride=stride)
+                                 logit_softcap=logit_softcap, attention_stride=stride,
+                                 k_scale=self.k_scale, v_scale=self.v_scale)

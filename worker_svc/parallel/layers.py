@@ -52,7 +52,10 @@ class ColumnParallelLinear(nn.Linear):
 
 
 class RowParallelLinear(nn.Linear):
-    """Args:
+    """A linear layer whose input features are split over the ranks; the partial outputs
+    are summed (all-reduce).
+
+    Args:
         full_in_features: input features of the single-device layer (each rank holds an
             equal slice, the output of a column-parallel layer).
         out_features: output features (every rank gets the summed output).
@@ -64,6 +67,8 @@ class RowParallelLinear(nn.Linear):
         part = even_part(full_in_features, tp.rank, tp.world_size)
         super().__init__(part.size, out_features, bias=bias)
         self.tp = tp
+        # Read by layers that replace this one (FP8) and must keep the sum.
+        self.is_row_parallel = True
         if tp.is_parallel:
             _mark(self.weight, ShardSpec(1, (part,)))
 

@@ -1,0 +1,187 @@
+"""FP8 KV cache: the KV-write kernels store what the torch reference stores, and the
+attention kernels read an FP8 cache as the reference does (Triton's interpreter handles
+float8_e4m3fn, so these run on the CPU too).
+
+Kernel vs reference on the same FP8 cache uses the query dtype's tolerance (the cache is
+dequantized exactly); the FP8 cache vs an unquantized one uses ``FP8_KV_TOLERANCES``,
+the rounding of e4m3 (3 mantissa bits: relative error up to 2^-4 per element).
+"""
+
+import pytest
+import torch
+
+from kernels import torch_ref
+from kernels.fp8 import FP8_DTYPE, FP8_MAX, quantize_fp8
+from kernels.kv_cache_write import write_kv_cache
+from kernels.paged_decode_attention import paged_decode_attention
+from kernels.prefill_attention import prefill_attention
+from kernels.rotary_kv_cache_write import rotary_kv_cache_write
+from tests.kernels.conftest import (
+    DEVICE,
+    SMALL_DTYPES,
+    assert_close,
+    make_paged_kv,
+    needs_gpu,
+    poisoned_allocations,
+)
+from tests.kernels.test_rotary import _cos_sin_cache
+
+# (atol, rtol) of attention over an FP8 cache against the same inputs unquantized.
+FP8_KV_TOLERANCES = {torch.float32: (6e-2, 6e-2), torch.float16: (6e-2, 6e-2),
+                     torch.bfloat16: (8e-2, 8e-2)}
+SCALES = [(1.0, 1.0), (0.05, 2.0)]
+
+
+def _assert_fp8_equal(actual: torch.Tensor, expected: torch.Tensor, name: str) -> None:
+    """Equal FP8 values (both round to nearest even; -0 equals 0); prints the mismatch
+    count."""
+    a, e = actual.cpu().float(), expected.cpu().float()
+    bad = int((a != e).sum())
+    if bad:
+        msg = f"{name}: {bad}/{a.numel()} FP8 elements differ"
+        print(msg)
+        pytest.fail(msg)
+
+
+def _fp8_cache(seq_lens, num_kv_heads, head_dim, k_scale, v_scale):
+    key_cache, value_cache, block_tables, seq = make_paged_kv(
+        seq_lens, num_kv_heads, head_dim, 16, torch.float32, DEVICE)
+    return (quantize_fp8(key_cache * k_scale, k_scale),
+            quantize_fp8(value_cache * v_scale, v_scale), block_tables, seq)
+
+
+@pytest.mark.parametrize("dtype", SMALL_DTYPES)
+@pytest.mark.parametrize("k_scale,v_scale", SCALES)
+def test_kv_write_matches_reference(dtype, k_scale, v_scale):
+    num_tokens, num_heads, head_dim = 7, 3, 40
+    key = (torch.randn(num_tokens, num_heads, head_dim) * 4).to(dtype).to(DEVICE)
+    value = (torch.randn(num_tokens, num_heads, head_dim) * 4).to(dtype).to(DEVICE)
+    key[0, 0, :4] = torch.tensor([1e4, -1e4, 600.0, 1e-4])  # saturates, and a subnormal
+    slots = torch.tensor([5, -1, 0, 17, 31, 2, 30], device=DEVICE)
+    shape = (2, 16, num_heads, head_dim)
+    kc, vc = (torch.zeros(shape, dtype=FP8_DTYPE, device=DEVICE) for _ in range(2))
+    ref_k, ref_v = kc.clone(), vc.clone()
+    write_kv_cache(key, value, kc, vc, slots, k_scale, v_scale)
+    torch_ref.write_kv_cache(key, value, ref_k, ref_v, slots, k_scale, v_scale)
+    _assert_fp8_equal(kc, ref_k, "key_cache")
+    _assert_fp8_equal(vc, ref_v, "value_cache")
+    assert not torch.isnan(kc.float()).any()
+    assert float(kc.float().abs().max()) == FP8_MAX  # saturated, not NaN
+
+
+@pytest.mark.parametrize("dtype", SMALL_DTYPES)
+def test_rotary_kv_write_matches_reference(dtype):
+    num_tokens, num_heads, num_kv_heads, head_dim = 5, 4, 2, 32
+    query = torch.randn(num_tokens, num_heads, head_dim).to(dtype).to(DEVICE)
+    key = (torch.randn(num_tokens, num_kv_heads, head_dim) * 3).to(dtype).to(DEVICE)
+    value = torch.randn(num_tokens, num_kv_heads, head_dim).to(dtype).to(DEVICE)
+    positions = torch.tensor([0, 3, 9, 1, 20], device=DEVICE)
+    slots = torch.tensor([4, 0, -1, 9, 15], device=DEVICE)
+    cos_sin = _cos_sin_cache(head_dim, 32, DEVICE)
+    shape = (1, 16, num_kv_heads, head_dim)
+    kc, vc = (torch.zeros(shape, dtype=FP8_DTYPE, device=DEVICE) for _ in range(2))
+    ref_k, ref_v = kc.clone(), vc.clone()
+    q_ref, k_rot = torch_ref.rotary_embedding(positions, query.clone(), key, cos_sin, True)
+    torch_ref.write_kv_cache(k_rot, value, ref_k, ref_v, slots, 0.5, 0.25)
+    rotary_kv_cache_write(positions, query, key, value, kc, vc, slots, cos_sin, True,
+                          k_scale=0.5, v_scale=0.25)
+    assert_close(query, q_ref, "query", dtype)
+    _assert_fp8_equal(kc, ref_k, "key_cache")
+    _assert_fp8_equal(vc, ref_v, "value_cache")
+
+
+@pytest.mark.parametrize("dtype", SMALL_DTYPES)
+@pytest.mark.parametrize("k_scale,v_scale", SCALES)
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_decode_reads_fp8_cache(dtype, k_scale, v_scale, num_splits):
+    seq_lens = [1, 17, 40]
+    kc, vc, tables, seq = _fp8_cache(seq_lens, 2, 32, k_scale, v_scale)
+    query = torch.randn(len(seq_lens), 4, 32).to(dtype).to(DEVICE)
+    with poisoned_allocations():
+        out = paged_decode_attention(query, kc, vc, tables, seq, None, 0.2,
+                                     num_splits=num_splits, k_scale=k_scale, v_scale=v_scale)
+    qsl = torch.arange(len(seq_lens) + 1, dtype=torch.int32, device=DEVICE)
+    expected = torch_ref.paged_attention(query, kc, vc, tables, seq, qsl, 0.2,
+                                         k_scale=k_scale, v_scale=v_scale)
+    assert_close(out, expected, "decode attention over an FP8 cache", dtype)
+
+
+@pytest.mark.parametrize("dtype", SMALL_DTYPES)
+@pytest.mark.parametrize("k_scale,v_scale", SCALES)
+def test_prefill_reads_fp8_cache(dtype, k_scale, v_scale):
+    seq_lens, query_lens = [20, 5, 33], [20, 1, 9]
+    kc, vc, tables, seq = _fp8_cache(seq_lens, 2, 32, k_scale, v_scale)
+    qsl = torch.tensor([0] + query_lens).cumsum(0).to(torch.int32).to(DEVICE)
+    query = torch.randn(sum(query_lens), 4, 32).to(dtype).to(DEVICE)
+    with poisoned_allocations():
+        out = prefill_attention(query, kc, vc, tables, seq, qsl, 0.2, sliding_window=12,
+                                k_scale=k_scale, v_scale=v_scale)
+    expected = torch_ref.paged_attention(query, kc, vc, tables, seq, qsl, 0.2,
+                                         sliding_window=12, k_scale=k_scale, v_scale=v_scale)
+    assert_close(out, expected, "prefill attention over an FP8 cache", dtype)
+
+
+@pytest.mark.parametrize("dtype", SMALL_DTYPES)
+def test_fp8_cache_stays_close_to_unquantized(dtype):
+    """The quantization error itself: an FP8 cache vs the cache it was quantized from."""
+    seq_lens = [9, 30]
+    key_cache, value_cache, tables, seq = make_paged_kv(seq_lens, 2, 32, 16, dtype, DEVICE)
+    kc, vc = quantize_fp8(key_cache, 1.0), quantize_fp8(value_cache, 1.0)
+    query = torch.randn(len(seq_lens), 4, 32).to(dtype).to(DEVICE)
+    exact = paged_decode_attention(query, key_cache, value_cache, tables, seq, None, 0.2)
+    out = paged_decode_attention(query, kc, vc, tables, seq, None, 0.2)
+    atol, rtol = FP8_KV_TOLERANCES[dtype]
+    diff = (out.float() - exact.float()).abs()
+    assert bool(torch.isclose(out.float(), exact.float(), atol=atol, rtol=rtol).all()), \
+        f"max |diff| {float(diff.max()):g}"
+    assert float(diff.max()) > 0  # the cache was quantized
+
+
+def test_bad_scales_and_dtypes_are_named():
+    kc, vc, tables, seq = _fp8_cache([5], 1, 16, 1.0, 1.0)
+    query = torch.randn(1, 1, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="k_scale"):
+        paged_decode_attention(query, kc, vc, tables, seq, None, 0.2, k_scale=0.0)
+    with pytest.raises(ValueError, match="v_scale"):
+        write_kv_cache(query, query, kc, vc, torch.zeros(1, dtype=torch.long, device=DEVICE),
+                       v_scale=-1.0)
+    with pytest.raises(ValueError, match="value_cache"):
+        paged_decode_attention(query, kc, vc.float(), tables, seq, None, 0.2)
+
+
+def test_kv_write_rounds_like_torch_across_the_range():
+    """Every e4m3 binade, subnormals, ties and saturation: the kernel's rounding is
+    torch's (round to nearest even, saturating at +-448)."""
+    sweep = torch.cat([torch.linspace(-500, 500, 8001), torch.logspace(-12, 2.7, 2000),
+                       -torch.logspace(-12, 2.7, 2000)])
+    sweep = torch.cat([sweep, torch.zeros(-sweep.numel() % 40)]).view(-1, 1, 40).to(DEVICE)
+    shape = (sweep.shape[0], 1, 1, 40)
+    kc, vc = (torch.zeros(shape, dtype=FP8_DTYPE, device=DEVICE) for _ in range(2))
+    write_kv_cache(sweep, sweep, kc, vc, torch.arange(sweep.shape[0], device=DEVICE))
+    _assert_fp8_equal(kc.view(sweep.shape), sweep.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE),
+                      "rounded sweep")
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("num_splits", [None, 1])
+def test_fp8_cache_at_llama3_8b_shapes(num_splits):
+    """Llama-3-8B attention (32 query heads, 8 KV heads, head_dim 128), bf16 queries over an
+    FP8 cache: decode (split-KV heuristic and one split) and a prefill chunk after a prefix."""
+    seq_lens = [1000, 4096, 37]
+    kc, vc, tables, seq = _fp8_cache(seq_lens, 8, 128, 0.5, 0.25)
+    query = torch.randn(len(seq_lens), 32, 128, device=DEVICE).to(torch.bfloat16)
+    qsl = torch.arange(len(seq_lens) + 1, dtype=torch.int32, device=DEVICE)
+    out = paged_decode_attention(query, kc, vc, tables, seq, qsl, 128 ** -0.5,
+                                 num_splits=num_splits, k_scale=0.5, v_scale=0.25)
+    expected = torch_ref.paged_attention(query, kc, vc, tables, seq, qsl, 128 ** -0.5,
+                                         k_scale=0.5, v_scale=0.25)
+    assert_close(out, expected, "decode attention, FP8 cache", torch.bfloat16)
+    query_lens = [512, 256, 37]
+    qsl = torch.tensor([0] + query_lens).cumsum(0).to(torch.int32).to(DEVICE)
+    query = torch.randn(sum(query_lens), 32, 128, device=DEVICE).to(torch.bfloat16)
+    out = prefill_attention(query, kc, vc, tables, seq, qsl, 128 ** -0.5, k_scale=0.5,
+                            v_scale=0.25)
+    expected = torch_ref.paged_attention(query, kc, vc, tables, seq, qsl, 128 ** -0.5,
+                                         k_scale=0.5, v_scale=0.25)
+    assert_close(out, expected, "prefill attention, FP8 cache", torch.bfloat16)

@@ -1,0 +1,156 @@
+"""FP8 (e4m3) weights and KV cache: the ``quantization`` and ``kv_cache_dtype`` settings.
+
+Weights (``quantization="fp8"``): each linear layer of the decoder blocks (merged q/k/v,
+o, merged gate/up, down; never the embeddings or the LM head) is replaced at load by an
+``Fp8Linear`` holding float8_e4m3fn weights with one float32 scale per output channel
+(``amax(|row|) / 448``, computed from the bf16/fp32 checkpoint). Activations are quantized
+per token (``amax(|x_t|) / 448``) at every call. On a CUDA GPU of compute capability 8.9+
+with bfloat16 activations the product is one ``torch._scaled_mm`` with row-wise scales;
+elsewhere (CPU, older GPUs, other dtypes) the same quantized operands are dequantized and
+multiplied in float32 (fake quantization), so CPU tests measure the accuracy of the
+quantized model.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from kernels.fp8 import FP8_DTYPE, FP8_MAX, dequantize_fp8, quantize_fp8
+
+logger = logging.getLogger(__name__)
+
+# The decoder's linear layers quantized by quantization="fp8" (the Llama family's names).
+FP8_LINEAR_NAMES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+# Floor of a scale, so an all-zero row or token quantizes to zeros instead of NaN.
+_MIN_SCALE = 1e-12
+
+
+def kv_cache_torch_dtype(kv_cache_dtype: str, model_dtype: torch.dtype, device: torch.device,
+                         backend_name: str) -> torch.dtype:
+    """The KV cache's element type for ``CacheConfig.kv_cache_dtype``.
+
+    Raises:
+        ValueError: an unknown name, or FP8 with the Triton backend on a GPU without
+            e4m3 conversions (compute capability below 8.9).
+    """
+    if kv_cache_dtype == "auto":
+        return model_dtype
+    if kv_cache_dtype not in ("fp8", "fp8_e4m3"):
+        raise ValueError(f"kv_cache_dtype must be one of ('auto', 'fp8', 'fp8_e4m3'), "
+                         f"got {kv_cache_dtype!r}.")
+    if device.type == "cuda" and backend_name == "triton":
+        capability = torch.cuda.get_device_capability(device)
+        if capability < (8, 9):
+            raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} needs a GPU of compute "
+                             f"capability 8.9+ (Ada, Hopper) for the triton attention "
+                             f"backend, got {capability[0]}.{capability[1]}; use "
+                             "attention_backend='torch'.")
+    return FP8_DTYPE
+
+
+def quantize_per_row(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q, scale)`` with ``q[i] = x[i] / scale[i]`` in e4m3 and ``scale[i] =
+    amax(|x[i]|) / 448`` (``[rows, 1]`` float32): per output channel for a weight, per
+    token for activations."""
+    scale = (x.abs().amax(dim=-1, keepdim=True).float() / FP8_MAX).clamp(min=_MIN_SCALE)
+    return quantize_fp8(x, scale), scale
+
+
+def _can_use_scaled_mm(weight: torch.Tensor) -> bool:
+    """FP8 tensor-core GEMMs: CUDA 8.9+, and both weight dims multiples of 16."""
+    return (weight.is_cuda and hasattr(torch, "_scaled_mm")
+            and torch.cuda.get_device_capability(weight.device) >= (8, 9)
+            and weight.shape[0] % 16 == 0 and weight.shape[1] % 16 == 0)
+
+
+class Fp8Linear(nn.Module):
+    """``y = x W^T + b`` with W in e4m3 (per-output-channel scales) and x quantized per
+    token at each call.
+
+    Args:
+        weight: ``[out, in]`` float8_e4m3fn.
+        weight_scale: ``[out]`` float32.
+        bias: ``[out]`` or None (kept in the layer's dtype).
+        reduce: applied to the output (a row-parallel layer's all-reduce over the
+            tensor-parallel ranks); None: nothing.
+    """
+
+    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor,
+                 bias: torch.Tensor | None,
+                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        super().__init__()
+        self.reduce = reduce
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.weight_scale = nn.Parameter(weight_scale, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        # Decided once here: forward stays free of host queries (CUDA-graph capture).
+        self.is_scaled_mm = _can_use_scaled_mm(weight)
+        # The dequantized weight of the fake-quantization path, built on first use.
+        self._dequantized: torch.Tensor | None = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Fp8Linear:
+        """The quantized form of ``linear``, or of one rank's shard of a tensor-parallel
+        layer (a row-parallel shard keeps its bias on rank 0 and its all-reduce)."""
+        weight, scale = quantize_per_row(linear.weight.detach())
+        bias = None if linear.bias is None else linear.bias.detach()
+        tp = getattr(linear, "tp", None)
+        reduce = None
+        if tp is not None and tp.is_parallel and getattr(linear, "is_row_parallel", False):
+            bias = bias if tp.rank == 0 else None
+            reduce = tp.all_reduce
+        return cls(weight, scale[:, 0].contiguous(), bias, reduce)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        x_q, x_scale = quantize_per_row(x2)
+        if self.is_scaled_mm and x.dtype == torch.bfloat16:
+            # Row-wise scales: scale_a [M, 1] per token, scale_b [1, N] per channel.
+            out = torch._scaled_mm(x_q, self.weight.t(), scale_a=x_scale,
+                                   scale_b=self.weight_scale[None, :], bias=self.bias,
+                                   out_dtype=x.dtype)
+        else:
+            if self._dequantized is None:
+                self._dequantized = dequantize_fp8(self.weight, self.weight_scale[:, None])
+            out = dequantize_fp8(x_q, x_scale) @ self._dequantized.t()
+            if self.bias is not None:
+                out = out + self.bias.float()
+            out = out.to(x.dtype)
+        if self.reduce is not None:
+            out = self.reduce(out)
+        return out.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, weight=float8_e4m3fn per-channel")
+
+
+def quantize_weights(model: nn.Module, quantization: str | None) -> None:
+    """Replace the model's decoder linear layers by their quantized form (in place).
+
+    Raises:
+        ValueError: an unknown method, or a model without all of ``FP8_LINEAR_NAMES``.
+    """
+    if quantization is None:
+        return
+    if quantization != "fp8":
+        raise ValueError(f"quantization must be None or 'fp8', got {quantization!r}.")
+    targets = [(module, name) for module in model.modules()
+               for name, child in module.named_children()
+               if name in FP8_LINEAR_NAMES and isinstance(child, nn.Linear)]
+    missing = set(FP8_LINEAR_NAMES) - {name for _, name in targets}
+    if missing:
+        # Another family (OPT's fc1/fc2, say) would be quantized only in part.
+        raise ValueError(f"quantization='fp8' supports the Llama family (linear layers "
+                         f"{', '.join(FP8_LINEAR_NAMES)}); {type(model).__name__} has no "
+                         f"{', '.join(sorted(missing))}.")
+    for module, name in targets:
+        setattr(module, name, Fp8Linear.from_linear(getattr(module, name)))
+    logger.info("quantization=fp8: %d linear layers hold float8_e4m3fn weights",
+                len(targets))
