@@ -76,7 +76,7 @@ B="$PY -m gridllm.bench"
 
 # 0: the GPU-marked tests (kernels at real shapes, end-to-end parity with CUDA graphs,
 # structured outputs' bitmask kernel, FP8 GEMMs and caches).
-step gpu_tests 200 $PY -m pytest -q -p no:cacheprovider -m gpu tests/kernels \
+step gpu_tests 230 $PY -m pytest -q -p no:cacheprovider -m gpu tests/kernels \
   tests/gridllm/test_gpu.py tests/worker_svc/test_structured_output.py \
   tests/worker_svc/test_quantization.py
 
@@ -175,7 +175,7 @@ step sliding_window 40 $PY benchmarks/sliding_window.py --output "$WORK/sliding_
 if [ -d models/smollm2-tok ]; then
   step structured 100 $PY benchmarks/structured_outputs.py --device cuda \
     --model random:llama3-8b --tokenizer models/smollm2-tok --batch-size 64 --num-steps 24 \
-    --repeats 3 --ttft-trials 3 --output "$WORK/structured_llama3-8b.json"
+    --repeats 2 --ttft-trials 3 --output "$WORK/structured_llama3-8b.json"
 fi
 
 # Merge and summarise (always runs).
