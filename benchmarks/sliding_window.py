@@ -51,7 +51,7 @@ def decode_ms(batch: int, context: int, window: int, strided: int) -> dict[str, 
     from gridllm.bench.roofline import measure_limits
     from kernels.paged_decode_attention import paged_decode_attention
 
-    limits = measure_limits()
+    limits = measure_limits(torch.device("cuda"))
     kc, vc, tables, seq = paged_kv(batch, context, 8, 128, 16, torch.bfloat16)
     q = torch.randn(batch, 32, 128, device="cuda", dtype=torch.bfloat16)
     results = {}
