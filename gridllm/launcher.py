@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from gridllm.common.auth import warn_if_open
@@ -319,6 +319,24 @@ def wait_for_redis(url: str, process: ManagedProcess | None, timeout_s: float) -
         client.close()
 
 
+def _poll_until(attempt: Callable[[], bool], process: ManagedProcess | None,
+                timeout_s: float, failure: Callable[[], str]) -> None:
+    """Call ``attempt`` every 0.1 s until it returns True.
+
+    Raises:
+        RuntimeError: ``process`` exited (at once), or ``timeout_s`` passed (``failure()``).
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if process is not None:
+            process.check_running()
+        if attempt():
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(failure())
+        time.sleep(0.1)
+
+
 def wait_for_links(address: str, router: ManagedProcess | None, num_schedulers: int,
                    num_workers: int, timeout_s: float, tls: TlsOptions | None = None,
                    metadata: tuple[tuple[str, str], ...] = ()) -> None:
@@ -333,28 +351,26 @@ def wait_for_links(address: str, router: ManagedProcess | None, num_schedulers: 
     from gridllm.common.tls import blocking_channel
     from gridllm.v1 import generate_pb2, generate_pb2_grpc
 
-    deadline = time.monotonic() + timeout_s
     seen = "nothing"
     with blocking_channel(address, tls, SERVER_NAMES["router"]) as channel:
         stub = generate_pb2_grpc.GenerationStub(channel)
-        while True:
-            if router is not None:
-                router.check_running()
+
+        def is_linked() -> bool:
+            nonlocal seen
             try:
                 loads = stub.GetLoads(generate_pb2.GetLoadsRequest(), timeout=2.0,
                                       metadata=metadata)
-                counts = [sum(w.is_alive for w in s.workers) for s in loads.schedulers
-                          if s.scheduler_id]
-                if counts == [num_workers] * num_schedulers:
-                    return
-                seen = f"live workers per scheduler {counts}"
             except grpc.RpcError as exc:
                 seen = f"GetLoads failed: {exc.code().name}"
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"the stack did not link {num_schedulers} scheduler(s) with {num_workers} "
-                    f"worker(s) each within {timeout_s:.0f}s ({seen})")
-            time.sleep(0.1)
+                return False
+            counts = [sum(w.is_alive for w in s.workers) for s in loads.schedulers
+                      if s.scheduler_id]
+            seen = f"live workers per scheduler {counts}"
+            return counts == [num_workers] * num_schedulers
+
+        _poll_until(is_linked, router, timeout_s, lambda: (
+            f"the stack did not link {num_schedulers} scheduler(s) with {num_workers} "
+            f"worker(s) each within {timeout_s:.0f}s ({seen})"))
 
 
 def wait_for_health(address: str, process: ManagedProcess | None, timeout_s: float,
@@ -371,26 +387,22 @@ def wait_for_health(address: str, process: ManagedProcess | None, timeout_s: flo
 
     from gridllm.common.tls import blocking_channel
 
-    deadline = time.monotonic() + timeout_s
     name = process.name if process is not None else address
     with blocking_channel(address, tls, server_name) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            if process is not None:
-                process.check_running()
+
+        def is_serving() -> bool:
             try:
                 reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0,
                                    metadata=metadata)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    logger.info("%s is serving at %s", name, address)
-                    return
             except grpc.RpcError:
-                pass
-            if time.monotonic() > deadline:
-                tail = process.log_tail() if process is not None else ""
-                raise RuntimeError(f"{name} at {address} not healthy after {timeout_s:.0f}s\n"
-                                   f"{tail}")
-            time.sleep(0.1)
+                return False
+            return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+        _poll_until(is_serving, process, timeout_s, lambda: (
+            f"{name} at {address} not healthy after {timeout_s:.0f}s\n"
+            f"{process.log_tail() if process is not None else ''}"))
+    logger.info("%s is serving at %s", name, address)
 
 
 @dataclass

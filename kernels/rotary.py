@@ -55,6 +55,19 @@ def _rotary_kernel(pos_ptr, q_ptr, k_ptr, cache_ptr,
                   IS_NEOX, BLOCK_HK, BLOCK_HALF)
 
 
+def check_rotary_shapes(positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+                        num_tokens: int, head_dim: int) -> None:
+    """ValueError unless ``positions`` has one entry per token and ``cos_sin_cache``'s
+    rotary dim is even and at most ``head_dim``."""
+    rot_dim = cos_sin_cache.shape[1]
+    if positions.shape[0] != num_tokens:
+        raise ValueError(f"positions must have {num_tokens} entries, "
+                         f"got {positions.shape[0]}.")
+    if rot_dim % 2 or rot_dim > head_dim:
+        raise ValueError(f"cos_sin_cache must have an even last dim <= head_dim "
+                         f"{head_dim}, got {rot_dim}.")
+
+
 def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
                      cos_sin_cache: torch.Tensor, is_neox_style: bool = True
                      ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,12 +94,7 @@ def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Te
     if key.shape[0] != num_tokens or key.shape[2] != head_dim:
         raise ValueError(f"key must be [{num_tokens}, Hkv, {head_dim}], "
                          f"got {tuple(key.shape)}.")
-    if positions.shape[0] != num_tokens:
-        raise ValueError(f"positions must have {num_tokens} entries, "
-                         f"got {positions.shape[0]}.")
-    if rot_dim % 2 or rot_dim > head_dim:
-        raise ValueError(f"cos_sin_cache must have an even last dim <= head_dim "
-                         f"{head_dim}, got {rot_dim}.")
+    check_rotary_shapes(positions, cos_sin_cache, num_tokens, head_dim)
     if num_tokens == 0:
         return query, key
     half = rot_dim // 2

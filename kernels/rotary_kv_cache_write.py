@@ -13,6 +13,7 @@ import triton.language as tl
 
 from kernels._utils import FLOAT_DTYPES, INDEX_DTYPES, check_tensor, next_power_of_2
 from kernels.kv_cache_write import check_kv_write_args, inverse_scales, store_cache
+from kernels.rotary import check_rotary_shapes
 
 
 @triton.jit
@@ -110,12 +111,7 @@ def rotary_kv_cache_write(positions: torch.Tensor, query: torch.Tensor, key: tor
     if query.shape[0] != num_tokens or query.shape[2] != head_dim:
         raise ValueError(f"query must be [{num_tokens}, H, {head_dim}], "
                          f"got {tuple(query.shape)}.")
-    if positions.shape[0] != num_tokens:
-        raise ValueError(f"positions must have {num_tokens} entries, "
-                         f"got {positions.shape[0]}.")
-    if rot_dim % 2 or rot_dim > head_dim:
-        raise ValueError(f"cos_sin_cache must have an even last dim <= head_dim "
-                         f"{head_dim}, got {rot_dim}.")
+    check_rotary_shapes(positions, cos_sin_cache, num_tokens, head_dim)
     if num_tokens == 0:
         return
     half = rot_dim // 2

@@ -50,14 +50,18 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor,
                  last_dim_contiguous=True)
     check_tensor("rows", rows, ndim=1, dtypes=INDEX_DTYPES, device=logits.device)
     vocab = logits.shape[1]
-    if bitmask.shape[0] != rows.shape[0] or bitmask.shape[1] * 32 < vocab:
-        raise ValueError(f"bitmask must have shape ({rows.shape[0]}, >= {-(-vocab // 32)}), "
-                         f"got {tuple(bitmask.shape)}.")
+    _check_bitmask_shape(bitmask, rows, vocab)
     if rows.shape[0] == 0 or vocab == 0:
         return
     grid = (rows.shape[0], triton.cdiv(vocab, _BLOCK))
     _token_bitmask_kernel[grid](logits, bitmask, rows, logits.stride(0), bitmask.stride(0),
                                 vocab, BLOCK=_BLOCK, num_warps=4)
+
+
+def _check_bitmask_shape(bitmask: torch.Tensor, rows: torch.Tensor, vocab: int) -> None:
+    if bitmask.shape[0] != rows.shape[0] or bitmask.shape[1] * 32 < vocab:
+        raise ValueError(f"bitmask must have shape ({rows.shape[0]}, >= {-(-vocab // 32)}), "
+                         f"got {tuple(bitmask.shape)}.")
 
 
 def apply_token_bitmask_cpu(logits: torch.Tensor, bitmask: torch.Tensor,
@@ -70,9 +74,7 @@ def apply_token_bitmask_cpu(logits: torch.Tensor, bitmask: torch.Tensor,
                  contiguous=True)
     check_tensor("rows", rows, ndim=1, dtypes=INDEX_DTYPES, device=logits.device)
     vocab = logits.shape[1]
-    if bitmask.shape[0] != rows.shape[0] or bitmask.shape[1] * 32 < vocab:
-        raise ValueError(f"bitmask must have shape ({rows.shape[0]}, >= {-(-vocab // 32)}), "
-                         f"got {tuple(bitmask.shape)}.")
+    _check_bitmask_shape(bitmask, rows, vocab)
     if rows.shape[0] == 0 or vocab == 0:
         return
     # xgrammar reads bitmask row i for logits row i: spread the rows out when they differ.
