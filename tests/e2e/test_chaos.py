@@ -319,12 +319,16 @@ def test_stopping_the_stack_drains_streams_and_refuses_new_requests(stack, undis
     streams = Streams(stack.endpoint, prompts(num_streams), params).start()
     wait_until(lambda: min(streams.counts()) >= 3, 60.0, "every stream under way")
     router = stack.router
-    stopper = threading.Thread(target=stack.stop)
-    stopper.start()
-    wait_until(lambda: health(stack.endpoint) != SERVING, 10.0, "the router to drain",
-               interval_s=0.01)
-    drained_at = streams.counts()
     with Client(stack.endpoint, timeout=10.0) as late:
+        # Connected before the drain: the late request goes out the moment it starts, not
+        # after a new connection's handshake (by then a quiet machine may have finished the
+        # streams and the router closed its transport).
+        late.model_info()
+        stopper = threading.Thread(target=stack.stop)
+        stopper.start()
+        wait_until(lambda: health(stack.endpoint) != SERVING, 10.0, "the router to drain",
+                   interval_s=0.01)
+        drained_at = streams.counts()
         with pytest.raises(grpc.RpcError) as refused:
             late.generate("Hello", SamplingParams(max_tokens=2))
     streams.join(60.0)
