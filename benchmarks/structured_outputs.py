@@ -27,6 +27,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -71,6 +72,14 @@ def decode_step_times(llm, prompts: list[list[int]], params_list: list) -> list[
     return times[1:-1]  # the ends overlap a prefill step or drain the pipeline
 
 
+# The timed runs: name -> (constrained, masks overlapped with the step loop).
+MODES = {"unconstrained": (False, True), "constrained": (True, True),
+         "constrained_on_loop": (True, False)}
+# MaskTimings fields reported per masked step (ms).
+HOST_PARTS = ("on_loop", "wait_accept_on_loop", "wait_fill_on_loop", "accept_on_loop",
+              "fill_on_loop", "send_on_loop", "accept_off_loop", "fill_off_loop")
+
+
 def step_overhead(llm, batch_size: int, num_steps: int, repeats: int) -> dict[str, Any]:
     from gridllm import SamplingParams, StructuredOutputsParams
 
@@ -79,27 +88,40 @@ def step_overhead(llm, batch_size: int, num_steps: int, repeats: int) -> dict[st
     constrained = free.clone(structured_outputs=StructuredOutputsParams(json=STEP_SCHEMA))
     llm.engine.runner.structured_outputs.check(constrained.structured_outputs)
     manager = llm.engine.runner.structured_outputs
-    best: dict[str, float] = {}
-    runs: dict[str, list[float]] = {"unconstrained": [], "constrained": []}
-    mask_ms = []
+    runs: dict[str, list[float]] = {name: [] for name in MODES}
+    host: dict[str, dict[str, list[float]]] = {name: {} for name in MODES if MODES[name][0]}
+    mask_ms: dict[str, list[float]] = {name: [] for name in host}
     for _ in range(repeats):
-        for name, params in (("unconstrained", free), ("constrained", constrained)):
+        for name, (is_constrained, is_overlapped) in MODES.items():
+            manager.set_overlapped(is_overlapped)  # fresh timings
             before = (manager.mask_seconds, manager.num_masked_steps)
-            median = statistics.median(decode_step_times(llm, prompts,
-                                                         [params] * batch_size))
+            median = statistics.median(decode_step_times(
+                llm, prompts, [constrained if is_constrained else free] * batch_size))
             runs[name].append(median * 1000)
-            best[name] = min(best.get(name, float("inf")), median * 1000)
-            if name == "constrained":
-                num = manager.num_masked_steps - before[1]
-                mask_ms.append(1000 * (manager.mask_seconds - before[0]) / max(num, 1))
-    # Each constrained run against the unconstrained one just before it: on a shared machine
-    # the load drifts between runs more than the overhead being measured.
-    ratios = [c / u for u, c in zip(runs["unconstrained"], runs["constrained"], strict=True)]
+            if is_constrained:
+                num = max(manager.num_masked_steps - before[1], 1)
+                mask_ms[name].append(1000 * (manager.mask_seconds - before[0]) / num)
+                timings = manager.timings.as_dict()
+                for part in HOST_PARTS:
+                    host[name].setdefault(part, []).append(1000 * timings[part] / num)
+    manager.set_overlapped(True)
+
+    def overhead(name: str) -> float:
+        # Each run against the unconstrained one just before it: on a shared machine the
+        # load drifts between runs more than the overhead being measured.
+        return 100 * (statistics.median(
+            c / u for u, c in zip(runs["unconstrained"], runs[name], strict=True)) - 1)
+
     return {"batch_size": batch_size, "num_steps": num_steps,
-            "step_ms_unconstrained": best["unconstrained"],
-            "step_ms_constrained": best["constrained"],
-            "overhead_pct": 100 * (statistics.median(ratios) - 1),
-            "mask_fill_and_send_ms_per_step": min(mask_ms),
+            "step_ms_unconstrained": min(runs["unconstrained"]),
+            "step_ms_constrained": min(runs["constrained"]),
+            "step_ms_constrained_on_loop": min(runs["constrained_on_loop"]),
+            "overhead_pct": overhead("constrained"),
+            "overhead_pct_on_loop": overhead("constrained_on_loop"),
+            "mask_fill_and_send_ms_per_step": min(mask_ms["constrained"]),
+            "host_ms_per_step": {name: {part: statistics.median(values)
+                                        for part, values in parts.items()}
+                                 for name, parts in host.items()},
             "bitmask_apply_ms": bitmask_apply_ms(llm, batch_size), "runs_ms": runs}
 
 
@@ -186,6 +208,27 @@ def new_schema_at_a_busy_worker(llm, batch_size: int, num_steps: int) -> dict[st
             "compile_wait_ms": 1000 * (manager.compile_wait_seconds - waits_before[1])}
 
 
+def build_tiny_model(path: str, vocab_size: int, tokenizer_dir: str) -> str:
+    """A 2-layer random Llama with ``vocab_size`` tokens and the files of ``tokenizer_dir``
+    (its tokenizer and chat template) in ``path``."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if len(tokenizer) > vocab_size:
+        raise ValueError(f"--tiny-vocab must cover the tokenizer's {len(tokenizer)} tokens, "
+                         f"got {vocab_size}.")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False, architectures=["LlamaForCausalLM"])
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -200,6 +243,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-steps-in-flight", type=int, default=None,
                    help="1 or 2 (default: the engine's: 2 on CUDA, 1 elsewhere)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--tiny-vocab", type=int, default=None,
+                   help="serve a 2-layer random Llama (hidden 64) with this vocabulary "
+                        "instead of --model, with --tokenizer's files: on the CPU its forward "
+                        "costs little, so the host's share of structured decoding shows at a "
+                        "large model's mask width (128256: Llama 3's)")
     p.add_argument("--output", default=None, help="write the result as JSON here")
     args = p.parse_args(argv)
     configure_logging("WARNING")
@@ -213,7 +261,14 @@ def main(argv: list[str] | None = None) -> int:
     kwargs: dict[str, Any] = {}
     if args.tokenizer:
         kwargs["tokenizer"] = resolve_model_path(args.tokenizer)
-    llm = LLM(args.model, device=args.device, max_model_len=1024,
+    model = model_name = args.model
+    if args.tiny_vocab:
+        model_name = f"tiny Llama, vocabulary {args.tiny_vocab}"
+        if not args.tokenizer:
+            p.error("--tiny-vocab needs --tokenizer")
+        scratch = tempfile.TemporaryDirectory(prefix="structured-tiny-")
+        model = build_tiny_model(scratch.name, args.tiny_vocab, kwargs["tokenizer"])
+    llm = LLM(model, device=args.device, max_model_len=1024,
               max_num_seqs=args.batch_size, max_num_batched_tokens=8192, **kwargs)
     if args.max_steps_in_flight is not None:
         llm.engine.max_steps_in_flight = args.max_steps_in_flight
@@ -230,19 +285,33 @@ def main(argv: list[str] | None = None) -> int:
     machine["load_average_1m_after"] = os.getloadavg()[0]
     write_json(args.output, result)
     steps, ttft, busy = result["steps"], result["ttft_ms"], result["busy_worker"]
+    overlapped = steps["host_ms_per_step"]["constrained"]
+    on_loop = steps["host_ms_per_step"]["constrained_on_loop"]
     sys.stdout.write(format_table([
         ["decode step, unconstrained (ms)", steps["step_ms_unconstrained"]],
         ["decode step, all rows constrained (ms)", steps["step_ms_constrained"]],
         ["overhead, median of paired runs (%)", steps["overhead_pct"]],
         ["  masks filled + sent per step (ms)", steps["mask_fill_and_send_ms_per_step"]],
         ["  bitmask applied per step (ms)", steps["bitmask_apply_ms"]],
+        ["host per step on the step loop (ms)", overlapped["on_loop"]],
+        ["  waiting for the grammar thread: accept / fill (ms)",
+         f"{overlapped['wait_accept_on_loop']:.2f} / {overlapped['wait_fill_on_loop']:.2f}"],
+        ["  filling (rows not prefilled)", overlapped["fill_on_loop"]],
+        ["  sending", overlapped["send_on_loop"]],
+        ["host per step off the loop: accept / fill (ms)",
+         f"{overlapped['accept_off_loop']:.2f} / {overlapped['fill_off_loop']:.2f}"],
+        ["masks on the loop: decode step (ms)", steps["step_ms_constrained_on_loop"]],
+        ["masks on the loop: overhead (%)", steps["overhead_pct_on_loop"]],
+        ["masks on the loop: host per step (ms)", on_loop["on_loop"]],
+        ["  accept / fill / send (ms)", f"{on_loop['accept_on_loop']:.2f} / "
+         f"{on_loop['fill_on_loop']:.2f} / {on_loop['send_on_loop']:.2f}"],
         ["TTFT unconstrained (ms)", ttft["unconstrained"]],
         ["TTFT new schema (ms)", ttft["new_schema"]],
         ["TTFT cached schema (ms)", ttft["cached_schema"]],
         ["compile of a new schema (ms)", ttft["compile_only"]],
         ["busy worker: median step (ms)", busy["median_step_ms"]],
         ["busy worker: wait for a new schema's compile (ms)", busy["compile_wait_ms"]],
-    ], [f"{args.model} on {machine['device']}, batch {args.batch_size}", "value"]) + "\n")
+    ], [f"{model_name} on {machine['device']}, batch {args.batch_size}", "value"]) + "\n")
     sys.stdout.write(json.dumps({"vocab_size": result["vocab_size"],
                                  "max_steps_in_flight": result["max_steps_in_flight"]}) + "\n")
     return 0

@@ -261,11 +261,11 @@ class ModelRunner:
         prompt_logprobs = self._prompt_logprobs(inputs, hidden)
         logits = self.model.compute_logits(hidden[inputs.logits_indices])
         constrained = batch.constrained_rows(inputs)
-        if (batch.processor_rows_have_pending_tokens()
-                or batch.rows_have_pending_tokens(constrained)):
-            # Extra processors read the token ids on the host, and a grammar's next mask
-            # needs the last token: wait for the previous step's ids (its copy only; this
-            # step's forward keeps the device busy meanwhile).
+        if batch.processor_rows_have_pending_tokens():
+            # Extra processors read the token ids on the host: wait for the previous step's
+            # ids (its copy only; this step's forward keeps the device busy meanwhile). A
+            # grammar's mask needs them too, but the structured outputs' own thread takes
+            # them as they land (prepare waits for it).
             for pending in self._unread:
                 pending.get_output()
         meta = batch.sampling_metadata(inputs, self.eos_token_id)
@@ -288,18 +288,18 @@ class ModelRunner:
         if self.device.type == "cuda":
             event = torch.cuda.Event()
             event.record()
+        # The masked rows' grammars take their tokens as soon as they land.
+        advance = self.structured_outputs.advance(token_ids, event) if constrained else None
 
         def finalize(out: ModelRunnerOutput) -> None:
             ids = token_ids.tolist()
+            live_rows = set()
             for row in sample_rows:
                 state = states[row]
                 req_id = state.req_id
                 if self.requests.get(req_id) is state:  # not dropped meanwhile
                     batch.append_known_token(states[row], ids[row])
-                    error = (state.grammar.accept(ids[row]) if state.grammar is not None
-                             else None)
-                    if error is not None:
-                        out.failed[req_id] = error  # the scheduler drops the request
+                    live_rows.add(row)
                 out.req_ids.append(req_id)
                 out.sampled_token_ids[req_id] = [ids[row]]
             if logprobs is not None:
@@ -312,6 +312,10 @@ class ModelRunner:
                         out.logprobs[states[row].req_id] = [entry]
             for req_id, tensors, num_top in prompt_logprobs:
                 out.prompt_logprobs[req_id] = tensors.to_lists([num_top] * len(tensors.ranks))
+            # Last: the grammar thread has been accepting the tokens meanwhile.
+            for row, error in self.structured_outputs.errors(advance).items():
+                if row in live_rows:
+                    out.failed[states[row].req_id] = error  # the scheduler drops it
 
         pending = AsyncRunnerOutput(output, finalize, event)
         self._unread.append(pending)

@@ -3,9 +3,11 @@ request, token bitmasks for the sampler.
 
 The worker sees every sampled token first, so it holds each constrained request's grammar
 matcher (xgrammar): a token is fed to it when its id reaches the host, and before a step
-samples, every constrained row's matcher fills that row's bitmask of allowed tokens. A
-request rebuilt from scratch (after a preemption, or on another worker after a migration)
-arrives with its generated tokens, which are replayed into a fresh matcher.
+samples, every constrained row's matcher fills that row's bitmask of allowed tokens. Both
+happen on a background thread as soon as the step's ids land, so the next step usually
+finds its masks ready (worker_svc/mask_pipeline.py). A request rebuilt from scratch (after
+a preemption, or on another worker after a migration) arrives with its generated tokens,
+which are replayed into a fresh matcher.
 
 Grammars compile on a background thread as soon as a request arrives, once per distinct
 spec (an LRU of compiled grammars bounded in bytes), while its prompt is computed; only the
@@ -24,28 +26,22 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-import numpy as np
 import torch
 
 from gridllm.common.sampling_params import SamplingParams
 from gridllm.common.structured_outputs import StructuredOutputsParams
-from worker_svc.staging import HostToDevice
+from worker_svc.grammar_matcher import BitmaskFiller, RequestGrammar, bitmask_width
+from worker_svc.mask_pipeline import MaskPipeline, MaskTimings, StepAdvance
 
 logger = logging.getLogger(__name__)
 
 # Compiled grammars kept for reuse (their token-mask caches dominate: ~0.1-10 MiB each).
 DEFAULT_CACHE_BYTES = 512 << 20
-# Rows filled per step before the fill is spread over xgrammar's threads.
-_MIN_ROWS_FOR_THREADS = 8
 # xgrammar's errors start with "[time] /path/file.cc:line: ".
 _CPP_PREFIX = re.compile(r"^\[[^\]]*\]\s*\S+:\d+:\s*")
-# Bit k of an int32 word (bit 31 reads as a negative number).
-_BITS = (np.uint32(1) << np.arange(32, dtype=np.uint32)).view(np.int32)
 
-
-def bitmask_width(vocab_size: int) -> int:
-    """int32 words per row of a token bitmask."""
-    return -(-vocab_size // 32)
+__all__ = ["BitmaskFiller", "GrammarCompiler", "MaskTimings", "RequestGrammar", "StepAdvance",
+           "StructuredOutputManager", "bitmask_width"]
 
 
 class GrammarCompiler:
@@ -180,121 +176,6 @@ def _compile_spec(compiler: Any, params: StructuredOutputsParams) -> Any:
     return compiler.compile_grammar(params.grammar)
 
 
-class RequestGrammar:
-    """One request's grammar matcher, fed every token the request samples.
-
-    Args:
-        compiled: the grammar's compile (``GrammarCompiler.compile``).
-        stop_token_ids: the tokens that may end the completion once the grammar is matched
-            (EOS and the request's stop_token_ids).
-        token_ids: tokens generated before (a rebuilt request), replayed into the matcher.
-    """
-
-    def __init__(self, compiled: Future, stop_token_ids: list[int],
-                 token_ids: list[int] | None = None) -> None:
-        self._compiled = compiled
-        self.stop_token_ids = list(dict.fromkeys(stop_token_ids))
-        # Accepted before the matcher existed (replayed when it is built).
-        self._backlog = list(token_ids or [])
-        self._matcher: Any = None
-        self.num_accepted = 0
-        # Set once the grammar rejected a token (or a replayed one): the request is refused.
-        self.failure: str | None = None
-
-    @property
-    def is_ready(self) -> bool:
-        """True once the compile has finished (successfully or not)."""
-        return self._compiled.done()
-
-    def error(self) -> str | None:
-        """Why the grammar is unusable for this request (waits for the compile and builds
-        the matcher); None while it is fine."""
-        exc = self._compiled.exception()
-        if exc is not None:
-            return str(exc)
-        if self._matcher is None:
-            self._build()
-        return self.failure
-
-    def _build(self) -> None:
-        import xgrammar as xgr
-
-        self._matcher = xgr.GrammarMatcher(self._compiled.result(),
-                                           override_stop_tokens=self.stop_token_ids or None)
-        backlog, self._backlog = self._backlog, []
-        for position, token_id in enumerate(backlog):
-            if self.accept(token_id) is not None:
-                self.failure = f"replaying generated token {position}: {self.failure}"
-                return
-
-    @property
-    def matcher(self) -> Any:
-        return self._matcher
-
-    @property
-    def is_terminated(self) -> bool:
-        return self._matcher is not None and self._matcher.is_terminated()
-
-    def accept(self, token_id: int) -> str | None:
-        """Advance by one sampled token; the reason, once, if the grammar does not allow it
-        (the request is then refused; later tokens are ignored)."""
-        if self._matcher is None:
-            self._backlog.append(token_id)
-            return None
-        if self.failure is not None or self._matcher.is_terminated():
-            return None  # past a stop token (ignore_eos): only stop tokens are allowed now
-        if not self._matcher.accept_token(token_id):
-            self.failure = (f"the grammar does not allow token {token_id} after "
-                            f"{self.num_accepted} tokens (is min_tokens past its end?)")
-            return self.failure
-        self.num_accepted += 1
-        return None
-
-
-class BitmaskFiller:
-    """Fills the token bitmasks of a step's constrained rows on the host.
-
-    Args:
-        vocab_size: columns of the logits.
-    """
-
-    def __init__(self, vocab_size: int) -> None:
-        self.vocab_size = vocab_size
-        self.width = bitmask_width(vocab_size)
-        self._host = np.zeros((0, self.width), dtype=np.int32)
-        self._batch_matcher: Any = None
-
-    def fill(self, grammars: list[RequestGrammar]) -> np.ndarray:
-        """``[len(grammars), width]`` int32 bitmasks (a view reused by the next call)."""
-        num_rows = len(grammars)
-        if self._host.shape[0] < num_rows:
-            self._host = np.zeros((max(num_rows, 2 * self._host.shape[0]), self.width),
-                                  dtype=np.int32)
-        host = self._host[:num_rows]
-        live = [g for g in grammars if not g.is_terminated]
-        live_rows = [i for i, g in enumerate(grammars) if not g.is_terminated]
-        if len(live) >= _MIN_ROWS_FOR_THREADS:
-            self._batch().batch_fill_next_token_bitmask([g.matcher for g in live], host,
-                                                        live_rows)
-        else:
-            for row, grammar in zip(live_rows, live, strict=True):
-                grammar.matcher.fill_next_token_bitmask(host, row)
-        for row, grammar in enumerate(grammars):
-            if grammar.is_terminated:
-                # Matched and stopped (a stop token was ignored): only stop tokens follow.
-                host[row] = 0
-                for token_id in grammar.stop_token_ids:
-                    host[row, token_id // 32] |= _BITS[token_id % 32]
-        return host
-
-    def _batch(self) -> Any:
-        if self._batch_matcher is None:
-            import xgrammar as xgr
-
-            self._batch_matcher = xgr.BatchGrammarMatcher()
-        return self._batch_matcher
-
-
 class StructuredOutputManager:
     """The runner's structured outputs: compiles, per-request matchers, each step's masks.
 
@@ -302,21 +183,39 @@ class StructuredOutputManager:
         load_tokenizer: as for ``GrammarCompiler``.
         vocab_size: columns of the logits.
         device: where the sampler's logits live.
+        is_overlapped: feed each step's tokens to the matchers and fill the next masks on a
+            background thread as soon as the ids land (``MaskPipeline``); False does both on
+            the step loop when they are needed (same masks, same outputs).
     """
 
     def __init__(self, load_tokenizer: Callable[[], Any] | None, vocab_size: int,
-                 device: torch.device) -> None:
+                 device: torch.device, is_overlapped: bool = True) -> None:
         self.compiler = GrammarCompiler(load_tokenizer, vocab_size)
         self.filler = BitmaskFiller(vocab_size)
-        self.staging = HostToDevice(device)
+        self.pipeline = MaskPipeline(self.filler, device, is_overlapped)
         # Steps that waited for a compile, and how long in all (a new spec whose compile
         # outlasted its request's prompt).
         self.num_compile_waits = 0
         self.compile_wait_seconds = 0.0
-        # Steps with masked rows, those rows, and the host time filling and sending masks.
+        # Steps with masked rows, those rows, and the step loop's host time for their masks
+        # (waiting for the background thread, filling what it did not, sending).
         self.num_masked_steps = 0
         self.num_masked_rows = 0
         self.mask_seconds = 0.0
+        # The grammars and rows the last prepare masked (their tokens go to advance).
+        self._masked: tuple[list[RequestGrammar], list[int]] = ([], [])
+
+    def set_overlapped(self, is_overlapped: bool) -> None:
+        """Switch between the background and the on-the-loop mask pipeline (between steps;
+        the timings start over)."""
+        self.pipeline.wait()
+        self.pipeline.close()
+        self.pipeline = MaskPipeline(self.filler, self.pipeline.buffers.device, is_overlapped)
+
+    @property
+    def timings(self) -> MaskTimings:
+        """Where the host time of accepting tokens and filling masks went."""
+        return self.pipeline.timings
 
     def new_request(self, params: SamplingParams, eos_token_id: int | None,
                     output_token_ids: list[int]) -> RequestGrammar:
@@ -337,13 +236,17 @@ class StructuredOutputManager:
 
     def prepare(self, grammars: list[RequestGrammar], rows: list[int]
                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, dict[int, str]]:
-        """The bitmasks of one step's constrained sampling ``rows`` (their matchers up to
-        date), waiting for compiles still running.
+        """The bitmasks of one step's constrained sampling ``rows``, after every token
+        sampled before (waits for the background thread and for compiles still running).
 
         Returns:
             ``(bitmask [R, W] int32, rows [R] int64)`` on the device (None if no row is
             masked) and the rows whose grammar failed (their reasons): left unmasked.
         """
+        start = time.perf_counter()
+        # The matchers are the background thread's until its advances are done.
+        self.pipeline.wait()
+        self.mask_seconds += time.perf_counter() - start
         failures: dict[int, str] = {}
         if not all(g.is_ready for g in grammars):
             start = time.perf_counter()
@@ -359,16 +262,31 @@ class StructuredOutputManager:
             else:
                 masked.append(grammar)
                 masked_rows.append(row)
+        self._masked = (masked, masked_rows)
         if not masked:
             return None, None, failures
         start = time.perf_counter()
-        host = self.filler.fill(masked)
-        dev = self.staging.send({"bitmask": host,
-                                 "rows": np.asarray(masked_rows, dtype=np.int64)})
+        bitmask, dev_rows = self.pipeline.masks(masked, masked_rows)
         self.mask_seconds += time.perf_counter() - start
         self.num_masked_steps += 1
         self.num_masked_rows += len(masked)
-        return dev["bitmask"], dev["rows"], failures
+        return bitmask, dev_rows, failures
+
+    def advance(self, token_ids: torch.Tensor, event: torch.cuda.Event | None
+                ) -> StepAdvance | None:
+        """Hand the step's sampled ids (host, landed once ``event`` has) to the grammars of
+        the rows the last ``prepare`` masked; None if it masked none.
+        ``pipeline.errors(advance)`` says which rows' tokens a grammar refused."""
+        masked, rows = self._masked
+        self._masked = ([], [])
+        if not masked:
+            return None
+        return self.pipeline.advance(masked, rows, token_ids, event)
+
+    def errors(self, advance: StepAdvance | None) -> dict[int, str]:
+        """The rows of ``advance`` whose grammar refused its token, with the reasons."""
+        return {} if advance is None else self.pipeline.errors(advance)
 
     def close(self) -> None:
+        self.pipeline.close()
         self.compiler.close()

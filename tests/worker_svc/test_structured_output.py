@@ -300,6 +300,87 @@ def test_a_token_the_grammar_refuses_fails_only_its_request(llm):
     assert outs[1].outputs[0].finish_reason == "length"
 
 
+@pytest.mark.parametrize("max_steps_in_flight", [1, 2])
+def test_masks_off_the_loop_give_the_outputs_of_masks_on_the_loop(llm, max_steps_in_flight):
+    """Sampled and greedy constrained rows next to unconstrained ones: the outputs with
+    the tokens accepted and the masks filled on the grammar thread equal those with both
+    done on the step loop, and the thread's prefilled masks were the ones used."""
+    prompts = ["Hello world", "The quick brown fox", "café", "tiny model"] * 2
+    greedy = SamplingParams(temperature=0.0, max_tokens=48, structured_outputs=SPECS[2])
+    free = SamplingParams(temperature=1.0, seed=3, max_tokens=24)
+    params = _params(5) + [greedy, free, greedy, free, _params(8)[0]]
+    specs = SPECS + [SPECS[2], None, SPECS[2], None, SPECS[0]]
+    manager = llm.engine.runner.structured_outputs
+    llm.engine.max_steps_in_flight = max_steps_in_flight
+    outputs = {}
+    try:
+        for is_overlapped in (False, True):
+            manager.set_overlapped(is_overlapped)
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            outputs[is_overlapped] = [o.outputs[0].token_ids for o in outs]
+            timings = manager.timings
+            if is_overlapped:
+                assert timings.num_prefilled_rows > timings.num_loop_filled_rows
+                assert timings.accept_on_loop == 0
+            else:
+                assert timings.num_prefilled_rows == 0 and timings.accept_off_loop == 0
+    finally:
+        manager.set_overlapped(True)
+        llm.engine.max_steps_in_flight = 1
+    assert outputs[True] == outputs[False]
+    for spec, out in zip(specs, outs, strict=True):
+        if spec is not None:
+            assert _fits(spec, out.outputs[0].text), out.outputs[0].text
+
+
+@pytest.mark.parametrize("max_steps_in_flight", [1, 2])
+def test_a_refused_token_mid_batch_fails_only_its_request(llm, max_steps_in_flight):
+    """With the grammar thread and steps in flight, the refusal of one request's token
+    (min_tokens past the grammar's end) reaches the scheduler; its neighbours, constrained
+    or not, finish as they do without it."""
+    forced = SamplingParams(temperature=0.0, max_tokens=8, min_tokens=4,
+                            structured_outputs=StructuredOutputsParams(choice=["quick"]))
+    others = [SamplingParams(temperature=0.0, max_tokens=8),
+              SamplingParams(temperature=1.0, seed=9, max_tokens=48,
+                             structured_outputs=SPECS[2])]
+    llm.engine.max_steps_in_flight = max_steps_in_flight
+    try:
+        alone = llm.generate(["Hello", "Hello"], others, use_tqdm=False)
+        outs = llm.generate(["Hello"] * 3, [forced] + others, use_tqdm=False)
+    finally:
+        llm.engine.max_steps_in_flight = 1
+    assert outs[0].outputs[0].finish_reason == "abort"
+    assert outs[0].outputs[0].text == "quick"
+    for ref, out in zip(alone, outs[1:], strict=True):
+        assert out.outputs[0].token_ids == ref.outputs[0].token_ids
+        assert out.outputs[0].finish_reason == ref.outputs[0].finish_reason
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_preempted_requests_resume_their_grammar_off_the_loop(llm, model_dir):
+    """Recompute preemptions with two steps in flight and the grammar thread: the outputs
+    equal an undisturbed run with the masks filled on the step loop."""
+    from gridllm.llm import LLM
+
+    words = ["Hello", "world", "quick", "brown", "fox", "café", "naïve", "tiny", "model"]
+    prompts = [" ".join(words[(k + i) % len(words)] for i in range(16)) for k in range(6)]
+    params = _params(13) + _params(17)
+    manager = llm.engine.runner.structured_outputs
+    manager.set_overlapped(False)
+    try:
+        reference = llm.generate(prompts, params, use_tqdm=False)
+    finally:
+        manager.set_overlapped(True)
+    small = LLM(model_dir, device="cpu", num_kv_blocks=8, max_model_len=512,
+                enable_prefix_caching=False)
+    small.engine.max_steps_in_flight = 2
+    preempted = small.generate(prompts, params, use_tqdm=False)
+    assert small.engine.stats().num_preemptions > 0
+    assert small.engine.runner.structured_outputs.timings.num_prefilled_rows > 0
+    for ref, out in zip(reference, preempted, strict=True):
+        assert out.outputs[0].token_ids == ref.outputs[0].token_ids
+
+
 def test_manager_waits_for_a_compile_still_running(tokenizer, monkeypatch):
     release = threading.Event()
     compile_spec = structured_output._compile_spec

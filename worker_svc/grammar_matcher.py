@@ -1,0 +1,189 @@
+"""One request's grammar matcher (xgrammar), and the token bitmasks filled from a batch of
+them.
+
+xgrammar's calls release the GIL, so a batch advanced or filled in one call runs its C++
+loop while the step loop's thread keeps running Python; called once per row instead, each
+call has to win the GIL back, which another busy thread can delay by a switch interval.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import Future
+from typing import Any
+
+import numpy as np
+
+# Rows filled at once before the fill is spread over xgrammar's threads.
+_MIN_ROWS_FOR_THREADS = 8
+# Bit k of an int32 word (bit 31 reads as a negative number).
+_BITS = (np.uint32(1) << np.arange(32, dtype=np.uint32)).view(np.int32)
+
+
+def bitmask_width(vocab_size: int) -> int:
+    """int32 words per row of a token bitmask."""
+    return -(-vocab_size // 32)
+
+
+class RequestGrammar:
+    """One request's grammar matcher, fed every token the request samples.
+
+    Args:
+        compiled: the grammar's compile (``GrammarCompiler.compile``).
+        stop_token_ids: the tokens that may end the completion once the grammar is matched
+            (EOS and the request's stop_token_ids).
+        token_ids: tokens generated before (a rebuilt request), replayed into the matcher.
+    """
+
+    def __init__(self, compiled: Future, stop_token_ids: list[int],
+                 token_ids: list[int] | None = None) -> None:
+        self._compiled = compiled
+        self.stop_token_ids = list(dict.fromkeys(stop_token_ids))
+        # Accepted before the matcher existed (replayed when it is built).
+        self._backlog = list(token_ids or [])
+        self._matcher: Any = None
+        self.num_accepted = 0
+        # Set once the grammar rejected a token (or a replayed one): the request is refused.
+        self.failure: str | None = None
+
+    @property
+    def is_ready(self) -> bool:
+        """True once the compile has finished (successfully or not)."""
+        return self._compiled.done()
+
+    def error(self) -> str | None:
+        """Why the grammar is unusable for this request (waits for the compile and builds
+        the matcher); None while it is fine."""
+        if self._matcher is not None:
+            return self.failure
+        exc = self._compiled.exception()
+        if exc is not None:
+            return str(exc)
+        if self._matcher is None:
+            self._build()
+        return self.failure
+
+    def _build(self) -> None:
+        import xgrammar as xgr
+
+        self._matcher = xgr.GrammarMatcher(self._compiled.result(),
+                                           override_stop_tokens=self.stop_token_ids or None)
+        backlog, self._backlog = self._backlog, []
+        for position, token_id in enumerate(backlog):
+            if self.accept(token_id) is not None:
+                self.failure = f"replaying generated token {position}: {self.failure}"
+                return
+
+    @property
+    def matcher(self) -> Any:
+        return self._matcher
+
+    @property
+    def is_terminated(self) -> bool:
+        return self._matcher is not None and self._matcher.is_terminated()
+
+    @property
+    def _is_accepting(self) -> bool:
+        # Past a stop token (ignore_eos) only stop tokens are allowed, and they are ignored.
+        return self.failure is None and not self._matcher.is_terminated()
+
+    def accept(self, token_id: int) -> str | None:
+        """Advance by one sampled token; the reason, once, if the grammar does not allow it
+        (the request is then refused; later tokens are ignored)."""
+        if self._matcher is None:
+            self._backlog.append(token_id)
+            return None
+        if not self._is_accepting:
+            return None
+        return self._record(token_id, self._matcher.accept_token(token_id))
+
+    def _record(self, token_id: int, is_accepted: bool) -> str | None:
+        if not is_accepted:
+            self.failure = (f"the grammar does not allow token {token_id} after "
+                            f"{self.num_accepted} tokens (is min_tokens past its end?)")
+            return self.failure
+        self.num_accepted += 1
+        return None
+
+    @staticmethod
+    def accept_many(grammars: Sequence[RequestGrammar], token_ids: Sequence[int]
+                    ) -> list[str | None]:
+        """``accept`` of each grammar's token, in one xgrammar call for them all.
+
+        Returns:
+            Per grammar, the reason its token was refused (None where it was accepted).
+        """
+        import xgrammar as xgr
+
+        errors: list[str | None] = [None] * len(grammars)
+        live, live_ids, positions = [], [], []
+        for position, (grammar, token_id) in enumerate(zip(grammars, token_ids, strict=True)):
+            if grammar.matcher is None:
+                grammar._backlog.append(token_id)
+            elif grammar._is_accepting:
+                live.append(grammar.matcher)
+                live_ids.append(token_id)
+                positions.append(position)
+        if live:
+            results = xgr.BatchGrammarMatcher.batch_accept_token(live, live_ids)
+            for position, token_id, is_accepted in zip(positions, live_ids, results,
+                                                       strict=True):
+                errors[position] = grammars[position]._record(token_id, is_accepted)
+        return errors
+
+
+class BitmaskFiller:
+    """Fills the token bitmasks of constrained rows on the host.
+
+    Args:
+        vocab_size: columns of the logits.
+    """
+
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+        self.width = bitmask_width(vocab_size)
+        self._host = np.zeros((0, self.width), dtype=np.int32)
+        self._batch_matcher: Any = None
+
+    def fill(self, grammars: list[RequestGrammar]) -> np.ndarray:
+        """``[len(grammars), width]`` int32 bitmasks (a view reused by the next call)."""
+        num_rows = len(grammars)
+        if self._host.shape[0] < num_rows:
+            self._host = np.zeros((max(num_rows, 2 * self._host.shape[0]), self.width),
+                                  dtype=np.int32)
+        host = self._host[:num_rows]
+        self.fill_into(grammars, host)
+        return host
+
+    def fill_into(self, grammars: Sequence[RequestGrammar], out: np.ndarray,
+                  out_rows: Sequence[int] | None = None) -> None:
+        """Write the bitmask of ``grammars[i]`` into ``out[out_rows[i]]`` (default: row i).
+
+        Args:
+            grammars: matchers built and not failed.
+            out: ``[rows, width]`` int32, C-contiguous (pinned host memory is fine).
+            out_rows: distinct rows of ``out``.
+        """
+        rows = list(range(len(grammars))) if out_rows is None else list(out_rows)
+        live, live_rows = [], []
+        for row, grammar in zip(rows, grammars, strict=True):
+            if grammar.is_terminated:
+                # Matched and stopped (a stop token was ignored): only stop tokens follow.
+                out[row] = 0
+                for token_id in grammar.stop_token_ids:
+                    out[row, token_id // 32] |= _BITS[token_id % 32]
+            else:
+                live.append(grammar.matcher)
+                live_rows.append(row)
+        if len(live) >= _MIN_ROWS_FOR_THREADS:
+            self._batch().batch_fill_next_token_bitmask(live, out, live_rows)
+        else:
+            for row, matcher in zip(live_rows, live, strict=True):
+                matcher.fill_next_token_bitmask(out, row)
+
+    def _batch(self) -> Any:
+        if self._batch_matcher is None:
+            import xgrammar as xgr
+
+            self._batch_matcher = xgr.BatchGrammarMatcher()
+        return self._batch_matcher
