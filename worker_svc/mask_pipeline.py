@@ -99,14 +99,24 @@ class MaskBuffers:
         event = self._events[index]
         if event is not None:
             event.synchronize()
-        tensor = self._tensors[index]
-        if tensor is None or tensor.shape[0] < num_rows:
-            rows = max(num_rows, 8, 0 if tensor is None else 2 * tensor.shape[0])
-            tensor = torch.empty((rows, self.width), dtype=torch.int32,
-                                 pin_memory=self.device.type == "cuda")
-            self._tensors[index] = tensor
-            self._arrays[index] = tensor.numpy()
+        self._grow(index, num_rows)
         return index
+
+    def reserve(self, num_rows: int) -> None:
+        """Make every buffer hold ``num_rows`` rows (a buffer in use is replaced, not
+        overwritten: its copy keeps the old one alive)."""
+        for index in range(len(self._tensors)):
+            self._grow(index, num_rows)
+
+    def _grow(self, index: int, num_rows: int) -> None:
+        tensor = self._tensors[index]
+        if tensor is not None and tensor.shape[0] >= num_rows:
+            return
+        rows = max(num_rows, 8, 0 if tensor is None else 2 * tensor.shape[0])
+        tensor = torch.empty((rows, self.width), dtype=torch.int32,
+                             pin_memory=self.device.type == "cuda")
+        self._tensors[index] = tensor
+        self._arrays[index] = tensor.numpy()
 
     def array(self, index: int) -> np.ndarray:
         array = self._arrays[index]
@@ -177,7 +187,8 @@ class MaskPipeline:
         self.is_overlapped = is_overlapped
         self.buffers = MaskBuffers(filler.width, device)
         self._rows_staging = HostToDevice(device)
-        self._executor = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-step")
+        self._executor = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-step",
+                                             initializer=_use_device, initargs=(device,))
                           if is_overlapped else None)
         # Advances whose prefill the loop has not collected yet, oldest first.
         self._in_flight: collections.deque[StepAdvance] = collections.deque()
@@ -188,9 +199,13 @@ class MaskPipeline:
                 token_ids: torch.Tensor, event: torch.cuda.Event | None) -> StepAdvance:
         """Feed a step's sampled ids to its masked rows' grammars (in the background when
         overlapped; else when ``errors`` or the next ``masks`` asks)."""
+        # One advance on the thread at a time (the step's masks() has waited already).
+        self.wait()
         step = StepAdvance(grammars, rows, token_ids, event)
         self._in_flight.append(step)
         if self._executor is not None:
+            # Pinned memory is allocated here, never on the background thread.
+            self.buffers.reserve(len(grammars))
             if sys.getswitchinterval() > _SWITCH_INTERVAL_S:
                 logger.info("GIL switch interval %.1f ms -> %.1f ms (structured outputs' "
                             "masks are filled on a background thread)",
@@ -304,6 +319,12 @@ class MaskPipeline:
         except BaseException as exc:
             logger.exception("prefilling masks failed")
             step.prefilled.set_exception(exc)
+
+
+def _use_device(device: torch.device) -> None:
+    """The background thread's CUDA device (its events and copies belong to it)."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
 
 
 def _lookup(prefill: _Prefill, grammar: RequestGrammar) -> int | None:
