@@ -41,7 +41,11 @@ class RequestGrammar:
         self.stop_token_ids = list(dict.fromkeys(stop_token_ids))
         # Accepted before the matcher existed (replayed when it is built).
         self._backlog = list(token_ids or [])
+        self._stop_token_set = frozenset(self.stop_token_ids)
         self._matcher: Any = None
+        # The matcher's is_terminated(), kept here: only an accepted stop token changes it,
+        # and the per-step loops ask for it on every row.
+        self._is_terminated = False
         self.num_accepted = 0
         # Set once the grammar rejected a token (or a replayed one): the request is refused.
         self.failure: str | None = None
@@ -80,12 +84,12 @@ class RequestGrammar:
 
     @property
     def is_terminated(self) -> bool:
-        return self._matcher is not None and self._matcher.is_terminated()
+        return self._is_terminated
 
     @property
     def _is_accepting(self) -> bool:
         # Past a stop token (ignore_eos) only stop tokens are allowed, and they are ignored.
-        return self.failure is None and not self._matcher.is_terminated()
+        return self._matcher is not None and self.failure is None and not self._is_terminated
 
     def accept(self, token_id: int) -> str | None:
         """Advance by one sampled token; the reason, once, if the grammar does not allow it
@@ -103,6 +107,8 @@ class RequestGrammar:
                             f"{self.num_accepted} tokens (is min_tokens past its end?)")
             return self.failure
         self.num_accepted += 1
+        if token_id in self._stop_token_set:
+            self._is_terminated = self._matcher.is_terminated()
         return None
 
     @staticmethod
@@ -116,19 +122,24 @@ class RequestGrammar:
         import xgrammar as xgr
 
         errors: list[str | None] = [None] * len(grammars)
-        live, live_ids, positions = [], [], []
-        for position, (grammar, token_id) in enumerate(zip(grammars, token_ids, strict=True)):
-            if grammar.matcher is None:
-                grammar._backlog.append(token_id)
-            elif grammar._is_accepting:
-                live.append(grammar.matcher)
-                live_ids.append(token_id)
-                positions.append(position)
-        if live:
-            results = xgr.BatchGrammarMatcher.batch_accept_token(live, live_ids)
-            for position, token_id, is_accepted in zip(positions, live_ids, results,
-                                                       strict=True):
-                errors[position] = grammars[position]._record(token_id, is_accepted)
+        if len(token_ids) != len(grammars):
+            raise ValueError(f"token_ids must have one id per grammar ({len(grammars)}), "
+                             f"got {len(token_ids)}.")
+        positions = [i for i, g in enumerate(grammars) if g._is_accepting]
+        for i, grammar in enumerate(grammars):
+            if grammar._matcher is None:
+                grammar._backlog.append(token_ids[i])
+        if not positions:
+            return errors
+        live_ids = [token_ids[i] for i in positions]
+        results = xgr.BatchGrammarMatcher.batch_accept_token(
+            [grammars[i]._matcher for i in positions], live_ids)
+        for position, token_id, is_accepted in zip(positions, live_ids, results, strict=True):
+            grammar = grammars[position]
+            if is_accepted and token_id not in grammar._stop_token_set:
+                grammar.num_accepted += 1  # the common case, inline
+            else:
+                errors[position] = grammar._record(token_id, is_accepted)
         return errors
 
 
@@ -165,16 +176,21 @@ class BitmaskFiller:
             out_rows: distinct rows of ``out``.
         """
         rows = list(range(len(grammars))) if out_rows is None else list(out_rows)
-        live, live_rows = [], []
-        for row, grammar in zip(rows, grammars, strict=True):
-            if grammar.is_terminated:
-                # Matched and stopped (a stop token was ignored): only stop tokens follow.
-                out[row] = 0
-                for token_id in grammar.stop_token_ids:
-                    out[row, token_id // 32] |= _BITS[token_id % 32]
-            else:
-                live.append(grammar.matcher)
-                live_rows.append(row)
+        if len(rows) != len(grammars):
+            raise ValueError(f"out_rows must have one row per grammar ({len(grammars)}), "
+                             f"got {len(rows)}.")
+        live = [g._matcher for g in grammars if not g._is_terminated]
+        live_rows = rows
+        if len(live) < len(grammars):
+            live_rows = []
+            for row, grammar in zip(rows, grammars, strict=True):
+                if grammar._is_terminated:
+                    # Matched and stopped (a stop token was ignored): only stop tokens follow.
+                    out[row] = 0
+                    for token_id in grammar.stop_token_ids:
+                        out[row, token_id // 32] |= _BITS[token_id % 32]
+                else:
+                    live_rows.append(row)
         if len(live) >= _MIN_ROWS_FOR_THREADS:
             self._batch().batch_fill_next_token_bitmask(live, out, live_rows)
         else:

@@ -79,6 +79,7 @@ def test_accept_many_equals_one_token_at_a_time(compiler, tokenizer):
         assert [g.accept(t) for g, t in zip(one, ids, strict=True)] == \
             RequestGrammar.accept_many(many, ids)
         assert [g.num_accepted for g in one] == [g.num_accepted for g in many]
+        assert [g.is_terminated for g in many] == [g.matcher.is_terminated() for g in many]
         assert np.array_equal(_fresh_masks(one), _fresh_masks(many))
     assert all(g.is_terminated for g in many)
     # A refused token: the same reason, once, and later tokens ignored.
