@@ -4,14 +4,20 @@ the time to first token of a request whose schema is new.
     python benchmarks/structured_outputs.py [--device cpu] [--batch-size 64] [--output r.json]
     python benchmarks/structured_outputs.py --device cuda --model random:llama3-8b \\
         --tokenizer smollm2-135m            # a large model's step, a real tokenizer's grammar
+    python benchmarks/structured_outputs.py --tokenizer smollm2-135m --tiny-vocab 128256 \\
+        --max-steps-in-flight 2             # the host's share on the CPU, at Llama 3's width
 
 1. **Decode steps**: ``--batch-size`` chat requests decode ``--num-steps`` tokens each
-   (greedy, ``ignore_eos``), unconstrained and then every one constrained by a JSON schema
-   (an unbounded array of nested objects, so the grammar stays active), through the
-   in-process engine; alternating runs, the best median step time of each is kept and the
-   overhead is the median ratio of each constrained run to the run just before it. The
-   constrained run also reports the host time per step spent filling and sending the masks,
-   and the bitmask kernel (xgrammar's C++ loop on the CPU) timed alone at that batch.
+   (greedy, ``ignore_eos``), unconstrained, every one constrained by a JSON schema (an
+   unbounded array of nested objects, so the grammar stays active), and constrained again
+   with the tokens accepted and the masks filled on the step loop (the reference the
+   background grammar thread replaces), through the in-process engine; alternating runs,
+   the best median step time of each is kept and the overhead is the median ratio of each
+   constrained run to the unconstrained run just before it. The constrained runs also
+   report the host time per masked step, split into the step loop's share (waiting for the
+   grammar thread, filling the rows it did not, sending) and the thread's (accepting the
+   step's tokens, filling the next masks), and the bitmask kernel (xgrammar's C++ loop on
+   the CPU) timed alone at that batch.
 2. **TTFT with a new schema** (``LLM.generate``, max_tokens=1): unconstrained, a schema never
    seen (compiled at admission), the same schema again (cached), and the compile alone.
 3. **A new schema reaching a busy worker**: ``--batch-size - 1`` unconstrained requests

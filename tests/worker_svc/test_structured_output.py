@@ -423,3 +423,26 @@ def test_on_cuda_the_kernel_path_fits_with_and_without_pipelined_steps(model_dir
             assert _fits(spec, out.outputs[0].text), out.outputs[0].text
     assert outputs[1] == outputs[2]
     assert gpu.engine.runner.structured_outputs.num_masked_steps > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_masks_off_the_loop_give_the_outputs_of_masks_on_the_loop(model_dir):
+    """Pinned mask buffers, the ids' copy event waited for on the grammar thread, two steps
+    in flight: the outputs equal those with the masks filled on the step loop."""
+    from gridllm.llm import LLM
+
+    gpu = LLM(model_dir, device="cuda", num_kv_blocks=128, max_model_len=512)
+    gpu.engine.max_steps_in_flight = 2
+    prompts = ["Hello world", "The quick brown fox", "café"] * 2
+    params = _params(21, 256) + _params(23, 256)
+    manager = gpu.engine.runner.structured_outputs
+    outputs = {}
+    for is_overlapped in (False, True):
+        manager.set_overlapped(is_overlapped)
+        outs = gpu.generate(prompts, params, use_tqdm=False)
+        outputs[is_overlapped] = [o.outputs[0].token_ids for o in outs]
+        for spec, out in zip(SPECS * 2, outs, strict=True):
+            assert _fits(spec, out.outputs[0].text), out.outputs[0].text
+    assert manager.timings.num_prefilled_rows > manager.timings.num_loop_filled_rows
+    assert outputs[True] == outputs[False]
