@@ -6,7 +6,7 @@ import torch
 
 from kernels.fp8_quant import per_token_quant_fp8
 from tests.kernels.conftest import DEVICE, GPU_DTYPES, SMALL_DTYPES, needs_gpu
-from worker_svc.layers.quantization import _MIN_SCALE, quantize_per_row
+from worker_svc.layers.quantization import _MIN_SCALE, INV_FP8_MAX, quantize_per_row
 
 
 def _check(num_rows: int, num_cols: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -16,7 +16,7 @@ def _check(num_rows: int, num_cols: int, dtype: torch.dtype, device: torch.devic
         x[1] = 0  # an all-zero row: the minimum scale
         x[2, 0] = 1e4  # an outlier sets its row's scale
     x = x.to(device)
-    q, scale = per_token_quant_fp8(x, _MIN_SCALE)
+    q, scale = per_token_quant_fp8(x, INV_FP8_MAX, _MIN_SCALE)
     want_q, want_scale = quantize_per_row(x)
     assert torch.equal(scale, want_scale)
     # Values, not bytes: a tiny negative input may round to +0 here and to -0 in torch.
@@ -31,7 +31,7 @@ def test_per_token_quant_matches_torch(num_rows, num_cols, dtype):
 
 def test_rejects_what_it_cannot_read():
     with pytest.raises(ValueError, match="x"):
-        per_token_quant_fp8(torch.zeros(4, device=DEVICE), _MIN_SCALE)
+        per_token_quant_fp8(torch.zeros(4, device=DEVICE), INV_FP8_MAX, _MIN_SCALE)
 
 
 @pytest.mark.gpu

@@ -1,0 +1,67 @@
+"""The e4m3-weight matmul for decode-sized batches against torch: ``x @ (W * s)^T + b``
+computed in float32 from the same e4m3 weight, per-dtype tolerances."""
+
+import pytest
+import torch
+
+from kernels.fp8 import FP8_DTYPE
+from kernels.fp8_gemv import MAX_ROWS, fp8_weight_matmul
+from tests.kernels.conftest import DEVICE, GPU_DTYPES, SMALL_DTYPES, assert_close, needs_gpu
+
+
+def _operands(num_rows, num_out, num_in, dtype, device, has_bias):
+    torch.manual_seed(num_rows * 131 + num_out + num_in)
+    weight = torch.randn(num_out, num_in) * torch.logspace(-2, 1, num_out)[:, None]
+    scale = (weight.abs().amax(-1) / 448.0).float()
+    weight_q = (weight / scale[:, None]).clamp(-448, 448).to(FP8_DTYPE)
+    x = torch.randn(num_rows, num_in).to(dtype)
+    bias = torch.randn(num_out).to(dtype) if has_bias else None
+    expected = x.float() @ (weight_q.float() * scale[:, None]).t()
+    if has_bias:
+        expected += bias.float()
+    to = (lambda t: None if t is None else t.to(device))
+    return to(x), to(weight_q), to(scale), to(bias), expected
+
+
+def _check(num_rows, num_out, num_in, dtype, device, has_bias, config=None):
+    x, w, s, b, expected = _operands(num_rows, num_out, num_in, dtype, device, has_bias)
+    kwargs = {} if config is None else {"config": config}
+    out = fp8_weight_matmul(x, w, s, b, **kwargs)
+    assert out.dtype == dtype and out.shape == (num_rows, num_out)
+    # The reference is float32; the output is rounded once to ``dtype``.
+    assert_close(out, expected.to(dtype), "y", dtype=dtype,
+                 scale=1.0 if dtype != torch.float32 else 50.0)
+
+
+@pytest.mark.parametrize("dtype", SMALL_DTYPES)
+@pytest.mark.parametrize("num_rows,num_out,num_in,has_bias",
+                         [(1, 64, 256, False), (5, 100, 300, True), (MAX_ROWS, 48, 512, False)])
+def test_matches_torch(num_rows, num_out, num_in, has_bias, dtype):
+    _check(num_rows, num_out, num_in, dtype, DEVICE, has_bias, config=(32, 128, 4, 2))
+
+
+def test_rejects_what_it_cannot_read():
+    x, w, s, b, _ = _operands(2, 32, 64, torch.float32, DEVICE, True)
+    with pytest.raises(ValueError, match="x must have at most"):
+        fp8_weight_matmul(torch.zeros(MAX_ROWS + 1, 64, device=DEVICE), w, s)
+    with pytest.raises(ValueError, match="weight must have dtype"):
+        fp8_weight_matmul(x, w.float(), s)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        fp8_weight_matmul(x[:, :32].contiguous(), w, s)
+    with pytest.raises(ValueError, match="weight_scale must have shape"):
+        fp8_weight_matmul(x, w, s[:16].contiguous())
+    with pytest.raises(ValueError, match="bias must have shape"):
+        fp8_weight_matmul(x, w, s, b[:16].contiguous())
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("num_rows", [1, 4, MAX_ROWS])
+# Llama-3-8B's decoder: merged q/k/v, o, merged gate/up, down.
+@pytest.mark.parametrize("num_out,num_in", [(6144, 4096), (4096, 4096), (28672, 4096),
+                                            (4096, 14336)])
+def test_llama3_8b_shapes_gpu(num_rows, num_out, num_in, dtype):
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("e4m3 conversions in Triton need compute capability 8.9+")
+    _check(num_rows, num_out, num_in, dtype, torch.device("cuda"), has_bias=num_rows == 4)
