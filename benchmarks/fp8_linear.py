@@ -7,8 +7,8 @@ median time (CUDA events, L2 flushed) of:
 - ``bf16``: ``F.linear`` on bfloat16 weights (cuBLAS);
 - ``fp8 mm``: per-token activation quantization (one Triton kernel) + ``torch._scaled_mm``
   with row-wise scales, what ``Fp8Linear`` runs above ``WEIGHT_ONLY_MAX_ROWS`` rows;
-- ``fp8 w-only``: the e4m3-weight kernel (``kernels.fp8_gemv``), what it runs up to that many
-  rows, with the best of a sweep of tile configurations (each printed with its time);
+- ``fp8 w-only``: the e4m3-weight kernels (``kernels.fp8_gemv``), what it runs up to that
+  many rows, with the best of a sweep of tile configurations (each printed with its time);
 and the weight bytes read per second as a fraction of the copy bandwidth measured in the
 same run. The last table sums the four layers: the decoder's linear time per token of one
 Llama-3-8B block, times 32 blocks.
@@ -29,7 +29,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from gridllm.bench.roofline import measure_limits  # noqa: E402
-from kernels.fp8_gemv import DEFAULT_CONFIG, MAX_ROWS, fp8_weight_matmul  # noqa: E402
+from kernels.fp8_gemv import (  # noqa: E402
+    DEFAULT_CONFIG,
+    DEFAULT_GEMV_CONFIG,
+    MAX_ROWS,
+    fp8_weight_matmul,
+)
 from kernels.fp8_quant import per_token_quant_fp8  # noqa: E402
 from worker_svc.layers.quantization import INV_FP8_MAX, quantize_per_row  # noqa: E402
 
@@ -37,7 +42,11 @@ from worker_svc.layers.quantization import INV_FP8_MAX, quantize_per_row  # noqa
 SHAPES = [("qkv_proj", 6144, 4096), ("o_proj", 4096, 4096), ("gate_up_proj", 28672, 4096),
           ("down_proj", 4096, 14336)]
 NUM_LAYERS = 32
-SWEEP = list(itertools.product((16, 32, 64), (128, 256, 512), (4,), (3, 4, 6)))
+# Tile configurations tried: the tl.dot kernel (5-16 rows) at M = 16, the multiply-add
+# kernel (1-4 rows) at M = 1.
+DOT_SWEEP = list(itertools.product((32,), (128, 256, 512), (4,), (3, 4, 6))) + [
+    (16, 256, 4, 4), (64, 256, 4, 3), (32, 256, 8, 4)]
+GEMV_SWEEP = list(itertools.product((1, 2, 4, 8), (512, 1024, 2048), (4, 8)))
 
 
 def bench(fn) -> float:
@@ -52,9 +61,28 @@ def _fp8_mm(x, q, s):
                             out_dtype=torch.bfloat16)
 
 
+def _sweep(weights, configs, num_rows: int, keyword: str):
+    """The configuration with the least time summed over the four shapes at ``num_rows``."""
+    times = {}
+    for config in configs:
+        total = 0.0
+        try:
+            for name, _, k in SHAPES:
+                _, q, s = weights[name]
+                x = torch.randn(num_rows, k, device="cuda", dtype=torch.bfloat16)
+                total += bench(functools.partial(fp8_weight_matmul, x, q, s,
+                                                 **{keyword: config}))
+        except Exception as exc:  # a configuration Triton cannot build: skip it
+            print(f"{keyword} {config}: {type(exc).__name__}: {str(exc)[:120]}")
+            continue
+        times[config] = total
+        print(f"{keyword} {config}: {total * 1e3:8.1f} us for the 4 shapes at M={num_rows}")
+    return min(times, key=times.get)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rows", default="1,4,16,64,256", help="values of M")
+    parser.add_argument("--rows", default="1,2,4,8,16,64,256", help="values of M")
     parser.add_argument("--no-sweep", action="store_true",
                         help="time only the default weight-only configuration")
     parser.add_argument("--output", default=None, help="write results as JSON here")
@@ -67,30 +95,19 @@ def main() -> None:
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     rows_list = [int(r) for r in args.rows.split(",")]
     results = {"device": torch.cuda.get_device_name(), "limits": limits, "rows": []}
-    configs = [DEFAULT_CONFIG] if args.no_sweep else SWEEP
-    # Sweep on M = 1: the time of each configuration summed over the four shapes.
     weights = {}
     for name, n, k in SHAPES:
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
         q, s = quantize_per_row(w)
         weights[name] = (w, q, s[:, 0].contiguous())
-    sweep = {}
-    for config in configs:
-        total = 0.0
-        try:
-            for name, _, k in SHAPES:
-                _, q, s = weights[name]
-                x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-                total += bench(functools.partial(fp8_weight_matmul, x, q, s, config=config))
-        except Exception as exc:  # a configuration Triton cannot build: skip it
-            print(f"config {config}: {type(exc).__name__}: {str(exc)[:120]}")
-            continue
-        sweep[config] = total
-        print(f"config BLOCK_N={config[0]:3d} BLOCK_K={config[1]:4d} warps={config[2]} "
-              f"stages={config[3]}: {total * 1e3:8.1f} us for the 4 shapes at M=1")
-    best = min(sweep, key=sweep.get)
-    results["best_config"] = list(best)
-    print(f"best weight-only config {best} (default {DEFAULT_CONFIG})")
+    best_dot = _sweep(weights, [DEFAULT_CONFIG] if args.no_sweep else DOT_SWEEP, MAX_ROWS,
+                      "config")
+    best_gemv = _sweep(weights, [DEFAULT_GEMV_CONFIG] if args.no_sweep else GEMV_SWEEP, 1,
+                       "gemv_config")
+    results["best_config"], results["best_gemv_config"] = list(best_dot), list(best_gemv)
+    print(f"best tl.dot config {best_dot} (default {DEFAULT_CONFIG}); best multiply-add "
+          f"config {best_gemv} (default {DEFAULT_GEMV_CONFIG})")
+    best = dict(config=best_dot, gemv_config=best_gemv)
     print(f"{'layer':14s} {'M':>4s} {'bf16 us':>9s} {'fp8 mm us':>10s} {'w-only us':>10s} "
           f"{'bf16 %BW':>9s} {'fp8 used %BW':>13s}")
     per_token = {m: [0.0, 0.0, 0.0] for m in rows_list}
@@ -100,7 +117,7 @@ def main() -> None:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             t_bf16 = bench(functools.partial(torch.nn.functional.linear, x, w))
             t_mm = bench(functools.partial(_fp8_mm, x, q, s))
-            t_wo = bench(functools.partial(fp8_weight_matmul, x, q, s, config=best)) \
+            t_wo = bench(functools.partial(fp8_weight_matmul, x, q, s, **best)) \
                 if m <= MAX_ROWS else float("nan")
             t_fp8 = t_wo if m <= MAX_ROWS else t_mm  # what Fp8Linear runs
             pct_bf16 = n * k * 2 / (t_bf16 * 1e-3) / 1e9 / copy_gbps * 100

@@ -6,7 +6,9 @@ quantized and pads the few rows to a tile. This kernel reads the e4m3 weight, co
 tile to the activations' dtype in registers (exact: every e4m3 value is a bf16 and an fp16
 value) and multiplies by the unquantized activations with ``tl.dot`` (rows padded to 16
 in registers only), then applies the per-output-channel scale and the bias once per output.
-Each program owns ``BLOCK_N`` output channels and streams their weight rows along K.
+Each program owns ``BLOCK_N`` output channels and streams their weight rows along K. Up to
+``MAX_GEMV_ROWS`` rows a second kernel does without tensor cores: float32 multiply-adds in
+registers, a few output channels per program, many programs.
 """
 
 from __future__ import annotations
@@ -20,8 +22,42 @@ from kernels.fp8 import FP8_DTYPE
 
 # Rows of x one launch takes (tl.dot's smallest M tile); callers use the FP8 GEMM beyond.
 MAX_ROWS = 16
-# (BLOCK_N, BLOCK_K, num_warps, num_stages) by default.
+# Up to this many rows the multiply-add kernel runs (no tensor cores, no shared memory).
+MAX_GEMV_ROWS = 4
+# (BLOCK_N, BLOCK_K, num_warps, num_stages) of the tl.dot kernel.
 DEFAULT_CONFIG = (32, 256, 4, 4)
+# (BLOCK_N, BLOCK_K, num_warps) of the multiply-add kernel.
+DEFAULT_GEMV_CONFIG = (4, 1024, 4)
+
+
+@triton.jit
+def _w8_gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, num_rows, num_out, num_in,
+                    stride_x, stride_w, stride_y, HAS_BIAS: tl.constexpr,
+                    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # Like a reduction over K: each thread keeps its own partial products of a
+    # [ROWS, BLOCK_N, BLOCK_K] tile and they are summed once at the end, so the loop is
+    # loads and multiply-adds only and many small programs keep the memory system busy.
+    pid = tl.program_id(0)
+    rows = tl.arange(0, ROWS)
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    row_ok = rows < num_rows
+    col_ok = cols < num_out
+    x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_x + ks[None, :]
+    w_ptrs = w_ptr + cols[:, None].to(tl.int64) * stride_w + ks[None, :]
+    acc = tl.zeros([ROWS, BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, num_in, BLOCK_K):
+        k_ok = (k0 + ks) < num_in
+        x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        w = tl.load(w_ptrs, mask=col_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        acc += x[:, None, :] * w[None, :, :]
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    out = tl.sum(acc, axis=2) * tl.load(scale_ptr + cols, mask=col_ok, other=0.0)[None, :]
+    if HAS_BIAS:
+        out = out + tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_y + cols[None, :]
+    tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
@@ -56,7 +92,8 @@ def _w8_matmul_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, num_rows, num_ou
 
 def fp8_weight_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                       bias: torch.Tensor | None = None,
-                      config: tuple[int, int, int, int] = DEFAULT_CONFIG) -> torch.Tensor:
+                      config: tuple[int, int, int, int] = DEFAULT_CONFIG,
+                      gemv_config: tuple[int, int, int] = DEFAULT_GEMV_CONFIG) -> torch.Tensor:
     """``(x @ (weight * weight_scale[:, None])^T + bias)`` in ``x``'s dtype.
 
     Args:
@@ -64,7 +101,10 @@ def fp8_weight_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch
         weight: ``[N, K]`` float8_e4m3fn, last dim contiguous.
         weight_scale: ``[N]`` float32, one scale per output channel.
         bias: ``[N]`` or None.
-        config: ``(BLOCK_N, BLOCK_K, num_warps, num_stages)``.
+        config: ``(BLOCK_N, BLOCK_K, num_warps, num_stages)`` of the tl.dot kernel (more
+            than ``MAX_GEMV_ROWS`` rows).
+        gemv_config: ``(BLOCK_N, BLOCK_K, num_warps)`` of the multiply-add kernel (up to
+            ``MAX_GEMV_ROWS`` rows).
     Returns:
         ``[M, N]`` in ``x.dtype``.
     Raises:
@@ -87,9 +127,18 @@ def fp8_weight_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch
     y = torch.empty((num_rows, num_out), dtype=x.dtype, device=x.device)
     if num_rows == 0 or num_out == 0:
         return y
+    bias_arg = bias if bias is not None else y
+    if num_rows <= MAX_GEMV_ROWS:
+        block_n, block_k, num_warps = gemv_config
+        _w8_gemv_kernel[(triton.cdiv(num_out, block_n),)](
+            x, weight, weight_scale, bias_arg, y, num_rows, num_out, num_in, x.stride(0),
+            weight.stride(0), y.stride(0), HAS_BIAS=bias is not None,
+            ROWS=1 if num_rows == 1 else (2 if num_rows == 2 else 4), BLOCK_N=block_n,
+            BLOCK_K=block_k, num_warps=num_warps)
+        return y
     block_n, block_k, num_warps, num_stages = config
     grid = (triton.cdiv(num_out, block_n),)
-    _w8_matmul_kernel[grid](x, weight, weight_scale, bias if bias is not None else y, y,
+    _w8_matmul_kernel[grid](x, weight, weight_scale, bias_arg, y,
                             num_rows, num_out, num_in, x.stride(0), weight.stride(0),
                             y.stride(0), HAS_BIAS=bias is not None,
                             IS_FP32=x.dtype == torch.float32, BLOCK_M=MAX_ROWS,
