@@ -167,6 +167,8 @@ step http_qwen 90 $PY benchmarks/stack_http.py --model random:qwen3-0.6b --round
 # 7-8: diagnostics.
 step busy_llama 60 $PY -m gridllm.bench.gpu_busy --model random:llama3-8b --batch-size 1 \
   --output "$WORK/busy_llama_b1.json"
+step busy_llama_fp8 60 $PY -m gridllm.bench.gpu_busy --model random:llama3-8b --batch-size 1 \
+  --quantization fp8 --kv-cache-dtype fp8 --output "$WORK/busy_llama_b1_fp8.json"
 step busy_qwen 50 $PY -m gridllm.bench.gpu_busy --model random:qwen3-0.6b --batch-size 64 \
   --output "$WORK/busy_qwen_b64.json"
 step kernels 90 $PY benchmarks/kernels.py --output "$OUT/kernels.json"
