@@ -44,8 +44,9 @@ SHAPES = [("qkv_proj", 6144, 4096), ("o_proj", 4096, 4096), ("gate_up_proj", 286
 NUM_LAYERS = 32
 # Tile configurations tried: the tl.dot kernel (5-16 rows) at M = 16, the multiply-add
 # kernel (1-4 rows) at M = 1.
-DOT_SWEEP = list(itertools.product((32,), (128, 256, 512), (4,), (3, 4, 6))) + [
-    (16, 256, 4, 4), (64, 256, 4, 3), (32, 256, 8, 4)]
+DOT_SWEEP = list(itertools.product((32,), (128, 256), (4,), (4,), (1, 2, 4, 8))) + [
+    (16, 256, 4, 4, 1), (16, 256, 4, 4, 4), (64, 256, 4, 3, 4), (32, 512, 4, 3, 4),
+    (32, 256, 8, 4, 4)]
 GEMV_SWEEP = list(itertools.product((1, 2, 4, 8), (512, 1024, 2048), (4, 8)))
 
 

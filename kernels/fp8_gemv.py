@@ -24,8 +24,8 @@ from kernels.fp8 import FP8_DTYPE
 MAX_ROWS = 16
 # Up to this many rows the multiply-add kernel runs (no tensor cores, no shared memory).
 MAX_GEMV_ROWS = 4
-# (BLOCK_N, BLOCK_K, num_warps, num_stages) of the tl.dot kernel.
-DEFAULT_CONFIG = (32, 256, 4, 4)
+# (BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K) of the tl.dot kernel.
+DEFAULT_CONFIG = (32, 256, 4, 4, 1)
 # (BLOCK_N, BLOCK_K, num_warps) of the multiply-add kernel.
 DEFAULT_GEMV_CONFIG = (4, 1024, 4)
 
@@ -61,20 +61,26 @@ def _w8_gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, num_rows, num_out,
 
 
 @triton.jit
-def _w8_matmul_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, num_rows, num_out, num_in,
-                      stride_x, stride_w, stride_y, HAS_BIAS: tl.constexpr, IS_FP32: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _w8_matmul_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, partial_ptr, lock_ptr,
+                      num_rows, num_out, num_in, stride_x, stride_w, stride_y,
+                      HAS_BIAS: tl.constexpr, IS_FP32: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
     row_ok = rows < num_rows
     col_ok = cols < num_out
-    x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_x + ks[None, :]
-    w_ptrs = w_ptr + cols[None, :].to(tl.int64) * stride_w + ks[:, None]
+    # This program's share of K: whole BLOCK_K tiles, the last share shorter.
+    k_per_split = tl.cdiv(tl.cdiv(num_in, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, num_in)
+    x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_x + (k_start + ks)[None, :]
+    w_ptrs = w_ptr + cols[None, :].to(tl.int64) * stride_w + (k_start + ks)[:, None]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, num_in, BLOCK_K):
-        k_ok = (k0 + ks) < num_in
+    for k0 in range(k_start, k_end, BLOCK_K):
+        k_ok = (k0 + ks) < k_end
         x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         if IS_FP32:
@@ -83,16 +89,49 @@ def _w8_matmul_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, num_rows, num_ou
             acc = tl.dot(x, w.to(x.dtype), acc)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    acc = acc * tl.load(scale_ptr + cols, mask=col_ok, other=0.0)[None, :]
-    if HAS_BIAS:
-        acc = acc + tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_y + cols[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    is_last = True
+    if SPLIT_K > 1:
+        # Split K: each program leaves its float32 partial sums; the last of a column block's
+        # programs to finish (a counter per block, reset by that program) adds them in split
+        # order, so the result does not depend on which program finished when.
+        plane = BLOCK_M * num_out
+        offsets = rows[:, None] * num_out + cols[None, :]
+        tl.store(partial_ptr + pid_k * plane + offsets, acc, mask=col_ok[None, :])
+        tl.debug_barrier()
+        count = tl.atomic_add(lock_ptr + pid, 1, sem="acq_rel", scope="gpu")
+        is_last = count == SPLIT_K - 1
+        if is_last:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for split in range(SPLIT_K):
+                # .cg: from L2, never a stale line of this SM's L1.
+                acc += tl.load(partial_ptr + split * plane + offsets, mask=col_ok[None, :],
+                               other=0.0, cache_modifier=".cg")
+            tl.store(lock_ptr + pid, 0)
+    if is_last:
+        acc = acc * tl.load(scale_ptr + cols, mask=col_ok, other=0.0)[None, :]
+        if HAS_BIAS:
+            acc = acc + tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        y_ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_y + cols[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+# Per device: the split-K counters, zero between launches (each launch resets its own).
+_LOCKS: dict[torch.device, torch.Tensor] = {}
+_MAX_COLUMN_BLOCKS = 1 << 16
+
+
+def _locks(device: torch.device) -> torch.Tensor:
+    locks = _LOCKS.get(device)
+    if locks is None:
+        # Allocated at the first launch (a warm-up step), never inside a graph capture.
+        locks = _LOCKS[device] = torch.zeros(_MAX_COLUMN_BLOCKS, dtype=torch.int32,
+                                             device=device)
+    return locks
 
 
 def fp8_weight_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                       bias: torch.Tensor | None = None,
-                      config: tuple[int, int, int, int] = DEFAULT_CONFIG,
+                      config: tuple[int, int, int, int, int] = DEFAULT_CONFIG,
                       gemv_config: tuple[int, int, int] = DEFAULT_GEMV_CONFIG) -> torch.Tensor:
     """``(x @ (weight * weight_scale[:, None])^T + bias)`` in ``x``'s dtype.
 
@@ -101,8 +140,9 @@ def fp8_weight_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch
         weight: ``[N, K]`` float8_e4m3fn, last dim contiguous.
         weight_scale: ``[N]`` float32, one scale per output channel.
         bias: ``[N]`` or None.
-        config: ``(BLOCK_N, BLOCK_K, num_warps, num_stages)`` of the tl.dot kernel (more
-            than ``MAX_GEMV_ROWS`` rows).
+        config: ``(BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K)`` of the tl.dot kernel
+            (more than ``MAX_GEMV_ROWS`` rows); SPLIT_K > 1 spreads K over that many
+            programs per column block (float32 partials, added in a fixed order).
         gemv_config: ``(BLOCK_N, BLOCK_K, num_warps)`` of the multiply-add kernel (up to
             ``MAX_GEMV_ROWS`` rows).
     Returns:
@@ -136,12 +176,19 @@ def fp8_weight_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch
             ROWS=1 if num_rows == 1 else (2 if num_rows == 2 else 4), BLOCK_N=block_n,
             BLOCK_K=block_k, num_warps=num_warps)
         return y
-    block_n, block_k, num_warps, num_stages = config
-    grid = (triton.cdiv(num_out, block_n),)
-    _w8_matmul_kernel[grid](x, weight, weight_scale, bias_arg, y,
-                            num_rows, num_out, num_in, x.stride(0), weight.stride(0),
-                            y.stride(0), HAS_BIAS=bias is not None,
-                            IS_FP32=x.dtype == torch.float32, BLOCK_M=MAX_ROWS,
-                            BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
-                            num_stages=num_stages)
+    block_n, block_k, num_warps, num_stages, split_k = config
+    num_blocks = triton.cdiv(num_out, block_n)
+    if split_k > 1:
+        if num_blocks > _MAX_COLUMN_BLOCKS:
+            raise ValueError(f"weight has {num_out} rows: more than {_MAX_COLUMN_BLOCKS} "
+                             f"blocks of {block_n} for split-K.")
+        partial, locks = torch.empty(split_k * MAX_ROWS * num_out, dtype=torch.float32,
+                                     device=x.device), _locks(x.device)
+    else:
+        partial = locks = y
+    _w8_matmul_kernel[(num_blocks, split_k)](
+        x, weight, weight_scale, bias_arg, y, partial, locks, num_rows, num_out, num_in,
+        x.stride(0), weight.stride(0), y.stride(0), HAS_BIAS=bias is not None,
+        IS_FP32=x.dtype == torch.float32, BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k,
+        SPLIT_K=split_k, num_warps=num_warps, num_stages=num_stages)
     return y

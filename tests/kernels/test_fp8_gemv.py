@@ -53,7 +53,20 @@ def _check(num_rows, num_out, num_in, dtype, device, has_bias, config=None):
 def test_matches_torch(num_rows, num_out, num_in, has_bias, dtype):
     """Both kernels: multiply-add up to MAX_GEMV_ROWS rows, tl.dot beyond; ragged N, K."""
     assert MAX_GEMV_ROWS in (3, 4)  # the cases above cover both kernels
-    _check(num_rows, num_out, num_in, dtype, DEVICE, has_bias, config=(32, 128, 4, 2))
+    _check(num_rows, num_out, num_in, dtype, DEVICE, has_bias, config=(32, 128, 4, 2, 1))
+
+
+@pytest.mark.parametrize("split_k", [2, 3])
+def test_split_k_matches_torch_and_repeats_exactly(split_k):
+    """K spread over programs: the same values, bit for bit on a second launch (the
+    partials are added in split order), and the counters are left at zero for the next."""
+    x, w, s, b, (expected, magnitude) = _operands(7, 70, 600, torch.float32, DEVICE, True)
+    config = (32, 128, 4, 2, split_k)
+    first = fp8_weight_matmul(x, w, s, b, config=config)
+    second = fp8_weight_matmul(x, w, s, b, config=config)
+    assert torch.equal(first, second)
+    bound = 2e-5 + 2e-5 * expected.abs() + ACCUMULATION_EPS * magnitude
+    assert bool(((first.cpu() - expected).abs() <= bound).all())
 
 
 def test_rejects_what_it_cannot_read():
@@ -81,3 +94,20 @@ def test_llama3_8b_shapes_gpu(num_rows, num_out, num_in, dtype):
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("e4m3 conversions in Triton need compute capability 8.9+")
     _check(num_rows, num_out, num_in, dtype, torch.device("cuda"), has_bias=num_rows == 4)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("split_k", [2, 4, 8])
+def test_split_k_gpu(split_k):
+    """Split K on the GPU: right values, identical over repeated launches."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("e4m3 conversions in Triton need compute capability 8.9+")
+    x, w, s, b, (expected, magnitude) = _operands(MAX_ROWS, 4096, 14336, torch.bfloat16,
+                                                  torch.device("cuda"), True)
+    config = (32, 256, 4, 4, split_k)
+    outs = [fp8_weight_matmul(x, w, s, b, config=config) for _ in range(5)]
+    assert all(torch.equal(outs[0], out) for out in outs[1:])
+    atol, rtol = TOLERANCES[torch.bfloat16]
+    bound = atol + rtol * expected.abs() + ACCUMULATION_EPS * magnitude
+    assert bool(((outs[0].float().cpu() - expected).abs() <= bound).all())
