@@ -33,6 +33,7 @@ from kernels.fp8_gemv import (  # noqa: E402
     DEFAULT_CONFIG,
     DEFAULT_GEMV_CONFIG,
     MAX_ROWS,
+    fp8_matmul,
     fp8_weight_matmul,
 )
 from kernels.fp8_quant import per_token_quant_fp8  # noqa: E402
@@ -48,6 +49,11 @@ DOT_SWEEP = list(itertools.product((32,), (128, 256), (4,), (4,), (1, 2, 4, 8)))
     (16, 256, 4, 4, 1), (16, 256, 4, 4, 4), (64, 256, 4, 3, 4), (32, 512, 4, 3, 4),
     (32, 256, 8, 4, 4)]
 GEMV_SWEEP = list(itertools.product((1, 2, 4, 8), (512, 1024, 2048), (4, 8)))
+# The Triton e4m3 x e4m3 kernel (``fp8_matmul``) against torch._scaled_mm above 16 rows:
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K).
+FP8_SWEEP = [(64, 64, 128, 4, 4, 1), (64, 128, 128, 4, 4, 1), (64, 64, 256, 4, 3, 1),
+             (64, 64, 128, 4, 4, 2), (128, 128, 128, 8, 4, 1), (128, 64, 128, 4, 4, 1),
+             (64, 128, 128, 8, 4, 2)]
 
 
 def bench(fn) -> float:
@@ -133,6 +139,30 @@ def main() -> None:
     print(f"\n{'M':>4s} {'bf16 ms x32':>12s} {'fp8 mm ms x32':>14s} {'fp8 used ms x32':>16s}")
     for m, (a, b, c) in per_token.items():
         print(f"{m:4d} {a * NUM_LAYERS:12.2f} {b * NUM_LAYERS:14.2f} {c * NUM_LAYERS:16.2f}")
+    print("\ne4m3 x e4m3 Triton kernel vs torch._scaled_mm (activations quantized already), "
+          "summed over the four shapes")
+    results["fp8_matmul"] = {}
+    for m in (64, 256):
+        operands = []
+        for name, _, k in SHAPES:
+            _, q, s = weights[name]
+            x_q, x_s = per_token_quant_fp8(torch.randn(m, k, device="cuda",
+                                                       dtype=torch.bfloat16), INV_FP8_MAX, 1e-12)
+            operands.append((x_q, x_s, q, s))
+        t_ref = sum(bench(functools.partial(torch._scaled_mm, x_q, q.t(), scale_a=x_s,
+                                            scale_b=s[None, :], out_dtype=torch.bfloat16))
+                    for x_q, x_s, q, s in operands)
+        print(f"M={m}: torch._scaled_mm {t_ref * 1e3:8.1f} us")
+        for config in FP8_SWEEP:
+            try:
+                t = sum(bench(functools.partial(fp8_matmul, x_q, x_s, q, s, None,
+                                                torch.bfloat16, config))
+                        for x_q, x_s, q, s in operands)
+            except Exception as exc:
+                print(f"  {config}: {type(exc).__name__}: {str(exc)[:100]}")
+                continue
+            print(f"  {config}: {t * 1e3:8.1f} us ({t_ref / t:.2f}x _scaled_mm)")
+            results["fp8_matmul"][f"{m} {config}"] = [t, t_ref]
     if args.output:
         with open(args.output, "w") as f:
             json.dump(results, f, indent=1)

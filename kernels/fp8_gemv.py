@@ -61,14 +61,18 @@ def _w8_gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, num_rows, num_out,
 
 
 @triton.jit
-def _w8_matmul_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, partial_ptr, lock_ptr,
-                      num_rows, num_out, num_in, stride_x, stride_w, stride_y,
-                      HAS_BIAS: tl.constexpr, IS_FP32: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+def _w8_matmul_kernel(x_ptr, x_scale_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, partial_ptr,
+                      lock_ptr, num_rows, num_out, num_in, stride_x, stride_w, stride_y,
+                      HAS_BIAS: tl.constexpr, IS_FP32: tl.constexpr, IS_FP8_X: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      SPLIT_K: tl.constexpr):
+    num_col_blocks = tl.cdiv(num_out, BLOCK_N)
     pid = tl.program_id(0)
+    pid_m = pid // num_col_blocks
+    pid_n = pid % num_col_blocks
     pid_k = tl.program_id(1)
-    rows = tl.arange(0, BLOCK_M)
-    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
     row_ok = rows < num_rows
     col_ok = cols < num_out
@@ -83,7 +87,9 @@ def _w8_matmul_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, partial_ptr, loc
         k_ok = (k0 + ks) < k_end
         x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        if IS_FP32:
+        if IS_FP8_X:
+            acc = tl.dot(x, w, acc)  # e4m3 x e4m3 on the tensor cores
+        elif IS_FP32:
             acc = tl.dot(x, w.to(tl.float32), acc, input_precision="ieee")
         else:
             acc = tl.dot(x, w.to(x.dtype), acc)
@@ -91,10 +97,10 @@ def _w8_matmul_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, partial_ptr, loc
         w_ptrs += BLOCK_K
     is_last = True
     if SPLIT_K > 1:
-        # Split K: each program leaves its float32 partial sums; the last of a column block's
-        # programs to finish (a counter per block, reset by that program) adds them in split
+        # Split K: each program leaves its float32 partial sums; the last of a tile's
+        # programs to finish (a counter per tile, reset by that program) adds them in split
         # order, so the result does not depend on which program finished when.
-        plane = BLOCK_M * num_out
+        plane = tl.num_programs(0) // num_col_blocks * BLOCK_M * num_out
         offsets = rows[:, None] * num_out + cols[None, :]
         tl.store(partial_ptr + pid_k * plane + offsets, acc, mask=col_ok[None, :])
         tl.debug_barrier()
@@ -108,6 +114,8 @@ def _w8_matmul_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, partial_ptr, loc
                                other=0.0, cache_modifier=".cg")
             tl.store(lock_ptr + pid, 0)
     if is_last:
+        if IS_FP8_X:
+            acc = acc * tl.load(x_scale_ptr + rows, mask=row_ok, other=0.0)[:, None]
         acc = acc * tl.load(scale_ptr + cols, mask=col_ok, other=0.0)[None, :]
         if HAS_BIAS:
             acc = acc + tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -117,15 +125,14 @@ def _w8_matmul_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, partial_ptr, loc
 
 # Per device: the split-K counters, zero between launches (each launch resets its own).
 _LOCKS: dict[torch.device, torch.Tensor] = {}
-_MAX_COLUMN_BLOCKS = 1 << 16
+_MAX_TILES = 1 << 16
 
 
 def _locks(device: torch.device) -> torch.Tensor:
     locks = _LOCKS.get(device)
     if locks is None:
         # Allocated at the first launch (a warm-up step), never inside a graph capture.
-        locks = _LOCKS[device] = torch.zeros(_MAX_COLUMN_BLOCKS, dtype=torch.int32,
-                                             device=device)
+        locks = _LOCKS[device] = torch.zeros(_MAX_TILES, dtype=torch.int32, device=device)
     return locks
 
 
@@ -176,19 +183,53 @@ def fp8_weight_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch
             ROWS=1 if num_rows == 1 else (2 if num_rows == 2 else 4), BLOCK_N=block_n,
             BLOCK_K=block_k, num_warps=num_warps)
         return y
+    _launch_dot(x, None, weight, weight_scale, bias, y, MAX_ROWS, config)
+    return y
+
+
+def fp8_matmul(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
+               weight_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
+               config: tuple[int, int, int, int, int, int] = (64, 64, 128, 4, 4, 1)
+               ) -> torch.Tensor:
+    """``(x_q * x_scale) @ (weight * weight_scale[:, None])^T + bias``: e4m3 activations
+    (one scale per row) times e4m3 weights on the tensor cores, any number of rows.
+
+    Args:
+        x_q: ``[M, K]`` float8_e4m3fn. x_scale: ``[M, 1]`` or ``[M]`` float32.
+        weight, weight_scale, bias: as for ``fp8_weight_matmul``.
+        config: ``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K)``.
+    """
+    check_tensor("x_q", x_q, ndim=2, dtypes=(FP8_DTYPE,), last_dim_contiguous=True)
+    check_tensor("weight", weight, ndim=2, dtypes=(FP8_DTYPE,), device=x_q.device,
+                 last_dim_contiguous=True)
+    num_rows, num_in = x_q.shape
+    check_shape("weight", weight, (weight.shape[0], num_in))
+    check_tensor("x_scale", x_scale, dtypes=(torch.float32,), device=x_q.device,
+                 contiguous=True)
+    if x_scale.numel() != num_rows:
+        raise ValueError(f"x_scale must have {num_rows} values, got {x_scale.numel()}.")
+    y = torch.empty((num_rows, weight.shape[0]), dtype=out_dtype, device=x_q.device)
+    if num_rows and weight.shape[0]:
+        _launch_dot(x_q, x_scale, weight, weight_scale, bias, y, config[0], config[1:])
+    return y
+
+
+def _launch_dot(x, x_scale, weight, weight_scale, bias, y, block_m: int, config) -> None:
     block_n, block_k, num_warps, num_stages, split_k = config
-    num_blocks = triton.cdiv(num_out, block_n)
+    num_rows, num_out = y.shape
+    num_tiles = triton.cdiv(num_rows, block_m) * triton.cdiv(num_out, block_n)
     if split_k > 1:
-        if num_blocks > _MAX_COLUMN_BLOCKS:
-            raise ValueError(f"weight has {num_out} rows: more than {_MAX_COLUMN_BLOCKS} "
-                             f"blocks of {block_n} for split-K.")
-        partial, locks = torch.empty(split_k * MAX_ROWS * num_out, dtype=torch.float32,
-                                     device=x.device), _locks(x.device)
+        if num_tiles > _MAX_TILES:
+            raise ValueError(f"{num_tiles} output tiles: more than {_MAX_TILES} for split-K.")
+        partial = torch.empty(split_k * triton.cdiv(num_rows, block_m) * block_m * num_out,
+                              dtype=torch.float32, device=x.device)
+        locks = _locks(x.device)
     else:
         partial = locks = y
-    _w8_matmul_kernel[(num_blocks, split_k)](
-        x, weight, weight_scale, bias_arg, y, partial, locks, num_rows, num_out, num_in,
-        x.stride(0), weight.stride(0), y.stride(0), HAS_BIAS=bias is not None,
-        IS_FP32=x.dtype == torch.float32, BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k,
-        SPLIT_K=split_k, num_warps=num_warps, num_stages=num_stages)
-    return y
+    _w8_matmul_kernel[(num_tiles, split_k)](
+        x, x_scale if x_scale is not None else y, weight, weight_scale,
+        bias if bias is not None else y, y, partial, locks, num_rows, num_out,
+        x.shape[1], x.stride(0), weight.stride(0), y.stride(0), HAS_BIAS=bias is not None,
+        IS_FP32=x.dtype == torch.float32, IS_FP8_X=x_scale is not None, BLOCK_M=block_m,
+        BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=num_warps,
+        num_stages=num_stages)
