@@ -7,8 +7,9 @@ median time (CUDA events, L2 flushed) of:
 - ``bf16``: ``F.linear`` on bfloat16 weights (cuBLAS);
 - ``fp8 mm``: per-token activation quantization (one Triton kernel) + ``torch._scaled_mm``
   with row-wise scales, what ``Fp8Linear`` runs above ``WEIGHT_ONLY_MAX_ROWS`` rows;
-- ``fp8 w-only``: the e4m3-weight kernels (``kernels.fp8_gemv``), what it runs up to that
-  many rows, with the best of a sweep of tile configurations (each printed with its time);
+- ``fp8 w-only``: the e4m3-weight kernel (``kernels.fp8_gemv``), what it runs up to that
+  many rows, in its default configuration (a sweep of tile configurations at M = 1 and 16
+  prints each one's time first);
 and the weight bytes read per second as a fraction of the copy bandwidth measured in the
 same run. The last table sums the four layers: the decoder's linear time per token of one
 Llama-3-8B block, times 32 blocks.
@@ -31,9 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from gridllm.bench.roofline import measure_limits  # noqa: E402
 from kernels.fp8_gemv import (  # noqa: E402
     DEFAULT_CONFIG,
-    DEFAULT_GEMV_CONFIG,
     MAX_ROWS,
-    fp8_matmul,
     fp8_weight_matmul,
 )
 from kernels.fp8_quant import per_token_quant_fp8  # noqa: E402
@@ -43,17 +42,10 @@ from worker_svc.layers.quantization import INV_FP8_MAX, quantize_per_row  # noqa
 SHAPES = [("qkv_proj", 6144, 4096), ("o_proj", 4096, 4096), ("gate_up_proj", 28672, 4096),
           ("down_proj", 4096, 14336)]
 NUM_LAYERS = 32
-# Tile configurations tried: the tl.dot kernel (5-16 rows) at M = 16, the multiply-add
-# kernel (1-4 rows) at M = 1.
+# Tile configurations of the weight-only kernel tried (at M = 1 and M = 16).
 DOT_SWEEP = list(itertools.product((32,), (128, 256), (4,), (4,), (1, 2, 4, 8))) + [
     (16, 256, 4, 4, 1), (16, 256, 4, 4, 4), (64, 256, 4, 3, 4), (32, 512, 4, 3, 4),
     (32, 256, 8, 4, 4)]
-GEMV_SWEEP = list(itertools.product((1, 2, 4, 8), (512, 1024, 2048), (4, 8)))
-# The Triton e4m3 x e4m3 kernel (``fp8_matmul``) against torch._scaled_mm above 16 rows:
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K).
-FP8_SWEEP = [(64, 64, 128, 4, 4, 1), (64, 128, 128, 4, 4, 1), (64, 64, 256, 4, 3, 1),
-             (64, 64, 128, 4, 4, 2), (128, 128, 128, 8, 4, 1), (128, 64, 128, 4, 4, 1),
-             (64, 128, 128, 8, 4, 2)]
 
 
 def bench(fn) -> float:
@@ -68,7 +60,7 @@ def _fp8_mm(x, q, s):
                             out_dtype=torch.bfloat16)
 
 
-def _sweep(weights, configs, num_rows: int, keyword: str):
+def _sweep(weights, configs, num_rows: int):
     """The configuration with the least time summed over the four shapes at ``num_rows``."""
     times = {}
     for config in configs:
@@ -77,13 +69,12 @@ def _sweep(weights, configs, num_rows: int, keyword: str):
             for name, _, k in SHAPES:
                 _, q, s = weights[name]
                 x = torch.randn(num_rows, k, device="cuda", dtype=torch.bfloat16)
-                total += bench(functools.partial(fp8_weight_matmul, x, q, s,
-                                                 **{keyword: config}))
+                total += bench(functools.partial(fp8_weight_matmul, x, q, s, config=config))
         except Exception as exc:  # a configuration Triton cannot build: skip it
-            print(f"{keyword} {config}: {type(exc).__name__}: {str(exc)[:120]}")
+            print(f"config {config}: {type(exc).__name__}: {str(exc)[:120]}")
             continue
         times[config] = total
-        print(f"{keyword} {config}: {total * 1e3:8.1f} us for the 4 shapes at M={num_rows}")
+        print(f"config {config}: {total * 1e3:8.1f} us for the 4 shapes at M={num_rows}")
     return min(times, key=times.get)
 
 
@@ -107,14 +98,12 @@ def main() -> None:
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
         q, s = quantize_per_row(w)
         weights[name] = (w, q, s[:, 0].contiguous())
-    best_dot = _sweep(weights, [DEFAULT_CONFIG] if args.no_sweep else DOT_SWEEP, MAX_ROWS,
-                      "config")
-    best_gemv = _sweep(weights, [DEFAULT_GEMV_CONFIG] if args.no_sweep else GEMV_SWEEP, 1,
-                       "gemv_config")
-    results["best_config"], results["best_gemv_config"] = list(best_dot), list(best_gemv)
-    print(f"best tl.dot config {best_dot} (default {DEFAULT_CONFIG}); best multiply-add "
-          f"config {best_gemv} (default {DEFAULT_GEMV_CONFIG})")
-    best = dict(config=best_dot, gemv_config=best_gemv)
+    configs = [DEFAULT_CONFIG] if args.no_sweep else DOT_SWEEP
+    best_1 = _sweep(weights, configs, 1)
+    best_16 = _sweep(weights, configs, MAX_ROWS)
+    results["best_config"] = {"1": list(best_1), str(MAX_ROWS): list(best_16)}
+    print(f"best config at M=1 {best_1}, at M={MAX_ROWS} {best_16} (default {DEFAULT_CONFIG})")
+    best = dict(config=DEFAULT_CONFIG)
     print(f"{'layer':14s} {'M':>4s} {'bf16 us':>9s} {'fp8 mm us':>10s} {'w-only us':>10s} "
           f"{'bf16 %BW':>9s} {'fp8 used %BW':>13s}")
     per_token = {m: [0.0, 0.0, 0.0] for m in rows_list}
@@ -139,30 +128,6 @@ def main() -> None:
     print(f"\n{'M':>4s} {'bf16 ms x32':>12s} {'fp8 mm ms x32':>14s} {'fp8 used ms x32':>16s}")
     for m, (a, b, c) in per_token.items():
         print(f"{m:4d} {a * NUM_LAYERS:12.2f} {b * NUM_LAYERS:14.2f} {c * NUM_LAYERS:16.2f}")
-    print("\ne4m3 x e4m3 Triton kernel vs torch._scaled_mm (activations quantized already), "
-          "summed over the four shapes")
-    results["fp8_matmul"] = {}
-    for m in (64, 256):
-        operands = []
-        for name, _, k in SHAPES:
-            _, q, s = weights[name]
-            x_q, x_s = per_token_quant_fp8(torch.randn(m, k, device="cuda",
-                                                       dtype=torch.bfloat16), INV_FP8_MAX, 1e-12)
-            operands.append((x_q, x_s, q, s))
-        t_ref = sum(bench(functools.partial(torch._scaled_mm, x_q, q.t(), scale_a=x_s,
-                                            scale_b=s[None, :], out_dtype=torch.bfloat16))
-                    for x_q, x_s, q, s in operands)
-        print(f"M={m}: torch._scaled_mm {t_ref * 1e3:8.1f} us")
-        for config in FP8_SWEEP:
-            try:
-                t = sum(bench(functools.partial(fp8_matmul, x_q, x_s, q, s, None,
-                                                torch.bfloat16, config))
-                        for x_q, x_s, q, s in operands)
-            except Exception as exc:
-                print(f"  {config}: {type(exc).__name__}: {str(exc)[:100]}")
-                continue
-            print(f"  {config}: {t * 1e3:8.1f} us ({t_ref / t:.2f}x _scaled_mm)")
-            results["fp8_matmul"][f"{m} {config}"] = [t, t_ref]
     if args.output:
         with open(args.output, "w") as f:
             json.dump(results, f, indent=1)
