@@ -94,6 +94,7 @@ step lat_llama 70 $B latency --model random:llama3-8b --input-len 128 --output-l
   --num-iters 3 --num-warmup 1 --no-tqdm --output "$WORK/lat_llama.json"
 # FP8 weights and KV cache: batch-1 latency against the FP8 roofline, and the 256-request
 # workload of step 6 (its bf16 run is tp_llama_256).
+step fp8_linear 120 $PY benchmarks/fp8_linear.py --output "$WORK/fp8_linear.json"
 step lat_llama_fp8 60 $B latency --model random:llama3-8b --input-len 128 --output-len 128 \
   --num-iters 3 --num-warmup 1 --quantization fp8 --kv-cache-dtype fp8 --no-tqdm \
   --output "$WORK/lat_llama_fp8.json"
@@ -166,6 +167,8 @@ step http_qwen 90 $PY benchmarks/stack_http.py --model random:qwen3-0.6b --round
 # 7-8: diagnostics.
 step busy_llama 60 $PY -m gridllm.bench.gpu_busy --model random:llama3-8b --batch-size 1 \
   --output "$WORK/busy_llama_b1.json"
+step busy_llama_fp8 60 $PY -m gridllm.bench.gpu_busy --model random:llama3-8b --batch-size 1 \
+  --quantization fp8 --kv-cache-dtype fp8 --output "$WORK/busy_llama_b1_fp8.json"
 step busy_qwen 50 $PY -m gridllm.bench.gpu_busy --model random:qwen3-0.6b --batch-size 64 \
   --output "$WORK/busy_qwen_b64.json"
 step kernels 90 $PY benchmarks/kernels.py --output "$OUT/kernels.json"

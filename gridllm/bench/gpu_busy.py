@@ -32,9 +32,11 @@ def busy_fraction(intervals: list[tuple[float, float]], start: float, end: float
 
 def profile_decode(model: str, batch_size: int = 1, input_len: int = 128,
                    num_steps: int = 32, trace: str | None = None,
-                   max_steps_in_flight: int | None = None) -> dict[str, Any]:
+                   max_steps_in_flight: int | None = None, quantization: str | None = None,
+                   kv_cache_dtype: str = "auto") -> dict[str, Any]:
     """Profile ``num_steps`` decode steps of ``batch_size`` requests (prefill excluded),
-    with the engine's step overlap (``max_steps_in_flight``; None: its default).
+    with the engine's step overlap (``max_steps_in_flight``; None: its default), weights
+    and KV cache as ``quantization`` / ``kv_cache_dtype`` say.
 
     Returns:
         ``gpu_busy_fraction``, ``ms_per_step`` (wall), ``kernel_ms_per_step`` and the top
@@ -47,7 +49,8 @@ def profile_decode(model: str, batch_size: int = 1, input_len: int = 128,
     from gridllm.bench.throughput import ThroughputConfig, build_llm
     from gridllm.common.sampling_params import SamplingParams
 
-    llm = build_llm(ThroughputConfig(model=model, max_num_seqs=max(batch_size, 1)))
+    llm = build_llm(ThroughputConfig(model=model, max_num_seqs=max(batch_size, 1),
+                                     quantization=quantization, kv_cache_dtype=kv_cache_dtype))
     engine = llm.engine
     if max_steps_in_flight is not None:
         engine.max_steps_in_flight = max_steps_in_flight
@@ -73,6 +76,7 @@ def profile_decode(model: str, batch_size: int = 1, input_len: int = 128,
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     intervals = [(e.time_range.start, e.time_range.end) for e in kernels]
     result: dict[str, Any] = {"model": model, "batch_size": batch_size,
+                              "quantization": quantization, "kv_cache_dtype": kv_cache_dtype,
                               "max_steps_in_flight": engine.max_steps_in_flight,
                               "num_steps": num_steps, "ms_per_step": wall_s * 1e3 / num_steps}
     if intervals:
@@ -101,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-steps", type=int, default=32)
     p.add_argument("--max-steps-in-flight", type=int, default=None, choices=(1, 2),
                    help="2 overlaps step N+1 with reading step N (the default on CUDA)")
+    p.add_argument("--quantization", default=None, choices=("fp8",),
+                   help="weights in FP8 (e4m3, per-channel scales)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8", "fp8_e4m3"))
     p.add_argument("--trace", default=None, help="also write the Chrome trace here")
     p.add_argument("--output", default=None, help="write the result as JSON here")
     args = p.parse_args(argv)
@@ -109,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
 
     configure_logging()
     result = profile_decode(args.model, args.batch_size, args.input_len, args.num_steps,
-                            args.trace, args.max_steps_in_flight)
+                            args.trace, args.max_steps_in_flight, args.quantization,
+                            args.kv_cache_dtype)
     write_json(args.output, result)
     sys.stdout.write(json.dumps(result, indent=2) + "\n")
     return 0

@@ -11,6 +11,7 @@ from gridllm.common.config import CacheConfig, ModelConfig, SchedulerConfig, eng
 from tests.worker_svc.step_driver import run_requests
 from worker_svc.layers.quantization import (
     FP8_LINEAR_NAMES,
+    WEIGHT_ONLY_MAX_ROWS,
     Fp8Linear,
     kv_cache_torch_dtype,
     quantize_weights,
@@ -24,24 +25,37 @@ def _fake_quant_reference(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
     """The product Fp8Linear stands for, written out: per-channel e4m3 weights, per-token
     e4m3 activations, float32 accumulation."""
     def quant(t):
-        scale = (t.abs().amax(-1, keepdim=True).float() / 448.0).clamp(min=1e-12)
+        scale = (t.abs().amax(-1, keepdim=True).float() * (1 / 448.0)).clamp(min=1e-12)
         return (t.float() / scale).clamp(-448, 448).to(torch.float8_e4m3fn).float() * scale
 
     out = quant(x) @ quant(linear.weight.detach()).t()
     return out + linear.bias.detach().float() if linear.bias is not None else out
 
 
+def _weight_only_reference(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+    """Unquantized activations times the e4m3 weight (per-channel scales)."""
+    w = linear.weight.detach()
+    scale = (w.abs().amax(-1, keepdim=True).float() * (1 / 448.0)).clamp(min=1e-12)
+    w_q = (w.float() / scale).clamp(-448, 448).to(torch.float8_e4m3fn).float() * scale
+    out = x.float() @ w_q.t()
+    return out + linear.bias.detach().float() if linear.bias is not None else out
+
+
 @pytest.mark.parametrize("bias", [False, True])
-def test_fp8_linear_is_the_quantized_product(bias):
+@pytest.mark.parametrize("batch,seq", [(3, 5), (4, 10)])
+def test_fp8_linear_is_the_quantized_product(bias, batch, seq):
+    """Up to WEIGHT_ONLY_MAX_ROWS rows only W is quantized; beyond, activations too."""
     torch.manual_seed(0)
     linear = nn.Linear(64, 48, bias=bias)
-    x = torch.randn(3, 5, 64)
+    x = torch.randn(batch, seq, 64)
     x[0, 0] = 0.0  # an all-zero token must not make NaN
     layer = Fp8Linear.from_linear(linear)
     assert layer.weight.dtype == torch.float8_e4m3fn and layer.weight_scale.shape == (48,)
     out = layer(x)
-    assert out.shape == (3, 5, 48) and not torch.isnan(out).any()
-    torch.testing.assert_close(out, _fake_quant_reference(x.view(-1, 64), linear).view(3, 5, 48),
+    assert out.shape == (batch, seq, 48) and not torch.isnan(out).any()
+    is_weight_only = batch * seq <= WEIGHT_ONLY_MAX_ROWS
+    reference = _weight_only_reference if is_weight_only else _fake_quant_reference
+    torch.testing.assert_close(out, reference(x.view(-1, 64), linear).view(batch, seq, 48),
                                atol=1e-5, rtol=1e-5)
     # Quantization error: a few percent of the output's magnitude, not zero.
     exact = linear(x).detach()
@@ -130,6 +144,23 @@ def test_scaled_mm_matches_fake_quantization():
     assert out.dtype == torch.bfloat16
     expected = _fake_quant_reference(x, linear)
     torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("num_rows", [1, 3, WEIGHT_ONLY_MAX_ROWS])
+def test_weight_only_kernel_matches_fake_quantization(num_rows):
+    """Decode-sized calls on CUDA (8.9+) go through the e4m3-weight Triton kernel; it
+    computes the CPU path's weight-only product up to bf16 output rounding."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("e4m3 conversions in Triton need compute capability 8.9+")
+    torch.manual_seed(0)
+    linear = nn.Linear(4096, 1536, bias=True).cuda().to(torch.bfloat16)
+    layer = Fp8Linear.from_linear(linear)
+    x = torch.randn(num_rows, 4096, device="cuda", dtype=torch.bfloat16)
+    out = layer(x)
+    expected = _weight_only_reference(x, linear)
+    torch.testing.assert_close(out.float(), expected, atol=3e-2, rtol=2e-2)
 
 
 def test_gridllm_up_passes_the_fp8_flags_to_its_workers():

@@ -3,12 +3,17 @@
 Weights (``quantization="fp8"``): each linear layer of the decoder blocks (merged q/k/v,
 o, merged gate/up, down; never the embeddings or the LM head) is replaced at load by an
 ``Fp8Linear`` holding float8_e4m3fn weights with one float32 scale per output channel
-(``amax(|row|) / 448``, computed from the bf16/fp32 checkpoint). Activations are quantized
-per token (``amax(|x_t|) / 448``) at every call. On a CUDA GPU of compute capability 8.9+
-with bfloat16 activations the product is one ``torch._scaled_mm`` with row-wise scales;
-elsewhere (CPU, older GPUs, other dtypes) the same quantized operands are dequantized and
-multiplied in float32 (fake quantization), so CPU tests measure the accuracy of the
-quantized model.
+(``amax(|row|) / 448``, computed from the bf16/fp32 checkpoint).
+
+The product depends on how many rows (tokens) a call has:
+- up to ``WEIGHT_ONLY_MAX_ROWS`` (decode at small batches, where reading W is the cost):
+  the activations stay in the model's dtype and only W is e4m3; on a CUDA GPU of compute
+  capability 8.9+ one Triton kernel reads the e4m3 weight (``kernels.fp8_gemv``);
+- more rows: the activations are quantized per token too (``amax(|x_t|) / 448``, one Triton
+  kernel on CUDA) and, on 8.9+ with bfloat16 activations, multiplied by one
+  ``torch._scaled_mm`` with row-wise scales.
+Elsewhere (CPU, older GPUs, other dtypes) the same operands are dequantized and multiplied
+in float32 (fake quantization), so CPU tests measure the accuracy of the quantized model.
 """
 
 from __future__ import annotations
@@ -20,11 +25,16 @@ import torch
 from torch import nn
 
 from kernels.fp8 import FP8_DTYPE, FP8_MAX, dequantize_fp8, quantize_fp8
+from kernels.fp8_gemv import MAX_ROWS as WEIGHT_ONLY_MAX_ROWS
+from kernels.fp8_gemv import fp8_weight_matmul
+from kernels.fp8_quant import per_token_quant_fp8
 
 logger = logging.getLogger(__name__)
 
 # The decoder's linear layers quantized by quantization="fp8" (the Llama family's names).
 FP8_LINEAR_NAMES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+# 1 / 448 (a float32 once multiplied with a float32 tensor, on every device).
+INV_FP8_MAX = 1.0 / FP8_MAX
 # Floor of a scale, so an all-zero row or token quantizes to zeros instead of NaN.
 _MIN_SCALE = 1e-12
 
@@ -55,9 +65,20 @@ def kv_cache_torch_dtype(kv_cache_dtype: str, model_dtype: torch.dtype, device: 
 def quantize_per_row(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(q, scale)`` with ``q[i] = x[i] / scale[i]`` in e4m3 and ``scale[i] =
     amax(|x[i]|) / 448`` (``[rows, 1]`` float32): per output channel for a weight, per
-    token for activations."""
-    scale = (x.abs().amax(dim=-1, keepdim=True).float() / FP8_MAX).clamp(min=_MIN_SCALE)
+    token for activations.
+
+    The division by 448 is a float32 multiplication by ``1 / 448``: torch on CUDA computes a
+    tensor-by-scalar division that way (and on the CPU as a true division), so spelling it
+    out gives the same scales on both devices and in the Triton kernel.
+    """
+    amax = x.abs().amax(dim=-1, keepdim=True).float()
+    scale = (amax * INV_FP8_MAX).clamp(min=_MIN_SCALE)
     return quantize_fp8(x, scale), scale
+
+
+def _has_fp8_conversions(weight: torch.Tensor) -> bool:
+    """e4m3 loads and conversions in Triton kernels: CUDA compute capability 8.9+."""
+    return weight.is_cuda and torch.cuda.get_device_capability(weight.device) >= (8, 9)
 
 
 def _can_use_scaled_mm(weight: torch.Tensor) -> bool:
@@ -90,6 +111,7 @@ class Fp8Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         # Decided once here: forward stays free of host queries (CUDA-graph capture).
         self.is_scaled_mm = _can_use_scaled_mm(weight)
+        self.is_fp8_native = _has_fp8_conversions(weight)
         # The dequantized weight of the fake-quantization path, built on first use.
         self._dequantized: torch.Tensor | None = None
 
@@ -109,22 +131,45 @@ class Fp8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        x_q, x_scale = quantize_per_row(x2)
-        if self.is_scaled_mm and x.dtype == torch.bfloat16:
-            # Row-wise scales: scale_a [M, 1] per token, scale_b [1, N] per channel.
-            out = torch._scaled_mm(x_q, self.weight.t(), scale_a=x_scale,
-                                   scale_b=self.weight_scale[None, :], bias=self.bias,
-                                   out_dtype=x.dtype)
+        if x2.shape[0] <= WEIGHT_ONLY_MAX_ROWS:
+            out = self._weight_only(x2)
         else:
-            if self._dequantized is None:
-                self._dequantized = dequantize_fp8(self.weight, self.weight_scale[:, None])
-            out = dequantize_fp8(x_q, x_scale) @ self._dequantized.t()
-            if self.bias is not None:
-                out = out + self.bias.float()
-            out = out.to(x.dtype)
+            out = self._fp8_product(x2)
         if self.reduce is not None:
             out = self.reduce(out)
         return out.reshape(*shape[:-1], self.out_features)
+
+    def _weight_only(self, x: torch.Tensor) -> torch.Tensor:
+        """A few rows (decode): the activations stay unquantized; only W is e4m3."""
+        if self.is_fp8_native:
+            return fp8_weight_matmul(x.contiguous(), self.weight, self.weight_scale, self.bias)
+        out = x.float() @ self._dequantized_weight().t()
+        if self.bias is not None:
+            out = out + self.bias.float()
+        return out.to(x.dtype)
+
+    def _fp8_product(self, x: torch.Tensor) -> torch.Tensor:
+        """Many rows (prefill, large batches): activations quantized per token too."""
+        if self.is_fp8_native:
+            # One launch per layer: the torch expression is ~7 small kernels.
+            x_q, x_scale = per_token_quant_fp8(x.contiguous(), INV_FP8_MAX, _MIN_SCALE)
+        else:
+            x_q, x_scale = quantize_per_row(x)
+        if self.is_scaled_mm and x.dtype == torch.bfloat16:
+            # Row-wise scales: scale_a [M, 1] per token, scale_b [1, N] per channel.
+            return torch._scaled_mm(x_q, self.weight.t(), scale_a=x_scale,
+                                    scale_b=self.weight_scale[None, :], bias=self.bias,
+                                    out_dtype=x.dtype)
+        out = dequantize_fp8(x_q, x_scale) @ self._dequantized_weight().t()
+        if self.bias is not None:
+            out = out + self.bias.float()
+        return out.to(x.dtype)
+
+    def _dequantized_weight(self) -> torch.Tensor:
+        """``W * scale`` in float32 (the fake-quantization paths), built on first use."""
+        if self._dequantized is None:
+            self._dequantized = dequantize_fp8(self.weight, self.weight_scale[:, None])
+        return self._dequantized
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -1,0 +1,63 @@
+"""Per-token FP8 quantization of activations in one launch.
+
+``q[i] = x[i] * (1 / s[i])`` in e4m3 with ``s[i] = max(amax(|x[i]|) * inv_max, min_scale)``
+(``inv_max`` = 1 / 448 as a float32), as ``worker_svc.layers.quantization.quantize_per_row``
+computes it with torch: the same float32 products, a correctly rounded reciprocal, the same
+clamp and round-to-nearest-even, so the two give the same values (a tiny negative input may
+round to +0 where torch gives -0). One program
+per row reads it twice (the maximum, then the quantized store): one launch instead of the
+six or seven small kernels of the torch expression, which at batch 1 cost more than the FP8
+GEMMs save.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._utils import FLOAT_DTYPES, check_tensor
+from kernels.fp8 import FP8_DTYPE
+from kernels.kv_cache_write import _round_to_e4m3
+
+_BLOCK = 1024
+
+
+@triton.jit
+def _per_token_quant_kernel(x_ptr, q_ptr, scale_ptr, stride_x, stride_q, num_cols, inv_max,
+                            min_scale, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    amax = tl.zeros([BLOCK], tl.float32)
+    for c0 in range(0, num_cols, BLOCK):
+        cols = c0 + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + row * stride_x + cols, mask=cols < num_cols, other=0.0)
+        amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
+    scale = tl.maximum(tl.max(amax, axis=0) * inv_max, min_scale)
+    inv_scale = tl.div_rn(1.0, scale)
+    for c0 in range(0, num_cols, BLOCK):
+        cols = c0 + tl.arange(0, BLOCK)
+        mask = cols < num_cols
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+        y = tl.minimum(tl.maximum(x.to(tl.float32) * inv_scale, -448.0), 448.0)
+        tl.store(q_ptr + row * stride_q + cols, _round_to_e4m3(y).to(q_ptr.dtype.element_ty),
+                 mask=mask)
+    tl.store(scale_ptr + row, scale)
+
+
+def per_token_quant_fp8(x: torch.Tensor, inv_max: float, min_scale: float
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q [M, K] float8_e4m3fn, scale [M, 1] float32)`` of ``x [M, K]``; ``inv_max`` is
+    ``1 / 448`` (``worker_svc.layers.quantization.INV_FP8_MAX``).
+
+    Raises:
+        ValueError: ``x`` is not a 2-D floating tensor with a contiguous last dim.
+    """
+    check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES, last_dim_contiguous=True)
+    num_rows, num_cols = x.shape
+    q = torch.empty((num_rows, num_cols), dtype=FP8_DTYPE, device=x.device)
+    scale = torch.empty((num_rows, 1), dtype=torch.float32, device=x.device)
+    if num_rows:
+        _per_token_quant_kernel[(num_rows,)](x, q, scale, x.stride(0), q.stride(0), num_cols,
+                                             float(inv_max), float(min_scale), BLOCK=_BLOCK,
+                                             num_warps=4)
+    return q, scale
