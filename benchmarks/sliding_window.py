@@ -9,6 +9,12 @@
 2. **KV blocks per request** (any machine, no model): one request decoded to ``--context``
    tokens through the scheduler's block manager, with the window on every layer and
    without; the most blocks it held at once.
+3. **Hybrid KV layout** (any machine, no model): the same request on a Gemma-2-style model
+   (local layers of window ``--window`` interleaved 1:1 with global ones) with one KV
+   group (dense: every layer keeps every block) and with a group per pattern (the local
+   group gives back the blocks before its window). A hybrid block id holds half the
+   layers, so its KV is counted in blocks of all layers; the ratio is how many more such
+   requests fit in the same memory.
 
     python benchmarks/sliding_window.py [--output sliding_window.json]
 """
@@ -41,6 +47,27 @@ def blocks_held(context: int, window: int | None, block_size: int) -> int:
         assert manager.allocate_slots(request, 1) is not None
         request.num_computed_tokens += 1
         most = max(most, manager.num_held_blocks("r"))
+    return most
+
+
+def hybrid_blocks_held(context: int, window: int, block_size: int) -> list[int]:
+    """The most KV blocks one request holds per group (global, local) while it decodes
+    to ``context`` tokens, with one block table per group."""
+    from gridllm.common.sampling_params import SamplingParams
+    from scheduler_svc.block_manager import BlockManager
+    from scheduler_svc.request import Request
+
+    manager = BlockManager(2 * (context // block_size + 2), block_size,
+                           group_windows=(None, window))
+    request = Request("r", [1] * 100, SamplingParams(max_tokens=context))
+    assert manager.allocate_group_slots(request, request.num_tokens) is not None
+    request.num_computed_tokens = request.num_tokens
+    most = [manager.num_held_blocks("r", g) for g in range(2)]
+    while request.num_tokens < context:
+        request.output_token_ids.append(1)
+        assert manager.allocate_group_slots(request, 1) is not None
+        request.num_computed_tokens += 1
+        most = [max(m, manager.num_held_blocks("r", g)) for g, m in enumerate(most)]
     return most
 
 
@@ -104,6 +131,17 @@ def main(argv: list[str] | None = None) -> int:
     results["blocks_per_request"] = {"dense": dense, "window": windowed}
     rows += [[f"KV blocks held by one request at {args.context} tokens, dense", dense],
              [f"  window {args.window} on every layer", windowed]]
+    global_held, local_held = hybrid_blocks_held(args.context, args.window, args.block_size)
+    # A hybrid block id holds half the layers: in blocks of all layers.
+    hybrid = (global_held + local_held) / 2
+    results["hybrid"] = {"dense_blocks": dense, "global_group_blocks": global_held,
+                         "local_group_blocks": local_held, "hybrid_blocks": hybrid,
+                         "requests_at_equal_memory": dense / hybrid}
+    rows += [[f"Gemma-2-style 1:1 local (window {args.window}) / global layers, KV per "
+              f"request at {args.context} tokens (blocks of all layers): one group", dense],
+             [f"  hybrid: global group {global_held} + local group {local_held} block ids, "
+              "each half the layers", hybrid],
+             ["  requests that fit in the same memory (x)", dense / hybrid]]
     sys.stdout.write(format_table(rows, ["figure", "value"]) + "\n")
     if args.output:
         with open(args.output, "w") as f:

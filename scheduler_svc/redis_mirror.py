@@ -8,6 +8,10 @@ A prefix-cache entry is recorded only after the step that computed its KV, with 
 version (gridllm.common.block_versions): after a scheduler
 restart, entries whose block was overwritten since are recognised and dropped.
 
+A model with several KV groups (scheduler_svc/block_manager.py) keys the cached entries of
+the groups after the first by ``"<group>:<hash>"`` and writes a request's tables as the
+groups' id lists joined by ``;``. KV events (for routers) carry the first group only.
+
 The same net changes go out as KV events (scheduler_svc.kv_events) in the same pipeline: a
 worker's first flush after it is linked, and any full re-sync, start with AllBlocksCleared
 and store every cached block; a worker whose link is gone ends with AllBlocksCleared.
@@ -46,6 +50,8 @@ class _Tracked:
         self.stats = stats
         # block hash -> (block id, version, token ids, parent hash), or None to delete it.
         self.cached: dict[int, CachedBlock | None] = {}
+        # The same for the KV groups after the first, keyed by (group, block hash).
+        self.group_cached: dict[tuple[int, int], CachedBlock | None] = {}
         # req_id -> "b0,b1,..." or None to delete it.
         self.tables: dict[str, str | None] = {}
         self.is_dirty = True
@@ -117,6 +123,9 @@ class RedisMirror:
         _unconfirmed, removed = tracked.block_manager.drain_events()
         for block_hash in removed:
             tracked.cached[block_hash] = None
+        _unconfirmed_groups, removed_groups = tracked.block_manager.drain_group_events()
+        for key in removed_groups:
+            tracked.group_cached[key] = None
         tracked.is_retired = tracked.is_dirty = True
         self._wakeup.set()
 
@@ -137,13 +146,18 @@ class RedisMirror:
                 block_id, token_ids = entry
                 tracked.cached[block_hash] = (block_id, tracked.versions[block_id], token_ids,
                                               bm.cached_parent(block_hash))
+        stored_groups, removed_groups = bm.drain_group_events()
+        for group, block_hash in (*removed_groups, *stored_groups):
+            entry = bm.cached_entry(block_hash, group)
+            tracked.group_cached[group, block_hash] = None if entry is None else (
+                entry[0], tracked.versions[entry[0]], entry[1],
+                bm.cached_parent(block_hash, group))
         req_ids = {r.req_id for r in output.scheduled_new_reqs}
         req_ids.update(r.req_id for r in output.scheduled_cached_reqs if r.new_block_ids)
         req_ids.update(output.finished_req_ids)
         req_ids.update(u.req_id for u in updates if u.finished)
         for req_id in req_ids:
-            block_ids = bm.get_block_ids(req_id)
-            tracked.tables[req_id] = ",".join(map(str, block_ids)) if block_ids else None
+            tracked.tables[req_id] = _table_text(bm, req_id)
         tracked.is_dirty = True
         if self._oldest_change is None:
             self._oldest_change = time.monotonic()
@@ -186,8 +200,9 @@ class RedisMirror:
             except Exception:
                 if changed_at is not None:
                     self._oldest_change = min(changed_at, self._oldest_change or changed_at)
-                for _, tracked, (cached, tables) in taken:  # keep them for the retry
+                for _, tracked, (cached, group_cached, tables) in taken:  # for the retry
                     tracked.cached = {**cached, **tracked.cached}
+                    tracked.group_cached = {**group_cached, **tracked.group_cached}
                     tracked.tables = {**tables, **tracked.tables}
                     # Redis may come back empty (restarted): then only the whole state helps.
                     tracked.needs_full_sync = tracked.is_dirty = True
@@ -202,6 +217,7 @@ class RedisMirror:
 
     def _take(self, pipe, worker_id: str, tracked: _Tracked):
         cached, tracked.cached = tracked.cached, {}
+        group_cached, tracked.group_cached = tracked.group_cached, {}
         tables, tracked.tables = tracked.tables, {}
         tracked.is_dirty = False
         cached_key = self.keys.kv_cached_key(worker_id)
@@ -215,7 +231,8 @@ class RedisMirror:
             tracked.needs_full_sync = False
             pipe.delete(cached_key, tables_key)
             cached = whole
-            tables = {r: ",".join(map(str, ids)) for r, ids in bm.block_tables().items()}
+            group_cached = _group_cached_state(bm, tracked.versions)
+            tables = {r: _table_text(bm, r) for r in bm.block_tables()}
         if self.events is not None:
             events = self.events.changes(worker_id, bm.block_size,
                                          whole if is_rebuild else cached, is_rebuild)
@@ -225,6 +242,9 @@ class RedisMirror:
         to_set = {str(h): redis_keys.encode_cached_block(*v) for h, v in cached.items()
                   if v is not None}
         to_delete = [str(h) for h, v in cached.items() if v is None]
+        to_set.update({f"{g}:{h}": redis_keys.encode_cached_block(*v)
+                       for (g, h), v in group_cached.items() if v is not None})
+        to_delete += [f"{g}:{h}" for (g, h), v in group_cached.items() if v is None]
         if to_set:
             pipe.hset(cached_key, mapping=to_set)
         if to_delete:
@@ -244,7 +264,7 @@ class RedisMirror:
         expiry_ms = int(self.ttl * _MIRROR_EXPIRY_TTLS * 1000)
         for key in (cached_key, tables_key, self.keys.kv_state_key(worker_id)):
             pipe.pexpire(key, expiry_ms)
-        return cached, tables
+        return cached, group_cached, tables
 
     async def _heartbeat_loop(self) -> None:
         while not self._is_closing:
@@ -302,15 +322,21 @@ class RedisMirror:
         stored_instance, raw = await pipe.execute()
         if isinstance(stored_instance, bytes):
             stored_instance = stored_instance.decode()
-        entries, parents = {}, {}
+        # group -> (entries, parents), as BlockManager.restore_cached takes them.
+        by_group: dict[int, tuple[dict, dict]] = {}
         if stored_instance == instance_id:
             for key, value in raw.items():
                 block_id, version, token_ids, parent = redis_keys.decode_cached_entry(value)
-                if 0 <= block_id < len(versions) and versions[block_id] == version:
-                    entries[int(key)] = (block_id, token_ids)
-                    if parent is not None:
-                        parents[int(key)] = parent
-        restored = block_manager.restore_cached(entries, parents)
+                if not (0 <= block_id < len(versions) and versions[block_id] == version):
+                    continue
+                group_text, _, hash_text = (key.decode() if isinstance(key, bytes)
+                                            else key).rpartition(":")
+                entries, parents = by_group.setdefault(int(group_text or 0), ({}, {}))
+                entries[int(hash_text)] = (block_id, token_ids)
+                if parent is not None:
+                    parents[int(hash_text)] = parent
+        restored = sum(block_manager.restore_cached(entries, parents, group)
+                       for group, (entries, parents) in sorted(by_group.items()))
         pipe = self.redis.pipeline(transaction=False)
         pipe.delete(self.keys.kv_tables_key(worker_id))
         if raw and restored != len(raw):
@@ -319,6 +345,10 @@ class RedisMirror:
             kept = {str(h): redis_keys.encode_cached_block(*entry)
                     for h, entry in _cached_state(block_manager, versions).items()
                     if entry is not None}
+            kept.update({f"{g}:{h}": redis_keys.encode_cached_block(*entry)
+                         for (g, h), entry in
+                         _group_cached_state(block_manager, versions).items()
+                         if entry is not None})
             if kept:
                 pipe.hset(cached_key, mapping=kept)
         pipe.hset(state_key, mapping={"instance_id": instance_id,
@@ -347,3 +377,21 @@ def _cached_state(bm: BlockManager, versions: list[int]) -> dict[int, CachedBloc
     """Every cached block of ``bm`` as the mirror records it."""
     return {h: (block_id, versions[block_id], tokens, bm.cached_parent(h))
             for h, (block_id, tokens) in bm.cached_entries().items()}
+
+
+def _group_cached_state(bm: BlockManager, versions: list[int]
+                        ) -> dict[tuple[int, int], CachedBlock | None]:
+    """Every cached block of the KV groups after the first, by (group, hash)."""
+    return {(g, h): (block_id, versions[block_id], tokens, bm.cached_parent(h, g))
+            for g in range(1, bm.num_groups)
+            for h, (block_id, tokens) in bm.cached_entries(g).items()}
+
+
+def _table_text(bm: BlockManager, req_id: str) -> str | None:
+    """A request's block tables as mirrored: ids joined by ``,``, groups by ``;`` (None:
+    it holds none)."""
+    block_ids = bm.get_block_ids(req_id)
+    if not block_ids:
+        return None
+    tables = [block_ids, *bm.get_group_block_ids(req_id)]
+    return ";".join(",".join(map(str, ids)) for ids in tables)

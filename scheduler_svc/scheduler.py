@@ -46,7 +46,7 @@ class Scheduler:
         self.block_size = limits.block_size
         self.block_manager = BlockManager(num_kv_blocks, limits.block_size,
                                           scheduler_config.enable_prefix_caching,
-                                          kv_window=limits.kv_window)
+                                          group_windows=limits.group_windows)
         self.requests: dict[str, Request] = {}
         self.waiting = make_queue(scheduler_config.scheduling_policy)
         self.running: list[Request] = []
@@ -76,7 +76,8 @@ class Scheduler:
             raise ValueError(
                 f"prompt has {num_tokens} tokens; max_model_len is {self.max_model_len}, "
                 f"so prompts must be shorter than {self.max_model_len} tokens.")
-        num_blocks = -(-(num_tokens + 1) // self.block_size)
+        # In every KV group (a windowed one may need them all if it runs in one chunk).
+        num_blocks = -(-(num_tokens + 1) // self.block_size) * self.block_manager.num_groups
         if num_blocks > self.block_manager.num_blocks:
             raise ValueError(
                 f"prompt needs {num_blocks} KV blocks but the cache holds only "
@@ -140,6 +141,7 @@ class Scheduler:
     def free_capacity(self) -> int:
         """Free KV blocks minus what the queued requests will take."""
         demand = sum(-(-r.num_tokens // self.block_size) for r in self.waiting)
+        demand *= self.block_manager.num_groups
         return self.block_manager.num_free_blocks - demand
 
     # ----------------------------------------------------------------- schedule
@@ -158,7 +160,7 @@ class Scheduler:
             if num_new <= 0 or self._is_capped(request):
                 i += 1  # its last token is still in flight
                 continue
-            new_block_ids = self.block_manager.allocate_slots(request, num_new)
+            new_block_ids = self.block_manager.allocate_group_slots(request, num_new)
             while new_block_ids is None:
                 # Out of blocks: preempt by recompute until the request fits (or is the victim).
                 victim = self._pick_victim()
@@ -176,11 +178,12 @@ class Scheduler:
                     break
                 if victim_index < i:
                     i -= 1
-                new_block_ids = self.block_manager.allocate_slots(request, num_new)
+                new_block_ids = self.block_manager.allocate_group_slots(request, num_new)
             if new_block_ids is None:
                 continue  # running[i] is now the next request
             out.scheduled_cached_reqs.append(CachedRequestData(
-                request.req_id, new_block_ids, request.num_computed_tokens))
+                request.req_id, new_block_ids[0], request.num_computed_tokens,
+                new_block_ids[1:]))
             self._advance(request, num_new, sampling)
             out.num_scheduled_tokens[request.req_id] = num_new
             token_budget -= num_new
@@ -202,8 +205,8 @@ class Scheduler:
             if self.reservation is not None and not self.reservation.admits(
                     request, computed_blocks, self.running, self.block_manager):
                 break  # its predicted footprint would crowd out the running requests
-            new_block_ids = self.block_manager.allocate_slots(request, num_new, computed_blocks)
-            if new_block_ids is None:
+            if self.block_manager.allocate_group_slots(request, num_new,
+                                                       computed_blocks) is None:
                 break
             self.waiting.pop()
             request.status = RequestStatus.RUNNING
@@ -214,7 +217,7 @@ class Scheduler:
             out.scheduled_new_reqs.append(NewRequestData(
                 request.req_id, list(request.prompt_token_ids), request.sampling_params,
                 list(request.output_token_ids), self.block_manager.get_block_ids(request.req_id),
-                num_computed))
+                num_computed, self.block_manager.get_group_block_ids(request.req_id)))
             self._advance(request, num_new, sampling)
             out.num_scheduled_tokens[request.req_id] = num_new
             token_budget -= num_new

@@ -11,6 +11,7 @@ each capture, so no autotuning or JIT compilation happens inside capture.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -57,11 +58,12 @@ class CudaGraphRunner:
         max_seq_len: longest context a replay may see.
         device: the GPU.
         num_kv_heads: the model's KV heads (the decode kernel's split count depends on it).
+        num_groups: KV groups (each has its own static slot mapping and block table).
     """
 
     def __init__(self, model: torch.nn.Module, kv_caches: list, max_batch_size: int,
                  max_blocks_per_seq: int, max_seq_len: int, device: torch.device,
-                 num_kv_heads: int):
+                 num_kv_heads: int, num_groups: int = 1):
         self.model = model
         self.kv_caches = kv_caches
         self.sizes = batch_size_ladder(max_batch_size)
@@ -79,14 +81,26 @@ class CudaGraphRunner:
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32,
                                         device=device)
+        # The same for the KV groups after the first.
+        self.group_slot_mapping = torch.full((num_groups - 1, n), -1, dtype=torch.long,
+                                             device=device)
+        self.group_block_tables = torch.zeros(num_groups - 1, n, max_blocks_per_seq,
+                                              dtype=torch.int32, device=device)
         # (batch size, split count) -> graph and its output buffer.
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple[int, int], torch.Tensor] = {}
 
     def _metadata(self, size: int, max_seq_len: int) -> AttentionMetadata:
-        return AttentionMetadata(self.slot_mapping[:size], self.query_start_loc[:size + 1],
-                                 self.seq_lens[:size], self.block_tables[:size],
-                                 max_query_len=1, max_seq_len=max_seq_len)
+        metadata = AttentionMetadata(self.slot_mapping[:size], self.query_start_loc[:size + 1],
+                                     self.seq_lens[:size], self.block_tables[:size],
+                                     max_query_len=1, max_seq_len=max_seq_len)
+        if len(self.group_block_tables):
+            metadata.groups = [metadata] + [
+                dataclasses.replace(metadata, slot_mapping=slots[:size],
+                                    block_tables=tables[:size])
+                for slots, tables in zip(self.group_slot_mapping, self.group_block_tables,
+                                         strict=True)]
+        return metadata
 
     def _forward(self, size: int, max_seq_len: int) -> torch.Tensor:
         return self.model(self.input_ids[:size], self.positions[:size], self.kv_caches,
@@ -144,5 +158,11 @@ class CudaGraphRunner:
         self.seq_lens[:num_reqs].copy_(meta.seq_lens, non_blocking=True)
         self.seq_lens[num_reqs:size].zero_()
         self.block_tables[:num_reqs, :width].copy_(meta.block_tables, non_blocking=True)
+        for group, view in enumerate((meta.groups or [])[1:]):
+            self.group_slot_mapping[group, :num_reqs].copy_(view.slot_mapping,
+                                                            non_blocking=True)
+            self.group_slot_mapping[group, num_reqs:size].fill_(-1)
+            self.group_block_tables[group, :num_reqs, :width].copy_(view.block_tables,
+                                                                   non_blocking=True)
         self.graphs[key].replay()
         return self.outputs[key][:num_reqs]

@@ -12,6 +12,7 @@ next input is such a token gets it from the previous step's samples on the devic
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +64,8 @@ class InputBatch:
         block_size: tokens per KV block.
         vocab_size: columns of the penalty tables.
         device: where the step's inputs go.
+        num_groups: KV groups (worker_svc/kv_groups.py); the groups after the first keep
+            their block tables in ``group_block_table``.
     """
 
     # Host arrays, one entry (or row) per request (allocated in _grow).
@@ -82,9 +85,14 @@ class InputBatch:
     has_penalties: np.ndarray
     needs_prompt_logprobs: np.ndarray
     prev_sample_row: np.ndarray
+    # [capacity, num_groups - 1, max_blocks] and [capacity, num_groups - 1]: the block
+    # tables of the KV groups after the first (only with several groups).
+    group_block_table: np.ndarray
+    num_group_blocks: np.ndarray
 
     def __init__(self, max_num_reqs: int, max_model_len: int, block_size: int,
-                 vocab_size: int, device: torch.device) -> None:
+                 vocab_size: int, device: torch.device, num_groups: int = 1) -> None:
+        self.num_groups = num_groups
         self.max_model_len = max_model_len
         self.block_size = block_size
         self.max_blocks_per_req = -(-max_model_len // block_size)
@@ -122,6 +130,10 @@ class InputBatch:
             "prev_sample_row": (capacity, np.int64),
             **{name: (capacity, dtype) for name, dtype, _ in _PARAM_ARRAYS},
         }
+        if self.num_groups > 1:
+            specs["group_block_table"] = (
+                (capacity, self.num_groups - 1, self.max_blocks_per_req), np.int32)
+            specs["num_group_blocks"] = ((capacity, self.num_groups - 1), np.int64)
         for name, (shape, dtype) in specs.items():
             grown = np.zeros(shape, dtype=dtype)
             old = self._arrays.get(name)
@@ -143,6 +155,8 @@ class InputBatch:
 
     def add(self, state: RequestState) -> int:
         """Append ``state`` as the last row; returns the row."""
+        if self.num_groups > 1:
+            self._check_group_tables(state.req_id, state.group_block_ids)
         row = len(self.states)
         if row == self.capacity:
             self._grow(2 * self.capacity)
@@ -156,6 +170,9 @@ class InputBatch:
         self.num_computed[row] = state.num_computed_tokens
         self.block_table[row, :len(state.block_ids)] = state.block_ids
         self.num_blocks[row] = len(state.block_ids)
+        for group, ids in enumerate(state.group_block_ids):
+            self.group_block_table[row, group, :len(ids)] = ids
+            self.num_group_blocks[row, group] = len(ids)
         params = state.sampling_params
         self.temperature[row] = 0.0 if params.is_greedy else params.temperature
         for name, _, attr in _PARAM_ARRAYS:
@@ -214,8 +231,16 @@ class InputBatch:
                 return row
         return -1
 
+    def _check_group_tables(self, req_id: str, group_block_ids: list[list[int]]) -> None:
+        if len(group_block_ids) != self.num_groups - 1:
+            raise ValueError(
+                f"request {req_id!r}: the model has {self.num_groups} KV groups, so "
+                f"group_block_ids must hold {self.num_groups - 1} block tables, got "
+                f"{len(group_block_ids)}.")
+
     def update_cached(self, req_id: str, new_block_ids: list[int],
-                      num_computed_tokens: int) -> None:
+                      num_computed_tokens: int,
+                      new_group_block_ids: list[list[int]] | None = None) -> None:
         row = self.rows[req_id]
         state = self.states[row]
         state.block_ids.extend(new_block_ids)
@@ -223,6 +248,14 @@ class InputBatch:
         self.block_table[row, start:start + len(new_block_ids)] = new_block_ids
         self.num_blocks[row] = start + len(new_block_ids)
         self.num_computed[row] = num_computed_tokens
+        if self.num_groups > 1:
+            new_group_block_ids = new_group_block_ids or []
+            self._check_group_tables(req_id, new_group_block_ids)
+            for group, ids in enumerate(new_group_block_ids):
+                state.group_block_ids[group].extend(ids)
+                start = int(self.num_group_blocks[row, group])
+                self.group_block_table[row, group, start:start + len(ids)] = ids
+                self.num_group_blocks[row, group] = start + len(ids)
 
     def append_known_token(self, state: RequestState, token_id: int) -> None:
         """A pending token's id reached the host."""
@@ -275,13 +308,16 @@ class InputBatch:
         starts = self.num_computed[:n].copy()
         ends = starts + num_scheduled
         num_tokens = self.num_known[:n] + self.num_pending[:n]
-        bad = (num_scheduled <= 0) | (ends > num_tokens) | (ends > self.num_blocks[:n] * bs)
+        num_blocks = self.num_blocks[:n]
+        if self.num_groups > 1:
+            num_blocks = np.minimum(num_blocks, self.num_group_blocks[:n].min(axis=1))
+        bad = (num_scheduled <= 0) | (ends > num_tokens) | (ends > num_blocks * bs)
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
             raise ValueError(
                 f"request {self.states[row].req_id!r}: scheduled tokens [{starts[row]}, "
                 f"{ends[row]}) exceed its {num_tokens[row]} known tokens or "
-                f"{self.num_blocks[row]} blocks.")
+                f"{num_blocks[row]} blocks.")
         cu = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(num_scheduled, out=cu[1:])
         num_batch_tokens = int(cu[-1])
@@ -295,8 +331,8 @@ class InputBatch:
                 positions[pending_dst] != self.num_known[req_index[pending_dst]]).any()):
             raise RuntimeError("a step needs a token sampled before the last step; read "
                                "that step's output first.")
-        slots = (self.block_table[req_index, positions // bs].astype(np.int64) * bs
-                 + positions % bs)
+        block_index, offsets = positions // bs, positions % bs
+        slots = self.block_table[req_index, block_index].astype(np.int64) * bs + offsets
         width = int(self.num_blocks[:n].max())
         width = min(-(-width // _BLOCK_TABLE_ALIGN) * _BLOCK_TABLE_ALIGN,
                     self.max_blocks_per_req)
@@ -317,6 +353,11 @@ class InputBatch:
             "offsets": num_tokens - self.num_prompt[:n],
             **{name: self._arrays[name][:n] for name, _, _ in _PARAM_ARRAYS},
         }
+        for group in range(1, self.num_groups):
+            table = self.group_block_table[:, group - 1]
+            arrays[f"slot_mapping_{group}"] = (
+                table[req_index, block_index].astype(np.int64) * bs + offsets)
+            arrays[f"block_tables_{group}"] = table[:n, :width]
         dev = self.staging.send(arrays)
         input_ids_dev = dev["input_ids"]
         if pending_dst.size:
@@ -327,6 +368,11 @@ class InputBatch:
             slot_mapping=dev["slot_mapping"], query_start_loc=dev["query_start_loc"],
             seq_lens=dev["seq_lens"], block_tables=dev["block_tables"],
             max_query_len=int(num_scheduled.max()), max_seq_len=int(ends.max()))
+        if self.num_groups > 1:
+            metadata.groups = [metadata] + [
+                dataclasses.replace(metadata, slot_mapping=dev[f"slot_mapping_{group}"],
+                                    block_tables=dev[f"block_tables_{group}"])
+                for group in range(1, self.num_groups)]
         return BatchInputs(input_ids=input_ids_dev, positions=dev["positions"],
                            attn_metadata=metadata, starts=starts, num_tokens=num_scheduled,
                            logits_indices=dev["logits_indices"],

@@ -17,6 +17,7 @@ from gridllm.common.contract import ModelLimits, ModelRunnerOutput, SchedulerOut
 from gridllm.common.tokenizer import TOKENIZER_FILES, load_tokenizer
 from worker_svc.cuda_graph import CudaGraphRunner
 from worker_svc.input_batch import BatchInputs, InputBatch
+from worker_svc.kv_groups import model_kv_groups
 from worker_svc.layers.attention import AttentionMetadata
 from worker_svc.layers.ops import set_use_triton
 from worker_svc.layers.quantization import kv_cache_torch_dtype
@@ -74,6 +75,14 @@ class ModelRunner:
         self.model, self.hf_config = load_model(model_config, self.attn_backend, self.device)
         logger.info("memory after loading weights: %s", memory_usage(self.device))
         self.vocab_size = self.hf_config.vocab_size
+        # Layers grouped by attention pattern; several groups: a hybrid KV layout.
+        self.kv_groups = model_kv_groups(self.model, self.hf_config.num_hidden_layers)
+        if self.kv_groups.num_groups > 1:
+            logger.info("hybrid KV layout: %d KV groups of %d layers, windows %s; a block "
+                        "id holds %d layers of KV; prefix-cache hits need each local "
+                        "group's window cached", self.kv_groups.num_groups,
+                        self.kv_groups.num_slots, list(self.kv_groups.windows),
+                        self.kv_groups.num_slots)
         self.max_model_len = self._resolve_max_model_len()
         self.eos_token_id = eos_token_id if eos_token_id is not None else _first_eos(self.hf_config)
         self.block_size = cache_config.block_size
@@ -82,7 +91,8 @@ class ModelRunner:
                                use_kernel=False if self.attn_backend.name == "torch" else None)
         self.requests: dict[str, RequestState] = {}
         self.input_batch = InputBatch(scheduler_config.max_num_seqs, self.max_model_len,
-                                      self.block_size, self.vocab_size, self.device)
+                                      self.block_size, self.vocab_size, self.device,
+                                      self.kv_groups.num_groups)
         # Step outputs not read yet, oldest first (at most two: see execute_model_async).
         self._unread: collections.deque[AsyncRunnerOutput] = collections.deque()
         # Requests refused (bad processor arguments, a grammar that does not compile) until
@@ -140,16 +150,18 @@ class ModelRunner:
         graph_runner = CudaGraphRunner(
             self.model, self.kv_caches, min(self.scheduler_config.max_num_seqs, 256),
             -(-self.max_model_len // self.block_size), self.max_model_len, self.device,
-            num_kv_heads=self._kv_geometry()[1])
+            num_kv_heads=self._kv_geometry()[1], num_groups=self.kv_groups.num_groups)
         graph_runner.capture()
         return graph_runner
 
     @property
     def limits(self) -> ModelLimits:
         """What this runner serves, resolved from the model and the configs."""
+        groups = self.kv_groups
         return ModelLimits(max_model_len=self.max_model_len, vocab_size=self.vocab_size,
                            block_size=self.block_size, eos_token_id=self.eos_token_id,
-                           kv_window=kv_window_of(self.model, self.hf_config.num_hidden_layers))
+                           kv_window=groups.windows[0] if groups.num_groups == 1 else None,
+                           kv_group_windows=groups.limits_windows)
 
     # ---- setup -------------------------------------------------------------------------
     def _resolve_max_model_len(self) -> int:
@@ -169,13 +181,18 @@ class ModelRunner:
         return kv_cache_geometry(self.hf_config, self.model_config.tensor_parallel_size)
 
     def bytes_per_block(self) -> int:
-        num_layers, num_kv_heads, head_dim = self._kv_geometry()
+        """Bytes of one block id: the KV of one group's layers (all layers with one group)."""
+        _, num_kv_heads, head_dim = self._kv_geometry()
         element = torch.empty((), dtype=self.kv_cache_dtype).element_size()
-        return 2 * num_layers * self.block_size * num_kv_heads * head_dim * element
+        return (2 * self.kv_groups.num_slots * self.block_size * num_kv_heads * head_dim
+                * element)
 
     def _num_kv_blocks(self) -> int:
         if self.cache_config.num_kv_blocks is not None:
-            return self.cache_config.num_kv_blocks
+            # Blocks of every layer: a hybrid layout's ids hold fewer layers each, so
+            # the same memory holds more of them.
+            num_layers = self._kv_geometry()[0]
+            return self.cache_config.num_kv_blocks * num_layers // self.kv_groups.num_slots
         if self.device.type != "cuda":
             num = self.cache_config.kv_cache_memory // self.bytes_per_block()
         else:
@@ -186,11 +203,14 @@ class ModelRunner:
         return int(num)
 
     def _allocate_kv_cache(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        num_layers, num_kv_heads, head_dim = self._kv_geometry()
+        """Per layer ``(key_cache, value_cache)``; with several KV groups, layers of
+        different groups share tensors (see worker_svc/kv_groups.py)."""
+        _, num_kv_heads, head_dim = self._kv_geometry()
         shape = (num_blocks, self.block_size, num_kv_heads, head_dim)
         dtype = self.kv_cache_dtype
-        return [(_zeros(shape, dtype, self.device), _zeros(shape, dtype, self.device))
-                for _ in range(num_layers)]
+        slots = [(_zeros(shape, dtype, self.device), _zeros(shape, dtype, self.device))
+                 for _ in range(self.kv_groups.num_slots)]
+        return [slots[slot] for slot in self.kv_groups.layer_slots]
 
     @torch.inference_mode()
     def _profile_cuda_blocks(self) -> int:
@@ -362,9 +382,12 @@ class ModelRunner:
                                  "send it as a new request.")
             if cached.req_id in batch.rows:
                 batch.update_cached(cached.req_id, cached.new_block_ids,
-                                    cached.num_computed_tokens)
+                                    cached.num_computed_tokens, cached.new_group_block_ids)
             else:
                 state.block_ids.extend(cached.new_block_ids)
+                for ids, new_ids in zip(state.group_block_ids, cached.new_group_block_ids,
+                                        strict=True):
+                    ids.extend(new_ids)
                 state.num_computed_tokens = cached.num_computed_tokens
         for req_id, num_tokens in scheduled.items():
             if num_tokens > 0 and req_id not in batch.rows and req_id in self.requests:
@@ -445,19 +468,6 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     # nothing until used (torch.zeros would touch every page up front).
     num_bytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
     return torch.from_numpy(np.zeros(num_bytes, dtype=np.uint8)).view(dtype).view(shape)
-
-
-def kv_window_of(model: torch.nn.Module, num_layers: int) -> int | None:
-    """The widest attention window when every attention layer has one, else None.
-
-    Read from the built layers (not the config), so an architecture that does not apply a
-    window its config names is never treated as windowed.
-    """
-    windows = [getattr(m, "sliding_window", None) for m in model.modules()
-               if hasattr(m, "sliding_window")]
-    if len(windows) != num_layers or None in windows:
-        return None
-    return max(windows)
 
 
 def _first_eos(hf_config) -> int | None:

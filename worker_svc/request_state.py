@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from gridllm.common.contract import NewRequestData
@@ -31,6 +31,8 @@ class RequestState:
     num_pending_tokens: int = 0
     # The grammar matcher of a request with structured_outputs (fed each token read).
     grammar: RequestGrammar | None = None
+    # The block tables of the KV groups after the first (``block_ids`` is the first's).
+    group_block_ids: list[list[int]] = field(default_factory=list)
 
     @classmethod
     def from_new(cls, new: NewRequestData, seed: int) -> RequestState:
@@ -40,7 +42,8 @@ class RequestState:
                    sampling_params=params, block_ids=list(new.block_ids),
                    num_computed_tokens=new.num_computed_tokens, seed=seed,
                    needs_prompt_logprobs=(params.prompt_logprobs is not None
-                                          and not new.output_token_ids))
+                                          and not new.output_token_ids),
+                   group_block_ids=[list(ids) for ids in new.group_block_ids])
 
     @property
     def num_tokens(self) -> int:

@@ -85,21 +85,31 @@ def _has_eager_decode(runner: ModelRunner) -> bool:
 def warm_up_steps(runner: ModelRunner) -> None:
     """Real steps through the serving path (input staging, graphs or eager forward,
     sampling kernel with and without penalties, logprobs), then forget them."""
-    if runner.num_kv_blocks < 4 or runner.max_model_len < runner.block_size + 2:
+    num_groups = runner.kv_groups.num_groups
+    if runner.num_kv_blocks < 4 * num_groups or runner.max_model_len < runner.block_size + 2:
         return
     prompt = [0] * runner.block_size
+
+    def block_id(step: int, row: int, group: int) -> int:
+        # Distinct per step, request and KV group.
+        return (step * 2 + row) * num_groups + group
+
     params = [SamplingParams(temperature=0.8, top_k=3, top_p=0.9, min_p=0.01, logprobs=2,
                              seed=1),
               SamplingParams(temperature=0.0, prompt_logprobs=1)]
     first = SchedulerOutput(
-        scheduled_new_reqs=[NewRequestData(f"warm-up-{i}", prompt, p, [], [i], 0)
-                            for i, p in enumerate(params)],
+        scheduled_new_reqs=[NewRequestData(
+            f"warm-up-{i}", prompt, p, [], [block_id(0, i, 0)], 0,
+            [[block_id(0, i, g)] for g in range(1, num_groups)])
+            for i, p in enumerate(params)],
         num_scheduled_tokens={f"warm-up-{i}": len(prompt) for i in range(len(params))},
         total_num_scheduled_tokens=len(prompt) * len(params))
     pending = runner.execute_model_async(first)
     decode = SchedulerOutput(
-        scheduled_cached_reqs=[CachedRequestData(f"warm-up-{i}", [2 + i], len(prompt))
-                               for i in range(len(params))],
+        scheduled_cached_reqs=[CachedRequestData(
+            f"warm-up-{i}", [block_id(1, i, 0)], len(prompt),
+            [[block_id(1, i, g)] for g in range(1, num_groups)])
+            for i in range(len(params))],
         num_scheduled_tokens={f"warm-up-{i}": 1 for i in range(len(params))},
         total_num_scheduled_tokens=len(params))
     runner.execute_model_async(decode).get_output()

@@ -16,10 +16,16 @@ def fresh_block_ids(output: SchedulerOutput, block_size: int) -> list[int]:
     """Blocks this step writes new content into (prefix-cache hits excluded)."""
     block_ids = []
     for new in output.scheduled_new_reqs:
-        # The first num_computed_tokens // block_size blocks are prefix-cache hits.
-        block_ids += new.block_ids[new.num_computed_tokens // block_size:]
+        # The first num_computed_tokens // block_size blocks are prefix-cache hits (or,
+        # in a windowed KV group, placeholders before the window).
+        num_hit = new.num_computed_tokens // block_size
+        block_ids += new.block_ids[num_hit:]
+        for group_ids in new.group_block_ids:
+            block_ids += group_ids[num_hit:]
     for cached in output.scheduled_cached_reqs:
         block_ids += cached.new_block_ids
+        for group_ids in cached.new_group_block_ids:
+            block_ids += group_ids
     return block_ids
 
 

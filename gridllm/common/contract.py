@@ -44,6 +44,18 @@ class ModelLimits:
     # Set when every attention layer sees only this many latest tokens (a sliding window
     # on all layers, as Mistral's): KV blocks wholly before the window are given back.
     kv_window: int | None = None
+    # Set (two or more entries) when the layers form several KV groups by attention
+    # pattern (Gemma 2's local and global layers): each group's window, 0 for full
+    # attention, full-attention groups first. Each group has its own block table per
+    # request; a windowed group's blocks before the window are given back.
+    kv_group_windows: tuple[int, ...] = ()
+
+    @property
+    def group_windows(self) -> tuple[int | None, ...]:
+        """Each KV group's window (None: full attention); one group for most models."""
+        if not self.kv_group_windows:
+            return (self.kv_window,)
+        return tuple(w or None for w in self.kv_group_windows)
 
 
 @dataclass
@@ -58,6 +70,9 @@ class NewRequestData:
     block_ids: list[int]
     # Tokens whose KV is already in the cache (prefix-cache hit).
     num_computed_tokens: int
+    # The block tables of the KV groups after the first (``block_ids`` is the first
+    # group's); empty for a model with one group.
+    group_block_ids: list[list[int]] = field(default_factory=list)
 
 
 @dataclass
@@ -68,6 +83,9 @@ class CachedRequestData:
     # Blocks appended to the request's block table this step.
     new_block_ids: list[int]
     num_computed_tokens: int
+    # Blocks appended to the tables of the KV groups after the first; empty for a model
+    # with one group.
+    new_group_block_ids: list[list[int]] = field(default_factory=list)
 
 
 @dataclass

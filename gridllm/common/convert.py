@@ -159,13 +159,14 @@ def _ints_back(value: Any) -> Any:
 # ----------------------------------------------------------------------- ModelLimits
 # WorkerInfo, SchedulerInfo and GetModelInfoResponse carry the limits as flat fields of these
 # names (max_model_len, vocab_size, block_size, optional eos_token_id; kv_window, 0 for none,
-# where the scheduler needs it).
+# and kv_group_windows where the scheduler needs them).
 def model_limits_from_pb(msg: Any) -> ModelLimits:
     """The limits in a WorkerInfo, SchedulerInfo or GetModelInfoResponse."""
     return ModelLimits(max_model_len=msg.max_model_len, vocab_size=msg.vocab_size,
                        block_size=msg.block_size,
                        eos_token_id=msg.eos_token_id if msg.HasField("eos_token_id") else None,
-                       kv_window=getattr(msg, "kv_window", 0) or None)
+                       kv_window=getattr(msg, "kv_window", 0) or None,
+                       kv_group_windows=tuple(getattr(msg, "kv_group_windows", ())))
 
 
 def model_limits_to_pb(limits: ModelLimits, msg: Any) -> Any:
@@ -179,6 +180,9 @@ def model_limits_to_pb(limits: ModelLimits, msg: Any) -> Any:
         msg.eos_token_id = limits.eos_token_id
     if hasattr(msg, "kv_window"):
         msg.kv_window = limits.kv_window or 0
+    if hasattr(msg, "kv_group_windows"):
+        del msg.kv_group_windows[:]
+        msg.kv_group_windows.extend(limits.kv_group_windows)
     return msg
 
 
@@ -212,12 +216,15 @@ def scheduler_output_to_pb(out: SchedulerOutput, step_id: int = 0) -> worker_pb2
             sampling_params=sampling_params_to_pb(new.sampling_params),
             output_token_ids=new.output_token_ids, block_ids=new.block_ids,
             num_computed_tokens=new.num_computed_tokens,
-            num_scheduled_tokens=out.num_scheduled_tokens.get(new.req_id, 0)))
+            num_scheduled_tokens=out.num_scheduled_tokens.get(new.req_id, 0),
+            group_block_ids=[worker_pb2.BlockIds(ids=ids) for ids in new.group_block_ids]))
     for cached in out.scheduled_cached_reqs:
         msg.scheduled_cached_reqs.append(worker_pb2.CachedRequest(
             req_id=cached.req_id, new_block_ids=cached.new_block_ids,
             num_computed_tokens=cached.num_computed_tokens,
-            num_scheduled_tokens=out.num_scheduled_tokens.get(cached.req_id, 0)))
+            num_scheduled_tokens=out.num_scheduled_tokens.get(cached.req_id, 0),
+            new_group_block_ids=[worker_pb2.BlockIds(ids=ids)
+                                 for ids in cached.new_group_block_ids]))
     msg.finished_req_ids.extend(sorted(out.finished_req_ids))
     return msg
 
@@ -227,13 +234,15 @@ def scheduler_output_from_pb(msg: worker_pb2.StepRequest) -> SchedulerOutput:
     # num_scheduled_tokens keeps the scheduler's order: running (cached) requests first.
     for cached in msg.scheduled_cached_reqs:
         out.scheduled_cached_reqs.append(CachedRequestData(
-            cached.req_id, list(cached.new_block_ids), cached.num_computed_tokens))
+            cached.req_id, list(cached.new_block_ids), cached.num_computed_tokens,
+            [list(g.ids) for g in cached.new_group_block_ids]))
         out.num_scheduled_tokens[cached.req_id] = cached.num_scheduled_tokens
     for new in msg.scheduled_new_reqs:
         out.scheduled_new_reqs.append(NewRequestData(
             new.req_id, list(new.prompt_token_ids),
             sampling_params_from_pb(new.sampling_params), list(new.output_token_ids),
-            list(new.block_ids), new.num_computed_tokens))
+            list(new.block_ids), new.num_computed_tokens,
+            [list(g.ids) for g in new.group_block_ids]))
         out.num_scheduled_tokens[new.req_id] = new.num_scheduled_tokens
     out.total_num_scheduled_tokens = sum(out.num_scheduled_tokens.values())
     out.finished_req_ids = set(msg.finished_req_ids)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from gridllm.v1 import generate_pb2 as gridllm_dot_v1_dot_generate__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17gridllm/v1/worker.proto\x12\ngridllm.v1\x1a\x19gridllm/v1/generate.proto\"\xd3\x01\n\nNewRequest\x12\x0e\n\x06req_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x33\n\x0fsampling_params\x18\x03 \x01(\x0b\x32\x1a.gridllm.v1.SamplingParams\x12\x18\n\x10output_token_ids\x18\x04 \x03(\r\x12\x11\n\tblock_ids\x18\x05 \x03(\r\x12\x1b\n\x13num_computed_tokens\x18\x06 \x01(\r\x12\x1c\n\x14num_scheduled_tokens\x18\x07 \x01(\r\"q\n\rCachedRequest\x12\x0e\n\x06req_id\x18\x01 \x01(\t\x12\x15\n\rnew_block_ids\x18\x02 \x03(\r\x12\x1b\n\x13num_computed_tokens\x18\x03 \x01(\r\x12\x1c\n\x14num_scheduled_tokens\x18\x04 \x01(\r\"\xa6\x01\n\x0bStepRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x32\n\x12scheduled_new_reqs\x18\x02 \x03(\x0b\x32\x16.gridllm.v1.NewRequest\x12\x38\n\x15scheduled_cached_reqs\x18\x03 \x03(\x0b\x32\x19.gridllm.v1.CachedRequest\x12\x18\n\x10\x66inished_req_ids\x18\x04 \x03(\t\"\xaa\x01\n\rRequestOutput\x12\x0e\n\x06req_id\x18\x01 \x01(\t\x12\x19\n\x11sampled_token_ids\x18\x02 \x03(\r\x12+\n\x08logprobs\x18\x03 \x03(\x0b\x32\x19.gridllm.v1.TokenLogprobs\x12\x32\n\x0fprompt_logprobs\x18\x04 \x03(\x0b\x32\x19.gridllm.v1.TokenLogprobs\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"\xa2\x01\n\x0cStepResponse\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x0f\n\x07req_ids\x18\x02 \x03(\t\x12*\n\x07outputs\x18\x03 \x03(\x0b\x32\x19.gridllm.v1.RequestOutput\x12\x17\n\x0f\x65xecute_seconds\x18\x04 \x01(\x01\x12\x13\n\x0bis_draining\x18\x05 \x01(\x08\x12\x16\n\x0e\x62lock_versions\x18\x06 \x03(\r\"\x16\n\x14GetWorkerInfoRequest\"\x8a\x03\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x15\n\rnum_kv_blocks\x18\x04 \x01(\r\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x12\n\nvocab_size\x18\x06 \x01(\r\x12\x15\n\rmax_model_len\x18\x07 \x01(\r\x12\x19\n\x0c\x65os_token_id\x18\x08 \x01(\rH\x00\x88\x01\x01\x12\x14\n\x0cmax_num_seqs\x18\t \x01(\r\x12\x1e\n\x16max_num_batched_tokens\x18\n \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x0b \x01(\t\x12\r\n\x05\x64type\x18\x0c \x01(\t\x12\x13\n\x0binstance_id\x18\r \x01(\t\x12\x19\n\x11logits_processors\x18\x0e \x03(\t\x12\x14\n\x0cworker_group\x18\x0f \x01(\t\x12\x11\n\tkv_window\x18\x10 \x01(\r\x12\x19\n\x11model_config_hash\x18\x11 \x01(\tB\x0f\n\r_eos_token_id2\x8c\x01\n\x06Worker\x12=\n\x04Step\x12\x17.gridllm.v1.StepRequest\x1a\x18.gridllm.v1.StepResponse(\x01\x30\x01\x12\x43\n\x07GetInfo\x12 .gridllm.v1.GetWorkerInfoRequest\x1a\x16.gridllm.v1.WorkerInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17gridllm/v1/worker.proto\x12\ngridllm.v1\x1a\x19gridllm/v1/generate.proto\"\x82\x02\n\nNewRequest\x12\x0e\n\x06req_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x33\n\x0fsampling_params\x18\x03 \x01(\x0b\x32\x1a.gridllm.v1.SamplingParams\x12\x18\n\x10output_token_ids\x18\x04 \x03(\r\x12\x11\n\tblock_ids\x18\x05 \x03(\r\x12\x1b\n\x13num_computed_tokens\x18\x06 \x01(\r\x12\x1c\n\x14num_scheduled_tokens\x18\x07 \x01(\r\x12-\n\x0fgroup_block_ids\x18\x08 \x03(\x0b\x32\x14.gridllm.v1.BlockIds\"\x17\n\x08\x42lockIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xa4\x01\n\rCachedRequest\x12\x0e\n\x06req_id\x18\x01 \x01(\t\x12\x15\n\rnew_block_ids\x18\x02 \x03(\r\x12\x1b\n\x13num_computed_tokens\x18\x03 \x01(\r\x12\x1c\n\x14num_scheduled_tokens\x18\x04 \x01(\r\x12\x31\n\x13new_group_block_ids\x18\x05 \x03(\x0b\x32\x14.gridllm.v1.BlockIds\"\xa6\x01\n\x0bStepRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x32\n\x12scheduled_new_reqs\x18\x02 \x03(\x0b\x32\x16.gridllm.v1.NewRequest\x12\x38\n\x15scheduled_cached_reqs\x18\x03 \x03(\x0b\x32\x19.gridllm.v1.CachedRequest\x12\x18\n\x10\x66inished_req_ids\x18\x04 \x03(\t\"\xaa\x01\n\rRequestOutput\x12\x0e\n\x06req_id\x18\x01 \x01(\t\x12\x19\n\x11sampled_token_ids\x18\x02 \x03(\r\x12+\n\x08logprobs\x18\x03 \x03(\x0b\x32\x19.gridllm.v1.TokenLogprobs\x12\x32\n\x0fprompt_logprobs\x18\x04 \x03(\x0b\x32\x19.gridllm.v1.TokenLogprobs\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"\xa2\x01\n\x0cStepResponse\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x0f\n\x07req_ids\x18\x02 \x03(\t\x12*\n\x07outputs\x18\x03 \x03(\x0b\x32\x19.gridllm.v1.RequestOutput\x12\x17\n\x0f\x65xecute_seconds\x18\x04 \x01(\x01\x12\x13\n\x0bis_draining\x18\x05 \x01(\x08\x12\x16\n\x0e\x62lock_versions\x18\x06 \x03(\r\"\x16\n\x14GetWorkerInfoRequest\"\xa4\x03\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x15\n\rnum_kv_blocks\x18\x04 \x01(\r\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x12\n\nvocab_size\x18\x06 \x01(\r\x12\x15\n\rmax_model_len\x18\x07 \x01(\r\x12\x19\n\x0c\x65os_token_id\x18\x08 \x01(\rH\x00\x88\x01\x01\x12\x14\n\x0cmax_num_seqs\x18\t \x01(\r\x12\x1e\n\x16max_num_batched_tokens\x18\n \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x0b \x01(\t\x12\r\n\x05\x64type\x18\x0c \x01(\t\x12\x13\n\x0binstance_id\x18\r \x01(\t\x12\x19\n\x11logits_processors\x18\x0e \x03(\t\x12\x14\n\x0cworker_group\x18\x0f \x01(\t\x12\x11\n\tkv_window\x18\x10 \x01(\r\x12\x18\n\x10kv_group_windows\x18\x12 \x03(\r\x12\x19\n\x11model_config_hash\x18\x11 \x01(\tB\x0f\n\r_eos_token_id2\x8c\x01\n\x06Worker\x12=\n\x04Step\x12\x17.gridllm.v1.StepRequest\x1a\x18.gridllm.v1.StepResponse(\x01\x30\x01\x12\x43\n\x07GetInfo\x12 .gridllm.v1.GetWorkerInfoRequest\x1a\x16.gridllm.v1.WorkerInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,19 +33,21 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gridllm.v1.worker_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_NEWREQUEST']._serialized_start=67
-  _globals['_NEWREQUEST']._serialized_end=278
-  _globals['_CACHEDREQUEST']._serialized_start=280
-  _globals['_CACHEDREQUEST']._serialized_end=393
-  _globals['_STEPREQUEST']._serialized_start=396
-  _globals['_STEPREQUEST']._serialized_end=562
-  _globals['_REQUESTOUTPUT']._serialized_start=565
-  _globals['_REQUESTOUTPUT']._serialized_end=735
-  _globals['_STEPRESPONSE']._serialized_start=738
-  _globals['_STEPRESPONSE']._serialized_end=900
-  _globals['_GETWORKERINFOREQUEST']._serialized_start=902
-  _globals['_GETWORKERINFOREQUEST']._serialized_end=924
-  _globals['_WORKERINFO']._serialized_start=927
-  _globals['_WORKERINFO']._serialized_end=1321
-  _globals['_WORKER']._serialized_start=1324
-  _globals['_WORKER']._serialized_end=1464
+  _globals['_NEWREQUEST']._serialized_end=325
+  _globals['_BLOCKIDS']._serialized_start=327
+  _globals['_BLOCKIDS']._serialized_end=350
+  _globals['_CACHEDREQUEST']._serialized_start=353
+  _globals['_CACHEDREQUEST']._serialized_end=517
+  _globals['_STEPREQUEST']._serialized_start=520
+  _globals['_STEPREQUEST']._serialized_end=686
+  _globals['_REQUESTOUTPUT']._serialized_start=689
+  _globals['_REQUESTOUTPUT']._serialized_end=859
+  _globals['_STEPRESPONSE']._serialized_start=862
+  _globals['_STEPRESPONSE']._serialized_end=1024
+  _globals['_GETWORKERINFOREQUEST']._serialized_start=1026
+  _globals['_GETWORKERINFOREQUEST']._serialized_end=1048
+  _globals['_WORKERINFO']._serialized_start=1051
+  _globals['_WORKERINFO']._serialized_end=1471
+  _globals['_WORKER']._serialized_start=1474
+  _globals['_WORKER']._serialized_end=1614
 # @@protoc_insertion_point(module_scope)

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class NewRequest(_message.Message):
-    __slots__ = ("req_id", "prompt_token_ids", "sampling_params", "output_token_ids", "block_ids", "num_computed_tokens", "num_scheduled_tokens")
+    __slots__ = ("req_id", "prompt_token_ids", "sampling_params", "output_token_ids", "block_ids", "num_computed_tokens", "num_scheduled_tokens", "group_block_ids")
     REQ_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_PARAMS_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,7 @@ class NewRequest(_message.Message):
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     NUM_COMPUTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_SCHEDULED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    GROUP_BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     req_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling_params: _generate_pb2.SamplingParams
@@ -23,19 +24,28 @@ class NewRequest(_message.Message):
     block_ids: _containers.RepeatedScalarFieldContainer[int]
     num_computed_tokens: int
     num_scheduled_tokens: int
-    def __init__(self, req_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[_Union[_generate_pb2.SamplingParams, _Mapping]] = ..., output_token_ids: _Optional[_Iterable[int]] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_computed_tokens: _Optional[int] = ..., num_scheduled_tokens: _Optional[int] = ...) -> None: ...
+    group_block_ids: _containers.RepeatedCompositeFieldContainer[BlockIds]
+    def __init__(self, req_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[_Union[_generate_pb2.SamplingParams, _Mapping]] = ..., output_token_ids: _Optional[_Iterable[int]] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_computed_tokens: _Optional[int] = ..., num_scheduled_tokens: _Optional[int] = ..., group_block_ids: _Optional[_Iterable[_Union[BlockIds, _Mapping]]] = ...) -> None: ...
+
+class BlockIds(_message.Message):
+    __slots__ = ("ids",)
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class CachedRequest(_message.Message):
-    __slots__ = ("req_id", "new_block_ids", "num_computed_tokens", "num_scheduled_tokens")
+    __slots__ = ("req_id", "new_block_ids", "num_computed_tokens", "num_scheduled_tokens", "new_group_block_ids")
     REQ_ID_FIELD_NUMBER: _ClassVar[int]
     NEW_BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     NUM_COMPUTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_SCHEDULED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NEW_GROUP_BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     req_id: str
     new_block_ids: _containers.RepeatedScalarFieldContainer[int]
     num_computed_tokens: int
     num_scheduled_tokens: int
-    def __init__(self, req_id: _Optional[str] = ..., new_block_ids: _Optional[_Iterable[int]] = ..., num_computed_tokens: _Optional[int] = ..., num_scheduled_tokens: _Optional[int] = ...) -> None: ...
+    new_group_block_ids: _containers.RepeatedCompositeFieldContainer[BlockIds]
+    def __init__(self, req_id: _Optional[str] = ..., new_block_ids: _Optional[_Iterable[int]] = ..., num_computed_tokens: _Optional[int] = ..., num_scheduled_tokens: _Optional[int] = ..., new_group_block_ids: _Optional[_Iterable[_Union[BlockIds, _Mapping]]] = ...) -> None: ...
 
 class StepRequest(_message.Message):
     __slots__ = ("step_id", "scheduled_new_reqs", "scheduled_cached_reqs", "finished_req_ids")
@@ -84,7 +94,7 @@ class GetWorkerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "address", "model", "num_kv_blocks", "block_size", "vocab_size", "max_model_len", "eos_token_id", "max_num_seqs", "max_num_batched_tokens", "device", "dtype", "instance_id", "logits_processors", "worker_group", "kv_window", "model_config_hash")
+    __slots__ = ("worker_id", "address", "model", "num_kv_blocks", "block_size", "vocab_size", "max_model_len", "eos_token_id", "max_num_seqs", "max_num_batched_tokens", "device", "dtype", "instance_id", "logits_processors", "worker_group", "kv_window", "kv_group_windows", "model_config_hash")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +111,7 @@ class WorkerInfo(_message.Message):
     LOGITS_PROCESSORS_FIELD_NUMBER: _ClassVar[int]
     WORKER_GROUP_FIELD_NUMBER: _ClassVar[int]
     KV_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    KV_GROUP_WINDOWS_FIELD_NUMBER: _ClassVar[int]
     MODEL_CONFIG_HASH_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     address: str
@@ -118,5 +129,6 @@ class WorkerInfo(_message.Message):
     logits_processors: _containers.RepeatedScalarFieldContainer[str]
     worker_group: str
     kv_window: int
+    kv_group_windows: _containers.RepeatedScalarFieldContainer[int]
     model_config_hash: str
-    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., model: _Optional[str] = ..., num_kv_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., instance_id: _Optional[str] = ..., logits_processors: _Optional[_Iterable[str]] = ..., worker_group: _Optional[str] = ..., kv_window: _Optional[int] = ..., model_config_hash: _Optional[str] = ...) -> None: ...
+    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., model: _Optional[str] = ..., num_kv_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., instance_id: _Optional[str] = ..., logits_processors: _Optional[_Iterable[str]] = ..., worker_group: _Optional[str] = ..., kv_window: _Optional[int] = ..., kv_group_windows: _Optional[_Iterable[int]] = ..., model_config_hash: _Optional[str] = ...) -> None: ...

@@ -26,6 +26,9 @@ ENGINE = dict(device="cpu", block_size=4, num_kv_blocks=96, max_num_batched_toke
 PROMPTS = prompts_of([3, 21, 9, 30])
 
 _references: dict[str, list[list[int]]] = {}
+# Block ids of a single device's pool: ENGINE's num_kv_blocks, or more with a hybrid KV
+# layout (an id holds one KV group's layers).
+_num_kv_blocks: dict[str, int] = {}
 
 
 def greedy_ids(llm: LLM, prompts=PROMPTS, params=GREEDY) -> list[list[int]]:
@@ -35,7 +38,12 @@ def greedy_ids(llm: LLM, prompts=PROMPTS, params=GREEDY) -> list[list[int]]:
 
 def reference(arch: str, model_dir: str) -> list[list[int]]:
     if arch not in _references:
-        _references[arch] = greedy_ids(LLM(model_dir, **ENGINE))
+        llm = LLM(model_dir, **ENGINE)
+        _references[arch] = greedy_ids(llm)
+        num_blocks = llm.engine.runner.num_kv_blocks
+        assert (num_blocks == ENGINE["num_kv_blocks"]
+                or llm.engine.scheduler.limits.kv_group_windows)
+        _num_kv_blocks[arch] = num_blocks
     return _references[arch]
 
 
@@ -71,7 +79,7 @@ def test_greedy_ids_equal_a_single_device(arch, size, tiny_model_dir):
     with LLM(model_dir, tensor_parallel_size=size, **ENGINE) as llm:
         pids = llm.engine.runner.follower_pids
         assert len(pids) == size - 1 and all(_is_running(p) for p in pids)
-        assert llm.engine.runner.num_kv_blocks == ENGINE["num_kv_blocks"]
+        assert llm.engine.runner.num_kv_blocks == _num_kv_blocks[arch]
         assert greedy_ids(llm) == expected
         stats = llm.engine.stats()
         assert stats.kv_blocks_free == stats.kv_blocks_total

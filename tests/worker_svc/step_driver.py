@@ -12,7 +12,8 @@ def run_requests(runner, prompts: list[list[int]], params: SamplingParams | list
     """Generate ``max_new_tokens`` for every prompt, all in one running batch.
 
     Each step schedules every unfinished request's remaining known tokens, cut by the
-    shared ``chunk_budget`` (chunked prefill); blocks come from a simple counter.
+    shared ``chunk_budget`` (chunked prefill); blocks come from a simple counter (in every
+    KV group of the runner's model).
     ``resumed_outputs`` sends each request with tokens generated before (a resubmission);
     they count towards ``max_new_tokens`` but are not returned.
 
@@ -30,6 +31,8 @@ def run_requests(runner, prompts: list[list[int]], params: SamplingParams | list
     num_before = {r: len(b) for r, b in zip(ids, before, strict=True)}
     computed = dict.fromkeys(ids, 0)
     blocks: dict[str, list[int]] = {}
+    # A stand-in runner without KV groups has one.
+    num_groups = runner.kv_groups.num_groups if hasattr(runner, "kv_groups") else 1
     next_block = 0
     finished: set[str] = set()
     to_drop: set[str] = set()
@@ -51,20 +54,23 @@ def run_requests(runner, prompts: list[list[int]], params: SamplingParams | list
             if n <= 0:
                 continue
             needed = -(-(computed[r] + n) // block_size)
-            new_blocks = []
-            while len(blocks.get(r, [])) + len(new_blocks) < needed:
-                new_blocks.append(next_block)
-                next_block += 1
+            num_new_blocks = needed - len(blocks.get(r, []))
+            group_blocks = [list(range(next_block + g * num_new_blocks,
+                                       next_block + (g + 1) * num_new_blocks))
+                            for g in range(num_groups)]
+            next_block += num_groups * num_new_blocks
+            new_blocks = group_blocks[0]
             if r not in blocks:
                 blocks[r] = new_blocks
                 out.scheduled_new_reqs.append(NewRequestData(
                     req_id=r, prompt_token_ids=list(prompts[i]), sampling_params=params[i],
                     output_token_ids=list(before[i]), block_ids=list(new_blocks),
-                    num_computed_tokens=computed[r]))
+                    num_computed_tokens=computed[r], group_block_ids=group_blocks[1:]))
             else:
                 blocks[r] += new_blocks
                 out.scheduled_cached_reqs.append(CachedRequestData(
-                    req_id=r, new_block_ids=new_blocks, num_computed_tokens=computed[r]))
+                    req_id=r, new_block_ids=new_blocks, num_computed_tokens=computed[r],
+                    new_group_block_ids=group_blocks[1:]))
             out.num_scheduled_tokens[r] = n
             computed[r] += n
         out.total_num_scheduled_tokens = sum(out.num_scheduled_tokens.values())

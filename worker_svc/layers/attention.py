@@ -28,6 +28,10 @@ class AttentionMetadata:
     block_tables: torch.Tensor
     max_query_len: int
     max_seq_len: int
+    # With several KV groups (worker_svc/kv_groups.py): each group's view of the step
+    # (its own slot mapping and block tables, the rest shared; the first is this one).
+    # A layer attends through the view of its group. None: one group.
+    groups: list[AttentionMetadata] | None = None
 
     @property
     def num_reqs(self) -> int:

@@ -48,6 +48,8 @@ class LlamaAttention(nn.Module):
 
     # Attention scores are capped at c * tanh(s / c) when set (Gemma 2).
     logit_softcap: float | None = None
+    # The layer's KV group (set by the runner when the model has several).
+    kv_group: int = 0
 
     def __init__(self, config, layer_idx: int, rotary: RotaryEmbedding,
                  backend: AttentionBackend, *, qkv_bias: bool, o_bias: bool, qk_norm: bool,
@@ -87,6 +89,8 @@ class LlamaAttention(nn.Module):
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.has_qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
+        if attn_metadata.groups is not None:
+            attn_metadata = attn_metadata.groups[self.kv_group]
         out = self.backend.forward_rotary(positions, self.rotary_emb, q, k, v, kv_cache[0],
                                           kv_cache[1], attn_metadata, self.scale,
                                           self.sliding_window, self.logit_softcap)

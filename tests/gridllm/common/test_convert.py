@@ -170,3 +170,20 @@ def test_the_kv_window_travels_from_worker_to_scheduler():
     assert msg.kv_window == 12 and convert.model_limits_from_pb(msg) == limits
     # 0 on the wire is "no window on some layer".
     assert convert.model_limits_from_pb(worker_pb2.WorkerInfo(block_size=8)).kv_window is None
+
+
+def test_kv_groups_travel_from_worker_to_scheduler_and_back():
+    limits = ModelLimits(max_model_len=300, vocab_size=320, block_size=8,
+                         kv_group_windows=(0, 6, 6))
+    msg = convert.model_limits_to_pb(limits, worker_pb2.WorkerInfo())
+    again = convert.model_limits_from_pb(msg)
+    assert again == limits and again.group_windows == (None, 6, 6)
+    assert ModelLimits(300, 320, 8, kv_window=12).group_windows == (12,)
+    out = SchedulerOutput(
+        scheduled_new_reqs=[NewRequestData("a", [1, 2], SamplingParams(), [], [3], 0,
+                                           [[4], [5]])],
+        scheduled_cached_reqs=[CachedRequestData("b", [6], 8, [[7], []])],
+        num_scheduled_tokens={"b": 1, "a": 2}, total_num_scheduled_tokens=3)
+    back = convert.scheduler_output_from_pb(convert.scheduler_output_to_pb(out))
+    assert back.scheduled_new_reqs[0].group_block_ids == [[4], [5]]
+    assert back.scheduled_cached_reqs[0].new_group_block_ids == [[7], []]
