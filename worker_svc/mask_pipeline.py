@@ -9,6 +9,12 @@ into a pinned host buffer (both calls release the GIL). The step loop meanwhile 
 previous outputs, schedules and queues the next forward; when the next step samples, its
 masks are usually ready and go to the device in one non-blocking copy.
 
+Each half of an advance (accepting, filling) is claimed by whichever thread gets to it
+first: the loop, when it needs a result the thread has not started on (with one step in
+flight the step's own output asks which tokens were refused at once), does that half
+itself instead of waiting for the thread to be scheduled, so the loop never waits longer
+than doing the work itself would take.
+
 Exactness: every prefilled mask is stamped with its grammar's ``num_accepted``; a row is
 sent its prefilled mask only if the grammar has not moved since, and is filled on the loop
 otherwise (a new request's first token, a batch whose rows changed). Matchers are touched
@@ -20,6 +26,7 @@ from __future__ import annotations
 import collections
 import logging
 import sys
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields
@@ -168,6 +175,17 @@ class StepAdvance:
         self.accepted: Future = Future()
         # _Prefill | None (None when filled on the loop)
         self.prefilled: Future = Future()
+        self._lock = threading.Lock()
+        # part ("accept", "fill") -> who does it ("loop", "thread")
+        self._owners: dict[str, str] = {}
+
+    def claim(self, part: str, owner: str) -> bool:
+        """True if ``part`` was nobody's and is now ``owner``'s to do."""
+        with self._lock:
+            if part in self._owners:
+                return False
+            self._owners[part] = owner
+            return True
 
 
 class MaskPipeline:
@@ -218,13 +236,10 @@ class MaskPipeline:
         """The rows of ``step`` whose grammar refused its token (their reasons), once the
         step's tokens (and every earlier step's) are accepted."""
         if not step.accepted.done():
-            start = time.perf_counter()
             for earlier in list(self._in_flight):
                 self._wait_accepted(earlier)
                 if earlier is step:
                     break
-            if self._executor is not None:
-                self.timings.wait_accept_on_loop += time.perf_counter() - start
         return step.accepted.result()
 
     def masks(self, grammars: list[RequestGrammar], rows: list[int]
@@ -260,15 +275,16 @@ class MaskPipeline:
     def wait(self) -> None:
         """Wait for every advance in flight: the matchers are the caller's again (the
         newest advance's prefilled masks are kept for ``masks``)."""
-        start = time.perf_counter()
-        waited = False
         while self._in_flight:
             step = self._in_flight.popleft()
-            waited |= not step.prefilled.done()
             self._wait_accepted(step)
+            if step.claim("fill", "loop"):
+                step.prefilled.set_result(None)  # masks() fills on the loop
+            elif not step.prefilled.done():
+                start = time.perf_counter()
+                step.prefilled.result()
+                self.timings.wait_fill_on_loop += time.perf_counter() - start
             self._prefill = step.prefilled.result()
-        if waited and self._executor is not None:
-            self.timings.wait_fill_on_loop += time.perf_counter() - start
 
     def close(self) -> None:
         if self._executor is not None:
@@ -276,20 +292,27 @@ class MaskPipeline:
 
     # ---- internals ---------------------------------------------------------------------
     def _wait_accepted(self, step: StepAdvance) -> None:
-        if self._executor is None and not step.accepted.done():
+        if step.claim("accept", "loop"):
             self._accept(step, on_loop=True)
-            step.prefilled.set_result(None)
+        elif not step.accepted.done():
+            start = time.perf_counter()
+            step.accepted.exception()
+            self.timings.wait_accept_on_loop += time.perf_counter() - start
         step.accepted.result()
 
     def _accept(self, step: StepAdvance, on_loop: bool) -> None:
-        if step.event is not None:
-            wait_start = time.perf_counter()
-            step.event.synchronize()  # the ids' copy to the host has run
-            if on_loop:
-                self.timings.wait_ids_on_loop += time.perf_counter() - wait_start
-        start = time.perf_counter()
-        ids = step.token_ids.tolist()
-        results = RequestGrammar.accept_many(step.grammars, [ids[r] for r in step.rows])
+        try:
+            if step.event is not None:
+                wait_start = time.perf_counter()
+                step.event.synchronize()  # the ids' copy to the host has run
+                if on_loop:
+                    self.timings.wait_ids_on_loop += time.perf_counter() - wait_start
+            start = time.perf_counter()
+            ids = step.token_ids.tolist()
+            results = RequestGrammar.accept_many(step.grammars, [ids[r] for r in step.rows])
+        except BaseException as exc:  # surfaces wherever the result is asked for
+            step.accepted.set_exception(exc)
+            raise
         step.accepted.set_result({row: error for row, error in zip(step.rows, results,
                                                                       strict=True)
                                   if error is not None})
@@ -300,13 +323,17 @@ class MaskPipeline:
             self.timings.accept_off_loop += elapsed
 
     def _run(self, step: StepAdvance) -> None:
-        """The background thread's part of one step."""
+        """The background thread's part of one step: the halves the loop has not claimed."""
         try:
-            self._accept(step, on_loop=False)
-        except BaseException as exc:  # surfaces on the loop through the futures
-            logger.exception("accepting a step's tokens failed")
-            step.accepted.set_exception(exc)
-            step.prefilled.set_exception(exc)
+            if step.claim("accept", "thread"):
+                self._accept(step, on_loop=False)
+            else:
+                step.accepted.result()
+        except BaseException as exc:
+            if step.claim("fill", "thread"):
+                step.prefilled.set_exception(exc)
+            return
+        if not step.claim("fill", "thread"):
             return
         try:
             start = time.perf_counter()

@@ -6,6 +6,7 @@ have landed; a refused token refuses only its row."""
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -95,12 +96,21 @@ def test_accept_many_equals_one_token_at_a_time(compiler, tokenizer):
     assert RequestGrammar.accept_many(many, good[:1] * 2)[1] is None
 
 
-@pytest.mark.parametrize("is_overlapped", [True, False])
-def test_masks_equal_fresh_fills_as_the_batch_changes(compiler, tokenizer, is_overlapped):
+def _until_done(future, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not future.done():
+        assert time.monotonic() < deadline, "the grammar thread did not finish"
+        time.sleep(0.001)
+
+
+@pytest.mark.parametrize("mode", ["thread", "race", "loop"])
+def test_masks_equal_fresh_fills_as_the_batch_changes(compiler, tokenizer, mode):
     """Each step samples rows of a batch that changes: a row leaves, rows swap places, a
     new grammar joins, one is advanced behind the pipeline's back. Every mask sent equals
-    one filled from scratch after every accepted token."""
-    pipeline = MaskPipeline(BitmaskFiller(VOCAB), CPU, is_overlapped)
+    one filled from scratch after every accepted token, whether the grammar thread did the
+    work ("thread": the loop asks once it is done), the loop took over what the thread had
+    not started ("race": the loop asks at once) or there is no thread ("loop")."""
+    pipeline = MaskPipeline(BitmaskFiller(VOCAB), CPU, is_overlapped=mode != "loop")
     try:
         token_lists = [tokenizer.encode(TEXTS[k % 3], add_special_tokens=False)
                        for k in range(5)]
@@ -130,15 +140,17 @@ def test_masks_equal_fresh_fills_as_the_batch_changes(compiler, tokenizer, is_ov
                 positions[k] += 1
             event = _LateEvent(ids, values)
             advance = pipeline.advance(active, rows, ids, event)
+            if mode == "thread":
+                _until_done(advance.prefilled)
             assert pipeline.errors(advance) == {}
             assert event.num_syncs == 1
         pipeline.wait()
         timings = pipeline.timings
-        if is_overlapped:
+        if mode == "thread":
             # Most rows came prefilled; the new and the moved grammar were filled here.
             assert timings.num_prefilled_rows > timings.num_loop_filled_rows > 0
             assert timings.accept_on_loop == 0 and timings.accept_off_loop > 0
-        else:
+        elif mode == "loop":
             assert timings.num_prefilled_rows == 0 and timings.accept_off_loop == 0
     finally:
         pipeline.close()

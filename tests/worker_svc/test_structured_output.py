@@ -321,7 +321,6 @@ def test_masks_off_the_loop_give_the_outputs_of_masks_on_the_loop(llm, max_steps
             timings = manager.timings
             if is_overlapped:
                 assert timings.num_prefilled_rows > timings.num_loop_filled_rows
-                assert timings.accept_on_loop == 0
             else:
                 assert timings.num_prefilled_rows == 0 and timings.accept_off_loop == 0
     finally:
