@@ -1,8 +1,8 @@
 """Structured outputs' host work per step, kept off the step loop where it can be.
 
 A constrained row's next mask needs the token it just sampled. On the step loop that is
-a serial chain each step: wait for the ids, feed them to the matchers one call per row,
-fill the masks, copy them into the staging buffer, send. Here a step's ``advance`` hands
+a serial chain each step: wait for the ids, feed them to the matchers, fill the masks,
+send them. Here a step's ``advance`` hands
 its sampled ids to one background thread instead, which waits for them to reach the host,
 feeds every row's token in one xgrammar call, and at once fills those rows' next masks
 into a pinned host buffer (both calls release the GIL). The step loop meanwhile reads the
@@ -12,8 +12,8 @@ masks are usually ready and go to the device in one non-blocking copy.
 Each half of an advance (accepting, filling) is claimed by whichever thread gets to it
 first: the loop, when it needs a result the thread has not started on (with one step in
 flight the step's own output asks which tokens were refused at once), does that half
-itself instead of waiting for the thread to be scheduled, so the loop never waits longer
-than doing the work itself would take.
+itself instead of waiting for the thread to be scheduled: the loop never waits for work
+nobody has started.
 
 Exactness: every prefilled mask is stamped with its grammar's ``num_accepted``; a row is
 sent its prefilled mask only if the grammar has not moved since, and is filled on the loop
