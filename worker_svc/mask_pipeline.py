@@ -206,7 +206,8 @@ class MaskPipeline:
         self.buffers = MaskBuffers(filler.width, device)
         self._rows_staging = HostToDevice(device)
         self._executor = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-step",
-                                             initializer=_use_device, initargs=(device,))
+                                             initializer=_use_device,
+                                             initargs=(_device_index(device),))
                           if is_overlapped else None)
         # Advances whose prefill the loop has not collected yet, oldest first.
         self._in_flight: collections.deque[StepAdvance] = collections.deque()
@@ -348,10 +349,17 @@ class MaskPipeline:
             step.prefilled.set_exception(exc)
 
 
-def _use_device(device: torch.device) -> None:
-    """The background thread's CUDA device (its events and copies belong to it)."""
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+def _device_index(device: torch.device) -> int | None:
+    """The CUDA device the step loop works on (``cuda`` alone: its current one)."""
+    if device.type != "cuda":
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _use_device(index: int | None) -> None:
+    """The background thread's CUDA device (its events and buffers belong to it)."""
+    if index is not None:
+        torch.cuda.set_device(index)
 
 
 def _lookup(prefill: _Prefill, grammar: RequestGrammar) -> int | None:
