@@ -80,11 +80,15 @@ class _StreamCollector:
         updates = CounterMetricFamily(
             metric("scheduler_stream_updates"), "Request updates (and per-request errors) "
             "those messages carried.", labels=["rpc"])
+        sessions = GaugeMetricFamily(
+            metric("scheduler_sessions_open"), "Session streams open now (one per router "
+            "that has sent requests here).")
         for rpc, num in self.servicer.num_messages.items():
             messages.add_metric([rpc], num)
         for rpc, num in self.servicer.num_updates.items():
             updates.add_metric([rpc], num)
-        return [messages, updates]
+        sessions.add_metric([], len(self.servicer.sessions))
+        return [messages, updates, sessions]
 
 
 @dataclass

@@ -230,9 +230,11 @@ class ClientSession:
         self.outbox.discard(req_id)
         entry.span.close()
         if how is not None:
+            # Logged from the session's writer: the request's own id goes on the line.
             logger.info("request %s of tenant %s %s on worker %s: %d prompt + %d output "
                         "tokens", req_id, entry.tenant or "-", how, entry.worker_id or "-",
-                        entry.req.num_prompt_tokens, entry.num_output_tokens)
+                        entry.req.num_prompt_tokens, entry.num_output_tokens,
+                        extra={"request_id": entry.client_request_id or req_id})
 
     async def serve(self, request_iterator: AsyncIterator[scheduler_pb2.SessionRequest]
                     ) -> AsyncIterator[scheduler_pb2.SessionResponse]:
