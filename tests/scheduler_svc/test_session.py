@@ -298,3 +298,40 @@ def test_a_killed_session_client_gets_its_blocks_freed(model_path):
     assert line.strip() == "streaming"
     assert not all_blocks_free(busy)
     assert freed and num_sessions == 0
+
+
+def test_only_the_submitting_tenant_aborts_a_session_request(model_path):
+    from gridllm.common.auth import TENANT_KEY
+
+    async def main():
+        async with running_worker(model_path) as worker, \
+                running_scheduler([worker.address]) as (server, stub):
+            await wait_until(lambda: server.pool.alive_links(), 10.0, "worker linked")
+            call = stub.Session()
+            for name in ("kept", "mine", "quiet"):
+                await call.write(submit(submit_request(name, PROMPTS[0], max_tokens=60,
+                                                       ignore_eos=True), tenant="alice"))
+            reader = SessionReader(call)
+            await reader.read_until(lambda: len(reader.tokens) == 3)
+            # Another tenant's aborts, over the session and over Abort, touch nothing.
+            await call.write(scheduler_pb2.SessionRequest(abort=scheduler_pb2.SessionAbort(
+                request_ids=["kept", "mine", "quiet"], tenant="bob")))
+            refused = await stub.Abort(scheduler_pb2.AbortRequest(
+                request_ids=["kept", "mine", "quiet"]), metadata=((TENANT_KEY, "bob"),))
+            accepted = await stub.Abort(scheduler_pb2.AbortRequest(request_ids=["mine"]),
+                                        metadata=((TENANT_KEY, "alice"),))
+            await call.write(scheduler_pb2.SessionRequest(abort=scheduler_pb2.SessionAbort(
+                request_ids=["quiet"], tenant="alice")))
+            await reader.read_until(lambda: reader.ended(["kept", "mine"]))
+            await wait_until(lambda: "quiet" not in server.servicer.streams, 10.0, "aborted")
+            call.cancel()
+            return reader, refused, accepted
+
+    reader, refused, accepted = run(main())
+    assert list(refused.aborted_request_ids) == []
+    assert list(accepted.aborted_request_ids) == ["mine"]
+    assert reader.finish["mine"] == generate_pb2.FINISH_REASON_ABORT
+    assert reader.finish["kept"] == generate_pb2.FINISH_REASON_LENGTH
+    assert len(reader.tokens["kept"]) == 60
+    # Aborted over its own session: nothing more is sent for it.
+    assert "quiet" not in reader.finish and "quiet" not in reader.errors
