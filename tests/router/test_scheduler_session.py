@@ -148,3 +148,36 @@ def test_scheduler_stream_must_name_a_path():
         RouterOptions("m", scheduler_stream="bidi")
     with pytest.raises(ValueError, match="scheduler_stream"):
         EngineClient(None, [], None, scheduler_stream="bidi")  # type: ignore[arg-type]
+
+
+def test_the_scheduler_span_joins_the_router_trace_through_the_session(model_path,
+                                                                         monkeypatch):
+    sdk = pytest.importorskip("opentelemetry.sdk.trace")
+    memory = pytest.importorskip("opentelemetry.sdk.trace.export.in_memory_span_exporter")
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+    from gridllm.common import tracing
+
+    exporter = memory.InMemorySpanExporter()
+    provider = sdk.TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(tracing, "_tracer", provider.get_tracer("test"))
+
+    async def main():
+        async with running_worker(model_path) as worker, \
+                running_scheduler([worker.address]) as (server, _):
+            await wait_until(lambda: server.pool.alive_links(), 10.0, "worker linked")
+            async with router_to(server.address, "session") as (address, pool), \
+                    AsyncClient(address, timeout=60.0) as client:
+                await wait_until(lambda: pool.alive(), 10.0, "scheduler alive")
+                await generate(client, PROMPTS[0], 4)
+                await wait_until(lambda: len(exporter.get_finished_spans()) >= 2, 10.0,
+                                 "both spans ended")
+                return len(server.servicer.sessions)
+
+    num_sessions = run(main())
+    assert num_sessions == 1
+    spans = {span.name: span for span in exporter.get_finished_spans()}
+    router, scheduler = spans["router.generate"], spans["scheduler.submit"]
+    assert scheduler.context.trace_id == router.context.trace_id
+    assert scheduler.parent.span_id == router.context.span_id
