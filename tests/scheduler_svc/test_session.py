@@ -124,34 +124,44 @@ def test_refusals_and_bad_submits_end_only_their_own_request(model_path):
                 running_scheduler([worker.address], scheduler_config=one_at_a_time,
                                   max_num_queued_reqs=2) as (server, stub):
             await wait_until(lambda: server.pool.alive_links(), 10.0, "worker linked")
+            lengths = [60, 12, 12]  # q0 runs long enough to be held mid-run
             undisturbed = [(await collect(stub, submit_request(
-                f"u{i}", p, max_tokens=12, ignore_eos=True)))[0]
-                for i, p in enumerate(PROMPTS[:3])]
-            # Hold the worker's steps so the queue stays as it is.
-            worker.servicer._lock.acquire()
+                f"u{i}", p, max_tokens=n, ignore_eos=True)))[0]
+                for i, (p, n) in enumerate(zip(PROMPTS[:3], lengths, strict=True))]
             call = stub.Session()
-            for i, p in enumerate(PROMPTS[:3]):
-                await call.write(submit(submit_request(f"q{i}", p, max_tokens=12,
-                                                       ignore_eos=True)))
-                if i == 0:  # running (its step waits on the worker), so two more may queue
-                    await wait_until(lambda: server.pool.stats().num_requests_running == 1,
-                                     10.0, "q0 running")
-            await wait_until(lambda: server.pool.queued()[0] == 2, 10.0, "two waiting")
-            await call.write(submit(submit_request("over", [50, 51, 52], max_tokens=5)))
-            # The same refusals over Submit, with the queue in the same state.
-            refused = stub.Submit(submit_request("over-submit", [50, 51, 52], max_tokens=5))
-            with pytest.raises(grpc.aio.AioRpcError) as by_submit:
-                await refused.read()
-            retry = dict(await refused.trailing_metadata()).get(RETRY_AFTER_KEY)
-            bad = submit_request("bad", [5] * 10, logprobs=4)
-            await call.write(submit(bad))
-            with pytest.raises(grpc.aio.AioRpcError) as bad_by_submit:
-                await collect(stub, submit_request("bad-submit", [5] * 10, logprobs=4))
             reader = SessionReader(call)
-            await reader.read_until(lambda: reader.ended(["over", "bad"]))
-            worker.servicer._lock.release()
-            await reader.read_until(lambda: reader.ended(["q0", "q1", "q2"]))
-            call.cancel()
+            await call.write(submit(submit_request("q0", PROMPTS[0], max_tokens=lengths[0],
+                                                   ignore_eos=True)))
+            await reader.read_until(lambda: "q0" in reader.tokens)
+            # Hold the worker's steps (q0's next one waits) so the queue stays as it is.
+            lock = worker.servicer._lock
+            lock.acquire()
+            is_held = True
+            try:
+                for i in (1, 2):
+                    await call.write(submit(submit_request(f"q{i}", PROMPTS[i],
+                                                           max_tokens=lengths[i],
+                                                           ignore_eos=True)))
+                await wait_until(lambda: server.pool.queued()[0] == 2, 10.0, "two waiting")
+                await call.write(submit(submit_request("over", [50, 51, 52], max_tokens=5)))
+                # The same refusals over Submit, with the queue in the same state.
+                refused = stub.Submit(submit_request("over-submit", [50, 51, 52], max_tokens=5))
+                with pytest.raises(grpc.aio.AioRpcError) as by_submit:
+                    await asyncio.wait_for(refused.read(), 10.0)
+                retry = dict(await refused.trailing_metadata()).get(RETRY_AFTER_KEY)
+                bad = submit_request("bad", [5] * 10, logprobs=4)
+                await call.write(submit(bad))
+                with pytest.raises(grpc.aio.AioRpcError) as bad_by_submit:
+                    await asyncio.wait_for(collect(stub, submit_request(
+                        "bad-submit", [5] * 10, logprobs=4)), 10.0)
+                await reader.read_until(lambda: reader.ended(["over", "bad"]))
+                lock.release()
+                is_held = False
+                await reader.read_until(lambda: reader.ended(["q0", "q1", "q2"]))
+                call.cancel()
+            finally:
+                if is_held:  # a failure above: let the worker (and the test) end
+                    lock.release()
             return undisturbed, reader, by_submit.value, retry, bad_by_submit.value
 
     undisturbed, reader, by_submit, retry, bad_by_submit = run(main())
