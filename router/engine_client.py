@@ -1,12 +1,13 @@
 """The router's one request path, shared by the gRPC and the HTTP (OpenAI) fronts.
 
-A validated request goes to a scheduler (picked by load and prefix overlap) as one Submit
-per completion; the token updates run through ``gridllm.common.completion.CompletionState``
-(text deltas, stop strings, finish, usage) and come out as ``CompletionDelta``s, which each
-front turns into its own messages. Cancelling the iteration (a gRPC cancel or deadline, an
-HTTP client that went away) cancels the Submit calls, which aborts the requests upstream and
-frees their KV blocks. A scheduler that dies mid-stream gets the prompt + tokens so far
-resubmitted elsewhere.
+A validated request goes to a scheduler (picked by load and prefix overlap) as one submit
+per completion, over the router's one Session stream to that scheduler (or a Submit call
+each, with ``scheduler_stream="submit"`` or a scheduler without sessions); the token updates
+run through ``gridllm.common.completion.CompletionState`` (text deltas, stop strings, finish,
+usage) and come out as ``CompletionDelta``s, which each front turns into its own messages.
+Cancelling the iteration (a gRPC cancel or deadline, an HTTP client that went away) aborts
+the requests upstream, which frees their KV blocks. A scheduler that dies mid-stream (its
+session breaking) gets the prompt + tokens so far resubmitted elsewhere.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ _T = TypeVar("_T")
 # Status codes of a Submit stream that mean "the scheduler went away", not "the request is bad".
 _RESUBMIT_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
                    grpc.StatusCode.UNKNOWN, grpc.StatusCode.ABORTED, grpc.StatusCode.INTERNAL)
+# How requests travel to a scheduler: a shared Session stream, or a Submit call each.
+SCHEDULER_STREAMS = ("session", "submit")
 
 
 class RequestFailure(Exception):
@@ -85,11 +88,19 @@ class EngineClient:
         scheduler_wait_s: seconds a request waits for a scheduler.
         max_resubmits: resubmissions of one completion after scheduler failures.
         metrics: the router's metrics (None: none kept).
+        max_num_streams: requests served at once; past it RESOURCE_EXHAUSTED.
+        scheduler_stream: ``session``: the requests at one scheduler share one Session
+            stream (one message per step for all of them); ``submit``: a Submit call each.
     """
 
     def __init__(self, tokenizer: Any | None, eos_token_ids: list[int], pool: SchedulerPool,
                  scheduler_wait_s: float = 60.0, max_resubmits: int = 3,
-                 metrics: RouterMetrics | None = None, max_num_streams: int = 4096):
+                 metrics: RouterMetrics | None = None, max_num_streams: int = 4096,
+                 scheduler_stream: str = "session"):
+        if scheduler_stream not in SCHEDULER_STREAMS:
+            raise ValueError(f"scheduler_stream must be one of {SCHEDULER_STREAMS}, got "
+                             f"{scheduler_stream!r}.")
+        self.scheduler_stream = scheduler_stream
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
         self.pool = pool
@@ -241,16 +252,25 @@ class EngineClient:
         prompt_ids = validated.prompt_token_ids
         state = CompletionState(self.tokenizer, prompt_ids, child.params, child.index)
         tenant = tenant_var.get()
+        trace_context = tracing.grpc_metadata()
         metadata = ((REQUEST_ID_KEY, validated.request_id),
-                    *(((TENANT_KEY, tenant),) if tenant else ()), *tracing.grpc_metadata())
+                    *(((TENANT_KEY, tenant),) if tenant else ()), *trace_context)
         for attempt in range(self.max_resubmits + 1):
             # A new request is refused at once without a scheduler; one whose scheduler
             # died is held for it to come back (or another to take over).
             link = await self._pick(prompt_ids + state.token_ids, deadline,
                                     self.scheduler_wait_s if attempt else 0.0)
-            call = link.stub.Submit(self._submit_request(validated, child.req_id, attempt,
-                                                         child.params, state.token_ids),
-                                    timeout=_remaining(deadline), metadata=metadata)
+            request = self._submit_request(validated, child.req_id, attempt, child.params,
+                                           state.token_ids)
+            call: Any
+            if self.scheduler_stream == "session" and link.supports_session:
+                call = link.open_session().submit(scheduler_pb2.SessionSubmit(
+                    request=request, tenant=tenant or "",
+                    client_request_id=validated.request_id, trace_context=dict(trace_context)),
+                    deadline)
+            else:
+                call = link.stub.Submit(request, timeout=_remaining(deadline),
+                                        metadata=metadata)
             link.num_inflight += 1
             # Finished upstream (the scheduler freed the request), not here by a stop string.
             is_upstream_done = False

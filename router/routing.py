@@ -26,6 +26,7 @@ from gridllm.common.routing_policy import CacheAwarePolicy, Candidate, RoutingPo
 from gridllm.common.tls import SCHEDULER_SERVER_NAME, TlsOptions, internal_channel
 from gridllm.v1 import generate_pb2, scheduler_pb2, scheduler_pb2_grpc
 from router.kv_index import KvIndexFollower, RecentRoutes
+from router.scheduler_session import SchedulerSession
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,19 @@ class SchedulerLink:
     # Uncached prompt tokens of this router's requests there that have no first token yet
     # (exact, where the reported queue lags), one entry per request, oldest first.
     routed_tokens: collections.deque[int] = field(default_factory=collections.deque)
+    # The Session stream this router's requests share (None until the first one; replaced
+    # after it ends).
+    session: SchedulerSession | None = None
+
+    @property
+    def supports_session(self) -> bool:
+        return self.info is not None and self.info.supports_session
+
+    def open_session(self) -> SchedulerSession:
+        """The link's Session stream, opened now if it has none that is up."""
+        if self.session is None or not self.session.is_open:
+            self.session = SchedulerSession(self.stub, self.address)
+        return self.session
 
     @property
     def load(self) -> int:
@@ -198,6 +212,9 @@ class SchedulerPool:
         # Cancelled tasks hold their frames, which hold this pool: no cycle left behind.
         self._poller = self._refreshing = None
         for link in self.links:
+            if link.session is not None:
+                await link.session.close()
+                link.session = None
             await link.channel.close()
 
     def alive(self) -> list[SchedulerLink]:

@@ -2,8 +2,9 @@
 
 It validates and tokenizes requests (chat templates too), picks a scheduler, detokenizes the
 streamed token ids incrementally, applies stop strings, turns client cancellation and
-deadlines into aborts upstream (by cancelling the Submit call), and resubmits prompt + tokens
-so far when its scheduler dies mid-stream. It keeps no state beyond the requests in flight.
+deadlines into aborts upstream (over its Session stream to that scheduler), and resubmits
+prompt + tokens so far when its scheduler dies mid-stream. It keeps no state beyond the
+requests in flight.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from gridllm.v1 import generate_pb2, generate_pb2_grpc
 from router.auth import RouterAuth
 from router.engine_client import (
     RETRY_AFTER_KEY,
+    SCHEDULER_STREAMS,
     EngineClient,
     RequestFailure,
     deadline_after,
@@ -116,6 +118,10 @@ class RouterOptions:
                                            "/ready too (probes then need one)")
     auth_reflection: bool = option(False, help="ask a key for gRPC server reflection too")
     auth_metrics: bool = option(False, help="ask a key for HTTP /metrics too")
+    scheduler_stream: str = option(
+        "session", choices=SCHEDULER_STREAMS, help="how requests travel to a scheduler: "
+        "session (one stream per scheduler carries all of them, one message per step for "
+        "all) or submit (a call per request, as a router before sessions did)")
 
     def __post_init__(self) -> None:
         check_deployment(self.deployment)
@@ -136,6 +142,8 @@ class RouterOptions:
                 f"must be one of {POLICY_NAMES}", self.routing_policy)
         require(self.max_concurrent_streams >= 1, "max_concurrent_streams",
                 "must be at least 1", self.max_concurrent_streams)
+        require(self.scheduler_stream in SCHEDULER_STREAMS, "scheduler_stream",
+                f"must be one of {SCHEDULER_STREAMS}", self.scheduler_stream)
 
     @property
     def model_name(self) -> str:
@@ -167,7 +175,8 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
         self.is_draining = is_draining
         self.engine = engine or EngineClient(tokenizer, eos_token_ids, pool,
                                              options.scheduler_wait_s, options.max_resubmits,
-                                             max_num_streams=options.max_num_streams)
+                                             max_num_streams=options.max_num_streams,
+                                             scheduler_stream=options.scheduler_stream)
 
     def close(self) -> None:
         """Stop the request path's tokenizing threads."""
@@ -379,7 +388,8 @@ class RouterServer:
                                   tls=self.options.tls)
         engine = self.engine = EngineClient(
             self.tokenizer, self.eos_token_ids, self.pool, self.options.scheduler_wait_s,
-            self.options.max_resubmits, self.metrics, self.options.max_num_streams)
+            self.options.max_resubmits, self.metrics, self.options.max_num_streams,
+            self.options.scheduler_stream)
         servicer = GenerationServicer(self.tokenizer, self.eos_token_ids, self.pool, self.options,
                                       engine, self._redis, self.server.draining.is_set)
         generate_pb2_grpc.add_GenerationServicer_to_server(servicer, self.server.server)

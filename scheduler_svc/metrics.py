@@ -26,6 +26,7 @@ from gridllm.common.metrics import (
 )
 
 if TYPE_CHECKING:
+    from scheduler_svc.servicer import SchedulerServicer
     from scheduler_svc.worker_link import WorkerLink
     from scheduler_svc.worker_pool import WorkerPool
 
@@ -65,6 +66,31 @@ class _PoolCollector:
         return [running, waiting, usage, queries, hits, preemptions, alive]
 
 
+class _StreamCollector:
+    """Messages the response streams carried to their clients, read at scrape time."""
+
+    def __init__(self, servicer: SchedulerServicer):
+        self.servicer = servicer
+
+    def collect(self):
+        messages = CounterMetricFamily(
+            metric("scheduler_stream_messages"), "Messages written to the clients' response "
+            "streams: one per request per step on Submit, one per session per step (for all "
+            "its requests) on Session.", labels=["rpc"])
+        updates = CounterMetricFamily(
+            metric("scheduler_stream_updates"), "Request updates (and per-request errors) "
+            "those messages carried.", labels=["rpc"])
+        sessions = GaugeMetricFamily(
+            metric("scheduler_sessions_open"), "Session streams open now (one per router "
+            "that has sent requests here).")
+        for rpc, num in self.servicer.num_messages.items():
+            messages.add_metric([rpc], num)
+        for rpc, num in self.servicer.num_updates.items():
+            updates.add_metric([rpc], num)
+        sessions.add_metric([], len(self.servicer.sessions))
+        return [messages, updates, sessions]
+
+
 @dataclass
 class _Timing:
     arrival: float
@@ -78,12 +104,16 @@ class SchedulerMetrics:
     Args:
         pool: the workers (read when scraped).
         registry: where to register (None: a new one, ``self.registry``).
+        streams: the servicer whose response-stream messages are counted (None: not).
     """
 
-    def __init__(self, pool: WorkerPool, registry: CollectorRegistry | None = None):
+    def __init__(self, pool: WorkerPool, registry: CollectorRegistry | None = None,
+                 streams: SchedulerServicer | None = None):
         self.registry = registry or CollectorRegistry()
         r = self.registry
         r.register(_PoolCollector(pool))
+        if streams is not None:
+            r.register(_StreamCollector(streams))
         self.queue_time = Histogram(
             metric("request_queue_time_seconds"), "Seconds a request waited before it was "
             "first scheduled.", buckets=REQUEST_LATENCY_BUCKETS, registry=r)

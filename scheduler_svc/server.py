@@ -1,7 +1,7 @@
 """The scheduler service process: the gRPC server, the worker pool and the Redis mirror.
 
 ``worker_pool.WorkerPool`` finds and drives the workers; ``servicer.SchedulerServicer``
-answers Submit/Abort/GetStats/GetInfo over it; ``redis_mirror.RedisMirror`` mirrors block
+answers Submit/Session/Abort/GetStats/GetInfo over it; ``redis_mirror.RedisMirror`` mirrors block
 state and keeps this scheduler's registry entry alive.
 """
 
@@ -141,9 +141,10 @@ class SchedulerServer:
                                tls=self.config.tls, model=self.config.model)
         self.servicer = SchedulerServicer(self.pool, streams, self.scheduler_id,
                                           self.config.max_num_queued_reqs,
-                                          self.config.max_num_queued_tokens)
+                                          self.config.max_num_queued_tokens,
+                                          self.service.draining.is_set)
         scheduler_pb2_grpc.add_SchedulerServicer_to_server(self.servicer, self.service.server)
-        self.metrics = SchedulerMetrics(self.pool)
+        self.metrics = SchedulerMetrics(self.pool, streams=self.servicer)
         self.pool.step_observer = self.metrics.on_step
         self.mirror.on_flush = self.metrics.mirror_lag.observe
         # Serving /metrics (None without --metrics-port); metrics_port is its bound port.
@@ -172,12 +173,21 @@ class SchedulerServer:
         return self.address
 
     async def stop(self, grace: float | None = 5.0) -> None:
-        """Stop accepting, drain Submit streams within ``grace``, close links and mirror."""
+        """Stop accepting, drain Submit and Session streams within ``grace``, close links
+        and mirror."""
+        await self._begin_drain()
         await self.service.stop(grace)
         await self._shutdown()
 
     async def serve_until_signal(self, grace: float = 5.0) -> None:
-        await self.service.serve_until_signal(grace, on_stop=self._shutdown)
+        await self.service.serve_until_signal(grace, on_stop=self._shutdown,
+                                              before_stop=self._begin_drain)
+
+    async def _begin_drain(self) -> None:
+        # Sessions refuse new submits from now on and end once their requests are done
+        # (an idle one at once), so the drain does not wait out the grace period.
+        await self.service.begin_drain()
+        self.servicer.wake_sessions()
 
     async def _shutdown(self) -> None:
         if self.metrics_server is not None:

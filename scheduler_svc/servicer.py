@@ -1,9 +1,9 @@
-"""The Scheduler gRPC service: Submit, Abort, GetStats and GetInfo over a WorkerPool."""
+"""The Scheduler gRPC service: Submit, Session, Abort, GetStats and GetInfo over a WorkerPool."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
+from collections.abc import Callable
 
 import grpc
 
@@ -20,47 +20,13 @@ from gridllm.common.grpc_utils import REQUEST_ID_KEY, RETRY_AFTER_KEY
 from gridllm.common.logger import request_id_var
 from gridllm.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2
 from scheduler_svc.request import Request, RequestStatus, build_request
+from scheduler_svc.session import ClientSession
+from scheduler_svc.update_streams import UpdateStreams, merge_updates
 from scheduler_svc.worker_pool import NoWorkerError, WorkerPool
 
 logger = logging.getLogger(__name__)
 
 _RETRY_AFTER_MS = 1000
-
-
-# One request's update and the id of the worker that produced it.
-Delivery = tuple[RequestUpdate, str]
-
-
-class UpdateStreams:
-    """The queue each Submit stream reads its request's updates from, and the tenant that
-    submitted it."""
-
-    def __init__(self) -> None:
-        self._queues: dict[str, asyncio.Queue[Delivery]] = {}
-        self._tenants: dict[str, str] = {}
-
-    def open(self, req_id: str, tenant: str = "") -> asyncio.Queue[Delivery]:
-        queue: asyncio.Queue[Delivery] = asyncio.Queue()
-        self._queues[req_id] = queue
-        self._tenants[req_id] = tenant
-        return queue
-
-    def close(self, req_id: str) -> None:
-        self._queues.pop(req_id, None)
-        self._tenants.pop(req_id, None)
-
-    def owned_by(self, req_ids: list[str], tenant: str) -> list[str]:
-        """Those of ``req_ids`` in flight for ``tenant`` (the others are not its to touch)."""
-        return [r for r in req_ids if r in self._queues and self._tenants[r] == tenant]
-
-    def __contains__(self, req_id: str) -> bool:
-        return req_id in self._queues
-
-    def deliver(self, updates: list[RequestUpdate], worker_id: str = "") -> None:
-        for update in updates:
-            queue = self._queues.get(update.req_id)
-            if queue is not None:
-                queue.put_nowait((update, worker_id))
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
@@ -72,11 +38,23 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         scheduler_id: reported by GetInfo.
         max_num_queued_reqs, max_num_queued_tokens: admission limits on the waiting queue
             (over all workers); past them Submit gets RESOURCE_EXHAUSTED.
+        is_draining: whether the server is stopping (a Session then refuses new submits
+            with UNAVAILABLE, as the server refuses new Submit calls).
     """
 
+    retry_after_ms = _RETRY_AFTER_MS
+
     def __init__(self, pool: WorkerPool, streams: UpdateStreams, scheduler_id: str,
-                 max_num_queued_reqs: int = 1024, max_num_queued_tokens: int = 1 << 20):
+                 max_num_queued_reqs: int = 1024, max_num_queued_tokens: int = 1 << 20,
+                 is_draining: Callable[[], bool] = lambda: False):
         self.pool = pool
+        self.is_draining = is_draining
+        # The Session streams open now.
+        self.sessions: set[ClientSession] = set()
+        # Messages written down the response streams, per RPC (a Prometheus counter).
+        self.num_messages = {"Submit": 0, "Session": 0}
+        # Request updates those messages carried, per RPC.
+        self.num_updates = {"Submit": 0, "Session": 0}
         self.streams = streams
         self.scheduler_id = scheduler_id
         self.max_num_queued_reqs = max_num_queued_reqs
@@ -104,10 +82,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 
     async def _submit(self, request: scheduler_pb2.SubmitRequest, context, tenant: str):
         try:
-            req = self._make_request(request, self.pool.any_info())
+            req = self.make_request(request)
         except NoWorkerError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        refusal = self._admission_refusal(req)
+        refusal = self.admission_refusal(req)
         if refusal is not None:
             logger.info("request %s refused: %s", req.req_id, refusal)
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal,
@@ -126,13 +104,15 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 while not update.finished and not queue.empty():
                     # The stream fell behind the step loop: one message for all its steps.
                     later, worker_id = queue.get_nowait()
-                    update = _merge(update, later)
+                    update = merge_updates(update, later)
                 is_finished = update.finished
                 num_output_tokens += len(update.new_token_ids)
                 if update.error is not None:
                     if update.error_kind == ErrorKind.UNAVAILABLE:
                         await context.abort(grpc.StatusCode.UNAVAILABLE, update.error)
                     raise ValueError(update.error)
+                self.num_messages["Submit"] += 1
+                self.num_updates["Submit"] += 1
                 yield request_update_to_pb(update, worker_id)
                 if is_finished:
                     return
@@ -147,7 +127,36 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                         else "cancelled", worker_id or "-", req.num_prompt_tokens,
                         num_output_tokens)
 
-    def _admission_refusal(self, req: Request) -> str | None:
+    # ----------------------------------------------------------------- Session
+    async def Session(self, request_iterator, context):
+        """Many requests over one stream (the router's path).
+
+        Args:
+            request_iterator: SessionRequests: submits (a SubmitRequest with its tenant,
+                client request id and trace context) and aborts.
+        Returns:
+            SessionResponses, each with every update of the session's requests since the
+            previous one, and the errors that ended requests (a bad submit gets
+            INVALID_ARGUMENT naming the field, a full queue RESOURCE_EXHAUSTED with
+            retry_after_ms, no worker UNAVAILABLE); the session stays up. When the stream
+            ends or breaks, its unfinished requests are aborted and their blocks freed.
+        """
+        session = ClientSession(self)
+        self.sessions.add(session)
+        try:
+            async for message in session.serve(request_iterator):
+                self.num_messages["Session"] += 1
+                self.num_updates["Session"] += len(message.updates) + len(message.errors)
+                yield message
+        finally:
+            self.sessions.discard(session)
+
+    def wake_sessions(self) -> None:
+        """Have every session look at its state (the server began draining)."""
+        for session in self.sessions:
+            session.outbox.wakeup.set()
+
+    def admission_refusal(self, req: Request) -> str | None:
         """Why the waiting queue cannot take ``req`` now, or None."""
         num_waiting, num_tokens = self.pool.queued()
         if num_waiting >= self.max_num_queued_reqs:
@@ -160,8 +169,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                     f"{self.max_num_queued_tokens}); retry later.")
         return None
 
-    def _make_request(self, msg: scheduler_pb2.SubmitRequest,
-                      info: worker_pb2.WorkerInfo) -> Request:
+    def make_request(self, msg: scheduler_pb2.SubmitRequest) -> Request:
+        """The request a SubmitRequest asks for (ValueError naming a bad field,
+        NoWorkerError without a worker)."""
+        info: worker_pb2.WorkerInfo = self.pool.any_info()
         if not msg.request_id:
             raise ValueError("request_id must not be empty.")
         if msg.request_id in self.streams:
@@ -228,6 +239,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         if info is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "no worker is connected")
         info.request_limits.CopyFrom(request_limits_to_pb(self.request_limits))
+        info.supports_session = True
         return info
 
 
@@ -235,14 +247,5 @@ def _tenant(metadata) -> str:
     return next((v for k, v in metadata if k == TENANT_KEY), "")
 
 
-def _merge(first: RequestUpdate, second: RequestUpdate) -> RequestUpdate:
-    """Two consecutive updates of one request as one."""
-    def join(a, b):
-        return None if a is None and b is None else (a or []) + (b or [])
-
-    return RequestUpdate(
-        first.req_id, first.new_token_ids + second.new_token_ids,
-        join(first.new_logprobs, second.new_logprobs),
-        join(first.new_prompt_logprobs, second.new_prompt_logprobs),
-        second.finish_reason, second.stop_reason, second.num_cached_tokens, second.error,
-        second.error_kind)
+# The former name (tests and callers that coalesce updates the same way).
+_merge = merge_updates

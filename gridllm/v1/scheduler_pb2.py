@@ -25,29 +25,43 @@ _sym_db = _symbol_database.Default()
 from gridllm.v1 import generate_pb2 as gridllm_dot_v1_dot_generate__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1agridllm/v1/scheduler.proto\x12\ngridllm.v1\x1a\x19gridllm/v1/generate.proto\"\xfc\x01\n\rSubmitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x33\n\x0fsampling_params\x18\x03 \x01(\x0b\x32\x1a.gridllm.v1.SamplingParams\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x1c\n\x14\x65xtra_stop_token_ids\x18\x05 \x03(\r\x12\x19\n\x0c\x65os_token_id\x18\x06 \x01(\rH\x00\x88\x01\x01\x12\x12\n\ncache_salt\x18\x07 \x01(\t\x12\x18\n\x10output_token_ids\x18\x08 \x03(\rB\x0f\n\r_eos_token_id\"\xa5\x02\n\x0eSubmitResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12+\n\x08logprobs\x18\x03 \x03(\x0b\x32\x19.gridllm.v1.TokenLogprobs\x12\x32\n\x0fprompt_logprobs\x18\x04 \x03(\x0b\x32\x19.gridllm.v1.TokenLogprobs\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.gridllm.v1.FinishReason\x12\x1a\n\rstop_token_id\x18\x06 \x01(\rH\x00\x88\x01\x01\x12\x19\n\x11num_cached_tokens\x18\x07 \x01(\r\x12\x11\n\tworker_id\x18\x08 \x01(\tB\x10\n\x0e_stop_token_id\"L\n\x0c\x41\x62ortRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\x12\'\n\x06reason\x18\x02 \x01(\x0e\x32\x17.gridllm.v1.AbortReason\",\n\rAbortResponse\x12\x1b\n\x13\x61\x62orted_request_ids\x18\x01 \x03(\t\"\x19\n\x17GetSchedulerInfoRequest\"\xe7\x01\n\rSchedulerInfo\x12\x14\n\x0cscheduler_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x19\n\x0c\x65os_token_id\x18\x05 \x01(\rH\x00\x88\x01\x01\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x13\n\x0bnum_workers\x18\x07 \x01(\r\x12\x31\n\x0erequest_limits\x18\x08 \x01(\x0b\x32\x19.gridllm.v1.RequestLimitsB\x0f\n\r_eos_token_id\"\xab\x01\n\rRequestLimits\x12\r\n\x05max_n\x18\x01 \x01(\r\x12\x14\n\x0cmax_logprobs\x18\x02 \x01(\r\x12\x1c\n\x14max_num_stop_strings\x18\x03 \x01(\r\x12\x1b\n\x13max_stop_string_len\x18\x04 \x01(\r\x12\x1e\n\x16max_num_stop_token_ids\x18\x05 \x01(\r\x12\x1a\n\x12max_num_logit_bias\x18\x06 \x01(\r*[\n\x0b\x41\x62ortReason\x12\x1c\n\x18\x41\x42ORT_REASON_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41\x42ORT_REASON_CLIENT\x10\x01\x12\x15\n\x11\x41\x42ORT_REASON_STOP\x10\x02\x32\xaa\x02\n\tScheduler\x12\x41\n\x06Submit\x12\x19.gridllm.v1.SubmitRequest\x1a\x1a.gridllm.v1.SubmitResponse0\x01\x12<\n\x05\x41\x62ort\x12\x18.gridllm.v1.AbortRequest\x1a\x19.gridllm.v1.AbortResponse\x12Q\n\x08GetStats\x12!.gridllm.v1.GetServerStatsRequest\x1a\".gridllm.v1.GetServerStatsResponse\x12I\n\x07GetInfo\x12#.gridllm.v1.GetSchedulerInfoRequest\x1a\x19.gridllm.v1.SchedulerInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1agridllm/v1/scheduler.proto\x12\ngridllm.v1\x1a\x19gridllm/v1/generate.proto\"\xfc\x01\n\rSubmitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x33\n\x0fsampling_params\x18\x03 \x01(\x0b\x32\x1a.gridllm.v1.SamplingParams\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x1c\n\x14\x65xtra_stop_token_ids\x18\x05 \x03(\r\x12\x19\n\x0c\x65os_token_id\x18\x06 \x01(\rH\x00\x88\x01\x01\x12\x12\n\ncache_salt\x18\x07 \x01(\t\x12\x18\n\x10output_token_ids\x18\x08 \x03(\rB\x0f\n\r_eos_token_id\"\xa5\x02\n\x0eSubmitResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12+\n\x08logprobs\x18\x03 \x03(\x0b\x32\x19.gridllm.v1.TokenLogprobs\x12\x32\n\x0fprompt_logprobs\x18\x04 \x03(\x0b\x32\x19.gridllm.v1.TokenLogprobs\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.gridllm.v1.FinishReason\x12\x1a\n\rstop_token_id\x18\x06 \x01(\rH\x00\x88\x01\x01\x12\x19\n\x11num_cached_tokens\x18\x07 \x01(\r\x12\x11\n\tworker_id\x18\x08 \x01(\tB\x10\n\x0e_stop_token_id\"p\n\x0eSessionRequest\x12+\n\x06submit\x18\x01 \x01(\x0b\x32\x19.gridllm.v1.SessionSubmitH\x00\x12)\n\x05\x61\x62ort\x18\x02 \x01(\x0b\x32\x18.gridllm.v1.SessionAbortH\x00\x42\x06\n\x04kind\"\xdf\x01\n\rSessionSubmit\x12*\n\x07request\x18\x01 \x01(\x0b\x32\x19.gridllm.v1.SubmitRequest\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x19\n\x11\x63lient_request_id\x18\x03 \x01(\t\x12\x42\n\rtrace_context\x18\x04 \x03(\x0b\x32+.gridllm.v1.SessionSubmit.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\\\n\x0cSessionAbort\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\x12\'\n\x06reason\x18\x02 \x01(\x0e\x32\x17.gridllm.v1.AbortReason\x12\x0e\n\x06tenant\x18\x03 \x01(\t\"q\n\x0cSessionError\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x1b\n\x0eretry_after_ms\x18\x04 \x01(\rH\x00\x88\x01\x01\x42\x11\n\x0f_retry_after_ms\"h\n\x0fSessionResponse\x12+\n\x07updates\x18\x01 \x03(\x0b\x32\x1a.gridllm.v1.SubmitResponse\x12(\n\x06\x65rrors\x18\x02 \x03(\x0b\x32\x18.gridllm.v1.SessionError\"L\n\x0c\x41\x62ortRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\x12\'\n\x06reason\x18\x02 \x01(\x0e\x32\x17.gridllm.v1.AbortReason\",\n\rAbortResponse\x12\x1b\n\x13\x61\x62orted_request_ids\x18\x01 \x03(\t\"\x19\n\x17GetSchedulerInfoRequest\"\x81\x02\n\rSchedulerInfo\x12\x14\n\x0cscheduler_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x19\n\x0c\x65os_token_id\x18\x05 \x01(\rH\x00\x88\x01\x01\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x13\n\x0bnum_workers\x18\x07 \x01(\r\x12\x31\n\x0erequest_limits\x18\x08 \x01(\x0b\x32\x19.gridllm.v1.RequestLimits\x12\x18\n\x10supports_session\x18\t \x01(\x08\x42\x0f\n\r_eos_token_id\"\xab\x01\n\rRequestLimits\x12\r\n\x05max_n\x18\x01 \x01(\r\x12\x14\n\x0cmax_logprobs\x18\x02 \x01(\r\x12\x1c\n\x14max_num_stop_strings\x18\x03 \x01(\r\x12\x1b\n\x13max_stop_string_len\x18\x04 \x01(\r\x12\x1e\n\x16max_num_stop_token_ids\x18\x05 \x01(\r\x12\x1a\n\x12max_num_logit_bias\x18\x06 \x01(\r*[\n\x0b\x41\x62ortReason\x12\x1c\n\x18\x41\x42ORT_REASON_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41\x42ORT_REASON_CLIENT\x10\x01\x12\x15\n\x11\x41\x42ORT_REASON_STOP\x10\x02\x32\xf2\x02\n\tScheduler\x12\x41\n\x06Submit\x12\x19.gridllm.v1.SubmitRequest\x1a\x1a.gridllm.v1.SubmitResponse0\x01\x12\x46\n\x07Session\x12\x1a.gridllm.v1.SessionRequest\x1a\x1b.gridllm.v1.SessionResponse(\x01\x30\x01\x12<\n\x05\x41\x62ort\x12\x18.gridllm.v1.AbortRequest\x1a\x19.gridllm.v1.AbortResponse\x12Q\n\x08GetStats\x12!.gridllm.v1.GetServerStatsRequest\x1a\".gridllm.v1.GetServerStatsResponse\x12I\n\x07GetInfo\x12#.gridllm.v1.GetSchedulerInfoRequest\x1a\x19.gridllm.v1.SchedulerInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gridllm.v1.scheduler_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ABORTREASON']._serialized_start=1179
-  _globals['_ABORTREASON']._serialized_end=1270
+  _globals['_SESSIONSUBMIT_TRACECONTEXTENTRY']._loaded_options = None
+  _globals['_SESSIONSUBMIT_TRACECONTEXTENTRY']._serialized_options = b'8\001'
+  _globals['_ABORTREASON']._serialized_start=1860
+  _globals['_ABORTREASON']._serialized_end=1951
   _globals['_SUBMITREQUEST']._serialized_start=70
   _globals['_SUBMITREQUEST']._serialized_end=322
   _globals['_SUBMITRESPONSE']._serialized_start=325
   _globals['_SUBMITRESPONSE']._serialized_end=618
-  _globals['_ABORTREQUEST']._serialized_start=620
-  _globals['_ABORTREQUEST']._serialized_end=696
-  _globals['_ABORTRESPONSE']._serialized_start=698
-  _globals['_ABORTRESPONSE']._serialized_end=742
-  _globals['_GETSCHEDULERINFOREQUEST']._serialized_start=744
-  _globals['_GETSCHEDULERINFOREQUEST']._serialized_end=769
-  _globals['_SCHEDULERINFO']._serialized_start=772
-  _globals['_SCHEDULERINFO']._serialized_end=1003
-  _globals['_REQUESTLIMITS']._serialized_start=1006
-  _globals['_REQUESTLIMITS']._serialized_end=1177
-  _globals['_SCHEDULER']._serialized_start=1273
-  _globals['_SCHEDULER']._serialized_end=1571
+  _globals['_SESSIONREQUEST']._serialized_start=620
+  _globals['_SESSIONREQUEST']._serialized_end=732
+  _globals['_SESSIONSUBMIT']._serialized_start=735
+  _globals['_SESSIONSUBMIT']._serialized_end=958
+  _globals['_SESSIONSUBMIT_TRACECONTEXTENTRY']._serialized_start=907
+  _globals['_SESSIONSUBMIT_TRACECONTEXTENTRY']._serialized_end=958
+  _globals['_SESSIONABORT']._serialized_start=960
+  _globals['_SESSIONABORT']._serialized_end=1052
+  _globals['_SESSIONERROR']._serialized_start=1054
+  _globals['_SESSIONERROR']._serialized_end=1167
+  _globals['_SESSIONRESPONSE']._serialized_start=1169
+  _globals['_SESSIONRESPONSE']._serialized_end=1273
+  _globals['_ABORTREQUEST']._serialized_start=1275
+  _globals['_ABORTREQUEST']._serialized_end=1351
+  _globals['_ABORTRESPONSE']._serialized_start=1353
+  _globals['_ABORTRESPONSE']._serialized_end=1397
+  _globals['_GETSCHEDULERINFOREQUEST']._serialized_start=1399
+  _globals['_GETSCHEDULERINFOREQUEST']._serialized_end=1424
+  _globals['_SCHEDULERINFO']._serialized_start=1427
+  _globals['_SCHEDULERINFO']._serialized_end=1684
+  _globals['_REQUESTLIMITS']._serialized_start=1687
+  _globals['_REQUESTLIMITS']._serialized_end=1858
+  _globals['_SCHEDULER']._serialized_start=1954
+  _globals['_SCHEDULER']._serialized_end=2324
 # @@protoc_insertion_point(module_scope)

@@ -57,6 +57,63 @@ class SubmitResponse(_message.Message):
     worker_id: str
     def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[_generate_pb2.TokenLogprobs, _Mapping]]] = ..., prompt_logprobs: _Optional[_Iterable[_Union[_generate_pb2.TokenLogprobs, _Mapping]]] = ..., finish_reason: _Optional[_Union[_generate_pb2.FinishReason, str]] = ..., stop_token_id: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., worker_id: _Optional[str] = ...) -> None: ...
 
+class SessionRequest(_message.Message):
+    __slots__ = ("submit", "abort")
+    SUBMIT_FIELD_NUMBER: _ClassVar[int]
+    ABORT_FIELD_NUMBER: _ClassVar[int]
+    submit: SessionSubmit
+    abort: SessionAbort
+    def __init__(self, submit: _Optional[_Union[SessionSubmit, _Mapping]] = ..., abort: _Optional[_Union[SessionAbort, _Mapping]] = ...) -> None: ...
+
+class SessionSubmit(_message.Message):
+    __slots__ = ("request", "tenant", "client_request_id", "trace_context")
+    class TraceContextEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    request: SubmitRequest
+    tenant: str
+    client_request_id: str
+    trace_context: _containers.ScalarMap[str, str]
+    def __init__(self, request: _Optional[_Union[SubmitRequest, _Mapping]] = ..., tenant: _Optional[str] = ..., client_request_id: _Optional[str] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class SessionAbort(_message.Message):
+    __slots__ = ("request_ids", "reason", "tenant")
+    REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    request_ids: _containers.RepeatedScalarFieldContainer[str]
+    reason: AbortReason
+    tenant: str
+    def __init__(self, request_ids: _Optional[_Iterable[str]] = ..., reason: _Optional[_Union[AbortReason, str]] = ..., tenant: _Optional[str] = ...) -> None: ...
+
+class SessionError(_message.Message):
+    __slots__ = ("request_id", "code", "message", "retry_after_ms")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    code: str
+    message: str
+    retry_after_ms: int
+    def __init__(self, request_id: _Optional[str] = ..., code: _Optional[str] = ..., message: _Optional[str] = ..., retry_after_ms: _Optional[int] = ...) -> None: ...
+
+class SessionResponse(_message.Message):
+    __slots__ = ("updates", "errors")
+    UPDATES_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    updates: _containers.RepeatedCompositeFieldContainer[SubmitResponse]
+    errors: _containers.RepeatedCompositeFieldContainer[SessionError]
+    def __init__(self, updates: _Optional[_Iterable[_Union[SubmitResponse, _Mapping]]] = ..., errors: _Optional[_Iterable[_Union[SessionError, _Mapping]]] = ...) -> None: ...
+
 class AbortRequest(_message.Message):
     __slots__ = ("request_ids", "reason")
     REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -76,7 +133,7 @@ class GetSchedulerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class SchedulerInfo(_message.Message):
-    __slots__ = ("scheduler_id", "model", "max_model_len", "vocab_size", "eos_token_id", "block_size", "num_workers", "request_limits")
+    __slots__ = ("scheduler_id", "model", "max_model_len", "vocab_size", "eos_token_id", "block_size", "num_workers", "request_limits", "supports_session")
     SCHEDULER_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
@@ -85,6 +142,7 @@ class SchedulerInfo(_message.Message):
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     NUM_WORKERS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_LIMITS_FIELD_NUMBER: _ClassVar[int]
+    SUPPORTS_SESSION_FIELD_NUMBER: _ClassVar[int]
     scheduler_id: str
     model: str
     max_model_len: int
@@ -93,7 +151,8 @@ class SchedulerInfo(_message.Message):
     block_size: int
     num_workers: int
     request_limits: RequestLimits
-    def __init__(self, scheduler_id: _Optional[str] = ..., model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., block_size: _Optional[int] = ..., num_workers: _Optional[int] = ..., request_limits: _Optional[_Union[RequestLimits, _Mapping]] = ...) -> None: ...
+    supports_session: bool
+    def __init__(self, scheduler_id: _Optional[str] = ..., model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., block_size: _Optional[int] = ..., num_workers: _Optional[int] = ..., request_limits: _Optional[_Union[RequestLimits, _Mapping]] = ..., supports_session: _Optional[bool] = ...) -> None: ...
 
 class RequestLimits(_message.Message):
     __slots__ = ("max_n", "max_logprobs", "max_num_stop_strings", "max_stop_string_len", "max_num_stop_token_ids", "max_num_logit_bias")

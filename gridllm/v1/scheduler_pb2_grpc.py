@@ -41,6 +41,11 @@ class SchedulerStub:
                 request_serializer=gridllm_dot_v1_dot_scheduler__pb2.SubmitRequest.SerializeToString,
                 response_deserializer=gridllm_dot_v1_dot_scheduler__pb2.SubmitResponse.FromString,
                 _registered_method=True)
+        self.Session = channel.stream_stream(
+                '/gridllm.v1.Scheduler/Session',
+                request_serializer=gridllm_dot_v1_dot_scheduler__pb2.SessionRequest.SerializeToString,
+                response_deserializer=gridllm_dot_v1_dot_scheduler__pb2.SessionResponse.FromString,
+                _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/gridllm.v1.Scheduler/Abort',
                 request_serializer=gridllm_dot_v1_dot_scheduler__pb2.AbortRequest.SerializeToString,
@@ -65,6 +70,17 @@ class SchedulerServicer:
     def Submit(self, request, context):
         """Queues a tokenized request and streams its new tokens. Cancelling the call
         aborts the request and frees its KV blocks. INVALID_ARGUMENT names the bad field.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Session(self, request_iterator, context):
+        """One stream carrying many requests (the router opens one per scheduler): submits and
+        aborts go up, and each message down holds every update of the session's requests
+        since the previous one (typically one step's). A bad submit gets a per-request error;
+        the session stays up. When the stream ends or breaks, every unfinished request of the
+        session is aborted and its KV blocks are freed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -98,6 +114,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.Submit,
                     request_deserializer=gridllm_dot_v1_dot_scheduler__pb2.SubmitRequest.FromString,
                     response_serializer=gridllm_dot_v1_dot_scheduler__pb2.SubmitResponse.SerializeToString,
+            ),
+            'Session': grpc.stream_stream_rpc_method_handler(
+                    servicer.Session,
+                    request_deserializer=gridllm_dot_v1_dot_scheduler__pb2.SessionRequest.FromString,
+                    response_serializer=gridllm_dot_v1_dot_scheduler__pb2.SessionResponse.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
@@ -143,6 +164,33 @@ class Scheduler:
             '/gridllm.v1.Scheduler/Submit',
             gridllm_dot_v1_dot_scheduler__pb2.SubmitRequest.SerializeToString,
             gridllm_dot_v1_dot_scheduler__pb2.SubmitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Session(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/gridllm.v1.Scheduler/Session',
+            gridllm_dot_v1_dot_scheduler__pb2.SessionRequest.SerializeToString,
+            gridllm_dot_v1_dot_scheduler__pb2.SessionResponse.FromString,
             options,
             channel_credentials,
             insecure,
