@@ -85,7 +85,7 @@ def test_rejects_what_it_cannot_read():
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
-@pytest.mark.parametrize("num_rows", [1, 2, 3, 4, 5, MAX_ROWS])
+@pytest.mark.parametrize("num_rows", [1, 3, MAX_ROWS])
 # Llama-3-8B's decoder: merged q/k/v, o, merged gate/up, down.
 @pytest.mark.parametrize("num_out,num_in", [(6144, 4096), (4096, 4096), (28672, 4096),
                                             (4096, 14336)])
