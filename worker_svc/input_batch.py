@@ -438,10 +438,6 @@ class InputBatch:
         n = self.num_reqs
         return np.flatnonzero(self.is_constrained[:n] & inputs.is_sampling).tolist()
 
-    def rows_have_pending_tokens(self, rows: list[int]) -> bool:
-        """True if a token of one of ``rows`` is still on the device (its id not read)."""
-        return bool(rows) and bool((self.num_pending[rows] > 0).any())
-
     def processor_rows_have_pending_tokens(self) -> bool:
         """True if a row whose processors read its token ids has ids still on the device."""
         n = self.num_reqs
