@@ -8,14 +8,24 @@ call has to win the GIL back, which another busy thread can delay by a switch in
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
 # Rows filled at once before the fill is spread over xgrammar's threads.
 _MIN_ROWS_FOR_THREADS = 8
+# Threads one batch of accepts is split over: xgrammar's accept releases the GIL, so on a
+# host with cores to spare the rows' accepts run in parallel (2 cores: one thread, since
+# the step loop and the grammar thread already take both).
+ACCEPT_THREADS = max(1, min(4, (os.cpu_count() or 1) // 4))
+# Fewest rows per thread worth a hand-off to the pool.
+_MIN_ROWS_PER_ACCEPT_THREAD = 8
+_accept_pool: ThreadPoolExecutor | None = None
+_accept_pool_lock = threading.Lock()
 # Bit k of an int32 word (bit 31 reads as a negative number).
 _BITS = (np.uint32(1) << np.arange(32, dtype=np.uint32)).view(np.int32)
 
@@ -112,15 +122,16 @@ class RequestGrammar:
         return None
 
     @staticmethod
-    def accept_many(grammars: Sequence[RequestGrammar], token_ids: Sequence[int]
-                    ) -> list[str | None]:
-        """``accept`` of each grammar's token, in one xgrammar call for them all.
+    def accept_many(grammars: Sequence[RequestGrammar], token_ids: Sequence[int],
+                    num_threads: int | None = None) -> list[str | None]:
+        """``accept`` of each grammar's token, in one xgrammar call for them all (or one per
+        thread, each over a contiguous share of the rows).
 
+        Args:
+            num_threads: threads to split the rows over; None: ``ACCEPT_THREADS``.
         Returns:
             Per grammar, the reason its token was refused (None where it was accepted).
         """
-        import xgrammar as xgr
-
         errors: list[str | None] = [None] * len(grammars)
         if len(token_ids) != len(grammars):
             raise ValueError(f"token_ids must have one id per grammar ({len(grammars)}), "
@@ -132,8 +143,8 @@ class RequestGrammar:
         if not positions:
             return errors
         live_ids = [token_ids[i] for i in positions]
-        results = xgr.BatchGrammarMatcher.batch_accept_token(
-            [grammars[i]._matcher for i in positions], live_ids)
+        results = _batch_accept([grammars[i]._matcher for i in positions], live_ids,
+                                ACCEPT_THREADS if num_threads is None else num_threads)
         for position, token_id, is_accepted in zip(positions, live_ids, results, strict=True):
             grammar = grammars[position]
             if is_accepted and token_id not in grammar._stop_token_set:
@@ -141,6 +152,28 @@ class RequestGrammar:
             else:
                 errors[position] = grammar._record(token_id, is_accepted)
         return errors
+
+
+def _batch_accept(matchers: list[Any], token_ids: list[int], num_threads: int) -> list[bool]:
+    """xgrammar's batch accept, split over up to ``num_threads`` threads."""
+    import xgrammar as xgr
+
+    num_threads = min(num_threads, len(matchers) // _MIN_ROWS_PER_ACCEPT_THREAD)
+    if num_threads <= 1:
+        return xgr.BatchGrammarMatcher.batch_accept_token(matchers, token_ids)
+    bounds = [len(matchers) * i // num_threads for i in range(num_threads + 1)]
+    pool = _pool()
+    futures = [pool.submit(xgr.BatchGrammarMatcher.batch_accept_token, matchers[a:b],
+                           token_ids[a:b]) for a, b in zip(bounds, bounds[1:], strict=False)]
+    return [is_accepted for future in futures for is_accepted in future.result()]
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _accept_pool
+    with _accept_pool_lock:
+        if _accept_pool is None:
+            _accept_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="grammar-accept")
+        return _accept_pool
 
 
 class BitmaskFiller:

@@ -71,14 +71,17 @@ class _LateEvent:
             self.num_syncs += 1
 
 
-def test_accept_many_equals_one_token_at_a_time(compiler, tokenizer):
-    token_lists = [tokenizer.encode(t, add_special_tokens=False) + [EOS] for t in TEXTS]
-    one, many = _grammars(compiler, 3), _grammars(compiler, 3)
+@pytest.mark.parametrize("num_threads", [1, 3])
+def test_accept_many_equals_one_token_at_a_time(compiler, tokenizer, num_threads):
+    """Serially and split over threads (rows in shares of 8: 24 rows, 3 threads)."""
+    token_lists = [tokenizer.encode(t, add_special_tokens=False) + [EOS]
+                   for t in TEXTS * 8]
+    one, many = _grammars(compiler, len(token_lists)), _grammars(compiler, len(token_lists))
     for position in range(max(map(len, token_lists)) + 2):
         # Past its end a row's grammar is terminated (ignore_eos): EOS is ignored.
         ids = [ts[position] if position < len(ts) else EOS for ts in token_lists]
         assert [g.accept(t) for g, t in zip(one, ids, strict=True)] == \
-            RequestGrammar.accept_many(many, ids)
+            RequestGrammar.accept_many(many, ids, num_threads)
         assert [g.num_accepted for g in one] == [g.num_accepted for g in many]
         assert [g.is_terminated for g in many] == [g.matcher.is_terminated() for g in many]
         assert np.array_equal(_fresh_masks(one), _fresh_masks(many))
