@@ -178,7 +178,7 @@ step sliding_window 40 $PY benchmarks/sliding_window.py --output "$WORK/sliding_
 if [ -d models/smollm2-tok ]; then
   step structured 100 $PY benchmarks/structured_outputs.py --device cuda \
     --model random:llama3-8b --tokenizer models/smollm2-tok --batch-size 64 --num-steps 24 \
-    --repeats 2 --ttft-trials 3 --output "$WORK/structured_llama3-8b.json"
+    --repeats 5 --ttft-trials 3 --output "$WORK/structured_llama3-8b.json"
 fi
 
 # Merge and summarise (always runs).
