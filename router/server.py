@@ -437,7 +437,13 @@ class RouterServer:
 
     async def serve_until_signal(self, grace: float) -> None:
         await self.server.serve_until_signal(grace, on_stop=self.stop,
-                                             before_stop=lambda: self._drain_http(grace))
+                                             before_stop=lambda: self._drain_http(grace),
+                                             in_flight=self._num_streams)
+
+    def _num_streams(self) -> int:
+        # Both fronts' requests: the HTTP front drains alongside, so waiting for its
+        # streams too keeps the gRPC transport up no longer than the grace allows.
+        return self.engine.num_streams if self.engine is not None else 0
 
     async def _drain_http(self, grace: float) -> None:
         # Stops accepting now and drains alongside the gRPC streams (not after them).

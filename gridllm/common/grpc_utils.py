@@ -43,6 +43,8 @@ RETRY_AFTER_KEY = "retry-after-ms"
 # Invocation metadata of a call: the request's id as its client knows it (for the logs).
 REQUEST_ID_KEY = "x-request-id"
 DEFAULT_GRACE_SECONDS = 10.0
+# How often a drain checks whether the in-flight calls have ended.
+_DRAIN_POLL_S = 0.05
 # The health service name that reports liveness; "" and the services' names report readiness.
 LIVENESS_SERVICE = "liveness"
 
@@ -329,10 +331,25 @@ class ServiceServer:
         self.draining.set()
         await self.set_serving(False)
 
-    async def stop(self, grace: float | None = DEFAULT_GRACE_SECONDS) -> None:
+    async def stop(self, grace: float | None = DEFAULT_GRACE_SECONDS,
+                   in_flight: Callable[[], int] | None = None) -> None:
         """Stop accepting calls (new ones get UNAVAILABLE), let in-flight ones finish within
-        ``grace`` seconds, then cancel them."""
+        ``grace`` seconds, then cancel them.
+
+        Args:
+            in_flight: the service's calls in progress. Given, the server keeps taking calls
+                until it reads 0 (or the grace ends), so a new call reaches its handler,
+                which refuses it while draining with a message that says why, instead of
+                the transport refusing it (or cancelling a connection mid-handshake once
+                the last stream ended); only then does the transport stop.
+        """
         await self.begin_drain()
+        if in_flight is not None and grace is not None:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + grace
+            while in_flight() > 0 and loop.time() < deadline:
+                await asyncio.sleep(_DRAIN_POLL_S)
+            grace = max(0.0, deadline - loop.time())
         await self.server.stop(grace)
 
     def request_stop(self) -> None:
@@ -341,14 +358,15 @@ class ServiceServer:
 
     async def serve_until_signal(self, grace: float = DEFAULT_GRACE_SECONDS,
                                  on_stop: Callable[[], Awaitable[None]] | None = None,
-                                 before_stop: Callable[[], Awaitable[None]] | None = None
-                                 ) -> None:
+                                 before_stop: Callable[[], Awaitable[None]] | None = None,
+                                 in_flight: Callable[[], int] | None = None) -> None:
         """Serve until SIGTERM/SIGINT (or request_stop()), then drain and stop.
 
         Args:
             grace: seconds in-flight calls get to finish.
             on_stop: awaited after the server stopped (close links, release resources).
             before_stop: awaited first (deregister, so nobody routes here any more).
+            in_flight: as for ``stop``.
         """
         self._stop_event = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -362,7 +380,7 @@ class ServiceServer:
         if before_stop is not None:
             await before_stop()
         logger.info("stopping: draining in-flight calls for up to %.1fs", grace)
-        await self.stop(grace)
+        await self.stop(grace, in_flight)
         if on_stop is not None:
             await on_stop()
         logger.info("stopped")

@@ -334,6 +334,9 @@ def test_stopping_the_stack_drains_streams_and_refuses_new_requests(stack, undis
     streams.join(60.0)
     stopper.join(120.0)
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    # Refused by the router's handler, which says why (the transport keeps taking calls
+    # until the in-flight streams end), not by a closing transport.
+    assert "shutting down" in (refused.value.details() or ""), refused.value.details()
     assert max(drained_at) < params.max_tokens  # the drain began mid-stream
     assert streams.errors == [None] * num_streams
     # Greedy: the undisturbed streams' first max_tokens tokens.
