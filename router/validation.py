@@ -100,8 +100,10 @@ def _request_id(request: generate_pb2.GenerateRequest) -> str:
     if not request.HasField("request_id") or not request.request_id:
         return uuid.uuid4().hex
     request_id = request.request_id
-    if len(request_id) > _MAX_REQUEST_ID_LEN or not request_id.isprintable():
-        raise ValueError(f"request_id must be at most {_MAX_REQUEST_ID_LEN} printable "
+    # ASCII: the id travels upstream in gRPC metadata, which carries printable ASCII only.
+    if (len(request_id) > _MAX_REQUEST_ID_LEN or not request_id.isascii()
+            or not request_id.isprintable()):
+        raise ValueError(f"request_id must be at most {_MAX_REQUEST_ID_LEN} printable ASCII "
                          f"characters, got {request_id[:40]!r}.")
     return request_id
 

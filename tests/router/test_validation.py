@@ -73,6 +73,13 @@ def test_text_prompt_is_tokenized_by_the_tokenizer(tiny_tokenizer):
     assert validated.request_id == "r1"
 
 
+@pytest.mark.parametrize("request_id", ["¡hola", "tab\there", "x" * 300])
+def test_request_ids_the_metadata_cannot_carry_are_refused(tiny_tokenizer, request_id):
+    """Ids travel upstream in gRPC metadata (printable ASCII only)."""
+    with pytest.raises(ValueError, match="request_id must be at most"):
+        validate_request(_request(prompt="hi", request_id=request_id), tiny_tokenizer, LIMITS)
+
+
 def test_request_ids_are_generated_unique(tiny_tokenizer):
     ids = {validate_request(_request(prompt="hi"), tiny_tokenizer, LIMITS).request_id
            for _ in range(5)}
