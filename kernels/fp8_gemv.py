@@ -32,13 +32,10 @@ def _w8_matmul_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, partial_ptr, loc
                       HAS_BIAS: tl.constexpr, IS_FP32: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       SPLIT_K: tl.constexpr):
-    num_col_blocks = tl.cdiv(num_out, BLOCK_N)
     pid = tl.program_id(0)
-    pid_m = pid // num_col_blocks
-    pid_n = pid % num_col_blocks
     pid_k = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.arange(0, BLOCK_M)  # every row of x: one row block
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
     row_ok = rows < num_rows
     col_ok = cols < num_out
@@ -61,10 +58,10 @@ def _w8_matmul_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, partial_ptr, loc
         w_ptrs += BLOCK_K
     is_last = True
     if SPLIT_K > 1:
-        # Split K: each program leaves its float32 partial sums; the last of a tile's
-        # programs to finish (a counter per tile, reset by that program) adds them in split
-        # order, so the result does not depend on which program finished when.
-        plane = tl.num_programs(0) // num_col_blocks * BLOCK_M * num_out
+        # Split K: each program leaves its float32 partial sums; the last of a column
+        # block's programs to finish (a counter per block, reset by that program) adds them
+        # in split order, so the result does not depend on which program finished when.
+        plane = BLOCK_M * num_out
         offsets = rows[:, None] * num_out + cols[None, :]
         tl.store(partial_ptr + pid_k * plane + offsets, acc, mask=col_ok[None, :])
         tl.debug_barrier()
@@ -87,14 +84,14 @@ def _w8_matmul_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, partial_ptr, loc
 
 # Per device: the split-K counters, zero between launches (each launch resets its own).
 _LOCKS: dict[torch.device, torch.Tensor] = {}
-_MAX_TILES = 1 << 16
+_MAX_COLUMN_BLOCKS = 1 << 16
 
 
 def _locks(device: torch.device) -> torch.Tensor:
     locks = _LOCKS.get(device)
     if locks is None:
         # Allocated at the first launch (a warm-up step), never inside a graph capture.
-        locks = _LOCKS[device] = torch.zeros(_MAX_TILES, dtype=torch.int32, device=device)
+        locks = _LOCKS[device] = torch.zeros(_MAX_COLUMN_BLOCKS, dtype=torch.int32, device=device)
     return locks
 
 
@@ -133,26 +130,21 @@ def fp8_weight_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch
     y = torch.empty((num_rows, num_out), dtype=x.dtype, device=x.device)
     if num_rows == 0 or num_out == 0:
         return y
-    _launch_dot(x, weight, weight_scale, bias, y, MAX_ROWS, config)
-    return y
-
-
-def _launch_dot(x, weight, weight_scale, bias, y, block_m: int, config) -> None:
     block_n, block_k, num_warps, num_stages, split_k = config
-    num_rows, num_out = y.shape
-    num_tiles = triton.cdiv(num_rows, block_m) * triton.cdiv(num_out, block_n)
+    num_blocks = triton.cdiv(num_out, block_n)
     if split_k > 1:
-        if num_tiles > _MAX_TILES:
-            raise ValueError(f"{num_tiles} output tiles: more than {_MAX_TILES} for split-K.")
-        partial = torch.empty(split_k * triton.cdiv(num_rows, block_m) * block_m * num_out,
-                              dtype=torch.float32, device=x.device)
+        if num_blocks > _MAX_COLUMN_BLOCKS:
+            raise ValueError(f"weight has {num_out} rows: more than {_MAX_COLUMN_BLOCKS} "
+                             f"blocks of {block_n} for split-K.")
+        partial = torch.empty(split_k * MAX_ROWS * num_out, dtype=torch.float32,
+                              device=x.device)
         locks = _locks(x.device)
     else:
-        partial = locks = y
-    _w8_matmul_kernel[(num_tiles, split_k)](
-        x, weight, weight_scale,
-        bias if bias is not None else y, y, partial, locks, num_rows, num_out,
-        x.shape[1], x.stride(0), weight.stride(0), y.stride(0), HAS_BIAS=bias is not None,
-        IS_FP32=x.dtype == torch.float32, BLOCK_M=block_m,
+        partial = locks = y  # not read: SPLIT_K == 1 compiles the split-K path out
+    _w8_matmul_kernel[(num_blocks, split_k)](
+        x, weight, weight_scale, bias if bias is not None else y, y, partial, locks,
+        num_rows, num_out, num_in, x.stride(0), weight.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, IS_FP32=x.dtype == torch.float32, BLOCK_M=MAX_ROWS,
         BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=num_warps,
         num_stages=num_stages)
+    return y

@@ -21,7 +21,8 @@ _MIN_ROWS_FOR_THREADS = 8
 # Threads one batch of accepts is split over: xgrammar's accept releases the GIL, so on a
 # host with cores to spare the rows' accepts run in parallel (2 cores: one thread, since
 # the step loop and the grammar thread already take both).
-ACCEPT_THREADS = max(1, min(4, (os.cpu_count() or 1) // 4))
+_MAX_ACCEPT_THREADS = 4
+ACCEPT_THREADS = max(1, min(_MAX_ACCEPT_THREADS, (os.cpu_count() or 1) // 4))
 # Fewest rows per thread worth a hand-off to the pool.
 _MIN_ROWS_PER_ACCEPT_THREAD = 8
 _accept_pool: ThreadPoolExecutor | None = None
@@ -172,7 +173,8 @@ def _pool() -> ThreadPoolExecutor:
     global _accept_pool
     with _accept_pool_lock:
         if _accept_pool is None:
-            _accept_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="grammar-accept")
+            _accept_pool = ThreadPoolExecutor(max_workers=_MAX_ACCEPT_THREADS,
+                                              thread_name_prefix="grammar-accept")
         return _accept_pool
 
 

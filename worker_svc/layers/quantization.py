@@ -83,8 +83,7 @@ def _has_fp8_conversions(weight: torch.Tensor) -> bool:
 
 def _can_use_scaled_mm(weight: torch.Tensor) -> bool:
     """FP8 tensor-core GEMMs: CUDA 8.9+, and both weight dims multiples of 16."""
-    return (weight.is_cuda and hasattr(torch, "_scaled_mm")
-            and torch.cuda.get_device_capability(weight.device) >= (8, 9)
+    return (_has_fp8_conversions(weight) and hasattr(torch, "_scaled_mm")
             and weight.shape[0] % 16 == 0 and weight.shape[1] % 16 == 0)
 
 
@@ -143,10 +142,7 @@ class Fp8Linear(nn.Module):
         """A few rows (decode): the activations stay unquantized; only W is e4m3."""
         if self.is_fp8_native:
             return fp8_weight_matmul(x.contiguous(), self.weight, self.weight_scale, self.bias)
-        out = x.float() @ self._dequantized_weight().t()
-        if self.bias is not None:
-            out = out + self.bias.float()
-        return out.to(x.dtype)
+        return self._dequantized_product(x.float(), x.dtype)
 
     def _fp8_product(self, x: torch.Tensor) -> torch.Tensor:
         """Many rows (prefill, large batches): activations quantized per token too."""
@@ -160,16 +156,17 @@ class Fp8Linear(nn.Module):
             return torch._scaled_mm(x_q, self.weight.t(), scale_a=x_scale,
                                     scale_b=self.weight_scale[None, :], bias=self.bias,
                                     out_dtype=x.dtype)
-        out = dequantize_fp8(x_q, x_scale) @ self._dequantized_weight().t()
-        if self.bias is not None:
-            out = out + self.bias.float()
-        return out.to(x.dtype)
+        return self._dequantized_product(dequantize_fp8(x_q, x_scale), x.dtype)
 
-    def _dequantized_weight(self) -> torch.Tensor:
-        """``W * scale`` in float32 (the fake-quantization paths), built on first use."""
+    def _dequantized_product(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Fake quantization: float32 ``x`` times ``W * scale`` (built on first use), plus
+        the bias, in ``dtype``."""
         if self._dequantized is None:
             self._dequantized = dequantize_fp8(self.weight, self.weight_scale[:, None])
-        return self._dequantized
+        out = x @ self._dequantized.t()
+        if self.bias is not None:
+            out = out + self.bias.float()
+        return out.to(dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
