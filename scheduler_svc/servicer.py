@@ -9,7 +9,7 @@ import grpc
 
 from gridllm.common import tracing
 from gridllm.common.auth import TENANT_KEY
-from gridllm.common.contract import ErrorKind, FinishReason, RequestUpdate
+from gridllm.common.contract import FinishReason, RequestUpdate
 from gridllm.common.convert import (
     check_max_tokens,
     request_limits_to_pb,
@@ -20,7 +20,7 @@ from gridllm.common.grpc_utils import REQUEST_ID_KEY, RETRY_AFTER_KEY
 from gridllm.common.logger import request_id_var
 from gridllm.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2
 from scheduler_svc.request import Request, RequestStatus, build_request
-from scheduler_svc.session import ClientSession
+from scheduler_svc.session import ClientSession, update_error_code
 from scheduler_svc.update_streams import UpdateStreams, merge_updates
 from scheduler_svc.worker_pool import NoWorkerError, WorkerPool
 
@@ -108,9 +108,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 is_finished = update.finished
                 num_output_tokens += len(update.new_token_ids)
                 if update.error is not None:
-                    if update.error_kind == ErrorKind.UNAVAILABLE:
-                        await context.abort(grpc.StatusCode.UNAVAILABLE, update.error)
-                    raise ValueError(update.error)
+                    await context.abort(update_error_code(update), update.error)
                 self.num_messages["Submit"] += 1
                 self.num_updates["Submit"] += 1
                 yield request_update_to_pb(update, worker_id)
