@@ -5,6 +5,9 @@ One stack (Redis, scheduler, one worker, router serving both APIs); each workloa
 and the medians over the rounds are compared: output tokens/s at full load, TTFT p50 with
 one request at a time, and the router's CPU time per 1000 output tokens (what the front
 itself costs; unlike throughput on a shared machine, it does not move with other load).
+Then ``--pairs`` single requests through each API, alternating (which goes first alternates
+too), give the TTFT difference as the median of the paired differences: the load the machine
+had at that moment weighs on both requests of a pair alike.
 
 Usage: ``python benchmarks/stack_http.py [--model random:tiny] [--rounds 3]``.
 """
@@ -12,7 +15,10 @@ Usage: ``python benchmarks/stack_http.py [--model random:tiny] [--rounds 3]``.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import math
+import random
 import os
 import statistics
 import sys
@@ -24,6 +30,53 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import psutil  # noqa: E402
 
 from gridllm.bench import serve  # noqa: E402
+from gridllm.bench.http_client import HttpClient  # noqa: E402
+from gridllm.client import AsyncClient  # noqa: E402
+from gridllm.common.sampling_params import SamplingParams  # noqa: E402
+
+_WARM_UP_PAIRS = 10
+
+
+async def paired_ttft(stack, num_pairs: int, input_len: int = 128,
+                      seed: int = 0) -> dict[str, list[float]]:
+    """TTFT in seconds of ``num_pairs`` pairs of single requests (the same prompt through
+    gRPC and through HTTP, the order alternating), after a few warm-up pairs."""
+    rng = random.Random(seed)
+    ttft: dict[str, list[float]] = {"grpc": [], "openai": []}
+    async with AsyncClient(stack.endpoint) as grpc_client, \
+            HttpClient(stack.http_endpoint) as http_client:
+        info = await grpc_client.model_info()
+
+        async def through_grpc(prompt: list[int]) -> float:
+            start = time.perf_counter()
+            first = math.nan
+            params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+            async for chunk in grpc_client.generate_stream(
+                    sampling_params=params, prompt_token_ids=prompt, return_token_ids=True):
+                if chunk.token_ids and math.isnan(first):
+                    first = time.perf_counter() - start
+            return first
+
+        async def through_http(prompt: list[int]) -> float:
+            body = {"model": info.model, "prompt": prompt, "max_tokens": 4, "temperature": 0.0,
+                    "ignore_eos": True, "stream": True, "return_token_ids": True}
+            start = time.perf_counter()
+            first = math.nan
+            async for data in http_client.stream_events("/v1/completions", body):
+                if (math.isnan(first) and data != b"[DONE]"
+                        and json.loads(data)["choices"][0].get("token_ids")):
+                    first = time.perf_counter() - start
+            return first
+
+        for i in range(_WARM_UP_PAIRS + num_pairs):
+            prompt = [rng.randrange(info.vocab_size) for _ in range(input_len)]
+            order = ("grpc", "openai") if i % 2 else ("openai", "grpc")
+            for backend in order:
+                send = through_grpc if backend == "grpc" else through_http
+                value = await send(prompt)
+                if i >= _WARM_UP_PAIRS:
+                    ttft[backend].append(value)
+    return ttft
 
 
 def main() -> None:
@@ -31,6 +84,8 @@ def main() -> None:
     parser.add_argument("--model", default="random:tiny")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--num-prompts", type=int, default=64)
+    parser.add_argument("--pairs", type=int, default=100,
+                        help="single-request pairs for the paired TTFT difference (0: none)")
     args = parser.parse_args()
     workloads = {
         "throughput": dict(num_prompts=args.num_prompts, input_len_range=(32, 128),
@@ -52,6 +107,7 @@ def main() -> None:
                     result["router_cpu_s"] = sum(router.cpu_times()[:2]) - cpu_before
                     assert result["num_failed"] == 0, result["first_errors"]
                     results.setdefault((name, backend), []).append(result)
+        pairs = asyncio.run(paired_ttft(stack, args.pairs)) if args.pairs else None
     finally:
         stack.stop()
 
@@ -79,6 +135,14 @@ def main() -> None:
           f"{cpu['openai']:.0f} ms, HTTP/gRPC {cpu['openai'] / cpu['grpc']:.2f}")
     print(f"latency (one at a time, in 128, out 16): TTFT p50 gRPC {ttft['grpc']:.2f} ms, "
           f"HTTP {ttft['openai']:.2f} ms, added {ttft['openai'] - ttft['grpc']:+.2f} ms")
+    if pairs:
+        differences = [h - g for g, h in zip(pairs["grpc"], pairs["openai"], strict=True)]
+        print(f"paired single requests (in 128, {args.pairs} pairs, alternating order): TTFT "
+              f"p50 gRPC {1e3 * statistics.median(pairs['grpc']):.2f} ms, HTTP "
+              f"{1e3 * statistics.median(pairs['openai']):.2f} ms; HTTP - gRPC per pair: "
+              f"median {1e3 * statistics.median(differences):+.2f} ms, quartiles "
+              + " / ".join(f"{1e3 * q:+.2f}" for q in statistics.quantiles(differences, n=4))
+              + " ms")
 
 
 if __name__ == "__main__":

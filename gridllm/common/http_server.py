@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import socket
 from typing import Any
@@ -98,10 +99,13 @@ class HttpServer:
         await server.shutdown(sockets=[self._socket] if self._socket else None)
 
 
+@functools.cache
 def _http_implementation() -> str:
     # httptools parses requests in C; h11 (pure Python) is the fallback uvicorn always has.
     try:
         import httptools  # noqa: F401
     except ImportError:
+        logger.warning("httptools is not installed: uvicorn parses HTTP with h11 (pure Python), "
+                       "which adds latency to every request; `pip install httptools`")
         return "h11"
     return "httptools"
