@@ -18,8 +18,8 @@ import argparse
 import asyncio
 import json
 import math
-import random
 import os
+import random
 import statistics
 import sys
 import time

@@ -231,7 +231,9 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
                            max_seq_len: int | None = None,
                            logit_softcap: float | None = None,
                            attention_stride: int | None = None,
-                           k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+                           k_scale: float = 1.0, v_scale: float = 1.0,
+                           block_n: int | None = None, num_warps: int = 4,
+                           num_stages: int = 3) -> torch.Tensor:
     """Drop-in for ``torch_ref.paged_attention`` on decode-only batches.
 
     Args:
@@ -250,6 +252,8 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
         logit_softcap: caps the scaled scores at ``c * tanh(s / c)`` (Gemma 2).
         attention_stride: the strided pattern with this stride (not with a window).
         k_scale, v_scale: the FP8 cache's scales (1.0 for other caches).
+        block_n, num_warps, num_stages: launch overrides (keys per loop iteration, default
+            64 for 16-bit inputs; Triton's warps and pipeline stages), for tuning sweeps.
     Returns:
         ``[B, H, D]`` attention output in query's dtype.
     """
@@ -279,7 +283,8 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
     if num_splits is None:
         num_splits = pick_num_splits(num_reqs, num_kv_heads, max_context, query.device)
     block_d = max(16, next_power_of_2(head_dim))
-    block_n = 16 if is_interpreter() else (64 if query.dtype != torch.float32 else 32)
+    if block_n is None:
+        block_n = 16 if is_interpreter() else (64 if query.dtype != torch.float32 else 32)
     if num_splits > 1:
         part_acc = torch.empty(num_reqs * num_heads * num_splits, head_dim,
                                dtype=torch.float32, device=query.device)
@@ -298,7 +303,7 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
         BLOCK_D=block_d, BLOCK_N=block_n, NUM_SPLITS=num_splits,
         HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=logit_softcap is not None,
         DOT_PRECISION=dot_precision(query.dtype), IS_STRIDED=attention_stride is not None,
-        num_warps=4, num_stages=3)
+        num_warps=num_warps, num_stages=num_stages)
     if num_splits > 1:
         _paged_decode_reduce_kernel[(num_reqs, num_heads)](
             part_acc, part_ml, out, out.stride(0), out.stride(1), num_heads,
