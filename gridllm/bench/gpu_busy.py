@@ -17,6 +17,13 @@ import time
 from typing import Any
 
 
+def _synchronize() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def busy_fraction(intervals: list[tuple[float, float]], start: float, end: float) -> float:
     """Fraction of ``[start, end]`` covered by the union of ``intervals``."""
     if end <= start:
@@ -33,10 +40,11 @@ def busy_fraction(intervals: list[tuple[float, float]], start: float, end: float
 def profile_decode(model: str, batch_size: int = 1, input_len: int = 128,
                    num_steps: int = 32, trace: str | None = None,
                    max_steps_in_flight: int | None = None, quantization: str | None = None,
-                   kv_cache_dtype: str = "auto") -> dict[str, Any]:
+                   kv_cache_dtype: str = "auto", host_profile: bool = False) -> dict[str, Any]:
     """Profile ``num_steps`` decode steps of ``batch_size`` requests (prefill excluded),
     with the engine's step overlap (``max_steps_in_flight``; None: its default), weights
-    and KV cache as ``quantization`` / ``kv_cache_dtype`` say.
+    and KV cache as ``quantization`` / ``kv_cache_dtype`` say. ``host_profile``: then as many
+    decode steps of a fresh batch under cProfile, the host functions taking the most time.
 
     Returns:
         ``gpu_busy_fraction``, ``ms_per_step`` (wall), ``kernel_ms_per_step`` and the top
@@ -64,15 +72,17 @@ def profile_decode(model: str, batch_size: int = 1, input_len: int = 128,
     for i, r in enumerate(requests[:batch_size]):
         engine.add_request(engine.make_request(f"profile-{i}", r.prompt_token_ids, params))
     engine.step()  # the prefill, not profiled
-    torch.cuda.synchronize()
+    _synchronize()
     with tp.profile(activities=[tp.ProfilerActivity.CPU, tp.ProfilerActivity.CUDA]) as prof:
         start = time.perf_counter()
         for _ in range(num_steps):
             engine.step()
-        torch.cuda.synchronize()
+        _synchronize()
         wall_s = time.perf_counter() - start
     while engine.has_unfinished_requests():
         engine.step()
+    host = _host_profile(engine, requests[:batch_size], params, num_steps) if host_profile \
+        else None
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     intervals = [(e.time_range.start, e.time_range.end) for e in kernels]
     result: dict[str, Any] = {"model": model, "batch_size": batch_size,
@@ -90,10 +100,40 @@ def profile_decode(model: str, batch_size: int = 1, input_len: int = 128,
         result["top_kernels_ms_per_step"] = {
             name[:80]: us / 1e3 / num_steps
             for name, us in sorted(totals.items(), key=lambda kv: -kv[1])[:10]}
+    if host is not None:
+        result["host_ms_per_step"] = host
     if trace:
         prof.export_chrome_trace(trace)
         result["trace"] = trace
     return result
+
+
+def _host_profile(engine, requests, params, num_steps: int, top: int = 30) -> dict[str, float]:
+    """Milliseconds per step of the host functions with the most own time (cProfile over
+    ``num_steps`` decode steps of ``requests``)."""
+    import cProfile
+    import pstats
+
+
+    for i, r in enumerate(requests):
+        engine.add_request(engine.make_request(f"host-{i}", r.prompt_token_ids, params))
+    engine.step()
+    _synchronize()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(num_steps):
+        engine.step()
+    profiler.disable()
+    while engine.has_unfinished_requests():
+        engine.step()
+    stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+    total = sum(v[2] for v in stats.values())
+    profile = {"(all functions, own time)": 1e3 * total / num_steps}
+    for (path, line, name), (_, calls, own_s, _, _) in rows:
+        where = f"{'/'.join(path.split('/')[-2:])}:{line} {name} x{calls / num_steps:g}"
+        profile[where] = 1e3 * own_s / num_steps
+    return profile
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="weights in FP8 (e4m3, per-channel scales)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8", "fp8_e4m3"))
     p.add_argument("--trace", default=None, help="also write the Chrome trace here")
+    p.add_argument("--host-profile", action="store_true",
+                   help="also profile the host (cProfile) over as many steps of a fresh batch")
     p.add_argument("--output", default=None, help="write the result as JSON here")
     args = p.parse_args(argv)
     from gridllm.bench.report import write_json
@@ -117,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()
     result = profile_decode(args.model, args.batch_size, args.input_len, args.num_steps,
                             args.trace, args.max_steps_in_flight, args.quantization,
-                            args.kv_cache_dtype)
+                            args.kv_cache_dtype, args.host_profile)
     write_json(args.output, result)
     sys.stdout.write(json.dumps(result, indent=2) + "\n")
     return 0
