@@ -164,7 +164,8 @@ def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
                       max_query_len: int | None = None,
                       logit_softcap: float | None = None,
                       attention_stride: int | None = None,
-                      k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+                      k_scale: float = 1.0, v_scale: float = 1.0,
+                      launch: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """Drop-in for ``torch_ref.paged_attention`` (any mix of prefill, extend and decode).
 
     Args:
@@ -181,6 +182,8 @@ def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
         logit_softcap: caps the scaled scores at ``c * tanh(s / c)`` (Gemma 2).
         attention_stride: the strided pattern with this stride (not with a window).
         k_scale, v_scale: the FP8 cache's scales (1.0 for other caches).
+        launch: (BLOCK_M, BLOCK_N, num_warps, num_stages) instead of the size heuristic,
+            for tuning sweeps.
     Returns:
         ``[T, H, D]`` attention output in query's dtype (rows outside every request's
         range are left unwritten).
@@ -204,8 +207,8 @@ def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
         return out
     num_heads, head_dim = query.shape[1], query.shape[2]
     block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
-    block_m, block_n, num_warps, num_stages = _launch_config(query.dtype, head_dim,
-                                                             max_query_len)
+    block_m, block_n, num_warps, num_stages = launch or _launch_config(
+        query.dtype, head_dim, max_query_len)
     num_q_tiles = triton.cdiv(max_query_len, block_m)
     _prefill_attention_kernel[(num_heads, num_q_tiles, num_reqs)](
         query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, out,

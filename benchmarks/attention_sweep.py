@@ -1,0 +1,149 @@
+"""Launch configurations of the attention kernels against the card's limits, to choose their
+heuristics.
+
+``decode``: the paged decode kernel at small batches and long contexts over split counts,
+keys per iteration, warps and pipeline stages, timed inside a CUDA graph (as decode is
+served) with L2 flushed before each replay; bytes = the KV read once plus the queries,
+against the copy bandwidth. ``prefill``: the causal prefill kernel (4 x 4096 tokens by
+default) over tile shapes, warps and stages, in TFLOP/s next to torch's SDPA (flash) on the
+same shapes in contiguous tensors. Each case prints the best configurations and the default.
+
+Usage: ``python benchmarks/attention_sweep.py [--kinds decode prefill] [--output FILE]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.kernels import GB, bench, graph_bench, paged_kv  # noqa: E402
+from gridllm.bench.roofline import measure_limits  # noqa: E402
+from kernels.paged_decode_attention import paged_decode_attention  # noqa: E402
+from kernels.prefill_attention import prefill_attention  # noqa: E402
+
+HEADS, KV_HEADS, HEAD_DIM, DTYPE = 32, 8, 128, torch.bfloat16
+
+
+def sweep(name: str, run: Callable[..., torch.Tensor], configs: list[dict],
+          time_fn: Callable[[Callable[[], object]], float],
+          score: Callable[[float], tuple[float, str]]) -> dict:
+    """Times ``run(**config)`` for every config (outputs checked against the default's);
+    prints and returns the best ones and the default."""
+    reference = run().float()
+    default_ms = time_fn(run)
+    results = []
+    for config in configs:
+        try:
+            torch.testing.assert_close(run(**config).float(), reference, atol=2e-2, rtol=2e-2)
+            ms = time_fn(lambda config=config: run(**config))
+        except Exception as exc:  # noqa: BLE001 - a configuration that does not fit
+            print(f"  {name} {config}: {type(exc).__name__}: {str(exc)[:120]}")
+            continue
+        results.append(dict(config, ms=ms, value=score(ms)[0]))
+    results.sort(key=lambda r: r["ms"])
+    print(f"{name}: default {1e3 * default_ms:.1f} us = {score(default_ms)[1]}; best:")
+    for r in results[:6]:
+        config = {k: v for k, v in r.items() if k not in ("ms", "value")}
+        print(f"  {config}: {1e3 * r['ms']:.1f} us = {score(r['ms'])[1]}")
+    return dict(name=name, default_ms=default_ms, default_value=score(default_ms)[0],
+                results=results)
+
+
+def decode_cases(args, copy_gbps: float) -> list[dict]:
+    rows = []
+    for batch, context in itertools.product(args.batches, args.contexts):
+        kc, vc, tables, seq = paged_kv(batch, context, KV_HEADS, HEAD_DIM, 16, DTYPE)
+        q = torch.randn(batch, HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
+        nbytes = 2 * batch * context * KV_HEADS * HEAD_DIM * 2 + 2 * q.numel() * 2
+
+        def run(q=q, kc=kc, vc=vc, tables=tables, seq=seq, **launch):
+            return paged_decode_attention(q, kc, vc, tables, seq, None, HEAD_DIM ** -0.5,
+                                          **launch)
+
+        def score(ms, nbytes=nbytes):
+            pct = 100 * nbytes / (ms * 1e-3) / GB / copy_gbps
+            return pct, f"{pct:.1f}% of copy"
+
+        configs = [dict(num_splits=s, block_n=n, num_warps=w, num_stages=st)
+                   for s, n, w, st in itertools.product(args.splits, args.block_n,
+                                                         args.warps, args.stages)
+                   if context // s >= n]
+        rows.append(dict(batch=batch, context=context,
+                         **sweep(f"decode b{batch} ctx{context}", run, configs, graph_bench,
+                                 score)))
+        del kc, vc
+    return rows
+
+
+def prefill_cases(args) -> list[dict]:
+    num_seqs, seq_len = args.prefill_shape
+    kc, vc, tables, seq = paged_kv(num_seqs, seq_len, KV_HEADS, HEAD_DIM, 16, DTYPE)
+    q = torch.randn(num_seqs * seq_len, HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
+    qsl = torch.arange(0, num_seqs * seq_len + 1, seq_len, dtype=torch.int32, device="cuda")
+    flops = num_seqs * 4 * HEADS * HEAD_DIM * seq_len * (seq_len + 1) / 2
+    qs = q.view(num_seqs, seq_len, HEADS, HEAD_DIM).transpose(1, 2)
+    ks = torch.randn(num_seqs, HEADS, seq_len, HEAD_DIM, device="cuda", dtype=DTYPE)
+    sdpa_ms = bench(lambda: torch.nn.functional.scaled_dot_product_attention(
+        qs, ks, ks, is_causal=True))
+    print(f"torch SDPA (flash) on contiguous tensors: {flops / (sdpa_ms * 1e-3) / 1e12:.0f} "
+          "TFLOP/s")
+
+    def run(**launch):
+        config = launch and (launch["block_m"], launch["block_n"], launch["num_warps"],
+                             launch["num_stages"])
+        return prefill_attention(q, kc, vc, tables, seq, qsl, HEAD_DIM ** -0.5,
+                                 max_query_len=seq_len, launch=config or None)
+
+    def score(ms):
+        tflops = flops / (ms * 1e-3) / 1e12
+        return tflops, f"{tflops:.0f} TFLOP/s ({tflops * sdpa_ms / (flops / 1e9):.2f}x SDPA)"
+
+    configs = [dict(block_m=m, block_n=n, num_warps=w, num_stages=st)
+               for m, n, w, st in itertools.product(args.block_m, args.block_n_prefill,
+                                                     args.warps_prefill, args.stages)]
+    row = sweep(f"prefill {num_seqs}x{seq_len}", run, configs,
+                lambda fn: bench(fn, rep_ms=200), score)
+    return [dict(row, sdpa_ms=sdpa_ms)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--kinds", nargs="+", default=["decode", "prefill"],
+                        choices=("decode", "prefill"))
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
+    parser.add_argument("--splits", type=int, nargs="+", default=[16, 32, 64, 128, 256])
+    parser.add_argument("--block-n", type=int, nargs="+", default=[32, 64, 128])
+    parser.add_argument("--warps", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--stages", type=int, nargs="+", default=[2, 3, 4])
+    parser.add_argument("--prefill-shape", type=int, nargs=2, default=[4, 4096])
+    parser.add_argument("--block-m", type=int, nargs="+", default=[128, 256])
+    parser.add_argument("--block-n-prefill", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--warps-prefill", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--output", default=None)
+    args = parser.parse_args()
+    limits = measure_limits(torch.device("cuda"))
+    print(f"{torch.cuda.get_device_name()}: copy {limits['copy_bandwidth_gbps']:.0f} GB/s, "
+          f"bf16 matmul {limits['bf16_matmul_tflops']:.0f} TFLOP/s, "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    out = dict(device=torch.cuda.get_device_name(), limits=limits)
+    if "decode" in args.kinds:
+        out["decode"] = decode_cases(args, limits["copy_bandwidth_gbps"])
+    if "prefill" in args.kinds:
+        out["prefill"] = prefill_cases(args)
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(out, f)
+
+
+if __name__ == "__main__":
+    main()
