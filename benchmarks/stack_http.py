@@ -1,7 +1,8 @@
 """HTTP (OpenAI-compatible) against gRPC through the same stack, on the same workloads.
 
 One stack (Redis, scheduler, one worker, router serving both APIs); each workload runs with
-``bench serve --backend grpc`` and ``--backend openai`` alternately, ``--rounds`` times each,
+``bench serve --backend grpc`` and ``--backend openai`` alternately (the first of the two
+alternating between rounds), ``--rounds`` times each,
 and the medians over the rounds are compared: output tokens/s at full load, TTFT p50 with
 one request at a time, and the router's CPU time per 1000 output tokens (what the front
 itself costs; unlike throughput on a shared machine, it does not move with other load).
@@ -9,7 +10,7 @@ Then ``--pairs`` single requests through each API, alternating (which goes first
 too), give the TTFT difference as the median of the paired differences: the load the machine
 had at that moment weighs on both requests of a pair alike.
 
-Usage: ``python benchmarks/stack_http.py [--model random:tiny] [--rounds 3]``.
+Usage: ``python benchmarks/stack_http.py [--model random:tiny] [--rounds 5] [--pairs 100]``.
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ _WARM_UP_PAIRS = 10
 
 async def paired_ttft(stack, num_pairs: int, input_len: int = 128,
                       seed: int = 0) -> dict[str, list[float]]:
-    """TTFT in seconds of ``num_pairs`` pairs of single requests (the same prompt through
-    gRPC and through HTTP, the order alternating), after a few warm-up pairs."""
+    """TTFT in seconds of ``num_pairs`` pairs of single requests (one through gRPC, one
+    through HTTP, the order alternating; random prompts of ``input_len`` tokens), after a
+    few warm-up pairs."""
     rng = random.Random(seed)
     ttft: dict[str, list[float]] = {"grpc": [], "openai": []}
     async with AsyncClient(stack.endpoint) as grpc_client, \
@@ -69,9 +71,10 @@ async def paired_ttft(stack, num_pairs: int, input_len: int = 128,
             return first
 
         for i in range(_WARM_UP_PAIRS + num_pairs):
-            prompt = [rng.randrange(info.vocab_size) for _ in range(input_len)]
             order = ("grpc", "openai") if i % 2 else ("openai", "grpc")
             for backend in order:
+                # A fresh prompt each: no prefix-cache hit for the second of a pair.
+                prompt = [rng.randrange(info.vocab_size) for _ in range(input_len)]
                 send = through_grpc if backend == "grpc" else through_http
                 value = await send(prompt)
                 if i >= _WARM_UP_PAIRS:
@@ -82,7 +85,7 @@ async def paired_ttft(stack, num_pairs: int, input_len: int = 128,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="random:tiny")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--pairs", type=int, default=100,
                         help="single-request pairs for the paired TTFT difference (0: none)")
@@ -97,9 +100,11 @@ def main() -> None:
     results: dict[tuple[str, str], list[dict]] = {}
     try:
         router = psutil.Process(stack.router.pid)
-        for _ in range(args.rounds):
+        for round_index in range(args.rounds):
+            # Which API goes first alternates between rounds: no order effect on the medians.
+            order = serve.BACKENDS if round_index % 2 == 0 else serve.BACKENDS[::-1]
             for name, workload in workloads.items():
-                for backend in serve.BACKENDS:
+                for backend in order:
                     config = serve.ServeConfig(target=serve.stack_target(stack, backend),
                                                backend=backend, use_tqdm=False, **workload)
                     cpu_before = sum(router.cpu_times()[:2])
