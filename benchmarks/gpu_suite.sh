@@ -248,9 +248,12 @@ rows = [[str(r["config"]["request_rate"]), r["requests_per_s"], r["output_tokens
 lines.append(format_table(rows, ["qwen3 sweep rate", "req/s", "out tok/s", "TTFT mean",
                                  "TTFT p99", "TPOT mean", "TPOT p99", "ITL p50", "E2E mean",
                                  "failed"]))
-rows = [[n, g(n, "gpu_busy_fraction"), g(n, "ms_per_step"), g(n, "kernel_ms_per_step")]
+rows = [[n, g(n, "gpu_busy_fraction"), g(n, "ms_per_step"), g(n, "kernel_ms_per_step"),
+         g(n, "ms_per_step_unprofiled"), g(n, "kernel_share_unprofiled")]
         for n in ("busy_llama_b1", "busy_qwen_b64")]
-lines.append(format_table(rows, ["decode profile", "GPU busy", "ms/step", "kernel ms/step"]))
+lines.append(format_table(rows, ["decode profile", "GPU busy (profiled)", "ms/step",
+                                 "kernel ms/step", "ms/step unprofiled",
+                                 "kernels / unprofiled step"]))
 lines.append("steps:\n" + status)
 text = "\n\n".join(lines)
 with open(os.path.join(out, "summary.txt"), "w") as f:

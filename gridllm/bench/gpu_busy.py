@@ -4,7 +4,9 @@
 
 Runs a short greedy generation in-process under ``torch.profiler`` and reports, over the
 decode part, the fraction of wall time during which at least one GPU kernel ran (the union
-of kernel intervals), milliseconds per step, and the kernels taking the most time.
+of kernel intervals), milliseconds per step, and the kernels taking the most time; the same
+number of steps just before, without the profiler (whose own host work slows each step),
+gives ``ms_per_step_unprofiled`` and the kernels' share of it.
 ``--trace FILE`` also writes the Chrome trace.
 """
 
@@ -64,7 +66,7 @@ def profile_decode(model: str, batch_size: int = 1, input_len: int = 128,
         engine.max_steps_in_flight = max_steps_in_flight
     requests = random_requests(2 * batch_size, (input_len, input_len), (1, 1),
                                engine.vocab_size, seed=0)
-    params = SamplingParams(temperature=0.0, max_tokens=num_steps + 8, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=2 * num_steps + 8, ignore_eos=True)
     # Warm-up pass: compilation and graph capture happen outside the profile.
     llm.generate([{"prompt_token_ids": r.prompt_token_ids} for r in requests[batch_size:]],
                  SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
@@ -73,6 +75,12 @@ def profile_decode(model: str, batch_size: int = 1, input_len: int = 128,
         engine.add_request(engine.make_request(f"profile-{i}", r.prompt_token_ids, params))
     engine.step()  # the prefill, not profiled
     _synchronize()
+    # The same number of steps without the profiler, whose own host work slows the steps.
+    start = time.perf_counter()
+    for _ in range(num_steps):
+        engine.step()
+    _synchronize()
+    plain_s = time.perf_counter() - start
     with tp.profile(activities=[tp.ProfilerActivity.CPU, tp.ProfilerActivity.CUDA]) as prof:
         start = time.perf_counter()
         for _ in range(num_steps):
@@ -88,12 +96,16 @@ def profile_decode(model: str, batch_size: int = 1, input_len: int = 128,
     result: dict[str, Any] = {"model": model, "batch_size": batch_size,
                               "quantization": quantization, "kv_cache_dtype": kv_cache_dtype,
                               "max_steps_in_flight": engine.max_steps_in_flight,
-                              "num_steps": num_steps, "ms_per_step": wall_s * 1e3 / num_steps}
+                              "num_steps": num_steps, "ms_per_step": wall_s * 1e3 / num_steps,
+                              "ms_per_step_unprofiled": plain_s * 1e3 / num_steps}
     if intervals:
         span_start = min(a for a, _ in intervals)
         span_end = max(b for _, b in intervals)
         result["gpu_busy_fraction"] = busy_fraction(intervals, span_start, span_end)
         result["kernel_ms_per_step"] = sum(b - a for a, b in intervals) / 1e3 / num_steps
+        # Kernel time over an unprofiled step: the busy fraction without the profiler's cost.
+        result["kernel_share_unprofiled"] = min(
+            1.0, result["kernel_ms_per_step"] / result["ms_per_step_unprofiled"])
         totals: dict[str, float] = {}
         for e in kernels:
             totals[e.name] = totals.get(e.name, 0.0) + (e.time_range.end - e.time_range.start)
