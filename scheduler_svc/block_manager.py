@@ -246,6 +246,14 @@ class BlockManager:
             or None if the pool cannot hold them (nothing changes then).
         """
         req_id = request.req_id
+        if not computed_blocks and self.num_groups == 1 and not self._has_windows:
+            # The most common call (one group, a decode step): room in the last block.
+            table = self._tables[0].get(req_id)
+            num_total = request.num_computed_tokens + num_new_tokens
+            if table is not None and num_total <= len(table) * self.block_size:
+                if self.enable_prefix_caching:
+                    self._cache_full_blocks(0, request, table, num_total)
+                return [[]]
         tables = [t.setdefault(req_id, []) for t in self._tables]
         if self._has_windows and tables[0]:
             for group, window in enumerate(self.group_windows):

@@ -25,6 +25,7 @@ class RequestStatus(enum.IntEnum):
         return self >= RequestStatus.FINISHED_STOPPED
 
 
+_FIRST_FINISHED = int(RequestStatus.FINISHED_STOPPED)
 _FINISH_REASONS = {
     RequestStatus.FINISHED_STOPPED: FinishReason.STOP,
     RequestStatus.FINISHED_LENGTH: FinishReason.LENGTH,
@@ -85,7 +86,7 @@ class Request:
 
     @property
     def is_finished(self) -> bool:
-        return self.status.is_finished
+        return self.status >= _FIRST_FINISHED  # RequestStatus.is_finished without the lookups
 
     @property
     def finish_reason(self) -> FinishReason | None:

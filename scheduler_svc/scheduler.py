@@ -153,14 +153,22 @@ class Scheduler:
 
         # Requests that will sample a token in this step (their chunk reaches the end).
         sampling: set[str] = set()
+        running = self.running
+        allocate = self.block_manager.allocate_group_slots
         i = 0
-        while i < len(self.running) and token_budget > 0:
-            request = self.running[i]
-            num_new = min(self._num_pending_tokens(request), token_budget)
-            if num_new <= 0 or self._is_capped(request):
+        while i < len(running) and token_budget > 0:
+            request = running[i]
+            # Tokens not sent yet; none if the tokens in flight already reach max_tokens or
+            # max_model_len (this runs per request per step: kept to local arithmetic).
+            in_flight = request.num_output_placeholders
+            num_new = (len(request.prompt_token_ids) + len(request.output_token_ids)
+                       + in_flight - request.num_computed_tokens)
+            if num_new > token_budget:
+                num_new = token_budget
+            if num_new <= 0 or (in_flight and self._reaches_length(request, in_flight)):
                 i += 1  # its last token is still in flight
                 continue
-            new_block_ids = self.block_manager.allocate_group_slots(request, num_new)
+            new_block_ids = allocate(request, num_new)
             while new_block_ids is None:
                 # Out of blocks: preempt by recompute until the request fits (or is the victim).
                 victim = self._pick_victim()
@@ -178,7 +186,7 @@ class Scheduler:
                     break
                 if victim_index < i:
                     i -= 1
-                new_block_ids = self.block_manager.allocate_group_slots(request, num_new)
+                new_block_ids = allocate(request, num_new)
             if new_block_ids is None:
                 continue  # running[i] is now the next request
             out.scheduled_cached_reqs.append(CachedRequestData(
@@ -228,29 +236,21 @@ class Scheduler:
         return out
 
     @staticmethod
-    def _num_pending_tokens(request: Request) -> int:
-        return request.num_tokens + request.num_output_placeholders - request.num_computed_tokens
-
-    def _advance(self, request: Request, num_new: int, sampling: set[str]) -> None:
+    def _advance(request: Request, num_new: int, sampling: set[str]) -> None:
         # Counted as computed once sent: the next step may be scheduled before this one's
         # answer (pipelining); a chunk reaching the end samples a token, known one step later.
         request.num_computed_tokens += num_new
-        if self._num_pending_tokens(request) == 0:
+        if (request.num_computed_tokens == len(request.prompt_token_ids)
+                + len(request.output_token_ids) + request.num_output_placeholders):
             request.num_output_placeholders += 1
             sampling.add(request.req_id)
 
-    def _is_capped(self, request: Request) -> bool:
-        """True if the tokens in flight already reach max_tokens or max_model_len."""
-        return (request.num_output_placeholders > 0
-                and self._reaches_length(request, request.num_output_placeholders))
-
     def _reaches_length(self, request: Request, num_ahead: int = 0) -> bool:
         """True if ``num_ahead`` more tokens bring the request to max_tokens or max_model_len."""
-        params = request.sampling_params
-        max_tokens = (params.max_tokens if params.max_tokens is not None
-                      else self.max_model_len)
-        return (request.num_output_tokens + num_ahead >= max_tokens
-                or request.num_tokens + num_ahead >= self.max_model_len)
+        max_tokens = request.sampling_params.max_tokens
+        num_output = len(request.output_token_ids) + num_ahead
+        return ((max_tokens is not None and num_output >= max_tokens)
+                or len(request.prompt_token_ids) + num_output >= self.max_model_len)
 
     def _pick_victim(self) -> Request:
         # Lowest priority (largest value) first under the priority policy, then latest arrival.
@@ -275,22 +275,29 @@ class Scheduler:
                            runner_output: ModelRunnerOutput) -> list[RequestUpdate]:
         """Advance requests by what the step computed and sampled; apply stop checks."""
         updates = []
+        requests = self.requests
+        # Most steps carry no failures and no logprobs: one test each for the whole step.
+        failed = runner_output.failed
+        all_prompt_logprobs = runner_output.prompt_logprobs
+        all_logprobs = runner_output.logprobs
+        sampled = runner_output.sampled_token_ids
         for req_id in scheduler_output.num_scheduled_tokens:
-            request = self.requests.get(req_id)
+            request = requests.get(req_id)
             if request is None:
                 continue  # finished or aborted while the step ran
             update = RequestUpdate(req_id, num_cached_tokens=request.num_cached_tokens)
-            error = runner_output.failed.get(req_id)
+            error = failed.get(req_id) if failed else None
             if error is not None:
                 # Refused by the runner: nothing it produced for the request is valid.
                 request.num_output_placeholders = 0
                 request.status = RequestStatus.FINISHED_ABORTED
                 update.error = error
-            prompt_logprobs = runner_output.prompt_logprobs.get(req_id)
-            if prompt_logprobs:
-                update.new_prompt_logprobs = prompt_logprobs
-            logprobs = runner_output.logprobs.get(req_id)
-            for k, token_id in enumerate(runner_output.sampled_token_ids.get(req_id, [])):
+            if all_prompt_logprobs:
+                prompt_logprobs = all_prompt_logprobs.get(req_id)
+                if prompt_logprobs:
+                    update.new_prompt_logprobs = prompt_logprobs
+            logprobs = all_logprobs.get(req_id) if all_logprobs else None
+            for k, token_id in enumerate(sampled.get(req_id, ())):
                 if not request.num_output_placeholders or request.is_finished:
                     break  # not expected (its step was undone by a preemption)
                 # Tokens land even if the request was preempted meanwhile: the sample is valid.
@@ -309,14 +316,15 @@ class Scheduler:
                 self._finish(request, request.status)
                 update.finish_reason = request.finish_reason
                 update.stop_reason = request.stop_reason
-            if update.new_token_ids or update.finished or update.new_prompt_logprobs:
+            if update.new_token_ids or update.finish_reason is not None \
+                    or update.new_prompt_logprobs:
                 updates.append(update)
         return updates
 
     def _check_stop(self, request: Request) -> bool:
         params = request.sampling_params
         last = request.output_token_ids[-1]
-        if request.num_output_tokens >= params.min_tokens:
+        if len(request.output_token_ids) >= params.min_tokens:
             if not params.ignore_eos and last == request.eos_token_id:
                 request.status = RequestStatus.FINISHED_STOPPED
                 return True

@@ -242,12 +242,14 @@ class InputBatch:
                       num_computed_tokens: int,
                       new_group_block_ids: list[list[int]] | None = None) -> None:
         row = self.rows[req_id]
+        self.num_computed[row] = num_computed_tokens
+        if not new_block_ids and self.num_groups == 1:
+            return  # a decode step within its last block: the common case
         state = self.states[row]
         state.block_ids.extend(new_block_ids)
         start = int(self.num_blocks[row])
         self.block_table[row, start:start + len(new_block_ids)] = new_block_ids
         self.num_blocks[row] = start + len(new_block_ids)
-        self.num_computed[row] = num_computed_tokens
         if self.num_groups > 1:
             new_group_block_ids = new_group_block_ids or []
             self._check_group_tables(req_id, new_group_block_ids)
@@ -257,16 +259,26 @@ class InputBatch:
                 self.group_block_table[row, group, start:start + len(ids)] = ids
                 self.num_group_blocks[row, group] = start + len(ids)
 
+    def append_known_tokens(self, states: list[RequestState], token_ids: list[int]) -> None:
+        """``append_known_token`` for several requests (each once) at a time."""
+        rows, known = [], []
+        for state, token_id in zip(states, token_ids, strict=True):
+            state.token_ids.append(token_id)
+            row = self.rows.get(state.req_id)
+            if row is None or self.states[row] is not state:
+                state.num_pending_tokens -= 1
+            else:
+                rows.append(row)
+                known.append(token_id)
+        if rows:
+            index = np.array(rows, dtype=np.int64)
+            self.token_ids[index, self.num_known[index]] = known
+            self.num_known[index] += 1
+            self.num_pending[index] -= 1
+
     def append_known_token(self, state: RequestState, token_id: int) -> None:
         """A pending token's id reached the host."""
-        state.token_ids.append(token_id)
-        row = self.rows.get(state.req_id)
-        if row is None or self.states[row] is not state:
-            state.num_pending_tokens -= 1
-            return
-        self.token_ids[row, self.num_known[row]] = token_id
-        self.num_known[row] += 1
-        self.num_pending[row] -= 1
+        self.append_known_tokens([state], [token_id])
 
     def num_pending_tokens(self, state: RequestState) -> int:
         row = self.rows.get(state.req_id)

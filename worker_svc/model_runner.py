@@ -314,14 +314,19 @@ class ModelRunner:
         def finalize(out: ModelRunnerOutput) -> None:
             ids = token_ids.tolist()
             live_rows = set()
+            live_states, live_ids = [], []
+            requests = self.requests
             for row in sample_rows:
                 state = states[row]
                 req_id = state.req_id
-                if self.requests.get(req_id) is state:  # not dropped meanwhile
-                    batch.append_known_token(states[row], ids[row])
+                token_id = ids[row]
+                if requests.get(req_id) is state:  # not dropped meanwhile
+                    live_states.append(state)
+                    live_ids.append(token_id)
                     live_rows.add(row)
                 out.req_ids.append(req_id)
-                out.sampled_token_ids[req_id] = [ids[row]]
+                out.sampled_token_ids[req_id] = [token_id]
+            batch.append_known_tokens(live_states, live_ids)
             if logprobs is not None:
                 assert sampled.logprobs_rows is not None
                 rows = sampled.logprobs_rows
