@@ -161,7 +161,7 @@ step tp_llama_256 150 $B throughput --model random:llama3-8b --num-prompts 256 \
 step stack_llama_256 240 $PY "$WORK/stack.py" random:llama3-8b "$WORK" llama_256 256 100:100 \
   1024:1024 256
 # The OpenAI HTTP front against gRPC through one stack (table in the log).
-step http_qwen 110 $PY benchmarks/stack_http.py --model random:qwen3-0.6b --rounds 3 \
+step http_qwen 240 $PY benchmarks/stack_http.py --model random:qwen3-0.6b --rounds 5 \
   --num-prompts 64
 
 # 7-8: diagnostics.
