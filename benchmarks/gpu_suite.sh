@@ -132,7 +132,23 @@ try:
             print(name, "done", flush=True)
         except Exception:
             traceback.print_exc()
-    guarded(f"serve_{kind}", lambda: serve.run_serve(base))
+    def serve_with_cpu():
+        # Each process's CPU time over the run, as a share of one core: a share near 1.0
+        # marks the process that sets the pace.
+        import time
+        import psutil
+        procs = {p.name: psutil.Process(p.pid) for p in stack.processes if p.pid}
+        procs["client"] = psutil.Process()
+        before = {n: sum(p.cpu_times()[:2]) for n, p in procs.items()}
+        start = time.perf_counter()
+        result = serve.run_serve(base)
+        wall = time.perf_counter() - start
+        result["cpu_share"] = {n: (sum(p.cpu_times()[:2]) - before[n]) / wall
+                               for n, p in procs.items()}
+        print("cpu share of one core:", {n: round(v, 2) for n, v in result["cpu_share"].items()},
+              flush=True)
+        return result
+    guarded(f"serve_{kind}", serve_with_cpu)
     if kind == "qwen":
         def sweep():
             cfg = replace(base, num_prompts=64, input_len_range=(100, 512),

@@ -152,6 +152,8 @@ class SessionCall:
         self._queue = queue
         self._deadline = deadline
         self._is_done = False
+        # An error taken from the queue while merging updates: the next item.
+        self._held: grpc.aio.AioRpcError | None = None
 
     def __aiter__(self) -> SessionCall:
         return self
@@ -159,7 +161,10 @@ class SessionCall:
     async def __anext__(self) -> scheduler_pb2.SubmitResponse:
         if self._is_done:
             raise StopAsyncIteration
-        if self._deadline is None:
+        if self._held is not None:
+            item: _Item | None = self._held
+            self._held = None
+        elif self._deadline is None:
             item = await self._queue.get()
         else:
             item = self._queue.get_nowait() if not self._queue.empty() else None
@@ -173,6 +178,16 @@ class SessionCall:
         if isinstance(item, grpc.aio.AioRpcError):
             self._is_done = True
             raise item
+        assert item is not None
+        # Updates queued while this request's reader was busy (its client reads slowly, or
+        # the event loop is behind) go out as one: one delta and one client message, the
+        # way the scheduler merges a session's steps when its writer falls behind.
+        while not item.finish_reason and not self._queue.empty():
+            later = self._queue.get_nowait()
+            if isinstance(later, grpc.aio.AioRpcError):
+                self._held = later
+                break
+            item.MergeFrom(later)
         if item.finish_reason:
             self._is_done = True
             self.session.forget(self.req_id)

@@ -202,13 +202,15 @@ class ClientSession:
                 self._end(req_id, "failed")
                 continue
             entry.num_output_tokens += len(update.new_token_ids)
-            response = request_update_to_pb(update, worker_id)
             if update.new_logprobs or update.new_prompt_logprobs:
+                response = request_update_to_pb(update, worker_id)
                 num_bytes += response.ByteSize()
                 if num_bytes > _MAX_MESSAGE_BYTES and messages[-1].updates:
                     messages.append(scheduler_pb2.SessionResponse())
                     num_bytes = response.ByteSize()
-            messages[-1].updates.append(response)
+                messages[-1].updates.append(response)
+            else:  # token ids only: built in place
+                request_update_to_pb(update, worker_id, into=messages[-1].updates.add())
             if update.finished:
                 self._end(req_id, update.finish_reason.value if update.finish_reason else "")
         messages[-1].errors.extend(errors)

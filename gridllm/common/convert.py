@@ -218,13 +218,16 @@ def scheduler_output_to_pb(out: SchedulerOutput, step_id: int = 0) -> worker_pb2
             num_computed_tokens=new.num_computed_tokens,
             num_scheduled_tokens=out.num_scheduled_tokens.get(new.req_id, 0),
             group_block_ids=[worker_pb2.BlockIds(ids=ids) for ids in new.group_block_ids]))
+    # One entry per running request per step: built in place (append would copy it), the
+    # group tables only for models that have them.
+    num_scheduled = out.num_scheduled_tokens
+    add_cached = msg.scheduled_cached_reqs.add
     for cached in out.scheduled_cached_reqs:
-        msg.scheduled_cached_reqs.append(worker_pb2.CachedRequest(
-            req_id=cached.req_id, new_block_ids=cached.new_block_ids,
-            num_computed_tokens=cached.num_computed_tokens,
-            num_scheduled_tokens=out.num_scheduled_tokens.get(cached.req_id, 0),
-            new_group_block_ids=[worker_pb2.BlockIds(ids=ids)
-                                 for ids in cached.new_group_block_ids]))
+        entry = add_cached(req_id=cached.req_id, new_block_ids=cached.new_block_ids,
+                           num_computed_tokens=cached.num_computed_tokens,
+                           num_scheduled_tokens=num_scheduled.get(cached.req_id, 0))
+        for ids in cached.new_group_block_ids:
+            entry.new_group_block_ids.add(ids=ids)
     msg.finished_req_ids.extend(sorted(out.finished_req_ids))
     return msg
 
@@ -256,12 +259,15 @@ def runner_output_to_pb(out: ModelRunnerOutput, step_id: int = 0,
                                   execute_seconds=execute_seconds)
     req_ids = list(dict.fromkeys([*out.sampled_token_ids, *out.logprobs, *out.prompt_logprobs,
                                   *out.failed]))
+    add = msg.outputs.add
     for req_id in req_ids:
-        msg.outputs.append(worker_pb2.RequestOutput(
-            req_id=req_id, sampled_token_ids=out.sampled_token_ids.get(req_id, []),
-            logprobs=logprobs_to_pb(out.logprobs.get(req_id)),
-            prompt_logprobs=logprobs_to_pb(out.prompt_logprobs.get(req_id)),
-            error=out.failed.get(req_id, "")))
+        item = add(req_id=req_id, sampled_token_ids=out.sampled_token_ids.get(req_id, ()))
+        if out.logprobs and req_id in out.logprobs:
+            item.logprobs.extend(logprobs_to_pb(out.logprobs[req_id]))
+        if out.prompt_logprobs and req_id in out.prompt_logprobs:
+            item.prompt_logprobs.extend(logprobs_to_pb(out.prompt_logprobs[req_id]))
+        if out.failed and req_id in out.failed:
+            item.error = out.failed[req_id]
     return msg
 
 
@@ -280,14 +286,24 @@ def runner_output_from_pb(msg: worker_pb2.StepResponse) -> ModelRunnerOutput:
 
 
 # ----------------------------------------------------------------------- RequestUpdate
-def request_update_to_pb(update: RequestUpdate,
-                         worker_id: str = "") -> scheduler_pb2.SubmitResponse:
-    msg = scheduler_pb2.SubmitResponse(
-        request_id=update.req_id, token_ids=update.new_token_ids,
-        logprobs=logprobs_to_pb(update.new_logprobs),
-        prompt_logprobs=logprobs_to_pb(update.new_prompt_logprobs),
-        finish_reason=FINISH_REASON_TO_PB[update.finish_reason],
-        num_cached_tokens=max(update.num_cached_tokens, 0), worker_id=worker_id)
+def request_update_to_pb(update: RequestUpdate, worker_id: str = "",
+                         into: scheduler_pb2.SubmitResponse | None = None
+                         ) -> scheduler_pb2.SubmitResponse:
+    """The update as a SubmitResponse; written into ``into`` (e.g. a repeated field's new
+    entry, which saves a copy) when given."""
+    msg = scheduler_pb2.SubmitResponse() if into is None else into
+    msg.request_id = update.req_id
+    msg.token_ids.extend(update.new_token_ids)
+    if update.new_logprobs:
+        msg.logprobs.extend(logprobs_to_pb(update.new_logprobs))
+    if update.new_prompt_logprobs:
+        msg.prompt_logprobs.extend(logprobs_to_pb(update.new_prompt_logprobs))
+    if update.finish_reason is not None:
+        msg.finish_reason = FINISH_REASON_TO_PB[update.finish_reason]
+    if update.num_cached_tokens > 0:
+        msg.num_cached_tokens = update.num_cached_tokens
+    if worker_id:
+        msg.worker_id = worker_id
     if isinstance(update.stop_reason, int):
         msg.stop_token_id = update.stop_reason
     return msg

@@ -181,3 +181,63 @@ def test_the_scheduler_span_joins_the_router_trace_through_the_session(model_pat
     router, scheduler = spans["router.generate"], spans["scheduler.submit"]
     assert scheduler.context.trace_id == router.context.trace_id
     assert scheduler.parent.span_id == router.context.span_id
+
+
+class _Forgets:
+    """What a SessionCall tells its session: finished or aborted request ids."""
+
+    def __init__(self):
+        self.forgotten: list[str] = []
+
+    def forget(self, req_id: str) -> None:
+        self.forgotten.append(req_id)
+
+    def abort(self, req_id: str, tenant: str) -> None:  # pragma: no cover - not reached
+        raise AssertionError("not aborted")
+
+
+def test_updates_queued_while_the_reader_was_busy_come_out_merged():
+    """Three steps' updates waiting in a request's queue come out as one update (tokens in
+    order, the latest scalars); a finished update ends the merging and the call; an error
+    queued behind updates comes after them, unmerged."""
+    import grpc
+
+    from gridllm.v1 import scheduler_pb2
+    from router.scheduler_session import SessionCall, rpc_error
+
+    async def main():
+        session = _Forgets()
+        queue: asyncio.Queue = asyncio.Queue()
+        call = SessionCall(session, "r", "", queue, None)  # type: ignore[arg-type]
+        queue.put_nowait(scheduler_pb2.SubmitResponse(request_id="r", token_ids=[1],
+                                                      num_cached_tokens=16, worker_id="w0"))
+        queue.put_nowait(scheduler_pb2.SubmitResponse(request_id="r", token_ids=[2, 3]))
+        queue.put_nowait(scheduler_pb2.SubmitResponse(request_id="r", token_ids=[4],
+                                                      worker_id="w1"))
+        first = await call.__anext__()
+        assert list(first.token_ids) == [1, 2, 3, 4]
+        assert first.num_cached_tokens == 16 and first.worker_id == "w1"
+        assert not first.finish_reason
+        # Nothing queued: the next update is awaited, then merged with what came meanwhile.
+        queue.put_nowait(scheduler_pb2.SubmitResponse(request_id="r", token_ids=[5]))
+        queue.put_nowait(scheduler_pb2.SubmitResponse(
+            request_id="r", token_ids=[6], finish_reason=generate_pb2.FINISH_REASON_STOP,
+            stop_token_id=6))
+        queue.put_nowait(scheduler_pb2.SubmitResponse(request_id="r", token_ids=[99]))
+        last = await call.__anext__()
+        assert list(last.token_ids) == [5, 6] and last.finish_reason and last.stop_token_id == 6
+        assert session.forgotten == ["r"]
+        with pytest.raises(StopAsyncIteration):
+            await call.__anext__()
+
+        queue = asyncio.Queue()
+        call = SessionCall(_Forgets(), "q", "", queue, None)  # type: ignore[arg-type]
+        queue.put_nowait(scheduler_pb2.SubmitResponse(request_id="q", token_ids=[7]))
+        queue.put_nowait(scheduler_pb2.SubmitResponse(request_id="q", token_ids=[8]))
+        queue.put_nowait(rpc_error(grpc.StatusCode.UNAVAILABLE, "scheduler gone"))
+        assert list((await call.__anext__()).token_ids) == [7, 8]
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call.__anext__()
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+    asyncio.run(main())
