@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
 import os
 import random
@@ -31,9 +30,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import psutil  # noqa: E402
 
 from gridllm.bench import serve  # noqa: E402
+from gridllm.bench.datasets import BenchRequest  # noqa: E402
 from gridllm.bench.http_client import HttpClient  # noqa: E402
+from gridllm.bench.metrics import RequestRecord  # noqa: E402
 from gridllm.client import AsyncClient  # noqa: E402
-from gridllm.common.sampling_params import SamplingParams  # noqa: E402
 
 _WARM_UP_PAIRS = 10
 
@@ -48,37 +48,20 @@ async def paired_ttft(stack, num_pairs: int, input_len: int = 128,
     async with AsyncClient(stack.endpoint) as grpc_client, \
             HttpClient(stack.http_endpoint) as http_client:
         info = await grpc_client.model_info()
-
-        async def through_grpc(prompt: list[int]) -> float:
-            start = time.perf_counter()
-            first = math.nan
-            params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
-            async for chunk in grpc_client.generate_stream(
-                    sampling_params=params, prompt_token_ids=prompt, return_token_ids=True):
-                if chunk.token_ids and math.isnan(first):
-                    first = time.perf_counter() - start
-            return first
-
-        async def through_http(prompt: list[int]) -> float:
-            body = {"model": info.model, "prompt": prompt, "max_tokens": 4, "temperature": 0.0,
-                    "ignore_eos": True, "stream": True, "return_token_ids": True}
-            start = time.perf_counter()
-            first = math.nan
-            async for data in http_client.stream_events("/v1/completions", body):
-                if (math.isnan(first) and data != b"[DONE]"
-                        and json.loads(data)["choices"][0].get("token_ids")):
-                    first = time.perf_counter() - start
-            return first
-
+        clients = {"grpc": grpc_client, "openai": http_client}
         for i in range(_WARM_UP_PAIRS + num_pairs):
             order = ("grpc", "openai") if i % 2 else ("openai", "grpc")
             for backend in order:
                 # A fresh prompt each: no prefix-cache hit for the second of a pair.
-                prompt = [rng.randrange(info.vocab_size) for _ in range(input_len)]
-                send = through_grpc if backend == "grpc" else through_http
-                value = await send(prompt)
+                request = BenchRequest([rng.randrange(info.vocab_size)
+                                        for _ in range(input_len)], output_len=4)
+                record = RequestRecord(input_len, request.output_len, 0.0)
+                await serve.send_request(clients[backend], backend, info.model, request,
+                                         record)
+                if record.error or not record.chunk_times:
+                    raise RuntimeError(f"{backend} request failed: {record.error}")
                 if i >= _WARM_UP_PAIRS:
-                    ttft[backend].append(value)
+                    ttft[backend].append(record.chunk_times[0] - record.send_time)
     return ttft
 
 

@@ -152,7 +152,7 @@ class SessionCall:
         self._queue = queue
         self._deadline = deadline
         self._is_done = False
-        # An error taken from the queue while merging updates: the next item.
+        # An error taken from the queue while merging updates: raised by the next read.
         self._held: grpc.aio.AioRpcError | None = None
 
     def __aiter__(self) -> SessionCall:
@@ -162,9 +162,9 @@ class SessionCall:
         if self._is_done:
             raise StopAsyncIteration
         if self._held is not None:
-            item: _Item | None = self._held
-            self._held = None
-        elif self._deadline is None:
+            self._is_done = True
+            raise self._held
+        if self._deadline is None:
             item = await self._queue.get()
         else:
             item = self._queue.get_nowait() if not self._queue.empty() else None

@@ -316,8 +316,7 @@ class Scheduler:
                 self._finish(request, request.status)
                 update.finish_reason = request.finish_reason
                 update.stop_reason = request.stop_reason
-            if update.new_token_ids or update.finish_reason is not None \
-                    or update.new_prompt_logprobs:
+            if update.new_token_ids or update.finished or update.new_prompt_logprobs:
                 updates.append(update)
         return updates
 

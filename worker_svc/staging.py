@@ -61,8 +61,8 @@ class HostToDevice:
         for name, a in arrays.items():
             start = offsets[name]
             host[start:start + a.nbytes] = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
-        size = max(total, 1)
-        device_buffer[:size].copy_(buffer[:size], non_blocking=True)
+        num_bytes = max(total, 1)
+        device_buffer[:num_bytes].copy_(buffer[:num_bytes], non_blocking=True)
         if event is None:
             event = torch.cuda.Event()
             self._events[index] = event

@@ -26,6 +26,15 @@ def _synchronize() -> None:
         torch.cuda.synchronize()
 
 
+def _run_steps(engine, num_steps: int) -> float:
+    """Seconds for ``num_steps`` engine steps, up to the last kernel's end."""
+    start = time.perf_counter()
+    for _ in range(num_steps):
+        engine.step()
+    _synchronize()
+    return time.perf_counter() - start
+
+
 def busy_fraction(intervals: list[tuple[float, float]], start: float, end: float) -> float:
     """Fraction of ``[start, end]`` covered by the union of ``intervals``."""
     if end <= start:
@@ -76,17 +85,9 @@ def profile_decode(model: str, batch_size: int = 1, input_len: int = 128,
     engine.step()  # the prefill, not profiled
     _synchronize()
     # The same number of steps without the profiler, whose own host work slows the steps.
-    start = time.perf_counter()
-    for _ in range(num_steps):
-        engine.step()
-    _synchronize()
-    plain_s = time.perf_counter() - start
+    plain_s = _run_steps(engine, num_steps)
     with tp.profile(activities=[tp.ProfilerActivity.CPU, tp.ProfilerActivity.CUDA]) as prof:
-        start = time.perf_counter()
-        for _ in range(num_steps):
-            engine.step()
-        _synchronize()
-        wall_s = time.perf_counter() - start
+        wall_s = _run_steps(engine, num_steps)
     while engine.has_unfinished_requests():
         engine.step()
     host = _host_profile(engine, requests[:batch_size], params, num_steps) if host_profile \
@@ -125,7 +126,6 @@ def _host_profile(engine, requests, params, num_steps: int, top: int = 30) -> di
     ``num_steps`` decode steps of ``requests``)."""
     import cProfile
     import pstats
-
 
     for i, r in enumerate(requests):
         engine.add_request(engine.make_request(f"host-{i}", r.prompt_token_ids, params))

@@ -127,6 +127,16 @@ async def _send_one_openai(client, model: str, request: BenchRequest, record: Re
         record.error = repr(exc)
 
 
+async def send_request(client, backend: str, model: str, request: BenchRequest,
+                       record: RequestRecord, timeout_s: float | None = None) -> None:
+    """One streamed request through ``backend``'s client (a gRPC ``AsyncClient`` or the
+    HTTP client); its times and any error go into ``record``."""
+    if backend == "openai":
+        await _send_one_openai(client, model, request, record, timeout_s)
+    else:
+        await _send_one(client, request, record, timeout_s)
+
+
 async def _run_requests(client, requests: list[BenchRequest], config: ServeConfig,
                         model: str = "") -> tuple[list[RequestRecord], float]:
     from tqdm.auto import tqdm
@@ -136,18 +146,14 @@ async def _run_requests(client, requests: list[BenchRequest], config: ServeConfi
     bar = tqdm(total=len(requests), desc=f"requests (rate {config.request_rate})",
                disable=not config.use_tqdm, dynamic_ncols=True)
 
-    async def send(request: BenchRequest, record: RequestRecord) -> None:
-        if config.backend == "openai":
-            await _send_one_openai(client, model, request, record, config.request_timeout_s)
-        else:
-            await _send_one(client, request, record, config.request_timeout_s)
-
     async def limited(request: BenchRequest, record: RequestRecord) -> None:
         if semaphore is None:
-            await send(request, record)
+            await send_request(client, config.backend, model, request, record,
+                               config.request_timeout_s)
         else:
             async with semaphore:
-                await send(request, record)
+                await send_request(client, config.backend, model, request, record,
+                                   config.request_timeout_s)
         bar.update(1)
 
     start = time.perf_counter()

@@ -49,6 +49,19 @@ async def router_to(scheduler_address: str, scheduler_stream: str):
         await pool.close()
 
 
+@contextlib.asynccontextmanager
+async def session_stack(model_path: str):
+    """A worker, a scheduler and a router talking to it over a Session stream, all up;
+    yields the scheduler's server, its stub and a client of the router."""
+    async with running_worker(model_path) as worker, \
+            running_scheduler([worker.address]) as (server, stub):
+        await wait_until(lambda: server.pool.alive_links(), 10.0, "worker linked")
+        async with router_to(server.address, "session") as (address, pool), \
+                AsyncClient(address, timeout=60.0) as client:
+            await wait_until(lambda: pool.alive(), 10.0, "scheduler alive")
+            yield server, stub, client
+
+
 async def generate(client: AsyncClient, prompt: list[int], max_tokens: int = MAX_TOKENS):
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     tokens, finish = [], None
@@ -99,38 +112,33 @@ def test_one_session_per_scheduler_carries_every_request_with_submits_tokens(mod
 
 def test_a_cancelled_request_is_aborted_over_the_session_and_others_go_on(model_path):
     async def main():
-        async with running_worker(model_path) as worker, \
-                running_scheduler([worker.address]) as (server, stub):
-            await wait_until(lambda: server.pool.alive_links(), 10.0, "worker linked")
-            async with router_to(server.address, "session") as (address, pool), \
-                    AsyncClient(address, timeout=60.0) as client:
-                await wait_until(lambda: pool.alive(), 10.0, "scheduler alive")
-                want = await generate(client, PROMPTS[0])
-                params = SamplingParams(temperature=0.0, max_tokens=240, ignore_eos=True)
-                stream = client.generate_stream(None, params, prompt_token_ids=PROMPTS[1],
-                                                request_id="long", return_token_ids=True)
-                await stream.__anext__()
+        async with session_stack(model_path) as (server, stub, client):
+            want = await generate(client, PROMPTS[0])
+            params = SamplingParams(temperature=0.0, max_tokens=240, ignore_eos=True)
+            stream = client.generate_stream(None, params, prompt_token_ids=PROMPTS[1],
+                                            request_id="long", return_token_ids=True)
+            await stream.__anext__()
 
-                def long_entries() -> list:
-                    return [entry for session in server.servicer.sessions
-                            for req_id, entry in session.requests.items()
-                            if unscoped(req_id).startswith("long")]
+            def long_entries() -> list:
+                return [entry for session in server.servicer.sessions
+                        for req_id, entry in session.requests.items()
+                        if unscoped(req_id).startswith("long")]
 
-                def is_long_running() -> bool:
-                    return bool(long_entries())
+            def is_long_running() -> bool:
+                return bool(long_entries())
 
-                await wait_until(is_long_running, 10.0, "long submitted")
-                (long_entry,) = long_entries()
-                kept = asyncio.ensure_future(generate(client, PROMPTS[0]))
-                await stream.aclose()  # cancels the Generate call
-                await wait_until(lambda: not is_long_running(), 10.0, "aborted")
-                # Aborted, not finished: far fewer than its 240 tokens were sent.
-                num_made = long_entry.num_output_tokens
-                got = await kept
-                await wait_until(lambda: not server.servicer.streams, 10.0, "all done")
-                stats = await stub.GetStats(generate_pb2.GetServerStatsRequest())
-                num_sessions = len(server.servicer.sessions)
-            return want, got, num_made, stats, num_sessions
+            await wait_until(is_long_running, 10.0, "long submitted")
+            (long_entry,) = long_entries()
+            kept = asyncio.ensure_future(generate(client, PROMPTS[0]))
+            await stream.aclose()  # cancels the Generate call
+            await wait_until(lambda: not is_long_running(), 10.0, "aborted")
+            # Aborted, not finished: far fewer than its 240 tokens were sent.
+            num_made = long_entry.num_output_tokens
+            got = await kept
+            await wait_until(lambda: not server.servicer.streams, 10.0, "all done")
+            stats = await stub.GetStats(generate_pb2.GetServerStatsRequest())
+            num_sessions = len(server.servicer.sessions)
+        return want, got, num_made, stats, num_sessions
 
     want, got, num_made, stats, num_sessions = run(main())
     assert 0 < num_made < 240
@@ -164,16 +172,11 @@ def test_the_scheduler_span_joins_the_router_trace_through_the_session(model_pat
     monkeypatch.setattr(tracing, "_tracer", provider.get_tracer("test"))
 
     async def main():
-        async with running_worker(model_path) as worker, \
-                running_scheduler([worker.address]) as (server, _):
-            await wait_until(lambda: server.pool.alive_links(), 10.0, "worker linked")
-            async with router_to(server.address, "session") as (address, pool), \
-                    AsyncClient(address, timeout=60.0) as client:
-                await wait_until(lambda: pool.alive(), 10.0, "scheduler alive")
-                await generate(client, PROMPTS[0], 4)
-                await wait_until(lambda: len(exporter.get_finished_spans()) >= 2, 10.0,
-                                 "both spans ended")
-                return len(server.servicer.sessions)
+        async with session_stack(model_path) as (server, _, client):
+            await generate(client, PROMPTS[0], 4)
+            await wait_until(lambda: len(exporter.get_finished_spans()) >= 2, 10.0,
+                             "both spans ended")
+            return len(server.servicer.sessions)
 
     num_sessions = run(main())
     assert num_sessions == 1

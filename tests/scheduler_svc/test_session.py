@@ -78,6 +78,16 @@ def all_blocks_free(stats: generate_pb2.GetServerStatsResponse) -> bool:
             and all(w.kv_blocks_free == w.kv_blocks_total for w in stats.workers))
 
 
+async def blocks_freed(stub, attempts: int) -> bool:
+    """True once the scheduler reports every block free, polled ``attempts`` times 50 ms
+    apart; False if it never does."""
+    for _ in range(attempts):
+        if all_blocks_free(await stub.GetStats(generate_pb2.GetServerStatsRequest())):
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
 def test_a_session_sends_one_message_per_step_with_the_submit_tokens(model_path):
     async def main():
         async with running_worker(model_path) as worker, \
@@ -241,13 +251,7 @@ def test_breaking_a_session_aborts_its_requests_and_frees_every_block(model_path
             await reader.read_until(lambda: len(reader.tokens) == 4)
             busy = await stub.GetStats(generate_pb2.GetServerStatsRequest())
             call.cancel()
-            freed = False
-            for _ in range(200):
-                stats = await stub.GetStats(generate_pb2.GetServerStatsRequest())
-                if all_blocks_free(stats):
-                    freed = True
-                    break
-                await asyncio.sleep(0.05)
+            freed = await blocks_freed(stub, 200)
             return busy, freed, len(server.servicer.sessions), len(server.servicer.streams)
 
     busy, freed, num_sessions, num_streams = run(main())
@@ -290,13 +294,7 @@ def test_a_killed_session_client_gets_its_blocks_freed(model_path):
                 busy = await stub.GetStats(generate_pb2.GetServerStatsRequest())
                 holder.send_signal(signal.SIGKILL)
                 holder.wait(10)
-                freed = False
-                for _ in range(300):
-                    stats = await stub.GetStats(generate_pb2.GetServerStatsRequest())
-                    if all_blocks_free(stats):
-                        freed = True
-                        break
-                    await asyncio.sleep(0.05)
+                freed = await blocks_freed(stub, 300)
             finally:
                 if holder.poll() is None:
                     holder.kill()
