@@ -2,7 +2,7 @@
 heuristics.
 
 ``decode``: the paged decode kernel at small batches and long contexts over split counts,
-keys per iteration, warps, pipeline stages and where the splits are merged, timed inside a
+keys per iteration, warps and pipeline stages, timed inside a
 CUDA graph (as decode is served) with L2 flushed before each replay; bytes = the KV read
 once plus the queries, against the copy bandwidth. ``prefill``: the causal prefill kernel
 (4 x 4096 tokens by default) over tile shapes, warps and stages, in TFLOP/s next to torch's
@@ -74,10 +74,9 @@ def decode_cases(args, copy_gbps: float) -> list[dict]:
             pct = 100 * nbytes / (ms * 1e-3) / GB / copy_gbps
             return pct, f"{pct:.1f}% of copy"
 
-        configs = [dict(num_splits=s, block_n=n, num_warps=w, num_stages=st, fused_reduce=f)
-                   for s, n, w, st, f in itertools.product(args.splits, args.block_n,
-                                                            args.warps, args.stages,
-                                                            args.fused_reduce)
+        configs = [dict(num_splits=s, block_n=n, num_warps=w, num_stages=st)
+                   for s, n, w, st in itertools.product(args.splits, args.block_n, args.warps,
+                                                        args.stages)
                    if context // s >= n]
         rows.append(dict(batch=batch, context=context,
                          **sweep(f"decode b{batch} ctx{context}", run, configs, graph_bench,
@@ -127,9 +126,6 @@ def main() -> None:
     parser.add_argument("--block-n", type=int, nargs="+", default=[32, 64, 128])
     parser.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--stages", type=int, nargs="+", default=[2, 3, 4])
-    parser.add_argument("--fused-reduce", type=int, nargs="+", default=[0, 1],
-                        help="decode: 0 = a second kernel reduces the splits, 1 = the last "
-                             "split of each head does")
     parser.add_argument("--prefill-shape", type=int, nargs=2, default=[4, 4096])
     parser.add_argument("--block-m", type=int, nargs="+", default=[128, 256])
     parser.add_argument("--block-n-prefill", type=int, nargs="+", default=[64, 128])

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Iterable
 
 import torch
+
+try:  # Grid dependency control, for programmatic dependent launch (Hopper and later).
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # a Triton without it: launch_dependent_args never asks for it
+    gdc_launch_dependents = gdc_wait = None
 
 # Activation/KV dtypes every kernel accepts.
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -52,9 +59,28 @@ def next_power_of_2(n: int) -> int:
 
 def is_interpreter() -> bool:
     """True when kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``)."""
-    import os
-
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# Programmatic dependent launch of the decode path's kernels (set GRIDLLM_LAUNCH_DEPENDENT=0
+# before start to turn it off).
+LAUNCH_DEPENDENT = os.environ.get("GRIDLLM_LAUNCH_DEPENDENT", "1") != "0"
+
+
+@functools.cache
+def _can_launch_dependent(device: torch.device) -> bool:
+    return (gdc_wait is not None and device.type == "cuda" and not is_interpreter()
+            and torch.cuda.get_device_capability(device) >= (9, 0))
+
+
+def launch_dependent_args(device: torch.device) -> dict:
+    """Launch arguments of a kernel with a ``USE_GDC`` constexpr: with programmatic dependent
+    launch (CUDA compute capability 9.0+, ``LAUNCH_DEPENDENT``) its programs are scheduled
+    while the previous kernel in the stream finishes, and wait for it (``gdc_wait``) before
+    touching memory it may write; elsewhere a plain launch."""
+    if LAUNCH_DEPENDENT and _can_launch_dependent(device):
+        return {"USE_GDC": True, "launch_pdl": True}
+    return {"USE_GDC": False}
 
 
 def num_sms(device: torch.device) -> int:

@@ -31,7 +31,10 @@ from kernels._utils import (
     check_scale,
     check_tensor,
     dot_precision,
+    gdc_launch_dependents,
+    gdc_wait,
     is_interpreter,
+    launch_dependent_args,
     next_power_of_2,
     num_sms,
 )
@@ -71,7 +74,10 @@ def _paged_decode_attention_kernel(
         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
         HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        IS_STRIDED: tl.constexpr = False, lock_ptr=None, FUSED_REDUCE: tl.constexpr = False):
+        IS_STRIDED: tl.constexpr = False, USE_GDC: tl.constexpr = False):
+    if USE_GDC:  # launched early: wait for the kernels before (they write q, the cache)
+        gdc_launch_dependents()
+        gdc_wait()
     req = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
@@ -143,43 +149,16 @@ def _paged_decode_attention_kernel(
                  mask=gmask[:, None] & dmask[None, :])
         tl.store(part_ml_ptr + row * 2, m_i, mask=gmask)
         tl.store(part_ml_ptr + row * 2 + 1, l_i, mask=gmask)
-        if FUSED_REDUCE:
-            # The last split of this (request, KV head) to finish merges the partials (a
-            # counter per pair, reset by that program): one launch instead of two.
-            tl.debug_barrier()
-            lock = lock_ptr + req * (num_heads // GROUP) + kv_head
-            count = tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu")
-            if count == NUM_SPLITS - 1:
-                first = (req * num_heads + heads) * NUM_SPLITS
-                m_max = tl.full([BLOCK_G], float("-inf"), tl.float32)
-                for s in range(NUM_SPLITS):
-                    # .cg: from L2, never a stale line of this SM's L1.
-                    m_max = tl.maximum(m_max, tl.load(part_ml_ptr + (first + s) * 2, mask=gmask,
-                                                      other=float("-inf"), cache_modifier=".cg"))
-                # Empty splits carry m = -inf; a fully empty row (seq_len 0) must not make NaN.
-                m_ref = tl.where(m_max > float("-inf"), m_max, 0.0)
-                denom = tl.zeros([BLOCK_G], tl.float32)
-                total = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-                for s in range(NUM_SPLITS):
-                    m_s = tl.load(part_ml_ptr + (first + s) * 2, mask=gmask,
-                                  other=float("-inf"), cache_modifier=".cg")
-                    l_s = tl.load(part_ml_ptr + (first + s) * 2 + 1, mask=gmask, other=0.0,
-                                  cache_modifier=".cg")
-                    w = tl.where(m_s > float("-inf"), tl.exp2(m_s - m_ref), 0.0)
-                    denom += l_s * w
-                    total += w[:, None] * tl.load(
-                        part_acc_ptr + (first + s)[:, None] * HEAD_DIM + d[None, :],
-                        mask=gmask[:, None] & dmask[None, :], other=0.0, cache_modifier=".cg")
-                out = total / tl.where(denom > 0, denom, 1.0)[:, None]
-                tl.store(out_ptr + req * stride_ot + heads[:, None] * stride_oh + d[None, :],
-                         out.to(out_ptr.dtype.element_ty), mask=gmask[:, None] & dmask[None, :])
-                tl.store(lock, 0)
 
 
 @triton.jit
 def _paged_decode_reduce_kernel(part_acc_ptr, part_ml_ptr, out_ptr, stride_ot, stride_oh,
                                 num_heads, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                                NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
+                                NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+                                USE_GDC: tl.constexpr = False):
+    if USE_GDC:
+        gdc_launch_dependents()
+        gdc_wait()
     req = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1).to(tl.int64)
     s = tl.arange(0, BLOCK_S)
@@ -198,23 +177,6 @@ def _paged_decode_reduce_kernel(part_acc_ptr, part_ml_ptr, out_ptr, stride_ot, s
     out = tl.sum(acc * w[:, None], axis=0) / tl.where(denom > 0, denom, 1.0)
     tl.store(out_ptr + req * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty),
              mask=d < HEAD_DIM)
-
-
-# Per device: the fused reduction's counters, zero between launches (each launch resets
-# the ones it used).
-_LOCKS: dict[torch.device, torch.Tensor] = {}
-_MAX_LOCKS = 1 << 16
-
-
-def _locks(device: torch.device) -> torch.Tensor | None:
-    """The counters, or None while a CUDA graph is being captured and none exist yet (an
-    allocation there would belong to the graph's pool)."""
-    locks = _LOCKS.get(device)
-    if locks is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        locks = _LOCKS[device] = torch.zeros(_MAX_LOCKS, dtype=torch.int32, device=device)
-    return locks
 
 
 def check_pattern(sliding_window: int | None, attention_stride: int | None) -> None:
@@ -281,7 +243,7 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
                            attention_stride: int | None = None,
                            k_scale: float = 1.0, v_scale: float = 1.0,
                            block_n: int | None = None, num_warps: int = 4,
-                           num_stages: int = 3, fused_reduce: bool = False) -> torch.Tensor:
+                           num_stages: int = 3) -> torch.Tensor:
     """Drop-in for ``torch_ref.paged_attention`` on decode-only batches.
 
     Args:
@@ -302,9 +264,6 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
         k_scale, v_scale: the FP8 cache's scales (1.0 for other caches).
         block_n, num_warps, num_stages: launch overrides (keys per loop iteration, default
             64 for 16-bit inputs; Triton's warps and pipeline stages), for tuning sweeps.
-        fused_reduce: with several splits, the last split of each (request, KV head) merges
-            the partials in the same launch (counters; deterministic: splits are added in
-            order), instead of a second kernel.
     Returns:
         ``[B, H, D]`` attention output in query's dtype.
     """
@@ -343,9 +302,7 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
                               device=query.device)
     else:
         part_acc = part_ml = out
-    locks = None
-    if fused_reduce and num_splits > 1 and num_reqs * num_kv_heads <= _MAX_LOCKS:
-        locks = _locks(query.device)
+    pdl = launch_dependent_args(query.device)
     _paged_decode_attention_kernel[(num_reqs, num_kv_heads, num_splits)](
         query, key_cache, value_cache, block_tables, seq_lens, out, part_acc, part_ml,
         query.stride(0), query.stride(1), key_cache.stride(0), key_cache.stride(1),
@@ -357,11 +314,10 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
         BLOCK_D=block_d, BLOCK_N=block_n, NUM_SPLITS=num_splits,
         HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=logit_softcap is not None,
         DOT_PRECISION=dot_precision(query.dtype), IS_STRIDED=attention_stride is not None,
-        lock_ptr=locks if locks is not None else out, FUSED_REDUCE=locks is not None,
-        num_warps=num_warps, num_stages=num_stages)
-    if num_splits > 1 and locks is None:
+        num_warps=num_warps, num_stages=num_stages, **pdl)
+    if num_splits > 1:
         _paged_decode_reduce_kernel[(num_reqs, num_heads)](
             part_acc, part_ml, out, out.stride(0), out.stride(1), num_heads,
             HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits,
-            BLOCK_S=next_power_of_2(num_splits), num_warps=4)
+            BLOCK_S=next_power_of_2(num_splits), num_warps=4, **pdl)
     return out

@@ -6,14 +6,26 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._utils import FLOAT_DTYPES, check_shape, check_tensor, next_power_of_2
+from kernels._utils import (
+    FLOAT_DTYPES,
+    check_shape,
+    check_tensor,
+    gdc_launch_dependents,
+    gdc_wait,
+    launch_dependent_args,
+    next_power_of_2,
+)
 
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
                      stride_x, stride_res, stride_out, stride_res_out,
                      hidden, eps,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+                     USE_GDC: tl.constexpr = False):
+    if USE_GDC:  # launched early: wait for the kernel that writes x
+        gdc_launch_dependents()
+        gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
@@ -73,5 +85,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
         x2, res2 if res2 is not None else x2, weight, out2, res_out2,
         x2.stride(0), res2.stride(0) if res2 is not None else 0, out2.stride(0),
         res_out2.stride(0), hidden, float(eps),
-        HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=num_warps)
+        HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=num_warps,
+        **launch_dependent_args(x.device))
     return out if res_out is None else (out, res_out)

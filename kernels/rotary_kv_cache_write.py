@@ -11,7 +11,15 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._utils import FLOAT_DTYPES, INDEX_DTYPES, check_tensor, next_power_of_2
+from kernels._utils import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    check_tensor,
+    gdc_launch_dependents,
+    gdc_wait,
+    launch_dependent_args,
+    next_power_of_2,
+)
 from kernels.kv_cache_write import check_kv_write_args, inverse_scales, store_cache
 from kernels.rotary import check_rotary_shapes
 
@@ -23,7 +31,11 @@ def _rotary_kv_cache_write_kernel(
         stride_cb, stride_ct, stride_ch, stride_cos,
         num_q_heads, num_kv_heads, head_dim, half, block_size, k_inv_scale, v_inv_scale,
         IS_FP8: tl.constexpr, IS_NEOX: tl.constexpr, HAS_PASS: tl.constexpr, BLOCK_HQ: tl.constexpr,
-        BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr):
+        BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr,
+        USE_GDC: tl.constexpr = False):
+    if USE_GDC:  # launched early: wait for the kernel that writes q, k, v
+        gdc_launch_dependents()
+        gdc_wait()
     tok = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + tok).to(tl.int64)
     dims = tl.arange(0, BLOCK_HALF)
@@ -123,4 +135,5 @@ def rotary_kv_cache_write(positions: torch.Tensor, query: torch.Tensor, key: tor
         key_cache.shape[1], k_inv, v_inv, IS_FP8=is_fp8, IS_NEOX=bool(is_neox_style),
         HAS_PASS=rot_dim < head_dim,
         BLOCK_HQ=next_power_of_2(query.shape[1]), BLOCK_HK=next_power_of_2(num_kv_heads),
-        BLOCK_HALF=next_power_of_2(half), BLOCK_D=next_power_of_2(head_dim), num_warps=4)
+        BLOCK_HALF=next_power_of_2(half), BLOCK_D=next_power_of_2(head_dim), num_warps=4,
+        **launch_dependent_args(query.device))

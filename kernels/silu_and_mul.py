@@ -6,11 +6,22 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._utils import FLOAT_DTYPES, check_tensor, next_power_of_2
+from kernels._utils import (
+    FLOAT_DTYPES,
+    check_tensor,
+    gdc_launch_dependents,
+    gdc_wait,
+    launch_dependent_args,
+    next_power_of_2,
+)
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_out, d, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_out, d, BLOCK: tl.constexpr,
+                         USE_GDC: tl.constexpr = False):
+    if USE_GDC:  # launched early: wait for the kernel that writes x
+        gdc_launch_dependents()
+        gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < d
@@ -43,5 +54,5 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out2 = out.view(-1, d)
     grid = (x2.shape[0], triton.cdiv(d, block))
     _silu_and_mul_kernel[grid](x2, out2, x2.stride(0), out2.stride(0), d, BLOCK=block,
-                               num_warps=4)
+                               num_warps=4, **launch_dependent_args(x.device))
     return out

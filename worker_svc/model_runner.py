@@ -122,10 +122,11 @@ class ModelRunner:
             warm_up_kernels(self)
 
     def dummy_forward(self, num_tokens: int, kv_caches: list, width: int | None = None,
-                      seq_len: int | None = None) -> None:
+                      seq_len: int | None = None, logits_rows: int = 1) -> None:
         """A forward of one request of ``seq_len`` tokens (default ``num_tokens``) whose
         last ``num_tokens`` are computed (zeros), with a block table ``width`` blocks wide,
-        through the logits of its last token (before any real request: it writes KV)."""
+        through the logits of its last ``logits_rows`` tokens (before any real request: it
+        writes KV)."""
         dev = self.device
         seq_len = seq_len or num_tokens
         num_blocks = -(-seq_len // self.block_size)
@@ -140,7 +141,7 @@ class ModelRunner:
             block_tables=table[None], max_query_len=num_tokens, max_seq_len=seq_len)
         hidden = self.model(torch.zeros(num_tokens, dtype=torch.int32, device=dev),
                             positions, kv_caches, metadata)
-        self.model.compute_logits(hidden[-1:])
+        self.model.compute_logits(hidden[-logits_rows:])
 
     def _capture_cuda_graphs(self) -> CudaGraphRunner | None:
         # Graphs need host-sync-free kernels: the Triton backend's decode path is.

@@ -9,6 +9,8 @@ between steps on the serving path:
   batch pads it to a multiple of 16, capped at the longest request's table);
 - eager decode attention (no CUDA graphs, or a batch above the largest graph): its
   split-KV count, a power of two picked from the batch and the context;
+- decode-sized linear products (the GEMV kernel, ``ops.GEMV_MAX_ROWS``): one variant per
+  row count, the LM head's included;
 - the sampling kernel: with and without penalties (its 16 radix passes are one variant
   each); the token-bitmask kernel of structured outputs (one variant);
 everything else has one variant per model. CUDA graphs are captured separately
@@ -28,6 +30,7 @@ from gridllm.common.contract import CachedRequestData, NewRequestData, Scheduler
 from gridllm.common.sampling_params import SamplingParams
 from worker_svc.cuda_graph import context_classes
 from worker_svc.input_batch import InputBatch
+from worker_svc.layers import ops
 from worker_svc.request_state import RequestState
 
 # The model runner (worker_svc.model_runner.ModelRunner, which imports this module).
@@ -62,6 +65,8 @@ def warm_up_kernels(runner: ModelRunner) -> None:
             break
         for width in block_table_widths(max_blocks, -(-num_tokens // runner.block_size)):
             runner.dummy_forward(num_tokens, runner.kv_caches, width=width)
+    for rows in range(1, min(ops.GEMV_MAX_ROWS, limit) + 1):
+        runner.dummy_forward(rows, runner.kv_caches, logits_rows=rows)
     if _has_eager_decode(runner):
         config = runner.hf_config
         num_kv_heads = (getattr(config, "num_key_value_heads", None)

@@ -17,7 +17,7 @@ from tests.kernels.conftest import (
 def _check(seq_lens: list[int], num_heads: int, num_kv_heads: int, head_dim: int,
            block_size: int, dtype: torch.dtype, device: torch.device,
            sliding_window: int | None = None, num_splits: int | None = None,
-           logit_softcap: float | None = None, fused_reduce: bool = False) -> None:
+           logit_softcap: float | None = None) -> None:
     key_cache, value_cache, block_tables, seq = make_paged_kv(
         seq_lens, num_kv_heads, head_dim, block_size, dtype, device)
     query = torch.randn(len(seq_lens), num_heads, head_dim, device=device).to(dtype)
@@ -28,7 +28,7 @@ def _check(seq_lens: list[int], num_heads: int, num_kv_heads: int, head_dim: int
     with poisoned_allocations():
         out = paged_decode_attention(query, key_cache, value_cache, block_tables, seq, qsl,
                                      scale, sliding_window, num_splits=num_splits,
-                                     logit_softcap=logit_softcap, fused_reduce=fused_reduce)
+                                     logit_softcap=logit_softcap)
     expected = torch_ref.paged_attention(query, key_cache, value_cache, block_tables, seq,
                                          qsl, scale, sliding_window, logit_softcap)
     assert_close(out, expected, "decode attention", dtype)
@@ -69,25 +69,6 @@ def test_softcap_changes_the_output():
 
 def test_decode_odd_head_dim_and_block_size():
     _check([9, 40], 2, 1, 48, 8, torch.float32, DEVICE, num_splits=2)
-
-
-@pytest.mark.parametrize("num_splits", [2, 3, 8])
-def test_fused_reduction_matches_the_reference_and_the_two_kernel_path(num_splits):
-    """One launch whose last split per (request, KV head) merges the partials: the same
-    output as the reduce kernel's, splits with no keys and a padding row included, and again
-    on a second call (its counters reset themselves)."""
-    seq_lens = [1, 17, 50, 0]
-    _check(seq_lens, 4, 2, 32, 16, torch.float32, DEVICE, num_splits=num_splits,
-           fused_reduce=True)
-    key_cache, value_cache, block_tables, seq = make_paged_kv(
-        seq_lens, 2, 32, 16, torch.float32, DEVICE)
-    query = torch.randn(len(seq_lens), 4, 32, device=DEVICE)
-    args = (query, key_cache, value_cache, block_tables, seq, None, 32 ** -0.5)
-    two_kernels = paged_decode_attention(*args, num_splits=num_splits)
-    for _ in range(2):
-        fused = paged_decode_attention(*args, num_splits=num_splits, fused_reduce=True)
-        torch.testing.assert_close(fused, two_kernels, rtol=1e-5, atol=1e-6)
-        assert torch.equal(fused[3], torch.zeros_like(fused[3]))
 
 
 def test_decode_padding_row_gives_zeros():
@@ -167,5 +148,3 @@ def test_decode_gpu(batch, max_len, sliding_window, logit_softcap, dtype):
     seq_lens[0] = max_len
     _check(seq_lens, 32, 8, 128, 16, dtype, torch.device("cuda"), sliding_window,
            logit_softcap=logit_softcap)
-    _check(seq_lens, 32, 8, 128, 16, dtype, torch.device("cuda"), sliding_window,
-           logit_softcap=logit_softcap, fused_reduce=True)

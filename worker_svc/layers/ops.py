@@ -1,4 +1,5 @@
-"""Pointwise ops of the model layers: Triton kernels on CUDA, torch references elsewhere.
+"""Pointwise ops and decode-sized linear products of the model layers: Triton kernels on
+CUDA, torch references elsewhere.
 
 ``attention_backend="torch"`` on CUDA switches these to the references too, so a whole
 model can be compared kernel-free on the same card.
@@ -6,11 +7,18 @@ model can be compared kernel-free on the same card.
 
 from __future__ import annotations
 
+import os
+
 import torch
+import torch.nn.functional as F
 
 from kernels import torch_ref
 
 _use_triton = True
+# Linear layers whose input has at most this many rows run the GEMV kernel (kernels/gemv.py)
+# on CUDA; more rows, or 0 here, run cuBLAS. 1: batch-1 decode (on an H200 the kernel beats
+# cuBLAS at one row and loses from two). GRIDLLM_GEMV_MAX_ROWS sets it at start.
+GEMV_MAX_ROWS = int(os.environ.get("GRIDLLM_GEMV_MAX_ROWS", "1"))
 
 
 def set_use_triton(enabled: bool) -> None:
@@ -20,6 +28,29 @@ def set_use_triton(enabled: bool) -> None:
 
 def _triton(x: torch.Tensor) -> bool:
     return _use_triton and x.is_cuda
+
+
+def set_gemv_max_rows(rows: int) -> None:
+    """Rows up to which linear layers use the GEMV kernel on CUDA (0: never)."""
+    from kernels.gemv import MAX_ROWS
+
+    global GEMV_MAX_ROWS
+    if not 0 <= rows <= MAX_ROWS:
+        raise ValueError(f"rows must be in [0, {MAX_ROWS}], got {rows}.")
+    GEMV_MAX_ROWS = rows
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+           ) -> torch.Tensor:
+    """``F.linear``; a few rows of a floating weight on CUDA go through the GEMV kernel,
+    which reads the weight near copy bandwidth where cuBLAS's tile kernels do not."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if 0 < rows <= GEMV_MAX_ROWS and _triton(x) and weight.dtype == x.dtype:
+        from kernels.gemv import gemv
+
+        out = gemv(x.reshape(rows, x.shape[-1]).contiguous(), weight, bias)
+        return out.reshape(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,

@@ -8,7 +8,8 @@ o, merged gate/up, down; never the embeddings or the LM head) is replaced at loa
 The product depends on how many rows (tokens) a call has:
 - up to ``WEIGHT_ONLY_MAX_ROWS`` (decode at small batches, where reading W is the cost):
   the activations stay in the model's dtype and only W is e4m3; on a CUDA GPU of compute
-  capability 8.9+ one Triton kernel reads the e4m3 weight (``kernels.fp8_gemv``);
+  capability 8.9+ one Triton kernel reads the e4m3 weight: the GEMV (``kernels.gemv``) up
+  to ``ops.GEMV_MAX_ROWS`` rows, a ``tl.dot`` kernel (``kernels.fp8_gemv``) beyond;
 - more rows: the activations are quantized per token too (``amax(|x_t|) / 448``, one Triton
   kernel on CUDA) and, on 8.9+ with bfloat16 activations, multiplied by one
   ``torch._scaled_mm`` with row-wise scales.
@@ -28,6 +29,8 @@ from kernels.fp8 import FP8_DTYPE, FP8_MAX, dequantize_fp8, quantize_fp8
 from kernels.fp8_gemv import MAX_ROWS as WEIGHT_ONLY_MAX_ROWS
 from kernels.fp8_gemv import fp8_weight_matmul
 from kernels.fp8_quant import per_token_quant_fp8
+from kernels.gemv import gemv
+from worker_svc.layers import ops
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +144,8 @@ class Fp8Linear(nn.Module):
     def _weight_only(self, x: torch.Tensor) -> torch.Tensor:
         """A few rows (decode): the activations stay unquantized; only W is e4m3."""
         if self.is_fp8_native:
+            if x.shape[0] <= ops.GEMV_MAX_ROWS:
+                return gemv(x.contiguous(), self.weight, self.bias, self.weight_scale)
             return fp8_weight_matmul(x.contiguous(), self.weight, self.weight_scale, self.bias)
         return self._dequantized_product(x.float(), x.dtype)
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from worker_svc.layers import ops
 from worker_svc.parallel.sharding import ShardPart, ShardSpec, even_part, padded_part
 from worker_svc.parallel.state import ParallelState, current
 
@@ -50,6 +51,9 @@ class ColumnParallelLinear(nn.Linear):
         return cls(in_features, [even_part(n, tp.rank, tp.world_size) for n in full_sizes],
                    bias)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.linear(x, self.weight, self.bias)
+
 
 class RowParallelLinear(nn.Linear):
     """A linear layer whose input features are split over the ranks; the partial outputs
@@ -74,8 +78,8 @@ class RowParallelLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.tp.is_parallel:
-            return super().forward(x)
-        out = F.linear(x, self.weight, self.bias if self.tp.rank == 0 else None)
+            return ops.linear(x, self.weight, self.bias)
+        out = ops.linear(x, self.weight, self.bias if self.tp.rank == 0 else None)
         return self.tp.all_reduce(out)
 
 
@@ -114,7 +118,7 @@ class ParallelLMHead(nn.Linear):
             _mark(self.weight, ShardSpec(0, (part,)))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = super().forward(hidden)
+        logits = ops.linear(hidden, self.weight)
         if not self.tp.is_parallel:
             return logits
         return self.tp.all_gather(logits)[..., :self.vocab_size]

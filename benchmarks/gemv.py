@@ -1,0 +1,183 @@
+"""Llama-3-8B's decoder linear layers at decode batch sizes: cuBLAS against the GEMV kernel.
+
+Run on a CUDA GPU: ``python benchmarks/gemv.py [--sweep] [--fp8]``. Each figure is timed
+as served: a CUDA graph of 32 launches of one layer shape over 32 distinct weights (one per
+decoder block, so no weight is read from L2), replayed; the time per launch is the graph's
+time / 32, and ``% copy`` is the weight bytes over that time as a fraction of the copy
+bandwidth measured in the same run. The last rows time a graph of the whole decoder's
+linear layers (q/k/v, o, gate/up, down, x 32 blocks) the same way: its ms per token is
+the linear part of a batch-1 decode step. ``gemv`` is the kernel as served (programmatic
+dependent launch where the card has it: each launch starts while the previous one ends),
+``gemv_plain`` the same without it. ``--sweep`` first times tile configurations of the
+GEMV at M = 1 per shape; ``--fp8`` adds e4m3 weights (per-channel scales) through the same
+kernel, against the e4m3 ``tl.dot`` kernel (``kernels/fp8_gemv.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import kernels._utils  # noqa: E402
+from gridllm.bench.roofline import measure_limits  # noqa: E402
+from kernels.fp8_gemv import fp8_weight_matmul  # noqa: E402
+from kernels.gemv import MAX_ROWS, config_for, gemv  # noqa: E402
+
+# name, out features, in features (Llama-3-8B).
+SHAPES = [("qkv_proj", 6144, 4096), ("o_proj", 4096, 4096), ("gate_up_proj", 28672, 4096),
+          ("down_proj", 4096, 14336)]
+NUM_LAYERS = 32
+SWEEP = list(itertools.product((4, 8, 16), (512, 1024), (4,), (1,), (0,))) + [
+    (8, 256, 4, 1, 0), (16, 256, 4, 1, 0), (32, 256, 4, 1, 0), (32, 512, 4, 1, 0),
+    (8, 512, 8, 1, 0), (16, 1024, 8, 1, 0), (8, 512, 4, 1, 1), (16, 512, 4, 1, 1),
+    (4, 2048, 4, 1, 0), (8, 2048, 8, 1, 0)]
+
+
+def graph_time_ms(calls, replays: int = 20, launch_dependent: bool = True) -> float:
+    """Median time of one replay of a CUDA graph of ``calls`` (each a no-arg callable),
+    captured with programmatic dependent launch on or off."""
+    kernels._utils.LAUNCH_DEPENDENT = launch_dependent
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for call in calls:  # warm-up: compiles and allocates outside the capture
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def _weights(n: int, k: int, fp8: bool):
+    ws = []
+    for _ in range(NUM_LAYERS):
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        if fp8:
+            s = (w.float().abs().amax(-1) / 448.0).clamp_min(1e-12)
+            ws.append(((w.float() / s[:, None]).to(torch.float8_e4m3fn), s.contiguous()))
+        else:
+            ws.append((w, None))
+    return ws
+
+
+def _calls(impl: str, layer_weights, x, config):
+    if impl == "base":  # what decode ran before the GEMV: cuBLAS, or the e4m3 tl.dot kernel
+        return [lambda w=w, s=s: F.linear(x, w) if s is None else fp8_weight_matmul(x, w, s)
+                for w, s in layer_weights]
+    return [lambda w=w, s=s: gemv(x, w, None, s, config=config) for w, s in layer_weights]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rows", default="1,2,4", help=f"values of M (at most {MAX_ROWS})")
+    parser.add_argument("--sweep", action="store_true", help="time GEMV tile configurations")
+    parser.add_argument("--fp8", action="store_true", help="also e4m3 weights")
+    parser.add_argument("--output", default=None, help="write results as JSON here")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/gemv.py needs a CUDA GPU")
+    limits = measure_limits(torch.device("cuda"))
+    copy = limits["copy_bandwidth_gbps"]
+    print(f"{torch.cuda.get_device_name()}: copy {copy:.0f} GB/s, "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    rows = [int(r) for r in args.rows.split(",")]
+    results = {"device": torch.cuda.get_device_name(), "limits": limits, "shapes": [],
+               "sweep": {}}
+    kinds = ["bf16"] + (["fp8"] if args.fp8 else [])
+    weights = {(kind, name): _weights(n, k, kind == "fp8")
+               for kind in kinds for name, n, k in SHAPES}
+
+    def pct(n, k, elem, ms):
+        return n * k * elem / (ms * 1e-3) / 1e9 / copy * 100
+
+    if args.sweep:
+        for kind in kinds:
+            for name, n, k in SHAPES:
+                x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+                timed = {}
+                default = config_for(n, k)
+                for config in SWEEP + ([default] if default not in SWEEP else []):
+                    try:
+                        ms = graph_time_ms(_calls("gemv", weights[kind, name], x, config))
+                    except Exception as exc:  # a configuration Triton cannot build
+                        print(f"{kind} {name} {config}: {type(exc).__name__}: {str(exc)[:100]}")
+                        continue
+                    timed[config] = ms / NUM_LAYERS
+                top = sorted(timed, key=timed.get)[:5]
+                elem = 1 if kind == "fp8" else 2
+                print(f"sweep {kind} {name}: " + ", ".join(
+                    f"{c} {timed[c] * 1e3:.1f} us ({pct(n, k, elem, timed[c]):.0f}%)"
+                    for c in top) + f"; default {default} "
+                    f"{timed.get(default, float('nan')) * 1e3:.1f} us")
+                results["sweep"][f"{kind}/{name}"] = [[list(c), timed[c]] for c in top]
+
+    print(f"{'layer':14s} {'kind':5s} {'M':>3s} {'base us':>10s} {'GEMV us':>8s} "
+          f"{'base %':>9s} {'GEMV %':>7s}  (base: cuBLAS for bf16, the tl.dot kernel for fp8)")
+    for kind in kinds:
+        elem = 1 if kind == "fp8" else 2
+        for name, n, k in SHAPES:
+            for m in rows:
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                t_base = graph_time_ms(_calls("base", weights[kind, name], x, None)) \
+                    / NUM_LAYERS
+                t_gemv = graph_time_ms(_calls("gemv", weights[kind, name], x, None)) / NUM_LAYERS
+                row = {"layer": name, "kind": kind, "rows": m, "base_ms": t_base,
+                       "gemv_ms": t_gemv, "base_pct_copy": pct(n, k, elem, t_base),
+                       "gemv_pct_copy": pct(n, k, elem, t_gemv)}
+                results["shapes"].append(row)
+                print(f"{name:14s} {kind:5s} {m:3d} {t_base * 1e3:10.1f} {t_gemv * 1e3:8.1f} "
+                      f"{row['base_pct_copy']:8.0f}% {row['gemv_pct_copy']:6.0f}%")
+    # The whole decoder's linear layers, in block order, as one graph.
+    results["decoder"] = []
+    for kind in kinds:
+        elem = 1 if kind == "fp8" else 2
+        total_bytes = NUM_LAYERS * sum(n * k * elem for _, n, k in SHAPES)
+        for m in rows:
+            xs = {k: torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                  for k in {k for _, _, k in SHAPES}}
+            per = {}
+            for impl in ("base", "gemv", "gemv_plain"):
+                calls = []
+                for layer in range(NUM_LAYERS):
+                    for name, _, k in SHAPES:
+                        w, s = weights[kind, name][layer]
+                        calls += _calls(impl.split("_")[0], [(w, s)], xs[k], None)
+                per[impl] = graph_time_ms(calls, launch_dependent=impl != "gemv_plain")
+            row = {"kind": kind, "rows": m, "bytes": total_bytes,
+                   "bound_ms": total_bytes / (copy * 1e9) * 1e3, **{
+                       f"{impl}_ms": t for impl, t in per.items()}}
+            results["decoder"].append(row)
+            print(f"decoder linears x{NUM_LAYERS} {kind} M={m}: bound "
+                  f"{row['bound_ms']:.3f} ms; " + ", ".join(
+                      f"{impl} {t:.3f} ms ({row['bound_ms'] / t * 100:.0f}% of copy)"
+                      for impl, t in per.items()))
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

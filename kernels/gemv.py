@@ -1,0 +1,257 @@
+"""``y = (x @ W^T) * s + b`` for one to four rows of ``x``: decode's linear layers at batch 1-4.
+
+At these sizes a linear layer is the time to read ``W`` once; cuBLAS reaches that for the
+wide gate/up and LM-head matrices but not for the smaller q/k/v and o shapes (several
+waves of a tile kernel, then a split-K reduction launch). This kernel is a plain
+multiply-add over the weight: each program owns ``BLOCK_N`` output channels, streams their
+weight rows along K in ``[BLOCK_N, BLOCK_K]`` tiles (converted to float32 in registers:
+bf16, fp16, fp32 or e4m3 weights), keeps one float32 partial per element of the tile and
+sums it once at the end, so the loop is loads and FMAs only. ``SPLIT_K > 1`` spreads K over
+that many programs per column block to keep every SM streaming when N is small; their
+float32 partials are added in split order by the last program of the block (a counter per
+block, reset by that program), so the result does not depend on which program finished
+first and a second launch gives the same bits.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._utils import (
+    FLOAT_DTYPES,
+    check_shape,
+    check_tensor,
+    gdc_launch_dependents,
+    gdc_wait,
+    launch_dependent_args,
+    num_sms,
+)
+from kernels.fp8 import FP8_DTYPE
+
+# Rows of x one launch takes; callers use a GEMM beyond.
+MAX_ROWS = 4
+WEIGHT_DTYPES = FLOAT_DTYPES + (FP8_DTYPE,)
+# (BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K); SPLIT_K 0: chosen from the shape.
+Config = tuple[int, int, int, int, int]
+# Programs per SM that keep enough weight bytes in flight (the split count aims for it).
+_PROGRAMS_PER_SM = 4
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, partial_ptr, lock_ptr,
+                 num_out, num_in, stride_x, stride_w, stride_y,
+                 ROWS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                 EVEN_K: tl.constexpr, USE_GDC: tl.constexpr):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < num_out
+    # Columns past the end read the last row (never stored): the loads need no column mask.
+    safe_cols = tl.minimum(cols, num_out - 1)
+    ks = tl.arange(0, BLOCK_K)
+    # This program's share of K: whole BLOCK_K tiles, the last share shorter.
+    k_per_split = tl.cdiv(tl.cdiv(num_in, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, num_in)
+    w_ptrs = w_ptr + safe_cols[:, None].to(tl.int64) * stride_w + (k_start + ks)[None, :]
+    x_ptrs = x_ptr + k_start + ks
+    acc0 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc1 = acc0
+    acc2 = acc0
+    acc3 = acc0
+    # The first weight tile is requested before waiting for the previous kernel (with
+    # programmatic dependent launch): the weight is never written by the step, only x is.
+    w_next = tl.load(w_ptrs, mask=((k_start + ks) < k_end)[None, :], other=0.0,
+                     eviction_policy="evict_first")
+    if USE_GDC:
+        gdc_launch_dependents()
+        gdc_wait()
+    for k0 in range(k_start, k_end, BLOCK_K):
+        w = w_next.to(tl.float32)
+        # The next tile's loads are issued before this tile's products (double buffering).
+        w_ptrs += BLOCK_K
+        if EVEN_K:
+            # A mask uniform along K (k_end is a whole tile away or not): loads stay vectors.
+            more = (tl.zeros([1, BLOCK_K], dtype=tl.int32) + (k0 + BLOCK_K)) < k_end
+            w_next = tl.load(w_ptrs, mask=more, other=0.0, eviction_policy="evict_first")
+            x0 = tl.load(x_ptrs)
+        else:
+            k_ok = (k0 + ks) < k_end
+            w_next = tl.load(w_ptrs, mask=((k0 + BLOCK_K + ks) < k_end)[None, :], other=0.0,
+                             eviction_policy="evict_first")
+            x0 = tl.load(x_ptrs, mask=k_ok, other=0.0)
+        acc0 += w * x0.to(tl.float32)[None, :]
+        if ROWS > 1:
+            if EVEN_K:
+                x1 = tl.load(x_ptrs + stride_x)
+            else:
+                x1 = tl.load(x_ptrs + stride_x, mask=k_ok, other=0.0)
+            acc1 += w * x1.to(tl.float32)[None, :]
+        if ROWS > 2:
+            if EVEN_K:
+                x2 = tl.load(x_ptrs + 2 * stride_x)
+            else:
+                x2 = tl.load(x_ptrs + 2 * stride_x, mask=k_ok, other=0.0)
+            acc2 += w * x2.to(tl.float32)[None, :]
+        if ROWS > 3:
+            if EVEN_K:
+                x3 = tl.load(x_ptrs + 3 * stride_x)
+            else:
+                x3 = tl.load(x_ptrs + 3 * stride_x, mask=k_ok, other=0.0)
+            acc3 += w * x3.to(tl.float32)[None, :]
+        x_ptrs += BLOCK_K
+    out0 = tl.sum(acc0, axis=1)
+    out1 = tl.sum(acc1, axis=1)
+    out2 = tl.sum(acc2, axis=1)
+    out3 = tl.sum(acc3, axis=1)
+    is_last = True
+    if SPLIT_K > 1:
+        # Each program leaves its float32 partials (ROWS planes of num_out); the last of a
+        # column block's programs adds them in split order and resets the counter.
+        base = partial_ptr + pid_k * (ROWS * num_out) + cols
+        tl.store(base, out0, mask=col_ok)
+        if ROWS > 1:
+            tl.store(base + num_out, out1, mask=col_ok)
+        if ROWS > 2:
+            tl.store(base + 2 * num_out, out2, mask=col_ok)
+        if ROWS > 3:
+            tl.store(base + 3 * num_out, out3, mask=col_ok)
+        tl.debug_barrier()
+        count = tl.atomic_add(lock_ptr + pid, 1, sem="acq_rel", scope="gpu")
+        is_last = count == SPLIT_K - 1
+        if is_last:
+            out0 = tl.zeros([BLOCK_N], dtype=tl.float32)
+            out1 = out0
+            out2 = out0
+            out3 = out0
+            for split in range(SPLIT_K):
+                # .cg: from L2, never a stale line of this SM's L1.
+                base = partial_ptr + split * (ROWS * num_out) + cols
+                out0 += tl.load(base, mask=col_ok, other=0.0, cache_modifier=".cg")
+                if ROWS > 1:
+                    out1 += tl.load(base + num_out, mask=col_ok, other=0.0,
+                                    cache_modifier=".cg")
+                if ROWS > 2:
+                    out2 += tl.load(base + 2 * num_out, mask=col_ok, other=0.0,
+                                    cache_modifier=".cg")
+                if ROWS > 3:
+                    out3 += tl.load(base + 3 * num_out, mask=col_ok, other=0.0,
+                                    cache_modifier=".cg")
+            tl.store(lock_ptr + pid, 0)
+    if is_last:
+        if HAS_SCALE:
+            scale = tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
+            out0 = out0 * scale
+            out1 = out1 * scale
+            out2 = out2 * scale
+            out3 = out3 * scale
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+            out0 = out0 + bias
+            out1 = out1 + bias
+            out2 = out2 + bias
+            out3 = out3 + bias
+        y_ptrs = y_ptr + cols
+        tl.store(y_ptrs, out0.to(y_ptr.dtype.element_ty), mask=col_ok)
+        if ROWS > 1:
+            tl.store(y_ptrs + stride_y, out1.to(y_ptr.dtype.element_ty), mask=col_ok)
+        if ROWS > 2:
+            tl.store(y_ptrs + 2 * stride_y, out2.to(y_ptr.dtype.element_ty), mask=col_ok)
+        if ROWS > 3:
+            tl.store(y_ptrs + 3 * stride_y, out3.to(y_ptr.dtype.element_ty), mask=col_ok)
+
+
+# Per device: the split-K counters, zero between launches (each launch resets its own).
+_LOCKS: dict[torch.device, torch.Tensor] = {}
+_MAX_COLUMN_BLOCKS = 1 << 16
+
+
+def _locks(device: torch.device) -> torch.Tensor:
+    locks = _LOCKS.get(device)
+    if locks is None:
+        # Allocated at the first launch (a warm-up step), never inside a graph capture.
+        locks = _LOCKS[device] = torch.zeros(_MAX_COLUMN_BLOCKS, dtype=torch.int32, device=device)
+    return locks
+
+
+def config_for(num_out: int, num_in: int) -> Config:
+    """Four output channels per program (the most programs: the shortest tail), in tiles of
+    1024 along K for a wide output (q/k/v, gate/up, the LM head), else 512 (o, down):
+    the best or within 2% of the best of a sweep over the Llama-3-8B shapes on an H200."""
+    return (4, 1024 if num_out > num_in else 512, 4, 1, 0)
+
+
+def split_k_for(num_out: int, num_in: int, block_n: int, block_k: int,
+                device: torch.device) -> int:
+    """Splits of K per column block so that about ``_PROGRAMS_PER_SM`` programs per SM
+    stream the weight, each keeping at least two tiles of K."""
+    blocks = triton.cdiv(num_out, block_n)
+    wanted = triton.cdiv(_PROGRAMS_PER_SM * num_sms(device), blocks)
+    return max(1, min(wanted, num_in // (2 * block_k)))
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+         weight_scale: torch.Tensor | None = None, config: Config | None = None
+         ) -> torch.Tensor:
+    """``x @ (weight * weight_scale[:, None])^T + bias`` in ``x``'s dtype, float32 sums.
+
+    Args:
+        x: ``[M, K]`` activations, ``1 <= M <= MAX_ROWS``, last dim contiguous.
+        weight: ``[N, K]`` bf16, fp16, fp32 or float8_e4m3fn, last dim contiguous.
+        bias: ``[N]`` or None.
+        weight_scale: ``[N]`` float32 per output channel, or None.
+        config: ``(BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K)``; default
+            ``config_for`` the shape; SPLIT_K 0 picks the split count from the shape and the
+            SM count (``split_k_for``).
+    Returns:
+        ``[M, N]`` in ``x.dtype``.
+    Raises:
+        ValueError: an argument of the wrong shape, dtype or device, naming it.
+    """
+    check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES, last_dim_contiguous=True)
+    check_tensor("weight", weight, ndim=2, dtypes=WEIGHT_DTYPES, device=x.device,
+                 last_dim_contiguous=True)
+    num_rows, num_in = x.shape
+    num_out = weight.shape[0]
+    if not 1 <= num_rows <= MAX_ROWS:
+        raise ValueError(f"x must have 1 to {MAX_ROWS} rows, got {num_rows}.")
+    check_shape("weight", weight, (num_out, num_in))
+    if weight_scale is not None:
+        check_tensor("weight_scale", weight_scale, dtypes=(torch.float32,), device=x.device,
+                     contiguous=True)
+        check_shape("weight_scale", weight_scale, (num_out,))
+    if bias is not None:
+        check_tensor("bias", bias, dtypes=FLOAT_DTYPES, device=x.device, contiguous=True)
+        check_shape("bias", bias, (num_out,))
+    y = torch.empty((num_rows, num_out), dtype=x.dtype, device=x.device)
+    if num_out == 0:
+        return y
+    if num_in == 0:
+        return y.zero_() if bias is None else y.copy_(bias.expand_as(y))
+    block_n, block_k, num_warps, num_stages, split_k = config or config_for(num_out, num_in)
+    block_k = min(block_k, triton.next_power_of_2(num_in))
+    if split_k == 0:
+        split_k = split_k_for(num_out, num_in, block_n, block_k, x.device)
+    num_blocks = triton.cdiv(num_out, block_n)
+    if split_k > 1:
+        if num_blocks > _MAX_COLUMN_BLOCKS:
+            raise ValueError(f"weight has {num_out} rows: more than {_MAX_COLUMN_BLOCKS} "
+                             f"blocks of {block_n} for split-K.")
+        partial = torch.empty(split_k * num_rows * num_out, dtype=torch.float32,
+                              device=x.device)
+        locks = _locks(x.device)
+    else:
+        partial = locks = y  # not read: SPLIT_K == 1 compiles the split-K path out
+    k_per_split = triton.cdiv(triton.cdiv(num_in, split_k), block_k) * block_k
+    _gemv_kernel[(num_blocks, split_k)](
+        x, weight, weight_scale if weight_scale is not None else y,
+        bias if bias is not None else y, y, partial, locks,
+        num_out, num_in, x.stride(0), weight.stride(0), y.stride(0),
+        ROWS=num_rows, HAS_SCALE=weight_scale is not None, HAS_BIAS=bias is not None,
+        BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
+        EVEN_K=num_in % k_per_split == 0, num_warps=num_warps, num_stages=num_stages,
+        **launch_dependent_args(x.device))
+    return y

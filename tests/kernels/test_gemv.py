@@ -1,0 +1,140 @@
+"""The decode GEMV against torch: ``x @ (W * s)^T + b`` computed in float64 from the same
+weight.
+
+Tolerance per element: the dtype's (atol, rtol) for the output's rounding, plus float32
+accumulation error, which grows with the sum of the terms' magnitudes (``|x| @ |W s|^T``),
+not with the result."""
+
+import pytest
+import torch
+
+from kernels.fp8 import FP8_DTYPE
+from kernels.gemv import MAX_ROWS, gemv, split_k_for
+from tests.kernels.conftest import DEVICE, GPU_DTYPES, SMALL_DTYPES, TOLERANCES, needs_gpu
+
+# Relative float32 accumulation error allowed against the sum of |terms| (16 ulps).
+ACCUMULATION_EPS = 2.0 ** -20
+
+
+def _operands(num_rows, num_out, num_in, dtype, weight_dtype, device, has_bias, has_scale):
+    torch.manual_seed(num_rows * 131 + num_out + num_in)
+    weight = torch.randn(num_out, num_in) * torch.logspace(-2, 1, num_out)[:, None]
+    scale = None
+    if weight_dtype == FP8_DTYPE:
+        scale = (weight.abs().amax(-1) / 448.0).float()
+        weight = (weight / scale[:, None]).clamp(-448, 448).to(FP8_DTYPE)
+        if not has_scale:
+            scale = None
+    else:
+        weight = weight.to(weight_dtype)
+        if has_scale:
+            scale = torch.rand(num_out) + 0.5
+    x = torch.randn(num_rows, num_in).to(dtype)
+    bias = torch.randn(num_out).to(dtype) if has_bias else None
+    w = weight.double() * (1.0 if scale is None else scale.double()[:, None])
+    expected = x.double() @ w.t()
+    if has_bias:
+        expected += bias.double()
+    magnitude = x.double().abs() @ w.abs().t()
+    to = (lambda t: None if t is None else t.to(device))
+    return to(x), to(weight), to(scale), to(bias), (expected, magnitude)
+
+
+def _check(num_rows, num_out, num_in, dtype, device, *, weight_dtype=None, has_bias=False,
+           has_scale=False, config=None):
+    x, w, s, b, (expected, magnitude) = _operands(
+        num_rows, num_out, num_in, dtype, weight_dtype or dtype, device, has_bias, has_scale)
+    kwargs = {} if config is None else {"config": config}
+    out = gemv(x, w, b, s, **kwargs)
+    assert out.dtype == dtype and out.shape == (num_rows, num_out)
+    atol, rtol = TOLERANCES[dtype]
+    error = (out.double().cpu() - expected).abs()
+    bound = atol + rtol * expected.abs() + ACCUMULATION_EPS * magnitude
+    bad = error > bound
+    assert not bool(bad.any()), (f"{int(bad.sum())}/{bad.numel()} outside the bound; worst "
+                                 f"{float((error / bound).max()):.2f}x the bound")
+    return out
+
+
+@pytest.mark.parametrize("dtype", SMALL_DTYPES)
+@pytest.mark.parametrize("num_rows,num_out,num_in,has_bias,has_scale",
+                         [(1, 64, 256, False, False), (2, 30, 1100, True, False),
+                          (3, 37, 300, False, True), (MAX_ROWS, 48, 512, True, True)])
+def test_matches_torch(num_rows, num_out, num_in, has_bias, has_scale, dtype):
+    """Every row count, ragged N and K (a masked last tile), bias and scale."""
+    _check(num_rows, num_out, num_in, dtype, DEVICE, has_bias=has_bias, has_scale=has_scale,
+           config=(16, 128, 4, 1, 1))
+
+
+@pytest.mark.parametrize("num_rows", [1, 3])
+def test_fp8_weight_matches_torch(num_rows):
+    """e4m3 weights with per-channel scales, as quantization="fp8" stores them."""
+    _check(num_rows, 40, 384, torch.float32, DEVICE, weight_dtype=FP8_DTYPE, has_scale=True,
+           has_bias=True, config=(16, 128, 4, 1, 1))
+
+
+@pytest.mark.parametrize("split_k,num_in", [(2, 512), (3, 600), (4, 256)])
+def test_split_k_matches_torch_and_repeats_exactly(split_k, num_in):
+    """K spread over programs (whole tiles, a short last split, splits left empty): the same
+    values, bit for bit on a second launch (partials added in split order), and the counters
+    are left at zero for the next launch."""
+    config = (16, 64, 4, 1, split_k)
+    first = _check(2, 70, num_in, torch.float32, DEVICE, has_bias=True, config=config)
+    second = _check(2, 70, num_in, torch.float32, DEVICE, has_bias=True, config=config)
+    assert torch.equal(first, second)
+    from kernels.gemv import _LOCKS
+
+    assert int(_LOCKS[torch.device(DEVICE)].abs().sum()) == 0
+
+
+def test_split_count_follows_the_shape():
+    """Few column blocks get more splits (bounded by two tiles of K each); many get one."""
+    device = torch.device("cpu")
+    assert split_k_for(4096, 4096, 8, 512, device) == 1  # 512 blocks: enough programs
+    assert split_k_for(64, 4096, 8, 512, device) == 2  # 8 blocks, at most 4096 / 1024
+    assert split_k_for(64, 512, 8, 512, device) == 1  # not two tiles of K to share
+
+
+def test_empty_k_gives_the_bias():
+    x = torch.zeros(2, 0, device=DEVICE)
+    w = torch.zeros(5, 0, device=DEVICE)
+    b = torch.arange(5.0, device=DEVICE)
+    assert torch.equal(gemv(x, w, b).cpu(), b.cpu().expand(2, 5))
+    assert torch.equal(gemv(x, w).cpu(), torch.zeros(2, 5))
+
+
+def test_rejects_what_it_cannot_read():
+    x = torch.zeros(2, 64, device=DEVICE)
+    w = torch.zeros(32, 64, device=DEVICE)
+    with pytest.raises(ValueError, match="x must have 1 to"):
+        gemv(torch.zeros(MAX_ROWS + 1, 64, device=DEVICE), w)
+    with pytest.raises(ValueError, match="x must have 1 to"):
+        gemv(torch.zeros(0, 64, device=DEVICE), w)
+    with pytest.raises(ValueError, match="weight must have dtype"):
+        gemv(x, w.to(torch.int8))
+    with pytest.raises(ValueError, match="weight must have shape"):
+        gemv(x[:, :32].contiguous(), w)
+    with pytest.raises(ValueError, match="weight_scale must have shape"):
+        gemv(x, w, weight_scale=torch.ones(16, device=DEVICE))
+    with pytest.raises(ValueError, match="bias must have shape"):
+        gemv(x, w, torch.ones(16, device=DEVICE))
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("num_rows", list(range(1, MAX_ROWS + 1)))
+@pytest.mark.parametrize("num_out,num_in", [(6144, 4096), (4096, 14336), (1000, 4000)])
+def test_decoder_shapes_on_gpu(num_rows, num_out, num_in, dtype):
+    """Llama-3-8B's q/k/v and down shapes and a ragged one, in the default configuration
+    (split count from the SMs)."""
+    _check(num_rows, num_out, num_in, dtype, "cuda", has_bias=num_rows == 2)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("num_rows", [1, 4])
+def test_fp8_decoder_shape_on_gpu(num_rows):
+    _check(num_rows, 6144, 4096, torch.bfloat16, "cuda", weight_dtype=FP8_DTYPE,
+           has_scale=True)
+
