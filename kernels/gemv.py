@@ -1,16 +1,24 @@
-"""``y = (x @ W^T) * s + b`` for one to four rows of ``x``: decode's linear layers at batch 1-4.
+"""``y = (x @ W^T) * s + b`` for one to four rows of ``x``: decode's linear layers.
 
 At these sizes a linear layer is the time to read ``W`` once; cuBLAS reaches that for the
 wide gate/up and LM-head matrices but not for the smaller q/k/v and o shapes (several
 waves of a tile kernel, then a split-K reduction launch). This kernel is a plain
 multiply-add over the weight: each program owns ``BLOCK_N`` output channels, streams their
 weight rows along K in ``[BLOCK_N, BLOCK_K]`` tiles (converted to float32 in registers:
-bf16, fp16, fp32 or e4m3 weights), keeps one float32 partial per element of the tile and
-sums it once at the end, so the loop is loads and FMAs only. ``SPLIT_K > 1`` spreads K over
-that many programs per column block to keep every SM streaming when N is small; their
-float32 partials are added in split order by the last program of the block (a counter per
-block, reset by that program), so the result does not depend on which program finished
-first and a second launch gives the same bits.
+bf16, fp16, fp32 or e4m3 weights; the next tile requested before the current one is used),
+keeps one float32 partial per element of the tile and sums it once at the end, so the loop
+is loads and FMAs only. ``SPLIT_K > 1`` spreads K over that many programs per column block
+to keep every SM streaming when N is small; their float32 partials are added in split
+order by the last program of the block (a counter per block, reset by that program), so
+the result does not depend on which program finished first and a second launch gives the
+same bits.
+
+With programmatic dependent launch (``kernels._utils.launch_dependent_args``) the programs
+start while the previous kernel finishes: they request their first weight tile (the step
+never writes a weight), then wait for that kernel before reading ``x``. ``gated`` fuses
+the gated MLP's ``silu(gate) * up`` into the down projection's reads of ``x``.
+On an H200 it beats cuBLAS at one row and loses from two (each row adds an FMA per weight
+element; see docs/performance.md), so the model runs it for one row only.
 """
 
 from __future__ import annotations
@@ -40,11 +48,30 @@ _PROGRAMS_PER_SM = 4
 
 
 @triton.jit
+def _x_tile(ptrs, k_ok, num_in, MASKED: tl.constexpr, GATED: tl.constexpr):
+    """A tile of one row of x in float32; GATED: the row is ``[gate | up]`` (2 * num_in) and
+    the tile is ``silu(gate) * up``, rounded as ``kernels/silu_and_mul.py`` rounds it."""
+    if MASKED:
+        x = tl.load(ptrs, mask=k_ok, other=0.0)
+    else:
+        x = tl.load(ptrs)
+    if GATED:
+        if MASKED:
+            up = tl.load(ptrs + num_in, mask=k_ok, other=0.0)
+        else:
+            up = tl.load(ptrs + num_in)
+        g = x.to(tl.float32)
+        act = (g / (1.0 + tl.exp(-g))).to(x.dtype).to(tl.float32)
+        x = (act * up.to(tl.float32)).to(x.dtype)
+    return x.to(tl.float32)
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, partial_ptr, lock_ptr,
                  num_out, num_in, stride_x, stride_w, stride_y,
                  ROWS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                 EVEN_K: tl.constexpr, USE_GDC: tl.constexpr):
+                 EVEN_K: tl.constexpr, GATED: tl.constexpr, USE_GDC: tl.constexpr):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -77,31 +104,18 @@ def _gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, partial_ptr, lock_ptr
             # A mask uniform along K (k_end is a whole tile away or not): loads stay vectors.
             more = (tl.zeros([1, BLOCK_K], dtype=tl.int32) + (k0 + BLOCK_K)) < k_end
             w_next = tl.load(w_ptrs, mask=more, other=0.0, eviction_policy="evict_first")
-            x0 = tl.load(x_ptrs)
+            k_ok = more  # unused: the x tiles are read whole
         else:
             k_ok = (k0 + ks) < k_end
             w_next = tl.load(w_ptrs, mask=((k0 + BLOCK_K + ks) < k_end)[None, :], other=0.0,
                              eviction_policy="evict_first")
-            x0 = tl.load(x_ptrs, mask=k_ok, other=0.0)
-        acc0 += w * x0.to(tl.float32)[None, :]
+        acc0 += w * _x_tile(x_ptrs, k_ok, num_in, not EVEN_K, GATED)[None, :]
         if ROWS > 1:
-            if EVEN_K:
-                x1 = tl.load(x_ptrs + stride_x)
-            else:
-                x1 = tl.load(x_ptrs + stride_x, mask=k_ok, other=0.0)
-            acc1 += w * x1.to(tl.float32)[None, :]
+            acc1 += w * _x_tile(x_ptrs + stride_x, k_ok, num_in, not EVEN_K, GATED)[None, :]
         if ROWS > 2:
-            if EVEN_K:
-                x2 = tl.load(x_ptrs + 2 * stride_x)
-            else:
-                x2 = tl.load(x_ptrs + 2 * stride_x, mask=k_ok, other=0.0)
-            acc2 += w * x2.to(tl.float32)[None, :]
+            acc2 += w * _x_tile(x_ptrs + 2 * stride_x, k_ok, num_in, not EVEN_K, GATED)[None, :]
         if ROWS > 3:
-            if EVEN_K:
-                x3 = tl.load(x_ptrs + 3 * stride_x)
-            else:
-                x3 = tl.load(x_ptrs + 3 * stride_x, mask=k_ok, other=0.0)
-            acc3 += w * x3.to(tl.float32)[None, :]
+            acc3 += w * _x_tile(x_ptrs + 3 * stride_x, k_ok, num_in, not EVEN_K, GATED)[None, :]
         x_ptrs += BLOCK_K
     out0 = tl.sum(acc0, axis=1)
     out1 = tl.sum(acc1, axis=1)
@@ -194,12 +208,15 @@ def split_k_for(num_out: int, num_in: int, block_n: int, block_k: int,
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         weight_scale: torch.Tensor | None = None, config: Config | None = None
-         ) -> torch.Tensor:
+         weight_scale: torch.Tensor | None = None, config: Config | None = None,
+         gated: bool = False) -> torch.Tensor:
     """``x @ (weight * weight_scale[:, None])^T + bias`` in ``x``'s dtype, float32 sums.
 
     Args:
-        x: ``[M, K]`` activations, ``1 <= M <= MAX_ROWS``, last dim contiguous.
+        x: ``[M, K]`` activations, ``1 <= M <= MAX_ROWS``, last dim contiguous; with
+            ``gated``, ``[M, 2K]`` rows ``[gate | up]`` that enter the product as
+            ``silu(gate) * up`` (the gated MLP's activation, fused into the down
+            projection; the same values as ``kernels.silu_and_mul``).
         weight: ``[N, K]`` bf16, fp16, fp32 or float8_e4m3fn, last dim contiguous.
         bias: ``[N]`` or None.
         weight_scale: ``[N]`` float32 per output channel, or None.
@@ -215,6 +232,10 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     check_tensor("weight", weight, ndim=2, dtypes=WEIGHT_DTYPES, device=x.device,
                  last_dim_contiguous=True)
     num_rows, num_in = x.shape
+    if gated:
+        if num_in % 2:
+            raise ValueError(f"x must have an even last dim (gate | up), got {num_in}.")
+        num_in //= 2
     num_out = weight.shape[0]
     if not 1 <= num_rows <= MAX_ROWS:
         raise ValueError(f"x must have 1 to {MAX_ROWS} rows, got {num_rows}.")
@@ -252,6 +273,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         num_out, num_in, x.stride(0), weight.stride(0), y.stride(0),
         ROWS=num_rows, HAS_SCALE=weight_scale is not None, HAS_BIAS=bias is not None,
         BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
-        EVEN_K=num_in % k_per_split == 0, num_warps=num_warps, num_stages=num_stages,
+        EVEN_K=num_in % k_per_split == 0, GATED=gated, num_warps=num_warps,
+        num_stages=num_stages,
         **launch_dependent_args(x.device))
     return y

@@ -138,3 +138,33 @@ def test_fp8_decoder_shape_on_gpu(num_rows):
     _check(num_rows, 6144, 4096, torch.bfloat16, "cuda", weight_dtype=FP8_DTYPE,
            has_scale=True)
 
+
+
+@pytest.mark.parametrize("num_rows,num_in,split_k", [(1, 256, 1), (3, 300, 1), (2, 512, 3)])
+def test_gated_equals_silu_and_mul_then_gemv(num_rows, num_in, split_k):
+    """``gated``: the same bits as the SiLU-and-mul kernel's output multiplied by the GEMV."""
+    from kernels.silu_and_mul import silu_and_mul
+
+    torch.manual_seed(num_in)
+    x = torch.randn(num_rows, 2 * num_in, device=DEVICE)
+    w = torch.randn(40, num_in, device=DEVICE)
+    b = torch.randn(40, device=DEVICE)
+    config = (16, 128, 4, 1, split_k)
+    fused = gemv(x, w, b, config=config, gated=True)
+    assert torch.equal(fused, gemv(silu_and_mul(x), w, b, config=config))
+    with pytest.raises(ValueError, match="even last dim"):
+        gemv(x[:, 1:].contiguous(), w, gated=True)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, FP8_DTYPE])
+def test_gated_down_shape_on_gpu(weight_dtype):
+    """Llama-3-8B's down projection with SiLU fused, bf16 and e4m3 weights."""
+    from kernels.silu_and_mul import silu_and_mul
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 2 * 14336, device="cuda", dtype=torch.bfloat16)
+    w = (torch.randn(4096, 14336, device="cuda") * 0.02).to(weight_dtype)
+    s = torch.rand(4096, device="cuda") + 0.5 if weight_dtype == FP8_DTYPE else None
+    assert torch.equal(gemv(x, w, None, s, gated=True), gemv(silu_and_mul(x), w, None, s))

@@ -53,6 +53,19 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+def silu_and_mul_linear(x: torch.Tensor, weight: torch.Tensor,
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``linear(silu_and_mul(x), weight, bias)``: the gated MLP's activation and down
+    projection; one GEMV launch where ``linear`` would use the GEMV kernel."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if 0 < rows <= GEMV_MAX_ROWS and _triton(x) and weight.dtype == x.dtype:
+        from kernels.gemv import gemv
+
+        out = gemv(x.reshape(rows, x.shape[-1]).contiguous(), weight, bias, gated=True)
+        return out.reshape(*x.shape[:-1], weight.shape[0])
+    return linear(silu_and_mul(x), weight, bias)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
              residual: torch.Tensor | None = None):
     if _triton(x):

@@ -141,10 +141,21 @@ class Fp8Linear(nn.Module):
             out = self.reduce(out)
         return out.reshape(*shape[:-1], self.out_features)
 
+    def forward_silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward(silu_and_mul(x))`` for ``x = [gate | up]``: the gated MLP's down
+        projection, one GEMV launch for a row on a GPU with e4m3 conversions."""
+        x2 = x.reshape(-1, x.shape[-1])
+        if not (self.is_fp8_native and 0 < x2.shape[0] <= ops.GEMV_MAX_ROWS):
+            return self.forward(ops.silu_and_mul(x))
+        out = gemv(x2.contiguous(), self.weight, self.bias, self.weight_scale, gated=True)
+        if self.reduce is not None:
+            out = self.reduce(out)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
     def _weight_only(self, x: torch.Tensor) -> torch.Tensor:
         """A few rows (decode): the activations stay unquantized; only W is e4m3."""
         if self.is_fp8_native:
-            if x.shape[0] <= ops.GEMV_MAX_ROWS:
+            if 0 < x.shape[0] <= ops.GEMV_MAX_ROWS:
                 return gemv(x.contiguous(), self.weight, self.bias, self.weight_scale)
             return fp8_weight_matmul(x.contiguous(), self.weight, self.weight_scale, self.bias)
         return self._dequantized_product(x.float(), x.dtype)

@@ -107,7 +107,12 @@ class LlamaMLP(nn.Module):
         self.act_and_mul = SiluAndMul() if act == "silu" else _ActAndMul(get_activation(act))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_and_mul(self.gate_up_proj(x)))
+        gate_up = self.gate_up_proj(x)
+        # SiLU fused into the down projection's reads (FP8 layers replace down_proj too).
+        fused = getattr(self.down_proj, "forward_silu_and_mul", None)
+        if fused is not None and isinstance(self.act_and_mul, SiluAndMul):
+            return fused(gate_up)
+        return self.down_proj(self.act_and_mul(gate_up))
 
 
 class _ActAndMul(nn.Module):

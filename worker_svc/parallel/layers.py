@@ -82,6 +82,12 @@ class RowParallelLinear(nn.Linear):
         out = ops.linear(x, self.weight, self.bias if self.tp.rank == 0 else None)
         return self.tp.all_reduce(out)
 
+    def forward_silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward(silu_and_mul(x))`` for ``x = [gate | up]`` (one kernel at decode)."""
+        bias = self.bias if not self.tp.is_parallel or self.tp.rank == 0 else None
+        out = ops.silu_and_mul_linear(x, self.weight, bias)
+        return self.tp.all_reduce(out) if self.tp.is_parallel else out
+
 
 class VocabParallelEmbedding(nn.Embedding):
     def __init__(self, num_embeddings: int, embedding_dim: int):
