@@ -48,9 +48,14 @@ _PROGRAMS_PER_SM = 4
 
 
 @triton.jit
-def _x_tile(ptrs, k_ok, num_in, MASKED: tl.constexpr, GATED: tl.constexpr):
-    """A tile of one row of x in float32; GATED: the row is ``[gate | up]`` (2 * num_in) and
-    the tile is ``silu(gate) * up``, rounded as ``kernels/silu_and_mul.py`` rounds it."""
+def _x_tile(ptrs, k_ok, num_in, res_ptrs, norm_w_ptrs, rstd, MASKED: tl.constexpr,
+            GATED: tl.constexpr, NORM: tl.constexpr):
+    """A tile of one row of x in float32.
+
+    GATED: the row is ``[gate | up]`` (2 * num_in) and the tile is ``silu(gate) * up``,
+    rounded as ``kernels/silu_and_mul.py`` rounds it. NORM: the tile is
+    ``rms_norm(x + residual)`` with the row's ``rstd``, rounded as ``kernels/rms_norm.py``
+    rounds it."""
     if MASKED:
         x = tl.load(ptrs, mask=k_ok, other=0.0)
     else:
@@ -63,15 +68,27 @@ def _x_tile(ptrs, k_ok, num_in, MASKED: tl.constexpr, GATED: tl.constexpr):
         g = x.to(tl.float32)
         act = (g / (1.0 + tl.exp(-g))).to(x.dtype).to(tl.float32)
         x = (act * up.to(tl.float32)).to(x.dtype)
+    if NORM:
+        if MASKED:
+            r = tl.load(res_ptrs, mask=k_ok, other=0.0)
+            nw = tl.load(norm_w_ptrs, mask=k_ok, other=0.0)
+        else:
+            r = tl.load(res_ptrs)
+            nw = tl.load(norm_w_ptrs)
+        h = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype).to(tl.float32)
+        normed = (h * rstd).to(x.dtype).to(tl.float32)
+        x = (normed * nw.to(tl.float32)).to(x.dtype)
     return x.to(tl.float32)
 
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, partial_ptr, lock_ptr,
+                 res_ptr, norm_w_ptr, res_out_ptr, eps,
                  num_out, num_in, stride_x, stride_w, stride_y,
                  ROWS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                 EVEN_K: tl.constexpr, GATED: tl.constexpr, USE_GDC: tl.constexpr):
+                 EVEN_K: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr,
+                 BLOCK_H: tl.constexpr, USE_GDC: tl.constexpr):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -96,6 +113,23 @@ def _gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, partial_ptr, lock_ptr
     if USE_GDC:
         gdc_launch_dependents()
         gdc_wait()
+    rstd = 0.0
+    res_ptrs = x_ptrs
+    norm_w_ptrs = x_ptrs
+    if NORM:
+        # x + residual over the whole row (one row): every program takes its norm; the
+        # first program also writes the sum, the next layer's residual.
+        hs = tl.arange(0, BLOCK_H)
+        h_ok = hs < num_in
+        h = (tl.load(x_ptr + hs, mask=h_ok, other=0.0).to(tl.float32)
+             + tl.load(res_ptr + hs, mask=h_ok, other=0.0).to(tl.float32)
+             ).to(x_ptr.dtype.element_ty)
+        if (pid == 0) & (pid_k == 0):
+            tl.store(res_out_ptr + hs, h, mask=h_ok)
+        hf = h.to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(hf * hf, axis=0) / num_in + eps)
+        res_ptrs = res_ptr + k_start + ks
+        norm_w_ptrs = norm_w_ptr + k_start + ks
     for k0 in range(k_start, k_end, BLOCK_K):
         w = w_next.to(tl.float32)
         # The next tile's loads are issued before this tile's products (double buffering).
@@ -109,14 +143,20 @@ def _gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, partial_ptr, lock_ptr
             k_ok = (k0 + ks) < k_end
             w_next = tl.load(w_ptrs, mask=((k0 + BLOCK_K + ks) < k_end)[None, :], other=0.0,
                              eviction_policy="evict_first")
-        acc0 += w * _x_tile(x_ptrs, k_ok, num_in, not EVEN_K, GATED)[None, :]
-        if ROWS > 1:
-            acc1 += w * _x_tile(x_ptrs + stride_x, k_ok, num_in, not EVEN_K, GATED)[None, :]
+        acc0 += w * _x_tile(x_ptrs, k_ok, num_in, res_ptrs, norm_w_ptrs, rstd, not EVEN_K,
+                            GATED, NORM)[None, :]
+        if ROWS > 1:  # (NORM takes one row)
+            acc1 += w * _x_tile(x_ptrs + stride_x, k_ok, num_in, x_ptrs, x_ptrs, rstd,
+                                not EVEN_K, GATED, False)[None, :]
         if ROWS > 2:
-            acc2 += w * _x_tile(x_ptrs + 2 * stride_x, k_ok, num_in, not EVEN_K, GATED)[None, :]
+            acc2 += w * _x_tile(x_ptrs + 2 * stride_x, k_ok, num_in, x_ptrs, x_ptrs, rstd,
+                                not EVEN_K, GATED, False)[None, :]
         if ROWS > 3:
-            acc3 += w * _x_tile(x_ptrs + 3 * stride_x, k_ok, num_in, not EVEN_K, GATED)[None, :]
+            acc3 += w * _x_tile(x_ptrs + 3 * stride_x, k_ok, num_in, x_ptrs, x_ptrs, rstd,
+                                not EVEN_K, GATED, False)[None, :]
         x_ptrs += BLOCK_K
+        res_ptrs += BLOCK_K
+        norm_w_ptrs += BLOCK_K
     out0 = tl.sum(acc0, axis=1)
     out1 = tl.sum(acc1, axis=1)
     out2 = tl.sum(acc2, axis=1)
@@ -228,6 +268,40 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     Raises:
         ValueError: an argument of the wrong shape, dtype or device, naming it.
     """
+    return _launch(x, weight, bias, weight_scale, config, gated, None)[0]
+
+
+def rms_norm_gemv(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
+                  eps: float, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  weight_scale: torch.Tensor | None = None, config: Config | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``gemv(rms_norm(x + residual) * norm_weight, ...)`` for one row, and ``x + residual``
+    (the next residual): the decoder's add-and-norm fused into the projection after it, with
+    the values of ``kernels.rms_norm.rms_norm(x, norm_weight, eps, residual)``.
+
+    Args:
+        x, residual: ``[1, K]`` of one dtype, last dim contiguous.
+        norm_weight: ``[K]`` of x's dtype.
+        eps: the norm's epsilon.
+        weight, bias, weight_scale, config: as for ``gemv``.
+    Returns:
+        ``(y [1, N], x + residual [1, K])``; ``residual`` is not written.
+    Raises:
+        ValueError: an argument of the wrong shape, dtype or device, naming it.
+    """
+    check_tensor("residual", residual, ndim=2, dtypes=(x.dtype,), device=x.device,
+                 last_dim_contiguous=True)
+    check_shape("residual", residual, tuple(x.shape))
+    check_tensor("norm_weight", norm_weight, ndim=1, dtypes=(x.dtype,), device=x.device,
+                 contiguous=True)
+    check_shape("norm_weight", norm_weight, (x.shape[-1],))
+    if x.shape[0] != 1:
+        raise ValueError(f"x must have 1 row for the fused norm, got {x.shape[0]}.")
+    return _launch(x, weight, bias, weight_scale, config, False,
+                   (residual, norm_weight, float(eps)))
+
+
+def _launch(x, weight, bias, weight_scale, config, gated, norm):
     check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES, last_dim_contiguous=True)
     check_tensor("weight", weight, ndim=2, dtypes=WEIGHT_DTYPES, device=x.device,
                  last_dim_contiguous=True)
@@ -248,10 +322,15 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         check_tensor("bias", bias, dtypes=FLOAT_DTYPES, device=x.device, contiguous=True)
         check_shape("bias", bias, (num_out,))
     y = torch.empty((num_rows, num_out), dtype=x.dtype, device=x.device)
+    residual_out = None
+    if norm is not None:
+        residual_out = torch.empty_like(x)
+        if num_in == 0 or num_out == 0:  # nothing to launch: the sum alone
+            residual_out = (x.float() + norm[0].float()).to(x.dtype)
     if num_out == 0:
-        return y
+        return y, residual_out
     if num_in == 0:
-        return y.zero_() if bias is None else y.copy_(bias.expand_as(y))
+        return (y.zero_() if bias is None else y.copy_(bias.expand_as(y))), residual_out
     block_n, block_k, num_warps, num_stages, split_k = config or config_for(num_out, num_in)
     block_k = min(block_k, triton.next_power_of_2(num_in))
     if split_k == 0:
@@ -267,13 +346,15 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     else:
         partial = locks = y  # not read: SPLIT_K == 1 compiles the split-K path out
     k_per_split = triton.cdiv(triton.cdiv(num_in, split_k), block_k) * block_k
+    residual, norm_weight, eps = norm if norm is not None else (x, x, 0.0)
     _gemv_kernel[(num_blocks, split_k)](
         x, weight, weight_scale if weight_scale is not None else y,
         bias if bias is not None else y, y, partial, locks,
+        residual, norm_weight, residual_out if residual_out is not None else x, eps,
         num_out, num_in, x.stride(0), weight.stride(0), y.stride(0),
         ROWS=num_rows, HAS_SCALE=weight_scale is not None, HAS_BIAS=bias is not None,
         BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
-        EVEN_K=num_in % k_per_split == 0, GATED=gated, num_warps=num_warps,
-        num_stages=num_stages,
-        **launch_dependent_args(x.device))
-    return y
+        EVEN_K=num_in % k_per_split == 0, GATED=gated, NORM=norm is not None,
+        BLOCK_H=triton.next_power_of_2(num_in) if norm is not None else 1,
+        num_warps=num_warps, num_stages=num_stages, **launch_dependent_args(x.device))
+    return y, residual_out

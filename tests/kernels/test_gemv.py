@@ -9,8 +9,15 @@ import pytest
 import torch
 
 from kernels.fp8 import FP8_DTYPE
-from kernels.gemv import MAX_ROWS, gemv, split_k_for
-from tests.kernels.conftest import DEVICE, GPU_DTYPES, SMALL_DTYPES, TOLERANCES, needs_gpu
+from kernels.gemv import MAX_ROWS, gemv, rms_norm_gemv, split_k_for
+from tests.kernels.conftest import (
+    DEVICE,
+    GPU_DTYPES,
+    SMALL_DTYPES,
+    TOLERANCES,
+    assert_close,
+    needs_gpu,
+)
 
 # Relative float32 accumulation error allowed against the sum of |terms| (16 ulps).
 ACCUMULATION_EPS = 2.0 ** -20
@@ -168,3 +175,60 @@ def test_gated_down_shape_on_gpu(weight_dtype):
     w = (torch.randn(4096, 14336, device="cuda") * 0.02).to(weight_dtype)
     s = torch.rand(4096, device="cuda") + 0.5 if weight_dtype == FP8_DTYPE else None
     assert torch.equal(gemv(x, w, None, s, gated=True), gemv(silu_and_mul(x), w, None, s))
+
+
+@pytest.mark.parametrize("dtype", SMALL_DTYPES)
+@pytest.mark.parametrize("num_in,split_k", [(256, 1), (300, 1), (512, 3)])
+def test_rms_norm_gemv_equals_rms_norm_then_gemv(num_in, split_k, dtype):
+    """The add-and-norm fused into the projection: the norm kernel's values (within a
+    rounding of the norm's sum, which may add in another order) and its residual, exactly;
+    the residual given is not written."""
+    from kernels.rms_norm import rms_norm
+
+    torch.manual_seed(num_in)
+    x = torch.randn(1, num_in, device=DEVICE).to(dtype)
+    residual = torch.randn(1, num_in, device=DEVICE).to(dtype)
+    kept = residual.clone()
+    norm_w = (torch.rand(num_in, device=DEVICE) + 0.5).to(dtype)
+    w = torch.randn(40, num_in, device=DEVICE).to(dtype)
+    config = (16, 128, 4, 1, split_k)
+    y, res_out = rms_norm_gemv(x, residual, norm_w, 1e-6, w, config=config)
+    normed, expected_res = rms_norm(x, norm_w, 1e-6, residual.clone())
+    assert torch.equal(res_out, expected_res)
+    assert torch.equal(residual, kept)
+    expected = gemv(normed, w, config=config)
+    atol, rtol = TOLERANCES[dtype]
+    magnitude = normed.double().abs() @ w.double().abs().t()
+    bound = atol + rtol * expected.double().abs() + 4 * rtol * magnitude / num_in ** 0.5
+    assert bool(((y.double() - expected.double()).abs() <= bound).all())
+
+
+def test_rms_norm_gemv_rejects_what_it_cannot_fuse():
+    x = torch.zeros(2, 64, device=DEVICE)
+    w = torch.zeros(8, 64, device=DEVICE)
+    norm_w = torch.ones(64, device=DEVICE)
+    with pytest.raises(ValueError, match="1 row for the fused norm"):
+        rms_norm_gemv(x, x.clone(), norm_w, 1e-6, w)
+    with pytest.raises(ValueError, match="residual must have shape"):
+        rms_norm_gemv(x[:1], x, norm_w, 1e-6, w)
+    with pytest.raises(ValueError, match="norm_weight must have shape"):
+        rms_norm_gemv(x[:1], x[:1].clone(), norm_w[:32].contiguous(), 1e-6, w)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, FP8_DTYPE])
+def test_rms_norm_gemv_qkv_shape_on_gpu(weight_dtype):
+    """Llama-3-8B's add-and-norm fused into its q/k/v projection, bf16 and e4m3 weights."""
+    from kernels.rms_norm import rms_norm
+
+    torch.manual_seed(0)
+    x, residual = (torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16) for _ in "xr")
+    norm_w = torch.rand(4096, device="cuda", dtype=torch.bfloat16) + 0.5
+    w = (torch.randn(6144, 4096, device="cuda") * 0.02).to(weight_dtype)
+    s = torch.rand(6144, device="cuda") + 0.5 if weight_dtype == FP8_DTYPE else None
+    y, res_out = rms_norm_gemv(x, residual, norm_w, 1e-5, w, None, s)
+    normed, expected_res = rms_norm(x, norm_w, 1e-5, residual)
+    assert torch.equal(res_out, expected_res)
+    expected = gemv(normed, w, None, s)
+    assert_close(y, expected, "fused norm + q/k/v", torch.bfloat16)

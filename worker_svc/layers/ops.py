@@ -66,6 +66,32 @@ def silu_and_mul_linear(x: torch.Tensor, weight: torch.Tensor,
     return linear(silu_and_mul(x), weight, bias)
 
 
+def add_rms_norm_linear(x: torch.Tensor, residual: torch.Tensor, norm, linear
+                        ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(linear(rms_norm(x + residual)), x + residual)`` in one GEMV launch for a decode
+    row, or None where that launch does not apply (the caller runs the norm, then the layer).
+
+    Args:
+        norm: an RMSNorm (``weight``, ``eps``; ``x * rstd * weight``).
+        linear: a column-parallel linear layer (``weight``, ``bias``) or its FP8 form
+            (``weight_scale`` too, e4m3 weights on a GPU that converts them).
+    """
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if not (rows == 1 <= GEMV_MAX_ROWS and _triton(x) and norm.weight.dtype == x.dtype
+            and getattr(linear, "reduce", None) is None):
+        return None
+    scale = getattr(linear, "weight_scale", None)
+    if scale is None and linear.weight.dtype != x.dtype:
+        return None
+    if scale is not None and not getattr(linear, "is_fp8_native", False):
+        return None
+    from kernels.gemv import rms_norm_gemv
+
+    y, res = rms_norm_gemv(x.reshape(1, -1), residual.reshape(1, -1), norm.weight, norm.eps,
+                           linear.weight, linear.bias, scale)
+    return y.reshape(*x.shape[:-1], -1), res.reshape(x.shape)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
              residual: torch.Tensor | None = None):
     if _triton(x):

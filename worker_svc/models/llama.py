@@ -15,6 +15,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from worker_svc.layers import ops
 from worker_svc.layers.attention import AttentionBackend, AttentionMetadata
 from worker_svc.layers.layers import RMSNorm, SiluAndMul, get_activation
 from worker_svc.layers.rotary import RotaryEmbedding
@@ -80,10 +81,14 @@ class LlamaAttention(nn.Module):
         self.rotary_emb = rotary
         self.backend = backend
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: KVCache,
-                attn_metadata: AttentionMetadata) -> torch.Tensor:
-        num_tokens = hidden.shape[0]
-        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor | None, kv_cache: KVCache,
+                attn_metadata: AttentionMetadata, qkv: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """``qkv``: the q/k/v projection already computed (then ``hidden`` is not read)."""
+        if qkv is None:
+            qkv = self.qkv_proj(hidden)
+        num_tokens = qkv.shape[0]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
@@ -106,8 +111,11 @@ class LlamaMLP(nn.Module):
         act = getattr(config, "hidden_act", "silu")
         self.act_and_mul = SiluAndMul() if act == "silu" else _ActAndMul(get_activation(act))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
+    def forward(self, x: torch.Tensor | None, gate_up: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """``gate_up``: the gate/up projection already computed (then ``x`` is not read)."""
+        if gate_up is None:
+            gate_up = self.gate_up_proj(x)
         # SiLU fused into the down projection's reads (FP8 layers replace down_proj too).
         fused = getattr(self.down_proj, "forward_silu_and_mul", None)
         if fused is not None and isinstance(self.act_and_mul, SiluAndMul):
@@ -135,13 +143,28 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, positions, hidden, residual, kv_cache, attn_metadata):
+        # At decode the add-and-norms run inside the projections after them (one launch
+        # each), where ops.add_rms_norm_linear applies.
+        fused = None
         if residual is None:
             residual, hidden = hidden, self.input_layernorm(hidden)
         else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, kv_cache, attn_metadata)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+            fused = ops.add_rms_norm_linear(hidden, residual, self.input_layernorm,
+                                            self.self_attn.qkv_proj)
+            if fused is None:
+                hidden, residual = self.input_layernorm(hidden, residual)
+        if fused is None:
+            hidden = self.self_attn(positions, hidden, kv_cache, attn_metadata)
+        else:
+            qkv, residual = fused
+            hidden = self.self_attn(positions, None, kv_cache, attn_metadata, qkv=qkv)
+        fused = ops.add_rms_norm_linear(hidden, residual, self.post_attention_layernorm,
+                                        self.mlp.gate_up_proj)
+        if fused is None:
+            hidden, residual = self.post_attention_layernorm(hidden, residual)
+            return self.mlp(hidden), residual
+        gate_up, residual = fused
+        return self.mlp(None, gate_up=gate_up), residual
 
 
 class LlamaModel(nn.Module):
