@@ -1,0 +1,99 @@
+"""The model layers' GEMV paths (worker_svc.layers.ops), run through Triton's interpreter on
+the CPU by letting ``ops`` take CPU tensors for CUDA ones: one decode row goes through the
+GEMV, fused with SiLU-and-mul or with the residual add and RMSNorm, and gives the unfused
+layers' values; more rows, or the kernel switched off, take the unfused path."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import torch_ref
+from worker_svc.layers import ops
+from worker_svc.layers.layers import RMSNorm
+from worker_svc.layers.quantization import Fp8Linear
+from worker_svc.parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+
+@pytest.fixture
+def on_kernels(monkeypatch):
+    """``ops`` treats CPU tensors as CUDA ones (the kernels run in the interpreter)."""
+    monkeypatch.setattr(ops, "_triton", lambda x: True)
+    monkeypatch.setattr(ops, "GEMV_MAX_ROWS", 1)
+    calls = []
+    import kernels.gemv
+
+    real = kernels.gemv._launch
+
+    def counting(*args):
+        calls.append(args[5:7])  # (gated, norm)
+        return real(*args)
+
+    monkeypatch.setattr(kernels.gemv, "_launch", counting)
+    return calls
+
+
+def _close(got, want):
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_takes_the_gemv_for_one_row_only(on_kernels):
+    torch.manual_seed(0)
+    layer = ColumnParallelLinear.merged(96, [40, 40], bias=True)
+    one, three = torch.randn(1, 96), torch.randn(3, 96)
+    _close(layer(one), F.linear(one, layer.weight, layer.bias))
+    assert len(on_kernels) == 1
+    _close(layer(three), F.linear(three, layer.weight, layer.bias))
+    assert len(on_kernels) == 1  # three rows: cuBLAS's path (F.linear)
+
+
+def test_down_projection_fuses_silu_and_mul(on_kernels):
+    torch.manual_seed(1)
+    down = RowParallelLinear(64, 48, bias=False)
+    gate_up = torch.randn(1, 128)
+    want = F.linear(torch_ref.silu_and_mul(gate_up), down.weight)
+    _close(down.forward_silu_and_mul(gate_up), want)
+    assert on_kernels == [(True, None)]
+    two = torch.randn(2, 128)
+    _close(down.forward_silu_and_mul(two), F.linear(torch_ref.silu_and_mul(two), down.weight))
+    assert len(on_kernels) == 1  # two rows: silu_and_mul, then the linear layer
+
+
+def test_add_rms_norm_linear_fuses_the_norm(on_kernels):
+    torch.manual_seed(2)
+    norm = RMSNorm(64, 1e-5)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    qkv = ColumnParallelLinear.merged(64, [32, 16, 16], bias=True)
+    x, residual = torch.randn(1, 64), torch.randn(1, 64)
+    fused = ops.add_rms_norm_linear(x, residual, norm, qkv)
+    assert fused is not None and len(on_kernels) == 1 and on_kernels[0][1] is not None
+    normed, summed = torch_ref.rms_norm(x, norm.weight, norm.eps, residual)
+    _close(fused[0], F.linear(normed, qkv.weight, qkv.bias))
+    assert torch.equal(fused[1], summed)
+    # Two rows, or a layer that reduces across ranks: the caller's unfused path.
+    assert ops.add_rms_norm_linear(torch.randn(2, 64), torch.randn(2, 64), norm, qkv) is None
+
+
+def test_fp8_layers_fuse_on_gpus_that_convert_e4m3_only(on_kernels):
+    torch.manual_seed(3)
+    layer = Fp8Linear.from_linear(RowParallelLinear(64, 32, bias=False))
+    norm = RMSNorm(64, 1e-5)
+    x = torch.randn(1, 64)
+    # The CPU has no e4m3 conversions in kernels: the layers keep their own path.
+    assert not layer.is_fp8_native
+    assert ops.add_rms_norm_linear(x, x.clone(), norm, layer) is None
+    gate_up = torch.randn(1, 128)
+    _close(layer.forward_silu_and_mul(gate_up), layer(torch_ref.silu_and_mul(gate_up)))
+    assert on_kernels == []
+
+
+def test_switched_off_runs_the_unfused_layers(on_kernels, monkeypatch):
+    monkeypatch.setattr(ops, "GEMV_MAX_ROWS", 0)
+    norm = RMSNorm(64, 1e-5)
+    qkv = ColumnParallelLinear.merged(64, [32], bias=False)
+    x = torch.randn(1, 64)
+    assert ops.add_rms_norm_linear(x, x.clone(), norm, qkv) is None
+    _close(qkv(x), F.linear(x, qkv.weight))
+    assert on_kernels == []
+    with pytest.raises(ValueError, match="rows must be in"):
+        ops.set_gemv_max_rows(5)
