@@ -118,7 +118,7 @@ def main() -> None:
             for name, n, k in SHAPES:
                 x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
                 timed = {}
-                default = config_for(n, k)
+                default = config_for(n, k, 1 if kind == "fp8" else 2)
                 for config in SWEEP + ([default] if default not in SWEEP else []):
                     try:
                         ms = graph_time_ms(_calls("gemv", weights[kind, name], x, config))

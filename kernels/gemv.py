@@ -231,10 +231,14 @@ def _locks(device: torch.device) -> torch.Tensor:
     return locks
 
 
-def config_for(num_out: int, num_in: int) -> Config:
-    """Four output channels per program (the most programs: the shortest tail), in tiles of
-    1024 along K for a wide output (q/k/v, gate/up, the LM head), else 512 (o, down):
-    the best or within 2% of the best of a sweep over the Llama-3-8B shapes on an H200."""
+def config_for(num_out: int, num_in: int, weight_bytes: int = 2) -> Config:
+    """16-bit weights: four output channels per program (the most programs: the shortest
+    tail), in tiles of 1024 along K for a wide output (q/k/v, gate/up, the LM head), else 512
+    (o, down): the best or within 2% of the best of a sweep over the Llama-3-8B shapes on an
+    H200. e4m3 weights: 16 channels by 512 (each tile of x is converted to the weight tile's
+    register layout once per tile, so more channels per tile pay for it)."""
+    if weight_bytes == 1:
+        return (16, 512, 4, 1, 0)
     return (4, 1024 if num_out > num_in else 512, 4, 1, 0)
 
 
@@ -331,7 +335,8 @@ def _launch(x, weight, bias, weight_scale, config, gated, norm):
         return y, residual_out
     if num_in == 0:
         return (y.zero_() if bias is None else y.copy_(bias.expand_as(y))), residual_out
-    block_n, block_k, num_warps, num_stages, split_k = config or config_for(num_out, num_in)
+    block_n, block_k, num_warps, num_stages, split_k = config or config_for(
+        num_out, num_in, weight.element_size())
     block_k = min(block_k, triton.next_power_of_2(num_in))
     if split_k == 0:
         split_k = split_k_for(num_out, num_in, block_n, block_k, x.device)
