@@ -42,7 +42,9 @@ from kernels.fp8 import FP8_DTYPE
 
 _LOG2E = 1.4426950408889634
 # Fewer context tokens than this per split costs more in the reduction than it saves.
-_MIN_TOKENS_PER_SPLIT = 256
+# (H200, batch 1, 8 KV heads: a 256-token context takes 13.9 us in one split, 9.5 us in
+# four; 1024 tokens 16.6 us in four splits, 12.4 us in eight.)
+_MIN_TOKENS_PER_SPLIT = 64
 _MAX_SPLITS = 64
 
 
