@@ -62,6 +62,22 @@ def is_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# Column blocks a split-K launch may have (one counter each).
+SPLIT_K_MAX_BLOCKS = 1 << 16
+_SPLIT_K_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def split_k_counters(device: torch.device) -> torch.Tensor:
+    """The device's split-K counters (``SPLIT_K_MAX_BLOCKS`` int32), zero between launches:
+    the last program of a column block to finish adds the partial sums and resets its
+    counter. Allocated at the first launch (a warm-up step), never inside a graph capture."""
+    counters = _SPLIT_K_COUNTERS.get(device)
+    if counters is None:
+        counters = _SPLIT_K_COUNTERS[device] = torch.zeros(SPLIT_K_MAX_BLOCKS,
+                                                           dtype=torch.int32, device=device)
+    return counters
+
+
 # Programmatic dependent launch of the decode path's kernels (set GRIDLLM_LAUNCH_DEPENDENT=0
 # before start to turn it off).
 LAUNCH_DEPENDENT = os.environ.get("GRIDLLM_LAUNCH_DEPENDENT", "1") != "0"

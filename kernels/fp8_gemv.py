@@ -17,7 +17,13 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._utils import FLOAT_DTYPES, check_shape, check_tensor
+from kernels._utils import (
+    FLOAT_DTYPES,
+    SPLIT_K_MAX_BLOCKS,
+    check_shape,
+    check_tensor,
+    split_k_counters,
+)
 from kernels.fp8 import FP8_DTYPE
 
 # Rows of x one launch takes (tl.dot's smallest M tile); callers use the FP8 GEMM beyond.
@@ -82,19 +88,6 @@ def _w8_matmul_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, partial_ptr, loc
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-# Per device: the split-K counters, zero between launches (each launch resets its own).
-_LOCKS: dict[torch.device, torch.Tensor] = {}
-_MAX_COLUMN_BLOCKS = 1 << 16
-
-
-def _locks(device: torch.device) -> torch.Tensor:
-    locks = _LOCKS.get(device)
-    if locks is None:
-        # Allocated at the first launch (a warm-up step), never inside a graph capture.
-        locks = _LOCKS[device] = torch.zeros(_MAX_COLUMN_BLOCKS, dtype=torch.int32, device=device)
-    return locks
-
-
 def fp8_weight_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                       bias: torch.Tensor | None = None,
                       config: tuple[int, int, int, int, int] = DEFAULT_CONFIG) -> torch.Tensor:
@@ -133,12 +126,12 @@ def fp8_weight_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch
     block_n, block_k, num_warps, num_stages, split_k = config
     num_blocks = triton.cdiv(num_out, block_n)
     if split_k > 1:
-        if num_blocks > _MAX_COLUMN_BLOCKS:
-            raise ValueError(f"weight has {num_out} rows: more than {_MAX_COLUMN_BLOCKS} "
+        if num_blocks > SPLIT_K_MAX_BLOCKS:
+            raise ValueError(f"weight has {num_out} rows: more than {SPLIT_K_MAX_BLOCKS} "
                              f"blocks of {block_n} for split-K.")
         partial = torch.empty(split_k * MAX_ROWS * num_out, dtype=torch.float32,
                               device=x.device)
-        locks = _locks(x.device)
+        locks = split_k_counters(x.device)
     else:
         partial = locks = y  # not read: SPLIT_K == 1 compiles the split-K path out
     _w8_matmul_kernel[(num_blocks, split_k)](

@@ -29,12 +29,14 @@ import triton.language as tl
 
 from kernels._utils import (
     FLOAT_DTYPES,
+    SPLIT_K_MAX_BLOCKS,
     check_shape,
     check_tensor,
     gdc_launch_dependents,
     gdc_wait,
     launch_dependent_args,
     num_sms,
+    split_k_counters,
 )
 from kernels.fp8 import FP8_DTYPE
 
@@ -218,19 +220,6 @@ def _gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, partial_ptr, lock_ptr
             tl.store(y_ptrs + 3 * stride_y, out3.to(y_ptr.dtype.element_ty), mask=col_ok)
 
 
-# Per device: the split-K counters, zero between launches (each launch resets its own).
-_LOCKS: dict[torch.device, torch.Tensor] = {}
-_MAX_COLUMN_BLOCKS = 1 << 16
-
-
-def _locks(device: torch.device) -> torch.Tensor:
-    locks = _LOCKS.get(device)
-    if locks is None:
-        # Allocated at the first launch (a warm-up step), never inside a graph capture.
-        locks = _LOCKS[device] = torch.zeros(_MAX_COLUMN_BLOCKS, dtype=torch.int32, device=device)
-    return locks
-
-
 def config_for(num_out: int, num_in: int, weight_bytes: int = 2) -> Config:
     """16-bit weights: four output channels per program (the most programs: the shortest
     tail), in tiles of 1024 along K for a wide output (q/k/v, gate/up, the LM head), else 512
@@ -342,12 +331,12 @@ def _launch(x, weight, bias, weight_scale, config, gated, norm):
         split_k = split_k_for(num_out, num_in, block_n, block_k, x.device)
     num_blocks = triton.cdiv(num_out, block_n)
     if split_k > 1:
-        if num_blocks > _MAX_COLUMN_BLOCKS:
-            raise ValueError(f"weight has {num_out} rows: more than {_MAX_COLUMN_BLOCKS} "
+        if num_blocks > SPLIT_K_MAX_BLOCKS:
+            raise ValueError(f"weight has {num_out} rows: more than {SPLIT_K_MAX_BLOCKS} "
                              f"blocks of {block_n} for split-K.")
         partial = torch.empty(split_k * num_rows * num_out, dtype=torch.float32,
                               device=x.device)
-        locks = _locks(x.device)
+        locks = split_k_counters(x.device)
     else:
         partial = locks = y  # not read: SPLIT_K == 1 compiles the split-K path out
     k_per_split = triton.cdiv(triton.cdiv(num_in, split_k), block_k) * block_k
