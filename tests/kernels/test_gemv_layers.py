@@ -97,3 +97,25 @@ def test_switched_off_runs_the_unfused_layers(on_kernels, monkeypatch):
     assert on_kernels == []
     with pytest.raises(ValueError, match="rows must be in"):
         ops.set_gemv_max_rows(5)
+
+
+def test_decoder_with_fused_decode_layers_generates_the_same_tokens(tiny_model_dir, on_kernels):
+    """A whole model, one request (every decode step one row): the layers' GEMV paths with
+    the norms and SiLU fused give the greedy tokens of the unfused run."""
+    from gridllm import LLM, SamplingParams
+
+    model_dir = tiny_model_dir("qwen3")  # Llama's layers, with q/k norms
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    prompt = [{"prompt_token_ids": [5, 17, 33, 2, 9, 11, 40]}]
+
+    def run():
+        llm = LLM(model_dir, device="cpu", dtype="float32", block_size=16, num_kv_blocks=16,
+                  max_num_seqs=2)
+        return llm.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids
+
+    fused = run()
+    assert any(norm is not None for _, norm in on_kernels)  # add-and-norm fused
+    assert any(gated for gated, _ in on_kernels)  # SiLU fused
+    ops.set_gemv_max_rows(0)
+    on_kernels.clear()
+    assert run() == fused and on_kernels == []

@@ -40,12 +40,20 @@ def set_gemv_max_rows(rows: int) -> None:
     GEMV_MAX_ROWS = rows
 
 
+def _gemv_rows(x: torch.Tensor, weight: torch.Tensor) -> int:
+    """The rows of ``x`` when the GEMV kernel takes ``x @ weight^T``, else 0."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if 0 < rows <= GEMV_MAX_ROWS and _triton(x) and weight.dtype == x.dtype:
+        return rows
+    return 0
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
            ) -> torch.Tensor:
     """``F.linear``; a few rows of a floating weight on CUDA go through the GEMV kernel,
     which reads the weight near copy bandwidth where cuBLAS's tile kernels do not."""
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if 0 < rows <= GEMV_MAX_ROWS and _triton(x) and weight.dtype == x.dtype:
+    rows = _gemv_rows(x, weight)
+    if rows:
         from kernels.gemv import gemv
 
         out = gemv(x.reshape(rows, x.shape[-1]).contiguous(), weight, bias)
@@ -57,8 +65,8 @@ def silu_and_mul_linear(x: torch.Tensor, weight: torch.Tensor,
                         bias: torch.Tensor | None = None) -> torch.Tensor:
     """``linear(silu_and_mul(x), weight, bias)``: the gated MLP's activation and down
     projection; one GEMV launch where ``linear`` would use the GEMV kernel."""
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if 0 < rows <= GEMV_MAX_ROWS and _triton(x) and weight.dtype == x.dtype:
+    rows = _gemv_rows(x, weight)
+    if rows:
         from kernels.gemv import gemv
 
         out = gemv(x.reshape(rows, x.shape[-1]).contiguous(), weight, bias, gated=True)

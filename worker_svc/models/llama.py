@@ -143,9 +143,9 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, positions, hidden, residual, kv_cache, attn_metadata):
-        # At decode the add-and-norms run inside the projections after them (one launch
-        # each), where ops.add_rms_norm_linear applies.
-        fused = None
+        # At decode each add-and-norm runs inside the projection after it (one launch),
+        # where ops.add_rms_norm_linear applies.
+        qkv = None
         if residual is None:
             residual, hidden = hidden, self.input_layernorm(hidden)
         else:
@@ -153,11 +153,9 @@ class LlamaDecoderLayer(nn.Module):
                                             self.self_attn.qkv_proj)
             if fused is None:
                 hidden, residual = self.input_layernorm(hidden, residual)
-        if fused is None:
-            hidden = self.self_attn(positions, hidden, kv_cache, attn_metadata)
-        else:
-            qkv, residual = fused
-            hidden = self.self_attn(positions, None, kv_cache, attn_metadata, qkv=qkv)
+            else:
+                qkv, residual = fused
+        hidden = self.self_attn(positions, hidden, kv_cache, attn_metadata, qkv=qkv)
         fused = ops.add_rms_norm_linear(hidden, residual, self.post_attention_layernorm,
                                         self.mlp.gate_up_proj)
         if fused is None:
