@@ -8,12 +8,18 @@ of kernel intervals), milliseconds per step, and the kernels taking the most tim
 number of steps just before, without the profiler (whose own host work slows each step),
 gives ``ms_per_step_unprofiled`` and the kernels' share of it.
 ``--trace FILE`` also writes the Chrome trace.
+
+With programmatic dependent launch (on Hopper by default; ``GRIDLLM_LAUNCH_DEPENDENT=0``
+turns it off) a kernel starts before the previous one ends and waits: the profiler counts
+the wait as kernel time, so the busy fraction and the kernel sums overstate; the unprofiled
+step time stays the measure (``launch_dependent`` in the output says which it was).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -98,7 +104,9 @@ def profile_decode(model: str, batch_size: int = 1, input_len: int = 128,
                               "quantization": quantization, "kv_cache_dtype": kv_cache_dtype,
                               "max_steps_in_flight": engine.max_steps_in_flight,
                               "num_steps": num_steps, "ms_per_step": wall_s * 1e3 / num_steps,
-                              "ms_per_step_unprofiled": plain_s * 1e3 / num_steps}
+                              "ms_per_step_unprofiled": plain_s * 1e3 / num_steps,
+                              "launch_dependent":
+                                  os.environ.get("GRIDLLM_LAUNCH_DEPENDENT", "1") != "0"}
     if intervals:
         span_start = min(a for a, _ in intervals)
         span_end = max(b for _, b in intervals)
