@@ -81,6 +81,9 @@ def split_k_counters(device: torch.device) -> torch.Tensor:
 # Programmatic dependent launch of the decode path's kernels (set GRIDLLM_LAUNCH_DEPENDENT=0
 # before start to turn it off).
 LAUNCH_DEPENDENT = os.environ.get("GRIDLLM_LAUNCH_DEPENDENT", "1") != "0"
+if os.environ.get("GRIDLLM_LAUNCH_DEPENDENT", "1") not in ("0", "1"):
+    raise ValueError("GRIDLLM_LAUNCH_DEPENDENT must be 0 or 1, got "
+                     f"{os.environ['GRIDLLM_LAUNCH_DEPENDENT']!r}.")
 
 
 @functools.cache

@@ -18,7 +18,7 @@ _use_triton = True
 # Linear layers whose input has at most this many rows run the GEMV kernel (kernels/gemv.py)
 # on CUDA; more rows, or 0 here, run cuBLAS. 1: batch-1 decode (on an H200 the kernel beats
 # cuBLAS at one row and loses from two). GRIDLLM_GEMV_MAX_ROWS sets it at start.
-GEMV_MAX_ROWS = int(os.environ.get("GRIDLLM_GEMV_MAX_ROWS", "1"))
+GEMV_MAX_ROWS = 1
 
 
 def set_use_triton(enabled: bool) -> None:
@@ -46,6 +46,23 @@ def _gemv_rows(x: torch.Tensor, weight: torch.Tensor) -> int:
     if 0 < rows <= GEMV_MAX_ROWS and _triton(x) and weight.dtype == x.dtype:
         return rows
     return 0
+
+
+def _rows_from_environment() -> None:
+    raw = os.environ.get("GRIDLLM_GEMV_MAX_ROWS")
+    if raw is None:
+        return
+    try:
+        rows = int(raw)
+    except ValueError:
+        raise ValueError(f"GRIDLLM_GEMV_MAX_ROWS must be an integer, got {raw!r}.") from None
+    try:
+        set_gemv_max_rows(rows)
+    except ValueError as exc:
+        raise ValueError(f"GRIDLLM_GEMV_MAX_ROWS: {exc}") from None
+
+
+_rows_from_environment()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
