@@ -105,12 +105,13 @@ def test_decoder_with_fused_decode_layers_generates_the_same_tokens(tiny_model_d
     from gridllm import LLM, SamplingParams
 
     model_dir = tiny_model_dir("qwen3")  # Llama's layers, with q/k norms
-    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
-    prompt = [{"prompt_token_ids": [5, 17, 33, 2, 9, 11, 40]}]
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    prompt = [{"prompt_token_ids": [5, 17, 33, 2]}]
+
+    llm = LLM(model_dir, device="cpu", dtype="float32", block_size=16, num_kv_blocks=16,
+              max_num_seqs=2)
 
     def run():
-        llm = LLM(model_dir, device="cpu", dtype="float32", block_size=16, num_kv_blocks=16,
-                  max_num_seqs=2)
         return llm.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids
 
     fused = run()
