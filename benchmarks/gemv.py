@@ -1,16 +1,17 @@
 """Llama-3-8B's decoder linear layers at decode batch sizes: cuBLAS against the GEMV kernel.
 
-Run on a CUDA GPU: ``python benchmarks/gemv.py [--sweep] [--fp8]``. Each figure is timed
-as served: a CUDA graph of 32 launches of one layer shape over 32 distinct weights (one per
-decoder block, so no weight is read from L2), replayed; the time per launch is the graph's
-time / 32, and ``% copy`` is the weight bytes over that time as a fraction of the copy
-bandwidth measured in the same run. The last rows time a graph of the whole decoder's
-linear layers (q/k/v, o, gate/up, down, x 32 blocks) the same way: its ms per token is
-the linear part of a batch-1 decode step. ``gemv`` is the kernel as served (programmatic
-dependent launch where the card has it: each launch starts while the previous one ends),
-``gemv_plain`` the same without it. ``--sweep`` first times tile configurations of the
-GEMV at M = 1 per shape; ``--fp8`` adds e4m3 weights (per-channel scales) through the same
-kernel, against the e4m3 ``tl.dot`` kernel (``kernels/fp8_gemv.py``).
+Run on a CUDA GPU: ``python benchmarks/gemv.py [--sweep] [--fp8]``. Each figure is timed as
+served: a CUDA graph of 32 launches of one layer shape over 32 distinct weights (one per
+decoder block, so no weight is read from L2), replayed (``benchmarks.kernels.graph_bench``);
+the time per launch is the graph's time / 32, and ``% copy`` is the weight bytes over that
+time as a fraction of the copy bandwidth measured in the same run. The last rows time a
+graph of the whole decoder's linear layers (q/k/v, o, gate/up, down, x 32 blocks) the same
+way: its ms per token is the linear part of a batch-1 decode step. ``gemv`` is the kernel as
+served (programmatic dependent launch where the card has it: each launch starts while the
+previous one ends), ``gemv_plain`` the same without it. ``--sweep`` first times tile
+configurations of the GEMV at M = 1 per shape; ``--fp8`` adds e4m3 weights (per-channel
+scales) through the same kernel, against the e4m3 ``tl.dot`` kernel
+(``kernels/fp8_gemv.py``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import kernels._utils  # noqa: E402
+from benchmarks.kernels import graph_bench  # noqa: E402
 from gridllm.bench.roofline import measure_limits  # noqa: E402
 from kernels.fp8_gemv import fp8_weight_matmul  # noqa: E402
 from kernels.gemv import MAX_ROWS, config_for, gemv  # noqa: E402
@@ -46,29 +48,7 @@ def graph_time_ms(calls, replays: int = 20, launch_dependent: bool = True) -> fl
     """Median time of one replay of a CUDA graph of ``calls`` (each a no-arg callable),
     captured with programmatic dependent launch on or off."""
     kernels._utils.LAUNCH_DEPENDENT = launch_dependent
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for call in calls:  # warm-up: compiles and allocates outside the capture
-            call()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return times[len(times) // 2]
+    return graph_bench(lambda: [call() for call in calls], reps=replays)
 
 
 def _weights(n: int, k: int, fp8: bool):

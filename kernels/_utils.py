@@ -7,6 +7,7 @@ import os
 from collections.abc import Iterable
 
 import torch
+import triton
 
 try:  # Grid dependency control, for programmatic dependent launch (Hopper and later).
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -78,12 +79,30 @@ def split_k_counters(device: torch.device) -> torch.Tensor:
     return counters
 
 
+def split_k_workspace(split_k: int, rows: int, num_out: int, block_n: int,
+                      unused: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(partials, counters)`` of a launch that splits K ``split_k`` ways: float32 partial
+    sums for ``rows`` planes of ``num_out`` per split, and the device's counters. One split:
+    ``unused`` for both (the kernel compiles the split-K path out).
+
+    Raises:
+        ValueError: more column blocks of ``block_n`` than there are counters.
+    """
+    if split_k <= 1:
+        return unused, unused
+    if triton.cdiv(num_out, block_n) > SPLIT_K_MAX_BLOCKS:
+        raise ValueError(f"weight has {num_out} rows: more than {SPLIT_K_MAX_BLOCKS} "
+                         f"blocks of {block_n} for split-K.")
+    partials = torch.empty(split_k * rows * num_out, dtype=torch.float32, device=unused.device)
+    return partials, split_k_counters(unused.device)
+
+
 # Programmatic dependent launch of the decode path's kernels (set GRIDLLM_LAUNCH_DEPENDENT=0
 # before start to turn it off).
-LAUNCH_DEPENDENT = os.environ.get("GRIDLLM_LAUNCH_DEPENDENT", "1") != "0"
-if os.environ.get("GRIDLLM_LAUNCH_DEPENDENT", "1") not in ("0", "1"):
-    raise ValueError("GRIDLLM_LAUNCH_DEPENDENT must be 0 or 1, got "
-                     f"{os.environ['GRIDLLM_LAUNCH_DEPENDENT']!r}.")
+_launch_dependent_env = os.environ.get("GRIDLLM_LAUNCH_DEPENDENT", "1")
+if _launch_dependent_env not in ("0", "1"):
+    raise ValueError(f"GRIDLLM_LAUNCH_DEPENDENT must be 0 or 1, got {_launch_dependent_env!r}.")
+LAUNCH_DEPENDENT = _launch_dependent_env == "1"
 
 
 @functools.cache

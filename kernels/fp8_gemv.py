@@ -17,13 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._utils import (
-    FLOAT_DTYPES,
-    SPLIT_K_MAX_BLOCKS,
-    check_shape,
-    check_tensor,
-    split_k_counters,
-)
+from kernels._utils import FLOAT_DTYPES, check_shape, check_tensor, split_k_workspace
 from kernels.fp8 import FP8_DTYPE
 
 # Rows of x one launch takes (tl.dot's smallest M tile); callers use the FP8 GEMM beyond.
@@ -125,15 +119,7 @@ def fp8_weight_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch
         return y
     block_n, block_k, num_warps, num_stages, split_k = config
     num_blocks = triton.cdiv(num_out, block_n)
-    if split_k > 1:
-        if num_blocks > SPLIT_K_MAX_BLOCKS:
-            raise ValueError(f"weight has {num_out} rows: more than {SPLIT_K_MAX_BLOCKS} "
-                             f"blocks of {block_n} for split-K.")
-        partial = torch.empty(split_k * MAX_ROWS * num_out, dtype=torch.float32,
-                              device=x.device)
-        locks = split_k_counters(x.device)
-    else:
-        partial = locks = y  # not read: SPLIT_K == 1 compiles the split-K path out
+    partial, locks = split_k_workspace(split_k, MAX_ROWS, num_out, block_n, y)
     _w8_matmul_kernel[(num_blocks, split_k)](
         x, weight, weight_scale, bias if bias is not None else y, y, partial, locks,
         num_rows, num_out, num_in, x.stride(0), weight.stride(0), y.stride(0),

@@ -29,7 +29,6 @@ import triton.language as tl
 
 from kernels._utils import (
     FLOAT_DTYPES,
-    SPLIT_K_MAX_BLOCKS,
     check_shape,
     check_tensor,
     gdc_launch_dependents,
@@ -37,7 +36,7 @@ from kernels._utils import (
     is_interpreter,
     launch_dependent_args,
     num_sms,
-    split_k_counters,
+    split_k_workspace,
 )
 from kernels.fp8 import FP8_DTYPE
 
@@ -334,15 +333,7 @@ def _launch(x, weight, bias, weight_scale, config, gated, norm):
     if split_k == 0:
         split_k = split_k_for(num_out, num_in, block_n, block_k, x.device)
     num_blocks = triton.cdiv(num_out, block_n)
-    if split_k > 1:
-        if num_blocks > SPLIT_K_MAX_BLOCKS:
-            raise ValueError(f"weight has {num_out} rows: more than {SPLIT_K_MAX_BLOCKS} "
-                             f"blocks of {block_n} for split-K.")
-        partial = torch.empty(split_k * num_rows * num_out, dtype=torch.float32,
-                              device=x.device)
-        locks = split_k_counters(x.device)
-    else:
-        partial = locks = y  # not read: SPLIT_K == 1 compiles the split-K path out
+    partial, locks = split_k_workspace(split_k, num_rows, num_out, block_n, y)
     k_per_split = triton.cdiv(triton.cdiv(num_in, split_k), block_k) * block_k
     residual, norm_weight, eps = norm if norm is not None else (x, x, 0.0)
     _gemv_kernel[(num_blocks, split_k)](
