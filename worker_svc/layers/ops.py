@@ -65,15 +65,16 @@ def _rows_from_environment() -> None:
 _rows_from_environment()
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
-           ) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           prefetch: bool = False) -> torch.Tensor:
     """``F.linear``; a few rows of a floating weight on CUDA go through the GEMV kernel,
-    which reads the weight near copy bandwidth where cuBLAS's tile kernels do not."""
+    which reads the weight near copy bandwidth where cuBLAS's tile kernels do not
+    (``prefetch``: see ``kernels.gemv.gemv``)."""
     rows = _gemv_rows(x, weight)
     if rows:
         from kernels.gemv import gemv
 
-        out = gemv(x.reshape(rows, x.shape[-1]).contiguous(), weight, bias)
+        out = gemv(x.reshape(rows, x.shape[-1]).contiguous(), weight, bias, prefetch=prefetch)
         return out.reshape(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)
 
