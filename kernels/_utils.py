@@ -121,14 +121,6 @@ def launch_dependent_args(device: torch.device) -> dict:
     return {"USE_GDC": False}
 
 
-@functools.cache
-def l2_bytes(device: torch.device) -> int:
-    """The L2 cache's size of a CUDA device (0 elsewhere)."""
-    if device.type != "cuda":
-        return 0
-    return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0))
-
-
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of ``device`` (a fixed guess off CUDA)."""
     if device.type == "cuda":

@@ -34,7 +34,6 @@ from kernels._utils import (
     gdc_launch_dependents,
     gdc_wait,
     is_interpreter,
-    l2_bytes,
     launch_dependent_args,
     num_sms,
     split_k_workspace,
@@ -85,20 +84,13 @@ def _x_tile(ptrs, k_ok, num_in, res_ptrs, norm_w_ptrs, rstd, MASKED: tl.constexp
 
 
 @triton.jit
-def _prefetch_l2(ptrs):
-    """Ask L2 for the lines at ``ptrs`` (a hint: nothing waits for them)."""
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
-                              dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, partial_ptr, lock_ptr,
                  res_ptr, norm_w_ptr, res_out_ptr, eps,
                  num_out, num_in, stride_x, stride_w, stride_y,
                  ROWS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                  EVEN_K: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr,
-                 BLOCK_H: tl.constexpr, USE_GDC: tl.constexpr, PREFETCH_LINE: tl.constexpr):
+                 BLOCK_H: tl.constexpr, USE_GDC: tl.constexpr):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -120,13 +112,6 @@ def _gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, partial_ptr, lock_ptr
     # programmatic dependent launch): the weight is never written by the step, only x is.
     w_next = tl.load(w_ptrs, mask=((k_start + ks) < k_end)[None, :], other=0.0,
                      eviction_policy="evict_first")
-    if PREFETCH_LINE > 0:
-        # The rest of this program's weight is asked of L2 (one request per line of
-        # PREFETCH_LINE elements) while the kernel before runs, if that one leaves HBM idle.
-        lines = tl.arange(0, BLOCK_K // PREFETCH_LINE) * PREFETCH_LINE
-        rows = w_ptr + safe_cols[:, None].to(tl.int64) * stride_w
-        for k0 in range(k_start + BLOCK_K, k_end, BLOCK_K):
-            _prefetch_l2(rows + tl.minimum(k0 + lines, k_end - 1)[None, :])
     if USE_GDC:
         gdc_launch_dependents()
         gdc_wait()
@@ -260,7 +245,7 @@ def split_k_for(num_out: int, num_in: int, block_n: int, block_k: int,
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
          weight_scale: torch.Tensor | None = None, config: Config | None = None,
-         gated: bool = False, prefetch: bool = False) -> torch.Tensor:
+         gated: bool = False) -> torch.Tensor:
     """``x @ (weight * weight_scale[:, None])^T + bias`` in ``x``'s dtype, float32 sums.
 
     Args:
@@ -274,16 +259,12 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         config: ``(BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K)``; default
             ``config_for`` the shape; SPLIT_K 0 picks the split count from the shape and the
             SM count (``split_k_for``).
-        prefetch: with dependent launches on a GPU, each program asks L2 for all of its
-            weight before waiting for the kernel before: for a layer that follows a kernel
-            which leaves HBM idle, as decode attention does (ignored for a weight over 3/4
-            of L2).
     Returns:
         ``[M, N]`` in ``x.dtype``.
     Raises:
         ValueError: an argument of the wrong shape, dtype or device, naming it.
     """
-    return _launch(x, weight, bias, weight_scale, config, gated, None, prefetch)[0]
+    return _launch(x, weight, bias, weight_scale, config, gated, None)[0]
 
 
 def rms_norm_gemv(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
@@ -316,7 +297,7 @@ def rms_norm_gemv(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Te
                    (residual, norm_weight, float(eps)))
 
 
-def _launch(x, weight, bias, weight_scale, config, gated, norm, prefetch=False):
+def _launch(x, weight, bias, weight_scale, config, gated, norm):
     check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES, last_dim_contiguous=True)
     check_tensor("weight", weight, ndim=2, dtypes=WEIGHT_DTYPES, device=x.device,
                  last_dim_contiguous=True)
@@ -355,13 +336,6 @@ def _launch(x, weight, bias, weight_scale, config, gated, norm, prefetch=False):
     partial, locks = split_k_workspace(split_k, num_rows, num_out, block_n, y)
     k_per_split = triton.cdiv(triton.cdiv(num_in, split_k), block_k) * block_k
     residual, norm_weight, eps = norm if norm is not None else (x, x, 0.0)
-    pdl = launch_dependent_args(x.device)
-    # One prefetch per 128-byte line; only launched early is there time to use it, and a
-    # weight much larger than L2 would evict its own lines.
-    line = 128 // weight.element_size()
-    prefetch = (prefetch and pdl["USE_GDC"] and block_k >= line
-                and weight.numel() * weight.element_size() <= 3 * l2_bytes(x.device) // 4)
-    prefetch_line = line if prefetch else 0
     _gemv_kernel[(num_blocks, split_k)](
         x, weight, weight_scale if weight_scale is not None else y,
         bias if bias is not None else y, y, partial, locks,
@@ -371,5 +345,5 @@ def _launch(x, weight, bias, weight_scale, config, gated, norm, prefetch=False):
         BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
         EVEN_K=num_in % k_per_split == 0, GATED=gated, NORM=norm is not None,
         BLOCK_H=triton.next_power_of_2(num_in) if norm is not None else 1,
-        PREFETCH_LINE=prefetch_line, num_warps=num_warps, num_stages=num_stages, **pdl)
+        num_warps=num_warps, num_stages=num_stages, **launch_dependent_args(x.device))
     return y, residual_out

@@ -48,11 +48,11 @@ def _operands(num_rows, num_out, num_in, dtype, weight_dtype, device, has_bias, 
 
 
 def _check(num_rows, num_out, num_in, dtype, device, *, weight_dtype=None, has_bias=False,
-           has_scale=False, config=None, prefetch=False):
+           has_scale=False, config=None):
     x, w, s, b, (expected, magnitude) = _operands(
         num_rows, num_out, num_in, dtype, weight_dtype or dtype, device, has_bias, has_scale)
     kwargs = {} if config is None else {"config": config}
-    out = gemv(x, w, b, s, prefetch=prefetch, **kwargs)
+    out = gemv(x, w, b, s, **kwargs)
     assert out.dtype == dtype and out.shape == (num_rows, num_out)
     atol, rtol = TOLERANCES[dtype]
     error = (out.double().cpu() - expected).abs()
@@ -144,16 +144,6 @@ def test_decoder_shapes_on_gpu(num_rows, num_out, num_in, dtype):
 def test_fp8_decoder_shape_on_gpu(num_rows):
     _check(num_rows, 6144, 4096, torch.bfloat16, "cuda", weight_dtype=FP8_DTYPE,
            has_scale=True)
-
-
-@pytest.mark.gpu
-@needs_gpu
-@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, FP8_DTYPE])
-@pytest.mark.parametrize("num_out,num_in", [(4096, 4096), (1000, 4000)])
-def test_l2_prefetch_on_gpu(num_out, num_in, weight_dtype):
-    """The o projection's form (its weight asked of L2 before the wait): the same sums."""
-    _check(1, num_out, num_in, torch.bfloat16, "cuda", weight_dtype=weight_dtype,
-           has_scale=weight_dtype == FP8_DTYPE, prefetch=True)
 
 
 

@@ -65,16 +65,15 @@ def _rows_from_environment() -> None:
 _rows_from_environment()
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           prefetch: bool = False) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+           ) -> torch.Tensor:
     """``F.linear``; a few rows of a floating weight on CUDA go through the GEMV kernel,
-    which reads the weight near copy bandwidth where cuBLAS's tile kernels do not
-    (``prefetch``: see ``kernels.gemv.gemv``)."""
+    which reads the weight near copy bandwidth where cuBLAS's tile kernels do not."""
     rows = _gemv_rows(x, weight)
     if rows:
         from kernels.gemv import gemv
 
-        out = gemv(x.reshape(rows, x.shape[-1]).contiguous(), weight, bias, prefetch=prefetch)
+        out = gemv(x.reshape(rows, x.shape[-1]).contiguous(), weight, bias)
         return out.reshape(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)
 

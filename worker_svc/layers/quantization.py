@@ -114,8 +114,6 @@ class Fp8Linear(nn.Module):
         # Decided once here: forward stays free of host queries (CUDA-graph capture).
         self.is_scaled_mm = _can_use_scaled_mm(weight)
         self.is_fp8_native = _has_fp8_conversions(weight)
-        # As RowParallelLinear.l2_prefetch (the decode GEMV's L2 prefetch).
-        self.l2_prefetch = False
         # The dequantized weight of the fake-quantization path, built on first use.
         self._dequantized: torch.Tensor | None = None
 
@@ -130,9 +128,7 @@ class Fp8Linear(nn.Module):
         if tp is not None and tp.is_parallel and getattr(linear, "is_row_parallel", False):
             bias = bias if tp.rank == 0 else None
             reduce = tp.all_reduce
-        layer = cls(weight, scale[:, 0].contiguous(), bias, reduce)
-        layer.l2_prefetch = getattr(linear, "l2_prefetch", False)
-        return layer
+        return cls(weight, scale[:, 0].contiguous(), bias, reduce)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -160,8 +156,7 @@ class Fp8Linear(nn.Module):
         """A few rows (decode): the activations stay unquantized; only W is e4m3."""
         if self.is_fp8_native:
             if 0 < x.shape[0] <= ops.GEMV_MAX_ROWS:
-                return gemv(x.contiguous(), self.weight, self.bias, self.weight_scale,
-                            prefetch=self.l2_prefetch)
+                return gemv(x.contiguous(), self.weight, self.bias, self.weight_scale)
             return fp8_weight_matmul(x.contiguous(), self.weight, self.weight_scale, self.bias)
         return self._dequantized_product(x.float(), x.dtype)
 

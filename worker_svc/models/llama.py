@@ -74,7 +74,6 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = ColumnParallelLinear(config.hidden_size, [q_part, kv_part, kv_part],
                                              bias=qkv_bias)
         self.o_proj = RowParallelLinear(total_heads * hd, config.hidden_size, bias=o_bias)
-        self.o_proj.l2_prefetch = True  # attention, before it, leaves HBM idle
         if qk_norm:
             self.q_norm = norm_cls(self.head_dim, config.rms_norm_eps)
             self.k_norm = norm_cls(self.head_dim, config.rms_norm_eps)

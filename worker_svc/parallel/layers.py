@@ -66,10 +66,6 @@ class RowParallelLinear(nn.Linear):
         bias: added once, on rank 0 before the sum (the bias is replicated).
     """
 
-    # Set on a layer that follows a kernel which leaves HBM idle (decode attention): its
-    # decode GEMV asks L2 for the weight while that kernel runs.
-    l2_prefetch = False
-
     def __init__(self, full_in_features: int, out_features: int, bias: bool):
         tp = current()
         part = even_part(full_in_features, tp.rank, tp.world_size)
@@ -82,9 +78,8 @@ class RowParallelLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.tp.is_parallel:
-            return ops.linear(x, self.weight, self.bias, prefetch=self.l2_prefetch)
-        out = ops.linear(x, self.weight, self.bias if self.tp.rank == 0 else None,
-                         prefetch=self.l2_prefetch)
+            return ops.linear(x, self.weight, self.bias)
+        out = ops.linear(x, self.weight, self.bias if self.tp.rank == 0 else None)
         return self.tp.all_reduce(out)
 
     def forward_silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
