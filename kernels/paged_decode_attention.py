@@ -54,6 +54,8 @@ _LOG2E = 1.4426950408889634
 # four; 1024 tokens 16.6 us in four splits, 12.4 us in eight.)
 _MIN_TOKENS_PER_SPLIT = 64
 _MAX_SPLITS = 64
+# Whether the kernel with the new token reads its first key tile before it waits.
+EARLY_TILE = True
 
 
 @triton.jit
@@ -134,10 +136,10 @@ def _paged_decode_attention_kernel(
         HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
         IS_STRIDED: tl.constexpr = False, USE_GDC: tl.constexpr = False,
         NEW_KV: tl.constexpr = False, IS_NEOX: tl.constexpr = True,
-        IS_FP8: tl.constexpr = False):
+        IS_FP8: tl.constexpr = False, EARLY_TILE: tl.constexpr = True):
     if USE_GDC:
         gdc_launch_dependents()
-        if not NEW_KV:  # launched early: wait for the kernels before (they write q, the cache)
+        if not (NEW_KV and EARLY_TILE):  # launched early: wait for the kernels before
             gdc_wait()
     req = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1).to(tl.int64)
@@ -168,15 +170,16 @@ def _paged_decode_attention_kernel(
     gmask = g < GROUP
     dmask = d < HEAD_DIM
     table = bt_ptr + req * stride_bt
-    # The first tile. With NEW_KV it is read before the wait: only the new key, written
-    # by this kernel, is not in the cache yet, and it replaces its row from registers.
-    k0, v0, pos0, nmask0 = _load_tile(kc_ptr, vc_ptr, table, start, end, kv_head, d, dmask,
-                                      block_size, stride_cb, stride_ct, stride_ch, num_far,
-                                      far_first, local_lo, attention_stride, BLOCK_N,
-                                      IS_STRIDED)
-    if NEW_KV:
+    if NEW_KV and EARLY_TILE:
+        # The first tile, read before the wait: only the new key, written by this kernel,
+        # is not in the cache yet, and it replaces its row from registers.
+        k0, v0, pos0, nmask0 = _load_tile(kc_ptr, vc_ptr, table, start, end, kv_head, d,
+                                          dmask, block_size, stride_cb, stride_ct, stride_ch,
+                                          num_far, far_first, local_lo, attention_stride,
+                                          BLOCK_N, IS_STRIDED)
         if USE_GDC:  # the kernel before writes q, k and v
             gdc_wait()
+    if NEW_KV:
         # The new token: q and its key rotated here, the key and value stored at its slot
         # by the split that visits it, and used from registers by that split.
         tok_pos = tl.load(pos_ptr + req).to(tl.int64)
@@ -210,9 +213,6 @@ def _paged_decode_attention_kernel(
                 + kv_head * stride_ch + d[None, :]
             tl.store(kc_ptr + off, k_new, mask=dmask[None, :])
             tl.store(vc_ptr + off, v_new, mask=dmask[None, :])
-        is_new = (pos0 == seq_len - 1)[:, None]
-        k0 = tl.where(is_new, k_new, k0)
-        v0 = tl.where(is_new, v_new, v0)
     else:
         q = tl.load(q_ptr + req * stride_qt + heads[:, None] * stride_qh + d[None, :],
                     mask=gmask[:, None] & dmask[None, :], other=0.0)
@@ -220,11 +220,17 @@ def _paged_decode_attention_kernel(
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    if start < end:  # an empty split keeps m = -inf (an all-masked tile would make NaN)
-        m_i, l_i, acc = _attend_tile(q, k0.to(q.dtype), v0.to(q.dtype), nmask0, m_i, l_i, acc,
-                                     scale_log2, softcap_mul, softcap_log2, HAS_SOFTCAP,
-                                     DOT_PRECISION)
-    for n0 in range(start + BLOCK_N, end, BLOCK_N):
+    loop_start = start
+    if NEW_KV and EARLY_TILE:
+        is_new = (pos0 == seq_len - 1)[:, None]
+        k0 = tl.where(is_new, k_new, k0)
+        v0 = tl.where(is_new, v_new, v0)
+        if start < end:  # an empty split keeps m = -inf (an all-masked tile: NaN)
+            m_i, l_i, acc = _attend_tile(q, k0.to(q.dtype), v0.to(q.dtype), nmask0, m_i, l_i,
+                                         acc, scale_log2, softcap_mul, softcap_log2,
+                                         HAS_SOFTCAP, DOT_PRECISION)
+        loop_start = start + BLOCK_N
+    for n0 in range(loop_start, end, BLOCK_N):
         k, v, pos, nmask = _load_tile(kc_ptr, vc_ptr, table, n0, end, kv_head, d, dmask,
                                       block_size, stride_cb, stride_ct, stride_ch, num_far,
                                       far_first, local_lo, attention_stride, BLOCK_N,
@@ -479,7 +485,7 @@ def _launch(query, key_cache, value_cache, block_tables, seq_lens, scale, slidin
         BLOCK_D=block_d, BLOCK_N=block_n, NUM_SPLITS=num_splits,
         HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=logit_softcap is not None,
         DOT_PRECISION=dot_precision(query.dtype), IS_STRIDED=attention_stride is not None,
-        NEW_KV=new_kv is not None, IS_NEOX=is_neox, IS_FP8=is_fp8,
+        NEW_KV=new_kv is not None, IS_NEOX=is_neox, IS_FP8=is_fp8, EARLY_TILE=EARLY_TILE,
         num_warps=num_warps, num_stages=num_stages, **pdl)
     if num_splits > 1:
         _paged_decode_reduce_kernel[(num_reqs, num_heads)](

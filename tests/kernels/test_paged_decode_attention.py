@@ -174,7 +174,7 @@ def _check_rotary(seq_lens: list[int], num_heads: int, num_kv_heads: int, head_d
     if logit_softcap is not None:
         query.mul_(8)  # scores well past the cap
     positions = (seq.long() - 1).clamp(min=0)
-    cos_sin = _cos_sin_cache(rot_dim, 4096, device)
+    cos_sin = _cos_sin_cache(rot_dim, max(seq_lens + [64]), device)  # every position
     exp_q, exp_k = torch_ref.rotary_embedding(positions, query, key, cos_sin, is_neox)
     exp_kc, exp_vc = key_cache.clone(), value_cache.clone()
     torch_ref.write_kv_cache(exp_k, value, exp_kc, exp_vc, slots, k_scale, v_scale)
