@@ -6,11 +6,8 @@ keys per iteration, warps and pipeline stages, timed inside a
 CUDA graph (as decode is served) with L2 flushed before each replay; bytes = the KV read
 once plus the queries, against the copy bandwidth. ``prefill``: the causal prefill kernel
 (4 x 4096 tokens by default) over tile shapes, warps and stages, in TFLOP/s next to torch's
-SDPA (flash) on the same shapes in contiguous tensors. ``decode_rotary``: a decode step's
-attention in the 32 layers of a Llama-3-8B-shaped model, one CUDA graph, at short contexts:
-the rotary + KV-write kernel then the decode kernel, against the decode kernel that rotates
-and writes the new token itself, per split count (microseconds per layer). Each case prints
-the best configurations and the default.
+SDPA (flash) on the same shapes in contiguous tensors. Each case prints the best
+configurations and the default.
 
 Usage: ``python benchmarks/attention_sweep.py [--kinds decode prefill] [--output FILE]``
 """
@@ -31,12 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.kernels import GB, bench, graph_bench, paged_kv  # noqa: E402
 from gridllm.bench.roofline import measure_limits  # noqa: E402
-from kernels.paged_decode_attention import (  # noqa: E402
-    paged_decode_attention,
-    rotary_paged_decode_attention,
-)
+from kernels.paged_decode_attention import paged_decode_attention  # noqa: E402
 from kernels.prefill_attention import prefill_attention  # noqa: E402
-from kernels.rotary_kv_cache_write import rotary_kv_cache_write  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, DTYPE = 32, 8, 128, torch.bfloat16
 
@@ -92,48 +85,6 @@ def decode_cases(args, copy_gbps: float) -> list[dict]:
     return rows
 
 
-def decode_rotary_case(batch: int, context: int, splits: list[int], layers: int = 32) -> dict:
-    caches = [paged_kv(batch, context, KV_HEADS, HEAD_DIM, 16, DTYPE) for _ in range(layers)]
-    q_size, kv_size = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM
-    views = []
-    for _ in range(layers):
-        x = torch.randn(batch, q_size + 2 * kv_size, device="cuda", dtype=DTYPE)
-        views.append((x[:, :q_size].view(batch, HEADS, HEAD_DIM),
-                      x[:, q_size:q_size + kv_size].view(batch, KV_HEADS, HEAD_DIM),
-                      x[:, q_size + kv_size:].view(batch, KV_HEADS, HEAD_DIM)))
-    positions = torch.full((batch,), context - 1, dtype=torch.int64, device="cuda")
-    inv_freq = 1.0 / (500000 ** (torch.arange(0, HEAD_DIM, 2, device="cuda") / HEAD_DIM))
-    freqs = torch.outer(torch.arange(context, device="cuda").float(), inv_freq)
-    cos_sin = torch.cat((freqs.cos(), freqs.sin()), dim=-1)
-    # The new token's slot: the last of each context.
-    slots = [tables[:, (context - 1) // 16].long() * 16 + (context - 1) % 16
-             for _, _, tables, _ in caches]
-    scale = HEAD_DIM ** -0.5
-
-    def separate(num_splits):
-        for (q, k, v), (kc, vc, tables, seq), slot in zip(views, caches, slots, strict=True):
-            rotary_kv_cache_write(positions, q, k, v, kc, vc, slot, cos_sin)
-            paged_decode_attention(q, kc, vc, tables, seq, None, scale, max_seq_len=context,
-                                   num_splits=num_splits)
-
-    def fused(num_splits):
-        for (q, k, v), (kc, vc, tables, seq), slot in zip(views, caches, slots, strict=True):
-            rotary_paged_decode_attention(positions, q, k, v, kc, vc, slot, cos_sin, True,
-                                          tables, seq, scale, max_seq_len=context,
-                                          num_splits=num_splits)
-
-    row = dict(batch=batch, context=context, separate={}, fused={})
-    for num_splits in splits:
-        if context // num_splits < 16:
-            continue
-        for name, fn in (("separate", separate), ("fused", fused)):
-            row[name][num_splits] = 1e3 * graph_bench(lambda fn=fn, s=num_splits: fn(s)) / layers
-        print(f"decode+rotary b{batch} ctx{context} splits {num_splits}: separate "
-              f"{row['separate'][num_splits]:.2f} us/layer, fused "
-              f"{row['fused'][num_splits]:.2f} us/layer")
-    return row
-
-
 def prefill_cases(args) -> list[dict]:
     num_seqs, seq_len = args.prefill_shape
     kc, vc, tables, seq = paged_kv(num_seqs, seq_len, KV_HEADS, HEAD_DIM, 16, DTYPE)
@@ -168,7 +119,7 @@ def prefill_cases(args) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--kinds", nargs="+", default=["decode", "prefill"],
-                        choices=("decode", "decode_rotary", "prefill"))
+                        choices=("decode", "prefill"))
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
     parser.add_argument("--splits", type=int, nargs="+", default=[16, 32, 64, 128, 256])
@@ -188,9 +139,6 @@ def main() -> None:
     out = dict(device=torch.cuda.get_device_name(), limits=limits)
     if "decode" in args.kinds:
         out["decode"] = decode_cases(args, limits["copy_bandwidth_gbps"])
-    if "decode_rotary" in args.kinds:
-        out["decode_rotary"] = [decode_rotary_case(b, c, args.splits)
-                                for b, c in itertools.product(args.batches, args.contexts)]
     if "prefill" in args.kinds:
         out["prefill"] = prefill_cases(args)
     if args.output:

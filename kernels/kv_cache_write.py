@@ -37,23 +37,16 @@ def _round_to_e4m3(y):
 
 
 @triton.jit
-def cache_value(x, inv_scale, IS_FP8: tl.constexpr):
-    """``x`` as a cache stores it, before the cast to the cache's element type: itself, or
-    for an FP8 cache ``clamp(x * inv_scale)`` rounded to e4m3 (a plain cast would not
-    saturate everywhere)."""
+def store_cache(ptr, x, inv_scale, mask, IS_FP8: tl.constexpr):
+    """Store ``x`` at ``ptr`` in the cache's element type; an FP8 cache gets
+    ``clamp(x * inv_scale)`` (a plain cast would not saturate everywhere)."""
     if IS_FP8:
         y = x.to(tl.float32) * inv_scale
         # +-448: e4m3's largest finite value (kernels.fp8.FP8_MAX).
         y = _round_to_e4m3(tl.minimum(tl.maximum(y, -448.0), 448.0))
+        tl.store(ptr, y.to(ptr.dtype.element_ty), mask=mask)
     else:
-        y = x
-    return y
-
-
-@triton.jit
-def store_cache(ptr, x, inv_scale, mask, IS_FP8: tl.constexpr):
-    """Store ``x`` at ``ptr`` in the cache's element type (``cache_value``)."""
-    tl.store(ptr, cache_value(x, inv_scale, IS_FP8).to(ptr.dtype.element_ty), mask=mask)
+        tl.store(ptr, x.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -13,12 +13,6 @@ An FP8 cache is read as ``k * k_scale`` and ``v * v_scale``: tiles are converted
 query's dtype (exact: every e4m3 value is a float16/bfloat16 value), ``k_scale`` is folded
 into the softmax scale and ``v_scale`` multiplies the output.
 
-``rotary_paged_decode_attention`` also does the rotary embedding and the KV write of the
-step's new token (what ``rotary_kv_cache_write`` launches separately): q and the new key
-are rotated in registers, the split that visits the new key stores it and its value at the
-token's slot and uses them from registers, and the first key tile, written by earlier
-steps, is requested before the kernel waits for the one that writes q, k and v.
-
 Sparse patterns skip keys rather than mask them: a sliding window starts each request at
 its window; the strided pattern (the ``stride`` latest keys, then every ``stride``-th key
 before them) visits only those keys, gathered by position through the block table, so a
@@ -45,8 +39,6 @@ from kernels._utils import (
     num_sms,
 )
 from kernels.fp8 import FP8_DTYPE
-from kernels.kv_cache_write import cache_value, check_kv_write_args, inverse_scales
-from kernels.rotary import check_rotary_shapes
 
 _LOG2E = 1.4426950408889634
 # Fewer context tokens than this per split costs more in the reduction than it saves.
@@ -54,8 +46,6 @@ _LOG2E = 1.4426950408889634
 # four; 1024 tokens 16.6 us in four splits, 12.4 us in eight.)
 _MIN_TOKENS_PER_SPLIT = 64
 _MAX_SPLITS = 64
-# Whether the kernel with the new token reads its first key tile before it waits.
-EARLY_TILE = True
 
 
 @triton.jit
@@ -78,69 +68,18 @@ def softcap_args(scale: float, logit_softcap: float | None) -> tuple[float, floa
 
 
 @triton.jit
-def _attend_tile(q, k, v, nmask, m_i, l_i, acc, scale_log2, softcap_mul, softcap_log2,
-                 HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One key tile of the online softmax: the running max, sum and output, updated."""
-    s = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), scale_log2,
-                softcap_mul, softcap_log2, HAS_SOFTCAP)
-    s = tl.where(nmask[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return m_new, l_i, acc
-
-
-@triton.jit
-def _load_tile(kc_ptr, vc_ptr, table, n0, end, kv_head, d, dmask, block_size, stride_cb,
-               stride_ct, stride_ch, num_far, far_first, local_lo, attention_stride,
-               BLOCK_N: tl.constexpr, IS_STRIDED: tl.constexpr):
-    """Keys and values of visited keys ``[n0, n0 + BLOCK_N)`` (those before ``end``), in
-    the cache's dtype, with their positions and mask."""
-    pos = n0 + tl.arange(0, BLOCK_N)
-    nmask = pos < end
-    if IS_STRIDED:
-        pos = tl.where(pos < num_far, far_first + pos * attention_stride,
-                       local_lo + pos - num_far)
-    blk = tl.load(table + pos // block_size, mask=nmask, other=0).to(tl.int64)
-    kv_off = blk * stride_cb + (pos % block_size).to(tl.int64) * stride_ct \
-        + kv_head * stride_ch
-    kv_mask = nmask[:, None] & dmask[None, :]
-    k = tl.load(kc_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(vc_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
-    return k, v, pos, nmask
-
-
-@triton.jit
-def _rotated(base, rows, d, partner, dmask, rmask, cos, sin_signed):
-    """Rows of one token's heads rotated: ``x * cos + x[partner] * (+-sin)`` in float32
-    (``cos = 1, sin = 0`` past the rotary dims), rounded to the element type."""
-    mask = rmask[:, None] & dmask[None, :]
-    x = tl.load(base + rows[:, None] + d[None, :], mask=mask, other=0.0)
-    xp = tl.load(base + rows[:, None] + partner[None, :], mask=mask, other=0.0)
-    return (x.to(tl.float32) * cos[None, :] + xp.to(tl.float32) * sin_signed[None, :]
-            ).to(x.dtype)
-
-
-@triton.jit
 def _paged_decode_attention_kernel(
         q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
         stride_qt, stride_qh, stride_cb, stride_ct, stride_ch, stride_bt,
         stride_ot, stride_oh, num_heads, scale_log2, block_size, sliding_window,
         softcap_mul, softcap_log2, v_scale, attention_stride,
-        pos_ptr, slot_ptr, k_ptr, v_ptr, cos_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
-        stride_cos, rot_half, k_inv_scale, v_inv_scale,
         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
         HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        IS_STRIDED: tl.constexpr = False, USE_GDC: tl.constexpr = False,
-        NEW_KV: tl.constexpr = False, IS_NEOX: tl.constexpr = True,
-        IS_FP8: tl.constexpr = False, EARLY_TILE: tl.constexpr = True):
-    if USE_GDC:
+        IS_STRIDED: tl.constexpr = False, USE_GDC: tl.constexpr = False):
+    if USE_GDC:  # launched early: wait for the kernels before (they write q, the cache)
         gdc_launch_dependents()
-        if not (NEW_KV and EARLY_TILE):  # launched early: wait for the kernels before
-            gdc_wait()
+        gdc_wait()
     req = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
@@ -169,79 +108,36 @@ def _paged_decode_attention_kernel(
     heads = kv_head * GROUP + g
     gmask = g < GROUP
     dmask = d < HEAD_DIM
-    table = bt_ptr + req * stride_bt
-    if NEW_KV and EARLY_TILE:
-        # The first tile, read before the wait: only the new key, written by this kernel,
-        # is not in the cache yet, and it replaces its row from registers.
-        k0, v0, pos0, nmask0 = _load_tile(kc_ptr, vc_ptr, table, start, end, kv_head, d,
-                                          dmask, block_size, stride_cb, stride_ct, stride_ch,
-                                          num_far, far_first, local_lo, attention_stride,
-                                          BLOCK_N, IS_STRIDED)
-        if USE_GDC:  # the kernel before writes q, k and v
-            gdc_wait()
-    if NEW_KV:
-        # The new token: q and its key rotated here, the key and value stored at its slot
-        # by the split that visits it, and used from registers by that split.
-        tok_pos = tl.load(pos_ptr + req).to(tl.int64)
-        in_rot = d < 2 * rot_half
-        if IS_NEOX:  # halves: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)
-            first = d < rot_half
-            c_idx = tl.where(first, d, d - rot_half)
-            partner = tl.where(first, d + rot_half, d - rot_half)
-        else:  # interleaved pairs
-            first = d % 2 == 0
-            c_idx = d // 2
-            partner = d ^ 1
-        partner = tl.where(in_rot, partner, d)
-        cos = tl.load(cos_ptr + tok_pos * stride_cos + c_idx, mask=in_rot, other=1.0)
-        sin = tl.load(cos_ptr + tok_pos * stride_cos + rot_half + c_idx, mask=in_rot,
-                      other=0.0)
-        cos = cos.to(tl.float32)
-        sin = tl.where(first, -sin.to(tl.float32), sin.to(tl.float32))
-        q = _rotated(q_ptr + req * stride_qt, heads * stride_qh, d, partner, dmask, gmask,
-                     cos, sin)
-        k_new = _rotated(k_ptr + req * stride_kt + kv_head * stride_kh, tl.zeros([1], tl.int64),
-                         d, partner, dmask, tl.full([1], 1, tl.int1), cos, sin)
-        v_new = tl.load(v_ptr + req * stride_vt + kv_head * stride_vh + d[None, :],
-                        mask=dmask[None, :], other=0.0)
-        k_new = cache_value(k_new, k_inv_scale, IS_FP8).to(kc_ptr.dtype.element_ty)
-        v_new = cache_value(v_new, v_inv_scale, IS_FP8).to(vc_ptr.dtype.element_ty)
-        slot = tl.load(slot_ptr + req).to(tl.int64)
-        new_idx = hi - 1  # the new key's visited index
-        if (slot >= 0) & (start <= new_idx) & (new_idx < end):
-            off = (slot // block_size) * stride_cb + (slot % block_size) * stride_ct \
-                + kv_head * stride_ch + d[None, :]
-            tl.store(kc_ptr + off, k_new, mask=dmask[None, :])
-            tl.store(vc_ptr + off, v_new, mask=dmask[None, :])
-    else:
-        q = tl.load(q_ptr + req * stride_qt + heads[:, None] * stride_qh + d[None, :],
-                    mask=gmask[:, None] & dmask[None, :], other=0.0)
+    q = tl.load(q_ptr + req * stride_qt + heads[:, None] * stride_qh + d[None, :],
+                mask=gmask[:, None] & dmask[None, :], other=0.0)
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    loop_start = start
-    if NEW_KV and EARLY_TILE:
-        is_new = (pos0 == seq_len - 1)[:, None]
-        k0 = tl.where(is_new, k_new, k0)
-        v0 = tl.where(is_new, v_new, v0)
-        if start < end:  # an empty split keeps m = -inf (an all-masked tile: NaN)
-            m_i, l_i, acc = _attend_tile(q, k0.to(q.dtype), v0.to(q.dtype), nmask0, m_i, l_i,
-                                         acc, scale_log2, softcap_mul, softcap_log2,
-                                         HAS_SOFTCAP, DOT_PRECISION)
-        loop_start = start + BLOCK_N
-    for n0 in range(loop_start, end, BLOCK_N):
-        k, v, pos, nmask = _load_tile(kc_ptr, vc_ptr, table, n0, end, kv_head, d, dmask,
-                                      block_size, stride_cb, stride_ct, stride_ch, num_far,
-                                      far_first, local_lo, attention_stride, BLOCK_N,
-                                      IS_STRIDED)
-        if NEW_KV:
-            is_new = (pos == seq_len - 1)[:, None]
-            k = tl.where(is_new, k_new, k)
-            v = tl.where(is_new, v_new, v)
-        m_i, l_i, acc = _attend_tile(q, k.to(q.dtype), v.to(q.dtype), nmask, m_i, l_i, acc,
-                                     scale_log2, softcap_mul, softcap_log2, HAS_SOFTCAP,
-                                     DOT_PRECISION)
+    table = bt_ptr + req * stride_bt
+    for n0 in range(start, end, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)
+        nmask = pos < end
+        if IS_STRIDED:
+            pos = tl.where(pos < num_far, far_first + pos * attention_stride,
+                           local_lo + pos - num_far)
+        blk = tl.load(table + pos // block_size, mask=nmask, other=0).to(tl.int64)
+        kv_off = blk * stride_cb + (pos % block_size).to(tl.int64) * stride_ct \
+            + kv_head * stride_ch
+        kv_mask = nmask[:, None] & dmask[None, :]
+        k = tl.load(kc_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        k = k.to(q.dtype)
+        s = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), scale_log2,
+                    softcap_mul, softcap_log2, HAS_SOFTCAP)
+        s = tl.where(nmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(vc_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        v = v.to(q.dtype)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
     acc = acc * v_scale
 
     if NUM_SPLITS == 1:
@@ -374,69 +270,13 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
         ``[B, H, D]`` attention output in query's dtype.
     """
     _check_paged_args(query, key_cache, value_cache, block_tables, seq_lens, k_scale, v_scale)
-    if query_start_loc is not None and query_start_loc.shape[0] != query.shape[0] + 1:
-        raise ValueError(f"query_start_loc must have {query.shape[0] + 1} entries, "
-                         f"got {query_start_loc.shape[0]}.")
-    return _launch(query, key_cache, value_cache, block_tables, seq_lens, scale,
-                   sliding_window, num_splits, max_seq_len, logit_softcap, attention_stride,
-                   k_scale, v_scale, block_n, num_warps, num_stages, None)
-
-
-def rotary_paged_decode_attention(positions: torch.Tensor, query: torch.Tensor,
-                                  key: torch.Tensor, value: torch.Tensor,
-                                  key_cache: torch.Tensor, value_cache: torch.Tensor,
-                                  slot_mapping: torch.Tensor, cos_sin_cache: torch.Tensor,
-                                  is_neox_style: bool, block_tables: torch.Tensor,
-                                  seq_lens: torch.Tensor, scale: float,
-                                  sliding_window: int | None = None,
-                                  num_splits: int | None = None,
-                                  max_seq_len: int | None = None,
-                                  logit_softcap: float | None = None,
-                                  attention_stride: int | None = None,
-                                  k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
-    """``rotary_kv_cache_write`` then ``paged_decode_attention``, in one kernel (plus the
-    split-KV reduction): the query and the new key are rotated in registers, the new key
-    and value are stored at their slot and used from registers, and the rest of the first
-    key tile is read before the kernel waits for the one that writes ``query``.
-
-    Unlike ``rotary_kv_cache_write``, ``query`` is left as it was.
-
-    Args:
-        positions: ``[B]`` int32/int64, each request's new token (``seq_lens - 1``).
-        query: ``[B, H, D]``; key, value: ``[B, Hkv, D]``; one dtype, last dim contiguous
-            (views of a fused qkv output are fine).
-        slot_mapping: ``[B]`` the new tokens' slots (-1: a padding row, nothing stored).
-        cos_sin_cache: ``[max_positions, rot_dim]`` = ``cat(cos, sin)``.
-        is_neox_style: rotate halves (NeoX/Llama) or interleaved pairs (GPT-J).
-        The others: as ``paged_decode_attention``.
-    Returns:
-        ``[B, H, D]`` attention output in query's dtype.
-    """
-    check_kv_write_args(key, value, key_cache, value_cache, slot_mapping)
-    k_inv, v_inv, is_fp8 = inverse_scales(key_cache, k_scale, v_scale)
-    _check_paged_args(query, key_cache, value_cache, block_tables, seq_lens, k_scale, v_scale)
-    if key.dtype != query.dtype:
-        raise ValueError(f"key must have query's dtype {query.dtype}, got {key.dtype}.")
-    check_tensor("positions", positions, ndim=1, dtypes=INDEX_DTYPES, device=query.device)
-    check_tensor("cos_sin_cache", cos_sin_cache, ndim=2, dtypes=FLOAT_DTYPES,
-                 device=query.device, last_dim_contiguous=True)
-    if key.shape[0] != query.shape[0]:
-        raise ValueError(f"key must have {query.shape[0]} rows, got {key.shape[0]}.")
-    check_rotary_shapes(positions, cos_sin_cache, query.shape[0], query.shape[2])
-    new_kv = (positions, slot_mapping, key, value, cos_sin_cache, bool(is_neox_style),
-              k_inv, v_inv, is_fp8)
-    return _launch(query, key_cache, value_cache, block_tables, seq_lens, scale,
-                   sliding_window, num_splits, max_seq_len, logit_softcap, attention_stride,
-                   k_scale, v_scale, None, 4, 3, new_kv)
-
-
-def _launch(query, key_cache, value_cache, block_tables, seq_lens, scale, sliding_window,
-            num_splits, max_seq_len, logit_softcap, attention_stride, k_scale, v_scale,
-            block_n, num_warps, num_stages, new_kv) -> torch.Tensor:
     num_reqs, num_heads, head_dim = query.shape
     if num_reqs != seq_lens.shape[0]:
         raise ValueError(f"query must have one row per request ({seq_lens.shape[0]}), "
                          f"got {num_reqs}; use prefill_attention for longer queries.")
+    if query_start_loc is not None and query_start_loc.shape[0] != num_reqs + 1:
+        raise ValueError(f"query_start_loc must have {num_reqs + 1} entries, "
+                         f"got {query_start_loc.shape[0]}.")
     check_pattern(sliding_window, attention_stride)
     scale = float(scale) * k_scale
     softcap_mul, softcap_log2 = softcap_args(scale, logit_softcap)
@@ -464,14 +304,6 @@ def _launch(query, key_cache, value_cache, block_tables, seq_lens, scale, slidin
                               device=query.device)
     else:
         part_acc = part_ml = out
-    if new_kv is None:  # the new-token arguments are unused: any tensor, zeros
-        positions = slots = key = value = cos_sin = query
-        new_args = (0, 0, 0, 0, 0, 0, 1.0, 1.0)
-        is_neox = is_fp8 = False
-    else:
-        positions, slots, key, value, cos_sin, is_neox, k_inv, v_inv, is_fp8 = new_kv
-        new_args = (key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-                    cos_sin.stride(0), cos_sin.shape[1] // 2, k_inv, v_inv)
     pdl = launch_dependent_args(query.device)
     _paged_decode_attention_kernel[(num_reqs, num_kv_heads, num_splits)](
         query, key_cache, value_cache, block_tables, seq_lens, out, part_acc, part_ml,
@@ -479,13 +311,11 @@ def _launch(query, key_cache, value_cache, block_tables, seq_lens, scale, slidin
         key_cache.stride(2), block_tables.stride(0), out.stride(0), out.stride(1),
         num_heads, float(scale) * _LOG2E, block_size,
         sliding_window if sliding_window is not None else 0, softcap_mul, softcap_log2,
-        float(v_scale), attention_stride or 1, positions, slots, key, value, cos_sin,
-        *new_args, GROUP=group,
+        float(v_scale), attention_stride or 1, GROUP=group,
         BLOCK_G=max(16, next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_D=block_d, BLOCK_N=block_n, NUM_SPLITS=num_splits,
         HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=logit_softcap is not None,
         DOT_PRECISION=dot_precision(query.dtype), IS_STRIDED=attention_stride is not None,
-        NEW_KV=new_kv is not None, IS_NEOX=is_neox, IS_FP8=is_fp8, EARLY_TILE=EARLY_TILE,
         num_warps=num_warps, num_stages=num_stages, **pdl)
     if num_splits > 1:
         _paged_decode_reduce_kernel[(num_reqs, num_heads)](

@@ -71,8 +71,8 @@ class _Rotary:
 @pytest.mark.parametrize("query_lens,padded", [([1, 1, 1], False), ([1, 1, 1], True),
                                                ([5, 1, 17], True)])
 def test_fused_rotary_path_matches_torch_backend(query_lens, padded, is_neox):
-    """Decode rows alone take the decode kernel that rotates and writes the KV itself;
-    with a padding token or longer queries, the rotary + KV-write kernel runs first."""
+    """Decode rows alone (the decode kernel), with a padding token or with longer queries
+    (the general kernel), after the rotary + KV-write kernel."""
     seq_lens = [20, 3, 33]
     block_size, num_heads, num_kv_heads, head_dim = 16, 4, 2, 32
     meta, num_blocks = _metadata(seq_lens, query_lens, block_size, 4, DEVICE)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from kernels.kv_cache_write import write_kv_cache
-from kernels.paged_decode_attention import paged_decode_attention, rotary_paged_decode_attention
+from kernels.paged_decode_attention import paged_decode_attention
 from kernels.prefill_attention import prefill_attention
 from kernels.rotary_kv_cache_write import rotary_kv_cache_write
 from worker_svc.layers.attention import AttentionBackend, AttentionMetadata, RotaryLike
@@ -15,19 +15,10 @@ class TritonAttentionBackend(AttentionBackend):
     """Writes the step's KV with the cache-write kernel (fused with the rotary embedding
     when the model rotates through ``forward_rotary``), then runs the split-KV decode
     kernel for decode-only steps (the CUDA-graph path) and the varlen prefill kernel for
-    anything with a longer query chunk. A decode step through ``forward_rotary`` runs
-    all of it in the decode kernel."""
+    anything with a longer query chunk."""
 
     name = "triton"
     supports_logit_softcap = True
-    # Decode steps rotate, write the new KV and attend in one kernel (False: two, for A/B).
-    fuse_decode_rotary = True
-
-    @staticmethod
-    def _is_decode(query: torch.Tensor, metadata: AttentionMetadata) -> bool:
-        # The decode kernel wants exactly one query row per request; anything else
-        # (e.g. padded rows without padded seq_lens) takes the general kernel.
-        return metadata.is_decode_only and query.shape[0] == metadata.num_reqs
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 key_cache: torch.Tensor, value_cache: torch.Tensor,
@@ -44,14 +35,6 @@ class TritonAttentionBackend(AttentionBackend):
                        value_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
                        sliding_window: int | None = None,
                        logit_softcap: float | None = None) -> torch.Tensor:
-        if self.fuse_decode_rotary and self._is_decode(query, metadata):
-            # One kernel rotates, stores the new key and value, and attends.
-            return rotary_paged_decode_attention(
-                positions, query, key, value, key_cache, value_cache, metadata.slot_mapping,
-                rotary.cos_sin_cache, rotary.is_neox_style, metadata.block_tables,
-                metadata.seq_lens, scale, sliding_window, max_seq_len=metadata.max_seq_len,
-                logit_softcap=logit_softcap, attention_stride=self.stride_for(sliding_window),
-                k_scale=self.k_scale, v_scale=self.v_scale)
         # One launch rotates the queries and writes rotated keys and values to the cache.
         rotary_kv_cache_write(positions, query, key, value, key_cache, value_cache,
                               metadata.slot_mapping, rotary.cos_sin_cache,
@@ -63,7 +46,9 @@ class TritonAttentionBackend(AttentionBackend):
                 metadata: AttentionMetadata, scale: float, sliding_window: int | None,
                 logit_softcap: float | None = None) -> torch.Tensor:
         stride = self.stride_for(sliding_window)
-        if self._is_decode(query, metadata):
+        # The decode kernel wants exactly one query row per request; anything else
+        # (e.g. padded rows without padded seq_lens) takes the general kernel.
+        if metadata.is_decode_only and query.shape[0] == metadata.num_reqs:
             return paged_decode_attention(query, key_cache, value_cache,
                                           metadata.block_tables, metadata.seq_lens,
                                           metadata.query_start_loc, scale, sliding_window,
