@@ -43,9 +43,12 @@ from kernels.fp8 import FP8_DTYPE
 _LOG2E = 1.4426950408889634
 # Fewer context tokens than this per split costs more in the reduction than it saves.
 # (H200, batch 1, 8 KV heads: a 256-token context takes 13.9 us in one split, 9.5 us in
-# four; 1024 tokens 16.6 us in four splits, 12.4 us in eight.)
-_MIN_TOKENS_PER_SPLIT = 64
+# four, 8.7 us in eight of 32 keys; 1024 tokens 16.6 us in four splits, 12.4 us in eight.)
+_MIN_TOKENS_PER_SPLIT = 32
 _MAX_SPLITS = 64
+# Keys per iteration where the context, not the SMs, bounds the split count (each split
+# then holds _MIN_TOKENS_PER_SPLIT to twice as many keys).
+_SHORT_SPLIT_BLOCK_N = 32
 
 
 @triton.jit
@@ -222,17 +225,40 @@ def _check_paged_args(query, key_cache, value_cache, block_tables, seq_lens,
         raise ValueError("head_dim must be >= 16 (tl.dot).")
 
 
-def pick_num_splits(num_reqs: int, num_kv_heads: int, max_context: int,
-                    device: torch.device) -> int:
-    """Splits per (request, KV head): none once two programs per SM exist, else about four
-    programs per SM (a power of two, to bound recompiles; measured on H100)."""
-    programs = max(1, num_reqs * num_kv_heads)
+def _splits_for_sms(programs: int, device: torch.device) -> int:
     sms = num_sms(device)
     if programs >= 2 * sms:
         return 1
-    splits = min(triton.cdiv(4 * sms, programs), max_context // _MIN_TOKENS_PER_SPLIT,
-                 _MAX_SPLITS)
-    return 1 << (max(1, splits).bit_length() - 1)
+    return min(triton.cdiv(4 * sms, programs), _MAX_SPLITS)
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << (max(1, n).bit_length() - 1)
+
+
+def pick_num_splits(num_reqs: int, num_kv_heads: int, max_context: int,
+                    device: torch.device) -> int:
+    """Splits per (request, KV head): none once two programs per SM exist, else about four
+    programs per SM (a power of two, to bound recompiles; measured on H100), and no fewer
+    than ``_MIN_TOKENS_PER_SPLIT`` context tokens per split."""
+    programs = max(1, num_reqs * num_kv_heads)
+    return _pow2_floor(min(_splits_for_sms(programs, device),
+                           max_context // _MIN_TOKENS_PER_SPLIT))
+
+
+def _default_block_n(num_reqs: int, num_kv_heads: int, num_splits: int,
+                     dtype: torch.dtype, device: torch.device) -> int:
+    """Keys per iteration: 64 for 16-bit inputs (32 for float32), and
+    ``_SHORT_SPLIT_BLOCK_N`` when the split count is below what the SMs would take (the
+    context bounded it, so each split is short). A function of the batch shape and the
+    split count only: one variant per CUDA-graph class."""
+    if is_interpreter():
+        return 16
+    block_n = 64 if dtype != torch.float32 else 32
+    programs = max(1, num_reqs * num_kv_heads)
+    if 1 < num_splits < _pow2_floor(_splits_for_sms(programs, device)):
+        block_n = min(block_n, _SHORT_SPLIT_BLOCK_N)
+    return block_n
 
 
 def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
@@ -265,7 +291,7 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
         attention_stride: the strided pattern with this stride (not with a window).
         k_scale, v_scale: the FP8 cache's scales (1.0 for other caches).
         block_n, num_warps, num_stages: launch overrides (keys per loop iteration, default
-            64 for 16-bit inputs; Triton's warps and pipeline stages), for tuning sweeps.
+            ``_default_block_n``; Triton's warps and pipeline stages), for tuning sweeps.
     Returns:
         ``[B, H, D]`` attention output in query's dtype.
     """
@@ -296,7 +322,8 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
         num_splits = pick_num_splits(num_reqs, num_kv_heads, max_context, query.device)
     block_d = max(16, next_power_of_2(head_dim))
     if block_n is None:
-        block_n = 16 if is_interpreter() else (64 if query.dtype != torch.float32 else 32)
+        block_n = _default_block_n(num_reqs, num_kv_heads, num_splits, query.dtype,
+                                   query.device)
     if num_splits > 1:
         part_acc = torch.empty(num_reqs * num_heads * num_splits, head_dim,
                                dtype=torch.float32, device=query.device)

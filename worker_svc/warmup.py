@@ -121,6 +121,7 @@ def warm_up_steps(runner: ModelRunner) -> None:
     pending.get_output()
     runner.reset_requests()
     _warm_up_penalised_sampling(runner)
+    _warm_up_greedy_sampling(runner)
     _warm_up_token_bitmask(runner)
     _synchronize(runner.device)
 
@@ -142,6 +143,18 @@ def _warm_up_penalised_sampling(runner: ModelRunner) -> None:
                                needs_prompt_logprobs=False))
     inputs = batch.prepare(np.array([2, 2]))
     logits = torch.zeros(2, runner.vocab_size, dtype=torch.float32, device=runner.device)
+    runner.sampler(logits, batch.sampling_metadata(inputs, runner.eos_token_id))
+
+
+def _warm_up_greedy_sampling(runner: ModelRunner) -> None:
+    # A batch of greedy requests alone takes the argmax kernel (the steps above mix in a
+    # random one).
+    batch = InputBatch(1, runner.max_model_len, runner.block_size, runner.vocab_size,
+                       runner.device)
+    batch.add(RequestState("warm-up-greedy", 2, [0, 1], SamplingParams(temperature=0.0), [0],
+                           0, seed=0, needs_prompt_logprobs=False))
+    inputs = batch.prepare(np.array([2]))
+    logits = torch.zeros(1, runner.vocab_size, dtype=torch.float32, device=runner.device)
     runner.sampler(logits, batch.sampling_metadata(inputs, runner.eos_token_id))
 
 

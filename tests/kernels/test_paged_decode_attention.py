@@ -117,7 +117,24 @@ def test_pick_num_splits_fills_small_batches():
     dev = torch.device("cpu")
     assert pick_num_splits(256, 8, 8192, dev) == 1
     assert pick_num_splits(1, 1, 8192, dev) > 1
-    assert pick_num_splits(1, 1, 100, dev) == 1
+    assert pick_num_splits(1, 1, 50, dev) == 1
+    assert pick_num_splits(1, 1, 100, dev) == 2  # the context bounds it: 32+ keys a split
+
+
+def test_short_splits_take_fewer_keys_per_iteration(monkeypatch):
+    import kernels.paged_decode_attention as module
+
+    monkeypatch.setattr(module, "is_interpreter", lambda: False)
+    monkeypatch.setattr(module, "num_sms", lambda device: 132)
+    dev, bf16 = torch.device("cpu"), torch.bfloat16
+    # Batch 1, 8 KV heads: the SMs would take 64 splits.
+    splits = pick_num_splits(1, 8, 256, dev)
+    assert splits == 8
+    assert module._default_block_n(1, 8, splits, bf16, dev) == 32
+    assert module._default_block_n(1, 8, 64, bf16, dev) == 64  # the SMs bound it
+    assert module._default_block_n(1, 8, 1, bf16, dev) == 64
+    assert module._default_block_n(64, 8, 1, bf16, dev) == 64
+    assert module._default_block_n(1, 8, splits, torch.float32, dev) == 32
 
 
 def test_decode_rejects_bad_arguments():
