@@ -24,8 +24,10 @@ $(STAMP): pyproject.toml
 	PYTHON=$(PY) bash scripts/get_compose_plugin.sh $(VENV)/docker/cli-plugins || echo "compose plugin unavailable: tests/test_compose.py will skip"
 	touch $(STAMP)
 
+# Two pytest workers: most of the suite's time is spent waiting on the processes, servers and
+# sockets of the end-to-end tests, which run alike beside each other on two cores.
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider -n 2
 
 serve: $(STAMP)
 	$(VENV)/bin/gridllm up --model $(MODEL) --port $(PORT)
