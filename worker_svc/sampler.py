@@ -4,9 +4,9 @@ Order per row: a structured output's token bitmask, allowed_token_ids, min_token
 logit_bias, extra logits processors (torch, and only when some row asks), then penalties,
 greedy argmax or temperature, min-p/top-k/top-p and a draw. The last stages run in one
 fused Triton kernel on CUDA (``kernels.sampling.sample``; a batch of greedy rows alone,
-``kernels.argmax.argmax``) and in ``kernels.torch_ref.sample`` elsewhere. Both draw with Philox keyed by the row's seed and
-counted by the position of the token in the request's output, so a seeded request samples
-the same tokens in any batch and after a resubmission.
+``kernels.argmax.argmax``) and in ``kernels.torch_ref.sample`` elsewhere. Both draw with
+Philox keyed by the row's seed and counted by the position of the token in the request's
+output, so a seeded request samples the same tokens in any batch and after a resubmission.
 Logprobs come from the raw logits.
 """
 
