@@ -47,10 +47,6 @@ WEIGHT_DTYPES = FLOAT_DTYPES + (FP8_DTYPE,)
 Config = tuple[int, int, int, int, int]
 # Programs per SM that keep enough weight bytes in flight (the split count aims for it).
 _PROGRAMS_PER_SM = 4
-# 16-bit weights read x in the weight tile's layout (``X_2D``): x and the weight then load
-# the same elements per thread, and no tile of x is moved through shared memory. (An e4m3
-# weight loads twice the elements per thread of a 16-bit x: the weight tile would move.)
-X_2D_16BIT = True
 
 
 @triton.jit
@@ -88,23 +84,13 @@ def _x_tile(ptrs, k_ok, num_in, res_ptrs, norm_w_ptrs, rstd, MASKED: tl.constexp
 
 
 @triton.jit
-def _rows(x, X_2D: tl.constexpr):
-    """A tile of x as rows of the weight tile (a vector is broadcast over them)."""
-    if X_2D:
-        rows = x
-    else:
-        rows = x[None, :]
-    return rows
-
-
-@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, partial_ptr, lock_ptr,
                  res_ptr, norm_w_ptr, res_out_ptr, eps,
                  num_out, num_in, stride_x, stride_w, stride_y,
                  ROWS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                  EVEN_K: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr,
-                 BLOCK_H: tl.constexpr, USE_GDC: tl.constexpr, X_2D: tl.constexpr = False):
+                 BLOCK_H: tl.constexpr, USE_GDC: tl.constexpr):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -117,13 +103,7 @@ def _gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, partial_ptr, lock_ptr
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, num_in)
     w_ptrs = w_ptr + safe_cols[:, None].to(tl.int64) * stride_w + (k_start + ks)[None, :]
-    # X_2D: x is read as a [BLOCK_N, BLOCK_K] tile (every row the same addresses, L1 hits)
-    # in the weight tile's own layout, so no tile of x is moved between layouts through
-    # shared memory in the loop; else as a [BLOCK_K] vector broadcast over the rows.
-    xk = ks
-    if X_2D:
-        xk = ks[None, :] + tl.zeros([BLOCK_N, 1], dtype=tl.int32)
-    x_ptrs = x_ptr + k_start + xk
+    x_ptrs = x_ptr + k_start + ks
     acc0 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc1 = acc0
     acc2 = acc0
@@ -150,8 +130,8 @@ def _gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, partial_ptr, lock_ptr
             tl.store(res_out_ptr + hs, h, mask=h_ok)
         hf = h.to(tl.float32)
         rstd = tl.rsqrt(tl.sum(hf * hf, axis=0) / num_in + eps)
-        res_ptrs = res_ptr + k_start + xk
-        norm_w_ptrs = norm_w_ptr + k_start + xk
+        res_ptrs = res_ptr + k_start + ks
+        norm_w_ptrs = norm_w_ptr + k_start + ks
     for k0 in range(k_start, k_end, BLOCK_K):
         w = w_next.to(tl.float32)
         # The next tile's loads are issued before this tile's products (double buffering).
@@ -162,20 +142,20 @@ def _gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, partial_ptr, lock_ptr
             w_next = tl.load(w_ptrs, mask=more, other=0.0, eviction_policy="evict_first")
             k_ok = more  # unused: the x tiles are read whole
         else:
-            k_ok = (k0 + xk) < k_end
+            k_ok = (k0 + ks) < k_end
             w_next = tl.load(w_ptrs, mask=((k0 + BLOCK_K + ks) < k_end)[None, :], other=0.0,
                              eviction_policy="evict_first")
-        acc0 += w * _rows(_x_tile(x_ptrs, k_ok, num_in, res_ptrs, norm_w_ptrs, rstd,
-                                  not EVEN_K, GATED, NORM), X_2D)
+        acc0 += w * _x_tile(x_ptrs, k_ok, num_in, res_ptrs, norm_w_ptrs, rstd, not EVEN_K,
+                            GATED, NORM)[None, :]
         if ROWS > 1:  # (NORM takes one row)
-            acc1 += w * _rows(_x_tile(x_ptrs + stride_x, k_ok, num_in, x_ptrs, x_ptrs, rstd,
-                                      not EVEN_K, GATED, False), X_2D)
+            acc1 += w * _x_tile(x_ptrs + stride_x, k_ok, num_in, x_ptrs, x_ptrs, rstd,
+                                not EVEN_K, GATED, False)[None, :]
         if ROWS > 2:
-            acc2 += w * _rows(_x_tile(x_ptrs + 2 * stride_x, k_ok, num_in, x_ptrs, x_ptrs,
-                                      rstd, not EVEN_K, GATED, False), X_2D)
+            acc2 += w * _x_tile(x_ptrs + 2 * stride_x, k_ok, num_in, x_ptrs, x_ptrs, rstd,
+                                not EVEN_K, GATED, False)[None, :]
         if ROWS > 3:
-            acc3 += w * _rows(_x_tile(x_ptrs + 3 * stride_x, k_ok, num_in, x_ptrs, x_ptrs,
-                                      rstd, not EVEN_K, GATED, False), X_2D)
+            acc3 += w * _x_tile(x_ptrs + 3 * stride_x, k_ok, num_in, x_ptrs, x_ptrs, rstd,
+                                not EVEN_K, GATED, False)[None, :]
         x_ptrs += BLOCK_K
         res_ptrs += BLOCK_K
         norm_w_ptrs += BLOCK_K
@@ -365,6 +345,5 @@ def _launch(x, weight, bias, weight_scale, config, gated, norm):
         BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
         EVEN_K=num_in % k_per_split == 0, GATED=gated, NORM=norm is not None,
         BLOCK_H=triton.next_power_of_2(num_in) if norm is not None else 1,
-        X_2D=X_2D_16BIT and weight.element_size() == 2, num_warps=num_warps,
-        num_stages=num_stages, **launch_dependent_args(x.device))
+        num_warps=num_warps, num_stages=num_stages, **launch_dependent_args(x.device))
     return y, residual_out
