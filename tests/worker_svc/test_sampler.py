@@ -237,6 +237,15 @@ def test_all_greedy_fast_path_skips_processing():
     assert torch.equal(sampler(logits, meta).token_ids, logits.argmax(-1))
 
 
+def test_all_greedy_kernel_path_is_torch_argmax():
+    """The argmax kernel (here in Triton's interpreter) where the sampler uses kernels."""
+    logits = torch.randn(4, 700, generator=torch.Generator().manual_seed(2))
+    logits[1, 600] = logits[1, 650] = 100.0  # a tie: the first index
+    meta = build([SamplingParams(temperature=0.0)] * 4, 700)
+    token_ids = Sampler(use_kernel=True)(logits, meta).token_ids
+    assert torch.equal(token_ids, logits.argmax(-1)) and int(token_ids[1]) == 600
+
+
 def test_allowed_token_ids_and_min_tokens_hold_when_sampling():
     vocab_size, rows = 30, 3000
     eos = 0
