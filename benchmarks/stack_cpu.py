@@ -1,4 +1,4 @@
-"""Issue 3's CPU numbers: the scheduler-to-worker round trip per step, and tokens/s through
+"""The stack on the CPU: the scheduler-to-worker round trip per step, and tokens/s through
 the full stack against the in-process ``LLM`` on the same workload.
 
 Usage: ``python benchmarks/stack_cpu.py [--model random:tiny] [--num-prompts 64]``.
