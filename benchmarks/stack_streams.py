@@ -2,9 +2,10 @@
 per scheduler, for many concurrent requests through a local stack (Redis, scheduler, one
 worker, router) with a tiny random model.
 
-Prints, for each path, output tokens/s (client side) and the messages the scheduler wrote to
+Prints, for each path, output tokens/s (client side), the messages the scheduler wrote to
 the router per step (its ``scheduler_stream_messages_total`` over ``iteration_tokens_total``
-observations, scraped from its /metrics).
+observations, scraped from its /metrics), and each service's CPU time per output token
+(user + system, from /proc; where a stack at many streams spends its host time).
 
 Usage: ``python benchmarks/stack_streams.py [--model random:tiny] [--num-prompts 128]``.
 """
@@ -45,7 +46,17 @@ def scrape(port: int) -> tuple[float, float]:
     return messages, steps
 
 
-def run_path(stream: str, args: argparse.Namespace) -> dict[str, float]:
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU seconds of a process so far (0.0 where /proc cannot tell)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, TypeError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_path(stream: str, args: argparse.Namespace) -> dict:
     config = StackConfig(
         model=args.model, port=0, scheduler_metrics_port=0,
         scheduler_options=SchedulerServiceConfig(
@@ -61,16 +72,21 @@ def run_path(stream: str, args: argparse.Namespace) -> dict[str, float]:
         serve.run_serve(serve.ServeConfig(target=stack.endpoint, num_prompts=args.num_prompts,
                                           request_rate=math.inf, use_tqdm=False, **lengths))
         messages, steps = scrape(port)
+        services = {p.name: p.pid for p in stack.processes if p.name != "redis"}
+        cpu = {name: cpu_seconds(pid) for name, pid in services.items()}
         served = serve.run_serve(serve.ServeConfig(
             target=stack.endpoint, num_prompts=args.num_prompts, request_rate=math.inf,
             use_tqdm=False, seed=1, **lengths))
+        cpu = {name: cpu_seconds(pid) - cpu[name] for name, pid in services.items()}
         messages_after, steps_after = scrape(port)
     finally:
         stack.stop()
     num_steps = max(steps_after - steps, 1.0)
+    tokens = max(served["total_output_tokens"], 1)
     return {"output_tokens_per_s": served["output_tokens_per_s"],
             "messages": messages_after - messages, "steps": num_steps,
-            "messages_per_step": (messages_after - messages) / num_steps}
+            "messages_per_step": (messages_after - messages) / num_steps,
+            "cpu_us_per_token": {name: 1e6 * s / tokens for name, s in cpu.items()}}
 
 
 def main() -> None:
@@ -89,6 +105,8 @@ def main() -> None:
         print(f"{stream:8s} {result['output_tokens_per_s']:8.0f} output tok/s   "
               f"{result['messages_per_step']:7.1f} scheduler->router messages per step "
               f"({result['messages']:.0f} in {result['steps']:.0f} steps)")
+        print("         CPU us per output token: " + ", ".join(
+            f"{name} {us:.0f}" for name, us in result["cpu_us_per_token"].items()))
     if len(results) == 2:
         ratio = (results["session"]["output_tokens_per_s"]
                  / results["submit"]["output_tokens_per_s"])
