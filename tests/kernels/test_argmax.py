@@ -2,11 +2,18 @@ import pytest
 import torch
 
 from kernels.argmax import argmax
-from tests.kernels.conftest import DEVICE, GPU_DTYPES, SMALL_DTYPES, needs_gpu
+from tests.kernels.conftest import (
+    DEVICE,
+    GPU_DTYPES,
+    SMALL_DTYPES,
+    needs_gpu,
+    poisoned_allocations,
+)
 
 
 def _check(logits: torch.Tensor) -> None:
-    out = argmax(logits)
+    with poisoned_allocations():  # the output and the chunk workspaces start as garbage
+        out = argmax(logits)
     assert out.dtype == torch.int64 and out.shape == logits.shape[:1]
     expected = torch.argmax(logits.float().cpu(), dim=-1)
     assert torch.equal(out.cpu(), expected), f"{out.tolist()} != {expected.tolist()}"
