@@ -132,29 +132,28 @@ def _synchronize(device: torch.device) -> None:
 
 
 def _warm_up_penalised_sampling(runner: ModelRunner) -> None:
-    # A two-row batch of its own: the runner's penalty tables stay unallocated until a
-    # request asks for penalties.
-    batch = InputBatch(2, runner.max_model_len, runner.block_size, runner.vocab_size,
-                       runner.device)
-    params = SamplingParams(temperature=0.7, top_p=0.8, repetition_penalty=1.2,
-                            frequency_penalty=0.1)
-    for i in range(2):
-        batch.add(RequestState(f"warm-up-{i}", 2, [0, 1], params, [i], 0, seed=i,
-                               needs_prompt_logprobs=False))
-    inputs = batch.prepare(np.array([2, 2]))
-    logits = torch.zeros(2, runner.vocab_size, dtype=torch.float32, device=runner.device)
-    runner.sampler(logits, batch.sampling_metadata(inputs, runner.eos_token_id))
+    # A batch of its own: the runner's penalty tables stay unallocated until a request asks
+    # for penalties.
+    _warm_up_sampling(runner, SamplingParams(temperature=0.7, top_p=0.8,
+                                             repetition_penalty=1.2, frequency_penalty=0.1), 2)
 
 
 def _warm_up_greedy_sampling(runner: ModelRunner) -> None:
-    # A batch of greedy requests alone takes the argmax kernel (the steps above mix in a
-    # random one).
-    batch = InputBatch(1, runner.max_model_len, runner.block_size, runner.vocab_size,
+    # Greedy requests alone take the argmax kernel (the steps above mix in a random one).
+    _warm_up_sampling(runner, SamplingParams(temperature=0.0), 1)
+
+
+def _warm_up_sampling(runner: ModelRunner, params: SamplingParams, num_reqs: int) -> None:
+    """The sampler over zero logits of ``num_reqs`` requests with ``params``, in a batch
+    of their own."""
+    batch = InputBatch(num_reqs, runner.max_model_len, runner.block_size, runner.vocab_size,
                        runner.device)
-    batch.add(RequestState("warm-up-greedy", 2, [0, 1], SamplingParams(temperature=0.0), [0],
-                           0, seed=0, needs_prompt_logprobs=False))
-    inputs = batch.prepare(np.array([2]))
-    logits = torch.zeros(1, runner.vocab_size, dtype=torch.float32, device=runner.device)
+    for i in range(num_reqs):
+        batch.add(RequestState(f"warm-up-{i}", 2, [0, 1], params, [i], 0, seed=i,
+                               needs_prompt_logprobs=False))
+    inputs = batch.prepare(np.full(num_reqs, 2))
+    logits = torch.zeros(num_reqs, runner.vocab_size, dtype=torch.float32,
+                         device=runner.device)
     runner.sampler(logits, batch.sampling_metadata(inputs, runner.eos_token_id))
 
 
