@@ -16,6 +16,7 @@ from gridllm.common.metrics import (
     REQUEST_LATENCY_BUCKETS,
     TOKEN_COUNT_BUCKETS,
     TOKEN_LATENCY_BUCKETS,
+    LoopHistogram,
     metric,
 )
 
@@ -46,7 +47,8 @@ class RouterMetrics:
         self.time_to_first_token = Histogram(
             metric("time_to_first_token_seconds"), "Seconds from the request's arrival at the "
             "router to its first generated token.", buckets=LATENCY_BUCKETS, registry=r)
-        self.inter_token_latency = Histogram(
+        # Observed per streamed token on the event loop: the lock-free kind.
+        self.inter_token_latency = LoopHistogram(
             metric("inter_token_latency_seconds"), "Seconds between consecutive generated "
             "tokens of a completion.", buckets=TOKEN_LATENCY_BUCKETS, registry=r)
         self.e2e_request_latency = Histogram(

@@ -68,9 +68,8 @@ class RequestRecord:
             else:
                 gaps = num_new
                 gap = (now - completion.last_token_time) / num_new
-            if metrics is not None:
-                for _ in range(gaps):
-                    metrics.inter_token_latency.observe(gap)
+            if metrics is not None and gaps:
+                metrics.inter_token_latency.observe(gap, gaps)
             completion.num_tokens += num_new
             completion.last_token_time = now
         if delta.finished:

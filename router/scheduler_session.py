@@ -16,7 +16,9 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator
+from typing import Protocol
 
 import grpc
 
@@ -27,6 +29,53 @@ logger = logging.getLogger(__name__)
 
 # What a request's queue holds: an update, or the error that ends it.
 _Item = scheduler_pb2.SubmitResponse | grpc.aio.AioRpcError
+
+
+class Inbox:
+    """One request's updates, for its one reader: what the request path uses of an
+    ``asyncio.Queue`` (``put_nowait``, ``get``, ``get_nowait``, ``empty``) without its
+    per-item bookkeeping, since an item comes per request per step. Created on the loop
+    that reads it."""
+
+    __slots__ = ("_items", "_waiter", "_loop")
+
+    def __init__(self) -> None:
+        self._items: deque[_Item] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._loop = asyncio.get_running_loop()
+
+    def put_nowait(self, item: _Item) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def get_nowait(self) -> _Item:
+        """The oldest item; IndexError when there is none."""
+        return self._items.popleft()
+
+    async def get(self) -> _Item:
+        while not self._items:
+            self._waiter = self._loop.create_future()
+            await self._waiter
+        return self._items.popleft()
+
+
+class _Queue(Protocol):
+    """An ``Inbox`` or an ``asyncio.Queue``."""
+
+    def put_nowait(self, item: _Item) -> None: ...
+
+    def empty(self) -> bool: ...
+
+    def get_nowait(self) -> _Item: ...
+
+    async def get(self) -> _Item: ...
 
 
 def rpc_error(code: grpc.StatusCode, details: str,
@@ -56,7 +105,7 @@ class SchedulerSession:
     def __init__(self, stub: scheduler_pb2_grpc.SchedulerStub, address: str = ""):
         self.address = address
         self._outgoing: asyncio.Queue[scheduler_pb2.SessionRequest | None] = asyncio.Queue()
-        self._queues: dict[str, asyncio.Queue[_Item]] = {}
+        self._queues: dict[str, Inbox] = {}
         # Why the stream ended (None while it is up).
         self.error: grpc.aio.AioRpcError | None = None
         # Messages received: one per scheduler step (at most), for all the requests here.
@@ -112,7 +161,7 @@ class SchedulerSession:
                deadline: float | None = None) -> SessionCall:
         """Send a request and return its call (read it like a Submit call's stream)."""
         req_id = submit.request.request_id
-        queue: asyncio.Queue[_Item] = asyncio.Queue()
+        queue = Inbox()
         if self.error is not None:
             queue.put_nowait(self.error)
         else:
@@ -145,15 +194,32 @@ class SessionCall:
     it (DEADLINE_EXCEEDED once ``deadline``, a ``time.monotonic()`` time, has passed)."""
 
     def __init__(self, session: SchedulerSession, req_id: str, tenant: str,
-                 queue: asyncio.Queue[_Item], deadline: float | None):
+                 queue: _Queue, deadline: float | None):
         self.session = session
         self.req_id = req_id
         self.tenant = tenant
         self._queue = queue
-        self._deadline = deadline
         self._is_done = False
         # An error taken from the queue while merging updates: raised by the next read.
         self._held: grpc.aio.AioRpcError | None = None
+        # The deadline is one timer that queues DEADLINE_EXCEEDED behind the updates already
+        # there (not a timeout around each read: reads come once per token).
+        self._timer: asyncio.TimerHandle | None = None
+        if deadline is not None:
+            self._timer = asyncio.get_running_loop().call_later(
+                max(deadline - time.monotonic(), 0.0), self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        if not self._is_done:
+            self._queue.put_nowait(rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                             "Deadline Exceeded"))
+
+    def _end(self) -> None:
+        self._is_done = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def __aiter__(self) -> SessionCall:
         return self
@@ -162,39 +228,29 @@ class SessionCall:
         if self._is_done:
             raise StopAsyncIteration
         if self._held is not None:
-            self._is_done = True
+            self._end()
             raise self._held
-        if self._deadline is None:
-            item = await self._queue.get()
-        else:
-            item = self._queue.get_nowait() if not self._queue.empty() else None
-            if item is None:
-                try:
-                    async with asyncio.timeout(max(self._deadline - time.monotonic(), 0.0)):
-                        item = await self._queue.get()
-                except TimeoutError:
-                    raise rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                    "Deadline Exceeded") from None
+        queue = self._queue
+        item = queue.get_nowait() if not queue.empty() else await queue.get()
         if isinstance(item, grpc.aio.AioRpcError):
-            self._is_done = True
+            self._end()
             raise item
-        assert item is not None
         # Updates queued while this request's reader was busy (its client reads slowly, or
         # the event loop is behind) go out as one: one delta and one client message, the
         # way the scheduler merges a session's steps when its writer falls behind.
-        while not item.finish_reason and not self._queue.empty():
-            later = self._queue.get_nowait()
+        while not item.finish_reason and not queue.empty():
+            later = queue.get_nowait()
             if isinstance(later, grpc.aio.AioRpcError):
                 self._held = later
                 break
             item.MergeFrom(later)
         if item.finish_reason:
-            self._is_done = True
+            self._end()
             self.session.forget(self.req_id)
         return item
 
     def cancel(self) -> None:
         """Abort the request upstream unless it already ended."""
         if not self._is_done:
-            self._is_done = True
+            self._end()
             self.session.abort(self.req_id, self.tenant)

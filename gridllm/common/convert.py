@@ -310,10 +310,13 @@ def request_update_to_pb(update: RequestUpdate, worker_id: str = "",
 
 
 def request_update_from_pb(msg: scheduler_pb2.SubmitResponse) -> RequestUpdate:
+    # Runs per request per step in the router: empty repeated fields are not converted.
+    logprobs, prompt_logprobs = msg.logprobs, msg.prompt_logprobs
+    finish_reason = msg.finish_reason
     return RequestUpdate(
         req_id=msg.request_id, new_token_ids=list(msg.token_ids),
-        new_logprobs=logprobs_from_pb(msg.logprobs) or None,
-        new_prompt_logprobs=logprobs_from_pb(msg.prompt_logprobs) or None,
-        finish_reason=FINISH_REASON_FROM_PB[msg.finish_reason],
+        new_logprobs=logprobs_from_pb(logprobs) if logprobs else None,
+        new_prompt_logprobs=logprobs_from_pb(prompt_logprobs) if prompt_logprobs else None,
+        finish_reason=FINISH_REASON_FROM_PB[finish_reason] if finish_reason else None,
         stop_reason=msg.stop_token_id if msg.HasField("stop_token_id") else None,
         num_cached_tokens=msg.num_cached_tokens)

@@ -9,10 +9,17 @@ workers on their ``--metrics-port``.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import logging
+import math
+from collections.abc import Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, disable_created_metrics
 from prometheus_client.asgi import make_asgi_app
+from prometheus_client.metrics_core import HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from gridllm.common.http_server import HttpServer
 
@@ -40,6 +47,52 @@ TOKEN_COUNT_BUCKETS = tuple(float(m * 10 ** e) for e in range(6) for m in (1, 2,
 def metric(name: str) -> str:
     """``name`` with the ``gridllm:`` prefix."""
     return PREFIX + name
+
+
+class LoopHistogram(Collector):
+    """A label-less histogram observed from one thread (an event loop), exposed exactly as a
+    ``prometheus_client.Histogram`` of the same name and buckets.
+
+    ``Histogram.observe`` takes a lock per bucket and scans the buckets in Python; this one
+    bisects and adds, and takes many equal observations at once: the router observes each
+    streamed token's gap. A scrape from another thread reads a snapshot whose count is the
+    sum of its buckets (the sum may miss an observation made meanwhile).
+
+    Args:
+        name: the metric's name (without ``_bucket``/``_sum``/``_count``).
+        documentation: its help text.
+        buckets: upper bounds, increasing (``+Inf`` is added).
+        registry: where it is served from (None: not registered).
+    """
+
+    def __init__(self, name: str, documentation: str, buckets: Sequence[float],
+                 registry: CollectorRegistry | None = None):
+        bounds = [float(b) for b in buckets]
+        if any(b >= c for b, c in zip(bounds, bounds[1:])):
+            raise ValueError(f"buckets of {name} must increase, got {list(buckets)}.")
+        if not bounds or bounds[-1] != math.inf:
+            bounds.append(math.inf)
+        self.name = name
+        self.documentation = documentation
+        self._bounds = bounds
+        self._counts = [0] * len(bounds)
+        self._sum = 0.0
+        if registry is not None:
+            registry.register(self)
+
+    def observe(self, value: float, count: int = 1) -> None:
+        """``count`` observations of ``value``."""
+        self._counts[bisect.bisect_left(self._bounds, value)] += count
+        self._sum += value * count
+
+    def collect(self) -> Iterator[Metric]:
+        cumulative = itertools.accumulate(list(self._counts))
+        yield HistogramMetricFamily(
+            self.name, self.documentation, sum_value=self._sum,
+            buckets=[(floatToGoString(b), c) for b, c in zip(self._bounds, cumulative)])
+
+    def describe(self) -> Iterator[Metric]:
+        yield HistogramMetricFamily(self.name, self.documentation)
 
 
 async def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> HttpServer:

@@ -44,10 +44,13 @@ def test_every_service_has_grace_and_log_level_with_defaults_shown(capsys):
 def test_startup_objects_leave_the_collectors_full_collections():
     import gc
 
-    from gridllm.common.service_main import freeze_startup_objects
+    from gridllm.common.service_main import GC_GEN0_THRESHOLD, freeze_startup_objects
 
+    threshold = gc.get_threshold()
     try:
         freeze_startup_objects()
         assert gc.get_freeze_count() > 0
+        assert gc.get_threshold() == (GC_GEN0_THRESHOLD, *threshold[1:])
     finally:
         gc.unfreeze()
+        gc.set_threshold(*threshold)
