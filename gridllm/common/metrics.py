@@ -68,7 +68,7 @@ class LoopHistogram(Collector):
     def __init__(self, name: str, documentation: str, buckets: Sequence[float],
                  registry: CollectorRegistry | None = None):
         bounds = [float(b) for b in buckets]
-        if any(b >= c for b, c in zip(bounds, bounds[1:])):
+        if any(b >= c for b, c in itertools.pairwise(bounds)):
             raise ValueError(f"buckets of {name} must increase, got {list(buckets)}.")
         if not bounds or bounds[-1] != math.inf:
             bounds.append(math.inf)
@@ -87,9 +87,10 @@ class LoopHistogram(Collector):
 
     def collect(self) -> Iterator[Metric]:
         cumulative = itertools.accumulate(list(self._counts))
-        yield HistogramMetricFamily(
-            self.name, self.documentation, sum_value=self._sum,
-            buckets=[(floatToGoString(b), c) for b, c in zip(self._bounds, cumulative)])
+        buckets = [(floatToGoString(bound), count)
+                   for bound, count in zip(self._bounds, cumulative, strict=True)]
+        yield HistogramMetricFamily(self.name, self.documentation, buckets=buckets,
+                                    sum_value=self._sum)
 
     def describe(self) -> Iterator[Metric]:
         yield HistogramMetricFamily(self.name, self.documentation)
