@@ -88,7 +88,7 @@ def profile_decode(model: str, batch_size: int = 1, input_len: int = 128,
                  use_tqdm=False)
     for i, r in enumerate(requests[:batch_size]):
         engine.add_request(engine.make_request(f"profile-{i}", r.prompt_token_ids, params))
-    engine.step()  # the prefill, not profiled
+    _prefill(engine)
     _synchronize()
     # The same number of steps without the profiler, whose own host work slows the steps.
     plain_s = _run_steps(engine, num_steps)
@@ -129,6 +129,15 @@ def profile_decode(model: str, batch_size: int = 1, input_len: int = 128,
     return result
 
 
+def _prefill(engine) -> None:
+    """Step until every request added has computed its prompt (a batch's prompts may take
+    several chunked-prefill steps): what follows are decode steps only."""
+    scheduler = engine.scheduler
+    while any(r.num_computed_tokens < r.num_prompt_tokens
+              for r in (*scheduler.waiting, *scheduler.running)):
+        engine.step()
+
+
 def _host_profile(engine, requests, params, num_steps: int, top: int = 30) -> dict[str, float]:
     """Milliseconds per step of the host functions with the most own time (cProfile over
     ``num_steps`` decode steps of ``requests``)."""
@@ -137,7 +146,7 @@ def _host_profile(engine, requests, params, num_steps: int, top: int = 30) -> di
 
     for i, r in enumerate(requests):
         engine.add_request(engine.make_request(f"host-{i}", r.prompt_token_ids, params))
-    engine.step()
+    _prefill(engine)
     _synchronize()
     profiler = cProfile.Profile()
     profiler.enable()
