@@ -29,6 +29,7 @@ from kernels.paged_decode_attention import (
     _check_paged_args,
     _scores,
     check_pattern,
+    fp8_f16_dots,
     softcap_args,
 )
 
@@ -80,7 +81,7 @@ def _prefill_attention_kernel(
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr,
         HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        IS_STRIDED: tl.constexpr = False):
+        IS_STRIDED: tl.constexpr = False, F16_DOTS: tl.constexpr = False):
     head = tl.program_id(0).to(tl.int64)
     # Longest (latest) query tiles first: they have the most keys to visit.
     tile = num_q_tiles - 1 - tl.program_id(1)
@@ -99,6 +100,8 @@ def _prefill_attention_kernel(
     q_rows = (q_start + m).to(tl.int64)
     q = tl.load(q_ptr + q_rows[:, None] * stride_qt + head * stride_qh + d[None, :],
                 mask=io_mask, other=0.0)
+    if F16_DOTS:  # an FP8 cache under a bfloat16 query (see paged_decode_attention)
+        q = q.to(tl.float16)
     kv_head = head // GROUP
     table = bt_ptr + req * stride_bt
 
@@ -221,5 +224,5 @@ def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
         BLOCK_D=max(16, next_power_of_2(head_dim)), BLOCK_M=block_m, BLOCK_N=block_n,
         HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=logit_softcap is not None,
         DOT_PRECISION=dot_precision(query.dtype), IS_STRIDED=attention_stride is not None,
-        num_warps=num_warps, num_stages=num_stages)
+        F16_DOTS=fp8_f16_dots(key_cache, query), num_warps=num_warps, num_stages=num_stages)
     return out
