@@ -79,7 +79,7 @@ def softcap_args(scale: float, logit_softcap: float | None) -> tuple[float, floa
 def _paged_decode_attention_kernel(
         q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
         stride_qt, stride_qh, stride_cb, stride_ct, stride_ch, stride_bt,
-        stride_ot, stride_oh, num_heads, scale_log2, block_size, sliding_window,
+        stride_ot, stride_oh, num_heads, scale_log2, BLOCK_SIZE: tl.constexpr, sliding_window,
         softcap_mul, softcap_log2, v_scale, attention_stride,
         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
@@ -132,8 +132,10 @@ def _paged_decode_attention_kernel(
         if IS_STRIDED:
             pos = tl.where(pos < num_far, far_first + pos * attention_stride,
                            local_lo + pos - num_far)
-        blk = tl.load(table + pos // block_size, mask=nmask, other=0).to(tl.int64)
-        kv_off = blk * stride_cb + (pos % block_size).to(tl.int64) * stride_ct \
+        # A compile-time block size: a power of two divides by a shift, not a division per
+        # key and element (a run-time one made integer division a large share of the loop).
+        blk = tl.load(table + pos // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
+        kv_off = blk * stride_cb + (pos % BLOCK_SIZE).to(tl.int64) * stride_ct \
             + kv_head * stride_ch
         kv_mask = nmask[:, None] & dmask[None, :]
         k = tl.load(kc_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)

@@ -205,6 +205,7 @@ class SessionCall:
         # The deadline is one timer that queues DEADLINE_EXCEEDED behind the updates already
         # there (not a timeout around each read: reads come once per token).
         self._timer: asyncio.TimerHandle | None = None
+        self._expired: grpc.aio.AioRpcError | None = None
         if deadline is not None:
             self._timer = asyncio.get_running_loop().call_later(
                 max(deadline - time.monotonic(), 0.0), self._expire)
@@ -212,8 +213,15 @@ class SessionCall:
     def _expire(self) -> None:
         self._timer = None
         if not self._is_done:
-            self._queue.put_nowait(rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                             "Deadline Exceeded"))
+            self._expired = rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+            self._queue.put_nowait(self._expired)
+
+    def _fail(self, error: grpc.aio.AioRpcError) -> grpc.aio.AioRpcError:
+        """The error to raise; one from upstream ends the call (nothing to abort there), the
+        deadline's leaves it to ``cancel`` to abort the request upstream."""
+        if error is not self._expired:
+            self._end()
+        return error
 
     def _end(self) -> None:
         self._is_done = True
@@ -228,13 +236,12 @@ class SessionCall:
         if self._is_done:
             raise StopAsyncIteration
         if self._held is not None:
-            self._end()
-            raise self._held
+            held, self._held = self._held, None
+            raise self._fail(held)
         queue = self._queue
         item = queue.get_nowait() if not queue.empty() else await queue.get()
         if isinstance(item, grpc.aio.AioRpcError):
-            self._end()
-            raise item
+            raise self._fail(item)
         # Updates queued while this request's reader was busy (its client reads slowly, or
         # the event loop is behind) go out as one: one delta and one client message, the
         # way the scheduler merges a session's steps when its writer falls behind.

@@ -244,3 +244,57 @@ def test_updates_queued_while_the_reader_was_busy_come_out_merged():
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
 
     asyncio.run(main())
+
+
+class _Aborts(_Forgets):
+    """Records aborts too."""
+
+    def __init__(self):
+        super().__init__()
+        self.aborted: list[str] = []
+
+    def abort(self, req_id: str, tenant: str) -> None:
+        self.aborted.append(req_id)
+
+
+def test_a_deadline_ends_the_read_and_the_request_is_still_aborted_upstream():
+    """The deadline's DEADLINE_EXCEEDED comes after the updates already queued (merged into
+    one), and, unlike an error from upstream, leaves the request to be aborted there."""
+    import time
+
+    import grpc
+
+    from gridllm.v1 import scheduler_pb2
+    from router.scheduler_session import Inbox, SessionCall
+
+    async def main():
+        session = _Aborts()
+        inbox = Inbox()
+        call = SessionCall(session, "r", "", inbox, time.monotonic() + 0.05)  # type: ignore[arg-type]
+        inbox.put_nowait(scheduler_pb2.SubmitResponse(request_id="r", token_ids=[1]))
+        assert list((await call.__anext__()).token_ids) == [1]
+        inbox.put_nowait(scheduler_pb2.SubmitResponse(request_id="r", token_ids=[2]))
+        await asyncio.sleep(0.1)  # the deadline passes with an update queued before it
+        assert list((await call.__anext__()).token_ids) == [2]
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call.__anext__()
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        call.cancel()
+        assert session.aborted == ["r"] and session.forgotten == []
+        with pytest.raises(StopAsyncIteration):
+            await call.__anext__()
+
+        # An error from upstream ends the call: nothing is aborted; a finished call's timer
+        # is gone.
+        session = _Aborts()
+        inbox = Inbox()
+        call = SessionCall(session, "s", "", inbox, time.monotonic() + 60)  # type: ignore[arg-type]
+        inbox.put_nowait(rpc_error(grpc.StatusCode.UNAVAILABLE, "scheduler gone"))
+        with pytest.raises(grpc.aio.AioRpcError):
+            await call.__anext__()
+        call.cancel()
+        assert session.aborted == [] and call._timer is None
+
+    from router.scheduler_session import rpc_error
+
+    asyncio.run(main())
