@@ -135,6 +135,11 @@ def test_short_splits_take_fewer_keys_per_iteration(monkeypatch):
     assert module._default_block_n(1, 8, 1, bf16, dev) == 64
     assert module._default_block_n(64, 8, 1, bf16, dev) == 64
     assert module._default_block_n(1, 8, splits, torch.float32, dev) == 32
+    # An FP8 cache: 128 keys per iteration, short splits still 32.
+    fp8 = torch.float8_e4m3fn
+    assert module._default_block_n(64, 8, 1, bf16, dev, fp8) == 128
+    assert module._default_block_n(1, 8, 64, bf16, dev, fp8) == 128
+    assert module._default_block_n(1, 8, splits, bf16, dev, fp8) == 32
 
 
 def test_decode_rejects_bad_arguments():
