@@ -315,7 +315,9 @@ def test_router_is_not_serving_without_a_live_worker_and_serving_once_one_return
 
 def test_stopping_the_stack_drains_streams_and_refuses_new_requests(stack, undisturbed):
     num_streams = 10
-    params = GREEDY.clone(max_tokens=NUM_TOKENS // 4)
+    # Long enough that the drain begins mid-stream on a fast machine too (at 125 tokens a
+    # quick stack sometimes finished every stream before the router reported draining).
+    params = GREEDY.clone(max_tokens=NUM_TOKENS // 2)
     streams = Streams(stack.endpoint, prompts(num_streams), params).start()
     wait_until(lambda: min(streams.counts()) >= 3, 60.0, "every stream under way")
     router = stack.router
