@@ -13,8 +13,8 @@ An FP8 cache is read as ``k * k_scale`` and ``v * v_scale``: tiles are converted
 bits (exact: every e4m3 value is a float16/bfloat16 value), ``k_scale`` is folded into the
 softmax scale and ``v_scale`` multiplies the output. With a bfloat16 query the products run
 in float16 (the query and the probabilities converted once per tile): e4m3 converts to
-float16 in one instruction per pair, to bfloat16 only through float32, and the conversion,
-not the halved bytes, set the kernel's time.
+float16 in one instruction per pair, to bfloat16 only through float16 and a further
+instruction per element, and the conversion, not the halved bytes, set the kernel's time.
 
 Sparse patterns skip keys rather than mask them: a sliding window starts each request at
 its window; the strided pattern (the ``stride`` latest keys, then every ``stride``-th key
@@ -52,8 +52,6 @@ _MAX_SPLITS = 64
 # Keys per iteration where the context, not the SMs, bounds the split count (each split
 # then holds _MIN_TOKENS_PER_SPLIT to twice as many keys).
 _SHORT_SPLIT_BLOCK_N = 32
-# FP8 cache with a bfloat16 query: products in float16 (see the module's docstring).
-_FP8_F16_DOTS = True
 
 
 @triton.jit
@@ -246,7 +244,7 @@ def _check_paged_args(query, key_cache, value_cache, block_tables, seq_lens,
 def fp8_f16_dots(key_cache: torch.Tensor, query: torch.Tensor) -> bool:
     """Whether the attention kernels take their products in float16: an FP8 cache under a
     bfloat16 query (see the module's docstring)."""
-    return _FP8_F16_DOTS and key_cache.dtype == FP8_DTYPE and query.dtype == torch.bfloat16
+    return key_cache.dtype == FP8_DTYPE and query.dtype == torch.bfloat16
 
 
 def _splits_for_sms(programs: int, device: torch.device) -> int:
