@@ -37,19 +37,32 @@ def bench(fn: Callable[[], object], rep_ms: int = 100) -> float:
     return float(triton.testing.do_bench(fn, warmup=10, rep=rep_ms, return_mode="median"))
 
 
-def graph_bench(fn: Callable[[], object], reps: int = 200) -> float:
+def graph_bench(fn: Callable[[], object], reps: int = 200, flush: str = "read") -> float:
     """Median milliseconds of ``fn`` replayed from a CUDA graph, as the serving path runs
-    decode (no launch overhead between its kernels), L2 flushed before each replay."""
+    decode (no launch overhead between its kernels), L2 flushed before each replay.
+
+    ``flush="read"`` (default) reads 256 MB before each replay, so the replay starts with an
+    L2 of clean lines, as decode attention does after the projections that read weights;
+    ``"write"`` zeroes them, leaving the L2 full of dirty lines that the replay's own
+    reads must first write back (at a batch-1 32k-token context that is tens of
+    megabytes more traffic than the kernel's)."""
+    if flush not in ("read", "write"):
+        raise ValueError(f"flush must be 'read' or 'write', got {flush!r}.")
     fn()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    flush = torch.empty(256 * 2 ** 20, dtype=torch.int8, device="cuda")
+    buffer = torch.zeros(256 * 2 ** 20 // 4, dtype=torch.int32, device="cuda")
+    sink = torch.empty((), dtype=torch.int32, device="cuda")
+    torch.cuda.synchronize()
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
               for _ in range(reps)]
     for start, end in events:
-        flush.zero_()
+        if flush == "read":
+            torch.amax(buffer, dim=0, out=sink)
+        else:
+            buffer.zero_()
         start.record()
         graph.replay()
         end.record()

@@ -8,6 +8,7 @@ from collections.abc import Iterable
 
 import torch
 import triton
+import triton.language as tl
 
 try:  # Grid dependency control, for programmatic dependent launch (Hopper and later).
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -131,3 +132,44 @@ def num_sms(device: torch.device) -> int:
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs get exact (ieee) products so fp32 results match the reference tightly."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# An env switch for A/B runs of the FP8 cache's word path (GRIDLLM_FP8_WORDS=0 turns it off).
+_fp8_words_env = os.environ.get("GRIDLLM_FP8_WORDS", "1")
+if _fp8_words_env not in ("0", "1"):
+    raise ValueError(f"GRIDLLM_FP8_WORDS must be 0 or 1, got {_fp8_words_env!r}.")
+FP8_WORDS = _fp8_words_env == "1"
+
+
+def can_unpack_e4m3_words(t: torch.Tensor) -> bool:
+    """Whether a kernel may read the e4m3 tensor ``t`` as 32-bit words and unpack them with
+    ``e4m3_words_to_f16``: CUDA (the unpacking is PTX, not in the CPU interpreter), a last
+    dim of whole words, every other stride and the start word-aligned."""
+    return (FP8_WORDS and t.is_cuda and not is_interpreter() and t.shape[-1] % 4 == 0
+            and t.data_ptr() % 4 == 0 and all(s % 4 == 0 for s in t.stride()[:-1]))
+
+
+@triton.jit
+def e4m3_words_to_f16(words, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """``[ROWS, COLS // 4]`` int32 words, each four e4m3 values (little-endian), as the
+    ``[ROWS, COLS]`` float16 tile they hold (exact: every e4m3 value is a float16 value).
+
+    Two ``cvt.rn.f16x2.e4m3x2`` per word in the words' own register layout; the float16
+    tile is then interleaved by join and reshape. Loading e4m3 as bytes and converting with
+    ``.to`` lets the compiler keep the tile in e4m3 until it reaches a ``tl.dot`` operand
+    layout, which for an operand whose reduction dim is not contiguous (V in P @ V) means a
+    shared-memory load per byte; join and reshape are not moved past, so the tile reaches
+    the operand layout as float16 (vector stores, ``ldmatrix.trans``)."""
+    h0, h1, h2, h3 = tl.inline_asm_elementwise(
+        """{
+        .reg .b16 lo, hi;
+        .reg .b32 p01, p23;
+        mov.b32 {lo, hi}, $4;
+        cvt.rn.f16x2.e4m3x2 p01, lo;
+        cvt.rn.f16x2.e4m3x2 p23, hi;
+        mov.b32 {$0, $1}, p01;
+        mov.b32 {$2, $3}, p23;
+        }""", "=h,=h,=h,=h,r", [words], dtype=(tl.float16,) * 4, is_pure=True, pack=1)
+    # join(join(h0, h2), join(h1, h3))[r, w, i, j] = h[2 * j + i]: element 4w + 2i + j of
+    # the row is h[2i + j] of word w.
+    return tl.reshape(tl.join(tl.join(h0, h2), tl.join(h1, h3)), [ROWS, COLS])

@@ -19,6 +19,12 @@ never writes a weight), then wait for that kernel before reading ``x``. ``gated`
 the gated MLP's ``silu(gate) * up`` into the down projection's reads of ``x``.
 On an H200 it beats cuBLAS at one row and loses from two (each row adds an FMA per weight
 element; see docs/performance.md), so the model runs it for one row only.
+
+One bfloat16 row times an e4m3 weight with scales (``quantization="fp8"`` at batch 1) runs
+``_gemv_e4m3_kernel`` instead: the weight read as 32-bit words of four e4m3 and x as 64-bit
+words of four bfloat16, both in one register layout (no tile of x moved through shared
+memory), and the four values of a word converted half by the conversion unit, half by
+integer ops (see ``_e4m3_quad``): the conversions, not the bytes, bound the byte-wise kernel.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import triton.language as tl
 
 from kernels._utils import (
     FLOAT_DTYPES,
+    FP8_WORDS,
     check_shape,
     check_tensor,
     gdc_launch_dependents,
@@ -220,6 +227,204 @@ def _gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, partial_ptr, lock_ptr
             tl.store(y_ptrs + 3 * stride_y, out3.to(y_ptr.dtype.element_ty), mask=col_ok)
 
 
+@triton.jit
+def _bf16_quad(words):
+    """int64 words of four bfloat16 each (little-endian) as four float32 tensors (exact:
+    a bfloat16 is the top half of its float32)."""
+    lo = words.to(tl.int32)
+    hi = (words >> 32).to(tl.int32)
+    return ((lo << 16).to(tl.float32, bitcast=True), (lo & -65536).to(tl.float32, bitcast=True),
+            (hi << 16).to(tl.float32, bitcast=True), (hi & -65536).to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def _round_bf16(x):
+    return x.to(tl.bfloat16).to(tl.float32)
+
+
+@triton.jit
+def _activation(x, up, res, norm_w, rstd, GATED: tl.constexpr, NORM: tl.constexpr):
+    """``_x_tile``'s arithmetic on float32 values, rounded as it rounds them."""
+    if GATED:
+        x = _round_bf16(_round_bf16(x / (1.0 + tl.exp(-x))) * up)
+    if NORM:
+        x = _round_bf16(_round_bf16(_round_bf16(x + res) * rstd) * norm_w)
+    return x
+
+
+@triton.jit
+def _load_quad(ptrs, k_ok, MASKED: tl.constexpr):
+    if MASKED:
+        return _bf16_quad(tl.load(ptrs, mask=k_ok, other=0))
+    return _bf16_quad(tl.load(ptrs))
+
+
+@triton.jit
+def _x_quad(ptrs, k_ok, num_in_words, res_ptrs, norm_w_ptrs, rstd, MASKED: tl.constexpr,
+            GATED: tl.constexpr, NORM: tl.constexpr):
+    """``_x_tile`` over words of four bfloat16: elements 4j..4j+3 of a tile of x."""
+    x0, x1, x2, x3 = _load_quad(ptrs, k_ok, MASKED)
+    if GATED or NORM:
+        u0, u1, u2, u3 = x0, x1, x2, x3
+        r0, r1, r2, r3 = x0, x1, x2, x3
+        n0, n1, n2, n3 = x0, x1, x2, x3
+        if GATED:
+            u0, u1, u2, u3 = _load_quad(ptrs + num_in_words, k_ok, MASKED)
+        if NORM:
+            r0, r1, r2, r3 = _load_quad(res_ptrs, k_ok, MASKED)
+            n0, n1, n2, n3 = _load_quad(norm_w_ptrs, k_ok, MASKED)
+        x0 = _activation(x0, u0, r0, n0, rstd, GATED, NORM)
+        x1 = _activation(x1, u1, r1, n1, rstd, GATED, NORM)
+        x2 = _activation(x2, u2, r2, n2, rstd, GATED, NORM)
+        x3 = _activation(x3, u3, r3, n3, rstd, GATED, NORM)
+    return x0, x1, x2, x3
+
+
+# 2^120: an e4m3 value v read by _e4m3_top_byte is v * 2^-120 (see there).
+_E4M3_UNSCALE = tl.constexpr(2.0 ** 120)
+# Sign bit and the seven bits below the float32 exponent's low four (0x87F00000 as int32).
+_E4M3_F32_MASK = tl.constexpr(-0x78100000)
+
+
+@triton.jit
+def _e4m3_top_byte(t):
+    """float32 ``v * 2^-120`` for the e4m3 value ``v`` in the top byte of the int32 ``t``
+    (sign, 4 exponent bits, 3 mantissa bits), by integer ops: shifted down four bits
+    (arithmetically, so the sign stays in bit 31) the exponent and mantissa land in the low
+    bits of float32's exponent and the top of its mantissa, so the bits read as float32 are
+    ``v`` times 2^(7 - 127), subnormals included (float32 denormals, which the kernels'
+    float32 arithmetic keeps: no flush to zero)."""
+    return ((t >> 4) & _E4M3_F32_MASK).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _e4m3_quad(words, ASM: tl.constexpr):
+    """int32 words of four e4m3 each (little-endian): bytes 0 and 1 as float32 ``v``, bytes
+    2 and 3 as float32 ``v * 2^-120`` (all exact).
+
+    The two halves go through different units, so neither bounds the kernel alone: bytes 0
+    and 1 through the conversion unit (one ``cvt.rn.f16x2.e4m3x2``, two float16 -> float32;
+    with ASM, CUDA), bytes 2 and 3 through integer ops (``_e4m3_top_byte``). Either way
+    alone ran the FP8 GEMV at ~60% of copy bandwidth on an H200 (the conversion unit
+    converts at a quarter of the integer ops' rate; integer ops take ~3 per element).
+    Without ASM (Triton's CPU interpreter) bytes 0 and 1 also take integer ops, scaled back."""
+    if ASM:
+        w0, w1 = tl.inline_asm_elementwise(
+            """{
+            .reg .b16 lo, hi;
+            .reg .b32 t;
+            .reg .f16 a, b;
+            mov.b32 {lo, hi}, $2;
+            cvt.rn.f16x2.e4m3x2 t, lo;
+            mov.b32 {a, b}, t;
+            cvt.f32.f16 $0, a;
+            cvt.f32.f16 $1, b;
+            }""", "=r,=r,r", [words], dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+    else:
+        w0 = _e4m3_top_byte(words << 24) * _E4M3_UNSCALE
+        w1 = _e4m3_top_byte(words << 16) * _E4M3_UNSCALE
+    return w0, w1, _e4m3_top_byte(words << 8), _e4m3_top_byte(words)
+
+
+@triton.jit
+def _gemv_e4m3_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, partial_ptr, lock_ptr,
+                      res_ptr, norm_w_ptr, res_out_ptr, eps,
+                      num_out, num_in, stride_w,
+                      HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, GATED: tl.constexpr,
+                      NORM: tl.constexpr, BLOCK_H: tl.constexpr, ASM: tl.constexpr,
+                      USE_GDC: tl.constexpr):
+    """``_gemv_kernel`` for one bfloat16 row and an e4m3 weight, read in words of four
+    elements: the weight as int32 (four e4m3), x as int64 (four bfloat16), both ``[BLOCK_N,
+    BLOCK_K // 4]`` tiles of one shape (x's rows all the same addresses, loaded once per
+    thread), so the compiler gives them one register layout and moves no tile of x through
+    shared memory."""
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < num_out
+    safe_cols = tl.minimum(cols, num_out - 1)
+    QUAD_K: tl.constexpr = BLOCK_K // 4
+    js = tl.arange(0, QUAD_K)
+    k_per_split = tl.cdiv(tl.cdiv(num_in, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, num_in)
+    # Word indices: j covers elements 4j..4j+3 (num_in is a multiple of 4).
+    j_start = k_start // 4
+    j_end = k_end // 4
+    # Two weight words (8 bytes) per thread and load, as x's two words (16 bytes): a wider
+    # weight vector would give the two tiles different layouts, and a conversion per tile.
+    w_ptrs = w_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + tl.max_contiguous(
+        safe_cols[:, None].to(tl.int64) * (stride_w // 4) + (j_start + js)[None, :], [1, 2])
+    same_row = tl.zeros([BLOCK_N, 1], dtype=tl.int32)
+    x_ptrs = x_ptr.to(tl.pointer_type(tl.int64), bitcast=True) + same_row \
+        + (j_start + js)[None, :]
+    # acc: bytes 0-1 of each word (true values); acc_scaled: bytes 2-3 (times 2^-120).
+    acc = tl.zeros([BLOCK_N, QUAD_K], dtype=tl.float32)
+    acc_scaled = acc
+    w_next = tl.load(w_ptrs, mask=((j_start + js) < j_end)[None, :], other=0,
+                     eviction_policy="evict_first")
+    if USE_GDC:
+        gdc_launch_dependents()
+        gdc_wait()
+    rstd = 0.0
+    res_ptrs = x_ptrs
+    norm_w_ptrs = x_ptrs
+    if NORM:
+        hs = tl.arange(0, BLOCK_H)
+        h_ok = hs < num_in
+        h = (tl.load(x_ptr + hs, mask=h_ok, other=0.0).to(tl.float32)
+             + tl.load(res_ptr + hs, mask=h_ok, other=0.0).to(tl.float32)
+             ).to(x_ptr.dtype.element_ty)
+        if (pid == 0) & (pid_k == 0):
+            tl.store(res_out_ptr + hs, h, mask=h_ok)
+        hf = h.to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(hf * hf, axis=0) / num_in + eps)
+        res_ptrs = res_ptr.to(tl.pointer_type(tl.int64), bitcast=True) + same_row \
+            + (j_start + js)[None, :]
+        norm_w_ptrs = norm_w_ptr.to(tl.pointer_type(tl.int64), bitcast=True) + same_row \
+            + (j_start + js)[None, :]
+    for j0 in range(j_start, j_end, QUAD_K):
+        w0, w1, w2, w3 = _e4m3_quad(w_next, ASM)
+        w_ptrs += QUAD_K
+        if EVEN_K:
+            more = (tl.zeros([1, QUAD_K], dtype=tl.int32) + (j0 + QUAD_K)) < j_end
+            w_next = tl.load(w_ptrs, mask=more, other=0, eviction_policy="evict_first")
+            k_ok = more
+        else:
+            k_ok = ((j0 + js) < j_end)[None, :]
+            w_next = tl.load(w_ptrs, mask=((j0 + QUAD_K + js) < j_end)[None, :], other=0,
+                             eviction_policy="evict_first")
+        x0, x1, x2, x3 = _x_quad(x_ptrs, k_ok, num_in // 4, res_ptrs, norm_w_ptrs, rstd,
+                                 not EVEN_K, GATED, NORM)
+        acc += w0 * x0
+        acc += w1 * x1
+        acc_scaled += w2 * x2
+        acc_scaled += w3 * x3
+        x_ptrs += QUAD_K
+        res_ptrs += QUAD_K
+        norm_w_ptrs += QUAD_K
+    out = tl.sum(acc, axis=1) + tl.sum(acc_scaled, axis=1) * _E4M3_UNSCALE
+    is_last = True
+    if SPLIT_K > 1:
+        base = partial_ptr + pid_k * num_out + cols
+        tl.store(base, out, mask=col_ok)
+        tl.debug_barrier()
+        count = tl.atomic_add(lock_ptr + pid, 1, sem="acq_rel", scope="gpu")
+        is_last = count == SPLIT_K - 1
+        if is_last:
+            out = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for split in range(SPLIT_K):
+                out += tl.load(partial_ptr + split * num_out + cols, mask=col_ok, other=0.0,
+                               cache_modifier=".cg")
+            tl.store(lock_ptr + pid, 0)
+    if is_last:
+        out = out * tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
+        if HAS_BIAS:
+            out = out + tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        tl.store(y_ptr + cols, out.to(y_ptr.dtype.element_ty), mask=col_ok)
+
+
 def config_for(num_out: int, num_in: int, weight_bytes: int = 2) -> Config:
     """16-bit weights: four output channels per program (the most programs: the shortest
     tail), in tiles of 1024 along K for a wide output (q/k/v, gate/up, the LM head), else 512
@@ -241,6 +446,16 @@ def split_k_for(num_out: int, num_in: int, block_n: int, block_k: int,
     blocks = triton.cdiv(num_out, block_n)
     wanted = triton.cdiv(_PROGRAMS_PER_SM * num_sms(device), blocks)
     return max(1, min(wanted, num_in // (2 * block_k)))
+
+
+def _reads_pairs(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
+                 norm_weight: torch.Tensor, num_in: int) -> bool:
+    """Whether ``_gemv_e4m3_kernel`` takes the product: one bfloat16 row, an e4m3 weight
+    with scales, whole words of four along K, every operand aligned to its word."""
+    return (FP8_WORDS and weight.dtype == FP8_DTYPE and x.dtype == torch.bfloat16
+            and x.shape[0] == 1 and num_in % 4 == 0 and weight.stride(0) % 4 == 0
+            and weight.data_ptr() % 4 == 0
+            and all(t.data_ptr() % 8 == 0 for t in (x, residual, norm_weight)))
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -336,6 +551,17 @@ def _launch(x, weight, bias, weight_scale, config, gated, norm):
     partial, locks = split_k_workspace(split_k, num_rows, num_out, block_n, y)
     k_per_split = triton.cdiv(triton.cdiv(num_in, split_k), block_k) * block_k
     residual, norm_weight, eps = norm if norm is not None else (x, x, 0.0)
+    if weight_scale is not None and _reads_pairs(x, weight, residual, norm_weight, num_in):
+        _gemv_e4m3_kernel[(num_blocks, split_k)](
+            x, weight, weight_scale, bias if bias is not None else y, y, partial, locks,
+            residual, norm_weight, residual_out if residual_out is not None else x, eps,
+            num_out, num_in, weight.stride(0), HAS_BIAS=bias is not None,
+            BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
+            EVEN_K=num_in % k_per_split == 0, GATED=gated, NORM=norm is not None,
+            BLOCK_H=triton.next_power_of_2(num_in) if norm is not None else 1,
+            ASM=not is_interpreter(), num_warps=num_warps, num_stages=num_stages,
+            **launch_dependent_args(x.device))
+        return y, residual_out
     _gemv_kernel[(num_blocks, split_k)](
         x, weight, weight_scale if weight_scale is not None else y,
         bias if bias is not None else y, y, partial, locks,

@@ -80,6 +80,36 @@ def test_fp8_weight_matches_torch(num_rows):
            has_bias=True, config=(16, 128, 4, 1, 1))
 
 
+@pytest.mark.parametrize("num_out,num_in,config", [
+    (40, 384, (16, 128, 4, 1, 1)), (37, 300, (16, 128, 4, 1, 1)), (70, 512, (16, 64, 4, 1, 3)),
+    (33, 1000, (8, 256, 4, 1, 2))])
+def test_fp8_words_match_torch(num_out, num_in, config):
+    """One bfloat16 row and an e4m3 weight: the kernel that reads both as words (ragged N,
+    a masked last tile, split K)."""
+    from kernels.gemv import _reads_pairs
+
+    x, w, _, _, _ = _operands(1, num_out, num_in, torch.bfloat16, FP8_DTYPE, DEVICE, False,
+                              True)
+    assert _reads_pairs(x, w, x, x, num_in)
+    _check(1, num_out, num_in, torch.bfloat16, DEVICE, weight_dtype=FP8_DTYPE, has_scale=True,
+           has_bias=True, config=config)
+
+
+def test_fp8_words_read_every_e4m3_value_exactly():
+    """Every finite e4m3 value (subnormals, zeros, +-448) at every byte of a word: row r of
+    the weight is the 256 codes rotated by r, and x picks one element k (unit scales), so
+    output r is the code at (r, k), exactly (every e4m3 value is a bfloat16)."""
+    codes = torch.tensor([c for c in range(256) if c & 0x7F != 0x7F] + [0, 0x80],
+                         dtype=torch.uint8)
+    weight = torch.stack([codes.roll(r) for r in range(256)]).view(FP8_DTYPE)
+    scale = torch.ones(256, device=DEVICE)
+    for k in range(4):
+        x = torch.zeros(1, 256, dtype=torch.bfloat16)
+        x[0, k] = 1.0
+        out = gemv(x.to(DEVICE), weight.to(DEVICE), None, scale, config=(16, 128, 4, 1, 1))
+        assert torch.equal(out.cpu()[0], weight[:, k].to(torch.bfloat16)), f"byte {k}"
+
+
 @pytest.mark.parametrize("split_k,num_in", [(2, 512), (3, 600), (4, 256)])
 def test_split_k_matches_torch_and_repeats_exactly(split_k, num_in):
     """K spread over programs (whole tiles, a short last split, splits left empty): the same
@@ -161,6 +191,33 @@ def test_gated_equals_silu_and_mul_then_gemv(num_rows, num_in, split_k):
     assert torch.equal(fused, gemv(silu_and_mul(x), w, b, config=config))
     with pytest.raises(ValueError, match="even last dim"):
         gemv(x[:, 1:].contiguous(), w, gated=True)
+
+
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_fp8_words_fuse_the_norm_and_the_gate(split_k):
+    """The word-reading kernel's fused SiLU-and-mul and add-and-norm: the unfused kernels'
+    values (the norm within a rounding of its sum)."""
+    from kernels.rms_norm import rms_norm
+    from kernels.silu_and_mul import silu_and_mul
+
+    torch.manual_seed(split_k)
+    num_in = 512
+    w32 = torch.randn(48, num_in)
+    scale = (w32.abs().amax(-1) / 448.0).float()
+    w = (w32 / scale[:, None]).to(FP8_DTYPE).to(DEVICE)
+    scale = scale.to(DEVICE)
+    config = (16, 128, 4, 1, split_k)
+    gate_up = torch.randn(1, 2 * num_in, device=DEVICE).to(torch.bfloat16)
+    fused = gemv(gate_up, w, None, scale, config=config, gated=True)
+    assert_close(fused, gemv(silu_and_mul(gate_up), w, None, scale, config=config),
+                 "gated e4m3 words", torch.bfloat16)
+    x, residual = (torch.randn(1, num_in, device=DEVICE).to(torch.bfloat16) for _ in "xr")
+    norm_w = (torch.rand(num_in, device=DEVICE) + 0.5).to(torch.bfloat16)
+    y, res_out = rms_norm_gemv(x, residual, norm_w, 1e-6, w, None, scale, config=config)
+    normed, expected_res = rms_norm(x, norm_w, 1e-6, residual.clone())
+    assert torch.equal(res_out, expected_res)
+    assert_close(y, gemv(normed, w, None, scale, config=config), "norm e4m3 words",
+                 torch.bfloat16)
 
 
 @pytest.mark.gpu
