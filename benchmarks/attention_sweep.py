@@ -2,9 +2,9 @@
 heuristics.
 
 ``decode``: the paged decode kernel at small batches and long contexts over split counts,
-keys per iteration, warps and pipeline stages, timed inside a
-CUDA graph (as decode is served) with L2 flushed before each replay; bytes = the KV read
-once plus the queries, against the copy bandwidth. ``prefill``: the causal prefill kernel
+keys per iteration, warps and pipeline stages, timed inside a CUDA graph (as decode is
+served) with L2 flushed (a 256 MB read) before each replay; bytes = the KV read once plus
+the queries, against the copy bandwidth. ``prefill``: the causal prefill kernel
 (4 x 4096 tokens by default) over tile shapes, warps and stages, in TFLOP/s next to torch's
 SDPA (flash) on the same shapes in contiguous tensors. Each case prints the best
 configurations and the default.
