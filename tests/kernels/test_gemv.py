@@ -95,6 +95,24 @@ def test_fp8_words_match_torch(num_out, num_in, config):
            has_bias=True, config=config)
 
 
+def test_fp8_words_only_where_every_word_is_whole():
+    """The word kernel takes one bfloat16 row of whole, aligned words and an e4m3 weight
+    with scales; anything else runs the element kernel (same values)."""
+    from kernels.gemv import _reads_pairs
+
+    x, w, s, _, _ = _operands(1, 24, 256, torch.bfloat16, FP8_DTYPE, DEVICE, False, True)
+    assert _reads_pairs(x, w, x, x, 256)
+    wide = torch.zeros(1, 258, dtype=torch.bfloat16, device=DEVICE)
+    wide[:, 2:] = x
+    shifted = wide[:, 2:]  # 4 bytes past an 8-byte boundary
+    assert not _reads_pairs(shifted, w, shifted, shifted, 256)
+    assert not _reads_pairs(x.float(), w, x, x, 256)
+    assert not _reads_pairs(x[:, :254].contiguous(), w[:, :254].contiguous(), x, x, 254)
+    config = (16, 128, 4, 1, 1)
+    assert_close(gemv(shifted, w, None, s, config=config), gemv(x, w, None, s, config=config),
+                 "element kernel against word kernel", torch.bfloat16)
+
+
 def test_fp8_words_read_every_e4m3_value_exactly():
     """Every finite e4m3 value (subnormals, zeros, +-448) at every byte of a word: row r of
     the weight is the 256 codes rotated by r, and x picks one element k (unit scales), so
