@@ -98,12 +98,17 @@ def split_k_workspace(split_k: int, rows: int, num_out: int, block_n: int,
     return partials, split_k_counters(unused.device)
 
 
+def _env_switch(name: str) -> bool:
+    """An on/off switch read from the environment at import: unset or 1 on, 0 off."""
+    value = os.environ.get(name, "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"{name} must be 0 or 1, got {value!r}.")
+    return value == "1"
+
+
 # Programmatic dependent launch of the decode path's kernels (set GRIDLLM_LAUNCH_DEPENDENT=0
 # before start to turn it off).
-_launch_dependent_env = os.environ.get("GRIDLLM_LAUNCH_DEPENDENT", "1")
-if _launch_dependent_env not in ("0", "1"):
-    raise ValueError(f"GRIDLLM_LAUNCH_DEPENDENT must be 0 or 1, got {_launch_dependent_env!r}.")
-LAUNCH_DEPENDENT = _launch_dependent_env == "1"
+LAUNCH_DEPENDENT = _env_switch("GRIDLLM_LAUNCH_DEPENDENT")
 
 
 @functools.cache
@@ -134,11 +139,9 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-# An env switch for A/B runs of the FP8 cache's word path (GRIDLLM_FP8_WORDS=0 turns it off).
-_fp8_words_env = os.environ.get("GRIDLLM_FP8_WORDS", "1")
-if _fp8_words_env not in ("0", "1"):
-    raise ValueError(f"GRIDLLM_FP8_WORDS must be 0 or 1, got {_fp8_words_env!r}.")
-FP8_WORDS = _fp8_words_env == "1"
+# The FP8 word paths (attention's value tiles, the batch-1 e4m3 GEMV); GRIDLLM_FP8_WORDS=0
+# turns them off, for A/B runs.
+FP8_WORDS = _env_switch("GRIDLLM_FP8_WORDS")
 
 
 def can_unpack_e4m3_words(t: torch.Tensor) -> bool:

@@ -91,6 +91,22 @@ def _x_tile(ptrs, k_ok, num_in, res_ptrs, norm_w_ptrs, rstd, MASKED: tl.constexp
 
 
 @triton.jit
+def _residual_rstd(x_ptr, res_ptr, res_out_ptr, num_in, eps, WRITES_SUM,
+                   BLOCK_H: tl.constexpr):
+    """``1 / rms(x + residual)`` over the whole row (one row): every program takes its norm;
+    the one that ``WRITES_SUM`` also stores the sum, the next layer's residual."""
+    hs = tl.arange(0, BLOCK_H)
+    h_ok = hs < num_in
+    h = (tl.load(x_ptr + hs, mask=h_ok, other=0.0).to(tl.float32)
+         + tl.load(res_ptr + hs, mask=h_ok, other=0.0).to(tl.float32)
+         ).to(x_ptr.dtype.element_ty)
+    if WRITES_SUM:
+        tl.store(res_out_ptr + hs, h, mask=h_ok)
+    hf = h.to(tl.float32)
+    return tl.rsqrt(tl.sum(hf * hf, axis=0) / num_in + eps)
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, partial_ptr, lock_ptr,
                  res_ptr, norm_w_ptr, res_out_ptr, eps,
                  num_out, num_in, stride_x, stride_w, stride_y,
@@ -126,17 +142,8 @@ def _gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, partial_ptr, lock_ptr
     res_ptrs = x_ptrs
     norm_w_ptrs = x_ptrs
     if NORM:
-        # x + residual over the whole row (one row): every program takes its norm; the
-        # first program also writes the sum, the next layer's residual.
-        hs = tl.arange(0, BLOCK_H)
-        h_ok = hs < num_in
-        h = (tl.load(x_ptr + hs, mask=h_ok, other=0.0).to(tl.float32)
-             + tl.load(res_ptr + hs, mask=h_ok, other=0.0).to(tl.float32)
-             ).to(x_ptr.dtype.element_ty)
-        if (pid == 0) & (pid_k == 0):
-            tl.store(res_out_ptr + hs, h, mask=h_ok)
-        hf = h.to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(hf * hf, axis=0) / num_in + eps)
+        rstd = _residual_rstd(x_ptr, res_ptr, res_out_ptr, num_in, eps,
+                              (pid == 0) & (pid_k == 0), BLOCK_H)
         res_ptrs = res_ptr + k_start + ks
         norm_w_ptrs = norm_w_ptr + k_start + ks
     for k0 in range(k_start, k_end, BLOCK_K):
@@ -371,15 +378,8 @@ def _gemv_e4m3_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, partial_ptr, loc
     res_ptrs = x_ptrs
     norm_w_ptrs = x_ptrs
     if NORM:
-        hs = tl.arange(0, BLOCK_H)
-        h_ok = hs < num_in
-        h = (tl.load(x_ptr + hs, mask=h_ok, other=0.0).to(tl.float32)
-             + tl.load(res_ptr + hs, mask=h_ok, other=0.0).to(tl.float32)
-             ).to(x_ptr.dtype.element_ty)
-        if (pid == 0) & (pid_k == 0):
-            tl.store(res_out_ptr + hs, h, mask=h_ok)
-        hf = h.to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(hf * hf, axis=0) / num_in + eps)
+        rstd = _residual_rstd(x_ptr, res_ptr, res_out_ptr, num_in, eps,
+                              (pid == 0) & (pid_k == 0), BLOCK_H)
         res_ptrs = res_ptr.to(tl.pointer_type(tl.int64), bitcast=True) + same_row \
             + (j_start + js)[None, :]
         norm_w_ptrs = norm_w_ptr.to(tl.pointer_type(tl.int64), bitcast=True) + same_row \
@@ -448,7 +448,7 @@ def split_k_for(num_out: int, num_in: int, block_n: int, block_k: int,
     return max(1, min(wanted, num_in // (2 * block_k)))
 
 
-def _reads_pairs(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
+def _reads_words(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
                  norm_weight: torch.Tensor, num_in: int) -> bool:
     """Whether ``_gemv_e4m3_kernel`` takes the product: one bfloat16 row, an e4m3 weight
     with scales, whole words of four along K, every operand aligned to its word."""
@@ -551,7 +551,7 @@ def _launch(x, weight, bias, weight_scale, config, gated, norm):
     partial, locks = split_k_workspace(split_k, num_rows, num_out, block_n, y)
     k_per_split = triton.cdiv(triton.cdiv(num_in, split_k), block_k) * block_k
     residual, norm_weight, eps = norm if norm is not None else (x, x, 0.0)
-    if weight_scale is not None and _reads_pairs(x, weight, residual, norm_weight, num_in):
+    if weight_scale is not None and _reads_words(x, weight, residual, norm_weight, num_in):
         _gemv_e4m3_kernel[(num_blocks, split_k)](
             x, weight, weight_scale, bias if bias is not None else y, y, partial, locks,
             residual, norm_weight, residual_out if residual_out is not None else x, eps,

@@ -86,11 +86,11 @@ def test_fp8_weight_matches_torch(num_rows):
 def test_fp8_words_match_torch(num_out, num_in, config):
     """One bfloat16 row and an e4m3 weight: the kernel that reads both as words (ragged N,
     a masked last tile, split K)."""
-    from kernels.gemv import _reads_pairs
+    from kernels.gemv import _reads_words
 
     x, w, _, _, _ = _operands(1, num_out, num_in, torch.bfloat16, FP8_DTYPE, DEVICE, False,
                               True)
-    assert _reads_pairs(x, w, x, x, num_in)
+    assert _reads_words(x, w, x, x, num_in)
     _check(1, num_out, num_in, torch.bfloat16, DEVICE, weight_dtype=FP8_DTYPE, has_scale=True,
            has_bias=True, config=config)
 
@@ -98,16 +98,16 @@ def test_fp8_words_match_torch(num_out, num_in, config):
 def test_fp8_words_only_where_every_word_is_whole():
     """The word kernel takes one bfloat16 row of whole, aligned words and an e4m3 weight
     with scales; anything else runs the element kernel (same values)."""
-    from kernels.gemv import _reads_pairs
+    from kernels.gemv import _reads_words
 
     x, w, s, _, _ = _operands(1, 24, 256, torch.bfloat16, FP8_DTYPE, DEVICE, False, True)
-    assert _reads_pairs(x, w, x, x, 256)
+    assert _reads_words(x, w, x, x, 256)
     wide = torch.zeros(1, 258, dtype=torch.bfloat16, device=DEVICE)
     wide[:, 2:] = x
     shifted = wide[:, 2:]  # 4 bytes past an 8-byte boundary
-    assert not _reads_pairs(shifted, w, shifted, shifted, 256)
-    assert not _reads_pairs(x.float(), w, x, x, 256)
-    assert not _reads_pairs(x[:, :254].contiguous(), w[:, :254].contiguous(), x, x, 254)
+    assert not _reads_words(shifted, w, shifted, shifted, 256)
+    assert not _reads_words(x.float(), w, x, x, 256)
+    assert not _reads_words(x[:, :254].contiguous(), w[:, :254].contiguous(), x, x, 254)
     config = (16, 128, 4, 1, 1)
     assert_close(gemv(shifted, w, None, s, config=config), gemv(x, w, None, s, config=config),
                  "element kernel against word kernel", torch.bfloat16)
