@@ -143,6 +143,10 @@ def dot_precision(dtype: torch.dtype) -> str:
 # turns them off, for A/B runs.
 FP8_WORDS = _env_switch("GRIDLLM_FP8_WORDS")
 
+# Prefill attention's TMA kernel (Hopper+, cache blocks of 32+ tokens);
+# GRIDLLM_PREFILL_TMA=0 leaves every prefill to the pointer kernel, for A/B runs.
+PREFILL_TMA = _env_switch("GRIDLLM_PREFILL_TMA")
+
 
 def can_unpack_e4m3_words(t: torch.Tensor) -> bool:
     """Whether a kernel may read the e4m3 tensor ``t`` as 32-bit words and unpack them with

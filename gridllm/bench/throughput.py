@@ -45,6 +45,8 @@ class ThroughputConfig:
     # Weight quantization (None or "fp8") and KV cache element type ("auto" or "fp8").
     quantization: str | None = None
     kv_cache_dtype: str = "auto"
+    # Tokens per KV block (on Hopper, 32+ lets prefill attention read the cache by TMA).
+    block_size: int = 16
     # Off for repeated runs of the same prompts (a second run would hit the prefix cache).
     enable_prefix_caching: bool = True
     # Short requests run first so one-time compilation is not timed.
@@ -81,7 +83,8 @@ def build_llm(config: ThroughputConfig, max_num_seqs: int | None = None):
                               "enforce_eager": config.enforce_eager,
                               "tensor_parallel_size": config.tensor_parallel_size,
                               "quantization": config.quantization,
-                              "kv_cache_dtype": config.kv_cache_dtype}
+                              "kv_cache_dtype": config.kv_cache_dtype,
+                              "block_size": config.block_size}
     if config.kv_cache_memory is not None:
         kwargs["kv_cache_memory"] = config.kv_cache_memory
     return LLM(config.model, skip_tokenizer_init=is_random_model(config.model),
@@ -314,6 +317,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="weight quantization of gridllm (default: none)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
                    help="gridllm's KV cache element type (auto: the model's dtype)")
+    p.add_argument("--block-size", type=int, default=16,
+                   help="tokens per KV block (a power of two; on Hopper, 32 or more lets "
+                   "prefill attention read the cache by TMA)")
     p.add_argument("--no-warmup", dest="is_warmup", action="store_false")
     p.add_argument("--max-steps-in-flight", type=int, default=None, choices=(1, 2),
                    help="engine step overlap (default: 2 on CUDA, 1 on the CPU)")
@@ -336,7 +342,7 @@ def config_from_args(args: argparse.Namespace) -> ThroughputConfig:
         enforce_eager=args.enforce_eager, kv_cache_memory=args.kv_cache_memory,
         gpu_memory_utilization=args.gpu_memory_utilization,
         quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
-        is_warmup=args.is_warmup,
+        block_size=args.block_size, is_warmup=args.is_warmup,
         roofline=args.roofline, max_steps_in_flight=args.max_steps_in_flight,
         tensor_parallel_size=args.tensor_parallel_size, use_tqdm=args.use_tqdm)
 

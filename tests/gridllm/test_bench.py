@@ -70,7 +70,7 @@ def test_throughput_cli_writes_sane_json(tmp_path):
     code = bench_main(["throughput", "--model", TINY, "--num-prompts", "6",
                        "--input-len-range", "4:20", "--output-len-range", "2:7",
                        "--max-num-seqs", "4", "--device", "cpu", "--kv-cache-memory",
-                       str(1 << 22), "--no-tqdm", "--output", str(out)])
+                       str(1 << 22), "--block-size", "8", "--no-tqdm", "--output", str(out)])
     assert code == 0
     result = json.loads(out.read_text())
     requests = dataset_for(_tiny_config(), random_model_config(TINY).vocab_size,
@@ -86,6 +86,7 @@ def test_throughput_cli_writes_sane_json(tmp_path):
     assert r["total_tokens_per_s"] == pytest.approx(
         (r["total_input_tokens"] + r["total_output_tokens"]) / r["elapsed_s"])
     assert result["config"]["input_len_range"] == [4, 20]
+    assert result["config"]["block_size"] == 8
     assert {"device", "date_utc", "cpu_cores"} <= set(result["machine"])
     assert "hf" not in result
 

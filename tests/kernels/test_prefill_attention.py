@@ -2,10 +2,11 @@ import pytest
 import torch
 
 from kernels import torch_ref
-from kernels.prefill_attention import prefill_attention
+from kernels.prefill_attention import prefill_attention, uses_tma
 from tests.kernels.conftest import (
     DEVICE,
     GPU_DTYPES,
+    HAS_CUDA,
     SMALL_DTYPES,
     assert_close,
     make_paged_kv,
@@ -17,9 +18,19 @@ from tests.kernels.conftest import (
 def _check(seq_lens: list[int], query_lens: list[int], num_heads: int, num_kv_heads: int,
            head_dim: int, block_size: int, dtype: torch.dtype, device: torch.device,
            sliding_window: int | None = None, pass_max_query_len: bool = True,
-           logit_softcap: float | None = None) -> None:
+           logit_softcap: float | None = None, tma: bool | None = None) -> None:
+    """Compare with the torch reference; ``tma`` asserts which kernel runs, and with it
+    the cache slots past each sequence hold NaN (no kernel may read them into a result)."""
     key_cache, value_cache, block_tables, seq = make_paged_kv(
         seq_lens, num_kv_heads, head_dim, block_size, dtype, device)
+    if tma is not None:
+        assert uses_tma(key_cache.new_empty(1, 1, head_dim), key_cache, value_cache,
+                        max(query_lens)) == tma
+        for i, n in enumerate(seq_lens):
+            if n % block_size:
+                last = block_tables[i, (n - 1) // block_size]
+                key_cache[last, n % block_size:] = float("nan")
+                value_cache[last, n % block_size:] = float("nan")
     qsl = torch.tensor([0] + query_lens, dtype=torch.int32).cumsum(0).to(torch.int32)
     qsl = qsl.to(device)
     query = torch.randn(sum(query_lens), num_heads, head_dim, device=device).to(dtype)
@@ -88,3 +99,48 @@ def test_prefill_rejects_bad_arguments():
 def test_prefill_gpu(seq_lens, query_lens, sliding_window, logit_softcap, dtype):
     _check(seq_lens, query_lens, 32, 8, 128, 16, dtype, torch.device("cuda"), sliding_window,
            logit_softcap=logit_softcap)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capability() < (9, 0),
+                    reason="the TMA kernel needs compute capability 9.0+")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("block_size", [32, 64, 256])
+@pytest.mark.parametrize("seq_lens,query_lens,sliding_window,logit_softcap", [
+    ([4096, 4096], [4096, 4096], None, None),
+    ([3000, 1, 700, 5000], [1000, 1, 700, 333], None, None),
+    ([6000, 129], [2500, 129], 1024, None),
+    ([3000, 129], [1000, 129], 1024, 50.0),
+    ([100, 77, 95], [64, 77, 3], None, None),
+])
+def test_prefill_tma_gpu(seq_lens, query_lens, sliding_window, logit_softcap, block_size,
+                         dtype):
+    _check(seq_lens, query_lens, 32, 8, 128, block_size, dtype, torch.device("cuda"),
+           sliding_window, logit_softcap=logit_softcap, tma=True)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capability() < (9, 0),
+                    reason="the TMA kernel needs compute capability 9.0+")
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(8, 8, 64), (16, 2, 128),
+                                                             (4, 1, 64)])
+def test_prefill_tma_head_shapes_gpu(num_heads, num_kv_heads, head_dim):
+    _check([1500, 300], [1500, 200], num_heads, num_kv_heads, head_dim, 64, torch.bfloat16,
+           torch.device("cuda"), tma=True)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_prefill_takes_the_general_kernel_where_tma_does_not_apply():
+    # Blocks of 16, an FP32 cache, a strided pattern, short chunks: the pointer kernel.
+    _check([700, 300], [700, 200], 8, 2, 128, 16, torch.bfloat16, torch.device("cuda"),
+           tma=False)
+    _check([700, 300], [700, 200], 8, 2, 128, 64, torch.float32, torch.device("cuda"),
+           tma=False)
+    _check([700, 300], [40, 20], 8, 2, 128, 64, torch.bfloat16, torch.device("cuda"),
+           tma=False)
+    cache = torch.zeros(4, 64, 2, 128, dtype=torch.bfloat16, device="cuda")
+    query = torch.zeros(1, 8, 128, dtype=torch.bfloat16, device="cuda")
+    assert not uses_tma(query, cache, cache, 4096, attention_stride=8)
