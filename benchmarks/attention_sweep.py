@@ -5,8 +5,9 @@ heuristics.
 keys per iteration, warps and pipeline stages, timed inside a CUDA graph (as decode is
 served) with L2 flushed (a 256 MB read) before each replay; bytes = the KV read once plus
 the queries, against the copy bandwidth. ``prefill``: the causal prefill kernel
-(4 x 4096 tokens by default) over tile shapes, warps and stages, in TFLOP/s next to torch's
-SDPA (flash) on the same shapes in contiguous tensors. Each case prints the best
+(4 x 4096 tokens by default, caches of blocks of 16 and 64 tokens: the pointer and, on
+Hopper, the TMA kernel) over tile shapes, warps and stages, in TFLOP/s next to torch's SDPA
+on the same shapes in contiguous tensors. Each case prints the best
 configurations and the default.
 
 Usage: ``python benchmarks/attention_sweep.py [--kinds decode prefill] [--output FILE]``
@@ -29,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.kernels import GB, bench, graph_bench, paged_kv  # noqa: E402
 from gridllm.bench.roofline import measure_limits  # noqa: E402
 from kernels.paged_decode_attention import paged_decode_attention  # noqa: E402
-from kernels.prefill_attention import prefill_attention  # noqa: E402
+from kernels.prefill_attention import prefill_attention, uses_tma  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, DTYPE = 32, 8, 128, torch.bfloat16
 
@@ -87,7 +88,6 @@ def decode_cases(args, copy_gbps: float) -> list[dict]:
 
 def prefill_cases(args) -> list[dict]:
     num_seqs, seq_len = args.prefill_shape
-    kc, vc, tables, seq = paged_kv(num_seqs, seq_len, KV_HEADS, HEAD_DIM, 16, DTYPE)
     q = torch.randn(num_seqs * seq_len, HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
     qsl = torch.arange(0, num_seqs * seq_len + 1, seq_len, dtype=torch.int32, device="cuda")
     flops = num_seqs * 4 * HEADS * HEAD_DIM * seq_len * (seq_len + 1) / 2
@@ -95,14 +95,7 @@ def prefill_cases(args) -> list[dict]:
     ks = torch.randn(num_seqs, HEADS, seq_len, HEAD_DIM, device="cuda", dtype=DTYPE)
     sdpa_ms = bench(lambda: torch.nn.functional.scaled_dot_product_attention(
         qs, ks, ks, is_causal=True))
-    print(f"torch SDPA (flash) on contiguous tensors: {flops / (sdpa_ms * 1e-3) / 1e12:.0f} "
-          "TFLOP/s")
-
-    def run(**launch):
-        config = launch and (launch["block_m"], launch["block_n"], launch["num_warps"],
-                             launch["num_stages"])
-        return prefill_attention(q, kc, vc, tables, seq, qsl, HEAD_DIM ** -0.5,
-                                 max_query_len=seq_len, launch=config or None)
+    print(f"torch SDPA on contiguous tensors: {flops / (sdpa_ms * 1e-3) / 1e12:.0f} TFLOP/s")
 
     def score(ms):
         tflops = flops / (ms * 1e-3) / 1e12
@@ -111,9 +104,23 @@ def prefill_cases(args) -> list[dict]:
     configs = [dict(block_m=m, block_n=n, num_warps=w, num_stages=st)
                for m, n, w, st in itertools.product(args.block_m, args.block_n_prefill,
                                                      args.warps_prefill, args.stages)]
-    row = sweep(f"prefill {num_seqs}x{seq_len}", run, configs,
-                lambda fn: bench(fn, rep_ms=200), score)
-    return [dict(row, sdpa_ms=sdpa_ms)]
+    rows = []
+    for block_size in args.cache_block_sizes:
+        kc, vc, tables, seq = paged_kv(num_seqs, seq_len, KV_HEADS, HEAD_DIM, block_size,
+                                       DTYPE)
+
+        def run(kc=kc, vc=vc, tables=tables, seq=seq, **launch):
+            config = launch and (launch["block_m"], launch["block_n"], launch["num_warps"],
+                                 launch["num_stages"])
+            return prefill_attention(q, kc, vc, tables, seq, qsl, HEAD_DIM ** -0.5,
+                                     max_query_len=seq_len, launch=config or None)
+
+        kernel = "TMA" if uses_tma(q, kc, vc, seq_len) else "pointer"
+        row = sweep(f"prefill {num_seqs}x{seq_len}, blocks of {block_size} ({kernel} kernel)",
+                    run, configs, lambda fn: bench(fn, rep_ms=200), score)
+        rows.append(dict(row, sdpa_ms=sdpa_ms, cache_block_size=block_size, kernel=kernel))
+        del kc, vc
+    return rows
 
 
 def main() -> None:
@@ -130,6 +137,9 @@ def main() -> None:
     parser.add_argument("--block-m", type=int, nargs="+", default=[128, 256])
     parser.add_argument("--block-n-prefill", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--warps-prefill", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--cache-block-sizes", type=int, nargs="+", default=[16, 64],
+                        help="KV cache blocks of the prefill cases (32+: the TMA kernel on "
+                        "Hopper)")
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
     limits = measure_limits(torch.device("cuda"))
