@@ -172,7 +172,7 @@ def _prefill_attention_kernel(
 def _tma_row(table, pos, hi, block_size):
     """Cache row (block * block_size + offset) of key ``pos``; block 0 past ``hi`` (the
     tile's keys there are masked, and the table may end before them)."""
-    blk = tl.load(table + pos // block_size, mask=pos < hi, other=0)
+    blk = tl.load(table + pos // block_size, mask=pos < hi, other=0).to(tl.int32)
     return blk * block_size + pos % block_size
 
 

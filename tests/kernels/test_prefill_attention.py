@@ -18,11 +18,13 @@ from tests.kernels.conftest import (
 def _check(seq_lens: list[int], query_lens: list[int], num_heads: int, num_kv_heads: int,
            head_dim: int, block_size: int, dtype: torch.dtype, device: torch.device,
            sliding_window: int | None = None, pass_max_query_len: bool = True,
-           logit_softcap: float | None = None, tma: bool | None = None) -> None:
+           logit_softcap: float | None = None, tma: bool | None = None,
+           table_dtype: torch.dtype = torch.int32) -> None:
     """Compare with the torch reference; ``tma`` asserts which kernel runs, and with it
     the cache slots past each sequence hold NaN (no kernel may read them into a result)."""
     key_cache, value_cache, block_tables, seq = make_paged_kv(
         seq_lens, num_kv_heads, head_dim, block_size, dtype, device)
+    block_tables = block_tables.to(table_dtype)
     if tma is not None:
         assert uses_tma(key_cache.new_empty(1, 1, head_dim), key_cache, value_cache,
                         max(query_lens)) == tma
@@ -126,9 +128,10 @@ def test_prefill_tma_gpu(seq_lens, query_lens, sliding_window, logit_softcap, bl
                     reason="the TMA kernel needs compute capability 9.0+")
 @pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(8, 8, 64), (16, 2, 128),
                                                              (4, 1, 64)])
-def test_prefill_tma_head_shapes_gpu(num_heads, num_kv_heads, head_dim):
+@pytest.mark.parametrize("table_dtype", [torch.int32, torch.int64])
+def test_prefill_tma_head_shapes_gpu(num_heads, num_kv_heads, head_dim, table_dtype):
     _check([1500, 300], [1500, 200], num_heads, num_kv_heads, head_dim, 64, torch.bfloat16,
-           torch.device("cuda"), tma=True)
+           torch.device("cuda"), tma=True, table_dtype=table_dtype)
 
 
 @pytest.mark.gpu
