@@ -251,7 +251,7 @@ def _tma_tile(acc, m_i, l_i, q, q_pos, desc_k, desc_v, table, col, n0, hi, block
 def _prefill_attention_tma_kernel(
         q_ptr, desc_k, desc_v, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr,
         stride_qt, stride_qh, stride_bt, stride_ot, stride_oh, scale_log2, block_size,
-        sliding_window, num_q_tiles, softcap_mul, softcap_log2,
+        sliding_window, num_q_tiles, softcap_mul, softcap_log2, v_scale,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, PIECE: tl.constexpr, HAS_WINDOW: tl.constexpr,
         HAS_SOFTCAP: tl.constexpr, Q_DESC: tl.constexpr):
@@ -311,7 +311,7 @@ def _prefill_attention_tma_kernel(
             acc, m_i, l_i, q, q_pos, desc_k, desc_v, table, col, tail, hi, block_size,
             sliding_window, scale_log2, softcap_mul, softcap_log2, PIECE, PIECES, True,
             True, HAS_WINDOW, HAS_SOFTCAP)
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    out = acc * v_scale / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + q_rows[:, None] * stride_ot + head * stride_oh + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=io_mask)
 
@@ -355,8 +355,8 @@ def uses_tma(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
 
 
 def _launch_tma(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, out,
-                scale, sliding_window, logit_softcap, max_query_len, launch):
-    softcap_mul, softcap_log2 = softcap_args(scale, logit_softcap)
+                scale, sliding_window, softcap_mul, softcap_log2, has_softcap, v_scale,
+                max_query_len, launch):
     num_reqs = seq_lens.shape[0]
     num_heads, head_dim = query.shape[1], query.shape[2]
     num_blocks, block_size, num_kv_heads = key_cache.shape[:3]
@@ -382,9 +382,9 @@ def _launch_tma(query, key_cache, value_cache, block_tables, seq_lens, query_sta
         query.stride(0), query.stride(1), block_tables.stride(0), out.stride(0),
         out.stride(1), float(scale) * _LOG2E, block_size,
         sliding_window if sliding_window is not None else 0, num_q_tiles,
-        softcap_mul, softcap_log2, GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim,
-        BLOCK_M=block_m, BLOCK_N=block_n, PIECE=piece, Q_DESC=q_desc,
-        HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=logit_softcap is not None,
+        softcap_mul, softcap_log2, float(v_scale), GROUP=num_heads // num_kv_heads,
+        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, PIECE=piece, Q_DESC=q_desc,
+        HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=has_softcap,
         num_warps=num_warps, num_stages=num_stages)
     return out
 
@@ -439,8 +439,9 @@ def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
         return out
     if uses_tma(query, key_cache, value_cache, max_query_len, attention_stride):
         return _launch_tma(query, key_cache, value_cache, block_tables, seq_lens,
-                           query_start_loc, out, scale, sliding_window, logit_softcap,
-                           max_query_len, launch)
+                           query_start_loc, out, scale, sliding_window, softcap_mul,
+                           softcap_log2, logit_softcap is not None, v_scale, max_query_len,
+                           launch)
     num_heads, head_dim = query.shape[1], query.shape[2]
     block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
     block_m, block_n, num_warps, num_stages = launch or _launch_config(

@@ -136,6 +136,24 @@ def test_prefill_tma_head_shapes_gpu(num_heads, num_kv_heads, head_dim, table_dt
 
 @pytest.mark.gpu
 @needs_gpu
+@pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capability() < (9, 0),
+                    reason="the TMA kernel needs compute capability 9.0+")
+def test_prefill_tma_applies_cache_scales_gpu():
+    # k_scale / v_scale apply to any cache, as in the pointer kernel and the reference.
+    device = torch.device("cuda")
+    key_cache, value_cache, block_tables, seq = make_paged_kv([700, 300], 2, 128, 64,
+                                                              torch.bfloat16, device)
+    qsl = torch.tensor([0, 700, 900], dtype=torch.int32, device=device)
+    query = torch.randn(900, 8, 128, device=device).to(torch.bfloat16)
+    assert uses_tma(query, key_cache, value_cache, 700)
+    args = (query, key_cache, value_cache, block_tables, seq, qsl, 128 ** -0.5)
+    out = prefill_attention(*args, max_query_len=700, k_scale=0.5, v_scale=2.0)
+    expected = torch_ref.paged_attention(*args, k_scale=0.5, v_scale=2.0)
+    assert_close(out, expected, "prefill attention with cache scales", torch.bfloat16)
+
+
+@pytest.mark.gpu
+@needs_gpu
 def test_prefill_takes_the_general_kernel_where_tma_does_not_apply():
     # Blocks of 16, an FP32 cache, a strided pattern, short chunks: the pointer kernel.
     _check([700, 300], [700, 200], 8, 2, 128, 16, torch.bfloat16, torch.device("cuda"),
