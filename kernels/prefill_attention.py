@@ -56,7 +56,7 @@ _TMA_MIN_BLOCK = 32
 
 @triton.jit
 def _attend_tile(acc, m_i, l_i, q, q_pos, kc_ptr, vc_ptr, table, kv_head, n0, hi,
-                 seq_len, block_size, sliding_window, stride_cb, stride_ct, stride_ch,
+                 block_size, sliding_window, stride_cb, stride_ct, stride_ch,
                  scale_log2, softcap_mul, softcap_log2, HEAD_DIM: tl.constexpr,
                  BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                  HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -93,6 +93,26 @@ def _attend_tile(acc, m_i, l_i, q, q_pos, kc_ptr, vc_ptr, table, kv_head, n0, hi
 
 
 @triton.jit
+def _query_span(qsl_ptr, req):
+    """``(first row, number of rows)`` of request ``req``'s queries."""
+    q_start = tl.load(qsl_ptr + req).to(tl.int32)
+    return q_start, tl.load(qsl_ptr + req + 1).to(tl.int32) - q_start
+
+
+@triton.jit
+def _query_tile(seq_lens_ptr, req, q_start, num_q, tile, BLOCK_M: tl.constexpr):
+    """Query tile ``tile`` of a request whose ``num_q`` queries are its last tokens:
+    ``(first_pos, hi, m, q_pos, q_rows)``: the first query's position, the end of the keys
+    any of the tile's queries sees, the queries' indices in the request, their positions
+    and their rows in the packed query tensor."""
+    seq_len = tl.load(seq_lens_ptr + req).to(tl.int32)
+    first_pos = seq_len - num_q + tile * BLOCK_M
+    hi = tl.minimum(first_pos + BLOCK_M, seq_len)
+    m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    return first_pos, hi, m, seq_len - num_q + m, (q_start + m).to(tl.int64)
+
+
+@triton.jit
 def _prefill_attention_kernel(
         q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr,
         stride_qt, stride_qh, stride_cb, stride_ct, stride_ch, stride_bt,
@@ -106,18 +126,13 @@ def _prefill_attention_kernel(
     # Longest (latest) query tiles first: they have the most keys to visit.
     tile = num_q_tiles - 1 - tl.program_id(1)
     req = tl.program_id(2).to(tl.int64)
-    q_start = tl.load(qsl_ptr + req).to(tl.int32)
-    num_q = tl.load(qsl_ptr + req + 1).to(tl.int32) - q_start
+    q_start, num_q = _query_span(qsl_ptr, req)
     if tile * BLOCK_M >= num_q:
         return
-    seq_len = tl.load(seq_lens_ptr + req).to(tl.int32)
-    first_pos = seq_len - num_q + tile * BLOCK_M
-    hi = tl.minimum(first_pos + BLOCK_M, seq_len)
-    m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    first_pos, hi, m, q_pos, q_rows = _query_tile(seq_lens_ptr, req, q_start, num_q, tile,
+                                                  BLOCK_M)
     d = tl.arange(0, BLOCK_D)
-    q_pos = seq_len - num_q + m
     io_mask = (m[:, None] < num_q) & (d[None, :] < HEAD_DIM)
-    q_rows = (q_start + m).to(tl.int64)
     q = tl.load(q_ptr + q_rows[:, None] * stride_qt + head * stride_qh + d[None, :],
                 mask=io_mask, other=0.0)
     if F16_DOTS:  # an FP8 cache under a bfloat16 query (see paged_decode_attention)
@@ -136,7 +151,7 @@ def _prefill_attention_kernel(
             if (min_dist < attention_stride) | (
                     max_dist // attention_stride * attention_stride >= min_dist):
                 acc, m_i, l_i = _attend_tile(
-                    acc, m_i, l_i, q, q_pos, kc_ptr, vc_ptr, table, kv_head, n0, hi, seq_len,
+                    acc, m_i, l_i, q, q_pos, kc_ptr, vc_ptr, table, kv_head, n0, hi,
                     block_size, sliding_window, stride_cb, stride_ct, stride_ch, scale_log2,
                     softcap_mul, softcap_log2, HEAD_DIM, BLOCK_D, BLOCK_N, True, False,
                     HAS_SOFTCAP, DOT_PRECISION, attention_stride, True)
@@ -144,7 +159,7 @@ def _prefill_attention_kernel(
         lo = tl.maximum(first_pos - sliding_window + 1, 0) // BLOCK_N * BLOCK_N
         for n0 in range(lo, hi, BLOCK_N):
             acc, m_i, l_i = _attend_tile(
-                acc, m_i, l_i, q, q_pos, kc_ptr, vc_ptr, table, kv_head, n0, hi, seq_len,
+                acc, m_i, l_i, q, q_pos, kc_ptr, vc_ptr, table, kv_head, n0, hi,
                 block_size, sliding_window, stride_cb, stride_ct, stride_ch, scale_log2,
                 softcap_mul, softcap_log2, HEAD_DIM, BLOCK_D, BLOCK_N, True, True, HAS_SOFTCAP,
                 DOT_PRECISION)
@@ -153,13 +168,13 @@ def _prefill_attention_kernel(
         full_end = (first_pos + 1) // BLOCK_N * BLOCK_N
         for n0 in range(0, full_end, BLOCK_N):
             acc, m_i, l_i = _attend_tile(
-                acc, m_i, l_i, q, q_pos, kc_ptr, vc_ptr, table, kv_head, n0, hi, seq_len,
+                acc, m_i, l_i, q, q_pos, kc_ptr, vc_ptr, table, kv_head, n0, hi,
                 block_size, sliding_window, stride_cb, stride_ct, stride_ch, scale_log2,
                 softcap_mul, softcap_log2, HEAD_DIM, BLOCK_D, BLOCK_N, False, False,
                 HAS_SOFTCAP, DOT_PRECISION)
         for n0 in range(full_end, hi, BLOCK_N):
             acc, m_i, l_i = _attend_tile(
-                acc, m_i, l_i, q, q_pos, kc_ptr, vc_ptr, table, kv_head, n0, hi, seq_len,
+                acc, m_i, l_i, q, q_pos, kc_ptr, vc_ptr, table, kv_head, n0, hi,
                 block_size, sliding_window, stride_cb, stride_ct, stride_ch, scale_log2,
                 softcap_mul, softcap_log2, HEAD_DIM, BLOCK_D, BLOCK_N, True, False,
                 HAS_SOFTCAP, DOT_PRECISION)
@@ -265,18 +280,13 @@ def _prefill_attention_tma_kernel(
     # Longest (latest) query tiles first: they have the most keys to visit.
     tile = num_q_tiles - 1 - tl.program_id(1)
     req = tl.program_id(2).to(tl.int64)
-    q_start = tl.load(qsl_ptr + req).to(tl.int32)
-    num_q = tl.load(qsl_ptr + req + 1).to(tl.int32) - q_start
+    q_start, num_q = _query_span(qsl_ptr, req)
     if tile * BLOCK_M >= num_q:
         return
-    seq_len = tl.load(seq_lens_ptr + req).to(tl.int32)
-    first_pos = seq_len - num_q + tile * BLOCK_M
-    hi = tl.minimum(first_pos + BLOCK_M, seq_len)
-    m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    first_pos, hi, m, q_pos, q_rows = _query_tile(seq_lens_ptr, req, q_start, num_q, tile,
+                                                  BLOCK_M)
     d = tl.arange(0, HEAD_DIM)
-    q_pos = seq_len - num_q + m
     io_mask = m[:, None] < num_q
-    q_rows = (q_start + m).to(tl.int64)
     if Q_DESC:
         q = q_ptr.load([q_start + tile * BLOCK_M, head * HEAD_DIM])
     else:
