@@ -3,14 +3,16 @@ heuristics.
 
 ``decode``: the paged decode kernel at small batches and long contexts over split counts,
 keys per iteration, warps and pipeline stages, timed inside a CUDA graph (as decode is
-served) with L2 flushed (a 256 MB read) before each replay; bytes = the KV read once plus
-the queries, against the copy bandwidth. ``prefill``: the causal prefill kernel
+served) with L2 flushed (a 256 MB read) before each replay, over a bf16 or
+(``--kv-cache-dtype fp8``) an e4m3 cache; bytes = the KV read once plus the queries,
+against the copy bandwidth. ``prefill``: the causal prefill kernel
 (4 x 4096 tokens by default, caches of blocks of 16 and 64 tokens: the pointer and, on
 Hopper, the TMA kernel) over tile shapes, warps and stages, in TFLOP/s next to torch's SDPA
 on the same shapes in contiguous tensors. Each case prints the best
 configurations and the default.
 
-Usage: ``python benchmarks/attention_sweep.py [--kinds decode prefill] [--output FILE]``
+Usage: ``python benchmarks/attention_sweep.py [--kinds decode prefill]
+[--kv-cache-dtype auto|fp8] [--output FILE]``
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.kernels import GB, bench, graph_bench, paged_kv  # noqa: E402
 from gridllm.bench.roofline import measure_limits  # noqa: E402
+from kernels.fp8 import FP8_DTYPE  # noqa: E402
 from kernels.paged_decode_attention import paged_decode_attention  # noqa: E402
 from kernels.prefill_attention import prefill_attention, uses_tma  # noqa: E402
 
@@ -64,8 +67,10 @@ def decode_cases(args, copy_gbps: float) -> list[dict]:
     rows = []
     for batch, context in itertools.product(args.batches, args.contexts):
         kc, vc, tables, seq = paged_kv(batch, context, KV_HEADS, HEAD_DIM, 16, DTYPE)
+        if args.kv_cache_dtype == "fp8":
+            kc, vc = kc.to(FP8_DTYPE), vc.to(FP8_DTYPE)
         q = torch.randn(batch, HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
-        nbytes = 2 * batch * context * KV_HEADS * HEAD_DIM * 2 + 2 * q.numel() * 2
+        nbytes = 2 * kc.numel() * kc.element_size() + 2 * q.numel() * q.element_size()
 
         def run(q=q, kc=kc, vc=vc, tables=tables, seq=seq, **launch):
             return paged_decode_attention(q, kc, vc, tables, seq, None, HEAD_DIM ** -0.5,
@@ -79,9 +84,9 @@ def decode_cases(args, copy_gbps: float) -> list[dict]:
                    for s, n, w, st in itertools.product(args.splits, args.block_n, args.warps,
                                                         args.stages)
                    if context // s >= n]
-        rows.append(dict(batch=batch, context=context,
-                         **sweep(f"decode b{batch} ctx{context}", run, configs, graph_bench,
-                                 score)))
+        name = f"decode b{batch} ctx{context} ({args.kv_cache_dtype} cache)"
+        rows.append(dict(batch=batch, context=context, kv_cache_dtype=args.kv_cache_dtype,
+                         **sweep(name, run, configs, graph_bench, score)))
         del kc, vc
     return rows
 
@@ -133,6 +138,9 @@ def main() -> None:
     parser.add_argument("--block-n", type=int, nargs="+", default=[32, 64, 128])
     parser.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--stages", type=int, nargs="+", default=[2, 3, 4])
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"),
+                        help="the decode cases' cache: the queries' bf16, or e4m3 (bytes "
+                        "then count one per element)")
     parser.add_argument("--prefill-shape", type=int, nargs=2, default=[4, 4096])
     parser.add_argument("--block-m", type=int, nargs="+", default=[128, 256])
     parser.add_argument("--block-n-prefill", type=int, nargs="+", default=[64, 128])
