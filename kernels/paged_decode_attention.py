@@ -353,12 +353,11 @@ def _default_launch(num_reqs: int, num_kv_heads: int, num_splits: int, dtype: to
     batch 64 x 616 / 4096 keys, 8 KV heads: 39.2 / 201.3 us against 44.4 / 242.1; at 128
     keys and 4 warps three programs fit an SM, and 512 programs took 1.3 waves; batch 256
     keeps 128 keys: 132.6 against 133.9 us)."""
-    block_n = _default_block_n(num_reqs, num_kv_heads, num_splits, dtype, device, cache_dtype)
-    programs = max(1, num_reqs * num_kv_heads)
     if (cache_dtype == FP8_DTYPE and num_splits == 1 and not is_interpreter()
-            and programs <= _FP8_SMALL_GRID_PROGRAMS_PER_SM * num_sms(device)):
+            and num_reqs * num_kv_heads <= _FP8_SMALL_GRID_PROGRAMS_PER_SM * num_sms(device)):
         return 64, 2, 3
-    return block_n, 4, _NUM_STAGES
+    return (_default_block_n(num_reqs, num_kv_heads, num_splits, dtype, device, cache_dtype),
+            4, _NUM_STAGES)
 
 
 def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
