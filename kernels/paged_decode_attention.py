@@ -15,9 +15,9 @@ softmax scale and ``v_scale`` multiplies the output. With a bfloat16 query the p
 in float16 (the query and the probabilities converted once per tile): e4m3 converts to
 float16 in one instruction per pair, to bfloat16 only through float16 and a further
 instruction per element, and the conversion, not the halved bytes, set the kernel's time.
-On CUDA the FP8 value tile is read as 32-bit words and unpacked to float16 in registers
-(``e4m3_words_to_f16``): as bytes it reached P @ V's operand layout (whose reduction dim,
-the keys, is not contiguous) one shared-memory load per byte.
+On CUDA the FP8 key and value tiles are read as 32-bit words and unpacked to float16 in
+registers (``e4m3_words_to_f16``): as bytes the value tile reached P @ V's operand layout
+(whose reduction dim, the keys, is not contiguous) one shared-memory load per byte.
 
 Sparse patterns skip keys rather than mask them: a sliding window starts each request at
 its window; the strided pattern (the ``stride`` latest keys, then every ``stride``-th key
@@ -65,6 +65,9 @@ _NUM_STAGES = 2
 # Over an FP8 cache with one split, up to this many programs per SM take the small-grid
 # launch of _default_launch.
 _FP8_SMALL_GRID_PROGRAMS_PER_SM = 4
+# With one split, at least this many programs per SM take the one-warp launch of
+# _default_launch.
+_ONE_WARP_PROGRAMS_PER_SM = 7
 
 
 @triton.jit
@@ -106,6 +109,21 @@ def _tile_slots(n0, end, num_far, far_first, local_lo, attention_stride, block_s
 
 
 @triton.jit
+def _e4m3_word_tile(cache_ptr, kv_off, nmask, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
+    """The ``[BLOCK_N, BLOCK_D]`` float16 tile of an e4m3 cache at element offsets ``kv_off``
+    (one per key), read as 32-bit words and unpacked in registers (``e4m3_words_to_f16``).
+    As bytes, a tile reached P @ V's operand layout (whose reduction dim, the keys, is not
+    contiguous) one shared-memory load per byte; K as words is 1-4% faster than as bytes
+    (H200, batch 1 x 32k to 256 x 616 keys)."""
+    d4 = tl.arange(0, BLOCK_D // 4)
+    words = tl.load(cache_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+                    + (kv_off >> 2)[:, None] + d4[None, :],
+                    mask=nmask[:, None] & (d4 < HEAD_DIM // 4)[None, :], other=0)
+    return e4m3_words_to_f16(words, BLOCK_N, BLOCK_D)
+
+
+@triton.jit
 def _paged_decode_attention_kernel(
         q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
         stride_qt, stride_qh, stride_cb, stride_ct, stride_ch, stride_bt,
@@ -116,7 +134,7 @@ def _paged_decode_attention_kernel(
         HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
         IS_STRIDED: tl.constexpr = False, USE_GDC: tl.constexpr = False,
         F16_DOTS: tl.constexpr = False, BLOCK_SIZE: tl.constexpr = 0,
-        V_WORDS: tl.constexpr = False, PREFETCH_TABLE: tl.constexpr = False):
+        KV_WORDS: tl.constexpr = False, PREFETCH_TABLE: tl.constexpr = False):
     if USE_GDC:  # launched early: wait for the kernels before (they write q, the cache)
         gdc_launch_dependents()
         gdc_wait()
@@ -182,8 +200,11 @@ def _paged_decode_attention_kernel(
         kv_off = blk * stride_cb + in_block.to(tl.int64) * stride_ct \
             + kv_head * stride_ch
         kv_mask = nmask[:, None] & dmask[None, :]
-        k = tl.load(kc_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        k = k.to(q.dtype)
+        if KV_WORDS:
+            k = _e4m3_word_tile(kc_ptr, kv_off, nmask, HEAD_DIM, BLOCK_N, BLOCK_D)
+        else:
+            k = tl.load(kc_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            k = k.to(q.dtype)
         s = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), scale_log2,
                     softcap_mul, softcap_log2, HAS_SOFTCAP)
         s = tl.where(nmask[None, :], s, float("-inf"))
@@ -191,15 +212,8 @@ def _paged_decode_attention_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        if V_WORDS:
-            # The e4m3 tile as 32-bit words, unpacked to float16 in registers (see
-            # e4m3_words_to_f16): V is P @ V's operand whose reduction dim (keys) is not
-            # contiguous, which the byte tile reached only one shared-memory byte at a time.
-            d4 = tl.arange(0, BLOCK_D // 4)
-            words = tl.load(vc_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
-                            + (kv_off >> 2)[:, None] + d4[None, :],
-                            mask=nmask[:, None] & (d4 < HEAD_DIM // 4)[None, :], other=0)
-            v = e4m3_words_to_f16(words, BLOCK_N, BLOCK_D)
+        if KV_WORDS:
+            v = _e4m3_word_tile(vc_ptr, kv_off, nmask, HEAD_DIM, BLOCK_N, BLOCK_D)
         else:
             v = tl.load(vc_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
             v = v.to(q.dtype)
@@ -295,12 +309,12 @@ def fp8_f16_dots(key_cache: torch.Tensor, query: torch.Tensor) -> bool:
     return key_cache.dtype == FP8_DTYPE and query.dtype == torch.bfloat16
 
 
-def v_words(key_cache: torch.Tensor, value_cache: torch.Tensor, query: torch.Tensor,
-            head_dim: int) -> bool:
-    """Whether the kernels read an FP8 value cache as 32-bit words (float16 products, a
-    head dim of whole words, word-aligned strides; CUDA only)."""
+def kv_words(key_cache: torch.Tensor, value_cache: torch.Tensor, query: torch.Tensor,
+             head_dim: int) -> bool:
+    """Whether the kernel reads an FP8 cache's key and value tiles as 32-bit words (float16
+    products, a head dim of whole words, word-aligned strides and starts; CUDA only)."""
     return (fp8_f16_dots(key_cache, query) and head_dim % 4 == 0
-            and can_unpack_e4m3_words(value_cache))
+            and can_unpack_e4m3_words(key_cache) and can_unpack_e4m3_words(value_cache))
 
 
 def _splits_for_sms(programs: int, device: torch.device) -> int:
@@ -348,14 +362,25 @@ def _default_launch(num_reqs: int, num_kv_heads: int, num_splits: int, dtype: to
                     device: torch.device, cache_dtype: torch.dtype | None = None
                     ) -> tuple[int, int, int]:
     """``(keys per iteration, warps, pipeline stages)``: ``_default_block_n`` with 4 warps and
-    ``_NUM_STAGES``, except over an FP8 cache with one split and at most
-    ``_FP8_SMALL_GRID_PROGRAMS_PER_SM`` programs per SM: 64 keys, 2 warps, 3 stages (H200,
-    batch 64 x 616 / 4096 keys, 8 KV heads: 39.2 / 201.3 us against 44.4 / 242.1; at 128
-    keys and 4 warps three programs fit an SM, and 512 programs took 1.3 waves; batch 256
-    keeps 128 keys: 132.6 against 133.9 us)."""
-    if (cache_dtype == FP8_DTYPE and num_splits == 1 and not is_interpreter()
-            and num_reqs * num_kv_heads <= _FP8_SMALL_GRID_PROGRAMS_PER_SM * num_sms(device)):
-        return 64, 2, 3
+    ``_NUM_STAGES``, except with one split:
+
+    - a 16-bit query and at least ``_ONE_WARP_PROGRAMS_PER_SM`` programs per SM: 32 keys and
+      one warp (H200, Llama-3-8B heads; FP8 cache: batch 256 x 616 keys 130.1 -> 113.7 us, 128 x 616 71.1 ->
+      60.3, 128 x 4096 404 -> 335, 256 x 2048 391 -> 337; bf16 cache: 164.6 -> 160.4,
+      86.6 -> 83.4, 501 -> 498). Three programs of four warps fill an SM's registers and
+      shared memory; eight of one warp fit, and a warp needs no barrier to share its row
+      maxima and probabilities. Below that (768 programs, batch 96 x 616 over FP8: 52.7
+      against 55.7 us) too few warps are left to hide the loads.
+    - over an FP8 cache and at most ``_FP8_SMALL_GRID_PROGRAMS_PER_SM`` programs per SM: 64
+      keys, 2 warps, 3 stages (batch 64 x 616 / 4096 keys, 8 KV heads: 39.2 / 201.3 us
+      against 44.4 / 242.1; 512 programs of 128 keys and 4 warps took 1.3 waves)."""
+    programs = num_reqs * num_kv_heads
+    if num_splits == 1 and not is_interpreter():
+        if dtype != torch.float32 and programs >= _ONE_WARP_PROGRAMS_PER_SM * num_sms(device):
+            return 32, 1, _NUM_STAGES
+        if (cache_dtype == FP8_DTYPE
+                and programs <= _FP8_SMALL_GRID_PROGRAMS_PER_SM * num_sms(device)):
+            return 64, 2, 3
     return (_default_block_n(num_reqs, num_kv_heads, num_splits, dtype, device, cache_dtype),
             4, _NUM_STAGES)
 
@@ -447,7 +472,7 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
         DOT_PRECISION=dot_precision(query.dtype), IS_STRIDED=attention_stride is not None,
         F16_DOTS=fp8_f16_dots(key_cache, query),
         BLOCK_SIZE=block_size if key_cache.dtype == FP8_DTYPE else 0,
-        V_WORDS=v_words(key_cache, value_cache, query, head_dim),
+        KV_WORDS=kv_words(key_cache, value_cache, query, head_dim),
         PREFETCH_TABLE=num_splits == 1 and key_cache.dtype != FP8_DTYPE,
         num_warps=num_warps, num_stages=num_stages, **pdl)
     if num_splits > 1:

@@ -13,7 +13,7 @@ import torch
 from kernels import torch_ref
 from kernels.fp8 import FP8_DTYPE, FP8_MAX, quantize_fp8
 from kernels.kv_cache_write import write_kv_cache
-from kernels.paged_decode_attention import paged_decode_attention, v_words
+from kernels.paged_decode_attention import kv_words, paged_decode_attention
 from kernels.prefill_attention import prefill_attention
 from kernels.rotary_kv_cache_write import rotary_kv_cache_write
 from tests.kernels.conftest import (
@@ -139,13 +139,16 @@ def test_fp8_cache_stays_close_to_unquantized(dtype):
     assert float(diff.max()) > 0  # the cache was quantized
 
 
-def test_value_words_only_on_cuda_under_bfloat16_queries():
+def test_cache_words_only_on_cuda_under_bfloat16_queries():
     """The word path (inline PTX) never runs in the CPU interpreter or for other caches."""
     kc, vc, _, _ = _fp8_cache([17], 2, 32, 1.0, 1.0)
     query = torch.randn(1, 4, 32).to(torch.bfloat16).to(DEVICE)
-    assert v_words(kc, vc, query, 32) == (DEVICE.type == "cuda")
-    assert not v_words(kc, vc, query.float(), 32)
-    assert not v_words(kc.to(query.dtype), vc.to(query.dtype), query, 32)
+    assert kv_words(kc, vc, query, 32) == (DEVICE.type == "cuda")
+    assert not kv_words(kc, vc, query.float(), 32)
+    assert not kv_words(kc.to(query.dtype), vc.to(query.dtype), query, 32)
+    # A key cache that starts off a word boundary keeps both tiles on bytes.
+    shifted = torch.zeros(kc.numel() + 1, dtype=kc.dtype, device=DEVICE)[1:].view(kc.shape)
+    assert not kv_words(shifted, vc, query, 32)
 
 
 def test_bad_scales_and_dtypes_are_named():
@@ -183,7 +186,7 @@ def test_fp8_cache_at_llama3_8b_shapes(num_splits):
     kc, vc, tables, seq = _fp8_cache(seq_lens, 8, 128, 0.5, 0.25)
     query = torch.randn(len(seq_lens), 32, 128, device=DEVICE).to(torch.bfloat16)
     qsl = torch.arange(len(seq_lens) + 1, dtype=torch.int32, device=DEVICE)
-    assert v_words(kc, vc, query, 128)  # the value tiles are read as words here
+    assert kv_words(kc, vc, query, 128)  # the key and value tiles are read as words here
     out = paged_decode_attention(query, kc, vc, tables, seq, qsl, 128 ** -0.5,
                                  num_splits=num_splits, k_scale=0.5, v_scale=0.25)
     expected = torch_ref.paged_attention(query, kc, vc, tables, seq, qsl, 128 ** -0.5,

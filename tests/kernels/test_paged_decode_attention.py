@@ -142,18 +142,24 @@ def test_short_splits_take_fewer_keys_per_iteration(monkeypatch):
     assert module._default_block_n(1, 8, splits, bf16, dev, fp8) == 32
 
 
-def test_fp8_small_grids_take_two_warps(monkeypatch):
+def test_launch_by_programs_per_sm(monkeypatch):
     import kernels.paged_decode_attention as module
 
     monkeypatch.setattr(module, "is_interpreter", lambda: False)
     monkeypatch.setattr(module, "num_sms", lambda device: 132)
     dev, bf16, fp8 = torch.device("cpu"), torch.bfloat16, torch.float8_e4m3fn
-    # One split, 512 programs (under 4 per SM): 64 keys, 2 warps, 3 stages.
-    assert module._default_launch(64, 8, 1, bf16, dev, fp8) == (64, 2, 3)
-    # More programs, split-KV, or a 16-bit cache: the block_n heuristic with 4 warps.
     stages = module._NUM_STAGES
-    assert module._default_launch(256, 8, 1, bf16, dev, fp8) == (128, 4, stages)
+    # One split, 512 programs (under 4 per SM) over an FP8 cache: 64 keys, 2 warps, 3 stages.
+    assert module._default_launch(64, 8, 1, bf16, dev, fp8) == (64, 2, 3)
+    # One split, 7+ programs per SM (924 on 132 SMs), 16-bit queries: 32 keys, one warp.
+    assert module._default_launch(256, 8, 1, bf16, dev, fp8) == (32, 1, stages)
+    assert module._default_launch(116, 8, 1, bf16, dev) == (32, 1, stages)
+    assert module._default_launch(116, 8, 1, torch.float16, dev, fp8) == (32, 1, stages)
+    # Between the two, split-KV, a float32 query, or a 16-bit cache under 7 per SM: the
+    # block_n heuristic with 4 warps.
+    assert module._default_launch(115, 8, 1, bf16, dev, fp8) == (128, 4, stages)
     assert module._default_launch(1, 8, 64, bf16, dev, fp8) == (128, 4, stages)
+    assert module._default_launch(256, 8, 1, torch.float32, dev) == (32, 4, stages)
     assert module._default_launch(64, 8, 1, bf16, dev) == (64, 4, stages)
 
 
