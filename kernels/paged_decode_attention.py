@@ -365,12 +365,12 @@ def _default_launch(num_reqs: int, num_kv_heads: int, num_splits: int, dtype: to
     ``_NUM_STAGES``, except with one split:
 
     - a 16-bit query and at least ``_ONE_WARP_PROGRAMS_PER_SM`` programs per SM: 32 keys and
-      one warp (H200, Llama-3-8B heads; FP8 cache: batch 256 x 616 keys 130.1 -> 113.7 us, 128 x 616 71.1 ->
-      60.3, 128 x 4096 404 -> 335, 256 x 2048 391 -> 337; bf16 cache: 164.6 -> 160.4,
-      86.6 -> 83.4, 501 -> 498). Three programs of four warps fill an SM's registers and
-      shared memory; eight of one warp fit, and a warp needs no barrier to share its row
-      maxima and probabilities. Below that (768 programs, batch 96 x 616 over FP8: 52.7
-      against 55.7 us) too few warps are left to hide the loads.
+      one warp (H200, Llama-3-8B heads; FP8 cache: batch 256 x 616 keys 130.1 -> 113.7 us,
+      128 x 616 71.1 -> 60.3, 128 x 4096 404 -> 335, 256 x 2048 391 -> 337; bf16 cache:
+      164.6 -> 160.4, 86.6 -> 83.4, 501 -> 498). Three programs of four warps fill an SM's
+      registers and shared memory; eight of one warp fit, and a warp needs no barrier to
+      share its row maxima and probabilities. Below that (768 programs, batch 96 x 616 over
+      FP8: 52.7 against 55.7 us) too few warps are left to hide the loads.
     - over an FP8 cache and at most ``_FP8_SMALL_GRID_PROGRAMS_PER_SM`` programs per SM: 64
       keys, 2 warps, 3 stages (batch 64 x 616 / 4096 keys, 8 KV heads: 39.2 / 201.3 us
       against 44.4 / 242.1; 512 programs of 128 keys and 4 warps took 1.3 waves)."""
