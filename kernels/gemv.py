@@ -425,18 +425,25 @@ def _gemv_e4m3_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, partial_ptr, loc
         tl.store(y_ptr + cols, out.to(y_ptr.dtype.element_ty), mask=col_ok)
 
 
-def config_for(num_out: int, num_in: int, weight_bytes: int = 2) -> Config:
+def config_for(num_out: int, num_in: int, weight_bytes: int = 2, fused: bool = False
+               ) -> Config:
     """16-bit weights: four output channels per program (the most programs: the shortest
     tail), in tiles of 1024 along K for a wide output (q/k/v, gate/up, the LM head), else 512
     (o, down): the best or within 2% of the best of a sweep over the Llama-3-8B shapes on an
-    H200. e4m3 weights: tiles of 1024 along K, four channels and 2 warps for a wide output,
-    two channels and 4 warps else (H200, Llama-3-8B, one row: q/k/v 8.2, o 6.9, gate/up
-    32.8, down 16.5 us against 13.0, 9.0, 37.7, 21.3 with 16 channels by 512 and 4 warps,
-    the previous default). In Triton's CPU interpreter: 32 channels, fewer programs to step
+    H200. e4m3 weights, tiles of 1024 along K: with a fused norm or activation (``fused``:
+    each program computes the row's norm, or the activation over its share of K) eight
+    channels and 2 warps, else four channels and 2 warps for a wide output, two and 4 warps
+    otherwise (H200, Llama-3-8B, one row: q/k/v + norm 11.3, o 6.9, gate/up + norm 42.7,
+    down + SiLU-and-mul 25.2 us against 14.0, 9.1, 42.0, 25.9 with 16 channels by 512 and 4
+    warps, the previous default; unfused, fewer channels per program are faster still:
+    q/k/v 8.2, gate/up 32.8, down 16.5 us, but the norm and activation per program cost
+    more than that). In Triton's CPU interpreter: 32 channels, fewer programs to step
     through."""
     if is_interpreter():
         return (32, 256, 4, 1, 0)
     if weight_bytes == 1:
+        if fused:
+            return (8, 1024, 2, 1, 0)
         return (4, 1024, 2, 1, 0) if num_out > num_in else (2, 1024, 4, 1, 0)
     return (4, 1024 if num_out > num_in else 512, 4, 1, 0)
 
@@ -545,7 +552,7 @@ def _launch(x, weight, bias, weight_scale, config, gated, norm):
     if num_in == 0:
         return (y.zero_() if bias is None else y.copy_(bias.expand_as(y))), residual_out
     block_n, block_k, num_warps, num_stages, split_k = config or config_for(
-        num_out, num_in, weight.element_size())
+        num_out, num_in, weight.element_size(), fused=gated or norm is not None)
     block_k = min(block_k, triton.next_power_of_2(num_in))
     if split_k == 0:
         split_k = split_k_for(num_out, num_in, block_n, block_k, x.device)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kernels.fp8 import FP8_DTYPE
-from kernels.gemv import MAX_ROWS, gemv, rms_norm_gemv, split_k_for
+from kernels.gemv import MAX_ROWS, config_for, gemv, rms_norm_gemv, split_k_for
 from tests.kernels.conftest import (
     DEVICE,
     GPU_DTYPES,
@@ -249,7 +249,10 @@ def test_gated_down_shape_on_gpu(weight_dtype):
     x = torch.randn(1, 2 * 14336, device="cuda", dtype=torch.bfloat16)
     w = (torch.randn(4096, 14336, device="cuda") * 0.02).to(weight_dtype)
     s = torch.rand(4096, device="cuda") + 0.5 if weight_dtype == FP8_DTYPE else None
-    assert torch.equal(gemv(x, w, None, s, gated=True), gemv(silu_and_mul(x), w, None, s))
+    # One tiling for both (the default differs for a fused activation), so the same sums.
+    config = config_for(4096, 14336, w.element_size(), fused=True)
+    assert torch.equal(gemv(x, w, None, s, config=config, gated=True),
+                       gemv(silu_and_mul(x), w, None, s, config=config))
 
 
 @pytest.mark.parametrize("dtype", SMALL_DTYPES)
@@ -307,3 +310,17 @@ def test_rms_norm_gemv_qkv_shape_on_gpu(weight_dtype):
     assert torch.equal(res_out, expected_res)
     expected = gemv(normed, w, None, s)
     assert_close(y, expected, "fused norm + q/k/v", torch.bfloat16)
+
+
+def test_e4m3_tiles_depend_on_fusion(monkeypatch):
+    """e4m3 weights: eight channels x 2 warps with a fused norm or activation; unfused, four
+    x 2 warps for a wide output and two x 4 otherwise; 16-bit weights keep four x 4."""
+    import kernels.gemv as module
+
+    monkeypatch.setattr(module, "is_interpreter", lambda: False)
+    assert module.config_for(6144, 4096, 1, fused=True) == (8, 1024, 2, 1, 0)
+    assert module.config_for(4096, 14336, 1, fused=True) == (8, 1024, 2, 1, 0)
+    assert module.config_for(28672, 4096, 1) == (4, 1024, 2, 1, 0)
+    assert module.config_for(4096, 4096, 1) == (2, 1024, 4, 1, 0)
+    assert module.config_for(6144, 4096, 2, fused=True) == (4, 1024, 4, 1, 0)
+    assert module.config_for(4096, 14336, 2) == (4, 512, 4, 1, 0)

@@ -185,8 +185,10 @@ def test_decode_rejects_bad_arguments():
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("batch,max_len,sliding_window,logit_softcap", [
     (1, 8191, None, None), (64, 2049, None, None), (7, 5000, 1024, None),
-    (7, 5000, 1024, 50.0)])
+    (7, 5000, 1024, 50.0), (160, 700, None, None)])
 def test_decode_gpu(batch, max_len, sliding_window, logit_softcap, dtype):
+    """Split-KV at batch 1, one split at 64, windows and soft-capping, and at batch 160
+    (1,280 programs, 7+ per SM on GPUs of up to 182 SMs) the one-warp launch."""
     seq_lens = torch.randint(1, max_len + 1, (batch,)).tolist()
     seq_lens[0] = max_len
     _check(seq_lens, 32, 8, 128, 16, dtype, torch.device("cuda"), sliding_window,
