@@ -11,7 +11,10 @@ served (programmatic dependent launch where the card has it: each launch starts 
 previous one ends), ``gemv_plain`` the same without it. ``--sweep`` first times tile
 configurations of the GEMV at M = 1 per shape; ``--fp8`` adds e4m3 weights (per-channel
 scales) through the same kernel, against the e4m3 ``tl.dot`` kernel
-(``kernels/fp8_gemv.py``).
+(``kernels/fp8_gemv.py``). ``--fused`` (one row) runs the GEMV as the model serves it: q/k/v
+and gate/up with the add-and-norm before them fused in (``rms_norm_gemv``: each program also
+takes the row's norm), down with SiLU-and-mul fused in; their best tiles differ from the
+bare product's (the base column stays the bare product).
 """
 
 from __future__ import annotations
@@ -32,16 +35,19 @@ import kernels._utils  # noqa: E402
 from benchmarks.kernels import graph_bench  # noqa: E402
 from gridllm.bench.roofline import measure_limits  # noqa: E402
 from kernels.fp8_gemv import fp8_weight_matmul  # noqa: E402
-from kernels.gemv import MAX_ROWS, config_for, gemv  # noqa: E402
+from kernels.gemv import MAX_ROWS, config_for, gemv, rms_norm_gemv  # noqa: E402
 
 # name, out features, in features (Llama-3-8B).
 SHAPES = [("qkv_proj", 6144, 4096), ("o_proj", 4096, 4096), ("gate_up_proj", 28672, 4096),
           ("down_proj", 4096, 14336)]
 NUM_LAYERS = 32
+# What the model fuses into each layer's GEMV at one row (``--fused``).
+FUSION = {"qkv_proj": "norm", "gate_up_proj": "norm", "down_proj": "gated"}
 SWEEP = list(itertools.product((4, 8, 16), (512, 1024), (4,), (1,), (0,))) + [
     (8, 256, 4, 1, 0), (16, 256, 4, 1, 0), (32, 256, 4, 1, 0), (32, 512, 4, 1, 0),
     (8, 512, 8, 1, 0), (16, 1024, 8, 1, 0), (8, 512, 4, 1, 1), (16, 512, 4, 1, 1),
-    (4, 2048, 4, 1, 0), (8, 2048, 8, 1, 0)]
+    (4, 2048, 4, 1, 0), (8, 2048, 8, 1, 0), (2, 1024, 4, 1, 0), (2, 2048, 4, 1, 0),
+    (4, 1024, 2, 1, 0), (8, 1024, 2, 1, 0)]
 
 
 def graph_time_ms(calls, replays: int = 20, launch_dependent: bool = True) -> float:
@@ -63,11 +69,27 @@ def _weights(n: int, k: int, fp8: bool):
     return ws
 
 
-def _calls(impl: str, layer_weights, x, config):
+def _inputs(m: int, k: int, fusion: str | None):
+    """``(x, residual, norm weight)`` for ``m`` rows of ``k`` inputs; a gated layer's x is
+    ``[gate | up]`` (2k), and only a fused norm reads the residual and the norm weight."""
+    x = torch.randn(m, 2 * k if fusion == "gated" else k, device="cuda", dtype=torch.bfloat16)
+    residual = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    norm_weight = torch.rand(k, device="cuda", dtype=torch.bfloat16) + 0.5
+    return x, residual, norm_weight
+
+
+def _calls(impl: str, layer_weights, inputs, config, fusion: str | None = None):
+    x, residual, norm_weight = inputs
     if impl == "base":  # what decode ran before the GEMV: cuBLAS, or the e4m3 tl.dot kernel
+        x = x[:, :residual.shape[1]]  # the bare product (a gated x's gate half)
         return [lambda w=w, s=s: F.linear(x, w) if s is None else fp8_weight_matmul(x, w, s)
                 for w, s in layer_weights]
-    return [lambda w=w, s=s: gemv(x, w, None, s, config=config) for w, s in layer_weights]
+    if fusion == "norm":
+        return [lambda w=w, s=s: rms_norm_gemv(x, residual, norm_weight, 1e-5, w, None, s,
+                                               config=config)
+                for w, s in layer_weights]
+    return [lambda w=w, s=s: gemv(x, w, None, s, config=config, gated=fusion == "gated")
+            for w, s in layer_weights]
 
 
 def main() -> None:
@@ -75,6 +97,8 @@ def main() -> None:
     parser.add_argument("--rows", default="1,2,4", help=f"values of M (at most {MAX_ROWS})")
     parser.add_argument("--sweep", action="store_true", help="time GEMV tile configurations")
     parser.add_argument("--fp8", action="store_true", help="also e4m3 weights")
+    parser.add_argument("--fused", action="store_true",
+                        help="the norm and SiLU-and-mul fused in, as served (one row)")
     parser.add_argument("--output", default=None, help="write results as JSON here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -84,6 +108,8 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}: copy {copy:.0f} GB/s, "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     rows = [int(r) for r in args.rows.split(",")]
+    if args.fused and rows != [1]:
+        sys.exit("--fused times one row: pass --rows 1")
     results = {"device": torch.cuda.get_device_name(), "limits": limits, "shapes": [],
                "sweep": {}}
     kinds = ["bf16"] + (["fp8"] if args.fp8 else [])
@@ -96,12 +122,14 @@ def main() -> None:
     if args.sweep:
         for kind in kinds:
             for name, n, k in SHAPES:
-                x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+                fusion = FUSION.get(name) if args.fused else None
+                inputs = _inputs(1, k, fusion)
                 timed = {}
-                default = config_for(n, k, 1 if kind == "fp8" else 2)
+                default = config_for(n, k, 1 if kind == "fp8" else 2, fused=fusion is not None)
                 for config in SWEEP + ([default] if default not in SWEEP else []):
                     try:
-                        ms = graph_time_ms(_calls("gemv", weights[kind, name], x, config))
+                        ms = graph_time_ms(_calls("gemv", weights[kind, name], inputs, config,
+                                                  fusion))
                     except Exception as exc:  # a configuration Triton cannot build
                         print(f"{kind} {name} {config}: {type(exc).__name__}: {str(exc)[:100]}")
                         continue
@@ -119,11 +147,13 @@ def main() -> None:
     for kind in kinds:
         elem = 1 if kind == "fp8" else 2
         for name, n, k in SHAPES:
+            fusion = FUSION.get(name) if args.fused else None
             for m in rows:
-                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-                t_base = graph_time_ms(_calls("base", weights[kind, name], x, None)) \
+                inputs = _inputs(m, k, fusion)
+                t_base = graph_time_ms(_calls("base", weights[kind, name], inputs, None)) \
                     / NUM_LAYERS
-                t_gemv = graph_time_ms(_calls("gemv", weights[kind, name], x, None)) / NUM_LAYERS
+                t_gemv = graph_time_ms(_calls("gemv", weights[kind, name], inputs, None,
+                                              fusion)) / NUM_LAYERS
                 row = {"layer": name, "kind": kind, "rows": m, "base_ms": t_base,
                        "gemv_ms": t_gemv, "base_pct_copy": pct(n, k, elem, t_base),
                        "gemv_pct_copy": pct(n, k, elem, t_gemv)}
@@ -136,15 +166,16 @@ def main() -> None:
         elem = 1 if kind == "fp8" else 2
         total_bytes = NUM_LAYERS * sum(n * k * elem for _, n, k in SHAPES)
         for m in rows:
-            xs = {k: torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-                  for k in {k for _, _, k in SHAPES}}
+            fusions = {name: FUSION.get(name) if args.fused else None for name, _, _ in SHAPES}
+            inputs = {name: _inputs(m, k, fusions[name]) for name, _, k in SHAPES}
             per = {}
             for impl in ("base", "gemv", "gemv_plain"):
                 calls = []
                 for layer in range(NUM_LAYERS):
-                    for name, _, k in SHAPES:
+                    for name, _, _ in SHAPES:
                         w, s = weights[kind, name][layer]
-                        calls += _calls(impl.split("_")[0], [(w, s)], xs[k], None)
+                        calls += _calls(impl.split("_")[0], [(w, s)], inputs[name], None,
+                                        fusions[name])
                 per[impl] = graph_time_ms(calls, launch_dependent=impl != "gemv_plain")
             row = {"kind": kind, "rows": m, "bytes": total_bytes,
                    "bound_ms": total_bytes / (copy * 1e9) * 1e3, **{

@@ -96,8 +96,9 @@ step lat_llama 70 $B latency --model random:llama3-8b --input-len 128 --output-l
 # FP8 weights and KV cache: batch-1 latency against the FP8 roofline, and the 256-request
 # workload of step 6 (its bf16 run is tp_llama_256).
 step fp8_linear 120 $PY benchmarks/fp8_linear.py --output "$WORK/fp8_linear.json"
-# The decode GEMV against cuBLAS (and the e4m3 tl.dot kernel) at one row, as served.
-step gemv 90 $PY benchmarks/gemv.py --rows 1 --fp8 --output "$WORK/gemv.json"
+# The decode GEMV against cuBLAS (and the e4m3 tl.dot kernel) at one row, as served (the
+# norm and SiLU-and-mul fused in).
+step gemv 90 $PY benchmarks/gemv.py --rows 1 --fp8 --fused --output "$WORK/gemv.json"
 step lat_llama_fp8 60 $B latency --model random:llama3-8b --input-len 128 --output-len 128 \
   --num-iters 3 --num-warmup 1 --quantization fp8 --kv-cache-dtype fp8 --no-tqdm \
   --output "$WORK/lat_llama_fp8.json"
