@@ -359,23 +359,25 @@ def _default_block_n(num_reqs: int, num_kv_heads: int, num_splits: int,
 
 
 def _default_launch(num_reqs: int, num_kv_heads: int, num_splits: int, dtype: torch.dtype,
-                    device: torch.device, cache_dtype: torch.dtype | None = None
-                    ) -> tuple[int, int, int]:
+                    device: torch.device, cache_dtype: torch.dtype | None = None,
+                    head_dim: int = 128) -> tuple[int, int, int]:
     """``(keys per iteration, warps, pipeline stages)``: ``_default_block_n`` with 4 warps and
-    ``_NUM_STAGES``, except with one split:
+    ``_NUM_STAGES``, except with one split and a head dim up to 128 (at 256 the fewer warps
+    below spill registers: ptxas, one warp over a bf16 cache 272 bytes, over FP8 96, two
+    warps over FP8 92; four warps none):
 
-    - a 16-bit query and at least ``_ONE_WARP_PROGRAMS_PER_SM`` programs per SM: 32 keys and
-      one warp (H200, Llama-3-8B heads; FP8 cache: batch 256 x 616 keys 130.1 -> 113.7 us,
-      128 x 616 71.1 -> 60.3, 128 x 4096 404 -> 335, 256 x 2048 391 -> 337; bf16 cache:
+    - a 16-bit query and at least ``_ONE_WARP_PROGRAMS_PER_SM`` programs per SM: 32 keys
+      and one warp (H200, Llama-3-8B heads; FP8 cache: batch 256 x 616 keys 130.1 -> 113.7
+      us, 128 x 616 71.1 -> 60.3, 128 x 4096 404 -> 335, 256 x 2048 391 -> 337; bf16 cache:
       164.6 -> 160.4, 86.6 -> 83.4, 501 -> 498). Three programs of four warps fill an SM's
       registers and shared memory; eight of one warp fit, and a warp needs no barrier to
-      share its row maxima and probabilities. Below that (768 programs, batch 96 x 616 over
-      FP8: 52.7 against 55.7 us) too few warps are left to hide the loads.
+      share its row maxima and probabilities. Below that (768 programs, batch 96 x 616
+      over FP8: 52.7 against 55.7 us) too few warps are left to hide the loads.
     - over an FP8 cache and at most ``_FP8_SMALL_GRID_PROGRAMS_PER_SM`` programs per SM: 64
       keys, 2 warps, 3 stages (batch 64 x 616 / 4096 keys, 8 KV heads: 39.2 / 201.3 us
       against 44.4 / 242.1; 512 programs of 128 keys and 4 warps took 1.3 waves)."""
     programs = num_reqs * num_kv_heads
-    if num_splits == 1 and not is_interpreter():
+    if num_splits == 1 and head_dim <= 128 and not is_interpreter():
         if dtype != torch.float32 and programs >= _ONE_WARP_PROGRAMS_PER_SM * num_sms(device):
             return 32, 1, _NUM_STAGES
         if (cache_dtype == FP8_DTYPE
@@ -447,7 +449,7 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
         num_splits = pick_num_splits(num_reqs, num_kv_heads, max_context, query.device)
     block_d = max(16, next_power_of_2(head_dim))
     launch = _default_launch(num_reqs, num_kv_heads, num_splits, query.dtype, query.device,
-                             key_cache.dtype)
+                             key_cache.dtype, head_dim)
     block_n = launch[0] if block_n is None else block_n
     num_warps = launch[1] if num_warps is None else num_warps
     num_stages = launch[2] if num_stages is None else num_stages

@@ -155,11 +155,13 @@ def test_launch_by_programs_per_sm(monkeypatch):
     assert module._default_launch(256, 8, 1, bf16, dev, fp8) == (32, 1, stages)
     assert module._default_launch(116, 8, 1, bf16, dev) == (32, 1, stages)
     assert module._default_launch(116, 8, 1, torch.float16, dev, fp8) == (32, 1, stages)
-    # Between the two, split-KV, a float32 query, or a 16-bit cache under 7 per SM: the
-    # block_n heuristic with 4 warps.
+    # Between the two, split-KV, a float32 query, a head dim over 128, or a 16-bit cache
+    # under 7 per SM: the block_n heuristic with 4 warps.
     assert module._default_launch(115, 8, 1, bf16, dev, fp8) == (128, 4, stages)
     assert module._default_launch(1, 8, 64, bf16, dev, fp8) == (128, 4, stages)
     assert module._default_launch(256, 8, 1, torch.float32, dev) == (32, 4, stages)
+    assert module._default_launch(256, 8, 1, bf16, dev, head_dim=256) == (64, 4, stages)
+    assert module._default_launch(64, 8, 1, bf16, dev, fp8, head_dim=256) == (128, 4, stages)
     assert module._default_launch(64, 8, 1, bf16, dev) == (64, 4, stages)
 
 
