@@ -11,10 +11,12 @@ served (programmatic dependent launch where the card has it: each launch starts 
 previous one ends), ``gemv_plain`` the same without it. ``--sweep`` first times tile
 configurations of the GEMV at M = 1 per shape; ``--fp8`` adds e4m3 weights (per-channel
 scales) through the same kernel, against the e4m3 ``tl.dot`` kernel
-(``kernels/fp8_gemv.py``). ``--fused`` (one row) runs the GEMV as the model serves it: q/k/v
-and gate/up with the add-and-norm before them fused in (``rms_norm_gemv``: each program also
-takes the row's norm), down with SiLU-and-mul fused in; their best tiles differ from the
-bare product's (the base column stays the bare product).
+(``kernels/fp8_gemv.py``). ``--fused`` (one row) runs the layers as the model serves them:
+the gate/up projection with SiLU-and-mul in its epilogue (``silu_out``; down then reads the
+finished activation), and the add-and-norm before q/k/v and gate/up fused into them over
+16-bit weights (``rms_norm_gemv``: each program also takes the row's norm) but a launch of
+the norm kernel before them over e4m3 weights (``ops.add_rms_norm_linear`` says why); their
+best tiles differ from the bare product's (the base column stays the bare product).
 """
 
 from __future__ import annotations
@@ -36,13 +38,17 @@ from benchmarks.kernels import graph_bench  # noqa: E402
 from gridllm.bench.roofline import measure_limits  # noqa: E402
 from kernels.fp8_gemv import fp8_weight_matmul  # noqa: E402
 from kernels.gemv import MAX_ROWS, config_for, gemv, rms_norm_gemv  # noqa: E402
+from kernels.rms_norm import rms_norm  # noqa: E402
 
 # name, out features, in features (Llama-3-8B).
 SHAPES = [("qkv_proj", 6144, 4096), ("o_proj", 4096, 4096), ("gate_up_proj", 28672, 4096),
           ("down_proj", 4096, 14336)]
 NUM_LAYERS = 32
-# What the model fuses into each layer's GEMV at one row (``--fused``).
-FUSION = {"qkv_proj": "norm", "gate_up_proj": "norm", "down_proj": "gated"}
+# What the model fuses into each layer's GEMV at one row (``--fused``), by weight kind:
+# "norm" the add-and-norm inside, "norm_kernel" the norm kernel's launch before it, "silu"
+# SiLU-and-mul in the epilogue.
+FUSION = {"bf16": {"qkv_proj": ("norm",), "gate_up_proj": ("norm", "silu")},
+          "fp8": {"qkv_proj": ("norm_kernel",), "gate_up_proj": ("norm_kernel", "silu")}}
 SWEEP = list(itertools.product((4, 8, 16), (512, 1024), (4,), (1,), (0,))) + [
     (8, 256, 4, 1, 0), (16, 256, 4, 1, 0), (32, 256, 4, 1, 0), (32, 512, 4, 1, 0),
     (8, 512, 8, 1, 0), (16, 1024, 8, 1, 0), (8, 512, 4, 1, 1), (16, 512, 4, 1, 1),
@@ -69,27 +75,31 @@ def _weights(n: int, k: int, fp8: bool):
     return ws
 
 
-def _inputs(m: int, k: int, fusion: str | None):
-    """``(x, residual, norm weight)`` for ``m`` rows of ``k`` inputs; a gated layer's x is
-    ``[gate | up]`` (2k), and only a fused norm reads the residual and the norm weight."""
-    x = torch.randn(m, 2 * k if fusion == "gated" else k, device="cuda", dtype=torch.bfloat16)
+def _inputs(m: int, k: int):
+    """``(x, residual, norm weight)`` for ``m`` rows of ``k`` inputs; only a norm reads the
+    residual and the norm weight."""
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     residual = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     norm_weight = torch.rand(k, device="cuda", dtype=torch.bfloat16) + 0.5
     return x, residual, norm_weight
 
 
-def _calls(impl: str, layer_weights, inputs, config, fusion: str | None = None):
+def _calls(impl: str, layer_weights, inputs, config, fusion: tuple[str, ...] = ()):
     x, residual, norm_weight = inputs
     if impl == "base":  # what decode ran before the GEMV: cuBLAS, or the e4m3 tl.dot kernel
-        x = x[:, :residual.shape[1]]  # the bare product (a gated x's gate half)
         return [lambda w=w, s=s: F.linear(x, w) if s is None else fp8_weight_matmul(x, w, s)
                 for w, s in layer_weights]
-    if fusion == "norm":
+    silu = "silu" in fusion
+    if "norm" in fusion:
         return [lambda w=w, s=s: rms_norm_gemv(x, residual, norm_weight, 1e-5, w, None, s,
-                                               config=config)
+                                               config=config, silu_out=silu)
                 for w, s in layer_weights]
-    return [lambda w=w, s=s: gemv(x, w, None, s, config=config, gated=fusion == "gated")
-            for w, s in layer_weights]
+    calls = []
+    for w, s in layer_weights:
+        if "norm_kernel" in fusion:
+            calls.append(lambda: rms_norm(x, norm_weight, 1e-5, residual))
+        calls.append(lambda w=w, s=s: gemv(x, w, None, s, config=config, silu_out=silu))
+    return calls
 
 
 def main() -> None:
@@ -122,10 +132,10 @@ def main() -> None:
     if args.sweep:
         for kind in kinds:
             for name, n, k in SHAPES:
-                fusion = FUSION.get(name) if args.fused else None
-                inputs = _inputs(1, k, fusion)
+                fusion = FUSION[kind].get(name, ()) if args.fused else ()
+                inputs = _inputs(1, k)
                 timed = {}
-                default = config_for(n, k, 1 if kind == "fp8" else 2, fused=fusion is not None)
+                default = config_for(n, k, 1 if kind == "fp8" else 2, fused="norm" in fusion)
                 for config in SWEEP + ([default] if default not in SWEEP else []):
                     try:
                         ms = graph_time_ms(_calls("gemv", weights[kind, name], inputs, config,
@@ -147,9 +157,9 @@ def main() -> None:
     for kind in kinds:
         elem = 1 if kind == "fp8" else 2
         for name, n, k in SHAPES:
-            fusion = FUSION.get(name) if args.fused else None
+            fusion = FUSION[kind].get(name, ()) if args.fused else ()
             for m in rows:
-                inputs = _inputs(m, k, fusion)
+                inputs = _inputs(m, k)
                 t_base = graph_time_ms(_calls("base", weights[kind, name], inputs, None)) \
                     / NUM_LAYERS
                 t_gemv = graph_time_ms(_calls("gemv", weights[kind, name], inputs, None,
@@ -166,8 +176,9 @@ def main() -> None:
         elem = 1 if kind == "fp8" else 2
         total_bytes = NUM_LAYERS * sum(n * k * elem for _, n, k in SHAPES)
         for m in rows:
-            fusions = {name: FUSION.get(name) if args.fused else None for name, _, _ in SHAPES}
-            inputs = {name: _inputs(m, k, fusions[name]) for name, _, k in SHAPES}
+            fusions = {name: FUSION[kind].get(name, ()) if args.fused else ()
+                       for name, _, _ in SHAPES}
+            inputs = {name: _inputs(m, k) for name, _, k in SHAPES}
             per = {}
             for impl in ("base", "gemv", "gemv_plain"):
                 calls = []

@@ -107,17 +107,51 @@ def _residual_rstd(x_ptr, res_ptr, res_out_ptr, num_in, eps, WRITES_SUM,
 
 
 @triton.jit
+def _channels(pid, num_out, BLOCK_N: tl.constexpr, SILU_OUT: tl.constexpr):
+    """A program's weight rows and which of them exist. SILU_OUT: the weight's rows are
+    ``[gate | up]`` (``num_out = 2 * I``) and the program takes ``BLOCK_N // 2`` channels of
+    each, interleaved (gate c, up c, gate c + 1, ...), so its epilogue has both halves of
+    ``silu(gate) * up``."""
+    js = tl.arange(0, BLOCK_N)
+    if SILU_OUT:
+        half = num_out // 2
+        ch = pid * (BLOCK_N // 2) + js // 2
+        col_ok = ch < half
+        # Channels past the end read the last pair (never stored).
+        cols = tl.minimum(ch, half - 1) + (js % 2) * half
+    else:
+        cols = pid * BLOCK_N + js
+        col_ok = cols < num_out
+    return cols, col_ok
+
+
+@triton.jit
+def _store_row(y_ptr, out, pid, cols, col_ok, num_out, BLOCK_N: tl.constexpr,
+               SILU_OUT: tl.constexpr):
+    """Stores one row's ``BLOCK_N`` float32 results in y's dtype; SILU_OUT: the
+    ``BLOCK_N // 2`` values ``silu(gate) * up`` of the interleaved pairs, rounded as
+    ``kernels/silu_and_mul.py`` rounds them (its input rounded to y's dtype first)."""
+    if SILU_OUT:
+        v = out.to(y_ptr.dtype.element_ty).to(tl.float32)
+        g, u = tl.split(tl.reshape(v, [BLOCK_N // 2, 2]))
+        act = (g / (1.0 + tl.exp(-g))).to(y_ptr.dtype.element_ty).to(tl.float32)
+        chs = pid * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        tl.store(y_ptr + chs, (act * u).to(y_ptr.dtype.element_ty), mask=chs < num_out // 2)
+    else:
+        tl.store(y_ptr + cols, out.to(y_ptr.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, partial_ptr, lock_ptr,
                  res_ptr, norm_w_ptr, res_out_ptr, eps,
                  num_out, num_in, stride_x, stride_w, stride_y,
                  ROWS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                  EVEN_K: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr,
-                 BLOCK_H: tl.constexpr, USE_GDC: tl.constexpr):
+                 SILU_OUT: tl.constexpr, BLOCK_H: tl.constexpr, USE_GDC: tl.constexpr):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < num_out
+    cols, col_ok = _channels(pid, num_out, BLOCK_N, SILU_OUT)
     # Columns past the end read the last row (never stored): the loads need no column mask.
     safe_cols = tl.minimum(cols, num_out - 1)
     ks = tl.arange(0, BLOCK_K)
@@ -224,14 +258,15 @@ def _gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, partial_ptr, lock_ptr
             out1 = out1 + bias
             out2 = out2 + bias
             out3 = out3 + bias
-        y_ptrs = y_ptr + cols
-        tl.store(y_ptrs, out0.to(y_ptr.dtype.element_ty), mask=col_ok)
+        _store_row(y_ptr, out0, pid, cols, col_ok, num_out, BLOCK_N, SILU_OUT)
         if ROWS > 1:
-            tl.store(y_ptrs + stride_y, out1.to(y_ptr.dtype.element_ty), mask=col_ok)
+            _store_row(y_ptr + stride_y, out1, pid, cols, col_ok, num_out, BLOCK_N, SILU_OUT)
         if ROWS > 2:
-            tl.store(y_ptrs + 2 * stride_y, out2.to(y_ptr.dtype.element_ty), mask=col_ok)
+            _store_row(y_ptr + 2 * stride_y, out2, pid, cols, col_ok, num_out, BLOCK_N,
+                       SILU_OUT)
         if ROWS > 3:
-            tl.store(y_ptrs + 3 * stride_y, out3.to(y_ptr.dtype.element_ty), mask=col_ok)
+            _store_row(y_ptr + 3 * stride_y, out3, pid, cols, col_ok, num_out, BLOCK_N,
+                       SILU_OUT)
 
 
 @triton.jit
@@ -339,8 +374,8 @@ def _gemv_e4m3_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, partial_ptr, loc
                       num_out, num_in, stride_w,
                       HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, GATED: tl.constexpr,
-                      NORM: tl.constexpr, BLOCK_H: tl.constexpr, ASM: tl.constexpr,
-                      USE_GDC: tl.constexpr):
+                      NORM: tl.constexpr, SILU_OUT: tl.constexpr, BLOCK_H: tl.constexpr,
+                      ASM: tl.constexpr, USE_GDC: tl.constexpr):
     """``_gemv_kernel`` for one bfloat16 row and an e4m3 weight, read in words of four
     elements: the weight as int32 (four e4m3), x as int64 (four bfloat16), both ``[BLOCK_N,
     BLOCK_K // 4]`` tiles of one shape (x's rows all the same addresses, loaded once per
@@ -348,8 +383,7 @@ def _gemv_e4m3_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, partial_ptr, loc
     shared memory."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < num_out
+    cols, col_ok = _channels(pid, num_out, BLOCK_N, SILU_OUT)
     safe_cols = tl.minimum(cols, num_out - 1)
     QUAD_K: tl.constexpr = BLOCK_K // 4
     js = tl.arange(0, QUAD_K)
@@ -422,7 +456,7 @@ def _gemv_e4m3_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, partial_ptr, loc
         out = out * tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
         if HAS_BIAS:
             out = out + tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        tl.store(y_ptr + cols, out.to(y_ptr.dtype.element_ty), mask=col_ok)
+        _store_row(y_ptr, out, pid, cols, col_ok, num_out, BLOCK_N, SILU_OUT)
 
 
 def config_for(num_out: int, num_in: int, weight_bytes: int = 2, fused: bool = False
@@ -469,7 +503,7 @@ def _reads_words(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
          weight_scale: torch.Tensor | None = None, config: Config | None = None,
-         gated: bool = False) -> torch.Tensor:
+         gated: bool = False, silu_out: bool = False) -> torch.Tensor:
     """``x @ (weight * weight_scale[:, None])^T + bias`` in ``x``'s dtype, float32 sums.
 
     Args:
@@ -483,18 +517,23 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         config: ``(BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K)``; default
             ``config_for`` the shape; SPLIT_K 0 picks the split count from the shape and the
             SM count (``split_k_for``).
+        silu_out: the weight's rows are ``[gate | up]`` (the gated MLP's gate/up projection,
+            N even) and the result is ``silu_and_mul`` of the product, ``[M, N // 2]``: the
+            activation fused into the projection before it (the same values as
+            ``kernels.silu_and_mul`` of the unfused result), so the down projection reads
+            a finished input.
     Returns:
-        ``[M, N]`` in ``x.dtype``.
+        ``[M, N]`` in ``x.dtype`` (``[M, N // 2]`` with ``silu_out``).
     Raises:
         ValueError: an argument of the wrong shape, dtype or device, naming it.
     """
-    return _launch(x, weight, bias, weight_scale, config, gated, None)[0]
+    return _launch(x, weight, bias, weight_scale, config, gated, None, silu_out)[0]
 
 
 def rms_norm_gemv(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
                   eps: float, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  weight_scale: torch.Tensor | None = None, config: Config | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+                  weight_scale: torch.Tensor | None = None, config: Config | None = None,
+                  silu_out: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``gemv(rms_norm(x + residual) * norm_weight, ...)`` for one row, and ``x + residual``
     (the next residual): the decoder's add-and-norm fused into the projection after it, with
     the values of ``kernels.rms_norm.rms_norm(x, norm_weight, eps, residual)``.
@@ -503,9 +542,10 @@ def rms_norm_gemv(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Te
         x, residual: ``[1, K]`` of one dtype, last dim contiguous.
         norm_weight: ``[K]`` of x's dtype.
         eps: the norm's epsilon.
-        weight, bias, weight_scale, config: as for ``gemv``.
+        weight, bias, weight_scale, config, silu_out: as for ``gemv``.
     Returns:
-        ``(y [1, N], x + residual [1, K])``; ``residual`` is not written.
+        ``(y [1, N], x + residual [1, K])`` (y ``[1, N // 2]`` with ``silu_out``);
+        ``residual`` is not written.
     Raises:
         ValueError: an argument of the wrong shape, dtype or device, naming it.
     """
@@ -518,10 +558,10 @@ def rms_norm_gemv(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Te
     if x.shape[0] != 1:
         raise ValueError(f"x must have 1 row for the fused norm, got {x.shape[0]}.")
     return _launch(x, weight, bias, weight_scale, config, False,
-                   (residual, norm_weight, float(eps)))
+                   (residual, norm_weight, float(eps)), silu_out)
 
 
-def _launch(x, weight, bias, weight_scale, config, gated, norm):
+def _launch(x, weight, bias, weight_scale, config, gated, norm, silu_out):
     check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES, last_dim_contiguous=True)
     check_tensor("weight", weight, ndim=2, dtypes=WEIGHT_DTYPES, device=x.device,
                  last_dim_contiguous=True)
@@ -541,7 +581,11 @@ def _launch(x, weight, bias, weight_scale, config, gated, norm):
     if bias is not None:
         check_tensor("bias", bias, dtypes=FLOAT_DTYPES, device=x.device, contiguous=True)
         check_shape("bias", bias, (num_out,))
-    y = torch.empty((num_rows, num_out), dtype=x.dtype, device=x.device)
+    if silu_out and num_out % 2:
+        raise ValueError(f"weight must have an even number of rows (gate | up) for "
+                         f"silu_out, got {num_out}.")
+    y = torch.empty((num_rows, num_out // 2 if silu_out else num_out), dtype=x.dtype,
+                    device=x.device)
     residual_out = None
     if norm is not None:
         residual_out = torch.empty_like(x)
@@ -550,12 +594,20 @@ def _launch(x, weight, bias, weight_scale, config, gated, norm):
     if num_out == 0:
         return y, residual_out
     if num_in == 0:
+        if silu_out:
+            from kernels.silu_and_mul import silu_and_mul
+
+            product = torch.zeros((num_rows, num_out), dtype=x.dtype, device=x.device)
+            return silu_and_mul(product if bias is None else product.copy_(
+                bias.expand_as(product))), residual_out
         return (y.zero_() if bias is None else y.copy_(bias.expand_as(y))), residual_out
     block_n, block_k, num_warps, num_stages, split_k = config or config_for(
         num_out, num_in, weight.element_size(), fused=gated or norm is not None)
     block_k = min(block_k, triton.next_power_of_2(num_in))
     if split_k == 0:
         split_k = split_k_for(num_out, num_in, block_n, block_k, x.device)
+    if silu_out and block_n % 2:
+        raise ValueError(f"config's BLOCK_N must be even for silu_out, got {block_n}.")
     num_blocks = triton.cdiv(num_out, block_n)
     partial, locks = split_k_workspace(split_k, num_rows, num_out, block_n, y)
     k_per_split = triton.cdiv(triton.cdiv(num_in, split_k), block_k) * block_k
@@ -567,7 +619,7 @@ def _launch(x, weight, bias, weight_scale, config, gated, norm):
             num_out, num_in, weight.stride(0), HAS_BIAS=bias is not None,
             BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
             EVEN_K=num_in % k_per_split == 0, GATED=gated, NORM=norm is not None,
-            BLOCK_H=triton.next_power_of_2(num_in) if norm is not None else 1,
+            SILU_OUT=silu_out, BLOCK_H=triton.next_power_of_2(num_in) if norm is not None else 1,
             ASM=not is_interpreter(), num_warps=num_warps, num_stages=num_stages,
             **launch_dependent_args(x.device))
         return y, residual_out
@@ -579,6 +631,6 @@ def _launch(x, weight, bias, weight_scale, config, gated, norm):
         ROWS=num_rows, HAS_SCALE=weight_scale is not None, HAS_BIAS=bias is not None,
         BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
         EVEN_K=num_in % k_per_split == 0, GATED=gated, NORM=norm is not None,
-        BLOCK_H=triton.next_power_of_2(num_in) if norm is not None else 1,
+        SILU_OUT=silu_out, BLOCK_H=triton.next_power_of_2(num_in) if norm is not None else 1,
         num_warps=num_warps, num_stages=num_stages, **launch_dependent_args(x.device))
     return y, residual_out

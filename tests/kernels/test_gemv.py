@@ -211,6 +211,39 @@ def test_gated_equals_silu_and_mul_then_gemv(num_rows, num_in, split_k):
         gemv(x[:, 1:].contiguous(), w, gated=True)
 
 
+@pytest.mark.parametrize("dtype", SMALL_DTYPES)
+@pytest.mark.parametrize("num_rows,half,num_in,has_bias,split_k",
+                         [(1, 40, 256, False, 1), (3, 37, 300, True, 1), (2, 24, 512, True, 3)])
+def test_silu_out_equals_silu_and_mul_of_the_product(num_rows, half, num_in, has_bias,
+                                                      split_k, dtype):
+    """``silu_out``: the gate/up projection's product through the SiLU-and-mul kernel, the
+    same bits (each program takes gate and up channels in pairs, the last pair past the
+    end masked)."""
+    from kernels.silu_and_mul import silu_and_mul
+
+    torch.manual_seed(num_in + half)
+    x = torch.randn(num_rows, num_in, device=DEVICE).to(dtype)
+    w = torch.randn(2 * half, num_in, device=DEVICE).to(dtype)
+    b = torch.randn(2 * half, device=DEVICE).to(dtype) if has_bias else None
+    config = (16, 128, 4, 1, split_k)
+    out = gemv(x, w, b, config=config, silu_out=True)
+    assert out.shape == (num_rows, half)
+    assert torch.equal(out, silu_and_mul(gemv(x, w, b, config=config)))
+
+
+def test_silu_out_rejects_an_odd_weight():
+    x = torch.zeros(1, 64, device=DEVICE)
+    with pytest.raises(ValueError, match="even number of rows"):
+        gemv(x, torch.zeros(9, 64, device=DEVICE), silu_out=True)
+    with pytest.raises(ValueError, match="BLOCK_N must be even"):
+        gemv(x, torch.zeros(8, 64, device=DEVICE), config=(1, 64, 1, 1, 1), silu_out=True)
+    # No K: silu_and_mul of the bias.
+    b = torch.randn(8, device=DEVICE)
+    out = gemv(torch.zeros(1, 0, device=DEVICE), torch.zeros(8, 0, device=DEVICE), b,
+               silu_out=True)
+    torch.testing.assert_close(out[0], b[:4] * torch.sigmoid(b[:4]) * b[4:])
+
+
 @pytest.mark.parametrize("split_k", [1, 3])
 def test_fp8_words_fuse_the_norm_and_the_gate(split_k):
     """The word-reading kernel's fused SiLU-and-mul and add-and-norm: the unfused kernels'
@@ -236,6 +269,10 @@ def test_fp8_words_fuse_the_norm_and_the_gate(split_k):
     assert torch.equal(res_out, expected_res)
     assert_close(y, gemv(normed, w, None, scale, config=config), "norm e4m3 words",
                  torch.bfloat16)
+    # The norm before and SiLU-and-mul after (the gate/up projection as served).
+    act, act_res = rms_norm_gemv(x, residual, norm_w, 1e-6, w, None, scale, config=config,
+                                 silu_out=True)
+    assert torch.equal(act, silu_and_mul(y)) and torch.equal(act_res, res_out)
 
 
 @pytest.mark.gpu
@@ -310,6 +347,27 @@ def test_rms_norm_gemv_qkv_shape_on_gpu(weight_dtype):
     assert torch.equal(res_out, expected_res)
     expected = gemv(normed, w, None, s)
     assert_close(y, expected, "fused norm + q/k/v", torch.bfloat16)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, FP8_DTYPE])
+def test_gate_up_silu_out_shape_on_gpu(weight_dtype):
+    """Llama-3-8B's gate/up projection with the add-and-norm before it and SiLU-and-mul
+    after it fused in: the SiLU-and-mul kernel's bits over the unfused output."""
+    from kernels.silu_and_mul import silu_and_mul
+
+    torch.manual_seed(0)
+    x, residual = (torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16) for _ in "xr")
+    norm_w = torch.rand(4096, device="cuda", dtype=torch.bfloat16) + 0.5
+    w = (torch.randn(2 * 14336, 4096, device="cuda") * 0.02).to(weight_dtype)
+    s = torch.rand(2 * 14336, device="cuda") + 0.5 if weight_dtype == FP8_DTYPE else None
+    config = config_for(2 * 14336, 4096, w.element_size(), fused=True)
+    act, res_out = rms_norm_gemv(x, residual, norm_w, 1e-5, w, None, s, config=config,
+                                 silu_out=True)
+    y, expected_res = rms_norm_gemv(x, residual, norm_w, 1e-5, w, None, s, config=config)
+    assert torch.equal(act, silu_and_mul(y)) and torch.equal(res_out, expected_res)
+    assert torch.equal(gemv(x, w, None, s, silu_out=True), silu_and_mul(gemv(x, w, None, s)))
 
 
 def test_e4m3_tiles_depend_on_fusion(monkeypatch):

@@ -1,7 +1,8 @@
 """The model layers' GEMV paths (worker_svc.layers.ops), run through Triton's interpreter on
 the CPU by letting ``ops`` take CPU tensors for CUDA ones: one decode row goes through the
-GEMV, fused with SiLU-and-mul or with the residual add and RMSNorm, and gives the unfused
-layers' values; more rows, or the kernel switched off, take the unfused path."""
+GEMV, with SiLU-and-mul fused after the gate/up projection and the residual add and RMSNorm
+before a 16-bit projection, and gives the unfused layers' values; more rows, or the kernel
+switched off, take the unfused path."""
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from kernels import torch_ref
 from worker_svc.layers import ops
 from worker_svc.layers.layers import RMSNorm
 from worker_svc.layers.quantization import Fp8Linear
-from worker_svc.parallel.layers import ColumnParallelLinear, RowParallelLinear
+from worker_svc.parallel.layers import ColumnParallelLinear
 
 
 @pytest.fixture
@@ -25,7 +26,7 @@ def on_kernels(monkeypatch):
     real = kernels.gemv._launch
 
     def counting(*args):
-        calls.append(args[5:7])  # (gated, norm)
+        calls.append(args[5:8])  # (gated, norm, silu_out)
         return real(*args)
 
     monkeypatch.setattr(kernels.gemv, "_launch", counting)
@@ -46,16 +47,17 @@ def test_linear_takes_the_gemv_for_one_row_only(on_kernels):
     assert len(on_kernels) == 1  # three rows: cuBLAS's path (F.linear)
 
 
-def test_down_projection_fuses_silu_and_mul(on_kernels):
+def test_gate_up_projection_fuses_silu_and_mul(on_kernels):
     torch.manual_seed(1)
-    down = RowParallelLinear(64, 48, bias=False)
-    gate_up = torch.randn(1, 128)
-    want = F.linear(torch_ref.silu_and_mul(gate_up), down.weight)
-    _close(down.forward_silu_and_mul(gate_up), want)
-    assert on_kernels == [(True, None)]
-    two = torch.randn(2, 128)
-    _close(down.forward_silu_and_mul(two), F.linear(torch_ref.silu_and_mul(two), down.weight))
-    assert len(on_kernels) == 1  # two rows: silu_and_mul, then the linear layer
+    gate_up = ColumnParallelLinear.merged(48, [64, 64], bias=True)
+    x = torch.randn(1, 48)
+    want = torch_ref.silu_and_mul(F.linear(x, gate_up.weight, gate_up.bias))
+    _close(gate_up.forward_silu_and_mul(x), want)
+    assert on_kernels == [(False, None, True)]
+    two = torch.randn(2, 48)
+    _close(gate_up.forward_silu_and_mul(two),
+           torch_ref.silu_and_mul(F.linear(two, gate_up.weight, gate_up.bias)))
+    assert len(on_kernels) == 1  # two rows: the linear layer, then silu_and_mul
 
 
 def test_add_rms_norm_linear_fuses_the_norm(on_kernels):
@@ -70,21 +72,39 @@ def test_add_rms_norm_linear_fuses_the_norm(on_kernels):
     normed, summed = torch_ref.rms_norm(x, norm.weight, norm.eps, residual)
     _close(fused[0], F.linear(normed, qkv.weight, qkv.bias))
     assert torch.equal(fused[1], summed)
+    # The gate/up projection: the norm before it and SiLU-and-mul after it, one launch.
+    gate_up = ColumnParallelLinear.merged(64, [24, 24], bias=False)
+    act, summed_too = ops.add_rms_norm_linear(x, residual, norm, gate_up, silu_out=True)
+    assert len(on_kernels) == 2 and on_kernels[1][1] is not None and on_kernels[1][2]
+    _close(act, torch_ref.silu_and_mul(F.linear(normed, gate_up.weight)))
+    assert torch.equal(summed_too, summed)
     # Two rows, or a layer that reduces across ranks: the caller's unfused path.
     assert ops.add_rms_norm_linear(torch.randn(2, 64), torch.randn(2, 64), norm, qkv) is None
 
 
 def test_fp8_layers_fuse_on_gpus_that_convert_e4m3_only(on_kernels):
     torch.manual_seed(3)
-    layer = Fp8Linear.from_linear(RowParallelLinear(64, 32, bias=False))
+    layer = Fp8Linear.from_linear(ColumnParallelLinear.merged(64, [32, 32], bias=False))
     norm = RMSNorm(64, 1e-5)
     x = torch.randn(1, 64)
+    # e4m3 weights never take the fused norm (the norm kernel, then the unfused GEMV).
+    assert ops.add_rms_norm_linear(x, x.clone(), norm, layer) is None
     # The CPU has no e4m3 conversions in kernels: the layers keep their own path.
     assert not layer.is_fp8_native
-    assert ops.add_rms_norm_linear(x, x.clone(), norm, layer) is None
-    gate_up = torch.randn(1, 128)
-    _close(layer.forward_silu_and_mul(gate_up), layer(torch_ref.silu_and_mul(gate_up)))
+    _close(layer.forward_silu_and_mul(x), torch_ref.silu_and_mul(layer(x)))
     assert on_kernels == []
+
+
+def test_fp8_gate_up_fuses_silu_and_mul_where_e4m3_converts(on_kernels, monkeypatch):
+    """With the GPU's e4m3 path (here the interpreter's word kernel), one bfloat16 row: the
+    gate/up GEMV with SiLU-and-mul in its epilogue, the unfused layer's values."""
+    torch.manual_seed(4)
+    layer = Fp8Linear.from_linear(ColumnParallelLinear.merged(64, [32, 32], bias=False))
+    monkeypatch.setattr(layer, "is_fp8_native", True)
+    x = torch.randn(1, 64).to(torch.bfloat16)
+    got = layer.forward_silu_and_mul(x)
+    assert on_kernels == [(False, None, True)] and got.shape == (1, 32)
+    assert torch.equal(got, ops.silu_and_mul(layer(x)))
 
 
 def test_switched_off_runs_the_unfused_layers(on_kernels, monkeypatch):
@@ -115,8 +135,8 @@ def test_decoder_with_fused_decode_layers_generates_the_same_tokens(tiny_model_d
         return llm.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids
 
     fused = run()
-    assert any(norm is not None for _, norm in on_kernels)  # add-and-norm fused
-    assert any(gated for gated, _ in on_kernels)  # SiLU fused
+    assert any(norm is not None for _, norm, _ in on_kernels)  # add-and-norm fused
+    assert any(silu_out for _, _, silu_out in on_kernels)  # SiLU fused
     ops.set_gemv_max_rows(0)
     on_kernels.clear()
     assert run() == fused and on_kernels == []

@@ -78,42 +78,46 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
-def silu_and_mul_linear(x: torch.Tensor, weight: torch.Tensor,
+def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor,
                         bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``linear(silu_and_mul(x), weight, bias)``: the gated MLP's activation and down
-    projection; one GEMV launch where ``linear`` would use the GEMV kernel."""
+    """``silu_and_mul(linear(x, weight, bias))`` for a merged ``[gate | up]`` weight: the
+    gated MLP's gate/up projection and activation, one GEMV launch where ``linear`` would
+    use the GEMV kernel (the down projection then reads a finished input)."""
     rows = _gemv_rows(x, weight)
     if rows:
         from kernels.gemv import gemv
 
-        out = gemv(x.reshape(rows, x.shape[-1]).contiguous(), weight, bias, gated=True)
-        return out.reshape(*x.shape[:-1], weight.shape[0])
-    return linear(silu_and_mul(x), weight, bias)
+        out = gemv(x.reshape(rows, x.shape[-1]).contiguous(), weight, bias, silu_out=True)
+        return out.reshape(*x.shape[:-1], weight.shape[0] // 2)
+    return silu_and_mul(linear(x, weight, bias))
 
 
-def add_rms_norm_linear(x: torch.Tensor, residual: torch.Tensor, norm, linear
-                        ) -> tuple[torch.Tensor, torch.Tensor] | None:
+def add_rms_norm_linear(x: torch.Tensor, residual: torch.Tensor, norm, linear,
+                        silu_out: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(linear(rms_norm(x + residual)), x + residual)`` in one GEMV launch for a decode
-    row, or None where that launch does not apply (the caller runs the norm, then the layer).
+    row over 16-bit weights, or None where that launch does not apply (the caller runs the
+    norm, then the layer).
+
+    e4m3 weights take the norm kernel and then the unfused GEMV: each fused program takes
+    the row's norm itself, which held the e4m3 GEMV at 53-65% of copy bandwidth where the
+    unfused one reads at 73-85% (H200, docs/performance.md); the 16-bit GEMV reads at copy
+    bandwidth either way and saves the launch.
 
     Args:
         norm: an RMSNorm (``weight``, ``eps``; ``x * rstd * weight``).
-        linear: a column-parallel linear layer (``weight``, ``bias``) or its FP8 form
-            (``weight_scale`` too, e4m3 weights on a GPU that converts them).
+        linear: a column-parallel linear layer (``weight``, ``bias``).
+        silu_out: ``linear`` is the merged ``[gate | up]`` projection and the result is
+            ``silu_and_mul`` of it (``ops.linear_silu_and_mul``).
     """
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if not (rows == 1 <= GEMV_MAX_ROWS and _triton(x) and norm.weight.dtype == x.dtype
-            and getattr(linear, "reduce", None) is None):
-        return None
-    scale = getattr(linear, "weight_scale", None)
-    if scale is None and linear.weight.dtype != x.dtype:
-        return None
-    if scale is not None and not getattr(linear, "is_fp8_native", False):
+            and getattr(linear, "weight_scale", None) is None
+            and linear.weight.dtype == x.dtype):
         return None
     from kernels.gemv import rms_norm_gemv
 
     y, res = rms_norm_gemv(x.reshape(1, -1), residual.reshape(1, -1), norm.weight, norm.eps,
-                           linear.weight, linear.bias, scale)
+                           linear.weight, linear.bias, silu_out=silu_out)
     return y.reshape(*x.shape[:-1], -1), res.reshape(x.shape)
 
 

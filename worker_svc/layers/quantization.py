@@ -142,15 +142,15 @@ class Fp8Linear(nn.Module):
         return out.reshape(*shape[:-1], self.out_features)
 
     def forward_silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
-        """``forward(silu_and_mul(x))`` for ``x = [gate | up]``: the gated MLP's down
-        projection, one GEMV launch for a row on a GPU with e4m3 conversions."""
+        """``silu_and_mul(forward(x))`` for the merged ``[gate | up]`` projection: the gated
+        MLP's gate/up projection and activation, one GEMV launch for a row on a GPU with
+        e4m3 conversions."""
         x2 = x.reshape(-1, x.shape[-1])
-        if not (self.is_fp8_native and 0 < x2.shape[0] <= ops.GEMV_MAX_ROWS):
-            return self.forward(ops.silu_and_mul(x))
-        out = gemv(x2.contiguous(), self.weight, self.bias, self.weight_scale, gated=True)
-        if self.reduce is not None:
-            out = self.reduce(out)
-        return out.reshape(*x.shape[:-1], self.out_features)
+        if not (self.is_fp8_native and 0 < x2.shape[0] <= ops.GEMV_MAX_ROWS
+                and self.reduce is None):
+            return ops.silu_and_mul(self.forward(x))
+        out = gemv(x2.contiguous(), self.weight, self.bias, self.weight_scale, silu_out=True)
+        return out.reshape(*x.shape[:-1], self.out_features // 2)
 
     def _weight_only(self, x: torch.Tensor) -> torch.Tensor:
         """A few rows (decode): the activations stay unquantized; only W is e4m3."""

@@ -111,16 +111,23 @@ class LlamaMLP(nn.Module):
         act = getattr(config, "hidden_act", "silu")
         self.act_and_mul = SiluAndMul() if act == "silu" else _ActAndMul(get_activation(act))
 
-    def forward(self, x: torch.Tensor | None, gate_up: torch.Tensor | None = None
+    @property
+    def fuses_silu(self) -> bool:
+        """Whether SiLU-and-mul runs in the gate/up projection's epilogue (FP8 layers
+        replace gate_up_proj too)."""
+        return (isinstance(self.act_and_mul, SiluAndMul)
+                and hasattr(self.gate_up_proj, "forward_silu_and_mul"))
+
+    def forward(self, x: torch.Tensor | None, act: torch.Tensor | None = None
                 ) -> torch.Tensor:
-        """``gate_up``: the gate/up projection already computed (then ``x`` is not read)."""
-        if gate_up is None:
-            gate_up = self.gate_up_proj(x)
-        # SiLU fused into the down projection's reads (FP8 layers replace down_proj too).
-        fused = getattr(self.down_proj, "forward_silu_and_mul", None)
-        if fused is not None and isinstance(self.act_and_mul, SiluAndMul):
-            return fused(gate_up)
-        return self.down_proj(self.act_and_mul(gate_up))
+        """``act``: the activation ``act(gate) * up`` already computed (then ``x`` is not
+        read)."""
+        if act is None:
+            if self.fuses_silu:
+                act = self.gate_up_proj.forward_silu_and_mul(x)
+            else:
+                act = self.act_and_mul(self.gate_up_proj(x))
+        return self.down_proj(act)
 
 
 class _ActAndMul(nn.Module):
@@ -144,7 +151,8 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, positions, hidden, residual, kv_cache, attn_metadata):
         # At decode each add-and-norm runs inside the projection after it (one launch),
-        # where ops.add_rms_norm_linear applies.
+        # where ops.add_rms_norm_linear applies (16-bit weights), and SiLU-and-mul in the
+        # gate/up projection's epilogue.
         qkv = None
         if residual is None:
             residual, hidden = hidden, self.input_layernorm(hidden)
@@ -156,13 +164,14 @@ class LlamaDecoderLayer(nn.Module):
             else:
                 qkv, residual = fused
         hidden = self.self_attn(positions, hidden, kv_cache, attn_metadata, qkv=qkv)
+        silu = self.mlp.fuses_silu
         fused = ops.add_rms_norm_linear(hidden, residual, self.post_attention_layernorm,
-                                        self.mlp.gate_up_proj)
+                                        self.mlp.gate_up_proj, silu_out=silu)
         if fused is None:
             hidden, residual = self.post_attention_layernorm(hidden, residual)
             return self.mlp(hidden), residual
-        gate_up, residual = fused
-        return self.mlp(None, gate_up=gate_up), residual
+        out, residual = fused
+        return self.mlp(None, act=out if silu else self.mlp.act_and_mul(out)), residual
 
 
 class LlamaModel(nn.Module):

@@ -54,6 +54,11 @@ class ColumnParallelLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.linear(x, self.weight, self.bias)
 
+    def forward_silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """``silu_and_mul(forward(x))`` for the merged ``[gate | up]`` projection (each
+        rank's slice is ``[gate_r | up_r]``); one kernel at decode."""
+        return ops.linear_silu_and_mul(x, self.weight, self.bias)
+
 
 class RowParallelLinear(nn.Linear):
     """A linear layer whose input features are split over the ranks; the partial outputs
@@ -81,12 +86,6 @@ class RowParallelLinear(nn.Linear):
             return ops.linear(x, self.weight, self.bias)
         out = ops.linear(x, self.weight, self.bias if self.tp.rank == 0 else None)
         return self.tp.all_reduce(out)
-
-    def forward_silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
-        """``forward(silu_and_mul(x))`` for ``x = [gate | up]`` (one kernel at decode)."""
-        bias = self.bias if not self.tp.is_parallel or self.tp.rank == 0 else None
-        out = ops.silu_and_mul_linear(x, self.weight, bias)
-        return self.tp.all_reduce(out) if self.tp.is_parallel else out
 
 
 class VocabParallelEmbedding(nn.Embedding):
