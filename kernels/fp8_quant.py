@@ -4,10 +4,11 @@
 (``inv_max`` = 1 / 448 as a float32), as ``worker_svc.layers.quantization.quantize_per_row``
 computes it with torch: the same float32 products, a correctly rounded reciprocal, the same
 clamp and round-to-nearest-even, so the two give the same values (a tiny negative input may
-round to +0 where torch gives -0). One program
-per row reads it twice (the maximum, then the quantized store): one launch instead of the
-six or seven small kernels of the torch expression, which at batch 1 cost more than the FP8
-GEMMs save.
+round to +0 where torch gives -0). One program per row: one launch instead of the six or
+seven small kernels of the torch expression, which at batch 1 cost more than the FP8 GEMMs
+save. A row of up to ``_ONE_PASS_MAX`` elements is read once into registers (one load's
+latency per row, where a loop of tiles waits on each tile twice: for the maximum, then for
+the store); a longer row is read twice, tile by tile.
 """
 
 from __future__ import annotations
@@ -21,26 +22,37 @@ from kernels.fp8 import FP8_DTYPE
 from kernels.kv_cache_write import _round_to_e4m3
 
 _BLOCK = 1024
+# Longest row read once (16 warps: 32 float32 values per thread at 16384).
+_ONE_PASS_MAX = 16384
 
 
 @triton.jit
 def _per_token_quant_kernel(x_ptr, q_ptr, scale_ptr, stride_x, stride_q, num_cols, inv_max,
-                            min_scale, BLOCK: tl.constexpr):
+                            min_scale, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    amax = tl.zeros([BLOCK], tl.float32)
-    for c0 in range(0, num_cols, BLOCK):
-        cols = c0 + tl.arange(0, BLOCK)
-        x = tl.load(x_ptr + row * stride_x + cols, mask=cols < num_cols, other=0.0)
-        amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
-    scale = tl.maximum(tl.max(amax, axis=0) * inv_max, min_scale)
-    inv_scale = tl.div_rn(1.0, scale)
-    for c0 in range(0, num_cols, BLOCK):
-        cols = c0 + tl.arange(0, BLOCK)
+    if ONE_PASS:  # BLOCK covers the row
+        cols = tl.arange(0, BLOCK)
         mask = cols < num_cols
-        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
-        y = tl.minimum(tl.maximum(x.to(tl.float32) * inv_scale, -448.0), 448.0)
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        scale = tl.maximum(tl.max(tl.abs(x), axis=0) * inv_max, min_scale)
+        y = tl.minimum(tl.maximum(x * tl.div_rn(1.0, scale), -448.0), 448.0)
         tl.store(q_ptr + row * stride_q + cols, _round_to_e4m3(y).to(q_ptr.dtype.element_ty),
                  mask=mask)
+    else:
+        amax = tl.zeros([BLOCK], tl.float32)
+        for c0 in range(0, num_cols, BLOCK):
+            cols = c0 + tl.arange(0, BLOCK)
+            x = tl.load(x_ptr + row * stride_x + cols, mask=cols < num_cols, other=0.0)
+            amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
+        scale = tl.maximum(tl.max(amax, axis=0) * inv_max, min_scale)
+        inv_scale = tl.div_rn(1.0, scale)
+        for c0 in range(0, num_cols, BLOCK):
+            cols = c0 + tl.arange(0, BLOCK)
+            mask = cols < num_cols
+            x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+            y = tl.minimum(tl.maximum(x.to(tl.float32) * inv_scale, -448.0), 448.0)
+            tl.store(q_ptr + row * stride_q + cols,
+                     _round_to_e4m3(y).to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(scale_ptr + row, scale)
 
 
@@ -57,7 +69,10 @@ def per_token_quant_fp8(x: torch.Tensor, inv_max: float, min_scale: float
     q = torch.empty((num_rows, num_cols), dtype=FP8_DTYPE, device=x.device)
     scale = torch.empty((num_rows, 1), dtype=torch.float32, device=x.device)
     if num_rows:
+        one_pass = num_cols <= _ONE_PASS_MAX
+        block = triton.next_power_of_2(max(num_cols, 1)) if one_pass else _BLOCK
         _per_token_quant_kernel[(num_rows,)](x, q, scale, x.stride(0), q.stride(0), num_cols,
-                                             float(inv_max), float(min_scale), BLOCK=_BLOCK,
-                                             num_warps=4)
+                                             float(inv_max), float(min_scale), BLOCK=block,
+                                             ONE_PASS=one_pass,
+                                             num_warps=min(16, max(4, block // 1024)))
     return q, scale

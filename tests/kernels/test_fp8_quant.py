@@ -24,8 +24,9 @@ def _check(num_rows: int, num_cols: int, dtype: torch.dtype, device: torch.devic
 
 
 @pytest.mark.parametrize("dtype", SMALL_DTYPES)
-@pytest.mark.parametrize("num_rows,num_cols", [(1, 64), (5, 1000), (3, 2500)])
+@pytest.mark.parametrize("num_rows,num_cols", [(1, 64), (5, 1000), (3, 2500), (2, 16500)])
 def test_per_token_quant_matches_torch(num_rows, num_cols, dtype):
+    """Rows read once into registers, and (16500 columns) rows read twice in tiles."""
     _check(num_rows, num_cols, dtype, DEVICE)
 
 
@@ -37,6 +38,7 @@ def test_rejects_what_it_cannot_read():
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
-@pytest.mark.parametrize("num_rows,num_cols", [(1, 4096), (256, 14336), (8192, 4096)])
+@pytest.mark.parametrize("num_rows,num_cols", [(1, 4096), (256, 14336), (8192, 4096),
+                                               (4, 20000)])
 def test_per_token_quant_gpu(num_rows, num_cols, dtype):
     _check(num_rows, num_cols, dtype, torch.device("cuda"))
