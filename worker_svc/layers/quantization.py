@@ -12,7 +12,9 @@ The product depends on how many rows (tokens) a call has:
   to ``ops.GEMV_MAX_ROWS`` rows, a ``tl.dot`` kernel (``kernels.fp8_gemv``) beyond;
 - more rows: the activations are quantized per token too (``amax(|x_t|) / 448``, one Triton
   kernel on CUDA) and, on 8.9+ with bfloat16 activations, multiplied by one
-  ``torch._scaled_mm`` with row-wise scales.
+  ``torch._scaled_mm`` with row-wise scales, or on 9.0+ where cuBLAS's tiles would leave
+  SMs idle (a decode batch of up to a few hundred rows times a narrow layer) by the
+  64 x 64-tile kernel ``kernels.fp8_gemm`` (``fp8_gemm.uses_tiles``).
 Elsewhere (CPU, older GPUs, other dtypes) the same operands are dequantized and multiplied
 in float32 (fake quantization), so CPU tests measure the accuracy of the quantized model.
 """
@@ -26,6 +28,7 @@ import torch
 from torch import nn
 
 from kernels.fp8 import FP8_DTYPE, FP8_MAX, dequantize_fp8, quantize_fp8
+from kernels.fp8_gemm import fp8_gemm, tile_sms, uses_tiles
 from kernels.fp8_gemv import MAX_ROWS as WEIGHT_ONLY_MAX_ROWS
 from kernels.fp8_gemv import fp8_weight_matmul
 from kernels.fp8_quant import per_token_quant_fp8
@@ -114,6 +117,8 @@ class Fp8Linear(nn.Module):
         # Decided once here: forward stays free of host queries (CUDA-graph capture).
         self.is_scaled_mm = _can_use_scaled_mm(weight)
         self.is_fp8_native = _has_fp8_conversions(weight)
+        # SMs for the tiled FP8 GEMM (0: this weight never takes it).
+        self.tile_sms = tile_sms(weight) if self.is_scaled_mm else 0
         # The dequantized weight of the fake-quantization path, built on first use.
         self._dequantized: torch.Tensor | None = None
 
@@ -168,6 +173,9 @@ class Fp8Linear(nn.Module):
         else:
             x_q, x_scale = quantize_per_row(x)
         if self.is_scaled_mm and x.dtype == torch.bfloat16:
+            if uses_tiles(x.shape[0], self.out_features, self.tile_sms):
+                return fp8_gemm(x_q, x_scale, self.weight, self.weight_scale, self.bias,
+                                x.dtype)
             # Row-wise scales: scale_a [M, 1] per token, scale_b [1, N] per channel.
             return torch._scaled_mm(x_q, self.weight.t(), scale_a=x_scale,
                                     scale_b=self.weight_scale[None, :], bias=self.bias,
