@@ -97,8 +97,9 @@ step lat_llama 70 $B latency --model random:llama3-8b --input-len 128 --output-l
 # workload of step 6 (its bf16 run is tp_llama_256).
 step fp8_linear 120 $PY benchmarks/fp8_linear.py --output "$WORK/fp8_linear.json"
 # The decode GEMV against cuBLAS (and the e4m3 tl.dot kernel) at one row, as served (the
-# norm and SiLU-and-mul fused in).
+# norm and SiLU-and-mul where the model runs them), and the FP8 GEMM at decode batches.
 step gemv 90 $PY benchmarks/gemv.py --rows 1 --fp8 --fused --output "$WORK/gemv.json"
+step fp8_gemm 40 $PY benchmarks/fp8_gemm.py --rows 64,128,256
 step lat_llama_fp8 60 $B latency --model random:llama3-8b --input-len 128 --output-len 128 \
   --num-iters 3 --num-warmup 1 --quantization fp8 --kv-cache-dtype fp8 --no-tqdm \
   --output "$WORK/lat_llama_fp8.json"
