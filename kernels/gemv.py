@@ -15,8 +15,9 @@ same bits.
 
 With programmatic dependent launch (``kernels._utils.launch_dependent_args``) the programs
 start while the previous kernel finishes: they request their first weight tile (the step
-never writes a weight), then wait for that kernel before reading ``x``. ``gated`` fuses
-the gated MLP's ``silu(gate) * up`` into the down projection's reads of ``x``.
+never writes a weight), then wait for that kernel before reading ``x``. ``silu_out`` gives
+the gated MLP's gate/up projection ``silu(gate) * up`` in its epilogue, and
+``rms_norm_gemv`` takes the add-and-norm before a projection into its reads of ``x``.
 On an H200 it beats cuBLAS at one row and loses from two (each row adds an FMA per weight
 element; see docs/performance.md), so the model runs it for one row only.
 
@@ -57,26 +58,14 @@ _PROGRAMS_PER_SM = 4
 
 
 @triton.jit
-def _x_tile(ptrs, k_ok, num_in, res_ptrs, norm_w_ptrs, rstd, MASKED: tl.constexpr,
-            GATED: tl.constexpr, NORM: tl.constexpr):
-    """A tile of one row of x in float32.
-
-    GATED: the row is ``[gate | up]`` (2 * num_in) and the tile is ``silu(gate) * up``,
-    rounded as ``kernels/silu_and_mul.py`` rounds it. NORM: the tile is
-    ``rms_norm(x + residual)`` with the row's ``rstd``, rounded as ``kernels/rms_norm.py``
-    rounds it."""
+def _x_tile(ptrs, k_ok, res_ptrs, norm_w_ptrs, rstd, MASKED: tl.constexpr,
+            NORM: tl.constexpr):
+    """A tile of one row of x in float32. NORM: the tile is ``rms_norm(x + residual)``
+    with the row's ``rstd``, rounded as ``kernels/rms_norm.py`` rounds it."""
     if MASKED:
         x = tl.load(ptrs, mask=k_ok, other=0.0)
     else:
         x = tl.load(ptrs)
-    if GATED:
-        if MASKED:
-            up = tl.load(ptrs + num_in, mask=k_ok, other=0.0)
-        else:
-            up = tl.load(ptrs + num_in)
-        g = x.to(tl.float32)
-        act = (g / (1.0 + tl.exp(-g))).to(x.dtype).to(tl.float32)
-        x = (act * up.to(tl.float32)).to(x.dtype)
     if NORM:
         if MASKED:
             r = tl.load(res_ptrs, mask=k_ok, other=0.0)
@@ -147,8 +136,8 @@ def _gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, partial_ptr, lock_ptr
                  num_out, num_in, stride_x, stride_w, stride_y,
                  ROWS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                 EVEN_K: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr,
-                 SILU_OUT: tl.constexpr, BLOCK_H: tl.constexpr, USE_GDC: tl.constexpr):
+                 EVEN_K: tl.constexpr, NORM: tl.constexpr, SILU_OUT: tl.constexpr,
+                 BLOCK_H: tl.constexpr, USE_GDC: tl.constexpr):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     cols, col_ok = _channels(pid, num_out, BLOCK_N, SILU_OUT)
@@ -193,17 +182,17 @@ def _gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, partial_ptr, lock_ptr
             k_ok = (k0 + ks) < k_end
             w_next = tl.load(w_ptrs, mask=((k0 + BLOCK_K + ks) < k_end)[None, :], other=0.0,
                              eviction_policy="evict_first")
-        acc0 += w * _x_tile(x_ptrs, k_ok, num_in, res_ptrs, norm_w_ptrs, rstd, not EVEN_K,
-                            GATED, NORM)[None, :]
+        acc0 += w * _x_tile(x_ptrs, k_ok, res_ptrs, norm_w_ptrs, rstd, not EVEN_K,
+                            NORM)[None, :]
         if ROWS > 1:  # (NORM takes one row)
-            acc1 += w * _x_tile(x_ptrs + stride_x, k_ok, num_in, x_ptrs, x_ptrs, rstd,
-                                not EVEN_K, GATED, False)[None, :]
+            acc1 += w * _x_tile(x_ptrs + stride_x, k_ok, x_ptrs, x_ptrs, rstd,
+                                not EVEN_K, False)[None, :]
         if ROWS > 2:
-            acc2 += w * _x_tile(x_ptrs + 2 * stride_x, k_ok, num_in, x_ptrs, x_ptrs, rstd,
-                                not EVEN_K, GATED, False)[None, :]
+            acc2 += w * _x_tile(x_ptrs + 2 * stride_x, k_ok, x_ptrs, x_ptrs, rstd,
+                                not EVEN_K, False)[None, :]
         if ROWS > 3:
-            acc3 += w * _x_tile(x_ptrs + 3 * stride_x, k_ok, num_in, x_ptrs, x_ptrs, rstd,
-                                not EVEN_K, GATED, False)[None, :]
+            acc3 += w * _x_tile(x_ptrs + 3 * stride_x, k_ok, x_ptrs, x_ptrs, rstd,
+                                not EVEN_K, False)[None, :]
         x_ptrs += BLOCK_K
         res_ptrs += BLOCK_K
         norm_w_ptrs += BLOCK_K
@@ -285,13 +274,9 @@ def _round_bf16(x):
 
 
 @triton.jit
-def _activation(x, up, res, norm_w, rstd, GATED: tl.constexpr, NORM: tl.constexpr):
-    """``_x_tile``'s arithmetic on float32 values, rounded as it rounds them."""
-    if GATED:
-        x = _round_bf16(_round_bf16(x / (1.0 + tl.exp(-x))) * up)
-    if NORM:
-        x = _round_bf16(_round_bf16(_round_bf16(x + res) * rstd) * norm_w)
-    return x
+def _normed(x, res, norm_w, rstd):
+    """``_x_tile``'s norm on float32 values, rounded as it rounds them."""
+    return _round_bf16(_round_bf16(_round_bf16(x + res) * rstd) * norm_w)
 
 
 @triton.jit
@@ -302,23 +287,17 @@ def _load_quad(ptrs, k_ok, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _x_quad(ptrs, k_ok, num_in_words, res_ptrs, norm_w_ptrs, rstd, MASKED: tl.constexpr,
-            GATED: tl.constexpr, NORM: tl.constexpr):
+def _x_quad(ptrs, k_ok, res_ptrs, norm_w_ptrs, rstd, MASKED: tl.constexpr,
+            NORM: tl.constexpr):
     """``_x_tile`` over words of four bfloat16: elements 4j..4j+3 of a tile of x."""
     x0, x1, x2, x3 = _load_quad(ptrs, k_ok, MASKED)
-    if GATED or NORM:
-        u0, u1, u2, u3 = x0, x1, x2, x3
-        r0, r1, r2, r3 = x0, x1, x2, x3
-        n0, n1, n2, n3 = x0, x1, x2, x3
-        if GATED:
-            u0, u1, u2, u3 = _load_quad(ptrs + num_in_words, k_ok, MASKED)
-        if NORM:
-            r0, r1, r2, r3 = _load_quad(res_ptrs, k_ok, MASKED)
-            n0, n1, n2, n3 = _load_quad(norm_w_ptrs, k_ok, MASKED)
-        x0 = _activation(x0, u0, r0, n0, rstd, GATED, NORM)
-        x1 = _activation(x1, u1, r1, n1, rstd, GATED, NORM)
-        x2 = _activation(x2, u2, r2, n2, rstd, GATED, NORM)
-        x3 = _activation(x3, u3, r3, n3, rstd, GATED, NORM)
+    if NORM:
+        r0, r1, r2, r3 = _load_quad(res_ptrs, k_ok, MASKED)
+        n0, n1, n2, n3 = _load_quad(norm_w_ptrs, k_ok, MASKED)
+        x0 = _normed(x0, r0, n0, rstd)
+        x1 = _normed(x1, r1, n1, rstd)
+        x2 = _normed(x2, r2, n2, rstd)
+        x3 = _normed(x3, r3, n3, rstd)
     return x0, x1, x2, x3
 
 
@@ -373,7 +352,7 @@ def _gemv_e4m3_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, partial_ptr, loc
                       res_ptr, norm_w_ptr, res_out_ptr, eps,
                       num_out, num_in, stride_w,
                       HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, GATED: tl.constexpr,
+                      SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
                       NORM: tl.constexpr, SILU_OUT: tl.constexpr, BLOCK_H: tl.constexpr,
                       ASM: tl.constexpr, USE_GDC: tl.constexpr):
     """``_gemv_kernel`` for one bfloat16 row and an e4m3 weight, read in words of four
@@ -429,8 +408,8 @@ def _gemv_e4m3_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, partial_ptr, loc
             k_ok = ((j0 + js) < j_end)[None, :]
             w_next = tl.load(w_ptrs, mask=((j0 + QUAD_K + js) < j_end)[None, :], other=0,
                              eviction_policy="evict_first")
-        x0, x1, x2, x3 = _x_quad(x_ptrs, k_ok, num_in // 4, res_ptrs, norm_w_ptrs, rstd,
-                                 not EVEN_K, GATED, NORM)
+        x0, x1, x2, x3 = _x_quad(x_ptrs, k_ok, res_ptrs, norm_w_ptrs, rstd, not EVEN_K,
+                                 NORM)
         acc += w0 * x0
         acc += w1 * x1
         acc_scaled += w2 * x2
@@ -464,15 +443,13 @@ def config_for(num_out: int, num_in: int, weight_bytes: int = 2, fused: bool = F
     """16-bit weights: four output channels per program (the most programs: the shortest
     tail), in tiles of 1024 along K for a wide output (q/k/v, gate/up, the LM head), else 512
     (o, down): the best or within 2% of the best of a sweep over the Llama-3-8B shapes on an
-    H200. e4m3 weights, tiles of 1024 along K: with a fused norm or activation (``fused``:
-    each program computes the row's norm, or the activation over its share of K) eight
-    channels and 2 warps, else four channels and 2 warps for a wide output, two and 4 warps
-    otherwise (H200, Llama-3-8B, one row: q/k/v + norm 11.3, o 6.9, gate/up + norm 42.7,
-    down + SiLU-and-mul 25.2 us against 14.0, 9.1, 42.0, 25.9 with 16 channels by 512 and 4
-    warps, the previous default; unfused, fewer channels per program are faster still:
-    q/k/v 8.2, gate/up 32.8, down 16.5 us, but the norm and activation per program cost
-    more than that). In Triton's CPU interpreter: 32 channels, fewer programs to step
-    through."""
+    H200. e4m3 weights, tiles of 1024 along K: with a fused norm (``fused``: each program
+    computes the row's norm) eight channels and 2 warps, else four channels and 2 warps for
+    a wide output, two and 4 warps otherwise (H200, Llama-3-8B, one row: q/k/v + norm 11.3,
+    gate/up + norm 42.7 us against 14.0 and 42.0 with 16 channels by 512 and 4 warps; unfused
+    q/k/v 8.2, o 6.9, gate/up 32.8, down 16.5 us, which is why the model runs the norm kernel
+    before an e4m3 projection instead). In Triton's CPU interpreter: 32 channels, fewer
+    programs to step through."""
     if is_interpreter():
         return (32, 256, 4, 1, 0)
     if weight_bytes == 1:
@@ -503,14 +480,11 @@ def _reads_words(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
          weight_scale: torch.Tensor | None = None, config: Config | None = None,
-         gated: bool = False, silu_out: bool = False) -> torch.Tensor:
+         silu_out: bool = False) -> torch.Tensor:
     """``x @ (weight * weight_scale[:, None])^T + bias`` in ``x``'s dtype, float32 sums.
 
     Args:
-        x: ``[M, K]`` activations, ``1 <= M <= MAX_ROWS``, last dim contiguous; with
-            ``gated``, ``[M, 2K]`` rows ``[gate | up]`` that enter the product as
-            ``silu(gate) * up`` (the gated MLP's activation, fused into the down
-            projection; the same values as ``kernels.silu_and_mul``).
+        x: ``[M, K]`` activations, ``1 <= M <= MAX_ROWS``, last dim contiguous.
         weight: ``[N, K]`` bf16, fp16, fp32 or float8_e4m3fn, last dim contiguous.
         bias: ``[N]`` or None.
         weight_scale: ``[N]`` float32 per output channel, or None.
@@ -527,7 +501,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     Raises:
         ValueError: an argument of the wrong shape, dtype or device, naming it.
     """
-    return _launch(x, weight, bias, weight_scale, config, gated, None, silu_out)[0]
+    return _launch(x, weight, bias, weight_scale, config, None, silu_out)[0]
 
 
 def rms_norm_gemv(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
@@ -557,19 +531,15 @@ def rms_norm_gemv(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Te
     check_shape("norm_weight", norm_weight, (x.shape[-1],))
     if x.shape[0] != 1:
         raise ValueError(f"x must have 1 row for the fused norm, got {x.shape[0]}.")
-    return _launch(x, weight, bias, weight_scale, config, False,
+    return _launch(x, weight, bias, weight_scale, config,
                    (residual, norm_weight, float(eps)), silu_out)
 
 
-def _launch(x, weight, bias, weight_scale, config, gated, norm, silu_out):
+def _launch(x, weight, bias, weight_scale, config, norm, silu_out):
     check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES, last_dim_contiguous=True)
     check_tensor("weight", weight, ndim=2, dtypes=WEIGHT_DTYPES, device=x.device,
                  last_dim_contiguous=True)
     num_rows, num_in = x.shape
-    if gated:
-        if num_in % 2:
-            raise ValueError(f"x must have an even last dim (gate | up), got {num_in}.")
-        num_in //= 2
     num_out = weight.shape[0]
     if not 1 <= num_rows <= MAX_ROWS:
         raise ValueError(f"x must have 1 to {MAX_ROWS} rows, got {num_rows}.")
@@ -602,7 +572,7 @@ def _launch(x, weight, bias, weight_scale, config, gated, norm, silu_out):
                 bias.expand_as(product))), residual_out
         return (y.zero_() if bias is None else y.copy_(bias.expand_as(y))), residual_out
     block_n, block_k, num_warps, num_stages, split_k = config or config_for(
-        num_out, num_in, weight.element_size(), fused=gated or norm is not None)
+        num_out, num_in, weight.element_size(), fused=norm is not None)
     block_k = min(block_k, triton.next_power_of_2(num_in))
     if split_k == 0:
         split_k = split_k_for(num_out, num_in, block_n, block_k, x.device)
@@ -618,7 +588,7 @@ def _launch(x, weight, bias, weight_scale, config, gated, norm, silu_out):
             residual, norm_weight, residual_out if residual_out is not None else x, eps,
             num_out, num_in, weight.stride(0), HAS_BIAS=bias is not None,
             BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
-            EVEN_K=num_in % k_per_split == 0, GATED=gated, NORM=norm is not None,
+            EVEN_K=num_in % k_per_split == 0, NORM=norm is not None,
             SILU_OUT=silu_out, BLOCK_H=triton.next_power_of_2(num_in) if norm is not None else 1,
             ASM=not is_interpreter(), num_warps=num_warps, num_stages=num_stages,
             **launch_dependent_args(x.device))
@@ -630,7 +600,7 @@ def _launch(x, weight, bias, weight_scale, config, gated, norm, silu_out):
         num_out, num_in, x.stride(0), weight.stride(0), y.stride(0),
         ROWS=num_rows, HAS_SCALE=weight_scale is not None, HAS_BIAS=bias is not None,
         BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
-        EVEN_K=num_in % k_per_split == 0, GATED=gated, NORM=norm is not None,
+        EVEN_K=num_in % k_per_split == 0, NORM=norm is not None,
         SILU_OUT=silu_out, BLOCK_H=triton.next_power_of_2(num_in) if norm is not None else 1,
         num_warps=num_warps, num_stages=num_stages, **launch_dependent_args(x.device))
     return y, residual_out

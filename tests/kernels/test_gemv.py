@@ -195,22 +195,6 @@ def test_fp8_decoder_shape_on_gpu(num_rows):
 
 
 
-@pytest.mark.parametrize("num_rows,num_in,split_k", [(1, 256, 1), (3, 300, 1), (2, 512, 3)])
-def test_gated_equals_silu_and_mul_then_gemv(num_rows, num_in, split_k):
-    """``gated``: the same bits as the SiLU-and-mul kernel's output multiplied by the GEMV."""
-    from kernels.silu_and_mul import silu_and_mul
-
-    torch.manual_seed(num_in)
-    x = torch.randn(num_rows, 2 * num_in, device=DEVICE)
-    w = torch.randn(40, num_in, device=DEVICE)
-    b = torch.randn(40, device=DEVICE)
-    config = (16, 128, 4, 1, split_k)
-    fused = gemv(x, w, b, config=config, gated=True)
-    assert torch.equal(fused, gemv(silu_and_mul(x), w, b, config=config))
-    with pytest.raises(ValueError, match="even last dim"):
-        gemv(x[:, 1:].contiguous(), w, gated=True)
-
-
 @pytest.mark.parametrize("dtype", SMALL_DTYPES)
 @pytest.mark.parametrize("num_rows,half,num_in,has_bias,split_k",
                          [(1, 40, 256, False, 1), (3, 37, 300, True, 1), (2, 24, 512, True, 3)])
@@ -245,9 +229,9 @@ def test_silu_out_rejects_an_odd_weight():
 
 
 @pytest.mark.parametrize("split_k", [1, 3])
-def test_fp8_words_fuse_the_norm_and_the_gate(split_k):
-    """The word-reading kernel's fused SiLU-and-mul and add-and-norm: the unfused kernels'
-    values (the norm within a rounding of its sum)."""
+def test_fp8_words_fuse_the_norm_and_the_activation(split_k):
+    """The word-reading kernel's fused add-and-norm and SiLU-and-mul epilogue: the unfused
+    kernels' values (the norm within a rounding of its sum)."""
     from kernels.rms_norm import rms_norm
     from kernels.silu_and_mul import silu_and_mul
 
@@ -258,10 +242,6 @@ def test_fp8_words_fuse_the_norm_and_the_gate(split_k):
     w = (w32 / scale[:, None]).to(FP8_DTYPE).to(DEVICE)
     scale = scale.to(DEVICE)
     config = (16, 128, 4, 1, split_k)
-    gate_up = torch.randn(1, 2 * num_in, device=DEVICE).to(torch.bfloat16)
-    fused = gemv(gate_up, w, None, scale, config=config, gated=True)
-    assert_close(fused, gemv(silu_and_mul(gate_up), w, None, scale, config=config),
-                 "gated e4m3 words", torch.bfloat16)
     x, residual = (torch.randn(1, num_in, device=DEVICE).to(torch.bfloat16) for _ in "xr")
     norm_w = (torch.rand(num_in, device=DEVICE) + 0.5).to(torch.bfloat16)
     y, res_out = rms_norm_gemv(x, residual, norm_w, 1e-6, w, None, scale, config=config)
@@ -273,23 +253,6 @@ def test_fp8_words_fuse_the_norm_and_the_gate(split_k):
     act, act_res = rms_norm_gemv(x, residual, norm_w, 1e-6, w, None, scale, config=config,
                                  silu_out=True)
     assert torch.equal(act, silu_and_mul(y)) and torch.equal(act_res, res_out)
-
-
-@pytest.mark.gpu
-@needs_gpu
-@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, FP8_DTYPE])
-def test_gated_down_shape_on_gpu(weight_dtype):
-    """Llama-3-8B's down projection with SiLU fused, bf16 and e4m3 weights."""
-    from kernels.silu_and_mul import silu_and_mul
-
-    torch.manual_seed(0)
-    x = torch.randn(1, 2 * 14336, device="cuda", dtype=torch.bfloat16)
-    w = (torch.randn(4096, 14336, device="cuda") * 0.02).to(weight_dtype)
-    s = torch.rand(4096, device="cuda") + 0.5 if weight_dtype == FP8_DTYPE else None
-    # One tiling for both (the default differs for a fused activation), so the same sums.
-    config = config_for(4096, 14336, w.element_size(), fused=True)
-    assert torch.equal(gemv(x, w, None, s, config=config, gated=True),
-                       gemv(silu_and_mul(x), w, None, s, config=config))
 
 
 @pytest.mark.parametrize("dtype", SMALL_DTYPES)
@@ -371,7 +334,7 @@ def test_gate_up_silu_out_shape_on_gpu(weight_dtype):
 
 
 def test_e4m3_tiles_depend_on_fusion(monkeypatch):
-    """e4m3 weights: eight channels x 2 warps with a fused norm or activation; unfused, four
+    """e4m3 weights: eight channels x 2 warps with a fused norm; unfused, four
     x 2 warps for a wide output and two x 4 otherwise; 16-bit weights keep four x 4."""
     import kernels.gemv as module
 

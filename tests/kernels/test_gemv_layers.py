@@ -26,7 +26,7 @@ def on_kernels(monkeypatch):
     real = kernels.gemv._launch
 
     def counting(*args):
-        calls.append(args[5:8])  # (gated, norm, silu_out)
+        calls.append(args[5:7])  # (norm, silu_out)
         return real(*args)
 
     monkeypatch.setattr(kernels.gemv, "_launch", counting)
@@ -53,7 +53,7 @@ def test_gate_up_projection_fuses_silu_and_mul(on_kernels):
     x = torch.randn(1, 48)
     want = torch_ref.silu_and_mul(F.linear(x, gate_up.weight, gate_up.bias))
     _close(gate_up.forward_silu_and_mul(x), want)
-    assert on_kernels == [(False, None, True)]
+    assert on_kernels == [(None, True)]
     two = torch.randn(2, 48)
     _close(gate_up.forward_silu_and_mul(two),
            torch_ref.silu_and_mul(F.linear(two, gate_up.weight, gate_up.bias)))
@@ -68,14 +68,14 @@ def test_add_rms_norm_linear_fuses_the_norm(on_kernels):
     qkv = ColumnParallelLinear.merged(64, [32, 16, 16], bias=True)
     x, residual = torch.randn(1, 64), torch.randn(1, 64)
     fused = ops.add_rms_norm_linear(x, residual, norm, qkv)
-    assert fused is not None and len(on_kernels) == 1 and on_kernels[0][1] is not None
+    assert fused is not None and len(on_kernels) == 1 and on_kernels[0][0] is not None
     normed, summed = torch_ref.rms_norm(x, norm.weight, norm.eps, residual)
     _close(fused[0], F.linear(normed, qkv.weight, qkv.bias))
     assert torch.equal(fused[1], summed)
     # The gate/up projection: the norm before it and SiLU-and-mul after it, one launch.
     gate_up = ColumnParallelLinear.merged(64, [24, 24], bias=False)
     act, summed_too = ops.add_rms_norm_linear(x, residual, norm, gate_up, silu_out=True)
-    assert len(on_kernels) == 2 and on_kernels[1][1] is not None and on_kernels[1][2]
+    assert len(on_kernels) == 2 and on_kernels[1][0] is not None and on_kernels[1][1]
     _close(act, torch_ref.silu_and_mul(F.linear(normed, gate_up.weight)))
     assert torch.equal(summed_too, summed)
     # Two rows, or a layer that reduces across ranks: the caller's unfused path.
@@ -103,7 +103,7 @@ def test_fp8_gate_up_fuses_silu_and_mul_where_e4m3_converts(on_kernels, monkeypa
     monkeypatch.setattr(layer, "is_fp8_native", True)
     x = torch.randn(1, 64).to(torch.bfloat16)
     got = layer.forward_silu_and_mul(x)
-    assert on_kernels == [(False, None, True)] and got.shape == (1, 32)
+    assert on_kernels == [(None, True)] and got.shape == (1, 32)
     assert torch.equal(got, ops.silu_and_mul(layer(x)))
 
 
@@ -135,8 +135,8 @@ def test_decoder_with_fused_decode_layers_generates_the_same_tokens(tiny_model_d
         return llm.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids
 
     fused = run()
-    assert any(norm is not None for _, norm, _ in on_kernels)  # add-and-norm fused
-    assert any(silu_out for _, _, silu_out in on_kernels)  # SiLU fused
+    assert any(norm is not None for norm, _ in on_kernels)  # add-and-norm fused
+    assert any(silu_out for _, silu_out in on_kernels)  # SiLU fused
     ops.set_gemv_max_rows(0)
     on_kernels.clear()
     assert run() == fused and on_kernels == []
