@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.kernels import graph_bench  # noqa: E402
 from kernels.fp8_gemm import DEFAULT_CONFIG, fp8_gemm, tile_sms, uses_tiles  # noqa: E402
 from kernels.fp8_quant import per_token_quant_fp8  # noqa: E402
+from worker_svc.layers.quantization import quantize_per_row  # noqa: E402
 
 SHAPES = [("qkv_proj", 6144, 4096), ("o_proj", 4096, 4096), ("gate_up_proj", 28672, 4096),
           ("down_proj", 4096, 14336)]
@@ -33,10 +34,8 @@ SWEEP = [(64, 128, 128, 4, 4), (128, 64, 128, 4, 4), (128, 128, 128, 8, 4),
 def _time_shape(m: int, n: int, k: int, sweep: bool) -> tuple[float, float, float, bool]:
     """``(cuBLAS ms, tiled ms, quantization ms, whether the tiled kernel serves)``."""
     torch.manual_seed(0)
-    w = torch.randn(n, k, device="cuda") * 0.02
-    w_scale = (w.abs().amax(-1) / 448.0).float()
-    w_q = (w / w_scale[:, None]).to(torch.float8_e4m3fn)
-    del w
+    w_q, w_scale = quantize_per_row(torch.randn(n, k, device="cuda") * 0.02)
+    w_scale = w_scale[:, 0].contiguous()
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     x_q, x_scale = per_token_quant_fp8(x, 1.0 / 448.0, 1e-12)
     t_cublas = graph_bench(lambda: torch._scaled_mm(

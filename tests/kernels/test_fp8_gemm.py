@@ -16,6 +16,7 @@ from kernels.fp8 import FP8_DTYPE
 from kernels.fp8_gemm import fp8_gemm, tile_sms, uses_tiles
 from kernels.fp8_quant import per_token_quant_fp8
 from tests.kernels.conftest import DEVICE, TOLERANCES, needs_gpu
+from worker_svc.layers.quantization import quantize_per_row
 
 # Relative accumulation error allowed against the sum of |terms|: float32 (16 ulps), and
 # the FP8 tensor cores' reduced-precision sums.
@@ -25,12 +26,12 @@ GPU_ACCUMULATION_EPS = 2.0 ** -8
 
 def _operands(num_rows, num_out, num_in, device, has_bias, out_dtype):
     torch.manual_seed(num_rows * 131 + num_out + num_in)
-    weight = torch.randn(num_out, num_in) * torch.logspace(-2, 1, num_out)[:, None]
-    w_scale = (weight.abs().amax(-1) / 448.0).float()
-    w_q = (weight / w_scale[:, None]).clamp(-448, 448).to(FP8_DTYPE)
-    x = torch.randn(num_rows, num_in) * torch.logspace(-1, 1, num_rows)[:, None]
-    x_scale = (x.abs().amax(-1, keepdim=True) / 448.0).float()
-    x_q = (x / x_scale).clamp(-448, 448).to(FP8_DTYPE)
+    # As the FP8 layer quantizes: the weight per output channel, x per row.
+    w_q, w_scale = quantize_per_row(
+        torch.randn(num_out, num_in) * torch.logspace(-2, 1, num_out)[:, None])
+    w_scale = w_scale[:, 0].contiguous()
+    x_q, x_scale = quantize_per_row(
+        torch.randn(num_rows, num_in) * torch.logspace(-1, 1, num_rows)[:, None])
     bias = torch.randn(num_out).to(out_dtype) if has_bias else None
     xd = x_q.double() * x_scale.double()
     wd = w_q.double() * w_scale.double()[:, None]
