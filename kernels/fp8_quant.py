@@ -9,6 +9,11 @@ seven small kernels of the torch expression, which at batch 1 cost more than the
 save. A row of up to ``_ONE_PASS_MAX`` elements is read once into registers (one load's
 latency per row, where a loop of tiles waits on each tile twice: for the maximum, then for
 the store); a longer row is read twice, tile by tile.
+
+``row_scale`` and ``to_e4m3`` are the two steps as ``@triton.jit`` helpers, for kernels that
+quantize the row they produce (``kernels.rms_norm.rms_norm_quant_fp8``,
+``kernels.silu_and_mul.silu_and_mul_quant_fp8``) instead of writing it for this kernel to
+read back.
 """
 
 from __future__ import annotations
@@ -27,6 +32,21 @@ _ONE_PASS_MAX = 16384
 
 
 @triton.jit
+def row_scale(amax, inv_max, min_scale):
+    """A row's scale from its largest magnitude: ``max(amax * inv_max, min_scale)``."""
+    return tl.maximum(amax * inv_max, min_scale)
+
+
+@triton.jit
+def to_e4m3(y, scale, out_ty: tl.constexpr):
+    """float32 ``y / scale`` saturated to +-448 and rounded to e4m3 (ties to even), as
+    ``out_ty`` (the e4m3 element type); the division is a product with the correctly
+    rounded reciprocal, as torch computes it."""
+    q = tl.minimum(tl.maximum(y * tl.div_rn(1.0, scale), -448.0), 448.0)
+    return _round_to_e4m3(q).to(out_ty)
+
+
+@triton.jit
 def _per_token_quant_kernel(x_ptr, q_ptr, scale_ptr, stride_x, stride_q, num_cols, inv_max,
                             min_scale, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -34,9 +54,8 @@ def _per_token_quant_kernel(x_ptr, q_ptr, scale_ptr, stride_x, stride_q, num_col
         cols = tl.arange(0, BLOCK)
         mask = cols < num_cols
         x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-        scale = tl.maximum(tl.max(tl.abs(x), axis=0) * inv_max, min_scale)
-        y = tl.minimum(tl.maximum(x * tl.div_rn(1.0, scale), -448.0), 448.0)
-        tl.store(q_ptr + row * stride_q + cols, _round_to_e4m3(y).to(q_ptr.dtype.element_ty),
+        scale = row_scale(tl.max(tl.abs(x), axis=0), inv_max, min_scale)
+        tl.store(q_ptr + row * stride_q + cols, to_e4m3(x, scale, q_ptr.dtype.element_ty),
                  mask=mask)
     else:
         amax = tl.zeros([BLOCK], tl.float32)
@@ -44,15 +63,13 @@ def _per_token_quant_kernel(x_ptr, q_ptr, scale_ptr, stride_x, stride_q, num_col
             cols = c0 + tl.arange(0, BLOCK)
             x = tl.load(x_ptr + row * stride_x + cols, mask=cols < num_cols, other=0.0)
             amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
-        scale = tl.maximum(tl.max(amax, axis=0) * inv_max, min_scale)
-        inv_scale = tl.div_rn(1.0, scale)
+        scale = row_scale(tl.max(amax, axis=0), inv_max, min_scale)
         for c0 in range(0, num_cols, BLOCK):
             cols = c0 + tl.arange(0, BLOCK)
             mask = cols < num_cols
             x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
-            y = tl.minimum(tl.maximum(x.to(tl.float32) * inv_scale, -448.0), 448.0)
             tl.store(q_ptr + row * stride_q + cols,
-                     _round_to_e4m3(y).to(q_ptr.dtype.element_ty), mask=mask)
+                     to_e4m3(x.to(tl.float32), scale, q_ptr.dtype.element_ty), mask=mask)
     tl.store(scale_ptr + row, scale)
 
 
@@ -69,10 +86,17 @@ def per_token_quant_fp8(x: torch.Tensor, inv_max: float, min_scale: float
     q = torch.empty((num_rows, num_cols), dtype=FP8_DTYPE, device=x.device)
     scale = torch.empty((num_rows, 1), dtype=torch.float32, device=x.device)
     if num_rows:
-        one_pass = num_cols <= _ONE_PASS_MAX
-        block = triton.next_power_of_2(max(num_cols, 1)) if one_pass else _BLOCK
+        one_pass, block, num_warps = row_launch(num_cols)
         _per_token_quant_kernel[(num_rows,)](x, q, scale, x.stride(0), q.stride(0), num_cols,
                                              float(inv_max), float(min_scale), BLOCK=block,
-                                             ONE_PASS=one_pass,
-                                             num_warps=min(16, max(4, block // 1024)))
+                                             ONE_PASS=one_pass, num_warps=num_warps)
     return q, scale
+
+
+def row_launch(num_cols: int) -> tuple[bool, int, int]:
+    """``(one pass, block, warps)`` for a program that quantizes a row of ``num_cols``: the
+    whole row in registers up to ``_ONE_PASS_MAX`` (16 warps at most: 32 float32 values
+    per thread), else tiles of ``_BLOCK`` read twice."""
+    one_pass = num_cols <= _ONE_PASS_MAX
+    block = triton.next_power_of_2(max(num_cols, 1)) if one_pass else _BLOCK
+    return one_pass, block, min(16, max(4, block // 1024))

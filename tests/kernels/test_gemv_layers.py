@@ -2,17 +2,19 @@
 the CPU by letting ``ops`` take CPU tensors for CUDA ones: one decode row goes through the
 GEMV, with SiLU-and-mul fused after the gate/up projection and the residual add and RMSNorm
 before a 16-bit projection, and gives the unfused layers' values; more rows, or the kernel
-switched off, take the unfused path."""
+switched off, take the unfused path. FP8 layers at rows they quantize per token take their
+e4m3 rows from the RMSNorm and SiLU-and-mul kernels, and give the unfused values bit for
+bit."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from kernels import torch_ref
-from worker_svc.layers import ops
+from worker_svc.layers import ops, quantization
 from worker_svc.layers.layers import RMSNorm
-from worker_svc.layers.quantization import Fp8Linear
-from worker_svc.parallel.layers import ColumnParallelLinear
+from worker_svc.layers.quantization import WEIGHT_ONLY_MAX_ROWS, Fp8Linear
+from worker_svc.parallel.layers import ColumnParallelLinear, RowParallelLinear
 
 
 @pytest.fixture
@@ -140,3 +142,84 @@ def test_decoder_with_fused_decode_layers_generates_the_same_tokens(tiny_model_d
     ops.set_gemv_max_rows(0)
     on_kernels.clear()
     assert run() == fused and on_kernels == []
+
+
+@pytest.fixture
+def quantizer_calls(monkeypatch):
+    """Counts of the FP8 layers' quantization launches: on its own, or fused in the RMSNorm
+    or the SiLU-and-mul kernel."""
+    calls = {"alone": 0, "norm": 0, "silu": 0}
+    for name, key in (("per_token_quant_fp8", "alone"), ("rms_norm_quant_fp8", "norm"),
+                      ("silu_and_mul_quant_fp8", "silu")):
+        real = getattr(quantization, name)
+
+        def counting(*args, real=real, key=key):
+            calls[key] += 1
+            return real(*args)
+
+        monkeypatch.setattr(quantization, name, counting)
+    return calls
+
+
+def _native(layer: Fp8Linear) -> Fp8Linear:
+    """The GPU's path (e4m3 conversions in kernels), here through the interpreter."""
+    layer.is_fp8_native = True
+    return layer
+
+
+def test_fp8_layers_take_their_rows_quantized_by_the_norm_and_activation(on_kernels,
+                                                                          quantizer_calls):
+    torch.manual_seed(5)
+    gate_up = _native(Fp8Linear.from_linear(ColumnParallelLinear.merged(64, [32, 32], True)))
+    down = _native(Fp8Linear.from_linear(RowParallelLinear(32, 64, bias=False)))
+    norm = RMSNorm(64, 1e-5)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    rows = WEIGHT_ONLY_MAX_ROWS + 4
+    x, residual = torch.randn(rows, 64), torch.randn(rows, 64)
+    got, summed = ops.add_rms_norm_linear(x, residual, norm, gate_up)
+    assert quantizer_calls == {"alone": 0, "norm": 1, "silu": 0}
+    normed, want_summed = ops.rms_norm(x, norm.weight, norm.eps, residual)
+    assert torch.equal(got, gate_up(normed)) and torch.equal(summed, want_summed)
+    assert torch.equal(down.forward_silu_and_mul_input(got), down(ops.silu_and_mul(got)))
+    assert quantizer_calls == {"alone": 2, "norm": 1, "silu": 1}
+    # Rows the layers do not quantize (weight-only), or the torch references switched on:
+    # the layers' own paths.
+    few = slice(0, WEIGHT_ONLY_MAX_ROWS)
+    assert ops.add_rms_norm_linear(x[few], residual[few], norm, gate_up) is None
+    _close(down.forward_silu_and_mul_input(got[few]), down(ops.silu_and_mul(got[few])))
+    assert quantizer_calls == {"alone": 2, "norm": 1, "silu": 1}
+
+
+def test_fp8_decoder_with_quantizing_kernels_generates_the_same_tokens(
+        tiny_model_dir, on_kernels, quantizer_calls, monkeypatch):
+    """A whole FP8 model on the GPU's path (interpreter): a prompt longer than the weight-only
+    rows quantized by the norm and SiLU-and-mul kernels gives the greedy tokens of the run
+    that quantizes in the layers."""
+    from gridllm import SamplingParams
+    from gridllm.common.config import CacheConfig, ModelConfig, SchedulerConfig
+    from tests.worker_svc.step_driver import run_requests
+    from worker_svc.model_runner import ModelRunner
+    from worker_svc.models.llama import LlamaMLP
+
+    model_dir = tiny_model_dir("llama")
+    params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+    prompt = [[(7 * i + 3) % 50 + 1 for i in range(WEIGHT_ONLY_MAX_ROWS + 3)]]
+
+    def run():
+        runner = ModelRunner(ModelConfig(model=model_dir, device="cpu", quantization="fp8"),
+                             CacheConfig(num_kv_blocks=16), SchedulerConfig())
+        for module in runner.model.modules():
+            if isinstance(module, Fp8Linear):
+                _native(module)
+        return run_requests(runner, prompt, params, 2)[0]
+
+    fused = run()
+    assert quantizer_calls["norm"] > 0 and quantizer_calls["silu"] > 0
+    monkeypatch.setattr(Fp8Linear, "forward_rms_norm", lambda *args, **kwargs: None)
+    monkeypatch.setattr(LlamaMLP, "silu_in_down", lambda self, x: False)
+    calls_before = dict(quantizer_calls)
+    unfused = run()
+    assert quantizer_calls["alone"] > calls_before["alone"]
+    assert quantizer_calls["norm"] == calls_before["norm"]
+    assert unfused == fused

@@ -30,6 +30,12 @@ def _triton(x: torch.Tensor) -> bool:
     return _use_triton and x.is_cuda
 
 
+def uses_triton(x: torch.Tensor) -> bool:
+    """Whether the pointwise ops run their Triton kernels on ``x`` (CUDA, and not switched
+    to the torch references)."""
+    return _triton(x)
+
+
 def set_gemv_max_rows(rows: int) -> None:
     """Rows up to which linear layers use the GEMV kernel on CUDA (0: never)."""
     from kernels.gemv import MAX_ROWS
@@ -95,8 +101,9 @@ def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor,
 def add_rms_norm_linear(x: torch.Tensor, residual: torch.Tensor, norm, linear,
                         silu_out: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(linear(rms_norm(x + residual)), x + residual)`` in one GEMV launch for a decode
-    row over 16-bit weights, or None where that launch does not apply (the caller runs the
-    norm, then the layer).
+    row over 16-bit weights; for a layer with ``forward_rms_norm`` (FP8 layers) what that
+    returns (the norm kernel writing the e4m3 rows where the layer quantizes its input);
+    None elsewhere (the caller runs the norm, then the layer).
 
     e4m3 weights take the norm kernel and then the unfused GEMV: each fused program takes
     the row's norm itself, which held the e4m3 GEMV at 53-65% of copy bandwidth where the
@@ -109,6 +116,9 @@ def add_rms_norm_linear(x: torch.Tensor, residual: torch.Tensor, norm, linear,
         silu_out: ``linear`` is the merged ``[gate | up]`` projection and the result is
             ``silu_and_mul`` of it (``ops.linear_silu_and_mul``).
     """
+    forward_rms_norm = getattr(linear, "forward_rms_norm", None)
+    if forward_rms_norm is not None:
+        return forward_rms_norm(x, residual, norm, silu_out=silu_out)
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     # An FP8 layer's e4m3 weight never has x's dtype.
     if not (rows == 1 <= GEMV_MAX_ROWS and _triton(x) and norm.weight.dtype == x.dtype

@@ -14,7 +14,12 @@ The product depends on how many rows (tokens) a call has:
   kernel on CUDA) and, on 8.9+ with bfloat16 activations, multiplied by one
   ``torch._scaled_mm`` with row-wise scales, or on 9.0+ where cuBLAS's tiles would leave
   SMs idle (a decode batch of up to a few hundred rows times a narrow layer) by the
-  64 x 64-tile kernel ``kernels.fp8_gemm`` (``fp8_gemm.uses_tiles``).
+  64 x 64-tile kernel ``kernels.fp8_gemm`` (``fp8_gemm.uses_tiles``). Where the input is
+  made by an RMSNorm or SiLU-and-mul kernel (the q/k/v, gate/up and down projections of a
+  Llama decoder), that kernel writes the e4m3 rows and their scales instead
+  (``forward_rms_norm``, ``forward_silu_and_mul_input``): one launch and one pass over
+  the row fewer, the same values (the norm's sum of squares may add in another order:
+  ``kernels.rms_norm.rms_norm_quant_fp8``).
 Elsewhere (CPU, older GPUs, other dtypes) the same operands are dequantized and multiplied
 in float32 (fake quantization), so CPU tests measure the accuracy of the quantized model.
 """
@@ -33,6 +38,8 @@ from kernels.fp8_gemv import MAX_ROWS as WEIGHT_ONLY_MAX_ROWS
 from kernels.fp8_gemv import fp8_weight_matmul
 from kernels.fp8_quant import per_token_quant_fp8
 from kernels.gemv import gemv
+from kernels.rms_norm import rms_norm_quant_fp8
+from kernels.silu_and_mul import silu_and_mul_quant_fp8
 from worker_svc.layers import ops
 
 logger = logging.getLogger(__name__)
@@ -157,6 +164,44 @@ class Fp8Linear(nn.Module):
         out = gemv(x2.contiguous(), self.weight, self.bias, self.weight_scale, silu_out=True)
         return out.reshape(*x.shape[:-1], self.out_features // 2)
 
+    def quantizes_input(self, x: torch.Tensor) -> bool:
+        """Whether a call on ``x`` quantizes it per token with a Triton kernel, which a
+        kernel producing ``x`` may then do instead (``forward_quantized``)."""
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        return rows > WEIGHT_ONLY_MAX_ROWS and self.is_fp8_native and ops.uses_triton(x)
+
+    def forward_quantized(self, x_q: torch.Tensor, x_scale: torch.Tensor,
+                          dtype: torch.dtype) -> torch.Tensor:
+        """``forward`` of rows already quantized per token (``x_q`` e4m3 ``[..., in]``,
+        ``x_scale`` ``[rows, 1]`` float32, as ``per_token_quant_fp8`` makes them); the
+        output in ``dtype``, the unquantized input's."""
+        out = self._quantized_product(x_q.reshape(-1, self.in_features), x_scale, dtype)
+        if self.reduce is not None:
+            out = self.reduce(out)
+        return out.reshape(*x_q.shape[:-1], self.out_features)
+
+    def forward_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, norm,
+                         silu_out: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(forward(norm(x + residual)), x + residual)`` where ``quantizes_input``: the
+        norm kernel writes the e4m3 rows (``kernels.rms_norm.rms_norm_quant_fp8``), then
+        the product; None elsewhere (and for a norm whose weight is not in ``x``'s dtype).
+        ``silu_out``: ``silu_and_mul`` of the result (the merged gate/up projection)."""
+        if not (self.quantizes_input(x) and norm.weight.dtype == x.dtype):
+            return None
+        x_q, x_scale, residual = rms_norm_quant_fp8(x, norm.weight, norm.eps, residual,
+                                                    INV_FP8_MAX, _MIN_SCALE)
+        out = self.forward_quantized(x_q, x_scale, x.dtype)
+        return (ops.silu_and_mul(out) if silu_out else out), residual
+
+    def forward_silu_and_mul_input(self, h: torch.Tensor) -> torch.Tensor:
+        """``forward(silu_and_mul(h))`` (the down projection of a merged ``[gate | up]``
+        ``h``): where ``quantizes_input``, one kernel computes the activation and its e4m3
+        rows (``kernels.silu_and_mul.silu_and_mul_quant_fp8``)."""
+        if not self.quantizes_input(h):  # h has the activation's rows
+            return self.forward(ops.silu_and_mul(h))
+        x_q, x_scale = silu_and_mul_quant_fp8(h, INV_FP8_MAX, _MIN_SCALE)
+        return self.forward_quantized(x_q, x_scale, h.dtype)
+
     def _weight_only(self, x: torch.Tensor) -> torch.Tensor:
         """A few rows (decode): the activations stay unquantized; only W is e4m3."""
         if self.is_fp8_native:
@@ -172,15 +217,19 @@ class Fp8Linear(nn.Module):
             x_q, x_scale = per_token_quant_fp8(x.contiguous(), INV_FP8_MAX, _MIN_SCALE)
         else:
             x_q, x_scale = quantize_per_row(x)
-        if self.is_scaled_mm and x.dtype == torch.bfloat16:
-            if uses_tiles(x.shape[0], self.out_features, self.tile_sms):
-                return fp8_gemm(x_q, x_scale, self.weight, self.weight_scale, self.bias,
-                                x.dtype)
+        return self._quantized_product(x_q, x_scale, x.dtype)
+
+    def _quantized_product(self, x_q: torch.Tensor, x_scale: torch.Tensor,
+                           dtype: torch.dtype) -> torch.Tensor:
+        """e4m3 rows ``x_q [M, in]`` with scales ``x_scale [M, 1]`` times W, in ``dtype``."""
+        if self.is_scaled_mm and dtype == torch.bfloat16:
+            if uses_tiles(x_q.shape[0], self.out_features, self.tile_sms):
+                return fp8_gemm(x_q, x_scale, self.weight, self.weight_scale, self.bias, dtype)
             # Row-wise scales: scale_a [M, 1] per token, scale_b [1, N] per channel.
             return torch._scaled_mm(x_q, self.weight.t(), scale_a=x_scale,
                                     scale_b=self.weight_scale[None, :], bias=self.bias,
-                                    out_dtype=x.dtype)
-        return self._dequantized_product(dequantize_fp8(x_q, x_scale), x.dtype)
+                                    out_dtype=dtype)
+        return self._dequantized_product(dequantize_fp8(x_q, x_scale), dtype)
 
     def _dequantized_product(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Fake quantization: float32 ``x`` times ``W * scale`` (built on first use), plus

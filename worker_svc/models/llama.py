@@ -111,22 +111,33 @@ class LlamaMLP(nn.Module):
         act = getattr(config, "hidden_act", "silu")
         self.act_and_mul = SiluAndMul() if act == "silu" else _ActAndMul(get_activation(act))
 
-    @property
-    def fuses_silu(self) -> bool:
-        """Whether SiLU-and-mul runs in the gate/up projection's epilogue (FP8 layers
-        replace gate_up_proj too)."""
+    def fuses_silu(self, x: torch.Tensor) -> bool:
+        """Whether SiLU-and-mul runs in the gate/up projection's epilogue for input ``x``
+        (FP8 layers replace gate_up_proj too), rather than in the down projection's input
+        quantization (``silu_in_down``) or on its own."""
         return (isinstance(self.act_and_mul, SiluAndMul)
-                and hasattr(self.gate_up_proj, "forward_silu_and_mul"))
+                and hasattr(self.gate_up_proj, "forward_silu_and_mul")
+                and not self.silu_in_down(x))
 
-    def forward(self, x: torch.Tensor | None, act: torch.Tensor | None = None
-                ) -> torch.Tensor:
-        """``act``: the activation ``act(gate) * up`` already computed (then ``x`` is not
-        read)."""
+    def silu_in_down(self, x: torch.Tensor) -> bool:
+        """Whether the FP8 down projection computes SiLU-and-mul while it quantizes its
+        input (``Fp8Linear.forward_silu_and_mul_input``) for ``x``'s rows."""
+        return (isinstance(self.act_and_mul, SiluAndMul)
+                and hasattr(self.down_proj, "forward_silu_and_mul_input")
+                and self.down_proj.quantizes_input(x))
+
+    def forward(self, x: torch.Tensor | None, act: torch.Tensor | None = None,
+                gate_up: torch.Tensor | None = None) -> torch.Tensor:
+        """``act``: the activation ``act(gate) * up`` already computed; ``gate_up``: the
+        gate/up projection already computed (with either, ``x`` is not read)."""
         if act is None:
-            if self.fuses_silu:
-                act = self.gate_up_proj.forward_silu_and_mul(x)
-            else:
-                act = self.act_and_mul(self.gate_up_proj(x))
+            if gate_up is None and self.fuses_silu(x):
+                return self.down_proj(self.gate_up_proj.forward_silu_and_mul(x))
+            if gate_up is None:
+                gate_up = self.gate_up_proj(x)
+            if self.silu_in_down(gate_up):
+                return self.down_proj.forward_silu_and_mul_input(gate_up)
+            act = self.act_and_mul(gate_up)
         return self.down_proj(act)
 
 
@@ -152,7 +163,8 @@ class LlamaDecoderLayer(nn.Module):
     def forward(self, positions, hidden, residual, kv_cache, attn_metadata):
         # At decode each add-and-norm runs inside the projection after it (one launch),
         # where ops.add_rms_norm_linear applies (16-bit weights), and SiLU-and-mul in the
-        # gate/up projection's epilogue.
+        # gate/up projection's epilogue; FP8 layers that quantize their input per token get
+        # it quantized by the norm and SiLU-and-mul kernels.
         qkv = None
         if residual is None:
             residual, hidden = hidden, self.input_layernorm(hidden)
@@ -164,14 +176,14 @@ class LlamaDecoderLayer(nn.Module):
             else:
                 qkv, residual = fused
         hidden = self.self_attn(positions, hidden, kv_cache, attn_metadata, qkv=qkv)
-        silu = self.mlp.fuses_silu
+        silu = self.mlp.fuses_silu(hidden)
         fused = ops.add_rms_norm_linear(hidden, residual, self.post_attention_layernorm,
                                         self.mlp.gate_up_proj, silu_out=silu)
         if fused is None:
             hidden, residual = self.post_attention_layernorm(hidden, residual)
             return self.mlp(hidden), residual
         out, residual = fused
-        return self.mlp(None, act=out if silu else self.mlp.act_and_mul(out)), residual
+        return (self.mlp(None, act=out) if silu else self.mlp(None, gate_up=out)), residual
 
 
 class LlamaModel(nn.Module):
