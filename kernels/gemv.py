@@ -47,6 +47,7 @@ from kernels._utils import (
     split_k_workspace,
 )
 from kernels.fp8 import FP8_DTYPE
+from kernels.silu_and_mul import silu_and_mul, silu_mul
 
 # Rows of x one launch takes; callers use a GEMM beyond.
 MAX_ROWS = 4
@@ -118,14 +119,14 @@ def _channels(pid, num_out, BLOCK_N: tl.constexpr, SILU_OUT: tl.constexpr):
 def _store_row(y_ptr, out, pid, cols, col_ok, num_out, BLOCK_N: tl.constexpr,
                SILU_OUT: tl.constexpr):
     """Stores one row's ``BLOCK_N`` float32 results in y's dtype; SILU_OUT: the
-    ``BLOCK_N // 2`` values ``silu(gate) * up`` of the interleaved pairs, rounded as
-    ``kernels/silu_and_mul.py`` rounds them (its input rounded to y's dtype first)."""
+    ``BLOCK_N // 2`` values ``silu(gate) * up`` of the interleaved pairs
+    (``kernels.silu_and_mul.silu_mul`` of the products rounded to y's dtype)."""
     if SILU_OUT:
         v = out.to(y_ptr.dtype.element_ty).to(tl.float32)
         g, u = tl.split(tl.reshape(v, [BLOCK_N // 2, 2]))
-        act = (g / (1.0 + tl.exp(-g))).to(y_ptr.dtype.element_ty).to(tl.float32)
         chs = pid * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
-        tl.store(y_ptr + chs, (act * u).to(y_ptr.dtype.element_ty), mask=chs < num_out // 2)
+        tl.store(y_ptr + chs, silu_mul(g.to(y_ptr.dtype.element_ty), u.to(y_ptr.dtype.element_ty)),
+                 mask=chs < num_out // 2)
     else:
         tl.store(y_ptr + cols, out.to(y_ptr.dtype.element_ty), mask=col_ok)
 
@@ -565,8 +566,6 @@ def _launch(x, weight, bias, weight_scale, config, norm, silu_out):
         return y, residual_out
     if num_in == 0:
         if silu_out:
-            from kernels.silu_and_mul import silu_and_mul
-
             product = torch.zeros((num_rows, num_out), dtype=x.dtype, device=x.device)
             return silu_and_mul(product if bias is None else product.copy_(
                 bias.expand_as(product))), residual_out

@@ -24,9 +24,9 @@ from kernels.fp8_quant import row_scale, to_e4m3
 @triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
                      stride_x, stride_res, stride_out, stride_res_out,
-                     hidden, eps, scale_ptr=None, inv_max=1.0, min_scale=0.0,
-                     HAS_RESIDUAL: tl.constexpr = False, BLOCK: tl.constexpr = 16,
-                     USE_GDC: tl.constexpr = False, QUANT: tl.constexpr = False):
+                     hidden, eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+                     USE_GDC: tl.constexpr = False, scale_ptr=None, inv_max=1.0,
+                     min_scale=0.0, QUANT: tl.constexpr = False):
     if USE_GDC:  # launched early: wait for the kernel that writes x
         gdc_launch_dependents()
         gdc_wait()

@@ -4,6 +4,8 @@ projection, in place of writing it out for ``kernels.fp8_quant`` to read back.""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -34,15 +36,21 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_out, d, BLOCK: tl.cons
 
 
 @triton.jit
+def silu_mul(gate, up):
+    """``silu(gate) * up`` in ``gate``'s dtype, rounded as ``torch_ref.silu_and_mul`` rounds
+    it (silu to the dtype before the product); also the GEMV's ``silu_out`` epilogue."""
+    g = gate.to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(gate.dtype).to(tl.float32)
+    return (act * up.to(tl.float32)).to(gate.dtype)
+
+
+@triton.jit
 def _silu_and_mul(x_row_ptr, cols, d):
     """``silu(gate) * up`` at ``cols`` of the row (zeros past ``d``), in the input dtype."""
     mask = cols < d
     gate = tl.load(x_row_ptr + cols, mask=mask, other=0.0)
     up = tl.load(x_row_ptr + d + cols, mask=mask, other=0.0)
-    g = gate.to(tl.float32)
-    # Round silu to the input dtype before the product, as the reference does.
-    act = (g / (1.0 + tl.exp(-g))).to(gate.dtype).to(tl.float32)
-    return (act * up.to(tl.float32)).to(gate.dtype)
+    return silu_mul(gate, up)
 
 
 @triton.jit
@@ -113,11 +121,8 @@ def silu_and_mul_quant_fp8(x: torch.Tensor, inv_max: float, min_scale: float
     scale = torch.empty((x2.shape[0], 1), dtype=torch.float32, device=x.device)
     if x2.shape[0] == 0:
         return q, scale
-    if d == 0:
-        scale.fill_(min_scale)  # an empty row quantizes as an all-zero one
-        return q, scale
     one_pass, block, num_warps = row_launch(d)
-    q2 = q.view(-1, d)
+    q2 = q.view(x2.shape[0], d)
     _silu_and_mul_quant_kernel[(x2.shape[0],)](
         x2, q2, scale, x2.stride(0), q2.stride(0), d, float(inv_max), float(min_scale),
         BLOCK=block, ONE_PASS=one_pass, num_warps=num_warps,
@@ -131,4 +136,4 @@ def _check_x(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     if x.dim() < 1 or x.shape[-1] % 2:
         raise ValueError(f"x must have an even last dim, got shape {tuple(x.shape)}.")
     d = x.shape[-1] // 2
-    return x.reshape(-1, 2 * d), d
+    return x.reshape(math.prod(x.shape[:-1]), 2 * d), d

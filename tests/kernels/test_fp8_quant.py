@@ -139,3 +139,13 @@ def test_fused_quantization_rejects_what_it_cannot_read():
                                              (4, 20000)])
 def test_fused_quantization_gpu(num_rows, hidden, dtype, with_residual):
     _check_fused(num_rows, hidden, dtype, torch.device("cuda"), with_residual)
+
+
+def test_fused_quantization_of_empty_rows():
+    """Rows of no elements quantize as all-zero rows (the minimum scale), as
+    ``per_token_quant_fp8`` quantizes them."""
+    x = torch.zeros(3, 0, device=DEVICE)
+    q, scale = silu_and_mul_quant_fp8(x, INV_FP8_MAX, _MIN_SCALE)
+    want_q, want_scale = per_token_quant_fp8(x, INV_FP8_MAX, _MIN_SCALE)
+    assert q.shape == want_q.shape == (3, 0)
+    assert torch.equal(scale, want_scale)
