@@ -30,7 +30,8 @@ SHAPES = [("qkv_proj", 6144, 4096), ("o_proj", 4096, 4096), ("gate_up_proj", 286
 SWEEP = [(64, 128, 128, 4, 4), (128, 64, 128, 4, 4), (128, 128, 128, 8, 4),
          (64, 64, 128, 4, 4), (64, 64, 64, 4, 8), (32, 64, 128, 4, 6),
          (128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (64, 256, 128, 4, 4),
-         (128, 128, 64, 4, 6), (256, 128, 128, 8, 3), (64, 128, 128, 4, 6)]
+         (128, 128, 64, 4, 6), (256, 128, 128, 8, 3), (64, 128, 128, 4, 6),
+         (64, 64, 256, 4, 4), (64, 64, 128, 4, 8), (128, 64, 128, 8, 4), (64, 32, 128, 4, 6)]
 
 
 def _time_shape(m: int, n: int, k: int, sweep: bool) -> tuple[float, float, float, bool]:
@@ -41,7 +42,8 @@ def _time_shape(m: int, n: int, k: int, sweep: bool) -> tuple[float, float, floa
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     x_q, x_scale = per_token_quant_fp8(x, 1.0 / 448.0, 1e-12)
     t_cublas = graph_bench(lambda: torch._scaled_mm(
-        x_q, w_q.t(), scale_a=x_scale, scale_b=w_scale[None, :], out_dtype=torch.bfloat16))
+        x_q, w_q.t(), scale_a=x_scale, scale_b=w_scale[None, :], out_dtype=torch.bfloat16,
+        use_fast_accum=True))
     t_tiled = graph_bench(lambda: fp8_gemm(x_q, x_scale, w_q, w_scale))
     t_quant = graph_bench(lambda: per_token_quant_fp8(x, 1.0 / 448.0, 1e-12))
     if sweep:

@@ -5,16 +5,23 @@ tiles would leave SMs idle.
 as an e4m3 x e4m3 product: activations quantized per token (``kernels.fp8_quant``), the
 weight per output channel. cuBLAS (``torch._scaled_mm``) tiles that with 128 x 128 outputs,
 so a decode batch of 256 rows times a 4096-channel projection (Llama-3-8B's o and down) is
-64 tiles for 132 SMs on an H200. This kernel takes 64 x 64 tiles (4 warps, 6 stages; each
-tile's x and W read by bulk copies, ``tl.dot`` on the tensor cores, its sums promoted to
-float32 every ``BLOCK_K`` products), the programs of one weight tile next to each other so
-that tile is read from memory once, and applies both scales and the bias to the float32
-sums. ``uses_tiles`` says where it serves: up to two
-tiles per SM. H200, Llama-3-8B, against cuBLAS (docs/performance.md): at 64 rows q/k/v 14.8
-against 16.9 us, o 14.3 against 16.9, down 33.4 against 40.2; at 128 rows o 14.7 against
-17.2, down 33.9 against 40.5; at 256 rows o and down even (16.8 / 41.1 against 17.3 /
-40.8), which without the float32 promotion ran 13.9 / 32.5 us (the promotion makes each
-``wgmma`` wait for the previous one). More tiles keep cuBLAS.
+64 tiles for 132 SMs on an H200. This kernel takes 64 x 64 tiles, 4 warps and 6 stages (64 x
+128 tiles past 128 rows, 8 stages for a long K: ``config_for``); each tile's x and W are read
+by bulk copies and multiplied by ``tl.dot`` on the tensor cores, the programs of one weight
+tile run next to each other so that tile is read from memory once, and both scales and the
+bias are applied to the sums. ``uses_tiles`` says where it serves: up to two tiles per SM.
+
+Accumulation: Hopper's FP8 tensor cores keep ~14 mantissa bits while they add. Like vLLM's
+FP8 GEMMs (CUTLASS's fast-accumulation schedules) and ``torch._scaled_mm(...,
+use_fast_accum=True)``, which the FP8 layers call, the kernel leaves the sums there for the
+whole K instead of moving them into float32 every ``BLOCK_K`` products: H200, Llama-3-8B at
+256 rows, o 17.1 -> 14.1 us and down 41.2 -> 33.1 us; the largest error against the
+float64 product, 1.2e-3 of the sum of the terms' magnitudes against 5.9e-4 (bf16 output
+rounding included; e4m3 rounds each operand by up to 2^-4). Against cuBLAS (fast
+accumulation too; docs/performance.md) as served: at 64 rows q/k/v 13.9 against 17.1 us, o
+12.7 against 16.8, down 25.3 against 39.7; at 128 rows q/k/v 14.4 against 17.2, o 13.0
+against 17.0, down 26.0 against 39.8; at 256 rows o 13.6 against 17.2, down 30.1 against
+40.9. More tiles keep cuBLAS.
 """
 
 from __future__ import annotations
@@ -34,6 +41,13 @@ except ImportError:  # pragma: no cover - an older Triton: cuBLAS only
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages).
 Config = tuple[int, int, int, int, int]
 DEFAULT_CONFIG: Config = (64, 64, 128, 4, 6)
+# Past 128 rows: 64 x 128 tiles (H200, 256 rows: o 14.0 -> 13.6 us, down 32.7 -> 30.4).
+_MANY_ROWS_CONFIG: Config = (64, 128, 128, 4, 6)
+# Up to 128 rows and a long K (Llama-3-8B's down projection, 14336): eight stages (H200,
+# 64 / 128 rows: 28.3 -> 25.3 / 30.0 -> 25.9 us). At K 4096 they measured mixed (q/k/v at
+# 128 rows 14.4 -> 19.9 us), so shorter rows keep the default.
+_LONG_K_CONFIG: Config = (64, 64, 128, 4, 8)
+_LONG_K = 8192
 # Output tiles per SM up to which the kernel beats cuBLAS's FP8 tiles.
 _TILES_PER_SM = 2
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -53,10 +67,9 @@ def _fp8_gemm_kernel(x_desc, w_desc, x_scale_ptr, w_scale_ptr, bias_ptr, y_ptr,
         # Out-of-range rows, channels and K read as zeros (the descriptors' bounds).
         x = x_desc.load([pid_m * BLOCK_M, k])
         w = w_desc.load([pid_n * BLOCK_N, k])
-        # Hopper's FP8 tensor cores keep ~14 mantissa bits while they accumulate: the sums
-        # move into the float32 accumulator every BLOCK_K products (as cuBLAS does without
-        # fast accumulation), not once at the end of K.
-        acc = tl.dot(x, w.T, acc, max_num_imprecise_acc=BLOCK_K)
+        # Fast accumulation (see the module's docstring): the tensor cores' sums carry over
+        # the whole K.
+        acc = tl.dot(x, w.T, acc)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < num_rows
@@ -83,6 +96,16 @@ def tile_sms(weight: torch.Tensor) -> int:
     return num_sms(weight.device)
 
 
+def config_for(num_rows: int, num_in: int) -> Config:
+    """The launch for ``num_rows`` rows of ``num_in`` columns (``benchmarks/fp8_gemm.py
+    --sweep``, fast accumulation)."""
+    if num_rows > 128:
+        return _MANY_ROWS_CONFIG
+    if num_in >= _LONG_K:
+        return _LONG_K_CONFIG
+    return DEFAULT_CONFIG
+
+
 def uses_tiles(num_rows: int, num_out: int, sms: int) -> bool:
     """Whether ``fp8_gemm`` should take ``num_rows`` rows times ``num_out`` channels on a
     GPU of ``sms`` SMs (``tile_sms``; 0: never) instead of ``torch._scaled_mm``: at most
@@ -106,7 +129,7 @@ def fp8_gemm(x: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
         bias: ``[N]`` or None.
         out_dtype: bfloat16, float16 or float32.
         config: ``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)``; default
-            ``DEFAULT_CONFIG`` (Triton's CPU interpreter: tiles of 32).
+            ``config_for`` the shape (Triton's CPU interpreter: tiles of 32).
     Returns:
         ``[M, N]`` in ``out_dtype``.
     Raises:
@@ -145,7 +168,7 @@ def fp8_gemm(x: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
     if TensorDescriptor is None:  # pragma: no cover - an older Triton
         raise ValueError("fp8_gemm needs Triton's tensor descriptors (Triton 3.4+).")
     if config is None:
-        config = (32, 32, 32, 4, 1) if is_interpreter() else DEFAULT_CONFIG
+        config = (32, 32, 32, 4, 1) if is_interpreter() else config_for(num_rows, num_in)
     block_m, block_n, block_k, num_warps, num_stages = config
     x_desc = TensorDescriptor.from_tensor(x, [block_m, block_k])
     w_desc = TensorDescriptor.from_tensor(weight, [block_n, block_k])

@@ -19,6 +19,11 @@ On CUDA the FP8 key and value tiles are read as 32-bit words and unpacked to flo
 registers (``e4m3_words_to_f16``): as bytes the value tile reached P @ V's operand layout
 (whose reduction dim, the keys, is not contiguous) one shared-memory load per byte.
 
+Split-KV over an FP8 cache (``_default_launch``) runs the products transposed
+(``KEY_ROWS``): keys and dims are the MMA's rows and the GQA group's query heads its columns,
+``S^T = K Q^T`` and ``O^T += V^T P^T``, so a group of 4 pads to the MMA's 8 columns instead
+of its 16 rows (half the MMAs, a quarter-size accumulator).
+
 Sparse patterns skip keys rather than mask them: a sliding window starts each request at
 its window; the strided pattern (the ``stride`` latest keys, then every ``stride``-th key
 before them) visits only those keys, gathered by position through the block table, so a
@@ -134,7 +139,8 @@ def _paged_decode_attention_kernel(
         HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
         IS_STRIDED: tl.constexpr = False, USE_GDC: tl.constexpr = False,
         F16_DOTS: tl.constexpr = False, BLOCK_SIZE: tl.constexpr = 0,
-        KV_WORDS: tl.constexpr = False, PREFETCH_TABLE: tl.constexpr = False):
+        KV_WORDS: tl.constexpr = False, PREFETCH_TABLE: tl.constexpr = False,
+        KEY_ROWS: tl.constexpr = False):
     if USE_GDC:  # launched early: wait for the kernels before (they write q, the cache)
         gdc_launch_dependents()
         gdc_wait()
@@ -173,7 +179,15 @@ def _paged_decode_attention_kernel(
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    # KEY_ROWS: the products run transposed, keys and dims as the MMA's rows and the
+    # group's query heads as its columns (S^T = K Q^T, O^T += V^T P^T), so a GQA group of
+    # 4 pads to the MMA's 8 columns instead of its 16 rows: half the accumulator and
+    # query registers, half the MMAs.
+    if KEY_ROWS:
+        qt = tl.trans(q)
+        acc = tl.zeros([BLOCK_D, BLOCK_G], tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     table = bt_ptr + req * stride_bt
     # PREFETCH_TABLE: each tile's block numbers are loaded one iteration ahead, so no K/V
     # address waits on a load of its own iteration (H200, 16-bit cache, one split: batch
@@ -205,20 +219,36 @@ def _paged_decode_attention_kernel(
         else:
             k = tl.load(kc_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
             k = k.to(q.dtype)
-        s = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), scale_log2,
-                    softcap_mul, softcap_log2, HAS_SOFTCAP)
-        s = tl.where(nmask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if KEY_ROWS:
+            st = _scores(tl.dot(k, qt, input_precision=DOT_PRECISION), scale_log2,
+                         softcap_mul, softcap_log2, HAS_SOFTCAP)
+            st = tl.where(nmask[:, None], st, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(st, axis=0))
+            alpha = tl.exp2(m_i - m_new)
+            pt = tl.exp2(st - m_new[None, :])
+            l_i = l_i * alpha + tl.sum(pt, axis=0)
+        else:
+            s = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), scale_log2,
+                        softcap_mul, softcap_log2, HAS_SOFTCAP)
+            s = tl.where(nmask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
         if KV_WORDS:
             v = _e4m3_word_tile(vc_ptr, kv_off, nmask, HEAD_DIM, BLOCK_N, BLOCK_D)
         else:
             v = tl.load(vc_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
             v = v.to(q.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        if KEY_ROWS:
+            acc = acc * alpha[None, :] + tl.dot(tl.trans(v), pt.to(v.dtype),
+                                                input_precision=DOT_PRECISION)
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v,
+                                                input_precision=DOT_PRECISION)
         m_i = m_new
+    if KEY_ROWS:
+        acc = tl.trans(acc)
     acc = acc * v_scale
 
     if NUM_SPLITS == 1:
@@ -360,31 +390,42 @@ def _default_block_n(num_reqs: int, num_kv_heads: int, num_splits: int,
 
 def _default_launch(num_reqs: int, num_kv_heads: int, num_splits: int, dtype: torch.dtype,
                     device: torch.device, cache_dtype: torch.dtype | None = None,
-                    head_dim: int = 128) -> tuple[int, int, int]:
-    """``(keys per iteration, warps, pipeline stages)``: ``_default_block_n`` with 4 warps and
-    ``_NUM_STAGES``, except with one split and a head dim up to 128 (at 256 the fewer warps
+                    head_dim: int = 128) -> tuple[int, int, int, bool]:
+    """``(keys per iteration, warps, pipeline stages, key_rows)``: ``_default_block_n`` with 4
+    warps and ``_NUM_STAGES``, except with a head dim up to 128 (at 256 the fewer warps
     below spill registers: ptxas, one warp over a bf16 cache 272 bytes, over FP8 96, two
     warps over FP8 92; four warps none):
 
-    - a 16-bit query and at least ``_ONE_WARP_PROGRAMS_PER_SM`` programs per SM: 32 keys
-      and one warp (H200, Llama-3-8B heads; FP8 cache: batch 256 x 616 keys 130.1 -> 113.7
-      us, 128 x 616 71.1 -> 60.3, 128 x 4096 404 -> 335, 256 x 2048 391 -> 337; bf16 cache:
-      164.6 -> 160.4, 86.6 -> 83.4, 501 -> 498). Three programs of four warps fill an SM's
-      registers and shared memory; eight of one warp fit, and a warp needs no barrier to
-      share its row maxima and probabilities. Below that (768 programs, batch 96 x 616
-      over FP8: 52.7 against 55.7 us) too few warps are left to hide the loads.
-    - over an FP8 cache and at most ``_FP8_SMALL_GRID_PROGRAMS_PER_SM`` programs per SM: 64
-      keys, 2 warps, 3 stages (batch 64 x 616 / 4096 keys, 8 KV heads: 39.2 / 201.3 us
-      against 44.4 / 242.1; 512 programs of 128 keys and 4 warps took 1.3 waves)."""
+    - one split, a 16-bit query and at least ``_ONE_WARP_PROGRAMS_PER_SM`` programs per SM:
+      32 keys and one warp (H200, Llama-3-8B heads; FP8 cache: batch 256 x 616 keys 130.1
+      -> 113.7 us, 128 x 616 71.1 -> 60.3, 128 x 4096 404 -> 335, 256 x 2048 391 -> 337;
+      bf16 cache: 164.6 -> 160.4, 86.6 -> 83.4, 501 -> 498). Three programs of four warps
+      fill an SM's registers and shared memory; eight of one warp fit, and a warp needs no
+      barrier to share its row maxima and probabilities. Below that (768 programs, batch 96
+      x 616 over FP8: 52.7 against 55.7 us) too few warps are left to hide the loads.
+    - one split over an FP8 cache and at most ``_FP8_SMALL_GRID_PROGRAMS_PER_SM`` programs
+      per SM: 64 keys, 2 warps, 3 stages (batch 64 x 616 / 4096 keys, 8 KV heads: 39.2 /
+      201.3 us against 44.4 / 242.1; 512 programs of 128 keys and 4 warps took 1.3 waves).
+    - split-KV over an FP8 cache under a bfloat16 query, where the SMs set the split count:
+      the transposed products (``key_rows``), 64 keys, 2 warps, 3 stages (H200, 8 KV heads:
+      batch 1 x 32k keys 40.9 -> 33.5 us, 4 x 32k 131.6 -> 99.8, 8 x 16k 132.4 -> 99.4,
+      32 x 4096 130.5 -> 100.2, 1 x 4096 15.7 -> 13.2). Short splits (the context bounds
+      their count) keep 32 keys: there the launches measured within 0.5 us. Over a bf16
+      cache and with one split at large batches the transposed products were slower
+      (batch 256 x 616 over FP8: 122.0 against 113.5 us)."""
     programs = num_reqs * num_kv_heads
-    if num_splits == 1 and head_dim <= 128 and not is_interpreter():
-        if dtype != torch.float32 and programs >= _ONE_WARP_PROGRAMS_PER_SM * num_sms(device):
-            return 32, 1, _NUM_STAGES
-        if (cache_dtype == FP8_DTYPE
-                and programs <= _FP8_SMALL_GRID_PROGRAMS_PER_SM * num_sms(device)):
-            return 64, 2, 3
-    return (_default_block_n(num_reqs, num_kv_heads, num_splits, dtype, device, cache_dtype),
-            4, _NUM_STAGES)
+    block_n = _default_block_n(num_reqs, num_kv_heads, num_splits, dtype, device, cache_dtype)
+    if head_dim <= 128 and not is_interpreter():
+        if num_splits == 1:
+            if dtype != torch.float32 and programs >= _ONE_WARP_PROGRAMS_PER_SM * num_sms(device):
+                return 32, 1, _NUM_STAGES, False
+            if (cache_dtype == FP8_DTYPE
+                    and programs <= _FP8_SMALL_GRID_PROGRAMS_PER_SM * num_sms(device)):
+                return 64, 2, 3, False
+        elif (cache_dtype == FP8_DTYPE and dtype == torch.bfloat16
+              and block_n != _SHORT_SPLIT_BLOCK_N):
+            return 64, 2, 3, True
+    return block_n, 4, _NUM_STAGES, False
 
 
 def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
@@ -397,7 +438,8 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
                            attention_stride: int | None = None,
                            k_scale: float = 1.0, v_scale: float = 1.0,
                            block_n: int | None = None, num_warps: int | None = None,
-                           num_stages: int | None = None) -> torch.Tensor:
+                           num_stages: int | None = None,
+                           key_rows: bool | None = None) -> torch.Tensor:
     """Drop-in for ``torch_ref.paged_attention`` on decode-only batches.
 
     Args:
@@ -416,9 +458,9 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
         logit_softcap: caps the scaled scores at ``c * tanh(s / c)`` (Gemma 2).
         attention_stride: the strided pattern with this stride (not with a window).
         k_scale, v_scale: the FP8 cache's scales (1.0 for other caches).
-        block_n, num_warps, num_stages: launch overrides (keys per loop iteration, Triton's
-            warps, pipeline stages; each default from ``_default_launch``), for tuning
-            sweeps.
+        block_n, num_warps, num_stages, key_rows: launch overrides (keys per loop
+            iteration, Triton's warps, pipeline stages, and the transposed products, keys
+            as the MMA's rows; each default from ``_default_launch``), for tuning sweeps.
     Returns:
         ``[B, H, D]`` attention output in query's dtype.
     """
@@ -453,6 +495,7 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
     block_n = launch[0] if block_n is None else block_n
     num_warps = launch[1] if num_warps is None else num_warps
     num_stages = launch[2] if num_stages is None else num_stages
+    key_rows = launch[3] if key_rows is None else key_rows
     if num_splits > 1:
         part_acc = torch.empty(num_reqs * num_heads * num_splits, head_dim,
                                dtype=torch.float32, device=query.device)
@@ -468,7 +511,8 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
         num_heads, float(scale) * _LOG2E, block_size,
         sliding_window if sliding_window is not None else 0, softcap_mul, softcap_log2,
         float(v_scale), attention_stride or 1, GROUP=group,
-        BLOCK_G=max(16, next_power_of_2(group)), HEAD_DIM=head_dim,
+        BLOCK_G=next_power_of_2(group) if key_rows else max(16, next_power_of_2(group)),
+        HEAD_DIM=head_dim,
         BLOCK_D=block_d, BLOCK_N=block_n, NUM_SPLITS=num_splits,
         HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=logit_softcap is not None,
         DOT_PRECISION=dot_precision(query.dtype), IS_STRIDED=attention_stride is not None,
@@ -476,6 +520,7 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
         BLOCK_SIZE=block_size if key_cache.dtype == FP8_DTYPE else 0,
         KV_WORDS=kv_words(key_cache, value_cache, query, head_dim),
         PREFETCH_TABLE=num_splits == 1 and key_cache.dtype != FP8_DTYPE,
+        KEY_ROWS=bool(key_rows),
         num_warps=num_warps, num_stages=num_stages, **pdl)
     if num_splits > 1:
         _paged_decode_reduce_kernel[(num_reqs, num_heads)](

@@ -197,6 +197,29 @@ def test_fp8_cache_one_warp_launch():
 
 @pytest.mark.gpu
 @needs_gpu
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(32, 8), (8, 8), (64, 8), (24, 8)])
+def test_fp8_cache_split_kv_key_rows(num_heads, num_kv_heads):
+    """Split-KV over an FP8 cache under bfloat16 queries takes the transposed products
+    (``key_rows``; GQA groups of 4, 1, 8 and 3) by default: against the reference."""
+    import kernels.paged_decode_attention as module
+
+    seq_lens = [8192, 3000, 1, 5000]
+    kc, vc, tables, seq = _fp8_cache(seq_lens, num_kv_heads, 128, 0.5, 0.25)
+    query = torch.randn(len(seq_lens), num_heads, 128, device=DEVICE).to(torch.bfloat16)
+    qsl = torch.arange(len(seq_lens) + 1, dtype=torch.int32, device=DEVICE)
+    splits = module.pick_num_splits(len(seq_lens), num_kv_heads, 8192, DEVICE)
+    assert splits > 1
+    assert module._default_launch(len(seq_lens), num_kv_heads, splits, query.dtype, DEVICE,
+                                  kc.dtype)[3]
+    out = paged_decode_attention(query, kc, vc, tables, seq, qsl, 128 ** -0.5,
+                                 max_seq_len=8192, k_scale=0.5, v_scale=0.25)
+    expected = torch_ref.paged_attention(query, kc, vc, tables, seq, qsl, 128 ** -0.5,
+                                         k_scale=0.5, v_scale=0.25)
+    assert_close(out, expected, "decode attention, FP8 cache, keys as rows", torch.bfloat16)
+
+
+@pytest.mark.gpu
+@needs_gpu
 @pytest.mark.parametrize("num_splits", [None, 1])
 def test_fp8_cache_at_llama3_8b_shapes(num_splits):
     """Llama-3-8B attention (32 query heads, 8 KV heads, head_dim 128), bf16 queries over an

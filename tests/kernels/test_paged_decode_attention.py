@@ -150,19 +150,51 @@ def test_launch_by_programs_per_sm(monkeypatch):
     dev, bf16, fp8 = torch.device("cpu"), torch.bfloat16, torch.float8_e4m3fn
     stages = module._NUM_STAGES
     # One split, 512 programs (under 4 per SM) over an FP8 cache: 64 keys, 2 warps, 3 stages.
-    assert module._default_launch(64, 8, 1, bf16, dev, fp8) == (64, 2, 3)
+    assert module._default_launch(64, 8, 1, bf16, dev, fp8) == (64, 2, 3, False)
+    assert module._default_launch(64, 8, 1, torch.float32, dev, fp8) == (64, 2, 3, False)
     # One split, 7+ programs per SM (924 on 132 SMs), 16-bit queries: 32 keys, one warp.
-    assert module._default_launch(256, 8, 1, bf16, dev, fp8) == (32, 1, stages)
-    assert module._default_launch(116, 8, 1, bf16, dev) == (32, 1, stages)
-    assert module._default_launch(116, 8, 1, torch.float16, dev, fp8) == (32, 1, stages)
-    # Between the two, split-KV, a float32 query, a head dim over 128, or a 16-bit cache
-    # under 7 per SM: the block_n heuristic with 4 warps.
-    assert module._default_launch(115, 8, 1, bf16, dev, fp8) == (128, 4, stages)
-    assert module._default_launch(1, 8, 64, bf16, dev, fp8) == (128, 4, stages)
-    assert module._default_launch(256, 8, 1, torch.float32, dev) == (32, 4, stages)
-    assert module._default_launch(256, 8, 1, bf16, dev, head_dim=256) == (64, 4, stages)
-    assert module._default_launch(64, 8, 1, bf16, dev, fp8, head_dim=256) == (128, 4, stages)
-    assert module._default_launch(64, 8, 1, bf16, dev) == (64, 4, stages)
+    assert module._default_launch(256, 8, 1, bf16, dev, fp8) == (32, 1, stages, False)
+    assert module._default_launch(116, 8, 1, bf16, dev) == (32, 1, stages, False)
+    assert module._default_launch(116, 8, 1, torch.float16, dev, fp8) == (32, 1, stages, False)
+    # Split-KV over an FP8 cache under bfloat16 queries, the split count set by the SMs:
+    # the transposed products, 64 keys, 2 warps, 3 stages; short splits keep 32 keys.
+    assert module._default_launch(1, 8, 64, bf16, dev, fp8) == (64, 2, 3, True)
+    assert module._default_launch(32, 8, 2, bf16, dev, fp8) == (64, 2, 3, True)
+    assert module._default_launch(1, 8, 8, bf16, dev, fp8) == (32, 4, stages, False)
+    # Between the two, a float32 or float16 query with splits, a head dim over 128, or a
+    # 16-bit cache under 7 per SM: the block_n heuristic with 4 warps.
+    assert module._default_launch(115, 8, 1, bf16, dev, fp8) == (128, 4, stages, False)
+    assert module._default_launch(1, 8, 64, torch.float16, dev, fp8) == (128, 4, stages, False)
+    assert module._default_launch(1, 8, 64, bf16, dev, fp8, head_dim=256) == \
+        (128, 4, stages, False)
+    assert module._default_launch(1, 8, 64, bf16, dev) == (64, 4, stages, False)
+    assert module._default_launch(256, 8, 1, torch.float32, dev) == (32, 4, stages, False)
+    assert module._default_launch(256, 8, 1, bf16, dev, head_dim=256) == (64, 4, stages, False)
+    assert module._default_launch(64, 8, 1, bf16, dev, fp8, head_dim=256) == \
+        (128, 4, stages, False)
+    assert module._default_launch(64, 8, 1, bf16, dev) == (64, 4, stages, False)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(2, 2), (8, 2), (12, 4), (16, 2)])
+@pytest.mark.parametrize("sliding_window,logit_softcap", [(None, None), (10, None),
+                                                          (None, 5.0)])
+def test_decode_key_rows(num_splits, num_heads, num_kv_heads, sliding_window, logit_softcap):
+    """The transposed products (keys as the MMA's rows, the GQA group as its columns: groups
+    of 1, 3 padded to 4, 4 and 8) against the reference."""
+    seq_lens = [1, 17, 50]
+    key_cache, value_cache, block_tables, seq = make_paged_kv(
+        seq_lens, num_kv_heads, 32, 16, torch.float32, DEVICE)
+    query = torch.randn(len(seq_lens), num_heads, 32, device=DEVICE)
+    if logit_softcap is not None:
+        query = query * 8
+    qsl = torch.arange(len(seq_lens) + 1, dtype=torch.int32, device=DEVICE)
+    out = paged_decode_attention(query, key_cache, value_cache, block_tables, seq, qsl,
+                                 32 ** -0.5, sliding_window, num_splits=num_splits,
+                                 logit_softcap=logit_softcap, key_rows=True)
+    expected = torch_ref.paged_attention(query, key_cache, value_cache, block_tables, seq,
+                                         qsl, 32 ** -0.5, sliding_window, logit_softcap)
+    assert_close(out, expected, "decode attention, keys as rows", torch.float32)
 
 
 def test_decode_rejects_bad_arguments():

@@ -14,7 +14,8 @@ The product depends on how many rows (tokens) a call has:
   kernel on CUDA) and, on 8.9+ with bfloat16 activations, multiplied by one
   ``torch._scaled_mm`` with row-wise scales, or on 9.0+ where cuBLAS's tiles would leave
   SMs idle (a decode batch of up to a few hundred rows times a narrow layer) by the
-  64 x 64-tile kernel ``kernels.fp8_gemm`` (``fp8_gemm.uses_tiles``). Where the input is
+  64 x 64-tile kernel ``kernels.fp8_gemm`` (``fp8_gemm.uses_tiles``), both with the FP8
+  tensor cores' fast accumulation (as vLLM's FP8 GEMMs). Where the input is
   made by an RMSNorm or SiLU-and-mul kernel (the q/k/v, gate/up and down projections of a
   Llama decoder), that kernel writes the e4m3 rows and their scales instead
   (``forward_rms_norm``, ``forward_silu_and_mul_input``): one launch and one pass over
@@ -225,10 +226,12 @@ class Fp8Linear(nn.Module):
         if self.is_scaled_mm and dtype == torch.bfloat16:
             if uses_tiles(x_q.shape[0], self.out_features, self.tile_sms):
                 return fp8_gemm(x_q, x_scale, self.weight, self.weight_scale, self.bias, dtype)
-            # Row-wise scales: scale_a [M, 1] per token, scale_b [1, N] per channel.
+            # Row-wise scales: scale_a [M, 1] per token, scale_b [1, N] per channel. Fast
+            # accumulation, as fp8_gemm and vLLM's FP8 GEMMs (H200, Llama-3-8B gate/up:
+            # 256 rows 55.6 -> 51.1 us, 64 rows 45.1 -> 40.1).
             return torch._scaled_mm(x_q, self.weight.t(), scale_a=x_scale,
                                     scale_b=self.weight_scale[None, :], bias=self.bias,
-                                    out_dtype=dtype)
+                                    out_dtype=dtype, use_fast_accum=True)
         return self._dequantized_product(dequantize_fp8(x_q, x_scale), dtype)
 
     def _dequantized_product(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
