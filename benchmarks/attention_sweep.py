@@ -12,7 +12,7 @@ on the same shapes in contiguous tensors. Each case prints the best
 configurations and the default.
 
 Usage: ``python benchmarks/attention_sweep.py [--kinds decode prefill]
-[--kv-cache-dtype auto|fp8] [--output FILE]``
+[--kv-cache-dtype auto|fp8] [--key-rows 0 1] [--output FILE]``
 """
 
 from __future__ import annotations
@@ -80,9 +80,12 @@ def decode_cases(args, copy_gbps: float) -> list[dict]:
             pct = 100 * nbytes / (ms * 1e-3) / GB / copy_gbps
             return pct, f"{pct:.1f}% of copy"
 
+        # --key-rows unset: each config keeps the default launch's choice of products.
+        key_rows = [None] if args.key_rows is None else [bool(k) for k in args.key_rows]
         configs = [dict(num_splits=s, block_n=n, num_warps=w, num_stages=st)
-                   for s, n, w, st in itertools.product(args.splits, args.block_n, args.warps,
-                                                        args.stages)
+                   | ({} if kr is None else dict(key_rows=kr))
+                   for s, n, w, st, kr in itertools.product(args.splits, args.block_n,
+                                                            args.warps, args.stages, key_rows)
                    if context // s >= n]
         name = f"decode b{batch} ctx{context} ({args.kv_cache_dtype} cache)"
         rows.append(dict(batch=batch, context=context, kv_cache_dtype=args.kv_cache_dtype,
@@ -138,6 +141,9 @@ def main() -> None:
     parser.add_argument("--block-n", type=int, nargs="+", default=[32, 64, 128])
     parser.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--stages", type=int, nargs="+", default=[2, 3, 4])
+    parser.add_argument("--key-rows", type=int, nargs="+", default=None, choices=(0, 1),
+                        help="decode: 1 runs the products transposed (keys as the MMA's "
+                             "rows); '0 1' sweeps both")
     parser.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"),
                         help="the decode cases' cache: the queries' bf16, or e4m3 (bytes "
                         "then count one per element)")

@@ -14,8 +14,8 @@ The product depends on how many rows (tokens) a call has:
   kernel on CUDA) and, on 8.9+ with bfloat16 activations, multiplied by one
   ``torch._scaled_mm`` with row-wise scales, or on 9.0+ where cuBLAS's tiles would leave
   SMs idle (a decode batch of up to a few hundred rows times a narrow layer) by the
-  64 x 64-tile kernel ``kernels.fp8_gemm`` (``fp8_gemm.uses_tiles``), both with the FP8
-  tensor cores' fast accumulation (as vLLM's FP8 GEMMs). Where the input is
+  64 x 64-tile kernel ``kernels.fp8_gemm`` (``fp8_gemm.uses_tiles``), both on 9.0+ with the
+  FP8 tensor cores' fast accumulation (as vLLM's FP8 GEMMs). Where the input is
   made by an RMSNorm or SiLU-and-mul kernel (the q/k/v, gate/up and down projections of a
   Llama decoder), that kernel writes the e4m3 rows and their scales instead
   (``forward_rms_norm``, ``forward_silu_and_mul_input``): one launch and one pass over
@@ -127,6 +127,9 @@ class Fp8Linear(nn.Module):
         self.is_fp8_native = _has_fp8_conversions(weight)
         # SMs for the tiled FP8 GEMM (0: this weight never takes it).
         self.tile_sms = tile_sms(weight) if self.is_scaled_mm else 0
+        # cuBLAS's fast accumulation where it was measured: Hopper (9.0+).
+        self.fast_accum = (self.is_scaled_mm
+                           and torch.cuda.get_device_capability(weight.device) >= (9, 0))
         # The dequantized weight of the fake-quantization path, built on first use.
         self._dequantized: torch.Tensor | None = None
 
@@ -231,7 +234,7 @@ class Fp8Linear(nn.Module):
             # 256 rows 55.6 -> 51.1 us, 64 rows 45.1 -> 40.1).
             return torch._scaled_mm(x_q, self.weight.t(), scale_a=x_scale,
                                     scale_b=self.weight_scale[None, :], bias=self.bias,
-                                    out_dtype=dtype, use_fast_accum=True)
+                                    out_dtype=dtype, use_fast_accum=self.fast_accum)
         return self._dequantized_product(dequantize_fp8(x_q, x_scale), dtype)
 
     def _dequantized_product(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
