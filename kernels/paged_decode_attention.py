@@ -22,7 +22,7 @@ registers (``e4m3_words_to_f16``): as bytes the value tile reached P @ V's opera
 Split-KV over an FP8 cache (``_default_launch``) runs the products transposed
 (``KEY_ROWS``): keys and dims are the MMA's rows and the GQA group's query heads its columns,
 ``S^T = K Q^T`` and ``O^T += V^T P^T``, so a group of 4 pads to the MMA's 8 columns instead
-of its 16 rows (half the MMAs, a quarter-size accumulator).
+of its 16 rows (half the MMAs and half the accumulator's registers).
 
 Sparse patterns skip keys rather than mask them: a sliding window starts each request at
 its window; the strided pattern (the ``stride`` latest keys, then every ``stride``-th key
@@ -410,9 +410,10 @@ def _default_launch(num_reqs: int, num_kv_heads: int, num_splits: int, dtype: to
       the transposed products (``key_rows``), 64 keys, 2 warps, 3 stages (H200, 8 KV heads:
       batch 1 x 32k keys 40.9 -> 33.5 us, 4 x 32k 131.6 -> 99.8, 8 x 16k 132.4 -> 99.4,
       32 x 4096 130.5 -> 100.2, 1 x 4096 15.7 -> 13.2). Short splits (the context bounds
-      their count) keep 32 keys: there the launches measured within 0.5 us. Over a bf16
-      cache and with one split at large batches the transposed products were slower
-      (batch 256 x 616 over FP8: 122.0 against 113.5 us)."""
+      their count) keep 32 keys: there the transposed launch was up to 0.5 us slower (1 x
+      256 keys 8.5 against 9.0 us). Over a bf16 cache, and with one split at large
+      batches, the transposed products were slower (batch 256 x 616 over FP8: 122.0
+      against 113.5 us)."""
     programs = num_reqs * num_kv_heads
     block_n = _default_block_n(num_reqs, num_kv_heads, num_splits, dtype, device, cache_dtype)
     if head_dim <= 128 and not is_interpreter():
