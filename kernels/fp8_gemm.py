@@ -119,7 +119,9 @@ def fp8_gemm(x: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
              weight_scale: torch.Tensor, bias: torch.Tensor | None = None,
              out_dtype: torch.dtype = torch.bfloat16, config: Config | None = None
              ) -> torch.Tensor:
-    """``(x @ weight^T) * x_scale * weight_scale[None, :] + bias`` with float32 sums.
+    """``(x @ weight^T) * x_scale * weight_scale[None, :] + bias``; the sums in the FP8
+    tensor cores' precision on a GPU (fast accumulation, see the module's docstring),
+    float32 in Triton's CPU interpreter.
 
     Args:
         x: ``[M, K]`` float8_e4m3fn activations, contiguous (K a multiple of 16).

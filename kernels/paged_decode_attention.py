@@ -179,10 +179,7 @@ def _paged_decode_attention_kernel(
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
-    # KEY_ROWS: the products run transposed, keys and dims as the MMA's rows and the
-    # group's query heads as its columns (S^T = K Q^T, O^T += V^T P^T), so a GQA group of
-    # 4 pads to the MMA's 8 columns instead of its 16 rows: half the accumulator and
-    # query registers, half the MMAs.
+    # KEY_ROWS: the products run transposed (see the module's docstring).
     if KEY_ROWS:
         qt = tl.trans(q)
         acc = tl.zeros([BLOCK_D, BLOCK_G], tl.float32)
