@@ -122,7 +122,7 @@ def main() -> None:
     parser.add_argument("--gc-threshold", type=int, default=None,
                         help="young-generation threshold (default: the services' own)")
     args = parser.parse_args()
-    from gridllm.common.service_main import GC_GEN0_THRESHOLD
+    from gridllm.common.heap import GC_GEN0_THRESHOLD
 
     gc.collect()
     gc.freeze()

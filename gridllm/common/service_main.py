@@ -12,22 +12,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import logging
 from collections.abc import Callable
 from typing import Any
 
+from gridllm.common.heap import freeze_startup_objects
 from gridllm.common.logger import LOG_FORMATS, configure_logging
 from gridllm.common.redis_client import RedisAuthError
 from gridllm.common.tracing import configure_tracing
 
 # A service's exit status when Redis refused its credentials.
 EXIT_REDIS_AUTH = 3
-# Allocations between young-generation collections (Python's default: 700). A service
-# allocates a few short-lived containers per request per step (futures, updates, deltas),
-# nearly all freed by reference counting; at the default the collector ran every few
-# hundred tokens and took a quarter of the router's Python time per token.
-GC_GEN0_THRESHOLD = 20_000
 
 
 def service_parser(prog: str, description: str | None, grace_s: float
@@ -74,14 +69,3 @@ async def _serve(parser: argparse.ArgumentParser, build: Callable[[argparse.Name
         raise SystemExit(EXIT_REDIS_AUTH) from None
     freeze_startup_objects()
     await server.serve_until_signal(args.grace)
-
-
-def freeze_startup_objects() -> None:
-    """Keep what start-up built (imported modules, tokenizer, weights' Python objects) out of
-    the garbage collector's full collections: with millions of such objects a full
-    collection stalls the event loop for hundreds of milliseconds mid-request. Young
-    collections run every ``GC_GEN0_THRESHOLD`` allocations from then on."""
-    gc.collect()
-    gc.freeze()
-    _, gen1, gen2 = gc.get_threshold()
-    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)

@@ -212,3 +212,27 @@ def test_profile_dir_writes_a_chrome_trace(tiny_model_dir, tmp_path):
     llm.generate(token_prompts(prompts_of([4])), SamplingParams(max_tokens=2), use_tqdm=False)
     traces = list((tmp_path / "traces").glob("*.json"))
     assert traces and '"traceEvents"' in traces[0].read_text()
+
+
+def test_the_heap_sits_out_full_collections_only_while_generate_runs(tiny_model_dir):
+    import gc
+    import weakref
+
+    llm = LLM(tiny_model_dir("llama"), block_size=4, num_kv_blocks=64)
+    before = gc.get_freeze_count()
+    frozen_during_steps = []
+
+    def observed_step(step=llm.engine.step):
+        frozen_during_steps.append(gc.get_freeze_count())
+        return step()
+
+    llm.engine.step = observed_step  # a reference cycle: engine -> its step -> engine
+    outputs = llm.generate(token_prompts(prompts_of([5, 9])), GREEDY, use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outputs] == [GREEDY.max_tokens] * 2
+    assert frozen_during_steps and min(frozen_during_steps) > before
+    assert gc.get_freeze_count() == before
+    # Handed back: a dropped LLM (cycles included) is collected, its KV cache freed.
+    cache = weakref.ref(llm.engine.runner.kv_caches[0][0])
+    del llm, observed_step
+    gc.collect()
+    assert cache() is None

@@ -44,7 +44,7 @@ def test_every_service_has_grace_and_log_level_with_defaults_shown(capsys):
 def test_startup_objects_leave_the_collectors_full_collections():
     import gc
 
-    from gridllm.common.service_main import GC_GEN0_THRESHOLD, freeze_startup_objects
+    from gridllm.common.heap import GC_GEN0_THRESHOLD, freeze_startup_objects
 
     threshold = gc.get_threshold()
     try:

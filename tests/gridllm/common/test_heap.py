@@ -1,0 +1,81 @@
+"""gridllm.common.heap: the heap frozen around in-process generation, and handed back."""
+
+import gc
+import threading
+import weakref
+
+import pytest
+
+from gridllm.common.heap import frozen_heap
+
+
+@pytest.fixture(autouse=True)
+def unfrozen():
+    gc.unfreeze()
+    yield
+    gc.unfreeze()
+
+
+def test_objects_alive_on_entry_are_frozen_inside_and_handed_back_on_exit():
+    alive = [[i] for i in range(1000)]
+    with frozen_heap():
+        assert gc.get_freeze_count() >= len(alive)
+    assert gc.get_freeze_count() == 0
+    assert alive
+
+
+def test_nested_uses_share_one_freeze_released_by_the_outermost():
+    with frozen_heap():
+        frozen = gc.get_freeze_count()
+        with frozen_heap():
+            assert gc.get_freeze_count() >= frozen
+        assert gc.get_freeze_count() >= frozen > 0
+    assert gc.get_freeze_count() == 0
+
+
+def test_an_exception_inside_still_hands_the_heap_back():
+    with pytest.raises(RuntimeError, match="boom"), frozen_heap():
+        raise RuntimeError("boom")
+    assert gc.get_freeze_count() == 0
+
+
+def test_a_process_that_froze_its_heap_itself_keeps_its_freeze():
+    gc.freeze()
+    frozen = gc.get_freeze_count()
+    with frozen_heap():
+        pass
+    assert gc.get_freeze_count() == frozen
+
+
+def test_concurrent_uses_release_when_the_last_leaves():
+    entered, release = threading.Barrier(2), threading.Event()
+
+    def hold():
+        with frozen_heap():
+            entered.wait(timeout=10)
+            release.wait(timeout=10)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    with frozen_heap():
+        entered.wait(timeout=10)
+    assert gc.get_freeze_count() > 0  # the other thread is still inside
+    release.set()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+    assert gc.get_freeze_count() == 0
+
+
+def test_a_cycle_that_dies_after_the_freeze_is_collected():
+    class Node:
+        pass
+
+    node = Node()
+    node.self = node
+    ref = weakref.ref(node)
+    with frozen_heap():
+        del node
+        gc.collect()
+        assert ref() is not None  # frozen: full collections leave it
+    gc.collect()
+    assert ref() is None
