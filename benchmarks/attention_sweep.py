@@ -12,7 +12,7 @@ on the same shapes in contiguous tensors. Each case prints the best
 configurations and the default.
 
 Usage: ``python benchmarks/attention_sweep.py [--kinds decode prefill]
-[--kv-cache-dtype auto|fp8] [--key-rows 0 1] [--output FILE]``
+[--kv-cache-dtype auto|fp8] [--key-rows 0 1] [--max-registers 0 168 128] [--output FILE]``
 """
 
 from __future__ import annotations
@@ -82,10 +82,12 @@ def decode_cases(args, copy_gbps: float) -> list[dict]:
 
         # --key-rows unset: each config keeps the default launch's choice of products.
         key_rows = [None] if args.key_rows is None else [bool(k) for k in args.key_rows]
+        caps = [None] if args.max_registers is None else args.max_registers
         configs = [dict(num_splits=s, block_n=n, num_warps=w, num_stages=st)
                    | ({} if kr is None else dict(key_rows=kr))
-                   for s, n, w, st, kr in itertools.product(args.splits, args.block_n,
-                                                            args.warps, args.stages, key_rows)
+                   | ({} if cap is None else dict(max_registers=cap))
+                   for s, n, w, st, kr, cap in itertools.product(
+                       args.splits, args.block_n, args.warps, args.stages, key_rows, caps)
                    if context // s >= n]
         name = f"decode b{batch} ctx{context} ({args.kv_cache_dtype} cache)"
         rows.append(dict(batch=batch, context=context, kv_cache_dtype=args.kv_cache_dtype,
@@ -144,6 +146,9 @@ def main() -> None:
     parser.add_argument("--key-rows", type=int, nargs="+", default=None, choices=(0, 1),
                         help="decode: 1 runs the products transposed (keys as the MMA's "
                              "rows); '0 1' sweeps both")
+    parser.add_argument("--max-registers", type=int, nargs="+", default=None,
+                        help="decode: register caps a thread to sweep (0: the compiler's "
+                             "count; unset: each config keeps the default launch's)")
     parser.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"),
                         help="the decode cases' cache: the queries' bf16, or e4m3 (bytes "
                         "then count one per element)")

@@ -73,6 +73,11 @@ _FP8_SMALL_GRID_PROGRAMS_PER_SM = 4
 # With one split, at least this many programs per SM take the one-warp launch of
 # _default_launch.
 _ONE_WARP_PROGRAMS_PER_SM = 7
+# Over an FP8 cache, the one-warp launch by programs per SM: up to 8 (what fits at the
+# compiler's 190 registers a thread) as compiled, up to 10 with 168 registers, past that 16
+# keys per iteration and 128 registers (see _default_launch).
+_FP8_ONE_WARP_RESIDENT = 8
+_FP8_ONE_WARP_CAPPED = 10
 
 
 @triton.jit
@@ -387,11 +392,12 @@ def _default_block_n(num_reqs: int, num_kv_heads: int, num_splits: int,
 
 def _default_launch(num_reqs: int, num_kv_heads: int, num_splits: int, dtype: torch.dtype,
                     device: torch.device, cache_dtype: torch.dtype | None = None,
-                    head_dim: int = 128) -> tuple[int, int, int, bool]:
-    """``(keys per iteration, warps, pipeline stages, key_rows)``: ``_default_block_n`` with 4
-    warps and ``_NUM_STAGES``, except with a head dim up to 128 (at 256 the fewer warps
-    below spill registers: ptxas, one warp over a bf16 cache 272 bytes, over FP8 96, two
-    warps over FP8 92; four warps none):
+                    head_dim: int = 128) -> tuple[int, int, int, bool, int | None]:
+    """``(keys per iteration, warps, pipeline stages, key_rows, register cap)``:
+    ``_default_block_n`` with 4 warps, ``_NUM_STAGES`` and the compiler's register count,
+    except with a head dim up to 128 (at 256 the fewer warps below spill registers: ptxas,
+    one warp over a bf16 cache 272 bytes, over FP8 96, two warps over FP8 92; four warps
+    none):
 
     - one split, a 16-bit query and at least ``_ONE_WARP_PROGRAMS_PER_SM`` programs per SM:
       32 keys and one warp (H200, Llama-3-8B heads; FP8 cache: batch 256 x 616 keys 130.1
@@ -410,20 +416,39 @@ def _default_launch(num_reqs: int, num_kv_heads: int, num_splits: int, dtype: to
       their count) keep 32 keys: there the transposed launch was up to 0.5 us slower (1 x
       256 keys 8.5 against 9.0 us). Over a bf16 cache, and with one split at large
       batches, the transposed products were slower (batch 256 x 616 over FP8: 122.0
-      against 113.5 us)."""
+      against 113.5 us).
+    - over an FP8 cache, the one-warp launch caps the registers once more programs than
+      fit at the compiler's 190 a thread (8 per SM) would take a second, mostly empty, wave
+      (``_fp8_one_warp_launch``): up to 10 per SM at 168 registers, past that 16 keys per
+      iteration at 128 (H200, 8 KV heads, 616 / 1024 keys, us: batch 136 94.0 / 146.2 ->
+      70.4 / 108.1, 160 x 1024 161.0 -> 111.7, 176 107.4 / 166.4 -> 82.9 / 130.4, 200 109.3
+      / 168.4 -> 93.3 / 147.1, 256 114.0 / 175.7 -> 103.6 / 164.0; at 128 x 616, within one
+      wave, the cap cost 2 us; at 136, 16 keys were 5-13 us slower than 32)."""
     programs = num_reqs * num_kv_heads
     block_n = _default_block_n(num_reqs, num_kv_heads, num_splits, dtype, device, cache_dtype)
     if head_dim <= 128 and not is_interpreter():
+        sms = num_sms(device)
         if num_splits == 1:
-            if dtype != torch.float32 and programs >= _ONE_WARP_PROGRAMS_PER_SM * num_sms(device):
-                return 32, 1, _NUM_STAGES, False
-            if (cache_dtype == FP8_DTYPE
-                    and programs <= _FP8_SMALL_GRID_PROGRAMS_PER_SM * num_sms(device)):
-                return 64, 2, 3, False
+            if dtype != torch.float32 and programs >= _ONE_WARP_PROGRAMS_PER_SM * sms:
+                if cache_dtype == FP8_DTYPE:
+                    return _fp8_one_warp_launch(programs, sms)
+                return 32, 1, _NUM_STAGES, False, None
+            if cache_dtype == FP8_DTYPE and programs <= _FP8_SMALL_GRID_PROGRAMS_PER_SM * sms:
+                return 64, 2, 3, False, None
         elif (cache_dtype == FP8_DTYPE and dtype == torch.bfloat16
               and block_n != _SHORT_SPLIT_BLOCK_N):
-            return 64, 2, 3, True
-    return block_n, 4, _NUM_STAGES, False
+            return 64, 2, 3, True, None
+    return block_n, 4, _NUM_STAGES, False, None
+
+
+def _fp8_one_warp_launch(programs: int, sms: int) -> tuple[int, int, int, bool, int | None]:
+    """The one-warp launch over an FP8 cache for ``programs`` on ``sms`` SMs (see
+    ``_default_launch``)."""
+    if programs <= _FP8_ONE_WARP_RESIDENT * sms:
+        return 32, 1, _NUM_STAGES, False, None
+    if programs <= _FP8_ONE_WARP_CAPPED * sms:
+        return 32, 1, _NUM_STAGES, False, 168
+    return 16, 1, _NUM_STAGES, False, 128
 
 
 def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
@@ -437,7 +462,8 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
                            k_scale: float = 1.0, v_scale: float = 1.0,
                            block_n: int | None = None, num_warps: int | None = None,
                            num_stages: int | None = None,
-                           key_rows: bool | None = None) -> torch.Tensor:
+                           key_rows: bool | None = None,
+                           max_registers: int | None = None) -> torch.Tensor:
     """Drop-in for ``torch_ref.paged_attention`` on decode-only batches.
 
     Args:
@@ -456,9 +482,10 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
         logit_softcap: caps the scaled scores at ``c * tanh(s / c)`` (Gemma 2).
         attention_stride: the strided pattern with this stride (not with a window).
         k_scale, v_scale: the FP8 cache's scales (1.0 for other caches).
-        block_n, num_warps, num_stages, key_rows: launch overrides (keys per loop
-            iteration, Triton's warps, pipeline stages, and the transposed products, keys
-            as the MMA's rows; each default from ``_default_launch``), for tuning sweeps.
+        block_n, num_warps, num_stages, key_rows, max_registers: launch overrides (keys
+            per loop iteration, Triton's warps, pipeline stages, the transposed products,
+            keys as the MMA's rows, and a cap on registers a thread, 0 for none; each
+            default from ``_default_launch``), for tuning sweeps.
     Returns:
         ``[B, H, D]`` attention output in query's dtype.
     """
@@ -494,6 +521,7 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
     num_warps = launch[1] if num_warps is None else num_warps
     num_stages = launch[2] if num_stages is None else num_stages
     key_rows = launch[3] if key_rows is None else key_rows
+    max_registers = launch[4] if max_registers is None else max_registers or None
     if num_splits > 1:
         part_acc = torch.empty(num_reqs * num_heads * num_splits, head_dim,
                                dtype=torch.float32, device=query.device)
@@ -519,7 +547,8 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
         KV_WORDS=kv_words(key_cache, value_cache, query, head_dim),
         PREFETCH_TABLE=num_splits == 1 and key_cache.dtype != FP8_DTYPE,
         KEY_ROWS=bool(key_rows),
-        num_warps=num_warps, num_stages=num_stages, **pdl)
+        num_warps=num_warps, num_stages=num_stages, **pdl,
+        **({} if max_registers is None else dict(maxnreg=max_registers)))
     if num_splits > 1:
         _paged_decode_reduce_kernel[(num_reqs, num_heads)](
             part_acc, part_ml, out, out.stride(0), out.stride(1), num_heads,

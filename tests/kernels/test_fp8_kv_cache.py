@@ -178,18 +178,22 @@ def test_kv_write_rounds_like_torch_across_the_range():
 
 @pytest.mark.gpu
 @needs_gpu
-def test_fp8_cache_one_warp_launch():
-    """Batch 160 x 8 KV heads over an FP8 cache (7+ programs per SM on GPUs of up to 182
-    SMs): the one-warp launch of 32 keys per iteration, against the reference."""
+@pytest.mark.parametrize("batch,launch", [(160, {}), (160, dict(max_registers=168)),
+                                          (256, dict(block_n=16, max_registers=128))])
+def test_fp8_cache_one_warp_launch(batch, launch):
+    """Batch 160 and 256 x 8 KV heads over an FP8 cache (7+ programs per SM on GPUs of up
+    to 182 SMs): the one-warp launch, as compiled and with the register caps that
+    ``_default_launch`` takes past 8 programs per SM, against the reference."""
     import kernels.paged_decode_attention as module
 
-    seq_lens = torch.randint(1, 701, (160,)).tolist()
+    seq_lens = torch.randint(1, 701, (batch,)).tolist()
     kc, vc, tables, seq = _fp8_cache(seq_lens, 8, 128, 0.5, 0.25)
     query = torch.randn(len(seq_lens), 32, 128, device=DEVICE).to(torch.bfloat16)
     qsl = torch.arange(len(seq_lens) + 1, dtype=torch.int32, device=DEVICE)
-    assert module._default_launch(160, 8, 1, query.dtype, DEVICE, kc.dtype)[1] == 1
+    assert module._default_launch(batch, 8, 1, query.dtype, DEVICE, kc.dtype)[1] == 1
     out = paged_decode_attention(query, kc, vc, tables, seq, qsl, 128 ** -0.5,
-                                 max_seq_len=max(seq_lens), k_scale=0.5, v_scale=0.25)
+                                 max_seq_len=max(seq_lens), k_scale=0.5, v_scale=0.25,
+                                 **launch)
     expected = torch_ref.paged_attention(query, kc, vc, tables, seq, qsl, 128 ** -0.5,
                                          k_scale=0.5, v_scale=0.25)
     assert_close(out, expected, "decode attention, FP8 cache, one warp", torch.bfloat16)

@@ -150,29 +150,40 @@ def test_launch_by_programs_per_sm(monkeypatch):
     dev, bf16, fp8 = torch.device("cpu"), torch.bfloat16, torch.float8_e4m3fn
     stages = module._NUM_STAGES
     # One split, 512 programs (under 4 per SM) over an FP8 cache: 64 keys, 2 warps, 3 stages.
-    assert module._default_launch(64, 8, 1, bf16, dev, fp8) == (64, 2, 3, False)
-    assert module._default_launch(64, 8, 1, torch.float32, dev, fp8) == (64, 2, 3, False)
+    assert module._default_launch(64, 8, 1, bf16, dev, fp8) == (64, 2, 3, False, None)
+    assert module._default_launch(64, 8, 1, torch.float32, dev, fp8) == (64, 2, 3, False, None)
     # One split, 7+ programs per SM (924 on 132 SMs), 16-bit queries: 32 keys, one warp.
-    assert module._default_launch(256, 8, 1, bf16, dev, fp8) == (32, 1, stages, False)
-    assert module._default_launch(116, 8, 1, bf16, dev) == (32, 1, stages, False)
-    assert module._default_launch(116, 8, 1, torch.float16, dev, fp8) == (32, 1, stages, False)
+    assert module._default_launch(116, 8, 1, bf16, dev) == (32, 1, stages, False, None)
+    assert module._default_launch(256, 8, 1, bf16, dev) == (32, 1, stages, False, None)
+    assert module._default_launch(116, 8, 1, torch.float16, dev, fp8) == \
+        (32, 1, stages, False, None)
+    # Over an FP8 cache, past 8 programs per SM a register cap (1,280 programs: 168), past
+    # 10 also 16 keys per iteration (2,048 programs: 128 registers).
+    assert module._default_launch(132, 8, 1, bf16, dev, fp8) == (32, 1, stages, False, None)
+    assert module._default_launch(133, 8, 1, bf16, dev, fp8) == (32, 1, stages, False, 168)
+    assert module._default_launch(160, 8, 1, bf16, dev, fp8) == (32, 1, stages, False, 168)
+    assert module._default_launch(165, 8, 1, bf16, dev, fp8) == (32, 1, stages, False, 168)
+    assert module._default_launch(166, 8, 1, bf16, dev, fp8) == (16, 1, stages, False, 128)
+    assert module._default_launch(256, 8, 1, bf16, dev, fp8) == (16, 1, stages, False, 128)
     # Split-KV over an FP8 cache under bfloat16 queries, the split count set by the SMs:
     # the transposed products, 64 keys, 2 warps, 3 stages; short splits keep 32 keys.
-    assert module._default_launch(1, 8, 64, bf16, dev, fp8) == (64, 2, 3, True)
-    assert module._default_launch(32, 8, 2, bf16, dev, fp8) == (64, 2, 3, True)
-    assert module._default_launch(1, 8, 8, bf16, dev, fp8) == (32, 4, stages, False)
+    assert module._default_launch(1, 8, 64, bf16, dev, fp8) == (64, 2, 3, True, None)
+    assert module._default_launch(32, 8, 2, bf16, dev, fp8) == (64, 2, 3, True, None)
+    assert module._default_launch(1, 8, 8, bf16, dev, fp8) == (32, 4, stages, False, None)
     # Between the two, a float32 or float16 query with splits, a head dim over 128, or a
     # 16-bit cache under 7 per SM: the block_n heuristic with 4 warps.
-    assert module._default_launch(115, 8, 1, bf16, dev, fp8) == (128, 4, stages, False)
-    assert module._default_launch(1, 8, 64, torch.float16, dev, fp8) == (128, 4, stages, False)
+    assert module._default_launch(115, 8, 1, bf16, dev, fp8) == (128, 4, stages, False, None)
+    assert module._default_launch(1, 8, 64, torch.float16, dev, fp8) == \
+        (128, 4, stages, False, None)
     assert module._default_launch(1, 8, 64, bf16, dev, fp8, head_dim=256) == \
-        (128, 4, stages, False)
-    assert module._default_launch(1, 8, 64, bf16, dev) == (64, 4, stages, False)
-    assert module._default_launch(256, 8, 1, torch.float32, dev) == (32, 4, stages, False)
-    assert module._default_launch(256, 8, 1, bf16, dev, head_dim=256) == (64, 4, stages, False)
+        (128, 4, stages, False, None)
+    assert module._default_launch(1, 8, 64, bf16, dev) == (64, 4, stages, False, None)
+    assert module._default_launch(256, 8, 1, torch.float32, dev) == (32, 4, stages, False, None)
+    assert module._default_launch(256, 8, 1, bf16, dev, head_dim=256) == \
+        (64, 4, stages, False, None)
     assert module._default_launch(64, 8, 1, bf16, dev, fp8, head_dim=256) == \
-        (128, 4, stages, False)
-    assert module._default_launch(64, 8, 1, bf16, dev) == (64, 4, stages, False)
+        (128, 4, stages, False, None)
+    assert module._default_launch(64, 8, 1, bf16, dev) == (64, 4, stages, False, None)
 
 
 @pytest.mark.parametrize("num_splits", [1, 3])
