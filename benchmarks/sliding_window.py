@@ -22,13 +22,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from gridllm.bench.report import format_table  # noqa: E402
+from gridllm.bench.report import format_table, write_json  # noqa: E402
 
 
 def blocks_held(context: int, window: int | None, block_size: int) -> int:
@@ -143,9 +142,7 @@ def main(argv: list[str] | None = None) -> int:
               "each half the layers", hybrid],
              ["  requests that fit in the same memory (x)", dense / hybrid]]
     sys.stdout.write(format_table(rows, ["figure", "value"]) + "\n")
-    if args.output:
-        with open(args.output, "w") as f:
-            json.dump(results, f, indent=2)
+    write_json(args.output, results)
     return 0
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import sys
 import time
@@ -22,7 +21,8 @@ from dataclasses import dataclass, field
 # The repository's packages, not benchmarks/kernels.py, under the names they import.
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from gridllm.bench.throughput import ThroughputConfig, build_llm  # noqa: E402
+from gridllm.bench.report import write_json  # noqa: E402
+from gridllm.bench.throughput import ThroughputConfig, build_llm, warm_up  # noqa: E402
 from gridllm.common.sampling_params import SamplingParams  # noqa: E402
 
 WINDOWS = (0, 8, 64, 256, 512, 768, 1024)
@@ -123,10 +123,7 @@ def run(config: ThroughputConfig, num_prompts: int, input_len: int, output_len: 
     requests = random_requests(num_prompts, (input_len, input_len), (output_len, output_len),
                                hf_config.vocab_size, seed=config.seed)
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
-    # Warm-up (reversed prefixes: no prefix-cache hits for the timed run).
-    llm.generate([{"prompt_token_ids": r.prompt_token_ids[::-1]} for r in requests[:4]],
-                 SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True),
-                 use_tqdm=False)
+    warm_up(llm, requests)
     timeline = Timeline()
     remove = observe(llm, timeline)
     try:
@@ -182,9 +179,7 @@ def main(argv: list[str] | None = None) -> int:
                               kv_cache_dtype=args.kv_cache_dtype)
     result = run(config, args.num_prompts, args.input_len, args.output_len)
     print(format_result(result))
-    if args.output:
-        with open(args.output, "w") as f:
-            json.dump(result, f, indent=2)
+    write_json(args.output, result)
     return 0
 
 

@@ -113,10 +113,7 @@ def run_gridllm(llm, requests: list[BenchRequest], use_tqdm: bool = True,
         return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
 
     if is_warmup:
-        warm = requests[:4]
-        # Reversed prefixes: same token ids, but no prefix-cache hit for the timed run.
-        llm.generate([{"prompt_token_ids": r.prompt_token_ids[:64][::-1]} for r in warm],
-                     [params(4) for _ in warm], use_tqdm=False)
+        warm_up(llm, requests)
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
     sampling = [params(r.output_len) for r in requests]
     _synchronize(llm)
@@ -140,6 +137,17 @@ def run_gridllm(llm, requests: list[BenchRequest], use_tqdm: bool = True,
         "output_tokens_per_s": output_tokens / elapsed,
         "total_tokens_per_s": (input_tokens + output_tokens) / elapsed,
     }
+
+
+def warm_up(llm, requests: list[BenchRequest]) -> None:
+    """Four short greedy requests before a timed run: reversed prefixes of the first
+    prompts, the same token ids but no prefix-cache hit for the timed run."""
+    from gridllm.common.sampling_params import SamplingParams
+
+    warm = requests[:4]
+    llm.generate([{"prompt_token_ids": r.prompt_token_ids[:64][::-1]} for r in warm],
+                 SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True),
+                 use_tqdm=False)
 
 
 def _synchronize(llm) -> None:
