@@ -86,9 +86,13 @@ def decode_cases(args, copy_gbps: float) -> list[dict]:
         configs = [dict(num_splits=s, block_n=n, num_warps=w, num_stages=st)
                    | ({} if kr is None else dict(key_rows=kr))
                    | ({} if cap is None else dict(max_registers=cap))
+                   | ({} if args.gluon is None else dict(gluon=False))
                    for s, n, w, st, kr, cap in itertools.product(
                        args.splits, args.block_n, args.warps, args.stages, key_rows, caps)
-                   if context // s >= n]
+                   if context // s >= n and (args.gluon is None or 0 in args.gluon)]
+        if args.gluon and 1 in args.gluon:  # one split: warps and register caps are its own
+            configs += [dict(num_splits=1, block_n=n, num_stages=st, gluon=True)
+                        for n, st in itertools.product(args.block_n, args.stages)]
         name = f"decode b{batch} ctx{context} ({args.kv_cache_dtype} cache)"
         rows.append(dict(batch=batch, context=context, kv_cache_dtype=args.kv_cache_dtype,
                          **sweep(name, run, configs, graph_bench, score)))
@@ -149,6 +153,10 @@ def main() -> None:
     parser.add_argument("--max-registers", type=int, nargs="+", default=None,
                         help="decode: register caps a thread to sweep (0: the compiler's "
                              "count; unset: each config keeps the default launch's)")
+    parser.add_argument("--gluon", type=int, nargs="+", default=None, choices=(0, 1),
+                        help="decode over an FP8 cache: 1 sweeps the Gluon kernel (one "
+                             "split, --block-n x --stages), 0 the tl.dot kernel; unset: "
+                             "each config keeps the default's choice")
     parser.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"),
                         help="the decode cases' cache: the queries' bf16, or e4m3 (bytes "
                         "then count one per element)")

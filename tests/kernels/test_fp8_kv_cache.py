@@ -183,7 +183,8 @@ def test_kv_write_rounds_like_torch_across_the_range():
 def test_fp8_cache_one_warp_launch(batch, launch):
     """Batch 160 and 256 x 8 KV heads over an FP8 cache (7+ programs per SM on GPUs of up
     to 182 SMs): the one-warp launch, as compiled and with the register caps that
-    ``_default_launch`` takes past 8 programs per SM, against the reference."""
+    ``_default_launch`` takes past 8 programs per SM, against the reference (the
+    ``tl.dot`` kernel: by default the Gluon kernel takes these batches)."""
     import kernels.paged_decode_attention as module
 
     seq_lens = torch.randint(1, 701, (batch,)).tolist()
@@ -193,7 +194,7 @@ def test_fp8_cache_one_warp_launch(batch, launch):
     assert module._default_launch(batch, 8, 1, query.dtype, DEVICE, kc.dtype)[1] == 1
     out = paged_decode_attention(query, kc, vc, tables, seq, qsl, 128 ** -0.5,
                                  max_seq_len=max(seq_lens), k_scale=0.5, v_scale=0.25,
-                                 **launch)
+                                 gluon=False, **launch)
     expected = torch_ref.paged_attention(query, kc, vc, tables, seq, qsl, 128 ** -0.5,
                                          k_scale=0.5, v_scale=0.25)
     assert_close(out, expected, "decode attention, FP8 cache, one warp", torch.bfloat16)

@@ -1,0 +1,197 @@
+"""The Gluon decode attention over an FP8 cache (``kernels.fp8_decode_attention``): against
+the torch reference on the GPU, what it declines, and, compiled for sm_90 on any machine,
+that its loop keeps the tiles out of shared memory between their copy and the MMA."""
+
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import pytest
+import torch
+
+from kernels import fp8_decode_attention as gluon_fp8
+from kernels import torch_ref
+from kernels.fp8 import quantize_fp8
+from kernels.paged_decode_attention import paged_decode_attention
+from tests.kernels.conftest import (
+    DEVICE,
+    assert_close,
+    make_paged_kv,
+    needs_gpu,
+    poisoned_allocations,
+)
+
+
+def _fp8_cache(seq_lens, num_kv_heads, block_size, device, k_scale=0.5, v_scale=0.25):
+    key_cache, value_cache, block_tables, seq = make_paged_kv(
+        seq_lens, num_kv_heads, 128, block_size, torch.float32, device)
+    return (quantize_fp8(key_cache * k_scale, k_scale),
+            quantize_fp8(value_cache * v_scale, v_scale), block_tables, seq)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("num_heads,num_kv_heads,block_size", [
+    (32, 8, 16), (8, 8, 16), (64, 8, 16), (24, 8, 16), (128, 8, 32), (32, 8, 64), (16, 4, 48)])
+@pytest.mark.parametrize("block_n,stages", [(16, 2), (32, 2), (16, 4), (32, 3), (64, 2)])
+def test_matches_reference(dtype, num_heads, num_kv_heads, block_size, block_n, stages):
+    """GQA groups of 4, 1, 8, 3 and 16; cache blocks of 16, 32, 48 and 64 (tiles across
+    blocks and within them); ragged lengths with a padding row (length 0: zeros), a
+    length of one, partial last tiles; each launch against the reference."""
+    seq_lens = [0, 1, 15, 16, 17, 100, 333, 1000]
+    kc, vc, tables, seq = _fp8_cache(seq_lens, num_kv_heads, block_size, DEVICE)
+    query = torch.randn(len(seq_lens), num_heads, 128, device=DEVICE).to(dtype)
+    qsl = torch.arange(len(seq_lens) + 1, dtype=torch.int32, device=DEVICE)
+    assert gluon_fp8.serves(query, kc, vc, 1, None, None, None)
+    with poisoned_allocations():
+        out = paged_decode_attention(query, kc, vc, tables, seq, qsl, 128 ** -0.5,
+                                     num_splits=1, k_scale=0.5, v_scale=0.25, gluon=True,
+                                     block_n=block_n, num_stages=stages)
+    expected = torch_ref.paged_attention(query, kc, vc, tables, seq, qsl, 128 ** -0.5,
+                                         k_scale=0.5, v_scale=0.25)
+    assert_close(out, expected, "Gluon decode attention, FP8 cache", dtype)
+    assert out[0].abs().max().item() == 0.0
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("use_gdc", [False, True])
+@pytest.mark.parametrize("batch", [64, 160, 256])
+def test_default_launch_at_llama3_8b_shapes(batch, use_gdc):
+    """Batch 64, 160 and 256 x 8 KV heads (the launches ``default_launch`` picks on GPUs of
+    up to 182 SMs), with and without programmatic dependent launch, inside a CUDA graph as
+    decode runs: the default path takes the kernel and matches the reference."""
+    seq_lens = torch.randint(1, 1200, (batch,)).tolist()
+    kc, vc, tables, seq = _fp8_cache(seq_lens, 8, 16, DEVICE)
+    query = torch.randn(batch, 32, 128, device=DEVICE).to(torch.bfloat16)
+    out = torch.empty_like(query)
+    block_n, stages = gluon_fp8.default_launch(batch * 8, torch.cuda.get_device_properties(
+        DEVICE).multi_processor_count)
+    scale_log2 = 128 ** -0.5 * 0.5 * 1.4426950408889634
+
+    def launch():
+        gluon_fp8.fp8_decode_attention(query, kc, vc, tables, seq, out, scale_log2, 0.25,
+                                       block_n, stages, use_gdc)
+
+    launch()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        launch()
+    out.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    qsl = torch.arange(batch + 1, dtype=torch.int32, device=DEVICE)
+    expected = torch_ref.paged_attention(query, kc, vc, tables, seq, qsl, 128 ** -0.5,
+                                         k_scale=0.5, v_scale=0.25)
+    assert_close(out, expected, "Gluon decode attention in a graph", torch.bfloat16)
+    default = paged_decode_attention(query, kc, vc, tables, seq, qsl, 128 ** -0.5,
+                                     k_scale=0.5, v_scale=0.25)
+    torch.testing.assert_close(default, out, atol=0, rtol=0)
+
+
+def test_declines_what_it_does_not_run():
+    """Where the kernel cannot run, ``serves`` says no and ``gluon=True`` is refused with
+    what it needs; the default then takes the ``tl.dot`` kernel."""
+    seq_lens = [5, 40]
+    kc, vc, tables, seq = _fp8_cache(seq_lens, 2, 16, DEVICE)
+    query = torch.randn(2, 4, 128).to(torch.bfloat16).to(DEVICE)
+    on_gpu = DEVICE.type == "cuda" and torch.cuda.get_device_capability(DEVICE) >= (9, 0)
+    assert gluon_fp8.serves(query, kc, vc, 1, None, None, None) == (
+        on_gpu and gluon_fp8.gluon is not None)
+    for case in (dict(num_splits=2), dict(sliding_window=8), dict(logit_softcap=30.0),
+                 dict(attention_stride=4)):
+        args = dict(num_splits=1) | case
+        assert not gluon_fp8.serves(query, kc, vc, args["num_splits"],
+                                    args.get("sliding_window"), args.get("logit_softcap"),
+                                    args.get("attention_stride"))
+        with pytest.raises(ValueError, match="gluon=True needs an FP8 cache"):
+            paged_decode_attention(query, kc, vc, tables, seq, None, 0.1, gluon=True, **args)
+    wide = torch.randn(2, 4, 64).to(torch.bfloat16).to(DEVICE)  # head dim 64
+    kc64, vc64 = kc[..., :64].contiguous(), vc[..., :64].contiguous()
+    assert not gluon_fp8.serves(wide, kc64, vc64, 1, None, None, None)
+    bf16_cache = kc.to(torch.bfloat16)
+    assert not gluon_fp8.serves(query, bf16_cache, bf16_cache, 1, None, None, None)
+    out = paged_decode_attention(query, kc, vc, tables, seq, None, 0.1, num_splits=1,
+                                 gluon=False)
+    qsl = torch.arange(3, dtype=torch.int32, device=DEVICE)
+    assert_close(out, torch_ref.paged_attention(query, kc, vc, tables, seq, qsl, 0.1),
+                 "tl.dot kernel", torch.bfloat16)
+
+
+_COMPILE = """
+import inspect, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon._runtime import GluonASTSource
+from kernels import fp8_decode_attention as gluon_fp8
+
+block_n, stages = int(sys.argv[1]), int(sys.argv[2])
+fn = gluon_fp8._fp8_decode_attention_kernel
+pointers = dict(q_ptr="*bf16", kc_ptr="*fp8e4nv", vc_ptr="*fp8e4nv", bt_ptr="*i32",
+                seq_lens_ptr="*i32", out_ptr="*bf16")
+constexprs = dict(GROUP=4, BLOCK_SIZE=16, BLOCK_N=block_n, STAGES=stages, USE_GDC=True,
+                  **gluon_fp8._layouts(block_n))
+names = list(inspect.signature(fn.fn).parameters)
+signature = {n: "constexpr" if n in constexprs else pointers.get(
+    n, "fp32" if n in ("scale_log2", "v_scale") else "i32") for n in names}
+aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in names
+           if n.endswith("_ptr") or n.startswith("stride")}
+source = GluonASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned)
+kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})
+sys.stdout.write(kernel.asm["ptx"])
+"""
+
+
+def _compile_for_sm90(block_n: int, stages: int) -> str:
+    """The kernel's PTX for sm_90 as launched for Llama-3-8B heads (no GPU needed), compiled
+    in a process of its own: the tests' process runs Triton's interpreter."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="gluon-ptx-")
+    try:
+        done = subprocess.run([sys.executable, "-c", _COMPILE, str(block_n), str(stages)],
+                              capture_output=True, text=True, env=env, timeout=300,
+                              cwd=pathlib.Path(__file__).resolve().parents[2])
+    finally:
+        shutil.rmtree(env["TRITON_CACHE_DIR"], ignore_errors=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def _loop_body(ptx: str) -> list[str]:
+    """The lines of the PTX loop that holds the MMAs (label to its backward branch)."""
+    lines = ptx.splitlines()
+    labels = {line.split(":")[0]: i for i, line in enumerate(lines)
+              if re.match(r"^\$L__BB\d+_\d+:", line)}
+    for j, line in enumerate(lines):
+        branch = re.search(r"bra(?:\.uni)?\s+(\$L__BB\d+_\d+);", line)
+        if branch and labels.get(branch.group(1), j) < j:
+            body = lines[labels[branch.group(1)]:j]
+            if any("mma.sync" in b for b in body):
+                return body
+    raise AssertionError("no loop with MMAs in the PTX")
+
+
+@pytest.mark.skipif(gluon_fp8.gluon is None, reason="Triton without Gluon")
+@pytest.mark.parametrize("block_n,stages", [(16, 2), (32, 2)])
+def test_tiles_reach_the_mma_from_registers(block_n, stages):
+    """Compiled for sm_90: every layout conversion is a relabelling (``assert_trivial`` in
+    the kernel would fail the compile), and the loop moves each tile through shared memory
+    once: copied in by ``cp.async``, read back as 16-byte vectors, never stored from
+    registers or read by ``ldmatrix``; 16 MMAs for Q K^T and 16 for P V per 16 keys, one
+    e4m3 pair conversion per two bytes."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    body = "\n".join(_loop_body(_compile_for_sm90(block_n, stages)))
+    assert "st.shared" not in body and "ldmatrix" not in body
+    loads = re.findall(r"ld\.shared[\w.]*", body)
+    assert loads and all(".v4" in load for load in loads)
+    tile_bytes = 2 * block_n * 128
+    assert len(re.findall(r"cp\.async\.cg\.shared\.global.*0x10", body)) == tile_bytes // 16 // 32
+    assert len(re.findall(r"ld\.shared\.v4", body)) == tile_bytes // 16 // 32
+    assert len(re.findall(r"mma\.sync", body)) == 2 * block_n  # 16 + 16 per 16 keys
+    assert len(re.findall(r"cvt\.rn\.f16x2\.e4m3x2", body)) == tile_bytes // 2 // 32
