@@ -23,11 +23,11 @@ register layouts are chosen by hand:
 - ``S = Q K^T``'s accumulator layout is ``P``'s operand layout for ``P @ V`` (the usual
   register reuse), so the probabilities never leave registers either.
 
-One program (one warp) handles one (request, KV head): the GQA group's query heads are the
-MMA's 16 rows (a group of up to 16). The cache is read as ``k * k_scale``, ``v * v_scale``
-(``k_scale`` folded into ``scale_log2``). What it does not do (the ``tl.dot`` kernel keeps
-those cases): split-KV, sliding windows, soft-capping, the strided pattern, a head dim other
-than 128.
+One program (one warp) handles one (request, KV head), or one split of its keys: the GQA
+group's query heads are the MMA's 16 rows (a group of up to 16). The cache is read as
+``k * k_scale``, ``v * v_scale`` (``k_scale`` folded into ``scale_log2``). What it does not
+do (the ``tl.dot`` kernel keeps those cases): sliding windows, soft-capping, the strided
+pattern, a head dim other than 128.
 """
 
 from __future__ import annotations
@@ -121,30 +121,29 @@ if gluon is not None:
 
     @gluon.jit
     def _issue_tile(k_smem, v_smem, stage, k_ptrs, v_ptrs, rows_k, rows_v, keys_k, keys_v,
-                    n, seq_len):
-        """cp.async of the K and V tile starting at key ``n`` (rows past ``seq_len`` zero)."""
+                    n, end):
+        """cp.async of the K and V tile starting at key ``n`` (rows from ``end`` on zero)."""
         _async_load(k_smem.index(stage), k_ptrs + rows_k[:, None],
-                    mask=(n + keys_k < seq_len)[:, None])
+                    mask=(n + keys_k < end)[:, None])
         _async_load(v_smem.index(stage), v_ptrs + rows_v[:, None],
-                    mask=(n + keys_v < seq_len)[:, None])
+                    mask=(n + keys_v < end)[:, None])
         _async.commit_group()
 
     @gluon.jit
-    def _row_offsets(bt_row, n, keys, seq_len, stride_cb, stride_ct,
-                     BLOCK_SIZE: gl.constexpr):
+    def _row_offsets(bt_row, n, keys, end, stride_cb, stride_ct, BLOCK_SIZE: gl.constexpr):
         """Cache offsets of keys ``n + keys`` (block number times the block stride plus the
-        slot's), 0 past ``seq_len``."""
+        slot's); keys from ``end`` on read no block number."""
         pos = n + keys
-        block = gl.load(bt_row + pos // BLOCK_SIZE, mask=pos < seq_len, other=0)
+        block = gl.load(bt_row + pos // BLOCK_SIZE, mask=pos < end, other=0)
         return block.to(gl.int64) * stride_cb + (pos % BLOCK_SIZE) * stride_ct
 
     @gluon.jit
     def _fp8_decode_attention_kernel(
-            q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr, out_ptr,
+            q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
             stride_qt, stride_qh, stride_cb, stride_ct, stride_ch, stride_bt,
-            stride_ot, stride_oh, scale_log2, v_scale,
+            stride_ot, stride_oh, num_heads, scale_log2, v_scale,
             GROUP: gl.constexpr, BLOCK_SIZE: gl.constexpr, BLOCK_N: gl.constexpr,
-            STAGES: gl.constexpr, USE_GDC: gl.constexpr,
+            STAGES: gl.constexpr, NUM_SPLITS: gl.constexpr, USE_GDC: gl.constexpr,
             MMA: gl.constexpr, A_OP: gl.constexpr, B_OP: gl.constexpr,
             K_LOAD: gl.constexpr, Q_LOAD: gl.constexpr, V_LOAD: gl.constexpr,
             OUT: gl.constexpr, SMEM: gl.constexpr):
@@ -156,6 +155,11 @@ if gluon is not None:
             gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [],
                                       dtype=gl.int32, is_pure=False, pack=1)
         seq_len = gl.load(seq_lens_ptr + req)
+        # This split's keys [start, end) (all of them with one split).
+        split = gl.program_id(2)
+        per_split = gl.cdiv(gl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        start = split * per_split
+        end = gl.minimum(start + per_split, seq_len)
         head0 = kvh * GROUP
         # The GROUP query heads as the MMA's rows (the rest zeros), float16, relabelled.
         rows = gl.arange(0, 16, layout=gl.SliceLayout(1, Q_LOAD))
@@ -178,30 +182,30 @@ if gluon is not None:
 
         # Tiles 0 .. STAGES - 2 in flight, the next tile's cache offsets loaded.
         for i in gl.static_range(STAGES - 1):
-            n = i * BLOCK_N
+            n = start + i * BLOCK_N
             _issue_tile(k_smem, v_smem, i, k_ptrs, v_ptrs,
-                        _row_offsets(bt_row, n, keys_k, seq_len, stride_cb, stride_ct,
+                        _row_offsets(bt_row, n, keys_k, end, stride_cb, stride_ct,
                                      BLOCK_SIZE),
-                        _row_offsets(bt_row, n, keys_v, seq_len, stride_cb, stride_ct,
+                        _row_offsets(bt_row, n, keys_v, end, stride_cb, stride_ct,
                                      BLOCK_SIZE),
-                        keys_k, keys_v, n, seq_len)
-        n = (STAGES - 1) * BLOCK_N
-        rows_k = _row_offsets(bt_row, n, keys_k, seq_len, stride_cb, stride_ct, BLOCK_SIZE)
-        rows_v = _row_offsets(bt_row, n, keys_v, seq_len, stride_cb, stride_ct, BLOCK_SIZE)
+                        keys_k, keys_v, n, end)
+        n = start + (STAGES - 1) * BLOCK_N
+        rows_k = _row_offsets(bt_row, n, keys_k, end, stride_cb, stride_ct, BLOCK_SIZE)
+        rows_v = _row_offsets(bt_row, n, keys_v, end, stride_cb, stride_ct, BLOCK_SIZE)
 
         cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, MMA))
         m_i = gl.full([16], float("-inf"), gl.float32, layout=gl.SliceLayout(1, MMA))
         l_i = gl.full([16], 0.0, gl.float32, layout=gl.SliceLayout(1, MMA))
         acc = gl.full([16, _D], 0.0, gl.float32, layout=MMA)
-        for t in range(gl.cdiv(seq_len, BLOCK_N)):
+        for t in range(gl.cdiv(gl.maximum(end - start, 0), BLOCK_N)):
             # Every lane is past its reads of the stage refilled here (read last iteration).
             _barrier()
-            n = (t + STAGES - 1) * BLOCK_N
+            n = start + (t + STAGES - 1) * BLOCK_N
             _issue_tile(k_smem, v_smem, (t + STAGES - 1) % STAGES, k_ptrs, v_ptrs,
-                        rows_k, rows_v, keys_k, keys_v, n, seq_len)
-            rows_k = _row_offsets(bt_row, n + BLOCK_N, keys_k, seq_len, stride_cb,
+                        rows_k, rows_v, keys_k, keys_v, n, end)
+            rows_k = _row_offsets(bt_row, n + BLOCK_N, keys_k, end, stride_cb,
                                   stride_ct, BLOCK_SIZE)
-            rows_v = _row_offsets(bt_row, n + BLOCK_N, keys_v, seq_len, stride_cb,
+            rows_v = _row_offsets(bt_row, n + BLOCK_N, keys_v, end, stride_cb,
                                   stride_ct, BLOCK_SIZE)
             _async.wait_group(STAGES - 1)
             _barrier()  # other lanes' copies of this tile are visible
@@ -209,7 +213,7 @@ if gluon is not None:
             k = k_smem.index(stage).load(K_LOAD).to(gl.float16)
             k = gl.convert_layout(gl.permute(_k_relabel(k), [1, 0]), B_OP, assert_trivial=True)
             s = mma_v2(q, k, gl.full([16, BLOCK_N], 0.0, gl.float32, layout=MMA))
-            s = gl.where((t * BLOCK_N + cols < seq_len)[None, :], s * scale_log2,
+            s = gl.where((start + t * BLOCK_N + cols < end)[None, :], s * scale_log2,
                          float("-inf"))
             m_new = gl.maximum(m_i, gl.max(s, axis=1))
             alpha = gl.exp2(m_i - m_new)
@@ -221,25 +225,41 @@ if gluon is not None:
             v = gl.convert_layout(_v_relabel(v), B_OP, assert_trivial=True)
             acc = mma_v2(p, v, acc * alpha[:, None])
         _async.wait_group(0)
-        # A padding row (seq_len 0) has l = 0 and a zero accumulator: zeros out.
-        o = acc * (v_scale / gl.where(l_i > 0, l_i, 1.0))[:, None]
-        o = gl.convert_layout(_v_unlabel(o).to(out_ptr.dtype.element_ty), OUT)
         orow = gl.arange(0, 16, layout=gl.SliceLayout(1, OUT))
         od = gl.arange(0, _D, layout=gl.SliceLayout(0, OUT))
-        gl.store(out_ptr + req.to(gl.int64) * stride_ot + (head0 + orow)[:, None] * stride_oh
-                 + od[None, :], o, mask=(orow < GROUP)[:, None])
+        if NUM_SPLITS == 1:
+            # A padding row (seq_len 0) has l = 0 and a zero accumulator: zeros out.
+            o = acc * (v_scale / gl.where(l_i > 0, l_i, 1.0))[:, None]
+            o = gl.convert_layout(_v_unlabel(o).to(out_ptr.dtype.element_ty), OUT)
+            gl.store(out_ptr + req.to(gl.int64) * stride_ot
+                     + (head0 + orow)[:, None] * stride_oh + od[None, :], o,
+                     mask=(orow < GROUP)[:, None])
+        else:
+            # The split's unnormalised sums, row maximum and sum of exponentials, as the
+            # tl.dot kernel leaves them for its merge kernel.
+            o = gl.convert_layout(_v_unlabel(acc * v_scale), OUT)
+            part = (req.to(gl.int64) * num_heads + head0 + orow) * NUM_SPLITS + split
+            gl.store(part_acc_ptr + part[:, None] * _D + od[None, :], o,
+                     mask=(orow < GROUP)[:, None])
+            mrow = gl.arange(0, 16, layout=gl.SliceLayout(1, MMA))
+            part = (req.to(gl.int64) * num_heads + head0 + mrow) * NUM_SPLITS + split
+            gl.store(part_ml_ptr + part * 2, m_i, mask=mrow < GROUP)
+            gl.store(part_ml_ptr + part * 2 + 1, l_i, mask=mrow < GROUP)
 
 
-def default_launch(programs: int, sms: int) -> tuple[int, int]:
-    """``(keys per iteration, pipeline stages)`` for ``programs`` (requests x KV heads) on
-    ``sms`` SMs: 32-key tiles (191 registers a thread, 10 programs per SM) and 2 stages,
-    except at 8-12 programs per SM, where 16-key tiles (162 registers, 12 per SM) fit one
-    wave, and up to one program per SM. H200, Llama-3-8B heads, us, 32 / 16 keys: batch 256
-    x 616 / 1024 / 2048 88.9 / 100.7, 136.7 / 159.0, 259.2 / 306.6; 224 x 616 82.7 / 98.9;
-    176 x 616 79.2 / 61.0; 160 x 1024 122.1 / 93.6; 128 x 616 46.3 / 46.4, x 4096 255.0 /
-    265.2; 64 x 616 32.2 / 34.4, x 4096 162.8 / 186.3; batch 1 x 40 8.7 / 7.8. Three to six
-    stages were no faster."""
-    if programs <= sms or _SMALL_TILE_MIN * sms < programs <= _SMALL_TILE_MAX * sms:
+def default_launch(programs: int, num_splits: int, sms: int) -> tuple[int, int]:
+    """``(keys per iteration, pipeline stages)`` for ``programs`` (requests x KV heads) split
+    ``num_splits`` ways on ``sms`` SMs. One split: 32-key tiles (191 registers a thread, 10
+    programs per SM) and 2 stages, except at 8-12 programs per SM, where 16-key tiles (162
+    registers, 12 per SM) fit one wave, and up to one program per SM. H200, Llama-3-8B
+    heads, us, 32 / 16 keys: batch 256 x 616 / 1024 / 2048 88.9 / 100.7, 136.7 / 159.0,
+    259.2 / 306.6; 224 x 616 82.7 / 98.9; 176 x 616 79.2 / 61.0; 160 x 1024 122.1 / 93.6;
+    128 x 616 46.3 / 46.4, x 4096 255.0 / 265.2; 64 x 616 32.2 / 34.4, x 4096 162.8 /
+    186.3; batch 1 x 40 8.7 / 7.8. Three to six stages were no faster. Split-KV: 16 keys
+    (batch 1 x 4096 keys in 128 splits 11.9 against 13.2 us, 8 x 1024 in 16 13.8 / 14.7;
+    up to 1.6% slower at 512-1024 keys a split)."""
+    if num_splits > 1 or programs <= sms or (
+            _SMALL_TILE_MIN * sms < programs <= _SMALL_TILE_MAX * sms):
         return 16, STAGES
     return 32, STAGES
 
@@ -249,45 +269,57 @@ def _capable(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (9, 0)
 
 
+def serves_layout(cache_dtype: torch.dtype, query_dtype: torch.dtype, head_dim: int,
+                  group: int, device: torch.device) -> bool:
+    """Whether the kernel can take a model's decode attention: an e4m3 cache under a 16-bit
+    query on a CUDA GPU of compute capability 9.0+ (measured on an H200), head dim 128, a
+    GQA group of up to 16 (``ENABLED``, Gluon available)."""
+    return (ENABLED and gluon is not None and not is_interpreter()
+            and cache_dtype == FP8_DTYPE and query_dtype in (torch.bfloat16, torch.float16)
+            and device.type == "cuda" and head_dim == HEAD_DIM and 1 <= group <= MAX_GROUP
+            and _capable(device))
+
+
 def serves(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-           num_splits: int,
            sliding_window: int | None, logit_softcap: float | None,
            attention_stride: int | None) -> bool:
-    """Whether ``fp8_decode_attention`` takes a decode batch: an e4m3 cache under a 16-bit
-    query on a CUDA GPU of compute capability 9.0+ (measured on an H200), one split, no
-    window, cap or strided pattern, head dim 128, a GQA group of up to 16, 16-byte aligned
-    rows."""
-    if not (ENABLED and gluon is not None and key_cache.dtype == FP8_DTYPE
-            and query.dtype in (torch.bfloat16, torch.float16) and query.is_cuda
-            and not is_interpreter() and num_splits == 1 and sliding_window is None
-            and logit_softcap is None and attention_stride is None):
-        return False
+    """Whether the kernel takes this decode batch: ``serves_layout``, no window, cap or
+    strided pattern, 16-byte aligned rows."""
     num_heads, head_dim = query.shape[1], query.shape[2]
-    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
-    return (head_dim == _D and num_heads % num_kv_heads == 0
-            and num_heads // num_kv_heads <= MAX_GROUP and block_size % 16 == 0
+    num_kv_heads = key_cache.shape[2]
+    return (sliding_window is None and logit_softcap is None and attention_stride is None
+            and num_heads % num_kv_heads == 0
+            and serves_layout(key_cache.dtype, query.dtype, head_dim,
+                              num_heads // num_kv_heads, query.device)
             and key_cache.stride(3) == 1 and query.stride(2) == 1
             and all(s % 16 == 0 for s in key_cache.stride()[:3])
-            and key_cache.data_ptr() % 16 == 0 and value_cache.data_ptr() % 16 == 0
-            and _capable(query.device))
+            and key_cache.data_ptr() % 16 == 0 and value_cache.data_ptr() % 16 == 0)
 
 
 def fp8_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
                          value_cache: torch.Tensor, block_tables: torch.Tensor,
                          seq_lens: torch.Tensor, out: torch.Tensor, scale_log2: float,
                          v_scale: float, block_n: int, stages: int,
-                         use_gdc: bool = False) -> torch.Tensor:
+                         use_gdc: bool = False, num_splits: int = 1,
+                         part_acc: torch.Tensor | None = None,
+                         part_ml: torch.Tensor | None = None) -> torch.Tensor:
     """Fills ``out [B, H, 128]`` with decode attention over the e4m3 paged cache (arguments
     as ``paged_decode_attention``'s, checked there and by ``serves``; ``scale_log2`` the
     softmax scale times ``k_scale`` times log2(e)); ``block_n`` keys per iteration (a power
-    of two from 16), ``stages`` (2+) as ``default_launch`` gives them."""
+    of two from 16), ``stages`` (2+) as ``default_launch`` gives them. With ``num_splits``
+    > 1 each (request, KV head) is split over that many programs, which write their partial
+    results to ``part_acc [B * H * num_splits, 128]`` and ``part_ml [B * H * num_splits, 2]``
+    (float32) for ``paged_decode_attention``'s merge kernel instead of ``out``."""
     num_reqs, num_heads = query.shape[:2]
     num_kv_heads = key_cache.shape[2]
-    _fp8_decode_attention_kernel[(num_reqs, num_kv_heads)](
-        query, key_cache, value_cache, block_tables, seq_lens, out,
+    if num_splits == 1:
+        part_acc = part_ml = out
+    _fp8_decode_attention_kernel[(num_reqs, num_kv_heads, num_splits)](
+        query, key_cache, value_cache, block_tables, seq_lens, out, part_acc, part_ml,
         query.stride(0), query.stride(1), key_cache.stride(0), key_cache.stride(1),
-        key_cache.stride(2), block_tables.stride(0), out.stride(0), out.stride(1),
+        key_cache.stride(2), block_tables.stride(0), out.stride(0), out.stride(1), num_heads,
         scale_log2, v_scale, GROUP=num_heads // num_kv_heads,
-        BLOCK_SIZE=key_cache.shape[1], BLOCK_N=block_n, STAGES=stages, USE_GDC=use_gdc,
+        BLOCK_SIZE=key_cache.shape[1], BLOCK_N=block_n, STAGES=stages,
+        NUM_SPLITS=num_splits, USE_GDC=use_gdc,
         **_layouts(block_n), num_warps=1, **({"launch_pdl": True} if use_gdc else {}))
     return out

@@ -356,10 +356,12 @@ def kv_words(key_cache: torch.Tensor, value_cache: torch.Tensor, query: torch.Te
             and can_unpack_e4m3_words(key_cache) and can_unpack_e4m3_words(value_cache))
 
 
-def _splits_for_sms(programs: int, device: torch.device) -> int:
+def _splits_for_sms(programs: int, device: torch.device, one_warp: bool = False) -> int:
     sms = num_sms(device)
     if programs >= 2 * sms:
         return 1
+    if one_warp:
+        return min(triton.cdiv(8 * sms, programs), 2 * _MAX_SPLITS)
     return min(triton.cdiv(4 * sms, programs), _MAX_SPLITS)
 
 
@@ -368,12 +370,17 @@ def _pow2_floor(n: int) -> int:
 
 
 def pick_num_splits(num_reqs: int, num_kv_heads: int, max_context: int,
-                    device: torch.device) -> int:
+                    device: torch.device, one_warp: bool = False) -> int:
     """Splits per (request, KV head): none once two programs per SM exist, else about four
     programs per SM (a power of two, to bound recompiles; measured on H100), and no fewer
-    than ``_MIN_TOKENS_PER_SPLIT`` context tokens per split."""
+    than ``_MIN_TOKENS_PER_SPLIT`` context tokens per split. ``one_warp``: for the Gluon
+    kernel over an FP8 cache (``fp8_decode_attention.serves``), whose programs are one warp,
+    about eight per SM and up to twice ``_MAX_SPLITS`` (H200, 8 KV heads, us, the tl.dot
+    kernel at its count / Gluon at the same / at twice: batch 1 x 32k keys 33.4 / 29.9 /
+    26.5, 2 x 32k 55.7 / 49.1 / 42.0, 4 x 32k 98.9 / 87.0 / 74.0, 8 x 16k 98.8 / 87.2 /
+    73.9, 32 x 4096 99.1 / 87.4 / 78.1, 1 x 4096 13.3 / 12.2 / 11.9)."""
     programs = max(1, num_reqs * num_kv_heads)
-    return _pow2_floor(min(_splits_for_sms(programs, device),
+    return _pow2_floor(min(_splits_for_sms(programs, device, one_warp),
                            max_context // _MIN_TOKENS_PER_SPLIT))
 
 
@@ -524,29 +531,17 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
         max_context = min(max_context, sliding_window)
     if attention_stride is not None:
         max_context = min(max_context, attention_stride + max_context // attention_stride)
-    if num_splits is None:
-        num_splits = pick_num_splits(num_reqs, num_kv_heads, max_context, query.device)
-    can_gluon = gluon_fp8.serves(query, key_cache, value_cache, num_splits, sliding_window,
-                                 logit_softcap, attention_stride)
+    can_gluon = gluon_fp8.serves(query, key_cache, value_cache, sliding_window, logit_softcap,
+                                 attention_stride)
     if gluon and not can_gluon:
         raise ValueError("gluon=True needs an FP8 cache under a 16-bit query on a CUDA GPU "
-                         "of compute capability 9.0+, one split, head dim 128, a GQA group "
-                         "of up to 16 and no window, cap or strided pattern.")
-    if can_gluon and gluon is not False:
-        g_block_n, g_stages = gluon_fp8.default_launch(num_reqs * num_kv_heads,
-                                                       num_sms(query.device))
-        return gluon_fp8.fp8_decode_attention(
-            query, key_cache, value_cache, block_tables, seq_lens, out,
-            float(scale) * _LOG2E, float(v_scale), block_n or g_block_n,
-            num_stages or g_stages, launch_dependent_args(query.device)["USE_GDC"])
-    block_d = max(16, next_power_of_2(head_dim))
-    launch = _default_launch(num_reqs, num_kv_heads, num_splits, query.dtype, query.device,
-                             key_cache.dtype, head_dim)
-    block_n = launch[0] if block_n is None else block_n
-    num_warps = launch[1] if num_warps is None else num_warps
-    num_stages = launch[2] if num_stages is None else num_stages
-    key_rows = launch[3] if key_rows is None else key_rows
-    max_registers = launch[4] if max_registers is None else max_registers or None
+                         "of compute capability 9.0+, head dim 128, a GQA group of up to 16 "
+                         "and no window, cap or strided pattern.")
+    use_gluon = can_gluon and gluon is not False
+    if num_splits is None:
+        num_splits = pick_num_splits(num_reqs, num_kv_heads, max_context, query.device,
+                                     one_warp=use_gluon)
+    pdl = launch_dependent_args(query.device)
     if num_splits > 1:
         part_acc = torch.empty(num_reqs * num_heads * num_splits, head_dim,
                                dtype=torch.float32, device=query.device)
@@ -554,29 +549,45 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
                               device=query.device)
     else:
         part_acc = part_ml = out
-    pdl = launch_dependent_args(query.device)
-    _paged_decode_attention_kernel[(num_reqs, num_kv_heads, num_splits)](
-        query, key_cache, value_cache, block_tables, seq_lens, out, part_acc, part_ml,
-        query.stride(0), query.stride(1), key_cache.stride(0), key_cache.stride(1),
-        key_cache.stride(2), block_tables.stride(0), out.stride(0), out.stride(1),
-        num_heads, float(scale) * _LOG2E, block_size,
-        sliding_window if sliding_window is not None else 0, softcap_mul, softcap_log2,
-        float(v_scale), attention_stride or 1, GROUP=group,
-        BLOCK_G=next_power_of_2(group) if key_rows else max(16, next_power_of_2(group)),
-        HEAD_DIM=head_dim,
-        BLOCK_D=block_d, BLOCK_N=block_n, NUM_SPLITS=num_splits,
-        HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=logit_softcap is not None,
-        DOT_PRECISION=dot_precision(query.dtype), IS_STRIDED=attention_stride is not None,
-        F16_DOTS=fp8_f16_dots(key_cache, query),
-        BLOCK_SIZE=block_size if key_cache.dtype == FP8_DTYPE else 0,
-        KV_WORDS=kv_words(key_cache, value_cache, query, head_dim),
-        PREFETCH_TABLE=num_splits == 1 and key_cache.dtype != FP8_DTYPE,
-        KEY_ROWS=bool(key_rows),
-        num_warps=num_warps, num_stages=num_stages, **pdl,
-        **({} if max_registers is None else dict(maxnreg=max_registers)))
+    block_d = max(16, next_power_of_2(head_dim))
+    if use_gluon:
+        g_block_n, g_stages = gluon_fp8.default_launch(num_reqs * num_kv_heads, num_splits,
+                                                       num_sms(query.device))
+        gluon_fp8.fp8_decode_attention(
+            query, key_cache, value_cache, block_tables, seq_lens, out,
+            float(scale) * _LOG2E, float(v_scale), block_n or g_block_n,
+            num_stages or g_stages, pdl["USE_GDC"], num_splits, part_acc, part_ml)
+    else:
+        launch = _default_launch(num_reqs, num_kv_heads, num_splits, query.dtype, query.device,
+                                 key_cache.dtype, head_dim)
+        block_n = launch[0] if block_n is None else block_n
+        num_warps = launch[1] if num_warps is None else num_warps
+        num_stages = launch[2] if num_stages is None else num_stages
+        key_rows = launch[3] if key_rows is None else key_rows
+        max_registers = launch[4] if max_registers is None else max_registers or None
+        _paged_decode_attention_kernel[(num_reqs, num_kv_heads, num_splits)](
+            query, key_cache, value_cache, block_tables, seq_lens, out, part_acc, part_ml,
+            query.stride(0), query.stride(1), key_cache.stride(0), key_cache.stride(1),
+            key_cache.stride(2), block_tables.stride(0), out.stride(0), out.stride(1),
+            num_heads, float(scale) * _LOG2E, block_size,
+            sliding_window if sliding_window is not None else 0, softcap_mul, softcap_log2,
+            float(v_scale), attention_stride or 1, GROUP=group,
+            BLOCK_G=next_power_of_2(group) if key_rows else max(16, next_power_of_2(group)),
+            HEAD_DIM=head_dim,
+            BLOCK_D=block_d, BLOCK_N=block_n, NUM_SPLITS=num_splits,
+            HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=logit_softcap is not None,
+            DOT_PRECISION=dot_precision(query.dtype), IS_STRIDED=attention_stride is not None,
+            F16_DOTS=fp8_f16_dots(key_cache, query),
+            BLOCK_SIZE=block_size if key_cache.dtype == FP8_DTYPE else 0,
+            KV_WORDS=kv_words(key_cache, value_cache, query, head_dim),
+            PREFETCH_TABLE=num_splits == 1 and key_cache.dtype != FP8_DTYPE,
+            KEY_ROWS=bool(key_rows),
+            num_warps=num_warps, num_stages=num_stages, **pdl,
+            **({} if max_registers is None else dict(maxnreg=max_registers)))
     if num_splits > 1:
         _paged_decode_reduce_kernel[(num_reqs, num_heads)](
             part_acc, part_ml, out, out.stride(0), out.stride(1), num_heads,
             HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits,
             BLOCK_S=next_power_of_2(num_splits), num_warps=4, **pdl)
     return out
+

@@ -34,14 +34,17 @@ def batch_size_ladder(max_batch_size: int) -> list[int]:
 
 
 def context_classes(size: int, num_kv_heads: int, max_seq_len: int,
-                    device: torch.device) -> dict[int, int]:
+                    device: torch.device, one_warp: bool = False) -> dict[int, int]:
     """Split count -> the shortest context (a power of two, or ``max_seq_len``) for which
-    the decode kernel picks it at batch ``size``; covers every count up to ``max_seq_len``."""
+    the decode kernel picks it at batch ``size``; covers every count up to ``max_seq_len``.
+    ``one_warp``: the decode kernel is the Gluon kernel over an FP8 cache
+    (``pick_num_splits``)."""
     classes: dict[int, int] = {}
     context = 1
     while True:
         context = min(context, max_seq_len)
-        classes.setdefault(pick_num_splits(size, num_kv_heads, context, device), context)
+        classes.setdefault(pick_num_splits(size, num_kv_heads, context, device, one_warp),
+                           context)
         if context == max_seq_len:
             return classes
         context *= 2
@@ -59,13 +62,16 @@ class CudaGraphRunner:
         device: the GPU.
         num_kv_heads: the model's KV heads (the decode kernel's split count depends on it).
         num_groups: KV groups (each has its own static slot mapping and block table).
+        one_warp_splits: decode attention runs the Gluon kernel over an FP8 cache, which
+            picks its split count for one-warp programs (``pick_num_splits``).
     """
 
     def __init__(self, model: torch.nn.Module, kv_caches: list, max_batch_size: int,
                  max_blocks_per_seq: int, max_seq_len: int, device: torch.device,
-                 num_kv_heads: int, num_groups: int = 1):
+                 num_kv_heads: int, num_groups: int = 1, one_warp_splits: bool = False):
         self.model = model
         self.kv_caches = kv_caches
+        self.one_warp_splits = one_warp_splits
         self.sizes = batch_size_ladder(max_batch_size)
         self.max_batch_size = self.sizes[-1]
         self.max_blocks_per_seq = max_blocks_per_seq
@@ -107,7 +113,8 @@ class CudaGraphRunner:
                           self._metadata(size, max_seq_len))
 
     def _classes(self, size: int) -> dict[int, int]:
-        return context_classes(size, self.num_kv_heads, self.max_seq_len, self.device)
+        return context_classes(size, self.num_kv_heads, self.max_seq_len, self.device,
+                               self.one_warp_splits)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -138,7 +145,8 @@ class CudaGraphRunner:
     def graph_key(self, num_reqs: int, max_seq_len: int) -> tuple[int, int]:
         """The (padded size, split count) graph a decode batch replays."""
         size = next(s for s in self.sizes if s >= num_reqs)
-        num_splits = pick_num_splits(size, self.num_kv_heads, max_seq_len, self.device)
+        num_splits = pick_num_splits(size, self.num_kv_heads, max_seq_len, self.device,
+                                     self.one_warp_splits)
         if (size, num_splits) not in self.graphs:
             # Any split count is correct; take the largest captured one below.
             num_splits = max(s for (z, s) in self.graphs if z == size and s <= num_splits)

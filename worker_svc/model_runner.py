@@ -15,6 +15,7 @@ import torch
 from gridllm.common.config import CacheConfig, ModelConfig, SchedulerConfig
 from gridllm.common.contract import ModelLimits, ModelRunnerOutput, SchedulerOutput
 from gridllm.common.tokenizer import TOKENIZER_FILES, load_tokenizer
+from kernels import fp8_decode_attention as gluon_fp8
 from worker_svc.cuda_graph import CudaGraphRunner
 from worker_svc.input_batch import BatchInputs, InputBatch
 from worker_svc.kv_groups import model_kv_groups
@@ -148,10 +149,16 @@ class ModelRunner:
         if (self.device.type != "cuda" or self.model_config.enforce_eager
                 or self.attn_backend.name != "triton"):
             return None
+        _, num_kv_heads, head_dim = self._kv_geometry()
+        num_heads = max(self.hf_config.num_attention_heads
+                        // self.model_config.tensor_parallel_size, 1)
         graph_runner = CudaGraphRunner(
             self.model, self.kv_caches, min(self.scheduler_config.max_num_seqs, 256),
             -(-self.max_model_len // self.block_size), self.max_model_len, self.device,
-            num_kv_heads=self._kv_geometry()[1], num_groups=self.kv_groups.num_groups)
+            num_kv_heads=num_kv_heads, num_groups=self.kv_groups.num_groups,
+            one_warp_splits=gluon_fp8.serves_layout(
+                self.kv_cache_dtype, self.dtype, head_dim, num_heads // num_kv_heads,
+                self.device))
         graph_runner.capture()
         return graph_runner
 

@@ -47,7 +47,7 @@ def test_matches_reference(dtype, num_heads, num_kv_heads, block_size, block_n, 
     kc, vc, tables, seq = _fp8_cache(seq_lens, num_kv_heads, block_size, DEVICE)
     query = torch.randn(len(seq_lens), num_heads, 128, device=DEVICE).to(dtype)
     qsl = torch.arange(len(seq_lens) + 1, dtype=torch.int32, device=DEVICE)
-    assert gluon_fp8.serves(query, kc, vc, 1, None, None, None)
+    assert gluon_fp8.serves(query, kc, vc, None, None, None)
     with poisoned_allocations():
         out = paged_decode_attention(query, kc, vc, tables, seq, qsl, 128 ** -0.5,
                                      num_splits=1, k_scale=0.5, v_scale=0.25, gluon=True,
@@ -55,6 +55,27 @@ def test_matches_reference(dtype, num_heads, num_kv_heads, block_size, block_n, 
     expected = torch_ref.paged_attention(query, kc, vc, tables, seq, qsl, 128 ** -0.5,
                                          k_scale=0.5, v_scale=0.25)
     assert_close(out, expected, "Gluon decode attention, FP8 cache", dtype)
+    assert out[0].abs().max().item() == 0.0
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("num_splits", [2, 7, 64])
+@pytest.mark.parametrize("block_n", [16, 32])
+def test_split_kv_matches_reference(num_splits, block_n):
+    """Split-KV: each split's partial results merged by ``paged_decode_attention``'s merge
+    kernel; contexts shorter than the splits (empty splits), a padding row, 8k keys."""
+    seq_lens = [0, 1, 40, 1000, 8192]
+    kc, vc, tables, seq = _fp8_cache(seq_lens, 8, 16, DEVICE)
+    query = torch.randn(len(seq_lens), 32, 128, device=DEVICE).to(torch.bfloat16)
+    qsl = torch.arange(len(seq_lens) + 1, dtype=torch.int32, device=DEVICE)
+    with poisoned_allocations():
+        out = paged_decode_attention(query, kc, vc, tables, seq, qsl, 128 ** -0.5,
+                                     num_splits=num_splits, k_scale=0.5, v_scale=0.25,
+                                     gluon=True, block_n=block_n)
+    expected = torch_ref.paged_attention(query, kc, vc, tables, seq, qsl, 128 ** -0.5,
+                                         k_scale=0.5, v_scale=0.25)
+    assert_close(out, expected, "Gluon split-KV decode attention", torch.bfloat16)
     assert out[0].abs().max().item() == 0.0
 
 
@@ -70,8 +91,8 @@ def test_default_launch_at_llama3_8b_shapes(batch, use_gdc):
     kc, vc, tables, seq = _fp8_cache(seq_lens, 8, 16, DEVICE)
     query = torch.randn(batch, 32, 128, device=DEVICE).to(torch.bfloat16)
     out = torch.empty_like(query)
-    block_n, stages = gluon_fp8.default_launch(batch * 8, torch.cuda.get_device_properties(
-        DEVICE).multi_processor_count)
+    block_n, stages = gluon_fp8.default_launch(
+        batch * 8, 1, torch.cuda.get_device_properties(DEVICE).multi_processor_count)
     scale_log2 = 128 ** -0.5 * 0.5 * 1.4426950408889634
 
     def launch():
@@ -102,21 +123,18 @@ def test_declines_what_it_does_not_run():
     kc, vc, tables, seq = _fp8_cache(seq_lens, 2, 16, DEVICE)
     query = torch.randn(2, 4, 128).to(torch.bfloat16).to(DEVICE)
     on_gpu = DEVICE.type == "cuda" and torch.cuda.get_device_capability(DEVICE) >= (9, 0)
-    assert gluon_fp8.serves(query, kc, vc, 1, None, None, None) == (
+    assert gluon_fp8.serves(query, kc, vc, None, None, None) == (
         on_gpu and gluon_fp8.gluon is not None)
-    for case in (dict(num_splits=2), dict(sliding_window=8), dict(logit_softcap=30.0),
-                 dict(attention_stride=4)):
-        args = dict(num_splits=1) | case
-        assert not gluon_fp8.serves(query, kc, vc, args["num_splits"],
-                                    args.get("sliding_window"), args.get("logit_softcap"),
-                                    args.get("attention_stride"))
+    for case in (dict(sliding_window=8), dict(logit_softcap=30.0), dict(attention_stride=4)):
+        assert not gluon_fp8.serves(query, kc, vc, case.get("sliding_window"),
+                                    case.get("logit_softcap"), case.get("attention_stride"))
         with pytest.raises(ValueError, match="gluon=True needs an FP8 cache"):
-            paged_decode_attention(query, kc, vc, tables, seq, None, 0.1, gluon=True, **args)
+            paged_decode_attention(query, kc, vc, tables, seq, None, 0.1, gluon=True, **case)
     wide = torch.randn(2, 4, 64).to(torch.bfloat16).to(DEVICE)  # head dim 64
     kc64, vc64 = kc[..., :64].contiguous(), vc[..., :64].contiguous()
-    assert not gluon_fp8.serves(wide, kc64, vc64, 1, None, None, None)
+    assert not gluon_fp8.serves(wide, kc64, vc64, None, None, None)
     bf16_cache = kc.to(torch.bfloat16)
-    assert not gluon_fp8.serves(query, bf16_cache, bf16_cache, 1, None, None, None)
+    assert not gluon_fp8.serves(query, bf16_cache, bf16_cache, None, None, None)
     out = paged_decode_attention(query, kc, vc, tables, seq, None, 0.1, num_splits=1,
                                  gluon=False)
     qsl = torch.arange(3, dtype=torch.int32, device=DEVICE)
@@ -134,8 +152,10 @@ from kernels import fp8_decode_attention as gluon_fp8
 block_n, stages = int(sys.argv[1]), int(sys.argv[2])
 fn = gluon_fp8._fp8_decode_attention_kernel
 pointers = dict(q_ptr="*bf16", kc_ptr="*fp8e4nv", vc_ptr="*fp8e4nv", bt_ptr="*i32",
-                seq_lens_ptr="*i32", out_ptr="*bf16")
-constexprs = dict(GROUP=4, BLOCK_SIZE=16, BLOCK_N=block_n, STAGES=stages, USE_GDC=True,
+                seq_lens_ptr="*i32", out_ptr="*bf16", part_acc_ptr="*fp32",
+                part_ml_ptr="*fp32")
+constexprs = dict(GROUP=4, BLOCK_SIZE=16, BLOCK_N=block_n, STAGES=stages, NUM_SPLITS=1,
+                  USE_GDC=True,
                   **gluon_fp8._layouts(block_n))
 names = list(inspect.signature(fn.fn).parameters)
 signature = {n: "constexpr" if n in constexprs else pointers.get(

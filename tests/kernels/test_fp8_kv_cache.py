@@ -204,8 +204,10 @@ def test_fp8_cache_one_warp_launch(batch, launch):
 @needs_gpu
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(32, 8), (8, 8), (64, 8), (24, 8)])
 def test_fp8_cache_split_kv_key_rows(num_heads, num_kv_heads):
-    """Split-KV over an FP8 cache under bfloat16 queries takes the transposed products
-    (``key_rows``; GQA groups of 4, 1, 8 and 3) by default: against the reference."""
+    """Split-KV over an FP8 cache under bfloat16 queries: the ``tl.dot`` kernel's default
+    launch takes the transposed products (``key_rows``; GQA groups of 4, 1, 8 and 3), and
+    so does the default path, the Gluon kernel, at its own split count: both against the
+    reference."""
     import kernels.paged_decode_attention as module
 
     seq_lens = [8192, 3000, 1, 5000]
@@ -216,11 +218,13 @@ def test_fp8_cache_split_kv_key_rows(num_heads, num_kv_heads):
     assert splits > 1
     assert module._default_launch(len(seq_lens), num_kv_heads, splits, query.dtype, DEVICE,
                                   kc.dtype)[3]
-    out = paged_decode_attention(query, kc, vc, tables, seq, qsl, 128 ** -0.5,
-                                 max_seq_len=8192, k_scale=0.5, v_scale=0.25)
     expected = torch_ref.paged_attention(query, kc, vc, tables, seq, qsl, 128 ** -0.5,
                                          k_scale=0.5, v_scale=0.25)
-    assert_close(out, expected, "decode attention, FP8 cache, keys as rows", torch.bfloat16)
+    for gluon in (False, None):
+        out = paged_decode_attention(query, kc, vc, tables, seq, qsl, 128 ** -0.5,
+                                     max_seq_len=8192, k_scale=0.5, v_scale=0.25, gluon=gluon)
+        assert_close(out, expected, f"decode attention, FP8 cache, gluon={gluon}",
+                     torch.bfloat16)
 
 
 @pytest.mark.gpu
