@@ -280,6 +280,22 @@ def test_killed_last_worker_fails_its_requests_with_unavailable(model_path, redi
     assert "no other worker" in details
 
 
+class HeldLock:
+    """A lock the test takes and gives back, released on ``release`` only while held."""
+
+    def __init__(self, lock):
+        self.lock, self.held = lock, False
+
+    def acquire(self):
+        self.lock.acquire()
+        self.held = True
+
+    def release(self):
+        if self.held:
+            self.held = False
+            self.lock.release()
+
+
 def test_full_queue_is_refused_with_resource_exhausted_and_a_retry_hint(model_path):
     from gridllm.common.config import SchedulerConfig
     from scheduler_svc.servicer import RETRY_AFTER_KEY
@@ -291,35 +307,45 @@ def test_full_queue_is_refused_with_resource_exhausted_and_a_retry_hint(model_pa
                 running_scheduler([worker.address], scheduler_config=one_at_a_time,
                                   max_num_queued_reqs=2, max_num_queued_tokens=20) as (server,
                                                                                        stub):
-            await wait_until(lambda: server.pool.alive_links(), 10.0, "worker linked")
-            # Hold the worker's steps (its runner lock) so the queue stays as it is.
-            worker.servicer._lock.acquire()
-            calls = [stub.Submit(submit_request(f"q{i}", [40 + i, 41, 42], max_tokens=200,
-                                                ignore_eos=True)) for i in range(3)]
-            firsts = [asyncio.ensure_future(call.read()) for call in calls]
-            await wait_until(lambda: server.pool.queued()[0] == 2, 10.0, "two waiting")
-            refused = stub.Submit(submit_request("over", [50, 51, 52], max_tokens=5))
-            with pytest.raises(grpc.aio.AioRpcError) as by_count:
-                await refused.read()
-            retry = dict(await refused.trailing_metadata()).get(RETRY_AFTER_KEY)
-            for call in calls[1:]:
-                call.cancel()
-            worker.servicer._lock.release()
-            await firsts[0]
-            await wait_until(lambda: server.pool.queued()[0] == 0, 10.0, "queue emptied")
-            # One waiting request of 3 tokens: 3 + 18 more tokens exceed 20.
-            worker.servicer._lock.acquire()
-            waiting = stub.Submit(submit_request("w", [60, 61, 62], max_tokens=5))
-            await wait_until(lambda: server.pool.queued()[0] == 1, 10.0, "one waiting")
-            with pytest.raises(grpc.aio.AioRpcError) as by_tokens:
-                await collect(stub, submit_request("big", list(range(100, 118)), max_tokens=5))
-            worker.servicer._lock.release()
-            calls[0].cancel()
-            tokens, _ = await collect(stub, submit_request("after", [70, 71], max_tokens=3))
-            rest = await read_rest(waiting)
-            await wait_until(lambda: server.pool.queued()[0] == 0, 10.0, "all done")
-            stats = await stub.GetStats(generate_pb2.GetServerStatsRequest())
-            return by_count.value, retry, by_tokens.value, tokens, rest, stats
+            # Holding the worker's runner lock holds its steps, so the queue stays as it is;
+            # a failure while it is held must release it, or the worker's shutdown waits on
+            # its runner thread forever.
+            held = HeldLock(worker.servicer._lock)
+            try:
+                return await queue_checks(server, stub, held)
+            finally:
+                held.release()
+
+    async def queue_checks(server, stub, held):
+        await wait_until(lambda: server.pool.alive_links(), 10.0, "worker linked")
+        held.acquire()
+        calls = [stub.Submit(submit_request(f"q{i}", [40 + i, 41, 42], max_tokens=200,
+                                            ignore_eos=True)) for i in range(3)]
+        firsts = [asyncio.ensure_future(call.read()) for call in calls]
+        await wait_until(lambda: server.pool.queued()[0] == 2, 10.0, "two waiting")
+        refused = stub.Submit(submit_request("over", [50, 51, 52], max_tokens=5))
+        with pytest.raises(grpc.aio.AioRpcError) as by_count:
+            await asyncio.wait_for(refused.read(), 10.0)
+        retry = dict(await refused.trailing_metadata()).get(RETRY_AFTER_KEY)
+        for call in calls[1:]:
+            call.cancel()
+        held.release()
+        await firsts[0]
+        await wait_until(lambda: server.pool.queued()[0] == 0, 10.0, "queue emptied")
+        # One waiting request of 3 tokens: 3 + 18 more tokens exceed 20.
+        held.acquire()
+        waiting = stub.Submit(submit_request("w", [60, 61, 62], max_tokens=5))
+        await wait_until(lambda: server.pool.queued()[0] == 1, 10.0, "one waiting")
+        with pytest.raises(grpc.aio.AioRpcError) as by_tokens:
+            await asyncio.wait_for(collect(stub, submit_request(
+                "big", list(range(100, 118)), max_tokens=5)), 10.0)
+        held.release()
+        calls[0].cancel()
+        tokens, _ = await collect(stub, submit_request("after", [70, 71], max_tokens=3))
+        rest = await read_rest(waiting)
+        await wait_until(lambda: server.pool.queued()[0] == 0, 10.0, "all done")
+        stats = await stub.GetStats(generate_pb2.GetServerStatsRequest())
+        return by_count.value, retry, by_tokens.value, tokens, rest, stats
 
     by_count, retry, by_tokens, tokens, rest, stats = run(main())
     assert by_count.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
