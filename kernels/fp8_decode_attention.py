@@ -33,11 +33,10 @@ pattern, a head dim other than 128.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
-from kernels._utils import is_interpreter
+from kernels._utils import _env_switch, is_interpreter
 from kernels.fp8 import FP8_DTYPE
 
 try:  # Gluon: Triton 3.5+
@@ -56,7 +55,7 @@ STAGES = 2
 _SMALL_TILE_MIN = 8
 _SMALL_TILE_MAX = 12
 # GRIDLLM_GLUON_DECODE=0 before start keeps the tl.dot kernel everywhere.
-ENABLED = os.environ.get("GRIDLLM_GLUON_DECODE", "1") != "0"
+ENABLED = _env_switch("GRIDLLM_GLUON_DECODE")
 
 
 @functools.cache

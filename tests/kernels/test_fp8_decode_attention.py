@@ -2,13 +2,7 @@
 the torch reference on the GPU, what it declines, and, compiled for sm_90 on any machine,
 that its loop keeps the tiles out of shared memory between their copy and the MMA."""
 
-import os
-import pathlib
 import re
-import shutil
-import subprocess
-import sys
-import tempfile
 
 import pytest
 import torch
@@ -24,6 +18,7 @@ from tests.kernels.conftest import (
     needs_gpu,
     poisoned_allocations,
 )
+from tests.kernels.sm90_ptx import compile_for_sm90, loop_body
 
 
 def _fp8_cache(seq_lens, num_kv_heads, block_size, device, k_scale=0.5, v_scale=0.25):
@@ -142,61 +137,6 @@ def test_declines_what_it_does_not_run():
                  "tl.dot kernel", torch.bfloat16)
 
 
-_COMPILE = """
-import inspect, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.experimental.gluon._runtime import GluonASTSource
-from kernels import fp8_decode_attention as gluon_fp8
-
-block_n, stages = int(sys.argv[1]), int(sys.argv[2])
-fn = gluon_fp8._fp8_decode_attention_kernel
-pointers = dict(q_ptr="*bf16", kc_ptr="*fp8e4nv", vc_ptr="*fp8e4nv", bt_ptr="*i32",
-                seq_lens_ptr="*i32", out_ptr="*bf16", part_acc_ptr="*fp32",
-                part_ml_ptr="*fp32")
-constexprs = dict(GROUP=4, BLOCK_SIZE=16, BLOCK_N=block_n, STAGES=stages, NUM_SPLITS=1,
-                  USE_GDC=True,
-                  **gluon_fp8._layouts(block_n))
-names = list(inspect.signature(fn.fn).parameters)
-signature = {n: "constexpr" if n in constexprs else pointers.get(
-    n, "fp32" if n in ("scale_log2", "v_scale") else "i32") for n in names}
-aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in names
-           if n.endswith("_ptr") or n.startswith("stride")}
-source = GluonASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned)
-kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})
-sys.stdout.write(kernel.asm["ptx"])
-"""
-
-
-def _compile_for_sm90(block_n: int, stages: int) -> str:
-    """The kernel's PTX for sm_90 as launched for Llama-3-8B heads (no GPU needed), compiled
-    in a process of its own: the tests' process runs Triton's interpreter."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="gluon-ptx-")
-    try:
-        done = subprocess.run([sys.executable, "-c", _COMPILE, str(block_n), str(stages)],
-                              capture_output=True, text=True, env=env, timeout=300,
-                              cwd=pathlib.Path(__file__).resolve().parents[2])
-    finally:
-        shutil.rmtree(env["TRITON_CACHE_DIR"], ignore_errors=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
-
-
-def _loop_body(ptx: str) -> list[str]:
-    """The lines of the PTX loop that holds the MMAs (label to its backward branch)."""
-    lines = ptx.splitlines()
-    labels = {line.split(":")[0]: i for i, line in enumerate(lines)
-              if re.match(r"^\$L__BB\d+_\d+:", line)}
-    for j, line in enumerate(lines):
-        branch = re.search(r"bra(?:\.uni)?\s+(\$L__BB\d+_\d+);", line)
-        if branch and labels.get(branch.group(1), j) < j:
-            body = lines[labels[branch.group(1)]:j]
-            if any("mma.sync" in b for b in body):
-                return body
-    raise AssertionError("no loop with MMAs in the PTX")
-
-
 @pytest.mark.skipif(gluon_fp8.gluon is None, reason="Triton without Gluon")
 @pytest.mark.parametrize("block_n,stages", [(16, 2), (32, 2)])
 def test_tiles_reach_the_mma_from_registers(block_n, stages):
@@ -206,7 +146,13 @@ def test_tiles_reach_the_mma_from_registers(block_n, stages):
     registers or read by ``ldmatrix``; 16 MMAs for Q K^T and 16 for P V per 16 keys, one
     e4m3 pair conversion per two bytes."""
     pytest.importorskip("triton.backends.nvidia.compiler")
-    body = "\n".join(_loop_body(_compile_for_sm90(block_n, stages)))
+    body = loop_body(compile_for_sm90(
+        "kernels.fp8_decode_attention", "_fp8_decode_attention_kernel", block_n,
+        dict(q_ptr="*bf16", kc_ptr="*fp8e4nv", vc_ptr="*fp8e4nv", bt_ptr="*i32",
+             seq_lens_ptr="*i32", out_ptr="*bf16", part_acc_ptr="*fp32",
+             part_ml_ptr="*fp32"),
+        dict(GROUP=4, BLOCK_SIZE=16, BLOCK_N=block_n, STAGES=stages, NUM_SPLITS=1,
+             USE_GDC=True), floats=("scale_log2", "v_scale")))
     assert "st.shared" not in body and "ldmatrix" not in body
     loads = re.findall(r"ld\.shared[\w.]*", body)
     assert loads and all(".v4" in load for load in loads)

@@ -9,7 +9,9 @@ The product depends on how many rows (tokens) a call has:
 - up to ``WEIGHT_ONLY_MAX_ROWS`` (decode at small batches, where reading W is the cost):
   the activations stay in the model's dtype and only W is e4m3; on a CUDA GPU of compute
   capability 8.9+ one Triton kernel reads the e4m3 weight: the GEMV (``kernels.gemv``) up
-  to ``ops.GEMV_MAX_ROWS`` rows, a ``tl.dot`` kernel (``kernels.fp8_gemv``) beyond;
+  to ``ops.GEMV_MAX_ROWS`` rows, on 9.0+ with bfloat16 activations the tensor-core GEMV
+  (``kernels.fp8_mma_gemv``, SiLU-and-mul in its epilogue for gate/up) up to 8, a
+  ``tl.dot`` kernel (``kernels.fp8_gemv``) beyond;
 - more rows: the activations are quantized per token too (``amax(|x_t|) / 448``, one Triton
   kernel on CUDA) and, on 8.9+ with bfloat16 activations, multiplied by one
   ``torch._scaled_mm`` with row-wise scales, or on 9.0+ where cuBLAS's tiles would leave
@@ -37,6 +39,9 @@ from kernels.fp8 import FP8_DTYPE, FP8_MAX, dequantize_fp8, quantize_fp8
 from kernels.fp8_gemm import fp8_gemm, tile_sms, uses_tiles
 from kernels.fp8_gemv import MAX_ROWS as WEIGHT_ONLY_MAX_ROWS
 from kernels.fp8_gemv import fp8_weight_matmul
+from kernels.fp8_mma_gemv import MAX_ROWS as MMA_GEMV_MAX_ROWS
+from kernels.fp8_mma_gemv import fp8_mma_gemv
+from kernels.fp8_mma_gemv import serves as mma_gemv_serves
 from kernels.fp8_quant import per_token_quant_fp8
 from kernels.gemv import gemv
 from kernels.rms_norm import rms_norm_quant_fp8
@@ -162,10 +167,16 @@ class Fp8Linear(nn.Module):
         MLP's gate/up projection and activation, one GEMV launch for a row on a GPU with
         e4m3 conversions."""
         x2 = x.reshape(-1, x.shape[-1])
-        if not (self.is_fp8_native and 0 < x2.shape[0] <= ops.GEMV_MAX_ROWS
+        if not (self.is_fp8_native and 0 < x2.shape[0] <= MMA_GEMV_MAX_ROWS
                 and self.reduce is None):
             return ops.silu_and_mul(self.forward(x))
-        out = gemv(x2.contiguous(), self.weight, self.bias, self.weight_scale, silu_out=True)
+        x2 = x2.contiguous()
+        if x2.shape[0] <= ops.GEMV_MAX_ROWS:
+            out = gemv(x2, self.weight, self.bias, self.weight_scale, silu_out=True)
+        elif mma_gemv_serves(x2, self.weight, self.weight_scale):
+            out = fp8_mma_gemv(x2, self.weight, self.weight_scale, self.bias, silu_out=True)
+        else:
+            return ops.silu_and_mul(self.forward(x))
         return out.reshape(*x.shape[:-1], self.out_features // 2)
 
     def quantizes_input(self, x: torch.Tensor) -> bool:
@@ -209,9 +220,12 @@ class Fp8Linear(nn.Module):
     def _weight_only(self, x: torch.Tensor) -> torch.Tensor:
         """A few rows (decode): the activations stay unquantized; only W is e4m3."""
         if self.is_fp8_native:
+            x = x.contiguous()
             if 0 < x.shape[0] <= ops.GEMV_MAX_ROWS:
-                return gemv(x.contiguous(), self.weight, self.bias, self.weight_scale)
-            return fp8_weight_matmul(x.contiguous(), self.weight, self.weight_scale, self.bias)
+                return gemv(x, self.weight, self.bias, self.weight_scale)
+            if mma_gemv_serves(x, self.weight, self.weight_scale):
+                return fp8_mma_gemv(x, self.weight, self.weight_scale, self.bias)
+            return fp8_weight_matmul(x, self.weight, self.weight_scale, self.bias)
         return self._dequantized_product(x.float(), x.dtype)
 
     def _fp8_product(self, x: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,7 @@ import os
 import pickle
 import random
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
@@ -53,6 +54,8 @@ logger = logging.getLogger(__name__)
 START_TIMEOUT_S = 300.0
 # Seconds a stopping follower may take before it is killed.
 STOP_TIMEOUT_S = 10.0
+# How long the watcher waits, once a rank is gone, for the others that follow it.
+_CAUSE_GRACE_S = 0.2
 _LOG_ENV = ("GRIDLLM_LOGGING_LEVEL", "GRIDLLM_LOG_FORMAT", "GRIDLLM_TRACE_FUNCTION")
 
 
@@ -318,7 +321,15 @@ class _Ranks:
         ready = wait(list(sentinels))
         if self._is_stopping.is_set():
             return
-        dead = sentinels[ready[0]]
+        # A rank killed by a signal takes the others down with it (their collectives fail
+        # and they exit with an error): of the ranks gone within a moment, name the one a
+        # signal ended, so the report says what happened rather than what followed.
+        time.sleep(_CAUSE_GRACE_S)
+        if self._is_stopping.is_set():
+            return
+        gone = [sentinels[s] for s in ready] + [p for p in self.processes
+                                                if p.exitcode is not None]
+        dead = next((p for p in gone if (p.exitcode or 0) < 0), gone[0])
         rank = self.processes.index(dead) + 1
         self.lost = (f"tensor-parallel rank {rank} (pid {dead.pid}) exited with code "
                      f"{dead.exitcode}: the engine's ranks are stopped")

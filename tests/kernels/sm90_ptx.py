@@ -1,0 +1,68 @@
+"""Compile a Gluon kernel for sm_90 without a GPU and read its PTX: the tests' process runs
+Triton's interpreter, so the compile runs in a process of its own."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+_COMPILE = """
+import inspect, json, sys
+import importlib
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon._runtime import GluonASTSource
+
+spec = json.loads(sys.argv[1])
+module = importlib.import_module(spec["module"])
+fn = getattr(module, spec["kernel"])
+constexprs = dict(spec["constexprs"], **getattr(module, "_layouts")(spec["layouts_arg"]))
+names = list(inspect.signature(fn.fn).parameters)
+signature = {n: "constexpr" if n in constexprs else spec["pointers"].get(
+    n, "fp32" if n in spec["floats"] else "i32") for n in names}
+aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in names
+           if n.endswith("_ptr") or n.startswith("stride") or n in spec["aligned"]}
+source = GluonASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned)
+kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})
+sys.stdout.write(kernel.asm["ptx"])
+"""
+
+
+def compile_for_sm90(module: str, kernel: str, layouts_arg: int, pointers: dict[str, str],
+                     constexprs: dict, floats: tuple[str, ...] = (),
+                     aligned: tuple[str, ...] = ()) -> str:
+    """PTX of ``module.kernel`` for sm_90 with ``constexprs`` plus ``module._layouts(
+    layouts_arg)``; pointer arguments typed by ``pointers``, ``floats`` float32, the rest
+    int32; pointers, strides and ``aligned`` integers 16-divisible."""
+    spec = dict(module=module, kernel=kernel, layouts_arg=layouts_arg, pointers=pointers,
+                constexprs=constexprs, floats=list(floats), aligned=list(aligned))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="gluon-ptx-")
+    try:
+        done = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps(spec)],
+                              capture_output=True, text=True, env=env, timeout=300,
+                              cwd=pathlib.Path(__file__).resolve().parents[2])
+    finally:
+        shutil.rmtree(env["TRITON_CACHE_DIR"], ignore_errors=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def loop_body(ptx: str) -> str:
+    """The PTX loop that holds the MMAs (from its label to its backward branch)."""
+    lines = ptx.splitlines()
+    labels = {line.split(":")[0]: i for i, line in enumerate(lines)
+              if re.match(r"^\$L__BB\d+_\d+:", line)}
+    for j, line in enumerate(lines):
+        branch = re.search(r"bra(?:\.uni)?\s+(\$L__BB\d+_\d+);", line)
+        if branch and labels.get(branch.group(1), j) < j:
+            body = lines[labels[branch.group(1)]:j]
+            if any("mma.sync" in b for b in body):
+                return "\n".join(body)
+    raise AssertionError("no loop with MMAs in the PTX")
