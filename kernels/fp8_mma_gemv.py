@@ -22,6 +22,13 @@ K; split programs leave float32 partial sums and the last one of a tile (an atom
 adds them up. ``SILU_OUT`` (the merged gate/up projection): the program's first half of rows
 are gate channels, the second half the matching up channels, and it writes
 ``silu(gate) * up`` rounded as ``kernels/silu_and_mul.py`` does.
+
+Where it serves (H200, Llama-3-8B, a CUDA graph of 32 launches over 32 weights, us per
+layer, q/k/v + o + gate/up + down): at 2 / 4 / 8 rows 81.7 / 84.4 / 96.1 against 107.9 /
+107.8 / 107.8 for the e4m3 ``tl.dot`` kernel (``kernels.fp8_gemv``); at one row 76.5
+against 64.5 for the word GEMV, which keeps that row. With programmatic dependent launch
+the kernel lets the next one launch only after its loop: signalled at its start, the
+batch-4 decode ran at 805 out tok/s against 1,130 (random:llama3-8b, FP8 weights and cache).
 """
 
 from __future__ import annotations
