@@ -36,16 +36,10 @@ import functools
 
 import torch
 
+from kernels._gluon import async_copy as _async
+from kernels._gluon import gl, gluon, mma_layouts, mma_v2, runs_layout
 from kernels._utils import _env_switch, is_interpreter
 from kernels.fp8 import FP8_DTYPE
-
-try:  # Gluon: Triton 3.5+
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.ampere import async_copy as _async
-    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
-except ImportError:  # pragma: no cover - an older Triton: the tl.dot kernel serves
-    gluon = None
 
 HEAD_DIM = 128
 MAX_GROUP = 16
@@ -61,23 +55,13 @@ ENABLED = _env_switch("GRIDLLM_GLUON_DECODE")
 @functools.cache
 def _layouts(block_n: int) -> dict:
     """The kernel's register and shared-memory layouts for tiles of ``block_n`` keys."""
-    mma = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
     key_bits = [[1 << b, 0] for b in range(3, block_n.bit_length() - 1)]
     return dict(
-        MMA=mma,
-        A_OP=gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2),
-        B_OP=gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2),
-        # [keys, dims]: thread (g, t) of lane 4g + t holds keys g (+ 8, 16, ...), dims
-        # 32t..32t+31 (two 16-byte vectors): after _k_relabel, Q K^T's B operand.
-        K_LOAD=gl.DistributedLinearLayout(
-            reg_bases=[[0, 1], [0, 2], [0, 4], [0, 8], [0, 16]] + key_bits,
-            lane_bases=[[0, 32], [0, 64], [1, 0], [2, 0], [4, 0]],
-            warp_bases=[], block_bases=[], shape=[block_n, HEAD_DIM]),
-        # [rows, dims] of the query: as K_LOAD with 16 rows (Q K^T's A operand).
-        Q_LOAD=gl.DistributedLinearLayout(
-            reg_bases=[[0, 1], [0, 2], [0, 4], [0, 8], [0, 16], [8, 0]],
-            lane_bases=[[0, 32], [0, 64], [1, 0], [2, 0], [4, 0]],
-            warp_bases=[], block_bases=[], shape=[16, HEAD_DIM]),
+        **mma_layouts(),
+        # [keys, dims]: runs of 32 dims a thread (Q K^T's B operand after relabel_k), and
+        # the query's 16 rows the same way (its A operand).
+        K_LOAD=runs_layout(block_n),
+        Q_LOAD=runs_layout(16),
         # [keys, dims]: thread (g, t) holds keys 2t + {0, 1} + 8j (j = 0, 1, ...) with
         # bits 1-2 from t, dims 16g..16g+15 (one vector a key): after _v_relabel, P @ V's
         # B operand.
@@ -92,19 +76,12 @@ def _layouts(block_n: int) -> dict:
 
 
 if gluon is not None:
-    _D = gl.constexpr(HEAD_DIM)
-    # Triton 3.5-3.6 name the cp.async builtin async_copy_global_to_shared, later ones
-    # async_load.
-    _async_load = getattr(_async, "async_load", None) or _async.async_copy_global_to_shared
-    # ... and the CTA barrier thread_barrier, later ones barrier.
-    _barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+    from kernels._gluon import async_load as _async_load
+    from kernels._gluon import barrier as _barrier
+    from kernels._gluon import gdc_launch_dependents, gdc_wait
+    from kernels._gluon import relabel_k as _k_relabel
 
-    @gluon.jit
-    def _k_relabel(x):
-        """``[R, 128]`` with dim ``d = c + 2a + 32b`` (c < 2, a < 16, b < 4) as index ``c + 2b
-        + 8a``: the dims a thread holds in K_LOAD become its Q K^T operand fragments."""
-        R: gl.constexpr = x.shape[0]
-        return gl.reshape(gl.permute(gl.reshape(x, [R, 4, 16, 2]), [0, 2, 1, 3]), [R, 128])
+    _D = gl.constexpr(HEAD_DIM)
 
     @gluon.jit
     def _v_relabel(x):
@@ -149,10 +126,8 @@ if gluon is not None:
         req = gl.program_id(0)
         kvh = gl.program_id(1)
         if USE_GDC:
-            gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [],
-                                      dtype=gl.int32, is_pure=False, pack=1)
-            gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [],
-                                      dtype=gl.int32, is_pure=False, pack=1)
+            gdc_launch_dependents()
+            gdc_wait()
         seq_len = gl.load(seq_lens_ptr + req)
         # This split's keys [start, end) (all of them with one split).
         split = gl.program_id(2)

@@ -38,6 +38,8 @@ import functools
 import torch
 import triton
 
+from kernels._gluon import RUN_K, gl, gluon, mma_layouts, mma_v2, runs_layout
+from kernels._gluon import async_copy as _async
 from kernels._utils import (
     _env_switch,
     is_interpreter,
@@ -47,16 +49,8 @@ from kernels._utils import (
 )
 from kernels.fp8 import FP8_DTYPE
 
-try:  # Gluon: Triton 3.5+
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.ampere import async_copy as _async
-    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
-except ImportError:  # pragma: no cover - an older Triton
-    gluon = None
-
 MAX_ROWS = 8
-BLOCK_K = 128
+BLOCK_K = RUN_K
 # (channels a program, pipeline stages, programs per SM the split count aims at): the best
 # or within 0.4 us of the best of 18 per Llama-3-8B layer at one row on an H200.
 DEFAULT_CONFIG = (64, 3, 2)
@@ -66,40 +60,25 @@ ENABLED = _env_switch("GRIDLLM_MMA_GEMV")
 
 @functools.cache
 def _layouts(block_n: int) -> dict:
-    mma = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
-    row_bits = [[1 << b, 0] for b in range(3, block_n.bit_length() - 1)]
     return dict(
-        MMA=mma,
-        A_OP=gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2),
-        B_OP=gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2),
-        # [channels, K]: thread (g, t) of lane 4g + t holds channels g (+ 8, 16, ...) and K
-        # 32t..32t+31 (two 16-byte vectors of e4m3).
-        W_LOAD=gl.DistributedLinearLayout(
-            reg_bases=[[0, 1], [0, 2], [0, 4], [0, 8], [0, 16]] + row_bits,
-            lane_bases=[[0, 32], [0, 64], [1, 0], [2, 0], [4, 0]],
-            warp_bases=[], block_bases=[], shape=[block_n, BLOCK_K]),
-        # [8 rows of x, K]: the same, one row of x a lane group (four 16-byte vectors).
-        X_LOAD=gl.DistributedLinearLayout(
-            reg_bases=[[0, 1], [0, 2], [0, 4], [0, 8], [0, 16]],
-            lane_bases=[[0, 32], [0, 64], [1, 0], [2, 0], [4, 0]],
-            warp_bases=[], block_bases=[], shape=[MAX_ROWS, BLOCK_K]),
+        **mma_layouts(),
+        # [channels, K] and [8 rows of x, K]: runs of 32 of K a thread (after relabel_k
+        # the A and B operands).
+        W_LOAD=runs_layout(block_n),
+        X_LOAD=runs_layout(MAX_ROWS),
         W_SMEM=gl.SwizzledSharedLayout(16, 1, 8, [1, 0]),
         X_SMEM=gl.SwizzledSharedLayout(8, 1, 8, [1, 0]),
     )
 
 
 if gluon is not None:
-    _async_load = getattr(_async, "async_load", None) or _async.async_copy_global_to_shared
-    _barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+    from kernels._gluon import async_load as _async_load
+    from kernels._gluon import barrier as _barrier
+    from kernels._gluon import gdc_launch_dependents, gdc_wait
+    from kernels._gluon import relabel_k as _relabel_k
+
     _BK = gl.constexpr(BLOCK_K)
     _ROWS = gl.constexpr(MAX_ROWS)
-
-    @gluon.jit
-    def _relabel_k(x):
-        """``[R, 128]`` with K index ``d = c + 2a + 32b`` (c < 2, a < 16, b < 4) as ``c + 2b +
-        8a``: a thread's 32 consecutive elements become its MMA operand fragments."""
-        R: gl.constexpr = x.shape[0]
-        return gl.reshape(gl.permute(gl.reshape(x, [R, 4, 16, 2]), [0, 2, 1, 3]), [R, 128])
 
     @gluon.jit
     def _e4m3_to_bf16(w):
@@ -160,8 +139,7 @@ if gluon is not None:
         kw0 = gl.full([BLOCK_N, _BK], 0, gl.int32, layout=W_LOAD) + kw[None, :]
         kx0 = gl.full([_ROWS, _BK], 0, gl.int32, layout=X_LOAD) + kx[None, :]
         if USE_GDC:  # x may be the previous kernel's output
-            gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [],
-                                      dtype=gl.int32, is_pure=False, pack=1)
+            gdc_wait()
         num_k = gl.multiple_of(k_end - k_start, 16)
         for i in gl.static_range(STAGES - 1):
             _issue(w_smem, x_smem, i, w_ptrs, x_ptrs, x_rows_ok, kw0, kx0, i * _BK, num_k)
@@ -183,8 +161,7 @@ if gluon is not None:
         _async.wait_group(0)
         if USE_GDC:
             # The next kernel's programs may take SM slots now: this one's weight is read.
-            gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [],
-                                      dtype=gl.int32, is_pure=False, pack=1)
+            gdc_launch_dependents()
         # acc[channel row, row of x], times 2^56 (the two scalings' product is 2^-56).
         acc = acc * 72057594037927936.0
         rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
