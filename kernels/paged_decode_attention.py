@@ -19,13 +19,15 @@ On CUDA the FP8 key and value tiles are read as 32-bit words and unpacked to flo
 registers (``e4m3_words_to_f16``): as bytes the value tile reached P @ V's operand layout
 (whose reduction dim, the keys, is not contiguous) one shared-memory load per byte.
 
-With one split over an FP8 cache under a 16-bit query on CUDA 9.0+ (head dim 128, no window,
-cap or strided pattern) the batch goes to a Gluon kernel instead
-(``kernels.fp8_decode_attention``): its tiles reach the tensor cores from registers, where
-this kernel's pass through shared memory held it at ~70-75% of copy bandwidth (H200, batch
-256 x 616 keys: 102.5 -> 88.9 us).
+Over an FP8 cache under a 16-bit query on CUDA 9.0+ (head dim 128, no window, cap or
+strided pattern) the batch goes to a Gluon kernel instead (``kernels.fp8_decode_attention``,
+one split or split-KV, its partial results merged by this module's merge kernel): its tiles
+reach the tensor cores from registers, where this kernel's pass through shared memory held
+it at ~70-75% of copy bandwidth (H200, batch 256 x 616 keys: 102.5 -> 88.9 us; batch 4 x
+32k keys split: 98.9 -> 76.5 us). Its one-warp programs take more splits
+(``pick_num_splits(one_warp=True)``).
 
-Split-KV over an FP8 cache (``_default_launch``) runs the products transposed
+Split-KV over an FP8 cache in this kernel (``_default_launch``) runs the products transposed
 (``KEY_ROWS``): keys and dims are the MMA's rows and the GQA group's query heads its columns,
 ``S^T = K Q^T`` and ``O^T += V^T P^T``, so a group of 4 pads to the MMA's 8 columns instead
 of its 16 rows (half the MMAs and half the accumulator's registers).
