@@ -42,6 +42,8 @@ from kernels._gluon import RUN_K, gl, gluon, mma_layouts, mma_v2, runs_layout
 from kernels._gluon import async_copy as _async
 from kernels._utils import (
     _env_switch,
+    check_shape,
+    check_tensor,
     is_interpreter,
     launch_dependent_args,
     num_sms,
@@ -264,9 +266,31 @@ def fp8_mma_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
             (``launch_dependent_args``).
     Returns:
         ``[M, N]`` bfloat16 (``[M, N // 2]`` with ``silu_out``).
+    Raises:
+        ValueError: an argument ``serves`` would refuse, naming it (``serves`` first is the
+            callers' way; this guards direct calls).
     """
+    check_tensor("x", x, ndim=2, dtypes=(torch.bfloat16,), last_dim_contiguous=True)
+    check_tensor("weight", weight, ndim=2, dtypes=(FP8_DTYPE,), device=x.device,
+                 last_dim_contiguous=True)
     num_rows, num_in = x.shape
     num_out = weight.shape[0]
+    check_shape("weight", weight, (num_out, num_in))
+    check_tensor("weight_scale", weight_scale, ndim=1, dtypes=(torch.float32,),
+                 device=x.device, contiguous=True)
+    check_shape("weight_scale", weight_scale, (num_out,))
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1, device=x.device, contiguous=True)
+        check_shape("bias", bias, (num_out,))
+    if not 1 <= num_rows <= MAX_ROWS:
+        raise ValueError(f"x must have 1 to {MAX_ROWS} rows, got {num_rows}.")
+    if silu_out and num_out % 2:
+        raise ValueError(f"weight must have an even number of rows (gate | up) for "
+                         f"silu_out, got {num_out}.")
+    if not serves(x, weight, weight_scale):
+        raise ValueError("fp8_mma_gemv needs a CUDA GPU of compute capability 9.0+ with "
+                         "Gluon, K a multiple of 16 and 16-byte aligned rows of x and "
+                         "weight.")
     block_n, stages, per_sm = config or DEFAULT_CONFIG
     if use_gdc is None:
         use_gdc = launch_dependent_args(x.device)["USE_GDC"]

@@ -88,6 +88,28 @@ def test_declines_what_it_does_not_run():
     assert not mma_gemv.serves(x[:, :250], weight[:, :250], scale)
 
 
+def test_bad_arguments_are_named():
+    weight, scale = _quantized(64, 256, DEVICE)
+    x = torch.randn(2, 256, device=DEVICE).to(torch.bfloat16)
+    cases = [
+        (dict(x=x.float()), "x must have dtype"),
+        (dict(weight=weight.float()), "weight must have dtype"),
+        (dict(weight=weight[:, :128]), "weight must have shape"),
+        (dict(weight_scale=scale[:10]), "weight_scale must have shape"),
+        (dict(weight_scale=scale.double()), "weight_scale must have dtype"),
+        (dict(bias=torch.zeros(3, device=DEVICE)), "bias must have shape"),
+        (dict(x=torch.randn(9, 256, device=DEVICE).to(torch.bfloat16)), "1 to 8 rows"),
+        (dict(weight=weight[:63], weight_scale=scale[:63], silu_out=True), "even number"),
+    ]
+    for change, message in cases:
+        args = dict(x=x, weight=weight, weight_scale=scale) | change
+        with pytest.raises(ValueError, match=message):
+            mma_gemv.fp8_mma_gemv(**args)
+    if not mma_gemv.serves(x, weight, scale):  # CPU, or a GPU the kernel does not take
+        with pytest.raises(ValueError, match="needs a CUDA GPU of compute capability 9.0"):
+            mma_gemv.fp8_mma_gemv(x, weight, scale)
+
+
 @pytest.mark.skipif(mma_gemv.gluon is None, reason="Triton without Gluon")
 @pytest.mark.parametrize("block_n", [32, 64])
 def test_weight_tiles_reach_the_mma_from_registers(block_n):
