@@ -11,12 +11,14 @@ served (programmatic dependent launch where the card has it: each launch starts 
 previous one ends), ``gemv_plain`` the same without it. ``--sweep`` first times tile
 configurations of the GEMV at M = 1 per shape; ``--fp8`` adds e4m3 weights (per-channel
 scales) through the same kernel, against the e4m3 ``tl.dot`` kernel
-(``kernels/fp8_gemv.py``). ``--fused`` (one row) runs the layers as the model serves them:
-the gate/up projection with SiLU-and-mul in its epilogue (``silu_out``; down then reads the
-finished activation), and the add-and-norm before q/k/v and gate/up fused into them over
-16-bit weights (``rms_norm_gemv``: each program also takes the row's norm) but a launch of
-the norm kernel before them over e4m3 weights (``ops.add_rms_norm_linear`` says why); their
-best tiles differ from the bare product's (the base column stays the bare product).
+(``kernels/fp8_gemv.py``), and the tensor-core GEMV (``kernels/fp8_mma_gemv.py``, the
+``MMA`` column: up to 8 rows, where the GEMV column stops at its 4). ``--fused`` (one
+row) runs the layers as the model serves them: the gate/up projection with SiLU-and-mul in
+its epilogue (``silu_out``; down then reads the finished activation), and the add-and-norm
+before q/k/v and gate/up fused into them over 16-bit weights (``rms_norm_gemv``: each
+program also takes the row's norm) but a launch of the norm kernel before them over e4m3
+weights (``ops.add_rms_norm_linear`` says why); their best tiles differ from the bare
+product's (the base column stays the bare product).
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ import kernels._utils  # noqa: E402
 from benchmarks.kernels import graph_bench  # noqa: E402
 from gridllm.bench.roofline import measure_limits  # noqa: E402
 from kernels.fp8_gemv import fp8_weight_matmul  # noqa: E402
+from kernels.fp8_mma_gemv import MAX_ROWS as MMA_MAX_ROWS  # noqa: E402
+from kernels.fp8_mma_gemv import fp8_mma_gemv  # noqa: E402
 from kernels.gemv import MAX_ROWS, config_for, gemv, rms_norm_gemv  # noqa: E402
 from kernels.rms_norm import rms_norm  # noqa: E402
 
@@ -90,6 +94,9 @@ def _calls(impl: str, layer_weights, inputs, config, fusion: tuple[str, ...] = (
         return [lambda w=w, s=s: F.linear(x, w) if s is None else fp8_weight_matmul(x, w, s)
                 for w, s in layer_weights]
     silu = "silu" in fusion
+    if impl == "mma":  # e4m3 only: the tensor-core GEMV served at 2-8 rows
+        return [lambda w=w, s=s: fp8_mma_gemv(x, w, s, silu_out=silu)
+                for w, s in layer_weights]
     if "norm" in fusion:
         return [lambda w=w, s=s: rms_norm_gemv(x, residual, norm_weight, 1e-5, w, None, s,
                                                config=config, silu_out=silu)
@@ -104,7 +111,9 @@ def _calls(impl: str, layer_weights, inputs, config, fusion: tuple[str, ...] = (
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rows", default="1,2,4", help=f"values of M (at most {MAX_ROWS})")
+    parser.add_argument("--rows", default="1,2,4",
+                        help=f"values of M (the GEMV at most {MAX_ROWS}, the tensor-core "
+                             f"GEMV {MMA_MAX_ROWS})")
     parser.add_argument("--sweep", action="store_true", help="time GEMV tile configurations")
     parser.add_argument("--fp8", action="store_true", help="also e4m3 weights")
     parser.add_argument("--fused", action="store_true",
@@ -153,7 +162,8 @@ def main() -> None:
                 results["sweep"][f"{kind}/{name}"] = [[list(c), timed[c]] for c in top]
 
     print(f"{'layer':14s} {'kind':5s} {'M':>3s} {'base us':>10s} {'GEMV us':>8s} "
-          f"{'base %':>9s} {'GEMV %':>7s}  (base: cuBLAS for bf16, the tl.dot kernel for fp8)")
+          f"{'MMA us':>7s} {'base %':>9s} {'GEMV %':>7s}  (base: cuBLAS for bf16, the "
+          "tl.dot kernel for fp8; MMA: the tensor-core GEMV, e4m3 only)")
     for kind in kinds:
         elem = 1 if kind == "fp8" else 2
         for name, n, k in SHAPES:
@@ -163,13 +173,19 @@ def main() -> None:
                 t_base = graph_time_ms(_calls("base", weights[kind, name], inputs, None)) \
                     / NUM_LAYERS
                 t_gemv = graph_time_ms(_calls("gemv", weights[kind, name], inputs, None,
-                                              fusion)) / NUM_LAYERS
+                                              fusion)) / NUM_LAYERS if m <= MAX_ROWS \
+                    else float("nan")
+                t_mma = graph_time_ms(_calls("mma", weights[kind, name], inputs, None,
+                                             fusion)) / NUM_LAYERS \
+                    if kind == "fp8" and m <= MMA_MAX_ROWS else float("nan")
                 row = {"layer": name, "kind": kind, "rows": m, "base_ms": t_base,
-                       "gemv_ms": t_gemv, "base_pct_copy": pct(n, k, elem, t_base),
+                       "gemv_ms": t_gemv, "mma_ms": t_mma,
+                       "base_pct_copy": pct(n, k, elem, t_base),
                        "gemv_pct_copy": pct(n, k, elem, t_gemv)}
                 results["shapes"].append(row)
                 print(f"{name:14s} {kind:5s} {m:3d} {t_base * 1e3:10.1f} {t_gemv * 1e3:8.1f} "
-                      f"{row['base_pct_copy']:8.0f}% {row['gemv_pct_copy']:6.0f}%")
+                      f"{t_mma * 1e3:7.1f} {row['base_pct_copy']:8.0f}% "
+                      f"{row['gemv_pct_copy']:6.0f}%")
     # The whole decoder's linear layers, in block order, as one graph.
     results["decoder"] = []
     for kind in kinds:
@@ -180,7 +196,9 @@ def main() -> None:
                        for name, _, _ in SHAPES}
             inputs = {name: _inputs(m, k) for name, _, k in SHAPES}
             per = {}
-            for impl in ("base", "gemv", "gemv_plain"):
+            impls = ["base"] + (["gemv", "gemv_plain"] if m <= MAX_ROWS else []) + (
+                ["mma"] if kind == "fp8" and m <= MMA_MAX_ROWS else [])
+            for impl in impls:
                 calls = []
                 for layer in range(NUM_LAYERS):
                     for name, _, _ in SHAPES:
