@@ -9,8 +9,9 @@ needs two. This kernel is written in Gluon, Triton's dialect with explicit layou
 register layouts are chosen by hand:
 
 - K and V tiles of ``BLOCK_N`` keys are copied by ``cp.async`` into a ring of ``STAGES``
-  shared-memory buffers (16-byte chunks XOR-swizzled by row: conflict-free) and read back as
-  16-byte vectors, each thread holding whole runs of one key's row.
+  shared-memory buffers (16-byte chunks XOR-swizzled by row, so a quarter-warp's vectors
+  fall in distinct banks) and read back as 16-byte vectors, each thread holding whole runs
+  of one key's row.
 - The MMA (``mma.sync`` m16n8k16, float16 in, float32 sums) takes its operands straight
   from those registers. Its operand layouts want, per thread, pairs of consecutive indices
   of the reduction dim, which for ``P @ V`` (a reduction over keys) are bytes of different
