@@ -14,6 +14,12 @@ compile time.
 
 from __future__ import annotations
 
+import functools
+
+import torch
+
+from kernels._utils import is_interpreter
+
 try:  # Gluon: Triton 3.5+
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -23,6 +29,18 @@ except ImportError:  # pragma: no cover - an older Triton: the callers keep othe
 
 # The reduction width relabel_k permutes, and RUNS_LANES' split of it.
 RUN_K = 128
+
+
+@functools.cache
+def _is_hopper_or_later(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+def runs_on(device: torch.device) -> bool:
+    """Whether the Gluon kernels can run on ``device``: Gluon present, not Triton's CPU
+    interpreter, a CUDA GPU of compute capability 9.0+ (where they were measured)."""
+    return (gluon is not None and not is_interpreter() and device.type == "cuda"
+            and _is_hopper_or_later(device))
 
 
 def mma_layouts() -> dict:

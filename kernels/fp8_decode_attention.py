@@ -38,8 +38,8 @@ import functools
 import torch
 
 from kernels._gluon import async_copy as _async
-from kernels._gluon import gl, gluon, mma_layouts, mma_v2, runs_layout
-from kernels._utils import _env_switch, is_interpreter
+from kernels._gluon import gl, gluon, mma_layouts, mma_v2, runs_layout, runs_on
+from kernels._utils import _env_switch
 from kernels.fp8 import FP8_DTYPE
 
 HEAD_DIM = 128
@@ -239,20 +239,14 @@ def default_launch(programs: int, num_splits: int, sms: int) -> tuple[int, int]:
     return 32, STAGES
 
 
-@functools.cache
-def _capable(device: torch.device) -> bool:
-    return torch.cuda.get_device_capability(device) >= (9, 0)
-
-
 def serves_layout(cache_dtype: torch.dtype, query_dtype: torch.dtype, head_dim: int,
                   group: int, device: torch.device) -> bool:
     """Whether the kernel can take a model's decode attention: an e4m3 cache under a 16-bit
     query on a CUDA GPU of compute capability 9.0+ (measured on an H200), head dim 128, a
     GQA group of up to 16 (``ENABLED``, Gluon available)."""
-    return (ENABLED and gluon is not None and not is_interpreter()
-            and cache_dtype == FP8_DTYPE and query_dtype in (torch.bfloat16, torch.float16)
-            and device.type == "cuda" and head_dim == HEAD_DIM and 1 <= group <= MAX_GROUP
-            and _capable(device))
+    return (ENABLED and cache_dtype == FP8_DTYPE
+            and query_dtype in (torch.bfloat16, torch.float16) and head_dim == HEAD_DIM
+            and 1 <= group <= MAX_GROUP and runs_on(device))
 
 
 def serves(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,

@@ -38,18 +38,18 @@ import functools
 import torch
 import triton
 
-from kernels._gluon import RUN_K, gl, gluon, mma_layouts, mma_v2, runs_layout
+from kernels._gluon import RUN_K, gl, gluon, mma_layouts, mma_v2, runs_layout, runs_on
 from kernels._gluon import async_copy as _async
 from kernels._utils import (
     _env_switch,
     check_shape,
     check_tensor,
-    is_interpreter,
     launch_dependent_args,
     num_sms,
     split_k_workspace,
 )
 from kernels.fp8 import FP8_DTYPE
+from kernels.silu_and_mul import silu_mul
 
 MAX_ROWS = 8
 BLOCK_K = RUN_K
@@ -209,10 +209,7 @@ if gluon is not None:
         if SILU_OUT:
             # [2, HALF, 8] -> gate and up halves; rounded as kernels/silu_and_mul.py.
             gate, up = gl.split(gl.permute(gl.reshape(out, [2, HALF, 8]), [1, 2, 0]))
-            gate = gate.to(gl.bfloat16).to(gl.float32)
-            up = up.to(gl.bfloat16).to(gl.float32)
-            act = (gate / (1.0 + gl.exp(-gate))).to(gl.bfloat16).to(gl.float32)
-            out = act * up
+            out = silu_mul(gate.to(gl.bfloat16), up.to(gl.bfloat16))
             hrows = gl.arange(0, HALF, layout=gl.SliceLayout(1, out.type.layout))
             hx = gl.arange(0, 8, layout=gl.SliceLayout(0, out.type.layout))
             ch = tile * HALF + hrows
@@ -225,22 +222,16 @@ if gluon is not None:
                      mask=ok[:, None] & (xrows < num_rows)[None, :])
 
 
-@functools.cache
-def _capable(device: torch.device) -> bool:
-    return torch.cuda.get_device_capability(device) >= (9, 0)
-
-
 def serves(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None) -> bool:
     """Whether ``fp8_mma_gemv`` takes the product: 1-8 bfloat16 rows and an e4m3 weight with
     per-channel scales on a CUDA GPU of compute capability 9.0+, K a multiple of 16,
     16-byte aligned rows."""
-    return (ENABLED and gluon is not None and not is_interpreter() and x.is_cuda
-            and x.dtype == torch.bfloat16 and weight.dtype == FP8_DTYPE
+    return (ENABLED and x.dtype == torch.bfloat16 and weight.dtype == FP8_DTYPE
             and weight_scale is not None and x.dim() == 2 and 1 <= x.shape[0] <= MAX_ROWS
             and x.stride(1) == 1 and weight.stride(1) == 1 and x.shape[1] % 16 == 0
             and x.stride(0) % 8 == 0 and weight.stride(0) % 16 == 0
             and x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0
-            and _capable(x.device))
+            and runs_on(x.device))
 
 
 def split_k_for(tiles: int, num_in: int, programs_per_sm: int, device: torch.device) -> int:

@@ -592,4 +592,3 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
             HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits,
             BLOCK_S=next_power_of_2(num_splits), num_warps=4, **pdl)
     return out
-
