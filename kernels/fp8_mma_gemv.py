@@ -98,12 +98,15 @@ if gluon is not None:
             }""", "=r,=r,r", [w], dtype=gl.bfloat16, is_pure=True, pack=4)
 
     @gluon.jit
-    def _issue(w_smem, x_smem, stage, w_ptrs, x_ptrs, x_rows_ok, kw, kx, off, num_k):
-        """cp.async of the W and x tiles at K offset ``off`` (zeros from ``num_k`` on)."""
+    def _issue_w(w_smem, stage, w_ptrs, kw, off, num_k):
+        """cp.async of the W tile at K offset ``off`` (zeros from ``num_k`` on)."""
         _async_load(w_smem.index(stage), w_ptrs + (off + kw), mask=(off + kw < num_k))
+
+    @gluon.jit
+    def _issue_x(x_smem, stage, x_ptrs, x_rows_ok, kx, off, num_k):
+        """cp.async of x's tile at K offset ``off`` (zeros from ``num_k`` on)."""
         _async_load(x_smem.index(stage), x_ptrs + (off + kx),
                     mask=x_rows_ok & (off + kx < num_k))
-        _async.commit_group()
 
     @gluon.jit
     def _fp8_mma_gemv_kernel(
@@ -140,16 +143,26 @@ if gluon is not None:
         x_smem = gl.allocate_shared_memory(gl.bfloat16, [STAGES, _ROWS, _BK], X_SMEM)
         kw0 = gl.full([BLOCK_N, _BK], 0, gl.int32, layout=W_LOAD) + kw[None, :]
         kx0 = gl.full([_ROWS, _BK], 0, gl.int32, layout=X_LOAD) + kx[None, :]
+        num_k = gl.multiple_of(k_end - k_start, 16)
+        # The weight is no kernel's output: its first tiles are requested before waiting
+        # for the previous kernel (programmatic dependent launch), x's after. Groups of
+        # cp.async complete in order: W 0 .. S-2, x 0 .. S-2, then one W + x group a tile,
+        # so waiting for all but the newest S - 1 groups leaves tile t's W and x landed.
+        for i in gl.static_range(STAGES - 1):
+            _issue_w(w_smem, i, w_ptrs, kw0, i * _BK, num_k)
+            _async.commit_group()
         if USE_GDC:  # x may be the previous kernel's output
             gdc_wait()
-        num_k = gl.multiple_of(k_end - k_start, 16)
         for i in gl.static_range(STAGES - 1):
-            _issue(w_smem, x_smem, i, w_ptrs, x_ptrs, x_rows_ok, kw0, kx0, i * _BK, num_k)
+            _issue_x(x_smem, i, x_ptrs, x_rows_ok, kx0, i * _BK, num_k)
+            _async.commit_group()
         acc = gl.full([BLOCK_N, 8], 0.0, gl.float32, layout=MMA)
         for t in range(gl.cdiv(gl.maximum(num_k, 0), _BK)):
             _barrier()  # every lane is past its reads of the stage refilled here
-            _issue(w_smem, x_smem, (t + STAGES - 1) % STAGES, w_ptrs, x_ptrs, x_rows_ok,
-                   kw0, kx0, (t + STAGES - 1) * _BK, num_k)
+            refill = (t + STAGES - 1) % STAGES
+            _issue_w(w_smem, refill, w_ptrs, kw0, (t + STAGES - 1) * _BK, num_k)
+            _issue_x(x_smem, refill, x_ptrs, x_rows_ok, kx0, (t + STAGES - 1) * _BK, num_k)
+            _async.commit_group()
             _async.wait_group(STAGES - 1)
             _barrier()
             stage = t % STAGES
