@@ -131,3 +131,27 @@ def test_weight_tiles_reach_the_mma_from_registers(block_n):
     assert len(re.findall(r"mma\.sync\S*\.bf16\.bf16", body)) == block_n // 16 * 8
     pairs = block_n * 128 // 2 // 32
     assert len(re.findall(r"prmt\.b32", body)) == pairs
+
+
+@pytest.mark.skipif(mma_gemv.gluon is None, reason="Triton without Gluon")
+@pytest.mark.parametrize("stages", [2, 3])
+def test_weight_is_requested_before_the_dependent_launch_wait(stages):
+    """Compiled for sm_90 with programmatic dependent launch: the weight's first ``stages -
+    1`` tiles (no kernel writes them) are copied before ``griddepcontrol.wait``, x's tiles
+    (the previous kernel's output) only after it."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    block_n = 64
+    ptx = compile_for_sm90(
+        "kernels.fp8_mma_gemv", "_fp8_mma_gemv_kernel", block_n,
+        dict(x_ptr="*bf16", w_ptr="*u8", scale_ptr="*fp32", bias_ptr="*bf16", y_ptr="*bf16",
+             partial_ptr="*fp32", lock_ptr="*i32"),
+        dict(HAS_BIAS=False, SILU_OUT=False, SPLIT_K=1, BLOCK_N=block_n, STAGES=stages,
+             USE_GDC=True), aligned=("num_in", "num_out", "k_per_split"))
+    before, wait, after = ptx.partition("griddepcontrol.wait")
+    assert wait and "griddepcontrol.wait" not in after
+    copies_before = len(re.findall(r"cp\.async\.cg\.shared\.global", before))
+    # block_n x 128 bytes of W a tile, 16 bytes a copy, over the warp's 32 lanes.
+    assert copies_before == (stages - 1) * block_n * 128 // 16 // 32
+    # x's first tiles (8 rows x 128 bfloat16) follow the wait, before the loop.
+    x_copies = (stages - 1) * 8 * 128 * 2 // 16 // 32
+    assert len(re.findall(r"cp\.async\.cg\.shared\.global", after)) >= x_copies
