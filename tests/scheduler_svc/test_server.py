@@ -319,9 +319,19 @@ def test_full_queue_is_refused_with_resource_exhausted_and_a_retry_hint(model_pa
     async def queue_checks(server, stub, held):
         await wait_until(lambda: server.pool.alive_links(), 10.0, "worker linked")
         held.acquire()
-        calls = [stub.Submit(submit_request(f"q{i}", [40 + i, 41, 42], max_tokens=200,
-                                            ignore_eos=True)) for i in range(3)]
-        firsts = [asyncio.ensure_future(call.read()) for call in calls]
+
+        def submit(i):
+            return stub.Submit(submit_request(f"q{i}", [40 + i, 41, 42], max_tokens=200,
+                                              ignore_eos=True))
+
+        # q0 is running before the others are sent (three calls at once may reach the
+        # scheduler in any order, the third before q0 left the queue, and be refused).
+        calls = [submit(0)]
+        firsts = [asyncio.ensure_future(calls[0].read())]
+        (link,) = server.pool.alive_links()
+        await wait_until(lambda: link.scheduler.num_running == 1, 10.0, "q0 running")
+        calls += [submit(1), submit(2)]
+        firsts += [asyncio.ensure_future(call.read()) for call in calls[1:]]
         await wait_until(lambda: server.pool.queued()[0] == 2, 10.0, "two waiting")
         refused = stub.Submit(submit_request("over", [50, 51, 52], max_tokens=5))
         with pytest.raises(grpc.aio.AioRpcError) as by_count:

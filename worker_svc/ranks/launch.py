@@ -56,6 +56,8 @@ START_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 10.0
 # How long the watcher waits, once a rank is gone, for the others that follow it.
 _CAUSE_GRACE_S = 0.2
+# How long a failed write to a follower waits for the monitor to name the lost rank.
+_CAUSE_WAIT_S = _CAUSE_GRACE_S + 2.0
 _LOG_ENV = ("GRIDLLM_LOGGING_LEVEL", "GRIDLLM_LOG_FORMAT", "GRIDLLM_TRACE_FUNCTION")
 
 
@@ -260,6 +262,8 @@ class _Ranks:
         self._is_stopping = threading.Event()
         # Set once a follower was lost (what happened); every later call raises it.
         self.lost: str | None = None
+        # Set by the monitor once it has named the lost rank (``lost``).
+        self._cause_known = threading.Event()
         self._monitor: threading.Thread | None = None
 
     def start(self) -> None:
@@ -333,6 +337,7 @@ class _Ranks:
         rank = self.processes.index(dead) + 1
         self.lost = (f"tensor-parallel rank {rank} (pid {dead.pid}) exited with code "
                      f"{dead.exitcode}: the engine's ranks are stopped")
+        self._cause_known.set()
         logger.error("%s", self.lost)
         self._kill_all()
         abort_tensor_parallel()
@@ -360,6 +365,9 @@ class _Ranks:
             for conn in self.steps:
                 conn.send_bytes(data)
         except OSError as exc:
+            # A follower's pipe broke: the monitor names which rank went and how within its
+            # grace period (a write can fail before that, once every rank has exited).
+            self._cause_known.wait(_CAUSE_WAIT_S)
             raise RuntimeError(self.lost or f"a tensor-parallel follower is gone: {exc}") \
                 from exc
 
@@ -377,6 +385,7 @@ class _Ranks:
             reason: why, if the engine is broken (later calls raise RuntimeError with it).
         """
         self._is_stopping.set()
+        self._cause_known.set()  # no monitor report is coming: a failed write need not wait
         if reason is not None and not self.lost:
             self.lost = f"the tensor-parallel engine was stopped: {reason}"
             self._kill_all()
