@@ -143,6 +143,28 @@ def test_a_step_after_every_rank_is_gone_names_the_killed_one(tiny_model_dir, mo
         llm.shutdown()
 
 
+def test_a_collective_failed_by_a_dead_rank_names_it(tiny_model_dir, monkeypatch):
+    """The step reaches no follower (its write is skipped here, as when a dead reader's
+    pipe still takes the bytes) and rank 0's all-reduce fails ("connection reset"): the
+    error is the monitor's account of the lost rank, not the collective's."""
+    from worker_svc.ranks import launch
+
+    monkeypatch.setattr(launch, "_CAUSE_GRACE_S", 1.0)
+    llm = LLM(tiny_model_dir("llama"), tensor_parallel_size=4, **ENGINE)
+    try:
+        pids = llm.engine.runner.follower_pids
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        assert_processes_gone(pids)
+        monkeypatch.setattr(launch._Ranks, "send", lambda self, message: None)
+        with pytest.raises(RuntimeError, match=r"tensor-parallel rank \d \(pid \d+\) exited "
+                                               r"with code -9"):
+            greedy_ids(llm)
+    finally:
+        monkeypatch.undo()
+        llm.shutdown()
+
+
 def test_a_killed_rank_fails_the_engine_and_stops_the_others(tiny_model_dir):
     model_dir = tiny_model_dir("llama")
     llm = LLM(model_dir, tensor_parallel_size=4, **ENGINE)

@@ -221,7 +221,12 @@ class TensorParallelRunner:
         self._ranks.send(("step", scheduler_output, rows))
         try:
             return self.runner.execute_model_async(scheduler_output)
-        except Exception:
+        except Exception as exc:
+            # A collective that failed because a follower died (gloo: "connection reset")
+            # says what followed; the monitor says what happened.
+            lost = self._ranks.lost_cause()
+            if lost is not None:
+                raise RuntimeError(lost) from exc
             raise
         except BaseException as exc:
             self._ranks.stop(f"interrupted in the middle of a step ({type(exc).__name__})")
@@ -365,11 +370,17 @@ class _Ranks:
             for conn in self.steps:
                 conn.send_bytes(data)
         except OSError as exc:
-            # A follower's pipe broke: the monitor names which rank went and how within its
-            # grace period (a write can fail before that, once every rank has exited).
-            self._cause_known.wait(_CAUSE_WAIT_S)
-            raise RuntimeError(self.lost or f"a tensor-parallel follower is gone: {exc}") \
-                from exc
+            raise RuntimeError(self.lost_cause() or f"a tensor-parallel follower is gone: "
+                               f"{exc}") from exc
+
+    def lost_cause(self) -> str | None:
+        """How a follower was lost, if one was or has exited: the monitor names the rank
+        within its grace period, so an error seen before that (a broken pipe, a failed
+        collective, once every rank is gone) waits for it (at most ``_CAUSE_WAIT_S``)."""
+        if self.lost is None and all(p.exitcode is None for p in self.processes):
+            return None
+        self._cause_known.wait(_CAUSE_WAIT_S)
+        return self.lost
 
     def _kill_all(self) -> None:
         for process in self.processes:
