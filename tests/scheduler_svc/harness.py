@@ -72,12 +72,16 @@ async def collect(stub, request: scheduler_pb2.SubmitRequest):
     return [t for r in responses for t in r.token_ids], responses
 
 
-async def wait_until(predicate, timeout: float = 10.0, what: str = "condition") -> None:
+async def wait_until(predicate, timeout: float = 10.0, what: str = "condition",
+                     state=None) -> None:
+    """Poll ``predicate`` until it holds; TimeoutError after ``timeout`` seconds, naming
+    ``what`` and, with ``state`` (a callable), what it returned then (for triage)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while not predicate():
         if loop.time() > deadline:
-            raise TimeoutError(f"{what} not reached within {timeout}s")
+            seen = f" (state: {state()!r})" if state is not None else ""
+            raise TimeoutError(f"{what} not reached within {timeout}s{seen}")
         await asyncio.sleep(0.02)
 
 

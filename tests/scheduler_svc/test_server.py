@@ -329,10 +329,12 @@ def test_full_queue_is_refused_with_resource_exhausted_and_a_retry_hint(model_pa
         calls = [submit(0)]
         firsts = [asyncio.ensure_future(calls[0].read())]
         (link,) = server.pool.alive_links()
-        await wait_until(lambda: link.scheduler.num_running == 1, 10.0, "q0 running")
+        await wait_until(lambda: link.scheduler.num_running == 1, 10.0, "q0 running",
+                         state=lambda: (link.scheduler.num_running, server.pool.queued()))
         calls += [submit(1), submit(2)]
         firsts += [asyncio.ensure_future(call.read()) for call in calls[1:]]
-        await wait_until(lambda: server.pool.queued()[0] == 2, 10.0, "two waiting")
+        await wait_until(lambda: server.pool.queued()[0] == 2, 10.0, "two waiting",
+                         state=server.pool.queued)
         refused = stub.Submit(submit_request("over", [50, 51, 52], max_tokens=5))
         with pytest.raises(grpc.aio.AioRpcError) as by_count:
             await asyncio.wait_for(refused.read(), 10.0)
