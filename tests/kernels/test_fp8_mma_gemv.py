@@ -110,19 +110,24 @@ def test_bad_arguments_are_named():
             mma_gemv.fp8_mma_gemv(x, weight, scale)
 
 
+def _sm90_ptx(block_n: int, stages: int) -> str:
+    """The kernel's sm_90 PTX (no bias or SiLU, one split, dependent launch on)."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    return compile_for_sm90(
+        "kernels.fp8_mma_gemv", "_fp8_mma_gemv_kernel", block_n,
+        dict(x_ptr="*bf16", w_ptr="*u8", scale_ptr="*fp32", bias_ptr="*bf16", y_ptr="*bf16",
+             partial_ptr="*fp32", lock_ptr="*i32"),
+        dict(HAS_BIAS=False, SILU_OUT=False, SPLIT_K=1, BLOCK_N=block_n, STAGES=stages,
+             USE_GDC=True), aligned=("num_in", "num_out", "k_per_split"))
+
+
 @pytest.mark.skipif(mma_gemv.gluon is None, reason="Triton without Gluon")
 @pytest.mark.parametrize("block_n", [32, 64])
 def test_weight_tiles_reach_the_mma_from_registers(block_n):
     """Compiled for sm_90: the loop reads each tile back from shared memory once as 16-byte
     vectors and stores nothing there, converts e4m3 with 3 integer instructions per byte
     pair, and issues ``block_n / 16 x 8`` MMAs per 128 of K."""
-    pytest.importorskip("triton.backends.nvidia.compiler")
-    body = loop_body(compile_for_sm90(
-        "kernels.fp8_mma_gemv", "_fp8_mma_gemv_kernel", block_n,
-        dict(x_ptr="*bf16", w_ptr="*u8", scale_ptr="*fp32", bias_ptr="*bf16", y_ptr="*bf16",
-             partial_ptr="*fp32", lock_ptr="*i32"),
-        dict(HAS_BIAS=False, SILU_OUT=False, SPLIT_K=1, BLOCK_N=block_n, STAGES=3,
-             USE_GDC=True), aligned=("num_in", "num_out", "k_per_split")))
+    body = loop_body(_sm90_ptx(block_n, stages=3))
     assert "st.shared" not in body and "ldmatrix" not in body
     loads = re.findall(r"ld\.shared[\w.]*", body)
     # block_n x 128 bytes of W and 8 x 128 bfloat16 of x, 16 bytes a thread and load.
@@ -139,14 +144,8 @@ def test_weight_is_requested_before_the_dependent_launch_wait(stages):
     """Compiled for sm_90 with programmatic dependent launch: the weight's first ``stages -
     1`` tiles (no kernel writes them) are copied before ``griddepcontrol.wait``, x's tiles
     (the previous kernel's output) only after it."""
-    pytest.importorskip("triton.backends.nvidia.compiler")
     block_n = 64
-    ptx = compile_for_sm90(
-        "kernels.fp8_mma_gemv", "_fp8_mma_gemv_kernel", block_n,
-        dict(x_ptr="*bf16", w_ptr="*u8", scale_ptr="*fp32", bias_ptr="*bf16", y_ptr="*bf16",
-             partial_ptr="*fp32", lock_ptr="*i32"),
-        dict(HAS_BIAS=False, SILU_OUT=False, SPLIT_K=1, BLOCK_N=block_n, STAGES=stages,
-             USE_GDC=True), aligned=("num_in", "num_out", "k_per_split"))
+    ptx = _sm90_ptx(block_n, stages)
     before, wait, after = ptx.partition("griddepcontrol.wait")
     assert wait and "griddepcontrol.wait" not in after
     copies_before = len(re.findall(r"cp\.async\.cg\.shared\.global", before))
