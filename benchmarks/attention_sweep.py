@@ -11,8 +11,14 @@ Hopper, the TMA kernel) over tile shapes, warps and stages, in TFLOP/s next to t
 on the same shapes in contiguous tensors. Each case prints the best
 configurations and the default.
 
+``--read-floor`` adds, per decode case, a read-only pass over the same paged K/V (the
+split kernel's grid and block-table walk, no attention math, one launch): the most a
+kernel that must read those bytes reaches under the same timing (CUDA-graph launch and L2
+flush included).
+
 Usage: ``python benchmarks/attention_sweep.py [--kinds decode prefill]
-[--kv-cache-dtype auto|fp8] [--key-rows 0 1] [--max-registers 0 168 128] [--output FILE]``
+[--kv-cache-dtype auto|fp8] [--key-rows 0 1] [--max-registers 0 168 128]
+[--prefetch-table 0 1] [--read-floor] [--gluon-prefill] [--output FILE]``
 """
 
 from __future__ import annotations
@@ -26,16 +32,65 @@ import time
 from collections.abc import Callable
 
 import torch
+import triton
+import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.kernels import GB, bench, graph_bench, paged_kv  # noqa: E402
 from gridllm.bench.roofline import measure_limits  # noqa: E402
+from kernels import gluon_prefill_attention as gluon_prefill  # noqa: E402
 from kernels.fp8 import FP8_DTYPE  # noqa: E402
 from kernels.paged_decode_attention import paged_decode_attention  # noqa: E402
 from kernels.prefill_attention import prefill_attention, uses_tma  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, DTYPE = 32, 8, 128, torch.bfloat16
+
+
+@triton.jit
+def _paged_read_kernel(kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr, out_ptr, stride_cb, stride_ct,
+                       stride_ch, stride_bt, num_kv_heads, block_size,
+                       HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                       NUM_SPLITS: tl.constexpr):
+    """Sums the K and V elements of one (request, KV head, split), walking the block table
+    as the decode kernel does: its read alone, block numbers loaded a tile ahead."""
+    req = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + req)
+    per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * per_split
+    end = tl.minimum(start + per_split, seq_len)
+    table = bt_ptr + req * stride_bt
+    d = tl.arange(0, HEAD_DIM)
+    pos = start + tl.arange(0, BLOCK_N)
+    blk_next = tl.load(table + pos // block_size, mask=pos < end, other=0)
+    acc = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)
+        blk = blk_next.to(tl.int64)
+        nxt = pos + BLOCK_N
+        blk_next = tl.load(table + nxt // block_size, mask=nxt < end, other=0)
+        off = blk * stride_cb + (pos % block_size).to(tl.int64) * stride_ct + kv_head * stride_ch
+        mask = (pos < end)[:, None]
+        acc += tl.load(kc_ptr + off[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
+        acc += tl.load(vc_ptr + off[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + (req * num_kv_heads + kv_head) * NUM_SPLITS + split, tl.sum(acc))
+
+
+def paged_read(key_cache: torch.Tensor, value_cache: torch.Tensor, block_tables: torch.Tensor,
+               seq_lens: torch.Tensor, num_splits: int, block_n: int = 64) -> torch.Tensor:
+    """``[B, Hkv, num_splits]`` float32 sums of the K and V elements each split of the
+    decode grid reads (``_paged_read_kernel``): the read-only floor of a decode case."""
+    num_reqs = seq_lens.shape[0]
+    block_size, num_kv_heads, head_dim = key_cache.shape[1:]
+    out = torch.empty(num_reqs, num_kv_heads, num_splits, dtype=torch.float32,
+                      device=key_cache.device)
+    _paged_read_kernel[(num_reqs, num_kv_heads, num_splits)](
+        key_cache, value_cache, block_tables, seq_lens, out, key_cache.stride(0),
+        key_cache.stride(1), key_cache.stride(2), block_tables.stride(0), num_kv_heads,
+        block_size, HEAD_DIM=head_dim, BLOCK_N=block_n, NUM_SPLITS=num_splits, num_warps=4)
+    return out
 
 
 def sweep(name: str, run: Callable[..., torch.Tensor], configs: list[dict],
@@ -80,15 +135,26 @@ def decode_cases(args, copy_gbps: float) -> list[dict]:
             pct = 100 * nbytes / (ms * 1e-3) / GB / copy_gbps
             return pct, f"{pct:.1f}% of copy"
 
+        if args.read_floor:
+            for splits, block_n in itertools.product(args.splits, (32, 64)):
+                if context // splits >= block_n:
+                    ms = graph_bench(lambda s=splits, n=block_n, kc=kc, vc=vc, tables=tables,
+                                     seq=seq: paged_read(kc, vc, tables, seq, s, n))
+                    print(f"  read-only floor, {splits} splits of {block_n}-key tiles: "
+                          f"{1e3 * ms:.1f} us = {score(ms)[1]}")
         # --key-rows unset: each config keeps the default launch's choice of products.
         key_rows = [None] if args.key_rows is None else [bool(k) for k in args.key_rows]
         caps = [None] if args.max_registers is None else args.max_registers
+        prefetch = [None] if args.prefetch_table is None else [bool(p)
+                                                               for p in args.prefetch_table]
         configs = [dict(num_splits=s, block_n=n, num_warps=w, num_stages=st)
+                   | ({} if pf is None else dict(prefetch_table=pf))
                    | ({} if kr is None else dict(key_rows=kr))
                    | ({} if cap is None else dict(max_registers=cap))
                    | ({} if args.gluon is None else dict(gluon=False))
-                   for s, n, w, st, kr, cap in itertools.product(
-                       args.splits, args.block_n, args.warps, args.stages, key_rows, caps)
+                   for s, n, w, st, pf, kr, cap in itertools.product(
+                       args.splits, args.block_n, args.warps, args.stages, prefetch,
+                       key_rows, caps)
                    if context // s >= n and (args.gluon is None or 0 in args.gluon)]
         if args.gluon and 1 in args.gluon:  # one split: warps and register caps are its own
             configs += [dict(num_splits=1, block_n=n, num_stages=st, gluon=True)
@@ -133,6 +199,21 @@ def prefill_cases(args) -> list[dict]:
         row = sweep(f"prefill {num_seqs}x{seq_len}, blocks of {block_size} ({kernel} kernel)",
                     run, configs, lambda fn: bench(fn, rep_ms=200), score)
         rows.append(dict(row, sdpa_ms=sdpa_ms, cache_block_size=block_size, kernel=kernel))
+        if args.gluon_prefill and gluon_prefill.serves(q, kc, vc):
+            def run_gluon(kc=kc, vc=vc, tables=tables, seq=seq, **launch):
+                if not launch:
+                    return run(kc, vc, tables, seq)  # the reference: the served kernel
+                return gluon_prefill.gluon_prefill_attention(
+                    q, kc, vc, tables, seq, qsl, HEAD_DIM ** -0.5, max_query_len=seq_len,
+                    **launch)
+
+            gluon_configs = [dict(block_n=n, stages=st) for n, st in itertools.product(
+                (64, 128), (2, 3, 4)) if not (n == 128 and st == 4)]
+            row = sweep(f"prefill {num_seqs}x{seq_len}, blocks of {block_size} (Gluon, "
+                        "warp-specialized; default: the served kernel)", run_gluon,
+                        gluon_configs, lambda fn: bench(fn, rep_ms=200), score)
+            rows.append(dict(row, sdpa_ms=sdpa_ms, cache_block_size=block_size,
+                             kernel="gluon"))
         del kc, vc
     return rows
 
@@ -153,6 +234,11 @@ def main() -> None:
     parser.add_argument("--max-registers", type=int, nargs="+", default=None,
                         help="decode: register caps a thread to sweep (0: the compiler's "
                              "count; unset: each config keeps the default launch's)")
+    parser.add_argument("--prefetch-table", type=int, nargs="+", default=None,
+                        choices=(0, 1), help="decode: 1 loads each tile's block numbers one "
+                        "iteration ahead; '0 1' sweeps both (unset: the default's choice)")
+    parser.add_argument("--read-floor", action="store_true",
+                        help="decode: also time a read-only pass over the same paged K/V")
     parser.add_argument("--gluon", type=int, nargs="+", default=None, choices=(0, 1),
                         help="decode over an FP8 cache: 1 sweeps the Gluon kernel (one "
                              "split, --block-n x --stages), 0 the tl.dot kernel; unset: "
@@ -167,6 +253,9 @@ def main() -> None:
     parser.add_argument("--cache-block-sizes", type=int, nargs="+", default=[16, 64],
                         help="KV cache blocks of the prefill cases (32+: the TMA kernel on "
                         "Hopper)")
+    parser.add_argument("--gluon-prefill", action="store_true",
+                        help="prefill: also sweep the warp-specialized Gluon kernel "
+                        "(kernels/gluon_prefill_attention.py; run its GPU tests first)")
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
     limits = measure_limits(torch.device("cuda"))

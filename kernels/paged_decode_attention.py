@@ -480,7 +480,8 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
                            num_stages: int | None = None,
                            key_rows: bool | None = None,
                            max_registers: int | None = None,
-                           gluon: bool | None = None) -> torch.Tensor:
+                           gluon: bool | None = None,
+                           prefetch_table: bool | None = None) -> torch.Tensor:
     """Drop-in for ``torch_ref.paged_attention`` on decode-only batches.
 
     Args:
@@ -503,6 +504,8 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
             per loop iteration, Triton's warps, pipeline stages, the transposed products,
             keys as the MMA's rows, and a cap on registers a thread, 0 for none; each
             default from ``_default_launch``), for tuning sweeps.
+        prefetch_table: whether the ``tl.dot`` kernel loads each tile's block numbers one
+            iteration ahead (default: with one split over a 16-bit cache), for sweeps.
         gluon: whether the Gluon kernel over an FP8 cache (``kernels.fp8_decode_attention``)
             runs the batch instead of the ``tl.dot`` kernel; default: wherever it can
             (``fp8_decode_attention.serves``). Its launch takes ``block_n`` and
@@ -582,7 +585,8 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
             F16_DOTS=fp8_f16_dots(key_cache, query),
             BLOCK_SIZE=block_size if key_cache.dtype == FP8_DTYPE else 0,
             KV_WORDS=kv_words(key_cache, value_cache, query, head_dim),
-            PREFETCH_TABLE=num_splits == 1 and key_cache.dtype != FP8_DTYPE,
+            PREFETCH_TABLE=(num_splits == 1 and key_cache.dtype != FP8_DTYPE
+                            if prefetch_table is None else prefetch_table),
             KEY_ROWS=bool(key_rows),
             num_warps=num_warps, num_stages=num_stages, **pdl,
             **({} if max_registers is None else dict(maxnreg=max_registers)))

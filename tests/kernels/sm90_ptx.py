@@ -15,33 +15,44 @@ import tempfile
 _COMPILE = """
 import inspect, json, sys
 import importlib
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
+from triton.runtime.jit import mangle_type
 
 spec = json.loads(sys.argv[1])
 module = importlib.import_module(spec["module"])
 fn = getattr(module, spec["kernel"])
-constexprs = dict(spec["constexprs"], **getattr(module, "_layouts")(spec["layouts_arg"]))
+layouts = getattr(module, "_layouts")(spec["layouts_arg"])
+constexprs = dict(spec["constexprs"], **layouts)
 names = list(inspect.signature(fn.fn).parameters)
 signature = {n: "constexpr" if n in constexprs else spec["pointers"].get(
     n, "fp32" if n in spec["floats"] else "i32") for n in names}
+for n, (shape, block, dtype) in spec["descriptors"].items():
+    t = torch.empty(shape, dtype=getattr(torch, dtype))
+    signature[n] = mangle_type(module.TensorDescriptor(t, list(shape), [shape[1], 1], block,
+                                                       layouts["SMEM"]))
 aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in names
            if n.endswith("_ptr") or n.startswith("stride") or n in spec["aligned"]}
 source = GluonASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned)
-kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})
+kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=spec["options"])
 sys.stdout.write(kernel.asm["ptx"])
 """
 
 
 def compile_for_sm90(module: str, kernel: str, layouts_arg: int, pointers: dict[str, str],
                      constexprs: dict, floats: tuple[str, ...] = (),
-                     aligned: tuple[str, ...] = ()) -> str:
+                     aligned: tuple[str, ...] = (), descriptors: dict | None = None,
+                     options: dict | None = None) -> str:
     """PTX of ``module.kernel`` for sm_90 with ``constexprs`` plus ``module._layouts(
     layouts_arg)``; pointer arguments typed by ``pointers``, ``floats`` float32, the rest
-    int32; pointers, strides and ``aligned`` integers 16-divisible."""
+    int32; pointers, strides and ``aligned`` integers 16-divisible. ``descriptors``: TMA
+    descriptor arguments as ``{name: (2-d shape, block shape, torch dtype name)}``, laid
+    out as the layouts' ``SMEM``; ``options``: the compile's (default one warp)."""
     spec = dict(module=module, kernel=kernel, layouts_arg=layouts_arg, pointers=pointers,
-                constexprs=constexprs, floats=list(floats), aligned=list(aligned))
+                constexprs=constexprs, floats=list(floats), aligned=list(aligned),
+                descriptors=descriptors or {}, options=options or {"num_warps": 1})
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="gluon-ptx-")
     try:

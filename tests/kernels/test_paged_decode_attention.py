@@ -17,7 +17,7 @@ from tests.kernels.conftest import (
 def _check(seq_lens: list[int], num_heads: int, num_kv_heads: int, head_dim: int,
            block_size: int, dtype: torch.dtype, device: torch.device,
            sliding_window: int | None = None, num_splits: int | None = None,
-           logit_softcap: float | None = None) -> None:
+           logit_softcap: float | None = None, **launch) -> None:
     key_cache, value_cache, block_tables, seq = make_paged_kv(
         seq_lens, num_kv_heads, head_dim, block_size, dtype, device)
     query = torch.randn(len(seq_lens), num_heads, head_dim, device=device).to(dtype)
@@ -28,7 +28,7 @@ def _check(seq_lens: list[int], num_heads: int, num_kv_heads: int, head_dim: int
     with poisoned_allocations():
         out = paged_decode_attention(query, key_cache, value_cache, block_tables, seq, qsl,
                                      scale, sliding_window, num_splits=num_splits,
-                                     logit_softcap=logit_softcap)
+                                     logit_softcap=logit_softcap, **launch)
     expected = torch_ref.paged_attention(query, key_cache, value_cache, block_tables, seq,
                                          qsl, scale, sliding_window, logit_softcap)
     assert_close(out, expected, "decode attention", dtype)
@@ -44,6 +44,17 @@ def test_decode_matches_reference(num_heads, num_kv_heads, dtype):
 @pytest.mark.parametrize("sliding_window", [None, 10])
 def test_decode_split_kv_and_window(num_splits, sliding_window):
     _check([1, 17, 50], 4, 2, 32, 16, torch.float32, DEVICE, sliding_window, num_splits)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("prefetch_table", [False, True])
+@pytest.mark.parametrize("sliding_window", [None, 10])
+def test_decode_block_numbers_one_tile_ahead_or_not(num_splits, prefetch_table,
+                                                    sliding_window):
+    """Both ways of loading a tile's block numbers, with and without splits (the launch
+    override the attention sweep uses)."""
+    _check([1, 17, 50], 4, 2, 32, 16, torch.float32, DEVICE, sliding_window, num_splits,
+           prefetch_table=prefetch_table)
 
 
 @pytest.mark.parametrize("num_splits", [1, 3])

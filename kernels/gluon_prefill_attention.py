@@ -1,0 +1,445 @@
+"""Prefill/extend attention over a 16-bit paged KV cache on Hopper, written in Gluon with
+warp specialization (the FlashAttention-3 structure), for head dim 128.
+
+Semantics as ``kernels.prefill_attention`` (causal, GQA, varlen requests whose queries are
+their last tokens, all KV already in the cache). One program takes 128 queries of one
+query head; its warps split into three partitions (``gl.warp_specialize``):
+
+- a load warp issues every bulk copy (TMA): the program's query tile once, then each key
+  tile and value tile of ``BLOCK_N`` keys into a ring of ``STAGES`` shared-memory buffers.
+  TMA has no row gather, so a tile is one copy per cache block it spans (``PIECE`` rows,
+  a block of 16 tokens too) and per 64-column half of the head (128-byte swizzle allows
+  boxes of at most 128 bytes a row); each copy lands in a row slice of the tile, which
+  the swizzle leaves valid for slices of 8+ rows. "full" mbarriers count the bytes in,
+  "empty" mbarriers count the two consumers out;
+- two consumer warpgroups own 64 query rows each. Per key tile: ``S = Q K^T`` and
+  ``O += P V`` on the tensor cores (``wgmma``; Q, K and V read from shared memory, P from
+  registers), online softmax with ``exp2`` in between.
+
+Each consumer issues the product of the previous tile's probabilities with its values and
+the next tile's scores together, then waits for both: no product is in flight while other
+instructions touch its accumulator (ptxas would otherwise serialize every ``wgmma``,
+warning C7514), and the softmax of tile ``j`` runs while the other warpgroup's products
+run. A pair of "turn" mbarriers makes the two warpgroups issue their products
+alternately (ping-pong), which keeps that overlap from drifting into lockstep.
+
+Key tiles wholly at or before the program's first query position run without a mask; the
+others mask ``pos_k <= pos_q``, which also hides keys past the sequence. Cache rows past
+the sequence may hold anything, and ``0 * NaN`` is NaN, so the consumers zero those rows
+of the last value tile in shared memory before reading it. Programs of the latest
+(longest) query tiles start first.
+
+What it does not take (``kernels.prefill_attention`` keeps those cases): head dims other
+than 128, float32 or FP8 caches, sliding windows, soft-capping, the strided pattern.
+
+``prefill_attention`` does not dispatch to this kernel yet: it compiles for sm_90 (no
+spills, no serialized ``wgmma``; ``tests/kernels/test_gluon_prefill_attention.py`` checks
+its structure on any machine) and waits for its GPU tests and a measurement
+(``benchmarks/attention_sweep.py --kinds prefill --gluon-prefill``) before it serves.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+
+from kernels._gluon import barrier, gl, gluon, runs_on
+from kernels._utils import INDEX_DTYPES, check_tensor
+from kernels.paged_decode_attention import _LOG2E, _check_paged_args
+
+try:  # Hopper TMA and wgmma in Gluon (Triton 3.5+)
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+except ImportError:  # pragma: no cover - an older Triton: the callers keep other kernels
+    TensorDescriptor = None
+else:
+    # Triton 3.5-3.6 name the TMA load async_copy_global_to_shared, later ones async_load.
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+
+HEAD_DIM = 128
+# Query rows a program takes, and per consumer warpgroup.
+BLOCK_M = 128
+HALF_M = 64
+# Default launch (not yet measured against the alternatives): keys per tile, ring
+# buffers (two stages of 128-key K and V tiles plus the query tile are 160 KB of shared
+# memory; three stages, 224 KB, still fit).
+BLOCK_N = 128
+STAGES = 2
+# Registers per thread: the kernel's limit over its 12 warps (a whole register file),
+# the load warp's and the second consumer's; the first consumer gets what is left (240).
+MAX_REGS = 168
+LOAD_REGS = 24
+CONSUMER_REGS = 240
+
+
+@functools.cache
+def _layouts(block_n: int) -> dict:
+    """The kernel's register and shared-memory layouts for tiles of ``block_n`` keys."""
+    return dict(
+        # wgmma accumulators of one warpgroup: S [64, block_n] and O [64, 128].
+        S_LAYOUT=gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                           instr_shape=[16, block_n, 16]),
+        O_LAYOUT=gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                           instr_shape=[16, HEAD_DIM, 16]),
+        # 128-byte swizzle: a [rows, 128] tile is two [rows, 64] slabs of 128-byte rows,
+        # so the same bytes read as [2 * rows, 64] are the TMA copies' destinations.
+        SMEM=gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2),
+        # [BLOCK_N, 128] value tile for zeroing rows: 16-byte vectors a thread.
+        V_ZERO=gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[2, 16],
+                                warps_per_cta=[4, 1], order=[1, 0]),
+    )
+
+
+if gluon is not None and TensorDescriptor is not None:
+    _D = gl.constexpr(HEAD_DIM)
+    _HALF_D = gl.constexpr(HEAD_DIM // 2)
+
+    if hasattr(gl.shared_memory_descriptor, "reinterpret"):  # Triton 3.7+
+        @gluon.jit
+        def _as_pieces(tile_ring, SMEM: gl.constexpr):
+            """The ring ``[STAGES, BLOCK_N, 128]`` as ``[STAGES, 2 * BLOCK_N, 64]``."""
+            shape: gl.constexpr = [tile_ring.shape[0], 2 * tile_ring.shape[1], _HALF_D]
+            return tile_ring.reinterpret(tile_ring.dtype, shape, SMEM)
+    else:
+        @gluon.jit
+        def _as_pieces(tile_ring, SMEM: gl.constexpr):
+            """The ring ``[STAGES, BLOCK_N, 128]`` as ``[STAGES, 2 * BLOCK_N, 64]``."""
+            shape: gl.constexpr = [tile_ring.shape[0], 2 * tile_ring.shape[1], _HALF_D]
+            return tile_ring._reinterpret(tile_ring.dtype, shape, SMEM)
+
+    _HALF_M = gl.constexpr(HALF_M)
+    _BLOCK_M = gl.constexpr(BLOCK_M)
+
+    @gluon.jit
+    def _copy_tile(desc, pieces, bar, table, n0, last_block, kv_col,
+                   BLOCK_SIZE: gl.constexpr, BLOCK_N: gl.constexpr):
+        """Bulk copies of keys ``n0 .. n0 + BLOCK_N`` (one per cache block and half head)
+        into ``pieces`` (the stage's tile as ``[2 * BLOCK_N, 64]``: half 0's rows, then
+        half 1's); keys past the sequence read its last block (they are masked)."""
+        PIECE: gl.constexpr = desc.block_type.shape[0]
+        for p in gl.static_range(BLOCK_N // PIECE):
+            pos = n0 + p * PIECE
+            blk = gl.load(table + gl.minimum(pos // BLOCK_SIZE, last_block)).to(gl.int32)
+            row = blk * BLOCK_SIZE + pos % BLOCK_SIZE
+            for h in gl.static_range(2):
+                _tma_load(desc, [row, kv_col + h * _HALF_D], bar,
+                          pieces.slice(h * BLOCK_N + p * PIECE, PIECE))
+
+    @gluon.jit
+    def _load_partition(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_full,
+                        k_empty, v_full, v_empty, table, q_row, q_col, kv_col, seq_len,
+                        num_tiles, BLOCK_SIZE: gl.constexpr, BLOCK_N: gl.constexpr,
+                        STAGES: gl.constexpr, SMEM: gl.constexpr):
+        if num_tiles > 0:
+            mbarrier.expect(q_bar, 2 * desc_q.block_type.nbytes)
+            _tma_load(desc_q, [q_row, q_col], q_bar, q_smem.index(0))
+            _tma_load(desc_q, [q_row + _HALF_M, q_col], q_bar, q_smem.index(1))
+        k_pieces = _as_pieces(k_smem, SMEM)
+        v_pieces = _as_pieces(v_smem, SMEM)
+        tile_bytes: gl.constexpr = BLOCK_N * _D * 2
+        last_block = (seq_len - 1) // BLOCK_SIZE
+        for j in range(num_tiles):
+            stage = j % STAGES
+            # Fresh mbarriers count as having completed the phase before phase 0.
+            phase = (j // STAGES & 1) ^ 1
+            n0 = j * BLOCK_N
+            mbarrier.wait(k_empty.index(stage), phase)
+            mbarrier.expect(k_full.index(stage), tile_bytes)
+            _copy_tile(desc_k, k_pieces.index(stage), k_full.index(stage), table, n0,
+                       last_block, kv_col, BLOCK_SIZE, BLOCK_N)
+            mbarrier.wait(v_empty.index(stage), phase)
+            mbarrier.expect(v_full.index(stage), tile_bytes)
+            _copy_tile(desc_v, v_pieces.index(stage), v_full.index(stage), table, n0,
+                       last_block, kv_col, BLOCK_SIZE, BLOCK_N)
+
+    @gluon.jit
+    def _softmax(s, acc, m_i, l_i, q_pos, n0, qk_scale, dtype: gl.constexpr,
+                 MASKED: gl.constexpr, S_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr):
+        """Online softmax of one tile's raw scores ``s``: the probabilities as P @ V's
+        register operand, the rescaled accumulator, the new row maxima and sums (log2
+        units). Every row sees key 0 in its first tile, so maxima are finite from then
+        on."""
+        if MASKED:
+            cols = gl.arange(0, s.shape[1], layout=gl.SliceLayout(0, S_LAYOUT))
+            s = gl.where((n0 + cols)[None, :] <= q_pos[:, None], s * qk_scale,
+                         float("-inf"))
+            m_new = gl.maximum(m_i, gl.max(s, axis=1))
+            p = gl.exp2(s - m_new[:, None])
+        else:
+            m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
+            p = gl.exp2(s * qk_scale - m_new[:, None])
+        alpha = gl.exp2(m_i - m_new)
+        l_i = l_i * alpha + gl.sum(p, axis=1)
+        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, O_LAYOUT))[:, None]
+        p = gl.convert_layout(p.to(dtype),
+                              gl.DotOperandLayout(operand_index=0, parent=O_LAYOUT, k_width=2))
+        return p, acc, m_new, l_i
+
+    @gluon.jit
+    def _my_turn(turn, WG: gl.constexpr, section):
+        """Wait until the other warpgroup has issued its products of the previous section
+        (warpgroup 0 issues first: section ``k`` of warpgroup 1 follows section ``k`` of
+        warpgroup 0, which follows section ``k - 1`` of warpgroup 1)."""
+        mbarrier.wait(turn.index(WG), (section + 1 + WG) & 1)
+
+    @gluon.jit
+    def _values_then_scores(p, acc, q, k_smem, v_smem, k_full, k_empty, v_full, v_empty,
+                            turn, j, WG: gl.constexpr, STAGES: gl.constexpr,
+                            S_LAYOUT: gl.constexpr):
+        """``acc + P_j V_j`` and ``S_{j+1} = Q K_{j+1}^T``, issued together on this
+        warpgroup's turn and waited for together."""
+        BLOCK_N: gl.constexpr = k_smem.shape[1]
+        stage = j % STAGES
+        nxt = (j + 1) % STAGES
+        mbarrier.wait(v_full.index(stage), j // STAGES & 1)
+        mbarrier.wait(k_full.index(nxt), (j + 1) // STAGES & 1)
+        _my_turn(turn, WG, j + 1)
+        acc = warpgroup_mma(p, v_smem.index(stage), acc, is_async=True)
+        s = warpgroup_mma(q, k_smem.index(nxt).permute((1, 0)),
+                          gl.zeros([_HALF_M, BLOCK_N], gl.float32, S_LAYOUT),
+                          use_acc=False, is_async=True)
+        mbarrier.arrive(turn.index(1 - WG))
+        acc, s = warpgroup_mma_wait(0, deps=[acc, s])
+        mbarrier.arrive(v_empty.index(stage))
+        mbarrier.arrive(k_empty.index(nxt))
+        return acc, s
+
+    @gluon.jit
+    def _zero_tail_values(v_tile, n0, seq_len, V_ZERO: gl.constexpr):
+        """Zero the value rows of keys from ``seq_len`` on (the cache may hold NaN there;
+        their probabilities are 0, but 0 * NaN is NaN)."""
+        keys = n0 + gl.arange(0, v_tile.shape[0], layout=gl.SliceLayout(1, V_ZERO))
+        v = v_tile.load(V_ZERO)
+        v_tile.store(gl.where((keys < seq_len)[:, None], v, gl.zeros_like(v)))
+        fence_async_shared()
+        barrier()
+
+    @gluon.jit
+    def _consumer_partition(q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty,
+                            turn, out_ptr, stride_ot, stride_oh, q_start, num_q, m0, head,
+                            first_pos, seq_len, num_tiles, num_full, qk_scale,
+                            WG: gl.constexpr, STAGES: gl.constexpr, S_LAYOUT: gl.constexpr,
+                            O_LAYOUT: gl.constexpr, V_ZERO: gl.constexpr):
+        if num_tiles > 0:
+            _consume(q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty, turn,
+                     out_ptr, stride_ot, stride_oh, q_start, num_q, m0, head, first_pos,
+                     seq_len, num_tiles, num_full, qk_scale, WG, STAGES, S_LAYOUT, O_LAYOUT,
+                     V_ZERO)
+
+    @gluon.jit
+    def _consume(q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty, turn,
+                 out_ptr, stride_ot, stride_oh, q_start, num_q, m0, head, first_pos, seq_len,
+                 num_tiles, num_full, qk_scale, WG: gl.constexpr, STAGES: gl.constexpr,
+                 S_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr, V_ZERO: gl.constexpr):
+        """One consumer warpgroup's rows of a program with at least one key tile."""
+        BLOCK_N: gl.constexpr = k_smem.shape[1]
+        dtype: gl.constexpr = k_smem.dtype
+        q = q_smem.index(WG)
+        rows = gl.arange(0, _HALF_M, layout=gl.SliceLayout(1, S_LAYOUT))
+        q_pos = first_pos + WG * _HALF_M + rows
+        m_i = gl.full([_HALF_M], float("-inf"), gl.float32, gl.SliceLayout(1, S_LAYOUT))
+        l_i = gl.zeros([_HALF_M], gl.float32, gl.SliceLayout(1, S_LAYOUT))
+        acc = gl.zeros([_HALF_M, _D], gl.float32, O_LAYOUT)
+
+        # Section 0: the first tile's scores alone.
+        mbarrier.wait(q_bar, 0)
+        mbarrier.wait(k_full.index(0), 0)
+        _my_turn(turn, WG, 0)
+        s = warpgroup_mma(q, k_smem.index(0).permute((1, 0)),
+                          gl.zeros([_HALF_M, BLOCK_N], gl.float32, S_LAYOUT), use_acc=False,
+                          is_async=True)
+        mbarrier.arrive(turn.index(1 - WG))
+        s = warpgroup_mma_wait(0, deps=[s])
+        mbarrier.arrive(k_empty.index(0))
+
+        for j in range(0, num_full):
+            p, acc, m_i, l_i = _softmax(s, acc, m_i, l_i, q_pos, j * BLOCK_N, qk_scale, dtype,
+                                        False, S_LAYOUT, O_LAYOUT)
+            acc, s = _values_then_scores(p, acc, q, k_smem, v_smem, k_full, k_empty, v_full,
+                                         v_empty, turn, j, WG, STAGES, S_LAYOUT)
+        for j in range(num_full, num_tiles - 1):
+            p, acc, m_i, l_i = _softmax(s, acc, m_i, l_i, q_pos, j * BLOCK_N, qk_scale, dtype,
+                                        True, S_LAYOUT, O_LAYOUT)
+            acc, s = _values_then_scores(p, acc, q, k_smem, v_smem, k_full, k_empty, v_full,
+                                         v_empty, turn, j, WG, STAGES, S_LAYOUT)
+
+        # The last tile (it holds the diagonal, and maybe keys past the sequence).
+        j = num_tiles - 1
+        n0 = j * BLOCK_N
+        p, acc, m_i, l_i = _softmax(s, acc, m_i, l_i, q_pos, n0, qk_scale, dtype, True,
+                                    S_LAYOUT, O_LAYOUT)
+        stage = j % STAGES
+        mbarrier.wait(v_full.index(stage), j // STAGES & 1)
+        if n0 + BLOCK_N > seq_len:
+            _zero_tail_values(v_smem.index(stage), n0, seq_len, V_ZERO)
+        _my_turn(turn, WG, j + 1)
+        acc = warpgroup_mma(p, v_smem.index(stage), acc, is_async=True)
+        mbarrier.arrive(turn.index(1 - WG))
+        acc = warpgroup_mma_wait(0, deps=[acc])
+        mbarrier.arrive(v_empty.index(stage))
+
+        l_o = gl.convert_layout(l_i, gl.SliceLayout(1, O_LAYOUT))
+        o = (acc / l_o[:, None]).to(out_ptr.dtype.element_ty)
+        m = m0 + WG * _HALF_M + gl.arange(0, _HALF_M, layout=gl.SliceLayout(1, O_LAYOUT))
+        d = gl.arange(0, _D, layout=gl.SliceLayout(0, O_LAYOUT))
+        out_rows = (q_start + m).to(gl.int64) * stride_ot + head * stride_oh
+        gl.store(out_ptr + out_rows[:, None] + d[None, :], o, mask=(m < num_q)[:, None])
+
+    @gluon.jit
+    def _gluon_prefill_attention_kernel(
+            desc_q, desc_k, desc_v, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr,
+            stride_bt, stride_ot, stride_oh, qk_scale, num_q_tiles,
+            GROUP: gl.constexpr, BLOCK_SIZE: gl.constexpr, BLOCK_N: gl.constexpr,
+            STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOAD_REGS: gl.constexpr,
+            S_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr, SMEM: gl.constexpr,
+            V_ZERO: gl.constexpr):
+        head = gl.program_id(0)
+        # Latest (longest) query tiles first: they have the most keys to visit.
+        tile = num_q_tiles - 1 - gl.program_id(1)
+        req = gl.program_id(2)
+        q_start = gl.load(qsl_ptr + req).to(gl.int32)
+        num_q = gl.load(qsl_ptr + req + 1).to(gl.int32) - q_start
+        m0 = tile * _BLOCK_M
+        seq_len = gl.load(seq_lens_ptr + req).to(gl.int32)
+        first_pos = seq_len - num_q + m0
+        hi = gl.minimum(first_pos + _BLOCK_M, seq_len)
+        # A tile past the request's queries has no work (num_tiles 0): every partition
+        # skips its part, and the warp-specialized region stays unconditional.
+        num_tiles = gl.where(m0 < num_q, gl.cdiv(hi, BLOCK_N), 0)
+        # Tiles whose last key is at or before the first query need no mask; the last
+        # tile always takes one.
+        num_full = gl.minimum((first_pos + 1) // BLOCK_N, num_tiles - 1)
+        dtype: gl.constexpr = desc_k.dtype
+
+        q_smem = gl.allocate_shared_memory(dtype, [2, _HALF_M, _D], SMEM)
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, _D], SMEM)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, _D], SMEM)
+        bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
+        q_bar = gl.allocate_shared_memory(gl.int64, [1, 1], bar_layout).index(0)
+        k_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+        v_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
+        mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_full.index(i), count=1)
+            mbarrier.init(v_full.index(i), count=1)
+            # One arrival per consumer warpgroup.
+            mbarrier.init(k_empty.index(i), count=2)
+            mbarrier.init(v_empty.index(i), count=2)
+        for i in gl.static_range(2):
+            mbarrier.init(turn.index(i), count=1)
+        fence_async_shared()
+
+        table = bt_ptr + req.to(gl.int64) * stride_bt
+        gl.warp_specialize([
+            (_consumer_partition, (
+                q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty, turn,
+                out_ptr, stride_ot, stride_oh, q_start, num_q, m0, head, first_pos, seq_len,
+                num_tiles, num_full, qk_scale, 0, STAGES, S_LAYOUT, O_LAYOUT, V_ZERO)),
+            (_consumer_partition, (
+                q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty, turn,
+                out_ptr, stride_ot, stride_oh, q_start, num_q, m0, head, first_pos, seq_len,
+                num_tiles, num_full, qk_scale, 1, STAGES, S_LAYOUT, O_LAYOUT, V_ZERO)),
+            (_load_partition, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar,
+                               k_full, k_empty, v_full, v_empty, table, q_start + m0,
+                               head * _D, (head // GROUP) * _D, seq_len, num_tiles,
+                               BLOCK_SIZE, BLOCK_N, STAGES, SMEM)),
+        ], [4, 1], [CONSUMER_REGS, LOAD_REGS])
+
+
+def serves(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+           sliding_window: int | None = None, logit_softcap: float | None = None,
+           attention_stride: int | None = None) -> bool:
+    """Whether ``gluon_prefill_attention`` can take this batch: Gluon's Hopper API present, a
+    CUDA GPU of compute capability 9.0+, head dim 128, a contiguous 16-bit cache in the
+    query's dtype with blocks of a power of two from 16 tokens, queries whose heads are
+    packed in 16-byte aligned rows, no window, cap or strided pattern."""
+    if TensorDescriptor is None or not runs_on(query.device):
+        return False
+    block_size = key_cache.shape[1]
+    return (sliding_window is None and logit_softcap is None and attention_stride is None
+            and query.dtype in (torch.float16, torch.bfloat16)
+            and key_cache.dtype == query.dtype and value_cache.dtype == query.dtype
+            and query.shape[2] == HEAD_DIM and key_cache.shape[3] == HEAD_DIM
+            and query.shape[1] % key_cache.shape[2] == 0
+            and block_size >= 16 and block_size & (block_size - 1) == 0
+            and key_cache.is_contiguous() and value_cache.is_contiguous()
+            and key_cache.data_ptr() % 16 == 0 and value_cache.data_ptr() % 16 == 0
+            and query.stride(2) == 1 and query.stride(1) == HEAD_DIM
+            and query.stride(0) % 8 == 0 and query.data_ptr() % 16 == 0)
+
+
+def gluon_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor,
+                            value_cache: torch.Tensor, block_tables: torch.Tensor,
+                            seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
+                            scale: float, max_query_len: int | None = None,
+                            out: torch.Tensor | None = None, *, block_n: int = BLOCK_N,
+                            stages: int = STAGES, consumer_regs: int = CONSUMER_REGS,
+                            load_regs: int = LOAD_REGS, max_regs: int = MAX_REGS
+                            ) -> torch.Tensor:
+    """Causal prefill/extend attention as ``prefill_attention`` (arguments alike; the batch
+    must pass ``serves``).
+
+    Args:
+        query: ``[T, H, 128]`` packed queries, bfloat16 or float16.
+        key_cache, value_cache: ``[num_blocks, block_size, Hkv, 128]`` in query's dtype,
+            with this step's KV already written.
+        block_tables: ``[B, max_blocks]`` int32/int64.
+        seq_lens: ``[B]`` cached + new tokens per request.
+        query_start_loc: ``[B + 1]`` row offsets of each request's queries.
+        scale: softmax scale.
+        max_query_len: longest query chunk; pass it to avoid a device sync.
+        out: ``[T, H, 128]`` to write into (allocated if None).
+        block_n, stages: keys per tile (64 or 128) and ring buffers (2+), for sweeps.
+        consumer_regs, load_regs, max_regs: registers per thread of the second consumer
+            warpgroup and the load warp, and the kernel's limit (the first consumer gets
+            the rest), for sweeps.
+    Returns:
+        ``out`` (rows outside every request's range are left unwritten).
+    """
+    _check_paged_args(query, key_cache, value_cache, block_tables, seq_lens)
+    check_tensor("query_start_loc", query_start_loc, ndim=1, dtypes=INDEX_DTYPES,
+                 device=query.device, contiguous=True)
+    num_reqs = seq_lens.shape[0]
+    if query_start_loc.shape[0] != num_reqs + 1:
+        raise ValueError(f"query_start_loc must have {num_reqs + 1} entries, "
+                         f"got {query_start_loc.shape[0]}.")
+    if block_n not in (64, 128):
+        raise ValueError(f"block_n must be 64 or 128, got {block_n}.")
+    if out is None:
+        out = torch.empty_like(query)
+    if num_reqs == 0 or query.shape[0] == 0:
+        return out
+    if max_query_len is None:
+        max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
+    if max_query_len <= 0:
+        return out
+    num_tokens, num_heads = query.shape[:2]
+    num_blocks, block_size, num_kv_heads = key_cache.shape[:3]
+    layouts = _layouts(block_n)
+    smem = layouts["SMEM"]
+    piece = min(block_size, block_n)
+    rows = num_blocks * block_size, num_kv_heads * HEAD_DIM
+    desc_k, desc_v = (TensorDescriptor(c.view(rows), list(rows), [rows[1], 1],
+                                       [piece, HEAD_DIM // 2], smem)
+                      for c in (key_cache, value_cache))
+    desc_q = TensorDescriptor(query, [num_tokens, num_heads * HEAD_DIM], [query.stride(0), 1],
+                              [HALF_M, HEAD_DIM], smem)
+    num_q_tiles = triton.cdiv(max_query_len, BLOCK_M)
+    _gluon_prefill_attention_kernel[(num_heads, num_q_tiles, num_reqs)](
+        desc_q, desc_k, desc_v, block_tables, seq_lens, query_start_loc, out,
+        block_tables.stride(0), out.stride(0), out.stride(1), float(scale) * _LOG2E,
+        num_q_tiles, GROUP=num_heads // num_kv_heads, BLOCK_SIZE=block_size,
+        BLOCK_N=block_n, STAGES=stages, CONSUMER_REGS=consumer_regs, LOAD_REGS=load_regs,
+        **layouts, num_warps=4, maxnreg=max_regs)
+    return out

@@ -1,0 +1,115 @@
+"""The warp-specialized Gluon prefill kernel: its structure compiled for sm_90 (any machine)
+and its results against the torch reference (Hopper GPUs; each case in a child process
+under a time limit, so a deadlock of its barriers fails the test instead of hanging it)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import kernels.gluon_prefill_attention as gpa
+from tests.kernels.conftest import HAS_CUDA, needs_gpu
+from tests.kernels.sm90_ptx import compile_for_sm90
+
+_HAS_GLUON_HOPPER = gpa.gluon is not None and gpa.TensorDescriptor is not None
+# Seconds a child process gets for its cases (compiles included).
+_CASE_TIMEOUT_S = 240
+
+
+def test_serves_only_a_hopper_gpu():
+    query = torch.zeros(4, 8, 128, dtype=torch.bfloat16)
+    cache = torch.zeros(4, 16, 2, 128, dtype=torch.bfloat16)
+    assert not gpa.serves(query, cache, cache)
+
+
+@pytest.mark.skipif(not _HAS_GLUON_HOPPER, reason="Triton without Gluon's Hopper API")
+@pytest.mark.parametrize("block_size,block_n", [(16, 128), (64, 64), (256, 128)])
+def test_a_load_warp_feeds_two_consumer_warpgroups(block_size, block_n):
+    """Compiled for sm_90: the load warp issues a bulk copy per cache block and half head of
+    each key and value tile (plus four for the query tile); the consumers run every product
+    on ``wgmma`` and retire each before touching its accumulator (a product left in flight
+    makes ptxas serialize them all); the consumer warpgroups get 240 registers and the load
+    warp 24."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    ptx = compile_for_sm90(
+        "kernels.gluon_prefill_attention", "_gluon_prefill_attention_kernel", block_n,
+        dict(bt_ptr="*i32", seq_lens_ptr="*i32", qsl_ptr="*i32", out_ptr="*bf16"),
+        dict(GROUP=4, BLOCK_SIZE=block_size, BLOCK_N=block_n, STAGES=2,
+             CONSUMER_REGS=240, LOAD_REGS=24),
+        floats=("qk_scale",),
+        descriptors=dict(desc_q=((256, 4096), [64, 128], "bfloat16"),
+                         desc_k=((4096, 1024), [min(block_size, block_n), 64], "bfloat16"),
+                         desc_v=((4096, 1024), [min(block_size, block_n), 64], "bfloat16")),
+        options={"num_warps": 4, "maxnreg": gpa.MAX_REGS})
+    pieces = block_n // min(block_size, block_n)
+    assert len(re.findall(r"cp\.async\.bulk\.tensor", ptx)) == 2 * 2 * pieces + 4
+    assert "mma.sync" not in ptx
+    # Per consumer: the first tile's scores, two loops of values and scores, the last
+    # tile's values (one wgmma per 16 of the reduction dim).
+    per_consumer = 128 // 16 + 2 * (128 // 16 + block_n // 16) + block_n // 16
+    assert ptx.count("wgmma.mma_async") == 2 * per_consumer
+    assert set(re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)) == {"0"}
+    assert re.search(r"setmaxnreg\.inc\.sync\.aligned\.u32\s+240", ptx)
+    assert re.search(r"setmaxnreg\.dec\.sync\.aligned\.u32\s+24\b", ptx)
+
+
+_CHILD = r"""
+import json, sys
+import torch
+import kernels.gluon_prefill_attention as gpa
+from kernels import torch_ref
+from tests.kernels.conftest import TOLERANCES, make_paged_kv
+
+results = []
+for seq_lens, query_lens, heads, kv_heads, block_size, dtype, launch in json.loads(sys.argv[1]):
+    torch.manual_seed(0)
+    dtype = getattr(torch, dtype)
+    device = torch.device("cuda")
+    kc, vc, tables, seq = make_paged_kv(seq_lens, kv_heads, 128, block_size, dtype, device)
+    for i, n in enumerate(seq_lens):  # slots past each sequence: NaN
+        if n % block_size:
+            last = tables[i, (n - 1) // block_size]
+            kc[last, n % block_size:] = float("nan")
+            vc[last, n % block_size:] = float("nan")
+    qsl = torch.tensor([0] + query_lens).cumsum(0).to(torch.int32).to(device)
+    query = torch.randn(sum(query_lens), heads, 128, device=device).to(dtype)
+    assert gpa.serves(query, kc, vc)
+    out = torch.full_like(query, float("nan"))
+    gpa.gluon_prefill_attention(query, kc, vc, tables, seq, qsl, 128 ** -0.5,
+                                max_query_len=max(query_lens), out=out, **launch)
+    torch.cuda.synchronize()
+    expected = torch_ref.paged_attention(query, kc, vc, tables, seq, qsl, 128 ** -0.5)
+    atol, rtol = TOLERANCES[dtype]
+    bad = ~torch.isclose(out.float(), expected.float(), atol=atol, rtol=rtol)
+    results.append(int(bad.sum()))
+print(json.dumps(results))
+"""
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capability() < (9, 0),
+                    reason="the Gluon prefill kernel needs compute capability 9.0+")
+@pytest.mark.parametrize("cases", [
+    # (seq_lens, query_lens, heads, kv heads, cache block, dtype, launch overrides)
+    [([1], [1], 8, 2, 16, "bfloat16", {}),
+     ([77, 300, 1000], [77, 300, 1000], 16, 4, 16, "bfloat16", {}),
+     ([700, 1000], [130, 300], 32, 4, 64, "bfloat16", {}),
+     ([1000, 129], [1000, 129], 8, 8, 256, "float16", {})],
+    [([300, 1000], [300, 1000], 16, 4, 16, "bfloat16", dict(block_n=64)),
+     ([700, 77], [130, 77], 16, 2, 32, "bfloat16", dict(stages=3)),
+     ([700], [1], 8, 2, 128, "float16", dict(block_n=64, stages=4))],
+], ids=["defaults", "launches"])
+def test_matches_reference_gpu(cases):
+    done = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(cases)],
+                          capture_output=True, text=True, timeout=_CASE_TIMEOUT_S,
+                          cwd=pathlib.Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr[-3000:]
+    mismatches = json.loads(done.stdout.strip().splitlines()[-1])
+    assert mismatches == [0] * len(cases), f"mismatched elements per case: {mismatches}"
