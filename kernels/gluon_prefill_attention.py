@@ -46,8 +46,8 @@ import torch
 import triton
 
 from kernels._gluon import barrier, gl, gluon, runs_on
-from kernels._utils import INDEX_DTYPES, check_tensor
-from kernels.paged_decode_attention import _LOG2E, _check_paged_args
+from kernels.paged_decode_attention import _LOG2E
+from kernels.prefill_attention import check_prefill_args, longest_query
 
 try:  # Hopper TMA and wgmma in Gluon (Triton 3.5+)
     from triton.experimental.gluon.language.nvidia.hopper import (
@@ -407,23 +407,15 @@ def gluon_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor,
     Returns:
         ``out`` (rows outside every request's range are left unwritten).
     """
-    _check_paged_args(query, key_cache, value_cache, block_tables, seq_lens)
-    check_tensor("query_start_loc", query_start_loc, ndim=1, dtypes=INDEX_DTYPES,
-                 device=query.device, contiguous=True)
-    num_reqs = seq_lens.shape[0]
-    if query_start_loc.shape[0] != num_reqs + 1:
-        raise ValueError(f"query_start_loc must have {num_reqs + 1} entries, "
-                         f"got {query_start_loc.shape[0]}.")
+    check_prefill_args(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc)
     if block_n not in (64, 128):
         raise ValueError(f"block_n must be 64 or 128, got {block_n}.")
     if out is None:
         out = torch.empty_like(query)
-    if num_reqs == 0 or query.shape[0] == 0:
+    max_query_len = longest_query(query, query_start_loc, max_query_len)
+    if max_query_len == 0:
         return out
-    if max_query_len is None:
-        max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
-    if max_query_len <= 0:
-        return out
+    num_reqs = seq_lens.shape[0]
     num_tokens, num_heads = query.shape[:2]
     num_blocks, block_size, num_kv_heads = key_cache.shape[:3]
     layouts = _layouts(block_n)

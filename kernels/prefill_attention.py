@@ -399,6 +399,31 @@ def _launch_tma(query, key_cache, value_cache, block_tables, seq_lens, query_sta
     return out
 
 
+def check_prefill_args(query: torch.Tensor, key_cache: torch.Tensor,
+                       value_cache: torch.Tensor, block_tables: torch.Tensor,
+                       seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
+                       k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+    """ValueError or TypeError naming the argument unless the batch is one
+    ``prefill_attention`` takes (arguments as there)."""
+    _check_paged_args(query, key_cache, value_cache, block_tables, seq_lens, k_scale, v_scale)
+    check_tensor("query_start_loc", query_start_loc, ndim=1, dtypes=INDEX_DTYPES,
+                 device=query.device, contiguous=True)
+    if query_start_loc.shape[0] != seq_lens.shape[0] + 1:
+        raise ValueError(f"query_start_loc must have {seq_lens.shape[0] + 1} entries, "
+                         f"got {query_start_loc.shape[0]}.")
+
+
+def longest_query(query: torch.Tensor, query_start_loc: torch.Tensor,
+                  max_query_len: int | None) -> int:
+    """The longest query chunk, 0 when there is nothing to attend: ``max_query_len``, else
+    read from ``query_start_loc`` (a device sync)."""
+    if query_start_loc.shape[0] <= 1 or query.shape[0] == 0:
+        return 0
+    if max_query_len is None:
+        max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
+    return max(max_query_len, 0)
+
+
 def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                       block_tables: torch.Tensor, seq_lens: torch.Tensor,
                       query_start_loc: torch.Tensor, scale: float,
@@ -430,22 +455,15 @@ def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
         ``[T, H, D]`` attention output in query's dtype (rows outside every request's
         range are left unwritten).
     """
-    _check_paged_args(query, key_cache, value_cache, block_tables, seq_lens, k_scale, v_scale)
-    check_tensor("query_start_loc", query_start_loc, ndim=1, dtypes=INDEX_DTYPES,
-                 device=query.device, contiguous=True)
+    check_prefill_args(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc,
+                       k_scale, v_scale)
     num_reqs = seq_lens.shape[0]
-    if query_start_loc.shape[0] != num_reqs + 1:
-        raise ValueError(f"query_start_loc must have {num_reqs + 1} entries, "
-                         f"got {query_start_loc.shape[0]}.")
     check_pattern(sliding_window, attention_stride)
     scale = float(scale) * k_scale
     softcap_mul, softcap_log2 = softcap_args(scale, logit_softcap)
     out = torch.empty_like(query)
-    if num_reqs == 0 or query.shape[0] == 0:
-        return out
-    if max_query_len is None:
-        max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
-    if max_query_len <= 0:
+    max_query_len = longest_query(query, query_start_loc, max_query_len)
+    if max_query_len == 0:
         return out
     if uses_tma(query, key_cache, value_cache, max_query_len, attention_stride):
         return _launch_tma(query, key_cache, value_cache, block_tables, seq_lens,
