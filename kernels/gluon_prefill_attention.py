@@ -10,8 +10,11 @@ query head; its warps split into three partitions (``gl.warp_specialize``):
   TMA has no row gather, so a tile is one copy per cache block it spans (``PIECE`` rows,
   a block of 16 tokens too) and per 64-column half of the head (128-byte swizzle allows
   boxes of at most 128 bytes a row); each copy lands in a row slice of the tile, which
-  the swizzle leaves valid for slices of 8+ rows. "full" mbarriers count the bytes in,
-  "empty" mbarriers count the two consumers out;
+  the swizzle leaves valid for slices of 8+ rows. The block numbers of the next tile are
+  one load (a lane a piece) issued before the wait for a free stage, so no copy waits on a
+  load of its own (placed just before each copy, that was 16 round trips a 128-key tile at
+  blocks of 16). "full" mbarriers count the bytes in, "empty" mbarriers count the two
+  consumers out;
 - two consumer warpgroups own 64 query rows each. Per key tile: ``S = Q K^T`` and
   ``O += P V`` on the tensor cores (``wgmma``; Q, K and V read from shared memory, P from
   registers), online softmax with ``exp2`` in between.
@@ -93,6 +96,9 @@ def _layouts(block_n: int) -> dict:
         # so the same bytes read as [2 * rows, 64] are the TMA copies' destinations.
         SMEM=gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2),
         # [BLOCK_N, 128] value tile for zeroing rows: 16-byte vectors a thread.
+        # The load warp's block numbers of a tile: a lane each.
+        TABLE=gl.BlockedLayout(size_per_thread=[1], threads_per_warp=[32], warps_per_cta=[1],
+                               order=[0]),
         V_ZERO=gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[2, 16],
                                 warps_per_cta=[4, 1], order=[1, 0]),
     )
@@ -119,16 +125,24 @@ if gluon is not None and TensorDescriptor is not None:
     _BLOCK_M = gl.constexpr(BLOCK_M)
 
     @gluon.jit
-    def _copy_tile(desc, pieces, bar, table, n0, last_block, kv_col,
-                   BLOCK_SIZE: gl.constexpr, BLOCK_N: gl.constexpr):
-        """Bulk copies of keys ``n0 .. n0 + BLOCK_N`` (one per cache block and half head)
-        into ``pieces`` (the stage's tile as ``[2 * BLOCK_N, 64]``: half 0's rows, then
-        half 1's); keys past the sequence read its last block (they are masked)."""
+    def _tile_blocks(table, n0, last_block, BLOCK_SIZE: gl.constexpr, BLOCK_N: gl.constexpr,
+                     PIECE: gl.constexpr, TABLE: gl.constexpr):
+        """The cache block of each ``PIECE``-key piece of the tile at key ``n0``, in one
+        load (keys past the sequence read its last block: they are masked)."""
+        p = gl.arange(0, BLOCK_N // PIECE, layout=TABLE)
+        return gl.load(table + gl.minimum((n0 + p * PIECE) // BLOCK_SIZE, last_block))
+
+    @gluon.jit
+    def _copy_tile(desc, pieces, bar, blocks, n0, kv_col, BLOCK_SIZE: gl.constexpr,
+                   BLOCK_N: gl.constexpr):
+        """Bulk copies of keys ``n0 .. n0 + BLOCK_N`` (one per cache block in ``blocks``
+        and half head) into ``pieces`` (the stage's tile as ``[2 * BLOCK_N, 64]``: half 0's
+        rows, then half 1's)."""
         PIECE: gl.constexpr = desc.block_type.shape[0]
+        idx = gl.arange(0, BLOCK_N // PIECE, layout=blocks.type.layout)
         for p in gl.static_range(BLOCK_N // PIECE):
-            pos = n0 + p * PIECE
-            blk = gl.load(table + gl.minimum(pos // BLOCK_SIZE, last_block)).to(gl.int32)
-            row = blk * BLOCK_SIZE + pos % BLOCK_SIZE
+            blk = gl.sum(gl.where(idx == p, blocks, 0), axis=0).to(gl.int32)
+            row = blk * BLOCK_SIZE + (n0 + p * PIECE) % BLOCK_SIZE
             for h in gl.static_range(2):
                 _tma_load(desc, [row, kv_col + h * _HALF_D], bar,
                           pieces.slice(h * BLOCK_N + p * PIECE, PIECE))
@@ -137,7 +151,7 @@ if gluon is not None and TensorDescriptor is not None:
     def _load_partition(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_full,
                         k_empty, v_full, v_empty, table, q_row, q_col, kv_col, seq_len,
                         num_tiles, BLOCK_SIZE: gl.constexpr, BLOCK_N: gl.constexpr,
-                        STAGES: gl.constexpr, SMEM: gl.constexpr):
+                        STAGES: gl.constexpr, SMEM: gl.constexpr, TABLE: gl.constexpr):
         if num_tiles > 0:
             mbarrier.expect(q_bar, 2 * desc_q.block_type.nbytes)
             _tma_load(desc_q, [q_row, q_col], q_bar, q_smem.index(0))
@@ -145,20 +159,26 @@ if gluon is not None and TensorDescriptor is not None:
         k_pieces = _as_pieces(k_smem, SMEM)
         v_pieces = _as_pieces(v_smem, SMEM)
         tile_bytes: gl.constexpr = BLOCK_N * _D * 2
+        PIECE: gl.constexpr = desc_k.block_type.shape[0]
         last_block = (seq_len - 1) // BLOCK_SIZE
+        # Block numbers a tile ahead: each tile's copies wait on no load of their own.
+        blocks = _tile_blocks(table, 0, last_block, BLOCK_SIZE, BLOCK_N, PIECE, TABLE)
         for j in range(num_tiles):
             stage = j % STAGES
             # Fresh mbarriers count as having completed the phase before phase 0.
             phase = (j // STAGES & 1) ^ 1
             n0 = j * BLOCK_N
+            blocks_next = _tile_blocks(table, n0 + BLOCK_N, last_block, BLOCK_SIZE, BLOCK_N,
+                                       PIECE, TABLE)
             mbarrier.wait(k_empty.index(stage), phase)
             mbarrier.expect(k_full.index(stage), tile_bytes)
-            _copy_tile(desc_k, k_pieces.index(stage), k_full.index(stage), table, n0,
-                       last_block, kv_col, BLOCK_SIZE, BLOCK_N)
+            _copy_tile(desc_k, k_pieces.index(stage), k_full.index(stage), blocks, n0,
+                       kv_col, BLOCK_SIZE, BLOCK_N)
             mbarrier.wait(v_empty.index(stage), phase)
             mbarrier.expect(v_full.index(stage), tile_bytes)
-            _copy_tile(desc_v, v_pieces.index(stage), v_full.index(stage), table, n0,
-                       last_block, kv_col, BLOCK_SIZE, BLOCK_N)
+            _copy_tile(desc_v, v_pieces.index(stage), v_full.index(stage), blocks, n0,
+                       kv_col, BLOCK_SIZE, BLOCK_N)
+            blocks = blocks_next
 
     @gluon.jit
     def _softmax(s, acc, m_i, l_i, q_pos, n0, qk_scale, dtype: gl.constexpr,
@@ -300,7 +320,7 @@ if gluon is not None and TensorDescriptor is not None:
             GROUP: gl.constexpr, BLOCK_SIZE: gl.constexpr, BLOCK_N: gl.constexpr,
             STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOAD_REGS: gl.constexpr,
             S_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr, SMEM: gl.constexpr,
-            V_ZERO: gl.constexpr):
+            TABLE: gl.constexpr, V_ZERO: gl.constexpr):
         head = gl.program_id(0)
         # Latest (longest) query tiles first: they have the most keys to visit.
         tile = num_q_tiles - 1 - gl.program_id(1)
@@ -353,7 +373,7 @@ if gluon is not None and TensorDescriptor is not None:
             (_load_partition, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar,
                                k_full, k_empty, v_full, v_empty, table, q_start + m0,
                                head * _D, (head // GROUP) * _D, seq_len, num_tiles,
-                               BLOCK_SIZE, BLOCK_N, STAGES, SMEM)),
+                               BLOCK_SIZE, BLOCK_N, STAGES, SMEM, TABLE)),
         ], [4, 1], [CONSUMER_REGS, LOAD_REGS])
 
 

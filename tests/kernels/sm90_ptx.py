@@ -65,8 +65,9 @@ def compile_for_sm90(module: str, kernel: str, layouts_arg: int, pointers: dict[
     return done.stdout
 
 
-def loop_body(ptx: str) -> str:
-    """The PTX loop that holds the MMAs (from its label to its backward branch)."""
+def loop_body(ptx: str, marker: str = "mma.sync") -> str:
+    """The first PTX loop that holds ``marker`` (the MMAs by default), from its label to its
+    backward branch."""
     lines = ptx.splitlines()
     labels = {line.split(":")[0]: i for i, line in enumerate(lines)
               if re.match(r"^\$L__BB\d+_\d+:", line)}
@@ -74,6 +75,6 @@ def loop_body(ptx: str) -> str:
         branch = re.search(r"bra(?:\.uni)?\s+(\$L__BB\d+_\d+);", line)
         if branch and labels.get(branch.group(1), j) < j:
             body = lines[labels[branch.group(1)]:j]
-            if any("mma.sync" in b for b in body):
+            if any(marker in b for b in body):
                 return "\n".join(body)
-    raise AssertionError("no loop with MMAs in the PTX")
+    raise AssertionError(f"no loop with {marker} in the PTX")

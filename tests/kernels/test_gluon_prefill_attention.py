@@ -19,7 +19,7 @@ import torch
 
 import kernels.gluon_prefill_attention as gpa
 from tests.kernels.conftest import HAS_CUDA, needs_gpu
-from tests.kernels.sm90_ptx import compile_for_sm90
+from tests.kernels.sm90_ptx import compile_for_sm90, loop_body
 
 _HAS_GLUON_HOPPER = gpa.gluon is not None and gpa.TensorDescriptor is not None
 # Seconds a child process gets for its cases (compiles included).
@@ -36,7 +36,9 @@ def test_serves_only_a_hopper_gpu():
 @pytest.mark.parametrize("block_size,block_n", [(16, 128), (64, 64), (256, 128)])
 def test_a_load_warp_feeds_two_consumer_warpgroups(block_size, block_n):
     """Compiled for sm_90: the load warp issues a bulk copy per cache block and half head of
-    each key and value tile (plus four for the query tile); the consumers run every product
+    each key and value tile (plus four for the query tile), the block numbers of the next
+    tile in one load before it waits for a free stage (so no copy waits on a load of its
+    own); the consumers run every product
     on ``wgmma`` and retire each before touching its accumulator (a product left in flight
     makes ptxas serialize them all); the consumer warpgroups get 240 registers and the load
     warp 24."""
@@ -53,6 +55,10 @@ def test_a_load_warp_feeds_two_consumer_warpgroups(block_size, block_n):
         options={"num_warps": 4, "maxnreg": gpa.MAX_REGS})
     pieces = block_n // min(block_size, block_n)
     assert len(re.findall(r"cp\.async\.bulk\.tensor", ptx)) == 2 * 2 * pieces + 4
+    copies = loop_body(ptx, "cp.async.bulk.tensor")
+    assert copies.count("cp.async.bulk.tensor") == 2 * 2 * pieces
+    assert len(re.findall(r"ld\.global", copies)) == 1
+    assert copies.index("ld.global") < copies.index("mbarrier.try_wait")
     assert "mma.sync" not in ptx
     # Per consumer: the first tile's scores, two loops of values and scores, the last
     # tile's values (one wgmma per 16 of the reduction dim).
