@@ -95,10 +95,10 @@ def _layouts(block_n: int) -> dict:
         # 128-byte swizzle: a [rows, 128] tile is two [rows, 64] slabs of 128-byte rows,
         # so the same bytes read as [2 * rows, 64] are the TMA copies' destinations.
         SMEM=gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2),
-        # [BLOCK_N, 128] value tile for zeroing rows: 16-byte vectors a thread.
         # The load warp's block numbers of a tile: a lane each.
         TABLE=gl.BlockedLayout(size_per_thread=[1], threads_per_warp=[32], warps_per_cta=[1],
                                order=[0]),
+        # [BLOCK_N, 128] value tile for zeroing rows: 16-byte vectors a thread.
         V_ZERO=gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[2, 16],
                                 warps_per_cta=[4, 1], order=[1, 0]),
     )
