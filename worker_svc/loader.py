@@ -14,6 +14,12 @@ import torch
 from gridllm.common.config import ModelConfig
 from gridllm.common.presets import resolve_model
 from worker_svc.layers.attention import AttentionBackend
+from worker_svc.layers.fp8_checkpoint import (
+    finish_fp8_layers,
+    fp8_checkpoint,
+    fp8_checkpoint_weights,
+    prepare_fp8_layers,
+)
 from worker_svc.layers.quantization import quantize_weights
 from worker_svc.layers.selector import get_attention_backend
 from worker_svc.models import get_model_class
@@ -40,10 +46,13 @@ def load_model(model_config: ModelConfig, backend: AttentionBackend | None = Non
         device: overrides ``model_config.device``.
     Returns:
         ``(model, hf_config)``; the model is in eval mode on ``device`` (with
-        ``tensor_parallel_size`` > 1: this rank's shard).
+        ``tensor_parallel_size`` > 1: this rank's shard). An FP8 checkpoint
+        (``quantization_config``, see ``worker_svc.layers.fp8_checkpoint``) is served with
+        its stored e4m3 weights, whatever ``model_config.quantization`` says.
     Raises:
-        ValueError: the path does not exist, the architecture is not supported, or it
-            cannot be split ``tensor_parallel_size`` ways.
+        ValueError: the path does not exist, the architecture is not supported, it
+            cannot be split ``tensor_parallel_size`` ways, or its quantization is not one
+            gridllm serves.
     """
     path = resolve_model_path(model_config.model)
     device = device or resolve_device(model_config.device)
@@ -60,6 +69,7 @@ def load_model(model_config: ModelConfig, backend: AttentionBackend | None = Non
         quantize_weights(model, model_config.quantization)
         return model, hf_config
     hf_config, weights = read_checkpoint(path, dtype)
+    checkpoint = fp8_checkpoint(hf_config)
     architectures = getattr(hf_config, "architectures", None) or [None]
     model_cls = get_model_class(architectures[0])
     tp_size = model_config.tensor_parallel_size
@@ -69,8 +79,13 @@ def load_model(model_config: ModelConfig, backend: AttentionBackend | None = Non
     with (default_dtype(dtype), torch.device(device), skip_init(),
           building(state_for(tp_size))):
         model = model_cls(hf_config, backend)
-    model.load_weights(weights)
-    quantize_weights(model, model_config.quantization)
+    if checkpoint is None:
+        model.load_weights(weights)
+        quantize_weights(model, model_config.quantization)
+    else:
+        held = prepare_fp8_layers(model, checkpoint)
+        model.load_weights(fp8_checkpoint_weights(weights, checkpoint, held))
+        finish_fp8_layers(model)
     model.eval()
     logger.info("loaded %s (%s) on %s as %s", path, architectures[0], device, dtype)
     return model, hf_config

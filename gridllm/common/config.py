@@ -226,7 +226,8 @@ class ModelConfig:
     quantization: str | None = option(
         None, choices=QUANTIZATIONS, default_help="none",
         help="weight quantization at load: fp8 (per-channel float8 e4m3 weights of the "
-        "Llama family's linear layers, activations quantized per token)")
+        "Llama family's linear layers, activations quantized per token); an FP8 "
+        "checkpoint (quantization_config in config.json) is served as stored without it")
     seed: int = option(0, help="seed of the engine's random generator")
     sparse_attention: str | None = option(
         None, default_help="none: the model's own attention",

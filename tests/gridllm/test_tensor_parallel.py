@@ -201,3 +201,22 @@ def test_fp8_weights_and_cache_shard_too(tiny_model_dir):
         got = top1(llm)
     agreement = sum(a == b for a, b in zip(got, expected, strict=True)) / len(expected)
     assert agreement >= 0.8, agreement
+
+
+def test_an_fp8_checkpoint_shards_its_stored_weights(tiny_model_dir, tmp_path):
+    """An FP8 checkpoint (per-channel scales) at T=2: each rank holds its rows and scales
+    of the merged column-parallel layers and its columns of the row-parallel ones (whose
+    bias rank 0 alone adds). With steps of at most 16 tokens only the weights are
+    quantized, so both give the greedy ids of the dequantized float checkpoint on one
+    device; a scale on the wrong rows or a bias added twice changes them."""
+    from tests.worker_svc.fp8_checkpoints import COMPRESSED_TENSORS_CHANNEL, write_fp8_checkpoint
+
+    path = write_fp8_checkpoint(tiny_model_dir("llama-bias"), str(tmp_path / "fp8"),
+                                COMPRESSED_TENSORS_CHANNEL)
+    engine = dict(ENGINE, max_num_batched_tokens=16)
+    prompts = prompts_of([3, 16, 9, 12])
+    expected = greedy_ids(LLM(path + "-ref", **engine), prompts)
+    with LLM(path, tensor_parallel_size=2, **engine) as llm:
+        pids = llm.engine.runner.follower_pids
+        assert greedy_ids(llm, prompts) == expected
+    assert_processes_gone(pids)

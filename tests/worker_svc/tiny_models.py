@@ -42,6 +42,9 @@ EXTRA_ARCHS = {
     # Qwen2 with a window on layer 1 only (layer_types from max_window_layers).
     "qwen2-sliding": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=6,
                                           max_window_layers=1)),
+    # Llama with biases on every projection (attention_bias, mlp_bias): the row-parallel
+    # o and down projections carry one too.
+    "llama-bias": ("LlamaConfig", dict(attention_bias=True, mlp_bias=True)),
     # Mistral with a window of 12 on every layer.
     "mistral-w12": ("MistralConfig", dict(sliding_window=12)),
     # Gemma 2: local (window 6) and global layers interleaved; head_dim differs from

@@ -1,0 +1,210 @@
+"""FP8 checkpoints (vLLM's fp8, compressed-tensors and fbgemm_fp8 layouts) are served with
+their stored e4m3 weights and scales: compared with quantizing the float checkpoint at load
+(the same bytes when the stored scales are per channel) and with transformers on the
+dequantized weights (the values the stored weights stand for)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from gridllm import LLM, SamplingParams
+from gridllm.common.config import ModelConfig
+from tests.worker_svc.fp8_checkpoints import (
+    COMPRESSED_TENSORS_CHANNEL,
+    FBGEMM,
+    fp8_config,
+    write_fp8_checkpoint,
+)
+from tests.worker_svc.hf_reference import hf_prompt_logits
+from tests.worker_svc.test_models import _caches, _packed_metadata
+from worker_svc.layers.fp8_checkpoint import Fp8Checkpoint, fp8_checkpoint
+from worker_svc.layers.quantization import Fp8Linear, quantize_per_row
+from worker_svc.loader import load_model
+
+PROMPT = [5, 17, 250, 3, 99, 42, 8, 160, 71, 12, 300, 9]
+
+
+def _prompt_logits(model, hf_config, prompt: list[int]) -> torch.Tensor:
+    metadata = _packed_metadata([len(prompt)], [[2, 0, 3]])
+    with torch.inference_mode():
+        hidden = model(torch.tensor(prompt), torch.arange(len(prompt)),
+                       _caches(hf_config, 4), metadata)
+        return model.compute_logits(hidden)
+
+
+def _fp8_layers(model) -> dict[str, Fp8Linear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, Fp8Linear)}
+
+
+@pytest.mark.parametrize("config", [COMPRESSED_TENSORS_CHANNEL, FBGEMM],
+                         ids=["compressed-tensors", "fbgemm_fp8"])
+def test_per_channel_checkpoint_is_served_as_stored(config, tiny_model_dir, tmp_path):
+    """Per-channel scales as quantization='fp8' makes them at load: the same e4m3 bytes and
+    scales in every layer, so the same logits, bit for bit, with and without the flag."""
+    source = tiny_model_dir("llama")
+    path = write_fp8_checkpoint(source, str(tmp_path / "fp8"), config)
+    expected, hf_config = load_model(ModelConfig(model=source, device="cpu",
+                                                 quantization="fp8"))
+    for quantization in (None, "fp8"):
+        model, _ = load_model(ModelConfig(model=path, device="cpu", quantization=quantization))
+        layers, expected_layers = _fp8_layers(model), _fp8_layers(expected)
+        assert layers.keys() == expected_layers.keys() and len(layers) == 8
+        for name, layer in layers.items():
+            assert torch.equal(layer.weight.view(torch.uint8),
+                               expected_layers[name].weight.view(torch.uint8)), name
+            assert torch.equal(layer.weight_scale, expected_layers[name].weight_scale), name
+        assert torch.equal(_prompt_logits(model, hf_config, PROMPT),
+                           _prompt_logits(expected, hf_config, PROMPT))
+
+
+def test_per_tensor_scales_stay_with_their_part_of_a_merged_layer(tiny_model_dir, tmp_path):
+    """q, k and v (gate and up) stored with scales a factor of up to 16 apart: each part's
+    rows of the merged layer keep their own scale, so up to 16 tokens (where only the weight
+    is quantized) give transformers' logits on the dequantized weights. Static input
+    scales and KV-cache scales in the checkpoint are not used."""
+    source = tiny_model_dir("llama")
+    extra = {f"model.layers.{i}.self_attn.{kind}": torch.tensor(0.02)
+             for i in range(2) for kind in ("q_proj.input_scale", "k_scale", "v_scale")}
+    path = write_fp8_checkpoint(
+        source, str(tmp_path / "fp8"), fp8_config(activation_scheme="static"), scales="tensor",
+        factors={"k_proj": 4.0, "v_proj": 0.25, "up_proj": 2.0, "down_proj": 0.5},
+        extra=extra)
+    model, hf_config = load_model(ModelConfig(model=path, device="cpu"))
+    assert len(_fp8_layers(model)) == 8
+    scales = model.model.layers[0].self_attn.qkv_proj.weight_scale
+    assert len(set(scales.tolist())) == 3  # one per part, repeated over its rows
+    torch.testing.assert_close(_prompt_logits(model, hf_config, PROMPT),
+                               hf_prompt_logits(path + "-ref", PROMPT), atol=1e-4, rtol=1e-4)
+
+
+def test_block_scales_are_quantized_again_per_channel(tiny_model_dir, tmp_path):
+    """Block-wise scales (blocks of 32 x 48: the last column block is partial) become
+    per-channel scales of the dequantized weight; an ignored layer stays float, stored as
+    is; an e4m3 LM head is dequantized into the float head."""
+    source = tiny_model_dir("llama")
+    keep = "model.layers.0.mlp.down_proj"
+    path = write_fp8_checkpoint(source, str(tmp_path / "fp8"),
+                                fp8_config(weight_block_size=[32, 48], ignored_layers=[keep]),
+                                scales="block", block=(32, 48), keep=(keep,), lm_head=True,
+                                factors={"k_proj": 4.0})
+    model, _ = load_model(ModelConfig(model=path, device="cpu"))
+    reference = load_file(os.path.join(path + "-ref", "model.safetensors"))
+    layers = _fp8_layers(model)
+    assert len(layers) == 7 and isinstance(model.model.layers[0].mlp.down_proj, nn.Linear)
+    assert torch.equal(model.model.layers[0].mlp.down_proj.weight, reference[keep + ".weight"])
+    assert torch.equal(model.lm_head.weight, reference["lm_head.weight"])
+    prefix = "model.layers.1.self_attn."
+    merged = torch.cat([reference[f"{prefix}{p}_proj.weight"] for p in "qkv"])
+    weight, scale = quantize_per_row(merged)
+    layer = layers["model.layers.1.self_attn.qkv_proj"]
+    assert torch.equal(layer.weight.view(torch.uint8), weight.view(torch.uint8))
+    assert torch.equal(layer.weight_scale, scale[:, 0])
+
+
+def test_an_fp8_checkpoint_generates_through_the_llm_api(tiny_model_dir, tmp_path):
+    """LLM(model=<FP8 checkpoint>) without a quantization flag: the greedy tokens of the
+    float checkpoint quantized at load (the same weights)."""
+    source = tiny_model_dir("llama")
+    path = write_fp8_checkpoint(source, str(tmp_path / "fp8"), COMPRESSED_TENSORS_CHANNEL)
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    prompts = [{"prompt_token_ids": PROMPT}, {"prompt_token_ids": PROMPT[:5]}]
+    engine = dict(device="cpu", num_kv_blocks=32, skip_tokenizer_init=True)
+    outputs = {}
+    for name, model, quantization in (("stored", path, None), ("at-load", source, "fp8")):
+        with LLM(model, quantization=quantization, **engine) as llm:
+            outputs[name] = [o.outputs[0].token_ids
+                             for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert outputs["stored"] == outputs["at-load"]
+    assert all(len(ids) == 8 for ids in outputs["stored"])
+
+
+def _rewrite(path: str, config=None, tensors=None) -> str:
+    """Change a written checkpoint in place: ``config(dict)`` edits quantization_config,
+    ``tensors(dict)`` the stored tensors."""
+    if config is not None:
+        with open(os.path.join(path, "config.json")) as f:
+            data = json.load(f)
+        config(data["quantization_config"])
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(data, f)
+    if tensors is not None:
+        state = load_file(os.path.join(path, "model.safetensors"))
+        tensors(state)
+        save_file(state, os.path.join(path, "model.safetensors"))
+    return path
+
+
+_Q = "model.layers.0.self_attn.q_proj"
+_GROUP = lambda c: c["config_groups"]["group_0"]  # noqa: E731
+BAD_CHECKPOINTS = {
+    "quant method": (dict(config=lambda c: c.update(quant_method="gptq")),
+                     "quantization_config.quant_method 'gptq' is not served"),
+    "int4 weights": (dict(config=lambda c: _GROUP(c)["weights"].update(num_bits=4, type="int")),
+                     r"config_groups.group_0.weights is 4-bit int"),
+    "group strategy": (dict(config=lambda c: _GROUP(c)["weights"].update(strategy="group")),
+                       r"weights.strategy must be"),
+    "asymmetric": (dict(config=lambda c: _GROUP(c)["weights"].update(symmetric=False)),
+                   r"weights.symmetric must be true"),
+    "pack format": (dict(config=lambda c: c.update(format="pack-quantized")),
+                    r"quantization_config.format 'pack-quantized'"),
+    "ignore list": (dict(config=lambda c: c.update(ignore="lm_head")),
+                    r"quantization_config.ignore must be a list"),
+    "part ignored": (dict(config=lambda c: c.update(ignore=[_Q])),
+                     r"keeps 'model.layers.0.self_attn.q_proj' unquantized but not"),
+    "no scale": (dict(tensors=lambda s: s.pop(_Q + ".weight_scale")),
+                 r"'model.layers.0.self_attn.q_proj.weight' is float8_e4m3fn but .* no "
+                 r"weight_scale"),
+    "scale shape": (dict(tensors=lambda s: s.update({_Q + ".weight_scale": torch.ones(3)})),
+                    r"'model.layers.0.self_attn.q_proj.weight_scale' has shape \(3,\)"),
+    "e5m2": (dict(tensors=lambda s: s.update({_Q + ".weight": s[_Q + ".weight"].float().to(
+        torch.float8_e5m2)})), r"'model.layers.0.self_attn.q_proj.weight' is "
+                               r"torch.float8_e5m2"),
+    "float weight": (dict(tensors=lambda s: s.update({_Q + ".weight": s[_Q + ".weight"].float()})),
+                     r"'model.layers.0.self_attn.q_proj.weight' is torch.float32, but "
+                     r"quantization_config says"),
+    "stray scale": (dict(tensors=lambda s: s.update({"model.norm.weight_scale": torch.ones(1)})),
+                    r"'model.norm.weight_scale' scales no float8_e4m3fn weight"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CHECKPOINTS)
+def test_a_checkpoint_gridllm_cannot_serve_is_refused_naming_the_field(case, tiny_model_dir,
+                                                                     tmp_path):
+    changes, message = BAD_CHECKPOINTS[case]
+    path = write_fp8_checkpoint(tiny_model_dir("llama"), str(tmp_path / "fp8"),
+                                copy.deepcopy(COMPRESSED_TENSORS_CHANNEL))
+    _rewrite(path, **changes)
+    with pytest.raises(ValueError, match=message):
+        load_model(ModelConfig(model=path, device="cpu"))
+
+
+def test_other_families_and_fields_are_refused(tiny_model_dir, tmp_path):
+    path = write_fp8_checkpoint(tiny_model_dir("opt"), str(tmp_path / "opt"),
+                                fp8_config(), scales="tensor")
+    with pytest.raises(ValueError, match="FP8 checkpoints are served for the Llama family"):
+        load_model(ModelConfig(model=path, device="cpu"))
+    for fields, message in ((dict(weight_block_size=[128]), "weight_block_size must be two"),
+                            (dict(activation_scheme="per-group"), "activation_scheme must be"),
+                            (dict(fmt="e5m2"), "fmt must be 'e4m3'"),
+                            (dict(ignored_layers=[1]), "ignored_layers must be a list")):
+        hf_config = type("Config", (), {"quantization_config": fp8_config(**fields)})
+        with pytest.raises(ValueError, match=message):
+            fp8_checkpoint(hf_config)
+
+
+def test_ignore_entries_match_names_patterns_and_wildcards():
+    checkpoint = Fp8Checkpoint("compressed-tensors", None,
+                               ("lm_head", "re:.*layers\\.1\\..*proj$", "*.0.mlp.down_proj"))
+    assert checkpoint.ignores("lm_head")
+    assert checkpoint.ignores("model.layers.1.self_attn.q_proj")
+    assert checkpoint.ignores("model.layers.0.mlp.down_proj")
+    assert not checkpoint.ignores("model.layers.0.mlp.up_proj")
+    assert not checkpoint.ignores("model.layers.10.self_attn.q_proj")
+    assert not checkpoint.ignores("lm_head_extra")
