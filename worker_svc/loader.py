@@ -84,8 +84,9 @@ def load_model(model_config: ModelConfig, backend: AttentionBackend | None = Non
         quantize_weights(model, model_config.quantization)
     else:
         held = prepare_fp8_layers(model, checkpoint)
-        model.load_weights(fp8_checkpoint_weights(weights, checkpoint, held))
-        finish_fp8_layers(model)
+        kv_scales: dict[str, dict[str, float]] = {}
+        model.load_weights(fp8_checkpoint_weights(weights, checkpoint, held, kv_scales))
+        finish_fp8_layers(model, kv_scales)
     model.eval()
     logger.info("loaded %s (%s) on %s as %s", path, architectures[0], device, dtype)
     return model, hf_config

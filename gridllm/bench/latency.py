@@ -122,7 +122,8 @@ def run_inprocess(config: LatencyConfig) -> tuple[list[RequestRecord], Any, int]
     if config.tensor_parallel_size == 1:
         weight_bytes = decode_weight_bytes(engine.runner.model)
     else:  # this process holds one shard: count the whole model
-        weight_bytes = model_decode_weight_bytes(config.model, engine.runner.dtype)
+        weight_bytes = model_decode_weight_bytes(config.model, engine.runner.dtype,
+                                                 config.quantization)
     llm.shutdown()
     del llm, engine
     gc.collect()
@@ -171,7 +172,8 @@ def run_latency(config: LatencyConfig) -> dict[str, Any]:
         records, model = run_remote(config)
         # The roofline is measured here; meaningful when this process sees the server's GPU.
         device = resolve_device(config.device)
-        weight_bytes = model_decode_weight_bytes(model, resolve_dtype(config.dtype, device))
+        weight_bytes = model_decode_weight_bytes(model, resolve_dtype(config.dtype, device),
+                                                 config.quantization)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     limits = roofline(weight_bytes, measure_limits(device), config.tensor_parallel_size)

@@ -73,11 +73,15 @@ def decode_weight_bytes(model: nn.Module) -> int:
     return total
 
 
-def meta_model(model: str, dtype: torch.dtype) -> tuple[nn.Module, Any]:
-    """``(gridllm model on the meta device, HF config)`` of a model name (no memory)."""
+def meta_model(model: str, dtype: torch.dtype, quantization: str | None = None
+               ) -> tuple[nn.Module, Any]:
+    """``(gridllm model on the meta device, HF config)`` of a model name (no memory); with
+    ``quantization`` or an FP8 checkpoint, its FP8 layers (one byte a weight)."""
     import os
 
     from gridllm.common.random_presets import is_random_model, random_model_config
+    from worker_svc.layers.fp8_checkpoint import fp8_checkpoint
+    from worker_svc.layers.quantization import quantize_weights
     from worker_svc.loader import resolve_model_path
     from worker_svc.models import get_model_class
     from worker_svc.torch_utils import default_dtype
@@ -93,12 +97,14 @@ def meta_model(model: str, dtype: torch.dtype) -> tuple[nn.Module, Any]:
         hf_config = AutoConfig.from_pretrained(path)
     with default_dtype(dtype), torch.device("meta"):
         built = get_model_class(hf_config.architectures[0])(hf_config, None)
+    quantize_weights(built, "fp8" if fp8_checkpoint(hf_config) else quantization)
     return built, hf_config
 
 
-def model_decode_weight_bytes(model: str, dtype: torch.dtype) -> int:
+def model_decode_weight_bytes(model: str, dtype: torch.dtype,
+                              quantization: str | None = None) -> int:
     """``decode_weight_bytes`` of a model name, built on the meta device (no memory)."""
-    return decode_weight_bytes(meta_model(model, dtype)[0])
+    return decode_weight_bytes(meta_model(model, dtype, quantization)[0])
 
 
 def measure_limits(device: torch.device) -> dict[str, Any]:

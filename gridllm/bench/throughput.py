@@ -219,15 +219,14 @@ def _workload_roofline(config: ThroughputConfig, llm: Any, requests: list[BenchR
 
     from gridllm.bench.roofline import measure_limits, meta_model
     from gridllm.bench.workload_roofline import StepCostModel, workload_roofline
-    from worker_svc.layers.quantization import quantize_weights
     if limits is None:
         try:
             limits = measure_limits(llm.engine.runner.device)
         except torch.cuda.OutOfMemoryError:
             limits = {"device": "cuda", "copy_bandwidth_gbps": None,
                       "bf16_matmul_tflops": None}
-    model, hf_config = meta_model(config.model, dtype)
-    quantize_weights(model, config.quantization)  # FP8 weights: 1 byte per parameter read
+    # FP8 weights (the flag, or an FP8 checkpoint): 1 byte per parameter read.
+    model, hf_config = meta_model(config.model, dtype, config.quantization)
     scheduler = llm.engine.scheduler
     # Sharded over T cards, each step's bytes and FLOPs split across them.
     num_gpus = config.tensor_parallel_size

@@ -16,6 +16,7 @@ from torch import nn
 
 from gridllm import LLM, SamplingParams
 from gridllm.common.config import ModelConfig
+from kernels.fp8 import quantize_fp8
 from tests.worker_svc.fp8_checkpoints import (
     COMPRESSED_TENSORS_CHANNEL,
     FBGEMM,
@@ -208,3 +209,96 @@ def test_ignore_entries_match_names_patterns_and_wildcards():
     assert not checkpoint.ignores("model.layers.0.mlp.up_proj")
     assert not checkpoint.ignores("model.layers.10.self_attn.q_proj")
     assert not checkpoint.ignores("lm_head_extra")
+
+
+def _kv_caches(hf_config, dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(k.to(dtype), v.to(dtype)) for k, v in _caches(hf_config, 4)]
+
+
+@pytest.mark.parametrize("names,backend", [("k_scale", "torch"), ("output_scale", "torch"),
+                                           ("k_scale", "triton")])
+def test_calibrated_kv_cache_scales_are_each_layers_own(names, backend, tiny_model_dir,
+                                                        tmp_path):
+    """KV-cache scales stored per attention layer (as ``k_scale``/``v_scale`` or one
+    ``kv_scale``, or as the k and v projections' per-head ``output_scale``, taken at the
+    largest), calibrated here as amax / 224 of the prompt's keys and values, are the
+    scales of that layer's FP8 cache in either attention backend: each layer's cache holds
+    its keys and values divided by them (layer 0's exactly the float run's, divided), and
+    reading it back is as close to the float cache's logits as an FP8 cache of scale 1.0
+    (a write or read without the layer's scale is off by 1/scale)."""
+    source = tiny_model_dir("llama")
+    metadata = _packed_metadata([len(PROMPT)], [[2, 0, 3]])
+    model, hf_config = load_model(ModelConfig(model=source, device="cpu",
+                                              quantization="fp8", attention_backend=backend))
+    float_caches = _kv_caches(hf_config, torch.float32)
+    with torch.inference_mode():
+        float_logits = model.compute_logits(model(torch.tensor(PROMPT),
+                                                  torch.arange(len(PROMPT)), float_caches,
+                                                  metadata))
+        # The same weights over an FP8 cache of scale 1.0: e4m3's own rounding.
+        uncalibrated = (model.compute_logits(model(
+            torch.tensor(PROMPT), torch.arange(len(PROMPT)),
+            _kv_caches(hf_config, torch.float8_e4m3fn), metadata)) - float_logits).abs().max()
+    expected = [(float(k.abs().max()) / 224, float(v.abs().max()) / 224)
+                for k, v in float_caches]
+    assert max(max(pair) for pair in expected) < 0.1  # far from e4m3's range at scale 1
+    prefix = "model.layers.{}.self_attn."
+    if names == "k_scale":
+        expected[1] = (max(expected[1]), max(expected[1]))
+        extra = {prefix.format(0) + "k_scale": torch.tensor(expected[0][0]),
+                 prefix.format(0) + "v_scale": torch.tensor([expected[0][1]]),
+                 prefix.format(1) + "kv_scale": torch.tensor(expected[1][0])}
+    else:
+        extra = {prefix.format(i) + f"{p}_proj.output_scale": torch.tensor(
+            [scales[j] / 2, scales[j]]) for i, scales in enumerate(expected)
+            for j, p in enumerate("kv")}
+    path = write_fp8_checkpoint(source, str(tmp_path / "fp8"), COMPRESSED_TENSORS_CHANNEL,
+                                extra=extra)
+    model, hf_config = load_model(ModelConfig(model=path, device="cpu",
+                                              attention_backend=backend))
+    for layer, scales in zip(model.model.layers, expected, strict=True):
+        assert layer.self_attn.kv_scales == pytest.approx(scales, rel=1e-6)
+    logits, caches = {}, {}
+    for dtype in (torch.float32, torch.float8_e4m3fn):
+        caches[dtype] = _kv_caches(hf_config, dtype)
+        with torch.inference_mode():
+            hidden = model(torch.tensor(PROMPT), torch.arange(len(PROMPT)), caches[dtype],
+                           metadata)
+            logits[dtype] = model.compute_logits(hidden)
+    for (k8, v8), (k, v), scales in zip(caches[torch.float8_e4m3fn], caches[torch.float32],
+                                        model.model.layers, strict=True):
+        k_scale, v_scale = scales.self_attn.kv_scales
+        for cache, exact, scale in ((k8, k, k_scale), (v8, v, v_scale)):
+            if scales is model.model.layers[0]:
+                assert torch.equal(cache.view(torch.uint8),
+                                   quantize_fp8(exact, scale).view(torch.uint8))
+            # Later layers' keys differ a little: they follow an FP8 cache's attention.
+            assert (cache.float() * scale - exact).abs().max() < 0.1 * exact.abs().max()
+    assert torch.equal(logits[torch.float32], float_logits)
+    # e4m3's relative rounding does not depend on the scale: about the same error.
+    error = (logits[torch.float8_e4m3fn] - float_logits).abs().max()
+    assert error < 2 * uncalibrated, (error, uncalibrated)
+
+
+def test_a_bad_kv_cache_scale_is_refused_naming_the_tensor(tiny_model_dir, tmp_path):
+    for name, value, message in (
+            ("model.layers.0.self_attn.k_scale", torch.tensor(0.0), "positive finite"),
+            ("model.layers.0.self_attn.v_scale", torch.tensor([1.0, float("nan")]),
+             "positive finite"),
+            ("model.layers.0.mlp.k_scale", torch.tensor(1.0), "is no attention layer")):
+        path = write_fp8_checkpoint(tiny_model_dir("llama"), str(tmp_path / name),
+                                    COMPRESSED_TENSORS_CHANNEL, extra={name: value})
+        with pytest.raises(ValueError, match=f"'{name}'.*{message}"):
+            load_model(ModelConfig(model=path, device="cpu"))
+
+
+def test_the_roofline_counts_an_fp8_checkpoint_one_byte_a_weight(tiny_model_dir, tmp_path):
+    """The benchmarks' roofline (weights read per decode step) of an FP8 checkpoint: that
+    of its float checkpoint quantized at load."""
+    from gridllm.bench.roofline import model_decode_weight_bytes
+
+    source = tiny_model_dir("llama")
+    path = write_fp8_checkpoint(source, str(tmp_path / "fp8"), COMPRESSED_TENSORS_CHANNEL)
+    fp8 = model_decode_weight_bytes(source, torch.bfloat16, "fp8")
+    assert model_decode_weight_bytes(path, torch.bfloat16) == fp8
+    assert fp8 < model_decode_weight_bytes(source, torch.bfloat16)

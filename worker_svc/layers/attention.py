@@ -13,6 +13,8 @@ from typing import Protocol
 
 import torch
 
+from kernels.fp8 import FP8_DTYPE
+
 
 @dataclass
 class AttentionMetadata:
@@ -52,9 +54,10 @@ class AttentionBackend:
 
     name = "base"
     # Scales of an FP8 KV cache (the cache holds k / k_scale and v / v_scale; ignored by
-    # other caches). 1.0, as vLLM uses when a checkpoint carries no calibrated scales:
-    # keys and values of the models served stay far inside e4m3's +-448 range, where the
-    # relative rounding error (2^-4) does not depend on the scale.
+    # other caches) for layers without their own (``kv_scales`` of ``forward``: an FP8
+    # checkpoint's calibrated scales). 1.0, as vLLM uses when a checkpoint carries no
+    # calibrated scales: keys and values of the models served stay far inside e4m3's
+    # +-448 range, where the relative rounding error (2^-4) does not depend on the scale.
     k_scale: float = 1.0
     v_scale: float = 1.0
     # Whether forward() takes logit_softcap (Gemma 2's tanh capping of attention scores).
@@ -82,13 +85,16 @@ class AttentionBackend:
                 key_cache: torch.Tensor, value_cache: torch.Tensor,
                 metadata: AttentionMetadata, scale: float,
                 sliding_window: int | None = None,
-                logit_softcap: float | None = None) -> torch.Tensor:
+                logit_softcap: float | None = None,
+                kv_scales: tuple[float, float] | None = None) -> torch.Tensor:
         """Args:
             query: ``[T, H, D]``; key, value: ``[T, Hkv, D]`` (already rotated).
             key_cache, value_cache: ``[num_blocks, block_size, Hkv, D]`` of this layer,
                 in the model's dtype or float8_e4m3fn (scaled by ``k_scale``/``v_scale``).
             sliding_window: this layer's window (a query at ``q`` sees keys ``q - k < w``).
             logit_softcap: if set, scores become ``c * tanh(scores / c)`` before the mask.
+            kv_scales: this layer's ``(k_scale, v_scale)`` for an FP8 cache; None: the
+                backend's.
         Returns:
             ``[T, H, D]`` attention output.
         """
@@ -98,16 +104,25 @@ class AttentionBackend:
                        key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
                        value_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
                        sliding_window: int | None = None,
-                       logit_softcap: float | None = None) -> torch.Tensor:
+                       logit_softcap: float | None = None,
+                       kv_scales: tuple[float, float] | None = None) -> torch.Tensor:
         """``forward`` after rotating ``query``/``key`` by ``rotary`` at ``positions``;
         a backend may fuse the rotation into its KV write (``query`` may be rotated in
         place)."""
         query, key = rotary(positions, query, key)
-        if logit_softcap is None:
+        if logit_softcap is None and kv_scales is None:
             return self.forward(query, key, value, key_cache, value_cache, metadata, scale,
                                 sliding_window)
         return self.forward(query, key, value, key_cache, value_cache, metadata, scale,
-                            sliding_window, logit_softcap)
+                            sliding_window, logit_softcap, kv_scales)
+
+    def scales_for(self, kv_scales: tuple[float, float] | None, key_cache: torch.Tensor
+                   ) -> tuple[float, float]:
+        """A layer's ``(k_scale, v_scale)`` over ``key_cache``: for an FP8 cache its own,
+        else the backend's; 1.0 for a cache in the model's dtype (which holds k and v)."""
+        if key_cache.dtype != FP8_DTYPE:
+            return (1.0, 1.0)
+        return (self.k_scale, self.v_scale) if kv_scales is None else kv_scales
 
 
 class RotaryLike(Protocol):

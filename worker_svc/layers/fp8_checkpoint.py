@@ -26,8 +26,11 @@ dtype (the LM head, embeddings, an ignored layer) is dequantized at load.
 
 Activations are quantized per token at each call, as with ``quantization="fp8"`` on a bf16
 checkpoint: a static ``input_scale`` (``activation_scheme: "static"``) is not used (a
-per-token scale is at least as fine), nor are stored KV-cache scales (``k_scale``,
-``v_scale``): the FP8 KV cache keeps its scales of 1.0.
+per-token scale is at least as fine). Calibrated KV-cache scales (``<attention>.k_scale``
+and ``v_scale``, an older ``kv_scale`` for both, or ``k_proj.output_scale`` and
+``v_proj.output_scale``) become their attention layer's scales of an FP8 KV cache (the
+cache holds ``k / k_scale``), as in vLLM; a scale per head is taken at its largest (the
+cache has one per layer); layers without one keep 1.0.
 """
 
 from __future__ import annotations
@@ -51,8 +54,11 @@ FP8_METHODS = ("fp8", "compressed-tensors", "fbgemm_fp8")
 # Scales of a stored weight (``<layer>.<name>``).
 _WEIGHT_SCALE_NAMES = ("weight_scale", "weight_scale_inv")
 # Stored tensors that are not used (see the module docstring).
-_UNUSED_NAMES = ("input_scale", "input_scale_ub", "k_scale", "v_scale", "kv_scale",
-                 "q_scale", "prob_scale")
+_UNUSED_NAMES = ("input_scale", "input_scale_ub", "output_scale", "q_scale", "prob_scale")
+# KV-cache scales of an attention layer (``<attention>.<name>``).
+_KV_SCALE_NAMES = ("k_scale", "v_scale", "kv_scale")
+# The same, stored as the output scales of the k and v projections.
+_KV_OUTPUT_SCALES = {"k_proj": "k_scale", "v_proj": "v_scale"}
 
 
 @dataclass(frozen=True)
@@ -247,12 +253,41 @@ def _empty_fp8_linear(linear: nn.Linear) -> Fp8Linear:
     return layer
 
 
-def finish_fp8_layers(model: nn.Module) -> None:
+def finish_fp8_layers(model: nn.Module, kv_scales: dict[str, dict[str, float]]) -> None:
     """After loading: a row-parallel shard's bias stays on rank 0 only (as
-    ``Fp8Linear.from_linear`` leaves it)."""
+    ``Fp8Linear.from_linear`` leaves it), and each attention layer with stored KV-cache
+    scales (``kv_scales`` as ``fp8_checkpoint_weights`` collected them) takes them.
+
+    Raises:
+        ValueError: KV-cache scales stored for a module that is no attention layer.
+    """
     for module in model.modules():
         if isinstance(module, Fp8Linear) and getattr(module, "drops_bias", False):
             module.bias = None
+    for prefix, scales in kv_scales.items():
+        try:
+            attention = model.get_submodule(prefix)
+        except AttributeError:
+            attention = None
+        if attention is None or not hasattr(attention, "kv_scales"):
+            raise ValueError(f"checkpoint tensor {prefix + '.' + next(iter(scales))!r} is a "
+                             f"KV-cache scale, but {prefix!r} is no attention layer of "
+                             f"{type(model).__name__}.")
+        both = scales.get("kv_scale", 1.0)
+        attention.kv_scales = (scales.get("k_scale", both), scales.get("v_scale", both))
+    if kv_scales:
+        logger.info("FP8 checkpoint: calibrated KV-cache scales for %d attention layers",
+                    len(kv_scales))
+
+
+def _kv_scale(name: str, tensor: torch.Tensor) -> float:
+    """A stored KV-cache scale as one float: the largest of a per-head scale."""
+    values = tensor.float().flatten()
+    if values.numel() == 0 or not bool(torch.isfinite(values).all()) \
+            or not bool((values > 0).all()):
+        raise ValueError(f"checkpoint tensor {name!r} must hold positive finite KV-cache "
+                         f"scales, got {values.tolist()[:8]}.")
+    return float(values.max())
 
 
 def _row_scales(name: str, weight: torch.Tensor, scale: torch.Tensor,
@@ -295,12 +330,15 @@ def _stored_pair(prefix: str, weight: torch.Tensor, scale: torch.Tensor, scale_n
 
 
 def fp8_checkpoint_weights(weights: Iterable[tuple[str, torch.Tensor]],
-                           checkpoint: Fp8Checkpoint, held: set[str]
+                           checkpoint: Fp8Checkpoint, held: set[str],
+                           kv_scales: dict[str, dict[str, float]]
                            ) -> Iterator[tuple[str, torch.Tensor]]:
     """The checkpoint's tensors as the model prepared by ``prepare_fp8_layers`` loads them:
     a held layer's e4m3 weight and ``[rows]`` float32 scales, any other e4m3 weight
     dequantized to float32 (the model's parameters take their own dtype), unused scales
-    dropped, every other tensor as stored.
+    dropped, every other tensor as stored. KV-cache scales go into ``kv_scales``
+    (attention layer name -> ``{"k_scale": ..., "v_scale": ...}``) for
+    ``finish_fp8_layers``.
 
     Raises:
         ValueError: an e4m3 weight without its scale or the reverse, a scale of a shape
@@ -311,6 +349,14 @@ def fp8_checkpoint_weights(weights: Iterable[tuple[str, torch.Tensor]],
     scales_waiting: dict[str, tuple[str, torch.Tensor]] = {}
     for name, tensor in weights:
         prefix, _, leaf = name.rpartition(".")
+        owner, _, projection = prefix.rpartition(".")
+        if leaf == "output_scale" and projection in _KV_OUTPUT_SCALES:
+            kv_scales.setdefault(owner, {})[_KV_OUTPUT_SCALES[projection]] = \
+                _kv_scale(name, tensor)
+            continue
+        if leaf in _KV_SCALE_NAMES:
+            kv_scales.setdefault(prefix, {})[leaf] = _kv_scale(name, tensor)
+            continue
         if leaf in _UNUSED_NAMES:
             continue
         if tensor.dtype in (torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz):

@@ -17,13 +17,13 @@ class TorchAttentionBackend(AttentionBackend):
     supports_logit_softcap = True
 
     def forward(self, query, key, value, key_cache, value_cache, metadata, scale,
-                sliding_window=None, logit_softcap=None):
+                sliding_window=None, logit_softcap=None, kv_scales=None):
+        k_scale, v_scale = self.scales_for(kv_scales, key_cache)
         torch_ref.write_kv_cache(key, value, key_cache, value_cache, metadata.slot_mapping,
-                                 self.k_scale, self.v_scale)
+                                 k_scale, v_scale)
         return sdpa_paged_attention(query, key_cache, value_cache, metadata, scale,
                                     sliding_window, logit_softcap,
-                                    self.stride_for(sliding_window), self.k_scale,
-                                    self.v_scale)
+                                    self.stride_for(sliding_window), k_scale, v_scale)
 
 
 def _gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, max_len: int) -> torch.Tensor:

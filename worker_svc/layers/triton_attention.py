@@ -24,27 +24,32 @@ class TritonAttentionBackend(AttentionBackend):
                 key_cache: torch.Tensor, value_cache: torch.Tensor,
                 metadata: AttentionMetadata, scale: float,
                 sliding_window: int | None = None,
-                logit_softcap: float | None = None) -> torch.Tensor:
+                logit_softcap: float | None = None,
+                kv_scales: tuple[float, float] | None = None) -> torch.Tensor:
+        k_scale, v_scale = self.scales_for(kv_scales, key_cache)
         write_kv_cache(key, value, key_cache, value_cache, metadata.slot_mapping,
-                       self.k_scale, self.v_scale)
+                       k_scale, v_scale)
         return self._attend(query, key_cache, value_cache, metadata, scale, sliding_window,
-                            logit_softcap)
+                            logit_softcap, k_scale, v_scale)
 
     def forward_rotary(self, positions: torch.Tensor, rotary: RotaryLike, query: torch.Tensor,
                        key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
                        value_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
                        sliding_window: int | None = None,
-                       logit_softcap: float | None = None) -> torch.Tensor:
+                       logit_softcap: float | None = None,
+                       kv_scales: tuple[float, float] | None = None) -> torch.Tensor:
+        k_scale, v_scale = self.scales_for(kv_scales, key_cache)
         # One launch rotates the queries and writes rotated keys and values to the cache.
         rotary_kv_cache_write(positions, query, key, value, key_cache, value_cache,
                               metadata.slot_mapping, rotary.cos_sin_cache,
-                              rotary.is_neox_style, self.k_scale, self.v_scale)
+                              rotary.is_neox_style, k_scale, v_scale)
         return self._attend(query, key_cache, value_cache, metadata, scale, sliding_window,
-                            logit_softcap)
+                            logit_softcap, k_scale, v_scale)
 
     def _attend(self, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                 metadata: AttentionMetadata, scale: float, sliding_window: int | None,
-                logit_softcap: float | None = None) -> torch.Tensor:
+                logit_softcap: float | None = None, k_scale: float = 1.0,
+                v_scale: float = 1.0) -> torch.Tensor:
         stride = self.stride_for(sliding_window)
         # The decode kernel wants exactly one query row per request; anything else
         # (e.g. padded rows without padded seq_lens) takes the general kernel.
@@ -54,10 +59,10 @@ class TritonAttentionBackend(AttentionBackend):
                                           metadata.query_start_loc, scale, sliding_window,
                                           max_seq_len=metadata.max_seq_len,
                                           logit_softcap=logit_softcap,
-                                          attention_stride=stride, k_scale=self.k_scale,
-                                          v_scale=self.v_scale)
+                                          attention_stride=stride, k_scale=k_scale,
+                                          v_scale=v_scale)
         return prefill_attention(query, key_cache, value_cache, metadata.block_tables,
                                  metadata.seq_lens, metadata.query_start_loc, scale,
                                  sliding_window, max_query_len=metadata.max_query_len,
                                  logit_softcap=logit_softcap, attention_stride=stride,
-                                 k_scale=self.k_scale, v_scale=self.v_scale)
+                                 k_scale=k_scale, v_scale=v_scale)

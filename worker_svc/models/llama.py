@@ -51,6 +51,9 @@ class LlamaAttention(nn.Module):
     logit_softcap: float | None = None
     # The layer's KV group (set by the runner when the model has several).
     kv_group: int = 0
+    # This layer's (k_scale, v_scale) for an FP8 KV cache (an FP8 checkpoint's calibrated
+    # scales, set at load); None: the backend's.
+    kv_scales: tuple[float, float] | None = None
 
     def __init__(self, config, layer_idx: int, rotary: RotaryEmbedding,
                  backend: AttentionBackend, *, qkv_bias: bool, o_bias: bool, qk_norm: bool,
@@ -98,7 +101,8 @@ class LlamaAttention(nn.Module):
             attn_metadata = attn_metadata.groups[self.kv_group]
         out = self.backend.forward_rotary(positions, self.rotary_emb, q, k, v, kv_cache[0],
                                           kv_cache[1], attn_metadata, self.scale,
-                                          self.sliding_window, self.logit_softcap)
+                                          self.sliding_window, self.logit_softcap,
+                                          self.kv_scales)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 
