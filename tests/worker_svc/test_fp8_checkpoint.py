@@ -44,19 +44,24 @@ def _fp8_layers(model) -> dict[str, Fp8Linear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, Fp8Linear)}
 
 
-@pytest.mark.parametrize("config", [COMPRESSED_TENSORS_CHANNEL, FBGEMM],
-                         ids=["compressed-tensors", "fbgemm_fp8"])
-def test_per_channel_checkpoint_is_served_as_stored(config, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("config,arch", [
+    (COMPRESSED_TENSORS_CHANNEL, "llama"), (FBGEMM, "llama"),
+    (COMPRESSED_TENSORS_CHANNEL, "qwen2"), (COMPRESSED_TENSORS_CHANNEL, "qwen3"),
+    (COMPRESSED_TENSORS_CHANNEL, "mistral"), (COMPRESSED_TENSORS_CHANNEL, "gemma2")],
+    ids=["compressed-tensors", "fbgemm_fp8", "qwen2", "qwen3", "mistral", "gemma2"])
+def test_per_channel_checkpoint_is_served_as_stored(config, arch, tiny_model_dir, tmp_path):
     """Per-channel scales as quantization='fp8' makes them at load: the same e4m3 bytes and
-    scales in every layer, so the same logits, bit for bit, with and without the flag."""
-    source = tiny_model_dir("llama")
+    scales in every layer, so the same logits, bit for bit, with and without the flag
+    (each family quantization='fp8' serves)."""
+    source = tiny_model_dir(arch)
     path = write_fp8_checkpoint(source, str(tmp_path / "fp8"), config)
     expected, hf_config = load_model(ModelConfig(model=source, device="cpu",
                                                  quantization="fp8"))
     for quantization in (None, "fp8"):
         model, _ = load_model(ModelConfig(model=path, device="cpu", quantization=quantization))
         layers, expected_layers = _fp8_layers(model), _fp8_layers(expected)
-        assert layers.keys() == expected_layers.keys() and len(layers) == 8
+        assert layers.keys() == expected_layers.keys()
+        assert len(layers) == 4 * hf_config.num_hidden_layers
         for name, layer in layers.items():
             assert torch.equal(layer.weight.view(torch.uint8),
                                expected_layers[name].weight.view(torch.uint8)), name
