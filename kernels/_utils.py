@@ -98,9 +98,10 @@ def split_k_workspace(split_k: int, rows: int, num_out: int, block_n: int,
     return partials, split_k_counters(unused.device)
 
 
-def _env_switch(name: str) -> bool:
-    """An on/off switch read from the environment at import: unset or 1 on, 0 off."""
-    value = os.environ.get(name, "1")
+def _env_switch(name: str, default: bool = True) -> bool:
+    """An on/off switch read from the environment at import: 1 on, 0 off, unset
+    ``default``."""
+    value = os.environ.get(name, "1" if default else "0")
     if value not in ("0", "1"):
         raise ValueError(f"{name} must be 0 or 1, got {value!r}.")
     return value == "1"
@@ -146,6 +147,10 @@ FP8_WORDS = _env_switch("GRIDLLM_FP8_WORDS")
 # Prefill attention's TMA kernel (Hopper+, cache blocks of 32+ tokens);
 # GRIDLLM_PREFILL_TMA=0 leaves every prefill to the pointer kernel, for A/B runs.
 PREFILL_TMA = _env_switch("GRIDLLM_PREFILL_TMA")
+
+# The warp-specialized Gluon prefill kernel (Hopper), off until it has passed on a GPU:
+# GRIDLLM_GLUON_PREFILL=1 dispatches the batches it serves to it.
+GLUON_PREFILL = _env_switch("GRIDLLM_GLUON_PREFILL", default=False)
 
 
 def can_unpack_e4m3_words(t: torch.Tensor) -> bool:

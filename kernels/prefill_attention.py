@@ -17,7 +17,9 @@ it spans (one or two) into shared memory, where the products read it. Gathering 
 row by row through pointers (the general kernel) costs about a quarter of the throughput
 at 4 x 4096 tokens; blocks of 16 tokens would need a copy per 16 keys and products 16 keys
 wide, which measured slower than the general kernel (see docs/performance.md).
-``GRIDLLM_PREFILL_TMA=0`` turns the path off (A/B runs).
+``GRIDLLM_PREFILL_TMA=0`` turns the path off (A/B runs). ``GRIDLLM_GLUON_PREFILL=1``
+sends query chunks of 64+ tokens that ``kernels.gluon_prefill_attention.serves`` takes to
+the warp-specialized Gluon kernel instead (off by default: it has not passed on a GPU yet).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import triton.language as tl
 
 from kernels._utils import (
     INDEX_DTYPES,
+    GLUON_PREFILL,
     PREFILL_TMA,
     check_tensor,
     dot_precision,
@@ -465,6 +468,15 @@ def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
     max_query_len = longest_query(query, query_start_loc, max_query_len)
     if max_query_len == 0:
         return out
+    if GLUON_PREFILL and launch is None and max_query_len >= 64:
+        # Imported here: the Gluon kernel's module imports this one.
+        from kernels.gluon_prefill_attention import gluon_prefill_attention, serves
+
+        if serves(query, key_cache, value_cache, sliding_window, logit_softcap,
+                  attention_stride):
+            return gluon_prefill_attention(query, key_cache, value_cache, block_tables,
+                                           seq_lens, query_start_loc, scale, max_query_len,
+                                           out)
     if uses_tma(query, key_cache, value_cache, max_query_len, attention_stride):
         return _launch_tma(query, key_cache, value_cache, block_tables, seq_lens,
                            query_start_loc, out, scale, sliding_window, softcap_mul,

@@ -32,6 +32,41 @@ def test_serves_only_a_hopper_gpu():
     assert not gpa.serves(query, cache, cache)
 
 
+_SWITCHED_ON = r"""
+import torch
+import kernels._utils as utils
+from kernels import torch_ref
+from kernels.prefill_attention import prefill_attention
+from tests.kernels.conftest import make_paged_kv
+
+assert utils.GLUON_PREFILL
+kc, vc, tables, seq = make_paged_kv([80, 70], 2, 128, 16, torch.float32, torch.device("cpu"))
+qsl = torch.tensor([0, 80, 150], dtype=torch.int32)
+query = torch.randn(150, 4, 128)
+out = prefill_attention(query, kc, vc, tables, seq, qsl, 128 ** -0.5, max_query_len=80)
+expected = torch_ref.paged_attention(query, kc, vc, tables, seq, qsl, 128 ** -0.5)
+torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+"""
+
+
+def test_the_switch_is_off_by_default_and_on_sends_only_what_the_kernel_serves():
+    """``GRIDLLM_GLUON_PREFILL`` is off unless set; set, a batch the Gluon kernel does not
+    serve (here: a CPU) still gets the general kernel's result; a value other than 0/1 is
+    refused at import, naming the variable."""
+    from kernels import _utils
+
+    assert os.environ.get("GRIDLLM_GLUON_PREFILL") is not None or not _utils.GLUON_PREFILL
+    root = pathlib.Path(__file__).resolve().parents[2]
+    env = dict(os.environ, GRIDLLM_GLUON_PREFILL="1", TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-c", _SWITCHED_ON], capture_output=True,
+                          text=True, timeout=_CASE_TIMEOUT_S, cwd=root, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    env["GRIDLLM_GLUON_PREFILL"] = "yes"
+    done = subprocess.run([sys.executable, "-c", "import kernels._utils"], capture_output=True,
+                          text=True, timeout=_CASE_TIMEOUT_S, cwd=root, env=env)
+    assert done.returncode != 0 and "GRIDLLM_GLUON_PREFILL must be 0 or 1" in done.stderr
+
+
 @pytest.mark.skipif(not _HAS_GLUON_HOPPER, reason="Triton without Gluon's Hopper API")
 @pytest.mark.parametrize("block_size,block_n", [(16, 128), (64, 64), (256, 128)])
 def test_a_load_warp_feeds_two_consumer_warpgroups(block_size, block_n):
