@@ -31,8 +31,8 @@ import triton
 import triton.language as tl
 
 from kernels._utils import (
-    INDEX_DTYPES,
     GLUON_PREFILL,
+    INDEX_DTYPES,
     PREFILL_TMA,
     check_tensor,
     dot_precision,
