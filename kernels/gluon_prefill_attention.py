@@ -50,7 +50,7 @@ import triton
 
 from kernels._gluon import barrier, gl, gluon, runs_on
 from kernels.paged_decode_attention import _LOG2E
-from kernels.prefill_attention import check_prefill_args, longest_query
+from kernels.prefill_args import check_prefill_args, longest_query
 
 try:  # Hopper TMA and wgmma in Gluon (Triton 3.5+)
     from triton.experimental.gluon.language.nvidia.hopper import (

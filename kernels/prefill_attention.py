@@ -32,21 +32,21 @@ import triton.language as tl
 
 from kernels._utils import (
     GLUON_PREFILL,
-    INDEX_DTYPES,
     PREFILL_TMA,
-    check_tensor,
     dot_precision,
     is_interpreter,
     next_power_of_2,
 )
+from kernels.gluon_prefill_attention import gluon_prefill_attention
+from kernels.gluon_prefill_attention import serves as gluon_serves
 from kernels.paged_decode_attention import (
     _LOG2E,
-    _check_paged_args,
     _scores,
     check_pattern,
     fp8_f16_dots,
     softcap_args,
 )
+from kernels.prefill_args import check_prefill_args, longest_query
 
 try:  # host-side TMA descriptors (Triton 3.4+)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -402,31 +402,6 @@ def _launch_tma(query, key_cache, value_cache, block_tables, seq_lens, query_sta
     return out
 
 
-def check_prefill_args(query: torch.Tensor, key_cache: torch.Tensor,
-                       value_cache: torch.Tensor, block_tables: torch.Tensor,
-                       seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
-                       k_scale: float = 1.0, v_scale: float = 1.0) -> None:
-    """ValueError or TypeError naming the argument unless the batch is one
-    ``prefill_attention`` takes (arguments as there)."""
-    _check_paged_args(query, key_cache, value_cache, block_tables, seq_lens, k_scale, v_scale)
-    check_tensor("query_start_loc", query_start_loc, ndim=1, dtypes=INDEX_DTYPES,
-                 device=query.device, contiguous=True)
-    if query_start_loc.shape[0] != seq_lens.shape[0] + 1:
-        raise ValueError(f"query_start_loc must have {seq_lens.shape[0] + 1} entries, "
-                         f"got {query_start_loc.shape[0]}.")
-
-
-def longest_query(query: torch.Tensor, query_start_loc: torch.Tensor,
-                  max_query_len: int | None) -> int:
-    """The longest query chunk, 0 when there is nothing to attend: ``max_query_len``, else
-    read from ``query_start_loc`` (a device sync)."""
-    if query_start_loc.shape[0] <= 1 or query.shape[0] == 0:
-        return 0
-    if max_query_len is None:
-        max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
-    return max(max_query_len, 0)
-
-
 def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                       block_tables: torch.Tensor, seq_lens: torch.Tensor,
                       query_start_loc: torch.Tensor, scale: float,
@@ -469,10 +444,7 @@ def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
     if max_query_len == 0:
         return out
     if GLUON_PREFILL and launch is None and max_query_len >= 64:
-        # Imported here: the Gluon kernel's module imports this one.
-        from kernels.gluon_prefill_attention import gluon_prefill_attention, serves
-
-        if serves(query, key_cache, value_cache, sliding_window, logit_softcap,
+        if gluon_serves(query, key_cache, value_cache, sliding_window, logit_softcap,
                   attention_stride):
             return gluon_prefill_attention(query, key_cache, value_cache, block_tables,
                                            seq_lens, query_start_loc, scale, max_query_len,
