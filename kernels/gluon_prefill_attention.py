@@ -35,10 +35,11 @@ of the last value tile in shared memory before reading it. Programs of the lates
 What it does not take (``kernels.prefill_attention`` keeps those cases): head dims other
 than 128, float32 or FP8 caches, sliding windows, soft-capping, the strided pattern.
 
-``prefill_attention`` does not dispatch to this kernel yet: it compiles for sm_90 (no
-spills, no serialized ``wgmma``; ``tests/kernels/test_gluon_prefill_attention.py`` checks
-its structure on any machine) and waits for its GPU tests and a measurement
-(``benchmarks/attention_sweep.py --kinds prefill --gluon-prefill``) before it serves.
+``prefill_attention`` dispatches to this kernel only with ``GRIDLLM_GLUON_PREFILL=1``: it
+compiles for sm_90 (no spills, no serialized ``wgmma``;
+``tests/kernels/test_gluon_prefill_attention.py`` checks its structure on any machine) and
+waits for its GPU tests and a measurement (``benchmarks/attention_sweep.py --kinds prefill
+--gluon-prefill``) before it serves by default.
 """
 
 from __future__ import annotations
@@ -160,7 +161,8 @@ if gluon is not None and TensorDescriptor is not None:
         v_pieces = _as_pieces(v_smem, SMEM)
         tile_bytes: gl.constexpr = BLOCK_N * _D * 2
         PIECE: gl.constexpr = desc_k.block_type.shape[0]
-        last_block = (seq_len - 1) // BLOCK_SIZE
+        # (A request without keys has no tiles, but the first tile's numbers are read.)
+        last_block = gl.maximum((seq_len - 1) // BLOCK_SIZE, 0)
         # Block numbers a tile ahead: each tile's copies wait on no load of their own.
         blocks = _tile_blocks(table, 0, last_block, BLOCK_SIZE, BLOCK_N, PIECE, TABLE)
         for j in range(num_tiles):
