@@ -307,3 +307,28 @@ def test_the_roofline_counts_an_fp8_checkpoint_one_byte_a_weight(tiny_model_dir,
     fp8 = model_decode_weight_bytes(source, torch.bfloat16, "fp8")
     assert model_decode_weight_bytes(path, torch.bfloat16) == fp8
     assert fp8 < model_decode_weight_bytes(source, torch.bfloat16)
+
+
+def test_scales_in_another_shard_than_their_weights(tiny_model_dir, tmp_path):
+    """A sharded checkpoint whose scales all sit in the first shard and weights in the
+    second (each scale read before its weight) loads as the single file does."""
+    source = tiny_model_dir("llama")
+    path = write_fp8_checkpoint(source, str(tmp_path / "fp8"), COMPRESSED_TENSORS_CHANNEL)
+    expected, _ = load_model(ModelConfig(model=path, device="cpu"))
+    state = load_file(os.path.join(path, "model.safetensors"))
+    shards = {"model-00001-of-00002.safetensors": {}, "model-00002-of-00002.safetensors": {}}
+    names = sorted(shards)
+    for name, tensor in state.items():
+        shards[names[0] if name.endswith("weight_scale") else names[1]][name] = tensor
+    weight_map = {}
+    for shard, tensors in shards.items():
+        save_file(tensors, os.path.join(path, shard))
+        weight_map.update(dict.fromkeys(tensors, shard))
+    os.remove(os.path.join(path, "model.safetensors"))
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    model, _ = load_model(ModelConfig(model=path, device="cpu"))
+    for (name, got), (_, want) in zip(_fp8_layers(model).items(),
+                                      _fp8_layers(expected).items(), strict=True):
+        assert torch.equal(got.weight.view(torch.uint8), want.weight.view(torch.uint8)), name
+        assert torch.equal(got.weight_scale, want.weight_scale), name
