@@ -80,7 +80,7 @@ B="$PY -m gridllm.bench"
 # structured outputs' bitmask kernel, FP8 GEMMs and caches).
 step gpu_tests 300 $PY -m pytest -q -p no:cacheprovider -m gpu tests/kernels \
   tests/gridllm/test_gpu.py tests/worker_svc/test_structured_output.py \
-  tests/worker_svc/test_quantization.py
+  tests/worker_svc/test_quantization.py tests/worker_svc/test_fp8_checkpoint.py
 
 # 1-4: in-process.
 step tp_qwen 120 $B throughput --model random:qwen3-0.6b --num-prompts 200 \

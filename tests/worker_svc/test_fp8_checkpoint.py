@@ -332,3 +332,24 @@ def test_scales_in_another_shard_than_their_weights(tiny_model_dir, tmp_path):
                                       _fp8_layers(expected).items(), strict=True):
         assert torch.equal(got.weight.view(torch.uint8), want.weight.view(torch.uint8)), name
         assert torch.equal(got.weight_scale, want.weight_scale), name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_an_fp8_checkpoint_on_the_gpu_generates_as_quantizing_at_load(tiny_model_dir,
+                                                                      tmp_path):
+    """On CUDA in bfloat16 (the e4m3 GEMV, the FP8 GEMMs, an FP8 KV cache): the same greedy
+    tokens as the float checkpoint quantized at load, which holds the same weights."""
+    source = tiny_model_dir("llama")
+    path = write_fp8_checkpoint(source, str(tmp_path / "fp8"), COMPRESSED_TENSORS_CHANNEL)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    prompts = [{"prompt_token_ids": PROMPT * 3}, {"prompt_token_ids": PROMPT[:1]},
+               {"prompt_token_ids": PROMPT[:7]}]
+    engine = dict(device="cuda", dtype="bfloat16", num_kv_blocks=64, kv_cache_dtype="fp8",
+                  skip_tokenizer_init=True, enforce_eager=True)
+    outputs = {}
+    for name, model, quantization in (("stored", path, None), ("at-load", source, "fp8")):
+        with LLM(model, quantization=quantization, **engine) as llm:
+            outputs[name] = [o.outputs[0].token_ids
+                             for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert outputs["stored"] == outputs["at-load"]

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The Hopper-kernel measurements still open in docs/performance.md, in one run of at most
+# ~9 minutes (set up as benchmarks/gpu_suite.sh describes: wheels in .whl/, PYTHONPATH):
+#
+#   OUT=/path/to/results bash benchmarks/gpu_open_figures.sh
+#
+# Steps (each with a time cap; a step starts only while OPEN_BUDGET_S, default 540 s, has
+# room for it; the Gluon prefill steps after its tests run only if those pass):
+#   1. the warp-specialized Gluon prefill kernel's GPU tests (each group of cases in a child
+#      process under two minutes, so a barrier deadlock fails instead of hanging)
+#   2. its sweep against the Triton kernels and torch SDPA at cache blocks of 16 and 64
+#   3. end-to-end parity and the prefill kernel tests with it dispatched
+#      (GRIDLLM_GLUON_PREFILL=1)
+#   4. split-KV decode at batch 1, 2 and 4: block numbers a tile ahead or not, 32- or
+#      64-key tiles, 2 or 3 stages (the A/B of the default launch)
+#   5. FP8 checkpoints on the GPU (tests/worker_svc/test_fp8_checkpoint.py)
+#   6. the kernel table (benchmarks/kernels.py)
+# Results: $OUT/open.log (each step's output tail), $OUT/*.json.
+set -u
+
+OUT=${OUT:-$(mktemp -d /tmp/gridllm-open.XXXXXX)}
+mkdir -p "$OUT"
+PY=${PYTHON:-python}
+BUDGET=${OPEN_BUDGET_S:-540}
+START=$(date +%s)
+LOG="$OUT/open.log"
+export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+export GRIDLLM_LOGGING_LEVEL=${GRIDLLM_LOGGING_LEVEL:-WARNING}
+export TOKENIZERS_PARALLELISM=false
+: > "$LOG"
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install --quiet --no-index --no-deps --target /tmp/site .whl/*.whl >>"$LOG" 2>&1 \
+    || echo "WARNING: installing .whl/ failed" | tee -a "$LOG"
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
+
+# step NAME CAP_S CMD...: run CMD with a timeout of min(CAP_S, time left); its status is
+# the command's exit code (1 when skipped for time).
+step() {
+  local name=$1 cap=$2; shift 2
+  local left=$((BUDGET - ($(date +%s) - START)))
+  local limit=$((cap < left ? cap : left))
+  if [ "$limit" -lt 20 ]; then
+    echo "SKIP $name (only ${left}s of the budget left)" | tee -a "$LOG"
+    return 1
+  fi
+  local t0=$(date +%s)
+  echo "=== $name (limit ${limit}s) ===" | tee -a "$LOG"
+  timeout -k 15 "$limit" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  tail -c 4000 "$OUT/$name.log" >>"$LOG"
+  echo "$name rc=$rc $(($(date +%s) - t0))s" | tee -a "$LOG"
+  return $rc
+}
+
+PYTEST="$PY -m pytest -q -p no:cacheprovider -m gpu"
+if GRIDLLM_TEST_GLUON_PREFILL=1 step gluon_prefill_tests 280 \
+    $PYTEST tests/kernels/test_gluon_prefill_attention.py; then
+  step gluon_prefill_sweep 120 $PY benchmarks/attention_sweep.py --kinds prefill \
+    --gluon-prefill --cache-block-sizes 16 64 --output "$OUT/gluon_prefill_sweep.json"
+  GRIDLLM_GLUON_PREFILL=1 step gluon_prefill_parity 150 \
+    $PYTEST tests/gridllm/test_gpu.py tests/kernels/test_prefill_attention.py
+fi
+step split_kv_ab 120 $PY benchmarks/attention_sweep.py --kinds decode --prefetch-table 0 1 \
+  --block-n 32 64 --stages 2 3 --output "$OUT/split_kv_ab.json"
+step fp8_checkpoint 90 $PYTEST tests/worker_svc/test_fp8_checkpoint.py
+step kernels 150 $PY benchmarks/kernels.py --output "$OUT/kernels.json"
+echo "results in $OUT" | tee -a "$LOG"
