@@ -48,7 +48,8 @@ def load_model(model_config: ModelConfig, backend: AttentionBackend | None = Non
         ``(model, hf_config)``; the model is in eval mode on ``device`` (with
         ``tensor_parallel_size`` > 1: this rank's shard). An FP8 checkpoint
         (``quantization_config``, see ``worker_svc.layers.fp8_checkpoint``) is served with
-        its stored e4m3 weights, whatever ``model_config.quantization`` says.
+        its stored e4m3 weights (and calibrated KV-cache scales), whatever
+        ``model_config.quantization`` says.
     Raises:
         ValueError: the path does not exist, the architecture is not supported, it
             cannot be split ``tensor_parallel_size`` ways, or its quantization is not one
@@ -87,6 +88,8 @@ def load_model(model_config: ModelConfig, backend: AttentionBackend | None = Non
         kv_scales: dict[str, dict[str, float]] = {}
         model.load_weights(fp8_checkpoint_weights(weights, checkpoint, held, kv_scales))
         finish_fp8_layers(model, kv_scales)
+        if not checkpoint.quantizes_weights:  # float weights with KV-cache scales
+            quantize_weights(model, model_config.quantization)
     model.eval()
     logger.info("loaded %s (%s) on %s as %s", path, architectures[0], device, dtype)
     return model, hf_config

@@ -97,7 +97,9 @@ def meta_model(model: str, dtype: torch.dtype, quantization: str | None = None
         hf_config = AutoConfig.from_pretrained(path)
     with default_dtype(dtype), torch.device("meta"):
         built = get_model_class(hf_config.architectures[0])(hf_config, None)
-    quantize_weights(built, "fp8" if fp8_checkpoint(hf_config) else quantization)
+    checkpoint = fp8_checkpoint(hf_config)
+    stored_fp8 = checkpoint is not None and checkpoint.quantizes_weights
+    quantize_weights(built, "fp8" if stored_fp8 else quantization)
     return built, hf_config
 
 

@@ -109,3 +109,30 @@ def write_fp8_checkpoint(source: str, target: str, quantization_config: dict,
         with open(os.path.join(directory, "config.json"), "w") as f:
             json.dump(config, f)
     return target
+
+
+# compressed-tensors' config of float weights with calibrated FP8 KV-cache scales.
+KV_CACHE_SCALES_ONLY = {
+    "quant_method": "compressed-tensors", "format": "dense", "config_groups": {},
+    "kv_cache_scheme": {"num_bits": 8, "type": "float", "strategy": "tensor",
+                        "dynamic": False, "symmetric": True}}
+
+
+def write_kv_scales_checkpoint(source: str, target: str,
+                               scales: list[tuple[float, float]]) -> str:
+    """Copy ``source`` (an HF directory of one safetensors file) to ``target`` with
+    ``self_attn.k_scale``/``v_scale`` of each layer (``scales[i]``) and a
+    ``quantization_config`` saying so; the weights stay as stored. Returns ``target``."""
+    shutil.copytree(source, target)
+    path = os.path.join(target, "model.safetensors")
+    state = load_file(path)
+    for i, (k_scale, v_scale) in enumerate(scales):
+        state[f"model.layers.{i}.self_attn.k_scale"] = torch.tensor(k_scale)
+        state[f"model.layers.{i}.self_attn.v_scale"] = torch.tensor(v_scale)
+    save_file(state, path)
+    with open(os.path.join(target, "config.json")) as f:
+        config = json.load(f)
+    config["quantization_config"] = KV_CACHE_SCALES_ONLY
+    with open(os.path.join(target, "config.json"), "w") as f:
+        json.dump(config, f)
+    return target

@@ -10,8 +10,10 @@ per token, so both attention paths read the cache). Per variant:
 - max logit error: the largest |logit - fp32 logit| over positions and vocabulary.
 
 The goal is that a quantized variant agrees at least as often as transformers bf16 and
-errs at most as much. e4m3 keeps 3 mantissa bits against bfloat16's 7, and neither FP8
-setting reaches that goal on this measure (see docs/serving.md for the figures): the goal
+errs at most as much. e4m3 keeps 3 mantissa bits against bfloat16's 7, and no FP8 setting
+reaches that goal on this measure (see docs/serving.md for the figures; the FP8 KV cache is
+measured with scales of 1.0 and with per-layer scales calibrated on other text, loaded from
+a checkpoint as an FP8 checkpoint's KV-cache scales are): the goal
 is kept as a strict xfail (it reports XPASS, and fails, the day it holds), and each
 setting is held to FP8 bounds that a wrong scale, a lost clamp or a misread cache breaks
 by far: top-1 agreement at least ``FP8_MIN_AGREEMENT`` and a max logit error at most
@@ -70,10 +72,11 @@ def _reference(model_dir: str):
     return cases
 
 
-def _teacher_forced_logits(model, cases, kv_dtype: torch.dtype) -> list[torch.Tensor]:
+def _teacher_forced_logits(model, cases, kv_dtype: torch.dtype,
+                           num_new: int = NUM_NEW) -> list[torch.Tensor]:
     """Per case, the logits predicting ``seq[prompt_len:]``: one step prefills every
     prompt, then each step decodes one reference token of every sequence, over a paged
-    cache of ``kv_dtype``."""
+    cache of ``kv_dtype`` (left on ``model.last_caches``)."""
     config = model.config
     num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -84,7 +87,7 @@ def _teacher_forced_logits(model, cases, kv_dtype: torch.dtype) -> list[torch.Te
     tables = torch.arange(width * len(cases), dtype=torch.int32).view(len(cases), width)
     # Step 0: every prompt whole; step j > 0: token prompt_len + j - 1 of every sequence.
     steps = [[(0, n) for _, n, *_ in cases]]
-    steps += [[(n + j - 1, n + j) for _, n, *_ in cases] for j in range(1, NUM_NEW)]
+    steps += [[(n + j - 1, n + j) for _, n, *_ in cases] for j in range(1, num_new)]
     logits: list[list[torch.Tensor]] = [[] for _ in cases]
     with torch.inference_mode():
         for spans in steps:
@@ -104,7 +107,29 @@ def _teacher_forced_logits(model, cases, kv_dtype: torch.dtype) -> list[torch.Te
             last = model.compute_logits(hidden[starts[1:] - 1])
             for i in range(len(cases)):
                 logits[i].append(last[i:i + 1])
+    model.last_caches = caches
     return [torch.cat(rows) for rows in logits]
+
+
+# Calibration text for the KV-cache scales: none of PROMPTS.
+CALIBRATION = [
+    "Machine learning models are trained on large datasets of text and code.",
+    "The quick brown fox jumps over the lazy dog near the river bank.",
+    "import numpy as np\nx = np.arange(10)\nprint(x.sum())",
+]
+# Calibrated scale = amax / this: the largest calibrated key or value lands at 224, half
+# of e4m3's range, leaving room for larger ones in other text.
+KV_SCALE_HEADROOM = 224.0
+
+
+def _calibrated_kv_scales(model, tokenizer) -> list[tuple[float, float]]:
+    """Per layer ``(k_scale, v_scale)``: amax over CALIBRATION's keys and values (one
+    float32 prefill) / KV_SCALE_HEADROOM."""
+    cases = [(ids, len(ids)) for ids in (tokenizer(text, return_tensors="pt").input_ids[0]
+                                         for text in CALIBRATION)]
+    _teacher_forced_logits(model, cases, torch.float32, num_new=1)
+    return [(float(k.abs().max()) / KV_SCALE_HEADROOM, float(v.abs().max()) / KV_SCALE_HEADROOM)
+            for k, v in model.last_caches]
 
 
 def _measure(pairs) -> tuple[float, float]:
@@ -115,20 +140,34 @@ def _measure(pairs) -> tuple[float, float]:
 
 
 @pytest.fixture(scope="module")
-def accuracy():
+def accuracy(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    from tests.worker_svc.fp8_checkpoints import write_kv_scales_checkpoint
     from worker_svc.loader import load_model, resolve_model_path
 
     model_dir = resolve_model_path("smollm2-135m")
     cases = _reference(model_dir)
     results = {"transformers bf16": _measure([(half, ref) for _, _, ref, half in cases])}
     print("transformers bf16", results["transformers bf16"], flush=True)
-    variants = {"gridllm fp32": (None, torch.float32),
-                "gridllm fp8 kv cache": (None, torch.float8_e4m3fn),
-                "gridllm fp8 weights": ("fp8", torch.float32)}
-    for name, (quantization, kv_dtype) in variants.items():
-        model, _ = load_model(ModelConfig("smollm2-135m", device="cpu", dtype="float32",
+    variants = {"gridllm fp32": ("smollm2-135m", None, torch.float32),
+                "gridllm fp8 kv cache": ("smollm2-135m", None, torch.float8_e4m3fn),
+                "gridllm fp8 kv cache, calibrated scales": (None, None, torch.float8_e4m3fn),
+                "gridllm fp8 weights": ("smollm2-135m", "fp8", torch.float32)}
+    for name, (model_name, quantization, kv_dtype) in variants.items():
+        if model_name is None:  # a checkpoint of the same weights with KV-cache scales
+            float_model, _ = load_model(ModelConfig("smollm2-135m", device="cpu",
+                                                    dtype="float32", attention_backend="torch"))
+            scales = _calibrated_kv_scales(float_model,
+                                           AutoTokenizer.from_pretrained(model_dir))
+            model_name = write_kv_scales_checkpoint(
+                model_dir, str(tmp_path_factory.mktemp("smollm2-kv") / "model"), scales)
+        model, _ = load_model(ModelConfig(model_name, device="cpu", dtype="float32",
                                           attention_backend="torch",
                                           quantization=quantization))
+        if model_name != "smollm2-135m":
+            assert [layer.self_attn.kv_scales for layer in model.model.layers] == [
+                pytest.approx(pair) for pair in scales]
         if quantization == "fp8":
             assert any(isinstance(m, Fp8Linear) for m in model.modules())
         logits = _teacher_forced_logits(model, cases, kv_dtype)
@@ -136,7 +175,7 @@ def accuracy():
                                   zip(logits, cases, strict=True)])
         print(name, results[name], flush=True)
     for name, (agree, error) in results.items():
-        print(f"{name:24s} top-1 agreement {agree:.4f}  max logit error {error:.4f}")
+        print(f"{name:40s} top-1 agreement {agree:.4f}  max logit error {error:.4f}")
     return results
 
 
@@ -145,7 +184,18 @@ def test_harness_reproduces_fp32(accuracy):
     assert agree == 1.0 and error < 1e-2
 
 
-FP8_VARIANTS = ["gridllm fp8 kv cache", "gridllm fp8 weights"]
+FP8_VARIANTS = ["gridllm fp8 kv cache", "gridllm fp8 kv cache, calibrated scales",
+                "gridllm fp8 weights"]
+
+
+def test_calibrated_kv_cache_scales_beat_scales_of_one(accuracy):
+    """Per-layer scales calibrated on other text (an FP8 checkpoint's KV-cache scales) put
+    small keys and values out of e4m3's subnormal range: fewer changed predictions and a
+    smaller largest logit error than scales of 1.0."""
+    agree, error = accuracy["gridllm fp8 kv cache, calibrated scales"]
+    plain_agree, plain_error = accuracy["gridllm fp8 kv cache"]
+    assert agree >= plain_agree and error < plain_error, (agree, error, plain_agree,
+                                                          plain_error)
 
 
 @pytest.mark.parametrize("variant", FP8_VARIANTS)

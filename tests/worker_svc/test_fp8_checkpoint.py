@@ -22,6 +22,7 @@ from tests.worker_svc.fp8_checkpoints import (
     FBGEMM,
     fp8_config,
     write_fp8_checkpoint,
+    write_kv_scales_checkpoint,
 )
 from tests.worker_svc.hf_reference import hf_prompt_logits
 from tests.worker_svc.test_models import _caches, _packed_metadata
@@ -353,3 +354,25 @@ def test_an_fp8_checkpoint_on_the_gpu_generates_as_quantizing_at_load(tiny_model
             outputs[name] = [o.outputs[0].token_ids
                              for o in llm.generate(prompts, params, use_tqdm=False)]
     assert outputs["stored"] == outputs["at-load"]
+
+
+def test_kv_cache_scales_alone_keep_the_weights_float(tiny_model_dir, tmp_path):
+    """A compressed-tensors checkpoint whose only quantization is its KV cache: the weights
+    load as stored (quantization='fp8' may still quantize them at load), each attention
+    layer takes its scales, and the roofline counts float weights."""
+    from gridllm.bench.roofline import model_decode_weight_bytes
+
+    source = tiny_model_dir("llama")
+    path = write_kv_scales_checkpoint(source, str(tmp_path / "kv"), [(0.5, 0.25), (2.0, 1.0)])
+    for quantization, num_fp8 in ((None, 0), ("fp8", 8)):
+        model, _ = load_model(ModelConfig(model=path, device="cpu", quantization=quantization))
+        assert len(_fp8_layers(model)) == num_fp8
+        assert [layer.self_attn.kv_scales for layer in model.model.layers] == [
+            (0.5, 0.25), (2.0, 1.0)]
+    float_model, _ = load_model(ModelConfig(model=source, device="cpu"))
+    assert torch.equal(model.lm_head.weight, float_model.lm_head.weight)
+    assert model_decode_weight_bytes(path, torch.bfloat16) == model_decode_weight_bytes(
+        source, torch.bfloat16)
+    _rewrite(path, config=lambda c: c["kv_cache_scheme"].update(num_bits=4))
+    with pytest.raises(ValueError, match="quantization_config.kv_cache_scheme must be 8-bit"):
+        load_model(ModelConfig(model=path, device="cpu"))

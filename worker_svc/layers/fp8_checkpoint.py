@@ -15,7 +15,10 @@ FP8 checkpoints that vLLM serves are read here too:
   unquantized layers in ``modules_to_not_convert``.
 In each, a weight is ``e4m3 value * scale`` (``weight_scale_inv`` too, despite its name).
 
-Serving one turns ``quantization="fp8"`` on by itself (as vLLM does). The decoder's linear
+Serving one turns ``quantization="fp8"`` on by itself (as vLLM does), except a
+compressed-tensors checkpoint whose ``kv_cache_scheme`` is its only quantization (float
+weights and calibrated KV-cache scales), which ``quantization="fp8"`` may still quantize
+at load. The decoder's linear
 layers become ``Fp8Linear`` holding the stored e4m3 bytes: a per-channel scale as stored,
 a per-tensor scale repeated over its rows, so the merged q/k/v and gate/up layers keep each
 part's own scale and compute exactly the products the checkpoint's authors defined.
@@ -71,6 +74,9 @@ class Fp8Checkpoint:
     block_size: tuple[int, int] | None
     # Layers stored unquantized: names, ``re:`` patterns or shell-style wildcards.
     ignore: tuple[str, ...]
+    # False for a checkpoint of float weights that only carries KV-cache scales
+    # (compressed-tensors with a ``kv_cache_scheme`` and no ``config_groups``).
+    quantizes_weights: bool = True
 
     def ignores(self, name: str) -> bool:
         """Whether the layer of HF name ``name`` (``model.layers.0.mlp.down_proj``) is
@@ -104,6 +110,15 @@ def _block_size(value, name: str) -> tuple[int, int] | None:
 
 
 def _compressed_tensors(config: dict) -> Fp8Checkpoint:
+    kv_scheme = config.get("kv_cache_scheme")
+    if kv_scheme is not None and (not isinstance(kv_scheme, dict)
+                                  or kv_scheme.get("num_bits") != 8
+                                  or kv_scheme.get("type") != "float"):
+        raise ValueError(f"quantization_config.kv_cache_scheme must be 8-bit float (the "
+                         f"scales of an FP8 KV cache) or null, got {kv_scheme!r}.")
+    groups = config.get("config_groups")
+    if not groups and kv_scheme is not None:  # float weights, calibrated KV-cache scales
+        return Fp8Checkpoint("compressed-tensors", None, (), quantizes_weights=False)
     fmt = config.get("format", "float-quantized")
     if fmt not in ("float-quantized", "naive-quantized"):
         raise ValueError(f"quantization_config.format {fmt!r} is not served: gridllm serves "
@@ -113,9 +128,9 @@ def _compressed_tensors(config: dict) -> Fp8Checkpoint:
     if isinstance(sparsity, dict) and sparsity.get("format", "dense") != "dense":
         raise ValueError(f"quantization_config.sparsity_config.format "
                          f"{sparsity.get('format')!r} is not served: only dense weights.")
-    groups = config.get("config_groups")
     if not isinstance(groups, dict) or not groups:
-        raise ValueError("quantization_config.config_groups must name at least one group.")
+        raise ValueError("quantization_config.config_groups must name at least one group "
+                         "(or kv_cache_scheme give KV-cache scales alone).")
     block = None
     for group_name, group in groups.items():
         where = f"config_groups.{group_name}"
@@ -199,11 +214,14 @@ def prepare_fp8_layers(model: nn.Module, checkpoint: Fp8Checkpoint) -> set[str]:
     the same shape (before the checkpoint is loaded into ``model``).
 
     Returns:
-        The HF names of the layers now held in e4m3 (``model.layers.0.self_attn.q_proj``).
+        The HF names of the layers now held in e4m3 (``model.layers.0.self_attn.q_proj``);
+        none for a checkpoint of float weights (KV-cache scales alone).
     Raises:
         ValueError: a model outside the Llama family, or a merged layer whose parts are
             stored some quantized, some not.
     """
+    if not checkpoint.quantizes_weights:
+        return set()
     targets = [(f"{prefix}.{name}" if prefix else name, module, name)
                for prefix, module in model.named_modules()
                for name, child in module.named_children()
