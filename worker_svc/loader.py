@@ -15,6 +15,7 @@ from gridllm.common.config import ModelConfig
 from gridllm.common.presets import resolve_model
 from worker_svc.layers.attention import AttentionBackend
 from worker_svc.layers.fp8_checkpoint import (
+    check_quantization,
     finish_fp8_layers,
     fp8_checkpoint,
     fp8_checkpoint_weights,
@@ -58,6 +59,8 @@ def load_model(model_config: ModelConfig, backend: AttentionBackend | None = Non
     path = resolve_model_path(model_config.model)
     device = device or resolve_device(model_config.device)
     dtype = resolve_dtype(model_config.dtype, device)
+    # Only "fp8" quantizes at load; the other names check an FP8 checkpoint's layout.
+    at_load = "fp8" if model_config.quantization == "fp8" else None
     if path.startswith("random:"):
         # Random-weight presets (gridllm/random_presets.py): built on the device, no checkpoint.
         from worker_svc.random_model import build_random_model
@@ -67,10 +70,12 @@ def load_model(model_config: ModelConfig, backend: AttentionBackend | None = Non
         model, hf_config = build_random_model(path, backend, device, dtype,
                                               model_config.seed or 0,
                                               model_config.tensor_parallel_size)
-        quantize_weights(model, model_config.quantization)
+        check_quantization(model_config.quantization, None)
+        quantize_weights(model, at_load)
         return model, hf_config
     hf_config, weights = read_checkpoint(path, dtype)
     checkpoint = fp8_checkpoint(hf_config)
+    check_quantization(model_config.quantization, checkpoint)
     architectures = getattr(hf_config, "architectures", None) or [None]
     model_cls = get_model_class(architectures[0])
     tp_size = model_config.tensor_parallel_size
@@ -82,14 +87,14 @@ def load_model(model_config: ModelConfig, backend: AttentionBackend | None = Non
         model = model_cls(hf_config, backend)
     if checkpoint is None:
         model.load_weights(weights)
-        quantize_weights(model, model_config.quantization)
+        quantize_weights(model, at_load)
     else:
         held = prepare_fp8_layers(model, checkpoint)
         kv_scales: dict[str, dict[str, float]] = {}
         model.load_weights(fp8_checkpoint_weights(weights, checkpoint, held, kv_scales))
         finish_fp8_layers(model, kv_scales)
         if not checkpoint.quantizes_weights:  # float weights with KV-cache scales
-            quantize_weights(model, model_config.quantization)
+            quantize_weights(model, at_load)
     model.eval()
     logger.info("loaded %s (%s) on %s as %s", path, architectures[0], device, dtype)
     return model, hf_config

@@ -99,7 +99,7 @@ def meta_model(model: str, dtype: torch.dtype, quantization: str | None = None
         built = get_model_class(hf_config.architectures[0])(hf_config, None)
     checkpoint = fp8_checkpoint(hf_config)
     stored_fp8 = checkpoint is not None and checkpoint.quantizes_weights
-    quantize_weights(built, "fp8" if stored_fp8 else quantization)
+    quantize_weights(built, "fp8" if stored_fp8 or quantization == "fp8" else None)
     return built, hf_config
 
 

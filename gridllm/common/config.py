@@ -19,8 +19,10 @@ _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _ATTENTION_BACKENDS = ("auto", "torch", "triton")
 # KV cache element types (vLLM's names): auto is the model's dtype; fp8 is an alias of fp8_e4m3.
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
-# Weight quantization methods applied at load (vLLM's names).
-QUANTIZATIONS = ("fp8",)
+# Weight quantization (vLLM's names): fp8 quantizes a float checkpoint at load (an FP8
+# checkpoint is served as stored with it or without); the others name FP8 checkpoints'
+# layouts and only check that the checkpoint is one (it is served as stored either way).
+QUANTIZATIONS = ("fp8", "compressed-tensors", "fbgemm_fp8")
 
 # What `gridllm up` and `gridllm run` serve when no --model is given.
 DEFAULT_MODEL = "smollm2-135m"
@@ -227,7 +229,8 @@ class ModelConfig:
         None, choices=QUANTIZATIONS, default_help="none",
         help="weight quantization at load: fp8 (per-channel float8 e4m3 weights of the "
         "Llama family's linear layers, activations quantized per token); an FP8 "
-        "checkpoint (quantization_config in config.json) is served as stored without it")
+        "checkpoint (quantization_config in config.json) is served as stored without it "
+        "(compressed-tensors, fbgemm_fp8: check that the checkpoint is one)")
     seed: int = option(0, help="seed of the engine's random generator")
     sparse_attention: str | None = option(
         None, default_help="none: the model's own attention",

@@ -376,3 +376,22 @@ def test_kv_cache_scales_alone_keep_the_weights_float(tiny_model_dir, tmp_path):
     _rewrite(path, config=lambda c: c["kv_cache_scheme"].update(num_bits=4))
     with pytest.raises(ValueError, match="quantization_config.kv_cache_scheme must be 8-bit"):
         load_model(ModelConfig(model=path, device="cpu"))
+
+
+def test_vllm_names_of_checkpoint_layouts_check_the_checkpoint(tiny_model_dir, tmp_path):
+    """quantization='compressed-tensors' or 'fbgemm_fp8' (as vLLM takes them) serve a
+    checkpoint of that layout as stored, and are refused, naming the setting, for another
+    layout or a float checkpoint (which only 'fp8' quantizes at load)."""
+    source = tiny_model_dir("llama")
+    path = write_fp8_checkpoint(source, str(tmp_path / "fp8"), COMPRESSED_TENSORS_CHANNEL)
+    model, _ = load_model(ModelConfig(model=path, device="cpu",
+                                      quantization="compressed-tensors"))
+    assert len(_fp8_layers(model)) == 8
+    for model_name, quantization, found in (
+            (path, "fbgemm_fp8", "quant_method 'compressed-tensors'"),
+            (source, "compressed-tensors", "no quantization_config"),
+            ("random:tiny", "fbgemm_fp8", "no quantization_config")):
+        with pytest.raises(ValueError, match=f"quantization='{quantization}' names the "
+                                             f"layout of an FP8 checkpoint, but the "
+                                             f"checkpoint has {found}"):
+            load_model(ModelConfig(model=model_name, device="cpu", quantization=quantization))

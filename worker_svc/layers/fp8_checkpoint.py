@@ -200,6 +200,21 @@ def fp8_checkpoint(hf_config) -> Fp8Checkpoint | None:
                          _names(config, "ignored_layers"))
 
 
+def check_quantization(quantization: str | None, checkpoint: Fp8Checkpoint | None) -> None:
+    """ValueError naming ``quantization`` unless it fits the checkpoint: None or ``"fp8"``
+    fit any; a checkpoint layout's name (``"compressed-tensors"``, ``"fbgemm_fp8"``, as
+    vLLM takes them) needs a checkpoint of that layout."""
+    if quantization in (None, "fp8"):
+        return
+    if checkpoint is None or checkpoint.method != quantization:
+        found = ("no quantization_config" if checkpoint is None
+                 else f"quant_method {checkpoint.method!r}")
+        raise ValueError(f"quantization={quantization!r} names the layout of an FP8 "
+                         f"checkpoint, but the checkpoint has {found}; leave quantization "
+                         "unset to serve a checkpoint as stored, or set 'fp8' to quantize "
+                         "a float checkpoint at load.")
+
+
 def _hf_parts(model: nn.Module, name: str) -> list[str]:
     """The HF layer names stored for the model's layer ``name``: the parts of a merged
     layer (``...q_proj``, ``...k_proj``, ``...v_proj`` for ``...qkv_proj``), else itself."""
