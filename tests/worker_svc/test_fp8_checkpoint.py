@@ -170,6 +170,11 @@ BAD_CHECKPOINTS = {
                  r"weight_scale"),
     "scale shape": (dict(tensors=lambda s: s.update({_Q + ".weight_scale": torch.ones(3)})),
                     r"'model.layers.0.self_attn.q_proj.weight_scale' has shape \(3,\)"),
+    "nan scale": (dict(tensors=lambda s: s[_Q + ".weight_scale"].__setitem__(3, float("nan"))),
+                  r"'model.layers.0.self_attn.q_proj.weight_scale' must hold finite"),
+    "negative scale": (dict(tensors=lambda s: s[_Q + ".weight_scale"].mul_(-1)),
+                       r"'model.layers.0.self_attn.q_proj.weight_scale' must hold finite, "
+                       r"non-negative"),
     "e5m2": (dict(tensors=lambda s: s.update({_Q + ".weight": s[_Q + ".weight"].float().to(
         torch.float8_e5m2)})), r"'model.layers.0.self_attn.q_proj.weight' is "
                                r"torch.float8_e5m2"),

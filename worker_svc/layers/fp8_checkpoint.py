@@ -329,6 +329,9 @@ def _row_scales(name: str, weight: torch.Tensor, scale: torch.Tensor,
     per block), broadcast over its elements."""
     rows, cols = weight.shape
     scale = scale.float()
+    if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
+        raise ValueError(f"checkpoint tensor {name!r} must hold finite, non-negative "
+                         "scales.")
     if scale.numel() == 1:
         return scale.reshape(1, 1).expand(rows, 1)
     if scale.numel() == rows and scale.shape in ((rows,), (rows, 1)):
