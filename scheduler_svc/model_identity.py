@@ -2,7 +2,8 @@
 
 A scheduler's requests move between its workers (migration, prefix-cache routing) and its
 block tables assume one block size, so every worker must run the same model (architecture
-config and attention pattern, as the config hash covers them) in the same dtype with the same
+config and attention pattern, as the config hash covers them) in the same dtype, with the
+same weight quantization and KV cache element type (each changes the outputs), and the same
 KV block size. The first worker linked fixes the identity (or the
 scheduler's ``--model``, when given, fixes the name); a worker that differs is refused with a
 log line naming what differs, and never gets a Step stream, so never a request.
@@ -25,10 +26,14 @@ class ModelIdentity:
     dtype: str
     # Tokens per KV block.
     block_size: int
+    # Weight quantization as served ("fp8" or empty) and KV cache element type.
+    quantization: str = ""
+    kv_cache_dtype: str = ""
 
     @classmethod
     def of(cls, info: worker_pb2.WorkerInfo) -> ModelIdentity:
-        return cls(info.model, info.model_config_hash, info.dtype, info.block_size)
+        return cls(info.model, info.model_config_hash, info.dtype, info.block_size,
+                   info.quantization, info.kv_cache_dtype)
 
     def differences(self, other: ModelIdentity) -> list[str]:
         """``field: ours != theirs`` for each field where ``other`` differs."""
@@ -37,5 +42,9 @@ class ModelIdentity:
                                            ("model config hash", self.config_hash,
                                             other.config_hash),
                                            ("dtype", self.dtype, other.dtype),
-                                           ("block_size", self.block_size, other.block_size))
+                                           ("block_size", self.block_size, other.block_size),
+                                           ("quantization", self.quantization,
+                                            other.quantization),
+                                           ("kv_cache_dtype", self.kv_cache_dtype,
+                                            other.kv_cache_dtype))
                 if ours != theirs]

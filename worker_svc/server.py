@@ -307,8 +307,20 @@ def build_info(runner, model: str, worker_id: str, scheduler_config) -> worker_p
         instance_id=uuid.uuid4().hex, logits_processors=registered_logits_processors(),
         model_config_hash=model_config_hash(
             getattr(runner, "hf_config", None),
-            getattr(getattr(runner, "model_config", None), "sparse_attention", None)))
+            getattr(getattr(runner, "model_config", None), "sparse_attention", None)),
+        quantization=served_quantization(getattr(runner, "model", None)),
+        kv_cache_dtype=str(getattr(runner, "kv_cache_dtype", "")).replace("torch.", ""))
     return model_limits_to_pb(runner.limits, info)
+
+
+def served_quantization(model) -> str:
+    """``"fp8"`` when the model holds FP8 linear layers (quantized at load, or an FP8
+    checkpoint's), else empty."""
+    from worker_svc.layers.quantization import Fp8Linear
+
+    if model is not None and any(isinstance(m, Fp8Linear) for m in model.modules()):
+        return "fp8"
+    return ""
 
 
 # Config entries that name where or how a model was saved, not what it computes.

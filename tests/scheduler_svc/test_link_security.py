@@ -8,6 +8,7 @@ while the greedy outputs of the linked workers stay those of the in-process engi
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import uuid
 
@@ -120,8 +121,8 @@ def test_worker_with_a_certificate_of_another_ca_is_never_linked(model_path, red
     assert run(main()) == expected
 
 
-def test_worker_serving_another_model_or_block_size_is_refused(model_path, other_model_path,
-                                                               redis_server, expected, caplog):
+def test_worker_serving_another_model_block_size_or_quantization_is_refused(
+        model_path, other_model_path, redis_server, expected, caplog):
     deployment = f"identity-{uuid.uuid4().hex[:8]}"
     model_config, cache_config, scheduler_config = engine_configs(model_path)
     other_config = engine_configs(other_model_path)
@@ -136,6 +137,12 @@ def test_worker_serving_another_model_or_block_size_is_refused(model_path, other
             # Another model.
             WorkerServer(*other_config, WorkerOptions(redis_url=redis_server,
                                                       deployment=deployment)),
+            # The same model with FP8 weights and KV cache.
+            WorkerServer(dataclasses.replace(model_config, quantization="fp8"),
+                         CacheConfig(block_size=cache_config.block_size,
+                                     num_kv_blocks=NUM_KV_BLOCKS, kv_cache_dtype="fp8"),
+                         scheduler_config, WorkerOptions(redis_url=redis_server,
+                                                         deployment=deployment)),
         ]
         async with running_worker(model_path, redis_server, deployment=deployment) as good, \
                 running_scheduler(redis_url=redis_server, deployment=deployment
@@ -146,7 +153,7 @@ def test_worker_serving_another_model_or_block_size_is_refused(model_path, other
                 for rogue in rogues:
                     await rogue.start()
                 await wait_until(lambda: all(r.address in pool.refused for r in rogues), 10.0,
-                                 "both rogue workers refused")
+                                 "every rogue worker refused")
                 tokens = await greedy(stub)
                 await asyncio.sleep(NUM_DISCOVERY_ROUNDS_S)
                 tokens_later = await greedy(stub)
@@ -163,9 +170,11 @@ def test_worker_serving_another_model_or_block_size_is_refused(model_path, other
     assert tokens == expected and tokens_later == expected
     assert "block_size 8 != 4" in reasons[0] and "model " not in reasons[0]
     assert "model config hash" in reasons[1] and other_model_path in reasons[1]
+    assert "quantization 'fp8' != ''" in reasons[2]
+    assert "kv_cache_dtype 'float8_e4m3fn' != 'float32'" in reasons[2]
     refusals = [r.getMessage() for r in caplog.records if "refused worker" in r.getMessage()]
     # One clear line per refused worker, not one per discovery round.
-    assert len(refusals) == 2, refusals
+    assert len(refusals) == 3, refusals
 
 
 def test_config_hash_names_the_architecture_not_the_path(model_path, other_model_path,
