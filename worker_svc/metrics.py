@@ -11,6 +11,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from gridllm.common.metrics import TOKEN_COUNT_BUCKETS, TOKEN_LATENCY_BUCKETS, metric
 
 
+# WorkerInfo fields the model_info gauge carries as labels.
+_INFO_LABELS = ("model", "dtype", "quantization", "kv_cache_dtype", "block_size", "device")
+
+
 class WorkerMetrics:
     """The worker's metrics on a registry of their own (``self.registry``)."""
 
@@ -29,6 +33,15 @@ class WorkerMetrics:
                                     registry=r)
         self.num_kv_blocks = Gauge(metric("worker_num_kv_blocks"), "Blocks in the KV pool.",
                                    registry=r)
+        self.model_info = Gauge(
+            metric("worker_model_info"), "The model as served, in labels (value 1): name, "
+            "dtype, weight quantization, KV cache dtype and block size, device.",
+            list(_INFO_LABELS), registry=r)
+
+    def set_info(self, info) -> None:
+        """The ``model_info`` labels from the worker's ``WorkerInfo``."""
+        self.model_info.labels(**{label: str(getattr(info, label))
+                                  for label in _INFO_LABELS}).set(1)
 
     def on_step(self, seconds: float, num_tokens: int, num_new_requests: int) -> None:
         self.step_time.observe(seconds)

@@ -515,6 +515,7 @@ class WorkerServer:
         info.worker_group = opts.worker_group
         self.servicer.block_versions = [0] * self.runner.num_kv_blocks
         self.servicer.metrics.num_kv_blocks.set(self.runner.num_kv_blocks)
+        self.servicer.metrics.set_info(info)
         self.servicer.runner, self.servicer.info = self.runner, info
         if opts.redis_url:
             # Not ready before it is registered: no scheduler could find it.

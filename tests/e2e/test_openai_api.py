@@ -267,6 +267,10 @@ def test_metrics_count_a_known_workload_exactly(http_stack, oai):
     assert scheduler[("gridllm:num_requests_running", (("worker_id", worker_id),))] == 0
     assert scheduler[("gridllm:kv_cache_usage_perc", (("worker_id", worker_id),))] == 0
     assert moved(w0, worker, "gridllm:worker_requests_total") == num_requests
+    infos = [dict(labels) for (name, labels), value in worker.items()
+             if name == "gridllm:worker_model_info" and value == 1]
+    assert len(infos) == 1 and infos[0]["quantization"] == "" and infos[0]["device"] == "cpu"
+    assert infos[0]["kv_cache_dtype"] == infos[0]["dtype"] != ""
     num_steps = moved(w0, worker, "gridllm:worker_steps_total")
     assert moved(w0, worker, "gridllm:worker_step_time_seconds_count") == num_steps > 0
     assert moved(s0, scheduler, "gridllm:scheduler_step_round_trip_seconds_count",
