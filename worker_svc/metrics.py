@@ -10,7 +10,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from gridllm.common.metrics import TOKEN_COUNT_BUCKETS, TOKEN_LATENCY_BUCKETS, metric
 
-
 # WorkerInfo fields the model_info gauge carries as labels.
 _INFO_LABELS = ("model", "dtype", "quantization", "kv_cache_dtype", "block_size", "device")
 
