@@ -1,4 +1,5 @@
-"""The worker's Prometheus metrics: its own step time, steps and tokens, and its KV pool.
+"""The worker's Prometheus metrics: its own step time, steps and tokens, its KV pool, and
+the model as served (an info gauge).
 
 The scheduler sees each step from outside (round trip, tokens per step); these are the
 worker's side: how long ``execute_model`` ran, measured in the runner's thread.
