@@ -24,16 +24,7 @@ PY=${PYTHON:-python}
 BUDGET=${OPEN_BUDGET_S:-540}
 START=$(date +%s)
 LOG="$OUT/open.log"
-export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-export GRIDLLM_LOGGING_LEVEL=${GRIDLLM_LOGGING_LEVEL:-WARNING}
-export TOKENIZERS_PARALLELISM=false
-: > "$LOG"
-
-if ls .whl/*.whl >/dev/null 2>&1; then
-  $PY -m pip install --quiet --no-index --no-deps --target /tmp/site .whl/*.whl >>"$LOG" 2>&1 \
-    || echo "WARNING: installing .whl/ failed" | tee -a "$LOG"
-fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
+. "$(dirname "$0")/gpu_env.sh"
 
 # step NAME CAP_S CMD...: run CMD with a timeout of min(CAP_S, time left); its status is
 # the command's exit code (1 when skipped for time).

@@ -41,16 +41,7 @@ BUDGET=${SUITE_BUDGET_S:-500}
 START=$(date +%s)
 WORK=$(mktemp -d /tmp/gridllm-suite.XXXXXX)
 LOG="$OUT/suite.log"
-export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-export GRIDLLM_LOGGING_LEVEL=${GRIDLLM_LOGGING_LEVEL:-WARNING}
-export TOKENIZERS_PARALLELISM=false
-: > "$LOG"
-
-if ls .whl/*.whl >/dev/null 2>&1; then
-  $PY -m pip install --quiet --no-index --no-deps --target /tmp/site .whl/*.whl >>"$LOG" 2>&1 \
-    || echo "WARNING: installing .whl/ failed" | tee -a "$LOG"
-fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
+. "$(dirname "$0")/gpu_env.sh"
 
 # step NAME CAP_S CMD...: run CMD with a timeout of min(CAP_S, time left), log its tail.
 # SUITE_STEPS="name name ..." runs only those steps (default: all).

@@ -4,25 +4,18 @@ smaller at every chain length)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import pathlib
 import sys
 
 import pytest
 import torch
 
 from gridllm.common.presets import is_preset_available
-
-_PATH = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / \
-    "gemv_accumulation_error.py"
+from tests.benchmarks.conftest import load_benchmark
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("gemv_accumulation_error", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("gemv_accumulation_error")
 
 
 def test_a_chain_in_float64_is_the_exact_product_and_bfloat16_rounds_each_step():

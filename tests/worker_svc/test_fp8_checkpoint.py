@@ -120,16 +120,22 @@ def test_an_fp8_checkpoint_generates_through_the_llm_api(tiny_model_dir, tmp_pat
     float checkpoint quantized at load (the same weights)."""
     source = tiny_model_dir("llama")
     path = write_fp8_checkpoint(source, str(tmp_path / "fp8"), COMPRESSED_TENSORS_CHANNEL)
-    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
-    prompts = [{"prompt_token_ids": PROMPT}, {"prompt_token_ids": PROMPT[:5]}]
-    engine = dict(device="cpu", num_kv_blocks=32, skip_tokenizer_init=True)
-    outputs = {}
-    for name, model, quantization in (("stored", path, None), ("at-load", source, "fp8")):
-        with LLM(model, quantization=quantization, **engine) as llm:
-            outputs[name] = [o.outputs[0].token_ids
-                             for o in llm.generate(prompts, params, use_tqdm=False)]
-    assert outputs["stored"] == outputs["at-load"]
-    assert all(len(ids) == 8 for ids in outputs["stored"])
+    stored, at_load = _greedy_stored_and_at_load(
+        path, source, [PROMPT, PROMPT[:5]], 8, dict(device="cpu", num_kv_blocks=32))
+    assert stored == at_load and all(len(ids) == 8 for ids in stored)
+
+
+def _greedy_stored_and_at_load(path: str, source: str, prompts: list[list[int]],
+                               max_tokens: int, engine: dict) -> list[list[list[int]]]:
+    """Greedy ids of ``prompts`` through ``LLM``: the FP8 checkpoint at ``path`` without a
+    flag, then its float ``source`` with ``quantization="fp8"``."""
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    outputs = []
+    for model, quantization in ((path, None), (source, "fp8")):
+        with LLM(model, quantization=quantization, skip_tokenizer_init=True, **engine) as llm:
+            outputs.append([o.outputs[0].token_ids for o in llm.generate(
+                [{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)])
+    return outputs
 
 
 def _rewrite(path: str, config=None, tensors=None) -> str:
@@ -348,17 +354,11 @@ def test_an_fp8_checkpoint_on_the_gpu_generates_as_quantizing_at_load(tiny_model
     tokens as the float checkpoint quantized at load, which holds the same weights."""
     source = tiny_model_dir("llama")
     path = write_fp8_checkpoint(source, str(tmp_path / "fp8"), COMPRESSED_TENSORS_CHANNEL)
-    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-    prompts = [{"prompt_token_ids": PROMPT * 3}, {"prompt_token_ids": PROMPT[:1]},
-               {"prompt_token_ids": PROMPT[:7]}]
-    engine = dict(device="cuda", dtype="bfloat16", num_kv_blocks=64, kv_cache_dtype="fp8",
-                  skip_tokenizer_init=True, enforce_eager=True)
-    outputs = {}
-    for name, model, quantization in (("stored", path, None), ("at-load", source, "fp8")):
-        with LLM(model, quantization=quantization, **engine) as llm:
-            outputs[name] = [o.outputs[0].token_ids
-                             for o in llm.generate(prompts, params, use_tqdm=False)]
-    assert outputs["stored"] == outputs["at-load"]
+    stored, at_load = _greedy_stored_and_at_load(
+        path, source, [PROMPT * 3, PROMPT[:1], PROMPT[:7]], 12,
+        dict(device="cuda", dtype="bfloat16", num_kv_blocks=64, kv_cache_dtype="fp8",
+             enforce_eager=True))
+    assert stored == at_load
 
 
 def test_kv_cache_scales_alone_keep_the_weights_float(tiny_model_dir, tmp_path):
