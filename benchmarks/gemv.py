@@ -12,7 +12,9 @@ previous one ends), ``gemv_plain`` the same without it. ``--sweep`` first times 
 configurations of the GEMV at M = 1 per shape; ``--fp8`` adds e4m3 weights (per-channel
 scales) through the same kernel, against the e4m3 ``tl.dot`` kernel
 (``kernels/fp8_gemv.py``), and the tensor-core GEMV (``kernels/fp8_mma_gemv.py``, the
-``MMA`` column: up to 8 rows, where the GEMV column stops at its 4). ``--fused`` (one
+``MMA`` column: up to 8 rows, where the GEMV column stops at its 4), and at one row the
+GEMV with products in float16 pairs (the ``F16`` column and decoder row: ``gemv(...,
+f16_pairs=True)``, what ``GRIDLLM_GEMV_F16=1`` serves). ``--fused`` (one
 row) runs the layers as the model serves them: the gate/up projection with SiLU-and-mul in
 its epilogue (``silu_out``; down then reads the finished activation), and the add-and-norm
 before q/k/v and gate/up fused into them over 16-bit weights (``rms_norm_gemv``: each
@@ -102,10 +104,12 @@ def _calls(impl: str, layer_weights, inputs, config, fusion: tuple[str, ...] = (
                                                config=config, silu_out=silu)
                 for w, s in layer_weights]
     calls = []
+    f16_pairs = impl == "f16"  # e4m3, one row: products in float16 pairs
     for w, s in layer_weights:
         if "norm_kernel" in fusion:
             calls.append(lambda: rms_norm(x, norm_weight, 1e-5, residual))
-        calls.append(lambda w=w, s=s: gemv(x, w, None, s, config=config, silu_out=silu))
+        calls.append(lambda w=w, s=s: gemv(x, w, None, s, config=config, silu_out=silu,
+                                           f16_pairs=f16_pairs))
     return calls
 
 
@@ -162,8 +166,9 @@ def main() -> None:
                 results["sweep"][f"{kind}/{name}"] = [[list(c), timed[c]] for c in top]
 
     print(f"{'layer':14s} {'kind':5s} {'M':>3s} {'base us':>10s} {'GEMV us':>8s} "
-          f"{'MMA us':>7s} {'base %':>9s} {'GEMV %':>7s}  (base: cuBLAS for bf16, the "
-          "tl.dot kernel for fp8; MMA: the tensor-core GEMV, e4m3 only)")
+          f"{'MMA us':>7s} {'F16 us':>7s} {'base %':>9s} {'GEMV %':>7s} {'F16 %':>6s}  "
+          "(base: cuBLAS for bf16, the tl.dot kernel for fp8; MMA: the tensor-core GEMV, "
+          "F16: the GEMV with products in float16 pairs, e4m3 only)")
     for kind in kinds:
         elem = 1 if kind == "fp8" else 2
         for name, n, k in SHAPES:
@@ -178,14 +183,18 @@ def main() -> None:
                 t_mma = graph_time_ms(_calls("mma", weights[kind, name], inputs, None,
                                              fusion)) / NUM_LAYERS \
                     if kind == "fp8" and m <= MMA_MAX_ROWS else float("nan")
+                t_f16 = graph_time_ms(_calls("f16", weights[kind, name], inputs, None,
+                                             fusion)) / NUM_LAYERS \
+                    if kind == "fp8" and m == 1 else float("nan")
                 row = {"layer": name, "kind": kind, "rows": m, "base_ms": t_base,
-                       "gemv_ms": t_gemv, "mma_ms": t_mma,
+                       "gemv_ms": t_gemv, "mma_ms": t_mma, "f16_ms": t_f16,
                        "base_pct_copy": pct(n, k, elem, t_base),
-                       "gemv_pct_copy": pct(n, k, elem, t_gemv)}
+                       "gemv_pct_copy": pct(n, k, elem, t_gemv),
+                       "f16_pct_copy": pct(n, k, elem, t_f16)}
                 results["shapes"].append(row)
                 print(f"{name:14s} {kind:5s} {m:3d} {t_base * 1e3:10.1f} {t_gemv * 1e3:8.1f} "
-                      f"{t_mma * 1e3:7.1f} {row['base_pct_copy']:8.0f}% "
-                      f"{row['gemv_pct_copy']:6.0f}%")
+                      f"{t_mma * 1e3:7.1f} {t_f16 * 1e3:7.1f} {row['base_pct_copy']:8.0f}% "
+                      f"{row['gemv_pct_copy']:6.0f}% {row['f16_pct_copy']:5.0f}%")
     # The whole decoder's linear layers, in block order, as one graph.
     results["decoder"] = []
     for kind in kinds:
@@ -197,7 +206,8 @@ def main() -> None:
             inputs = {name: _inputs(m, k) for name, _, k in SHAPES}
             per = {}
             impls = ["base"] + (["gemv", "gemv_plain"] if m <= MAX_ROWS else []) + (
-                ["mma"] if kind == "fp8" and m <= MMA_MAX_ROWS else [])
+                ["mma"] if kind == "fp8" and m <= MMA_MAX_ROWS else []) + (
+                ["f16"] if kind == "fp8" and m == 1 else [])
             for impl in impls:
                 calls = []
                 for layer in range(NUM_LAYERS):

@@ -5,17 +5,22 @@
 #   OUT=/path/to/results bash benchmarks/gpu_open_figures.sh
 #
 # Steps (each with a time cap; a step starts only while OPEN_BUDGET_S, default 540 s, has
-# room for it; the Gluon prefill steps after its tests run only if those pass):
-#   1. the warp-specialized Gluon prefill kernel's GPU tests (each group of cases in a child
-#      process under two minutes, so a barrier deadlock fails instead of hanging)
-#   2. its sweep against the Triton kernels and torch SDPA at cache blocks of 16 and 64
-#   3. end-to-end parity and the prefill kernel tests with it dispatched
-#      (GRIDLLM_GLUON_PREFILL=1)
-#   4. split-KV decode at batch 1, 2 and 4: block numbers a tile ahead or not, 32- or
-#      64-key tiles, 2 or 3 stages (the A/B of the default launch)
-#   5. FP8 checkpoints on the GPU (tests/worker_svc/test_fp8_checkpoint.py)
-#   6. the kernel table (benchmarks/kernels.py)
-# Results: $OUT/open.log (each step's output tail), $OUT/*.json.
+# room for it; OPEN_STEPS="name ..." runs only those; the Gluon prefill sweep and parity
+# run only if its tests pass):
+#   gluon_prefill_tests  the warp-specialized Gluon prefill kernel's GPU tests (each group of
+#                        cases in a child process under two minutes, so a barrier deadlock
+#                        fails instead of hanging)
+#   fp8_tests            FP8 checkpoints and the decode GEMVs (the float16-pair kernel too)
+#   gemv_f16             the batch-1 e4m3 GEMVs as served: the float16-pair kernel's column
+#                        and decoder row next to the word kernel's
+#   gluon_prefill_sweep  the Gluon kernel against the Triton kernels and torch SDPA at
+#                        cache blocks of 16 and 64
+#   gluon_prefill_parity end-to-end parity and the prefill kernel tests with it dispatched
+#                        (GRIDLLM_GLUON_PREFILL=1)
+#   split_kv_ab          split-KV decode at batch 1, 2 and 4: block numbers a tile ahead or
+#                        not, 32- or 64-key tiles, 2 or 3 stages (the default launch's A/B)
+#   kernels              the kernel table (benchmarks/kernels.py)
+# Results: $OUT/open.log (each step's output tail), $OUT/<step>.log, $OUT/*.json.
 set -u
 
 OUT=${OUT:-$(mktemp -d /tmp/gridllm-open.XXXXXX)}
@@ -30,6 +35,9 @@ LOG="$OUT/open.log"
 # the command's exit code (1 when skipped for time).
 step() {
   local name=$1 cap=$2; shift 2
+  if [ -n "${OPEN_STEPS:-}" ] && [[ " $OPEN_STEPS " != *" $name "* ]]; then
+    return 1
+  fi
   local left=$((BUDGET - ($(date +%s) - START)))
   local limit=$((cap < left ? cap : left))
   if [ "$limit" -lt 20 ]; then
@@ -46,8 +54,12 @@ step() {
 }
 
 PYTEST="$PY -m pytest -q -p no:cacheprovider -m gpu"
-if GRIDLLM_TEST_GLUON_PREFILL=1 step gluon_prefill_tests 280 \
-    $PYTEST tests/kernels/test_gluon_prefill_attention.py; then
+GRIDLLM_TEST_GLUON_PREFILL=1 step gluon_prefill_tests 200 \
+  $PYTEST tests/kernels/test_gluon_prefill_attention.py
+GLUON_OK=$?
+step fp8_tests 150 $PYTEST tests/worker_svc/test_fp8_checkpoint.py tests/kernels/test_gemv.py
+step gemv_f16 100 $PY benchmarks/gemv.py --rows 1 --fp8 --fused --output "$OUT/gemv_f16.json"
+if [ "$GLUON_OK" -eq 0 ]; then
   step gluon_prefill_sweep 120 $PY benchmarks/attention_sweep.py --kinds prefill \
     --gluon-prefill --cache-block-sizes 16 64 --output "$OUT/gluon_prefill_sweep.json"
   GRIDLLM_GLUON_PREFILL=1 step gluon_prefill_parity 150 \
@@ -55,6 +67,5 @@ if GRIDLLM_TEST_GLUON_PREFILL=1 step gluon_prefill_tests 280 \
 fi
 step split_kv_ab 120 $PY benchmarks/attention_sweep.py --kinds decode --prefetch-table 0 1 \
   --block-n 32 64 --stages 2 3 --output "$OUT/split_kv_ab.json"
-step fp8_checkpoint 90 $PYTEST tests/worker_svc/test_fp8_checkpoint.py
 step kernels 150 $PY benchmarks/kernels.py --output "$OUT/kernels.json"
 echo "results in $OUT" | tee -a "$LOG"

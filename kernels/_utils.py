@@ -148,6 +148,10 @@ FP8_WORDS = _env_switch("GRIDLLM_FP8_WORDS")
 # GRIDLLM_PREFILL_TMA=0 leaves every prefill to the pointer kernel, for A/B runs.
 PREFILL_TMA = _env_switch("GRIDLLM_PREFILL_TMA")
 
+# The batch-1 e4m3 GEMV with products in float16 pairs (kernels.gemv), off until it has been
+# measured on a GPU: GRIDLLM_GEMV_F16=1 makes it the one-row e4m3 GEMV.
+GEMV_F16 = _env_switch("GRIDLLM_GEMV_F16", default=False)
+
 # The warp-specialized Gluon prefill kernel (Hopper), off until it has passed on a GPU:
 # GRIDLLM_GLUON_PREFILL=1 dispatches the batches it serves to it.
 GLUON_PREFILL = _env_switch("GRIDLLM_GLUON_PREFILL", default=False)

@@ -26,6 +26,9 @@ One bfloat16 row times an e4m3 weight with scales (``quantization="fp8"`` at bat
 words of four bfloat16, both in one register layout (no tile of x moved through shared
 memory), and the four values of a word converted half by the conversion unit, half by
 integer ops (see ``_e4m3_quad``): the conversions, not the bytes, bound the byte-wise kernel.
+``_gemv_e4m3_f16_kernel`` multiplies in float16 pairs instead (about 2.6 instructions a
+weight byte against 4.45, compiled for sm_90); it serves only with ``GRIDLLM_GEMV_F16=1``
+(or ``gemv(..., f16_pairs=True)``) until it has been measured on a GPU.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import triton.language as tl
 from kernels._utils import (
     FLOAT_DTYPES,
     FP8_WORDS,
+    GEMV_F16,
     check_shape,
     check_tensor,
     gdc_launch_dependents,
@@ -419,6 +423,16 @@ def _gemv_e4m3_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, partial_ptr, loc
         res_ptrs += QUAD_K
         norm_w_ptrs += QUAD_K
     out = tl.sum(acc, axis=1) + tl.sum(acc_scaled, axis=1) * _E4M3_UNSCALE
+    _finish_row(out, pid, pid_k, cols, col_ok, scale_ptr, bias_ptr, y_ptr, partial_ptr,
+                lock_ptr, num_out, HAS_BIAS, BLOCK_N, SPLIT_K, SILU_OUT)
+
+
+@triton.jit
+def _finish_row(out, pid, pid_k, cols, col_ok, scale_ptr, bias_ptr, y_ptr, partial_ptr,
+                lock_ptr, num_out, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                SPLIT_K: tl.constexpr, SILU_OUT: tl.constexpr):
+    """A one-row kernel's epilogue: with split K, the last program of the column block adds
+    the float32 partials in split order; then the scales, the bias and the store."""
     is_last = True
     if SPLIT_K > 1:
         base = partial_ptr + pid_k * num_out + cols
@@ -437,6 +451,179 @@ def _gemv_e4m3_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, partial_ptr, loc
         if HAS_BIAS:
             out = out + tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         _store_row(y_ptr, out, pid, cols, col_ok, num_out, BLOCK_N, SILU_OUT)
+
+
+@triton.jit
+def _pow2_scale(amax):
+    """``(s, 1 / s)``: powers of two with ``amax * s`` in [0.5, 1) (``s`` = 2^126 where
+    ``amax`` is 0), elementwise."""
+    e = tl.minimum((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF, 252)
+    return (((253 - e) << 23).to(tl.float32, bitcast=True),
+            ((e + 1) << 23).to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def _abs_max4(m, x0, x1, x2, x3):
+    return tl.maximum(tl.maximum(m, tl.maximum(tl.abs(x0), tl.abs(x1))),
+                      tl.maximum(tl.abs(x2), tl.abs(x3)))
+
+
+@triton.jit
+def _f16x2(lo, hi):
+    """float32 ``lo``, ``hi`` as one word of two float16 (``lo`` in the low half)."""
+    return tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $2, $1;", "=r,f,f", [lo, hi],
+                                     dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _e4m3_words_f16x2(words):
+    """int32 words of four e4m3: bytes 0-1 and bytes 2-3 as words of two float16 each."""
+    return tl.inline_asm_elementwise(
+        """{
+        .reg .b16 lo, hi;
+        mov.b32 {lo, hi}, $2;
+        cvt.rn.f16x2.e4m3x2 $0, lo;
+        cvt.rn.f16x2.e4m3x2 $1, hi;
+        }""", "=r,=r,r", [words], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+
+
+@triton.jit
+def _hfma2(a, b, c):
+    """``a * b + c`` on words of two float16 (one rounding a lane)."""
+    return tl.inline_asm_elementwise("fma.rn.f16x2 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                     dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _f16x2_sum(words):
+    """The two float16 of each word, added in float32."""
+    return tl.inline_asm_elementwise(
+        """{
+        .reg .f16 lo, hi;
+        .reg .f32 a, b;
+        mov.b32 {lo, hi}, $1;
+        cvt.f32.f16 a, lo;
+        cvt.f32.f16 b, hi;
+        add.f32 $0, a, b;
+        }""", "=f,r", [words], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _x_words(x_ptrs, jt, j_end, js, EVEN_K: tl.constexpr):
+    """Words ``jt .. jt + QUAD_K`` of x (zeros past ``j_end``; EVEN_K: none is) as four
+    float32 tensors."""
+    if EVEN_K:
+        return _bf16_quad(tl.load(x_ptrs))
+    return _bf16_quad(tl.load(x_ptrs, mask=((jt + js) < j_end)[None, :], other=0))
+
+
+@triton.jit
+def _f16_products(chain_lo, chain_hi, w, x0, x1, x2, x3, x_scale, ASM: tl.constexpr):
+    """One tile's four products a weight word added to the float16 chains: with ASM one
+    word of two lanes (``chain_lo``), else a float16 tensor a lane."""
+    if ASM:
+        w01, w23 = _e4m3_words_f16x2(w)
+        chain_lo = _hfma2(w01, _f16x2(x0 * x_scale, x1 * x_scale), chain_lo)
+        chain_lo = _hfma2(w23, _f16x2(x2 * x_scale, x3 * x_scale), chain_lo)
+    else:
+        w0, w1, w2, w3 = _e4m3_quad(w, False)
+        chain_lo += w0.to(tl.float16) * (x0 * x_scale).to(tl.float16)
+        chain_hi += w1.to(tl.float16) * (x1 * x_scale).to(tl.float16)
+        chain_lo += (w2 * _E4M3_UNSCALE).to(tl.float16) * (x2 * x_scale).to(tl.float16)
+        chain_hi += (w3 * _E4M3_UNSCALE).to(tl.float16) * (x3 * x_scale).to(tl.float16)
+    return chain_lo, chain_hi
+
+
+@triton.jit
+def _next_weights(w_ptrs, jt, j_end, js, QUAD_K: tl.constexpr, EVEN_K: tl.constexpr,
+                  IN_GROUP: tl.constexpr = False):
+    """The weight words of the tile after the one at ``jt`` (zeros past ``j_end``; EVEN_K:
+    the tile is whole or wholly past it, and whole when IN_GROUP: within a group of four)."""
+    if EVEN_K and IN_GROUP:
+        return tl.load(w_ptrs, eviction_policy="evict_first")
+    if EVEN_K:
+        more = (tl.zeros([1, QUAD_K], dtype=tl.int32) + (jt + QUAD_K)) < j_end
+        return tl.load(w_ptrs, mask=more, other=0, eviction_policy="evict_first")
+    return tl.load(w_ptrs, mask=((jt + QUAD_K + js) < j_end)[None, :], other=0,
+                   eviction_policy="evict_first")
+
+
+@triton.jit
+def _gemv_e4m3_f16_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, partial_ptr, lock_ptr,
+                          num_out, num_in, stride_w,
+                          HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                          EVEN_K: tl.constexpr, SILU_OUT: tl.constexpr, ASM: tl.constexpr,
+                          USE_GDC: tl.constexpr):
+    """``_gemv_e4m3_kernel`` with products in float16 pairs (EVEN_K: every program's
+    share of K is whole groups of four tiles, read without masks). x is read four tiles at a
+    time; each word position of the tile takes its own power-of-two scale from its 16
+    values of those tiles (elementwise: no reduction across threads), putting them in
+    (-1, 1). Each weight word becomes two words of float16 pairs
+    (``cvt.rn.f16x2.e4m3x2``) multiplied with ``fma.rn.f16x2``, so a lane chains 8
+    products (at most 448 * 8 in magnitude) before its sum, unscaled, joins a float32
+    one: about 2.7-3 instructions a weight byte against the word kernel's 4.45, at a
+    third of bfloat16's output rounding more error (docs/performance.md). Without ASM
+    (Triton's CPU interpreter) the same steps in float16 arithmetic, a tensor a lane."""
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    cols, col_ok = _channels(pid, num_out, BLOCK_N, SILU_OUT)
+    safe_cols = tl.minimum(cols, num_out - 1)
+    QUAD_K: tl.constexpr = BLOCK_K // 4
+    js = tl.arange(0, QUAD_K)
+    k_per_split = tl.cdiv(tl.cdiv(num_in, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, num_in)
+    j_start = k_start // 4
+    j_end = k_end // 4
+    w_ptrs = w_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + tl.max_contiguous(
+        safe_cols[:, None].to(tl.int64) * (stride_w // 4) + (j_start + js)[None, :], [1, 2])
+    same_row = tl.zeros([BLOCK_N, 1], dtype=tl.int32)
+    x_ptrs = x_ptr.to(tl.pointer_type(tl.int64), bitcast=True) + same_row \
+        + (j_start + js)[None, :]
+    acc = tl.zeros([BLOCK_N, QUAD_K], dtype=tl.float32)
+    w_next = tl.load(w_ptrs, mask=((j_start + js) < j_end)[None, :], other=0,
+                     eviction_policy="evict_first")
+    if USE_GDC:
+        gdc_launch_dependents()
+        gdc_wait()
+    for j0 in range(j_start, j_end, 4 * QUAD_K):
+        a0, a1, a2, a3 = _x_words(x_ptrs, j0, j_end, js, EVEN_K)
+        b0, b1, b2, b3 = _x_words(x_ptrs + QUAD_K, j0 + QUAD_K, j_end, js, EVEN_K)
+        c0, c1, c2, c3 = _x_words(x_ptrs + 2 * QUAD_K, j0 + 2 * QUAD_K, j_end, js, EVEN_K)
+        d0, d1, d2, d3 = _x_words(x_ptrs + 3 * QUAD_K, j0 + 3 * QUAD_K, j_end, js, EVEN_K)
+        x_ptrs += 4 * QUAD_K
+        m = _abs_max4(tl.zeros([BLOCK_N, QUAD_K], dtype=tl.float32), a0, a1, a2, a3)
+        m = _abs_max4(_abs_max4(_abs_max4(m, b0, b1, b2, b3), c0, c1, c2, c3), d0, d1, d2, d3)
+        x_scale, x_unscale = _pow2_scale(m)
+        if ASM:
+            chain_lo = tl.zeros([BLOCK_N, QUAD_K], dtype=tl.int32)  # two float16 zeros
+            chain_hi = chain_lo
+        else:
+            chain_lo = tl.zeros([BLOCK_N, QUAD_K], dtype=tl.float16)
+            chain_hi = chain_lo
+        w = w_next
+        w_ptrs += QUAD_K
+        w_next = _next_weights(w_ptrs, j0, j_end, js, QUAD_K, EVEN_K, True)
+        chain_lo, chain_hi = _f16_products(chain_lo, chain_hi, w, a0, a1, a2, a3, x_scale, ASM)
+        w = w_next
+        w_ptrs += QUAD_K
+        w_next = _next_weights(w_ptrs, j0 + QUAD_K, j_end, js, QUAD_K, EVEN_K, True)
+        chain_lo, chain_hi = _f16_products(chain_lo, chain_hi, w, b0, b1, b2, b3, x_scale, ASM)
+        w = w_next
+        w_ptrs += QUAD_K
+        w_next = _next_weights(w_ptrs, j0 + 2 * QUAD_K, j_end, js, QUAD_K, EVEN_K, True)
+        chain_lo, chain_hi = _f16_products(chain_lo, chain_hi, w, c0, c1, c2, c3, x_scale, ASM)
+        w = w_next
+        w_ptrs += QUAD_K
+        w_next = _next_weights(w_ptrs, j0 + 3 * QUAD_K, j_end, js, QUAD_K, EVEN_K)
+        chain_lo, chain_hi = _f16_products(chain_lo, chain_hi, w, d0, d1, d2, d3, x_scale, ASM)
+        if ASM:
+            acc += _f16x2_sum(chain_lo) * x_unscale
+        else:
+            acc += (chain_lo.to(tl.float32) + chain_hi.to(tl.float32)) * x_unscale
+    _finish_row(tl.sum(acc, axis=1), pid, pid_k, cols, col_ok, scale_ptr, bias_ptr, y_ptr,
+                partial_ptr, lock_ptr, num_out, HAS_BIAS, BLOCK_N, SPLIT_K, SILU_OUT)
 
 
 def config_for(num_out: int, num_in: int, weight_bytes: int = 2, fused: bool = False
@@ -481,7 +668,7 @@ def _reads_words(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
          weight_scale: torch.Tensor | None = None, config: Config | None = None,
-         silu_out: bool = False) -> torch.Tensor:
+         silu_out: bool = False, f16_pairs: bool | None = None) -> torch.Tensor:
     """``x @ (weight * weight_scale[:, None])^T + bias`` in ``x``'s dtype, float32 sums.
 
     Args:
@@ -497,12 +684,16 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
             activation fused into the projection before it (the same values as
             ``kernels.silu_and_mul`` of the unfused result), so the down projection reads
             a finished input.
+        f16_pairs: one bfloat16 row times an e4m3 weight in float16 pairs
+            (``_gemv_e4m3_f16_kernel``); None: as ``GRIDLLM_GEMV_F16`` says (off by
+            default).
     Returns:
         ``[M, N]`` in ``x.dtype`` (``[M, N // 2]`` with ``silu_out``).
     Raises:
         ValueError: an argument of the wrong shape, dtype or device, naming it.
     """
-    return _launch(x, weight, bias, weight_scale, config, None, silu_out)[0]
+    return _launch(x, weight, bias, weight_scale, config, None, silu_out,
+                   GEMV_F16 if f16_pairs is None else f16_pairs)[0]
 
 
 def rms_norm_gemv(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
@@ -536,7 +727,7 @@ def rms_norm_gemv(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Te
                    (residual, norm_weight, float(eps)), silu_out)
 
 
-def _launch(x, weight, bias, weight_scale, config, norm, silu_out):
+def _launch(x, weight, bias, weight_scale, config, norm, silu_out, f16_pairs=False):
     check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES, last_dim_contiguous=True)
     check_tensor("weight", weight, ndim=2, dtypes=WEIGHT_DTYPES, device=x.device,
                  last_dim_contiguous=True)
@@ -581,7 +772,25 @@ def _launch(x, weight, bias, weight_scale, config, norm, silu_out):
     partial, locks = split_k_workspace(split_k, num_rows, num_out, block_n, y)
     k_per_split = triton.cdiv(triton.cdiv(num_in, split_k), block_k) * block_k
     residual, norm_weight, eps = norm if norm is not None else (x, x, 0.0)
-    if weight_scale is not None and _reads_words(x, weight, residual, norm_weight, num_in):
+    reads_words = weight_scale is not None and _reads_words(x, weight, residual, norm_weight,
+                                                            num_in)
+    if reads_words and f16_pairs and norm is None:
+        # Tiles of K that make each program's share whole groups of four, where one of
+        # up to a quarter of the size does (Llama's 14336 = 28 x 512).
+        for tile in (block_k, block_k // 2, block_k // 4):
+            share = triton.cdiv(triton.cdiv(num_in, split_k), tile) * tile
+            if tile >= 16 and num_in % share == 0 and share % (4 * tile) == 0:
+                block_k, k_per_split = tile, share
+                break
+        _gemv_e4m3_f16_kernel[(num_blocks, split_k)](
+            x, weight, weight_scale, bias if bias is not None else y, y, partial, locks,
+            num_out, num_in, weight.stride(0), HAS_BIAS=bias is not None,
+            BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
+            EVEN_K=num_in % k_per_split == 0 and k_per_split % (4 * block_k) == 0,
+            SILU_OUT=silu_out, ASM=not is_interpreter(), num_warps=num_warps,
+            num_stages=num_stages, **launch_dependent_args(x.device))
+        return y, residual_out
+    if reads_words:
         _gemv_e4m3_kernel[(num_blocks, split_k)](
             x, weight, weight_scale, bias if bias is not None else y, y, partial, locks,
             residual, norm_weight, residual_out if residual_out is not None else x, eps,

@@ -1,5 +1,5 @@
-"""Compile a Gluon kernel for sm_90 without a GPU and read its PTX: the tests' process runs
-Triton's interpreter, so the compile runs in a process of its own."""
+"""Compile a Gluon or Triton kernel for sm_90 without a GPU and read its PTX: the tests'
+process runs Triton's interpreter, so the compile runs in a process of its own."""
 
 from __future__ import annotations
 
@@ -57,6 +57,46 @@ def compile_for_sm90(module: str, kernel: str, layouts_arg: int, pointers: dict[
     env["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="gluon-ptx-")
     try:
         done = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps(spec)],
+                              capture_output=True, text=True, env=env, timeout=300,
+                              cwd=pathlib.Path(__file__).resolve().parents[2])
+    finally:
+        shutil.rmtree(env["TRITON_CACHE_DIR"], ignore_errors=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+_COMPILE_TRITON = """
+import inspect, importlib, json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+spec = json.loads(sys.argv[1])
+fn = getattr(importlib.import_module(spec["module"]), spec["kernel"])
+names = list(inspect.signature(fn.fn).parameters)
+signature = {n: "constexpr" if n in spec["constexprs"] else spec["types"].get(n, "i32")
+             for n in names}
+aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in names
+           if n.endswith("_ptr") or n in spec["aligned"]}
+source = ASTSource(fn=fn, signature=signature, constexprs=spec["constexprs"], attrs=aligned)
+kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=spec["options"])
+assert kernel.asm["cubin"]  # ptxas took the PTX, inline assembly included
+sys.stdout.write(kernel.asm["ptx"])
+"""
+
+
+def compile_triton_for_sm90(module: str, kernel: str, types: dict[str, str],
+                            constexprs: dict, aligned: tuple[str, ...] = (),
+                            options: dict | None = None) -> str:
+    """PTX of the Triton kernel ``module.kernel`` for sm_90 (ptxas run on it too), in a
+    process of its own; ``types`` the non-int32 arguments' Triton types (``*bf16``,
+    ``fp32``), pointers and ``aligned`` integers 16-divisible."""
+    spec = dict(module=module, kernel=kernel, types=types, constexprs=constexprs,
+                aligned=list(aligned), options=options or {"num_warps": 4})
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton-ptx-")
+    try:
+        done = subprocess.run([sys.executable, "-c", _COMPILE_TRITON, json.dumps(spec)],
                               capture_output=True, text=True, env=env, timeout=300,
                               cwd=pathlib.Path(__file__).resolve().parents[2])
     finally:

@@ -5,6 +5,8 @@ Tolerance per element: the dtype's (atol, rtol) for the output's rounding, plus 
 accumulation error, which grows with the sum of the terms' magnitudes (``|x| @ |W s|^T``),
 not with the result."""
 
+import re
+
 import pytest
 import torch
 
@@ -193,6 +195,94 @@ def test_fp8_decoder_shape_on_gpu(num_rows):
     _check(num_rows, 6144, 4096, torch.bfloat16, "cuda", weight_dtype=FP8_DTYPE,
            has_scale=True)
 
+
+
+# The float16-pair kernel's lanes chain 8 products in float16 (8 roundings of at most 2^-12
+# of a partial sum no larger than the terms' sum) and lose what x's values under float16's
+# normal range (2^-14 of x's largest, once scaled) keep below 2^-24 of it.
+F16_CHAIN_EPS = 2.0 ** -9
+F16_SUBNORMAL_EPS = 2.0 ** -24
+
+
+def _check_f16_pairs(num_out, num_in, config, outlier, device, silu=True):
+    """The float16-pair kernel against float64, within F16_CHAIN_EPS / F16_SUBNORMAL_EPS
+    of the terms; through the SiLU-and-mul epilogue the same bits; twice the same bits."""
+    from kernels.silu_and_mul import silu_and_mul
+
+    x, w, s, b, _ = _operands(1, num_out, num_in, torch.bfloat16, FP8_DTYPE, device, True,
+                              True)
+    if outlier:
+        x[0, 7] = 1000.0
+    out = gemv(x, w, b, s, config=config, f16_pairs=True)
+    assert out.dtype == torch.bfloat16 and out.shape == (1, num_out)
+    ws = w.double().cpu() * s.double().cpu()[:, None]
+    expected = x.double().cpu() @ ws.t() + b.double().cpu()
+    magnitude = x.double().cpu().abs() @ ws.abs().t()
+    atol, rtol = TOLERANCES[torch.bfloat16]
+    bound = (atol + rtol * expected.abs() + F16_CHAIN_EPS * magnitude
+             + F16_SUBNORMAL_EPS * float(x.abs().max()) * ws.abs().sum(1))
+    error = (out.double().cpu() - expected).abs()
+    assert not bool((error > bound).any()), f"worst {float((error / bound).max()):.2f}x"
+    if silu and num_out % 2 == 0:
+        fused = gemv(x, w, b, s, config=config, silu_out=True, f16_pairs=True)
+        assert torch.equal(fused, silu_and_mul(out))
+    assert torch.equal(out, gemv(x, w, b, s, config=config, f16_pairs=True))
+
+
+@pytest.mark.parametrize("num_out,num_in,config,outlier", [
+    (40, 384, (16, 128, 4, 1, 1), False), (37, 1000, (8, 256, 4, 1, 2), False),
+    (70, 4096, (16, 64, 4, 1, 3), False), (33, 2048, (8, 128, 4, 1, 1), True)])
+def test_fp8_f16_pairs_match_torch(num_out, num_in, config, outlier):
+    """One bfloat16 row and an e4m3 weight with products in float16 pairs: ragged N, whole
+    groups of tiles and a masked last one, split K, several chains a program; an x element
+    1,000 times the others (its word position's scale follows it, the rest of that
+    position's values drop toward float16's subnormals)."""
+    _check_f16_pairs(num_out, num_in, config, outlier, DEVICE)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("num_out,num_in", [(6144, 4096), (4096, 14336), (28672, 4096),
+                                            (1000, 4000)])
+def test_fp8_f16_pairs_at_decoder_shapes_on_gpu(num_out, num_in):
+    """The float16-pair kernel's PTX (``cvt.rn.f16x2.e4m3x2``, ``fma.rn.f16x2``) at
+    Llama-3-8B's shapes with the launches ``config_for`` picks, and a ragged one."""
+    _check_f16_pairs(num_out, num_in, None, False, "cuda")
+    _check_f16_pairs(num_out, num_in, None, True, "cuda", silu=False)
+
+
+def test_fp8_f16_pairs_compile_for_sm90_to_paired_float16_products():
+    """Without a GPU: the kernel's inline PTX assembles for sm_90 (ptxas runs), and its
+    loop over a group of four tiles holds, per weight word of a thread, two e4m3 pair
+    conversions and two paired products (4 channels x 4 words x 4 tiles), no scalar
+    float16 arithmetic, and no masked load but the next group's first weight tile's (two
+    8-byte loads a channel)."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    from tests.kernels.sm90_ptx import compile_triton_for_sm90, loop_body
+
+    ptx = compile_triton_for_sm90(
+        "kernels.gemv", "_gemv_e4m3_f16_kernel",
+        dict(x_ptr="*bf16", w_ptr="*fp8e4nv", scale_ptr="*fp32", bias_ptr="*bf16",
+             y_ptr="*bf16", partial_ptr="*fp32", lock_ptr="*i32"),
+        dict(HAS_BIAS=False, BLOCK_N=4, BLOCK_K=1024, SPLIT_K=1, EVEN_K=True,
+             SILU_OUT=False, ASM=True, USE_GDC=False),
+        aligned=("num_in", "stride_w"), options={"num_warps": 2})
+    body = loop_body(ptx, "fma.rn.f16x2")
+    words = 4 * 4 * 4  # channels x words a thread x tiles
+    assert body.count("cvt.rn.f16x2.e4m3x2") == 2 * words
+    assert body.count("fma.rn.f16x2") == 2 * words
+    assert "fma.rn.f16 " not in body and "mul.f16 " not in body
+    masked = re.findall(r"^\s*@!?%p\d+\s+ld\.global", body, re.M)
+    assert len(masked) == 2 * 4
+
+
+def test_fp8_f16_pairs_of_a_zero_row_are_the_bias():
+    x = torch.zeros(1, 256, dtype=torch.bfloat16, device=DEVICE)
+    w = torch.ones(8, 256, device=DEVICE).to(FP8_DTYPE)
+    b = torch.arange(8.0, device=DEVICE).to(torch.bfloat16)
+    out = gemv(x, w, b, torch.ones(8, device=DEVICE), config=(8, 128, 4, 1, 1),
+               f16_pairs=True)
+    assert torch.equal(out[0], b)
 
 
 @pytest.mark.parametrize("dtype", SMALL_DTYPES)
