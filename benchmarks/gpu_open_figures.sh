@@ -20,6 +20,9 @@
 #   split_kv_ab          split-KV decode at batch 1, 2 and 4: block numbers a tile ahead or
 #                        not, 32- or 64-key tiles, 2 or 3 stages (the default launch's A/B)
 #   kernels              the kernel table (benchmarks/kernels.py)
+#   lat_fp8, lat_fp8_f16 batch-1 decode of random:llama3-8b with FP8 weights and KV cache,
+#                        the word GEMV and then the float16-pair one (GRIDLLM_GEMV_F16=1)
+#                        (past the default budget: OPEN_STEPS="gemv_f16 lat_fp8 lat_fp8_f16")
 # Results: $OUT/open.log (each step's output tail), $OUT/<step>.log, $OUT/*.json.
 set -u
 
@@ -68,4 +71,8 @@ fi
 step split_kv_ab 120 $PY benchmarks/attention_sweep.py --kinds decode --prefetch-table 0 1 \
   --block-n 32 64 --stages 2 3 --output "$OUT/split_kv_ab.json"
 step kernels 150 $PY benchmarks/kernels.py --output "$OUT/kernels.json"
+LAT="$PY -m gridllm.bench latency --model random:llama3-8b --input-len 128 --output-len 128
+  --num-iters 3 --num-warmup 1 --quantization fp8 --kv-cache-dtype fp8 --no-tqdm"
+step lat_fp8 90 $LAT --output "$OUT/lat_fp8.json"
+GRIDLLM_GEMV_F16=1 step lat_fp8_f16 90 $LAT --output "$OUT/lat_fp8_f16.json"
 echo "results in $OUT" | tee -a "$LOG"
