@@ -231,7 +231,8 @@ def _check_f16_pairs(num_out, num_in, config, outlier, device, silu=True):
 
 @pytest.mark.parametrize("num_out,num_in,config,outlier", [
     (40, 384, (16, 128, 4, 1, 1), False), (37, 1000, (8, 256, 4, 1, 2), False),
-    (70, 4096, (16, 64, 4, 1, 3), False), (33, 2048, (8, 128, 4, 1, 1), True)])
+    (70, 4096, (16, 64, 4, 1, 3), False), (48, 4096, (16, 128, 4, 1, 2), False),
+    (33, 2048, (8, 128, 4, 1, 1), True)])
 def test_fp8_f16_pairs_match_torch(num_out, num_in, config, outlier):
     """One bfloat16 row and an e4m3 weight with products in float16 pairs: ragged N, whole
     groups of tiles and a masked last one, split K, several chains a program; an x element
