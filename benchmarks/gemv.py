@@ -143,7 +143,9 @@ def main() -> None:
         return n * k * elem / (ms * 1e-3) / 1e9 / copy * 100
 
     if args.sweep:
-        for kind in kinds:
+        # The e4m3 weights through the word GEMV and through the float16-pair one.
+        swept = [(kind, "gemv") for kind in kinds] + ([("fp8", "f16")] if args.fp8 else [])
+        for kind, impl in swept:
             for name, n, k in SHAPES:
                 fusion = FUSION[kind].get(name, ()) if args.fused else ()
                 inputs = _inputs(1, k)
@@ -151,19 +153,22 @@ def main() -> None:
                 default = config_for(n, k, 1 if kind == "fp8" else 2, fused="norm" in fusion)
                 for config in SWEEP + ([default] if default not in SWEEP else []):
                     try:
-                        ms = graph_time_ms(_calls("gemv", weights[kind, name], inputs, config,
+                        ms = graph_time_ms(_calls(impl, weights[kind, name], inputs, config,
                                                   fusion))
                     except Exception as exc:  # a configuration Triton cannot build
-                        print(f"{kind} {name} {config}: {type(exc).__name__}: {str(exc)[:100]}")
+                        print(f"{kind} {impl} {name} {config}: {type(exc).__name__}: "
+                              f"{str(exc)[:100]}")
                         continue
                     timed[config] = ms / NUM_LAYERS
                 top = sorted(timed, key=timed.get)[:5]
                 elem = 1 if kind == "fp8" else 2
-                print(f"sweep {kind} {name}: " + ", ".join(
+                label = kind if impl == "gemv" else f"{kind} {impl}"
+                print(f"sweep {label} {name}: " + ", ".join(
                     f"{c} {timed[c] * 1e3:.1f} us ({pct(n, k, elem, timed[c]):.0f}%)"
                     for c in top) + f"; default {default} "
                     f"{timed.get(default, float('nan')) * 1e3:.1f} us")
-                results["sweep"][f"{kind}/{name}"] = [[list(c), timed[c]] for c in top]
+                results["sweep"][f"{label.replace(' ', '/')}/{name}"] = [
+                    [list(c), timed[c]] for c in top]
 
     print(f"{'layer':14s} {'kind':5s} {'M':>3s} {'base us':>10s} {'GEMV us':>8s} "
           f"{'MMA us':>7s} {'F16 us':>7s} {'base %':>9s} {'GEMV %':>7s} {'F16 %':>6s}  "

@@ -23,6 +23,8 @@
 #   lat_fp8, lat_fp8_f16 batch-1 decode of random:llama3-8b with FP8 weights and KV cache,
 #                        the word GEMV and then the float16-pair one (GRIDLLM_GEMV_F16=1)
 #                        (past the default budget: OPEN_STEPS="gemv_f16 lat_fp8 lat_fp8_f16")
+#   gemv_sweep           one-row tile configurations of the word and float16-pair GEMVs
+#                        (past the default budget: OPEN_STEPS=gemv_sweep)
 # Results: $OUT/open.log (each step's output tail), $OUT/<step>.log, $OUT/*.json.
 set -u
 
@@ -75,4 +77,6 @@ LAT="$PY -m gridllm.bench latency --model random:llama3-8b --input-len 128 --out
   --num-iters 3 --num-warmup 1 --quantization fp8 --kv-cache-dtype fp8 --no-tqdm"
 step lat_fp8 90 $LAT --output "$OUT/lat_fp8.json"
 GRIDLLM_GEMV_F16=1 step lat_fp8_f16 90 $LAT --output "$OUT/lat_fp8_f16.json"
+step gemv_sweep 300 $PY benchmarks/gemv.py --rows 1 --fp8 --fused --sweep \
+  --output "$OUT/gemv_sweep.json"
 echo "results in $OUT" | tee -a "$LOG"
