@@ -626,6 +626,12 @@ def _gemv_e4m3_f16_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, partial_ptr,
                 partial_ptr, lock_ptr, num_out, HAS_BIAS, BLOCK_N, SPLIT_K, SILU_OUT)
 
 
+# The float16-pair kernel's launch for every shape: 8 channels by 1024 keys on 2 warps, its
+# fewest instructions a weight byte compiled for sm_90 (2.1, against 2.6 with 4 channels
+# and 3.8 with 2 on 4 warps, where x's share of the work grows), not yet measured.
+F16_CONFIG: Config = (8, 1024, 2, 1, 0)
+
+
 def config_for(num_out: int, num_in: int, weight_bytes: int = 2, fused: bool = False
                ) -> Config:
     """16-bit weights: four output channels per program (the most programs: the shortest
@@ -761,8 +767,13 @@ def _launch(x, weight, bias, weight_scale, config, norm, silu_out, f16_pairs=Fal
             return silu_and_mul(product if bias is None else product.copy_(
                 bias.expand_as(product))), residual_out
         return (y.zero_() if bias is None else y.copy_(bias.expand_as(y))), residual_out
-    block_n, block_k, num_warps, num_stages, split_k = config or config_for(
+    residual, norm_weight, eps = norm if norm is not None else (x, x, 0.0)
+    reads_words = weight_scale is not None and _reads_words(x, weight, residual, norm_weight,
+                                                            num_in)
+    f16_pairs = f16_pairs and reads_words and norm is None
+    default = F16_CONFIG if f16_pairs and not is_interpreter() else config_for(
         num_out, num_in, weight.element_size(), fused=norm is not None)
+    block_n, block_k, num_warps, num_stages, split_k = config or default
     block_k = min(block_k, triton.next_power_of_2(num_in))
     if split_k == 0:
         split_k = split_k_for(num_out, num_in, block_n, block_k, x.device)
@@ -771,10 +782,7 @@ def _launch(x, weight, bias, weight_scale, config, norm, silu_out, f16_pairs=Fal
     num_blocks = triton.cdiv(num_out, block_n)
     partial, locks = split_k_workspace(split_k, num_rows, num_out, block_n, y)
     k_per_split = triton.cdiv(triton.cdiv(num_in, split_k), block_k) * block_k
-    residual, norm_weight, eps = norm if norm is not None else (x, x, 0.0)
-    reads_words = weight_scale is not None and _reads_words(x, weight, residual, norm_weight,
-                                                            num_in)
-    if reads_words and f16_pairs and norm is None:
+    if f16_pairs:
         # Tiles of K that make each program's share whole groups of four, where one of
         # up to a quarter of the size does (Llama's 14336 = 28 x 512).
         for tile in (block_k, block_k // 2, block_k // 4):
