@@ -3,6 +3,7 @@ or a GGUF file, on the requested device and dtype."""
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import logging
@@ -24,6 +25,7 @@ from worker_svc.layers.fp8_checkpoint import (
 from worker_svc.layers.quantization import quantize_weights
 from worker_svc.layers.selector import get_attention_backend
 from worker_svc.models import get_model_class
+from worker_svc.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from worker_svc.parallel.sharding import check_tensor_parallel
 from worker_svc.parallel.state import building, state_for
 from worker_svc.torch_utils import default_dtype, resolve_device, resolve_dtype, skip_init
@@ -82,14 +84,19 @@ def load_model(model_config: ModelConfig, backend: AttentionBackend | None = Non
     check_tensor_parallel(hf_config, architectures[0], model_cls, tp_size)
     backend = backend or get_attention_backend(model_config.attention_backend, device,
                                                model_config.sparse_attention)
+    # An FP8 checkpoint's projections are never built in the model's dtype: they would
+    # take twice their e4m3 bytes of device memory before being replaced.
+    stored_fp8 = checkpoint is not None and checkpoint.quantizes_weights
     with (default_dtype(dtype), torch.device(device), skip_init(),
-          building(state_for(tp_size))):
+          building(state_for(tp_size)),
+          parallel_linears_on_meta() if stored_fp8 else contextlib.nullcontext()):
         model = model_cls(hf_config, backend)
     if checkpoint is None:
         model.load_weights(weights)
         quantize_weights(model, at_load)
     else:
-        held = prepare_fp8_layers(model, checkpoint)
+        held = prepare_fp8_layers(model, checkpoint, device)
+        materialize_meta(model, device)  # the projections kept in the model's dtype
         kv_scales: dict[str, dict[str, float]] = {}
         model.load_weights(fp8_checkpoint_weights(weights, checkpoint, held, kv_scales))
         finish_fp8_layers(model, kv_scales)
@@ -98,6 +105,45 @@ def load_model(model_config: ModelConfig, backend: AttentionBackend | None = Non
     model.eval()
     logger.info("loaded %s (%s) on %s as %s", path, architectures[0], device, dtype)
     return model, hf_config
+
+
+@contextlib.contextmanager
+def parallel_linears_on_meta():
+    """Build every column- and row-parallel linear layer (the decoder's projections) on
+    the meta device: no memory until ``prepare_fp8_layers`` replaces them or
+    ``materialize_meta`` allocates what stays."""
+    classes = (ColumnParallelLinear, RowParallelLinear)
+    saved = {cls: cls.__init__ for cls in classes}
+
+    def on_meta(init):
+        def __init__(self, *args, **kwargs):
+            with torch.device("meta"):
+                init(self, *args, **kwargs)
+        return __init__
+
+    for cls in classes:
+        cls.__init__ = on_meta(saved[cls])
+    try:
+        yield
+    finally:
+        for cls, init in saved.items():
+            cls.__init__ = init
+
+
+def materialize_meta(model: torch.nn.Module, device: torch.device) -> None:
+    """Allocate (uninitialized, on ``device``) every parameter and buffer of ``model``
+    still on the meta device, keeping a parameter's attributes (a tensor-parallel shard's
+    ``tp_shard``); their values come from the checkpoint."""
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None and param.is_meta:
+                allocated = torch.nn.Parameter(torch.empty_like(param, device=device),
+                                               requires_grad=param.requires_grad)
+                allocated.__dict__.update(param.__dict__)
+                module._parameters[name] = allocated
+        for name, buffer in list(module._buffers.items()):
+            if buffer is not None and buffer.is_meta:
+                module._buffers[name] = torch.empty_like(buffer, device=device)
 
 
 def read_checkpoint(path: str, dtype: torch.dtype | None = None):

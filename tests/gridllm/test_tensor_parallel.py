@@ -206,13 +206,16 @@ def test_fp8_weights_and_cache_shard_too(tiny_model_dir):
 def test_an_fp8_checkpoint_shards_its_stored_weights(tiny_model_dir, tmp_path):
     """An FP8 checkpoint (per-channel scales) at T=2: each rank holds its rows and scales
     of the merged column-parallel layers and its columns of the row-parallel ones (whose
-    bias rank 0 alone adds). With steps of at most 16 tokens only the weights are
+    bias rank 0 alone adds), and its shard of a layer the checkpoint keeps float (built on
+    the meta device, then allocated). With steps of at most 16 tokens only the weights are
     quantized, so both give the greedy ids of the dequantized float checkpoint on one
     device; a scale on the wrong rows or a bias added twice changes them."""
     from tests.worker_svc.fp8_checkpoints import COMPRESSED_TENSORS_CHANNEL, write_fp8_checkpoint
 
+    keep = "model.layers.1.mlp.down_proj"
     path = write_fp8_checkpoint(tiny_model_dir("llama-bias"), str(tmp_path / "fp8"),
-                                COMPRESSED_TENSORS_CHANNEL)
+                                dict(COMPRESSED_TENSORS_CHANNEL, ignore=["lm_head", keep]),
+                                keep=(keep,))
     engine = dict(ENGINE, max_num_batched_tokens=16)
     prompts = prompts_of([3, 16, 9, 12])
     expected = greedy_ids(LLM(path + "-ref", **engine), prompts)

@@ -400,3 +400,29 @@ def test_vllm_names_of_checkpoint_layouts_check_the_checkpoint(tiny_model_dir, t
                                              f"layout of an FP8 checkpoint, but the "
                                              f"checkpoint has {found}"):
             load_model(ModelConfig(model=model_name, device="cpu", quantization=quantization))
+
+
+def test_the_projections_are_never_built_in_the_models_dtype(tiny_model_dir, tmp_path):
+    """Loading an FP8 checkpoint builds the parallel projections on the meta device (no
+    memory in the model's dtype), replaces them by e4m3 layers and allocates the ones kept
+    float (a tensor-parallel shard's attributes kept); nothing is left on the meta
+    device."""
+    from worker_svc.loader import materialize_meta, parallel_linears_on_meta
+    from worker_svc.parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    with parallel_linears_on_meta():
+        column = ColumnParallelLinear.merged(8, [4, 4], True)
+        row = RowParallelLinear(8, 4, False)
+    assert column.weight.is_meta and column.bias.is_meta and row.weight.is_meta
+    assert not ColumnParallelLinear.merged(8, [2], False).weight.is_meta  # restored after
+    column.weight.tp_shard = "spec"
+    holder = nn.Sequential(column)
+    materialize_meta(holder, torch.device("cpu"))
+    assert holder[0].weight.device.type == "cpu" and holder[0].weight.tp_shard == "spec"
+    keep = "model.layers.0.mlp.down_proj"
+    path = write_fp8_checkpoint(tiny_model_dir("llama"), str(tmp_path / "fp8"),
+                                fp8_config(ignored_layers=[keep]), scales="tensor",
+                                keep=(keep,))
+    model, _ = load_model(ModelConfig(model=path, device="cpu"))
+    assert not any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
+    assert isinstance(model.model.layers[0].mlp.down_proj, RowParallelLinear)

@@ -224,9 +224,11 @@ def _hf_parts(model: nn.Module, name: str) -> list[str]:
     return [f"{prefix}.{part}" for part in parts] if parts else [name]
 
 
-def prepare_fp8_layers(model: nn.Module, checkpoint: Fp8Checkpoint) -> set[str]:
+def prepare_fp8_layers(model: nn.Module, checkpoint: Fp8Checkpoint,
+                       device: torch.device | None = None) -> set[str]:
     """Replace the decoder's linear layers stored in e4m3 by empty ``Fp8Linear`` layers of
-    the same shape (before the checkpoint is loaded into ``model``).
+    the same shape on ``device`` (default: the linear layer's), before the checkpoint is
+    loaded into ``model``; the linear layers may be on the meta device (never allocated).
 
     Returns:
         The HF names of the layers now held in e4m3 (``model.layers.0.self_attn.q_proj``);
@@ -256,23 +258,27 @@ def prepare_fp8_layers(model: nn.Module, checkpoint: Fp8Checkpoint) -> set[str]:
             raise ValueError(f"quantization_config keeps {parts[ignored.index(True)]!r} "
                              f"unquantized but not {parts[ignored.index(False)]!r}: gridllm "
                              f"holds them as one layer ({full_name}).")
-        setattr(module, name, _empty_fp8_linear(getattr(module, name)))
+        setattr(module, name, _empty_fp8_linear(getattr(module, name), device))
         held.update(parts)
     logger.info("FP8 checkpoint (%s): %d linear layers hold its float8_e4m3fn weights",
                 checkpoint.method, len(held))
     return held
 
 
-def _empty_fp8_linear(linear: nn.Linear) -> Fp8Linear:
-    """An ``Fp8Linear`` of ``linear``'s shape and device whose weight, scales and bias the
-    checkpoint fills; a tensor-parallel shard's parameters are cut as ``linear``'s are."""
+def _empty_fp8_linear(linear: nn.Linear, device: torch.device | None) -> Fp8Linear:
+    """An ``Fp8Linear`` of ``linear``'s shape on ``device`` whose weight, scales and bias
+    the checkpoint fills; a tensor-parallel shard's parameters are cut as ``linear``'s
+    are."""
     weight = linear.weight
+    device = device or weight.device
     tp = getattr(linear, "tp", None)
     is_row_parallel = getattr(linear, "is_row_parallel", False)
     reduce = tp.all_reduce if tp is not None and tp.is_parallel and is_row_parallel else None
-    layer = Fp8Linear(torch.empty(weight.shape, dtype=FP8_DTYPE, device=weight.device),
-                      torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device),
-                      None if linear.bias is None else linear.bias.detach(), reduce)
+    bias = None if linear.bias is None else torch.empty(linear.bias.shape,
+                                                        dtype=linear.bias.dtype, device=device)
+    layer = Fp8Linear(torch.empty(weight.shape, dtype=FP8_DTYPE, device=device),
+                      torch.empty(weight.shape[0], dtype=torch.float32, device=device),
+                      bias, reduce)
     spec = getattr(weight, "tp_shard", None)
     if spec is not None:
         layer.weight.tp_shard = spec  # type: ignore[attr-defined]
