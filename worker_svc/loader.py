@@ -16,11 +16,13 @@ from gridllm.common.config import ModelConfig
 from gridllm.common.presets import resolve_model
 from worker_svc.layers.attention import AttentionBackend
 from worker_svc.layers.fp8_checkpoint import (
+    AT_LOAD,
     check_quantization,
     finish_fp8_layers,
     fp8_checkpoint,
     fp8_checkpoint_weights,
     prepare_fp8_layers,
+    quantized_at_load,
 )
 from worker_svc.layers.quantization import quantize_weights
 from worker_svc.layers.selector import get_attention_backend
@@ -84,24 +86,27 @@ def load_model(model_config: ModelConfig, backend: AttentionBackend | None = Non
     check_tensor_parallel(hf_config, architectures[0], model_cls, tp_size)
     backend = backend or get_attention_backend(model_config.attention_backend, device,
                                                model_config.sparse_attention)
-    # An FP8 checkpoint's projections are never built in the model's dtype: they would
-    # take twice their e4m3 bytes of device memory before being replaced.
+    # FP8 projections (an FP8 checkpoint's, or quantization="fp8" of a float one) are never
+    # built in the model's dtype: they would take twice or four times their e4m3 bytes of
+    # device memory before being replaced.
     stored_fp8 = checkpoint is not None and checkpoint.quantizes_weights
+    fp8 = stored_fp8 or at_load == "fp8"
     with (default_dtype(dtype), torch.device(device), skip_init(),
           building(state_for(tp_size)),
-          parallel_linears_on_meta() if stored_fp8 else contextlib.nullcontext()):
+          parallel_linears_on_meta() if fp8 else contextlib.nullcontext()):
         model = model_cls(hf_config, backend)
-    if checkpoint is None:
-        model.load_weights(weights)
-        quantize_weights(model, at_load)
-    else:
-        held = prepare_fp8_layers(model, checkpoint, device)
+    held: set[str] = set()
+    if fp8:
+        held = prepare_fp8_layers(model, checkpoint if stored_fp8 else AT_LOAD, device)
         materialize_meta(model, device)  # the projections kept in the model's dtype
-        kv_scales: dict[str, dict[str, float]] = {}
-        model.load_weights(fp8_checkpoint_weights(weights, checkpoint, held, kv_scales))
-        finish_fp8_layers(model, kv_scales)
-        if not checkpoint.quantizes_weights:  # float weights with KV-cache scales
-            quantize_weights(model, at_load)
+    kv_scales: dict[str, dict[str, float]] = {}
+    if checkpoint is not None:  # an FP8 checkpoint, or KV-cache scales alone
+        weights = fp8_checkpoint_weights(weights, checkpoint, held if stored_fp8 else set(),
+                                         kv_scales)
+    if fp8 and not stored_fp8:  # float weights, quantized as they stream by
+        weights = quantized_at_load(weights, held, dtype, device)
+    model.load_weights(weights)
+    finish_fp8_layers(model, kv_scales)
     model.eval()
     logger.info("loaded %s (%s) on %s as %s", path, architectures[0], device, dtype)
     return model, hf_config

@@ -182,10 +182,12 @@ def test_a_size_the_model_cannot_be_split_by_is_refused_before_any_process_start
 
 
 def test_fp8_weights_and_cache_shard_too(tiny_model_dir):
-    """FP8 at T=2: each rank quantizes its shard (a row-parallel shard per token over its
-    half of the features, so activation scales differ from one device's and close logits
-    may flip); losing the all-reduce or adding the bias twice would change nearly every
-    prediction. Measured teacher-forced: the top-1 token at every prompt position."""
+    """FP8 at T=2: each rank holds its shard of the e4m3 weights (quantized per whole row
+    as the checkpoint streams in) and quantizes its activations per token over its share
+    of the features (a row-parallel shard over its half, so activation scales differ from
+    one device's and close logits may flip); losing the all-reduce or adding the bias twice
+    would change nearly every prediction. Measured teacher-forced: the top-1 token at every
+    prompt position."""
     model_dir = tiny_model_dir("qwen2")  # q/k/v biases: column-parallel, on every rank
     fp8 = dict(ENGINE, quantization="fp8", kv_cache_dtype="fp8")
     params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1)

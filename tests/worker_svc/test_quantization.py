@@ -173,3 +173,22 @@ def test_gridllm_up_passes_the_fp8_flags_to_its_workers():
     assert to_argv(config.cache_config) == ["--kv-cache-dtype", "fp8_e4m3"]
     with pytest.raises(SystemExit):
         build_parser().parse_args(["up", "--quantization", "int3"])
+
+
+def test_quantizing_at_load_streams_the_values_of_quantizing_the_loaded_model(tiny_model_dir):
+    """quantization='fp8' quantizes each projection's weight as the checkpoint streams by
+    (the projections are never built in the model's dtype); the e4m3 bytes and scales are
+    those of quantizing the loaded float model layer by layer (``Fp8Linear.from_linear``)."""
+    model_dir = tiny_model_dir("qwen2")  # merged q/k/v with biases
+    streamed, _ = load_model(ModelConfig(model=model_dir, device="cpu", quantization="fp8"))
+    loaded, _ = load_model(ModelConfig(model=model_dir, device="cpu"))
+    quantize_weights(loaded, "fp8")
+    pairs = [(a, b) for a, b in zip(streamed.modules(), loaded.modules(), strict=True)
+             if isinstance(a, Fp8Linear)]
+    assert len(pairs) == len(FP8_LINEAR_NAMES) * 2
+    for a, b in pairs:
+        assert isinstance(b, Fp8Linear)
+        assert torch.equal(a.weight.view(torch.uint8), b.weight.view(torch.uint8))
+        assert torch.equal(a.weight_scale, b.weight_scale)
+        assert (a.bias is None) == (b.bias is None)
+        assert a.bias is None or torch.equal(a.bias, b.bias)

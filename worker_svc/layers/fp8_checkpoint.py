@@ -245,9 +245,9 @@ def prepare_fp8_layers(model: nn.Module, checkpoint: Fp8Checkpoint,
                if name in FP8_LINEAR_NAMES and isinstance(child, nn.Linear)]
     missing = set(FP8_LINEAR_NAMES) - {name for _, _, name in targets}
     if missing:
-        raise ValueError(f"FP8 checkpoints are served for the Llama family (linear layers "
-                         f"{', '.join(FP8_LINEAR_NAMES)}); {type(model).__name__} has no "
-                         f"{', '.join(sorted(missing))}.")
+        raise ValueError(f"quantization='fp8' supports the Llama family (linear layers "
+                         f"{', '.join(FP8_LINEAR_NAMES)}), and so do FP8 checkpoints; "
+                         f"{type(model).__name__} has no {', '.join(sorted(missing))}.")
     held: set[str] = set()
     for full_name, module, name in targets:
         parts = _hf_parts(model, full_name)
@@ -260,9 +260,30 @@ def prepare_fp8_layers(model: nn.Module, checkpoint: Fp8Checkpoint,
                              f"holds them as one layer ({full_name}).")
         setattr(module, name, _empty_fp8_linear(getattr(module, name), device))
         held.update(parts)
-    logger.info("FP8 checkpoint (%s): %d linear layers hold its float8_e4m3fn weights",
+    logger.info("FP8 weights (%s): %d linear layers hold float8_e4m3fn weights",
                 checkpoint.method, len(held))
     return held
+
+
+# What quantization="fp8" makes of a float checkpoint: every decoder projection in e4m3.
+AT_LOAD = Fp8Checkpoint("quantized at load", None, ())
+
+
+def quantized_at_load(weights: Iterable[tuple[str, torch.Tensor]], held: set[str],
+                      dtype: torch.dtype, device: torch.device
+                      ) -> Iterator[tuple[str, torch.Tensor]]:
+    """A float checkpoint's tensors with each held layer's weight quantized as it streams
+    by (``quantize_per_row`` of the weight in the model's ``dtype`` on ``device``, the
+    values ``Fp8Linear.from_linear`` gives a loaded layer): a part of a merged layer is
+    whole rows of it, so it quantizes alone, and no layer is ever held in ``dtype``."""
+    for name, tensor in weights:
+        prefix, _, leaf = name.rpartition(".")
+        if leaf == "weight" and prefix in held:
+            weight, scale = quantize_per_row(tensor.to(device=device, dtype=dtype))
+            yield name, weight
+            yield f"{prefix}.weight_scale", scale[:, 0].contiguous()
+        else:
+            yield name, tensor
 
 
 def _empty_fp8_linear(linear: nn.Linear, device: torch.device | None) -> Fp8Linear:

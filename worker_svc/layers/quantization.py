@@ -3,7 +3,9 @@
 Weights (``quantization="fp8"``): each linear layer of the decoder blocks (merged q/k/v,
 o, merged gate/up, down; never the embeddings or the LM head) is replaced at load by an
 ``Fp8Linear`` holding float8_e4m3fn weights with one float32 scale per output channel
-(``amax(|row|) / 448``, computed from the bf16/fp32 checkpoint).
+(``amax(|row|) / 448``, computed from the bf16/fp32 checkpoint as it streams in:
+``worker_svc.layers.fp8_checkpoint.quantized_at_load``; ``quantize_weights`` does the same
+to a model already built in its dtype, as the random-weight presets are).
 
 The product depends on how many rows (tokens) a call has:
 - up to ``WEIGHT_ONLY_MAX_ROWS`` (decode at small batches, where reading W is the cost):
