@@ -353,6 +353,41 @@ def _e4m3_quad(words, ASM: tl.constexpr):
 
 
 @triton.jit
+def _row_words(ptr, words, BLOCK_N: tl.constexpr):
+    """``[BLOCK_N, len(words)]`` pointers to 64-bit words ``words`` of the one row at
+    ``ptr``, every row of the tile the same addresses (loaded once per thread)."""
+    return ptr.to(tl.pointer_type(tl.int64), bitcast=True) \
+        + tl.zeros([BLOCK_N, 1], dtype=tl.int32) + words[None, :]
+
+
+@triton.jit
+def _word_tiles(x_ptr, w_ptr, pid, pid_k, num_out, num_in, stride_w, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, SILU_OUT: tl.constexpr):
+    """A word kernel program's share: ``(cols, col_ok, js, j_start, j_end, w_ptrs,
+    x_ptrs, first weight tile)``, its channels, its words ``j_start .. j_end`` of K (word j
+    holds elements 4j..4j+3; num_in is a multiple of 4), the weight's int32 and x's int64
+    word pointers of ``[BLOCK_N, BLOCK_K // 4]`` tiles, and its first weight tile, requested
+    at once."""
+    cols, col_ok = _channels(pid, num_out, BLOCK_N, SILU_OUT)
+    safe_cols = tl.minimum(cols, num_out - 1)
+    QUAD_K: tl.constexpr = BLOCK_K // 4
+    js = tl.arange(0, QUAD_K)
+    k_per_split = tl.cdiv(tl.cdiv(num_in, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, num_in)
+    j_start = k_start // 4
+    j_end = k_end // 4
+    # Two weight words (8 bytes) per thread and load, as x's two words (16 bytes): a wider
+    # weight vector would give the two tiles different layouts, and a conversion per tile.
+    w_ptrs = w_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + tl.max_contiguous(
+        safe_cols[:, None].to(tl.int64) * (stride_w // 4) + (j_start + js)[None, :], [1, 2])
+    x_ptrs = _row_words(x_ptr, j_start + js, BLOCK_N)
+    w_first = tl.load(w_ptrs, mask=((j_start + js) < j_end)[None, :], other=0,
+                      eviction_policy="evict_first")
+    return cols, col_ok, js, j_start, j_end, w_ptrs, x_ptrs, w_first
+
+
+@triton.jit
 def _gemv_e4m3_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, partial_ptr, lock_ptr,
                       res_ptr, norm_w_ptr, res_out_ptr, eps,
                       num_out, num_in, stride_w,
@@ -367,28 +402,13 @@ def _gemv_e4m3_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, partial_ptr, loc
     shared memory."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    cols, col_ok = _channels(pid, num_out, BLOCK_N, SILU_OUT)
-    safe_cols = tl.minimum(cols, num_out - 1)
     QUAD_K: tl.constexpr = BLOCK_K // 4
-    js = tl.arange(0, QUAD_K)
-    k_per_split = tl.cdiv(tl.cdiv(num_in, SPLIT_K), BLOCK_K) * BLOCK_K
-    k_start = pid_k * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, num_in)
-    # Word indices: j covers elements 4j..4j+3 (num_in is a multiple of 4).
-    j_start = k_start // 4
-    j_end = k_end // 4
-    # Two weight words (8 bytes) per thread and load, as x's two words (16 bytes): a wider
-    # weight vector would give the two tiles different layouts, and a conversion per tile.
-    w_ptrs = w_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + tl.max_contiguous(
-        safe_cols[:, None].to(tl.int64) * (stride_w // 4) + (j_start + js)[None, :], [1, 2])
-    same_row = tl.zeros([BLOCK_N, 1], dtype=tl.int32)
-    x_ptrs = x_ptr.to(tl.pointer_type(tl.int64), bitcast=True) + same_row \
-        + (j_start + js)[None, :]
+    cols, col_ok, js, j_start, j_end, w_ptrs, x_ptrs, w_next = _word_tiles(
+        x_ptr, w_ptr, pid, pid_k, num_out, num_in, stride_w, BLOCK_N, BLOCK_K, SPLIT_K,
+        SILU_OUT)
     # acc: bytes 0-1 of each word (true values); acc_scaled: bytes 2-3 (times 2^-120).
     acc = tl.zeros([BLOCK_N, QUAD_K], dtype=tl.float32)
     acc_scaled = acc
-    w_next = tl.load(w_ptrs, mask=((j_start + js) < j_end)[None, :], other=0,
-                     eviction_policy="evict_first")
     if USE_GDC:
         gdc_launch_dependents()
         gdc_wait()
@@ -398,21 +418,13 @@ def _gemv_e4m3_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, partial_ptr, loc
     if NORM:
         rstd = _residual_rstd(x_ptr, res_ptr, res_out_ptr, num_in, eps,
                               (pid == 0) & (pid_k == 0), BLOCK_H)
-        res_ptrs = res_ptr.to(tl.pointer_type(tl.int64), bitcast=True) + same_row \
-            + (j_start + js)[None, :]
-        norm_w_ptrs = norm_w_ptr.to(tl.pointer_type(tl.int64), bitcast=True) + same_row \
-            + (j_start + js)[None, :]
+        res_ptrs = _row_words(res_ptr, j_start + js, BLOCK_N)
+        norm_w_ptrs = _row_words(norm_w_ptr, j_start + js, BLOCK_N)
     for j0 in range(j_start, j_end, QUAD_K):
         w0, w1, w2, w3 = _e4m3_quad(w_next, ASM)
         w_ptrs += QUAD_K
-        if EVEN_K:
-            more = (tl.zeros([1, QUAD_K], dtype=tl.int32) + (j0 + QUAD_K)) < j_end
-            w_next = tl.load(w_ptrs, mask=more, other=0, eviction_policy="evict_first")
-            k_ok = more
-        else:
-            k_ok = ((j0 + js) < j_end)[None, :]
-            w_next = tl.load(w_ptrs, mask=((j0 + QUAD_K + js) < j_end)[None, :], other=0,
-                             eviction_policy="evict_first")
+        w_next = _next_weights(w_ptrs, j0, j_end, js, QUAD_K, EVEN_K)
+        k_ok = ((j0 + js) < j_end)[None, :]  # read only without EVEN_K
         x0, x1, x2, x3 = _x_quad(x_ptrs, k_ok, res_ptrs, norm_w_ptrs, rstd, not EVEN_K,
                                  NORM)
         acc += w0 * x0
@@ -549,6 +561,19 @@ def _next_weights(w_ptrs, jt, j_end, js, QUAD_K: tl.constexpr, EVEN_K: tl.conste
 
 
 @triton.jit
+def _f16_tile(chain_lo, chain_hi, w_next, w_ptrs, jt, j_end, js, x0, x1, x2, x3, x_scale,
+              QUAD_K: tl.constexpr, EVEN_K: tl.constexpr, IN_GROUP: tl.constexpr,
+              ASM: tl.constexpr):
+    """The tile at ``jt``: request the next tile's weights (``_next_weights``), then add
+    this one's products to the chains; ``(chain_lo, chain_hi, w_next, w_ptrs)``."""
+    w = w_next
+    w_ptrs += QUAD_K
+    w_next = _next_weights(w_ptrs, jt, j_end, js, QUAD_K, EVEN_K, IN_GROUP)
+    chain_lo, chain_hi = _f16_products(chain_lo, chain_hi, w, x0, x1, x2, x3, x_scale, ASM)
+    return chain_lo, chain_hi, w_next, w_ptrs
+
+
+@triton.jit
 def _gemv_e4m3_f16_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, partial_ptr, lock_ptr,
                           num_out, num_in, stride_w,
                           HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -563,27 +588,16 @@ def _gemv_e4m3_f16_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, partial_ptr,
     (``cvt.rn.f16x2.e4m3x2``) multiplied with ``fma.rn.f16x2``, so a lane chains 8
     products (at most 448 * 8 in magnitude) before its sum, unscaled, joins a float32
     one: 2.1-2.6 SASS instructions a weight byte for sm_90 against the word kernel's
-    4.3-4.5, at a third of bfloat16's output rounding more error (docs/performance.md). Without ASM
-    (Triton's CPU interpreter) the same steps in float16 arithmetic, a tensor a lane."""
+    4.3-4.5, at a third of bfloat16's output rounding more error (docs/performance.md).
+    Without ASM (Triton's CPU interpreter) the same steps in float16 arithmetic, a tensor a
+    lane."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    cols, col_ok = _channels(pid, num_out, BLOCK_N, SILU_OUT)
-    safe_cols = tl.minimum(cols, num_out - 1)
     QUAD_K: tl.constexpr = BLOCK_K // 4
-    js = tl.arange(0, QUAD_K)
-    k_per_split = tl.cdiv(tl.cdiv(num_in, SPLIT_K), BLOCK_K) * BLOCK_K
-    k_start = pid_k * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, num_in)
-    j_start = k_start // 4
-    j_end = k_end // 4
-    w_ptrs = w_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + tl.max_contiguous(
-        safe_cols[:, None].to(tl.int64) * (stride_w // 4) + (j_start + js)[None, :], [1, 2])
-    same_row = tl.zeros([BLOCK_N, 1], dtype=tl.int32)
-    x_ptrs = x_ptr.to(tl.pointer_type(tl.int64), bitcast=True) + same_row \
-        + (j_start + js)[None, :]
+    cols, col_ok, js, j_start, j_end, w_ptrs, x_ptrs, w_next = _word_tiles(
+        x_ptr, w_ptr, pid, pid_k, num_out, num_in, stride_w, BLOCK_N, BLOCK_K, SPLIT_K,
+        SILU_OUT)
     acc = tl.zeros([BLOCK_N, QUAD_K], dtype=tl.float32)
-    w_next = tl.load(w_ptrs, mask=((j_start + js) < j_end)[None, :], other=0,
-                     eviction_policy="evict_first")
     if USE_GDC:
         gdc_launch_dependents()
         gdc_wait()
@@ -602,22 +616,19 @@ def _gemv_e4m3_f16_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, partial_ptr,
         else:
             chain_lo = tl.zeros([BLOCK_N, QUAD_K], dtype=tl.float16)
             chain_hi = chain_lo
-        w = w_next
-        w_ptrs += QUAD_K
-        w_next = _next_weights(w_ptrs, j0, j_end, js, QUAD_K, EVEN_K, True)
-        chain_lo, chain_hi = _f16_products(chain_lo, chain_hi, w, a0, a1, a2, a3, x_scale, ASM)
-        w = w_next
-        w_ptrs += QUAD_K
-        w_next = _next_weights(w_ptrs, j0 + QUAD_K, j_end, js, QUAD_K, EVEN_K, True)
-        chain_lo, chain_hi = _f16_products(chain_lo, chain_hi, w, b0, b1, b2, b3, x_scale, ASM)
-        w = w_next
-        w_ptrs += QUAD_K
-        w_next = _next_weights(w_ptrs, j0 + 2 * QUAD_K, j_end, js, QUAD_K, EVEN_K, True)
-        chain_lo, chain_hi = _f16_products(chain_lo, chain_hi, w, c0, c1, c2, c3, x_scale, ASM)
-        w = w_next
-        w_ptrs += QUAD_K
-        w_next = _next_weights(w_ptrs, j0 + 3 * QUAD_K, j_end, js, QUAD_K, EVEN_K)
-        chain_lo, chain_hi = _f16_products(chain_lo, chain_hi, w, d0, d1, d2, d3, x_scale, ASM)
+        chain_lo, chain_hi, w_next, w_ptrs = _f16_tile(
+            chain_lo, chain_hi, w_next, w_ptrs, j0, j_end, js, a0, a1, a2, a3, x_scale,
+            QUAD_K, EVEN_K, True, ASM)
+        chain_lo, chain_hi, w_next, w_ptrs = _f16_tile(
+            chain_lo, chain_hi, w_next, w_ptrs, j0 + QUAD_K, j_end, js, b0, b1, b2, b3,
+            x_scale, QUAD_K, EVEN_K, True, ASM)
+        chain_lo, chain_hi, w_next, w_ptrs = _f16_tile(
+            chain_lo, chain_hi, w_next, w_ptrs, j0 + 2 * QUAD_K, j_end, js, c0, c1, c2, c3,
+            x_scale, QUAD_K, EVEN_K, True, ASM)
+        # The last tile's next is the next group's first: maybe past the share.
+        chain_lo, chain_hi, w_next, w_ptrs = _f16_tile(
+            chain_lo, chain_hi, w_next, w_ptrs, j0 + 3 * QUAD_K, j_end, js, d0, d1, d2, d3,
+            x_scale, QUAD_K, EVEN_K, False, ASM)
         if ASM:
             acc += _f16x2_sum(chain_lo) * x_unscale
         else:
