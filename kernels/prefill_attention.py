@@ -443,12 +443,10 @@ def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
     max_query_len = longest_query(query, query_start_loc, max_query_len)
     if max_query_len == 0:
         return out
-    if GLUON_PREFILL and launch is None and max_query_len >= 64:
-        if gluon_serves(query, key_cache, value_cache, sliding_window, logit_softcap,
-                  attention_stride):
-            return gluon_prefill_attention(query, key_cache, value_cache, block_tables,
-                                           seq_lens, query_start_loc, scale, max_query_len,
-                                           out)
+    if GLUON_PREFILL and launch is None and max_query_len >= 64 and gluon_serves(
+            query, key_cache, value_cache, sliding_window, logit_softcap, attention_stride):
+        return gluon_prefill_attention(query, key_cache, value_cache, block_tables, seq_lens,
+                                       query_start_loc, scale, max_query_len, out)
     if uses_tma(query, key_cache, value_cache, max_query_len, attention_stride):
         return _launch_tma(query, key_cache, value_cache, block_tables, seq_lens,
                            query_start_loc, out, scale, sliding_window, softcap_mul,

@@ -53,16 +53,7 @@ def compile_for_sm90(module: str, kernel: str, layouts_arg: int, pointers: dict[
     spec = dict(module=module, kernel=kernel, layouts_arg=layouts_arg, pointers=pointers,
                 constexprs=constexprs, floats=list(floats), aligned=list(aligned),
                 descriptors=descriptors or {}, options=options or {"num_warps": 1})
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="gluon-ptx-")
-    try:
-        done = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps(spec)],
-                              capture_output=True, text=True, env=env, timeout=300,
-                              cwd=pathlib.Path(__file__).resolve().parents[2])
-    finally:
-        shutil.rmtree(env["TRITON_CACHE_DIR"], ignore_errors=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
+    return _compile_in_child(_COMPILE, spec)
 
 
 _COMPILE_TRITON = """
@@ -93,10 +84,16 @@ def compile_triton_for_sm90(module: str, kernel: str, types: dict[str, str],
     ``fp32``), pointers and ``aligned`` integers 16-divisible."""
     spec = dict(module=module, kernel=kernel, types=types, constexprs=constexprs,
                 aligned=list(aligned), options=options or {"num_warps": 4})
+    return _compile_in_child(_COMPILE_TRITON, spec)
+
+
+def _compile_in_child(script: str, spec: dict) -> str:
+    """Run a compile ``script`` on ``spec`` in a child process without Triton's
+    interpreter and with a cache of its own (removed after); its stdout, the PTX."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton-ptx-")
+    env["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="sm90-ptx-")
     try:
-        done = subprocess.run([sys.executable, "-c", _COMPILE_TRITON, json.dumps(spec)],
+        done = subprocess.run([sys.executable, "-c", script, json.dumps(spec)],
                               capture_output=True, text=True, env=env, timeout=300,
                               cwd=pathlib.Path(__file__).resolve().parents[2])
     finally:
