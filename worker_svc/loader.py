@@ -23,6 +23,7 @@ from worker_svc.layers.fp8_checkpoint import (
     fp8_checkpoint_weights,
     prepare_fp8_layers,
     quantized_at_load,
+    stores_fp8_weights,
 )
 from worker_svc.layers.quantization import quantize_weights
 from worker_svc.layers.selector import get_attention_backend
@@ -89,7 +90,7 @@ def load_model(model_config: ModelConfig, backend: AttentionBackend | None = Non
     # FP8 projections (an FP8 checkpoint's, or quantization="fp8" of a float one) are never
     # built in the model's dtype: they would take twice or four times their e4m3 bytes of
     # device memory before being replaced.
-    stored_fp8 = checkpoint is not None and checkpoint.quantizes_weights
+    stored_fp8 = stores_fp8_weights(checkpoint)
     fp8 = stored_fp8 or at_load == "fp8"
     with (default_dtype(dtype), torch.device(device), skip_init(),
           building(state_for(tp_size)),

@@ -80,7 +80,7 @@ def meta_model(model: str, dtype: torch.dtype, quantization: str | None = None
     import os
 
     from gridllm.common.random_presets import is_random_model, random_model_config
-    from worker_svc.layers.fp8_checkpoint import fp8_checkpoint
+    from worker_svc.layers.fp8_checkpoint import fp8_checkpoint, stores_fp8_weights
     from worker_svc.layers.quantization import quantize_weights
     from worker_svc.loader import resolve_model_path
     from worker_svc.models import get_model_class
@@ -97,9 +97,8 @@ def meta_model(model: str, dtype: torch.dtype, quantization: str | None = None
         hf_config = AutoConfig.from_pretrained(path)
     with default_dtype(dtype), torch.device("meta"):
         built = get_model_class(hf_config.architectures[0])(hf_config, None)
-    checkpoint = fp8_checkpoint(hf_config)
-    stored_fp8 = checkpoint is not None and checkpoint.quantizes_weights
-    quantize_weights(built, "fp8" if stored_fp8 or quantization == "fp8" else None)
+    fp8 = stores_fp8_weights(fp8_checkpoint(hf_config)) or quantization == "fp8"
+    quantize_weights(built, "fp8" if fp8 else None)
     return built, hf_config
 
 

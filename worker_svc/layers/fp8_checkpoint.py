@@ -200,6 +200,11 @@ def fp8_checkpoint(hf_config) -> Fp8Checkpoint | None:
                          _names(config, "ignored_layers"))
 
 
+def stores_fp8_weights(checkpoint: Fp8Checkpoint | None) -> bool:
+    """Whether a checkpoint's projections are stored in e4m3 (not KV-cache scales alone)."""
+    return checkpoint is not None and checkpoint.quantizes_weights
+
+
 def check_quantization(quantization: str | None, checkpoint: Fp8Checkpoint | None) -> None:
     """ValueError naming ``quantization`` unless it fits the checkpoint: None or ``"fp8"``
     fit any; a checkpoint layout's name (``"compressed-tensors"``, ``"fbgemm_fp8"``, as
@@ -230,15 +235,14 @@ def prepare_fp8_layers(model: nn.Module, checkpoint: Fp8Checkpoint,
     the same shape on ``device`` (default: the linear layer's), before the checkpoint is
     loaded into ``model``; the linear layers may be on the meta device (never allocated).
 
+    Args:
+        checkpoint: one that ``stores_fp8_weights``, or ``AT_LOAD``.
     Returns:
-        The HF names of the layers now held in e4m3 (``model.layers.0.self_attn.q_proj``);
-        none for a checkpoint of float weights (KV-cache scales alone).
+        The HF names of the layers now held in e4m3 (``model.layers.0.self_attn.q_proj``).
     Raises:
         ValueError: a model outside the Llama family, or a merged layer whose parts are
             stored some quantized, some not.
     """
-    if not checkpoint.quantizes_weights:
-        return set()
     targets = [(f"{prefix}.{name}" if prefix else name, module, name)
                for prefix, module in model.named_modules()
                for name, child in module.named_children()
