@@ -18,10 +18,10 @@ In each, a weight is ``e4m3 value * scale`` (``weight_scale_inv`` too, despite i
 Serving one turns ``quantization="fp8"`` on by itself (as vLLM does), except a
 compressed-tensors checkpoint whose ``kv_cache_scheme`` is its only quantization (float
 weights and calibrated KV-cache scales), which ``quantization="fp8"`` may still quantize
-at load. The decoder's linear
-layers become ``Fp8Linear`` holding the stored e4m3 bytes: a per-channel scale as stored,
-a per-tensor scale repeated over its rows, so the merged q/k/v and gate/up layers keep each
-part's own scale and compute exactly the products the checkpoint's authors defined.
+at load. The decoder's linear layers become ``Fp8Linear`` holding the stored e4m3 bytes: a
+per-channel scale as stored, a per-tensor scale repeated over its rows, so the merged
+q/k/v and gate/up layers keep each part's own scale and compute exactly the products the
+checkpoint's authors defined.
 Block-wise scales (one per 128 x 128 tile, say) are dequantized in float32 and quantized
 again per output channel at load: one more e4m3 rounding, the same as quantizing a
 bf16 checkpoint at load. An e4m3 tensor stored for a layer gridllm keeps in the model's
