@@ -18,6 +18,7 @@ from gridllm.common.tokenizer import TOKENIZER_FILES, load_tokenizer
 from kernels import fp8_decode_attention as gluon_fp8
 from worker_svc.cuda_graph import CudaGraphRunner
 from worker_svc.input_batch import BatchInputs, InputBatch
+from worker_svc.kv_calibration import calculate_kv_scales
 from worker_svc.kv_groups import model_kv_groups
 from worker_svc.layers.attention import AttentionMetadata
 from worker_svc.layers.ops import set_use_triton
@@ -85,8 +86,10 @@ class ModelRunner:
                         self.kv_groups.num_slots, list(self.kv_groups.windows),
                         self.kv_groups.num_slots)
         self.max_model_len = self._resolve_max_model_len()
-        self.eos_token_id = eos_token_id if eos_token_id is not None else _first_eos(self.hf_config)
         self.block_size = cache_config.block_size
+        if cache_config.calculate_kv_scales:
+            calculate_kv_scales(self, tokenizer_loader(model_config))
+        self.eos_token_id = eos_token_id if eos_token_id is not None else _first_eos(self.hf_config)
         # The references on CUDA too when attention_backend="torch" (a kernel-free run).
         self.sampler = Sampler(seed=model_config.seed,
                                use_kernel=False if self.attn_backend.name == "torch" else None)
@@ -123,11 +126,12 @@ class ModelRunner:
             warm_up_kernels(self)
 
     def dummy_forward(self, num_tokens: int, kv_caches: list, width: int | None = None,
-                      seq_len: int | None = None, logits_rows: int = 1) -> None:
+                      seq_len: int | None = None, logits_rows: int = 1,
+                      token_ids: torch.Tensor | None = None) -> None:
         """A forward of one request of ``seq_len`` tokens (default ``num_tokens``) whose
-        last ``num_tokens`` are computed (zeros), with a block table ``width`` blocks wide,
-        through the logits of its last ``logits_rows`` tokens (before any real request: it
-        writes KV)."""
+        last ``num_tokens`` are computed (``token_ids``, default zeros), with a block table
+        ``width`` blocks wide, through the logits of its last ``logits_rows`` tokens (before
+        any real request: it writes KV)."""
         dev = self.device
         seq_len = seq_len or num_tokens
         num_blocks = -(-seq_len // self.block_size)
@@ -140,8 +144,9 @@ class ModelRunner:
             query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=dev),
             seq_lens=torch.tensor([seq_len], dtype=torch.int32, device=dev),
             block_tables=table[None], max_query_len=num_tokens, max_seq_len=seq_len)
-        hidden = self.model(torch.zeros(num_tokens, dtype=torch.int32, device=dev),
-                            positions, kv_caches, metadata)
+        if token_ids is None:
+            token_ids = torch.zeros(num_tokens, dtype=torch.int32, device=dev)
+        hidden = self.model(token_ids, positions, kv_caches, metadata)
         self.model.compute_logits(hidden[-logits_rows:])
 
     def _capture_cuda_graphs(self) -> CudaGraphRunner | None:
@@ -149,7 +154,7 @@ class ModelRunner:
         if (self.device.type != "cuda" or self.model_config.enforce_eager
                 or self.attn_backend.name != "triton"):
             return None
-        _, num_kv_heads, head_dim = self._kv_geometry()
+        _, num_kv_heads, head_dim = self.kv_geometry()
         num_heads = max(self.hf_config.num_attention_heads
                         // self.model_config.tensor_parallel_size, 1)
         graph_runner = CudaGraphRunner(
@@ -185,12 +190,13 @@ class ModelRunner:
                              f"max_position_embeddings={model_limit}, got {requested}.")
         return requested
 
-    def _kv_geometry(self) -> tuple[int, int, int]:
+    def kv_geometry(self) -> tuple[int, int, int]:
+        """``(num_layers, num_kv_heads, head_dim)`` of this rank's KV cache."""
         return kv_cache_geometry(self.hf_config, self.model_config.tensor_parallel_size)
 
     def bytes_per_block(self) -> int:
         """Bytes of one block id: the KV of one group's layers (all layers with one group)."""
-        _, num_kv_heads, head_dim = self._kv_geometry()
+        _, num_kv_heads, head_dim = self.kv_geometry()
         element = torch.empty((), dtype=self.kv_cache_dtype).element_size()
         return (2 * self.kv_groups.num_slots * self.block_size * num_kv_heads * head_dim
                 * element)
@@ -199,7 +205,7 @@ class ModelRunner:
         if self.cache_config.num_kv_blocks is not None:
             # Blocks of every layer: a hybrid layout's ids hold fewer layers each, so
             # the same memory holds more of them.
-            num_layers = self._kv_geometry()[0]
+            num_layers = self.kv_geometry()[0]
             return self.cache_config.num_kv_blocks * num_layers // self.kv_groups.num_slots
         if self.device.type != "cuda":
             num = self.cache_config.kv_cache_memory // self.bytes_per_block()
@@ -213,7 +219,7 @@ class ModelRunner:
     def _allocate_kv_cache(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer ``(key_cache, value_cache)``; with several KV groups, layers of
         different groups share tensors (see worker_svc/kv_groups.py)."""
-        _, num_kv_heads, head_dim = self._kv_geometry()
+        _, num_kv_heads, head_dim = self.kv_geometry()
         shape = (num_blocks, self.block_size, num_kv_heads, head_dim)
         dtype = self.kv_cache_dtype
         slots = [(_zeros(shape, dtype, self.device), _zeros(shape, dtype, self.device))

@@ -175,10 +175,17 @@ class CacheConfig:
         "auto", choices=KV_CACHE_DTYPES,
         help="KV cache element type: auto (the model's dtype), or fp8 / fp8_e4m3 (float8 "
         "e4m3 with a per-tensor scale: twice the blocks per GiB of bfloat16)")
+    calculate_kv_scales: bool = option(
+        False, help="with an FP8 KV cache: compute each layer's KV-cache scales at load from "
+        "a fixed calibration text (replacing a checkpoint's); without it, a checkpoint's "
+        "calibrated scales or 1.0")
 
     def __post_init__(self) -> None:
         require(self.kv_cache_dtype in KV_CACHE_DTYPES, "kv_cache_dtype",
                 f"must be one of {KV_CACHE_DTYPES}", self.kv_cache_dtype)
+        require(not self.calculate_kv_scales or self.kv_cache_dtype != "auto",
+                "calculate_kv_scales", "needs an FP8 KV cache (kv_cache_dtype='fp8')",
+                self.calculate_kv_scales)
         self.kv_cache_memory = parse_size(self.kv_cache_memory, "kv_cache_memory")
         require(self.block_size >= 1 and self.block_size & (self.block_size - 1) == 0,
                 "block_size", "must be a power of two", self.block_size)

@@ -205,6 +205,36 @@ def test_fp8_weights_and_cache_shard_too(tiny_model_dir):
     assert agreement >= 0.8, agreement
 
 
+def test_each_rank_calculates_its_own_kv_cache_scales(tiny_model_dir, tmp_path):
+    """calculate_kv_scales at T=2: every rank runs the calibration prefills together (their
+    all-reduces pair up) and scales its FP8 cache by its own KV heads' largest keys and
+    values. Keys and values 4096 times too large for e4m3 then give the top-1 tokens of
+    the unscaled model on one device (scales of 1.0 would saturate them)."""
+    from gridllm.bench.quant_accuracy import write_rescaled_kv_checkpoint
+
+    model_dir = tiny_model_dir("llama-bias")
+    scaled = write_rescaled_kv_checkpoint(model_dir, str(tmp_path / "scaled"), 2.0 ** 12)
+    fp8 = dict(ENGINE, kv_cache_dtype="fp8", calculate_kv_scales=True)
+    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1)
+    prompts = token_prompts(prompts_of([30, 24, 27], seed=5))
+
+    def top1(llm) -> list[int]:
+        return [max(d, key=lambda t: d[t].logprob)
+                for o in llm.generate(prompts, params, use_tqdm=False)
+                for d in o.prompt_logprobs[1:]]
+
+    expected = top1(LLM(model_dir, **ENGINE))
+    with LLM(scaled, tensor_parallel_size=2, **fp8) as llm:
+        got = top1(llm)
+    agreement = sum(a == b for a, b in zip(got, expected, strict=True)) / len(expected)
+    assert agreement >= 0.8, agreement
+    with LLM(scaled, tensor_parallel_size=2, **dict(fp8, calculate_kv_scales=False)) as llm:
+        saturated = top1(llm)
+    ruined = sum(a == b for a, b in zip(saturated, expected, strict=True)) / len(expected)
+    print(f"agreement {agreement:.3f}, with scales of 1.0 {ruined:.3f}")
+    assert ruined < 0.5
+
+
 def test_an_fp8_checkpoint_shards_its_stored_weights(tiny_model_dir, tmp_path):
     """An FP8 checkpoint (per-channel scales) at T=2: each rank holds its rows and scales
     of the merged column-parallel layers and its columns of the row-parallel ones (whose

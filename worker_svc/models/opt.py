@@ -31,6 +31,10 @@ _POSITION_OFFSET = 2
 
 
 class OPTAttention(nn.Module):
+    # This layer's (k_scale, v_scale) for an FP8 KV cache (calculate_kv_scales); None: the
+    # backend's.
+    kv_scales: tuple[float, float] | None = None
+
     def __init__(self, config, backend: AttentionBackend):
         super().__init__()
         tp = current()
@@ -51,7 +55,8 @@ class OPTAttention(nn.Module):
         num_tokens = hidden.shape[0]
         shape = (num_tokens, self.num_heads, self.head_dim)
         q, k, v = (t.view(shape) for t in self.qkv_proj(hidden).chunk(3, dim=-1))
-        out = self.backend.forward(q, k, v, kv_cache[0], kv_cache[1], attn_metadata, self.scale)
+        out = self.backend.forward(q, k, v, kv_cache[0], kv_cache[1], attn_metadata, self.scale,
+                                   kv_scales=self.kv_scales)
         return self.out_proj(out.reshape(num_tokens, self.hidden_size))
 
 
