@@ -47,6 +47,18 @@ def reference(arch: str, model_dir: str) -> list[list[int]]:
     return _references[arch]
 
 
+def prompt_top1(llm: LLM, prompts) -> list[int]:
+    """The top-1 token at every prompt position after the first (teacher-forced)."""
+    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1)
+    return [max(d, key=lambda t: d[t].logprob)
+            for o in llm.generate(token_prompts(prompts), params, use_tqdm=False)
+            for d in o.prompt_logprobs[1:]]
+
+
+def agreement_of(got: list[int], expected: list[int]) -> float:
+    return sum(a == b for a, b in zip(got, expected, strict=True)) / len(expected)
+
+
 def assert_processes_gone(pids: list[int], timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s
     while any(_is_running(p) for p in pids):
@@ -190,18 +202,10 @@ def test_fp8_weights_and_cache_shard_too(tiny_model_dir):
     prompt position."""
     model_dir = tiny_model_dir("qwen2")  # q/k/v biases: column-parallel, on every rank
     fp8 = dict(ENGINE, quantization="fp8", kv_cache_dtype="fp8")
-    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1)
-    prompts = token_prompts(prompts_of([30, 24, 27], seed=4))
-
-    def top1(llm) -> list[int]:
-        return [max(d, key=lambda t: d[t].logprob)
-                for o in llm.generate(prompts, params, use_tqdm=False)
-                for d in o.prompt_logprobs[1:]]
-
-    expected = top1(LLM(model_dir, **fp8))
+    prompts = prompts_of([30, 24, 27], seed=4)
+    expected = prompt_top1(LLM(model_dir, **fp8), prompts)
     with LLM(model_dir, tensor_parallel_size=2, **fp8) as llm:
-        got = top1(llm)
-    agreement = sum(a == b for a, b in zip(got, expected, strict=True)) / len(expected)
+        agreement = agreement_of(prompt_top1(llm, prompts), expected)
     assert agreement >= 0.8, agreement
 
 
@@ -215,22 +219,13 @@ def test_each_rank_calculates_its_own_kv_cache_scales(tiny_model_dir, tmp_path):
     model_dir = tiny_model_dir("llama-bias")
     scaled = write_rescaled_kv_checkpoint(model_dir, str(tmp_path / "scaled"), 2.0 ** 12)
     fp8 = dict(ENGINE, kv_cache_dtype="fp8", calculate_kv_scales=True)
-    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1)
-    prompts = token_prompts(prompts_of([30, 24, 27], seed=5))
-
-    def top1(llm) -> list[int]:
-        return [max(d, key=lambda t: d[t].logprob)
-                for o in llm.generate(prompts, params, use_tqdm=False)
-                for d in o.prompt_logprobs[1:]]
-
-    expected = top1(LLM(model_dir, **ENGINE))
+    prompts = prompts_of([30, 24, 27], seed=5)
+    expected = prompt_top1(LLM(model_dir, **ENGINE), prompts)
     with LLM(scaled, tensor_parallel_size=2, **fp8) as llm:
-        got = top1(llm)
-    agreement = sum(a == b for a, b in zip(got, expected, strict=True)) / len(expected)
+        agreement = agreement_of(prompt_top1(llm, prompts), expected)
     assert agreement >= 0.8, agreement
     with LLM(scaled, tensor_parallel_size=2, **dict(fp8, calculate_kv_scales=False)) as llm:
-        saturated = top1(llm)
-    ruined = sum(a == b for a, b in zip(saturated, expected, strict=True)) / len(expected)
+        ruined = agreement_of(prompt_top1(llm, prompts), expected)
     print(f"agreement {agreement:.3f}, with scales of 1.0 {ruined:.3f}")
     assert ruined < 0.5
 
