@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from jinja2 import TemplateError
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ CALIBRATION_TEXTS = (
 
 def calibration_prompts(load_tokenizer: Callable[[], Any] | None, vocab_size: int,
                         max_len: int) -> list[list[int]]:
-    """The calibration set as token ids, each at most ``max_len`` tokens: every text, and
+    """The calibration set as token ids, each of 1 to ``max_len`` tokens: every text, and
     the first as a chat message when the tokenizer has a chat template; without a
     tokenizer, ``NUM_RANDOM_TEXTS`` seeded pseudo-random sequences."""
     max_len = min(max_len, MAX_CALIBRATION_TOKENS)
@@ -72,9 +73,12 @@ def calibration_prompts(load_tokenizer: Callable[[], Any] | None, vocab_size: in
                 for _ in range(NUM_RANDOM_TEXTS)]
     prompts = [tokenizer(text).input_ids for text in CALIBRATION_TEXTS]
     if getattr(tokenizer, "chat_template", None):
-        prompts.append(list(tokenizer.apply_chat_template(
-            [{"role": "user", "content": CALIBRATION_TEXTS[0]}], add_generation_prompt=True,
-            tokenize=True, return_dict=False)))
+        try:
+            prompts.append(list(tokenizer.apply_chat_template(
+                [{"role": "user", "content": CALIBRATION_TEXTS[0]}],
+                add_generation_prompt=True, tokenize=True, return_dict=False)))
+        except (TemplateError, ValueError) as exc:  # a template that wants other roles
+            logger.info("calculate_kv_scales: no chat prompt (%s)", exc)
     return [ids[:max_len] for ids in prompts if ids]
 
 
@@ -113,7 +117,8 @@ def calculate_kv_scales(runner: ModelRunner, load_tokenizer: Callable[[], Any] |
         raise ValueError(f"calculate_kv_scales: {type(runner.model).__name__} has "
                          f"{len(layers)} attention layers taking KV-cache scales, not "
                          f"{num_layers}.")
-    prompts = calibration_prompts(load_tokenizer, runner.vocab_size, runner.max_model_len - 1)
+    # A prefill of max_model_len tokens is the longest a request may hold.
+    prompts = calibration_prompts(load_tokenizer, runner.vocab_size, runner.max_model_len)
     scales = measure_kv_scales(runner, prompts)
     for layer, pair in zip(layers, scales, strict=True):
         layer.kv_scales = pair

@@ -59,7 +59,7 @@ def test_scales_are_the_largest_cached_keys_and_values(tiny_model_dir, arch):
     over the headroom; the scales of 1.0 are replaced."""
     model_dir = tiny_model_dir(arch)
     runner = _runner(model_dir, calculate_kv_scales=True)
-    prompts = calibration_prompts(None, runner.vocab_size, runner.max_model_len - 1)
+    prompts = calibration_prompts(None, runner.vocab_size, runner.max_model_len)
     expected = _transformers_scales(model_dir, prompts)
     got = _layer_scales(runner)
     assert len(got) == len(expected)
@@ -94,6 +94,14 @@ def test_calculated_scales_replace_a_checkpoints(tiny_model_dir, tmp_path):
     calculated = _layer_scales(_runner(model_dir, calculate_kv_scales=True))
     assert _layer_scales(_runner(checkpoint, calculate_kv_scales=True)) == calculated
     assert calculated != [pytest.approx(p) for p in stored]
+
+
+def test_a_model_length_of_one_token_calibrates_on_single_tokens(tiny_model_dir):
+    runner = ModelRunner(ModelConfig(model=tiny_model_dir("llama"), device="cpu",
+                                     max_model_len=1),
+                         CacheConfig(num_kv_blocks=4, kv_cache_dtype="fp8",
+                                     calculate_kv_scales=True), SchedulerConfig())
+    assert all(k > 0 and v > 0 for k, v in _layer_scales(runner))
 
 
 def test_calculate_kv_scales_needs_an_fp8_cache():
