@@ -10,7 +10,8 @@
 #   gluon_prefill_tests  the warp-specialized Gluon prefill kernel's GPU tests (each group of
 #                        cases in a child process under two minutes, so a barrier deadlock
 #                        fails instead of hanging)
-#   fp8_tests            FP8 checkpoints and the decode GEMVs (the float16-pair kernel too)
+#   fp8_tests            FP8 checkpoints, KV-cache scales computed at load and the decode
+#                        GEMVs (the float16-pair kernel too)
 #   gemv_f16             the batch-1 e4m3 GEMVs as served: the float16-pair kernel's column
 #                        and decoder row next to the word kernel's
 #   gluon_prefill_sweep  the Gluon kernel against the Triton kernels and torch SDPA at
@@ -62,7 +63,8 @@ PYTEST="$PY -m pytest -q -p no:cacheprovider -m gpu"
 GRIDLLM_TEST_GLUON_PREFILL=1 step gluon_prefill_tests 200 \
   $PYTEST tests/kernels/test_gluon_prefill_attention.py
 GLUON_OK=$?
-step fp8_tests 150 $PYTEST tests/worker_svc/test_fp8_checkpoint.py tests/kernels/test_gemv.py
+step fp8_tests 150 $PYTEST tests/worker_svc/test_fp8_checkpoint.py tests/kernels/test_gemv.py \
+  tests/worker_svc/test_kv_calibration.py
 step gemv_f16 100 $PY benchmarks/gemv.py --rows 1 --fp8 --fused --output "$OUT/gemv_f16.json"
 if [ "$GLUON_OK" -eq 0 ]; then
   step gluon_prefill_sweep 120 $PY benchmarks/attention_sweep.py --kinds prefill \

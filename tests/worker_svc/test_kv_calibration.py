@@ -182,3 +182,24 @@ def test_calculated_scales_keep_keys_and_values_outside_e4m3s_range(tiny_model_d
     ruined = (logits(scaled_dir, fp8, False) - reference).abs().max()
     print(f"factor {factor}: usual {usual:.4f} calculated {error:.4f} ruined {ruined:.4f}")
     assert error < 2 * usual and ruined > 5 * usual
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_the_gpu_the_scales_are_the_cpus_and_the_runner_serves(tiny_model_dir):
+    """On CUDA (bfloat16, the Triton backend, CUDA graphs captured after the scales are
+    set) the calibration prefills give the CPU float32 run's scales to bfloat16's
+    precision, and greedy decoding over the FP8 cache runs."""
+    from gridllm import SamplingParams
+    from tests.worker_svc.step_driver import run_requests
+
+    model_dir = tiny_model_dir("llama")
+    cpu = _layer_scales(_runner(model_dir, calculate_kv_scales=True))
+    runner = ModelRunner(ModelConfig(model=model_dir, device="cuda", dtype="bfloat16"),
+                         CacheConfig(num_kv_blocks=64, kv_cache_dtype="fp8",
+                                     calculate_kv_scales=True), SchedulerConfig())
+    for (k, v), (k_cpu, v_cpu) in zip(_layer_scales(runner), cpu, strict=True):
+        assert k == pytest.approx(k_cpu, rel=0.05) and v == pytest.approx(v_cpu, rel=0.05)
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    outputs, _ = run_requests(runner, [[1, 5, 9, 12, 40], [7, 3, 3, 8]], params, 6)
+    assert [len(o) for o in outputs] == [6, 6]
