@@ -7,8 +7,9 @@ e4m3's range (448: none to spare; 100: room for values 4.5 times larger). Each i
 as ``tests/worker_svc/test_fp8_accuracy.py`` measures (``gridllm.bench.quant_accuracy``:
 teacher-forced along transformers fp32's greedy continuations, top-1 agreement, max logit
 error, mean KL from fp32), on a larger prompt set than the test's, next to transformers
-bfloat16 and an FP8 KV cache of the model's keys and values multiplied by 2^12 (the
-same function, keys and values past e4m3's range), where the scales decide everything.
+bfloat16, an e5m2 cache (``kv_cache_dtype="fp8_e5m2"``), and an FP8 KV cache of the
+model's keys and values multiplied by 2^12 (the same function, keys and values past
+e4m3's range), where the scales decide everything.
 
     python benchmarks/fp8_kv_scales.py [--num-new 32] [--output r.json]
 """
@@ -104,6 +105,8 @@ def main() -> None:
         ratio = KV_SCALE_HEADROOM / headroom
         _set_scales(calculated, [(k * ratio, v * ratio) for k, v in computed])
         results.append(row(f"fp8, calibration amax at {headroom:g}", calculated))
+    _set_scales(calculated, [(1.0, 1.0)] * len(computed))
+    results.append(row("fp8_e5m2, scales 1.0", calculated, torch.float8_e5m2))
     with tempfile.TemporaryDirectory() as tmp:
         scaled = write_rescaled_kv_checkpoint(model_dir, os.path.join(tmp, "m"), 2.0 ** 12)
         results.append(row("k, v x 2^12: fp8, scales 1.0", _runner(scaled, False).model))

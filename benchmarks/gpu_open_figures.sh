@@ -12,6 +12,7 @@
 #                        fails instead of hanging)
 #   fp8_tests            FP8 checkpoints, KV-cache scales computed at load and the decode
 #                        GEMVs (the float16-pair kernel too)
+#   fp8_kv_tests         the FP8 KV-cache kernel tests, e4m3 and e5m2, all on the GPU
 #   gemv_f16             the batch-1 e4m3 GEMVs as served: the float16-pair kernel's column
 #                        and decoder row next to the word kernel's
 #   gluon_prefill_sweep  the Gluon kernel against the Triton kernels and torch SDPA at
@@ -65,6 +66,8 @@ GRIDLLM_TEST_GLUON_PREFILL=1 step gluon_prefill_tests 200 \
 GLUON_OK=$?
 step fp8_tests 150 $PYTEST tests/worker_svc/test_fp8_checkpoint.py tests/kernels/test_gemv.py \
   tests/worker_svc/test_kv_calibration.py
+# Every case of the FP8 KV-cache kernel tests (e4m3 and e5m2) on the GPU, not only -m gpu.
+step fp8_kv_tests 90 $PY -m pytest -q -p no:cacheprovider tests/kernels/test_fp8_kv_cache.py
 step gemv_f16 100 $PY benchmarks/gemv.py --rows 1 --fp8 --fused --output "$OUT/gemv_f16.json"
 if [ "$GLUON_OK" -eq 0 ]; then
   step gluon_prefill_sweep 120 $PY benchmarks/attention_sweep.py --kinds prefill \

@@ -23,6 +23,7 @@ sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from gridllm.bench.report import write_json  # noqa: E402
 from gridllm.bench.throughput import ThroughputConfig, build_llm, warm_up  # noqa: E402
+from gridllm.common.config import KV_CACHE_DTYPES  # noqa: E402
 from gridllm.common.sampling_params import SamplingParams  # noqa: E402
 
 WINDOWS = (0, 8, 64, 256, 512, 768, 1024)
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--device", default="auto")
     p.add_argument("--quantization", default=None, choices=("fp8",))
-    p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8", "fp8_e4m3"))
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES)
     p.add_argument("--output", default=None, help="write the result as JSON here")
     args = p.parse_args(argv)
     for name in ("num_prompts", "input_len", "output_len"):

@@ -1,9 +1,12 @@
-"""FP8 (float8 e4m3) storage: the dtype, its range, saturating quantization with a scale.
+"""FP8 storage: the dtypes, their ranges, saturating quantization with a scale.
 
-A quantized tensor ``q`` with scale ``s`` stands for ``q * s``; quantizing divides by ``s``
-(multiplies by ``1 / s``, the same rounding in the kernels and the references) and clamps
-to the finite range, because a cast past +-448 makes NaN in torch (e4m3fn has no inf).
-Torch only (the CPU backend imports it); the kernels' store is ``kv_cache_write.store_cache``.
+Weights and activations are float8 e4m3 (``FP8_DTYPE``); a KV cache is e4m3 or e5m2
+(``FP8_KV_DTYPES``: e5m2 keeps two more exponent bits and one fewer mantissa bit, a range
+of +-57344 and a coarser rounding). A quantized tensor ``q`` with scale ``s`` stands for
+``q * s``; quantizing divides by ``s`` (multiplies by ``1 / s``, the same rounding in the
+kernels and the references) and clamps to the finite range, because a cast past it makes
+NaN (e4m3fn has no inf) or inf (e5m2). Torch only (the CPU backend imports it); the
+kernels' store is ``kv_cache_write.store_cache``.
 """
 
 from __future__ import annotations
@@ -12,12 +15,22 @@ import torch
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
+# The element types of an FP8 KV cache (vLLM's "fp8"/"fp8_e4m3", and "fp8_e5m2").
+FP8_KV_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
-def quantize_fp8(x: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
-    """``x / scale`` (as ``x * (1 / scale)`` in float32), clamped, rounded to e4m3."""
+def is_fp8(dtype: torch.dtype) -> bool:
+    """Whether ``dtype`` is one of ``FP8_KV_DTYPES``."""
+    return dtype in FP8_KV_DTYPES
+
+
+def quantize_fp8(x: torch.Tensor, scale: float | torch.Tensor,
+                 dtype: torch.dtype = FP8_DTYPE) -> torch.Tensor:
+    """``x / scale`` (as ``x * (1 / scale)`` in float32), clamped to ``dtype``'s finite
+    range, rounded to ``dtype`` (e4m3 or e5m2)."""
     inv = 1.0 / scale if not isinstance(scale, torch.Tensor) else scale.float().reciprocal()
-    return (x.float() * inv).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    limit = float(torch.finfo(dtype).max)
+    return (x.float() * inv).clamp(-limit, limit).to(dtype)
 
 
 def dequantize_fp8(q: torch.Tensor, scale: float | torch.Tensor,

@@ -1,7 +1,7 @@
 """KV-cache write (vLLM's reshape_and_cache): store each new token's K/V at its slot.
 
-An FP8 cache (``float8_e4m3fn``) stores ``clamp(k / k_scale)`` and ``clamp(v / v_scale)``;
-the attention kernels multiply the scales back in.
+An FP8 cache (``float8_e4m3fn`` or ``float8_e5m2``) stores ``clamp(k / k_scale)`` and
+``clamp(v / v_scale)``; the attention kernels multiply the scales back in.
 """
 
 from __future__ import annotations
@@ -17,23 +17,31 @@ from kernels._utils import (
     check_tensor,
     next_power_of_2,
 )
-from kernels.fp8 import FP8_DTYPE
+from kernels.fp8 import FP8_KV_DTYPES, is_fp8
 
 # Element types a KV cache may have: the activations' or FP8.
-KV_CACHE_DTYPES = FLOAT_DTYPES + (FP8_DTYPE,)
+KV_CACHE_DTYPES = FLOAT_DTYPES + FP8_KV_DTYPES
+
+
+@triton.jit
+def _round_to_fp8(y, MIN_EXPONENT: tl.constexpr, MANTISSA_BITS: tl.constexpr):
+    """``y`` (float32, within the format's range) rounded to the nearest value of an FP8
+    format whose smallest normal exponent is ``MIN_EXPONENT`` (e4m3 -6, e5m2 -14) and
+    which keeps ``MANTISSA_BITS`` (3, 2), ties to even, still in float32: adding and
+    subtracting ``1.5 * 2^23 * ulp`` rounds to a multiple of the format's ulp at ``y``
+    (subnormals included). The cast that follows is then exact, so every backend agrees
+    with torch (Triton's interpreter truncates instead of carrying a rounded-up mantissa
+    into the exponent)."""
+    exponent = ((y.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    ulp_exponent = tl.maximum(exponent, MIN_EXPONENT) - MANTISSA_BITS
+    magic = (((ulp_exponent + 150) << 23) | (1 << 22)).to(tl.float32, bitcast=True)
+    return (y + magic) - magic
 
 
 @triton.jit
 def _round_to_e4m3(y):
-    """``y`` (float32, ``|y| <= 448``) rounded to the nearest e4m3 value (ties to even),
-    still in float32: adding and subtracting ``1.5 * 2^23 * ulp`` rounds to a multiple of
-    the e4m3 ulp at ``y`` (2^-9 below 2^-6, where e4m3 is subnormal). The cast that follows
-    is then exact, so every backend agrees with torch (Triton's interpreter truncates
-    instead of carrying a rounded-up mantissa into the exponent)."""
-    exponent = ((y.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
-    ulp_exponent = tl.maximum(exponent, -6) - 3
-    magic = (((ulp_exponent + 150) << 23) | (1 << 22)).to(tl.float32, bitcast=True)
-    return (y + magic) - magic
+    """``y`` (float32, ``|y| <= 448``) rounded to the nearest e4m3 value, in float32."""
+    return _round_to_fp8(y, -6, 3)
 
 
 @triton.jit
@@ -42,8 +50,12 @@ def store_cache(ptr, x, inv_scale, mask, IS_FP8: tl.constexpr):
     ``clamp(x * inv_scale)`` (a plain cast would not saturate everywhere)."""
     if IS_FP8:
         y = x.to(tl.float32) * inv_scale
-        # +-448: e4m3's largest finite value (kernels.fp8.FP8_MAX).
-        y = _round_to_e4m3(tl.minimum(tl.maximum(y, -448.0), 448.0))
+        if ptr.dtype.element_ty == tl.float8e5:
+            # +-57344: e5m2's largest finite value.
+            y = _round_to_fp8(tl.minimum(tl.maximum(y, -57344.0), 57344.0), -14, 2)
+        else:
+            # +-448: e4m3's largest finite value (kernels.fp8.FP8_MAX).
+            y = _round_to_e4m3(tl.minimum(tl.maximum(y, -448.0), 448.0))
         tl.store(ptr, y.to(ptr.dtype.element_ty), mask=mask)
     else:
         tl.store(ptr, x.to(ptr.dtype.element_ty), mask=mask)
@@ -106,7 +118,7 @@ def inverse_scales(key_cache: torch.Tensor, k_scale: float, v_scale: float
     """``(1 / k_scale, 1 / v_scale, is_fp8)`` kernel arguments (ValueError on a bad scale)."""
     check_scale("k_scale", k_scale)
     check_scale("v_scale", v_scale)
-    return 1.0 / k_scale, 1.0 / v_scale, key_cache.dtype == FP8_DTYPE
+    return 1.0 / k_scale, 1.0 / v_scale, is_fp8(key_cache.dtype)
 
 
 def write_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,

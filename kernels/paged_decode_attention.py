@@ -9,17 +9,18 @@ context (``max_seq_len``, else the block-table width), never on ``seq_lens`` val
 any count is correct for any ``seq_lens``: a CUDA graph captured for a count replays
 correctly for every batch of its shape.
 
-An FP8 cache is read as ``k * k_scale`` and ``v * v_scale``: tiles are converted to 16
-bits (exact: every e4m3 value is a float16/bfloat16 value), ``k_scale`` is folded into the
-softmax scale and ``v_scale`` multiplies the output. With a bfloat16 query the products run
-in float16 (the query and the probabilities converted once per tile): e4m3 converts to
-float16 in one instruction per pair, to bfloat16 only through float16 and a further
-instruction per element, and the conversion, not the halved bytes, set the kernel's time.
-On CUDA the FP8 key and value tiles are read as 32-bit words and unpacked to float16 in
+An FP8 cache (e4m3 or e5m2) is read as ``k * k_scale`` and ``v * v_scale``: tiles are
+converted to 16 bits (exact: every e4m3 and e5m2 value is a float16/bfloat16 value),
+``k_scale`` is folded into the softmax scale and ``v_scale`` multiplies the output. With a
+bfloat16 query the products run in float16 (the query and the probabilities converted
+once per tile): e4m3 converts to float16 in one instruction per pair, to bfloat16 only
+through float16 and a further instruction per element, and the conversion, not the
+halved bytes, set the kernel's time.
+On CUDA e4m3 key and value tiles are read as 32-bit words and unpacked to float16 in
 registers (``e4m3_words_to_f16``): as bytes the value tile reached P @ V's operand layout
 (whose reduction dim, the keys, is not contiguous) one shared-memory load per byte.
 
-Over an FP8 cache under a 16-bit query on CUDA 9.0+ (head dim 128, no window, cap or
+Over an e4m3 cache under a 16-bit query on CUDA 9.0+ (head dim 128, no window, cap or
 strided pattern) the batch goes to a Gluon kernel instead (``kernels.fp8_decode_attention``,
 one split or split-KV, its partial results merged by this module's merge kernel): its tiles
 reach the tensor cores from registers, where this kernel's pass through shared memory held
@@ -60,7 +61,7 @@ from kernels._utils import (
     next_power_of_2,
     num_sms,
 )
-from kernels.fp8 import FP8_DTYPE
+from kernels.fp8 import FP8_DTYPE, FP8_KV_DTYPES, is_fp8
 
 _LOG2E = 1.4426950408889634
 # Fewer context tokens than this per split costs more in the reduction than it saves.
@@ -318,7 +319,7 @@ def _check_paged_args(query, key_cache, value_cache, block_tables, seq_lens,
                       k_scale: float = 1.0, v_scale: float = 1.0):
     check_tensor("query", query, ndim=3, dtypes=FLOAT_DTYPES, last_dim_contiguous=True)
     dev = query.device
-    check_tensor("key_cache", key_cache, ndim=4, dtypes=(query.dtype, FP8_DTYPE), device=dev,
+    check_tensor("key_cache", key_cache, ndim=4, dtypes=(query.dtype, *FP8_KV_DTYPES), device=dev,
                  last_dim_contiguous=True)
     check_tensor("value_cache", value_cache, ndim=4, dtypes=(key_cache.dtype,), device=dev,
                  last_dim_contiguous=True)
@@ -347,14 +348,15 @@ def _check_paged_args(query, key_cache, value_cache, block_tables, seq_lens,
 def fp8_f16_dots(key_cache: torch.Tensor, query: torch.Tensor) -> bool:
     """Whether the attention kernels take their products in float16: an FP8 cache under a
     bfloat16 query (see the module's docstring)."""
-    return key_cache.dtype == FP8_DTYPE and query.dtype == torch.bfloat16
+    return is_fp8(key_cache.dtype) and query.dtype == torch.bfloat16
 
 
 def kv_words(key_cache: torch.Tensor, value_cache: torch.Tensor, query: torch.Tensor,
              head_dim: int) -> bool:
     """Whether the kernel reads an FP8 cache's key and value tiles as 32-bit words (float16
     products, a head dim of whole words, word-aligned strides and starts; CUDA only)."""
-    return (fp8_f16_dots(key_cache, query) and head_dim % 4 == 0
+    return (key_cache.dtype == FP8_DTYPE and fp8_f16_dots(key_cache, query)
+            and head_dim % 4 == 0
             and can_unpack_e4m3_words(key_cache) and can_unpack_e4m3_words(value_cache))
 
 
@@ -396,7 +398,7 @@ def _default_block_n(num_reqs: int, num_kv_heads: int, num_splits: int,
     if is_interpreter():
         return 16
     block_n = 64 if dtype != torch.float32 else 32
-    if cache_dtype == FP8_DTYPE:
+    if is_fp8(cache_dtype):
         # Half the bytes per key: twice the keys per iteration keep as many bytes in flight
         # (H200, bf16 queries: 1.3-1.5x faster at batch 256 x 616, 64 x 4096, 1 x 32k keys).
         block_n = 128
@@ -446,12 +448,12 @@ def _default_launch(num_reqs: int, num_kv_heads: int, num_splits: int, dtype: to
         sms = num_sms(device)
         if num_splits == 1:
             if dtype != torch.float32 and programs >= _ONE_WARP_PROGRAMS_PER_SM * sms:
-                if cache_dtype == FP8_DTYPE:
+                if is_fp8(cache_dtype):
                     return _fp8_one_warp_launch(programs, sms)
                 return 32, 1, _NUM_STAGES, False, None
-            if cache_dtype == FP8_DTYPE and programs <= _FP8_SMALL_GRID_PROGRAMS_PER_SM * sms:
+            if is_fp8(cache_dtype) and programs <= _FP8_SMALL_GRID_PROGRAMS_PER_SM * sms:
                 return 64, 2, 3, False, None
-        elif (cache_dtype == FP8_DTYPE and dtype == torch.bfloat16
+        elif (is_fp8(cache_dtype) and dtype == torch.bfloat16
               and block_n != _SHORT_SPLIT_BLOCK_N):
             return 64, 2, 3, True, None
     return block_n, 4, _NUM_STAGES, False, None
@@ -583,9 +585,9 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
             HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=logit_softcap is not None,
             DOT_PRECISION=dot_precision(query.dtype), IS_STRIDED=attention_stride is not None,
             F16_DOTS=fp8_f16_dots(key_cache, query),
-            BLOCK_SIZE=block_size if key_cache.dtype == FP8_DTYPE else 0,
+            BLOCK_SIZE=block_size if is_fp8(key_cache.dtype) else 0,
             KV_WORDS=kv_words(key_cache, value_cache, query, head_dim),
-            PREFETCH_TABLE=(num_splits == 1 and key_cache.dtype != FP8_DTYPE
+            PREFETCH_TABLE=(num_splits == 1 and not is_fp8(key_cache.dtype)
                             if prefetch_table is None else prefetch_table),
             KEY_ROWS=bool(key_rows),
             num_warps=num_warps, num_stages=num_stages, **pdl,

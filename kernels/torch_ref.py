@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.fp8 import FP8_DTYPE, quantize_fp8
+from kernels.fp8 import is_fp8, quantize_fp8
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -78,8 +78,8 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tens
 
 
 def _to_cache(x: torch.Tensor, cache: torch.Tensor, scale: float) -> torch.Tensor:
-    if cache.dtype == FP8_DTYPE:
-        return quantize_fp8(x, scale)
+    if is_fp8(cache.dtype):
+        return quantize_fp8(x, scale, cache.dtype)
     return x.to(cache.dtype)
 
 

@@ -24,6 +24,8 @@ import sys
 import time
 from typing import Any
 
+from gridllm.common.config import KV_CACHE_DTYPES
+
 
 def _synchronize() -> None:
     import torch
@@ -176,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="2 overlaps step N+1 with reading step N (the default on CUDA)")
     p.add_argument("--quantization", default=None, choices=("fp8",),
                    help="weights in FP8 (e4m3, per-channel scales)")
-    p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8", "fp8_e4m3"))
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES)
     p.add_argument("--trace", default=None, help="also write the Chrome trace here")
     p.add_argument("--host-profile", action="store_true",
                    help="also profile the host (cProfile) over as many steps of a fresh batch")

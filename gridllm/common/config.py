@@ -17,8 +17,9 @@ _POLICIES = ("fcfs", "priority")
 _BLOCK_RESERVATIONS = ("none", "predicted")
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _ATTENTION_BACKENDS = ("auto", "torch", "triton")
-# KV cache element types (vLLM's names): auto is the model's dtype; fp8 is an alias of fp8_e4m3.
-KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+# KV cache element types (vLLM's and SGLang's names, and TGI's fp8_e4m3fn): auto is the
+# model's dtype; fp8 and fp8_e4m3fn are aliases of fp8_e4m3.
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e4m3fn", "fp8_e5m2")
 # Weight quantization (vLLM's names): fp8 quantizes a float checkpoint at load (an FP8
 # checkpoint is served as stored with it or without); the others name FP8 checkpoints'
 # layouts and only check that the checkpoint is one (it is served as stored either way).
@@ -173,8 +174,9 @@ class CacheConfig:
         help="fraction of GPU memory a worker may use (weights + activations + KV cache)")
     kv_cache_dtype: str = option(
         "auto", choices=KV_CACHE_DTYPES,
-        help="KV cache element type: auto (the model's dtype), or fp8 / fp8_e4m3 (float8 "
-        "e4m3 with a per-tensor scale: twice the blocks per GiB of bfloat16)")
+        help="KV cache element type: auto (the model's dtype), fp8 / fp8_e4m3 (float8 e4m3 "
+        "with a per-tensor scale: twice the blocks per GiB of bfloat16) or fp8_e5m2 (float8 "
+        "e5m2: the range of float16, one mantissa bit fewer than e4m3)")
     calculate_kv_scales: bool = option(
         False, help="with an FP8 KV cache: compute each layer's KV-cache scales at load from "
         "a fixed calibration text (replacing a checkpoint's); without it, a checkpoint's "

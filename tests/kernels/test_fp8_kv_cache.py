@@ -1,17 +1,20 @@
-"""FP8 KV cache: the KV-write kernels store what the torch reference stores, and the
-attention kernels read an FP8 cache as the reference does (Triton's interpreter handles
-float8_e4m3fn, so these run on the CPU too).
+"""FP8 KV cache (e4m3 and e5m2): the KV-write kernels store what the torch reference
+stores, and the attention kernels read an FP8 cache as the reference does (Triton's
+interpreter handles both float8 types, so these run on the CPU too).
 
 Kernel vs reference on the same FP8 cache uses the query dtype's tolerance (the cache is
 dequantized exactly); the FP8 cache vs an unquantized one uses ``FP8_KV_TOLERANCES``,
-the rounding of e4m3 (3 mantissa bits: relative error up to 2^-4 per element).
+the rounding of e4m3 (3 mantissa bits: relative error up to 2^-4 per element) and e5m2
+(2 bits: 2^-3).
 """
+
+import re
 
 import pytest
 import torch
 
 from kernels import torch_ref
-from kernels.fp8 import FP8_DTYPE, FP8_MAX, quantize_fp8
+from kernels.fp8 import FP8_DTYPE, FP8_KV_DTYPES, quantize_fp8
 from kernels.kv_cache_write import write_kv_cache
 from kernels.paged_decode_attention import kv_words, paged_decode_attention
 from kernels.prefill_attention import prefill_attention
@@ -26,9 +29,13 @@ from tests.kernels.conftest import (
 )
 from tests.kernels.test_rotary import _cos_sin_cache
 
-# (atol, rtol) of attention over an FP8 cache against the same inputs unquantized.
-FP8_KV_TOLERANCES = {torch.float32: (6e-2, 6e-2), torch.float16: (6e-2, 6e-2),
-                     torch.bfloat16: (8e-2, 8e-2)}
+# (atol, rtol) of attention over an FP8 cache against the same inputs unquantized, by
+# cache and query dtype.
+FP8_KV_TOLERANCES = {
+    torch.float8_e4m3fn: {torch.float32: (6e-2, 6e-2), torch.float16: (6e-2, 6e-2),
+                          torch.bfloat16: (8e-2, 8e-2)},
+    torch.float8_e5m2: {torch.float32: (1.2e-1, 1.2e-1), torch.float16: (1.2e-1, 1.2e-1),
+                        torch.bfloat16: (1.4e-1, 1.4e-1)}}
 SCALES = [(1.0, 1.0), (0.05, 2.0)]
 
 
@@ -43,34 +50,38 @@ def _assert_fp8_equal(actual: torch.Tensor, expected: torch.Tensor, name: str) -
         pytest.fail(msg)
 
 
-def _fp8_cache(seq_lens, num_kv_heads, head_dim, k_scale, v_scale):
+def _fp8_cache(seq_lens, num_kv_heads, head_dim, k_scale, v_scale,
+               cache_dtype: torch.dtype = FP8_DTYPE):
     key_cache, value_cache, block_tables, seq = make_paged_kv(
         seq_lens, num_kv_heads, head_dim, 16, torch.float32, DEVICE)
-    return (quantize_fp8(key_cache * k_scale, k_scale),
-            quantize_fp8(value_cache * v_scale, v_scale), block_tables, seq)
+    return (quantize_fp8(key_cache * k_scale, k_scale, cache_dtype),
+            quantize_fp8(value_cache * v_scale, v_scale, cache_dtype), block_tables, seq)
 
 
+@pytest.mark.parametrize("cache_dtype", FP8_KV_DTYPES)
 @pytest.mark.parametrize("dtype", SMALL_DTYPES)
 @pytest.mark.parametrize("k_scale,v_scale", SCALES)
-def test_kv_write_matches_reference(dtype, k_scale, v_scale):
+def test_kv_write_matches_reference(dtype, k_scale, v_scale, cache_dtype):
     num_tokens, num_heads, head_dim = 7, 3, 40
     key = (torch.randn(num_tokens, num_heads, head_dim) * 4).to(dtype).to(DEVICE)
     value = (torch.randn(num_tokens, num_heads, head_dim) * 4).to(dtype).to(DEVICE)
-    key[0, 0, :4] = torch.tensor([1e4, -1e4, 600.0, 1e-4])  # saturates, and a subnormal
+    key[0, 0, :4] = torch.tensor([6e4, -6e4, 600.0, 1e-5])  # saturates, and a subnormal
     slots = torch.tensor([5, -1, 0, 17, 31, 2, 30], device=DEVICE)
     shape = (2, 16, num_heads, head_dim)
-    kc, vc = (torch.zeros(shape, dtype=FP8_DTYPE, device=DEVICE) for _ in range(2))
+    kc, vc = (torch.zeros(shape, dtype=cache_dtype, device=DEVICE) for _ in range(2))
     ref_k, ref_v = kc.clone(), vc.clone()
     write_kv_cache(key, value, kc, vc, slots, k_scale, v_scale)
     torch_ref.write_kv_cache(key, value, ref_k, ref_v, slots, k_scale, v_scale)
     _assert_fp8_equal(kc, ref_k, "key_cache")
     _assert_fp8_equal(vc, ref_v, "value_cache")
-    assert not torch.isnan(kc.float()).any()
-    assert float(kc.float().abs().max()) == FP8_MAX  # saturated, not NaN
+    assert torch.isfinite(kc.float()).all()
+    # Saturated at the largest finite value, not NaN or inf.
+    assert float(kc.float().abs().max()) == torch.finfo(cache_dtype).max
 
 
+@pytest.mark.parametrize("cache_dtype", FP8_KV_DTYPES)
 @pytest.mark.parametrize("dtype", SMALL_DTYPES)
-def test_rotary_kv_write_matches_reference(dtype):
+def test_rotary_kv_write_matches_reference(dtype, cache_dtype):
     num_tokens, num_heads, num_kv_heads, head_dim = 5, 4, 2, 32
     query = torch.randn(num_tokens, num_heads, head_dim).to(dtype).to(DEVICE)
     key = (torch.randn(num_tokens, num_kv_heads, head_dim) * 3).to(dtype).to(DEVICE)
@@ -79,7 +90,7 @@ def test_rotary_kv_write_matches_reference(dtype):
     slots = torch.tensor([4, 0, -1, 9, 15], device=DEVICE)
     cos_sin = _cos_sin_cache(head_dim, 32, DEVICE)
     shape = (1, 16, num_kv_heads, head_dim)
-    kc, vc = (torch.zeros(shape, dtype=FP8_DTYPE, device=DEVICE) for _ in range(2))
+    kc, vc = (torch.zeros(shape, dtype=cache_dtype, device=DEVICE) for _ in range(2))
     ref_k, ref_v = kc.clone(), vc.clone()
     q_ref, k_rot = torch_ref.rotary_embedding(positions, query.clone(), key, cos_sin, True)
     torch_ref.write_kv_cache(k_rot, value, ref_k, ref_v, slots, 0.5, 0.25)
@@ -90,12 +101,13 @@ def test_rotary_kv_write_matches_reference(dtype):
     _assert_fp8_equal(vc, ref_v, "value_cache")
 
 
+@pytest.mark.parametrize("cache_dtype", FP8_KV_DTYPES)
 @pytest.mark.parametrize("dtype", SMALL_DTYPES)
 @pytest.mark.parametrize("k_scale,v_scale", SCALES)
 @pytest.mark.parametrize("num_splits", [1, 2])
-def test_decode_reads_fp8_cache(dtype, k_scale, v_scale, num_splits):
+def test_decode_reads_fp8_cache(dtype, k_scale, v_scale, num_splits, cache_dtype):
     seq_lens = [1, 17, 40]
-    kc, vc, tables, seq = _fp8_cache(seq_lens, 2, 32, k_scale, v_scale)
+    kc, vc, tables, seq = _fp8_cache(seq_lens, 2, 32, k_scale, v_scale, cache_dtype)
     query = torch.randn(len(seq_lens), 4, 32).to(dtype).to(DEVICE)
     with poisoned_allocations():
         out = paged_decode_attention(query, kc, vc, tables, seq, None, 0.2,
@@ -106,11 +118,12 @@ def test_decode_reads_fp8_cache(dtype, k_scale, v_scale, num_splits):
     assert_close(out, expected, "decode attention over an FP8 cache", dtype)
 
 
+@pytest.mark.parametrize("cache_dtype", FP8_KV_DTYPES)
 @pytest.mark.parametrize("dtype", SMALL_DTYPES)
 @pytest.mark.parametrize("k_scale,v_scale", SCALES)
-def test_prefill_reads_fp8_cache(dtype, k_scale, v_scale):
+def test_prefill_reads_fp8_cache(dtype, k_scale, v_scale, cache_dtype):
     seq_lens, query_lens = [20, 5, 33], [20, 1, 9]
-    kc, vc, tables, seq = _fp8_cache(seq_lens, 2, 32, k_scale, v_scale)
+    kc, vc, tables, seq = _fp8_cache(seq_lens, 2, 32, k_scale, v_scale, cache_dtype)
     qsl = torch.tensor([0] + query_lens).cumsum(0).to(torch.int32).to(DEVICE)
     query = torch.randn(sum(query_lens), 4, 32).to(dtype).to(DEVICE)
     with poisoned_allocations():
@@ -121,18 +134,20 @@ def test_prefill_reads_fp8_cache(dtype, k_scale, v_scale):
     assert_close(out, expected, "prefill attention over an FP8 cache", dtype)
 
 
+@pytest.mark.parametrize("cache_dtype", FP8_KV_DTYPES)
 @pytest.mark.parametrize("dtype", SMALL_DTYPES)
-def test_fp8_cache_stays_close_to_unquantized(dtype):
+def test_fp8_cache_stays_close_to_unquantized(dtype, cache_dtype):
     """The quantization error itself: an FP8 cache vs the cache it was quantized from
     (fixed data: the tolerance bounds this draw's error, not every draw's)."""
     torch.manual_seed(0)
     seq_lens = [9, 30]
     key_cache, value_cache, tables, seq = make_paged_kv(seq_lens, 2, 32, 16, dtype, DEVICE)
-    kc, vc = quantize_fp8(key_cache, 1.0), quantize_fp8(value_cache, 1.0)
+    kc, vc = (quantize_fp8(key_cache, 1.0, cache_dtype),
+              quantize_fp8(value_cache, 1.0, cache_dtype))
     query = torch.randn(len(seq_lens), 4, 32).to(dtype).to(DEVICE)
     exact = paged_decode_attention(query, key_cache, value_cache, tables, seq, None, 0.2)
     out = paged_decode_attention(query, kc, vc, tables, seq, None, 0.2)
-    atol, rtol = FP8_KV_TOLERANCES[dtype]
+    atol, rtol = FP8_KV_TOLERANCES[cache_dtype][dtype]
     diff = (out.float() - exact.float()).abs()
     assert bool(torch.isclose(out.float(), exact.float(), atol=atol, rtol=rtol).all()), \
         f"max |diff| {float(diff.max()):g}"
@@ -163,16 +178,20 @@ def test_bad_scales_and_dtypes_are_named():
         paged_decode_attention(query, kc, vc.float(), tables, seq, None, 0.2)
 
 
-def test_kv_write_rounds_like_torch_across_the_range():
-    """Every e4m3 binade, subnormals, ties and saturation: the kernel's rounding is
-    torch's (round to nearest even, saturating at +-448)."""
-    sweep = torch.cat([torch.linspace(-500, 500, 8001), torch.logspace(-12, 2.7, 2000),
-                       -torch.logspace(-12, 2.7, 2000)])
+@pytest.mark.parametrize("cache_dtype", FP8_KV_DTYPES)
+def test_kv_write_rounds_like_torch_across_the_range(cache_dtype):
+    """Every binade, subnormals, ties and saturation: the kernel's rounding is torch's
+    (round to nearest even, saturating at +-448 for e4m3, +-57344 for e5m2)."""
+    limit = torch.finfo(cache_dtype).max
+    top = float(torch.log10(torch.tensor(limit)))
+    sweep = torch.cat([torch.linspace(-1.1 * limit, 1.1 * limit, 8001),
+                       torch.linspace(-500, 500, 8001), torch.logspace(-12, top, 2000),
+                       -torch.logspace(-12, top, 2000)])
     sweep = torch.cat([sweep, torch.zeros(-sweep.numel() % 40)]).view(-1, 1, 40).to(DEVICE)
     shape = (sweep.shape[0], 1, 1, 40)
-    kc, vc = (torch.zeros(shape, dtype=FP8_DTYPE, device=DEVICE) for _ in range(2))
+    kc, vc = (torch.zeros(shape, dtype=cache_dtype, device=DEVICE) for _ in range(2))
     write_kv_cache(sweep, sweep, kc, vc, torch.arange(sweep.shape[0], device=DEVICE))
-    _assert_fp8_equal(kc.view(sweep.shape), sweep.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE),
+    _assert_fp8_equal(kc.view(sweep.shape), sweep.clamp(-limit, limit).to(cache_dtype),
                       "rounded sweep")
 
 
@@ -251,3 +270,32 @@ def test_fp8_cache_at_llama3_8b_shapes(num_splits):
     expected = torch_ref.paged_attention(query, kc, vc, tables, seq, qsl, 128 ** -0.5,
                                          k_scale=0.5, v_scale=0.25)
     assert_close(out, expected, "prefill attention, FP8 cache", torch.bfloat16)
+
+
+@pytest.mark.parametrize("cache_dtype,cvt", [("fp8e4nv", "e4m3x2"), ("fp8e5", "e5m2x2")])
+def test_each_fp8_format_compiles_for_sm90_to_its_own_conversions(cache_dtype, cvt):
+    """Without a GPU: the KV write stores each format with its own saturating conversion
+    (``store_cache`` picks e4m3's or e5m2's range and rounding by the cache pointer's
+    type), and decode attention over it converts pairs of that format to float16 for the
+    products (ptxas runs on both)."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    from tests.kernels.sm90_ptx import compile_triton_for_sm90
+
+    write = compile_triton_for_sm90(
+        "kernels.kv_cache_write", "_kv_cache_write_kernel",
+        dict(k_ptr="*bf16", v_ptr="*bf16", kc_ptr=f"*{cache_dtype}", vc_ptr=f"*{cache_dtype}",
+             slot_ptr="*i64", k_inv_scale="fp32", v_inv_scale="fp32"),
+        dict(BLOCK_H=8, BLOCK_D=128, IS_FP8=True))
+    assert set(re.findall(r"cvt\.rn\.satfinite\.(\w+)\.f32", write)) == {cvt}
+    decode = compile_triton_for_sm90(
+        "kernels.paged_decode_attention", "_paged_decode_attention_kernel",
+        dict(q_ptr="*bf16", kc_ptr=f"*{cache_dtype}", vc_ptr=f"*{cache_dtype}", bt_ptr="*i32",
+             seq_lens_ptr="*i32", out_ptr="*bf16", part_acc_ptr="*fp32", part_ml_ptr="*fp32",
+             scale_log2="fp32", softcap_mul="fp32", softcap_log2="fp32", v_scale="fp32"),
+        dict(GROUP=4, BLOCK_G=4, HEAD_DIM=128, BLOCK_D=128, BLOCK_N=64, NUM_SPLITS=64,
+             HAS_WINDOW=False, HAS_SOFTCAP=False, DOT_PRECISION="ieee", IS_STRIDED=False,
+             USE_GDC=False, F16_DOTS=True, BLOCK_SIZE=16, KV_WORDS=False,
+             PREFETCH_TABLE=False, KEY_ROWS=True),
+        options={"num_warps": 2, "num_stages": 3})
+    assert set(re.findall(r"cvt\.rn\.f16x2\.(e\dm\dx2)", decode)) == {cvt}
+    assert "mma.sync" in decode

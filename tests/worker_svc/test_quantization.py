@@ -89,25 +89,31 @@ def test_bad_values_name_the_field():
         quantize_weights(nn.Linear(4, 4), "int3")
     assert kv_cache_torch_dtype("auto", torch.bfloat16, torch.device("cpu"), "torch") \
         == torch.bfloat16
-    for name in ("fp8", "fp8_e4m3"):
+    for name in ("fp8", "fp8_e4m3", "fp8_e4m3fn"):
         assert kv_cache_torch_dtype(name, torch.bfloat16, torch.device("cpu"), "torch") \
             == torch.float8_e4m3fn
+    assert kv_cache_torch_dtype("fp8_e5m2", torch.bfloat16, torch.device("cpu"), "torch") \
+        == torch.float8_e5m2
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        kv_cache_torch_dtype("fp8_e3m4", torch.bfloat16, torch.device("cpu"), "torch")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_fp8_kv_cache_doubles_blocks_per_byte(tiny_model_dir, dtype):
+@pytest.mark.parametrize("kv,cache_dtype", [("fp8", torch.float8_e4m3fn),
+                                            ("fp8_e5m2", torch.float8_e5m2)])
+def test_fp8_kv_cache_doubles_blocks_per_byte(tiny_model_dir, dtype, kv, cache_dtype):
     """Blocks are sized from the cache's element size: 1 byte in FP8."""
     from worker_svc.model_runner import ModelRunner
 
     model_dir = tiny_model_dir("llama")
-    runners = {kv: ModelRunner(ModelConfig(model=model_dir, device="cpu", dtype=dtype),
-                               CacheConfig(kv_cache_memory=1 << 20, kv_cache_dtype=kv),
-                               SchedulerConfig())
-               for kv in ("auto", "fp8")}
+    runners = {name: ModelRunner(ModelConfig(model=model_dir, device="cpu", dtype=dtype),
+                                 CacheConfig(kv_cache_memory=1 << 20, kv_cache_dtype=name),
+                                 SchedulerConfig())
+               for name in ("auto", kv)}
     element = torch.empty((), dtype=getattr(torch, dtype)).element_size()
-    assert runners["fp8"].kv_caches[0][0].dtype == torch.float8_e4m3fn
-    assert runners["fp8"].bytes_per_block() * element == runners["auto"].bytes_per_block()
-    assert runners["fp8"].num_kv_blocks == element * runners["auto"].num_kv_blocks
+    assert runners[kv].kv_caches[0][0].dtype == cache_dtype
+    assert runners[kv].bytes_per_block() * element == runners["auto"].bytes_per_block()
+    assert runners[kv].num_kv_blocks == element * runners["auto"].num_kv_blocks
 
 
 def test_runner_generates_with_fp8_weights_and_kv_cache(tiny_model_dir):
@@ -119,14 +125,16 @@ def test_runner_generates_with_fp8_weights_and_kv_cache(tiny_model_dir):
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     prompts = [[1, 5, 9, 12, 40], [7, 3, 3, 8]]
     outputs = {}
-    for name, quantization, kv in (("exact", None, "auto"), ("fp8", "fp8", "fp8")):
+    for name, quantization, kv in (("exact", None, "auto"), ("fp8", "fp8", "fp8"),
+                                   ("fp8_e5m2", "fp8", "fp8_e5m2")):
         runner = ModelRunner(ModelConfig(model=model_dir, device="cpu", quantization=quantization),
                              CacheConfig(num_kv_blocks=16, kv_cache_dtype=kv), SchedulerConfig())
         outputs[name], _ = run_requests(runner, prompts, params, 8)
-    assert all(len(o) == 8 for o in outputs["fp8"])
-    same = sum(a == b for x, y in zip(outputs["exact"], outputs["fp8"], strict=True)
-               for a, b in zip(x, y, strict=True))
-    assert same >= 8, outputs
+    for name in ("fp8", "fp8_e5m2"):
+        assert all(len(o) == 8 for o in outputs[name])
+        same = sum(a == b for x, y in zip(outputs["exact"], outputs[name], strict=True)
+                   for a, b in zip(x, y, strict=True))
+        assert same >= 8, (name, outputs)
 
 
 @pytest.mark.gpu

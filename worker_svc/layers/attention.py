@@ -13,7 +13,7 @@ from typing import Protocol
 
 import torch
 
-from kernels.fp8 import FP8_DTYPE
+from kernels.fp8 import is_fp8
 
 
 @dataclass
@@ -55,9 +55,10 @@ class AttentionBackend:
     name = "base"
     # Scales of an FP8 KV cache (the cache holds k / k_scale and v / v_scale; ignored by
     # other caches) for layers without their own (``kv_scales`` of ``forward``: an FP8
-    # checkpoint's calibrated scales). 1.0, as vLLM uses when a checkpoint carries no
-    # calibrated scales: keys and values of the models served stay far inside e4m3's
-    # +-448 range, where the relative rounding error (2^-4) does not depend on the scale.
+    # checkpoint's calibrated scales, or calculate_kv_scales'). 1.0, as vLLM uses when a
+    # checkpoint carries no calibrated scales: keys and values of most models stay far
+    # inside e4m3's +-448 range, where the relative rounding error (2^-4) does not depend
+    # on the scale (e5m2's range is +-57344).
     k_scale: float = 1.0
     v_scale: float = 1.0
     # Whether forward() takes logit_softcap (Gemma 2's tanh capping of attention scores).
@@ -90,7 +91,8 @@ class AttentionBackend:
         """Args:
             query: ``[T, H, D]``; key, value: ``[T, Hkv, D]`` (already rotated).
             key_cache, value_cache: ``[num_blocks, block_size, Hkv, D]`` of this layer,
-                in the model's dtype or float8_e4m3fn (scaled by ``k_scale``/``v_scale``).
+                in the model's dtype, float8_e4m3fn or float8_e5m2 (scaled by
+                ``k_scale``/``v_scale``).
             sliding_window: this layer's window (a query at ``q`` sees keys ``q - k < w``).
             logit_softcap: if set, scores become ``c * tanh(scores / c)`` before the mask.
             kv_scales: this layer's ``(k_scale, v_scale)`` for an FP8 cache; None: the
@@ -120,7 +122,7 @@ class AttentionBackend:
                    ) -> tuple[float, float]:
         """A layer's ``(k_scale, v_scale)`` over ``key_cache``: for an FP8 cache its own,
         else the backend's; 1.0 for a cache in the model's dtype (which holds k and v)."""
-        if key_cache.dtype != FP8_DTYPE:
+        if not is_fp8(key_cache.dtype):
             return (1.0, 1.0)
         return (self.k_scale, self.v_scale) if kv_scales is None else kv_scales
 

@@ -37,7 +37,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from kernels.fp8 import FP8_DTYPE, FP8_MAX, dequantize_fp8, quantize_fp8
+from kernels.fp8 import FP8_MAX, dequantize_fp8, quantize_fp8
 from kernels.fp8_gemm import fp8_gemm, tile_sms, uses_tiles
 from kernels.fp8_gemv import MAX_ROWS as WEIGHT_ONLY_MAX_ROWS
 from kernels.fp8_gemv import fp8_weight_matmul
@@ -52,6 +52,9 @@ from worker_svc.layers import ops
 
 logger = logging.getLogger(__name__)
 
+# kv_cache_dtype's FP8 names (vLLM's, SGLang's, TGI's fp8_e4m3fn) and their element types.
+FP8_KV_CACHE_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn,
+                       "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 # The decoder's linear layers quantized by quantization="fp8" (the Llama family's names).
 FP8_LINEAR_NAMES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 # 1 / 448 (a float32 once multiplied with a float32 tensor, on every device).
@@ -66,13 +69,13 @@ def kv_cache_torch_dtype(kv_cache_dtype: str, model_dtype: torch.dtype, device: 
 
     Raises:
         ValueError: an unknown name, or FP8 with the Triton backend on a GPU without
-            e4m3 conversions (compute capability below 8.9).
+            FP8 conversions (compute capability below 8.9).
     """
     if kv_cache_dtype == "auto":
         return model_dtype
-    if kv_cache_dtype not in ("fp8", "fp8_e4m3"):
-        raise ValueError(f"kv_cache_dtype must be one of ('auto', 'fp8', 'fp8_e4m3'), "
-                         f"got {kv_cache_dtype!r}.")
+    if kv_cache_dtype not in FP8_KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be 'auto' or one of "
+                         f"{tuple(FP8_KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}.")
     if device.type == "cuda" and backend_name == "triton":
         capability = torch.cuda.get_device_capability(device)
         if capability < (8, 9):
@@ -80,7 +83,7 @@ def kv_cache_torch_dtype(kv_cache_dtype: str, model_dtype: torch.dtype, device: 
                              f"capability 8.9+ (Ada, Hopper) for the triton attention "
                              f"backend, got {capability[0]}.{capability[1]}; use "
                              "attention_backend='torch'.")
-    return FP8_DTYPE
+    return FP8_KV_CACHE_DTYPES[kv_cache_dtype]
 
 
 def quantize_per_row(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
