@@ -12,7 +12,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from gridllm.common.metrics import TOKEN_COUNT_BUCKETS, TOKEN_LATENCY_BUCKETS, metric
 
 # WorkerInfo fields the model_info gauge carries as labels.
-_INFO_LABELS = ("model", "dtype", "quantization", "kv_cache_dtype", "block_size", "device")
+_INFO_LABELS = ("model", "dtype", "quantization", "kv_cache_dtype", "kv_cache_scales",
+                "block_size", "device")
 
 
 class WorkerMetrics:
@@ -35,7 +36,8 @@ class WorkerMetrics:
                                    registry=r)
         self.model_info = Gauge(
             metric("worker_model_info"), "The model as served, in labels (value 1): name, "
-            "dtype, weight quantization, KV cache dtype and block size, device.",
+            "dtype, weight quantization, KV cache dtype, where an FP8 cache's scales come "
+            "from, block size, device.",
             list(_INFO_LABELS), registry=r)
 
     def set_info(self, info) -> None:

@@ -309,7 +309,8 @@ def build_info(runner, model: str, worker_id: str, scheduler_config) -> worker_p
             getattr(runner, "hf_config", None),
             getattr(getattr(runner, "model_config", None), "sparse_attention", None)),
         quantization=served_quantization(getattr(runner, "model", None)),
-        kv_cache_dtype=str(getattr(runner, "kv_cache_dtype", "")).replace("torch.", ""))
+        kv_cache_dtype=str(getattr(runner, "kv_cache_dtype", "")).replace("torch.", ""),
+        kv_cache_scales=served_kv_cache_scales(runner))
     return model_limits_to_pb(runner.limits, info)
 
 
@@ -320,6 +321,24 @@ def served_quantization(model) -> str:
 
     if model is not None and any(isinstance(m, Fp8Linear) for m in model.modules()):
         return "fp8"
+    return ""
+
+
+def served_kv_cache_scales(runner) -> str:
+    """Where an FP8 KV cache's scales come from: ``"calculated"`` (calculate_kv_scales),
+    ``"checkpoint"`` (a layer holds the checkpoint's calibrated scales), else empty."""
+    import torch
+
+    from kernels.fp8 import is_fp8
+
+    cache_dtype = getattr(runner, "kv_cache_dtype", None)
+    model = getattr(runner, "model", None)
+    if model is None or not isinstance(cache_dtype, torch.dtype) or not is_fp8(cache_dtype):
+        return ""
+    if runner.cache_config.calculate_kv_scales:
+        return "calculated"
+    if any(getattr(m, "kv_scales", None) is not None for m in model.modules()):
+        return "checkpoint"
     return ""
 
 

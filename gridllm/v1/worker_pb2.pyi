@@ -94,7 +94,7 @@ class GetWorkerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "address", "model", "num_kv_blocks", "block_size", "vocab_size", "max_model_len", "eos_token_id", "max_num_seqs", "max_num_batched_tokens", "device", "dtype", "instance_id", "logits_processors", "worker_group", "kv_window", "kv_group_windows", "model_config_hash", "quantization", "kv_cache_dtype")
+    __slots__ = ("worker_id", "address", "model", "num_kv_blocks", "block_size", "vocab_size", "max_model_len", "eos_token_id", "max_num_seqs", "max_num_batched_tokens", "device", "dtype", "instance_id", "logits_processors", "worker_group", "kv_window", "kv_group_windows", "model_config_hash", "quantization", "kv_cache_dtype", "kv_cache_scales")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -115,6 +115,7 @@ class WorkerInfo(_message.Message):
     MODEL_CONFIG_HASH_FIELD_NUMBER: _ClassVar[int]
     QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_SCALES_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     address: str
     model: str
@@ -135,4 +136,5 @@ class WorkerInfo(_message.Message):
     model_config_hash: str
     quantization: str
     kv_cache_dtype: str
-    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., model: _Optional[str] = ..., num_kv_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., instance_id: _Optional[str] = ..., logits_processors: _Optional[_Iterable[str]] = ..., worker_group: _Optional[str] = ..., kv_window: _Optional[int] = ..., kv_group_windows: _Optional[_Iterable[int]] = ..., model_config_hash: _Optional[str] = ..., quantization: _Optional[str] = ..., kv_cache_dtype: _Optional[str] = ...) -> None: ...
+    kv_cache_scales: str
+    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., model: _Optional[str] = ..., num_kv_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., instance_id: _Optional[str] = ..., logits_processors: _Optional[_Iterable[str]] = ..., worker_group: _Optional[str] = ..., kv_window: _Optional[int] = ..., kv_group_windows: _Optional[_Iterable[int]] = ..., model_config_hash: _Optional[str] = ..., quantization: _Optional[str] = ..., kv_cache_dtype: _Optional[str] = ..., kv_cache_scales: _Optional[str] = ...) -> None: ...

@@ -271,6 +271,7 @@ def test_metrics_count_a_known_workload_exactly(http_stack, oai):
              if name == "gridllm:worker_model_info" and value == 1]
     assert len(infos) == 1 and infos[0]["quantization"] == "" and infos[0]["device"] == "cpu"
     assert infos[0]["kv_cache_dtype"] == infos[0]["dtype"] != ""
+    assert infos[0]["kv_cache_scales"] == ""
     num_steps = moved(w0, worker, "gridllm:worker_steps_total")
     assert moved(w0, worker, "gridllm:worker_step_time_seconds_count") == num_steps > 0
     assert moved(s0, scheduler, "gridllm:scheduler_step_round_trip_seconds_count",

@@ -203,3 +203,20 @@ def test_on_the_gpu_the_scales_are_the_cpus_and_the_runner_serves(tiny_model_dir
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
     outputs, _ = run_requests(runner, [[1, 5, 9, 12, 40], [7, 3, 3, 8]], params, 6)
     assert [len(o) for o in outputs] == [6, 6]
+
+
+def test_workers_report_where_their_kv_cache_scales_come_from(tiny_model_dir, tmp_path):
+    """WorkerInfo.kv_cache_scales (a scheduler links only workers that agree): calculated,
+    a checkpoint's, or empty for scales of 1.0 and for a cache in the model's dtype."""
+    from tests.worker_svc.fp8_checkpoints import write_kv_scales_checkpoint
+    from worker_svc.server import served_kv_cache_scales
+
+    model_dir = tiny_model_dir("llama")
+    checkpoint = write_kv_scales_checkpoint(model_dir, str(tmp_path / "model"),
+                                            [(0.5, 0.25), (0.125, 2.0)])
+    assert served_kv_cache_scales(_runner(model_dir, calculate_kv_scales=True)) == "calculated"
+    assert served_kv_cache_scales(_runner(checkpoint)) == "checkpoint"
+    assert served_kv_cache_scales(_runner(model_dir)) == ""
+    plain = ModelRunner(ModelConfig(model=checkpoint, device="cpu"),
+                        CacheConfig(num_kv_blocks=16), SchedulerConfig())
+    assert served_kv_cache_scales(plain) == ""
