@@ -6,13 +6,14 @@ calibration set (``CALIBRATION_TEXTS``, through the model's tokenizer and chat t
 where it has them; fixed pseudo-random token ids where it has no tokenizer), divided by
 ``KV_SCALE_HEADROOM``: one prefill per text over a cache in the model's dtype, before the
 KV cache is sized and CUDA graphs are captured (the scales are constants of every kernel
-launch, so graphs capture them). The set is fixed, not the first requests served (vLLM
-measures its first forward): a worker's scales, and so its outputs, do not depend on
-what it happened to serve first. Under tensor parallelism each rank measures its own heads.
+launch, so graphs capture them). The set is fixed, not the requests served (vLLM computes
+its scales on the fly): a worker's scales, and so its outputs, do not depend on what it
+happened to serve first. Under tensor parallelism each rank measures its own heads.
 
-Scales of 1.0 leave a layer's small keys and values in e4m3's subnormal range (SmolLM2-135M
-writes values of a few hundredths); per-layer scales put the largest at ``KV_SCALE_HEADROOM``
-(measured on SmolLM2-135M in ``tests/worker_svc/test_fp8_accuracy.py``).
+What the scales are for: keys or values outside e4m3's range (past 448 they saturate,
+under 2^-9 they round to zero). Inside it e4m3's relative rounding is the same at any
+scale, and the choice changes a model's predictions by rounding noise only
+(``benchmarks/fp8_kv_scales.py`` on SmolLM2-135M).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ logger = logging.getLogger(__name__)
 ModelRunner = Any
 
 # Scale = amax / this: the calibration set's largest key or value lands at 224, half of
-# e4m3's 448, so keys and values up to twice as large as any it saw still fit unsaturated.
+# e4m3's 448, so keys and values up to twice as large as any it saw still fit unsaturated
+# (an e5m2 cache, +-57344, takes the same scales).
 KV_SCALE_HEADROOM = 224.0
 # Calibration tokens per text, at most (the texts are shorter with a real tokenizer).
 MAX_CALIBRATION_TOKENS = 256
