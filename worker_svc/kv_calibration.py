@@ -65,8 +65,9 @@ CALIBRATION_TEXTS = (
 def calibration_prompts(load_tokenizer: Callable[[], Any] | None, vocab_size: int,
                         max_len: int) -> list[list[int]]:
     """The calibration set as token ids, each of 1 to ``max_len`` tokens: every text, and
-    the first as a chat message when the tokenizer has a chat template; without a
-    tokenizer, ``NUM_RANDOM_TEXTS`` seeded pseudo-random sequences."""
+    the first as a chat message when the tokenizer has a chat template (ids the model's
+    vocabulary lacks dropped); without a tokenizer, ``NUM_RANDOM_TEXTS`` seeded
+    pseudo-random sequences."""
     max_len = min(max_len, MAX_CALIBRATION_TOKENS)
     tokenizer = load_tokenizer() if load_tokenizer is not None else None
     if tokenizer is None:
@@ -81,7 +82,8 @@ def calibration_prompts(load_tokenizer: Callable[[], Any] | None, vocab_size: in
                 add_generation_prompt=True, tokenize=True, return_dict=False)))
         except (TemplateError, ValueError) as exc:  # a template that wants other roles
             logger.info("calculate_kv_scales: no chat prompt (%s)", exc)
-    return [ids[:max_len] for ids in prompts if ids]
+    prompts = [[i for i in ids if i < vocab_size][:max_len] for ids in prompts]
+    return [ids for ids in prompts if ids]
 
 
 @torch.inference_mode()
@@ -108,7 +110,8 @@ def measure_kv_scales(runner: ModelRunner, prompts: list[list[int]]
 
 def calculate_kv_scales(runner: ModelRunner, load_tokenizer: Callable[[], Any] | None) -> None:
     """Measure the KV-cache scales (``measure_kv_scales``) and give each attention layer
-    its own, replacing any a checkpoint carried.
+    its own, replacing any a checkpoint carried. ``load_tokenizer``: None for the seeded
+    token ids (a model without a tokenizer, or ``skip_tokenizer_init``).
 
     Raises:
         ValueError: the model's attention layers take no KV-cache scales.

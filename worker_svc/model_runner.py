@@ -88,7 +88,8 @@ class ModelRunner:
         self.max_model_len = self._resolve_max_model_len()
         self.block_size = cache_config.block_size
         if cache_config.calculate_kv_scales:
-            calculate_kv_scales(self, tokenizer_loader(model_config))
+            calculate_kv_scales(self, None if model_config.skip_tokenizer_init
+                                else tokenizer_loader(model_config))
         self.eos_token_id = eos_token_id if eos_token_id is not None else _first_eos(self.hf_config)
         # The references on CUDA too when attention_backend="torch" (a kernel-free run).
         self.sampler = Sampler(seed=model_config.seed,

@@ -130,6 +130,20 @@ def test_prompts_without_a_tokenizer_are_fixed_and_in_range():
 
 @pytest.mark.skipif(not is_preset_available("smollm2-135m"),
                     reason="smollm2-135m is not in the cache (make test fetches it)")
+def test_token_ids_past_the_models_vocabulary_are_dropped():
+    """A tokenizer larger than the model's embedding table must not index past it."""
+    from gridllm.common.tokenizer import load_tokenizer
+    from worker_svc.loader import resolve_model_path
+
+    tokenizer = load_tokenizer(resolve_model_path("smollm2-135m"))
+    full = calibration_prompts(lambda: tokenizer, tokenizer.vocab_size, 1000)
+    cut = calibration_prompts(lambda: tokenizer, 1000, 1000)
+    assert len(cut) == len(full) and all(ids and max(ids) < 1000 for ids in cut)
+    assert all(ids == [i for i in whole if i < 1000] for ids, whole in zip(cut, full, strict=True))
+
+
+@pytest.mark.skipif(not is_preset_available("smollm2-135m"),
+                    reason="smollm2-135m is not in the cache (make test fetches it)")
 def test_prompts_with_a_tokenizer_are_the_texts_and_a_chat():
     from gridllm.common.tokenizer import load_tokenizer
     from worker_svc.loader import resolve_model_path
