@@ -25,27 +25,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from gridllm.bench.accuracy import DEFAULT_PROMPTS as PROMPTS  # noqa: E402
 from gridllm.bench.report import format_table, write_json  # noqa: E402
 
-# None of worker_svc.kv_calibration.CALIBRATION_TEXTS.
-PROMPTS = [
-    "The capital of France is",
-    "def fibonacci(n):\n",
-    "Water boils at a temperature of",
-    "Once upon a time, in a small village,",
-    "The three primary colors are",
-    "SELECT name, COUNT(*) FROM orders",
-    "In 1969, the first humans to walk on the Moon were",
-    "To make a cup of tea, first",
-    "The derivative of x^3 is",
-    "Photosynthesis is the process by which",
-    "import torch\nx = torch.randn(",
-    "The largest planet in the solar system is",
-    "Dear hiring manager, I am writing to",
-    "The French word for cat is",
-    "A haiku about autumn:\n",
-    "The GDP of a country measures",
-]
 # Where the calibration set's largest |key| / |value| lands in e4m3's range (448 at most).
 HEADROOMS = (448.0, 224.0, 100.0)
 

@@ -3,7 +3,7 @@
     gridllm up [--model M] [--workers N] [--port 50051] [--http-port 8000] [--redis-url URL]
     gridllm generate [--target HOST[:PORT]] "prompt"
     gridllm run [--model M] "prompt"
-    gridllm bench throughput|serve|latency ...
+    gridllm bench throughput|serve|latency|collectives|accuracy ...
     gridllm --version
 
 ``gridllm up --help`` lists every engine and service setting with its default.
@@ -165,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_flags(run)
     _add_engine_arguments(run)
 
-    _add_bench_arguments(_parser(sub, "bench", "benchmarks: throughput | serve | latency"))
+    _add_bench_arguments(_parser(
+        sub, "bench", "benchmarks: throughput | serve | latency | collectives | accuracy"))
     return parser
 
 

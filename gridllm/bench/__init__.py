@@ -1,9 +1,10 @@
-"""Benchmarks: ``gridllm bench throughput | serve | latency | collectives``.
+"""Benchmarks: ``gridllm bench throughput | serve | latency | collectives | accuracy``.
 
     gridllm bench throughput --model random:qwen3-0.6b --compare hf
     gridllm bench serve --target localhost:50051 --sweep 1,4,16,inf --output sweep.json
     gridllm bench latency --model random:llama3-8b
     gridllm bench collectives --model random:llama3-8b --tensor-parallel-size 2
+    gridllm bench accuracy --model smollm2-135m --quantization fp8 --kv-cache-dtype fp8
 
 ``add_bench_subcommands`` adds the parsers to an argparse sub-parser set (the
 ``gridllm`` CLI's ``bench`` slot); ``main(argv)`` parses and runs one of them.
@@ -19,9 +20,10 @@ logger = logging.getLogger(__name__)
 
 
 def add_bench_subcommands(subparsers) -> None:
-    """Add ``throughput``, ``serve``, ``latency`` and ``collectives`` to ``subparsers``;
-    each parser's ``func`` default runs the command (returns an exit code)."""
-    from gridllm.bench import collectives, latency, serve, throughput
+    """Add ``throughput``, ``serve``, ``latency``, ``collectives`` and ``accuracy`` to
+    ``subparsers``; each parser's ``func`` default runs the command (returns an exit
+    code)."""
+    from gridllm.bench import accuracy, collectives, latency, serve, throughput
 
     for name, module, command, help_text in (
             ("throughput", throughput, throughput.cmd_throughput,
@@ -31,7 +33,9 @@ def add_bench_subcommands(subparsers) -> None:
             ("latency", latency, latency.cmd_latency,
              "batch-1 latency next to the weight-bandwidth roofline"),
             ("collectives", collectives, collectives.cmd_collectives,
-             "the all-reduce time of a tensor-parallel step, over T processes")):
+             "the all-reduce time of a tensor-parallel step, over T processes"),
+            ("accuracy", accuracy, accuracy.cmd_accuracy,
+             "how much FP8 weights or KV cache change the model's predictions")):
         parser = subparsers.add_parser(name, help=help_text, description=module.__doc__,
                                        formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(parser)

@@ -39,38 +39,46 @@ class Case:
     bf16_logits: torch.Tensor
 
 
-def reference_cases(model_dir: str, prompts: list[list[int]], num_new: int) -> list[Case]:
+def reference_cases(model_dir: str, prompts: list[list[int]], num_new: int,
+                    device: str | torch.device = "cpu") -> list[Case]:
     """Per prompt (token ids): transformers fp32's greedy ``num_new``-token sequence and
-    the logits fp32 and bf16 give along it."""
+    the logits fp32 and bf16 give along it (run on ``device``, returned on the CPU)."""
     from transformers import AutoModelForCausalLM
 
-    fp32 = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    bf16 = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
     cases = []
+    fp32 = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
     with torch.no_grad():
         for ids in prompts:
-            prompt = torch.tensor([ids])
+            prompt = torch.tensor([ids], device=device)
             seq = fp32.generate(prompt, max_new_tokens=num_new, min_new_tokens=num_new,
                                 do_sample=False, eos_token_id=None, pad_token_id=0,
                                 attention_mask=torch.ones_like(prompt))[0]
             rows = slice(len(ids) - 1, len(seq) - 1)  # the positions predicting new tokens
-            cases.append(Case(seq, len(ids), fp32(seq[None]).logits[0, rows].float(),
-                              bf16(seq[None]).logits[0, rows].float()))
+            cases.append(Case(seq.cpu(), len(ids), fp32(seq[None]).logits[0, rows].float().cpu(),
+                              torch.empty(0)))
+    del fp32
+    bf16 = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(device).eval()
+    with torch.no_grad():
+        for case in cases:
+            rows = slice(case.prompt_len - 1, len(case.seq) - 1)
+            case.bf16_logits = bf16(case.seq[None].to(device)).logits[0, rows].float().cpu()
     return cases
 
 
 def teacher_forced_logits(model, cases: list[Case], kv_dtype: torch.dtype, num_new: int
                           ) -> list[torch.Tensor]:
     """Per case, ``model``'s logits predicting the ``num_new`` tokens after the prompt (the
-    last one predicted from ``seq[prompt_len + num_new - 1]``): one step prefills every
-    prompt, then each step decodes one token of every sequence, over a paged CPU cache of
-    ``kv_dtype`` (left on ``model.last_caches``)."""
+    last one predicted from ``seq[prompt_len + num_new - 1]``; float32, on the CPU): one
+    step prefills every prompt, then each step decodes one token of every sequence, over
+    a paged cache of ``kv_dtype`` on the model's device (left on ``model.last_caches``)."""
+    device = next(model.parameters()).device
     config = model.config
     num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     width = max(-(-len(case.seq) // BLOCK_SIZE) for case in cases)
     shape = (width * len(cases), BLOCK_SIZE, num_kv_heads, head_dim)
-    caches = [(torch.zeros(shape, dtype=kv_dtype), torch.zeros(shape, dtype=kv_dtype))
+    caches = [(torch.zeros(shape, dtype=kv_dtype, device=device),
+               torch.zeros(shape, dtype=kv_dtype, device=device))
               for _ in range(config.num_hidden_layers)]
     tables = torch.arange(width * len(cases), dtype=torch.int32).view(len(cases), width)
     # Step 0: every prompt whole; step j > 0: token prompt_len + j - 1 of every sequence.
@@ -88,12 +96,12 @@ def teacher_forced_logits(model, cases: list[Case], kv_dtype: torch.dtype, num_n
             lens = torch.tensor([b - a for a, b in spans])
             starts = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])
             metadata = AttentionMetadata(
-                slot_mapping=slots, query_start_loc=starts.int(),
-                seq_lens=torch.tensor([b for _, b in spans], dtype=torch.int32),
-                block_tables=tables, max_query_len=int(lens.max()),
+                slot_mapping=slots.to(device), query_start_loc=starts.int().to(device),
+                seq_lens=torch.tensor([b for _, b in spans], dtype=torch.int32, device=device),
+                block_tables=tables.to(device), max_query_len=int(lens.max()),
                 max_seq_len=max(b for _, b in spans))
-            hidden = model(ids.int(), positions, caches, metadata)
-            last = model.compute_logits(hidden[starts[1:] - 1])
+            hidden = model(ids.int().to(device), positions.to(device), caches, metadata)
+            last = model.compute_logits(hidden[(starts[1:] - 1).to(device)]).float().cpu()
             for i in range(len(cases)):
                 logits[i].append(last[i:i + 1])
     model.last_caches = caches
