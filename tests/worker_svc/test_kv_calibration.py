@@ -17,8 +17,9 @@ from worker_svc.kv_calibration import (
 from worker_svc.model_runner import ModelRunner
 
 
-def _runner(model_dir: str, dtype: str = "float32", **cache) -> ModelRunner:
-    return ModelRunner(ModelConfig(model=model_dir, device="cpu", dtype=dtype),
+def _runner(model_dir: str, dtype: str = "float32", device: str = "cpu", **cache
+            ) -> ModelRunner:
+    return ModelRunner(ModelConfig(model=model_dir, device=device, dtype=dtype),
                        CacheConfig(num_kv_blocks=16, kv_cache_dtype="fp8", **cache),
                        SchedulerConfig())
 
@@ -68,14 +69,18 @@ def test_scales_are_the_largest_cached_keys_and_values(tiny_model_dir, arch):
     assert _layer_scales(_runner(model_dir)) == [None] * len(expected)
 
 
-def test_the_scales_follow_the_model_dtype_and_serve(tiny_model_dir):
-    """In bfloat16 the scales are measured on the bfloat16 model's keys (close to fp32's),
-    and the runner then generates over its FP8 cache."""
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+def test_the_scales_follow_the_model_dtype_and_serve(tiny_model_dir, device):
+    """In bfloat16 the scales are measured on the bfloat16 model's keys, close to the CPU
+    float32 run's (on CUDA: the Triton backend, CUDA graphs captured after the scales are
+    set), and the runner then generates over its FP8 cache."""
     from gridllm import SamplingParams
     from tests.worker_svc.step_driver import run_requests
 
     model_dir = tiny_model_dir("llama")
-    runner = _runner(model_dir, dtype="bfloat16", calculate_kv_scales=True)
+    runner = _runner(model_dir, dtype="bfloat16", device=device, calculate_kv_scales=True)
     fp32 = _layer_scales(_runner(model_dir, calculate_kv_scales=True))
     for (k, v), (k32, v32) in zip(_layer_scales(runner), fp32, strict=True):
         assert k == pytest.approx(k32, rel=0.05) and v == pytest.approx(v32, rel=0.05)
@@ -196,27 +201,6 @@ def test_calculated_scales_keep_keys_and_values_outside_e4m3s_range(tiny_model_d
     ruined = (logits(scaled_dir, fp8, False) - reference).abs().max()
     print(f"factor {factor}: usual {usual:.4f} calculated {error:.4f} ruined {ruined:.4f}")
     assert error < 2 * usual and ruined > 5 * usual
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_on_the_gpu_the_scales_are_the_cpus_and_the_runner_serves(tiny_model_dir):
-    """On CUDA (bfloat16, the Triton backend, CUDA graphs captured after the scales are
-    set) the calibration prefills give the CPU float32 run's scales to bfloat16's
-    precision, and greedy decoding over the FP8 cache runs."""
-    from gridllm import SamplingParams
-    from tests.worker_svc.step_driver import run_requests
-
-    model_dir = tiny_model_dir("llama")
-    cpu = _layer_scales(_runner(model_dir, calculate_kv_scales=True))
-    runner = ModelRunner(ModelConfig(model=model_dir, device="cuda", dtype="bfloat16"),
-                         CacheConfig(num_kv_blocks=64, kv_cache_dtype="fp8",
-                                     calculate_kv_scales=True), SchedulerConfig())
-    for (k, v), (k_cpu, v_cpu) in zip(_layer_scales(runner), cpu, strict=True):
-        assert k == pytest.approx(k_cpu, rel=0.05) and v == pytest.approx(v_cpu, rel=0.05)
-    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
-    outputs, _ = run_requests(runner, [[1, 5, 9, 12, 40], [7, 3, 3, 8]], params, 6)
-    assert [len(o) for o in outputs] == [6, 6]
 
 
 def test_workers_report_where_their_kv_cache_scales_come_from(tiny_model_dir, tmp_path):
