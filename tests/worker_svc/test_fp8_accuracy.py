@@ -23,6 +23,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from gridllm.bench.accuracy import DEFAULT_PROMPTS
 from gridllm.bench.quant_accuracy import (
     kv_amax,
     measure,
@@ -39,13 +40,10 @@ pytestmark = [
                        reason="smollm2-135m is not in the cache (make test fetches it)"),
 ]
 
-PROMPTS = [
-    "The capital of France is",
-    "def fibonacci(n):\n",
-    "Water boils at a temperature of",
-    "Once upon a time, in a small village,",
-]
-NUM_NEW = 16
+# 16 prompts x 32 predictions: 512 positions, so that a few near ties flipping with the
+# rounding move the agreement by little (at 64 positions one flip was 1.6 points).
+PROMPTS = DEFAULT_PROMPTS
+NUM_NEW = 32
 # Bounds of an FP8 setting against the fp32 reference (see the module docstring).
 FP8_MIN_AGREEMENT = 0.85
 FP8_MAX_ERROR_VS_BF16 = 4.0
