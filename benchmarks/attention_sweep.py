@@ -122,8 +122,9 @@ def decode_cases(args, copy_gbps: float) -> list[dict]:
     rows = []
     for batch, context in itertools.product(args.batches, args.contexts):
         kc, vc, tables, seq = paged_kv(batch, context, KV_HEADS, HEAD_DIM, 16, DTYPE)
-        if args.kv_cache_dtype == "fp8":
-            kc, vc = kc.to(FP8_DTYPE), vc.to(FP8_DTYPE)
+        if args.kv_cache_dtype != "auto":
+            fp8 = FP8_DTYPE if args.kv_cache_dtype == "fp8" else torch.float8_e5m2
+            kc, vc = kc.to(fp8), vc.to(fp8)
         q = torch.randn(batch, HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
         nbytes = 2 * kc.numel() * kc.element_size() + 2 * q.numel() * q.element_size()
 
@@ -243,9 +244,10 @@ def main() -> None:
                         help="decode over an FP8 cache: 1 sweeps the Gluon kernel (one "
                              "split, --block-n x --stages), 0 the tl.dot kernel; unset: "
                              "each config keeps the default's choice")
-    parser.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"),
-                        help="the decode cases' cache: the queries' bf16, or e4m3 (bytes "
-                        "then count one per element)")
+    parser.add_argument("--kv-cache-dtype", default="auto",
+                        choices=("auto", "fp8", "fp8_e5m2"),
+                        help="the decode cases' cache: the queries' bf16, or e4m3 / e5m2 "
+                        "(bytes then count one per element)")
     parser.add_argument("--prefill-shape", type=int, nargs=2, default=[4, 4096])
     parser.add_argument("--block-m", type=int, nargs="+", default=[128, 256])
     parser.add_argument("--block-n-prefill", type=int, nargs="+", default=[64, 128])
