@@ -77,6 +77,9 @@ _SHORT_SPLIT_BLOCK_N = 32
 # batch 64 x 4096 100% / 76%, batch 256 x 616 87.5% / 85.2%): a third stage's shared
 # memory leaves fewer programs resident per SM.
 _NUM_STAGES = 2
+# Split-KV over a 16-bit cache where the SMs set the split count: (keys per iteration,
+# warps, stages, key_rows, register cap); with block numbers a tile ahead (_default_launch).
+_SPLIT_LAUNCH = (32, 4, 3, False, None)
 # Over an FP8 cache with one split, up to this many programs per SM take the small-grid
 # launch of _default_launch.
 _FP8_SMALL_GRID_PROGRAMS_PER_SM = 4
@@ -435,6 +438,11 @@ def _default_launch(num_reqs: int, num_kv_heads: int, num_splits: int, dtype: to
       256 keys 8.5 against 9.0 us). Over a bf16 cache, and with one split at large
       batches, the transposed products were slower (batch 256 x 616 over FP8: 122.0
       against 113.5 us).
+    - split-KV over a 16-bit cache, where the SMs set the split count: ``_SPLIT_LAUNCH``,
+      32 keys, 4 warps, 3 stages, block numbers a tile ahead (``prefetch_table``; H200,
+      8 KV heads, two sweeps on separate days, us: batch 1 x 32k keys 43.1 -> 41.4, 2 x 32k
+      72.8 -> 71.9, 4 x 32k 133.4 -> 131.6, 2 x 8192 27.1 -> 26.2, 4 x 8192 42.5 -> 40.4;
+      with 64 keys and 2 stages, block numbers a tile ahead were slower).
     - over an FP8 cache, the one-warp launch caps the registers once more programs than
       fit at the compiler's 190 a thread (8 per SM) would take a second, mostly empty, wave
       (``_fp8_one_warp_launch``): up to 10 per SM at 168 registers, past that 16 keys per
@@ -456,7 +464,16 @@ def _default_launch(num_reqs: int, num_kv_heads: int, num_splits: int, dtype: to
         elif (is_fp8(cache_dtype) and dtype == torch.bfloat16
               and block_n != _SHORT_SPLIT_BLOCK_N):
             return 64, 2, 3, True, None
+        elif not is_fp8(cache_dtype) and dtype != torch.float32 \
+                and block_n != _SHORT_SPLIT_BLOCK_N:
+            return _SPLIT_LAUNCH
     return block_n, 4, _NUM_STAGES, False, None
+
+
+def _prefetches(num_splits: int, cache_dtype: torch.dtype, launch: tuple) -> bool:
+    """Whether the default launch loads block numbers a tile ahead: over a 16-bit cache
+    with one split, or with split-KV's ``_SPLIT_LAUNCH``."""
+    return not is_fp8(cache_dtype) and (num_splits == 1 or launch == _SPLIT_LAUNCH)
 
 
 def _fp8_one_warp_launch(programs: int, sms: int) -> tuple[int, int, int, bool, int | None]:
@@ -587,7 +604,7 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
             F16_DOTS=fp8_f16_dots(key_cache, query),
             BLOCK_SIZE=block_size if is_fp8(key_cache.dtype) else 0,
             KV_WORDS=kv_words(key_cache, value_cache, query, head_dim),
-            PREFETCH_TABLE=(num_splits == 1 and not is_fp8(key_cache.dtype)
+            PREFETCH_TABLE=(_prefetches(num_splits, key_cache.dtype, launch)
                             if prefetch_table is None else prefetch_table),
             KEY_ROWS=bool(key_rows),
             num_warps=num_warps, num_stages=num_stages, **pdl,
