@@ -28,7 +28,10 @@ memory), and the four values of a word converted half by the conversion unit, ha
 integer ops (see ``_e4m3_quad``): the conversions, not the bytes, bound the byte-wise kernel.
 ``_gemv_e4m3_f16_kernel`` multiplies in float16 pairs instead (about 2.6 instructions a
 weight byte against 4.45, compiled for sm_90); it serves only with ``GRIDLLM_GEMV_F16=1``
-(or ``gemv(..., f16_pairs=True)``) until it has been measured on a GPU.
+(or ``gemv(..., f16_pairs=True)``): measured on an H200 (2026-12-05, Llama-3-8B's four
+linears x 32 at one row) it took 2.511 ms against the word kernel's 2.142 (66% / 77% of
+copy), faster only on o (6.7 against 6.9 us), so fewer instructions a byte did not make it
+faster.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ at 4 x 4096 tokens; blocks of 16 tokens would need a copy per 16 keys and produc
 wide, which measured slower than the general kernel (see docs/performance.md).
 ``GRIDLLM_PREFILL_TMA=0`` turns the path off (A/B runs). ``GRIDLLM_GLUON_PREFILL=1``
 sends query chunks of 64+ tokens that ``kernels.gluon_prefill_attention.serves`` takes to
-the warp-specialized Gluon kernel instead (off by default: it has not passed on a GPU yet).
+the warp-specialized Gluon kernel instead (off by default: see its module).
 """
 
 from __future__ import annotations
@@ -443,8 +443,11 @@ def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
     max_query_len = longest_query(query, query_start_loc, max_query_len)
     if max_query_len == 0:
         return out
-    if GLUON_PREFILL and launch is None and max_query_len >= 64 and gluon_serves(
-            query, key_cache, value_cache, sliding_window, logit_softcap, attention_stride):
+    # (k_scale is in ``scale``; the Gluon kernel takes no v_scale, which a 16-bit cache as
+    # served always has at 1.0: ``AttentionBackend.scales_for``.)
+    if GLUON_PREFILL and launch is None and max_query_len >= 64 and v_scale == 1.0 \
+            and gluon_serves(query, key_cache, value_cache, sliding_window, logit_softcap,
+                             attention_stride):
         return gluon_prefill_attention(query, key_cache, value_cache, block_tables, seq_lens,
                                        query_start_loc, scale, max_query_len, out)
     if uses_tma(query, key_cache, value_cache, max_query_len, attention_stride):
