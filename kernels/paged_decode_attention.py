@@ -438,11 +438,13 @@ def _default_launch(num_reqs: int, num_kv_heads: int, num_splits: int, dtype: to
       256 keys 8.5 against 9.0 us). Over a bf16 cache, and with one split at large
       batches, the transposed products were slower (batch 256 x 616 over FP8: 122.0
       against 113.5 us).
-    - split-KV over a 16-bit cache, where the SMs set the split count: ``_SPLIT_LAUNCH``,
+    - split-KV over a 16-bit cache (where the SMs set the split count, and short splits
+      alike, so each count is one variant whatever the batch): ``_SPLIT_LAUNCH``,
       32 keys, 4 warps, 3 stages, block numbers a tile ahead (``prefetch_table``; H200,
       8 KV heads, two sweeps on separate days, us: batch 1 x 32k keys 43.1 -> 41.4, 2 x 32k
       72.8 -> 71.9, 4 x 32k 133.4 -> 131.6, 2 x 8192 27.1 -> 26.2, 4 x 8192 42.5 -> 40.4;
-      with 64 keys and 2 stages, block numbers a tile ahead were slower).
+      with 64 keys and 2 stages, block numbers a tile ahead were slower; short splits
+      not timed).
     - over an FP8 cache, the one-warp launch caps the registers once more programs than
       fit at the compiler's 190 a thread (8 per SM) would take a second, mostly empty, wave
       (``_fp8_one_warp_launch``): up to 10 per SM at 168 registers, past that 16 keys per
@@ -464,8 +466,9 @@ def _default_launch(num_reqs: int, num_kv_heads: int, num_splits: int, dtype: to
         elif (is_fp8(cache_dtype) and dtype == torch.bfloat16
               and block_n != _SHORT_SPLIT_BLOCK_N):
             return 64, 2, 3, True, None
-        elif not is_fp8(cache_dtype) and dtype != torch.float32 \
-                and block_n != _SHORT_SPLIT_BLOCK_N:
+        elif not is_fp8(cache_dtype) and dtype != torch.float32:
+            # Short splits too: a split count's variant must not depend on the batch (the
+            # warm-up builds each count at batch 1).
             return _SPLIT_LAUNCH
     return block_n, 4, _NUM_STAGES, False, None
 
