@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from gridllm.bench.accuracy import DEFAULT_PROMPTS as PROMPTS  # noqa: E402
-from gridllm.bench.report import format_table, write_json  # noqa: E402
+from gridllm.bench.report import write_json  # noqa: E402
 
 # Where the calibration set's largest |key| / |value| lands in e4m3's range (448 at most).
 HEADROOMS = (448.0, 224.0, 100.0)
@@ -51,9 +51,11 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from gridllm.bench.quant_accuracy import (
-        measure,
+        format_rows,
+        measure_bf16,
+        measure_model,
         reference_cases,
-        teacher_forced_logits,
+        result_row,
         write_rescaled_kv_checkpoint,
     )
     from worker_svc.kv_calibration import KV_SCALE_HEADROOM
@@ -68,16 +70,11 @@ def main() -> None:
     cases = reference_cases(model_dir, [tokenizer(p).input_ids for p in PROMPTS], args.num_new)
 
     def row(name, model, kv_dtype=torch.float8_e4m3fn):
-        logits = teacher_forced_logits(model, cases, kv_dtype, args.num_new)
-        agree, error, kl = measure([(out, c.fp32_logits)
-                                    for out, c in zip(logits, cases, strict=True)])
-        print(f"{name}: {agree:.4f} {error:.3f} {kl:.5f}", flush=True)
-        return {"variant": name, "top1_agreement": agree, "max_logit_error": error,
-                "mean_kl": kl}
+        measured = measure_model(model, cases, kv_dtype, args.num_new)
+        print(f"{name}: {measured[0]:.4f} {measured[1]:.3f} {measured[2]:.5f}", flush=True)
+        return result_row(name, measured)
 
-    results = [dict(zip(("variant", "top1_agreement", "max_logit_error", "mean_kl"),
-                        ("transformers bfloat16", *measure(
-                            [(c.bf16_logits, c.fp32_logits) for c in cases])), strict=True))]
+    results = [result_row("transformers bfloat16", measure_bf16(cases))]
     calculated = _runner(model_dir, True).model
     results.append(row("float32 cache", calculated, torch.float32))
     computed = [layer.self_attn.kv_scales for layer in calculated.model.layers]
@@ -97,10 +94,7 @@ def main() -> None:
     print(f"SmolLM2-135M (float32, CPU), {len(PROMPTS)} prompts x {args.num_new} teacher-"
           f"forced predictions against transformers float32; the calibration amax of "
           f"calculate_kv_scales is at {KV_SCALE_HEADROOM:g}")
-    print(format_table([[r["variant"], f"{r['top1_agreement']:.4f}",
-                         f"{r['max_logit_error']:.3f}", f"{r['mean_kl']:.5f}"]
-                        for r in results],
-                       ["variant", "top-1 agreement", "max logit error", "mean KL"]))
+    print(format_rows(results))
     write_json(args.output, {"num_prompts": len(PROMPTS), "num_new": args.num_new,
                              "results": results})
 

@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from gridllm.bench.report import format_table, write_json
+from gridllm.bench.report import write_json
 from gridllm.common.config import KV_CACHE_DTYPES, QUANTIZATIONS
 
 DEFAULT_PROMPTS = (
@@ -81,9 +81,9 @@ def _prompt_ids(config: AccuracyConfig, model_dir: str, vocab_size: int) -> list
         generator = torch.Generator().manual_seed(0)
         return [torch.randint(2, vocab_size, (RANDOM_PROMPT_LEN,), generator=generator).tolist()
                 for _ in range(NUM_RANDOM_PROMPTS)]
-    ids = [tokenizer(text).input_ids for text in config.prompts or DEFAULT_PROMPTS]
-    empty = [text for text, i in zip(config.prompts or DEFAULT_PROMPTS, ids, strict=True)
-             if not i]
+    texts = config.prompts or DEFAULT_PROMPTS
+    ids = [tokenizer(text).input_ids for text in texts]
+    empty = [text for text, i in zip(texts, ids, strict=True) if not i]
     if empty:
         raise ValueError(f"prompts must each tokenize to at least one token, got {empty!r}.")
     return ids
@@ -111,7 +111,12 @@ def run_accuracy(config: AccuracyConfig) -> dict[str, Any]:
     dicts of ``variant``, ``top1_agreement``, ``max_logit_error``, ``mean_kl``."""
     from transformers import AutoConfig
 
-    from gridllm.bench.quant_accuracy import measure, reference_cases, teacher_forced_logits
+    from gridllm.bench.quant_accuracy import (
+        measure_bf16,
+        measure_model,
+        reference_cases,
+        result_row,
+    )
     from worker_svc.loader import resolve_model_path
 
     model_dir = resolve_model_path(config.model)
@@ -121,16 +126,10 @@ def run_accuracy(config: AccuracyConfig) -> dict[str, Any]:
     max_model_len = max(len(case.seq) for case in cases)
 
     def row(name: str, runner) -> dict[str, Any]:
-        logits = teacher_forced_logits(runner.model, cases, runner.kv_cache_dtype,
-                                       config.num_new)
-        agree, error, kl = measure([(out, case.fp32_logits)
-                                    for out, case in zip(logits, cases, strict=True)])
-        return {"variant": name, "top1_agreement": agree, "max_logit_error": error,
-                "mean_kl": kl}
+        return result_row(name, measure_model(runner.model, cases, runner.kv_cache_dtype,
+                                              config.num_new))
 
-    bf16 = measure([(case.bf16_logits, case.fp32_logits) for case in cases])
-    rows = [dict(zip(("variant", "top1_agreement", "max_logit_error", "mean_kl"),
-                     ("transformers bfloat16", *bf16), strict=True)),
+    rows = [result_row("transformers bfloat16", measure_bf16(cases)),
             row(f"gridllm {config.dtype}", _runner(config, max_model_len, len(cases), False))]
     settings = [f"quantization={config.quantization}"] if config.quantization else []
     if config.kv_cache_dtype != "auto":
@@ -145,12 +144,11 @@ def run_accuracy(config: AccuracyConfig) -> dict[str, Any]:
 
 
 def format_result(result: dict[str, Any]) -> str:
+    from gridllm.bench.quant_accuracy import format_rows
+
     return (f"{result['model']} on {result['device']}: {result['num_prompts']} prompts x "
             f"{result['num_new']} teacher-forced predictions against transformers float32\n"
-            + format_table([[r["variant"], f"{r['top1_agreement']:.4f}",
-                             f"{r['max_logit_error']:.3f}", f"{r['mean_kl']:.5f}"]
-                            for r in result["rows"]],
-                           ["variant", "top-1 agreement", "max logit error", "mean KL"]))
+            + format_rows(result["rows"]))
 
 
 # ------------------------------------------------------------------------------- CLI

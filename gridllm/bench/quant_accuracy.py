@@ -119,6 +119,35 @@ def measure(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, floa
     return float(agree.mean()), error, float(kl.mean())
 
 
+def measure_model(model, cases: list[Case], kv_dtype: torch.dtype, num_new: int
+                  ) -> tuple[float, float, float]:
+    """``measure`` of ``model``'s teacher-forced logits (``teacher_forced_logits``)
+    against fp32's."""
+    logits = teacher_forced_logits(model, cases, kv_dtype, num_new)
+    return measure([(out, case.fp32_logits) for out, case in zip(logits, cases, strict=True)])
+
+
+def measure_bf16(cases: list[Case]) -> tuple[float, float, float]:
+    """``measure`` of transformers bf16's logits against fp32's."""
+    return measure([(case.bf16_logits, case.fp32_logits) for case in cases])
+
+
+def result_row(variant: str, measured: tuple[float, float, float]) -> dict:
+    """A printed and JSON row: ``variant`` and ``measure``'s three figures by name."""
+    agree, error, kl = measured
+    return {"variant": variant, "top1_agreement": agree, "max_logit_error": error,
+            "mean_kl": kl}
+
+
+def format_rows(rows: list[dict]) -> str:
+    """``result_row`` rows as a table."""
+    from gridllm.bench.report import format_table
+
+    return format_table([[r["variant"], f"{r['top1_agreement']:.4f}",
+                          f"{r['max_logit_error']:.3f}", f"{r['mean_kl']:.5f}"] for r in rows],
+                        ["variant", "top-1 agreement", "max logit error", "mean KL"])
+
+
 def kv_amax(model, prompts: list[list[int]]) -> list[tuple[float, float]]:
     """Per layer, the largest |key| and |value| ``model`` writes over ``prompts`` (one
     prefill, a float32 cache): what calibrated KV-cache scales are made of."""

@@ -26,9 +26,9 @@ import torch
 from gridllm.bench.accuracy import DEFAULT_PROMPTS
 from gridllm.bench.quant_accuracy import (
     kv_amax,
-    measure,
+    measure_bf16,
+    measure_model,
     reference_cases,
-    teacher_forced_logits,
 )
 from gridllm.common.config import CacheConfig, ModelConfig, SchedulerConfig
 from gridllm.common.presets import is_preset_available
@@ -93,7 +93,7 @@ def accuracy(tmp_path_factory):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     cases = reference_cases(model_dir, [tokenizer(text).input_ids for text in PROMPTS],
                             NUM_NEW)
-    results = {"transformers bf16": measure([(c.bf16_logits, c.fp32_logits) for c in cases])}
+    results = {"transformers bf16": measure_bf16(cases)}
     print("transformers bf16", results["transformers bf16"], flush=True)
     variants = {"gridllm fp32": ("smollm2-135m", None, torch.float32),
                 "gridllm fp8 kv cache": ("smollm2-135m", None, torch.float8_e4m3fn),
@@ -120,9 +120,7 @@ def accuracy(tmp_path_factory):
                 pytest.approx(pair) for pair in scales]
         if quantization == "fp8":
             assert any(isinstance(m, Fp8Linear) for m in model.modules())
-        logits = teacher_forced_logits(model, cases, kv_dtype, NUM_NEW)
-        results[name] = measure([(out, case.fp32_logits)
-                                 for out, case in zip(logits, cases, strict=True)])
+        results[name] = measure_model(model, cases, kv_dtype, NUM_NEW)
         print(name, results[name], flush=True)
     for name, (agree, error, kl) in results.items():
         print(f"{name:42s} top-1 agreement {agree:.4f}  max logit error {error:.4f}  "
