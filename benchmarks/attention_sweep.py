@@ -208,8 +208,9 @@ def prefill_cases(args) -> list[dict]:
                     q, kc, vc, tables, seq, qsl, HEAD_DIM ** -0.5, max_query_len=seq_len,
                     **launch)
 
-            gluon_configs = [dict(block_n=n, stages=st) for n, st in itertools.product(
-                (64, 128), (2, 3, 4)) if not (n == 128 and st == 4)]
+            # Keys a tile, ring stages, and the softmax run under P @ V or after it.
+            gluon_configs = [dict(block_n=n, stages=st, overlap=ov) for n, st, ov in
+                             itertools.product((64, 128), (2, 3), (False, True))]
             row = sweep(f"prefill {num_seqs}x{seq_len}, blocks of {block_size} (Gluon, "
                         "warp-specialized; default: the served kernel)", run_gluon,
                         gluon_configs, lambda fn: bench(fn, rep_ms=200), score)

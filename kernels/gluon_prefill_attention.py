@@ -80,6 +80,10 @@ HALF_M = 64
 # memory; three stages, 224 KB, still fit).
 BLOCK_N = 128
 STAGES = 2
+# Whether a consumer runs the next tile's softmax while its own P @ V is in flight
+# (FlashAttention-3's intra-warpgroup overlap) on top of the ping-pong between the two
+# consumers; off: both products of a step are waited for before the softmax.
+OVERLAP = False
 # Registers per thread: the kernel's limit over its 12 warps (a whole register file),
 # the load warp's and the second consumer's; the first consumer gets what is left (240).
 MAX_REGS = 168
@@ -105,6 +109,8 @@ def _layouts(block_n: int) -> dict:
         # [BLOCK_N, 128] value tile for zeroing rows: 16-byte vectors a thread.
         V_ZERO=gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[2, 16],
                                 warps_per_cta=[4, 1], order=[1, 0]),
+        # Each consumer's row sums in shared memory (see _scores_then_values).
+        SINK=gl.SwizzledSharedLayout(1, 1, 1, order=[0]),
     )
 
 
@@ -186,12 +192,12 @@ if gluon is not None and TensorDescriptor is not None:
             blocks = blocks_next
 
     @gluon.jit
-    def _softmax(s, acc, m_i, l_i, q_pos, n0, qk_scale, dtype: gl.constexpr,
-                 MASKED: gl.constexpr, S_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr):
-        """Online softmax of one tile's raw scores ``s``: the probabilities as P @ V's
-        register operand, the rescaled accumulator, the new row maxima and sums (log2
-        units). Every row sees key 0 in its first tile, so maxima are finite from then
-        on."""
+    def _probabilities(s, m_i, l_i, q_pos, n0, qk_scale, MASKED: gl.constexpr,
+                       S_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr):
+        """Online softmax of one tile's raw scores ``s``: the probabilities (float32, in
+        the scores' layout), the factor ``alpha`` (in the accumulator's row layout) the
+        accumulator is to be rescaled by, the new row maxima and sums (log2 units). Every
+        row sees key 0 in its first tile, so maxima are finite from then on."""
         if MASKED:
             cols = gl.arange(0, s.shape[1], layout=gl.SliceLayout(0, S_LAYOUT))
             s = gl.where((n0 + cols)[None, :] <= q_pos[:, None], s * qk_scale,
@@ -203,10 +209,23 @@ if gluon is not None and TensorDescriptor is not None:
             p = gl.exp2(s * qk_scale - m_new[:, None])
         alpha = gl.exp2(m_i - m_new)
         l_i = l_i * alpha + gl.sum(p, axis=1)
-        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, O_LAYOUT))[:, None]
-        p = gl.convert_layout(p.to(dtype),
-                              gl.DotOperandLayout(operand_index=0, parent=O_LAYOUT, k_width=2))
-        return p, acc, m_new, l_i
+        return p, gl.convert_layout(alpha, gl.SliceLayout(1, O_LAYOUT)), m_new, l_i
+
+    @gluon.jit
+    def _operand(p, dtype: gl.constexpr, O_LAYOUT: gl.constexpr):
+        """Probabilities as P @ V's register operand."""
+        return gl.convert_layout(p.to(dtype),
+                                 gl.DotOperandLayout(operand_index=0, parent=O_LAYOUT,
+                                                     k_width=2))
+
+    @gluon.jit
+    def _softmax(s, acc, m_i, l_i, q_pos, n0, qk_scale, dtype: gl.constexpr,
+                 MASKED: gl.constexpr, S_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr):
+        """``_probabilities`` as P @ V's operand, with the accumulator rescaled: P, the
+        accumulator, the row maxima and sums."""
+        p, alpha, m_i, l_i = _probabilities(s, m_i, l_i, q_pos, n0, qk_scale, MASKED,
+                                            S_LAYOUT, O_LAYOUT)
+        return _operand(p, dtype, O_LAYOUT), acc * alpha[:, None], m_i, l_i
 
     @gluon.jit
     def _my_turn(turn, WG: gl.constexpr, section):
@@ -238,6 +257,43 @@ if gluon is not None and TensorDescriptor is not None:
         return acc, s
 
     @gluon.jit
+    def _scores_then_values(p, acc, m_i, l_i, q, q_pos, qk_scale, k_smem, v_smem, k_full,
+                            k_empty, v_full, v_empty, turn, sink, j, WG: gl.constexpr,
+                            STAGES: gl.constexpr, MASKED: gl.constexpr,
+                            S_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr):
+        """``S_{j+1} = Q K_{j+1}^T`` and ``acc + P_j V_j`` (``p``: tile ``j``'s float32
+        probabilities, made the product's operand here) issued together on this
+        warpgroup's turn; the softmax of ``S_{j+1}`` runs while ``P_j V_j`` does, then
+        the accumulator is rescaled: tile ``j + 1``'s float32 probabilities, the
+        accumulator, the row maxima and sums. (Carrying the probabilities to the next step
+        in float32 leaves the operand's registers alone until the product is done, so
+        ptxas has no reason to wait for it before the softmax.)"""
+        BLOCK_N: gl.constexpr = k_smem.shape[1]
+        stage = j % STAGES
+        nxt = (j + 1) % STAGES
+        p = _operand(p, k_smem.dtype, O_LAYOUT)
+        mbarrier.wait(k_full.index(nxt), (j + 1) // STAGES & 1)
+        mbarrier.wait(v_full.index(stage), j // STAGES & 1)
+        _my_turn(turn, WG, j + 1)
+        s = warpgroup_mma(q, k_smem.index(nxt).permute((1, 0)),
+                          gl.zeros([_HALF_M, BLOCK_N], gl.float32, S_LAYOUT),
+                          use_acc=False, is_async=True)
+        acc = warpgroup_mma(p, v_smem.index(stage), acc, is_async=True)
+        mbarrier.arrive(turn.index(1 - WG))
+        # Products complete in issue order: one group left in flight is P_j V_j.
+        s = warpgroup_mma_wait(1, deps=[s])
+        mbarrier.arrive(k_empty.index(nxt))
+        p_next, alpha, m_i, l_i = _probabilities(s, m_i, l_i, q_pos, (j + 1) * BLOCK_N,
+                                                 qk_scale, MASKED, S_LAYOUT, O_LAYOUT)
+        # ptxas hoists a wait for products above register-only work (here the whole
+        # softmax) but not above a shared-memory store: storing the row sums, which need
+        # every probability, keeps the softmax ahead of the wait. Nothing reads them.
+        sink.store(l_i)
+        acc, p = warpgroup_mma_wait(0, deps=[acc, p])
+        mbarrier.arrive(v_empty.index(stage))
+        return p_next, acc * alpha[:, None], m_i, l_i
+
+    @gluon.jit
     def _zero_tail_values(v_tile, n0, seq_len, V_ZERO: gl.constexpr):
         """Zero the value rows of keys from ``seq_len`` on (the cache may hold NaN there;
         their probabilities are 0, but 0 * NaN is NaN)."""
@@ -249,21 +305,23 @@ if gluon is not None and TensorDescriptor is not None:
 
     @gluon.jit
     def _consumer_partition(q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty,
-                            turn, out_ptr, stride_ot, stride_oh, q_start, num_q, m0, head,
+                            turn, sinks, out_ptr, stride_ot, stride_oh, q_start, num_q, m0, head,
                             first_pos, seq_len, num_tiles, num_full, qk_scale,
-                            WG: gl.constexpr, STAGES: gl.constexpr, S_LAYOUT: gl.constexpr,
-                            O_LAYOUT: gl.constexpr, V_ZERO: gl.constexpr):
+                            WG: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr,
+                            S_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr,
+                            V_ZERO: gl.constexpr):
         if num_tiles > 0:
             _consume(q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty, turn,
-                     out_ptr, stride_ot, stride_oh, q_start, num_q, m0, head, first_pos,
-                     seq_len, num_tiles, num_full, qk_scale, WG, STAGES, S_LAYOUT, O_LAYOUT,
-                     V_ZERO)
+                     sinks.index(WG), out_ptr, stride_ot, stride_oh, q_start, num_q, m0, head,
+                     first_pos, seq_len, num_tiles, num_full, qk_scale, WG, STAGES, OVERLAP,
+                     S_LAYOUT, O_LAYOUT, V_ZERO)
 
     @gluon.jit
-    def _consume(q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty, turn,
+    def _consume(q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty, turn, sink,
                  out_ptr, stride_ot, stride_oh, q_start, num_q, m0, head, first_pos, seq_len,
                  num_tiles, num_full, qk_scale, WG: gl.constexpr, STAGES: gl.constexpr,
-                 S_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr, V_ZERO: gl.constexpr):
+                 OVERLAP: gl.constexpr, S_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr,
+                 V_ZERO: gl.constexpr):
         """One consumer warpgroup's rows of a program with at least one key tile."""
         BLOCK_N: gl.constexpr = k_smem.shape[1]
         dtype: gl.constexpr = k_smem.dtype
@@ -285,22 +343,42 @@ if gluon is not None and TensorDescriptor is not None:
         s = warpgroup_mma_wait(0, deps=[s])
         mbarrier.arrive(k_empty.index(0))
 
-        for j in range(0, num_full):
-            p, acc, m_i, l_i = _softmax(s, acc, m_i, l_i, q_pos, j * BLOCK_N, qk_scale, dtype,
-                                        False, S_LAYOUT, O_LAYOUT)
-            acc, s = _values_then_scores(p, acc, q, k_smem, v_smem, k_full, k_empty, v_full,
-                                         v_empty, turn, j, WG, STAGES, S_LAYOUT)
-        for j in range(num_full, num_tiles - 1):
-            p, acc, m_i, l_i = _softmax(s, acc, m_i, l_i, q_pos, j * BLOCK_N, qk_scale, dtype,
-                                        True, S_LAYOUT, O_LAYOUT)
-            acc, s = _values_then_scores(p, acc, q, k_smem, v_smem, k_full, k_empty, v_full,
-                                         v_empty, turn, j, WG, STAGES, S_LAYOUT)
-
-        # The last tile (it holds the diagonal, and maybe keys past the sequence).
-        j = num_tiles - 1
-        n0 = j * BLOCK_N
-        p, acc, m_i, l_i = _softmax(s, acc, m_i, l_i, q_pos, n0, qk_scale, dtype, True,
-                                    S_LAYOUT, O_LAYOUT)
+        if OVERLAP:
+            # Tile 0's probabilities (the accumulator is still zero: nothing to rescale),
+            # then per tile the next tile's scores and softmax under this one's values.
+            if num_full > 0:
+                p, alpha, m_i, l_i = _probabilities(s, m_i, l_i, q_pos, 0, qk_scale, False,
+                                                    S_LAYOUT, O_LAYOUT)
+            else:
+                p, alpha, m_i, l_i = _probabilities(s, m_i, l_i, q_pos, 0, qk_scale, True,
+                                                    S_LAYOUT, O_LAYOUT)
+            for j in range(0, num_full - 1):
+                p, acc, m_i, l_i = _scores_then_values(
+                    p, acc, m_i, l_i, q, q_pos, qk_scale, k_smem, v_smem, k_full, k_empty,
+                    v_full, v_empty, turn, sink, j, WG, STAGES, False, S_LAYOUT, O_LAYOUT)
+            for j in range(gl.maximum(num_full - 1, 0), num_tiles - 1):
+                p, acc, m_i, l_i = _scores_then_values(
+                    p, acc, m_i, l_i, q, q_pos, qk_scale, k_smem, v_smem, k_full, k_empty,
+                    v_full, v_empty, turn, sink, j, WG, STAGES, True, S_LAYOUT, O_LAYOUT)
+            j = num_tiles - 1
+            n0 = j * BLOCK_N
+            p = _operand(p, dtype, O_LAYOUT)
+        else:
+            for j in range(0, num_full):
+                p, acc, m_i, l_i = _softmax(s, acc, m_i, l_i, q_pos, j * BLOCK_N, qk_scale,
+                                            dtype, False, S_LAYOUT, O_LAYOUT)
+                acc, s = _values_then_scores(p, acc, q, k_smem, v_smem, k_full, k_empty,
+                                             v_full, v_empty, turn, j, WG, STAGES, S_LAYOUT)
+            for j in range(num_full, num_tiles - 1):
+                p, acc, m_i, l_i = _softmax(s, acc, m_i, l_i, q_pos, j * BLOCK_N, qk_scale,
+                                            dtype, True, S_LAYOUT, O_LAYOUT)
+                acc, s = _values_then_scores(p, acc, q, k_smem, v_smem, k_full, k_empty,
+                                             v_full, v_empty, turn, j, WG, STAGES, S_LAYOUT)
+            # The last tile (it holds the diagonal, and maybe keys past the sequence).
+            j = num_tiles - 1
+            n0 = j * BLOCK_N
+            p, acc, m_i, l_i = _softmax(s, acc, m_i, l_i, q_pos, n0, qk_scale, dtype, True,
+                                        S_LAYOUT, O_LAYOUT)
         stage = j % STAGES
         mbarrier.wait(v_full.index(stage), j // STAGES & 1)
         if n0 + BLOCK_N > seq_len:
@@ -323,9 +401,10 @@ if gluon is not None and TensorDescriptor is not None:
             desc_q, desc_k, desc_v, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr,
             stride_bt, stride_ot, stride_oh, qk_scale, num_q_tiles,
             GROUP: gl.constexpr, BLOCK_SIZE: gl.constexpr, BLOCK_N: gl.constexpr,
-            STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOAD_REGS: gl.constexpr,
-            S_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr, SMEM: gl.constexpr,
-            TABLE: gl.constexpr, V_ZERO: gl.constexpr):
+            STAGES: gl.constexpr, OVERLAP: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+            LOAD_REGS: gl.constexpr, S_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr,
+            SMEM: gl.constexpr, TABLE: gl.constexpr, V_ZERO: gl.constexpr,
+            SINK: gl.constexpr):
         head = gl.program_id(0)
         # Latest (longest) query tiles first: they have the most keys to visit.
         tile = num_q_tiles - 1 - gl.program_id(1)
@@ -354,6 +433,8 @@ if gluon is not None and TensorDescriptor is not None:
         v_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
         v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
         turn = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
+        # Each consumer's row sums, stored and never read (see _scores_then_values).
+        sinks = gl.allocate_shared_memory(gl.float32, [2, _HALF_M], SINK)
         mbarrier.init(q_bar, count=1)
         for i in gl.static_range(STAGES):
             mbarrier.init(k_full.index(i), count=1)
@@ -368,13 +449,15 @@ if gluon is not None and TensorDescriptor is not None:
         table = bt_ptr + req.to(gl.int64) * stride_bt
         gl.warp_specialize([
             (_consumer_partition, (
-                q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty, turn,
+                q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty, turn, sinks,
                 out_ptr, stride_ot, stride_oh, q_start, num_q, m0, head, first_pos, seq_len,
-                num_tiles, num_full, qk_scale, 0, STAGES, S_LAYOUT, O_LAYOUT, V_ZERO)),
+                num_tiles, num_full, qk_scale, 0, STAGES, OVERLAP, S_LAYOUT, O_LAYOUT,
+                V_ZERO)),
             (_consumer_partition, (
-                q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty, turn,
+                q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty, turn, sinks,
                 out_ptr, stride_ot, stride_oh, q_start, num_q, m0, head, first_pos, seq_len,
-                num_tiles, num_full, qk_scale, 1, STAGES, S_LAYOUT, O_LAYOUT, V_ZERO)),
+                num_tiles, num_full, qk_scale, 1, STAGES, OVERLAP, S_LAYOUT, O_LAYOUT,
+                V_ZERO)),
             (_load_partition, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar,
                                k_full, k_empty, v_full, v_empty, table, q_start + m0,
                                head * _D, (head // GROUP) * _D, seq_len, num_tiles,
@@ -409,9 +492,9 @@ def gluon_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor,
                             seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
                             scale: float, max_query_len: int | None = None,
                             out: torch.Tensor | None = None, *, block_n: int = BLOCK_N,
-                            stages: int = STAGES, consumer_regs: int = CONSUMER_REGS,
-                            load_regs: int = LOAD_REGS, max_regs: int = MAX_REGS
-                            ) -> torch.Tensor:
+                            stages: int = STAGES, overlap: bool = OVERLAP,
+                            consumer_regs: int = CONSUMER_REGS, load_regs: int = LOAD_REGS,
+                            max_regs: int = MAX_REGS) -> torch.Tensor:
     """Causal prefill/extend attention as ``prefill_attention`` (arguments alike; the batch
     must pass ``serves``).
 
@@ -426,6 +509,7 @@ def gluon_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor,
         max_query_len: longest query chunk; pass it to avoid a device sync.
         out: ``[T, H, 128]`` to write into (allocated if None).
         block_n, stages: keys per tile (64 or 128) and ring buffers (2+), for sweeps.
+        overlap: run the next tile's softmax under this tile's P @ V (see ``OVERLAP``).
         consumer_regs, load_regs, max_regs: registers per thread of the second consumer
             warpgroup and the load warp, and the kernel's limit (the first consumer gets
             the rest), for sweeps.
@@ -457,6 +541,6 @@ def gluon_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor,
         desc_q, desc_k, desc_v, block_tables, seq_lens, query_start_loc, out,
         block_tables.stride(0), out.stride(0), out.stride(1), float(scale) * _LOG2E,
         num_q_tiles, GROUP=num_heads // num_kv_heads, BLOCK_SIZE=block_size,
-        BLOCK_N=block_n, STAGES=stages, CONSUMER_REGS=consumer_regs, LOAD_REGS=load_regs,
-        **layouts, num_warps=4, maxnreg=max_regs)
+        BLOCK_N=block_n, STAGES=stages, OVERLAP=bool(overlap), CONSUMER_REGS=consumer_regs,
+        LOAD_REGS=load_regs, **layouts, num_warps=4, maxnreg=max_regs)
     return out

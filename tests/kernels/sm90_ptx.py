@@ -37,23 +37,32 @@ aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in names
            if n.endswith("_ptr") or n.startswith("stride") or n in spec["aligned"]}
 source = GluonASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned)
 kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=spec["options"])
-sys.stdout.write(kernel.asm["ptx"])
+if spec["sass"]:
+    sys.stdout.write(json.dumps(dict(ptx=kernel.asm["ptx"], sass=kernel.asm["sass"])))
+else:
+    sys.stdout.write(kernel.asm["ptx"])
 """
 
 
 def compile_for_sm90(module: str, kernel: str, layouts_arg: int, pointers: dict[str, str],
                      constexprs: dict, floats: tuple[str, ...] = (),
                      aligned: tuple[str, ...] = (), descriptors: dict | None = None,
-                     options: dict | None = None) -> str:
+                     options: dict | None = None, sass: bool = False) -> str | tuple[str, str]:
     """PTX of ``module.kernel`` for sm_90 with ``constexprs`` plus ``module._layouts(
     layouts_arg)``; pointer arguments typed by ``pointers``, ``floats`` float32, the rest
     int32; pointers, strides and ``aligned`` integers 16-divisible. ``descriptors``: TMA
     descriptor arguments as ``{name: (2-d shape, block shape, torch dtype name)}``, laid
-    out as the layouts' ``SMEM``; ``options``: the compile's (default one warp)."""
+    out as the layouts' ``SMEM``; ``options``: the compile's (default one warp). With
+    ``sass``: the PTX and the machine code ptxas made of it (as cuobjdump prints it)."""
     spec = dict(module=module, kernel=kernel, layouts_arg=layouts_arg, pointers=pointers,
                 constexprs=constexprs, floats=list(floats), aligned=list(aligned),
-                descriptors=descriptors or {}, options=options or {"num_warps": 1})
-    return _compile_in_child(_COMPILE, spec)
+                descriptors=descriptors or {}, options=options or {"num_warps": 1},
+                sass=sass)
+    out = _compile_in_child(_COMPILE, spec)
+    if not sass:
+        return out
+    both = json.loads(out)
+    return both["ptx"], both["sass"]
 
 
 _COMPILE_TRITON = """
@@ -115,3 +124,23 @@ def loop_body(ptx: str, marker: str = "mma.sync") -> str:
             if any(marker in b for b in body):
                 return "\n".join(body)
     raise AssertionError(f"no loop with {marker} in the PTX")
+
+
+def sass_loop(sass: str, marker: str) -> list[str]:
+    """The instructions of the first machine-code loop (Triton's SASS listing: ``LBBn:``
+    labels, a backward ``BRA``) holding an instruction that starts with ``marker``,
+    predicates dropped."""
+    instructions, labels = [], {}
+    for line in sass.splitlines():
+        if re.match(r"^LBB\d+:", line):
+            labels[line.rstrip(":")] = len(instructions)
+            continue
+        found = re.match(r"^\S+\t(.*?);", line)
+        if found:
+            instructions.append(re.sub(r"^@!?U?P\w+\s+", "", found.group(1).strip()))
+    for j, text in enumerate(instructions):
+        branch = re.match(r"BRA\s+(LBB\d+)", text)
+        start = labels.get(branch.group(1), j) if branch else j
+        if start < j and any(t.startswith(marker) for t in instructions[start:j]):
+            return instructions[start:j + 1]
+    raise AssertionError(f"no loop with {marker} in the SASS")

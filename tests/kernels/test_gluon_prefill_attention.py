@@ -19,7 +19,7 @@ import torch
 
 import kernels.gluon_prefill_attention as gpa
 from tests.kernels.conftest import HAS_CUDA, needs_gpu
-from tests.kernels.sm90_ptx import compile_for_sm90, loop_body
+from tests.kernels.sm90_ptx import compile_for_sm90, loop_body, sass_loop
 
 _HAS_GLUON_HOPPER = gpa.gluon is not None and gpa.TensorDescriptor is not None
 # Seconds a child process gets for its cases (compiles included).
@@ -68,26 +68,29 @@ def test_the_switch_is_off_by_default_and_on_sends_only_what_the_kernel_serves()
 
 
 @pytest.mark.skipif(not _HAS_GLUON_HOPPER, reason="Triton without Gluon's Hopper API")
-@pytest.mark.parametrize("block_size,block_n", [(16, 128), (64, 64), (256, 128)])
-def test_a_load_warp_feeds_two_consumer_warpgroups(block_size, block_n):
+@pytest.mark.parametrize("block_size,block_n,overlap",
+                         [(16, 128, False), (64, 64, False), (256, 128, False),
+                          (16, 128, True), (64, 64, True)])
+def test_a_load_warp_feeds_two_consumer_warpgroups(block_size, block_n, overlap):
     """Compiled for sm_90: the load warp issues a bulk copy per cache block and half head of
     each key and value tile (plus four for the query tile), the block numbers of the next
     tile in one load before it waits for a free stage (so no copy waits on a load of its
-    own); the consumers run every product
-    on ``wgmma`` and retire each before touching its accumulator (a product left in flight
-    makes ptxas serialize them all); the consumer warpgroups get 240 registers and the load
-    warp 24."""
+    own); the consumers run every product on ``wgmma``, none serialized by ptxas (it does
+    that to all of them once a product's registers are touched in flight); the consumer
+    warpgroups get 240 registers and the load warp 24. Without ``overlap`` each product is
+    retired before the softmax; with it, in the machine code of the main loop, the softmax
+    (every ``exp2``) runs after the scores' product is retired and before P @ V is."""
     pytest.importorskip("triton.backends.nvidia.compiler")
-    ptx = compile_for_sm90(
+    ptx, sass = compile_for_sm90(
         "kernels.gluon_prefill_attention", "_gluon_prefill_attention_kernel", block_n,
         dict(bt_ptr="*i32", seq_lens_ptr="*i32", qsl_ptr="*i32", out_ptr="*bf16"),
-        dict(GROUP=4, BLOCK_SIZE=block_size, BLOCK_N=block_n, STAGES=2,
+        dict(GROUP=4, BLOCK_SIZE=block_size, BLOCK_N=block_n, STAGES=2, OVERLAP=overlap,
              CONSUMER_REGS=240, LOAD_REGS=24),
         floats=("qk_scale",),
         descriptors=dict(desc_q=((256, 4096), [64, 128], "bfloat16"),
                          desc_k=((4096, 1024), [min(block_size, block_n), 64], "bfloat16"),
                          desc_v=((4096, 1024), [min(block_size, block_n), 64], "bfloat16")),
-        options={"num_warps": 4, "maxnreg": gpa.MAX_REGS})
+        options={"num_warps": 4, "maxnreg": gpa.MAX_REGS}, sass=True)
     pieces = block_n // min(block_size, block_n)
     assert len(re.findall(r"cp\.async\.bulk\.tensor", ptx)) == 2 * 2 * pieces + 4
     copies = loop_body(ptx, "cp.async.bulk.tensor")
@@ -99,9 +102,23 @@ def test_a_load_warp_feeds_two_consumer_warpgroups(block_size, block_n):
     # tile's values (one wgmma per 16 of the reduction dim).
     per_consumer = 128 // 16 + 2 * (128 // 16 + block_n // 16) + block_n // 16
     assert ptx.count("wgmma.mma_async") == 2 * per_consumer
-    assert set(re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)) == {"0"}
+    waits = set(re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx))
+    assert waits == ({"0", "1"} if overlap else {"0"})
     assert re.search(r"setmaxnreg\.inc\.sync\.aligned\.u32\s+240", ptx)
     assert re.search(r"setmaxnreg\.dec\.sync\.aligned\.u32\s+24\b", ptx)
+
+    loop = sass_loop(sass, "MUFU.EX2")
+    products = [i for i, t in enumerate(loop) if t.startswith("HGMMA")]
+    assert len(products) == 128 // 16 + block_n // 16
+    retired = [(i, t.split()[-1]) for i, t in enumerate(loop)
+               if t.startswith("WARPGROUP.DEPBAR")]
+    # One retirement (or, overlapped, two) after the products are all issued.
+    assert [n for _, n in retired] == (["0x1", "0x0"] if overlap else ["0x0"])
+    assert retired[0][0] > products[-1]
+    exps = [i for i, t in enumerate(loop) if t.startswith("MUFU.EX2")]
+    assert len(exps) >= 2 * block_n // 4
+    if overlap:
+        assert retired[0][0] < exps[0] and exps[-1] < retired[1][0]
 
 
 _CHILD = r"""
@@ -153,7 +170,12 @@ print(json.dumps(results))
     [([300, 1000], [300, 1000], 16, 4, 16, "bfloat16", dict(block_n=64)),
      ([700, 77], [130, 77], 16, 2, 32, "bfloat16", dict(stages=3)),
      ([700], [1], 8, 2, 128, "float16", dict(block_n=64, stages=4))],
-], ids=["defaults", "launches"])
+    # The softmax under P @ V: a first tile with and without a mask, one tile only.
+    [([1], [1], 8, 2, 16, "bfloat16", dict(overlap=True)),
+     ([77, 300, 1000], [77, 300, 1000], 16, 4, 16, "bfloat16", dict(overlap=True)),
+     ([700, 1000], [130, 300], 32, 4, 64, "bfloat16", dict(overlap=True, block_n=64)),
+     ([1000, 129], [1000, 129], 8, 8, 256, "float16", dict(overlap=True, stages=3))],
+], ids=["defaults", "launches", "overlap"])
 def test_matches_reference_gpu(cases):
     done = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(cases)],
                           capture_output=True, text=True, timeout=_CASE_TIMEOUT_S,
