@@ -82,7 +82,7 @@ step gemv_f16 100 $PY benchmarks/gemv.py --rows 1 --fp8 --fused --output "$OUT/g
 if [ "$GLUON_OK" -eq 0 ] || [ "${GLUON_PREFILL_PASSED:-0}" = 1 ]; then
   # The served kernel at one launch (its own sweep is benchmarks/kernels.py's), then the
   # Gluon kernel's launches.
-  step gluon_prefill_sweep 120 $PY benchmarks/attention_sweep.py --kinds prefill \
+  step gluon_prefill_sweep 200 $PY benchmarks/attention_sweep.py --kinds prefill \
     --gluon-prefill --cache-block-sizes 16 64 --block-m 128 --block-n-prefill 64 \
     --warps-prefill 8 --stages 3 --output "$OUT/gluon_prefill_sweep.json"
   GRIDLLM_GLUON_PREFILL=1 step gluon_prefill_parity 200 \
