@@ -200,13 +200,10 @@ if gluon is not None and TensorDescriptor is not None:
         row sees key 0 in its first tile, so maxima are finite from then on."""
         if MASKED:
             cols = gl.arange(0, s.shape[1], layout=gl.SliceLayout(0, S_LAYOUT))
-            s = gl.where((n0 + cols)[None, :] <= q_pos[:, None], s * qk_scale,
-                         float("-inf"))
-            m_new = gl.maximum(m_i, gl.max(s, axis=1))
-            p = gl.exp2(s - m_new[:, None])
-        else:
-            m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
-            p = gl.exp2(s * qk_scale - m_new[:, None])
+            s = gl.where(cols[None, :] <= (q_pos - n0)[:, None], s, float("-inf"))
+        # Scale and subtract in one fused multiply-add (-inf stays -inf: the scale is > 0).
+        m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
+        p = gl.exp2(s * qk_scale - m_new[:, None])
         alpha = gl.exp2(m_i - m_new)
         l_i = l_i * alpha + gl.sum(p, axis=1)
         return p, gl.convert_layout(alpha, gl.SliceLayout(1, O_LAYOUT)), m_new, l_i
