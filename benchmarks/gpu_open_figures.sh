@@ -5,23 +5,20 @@
 #   OUT=/path/to/results bash benchmarks/gpu_open_figures.sh
 #
 # Steps (each with a time cap; a step starts only while OPEN_BUDGET_S, default 540 s, has
-# room for it; OPEN_STEPS="name ..." runs only those; the Gluon prefill sweep and parity
-# run only if its tests pass):
+# room for it; OPEN_STEPS="name ..." runs only those):
 #   gluon_prefill_tests  the warp-specialized Gluon prefill kernel's GPU tests (each group of
 #                        cases in a child process under two minutes, so a barrier deadlock
 #                        fails instead of hanging)
 #   compile_checks       no Triton compilation after warm-up (eager, graphs, structured
-#                        outputs); gluon_compile_checks: the same with the Gluon prefill
-#                        kernel dispatched (GRIDLLM_GLUON_PREFILL=1)
+#                        outputs)
 #   fp8_tests            FP8 checkpoints, KV-cache scales computed at load and the decode
 #                        GEMVs (the float16-pair kernel too)
 #   fp8_kv_tests         the FP8 KV-cache kernel tests, e4m3 and e5m2, all on the GPU
 #   gemv_f16             the batch-1 e4m3 GEMVs as served: the float16-pair kernel's column
 #                        and decoder row next to the word kernel's
-#   gluon_prefill_sweep  the Gluon kernel against the Triton kernels and torch SDPA at
-#                        cache blocks of 16 and 64
-#   gluon_prefill_parity end-to-end parity and the prefill kernel tests with it dispatched
-#                        (GRIDLLM_GLUON_PREFILL=1)
+#   gluon_prefill_sweep  the Gluon kernel's launches (tile, stages, overlap) against the
+#                        Triton kernels and torch SDPA at cache blocks of 16 and 64
+#   prefill_vs_sdpa      the served prefill kernel and torch SDPA timed in turns
 #   decode_tests         every decode-attention test on the GPU, not only -m gpu
 #   split_kv_ab          split-KV decode at batch 1, 2 and 4: block numbers a tile ahead or
 #                        not, 32- or 64-key tiles, 2 or 3 stages (the default launch's A/B)
@@ -65,29 +62,20 @@ step() {
 }
 
 PYTEST="$PY -m pytest -q -p no:cacheprovider -m gpu"
-GRIDLLM_TEST_GLUON_PREFILL=1 step gluon_prefill_tests 200 \
-  $PYTEST tests/kernels/test_gluon_prefill_attention.py
-GLUON_OK=$?
-# No Triton compilation after the warm-up (eager and CUDA graphs), then with the Gluon
-# prefill kernel dispatched.
+step gluon_prefill_tests 200 $PYTEST tests/kernels/test_gluon_prefill_attention.py
+# No Triton compilation after the warm-up (eager and CUDA graphs).
 step compile_checks 200 $PYTEST -rf tests/gridllm/test_gpu.py -k no_triton_compilation
-GRIDLLM_GLUON_PREFILL=1 step gluon_compile_checks 200 \
-  $PYTEST -rf tests/gridllm/test_gpu.py -k no_triton_compilation_after_start
 step fp8_tests 150 $PYTEST tests/worker_svc/test_fp8_checkpoint.py tests/kernels/test_gemv.py \
   tests/worker_svc/test_kv_calibration.py
 # Every case of the FP8 KV-cache kernel tests (e4m3 and e5m2) on the GPU, not only -m gpu.
 step fp8_kv_tests 90 $PY -m pytest -q -p no:cacheprovider tests/kernels/test_fp8_kv_cache.py
 step gemv_f16 100 $PY benchmarks/gemv.py --rows 1 --fp8 --fused --output "$OUT/gemv_f16.json"
-# GLUON_PREFILL_PASSED=1: its tests passed in an earlier run (OPEN_STEPS without them).
-if [ "$GLUON_OK" -eq 0 ] || [ "${GLUON_PREFILL_PASSED:-0}" = 1 ]; then
-  # The served kernel at one launch (its own sweep is benchmarks/kernels.py's), then the
-  # Gluon kernel's launches.
-  step gluon_prefill_sweep 200 $PY benchmarks/attention_sweep.py --kinds prefill \
-    --gluon-prefill --cache-block-sizes 16 64 --block-m 128 --block-n-prefill 64 \
-    --warps-prefill 8 --stages 3 --output "$OUT/gluon_prefill_sweep.json"
-  GRIDLLM_GLUON_PREFILL=1 step gluon_prefill_parity 200 \
-    $PYTEST -rf --maxfail=3 tests/gridllm/test_gpu.py tests/kernels/test_prefill_attention.py
-fi
+# The Triton kernel at one launch (its own sweep is benchmarks/kernels.py's), then the
+# Gluon kernel's launches.
+GRIDLLM_GLUON_PREFILL=0 step gluon_prefill_sweep 200 $PY benchmarks/attention_sweep.py \
+  --kinds prefill --gluon-prefill --cache-block-sizes 16 64 --block-m 128 \
+  --block-n-prefill 64 --warps-prefill 8 --stages 3 --output "$OUT/gluon_prefill_sweep.json"
+step prefill_vs_sdpa 60 $PY benchmarks/prefill_vs_sdpa.py --output "$OUT/prefill_vs_sdpa.json"
 # Every decode-attention test on the GPU (the default launches as served).
 step decode_tests 120 $PY -m pytest -q -p no:cacheprovider -rf --maxfail=3 \
   tests/kernels/test_paged_decode_attention.py

@@ -69,7 +69,7 @@ B="$PY -m gridllm.bench"
 
 # 0: the GPU-marked tests (kernels at real shapes, end-to-end parity with CUDA graphs,
 # structured outputs' bitmask kernel, FP8 GEMMs and caches).
-step gpu_tests 300 $PY -m pytest -q -p no:cacheprovider -m gpu tests/kernels \
+step gpu_tests 360 $PY -m pytest -q -p no:cacheprovider -m gpu tests/kernels \
   tests/gridllm/test_gpu.py tests/worker_svc/test_structured_output.py \
   tests/worker_svc/test_quantization.py tests/worker_svc/test_fp8_checkpoint.py
 

@@ -152,9 +152,9 @@ PREFILL_TMA = _env_switch("GRIDLLM_PREFILL_TMA")
 # measured on a GPU: GRIDLLM_GEMV_F16=1 makes it the one-row e4m3 GEMV.
 GEMV_F16 = _env_switch("GRIDLLM_GEMV_F16", default=False)
 
-# The warp-specialized Gluon prefill kernel (Hopper), off until it has passed on a GPU:
-# GRIDLLM_GLUON_PREFILL=1 dispatches the batches it serves to it.
-GLUON_PREFILL = _env_switch("GRIDLLM_GLUON_PREFILL", default=False)
+# The warp-specialized Gluon prefill kernel (Hopper) takes the batches it serves;
+# GRIDLLM_GLUON_PREFILL=0 leaves every batch to the Triton kernels (A/B runs).
+GLUON_PREFILL = _env_switch("GRIDLLM_GLUON_PREFILL", default=True)
 
 
 def can_unpack_e4m3_words(t: torch.Tensor) -> bool:

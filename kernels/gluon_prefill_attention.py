@@ -19,12 +19,17 @@ query head; its warps split into three partitions (``gl.warp_specialize``):
   ``O += P V`` on the tensor cores (``wgmma``; Q, K and V read from shared memory, P from
   registers), online softmax with ``exp2`` in between.
 
-Each consumer issues the product of the previous tile's probabilities with its values and
-the next tile's scores together, then waits for both: no product is in flight while other
-instructions touch its accumulator (ptxas would otherwise serialize every ``wgmma``,
-warning C7514), and the softmax of tile ``j`` runs while the other warpgroup's products
-run. A pair of "turn" mbarriers makes the two warpgroups issue their products
-alternately (ping-pong), which keeps that overlap from drifting into lockstep.
+Each consumer issues the next tile's scores ``S_{j+1} = Q K_{j+1}^T`` and this tile's
+``O += P_j V_j`` together, waits for the scores only, runs their softmax while ``P_j V_j``
+is in flight, then waits for it and rescales the accumulator (FlashAttention-3's
+intra-warpgroup overlap, ``OVERLAP``). The probabilities travel to the next step in
+float32 and become the product's operand there, so no register of a product in flight is
+touched (ptxas would otherwise serialize every ``wgmma``, warning C7514); and since ptxas
+hoists a wait for products above register-only work, the softmax stores its row sums to
+shared memory just before the wait (a store it does not move the wait above). A pair of
+"turn" mbarriers makes the two warpgroups issue their products alternately (ping-pong),
+so one's softmax also runs under the other's products. ``OVERLAP=False`` (for sweeps)
+waits for both products before the softmax.
 
 Key tiles wholly at or before the program's first query position run without a mask; the
 others mask ``pos_k <= pos_q``, which also hides keys past the sequence. Cache rows past
@@ -35,14 +40,14 @@ of the last value tile in shared memory before reading it. Programs of the lates
 What it does not take (``kernels.prefill_attention`` keeps those cases): head dims other
 than 128, float32 or FP8 caches, sliding windows, soft-capping, the strided pattern.
 
-``prefill_attention`` dispatches to this kernel only with ``GRIDLLM_GLUON_PREFILL=1`` (and
-``v_scale`` 1.0, which it does not take). On an H200 (2026-12-05) it passed its GPU tests,
-the prefill tests and end-to-end greedy parity with transformers with it dispatched, and
-ran 4 x 4096 causal bf16 at 530 / 538 TFLOP/s over cache blocks of 16 / 64 (0.88x / 0.90x
-torch SDPA; the served kernels 352 / 460). It stays off by default until
-``tests/gridllm/test_gpu.py::test_no_triton_compilation_after_start`` has passed with it
-(that run's compile hook could not serialize this kernel's layout arguments; the test now
-records compilations without it) and the goal (1.0x SDPA) is in reach.
+``prefill_attention`` dispatches query chunks of 64+ tokens to this kernel (and needs
+``v_scale`` 1.0, which it does not take); ``GRIDLLM_GLUON_PREFILL=0`` turns that off. On an
+H200 (2026-12-05) it passed its GPU tests, the prefill tests, end-to-end greedy parity
+with transformers and the no-compilation-after-start checks with it dispatched; 4 x 4096
+causal bf16 ran at 544 / 541 TFLOP/s over cache blocks of 16 / 64 in
+``benchmarks/kernels.py`` (1.01x torch SDPA in that run; the Triton kernels 351 / 461),
+and the launch sweep put 128-key tiles, three stages and the overlap first (see
+docs/performance.md).
 """
 
 from __future__ import annotations
@@ -75,15 +80,16 @@ HEAD_DIM = 128
 # Query rows a program takes, and per consumer warpgroup.
 BLOCK_M = 128
 HALF_M = 64
-# Default launch (not yet measured against the alternatives): keys per tile, ring
-# buffers (two stages of 128-key K and V tiles plus the query tile are 160 KB of shared
-# memory; three stages, 224 KB, still fit).
+# Default launch, the best of benchmarks/attention_sweep.py --gluon-prefill on an H200 at
+# cache blocks of 16 and 64 (with OVERLAP): keys per tile, ring buffers (three stages of
+# 128-key K and V tiles plus the query tile are 224 KB of shared memory).
 BLOCK_N = 128
-STAGES = 2
+STAGES = 3
 # Whether a consumer runs the next tile's softmax while its own P @ V is in flight
 # (FlashAttention-3's intra-warpgroup overlap) on top of the ping-pong between the two
-# consumers; off: both products of a step are waited for before the softmax.
-OVERLAP = False
+# consumers (H200, 4 x 4096: 544 / 545 TFLOP/s at cache blocks of 16 / 64 against 533 / 537
+# without, three stages); off: both products of a step are waited for before the softmax.
+OVERLAP = True
 # Registers per thread: the kernel's limit over its 12 warps (a whole register file),
 # the load warp's and the second consumer's; the first consumer gets what is left (240).
 MAX_REGS = 168

@@ -17,9 +17,10 @@ it spans (one or two) into shared memory, where the products read it. Gathering 
 row by row through pointers (the general kernel) costs about a quarter of the throughput
 at 4 x 4096 tokens; blocks of 16 tokens would need a copy per 16 keys and products 16 keys
 wide, which measured slower than the general kernel (see docs/performance.md).
-``GRIDLLM_PREFILL_TMA=0`` turns the path off (A/B runs). ``GRIDLLM_GLUON_PREFILL=1``
-sends query chunks of 64+ tokens that ``kernels.gluon_prefill_attention.serves`` takes to
-the warp-specialized Gluon kernel instead (off by default: see its module).
+``GRIDLLM_PREFILL_TMA=0`` turns the path off (A/B runs). Query chunks of 64+ tokens that
+``kernels.gluon_prefill_attention.serves`` takes (Hopper, head dim 128, a 16-bit cache)
+go to the warp-specialized Gluon kernel instead, the fastest of the three on an H200 (see
+its module); ``GRIDLLM_GLUON_PREFILL=0`` keeps them here.
 """
 
 from __future__ import annotations

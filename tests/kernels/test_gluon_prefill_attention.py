@@ -1,9 +1,7 @@
 """The warp-specialized Gluon prefill kernel: its structure compiled for sm_90 (any machine)
 and its results against the torch reference (Hopper GPUs; each group of cases in a child
 process under a time limit, so a deadlock of its barriers fails the test instead of hanging
-it). The GPU cases run only with ``GRIDLLM_TEST_GLUON_PREFILL=1`` until they have passed on
-a GPU: the one attempt to run them so far ended with the GPU machine lost (cause not
-established), so they are kept out of the GPU suite's unattended run."""
+it)"""
 
 from __future__ import annotations
 
@@ -49,21 +47,27 @@ torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
 """
 
 
-def test_the_switch_is_off_by_default_and_on_sends_only_what_the_kernel_serves():
-    """``GRIDLLM_GLUON_PREFILL`` is off unless set; set, a batch the Gluon kernel does not
-    serve (here: a CPU) still gets the general kernel's result; a value other than 0/1 is
-    refused at import, naming the variable."""
+def test_the_switch_is_on_by_default_and_sends_only_what_the_kernel_serves():
+    """``GRIDLLM_GLUON_PREFILL`` is on unless set to 0; on, a batch the Gluon kernel does
+    not serve (here: a CPU) still gets the general kernel's result; a value other than 0/1
+    is refused at import, naming the variable."""
     from kernels import _utils
 
-    assert os.environ.get("GRIDLLM_GLUON_PREFILL") is not None or not _utils.GLUON_PREFILL
+    assert _utils.GLUON_PREFILL == (os.environ.get("GRIDLLM_GLUON_PREFILL", "1") == "1")
     root = pathlib.Path(__file__).resolve().parents[2]
-    env = dict(os.environ, GRIDLLM_GLUON_PREFILL="1", TRITON_INTERPRET="1")
+    env = {k: v for k, v in os.environ.items() if k != "GRIDLLM_GLUON_PREFILL"}
+    env["TRITON_INTERPRET"] = "1"
     done = subprocess.run([sys.executable, "-c", _SWITCHED_ON], capture_output=True,
                           text=True, timeout=_CASE_TIMEOUT_S, cwd=root, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    env["GRIDLLM_GLUON_PREFILL"] = "yes"
+    done = subprocess.run([sys.executable, "-c", "import kernels._utils as u; "
+                           "assert not u.GLUON_PREFILL"], capture_output=True, text=True,
+                          timeout=_CASE_TIMEOUT_S, cwd=root,
+                          env=dict(env, GRIDLLM_GLUON_PREFILL="0"))
+    assert done.returncode == 0, done.stderr[-3000:]
     done = subprocess.run([sys.executable, "-c", "import kernels._utils"], capture_output=True,
-                          text=True, timeout=_CASE_TIMEOUT_S, cwd=root, env=env)
+                          text=True, timeout=_CASE_TIMEOUT_S, cwd=root,
+                          env=dict(env, GRIDLLM_GLUON_PREFILL="yes"))
     assert done.returncode != 0 and "GRIDLLM_GLUON_PREFILL must be 0 or 1" in done.stderr
 
 
@@ -158,9 +162,6 @@ print(json.dumps(results))
 @needs_gpu
 @pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capability() < (9, 0),
                     reason="the Gluon prefill kernel needs compute capability 9.0+")
-@pytest.mark.skipif(os.environ.get("GRIDLLM_TEST_GLUON_PREFILL") != "1",
-                    reason="opt-in until the kernel has passed on a GPU: "
-                           "GRIDLLM_TEST_GLUON_PREFILL=1")
 @pytest.mark.parametrize("cases", [
     # (seq_lens, query_lens, heads, kv heads, cache block, dtype, launch overrides)
     [([1], [1], 8, 2, 16, "bfloat16", {}),
