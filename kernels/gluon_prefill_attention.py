@@ -472,10 +472,12 @@ def serves(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tens
            sliding_window: int | None = None, logit_softcap: float | None = None,
            attention_stride: int | None = None) -> bool:
     """Whether ``gluon_prefill_attention`` can take this batch: Gluon's Hopper API present, a
-    CUDA GPU of compute capability 9.0+, head dim 128, a contiguous 16-bit cache in the
-    query's dtype with blocks of a power of two from 16 tokens, queries whose heads are
-    packed in 16-byte aligned rows, no window, cap or strided pattern."""
-    if TensorDescriptor is None or not runs_on(query.device):
+    Hopper GPU (compute capability 9.x: ``wgmma`` and ``setmaxnreg`` are not on later
+    architectures), head dim 128, a contiguous 16-bit cache in the query's dtype with
+    blocks of a power of two from 16 tokens, queries whose heads are packed in 16-byte
+    aligned rows, no window, cap or strided pattern."""
+    if TensorDescriptor is None or not runs_on(query.device) \
+            or torch.cuda.get_device_capability(query.device)[0] != 9:
         return False
     block_size = key_cache.shape[1]
     return (sliding_window is None and logit_softcap is None and attention_stride is None
