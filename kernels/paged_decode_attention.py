@@ -444,7 +444,8 @@ def _default_launch(num_reqs: int, num_kv_heads: int, num_splits: int, dtype: to
       8 KV heads, two sweeps on separate days, us: batch 1 x 32k keys 43.1 -> 41.4, 2 x 32k
       72.8 -> 71.9, 4 x 32k 133.4 -> 131.6, 2 x 8192 27.1 -> 26.2, 4 x 8192 42.5 -> 40.4;
       with 64 keys and 2 stages, block numbers a tile ahead were slower; short splits
-      not timed).
+      not timed, but with them on this launch no decode variant compiles after warm-up,
+      which an H200 run checked on 2026-12-05).
     - over an FP8 cache, the one-warp launch caps the registers once more programs than
       fit at the compiler's 190 a thread (8 per SM) would take a second, mostly empty, wave
       (``_fp8_one_warp_launch``): up to 10 per SM at 168 registers, past that 16 keys per
