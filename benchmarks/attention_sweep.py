@@ -37,7 +37,13 @@ import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.kernels import GB, bench, graph_bench, paged_kv  # noqa: E402
+from benchmarks.kernels import (  # noqa: E402
+    GB,
+    bench,
+    graph_bench,
+    paged_kv,
+    prefill_problem,
+)
 from gridllm.bench.roofline import measure_limits  # noqa: E402
 from kernels import gluon_prefill_attention as gluon_prefill  # noqa: E402
 from kernels.fp8 import FP8_DTYPE  # noqa: E402
@@ -169,13 +175,8 @@ def decode_cases(args, copy_gbps: float) -> list[dict]:
 
 def prefill_cases(args) -> list[dict]:
     num_seqs, seq_len = args.prefill_shape
-    q = torch.randn(num_seqs * seq_len, HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
-    qsl = torch.arange(0, num_seqs * seq_len + 1, seq_len, dtype=torch.int32, device="cuda")
-    flops = num_seqs * 4 * HEADS * HEAD_DIM * seq_len * (seq_len + 1) / 2
-    qs = q.view(num_seqs, seq_len, HEADS, HEAD_DIM).transpose(1, 2)
-    ks = torch.randn(num_seqs, HEADS, seq_len, HEAD_DIM, device="cuda", dtype=DTYPE)
-    sdpa_ms = bench(lambda: torch.nn.functional.scaled_dot_product_attention(
-        qs, ks, ks, is_causal=True))
+    q, qsl, flops, sdpa = prefill_problem(num_seqs, seq_len, HEADS, HEAD_DIM, DTYPE)
+    sdpa_ms = bench(sdpa)
     print(f"torch SDPA on contiguous tensors: {flops / (sdpa_ms * 1e-3) / 1e12:.0f} TFLOP/s")
 
     def score(ms):

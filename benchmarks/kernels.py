@@ -136,6 +136,23 @@ def bench_decode(limits, batch=64, context=4096, num_heads=32, num_kv_heads=8,
                 goal_pct=95 if batch >= 64 else 85)
 
 
+def prefill_problem(num_seqs: int, seq_len: int, num_heads: int, head_dim: int,
+                    dtype: torch.dtype):
+    """A causal prefill of ``num_seqs`` x ``seq_len`` tokens: the packed queries, their
+    ``query_start_loc``, its FLOPs, and torch's SDPA on the same shapes (cuDNN's or
+    flash's kernel, as torch picks) over contiguous, unpaged tensors, for context."""
+    q = torch.randn(num_seqs * seq_len, num_heads, head_dim, device="cuda", dtype=dtype)
+    qsl = torch.arange(0, num_seqs * seq_len + 1, seq_len, dtype=torch.int32, device="cuda")
+    flops = num_seqs * 4 * num_heads * head_dim * seq_len * (seq_len + 1) / 2
+    qs = q.view(num_seqs, seq_len, num_heads, head_dim).transpose(1, 2)
+    ks = torch.randn(num_seqs, num_heads, seq_len, head_dim, device="cuda", dtype=dtype)
+
+    def sdpa():
+        return torch.nn.functional.scaled_dot_product_attention(qs, ks, ks, is_causal=True)
+
+    return q, qsl, flops, sdpa
+
+
 def bench_prefill(limits, num_seqs=4, seq_len=4096, num_heads=32, num_kv_heads=8,
                   head_dim=128, block_size=16):
     from kernels.prefill_attention import prefill_attention, uses_tma
@@ -143,19 +160,12 @@ def bench_prefill(limits, num_seqs=4, seq_len=4096, num_heads=32, num_kv_heads=8
     dtype = torch.bfloat16
     kc, vc, tables, seq = paged_kv(num_seqs, seq_len, num_kv_heads, head_dim, block_size,
                                    dtype)
-    q = torch.randn(num_seqs * seq_len, num_heads, head_dim, device="cuda", dtype=dtype)
-    qsl = torch.arange(0, num_seqs * seq_len + 1, seq_len, dtype=torch.int32, device="cuda")
+    q, qsl, flops, sdpa = prefill_problem(num_seqs, seq_len, num_heads, head_dim, dtype)
     args = (q, kc, vc, tables, seq, qsl, head_dim ** -0.5)
     ms = bench(lambda: prefill_attention(*args, max_query_len=seq_len), rep_ms=300)
     ref_ms = bench_slow(lambda: torch_ref.paged_attention(*args), runs=1)
-    flops = num_seqs * 4 * num_heads * head_dim * seq_len * (seq_len + 1) / 2
     tflops = flops / (ms * 1e-3) / 1e12
-    # Context: torch's SDPA (cuDNN's or flash's kernel, as torch picks) on contiguous,
-    # unpaged tensors.
-    qs = q.view(num_seqs, seq_len, num_heads, head_dim).transpose(1, 2)
-    ks = torch.randn(num_seqs, num_heads, seq_len, head_dim, device="cuda", dtype=dtype)
-    sdpa_ms = bench(lambda: torch.nn.functional.scaled_dot_product_attention(
-        qs, ks, ks, is_causal=True), rep_ms=300)
+    sdpa_ms = bench(sdpa, rep_ms=300)
     sdpa_tflops = flops / (sdpa_ms * 1e-3) / 1e12
     metric = f"{tflops:.0f} TFLOP/s, {tflops / sdpa_tflops:.2f}x SDPA"
     return dict(ms=ms, ref_ms=ref_ms, metric=metric,

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.kernels import bench, paged_kv  # noqa: E402
+from benchmarks.kernels import bench, paged_kv, prefill_problem  # noqa: E402
 
 NUM_SEQS, SEQ_LEN, HEADS, KV_HEADS, HEAD_DIM = 4, 4096, 32, 8, 128
 
@@ -41,19 +41,12 @@ def main() -> None:
     from kernels.prefill_attention import prefill_attention
 
     dtype = torch.bfloat16
-    flops = NUM_SEQS * 4 * HEADS * HEAD_DIM * SEQ_LEN * (SEQ_LEN + 1) / 2
-    q = torch.randn(NUM_SEQS * SEQ_LEN, HEADS, HEAD_DIM, device="cuda", dtype=dtype)
-    qsl = torch.arange(0, NUM_SEQS * SEQ_LEN + 1, SEQ_LEN, dtype=torch.int32, device="cuda")
-    qs = q.view(NUM_SEQS, SEQ_LEN, HEADS, HEAD_DIM).transpose(1, 2)
-    ks = torch.randn(NUM_SEQS, HEADS, SEQ_LEN, HEAD_DIM, device="cuda", dtype=dtype)
+    q, qsl, flops, sdpa = prefill_problem(NUM_SEQS, SEQ_LEN, HEADS, HEAD_DIM, dtype)
     caches = {b: paged_kv(NUM_SEQS, SEQ_LEN, KV_HEADS, HEAD_DIM, b, dtype)
               for b in args.cache_block_sizes}
 
     def tflops(ms: float) -> float:
         return flops / (ms * 1e-3) / 1e12
-
-    def sdpa():
-        return torch.nn.functional.scaled_dot_product_attention(qs, ks, ks, is_causal=True)
 
     rounds = {b: [] for b in caches}
     print(f"{torch.cuda.get_device_name()}: {NUM_SEQS}x{SEQ_LEN} causal bf16, {HEADS} heads "

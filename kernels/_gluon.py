@@ -32,15 +32,19 @@ RUN_K = 128
 
 
 @functools.cache
-def _is_hopper_or_later(device: torch.device) -> bool:
-    return torch.cuda.get_device_capability(device) >= (9, 0)
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
 
 
-def runs_on(device: torch.device) -> bool:
+def runs_on(device: torch.device, hopper_only: bool = False) -> bool:
     """Whether the Gluon kernels can run on ``device``: Gluon present, not Triton's CPU
-    interpreter, a CUDA GPU of compute capability 9.0+ (where they were measured)."""
-    return (gluon is not None and not is_interpreter() and device.type == "cuda"
-            and _is_hopper_or_later(device))
+    interpreter, a CUDA GPU of compute capability 9.0+ (where they were measured); with
+    ``hopper_only`` (a kernel of Hopper's own instructions, ``wgmma`` and ``setmaxnreg``,
+    which later architectures lack) 9.x only."""
+    if gluon is None or is_interpreter() or device.type != "cuda":
+        return False
+    major = _capability(device)[0]
+    return major == 9 if hopper_only else major >= 9
 
 
 def mma_layouts() -> dict:

@@ -476,8 +476,7 @@ def serves(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tens
     architectures), head dim 128, a contiguous 16-bit cache in the query's dtype with
     blocks of a power of two from 16 tokens, queries whose heads are packed in 16-byte
     aligned rows, no window, cap or strided pattern."""
-    if TensorDescriptor is None or not runs_on(query.device) \
-            or torch.cuda.get_device_capability(query.device)[0] != 9:
+    if TensorDescriptor is None or not runs_on(query.device, hopper_only=True):
         return False
     block_size = key_cache.shape[1]
     return (sliding_window is None and logit_softcap is None and attention_stride is None
