@@ -187,6 +187,8 @@ def prefill_cases(args) -> list[dict]:
                for m, n, w, st in itertools.product(args.block_m, args.block_n_prefill,
                                                      args.warps_prefill, args.stages)]
     rows = []
+    # The Gluon kernel's query tiles, built once as for a step's layers.
+    cache = {}
     for block_size in args.cache_block_sizes:
         kc, vc, tables, seq = paged_kv(num_seqs, seq_len, KV_HEADS, HEAD_DIM, block_size,
                                        DTYPE)
@@ -195,19 +197,22 @@ def prefill_cases(args) -> list[dict]:
             config = launch and (launch["block_m"], launch["block_n"], launch["num_warps"],
                                  launch["num_stages"])
             return prefill_attention(q, kc, vc, tables, seq, qsl, HEAD_DIM ** -0.5,
-                                     max_query_len=seq_len, launch=config or None)
+                                     max_query_len=seq_len, launch=config or None,
+                                     batch_cache=cache)
 
         kernel = "TMA" if uses_tma(q, kc, vc, seq_len) else "pointer"
         row = sweep(f"prefill {num_seqs}x{seq_len}, blocks of {block_size} ({kernel} kernel)",
                     run, configs, lambda fn: bench(fn, rep_ms=200), score)
         rows.append(dict(row, sdpa_ms=sdpa_ms, cache_block_size=block_size, kernel=kernel))
         if args.gluon_prefill and gluon_prefill.serves(q, kc, vc):
-            def run_gluon(kc=kc, vc=vc, tables=tables, seq=seq, **launch):
+            tiles = gluon_prefill.query_tiles(qsl, seq, q.shape[0], seq_len)
+
+            def run_gluon(kc=kc, vc=vc, tables=tables, seq=seq, tiles=tiles, **launch):
                 if not launch:
                     return run(kc, vc, tables, seq)  # the reference: the served kernel
                 return gluon_prefill.gluon_prefill_attention(
                     q, kc, vc, tables, seq, qsl, HEAD_DIM ** -0.5, max_query_len=seq_len,
-                    **launch)
+                    tiles=tiles, **launch)
 
             # Keys a tile, ring stages, and the softmax run under P @ V or after it.
             gluon_configs = [dict(block_n=n, stages=st, overlap=ov) for n, st, ov in

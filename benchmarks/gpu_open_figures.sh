@@ -19,6 +19,8 @@
 #   gluon_prefill_sweep  the Gluon kernel's launches (tile, stages, overlap) against the
 #                        Triton kernels and torch SDPA at cache blocks of 16 and 64
 #   prefill_vs_sdpa      the served prefill kernel and torch SDPA timed in turns
+#   prefill_e2e          offline throughput of random:llama3-8b on 4096-token prompts with
+#                        the Gluon prefill kernel served, then with GRIDLLM_GLUON_PREFILL=0
 #   decode_tests         every decode-attention test on the GPU, not only -m gpu
 #   split_kv_ab          split-KV decode at batch 1, 2 and 4: block numbers a tile ahead or
 #                        not, 32- or 64-key tiles, 2 or 3 stages (the default launch's A/B)
@@ -76,6 +78,11 @@ GRIDLLM_GLUON_PREFILL=0 step gluon_prefill_sweep 200 $PY benchmarks/attention_sw
   --kinds prefill --gluon-prefill --cache-block-sizes 16 64 --block-m 128 \
   --block-n-prefill 64 --warps-prefill 8 --stages 3 --output "$OUT/gluon_prefill_sweep.json"
 step prefill_vs_sdpa 60 $PY benchmarks/prefill_vs_sdpa.py --output "$OUT/prefill_vs_sdpa.json"
+E2E="$PY -m gridllm.bench throughput --model random:llama3-8b --num-prompts 32
+  --input-len-range 4096:4096 --output-len-range 16:16 --max-num-batched-tokens 16384
+  --max-model-len 8192 --no-roofline --no-tqdm"
+step prefill_e2e 280 bash -c "$E2E --output $OUT/prefill_e2e_gluon.json \
+  && GRIDLLM_GLUON_PREFILL=0 $E2E --output $OUT/prefill_e2e_triton.json"
 # Every decode-attention test on the GPU (the default launches as served).
 step decode_tests 120 $PY -m pytest -q -p no:cacheprovider -rf --maxfail=3 \
   tests/kernels/test_paged_decode_attention.py

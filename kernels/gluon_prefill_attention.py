@@ -34,8 +34,15 @@ waits for both products before the softmax.
 Key tiles wholly at or before the program's first query position run without a mask; the
 others mask ``pos_k <= pos_q``, which also hides keys past the sequence. Cache rows past
 the sequence may hold anything, and ``0 * NaN`` is NaN, so the consumers zero those rows
-of the last value tile in shared memory before reading it. Programs of the latest
-(longest) query tiles start first.
+of the last value tile in shared memory before reading it.
+
+The grid is a program per head and query tile of ``query_tiles``, a list of the batch's
+tiles built on the device (no sync) once per step, request by request and each request's
+latest (longest) tile first. A step of continuous batching mixes one long chunk with many
+one-token requests; a grid of every request times the longest chunk's tiles launched
+mostly empty programs there (200 one-token requests beside a 2,048-token chunk: 93% of
+them), and each still set up its 224 KB of shared memory, its barriers and its three
+partitions before finding it had nothing to do.
 
 What it does not take (``kernels.prefill_attention`` keeps those cases): head dims other
 than 128, float32 or FP8 caches, sliding windows, soft-capping, the strided pattern.
@@ -308,20 +315,20 @@ if gluon is not None and TensorDescriptor is not None:
 
     @gluon.jit
     def _consumer_partition(q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty,
-                            turn, sinks, out_ptr, stride_ot, stride_oh, q_start, num_q, m0, head,
+                            turn, sinks, out_ptr, stride_ot, stride_oh, q_row, head,
                             first_pos, seq_len, num_tiles, num_full, qk_scale,
                             WG: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr,
                             S_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr,
                             V_ZERO: gl.constexpr):
         if num_tiles > 0:
             _consume(q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty, turn,
-                     sinks.index(WG), out_ptr, stride_ot, stride_oh, q_start, num_q, m0, head,
+                     sinks.index(WG), out_ptr, stride_ot, stride_oh, q_row, head,
                      first_pos, seq_len, num_tiles, num_full, qk_scale, WG, STAGES, OVERLAP,
                      S_LAYOUT, O_LAYOUT, V_ZERO)
 
     @gluon.jit
     def _consume(q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty, turn, sink,
-                 out_ptr, stride_ot, stride_oh, q_start, num_q, m0, head, first_pos, seq_len,
+                 out_ptr, stride_ot, stride_oh, q_row, head, first_pos, seq_len,
                  num_tiles, num_full, qk_scale, WG: gl.constexpr, STAGES: gl.constexpr,
                  OVERLAP: gl.constexpr, S_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr,
                  V_ZERO: gl.constexpr):
@@ -394,33 +401,35 @@ if gluon is not None and TensorDescriptor is not None:
 
         l_o = gl.convert_layout(l_i, gl.SliceLayout(1, O_LAYOUT))
         o = (acc / l_o[:, None]).to(out_ptr.dtype.element_ty)
-        m = m0 + WG * _HALF_M + gl.arange(0, _HALF_M, layout=gl.SliceLayout(1, O_LAYOUT))
+        m = WG * _HALF_M + gl.arange(0, _HALF_M, layout=gl.SliceLayout(1, O_LAYOUT))
         d = gl.arange(0, _D, layout=gl.SliceLayout(0, O_LAYOUT))
-        out_rows = (q_start + m).to(gl.int64) * stride_ot + head * stride_oh
-        gl.store(out_ptr + out_rows[:, None] + d[None, :], o, mask=(m < num_q)[:, None])
+        out_rows = (q_row + m).to(gl.int64) * stride_ot + head * stride_oh
+        # A row is one of the request's queries while its position is in the sequence.
+        gl.store(out_ptr + out_rows[:, None] + d[None, :], o,
+                 mask=(first_pos + m < seq_len)[:, None])
 
     @gluon.jit
     def _gluon_prefill_attention_kernel(
-            desc_q, desc_k, desc_v, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr,
-            stride_bt, stride_ot, stride_oh, qk_scale, num_q_tiles,
+            desc_q, desc_k, desc_v, bt_ptr, tiles_ptr, out_ptr, stride_bt,
+            stride_ot, stride_oh, qk_scale,
             GROUP: gl.constexpr, BLOCK_SIZE: gl.constexpr, BLOCK_N: gl.constexpr,
             STAGES: gl.constexpr, OVERLAP: gl.constexpr, CONSUMER_REGS: gl.constexpr,
             LOAD_REGS: gl.constexpr, S_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr,
             SMEM: gl.constexpr, TABLE: gl.constexpr, V_ZERO: gl.constexpr,
             SINK: gl.constexpr):
         head = gl.program_id(0)
-        # Latest (longest) query tiles first: they have the most keys to visit.
-        tile = num_q_tiles - 1 - gl.program_id(1)
-        req = gl.program_id(2)
-        q_start = gl.load(qsl_ptr + req).to(gl.int32)
-        num_q = gl.load(qsl_ptr + req + 1).to(gl.int32) - q_start
-        m0 = tile * _BLOCK_M
-        seq_len = gl.load(seq_lens_ptr + req).to(gl.int32)
-        first_pos = seq_len - num_q + m0
+        # The slot's row of ``query_tiles`` (one load round trip: request, first query
+        # row, its position, the sequence length; a request of -1 is an empty slot).
+        row = tiles_ptr + 4 * gl.program_id(1)
+        slot_req = gl.load(row)
+        q_row = gl.load(row + 1)
+        first_pos = gl.load(row + 2)
+        seq_len = gl.load(row + 3)
+        req = gl.maximum(slot_req, 0)
         hi = gl.minimum(first_pos + _BLOCK_M, seq_len)
-        # A tile past the request's queries has no work (num_tiles 0): every partition
-        # skips its part, and the warp-specialized region stays unconditional.
-        num_tiles = gl.where(m0 < num_q, gl.cdiv(hi, BLOCK_N), 0)
+        # An empty slot has no work (num_tiles 0): every partition skips its part, and the
+        # warp-specialized region stays unconditional.
+        num_tiles = gl.where(slot_req >= 0, gl.cdiv(hi, BLOCK_N), 0)
         # Tiles whose last key is at or before the first query need no mask; the last
         # tile always takes one.
         num_full = gl.minimum((first_pos + 1) // BLOCK_N, num_tiles - 1)
@@ -453,16 +462,16 @@ if gluon is not None and TensorDescriptor is not None:
         gl.warp_specialize([
             (_consumer_partition, (
                 q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty, turn, sinks,
-                out_ptr, stride_ot, stride_oh, q_start, num_q, m0, head, first_pos, seq_len,
+                out_ptr, stride_ot, stride_oh, q_row, head, first_pos, seq_len,
                 num_tiles, num_full, qk_scale, 0, STAGES, OVERLAP, S_LAYOUT, O_LAYOUT,
                 V_ZERO)),
             (_consumer_partition, (
                 q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty, turn, sinks,
-                out_ptr, stride_ot, stride_oh, q_start, num_q, m0, head, first_pos, seq_len,
+                out_ptr, stride_ot, stride_oh, q_row, head, first_pos, seq_len,
                 num_tiles, num_full, qk_scale, 1, STAGES, OVERLAP, S_LAYOUT, O_LAYOUT,
                 V_ZERO)),
             (_load_partition, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar,
-                               k_full, k_empty, v_full, v_empty, table, q_start + m0,
+                               k_full, k_empty, v_full, v_empty, table, q_row,
                                head * _D, (head // GROUP) * _D, seq_len, num_tiles,
                                BLOCK_SIZE, BLOCK_N, STAGES, SMEM, TABLE)),
         ], [4, 1], [CONSUMER_REGS, LOAD_REGS])
@@ -491,11 +500,37 @@ def serves(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tens
             and query.stride(0) % 8 == 0 and query.data_ptr() % 16 == 0)
 
 
+def query_tiles(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_tokens: int,
+                max_query_len: int) -> torch.Tensor:
+    """The batch's query tiles as ``gluon_prefill_attention`` launches them, a program per
+    tile and head: ``[slots, 4]`` int32 rows of (request, first query row, its position,
+    the request's sequence length) for the tiles of 128 queries of each request's chunk,
+    request by request, each request's latest (longest) tile first; rows past the last
+    tile are -1. Device ops only (no sync): ``slots`` is a bound known on the host,
+    ``ceil(num_tokens / 128) + B`` or ``B * ceil(max_query_len / 128)`` whichever is less,
+    so a batch of one long chunk and many short ones launches about as many programs as
+    it has tiles (a ``B x ceil(max_query_len / 128)`` grid would launch mostly empty
+    ones). A step's layers can share the rows (``prefill_attention``'s ``batch_cache``)."""
+    num_reqs = seq_lens.shape[0]
+    slots = min(triton.cdiv(num_tokens, BLOCK_M) + num_reqs,
+                num_reqs * triton.cdiv(max_query_len, BLOCK_M))
+    qsl = query_start_loc.to(torch.int64)
+    num_q = qsl[1:] - qsl[:-1]
+    ends = ((num_q + BLOCK_M - 1) // BLOCK_M).cumsum(0)
+    slot = torch.arange(slots, device=qsl.device)
+    req = torch.searchsorted(ends, slot, right=True).clamp_(max=num_reqs - 1)
+    m0 = (ends[req] - 1 - slot) * BLOCK_M
+    seq = seq_lens.to(torch.int64)[req]
+    rows = torch.stack((req, qsl[req] + m0, seq - num_q[req] + m0, seq), dim=1)
+    return rows.masked_fill_((slot >= ends[-1])[:, None], -1).to(torch.int32)
+
+
 def gluon_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor,
                             value_cache: torch.Tensor, block_tables: torch.Tensor,
                             seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
                             scale: float, max_query_len: int | None = None,
-                            out: torch.Tensor | None = None, *, block_n: int = BLOCK_N,
+                            out: torch.Tensor | None = None,
+                            tiles: torch.Tensor | None = None, *, block_n: int = BLOCK_N,
                             stages: int = STAGES, overlap: bool = OVERLAP,
                             consumer_regs: int = CONSUMER_REGS, load_regs: int = LOAD_REGS,
                             max_regs: int = MAX_REGS) -> torch.Tensor:
@@ -512,6 +547,7 @@ def gluon_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor,
         scale: softmax scale.
         max_query_len: longest query chunk; pass it to avoid a device sync.
         out: ``[T, H, 128]`` to write into (allocated if None).
+        tiles: ``query_tiles`` of this batch (built here if None).
         block_n, stages: keys per tile (64 or 128) and ring buffers (2+), for sweeps.
         overlap: run the next tile's softmax under this tile's P @ V (see ``OVERLAP``).
         consumer_regs, load_regs, max_regs: registers per thread of the second consumer
@@ -528,8 +564,14 @@ def gluon_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor,
     max_query_len = longest_query(query, query_start_loc, max_query_len)
     if max_query_len == 0:
         return out
-    num_reqs = seq_lens.shape[0]
     num_tokens, num_heads = query.shape[:2]
+    if tiles is None:
+        tiles = query_tiles(query_start_loc, seq_lens, num_tokens, max_query_len)
+    elif (tiles.dtype != torch.int32 or tiles.dim() != 2 or tiles.shape[1] != 4
+          or not tiles.is_contiguous() or tiles.device != query.device):
+        raise ValueError("tiles must be query_tiles' contiguous [slots, 4] int32 tensor on "
+                         f"the query's device, got {tuple(tiles.shape)} {tiles.dtype} on "
+                         f"{tiles.device}.")
     num_blocks, block_size, num_kv_heads = key_cache.shape[:3]
     layouts = _layouts(block_n)
     smem = layouts["SMEM"]
@@ -540,11 +582,10 @@ def gluon_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor,
                       for c in (key_cache, value_cache))
     desc_q = TensorDescriptor(query, [num_tokens, num_heads * HEAD_DIM], [query.stride(0), 1],
                               [HALF_M, HEAD_DIM], smem)
-    num_q_tiles = triton.cdiv(max_query_len, BLOCK_M)
-    _gluon_prefill_attention_kernel[(num_heads, num_q_tiles, num_reqs)](
-        desc_q, desc_k, desc_v, block_tables, seq_lens, query_start_loc, out,
+    _gluon_prefill_attention_kernel[(num_heads, tiles.shape[0])](
+        desc_q, desc_k, desc_v, block_tables, tiles, out,
         block_tables.stride(0), out.stride(0), out.stride(1), float(scale) * _LOG2E,
-        num_q_tiles, GROUP=num_heads // num_kv_heads, BLOCK_SIZE=block_size,
+        GROUP=num_heads // num_kv_heads, BLOCK_SIZE=block_size,
         BLOCK_N=block_n, STAGES=stages, OVERLAP=bool(overlap), CONSUMER_REGS=consumer_regs,
         LOAD_REGS=load_regs, **layouts, num_warps=4, maxnreg=max_regs)
     return out

@@ -38,7 +38,7 @@ from kernels._utils import (
     is_interpreter,
     next_power_of_2,
 )
-from kernels.gluon_prefill_attention import gluon_prefill_attention
+from kernels.gluon_prefill_attention import gluon_prefill_attention, query_tiles
 from kernels.gluon_prefill_attention import serves as gluon_serves
 from kernels.paged_decode_attention import (
     _LOG2E,
@@ -411,7 +411,8 @@ def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
                       logit_softcap: float | None = None,
                       attention_stride: int | None = None,
                       k_scale: float = 1.0, v_scale: float = 1.0,
-                      launch: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+                      launch: tuple[int, int, int, int] | None = None,
+                      batch_cache: dict | None = None) -> torch.Tensor:
     """Drop-in for ``torch_ref.paged_attention`` (any mix of prefill, extend and decode).
 
     Args:
@@ -430,6 +431,9 @@ def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
         k_scale, v_scale: the FP8 cache's scales (1.0 for other caches).
         launch: (BLOCK_M, BLOCK_N, num_warps, num_stages) instead of the size heuristic,
             for tuning sweeps (of whichever kernel ``uses_tma`` picks).
+        batch_cache: a dict that lives as long as this batch layout (a step's layers share
+            it), where the Gluon kernel keeps its ``query_tiles`` (built on each call
+            without it).
     Returns:
         ``[T, H, D]`` attention output in query's dtype (rows outside every request's
         range are left unwritten).
@@ -449,8 +453,13 @@ def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
     if GLUON_PREFILL and launch is None and max_query_len >= 64 and v_scale == 1.0 \
             and gluon_serves(query, key_cache, value_cache, sliding_window, logit_softcap,
                              attention_stride):
+        tiles = None if batch_cache is None else batch_cache.get("gluon_query_tiles")
+        if tiles is None:
+            tiles = query_tiles(query_start_loc, seq_lens, query.shape[0], max_query_len)
+            if batch_cache is not None:
+                batch_cache["gluon_query_tiles"] = tiles
         return gluon_prefill_attention(query, key_cache, value_cache, block_tables, seq_lens,
-                                       query_start_loc, scale, max_query_len, out)
+                                       query_start_loc, scale, max_query_len, out, tiles)
     if uses_tma(query, key_cache, value_cache, max_query_len, attention_stride):
         return _launch_tma(query, key_cache, value_cache, block_tables, seq_lens,
                            query_start_loc, out, scale, sliding_window, softcap_mul,

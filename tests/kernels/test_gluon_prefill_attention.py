@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import random
 import re
 import subprocess
 import sys
@@ -28,6 +29,40 @@ def test_serves_only_a_hopper_gpu():
     query = torch.zeros(4, 8, 128, dtype=torch.bfloat16)
     cache = torch.zeros(4, 16, 2, 128, dtype=torch.bfloat16)
     assert not gpa.serves(query, cache, cache)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_query_tiles_list_each_requests_tiles_latest_first(seed):
+    """One row per 128-query tile of each request's chunk (none for a request without
+    queries), request by request and each request's latest tile first, as (request, first
+    query row, its position, sequence length); the rest of the slots -1; no more slots than
+    ``ceil(T / 128) + B``, the bound a step knows without reading the device."""
+    rng = random.Random(seed)
+    num_reqs = rng.randint(1, 12)
+    num_q = [rng.choice([0, 1, 2, 63, 64, 127, 128, 129, 300, 1000]) for _ in range(num_reqs)]
+    num_q[rng.randrange(num_reqs)] = rng.randint(1, 700)
+    cached = [rng.randint(0, 500) for _ in range(num_reqs)]
+    seq_lens = torch.tensor([c + n for c, n in zip(cached, num_q)], dtype=torch.int32)
+    qsl = torch.tensor([0] + num_q).cumsum(0).to(torch.int32)
+    num_tokens = sum(num_q) + rng.randint(0, 300)  # rows past the last request: padding
+    tiles = gpa.query_tiles(qsl, seq_lens, num_tokens, max(num_q))
+    expected = [[r, int(qsl[r]) + 128 * t, cached[r] + 128 * t, cached[r] + n]
+                for r, n in enumerate(num_q) for t in reversed(range(-(-n // 128)))]
+    assert tiles.dtype == torch.int32 and tiles.is_contiguous()
+    assert tiles[:len(expected)].tolist() == expected
+    assert (tiles[len(expected):] == -1).all()
+    assert len(tiles) <= -(-num_tokens // 128) + num_reqs
+
+
+def test_tiles_of_another_shape_are_refused_naming_them():
+    query = torch.zeros(80, 4, 128, dtype=torch.bfloat16)
+    cache = torch.zeros(8, 16, 2, 128, dtype=torch.bfloat16)
+    tables = torch.arange(8, dtype=torch.int32)[None]
+    seq = torch.tensor([80], dtype=torch.int32)
+    qsl = torch.tensor([0, 80], dtype=torch.int32)
+    with pytest.raises(ValueError, match="tiles"):
+        gpa.gluon_prefill_attention(query, cache, cache, tables, seq, qsl, 0.1,
+                                    max_query_len=80, tiles=torch.zeros(1, 2, dtype=torch.int32))
 
 
 _SWITCHED_ON = r"""
@@ -87,7 +122,7 @@ def test_a_load_warp_feeds_two_consumer_warpgroups(block_size, block_n, overlap)
     pytest.importorskip("triton.backends.nvidia.compiler")
     ptx, sass = compile_for_sm90(
         "kernels.gluon_prefill_attention", "_gluon_prefill_attention_kernel", block_n,
-        dict(bt_ptr="*i32", seq_lens_ptr="*i32", qsl_ptr="*i32", out_ptr="*bf16"),
+        dict(bt_ptr="*i32", tiles_ptr="*i32", out_ptr="*bf16"),
         dict(GROUP=4, BLOCK_SIZE=block_size, BLOCK_N=block_n, STAGES=2, OVERLAP=overlap,
              CONSUMER_REGS=240, LOAD_REGS=24),
         floats=("qk_scale",),
@@ -170,6 +205,9 @@ print(json.dumps(results))
      ([700, 1000], [130, 300], 32, 4, 64, "bfloat16", {}),
      ([1000, 129], [1000, 129], 8, 8, 256, "float16", {})],
     [([300, 1000], [300, 1000], 16, 4, 16, "bfloat16", dict(block_n=64)),
+     # A chunk among one- and two-query requests (a step of continuous batching): a
+     # program per tile, not per request x longest chunk.
+     ([40, 1000, 90, 33, 500, 7], [1, 400, 2, 1, 500, 1], 8, 2, 16, "bfloat16", {}),
      ([700, 77], [130, 77], 16, 2, 32, "bfloat16", dict(stages=3)),
      ([700], [1], 8, 2, 128, "float16", dict(block_n=64, stages=4))],
     # The defaults run the softmax under P @ V; the sweeps' alternative waits for both

@@ -8,7 +8,7 @@ runs on CUDA; ``selector.get_attention_backend`` picks one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -34,6 +34,9 @@ class AttentionMetadata:
     # (its own slot mapping and block tables, the rest shared; the first is this one).
     # A layer attends through the view of its group. None: one group.
     groups: list[AttentionMetadata] | None = None
+    # What a kernel derives from the step's layout once for all its layers (the Gluon
+    # prefill kernel's query tiles); shared with the group views, whose layout is the same.
+    kernel_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_reqs(self) -> int:

@@ -65,4 +65,5 @@ class TritonAttentionBackend(AttentionBackend):
                                  metadata.seq_lens, metadata.query_start_loc, scale,
                                  sliding_window, max_query_len=metadata.max_query_len,
                                  logit_softcap=logit_softcap, attention_stride=stride,
-                                 k_scale=k_scale, v_scale=v_scale)
+                                 k_scale=k_scale, v_scale=v_scale,
+                                 batch_cache=metadata.kernel_cache)
