@@ -205,18 +205,23 @@ def prefill_cases(args) -> list[dict]:
                     run, configs, lambda fn: bench(fn, rep_ms=200), score)
         rows.append(dict(row, sdpa_ms=sdpa_ms, cache_block_size=block_size, kernel=kernel))
         if args.gluon_prefill and gluon_prefill.serves(q, kc, vc):
-            tiles = gluon_prefill.query_tiles(qsl, seq, q.shape[0], seq_len)
+            # Built once, as for a step's layers (the persistent launch's order too).
+            tiles = {p: gluon_prefill.query_tiles(qsl, seq, q.shape[0], seq_len,
+                                                  longest_first=p) for p in (False, True)}
 
             def run_gluon(kc=kc, vc=vc, tables=tables, seq=seq, tiles=tiles, **launch):
                 if not launch:
                     return run(kc, vc, tables, seq)  # the reference: the served kernel
                 return gluon_prefill.gluon_prefill_attention(
                     q, kc, vc, tables, seq, qsl, HEAD_DIM ** -0.5, max_query_len=seq_len,
-                    tiles=tiles, **launch)
+                    tiles=tiles[launch.get("persistent", False)], **launch)
 
-            # Keys a tile, ring stages, and the softmax run under P @ V or after it.
+            # Keys a tile, ring stages, and the softmax run under P @ V or after it; then
+            # 128-key tiles with a program per SM walking the items.
             gluon_configs = [dict(block_n=n, stages=st, overlap=ov) for n, st, ov in
                              itertools.product((64, 128), (2, 3), (False, True))]
+            gluon_configs += [dict(block_n=128, stages=st, overlap=ov, persistent=True)
+                              for st, ov in itertools.product((2, 3), (False, True))]
             row = sweep(f"prefill {num_seqs}x{seq_len}, blocks of {block_size} (Gluon, "
                         "warp-specialized; default: the served kernel)", run_gluon,
                         gluon_configs, lambda fn: bench(fn, rep_ms=200), score)

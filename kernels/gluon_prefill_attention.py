@@ -65,6 +65,7 @@ import torch
 import triton
 
 from kernels._gluon import barrier, gl, gluon, runs_on
+from kernels._utils import num_sms
 from kernels.paged_decode_attention import _LOG2E
 from kernels.prefill_args import check_prefill_args, longest_query
 
@@ -97,6 +98,11 @@ STAGES = 3
 # consumers (H200, 4 x 4096: 544 / 545 TFLOP/s at cache blocks of 16 / 64 against 533 / 537
 # without, three stages); off: both products of a step are waited for before the softmax.
 OVERLAP = True
+# Whether a program per SM walks the items (query tile x head) instead of a program per
+# item: the load warp brings the next item's query and first key tiles while the consumers
+# finish the last one's products and store its output (built for sweeps; not measured yet,
+# so not the default).
+PERSISTENT = False
 # Registers per thread: the kernel's limit over its 12 warps (a whole register file),
 # the load warp's and the second consumer's; the first consumer gets what is left (240).
 MAX_REGS = 168
@@ -171,11 +177,18 @@ if gluon is not None and TensorDescriptor is not None:
                           pieces.slice(h * BLOCK_N + p * PIECE, PIECE))
 
     @gluon.jit
-    def _load_partition(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_full,
-                        k_empty, v_full, v_empty, table, q_row, q_col, kv_col, seq_len,
-                        num_tiles, BLOCK_SIZE: gl.constexpr, BLOCK_N: gl.constexpr,
-                        STAGES: gl.constexpr, SMEM: gl.constexpr, TABLE: gl.constexpr):
+    def _load_item(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, q_empty, k_full,
+                   k_empty, v_full, v_empty, table, q_row, q_col, kv_col, seq_len, num_tiles,
+                   t, done, BLOCK_SIZE: gl.constexpr, BLOCK_N: gl.constexpr,
+                   STAGES: gl.constexpr, PERSISTENT: gl.constexpr, SMEM: gl.constexpr,
+                   TABLE: gl.constexpr):
+        """The load warp's copies for one item: its query tile, then its key and value
+        tiles into the ring (``t``: tiles the program's earlier items put through it;
+        ``done``: its earlier items with work)."""
         if num_tiles > 0:
+            if PERSISTENT:
+                # The consumers are done with the previous item's query tile.
+                mbarrier.wait(q_empty, (done & 1) ^ 1)
             mbarrier.expect(q_bar, 2 * desc_q.block_type.nbytes)
             _tma_load(desc_q, [q_row, q_col], q_bar, q_smem.index(0))
             _tma_load(desc_q, [q_row + _HALF_M, q_col], q_bar, q_smem.index(1))
@@ -188,9 +201,10 @@ if gluon is not None and TensorDescriptor is not None:
         # Block numbers a tile ahead: each tile's copies wait on no load of their own.
         blocks = _tile_blocks(table, 0, last_block, BLOCK_SIZE, BLOCK_N, PIECE, TABLE)
         for j in range(num_tiles):
-            stage = j % STAGES
+            g = t + j
+            stage = g % STAGES
             # Fresh mbarriers count as having completed the phase before phase 0.
-            phase = (j // STAGES & 1) ^ 1
+            phase = (g // STAGES & 1) ^ 1
             n0 = j * BLOCK_N
             blocks_next = _tile_blocks(table, n0 + BLOCK_N, last_block, BLOCK_SIZE, BLOCK_N,
                                        PIECE, TABLE)
@@ -203,6 +217,65 @@ if gluon is not None and TensorDescriptor is not None:
             _copy_tile(desc_v, v_pieces.index(stage), v_full.index(stage), blocks, n0,
                        kv_col, BLOCK_SIZE, BLOCK_N)
             blocks = blocks_next
+
+    @gluon.jit
+    def _tile_row(tiles_ptr, slot, BLOCK_N: gl.constexpr):
+        """Slot ``slot`` of ``query_tiles`` in one load round trip: the request (0 for an
+        empty slot), the first query row, its position, the sequence length, the key
+        tiles to visit (0: an empty slot) and how many of them need no mask."""
+        row = tiles_ptr + 4 * slot
+        req = gl.load(row)
+        q_row = gl.load(row + 1)
+        first_pos = gl.load(row + 2)
+        seq_len = gl.load(row + 3)
+        hi = gl.minimum(first_pos + _BLOCK_M, seq_len)
+        num_tiles = gl.where(req >= 0, gl.cdiv(hi, BLOCK_N), 0)
+        # Tiles whose last key is at or before the first query need no mask; the last
+        # tile always takes one.
+        num_full = gl.minimum((first_pos + 1) // BLOCK_N, num_tiles - 1)
+        return gl.maximum(req, 0), q_row, first_pos, seq_len, num_tiles, num_full
+
+    @gluon.jit
+    def _persistent_item(tiles_ptr, k, num_items, num_heads, BLOCK_N: gl.constexpr):
+        """This program's item of round ``k`` (items: the slots of ``query_tiles``, longest
+        first, times the heads, heads fastest): ``_tile_row``'s values and the head. Even
+        rounds give item ``k P + p`` to program ``p`` of ``P``, odd rounds run backwards,
+        so each program's long and short items even out; past the last item: no tiles."""
+        pid = gl.program_id(0)
+        nprog = gl.num_programs(0)
+        idx = k * nprog + gl.where(k % 2 == 0, pid, nprog - 1 - pid)
+        valid = idx < num_items
+        idx = gl.minimum(idx, num_items - 1)
+        req, q_row, first_pos, seq_len, num_tiles, num_full = _tile_row(
+            tiles_ptr, idx // num_heads, BLOCK_N)
+        return (req, q_row, first_pos, seq_len, gl.where(valid, num_tiles, 0), num_full,
+                idx % num_heads)
+
+    @gluon.jit
+    def _load_partition(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, q_empty,
+                        k_full, k_empty, v_full, v_empty, bt_ptr, stride_bt, tiles_ptr, req,
+                        q_row, head, seq_len, num_tiles, num_items, num_heads,
+                        GROUP: gl.constexpr, BLOCK_SIZE: gl.constexpr, BLOCK_N: gl.constexpr,
+                        STAGES: gl.constexpr, PERSISTENT: gl.constexpr, SMEM: gl.constexpr,
+                        TABLE: gl.constexpr):
+        if PERSISTENT:
+            t = num_items * 0
+            done = num_items * 0
+            for k in range(gl.cdiv(num_items, gl.num_programs(0))):
+                req, q_row, first_pos, seq_len, num_tiles, num_full, head = _persistent_item(
+                    tiles_ptr, k, num_items, num_heads, BLOCK_N)
+                _load_item(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, q_empty,
+                           k_full, k_empty, v_full, v_empty,
+                           bt_ptr + req.to(gl.int64) * stride_bt, q_row, head * _D,
+                           (head // GROUP) * _D, seq_len, num_tiles, t, done, BLOCK_SIZE,
+                           BLOCK_N, STAGES, PERSISTENT, SMEM, TABLE)
+                t += num_tiles
+                done += gl.where(num_tiles > 0, 1, 0)
+        else:
+            _load_item(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, q_empty,
+                       k_full, k_empty, v_full, v_empty, bt_ptr + req.to(gl.int64) * stride_bt,
+                       q_row, head * _D, (head // GROUP) * _D, seq_len, num_tiles, 0, 0,
+                       BLOCK_SIZE, BLOCK_N, STAGES, PERSISTENT, SMEM, TABLE)
 
     @gluon.jit
     def _probabilities(s, m_i, l_i, q_pos, n0, qk_scale, MASKED: gl.constexpr,
@@ -246,16 +319,17 @@ if gluon is not None and TensorDescriptor is not None:
 
     @gluon.jit
     def _values_then_scores(p, acc, q, k_smem, v_smem, k_full, k_empty, v_full, v_empty,
-                            turn, j, WG: gl.constexpr, STAGES: gl.constexpr,
+                            turn, j, t, done, WG: gl.constexpr, STAGES: gl.constexpr,
                             S_LAYOUT: gl.constexpr):
         """``acc + P_j V_j`` and ``S_{j+1} = Q K_{j+1}^T``, issued together on this
         warpgroup's turn and waited for together."""
         BLOCK_N: gl.constexpr = k_smem.shape[1]
-        stage = j % STAGES
-        nxt = (j + 1) % STAGES
-        mbarrier.wait(v_full.index(stage), j // STAGES & 1)
-        mbarrier.wait(k_full.index(nxt), (j + 1) // STAGES & 1)
-        _my_turn(turn, WG, j + 1)
+        g = t + j
+        stage = g % STAGES
+        nxt = (g + 1) % STAGES
+        mbarrier.wait(v_full.index(stage), g // STAGES & 1)
+        mbarrier.wait(k_full.index(nxt), (g + 1) // STAGES & 1)
+        _my_turn(turn, WG, g + done + 1)
         acc = warpgroup_mma(p, v_smem.index(stage), acc, is_async=True)
         s = warpgroup_mma(q, k_smem.index(nxt).permute((1, 0)),
                           gl.zeros([_HALF_M, BLOCK_N], gl.float32, S_LAYOUT),
@@ -268,7 +342,8 @@ if gluon is not None and TensorDescriptor is not None:
 
     @gluon.jit
     def _scores_then_values(p, acc, m_i, l_i, q, q_pos, qk_scale, k_smem, v_smem, k_full,
-                            k_empty, v_full, v_empty, turn, sink, j, WG: gl.constexpr,
+                            k_empty, v_full, v_empty, turn, sink, j, t, done,
+                            WG: gl.constexpr,
                             STAGES: gl.constexpr, MASKED: gl.constexpr,
                             S_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr):
         """``S_{j+1} = Q K_{j+1}^T`` and ``acc + P_j V_j`` (``p``: tile ``j``'s float32
@@ -279,12 +354,13 @@ if gluon is not None and TensorDescriptor is not None:
         in float32 leaves the operand's registers alone until the product is done, so
         ptxas has no reason to wait for it before the softmax.)"""
         BLOCK_N: gl.constexpr = k_smem.shape[1]
-        stage = j % STAGES
-        nxt = (j + 1) % STAGES
+        g = t + j
+        stage = g % STAGES
+        nxt = (g + 1) % STAGES
         p = _operand(p, k_smem.dtype, O_LAYOUT)
-        mbarrier.wait(k_full.index(nxt), (j + 1) // STAGES & 1)
-        mbarrier.wait(v_full.index(stage), j // STAGES & 1)
-        _my_turn(turn, WG, j + 1)
+        mbarrier.wait(k_full.index(nxt), (g + 1) // STAGES & 1)
+        mbarrier.wait(v_full.index(stage), g // STAGES & 1)
+        _my_turn(turn, WG, g + done + 1)
         s = warpgroup_mma(q, k_smem.index(nxt).permute((1, 0)),
                           gl.zeros([_HALF_M, BLOCK_N], gl.float32, S_LAYOUT),
                           use_acc=False, is_async=True)
@@ -314,25 +390,43 @@ if gluon is not None and TensorDescriptor is not None:
         barrier()
 
     @gluon.jit
-    def _consumer_partition(q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty,
-                            turn, sinks, out_ptr, stride_ot, stride_oh, q_row, head,
-                            first_pos, seq_len, num_tiles, num_full, qk_scale,
-                            WG: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr,
+    def _consumer_partition(q_smem, k_smem, v_smem, q_bar, q_empty, k_full, k_empty, v_full,
+                            v_empty, turn, sinks, out_ptr, stride_ot, stride_oh, tiles_ptr,
+                            q_row, head, first_pos, seq_len, num_tiles, num_full, num_items,
+                            num_heads, qk_scale, WG: gl.constexpr, STAGES: gl.constexpr,
+                            OVERLAP: gl.constexpr, PERSISTENT: gl.constexpr,
                             S_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr,
                             V_ZERO: gl.constexpr):
-        if num_tiles > 0:
-            _consume(q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty, turn,
-                     sinks.index(WG), out_ptr, stride_ot, stride_oh, q_row, head,
-                     first_pos, seq_len, num_tiles, num_full, qk_scale, WG, STAGES, OVERLAP,
-                     S_LAYOUT, O_LAYOUT, V_ZERO)
+        BLOCK_N: gl.constexpr = k_smem.shape[1]
+        if PERSISTENT:
+            t = num_items * 0
+            done = num_items * 0
+            for k in range(gl.cdiv(num_items, gl.num_programs(0))):
+                req, q_row, first_pos, seq_len, num_tiles, num_full, head = _persistent_item(
+                    tiles_ptr, k, num_items, num_heads, BLOCK_N)
+                if num_tiles > 0:
+                    _consume(q_smem, k_smem, v_smem, q_bar, q_empty, k_full, k_empty, v_full,
+                             v_empty, turn, sinks.index(WG), out_ptr, stride_ot, stride_oh,
+                             q_row, head, first_pos, seq_len, num_tiles, num_full, qk_scale,
+                             t, done, WG, STAGES, OVERLAP, PERSISTENT, S_LAYOUT, O_LAYOUT,
+                             V_ZERO)
+                t += num_tiles
+                done += gl.where(num_tiles > 0, 1, 0)
+        elif num_tiles > 0:
+            _consume(q_smem, k_smem, v_smem, q_bar, q_empty, k_full, k_empty, v_full, v_empty,
+                     turn, sinks.index(WG), out_ptr, stride_ot, stride_oh, q_row, head,
+                     first_pos, seq_len, num_tiles, num_full, qk_scale, 0, 0, WG, STAGES,
+                     OVERLAP, PERSISTENT, S_LAYOUT, O_LAYOUT, V_ZERO)
 
     @gluon.jit
-    def _consume(q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty, turn, sink,
-                 out_ptr, stride_ot, stride_oh, q_row, head, first_pos, seq_len,
-                 num_tiles, num_full, qk_scale, WG: gl.constexpr, STAGES: gl.constexpr,
-                 OVERLAP: gl.constexpr, S_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr,
-                 V_ZERO: gl.constexpr):
-        """One consumer warpgroup's rows of a program with at least one key tile."""
+    def _consume(q_smem, k_smem, v_smem, q_bar, q_empty, k_full, k_empty, v_full, v_empty,
+                 turn, sink, out_ptr, stride_ot, stride_oh, q_row, head, first_pos, seq_len,
+                 num_tiles, num_full, qk_scale, t, done, WG: gl.constexpr,
+                 STAGES: gl.constexpr, OVERLAP: gl.constexpr, PERSISTENT: gl.constexpr,
+                 S_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr, V_ZERO: gl.constexpr):
+        """One consumer warpgroup's rows of an item with at least one key tile (``t``: key
+        tiles the program's earlier items put through the ring; ``done``: its earlier items
+        with work, each of ``t + 1`` turns)."""
         BLOCK_N: gl.constexpr = k_smem.shape[1]
         dtype: gl.constexpr = k_smem.dtype
         q = q_smem.index(WG)
@@ -343,15 +437,15 @@ if gluon is not None and TensorDescriptor is not None:
         acc = gl.zeros([_HALF_M, _D], gl.float32, O_LAYOUT)
 
         # Section 0: the first tile's scores alone.
-        mbarrier.wait(q_bar, 0)
-        mbarrier.wait(k_full.index(0), 0)
-        _my_turn(turn, WG, 0)
-        s = warpgroup_mma(q, k_smem.index(0).permute((1, 0)),
+        mbarrier.wait(q_bar, done & 1)
+        mbarrier.wait(k_full.index(t % STAGES), t // STAGES & 1)
+        _my_turn(turn, WG, t + done)
+        s = warpgroup_mma(q, k_smem.index(t % STAGES).permute((1, 0)),
                           gl.zeros([_HALF_M, BLOCK_N], gl.float32, S_LAYOUT), use_acc=False,
                           is_async=True)
         mbarrier.arrive(turn.index(1 - WG))
         s = warpgroup_mma_wait(0, deps=[s])
-        mbarrier.arrive(k_empty.index(0))
+        mbarrier.arrive(k_empty.index(t % STAGES))
 
         if OVERLAP:
             # Tile 0's probabilities (the accumulator is still zero: nothing to rescale),
@@ -365,11 +459,13 @@ if gluon is not None and TensorDescriptor is not None:
             for j in range(0, num_full - 1):
                 p, acc, m_i, l_i = _scores_then_values(
                     p, acc, m_i, l_i, q, q_pos, qk_scale, k_smem, v_smem, k_full, k_empty,
-                    v_full, v_empty, turn, sink, j, WG, STAGES, False, S_LAYOUT, O_LAYOUT)
+                    v_full, v_empty, turn, sink, j, t, done, WG, STAGES, False, S_LAYOUT,
+                    O_LAYOUT)
             for j in range(gl.maximum(num_full - 1, 0), num_tiles - 1):
                 p, acc, m_i, l_i = _scores_then_values(
                     p, acc, m_i, l_i, q, q_pos, qk_scale, k_smem, v_smem, k_full, k_empty,
-                    v_full, v_empty, turn, sink, j, WG, STAGES, True, S_LAYOUT, O_LAYOUT)
+                    v_full, v_empty, turn, sink, j, t, done, WG, STAGES, True, S_LAYOUT,
+                    O_LAYOUT)
             j = num_tiles - 1
             n0 = j * BLOCK_N
             p = _operand(p, dtype, O_LAYOUT)
@@ -378,22 +474,29 @@ if gluon is not None and TensorDescriptor is not None:
                 p, acc, m_i, l_i = _softmax(s, acc, m_i, l_i, q_pos, j * BLOCK_N, qk_scale,
                                             dtype, False, S_LAYOUT, O_LAYOUT)
                 acc, s = _values_then_scores(p, acc, q, k_smem, v_smem, k_full, k_empty,
-                                             v_full, v_empty, turn, j, WG, STAGES, S_LAYOUT)
+                                             v_full, v_empty, turn, j, t, done, WG, STAGES,
+                                             S_LAYOUT)
             for j in range(num_full, num_tiles - 1):
                 p, acc, m_i, l_i = _softmax(s, acc, m_i, l_i, q_pos, j * BLOCK_N, qk_scale,
                                             dtype, True, S_LAYOUT, O_LAYOUT)
                 acc, s = _values_then_scores(p, acc, q, k_smem, v_smem, k_full, k_empty,
-                                             v_full, v_empty, turn, j, WG, STAGES, S_LAYOUT)
+                                             v_full, v_empty, turn, j, t, done, WG, STAGES,
+                                             S_LAYOUT)
             # The last tile (it holds the diagonal, and maybe keys past the sequence).
             j = num_tiles - 1
             n0 = j * BLOCK_N
             p, acc, m_i, l_i = _softmax(s, acc, m_i, l_i, q_pos, n0, qk_scale, dtype, True,
                                         S_LAYOUT, O_LAYOUT)
-        stage = j % STAGES
-        mbarrier.wait(v_full.index(stage), j // STAGES & 1)
+        if PERSISTENT:
+            # Every product that reads the query tile is retired: the load warp may bring
+            # the next item's.
+            mbarrier.arrive(q_empty)
+        g = t + j
+        stage = g % STAGES
+        mbarrier.wait(v_full.index(stage), g // STAGES & 1)
         if n0 + BLOCK_N > seq_len:
             _zero_tail_values(v_smem.index(stage), n0, seq_len, V_ZERO)
-        _my_turn(turn, WG, j + 1)
+        _my_turn(turn, WG, g + done + 1)
         acc = warpgroup_mma(p, v_smem.index(stage), acc, is_async=True)
         mbarrier.arrive(turn.index(1 - WG))
         acc = warpgroup_mma_wait(0, deps=[acc])
@@ -408,31 +511,33 @@ if gluon is not None and TensorDescriptor is not None:
         gl.store(out_ptr + out_rows[:, None] + d[None, :], o,
                  mask=(first_pos + m < seq_len)[:, None])
 
-    @gluon.jit
+    # (num_items varies with the batch: not specialized, so no batch compiles a variant.)
+    @gluon.jit(do_not_specialize=["num_items"])
     def _gluon_prefill_attention_kernel(
             desc_q, desc_k, desc_v, bt_ptr, tiles_ptr, out_ptr, stride_bt,
-            stride_ot, stride_oh, qk_scale,
+            stride_ot, stride_oh, qk_scale, num_items, num_heads,
             GROUP: gl.constexpr, BLOCK_SIZE: gl.constexpr, BLOCK_N: gl.constexpr,
-            STAGES: gl.constexpr, OVERLAP: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+            STAGES: gl.constexpr, OVERLAP: gl.constexpr, PERSISTENT: gl.constexpr,
+            CONSUMER_REGS: gl.constexpr,
             LOAD_REGS: gl.constexpr, S_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr,
             SMEM: gl.constexpr, TABLE: gl.constexpr, V_ZERO: gl.constexpr,
             SINK: gl.constexpr):
-        head = gl.program_id(0)
-        # The slot's row of ``query_tiles`` (one load round trip: request, first query
-        # row, its position, the sequence length; a request of -1 is an empty slot).
-        row = tiles_ptr + 4 * gl.program_id(1)
-        slot_req = gl.load(row)
-        q_row = gl.load(row + 1)
-        first_pos = gl.load(row + 2)
-        seq_len = gl.load(row + 3)
-        req = gl.maximum(slot_req, 0)
-        hi = gl.minimum(first_pos + _BLOCK_M, seq_len)
-        # An empty slot has no work (num_tiles 0): every partition skips its part, and the
-        # warp-specialized region stays unconditional.
-        num_tiles = gl.where(slot_req >= 0, gl.cdiv(hi, BLOCK_N), 0)
-        # Tiles whose last key is at or before the first query need no mask; the last
-        # tile always takes one.
-        num_full = gl.minimum((first_pos + 1) // BLOCK_N, num_tiles - 1)
+        if PERSISTENT:
+            # Each partition walks the program's items itself (_persistent_item).
+            head = 0
+            req = 0
+            q_row = 0
+            first_pos = 0
+            seq_len = 0
+            num_tiles = 0
+            num_full = 0
+        else:
+            # One item: this head of the slot's query tile (an empty slot: no tiles, every
+            # partition skips its part, and the warp-specialized region stays
+            # unconditional).
+            head = gl.program_id(0)
+            req, q_row, first_pos, seq_len, num_tiles, num_full = _tile_row(
+                tiles_ptr, gl.program_id(1), BLOCK_N)
         dtype: gl.constexpr = desc_k.dtype
 
         q_smem = gl.allocate_shared_memory(dtype, [2, _HALF_M, _D], SMEM)
@@ -440,6 +545,8 @@ if gluon is not None and TensorDescriptor is not None:
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, _D], SMEM)
         bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
         q_bar = gl.allocate_shared_memory(gl.int64, [1, 1], bar_layout).index(0)
+        # (Persistent: the consumers' release of the query tile for the next item's.)
+        q_empty = gl.allocate_shared_memory(gl.int64, [1, 1], bar_layout).index(0)
         k_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
         k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
         v_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
@@ -448,6 +555,7 @@ if gluon is not None and TensorDescriptor is not None:
         # Each consumer's row sums, stored and never read (see _scores_then_values).
         sinks = gl.allocate_shared_memory(gl.float32, [2, _HALF_M], SINK)
         mbarrier.init(q_bar, count=1)
+        mbarrier.init(q_empty, count=2)
         for i in gl.static_range(STAGES):
             mbarrier.init(k_full.index(i), count=1)
             mbarrier.init(v_full.index(i), count=1)
@@ -458,22 +566,21 @@ if gluon is not None and TensorDescriptor is not None:
             mbarrier.init(turn.index(i), count=1)
         fence_async_shared()
 
-        table = bt_ptr + req.to(gl.int64) * stride_bt
         gl.warp_specialize([
             (_consumer_partition, (
-                q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty, turn, sinks,
-                out_ptr, stride_ot, stride_oh, q_row, head, first_pos, seq_len,
-                num_tiles, num_full, qk_scale, 0, STAGES, OVERLAP, S_LAYOUT, O_LAYOUT,
-                V_ZERO)),
+                q_smem, k_smem, v_smem, q_bar, q_empty, k_full, k_empty, v_full, v_empty, turn,
+                sinks, out_ptr, stride_ot, stride_oh, tiles_ptr, q_row, head, first_pos,
+                seq_len, num_tiles, num_full, num_items, num_heads, qk_scale, 0, STAGES,
+                OVERLAP, PERSISTENT, S_LAYOUT, O_LAYOUT, V_ZERO)),
             (_consumer_partition, (
-                q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty, turn, sinks,
-                out_ptr, stride_ot, stride_oh, q_row, head, first_pos, seq_len,
-                num_tiles, num_full, qk_scale, 1, STAGES, OVERLAP, S_LAYOUT, O_LAYOUT,
-                V_ZERO)),
-            (_load_partition, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar,
-                               k_full, k_empty, v_full, v_empty, table, q_row,
-                               head * _D, (head // GROUP) * _D, seq_len, num_tiles,
-                               BLOCK_SIZE, BLOCK_N, STAGES, SMEM, TABLE)),
+                q_smem, k_smem, v_smem, q_bar, q_empty, k_full, k_empty, v_full, v_empty, turn,
+                sinks, out_ptr, stride_ot, stride_oh, tiles_ptr, q_row, head, first_pos,
+                seq_len, num_tiles, num_full, num_items, num_heads, qk_scale, 1, STAGES,
+                OVERLAP, PERSISTENT, S_LAYOUT, O_LAYOUT, V_ZERO)),
+            (_load_partition, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, q_empty,
+                               k_full, k_empty, v_full, v_empty, bt_ptr, stride_bt, tiles_ptr,
+                               req, q_row, head, seq_len, num_tiles, num_items, num_heads,
+                               GROUP, BLOCK_SIZE, BLOCK_N, STAGES, PERSISTENT, SMEM, TABLE)),
         ], [4, 1], [CONSUMER_REGS, LOAD_REGS])
 
 
@@ -501,7 +608,7 @@ def serves(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tens
 
 
 def query_tiles(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_tokens: int,
-                max_query_len: int) -> torch.Tensor:
+                max_query_len: int, longest_first: bool = False) -> torch.Tensor:
     """The batch's query tiles as ``gluon_prefill_attention`` launches them, a program per
     tile and head: ``[slots, 4]`` int32 rows of (request, first query row, its position,
     the request's sequence length) for the tiles of 128 queries of each request's chunk,
@@ -510,7 +617,9 @@ def query_tiles(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_token
     ``ceil(num_tokens / 128) + B`` or ``B * ceil(max_query_len / 128)`` whichever is less,
     so a batch of one long chunk and many short ones launches about as many programs as
     it has tiles (a ``B x ceil(max_query_len / 128)`` grid would launch mostly empty
-    ones). A step's layers can share the rows (``prefill_attention``'s ``batch_cache``)."""
+    ones). A step's layers can share the rows (``prefill_attention``'s ``batch_cache``).
+    With ``longest_first`` the tiles are ordered by the keys they visit, most first, over
+    the whole batch (the persistent launch's order)."""
     num_reqs = seq_lens.shape[0]
     slots = min(triton.cdiv(num_tokens, BLOCK_M) + num_reqs,
                 num_reqs * triton.cdiv(max_query_len, BLOCK_M))
@@ -522,7 +631,12 @@ def query_tiles(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_token
     m0 = (ends[req] - 1 - slot) * BLOCK_M
     seq = seq_lens.to(torch.int64)[req]
     rows = torch.stack((req, qsl[req] + m0, seq - num_q[req] + m0, seq), dim=1)
-    return rows.masked_fill_((slot >= ends[-1])[:, None], -1).to(torch.int32)
+    empty = slot >= ends[-1]
+    rows.masked_fill_(empty[:, None], -1)
+    if longest_first:
+        keys = torch.minimum(rows[:, 2] + BLOCK_M, rows[:, 3]).masked_fill_(empty, -1)
+        rows = rows[torch.argsort(keys, descending=True, stable=True)]
+    return rows.to(torch.int32)
 
 
 def gluon_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor,
@@ -532,6 +646,7 @@ def gluon_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor,
                             out: torch.Tensor | None = None,
                             tiles: torch.Tensor | None = None, *, block_n: int = BLOCK_N,
                             stages: int = STAGES, overlap: bool = OVERLAP,
+                            persistent: bool = PERSISTENT,
                             consumer_regs: int = CONSUMER_REGS, load_regs: int = LOAD_REGS,
                             max_regs: int = MAX_REGS) -> torch.Tensor:
     """Causal prefill/extend attention as ``prefill_attention`` (arguments alike; the batch
@@ -547,9 +662,11 @@ def gluon_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor,
         scale: softmax scale.
         max_query_len: longest query chunk; pass it to avoid a device sync.
         out: ``[T, H, 128]`` to write into (allocated if None).
-        tiles: ``query_tiles`` of this batch (built here if None).
+        tiles: ``query_tiles`` of this batch (built here if None), with
+            ``longest_first`` as ``persistent``.
         block_n, stages: keys per tile (64 or 128) and ring buffers (2+), for sweeps.
         overlap: run the next tile's softmax under this tile's P @ V (see ``OVERLAP``).
+        persistent: a program per SM walking the items (see ``PERSISTENT``).
         consumer_regs, load_regs, max_regs: registers per thread of the second consumer
             warpgroup and the load warp, and the kernel's limit (the first consumer gets
             the rest), for sweeps.
@@ -566,7 +683,8 @@ def gluon_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor,
         return out
     num_tokens, num_heads = query.shape[:2]
     if tiles is None:
-        tiles = query_tiles(query_start_loc, seq_lens, num_tokens, max_query_len)
+        tiles = query_tiles(query_start_loc, seq_lens, num_tokens, max_query_len,
+                            longest_first=persistent)
     elif (tiles.dtype != torch.int32 or tiles.dim() != 2 or tiles.shape[1] != 4
           or not tiles.is_contiguous() or tiles.device != query.device):
         raise ValueError("tiles must be query_tiles' contiguous [slots, 4] int32 tensor on "
@@ -582,10 +700,14 @@ def gluon_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor,
                       for c in (key_cache, value_cache))
     desc_q = TensorDescriptor(query, [num_tokens, num_heads * HEAD_DIM], [query.stride(0), 1],
                               [HALF_M, HEAD_DIM], smem)
-    _gluon_prefill_attention_kernel[(num_heads, tiles.shape[0])](
+    num_items = num_heads * tiles.shape[0]
+    grid = (min(num_items, num_sms(query.device)),) if persistent \
+        else (num_heads, tiles.shape[0])
+    _gluon_prefill_attention_kernel[grid](
         desc_q, desc_k, desc_v, block_tables, tiles, out,
         block_tables.stride(0), out.stride(0), out.stride(1), float(scale) * _LOG2E,
-        GROUP=num_heads // num_kv_heads, BLOCK_SIZE=block_size,
-        BLOCK_N=block_n, STAGES=stages, OVERLAP=bool(overlap), CONSUMER_REGS=consumer_regs,
+        num_items, num_heads, GROUP=num_heads // num_kv_heads, BLOCK_SIZE=block_size,
+        BLOCK_N=block_n, STAGES=stages, OVERLAP=bool(overlap),
+        PERSISTENT=bool(persistent), CONSUMER_REGS=consumer_regs,
         LOAD_REGS=load_regs, **layouts, num_warps=4, maxnreg=max_regs)
     return out

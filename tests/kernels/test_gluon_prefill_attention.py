@@ -42,7 +42,7 @@ def test_query_tiles_list_each_requests_tiles_latest_first(seed):
     num_q = [rng.choice([0, 1, 2, 63, 64, 127, 128, 129, 300, 1000]) for _ in range(num_reqs)]
     num_q[rng.randrange(num_reqs)] = rng.randint(1, 700)
     cached = [rng.randint(0, 500) for _ in range(num_reqs)]
-    seq_lens = torch.tensor([c + n for c, n in zip(cached, num_q)], dtype=torch.int32)
+    seq_lens = torch.tensor([c + n for c, n in zip(cached, num_q, strict=True)], dtype=torch.int32)
     qsl = torch.tensor([0] + num_q).cumsum(0).to(torch.int32)
     num_tokens = sum(num_q) + rng.randint(0, 300)  # rows past the last request: padding
     tiles = gpa.query_tiles(qsl, seq_lens, num_tokens, max(num_q))
@@ -52,6 +52,12 @@ def test_query_tiles_list_each_requests_tiles_latest_first(seed):
     assert tiles[:len(expected)].tolist() == expected
     assert (tiles[len(expected):] == -1).all()
     assert len(tiles) <= -(-num_tokens // 128) + num_reqs
+    # The persistent launch's order: the same tiles, those that visit the most keys first.
+    longest = gpa.query_tiles(qsl, seq_lens, num_tokens, max(num_q), longest_first=True)
+    assert sorted(longest.tolist()) == sorted(tiles.tolist())
+    keys = [min(pos + 128, n) for _, _, pos, n in longest[:len(expected)].tolist()]
+    assert keys == sorted(keys, reverse=True)
+    assert (longest[len(expected):] == -1).all()
 
 
 def test_tiles_of_another_shape_are_refused_naming_them():
@@ -107,10 +113,11 @@ def test_the_switch_is_on_by_default_and_sends_only_what_the_kernel_serves():
 
 
 @pytest.mark.skipif(not _HAS_GLUON_HOPPER, reason="Triton without Gluon's Hopper API")
-@pytest.mark.parametrize("block_size,block_n,overlap",
-                         [(16, 128, False), (64, 64, False), (256, 128, False),
-                          (16, 128, True), (64, 64, True)])
-def test_a_load_warp_feeds_two_consumer_warpgroups(block_size, block_n, overlap):
+@pytest.mark.parametrize("block_size,block_n,overlap,persistent",
+                         [(16, 128, False, False), (64, 64, False, False),
+                          (256, 128, False, False), (16, 128, True, False),
+                          (64, 64, True, False), (16, 128, True, True)])
+def test_a_load_warp_feeds_two_consumer_warpgroups(block_size, block_n, overlap, persistent):
     """Compiled for sm_90: the load warp issues a bulk copy per cache block and half head of
     each key and value tile (plus four for the query tile), the block numbers of the next
     tile in one load before it waits for a free stage (so no copy waits on a load of its
@@ -118,13 +125,14 @@ def test_a_load_warp_feeds_two_consumer_warpgroups(block_size, block_n, overlap)
     that to all of them once a product's registers are touched in flight); the consumer
     warpgroups get 240 registers and the load warp 24. Without ``overlap`` each product is
     retired before the softmax; with it, in the machine code of the main loop, the softmax
-    (every ``exp2``) runs after the scores' product is retired and before P @ V is."""
+    (every ``exp2``) runs after the scores' product is retired and before P @ V is. The
+    persistent launch (each partition walking the program's items) compiles to the same."""
     pytest.importorskip("triton.backends.nvidia.compiler")
     ptx, sass = compile_for_sm90(
         "kernels.gluon_prefill_attention", "_gluon_prefill_attention_kernel", block_n,
         dict(bt_ptr="*i32", tiles_ptr="*i32", out_ptr="*bf16"),
         dict(GROUP=4, BLOCK_SIZE=block_size, BLOCK_N=block_n, STAGES=2, OVERLAP=overlap,
-             CONSUMER_REGS=240, LOAD_REGS=24),
+             PERSISTENT=persistent, CONSUMER_REGS=240, LOAD_REGS=24),
         floats=("qk_scale",),
         descriptors=dict(desc_q=((256, 4096), [64, 128], "bfloat16"),
                          desc_k=((4096, 1024), [min(block_size, block_n), 64], "bfloat16"),
@@ -216,7 +224,15 @@ print(json.dumps(results))
      ([77, 300, 1000], [77, 300, 1000], 16, 4, 16, "bfloat16", dict(overlap=False)),
      ([700, 1000], [130, 300], 32, 4, 64, "bfloat16", dict(overlap=False, block_n=64)),
      ([1000, 129], [1000, 129], 8, 8, 256, "float16", dict(overlap=False, stages=2))],
-], ids=["defaults", "launches", "no_overlap"])
+    # A program per SM walking the items: one item, programs of several items with and
+    # without masks, a mix of one-query requests and chunks, without the overlap.
+    [([1], [1], 8, 2, 16, "bfloat16", dict(persistent=True)),
+     ([77, 300, 1000], [77, 300, 1000], 16, 4, 16, "bfloat16", dict(persistent=True)),
+     ([40, 1000, 90, 33, 500, 7], [1, 400, 2, 1, 500, 1], 8, 2, 16, "bfloat16",
+      dict(persistent=True)),
+     ([700, 1000], [130, 300], 32, 4, 64, "bfloat16", dict(persistent=True, overlap=False)),
+     ([2048, 2048], [2048, 2048], 32, 8, 16, "bfloat16", dict(persistent=True, stages=2))],
+], ids=["defaults", "launches", "no_overlap", "persistent"])
 def test_matches_reference_gpu(cases):
     done = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(cases)],
                           capture_output=True, text=True, timeout=_CASE_TIMEOUT_S,
