@@ -16,11 +16,12 @@
 #   fp8_kv_tests         the FP8 KV-cache kernel tests, e4m3 and e5m2, all on the GPU
 #   gemv_f16             the batch-1 e4m3 GEMVs as served: the float16-pair kernel's column
 #                        and decoder row next to the word kernel's
-#   gluon_prefill_sweep  the Gluon kernel's launches (tile, stages, overlap) against the
-#                        Triton kernels and torch SDPA at cache blocks of 16 and 64
+#   gluon_prefill_sweep  the Gluon kernel's launches (tile, stages, overlap, persistent)
+#                        against the Triton kernels and torch SDPA at cache blocks of 16
+#                        and 64
 #   prefill_vs_sdpa      the served prefill kernel and torch SDPA timed in turns
-#   prefill_e2e          offline throughput of random:llama3-8b on 4096-token prompts with
-#                        the Gluon prefill kernel served, then with GRIDLLM_GLUON_PREFILL=0
+#   prefill_mixed        prefill attention on a step of one chunk among 200 one-token
+#                        requests (served, the persistent launch, each part alone)
 #   decode_tests         every decode-attention test on the GPU, not only -m gpu
 #   split_kv_ab          split-KV decode at batch 1, 2 and 4: block numbers a tile ahead or
 #                        not, 32- or 64-key tiles, 2 or 3 stages (the default launch's A/B)
@@ -28,6 +29,10 @@
 #   lat_fp8, lat_fp8_f16 batch-1 decode of random:llama3-8b with FP8 weights and KV cache,
 #                        the word GEMV and then the float16-pair one (GRIDLLM_GEMV_F16=1)
 #                        (past the default budget: OPEN_STEPS="gemv_f16 lat_fp8 lat_fp8_f16")
+#   prefill_e2e, prefill_e2e_off
+#                        offline throughput of random:llama3-8b on 4096-token prompts with
+#                        the Gluon prefill kernel served, then with GRIDLLM_GLUON_PREFILL=0
+#                        (past the default budget: OPEN_STEPS="prefill_e2e prefill_e2e_off")
 #   gemv_sweep           one-row tile configurations of the word and float16-pair GEMVs
 #                        (past the default budget: OPEN_STEPS=gemv_sweep)
 # Results: $OUT/open.log (each step's output tail), $OUT/<step>.log, $OUT/*.json.
@@ -78,11 +83,7 @@ GRIDLLM_GLUON_PREFILL=0 step gluon_prefill_sweep 200 $PY benchmarks/attention_sw
   --kinds prefill --gluon-prefill --cache-block-sizes 16 64 --block-m 128 \
   --block-n-prefill 64 --warps-prefill 8 --stages 3 --output "$OUT/gluon_prefill_sweep.json"
 step prefill_vs_sdpa 60 $PY benchmarks/prefill_vs_sdpa.py --output "$OUT/prefill_vs_sdpa.json"
-E2E="$PY -m gridllm.bench throughput --model random:llama3-8b --num-prompts 32
-  --input-len-range 4096:4096 --output-len-range 16:16 --max-num-batched-tokens 16384
-  --max-model-len 8192 --no-roofline --no-tqdm"
-step prefill_e2e 280 bash -c "$E2E --output $OUT/prefill_e2e_gluon.json \
-  && GRIDLLM_GLUON_PREFILL=0 $E2E --output $OUT/prefill_e2e_triton.json"
+step prefill_mixed 60 $PY benchmarks/prefill_mixed.py --output "$OUT/prefill_mixed.json"
 # Every decode-attention test on the GPU (the default launches as served).
 step decode_tests 120 $PY -m pytest -q -p no:cacheprovider -rf --maxfail=3 \
   tests/kernels/test_paged_decode_attention.py
@@ -93,6 +94,11 @@ LAT="$PY -m gridllm.bench latency --model random:llama3-8b --input-len 128 --out
   --num-iters 3 --num-warmup 1 --quantization fp8 --kv-cache-dtype fp8 --no-tqdm"
 step lat_fp8 90 $LAT --output "$OUT/lat_fp8.json"
 GRIDLLM_GEMV_F16=1 step lat_fp8_f16 90 $LAT --output "$OUT/lat_fp8_f16.json"
+E2E="$PY -m gridllm.bench throughput --model random:llama3-8b --num-prompts 32
+  --input-len-range 4096:4096 --output-len-range 16:16 --max-num-batched-tokens 16384
+  --max-model-len 8192 --no-roofline --no-tqdm"
+step prefill_e2e 140 $E2E --output "$OUT/prefill_e2e.json"
+GRIDLLM_GLUON_PREFILL=0 step prefill_e2e_off 140 $E2E --output "$OUT/prefill_e2e_off.json"
 step gemv_sweep 300 $PY benchmarks/gemv.py --rows 1 --fp8 --fused --sweep \
   --output "$OUT/gemv_sweep.json"
 echo "results in $OUT" | tee -a "$LOG"

@@ -1,0 +1,114 @@
+"""Prefill attention on a step of continuous batching: one prompt chunk among many requests
+that decode one token each, as the engine batches them.
+
+Such a step goes to ``prefill_attention`` whole (it is not decode-only), so every one-token
+request takes a query tile of its own there (128 query rows in the Gluon kernel) and
+visits all its keys with it. Timed (median of about ``--rep-ms`` of runs, L2 flushed):
+
+- the mixed step through ``prefill_attention`` as served (its kernel's tiles built once, as
+  for a step's layers), and through the Gluon kernel's persistent launch where it runs;
+- the chunk alone through ``prefill_attention``;
+- the one-token requests alone through ``paged_decode_attention`` (what splitting them off
+  the step would cost instead).
+
+Usage: ``python benchmarks/prefill_mixed.py [--chunk 2048] [--decodes 200] [--context 1000]
+[--block-size 16] [--rep-ms 200] [--output FILE]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.kernels import bench  # noqa: E402
+
+HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
+
+
+def mixed_batch(chunk: int, decodes: int, context: int, block_size: int,
+                dtype: torch.dtype) -> dict:
+    """A paged cache holding a ``chunk``-token prompt (request 0, no earlier context) and
+    ``decodes`` requests of ``context`` tokens whose last one is this step's query."""
+    seq = [chunk] + [context] * decodes
+    num_q = [chunk] + [1] * decodes
+    widths = [-(-n // block_size) for n in seq]
+    num_blocks = sum(widths)
+    blocks = torch.randperm(num_blocks, device="cuda").to(torch.int32)
+    tables = torch.zeros(len(seq), max(widths), dtype=torch.int32, device="cuda")
+    start = 0
+    for i, w in enumerate(widths):
+        tables[i, :w] = blocks[start:start + w]
+        start += w
+    shape = (num_blocks, block_size, KV_HEADS, HEAD_DIM)
+    qsl = torch.tensor([0] + num_q, device="cuda").cumsum(0).to(torch.int32)
+    return dict(query=torch.randn(sum(num_q), HEADS, HEAD_DIM, device="cuda", dtype=dtype),
+                key_cache=torch.randn(shape, device="cuda", dtype=dtype),
+                value_cache=torch.randn(shape, device="cuda", dtype=dtype),
+                block_tables=tables, seq_lens=torch.tensor(seq, dtype=torch.int32,
+                                                           device="cuda"),
+                query_start_loc=qsl)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--chunk", type=int, default=2048)
+    parser.add_argument("--decodes", type=int, default=200)
+    parser.add_argument("--context", type=int, default=1000)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--rep-ms", type=int, default=200)
+    parser.add_argument("--output", default=None)
+    args = parser.parse_args()
+    for name in ("chunk", "decodes", "context", "block_size", "rep_ms"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/prefill_mixed.py needs a CUDA GPU")
+    from kernels import gluon_prefill_attention as gpa
+    from kernels.paged_decode_attention import paged_decode_attention
+    from kernels.prefill_attention import prefill_attention
+
+    b = mixed_batch(args.chunk, args.decodes, args.context, args.block_size, torch.bfloat16)
+    scale = HEAD_DIM ** -0.5
+    q, kc, vc, tables, seq, qsl = (b[k] for k in ("query", "key_cache", "value_cache",
+                                                 "block_tables", "seq_lens",
+                                                 "query_start_loc"))
+    n = args.chunk
+    cache, chunk_cache = {}, {}
+    rows = {}
+    rows["mixed step, prefill_attention as served"] = bench(
+        lambda: prefill_attention(q, kc, vc, tables, seq, qsl, scale, max_query_len=n,
+                                  batch_cache=cache), rep_ms=args.rep_ms)
+    if gpa.serves(q, kc, vc):
+        tiles = gpa.query_tiles(qsl, seq, q.shape[0], n, longest_first=True)
+        rows["mixed step, Gluon kernel, persistent launch"] = bench(
+            lambda: gpa.gluon_prefill_attention(q, kc, vc, tables, seq, qsl, scale, n,
+                                                tiles=tiles, persistent=True),
+            rep_ms=args.rep_ms)
+    chunk_qsl = qsl[:2].clone()
+    rows["the chunk alone, prefill_attention"] = bench(
+        lambda: prefill_attention(q[:n], kc, vc, tables[:1], seq[:1], chunk_qsl, scale,
+                                  max_query_len=n, batch_cache=chunk_cache),
+        rep_ms=args.rep_ms)
+    dec_qsl = torch.arange(args.decodes + 1, dtype=torch.int32, device="cuda")
+    rows["the one-token requests alone, paged_decode_attention"] = bench(
+        lambda: paged_decode_attention(q[n:], kc, vc, tables[1:], seq[1:], dec_qsl, scale,
+                                       max_seq_len=args.context), rep_ms=args.rep_ms)
+    print(f"{torch.cuda.get_device_name()}: a {n}-token chunk and {args.decodes} one-token "
+          f"requests of {args.context} keys, {HEADS} heads ({KV_HEADS} KV), head dim "
+          f"{HEAD_DIM}, bf16 cache of {args.block_size}-token blocks")
+    for name, ms in rows.items():
+        print(f"  {name:56s} {1e3 * ms:9.1f} us")
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), args=vars(args),
+                           us={k: 1e3 * v for k, v in rows.items()}), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
