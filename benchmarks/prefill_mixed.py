@@ -6,7 +6,8 @@ request takes a query tile of its own there (128 query rows in the Gluon kernel)
 visits all its keys with it. Timed (median of about ``--rep-ms`` of runs, L2 flushed):
 
 - the mixed step through ``prefill_attention`` as served (its kernel's tiles built once, as
-  for a step's layers), and through the Gluon kernel's persistent launch where it runs;
+  for a step's layers); where the Gluon kernel runs, also with the one-token requests sent
+  to the decode kernel (``split_one_token``) and through its persistent launch;
 - the chunk alone through ``prefill_attention``;
 - the one-token requests alone through ``paged_decode_attention`` (what splitting them off
   the step would cost instead).
@@ -85,6 +86,11 @@ def main() -> None:
         lambda: prefill_attention(q, kc, vc, tables, seq, qsl, scale, max_query_len=n,
                                   batch_cache=cache), rep_ms=args.rep_ms)
     if gpa.serves(q, kc, vc):
+        split_cache = {}
+        rows["mixed step, one-token requests to the decode kernel"] = bench(
+            lambda: prefill_attention(q, kc, vc, tables, seq, qsl, scale, max_query_len=n,
+                                      batch_cache=split_cache, split_one_token=True),
+            rep_ms=args.rep_ms)
         tiles = gpa.query_tiles(qsl, seq, q.shape[0], n, longest_first=True)
         rows["mixed step, Gluon kernel, persistent launch"] = bench(
             lambda: gpa.gluon_prefill_attention(q, kc, vc, tables, seq, qsl, scale, n,

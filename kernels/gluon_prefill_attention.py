@@ -608,7 +608,8 @@ def serves(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tens
 
 
 def query_tiles(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_tokens: int,
-                max_query_len: int, longest_first: bool = False) -> torch.Tensor:
+                max_query_len: int, longest_first: bool = False,
+                skip_one_token: bool = False) -> torch.Tensor:
     """The batch's query tiles as ``gluon_prefill_attention`` launches them, a program per
     tile and head: ``[slots, 4]`` int32 rows of (request, first query row, its position,
     the request's sequence length) for the tiles of 128 queries of each request's chunk,
@@ -619,13 +620,18 @@ def query_tiles(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_token
     it has tiles (a ``B x ceil(max_query_len / 128)`` grid would launch mostly empty
     ones). A step's layers can share the rows (``prefill_attention``'s ``batch_cache``).
     With ``longest_first`` the tiles are ordered by the keys they visit, most first, over
-    the whole batch (the persistent launch's order)."""
+    the whole batch (the persistent launch's order). With ``skip_one_token`` requests of
+    one query get no tile (the decode kernel takes them: ``prefill_attention``'s
+    ``split_one_token``)."""
     num_reqs = seq_lens.shape[0]
     slots = min(triton.cdiv(num_tokens, BLOCK_M) + num_reqs,
                 num_reqs * triton.cdiv(max_query_len, BLOCK_M))
     qsl = query_start_loc.to(torch.int64)
     num_q = qsl[1:] - qsl[:-1]
-    ends = ((num_q + BLOCK_M - 1) // BLOCK_M).cumsum(0)
+    tiles = (num_q + BLOCK_M - 1) // BLOCK_M
+    if skip_one_token:
+        tiles = tiles.masked_fill(num_q == 1, 0)
+    ends = tiles.cumsum(0)
     slot = torch.arange(slots, device=qsl.device)
     req = torch.searchsorted(ends, slot, right=True).clamp_(max=num_reqs - 1)
     m0 = (ends[req] - 1 - slot) * BLOCK_M

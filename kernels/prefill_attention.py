@@ -45,6 +45,7 @@ from kernels.paged_decode_attention import (
     _scores,
     check_pattern,
     fp8_f16_dots,
+    paged_decode_attention,
     softcap_args,
 )
 from kernels.prefill_args import check_prefill_args, longest_query
@@ -56,6 +57,11 @@ except ImportError:  # pragma: no cover - an older Triton: the general kernel on
 
 # Smallest cache block the TMA kernel reads: a 64-key tile is at most two bulk copies.
 _TMA_MIN_BLOCK = 32
+# Whether a batch the Gluon kernel serves sends its one-query requests (a step of
+# continuous batching: decodes beside a prompt chunk) to the decode kernel instead of a
+# 128-row query tile each (``split_one_token``). Built, not measured yet on a GPU
+# (benchmarks/prefill_mixed.py times both), so off by default.
+SPLIT_ONE_TOKEN = False
 
 
 @triton.jit
@@ -403,6 +409,35 @@ def _launch_tma(query, key_cache, value_cache, block_tables, seq_lens, query_sta
     return out
 
 
+def attend_one_token_requests(query: torch.Tensor, key_cache: torch.Tensor,
+                              value_cache: torch.Tensor, block_tables: torch.Tensor,
+                              seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
+                              scale: float, out: torch.Tensor,
+                              batch_cache: dict | None = None) -> None:
+    """Attention of a batch's requests of one query through the decode kernel, written to
+    their rows of ``out`` (``[T + 1, H, D]``); every other request's output (zeros) goes
+    to row ``T``, so its own rows are left for a prefill kernel. Sync-free: the decode
+    kernel runs over all ``B`` requests, the others as padding rows (no keys). The
+    gather and scatter rows are kept in ``batch_cache`` for the step's other layers."""
+    num_tokens = query.shape[0]
+    if out.shape[0] != num_tokens + 1:
+        raise ValueError(f"out must have {num_tokens + 1} rows (one past the batch), got "
+                         f"{out.shape[0]}.")
+    parts = None if batch_cache is None else batch_cache.get("one_token_requests")
+    if parts is None:
+        qsl = query_start_loc.to(torch.int64)
+        first = qsl[:-1]
+        one = qsl[1:] - first == 1
+        parts = (first.clamp(max=num_tokens - 1), first.masked_fill(~one, num_tokens),
+                 seq_lens.masked_fill(~one, 0))
+        if batch_cache is not None:
+            batch_cache["one_token_requests"] = parts
+    src, dst, seq = parts
+    decoded = paged_decode_attention(query.index_select(0, src), key_cache, value_cache,
+                                     block_tables, seq, None, scale)
+    out.index_copy_(0, dst, decoded)
+
+
 def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                       block_tables: torch.Tensor, seq_lens: torch.Tensor,
                       query_start_loc: torch.Tensor, scale: float,
@@ -412,7 +447,8 @@ def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
                       attention_stride: int | None = None,
                       k_scale: float = 1.0, v_scale: float = 1.0,
                       launch: tuple[int, int, int, int] | None = None,
-                      batch_cache: dict | None = None) -> torch.Tensor:
+                      batch_cache: dict | None = None,
+                      split_one_token: bool | None = None) -> torch.Tensor:
     """Drop-in for ``torch_ref.paged_attention`` (any mix of prefill, extend and decode).
 
     Args:
@@ -434,6 +470,9 @@ def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
         batch_cache: a dict that lives as long as this batch layout (a step's layers share
             it), where the Gluon kernel keeps its ``query_tiles`` (built on each call
             without it).
+        split_one_token: where the Gluon kernel serves the batch, send requests of one
+            query to the decode kernel (``attend_one_token_requests``) and the rest to the
+            Gluon kernel; default ``SPLIT_ONE_TOKEN``.
     Returns:
         ``[T, H, D]`` attention output in query's dtype (rows outside every request's
         range are left unwritten).
@@ -453,11 +492,21 @@ def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
     if GLUON_PREFILL and launch is None and max_query_len >= 64 and v_scale == 1.0 \
             and gluon_serves(query, key_cache, value_cache, sliding_window, logit_softcap,
                              attention_stride):
-        tiles = None if batch_cache is None else batch_cache.get("gluon_query_tiles")
+        split = SPLIT_ONE_TOKEN if split_one_token is None else split_one_token
+        key = "gluon_query_tiles_split" if split else "gluon_query_tiles"
+        tiles = None if batch_cache is None else batch_cache.get(key)
         if tiles is None:
-            tiles = query_tiles(query_start_loc, seq_lens, query.shape[0], max_query_len)
+            tiles = query_tiles(query_start_loc, seq_lens, query.shape[0], max_query_len,
+                                skip_one_token=split)
             if batch_cache is not None:
-                batch_cache["gluon_query_tiles"] = tiles
+                batch_cache[key] = tiles
+        if split:
+            # A row past the batch takes the outputs of the other requests (zeros).
+            out = torch.empty((query.shape[0] + 1, *query.shape[1:]), dtype=query.dtype,
+                              device=query.device)
+            attend_one_token_requests(query, key_cache, value_cache, block_tables, seq_lens,
+                                      query_start_loc, scale, out, batch_cache)
+            out = out[:query.shape[0]]
         return gluon_prefill_attention(query, key_cache, value_cache, block_tables, seq_lens,
                                        query_start_loc, scale, max_query_len, out, tiles)
     if uses_tma(query, key_cache, value_cache, max_query_len, attention_stride):

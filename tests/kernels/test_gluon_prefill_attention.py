@@ -173,6 +173,7 @@ import json, sys
 import torch
 import kernels.gluon_prefill_attention as gpa
 from kernels import torch_ref
+from kernels.prefill_attention import prefill_attention
 from tests.kernels.conftest import TOLERANCES, make_paged_kv
 
 results = []
@@ -190,8 +191,12 @@ for seq_lens, query_lens, heads, kv_heads, block_size, dtype, launch in json.loa
     query = torch.randn(sum(query_lens), heads, 128, device=device).to(dtype)
     assert gpa.serves(query, kc, vc)
     out = torch.full_like(query, float("nan"))
-    gpa.gluon_prefill_attention(query, kc, vc, tables, seq, qsl, 128 ** -0.5,
-                                max_query_len=max(query_lens), out=out, **launch)
+    if "split_one_token" in launch:  # as served: one-query requests to the decode kernel
+        out = prefill_attention(query, kc, vc, tables, seq, qsl, 128 ** -0.5,
+                                max_query_len=max(query_lens), batch_cache={}, **launch)
+    else:
+        gpa.gluon_prefill_attention(query, kc, vc, tables, seq, qsl, 128 ** -0.5,
+                                    max_query_len=max(query_lens), out=out, **launch)
     torch.cuda.synchronize()
     expected = torch_ref.paged_attention(query, kc, vc, tables, seq, qsl, 128 ** -0.5)
     atol, rtol = TOLERANCES[dtype]
@@ -232,7 +237,14 @@ print(json.dumps(results))
       dict(persistent=True)),
      ([700, 1000], [130, 300], 32, 4, 64, "bfloat16", dict(persistent=True, overlap=False)),
      ([2048, 2048], [2048, 2048], 32, 8, 16, "bfloat16", dict(persistent=True, stages=2))],
-], ids=["defaults", "launches", "no_overlap", "persistent"])
+    # Through prefill_attention with one-query requests sent to the decode kernel: among
+    # chunks, first, with a long context (split-KV), and a batch of them only.
+    [([40, 1000, 90, 33, 500, 7], [1, 400, 2, 1, 500, 1], 8, 2, 16, "bfloat16",
+      dict(split_one_token=True)),
+     ([300, 77, 1000], [1, 1, 1000], 16, 4, 64, "bfloat16", dict(split_one_token=True)),
+     ([129, 20000, 300], [129, 1, 64], 32, 8, 16, "float16", dict(split_one_token=True)),
+     ([129, 70], [64, 1], 8, 2, 16, "bfloat16", dict(split_one_token=False))],
+], ids=["defaults", "launches", "no_overlap", "persistent", "split_one_token"])
 def test_matches_reference_gpu(cases):
     done = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(cases)],
                           capture_output=True, text=True, timeout=_CASE_TIMEOUT_S,

@@ -165,3 +165,41 @@ def test_prefill_takes_the_general_kernel_where_tma_does_not_apply():
     cache = torch.zeros(4, 64, 2, 128, dtype=torch.bfloat16, device="cuda")
     query = torch.zeros(1, 8, 128, dtype=torch.bfloat16, device="cuda")
     assert not uses_tma(query, cache, cache, 4096, attention_stride=8)
+
+
+def test_one_token_requests_go_through_the_decode_kernel():
+    """``attend_one_token_requests``: the requests of one query get the reference's output
+    in their rows, by the decode kernel; every other request's rows are left as they were
+    (a prefill kernel writes them next) and only the row past the batch takes their zeros;
+    the rows it derives are kept for the step's other layers."""
+    from kernels.prefill_attention import attend_one_token_requests
+
+    torch.manual_seed(0)
+    seq_lens, query_lens = [40, 90, 33, 70, 7], [1, 5, 1, 0, 1]
+    kc, vc, tables, seq = make_paged_kv(seq_lens, 2, 32, 16, torch.float32, DEVICE)
+    qsl = torch.tensor([0] + query_lens).cumsum(0).to(torch.int32).to(DEVICE)
+    query = torch.randn(sum(query_lens), 4, 32, device=DEVICE)
+    out = torch.full((query.shape[0] + 1, 4, 32), float("nan"), device=DEVICE)
+    cache = {}
+    attend_one_token_requests(query, kc, vc, tables, seq, qsl, 0.2, out, cache)
+    expected = torch_ref.paged_attention(query, kc, vc, tables, seq, qsl, 0.2)
+    one_token = [int(qsl[i]) for i, n in enumerate(query_lens) if n == 1]
+    assert_close(out[one_token], expected[one_token], "one-token rows")
+    others = [r for r in range(query.shape[0]) if r not in one_token]
+    assert out[others].isnan().all()
+    assert (out[-1] == 0).all()
+    assert set(cache) == {"one_token_requests"}
+    with pytest.raises(ValueError, match="out must have"):
+        attend_one_token_requests(query, kc, vc, tables, seq, qsl, 0.2, out[:-1])
+
+
+def test_one_token_requests_get_no_gluon_query_tile():
+    from kernels.gluon_prefill_attention import query_tiles
+
+    qsl = torch.tensor([0, 1, 301, 302, 304], dtype=torch.int32)
+    seq = torch.tensor([50, 300, 9, 20], dtype=torch.int32)
+    tiles = query_tiles(qsl, seq, 304, 300, skip_one_token=True)
+    # Request 1's three tiles (latest first) and request 3's one; the rest empty slots.
+    assert tiles[:, 0].tolist()[:4] == [1, 1, 1, 3]
+    assert (tiles[4:] == -1).all()
+    assert query_tiles(qsl, seq, 304, 300)[:, 0].tolist()[:6] == [0, 1, 1, 1, 2, 3]
