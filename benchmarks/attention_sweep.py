@@ -48,6 +48,7 @@ from gridllm.bench.roofline import measure_limits  # noqa: E402
 from kernels import gluon_prefill_attention as gluon_prefill  # noqa: E402
 from kernels.fp8 import FP8_DTYPE  # noqa: E402
 from kernels.paged_decode_attention import paged_decode_attention  # noqa: E402
+from kernels.prefill_args import query_tiles  # noqa: E402
 from kernels.prefill_attention import prefill_attention, uses_tma  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, DTYPE = 32, 8, 128, torch.bfloat16
@@ -206,8 +207,8 @@ def prefill_cases(args) -> list[dict]:
         rows.append(dict(row, sdpa_ms=sdpa_ms, cache_block_size=block_size, kernel=kernel))
         if args.gluon_prefill and gluon_prefill.serves(q, kc, vc):
             # Built once, as for a step's layers (the persistent launch's order too).
-            tiles = {p: gluon_prefill.query_tiles(qsl, seq, q.shape[0], seq_len,
-                                                  longest_first=p) for p in (False, True)}
+            tiles = {p: query_tiles(qsl, seq, q.shape[0], seq_len, gluon_prefill.BLOCK_M,
+                                    longest_first=p) for p in (False, True)}
 
             def run_gluon(kc=kc, vc=vc, tables=tables, seq=seq, tiles=tiles, **launch):
                 if not launch:

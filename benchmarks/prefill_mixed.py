@@ -72,6 +72,7 @@ def main() -> None:
         sys.exit("benchmarks/prefill_mixed.py needs a CUDA GPU")
     from kernels import gluon_prefill_attention as gpa
     from kernels.paged_decode_attention import paged_decode_attention
+    from kernels.prefill_args import query_tiles
     from kernels.prefill_attention import prefill_attention
 
     b = mixed_batch(args.chunk, args.decodes, args.context, args.block_size, torch.bfloat16)
@@ -91,7 +92,7 @@ def main() -> None:
             lambda: prefill_attention(q, kc, vc, tables, seq, qsl, scale, max_query_len=n,
                                       batch_cache=split_cache, split_one_token=True),
             rep_ms=args.rep_ms)
-        tiles = gpa.query_tiles(qsl, seq, q.shape[0], n, longest_first=True)
+        tiles = query_tiles(qsl, seq, q.shape[0], n, gpa.BLOCK_M, longest_first=True)
         rows["mixed step, Gluon kernel, persistent launch"] = bench(
             lambda: gpa.gluon_prefill_attention(q, kc, vc, tables, seq, qsl, scale, n,
                                                 tiles=tiles, persistent=True),

@@ -36,13 +36,13 @@ others mask ``pos_k <= pos_q``, which also hides keys past the sequence. Cache r
 the sequence may hold anything, and ``0 * NaN`` is NaN, so the consumers zero those rows
 of the last value tile in shared memory before reading it.
 
-The grid is a program per head and query tile of ``query_tiles``, a list of the batch's
-tiles built on the device (no sync) once per step, request by request and each request's
-latest (longest) tile first. A step of continuous batching mixes one long chunk with many
-one-token requests; a grid of every request times the longest chunk's tiles launched
-mostly empty programs there (200 one-token requests beside a 2,048-token chunk: 93% of
-them), and each still set up its 224 KB of shared memory, its barriers and its three
-partitions before finding it had nothing to do.
+The grid is a program per head and query tile of ``prefill_args.query_tiles``, a list of
+the batch's tiles built on the device (no sync) once per step, request by request and each
+request's latest (longest) tile first. A step of continuous batching mixes one long chunk
+with many one-token requests; a grid of every request times the longest chunk's tiles
+launched mostly empty programs there (200 one-token requests beside a 2,048-token chunk:
+93% of them), and each still set up its 224 KB of shared memory, its barriers and its
+three partitions before finding it had nothing to do.
 
 What it does not take (``kernels.prefill_attention`` keeps those cases): head dims other
 than 128, float32 or FP8 caches, sliding windows, soft-capping, the strided pattern.
@@ -62,12 +62,11 @@ from __future__ import annotations
 import functools
 
 import torch
-import triton
 
 from kernels._gluon import barrier, gl, gluon, runs_on
 from kernels._utils import num_sms
 from kernels.paged_decode_attention import _LOG2E
-from kernels.prefill_args import check_prefill_args, longest_query
+from kernels.prefill_args import check_prefill_args, longest_query, query_tiles
 
 try:  # Hopper TMA and wgmma in Gluon (Triton 3.5+)
     from triton.experimental.gluon.language.nvidia.hopper import (
@@ -607,44 +606,6 @@ def serves(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tens
             and query.stride(0) % 8 == 0 and query.data_ptr() % 16 == 0)
 
 
-def query_tiles(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_tokens: int,
-                max_query_len: int, longest_first: bool = False,
-                skip_one_token: bool = False) -> torch.Tensor:
-    """The batch's query tiles as ``gluon_prefill_attention`` launches them, a program per
-    tile and head: ``[slots, 4]`` int32 rows of (request, first query row, its position,
-    the request's sequence length) for the tiles of 128 queries of each request's chunk,
-    request by request, each request's latest (longest) tile first; rows past the last
-    tile are -1. Device ops only (no sync): ``slots`` is a bound known on the host,
-    ``ceil(num_tokens / 128) + B`` or ``B * ceil(max_query_len / 128)`` whichever is less,
-    so a batch of one long chunk and many short ones launches about as many programs as
-    it has tiles (a ``B x ceil(max_query_len / 128)`` grid would launch mostly empty
-    ones). A step's layers can share the rows (``prefill_attention``'s ``batch_cache``).
-    With ``longest_first`` the tiles are ordered by the keys they visit, most first, over
-    the whole batch (the persistent launch's order). With ``skip_one_token`` requests of
-    one query get no tile (the decode kernel takes them: ``prefill_attention``'s
-    ``split_one_token``)."""
-    num_reqs = seq_lens.shape[0]
-    slots = min(triton.cdiv(num_tokens, BLOCK_M) + num_reqs,
-                num_reqs * triton.cdiv(max_query_len, BLOCK_M))
-    qsl = query_start_loc.to(torch.int64)
-    num_q = qsl[1:] - qsl[:-1]
-    tiles = (num_q + BLOCK_M - 1) // BLOCK_M
-    if skip_one_token:
-        tiles = tiles.masked_fill(num_q == 1, 0)
-    ends = tiles.cumsum(0)
-    slot = torch.arange(slots, device=qsl.device)
-    req = torch.searchsorted(ends, slot, right=True).clamp_(max=num_reqs - 1)
-    m0 = (ends[req] - 1 - slot) * BLOCK_M
-    seq = seq_lens.to(torch.int64)[req]
-    rows = torch.stack((req, qsl[req] + m0, seq - num_q[req] + m0, seq), dim=1)
-    empty = slot >= ends[-1]
-    rows.masked_fill_(empty[:, None], -1)
-    if longest_first:
-        keys = torch.minimum(rows[:, 2] + BLOCK_M, rows[:, 3]).masked_fill_(empty, -1)
-        rows = rows[torch.argsort(keys, descending=True, stable=True)]
-    return rows.to(torch.int32)
-
-
 def gluon_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor,
                             value_cache: torch.Tensor, block_tables: torch.Tensor,
                             seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
@@ -668,8 +629,8 @@ def gluon_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor,
         scale: softmax scale.
         max_query_len: longest query chunk; pass it to avoid a device sync.
         out: ``[T, H, 128]`` to write into (allocated if None).
-        tiles: ``query_tiles`` of this batch (built here if None), with
-            ``longest_first`` as ``persistent``.
+        tiles: ``prefill_args.query_tiles`` of this batch at 128 queries a tile (built
+            here if None), with ``longest_first`` as ``persistent``.
         block_n, stages: keys per tile (64 or 128) and ring buffers (2+), for sweeps.
         overlap: run the next tile's softmax under this tile's P @ V (see ``OVERLAP``).
         persistent: a program per SM walking the items (see ``PERSISTENT``).
@@ -689,7 +650,7 @@ def gluon_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor,
         return out
     num_tokens, num_heads = query.shape[:2]
     if tiles is None:
-        tiles = query_tiles(query_start_loc, seq_lens, num_tokens, max_query_len,
+        tiles = query_tiles(query_start_loc, seq_lens, num_tokens, max_query_len, BLOCK_M,
                             longest_first=persistent)
     elif (tiles.dtype != torch.int32 or tiles.dim() != 2 or tiles.shape[1] != 4
           or not tiles.is_contiguous() or tiles.device != query.device):

@@ -38,7 +38,8 @@ from kernels._utils import (
     is_interpreter,
     next_power_of_2,
 )
-from kernels.gluon_prefill_attention import gluon_prefill_attention, query_tiles
+from kernels.gluon_prefill_attention import BLOCK_M as GLUON_BLOCK_M
+from kernels.gluon_prefill_attention import gluon_prefill_attention
 from kernels.gluon_prefill_attention import serves as gluon_serves
 from kernels.paged_decode_attention import (
     _LOG2E,
@@ -48,7 +49,7 @@ from kernels.paged_decode_attention import (
     paged_decode_attention,
     softcap_args,
 )
-from kernels.prefill_args import check_prefill_args, longest_query
+from kernels.prefill_args import cached_query_tiles, check_prefill_args, longest_query
 
 try:  # host-side TMA descriptors (Triton 3.4+)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -57,10 +58,11 @@ except ImportError:  # pragma: no cover - an older Triton: the general kernel on
 
 # Smallest cache block the TMA kernel reads: a 64-key tile is at most two bulk copies.
 _TMA_MIN_BLOCK = 32
-# Whether a batch the Gluon kernel serves sends its one-query requests (a step of
-# continuous batching: decodes beside a prompt chunk) to the decode kernel instead of a
-# 128-row query tile each (``split_one_token``). Built, not measured yet on a GPU
-# (benchmarks/prefill_mixed.py times both), so off by default.
+# Whether a batch sends its one-query requests (a step of continuous batching: decodes
+# beside a prompt chunk) to the decode kernel instead of a query tile each of a prefill
+# kernel (``split_one_token``; 128 rows in the Gluon kernel, every one visiting all the
+# request's keys). Built, not measured yet on a GPU (benchmarks/prefill_mixed.py times
+# both), so off by default.
 SPLIT_ONE_TOKEN = False
 
 
@@ -103,46 +105,41 @@ def _attend_tile(acc, m_i, l_i, q, q_pos, kc_ptr, vc_ptr, table, kv_head, n0, hi
 
 
 @triton.jit
-def _query_span(qsl_ptr, req):
-    """``(first row, number of rows)`` of request ``req``'s queries."""
-    q_start = tl.load(qsl_ptr + req).to(tl.int32)
-    return q_start, tl.load(qsl_ptr + req + 1).to(tl.int32) - q_start
-
-
-@triton.jit
-def _query_tile(seq_lens_ptr, req, q_start, num_q, tile, BLOCK_M: tl.constexpr):
-    """Query tile ``tile`` of a request whose ``num_q`` queries are its last tokens:
-    ``(first_pos, hi, m, q_pos, q_rows)``: the first query's position, the end of the keys
-    any of the tile's queries sees, the queries' indices in the request, their positions
-    and their rows in the packed query tensor."""
-    seq_len = tl.load(seq_lens_ptr + req).to(tl.int32)
-    first_pos = seq_len - num_q + tile * BLOCK_M
+def _query_tile(tiles_ptr, slot, BLOCK_M: tl.constexpr):
+    """Slot ``slot`` of ``query_tiles`` (one load round trip): ``(req, q_row, first_pos,
+    hi, q_pos, q_rows, is_query)``: the request (-1: an empty slot), the tile's first row
+    in the packed query tensor, the first query's position, the end of the keys any of
+    the tile's queries sees, the queries' positions, their rows, and which of the tile's
+    rows are the request's queries (those whose position is in the sequence)."""
+    row = tiles_ptr + 4 * slot
+    req = tl.load(row)
+    q_row = tl.load(row + 1)
+    first_pos = tl.load(row + 2)
+    seq_len = tl.load(row + 3)
     hi = tl.minimum(first_pos + BLOCK_M, seq_len)
-    m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    return first_pos, hi, m, seq_len - num_q + m, (q_start + m).to(tl.int64)
+    m = tl.arange(0, BLOCK_M)
+    q_pos = first_pos + m
+    return (req.to(tl.int64), q_row, first_pos, hi, q_pos, (q_row + m).to(tl.int64),
+            q_pos < seq_len)
 
 
 @triton.jit
 def _prefill_attention_kernel(
-        q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr,
+        q_ptr, kc_ptr, vc_ptr, bt_ptr, tiles_ptr, out_ptr,
         stride_qt, stride_qh, stride_cb, stride_ct, stride_ch, stride_bt,
-        stride_ot, stride_oh, scale_log2, block_size, sliding_window, num_q_tiles,
+        stride_ot, stride_oh, scale_log2, block_size, sliding_window,
         softcap_mul, softcap_log2, v_scale, attention_stride,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr,
         HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
         IS_STRIDED: tl.constexpr = False, F16_DOTS: tl.constexpr = False):
     head = tl.program_id(0).to(tl.int64)
-    # Longest (latest) query tiles first: they have the most keys to visit.
-    tile = num_q_tiles - 1 - tl.program_id(1)
-    req = tl.program_id(2).to(tl.int64)
-    q_start, num_q = _query_span(qsl_ptr, req)
-    if tile * BLOCK_M >= num_q:
+    req, q_row, first_pos, hi, q_pos, q_rows, is_query = _query_tile(
+        tiles_ptr, tl.program_id(1), BLOCK_M)
+    if req < 0:
         return
-    first_pos, hi, m, q_pos, q_rows = _query_tile(seq_lens_ptr, req, q_start, num_q, tile,
-                                                  BLOCK_M)
     d = tl.arange(0, BLOCK_D)
-    io_mask = (m[:, None] < num_q) & (d[None, :] < HEAD_DIM)
+    io_mask = is_query[:, None] & (d[None, :] < HEAD_DIM)
     q = tl.load(q_ptr + q_rows[:, None] * stride_qt + head * stride_qh + d[None, :],
                 mask=io_mask, other=0.0)
     if F16_DOTS:  # an FP8 cache under a bfloat16 query (see paged_decode_attention)
@@ -274,9 +271,9 @@ def _tma_tile(acc, m_i, l_i, q, q_pos, desc_k, desc_v, table, col, n0, hi, block
 
 @triton.jit
 def _prefill_attention_tma_kernel(
-        q_ptr, desc_k, desc_v, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr,
+        q_ptr, desc_k, desc_v, bt_ptr, tiles_ptr, out_ptr,
         stride_qt, stride_qh, stride_bt, stride_ot, stride_oh, scale_log2, block_size,
-        sliding_window, num_q_tiles, softcap_mul, softcap_log2, v_scale,
+        sliding_window, softcap_mul, softcap_log2, v_scale,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, PIECE: tl.constexpr, HAS_WINDOW: tl.constexpr,
         HAS_SOFTCAP: tl.constexpr, Q_DESC: tl.constexpr):
@@ -287,18 +284,14 @@ def _prefill_attention_tma_kernel(
     stored), else a pointer."""
     PIECES: tl.constexpr = BLOCK_N // PIECE
     head = tl.program_id(0)
-    # Longest (latest) query tiles first: they have the most keys to visit.
-    tile = num_q_tiles - 1 - tl.program_id(1)
-    req = tl.program_id(2).to(tl.int64)
-    q_start, num_q = _query_span(qsl_ptr, req)
-    if tile * BLOCK_M >= num_q:
+    req, q_row, first_pos, hi, q_pos, q_rows, is_query = _query_tile(
+        tiles_ptr, tl.program_id(1), BLOCK_M)
+    if req < 0:
         return
-    first_pos, hi, m, q_pos, q_rows = _query_tile(seq_lens_ptr, req, q_start, num_q, tile,
-                                                  BLOCK_M)
     d = tl.arange(0, HEAD_DIM)
-    io_mask = m[:, None] < num_q
+    io_mask = is_query[:, None]
     if Q_DESC:
-        q = q_ptr.load([q_start + tile * BLOCK_M, head * HEAD_DIM])
+        q = q_ptr.load([q_row, head * HEAD_DIM])
     else:
         q = tl.load(q_ptr + q_rows[:, None] * stride_qt + head * stride_qh + d[None, :],
                     mask=io_mask, other=0.0)
@@ -374,10 +367,9 @@ def uses_tma(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
             and value_cache.data_ptr() % 16 == 0)
 
 
-def _launch_tma(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, out,
-                scale, sliding_window, softcap_mul, softcap_log2, has_softcap, v_scale,
-                max_query_len, launch):
-    num_reqs = seq_lens.shape[0]
+def _launch_tma(query, key_cache, value_cache, block_tables, out, scale, sliding_window,
+                softcap_mul, softcap_log2, has_softcap, v_scale, max_query_len, launch,
+                tiles_of):
     num_heads, head_dim = query.shape[1], query.shape[2]
     num_blocks, block_size, num_kv_heads = key_cache.shape[:3]
     block_m, block_n, num_warps, num_stages = launch or _tma_launch_config(max_query_len)
@@ -388,7 +380,7 @@ def _launch_tma(query, key_cache, value_cache, block_tables, seq_lens, query_sta
     rows = num_blocks * block_size, num_kv_heads * head_dim
     desc_k, desc_v = (TensorDescriptor.from_tensor(c.view(rows), [piece, head_dim])
                       for c in (key_cache, value_cache))
-    num_q_tiles = triton.cdiv(max_query_len, block_m)
+    tiles = tiles_of(block_m)
     # The query tile by TMA too where its rows are whole 16-byte units apart (measured
     # 455 against 435 TFLOP/s for pointer loads on the H200, 4 x 4096).
     q_desc = (query.stride(1) == head_dim and query.stride(0) * query.element_size() % 16 == 0
@@ -397,11 +389,11 @@ def _launch_tma(query, key_cache, value_cache, block_tables, seq_lens, query_sta
     if q_desc:
         q_arg = TensorDescriptor(query, [query.shape[0], num_heads * head_dim],
                                  [query.stride(0), 1], [block_m, head_dim])
-    _prefill_attention_tma_kernel[(num_heads, num_q_tiles, num_reqs)](
-        q_arg, desc_k, desc_v, block_tables, seq_lens, query_start_loc, out,
+    _prefill_attention_tma_kernel[(num_heads, tiles.shape[0])](
+        q_arg, desc_k, desc_v, block_tables, tiles, out,
         query.stride(0), query.stride(1), block_tables.stride(0), out.stride(0),
         out.stride(1), float(scale) * _LOG2E, block_size,
-        sliding_window if sliding_window is not None else 0, num_q_tiles,
+        sliding_window if sliding_window is not None else 0,
         softcap_mul, softcap_log2, float(v_scale), GROUP=num_heads // num_kv_heads,
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, PIECE=piece, Q_DESC=q_desc,
         HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=has_softcap,
@@ -413,12 +405,17 @@ def attend_one_token_requests(query: torch.Tensor, key_cache: torch.Tensor,
                               value_cache: torch.Tensor, block_tables: torch.Tensor,
                               seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
                               scale: float, out: torch.Tensor,
-                              batch_cache: dict | None = None) -> None:
+                              batch_cache: dict | None = None,
+                              sliding_window: int | None = None,
+                              logit_softcap: float | None = None,
+                              attention_stride: int | None = None,
+                              v_scale: float = 1.0) -> None:
     """Attention of a batch's requests of one query through the decode kernel, written to
     their rows of ``out`` (``[T + 1, H, D]``); every other request's output (zeros) goes
     to row ``T``, so its own rows are left for a prefill kernel. Sync-free: the decode
     kernel runs over all ``B`` requests, the others as padding rows (no keys). The
-    gather and scatter rows are kept in ``batch_cache`` for the step's other layers."""
+    gather and scatter rows are kept in ``batch_cache`` for the step's other layers.
+    ``scale`` includes an FP8 cache's ``k_scale``; the rest as in ``prefill_attention``."""
     num_tokens = query.shape[0]
     if out.shape[0] != num_tokens + 1:
         raise ValueError(f"out must have {num_tokens + 1} rows (one past the batch), got "
@@ -434,7 +431,9 @@ def attend_one_token_requests(query: torch.Tensor, key_cache: torch.Tensor,
             batch_cache["one_token_requests"] = parts
     src, dst, seq = parts
     decoded = paged_decode_attention(query.index_select(0, src), key_cache, value_cache,
-                                     block_tables, seq, None, scale)
+                                     block_tables, seq, None, scale, sliding_window,
+                                     logit_softcap=logit_softcap,
+                                     attention_stride=attention_stride, v_scale=v_scale)
     out.index_copy_(0, dst, decoded)
 
 
@@ -468,18 +467,17 @@ def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
         launch: (BLOCK_M, BLOCK_N, num_warps, num_stages) instead of the size heuristic,
             for tuning sweeps (of whichever kernel ``uses_tma`` picks).
         batch_cache: a dict that lives as long as this batch layout (a step's layers share
-            it), where the Gluon kernel keeps its ``query_tiles`` (built on each call
-            without it).
-        split_one_token: where the Gluon kernel serves the batch, send requests of one
-            query to the decode kernel (``attend_one_token_requests``) and the rest to the
-            Gluon kernel; default ``SPLIT_ONE_TOKEN``.
+            it), where the kernels keep what they derive from it (``query_tiles``; built
+            on each call without it).
+        split_one_token: send requests of one query to the decode kernel
+            (``attend_one_token_requests``) and only the rest to a prefill kernel; default
+            ``SPLIT_ONE_TOKEN``.
     Returns:
         ``[T, H, D]`` attention output in query's dtype (rows outside every request's
         range are left unwritten).
     """
     check_prefill_args(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc,
                        k_scale, v_scale)
-    num_reqs = seq_lens.shape[0]
     check_pattern(sliding_window, attention_stride)
     scale = float(scale) * k_scale
     softcap_mul, softcap_log2 = softcap_args(scale, logit_softcap)
@@ -487,44 +485,45 @@ def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
     max_query_len = longest_query(query, query_start_loc, max_query_len)
     if max_query_len == 0:
         return out
+    split = SPLIT_ONE_TOKEN if split_one_token is None else split_one_token
+    if split:
+        # A row past the batch takes the decode kernel's outputs of the other requests
+        # (zeros; the prefill kernel writes their rows next).
+        out = torch.empty((query.shape[0] + 1, *query.shape[1:]), dtype=query.dtype,
+                          device=query.device)
+        attend_one_token_requests(query, key_cache, value_cache, block_tables, seq_lens,
+                                  query_start_loc, scale, out, batch_cache, sliding_window,
+                                  logit_softcap, attention_stride, v_scale)
+        out = out[:query.shape[0]]
+
+    def tiles_of(block_m: int) -> torch.Tensor:
+        return cached_query_tiles(batch_cache, query_start_loc, seq_lens, query.shape[0],
+                                  max_query_len, block_m, skip_one_token=split)
+
     # (k_scale is in ``scale``; the Gluon kernel takes no v_scale, which a 16-bit cache as
     # served always has at 1.0: ``AttentionBackend.scales_for``.)
     if GLUON_PREFILL and launch is None and max_query_len >= 64 and v_scale == 1.0 \
             and gluon_serves(query, key_cache, value_cache, sliding_window, logit_softcap,
                              attention_stride):
-        split = SPLIT_ONE_TOKEN if split_one_token is None else split_one_token
-        key = "gluon_query_tiles_split" if split else "gluon_query_tiles"
-        tiles = None if batch_cache is None else batch_cache.get(key)
-        if tiles is None:
-            tiles = query_tiles(query_start_loc, seq_lens, query.shape[0], max_query_len,
-                                skip_one_token=split)
-            if batch_cache is not None:
-                batch_cache[key] = tiles
-        if split:
-            # A row past the batch takes the outputs of the other requests (zeros).
-            out = torch.empty((query.shape[0] + 1, *query.shape[1:]), dtype=query.dtype,
-                              device=query.device)
-            attend_one_token_requests(query, key_cache, value_cache, block_tables, seq_lens,
-                                      query_start_loc, scale, out, batch_cache)
-            out = out[:query.shape[0]]
         return gluon_prefill_attention(query, key_cache, value_cache, block_tables, seq_lens,
-                                       query_start_loc, scale, max_query_len, out, tiles)
+                                       query_start_loc, scale, max_query_len, out,
+                                       tiles_of(GLUON_BLOCK_M))
     if uses_tma(query, key_cache, value_cache, max_query_len, attention_stride):
-        return _launch_tma(query, key_cache, value_cache, block_tables, seq_lens,
-                           query_start_loc, out, scale, sliding_window, softcap_mul,
-                           softcap_log2, logit_softcap is not None, v_scale, max_query_len,
-                           launch)
+        return _launch_tma(query, key_cache, value_cache, block_tables, out, scale,
+                           sliding_window, softcap_mul, softcap_log2,
+                           logit_softcap is not None, v_scale, max_query_len, launch,
+                           tiles_of)
     num_heads, head_dim = query.shape[1], query.shape[2]
     block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
     block_m, block_n, num_warps, num_stages = launch or _launch_config(
         query.dtype, head_dim, max_query_len)
-    num_q_tiles = triton.cdiv(max_query_len, block_m)
-    _prefill_attention_kernel[(num_heads, num_q_tiles, num_reqs)](
-        query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, out,
+    tiles = tiles_of(block_m)
+    _prefill_attention_kernel[(num_heads, tiles.shape[0])](
+        query, key_cache, value_cache, block_tables, tiles, out,
         query.stride(0), query.stride(1), key_cache.stride(0), key_cache.stride(1),
         key_cache.stride(2), block_tables.stride(0), out.stride(0), out.stride(1),
         float(scale) * _LOG2E, block_size,
-        sliding_window if sliding_window is not None else 0, num_q_tiles,
+        sliding_window if sliding_window is not None else 0,
         softcap_mul, softcap_log2, float(v_scale), attention_stride or 1,
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_D=max(16, next_power_of_2(head_dim)), BLOCK_M=block_m, BLOCK_N=block_n,

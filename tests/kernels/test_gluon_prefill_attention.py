@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import kernels.gluon_prefill_attention as gpa
+from kernels.prefill_args import query_tiles
 from tests.kernels.conftest import HAS_CUDA, needs_gpu
 from tests.kernels.sm90_ptx import compile_for_sm90, loop_body, sass_loop
 
@@ -45,7 +46,7 @@ def test_query_tiles_list_each_requests_tiles_latest_first(seed):
     seq_lens = torch.tensor([c + n for c, n in zip(cached, num_q, strict=True)], dtype=torch.int32)
     qsl = torch.tensor([0] + num_q).cumsum(0).to(torch.int32)
     num_tokens = sum(num_q) + rng.randint(0, 300)  # rows past the last request: padding
-    tiles = gpa.query_tiles(qsl, seq_lens, num_tokens, max(num_q))
+    tiles = query_tiles(qsl, seq_lens, num_tokens, max(num_q), 128)
     expected = [[r, int(qsl[r]) + 128 * t, cached[r] + 128 * t, cached[r] + n]
                 for r, n in enumerate(num_q) for t in reversed(range(-(-n // 128)))]
     assert tiles.dtype == torch.int32 and tiles.is_contiguous()
@@ -53,7 +54,7 @@ def test_query_tiles_list_each_requests_tiles_latest_first(seed):
     assert (tiles[len(expected):] == -1).all()
     assert len(tiles) <= -(-num_tokens // 128) + num_reqs
     # The persistent launch's order: the same tiles, those that visit the most keys first.
-    longest = gpa.query_tiles(qsl, seq_lens, num_tokens, max(num_q), longest_first=True)
+    longest = query_tiles(qsl, seq_lens, num_tokens, max(num_q), 128, longest_first=True)
     assert sorted(longest.tolist()) == sorted(tiles.tolist())
     keys = [min(pos + 128, n) for _, _, pos, n in longest[:len(expected)].tolist()]
     assert keys == sorted(keys, reverse=True)

@@ -193,13 +193,46 @@ def test_one_token_requests_go_through_the_decode_kernel():
         attend_one_token_requests(query, kc, vc, tables, seq, qsl, 0.2, out[:-1])
 
 
-def test_one_token_requests_get_no_gluon_query_tile():
-    from kernels.gluon_prefill_attention import query_tiles
+def test_one_token_requests_get_no_query_tile():
+    from kernels.prefill_args import query_tiles
 
     qsl = torch.tensor([0, 1, 301, 302, 304], dtype=torch.int32)
     seq = torch.tensor([50, 300, 9, 20], dtype=torch.int32)
-    tiles = query_tiles(qsl, seq, 304, 300, skip_one_token=True)
+    tiles = query_tiles(qsl, seq, 304, 300, 128, skip_one_token=True)
     # Request 1's three tiles (latest first) and request 3's one; the rest empty slots.
     assert tiles[:, 0].tolist()[:4] == [1, 1, 1, 3]
     assert (tiles[4:] == -1).all()
-    assert query_tiles(qsl, seq, 304, 300)[:, 0].tolist()[:6] == [0, 1, 1, 1, 2, 3]
+    assert query_tiles(qsl, seq, 304, 300, 128)[:, 0].tolist()[:6] == [0, 1, 1, 1, 2, 3]
+
+
+@pytest.mark.parametrize("query_lens,pattern", [
+    ([1, 5, 1, 40, 1], {}),
+    ([1, 1, 1], {}),  # every request of one query (a step that is not decode-only)
+    ([3, 1, 20, 1], dict(sliding_window=12)),
+    ([1, 9, 1], dict(logit_softcap=5.0)),
+    ([1, 30, 1, 2], dict(attention_stride=8)),
+    ([1, 17, 1], dict(k_scale=0.5, v_scale=2.0)),
+])
+def test_split_one_token_matches_the_reference(query_lens, pattern):
+    """``split_one_token``: the one-query requests through the decode kernel and the rest
+    through the prefill kernel give the reference's output in every row, also on a second
+    call that reuses what the first kept in ``batch_cache`` (as a step's next layer)."""
+    torch.manual_seed(1)
+    seq_lens = [q + c for q, c in zip(query_lens, [60, 20, 35, 0, 90], strict=False)]
+    dtype = torch.float32
+    scales = {k: pattern.pop(k) for k in ("k_scale", "v_scale") if k in pattern}
+    kc, vc, tables, seq = make_paged_kv(seq_lens, 2, 32, 16, dtype, DEVICE)
+    if scales:  # an FP8 cache
+        kc, vc = kc.to(torch.float8_e4m3fn), vc.to(torch.float8_e4m3fn)
+    qsl = torch.tensor([0] + query_lens).cumsum(0).to(torch.int32).to(DEVICE)
+    query = torch.randn(sum(query_lens), 4, 32, device=DEVICE)
+    expected = torch_ref.paged_attention(query, kc, vc, tables, seq, qsl, 0.2, **pattern,
+                                         **scales)
+    cache = {}
+    for _ in range(2):
+        out = prefill_attention(query, kc, vc, tables, seq, qsl, 0.2,
+                                max_query_len=max(query_lens), batch_cache=cache,
+                                split_one_token=True, **pattern, **scales)
+        assert out.shape == query.shape and out.is_contiguous()
+        assert_close(out, expected, "split one-token requests", scale=4 if scales else 1)
+    assert "one_token_requests" in cache
