@@ -14,11 +14,9 @@ compile time.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from kernels._utils import is_interpreter
+from kernels._utils import capability, is_interpreter
 
 try:  # Gluon: Triton 3.5+
     from triton.experimental import gluon
@@ -31,11 +29,6 @@ except ImportError:  # pragma: no cover - an older Triton: the callers keep othe
 RUN_K = 128
 
 
-@functools.cache
-def _capability(device: torch.device) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device)
-
-
 def runs_on(device: torch.device, hopper_only: bool = False) -> bool:
     """Whether the Gluon kernels can run on ``device``: Gluon present, not Triton's CPU
     interpreter, a CUDA GPU of compute capability 9.0+ (where they were measured); with
@@ -43,7 +36,7 @@ def runs_on(device: torch.device, hopper_only: bool = False) -> bool:
     which later architectures lack) 9.x only."""
     if gluon is None or is_interpreter() or device.type != "cuda":
         return False
-    major = _capability(device)[0]
+    major = capability(device)[0]
     return major == 9 if hopper_only else major >= 9
 
 

@@ -113,9 +113,16 @@ LAUNCH_DEPENDENT = _env_switch("GRIDLLM_LAUNCH_DEPENDENT")
 
 
 @functools.cache
+def capability(device: torch.device) -> tuple[int, int]:
+    """A CUDA device's compute capability, asked once (the kernels' dispatch checks it per
+    call)."""
+    return torch.cuda.get_device_capability(device)
+
+
+@functools.cache
 def _can_launch_dependent(device: torch.device) -> bool:
     return (gdc_wait is not None and device.type == "cuda" and not is_interpreter()
-            and torch.cuda.get_device_capability(device) >= (9, 0))
+            and capability(device) >= (9, 0))
 
 
 def launch_dependent_args(device: torch.device) -> dict:

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._utils import check_shape, check_tensor, is_interpreter, num_sms
+from kernels._utils import capability, check_shape, check_tensor, is_interpreter, num_sms
 from kernels.fp8 import FP8_DTYPE
 
 try:  # host-side TMA descriptors (Triton 3.4+)
@@ -91,7 +91,7 @@ def tile_sms(weight: torch.Tensor) -> int:
             or weight.dim() != 2 or not weight.is_contiguous() or weight.shape[1] % 16
             or weight.data_ptr() % 16):
         return 0
-    if torch.cuda.get_device_capability(weight.device) < (9, 0):
+    if capability(weight.device) < (9, 0):
         return 0
     return num_sms(weight.device)
 

@@ -2,7 +2,10 @@
 
 Request ``i`` owns query rows ``query_start_loc[i]:query_start_loc[i+1]``, its last
 tokens; their KV is already in the cache, so a chunk attends to the cached prefix and to
-itself through the same block table. One program handles ``BLOCK_M`` queries of one head:
+itself through the same block table. One program handles ``BLOCK_M`` queries of one head,
+a tile of ``prefill_args.query_tiles`` (the batch's tiles, not every request times the
+longest chunk's: a step of continuous batching mixes one chunk with many one-token
+requests; ``split_one_token`` sends those to the decode kernel instead):
 key tiles fully below the diagonal run without masks, the rest with the causal/window mask.
 A sliding window starts each query tile at its window; under the strided pattern (the
 ``stride`` latest keys, then every ``stride``-th) a key tile in which no query of the tile
@@ -25,8 +28,6 @@ its module); ``GRIDLLM_GLUON_PREFILL=0`` keeps them here.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -34,6 +35,7 @@ import triton.language as tl
 from kernels._utils import (
     GLUON_PREFILL,
     PREFILL_TMA,
+    capability,
     dot_precision,
     is_interpreter,
     next_power_of_2,
@@ -346,9 +348,8 @@ def _tma_launch_config(max_query_len: int):
     return (128 if max_query_len >= 128 else 64), 64, 4, 3
 
 
-@functools.cache
 def _has_tma(device: torch.device) -> bool:
-    return torch.cuda.get_device_capability(device) >= (9, 0)
+    return capability(device) >= (9, 0)
 
 
 def uses_tma(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
