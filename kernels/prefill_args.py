@@ -75,14 +75,15 @@ def query_tiles(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_token
 
 def cached_query_tiles(batch_cache: dict | None, query_start_loc: torch.Tensor,
                        seq_lens: torch.Tensor, num_tokens: int, max_query_len: int,
-                       block_m: int, skip_one_token: bool = False) -> torch.Tensor:
-    """``query_tiles`` (request by request), kept in ``batch_cache`` (a dict that lives as
-    long as the batch layout: a step's layers share it) when one is given."""
-    key = ("query_tiles", block_m, skip_one_token)
+                       block_m: int, skip_one_token: bool = False,
+                       longest_first: bool = False) -> torch.Tensor:
+    """``query_tiles``, kept in ``batch_cache`` (a dict that lives as long as the batch
+    layout: a step's layers share it) when one is given."""
+    key = ("query_tiles", block_m, skip_one_token, longest_first)
     tiles = None if batch_cache is None else batch_cache.get(key)
     if tiles is None:
         tiles = query_tiles(query_start_loc, seq_lens, num_tokens, max_query_len, block_m,
-                            skip_one_token=skip_one_token)
+                            longest_first=longest_first, skip_one_token=skip_one_token)
         if batch_cache is not None:
             batch_cache[key] = tiles
     return tiles

@@ -41,6 +41,7 @@ from kernels._utils import (
     next_power_of_2,
 )
 from kernels.gluon_prefill_attention import BLOCK_M as GLUON_BLOCK_M
+from kernels.gluon_prefill_attention import PERSISTENT as GLUON_PERSISTENT
 from kernels.gluon_prefill_attention import gluon_prefill_attention
 from kernels.gluon_prefill_attention import serves as gluon_serves
 from kernels.paged_decode_attention import (
@@ -497,9 +498,10 @@ def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
                                   logit_softcap, attention_stride, v_scale)
         out = out[:query.shape[0]]
 
-    def tiles_of(block_m: int) -> torch.Tensor:
+    def tiles_of(block_m: int, longest_first: bool = False) -> torch.Tensor:
         return cached_query_tiles(batch_cache, query_start_loc, seq_lens, query.shape[0],
-                                  max_query_len, block_m, skip_one_token=split)
+                                  max_query_len, block_m, skip_one_token=split,
+                                  longest_first=longest_first)
 
     # (k_scale is in ``scale``; the Gluon kernel takes no v_scale, which a 16-bit cache as
     # served always has at 1.0: ``AttentionBackend.scales_for``.)
@@ -508,7 +510,7 @@ def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
                              attention_stride):
         return gluon_prefill_attention(query, key_cache, value_cache, block_tables, seq_lens,
                                        query_start_loc, scale, max_query_len, out,
-                                       tiles_of(GLUON_BLOCK_M))
+                                       tiles_of(GLUON_BLOCK_M, GLUON_PERSISTENT))
     if uses_tma(query, key_cache, value_cache, max_query_len, attention_stride):
         return _launch_tma(query, key_cache, value_cache, block_tables, out, scale,
                            sliding_window, softcap_mul, softcap_log2,

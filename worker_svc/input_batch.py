@@ -379,7 +379,8 @@ class InputBatch:
         metadata = AttentionMetadata(
             slot_mapping=dev["slot_mapping"], query_start_loc=dev["query_start_loc"],
             seq_lens=dev["seq_lens"], block_tables=dev["block_tables"],
-            max_query_len=int(num_scheduled.max()), max_seq_len=int(ends.max()))
+            max_query_len=int(num_scheduled.max()), max_seq_len=int(ends.max()),
+            num_one_token=int(np.count_nonzero(num_scheduled == 1)))
         if self.num_groups > 1:
             metadata.groups = [metadata] + [
                 dataclasses.replace(metadata, slot_mapping=dev[f"slot_mapping_{group}"],

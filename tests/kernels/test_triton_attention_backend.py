@@ -56,6 +56,34 @@ def test_triton_backend_matches_torch_backend(query_lens, sliding_window):
     assert_close(out, expected, "attention output")
 
 
+@pytest.mark.parametrize("num_one_token", [None, 0, 2])
+def test_one_query_requests_split_off_where_the_step_has_them(monkeypatch, num_one_token):
+    """With ``SPLIT_ONE_TOKEN`` on, a step's one-query requests go to the decode kernel
+    (its rows kept in the step's ``kernel_cache``) unless the host says it has none; the
+    output is the torch backend's either way."""
+    import kernels.prefill_attention as pa
+
+    monkeypatch.setattr(pa, "SPLIT_ONE_TOKEN", True)
+    seq_lens, query_lens = [20, 3, 33, 9], [1, 3, 17, 1]
+    block_size, num_heads, num_kv_heads, head_dim = 16, 4, 2, 32
+    meta, num_blocks = _metadata(seq_lens, query_lens, block_size, 4, DEVICE)
+    meta = dataclasses.replace(meta, slot_mapping=meta.slot_mapping[:-1],
+                               num_one_token=num_one_token)
+    num_tokens = meta.slot_mapping.shape[0]
+    query = torch.randn(num_tokens, num_heads, head_dim, device=DEVICE)
+    key = torch.randn(num_tokens, num_kv_heads, head_dim, device=DEVICE)
+    value = torch.randn(num_tokens, num_kv_heads, head_dim, device=DEVICE)
+    cache_shape = (num_blocks + 1, block_size, num_kv_heads, head_dim)
+    key_cache = torch.randn(cache_shape, device=DEVICE)
+    value_cache = torch.randn(cache_shape, device=DEVICE)
+    ref_caches = key_cache.clone(), value_cache.clone()
+    backend = get_attention_backend("triton", DEVICE)
+    out = backend.forward(query, key, value, key_cache, value_cache, meta, 0.2)
+    expected = TorchAttentionBackend().forward(query, key, value, *ref_caches, meta, 0.2)
+    assert_close(out, expected, "attention output")
+    assert ("one_token_requests" in meta.kernel_cache) == (num_one_token != 0)
+
+
 class _Rotary:
     """The reference rotation with a RotaryEmbedding's attributes."""
 

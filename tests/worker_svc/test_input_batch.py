@@ -48,11 +48,13 @@ def test_sampled_token_is_fed_on_the_device_until_the_host_reads_it():
     batch.add(state)
     inputs = batch.prepare(np.array([3]))
     assert inputs.input_ids.tolist() == [5, 6, 7] and inputs.is_sampling.tolist() == [True]
+    assert inputs.attn_metadata.num_one_token == 0
     batch.record_samples(torch.tensor([42]), inputs)
     batch.update_cached("a", [], num_computed_tokens=3)
     again = batch.prepare(np.array([1]))
     assert again.input_ids.tolist() == [42] and again.positions.tolist() == [3]
     assert again.attn_metadata.slot_mapping.tolist() == [7 * 4 + 3]
+    assert again.attn_metadata.num_one_token == 1
     batch.append_known_token(state, 42)
     assert state.token_ids == [5, 6, 7, 42] and batch.num_pending[0] == 0
     with pytest.raises(ValueError, match="exceed"):

@@ -34,8 +34,12 @@ class AttentionMetadata:
     # (its own slot mapping and block tables, the rest shared; the first is this one).
     # A layer attends through the view of its group. None: one group.
     groups: list[AttentionMetadata] | None = None
-    # What a kernel derives from the step's layout once for all its layers (the Gluon
-    # prefill kernel's query tiles); shared with the group views, whose layout is the same.
+    # Requests with one query in this step, where the host knows (None: unknown): a
+    # step without any need not split them off its prefill kernel (split_one_token).
+    num_one_token: int | None = None
+    # What a kernel derives from the step's layout once for all its layers (the prefill
+    # kernels' query tiles, the one-query requests' rows); shared with the group views,
+    # whose layout is the same.
     kernel_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property

@@ -66,4 +66,7 @@ class TritonAttentionBackend(AttentionBackend):
                                  sliding_window, max_query_len=metadata.max_query_len,
                                  logit_softcap=logit_softcap, attention_stride=stride,
                                  k_scale=k_scale, v_scale=v_scale,
-                                 batch_cache=metadata.kernel_cache)
+                                 batch_cache=metadata.kernel_cache,
+                                 # Nothing to split off without one-query requests.
+                                 split_one_token=False if metadata.num_one_token == 0
+                                 else None)
