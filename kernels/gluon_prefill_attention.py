@@ -44,6 +44,14 @@ launched mostly empty programs there (200 one-token requests beside a 2,048-toke
 93% of them), and each still set up its 224 KB of shared memory, its barriers and its
 three partitions before finding it had nothing to do.
 
+``persistent=True`` (sweeps; ``PERSISTENT``) launches a program per streaming
+multiprocessor instead, each walking its items (query tile x head, the tiles longest
+first, dealt in rounds that alternate direction over the programs); every partition walks
+the same items, the ring's and the turns' phases counting on across them, and the load
+warp brings an item's query tile once both consumers have released the last one's (the
+``q_empty`` mbarrier), so the next item's first copies run under the last one's P @ V
+and output store.
+
 What it does not take (``kernels.prefill_attention`` keeps those cases): head dims other
 than 128, float32 or FP8 caches, sliding windows, soft-capping, the strided pattern.
 

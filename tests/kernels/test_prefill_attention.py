@@ -236,3 +236,25 @@ def test_split_one_token_matches_the_reference(query_lens, pattern):
         assert out.shape == query.shape and out.is_contiguous()
         assert_close(out, expected, "split one-token requests", scale=4 if scales else 1)
     assert "one_token_requests" in cache
+
+
+def test_tma_kernel_compiles_for_sm90():
+    """The TMA kernel (Hopper only, so its results are checked on a GPU) compiles for sm_90
+    with its tile from the batch's query-tile list: key and value tiles by bulk copies, and
+    the query tile too where it is given as a descriptor."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    from tests.kernels.sm90_ptx import compile_triton_for_sm90
+
+    copies = {}
+    for q_desc in (False, True):
+        ptx = compile_triton_for_sm90(
+            "kernels.prefill_attention", "_prefill_attention_tma_kernel",
+            dict(bt_ptr="*i32", tiles_ptr="*i32", out_ptr="*bf16", scale_log2="fp32",
+                 softcap_mul="fp32", softcap_log2="fp32", v_scale="fp32",
+                 desc_k="tensordesc<bf16[32, 128]>", desc_v="tensordesc<bf16[32, 128]>",
+                 q_ptr="tensordesc<bf16[128, 128]>" if q_desc else "*bf16"),
+            dict(GROUP=4, HEAD_DIM=128, BLOCK_M=128, BLOCK_N=64, PIECE=32,
+                 HAS_WINDOW=False, HAS_SOFTCAP=False, Q_DESC=q_desc),
+            options={"num_warps": 4, "num_stages": 3})
+        copies[q_desc] = ptx.count("cp.async.bulk.tensor")
+    assert 0 < copies[False] < copies[True]
