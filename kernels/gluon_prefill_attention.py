@@ -48,9 +48,9 @@ three partitions before finding it had nothing to do.
 multiprocessor instead, each walking its items (query tile x head, the tiles longest
 first, dealt in rounds that alternate direction over the programs); every partition walks
 the same items, the ring's and the turns' phases counting on across them, and the load
-warp brings an item's query tile once both consumers have released the last one's (the
-``q_empty`` mbarrier), so the next item's first copies run under the last one's P @ V
-and output store.
+warp brings an item's first key tile, then its query tile once both consumers have
+released the last one's (the ``q_empty`` mbarrier), so the next item's first copies run
+under the last one's P @ V and output store.
 
 What it does not take (``kernels.prefill_attention`` keeps those cases): head dims other
 than 128, float32 or FP8 caches, sliding windows, soft-capping, the strided pattern.
@@ -184,6 +184,13 @@ if gluon is not None and TensorDescriptor is not None:
                           pieces.slice(h * BLOCK_N + p * PIECE, PIECE))
 
     @gluon.jit
+    def _load_query(desc_q, q_smem, q_bar, q_row, q_col):
+        """Bulk copies of the item's query tile (two halves of 64 rows) into ``q_smem``."""
+        mbarrier.expect(q_bar, 2 * desc_q.block_type.nbytes)
+        _tma_load(desc_q, [q_row, q_col], q_bar, q_smem.index(0))
+        _tma_load(desc_q, [q_row + _HALF_M, q_col], q_bar, q_smem.index(1))
+
+    @gluon.jit
     def _load_item(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, q_empty, k_full,
                    k_empty, v_full, v_empty, table, q_row, q_col, kv_col, seq_len, num_tiles,
                    t, done, BLOCK_SIZE: gl.constexpr, BLOCK_N: gl.constexpr,
@@ -191,14 +198,10 @@ if gluon is not None and TensorDescriptor is not None:
                    TABLE: gl.constexpr):
         """The load warp's copies for one item: its query tile, then its key and value
         tiles into the ring (``t``: tiles the program's earlier items put through it;
-        ``done``: its earlier items with work)."""
-        if num_tiles > 0:
-            if PERSISTENT:
-                # The consumers are done with the previous item's query tile.
-                mbarrier.wait(q_empty, (done & 1) ^ 1)
-            mbarrier.expect(q_bar, 2 * desc_q.block_type.nbytes)
-            _tma_load(desc_q, [q_row, q_col], q_bar, q_smem.index(0))
-            _tma_load(desc_q, [q_row + _HALF_M, q_col], q_bar, q_smem.index(1))
+        ``done``: its earlier items with work). Persistent, the query tile follows the
+        first key tile, once the consumers have released the previous item's."""
+        if not PERSISTENT and num_tiles > 0:
+            _load_query(desc_q, q_smem, q_bar, q_row, q_col)
         k_pieces = _as_pieces(k_smem, SMEM)
         v_pieces = _as_pieces(v_smem, SMEM)
         tile_bytes: gl.constexpr = BLOCK_N * _D * 2
@@ -219,6 +222,12 @@ if gluon is not None and TensorDescriptor is not None:
             mbarrier.expect(k_full.index(stage), tile_bytes)
             _copy_tile(desc_k, k_pieces.index(stage), k_full.index(stage), blocks, n0,
                        kv_col, BLOCK_SIZE, BLOCK_N)
+            if PERSISTENT:
+                if j == 0:
+                    # The first key tile is on its way (it needs only a free stage); the
+                    # query tile waits for the consumers to release the last item's.
+                    mbarrier.wait(q_empty, (done & 1) ^ 1)
+                    _load_query(desc_q, q_smem, q_bar, q_row, q_col)
             mbarrier.wait(v_empty.index(stage), phase)
             mbarrier.expect(v_full.index(stage), tile_bytes)
             _copy_tile(desc_v, v_pieces.index(stage), v_full.index(stage), blocks, n0,
