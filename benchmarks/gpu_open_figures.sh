@@ -33,6 +33,10 @@
 #                        offline throughput of random:llama3-8b on 4096-token prompts with
 #                        the Gluon prefill kernel served, then with GRIDLLM_GLUON_PREFILL=0
 #                        (past the default budget: OPEN_STEPS="prefill_e2e prefill_e2e_off")
+#   mixed_e2e, mixed_e2e_split
+#                        offline throughput of random:llama3-8b, 256 requests whose steps mix
+#                        prompt chunks with decodes, then with GRIDLLM_SPLIT_ONE_TOKEN=1
+#                        (past the default budget: OPEN_STEPS="mixed_e2e mixed_e2e_split")
 #   gemv_sweep           one-row tile configurations of the word and float16-pair GEMVs
 #                        (past the default budget: OPEN_STEPS=gemv_sweep)
 # Results: $OUT/open.log (each step's output tail), $OUT/<step>.log, $OUT/*.json.
@@ -99,6 +103,11 @@ E2E="$PY -m gridllm.bench throughput --model random:llama3-8b --num-prompts 32
   --max-model-len 8192 --no-roofline --no-tqdm"
 step prefill_e2e 140 $E2E --output "$OUT/prefill_e2e.json"
 GRIDLLM_GLUON_PREFILL=0 step prefill_e2e_off 140 $E2E --output "$OUT/prefill_e2e_off.json"
+MIXED="$PY -m gridllm.bench throughput --model random:llama3-8b --num-prompts 256
+  --input-len-range 256:2048 --output-len-range 64:512 --max-num-batched-tokens 4096
+  --no-roofline --no-tqdm"
+step mixed_e2e 150 $MIXED --output "$OUT/mixed_e2e.json"
+GRIDLLM_SPLIT_ONE_TOKEN=1 step mixed_e2e_split 150 $MIXED --output "$OUT/mixed_e2e_split.json"
 step gemv_sweep 300 $PY benchmarks/gemv.py --rows 1 --fp8 --fused --sweep \
   --output "$OUT/gemv_sweep.json"
 echo "results in $OUT" | tee -a "$LOG"

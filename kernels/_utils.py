@@ -163,6 +163,11 @@ GEMV_F16 = _env_switch("GRIDLLM_GEMV_F16", default=False)
 # GRIDLLM_GLUON_PREFILL=0 leaves every batch to the Triton kernels (A/B runs).
 GLUON_PREFILL = _env_switch("GRIDLLM_GLUON_PREFILL", default=True)
 
+# A step's one-query requests through the decode kernel instead of a prefill kernel's
+# query tiles (kernels.prefill_attention, split_one_token), off until it has been measured
+# on a GPU: GRIDLLM_SPLIT_ONE_TOKEN=1 turns it on.
+SPLIT_ONE_TOKEN = _env_switch("GRIDLLM_SPLIT_ONE_TOKEN", default=False)
+
 
 def can_unpack_e4m3_words(t: torch.Tensor) -> bool:
     """Whether a kernel may read the e4m3 tensor ``t`` as 32-bit words and unpack them with

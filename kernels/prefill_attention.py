@@ -35,6 +35,7 @@ import triton.language as tl
 from kernels._utils import (
     GLUON_PREFILL,
     PREFILL_TMA,
+    SPLIT_ONE_TOKEN,
     capability,
     dot_precision,
     is_interpreter,
@@ -61,12 +62,6 @@ except ImportError:  # pragma: no cover - an older Triton: the general kernel on
 
 # Smallest cache block the TMA kernel reads: a 64-key tile is at most two bulk copies.
 _TMA_MIN_BLOCK = 32
-# Whether a batch sends its one-query requests (a step of continuous batching: decodes
-# beside a prompt chunk) to the decode kernel instead of a query tile each of a prefill
-# kernel (``split_one_token``; 128 rows in the Gluon kernel, every one visiting all the
-# request's keys). Built, not measured yet on a GPU (benchmarks/prefill_mixed.py times
-# both), so off by default.
-SPLIT_ONE_TOKEN = False
 
 
 @triton.jit
@@ -472,8 +467,11 @@ def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
             it), where the kernels keep what they derive from it (``query_tiles``; built
             on each call without it).
         split_one_token: send requests of one query to the decode kernel
-            (``attend_one_token_requests``) and only the rest to a prefill kernel; default
-            ``SPLIT_ONE_TOKEN``.
+            (``attend_one_token_requests``) and only the rest to a prefill kernel (a
+            step of continuous batching: decodes beside a prompt chunk; in a prefill
+            kernel each takes a query tile, 128 rows in the Gluon kernel, that visits all
+            its keys); default ``GRIDLLM_SPLIT_ONE_TOKEN`` (off until measured on a GPU:
+            benchmarks/prefill_mixed.py).
     Returns:
         ``[T, H, D]`` attention output in query's dtype (rows outside every request's
         range are left unwritten).
