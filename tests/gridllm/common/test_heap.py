@@ -25,11 +25,14 @@ def test_objects_alive_on_entry_are_frozen_inside_and_handed_back_on_exit():
 
 
 def test_nested_uses_share_one_freeze_released_by_the_outermost():
+    # (Frozen objects still die when their last reference goes, so the count may drop a
+    # little while frozen; releasing the freeze drops it to 0.)
     with frozen_heap():
         frozen = gc.get_freeze_count()
+        assert frozen > 0
         with frozen_heap():
-            assert gc.get_freeze_count() >= frozen
-        assert gc.get_freeze_count() >= frozen > 0
+            assert gc.get_freeze_count() > frozen // 2
+        assert gc.get_freeze_count() > frozen // 2
     assert gc.get_freeze_count() == 0
 
 
