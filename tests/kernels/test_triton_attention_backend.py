@@ -32,20 +32,25 @@ def _metadata(seq_lens, query_lens, block_size, max_blocks, device):
         max_query_len=max(query_lens), max_seq_len=max(seq_lens)), next_block
 
 
-@pytest.mark.parametrize("sliding_window", [None, 8])
-@pytest.mark.parametrize("query_lens", [[1, 1, 1], [5, 1, 17]])
-def test_triton_backend_matches_torch_backend(query_lens, sliding_window):
-    seq_lens = [20, 3, 33]
-    block_size, num_heads, num_kv_heads, head_dim = 16, 4, 2, 32
-    meta, num_blocks = _metadata(seq_lens, query_lens, block_size, 4, DEVICE)
-    num_tokens = meta.slot_mapping.shape[0]
+def _step(num_tokens, num_blocks, block_size, num_heads=4, num_kv_heads=2, head_dim=32):
+    """Random queries, keys and values of a step, and random caches with their copies
+    for the reference backend."""
     query = torch.randn(num_tokens, num_heads, head_dim, device=DEVICE)
     key = torch.randn(num_tokens, num_kv_heads, head_dim, device=DEVICE)
     value = torch.randn(num_tokens, num_kv_heads, head_dim, device=DEVICE)
     cache_shape = (num_blocks + 1, block_size, num_kv_heads, head_dim)
     key_cache = torch.randn(cache_shape, device=DEVICE)
     value_cache = torch.randn(cache_shape, device=DEVICE)
-    ref_caches = key_cache.clone(), value_cache.clone()
+    return query, key, value, key_cache, value_cache, (key_cache.clone(), value_cache.clone())
+
+
+@pytest.mark.parametrize("sliding_window", [None, 8])
+@pytest.mark.parametrize("query_lens", [[1, 1, 1], [5, 1, 17]])
+def test_triton_backend_matches_torch_backend(query_lens, sliding_window):
+    seq_lens, block_size = [20, 3, 33], 16
+    meta, num_blocks = _metadata(seq_lens, query_lens, block_size, 4, DEVICE)
+    query, key, value, key_cache, value_cache, ref_caches = _step(
+        meta.slot_mapping.shape[0], num_blocks, block_size)
     backend = get_attention_backend("triton", DEVICE)
     out = backend.forward(query[:-1], key, value, key_cache, value_cache, meta, 0.2,
                           sliding_window)
@@ -64,19 +69,12 @@ def test_one_query_requests_split_off_where_the_step_has_them(monkeypatch, num_o
     import kernels.prefill_attention as pa
 
     monkeypatch.setattr(pa, "SPLIT_ONE_TOKEN", True)
-    seq_lens, query_lens = [20, 3, 33, 9], [1, 3, 17, 1]
-    block_size, num_heads, num_kv_heads, head_dim = 16, 4, 2, 32
+    seq_lens, query_lens, block_size = [20, 3, 33, 9], [1, 3, 17, 1], 16
     meta, num_blocks = _metadata(seq_lens, query_lens, block_size, 4, DEVICE)
     meta = dataclasses.replace(meta, slot_mapping=meta.slot_mapping[:-1],
                                num_one_token=num_one_token)
-    num_tokens = meta.slot_mapping.shape[0]
-    query = torch.randn(num_tokens, num_heads, head_dim, device=DEVICE)
-    key = torch.randn(num_tokens, num_kv_heads, head_dim, device=DEVICE)
-    value = torch.randn(num_tokens, num_kv_heads, head_dim, device=DEVICE)
-    cache_shape = (num_blocks + 1, block_size, num_kv_heads, head_dim)
-    key_cache = torch.randn(cache_shape, device=DEVICE)
-    value_cache = torch.randn(cache_shape, device=DEVICE)
-    ref_caches = key_cache.clone(), value_cache.clone()
+    query, key, value, key_cache, value_cache, ref_caches = _step(
+        meta.slot_mapping.shape[0], num_blocks, block_size)
     backend = get_attention_backend("triton", DEVICE)
     out = backend.forward(query, key, value, key_cache, value_cache, meta, 0.2)
     expected = TorchAttentionBackend().forward(query, key, value, *ref_caches, meta, 0.2)
@@ -101,23 +99,16 @@ class _Rotary:
 def test_fused_rotary_path_matches_torch_backend(query_lens, padded, is_neox):
     """Decode rows alone (the decode kernel), with a padding token or with longer queries
     (the general kernel), after the rotary + KV-write kernel."""
-    seq_lens = [20, 3, 33]
-    block_size, num_heads, num_kv_heads, head_dim = 16, 4, 2, 32
+    seq_lens, block_size = [20, 3, 33], 16
     meta, num_blocks = _metadata(seq_lens, query_lens, block_size, 4, DEVICE)
     if not padded:
         meta = dataclasses.replace(meta, slot_mapping=meta.slot_mapping[:-1])
     positions = torch.cat([torch.arange(s - q, s) for s, q in zip(seq_lens, query_lens,
                                                                    strict=True)]
                           + [torch.tensor([0])] * padded).to(DEVICE)  # the padding token's
-    num_tokens = positions.shape[0]
     rotary = _Rotary(_cos_sin_cache(24, 64, DEVICE), is_neox)  # 24 of 32 dims rotate
-    query = torch.randn(num_tokens, num_heads, head_dim, device=DEVICE)
-    key = torch.randn(num_tokens, num_kv_heads, head_dim, device=DEVICE)
-    value = torch.randn(num_tokens, num_kv_heads, head_dim, device=DEVICE)
-    cache_shape = (num_blocks + 1, block_size, num_kv_heads, head_dim)
-    key_cache = torch.randn(cache_shape, device=DEVICE)
-    value_cache = torch.randn(cache_shape, device=DEVICE)
-    ref_caches = key_cache.clone(), value_cache.clone()
+    query, key, value, key_cache, value_cache, ref_caches = _step(
+        positions.shape[0], num_blocks, block_size)
     expected = TorchAttentionBackend().forward_rotary(
         positions, rotary, query.clone(), key.clone(), value, *ref_caches, meta, 0.2)
     out = get_attention_backend("triton", DEVICE).forward_rotary(
