@@ -481,20 +481,19 @@ def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
     check_pattern(sliding_window, attention_stride)
     scale = float(scale) * k_scale
     softcap_mul, softcap_log2 = softcap_args(scale, logit_softcap)
-    out = torch.empty_like(query)
+    split = SPLIT_ONE_TOKEN if split_one_token is None else split_one_token
+    # With the split, a row past the batch takes the decode kernel's outputs of the other
+    # requests (zeros; the prefill kernel writes their rows next).
+    padded = torch.empty((query.shape[0] + 1, *query.shape[1:]), dtype=query.dtype,
+                         device=query.device) if split else None
+    out = torch.empty_like(query) if padded is None else padded[:query.shape[0]]
     max_query_len = longest_query(query, query_start_loc, max_query_len)
     if max_query_len == 0:
         return out
-    split = SPLIT_ONE_TOKEN if split_one_token is None else split_one_token
     if split:
-        # A row past the batch takes the decode kernel's outputs of the other requests
-        # (zeros; the prefill kernel writes their rows next).
-        out = torch.empty((query.shape[0] + 1, *query.shape[1:]), dtype=query.dtype,
-                          device=query.device)
         attend_one_token_requests(query, key_cache, value_cache, block_tables, seq_lens,
-                                  query_start_loc, scale, out, batch_cache, sliding_window,
-                                  logit_softcap, attention_stride, v_scale)
-        out = out[:query.shape[0]]
+                                  query_start_loc, scale, padded, batch_cache,
+                                  sliding_window, logit_softcap, attention_stride, v_scale)
 
     def tiles_of(block_m: int, longest_first: bool = False) -> torch.Tensor:
         return cached_query_tiles(batch_cache, query_start_loc, seq_lens, query.shape[0],
