@@ -1,18 +1,19 @@
 """Weights fetched into L2 while the DRAM is idle, then read by batch-1 GEMVs: what the
-prefetch of ``worker_svc/layers/l2_prefetch.py`` takes off the projections after attention.
+prefetch of ``worker_svc/layers/l2_prefetch.py`` takes off a decode step's projections.
 
 Run on a CUDA GPU of compute capability 9.0+: ``python benchmarks/l2_prefetch.py``. Per
-decoder layer of Llama-3-8B (32 layers of distinct weights), a CUDA graph replays what a
-batch-1 decode step runs between the q/k/v projection and the down projection, reduced to
-its parts that matter here: a window of W microseconds in which one small kernel runs and
-the DRAM is idle (``torch.cuda._sleep``, standing in for rotary, the KV write, decode
-attention over a short context and its merge), then the o projection and the gate/up
-projection at one row as served (e4m3 weights: the word GEMV, gate/up with SiLU-and-mul in
-its epilogue; bf16: the GEMV). With the prefetch, ``WeightPrefetch`` forks a side stream
-at the window's start and asks L2 for the o weight, then the head of gate/up, up to the
-budget. Each replay starts after a 256 MB read flush (``benchmarks.kernels.graph_bench``).
-The table gives ms per 32 layers and what the prefetch saved against the same graph
-without it; ``evict_last`` is the lines' L2 priority (the served default).
+decoder layer of Llama-3-8B (32 layers of distinct weights), a CUDA graph replays a batch-1
+decode step's linear layers as served (e4m3 weights: the norm kernel, then the word GEMV;
+gate/up with SiLU-and-mul in its epilogue; bf16: the GEMV) with, between q/k/v and o, a
+window of W microseconds in which one small kernel runs and the DRAM is idle
+(``torch.cuda._sleep``, standing in for rotary, the KV write, decode attention over a short
+context and its merge). With a prefetch plan, ``WeightPrefetch`` forks a side stream at
+the window's start and asks L2 for the plan's bytes: ``o+gate_up`` (the served plan: the o
+weight, then the head of gate/up, up to the budget) or ``o+next_qkv`` (the o weight, then
+the next layer's q/k/v weight, read after the 175 MB of gate/up and down have streamed
+past: whether ``evict_last`` keeps it). Each replay starts after a 256 MB read flush
+(``benchmarks.kernels.graph_bench``). The table gives ms per 32 layers and what the
+prefetch saved against the same graph without it; the window alone is also timed.
 """
 
 from __future__ import annotations
@@ -32,15 +33,17 @@ from benchmarks.gemv import NUM_LAYERS, _weights  # noqa: E402
 from benchmarks.kernels import graph_bench  # noqa: E402
 from gridllm.bench.roofline import measure_limits  # noqa: E402
 from kernels.gemv import gemv  # noqa: E402
-from kernels.l2_prefetch import l2_prefetch, supported  # noqa: E402
+from kernels.l2_prefetch import l2_prefetch, span_bytes, supported  # noqa: E402
+from kernels.rms_norm import rms_norm  # noqa: E402
 from worker_svc.layers.attention import AttentionMetadata  # noqa: E402
 from worker_svc.layers.l2_prefetch import WeightPrefetch, layer_spans  # noqa: E402
 
-# (out, in) of Llama-3-8B's o and gate/up projections.
-O_SHAPE = (4096, 4096)
-GATE_UP_SHAPE = (28672, 4096)
+# (name, out, in) of Llama-3-8B's projections, in the order a layer reads them.
+SHAPES = (("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096),
+          ("down", 4096, 14336))
 WINDOWS_US = (0.0, 4.0, 8.0, 12.0)
-BUDGETS_MB = (8, 16, 24, 32, 40)
+BUDGETS_MB = (16, 24, 32, 40)
+REPLAYS = 60
 
 
 def _sleep_cycles_per_us() -> float:
@@ -55,21 +58,46 @@ def _sleep_cycles_per_us() -> float:
     return cycles / (start.elapsed_time(end) * 1000.0)
 
 
-def _step(o_weights, gate_up_weights, x, window_cycles: int,
-          prefetch: WeightPrefetch | None, meta: AttentionMetadata):
-    """One replay's calls: per layer the window, then o and gate/up at one row."""
+def _step(weights: dict, x: dict, norm_weight, window_cycles: int,
+          prefetch: WeightPrefetch | None, meta: AttentionMetadata, fp8: bool):
+    """One replay's calls: per layer q/k/v, the window, o, gate/up and down at one row."""
     def run():
-        for i, ((wo, so), (wg, sg)) in enumerate(zip(o_weights, gate_up_weights,
-                                                     strict=True)):
+        for i in range(NUM_LAYERS):
+            if fp8:
+                rms_norm(x["qkv"], norm_weight, 1e-5)
+            gemv(x["qkv"], *_w(weights["qkv"][i]))
             if prefetch is not None:
                 prefetch.after_qkv(i, 1, meta)
             if window_cycles:
                 torch.cuda._sleep(window_cycles)
-            gemv(x, wo, None, so)
-            gemv(x, wg, None, sg, silu_out=True)
+            gemv(x["o"], *_w(weights["o"][i]))
+            if fp8:
+                rms_norm(x["gate_up"], norm_weight, 1e-5)
+            gemv(x["gate_up"], *_w(weights["gate_up"][i]), silu_out=True)
+            gemv(x["down"], *_w(weights["down"][i]))
         if prefetch is not None:
             prefetch.join()
     return run
+
+
+def _w(weight_and_scale):
+    """``gemv``'s weight, bias and scale arguments."""
+    w, s = weight_and_scale
+    return w, None, s
+
+
+def _plans(weights: dict, budget: int) -> dict[str, list[list[torch.Tensor]]]:
+    """Per layer, each plan's spans (see the module docstring)."""
+    served = layer_spans([[weights["o"][i][0], weights["gate_up"][i][0]]
+                          for i in range(NUM_LAYERS)], budget)
+    next_qkv = []
+    for i in range(NUM_LAYERS):
+        o = span_bytes(weights["o"][i][0], budget)
+        spans = [o]
+        if i + 1 < NUM_LAYERS:
+            spans.append(span_bytes(weights["qkv"][i + 1][0], budget - o.numel()))
+        next_qkv.append([s for s in spans if s.numel()])
+    return {"o+gate_up": served, "o+next_qkv": next_qkv}
 
 
 def main() -> None:
@@ -88,7 +116,9 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}: copy {limits['copy_bandwidth_gbps']:.0f} GB/s, "
           f"L2 {l2 / 2**20:.0f} MiB, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     per_us = _sleep_cycles_per_us()
-    x = torch.randn(1, O_SHAPE[1], device=device, dtype=torch.bfloat16)
+    x = {name: torch.randn(1, k, device=device, dtype=torch.bfloat16)
+         for name, _, k in SHAPES}
+    norm_weight = torch.rand(SHAPES[0][2], device=device, dtype=torch.bfloat16) + 0.5
     meta = AttentionMetadata(
         slot_mapping=torch.zeros(1, dtype=torch.int64, device=device),
         query_start_loc=torch.arange(2, dtype=torch.int32, device=device),
@@ -99,31 +129,38 @@ def main() -> None:
     results = {"device": torch.cuda.get_device_name(), "limits": limits, "l2_bytes": l2,
                "rows": []}
     for kind in args.kinds:
-        o_weights = _weights(*O_SHAPE, kind == "fp8")
-        gate_up_weights = _weights(*GATE_UP_SHAPE, kind == "fp8")
-        weights = [[wo, wg] for (wo, _), (wg, _) in zip(o_weights, gate_up_weights,
-                                                        strict=True)]
-        print(f"\n{kind} weights, ms per {NUM_LAYERS} layers (o + gate/up at one row)")
-        print(f"{'window':>8} {'budget':>8} {'policy':>11} {'plain':>8} {'prefetch':>9} "
-              f"{'saved':>8}")
+        fp8 = kind == "fp8"
+        weights = {name: _weights(n, k, fp8) for name, n, k in SHAPES}
+        print(f"\n{kind} weights, ms per {NUM_LAYERS} layers (the linear layers at one row "
+              f"and the window)")
+        print(f"{'window':>8} {'alone':>7} {'plan':>11} {'budget':>7} {'policy':>11} "
+              f"{'plain':>8} {'prefetch':>9} {'saved':>8}")
         for window_us in args.windows_us:
             cycles = int(window_us * per_us)
-            plain = graph_bench(_step(o_weights, gate_up_weights, x, cycles, None, meta))
+            alone = graph_bench(lambda c=cycles: [torch.cuda._sleep(c)
+                                                  for _ in range(NUM_LAYERS)],
+                                reps=REPLAYS) if cycles else 0.0
+            plain = graph_bench(_step(weights, x, norm_weight, cycles, None, meta, fp8),
+                                reps=REPLAYS)
             for budget_mb in args.budgets_mb:
-                spans = layer_spans(weights, int(budget_mb * 2**20))
-                for evict_last in (True, False):
-                    prefetch = WeightPrefetch(
-                        spans, max_kv_tokens=1 << 30, stream=side,
-                        launch=functools.partial(l2_prefetch, evict_last=evict_last))
-                    ms = graph_bench(_step(o_weights, gate_up_weights, x, cycles, prefetch,
-                                           meta))
-                    policy = "evict_last" if evict_last else "normal"
-                    print(f"{window_us:>6.1f}us {budget_mb:>6.0f}MB {policy:>11} "
-                          f"{plain:>8.3f} {ms:>9.3f} {plain - ms:>+8.3f}", flush=True)
-                    results["rows"].append(dict(kind=kind, window_us=window_us,
-                                                budget_mb=budget_mb, evict_last=evict_last,
-                                                plain_ms=plain, prefetch_ms=ms))
-        del o_weights, gate_up_weights, weights
+                for plan, spans in _plans(weights, int(budget_mb * 2**20)).items():
+                    for evict_last in (True, False):
+                        if plan != "o+gate_up" and not evict_last:
+                            continue
+                        prefetch = WeightPrefetch(
+                            spans, max_kv_tokens=1 << 30, stream=side,
+                            launch=functools.partial(l2_prefetch, evict_last=evict_last))
+                        ms = graph_bench(_step(weights, x, norm_weight, cycles, prefetch,
+                                               meta, fp8), reps=REPLAYS)
+                        policy = "evict_last" if evict_last else "normal"
+                        print(f"{window_us:>6.1f}us {alone:>7.3f} {plan:>11} "
+                              f"{budget_mb:>5.0f}MB {policy:>11} {plain:>8.3f} {ms:>9.3f} "
+                              f"{plain - ms:>+8.3f}", flush=True)
+                        results["rows"].append(dict(
+                            kind=kind, window_us=window_us, window_alone_ms=alone,
+                            plan=plan, budget_mb=budget_mb, evict_last=evict_last,
+                            plain_ms=plain, prefetch_ms=ms))
+        del weights
         torch.cuda.empty_cache()
     if args.output:
         with open(args.output, "w") as f:
