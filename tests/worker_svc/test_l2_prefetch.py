@@ -118,6 +118,10 @@ def test_each_layer_prefetches_after_its_qkv_and_before_its_o_projection(
             many = [2] * (l2_prefetch.MAX_ROWS + 1)
             meta = _decode_metadata(many, runner.block_size, "cpu")
             model(torch.ones(len(many), dtype=torch.int32), meta.seq_lens - 1, caches, meta)
+        # ... nor one whose lengths the gate could not read (int64).
+        meta = _decode_metadata([3, 7, 2], runner.block_size, "cpu")
+        meta.seq_lens = meta.seq_lens.long()
+        assert not prefetch.applies(3, meta)
         assert not [e for e in events if e[0] == "prefetch"]
     finally:
         model.model.weight_prefetch = None

@@ -110,8 +110,10 @@ class WeightPrefetch:
         return sum(span.numel() for spans in self.spans for span in spans)
 
     def applies(self, num_tokens: int, metadata: AttentionMetadata) -> bool:
-        """Whether a step of ``num_tokens`` rows prefetches: decode-only, few rows."""
-        return 0 < num_tokens <= self.max_rows and metadata.is_decode_only
+        """Whether a step of ``num_tokens`` rows prefetches: decode-only, few rows (and
+        ``seq_lens`` as the gate reads it: int32)."""
+        return (0 < num_tokens <= self.max_rows and metadata.is_decode_only
+                and metadata.seq_lens.dtype == torch.int32)
 
     def after_qkv(self, layer: int, num_tokens: int, metadata: AttentionMetadata) -> None:
         """Layer ``layer``'s q/k/v projection is on the stream: fetch its spans."""
