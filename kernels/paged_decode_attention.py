@@ -293,6 +293,10 @@ def _paged_decode_reduce_kernel(part_acc_ptr, part_ml_ptr, out_ptr, stride_ot, s
     d = tl.arange(0, BLOCK_D)
     smask = s < NUM_SPLITS
     row = (req * num_heads + head) * NUM_SPLITS + s
+    # Every load first, in one round trip to L2 (the sums do not wait for the maxima's
+    # reductions).
+    acc = tl.load(part_acc_ptr + row[:, None] * HEAD_DIM + d[None, :],
+                  mask=smask[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
     m = tl.load(part_ml_ptr + row * 2, mask=smask, other=float("-inf"))
     l_part = tl.load(part_ml_ptr + row * 2 + 1, mask=smask, other=0.0)
     m_max = tl.max(m, axis=0)
@@ -300,8 +304,6 @@ def _paged_decode_reduce_kernel(part_acc_ptr, part_ml_ptr, out_ptr, stride_ot, s
     w = tl.where(m > float("-inf"), tl.exp2(m - tl.where(m_max > float("-inf"), m_max, 0.0)),
                  0.0)
     denom = tl.sum(l_part * w, axis=0)
-    acc = tl.load(part_acc_ptr + row[:, None] * HEAD_DIM + d[None, :],
-                  mask=smask[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
     out = tl.sum(acc * w[:, None], axis=0) / tl.where(denom > 0, denom, 1.0)
     tl.store(out_ptr + req * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty),
              mask=d < HEAD_DIM)

@@ -93,6 +93,24 @@ def test_decode_padding_row_gives_zeros():
         assert torch.isfinite(out).all()
 
 
+def test_split_merge_loads_everything_in_one_round_trip():
+    """The merge kernel (sm_90, compiled without a GPU) issues all its loads, the splits'
+    sums included, before its first reduction: it waits on L2 once, not once for the
+    maxima and again for the sums."""
+    import re
+
+    from tests.kernels.sm90_ptx import compile_triton_for_sm90
+
+    ptx = compile_triton_for_sm90(
+        "kernels.paged_decode_attention", "_paged_decode_reduce_kernel",
+        {"part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32", "out_ptr": "*bf16"},
+        dict(HEAD_DIM=128, BLOCK_D=128, NUM_SPLITS=64, BLOCK_S=64, USE_GDC=True))
+    ops = re.findall(r"\b(ld\.global|shfl\.sync|bar\.sync)", ptx)
+    first_sync = min(ops.index(op) for op in ("shfl.sync", "bar.sync"))
+    assert "ld.global" in ops[:first_sync]
+    assert "ld.global" not in ops[first_sync:]
+
+
 def test_short_context_bound_skips_the_reduce_pass(monkeypatch):
     import kernels.paged_decode_attention as module
 
