@@ -161,6 +161,29 @@ def test_a_step_after_every_rank_is_gone_names_the_killed_one(tiny_model_dir, mo
         llm.shutdown()
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc (Linux)")
+def test_a_follower_counts_as_exited_before_its_exit_code_arrives():
+    """A forkserver's child's exit code reaches rank 0 late (the forkserver reaps it): a
+    killed process not reaped yet (a zombie) already counts as exited, a live one not."""
+    import subprocess
+    from types import SimpleNamespace
+
+    from worker_svc.ranks.launch import _exited
+
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        assert not _exited(SimpleNamespace(exitcode=None, pid=child.pid))
+        os.kill(child.pid, signal.SIGKILL)
+        assert_processes_gone([child.pid])  # a zombie: not reaped until wait() below
+        assert _exited(SimpleNamespace(exitcode=None, pid=child.pid))
+    finally:
+        child.kill()
+        child.wait()
+    assert _exited(SimpleNamespace(exitcode=None, pid=child.pid))  # reaped: no /proc entry
+    assert _exited(SimpleNamespace(exitcode=-9, pid=None))
+    assert not _exited(SimpleNamespace(exitcode=None, pid=None))
+
+
 def test_a_killed_rank_fails_the_engine_and_stops_the_others(tiny_model_dir):
     model_dir = tiny_model_dir("llama")
     llm = LLM(model_dir, tensor_parallel_size=4, **ENGINE)

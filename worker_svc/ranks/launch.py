@@ -56,9 +56,31 @@ START_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 10.0
 # How long the watcher waits, once a rank is gone, for the others that follow it.
 _CAUSE_GRACE_S = 0.2
-# How long a failed write to a follower waits for the monitor to name the lost rank.
-_CAUSE_WAIT_S = _CAUSE_GRACE_S + 2.0
+# How long, past that grace period, an error that a lost follower caused (a failed write,
+# a failed collective) waits for the monitor to name the lost rank: a loaded host may run
+# the monitor's thread late, and the wait only happens once a follower is gone.
+_CAUSE_MARGIN_S = 5.0
 _LOG_ENV = ("GRIDLLM_LOGGING_LEVEL", "GRIDLLM_LOG_FORMAT", "GRIDLLM_TRACE_FUNCTION")
+# Whether processes can be looked up in /proc (Linux).
+_HAS_PROC = os.path.isdir("/proc/self")
+
+
+def _exited(process: Any) -> bool:
+    """Whether a follower process has exited: its exit code is known, or (Linux) its /proc
+    entry is gone or a zombie's. A forkserver's child's exit code reaches this process
+    only once the forkserver has reaped the child and written it back, which on a loaded
+    host may come after the error the death caused."""
+    if process.exitcode is not None:
+        return True
+    if not _HAS_PROC or process.pid is None:
+        return False
+    try:
+        with open(f"/proc/{process.pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+    except (OSError, IndexError):
+        return False
 
 
 def build_runner(model_config: ModelConfig, cache_config: CacheConfig,
@@ -376,10 +398,11 @@ class _Ranks:
     def lost_cause(self) -> str | None:
         """How a follower was lost, if one was or has exited: the monitor names the rank
         within its grace period, so an error seen before that (a broken pipe, a failed
-        collective, once every rank is gone) waits for it (at most ``_CAUSE_WAIT_S``)."""
-        if self.lost is None and all(p.exitcode is None for p in self.processes):
+        collective, once every rank is gone) waits for it (at most ``_CAUSE_GRACE_S +
+        _CAUSE_MARGIN_S``)."""
+        if self.lost is None and not any(_exited(p) for p in self.processes):
             return None
-        self._cause_known.wait(_CAUSE_WAIT_S)
+        self._cause_known.wait(_CAUSE_GRACE_S + _CAUSE_MARGIN_S)
         return self.lost
 
     def _kill_all(self) -> None:
