@@ -9,9 +9,11 @@ window of W microseconds in which one small kernel runs and the DRAM is idle
 (``torch.cuda._sleep``, standing in for rotary, the KV write, decode attention over a short
 context and its merge). With a prefetch plan, ``WeightPrefetch`` forks a side stream at
 the window's start and asks L2 for the plan's bytes: ``o+gate_up`` (the served plan: the o
-weight, then the head of gate/up, up to the budget) or ``o+next_qkv`` (the o weight, then
+weight, then the head of gate/up, up to the budget), ``o+next_qkv`` (the o weight, then
 the next layer's q/k/v weight, read after the 175 MB of gate/up and down have streamed
-past: whether ``evict_last`` keeps it). Each replay starts after a 256 MB read flush
+past: whether ``evict_last`` keeps it), or ``+next@o`` (the served plan, and after the o
+projection the head of the next layer's q/k/v, ``NEXT_MB``: what
+``GRIDLLM_L2_PREFETCH_NEXT_MB`` serves). Each replay starts after a 256 MB read flush
 (``benchmarks.kernels.graph_bench``). The table gives ms per 32 layers and what the
 prefetch saved against the same graph without it; the window alone is also timed.
 """
@@ -43,6 +45,8 @@ SHAPES = (("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096),
           ("down", 4096, 14336))
 WINDOWS_US = (0.0, 4.0, 8.0, 12.0)
 BUDGETS_MB = (16, 24, 32, 40)
+# The ``+next@o`` plan's bytes of the next layer's q/k/v (MiB).
+NEXT_MB = 12
 REPLAYS = 60
 
 
@@ -71,6 +75,8 @@ def _step(weights: dict, x: dict, norm_weight, window_cycles: int,
             if window_cycles:
                 torch.cuda._sleep(window_cycles)
             gemv(x["o"], *_w(weights["o"][i]))
+            if prefetch is not None:
+                prefetch.after_o(i, 1, meta)
             if fp8:
                 rms_norm(x["gate_up"], norm_weight, 1e-5)
             gemv(x["gate_up"], *_w(weights["gate_up"][i]), silu_out=True)
@@ -86,18 +92,23 @@ def _w(weight_and_scale):
     return w, None, s
 
 
-def _plans(weights: dict, budget: int) -> dict[str, list[list[torch.Tensor]]]:
-    """Per layer, each plan's spans (see the module docstring)."""
+def _plans(weights: dict, budget: int) -> dict[str, tuple[list, list]]:
+    """Each plan's spans per layer after q/k/v and after o (see the module docstring)."""
     served = layer_spans([[weights["o"][i][0], weights["gate_up"][i][0]]
                           for i in range(NUM_LAYERS)], budget)
-    next_qkv = []
+    next_qkv, next_at_o = [], []
     for i in range(NUM_LAYERS):
         o = span_bytes(weights["o"][i][0], budget)
-        spans = [o]
+        spans, at_o = [o], []
         if i + 1 < NUM_LAYERS:
-            spans.append(span_bytes(weights["qkv"][i + 1][0], budget - o.numel()))
+            qkv = weights["qkv"][i + 1][0]
+            spans.append(span_bytes(qkv, budget - o.numel()))
+            at_o.append(span_bytes(qkv, NEXT_MB << 20))
         next_qkv.append([s for s in spans if s.numel()])
-    return {"o+gate_up": served, "o+next_qkv": next_qkv}
+        next_at_o.append([s for s in at_o if s.numel()])
+    none = [[] for _ in range(NUM_LAYERS)]
+    return {"o+gate_up": (served, none), "o+next_qkv": (next_qkv, none),
+            "+next@o": (served, next_at_o)}
 
 
 def main() -> None:
@@ -143,13 +154,14 @@ def main() -> None:
             plain = graph_bench(_step(weights, x, norm_weight, cycles, None, meta, fp8),
                                 reps=REPLAYS)
             for budget_mb in args.budgets_mb:
-                for plan, spans in _plans(weights, int(budget_mb * 2**20)).items():
+                for plan, (spans, at_o) in _plans(weights, int(budget_mb * 2**20)).items():
                     for evict_last in (True, False):
                         if plan != "o+gate_up" and not evict_last:
                             continue
                         prefetch = WeightPrefetch(
                             spans, max_kv_tokens=1 << 30, stream=side,
-                            launch=functools.partial(l2_prefetch, evict_last=evict_last))
+                            launch=functools.partial(l2_prefetch, evict_last=evict_last),
+                            spans_after_o=at_o)
                         ms = graph_bench(_step(weights, x, norm_weight, cycles, prefetch,
                                                meta, fp8), reps=REPLAYS)
                         policy = "evict_last" if evict_last else "normal"

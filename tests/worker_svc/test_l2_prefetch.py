@@ -1,6 +1,6 @@
 """Weights fetched into L2 during small decode steps (worker_svc/layers/l2_prefetch.py): the
-budget's spans, the settings' checks, where in the forward each layer's prefetch is issued
-(on the CPU, through the real model, with a launch that records instead of prefetching),
+budget's spans, the settings' checks, where in the forward each layer's prefetches are
+issued (on the CPU, through the real model, with a launch that records instead),
 and on a GPU that greedy outputs are the same with it on, eager and under CUDA graphs."""
 
 from __future__ import annotations
@@ -40,8 +40,16 @@ def test_settings_name_the_variable(monkeypatch):
             l2_prefetch.budget_bytes(50 << 20)
     monkeypatch.setenv("GRIDLLM_L2_PREFETCH_MB", "1.5")
     assert l2_prefetch.budget_bytes(50 << 20) == 3 << 19
+    assert l2_prefetch.next_budget_bytes() == 0
+    monkeypatch.setenv("GRIDLLM_L2_PREFETCH_NEXT_MB", "0")
+    assert l2_prefetch.next_budget_bytes() == 0
+    monkeypatch.setenv("GRIDLLM_L2_PREFETCH_NEXT_MB", "-1")
+    with pytest.raises(ValueError, match="GRIDLLM_L2_PREFETCH_NEXT_MB must be a number >= 0"):
+        l2_prefetch.next_budget_bytes()
     with pytest.raises(ValueError, match="max_rows must be in"):
         l2_prefetch.WeightPrefetch([], 0, max_rows=0)
+    with pytest.raises(ValueError, match="spans_after_o must have one entry per layer"):
+        l2_prefetch.WeightPrefetch([[], []], 0, spans_after_o=[[]])
 
 
 def _decode_metadata(seq_lens: list[int], block_size: int, device) -> AttentionMetadata:
@@ -66,7 +74,7 @@ def tiny_llama_runner(tiny_model_dir):
                        CacheConfig(block_size=4, num_kv_blocks=64), SchedulerConfig())
 
 
-def test_each_layer_prefetches_after_its_qkv_and_before_its_o_projection(
+def test_each_layer_prefetches_after_its_qkv_and_after_its_o_projection(
         tiny_llama_runner, monkeypatch):
     runner = tiny_llama_runner
     model, caches = runner.model, runner.kv_caches
@@ -91,6 +99,8 @@ def test_each_layer_prefetches_after_its_qkv_and_before_its_o_projection(
     monkeypatch.setenv("GRIDLLM_L2_PREFETCH", "1")
     budget = 40960  # 40 KiB a layer: the o projection (16 KiB), a chunk of gate/up
     monkeypatch.setenv("GRIDLLM_L2_PREFETCH_MB", str(budget / (1 << 20)))
+    # After the o projection, a chunk of the next layer's q/k/v.
+    monkeypatch.setenv("GRIDLLM_L2_PREFETCH_NEXT_MB", str(l2_prefetch.CHUNK / (1 << 20)))
     prefetch = l2_prefetch.install(model, runner.device, 64, launch=record)
     try:
         assert prefetch.max_kv_tokens == budget // 64
@@ -110,6 +120,10 @@ def test_each_layer_prefetches_after_its_qkv_and_before_its_o_projection(
             expected += [("qkv", i)]
             expected += [("prefetch", p, n, (3, 7, 2), budget // 64) for p, n in spans if n]
             expected += [("o", i)]
+            if i + 1 < len(layers):
+                qkv = layers[i + 1].self_attn.qkv_proj.weight
+                expected += [("prefetch", qkv.data_ptr(), l2_prefetch.CHUNK, (3, 7, 2),
+                              budget // 64)]
         assert events == expected
         # A prefill step, and a decode step of more rows than MAX_ROWS: none.
         events.clear()

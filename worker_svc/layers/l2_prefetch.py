@@ -11,6 +11,12 @@ goes on, and the o and gate/up GEMVs find those bytes in L2. The side stream joi
 main one at the end of the forward, so a CUDA graph captures it whole. Results are
 unchanged (a cache hint); what it moves is time.
 
+A second point, after the o projection, can ask for the head of the next layer's q/k/v
+weight (``GRIDLLM_L2_PREFETCH_NEXT_MB``, default none): it streams beside the gate/up and
+down GEMVs, whose reads leave part of the DRAM's time unused at their starts and ends,
+and has to stay in L2 (``evict_last``) past their 175 MB of streaming reads (marked
+``evict_first``) to be of use.
+
 It runs only in decode-only steps of at most ``MAX_ROWS`` rows (where reading the weights
 is the step), and on the device it fetches nothing when the step's requests hold more than
 ``max_kv_tokens`` tokens (attention then streams as many cache bytes as the prefetch
@@ -18,7 +24,7 @@ would, and would evict it): by default the budget's worth of one layer's KV.
 
 Off by default until measured on a GPU: ``GRIDLLM_L2_PREFETCH=1`` before the worker
 starts turns it on (Hopper and later), ``GRIDLLM_L2_PREFETCH_MB`` sets the budget a layer
-(default half the L2).
+after q/k/v (default half the L2).
 """
 
 from __future__ import annotations
@@ -46,19 +52,32 @@ def enabled_from_environment() -> bool:
     return value == "1"
 
 
-def budget_bytes(l2_bytes: int) -> int:
-    """Bytes prefetched a layer: ``GRIDLLM_L2_PREFETCH_MB`` (MiB, a positive number), else
-    ``_BUDGET_FRACTION`` of the device's ``l2_bytes``."""
-    raw = os.environ.get("GRIDLLM_L2_PREFETCH_MB")
+def _mib_from_environment(name: str, default: int, allow_zero: bool = False) -> int:
+    """Bytes from the environment variable ``name`` in MiB (a positive number, or 0 where
+    ``allow_zero``), ``default`` when unset."""
+    raw = os.environ.get(name)
     if raw is None:
-        return int(l2_bytes * _BUDGET_FRACTION)
+        return default
     try:
         mib = float(raw)
     except ValueError:
         mib = -1.0
-    if not 0 < mib < float("inf"):
-        raise ValueError(f"GRIDLLM_L2_PREFETCH_MB must be a positive number, got {raw!r}.")
+    if not (0 <= mib if allow_zero else 0 < mib) or mib == float("inf"):
+        kind = "a number >= 0" if allow_zero else "a positive number"
+        raise ValueError(f"{name} must be {kind}, got {raw!r}.")
     return int(mib * (1 << 20))
+
+
+def budget_bytes(l2_bytes: int) -> int:
+    """Bytes prefetched a layer after its q/k/v projection: ``GRIDLLM_L2_PREFETCH_MB`` (MiB,
+    a positive number), else ``_BUDGET_FRACTION`` of the device's ``l2_bytes``."""
+    return _mib_from_environment("GRIDLLM_L2_PREFETCH_MB", int(l2_bytes * _BUDGET_FRACTION))
+
+
+def next_budget_bytes() -> int:
+    """Bytes of the next layer's q/k/v weight prefetched after a layer's o projection:
+    ``GRIDLLM_L2_PREFETCH_NEXT_MB`` (MiB, >= 0), default 0 (none)."""
+    return _mib_from_environment("GRIDLLM_L2_PREFETCH_NEXT_MB", 0, allow_zero=True)
 
 
 def layer_spans(weights: Sequence[Sequence[torch.Tensor]], budget: int,
@@ -81,23 +100,30 @@ def layer_spans(weights: Sequence[Sequence[torch.Tensor]], budget: int,
 
 
 class WeightPrefetch:
-    """Issues each layer's spans after its q/k/v projection (``after_qkv``) and joins the
-    side stream at the end of the forward (``join``).
+    """Issues each layer's spans after its q/k/v projection (``after_qkv``) and after its o
+    projection (``after_o``), and joins the side stream at the end of the forward
+    (``join``).
 
     Args:
-        spans: per layer, ``layer_spans``'.
+        spans: per layer, ``layer_spans``' (after q/k/v).
         max_kv_tokens: the step's gate (see the module docstring).
         max_rows: decode steps of up to this many rows prefetch.
         launch: ``l2_prefetch``'s signature (the spans, the step's ``seq_lens``, the gate).
         stream: the side stream (None: launch on the current stream, in order).
+        spans_after_o: per layer, the spans after its o projection (default none).
     """
 
     def __init__(self, spans: list[list[torch.Tensor]], max_kv_tokens: int,
                  max_rows: int = MAX_ROWS, launch: Callable = l2_prefetch,
-                 stream: torch.cuda.Stream | None = None):
+                 stream: torch.cuda.Stream | None = None,
+                 spans_after_o: list[list[torch.Tensor]] | None = None):
         if not 1 <= max_rows <= GATE_ROWS:
             raise ValueError(f"max_rows must be in [1, {GATE_ROWS}], got {max_rows}.")
+        if spans_after_o is not None and len(spans_after_o) != len(spans):
+            raise ValueError(f"spans_after_o must have one entry per layer ({len(spans)}), "
+                             f"got {len(spans_after_o)}.")
         self.spans = spans
+        self.spans_after_o = spans_after_o or [[] for _ in spans]
         self.max_kv_tokens = max_kv_tokens
         self.max_rows = max_rows
         self.launch = launch
@@ -106,8 +132,9 @@ class WeightPrefetch:
 
     @property
     def num_bytes(self) -> int:
-        """Bytes prefetched in a step (all layers)."""
-        return sum(span.numel() for spans in self.spans for span in spans)
+        """Bytes prefetched in a step (all layers, both points)."""
+        return sum(span.numel() for plan in (self.spans, self.spans_after_o)
+                   for spans in plan for span in spans)
 
     def applies(self, num_tokens: int, metadata: AttentionMetadata) -> bool:
         """Whether a step of ``num_tokens`` rows prefetches: decode-only, few rows (and
@@ -117,7 +144,14 @@ class WeightPrefetch:
 
     def after_qkv(self, layer: int, num_tokens: int, metadata: AttentionMetadata) -> None:
         """Layer ``layer``'s q/k/v projection is on the stream: fetch its spans."""
-        spans = self.spans[layer]
+        self._issue(self.spans[layer], num_tokens, metadata)
+
+    def after_o(self, layer: int, num_tokens: int, metadata: AttentionMetadata) -> None:
+        """Layer ``layer``'s o projection is on the stream: fetch its ``spans_after_o``."""
+        self._issue(self.spans_after_o[layer], num_tokens, metadata)
+
+    def _issue(self, spans: list[torch.Tensor], num_tokens: int,
+               metadata: AttentionMetadata) -> None:
         if not spans or not self.applies(num_tokens, metadata):
             return
         if self.stream is None:
@@ -154,6 +188,16 @@ def decoder_weights(model: nn.Module) -> list[list[torch.Tensor]] | None:
     return weights
 
 
+def next_qkv_spans(model: nn.Module, budget: int) -> list[list[torch.Tensor]]:
+    """Per decoder layer, the head of the next layer's q/k/v weight (``budget`` bytes;
+    none after the last layer)."""
+    layers = model.model.layers
+    weights = [[getattr(layers[i + 1].self_attn.qkv_proj, "weight", None)]
+               if i + 1 < len(layers) else [] for i in range(len(layers))]
+    return layer_spans([[t for t in ts if isinstance(t, torch.Tensor) and t.is_contiguous()]
+                        for ts in weights], budget)
+
+
 def install(model: nn.Module, device: torch.device, kv_bytes_per_token: int,
             stream: torch.cuda.Stream | None = None,
             launch: Callable = l2_prefetch) -> WeightPrefetch | None:
@@ -176,7 +220,8 @@ def install(model: nn.Module, device: torch.device, kv_bytes_per_token: int,
         stream = torch.cuda.Stream(device)
     prefetch = WeightPrefetch(layer_spans(weights, budget),
                               budget // max(kv_bytes_per_token, 1), launch=launch,
-                              stream=stream)
+                              stream=stream,
+                              spans_after_o=next_qkv_spans(model, next_budget_bytes()))
     model.model.weight_prefetch = prefetch
     for layer in model.model.layers:
         layer.self_attn.weight_prefetch = prefetch

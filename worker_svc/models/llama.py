@@ -109,7 +109,10 @@ class LlamaAttention(nn.Module):
                                           kv_cache[1], attn_metadata, self.scale,
                                           self.sliding_window, self.logit_softcap,
                                           self.kv_scales)
-        return self.o_proj(out.reshape(num_tokens, self.q_size))
+        out = self.o_proj(out.reshape(num_tokens, self.q_size))
+        if self.weight_prefetch is not None:
+            self.weight_prefetch.after_o(self.layer_idx, num_tokens, attn_metadata)
+        return out
 
 
 class LlamaMLP(nn.Module):
