@@ -162,6 +162,7 @@ def main() -> None:
                             spans, max_kv_tokens=1 << 30, stream=side,
                             launch=functools.partial(l2_prefetch, evict_last=evict_last),
                             spans_after_o=at_o)
+                        prefetch.warm_up()  # built before the capture (it prefetches there)
                         ms = graph_bench(_step(weights, x, norm_weight, cycles, prefetch,
                                                meta, fp8), reps=REPLAYS)
                         policy = "evict_last" if evict_last else "normal"

@@ -137,6 +137,17 @@ def test_each_layer_prefetches_after_its_qkv_and_after_its_o_projection(
         meta.seq_lens = meta.seq_lens.long()
         assert not prefetch.applies(3, meta)
         assert not [e for e in events if e[0] == "prefetch"]
+        # Eager steps (no CUDA graph being captured) do not prefetch either.
+        meta = _decode_metadata([3, 7, 2], runner.block_size, "cpu")
+        assert prefetch.applies(3, meta)
+        prefetch._capturing = lambda: False
+        assert not prefetch.applies(3, meta)
+        # warm_up launches one span once (the kernel built before any capture).
+        events.clear()
+        prefetch.warm_up()
+        first = layers[0].self_attn.o_proj.weight
+        assert events == [("prefetch", first.data_ptr(), l2_prefetch.CHUNK, (0,),
+                           budget // 64)]
     finally:
         model.model.weight_prefetch = None
         for layer in layers:

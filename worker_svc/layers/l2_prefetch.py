@@ -18,9 +18,12 @@ and has to stay in L2 (``evict_last``) past their 175 MB of streaming reads (mar
 ``evict_first``) to be of use.
 
 It runs only in decode-only steps of at most ``MAX_ROWS`` rows (where reading the weights
-is the step), and on the device it fetches nothing when the step's requests hold more than
-``max_kv_tokens`` tokens (attention then streams as many cache bytes as the prefetch
-would, and would evict it): by default the budget's worth of one layer's KV.
+is the step) that a CUDA graph captures (an eager step's pace is the host's, which leaves
+the DRAM idle anyway, and the fork and launches would cost it ~20 us a layer), and on the
+device it fetches nothing when the step's requests hold more than ``max_kv_tokens``
+tokens (attention then streams as many cache bytes as the prefetch would, and would evict
+it): by default the budget's worth of one layer's KV. Its kernel is built when it is
+installed (``warm_up``), before any capture.
 
 Off by default until measured on a GPU: ``GRIDLLM_L2_PREFETCH=1`` before the worker
 starts turns it on (Hopper and later), ``GRIDLLM_L2_PREFETCH_MB`` sets the budget a layer
@@ -111,12 +114,15 @@ class WeightPrefetch:
         launch: ``l2_prefetch``'s signature (the spans, the step's ``seq_lens``, the gate).
         stream: the side stream (None: launch on the current stream, in order).
         spans_after_o: per layer, the spans after its o projection (default none).
+        capturing: whether the step is being captured into a CUDA graph (default: torch's
+            answer with a side stream; always without one, as CPU tests launch).
     """
 
     def __init__(self, spans: list[list[torch.Tensor]], max_kv_tokens: int,
                  max_rows: int = MAX_ROWS, launch: Callable = l2_prefetch,
                  stream: torch.cuda.Stream | None = None,
-                 spans_after_o: list[list[torch.Tensor]] | None = None):
+                 spans_after_o: list[list[torch.Tensor]] | None = None,
+                 capturing: Callable[[], bool] | None = None):
         if not 1 <= max_rows <= GATE_ROWS:
             raise ValueError(f"max_rows must be in [1, {GATE_ROWS}], got {max_rows}.")
         if spans_after_o is not None and len(spans_after_o) != len(spans):
@@ -128,6 +134,10 @@ class WeightPrefetch:
         self.max_rows = max_rows
         self.launch = launch
         self.stream = stream
+        if capturing is None:
+            capturing = (torch.cuda.is_current_stream_capturing if stream is not None
+                         else lambda: True)
+        self._capturing = capturing
         self._forked = False
 
     @property
@@ -137,10 +147,18 @@ class WeightPrefetch:
                    for spans in plan for span in spans)
 
     def applies(self, num_tokens: int, metadata: AttentionMetadata) -> bool:
-        """Whether a step of ``num_tokens`` rows prefetches: decode-only, few rows (and
-        ``seq_lens`` as the gate reads it: int32)."""
+        """Whether a step of ``num_tokens`` rows prefetches: decode-only, few rows, being
+        captured into a CUDA graph (and ``seq_lens`` as the gate reads it: int32)."""
         return (0 < num_tokens <= self.max_rows and metadata.is_decode_only
-                and metadata.seq_lens.dtype == torch.int32)
+                and metadata.seq_lens.dtype == torch.int32 and self._capturing())
+
+    def warm_up(self) -> None:
+        """One prefetch on the current stream, so the kernel is built before a capture."""
+        span = next((s for plan in (self.spans, self.spans_after_o) for spans in plan
+                     for s in spans), None)
+        if span is not None:
+            self.launch(span, torch.zeros(1, dtype=torch.int32, device=span.device),
+                        self.max_kv_tokens)
 
     def after_qkv(self, layer: int, num_tokens: int, metadata: AttentionMetadata) -> None:
         """Layer ``layer``'s q/k/v projection is on the stream: fetch its spans."""
@@ -222,6 +240,8 @@ def install(model: nn.Module, device: torch.device, kv_bytes_per_token: int,
                               budget // max(kv_bytes_per_token, 1), launch=launch,
                               stream=stream,
                               spans_after_o=next_qkv_spans(model, next_budget_bytes()))
+    if stream is not None:
+        prefetch.warm_up()
     model.model.weight_prefetch = prefetch
     for layer in model.model.layers:
         layer.self_attn.weight_prefetch = prefetch
