@@ -9,9 +9,18 @@ import platform
 from collections.abc import Sequence
 from typing import Any
 
+# The environment variables that switch the worker's kernel paths (docs/architecture.md),
+# recorded with each result where set, so an A/B run's files say which side they are.
+KERNEL_SWITCHES = ("GRIDLLM_GEMV_MAX_ROWS", "GRIDLLM_LAUNCH_DEPENDENT", "GRIDLLM_FP8_WORDS",
+                   "GRIDLLM_PREFILL_TMA", "GRIDLLM_GLUON_PREFILL", "GRIDLLM_GLUON_DECODE",
+                   "GRIDLLM_MMA_GEMV", "GRIDLLM_GEMV_F16", "GRIDLLM_SPLIT_ONE_TOKEN",
+                   "GRIDLLM_L2_PREFETCH", "GRIDLLM_L2_PREFETCH_MB",
+                   "GRIDLLM_L2_PREFETCH_NEXT_MB")
+
 
 def machine_info(device: str = "auto") -> dict[str, Any]:
-    """Card (or CPU) name, core count and UTC date, recorded with every result."""
+    """Card (or CPU) name, core count, UTC date and the kernel switches set in the
+    environment (``KERNEL_SWITCHES``), recorded with every result."""
     import torch
 
     info: dict[str, Any] = {
@@ -19,6 +28,8 @@ def machine_info(device: str = "auto") -> dict[str, Any]:
         "cpu": platform.processor() or platform.machine(),
         "cpu_cores": os.cpu_count(),
         "torch": torch.__version__,
+        "kernel_switches": {name: os.environ[name] for name in KERNEL_SWITCHES
+                            if name in os.environ},
     }
     use_cuda = device in ("auto", "cuda") and torch.cuda.is_available()
     info["device"] = torch.cuda.get_device_name(0) if use_cuda else "cpu"
