@@ -13,7 +13,11 @@ weight, then the head of gate/up, up to the budget), ``o+next_qkv`` (the o weigh
 the next layer's q/k/v weight, read after the 175 MB of gate/up and down have streamed
 past: whether ``evict_last`` keeps it), or ``+next@o`` (the served plan, and after the o
 projection the head of the next layer's q/k/v, ``NEXT_MB``: what
-``GRIDLLM_L2_PREFETCH_NEXT_MB`` serves). Each replay starts after a 256 MB read flush
+``GRIDLLM_L2_PREFETCH_NEXT_MB`` serves). Busy windows read ``--busy-mb`` megabytes
+instead of sleeping (as attention over a long context streams the KV cache): whether the
+prefetched lines survive such a read (``evict_last`` against the read's normal priority)
+and what the prefetch then costs, which is what the served gate on the context avoids.
+Each replay starts after a 256 MB read flush
 (``benchmarks.kernels.graph_bench``). The table gives ms per 32 layers and what the
 prefetch saved against the same graph without it; the window alone is also timed.
 """
@@ -47,6 +51,8 @@ WINDOWS_US = (0.0, 4.0, 8.0, 12.0)
 BUDGETS_MB = (16, 24, 32, 40)
 # The ``+next@o`` plan's bytes of the next layer's q/k/v (MiB).
 NEXT_MB = 12
+# Busy windows: megabytes read (batch 1 x 32k keys of Llama-3-8B's bf16 cache: 134 MB).
+BUSY_MB = (16.0, 134.0)
 REPLAYS = 60
 
 
@@ -62,9 +68,10 @@ def _sleep_cycles_per_us() -> float:
     return cycles / (start.elapsed_time(end) * 1000.0)
 
 
-def _step(weights: dict, x: dict, norm_weight, window_cycles: int,
+def _step(weights: dict, x: dict, norm_weight, window,
           prefetch: WeightPrefetch | None, meta: AttentionMetadata, fp8: bool):
-    """One replay's calls: per layer q/k/v, the window, o, gate/up and down at one row."""
+    """One replay's calls: per layer q/k/v, the window (a callable or None), o, gate/up
+    and down at one row."""
     def run():
         for i in range(NUM_LAYERS):
             if fp8:
@@ -72,8 +79,8 @@ def _step(weights: dict, x: dict, norm_weight, window_cycles: int,
             gemv(x["qkv"], *_w(weights["qkv"][i]))
             if prefetch is not None:
                 prefetch.after_qkv(i, 1, meta)
-            if window_cycles:
-                torch.cuda._sleep(window_cycles)
+            if window is not None:
+                window()
             gemv(x["o"], *_w(weights["o"][i]))
             if prefetch is not None:
                 prefetch.after_o(i, 1, meta)
@@ -113,8 +120,13 @@ def _plans(weights: dict, budget: int) -> dict[str, tuple[list, list]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--windows-us", type=float, nargs="+", default=list(WINDOWS_US))
+    parser.add_argument("--windows-us", type=float, nargs="+", default=list(WINDOWS_US),
+                        help="windows that sleep this many microseconds")
     parser.add_argument("--budgets-mb", type=float, nargs="+", default=list(BUDGETS_MB))
+    parser.add_argument("--busy-mb", type=float, nargs="*", default=list(BUSY_MB),
+                        help="windows that read this many MB instead of sleeping")
+    parser.add_argument("--busy-budget-mb", type=float, default=24.0,
+                        help="the served plan's budget in the busy windows")
     parser.add_argument("--kinds", nargs="+", default=["fp8", "bf16"],
                         choices=["fp8", "bf16"])
     parser.add_argument("--output", default=None, help="write results as JSON here")
@@ -137,6 +149,8 @@ def main() -> None:
         block_tables=torch.zeros(1, 16, dtype=torch.int32, device=device),
         max_query_len=1, max_seq_len=256)
     side = torch.cuda.Stream(device)
+    busy = torch.ones(int(max(args.busy_mb, default=0) * 2**19), device=device,
+                      dtype=torch.bfloat16)
     results = {"device": torch.cuda.get_device_name(), "limits": limits, "l2_bytes": l2,
                "rows": []}
     for kind in args.kinds:
@@ -146,31 +160,34 @@ def main() -> None:
               f"and the window)")
         print(f"{'window':>8} {'alone':>7} {'plan':>11} {'budget':>7} {'policy':>11} "
               f"{'plain':>8} {'prefetch':>9} {'saved':>8}")
-        for window_us in args.windows_us:
-            cycles = int(window_us * per_us)
-            alone = graph_bench(lambda c=cycles: [torch.cuda._sleep(c)
-                                                  for _ in range(NUM_LAYERS)],
-                                reps=REPLAYS) if cycles else 0.0
-            plain = graph_bench(_step(weights, x, norm_weight, cycles, None, meta, fp8),
+        windows = [(f"{w:.0f}us", None if w <= 0 else
+                    functools.partial(torch.cuda._sleep, int(w * per_us)), args.budgets_mb)
+                   for w in args.windows_us]
+        windows += [(f"{mb:.0f}MB", functools.partial(torch.sum, busy[:int(mb * 2**19)]),
+                     [args.busy_budget_mb]) for mb in args.busy_mb]
+        for label, window, budgets in windows:
+            alone = graph_bench(lambda f=window: [f() for _ in range(NUM_LAYERS)],
+                                reps=REPLAYS) if window is not None else 0.0
+            plain = graph_bench(_step(weights, x, norm_weight, window, None, meta, fp8),
                                 reps=REPLAYS)
-            for budget_mb in args.budgets_mb:
+            for budget_mb in budgets:
                 for plan, (spans, at_o) in _plans(weights, int(budget_mb * 2**20)).items():
                     for evict_last in (True, False):
-                        if plan != "o+gate_up" and not evict_last:
+                        if plan != "o+gate_up" and (not evict_last or label.endswith("MB")):
                             continue
                         prefetch = WeightPrefetch(
                             spans, max_kv_tokens=1 << 30, stream=side,
                             launch=functools.partial(l2_prefetch, evict_last=evict_last),
                             spans_after_o=at_o)
                         prefetch.warm_up()  # built before the capture (it prefetches there)
-                        ms = graph_bench(_step(weights, x, norm_weight, cycles, prefetch,
+                        ms = graph_bench(_step(weights, x, norm_weight, window, prefetch,
                                                meta, fp8), reps=REPLAYS)
                         policy = "evict_last" if evict_last else "normal"
-                        print(f"{window_us:>6.1f}us {alone:>7.3f} {plan:>11} "
+                        print(f"{label:>8} {alone:>7.3f} {plan:>11} "
                               f"{budget_mb:>5.0f}MB {policy:>11} {plain:>8.3f} {ms:>9.3f} "
                               f"{plain - ms:>+8.3f}", flush=True)
                         results["rows"].append(dict(
-                            kind=kind, window_us=window_us, window_alone_ms=alone,
+                            kind=kind, window=label, window_alone_ms=alone,
                             plan=plan, budget_mb=budget_mb, evict_last=evict_last,
                             plain_ms=plain, prefetch_ms=ms))
         del weights
