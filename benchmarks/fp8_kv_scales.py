@@ -48,14 +48,12 @@ def _set_scales(model, scales) -> None:
 
 
 def main() -> None:
-    from transformers import AutoTokenizer
-
     from gridllm.bench.quant_accuracy import (
         format_rows,
         measure_bf16,
         measure_model,
-        reference_cases,
         result_row,
+        text_cases,
         write_rescaled_kv_checkpoint,
     )
     from worker_svc.kv_calibration import KV_SCALE_HEADROOM
@@ -66,8 +64,7 @@ def main() -> None:
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
     model_dir = resolve_model_path("smollm2-135m")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    cases = reference_cases(model_dir, [tokenizer(p).input_ids for p in PROMPTS], args.num_new)
+    cases = text_cases(model_dir, PROMPTS, args.num_new)
 
     def row(name, model, kv_dtype=torch.float8_e4m3fn):
         measured = measure_model(model, cases, kv_dtype, args.num_new)

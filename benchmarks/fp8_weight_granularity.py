@@ -51,14 +51,12 @@ def round_trip(w: torch.Tensor, granularity: str | int) -> torch.Tensor:
 
 
 def main() -> None:
-    from transformers import AutoTokenizer
-
     from gridllm.bench.quant_accuracy import (
         format_rows,
         measure_bf16,
         measure_model,
-        reference_cases,
         result_row,
+        text_cases,
     )
     from gridllm.common.config import ModelConfig
     from worker_svc.loader import load_model, resolve_model_path
@@ -70,9 +68,7 @@ def main() -> None:
     parser.add_argument("--output", default=None, help="write results as JSON here")
     args = parser.parse_args()
     model_dir = resolve_model_path("smollm2-135m")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    cases = reference_cases(model_dir, [tokenizer(t).input_ids for t in PROMPTS],
-                            args.num_new)
+    cases = text_cases(model_dir, PROMPTS, args.num_new)
     rows = [result_row("transformers bfloat16", measure_bf16(cases))]
 
     def model(quantization=None):

@@ -65,6 +65,14 @@ def reference_cases(model_dir: str, prompts: list[list[int]], num_new: int,
     return cases
 
 
+def text_cases(model_dir: str, texts: list[str], num_new: int) -> list[Case]:
+    """``reference_cases`` of ``texts``, tokenized by the model's own tokenizer (CPU)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return reference_cases(model_dir, [tokenizer(text).input_ids for text in texts], num_new)
+
+
 def teacher_forced_logits(model, cases: list[Case], kv_dtype: torch.dtype, num_new: int
                           ) -> list[torch.Tensor]:
     """Per case, ``model``'s logits predicting the ``num_new`` tokens after the prompt (the
