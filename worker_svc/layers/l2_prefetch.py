@@ -32,6 +32,7 @@ after q/k/v (default half the L2).
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Sequence
 
@@ -64,8 +65,9 @@ def _mib_from_environment(name: str, default: int, allow_zero: bool = False) -> 
     try:
         mib = float(raw)
     except ValueError:
-        mib = -1.0
-    if not (0 <= mib if allow_zero else 0 < mib) or mib == float("inf"):
+        mib = float("nan")
+    low_ok = mib >= 0 if allow_zero else mib > 0
+    if not (low_ok and math.isfinite(mib)):
         kind = "a number >= 0" if allow_zero else "a positive number"
         raise ValueError(f"{name} must be {kind}, got {raw!r}.")
     return int(mib * (1 << 20))
@@ -190,30 +192,29 @@ class WeightPrefetch:
             self._forked = False
 
 
+def _weight(module: nn.Module | None) -> list[torch.Tensor]:
+    """``module``'s weight as a one-item list where it is a contiguous tensor (what a span
+    can be cut from), else empty."""
+    weight = getattr(module, "weight", None)
+    return [weight] if isinstance(weight, torch.Tensor) and weight.is_contiguous() else []
+
+
 def decoder_weights(model: nn.Module) -> list[list[torch.Tensor]] | None:
     """Per decoder layer, the weights read after attention: the o projection's, then the
     gate/up projection's; None for a model without the Llama family's hooks."""
     inner = getattr(model, "model", None)
     if inner is None or not hasattr(inner, "weight_prefetch"):
         return None
-    weights = []
-    for layer in inner.layers:
-        tensors = [getattr(getattr(module, name, None), "weight", None)
-                   for module, name in ((layer.self_attn, "o_proj"),
-                                        (layer.mlp, "gate_up_proj"))]
-        weights.append([t for t in tensors
-                        if isinstance(t, torch.Tensor) and t.is_contiguous()])
-    return weights
+    return [_weight(getattr(layer.self_attn, "o_proj", None))
+            + _weight(getattr(layer.mlp, "gate_up_proj", None)) for layer in inner.layers]
 
 
 def next_qkv_spans(model: nn.Module, budget: int) -> list[list[torch.Tensor]]:
     """Per decoder layer, the head of the next layer's q/k/v weight (``budget`` bytes;
     none after the last layer)."""
     layers = model.model.layers
-    weights = [[getattr(layers[i + 1].self_attn.qkv_proj, "weight", None)]
-               if i + 1 < len(layers) else [] for i in range(len(layers))]
-    return layer_spans([[t for t in ts if isinstance(t, torch.Tensor) and t.is_contiguous()]
-                        for ts in weights], budget)
+    return layer_spans([_weight(nxt.self_attn.qkv_proj) for nxt in layers[1:]] + [[]],
+                       budget)
 
 
 def install(model: nn.Module, device: torch.device, kv_bytes_per_token: int,
