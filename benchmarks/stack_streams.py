@@ -25,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 
 from gridllm.bench import serve  # noqa: E402
 from gridllm.common.config import SchedulerConfig  # noqa: E402
+from gridllm.common.procs import stat_fields  # noqa: E402
 from gridllm.launcher import LocalStack, StackConfig  # noqa: E402
 from router.server import RouterOptions  # noqa: E402
 from scheduler_svc.server import SchedulerServiceConfig  # noqa: E402
@@ -48,10 +49,8 @@ def scrape(port: int) -> tuple[float, float]:
 
 def cpu_seconds(pid: int | None) -> float:
     """User + system CPU seconds of a process so far (0.0 where /proc cannot tell)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (OSError, TypeError):
+    fields = None if pid is None else stat_fields(pid)
+    if not fields:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 

@@ -22,6 +22,7 @@ import pytest
 
 from gridllm.client import Client
 from gridllm.common.config import ModelConfig
+from gridllm.common.procs import stat_fields
 from gridllm.common.sampling_params import SamplingParams
 from gridllm.launcher import LocalStack
 from router.server import RouterOptions
@@ -86,12 +87,8 @@ def live_processes_of_group(pgid: int) -> list[int]:
     """Pids (not zombies) in process group ``pgid``: a worker and every process it forked."""
     pids = []
     for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                state, _, group = f.read().rsplit(")", 1)[1].split()[:3]
-        except (OSError, ValueError):
-            continue
-        if int(group) == pgid and state != "Z":
+        fields = stat_fields(int(entry)) if entry.isdigit() else None
+        if fields and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
             pids.append(int(entry))
     return pids
 

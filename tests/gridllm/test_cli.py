@@ -13,6 +13,7 @@ import time
 import pytest
 
 from gridllm.cli import build_parser, main
+from gridllm.common.procs import is_running
 from tests.e2e.tiny_model import build_tiny_served_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -49,19 +50,6 @@ def test_run_generates_in_process(model_dir, reference_text, capsys):
     assert capsys.readouterr().out == reference_text + "\n"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie is dead for our purpose; it only waits for its parent to reap it.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": ROOT, "GRIDLLM_LOGGING_LEVEL": "INFO",
             "PYTHONUNBUFFERED": "1"}
@@ -95,14 +83,14 @@ def test_up_serves_generate_and_stops_everything_on_sigterm(model_dir, reference
         pids = {name: int(pid) for name, pid in
                 re.findall(r"started (\S+) \(pid (\d+)\)", log_path.read_text())}
         assert set(pids) == {"redis", "scheduler", "worker-1", "router"}
-        assert all(_alive(pid) for pid in pids.values())
+        assert all(is_running(pid) for pid in pids.values())
 
         launcher.send_signal(signum)
         assert launcher.wait(timeout=60) == 0
         deadline = time.monotonic() + 10
-        while any(_alive(p) for p in pids.values()) and time.monotonic() < deadline:
+        while any(is_running(p) for p in pids.values()) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not [name for name, pid in pids.items() if _alive(pid)], "orphans left"
+        assert not [name for name, pid in pids.items() if is_running(pid)], "orphans left"
     finally:
         if launcher.poll() is None:
             launcher.kill()

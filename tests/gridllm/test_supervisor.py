@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from gridllm.common.procs import is_running
 from gridllm.launcher import ManagedProcess
 from gridllm.supervisor import CrashLoopError, RestartPolicy, Supervisor
 
@@ -180,14 +181,6 @@ def test_restart_policy_names_a_bad_field(field, value):
         RestartPolicy(**{field: value})
 
 
-def _is_running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie is dead
-    except OSError:
-        return False
-
-
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc (Linux)")
 def test_a_child_becomes_its_command_and_dies_with_the_launcher(tmp_path):
     code = ("import sys, time\n"
@@ -204,9 +197,9 @@ def test_a_child_becomes_its_command_and_dies_with_the_launcher(tmp_path):
                    "the child to exec its command")
         launcher.kill()  # no chance to stop its children itself
         launcher.wait()
-        wait_until(lambda: not _is_running(pid), 10.0, "the child to die with the launcher")
+        wait_until(lambda: not is_running(pid), 10.0, "the child to die with the launcher")
     finally:
         launcher.kill()
         launcher.wait()
-        if _is_running(pid):
+        if is_running(pid):
             os.kill(pid, signal.SIGKILL)

@@ -12,6 +12,7 @@ import time
 import pytest
 
 from gridllm import LLM, SamplingParams
+from gridllm.common.procs import is_running
 from tests.gridllm.test_llm import prompts_of, token_prompts
 from tests.worker_svc.tiny_models import ALL_TINY_ARCHS
 
@@ -61,17 +62,9 @@ def agreement_of(got: list[int], expected: list[int]) -> float:
 
 def assert_processes_gone(pids: list[int], timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s
-    while any(_is_running(p) for p in pids):
+    while any(is_running(p) for p in pids):
         assert time.monotonic() < deadline, f"rank processes {pids} still running"
         time.sleep(0.05)
-
-
-def _is_running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def test_sharded_archs_cover_every_sharded_architecture():
@@ -90,7 +83,7 @@ def test_greedy_ids_equal_a_single_device(arch, size, tiny_model_dir):
     expected = reference(arch, model_dir)
     with LLM(model_dir, tensor_parallel_size=size, **ENGINE) as llm:
         pids = llm.engine.runner.follower_pids
-        assert len(pids) == size - 1 and all(_is_running(p) for p in pids)
+        assert len(pids) == size - 1 and all(is_running(p) for p in pids)
         assert llm.engine.runner.num_kv_blocks == _num_kv_blocks[arch]
         assert greedy_ids(llm) == expected
         stats = llm.engine.stats()

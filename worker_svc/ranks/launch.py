@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from gridllm.common.config import CacheConfig, ModelConfig, SchedulerConfig
+from gridllm.common.procs import HAS_PROC, is_running
 from worker_svc.parallel.state import (
     abort_tensor_parallel,
     destroy_tensor_parallel,
@@ -61,8 +62,6 @@ _CAUSE_GRACE_S = 0.2
 # the monitor's thread late, and the wait only happens once a follower is gone.
 _CAUSE_MARGIN_S = 5.0
 _LOG_ENV = ("GRIDLLM_LOGGING_LEVEL", "GRIDLLM_LOG_FORMAT", "GRIDLLM_TRACE_FUNCTION")
-# Whether processes can be looked up in /proc (Linux).
-_HAS_PROC = os.path.isdir("/proc/self")
 
 
 def _exited(process: Any) -> bool:
@@ -72,15 +71,7 @@ def _exited(process: Any) -> bool:
     host may come after the error the death caused."""
     if process.exitcode is not None:
         return True
-    if not _HAS_PROC or process.pid is None:
-        return False
-    try:
-        with open(f"/proc/{process.pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except FileNotFoundError:
-        return True
-    except (OSError, IndexError):
-        return False
+    return HAS_PROC and process.pid is not None and not is_running(process.pid)
 
 
 def build_runner(model_config: ModelConfig, cache_config: CacheConfig,
