@@ -111,6 +111,85 @@ def test_split_merge_loads_everything_in_one_round_trip():
     assert "ld.global" not in ops[first_sync:]
 
 
+@pytest.mark.parametrize("num_splits", [2, 3, 8])
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 2), (4, 1), (3, 3)])
+@pytest.mark.parametrize("sliding_window,logit_softcap", [(None, None), (10, 5.0)])
+def test_split_kv_merged_by_its_last_split(monkeypatch, num_splits, num_heads, num_kv_heads,
+                                           sliding_window, logit_softcap):
+    """The inline merge (the last split of each request and KV head merges them) gives the
+    reference's output without the merge kernel, a padding row's zeros included, launch
+    after launch: each leaves its counters zeroed."""
+    import kernels.paged_decode_attention as module
+
+    monkeypatch.setattr(module, "_paged_decode_reduce_kernel", None)  # never launched
+    seq_lens = [1, 17, 0, 50]
+    key_cache, value_cache, block_tables, seq = make_paged_kv(
+        seq_lens, num_kv_heads, 32, 16, torch.float32, DEVICE)
+    qsl = torch.arange(len(seq_lens) + 1, dtype=torch.int32, device=DEVICE)
+    for key_rows in (False, True):
+        query = torch.randn(len(seq_lens), num_heads, 32, device=DEVICE) * 4
+        with poisoned_allocations():
+            out = paged_decode_attention(query, key_cache, value_cache, block_tables, seq, qsl,
+                                         0.2, sliding_window, num_splits=num_splits,
+                                         logit_softcap=logit_softcap, key_rows=key_rows,
+                                         inline_merge=True)
+        expected = torch_ref.paged_attention(query, key_cache, value_cache, block_tables, seq,
+                                             qsl, 0.2, sliding_window, logit_softcap)
+        assert_close(out, expected, "decode attention (inline merge)")
+        assert torch.equal(out[2], torch.zeros_like(out[2]))
+        counts = module.merge_counts(query.device, len(seq_lens) * num_kv_heads)
+        assert not counts.any(), "a launch left a merge counter set"
+
+
+def test_inline_merge_falls_back_to_the_merge_kernel_past_its_counters(monkeypatch):
+    import kernels.paged_decode_attention as module
+
+    launches = []
+    reduce_kernel = module._paged_decode_reduce_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return reduce_kernel[grid]
+
+    monkeypatch.setattr(module, "_paged_decode_reduce_kernel", Recorder())
+    monkeypatch.setattr(module, "_MAX_MERGE_COUNTS", 4)
+    monkeypatch.setattr(module, "_merge_counts", {})
+    for num_reqs, merged_by_kernel in ((2, False), (3, True)):  # 2 KV heads a request
+        launches.clear()
+        _check([9, 40, 33][:num_reqs], 4, 2, 32, 16, torch.float32, DEVICE, num_splits=2,
+               inline_merge=True)
+        assert bool(launches) == merged_by_kernel
+    assert module.merge_counts(torch.device(DEVICE), 5) is None
+
+
+def test_inline_merge_counts_after_every_thread_stored():
+    """sm_90, compiled without a GPU: the split kernel with the inline merge stores its
+    partial results, waits for every thread of the program (bar.sync), bumps the counter
+    with an acquire-release atomic at GPU scope, and the merge reads the partial results
+    past L1 (another SM wrote them)."""
+    import re
+
+    from tests.kernels.sm90_ptx import compile_triton_for_sm90
+
+    ptx = compile_triton_for_sm90(
+        "kernels.paged_decode_attention", "_paged_decode_attention_kernel",
+        dict(q_ptr="*bf16", kc_ptr="*bf16", vc_ptr="*bf16", bt_ptr="*i32",
+             seq_lens_ptr="*i32", out_ptr="*bf16", part_acc_ptr="*fp32",
+             part_ml_ptr="*fp32", count_ptr="*i32", scale_log2="fp32", softcap_mul="fp32",
+             softcap_log2="fp32", v_scale="fp32"),
+        dict(GROUP=4, BLOCK_G=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_N=64, NUM_SPLITS=64,
+             HAS_WINDOW=False, HAS_SOFTCAP=False, DOT_PRECISION="ieee", IS_STRIDED=False,
+             USE_GDC=True, F16_DOTS=False, BLOCK_SIZE=0, KV_WORDS=False,
+             PREFETCH_TABLE=False, KEY_ROWS=False, INLINE_MERGE=True, BLOCK_S=64),
+        options={"num_warps": 4, "num_stages": 2})
+    atom = re.search(r"atom\.global\.(\S+)\.add\.\S+", ptx)
+    assert atom and "acq_rel" in atom.group(1) and "gpu" in atom.group(1), atom
+    before = ptx[:atom.start()]
+    assert "st.global" in before and "bar.sync" in before[before.rindex("st.global"):]
+    assert re.search(r"ld\.global\.cg", ptx[atom.end():])
+
+
 def test_short_context_bound_skips_the_reduce_pass(monkeypatch):
     import kernels.paged_decode_attention as module
 
@@ -292,3 +371,41 @@ def test_decode_gpu(batch, max_len, sliding_window, logit_softcap, dtype):
     seq_lens[0] = max_len
     _check(seq_lens, 32, 8, 128, 16, dtype, torch.device("cuda"), sliding_window,
            logit_softcap=logit_softcap)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("batch,num_splits", [(1, 64), (2, 32), (4, 7)])
+def test_inline_merge_in_a_cuda_graph_replayed(batch, num_splits):
+    """The inline merge as decode serves it: captured in a CUDA graph (its counters
+    allocated by the warm-up launch), replayed with new lengths each time; every replay
+    matches the reference and leaves the counters zeroed."""
+    import kernels.paged_decode_attention as module
+
+    max_len = 32768 // batch
+    key_cache, value_cache, block_tables, seq = make_paged_kv(
+        [max_len] * batch, 8, 128, 16, torch.bfloat16, torch.device("cuda"))
+    query = torch.randn(batch, 32, 128, device="cuda").to(torch.bfloat16)
+    qsl = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
+
+    def launch(inline_merge=True):
+        return paged_decode_attention(query, key_cache, value_cache, block_tables, seq, qsl,
+                                      128 ** -0.5, num_splits=num_splits,
+                                      inline_merge=inline_merge)
+
+    launch()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = launch()
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        seq.copy_(torch.randint(1, max_len + 1, (batch,), generator=generator))
+        query.copy_(torch.randn(query.shape, generator=generator))
+        out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = torch_ref.paged_attention(query, key_cache, value_cache, block_tables, seq,
+                                             qsl, 128 ** -0.5)
+        assert_close(out, expected, "decode attention (inline merge, graph)", torch.bfloat16)
+        assert not module.merge_counts(query.device, batch * 8).any()
