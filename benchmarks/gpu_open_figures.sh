@@ -29,6 +29,8 @@
 #   decode_tests         every decode-attention test on the GPU, not only -m gpu
 #   split_kv_ab          split-KV decode at batch 1, 2 and 4: block numbers a tile ahead or
 #                        not, 32- or 64-key tiles, 2 or 3 stages (the default launch's A/B)
+#   merge_tests          the inline split merge's tests on the GPU (in a CUDA graph replayed
+#                        with new lengths)
 #   inline_merge_ab      split-KV decode at batch 1, 2 and 4 x 32k keys with its splits
 #                        merged by a second kernel or by the last split of each request and
 #                        KV head (GRIDLLM_SPLIT_INLINE_MERGE)
@@ -109,6 +111,8 @@ step decode_tests 120 $PY -m pytest -q -p no:cacheprovider -rf --maxfail=3 \
   tests/kernels/test_paged_decode_attention.py
 step split_kv_ab 120 $PY benchmarks/attention_sweep.py --kinds decode --prefetch-table 0 1 \
   --block-n 32 64 --stages 2 3 --output "$OUT/split_kv_ab.json"
+step merge_tests 100 $PY -m pytest -q -p no:cacheprovider -rf \
+  tests/kernels/test_paged_decode_attention.py -k "merge or graph_replayed"
 step inline_merge_ab 120 $PY benchmarks/attention_sweep.py --kinds decode --batches 1 2 4 \
   --contexts 32768 --splits 32 64 128 --block-n 32 64 --warps 4 --stages 2 3 \
   --prefetch-table 0 1 --inline-merge 0 1 --output "$OUT/inline_merge_ab.json"
