@@ -65,27 +65,9 @@ START=$(date +%s)
 LOG="$OUT/open.log"
 . "$(dirname "$0")/gpu_env.sh"
 
-# step NAME CAP_S CMD...: run CMD with a timeout of min(CAP_S, time left); its status is
-# the command's exit code (1 when skipped for time).
-step() {
-  local name=$1 cap=$2; shift 2
-  if [ -n "${OPEN_STEPS:-}" ] && [[ " $OPEN_STEPS " != *" $name "* ]]; then
-    return 1
-  fi
-  local left=$((BUDGET - ($(date +%s) - START)))
-  local limit=$((cap < left ? cap : left))
-  if [ "$limit" -lt 20 ]; then
-    echo "SKIP $name (only ${left}s of the budget left)" | tee -a "$LOG"
-    return 1
-  fi
-  local t0=$(date +%s)
-  echo "=== $name (limit ${limit}s) ===" | tee -a "$LOG"
-  timeout -k 15 "$limit" "$@" >"$OUT/$name.log" 2>&1
-  local rc=$?
-  tail -c 4000 "$OUT/$name.log" >>"$LOG"
-  echo "$name rc=$rc $(($(date +%s) - t0))s" | tee -a "$LOG"
-  return $rc
-}
+# step NAME CAP_S CMD...: gpu_env.sh's timed_step (its status the command's, 1 when skipped).
+STEP_SELECT=${OPEN_STEPS:-} STEP_DIR=$OUT
+step() { timed_step "$@"; }
 
 PYTEST="$PY -m pytest -q -p no:cacheprovider -m gpu"
 step gluon_prefill_tests 200 $PYTEST tests/kernels/test_gluon_prefill_attention.py

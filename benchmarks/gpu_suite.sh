@@ -43,27 +43,11 @@ WORK=$(mktemp -d /tmp/gridllm-suite.XXXXXX)
 LOG="$OUT/suite.log"
 . "$(dirname "$0")/gpu_env.sh"
 
-# step NAME CAP_S CMD...: run CMD with a timeout of min(CAP_S, time left), log its tail.
-# SUITE_STEPS="name name ..." runs only those steps (default: all).
-step() {
-  local name=$1 cap=$2; shift 2
-  if [ -n "${SUITE_STEPS:-}" ] && [[ " $SUITE_STEPS " != *" $name "* ]]; then
-    return 0
-  fi
-  local left=$((BUDGET - ($(date +%s) - START)))
-  local limit=$((cap < left ? cap : left))
-  if [ "$limit" -lt 20 ]; then
-    echo "SKIP $name (only ${left}s of the budget left)" | tee -a "$LOG" "$WORK/status.txt"
-    return 0
-  fi
-  local t0=$(date +%s)
-  echo "=== $name (limit ${limit}s) ===" | tee -a "$LOG"
-  timeout -k 15 "$limit" "$@" >"$WORK/$name.log" 2>&1
-  local rc=$?
-  local took=$(($(date +%s) - t0))
-  tail -c 3000 "$WORK/$name.log" >>"$LOG"
-  echo "$name rc=$rc ${took}s" | tee -a "$LOG" "$WORK/status.txt"
-}
+# step NAME CAP_S CMD...: gpu_env.sh's timed_step, its line in status.txt too; a failure
+# or a skip does not stop the suite. SUITE_STEPS="name name ..." runs only those steps
+# (default: all).
+STEP_SELECT=${SUITE_STEPS:-} STEP_DIR=$WORK STEP_STATUS=$WORK/status.txt STEP_TAIL=3000
+step() { timed_step "$@" || true; }
 
 B="$PY -m gridllm.bench"
 
