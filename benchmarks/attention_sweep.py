@@ -18,8 +18,7 @@ flush included).
 
 Usage: ``python benchmarks/attention_sweep.py [--kinds decode prefill]
 [--kv-cache-dtype auto|fp8] [--key-rows 0 1] [--max-registers 0 168 128]
-[--prefetch-table 0 1] [--inline-merge 0 1] [--read-floor] [--gluon-prefill]
-[--output FILE]``
+[--prefetch-table 0 1] [--read-floor] [--gluon-prefill] [--output FILE]``
 """
 
 from __future__ import annotations
@@ -156,16 +155,14 @@ def decode_cases(args, copy_gbps: float) -> list[dict]:
         caps = [None] if args.max_registers is None else args.max_registers
         prefetch = [None] if args.prefetch_table is None else [bool(p)
                                                                for p in args.prefetch_table]
-        merge = [None] if args.inline_merge is None else [bool(m) for m in args.inline_merge]
         configs = [dict(num_splits=s, block_n=n, num_warps=w, num_stages=st)
                    | ({} if pf is None else dict(prefetch_table=pf))
                    | ({} if kr is None else dict(key_rows=kr))
                    | ({} if cap is None else dict(max_registers=cap))
                    | ({} if args.gluon is None else dict(gluon=False))
-                   | ({} if im is None else dict(inline_merge=im))
-                   for s, n, w, st, pf, kr, cap, im in itertools.product(
+                   for s, n, w, st, pf, kr, cap in itertools.product(
                        args.splits, args.block_n, args.warps, args.stages, prefetch,
-                       key_rows, caps, merge)
+                       key_rows, caps)
                    if context // s >= n and (args.gluon is None or 0 in args.gluon)]
         if args.gluon and 1 in args.gluon:  # one split: warps and register caps are its own
             configs += [dict(num_splits=1, block_n=n, num_stages=st, gluon=True)
@@ -254,10 +251,6 @@ def main() -> None:
     parser.add_argument("--prefetch-table", type=int, nargs="+", default=None,
                         choices=(0, 1), help="decode: 1 loads each tile's block numbers one "
                         "iteration ahead; '0 1' sweeps both (unset: the default's choice)")
-    parser.add_argument("--inline-merge", type=int, nargs="+", default=None,
-                        choices=(0, 1), help="decode: 1 merges the splits in the last one "
-                        "of each request and KV head instead of a second kernel; '0 1' "
-                        "sweeps both (unset: the default's choice)")
     parser.add_argument("--read-floor", action="store_true",
                         help="decode: also time a read-only pass over the same paged K/V")
     parser.add_argument("--gluon", type=int, nargs="+", default=None, choices=(0, 1),

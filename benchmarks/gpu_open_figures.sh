@@ -29,21 +29,14 @@
 #   decode_tests         every decode-attention test on the GPU, not only -m gpu
 #   split_kv_ab          split-KV decode at batch 1, 2 and 4: block numbers a tile ahead or
 #                        not, 32- or 64-key tiles, 2 or 3 stages (the default launch's A/B)
-#   merge_tests          the inline split merge's tests on the GPU (in a CUDA graph replayed
-#                        with new lengths)
-#   inline_merge_ab      split-KV decode at batch 1, 2 and 4 x 32k keys with its splits
-#                        merged by a second kernel or by the last split of each request and
-#                        KV head (GRIDLLM_SPLIT_INLINE_MERGE)
 #   kernels              the kernel table (benchmarks/kernels.py)
 #   lat_fp8, lat_fp8_f16 batch-1 decode of random:llama3-8b with FP8 weights and KV cache,
 #                        the word GEMV and then the float16-pair one (GRIDLLM_GEMV_F16=1)
 #                        (past the default budget: OPEN_STEPS="gemv_f16 lat_fp8 lat_fp8_f16")
-#   lat_fp8_l2, lat_bf16, lat_bf16_l2, lat_bf16_merge
+#   lat_fp8_l2, lat_bf16, lat_bf16_l2
 #                        batch-1 decode with the L2 weight prefetch (GRIDLLM_L2_PREFETCH=1),
-#                        FP8 (against lat_fp8), then bf16 without and with it, and bf16 with
-#                        the inline split merge (GRIDLLM_SPLIT_INLINE_MERGE=1; the FP8
-#                        cache's Gluon kernel keeps its merge kernel) (past the default
-#                        budget: OPEN_STEPS="lat_fp8 lat_fp8_l2 lat_bf16 lat_bf16_l2")
+#                        FP8 (against lat_fp8), then bf16 without and with it (past the
+#                        default budget: OPEN_STEPS="lat_fp8 lat_fp8_l2 lat_bf16 lat_bf16_l2")
 #   prefill_e2e, prefill_e2e_off
 #                        offline throughput of random:llama3-8b on 4096-token prompts with
 #                        the Gluon prefill kernel served, then with GRIDLLM_GLUON_PREFILL=0
@@ -93,11 +86,6 @@ step decode_tests 120 $PY -m pytest -q -p no:cacheprovider -rf --maxfail=3 \
   tests/kernels/test_paged_decode_attention.py
 step split_kv_ab 120 $PY benchmarks/attention_sweep.py --kinds decode --prefetch-table 0 1 \
   --block-n 32 64 --stages 2 3 --output "$OUT/split_kv_ab.json"
-step merge_tests 100 $PY -m pytest -q -p no:cacheprovider -rf \
-  tests/kernels/test_paged_decode_attention.py -k "merge or graph_replayed"
-step inline_merge_ab 120 $PY benchmarks/attention_sweep.py --kinds decode --batches 1 2 4 \
-  --contexts 32768 --splits 32 64 128 --block-n 32 64 --warps 4 --stages 2 3 \
-  --prefetch-table 0 1 --inline-merge 0 1 --output "$OUT/inline_merge_ab.json"
 step kernels 150 $PY benchmarks/kernels.py --output "$OUT/kernels.json"
 LAT="$PY -m gridllm.bench latency --model random:llama3-8b --input-len 128 --output-len 128
   --num-iters 3 --num-warmup 1 --quantization fp8 --kv-cache-dtype fp8 --no-tqdm"
@@ -108,8 +96,6 @@ LAT_BF16="$PY -m gridllm.bench latency --model random:llama3-8b --input-len 128
   --output-len 128 --num-iters 3 --num-warmup 1 --no-tqdm"
 step lat_bf16 90 $LAT_BF16 --output "$OUT/lat_bf16.json"
 GRIDLLM_L2_PREFETCH=1 step lat_bf16_l2 90 $LAT_BF16 --output "$OUT/lat_bf16_l2.json"
-GRIDLLM_SPLIT_INLINE_MERGE=1 step lat_bf16_merge 90 $LAT_BF16 \
-  --output "$OUT/lat_bf16_merge.json"
 E2E="$PY -m gridllm.bench throughput --model random:llama3-8b --num-prompts 32
   --input-len-range 4096:4096 --output-len-range 16:16 --max-num-batched-tokens 16384
   --max-model-len 8192 --no-roofline --no-tqdm"

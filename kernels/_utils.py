@@ -168,11 +168,6 @@ GLUON_PREFILL = _env_switch("GRIDLLM_GLUON_PREFILL", default=True)
 # on a GPU: GRIDLLM_SPLIT_ONE_TOKEN=1 turns it on.
 SPLIT_ONE_TOKEN = _env_switch("GRIDLLM_SPLIT_ONE_TOKEN", default=False)
 
-# Split-KV decode merging its partial results in the last split of each (request, KV head)
-# instead of a second kernel (kernels.paged_decode_attention), off until it has been
-# measured on a GPU: GRIDLLM_SPLIT_INLINE_MERGE=1 turns it on.
-SPLIT_INLINE_MERGE = _env_switch("GRIDLLM_SPLIT_INLINE_MERGE", default=False)
-
 
 def can_unpack_e4m3_words(t: torch.Tensor) -> bool:
     """Whether a kernel may read the e4m3 tensor ``t`` as 32-bit words and unpack them with

@@ -49,7 +49,6 @@ from kernels import fp8_decode_attention as gluon_fp8
 from kernels._utils import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
-    SPLIT_INLINE_MERGE,
     can_unpack_e4m3_words,
     check_scale,
     check_tensor,
@@ -150,7 +149,7 @@ def _e4m3_word_tile(cache_ptr, kv_off, nmask, HEAD_DIM: tl.constexpr, BLOCK_N: t
 @triton.jit
 def _paged_decode_attention_kernel(
         q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
-        count_ptr, stride_qt, stride_qh, stride_cb, stride_ct, stride_ch, stride_bt,
+        stride_qt, stride_qh, stride_cb, stride_ct, stride_ch, stride_bt,
         stride_ot, stride_oh, num_heads, scale_log2, block_size, sliding_window,
         softcap_mul, softcap_log2, v_scale, attention_stride,
         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -159,8 +158,7 @@ def _paged_decode_attention_kernel(
         IS_STRIDED: tl.constexpr = False, USE_GDC: tl.constexpr = False,
         F16_DOTS: tl.constexpr = False, BLOCK_SIZE: tl.constexpr = 0,
         KV_WORDS: tl.constexpr = False, PREFETCH_TABLE: tl.constexpr = False,
-        KEY_ROWS: tl.constexpr = False, INLINE_MERGE: tl.constexpr = False,
-        BLOCK_S: tl.constexpr = 1):
+        KEY_ROWS: tl.constexpr = False):
     if USE_GDC:  # launched early: wait for the kernels before (they write q, the cache)
         gdc_launch_dependents()
         gdc_wait()
@@ -279,44 +277,6 @@ def _paged_decode_attention_kernel(
                  mask=gmask[:, None] & dmask[None, :])
         tl.store(part_ml_ptr + row * 2, m_i, mask=gmask)
         tl.store(part_ml_ptr + row * 2 + 1, l_i, mask=gmask)
-        if INLINE_MERGE:
-            # The last of this (request, KV head)'s splits to finish merges them, instead of
-            # a second kernel: every thread's stores come before the count (the barrier,
-            # then the count's release at GPU scope), the last one's reads after it.
-            tl.debug_barrier()
-            count = count_ptr + req * (num_heads // GROUP) + kv_head
-            if tl.atomic_add(count, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1:
-                tl.store(count, 0)  # ready for the next launch (a CUDA graph replays it)
-                for h in tl.static_range(GROUP):
-                    head = kv_head * GROUP + h
-                    _merge_splits(part_acc_ptr, part_ml_ptr,
-                                  out_ptr + req * stride_ot + head * stride_oh,
-                                  (req * num_heads + head) * NUM_SPLITS, HEAD_DIM, BLOCK_D,
-                                  NUM_SPLITS, BLOCK_S)
-
-
-@triton.jit
-def _merge_splits(part_acc_ptr, part_ml_ptr, out_ptr, row0, HEAD_DIM: tl.constexpr,
-                  BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
-    """One head's output from its splits' partial results (rows ``row0`` on)."""
-    s = tl.arange(0, BLOCK_S)
-    d = tl.arange(0, BLOCK_D)
-    smask = s < NUM_SPLITS
-    row = row0 + s
-    # Every load first, in one round trip to L2 (the sums do not wait for the maxima's
-    # reductions); past L1 (".cg"), where another launch's lines of these rows may sit.
-    acc = tl.load(part_acc_ptr + row[:, None] * HEAD_DIM + d[None, :],
-                  mask=smask[:, None] & (d[None, :] < HEAD_DIM), other=0.0,
-                  cache_modifier=".cg")
-    m = tl.load(part_ml_ptr + row * 2, mask=smask, other=float("-inf"), cache_modifier=".cg")
-    l_part = tl.load(part_ml_ptr + row * 2 + 1, mask=smask, other=0.0, cache_modifier=".cg")
-    m_max = tl.max(m, axis=0)
-    # Empty splits carry m = -inf; a fully empty row (seq_len 0) must not make NaN.
-    w = tl.where(m > float("-inf"), tl.exp2(m - tl.where(m_max > float("-inf"), m_max, 0.0)),
-                 0.0)
-    denom = tl.sum(l_part * w, axis=0)
-    out = tl.sum(acc * w[:, None], axis=0) / tl.where(denom > 0, denom, 1.0)
-    tl.store(out_ptr + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
 
 @triton.jit
@@ -329,9 +289,24 @@ def _paged_decode_reduce_kernel(part_acc_ptr, part_ml_ptr, out_ptr, stride_ot, s
         gdc_wait()
     req = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1).to(tl.int64)
-    _merge_splits(part_acc_ptr, part_ml_ptr, out_ptr + req * stride_ot + head * stride_oh,
-                  (req * num_heads + head) * NUM_SPLITS, HEAD_DIM, BLOCK_D, NUM_SPLITS,
-                  BLOCK_S)
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    smask = s < NUM_SPLITS
+    row = (req * num_heads + head) * NUM_SPLITS + s
+    # Every load first, in one round trip to L2 (the sums do not wait for the maxima's
+    # reductions).
+    acc = tl.load(part_acc_ptr + row[:, None] * HEAD_DIM + d[None, :],
+                  mask=smask[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
+    m = tl.load(part_ml_ptr + row * 2, mask=smask, other=float("-inf"))
+    l_part = tl.load(part_ml_ptr + row * 2 + 1, mask=smask, other=0.0)
+    m_max = tl.max(m, axis=0)
+    # Empty splits carry m = -inf; a fully empty row (seq_len 0) must not make NaN.
+    w = tl.where(m > float("-inf"), tl.exp2(m - tl.where(m_max > float("-inf"), m_max, 0.0)),
+                 0.0)
+    denom = tl.sum(l_part * w, axis=0)
+    out = tl.sum(acc * w[:, None], axis=0) / tl.where(denom > 0, denom, 1.0)
+    tl.store(out_ptr + req * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty),
+             mask=d < HEAD_DIM)
 
 
 def check_pattern(sliding_window: int | None, attention_stride: int | None) -> None:
@@ -517,30 +492,6 @@ def _fp8_one_warp_launch(programs: int, sms: int) -> tuple[int, int, int, bool, 
     return 16, 1, _NUM_STAGES, False, 128
 
 
-# A counter per (request, KV head) for the inline merge: one zeroed buffer a device, kept
-# for the process (CUDA graphs hold its address; each launch leaves it zeroed again).
-_MAX_MERGE_COUNTS = 4096
-_merge_counts: dict[tuple[str, int | None], torch.Tensor] = {}
-
-
-def merge_counts(device: torch.device, n: int) -> torch.Tensor | None:
-    """The inline merge's zeroed counters on ``device`` (at least ``n``), or None (the
-    merge kernel then runs) past ``_MAX_MERGE_COUNTS`` or where the buffer would first be
-    allocated during a CUDA-graph capture (its zeroing would be captured: a capture's
-    warm-up launch allocates it)."""
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    key = (device.type, device.index)
-    counts = _merge_counts.get(key)
-    if counts is None:
-        if n > _MAX_MERGE_COUNTS or (device.type == "cuda"
-                                     and torch.cuda.is_current_stream_capturing()):
-            return None
-        counts = _merge_counts[key] = torch.zeros(_MAX_MERGE_COUNTS, dtype=torch.int32,
-                                                  device=device)
-    return counts if n <= counts.numel() else None
-
-
 def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
                            value_cache: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, query_start_loc: torch.Tensor | None,
@@ -555,8 +506,7 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
                            key_rows: bool | None = None,
                            max_registers: int | None = None,
                            gluon: bool | None = None,
-                           prefetch_table: bool | None = None,
-                           inline_merge: bool | None = None) -> torch.Tensor:
+                           prefetch_table: bool | None = None) -> torch.Tensor:
     """Drop-in for ``torch_ref.paged_attention`` on decode-only batches.
 
     Args:
@@ -585,11 +535,6 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
             runs the batch instead of the ``tl.dot`` kernel; default: wherever it can
             (``fp8_decode_attention.serves``). Its launch takes ``block_n`` and
             ``num_stages`` (default ``fp8_decode_attention.default_launch``).
-        inline_merge: with split-KV in the ``tl.dot`` kernel, whether the last split of
-            each (request, KV head) to finish merges the partial results instead of a
-            second kernel (default: ``GRIDLLM_SPLIT_INLINE_MERGE``, off). Its counters are
-            one buffer a device: launches that share a device must be stream-ordered, as
-            a forward's are.
     Returns:
         ``[B, H, D]`` attention output in query's dtype.
     """
@@ -650,14 +595,10 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
         num_stages = launch[2] if num_stages is None else num_stages
         key_rows = launch[3] if key_rows is None else key_rows
         max_registers = launch[4] if max_registers is None else max_registers or None
-        counts = None
-        if num_splits > 1 and (SPLIT_INLINE_MERGE if inline_merge is None else inline_merge):
-            counts = merge_counts(query.device, num_reqs * num_kv_heads)
         _paged_decode_attention_kernel[(num_reqs, num_kv_heads, num_splits)](
             query, key_cache, value_cache, block_tables, seq_lens, out, part_acc, part_ml,
-            out if counts is None else counts, query.stride(0), query.stride(1),
-            key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
-            block_tables.stride(0), out.stride(0), out.stride(1),
+            query.stride(0), query.stride(1), key_cache.stride(0), key_cache.stride(1),
+            key_cache.stride(2), block_tables.stride(0), out.stride(0), out.stride(1),
             num_heads, float(scale) * _LOG2E, block_size,
             sliding_window if sliding_window is not None else 0, softcap_mul, softcap_log2,
             float(v_scale), attention_stride or 1, GROUP=group,
@@ -671,12 +612,9 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
             KV_WORDS=kv_words(key_cache, value_cache, query, head_dim),
             PREFETCH_TABLE=(_prefetches(num_splits, key_cache.dtype, launch)
                             if prefetch_table is None else prefetch_table),
-            KEY_ROWS=bool(key_rows), INLINE_MERGE=counts is not None,
-            BLOCK_S=next_power_of_2(num_splits) if counts is not None else 1,
+            KEY_ROWS=bool(key_rows),
             num_warps=num_warps, num_stages=num_stages, **pdl,
             **({} if max_registers is None else dict(maxnreg=max_registers)))
-        if counts is not None:
-            return out
     if num_splits > 1:
         _paged_decode_reduce_kernel[(num_reqs, num_heads)](
             part_acc, part_ml, out, out.stride(0), out.stride(1), num_heads,

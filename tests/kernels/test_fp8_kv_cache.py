@@ -291,12 +291,11 @@ def test_each_fp8_format_compiles_for_sm90_to_its_own_conversions(cache_dtype, c
         "kernels.paged_decode_attention", "_paged_decode_attention_kernel",
         dict(q_ptr="*bf16", kc_ptr=f"*{cache_dtype}", vc_ptr=f"*{cache_dtype}", bt_ptr="*i32",
              seq_lens_ptr="*i32", out_ptr="*bf16", part_acc_ptr="*fp32", part_ml_ptr="*fp32",
-             count_ptr="*i32", scale_log2="fp32", softcap_mul="fp32", softcap_log2="fp32",
-             v_scale="fp32"),
+             scale_log2="fp32", softcap_mul="fp32", softcap_log2="fp32", v_scale="fp32"),
         dict(GROUP=4, BLOCK_G=4, HEAD_DIM=128, BLOCK_D=128, BLOCK_N=64, NUM_SPLITS=64,
              HAS_WINDOW=False, HAS_SOFTCAP=False, DOT_PRECISION="ieee", IS_STRIDED=False,
              USE_GDC=False, F16_DOTS=True, BLOCK_SIZE=16, KV_WORDS=False,
-             PREFETCH_TABLE=False, KEY_ROWS=True, INLINE_MERGE=False, BLOCK_S=1),
+             PREFETCH_TABLE=False, KEY_ROWS=True),
         options={"num_warps": 2, "num_stages": 3})
     assert set(re.findall(r"cvt\.rn\.f16x2\.(e\dm\dx2)", decode)) == {cvt}
     assert "mma.sync" in decode

@@ -25,8 +25,10 @@ tokens (attention then streams as many cache bytes as the prefetch would, and wo
 it): by default the budget's worth of one layer's KV. Its kernel is built when it is
 installed (``warm_up``), before any capture.
 
-Off by default until measured on a GPU: ``GRIDLLM_L2_PREFETCH=1`` before the worker
-starts turns it on (Hopper and later), ``GRIDLLM_L2_PREFETCH_MB`` sets the budget a layer
+Off by default: at its default budget it made a batch-1 FP8 decode step of Llama-3-8B
+3.4% slower on an H100 (docs/performance.md); its budgets and plans are still to be
+swept on an H200 (``benchmarks/l2_prefetch.py``). ``GRIDLLM_L2_PREFETCH=1`` before the
+worker starts turns it on (Hopper and later), ``GRIDLLM_L2_PREFETCH_MB`` sets the budget a layer
 after q/k/v (default half the L2).
 """
 
