@@ -6,6 +6,8 @@ import os
 
 # Whether processes can be looked up in /proc (Linux).
 HAS_PROC = os.path.isdir("/proc/self")
+# The states of a process that has exited (a zombie waits only for its parent to reap it).
+EXITED_STATES = ("Z", "X")
 
 
 def stat_fields(pid: int) -> list[str] | None:
@@ -24,4 +26,4 @@ def is_running(pid: int) -> bool:
     """Whether process ``pid`` exists and is not a zombie (one that only waits for its
     parent to reap it); False where ``/proc`` cannot tell."""
     fields = stat_fields(pid)
-    return bool(fields) and fields[0] not in ("Z", "X")
+    return bool(fields) and fields[0] not in EXITED_STATES

@@ -22,7 +22,7 @@ import pytest
 
 from gridllm.client import Client
 from gridllm.common.config import ModelConfig
-from gridllm.common.procs import stat_fields
+from gridllm.common.procs import EXITED_STATES, stat_fields
 from gridllm.common.sampling_params import SamplingParams
 from gridllm.launcher import LocalStack
 from router.server import RouterOptions
@@ -88,7 +88,7 @@ def live_processes_of_group(pgid: int) -> list[int]:
     pids = []
     for entry in os.listdir("/proc"):
         fields = stat_fields(int(entry)) if entry.isdigit() else None
-        if fields and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+        if fields and int(fields[2]) == pgid and fields[0] not in EXITED_STATES:
             pids.append(int(entry))
     return pids
 

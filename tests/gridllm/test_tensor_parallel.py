@@ -12,7 +12,7 @@ import time
 import pytest
 
 from gridllm import LLM, SamplingParams
-from gridllm.common.procs import is_running
+from gridllm.common.procs import HAS_PROC, is_running
 from tests.gridllm.test_llm import prompts_of, token_prompts
 from tests.worker_svc.tiny_models import ALL_TINY_ARCHS
 
@@ -154,7 +154,7 @@ def test_a_step_after_every_rank_is_gone_names_the_killed_one(tiny_model_dir, mo
         llm.shutdown()
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc (Linux)")
+@pytest.mark.skipif(not HAS_PROC, reason="reads /proc (Linux)")
 def test_a_follower_counts_as_exited_before_its_exit_code_arrives():
     """A forkserver's child's exit code reaches rank 0 late (the forkserver reaps it): a
     killed process not reaped yet (a zombie) already counts as exited, a live one not."""
