@@ -10,7 +10,7 @@
 #                        cases in a child process under two minutes, so a barrier deadlock
 #                        fails instead of hanging)
 #   compile_checks       no Triton compilation after warm-up (eager, graphs, structured
-#                        outputs, the L2 weight prefetch on)
+#                        outputs)
 #   fp8_tests            FP8 checkpoints, KV-cache scales computed at load and the decode
 #                        GEMVs (the float16-pair kernel too)
 #   fp8_kv_tests         the FP8 KV-cache kernel tests, e4m3 and e5m2, all on the GPU
@@ -22,10 +22,6 @@
 #   prefill_vs_sdpa      the served prefill kernel and torch SDPA timed in turns
 #   prefill_mixed        prefill attention on a step of one chunk among 200 one-token
 #                        requests (served, the persistent launch, each part alone)
-#   l2_prefetch_tests    the L2 weight prefetch's GPU tests (the kernel; greedy outputs
-#                        unchanged with it on, eager and CUDA graphs)
-#   l2_prefetch_bench    the o and gate/up GEMVs after an idle window, with and without
-#                        the prefetch, by window, budget and L2 priority
 #   decode_tests         every decode-attention test on the GPU, not only -m gpu
 #   split_kv_ab          split-KV decode at batch 1, 2 and 4: block numbers a tile ahead or
 #                        not, 32- or 64-key tiles, 2 or 3 stages (the default launch's A/B)
@@ -33,18 +29,16 @@
 #   lat_fp8, lat_fp8_f16 batch-1 decode of random:llama3-8b with FP8 weights and KV cache,
 #                        the word GEMV and then the float16-pair one (GRIDLLM_GEMV_F16=1)
 #                        (past the default budget: OPEN_STEPS="gemv_f16 lat_fp8 lat_fp8_f16")
-#   lat_fp8_l2, lat_bf16, lat_bf16_l2
-#                        batch-1 decode with the L2 weight prefetch (GRIDLLM_L2_PREFETCH=1),
-#                        FP8 (against lat_fp8), then bf16 without and with it (past the
-#                        default budget: OPEN_STEPS="lat_fp8 lat_fp8_l2 lat_bf16 lat_bf16_l2")
+#   lat_bf16             batch-1 decode of random:llama3-8b in bf16 (past the default
+#                        budget: OPEN_STEPS=lat_bf16)
 #   prefill_e2e, prefill_e2e_off
 #                        offline throughput of random:llama3-8b on 4096-token prompts with
 #                        the Gluon prefill kernel served, then with GRIDLLM_GLUON_PREFILL=0
 #                        (past the default budget: OPEN_STEPS="prefill_e2e prefill_e2e_off")
-#   mixed_e2e, mixed_e2e_split
+#   mixed_e2e, mixed_e2e_nosplit
 #                        offline throughput of random:llama3-8b, 256 requests whose steps mix
-#                        prompt chunks with decodes, then with GRIDLLM_SPLIT_ONE_TOKEN=1
-#                        (past the default budget: OPEN_STEPS="mixed_e2e mixed_e2e_split")
+#                        prompt chunks with decodes, then with GRIDLLM_SPLIT_ONE_TOKEN=0
+#                        (past the default budget: OPEN_STEPS="mixed_e2e mixed_e2e_nosplit")
 #   gemv_sweep           one-row tile configurations of the word and float16-pair GEMVs
 #                        (past the default budget: OPEN_STEPS=gemv_sweep)
 # Results: $OUT/open.log (each step's output tail), $OUT/<step>.log, $OUT/*.json.
@@ -78,9 +72,6 @@ GRIDLLM_GLUON_PREFILL=0 step gluon_prefill_sweep 200 $PY benchmarks/attention_sw
   --block-n-prefill 64 --warps-prefill 8 --stages 3 --output "$OUT/gluon_prefill_sweep.json"
 step prefill_vs_sdpa 60 $PY benchmarks/prefill_vs_sdpa.py --output "$OUT/prefill_vs_sdpa.json"
 step prefill_mixed 60 $PY benchmarks/prefill_mixed.py --output "$OUT/prefill_mixed.json"
-step l2_prefetch_tests 150 $PYTEST tests/kernels/test_l2_prefetch.py \
-  tests/worker_svc/test_l2_prefetch.py
-step l2_prefetch_bench 150 $PY benchmarks/l2_prefetch.py --output "$OUT/l2_prefetch.json"
 # Every decode-attention test on the GPU (the default launches as served).
 step decode_tests 120 $PY -m pytest -q -p no:cacheprovider -rf --maxfail=3 \
   tests/kernels/test_paged_decode_attention.py
@@ -91,11 +82,9 @@ LAT="$PY -m gridllm.bench latency --model random:llama3-8b --input-len 128 --out
   --num-iters 3 --num-warmup 1 --quantization fp8 --kv-cache-dtype fp8 --no-tqdm"
 step lat_fp8 90 $LAT --output "$OUT/lat_fp8.json"
 GRIDLLM_GEMV_F16=1 step lat_fp8_f16 90 $LAT --output "$OUT/lat_fp8_f16.json"
-GRIDLLM_L2_PREFETCH=1 step lat_fp8_l2 90 $LAT --output "$OUT/lat_fp8_l2.json"
 LAT_BF16="$PY -m gridllm.bench latency --model random:llama3-8b --input-len 128
   --output-len 128 --num-iters 3 --num-warmup 1 --no-tqdm"
 step lat_bf16 90 $LAT_BF16 --output "$OUT/lat_bf16.json"
-GRIDLLM_L2_PREFETCH=1 step lat_bf16_l2 90 $LAT_BF16 --output "$OUT/lat_bf16_l2.json"
 E2E="$PY -m gridllm.bench throughput --model random:llama3-8b --num-prompts 32
   --input-len-range 4096:4096 --output-len-range 16:16 --max-num-batched-tokens 16384
   --max-model-len 8192 --no-roofline --no-tqdm"
@@ -105,7 +94,7 @@ MIXED="$PY -m gridllm.bench throughput --model random:llama3-8b --num-prompts 25
   --input-len-range 256:2048 --output-len-range 64:512 --max-num-batched-tokens 4096
   --no-roofline --no-tqdm"
 step mixed_e2e 150 $MIXED --output "$OUT/mixed_e2e.json"
-GRIDLLM_SPLIT_ONE_TOKEN=1 step mixed_e2e_split 150 $MIXED --output "$OUT/mixed_e2e_split.json"
+GRIDLLM_SPLIT_ONE_TOKEN=0 step mixed_e2e_nosplit 150 $MIXED --output "$OUT/mixed_e2e_nosplit.json"
 step gemv_sweep 300 $PY benchmarks/gemv.py --rows 1 --fp8 --fused --sweep \
   --output "$OUT/gemv_sweep.json"
 echo "results in $OUT" | tee -a "$LOG"

@@ -36,15 +36,16 @@ others mask ``pos_k <= pos_q``, which also hides keys past the sequence. Cache r
 the sequence may hold anything, and ``0 * NaN`` is NaN, so the consumers zero those rows
 of the last value tile in shared memory before reading it.
 
-The grid is a program per head and query tile of ``prefill_args.query_tiles``, a list of
-the batch's tiles built on the device (no sync) once per step, request by request and each
-request's latest (longest) tile first. A step of continuous batching mixes one long chunk
-with many one-token requests; a grid of every request times the longest chunk's tiles
-launched mostly empty programs there (200 one-token requests beside a 2,048-token chunk:
-93% of them), and each still set up its 224 KB of shared memory, its barriers and its
-three partitions before finding it had nothing to do.
+Without the persistent launch the grid is a program per head and query tile of
+``prefill_args.query_tiles``, a list of the batch's tiles built on the device (no sync)
+once per step, request by request and each request's latest (longest) tile first. A
+step of continuous batching mixes one long chunk with many one-token requests; a grid of
+every request times the longest chunk's tiles launched mostly empty programs there (200
+one-token requests beside a 2,048-token chunk: 93% of them), and each still set up its
+224 KB of shared memory, its barriers and its three partitions before finding it had
+nothing to do.
 
-``persistent=True`` (sweeps; ``PERSISTENT``) launches a program per streaming
+``persistent=True`` (the default, ``PERSISTENT``) launches a program per streaming
 multiprocessor instead, each walking its items (query tile x head, the tiles longest
 first, dealt in rounds that alternate direction over the programs); every partition walks
 the same items, the ring's and the turns' phases counting on across them, and the load
@@ -61,8 +62,9 @@ H200 (2026-12-05) it passed its GPU tests, the prefill tests, end-to-end greedy 
 with transformers and the no-compilation-after-start checks with it dispatched; 4 x 4096
 causal bf16 ran at 544 / 541 TFLOP/s over cache blocks of 16 / 64 in
 ``benchmarks/kernels.py`` (1.01x torch SDPA in that run; the Triton kernels 351 / 461),
-and the launch sweep put 128-key tiles, three stages and the overlap first (see
-docs/performance.md).
+and the launch sweep put 128-key tiles, three stages and the overlap first. On an H100
+(2026-12-05) the persistent launch (added since) without the overlap came first, and is
+the default (see docs/performance.md).
 """
 
 from __future__ import annotations
@@ -102,14 +104,18 @@ BLOCK_N = 128
 STAGES = 3
 # Whether a consumer runs the next tile's softmax while its own P @ V is in flight
 # (FlashAttention-3's intra-warpgroup overlap) on top of the ping-pong between the two
-# consumers (H200, 4 x 4096: 544 / 545 TFLOP/s at cache blocks of 16 / 64 against 533 / 537
-# without, three stages); off: both products of a step are waited for before the softmax.
-OVERLAP = True
+# consumers; off: both products of a step are waited for before the softmax. With a program
+# per item it helped (H200, 4 x 4096: 544 / 545 TFLOP/s at cache blocks of 16 / 64 against
+# 533 / 537 without; H100: 538 / 540 against 527 / 528); with the persistent launch it did
+# not (H100: 527 / 542 against 545 / 549, three stages), so it is off with that default.
+OVERLAP = False
 # Whether a program per SM walks the items (query tile x head) instead of a program per
 # item: the load warp brings the next item's query and first key tiles while the consumers
-# finish the last one's products and store its output (built for sweeps; not measured yet,
-# so not the default).
-PERSISTENT = False
+# finish the last one's products and store its output. H100 (2026-12-05), 4 x 4096 causal
+# bf16, three stages: 545 / 549 TFLOP/s at cache blocks of 16 / 64 against 538 / 540 for a
+# program per item with the overlap (the best of those); a step of one 2,048-token chunk
+# among 200 one-token requests 827 us against 888.
+PERSISTENT = True
 # Registers per thread: the kernel's limit over its 12 warps (a whole register file),
 # the load warp's and the second consumer's; the first consumer gets what is left (240).
 MAX_REGS = 168

@@ -470,7 +470,7 @@ def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
             (``attend_one_token_requests``) and only the rest to a prefill kernel (a
             step of continuous batching: decodes beside a prompt chunk; in a prefill
             kernel each takes a query tile, 128 rows in the Gluon kernel, that visits all
-            its keys); default ``GRIDLLM_SPLIT_ONE_TOKEN`` (off until measured on a GPU:
+            its keys); default ``GRIDLLM_SPLIT_ONE_TOKEN`` (on; measured by
             benchmarks/prefill_mixed.py).
     Returns:
         ``[T, H, D]`` attention output in query's dtype (rows outside every request's

@@ -20,7 +20,6 @@ from worker_svc.cuda_graph import CudaGraphRunner
 from worker_svc.input_batch import BatchInputs, InputBatch
 from worker_svc.kv_calibration import calculate_kv_scales
 from worker_svc.kv_groups import model_kv_groups
-from worker_svc.layers import l2_prefetch
 from worker_svc.layers.attention import AttentionMetadata
 from worker_svc.layers.ops import set_use_triton
 from worker_svc.layers.quantization import kv_cache_torch_dtype
@@ -88,7 +87,6 @@ class ModelRunner:
                         self.kv_groups.num_slots)
         self.max_model_len = self._resolve_max_model_len()
         self.block_size = cache_config.block_size
-        self.weight_prefetch = self._install_weight_prefetch()
         if cache_config.calculate_kv_scales:
             calculate_kv_scales(self, None if model_config.skip_tokenizer_init
                                 else tokenizer_loader(model_config))
@@ -117,21 +115,6 @@ class ModelRunner:
         self._warm_up()
         self.graph_runner = self._capture_cuda_graphs()
         self._warm_up(steps=True)
-
-    def _install_weight_prefetch(self) -> l2_prefetch.WeightPrefetch | None:
-        """Small decode steps fetch the next projections' weights into L2 during attention
-        where GRIDLLM_L2_PREFETCH=1 (worker_svc/layers/l2_prefetch.py); the Triton
-        backend only (the torch backend's runs stay kernel-free)."""
-        if self.attn_backend.name != "triton":
-            return None
-        _, num_kv_heads, head_dim = self.kv_geometry()
-        prefetch = l2_prefetch.install(self.model, self.device,
-                                       2 * num_kv_heads * head_dim * self.kv_cache_dtype.itemsize)
-        if prefetch is not None:
-            logger.info("L2 prefetch: %.1f MB of weights a decode step of up to %d rows, "
-                        "while its requests hold at most %d tokens", prefetch.num_bytes / 1e6,
-                        prefetch.max_rows, prefetch.max_kv_tokens)
-        return prefetch
 
     def _warm_up(self, steps: bool = False) -> None:
         """Build the serving path's Triton variants (then, with ``steps``, run real steps

@@ -13,9 +13,7 @@ from typing import Any
 # recorded with each result where set, so an A/B run's files say which side they are.
 KERNEL_SWITCHES = ("GRIDLLM_GEMV_MAX_ROWS", "GRIDLLM_LAUNCH_DEPENDENT", "GRIDLLM_FP8_WORDS",
                    "GRIDLLM_PREFILL_TMA", "GRIDLLM_GLUON_PREFILL", "GRIDLLM_GLUON_DECODE",
-                   "GRIDLLM_MMA_GEMV", "GRIDLLM_GEMV_F16", "GRIDLLM_SPLIT_ONE_TOKEN",
-                   "GRIDLLM_L2_PREFETCH", "GRIDLLM_L2_PREFETCH_MB",
-                   "GRIDLLM_L2_PREFETCH_NEXT_MB")
+                   "GRIDLLM_MMA_GEMV", "GRIDLLM_GEMV_F16", "GRIDLLM_SPLIT_ONE_TOKEN")
 
 
 def machine_info(device: str = "auto") -> dict[str, Any]:

@@ -14,11 +14,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 def test_results_record_the_kernel_switches_that_are_set(monkeypatch):
     for name in KERNEL_SWITCHES:
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("GRIDLLM_L2_PREFETCH", "1")
+    monkeypatch.setenv("GRIDLLM_SPLIT_ONE_TOKEN", "1")
     monkeypatch.setenv("GRIDLLM_GLUON_PREFILL", "0")
     monkeypatch.setenv("GRIDLLM_API_KEY", "secret")
     info = machine_info("cpu")
-    assert info["kernel_switches"] == {"GRIDLLM_L2_PREFETCH": "1",
+    assert info["kernel_switches"] == {"GRIDLLM_SPLIT_ONE_TOKEN": "1",
                                        "GRIDLLM_GLUON_PREFILL": "0"}
     assert "secret" not in repr(info)
 

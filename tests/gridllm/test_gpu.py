@@ -176,23 +176,6 @@ def test_no_triton_compilation_after_start(enforce_eager, triton_compilations):
     assert stats.kv_blocks_free == stats.kv_blocks_total
 
 
-@pytest.mark.parametrize("enforce_eager", [False, True])
-def test_no_triton_compilation_after_start_with_l2_prefetch(enforce_eager,
-                                                            triton_compilations,
-                                                            monkeypatch):
-    """The same with the L2 weight prefetch on (its kernel is built in the warm-up too)."""
-    monkeypatch.setenv("GRIDLLM_L2_PREFETCH", "1")
-    triton_compilations.clear()
-    llm = LLM("random:qwen3-0.6b", device="cuda", dtype="bfloat16", max_model_len=4096,
-              max_num_seqs=32, max_num_batched_tokens=1024, num_kv_blocks=2048,
-              enforce_eager=enforce_eager)
-    if llm.engine.runner.weight_prefetch is None:
-        pytest.skip("bulk prefetches need compute capability 9.0+")
-    triton_compilations.clear()
-    _mixed_serving_run(llm, random.Random(1))
-    assert triton_compilations == []
-
-
 def test_no_triton_compilation_for_structured_outputs_after_start(triton_compilations,
                                                                   tmp_path):
     """The token-bitmask variant that constrained rows of a mixed batch launch was built in

@@ -213,10 +213,12 @@ def test_one_token_requests_get_no_query_tile():
     ([1, 30, 1, 2], dict(attention_stride=8)),
     ([1, 17, 1], dict(k_scale=0.5, v_scale=2.0)),
 ])
-def test_split_one_token_matches_the_reference(query_lens, pattern):
-    """``split_one_token``: the one-query requests through the decode kernel and the rest
-    through the prefill kernel give the reference's output in every row, also on a second
-    call that reuses what the first kept in ``batch_cache`` (as a step's next layer)."""
+@pytest.mark.parametrize("split", [True, False])
+def test_split_one_token_matches_the_reference(query_lens, pattern, split):
+    """``split_one_token`` (the default): the one-query requests through the decode kernel
+    and the rest through the prefill kernel give the reference's output in every row, also
+    on a second call that reuses what the first kept in ``batch_cache`` (as a step's next
+    layer); without it the prefill kernel's tiles take them, with the same outputs."""
     torch.manual_seed(1)
     seq_lens = [q + c for q, c in zip(query_lens, [60, 20, 35, 0, 90], strict=False)]
     dtype = torch.float32
@@ -232,10 +234,10 @@ def test_split_one_token_matches_the_reference(query_lens, pattern):
     for _ in range(2):
         out = prefill_attention(query, kc, vc, tables, seq, qsl, 0.2,
                                 max_query_len=max(query_lens), batch_cache=cache,
-                                split_one_token=True, **pattern, **scales)
+                                split_one_token=split, **pattern, **scales)
         assert out.shape == query.shape and out.is_contiguous()
-        assert_close(out, expected, "split one-token requests", scale=4 if scales else 1)
-    assert "one_token_requests" in cache
+        assert_close(out, expected, "one-token requests", scale=4 if scales else 1)
+    assert ("one_token_requests" in cache) == split
 
 
 def test_tma_kernel_compiles_for_sm90():

@@ -54,15 +54,11 @@ class LlamaAttention(nn.Module):
     # This layer's (k_scale, v_scale) for an FP8 KV cache (an FP8 checkpoint's calibrated
     # scales, set at load); None: the backend's.
     kv_scales: tuple[float, float] | None = None
-    # Fetches the next projections' weights into L2 after the q/k/v projection of a small
-    # decode step (worker_svc/layers/l2_prefetch.py, set by the runner); None: off.
-    weight_prefetch = None
 
     def __init__(self, config, layer_idx: int, rotary: RotaryEmbedding,
                  backend: AttentionBackend, *, qkv_bias: bool, o_bias: bool, qk_norm: bool,
                  norm_cls: type[nn.Module] = RMSNorm):
         super().__init__()
-        self.layer_idx = layer_idx
         total_heads = config.num_attention_heads
         total_kv_heads = getattr(config, "num_key_value_heads", None) or total_heads
         tp = current()
@@ -95,8 +91,6 @@ class LlamaAttention(nn.Module):
         if qkv is None:
             qkv = self.qkv_proj(hidden)
         num_tokens = qkv.shape[0]
-        if self.weight_prefetch is not None:
-            self.weight_prefetch.after_qkv(self.layer_idx, num_tokens, attn_metadata)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
@@ -109,10 +103,7 @@ class LlamaAttention(nn.Module):
                                           kv_cache[1], attn_metadata, self.scale,
                                           self.sliding_window, self.logit_softcap,
                                           self.kv_scales)
-        out = self.o_proj(out.reshape(num_tokens, self.q_size))
-        if self.weight_prefetch is not None:
-            self.weight_prefetch.after_o(self.layer_idx, num_tokens, attn_metadata)
-        return out
+        return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 
 class LlamaMLP(nn.Module):
@@ -200,10 +191,6 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    # The layers' WeightPrefetch (worker_svc/layers/l2_prefetch.py), joined at the end of
-    # the forward; None: off.
-    weight_prefetch = None
-
     def __init__(self, config, backend: AttentionBackend, switches: dict):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
@@ -217,8 +204,6 @@ class LlamaModel(nn.Module):
         hidden, residual = self.embed_tokens(input_ids), None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             hidden, residual = layer(positions, hidden, residual, kv_cache, attn_metadata)
-        if self.weight_prefetch is not None:
-            self.weight_prefetch.join()
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
