@@ -7,8 +7,9 @@ between steps on the serving path:
 - prefill attention: its query tile (``BLOCK_M``: 16 ... 256, from the longest query
   chunk), its tile count (1, or more at 256) and the block table's row stride (the input
   batch pads it to a multiple of 16, capped at the longest request's table);
-- eager decode attention (no CUDA graphs, or a batch above the largest graph): its
-  split-KV count, a power of two picked from the batch and the context;
+- eager decode attention (no CUDA graphs, a batch above the largest graph, or a mixed
+  step's one-query requests): its split-KV count, a power of two picked from the batch
+  and the context;
 - decode-sized linear products (the GEMV kernel, ``ops.GEMV_MAX_ROWS``): one variant per
   row count, the LM head's included;
 - the sampling kernel: with and without penalties (its 16 radix passes are one variant
@@ -28,6 +29,7 @@ import torch
 
 from gridllm.common.contract import CachedRequestData, NewRequestData, SchedulerOutput
 from gridllm.common.sampling_params import SamplingParams
+from kernels import prefill_attention
 from worker_svc.cuda_graph import context_classes
 from worker_svc.input_batch import InputBatch
 from worker_svc.layers import ops
@@ -81,9 +83,12 @@ def warm_up_kernels(runner: ModelRunner) -> None:
 
 
 def _has_eager_decode(runner: ModelRunner) -> bool:
-    # The graphs cover decode batches up to their largest size.
+    # The graphs cover decode batches up to their largest size; a step that mixes prompt
+    # chunks with one-query requests sends those to the decode kernel eagerly (the split in
+    # kernels.prefill_attention), at any batch and context.
     return (runner.model_config.enforce_eager or runner.device.type != "cuda"
-            or runner.scheduler_config.max_num_seqs > 256)
+            or runner.scheduler_config.max_num_seqs > 256
+            or prefill_attention.SPLIT_ONE_TOKEN)
 
 
 @torch.inference_mode()
