@@ -173,3 +173,23 @@ def test_warm_up_runs_the_serving_path_and_leaves_no_state(tiny_model_dir):
     prompts = _prompts(6, seed=10)
     outputs, steps = run_requests(runner, prompts, GREEDY, NUM_NEW)
     _check_against_hf(model_dir, prompts, outputs, steps)
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_warm_up_builds_eager_decode_variants_where_mixed_steps_launch_them(monkeypatch,
+                                                                            split):
+    """With CUDA graphs covering every decode batch, the eager decode variants are built
+    only where mixed steps send their one-query requests to the decode kernel."""
+    import types
+
+    import kernels.prefill_attention as pa
+    from worker_svc.warmup import _has_eager_decode
+
+    monkeypatch.setattr(pa, "SPLIT_ONE_TOKEN", split)
+    runner = types.SimpleNamespace(
+        model_config=types.SimpleNamespace(enforce_eager=False),
+        scheduler_config=types.SimpleNamespace(max_num_seqs=256),
+        device=torch.device("cuda"))
+    assert _has_eager_decode(runner) == split
+    runner.model_config.enforce_eager = True
+    assert _has_eager_decode(runner)
