@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from gridllm.common.procs import is_running
+from gridllm.common.procs import HAS_PROC, is_running
 from gridllm.launcher import ManagedProcess
 from gridllm.supervisor import CrashLoopError, RestartPolicy, Supervisor
 
@@ -181,7 +181,7 @@ def test_restart_policy_names_a_bad_field(field, value):
         RestartPolicy(**{field: value})
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc (Linux)")
+@pytest.mark.skipif(not HAS_PROC, reason="reads /proc (Linux)")
 def test_a_child_becomes_its_command_and_dies_with_the_launcher(tmp_path):
     code = ("import sys, time\n"
             "from gridllm.launcher import ManagedProcess\n"
