@@ -21,7 +21,9 @@
 #                        and 64
 #   prefill_vs_sdpa      the served prefill kernel and torch SDPA timed in turns
 #   prefill_mixed        prefill attention on a step of one chunk among 200 one-token
-#                        requests (served, the persistent launch, each part alone)
+#                        requests (served, the persistent launch, each part alone): GPU
+#                        time, host time per call, and a profile of the served call's host
+#                        time
 #   decode_tests         every decode-attention test on the GPU, not only -m gpu
 #   split_kv_ab          split-KV decode at batch 1, 2 and 4: block numbers a tile ahead or
 #                        not, 32- or 64-key tiles, 2 or 3 stages (the default launch's A/B)
@@ -39,6 +41,10 @@
 #                        offline throughput of random:llama3-8b, 256 requests whose steps mix
 #                        prompt chunks with decodes, then with GRIDLLM_SPLIT_ONE_TOKEN=0
 #                        (past the default budget: OPEN_STEPS="mixed_e2e mixed_e2e_nosplit")
+#   mixed_periods, mixed_periods_nosplit
+#                        step periods, host launch time and waits of 256 x 1,024-token
+#                        prompts (steps that mix chunks with decodes), then with
+#                        GRIDLLM_SPLIT_ONE_TOKEN=0 (past the default budget)
 #   gemv_sweep           one-row tile configurations of the word and float16-pair GEMVs
 #                        (past the default budget: OPEN_STEPS=gemv_sweep)
 # Results: $OUT/open.log (each step's output tail), $OUT/<step>.log, $OUT/*.json.
@@ -71,7 +77,7 @@ GRIDLLM_GLUON_PREFILL=0 step gluon_prefill_sweep 200 $PY benchmarks/attention_sw
   --kinds prefill --gluon-prefill --cache-block-sizes 16 64 --block-m 128 \
   --block-n-prefill 64 --warps-prefill 8 --stages 3 --output "$OUT/gluon_prefill_sweep.json"
 step prefill_vs_sdpa 60 $PY benchmarks/prefill_vs_sdpa.py --output "$OUT/prefill_vs_sdpa.json"
-step prefill_mixed 60 $PY benchmarks/prefill_mixed.py --output "$OUT/prefill_mixed.json"
+step prefill_mixed 60 $PY benchmarks/prefill_mixed.py --profile --output "$OUT/prefill_mixed.json"
 # Every decode-attention test on the GPU (the default launches as served).
 step decode_tests 120 $PY -m pytest -q -p no:cacheprovider -rf --maxfail=3 \
   tests/kernels/test_paged_decode_attention.py
@@ -95,6 +101,11 @@ MIXED="$PY -m gridllm.bench throughput --model random:llama3-8b --num-prompts 25
   --no-roofline --no-tqdm"
 step mixed_e2e 150 $MIXED --output "$OUT/mixed_e2e.json"
 GRIDLLM_SPLIT_ONE_TOKEN=0 step mixed_e2e_nosplit 150 $MIXED --output "$OUT/mixed_e2e_nosplit.json"
+PERIODS="$PY benchmarks/step_periods.py --model random:llama3-8b --num-prompts 256
+  --input-len 1024 --output-len 128 --max-num-batched-tokens 4096"
+step mixed_periods 120 $PERIODS --output "$OUT/mixed_periods.json"
+GRIDLLM_SPLIT_ONE_TOKEN=0 step mixed_periods_nosplit 120 $PERIODS \
+  --output "$OUT/mixed_periods_nosplit.json"
 step gemv_sweep 300 $PY benchmarks/gemv.py --rows 1 --fp8 --fused --sweep \
   --output "$OUT/gemv_sweep.json"
 echo "results in $OUT" | tee -a "$LOG"

@@ -6,14 +6,19 @@ request takes a query tile of its own there (128 query rows in the Gluon kernel)
 visits all its keys with it. Timed (median of about ``--rep-ms`` of runs, L2 flushed):
 
 - the mixed step through ``prefill_attention`` as served (its kernel's tiles built once, as
-  for a step's layers); where the Gluon kernel runs, also with the one-token requests sent
-  to the decode kernel (``split_one_token``) and through its persistent launch;
-- the chunk alone through ``prefill_attention``;
-- the one-token requests alone through ``paged_decode_attention`` (what splitting them off
-  the step would cost instead).
+  for a step's layers: the one-token requests go to the decode kernel,
+  ``split_one_token``); where the Gluon kernel runs, also with them left to the prefill
+  kernel and through its persistent launch;
+- the chunk alone through ``prefill_attention``, without the split (as the engine runs a
+  step with no one-token request) and with it;
+- the one-token requests alone through ``paged_decode_attention``.
+
+Each also gets its host time per call (Python and launches, the GPU kept busy meanwhile),
+which bounds a step's layers where it exceeds the GPU time; ``--profile`` prints where the
+served mixed step's host time goes.
 
 Usage: ``python benchmarks/prefill_mixed.py [--chunk 2048] [--decodes 200] [--context 1000]
-[--block-size 16] [--rep-ms 200] [--output FILE]``
+[--block-size 16] [--rep-ms 200] [--profile] [--output FILE]``
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 import torch
 
@@ -63,6 +69,8 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=1000)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--rep-ms", type=int, default=200)
+    parser.add_argument("--profile", action="store_true",
+                        help="print a cProfile of the served mixed step's host time")
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
     for name in ("chunk", "decodes", "context", "block_size", "rep_ms"):
@@ -81,40 +89,78 @@ def main() -> None:
                                                  "block_tables", "seq_lens",
                                                  "query_start_loc"))
     n = args.chunk
-    cache, chunk_cache = {}, {}
-    rows = {}
-    rows["mixed step, prefill_attention as served"] = bench(
-        lambda: prefill_attention(q, kc, vc, tables, seq, qsl, scale, max_query_len=n,
-                                  batch_cache=cache), rep_ms=args.rep_ms)
-    if gpa.serves(q, kc, vc):
-        split_cache = {}
-        rows["mixed step, one-token requests to the decode kernel"] = bench(
-            lambda: prefill_attention(q, kc, vc, tables, seq, qsl, scale, max_query_len=n,
-                                      batch_cache=split_cache, split_one_token=True),
-            rep_ms=args.rep_ms)
-        tiles = query_tiles(qsl, seq, q.shape[0], n, gpa.BLOCK_M, longest_first=True)
-        rows["mixed step, Gluon kernel, persistent launch"] = bench(
-            lambda: gpa.gluon_prefill_attention(q, kc, vc, tables, seq, qsl, scale, n,
-                                                tiles=tiles, persistent=True),
-            rep_ms=args.rep_ms)
     chunk_qsl = qsl[:2].clone()
-    rows["the chunk alone, prefill_attention"] = bench(
-        lambda: prefill_attention(q[:n], kc, vc, tables[:1], seq[:1], chunk_qsl, scale,
-                                  max_query_len=n, batch_cache=chunk_cache),
-        rep_ms=args.rep_ms)
     dec_qsl = torch.arange(args.decodes + 1, dtype=torch.int32, device="cuda")
-    rows["the one-token requests alone, paged_decode_attention"] = bench(
+    caches = {}
+
+    def served(name: str, *a, **kw):
+        cache = caches.setdefault(name, {})
+        return lambda: prefill_attention(*a, scale, max_query_len=n, batch_cache=cache, **kw)
+
+    calls = {"mixed step, prefill_attention as served":
+             served("mixed", q, kc, vc, tables, seq, qsl)}
+    if gpa.serves(q, kc, vc):
+        calls["mixed step, one-token requests left to the prefill kernel"] = served(
+            "mixed_nosplit", q, kc, vc, tables, seq, qsl, split_one_token=False)
+        tiles = query_tiles(qsl, seq, q.shape[0], n, gpa.BLOCK_M, longest_first=True)
+        calls["mixed step, Gluon kernel, persistent launch"] = (
+            lambda: gpa.gluon_prefill_attention(q, kc, vc, tables, seq, qsl, scale, n,
+                                                tiles=tiles, persistent=True))
+    # The engine skips the split in a step without one-query requests.
+    calls["the chunk alone, prefill_attention (no split, as served)"] = served(
+        "chunk", q[:n], kc, vc, tables[:1], seq[:1], chunk_qsl, split_one_token=False)
+    calls["the chunk alone, prefill_attention with the split"] = served(
+        "chunk_split", q[:n], kc, vc, tables[:1], seq[:1], chunk_qsl, split_one_token=True)
+    calls["the one-token requests alone, paged_decode_attention"] = (
         lambda: paged_decode_attention(q[n:], kc, vc, tables[1:], seq[1:], dec_qsl, scale,
-                                       max_seq_len=args.context), rep_ms=args.rep_ms)
+                                       max_seq_len=args.context))
+    rows = {name: bench(fn, rep_ms=args.rep_ms) for name, fn in calls.items()}
+    host = {name: host_ms(fn) for name, fn in calls.items()}
     print(f"{torch.cuda.get_device_name()}: a {n}-token chunk and {args.decodes} one-token "
           f"requests of {args.context} keys, {HEADS} heads ({KV_HEADS} KV), head dim "
           f"{HEAD_DIM}, bf16 cache of {args.block_size}-token blocks")
+    print(f"  {'':60s} {'GPU us':>9s} {'host us':>9s}")
     for name, ms in rows.items():
-        print(f"  {name:56s} {1e3 * ms:9.1f} us")
+        print(f"  {name:60s} {1e3 * ms:9.1f} {1e3 * host[name]:9.1f}")
+    if args.profile:
+        profile_host(calls["mixed step, prefill_attention as served"])
     if args.output:
         with open(args.output, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(), args=vars(args),
-                           us={k: 1e3 * v for k, v in rows.items()}), f, indent=1)
+                           us={k: 1e3 * v for k, v in rows.items()},
+                           host_us={k: 1e3 * v for k, v in host.items()}), f, indent=1)
+
+
+def host_ms(fn, calls: int = 50) -> float:
+    """Milliseconds of host time per call of ``fn`` (launches and Python), the GPU kept
+    busy meanwhile so that no launch waits on it."""
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU clock cycles, longer than the loop
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return 1e3 * elapsed / calls
+
+
+def profile_host(fn, calls: int = 50) -> None:
+    """cProfile of ``calls`` calls of ``fn`` with the GPU kept busy (host time only)."""
+    import cProfile
+    import pstats
+
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(200_000_000)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        fn()
+    profiler.disable()
+    torch.cuda.synchronize()
+    print(f"host profile of {calls} calls of the mixed step as served:")
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
 
 
 if __name__ == "__main__":
