@@ -71,6 +71,9 @@ def main() -> None:
     parser.add_argument("--rep-ms", type=int, default=200)
     parser.add_argument("--profile", action="store_true",
                         help="print a cProfile of the served mixed step's host time")
+    parser.add_argument("--trace", action="store_true",
+                        help="print torch.profiler's table (host and GPU time per op) of "
+                             "each call")
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
     for name in ("chunk", "decodes", "context", "block_size", "rep_ms"):
@@ -124,6 +127,9 @@ def main() -> None:
         print(f"  {name:60s} {1e3 * ms:9.1f} {1e3 * host[name]:9.1f}")
     if args.profile:
         profile_host(calls["mixed step, prefill_attention as served"])
+    if args.trace:
+        for name, fn in calls.items():
+            trace_table(name, fn)
     if args.output:
         with open(args.output, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(), args=vars(args),
@@ -143,6 +149,21 @@ def host_ms(fn, calls: int = 50) -> float:
     elapsed = time.perf_counter() - start
     torch.cuda.synchronize()
     return 1e3 * elapsed / calls
+
+
+def trace_table(name: str, fn, calls: int = 5) -> None:
+    """torch.profiler's ops of ``calls`` calls of ``fn``: host and GPU time of each."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    print(f"{name}, {calls} calls:")
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12,
+                                    max_name_column_width=60))
 
 
 def profile_host(fn, calls: int = 50) -> None:
