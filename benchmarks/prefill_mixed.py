@@ -3,7 +3,9 @@ that decode one token each, as the engine batches them.
 
 Such a step goes to ``prefill_attention`` whole (it is not decode-only), so every one-token
 request takes a query tile of its own there (128 query rows in the Gluon kernel) and
-visits all its keys with it. Timed (median of about ``--rep-ms`` of runs, L2 flushed):
+visits all its keys with it. Timed from CUDA graphs (GPU time only: the median of
+``--reps`` replays, L2 flushed; timed eagerly, a call whose launches take about as long as
+its kernels times the host):
 
 - the mixed step through ``prefill_attention`` as served (its kernel's tiles built once, as
   for a step's layers: the one-token requests go to the decode kernel,
@@ -18,7 +20,7 @@ which bounds a step's layers where it exceeds the GPU time; ``--profile`` prints
 served mixed step's host time goes.
 
 Usage: ``python benchmarks/prefill_mixed.py [--chunk 2048] [--decodes 200] [--context 1000]
-[--block-size 16] [--rep-ms 200] [--profile] [--output FILE]``
+[--block-size 16] [--reps 200] [--profile] [--trace] [--output FILE]``
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.kernels import bench  # noqa: E402
+from benchmarks.kernels import graph_bench  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 
@@ -68,7 +70,7 @@ def main() -> None:
     parser.add_argument("--decodes", type=int, default=200)
     parser.add_argument("--context", type=int, default=1000)
     parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--rep-ms", type=int, default=200)
+    parser.add_argument("--reps", type=int, default=200)
     parser.add_argument("--profile", action="store_true",
                         help="print a cProfile of the served mixed step's host time")
     parser.add_argument("--trace", action="store_true",
@@ -76,7 +78,7 @@ def main() -> None:
                              "each call")
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
-    for name in ("chunk", "decodes", "context", "block_size", "rep_ms"):
+    for name in ("chunk", "decodes", "context", "block_size", "reps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if not torch.cuda.is_available():
@@ -117,7 +119,7 @@ def main() -> None:
     calls["the one-token requests alone, paged_decode_attention"] = (
         lambda: paged_decode_attention(q[n:], kc, vc, tables[1:], seq[1:], dec_qsl, scale,
                                        max_seq_len=args.context))
-    rows = {name: bench(fn, rep_ms=args.rep_ms) for name, fn in calls.items()}
+    rows = {name: graph_bench(fn, reps=args.reps) for name, fn in calls.items()}
     host = {name: host_ms(fn) for name, fn in calls.items()}
     print(f"{torch.cuda.get_device_name()}: a {n}-token chunk and {args.decodes} one-token "
           f"requests of {args.context} keys, {HEADS} heads ({KV_HEADS} KV), head dim "
