@@ -135,8 +135,10 @@ def launch_dependent_args(device: torch.device) -> dict:
     return {"USE_GDC": False}
 
 
+@functools.cache
 def num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of ``device`` (a fixed guess off CUDA)."""
+    """Streaming multiprocessors of ``device`` (a fixed guess off CUDA), asked once (launch
+    heuristics read it per call)."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4

@@ -638,7 +638,7 @@ def gluon_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor,
                             stages: int = STAGES, overlap: bool = OVERLAP,
                             persistent: bool = PERSISTENT,
                             consumer_regs: int = CONSUMER_REGS, load_regs: int = LOAD_REGS,
-                            max_regs: int = MAX_REGS) -> torch.Tensor:
+                            max_regs: int = MAX_REGS, check: bool = True) -> torch.Tensor:
     """Causal prefill/extend attention as ``prefill_attention`` (arguments alike; the batch
     must pass ``serves``).
 
@@ -660,10 +660,14 @@ def gluon_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor,
         consumer_regs, load_regs, max_regs: registers per thread of the second consumer
             warpgroup and the load warp, and the kernel's limit (the first consumer gets
             the rest), for sweeps.
+        check: validate the arguments; ``False`` only for a caller that has
+            (``prefill_attention``, whose host time per layer counts in eager steps).
     Returns:
         ``out`` (rows outside every request's range are left unwritten).
     """
-    check_prefill_args(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc)
+    if check:
+        check_prefill_args(query, key_cache, value_cache, block_tables, seq_lens,
+                           query_start_loc)
     if block_n not in (64, 128):
         raise ValueError(f"block_n must be 64 or 128, got {block_n}.")
     if out is None:
@@ -675,8 +679,8 @@ def gluon_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor,
     if tiles is None:
         tiles = query_tiles(query_start_loc, seq_lens, num_tokens, max_query_len, BLOCK_M,
                             longest_first=persistent)
-    elif (tiles.dtype != torch.int32 or tiles.dim() != 2 or tiles.shape[1] != 4
-          or not tiles.is_contiguous() or tiles.device != query.device):
+    elif check and (tiles.dtype != torch.int32 or tiles.dim() != 2 or tiles.shape[1] != 4
+                    or not tiles.is_contiguous() or tiles.device != query.device):
         raise ValueError("tiles must be query_tiles' contiguous [slots, 4] int32 tensor on "
                          f"the query's device, got {tuple(tiles.shape)} {tiles.dtype} on "
                          f"{tiles.device}.")

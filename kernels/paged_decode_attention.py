@@ -506,7 +506,8 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
                            key_rows: bool | None = None,
                            max_registers: int | None = None,
                            gluon: bool | None = None,
-                           prefetch_table: bool | None = None) -> torch.Tensor:
+                           prefetch_table: bool | None = None,
+                           check: bool = True) -> torch.Tensor:
     """Drop-in for ``torch_ref.paged_attention`` on decode-only batches.
 
     Args:
@@ -535,18 +536,22 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
             runs the batch instead of the ``tl.dot`` kernel; default: wherever it can
             (``fp8_decode_attention.serves``). Its launch takes ``block_n`` and
             ``num_stages`` (default ``fp8_decode_attention.default_launch``).
+        check: validate the arguments; ``False`` only for a caller that has (a prefill
+            kernel's split, whose host time per layer counts in eager steps).
     Returns:
         ``[B, H, D]`` attention output in query's dtype.
     """
-    _check_paged_args(query, key_cache, value_cache, block_tables, seq_lens, k_scale, v_scale)
     num_reqs, num_heads, head_dim = query.shape
-    if num_reqs != seq_lens.shape[0]:
-        raise ValueError(f"query must have one row per request ({seq_lens.shape[0]}), "
-                         f"got {num_reqs}; use prefill_attention for longer queries.")
-    if query_start_loc is not None and query_start_loc.shape[0] != num_reqs + 1:
-        raise ValueError(f"query_start_loc must have {num_reqs + 1} entries, "
-                         f"got {query_start_loc.shape[0]}.")
-    check_pattern(sliding_window, attention_stride)
+    if check:
+        _check_paged_args(query, key_cache, value_cache, block_tables, seq_lens, k_scale,
+                          v_scale)
+        if num_reqs != seq_lens.shape[0]:
+            raise ValueError(f"query must have one row per request ({seq_lens.shape[0]}), "
+                             f"got {num_reqs}; use prefill_attention for longer queries.")
+        if query_start_loc is not None and query_start_loc.shape[0] != num_reqs + 1:
+            raise ValueError(f"query_start_loc must have {num_reqs + 1} entries, "
+                             f"got {query_start_loc.shape[0]}.")
+        check_pattern(sliding_window, attention_stride)
     scale = float(scale) * k_scale
     softcap_mul, softcap_log2 = softcap_args(scale, logit_softcap)
     block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]

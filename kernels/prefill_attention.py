@@ -430,7 +430,8 @@ def attend_one_token_requests(query: torch.Tensor, key_cache: torch.Tensor,
     decoded = paged_decode_attention(query.index_select(0, src), key_cache, value_cache,
                                      block_tables, seq, None, scale, sliding_window,
                                      logit_softcap=logit_softcap,
-                                     attention_stride=attention_stride, v_scale=v_scale)
+                                     attention_stride=attention_stride, v_scale=v_scale,
+                                     check=False)
     out.index_copy_(0, dst, decoded)
 
 
@@ -507,7 +508,8 @@ def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
                              attention_stride):
         return gluon_prefill_attention(query, key_cache, value_cache, block_tables, seq_lens,
                                        query_start_loc, scale, max_query_len, out,
-                                       tiles_of(GLUON_BLOCK_M, GLUON_PERSISTENT))
+                                       tiles_of(GLUON_BLOCK_M, GLUON_PERSISTENT),
+                                       check=False)
     if uses_tma(query, key_cache, value_cache, max_query_len, attention_stride):
         return _launch_tma(query, key_cache, value_cache, block_tables, out, scale,
                            sliding_window, softcap_mul, softcap_log2,
