@@ -199,7 +199,7 @@ def prefill_cases(args) -> list[dict]:
                                  launch["num_stages"])
             return prefill_attention(q, kc, vc, tables, seq, qsl, HEAD_DIM ** -0.5,
                                      max_query_len=seq_len, launch=config or None,
-                                     batch_cache=cache)
+                                     batch_cache=cache, split_one_token=False)
 
         kernel = "TMA" if uses_tma(q, kc, vc, seq_len) else "pointer"
         row = sweep(f"prefill {num_seqs}x{seq_len}, blocks of {block_size} ({kernel} kernel)",
