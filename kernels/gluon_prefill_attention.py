@@ -64,7 +64,8 @@ causal bf16 ran at 544 / 541 TFLOP/s over cache blocks of 16 / 64 in
 ``benchmarks/kernels.py`` (1.01x torch SDPA in that run; the Triton kernels 351 / 461),
 and the launch sweep put 128-key tiles, three stages and the overlap first. On an H100
 (2026-12-05) the persistent launch (added since) without the overlap came first, and is
-the default (see docs/performance.md).
+the default (see docs/performance.md); on single prompts too (1 x 2,048 / 1 x 8,192
+tokens from CUDA graphs: 77 / 933 us against 83 / 964 for a program per tile).
 """
 
 from __future__ import annotations
