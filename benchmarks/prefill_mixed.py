@@ -9,8 +9,9 @@ its kernels times the host):
 
 - the mixed step through ``prefill_attention`` as served (its kernel's tiles built once, as
   for a step's layers: the one-token requests go to the decode kernel,
-  ``split_one_token``); where the Gluon kernel runs, also with them left to the prefill
-  kernel and through its persistent launch;
+  ``split_one_token``, gathered and scattered), and with them first in the batch
+  (``one_token_prefix``: read and written in place); where the Gluon kernel runs, also
+  with them left to the prefill kernel and through its persistent launch;
 - the chunk alone through ``prefill_attention``, without the split (as the engine runs a
   step with no one-token request) and with it;
 - the one-token requests alone through ``paged_decode_attention``.
@@ -41,11 +42,14 @@ HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 
 
 def mixed_batch(chunk: int, decodes: int, context: int, block_size: int,
-                dtype: torch.dtype) -> dict:
-    """A paged cache holding a ``chunk``-token prompt (request 0, no earlier context) and
-    ``decodes`` requests of ``context`` tokens whose last one is this step's query."""
+                dtype: torch.dtype, decodes_first: bool = False) -> dict:
+    """A paged cache holding a ``chunk``-token prompt (request 0, or the last request with
+    ``decodes_first``; no earlier context) and ``decodes`` requests of ``context`` tokens
+    whose last one is this step's query."""
     seq = [chunk] + [context] * decodes
     num_q = [chunk] + [1] * decodes
+    if decodes_first:
+        seq, num_q = seq[1:] + seq[:1], num_q[1:] + num_q[:1]
     widths = [-(-n // block_size) for n in seq]
     num_blocks = sum(widths)
     blocks = torch.randperm(num_blocks, device="cuda").to(torch.int32)
@@ -104,6 +108,14 @@ def main() -> None:
 
     calls = {"mixed step, prefill_attention as served":
              served("mixed", q, kc, vc, tables, seq, qsl)}
+    # The engine's batch with the one-token requests first (the host knows it): their rows
+    # are read and written in place, no gather or scatter.
+    first = mixed_batch(args.chunk, args.decodes, args.context, args.block_size,
+                        torch.bfloat16, decodes_first=True)
+    calls["mixed step, one-token requests first (in place)"] = served(
+        "mixed_first", *(first[k] for k in ("query", "key_cache", "value_cache",
+                                            "block_tables", "seq_lens", "query_start_loc")),
+        one_token_prefix=args.decodes)
     if gpa.serves(q, kc, vc):
         calls["mixed step, one-token requests left to the prefill kernel"] = served(
             "mixed_nosplit", q, kc, vc, tables, seq, qsl, split_one_token=False)

@@ -507,7 +507,8 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
                            max_registers: int | None = None,
                            gluon: bool | None = None,
                            prefetch_table: bool | None = None,
-                           check: bool = True) -> torch.Tensor:
+                           check: bool = True,
+                           out: torch.Tensor | None = None) -> torch.Tensor:
     """Drop-in for ``torch_ref.paged_attention`` on decode-only batches.
 
     Args:
@@ -538,8 +539,10 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
             ``num_stages`` (default ``fp8_decode_attention.default_launch``).
         check: validate the arguments; ``False`` only for a caller that has (a prefill
             kernel's split, whose host time per layer counts in eager steps).
+        out: ``[B, H, D]`` in query's dtype, last dim contiguous, to write into (a view
+            of a bigger step's output), allocated if None.
     Returns:
-        ``[B, H, D]`` attention output in query's dtype.
+        ``out``: the attention output in query's dtype.
     """
     num_reqs, num_heads, head_dim = query.shape
     if check:
@@ -552,10 +555,17 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
             raise ValueError(f"query_start_loc must have {num_reqs + 1} entries, "
                              f"got {query_start_loc.shape[0]}.")
         check_pattern(sliding_window, attention_stride)
+        if out is not None:
+            check_tensor("out", out, ndim=3, dtypes=(query.dtype,), device=query.device,
+                         last_dim_contiguous=True)
+            if out.shape != query.shape:
+                raise ValueError(f"out must have query's shape {tuple(query.shape)}, got "
+                                 f"{tuple(out.shape)}.")
     scale = float(scale) * k_scale
     softcap_mul, softcap_log2 = softcap_args(scale, logit_softcap)
     block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
-    out = torch.empty_like(query)
+    if out is None:
+        out = torch.empty_like(query)
     if num_reqs == 0:
         return out
     group = num_heads // num_kv_heads

@@ -445,7 +445,8 @@ def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
                       k_scale: float = 1.0, v_scale: float = 1.0,
                       launch: tuple[int, int, int, int] | None = None,
                       batch_cache: dict | None = None,
-                      split_one_token: bool | None = None) -> torch.Tensor:
+                      split_one_token: bool | None = None,
+                      one_token_prefix: int = 0) -> torch.Tensor:
     """Drop-in for ``torch_ref.paged_attention`` (any mix of prefill, extend and decode).
 
     Args:
@@ -473,6 +474,10 @@ def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
             kernel each takes a query tile, 128 rows in the Gluon kernel, that visits all
             its keys); default ``GRIDLLM_SPLIT_ONE_TOKEN`` (on; measured by
             benchmarks/prefill_mixed.py).
+        one_token_prefix: with the split, how many requests the host knows to be the
+            batch's one-query requests, all of them and all first (0: not known): the
+            decode kernel then reads their queries and writes their outputs in place,
+            rows ``[0, one_token_prefix)``, instead of a gather and a scatter.
     Returns:
         ``[T, H, D]`` attention output in query's dtype (rows outside every request's
         range are left unwritten).
@@ -483,15 +488,25 @@ def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
     scale = float(scale) * k_scale
     softcap_mul, softcap_log2 = softcap_args(scale, logit_softcap)
     split = SPLIT_ONE_TOKEN if split_one_token is None else split_one_token
-    # With the split, a row past the batch takes the decode kernel's outputs of the other
-    # requests (zeros; the prefill kernel writes their rows next).
+    if not 0 <= one_token_prefix <= seq_lens.shape[0]:
+        raise ValueError(f"one_token_prefix must be in [0, {seq_lens.shape[0]}], got "
+                         f"{one_token_prefix}.")
+    # With the split and the one-query requests' rows unknown on the host, a row past the
+    # batch takes the decode kernel's outputs of the other requests (zeros; the prefill
+    # kernel writes their rows next).
     padded = torch.empty((query.shape[0] + 1, *query.shape[1:]), dtype=query.dtype,
-                         device=query.device) if split else None
+                         device=query.device) if split and not one_token_prefix else None
     out = torch.empty_like(query) if padded is None else padded[:query.shape[0]]
     max_query_len = longest_query(query, query_start_loc, max_query_len)
     if max_query_len == 0:
         return out
-    if split:
+    if split and one_token_prefix:
+        first = slice(0, one_token_prefix)
+        paged_decode_attention(query[first], key_cache, value_cache, block_tables[first],
+                               seq_lens[first], None, scale, sliding_window,
+                               logit_softcap=logit_softcap, attention_stride=attention_stride,
+                               v_scale=v_scale, check=False, out=out[first])
+    elif split:
         attend_one_token_requests(query, key_cache, value_cache, block_tables, seq_lens,
                                   query_start_loc, scale, padded, batch_cache,
                                   sliding_window, logit_softcap, attention_stride, v_scale)

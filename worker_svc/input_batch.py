@@ -376,11 +376,14 @@ class InputBatch:
             assert self.last_sampled is not None
             input_ids_dev[dev["pending_dst"]] = \
                 self.last_sampled[dev["pending_src"]].to(input_ids_dev.dtype)
+        one_token = num_scheduled == 1
+        num_one_token = int(np.count_nonzero(one_token))
+        one_token_prefix = num_one_token if one_token[:num_one_token].all() else 0
         metadata = AttentionMetadata(
             slot_mapping=dev["slot_mapping"], query_start_loc=dev["query_start_loc"],
             seq_lens=dev["seq_lens"], block_tables=dev["block_tables"],
             max_query_len=int(num_scheduled.max()), max_seq_len=int(ends.max()),
-            num_one_token=int(np.count_nonzero(num_scheduled == 1)))
+            num_one_token=num_one_token, one_token_prefix=one_token_prefix)
         if self.num_groups > 1:
             metadata.groups = [metadata] + [
                 dataclasses.replace(metadata, slot_mapping=dev[f"slot_mapping_{group}"],

@@ -93,6 +93,29 @@ def test_decode_padding_row_gives_zeros():
         assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_decode_writes_into_a_view_of_a_bigger_output(num_splits):
+    """``out``: the rows of a step's output (rows 1-2 of 4, strided heads), the rest kept."""
+    key_cache, value_cache, block_tables, seq = make_paged_kv(
+        [9, 40], 2, 16, 16, torch.float32, DEVICE)
+    query = torch.randn(2, 4, 16, device=DEVICE)
+    step = torch.full((4, 4, 32), 7.0, device=DEVICE)
+    view = step[1:3, :, :16]
+    got = paged_decode_attention(query, key_cache, value_cache, block_tables, seq, None, 0.25,
+                                 num_splits=num_splits, out=view)
+    assert got.data_ptr() == view.data_ptr()
+    expected = torch_ref.paged_attention(query, key_cache, value_cache, block_tables, seq,
+                                         torch.arange(3, device=DEVICE), 0.25)
+    assert_close(step[1:3, :, :16], expected, "decode attention into a view", torch.float32)
+    assert (step[0] == 7).all() and (step[3] == 7).all() and (step[:, :, 16:] == 7).all()
+    with pytest.raises(ValueError, match="out"):
+        paged_decode_attention(query, key_cache, value_cache, block_tables, seq, None, 0.25,
+                               out=step[:3, :, :16])
+    with pytest.raises(ValueError, match="out"):
+        paged_decode_attention(query, key_cache, value_cache, block_tables, seq, None, 0.25,
+                               out=view.double())
+
+
 def test_split_merge_loads_everything_in_one_round_trip():
     """The merge kernel (sm_90, compiled without a GPU) issues all its loads, the splits'
     sums included, before its first reduction: it waits on L2 once, not once for the

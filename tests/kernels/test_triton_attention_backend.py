@@ -82,6 +82,44 @@ def test_one_query_requests_split_off_where_the_step_has_them(monkeypatch, num_o
     assert ("one_token_requests" in meta.kernel_cache) == (num_one_token != 0)
 
 
+@pytest.mark.parametrize("query_lens", [[1, 1, 3, 17], [1, 1, 1, 2], [1, 5, 1, 17]])
+@pytest.mark.parametrize("sliding_window", [None, 8])
+def test_one_query_requests_first_are_attended_in_place(monkeypatch, query_lens,
+                                                        sliding_window):
+    """Where the host knows the one-query requests come first (``one_token_prefix``, as
+    ``InputBatch.prepare`` sets it), the decode kernel reads and writes their rows in place,
+    without the gather path's rows in ``kernel_cache``; the output is the torch backend's.
+    A layout whose one-query requests are not all first keeps the gather."""
+    import kernels.prefill_attention as pa
+
+    monkeypatch.setattr(pa, "SPLIT_ONE_TOKEN", True)
+    seq_lens, block_size = [20, 3, 33, 9], 16
+    prefix = 2 if query_lens[:2] == [1, 1] and 1 not in query_lens[2:] else 0
+    meta, num_blocks = _metadata(seq_lens, query_lens, block_size, 4, DEVICE)
+    meta = dataclasses.replace(meta, num_one_token=query_lens.count(1),
+                               one_token_prefix=prefix)
+    query, key, value, key_cache, value_cache, ref_caches = _step(
+        meta.slot_mapping.shape[0], num_blocks, block_size)
+    backend = get_attention_backend("triton", DEVICE)
+    out = backend.forward(query[:-1], key, value, key_cache, value_cache, meta, 0.2,
+                          sliding_window)
+    expected = TorchAttentionBackend().forward(query[:-1], key, value, *ref_caches, meta, 0.2,
+                                               sliding_window)
+    assert_close(out, expected, "attention output")
+    assert ("one_token_requests" in meta.kernel_cache) == (prefix == 0)
+
+
+def test_one_token_prefix_out_of_range_is_refused():
+    from kernels.prefill_attention import prefill_attention
+
+    meta, num_blocks = _metadata([20, 3], [2, 1], 16, 4, DEVICE)
+    query, _, _, key_cache, value_cache, _ = _step(3, num_blocks, 16)
+    with pytest.raises(ValueError, match="one_token_prefix"):
+        prefill_attention(query, key_cache, value_cache, meta.block_tables, meta.seq_lens,
+                          meta.query_start_loc, 0.2, split_one_token=True,
+                          one_token_prefix=3)
+
+
 class _Rotary:
     """The reference rotation with a RotaryEmbedding's attributes."""
 

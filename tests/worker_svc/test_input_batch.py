@@ -42,6 +42,19 @@ def test_finished_row_is_filled_by_the_last_row():
     assert batch.block_table[1, :3].tolist() == [30, 31, 32] and batch.num_computed[1] == 3
 
 
+@pytest.mark.parametrize("num_scheduled,prefix", [([1, 1, 3], 2), ([3, 1, 1], 0),
+                                                  ([1, 3, 1], 0), ([2, 3, 4], 0),
+                                                  ([1, 1, 1], 3)])
+def test_one_query_requests_first_are_marked(num_scheduled, prefix):
+    """``one_token_prefix``: the step's one-query requests when they are all first, else 0."""
+    batch = InputBatch(4, 64, 4, 50, CPU)
+    for i in range(3):
+        batch.add(_state("abc"[i], [1] * 8, blocks=[2 * i, 2 * i + 1]))
+    meta = batch.prepare(np.array(num_scheduled)).attn_metadata
+    assert meta.num_one_token == num_scheduled.count(1)
+    assert meta.one_token_prefix == prefix
+
+
 def test_sampled_token_is_fed_on_the_device_until_the_host_reads_it():
     batch = InputBatch(4, 64, 4, 50, CPU)
     state = _state("a", [5, 6, 7], blocks=[7, 8])
@@ -55,6 +68,7 @@ def test_sampled_token_is_fed_on_the_device_until_the_host_reads_it():
     assert again.input_ids.tolist() == [42] and again.positions.tolist() == [3]
     assert again.attn_metadata.slot_mapping.tolist() == [7 * 4 + 3]
     assert again.attn_metadata.num_one_token == 1
+    assert again.attn_metadata.one_token_prefix == 1
     batch.append_known_token(state, 42)
     assert state.token_ids == [5, 6, 7, 42] and batch.num_pending[0] == 0
     with pytest.raises(ValueError, match="exceed"):

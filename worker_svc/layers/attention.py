@@ -37,6 +37,10 @@ class AttentionMetadata:
     # Requests with one query in this step, where the host knows (None: unknown): a
     # step without any need not split them off its prefill kernel (split_one_token).
     num_one_token: int | None = None
+    # How many requests the host knows to be the step's one-query requests, all of them
+    # and all first (0: not known, or not so): the split reads and writes their rows in
+    # place instead of gathering and scattering them.
+    one_token_prefix: int = 0
     # What a kernel derives from the step's layout once for all its layers (the prefill
     # kernels' query tiles, the one-query requests' rows); shared with the group views,
     # whose layout is the same.

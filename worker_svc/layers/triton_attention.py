@@ -69,4 +69,5 @@ class TritonAttentionBackend(AttentionBackend):
                                  batch_cache=metadata.kernel_cache,
                                  # Nothing to split off without one-query requests.
                                  split_one_token=False if metadata.num_one_token == 0
-                                 else None)
+                                 else None,
+                                 one_token_prefix=metadata.one_token_prefix)
