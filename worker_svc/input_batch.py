@@ -217,6 +217,41 @@ class InputBatch:
         self.states.pop()
         return state
 
+    def put_one_query_first(self, num_scheduled: np.ndarray) -> np.ndarray:
+        """Swap rows so that the requests of one scheduled token come first (the attention's
+        split then reads and writes their rows in place: ``one_token_prefix``); returns
+        ``num_scheduled`` in the new row order. The order is a function of the step, so
+        every tensor-parallel rank builds the same batch."""
+        one = num_scheduled == 1
+        k = int(np.count_nonzero(one))
+        front = np.flatnonzero(~one[:k])  # longer chunks among the first k rows
+        if front.size == 0:
+            return num_scheduled
+        back = k + np.flatnonzero(one[k:])  # as many one-query rows behind them
+        for a, b in zip(front.tolist(), back.tolist(), strict=True):
+            self._swap(a, b)
+        ordered = num_scheduled.copy()
+        ordered[front], ordered[back] = num_scheduled[back], num_scheduled[front]
+        return ordered
+
+    def _swap(self, a: int, b: int) -> None:
+        state_a, state_b = self.states[a], self.states[b]
+        self.states[a], self.states[b] = state_b, state_a
+        self.rows[state_a.req_id], self.rows[state_b.req_id] = b, a
+        width = int(max(self.num_known[a], self.num_known[b]))
+        self.token_ids[[a, b], :width] = self.token_ids[[b, a], :width]
+        for name, array in self._arrays.items():
+            if name != "token_ids":
+                array[[a, b]] = array[[b, a]]
+        if self.prompt_mask is not None and (self.has_penalties[a] or self.has_penalties[b]):
+            assert self.output_counts is not None
+            for table in (self.prompt_mask, self.output_counts):
+                # Row views, not index lists: no host-to-device copy (it would wait for the
+                # device's queued work).
+                row_a = table[a].clone()
+                table[a].copy_(table[b])
+                table[b].copy_(row_a)
+
     def clear(self) -> None:
         self.states.clear()
         self.rows.clear()

@@ -287,6 +287,7 @@ class ModelRunner:
         num_scheduled = np.fromiter(
             (scheduler_output.num_scheduled_tokens[r] for r in batch.req_ids),
             dtype=np.int64, count=batch.num_reqs)
+        num_scheduled = batch.put_one_query_first(num_scheduled)
         inputs = batch.prepare(num_scheduled)
         if self.graph_runner is not None and self.graph_runner.can_run(inputs):
             hidden = self.graph_runner.run(inputs)

@@ -44,11 +44,9 @@ def _step(num_tokens, num_blocks, block_size, num_heads=4, num_kv_heads=2, head_
     return query, key, value, key_cache, value_cache, (key_cache.clone(), value_cache.clone())
 
 
-@pytest.mark.parametrize("sliding_window", [None, 8])
-@pytest.mark.parametrize("query_lens", [[1, 1, 1], [5, 1, 17]])
-def test_triton_backend_matches_torch_backend(query_lens, sliding_window):
-    seq_lens, block_size = [20, 3, 33], 16
-    meta, num_blocks = _metadata(seq_lens, query_lens, block_size, 4, DEVICE)
+def _forward_both(meta, num_blocks, block_size, sliding_window=None):
+    """Both backends over one step of ``meta`` (its last slot a padding token): outputs,
+    the Triton backend's caches, the reference's."""
     query, key, value, key_cache, value_cache, ref_caches = _step(
         meta.slot_mapping.shape[0], num_blocks, block_size)
     backend = get_attention_backend("triton", DEVICE)
@@ -56,6 +54,16 @@ def test_triton_backend_matches_torch_backend(query_lens, sliding_window):
                           sliding_window)
     expected = TorchAttentionBackend().forward(query[:-1], key, value, *ref_caches, meta, 0.2,
                                                sliding_window)
+    return out, expected, (key_cache, value_cache), ref_caches
+
+
+@pytest.mark.parametrize("sliding_window", [None, 8])
+@pytest.mark.parametrize("query_lens", [[1, 1, 1], [5, 1, 17]])
+def test_triton_backend_matches_torch_backend(query_lens, sliding_window):
+    seq_lens, block_size = [20, 3, 33], 16
+    meta, num_blocks = _metadata(seq_lens, query_lens, block_size, 4, DEVICE)
+    out, expected, (key_cache, value_cache), ref_caches = _forward_both(
+        meta, num_blocks, block_size, sliding_window)
     assert_close(key_cache, ref_caches[0], "key_cache")
     assert_close(value_cache, ref_caches[1], "value_cache")
     assert_close(out, expected, "attention output")
@@ -98,13 +106,7 @@ def test_one_query_requests_first_are_attended_in_place(monkeypatch, query_lens,
     meta, num_blocks = _metadata(seq_lens, query_lens, block_size, 4, DEVICE)
     meta = dataclasses.replace(meta, num_one_token=query_lens.count(1),
                                one_token_prefix=prefix)
-    query, key, value, key_cache, value_cache, ref_caches = _step(
-        meta.slot_mapping.shape[0], num_blocks, block_size)
-    backend = get_attention_backend("triton", DEVICE)
-    out = backend.forward(query[:-1], key, value, key_cache, value_cache, meta, 0.2,
-                          sliding_window)
-    expected = TorchAttentionBackend().forward(query[:-1], key, value, *ref_caches, meta, 0.2,
-                                               sliding_window)
+    out, expected, _, _ = _forward_both(meta, num_blocks, block_size, sliding_window)
     assert_close(out, expected, "attention output")
     assert ("one_token_requests" in meta.kernel_cache) == (prefix == 0)
 

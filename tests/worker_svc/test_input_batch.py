@@ -55,6 +55,35 @@ def test_one_query_requests_first_are_marked(num_scheduled, prefix):
     assert meta.one_token_prefix == prefix
 
 
+def test_one_query_requests_are_put_first_with_all_their_row_state():
+    """``put_one_query_first`` swaps whole rows (tokens, tables, sampling parameters,
+    penalty tables) so the step's one-query requests lead; the step then marks them."""
+    batch = InputBatch(4, 64, 4, 50, CPU)
+    penalised = SamplingParams(temperature=0.7, repetition_penalty=1.3)
+    for i, req_id in enumerate("abcd"):
+        batch.add(_state(req_id, [i + 1] * (i + 5), blocks=[10 * i, 10 * i + 1, 10 * i + 2],
+                         params=penalised if req_id == "a" else None))
+    before = {r: (batch.token_ids[row, :8].tolist(), batch.block_table[row, :3].tolist(),
+                  float(batch.temperature[row]), bool(batch.has_penalties[row]),
+                  int(batch.num_known[row]))
+              for r, row in batch.rows.items()}
+    assert batch.prompt_mask is not None and batch.prompt_mask[0, 1]
+    ordered = batch.put_one_query_first(np.array([3, 1, 2, 1]))
+    assert ordered.tolist() == [1, 1, 2, 3] and batch.req_ids == ["d", "b", "c", "a"]
+    assert batch.rows == {"d": 0, "b": 1, "c": 2, "a": 3}
+    for r, row in batch.rows.items():
+        assert (batch.token_ids[row, :8].tolist(), batch.block_table[row, :3].tolist(),
+                float(batch.temperature[row]), bool(batch.has_penalties[row]),
+                int(batch.num_known[row])) == before[r]
+    assert batch.prompt_mask[3, 1] and int(batch.prompt_mask[3].sum()) == 1
+    assert not batch.prompt_mask[0].any()
+    meta = batch.prepare(ordered).attn_metadata
+    assert (meta.num_one_token, meta.one_token_prefix) == (2, 2)
+    assert meta.seq_lens.tolist() == [1, 1, 2, 3]
+    same = batch.put_one_query_first(ordered)
+    assert same is ordered and batch.req_ids == ["d", "b", "c", "a"]
+
+
 def test_sampled_token_is_fed_on_the_device_until_the_host_reads_it():
     batch = InputBatch(4, 64, 4, 50, CPU)
     state = _state("a", [5, 6, 7], blocks=[7, 8])
