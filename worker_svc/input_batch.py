@@ -196,25 +196,15 @@ class InputBatch:
 
     def remove(self, req_id: str) -> RequestState:
         """Drop ``req_id``'s row; the last row moves into it. Returns its (synced) state."""
-        row = self.rows.pop(req_id)
+        row = self.rows[req_id]
         state = self.states[row]
         state.num_computed_tokens = int(self.num_computed[row])
         state.num_pending_tokens = int(self.num_pending[row])
         last = len(self.states) - 1
         if row != last:
-            moved = self.states[last]
-            self.states[row] = moved
-            self.rows[moved.req_id] = row
-            num_known = int(self.num_known[last])
-            self.token_ids[row, :num_known] = self.token_ids[last, :num_known]
-            for name, array in self._arrays.items():
-                if name != "token_ids":
-                    array[row] = array[last]
-            if self.prompt_mask is not None and self.has_penalties[row]:
-                assert self.output_counts is not None
-                self.prompt_mask[row] = self.prompt_mask[last]
-                self.output_counts[row] = self.output_counts[last]
+            self._swap(row, last)
         self.states.pop()
+        del self.rows[req_id]
         return state
 
     def put_one_query_first(self, num_scheduled: np.ndarray) -> np.ndarray:
