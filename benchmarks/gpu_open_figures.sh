@@ -21,9 +21,9 @@
 #                        and 64
 #   prefill_vs_sdpa      the served prefill kernel and torch SDPA timed in turns
 #   prefill_mixed        prefill attention on a step of one chunk among 200 one-token
-#                        requests (served, the persistent launch, each part alone): GPU
-#                        time, host time per call, and a profile of the served call's host
-#                        time
+#                        requests (served, gathered, without the split by either
+#                        launch, each part alone): GPU time, host time per call, and a
+#                        profile of the served call's host time
 #   decode_tests         every decode-attention test on the GPU, not only -m gpu
 #   split_kv_ab          split-KV decode at batch 1, 2 and 4: block numbers a tile ahead or
 #                        not, 32- or 64-key tiles, 2 or 3 stages (the default launch's A/B)

@@ -7,11 +7,13 @@ visits all its keys with it. Timed from CUDA graphs (GPU time only: the median o
 ``--reps`` replays, L2 flushed; timed eagerly, a call whose launches take about as long as
 its kernels times the host):
 
-- the mixed step through ``prefill_attention`` as served (its kernel's tiles built once, as
-  for a step's layers: the one-token requests go to the decode kernel,
-  ``split_one_token``, gathered and scattered), and with them first in the batch
-  (``one_token_prefix``: read and written in place); where the Gluon kernel runs, also
-  with them left to the prefill kernel and through its persistent launch;
+- the mixed step through ``prefill_attention`` (its kernel's tiles built once, as for a
+  step's layers) with the one-token requests sent to the decode kernel
+  (``split_one_token``): as served, first in the batch (``one_token_prefix``: read and
+  written in place, the engine's runner puts them there), and after the chunk, gathered
+  and scattered (a caller that does not know the layout); where the Gluon kernel runs, also
+  with them left to the prefill kernel (its persistent launch, the default, and a program
+  per tile);
 - the chunk alone through ``prefill_attention``, without the split (as the engine runs a
   step with no one-token request) and with it;
 - the one-token requests alone through ``paged_decode_attention``.
@@ -106,23 +108,25 @@ def main() -> None:
         cache = caches.setdefault(name, {})
         return lambda: prefill_attention(*a, scale, max_query_len=n, batch_cache=cache, **kw)
 
-    calls = {"mixed step, prefill_attention as served":
-             served("mixed", q, kc, vc, tables, seq, qsl)}
-    # The engine's batch with the one-token requests first (the host knows it): their rows
-    # are read and written in place, no gather or scatter.
+    # The engine's batch with the one-token requests first (the runner puts them there and
+    # tells the kernel): their rows are read and written in place, no gather or scatter.
     first = mixed_batch(args.chunk, args.decodes, args.context, args.block_size,
                         torch.bfloat16, decodes_first=True)
-    calls["mixed step, one-token requests first (in place)"] = served(
+    calls = {}
+    calls["mixed step, as served: one-token requests first (in place)"] = served(
         "mixed_first", *(first[k] for k in ("query", "key_cache", "value_cache",
                                             "block_tables", "seq_lens", "query_start_loc")),
         one_token_prefix=args.decodes)
+    calls["mixed step, one-token requests after the chunk (gathered)"] = served(
+        "mixed", q, kc, vc, tables, seq, qsl)
     if gpa.serves(q, kc, vc):
         calls["mixed step, one-token requests left to the prefill kernel"] = served(
             "mixed_nosplit", q, kc, vc, tables, seq, qsl, split_one_token=False)
-        tiles = query_tiles(qsl, seq, q.shape[0], n, gpa.BLOCK_M, longest_first=True)
-        calls["mixed step, Gluon kernel, persistent launch"] = (
+        # (That row is the persistent launch, the default; this one the other launch.)
+        tiles = query_tiles(qsl, seq, q.shape[0], n, gpa.BLOCK_M)
+        calls["mixed step, Gluon kernel, a program per tile"] = (
             lambda: gpa.gluon_prefill_attention(q, kc, vc, tables, seq, qsl, scale, n,
-                                                tiles=tiles, persistent=True))
+                                                tiles=tiles, persistent=False))
     # The engine skips the split in a step without one-query requests.
     calls["the chunk alone, prefill_attention (no split, as served)"] = served(
         "chunk", q[:n], kc, vc, tables[:1], seq[:1], chunk_qsl, split_one_token=False)
@@ -140,7 +144,7 @@ def main() -> None:
     for name, ms in rows.items():
         print(f"  {name:60s} {1e3 * ms:9.1f} {1e3 * host[name]:9.1f}")
     if args.profile:
-        profile_host(calls["mixed step, prefill_attention as served"])
+        profile_host(calls["mixed step, as served: one-token requests first (in place)"])
     if args.trace:
         for name, fn in calls.items():
             trace_table(name, fn)
