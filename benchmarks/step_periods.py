@@ -33,13 +33,15 @@ WINDOWS = (0, 8, 64, 256, 512, 768, 1024)
 class Timeline:
     """Per engine step: when it began, seconds in ``step()``, of which queuing steps on the
     runner (``launch_s``) and waiting for sampled ids (``wait_s``); full collections as
-    ``(step index, seconds)``."""
+    ``(step index, seconds)``; objects frozen (``gc.get_freeze_count()``) at the first
+    step."""
 
     starts: list[float] = field(default_factory=list)
     step_s: list[float] = field(default_factory=list)
     launch_s: list[float] = field(default_factory=list)
     wait_s: list[float] = field(default_factory=list)
     full_collections: list[tuple[int, float]] = field(default_factory=list)
+    frozen_objects: int | None = None
 
 
 def observe(llm, timeline: Timeline):
@@ -67,6 +69,8 @@ def observe(llm, timeline: Timeline):
 
     def timed_step():
         current["launch"] = current["wait"] = 0.0
+        if timeline.frozen_objects is None:
+            timeline.frozen_objects = gc.get_freeze_count()
         start = time.perf_counter()
         updates = step()
         timeline.starts.append(start)
@@ -112,7 +116,8 @@ def summarize(timeline: Timeline, elapsed_s: float, num_tokens: int) -> dict:
     return {"elapsed_s": elapsed_s, "output_tokens_per_s": num_tokens / elapsed_s,
             "steps": len(timeline.starts), "windows": windows,
             "slowest_periods_ms": {i: 1e3 * periods[i] for i in slowest},
-            "full_collections_ms": [(i, 1e3 * s) for i, s in timeline.full_collections]}
+            "full_collections_ms": [(i, 1e3 * s) for i, s in timeline.full_collections],
+            "frozen_objects": timeline.frozen_objects}
 
 
 def run(config: ThroughputConfig, num_prompts: int, input_len: int, output_len: int) -> dict:
@@ -151,7 +156,8 @@ def format_result(result: dict) -> str:
     lines += [f"| {w['steps']} | {w['period_ms']:.2f} | {w['max_period_ms']:.1f} | "
               f"{w['launch_ms']:.2f} | {w['wait_ms']:.2f} |" for w in result["windows"]]
     pauses = ", ".join(f"step {i}: {ms:.1f}" for i, ms in result["full_collections_ms"])
-    lines.append(f"full collections (ms): {pauses or 'none'}")
+    lines.append(f"full collections (ms): {pauses or 'none'}; objects frozen during the steps: "
+                 f"{result['frozen_objects']:,}")
     slowest = ", ".join(f"step {i}: {ms:.1f}" for i, ms in result["slowest_periods_ms"].items())
     lines.append(f"slowest periods (ms): {slowest}")
     return "\n".join(lines)

@@ -25,13 +25,19 @@ GC_GEN0_THRESHOLD = 20_000
 _lock = threading.Lock()
 _depth = 0
 _owns_freeze = False
+# Set once a service has frozen its start-up heap for good. Not read from
+# ``gc.get_freeze_count()``: a library may freeze a few objects of its own (on the GPU
+# image, 375 are frozen before start-up ends), and that must not stop ``frozen_heap``.
+_frozen_for_life = False
 
 
 def freeze_startup_objects() -> None:
     """For a service process, once start-up is done: freeze what start-up built, for the
     process's life, and run young collections every ``GC_GEN0_THRESHOLD`` allocations."""
+    global _frozen_for_life
     gc.collect()
     gc.freeze()
+    _frozen_for_life = True
     _, gen1, gen2 = gc.get_threshold()
     gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
 
@@ -43,11 +49,14 @@ def frozen_heap() -> Iterator[None]:
 
     For in-process generation, whose objects must not outlive the caller's use (a frozen
     cycle is never freed). Nested and concurrent uses share one freeze, released by the
-    last to leave; a process that froze its heap itself (a service) keeps its freeze."""
+    last to leave; a process that froze its heap for good (``freeze_startup_objects``)
+    keeps its freeze. Objects something else froze before entry are handed back on exit
+    with the rest (``gc.unfreeze`` releases every frozen object): freezing only spares
+    them the collector's walks."""
     global _depth, _owns_freeze
     with _lock:
         if _depth == 0:
-            _owns_freeze = gc.get_freeze_count() == 0
+            _owns_freeze = not _frozen_for_life
             if _owns_freeze:
                 gc.freeze()
         _depth += 1

@@ -28,6 +28,7 @@ def test_every_step_is_timed_and_the_windows_cover_them(tmp_path, capsys):
                        "--input-len", "9", "--output-len", "70", "--output", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["output_tokens_per_s"] > 0
+    assert result["frozen_objects"] > 1000  # generate's steps run with the heap frozen
     # One prefill step, then a step per token (plus the pipeline's last read).
     assert 70 <= result["steps"] <= 75
     windows = result["windows"]

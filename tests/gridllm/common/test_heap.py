@@ -6,14 +6,18 @@ import weakref
 
 import pytest
 
-from gridllm.common.heap import frozen_heap
+from gridllm.common import heap
+from gridllm.common.heap import freeze_startup_objects, frozen_heap
 
 
 @pytest.fixture(autouse=True)
-def unfrozen():
+def unfrozen(monkeypatch):
+    monkeypatch.setattr(heap, "_frozen_for_life", False)
+    threshold = gc.get_threshold()
     gc.unfreeze()
     yield
     gc.unfreeze()
+    gc.set_threshold(*threshold)
 
 
 def test_objects_alive_on_entry_are_frozen_inside_and_handed_back_on_exit():
@@ -42,12 +46,21 @@ def test_an_exception_inside_still_hands_the_heap_back():
     assert gc.get_freeze_count() == 0
 
 
-def test_a_process_that_froze_its_heap_itself_keeps_its_freeze():
-    gc.freeze()
+def test_a_process_that_froze_its_heap_for_good_keeps_its_freeze():
+    freeze_startup_objects()
     frozen = gc.get_freeze_count()
     with frozen_heap():
         pass
     assert gc.get_freeze_count() == frozen
+
+
+def test_objects_frozen_by_someone_else_do_not_stop_the_freeze():
+    gc.freeze()  # a library's own freeze (not a service's for good)
+    frozen_before = gc.get_freeze_count()
+    alive = [[i] for i in range(1000)]  # built after it
+    with frozen_heap():
+        assert gc.get_freeze_count() >= frozen_before + len(alive) // 2
+    assert gc.get_freeze_count() == 0
 
 
 def test_concurrent_uses_release_when_the_last_leaves():

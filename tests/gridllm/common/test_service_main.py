@@ -41,11 +41,13 @@ def test_every_service_has_grace_and_log_level_with_defaults_shown(capsys):
         assert "--log-level" in text
 
 
-def test_startup_objects_leave_the_collectors_full_collections():
+def test_startup_objects_leave_the_collectors_full_collections(monkeypatch):
     import gc
 
+    from gridllm.common import heap
     from gridllm.common.heap import GC_GEN0_THRESHOLD, freeze_startup_objects
 
+    monkeypatch.setattr(heap, "_frozen_for_life", False)  # restored after the test
     threshold = gc.get_threshold()
     try:
         freeze_startup_objects()
