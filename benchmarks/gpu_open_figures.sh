@@ -47,6 +47,11 @@
 #                        GRIDLLM_SPLIT_ONE_TOKEN=0 (past the default budget)
 #   gemv_sweep           one-row tile configurations of the word and float16-pair GEMVs
 #                        (past the default budget: OPEN_STEPS=gemv_sweep)
+#   piecewise_tests, piecewise_periods, piecewise_periods_eager, piecewise_mixed,
+#   piecewise_mixed_eager
+#                        prefill and mixed steps from graphs cut at attention: their GPU
+#                        tests, then step periods of 512- and 2,048-token steps with them
+#                        and with GRIDLLM_PIECEWISE_GRAPHS=0 (past the default budget)
 # Results: $OUT/open.log (each step's output tail), $OUT/<step>.log, $OUT/*.json.
 set -u
 
@@ -108,4 +113,17 @@ GRIDLLM_SPLIT_ONE_TOKEN=0 step mixed_periods_nosplit 120 $PERIODS \
   --output "$OUT/mixed_periods_nosplit.json"
 step gemv_sweep 300 $PY benchmarks/gemv.py --rows 1 --fp8 --fused --sweep \
   --output "$OUT/gemv_sweep.json"
+# Graphs cut at attention: their GPU tests, then prompt steps of 512 and 2,048 tokens with
+# them and eager.
+step piecewise_tests 300 $PYTEST -rf tests/gridllm/test_gpu.py -k "cut_at_attention"
+SMALL="$PY benchmarks/step_periods.py --model random:llama3-8b --num-prompts 4
+  --input-len 2048 --output-len 64 --max-num-batched-tokens 512 --max-num-seqs 4"
+step piecewise_periods 90 $SMALL --output "$OUT/piecewise_periods.json"
+GRIDLLM_PIECEWISE_GRAPHS=0 step piecewise_periods_eager 90 $SMALL \
+  --output "$OUT/piecewise_periods_eager.json"
+MID="$PY benchmarks/step_periods.py --model random:llama3-8b --num-prompts 256
+  --input-len 1024 --output-len 128 --max-num-batched-tokens 2048"
+step piecewise_mixed 120 $MID --output "$OUT/piecewise_mixed.json"
+GRIDLLM_PIECEWISE_GRAPHS=0 step piecewise_mixed_eager 120 $MID \
+  --output "$OUT/piecewise_mixed_eager.json"
 echo "results in $OUT" | tee -a "$LOG"

@@ -16,6 +16,7 @@ from gridllm.common.config import CacheConfig, ModelConfig, SchedulerConfig
 from gridllm.common.contract import ModelLimits, ModelRunnerOutput, SchedulerOutput
 from gridllm.common.tokenizer import TOKENIZER_FILES, load_tokenizer
 from kernels import fp8_decode_attention as gluon_fp8
+from worker_svc import piecewise_graph
 from worker_svc.cuda_graph import CudaGraphRunner
 from worker_svc.input_batch import BatchInputs, InputBatch
 from worker_svc.kv_calibration import calculate_kv_scales
@@ -28,6 +29,7 @@ from worker_svc.loader import load_model
 from worker_svc.logits_processors import verify_logits_processors
 from worker_svc.logprobs import LogprobsTensors
 from worker_svc.parallel.state import state_for
+from worker_svc.piecewise_graph import PiecewiseGraphRunner
 from worker_svc.request_state import RequestState
 from worker_svc.runner_output import AsyncRunnerOutput
 from worker_svc.sampler import Sampler
@@ -114,6 +116,7 @@ class ModelRunner:
                     self.num_kv_blocks, self.block_size, memory_usage(self.device))
         self._warm_up()
         self.graph_runner = self._capture_cuda_graphs()
+        self.piecewise_runner = self._capture_piecewise_graphs()
         self._warm_up(steps=True)
 
     def _warm_up(self, steps: bool = False) -> None:
@@ -167,6 +170,23 @@ class ModelRunner:
                 self.device))
         graph_runner.capture()
         return graph_runner
+
+    def _capture_piecewise_graphs(self) -> PiecewiseGraphRunner | None:
+        # Prefill and mixed steps: graphs between attention calls (one device, so no
+        # collective sits between a rank's graphs and another's eager attention).
+        if (self.graph_runner is None or not piecewise_graph.ENABLED
+                or self.model_config.tensor_parallel_size > 1):
+            return None
+        limit = min(self.scheduler_config.max_num_batched_tokens, self.max_model_len - 1,
+                    piecewise_graph.DEFAULT_MAX_TOKENS)
+        if not piecewise_graph.token_ladder(limit):
+            return None
+        runner = PiecewiseGraphRunner(self.model, self.attn_backend, self.kv_caches, limit,
+                                      self.device, self.kv_groups.num_groups)
+        runner.capture(lambda size: self.dummy_forward(size, self.kv_caches))
+        logger.info("memory after capturing the graphs cut at attention: %s",
+                    memory_usage(self.device))
+        return runner
 
     @property
     def limits(self) -> ModelLimits:
@@ -291,6 +311,8 @@ class ModelRunner:
         inputs = batch.prepare(num_scheduled)
         if self.graph_runner is not None and self.graph_runner.can_run(inputs):
             hidden = self.graph_runner.run(inputs)
+        elif self.piecewise_runner is not None and self.piecewise_runner.can_run(inputs):
+            hidden = self.piecewise_runner.run(inputs)
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches,
                                 inputs.attn_metadata)

@@ -13,7 +13,8 @@ from typing import Any
 # recorded with each result where set, so an A/B run's files say which side they are.
 KERNEL_SWITCHES = ("GRIDLLM_GEMV_MAX_ROWS", "GRIDLLM_LAUNCH_DEPENDENT", "GRIDLLM_FP8_WORDS",
                    "GRIDLLM_PREFILL_TMA", "GRIDLLM_GLUON_PREFILL", "GRIDLLM_GLUON_DECODE",
-                   "GRIDLLM_MMA_GEMV", "GRIDLLM_GEMV_F16", "GRIDLLM_SPLIT_ONE_TOKEN")
+                   "GRIDLLM_MMA_GEMV", "GRIDLLM_GEMV_F16", "GRIDLLM_SPLIT_ONE_TOKEN",
+                   "GRIDLLM_PIECEWISE_GRAPHS", "GRIDLLM_PIECEWISE_MAX_TOKENS")
 
 
 def machine_info(device: str = "auto") -> dict[str, Any]:

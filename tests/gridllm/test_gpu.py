@@ -52,6 +52,48 @@ def test_fp32_greedy_matches_transformers(arch, enforce_eager, tiny_model_dir):
     assert [o.outputs[0].token_ids for o in got] == expected
     stats = llm.engine.stats()
     assert stats.kv_blocks_free == stats.kv_blocks_total
+    # The prompts' step ran through the graphs cut at attention.
+    piecewise = llm.engine.runner.piecewise_runner
+    assert (piecewise is None) == enforce_eager
+    assert enforce_eager or piecewise.num_replays > 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt", "gemma2", "qwen3"])
+def test_chunked_mixed_steps_through_graphs_cut_at_attention_match_transformers(
+        arch, tiny_model_dir):
+    """Steps of at most 64 tokens (prompt chunks beside decodes), every one replayed from
+    the graphs cut at attention, padded to 16-token sizes: greedy ids identical to
+    transformers (rotary fused or not, KV groups with windows, q/k norms)."""
+    model_dir = tiny_model_dir(arch)
+    llm = LLM(model_dir, device="cuda", dtype="float32", attention_backend="triton",
+              block_size=16, num_kv_blocks=128, max_num_seqs=8, max_num_batched_tokens=64)
+    piecewise = llm.engine.runner.piecewise_runner
+    assert piecewise.sizes == [16, 32, 48, 64]
+    prompts = prompts_of([3, 17, 9, 30, 1, 21, 40, 90], seed=3)
+    expected = [hf_greedy(model_dir, p, GREEDY.max_tokens)[0] for p in prompts]
+    got = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == expected
+    assert piecewise.num_replays >= 3
+    stats = llm.engine.stats()
+    assert stats.kv_blocks_free == stats.kv_blocks_total
+
+
+def test_graphs_cut_at_attention_match_the_eager_forward():
+    """Steps of 20 to 2,048 tokens (and past the largest size, eager): the same greedy ids
+    with the graphs as without them, on one engine."""
+    llm = LLM("random:qwen3-0.6b", device="cuda", dtype="float32", max_model_len=4096,
+              max_num_seqs=16, max_num_batched_tokens=2048, num_kv_blocks=1024,
+              enable_prefix_caching=False)
+    runner = llm.engine.runner
+    prompts = prompts_of([20, 100, 300, 700, 1500, 2100, 5, 60], seed=5, vocab=1000)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    inputs = [{"prompt_token_ids": p} for p in prompts]
+    with_graphs = llm.generate(inputs, params, use_tqdm=False)
+    assert runner.piecewise_runner.num_replays > 0
+    runner.piecewise_runner = None
+    eager = llm.generate(inputs, params, use_tqdm=False)
+    assert ([o.outputs[0].token_ids for o in with_graphs]
+            == [o.outputs[0].token_ids for o in eager])
 
 
 def hf_bf16_logits(model_dir, prompt):

@@ -193,3 +193,54 @@ def test_fp8_kv_cache_matches_torch_backend(is_rotary):
     assert_close(key_cache.float(), ref_caches[0].float(), "key_cache")
     assert_close(value_cache.float(), ref_caches[1].float(), "value_cache")
     assert_close(out[:num_tokens - 1], expected[:num_tokens - 1], "attention output")
+
+
+class _Cuts:
+    """Stands where worker_svc.piecewise_graph.Capture does during a capture: keeps each
+    call's closure and hands back a buffer for the output."""
+
+    def __init__(self):
+        self.calls = []
+
+    def cut(self, attend, query, key, value, metadata):
+        self.calls.append((attend, query, key, value, metadata))
+        return torch.full_like(query, float("nan"))
+
+
+@pytest.mark.parametrize("rotary_path", [False, True])
+def test_a_captured_call_replays_as_the_direct_call(rotary_path):
+    """While a capture is on, the backend does nothing but hand the call over; its closure,
+    run later on copies of the inputs padded with more rows (the graphs' shared buffers,
+    sliced to the step's tokens) and the step's metadata, computes what the direct call
+    computes, caches included."""
+    seq_lens, query_lens, block_size = [20, 3, 33], [5, 1, 17], 16
+    meta, num_blocks = _metadata(seq_lens, query_lens, block_size, 4, DEVICE)
+    meta = dataclasses.replace(meta, slot_mapping=meta.slot_mapping[:-1])
+    n = sum(query_lens)
+    positions = torch.cat([torch.arange(s - q, s) for s, q in zip(seq_lens, query_lens,
+                                                                   strict=True)]).to(DEVICE)
+    rotary = _Rotary(_cos_sin_cache(24, 64, DEVICE), True)
+    query, key, value, key_cache, value_cache, ref_caches = _step(n, num_blocks, block_size)
+    backend = get_attention_backend("triton", DEVICE)
+    padded = [torch.cat([t, torch.randn(9, *t.shape[1:], device=DEVICE)])
+              for t in (query, key, value)]
+    static_positions = torch.cat([positions, torch.zeros(9, dtype=positions.dtype,
+                                                         device=DEVICE)])
+
+    def call(b, q, k, v, kc, vc):
+        if rotary_path:
+            return b.forward_rotary(static_positions[:q.shape[0]], rotary, q, k, v, kc, vc,
+                                    meta, 0.2, 8)
+        return b.forward(q, k, v, kc, vc, meta, 0.2, 8)
+
+    backend.piecewise = cuts = _Cuts()
+    placeholder = call(backend, *[t.clone() for t in padded], key_cache, value_cache)
+    backend.piecewise = None
+    assert placeholder.isnan().all() and len(cuts.calls) == 1
+    assert torch.equal(key_cache, ref_caches[0])  # nothing ran
+    attend, *_ = cuts.calls[0]
+    got = attend(*[t[:n] for t in padded], meta, n)
+    want = call(backend, query.clone(), key.clone(), value.clone(), *ref_caches)
+    assert_close(got, want, "attention output")
+    assert_close(key_cache, ref_caches[0], "key_cache")
+    assert_close(value_cache, ref_caches[1], "value_cache")

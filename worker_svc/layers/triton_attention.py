@@ -19,6 +19,10 @@ class TritonAttentionBackend(AttentionBackend):
 
     name = "triton"
     supports_logit_softcap = True
+    # While a forward is captured into CUDA graphs cut at attention
+    # (worker_svc.piecewise_graph.Capture): each call ends the graph there, to run
+    # eagerly between graphs at replay.
+    piecewise = None
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 key_cache: torch.Tensor, value_cache: torch.Tensor,
@@ -26,6 +30,12 @@ class TritonAttentionBackend(AttentionBackend):
                 sliding_window: int | None = None,
                 logit_softcap: float | None = None,
                 kv_scales: tuple[float, float] | None = None) -> torch.Tensor:
+        if self.piecewise is not None:
+            return self.piecewise.cut(
+                lambda q, k, v, meta, n: self.forward(q, k, v, key_cache, value_cache, meta,
+                                                      scale, sliding_window, logit_softcap,
+                                                      kv_scales),
+                query, key, value, metadata)
         k_scale, v_scale = self.scales_for(kv_scales, key_cache)
         write_kv_cache(key, value, key_cache, value_cache, metadata.slot_mapping,
                        k_scale, v_scale)
@@ -38,6 +48,12 @@ class TritonAttentionBackend(AttentionBackend):
                        sliding_window: int | None = None,
                        logit_softcap: float | None = None,
                        kv_scales: tuple[float, float] | None = None) -> torch.Tensor:
+        if self.piecewise is not None:
+            return self.piecewise.cut(
+                lambda q, k, v, meta, n: self.forward_rotary(
+                    positions[:n], rotary, q, k, v, key_cache, value_cache, meta, scale,
+                    sliding_window, logit_softcap, kv_scales),
+                query, key, value, metadata)
         k_scale, v_scale = self.scales_for(kv_scales, key_cache)
         # One launch rotates the queries and writes rotated keys and values to the cache.
         rotary_kv_cache_write(positions, query, key, value, key_cache, value_cache,
