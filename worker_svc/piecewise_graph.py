@@ -11,8 +11,9 @@ requests) change every step, runs eagerly between the graphs:
     replay graph 0; attention of layer 0; replay graph 1; ...; replay graph L
 
 A step of ``T`` tokens replays the smallest captured size ``>= T``: rows past ``T`` get
-token 0 at position 0, which nothing reads (attention runs on the first ``T`` rows only;
-every other op is per row, FP8 activations included: they are scaled per token).
+token 0 at position 0 and whatever attention output an earlier step left there, and no
+result of theirs is read (attention runs on the first ``T`` rows only; every other op is
+per row, FP8 activations included: they are scaled per token).
 
 During capture the attention backend hands each call to ``Capture.cut``: the queries,
 keys and values are copied (inside the graph) into buffers shared by every layer and
@@ -20,7 +21,7 @@ size, the graph ends, and the call is recorded as a closure over what does not c
 (caches, the rotary table, scales, the layer's window), to run at replay on the shared
 buffers and the step's metadata (its KV group's view). The attention's output goes to
 one shared buffer, which the next graph reads. The copies cost a read and a write of
-q/k/v and of the output a layer (~1-2% of such a step's GPU time at 512 tokens); sharing
+q/k/v and of the output a layer (estimated at 1-2% of such a step's GPU time); sharing
 the buffers keeps the graphs' memory at about one eager step's activations.
 """
 
