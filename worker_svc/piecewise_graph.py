@@ -40,11 +40,21 @@ from worker_svc.layers.attention import AttentionMetadata
 
 logger = logging.getLogger(__name__)
 
+
+def _env_int(name: str, default: int, choices: tuple[int, ...] | None = None) -> int:
+    value = os.environ.get(name, str(default))
+    if not value.isdigit() or (choices is not None and int(value) not in choices):
+        expected = " or ".join(map(str, choices)) if choices else "a whole number"
+        raise ValueError(f"{name} must be {expected}, got {value!r}.")
+    return int(value)
+
+
 # GRIDLLM_PIECEWISE_GRAPHS=0 before start keeps prefill and mixed steps eager.
-ENABLED = os.environ.get("GRIDLLM_PIECEWISE_GRAPHS", "1") != "0"
-# The largest step captured (capped by max_num_batched_tokens): past it the GPU's time
-# for the step outgrows the host's launches (Llama-3-8B on an H100: ~1,000 tokens).
-DEFAULT_MAX_TOKENS = int(os.environ.get("GRIDLLM_PIECEWISE_MAX_TOKENS", "2048"))
+ENABLED = _env_int("GRIDLLM_PIECEWISE_GRAPHS", 1, choices=(0, 1)) == 1
+# The largest step captured, in tokens (capped by max_num_batched_tokens; below 16,
+# none): past it the GPU's time for a step outgrows the host's launches (Llama-3-8B on an
+# H100: ~1,000 tokens).
+DEFAULT_MAX_TOKENS = _env_int("GRIDLLM_PIECEWISE_MAX_TOKENS", 2048)
 
 # (step between sizes, up to): every 16 tokens up to 256, 32 up to 512, 64 up to 1,024,
 # 128 beyond, so a step past 128 tokens pads by at most an eighth (below, by < 16).

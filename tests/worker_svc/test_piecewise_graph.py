@@ -24,3 +24,19 @@ def test_every_step_pads_to_a_size_at_most_an_eighth_larger_past_128(max_tokens)
     for tokens in range(1, sizes[-1] + 1):
         size = next(s for s in sizes if s >= tokens)
         assert size - tokens < 16 or (size - tokens) * 8 <= tokens
+
+
+@pytest.mark.parametrize("name, value", [("GRIDLLM_PIECEWISE_GRAPHS", "yes"),
+                                         ("GRIDLLM_PIECEWISE_GRAPHS", "2"),
+                                         ("GRIDLLM_PIECEWISE_MAX_TOKENS", "-5"),
+                                         ("GRIDLLM_PIECEWISE_MAX_TOKENS", "2k")])
+def test_a_bad_switch_is_refused_by_name(monkeypatch, name, value):
+    import importlib
+
+    from worker_svc import piecewise_graph
+
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=name):
+        importlib.reload(piecewise_graph)
+    monkeypatch.undo()  # the environment as it was, and the module read from it again
+    importlib.reload(piecewise_graph)
