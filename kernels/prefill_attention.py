@@ -446,7 +446,8 @@ def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
                       launch: tuple[int, int, int, int] | None = None,
                       batch_cache: dict | None = None,
                       split_one_token: bool | None = None,
-                      one_token_prefix: int = 0) -> torch.Tensor:
+                      one_token_prefix: int = 0,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
     """Drop-in for ``torch_ref.paged_attention`` (any mix of prefill, extend and decode).
 
     Args:
@@ -478,25 +479,43 @@ def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
             batch's one-query requests, all of them and all first (0: not known): the
             decode kernel then reads their queries and writes their outputs in place,
             rows ``[0, one_token_prefix)``, instead of a gather and a scatter.
+        out: ``[T, H, D]`` in query's dtype, last dim contiguous (a view of a larger
+            buffer is fine), to write into instead of a new tensor.
     Returns:
-        ``[T, H, D]`` attention output in query's dtype (rows outside every request's
-        range are left unwritten).
+        ``out`` or a new ``[T, H, D]`` tensor in query's dtype (rows outside every
+        request's range are left unwritten).
     """
     check_prefill_args(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc,
                        k_scale, v_scale)
     check_pattern(sliding_window, attention_stride)
-    scale = float(scale) * k_scale
-    softcap_mul, softcap_log2 = softcap_args(scale, logit_softcap)
     split = SPLIT_ONE_TOKEN if split_one_token is None else split_one_token
     if not 0 <= one_token_prefix <= seq_lens.shape[0]:
         raise ValueError(f"one_token_prefix must be in [0, {seq_lens.shape[0]}], got "
                          f"{one_token_prefix}.")
+    if out is not None:
+        if (out.shape != query.shape or out.dtype != query.dtype
+                or out.device != query.device or out.stride(-1) != 1):
+            raise ValueError(f"out must be a {tuple(query.shape)} {query.dtype} tensor on "
+                             f"{query.device} with its last dim contiguous, got "
+                             f"{tuple(out.shape)} {out.dtype} on {out.device}, strides "
+                             f"{out.stride()}.")
+        if split and not one_token_prefix:
+            # The gathered split writes a row past the batch: through its own buffer.
+            return out.copy_(prefill_attention(
+                query, key_cache, value_cache, block_tables, seq_lens, query_start_loc,
+                scale, sliding_window, max_query_len, logit_softcap, attention_stride,
+                k_scale, v_scale, launch, batch_cache, split_one_token))
+    scale = float(scale) * k_scale
+    softcap_mul, softcap_log2 = softcap_args(scale, logit_softcap)
     # With the split and the one-query requests' rows unknown on the host, a row past the
     # batch takes the decode kernel's outputs of the other requests (zeros; the prefill
     # kernel writes their rows next).
     padded = torch.empty((query.shape[0] + 1, *query.shape[1:]), dtype=query.dtype,
                          device=query.device) if split and not one_token_prefix else None
-    out = torch.empty_like(query) if padded is None else padded[:query.shape[0]]
+    if padded is not None:
+        out = padded[:query.shape[0]]
+    elif out is None:
+        out = torch.empty_like(query)
     max_query_len = longest_query(query, query_start_loc, max_query_len)
     if max_query_len == 0:
         return out

@@ -19,10 +19,10 @@ During capture the attention backend hands each call to ``Capture.cut``: the que
 keys and values are copied (inside the graph) into buffers shared by every layer and
 size, the graph ends, and the call is recorded as a closure over what does not change
 (caches, the rotary table, scales, the layer's window), to run at replay on the shared
-buffers and the step's metadata (its KV group's view). The attention's output goes to
-one shared buffer, which the next graph reads. The copies cost a read and a write of
-q/k/v and of the output a layer (estimated at 1-2% of such a step's GPU time); sharing
-the buffers keeps the graphs' memory at about one eager step's activations.
+buffers and the step's metadata (its KV group's view). The attention writes its output
+into one shared buffer (``out=``), which the next graph reads. The copies cost a read
+and a write of q/k/v a layer (estimated at ~1% of such a step's GPU time); sharing the
+buffers keeps the graphs' memory at about one eager step's activations.
 """
 
 from __future__ import annotations
@@ -60,9 +60,9 @@ DEFAULT_MAX_TOKENS = _env_int("GRIDLLM_PIECEWISE_MAX_TOKENS", 2048)
 # 128 beyond, so a step past 128 tokens pads by at most an eighth (below, by < 16).
 _LADDER = ((16, 256), (32, 512), (64, 1024), (128, None))
 
-# Attend(query, key, value, metadata, num_tokens) -> [num_tokens, heads, head_dim].
-Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, int],
-                  torch.Tensor]
+# Attend(query, key, value, metadata, out): the recorded call, writing into ``out``.
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata,
+                   torch.Tensor], torch.Tensor]
 
 
 def token_ladder(max_tokens: int) -> list[int]:
@@ -260,8 +260,7 @@ class PiecewiseGraphRunner:
         pieces.graphs[0].replay()
         for call, graph in zip(pieces.calls, pieces.graphs[1:], strict=True):
             view = metadata if call.group is None else metadata.groups[call.group]
-            call.out[:n].copy_(call.attend(call.query[:n], call.key[:n], call.value[:n],
-                                           view, n))
+            call.attend(call.query[:n], call.key[:n], call.value[:n], view, call.out[:n])
             graph.replay()
         self.num_replays += 1
         return self.output[:n]

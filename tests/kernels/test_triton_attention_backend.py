@@ -195,6 +195,42 @@ def test_fp8_kv_cache_matches_torch_backend(is_rotary):
     assert_close(out[:num_tokens - 1], expected[:num_tokens - 1], "attention output")
 
 
+@pytest.mark.parametrize("split, prefix", [(False, 0), (True, 2), (True, 0)])
+@pytest.mark.parametrize("k_scale", [1.0, 0.5])
+def test_prefill_attention_writes_into_a_given_view(split, prefix, k_scale):
+    """``out=`` (a view of a larger buffer, as the graphs cut at attention pass): written in
+    place, the same values as a new tensor, the rows past it untouched; with the split and
+    the one-query rows unknown (a row past the batch) through a buffer of its own."""
+    from kernels.prefill_attention import prefill_attention
+
+    seq_lens, query_lens, block_size = [20, 3, 33, 9], [1, 1, 3, 17], 16
+    meta, num_blocks = _metadata(seq_lens, query_lens, block_size, 4, DEVICE)
+    query, _, _, key_cache, value_cache, _ = _step(sum(query_lens), num_blocks, block_size)
+    args = (query, key_cache, value_cache, meta.block_tables, meta.seq_lens,
+            meta.query_start_loc, 0.2)
+    kwargs = dict(max_query_len=17, split_one_token=split, one_token_prefix=prefix,
+                  k_scale=k_scale)
+    want = prefill_attention(*args, **kwargs)
+    buffer = torch.full((query.shape[0] + 5, *query.shape[1:]), float("nan"), device=DEVICE)
+    got = prefill_attention(*args, **kwargs, out=buffer[:query.shape[0]])
+    assert got.data_ptr() == buffer.data_ptr()
+    assert torch.equal(buffer[:query.shape[0]], want)
+    assert buffer[query.shape[0]:].isnan().all()
+
+
+def test_prefill_attention_refuses_an_out_it_cannot_write():
+    from kernels.prefill_attention import prefill_attention
+
+    meta, num_blocks = _metadata([20, 3], [2, 1], 16, 4, DEVICE)
+    query, _, _, key_cache, value_cache, _ = _step(3, num_blocks, 16)
+    for out in (torch.empty(4, *query.shape[1:], device=DEVICE),
+                torch.empty_like(query, dtype=torch.float16),
+                torch.empty(query.shape[2], *query.shape[:2], device=DEVICE).permute(1, 2, 0)):
+        with pytest.raises(ValueError, match="out must"):
+            prefill_attention(query, key_cache, value_cache, meta.block_tables, meta.seq_lens,
+                              meta.query_start_loc, 0.2, out=out)
+
+
 class _Cuts:
     """Stands where worker_svc.piecewise_graph.Capture does during a capture: keeps each
     call's closure and hands back a buffer for the output."""
@@ -239,7 +275,10 @@ def test_a_captured_call_replays_as_the_direct_call(rotary_path):
     assert placeholder.isnan().all() and len(cuts.calls) == 1
     assert torch.equal(key_cache, ref_caches[0])  # nothing ran
     attend, *_ = cuts.calls[0]
-    got = attend(*[t[:n] for t in padded], meta, n)
+    shared_out = torch.full((n + 9, *query.shape[1:]), float("nan"), device=DEVICE)
+    got = attend(*[t[:n] for t in padded], meta, shared_out[:n])
+    assert got.data_ptr() == shared_out.data_ptr()  # written in place
+    assert shared_out[n:].isnan().all()
     want = call(backend, query.clone(), key.clone(), value.clone(), *ref_caches)
     assert_close(got, want, "attention output")
     assert_close(key_cache, ref_caches[0], "key_cache")

@@ -29,30 +29,35 @@ class TritonAttentionBackend(AttentionBackend):
                 metadata: AttentionMetadata, scale: float,
                 sliding_window: int | None = None,
                 logit_softcap: float | None = None,
-                kv_scales: tuple[float, float] | None = None) -> torch.Tensor:
+                kv_scales: tuple[float, float] | None = None, *,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+        """``AttentionBackend.forward``; ``out``: ``[T, H, D]`` to write into (a view of a
+        larger buffer is fine), instead of a new tensor."""
         if self.piecewise is not None:
             return self.piecewise.cut(
-                lambda q, k, v, meta, n: self.forward(q, k, v, key_cache, value_cache, meta,
+                lambda q, k, v, meta, o: self.forward(q, k, v, key_cache, value_cache, meta,
                                                       scale, sliding_window, logit_softcap,
-                                                      kv_scales),
+                                                      kv_scales, out=o),
                 query, key, value, metadata)
         k_scale, v_scale = self.scales_for(kv_scales, key_cache)
         write_kv_cache(key, value, key_cache, value_cache, metadata.slot_mapping,
                        k_scale, v_scale)
         return self._attend(query, key_cache, value_cache, metadata, scale, sliding_window,
-                            logit_softcap, k_scale, v_scale)
+                            logit_softcap, k_scale, v_scale, out)
 
     def forward_rotary(self, positions: torch.Tensor, rotary: RotaryLike, query: torch.Tensor,
                        key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
                        value_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
                        sliding_window: int | None = None,
                        logit_softcap: float | None = None,
-                       kv_scales: tuple[float, float] | None = None) -> torch.Tensor:
+                       kv_scales: tuple[float, float] | None = None, *,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
+        """``AttentionBackend.forward_rotary``; ``out`` as in ``forward``."""
         if self.piecewise is not None:
             return self.piecewise.cut(
-                lambda q, k, v, meta, n: self.forward_rotary(
-                    positions[:n], rotary, q, k, v, key_cache, value_cache, meta, scale,
-                    sliding_window, logit_softcap, kv_scales),
+                lambda q, k, v, meta, o: self.forward_rotary(
+                    positions[:q.shape[0]], rotary, q, k, v, key_cache, value_cache, meta,
+                    scale, sliding_window, logit_softcap, kv_scales, out=o),
                 query, key, value, metadata)
         k_scale, v_scale = self.scales_for(kv_scales, key_cache)
         # One launch rotates the queries and writes rotated keys and values to the cache.
@@ -60,12 +65,12 @@ class TritonAttentionBackend(AttentionBackend):
                               metadata.slot_mapping, rotary.cos_sin_cache,
                               rotary.is_neox_style, k_scale, v_scale)
         return self._attend(query, key_cache, value_cache, metadata, scale, sliding_window,
-                            logit_softcap, k_scale, v_scale)
+                            logit_softcap, k_scale, v_scale, out)
 
     def _attend(self, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                 metadata: AttentionMetadata, scale: float, sliding_window: int | None,
                 logit_softcap: float | None = None, k_scale: float = 1.0,
-                v_scale: float = 1.0) -> torch.Tensor:
+                v_scale: float = 1.0, out: torch.Tensor | None = None) -> torch.Tensor:
         stride = self.stride_for(sliding_window)
         # The decode kernel wants exactly one query row per request; anything else
         # (e.g. padded rows without padded seq_lens) takes the general kernel.
@@ -76,7 +81,7 @@ class TritonAttentionBackend(AttentionBackend):
                                           max_seq_len=metadata.max_seq_len,
                                           logit_softcap=logit_softcap,
                                           attention_stride=stride, k_scale=k_scale,
-                                          v_scale=v_scale)
+                                          v_scale=v_scale, out=out)
         return prefill_attention(query, key_cache, value_cache, metadata.block_tables,
                                  metadata.seq_lens, metadata.query_start_loc, scale,
                                  sliding_window, max_query_len=metadata.max_query_len,
@@ -86,4 +91,4 @@ class TritonAttentionBackend(AttentionBackend):
                                  # Nothing to split off without one-query requests.
                                  split_one_token=False if metadata.num_one_token == 0
                                  else None,
-                                 one_token_prefix=metadata.one_token_prefix)
+                                 one_token_prefix=metadata.one_token_prefix, out=out)
