@@ -51,6 +51,7 @@ from kernels._utils import (
     INDEX_DTYPES,
     can_unpack_e4m3_words,
     check_scale,
+    check_shape,
     check_tensor,
     dot_precision,
     e4m3_words_to_f16,
@@ -558,9 +559,7 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
         if out is not None:
             check_tensor("out", out, ndim=3, dtypes=(query.dtype,), device=query.device,
                          last_dim_contiguous=True)
-            if out.shape != query.shape:
-                raise ValueError(f"out must have query's shape {tuple(query.shape)}, got "
-                                 f"{tuple(out.shape)}.")
+            check_shape("out", out, query.shape)
     scale = float(scale) * k_scale
     softcap_mul, softcap_log2 = softcap_args(scale, logit_softcap)
     block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]

@@ -37,6 +37,8 @@ from kernels._utils import (
     PREFILL_TMA,
     SPLIT_ONE_TOKEN,
     capability,
+    check_shape,
+    check_tensor,
     dot_precision,
     is_interpreter,
     next_power_of_2,
@@ -493,12 +495,9 @@ def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
         raise ValueError(f"one_token_prefix must be in [0, {seq_lens.shape[0]}], got "
                          f"{one_token_prefix}.")
     if out is not None:
-        if (out.shape != query.shape or out.dtype != query.dtype
-                or out.device != query.device or out.stride(-1) != 1):
-            raise ValueError(f"out must be a {tuple(query.shape)} {query.dtype} tensor on "
-                             f"{query.device} with its last dim contiguous, got "
-                             f"{tuple(out.shape)} {out.dtype} on {out.device}, strides "
-                             f"{out.stride()}.")
+        check_tensor("out", out, dtypes=(query.dtype,), device=query.device,
+                     last_dim_contiguous=True)
+        check_shape("out", out, query.shape)
         if split and not one_token_prefix:
             # The gathered split writes a row past the batch: through its own buffer.
             return out.copy_(prefill_attention(

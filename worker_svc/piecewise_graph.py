@@ -35,22 +35,22 @@ from collections.abc import Callable
 
 import torch
 
+from kernels._utils import _env_switch
 from worker_svc.input_batch import BatchInputs
 from worker_svc.layers.attention import AttentionMetadata
 
 logger = logging.getLogger(__name__)
 
 
-def _env_int(name: str, default: int, choices: tuple[int, ...] | None = None) -> int:
+def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name, str(default))
-    if not value.isdigit() or (choices is not None and int(value) not in choices):
-        expected = " or ".join(map(str, choices)) if choices else "a whole number"
-        raise ValueError(f"{name} must be {expected}, got {value!r}.")
+    if not value.isdigit():
+        raise ValueError(f"{name} must be a whole number, got {value!r}.")
     return int(value)
 
 
 # GRIDLLM_PIECEWISE_GRAPHS=0 before start keeps prefill and mixed steps eager.
-ENABLED = _env_int("GRIDLLM_PIECEWISE_GRAPHS", 1, choices=(0, 1)) == 1
+ENABLED = _env_switch("GRIDLLM_PIECEWISE_GRAPHS")
 # The largest step captured, in tokens (capped by max_num_batched_tokens; below 16,
 # none): past it the GPU's time for a step outgrows the host's launches (Llama-3-8B on an
 # H100: ~1,000 tokens).
