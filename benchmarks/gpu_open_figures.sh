@@ -52,6 +52,12 @@
 #                        prefill and mixed steps from graphs cut at attention: their GPU
 #                        tests, then step periods of 512- and 2,048-token steps with them
 #                        and with GRIDLLM_PIECEWISE_GRAPHS=0 (past the default budget)
+#   busy_prompt, busy_prompt_eager
+#                        GPU busy fraction, kernels and host profile of 512-token prompt
+#                        steps, with graphs cut at attention and without (past the budget)
+#   piecewise_fp8, piecewise_fp8_eager
+#                        the 512-token prompt steps' periods with FP8 weights and KV cache,
+#                        with graphs cut at attention and without (past the budget)
 # Results: $OUT/open.log (each step's output tail), $OUT/<step>.log, $OUT/*.json.
 set -u
 
@@ -126,4 +132,12 @@ MID="$PY benchmarks/step_periods.py --model random:llama3-8b --num-prompts 256
 step piecewise_mixed 120 $MID --output "$OUT/piecewise_mixed.json"
 GRIDLLM_PIECEWISE_GRAPHS=0 step piecewise_mixed_eager 120 $MID \
   --output "$OUT/piecewise_mixed_eager.json"
+BUSY="$PY -m gridllm.bench.gpu_busy --model random:llama3-8b --batch-size 4 --input-len 2048
+  --prompt-chunk 512 --num-steps 12 --host-profile"
+step busy_prompt 120 $BUSY --output "$OUT/busy_prompt.json"
+GRIDLLM_PIECEWISE_GRAPHS=0 step busy_prompt_eager 120 $BUSY --output "$OUT/busy_prompt_eager.json"
+step piecewise_fp8 90 $SMALL --quantization fp8 --kv-cache-dtype fp8 \
+  --output "$OUT/piecewise_fp8.json"
+GRIDLLM_PIECEWISE_GRAPHS=0 step piecewise_fp8_eager 90 $SMALL --quantization fp8 \
+  --kv-cache-dtype fp8 --output "$OUT/piecewise_fp8_eager.json"
 echo "results in $OUT" | tee -a "$LOG"

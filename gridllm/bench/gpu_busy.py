@@ -2,6 +2,10 @@
 
     python -m gridllm.bench.gpu_busy --model random:llama3-8b --batch-size 1
 
+``--prompt-chunk N`` looks at prompt steps instead: ``--batch-size`` prompts of
+``--input-len`` tokens computed N tokens a step (chunked prefill), each measured phase on
+fresh prompts.
+
 Runs a short greedy generation in-process under ``torch.profiler`` and reports, over the
 decode part, the fraction of wall time during which at least one GPU kernel ran (the union
 of kernel intervals), milliseconds per step, and the kernels taking the most time; the same
@@ -43,6 +47,26 @@ def _run_steps(engine, num_steps: int) -> float:
     return time.perf_counter() - start
 
 
+class _CountTokens:
+    """Within the block, the tokens of each step the engine launches, in order."""
+
+    def __init__(self, runner) -> None:
+        self.runner, self.tokens = runner, []
+
+    def __enter__(self) -> list[int]:
+        launch = self.runner.execute_model_async
+
+        def counted(output):
+            self.tokens.append(output.total_num_scheduled_tokens)
+            return launch(output)
+
+        self.runner.execute_model_async = counted
+        return self.tokens
+
+    def __exit__(self, *exc) -> None:
+        del self.runner.execute_model_async
+
+
 def busy_fraction(intervals: list[tuple[float, float]], start: float, end: float) -> float:
     """Fraction of ``[start, end]`` covered by the union of ``intervals``."""
     if end <= start:
@@ -59,15 +83,18 @@ def busy_fraction(intervals: list[tuple[float, float]], start: float, end: float
 def profile_decode(model: str, batch_size: int = 1, input_len: int = 128,
                    num_steps: int = 32, trace: str | None = None,
                    max_steps_in_flight: int | None = None, quantization: str | None = None,
-                   kv_cache_dtype: str = "auto", host_profile: bool = False) -> dict[str, Any]:
+                   kv_cache_dtype: str = "auto", host_profile: bool = False,
+                   prompt_chunk: int | None = None) -> dict[str, Any]:
     """Profile ``num_steps`` decode steps of ``batch_size`` requests (prefill excluded),
     with the engine's step overlap (``max_steps_in_flight``; None: its default), weights
     and KV cache as ``quantization`` / ``kv_cache_dtype`` say. ``host_profile``: then as many
     decode steps of a fresh batch under cProfile, the host functions taking the most time.
+    ``prompt_chunk``: prompt steps of that many tokens instead (``max_num_batched_tokens``),
+    the ``num_steps`` steps all within the prompts of ``batch_size`` fresh requests.
 
     Returns:
-        ``gpu_busy_fraction``, ``ms_per_step`` (wall), ``kernel_ms_per_step`` and the top
-        kernels by total time.
+        ``gpu_busy_fraction``, ``ms_per_step`` (wall), ``kernel_ms_per_step``, the top
+        kernels by total time, and ``tokens_per_step`` of the unprofiled steps.
     """
     import torch
     import torch.profiler as tp
@@ -76,37 +103,57 @@ def profile_decode(model: str, batch_size: int = 1, input_len: int = 128,
     from gridllm.bench.throughput import ThroughputConfig, build_llm
     from gridllm.common.sampling_params import SamplingParams
 
-    llm = build_llm(ThroughputConfig(model=model, max_num_seqs=max(batch_size, 1),
-                                     quantization=quantization, kv_cache_dtype=kv_cache_dtype))
+    if prompt_chunk is not None and (prompt_chunk < 1
+                                     or batch_size * input_len < num_steps * prompt_chunk):
+        raise ValueError(
+            f"prompt_chunk must be >= 1 and num_steps * prompt_chunk at most batch_size * "
+            f"input_len ({batch_size} * {input_len}), got prompt_chunk={prompt_chunk}, "
+            f"num_steps={num_steps}.")
+    config = ThroughputConfig(model=model, max_num_seqs=max(batch_size, 1),
+                              quantization=quantization, kv_cache_dtype=kv_cache_dtype)
+    if prompt_chunk is not None:
+        config.max_num_batched_tokens = prompt_chunk
+        config.max_model_len = input_len + 8
+    llm = build_llm(config)
     engine = llm.engine
     if max_steps_in_flight is not None:
         engine.max_steps_in_flight = max_steps_in_flight
-    requests = random_requests(2 * batch_size, (input_len, input_len), (1, 1),
+    # Prompt steps: each phase (warm-up, plain, profiled, host) on prompts of its own, so
+    # none is served from the prefix cache.
+    phases = 4 if prompt_chunk is not None else 2
+    requests = random_requests(phases * batch_size, (input_len, input_len), (1, 1),
                                engine.vocab_size, seed=0)
-    params = SamplingParams(temperature=0.0, max_tokens=2 * num_steps + 8, ignore_eos=True)
+    batches = [requests[i * batch_size:(i + 1) * batch_size] for i in range(phases)]
+    if prompt_chunk is not None:
+        params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    else:
+        params = SamplingParams(temperature=0.0, max_tokens=2 * num_steps + 8,
+                                ignore_eos=True)
     # Warm-up pass: compilation and graph capture happen outside the profile.
-    llm.generate([{"prompt_token_ids": r.prompt_token_ids} for r in requests[batch_size:]],
+    llm.generate([{"prompt_token_ids": r.prompt_token_ids} for r in batches[1]],
                  SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
                  use_tqdm=False)
-    for i, r in enumerate(requests[:batch_size]):
-        engine.add_request(engine.make_request(f"profile-{i}", r.prompt_token_ids, params))
-    _prefill(engine)
-    _synchronize()
+    _add(engine, "profile", batches[0], params, prefill=prompt_chunk is None)
     # The same number of steps without the profiler, whose own host work slows the steps.
-    plain_s = _run_steps(engine, num_steps)
+    with _CountTokens(engine.runner) as tokens:
+        plain_s = _run_steps(engine, num_steps)
+    if prompt_chunk is not None:
+        _drain(engine)
+        _add(engine, "traced", batches[2], params, prefill=False)
     with tp.profile(activities=[tp.ProfilerActivity.CPU, tp.ProfilerActivity.CUDA]) as prof:
         wall_s = _run_steps(engine, num_steps)
-    while engine.has_unfinished_requests():
-        engine.step()
-    host = _host_profile(engine, requests[:batch_size], params, num_steps) if host_profile \
-        else None
+    _drain(engine)
+    host = _host_profile(engine, batches[-1 if prompt_chunk is not None else 0], params,
+                         num_steps, prefill=prompt_chunk is None) if host_profile else None
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     intervals = [(e.time_range.start, e.time_range.end) for e in kernels]
     result: dict[str, Any] = {"model": model, "batch_size": batch_size,
+                              "input_len": input_len, "prompt_chunk": prompt_chunk,
                               "quantization": quantization, "kv_cache_dtype": kv_cache_dtype,
                               "max_steps_in_flight": engine.max_steps_in_flight,
                               "num_steps": num_steps, "ms_per_step": wall_s * 1e3 / num_steps,
                               "ms_per_step_unprofiled": plain_s * 1e3 / num_steps,
+                              "tokens_per_step": tokens[:num_steps],
                               "launch_dependent":
                                   os.environ.get("GRIDLLM_LAUNCH_DEPENDENT", "1") != "0"}
     if intervals:
@@ -131,6 +178,20 @@ def profile_decode(model: str, batch_size: int = 1, input_len: int = 128,
     return result
 
 
+def _add(engine, prefix: str, requests, params, *, prefill: bool) -> None:
+    """Add ``requests``; with ``prefill``, step until their prompts are computed."""
+    for i, r in enumerate(requests):
+        engine.add_request(engine.make_request(f"{prefix}-{i}", r.prompt_token_ids, params))
+    if prefill:
+        _prefill(engine)
+    _synchronize()
+
+
+def _drain(engine) -> None:
+    while engine.has_unfinished_requests():
+        engine.step()
+
+
 def _prefill(engine) -> None:
     """Step until every request added has computed its prompt (a batch's prompts may take
     several chunked-prefill steps): what follows are decode steps only."""
@@ -140,23 +201,21 @@ def _prefill(engine) -> None:
         engine.step()
 
 
-def _host_profile(engine, requests, params, num_steps: int, top: int = 30) -> dict[str, float]:
+def _host_profile(engine, requests, params, num_steps: int, top: int = 30, *,
+                  prefill: bool = True) -> dict[str, float]:
     """Milliseconds per step of the host functions with the most own time (cProfile over
-    ``num_steps`` decode steps of ``requests``)."""
+    ``num_steps`` steps of ``requests``: decode steps with ``prefill``, else their first
+    steps, prompt steps where the prompts are long enough)."""
     import cProfile
     import pstats
 
-    for i, r in enumerate(requests):
-        engine.add_request(engine.make_request(f"host-{i}", r.prompt_token_ids, params))
-    _prefill(engine)
-    _synchronize()
+    _add(engine, "host", requests, params, prefill=prefill)
     profiler = cProfile.Profile()
     profiler.enable()
     for _ in range(num_steps):
         engine.step()
     profiler.disable()
-    while engine.has_unfinished_requests():
-        engine.step()
+    _drain(engine)
     stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
     rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
     total = sum(v[2] for v in stats.values())
@@ -182,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trace", default=None, help="also write the Chrome trace here")
     p.add_argument("--host-profile", action="store_true",
                    help="also profile the host (cProfile) over as many steps of a fresh batch")
+    p.add_argument("--prompt-chunk", type=int, default=None,
+                   help="profile prompt steps of this many tokens instead of decode steps")
     p.add_argument("--output", default=None, help="write the result as JSON here")
     args = p.parse_args(argv)
     from gridllm.bench.report import write_json
@@ -190,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()
     result = profile_decode(args.model, args.batch_size, args.input_len, args.num_steps,
                             args.trace, args.max_steps_in_flight, args.quantization,
-                            args.kv_cache_dtype, args.host_profile)
+                            args.kv_cache_dtype, args.host_profile, args.prompt_chunk)
     write_json(args.output, result)
     sys.stdout.write(json.dumps(result, indent=2) + "\n")
     return 0

@@ -14,7 +14,7 @@ import torch
 
 from gridllm.bench import main as bench_main
 from gridllm.bench.datasets import parse_range, random_requests, special_token_ids
-from gridllm.bench.gpu_busy import busy_fraction
+from gridllm.bench.gpu_busy import busy_fraction, profile_decode
 from gridllm.bench.metrics import RequestRecord, compute_serve_metrics, summarize
 from gridllm.bench.roofline import decode_weight_bytes, model_decode_weight_bytes, roofline
 from gridllm.bench.serve import ServeConfig, arrival_delays, parse_rates, run_serve_async
@@ -300,3 +300,19 @@ def test_llm_runs_a_random_preset_without_tokenizer():
                        SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
                        use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 4 and out[0].outputs[0].text == ""
+
+
+def test_gpu_busy_prompt_steps_are_chunks_of_the_prompts():
+    # 2 prompts of 64 tokens at 32 a step: the 4 measured steps are prompt chunks only.
+    result = profile_decode(TINY, batch_size=2, input_len=64, num_steps=4, prompt_chunk=32,
+                            host_profile=True)
+    assert result["tokens_per_step"] == [32, 32, 32, 32]
+    assert result["prompt_chunk"] == 32 and result["ms_per_step_unprofiled"] > 0
+    assert result["host_ms_per_step"]["(all functions, own time)"] > 0
+    decode = profile_decode(TINY, batch_size=3, input_len=16, num_steps=2)
+    assert decode["tokens_per_step"] == [3, 3]
+
+
+def test_gpu_busy_prompt_steps_must_fit_the_prompts():
+    with pytest.raises(ValueError, match="prompt_chunk"):
+        profile_decode(TINY, batch_size=2, input_len=64, num_steps=5, prompt_chunk=32)
