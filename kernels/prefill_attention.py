@@ -449,7 +449,7 @@ def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
                       batch_cache: dict | None = None,
                       split_one_token: bool | None = None,
                       one_token_prefix: int = 0,
-                      out: torch.Tensor | None = None) -> torch.Tensor:
+                      out: torch.Tensor | None = None, *, check: bool = True) -> torch.Tensor:
     """Drop-in for ``torch_ref.paged_attention`` (any mix of prefill, extend and decode).
 
     Args:
@@ -483,27 +483,33 @@ def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
             rows ``[0, one_token_prefix)``, instead of a gather and a scatter.
         out: ``[T, H, D]`` in query's dtype, last dim contiguous (a view of a larger
             buffer is fine), to write into instead of a new tensor.
+        check: validate the arguments; ``False`` only for a caller that has, for a batch
+            of the same layout (the graphs cut at attention check a step's first call of
+            each KV group: its other layers' calls differ only in their caches, allocated
+            alike).
     Returns:
         ``out`` or a new ``[T, H, D]`` tensor in query's dtype (rows outside every
         request's range are left unwritten).
     """
-    check_prefill_args(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc,
-                       k_scale, v_scale)
-    check_pattern(sliding_window, attention_stride)
+    if check:
+        check_prefill_args(query, key_cache, value_cache, block_tables, seq_lens,
+                           query_start_loc, k_scale, v_scale)
+        check_pattern(sliding_window, attention_stride)
+        if not 0 <= one_token_prefix <= seq_lens.shape[0]:
+            raise ValueError(f"one_token_prefix must be in [0, {seq_lens.shape[0]}], got "
+                             f"{one_token_prefix}.")
+        if out is not None:
+            check_tensor("out", out, dtypes=(query.dtype,), device=query.device,
+                         last_dim_contiguous=True)
+            check_shape("out", out, query.shape)
     split = SPLIT_ONE_TOKEN if split_one_token is None else split_one_token
-    if not 0 <= one_token_prefix <= seq_lens.shape[0]:
-        raise ValueError(f"one_token_prefix must be in [0, {seq_lens.shape[0]}], got "
-                         f"{one_token_prefix}.")
     if out is not None:
-        check_tensor("out", out, dtypes=(query.dtype,), device=query.device,
-                     last_dim_contiguous=True)
-        check_shape("out", out, query.shape)
         if split and not one_token_prefix:
             # The gathered split writes a row past the batch: through its own buffer.
             return out.copy_(prefill_attention(
                 query, key_cache, value_cache, block_tables, seq_lens, query_start_loc,
                 scale, sliding_window, max_query_len, logit_softcap, attention_stride,
-                k_scale, v_scale, launch, batch_cache, split_one_token))
+                k_scale, v_scale, launch, batch_cache, split_one_token, check=False))
     scale = float(scale) * k_scale
     softcap_mul, softcap_log2 = softcap_args(scale, logit_softcap)
     # With the split and the one-query requests' rows unknown on the host, a row past the

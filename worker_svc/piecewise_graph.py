@@ -15,14 +15,17 @@ token 0 at position 0 and whatever attention output an earlier step left there, 
 result of theirs is read (attention runs on the first ``T`` rows only; every other op is
 per row, FP8 activations included: they are scaled per token).
 
-During capture the attention backend hands each call to ``Capture.cut``: the queries,
-keys and values are copied (inside the graph) into buffers shared by every layer and
-size, the graph ends, and the call is recorded as a closure over what does not change
-(caches, the rotary table, scales, the layer's window), to run at replay on the shared
-buffers and the step's metadata (its KV group's view). The attention writes its output
-into one shared buffer (``out=``), which the next graph reads. The copies cost a read
-and a write of q/k/v a layer (estimated at ~1% of such a step's GPU time); sharing the
-buffers keeps the graphs' memory at about one eager step's activations.
+During capture the attention backend writes the layer's keys and values to the cache
+inside the graph (rotary fused where the model rotates there), at the step's slots, which
+the runner copies into a static buffer per KV group before the first graph (-1 past the
+step's tokens: nothing written). It then hands the attention call to ``Capture.cut``: the
+queries are copied (inside the graph) into a buffer shared by every layer and size, the
+graph ends, and the call is recorded as a closure over what does not change (caches,
+scales, the layer's window), to run at replay on the shared buffer and the step's
+metadata (its KV group's view). The attention writes its output into one shared buffer
+(``out=``), which the next graph reads. The copy costs a read and a write of the queries a
+layer; sharing the buffers keeps the graphs' memory at about one eager step's
+activations. Between two graphs the host launches the attention kernels only.
 """
 
 from __future__ import annotations
@@ -60,9 +63,10 @@ DEFAULT_MAX_TOKENS = _env_int("GRIDLLM_PIECEWISE_MAX_TOKENS", 2048)
 # 128 beyond, so a step past 128 tokens pads by at most an eighth (below, by < 16).
 _LADDER = ((16, 256), (32, 512), (64, 1024), (128, None))
 
-# Attend(query, key, value, metadata, out): the recorded call, writing into ``out``.
-Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata,
-                   torch.Tensor], torch.Tensor]
+# Attend(query, metadata, out, check): the recorded call, writing into ``out`` (the cache
+# holds the step's keys and values by then); ``check``: validate the arguments (a step's
+# first call of each KV group does; the others differ only in their layer's caches).
+Attend = Callable[[torch.Tensor, AttentionMetadata, torch.Tensor, bool], torch.Tensor]
 
 
 def token_ladder(max_tokens: int) -> list[int]:
@@ -88,8 +92,6 @@ class _Call:
     attend: Attend
     group: int | None  # the KV group's metadata view (None: the step's metadata)
     query: torch.Tensor  # the shared buffers, full length
-    key: torch.Tensor
-    value: torch.Tensor
     out: torch.Tensor
 
 
@@ -131,18 +133,22 @@ class Capture:
             except RuntimeError:
                 pass
 
-    def cut(self, attend: Attend, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    def slot_mapping(self, metadata: AttentionMetadata) -> torch.Tensor:
+        """The slots the captured cache writes of ``metadata``'s KV group use: the static
+        buffer ``PiecewiseGraphRunner.run`` fills with the step's before each replay."""
+        return self.owner.slot_mappings[self._group_of(metadata) or 0][:self.size]
+
+    def cut(self, attend: Attend, query: torch.Tensor,
             metadata: AttentionMetadata) -> torch.Tensor:
-        """An attention call of the captured forward: returns the buffer its output will
-        be in, for the next graph to read."""
+        """An attention call of the captured forward (the step's keys and values already
+        written to the cache inside the graph): returns the buffer its output will be in,
+        for the next graph to read."""
         n = self.size
-        buffers = [self.owner.buffer(name, t) for name, t in
-                   (("query", query), ("key", key), ("value", value))]
-        for buffer, t in zip(buffers, (query, key, value), strict=True):
-            buffer[:n].copy_(t)
+        buffer = self.owner.buffer("query", query)
+        buffer[:n].copy_(query)
         out = self.owner.buffer("out", query)
         self.end()
-        self.calls.append(_Call(attend, self._group_of(metadata), *buffers, out))
+        self.calls.append(_Call(attend, self._group_of(metadata), buffer, out))
         self.begin()
         return out[:n]
 
@@ -178,6 +184,9 @@ class PiecewiseGraphRunner:
         n = self.max_tokens
         self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
         self.positions = torch.zeros(n, dtype=torch.int32, device=device)
+        # Per KV group, the step's slots (-1: no write), read by the captured cache writes.
+        self.slot_mappings = [torch.full((n,), -1, dtype=torch.long, device=device)
+                              for _ in range(num_groups)]
         self.output: torch.Tensor | None = None
         self._buffers: dict[tuple, torch.Tensor] = {}
         self.pieces: dict[int, _Pieces] = {}
@@ -257,10 +266,17 @@ class PiecewiseGraphRunner:
         self.input_ids[n:size].zero_()
         self.positions[:n].copy_(batch.positions, non_blocking=True)
         self.positions[n:size].zero_()
+        views = [metadata] if metadata.groups is None else metadata.groups
+        for slots, view in zip(self.slot_mappings, views, strict=True):
+            m = view.slot_mapping.shape[0]
+            slots[:m].copy_(view.slot_mapping, non_blocking=True)
+            slots[m:size].fill_(-1)
         pieces.graphs[0].replay()
+        checked: set[int | None] = set()
         for call, graph in zip(pieces.calls, pieces.graphs[1:], strict=True):
             view = metadata if call.group is None else metadata.groups[call.group]
-            call.attend(call.query[:n], call.key[:n], call.value[:n], view, call.out[:n])
+            call.attend(call.query[:n], view, call.out[:n], call.group not in checked)
+            checked.add(call.group)
             graph.replay()
         self.num_replays += 1
         return self.output[:n]

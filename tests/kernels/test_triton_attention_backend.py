@@ -232,23 +232,28 @@ def test_prefill_attention_refuses_an_out_it_cannot_write():
 
 
 class _Cuts:
-    """Stands where worker_svc.piecewise_graph.Capture does during a capture: keeps each
-    call's closure and hands back a buffer for the output."""
+    """Stands where worker_svc.piecewise_graph.Capture does during a capture: static slots
+    for the cache writes, each call's closure kept, a buffer handed back for the output."""
 
-    def __init__(self):
+    def __init__(self, slots):
+        self.slots = slots
         self.calls = []
 
-    def cut(self, attend, query, key, value, metadata):
-        self.calls.append((attend, query, key, value, metadata))
+    def slot_mapping(self, metadata):
+        return self.slots
+
+    def cut(self, attend, query, metadata):
+        self.calls.append((attend, query.clone(), metadata))
         return torch.full_like(query, float("nan"))
 
 
 @pytest.mark.parametrize("rotary_path", [False, True])
 def test_a_captured_call_replays_as_the_direct_call(rotary_path):
-    """While a capture is on, the backend does nothing but hand the call over; its closure,
-    run later on copies of the inputs padded with more rows (the graphs' shared buffers,
-    sliced to the step's tokens) and the step's metadata, computes what the direct call
-    computes, caches included."""
+    """While a capture is on, the backend writes the cache at the capture's static slots
+    (the step's, -1 on padded rows, as the runner fills them before a replay) and hands the
+    attention over; its closure, run later on the queries as handed over (the graphs'
+    shared buffer, sliced to the step's tokens) and the step's metadata, computes what the
+    direct call computes, caches included."""
     seq_lens, query_lens, block_size = [20, 3, 33], [5, 1, 17], 16
     meta, num_blocks = _metadata(seq_lens, query_lens, block_size, 4, DEVICE)
     meta = dataclasses.replace(meta, slot_mapping=meta.slot_mapping[:-1])
@@ -262,6 +267,8 @@ def test_a_captured_call_replays_as_the_direct_call(rotary_path):
               for t in (query, key, value)]
     static_positions = torch.cat([positions, torch.zeros(9, dtype=positions.dtype,
                                                          device=DEVICE)])
+    static_slots = torch.cat([meta.slot_mapping.long(),
+                              torch.full((9,), -1, dtype=torch.long, device=DEVICE)])
 
     def call(b, q, k, v, kc, vc):
         if rotary_path:
@@ -269,17 +276,19 @@ def test_a_captured_call_replays_as_the_direct_call(rotary_path):
                                     meta, 0.2, 8)
         return b.forward(q, k, v, kc, vc, meta, 0.2, 8)
 
-    backend.piecewise = cuts = _Cuts()
+    backend.piecewise = cuts = _Cuts(static_slots)
     placeholder = call(backend, *[t.clone() for t in padded], key_cache, value_cache)
     backend.piecewise = None
     assert placeholder.isnan().all() and len(cuts.calls) == 1
-    assert torch.equal(key_cache, ref_caches[0])  # nothing ran
-    attend, *_ = cuts.calls[0]
+    attend, handed_query, _ = cuts.calls[0]
     shared_out = torch.full((n + 9, *query.shape[1:]), float("nan"), device=DEVICE)
-    got = attend(*[t[:n] for t in padded], meta, shared_out[:n])
+    got = attend(handed_query[:n], meta, shared_out[:n], True)
     assert got.data_ptr() == shared_out.data_ptr()  # written in place
     assert shared_out[n:].isnan().all()
     want = call(backend, query.clone(), key.clone(), value.clone(), *ref_caches)
     assert_close(got, want, "attention output")
     assert_close(key_cache, ref_caches[0], "key_cache")
     assert_close(value_cache, ref_caches[1], "value_cache")
+    # Unchecked (a step's later layers), the same output.
+    again = attend(handed_query[:n], meta, torch.empty_like(shared_out[:n]), False)
+    assert_close(again, want, "attention output, unchecked")

@@ -20,8 +20,9 @@ class TritonAttentionBackend(AttentionBackend):
     name = "triton"
     supports_logit_softcap = True
     # While a forward is captured into CUDA graphs cut at attention
-    # (worker_svc.piecewise_graph.Capture): each call ends the graph there, to run
-    # eagerly between graphs at replay.
+    # (worker_svc.piecewise_graph.Capture): each call writes the cache inside the graph at
+    # the capture's static slots, then ends the graph, its attention to run eagerly
+    # between graphs at replay.
     piecewise = None
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -33,15 +34,14 @@ class TritonAttentionBackend(AttentionBackend):
                 out: torch.Tensor | None = None) -> torch.Tensor:
         """``AttentionBackend.forward``; ``out``: ``[T, H, D]`` to write into (a view of a
         larger buffer is fine), instead of a new tensor."""
-        if self.piecewise is not None:
-            return self.piecewise.cut(
-                lambda q, k, v, meta, o: self.forward(q, k, v, key_cache, value_cache, meta,
-                                                      scale, sliding_window, logit_softcap,
-                                                      kv_scales, out=o),
-                query, key, value, metadata)
         k_scale, v_scale = self.scales_for(kv_scales, key_cache)
-        write_kv_cache(key, value, key_cache, value_cache, metadata.slot_mapping,
-                       k_scale, v_scale)
+        capture = self.piecewise
+        write_kv_cache(key, value, key_cache, value_cache,
+                       metadata.slot_mapping if capture is None
+                       else capture.slot_mapping(metadata), k_scale, v_scale)
+        if capture is not None:
+            return self._cut(capture, query, key_cache, value_cache, metadata, scale,
+                             sliding_window, logit_softcap, k_scale, v_scale)
         return self._attend(query, key_cache, value_cache, metadata, scale, sliding_window,
                             logit_softcap, k_scale, v_scale, out)
 
@@ -53,24 +53,36 @@ class TritonAttentionBackend(AttentionBackend):
                        kv_scales: tuple[float, float] | None = None, *,
                        out: torch.Tensor | None = None) -> torch.Tensor:
         """``AttentionBackend.forward_rotary``; ``out`` as in ``forward``."""
-        if self.piecewise is not None:
-            return self.piecewise.cut(
-                lambda q, k, v, meta, o: self.forward_rotary(
-                    positions[:q.shape[0]], rotary, q, k, v, key_cache, value_cache, meta,
-                    scale, sliding_window, logit_softcap, kv_scales, out=o),
-                query, key, value, metadata)
         k_scale, v_scale = self.scales_for(kv_scales, key_cache)
+        capture = self.piecewise
         # One launch rotates the queries and writes rotated keys and values to the cache.
         rotary_kv_cache_write(positions, query, key, value, key_cache, value_cache,
-                              metadata.slot_mapping, rotary.cos_sin_cache,
+                              metadata.slot_mapping if capture is None
+                              else capture.slot_mapping(metadata), rotary.cos_sin_cache,
                               rotary.is_neox_style, k_scale, v_scale)
+        if capture is not None:
+            return self._cut(capture, query, key_cache, value_cache, metadata, scale,
+                             sliding_window, logit_softcap, k_scale, v_scale)
         return self._attend(query, key_cache, value_cache, metadata, scale, sliding_window,
                             logit_softcap, k_scale, v_scale, out)
+
+    def _cut(self, capture, query: torch.Tensor, key_cache: torch.Tensor,
+             value_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
+             sliding_window: int | None, logit_softcap: float | None, k_scale: float,
+             v_scale: float) -> torch.Tensor:
+        """Hands the attention of a captured call to ``capture`` (its cache write is in
+        the graph already)."""
+        return capture.cut(
+            lambda q, meta, o, check: self._attend(q, key_cache, value_cache, meta, scale,
+                                                   sliding_window, logit_softcap, k_scale,
+                                                   v_scale, o, check),
+            query, metadata)
 
     def _attend(self, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                 metadata: AttentionMetadata, scale: float, sliding_window: int | None,
                 logit_softcap: float | None = None, k_scale: float = 1.0,
-                v_scale: float = 1.0, out: torch.Tensor | None = None) -> torch.Tensor:
+                v_scale: float = 1.0, out: torch.Tensor | None = None,
+                check: bool = True) -> torch.Tensor:
         stride = self.stride_for(sliding_window)
         # The decode kernel wants exactly one query row per request; anything else
         # (e.g. padded rows without padded seq_lens) takes the general kernel.
@@ -81,7 +93,7 @@ class TritonAttentionBackend(AttentionBackend):
                                           max_seq_len=metadata.max_seq_len,
                                           logit_softcap=logit_softcap,
                                           attention_stride=stride, k_scale=k_scale,
-                                          v_scale=v_scale, out=out)
+                                          v_scale=v_scale, out=out, check=check)
         return prefill_attention(query, key_cache, value_cache, metadata.block_tables,
                                  metadata.seq_lens, metadata.query_start_loc, scale,
                                  sliding_window, max_query_len=metadata.max_query_len,
@@ -91,4 +103,5 @@ class TritonAttentionBackend(AttentionBackend):
                                  # Nothing to split off without one-query requests.
                                  split_one_token=False if metadata.num_one_token == 0
                                  else None,
-                                 one_token_prefix=metadata.one_token_prefix, out=out)
+                                 one_token_prefix=metadata.one_token_prefix, out=out,
+                                 check=check)
