@@ -98,7 +98,7 @@ def split_k_workspace(split_k: int, rows: int, num_out: int, block_n: int,
     return partials, split_k_counters(unused.device)
 
 
-def _env_switch(name: str, default: bool = True) -> bool:
+def env_switch(name: str, default: bool = True) -> bool:
     """An on/off switch read from the environment at import: 1 on, 0 off, unset
     ``default``."""
     value = os.environ.get(name, "1" if default else "0")
@@ -109,7 +109,7 @@ def _env_switch(name: str, default: bool = True) -> bool:
 
 # Programmatic dependent launch of the decode path's kernels (set GRIDLLM_LAUNCH_DEPENDENT=0
 # before start to turn it off).
-LAUNCH_DEPENDENT = _env_switch("GRIDLLM_LAUNCH_DEPENDENT")
+LAUNCH_DEPENDENT = env_switch("GRIDLLM_LAUNCH_DEPENDENT")
 
 
 @functools.cache
@@ -151,25 +151,25 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 # The FP8 word paths (attention's value tiles, the batch-1 e4m3 GEMV); GRIDLLM_FP8_WORDS=0
 # turns them off, for A/B runs.
-FP8_WORDS = _env_switch("GRIDLLM_FP8_WORDS")
+FP8_WORDS = env_switch("GRIDLLM_FP8_WORDS")
 
 # Prefill attention's TMA kernel (Hopper+, cache blocks of 32+ tokens);
 # GRIDLLM_PREFILL_TMA=0 leaves every prefill to the pointer kernel, for A/B runs.
-PREFILL_TMA = _env_switch("GRIDLLM_PREFILL_TMA")
+PREFILL_TMA = env_switch("GRIDLLM_PREFILL_TMA")
 
 # The batch-1 e4m3 GEMV with products in float16 pairs (kernels.gemv), off until it has been
 # measured on a GPU: GRIDLLM_GEMV_F16=1 makes it the one-row e4m3 GEMV.
-GEMV_F16 = _env_switch("GRIDLLM_GEMV_F16", default=False)
+GEMV_F16 = env_switch("GRIDLLM_GEMV_F16", default=False)
 
 # The warp-specialized Gluon prefill kernel (Hopper) takes the batches it serves;
 # GRIDLLM_GLUON_PREFILL=0 leaves every batch to the Triton kernels (A/B runs).
-GLUON_PREFILL = _env_switch("GRIDLLM_GLUON_PREFILL", default=True)
+GLUON_PREFILL = env_switch("GRIDLLM_GLUON_PREFILL", default=True)
 
 # A step's one-query requests through the decode kernel instead of a prefill kernel's
 # query tiles (kernels.prefill_attention, split_one_token). H100 (2026-12-05): a step of a
 # 2,048-token chunk among 200 one-token requests 433 us against 888, 256 mixed requests of
 # Llama-3-8B 4,504 against 4,271 output tok/s; GRIDLLM_SPLIT_ONE_TOKEN=0 turns it off.
-SPLIT_ONE_TOKEN = _env_switch("GRIDLLM_SPLIT_ONE_TOKEN")
+SPLIT_ONE_TOKEN = env_switch("GRIDLLM_SPLIT_ONE_TOKEN")
 
 
 def can_unpack_e4m3_words(t: torch.Tensor) -> bool:

@@ -39,7 +39,7 @@ import torch
 
 from kernels._gluon import async_copy as _async
 from kernels._gluon import gl, gluon, mma_layouts, mma_v2, runs_layout, runs_on
-from kernels._utils import _env_switch
+from kernels._utils import env_switch
 from kernels.fp8 import FP8_DTYPE
 
 HEAD_DIM = 128
@@ -50,7 +50,7 @@ STAGES = 2
 _SMALL_TILE_MIN = 8
 _SMALL_TILE_MAX = 12
 # GRIDLLM_GLUON_DECODE=0 before start keeps the tl.dot kernel everywhere.
-ENABLED = _env_switch("GRIDLLM_GLUON_DECODE")
+ENABLED = env_switch("GRIDLLM_GLUON_DECODE")
 
 
 @functools.cache

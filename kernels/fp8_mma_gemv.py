@@ -43,9 +43,9 @@ import triton
 from kernels._gluon import RUN_K, gl, gluon, mma_layouts, mma_v2, runs_layout, runs_on
 from kernels._gluon import async_copy as _async
 from kernels._utils import (
-    _env_switch,
     check_shape,
     check_tensor,
+    env_switch,
     launch_dependent_args,
     num_sms,
     split_k_workspace,
@@ -59,7 +59,7 @@ BLOCK_K = RUN_K
 # or within 0.4 us of the best of 18 per Llama-3-8B layer at one row on an H200.
 DEFAULT_CONFIG = (64, 3, 2)
 # GRIDLLM_MMA_GEMV=0 before start keeps the tl.dot kernel for 2-8 rows.
-ENABLED = _env_switch("GRIDLLM_MMA_GEMV")
+ENABLED = env_switch("GRIDLLM_MMA_GEMV")
 
 
 @functools.cache

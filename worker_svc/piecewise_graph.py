@@ -38,7 +38,7 @@ from collections.abc import Callable
 
 import torch
 
-from kernels._utils import _env_switch
+from kernels._utils import env_switch
 from worker_svc.input_batch import BatchInputs
 from worker_svc.layers.attention import AttentionMetadata
 
@@ -53,7 +53,7 @@ def _env_int(name: str, default: int) -> int:
 
 
 # GRIDLLM_PIECEWISE_GRAPHS=0 before start keeps prefill and mixed steps eager.
-ENABLED = _env_switch("GRIDLLM_PIECEWISE_GRAPHS")
+ENABLED = env_switch("GRIDLLM_PIECEWISE_GRAPHS")
 # The largest step captured, in tokens (capped by max_num_batched_tokens; below 16,
 # none): past it the GPU's time for a step outgrows the host's launches (Llama-3-8B on an
 # H100: ~1,000 tokens).
