@@ -26,7 +26,8 @@
 #      of step 1 through gRPC, then a request-rate sweep (JSON + PNG)
 #   6. the stack serving random:llama3-8b: the workload of step 3 through gRPC, then
 #      batch-1 latency through gRPC next to the roofline
-#   7. GPU busy fraction over decode steps (torch profiler), both models
+#   7. GPU busy fraction over decode steps (torch profiler), both models, and over
+#      Llama-3-8B's 512-token prompt steps (after the structured-outputs step)
 #   0. the GPU-marked tests
 #   8. kernel benchmark (benchmarks/kernels.py); sliding-window decode attention at a 32k
 #      context, dense vs a 4096-token window (benchmarks/sliding_window.py)
@@ -177,6 +178,9 @@ if [ -d models/smollm2-tok ]; then
     --model random:llama3-8b --tokenizer models/smollm2-tok --batch-size 64 --num-steps 24 \
     --repeats 5 --ttft-trials 3 --output "$WORK/structured_llama3-8b.json"
 fi
+step busy_llama_prompt 80 $PY -m gridllm.bench.gpu_busy --model random:llama3-8b \
+  --batch-size 4 --input-len 2048 --prompt-chunk 512 --num-steps 12 \
+  --output "$WORK/busy_llama_prompt512.json"
 
 # Merge and summarise (always runs).
 $PY - "$WORK" "$OUT" <<'PYEOF' 2>&1 | tee -a "$LOG"
@@ -247,8 +251,8 @@ lines.append(format_table(rows, ["qwen3 sweep rate", "req/s", "out tok/s", "TTFT
                                  "failed"]))
 rows = [[n, g(n, "gpu_busy_fraction"), g(n, "ms_per_step"), g(n, "kernel_ms_per_step"),
          g(n, "ms_per_step_unprofiled"), g(n, "kernel_share_unprofiled")]
-        for n in ("busy_llama_b1", "busy_qwen_b64")]
-lines.append(format_table(rows, ["decode profile", "GPU busy (profiled)", "ms/step",
+        for n in ("busy_llama_b1", "busy_qwen_b64", "busy_llama_prompt512")]
+lines.append(format_table(rows, ["decode (prompt512: prompt) profile", "GPU busy (profiled)", "ms/step",
                                  "kernel ms/step", "ms/step unprofiled",
                                  "kernels / unprofiled step"]))
 lines.append("steps:\n" + status)
