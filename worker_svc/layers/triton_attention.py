@@ -35,15 +35,10 @@ class TritonAttentionBackend(AttentionBackend):
         """``AttentionBackend.forward``; ``out``: ``[T, H, D]`` to write into (a view of a
         larger buffer is fine), instead of a new tensor."""
         k_scale, v_scale = self.scales_for(kv_scales, key_cache)
-        capture = self.piecewise
-        write_kv_cache(key, value, key_cache, value_cache,
-                       metadata.slot_mapping if capture is None
-                       else capture.slot_mapping(metadata), k_scale, v_scale)
-        if capture is not None:
-            return self._cut(capture, query, key_cache, value_cache, metadata, scale,
-                             sliding_window, logit_softcap, k_scale, v_scale)
-        return self._attend(query, key_cache, value_cache, metadata, scale, sliding_window,
-                            logit_softcap, k_scale, v_scale, out)
+        write_kv_cache(key, value, key_cache, value_cache, self._slots(metadata),
+                       k_scale, v_scale)
+        return self._attend_or_cut(query, key_cache, value_cache, metadata, scale,
+                                   sliding_window, logit_softcap, k_scale, v_scale, out)
 
     def forward_rotary(self, positions: torch.Tensor, rotary: RotaryLike, query: torch.Tensor,
                        key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
@@ -54,25 +49,31 @@ class TritonAttentionBackend(AttentionBackend):
                        out: torch.Tensor | None = None) -> torch.Tensor:
         """``AttentionBackend.forward_rotary``; ``out`` as in ``forward``."""
         k_scale, v_scale = self.scales_for(kv_scales, key_cache)
-        capture = self.piecewise
         # One launch rotates the queries and writes rotated keys and values to the cache.
         rotary_kv_cache_write(positions, query, key, value, key_cache, value_cache,
-                              metadata.slot_mapping if capture is None
-                              else capture.slot_mapping(metadata), rotary.cos_sin_cache,
+                              self._slots(metadata), rotary.cos_sin_cache,
                               rotary.is_neox_style, k_scale, v_scale)
-        if capture is not None:
-            return self._cut(capture, query, key_cache, value_cache, metadata, scale,
-                             sliding_window, logit_softcap, k_scale, v_scale)
-        return self._attend(query, key_cache, value_cache, metadata, scale, sliding_window,
-                            logit_softcap, k_scale, v_scale, out)
+        return self._attend_or_cut(query, key_cache, value_cache, metadata, scale,
+                                   sliding_window, logit_softcap, k_scale, v_scale, out)
 
-    def _cut(self, capture, query: torch.Tensor, key_cache: torch.Tensor,
-             value_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
-             sliding_window: int | None, logit_softcap: float | None, k_scale: float,
-             v_scale: float) -> torch.Tensor:
-        """Hands the attention of a captured call to ``capture`` (its cache write is in
-        the graph already)."""
-        return capture.cut(
+    def _slots(self, metadata: AttentionMetadata) -> torch.Tensor:
+        """Where this call writes the step's keys and values: the step's slots, or while a
+        capture is on, its static slot buffer (filled before each replay)."""
+        if self.piecewise is None:
+            return metadata.slot_mapping
+        return self.piecewise.slot_mapping(metadata)
+
+    def _attend_or_cut(self, query: torch.Tensor, key_cache: torch.Tensor,
+                       value_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
+                       sliding_window: int | None, logit_softcap: float | None,
+                       k_scale: float, v_scale: float,
+                       out: torch.Tensor | None) -> torch.Tensor:
+        """The attention after the cache write: now, or while a capture is on, handed to
+        it (the write is in the graph already) to run between graphs at replay."""
+        if self.piecewise is None:
+            return self._attend(query, key_cache, value_cache, metadata, scale,
+                                sliding_window, logit_softcap, k_scale, v_scale, out)
+        return self.piecewise.cut(
             lambda q, meta, o, check: self._attend(q, key_cache, value_cache, meta, scale,
                                                    sliding_window, logit_softcap, k_scale,
                                                    v_scale, o, check),
