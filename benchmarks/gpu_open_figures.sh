@@ -55,6 +55,15 @@
 #   busy_prompt, busy_prompt_eager
 #                        GPU busy fraction, kernels and host profile of 512-token prompt
 #                        steps, with graphs cut at attention and without (past the budget)
+#   busy_prompt_small, busy_prompt_small_eager
+#                        the same at 64-token prompt steps, where the host's share is largest
+#   chunk_tests          the chunk kernel's GPU tests and prefill attention's (short steps
+#                        now dispatch to it)
+#   chunk_bench          short prompt steps' attention with the chunk kernel and without,
+#                        and its launches (benchmarks/chunk_attention.py --sweep)
+#   busy_small_chunk_off, busy_small_fp8, busy_small_fp8_chunk_off
+#                        64-token prompt steps (bf16, then FP8 weights and KV cache) with
+#                        GRIDLLM_CHUNK_ATTENTION=0 against the default
 #   piecewise_fp8, piecewise_fp8_eager
 #                        the 512-token prompt steps' periods with FP8 weights and KV cache,
 #                        with graphs cut at attention and without (past the budget)
@@ -136,6 +145,20 @@ BUSY="$PY -m gridllm.bench.gpu_busy --model random:llama3-8b --batch-size 4 --in
   --prompt-chunk 512 --num-steps 12 --host-profile"
 step busy_prompt 120 $BUSY --output "$OUT/busy_prompt.json"
 GRIDLLM_PIECEWISE_GRAPHS=0 step busy_prompt_eager 120 $BUSY --output "$OUT/busy_prompt_eager.json"
+BUSY_SMALL="$PY -m gridllm.bench.gpu_busy --model random:llama3-8b --batch-size 4
+  --input-len 2048 --prompt-chunk 64 --num-steps 24 --host-profile"
+step busy_prompt_small 120 $BUSY_SMALL --output "$OUT/busy_prompt_small.json"
+GRIDLLM_PIECEWISE_GRAPHS=0 step busy_prompt_small_eager 120 $BUSY_SMALL \
+  --output "$OUT/busy_prompt_small_eager.json"
+step chunk_tests 200 $PY -m pytest -q -p no:cacheprovider -rf -m gpu \
+  tests/kernels/test_chunk_attention.py tests/kernels/test_prefill_attention.py
+step chunk_bench 240 $PY benchmarks/chunk_attention.py --sweep --output "$OUT/chunk_bench.json"
+GRIDLLM_CHUNK_ATTENTION=0 step busy_small_chunk_off 120 $BUSY_SMALL \
+  --output "$OUT/busy_small_chunk_off.json"
+step busy_small_fp8 120 $BUSY_SMALL --quantization fp8 --kv-cache-dtype fp8 \
+  --output "$OUT/busy_small_fp8.json"
+GRIDLLM_CHUNK_ATTENTION=0 step busy_small_fp8_chunk_off 120 $BUSY_SMALL --quantization fp8 \
+  --kv-cache-dtype fp8 --output "$OUT/busy_small_fp8_chunk_off.json"
 step piecewise_fp8 90 $SMALL --quantization fp8 --kv-cache-dtype fp8 \
   --output "$OUT/piecewise_fp8.json"
 GRIDLLM_PIECEWISE_GRAPHS=0 step piecewise_fp8_eager 90 $SMALL --quantization fp8 \

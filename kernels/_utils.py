@@ -171,6 +171,11 @@ GLUON_PREFILL = env_switch("GRIDLLM_GLUON_PREFILL", default=True)
 # Llama-3-8B 4,504 against 4,271 output tok/s; GRIDLLM_SPLIT_ONE_TOKEN=0 turns it off.
 SPLIT_ONE_TOKEN = env_switch("GRIDLLM_SPLIT_ONE_TOKEN")
 
+# Short prompt steps through kernels.chunk_attention (query tiles of the GQA group's heads,
+# the keys split across programs) instead of the prefill kernels' program per query head;
+# GRIDLLM_CHUNK_ATTENTION=0 turns it off (A/B runs).
+CHUNK_ATTENTION = env_switch("GRIDLLM_CHUNK_ATTENTION")
+
 
 def can_unpack_e4m3_words(t: torch.Tensor) -> bool:
     """Whether a kernel may read the e4m3 tensor ``t`` as 32-bit words and unpack them with

@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import chunk_attention as chunk_kernel
 from kernels._utils import (
     GLUON_PREFILL,
     PREFILL_TMA,
@@ -449,7 +450,9 @@ def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
                       batch_cache: dict | None = None,
                       split_one_token: bool | None = None,
                       one_token_prefix: int = 0,
-                      out: torch.Tensor | None = None, *, check: bool = True) -> torch.Tensor:
+                      out: torch.Tensor | None = None, *, check: bool = True,
+                      max_seq_len: int | None = None,
+                      chunk: bool | None = None) -> torch.Tensor:
     """Drop-in for ``torch_ref.paged_attention`` (any mix of prefill, extend and decode).
 
     Args:
@@ -487,6 +490,12 @@ def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
             of the same layout (the graphs cut at attention check a step's first call of
             each KV group: its other layers' calls differ only in their caches, allocated
             alike).
+        max_seq_len: a bound of ``seq_lens`` known on the host (sizes the split of a short
+            step's keys; default: the block table's width).
+        chunk: run the prompt tokens through ``kernels.chunk_attention`` (query tiles of
+            the GQA group's heads, the keys split across programs); default: a step of
+            at most ``chunk_attention.MAX_TOKENS`` of them on a GPU
+            (``chunk_attention.serves``). Not with a strided pattern.
     Returns:
         ``out`` or a new ``[T, H, D]`` tensor in query's dtype (rows outside every
         request's range are left unwritten).
@@ -502,6 +511,8 @@ def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
             check_tensor("out", out, dtypes=(query.dtype,), device=query.device,
                          last_dim_contiguous=True)
             check_shape("out", out, query.shape)
+        if chunk and attention_stride is not None:
+            raise ValueError("chunk=True cannot take the strided pattern (attention_stride).")
     split = SPLIT_ONE_TOKEN if split_one_token is None else split_one_token
     if out is not None:
         if split and not one_token_prefix:
@@ -509,7 +520,8 @@ def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
             return out.copy_(prefill_attention(
                 query, key_cache, value_cache, block_tables, seq_lens, query_start_loc,
                 scale, sliding_window, max_query_len, logit_softcap, attention_stride,
-                k_scale, v_scale, launch, batch_cache, split_one_token, check=False))
+                k_scale, v_scale, launch, batch_cache, split_one_token, check=False,
+                max_seq_len=max_seq_len, chunk=chunk))
     scale = float(scale) * k_scale
     softcap_mul, softcap_log2 = softcap_args(scale, logit_softcap)
     # With the split and the one-query requests' rows unknown on the host, a row past the
@@ -534,6 +546,16 @@ def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
         attend_one_token_requests(query, key_cache, value_cache, block_tables, seq_lens,
                                   query_start_loc, scale, padded, batch_cache,
                                   sliding_window, logit_softcap, attention_stride, v_scale)
+
+    prefix = one_token_prefix if split else 0
+    if chunk is None:
+        chunk = launch is None and chunk_kernel.serves(query, attention_stride,
+                                                        query.shape[0] - prefix)
+    if chunk:
+        return chunk_kernel.chunk_attention(
+            query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale,
+            out, max_query_len, sliding_window, logit_softcap, v_scale, max_seq_len,
+            skip_one_token=split, one_token_prefix=prefix, batch_cache=batch_cache)
 
     def tiles_of(block_m: int, longest_first: bool = False) -> torch.Tensor:
         return cached_query_tiles(batch_cache, query_start_loc, seq_lens, query.shape[0],

@@ -6,7 +6,9 @@ of its integer arguments (== 1, divisible by 16) and pointer alignments. What va
 between steps on the serving path:
 - prefill attention: its query tile (``BLOCK_M``: 16 ... 256, from the longest query
   chunk), its tile count (1, or more at 256) and the block table's row stride (the input
-  batch pads it to a multiple of 16, capped at the longest request's table);
+  batch pads it to a multiple of 16, capped at the longest request's table); short steps
+  take the chunk kernel (``kernels.chunk_attention``), whose merge runs only where the
+  context is long enough to split;
 - eager decode attention (no CUDA graphs, a batch above the largest graph, or a mixed
   step's one-query requests): its split-KV count, a power of two picked from the batch
   and the context;
@@ -29,7 +31,7 @@ import torch
 
 from gridllm.common.contract import CachedRequestData, NewRequestData, SchedulerOutput
 from gridllm.common.sampling_params import SamplingParams
-from kernels import prefill_attention
+from kernels import chunk_attention, prefill_attention
 from worker_svc.cuda_graph import context_classes
 from worker_svc.input_batch import InputBatch
 from worker_svc.layers import ops
@@ -67,6 +69,12 @@ def warm_up_kernels(runner: ModelRunner) -> None:
             break
         for width in block_table_widths(max_blocks, -(-num_tokens // runner.block_size)):
             runner.dummy_forward(num_tokens, runner.kv_caches, width=width)
+    # A short step over a context the chunk kernel splits (its merge kernel).
+    context = min(runner.max_model_len, runner.num_kv_blocks * runner.block_size,
+                  4 * chunk_attention.MIN_KEYS_PER_SPLIT)
+    if limit >= 2 and context >= 2 * chunk_attention.MIN_KEYS_PER_SPLIT:
+        for width in block_table_widths(max_blocks, -(-context // runner.block_size)):
+            runner.dummy_forward(2, runner.kv_caches, width=width, seq_len=context)
     for rows in range(1, min(ops.GEMV_MAX_ROWS, limit) + 1):
         runner.dummy_forward(rows, runner.kv_caches, logits_rows=rows)
     if _has_eager_decode(runner):

@@ -105,4 +105,4 @@ class TritonAttentionBackend(AttentionBackend):
                                  split_one_token=False if metadata.num_one_token == 0
                                  else None,
                                  one_token_prefix=metadata.one_token_prefix, out=out,
-                                 check=check)
+                                 check=check, max_seq_len=metadata.max_seq_len)

@@ -1,0 +1,291 @@
+"""Attention of a step's short query chunks over their cached contexts, split across the
+keys (causal, GQA, sliding window, logit cap; a 16-bit or FP8 paged cache).
+
+A step of a few dozen prompt tokens (the tail of a chunked prompt, a prompt beside a full
+batch of decodes, a draft's tokens to verify) gives ``prefill_attention``'s kernels a
+program per query head and query tile: 32 programs for one 64-token chunk of Llama-3-8B,
+each walking the whole context alone, on a GPU of 132 SMs. Here a program takes ``QT``
+consecutive queries of one request times the ``GROUP`` query heads that share a KV head,
+``BLOCK_M = QT * GROUP`` rows of one ``tl.dot`` (so each key and value tile is read once
+for all of them, as in ``paged_decode_attention``), and one of ``num_splits`` equal parts
+of the keys those queries see; a second kernel merges the parts' softmaxes. A row masks
+the keys past its own position (and outside its window).
+
+The split count is a runtime argument (one compiled variant for every count: prefill
+steps run eagerly, so nothing needs it fixed) picked on the host from the step's token
+count and a bound of its context (``pick_num_splits``), without reading a device value.
+``prefill_attention`` sends it the steps whose prompt tokens it ``serves``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._utils import (
+    CHUNK_ATTENTION,
+    dot_precision,
+    is_interpreter,
+    next_power_of_2,
+    num_sms,
+)
+from kernels.paged_decode_attention import _LOG2E, _scores, fp8_f16_dots, softcap_args
+from kernels.prefill_args import query_tiles
+
+# Most splits of one query tile's keys (the merge reads them in one tile).
+MAX_SPLITS = 16
+# Fewer keys than this per split cost more in the merge than they save.
+MIN_KEYS_PER_SPLIT = 128
+# Programs a launch aims at per SM before it stops splitting.
+PROGRAMS_PER_SM = 2
+# Rows of a program's product (queries x the group's heads).
+BLOCK_ROWS = 64
+# Prompt tokens of a step (past its leading one-query requests) up to which
+# ``prefill_attention`` sends it here.
+MAX_TOKENS = 256
+
+
+@triton.jit(do_not_specialize=["num_splits"])
+def _chunk_attention_kernel(
+        q_ptr, kc_ptr, vc_ptr, bt_ptr, tiles_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
+        stride_qt, stride_qh, stride_cb, stride_ct, stride_ch, stride_bt,
+        stride_ot, stride_oh, scale_log2, block_size, sliding_window,
+        softcap_mul, softcap_log2, v_scale, num_splits,
+        GROUP: tl.constexpr, QT: tl.constexpr, HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        F16_DOTS: tl.constexpr = False):
+    slot = tl.program_id(0)
+    kv_head = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
+    tile = tiles_ptr + 4 * slot
+    req = tl.load(tile).to(tl.int64)
+    if req < 0:
+        return
+    q_row = tl.load(tile + 1)
+    first_pos = tl.load(tile + 2)
+    seq_len = tl.load(tile + 3)
+    # Row r: query first_pos + r // GROUP, head kv_head * GROUP + r % GROUP.
+    r = tl.arange(0, BLOCK_M)
+    t = r // GROUP
+    q_pos = first_pos + t
+    is_query = (t < QT) & (q_pos < seq_len)
+    heads = kv_head * GROUP + r % GROUP
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < HEAD_DIM
+    q = tl.load(q_ptr + (q_row + t).to(tl.int64)[:, None] * stride_qt
+                + heads[:, None] * stride_qh + d[None, :],
+                mask=is_query[:, None] & dmask[None, :], other=0.0)
+    if F16_DOTS:  # an FP8 cache under a bfloat16 query (see paged_decode_attention)
+        q = q.to(tl.float16)
+    # The keys any of the tile's queries sees, [lo, hi), in num_splits parts of whole
+    # key tiles.
+    hi = tl.minimum(first_pos + QT, seq_len)
+    lo = 0
+    if HAS_WINDOW:
+        lo = tl.maximum(first_pos - sliding_window + 1, 0)
+    per_split = tl.cdiv(tl.cdiv(hi - lo, num_splits), BLOCK_N) * BLOCK_N
+    start = lo + split * per_split
+    end = tl.minimum(start + per_split, hi)
+    table = bt_ptr + req * stride_bt
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)
+        nmask = pos < end
+        blk = tl.load(table + pos // block_size, mask=nmask, other=0).to(tl.int64)
+        kv_off = blk * stride_cb + (pos % block_size).to(tl.int64) * stride_ct \
+            + kv_head * stride_ch
+        kv_mask = nmask[:, None] & dmask[None, :]
+        k = tl.load(kc_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        s = _scores(tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION),
+                    scale_log2, softcap_mul, softcap_log2, HAS_SOFTCAP)
+        visible = (pos[None, :] <= q_pos[:, None]) & nmask[None, :]
+        if HAS_WINDOW:
+            visible = visible & (q_pos[:, None] - pos[None, :] < sliding_window)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # A row may see none of these keys (they are past it): keep exp2 away from
+        # (-inf) - (-inf).
+        m_ref = tl.where(m_new > float("-inf"), m_new, 0.0)
+        alpha = tl.exp2(m_i - m_ref)
+        p = tl.exp2(s - m_ref[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(vc_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        v = v.to(q.dtype)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    acc = acc * v_scale
+    if num_splits == 1:
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(out_ptr + (q_row + t).to(tl.int64)[:, None] * stride_ot
+                 + heads[:, None] * stride_oh + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=is_query[:, None] & dmask[None, :])
+    else:
+        part = ((slot * tl.num_programs(1) + kv_head) * BLOCK_M + r) * num_splits + split
+        tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + d[None, :], acc,
+                 mask=dmask[None, :])
+        tl.store(part_ml_ptr + part * 2, m_i)
+        tl.store(part_ml_ptr + part * 2 + 1, l_i)
+
+
+@triton.jit(do_not_specialize=["num_splits"])
+def _chunk_merge_kernel(tiles_ptr, part_acc_ptr, part_ml_ptr, out_ptr, stride_ot, stride_oh,
+                        num_splits, GROUP: tl.constexpr, QT: tl.constexpr,
+                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr):
+    """One program per (query tile, query, KV head): the ``GROUP`` heads' parts merged."""
+    slot = tl.program_id(0)
+    t = tl.program_id(1)
+    kv_head = tl.program_id(2).to(tl.int64)
+    tile = tiles_ptr + 4 * slot
+    req = tl.load(tile)
+    q_row = tl.load(tile + 1)
+    first_pos = tl.load(tile + 2)
+    seq_len = tl.load(tile + 3)
+    if (req < 0) | (first_pos + t >= seq_len):
+        return
+    g = tl.arange(0, BLOCK_G)
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    gmask = g < GROUP
+    smask = s < num_splits
+    rows = t * GROUP + g
+    part = ((slot * tl.num_programs(2) + kv_head) * BLOCK_M + rows)[:, None] * num_splits \
+        + s[None, :]
+    gs_mask = gmask[:, None] & smask[None, :]
+    # Every load first, in one round trip to L2.
+    acc = tl.load(part_acc_ptr + part[:, :, None] * HEAD_DIM + d[None, None, :],
+                  mask=gs_mask[:, :, None] & (d[None, None, :] < HEAD_DIM), other=0.0)
+    m = tl.load(part_ml_ptr + part * 2, mask=gs_mask, other=float("-inf"))
+    l_part = tl.load(part_ml_ptr + part * 2 + 1, mask=gs_mask, other=0.0)
+    m_max = tl.max(m, axis=1)
+    # A part that saw no key carries m = -inf.
+    w = tl.where(m > float("-inf"),
+                 tl.exp2(m - tl.where(m_max > float("-inf"), m_max, 0.0)[:, None]), 0.0)
+    denom = tl.sum(l_part * w, axis=1)
+    out = tl.sum(acc * w[:, :, None], axis=1) / tl.where(denom > 0, denom, 1.0)[:, None]
+    heads = kv_head * GROUP + g
+    tl.store(out_ptr + (q_row + t).to(tl.int64) * stride_ot + heads[:, None] * stride_oh
+             + d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=gmask[:, None] & (d[None, :] < HEAD_DIM))
+
+
+def serves(query: torch.Tensor, attention_stride: int | None, num_tokens: int) -> bool:
+    """Whether ``prefill_attention`` sends a step here by default: a CUDA GPU (not the
+    interpreter), no strided pattern and at most ``MAX_TOKENS`` prompt tokens
+    (``num_tokens``: the step's tokens past its leading one-query requests), unless
+    ``GRIDLLM_CHUNK_ATTENTION=0``."""
+    return (CHUNK_ATTENTION and query.is_cuda and not is_interpreter() and attention_stride is None
+            and 0 < num_tokens <= MAX_TOKENS)
+
+
+def block_rows(group: int) -> int:
+    """Rows of a program's product for a GQA group of ``group`` query heads."""
+    return max(BLOCK_ROWS, next_power_of_2(group))
+
+
+def pick_num_splits(num_tokens: int, queries_per_tile: int, num_kv_heads: int,
+                    max_context: int, device: torch.device) -> int:
+    """Parts of each query tile's keys: none once the tiles give ``PROGRAMS_PER_SM``
+    programs an SM, else enough to, at most ``MAX_SPLITS`` and at least
+    ``MIN_KEYS_PER_SPLIT`` keys of ``max_context`` (a host-side bound) each."""
+    programs = max(1, triton.cdiv(num_tokens, queries_per_tile) * num_kv_heads)
+    target = PROGRAMS_PER_SM * num_sms(device)
+    if programs >= target:
+        return 1
+    return max(1, min(triton.cdiv(target, programs), MAX_SPLITS,
+                      max_context // MIN_KEYS_PER_SPLIT))
+
+
+def _tiles(batch_cache: dict | None, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+           num_tokens: int, max_query_len: int, queries_per_tile: int, skip_one_token: bool,
+           prefix: int) -> torch.Tensor:
+    """``query_tiles`` of the requests past the first ``prefix`` (their rows and request
+    numbers in the whole batch), kept in ``batch_cache`` for the step's other layers."""
+    key = ("chunk_tiles", queries_per_tile, skip_one_token, prefix)
+    tiles = None if batch_cache is None else batch_cache.get(key)
+    if tiles is None:
+        qsl, seqs = query_start_loc, seq_lens
+        if prefix:
+            qsl, seqs = query_start_loc[prefix:] - prefix, seq_lens[prefix:]
+        tiles = query_tiles(qsl, seqs, num_tokens - prefix, max_query_len, queries_per_tile,
+                            skip_one_token=skip_one_token)
+        if prefix:
+            tiles[:, :2] += (tiles[:, :1] >= 0).to(tiles.dtype) * prefix
+        if batch_cache is not None:
+            batch_cache[key] = tiles
+    return tiles
+
+
+def chunk_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                    block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                    query_start_loc: torch.Tensor, scale: float, out: torch.Tensor,
+                    max_query_len: int, sliding_window: int | None = None,
+                    logit_softcap: float | None = None, v_scale: float = 1.0,
+                    max_seq_len: int | None = None, skip_one_token: bool = False,
+                    one_token_prefix: int = 0, batch_cache: dict | None = None,
+                    num_splits: int | None = None,
+                    launch: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """The attention of the batch's requests past its first ``one_token_prefix`` (those
+    of one query too unless ``skip_one_token``), written to their rows of ``out``;
+    arguments as in ``prefill_attention``, which checks them (``scale`` includes an FP8
+    cache's ``k_scale``). ``max_seq_len``: a host-side bound of ``seq_lens`` (default
+    the block table's width). ``num_splits``, ``launch`` (rows of a program's product,
+    keys per iteration, warps, stages): overrides for tests and sweeps."""
+    num_tokens, num_heads, head_dim = query.shape
+    num_reqs = seq_lens.shape[0]
+    if num_tokens <= one_token_prefix or num_reqs <= one_token_prefix or max_query_len == 0:
+        return out
+    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
+    group = num_heads // num_kv_heads
+    if launch is None:
+        launch = ((max(16, next_power_of_2(group)), 16, 4, 1) if is_interpreter()
+                  else (block_rows(group), 64, 4, 2))
+    rows, block_n, num_warps, num_stages = launch
+    if rows < group or rows & (rows - 1):
+        raise ValueError(f"launch rows must be a power of two of at least the GQA group "
+                         f"({group}), got {rows}.")
+    queries_per_tile = rows // group
+    max_context = block_tables.shape[1] * block_size
+    if max_seq_len is not None:
+        max_context = min(max_context, max_seq_len)
+    if sliding_window is not None:
+        max_context = min(max_context, sliding_window + queries_per_tile)
+    if num_splits is None:
+        num_splits = pick_num_splits(num_tokens - one_token_prefix, queries_per_tile,
+                                     num_kv_heads, max_context, query.device)
+    tiles = _tiles(batch_cache, query_start_loc, seq_lens, num_tokens, max_query_len,
+                   queries_per_tile, skip_one_token, one_token_prefix)
+    slots = tiles.shape[0]
+    if num_splits > 1:
+        part_acc = torch.empty(slots * num_kv_heads * rows * num_splits, head_dim,
+                               dtype=torch.float32, device=query.device)
+        part_ml = torch.empty(slots * num_kv_heads * rows * num_splits, 2,
+                              dtype=torch.float32, device=query.device)
+    else:
+        part_acc = part_ml = out
+    softcap_mul, softcap_log2 = softcap_args(scale, logit_softcap)
+    block_d = max(16, next_power_of_2(head_dim))
+    _chunk_attention_kernel[(slots, num_kv_heads, num_splits)](
+        query, key_cache, value_cache, block_tables, tiles, out, part_acc, part_ml,
+        query.stride(0), query.stride(1), key_cache.stride(0), key_cache.stride(1),
+        key_cache.stride(2), block_tables.stride(0), out.stride(0), out.stride(1),
+        float(scale) * _LOG2E, block_size,
+        sliding_window if sliding_window is not None else 0, softcap_mul, softcap_log2,
+        float(v_scale), num_splits, GROUP=group, QT=queries_per_tile, HEAD_DIM=head_dim,
+        BLOCK_D=block_d, BLOCK_M=rows, BLOCK_N=block_n,
+        HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=logit_softcap is not None,
+        DOT_PRECISION=dot_precision(query.dtype), F16_DOTS=fp8_f16_dots(key_cache, query),
+        num_warps=num_warps, num_stages=num_stages)
+    if num_splits > 1:
+        _chunk_merge_kernel[(slots, queries_per_tile, num_kv_heads)](
+            tiles, part_acc, part_ml, out, out.stride(0), out.stride(1), num_splits,
+            GROUP=group, QT=queries_per_tile, HEAD_DIM=head_dim, BLOCK_D=block_d,
+            BLOCK_M=rows, BLOCK_G=next_power_of_2(group),
+            BLOCK_S=next_power_of_2(MAX_SPLITS if num_splits <= MAX_SPLITS else num_splits),
+            num_warps=4)
+    return out
