@@ -34,16 +34,26 @@ from kernels.paged_decode_attention import _LOG2E, _scores, fp8_f16_dots, softca
 from kernels.prefill_args import query_tiles
 
 # Most splits of one query tile's keys (the merge reads them in one tile).
-MAX_SPLITS = 16
+MAX_SPLITS = 32
 # Fewer keys than this per split cost more in the merge than they save.
-MIN_KEYS_PER_SPLIT = 128
-# Programs a launch aims at per SM before it stops splitting.
+MIN_KEYS_PER_SPLIT = 64
+# Programs a launch aims at per SM; no split once the tiles alone give three quarters of
+# them. H100, Llama-3-8B's heads, one chunk after 1k-16k keys, us (splits as picked /
+# half / twice): 16 tokens 16.4-52.5 with 8-16 splits / 20.5-83.9 / 15.8-41.3, so up to
+# 32; 64 tokens after 4k keys 33 with 9 (5: 42, 17: 38); 256 tokens (128 programs) 78.5
+# with 3, 144 with 1; 512 tokens (256 programs) over FP8 160 with 1, 204 with 2.
 PROGRAMS_PER_SM = 2
-# Rows of a program's product (queries x the group's heads).
+# Rows of a program's product (queries x the group's heads): 64 rows, 64 keys an
+# iteration, 4 warps, 2 stages were the fastest of 96 launches at 64 tokens after 4k keys
+# (H100, 16-bit and FP8 caches).
 BLOCK_ROWS = 64
 # Prompt tokens of a step (past its leading one-query requests) up to which
-# ``prefill_attention`` sends it here.
-MAX_TOKENS = 256
+# ``prefill_attention`` sends it here: H100, one chunk after 1k-16k keys, against the
+# Triton prefill kernel (an FP8 cache) 2.2-11.7x at 16-256 tokens, 1.2-1.4x at 512;
+# against the Gluon kernel (a 16-bit cache on Hopper, chunks of 64+ tokens) 1.35-1.9x at
+# 64 tokens, 0.87-0.91x at 128, 0.35-0.41x at 512.
+MAX_TOKENS = 512
+MAX_TOKENS_BESIDE_GLUON = 64
 
 
 @triton.jit(do_not_specialize=["num_splits"])
@@ -174,13 +184,16 @@ def _chunk_merge_kernel(tiles_ptr, part_acc_ptr, part_ml_ptr, out_ptr, stride_ot
              mask=gmask[:, None] & (d[None, :] < HEAD_DIM))
 
 
-def serves(query: torch.Tensor, attention_stride: int | None, num_tokens: int) -> bool:
+def serves(query: torch.Tensor, attention_stride: int | None, num_tokens: int,
+           beside_gluon: bool = False) -> bool:
     """Whether ``prefill_attention`` sends a step here by default: a CUDA GPU (not the
     interpreter), no strided pattern and at most ``MAX_TOKENS`` prompt tokens
-    (``num_tokens``: the step's tokens past its leading one-query requests), unless
-    ``GRIDLLM_CHUNK_ATTENTION=0``."""
-    return (CHUNK_ATTENTION and query.is_cuda and not is_interpreter() and attention_stride is None
-            and 0 < num_tokens <= MAX_TOKENS)
+    (``num_tokens``: the step's tokens past its leading one-query requests;
+    ``MAX_TOKENS_BESIDE_GLUON`` where the Gluon prefill kernel would take the step),
+    unless ``GRIDLLM_CHUNK_ATTENTION=0``."""
+    limit = MAX_TOKENS_BESIDE_GLUON if beside_gluon else MAX_TOKENS
+    return (CHUNK_ATTENTION and query.is_cuda and not is_interpreter()
+            and attention_stride is None and 0 < num_tokens <= limit)
 
 
 def block_rows(group: int) -> int:
@@ -190,12 +203,13 @@ def block_rows(group: int) -> int:
 
 def pick_num_splits(num_tokens: int, queries_per_tile: int, num_kv_heads: int,
                     max_context: int, device: torch.device) -> int:
-    """Parts of each query tile's keys: none once the tiles give ``PROGRAMS_PER_SM``
-    programs an SM, else enough to, at most ``MAX_SPLITS`` and at least
-    ``MIN_KEYS_PER_SPLIT`` keys of ``max_context`` (a host-side bound) each."""
+    """Parts of each query tile's keys: none once the tiles give three quarters of
+    ``PROGRAMS_PER_SM`` programs an SM, else enough for all of them, at most
+    ``MAX_SPLITS`` and at least ``MIN_KEYS_PER_SPLIT`` keys of ``max_context`` (a
+    host-side bound) each."""
     programs = max(1, triton.cdiv(num_tokens, queries_per_tile) * num_kv_heads)
     target = PROGRAMS_PER_SM * num_sms(device)
-    if programs >= target:
+    if 4 * programs >= 3 * target:
         return 1
     return max(1, min(triton.cdiv(target, programs), MAX_SPLITS,
                       max_context // MIN_KEYS_PER_SPLIT))

@@ -23,7 +23,10 @@ wide, which measured slower than the general kernel (see docs/performance.md).
 ``GRIDLLM_PREFILL_TMA=0`` turns the path off (A/B runs). Query chunks of 64+ tokens that
 ``kernels.gluon_prefill_attention.serves`` takes (Hopper, head dim 128, a 16-bit cache)
 go to the warp-specialized Gluon kernel instead, the fastest of the three on an H200 (see
-its module); ``GRIDLLM_GLUON_PREFILL=0`` keeps them here.
+its module); ``GRIDLLM_GLUON_PREFILL=0`` keeps them here. Steps of few prompt tokens
+(``kernels.chunk_attention.serves``) go to the chunk kernel, whose programs take the GQA
+group's heads together and split the keys, instead of a program per head walking them
+all.
 """
 
 from __future__ import annotations
@@ -548,9 +551,12 @@ def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
                                   sliding_window, logit_softcap, attention_stride, v_scale)
 
     prefix = one_token_prefix if split else 0
+    gluon = (GLUON_PREFILL and launch is None and max_query_len >= 64 and v_scale == 1.0
+             and gluon_serves(query, key_cache, value_cache, sliding_window, logit_softcap,
+                              attention_stride))
     if chunk is None:
         chunk = launch is None and chunk_kernel.serves(query, attention_stride,
-                                                        query.shape[0] - prefix)
+                                                        query.shape[0] - prefix, gluon)
     if chunk:
         return chunk_kernel.chunk_attention(
             query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale,
@@ -564,9 +570,7 @@ def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
 
     # (k_scale is in ``scale``; the Gluon kernel takes no v_scale, which a 16-bit cache as
     # served always has at 1.0: ``AttentionBackend.scales_for``.)
-    if GLUON_PREFILL and launch is None and max_query_len >= 64 and v_scale == 1.0 \
-            and gluon_serves(query, key_cache, value_cache, sliding_window, logit_softcap,
-                             attention_stride):
+    if gluon:
         return gluon_prefill_attention(query, key_cache, value_cache, block_tables, seq_lens,
                                        query_start_loc, scale, max_query_len, out,
                                        tiles_of(GLUON_BLOCK_M, GLUON_PERSISTENT),
