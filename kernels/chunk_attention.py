@@ -19,6 +19,8 @@ count and a bound of its context (``pick_num_splits``), without reading a device
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -215,45 +217,42 @@ def pick_num_splits(num_tokens: int, queries_per_tile: int, num_kv_heads: int,
                       max_context // MIN_KEYS_PER_SPLIT))
 
 
-def _tiles(batch_cache: dict | None, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
-           num_tokens: int, max_query_len: int, queries_per_tile: int, skip_one_token: bool,
+def _tiles(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_tokens: int,
+           max_query_len: int, queries_per_tile: int, skip_one_token: bool,
            prefix: int) -> torch.Tensor:
     """``query_tiles`` of the requests past the first ``prefix`` (their rows and request
-    numbers in the whole batch), kept in ``batch_cache`` for the step's other layers."""
-    key = ("chunk_tiles", queries_per_tile, skip_one_token, prefix)
-    tiles = None if batch_cache is None else batch_cache.get(key)
-    if tiles is None:
-        qsl, seqs = query_start_loc, seq_lens
-        if prefix:
-            qsl, seqs = query_start_loc[prefix:] - prefix, seq_lens[prefix:]
-        tiles = query_tiles(qsl, seqs, num_tokens - prefix, max_query_len, queries_per_tile,
-                            skip_one_token=skip_one_token)
-        if prefix:
-            tiles[:, :2] += (tiles[:, :1] >= 0).to(tiles.dtype) * prefix
-        if batch_cache is not None:
-            batch_cache[key] = tiles
+    numbers in the whole batch)."""
+    qsl, seqs = query_start_loc, seq_lens
+    if prefix:
+        qsl, seqs = query_start_loc[prefix:] - prefix, seq_lens[prefix:]
+    tiles = query_tiles(qsl, seqs, num_tokens - prefix, max_query_len, queries_per_tile,
+                        skip_one_token=skip_one_token)
+    if prefix:
+        tiles[:, :2] += (tiles[:, :1] >= 0).to(tiles.dtype) * prefix
     return tiles
 
 
-def chunk_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                    block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                    query_start_loc: torch.Tensor, scale: float, out: torch.Tensor,
-                    max_query_len: int, sliding_window: int | None = None,
-                    logit_softcap: float | None = None, v_scale: float = 1.0,
-                    max_seq_len: int | None = None, skip_one_token: bool = False,
-                    one_token_prefix: int = 0, batch_cache: dict | None = None,
-                    num_splits: int | None = None,
-                    launch: tuple[int, int, int, int] | None = None) -> torch.Tensor:
-    """The attention of the batch's requests past its first ``one_token_prefix`` (those
-    of one query too unless ``skip_one_token``), written to their rows of ``out``;
-    arguments as in ``prefill_attention``, which checks them (``scale`` includes an FP8
-    cache's ``k_scale``). ``max_seq_len``: a host-side bound of ``seq_lens`` (default
-    the block table's width). ``num_splits``, ``launch`` (rows of a program's product,
-    keys per iteration, warps, stages): overrides for tests and sweeps."""
+class _Plan(NamedTuple):
+    """What a step's layers share: the query tiles, the split count, the parts' buffers
+    (the layers run one after another on the stream) and the two launches' grids and
+    compile-time arguments. Built once a step: a short step's host time per layer is
+    what bounds it (H100, 64-token steps of Llama-3-8B under graphs cut at attention)."""
+    tiles: torch.Tensor
+    num_splits: int
+    part_acc: torch.Tensor | None
+    part_ml: torch.Tensor | None
+    grid: tuple[int, int, int]
+    merge_grid: tuple[int, int, int]
+    constexprs: dict
+    merge_constexprs: dict
+
+
+def _plan(query: torch.Tensor, key_cache: torch.Tensor, block_tables: torch.Tensor,
+          seq_lens: torch.Tensor, query_start_loc: torch.Tensor, max_query_len: int,
+          sliding_window: int | None, logit_softcap: float | None, max_seq_len: int | None,
+          skip_one_token: bool, prefix: int, num_splits: int | None,
+          launch: tuple[int, int, int, int] | None) -> _Plan:
     num_tokens, num_heads, head_dim = query.shape
-    num_reqs = seq_lens.shape[0]
-    if num_tokens <= one_token_prefix or num_reqs <= one_token_prefix or max_query_len == 0:
-        return out
     block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
     group = num_heads // num_kv_heads
     if launch is None:
@@ -270,36 +269,71 @@ def chunk_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     if sliding_window is not None:
         max_context = min(max_context, sliding_window + queries_per_tile)
     if num_splits is None:
-        num_splits = pick_num_splits(num_tokens - one_token_prefix, queries_per_tile,
-                                     num_kv_heads, max_context, query.device)
-    tiles = _tiles(batch_cache, query_start_loc, seq_lens, num_tokens, max_query_len,
-                   queries_per_tile, skip_one_token, one_token_prefix)
+        num_splits = pick_num_splits(num_tokens - prefix, queries_per_tile, num_kv_heads,
+                                     max_context, query.device)
+    tiles = _tiles(query_start_loc, seq_lens, num_tokens, max_query_len, queries_per_tile,
+                   skip_one_token, prefix)
     slots = tiles.shape[0]
+    part_acc = part_ml = None
     if num_splits > 1:
-        part_acc = torch.empty(slots * num_kv_heads * rows * num_splits, head_dim,
-                               dtype=torch.float32, device=query.device)
-        part_ml = torch.empty(slots * num_kv_heads * rows * num_splits, 2,
-                              dtype=torch.float32, device=query.device)
-    else:
-        part_acc = part_ml = out
-    softcap_mul, softcap_log2 = softcap_args(scale, logit_softcap)
+        parts = slots * num_kv_heads * rows * num_splits
+        part_acc = torch.empty(parts, head_dim, dtype=torch.float32, device=query.device)
+        part_ml = torch.empty(parts, 2, dtype=torch.float32, device=query.device)
     block_d = max(16, next_power_of_2(head_dim))
-    _chunk_attention_kernel[(slots, num_kv_heads, num_splits)](
-        query, key_cache, value_cache, block_tables, tiles, out, part_acc, part_ml,
+    shared = dict(GROUP=group, QT=queries_per_tile, HEAD_DIM=head_dim, BLOCK_D=block_d,
+                  BLOCK_M=rows)
+    return _Plan(
+        tiles, num_splits, part_acc, part_ml, (slots, num_kv_heads, num_splits),
+        (slots, queries_per_tile, num_kv_heads),
+        dict(shared, BLOCK_N=block_n, HAS_WINDOW=sliding_window is not None,
+             HAS_SOFTCAP=logit_softcap is not None, DOT_PRECISION=dot_precision(query.dtype),
+             F16_DOTS=fp8_f16_dots(key_cache, query), num_warps=num_warps,
+             num_stages=num_stages),
+        dict(shared, BLOCK_G=next_power_of_2(group),
+             BLOCK_S=next_power_of_2(max(MAX_SPLITS, num_splits)), num_warps=4))
+
+
+def chunk_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                    block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                    query_start_loc: torch.Tensor, scale: float, out: torch.Tensor,
+                    max_query_len: int, sliding_window: int | None = None,
+                    logit_softcap: float | None = None, v_scale: float = 1.0,
+                    max_seq_len: int | None = None, skip_one_token: bool = False,
+                    one_token_prefix: int = 0, batch_cache: dict | None = None,
+                    num_splits: int | None = None,
+                    launch: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """The attention of the batch's requests past its first ``one_token_prefix`` (those
+    of one query too unless ``skip_one_token``), written to their rows of ``out``;
+    arguments as in ``prefill_attention``, which checks them (``scale`` includes an FP8
+    cache's ``k_scale``). ``max_seq_len``: a host-side bound of ``seq_lens`` (default
+    the block table's width). ``batch_cache``: where the step's plan is kept for its
+    other layers. ``num_splits``, ``launch`` (rows of a program's product, keys per
+    iteration, warps, stages): overrides for tests and sweeps."""
+    if (query.shape[0] <= one_token_prefix or seq_lens.shape[0] <= one_token_prefix
+            or max_query_len == 0):
+        return out
+    key = ("chunk_plan", one_token_prefix, skip_one_token, sliding_window,
+           logit_softcap is None, query.dtype, key_cache.dtype, key_cache.shape[1:],
+           num_splits, launch)
+    plan = None if batch_cache is None else batch_cache.get(key)
+    if plan is None:
+        plan = _plan(query, key_cache, block_tables, seq_lens, query_start_loc,
+                     max_query_len, sliding_window, logit_softcap, max_seq_len,
+                     skip_one_token, one_token_prefix, num_splits, launch)
+        if batch_cache is not None:
+            batch_cache[key] = plan
+    softcap_mul, softcap_log2 = softcap_args(scale, logit_softcap)
+    part_acc = out if plan.part_acc is None else plan.part_acc
+    part_ml = out if plan.part_ml is None else plan.part_ml
+    _chunk_attention_kernel[plan.grid](
+        query, key_cache, value_cache, block_tables, plan.tiles, out, part_acc, part_ml,
         query.stride(0), query.stride(1), key_cache.stride(0), key_cache.stride(1),
         key_cache.stride(2), block_tables.stride(0), out.stride(0), out.stride(1),
-        float(scale) * _LOG2E, block_size,
+        float(scale) * _LOG2E, key_cache.shape[1],
         sliding_window if sliding_window is not None else 0, softcap_mul, softcap_log2,
-        float(v_scale), num_splits, GROUP=group, QT=queries_per_tile, HEAD_DIM=head_dim,
-        BLOCK_D=block_d, BLOCK_M=rows, BLOCK_N=block_n,
-        HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=logit_softcap is not None,
-        DOT_PRECISION=dot_precision(query.dtype), F16_DOTS=fp8_f16_dots(key_cache, query),
-        num_warps=num_warps, num_stages=num_stages)
-    if num_splits > 1:
-        _chunk_merge_kernel[(slots, queries_per_tile, num_kv_heads)](
-            tiles, part_acc, part_ml, out, out.stride(0), out.stride(1), num_splits,
-            GROUP=group, QT=queries_per_tile, HEAD_DIM=head_dim, BLOCK_D=block_d,
-            BLOCK_M=rows, BLOCK_G=next_power_of_2(group),
-            BLOCK_S=next_power_of_2(MAX_SPLITS if num_splits <= MAX_SPLITS else num_splits),
-            num_warps=4)
+        float(v_scale), plan.num_splits, **plan.constexprs)
+    if plan.num_splits > 1:
+        _chunk_merge_kernel[plan.merge_grid](
+            plan.tiles, part_acc, part_ml, out, out.stride(0), out.stride(1), plan.num_splits,
+            **plan.merge_constexprs)
     return out

@@ -88,7 +88,7 @@ def test_served_through_prefill_attention(split):
                                         split_one_token=split, one_token_prefix=prefix,
                                         chunk=True)
             assert_close(out, expected, f"prefix {prefix}")
-        assert any(k[0] == "chunk_tiles" for k in cache if isinstance(k, tuple))
+        assert sum(k[0] == "chunk_plan" for k in cache if isinstance(k, tuple)) == 1
     kc8, vc8 = kc.to(torch.float8_e4m3fn), vc.to(torch.float8_e4m3fn)
     expected = torch_ref.paged_attention(query, kc8, vc8, tables, seq, qsl, 0.2,
                                          k_scale=0.5, v_scale=2.0)
