@@ -58,14 +58,27 @@ def test_batched_mixed_lengths_chunked_prefill(tiny_model_dir, tiny_arch):
     _check_against_hf(model_dir, prompts, outputs, steps)
 
 
-def test_triton_kernels_match_generate(tiny_model_dir, tiny_arch):
+@pytest.mark.parametrize("chunk", [False, True])
+def test_triton_kernels_match_generate(tiny_model_dir, tiny_arch, chunk, monkeypatch):
     """The Triton attention backend (the fused rotary + KV write, prefill and split-KV
-    decode kernels; Triton's interpreter on a CPU) against transformers."""
+    decode kernels; Triton's interpreter on a CPU) against transformers; ``chunk``: every
+    prompt step through the chunk kernel (``kernels.chunk_attention``), which serves short
+    steps on a GPU, where the model's pattern allows it."""
+    import kernels.chunk_attention as chunk_kernel
+
+    calls = []
+    if chunk:
+        monkeypatch.setattr(chunk_kernel, "serves",
+                            lambda query, attention_stride, *_: attention_stride is None)
+        run = chunk_kernel.chunk_attention
+        monkeypatch.setattr(chunk_kernel, "chunk_attention",
+                            lambda *a, **k: calls.append(1) or run(*a, **k))
     model_dir = tiny_model_dir(tiny_arch)
     prompts = _prompts(11, 5, seed=9)
     outputs, steps = run_requests(_runner(model_dir, attention_backend="triton"), prompts,
                                   GREEDY, NUM_NEW, chunk_budget=7)
     _check_against_hf(model_dir, prompts, outputs, steps)
+    assert bool(calls) == chunk
 
 
 def test_prompt_logprobs_over_chunks(tiny_model_dir):
