@@ -256,8 +256,11 @@ def _plan(query: torch.Tensor, key_cache: torch.Tensor, block_tables: torch.Tens
     block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
     group = num_heads // num_kv_heads
     if launch is None:
+        # Half the keys an iteration where a key tile's bytes double (float32, head dims
+        # past 128), as the prefill kernel's launch does: the same shared memory a stage.
+        wide = query.dtype == torch.float32 or head_dim > 128
         launch = ((max(16, next_power_of_2(group)), 16, 4, 1) if is_interpreter()
-                  else (block_rows(group), 64, 4, 2))
+                  else (block_rows(group), 32 if wide else 64, 4, 2))
     rows, block_n, num_warps, num_stages = launch
     if rows < group or rows & (rows - 1):
         raise ValueError(f"launch rows must be a power of two of at least the GQA group "
