@@ -32,8 +32,8 @@ from kernels._utils import (
     next_power_of_2,
     num_sms,
 )
-from kernels.paged_decode_attention import _LOG2E, _scores, fp8_f16_dots, softcap_args
-from kernels.prefill_args import query_tiles
+from kernels.paged_decode_attention import _LOG2E, fp8_f16_dots, softcap_args
+from kernels.prefill_args import _attend_tile, query_tiles
 
 # Most splits of one query tile's keys (the merge reads them in one tile).
 MAX_SPLITS = 32
@@ -106,30 +106,12 @@ def _chunk_attention_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for n0 in range(start, end, BLOCK_N):
-        pos = n0 + tl.arange(0, BLOCK_N)
-        nmask = pos < end
-        blk = tl.load(table + pos // block_size, mask=nmask, other=0).to(tl.int64)
-        kv_off = blk * stride_cb + (pos % block_size).to(tl.int64) * stride_ct \
-            + kv_head * stride_ch
-        kv_mask = nmask[:, None] & dmask[None, :]
-        k = tl.load(kc_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        s = _scores(tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION),
-                    scale_log2, softcap_mul, softcap_log2, HAS_SOFTCAP)
-        visible = (pos[None, :] <= q_pos[:, None]) & nmask[None, :]
-        if HAS_WINDOW:
-            visible = visible & (q_pos[:, None] - pos[None, :] < sliding_window)
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        # A row may see none of these keys (they are past it): keep exp2 away from
-        # (-inf) - (-inf).
-        m_ref = tl.where(m_new > float("-inf"), m_new, 0.0)
-        alpha = tl.exp2(m_i - m_ref)
-        p = tl.exp2(s - m_ref[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(vc_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        v = v.to(q.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        # Keys past the split's end masked as past the sequence.
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, q, q_pos, kc_ptr, vc_ptr, table, kv_head, n0, end, block_size,
+            sliding_window, stride_cb, stride_ct, stride_ch, scale_log2, softcap_mul,
+            softcap_log2, HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_WINDOW, HAS_SOFTCAP,
+            DOT_PRECISION)
     acc = acc * v_scale
     if num_splits == 1:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]

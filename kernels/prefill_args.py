@@ -1,14 +1,16 @@
-"""What the prefill attention kernels share (``prefill_attention`` and the Gluon kernel of
-``gluon_prefill_attention``, which ``prefill_attention`` dispatches to): argument checks
-and the list of a batch's query tiles their grids take."""
+"""What the prefill attention kernels share (``prefill_attention``, and the Gluon kernel of
+``gluon_prefill_attention`` and the chunk kernel of ``chunk_attention``, which
+``prefill_attention`` dispatches to): argument checks, the list of a batch's query tiles
+their grids take, and one key tile's step of the Triton kernels' online softmax."""
 
 from __future__ import annotations
 
 import torch
 import triton
+import triton.language as tl
 
 from kernels._utils import INDEX_DTYPES, check_tensor
-from kernels.paged_decode_attention import _check_paged_args
+from kernels.paged_decode_attention import _check_paged_args, _scores
 
 
 def check_prefill_args(query: torch.Tensor, key_cache: torch.Tensor,
@@ -87,3 +89,45 @@ def cached_query_tiles(batch_cache: dict | None, query_start_loc: torch.Tensor,
         if batch_cache is not None:
             batch_cache[key] = tiles
     return tiles
+
+
+@triton.jit
+def _attend_tile(acc, m_i, l_i, q, q_pos, kc_ptr, vc_ptr, table, kv_head, n0, hi,
+                 block_size, sliding_window, stride_cb, stride_ct, stride_ch,
+                 scale_log2, softcap_mul, softcap_log2, HEAD_DIM: tl.constexpr,
+                 BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                 HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, attention_stride=1,
+                 IS_STRIDED: tl.constexpr = False):
+    """One key tile, ``[n0, n0 + BLOCK_N)`` (keys from ``hi`` on are masked), of the online
+    softmax of the rows at positions ``q_pos`` over KV head ``kv_head``: the new ``acc``,
+    row maxima and sums. ``MASKED``: each row hides the keys past its position (and
+    outside its window or strided pattern)."""
+    pos = n0 + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, BLOCK_D)
+    nmask = pos < hi
+    blk = tl.load(table + pos // block_size, mask=nmask, other=0).to(tl.int64)
+    kv_off = blk * stride_cb + (pos % block_size).to(tl.int64) * stride_ct + kv_head * stride_ch
+    kv_mask = nmask[:, None] & (d[None, :] < HEAD_DIM)
+    k = tl.load(kc_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
+    s = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), scale_log2, softcap_mul,
+                softcap_log2, HAS_SOFTCAP)
+    if MASKED:
+        visible = (pos[None, :] <= q_pos[:, None]) & nmask[None, :]
+        if HAS_WINDOW:
+            visible = visible & (q_pos[:, None] - pos[None, :] < sliding_window)
+        if IS_STRIDED:
+            dist = q_pos[:, None] - pos[None, :]
+            visible = visible & ((dist < attention_stride) | (dist % attention_stride == 0))
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_ref = m_new
+    if MASKED:
+        # A row may see nothing yet (window): keep exp2 away from (-inf) - (-inf).
+        m_ref = tl.where(m_new > float("-inf"), m_new, 0.0)
+    alpha = tl.exp2(m_i - m_ref)
+    p = tl.exp2(s - m_ref[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v = tl.load(vc_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
