@@ -165,3 +165,32 @@ def test_gpu(seq_lens, query_lens, pattern, fp8, dtype):
     expected = torch_ref.paged_attention(query, kc, vc, tables, seq, qsl, 128 ** -0.5,
                                          **pattern, **scales)
     assert_close(out, expected, "chunk attention", dtype, scale=4 if fp8 else 1)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_step_layers_launch_directly():
+    """A step's layers share its plan: the first launches through ``kernel[grid]``, the
+    next layers' (other caches, queries and outputs) straight to the compiled kernels
+    (``kernels._launch``), and a layer whose query starts off a 16-byte boundary goes
+    back through ``kernel[grid]`` (another variant); every layer against the reference."""
+    from kernels import _launch
+
+    dev = torch.device("cuda")
+    seq_lens, query_lens = [3000, 700], [16, 37]
+    layers = [_batch(seq_lens, query_lens, 32, 8, 128, 16, torch.bfloat16, dev, seed=s)
+              for s in range(3)]
+    query = layers[2][0]
+    padded = torch.empty(query.numel() + 1, dtype=query.dtype, device=dev)
+    layers[2] = (padded[1:].view(query.shape).copy_(query),) + layers[2][1:]
+    assert layers[2][0].data_ptr() % 16 != 0
+    cache = {}
+    for query, kc, vc, tables, seq, qsl in layers:
+        out = prefill_attention(query, kc, vc, tables, seq, qsl, 128 ** -0.5,
+                                max_query_len=37, batch_cache=cache, split_one_token=False,
+                                chunk=True, max_seq_len=3000)
+        expected = torch_ref.paged_attention(query, kc, vc, tables, seq, qsl, 128 ** -0.5)
+        assert_close(out, expected, "chunk attention", torch.bfloat16)
+    (plan,) = [v for k, v in cache.items() if isinstance(k, tuple) and k[0] == "chunk_plan"]
+    assert plan.num_splits > 1
+    assert (plan.attend._kernel is not None) == _launch.DIRECT_LAUNCH

@@ -1,0 +1,173 @@
+"""Host time of the attention calls that prompt steps run eagerly (between the pieces of
+the graphs cut at attention), and how much of it is Triton's launch path: each served call
+(its step's plan kept, as for a step's layers), then each Triton launch it makes, through
+``kernel[grid](...)`` and through the compiled kernel's own launcher with the same
+arguments (no binding, specialization key or cache lookup: what a launch costs at least).
+
+Cases: a short prompt chunk after a cached context (the chunk kernel and its merge) and a
+mixed step (a prompt chunk among one-token requests: the decode kernel in place, then the
+Gluon kernel or the Triton prefill kernel). Host us a call with the GPU kept busy (no
+launch waits on it); a cProfile of each served call follows.
+
+Usage: ``python benchmarks/launch_host.py [--calls 200] [--output FILE]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import pstats
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.chunk_attention import HEAD_DIM, _args, chunk_batch  # noqa: E402
+from benchmarks.prefill_mixed import mixed_batch  # noqa: E402
+
+
+def host_us(fn, calls: int) -> float:
+    """Host us per call of ``fn``, the GPU kept busy so that no launch waits on it."""
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(400_000_000)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return 1e6 * elapsed / calls
+
+
+def record_launches(fn) -> list:
+    """``(jit_function, grid, args, kwargs)`` of every Triton launch one call of ``fn``
+    makes."""
+    from triton.runtime.jit import JITFunction
+
+    launches = []
+    classes = {JITFunction}
+    try:
+        from triton.experimental.gluon._runtime import GluonJITFunction
+        classes.add(GluonJITFunction)
+    except ImportError:
+        pass
+    saved = {cls: cls.__dict__.get("run") for cls in classes}
+
+    def wrap(original):
+        def run(self, *args, grid, warmup, **kwargs):
+            if not warmup:
+                launches.append((self, grid, args, dict(kwargs)))
+            return original(self, *args, grid=grid, warmup=warmup, **kwargs)
+        return run
+    for cls, original in saved.items():
+        if original is not None:
+            cls.run = wrap(original)
+    try:
+        fn()
+        torch.cuda.synchronize()
+    finally:
+        for cls, original in saved.items():
+            if original is not None:
+                cls.run = original
+    return launches
+
+
+def direct(jit_fn, grid, args: tuple, kwargs: dict):
+    """A launch of the compiled kernel for these arguments through its own launcher."""
+    from triton.runtime.driver import driver
+
+    kernel = jit_fn[grid](*args, **kwargs)
+    names = jit_fn.arg_names
+    values = list(args)
+    for param in jit_fn.params[len(args):]:
+        values.append(kwargs[param.name] if param.name in kwargs else param.default)
+    assert len(values) == len(names)
+    device = driver.active.get_current_device()
+    stream = driver.active.get_current_stream(device)
+    g = tuple(grid) + (1,) * (3 - len(grid))
+
+    def launch():
+        kernel.run(g[0], g[1], g[2], stream, kernel.function, kernel.packed_metadata, None,
+                   None, None, *values)
+    return launch
+
+
+def profile_text(fn, calls: int) -> str:
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(400_000_000)
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(14)
+    return text.getvalue()
+
+
+def cases() -> dict:
+    from kernels.prefill_attention import prefill_attention
+
+    scale = HEAD_DIM ** -0.5
+    out = {}
+    for chunk, context in ((16, 1024), (64, 4096)):
+        a = _args(chunk_batch(chunk, context, torch.bfloat16))
+        cache: dict = {}
+        out[f"chunk {chunk} after {context} keys"] = (
+            lambda a=a, c=chunk, s=context + chunk, cache=cache: prefill_attention(
+                *a, scale, max_query_len=c, batch_cache=cache, split_one_token=False,
+                max_seq_len=s))
+    for chunk, decodes in ((256, 64), (2048, 200)):
+        b = mixed_batch(chunk, decodes, 1000, 16, torch.bfloat16, decodes_first=True)
+        a = [b[k] for k in ("query", "key_cache", "value_cache", "block_tables", "seq_lens",
+                            "query_start_loc")]
+        cache = {}
+        out[f"mixed: chunk {chunk} + {decodes} one-token of 1000"] = (
+            lambda a=a, c=chunk, d=decodes, cache=cache: prefill_attention(
+                *a, scale, max_query_len=c, batch_cache=cache, one_token_prefix=d,
+                max_seq_len=max(c, 1000)))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--output", default=None)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/launch_host.py needs a CUDA GPU")
+    print(f"{torch.cuda.get_device_name()}: host us a call (GPU kept busy)")
+    results = {}
+    for name, fn in cases().items():
+        row = {"served": host_us(fn, args.calls), "launches": []}
+        print(f"  {name}: served call {row['served']:.1f}")
+        for jit_fn, grid, kargs, kwargs in record_launches(fn):
+            kname = getattr(jit_fn, "__name__", str(jit_fn))
+            jit_us = host_us(lambda j=jit_fn, g=grid, a=kargs, k=kwargs: j[g](*a, **k),
+                             args.calls)
+            try:
+                direct_us = host_us(direct(jit_fn, grid, kargs, kwargs), args.calls)
+            except Exception as e:  # noqa: BLE001 - another Triton's launcher signature
+                print(f"    {kname}: direct launch failed: {type(e).__name__}: {e}")
+                direct_us = float("nan")
+            print(f"    {kname:40s} kernel[grid] {jit_us:7.1f}  direct {direct_us:7.1f}")
+            row["launches"].append(dict(kernel=kname, jit_us=jit_us, direct_us=direct_us))
+        if args.profile:
+            print(profile_text(fn, 100))
+        results[name] = row
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), args=vars(args),
+                           results=results), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
