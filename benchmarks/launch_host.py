@@ -15,33 +15,21 @@ Usage: ``python benchmarks/launch_host.py [--calls 200] [--output FILE]``
 from __future__ import annotations
 
 import argparse
-import cProfile
-import io
 import json
 import os
-import pstats
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.chunk_attention import HEAD_DIM, _args, chunk_batch  # noqa: E402
-from benchmarks.prefill_mixed import mixed_batch  # noqa: E402
+from benchmarks.prefill_mixed import host_ms, mixed_batch, profile_host  # noqa: E402
 
 
 def host_us(fn, calls: int) -> float:
     """Host us per call of ``fn``, the GPU kept busy so that no launch waits on it."""
-    fn()
-    torch.cuda.synchronize()
-    torch.cuda._sleep(400_000_000)
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    elapsed = time.perf_counter() - start
-    torch.cuda.synchronize()
-    return 1e6 * elapsed / calls
+    return 1e3 * host_ms(fn, calls)
 
 
 def record_launches(fn) -> list:
@@ -97,21 +85,6 @@ def direct(jit_fn, grid, args: tuple, kwargs: dict):
     return launch
 
 
-def profile_text(fn, calls: int) -> str:
-    fn()
-    torch.cuda.synchronize()
-    torch.cuda._sleep(400_000_000)
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(calls):
-        fn()
-    prof.disable()
-    torch.cuda.synchronize()
-    text = io.StringIO()
-    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(14)
-    return text.getvalue()
-
-
 def cases() -> dict:
     from kernels.prefill_attention import prefill_attention
 
@@ -161,7 +134,7 @@ def main() -> None:
             print(f"    {kname:40s} kernel[grid] {jit_us:7.1f}  direct {direct_us:7.1f}")
             row["launches"].append(dict(kernel=kname, jit_us=jit_us, direct_us=direct_us))
         if args.profile:
-            print(profile_text(fn, 100))
+            profile_host(fn, 100, name)
         results[name] = row
     if args.output:
         with open(args.output, "w") as f:

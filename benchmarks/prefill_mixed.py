@@ -184,7 +184,7 @@ def trace_table(name: str, fn, calls: int = 5) -> None:
                                     max_name_column_width=60))
 
 
-def profile_host(fn, calls: int = 50) -> None:
+def profile_host(fn, calls: int = 50, label: str = "the mixed step as served") -> None:
     """cProfile of ``calls`` calls of ``fn`` with the GPU kept busy (host time only)."""
     import cProfile
     import pstats
@@ -198,7 +198,7 @@ def profile_host(fn, calls: int = 50) -> None:
         fn()
     profiler.disable()
     torch.cuda.synchronize()
-    print(f"host profile of {calls} calls of the mixed step as served:")
+    print(f"host profile of {calls} calls of {label}:")
     pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
 
 
