@@ -1,8 +1,9 @@
 """Host time of the attention calls that prompt steps run eagerly (between the pieces of
 the graphs cut at attention), and how much of it is Triton's launch path: each served call
 (its step's plan kept, as for a step's layers), then each Triton launch it makes, through
-``kernel[grid](...)`` and through the compiled kernel's own launcher with the same
-arguments (no binding, specialization key or cache lookup: what a launch costs at least).
+``kernel[grid](...)`` and through ``kernels._launch.Launcher`` (the compiled kernel's own
+launcher after its checks: no binding, specialization key or cache lookup; nan where it
+keeps to ``kernel[grid]``, e.g. a kernel of TMA descriptors).
 
 Cases: a short prompt chunk after a cached context (the chunk kernel and its merge) and a
 mixed step (a prompt chunk among one-token requests: the decode kernel in place, then the
@@ -66,23 +67,17 @@ def record_launches(fn) -> list:
 
 
 def direct(jit_fn, grid, args: tuple, kwargs: dict):
-    """A launch of the compiled kernel for these arguments through its own launcher."""
-    from triton.runtime.driver import driver
+    """A ``kernels._launch.Launcher`` of this launch, switched on here, after its first
+    launch (``_kernel`` is None where it keeps to ``kernel[grid]``)."""
+    from kernels import _launch
 
-    kernel = jit_fn[grid](*args, **kwargs)
-    names = jit_fn.arg_names
-    values = list(args)
-    for param in jit_fn.params[len(args):]:
-        values.append(kwargs[param.name] if param.name in kwargs else param.default)
-    assert len(values) == len(names)
-    device = driver.active.get_current_device()
-    stream = driver.active.get_current_stream(device)
-    g = tuple(grid) + (1,) * (3 - len(grid))
-
-    def launch():
-        kernel.run(g[0], g[1], g[2], stream, kernel.function, kernel.packed_metadata, None,
-                   None, None, *values)
-    return launch
+    switch, _launch.DIRECT_LAUNCH = _launch.DIRECT_LAUNCH, True
+    try:
+        launcher = _launch.Launcher(jit_fn, **kwargs)
+    finally:
+        _launch.DIRECT_LAUNCH = switch
+    launcher(grid, *args)
+    return launcher
 
 
 def cases() -> dict:
@@ -126,10 +121,12 @@ def main() -> None:
             kname = getattr(jit_fn, "__name__", str(jit_fn))
             jit_us = host_us(lambda j=jit_fn, g=grid, a=kargs, k=kwargs: j[g](*a, **k),
                              args.calls)
-            try:
-                direct_us = host_us(direct(jit_fn, grid, kargs, kwargs), args.calls)
-            except Exception as e:  # noqa: BLE001 - another Triton's launcher signature
-                print(f"    {kname}: direct launch failed: {type(e).__name__}: {e}")
+            launcher = direct(jit_fn, grid, kargs, kwargs)
+            direct_us = float("nan")
+            if launcher._kernel is not None:
+                direct_us = host_us(lambda la=launcher, g=grid, a=kargs: la(g, *a),
+                                    args.calls)
+            if launcher._kernel is None:  # never armed, or its launcher refused the call
                 direct_us = float("nan")
             print(f"    {kname:40s} kernel[grid] {jit_us:7.1f}  direct {direct_us:7.1f}")
             row["launches"].append(dict(kernel=kname, jit_us=jit_us, direct_us=direct_us))

@@ -100,6 +100,10 @@ class Launcher:
         if params is None or len(params) < len(args):
             self._broken = True
             return
+        if any(not isinstance(a, (torch.Tensor, int, float)) and a is not None
+               for a in args):
+            self._broken = True  # descriptors and the like: their specialization is theirs
+            return
         tail = []
         for param in params[len(args):]:
             if param.name in self.kwargs:
@@ -109,18 +113,11 @@ class Launcher:
             else:
                 self._broken = True
                 return
-        ints = [i for i, a in enumerate(args)
-                if isinstance(a, (int, bool)) or a is None]
+        ints = [i for i, a in enumerate(args) if isinstance(a, int) or a is None]
         self._ints = operator.itemgetter(*ints) if ints else None
         self._int_values = self._ints(args) if ints else None
         self._tensors = tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor))
         self._dtypes = tuple(args[i].dtype for i in self._tensors)
         self._aligned = tuple(i for i in self._tensors if args[i].data_ptr() % 16 == 0)
-        if any(not isinstance(a, (torch.Tensor, int, float, bool)) and a is not None
-               for a in args):
-            self._broken = True  # descriptors and the like: their specialization is theirs
-            return
         self._tail = tuple(tail)
         self._kernel = compiled
-
-
