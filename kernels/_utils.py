@@ -107,6 +107,14 @@ def env_switch(name: str, default: bool = True) -> bool:
     return value == "1"
 
 
+def env_int(name: str, default: int) -> int:
+    """A whole number read from the environment at import; unset ``default``."""
+    value = os.environ.get(name, str(default))
+    if not value.strip().isdigit():
+        raise ValueError(f"{name} must be a whole number, got {value!r}.")
+    return int(value)
+
+
 # Programmatic dependent launch of the decode path's kernels (set GRIDLLM_LAUNCH_DEPENDENT=0
 # before start to turn it off).
 LAUNCH_DEPENDENT = env_switch("GRIDLLM_LAUNCH_DEPENDENT")

@@ -32,24 +32,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from collections.abc import Callable
 
 import torch
 
-from kernels._utils import env_switch
+from kernels._utils import env_int, env_switch
 from worker_svc.input_batch import BatchInputs
 from worker_svc.layers.attention import AttentionMetadata
 
 logger = logging.getLogger(__name__)
-
-
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name, str(default))
-    if not value.isdigit():
-        raise ValueError(f"{name} must be a whole number, got {value!r}.")
-    return int(value)
 
 
 # GRIDLLM_PIECEWISE_GRAPHS=0 before start keeps prefill and mixed steps eager.
@@ -57,7 +49,7 @@ ENABLED = env_switch("GRIDLLM_PIECEWISE_GRAPHS")
 # The largest step captured, in tokens (capped by max_num_batched_tokens; below 16,
 # none): past it the GPU's time for a step outgrows the host's launches (Llama-3-8B on an
 # H100: ~1,000 tokens).
-DEFAULT_MAX_TOKENS = _env_int("GRIDLLM_PIECEWISE_MAX_TOKENS", 2048)
+DEFAULT_MAX_TOKENS = env_int("GRIDLLM_PIECEWISE_MAX_TOKENS", 2048)
 
 # (step between sizes, up to): every 16 tokens up to 256, 32 up to 512, 64 up to 1,024,
 # 128 beyond, so a step past 128 tokens pads by at most an eighth (below, by < 16).
