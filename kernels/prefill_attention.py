@@ -379,13 +379,15 @@ def attend_one_token_requests(query: torch.Tensor, key_cache: torch.Tensor,
                               sliding_window: int | None = None,
                               logit_softcap: float | None = None,
                               attention_stride: int | None = None,
-                              v_scale: float = 1.0) -> None:
+                              v_scale: float = 1.0,
+                              max_seq_len: int | None = None) -> None:
     """Attention of a batch's requests of one query through the decode kernel, written to
     their rows of ``out`` (``[T + 1, H, D]``); every other request's output (zeros) goes
     to row ``T``, so its own rows are left for a prefill kernel. Sync-free: the decode
     kernel runs over all ``B`` requests, the others as padding rows (no keys). The
     gather and scatter rows are kept in ``batch_cache`` for the step's other layers.
-    ``scale`` includes an FP8 cache's ``k_scale``; the rest as in ``prefill_attention``."""
+    ``scale`` includes an FP8 cache's ``k_scale``; ``max_seq_len``, a host-side bound of
+    ``seq_lens``, sizes the decode kernel's split; the rest as in ``prefill_attention``."""
     num_tokens = query.shape[0]
     if out.shape[0] != num_tokens + 1:
         raise ValueError(f"out must have {num_tokens + 1} rows (one past the batch), got "
@@ -404,7 +406,7 @@ def attend_one_token_requests(query: torch.Tensor, key_cache: torch.Tensor,
                                      block_tables, seq, None, scale, sliding_window,
                                      logit_softcap=logit_softcap,
                                      attention_stride=attention_stride, v_scale=v_scale,
-                                     check=False)
+                                     max_seq_len=max_seq_len, check=False)
     out.index_copy_(0, dst, decoded)
 
 
@@ -461,7 +463,8 @@ def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
             each KV group: its other layers' calls differ only in their caches, allocated
             alike).
         max_seq_len: a bound of ``seq_lens`` known on the host (sizes the split of a short
-            step's keys; default: the block table's width).
+            step's keys and the decode kernel's split of the one-query requests; default:
+            the block table's width).
         chunk: run the prompt tokens through ``kernels.chunk_attention`` (query tiles of
             the GQA group's heads, the keys split across programs); default: a step of
             at most ``chunk_attention.MAX_TOKENS`` of them on a GPU
@@ -511,11 +514,13 @@ def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
         paged_decode_attention(query[first], key_cache, value_cache, block_tables[first],
                                seq_lens[first], None, scale, sliding_window,
                                logit_softcap=logit_softcap, attention_stride=attention_stride,
-                               v_scale=v_scale, check=False, out=out[first])
+                               v_scale=v_scale, max_seq_len=max_seq_len, check=False,
+                               out=out[first])
     elif split:
         attend_one_token_requests(query, key_cache, value_cache, block_tables, seq_lens,
                                   query_start_loc, scale, padded, batch_cache,
-                                  sliding_window, logit_softcap, attention_stride, v_scale)
+                                  sliding_window, logit_softcap, attention_stride, v_scale,
+                                  max_seq_len)
 
     prefix = one_token_prefix if split else 0
     gluon = (GLUON_PREFILL and launch is None and max_query_len >= 64 and v_scale == 1.0

@@ -214,11 +214,22 @@ def test_one_token_requests_get_no_query_tile():
     ([1, 17, 1], dict(k_scale=0.5, v_scale=2.0)),
 ])
 @pytest.mark.parametrize("split", [True, False])
-def test_split_one_token_matches_the_reference(query_lens, pattern, split):
+def test_split_one_token_matches_the_reference(query_lens, pattern, split, monkeypatch):
     """``split_one_token`` (the default): the one-query requests through the decode kernel
     and the rest through the prefill kernel give the reference's output in every row, also
     on a second call that reuses what the first kept in ``batch_cache`` (as a step's next
-    layer); without it the prefill kernel's tiles take them, with the same outputs."""
+    layer); without it the prefill kernel's tiles take them, with the same outputs. The
+    host's bound of the lengths reaches the decode kernel (it sizes the split there)."""
+    from kernels import prefill_attention as module
+
+    bounds = []
+
+    def decode(*args, **kwargs):
+        bounds.append(kwargs.get("max_seq_len"))
+        return real_decode(*args, **kwargs)
+
+    real_decode = module.paged_decode_attention
+    monkeypatch.setattr(module, "paged_decode_attention", decode)
     torch.manual_seed(1)
     seq_lens = [q + c for q, c in zip(query_lens, [60, 20, 35, 0, 90], strict=False)]
     dtype = torch.float32
@@ -234,10 +245,12 @@ def test_split_one_token_matches_the_reference(query_lens, pattern, split):
     for _ in range(2):
         out = prefill_attention(query, kc, vc, tables, seq, qsl, 0.2,
                                 max_query_len=max(query_lens), batch_cache=cache,
-                                split_one_token=split, **pattern, **scales)
+                                split_one_token=split, max_seq_len=max(seq_lens),
+                                **pattern, **scales)
         assert out.shape == query.shape and out.is_contiguous()
         assert_close(out, expected, "one-token requests", scale=4 if scales else 1)
     assert ("one_token_requests" in cache) == split
+    assert bounds == ([max(seq_lens)] * 2 if split else [])
 
 
 def test_tma_kernel_compiles_for_sm90():
