@@ -41,11 +41,14 @@ long context costs ``stride + context / stride`` keys instead of ``context``.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
 from kernels import fp8_decode_attention as gluon_fp8
+from kernels._launch import Launcher
 from kernels._utils import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -509,7 +512,8 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
                            gluon: bool | None = None,
                            prefetch_table: bool | None = None,
                            check: bool = True,
-                           out: torch.Tensor | None = None) -> torch.Tensor:
+                           out: torch.Tensor | None = None,
+                           batch_cache: dict | None = None) -> torch.Tensor:
     """Drop-in for ``torch_ref.paged_attention`` on decode-only batches.
 
     Args:
@@ -542,6 +546,10 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
             kernel's split, whose host time per layer counts in eager steps).
         out: ``[B, H, D]`` in query's dtype, last dim contiguous, to write into (a view
             of a bigger step's output), allocated if None.
+        batch_cache: a dict that lives as long as this batch layout (a step's layers share
+            it), where the launch is kept for the step's other layers (``_DecodePlan``;
+            built on each call without it). Its parts' buffers are shared by those calls,
+            which must run one after another on one stream.
     Returns:
         ``out``: the attention output in query's dtype.
     """
@@ -562,11 +570,69 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
             check_shape("out", out, query.shape)
     scale = float(scale) * k_scale
     softcap_mul, softcap_log2 = softcap_args(scale, logit_softcap)
-    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
     if out is None:
         out = torch.empty_like(query)
     if num_reqs == 0:
         return out
+    overrides = (num_splits, block_n, num_warps, num_stages, key_rows, max_registers, gluon,
+                 prefetch_table)
+    key = ("decode_plan", num_reqs, num_heads, query.dtype, key_cache.dtype,
+           value_cache.dtype, tuple(key_cache.shape[1:]), block_tables.shape[1], max_seq_len,
+           sliding_window, logit_softcap is None, attention_stride, overrides)
+    plan = None if batch_cache is None else batch_cache.get(key)
+    if plan is None:
+        plan = _decode_plan(query, key_cache, value_cache, block_tables, max_seq_len,
+                            sliding_window, logit_softcap, attention_stride, *overrides)
+        if batch_cache is not None:
+            batch_cache[key] = plan
+    part_acc = out if plan.part_acc is None else plan.part_acc
+    part_ml = out if plan.part_ml is None else plan.part_ml
+    if plan.attend is None:
+        gluon_fp8.fp8_decode_attention(
+            query, key_cache, value_cache, block_tables, seq_lens, out,
+            float(scale) * _LOG2E, float(v_scale), plan.gluon_launch[0],
+            plan.gluon_launch[1], plan.use_gdc, plan.num_splits, part_acc, part_ml)
+    else:
+        plan.attend(
+            plan.grid, query, key_cache, value_cache, block_tables, seq_lens, out, part_acc,
+            part_ml, query.stride(0), query.stride(1), key_cache.stride(0),
+            key_cache.stride(1), key_cache.stride(2), block_tables.stride(0), out.stride(0),
+            out.stride(1), num_heads, float(scale) * _LOG2E, key_cache.shape[1],
+            sliding_window if sliding_window is not None else 0, softcap_mul, softcap_log2,
+            float(v_scale), attention_stride or 1)
+    if plan.num_splits > 1:
+        plan.merge(plan.merge_grid, part_acc, part_ml, out, out.stride(0), out.stride(1),
+                   num_heads)
+    return out
+
+
+class _DecodePlan(NamedTuple):
+    """A batch shape's launch: the split count, the parts' buffers, and the split kernel's
+    and merge's grids and launchers (their compile-time arguments; after the first call
+    they launch the compiled kernels directly, ``kernels._launch``), or the Gluon kernel's
+    launch (``attend`` None). Kept in ``batch_cache`` for a step's other layers, whose
+    calls differ only in their caches and scales (a mixed step's decodes run eagerly
+    between the pieces of its graphs, where the host's time per layer counts)."""
+    num_splits: int
+    part_acc: torch.Tensor | None
+    part_ml: torch.Tensor | None
+    grid: tuple[int, int, int]
+    merge_grid: tuple[int, int]
+    attend: Launcher | None
+    merge: Launcher | None
+    gluon_launch: tuple[int, int]
+    use_gdc: bool
+
+
+def _decode_plan(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                 block_tables: torch.Tensor, max_seq_len: int | None,
+                 sliding_window: int | None, logit_softcap: float | None,
+                 attention_stride: int | None, num_splits: int | None,
+                 block_n: int | None, num_warps: int | None, num_stages: int | None,
+                 key_rows: bool | None, max_registers: int | None, gluon: bool | None,
+                 prefetch_table: bool | None) -> _DecodePlan:
+    num_reqs, num_heads, head_dim = query.shape
+    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
     group = num_heads // num_kv_heads
     max_context = block_tables.shape[1] * block_size
     if max_seq_len is not None:
@@ -586,21 +652,19 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
         num_splits = pick_num_splits(num_reqs, num_kv_heads, max_context, query.device,
                                      one_warp=use_gluon)
     pdl = launch_dependent_args(query.device)
+    part_acc = part_ml = None
     if num_splits > 1:
         part_acc = torch.empty(num_reqs * num_heads * num_splits, head_dim,
                                dtype=torch.float32, device=query.device)
         part_ml = torch.empty(num_reqs * num_heads * num_splits, 2, dtype=torch.float32,
                               device=query.device)
-    else:
-        part_acc = part_ml = out
     block_d = max(16, next_power_of_2(head_dim))
+    attend = None
+    gluon_launch = (0, 0)
     if use_gluon:
         g_block_n, g_stages = gluon_fp8.default_launch(num_reqs * num_kv_heads, num_splits,
                                                        num_sms(query.device))
-        gluon_fp8.fp8_decode_attention(
-            query, key_cache, value_cache, block_tables, seq_lens, out,
-            float(scale) * _LOG2E, float(v_scale), block_n or g_block_n,
-            num_stages or g_stages, pdl["USE_GDC"], num_splits, part_acc, part_ml)
+        gluon_launch = (block_n or g_block_n, num_stages or g_stages)
     else:
         launch = _default_launch(num_reqs, num_kv_heads, num_splits, query.dtype, query.device,
                                  key_cache.dtype, head_dim)
@@ -609,13 +673,8 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
         num_stages = launch[2] if num_stages is None else num_stages
         key_rows = launch[3] if key_rows is None else key_rows
         max_registers = launch[4] if max_registers is None else max_registers or None
-        _paged_decode_attention_kernel[(num_reqs, num_kv_heads, num_splits)](
-            query, key_cache, value_cache, block_tables, seq_lens, out, part_acc, part_ml,
-            query.stride(0), query.stride(1), key_cache.stride(0), key_cache.stride(1),
-            key_cache.stride(2), block_tables.stride(0), out.stride(0), out.stride(1),
-            num_heads, float(scale) * _LOG2E, block_size,
-            sliding_window if sliding_window is not None else 0, softcap_mul, softcap_log2,
-            float(v_scale), attention_stride or 1, GROUP=group,
+        attend = Launcher(
+            _paged_decode_attention_kernel, GROUP=group,
             BLOCK_G=next_power_of_2(group) if key_rows else max(16, next_power_of_2(group)),
             HEAD_DIM=head_dim,
             BLOCK_D=block_d, BLOCK_N=block_n, NUM_SPLITS=num_splits,
@@ -629,9 +688,11 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
             KEY_ROWS=bool(key_rows),
             num_warps=num_warps, num_stages=num_stages, **pdl,
             **({} if max_registers is None else dict(maxnreg=max_registers)))
+    merge = None
     if num_splits > 1:
-        _paged_decode_reduce_kernel[(num_reqs, num_heads)](
-            part_acc, part_ml, out, out.stride(0), out.stride(1), num_heads,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits,
-            BLOCK_S=next_power_of_2(num_splits), num_warps=4, **pdl)
-    return out
+        merge = Launcher(_paged_decode_reduce_kernel, HEAD_DIM=head_dim, BLOCK_D=block_d,
+                         NUM_SPLITS=num_splits, BLOCK_S=next_power_of_2(num_splits),
+                         num_warps=4, **pdl)
+    return _DecodePlan(num_splits, part_acc, part_ml, (num_reqs, num_kv_heads, num_splits),
+                       (num_reqs, num_heads), attend, merge, gluon_launch,
+                       bool(pdl["USE_GDC"]))

@@ -385,7 +385,8 @@ def attend_one_token_requests(query: torch.Tensor, key_cache: torch.Tensor,
     their rows of ``out`` (``[T + 1, H, D]``); every other request's output (zeros) goes
     to row ``T``, so its own rows are left for a prefill kernel. Sync-free: the decode
     kernel runs over all ``B`` requests, the others as padding rows (no keys). The
-    gather and scatter rows are kept in ``batch_cache`` for the step's other layers.
+    gather and scatter rows, and the decode kernel's launch, are kept in ``batch_cache``
+    for the step's other layers.
     ``scale`` includes an FP8 cache's ``k_scale``; ``max_seq_len``, a host-side bound of
     ``seq_lens``, sizes the decode kernel's split; the rest as in ``prefill_attention``."""
     num_tokens = query.shape[0]
@@ -406,7 +407,8 @@ def attend_one_token_requests(query: torch.Tensor, key_cache: torch.Tensor,
                                      block_tables, seq, None, scale, sliding_window,
                                      logit_softcap=logit_softcap,
                                      attention_stride=attention_stride, v_scale=v_scale,
-                                     max_seq_len=max_seq_len, check=False)
+                                     max_seq_len=max_seq_len, check=False,
+                                     batch_cache=batch_cache)
     out.index_copy_(0, dst, decoded)
 
 
@@ -515,7 +517,7 @@ def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
                                seq_lens[first], None, scale, sliding_window,
                                logit_softcap=logit_softcap, attention_stride=attention_stride,
                                v_scale=v_scale, max_seq_len=max_seq_len, check=False,
-                               out=out[first])
+                               out=out[first], batch_cache=batch_cache)
     elif split:
         attend_one_token_requests(query, key_cache, value_cache, block_tables, seq_lens,
                                   query_start_loc, scale, padded, batch_cache,

@@ -116,6 +116,41 @@ def test_decode_writes_into_a_view_of_a_bigger_output(num_splits):
                                out=view.double())
 
 
+@pytest.mark.parametrize("max_seq_len", [None, 64])
+def test_a_steps_layers_share_one_launch(max_seq_len):
+    """``batch_cache``: a step's first call builds the launch (split count, the parts'
+    buffers, the two launchers), its other layers' calls over their own caches reuse it,
+    and each layer gets the reference's output; a call of another batch shape in the same
+    step (fewer requests) gets its own."""
+    from kernels.paged_decode_attention import _DecodePlan
+
+    torch.manual_seed(0)
+    seq_lens = [9, 40, 33]
+    _, _, tables, seq = make_paged_kv(seq_lens, 2, 32, 16, torch.float32, DEVICE)
+    wide = torch.zeros(3, 64, dtype=tables.dtype, device=DEVICE)  # a long context's table
+    wide[:, :tables.shape[1]] = tables
+    qsl = torch.arange(4, device=DEVICE)
+    cache = {}
+    for layer in range(3):
+        kc, vc, _, _ = make_paged_kv(seq_lens, 2, 32, 16, torch.float32, DEVICE)
+        query = torch.randn(3, 4, 32, device=DEVICE)
+        scale = 0.2 + 0.1 * layer  # per-layer values go through each call
+        with poisoned_allocations():
+            out = paged_decode_attention(query, kc, vc, wide, seq, None, scale,
+                                         max_seq_len=max_seq_len, batch_cache=cache)
+        expected = torch_ref.paged_attention(query, kc, vc, wide, seq, qsl, scale)
+        assert_close(out, expected, f"decode attention, layer {layer}")
+        plans = [v for v in cache.values() if isinstance(v, _DecodePlan)]
+        assert len(plans) == 1
+        if layer == 0:
+            first = plans[0]
+        assert plans[0] is first
+    assert first.num_splits > 1 and first.part_acc is not None
+    paged_decode_attention(query[:2], kc, vc, wide[:2], seq[:2], None, 0.2,
+                           max_seq_len=max_seq_len, batch_cache=cache)
+    assert len(cache) == 2
+
+
 def test_split_merge_loads_everything_in_one_round_trip():
     """The merge kernel (sm_90, compiled without a GPU) issues all its loads, the splits'
     sums included, before its first reduction: it waits on L2 once, not once for the
@@ -315,3 +350,43 @@ def test_decode_gpu(batch, max_len, sliding_window, logit_softcap, dtype):
     seq_lens[0] = max_len
     _check(seq_lens, 32, 8, 128, 16, dtype, torch.device("cuda"), sliding_window,
            logit_softcap=logit_softcap)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("fp8", [False, True])
+def test_gpu_mixed_step_layers_share_the_decode_launch(fp8):
+    """A mixed step's one-query requests (first in the batch, as the runner orders them)
+    through the decode kernel on three layers' caches sharing the step's ``batch_cache``:
+    one launch plan, whose split kernel after the first layer goes straight to the
+    compiled kernel (``kernels._launch``, when on); every layer against the reference.
+    Over an FP8 cache the Gluon kernel takes the decodes."""
+    from kernels import _launch
+    from kernels.paged_decode_attention import _DecodePlan
+    from kernels.prefill_attention import prefill_attention
+
+    dev = torch.device("cuda")
+    seq_lens, query_lens = [2000, 900, 4000], [1, 1, 40]
+    qsl = torch.tensor([0] + query_lens, device=dev).cumsum(0).to(torch.int32)
+    cache = {}
+    for layer in range(3):
+        torch.manual_seed(layer)
+        kc, vc, tables, seq = make_paged_kv(seq_lens, 8, 128, 16, torch.bfloat16, dev)
+        scales = {}
+        if fp8:
+            kc, vc = kc.to(torch.float8_e4m3fn), vc.to(torch.float8_e4m3fn)
+            scales = dict(k_scale=0.5, v_scale=2.0)
+        query = torch.randn(sum(query_lens), 32, 128, device=dev, dtype=torch.bfloat16)
+        out = prefill_attention(query, kc, vc, tables, seq, qsl, 128 ** -0.5,
+                                max_query_len=40, batch_cache=cache, split_one_token=True,
+                                one_token_prefix=2, max_seq_len=4000, **scales)
+        expected = torch_ref.paged_attention(query, kc, vc, tables, seq, qsl, 128 ** -0.5,
+                                             **scales)
+        assert_close(out, expected, f"mixed step, layer {layer}", torch.bfloat16,
+                     scale=4 if fp8 else 1)
+    (plan,) = [v for v in cache.values() if isinstance(v, _DecodePlan)]
+    assert plan.num_splits > 1
+    if fp8:
+        assert plan.attend is None
+    else:
+        assert (plan.attend._kernel is not None) == _launch.DIRECT_LAUNCH
