@@ -155,8 +155,9 @@ BUSY_SMALL="$PY -m gridllm.bench.gpu_busy --model random:llama3-8b --batch-size 
 step busy_prompt_small 120 $BUSY_SMALL --output "$OUT/busy_prompt_small.json"
 GRIDLLM_PIECEWISE_GRAPHS=0 step busy_prompt_small_eager 120 $BUSY_SMALL \
   --output "$OUT/busy_prompt_small_eager.json"
-step chunk_tests 200 $PY -m pytest -q -p no:cacheprovider -rf -m gpu \
-  tests/kernels/test_chunk_attention.py tests/kernels/test_prefill_attention.py
+step chunk_tests 220 $PY -m pytest -q -p no:cacheprovider -rf -m gpu \
+  tests/kernels/test_chunk_attention.py tests/kernels/test_prefill_attention.py \
+  tests/kernels/test_paged_decode_attention.py::test_gpu_mixed_step_layers_share_the_decode_launch
 step chunk_bench 240 $PY benchmarks/chunk_attention.py --sweep --output "$OUT/chunk_bench.json"
 GRIDLLM_CHUNK_ATTENTION=0 step busy_small_chunk_off 120 $BUSY_SMALL \
   --output "$OUT/busy_small_chunk_off.json"
