@@ -8,7 +8,8 @@ keeps to ``kernel[grid]``, e.g. a kernel of TMA descriptors).
 Cases: a short prompt chunk after a cached context (the chunk kernel and its merge) and a
 mixed step (a prompt chunk among one-token requests: the decode kernel in place, then the
 Gluon kernel or the Triton prefill kernel). Host us a call with the GPU kept busy (no
-launch waits on it); a cProfile of each served call follows.
+launch waits on it), the step's plans kept (as served) and built on every call; a
+cProfile of each served call follows.
 
 Usage: ``python benchmarks/launch_host.py [--calls 200] [--output FILE]``
 """
@@ -81,24 +82,24 @@ def direct(jit_fn, grid, args: tuple, kwargs: dict):
 
 
 def cases() -> dict:
+    """Each case's call, taking the step's ``batch_cache`` (None: the plans built anew on
+    every call, as without a step)."""
     from kernels.prefill_attention import prefill_attention
 
     scale = HEAD_DIM ** -0.5
     out = {}
     for chunk, context in ((16, 1024), (64, 4096)):
         a = _args(chunk_batch(chunk, context, torch.bfloat16))
-        cache: dict = {}
         out[f"chunk {chunk} after {context} keys"] = (
-            lambda a=a, c=chunk, s=context + chunk, cache=cache: prefill_attention(
+            lambda cache, a=a, c=chunk, s=context + chunk: prefill_attention(
                 *a, scale, max_query_len=c, batch_cache=cache, split_one_token=False,
                 max_seq_len=s))
-    for chunk, decodes in ((256, 64), (2048, 200)):
+    for chunk, decodes in ((64, 8), (256, 64), (2048, 200)):
         b = mixed_batch(chunk, decodes, 1000, 16, torch.bfloat16, decodes_first=True)
         a = [b[k] for k in ("query", "key_cache", "value_cache", "block_tables", "seq_lens",
                             "query_start_loc")]
-        cache = {}
         out[f"mixed: chunk {chunk} + {decodes} one-token of 1000"] = (
-            lambda a=a, c=chunk, d=decodes, cache=cache: prefill_attention(
+            lambda cache, a=a, c=chunk, d=decodes: prefill_attention(
                 *a, scale, max_query_len=c, batch_cache=cache, one_token_prefix=d,
                 max_seq_len=max(c, 1000)))
     return out
@@ -114,9 +115,13 @@ def main() -> None:
         sys.exit("benchmarks/launch_host.py needs a CUDA GPU")
     print(f"{torch.cuda.get_device_name()}: host us a call (GPU kept busy)")
     results = {}
-    for name, fn in cases().items():
-        row = {"served": host_us(fn, args.calls), "launches": []}
-        print(f"  {name}: served call {row['served']:.1f}")
+    for name, call in cases().items():
+        cache: dict = {}
+        fn = lambda call=call, cache=cache: call(cache)  # noqa: E731
+        row = {"served": host_us(fn, args.calls), "launches": [],
+               "unplanned": host_us(lambda call=call: call(None), args.calls)}
+        print(f"  {name}: served call {row['served']:.1f} (plans built on every call: "
+              f"{row['unplanned']:.1f})")
         for jit_fn, grid, kargs, kwargs in record_launches(fn):
             kname = getattr(jit_fn, "__name__", str(jit_fn))
             jit_us = host_us(lambda j=jit_fn, g=grid, a=kargs, k=kwargs: j[g](*a, **k),
