@@ -64,11 +64,8 @@
 #   busy_small_chunk_off, busy_small_fp8, busy_small_fp8_chunk_off
 #                        64-token prompt steps (bf16, then FP8 weights and KV cache) with
 #                        GRIDLLM_CHUNK_ATTENTION=0 against the default
-#   launch_host          host time of the eager attention calls of short and mixed steps, and
-#                        of each Triton launch in them through kernel[grid] and directly
-#   busy_small_direct_off, busy_small_fp8_direct_off
-#                        64-token prompt steps (bf16, then FP8) with GRIDLLM_DIRECT_LAUNCH=0
-#                        against the default
+#   launch_host          host time of the eager attention calls of short and mixed steps,
+#                        their step's plans kept and built anew, and of each Triton launch
 #   piecewise_fp8, piecewise_fp8_eager
 #                        the 512-token prompt steps' periods with FP8 weights and KV cache,
 #                        with graphs cut at attention and without (past the budget)
@@ -166,10 +163,6 @@ step busy_small_fp8 120 $BUSY_SMALL --quantization fp8 --kv-cache-dtype fp8 \
 GRIDLLM_CHUNK_ATTENTION=0 step busy_small_fp8_chunk_off 120 $BUSY_SMALL --quantization fp8 \
   --kv-cache-dtype fp8 --output "$OUT/busy_small_fp8_chunk_off.json"
 step launch_host 90 $PY benchmarks/launch_host.py --output "$OUT/launch_host.json"
-GRIDLLM_DIRECT_LAUNCH=0 step busy_small_direct_off 120 $BUSY_SMALL \
-  --output "$OUT/busy_small_direct_off.json"
-GRIDLLM_DIRECT_LAUNCH=0 step busy_small_fp8_direct_off 120 $BUSY_SMALL --quantization fp8 \
-  --kv-cache-dtype fp8 --output "$OUT/busy_small_fp8_direct_off.json"
 step piecewise_fp8 90 $SMALL --quantization fp8 --kv-cache-dtype fp8 \
   --output "$OUT/piecewise_fp8.json"
 GRIDLLM_PIECEWISE_GRAPHS=0 step piecewise_fp8_eager 90 $SMALL --quantization fp8 \

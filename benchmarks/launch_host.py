@@ -1,9 +1,10 @@
 """Host time of the attention calls that prompt steps run eagerly (between the pieces of
 the graphs cut at attention), and how much of it is Triton's launch path: each served call
-(its step's plan kept, as for a step's layers), then each Triton launch it makes, through
-``kernel[grid](...)`` and through ``kernels._launch.Launcher`` (the compiled kernel's own
-launcher after its checks: no binding, specialization key or cache lookup; nan where it
-keeps to ``kernel[grid]``, e.g. a kernel of TMA descriptors).
+(its step's plans kept, as for a step's layers, and built anew on every call), then each
+Triton launch it makes, through ``kernel[grid](...)`` and through the compiled kernel's
+own launcher (``CompiledKernel.run``: no argument binding, specialization key or cache
+lookup; nan for a kernel of TMA descriptors, whose arguments that launcher does not take
+as given).
 
 Cases: a short prompt chunk after a cached context (the chunk kernel and its merge) and a
 mixed step (a prompt chunk among one-token requests: the decode kernel in place, then the
@@ -11,7 +12,8 @@ Gluon kernel or the Triton prefill kernel). Host us a call with the GPU kept bus
 launch waits on it), the step's plans kept (as served) and built on every call; a
 cProfile of each served call follows.
 
-Usage: ``python benchmarks/launch_host.py [--calls 200] [--output FILE]``
+Usage: ``python benchmarks/launch_host.py [--calls 200] [--unplanned-calls 20]
+[--output FILE]``
 """
 
 from __future__ import annotations
@@ -68,17 +70,24 @@ def record_launches(fn) -> list:
 
 
 def direct(jit_fn, grid, args: tuple, kwargs: dict):
-    """A ``kernels._launch.Launcher`` of this launch, switched on here, after its first
-    launch (``_kernel`` is None where it keeps to ``kernel[grid]``)."""
-    from kernels import _launch
+    """The launch through the compiled variant's own launcher, as ``kernel[grid]`` ends
+    (None for arguments it does not take as given: TMA descriptors and the like)."""
+    from triton import knobs
+    from triton.runtime.driver import driver
 
-    switch, _launch.DIRECT_LAUNCH = _launch.DIRECT_LAUNCH, True
-    try:
-        launcher = _launch.Launcher(jit_fn, **kwargs)
-    finally:
-        _launch.DIRECT_LAUNCH = switch
-    launcher(grid, *args)
-    return launcher
+    if not all(isinstance(a, (torch.Tensor, int, float)) or a is None for a in args):
+        return None
+    compiled = jit_fn[grid](*args, **kwargs)
+    tail = [kwargs[p.name] if p.name in kwargs else p.default
+            for p in jit_fn.params[len(args):]]
+    stream = driver.active.get_current_stream(args[0].device.index)
+    g = tuple(grid) + (1,) * (3 - len(grid))
+
+    def launch():
+        compiled.run(g[0], g[1], g[2], stream, compiled.function, compiled.packed_metadata,
+                     None, knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook,
+                     *args, *tail)
+    return launch
 
 
 def cases() -> dict:
@@ -108,6 +117,7 @@ def cases() -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--unplanned-calls", type=int, default=20)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
@@ -118,21 +128,18 @@ def main() -> None:
     for name, call in cases().items():
         cache: dict = {}
         fn = lambda call=call, cache=cache: call(cache)  # noqa: E731
+        # Built anew, a call launches the plans' small torch ops too (~20 kernels): few
+        # calls, or the launch queue fills behind the busy GPU and the host waits on it.
         row = {"served": host_us(fn, args.calls), "launches": [],
-               "unplanned": host_us(lambda call=call: call(None), args.calls)}
+               "unplanned": host_us(lambda call=call: call(None), args.unplanned_calls)}
         print(f"  {name}: served call {row['served']:.1f} (plans built on every call: "
               f"{row['unplanned']:.1f})")
         for jit_fn, grid, kargs, kwargs in record_launches(fn):
             kname = getattr(jit_fn, "__name__", str(jit_fn))
             jit_us = host_us(lambda j=jit_fn, g=grid, a=kargs, k=kwargs: j[g](*a, **k),
                              args.calls)
-            launcher = direct(jit_fn, grid, kargs, kwargs)
-            direct_us = float("nan")
-            if launcher._kernel is not None:
-                direct_us = host_us(lambda la=launcher, g=grid, a=kargs: la(g, *a),
-                                    args.calls)
-            if launcher._kernel is None:  # never armed, or its launcher refused the call
-                direct_us = float("nan")
+            launch = direct(jit_fn, grid, kargs, kwargs)
+            direct_us = float("nan") if launch is None else host_us(launch, args.calls)
             print(f"    {kname:40s} kernel[grid] {jit_us:7.1f}  direct {direct_us:7.1f}")
             row["launches"].append(dict(kernel=kname, jit_us=jit_us, direct_us=direct_us))
         if args.profile:
