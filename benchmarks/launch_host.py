@@ -72,7 +72,6 @@ def record_launches(fn) -> list:
 def direct(jit_fn, grid, args: tuple, kwargs: dict):
     """The launch through the compiled variant's own launcher, as ``kernel[grid]`` ends
     (None for arguments it does not take as given: TMA descriptors and the like)."""
-    from triton import knobs
     from triton.runtime.driver import driver
 
     if not all(isinstance(a, (torch.Tensor, int, float)) or a is None for a in args):
@@ -85,8 +84,7 @@ def direct(jit_fn, grid, args: tuple, kwargs: dict):
 
     def launch():
         compiled.run(g[0], g[1], g[2], stream, compiled.function, compiled.packed_metadata,
-                     None, knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook,
-                     *args, *tail)
+                     None, None, None, *args, *tail)  # no launch metadata, no hooks
     return launch
 
 
