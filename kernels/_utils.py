@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import triton
@@ -105,6 +105,18 @@ def env_switch(name: str, default: bool = True) -> bool:
     if value not in ("0", "1"):
         raise ValueError(f"{name} must be 0 or 1, got {value!r}.")
     return value == "1"
+
+
+def kept(batch_cache: dict | None, key, build: Callable[[], object]):
+    """``batch_cache[key]``, built by ``build()`` and kept there the first time; built on
+    every call without a cache. ``batch_cache``: a dict that lives as long as a batch
+    layout (a step's layers share it), where the kernels keep what they derive from it."""
+    value = None if batch_cache is None else batch_cache.get(key)
+    if value is None:
+        value = build()
+        if batch_cache is not None:
+            batch_cache[key] = value
+    return value
 
 
 def env_int(name: str, default: int) -> int:

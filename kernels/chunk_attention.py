@@ -29,6 +29,7 @@ from kernels._utils import (
     CHUNK_ATTENTION,
     dot_precision,
     is_interpreter,
+    kept,
     next_power_of_2,
     num_sms,
 )
@@ -225,8 +226,8 @@ class _Plan(NamedTuple):
     part_ml: torch.Tensor | None
     grid: tuple[int, int, int]
     merge_grid: tuple[int, int, int]
-    attend: dict
-    merge: dict
+    constexprs: dict
+    merge_constexprs: dict
 
 
 def _plan(query: torch.Tensor, key_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -300,13 +301,10 @@ def chunk_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     key = ("chunk_plan", one_token_prefix, skip_one_token, sliding_window,
            logit_softcap is None, query.dtype, key_cache.dtype, key_cache.shape[1:],
            num_splits, launch)
-    plan = None if batch_cache is None else batch_cache.get(key)
-    if plan is None:
-        plan = _plan(query, key_cache, block_tables, seq_lens, query_start_loc,
-                     max_query_len, sliding_window, logit_softcap, max_seq_len,
-                     skip_one_token, one_token_prefix, num_splits, launch)
-        if batch_cache is not None:
-            batch_cache[key] = plan
+    plan = kept(batch_cache, key, lambda: _plan(
+        query, key_cache, block_tables, seq_lens, query_start_loc, max_query_len,
+        sliding_window, logit_softcap, max_seq_len, skip_one_token, one_token_prefix,
+        num_splits, launch))
     softcap_mul, softcap_log2 = softcap_args(scale, logit_softcap)
     part_acc = out if plan.part_acc is None else plan.part_acc
     part_ml = out if plan.part_ml is None else plan.part_ml
@@ -316,8 +314,9 @@ def chunk_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
         key_cache.stride(2), block_tables.stride(0), out.stride(0), out.stride(1),
         float(scale) * _LOG2E, key_cache.shape[1],
         sliding_window if sliding_window is not None else 0, softcap_mul, softcap_log2,
-        float(v_scale), plan.num_splits, **plan.attend)
+        float(v_scale), plan.num_splits, **plan.constexprs)
     if plan.num_splits > 1:
-        _chunk_merge_kernel[plan.merge_grid](plan.tiles, part_acc, part_ml, out, out.stride(0),
-                                             out.stride(1), plan.num_splits, **plan.merge)
+        _chunk_merge_kernel[plan.merge_grid](
+            plan.tiles, part_acc, part_ml, out, out.stride(0), out.stride(1), plan.num_splits,
+            **plan.merge_constexprs)
     return out

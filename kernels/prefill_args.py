@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._utils import INDEX_DTYPES, check_tensor
+from kernels._utils import INDEX_DTYPES, check_tensor, kept
 from kernels.paged_decode_attention import _check_paged_args, _scores
 
 
@@ -82,13 +82,9 @@ def cached_query_tiles(batch_cache: dict | None, query_start_loc: torch.Tensor,
     """``query_tiles``, kept in ``batch_cache`` (a dict that lives as long as the batch
     layout: a step's layers share it) when one is given."""
     key = ("query_tiles", block_m, skip_one_token, longest_first)
-    tiles = None if batch_cache is None else batch_cache.get(key)
-    if tiles is None:
-        tiles = query_tiles(query_start_loc, seq_lens, num_tokens, max_query_len, block_m,
-                            longest_first=longest_first, skip_one_token=skip_one_token)
-        if batch_cache is not None:
-            batch_cache[key] = tiles
-    return tiles
+    return kept(batch_cache, key, lambda: query_tiles(
+        query_start_loc, seq_lens, num_tokens, max_query_len, block_m,
+        longest_first=longest_first, skip_one_token=skip_one_token))
 
 
 @triton.jit

@@ -45,6 +45,7 @@ from kernels._utils import (
     check_tensor,
     dot_precision,
     is_interpreter,
+    kept,
     next_power_of_2,
 )
 from kernels.gluon_prefill_attention import BLOCK_M as GLUON_BLOCK_M
@@ -393,16 +394,15 @@ def attend_one_token_requests(query: torch.Tensor, key_cache: torch.Tensor,
     if out.shape[0] != num_tokens + 1:
         raise ValueError(f"out must have {num_tokens + 1} rows (one past the batch), got "
                          f"{out.shape[0]}.")
-    parts = None if batch_cache is None else batch_cache.get("one_token_requests")
-    if parts is None:
+
+    def rows() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         qsl = query_start_loc.to(torch.int64)
         first = qsl[:-1]
         one = qsl[1:] - first == 1
-        parts = (first.clamp(max=num_tokens - 1), first.masked_fill(~one, num_tokens),
-                 seq_lens.masked_fill(~one, 0))
-        if batch_cache is not None:
-            batch_cache["one_token_requests"] = parts
-    src, dst, seq = parts
+        return (first.clamp(max=num_tokens - 1), first.masked_fill(~one, num_tokens),
+                seq_lens.masked_fill(~one, 0))
+
+    src, dst, seq = kept(batch_cache, "one_token_requests", rows)
     decoded = paged_decode_attention(query.index_select(0, src), key_cache, value_cache,
                                      block_tables, seq, None, scale, sliding_window,
                                      logit_softcap=logit_softcap,

@@ -119,9 +119,9 @@ def test_decode_writes_into_a_view_of_a_bigger_output(num_splits):
 @pytest.mark.parametrize("max_seq_len", [None, 64])
 def test_a_steps_layers_share_one_launch(max_seq_len):
     """``batch_cache``: a step's first call builds the launch (split count, the parts'
-    buffers, the two launchers), its other layers' calls over their own caches reuse it,
-    and each layer gets the reference's output; a call of another batch shape in the same
-    step (fewer requests) gets its own."""
+    buffers, both launches' compile-time arguments), its other layers' calls over their
+    own caches reuse it, and each layer gets the reference's output; a call of another
+    batch shape in the same step (fewer requests) gets its own."""
     from kernels.paged_decode_attention import _DecodePlan
 
     torch.manual_seed(0)
@@ -384,4 +384,4 @@ def test_gpu_mixed_step_layers_share_the_decode_launch(fp8):
                      scale=4 if fp8 else 1)
     (plan,) = [v for v in cache.values() if isinstance(v, _DecodePlan)]
     assert plan.num_splits > 1
-    assert (plan.attend is None) == fp8
+    assert (plan.constexprs is None) == fp8
