@@ -122,7 +122,7 @@ def kept(batch_cache: dict | None, key, build: Callable[[], object]):
 def env_int(name: str, default: int) -> int:
     """A whole number read from the environment at import; unset ``default``."""
     value = os.environ.get(name, str(default))
-    if not value.strip().isdigit():
+    if not value.isdigit():
         raise ValueError(f"{name} must be a whole number, got {value!r}.")
     return int(value)
 
