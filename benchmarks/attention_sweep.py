@@ -11,6 +11,10 @@ Hopper, the TMA kernel) over tile shapes, warps and stages, in TFLOP/s next to t
 on the same shapes in contiguous tensors. Each case prints the best
 configurations and the default.
 
+``--layers N`` times the decode cases as a step runs them: N calls, each over its own
+cache, in one graph, a call's share of the replay (a graph of one call also times its
+launch, ~4 us on Hopper).
+
 ``--read-floor`` adds, per decode case, a read-only pass over the same paged K/V (the
 split kernel's grid and block-table walk, no attention math, one launch): the most a
 kernel that must read those bytes reaches under the same timing (CUDA-graph launch and L2
@@ -18,12 +22,13 @@ flush included).
 
 Usage: ``python benchmarks/attention_sweep.py [--kinds decode prefill]
 [--kv-cache-dtype auto|fp8] [--key-rows 0 1] [--max-registers 0 168 128]
-[--prefetch-table 0 1] [--read-floor] [--gluon-prefill] [--output FILE]``
+[--prefetch-table 0 1] [--layers N] [--read-floor] [--gluon-prefill] [--output FILE]``
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -40,7 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.kernels import (  # noqa: E402
     GB,
     bench,
-    graph_bench,
+    graph_bench_each,
     paged_kv,
     prefill_problem,
 )
@@ -111,7 +116,7 @@ def sweep(name: str, run: Callable[..., torch.Tensor], configs: list[dict],
     for config in configs:
         try:
             torch.testing.assert_close(run(**config).float(), reference, atol=2e-2, rtol=2e-2)
-            ms = time_fn(lambda config=config: run(**config))
+            ms = time_fn(functools.partial(run, **config))
         except Exception as exc:  # noqa: BLE001 - a configuration that does not fit
             print(f"  {name} {config}: {type(exc).__name__}: {str(exc)[:120]}")
             continue
@@ -127,17 +132,26 @@ def sweep(name: str, run: Callable[..., torch.Tensor], configs: list[dict],
 
 def decode_cases(args, copy_gbps: float) -> list[dict]:
     rows = []
+    fp8 = {"auto": None, "fp8": FP8_DTYPE, "fp8_e5m2": torch.float8_e5m2}[args.kv_cache_dtype]
     for batch, context in itertools.product(args.batches, args.contexts):
-        kc, vc, tables, seq = paged_kv(batch, context, KV_HEADS, HEAD_DIM, 16, DTYPE)
-        if args.kv_cache_dtype != "auto":
-            fp8 = FP8_DTYPE if args.kv_cache_dtype == "fp8" else torch.float8_e5m2
-            kc, vc = kc.to(fp8), vc.to(fp8)
-        q = torch.randn(batch, HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
+        # A problem a layer, each over its own cache (--layers), timed in one graph.
+        problems = []
+        for _ in range(args.layers):
+            kc, vc, tables, seq = paged_kv(batch, context, KV_HEADS, HEAD_DIM, 16, DTYPE)
+            if fp8 is not None:
+                kc, vc = kc.to(fp8), vc.to(fp8)
+            q = torch.randn(batch, HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
+            problems.append((q, kc, vc, tables, seq))
         nbytes = 2 * kc.numel() * kc.element_size() + 2 * q.numel() * q.element_size()
 
-        def run(q=q, kc=kc, vc=vc, tables=tables, seq=seq, **launch):
+        def run(layer=0, problems=problems, **launch):
+            q, kc, vc, tables, seq = problems[layer]
             return paged_decode_attention(q, kc, vc, tables, seq, None, HEAD_DIM ** -0.5,
                                           **launch)
+
+        def time_layers(call):
+            return graph_bench_each([functools.partial(call, layer=layer)
+                                     for layer in range(args.layers)])
 
         def score(ms, nbytes=nbytes):
             pct = 100 * nbytes / (ms * 1e-3) / GB / copy_gbps
@@ -146,8 +160,9 @@ def decode_cases(args, copy_gbps: float) -> list[dict]:
         if args.read_floor:
             for splits, block_n in itertools.product(args.splits, (32, 64)):
                 if context // splits >= block_n:
-                    ms = graph_bench(lambda s=splits, n=block_n, kc=kc, vc=vc, tables=tables,
-                                     seq=seq: paged_read(kc, vc, tables, seq, s, n))
+                    ms = graph_bench_each([
+                        functools.partial(paged_read, kc, vc, tables, seq, splits, block_n)
+                        for _, kc, vc, tables, seq in problems])
                     print(f"  read-only floor, {splits} splits of {block_n}-key tiles: "
                           f"{1e3 * ms:.1f} us = {score(ms)[1]}")
         # --key-rows unset: each config keeps the default launch's choice of products.
@@ -167,10 +182,11 @@ def decode_cases(args, copy_gbps: float) -> list[dict]:
         if args.gluon and 1 in args.gluon:  # one split: warps and register caps are its own
             configs += [dict(num_splits=1, block_n=n, num_stages=st, gluon=True)
                         for n, st in itertools.product(args.block_n, args.stages)]
-        name = f"decode b{batch} ctx{context} ({args.kv_cache_dtype} cache)"
+        name = (f"decode b{batch} ctx{context} ({args.kv_cache_dtype} cache"
+                f"{f', {args.layers} layers a graph' if args.layers > 1 else ''})")
         rows.append(dict(batch=batch, context=context, kv_cache_dtype=args.kv_cache_dtype,
-                         **sweep(name, run, configs, graph_bench, score)))
-        del kc, vc
+                         layers=args.layers, **sweep(name, run, configs, time_layers, score)))
+        del problems, run, kc, vc, q
     return rows
 
 
@@ -251,6 +267,9 @@ def main() -> None:
     parser.add_argument("--prefetch-table", type=int, nargs="+", default=None,
                         choices=(0, 1), help="decode: 1 loads each tile's block numbers one "
                         "iteration ahead; '0 1' sweeps both (unset: the default's choice)")
+    parser.add_argument("--layers", type=int, default=1,
+                        help="decode: calls a CUDA graph, each over its own cache, timed a "
+                        "call (as a decode step's layers run; 1: the graph's launch counts)")
     parser.add_argument("--read-floor", action="store_true",
                         help="decode: also time a read-only pass over the same paged K/V")
     parser.add_argument("--gluon", type=int, nargs="+", default=None, choices=(0, 1),

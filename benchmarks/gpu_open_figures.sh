@@ -28,6 +28,9 @@
 #   split_kv_ab          split-KV decode at batch 1, 2 and 4: block numbers a tile ahead or
 #                        not, 32- or 64-key tiles, 2 or 3 stages (the default launch's A/B)
 #   kernels              the kernel table (benchmarks/kernels.py)
+#   split_kv_layers      split-KV decode at batch 1, 2 and 4 x 32k keys, 8 calls a CUDA
+#                        graph over their own caches (as a step's layers), and the
+#                        read-only floor timed alike
 #   lat_fp8, lat_fp8_f16 batch-1 decode of random:llama3-8b with FP8 weights and KV cache,
 #                        the word GEMV and then the float16-pair one (GRIDLLM_GEMV_F16=1)
 #                        (past the default budget: OPEN_STEPS="gemv_f16 lat_fp8 lat_fp8_f16")
@@ -106,6 +109,11 @@ step decode_tests 120 $PY -m pytest -q -p no:cacheprovider -rf --maxfail=3 \
 step split_kv_ab 120 $PY benchmarks/attention_sweep.py --kinds decode --prefetch-table 0 1 \
   --block-n 32 64 --stages 2 3 --output "$OUT/split_kv_ab.json"
 step kernels 150 $PY benchmarks/kernels.py --output "$OUT/kernels.json"
+# Split-KV decode as a step's layers run it (8 calls a graph, each over its own cache),
+# beside the read-only floor under the same timing.
+step split_kv_layers 150 $PY benchmarks/attention_sweep.py --kinds decode --layers 8 \
+  --read-floor --contexts 32768 --splits 32 64 128 --block-n 32 64 --warps 4 --stages 2 3 \
+  --output "$OUT/split_kv_layers.json"
 LAT="$PY -m gridllm.bench latency --model random:llama3-8b --input-len 128 --output-len 128
   --num-iters 3 --num-warmup 1 --quantization fp8 --kv-cache-dtype fp8 --no-tqdm"
 step lat_fp8 90 $LAT --output "$OUT/lat_fp8.json"

@@ -18,7 +18,7 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -74,20 +74,35 @@ def bench(fn: Callable[[], object], rep_ms: int = 100, flush: str = "read") -> f
 def graph_bench(fn: Callable[[], object], reps: int = 200, flush: str = "read") -> float:
     """Median milliseconds of ``fn`` replayed from a CUDA graph, as the serving path runs
     decode (no launch overhead between its kernels), L2 flushed before each replay.
+    ``graph_bench_each`` is the same over several calls in one graph.
 
     ``flush="read"`` (default) reads 256 MB before each replay, so the replay starts with an
     L2 of clean lines, as decode attention does after the projections that read weights;
     ``"write"`` zeroes them, leaving the L2 full of dirty lines that the replay's own
     reads must first write back (at a batch-1 32k-token context that is tens of
     megabytes more traffic than the kernel's)."""
+    return graph_bench_each([fn], reps, flush)
+
+
+def graph_bench_each(calls: Sequence[Callable[[], object]], reps: int = 200,
+                     flush: str = "read") -> float:
+    """Median milliseconds a call of ``calls`` captured one after another in one CUDA
+    graph (the replay's time over their number), the L2 flushed before each replay.
+
+    A served decode step runs a layer's attention after the previous layer's kernels in
+    the same graph, so a graph of one call times its launch latency (~4 us on Hopper) as
+    well; calls over the layers' own caches (distinct memory, none left in L2 for the
+    next) time each as served."""
     flush_l2 = _l2_flush(flush)
-    fn()
+    for call in calls:
+        call()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fn()
+        for call in calls:
+            call()
     torch.cuda.synchronize()
-    return _median_ms(graph.replay, flush_l2, reps)
+    return _median_ms(graph.replay, flush_l2, reps) / len(calls)
 
 
 def bench_slow(fn: Callable[[], object], runs: int = 3) -> float:
@@ -118,15 +133,26 @@ def paged_kv(batch: int, context: int, num_kv_heads: int, head_dim: int, block_s
 
 
 def bench_decode(limits, batch=64, context=4096, num_heads=32, num_kv_heads=8,
-                 head_dim=128, block_size=16, with_ref=True, in_graph=False):
+                 head_dim=128, block_size=16, with_ref=True, in_graph=False, layers=1):
+    """``layers`` > 1 (with ``in_graph``): that many calls, each over its own cache, in one
+    graph, timed a call (``graph_bench_each``)."""
     from kernels.paged_decode_attention import paged_decode_attention
 
     dtype = torch.bfloat16
-    kc, vc, tables, seq = paged_kv(batch, context, num_kv_heads, head_dim, block_size, dtype)
-    q = torch.randn(batch, num_heads, head_dim, device="cuda", dtype=dtype)
     qsl = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
+    problems = [(torch.randn(batch, num_heads, head_dim, device="cuda", dtype=dtype),
+                 *paged_kv(batch, context, num_kv_heads, head_dim, block_size, dtype))
+                for _ in range(layers)]
+    calls = [lambda q=q, kv=kv: paged_decode_attention(q, *kv, qsl, head_dim ** -0.5)
+             for q, *kv in problems]
+    q, kc, vc, tables, seq = problems[0]
     args = (q, kc, vc, tables, seq, qsl, head_dim ** -0.5)
-    ms = (graph_bench if in_graph else bench)(lambda: paged_decode_attention(*args))
+    if in_graph:
+        ms = graph_bench_each(calls)
+    elif layers == 1:
+        ms = bench(calls[0])
+    else:
+        raise ValueError("layers > 1 times calls in one CUDA graph: pass in_graph=True")
     ref_ms = bench_slow(lambda: torch_ref.paged_attention(*args)) if with_ref else None
     nbytes = 2 * batch * context * num_kv_heads * head_dim * dtype.itemsize \
         + 2 * q.numel() * dtype.itemsize
@@ -266,6 +292,10 @@ def bench_sampling(limits, batch=256, vocab=128256):
                 pct_of_limit=None, limit="torch reference", goal="5x")
 
 
+# Calls a graph in the "layers a graph" rows: enough that the graph's launch (~4 us) is a
+# small part of each.
+LAYERS = 8
+
 BENCHES = [
     ("paged decode attention b64 ctx4096 bf16", bench_decode),
     # Small batches run from a CUDA graph, as decode is served: at ~30-120 us a kernel pair
@@ -273,6 +303,11 @@ BENCHES = [
     *((f"paged decode attention b{b} ctx32768 (split-KV, CUDA graph)",
        lambda lim, b=b: bench_decode(lim, batch=b, context=32768, with_ref=False,
                                      in_graph=True)) for b in (1, 2, 4)),
+    # ... and as a decode step runs them: one graph holds a call a layer, each over its own
+    # cache, so a call's time no longer includes the graph's launch.
+    *((f"paged decode attention b{b} ctx32768 (split-KV, {LAYERS} layers a graph)",
+       lambda lim, b=b: bench_decode(lim, batch=b, context=32768, with_ref=False,
+                                     in_graph=True, layers=LAYERS)) for b in (1, 2, 4)),
     ("prefill attention 4x4096 causal bf16", bench_prefill),
     # Blocks of 64 tokens: the TMA kernel on Hopper (blocks of 16 take the pointer kernel).
     ("prefill attention 4x4096 causal bf16 block 64",
@@ -304,7 +339,7 @@ def main() -> None:
     results["limits"] = limits
     print(f"{results['device']}: copy {limits['copy_bandwidth_gbps']:.0f} GB/s, "
           f"bf16 matmul {limits['bf16_matmul_tflops']:.0f} TFLOP/s")
-    print(f"{'kernel':48s} {'ms':>9s} {'torch ms':>9s} {'metric':>28s} {'% limit':>8s}")
+    print(f"{'kernel':64s} {'ms':>9s} {'torch ms':>9s} {'metric':>28s} {'% limit':>8s}")
     for name, fn in BENCHES:
         if args.only and args.only not in name:
             continue
@@ -312,12 +347,12 @@ def main() -> None:
             row = fn(limits)
             pct = row.get("pct_of_limit")
             ref = row.get("ref_ms")
-            print(f"{name:48s} {row['ms']:9.3f} "
+            print(f"{name:64s} {row['ms']:9.3f} "
                   f"{(f'{ref:9.3f}' if ref is not None else '-'):>9s} {row['metric']:>28s} "
                   f"{(f'{pct:7.1f}%' if pct is not None else '-'):>8s}")
         except Exception as exc:  # keep going: one broken kernel must not hide the rest
             row = {"error": f"{type(exc).__name__}: {exc}"}
-            print(f"{name:48s} ERROR {row['error'][:200]}")
+            print(f"{name:64s} ERROR {row['error'][:200]}")
             traceback.print_exc(limit=3)
         results["kernels"][name] = row
         torch.cuda.empty_cache()
