@@ -31,6 +31,9 @@
 #   split_kv_layers      split-KV decode at batch 1, 2 and 4 x 32k keys, 8 calls a CUDA
 #                        graph over their own caches (as a step's layers), and the
 #                        read-only floor timed alike
+#   split_kv_layers_sweep
+#                        the same timing over split counts, keys a tile, stages and block
+#                        numbers a tile ahead or not, at 8k and 32k keys (past the budget)
 #   lat_fp8, lat_fp8_f16 batch-1 decode of random:llama3-8b with FP8 weights and KV cache,
 #                        the word GEMV and then the float16-pair one (GRIDLLM_GEMV_F16=1)
 #                        (past the default budget: OPEN_STEPS="gemv_f16 lat_fp8 lat_fp8_f16")
@@ -114,6 +117,9 @@ step kernels 150 $PY benchmarks/kernels.py --output "$OUT/kernels.json"
 step split_kv_layers 150 $PY benchmarks/attention_sweep.py --kinds decode --layers 8 \
   --read-floor --contexts 32768 --splits 32 64 128 --block-n 32 64 --warps 4 --stages 2 3 \
   --output "$OUT/split_kv_layers.json"
+step split_kv_layers_sweep 300 $PY benchmarks/attention_sweep.py --kinds decode --layers 8 \
+  --contexts 8192 32768 --splits 16 32 64 128 --block-n 32 64 --warps 4 --stages 2 3 \
+  --prefetch-table 0 1 --output "$OUT/split_kv_layers_sweep.json"
 LAT="$PY -m gridllm.bench latency --model random:llama3-8b --input-len 128 --output-len 128
   --num-iters 3 --num-warmup 1 --quantization fp8 --kv-cache-dtype fp8 --no-tqdm"
 step lat_fp8 90 $LAT --output "$OUT/lat_fp8.json"
