@@ -82,8 +82,10 @@ _SHORT_SPLIT_BLOCK_N = 32
 # memory leaves fewer programs resident per SM.
 _NUM_STAGES = 2
 # Split-KV over a 16-bit cache where the SMs set the split count: (keys per iteration,
-# warps, stages, key_rows, register cap); with block numbers a tile ahead (_default_launch).
+# warps, stages, key_rows, register cap), and whether block numbers load a tile ahead
+# (_default_launch).
 _SPLIT_LAUNCH = (32, 4, 3, False, None)
+_SPLIT_PREFETCH = True
 # Over an FP8 cache with one split, up to this many programs per SM take the small-grid
 # launch of _default_launch.
 _FP8_SMALL_GRID_PROGRAMS_PER_SM = 4
@@ -482,8 +484,9 @@ def _default_launch(num_reqs: int, num_kv_heads: int, num_splits: int, dtype: to
 
 def _prefetches(num_splits: int, cache_dtype: torch.dtype, launch: tuple) -> bool:
     """Whether the default launch loads block numbers a tile ahead: over a 16-bit cache
-    with one split, or with split-KV's ``_SPLIT_LAUNCH``."""
-    return not is_fp8(cache_dtype) and (num_splits == 1 or launch == _SPLIT_LAUNCH)
+    with one split, or with split-KV's ``_SPLIT_LAUNCH`` where ``_SPLIT_PREFETCH``."""
+    return not is_fp8(cache_dtype) and (
+        num_splits == 1 or (launch == _SPLIT_LAUNCH and _SPLIT_PREFETCH))
 
 
 def _fp8_one_warp_launch(programs: int, sms: int) -> tuple[int, int, int, bool, int | None]:
