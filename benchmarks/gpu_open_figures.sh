@@ -72,10 +72,10 @@
 #                        GRIDLLM_CHUNK_ATTENTION=0 against the default
 #   split_launch_ab      split-KV decode's default launch against candidates, in turns, in
 #                        a graph of one call and of 8 (benchmarks/split_kv_ab.py)
-#   busy_long1, busy_long_64keys1, busy_long2, busy_long_64keys2
+#   busy_long1, busy_long_64keys1, busy_long_prefetch1, busy_long2, ...
 #                        decode steps of random:qwen3-0.6b at batch 1 over 32k tokens, the
-#                        default split-KV launch against 64 keys, 2 stages, no block numbers
-#                        ahead, twice in turns (past the budget)
+#                        default split-KV launch against 64 keys and 2 stages, and against
+#                        block numbers a tile ahead, twice in turns (past the budget)
 #   launch_host          host time of the eager attention calls of short and mixed steps,
 #                        their step's plans kept and built anew, and of each Triton launch
 #   piecewise_fp8, piecewise_fp8_eager
@@ -184,20 +184,26 @@ GRIDLLM_CHUNK_ATTENTION=0 step busy_small_fp8_chunk_off 120 $BUSY_SMALL --quanti
   --kv-cache-dtype fp8 --output "$OUT/busy_small_fp8_chunk_off.json"
 # Split-KV's default launch against candidates, timed in turns, in a graph of one call and
 # of 8 (a step's layers); then end to end: decode steps of random:qwen3-0.6b at batch 1
-# over 32k tokens (attention most of a step), the default launch and 64 keys, 2 stages,
-# no block numbers ahead (set in-process), twice in turns.
+# over 32k tokens (attention most of a step), the default launch and two others (set
+# in-process), twice in turns.
 step split_launch_ab 150 $PY benchmarks/split_kv_ab.py --launch 64,4,2,0 64,4,2,1 32,4,3,0 \
   --output "$OUT/split_launch_ab.json"
 LONG="-m gridllm.bench.gpu_busy --model random:qwen3-0.6b --batch-size 1 --input-len 32000
   --num-steps 64"
-SPLIT_64="import runpy, sys, kernels.paged_decode_attention as m
-m._SPLIT_LAUNCH, m._SPLIT_PREFETCH = (64, 4, 2, False, None), False
+# split_launch LAUNCH PREFETCH: a `python -c` program, gpu_busy with split-KV's launch set
+# in-process.
+split_launch() {
+  printf '%s' "import runpy, sys, kernels.paged_decode_attention as m
+m._SPLIT_LAUNCH, m._SPLIT_PREFETCH = $1, $2
 sys.argv[0] = 'gpu_busy'
 runpy.run_module('gridllm.bench.gpu_busy', run_name='__main__')"
+}
 for turn in 1 2; do
   step busy_long$turn 90 $PY $LONG --output "$OUT/busy_long$turn.json"
-  step busy_long_64keys$turn 90 $PY -c "$SPLIT_64" ${LONG#-m gridllm.bench.gpu_busy} \
-    --output "$OUT/busy_long_64keys$turn.json"
+  step busy_long_64keys$turn 90 $PY -c "$(split_launch "(64, 4, 2, False, None)" False)" \
+    ${LONG#-m gridllm.bench.gpu_busy} --output "$OUT/busy_long_64keys$turn.json"
+  step busy_long_prefetch$turn 90 $PY -c "$(split_launch "(32, 4, 3, False, None)" True)" \
+    ${LONG#-m gridllm.bench.gpu_busy} --output "$OUT/busy_long_prefetch$turn.json"
 done
 step launch_host 90 $PY benchmarks/launch_host.py --output "$OUT/launch_host.json"
 step piecewise_fp8 90 $SMALL --quantization fp8 --kv-cache-dtype fp8 \

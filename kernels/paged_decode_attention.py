@@ -85,7 +85,7 @@ _NUM_STAGES = 2
 # warps, stages, key_rows, register cap), and whether block numbers load a tile ahead
 # (_default_launch).
 _SPLIT_LAUNCH = (32, 4, 3, False, None)
-_SPLIT_PREFETCH = True
+_SPLIT_PREFETCH = False
 # Over an FP8 cache with one split, up to this many programs per SM take the small-grid
 # launch of _default_launch.
 _FP8_SMALL_GRID_PROGRAMS_PER_SM = 4
@@ -448,12 +448,16 @@ def _default_launch(num_reqs: int, num_kv_heads: int, num_splits: int, dtype: to
       against 113.5 us).
     - split-KV over a 16-bit cache (where the SMs set the split count, and short splits
       alike, so each count is one variant whatever the batch): ``_SPLIT_LAUNCH``,
-      32 keys, 4 warps, 3 stages, block numbers a tile ahead (``prefetch_table``; H200,
-      8 KV heads, two sweeps on separate days, us: batch 1 x 32k keys 43.1 -> 41.4, 2 x 32k
-      72.8 -> 71.9, 4 x 32k 133.4 -> 131.6, 2 x 8192 27.1 -> 26.2, 4 x 8192 42.5 -> 40.4;
-      with 64 keys and 2 stages, block numbers a tile ahead were slower; short splits
-      not timed, but with them on this launch no decode variant compiles after warm-up,
-      which an H200 run checked on 2026-12-05).
+      32 keys, 4 warps, 3 stages (H200, 8 KV heads, against 64 keys and 2 stages, two
+      sweeps on separate days, us: batch 1 x 32k keys 43.1 -> 41.4, 2 x 32k 72.8 -> 71.9,
+      4 x 32k 133.4 -> 131.6, 2 x 8192 27.1 -> 26.2, 4 x 8192 42.5 -> 40.4, with block
+      numbers a tile ahead; short splits not timed, but with them on this launch no
+      decode variant compiles after warm-up, which an H200 run checked on 2026-12-05).
+      Block numbers load with their tile (``_SPLIT_PREFETCH``): a tile ahead, as one
+      graph's only call they were as fast (H100, within 0.6%), but as a step's layers run
+      them, 8 calls a graph over their own caches, 6-10% slower (H100, us: 1 x 32k 57.3
+      against 51.5, 2 x 32k 106.9 / 96.1, 4 x 32k 203.6 / 184.5, 1 x 8192 20.3 / 18.0,
+      2 x 8192 33.7 / 30.0, 4 x 8192 58.5 / 52.7; ``benchmarks/split_kv_ab.py``).
     - over an FP8 cache, the one-warp launch caps the registers once more programs than
       fit at the compiler's 190 a thread (8 per SM) would take a second, mostly empty, wave
       (``_fp8_one_warp_launch``): up to 10 per SM at 168 registers, past that 16 keys per

@@ -274,14 +274,15 @@ def test_launch_by_programs_per_sm(monkeypatch):
     assert module._default_launch(32, 8, 2, bf16, dev, fp8) == (64, 2, 3, True, None)
     assert module._default_launch(1, 8, 8, bf16, dev, fp8) == (32, 4, stages, False, None)
     # Split-KV over a 16-bit cache, the split count set by the SMs or short splits alike:
-    # 32 keys, 4 warps, 3 stages (and block numbers a tile ahead); float32 keeps the
-    # heuristic.
+    # 32 keys, 4 warps, 3 stages, block numbers loaded with their tile; float32 keeps the
+    # heuristic. One split loads them a tile ahead.
     assert module._default_launch(1, 8, 64, bf16, dev) == (32, 4, 3, False, None)
     assert module._default_launch(4, 8, 16, torch.float16, dev) == (32, 4, 3, False, None)
-    assert module._prefetches(64, bf16, module._default_launch(1, 8, 64, bf16, dev))
+    assert not module._prefetches(64, bf16, module._default_launch(1, 8, 64, bf16, dev))
     assert not module._prefetches(64, fp8, module._default_launch(1, 8, 64, bf16, dev, fp8))
     assert module._default_launch(1, 8, 8, bf16, dev) == (32, 4, 3, False, None)
-    assert module._prefetches(8, bf16, module._default_launch(1, 8, 8, bf16, dev))
+    assert not module._prefetches(8, bf16, module._default_launch(1, 8, 8, bf16, dev))
+    assert module._prefetches(1, bf16, module._default_launch(64, 8, 1, bf16, dev))
     assert module._default_launch(1, 8, 64, torch.float32, dev)[2] == stages
     # Between the two, a float32 or float16 query with splits, a head dim over 128, or a
     # 16-bit cache under 7 per SM: the block_n heuristic with 4 warps.
