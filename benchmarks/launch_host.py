@@ -19,6 +19,7 @@ Usage: ``python benchmarks/launch_host.py [--calls 200] [--unplanned-calls 20]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -88,6 +89,28 @@ def direct(jit_fn, grid, args: tuple, kwargs: dict):
     return launch
 
 
+@contextlib.contextmanager
+def launch_hooks(enter, exit_):
+    """Triton's launch hooks (``knobs.runtime``) set to these within."""
+    from triton import knobs
+
+    saved = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+    knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook = enter, exit_
+    try:
+        yield
+    finally:
+        knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook = saved
+
+
+def hooks_description() -> str:
+    from triton import knobs
+
+    return ", ".join(f"{name} {getattr(knobs.runtime, name)!r}"
+                     f"{f' ({len(h.calls)} calls)' if hasattr(h, 'calls') else ''}"
+                     for name in ("launch_enter_hook", "launch_exit_hook")
+                     for h in [getattr(knobs.runtime, name)])
+
+
 def cases() -> dict:
     """Each case's call, taking the step's ``batch_cache`` (None: the plans built anew on
     every call, as without a step)."""
@@ -121,7 +144,8 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/launch_host.py needs a CUDA GPU")
-    print(f"{torch.cuda.get_device_name()}: host us a call (GPU kept busy)")
+    print(f"{torch.cuda.get_device_name()}: host us a call (GPU kept busy); Triton's "
+          f"{hooks_description()}")
     results = {}
     for name, call in cases().items():
         cache: dict = {}
@@ -130,16 +154,24 @@ def main() -> None:
         # calls, or the launch queue fills behind the busy GPU and the host waits on it.
         row = {"served": host_us(fn, args.calls), "launches": [],
                "unplanned": host_us(lambda call=call: call(None), args.unplanned_calls)}
+        with launch_hooks(None, None):
+            row["served_no_hooks"] = host_us(fn, args.calls)
         print(f"  {name}: served call {row['served']:.1f} (plans built on every call: "
-              f"{row['unplanned']:.1f})")
+              f"{row['unplanned']:.1f}; launch hooks None: {row['served_no_hooks']:.1f})")
         for jit_fn, grid, kargs, kwargs in record_launches(fn):
             kname = getattr(jit_fn, "__name__", str(jit_fn))
             jit_us = host_us(lambda j=jit_fn, g=grid, a=kargs, k=kwargs: j[g](*a, **k),
                              args.calls)
+            with launch_hooks(None, None):
+                jit_no_hooks_us = host_us(
+                    lambda j=jit_fn, g=grid, a=kargs, k=kwargs: j[g](*a, **k), args.calls)
             launch = direct(jit_fn, grid, kargs, kwargs)
             direct_us = float("nan") if launch is None else host_us(launch, args.calls)
-            print(f"    {kname:40s} kernel[grid] {jit_us:7.1f}  direct {direct_us:7.1f}")
-            row["launches"].append(dict(kernel=kname, jit_us=jit_us, direct_us=direct_us))
+            print(f"    {kname:40s} kernel[grid] {jit_us:7.1f}  hooks None "
+                  f"{jit_no_hooks_us:7.1f}  direct {direct_us:7.1f}")
+            row["launches"].append(dict(kernel=kname, jit_us=jit_us,
+                                        jit_no_hooks_us=jit_no_hooks_us,
+                                        direct_us=direct_us))
         if args.profile:
             profile_host(fn, 100, name)
         results[name] = row
