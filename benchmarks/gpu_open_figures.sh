@@ -78,6 +78,10 @@
 #                        block numbers a tile ahead, twice in turns (past the budget)
 #   launch_host          host time of the eager attention calls of short and mixed steps,
 #                        their step's plans kept and built anew, and of each Triton launch
+#   direct_tests, busy_small_direct1, busy_small_jit1, busy_small_direct2, busy_small_jit2
+#                        launches straight to the compiled kernels (GRIDLLM_DIRECT_LAUNCH=1):
+#                        the chunk kernel's and a mixed step's decode GPU tests with them,
+#                        then 64-token prompt steps with them and without, in turns
 #   piecewise_fp8, piecewise_fp8_eager
 #                        the 512-token prompt steps' periods with FP8 weights and KV cache,
 #                        with graphs cut at attention and without (past the budget)
@@ -206,6 +210,16 @@ for turn in 1 2; do
     ${LONG#-m gridllm.bench.gpu_busy} --output "$OUT/busy_long_prefetch$turn.json"
 done
 step launch_host 90 $PY benchmarks/launch_host.py --output "$OUT/launch_host.json"
+# Launches straight to the compiled kernels: the chunk kernel's and a mixed step's decode
+# GPU tests with them on, then 64-token prompt steps with them and without, twice in turns.
+GRIDLLM_DIRECT_LAUNCH=1 step direct_tests 150 $PY -m pytest -q -p no:cacheprovider -rf \
+  -m gpu tests/kernels/test_chunk_attention.py \
+  tests/kernels/test_paged_decode_attention.py::test_gpu_mixed_step_layers_share_the_decode_launch
+for turn in 1 2; do
+  GRIDLLM_DIRECT_LAUNCH=1 step busy_small_direct$turn 120 $BUSY_SMALL \
+    --output "$OUT/busy_small_direct$turn.json"
+  step busy_small_jit$turn 120 $BUSY_SMALL --output "$OUT/busy_small_jit$turn.json"
+done
 step piecewise_fp8 90 $SMALL --quantization fp8 --kv-cache-dtype fp8 \
   --output "$OUT/piecewise_fp8.json"
 GRIDLLM_PIECEWISE_GRAPHS=0 step piecewise_fp8_eager 90 $SMALL --quantization fp8 \

@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels._launch import Launcher
 from kernels._utils import (
     CHUNK_ATTENTION,
     dot_precision,
@@ -218,16 +219,18 @@ def _tiles(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_tokens: in
 class _Plan(NamedTuple):
     """What a step's layers share: the query tiles, the split count, the parts' buffers
     (the layers run one after another on the stream) and the two launches' grids and
-    compile-time arguments. Built once a step: a short step's host time per layer is
-    what bounds it (H100, 64-token steps of Llama-3-8B under graphs cut at attention)."""
+    launchers (their compile-time arguments; after the first layer they may launch the
+    compiled kernels directly, ``kernels._launch``). Built once a step: a short step's
+    host time per layer is what bounds it (H100, 64-token steps of Llama-3-8B under graphs
+    cut at attention)."""
     tiles: torch.Tensor
     num_splits: int
     part_acc: torch.Tensor | None
     part_ml: torch.Tensor | None
     grid: tuple[int, int, int]
     merge_grid: tuple[int, int, int]
-    constexprs: dict
-    merge_constexprs: dict
+    attend: Launcher
+    merge: Launcher
 
 
 def _plan(query: torch.Tensor, key_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -271,12 +274,13 @@ def _plan(query: torch.Tensor, key_cache: torch.Tensor, block_tables: torch.Tens
     return _Plan(
         tiles, num_splits, part_acc, part_ml, (slots, num_kv_heads, num_splits),
         (slots, queries_per_tile, num_kv_heads),
-        dict(shared, BLOCK_N=block_n, HAS_WINDOW=sliding_window is not None,
-             HAS_SOFTCAP=logit_softcap is not None, DOT_PRECISION=dot_precision(query.dtype),
-             F16_DOTS=fp8_f16_dots(key_cache, query), num_warps=num_warps,
-             num_stages=num_stages),
-        dict(shared, BLOCK_G=next_power_of_2(group),
-             BLOCK_S=next_power_of_2(max(MAX_SPLITS, num_splits)), num_warps=4))
+        Launcher(_chunk_attention_kernel, **shared, BLOCK_N=block_n,
+                 HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=logit_softcap is not None,
+                 DOT_PRECISION=dot_precision(query.dtype),
+                 F16_DOTS=fp8_f16_dots(key_cache, query), num_warps=num_warps,
+                 num_stages=num_stages),
+        Launcher(_chunk_merge_kernel, **shared, BLOCK_G=next_power_of_2(group),
+                 BLOCK_S=next_power_of_2(max(MAX_SPLITS, num_splits)), num_warps=4))
 
 
 def chunk_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
@@ -308,15 +312,14 @@ def chunk_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     softcap_mul, softcap_log2 = softcap_args(scale, logit_softcap)
     part_acc = out if plan.part_acc is None else plan.part_acc
     part_ml = out if plan.part_ml is None else plan.part_ml
-    _chunk_attention_kernel[plan.grid](
-        query, key_cache, value_cache, block_tables, plan.tiles, out, part_acc, part_ml,
-        query.stride(0), query.stride(1), key_cache.stride(0), key_cache.stride(1),
+    plan.attend(
+        plan.grid, query, key_cache, value_cache, block_tables, plan.tiles, out, part_acc,
+        part_ml, query.stride(0), query.stride(1), key_cache.stride(0), key_cache.stride(1),
         key_cache.stride(2), block_tables.stride(0), out.stride(0), out.stride(1),
         float(scale) * _LOG2E, key_cache.shape[1],
         sliding_window if sliding_window is not None else 0, softcap_mul, softcap_log2,
-        float(v_scale), plan.num_splits, **plan.constexprs)
+        float(v_scale), plan.num_splits)
     if plan.num_splits > 1:
-        _chunk_merge_kernel[plan.merge_grid](
-            plan.tiles, part_acc, part_ml, out, out.stride(0), out.stride(1), plan.num_splits,
-            **plan.merge_constexprs)
+        plan.merge(plan.merge_grid, plan.tiles, part_acc, part_ml, out, out.stride(0),
+                   out.stride(1), plan.num_splits)
     return out

@@ -48,6 +48,7 @@ import triton
 import triton.language as tl
 
 from kernels import fp8_decode_attention as gluon_fp8
+from kernels._launch import Launcher
 from kernels._utils import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -592,39 +593,39 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
     part_acc = out if plan.part_acc is None else plan.part_acc
     part_ml = out if plan.part_ml is None else plan.part_ml
     scale_log2 = scale * _LOG2E
-    if plan.constexprs is None:
+    if plan.attend is None:
         gluon_fp8.fp8_decode_attention(
             query, key_cache, value_cache, block_tables, seq_lens, out,
             scale_log2, float(v_scale), plan.gluon_launch[0],
             plan.gluon_launch[1], plan.use_gdc, plan.num_splits, part_acc, part_ml)
     else:
-        _paged_decode_attention_kernel[plan.grid](
-            query, key_cache, value_cache, block_tables, seq_lens, out, part_acc,
+        plan.attend(
+            plan.grid, query, key_cache, value_cache, block_tables, seq_lens, out, part_acc,
             part_ml, query.stride(0), query.stride(1), key_cache.stride(0),
             key_cache.stride(1), key_cache.stride(2), block_tables.stride(0), out.stride(0),
             out.stride(1), num_heads, scale_log2, key_cache.shape[1],
             sliding_window if sliding_window is not None else 0, softcap_mul, softcap_log2,
-            float(v_scale), attention_stride or 1, **plan.constexprs)
+            float(v_scale), attention_stride or 1)
     if plan.num_splits > 1:
-        _paged_decode_reduce_kernel[plan.merge_grid](
-            part_acc, part_ml, out, out.stride(0), out.stride(1), num_heads,
-            **plan.merge_constexprs)
+        plan.merge(plan.merge_grid, part_acc, part_ml, out, out.stride(0), out.stride(1),
+                   num_heads)
     return out
 
 
 class _DecodePlan(NamedTuple):
     """A batch shape's launch: the split count, the parts' buffers, and the split kernel's
-    and merge's grids and compile-time arguments, or the Gluon kernel's launch
-    (``constexprs`` None). Kept in ``batch_cache`` for a step's other layers, whose calls
-    differ only in their caches and scales (a mixed step's decodes run eagerly between the
-    pieces of its graphs, where the host's time per layer counts)."""
+    and merge's grids and launchers (their compile-time arguments; after the first call
+    they may launch the compiled kernels directly, ``kernels._launch``), or the Gluon
+    kernel's launch (``attend`` None). Kept in ``batch_cache`` for a step's other layers,
+    whose calls differ only in their caches and scales (a mixed step's decodes run eagerly
+    between the pieces of its graphs, where the host's time per layer counts)."""
     num_splits: int
     part_acc: torch.Tensor | None
     part_ml: torch.Tensor | None
     grid: tuple[int, int, int]
     merge_grid: tuple[int, int]
-    constexprs: dict | None
-    merge_constexprs: dict | None
+    attend: Launcher | None
+    merge: Launcher | None
     gluon_launch: tuple[int, int]
     use_gdc: bool
 
@@ -664,7 +665,7 @@ def _decode_plan(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torc
         part_ml = torch.empty(num_reqs * num_heads * num_splits, 2, dtype=torch.float32,
                               device=query.device)
     block_d = max(16, next_power_of_2(head_dim))
-    constexprs = None
+    attend = None
     gluon_launch = (0, 0)
     if use_gluon:
         g_block_n, g_stages = gluon_fp8.default_launch(num_reqs * num_kv_heads, num_splits,
@@ -678,8 +679,8 @@ def _decode_plan(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torc
         num_stages = launch[2] if num_stages is None else num_stages
         key_rows = launch[3] if key_rows is None else key_rows
         max_registers = launch[4] if max_registers is None else max_registers or None
-        constexprs = dict(
-            GROUP=group,
+        attend = Launcher(
+            _paged_decode_attention_kernel, GROUP=group,
             BLOCK_G=next_power_of_2(group) if key_rows else max(16, next_power_of_2(group)),
             HEAD_DIM=head_dim,
             BLOCK_D=block_d, BLOCK_N=block_n, NUM_SPLITS=num_splits,
@@ -693,10 +694,11 @@ def _decode_plan(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torc
             KEY_ROWS=bool(key_rows),
             num_warps=num_warps, num_stages=num_stages, **pdl,
             **({} if max_registers is None else dict(maxnreg=max_registers)))
-    merge_constexprs = None
+    merge = None
     if num_splits > 1:
-        merge_constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits,
-                     BLOCK_S=next_power_of_2(num_splits), num_warps=4, **pdl)
+        merge = Launcher(_paged_decode_reduce_kernel, HEAD_DIM=head_dim, BLOCK_D=block_d,
+                         NUM_SPLITS=num_splits, BLOCK_S=next_power_of_2(num_splits),
+                         num_warps=4, **pdl)
     return _DecodePlan(num_splits, part_acc, part_ml, (num_reqs, num_kv_heads, num_splits),
-                       (num_reqs, num_heads), constexprs, merge_constexprs, gluon_launch,
+                       (num_reqs, num_heads), attend, merge, gluon_launch,
                        bool(pdl["USE_GDC"]))

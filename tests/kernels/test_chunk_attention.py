@@ -170,9 +170,13 @@ def test_gpu(seq_lens, query_lens, pattern, fp8, dtype):
 @pytest.mark.gpu
 @needs_gpu
 def test_gpu_step_layers_share_the_plan():
-    """A step's layers share its plan (other caches, queries and outputs), a layer whose
-    query starts off a 16-byte boundary too (another compiled variant); every layer
-    against the reference."""
+    """A step's layers share its plan (other caches, queries and outputs): after the first
+    they launch straight to the compiled kernels where ``GRIDLLM_DIRECT_LAUNCH=1``
+    (``kernels._launch``), and a layer whose query starts off a 16-byte boundary goes back
+    through ``kernel[grid]`` (another compiled variant); every layer against the
+    reference."""
+    from kernels import _launch
+
     dev = torch.device("cuda")
     seq_lens, query_lens = [3000, 700], [16, 37]
     layers = [_batch(seq_lens, query_lens, 32, 8, 128, 16, torch.bfloat16, dev, seed=s)
@@ -190,3 +194,5 @@ def test_gpu_step_layers_share_the_plan():
         assert_close(out, expected, "chunk attention", torch.bfloat16)
     (plan,) = [v for k, v in cache.items() if isinstance(k, tuple) and k[0] == "chunk_plan"]
     assert plan.num_splits > 1
+    assert (plan.attend._kernel is not None) == _launch.DIRECT_LAUNCH
+    assert (plan.merge._kernel is not None) == _launch.DIRECT_LAUNCH

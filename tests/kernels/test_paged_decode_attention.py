@@ -359,8 +359,10 @@ def test_decode_gpu(batch, max_len, sliding_window, logit_softcap, dtype):
 def test_gpu_mixed_step_layers_share_the_decode_launch(fp8):
     """A mixed step's one-query requests (first in the batch, as the runner orders them)
     through the decode kernel on three layers' caches sharing the step's ``batch_cache``:
-    one launch plan, split; every layer against the reference. Over an FP8 cache the
-    Gluon kernel takes the decodes."""
+    one launch plan, split, whose kernels after the first layer launch straight to the
+    compiled kernels where ``GRIDLLM_DIRECT_LAUNCH=1`` (``kernels._launch``); every layer
+    against the reference. Over an FP8 cache the Gluon kernel takes the decodes."""
+    from kernels import _launch
     from kernels.paged_decode_attention import _DecodePlan
     from kernels.prefill_attention import prefill_attention
 
@@ -385,4 +387,7 @@ def test_gpu_mixed_step_layers_share_the_decode_launch(fp8):
                      scale=4 if fp8 else 1)
     (plan,) = [v for v in cache.values() if isinstance(v, _DecodePlan)]
     assert plan.num_splits > 1
-    assert (plan.constexprs is None) == fp8
+    assert (plan.attend is None) == fp8
+    if not fp8:
+        assert (plan.attend._kernel is not None) == _launch.DIRECT_LAUNCH
+    assert (plan.merge._kernel is not None) == _launch.DIRECT_LAUNCH
