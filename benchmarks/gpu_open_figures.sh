@@ -82,6 +82,9 @@
 #                        launches straight to the compiled kernels (GRIDLLM_DIRECT_LAUNCH=1):
 #                        the chunk kernel's and a mixed step's decode GPU tests with them,
 #                        then 64-token prompt steps with them and without, in turns
+#   busy_qwen_direct1, busy_qwen_jit1, busy_qwen_direct2, busy_qwen_jit2
+#                        the same A/B on random:qwen3-0.6b, whose 64-token steps the host
+#                        bounds
 #   piecewise_fp8, piecewise_fp8_eager
 #                        the 512-token prompt steps' periods with FP8 weights and KV cache,
 #                        with graphs cut at attention and without (past the budget)
@@ -219,6 +222,15 @@ for turn in 1 2; do
   GRIDLLM_DIRECT_LAUNCH=1 step busy_small_direct$turn 120 $BUSY_SMALL \
     --output "$OUT/busy_small_direct$turn.json"
   step busy_small_jit$turn 120 $BUSY_SMALL --output "$OUT/busy_small_jit$turn.json"
+done
+# ... and where the host bounds the step: random:qwen3-0.6b, kernels under half of a
+# 64-token step's time.
+BUSY_QWEN="$PY -m gridllm.bench.gpu_busy --model random:qwen3-0.6b --batch-size 4
+  --input-len 2048 --prompt-chunk 64 --num-steps 24"
+for turn in 1 2; do
+  GRIDLLM_DIRECT_LAUNCH=1 step busy_qwen_direct$turn 120 $BUSY_QWEN \
+    --output "$OUT/busy_qwen_direct$turn.json"
+  step busy_qwen_jit$turn 120 $BUSY_QWEN --output "$OUT/busy_qwen_jit$turn.json"
 done
 step piecewise_fp8 90 $SMALL --quantization fp8 --kv-cache-dtype fp8 \
   --output "$OUT/piecewise_fp8.json"
