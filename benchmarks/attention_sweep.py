@@ -45,6 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.kernels import (  # noqa: E402
     GB,
     bench,
+    decode_problems,
     graph_bench_each,
     paged_kv,
     prefill_problem,
@@ -135,13 +136,9 @@ def decode_cases(args, copy_gbps: float) -> list[dict]:
     fp8 = {"auto": None, "fp8": FP8_DTYPE, "fp8_e5m2": torch.float8_e5m2}[args.kv_cache_dtype]
     for batch, context in itertools.product(args.batches, args.contexts):
         # A problem a layer, each over its own cache (--layers), timed in one graph.
-        problems = []
-        for _ in range(args.layers):
-            kc, vc, tables, seq = paged_kv(batch, context, KV_HEADS, HEAD_DIM, 16, DTYPE)
-            if fp8 is not None:
-                kc, vc = kc.to(fp8), vc.to(fp8)
-            q = torch.randn(batch, HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
-            problems.append((q, kc, vc, tables, seq))
+        problems = decode_problems(batch, context, args.layers, HEADS, KV_HEADS, HEAD_DIM,
+                                   16, DTYPE, fp8)
+        q, kc = problems[0][:2]
         nbytes = 2 * kc.numel() * kc.element_size() + 2 * q.numel() * q.element_size()
 
         def run(layer=0, problems=problems, **launch):
@@ -186,7 +183,7 @@ def decode_cases(args, copy_gbps: float) -> list[dict]:
                 f"{f', {args.layers} layers a graph' if args.layers > 1 else ''})")
         rows.append(dict(batch=batch, context=context, kv_cache_dtype=args.kv_cache_dtype,
                          layers=args.layers, **sweep(name, run, configs, time_layers, score)))
-        del problems, run, kc, vc, q
+        del problems, run, kc, q
     return rows
 
 

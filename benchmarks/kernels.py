@@ -132,6 +132,24 @@ def paged_kv(batch: int, context: int, num_kv_heads: int, head_dim: int, block_s
     return key_cache, value_cache, tables.to(torch.int32).contiguous(), seq_lens
 
 
+def decode_problems(batch: int, context: int, layers: int = 1, num_heads: int = 32,
+                    num_kv_heads: int = 8, head_dim: int = 128, block_size: int = 16,
+                    dtype: torch.dtype = torch.bfloat16,
+                    cache_dtype: torch.dtype | None = None) -> list[tuple]:
+    """``layers`` decode problems ``(query, key_cache, value_cache, block_tables,
+    seq_lens)`` of ``batch`` one-query requests over ``context`` keys, each with its own
+    cache (in ``cache_dtype``, default ``dtype``), as a step's layers have."""
+    problems = []
+    for _ in range(layers):
+        kc, vc, tables, seq = paged_kv(batch, context, num_kv_heads, head_dim, block_size,
+                                       dtype)
+        if cache_dtype is not None:
+            kc, vc = kc.to(cache_dtype), vc.to(cache_dtype)
+        q = torch.randn(batch, num_heads, head_dim, device="cuda", dtype=dtype)
+        problems.append((q, kc, vc, tables, seq))
+    return problems
+
+
 def bench_decode(limits, batch=64, context=4096, num_heads=32, num_kv_heads=8,
                  head_dim=128, block_size=16, with_ref=True, in_graph=False, layers=1):
     """``layers`` > 1 (with ``in_graph``): that many calls, each over its own cache, in one
@@ -140,9 +158,8 @@ def bench_decode(limits, batch=64, context=4096, num_heads=32, num_kv_heads=8,
 
     dtype = torch.bfloat16
     qsl = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
-    problems = [(torch.randn(batch, num_heads, head_dim, device="cuda", dtype=dtype),
-                 *paged_kv(batch, context, num_kv_heads, head_dim, block_size, dtype))
-                for _ in range(layers)]
+    problems = decode_problems(batch, context, layers, num_heads, num_kv_heads, head_dim,
+                               block_size, dtype)
     calls = [lambda q=q, kv=kv: paged_decode_attention(q, *kv, qsl, head_dim ** -0.5)
              for q, *kv in problems]
     q, kc, vc, tables, seq = problems[0]

@@ -1,10 +1,10 @@
 """Host time of the attention calls that prompt steps run eagerly (between the pieces of
 the graphs cut at attention), and how much of it is Triton's launch path: each served call
 (its step's plans kept, as for a step's layers, and built anew on every call), then each
-Triton launch it makes, through ``kernel[grid](...)`` and through the compiled kernel's
-own launcher (``CompiledKernel.run``: no argument binding, specialization key or cache
-lookup; nan for a kernel of TMA descriptors, whose arguments that launcher does not take
-as given).
+Triton launch it makes, through ``kernel[grid](...)`` and through
+``kernels._launch.Launcher`` (the compiled kernel's own launcher after the Launcher's
+checks: no argument binding, specialization key or cache lookup; nan for a kernel of TMA
+descriptors, whose arguments that launcher does not take as given).
 
 Cases: a short prompt chunk after a cached context (the chunk kernel and its merge) and a
 mixed step (a prompt chunk among one-token requests: the decode kernel in place, then the
@@ -71,22 +71,20 @@ def record_launches(fn) -> list:
 
 
 def direct(jit_fn, grid, args: tuple, kwargs: dict):
-    """The launch through the compiled variant's own launcher, as ``kernel[grid]`` ends
-    (None for arguments it does not take as given: TMA descriptors and the like)."""
-    from triton.runtime.driver import driver
+    """The launch through a ``kernels._launch.Launcher`` switched on, after its first
+    launch: the compiled variant's own launcher, no launch metadata or hooks (None where
+    the Launcher keeps to ``kernel[grid]``: TMA descriptors and the like)."""
+    from kernels import _launch
 
-    if not all(isinstance(a, (torch.Tensor, int, float)) or a is None for a in args):
+    switch, _launch.DIRECT_LAUNCH = _launch.DIRECT_LAUNCH, True
+    try:
+        launcher = _launch.Launcher(jit_fn, **kwargs)
+    finally:
+        _launch.DIRECT_LAUNCH = switch
+    launcher(grid, *args)
+    if launcher._kernel is None:
         return None
-    compiled = jit_fn[grid](*args, **kwargs)
-    tail = [kwargs[p.name] if p.name in kwargs else p.default
-            for p in jit_fn.params[len(args):]]
-    stream = driver.active.get_current_stream(args[0].device.index)
-    g = tuple(grid) + (1,) * (3 - len(grid))
-
-    def launch():
-        compiled.run(g[0], g[1], g[2], stream, compiled.function, compiled.packed_metadata,
-                     None, None, None, *args, *tail)  # no launch metadata, no hooks
-    return launch
+    return lambda: launcher(grid, *args)
 
 
 @contextlib.contextmanager

@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.kernels import GB, graph_bench_each, paged_kv  # noqa: E402
+from benchmarks.kernels import GB, decode_problems, graph_bench_each  # noqa: E402
 from gridllm.bench.roofline import measure_limits  # noqa: E402
 from kernels.paged_decode_attention import paged_decode_attention  # noqa: E402
 
@@ -57,9 +57,7 @@ def launch_name(launch: dict) -> str:
 
 def case(batch: int, context: int, layers: int, launches: list[dict], rounds: int,
          copy_gbps: float) -> list[dict]:
-    problems = [(torch.randn(batch, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16),
-                 *paged_kv(batch, context, KV_HEADS, HEAD_DIM, 16, torch.bfloat16))
-                for _ in range(layers)]
+    problems = decode_problems(batch, context, layers, HEADS, KV_HEADS, HEAD_DIM)
 
     def run(layer: int, **launch) -> torch.Tensor:
         q, kc, vc, tables, seq = problems[layer]
