@@ -85,6 +85,10 @@
 #   busy_qwen_direct1, busy_qwen_jit1, busy_qwen_direct2, busy_qwen_jit2
 #                        the same A/B on random:qwen3-0.6b, whose 64-token steps the host
 #                        bounds
+#   direct_ab_qwen, busy_qwen_host_direct, busy_qwen_host_jit
+#                        that A/B in one process, windows of steps in turns
+#                        (benchmarks/switch_ab.py), and the host profile of those steps
+#                        with direct launches and without
 #   piecewise_fp8, piecewise_fp8_eager
 #                        the 512-token prompt steps' periods with FP8 weights and KV cache,
 #                        with graphs cut at attention and without (past the budget)
@@ -232,6 +236,15 @@ for turn in 1 2; do
     --output "$OUT/busy_qwen_direct$turn.json"
   step busy_qwen_jit$turn 120 $BUSY_QWEN --output "$OUT/busy_qwen_jit$turn.json"
 done
+# The same switch in one process: windows of 4 steps in turns, 10 rounds
+# (benchmarks/switch_ab.py), then where the host's time goes in those steps (cProfile),
+# direct launches on and off.
+step direct_ab_qwen 150 $PY benchmarks/switch_ab.py --switch kernels._launch.DIRECT_LAUNCH \
+  --model random:qwen3-0.6b --batch-size 4 --input-len 2048 --prompt-chunk 64 --window 4 \
+  --rounds 10 --output "$OUT/direct_ab_qwen.json"
+GRIDLLM_DIRECT_LAUNCH=1 step busy_qwen_host_direct 150 $BUSY_QWEN --host-profile \
+  --output "$OUT/busy_qwen_host_direct.json"
+step busy_qwen_host_jit 150 $BUSY_QWEN --host-profile --output "$OUT/busy_qwen_host_jit.json"
 step piecewise_fp8 90 $SMALL --quantization fp8 --kv-cache-dtype fp8 \
   --output "$OUT/piecewise_fp8.json"
 GRIDLLM_PIECEWISE_GRAPHS=0 step piecewise_fp8_eager 90 $SMALL --quantization fp8 \

@@ -99,40 +99,17 @@ def profile_decode(model: str, batch_size: int = 1, input_len: int = 128,
     import torch
     import torch.profiler as tp
 
-    from gridllm.bench.datasets import random_requests
-    from gridllm.bench.throughput import ThroughputConfig, build_llm
-    from gridllm.common.sampling_params import SamplingParams
-
     if prompt_chunk is not None and (prompt_chunk < 1
                                      or batch_size * input_len < num_steps * prompt_chunk):
         raise ValueError(
             f"prompt_chunk must be >= 1 and num_steps * prompt_chunk at most batch_size * "
             f"input_len ({batch_size} * {input_len}), got prompt_chunk={prompt_chunk}, "
             f"num_steps={num_steps}.")
-    config = ThroughputConfig(model=model, max_num_seqs=max(batch_size, 1),
-                              quantization=quantization, kv_cache_dtype=kv_cache_dtype)
-    if prompt_chunk is not None:
-        config.max_num_batched_tokens = prompt_chunk
-        config.max_model_len = input_len + 8
-    llm = build_llm(config)
-    engine = llm.engine
-    if max_steps_in_flight is not None:
-        engine.max_steps_in_flight = max_steps_in_flight
     # Prompt steps: each phase (warm-up, plain, profiled, host) on prompts of its own, so
     # none is served from the prefix cache.
-    phases = 4 if prompt_chunk is not None else 2
-    requests = random_requests(phases * batch_size, (input_len, input_len), (1, 1),
-                               engine.vocab_size, seed=0)
-    batches = [requests[i * batch_size:(i + 1) * batch_size] for i in range(phases)]
-    if prompt_chunk is not None:
-        params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
-    else:
-        params = SamplingParams(temperature=0.0, max_tokens=2 * num_steps + 8,
-                                ignore_eos=True)
-    # Warm-up pass: compilation and graph capture happen outside the profile.
-    llm.generate([{"prompt_token_ids": r.prompt_token_ids} for r in batches[1]],
-                 SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
-                 use_tqdm=False)
+    engine, batches, params = warm_engine(
+        model, batch_size, input_len, 4 if prompt_chunk is not None else 2, num_steps,
+        max_steps_in_flight, quantization, kv_cache_dtype, prompt_chunk)
     _add(engine, "profile", batches[0], params, prefill=prompt_chunk is None)
     # The same number of steps without the profiler, whose own host work slows the steps.
     with _CountTokens(engine.runner) as tokens:
@@ -176,6 +153,47 @@ def profile_decode(model: str, batch_size: int = 1, input_len: int = 128,
         prof.export_chrome_trace(trace)
         result["trace"] = trace
     return result
+
+
+def warm_engine(model: str, batch_size: int, input_len: int, phases: int, num_steps: int,
+                max_steps_in_flight: int | None = None, quantization: str | None = None,
+                kv_cache_dtype: str = "auto", prompt_chunk: int | None = None):
+    """An in-process engine for ``model`` whose kernels are compiled and graphs captured
+    (a short generation over ``batch_size`` prompts of their own), ``phases`` batches of
+    ``batch_size`` random ``input_len``-token prompts (batch 1 was the warm-up's; the others
+    are fresh, so none is served from the prefix cache) and the sampling parameters of the
+    measured requests: ``num_steps`` decode steps' worth of tokens, or one token where
+    ``prompt_chunk`` (``max_num_batched_tokens``) makes them prompt steps.
+
+    Returns:
+        ``(engine, batches, params)``.
+    """
+    from gridllm.bench.datasets import random_requests
+    from gridllm.bench.throughput import ThroughputConfig, build_llm
+    from gridllm.common.sampling_params import SamplingParams
+
+    config = ThroughputConfig(model=model, max_num_seqs=max(batch_size, 1),
+                              quantization=quantization, kv_cache_dtype=kv_cache_dtype)
+    if prompt_chunk is not None:
+        config.max_num_batched_tokens = prompt_chunk
+        config.max_model_len = input_len + 8
+    llm = build_llm(config)
+    engine = llm.engine
+    if max_steps_in_flight is not None:
+        engine.max_steps_in_flight = max_steps_in_flight
+    requests = random_requests(phases * batch_size, (input_len, input_len), (1, 1),
+                               engine.vocab_size, seed=0)
+    batches = [requests[i * batch_size:(i + 1) * batch_size] for i in range(phases)]
+    if prompt_chunk is not None:
+        params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    else:
+        params = SamplingParams(temperature=0.0, max_tokens=2 * num_steps + 8,
+                                ignore_eos=True)
+    # Warm-up pass: compilation and graph capture happen outside what is measured.
+    llm.generate([{"prompt_token_ids": r.prompt_token_ids} for r in batches[1]],
+                 SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
+                 use_tqdm=False)
+    return engine, batches, params
 
 
 def _add(engine, prefix: str, requests, params, *, prefill: bool) -> None:
