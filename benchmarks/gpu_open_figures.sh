@@ -89,6 +89,9 @@
 #                        that A/B in one process, windows of steps in turns
 #                        (benchmarks/switch_ab.py), and the host profile of those steps
 #                        with direct launches and without
+#   launch_default_tests, parity_tests
+#                        with direct launches on: the attention kernels' GPU tests, and
+#                        tests/gridllm/test_gpu.py but its structured-outputs case
 #   piecewise_fp8, piecewise_fp8_eager
 #                        the 512-token prompt steps' periods with FP8 weights and KV cache,
 #                        with graphs cut at attention and without (past the budget)
@@ -225,7 +228,8 @@ GRIDLLM_DIRECT_LAUNCH=1 step direct_tests 150 $PY -m pytest -q -p no:cacheprovid
 for turn in 1 2; do
   GRIDLLM_DIRECT_LAUNCH=1 step busy_small_direct$turn 120 $BUSY_SMALL \
     --output "$OUT/busy_small_direct$turn.json"
-  step busy_small_jit$turn 120 $BUSY_SMALL --output "$OUT/busy_small_jit$turn.json"
+  GRIDLLM_DIRECT_LAUNCH=0 step busy_small_jit$turn 120 $BUSY_SMALL \
+    --output "$OUT/busy_small_jit$turn.json"
 done
 # ... and where the host bounds the step: random:qwen3-0.6b, kernels under half of a
 # 64-token step's time.
@@ -234,7 +238,8 @@ BUSY_QWEN="$PY -m gridllm.bench.gpu_busy --model random:qwen3-0.6b --batch-size 
 for turn in 1 2; do
   GRIDLLM_DIRECT_LAUNCH=1 step busy_qwen_direct$turn 120 $BUSY_QWEN \
     --output "$OUT/busy_qwen_direct$turn.json"
-  step busy_qwen_jit$turn 120 $BUSY_QWEN --output "$OUT/busy_qwen_jit$turn.json"
+  GRIDLLM_DIRECT_LAUNCH=0 step busy_qwen_jit$turn 120 $BUSY_QWEN \
+    --output "$OUT/busy_qwen_jit$turn.json"
 done
 # The same switch in one process: windows of 4 steps in turns, 10 rounds
 # (benchmarks/switch_ab.py), then where the host's time goes in those steps (cProfile),
@@ -244,7 +249,14 @@ step direct_ab_qwen 150 $PY benchmarks/switch_ab.py --switch kernels._launch.DIR
   --rounds 10 --output "$OUT/direct_ab_qwen.json"
 GRIDLLM_DIRECT_LAUNCH=1 step busy_qwen_host_direct 150 $BUSY_QWEN --host-profile \
   --output "$OUT/busy_qwen_host_direct.json"
-step busy_qwen_host_jit 150 $BUSY_QWEN --host-profile --output "$OUT/busy_qwen_host_jit.json"
+GRIDLLM_DIRECT_LAUNCH=0 step busy_qwen_host_jit 150 $BUSY_QWEN --host-profile \
+  --output "$OUT/busy_qwen_host_jit.json"
+# With direct launches on by default: the attention kernels' GPU tests and the model's
+# parity with transformers (eager, graphs, graphs cut at attention, chunked mixed steps).
+step launch_default_tests 200 $PY -m pytest -q -p no:cacheprovider -rf -m gpu \
+  tests/kernels/test_launch.py tests/kernels/test_chunk_attention.py \
+  tests/kernels/test_paged_decode_attention.py tests/kernels/test_prefill_attention.py
+step parity_tests 300 $PYTEST -rf tests/gridllm/test_gpu.py -k "not structured"
 step piecewise_fp8 90 $SMALL --quantization fp8 --kv-cache-dtype fp8 \
   --output "$OUT/piecewise_fp8.json"
 GRIDLLM_PIECEWISE_GRAPHS=0 step piecewise_fp8_eager 90 $SMALL --quantization fp8 \

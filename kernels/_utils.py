@@ -59,9 +59,15 @@ def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
+# Read once, as Triton reads it when it decorates a kernel (the kernel modules import this
+# one): the dispatch checks ask per call and per layer, where an environment lookup costs.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def is_interpreter() -> bool:
-    """True when kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1`` when the
+    kernels were imported)."""
+    return _INTERPRET
 
 
 # Column blocks a split-K launch may have (one counter each).

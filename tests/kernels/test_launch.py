@@ -177,3 +177,18 @@ def test_tritons_own_default_hooks_are_no_hooks():
     if not hasattr(triton, "knobs"):
         pytest.skip("a Triton without knobs")
     assert not _launch._hooks_set()
+
+
+@pytest.mark.parametrize("value,expected", [(None, True), ("0", False), ("1", True)])
+def test_direct_launches_are_on_unless_switched_off(value, expected):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "GRIDLLM_DIRECT_LAUNCH"}
+    if value is not None:
+        env["GRIDLLM_DIRECT_LAUNCH"] = value
+    out = subprocess.run([sys.executable, "-c",
+                          "import kernels._launch as m; print(m.DIRECT_LAUNCH)"],
+                         env=env, capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == str(expected)
