@@ -89,9 +89,13 @@
 #                        that A/B in one process, windows of steps in turns
 #                        (benchmarks/switch_ab.py), and the host profile of those steps
 #                        with direct launches and without
-#   launch_default_tests, parity_tests
-#                        with direct launches on: the attention kernels' GPU tests, and
-#                        tests/gridllm/test_gpu.py but its structured-outputs case
+#   launch_default_tests, query_tiles_tests, parity_tests
+#                        with direct launches on: the attention kernels' GPU tests, the
+#                        query-tile kernel's, and tests/gridllm/test_gpu.py but its
+#                        structured-outputs case
+#   busy_qwen_now1, busy_qwen_prev1, busy_qwen_now2, busy_qwen_prev2
+#                        random:qwen3-0.6b's 64-token steps, and the same from the checkout
+#                        in AB_PREV (a directory), in turns
 #   piecewise_fp8, piecewise_fp8_eager
 #                        the 512-token prompt steps' periods with FP8 weights and KV cache,
 #                        with graphs cut at attention and without (past the budget)
@@ -256,6 +260,17 @@ GRIDLLM_DIRECT_LAUNCH=0 step busy_qwen_host_jit 150 $BUSY_QWEN --host-profile \
 step launch_default_tests 200 $PY -m pytest -q -p no:cacheprovider -rf -m gpu \
   tests/kernels/test_launch.py tests/kernels/test_chunk_attention.py \
   tests/kernels/test_paged_decode_attention.py tests/kernels/test_prefill_attention.py
+step query_tiles_tests 60 $PY -m pytest -q -p no:cacheprovider -rf \
+  tests/kernels/test_prefill_attention.py -k "query_tiles or one_token_requests_get"
+# The host-bound 64-token steps against another checkout of the code (AB_PREV, a directory
+# holding one: `git archive REV | tar -x -C DIR`), in turns.
+for turn in 1 2; do
+  step busy_qwen_now$turn 120 $BUSY_QWEN --output "$OUT/busy_qwen_now$turn.json"
+  if [ -n "${AB_PREV:-}" ]; then
+    (cd "$AB_PREV" && PYTHONPATH="$PWD:/tmp/site" step busy_qwen_prev$turn 120 \
+      $BUSY_QWEN --output "$OUT/busy_qwen_prev$turn.json")
+  fi
+done
 step parity_tests 300 $PYTEST -rf tests/gridllm/test_gpu.py -k "not structured"
 step piecewise_fp8 90 $SMALL --quantization fp8 --kv-cache-dtype fp8 \
   --output "$OUT/piecewise_fp8.json"

@@ -35,7 +35,7 @@ from kernels._utils import (
     num_sms,
 )
 from kernels.paged_decode_attention import _LOG2E, fp8_f16_dots, softcap_args
-from kernels.prefill_args import _attend_tile, query_tiles
+from kernels.prefill_args import _attend_tile, launch_query_tiles, query_tiles
 
 # Most splits of one query tile's keys (the merge reads them in one tile).
 MAX_SPLITS = 32
@@ -206,6 +206,9 @@ def _tiles(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_tokens: in
            prefix: int) -> torch.Tensor:
     """``query_tiles`` of the requests past the first ``prefix`` (their rows and request
     numbers in the whole batch)."""
+    if seq_lens.is_cuda and not is_interpreter():
+        return launch_query_tiles(query_start_loc, seq_lens, num_tokens - prefix,
+                                  max_query_len, queries_per_tile, skip_one_token, prefix)
     qsl, seqs = query_start_loc, seq_lens
     if prefix:
         qsl, seqs = query_start_loc[prefix:] - prefix, seq_lens[prefix:]
@@ -312,14 +315,15 @@ def chunk_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     softcap_mul, softcap_log2 = softcap_args(scale, logit_softcap)
     part_acc = out if plan.part_acc is None else plan.part_acc
     part_ml = out if plan.part_ml is None else plan.part_ml
+    # (Each tensor's strides in one call: this runs for every layer of a short step.)
+    q_stride, kc_stride, out_stride = query.stride(), key_cache.stride(), out.stride()
     plan.attend(
         plan.grid, query, key_cache, value_cache, block_tables, plan.tiles, out, part_acc,
-        part_ml, query.stride(0), query.stride(1), key_cache.stride(0), key_cache.stride(1),
-        key_cache.stride(2), block_tables.stride(0), out.stride(0), out.stride(1),
-        float(scale) * _LOG2E, key_cache.shape[1],
-        sliding_window if sliding_window is not None else 0, softcap_mul, softcap_log2,
-        float(v_scale), plan.num_splits)
+        part_ml, q_stride[0], q_stride[1], kc_stride[0], kc_stride[1], kc_stride[2],
+        block_tables.stride(0), out_stride[0], out_stride[1], float(scale) * _LOG2E,
+        key_cache.shape[1], sliding_window if sliding_window is not None else 0,
+        softcap_mul, softcap_log2, float(v_scale), plan.num_splits)
     if plan.num_splits > 1:
-        plan.merge(plan.merge_grid, plan.tiles, part_acc, part_ml, out, out.stride(0),
-                   out.stride(1), plan.num_splits)
+        plan.merge(plan.merge_grid, plan.tiles, part_acc, part_ml, out, out_stride[0],
+                   out_stride[1], plan.num_splits)
     return out

@@ -599,11 +599,13 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
             scale_log2, float(v_scale), plan.gluon_launch[0],
             plan.gluon_launch[1], plan.use_gdc, plan.num_splits, part_acc, part_ml)
     else:
+        # (Each tensor's strides in one call: this runs for every layer of a mixed step.)
+        q_stride, kc_stride, out_stride = query.stride(), key_cache.stride(), out.stride()
         plan.attend(
             plan.grid, query, key_cache, value_cache, block_tables, seq_lens, out, part_acc,
-            part_ml, query.stride(0), query.stride(1), key_cache.stride(0),
-            key_cache.stride(1), key_cache.stride(2), block_tables.stride(0), out.stride(0),
-            out.stride(1), num_heads, scale_log2, key_cache.shape[1],
+            part_ml, q_stride[0], q_stride[1], kc_stride[0], kc_stride[1], kc_stride[2],
+            block_tables.stride(0), out_stride[0], out_stride[1], num_heads, scale_log2,
+            key_cache.shape[1],
             sliding_window if sliding_window is not None else 0, softcap_mul, softcap_log2,
             float(v_scale), attention_stride or 1)
     if plan.num_splits > 1:

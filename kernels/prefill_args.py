@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._utils import INDEX_DTYPES, check_tensor, kept
+from kernels._utils import INDEX_DTYPES, check_tensor, is_interpreter, kept
 from kernels.paged_decode_attention import _check_paged_args, _scores
 
 
@@ -38,6 +38,66 @@ def longest_query(query: torch.Tensor, query_start_loc: torch.Tensor,
     return max(max_query_len, 0)
 
 
+# Requests a program of ``_query_tiles_kernel`` takes at a time (it walks all of them).
+_TILES_BLOCK_B = 256
+
+
+@triton.jit(do_not_specialize=["first_req", "num_reqs", "slots", "block_m", "skip_one"])
+def _query_tiles_kernel(qsl_ptr, seq_ptr, rows_ptr, first_req, num_reqs, slots, block_m,
+                        skip_one, BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr):
+    """``query_tiles`` rows of requests ``[first_req, num_reqs)`` in one program (one
+    launch where the torch ops take about thirty): each block of requests counts its
+    tiles, places them after the blocks before (a running cumulative sum) and writes
+    each request's rows, its latest tile first; then the slots past the last tile get
+    -1. Request numbers and query rows are the whole batch's."""
+    placed = tl.zeros((), dtype=tl.int64)
+    for b0 in range(first_req, num_reqs, BLOCK_B):
+        r = b0 + tl.arange(0, BLOCK_B)
+        live = r < num_reqs
+        start = tl.load(qsl_ptr + r, mask=live, other=0).to(tl.int64)
+        num_q = tl.load(qsl_ptr + r + 1, mask=live, other=0).to(tl.int64) - start
+        seq = tl.load(seq_ptr + r, mask=live, other=0).to(tl.int64)
+        tiles = tl.where(live & ((skip_one == 0) | (num_q != 1)),
+                         (num_q + block_m - 1) // block_m, 0)
+        first = placed + tl.cumsum(tiles, axis=0) - tiles
+        for t in range(0, tl.max(tiles, axis=0)):
+            slot = first + t
+            has = (t < tiles) & (slot < slots)
+            m0 = (tiles - 1 - t) * block_m
+            row = rows_ptr + slot * 4
+            tl.store(row, r.to(tl.int32), mask=has)
+            tl.store(row + 1, (start + m0).to(tl.int32), mask=has)
+            tl.store(row + 2, (seq - num_q + m0).to(tl.int32), mask=has)
+            tl.store(row + 3, seq.to(tl.int32), mask=has)
+        placed += tl.sum(tiles, axis=0)
+    for s0 in range(0, slots, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        empty = (s >= placed) & (s < slots)
+        for c in tl.static_range(4):
+            tl.store(rows_ptr + s * 4 + c, -1, mask=empty)
+
+
+def _num_slots(num_tokens: int, num_reqs: int, max_query_len: int, block_m: int) -> int:
+    return min(triton.cdiv(num_tokens, block_m) + num_reqs,
+               num_reqs * triton.cdiv(max_query_len, block_m))
+
+
+def launch_query_tiles(query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                       num_tokens: int, max_query_len: int, block_m: int,
+                       skip_one_token: bool = False, first_request: int = 0) -> torch.Tensor:
+    """``query_tiles`` (not ``longest_first``) by ``_query_tiles_kernel``, of the requests
+    from ``first_request`` on (``num_tokens`` counts their queries; request numbers and
+    rows stay the whole batch's)."""
+    num_reqs = seq_lens.shape[0] - first_request
+    slots = _num_slots(num_tokens, num_reqs, max_query_len, block_m)
+    rows = torch.empty((slots, 4), dtype=torch.int32, device=seq_lens.device)
+    if slots > 0:
+        _query_tiles_kernel[(1,)](query_start_loc, seq_lens, rows, first_request,
+                                  seq_lens.shape[0], slots, block_m, int(skip_one_token),
+                                  BLOCK_B=_TILES_BLOCK_B, BLOCK_S=256, num_warps=4)
+    return rows
+
+
 def query_tiles(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_tokens: int,
                 max_query_len: int, block_m: int, longest_first: bool = False,
                 skip_one_token: bool = False) -> torch.Tensor:
@@ -53,9 +113,11 @@ def query_tiles(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_token
     are ordered by the keys they visit, most first, over the whole batch (the Gluon
     kernel's persistent launch). With ``skip_one_token`` requests of one query get no
     tile (the decode kernel takes them: ``prefill_attention``'s ``split_one_token``)."""
+    if not longest_first and seq_lens.is_cuda and not is_interpreter():
+        return launch_query_tiles(query_start_loc, seq_lens, num_tokens, max_query_len,
+                                  block_m, skip_one_token)
     num_reqs = seq_lens.shape[0]
-    slots = min(triton.cdiv(num_tokens, block_m) + num_reqs,
-                num_reqs * triton.cdiv(max_query_len, block_m))
+    slots = _num_slots(num_tokens, num_reqs, max_query_len, block_m)
     qsl = query_start_loc.to(torch.int64)
     num_q = qsl[1:] - qsl[:-1]
     tiles = (num_q + block_m - 1) // block_m

@@ -220,7 +220,7 @@ def _prefill(engine) -> None:
 
 
 def _host_profile(engine, requests, params, num_steps: int, top: int = 30, *,
-                  prefill: bool = True) -> dict[str, float]:
+                  prefill: bool = True) -> dict[str, Any]:
     """Milliseconds per step of the host functions with the most own time (cProfile over
     ``num_steps`` steps of ``requests``: decode steps with ``prefill``, else their first
     steps, prompt steps where the prompts are long enough)."""
@@ -235,12 +235,20 @@ def _host_profile(engine, requests, params, num_steps: int, top: int = 30, *,
     profiler.disable()
     _drain(engine)
     stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
-    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
     total = sum(v[2] for v in stats.values())
     profile = {"(all functions, own time)": 1e3 * total / num_steps}
-    for (path, line, name), (_, calls, own_s, _, _) in rows:
-        where = f"{'/'.join(path.split('/')[-2:])}:{line} {name} x{calls / num_steps:g}"
-        profile[where] = 1e3 * own_s / num_steps
+
+    def where(path: str, line: int, name: str, calls: int) -> str:
+        return f"{'/'.join(path.split('/')[-2:])}:{line} {name} x{calls / num_steps:g}"
+
+    for (path, line, name), (_, calls, own_s, _, _) in sorted(
+            stats.items(), key=lambda kv: -kv[1][2])[:top]:
+        profile[where(path, line, name, calls)] = 1e3 * own_s / num_steps
+    # And with what they call: which parts of the step the host's time goes to.
+    profile["(with callees)"] = {
+        where(path, line, name, calls): 1e3 * cum_s / num_steps
+        for (path, line, name), (_, calls, _, cum_s, _) in sorted(
+            stats.items(), key=lambda kv: -kv[1][3])[:top]}
     return profile
 
 

@@ -207,6 +207,63 @@ def test_one_token_requests_get_no_query_tile():
     assert query_tiles(qsl, seq, 304, 300, 128)[:, 0].tolist()[:6] == [0, 1, 1, 1, 2, 3]
 
 
+def _tiles_by_torch_ops(qsl, seq, num_tokens, max_query_len, block_m, skip, prefix):
+    """``query_tiles``' torch ops (the path of CPU tensors), of the requests past
+    ``prefix`` and renumbered to the whole batch as the chunk kernel does."""
+    from kernels.prefill_args import query_tiles
+
+    qsl, seq = qsl.cpu(), seq.cpu()
+    tiles = query_tiles(qsl[prefix:] - qsl[prefix], seq[prefix:], num_tokens,
+                        max_query_len, block_m, skip_one_token=skip)
+    live = tiles[:, :1] >= 0
+    tiles[:, :1] += live.to(tiles.dtype) * prefix
+    tiles[:, 1:2] += live.to(tiles.dtype) * int(qsl[prefix])
+    return tiles
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("block_m", [16, 64])
+def test_query_tiles_kernel_matches_the_torch_ops(seed, block_m):
+    """One launch of ``_query_tiles_kernel`` writes the rows the torch ops build: random
+    batches of one-query, empty and long requests, past a prefix of one-query requests
+    or not, with and without the one-query requests skipped, over more requests than a
+    block of the kernel takes, with the longest query as its bound or a looser one."""
+    from kernels import prefill_args
+    from kernels.prefill_args import launch_query_tiles
+
+    gen = torch.Generator().manual_seed(seed)
+    num_reqs = [3, 40, prefill_args._TILES_BLOCK_B + 37, 7][seed]
+    lens = torch.randint(0, 3 * block_m, (num_reqs,), generator=gen)
+    lens[torch.rand(num_reqs, generator=gen) < 0.4] = 1
+    prefix = [0, 5, 30, 0][seed]
+    lens[:prefix] = 1
+    qsl = torch.zeros(num_reqs + 1, dtype=torch.int32)
+    qsl[1:] = lens.cumsum(0)
+    seq = (lens + torch.randint(0, 500, (num_reqs,), generator=gen)).to(torch.int32)
+    max_len = int(lens.max())
+    tokens = int(qsl[-1]) - prefix
+    for skip in (False, True):
+        for bound in (max_len, max_len + 2 * block_m):
+            got = launch_query_tiles(qsl.to(DEVICE), seq.to(DEVICE), tokens, bound, block_m,
+                                     skip_one_token=skip, first_request=prefix)
+            want = _tiles_by_torch_ops(qsl, seq, tokens, bound, block_m, skip, prefix)
+            assert got.dtype == torch.int32
+            assert torch.equal(got.cpu(), want), (skip, bound)
+
+
+def test_query_tiles_kernel_compiles_for_sm90():
+    """The tiles kernel compiles for a GPU (the interpreter above does not compile it)."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    from kernels import prefill_args
+    from tests.kernels.sm90_ptx import compile_triton_for_sm90
+
+    ptx = compile_triton_for_sm90(
+        "kernels.prefill_args", "_query_tiles_kernel",
+        dict(qsl_ptr="*i32", seq_ptr="*i32", rows_ptr="*i32"),
+        dict(BLOCK_B=prefill_args._TILES_BLOCK_B, BLOCK_S=256))
+    assert "st.global" in ptx
+
+
 @pytest.mark.parametrize("query_lens,pattern", [
     ([1, 5, 1, 40, 1], {}),
     ([1, 1, 1], {}),  # every request of one query (a step that is not decode-only)
