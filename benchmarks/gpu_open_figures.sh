@@ -93,6 +93,8 @@
 #                        with direct launches on: the attention kernels' GPU tests, the
 #                        query-tile kernel's, and tests/gridllm/test_gpu.py but its
 #                        structured-outputs case
+#   tiles_ab_qwen        those steps with the query-tile kernel and with the torch ops,
+#                        in turns in one process
 #   busy_qwen_now1, busy_qwen_prev1, busy_qwen_now2, busy_qwen_prev2
 #                        random:qwen3-0.6b's 64-token steps, and the same from the checkout
 #                        in AB_PREV (a directory), in turns
@@ -262,6 +264,10 @@ step launch_default_tests 200 $PY -m pytest -q -p no:cacheprovider -rf -m gpu \
   tests/kernels/test_paged_decode_attention.py tests/kernels/test_prefill_attention.py
 step query_tiles_tests 60 $PY -m pytest -q -p no:cacheprovider -rf \
   tests/kernels/test_prefill_attention.py -k "query_tiles or one_token_requests_get"
+# The query-tile kernel against the torch ops, in one process (windows of steps in turns).
+step tiles_ab_qwen 150 $PY benchmarks/switch_ab.py --switch kernels.prefill_args.TILES_KERNEL \
+  --model random:qwen3-0.6b --batch-size 4 --input-len 2048 --prompt-chunk 64 --window 4 \
+  --rounds 10 --output "$OUT/tiles_ab_qwen.json"
 # The host-bound 64-token steps against another checkout of the code (AB_PREV, a directory
 # holding one: `git archive REV | tar -x -C DIR`), in turns.
 for turn in 1 2; do

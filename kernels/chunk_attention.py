@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import prefill_args
 from kernels._launch import Launcher
 from kernels._utils import (
     CHUNK_ATTENTION,
@@ -206,7 +207,7 @@ def _tiles(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_tokens: in
            prefix: int) -> torch.Tensor:
     """``query_tiles`` of the requests past the first ``prefix`` (their rows and request
     numbers in the whole batch)."""
-    if seq_lens.is_cuda and not is_interpreter():
+    if prefill_args.TILES_KERNEL and seq_lens.is_cuda and not is_interpreter():
         return launch_query_tiles(query_start_loc, seq_lens, num_tokens - prefix,
                                   max_query_len, queries_per_tile, skip_one_token, prefix)
     qsl, seqs = query_start_loc, seq_lens

@@ -40,6 +40,9 @@ def longest_query(query: torch.Tensor, query_start_loc: torch.Tensor,
 
 # Requests a program of ``_query_tiles_kernel`` takes at a time (it walks all of them).
 _TILES_BLOCK_B = 256
+# Whether CUDA batches get their query tiles from ``_query_tiles_kernel`` (False: the torch
+# ops, as on the CPU; for an A/B in one process, benchmarks/switch_ab.py).
+TILES_KERNEL = True
 
 
 @triton.jit(do_not_specialize=["first_req", "num_reqs", "slots", "block_m", "skip_one"])
@@ -113,7 +116,7 @@ def query_tiles(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_token
     are ordered by the keys they visit, most first, over the whole batch (the Gluon
     kernel's persistent launch). With ``skip_one_token`` requests of one query get no
     tile (the decode kernel takes them: ``prefill_attention``'s ``split_one_token``)."""
-    if not longest_first and seq_lens.is_cuda and not is_interpreter():
+    if TILES_KERNEL and not longest_first and seq_lens.is_cuda and not is_interpreter():
         return launch_query_tiles(query_start_loc, seq_lens, num_tokens, max_query_len,
                                   block_m, skip_one_token)
     num_reqs = seq_lens.shape[0]
