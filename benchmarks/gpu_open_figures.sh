@@ -93,6 +93,10 @@
 #                        with direct launches on: the attention kernels' GPU tests, the
 #                        query-tile kernel's, and tests/gridllm/test_gpu.py but its
 #                        structured-outputs case
+#   qwen_mixed_direct1, qwen_mixed_jit1, qwen_mixed_direct2, qwen_mixed_jit2
+#                        offline throughput of random:qwen3-0.6b, steps of at most 512
+#                        tokens mixing prompt chunks and decodes, direct launches on and
+#                        off, in turns
 #   tiles_ab_qwen        those steps with the query-tile kernel and with the torch ops,
 #                        in turns in one process
 #   busy_qwen_now1, busy_qwen_prev1, busy_qwen_now2, busy_qwen_prev2
@@ -268,6 +272,16 @@ step query_tiles_tests 60 $PY -m pytest -q -p no:cacheprovider -rf \
 step tiles_ab_qwen 150 $PY benchmarks/switch_ab.py --switch kernels.prefill_args.TILES_KERNEL \
   --model random:qwen3-0.6b --batch-size 4 --input-len 2048 --prompt-chunk 64 --window 4 \
   --rounds 10 --output "$OUT/tiles_ab_qwen.json"
+# Offline throughput of a small model whose steps (at most 512 tokens: prompt chunks beside
+# decodes) the host bounds, direct launches on and off, in turns.
+QWEN_MIXED="$PY -m gridllm.bench throughput --model random:qwen3-0.6b --num-prompts 256
+  --input-len-range 256:1024 --output-len-range 32:128 --max-num-batched-tokens 512
+  --no-roofline --no-tqdm"
+for turn in 1 2; do
+  step qwen_mixed_direct$turn 70 $QWEN_MIXED --output "$OUT/qwen_mixed_direct$turn.json"
+  GRIDLLM_DIRECT_LAUNCH=0 step qwen_mixed_jit$turn 70 $QWEN_MIXED \
+    --output "$OUT/qwen_mixed_jit$turn.json"
+done
 # The host-bound 64-token steps against another checkout of the code (AB_PREV, a directory
 # holding one: `git archive REV | tar -x -C DIR`), in turns.
 for turn in 1 2; do

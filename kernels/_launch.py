@@ -19,7 +19,7 @@ H100, Triton 3.6, host us a launch with the GPU kept busy (``benchmarks/launch_h
 ``kernel[grid]`` 13-29, the compiled kernel's launcher 5-6 (the chunk kernel 21.6 against
 6.2, the decode kernel 23.8 against 5.6). End to end, 64-token prompt steps of a 28-layer
 model whose host bounds them (random:qwen3-0.6b, ``benchmarks/switch_ab.py``, windows of
-steps in turns in one process) took 22% less time with direct launches; those of
+steps in turns in one process) took 16-22% less time with direct launches; those of
 Llama-3-8B, whose kernels are 93% of the step, the same. On by default;
 ``GRIDLLM_DIRECT_LAUNCH=0`` sends every launch through ``kernel[grid]``.
 """
