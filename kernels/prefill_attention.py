@@ -526,7 +526,7 @@ def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
 
     prefix = one_token_prefix if split else 0
     if chunk is None and launch is None and chunk_kernel.serves(
-            query, attention_stride, query.shape[0] - prefix, beside_gluon=True):
+            query, attention_stride, query.shape[0] - prefix, True):  # beside Gluon
         chunk = True  # short enough for the chunk kernel whether or not Gluon could take it
     gluon = (not chunk and GLUON_PREFILL and launch is None and max_query_len >= 64
              and v_scale == 1.0
