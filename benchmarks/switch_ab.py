@@ -85,7 +85,8 @@ def switch_ab(switch: str, model: str, batch_size: int, input_len: int,
     from gridllm.bench.report import machine_info
 
     on, off = summarize(sides[True]), summarize(sides[False])
-    return {"machine": machine_info(), "switch": switch, "default": default, "model": model, "batch_size": batch_size,
+    return {"machine": machine_info(), "switch": switch, "default": default, "model": model,
+            "batch_size": batch_size,
             "input_len": input_len, "prompt_chunk": prompt_chunk, "window": window,
             "rounds": rounds, "quantization": quantization,
             "kv_cache_dtype": kv_cache_dtype, "on": on, "off": off,
