@@ -94,10 +94,11 @@ def launch_query_tiles(query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
     num_reqs = seq_lens.shape[0] - first_request
     slots = _num_slots(num_tokens, num_reqs, max_query_len, block_m)
     rows = torch.empty((slots, 4), dtype=torch.int32, device=seq_lens.device)
-    if slots > 0:
-        _query_tiles_kernel[(1,)](query_start_loc, seq_lens, rows, first_request,
-                                  seq_lens.shape[0], slots, block_m, int(skip_one_token),
-                                  BLOCK_B=_TILES_BLOCK_B, BLOCK_S=256, num_warps=4)
+    if slots > 0:  # (the kernel reads both lists with unit strides)
+        _query_tiles_kernel[(1,)](query_start_loc.contiguous(), seq_lens.contiguous(), rows,
+                                  first_request, seq_lens.shape[0], slots, block_m,
+                                  int(skip_one_token), BLOCK_B=_TILES_BLOCK_B, BLOCK_S=256,
+                                  num_warps=4)
     return rows
 
 

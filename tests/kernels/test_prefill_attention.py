@@ -249,6 +249,12 @@ def test_query_tiles_kernel_matches_the_torch_ops(seed, block_m):
             want = _tiles_by_torch_ops(qsl, seq, tokens, bound, block_m, skip, prefix)
             assert got.dtype == torch.int32
             assert torch.equal(got.cpu(), want), (skip, bound)
+    # Lists with other strides (views of wider ones) give the same rows.
+    wide = torch.stack((qsl, qsl), dim=1)[:, 0], torch.stack((seq, seq), dim=1)[:, 0]
+    got = launch_query_tiles(wide[0].to(DEVICE), wide[1].to(DEVICE), tokens, max_len, block_m,
+                             first_request=prefix)
+    assert torch.equal(got.cpu(), _tiles_by_torch_ops(qsl, seq, tokens, max_len, block_m,
+                                                      False, prefix))
 
 
 def test_query_tiles_kernel_compiles_for_sm90():
