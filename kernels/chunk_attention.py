@@ -25,7 +25,6 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import prefill_args
 from kernels._launch import Launcher
 from kernels._utils import (
     CHUNK_ATTENTION,
@@ -36,7 +35,7 @@ from kernels._utils import (
     num_sms,
 )
 from kernels.paged_decode_attention import _LOG2E, fp8_f16_dots, softcap_args
-from kernels.prefill_args import _attend_tile, launch_query_tiles, query_tiles
+from kernels.prefill_args import _attend_tile, launch_query_tiles, query_tiles, tiles_by_kernel
 
 # Most splits of one query tile's keys (the merge reads them in one tile).
 MAX_SPLITS = 32
@@ -207,7 +206,7 @@ def _tiles(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_tokens: in
            prefix: int) -> torch.Tensor:
     """``query_tiles`` of the requests past the first ``prefix`` (their rows and request
     numbers in the whole batch)."""
-    if prefill_args.TILES_KERNEL and seq_lens.is_cuda and not is_interpreter():
+    if tiles_by_kernel(seq_lens):
         return launch_query_tiles(query_start_loc, seq_lens, num_tokens - prefix,
                                   max_query_len, queries_per_tile, skip_one_token, prefix)
     qsl, seqs = query_start_loc, seq_lens

@@ -117,9 +117,26 @@ def query_tiles(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_token
     are ordered by the keys they visit, most first, over the whole batch (the Gluon
     kernel's persistent launch). With ``skip_one_token`` requests of one query get no
     tile (the decode kernel takes them: ``prefill_attention``'s ``split_one_token``)."""
-    if TILES_KERNEL and not longest_first and seq_lens.is_cuda and not is_interpreter():
+    if not longest_first and tiles_by_kernel(seq_lens):
         return launch_query_tiles(query_start_loc, seq_lens, num_tokens, max_query_len,
                                   block_m, skip_one_token)
+    return query_tiles_by_torch(query_start_loc, seq_lens, num_tokens, max_query_len,
+                                block_m, longest_first, skip_one_token)
+
+
+def tiles_by_kernel(seq_lens: torch.Tensor) -> bool:
+    """Whether ``_query_tiles_kernel`` builds a batch's tiles: on a GPU (in Triton's
+    interpreter one call takes tens of milliseconds, so the CPU tests check the kernel
+    against the torch ops directly and keep the ops elsewhere)."""
+    return TILES_KERNEL and seq_lens.is_cuda and not is_interpreter()
+
+
+def query_tiles_by_torch(query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                         num_tokens: int, max_query_len: int, block_m: int,
+                         longest_first: bool = False,
+                         skip_one_token: bool = False) -> torch.Tensor:
+    """``query_tiles`` by torch ops (about thirty small ones): the persistent launch's
+    longest-first order, CPU tensors, and the kernel's reference."""
     num_reqs = seq_lens.shape[0]
     slots = _num_slots(num_tokens, num_reqs, max_query_len, block_m)
     qsl = query_start_loc.to(torch.int64)

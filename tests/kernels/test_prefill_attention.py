@@ -208,13 +208,13 @@ def test_one_token_requests_get_no_query_tile():
 
 
 def _tiles_by_torch_ops(qsl, seq, num_tokens, max_query_len, block_m, skip, prefix):
-    """``query_tiles``' torch ops (the path of CPU tensors), of the requests past
+    """``query_tiles``' torch ops (the kernel's reference), of the requests past
     ``prefix`` and renumbered to the whole batch as the chunk kernel does."""
-    from kernels.prefill_args import query_tiles
+    from kernels.prefill_args import query_tiles_by_torch
 
     qsl, seq = qsl.cpu(), seq.cpu()
-    tiles = query_tiles(qsl[prefix:] - qsl[prefix], seq[prefix:], num_tokens,
-                        max_query_len, block_m, skip_one_token=skip)
+    tiles = query_tiles_by_torch(qsl[prefix:] - qsl[prefix], seq[prefix:], num_tokens,
+                                 max_query_len, block_m, skip_one_token=skip)
     live = tiles[:, :1] >= 0
     tiles[:, :1] += live.to(tiles.dtype) * prefix
     tiles[:, 1:2] += live.to(tiles.dtype) * int(qsl[prefix])
