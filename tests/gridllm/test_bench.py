@@ -310,10 +310,13 @@ def test_gpu_busy_prompt_steps_are_chunks_of_the_prompts():
     assert result["prompt_chunk"] == 32 and result["ms_per_step_unprofiled"] > 0
     host = result["host_ms_per_step"]
     assert host["(all functions, own time)"] > 0
-    # With callees: the engine's step holds the rest, so it leads and bounds them all.
+    # With callees, most first; the engine's step among them (on Python 3.12+ cProfile
+    # also sees other threads' functions, which the step's own time does not include).
     with_callees = list(host["(with callees)"].items())
-    assert "engine.py" in with_callees[0][0] and " step x1" in with_callees[0][0]
-    assert all(ms <= with_callees[0][1] * 1.0001 for _, ms in with_callees)
+    assert [ms for _, ms in with_callees] == sorted((ms for _, ms in with_callees),
+                                                    reverse=True)
+    assert any("engine.py" in where and " step x1" in where and ms > 0
+               for where, ms in with_callees)
     decode = profile_decode(TINY, batch_size=3, input_len=16, num_steps=2)
     assert decode["tokens_per_step"] == [3, 3]
 
