@@ -235,22 +235,23 @@ step launch_host 90 $PY benchmarks/launch_host.py --output "$OUT/launch_host.jso
 GRIDLLM_DIRECT_LAUNCH=1 step direct_tests 150 $PY -m pytest -q -p no:cacheprovider -rf \
   -m gpu tests/kernels/test_chunk_attention.py \
   tests/kernels/test_paged_decode_attention.py::test_gpu_mixed_step_layers_share_the_decode_launch
-for turn in 1 2; do
-  GRIDLLM_DIRECT_LAUNCH=1 step busy_small_direct$turn 120 $BUSY_SMALL \
-    --output "$OUT/busy_small_direct$turn.json"
-  GRIDLLM_DIRECT_LAUNCH=0 step busy_small_jit$turn 120 $BUSY_SMALL \
-    --output "$OUT/busy_small_jit$turn.json"
-done
+# direct_turns NAME CAP CMD...: CMD with direct launches (NAME_direct1) and without
+# (NAME_jit1), then again (NAME_direct2, NAME_jit2), each writing $OUT/<step>.json.
+direct_turns() {
+  local name=$1 cap=$2 turn; shift 2
+  for turn in 1 2; do
+    GRIDLLM_DIRECT_LAUNCH=1 step ${name}_direct$turn "$cap" "$@" \
+      --output "$OUT/${name}_direct$turn.json"
+    GRIDLLM_DIRECT_LAUNCH=0 step ${name}_jit$turn "$cap" "$@" \
+      --output "$OUT/${name}_jit$turn.json"
+  done
+}
+direct_turns busy_small 120 $BUSY_SMALL
 # ... and where the host bounds the step: random:qwen3-0.6b, kernels under half of a
 # 64-token step's time.
 BUSY_QWEN="$PY -m gridllm.bench.gpu_busy --model random:qwen3-0.6b --batch-size 4
   --input-len 2048 --prompt-chunk 64 --num-steps 24"
-for turn in 1 2; do
-  GRIDLLM_DIRECT_LAUNCH=1 step busy_qwen_direct$turn 120 $BUSY_QWEN \
-    --output "$OUT/busy_qwen_direct$turn.json"
-  GRIDLLM_DIRECT_LAUNCH=0 step busy_qwen_jit$turn 120 $BUSY_QWEN \
-    --output "$OUT/busy_qwen_jit$turn.json"
-done
+direct_turns busy_qwen 120 $BUSY_QWEN
 # The same switch in one process: windows of 4 steps in turns, 10 rounds
 # (benchmarks/switch_ab.py), then where the host's time goes in those steps (cProfile),
 # direct launches on and off.
@@ -277,11 +278,7 @@ step tiles_ab_qwen 150 $PY benchmarks/switch_ab.py --switch kernels.prefill_args
 QWEN_MIXED="$PY -m gridllm.bench throughput --model random:qwen3-0.6b --num-prompts 256
   --input-len-range 256:1024 --output-len-range 32:128 --max-num-batched-tokens 512
   --no-roofline --no-tqdm"
-for turn in 1 2; do
-  step qwen_mixed_direct$turn 70 $QWEN_MIXED --output "$OUT/qwen_mixed_direct$turn.json"
-  GRIDLLM_DIRECT_LAUNCH=0 step qwen_mixed_jit$turn 70 $QWEN_MIXED \
-    --output "$OUT/qwen_mixed_jit$turn.json"
-done
+direct_turns qwen_mixed 70 $QWEN_MIXED
 # The host-bound 64-token steps against another checkout of the code (AB_PREV, a directory
 # holding one: `git archive REV | tar -x -C DIR`), in turns.
 for turn in 1 2; do

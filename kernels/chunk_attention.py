@@ -35,7 +35,7 @@ from kernels._utils import (
     num_sms,
 )
 from kernels.paged_decode_attention import _LOG2E, fp8_f16_dots, softcap_args
-from kernels.prefill_args import _attend_tile, launch_query_tiles, query_tiles, tiles_by_kernel
+from kernels.prefill_args import _attend_tile, query_tiles
 
 # Most splits of one query tile's keys (the merge reads them in one tile).
 MAX_SPLITS = 32
@@ -201,24 +201,6 @@ def pick_num_splits(num_tokens: int, queries_per_tile: int, num_kv_heads: int,
                       max_context // MIN_KEYS_PER_SPLIT))
 
 
-def _tiles(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_tokens: int,
-           max_query_len: int, queries_per_tile: int, skip_one_token: bool,
-           prefix: int) -> torch.Tensor:
-    """``query_tiles`` of the requests past the first ``prefix`` (their rows and request
-    numbers in the whole batch)."""
-    if tiles_by_kernel(seq_lens):
-        return launch_query_tiles(query_start_loc, seq_lens, num_tokens - prefix,
-                                  max_query_len, queries_per_tile, skip_one_token, prefix)
-    qsl, seqs = query_start_loc, seq_lens
-    if prefix:
-        qsl, seqs = query_start_loc[prefix:] - prefix, seq_lens[prefix:]
-    tiles = query_tiles(qsl, seqs, num_tokens - prefix, max_query_len, queries_per_tile,
-                        skip_one_token=skip_one_token)
-    if prefix:
-        tiles[:, :2] += (tiles[:, :1] >= 0).to(tiles.dtype) * prefix
-    return tiles
-
-
 class _Plan(NamedTuple):
     """What a step's layers share: the query tiles, the split count, the parts' buffers
     (the layers run one after another on the stream) and the two launches' grids and
@@ -263,8 +245,8 @@ def _plan(query: torch.Tensor, key_cache: torch.Tensor, block_tables: torch.Tens
     if num_splits is None:
         num_splits = pick_num_splits(num_tokens - prefix, queries_per_tile, num_kv_heads,
                                      max_context, query.device)
-    tiles = _tiles(query_start_loc, seq_lens, num_tokens, max_query_len, queries_per_tile,
-                   skip_one_token, prefix)
+    tiles = query_tiles(query_start_loc, seq_lens, num_tokens - prefix, max_query_len,
+                        queries_per_tile, skip_one_token=skip_one_token, first_request=prefix)
     slots = tiles.shape[0]
     part_acc = part_ml = None
     if num_splits > 1:

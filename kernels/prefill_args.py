@@ -104,7 +104,7 @@ def launch_query_tiles(query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
 
 def query_tiles(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_tokens: int,
                 max_query_len: int, block_m: int, longest_first: bool = False,
-                skip_one_token: bool = False) -> torch.Tensor:
+                skip_one_token: bool = False, first_request: int = 0) -> torch.Tensor:
     """The batch's query tiles of ``block_m`` queries as the prefill kernels launch them, a
     program per tile and head: ``[slots, 4]`` int32 rows of (request, first query row, its
     position, the request's sequence length), request by request, each request's latest
@@ -116,12 +116,14 @@ def query_tiles(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_token
     layers can share the rows (``cached_query_tiles``). With ``longest_first`` the tiles
     are ordered by the keys they visit, most first, over the whole batch (the Gluon
     kernel's persistent launch). With ``skip_one_token`` requests of one query get no
-    tile (the decode kernel takes them: ``prefill_attention``'s ``split_one_token``)."""
+    tile (the decode kernel takes them: ``prefill_attention``'s ``split_one_token``).
+    ``first_request``: the tiles of the requests from that one on only (``num_tokens``
+    counts their queries; request numbers and rows stay the whole batch's)."""
     if not longest_first and tiles_by_kernel(seq_lens):
         return launch_query_tiles(query_start_loc, seq_lens, num_tokens, max_query_len,
-                                  block_m, skip_one_token)
+                                  block_m, skip_one_token, first_request)
     return query_tiles_by_torch(query_start_loc, seq_lens, num_tokens, max_query_len,
-                                block_m, longest_first, skip_one_token)
+                                block_m, longest_first, skip_one_token, first_request)
 
 
 def tiles_by_kernel(seq_lens: torch.Tensor) -> bool:
@@ -133,13 +135,14 @@ def tiles_by_kernel(seq_lens: torch.Tensor) -> bool:
 
 def query_tiles_by_torch(query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
                          num_tokens: int, max_query_len: int, block_m: int,
-                         longest_first: bool = False,
-                         skip_one_token: bool = False) -> torch.Tensor:
+                         longest_first: bool = False, skip_one_token: bool = False,
+                         first_request: int = 0) -> torch.Tensor:
     """``query_tiles`` by torch ops (about thirty small ones): the persistent launch's
     longest-first order, CPU tensors, and the kernel's reference."""
+    seq_lens = seq_lens[first_request:]
     num_reqs = seq_lens.shape[0]
     slots = _num_slots(num_tokens, num_reqs, max_query_len, block_m)
-    qsl = query_start_loc.to(torch.int64)
+    qsl = query_start_loc[first_request:].to(torch.int64)
     num_q = qsl[1:] - qsl[:-1]
     tiles = (num_q + block_m - 1) // block_m
     if skip_one_token:
@@ -149,7 +152,8 @@ def query_tiles_by_torch(query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
     req = torch.searchsorted(ends, slot, right=True).clamp_(max=num_reqs - 1)
     m0 = (ends[req] - 1 - slot) * block_m
     seq = seq_lens.to(torch.int64)[req]
-    rows = torch.stack((req, qsl[req] + m0, seq - num_q[req] + m0, seq), dim=1)
+    rows = torch.stack((req + first_request, qsl[req] + m0, seq - num_q[req] + m0, seq),
+                       dim=1)
     empty = slot >= ends[-1]
     rows.masked_fill_(empty[:, None], -1)
     if longest_first:

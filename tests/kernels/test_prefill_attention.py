@@ -207,20 +207,6 @@ def test_one_token_requests_get_no_query_tile():
     assert query_tiles(qsl, seq, 304, 300, 128)[:, 0].tolist()[:6] == [0, 1, 1, 1, 2, 3]
 
 
-def _tiles_by_torch_ops(qsl, seq, num_tokens, max_query_len, block_m, skip, prefix):
-    """``query_tiles``' torch ops (the kernel's reference), of the requests past
-    ``prefix`` and renumbered to the whole batch as the chunk kernel does."""
-    from kernels.prefill_args import query_tiles_by_torch
-
-    qsl, seq = qsl.cpu(), seq.cpu()
-    tiles = query_tiles_by_torch(qsl[prefix:] - qsl[prefix], seq[prefix:], num_tokens,
-                                 max_query_len, block_m, skip_one_token=skip)
-    live = tiles[:, :1] >= 0
-    tiles[:, :1] += live.to(tiles.dtype) * prefix
-    tiles[:, 1:2] += live.to(tiles.dtype) * int(qsl[prefix])
-    return tiles
-
-
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("block_m", [16, 64])
 def test_query_tiles_kernel_matches_the_torch_ops(seed, block_m):
@@ -229,7 +215,7 @@ def test_query_tiles_kernel_matches_the_torch_ops(seed, block_m):
     or not, with and without the one-query requests skipped, over more requests than a
     block of the kernel takes, with the longest query as its bound or a looser one."""
     from kernels import prefill_args
-    from kernels.prefill_args import launch_query_tiles
+    from kernels.prefill_args import launch_query_tiles, query_tiles_by_torch
 
     gen = torch.Generator().manual_seed(seed)
     num_reqs = [3, 40, prefill_args._TILES_BLOCK_B + 37, 7][seed]
@@ -246,15 +232,16 @@ def test_query_tiles_kernel_matches_the_torch_ops(seed, block_m):
         for bound in (max_len, max_len + 2 * block_m):
             got = launch_query_tiles(qsl.to(DEVICE), seq.to(DEVICE), tokens, bound, block_m,
                                      skip_one_token=skip, first_request=prefix)
-            want = _tiles_by_torch_ops(qsl, seq, tokens, bound, block_m, skip, prefix)
+            want = query_tiles_by_torch(qsl, seq, tokens, bound, block_m,
+                                        skip_one_token=skip, first_request=prefix)
             assert got.dtype == torch.int32
             assert torch.equal(got.cpu(), want), (skip, bound)
     # Lists with other strides (views of wider ones) give the same rows.
     wide = torch.stack((qsl, qsl), dim=1)[:, 0], torch.stack((seq, seq), dim=1)[:, 0]
     got = launch_query_tiles(wide[0].to(DEVICE), wide[1].to(DEVICE), tokens, max_len, block_m,
                              first_request=prefix)
-    assert torch.equal(got.cpu(), _tiles_by_torch_ops(qsl, seq, tokens, max_len, block_m,
-                                                      False, prefix))
+    assert torch.equal(got.cpu(), query_tiles_by_torch(qsl, seq, tokens, max_len, block_m,
+                                                       first_request=prefix))
 
 
 def test_query_tiles_kernel_compiles_for_sm90():
