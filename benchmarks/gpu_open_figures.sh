@@ -102,6 +102,14 @@
 #   busy_qwen_now1, busy_qwen_prev1, busy_qwen_now2, busy_qwen_prev2
 #                        random:qwen3-0.6b's 64-token steps, and the same from the checkout
 #                        in AB_PREV (a directory), in turns
+#   busy_b1_fp8, busy_b1_fp8_nopdl
+#                        batch-1 FP8 decode steps of random:llama3-8b under torch.profiler
+#                        with a Chrome trace, with dependent launches and without
+#   early_tests, b1_served1, b1_early1, b1_late_merge1, b1_late_tile1,
+#   b1_early_late_merge1, b1_served2, ...
+#                        early reads' GPU tests, then batch-1 FP8 decode steps with early
+#                        reads, a late merge trigger, the GEMV's first tile after its
+#                        wait, as served, twice in turns
 #   piecewise_fp8, piecewise_fp8_eager
 #                        the 512-token prompt steps' periods with FP8 weights and KV cache,
 #                        with graphs cut at attention and without (past the budget)
@@ -287,6 +295,33 @@ for turn in 1 2; do
     (cd "$AB_PREV" && PYTHONPATH="$PWD:/tmp/site" step busy_qwen_prev$turn 120 \
       $BUSY_QWEN --output "$OUT/busy_qwen_prev$turn.json")
   fi
+done
+# Batch-1 decode of random:llama3-8b with FP8 weights and KV cache under torch.profiler,
+# each kernel's time in a Chrome trace: with programmatic dependent launch (the default
+# on Hopper) and without (a kernel's span then its own run, not its wait).
+BUSY_B1="$PY -m gridllm.bench.gpu_busy --model random:llama3-8b --batch-size 1
+  --input-len 128 --num-steps 16 --quantization fp8 --kv-cache-dtype fp8"
+step busy_b1_fp8 120 $BUSY_B1 --trace "$OUT/busy_b1_fp8.trace.json" \
+  --output "$OUT/busy_b1_fp8.json"
+GRIDLLM_LAUNCH_DEPENDENT=0 step busy_b1_fp8_nopdl 120 $BUSY_B1 \
+  --trace "$OUT/busy_b1_fp8_nopdl.trace.json" --output "$OUT/busy_b1_fp8_nopdl.json"
+# Decode kernels that read the step's inputs before they wait (GRIDLLM_EARLY_READS=1): the
+# FP8 decode attention's and rotary KV write's GPU tests with them, then batch-1 FP8 steps
+# with them, with the split merge triggering the next launch after its store, with the
+# GEMV's first weight tile after its wait, and as served, twice in turns.
+GRIDLLM_EARLY_READS=1 step early_tests 150 $PY -m pytest -q -p no:cacheprovider -rf -m gpu \
+  tests/kernels/test_fp8_decode_attention.py tests/kernels/test_rotary_kv_cache_write.py
+B1_STEPS="$PY -m gridllm.bench.gpu_busy --model random:llama3-8b --batch-size 1
+  --input-len 128 --num-steps 32 --quantization fp8 --kv-cache-dtype fp8"
+for turn in 1 2; do
+  step b1_served$turn 60 $B1_STEPS --output "$OUT/b1_served$turn.json"
+  GRIDLLM_EARLY_READS=1 step b1_early$turn 60 $B1_STEPS --output "$OUT/b1_early$turn.json"
+  GRIDLLM_MERGE_LATE_TRIGGER=1 step b1_late_merge$turn 60 $B1_STEPS \
+    --output "$OUT/b1_late_merge$turn.json"
+  GRIDLLM_GEMV_EARLY_TILE=0 step b1_late_tile$turn 60 $B1_STEPS \
+    --output "$OUT/b1_late_tile$turn.json"
+  GRIDLLM_EARLY_READS=1 GRIDLLM_MERGE_LATE_TRIGGER=1 step b1_early_late_merge$turn 60 \
+    $B1_STEPS --output "$OUT/b1_early_late_merge$turn.json"
 done
 step parity_tests 300 $PYTEST -rf tests/gridllm/test_gpu.py -k "not structured"
 step piecewise_fp8 90 $SMALL --quantization fp8 --kv-cache-dtype fp8 \

@@ -136,6 +136,17 @@ def env_int(name: str, default: int) -> int:
 # Programmatic dependent launch of the decode path's kernels (set GRIDLLM_LAUNCH_DEPENDENT=0
 # before start to turn it off).
 LAUNCH_DEPENDENT = env_switch("GRIDLLM_LAUNCH_DEPENDENT")
+# Decode kernels launched early read, before they wait, what only the step's inputs and
+# earlier steps wrote (positions, slots, sequence lengths, block tables, cached keys other
+# than the new one): GRIDLLM_EARLY_READS.
+EARLY_READS = env_switch("GRIDLLM_EARLY_READS", default=False)
+# The split-KV merge lets the next kernel launch only once it has stored its output, so the
+# next projection's early weight requests do not compete with attention's latency-bound
+# reads: GRIDLLM_MERGE_LATE_TRIGGER.
+MERGE_LATE_TRIGGER = env_switch("GRIDLLM_MERGE_LATE_TRIGGER", default=False)
+# The batch-1 e4m3 GEMV requests its first weight tile before it waits for the kernel
+# before (GRIDLLM_GEMV_EARLY_TILE=0: after).
+GEMV_EARLY_TILE = env_switch("GRIDLLM_GEMV_EARLY_TILE")
 
 
 @functools.cache

@@ -115,20 +115,35 @@ if gluon is not None:
         return block.to(gl.int64) * stride_cb + (pos % BLOCK_SIZE) * stride_ct
 
     @gluon.jit
+    def _issue_prologue(k_smem, v_smem, k_ptrs, v_ptrs, bt_row, start, end, keys_k, keys_v,
+                        stride_cb, stride_ct, BLOCK_SIZE: gl.constexpr,
+                        BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+        """cp.async of the split's tiles 0 .. STAGES - 2 into stages 0 .. STAGES - 2."""
+        for i in gl.static_range(STAGES - 1):
+            n = start + i * BLOCK_N
+            _issue_tile(k_smem, v_smem, i, k_ptrs, v_ptrs,
+                        _row_offsets(bt_row, n, keys_k, end, stride_cb, stride_ct,
+                                     BLOCK_SIZE),
+                        _row_offsets(bt_row, n, keys_v, end, stride_cb, stride_ct,
+                                     BLOCK_SIZE),
+                        keys_k, keys_v, n, end)
+
+    @gluon.jit
     def _fp8_decode_attention_kernel(
             q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
             stride_qt, stride_qh, stride_cb, stride_ct, stride_ch, stride_bt,
             stride_ot, stride_oh, num_heads, scale_log2, v_scale,
             GROUP: gl.constexpr, BLOCK_SIZE: gl.constexpr, BLOCK_N: gl.constexpr,
             STAGES: gl.constexpr, NUM_SPLITS: gl.constexpr, USE_GDC: gl.constexpr,
-            MMA: gl.constexpr, A_OP: gl.constexpr, B_OP: gl.constexpr,
+            EARLY: gl.constexpr, MMA: gl.constexpr, A_OP: gl.constexpr, B_OP: gl.constexpr,
             K_LOAD: gl.constexpr, Q_LOAD: gl.constexpr, V_LOAD: gl.constexpr,
             OUT: gl.constexpr, SMEM: gl.constexpr):
         req = gl.program_id(0)
         kvh = gl.program_id(1)
         if USE_GDC:
             gdc_launch_dependents()
-            gdc_wait()
+            if not EARLY:
+                gdc_wait()
         seq_len = gl.load(seq_lens_ptr + req)
         # This split's keys [start, end) (all of them with one split).
         split = gl.program_id(2)
@@ -136,13 +151,6 @@ if gluon is not None:
         start = split * per_split
         end = gl.minimum(start + per_split, seq_len)
         head0 = kvh * GROUP
-        # The GROUP query heads as the MMA's rows (the rest zeros), float16, relabelled.
-        rows = gl.arange(0, 16, layout=gl.SliceLayout(1, Q_LOAD))
-        qd = gl.arange(0, _D, layout=gl.SliceLayout(0, Q_LOAD))
-        q = gl.load(q_ptr + req.to(gl.int64) * stride_qt
-                    + (head0 + rows)[:, None] * stride_qh + qd[None, :],
-                    mask=(rows < GROUP)[:, None], other=0.0).to(gl.float16)
-        q = gl.convert_layout(_k_relabel(q), A_OP, assert_trivial=True)
 
         k_smem = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_N, _D], SMEM)
         v_smem = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_N, _D], SMEM)
@@ -155,18 +163,36 @@ if gluon is not None:
         v_ptrs = vc_ptr + head_off + dims_v[None, :]
         bt_row = bt_ptr + req.to(gl.int64) * stride_bt
 
-        # Tiles 0 .. STAGES - 2 in flight, the next tile's cache offsets loaded.
-        for i in gl.static_range(STAGES - 1):
-            n = start + i * BLOCK_N
-            _issue_tile(k_smem, v_smem, i, k_ptrs, v_ptrs,
-                        _row_offsets(bt_row, n, keys_k, end, stride_cb, stride_ct,
-                                     BLOCK_SIZE),
-                        _row_offsets(bt_row, n, keys_v, end, stride_cb, stride_ct,
-                                     BLOCK_SIZE),
-                        keys_k, keys_v, n, end)
+        # Tiles 0 .. STAGES - 2 in flight. With EARLY (launched early, not yet waited) the
+        # sequence length and block table above are the step's inputs, and the tiles are
+        # requested before the wait unless they hold the newest key, which the kernel
+        # before (the KV write) stores.
+        if EARLY:
+            newest = seq_len - 1
+            early_ok = (end < seq_len) | (newest < start) \
+                | (start + (STAGES - 1) * BLOCK_N <= newest)
+            if early_ok:
+                _issue_prologue(k_smem, v_smem, k_ptrs, v_ptrs, bt_row, start, end, keys_k,
+                                keys_v, stride_cb, stride_ct, BLOCK_SIZE, BLOCK_N, STAGES)
+            if USE_GDC:
+                gdc_wait()
+            if not early_ok:
+                _issue_prologue(k_smem, v_smem, k_ptrs, v_ptrs, bt_row, start, end, keys_k,
+                                keys_v, stride_cb, stride_ct, BLOCK_SIZE, BLOCK_N, STAGES)
+        else:
+            _issue_prologue(k_smem, v_smem, k_ptrs, v_ptrs, bt_row, start, end, keys_k,
+                            keys_v, stride_cb, stride_ct, BLOCK_SIZE, BLOCK_N, STAGES)
         n = start + (STAGES - 1) * BLOCK_N
         rows_k = _row_offsets(bt_row, n, keys_k, end, stride_cb, stride_ct, BLOCK_SIZE)
         rows_v = _row_offsets(bt_row, n, keys_v, end, stride_cb, stride_ct, BLOCK_SIZE)
+        # The GROUP query heads as the MMA's rows (the rest zeros), float16, relabelled
+        # (after the wait: the kernel before rotates q).
+        rows = gl.arange(0, 16, layout=gl.SliceLayout(1, Q_LOAD))
+        qd = gl.arange(0, _D, layout=gl.SliceLayout(0, Q_LOAD))
+        q = gl.load(q_ptr + req.to(gl.int64) * stride_qt
+                    + (head0 + rows)[:, None] * stride_qh + qd[None, :],
+                    mask=(rows < GROUP)[:, None], other=0.0).to(gl.float16)
+        q = gl.convert_layout(_k_relabel(q), A_OP, assert_trivial=True)
 
         cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, MMA))
         m_i = gl.full([16], float("-inf"), gl.float32, layout=gl.SliceLayout(1, MMA))
@@ -271,14 +297,19 @@ def fp8_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
                          v_scale: float, block_n: int, stages: int,
                          use_gdc: bool = False, num_splits: int = 1,
                          part_acc: torch.Tensor | None = None,
-                         part_ml: torch.Tensor | None = None) -> torch.Tensor:
+                         part_ml: torch.Tensor | None = None,
+                         early_reads: bool = False) -> torch.Tensor:
     """Fills ``out [B, H, 128]`` with decode attention over the e4m3 paged cache (arguments
     as ``paged_decode_attention``'s, checked there and by ``serves``; ``scale_log2`` the
     softmax scale times ``k_scale`` times log2(e)); ``block_n`` keys per iteration (a power
     of two from 16), ``stages`` (2+) as ``default_launch`` gives them. With ``num_splits``
     > 1 each (request, KV head) is split over that many programs, which write their partial
     results to ``part_acc [B * H * num_splits, 128]`` and ``part_ml [B * H * num_splits, 2]``
-    (float32) for ``paged_decode_attention``'s merge kernel instead of ``out``."""
+    (float32) for ``paged_decode_attention``'s merge kernel instead of ``out``.
+    ``early_reads``: with ``use_gdc``, the sequence lengths, block table and first key
+    tiles are read before the kernel waits for the one before it (every key but each
+    request's newest must be in the cache already: one new token a request, written by
+    an earlier kernel)."""
     num_reqs, num_heads = query.shape[:2]
     num_kv_heads = key_cache.shape[2]
     if num_splits == 1:
@@ -289,6 +320,6 @@ def fp8_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
         key_cache.stride(2), block_tables.stride(0), out.stride(0), out.stride(1), num_heads,
         scale_log2, v_scale, GROUP=num_heads // num_kv_heads,
         BLOCK_SIZE=key_cache.shape[1], BLOCK_N=block_n, STAGES=stages,
-        NUM_SPLITS=num_splits, USE_GDC=use_gdc,
+        NUM_SPLITS=num_splits, USE_GDC=use_gdc, EARLY=early_reads,
         **_layouts(block_n), num_warps=1, **({"launch_pdl": True} if use_gdc else {}))
     return out

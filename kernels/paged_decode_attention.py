@@ -50,8 +50,10 @@ import triton.language as tl
 from kernels import fp8_decode_attention as gluon_fp8
 from kernels._launch import Launcher
 from kernels._utils import (
+    EARLY_READS,
     FLOAT_DTYPES,
     INDEX_DTYPES,
+    MERGE_LATE_TRIGGER,
     can_unpack_e4m3_words,
     check_scale,
     check_shape,
@@ -290,9 +292,11 @@ def _paged_decode_attention_kernel(
 def _paged_decode_reduce_kernel(part_acc_ptr, part_ml_ptr, out_ptr, stride_ot, stride_oh,
                                 num_heads, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                                 NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
-                                USE_GDC: tl.constexpr = False):
+                                USE_GDC: tl.constexpr = False,
+                                LATE_TRIGGER: tl.constexpr = False):
     if USE_GDC:
-        gdc_launch_dependents()
+        if not LATE_TRIGGER:
+            gdc_launch_dependents()
         gdc_wait()
     req = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1).to(tl.int64)
@@ -314,6 +318,8 @@ def _paged_decode_reduce_kernel(part_acc_ptr, part_ml_ptr, out_ptr, stride_ot, s
     out = tl.sum(acc * w[:, None], axis=0) / tl.where(denom > 0, denom, 1.0)
     tl.store(out_ptr + req * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty),
              mask=d < HEAD_DIM)
+    if USE_GDC and LATE_TRIGGER:
+        gdc_launch_dependents()
 
 
 def check_pattern(sliding_window: int | None, attention_stride: int | None) -> None:
@@ -597,7 +603,8 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
         gluon_fp8.fp8_decode_attention(
             query, key_cache, value_cache, block_tables, seq_lens, out,
             scale_log2, float(v_scale), plan.gluon_launch[0],
-            plan.gluon_launch[1], plan.use_gdc, plan.num_splits, part_acc, part_ml)
+            plan.gluon_launch[1], plan.use_gdc, plan.num_splits, part_acc, part_ml,
+            early_reads=EARLY_READS)
     else:
         # (Each tensor's strides in one call: this runs for every layer of a mixed step.)
         q_stride, kc_stride, out_stride = query.stride(), key_cache.stride(), out.stride()
@@ -700,7 +707,7 @@ def _decode_plan(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torc
     if num_splits > 1:
         merge = Launcher(_paged_decode_reduce_kernel, HEAD_DIM=head_dim, BLOCK_D=block_d,
                          NUM_SPLITS=num_splits, BLOCK_S=next_power_of_2(num_splits),
-                         num_warps=4, **pdl)
+                         LATE_TRIGGER=MERGE_LATE_TRIGGER, num_warps=4, **pdl)
     return _DecodePlan(num_splits, part_acc, part_ml, (num_reqs, num_kv_heads, num_splits),
                        (num_reqs, num_heads), attend, merge, gluon_launch,
                        bool(pdl["USE_GDC"]))

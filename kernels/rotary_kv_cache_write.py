@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from kernels._utils import (
+    EARLY_READS,
     FLOAT_DTYPES,
     INDEX_DTYPES,
     check_tensor,
@@ -32,12 +33,16 @@ def _rotary_kv_cache_write_kernel(
         num_q_heads, num_kv_heads, head_dim, half, block_size, k_inv_scale, v_inv_scale,
         IS_FP8: tl.constexpr, IS_NEOX: tl.constexpr, HAS_PASS: tl.constexpr, BLOCK_HQ: tl.constexpr,
         BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr,
-        USE_GDC: tl.constexpr = False):
+        USE_GDC: tl.constexpr = False, EARLY: tl.constexpr = False):
     if USE_GDC:  # launched early: wait for the kernel that writes q, k, v
         gdc_launch_dependents()
-        gdc_wait()
+        if not EARLY:
+            gdc_wait()
+    # The step's inputs (positions, slots) and the cos/sin table: none written by a kernel
+    # of the step, so with EARLY they are read before the wait.
     tok = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + tok).to(tl.int64)
+    slot = tl.load(slot_ptr + tok).to(tl.int64)
     dims = tl.arange(0, BLOCK_HALF)
     dmask = dims < half
     cos = tl.load(cache_ptr + pos * stride_cos + dims, mask=dmask, other=1.0)
@@ -50,6 +55,8 @@ def _rotary_kv_cache_write_kernel(
     else:
         off1 = 2 * dims[None, :]
         off2 = 2 * dims[None, :] + 1
+    if USE_GDC and EARLY:
+        gdc_wait()
 
     # Query: rotated in place.
     q_heads = tl.arange(0, BLOCK_HQ)
@@ -62,7 +69,6 @@ def _rotary_kv_cache_write_kernel(
     tl.store(q_base + off1, (x1f * cos - x2f * sin).to(x1.dtype), mask=q_mask)
     tl.store(q_base + off2, (x2f * cos + x1f * sin).to(x1.dtype), mask=q_mask)
 
-    slot = tl.load(slot_ptr + tok).to(tl.int64)
     if slot < 0:
         return
     kv_heads = tl.arange(0, BLOCK_HK)
@@ -136,4 +142,4 @@ def rotary_kv_cache_write(positions: torch.Tensor, query: torch.Tensor, key: tor
         HAS_PASS=rot_dim < head_dim,
         BLOCK_HQ=next_power_of_2(query.shape[1]), BLOCK_HK=next_power_of_2(num_kv_heads),
         BLOCK_HALF=next_power_of_2(half), BLOCK_D=next_power_of_2(head_dim), num_warps=4,
-        **launch_dependent_args(query.device))
+        EARLY=EARLY_READS, **launch_dependent_args(query.device))

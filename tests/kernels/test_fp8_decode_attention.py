@@ -138,8 +138,9 @@ def test_declines_what_it_does_not_run():
 
 
 @pytest.mark.skipif(gluon_fp8.gluon is None, reason="Triton without Gluon")
-@pytest.mark.parametrize("block_n,stages", [(16, 2), (32, 2)])
-def test_tiles_reach_the_mma_from_registers(block_n, stages):
+@pytest.mark.parametrize("block_n,stages,early", [(16, 2, False), (32, 2, False),
+                                                   (16, 2, True), (32, 3, True)])
+def test_tiles_reach_the_mma_from_registers(block_n, stages, early):
     """Compiled for sm_90: every layout conversion is a relabelling (``assert_trivial`` in
     the kernel would fail the compile), and the loop moves each tile through shared memory
     once: copied in by ``cp.async``, read back as 16-byte vectors, never stored from
@@ -152,7 +153,7 @@ def test_tiles_reach_the_mma_from_registers(block_n, stages):
              seq_lens_ptr="*i32", out_ptr="*bf16", part_acc_ptr="*fp32",
              part_ml_ptr="*fp32"),
         dict(GROUP=4, BLOCK_SIZE=16, BLOCK_N=block_n, STAGES=stages, NUM_SPLITS=1,
-             USE_GDC=True), floats=("scale_log2", "v_scale")))
+             USE_GDC=True, EARLY=early), floats=("scale_log2", "v_scale")))
     assert "st.shared" not in body and "ldmatrix" not in body
     loads = re.findall(r"ld\.shared[\w.]*", body)
     assert loads and all(".v4" in load for load in loads)
@@ -161,3 +162,60 @@ def test_tiles_reach_the_mma_from_registers(block_n, stages):
     assert len(re.findall(r"ld\.shared\.v4", body)) == tile_bytes // 16 // 32
     assert len(re.findall(r"mma\.sync", body)) == 2 * block_n  # 16 + 16 per 16 keys
     assert len(re.findall(r"cvt\.rn\.f16x2\.e4m3x2", body)) == tile_bytes // 2 // 32
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_early_reads_wait_for_the_new_key(monkeypatch, num_splits):
+    """With early reads (``EARLY_READS``) the rotary KV write and decode attention launch
+    behind a long kernel (a GEMV over 128 MB) and read the step's inputs and cached keys
+    before they wait; the newest key's slot holds a stale value until the write, so an
+    attention that read it early would differ. Lengths put the newest key in the first
+    tile of its split (1-40 keys) and far from it (1,000): the output is the same bits as
+    the plain launch's, and matches the reference over the written cache."""
+    from kernels import paged_decode_attention as pda
+    from kernels import rotary_kv_cache_write as rkv
+    from kernels.gemv import gemv
+
+    seq_lens = [1, 5, 16, 17, 40, 1000]
+    stale_k, stale_v, tables, seq = _fp8_cache(seq_lens, 8, 16, DEVICE)
+    batch = len(seq_lens)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    query = torch.randn(batch, 32, 128, generator=gen).to(DEVICE, torch.bfloat16)
+    key = torch.randn(batch, 8, 128, generator=gen).to(DEVICE, torch.bfloat16)
+    value = torch.randn(batch, 8, 128, generator=gen).to(DEVICE, torch.bfloat16)
+    positions = (seq - 1).long()
+    slots = tables.long().gather(1, (positions // 16)[:, None])[:, 0] * 16 + positions % 16
+    # The slots' stale contents: far from any value the write stores.
+    stale = quantize_fp8(torch.full((batch, 8, 128), 200.0, device=DEVICE), 0.5)
+    stale_k.view(torch.uint8).view(-1, 8, 128)[slots] = stale.view(torch.uint8)
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, 128, 2, dtype=torch.float32) / 128)
+    freqs = torch.outer(torch.arange(1024, dtype=torch.float32), inv_freq)
+    cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1).to(DEVICE)
+    weight = torch.randn(16384, 4096, generator=gen).to(DEVICE, torch.bfloat16)
+    x = torch.randn(1, 4096, generator=gen).to(DEVICE, torch.bfloat16)
+    qsl = torch.arange(batch + 1, dtype=torch.int32, device=DEVICE)
+
+    def step(early: bool):
+        monkeypatch.setattr(pda, "EARLY_READS", early)
+        monkeypatch.setattr(rkv, "EARLY_READS", early)
+        kc, vc, q = stale_k.clone(), stale_v.clone(), query.clone()
+        torch.cuda.synchronize()
+        gemv(x, weight)
+        rkv.rotary_kv_cache_write(positions, q, key, value, kc, vc, slots, cos_sin, True,
+                                  k_scale=0.5, v_scale=0.25)
+        out = paged_decode_attention(q, kc, vc, tables, seq, qsl, 128 ** -0.5,
+                                     num_splits=num_splits, k_scale=0.5, v_scale=0.25,
+                                     gluon=True)
+        torch.cuda.synchronize()
+        return out, q, kc, vc
+
+    plain, q, kc, vc = step(False)
+    for _ in range(3):
+        early = step(True)[0]
+        torch.testing.assert_close(early, plain, atol=0, rtol=0)
+    expected = torch_ref.paged_attention(q, kc, vc, tables, seq, qsl, 128 ** -0.5,
+                                         k_scale=0.5, v_scale=0.25)
+    assert_close(plain, expected, "decode attention after the rotary KV write",
+                 torch.bfloat16)
