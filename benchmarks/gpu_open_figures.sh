@@ -110,6 +110,13 @@
 #                        early reads' GPU tests, then batch-1 FP8 decode steps with early
 #                        reads, a late merge trigger, the GEMV's first tile after its
 #                        wait, as served, twice in turns
+#   b1_split32_1, b1_split16_1, b1_split64_1, b1_split1024_1, b1_split32_2, ...
+#                        batch-1 FP8 decode steps with early reads at short-context split
+#                        counts of at least 32, 16 (served), 64 and 1,024 keys a split
+#   lat_fp8_early        lat_fp8 with early reads
+#   b1_now1, b1_split8_1, b1_bf16_1, b1_bf16_split16_1, b1_now2, ...
+#                        batch-1 FP8 steps as served against 8 keys a split, and bf16
+#                        steps at 32 (served) and 16 keys a split, in turns
 #   piecewise_fp8, piecewise_fp8_eager
 #                        the 512-token prompt steps' periods with FP8 weights and KV cache,
 #                        with graphs cut at attention and without (past the budget)
@@ -323,6 +330,36 @@ for turn in 1 2; do
   GRIDLLM_EARLY_READS=1 GRIDLLM_MERGE_LATE_TRIGGER=1 step b1_early_late_merge$turn 60 \
     $B1_STEPS --output "$OUT/b1_early_late_merge$turn.json"
 done
+# Batch-1 FP8 steps with early reads at other short-context split counts (at least 16, 64
+# or 1,024 keys a split; served: 32), in turns.
+module_attr() {  # a `python -c` program: gpu_busy with ATTR of the decode module set
+  printf '%s' "import runpy, sys, kernels.paged_decode_attention as m
+m.$1 = $2
+sys.argv[0] = 'gpu_busy'
+runpy.run_module('gridllm.bench.gpu_busy', run_name='__main__')"
+}
+B1_ARGS=${B1_STEPS#* -m gridllm.bench.gpu_busy}
+for turn in 1 2; do
+  GRIDLLM_EARLY_READS=1 step b1_split32_$turn 60 $PY -c "$(module_attr \
+    _MIN_TOKENS_PER_SPLIT_ONE_WARP 32)" $B1_ARGS --output "$OUT/b1_split32_$turn.json"
+  for keys in 16 64 1024; do
+    GRIDLLM_EARLY_READS=1 step b1_split${keys}_$turn 60 $PY -c "$(module_attr \
+      _MIN_TOKENS_PER_SPLIT_ONE_WARP $keys)" $B1_ARGS --output "$OUT/b1_split${keys}_$turn.json"
+  done
+done
+# The defaults now (early reads, at least 16 keys a split over an FP8 cache) against 8 keys
+# a split, and bf16 steps (the tl.dot kernel) at 32 (served) and 16, in turns.
+B1_BF16_ARGS="--model random:llama3-8b --batch-size 1 --input-len 128 --num-steps 32"
+for turn in 1 2; do
+  step b1_now$turn 60 $B1_STEPS --output "$OUT/b1_now$turn.json"
+  step b1_split8_$turn 60 $PY -c "$(module_attr _MIN_TOKENS_PER_SPLIT_ONE_WARP 8)" $B1_ARGS \
+    --output "$OUT/b1_split8_$turn.json"
+  step b1_bf16_$turn 60 $PY -m gridllm.bench.gpu_busy $B1_BF16_ARGS \
+    --output "$OUT/b1_bf16_$turn.json"
+  step b1_bf16_split16_$turn 60 $PY -c "$(module_attr _MIN_TOKENS_PER_SPLIT 16)" \
+    $B1_BF16_ARGS --output "$OUT/b1_bf16_split16_$turn.json"
+done
+GRIDLLM_EARLY_READS=1 step lat_fp8_early 90 $LAT --output "$OUT/lat_fp8_early.json"
 step parity_tests 300 $PYTEST -rf tests/gridllm/test_gpu.py -k "not structured"
 step piecewise_fp8 90 $SMALL --quantization fp8 --kv-cache-dtype fp8 \
   --output "$OUT/piecewise_fp8.json"

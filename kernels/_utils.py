@@ -138,8 +138,8 @@ def env_int(name: str, default: int) -> int:
 LAUNCH_DEPENDENT = env_switch("GRIDLLM_LAUNCH_DEPENDENT")
 # Decode kernels launched early read, before they wait, what only the step's inputs and
 # earlier steps wrote (positions, slots, sequence lengths, block tables, cached keys other
-# than the new one): GRIDLLM_EARLY_READS.
-EARLY_READS = env_switch("GRIDLLM_EARLY_READS", default=False)
+# than the new one); GRIDLLM_EARLY_READS=0 turns it off.
+EARLY_READS = env_switch("GRIDLLM_EARLY_READS")
 # The split-KV merge lets the next kernel launch only once it has stored its output, so the
 # next projection's early weight requests do not compete with attention's latency-bound
 # reads: GRIDLLM_MERGE_LATE_TRIGGER.

@@ -75,6 +75,11 @@ _LOG2E = 1.4426950408889634
 # (H200, batch 1, 8 KV heads: a 256-token context takes 13.9 us in one split, 9.5 us in
 # four, 8.7 us in eight of 32 keys; 1024 tokens 16.6 us in four splits, 12.4 us in eight.)
 _MIN_TOKENS_PER_SPLIT = 32
+# The same for the one-warp Gluon kernel over an FP8 cache (one 16-key tile a split), with
+# the merge launched early behind it: H100, batch-1 FP8 Llama-3-8B decode over 128-160
+# tokens, ms a step, at least 16 / 32 / 64 / 1,024 keys a split 3.304 / 3.354 / 3.377 /
+# 3.391.
+_MIN_TOKENS_PER_SPLIT_ONE_WARP = 16
 _MAX_SPLITS = 64
 # Keys per iteration where the context, not the SMs, bounds the split count (each split
 # then holds _MIN_TOKENS_PER_SPLIT to twice as many keys).
@@ -397,13 +402,14 @@ def pick_num_splits(num_reqs: int, num_kv_heads: int, max_context: int,
     programs per SM (a power of two, to bound recompiles; measured on H100), and no fewer
     than ``_MIN_TOKENS_PER_SPLIT`` context tokens per split. ``one_warp``: for the Gluon
     kernel over an FP8 cache (``fp8_decode_attention.serves``), whose programs are one warp,
-    about eight per SM and up to twice ``_MAX_SPLITS`` (H200, 8 KV heads, us, the tl.dot
+    about eight per SM, up to twice ``_MAX_SPLITS`` and ``_MIN_TOKENS_PER_SPLIT_ONE_WARP``
+    tokens a split (H200, 8 KV heads, us, the tl.dot
     kernel at its count / Gluon at the same / at twice: batch 1 x 32k keys 33.4 / 29.9 /
     26.5, 2 x 32k 55.7 / 49.1 / 42.0, 4 x 32k 98.9 / 87.0 / 74.0, 8 x 16k 98.8 / 87.2 /
     73.9, 32 x 4096 99.1 / 87.4 / 78.1, 1 x 4096 13.3 / 12.2 / 11.9)."""
     programs = max(1, num_reqs * num_kv_heads)
-    return _pow2_floor(min(_splits_for_sms(programs, device, one_warp),
-                           max_context // _MIN_TOKENS_PER_SPLIT))
+    least = _MIN_TOKENS_PER_SPLIT_ONE_WARP if one_warp else _MIN_TOKENS_PER_SPLIT
+    return _pow2_floor(min(_splits_for_sms(programs, device, one_warp), max_context // least))
 
 
 def _default_block_n(num_reqs: int, num_kv_heads: int, num_splits: int,

@@ -211,17 +211,19 @@ def test_pick_num_splits_fills_small_batches():
 
 def test_one_warp_programs_take_twice_the_splits(monkeypatch):
     """The Gluon kernel's one-warp programs (on an H200's 132 SMs): about eight per SM
-    instead of four, up to 128 splits, the same floor of keys per split and the same single
-    split past two programs per SM."""
+    instead of four, up to 128 splits, a floor of 16 keys per split (32 for the tl.dot
+    kernel) and the same single split past two programs per SM."""
     import kernels.paged_decode_attention as module
 
     monkeypatch.setattr(module, "num_sms", lambda device: 132)
     dev = torch.device("cpu")
     for batch, context in ((1, 32768), (4, 32768), (8, 16384), (32, 4096), (1, 4096)):
         assert pick_num_splits(batch, 8, context, dev, one_warp=True) == min(
-            2 * pick_num_splits(batch, 8, context, dev), 128, context // 32)
+            2 * pick_num_splits(batch, 8, context, dev), 128, context // 16)
     assert pick_num_splits(1, 1, 1 << 20, dev, one_warp=True) == 128
-    assert pick_num_splits(1, 8, 100, dev, one_warp=True) == 2
+    assert pick_num_splits(1, 8, 100, dev, one_warp=True) == 4
+    assert pick_num_splits(1, 8, 100, dev) == 2
+    assert pick_num_splits(1, 8, 160, dev, one_warp=True) == 8
     assert pick_num_splits(256, 8, 8192, dev, one_warp=True) == 1
 
 
