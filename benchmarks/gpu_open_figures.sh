@@ -117,6 +117,7 @@
 #   b1_now1, b1_split8_1, b1_bf16_1, b1_bf16_split16_1, b1_now2, ...
 #                        batch-1 FP8 steps as served against 8 keys a split, and bf16
 #                        steps at 32 (served) and 16 keys a split, in turns
+#   early_e2e_tests      the FP8 layers' GPU tests and greedy ids with early reads on and off
 #   piecewise_fp8, piecewise_fp8_eager
 #                        the 512-token prompt steps' periods with FP8 weights and KV cache,
 #                        with graphs cut at attention and without (past the budget)
@@ -360,6 +361,10 @@ for turn in 1 2; do
     $B1_BF16_ARGS --output "$OUT/b1_bf16_split16_$turn.json"
 done
 GRIDLLM_EARLY_READS=1 step lat_fp8_early 90 $LAT --output "$OUT/lat_fp8_early.json"
+# With early reads on by default: the FP8 layers' GPU tests and the greedy ids against the
+# same engine with them off.
+step early_e2e_tests 240 $PYTEST -rf tests/worker_svc/test_quantization.py \
+  tests/gridllm/test_gpu.py -k "quantization or fake_quantization or early_reads"
 step parity_tests 300 $PYTEST -rf tests/gridllm/test_gpu.py -k "not structured"
 step piecewise_fp8 90 $SMALL --quantization fp8 --kv-cache-dtype fp8 \
   --output "$OUT/piecewise_fp8.json"
