@@ -72,14 +72,14 @@ from kernels.fp8 import FP8_DTYPE, FP8_KV_DTYPES, is_fp8
 
 _LOG2E = 1.4426950408889634
 # Fewer context tokens than this per split costs more in the reduction than it saves.
-# (H200, batch 1, 8 KV heads: a 256-token context takes 13.9 us in one split, 9.5 us in
-# four, 8.7 us in eight of 32 keys; 1024 tokens 16.6 us in four splits, 12.4 us in eight.)
-_MIN_TOKENS_PER_SPLIT = 32
-# The same for the one-warp Gluon kernel over an FP8 cache (one 16-key tile a split), with
-# the merge launched early behind it: H100, batch-1 FP8 Llama-3-8B decode over 128-160
-# tokens, ms a step, at least 16 / 32 / 64 / 1,024 keys a split 3.304 / 3.354 / 3.377 /
-# 3.391.
-_MIN_TOKENS_PER_SPLIT_ONE_WARP = 16
+# (H100, batch-1 bf16 Llama-3-8B decode over 128-160 tokens, the merge launched early
+# behind the split kernel: 5.24 ms a step at 16 against 5.31 at 32.)
+_MIN_TOKENS_PER_SPLIT = 16
+# The same for the one-warp Gluon kernel over an FP8 cache (16-key tiles): H100, batch-1
+# FP8 Llama-3-8B decode over 128-160 tokens, ms a step, at least 8 / 16 / 32 / 64 / 1,024
+# keys a split 3.288 / 3.304-3.321 / 3.354 / 3.377 / 3.391 (a split shorter than a tile
+# leaves some splits empty).
+_MIN_TOKENS_PER_SPLIT_ONE_WARP = 8
 _MAX_SPLITS = 64
 # Keys per iteration where the context, not the SMs, bounds the split count (each split
 # then holds _MIN_TOKENS_PER_SPLIT to twice as many keys).

@@ -205,13 +205,13 @@ def test_pick_num_splits_fills_small_batches():
     dev = torch.device("cpu")
     assert pick_num_splits(256, 8, 8192, dev) == 1
     assert pick_num_splits(1, 1, 8192, dev) > 1
-    assert pick_num_splits(1, 1, 50, dev) == 1
-    assert pick_num_splits(1, 1, 100, dev) == 2  # the context bounds it: 32+ keys a split
+    assert pick_num_splits(1, 1, 25, dev) == 1
+    assert pick_num_splits(1, 1, 50, dev) == 2  # the context bounds it: 16+ keys a split
 
 
 def test_one_warp_programs_take_twice_the_splits(monkeypatch):
     """The Gluon kernel's one-warp programs (on an H200's 132 SMs): about eight per SM
-    instead of four, up to 128 splits, a floor of 16 keys per split (32 for the tl.dot
+    instead of four, up to 128 splits, a floor of 8 keys per split (16 for the tl.dot
     kernel) and the same single split past two programs per SM."""
     import kernels.paged_decode_attention as module
 
@@ -219,11 +219,11 @@ def test_one_warp_programs_take_twice_the_splits(monkeypatch):
     dev = torch.device("cpu")
     for batch, context in ((1, 32768), (4, 32768), (8, 16384), (32, 4096), (1, 4096)):
         assert pick_num_splits(batch, 8, context, dev, one_warp=True) == min(
-            2 * pick_num_splits(batch, 8, context, dev), 128, context // 16)
+            2 * pick_num_splits(batch, 8, context, dev), 128, context // 8)
     assert pick_num_splits(1, 1, 1 << 20, dev, one_warp=True) == 128
-    assert pick_num_splits(1, 8, 100, dev, one_warp=True) == 4
-    assert pick_num_splits(1, 8, 100, dev) == 2
-    assert pick_num_splits(1, 8, 160, dev, one_warp=True) == 8
+    assert pick_num_splits(1, 8, 100, dev, one_warp=True) == 8
+    assert pick_num_splits(1, 8, 100, dev) == 4
+    assert pick_num_splits(1, 8, 160, dev, one_warp=True) == 16
     assert pick_num_splits(256, 8, 8192, dev, one_warp=True) == 1
 
 
@@ -235,7 +235,7 @@ def test_short_splits_take_fewer_keys_per_iteration(monkeypatch):
     dev, bf16 = torch.device("cpu"), torch.bfloat16
     # Batch 1, 8 KV heads: the SMs would take 64 splits.
     splits = pick_num_splits(1, 8, 256, dev)
-    assert splits == 8
+    assert splits == 16
     assert module._default_block_n(1, 8, splits, bf16, dev) == 32
     assert module._default_block_n(1, 8, 64, bf16, dev) == 64  # the SMs bound it
     assert module._default_block_n(1, 8, 1, bf16, dev) == 64
