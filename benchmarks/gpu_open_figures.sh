@@ -105,18 +105,12 @@
 #   busy_b1_fp8, busy_b1_fp8_nopdl
 #                        batch-1 FP8 decode steps of random:llama3-8b under torch.profiler
 #                        with a Chrome trace, with dependent launches and without
-#   early_tests, b1_served1, b1_early1, b1_late_merge1, b1_late_tile1,
-#   b1_early_late_merge1, b1_served2, ...
-#                        early reads' GPU tests, then batch-1 FP8 decode steps with early
-#                        reads, a late merge trigger, the GEMV's first tile after its
-#                        wait, as served, twice in turns
-#   b1_split32_1, b1_split16_1, b1_split64_1, b1_split1024_1, b1_split32_2, ...
-#                        batch-1 FP8 decode steps with early reads at short-context split
-#                        counts of at least 32, 16 (served), 64 and 1,024 keys a split
-#   lat_fp8_early        lat_fp8 with early reads
-#   b1_now1, b1_split8_1, b1_bf16_1, b1_bf16_split16_1, b1_now2, ...
-#                        batch-1 FP8 steps as served against 8 keys a split, and bf16
-#                        steps at 32 (served) and 16 keys a split, in turns
+#   early_tests, b1_now1, b1_early_off1, b1_now2, b1_early_off2
+#                        early reads' GPU tests, then batch-1 FP8 decode steps with them
+#                        and without, in turns
+#   b1_split8_1, b1_split16_1, ..., b1_split1024_1, b1_bf16_split16_1, b1_bf16_split32_1,
+#   b1_split8_2, ...     batch-1 decode steps at short-context split floors (FP8: 8, the
+#                        default, to 1,024 keys a split; bf16: 16, the default, and 32)
 #   early_e2e_tests      the FP8 layers' GPU tests and greedy ids with early reads on and off
 #   piecewise_fp8, piecewise_fp8_eager
 #                        the 512-token prompt steps' periods with FP8 weights and KV cache,
@@ -313,26 +307,21 @@ step busy_b1_fp8 120 $BUSY_B1 --trace "$OUT/busy_b1_fp8.trace.json" \
   --output "$OUT/busy_b1_fp8.json"
 GRIDLLM_LAUNCH_DEPENDENT=0 step busy_b1_fp8_nopdl 120 $BUSY_B1 \
   --trace "$OUT/busy_b1_fp8_nopdl.trace.json" --output "$OUT/busy_b1_fp8_nopdl.json"
-# Decode kernels that read the step's inputs before they wait (GRIDLLM_EARLY_READS=1): the
-# FP8 decode attention's and rotary KV write's GPU tests with them, then batch-1 FP8 steps
-# with them, with the split merge triggering the next launch after its store, with the
-# GEMV's first weight tile after its wait, and as served, twice in turns.
-GRIDLLM_EARLY_READS=1 step early_tests 150 $PY -m pytest -q -p no:cacheprovider -rf -m gpu \
+# Decode kernels that read the step's inputs before they wait (early reads, on by default):
+# the FP8 decode attention's and rotary KV write's GPU tests, then batch-1 FP8 steps with
+# them and with GRIDLLM_EARLY_READS=0, twice in turns.
+step early_tests 150 $PY -m pytest -q -p no:cacheprovider -rf -m gpu \
   tests/kernels/test_fp8_decode_attention.py tests/kernels/test_rotary_kv_cache_write.py
 B1_STEPS="$PY -m gridllm.bench.gpu_busy --model random:llama3-8b --batch-size 1
   --input-len 128 --num-steps 32 --quantization fp8 --kv-cache-dtype fp8"
 for turn in 1 2; do
-  step b1_served$turn 60 $B1_STEPS --output "$OUT/b1_served$turn.json"
-  GRIDLLM_EARLY_READS=1 step b1_early$turn 60 $B1_STEPS --output "$OUT/b1_early$turn.json"
-  GRIDLLM_MERGE_LATE_TRIGGER=1 step b1_late_merge$turn 60 $B1_STEPS \
-    --output "$OUT/b1_late_merge$turn.json"
-  GRIDLLM_GEMV_EARLY_TILE=0 step b1_late_tile$turn 60 $B1_STEPS \
-    --output "$OUT/b1_late_tile$turn.json"
-  GRIDLLM_EARLY_READS=1 GRIDLLM_MERGE_LATE_TRIGGER=1 step b1_early_late_merge$turn 60 \
-    $B1_STEPS --output "$OUT/b1_early_late_merge$turn.json"
+  step b1_now$turn 60 $B1_STEPS --output "$OUT/b1_now$turn.json"
+  GRIDLLM_EARLY_READS=0 step b1_early_off$turn 60 $B1_STEPS \
+    --output "$OUT/b1_early_off$turn.json"
 done
-# Batch-1 FP8 steps with early reads at other short-context split counts (at least 16, 64
-# or 1,024 keys a split; served: 32), in turns.
+# Short-context split floors, in turns: batch-1 FP8 steps (the one-warp kernel) at 8 keys a
+# split at least (served), 16, 32, 64 and 1,024 (one split); bf16 steps (the tl.dot
+# kernel) at 16 (served) and 32.
 module_attr() {  # a `python -c` program: gpu_busy with ATTR of the decode module set
   printf '%s' "import runpy, sys, kernels.paged_decode_attention as m
 m.$1 = $2
@@ -340,27 +329,17 @@ sys.argv[0] = 'gpu_busy'
 runpy.run_module('gridllm.bench.gpu_busy', run_name='__main__')"
 }
 B1_ARGS=${B1_STEPS#* -m gridllm.bench.gpu_busy}
-for turn in 1 2; do
-  GRIDLLM_EARLY_READS=1 step b1_split32_$turn 60 $PY -c "$(module_attr \
-    _MIN_TOKENS_PER_SPLIT_ONE_WARP 32)" $B1_ARGS --output "$OUT/b1_split32_$turn.json"
-  for keys in 16 64 1024; do
-    GRIDLLM_EARLY_READS=1 step b1_split${keys}_$turn 60 $PY -c "$(module_attr \
-      _MIN_TOKENS_PER_SPLIT_ONE_WARP $keys)" $B1_ARGS --output "$OUT/b1_split${keys}_$turn.json"
-  done
-done
-# The defaults now (early reads, at least 16 keys a split over an FP8 cache) against 8 keys
-# a split, and bf16 steps (the tl.dot kernel) at 32 (served) and 16, in turns.
 B1_BF16_ARGS="--model random:llama3-8b --batch-size 1 --input-len 128 --num-steps 32"
 for turn in 1 2; do
-  step b1_now$turn 60 $B1_STEPS --output "$OUT/b1_now$turn.json"
-  step b1_split8_$turn 60 $PY -c "$(module_attr _MIN_TOKENS_PER_SPLIT_ONE_WARP 8)" $B1_ARGS \
-    --output "$OUT/b1_split8_$turn.json"
-  step b1_bf16_$turn 60 $PY -m gridllm.bench.gpu_busy $B1_BF16_ARGS \
-    --output "$OUT/b1_bf16_$turn.json"
-  step b1_bf16_split16_$turn 60 $PY -c "$(module_attr _MIN_TOKENS_PER_SPLIT 16)" \
-    $B1_BF16_ARGS --output "$OUT/b1_bf16_split16_$turn.json"
+  for keys in 8 16 32 64 1024; do
+    step b1_split${keys}_$turn 60 $PY -c "$(module_attr _MIN_TOKENS_PER_SPLIT_ONE_WARP \
+      $keys)" $B1_ARGS --output "$OUT/b1_split${keys}_$turn.json"
+  done
+  for keys in 16 32; do
+    step b1_bf16_split${keys}_$turn 60 $PY -c "$(module_attr _MIN_TOKENS_PER_SPLIT $keys)" \
+      $B1_BF16_ARGS --output "$OUT/b1_bf16_split${keys}_$turn.json"
+  done
 done
-GRIDLLM_EARLY_READS=1 step lat_fp8_early 90 $LAT --output "$OUT/lat_fp8_early.json"
 # With early reads on by default: the FP8 layers' GPU tests and the greedy ids against the
 # same engine with them off.
 step early_e2e_tests 240 $PYTEST -rf tests/worker_svc/test_quantization.py \

@@ -140,13 +140,6 @@ LAUNCH_DEPENDENT = env_switch("GRIDLLM_LAUNCH_DEPENDENT")
 # earlier steps wrote (positions, slots, sequence lengths, block tables, cached keys other
 # than the new one); GRIDLLM_EARLY_READS=0 turns it off.
 EARLY_READS = env_switch("GRIDLLM_EARLY_READS")
-# The split-KV merge lets the next kernel launch only once it has stored its output, so the
-# next projection's early weight requests do not compete with attention's latency-bound
-# reads: GRIDLLM_MERGE_LATE_TRIGGER.
-MERGE_LATE_TRIGGER = env_switch("GRIDLLM_MERGE_LATE_TRIGGER", default=False)
-# The batch-1 e4m3 GEMV requests its first weight tile before it waits for the kernel
-# before (GRIDLLM_GEMV_EARLY_TILE=0: after).
-GEMV_EARLY_TILE = env_switch("GRIDLLM_GEMV_EARLY_TILE")
 
 
 @functools.cache

@@ -43,7 +43,6 @@ import triton.language as tl
 from kernels._utils import (
     FLOAT_DTYPES,
     FP8_WORDS,
-    GEMV_EARLY_TILE,
     GEMV_F16,
     check_shape,
     check_tensor,
@@ -398,26 +397,22 @@ def _gemv_e4m3_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, partial_ptr, loc
                       HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
                       NORM: tl.constexpr, SILU_OUT: tl.constexpr, BLOCK_H: tl.constexpr,
-                      ASM: tl.constexpr, USE_GDC: tl.constexpr,
-                      EARLY_TILE: tl.constexpr = True):
+                      ASM: tl.constexpr, USE_GDC: tl.constexpr):
     """``_gemv_kernel`` for one bfloat16 row and an e4m3 weight, read in words of four
     elements: the weight as int32 (four e4m3), x as int64 (four bfloat16), both ``[BLOCK_N,
     BLOCK_K // 4]`` tiles of one shape (x's rows all the same addresses, loaded once per
     thread), so the compiler gives them one register layout and moves no tile of x through
-    shared memory. EARLY_TILE: the first weight tile requested before the wait."""
+    shared memory."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     QUAD_K: tl.constexpr = BLOCK_K // 4
-    if USE_GDC and not EARLY_TILE:
-        gdc_launch_dependents()
-        gdc_wait()
     cols, col_ok, js, j_start, j_end, w_ptrs, x_ptrs, w_next = _word_tiles(
         x_ptr, w_ptr, pid, pid_k, num_out, num_in, stride_w, BLOCK_N, BLOCK_K, SPLIT_K,
         SILU_OUT)
     # acc: bytes 0-1 of each word (true values); acc_scaled: bytes 2-3 (times 2^-120).
     acc = tl.zeros([BLOCK_N, QUAD_K], dtype=tl.float32)
     acc_scaled = acc
-    if USE_GDC and EARLY_TILE:
+    if USE_GDC:
         gdc_launch_dependents()
         gdc_wait()
     rstd = 0.0
@@ -825,8 +820,8 @@ def _launch(x, weight, bias, weight_scale, config, norm, silu_out, f16_pairs=Fal
             BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
             EVEN_K=num_in % k_per_split == 0, NORM=norm is not None,
             SILU_OUT=silu_out, BLOCK_H=triton.next_power_of_2(num_in) if norm is not None else 1,
-            ASM=not is_interpreter(), EARLY_TILE=GEMV_EARLY_TILE, num_warps=num_warps,
-            num_stages=num_stages, **launch_dependent_args(x.device))
+            ASM=not is_interpreter(), num_warps=num_warps, num_stages=num_stages,
+            **launch_dependent_args(x.device))
         return y, residual_out
     _gemv_kernel[(num_blocks, split_k)](
         x, weight, weight_scale if weight_scale is not None else y,

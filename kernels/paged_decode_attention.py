@@ -53,7 +53,6 @@ from kernels._utils import (
     EARLY_READS,
     FLOAT_DTYPES,
     INDEX_DTYPES,
-    MERGE_LATE_TRIGGER,
     can_unpack_e4m3_words,
     check_scale,
     check_shape,
@@ -297,11 +296,9 @@ def _paged_decode_attention_kernel(
 def _paged_decode_reduce_kernel(part_acc_ptr, part_ml_ptr, out_ptr, stride_ot, stride_oh,
                                 num_heads, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                                 NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
-                                USE_GDC: tl.constexpr = False,
-                                LATE_TRIGGER: tl.constexpr = False):
+                                USE_GDC: tl.constexpr = False):
     if USE_GDC:
-        if not LATE_TRIGGER:
-            gdc_launch_dependents()
+        gdc_launch_dependents()
         gdc_wait()
     req = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1).to(tl.int64)
@@ -323,8 +320,6 @@ def _paged_decode_reduce_kernel(part_acc_ptr, part_ml_ptr, out_ptr, stride_ot, s
     out = tl.sum(acc * w[:, None], axis=0) / tl.where(denom > 0, denom, 1.0)
     tl.store(out_ptr + req * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty),
              mask=d < HEAD_DIM)
-    if USE_GDC and LATE_TRIGGER:
-        gdc_launch_dependents()
 
 
 def check_pattern(sliding_window: int | None, attention_stride: int | None) -> None:
@@ -713,7 +708,7 @@ def _decode_plan(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torc
     if num_splits > 1:
         merge = Launcher(_paged_decode_reduce_kernel, HEAD_DIM=head_dim, BLOCK_D=block_d,
                          NUM_SPLITS=num_splits, BLOCK_S=next_power_of_2(num_splits),
-                         LATE_TRIGGER=MERGE_LATE_TRIGGER, num_warps=4, **pdl)
+                         num_warps=4, **pdl)
     return _DecodePlan(num_splits, part_acc, part_ml, (num_reqs, num_kv_heads, num_splits),
                        (num_reqs, num_heads), attend, merge, gluon_launch,
                        bool(pdl["USE_GDC"]))

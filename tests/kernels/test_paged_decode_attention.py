@@ -162,8 +162,7 @@ def test_split_merge_loads_everything_in_one_round_trip():
     ptx = compile_triton_for_sm90(
         "kernels.paged_decode_attention", "_paged_decode_reduce_kernel",
         {"part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32", "out_ptr": "*bf16"},
-        dict(HEAD_DIM=128, BLOCK_D=128, NUM_SPLITS=64, BLOCK_S=64, USE_GDC=True,
-             LATE_TRIGGER=False))
+        dict(HEAD_DIM=128, BLOCK_D=128, NUM_SPLITS=64, BLOCK_S=64, USE_GDC=True))
     ops = re.findall(r"\b(ld\.global|shfl\.sync|bar\.sync)", ptx)
     first_sync = min(ops.index(op) for op in ("shfl.sync", "bar.sync"))
     assert "ld.global" in ops[:first_sync]
