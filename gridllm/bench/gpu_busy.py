@@ -271,13 +271,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="profile prompt steps of this many tokens instead of decode steps")
     p.add_argument("--output", default=None, help="write the result as JSON here")
     args = p.parse_args(argv)
-    from gridllm.bench.report import write_json
+    from gridllm.bench.report import machine_info, write_json
     from gridllm.common.logger import configure_logging
 
     configure_logging()
     result = profile_decode(args.model, args.batch_size, args.input_len, args.num_steps,
                             args.trace, args.max_steps_in_flight, args.quantization,
                             args.kv_cache_dtype, args.host_profile, args.prompt_chunk)
+    result["machine"] = machine_info()
     write_json(args.output, result)
     sys.stdout.write(json.dumps(result, indent=2) + "\n")
     return 0

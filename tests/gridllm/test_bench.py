@@ -324,3 +324,14 @@ def test_gpu_busy_prompt_steps_are_chunks_of_the_prompts():
 def test_gpu_busy_prompt_steps_must_fit_the_prompts():
     with pytest.raises(ValueError, match="prompt_chunk"):
         profile_decode(TINY, batch_size=2, input_len=64, num_steps=5, prompt_chunk=32)
+
+
+def test_gpu_busy_records_the_machine(tmp_path, capsys):
+    from gridllm.bench import gpu_busy
+
+    out = tmp_path / "busy.json"
+    assert gpu_busy.main(["--model", TINY, "--batch-size", "2", "--input-len", "8",
+                          "--num-steps", "2", "--output", str(out)]) == 0
+    capsys.readouterr()
+    machine = json.loads(out.read_text())["machine"]
+    assert machine["device"] == "cpu" and machine["date_utc"]
