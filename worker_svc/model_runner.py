@@ -158,18 +158,23 @@ class ModelRunner:
         if (self.device.type != "cuda" or self.model_config.enforce_eager
                 or self.attn_backend.name != "triton"):
             return None
-        _, num_kv_heads, head_dim = self.kv_geometry()
-        num_heads = max(self.hf_config.num_attention_heads
-                        // self.model_config.tensor_parallel_size, 1)
+        _, num_kv_heads, _ = self.kv_geometry()
         graph_runner = CudaGraphRunner(
             self.model, self.kv_caches, min(self.scheduler_config.max_num_seqs, 256),
             -(-self.max_model_len // self.block_size), self.max_model_len, self.device,
             num_kv_heads=num_kv_heads, num_groups=self.kv_groups.num_groups,
-            one_warp_splits=gluon_fp8.serves_layout(
-                self.kv_cache_dtype, self.dtype, head_dim, num_heads // num_kv_heads,
-                self.device))
+            one_warp_splits=self.one_warp_decode())
         graph_runner.capture()
         return graph_runner
+
+    def one_warp_decode(self) -> bool:
+        """Whether decode attention runs the one-warp Gluon kernel over this model's FP8
+        cache, whose split counts follow their own rule (``pick_num_splits(one_warp=True)``)."""
+        _, num_kv_heads, head_dim = self.kv_geometry()
+        num_heads = max(self.hf_config.num_attention_heads
+                        // self.model_config.tensor_parallel_size, 1)
+        return gluon_fp8.serves_layout(self.kv_cache_dtype, self.dtype, head_dim,
+                                       num_heads // num_kv_heads, self.device)
 
     def _capture_piecewise_graphs(self) -> PiecewiseGraphRunner | None:
         # Prefill and mixed steps: graphs between attention calls (one device, so no

@@ -81,8 +81,10 @@ def warm_up_kernels(runner: ModelRunner) -> None:
         config = runner.hf_config
         num_kv_heads = (getattr(config, "num_key_value_heads", None)
                         or config.num_attention_heads)
-        # A batch of one reaches every split count a bigger batch can.
-        contexts = context_classes(1, num_kv_heads, runner.max_model_len, runner.device)
+        # A batch of one reaches every split count a bigger batch can (by the rule of the
+        # kernel that serves the cache).
+        contexts = context_classes(1, num_kv_heads, runner.max_model_len, runner.device,
+                                   runner.one_warp_decode())
         for context in contexts.values():
             for width in block_table_widths(max_blocks, -(-context // runner.block_size)):
                 runner.dummy_forward(1, runner.kv_caches, width=width, seq_len=context)

@@ -206,3 +206,31 @@ def test_warm_up_builds_eager_decode_variants_where_mixed_steps_launch_them(monk
     assert _has_eager_decode(runner) == split
     runner.model_config.enforce_eager = True
     assert _has_eager_decode(runner)
+
+
+@pytest.mark.parametrize("one_warp", [False, True])
+def test_warm_up_builds_the_split_counts_of_the_kernel_that_serves(monkeypatch,
+                                                                   tiny_model_dir, one_warp):
+    """The eager decode variants are built at the contexts where the kernel serving the
+    cache changes its split count: the one-warp Gluon kernel over an FP8 cache has its own
+    rule (fewer keys a split), so its contexts, not the tl.dot kernel's."""
+    import worker_svc.warmup as warmup
+    from kernels.paged_decode_attention import pick_num_splits
+
+    runner = _runner(tiny_model_dir("qwen3"), attention_backend="triton", max_model_len=64)
+    monkeypatch.setattr(runner, "one_warp_decode", lambda: one_warp)
+    seen = []
+    real_forward = runner.dummy_forward
+
+    def dummy_forward(num_tokens, kv_caches, **kwargs):
+        if num_tokens == 1 and "seq_len" in kwargs:
+            seen.append(kwargs["seq_len"])
+        return real_forward(num_tokens, kv_caches, **kwargs)
+
+    monkeypatch.setattr(runner, "dummy_forward", dummy_forward)
+    warmup.warm_up_kernels(runner)
+    _, num_kv_heads, _ = runner.kv_geometry()
+    wanted = {pick_num_splits(1, num_kv_heads, n, runner.device, one_warp)
+              for n in range(1, runner.max_model_len + 1)}
+    assert {pick_num_splits(1, num_kv_heads, n, runner.device, one_warp)
+            for n in seen} == wanted
