@@ -234,13 +234,16 @@ def _mixed_serving_run(llm, rng):
                      use_tqdm=False)
 
 
+@pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("enforce_eager", [False, True])
-def test_no_triton_compilation_after_start(enforce_eager, triton_compilations):
-    """Every Triton variant the serving path launches was built in the runner's warm-up."""
+def test_no_triton_compilation_after_start(enforce_eager, fp8, triton_compilations):
+    """Every Triton variant the serving path launches was built in the runner's warm-up;
+    with FP8 weights and KV cache too (the one-warp decode kernel's split counts)."""
     triton_compilations.clear()
+    quant = dict(quantization="fp8", kv_cache_dtype="fp8") if fp8 else {}
     llm = LLM("random:qwen3-0.6b", device="cuda", dtype="bfloat16", max_model_len=4096,
               max_num_seqs=32, max_num_batched_tokens=1024, num_kv_blocks=2048,
-              enforce_eager=enforce_eager)
+              enforce_eager=enforce_eager, **quant)
     assert _SEEN_COMPILATIONS, "the warm-up built no Triton kernel: is the hook wired?"
     triton_compilations.clear()
     _mixed_serving_run(llm, random.Random(0))
