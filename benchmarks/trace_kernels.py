@@ -1,0 +1,102 @@
+"""Per-kernel time of each step, from a Chrome trace of ``gridllm.bench.gpu_busy --trace``.
+
+    python -m gridllm.bench.gpu_busy --model random:llama3-8b --batch-size 1 \\
+        --quantization fp8 --kv-cache-dtype fp8 --trace busy.json
+    python benchmarks/trace_kernels.py busy.json [--marker _gemv_kernel] [--output k.json]
+
+The GPU's activity (kernels, copies, memsets) is cut into steps at a marker kernel that
+runs once a step (``--marker``; by default the kernel name seen the fewest times, at least
+twice: a step's LM head or argmax). For each kernel (name and grid) it prints, per step:
+how many ran, their own time (the sum of their spans) and their **end-to-end** time (from
+the end of the activity before each to its own end). With programmatic dependent launch a
+kernel starts before the one before it ends and waits, so its span counts that wait; the
+end-to-end time does not, and the end-to-end times add up to the step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import json
+import os
+import sys
+from collections.abc import Iterable
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from gridllm.bench.report import format_table, write_json  # noqa: E402
+
+_GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def gpu_events(trace: dict) -> list[dict]:
+    """The trace's GPU activity (complete events of kernels, copies and memsets), by start."""
+    events = [e for e in trace.get("traceEvents", [])
+              if e.get("ph") == "X" and e.get("cat") in _GPU_CATEGORIES]
+    return sorted(events, key=lambda e: e["ts"])
+
+
+def default_marker(events: Iterable[dict]) -> str:
+    """The kernel name seen the fewest times, at least twice (the first seen among ties)."""
+    counts = collections.Counter(e["name"] for e in events if e.get("cat") == "kernel")
+    repeated = [name for name, n in counts.items() if n >= 2]
+    if not repeated:
+        raise ValueError("marker: no kernel runs twice in the trace; pass --marker.")
+    fewest = min(counts[name] for name in repeated)
+    return next(name for name in repeated if counts[name] == fewest)
+
+
+def kernel_table(events: list[dict], marker: str) -> dict:
+    """Per (name, grid) and per step: count, own and end-to-end microseconds; the steps are
+    the activity after each ``marker`` kernel up to and including the next one."""
+    marks = [i for i, e in enumerate(events) if e["name"] == marker]
+    if len(marks) < 2:
+        raise ValueError(f"marker: {marker!r} runs {len(marks)} time(s); a step needs two.")
+    num_steps = len(marks) - 1
+    rows: dict[tuple[str, str], list[float]] = collections.defaultdict(lambda: [0, 0.0, 0.0])
+    span = 0.0
+    for a, b in zip(marks[:-1], marks[1:], strict=True):
+        previous_end = events[a]["ts"] + events[a]["dur"]
+        span += events[b]["ts"] + events[b]["dur"] - previous_end
+        for e in events[a + 1:b + 1]:
+            end = e["ts"] + e["dur"]
+            row = rows[(e["name"], json.dumps(e.get("args", {}).get("grid")))]
+            row[0] += 1
+            row[1] += e["dur"]
+            row[2] += max(0.0, end - previous_end)
+            previous_end = max(previous_end, end)
+    kernels = [dict(name=name, grid=json.loads(grid), per_step=n / num_steps,
+                    own_us_per_step=own / num_steps, end_to_end_us_per_step=e2e / num_steps,
+                    own_us_mean=own / n, end_to_end_us_mean=e2e / n)
+               for (name, grid), (n, own, e2e) in rows.items()]
+    kernels.sort(key=lambda k: -k["end_to_end_us_per_step"])
+    return dict(marker=marker, num_steps=num_steps, step_us=span / num_steps,
+                kernels=kernels)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("trace", help="a Chrome trace (.json or .json.gz) of gpu_busy --trace")
+    p.add_argument("--marker", default=None, help="a kernel that runs once a step")
+    p.add_argument("--top", type=int, default=25, help="rows printed")
+    p.add_argument("--output", default=None, help="write the result as JSON here")
+    args = p.parse_args(argv)
+    opener = gzip.open if args.trace.endswith(".gz") else open
+    with opener(args.trace, "rt") as f:
+        events = gpu_events(json.load(f))
+    result = kernel_table(events, args.marker or default_marker(events))
+    rows = [[k["name"][:48], str(k["grid"]), k["per_step"], k["own_us_per_step"],
+             k["end_to_end_us_per_step"], k["own_us_mean"], k["end_to_end_us_mean"]]
+            for k in result["kernels"][:args.top]]
+    print(f"{result['num_steps']} steps between {result['marker'][:60]!r} kernels, "
+          f"{result['step_us']:.1f} us a step")
+    print(format_table(rows, ["kernel", "grid", "a step", "own us", "end-to-end us",
+                              "own us each", "end-to-end us each"]))
+    write_json(args.output, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
