@@ -5,7 +5,7 @@
 #   OUT=/path/to/results bash benchmarks/gpu_open_figures.sh
 #
 # Steps (each with a time cap; a step starts only while OPEN_BUDGET_S, default 540 s, has
-# room for it; OPEN_STEPS="name ..." runs only those):
+# room for it; OPEN_STEPS="name ..." runs only those, OPEN_STEPS=goals the goal table's):
 #   gluon_prefill_tests  the warp-specialized Gluon prefill kernel's GPU tests (each group of
 #                        cases in a child process under two minutes, so a barrier deadlock
 #                        fails instead of hanging)
@@ -126,6 +126,11 @@ START=$(date +%s)
 LOG="$OUT/open.log"
 . "$(dirname "$0")/gpu_env.sh"
 
+# OPEN_STEPS=goals: the goal table's rows in one call (~9 minutes): the kernel table, the
+# split-KV launch A/B, prefill against SDPA in turns, batch-1 decode in FP8 and bf16.
+if [ "${OPEN_STEPS:-}" = goals ]; then
+  OPEN_STEPS="kernels split_launch_ab prefill_vs_sdpa lat_fp8 lat_bf16"
+fi
 # step NAME CAP_S CMD...: gpu_env.sh's timed_step (its status the command's, 1 when skipped).
 STEP_SELECT=${OPEN_STEPS:-} STEP_DIR=$OUT
 step() { timed_step "$@"; }
