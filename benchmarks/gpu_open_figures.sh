@@ -229,19 +229,21 @@ step split_launch_ab 150 $PY benchmarks/split_kv_ab.py --launch 64,4,2,0 64,4,2,
   --output "$OUT/split_launch_ab.json"
 LONG="-m gridllm.bench.gpu_busy --model random:qwen3-0.6b --batch-size 1 --input-len 32000
   --num-steps 64"
-# split_launch LAUNCH PREFETCH: a `python -c` program, gpu_busy with split-KV's launch set
-# in-process.
-split_launch() {
+# busy_with SETTINGS: a `python -c` program, gpu_busy with SETTINGS (Python assignments to
+# `m`, the decode attention module) made in-process.
+busy_with() {
   printf '%s' "import runpy, sys, kernels.paged_decode_attention as m
-m._SPLIT_LAUNCH, m._SPLIT_PREFETCH = $1, $2
+$1
 sys.argv[0] = 'gpu_busy'
 runpy.run_module('gridllm.bench.gpu_busy', run_name='__main__')"
 }
 for turn in 1 2; do
   step busy_long$turn 90 $PY $LONG --output "$OUT/busy_long$turn.json"
-  step busy_long_64keys$turn 90 $PY -c "$(split_launch "(64, 4, 2, False, None)" False)" \
+  step busy_long_64keys$turn 90 $PY -c "$(busy_with \
+    "m._SPLIT_LAUNCH, m._SPLIT_PREFETCH = (64, 4, 2, False, None), False")" \
     ${LONG#-m gridllm.bench.gpu_busy} --output "$OUT/busy_long_64keys$turn.json"
-  step busy_long_prefetch$turn 90 $PY -c "$(split_launch "(32, 4, 3, False, None)" True)" \
+  step busy_long_prefetch$turn 90 $PY -c "$(busy_with \
+    "m._SPLIT_LAUNCH, m._SPLIT_PREFETCH = (32, 4, 3, False, None), True")" \
     ${LONG#-m gridllm.bench.gpu_busy} --output "$OUT/busy_long_prefetch$turn.json"
 done
 step launch_host 90 $PY benchmarks/launch_host.py --output "$OUT/launch_host.json"
@@ -306,19 +308,18 @@ done
 # Batch-1 decode of random:llama3-8b with FP8 weights and KV cache under torch.profiler,
 # each kernel's time in a Chrome trace: with programmatic dependent launch (the default
 # on Hopper) and without (a kernel's span then its own run, not its wait).
-BUSY_B1="$PY -m gridllm.bench.gpu_busy --model random:llama3-8b --batch-size 1
-  --input-len 128 --num-steps 16 --quantization fp8 --kv-cache-dtype fp8"
-step busy_b1_fp8 120 $BUSY_B1 --trace "$OUT/busy_b1_fp8.trace.json" \
+B1_BF16_ARGS="--model random:llama3-8b --batch-size 1 --input-len 128 --num-steps 32"
+B1_ARGS="$B1_BF16_ARGS --quantization fp8 --kv-cache-dtype fp8"
+B1_STEPS="$PY -m gridllm.bench.gpu_busy $B1_ARGS"
+step busy_b1_fp8 120 $B1_STEPS --trace "$OUT/busy_b1_fp8.trace.json" \
   --output "$OUT/busy_b1_fp8.json"
-GRIDLLM_LAUNCH_DEPENDENT=0 step busy_b1_fp8_nopdl 120 $BUSY_B1 \
+GRIDLLM_LAUNCH_DEPENDENT=0 step busy_b1_fp8_nopdl 120 $B1_STEPS \
   --trace "$OUT/busy_b1_fp8_nopdl.trace.json" --output "$OUT/busy_b1_fp8_nopdl.json"
 # Decode kernels that read the step's inputs before they wait (early reads, on by default):
 # the FP8 decode attention's and rotary KV write's GPU tests, then batch-1 FP8 steps with
 # them and with GRIDLLM_EARLY_READS=0, twice in turns.
 step early_tests 150 $PY -m pytest -q -p no:cacheprovider -rf -m gpu \
   tests/kernels/test_fp8_decode_attention.py tests/kernels/test_rotary_kv_cache_write.py
-B1_STEPS="$PY -m gridllm.bench.gpu_busy --model random:llama3-8b --batch-size 1
-  --input-len 128 --num-steps 32 --quantization fp8 --kv-cache-dtype fp8"
 for turn in 1 2; do
   step b1_now$turn 60 $B1_STEPS --output "$OUT/b1_now$turn.json"
   GRIDLLM_EARLY_READS=0 step b1_early_off$turn 60 $B1_STEPS \
@@ -327,28 +328,21 @@ done
 # Short-context split floors, in turns: batch-1 FP8 steps (the one-warp kernel) at 8 keys a
 # split at least (served), 16, 32, 64 and 1,024 (one split); bf16 steps (the tl.dot
 # kernel) at 16 (served) and 32.
-module_attr() {  # a `python -c` program: gpu_busy with ATTR of the decode module set
-  printf '%s' "import runpy, sys, kernels.paged_decode_attention as m
-m.$1 = $2
-sys.argv[0] = 'gpu_busy'
-runpy.run_module('gridllm.bench.gpu_busy', run_name='__main__')"
-}
-B1_ARGS=${B1_STEPS#* -m gridllm.bench.gpu_busy}
-B1_BF16_ARGS="--model random:llama3-8b --batch-size 1 --input-len 128 --num-steps 32"
 for turn in 1 2; do
   for keys in 8 16 32 64 1024; do
-    step b1_split${keys}_$turn 60 $PY -c "$(module_attr _MIN_TOKENS_PER_SPLIT_ONE_WARP \
-      $keys)" $B1_ARGS --output "$OUT/b1_split${keys}_$turn.json"
+    step b1_split${keys}_$turn 60 $PY -c "$(busy_with \
+      "m._MIN_TOKENS_PER_SPLIT_ONE_WARP = $keys")" $B1_ARGS \
+      --output "$OUT/b1_split${keys}_$turn.json"
   done
   for keys in 16 32; do
-    step b1_bf16_split${keys}_$turn 60 $PY -c "$(module_attr _MIN_TOKENS_PER_SPLIT $keys)" \
+    step b1_bf16_split${keys}_$turn 60 $PY -c "$(busy_with "m._MIN_TOKENS_PER_SPLIT = $keys")" \
       $B1_BF16_ARGS --output "$OUT/b1_bf16_split${keys}_$turn.json"
   done
 done
 # With early reads on by default: the FP8 layers' GPU tests and the greedy ids against the
 # same engine with them off.
 step early_e2e_tests 240 $PYTEST -rf tests/worker_svc/test_quantization.py \
-  tests/gridllm/test_gpu.py -k "quantization or fake_quantization or early_reads"
+  tests/gridllm/test_gpu.py -k "quantization or early_reads"
 step parity_tests 300 $PYTEST -rf tests/gridllm/test_gpu.py -k "not structured"
 step piecewise_fp8 90 $SMALL --quantization fp8 --kv-cache-dtype fp8 \
   --output "$OUT/piecewise_fp8.json"
