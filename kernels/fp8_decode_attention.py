@@ -167,19 +167,17 @@ if gluon is not None:
         # sequence length and block table above are the step's inputs, and the tiles are
         # requested before the wait unless they hold the newest key, which the kernel
         # before (the KV write) stores.
+        early = False
         if EARLY:
             newest = seq_len - 1
-            early_ok = (end < seq_len) | (newest < start) \
+            early = (end < seq_len) | (newest < start) \
                 | (start + (STAGES - 1) * BLOCK_N <= newest)
-            if early_ok:
-                _issue_prologue(k_smem, v_smem, k_ptrs, v_ptrs, bt_row, start, end, keys_k,
-                                keys_v, stride_cb, stride_ct, BLOCK_SIZE, BLOCK_N, STAGES)
-            if USE_GDC:
-                gdc_wait()
-            if not early_ok:
-                _issue_prologue(k_smem, v_smem, k_ptrs, v_ptrs, bt_row, start, end, keys_k,
-                                keys_v, stride_cb, stride_ct, BLOCK_SIZE, BLOCK_N, STAGES)
-        else:
+        if early:
+            _issue_prologue(k_smem, v_smem, k_ptrs, v_ptrs, bt_row, start, end, keys_k,
+                            keys_v, stride_cb, stride_ct, BLOCK_SIZE, BLOCK_N, STAGES)
+        if EARLY and USE_GDC:
+            gdc_wait()
+        if not early:
             _issue_prologue(k_smem, v_smem, k_ptrs, v_ptrs, bt_row, start, end, keys_k,
                             keys_v, stride_cb, stride_ct, BLOCK_SIZE, BLOCK_N, STAGES)
         n = start + (STAGES - 1) * BLOCK_N
