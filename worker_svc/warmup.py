@@ -78,9 +78,7 @@ def warm_up_kernels(runner: ModelRunner) -> None:
     for rows in range(1, min(ops.GEMV_MAX_ROWS, limit) + 1):
         runner.dummy_forward(rows, runner.kv_caches, logits_rows=rows)
     if _has_eager_decode(runner):
-        config = runner.hf_config
-        num_kv_heads = (getattr(config, "num_key_value_heads", None)
-                        or config.num_attention_heads)
+        _, num_kv_heads, _ = runner.kv_geometry()  # this rank's, as the kernel sees them
         # A batch of one reaches every split count a bigger batch can (by the rule of the
         # kernel that serves the cache).
         contexts = context_classes(1, num_kv_heads, runner.max_model_len, runner.device,
