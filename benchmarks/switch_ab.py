@@ -27,6 +27,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from gridllm.bench.gpu_busy import _add, _run_steps, warm_engine  # noqa: E402
+from gridllm.common.config import KV_CACHE_DTYPES  # noqa: E402
 
 
 def resolve_switch(name: str) -> tuple[object, str]:
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", type=int, default=4, help="steps a window")
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--quantization", default=None, choices=("fp8",))
-    p.add_argument("--kv-cache-dtype", default="auto")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES)
     p.add_argument("--output", default=None)
     args = p.parse_args(argv)
     from gridllm.bench.report import write_json
