@@ -112,12 +112,6 @@
 #   b1_split8_2, ...     batch-1 decode steps at short-context split floors (FP8: 8, the
 #                        default, to 1,024 keys a split; bf16: 16, the default, and 32)
 #   early_e2e_tests      the FP8 layers' GPU tests and greedy ids with early reads on and off
-#   l2_tests, b1_l2_1, b1_l2off_1, b1_l2all_1, b1_l2end_1, b1_l2_2, ...
-#                        the q/k/v GEMVs' L2 prefetch of the o weight: its GPU tests, then
-#                        batch-1 FP8 steps with it, without, every program asking, asking
-#                        after the loop, in turns
-#   busy_b1_fp8_l2, lat_fp8_l2off
-#                        a traced batch-1 FP8 run with it; end to end without it
 #   piecewise_fp8, piecewise_fp8_eager
 #                        the 512-token prompt steps' periods with FP8 weights and KV cache,
 #                        with graphs cut at attention and without (past the budget)
@@ -349,24 +343,6 @@ done
 # same engine with them off.
 step early_e2e_tests 240 $PYTEST -rf tests/worker_svc/test_quantization.py \
   tests/gridllm/test_gpu.py -k "quantization or early_reads"
-# The q/k/v GEMVs asking L2 for the o projection's weight (l2_prefetch, on by default):
-# its GPU tests, then batch-1 FP8 steps with it (the last 2 programs a SM asking), without
-# (GRIDLLM_L2_PREFETCH=0), with every program asking, with the last programs asking after
-# their loop, twice in turns; one run traced, and end to end without it.
-step l2_tests 240 $PYTEST -rf tests/kernels/test_gemv.py tests/gridllm/test_gpu.py \
-  -k l2_prefetch
-GEMV_AS="import kernels.gemv as g; g._PREFETCH"
-for turn in 1 2; do
-  step b1_l2_$turn 60 $B1_STEPS --output "$OUT/b1_l2_$turn.json"
-  GRIDLLM_L2_PREFETCH=0 step b1_l2off_$turn 60 $B1_STEPS --output "$OUT/b1_l2off_$turn.json"
-  step b1_l2all_$turn 60 $PY -c "$(busy_with "${GEMV_AS}_WAVE = 0")" $B1_ARGS \
-    --output "$OUT/b1_l2all_$turn.json"
-  step b1_l2end_$turn 60 $PY -c "$(busy_with "${GEMV_AS}_AT_END = True")" $B1_ARGS \
-    --output "$OUT/b1_l2end_$turn.json"
-done
-step busy_b1_fp8_l2 120 $B1_STEPS --trace "$OUT/busy_b1_fp8_l2.trace.json" \
-  --output "$OUT/busy_b1_fp8_l2.json"
-GRIDLLM_L2_PREFETCH=0 step lat_fp8_l2off 90 $LAT --output "$OUT/lat_fp8_l2off.json"
 step parity_tests 300 $PYTEST -rf tests/gridllm/test_gpu.py -k "not structured"
 step piecewise_fp8 90 $SMALL --quantization fp8 --kv-cache-dtype fp8 \
   --output "$OUT/piecewise_fp8.json"

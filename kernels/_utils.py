@@ -179,40 +179,6 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-# Decode's one-row GEMVs ask L2 for the weight of the projection after the attention while
-# their last programs run (kernels.gemv, ``l2_prefetch``); GRIDLLM_L2_PREFETCH=0 turns it
-# off.
-L2_PREFETCH = env_switch("GRIDLLM_L2_PREFETCH")
-
-
-def can_prefetch_l2(device: torch.device) -> bool:
-    """Whether kernels on ``device`` can ask L2 for bytes ahead of use
-    (``cp.async.bulk.prefetch.L2``: CUDA compute capability 9.0+, not in the CPU
-    interpreter) and ``L2_PREFETCH`` lets them."""
-    return (L2_PREFETCH and device.type == "cuda" and not is_interpreter()
-            and capability(device) >= (9, 0))
-
-
-@triton.jit
-def prefetch_l2(ptr, nbytes, part, parts, PIECES: tl.constexpr):
-    """Asks L2 for share ``part`` of ``parts`` of the ``nbytes`` bytes at ``ptr`` (a uint8
-    pointer, 16-byte aligned; ``nbytes`` a multiple of 16), as ``PIECES`` bulk prefetches
-    (one a thread where ``PIECES`` is the program's thread count). Nothing waits for them:
-    a later kernel that reads those bytes finds them in L2 where they arrived and were not
-    evicted, and reads memory otherwise."""
-    share = tl.cdiv(tl.cdiv(nbytes, parts), 16 * PIECES) * (16 * PIECES)
-    piece = share // PIECES
-    offsets = part.to(tl.int64) * share + tl.arange(0, PIECES).to(tl.int64) * piece
-    sizes = tl.minimum(tl.maximum(nbytes - offsets, 0), piece).to(tl.int32)
-    tl.inline_asm_elementwise(
-        """{
-        .reg .pred some;
-        setp.gt.s32 some, $2, 0;
-        @some cp.async.bulk.prefetch.L2.global [$1], $2;
-        mov.b32 $0, 0;
-        }""", "=r,l,r", [ptr + offsets, sizes], dtype=tl.int32, is_pure=False, pack=1)
-
-
 # The FP8 word paths (attention's value tiles, the batch-1 e4m3 GEMV); GRIDLLM_FP8_WORDS=0
 # turns them off, for A/B runs.
 FP8_WORDS = env_switch("GRIDLLM_FP8_WORDS")

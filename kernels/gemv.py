@@ -44,7 +44,6 @@ from kernels._utils import (
     FLOAT_DTYPES,
     FP8_WORDS,
     GEMV_F16,
-    can_prefetch_l2,
     check_shape,
     check_tensor,
     gdc_launch_dependents,
@@ -52,7 +51,6 @@ from kernels._utils import (
     is_interpreter,
     launch_dependent_args,
     num_sms,
-    prefetch_l2,
     split_k_workspace,
 )
 from kernels.fp8 import FP8_DTYPE
@@ -65,10 +63,6 @@ WEIGHT_DTYPES = FLOAT_DTYPES + (FP8_DTYPE,)
 Config = tuple[int, int, int, int, int]
 # Programs per SM that keep enough weight bytes in flight (the split count aims for it).
 _PROGRAMS_PER_SM = 4
-# With l2_prefetch: the launch's last this-many programs a SM share the prefetch (0: every
-# program), each asking at its start (or with _PREFETCH_AT_END after its loop).
-_PREFETCH_WAVE = 2
-_PREFETCH_AT_END = False
 
 
 @triton.jit
@@ -403,9 +397,7 @@ def _gemv_e4m3_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, partial_ptr, loc
                       HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
                       NORM: tl.constexpr, SILU_OUT: tl.constexpr, BLOCK_H: tl.constexpr,
-                      ASM: tl.constexpr, USE_GDC: tl.constexpr,
-                      pf_ptr=None, pf_bytes=0, pf_first=0, PREFETCH: tl.constexpr = False,
-                      PF_PIECES: tl.constexpr = 32, PF_AT_END: tl.constexpr = False):
+                      ASM: tl.constexpr, USE_GDC: tl.constexpr):
     """``_gemv_kernel`` for one bfloat16 row and an e4m3 weight, read in words of four
     elements: the weight as int32 (four e4m3), x as int64 (four bfloat16), both ``[BLOCK_N,
     BLOCK_K // 4]`` tiles of one shape (x's rows all the same addresses, loaded once per
@@ -420,8 +412,6 @@ def _gemv_e4m3_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, partial_ptr, loc
     # acc: bytes 0-1 of each word (true values); acc_scaled: bytes 2-3 (times 2^-120).
     acc = tl.zeros([BLOCK_N, QUAD_K], dtype=tl.float32)
     acc_scaled = acc
-    if PREFETCH and not PF_AT_END:
-        _prefetch_share(pf_ptr, pf_bytes, pf_first, PF_PIECES)
     if USE_GDC:
         gdc_launch_dependents()
         gdc_wait()
@@ -448,21 +438,8 @@ def _gemv_e4m3_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, partial_ptr, loc
         res_ptrs += QUAD_K
         norm_w_ptrs += QUAD_K
     out = tl.sum(acc, axis=1) + tl.sum(acc_scaled, axis=1) * _E4M3_UNSCALE
-    if PREFETCH and PF_AT_END:
-        _prefetch_share(pf_ptr, pf_bytes, pf_first, PF_PIECES)
     _finish_row(out, pid, pid_k, cols, col_ok, scale_ptr, bias_ptr, y_ptr, partial_ptr,
                 lock_ptr, num_out, HAS_BIAS, BLOCK_N, SPLIT_K, SILU_OUT)
-
-
-@triton.jit
-def _prefetch_share(pf_ptr, pf_bytes, pf_first, PIECES: tl.constexpr):
-    """The programs from linear index ``pf_first`` on (the launch's last, scheduled while
-    the others finish) each ask L2 for an equal share of the ``pf_bytes`` at ``pf_ptr``
-    (``kernels._utils.prefetch_l2``)."""
-    program = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
-    programs = tl.num_programs(0) * tl.num_programs(1)
-    if program >= pf_first:
-        prefetch_l2(pf_ptr, pf_bytes, program - pf_first, programs - pf_first, PIECES)
 
 
 @triton.jit
@@ -711,8 +688,7 @@ def _reads_words(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
          weight_scale: torch.Tensor | None = None, config: Config | None = None,
-         silu_out: bool = False, f16_pairs: bool | None = None,
-         l2_prefetch: torch.Tensor | None = None) -> torch.Tensor:
+         silu_out: bool = False, f16_pairs: bool | None = None) -> torch.Tensor:
     """``x @ (weight * weight_scale[:, None])^T + bias`` in ``x``'s dtype, float32 sums.
 
     Args:
@@ -731,20 +707,13 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         f16_pairs: one bfloat16 row times an e4m3 weight in float16 pairs
             (``_gemv_e4m3_f16_kernel``); None: as ``GRIDLLM_GEMV_F16`` says (off by
             default).
-        l2_prefetch: a contiguous tensor on x's device that a kernel soon after reads (the
-            next projection's weight): the word kernel's last programs ask L2 for it
-            (``l2_prefetch_args``) so that its bytes stream while the kernels between run
-            (attention, with memory idle); ignored by the other kernels and where
-            ``kernels._utils.can_prefetch_l2`` says no. Values never change with it.
     Returns:
         ``[M, N]`` in ``x.dtype`` (``[M, N // 2]`` with ``silu_out``).
     Raises:
         ValueError: an argument of the wrong shape, dtype or device, naming it.
     """
-    if l2_prefetch is not None:
-        check_tensor("l2_prefetch", l2_prefetch, device=x.device, contiguous=True)
     return _launch(x, weight, bias, weight_scale, config, None, silu_out,
-                   GEMV_F16 if f16_pairs is None else f16_pairs, l2_prefetch)[0]
+                   GEMV_F16 if f16_pairs is None else f16_pairs)[0]
 
 
 def rms_norm_gemv(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
@@ -778,26 +747,7 @@ def rms_norm_gemv(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Te
                    (residual, norm_weight, float(eps)), silu_out)
 
 
-def l2_prefetch_args(t: torch.Tensor | None, device: torch.device, programs: int,
-                     num_warps: int) -> dict:
-    """The word kernel's prefetch arguments for ``t`` (``gemv``'s ``l2_prefetch``): its
-    bytes from the first 16-byte boundary, whole 16-byte units, shared by the launch's last
-    ``_PREFETCH_WAVE`` programs a SM; none where ``t`` is None or the device can't."""
-    if t is None or not can_prefetch_l2(device):
-        return {}
-    flat = t.reshape(-1).view(torch.uint8)
-    skip = -flat.data_ptr() % 16
-    nbytes = (flat.numel() - skip) // 16 * 16
-    if nbytes <= 0:
-        return {}
-    wave = _PREFETCH_WAVE * num_sms(device)
-    return dict(pf_ptr=flat[skip:], pf_bytes=nbytes,
-                pf_first=max(0, programs - wave) if wave else 0, PREFETCH=True,
-                PF_PIECES=32 * num_warps, PF_AT_END=_PREFETCH_AT_END)
-
-
-def _launch(x, weight, bias, weight_scale, config, norm, silu_out, f16_pairs=False,
-            l2_prefetch=None):
+def _launch(x, weight, bias, weight_scale, config, norm, silu_out, f16_pairs=False):
     check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES, last_dim_contiguous=True)
     check_tensor("weight", weight, ndim=2, dtypes=WEIGHT_DTYPES, device=x.device,
                  last_dim_contiguous=True)
@@ -871,8 +821,7 @@ def _launch(x, weight, bias, weight_scale, config, norm, silu_out, f16_pairs=Fal
             EVEN_K=num_in % k_per_split == 0, NORM=norm is not None,
             SILU_OUT=silu_out, BLOCK_H=triton.next_power_of_2(num_in) if norm is not None else 1,
             ASM=not is_interpreter(), num_warps=num_warps, num_stages=num_stages,
-            **launch_dependent_args(x.device),
-            **l2_prefetch_args(l2_prefetch, x.device, num_blocks * split_k, num_warps))
+            **launch_dependent_args(x.device))
         return y, residual_out
     _gemv_kernel[(num_blocks, split_k)](
         x, weight, weight_scale if weight_scale is not None else y,

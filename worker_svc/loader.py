@@ -25,7 +25,7 @@ from worker_svc.layers.fp8_checkpoint import (
     quantized_at_load,
     stores_fp8_weights,
 )
-from worker_svc.layers.quantization import chain_l2_prefetch, quantize_weights
+from worker_svc.layers.quantization import quantize_weights
 from worker_svc.layers.selector import get_attention_backend
 from worker_svc.models import get_model_class
 from worker_svc.parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -77,7 +77,6 @@ def load_model(model_config: ModelConfig, backend: AttentionBackend | None = Non
                                               model_config.tensor_parallel_size)
         check_quantization(model_config.quantization, None)
         quantize_weights(model, at_load)
-        chain_l2_prefetch(model)
         return model, hf_config
     hf_config, weights = read_checkpoint(path, dtype)
     checkpoint = fp8_checkpoint(hf_config)
@@ -109,7 +108,6 @@ def load_model(model_config: ModelConfig, backend: AttentionBackend | None = Non
         weights = quantized_at_load(weights, held, dtype, device)
     model.load_weights(weights)
     finish_fp8_layers(model, kv_scales)
-    chain_l2_prefetch(model)
     model.eval()
     logger.info("loaded %s (%s) on %s as %s", path, architectures[0], device, dtype)
     return model, hf_config

@@ -175,40 +175,6 @@ def test_rejects_what_it_cannot_read():
         gemv(x, w, weight_scale=torch.ones(16, device=DEVICE))
     with pytest.raises(ValueError, match="bias must have shape"):
         gemv(x, w, torch.ones(16, device=DEVICE))
-    with pytest.raises(ValueError, match="l2_prefetch must be contiguous"):
-        gemv(x, w, l2_prefetch=torch.zeros(8, 8, device=DEVICE).t())
-    with pytest.raises(ValueError, match="l2_prefetch must be on"):
-        gemv(x, w, l2_prefetch=torch.zeros(8, device="meta"))
-    with pytest.raises(ValueError, match="l2_prefetch must be a torch.Tensor"):
-        gemv(x, w, l2_prefetch=[0.0])
-
-
-@pytest.mark.gpu
-@needs_gpu
-@pytest.mark.parametrize("wave,at_end", [(2, False), (0, False), (2, True)])
-def test_l2_prefetch_keeps_the_bits_on_gpu(monkeypatch, wave, at_end):
-    """The word kernel asking L2 for another tensor (the last programs or every one, at
-    their start or after their loop; a start off 16 bytes, a size off whole units, one
-    shorter than a unit, a 64 MiB one) gives the bits of the launch without it; the bytes
-    asked for are not touched."""
-    import kernels.gemv as gemv_module
-    from kernels._utils import can_prefetch_l2
-
-    if not can_prefetch_l2(torch.device("cuda")):
-        pytest.skip("no L2 prefetch on this GPU")
-    monkeypatch.setattr(gemv_module, "_PREFETCH_WAVE", wave)
-    monkeypatch.setattr(gemv_module, "_PREFETCH_AT_END", at_end)
-    x, w, s, b, _ = _operands(1, 6144, 4096, torch.bfloat16, FP8_DTYPE, "cuda", True, True)
-    plain = gemv(x, w, b, s)
-    store = torch.randint(0, 255, (64 << 20,), dtype=torch.uint8, device="cuda")
-    kept = store.clone()
-    for t in (store[3:100_003], store[:7], store.view(torch.int32)[5:1001], store):
-        assert torch.equal(gemv(x, w, b, s, l2_prefetch=t), plain)
-        assert torch.equal(gemv(x, w[:4096], b[:4096], s[:4096], silu_out=True,
-                                l2_prefetch=t),
-                           gemv(x, w[:4096], b[:4096], s[:4096], silu_out=True))
-    torch.cuda.synchronize()
-    assert torch.equal(store, kept)
 
 
 @pytest.mark.gpu

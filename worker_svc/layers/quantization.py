@@ -142,9 +142,6 @@ class Fp8Linear(nn.Module):
                            and torch.cuda.get_device_capability(weight.device) >= (9, 0))
         # The dequantized weight of the fake-quantization path, built on first use.
         self._dequantized: torch.Tensor | None = None
-        # What the one-row GEMV asks L2 for while it runs (kernels.gemv, l2_prefetch): the
-        # weight read next after kernels that leave memory idle (chain_l2_prefetch).
-        self.l2_prefetch: torch.Tensor | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Fp8Linear:
@@ -230,8 +227,7 @@ class Fp8Linear(nn.Module):
         if self.is_fp8_native:
             x = x.contiguous()
             if 0 < x.shape[0] <= ops.GEMV_MAX_ROWS:
-                return gemv(x, self.weight, self.bias, self.weight_scale,
-                            l2_prefetch=self.l2_prefetch)
+                return gemv(x, self.weight, self.bias, self.weight_scale)
             if mma_gemv_serves(x, self.weight, self.weight_scale):
                 return fp8_mma_gemv(x, self.weight, self.weight_scale, self.bias)
             return fp8_weight_matmul(x, self.weight, self.weight_scale, self.bias)
@@ -298,23 +294,3 @@ def quantize_weights(model: nn.Module, quantization: str | None) -> None:
         setattr(module, name, Fp8Linear.from_linear(getattr(module, name)))
     logger.info("quantization=fp8: %d linear layers hold float8_e4m3fn weights",
                 len(targets))
-
-
-def chain_l2_prefetch(model: nn.Module) -> int:
-    """Gives each attention block's FP8 q/k/v projection (``qkv_proj``) its o projection's
-    weight (``o_proj``) to prefetch, where that weight takes at most half of the GPU's L2:
-    at one row the q/k/v GEMV's last programs ask L2 for it, so it streams while the
-    rotary KV write, attention and split merge run (memory idle) and the o GEMV reads it
-    from L2. Returns how many blocks were chained."""
-    chained = 0
-    for module in model.modules():
-        qkv, o = getattr(module, "qkv_proj", None), getattr(module, "o_proj", None)
-        if not (isinstance(qkv, Fp8Linear) and isinstance(o, Fp8Linear)
-                and o.weight.is_cuda and o.weight.is_contiguous()):
-            continue
-        l2_bytes = getattr(torch.cuda.get_device_properties(o.weight.device),
-                           "L2_cache_size", 0)
-        if o.weight.numel() * o.weight.element_size() <= l2_bytes // 2:
-            qkv.l2_prefetch = o.weight.detach()
-            chained += 1
-    return chained
