@@ -112,6 +112,13 @@
 #   b1_split8_2, ...     batch-1 decode steps at short-context split floors (FP8: 8, the
 #                        default, to 1,024 keys a split; bf16: 16, the default, and 32)
 #   early_e2e_tests      the FP8 layers' GPU tests and greedy ids with early reads on and off
+#   b1_tiles_served_1, b1_tiles_o4k_1, b1_tiles_o2k_1, b1_tiles_oqkv4k_1, b1_tiles_all4k_1,
+#   b1_tiles_served_2, ...
+#                        batch-1 FP8 steps with the e4m3 GEMVs' tiles along K as served and
+#                        whole rows (4,096) or half (2,048) for o, o and q/k/v, and those and
+#                        gate/up, in turns
+#   lat_fp8_o4k, lat_fp8_all4k
+#                        end to end with o, and with all three, whole rows
 #   piecewise_fp8, piecewise_fp8_eager
 #                        the 512-token prompt steps' periods with FP8 weights and KV cache,
 #                        with graphs cut at attention and without (past the budget)
@@ -229,13 +236,13 @@ step split_launch_ab 150 $PY benchmarks/split_kv_ab.py --launch 64,4,2,0 64,4,2,
   --output "$OUT/split_launch_ab.json"
 LONG="-m gridllm.bench.gpu_busy --model random:qwen3-0.6b --batch-size 1 --input-len 32000
   --num-steps 64"
-# busy_with SETTINGS: a `python -c` program, gpu_busy with SETTINGS (Python assignments to
-# `m`, the decode attention module) made in-process.
+# busy_with SETTINGS [MODULE]: a `python -c` program, gpu_busy (or MODULE) with SETTINGS
+# (Python assignments to `m`, the decode attention module, say) made in-process.
 busy_with() {
   printf '%s' "import runpy, sys, kernels.paged_decode_attention as m
 $1
-sys.argv[0] = 'gpu_busy'
-runpy.run_module('gridllm.bench.gpu_busy', run_name='__main__')"
+sys.argv[0] = '${2:-gridllm.bench.gpu_busy}'
+runpy.run_module('${2:-gridllm.bench.gpu_busy}', run_name='__main__')"
 }
 for turn in 1 2; do
   step busy_long$turn 90 $PY $LONG --output "$OUT/busy_long$turn.json"
@@ -343,6 +350,40 @@ done
 # same engine with them off.
 step early_e2e_tests 240 $PYTEST -rf tests/worker_svc/test_quantization.py \
   tests/gridllm/test_gpu.py -k "quantization or early_reads"
+# The batch-1 e4m3 GEMVs' tiles along K, set per shape in-process (tiles_with TILES: a
+# Python dict body {(num_out, num_in): (BLOCK_N, BLOCK_K, num_warps)}; other shapes as
+# served). A program requests its first tile before it waits for the kernel before, so a
+# tile of the whole row (K = 4,096) puts a projection's weight in flight while attention
+# runs. Batch-1 FP8 steps of random:llama3-8b (q/k/v 6144 x 4096, o 4096 x 4096, gate/up
+# 28672 x 4096), twice in turns.
+tiles_with() {  # TILES [MODULE]
+  busy_with "import kernels.gemv as g
+served, tiles = g.config_for, {$1}
+def config_for(num_out, num_in, weight_bytes=2, fused=False):
+    if weight_bytes == 1 and not fused and (num_out, num_in) in tiles:
+        return tiles[num_out, num_in] + (1, 0)
+    return served(num_out, num_in, weight_bytes, fused)
+g.config_for = config_for" "${2:-}"
+}
+O4K="(4096, 4096): (2, 4096, 4)"
+QKV4K="(6144, 4096): (2, 4096, 4)"
+for turn in 1 2; do
+  step b1_tiles_served_$turn 60 $B1_STEPS --output "$OUT/b1_tiles_served_$turn.json"
+  step b1_tiles_o4k_$turn 60 $PY -c "$(tiles_with "$O4K")" $B1_ARGS \
+    --output "$OUT/b1_tiles_o4k_$turn.json"
+  step b1_tiles_o2k_$turn 60 $PY -c "$(tiles_with "(4096, 4096): (2, 2048, 4)")" $B1_ARGS \
+    --output "$OUT/b1_tiles_o2k_$turn.json"
+  step b1_tiles_oqkv4k_$turn 60 $PY -c "$(tiles_with "$O4K, $QKV4K")" $B1_ARGS \
+    --output "$OUT/b1_tiles_oqkv4k_$turn.json"
+  step b1_tiles_all4k_$turn 60 $PY -c "$(tiles_with \
+    "$O4K, $QKV4K, (28672, 4096): (2, 4096, 4)")" $B1_ARGS \
+    --output "$OUT/b1_tiles_all4k_$turn.json"
+done
+# End to end (gridllm bench latency) with o, and with o, q/k/v and gate/up, whole rows.
+step lat_fp8_o4k 90 $PY -c "$(tiles_with "$O4K" gridllm.bench)" ${LAT#*-m gridllm.bench} \
+  --output "$OUT/lat_fp8_o4k.json"
+step lat_fp8_all4k 90 $PY -c "$(tiles_with "$O4K, $QKV4K, (28672, 4096): (2, 4096, 4)" \
+  gridllm.bench)" ${LAT#*-m gridllm.bench} --output "$OUT/lat_fp8_all4k.json"
 step parity_tests 300 $PYTEST -rf tests/gridllm/test_gpu.py -k "not structured"
 step piecewise_fp8 90 $SMALL --quantization fp8 --kv-cache-dtype fp8 \
   --output "$OUT/piecewise_fp8.json"
