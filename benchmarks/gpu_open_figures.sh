@@ -120,10 +120,9 @@
 #   lat_fp8_o4k, lat_fp8_all4k
 #                        end to end with o, and with all three, whole rows
 #   rotary_gemv_tests, b1_rot_1, b1_rot_off_1, b1_rot_2, b1_rot_off_2, busy_b1_fp8_rot,
-#   busy_b1_fp8_rot_off, lat_fp8_rot_off
-#                        the q/k/v GEMV's rotary and KV-write epilogue: its GPU tests,
-#                        batch-1 FP8 steps with it and without in turns, a traced run of
-#                        each, end to end without it
+#   lat_fp8_rot_off      the q/k/v GEMV's rotary and KV-write epilogue: its GPU tests,
+#                        batch-1 FP8 steps with it and without in turns, a traced run, end
+#                        to end without it
 #   piecewise_fp8, piecewise_fp8_eager
 #                        the 512-token prompt steps' periods with FP8 weights and KV cache,
 #                        with graphs cut at attention and without (past the budget)
@@ -402,8 +401,6 @@ for turn in 1 2; do
 done
 step busy_b1_fp8_rot 120 $B1_STEPS --trace "$OUT/busy_b1_fp8_rot.trace.json" \
   --output "$OUT/busy_b1_fp8_rot.json"
-GRIDLLM_ROTARY_IN_GEMV=0 step busy_b1_fp8_rot_off 120 $B1_STEPS \
-  --trace "$OUT/busy_b1_fp8_rot_off.trace.json" --output "$OUT/busy_b1_fp8_rot_off.json"
 GRIDLLM_ROTARY_IN_GEMV=0 step lat_fp8_rot_off 90 $LAT --output "$OUT/lat_fp8_rot_off.json"
 step parity_tests 300 $PYTEST -rf tests/gridllm/test_gpu.py -k "not structured"
 step piecewise_fp8 90 $SMALL --quantization fp8 --kv-cache-dtype fp8 \

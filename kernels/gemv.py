@@ -894,7 +894,7 @@ def gemv_rotary_kv_write(x: torch.Tensor, weight: torch.Tensor, weight_scale: to
              and weight.dim() == 2
              and weight.shape[1] == x.shape[1] and _reads_words(x, weight, x, x, x.shape[1]))
     if not fused:
-        _launch(x, weight, bias, weight_scale, None, None, False, out=y)
+        y.copy_(gemv(x, weight, bias, weight_scale))
         rotary_kv_cache_write(positions, q, k, v, key_cache, value_cache, slot_mapping,
                               cos_sin_cache, True, k_scale, v_scale)
         return y
