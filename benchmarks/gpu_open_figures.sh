@@ -119,10 +119,6 @@
 #                        gate/up, in turns
 #   lat_fp8_o4k, lat_fp8_all4k
 #                        end to end with o, and with all three, whole rows
-#   rotary_gemv_tests, b1_rot_1, b1_rot_off_1, b1_rot_2, b1_rot_off_2, busy_b1_fp8_rot,
-#   lat_fp8_rot_off      the q/k/v GEMV's rotary and KV-write epilogue: its GPU tests,
-#                        batch-1 FP8 steps with it and without in turns, a traced run, end
-#                        to end without it
 #   piecewise_fp8, piecewise_fp8_eager
 #                        the 512-token prompt steps' periods with FP8 weights and KV cache,
 #                        with graphs cut at attention and without (past the budget)
@@ -388,20 +384,6 @@ step lat_fp8_o4k 90 $PY -c "$(tiles_with "$O4K" gridllm.bench)" ${LAT#*-m gridll
   --output "$OUT/lat_fp8_o4k.json"
 step lat_fp8_all4k 90 $PY -c "$(tiles_with "$O4K, $QKV4K, (28672, 4096): (2, 4096, 4)" \
   gridllm.bench)" ${LAT#*-m gridllm.bench} --output "$OUT/lat_fp8_all4k.json"
-# The q/k/v GEMV rotating q and k and writing the KV cache in its epilogue (ROTARY_IN_GEMV,
-# on by default): its GPU tests (the epilogue against the two kernels at Llama-3-8B's
-# shape, greedy ids with it on and off), batch-1 FP8 steps with it and without
-# (GRIDLLM_ROTARY_IN_GEMV=0) twice in turns, one run traced, end to end without it.
-step rotary_gemv_tests 300 $PYTEST -rf tests/kernels/test_gemv.py tests/gridllm/test_gpu.py \
-  -k rotary
-for turn in 1 2; do
-  step b1_rot_$turn 60 $B1_STEPS --output "$OUT/b1_rot_$turn.json"
-  GRIDLLM_ROTARY_IN_GEMV=0 step b1_rot_off_$turn 60 $B1_STEPS \
-    --output "$OUT/b1_rot_off_$turn.json"
-done
-step busy_b1_fp8_rot 120 $B1_STEPS --trace "$OUT/busy_b1_fp8_rot.trace.json" \
-  --output "$OUT/busy_b1_fp8_rot.json"
-GRIDLLM_ROTARY_IN_GEMV=0 step lat_fp8_rot_off 90 $LAT --output "$OUT/lat_fp8_rot_off.json"
 step parity_tests 300 $PYTEST -rf tests/gridllm/test_gpu.py -k "not structured"
 step piecewise_fp8 90 $SMALL --quantization fp8 --kv-cache-dtype fp8 \
   --output "$OUT/piecewise_fp8.json"

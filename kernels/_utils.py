@@ -179,11 +179,6 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-# One token's q/k/v projection with the rotary embedding and the KV-cache write in the
-# e4m3 GEMV's epilogue (kernels.gemv.gemv_rotary_kv_write), no rotary KV-write launch;
-# GRIDLLM_ROTARY_IN_GEMV=0 runs the two kernels.
-ROTARY_IN_GEMV = env_switch("GRIDLLM_ROTARY_IN_GEMV")
-
 # The FP8 word paths (attention's value tiles, the batch-1 e4m3 GEMV); GRIDLLM_FP8_WORDS=0
 # turns them off, for A/B runs.
 FP8_WORDS = env_switch("GRIDLLM_FP8_WORDS")

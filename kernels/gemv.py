@@ -41,12 +41,9 @@ import triton
 import triton.language as tl
 
 from kernels._utils import (
-    EARLY_READS,
     FLOAT_DTYPES,
     FP8_WORDS,
     GEMV_F16,
-    INDEX_DTYPES,
-    ROTARY_IN_GEMV,
     check_shape,
     check_tensor,
     gdc_launch_dependents,
@@ -57,9 +54,6 @@ from kernels._utils import (
     split_k_workspace,
 )
 from kernels.fp8 import FP8_DTYPE
-from kernels.kv_cache_write import check_kv_write_args, inverse_scales, store_cache
-from kernels.rotary import check_rotary_shapes
-from kernels.rotary_kv_cache_write import rotary_kv_cache_write
 from kernels.silu_and_mul import silu_and_mul, silu_mul
 
 # Rows of x one launch takes; callers use a GEMM beyond.
@@ -110,22 +104,13 @@ def _residual_rstd(x_ptr, res_ptr, res_out_ptr, num_in, eps, WRITES_SUM,
 
 
 @triton.jit
-def _channels(pid, num_out, BLOCK_N: tl.constexpr, SILU_OUT: tl.constexpr,
-              ROT_HALF: tl.constexpr = 0):
+def _channels(pid, num_out, BLOCK_N: tl.constexpr, SILU_OUT: tl.constexpr):
     """A program's weight rows and which of them exist. SILU_OUT: the weight's rows are
     ``[gate | up]`` (``num_out = 2 * I``) and the program takes ``BLOCK_N // 2`` channels of
     each, interleaved (gate c, up c, gate c + 1, ...), so its epilogue has both halves of
-    ``silu(gate) * up``. ROT_HALF: the rows are heads of ``2 * ROT_HALF`` and the program
-    takes ``BLOCK_N // 2`` pairs ``(d, d + ROT_HALF)`` of a head, interleaved, the pairs
-    the rotary embedding rotates together (``_store_rotary``)."""
+    ``silu(gate) * up``."""
     js = tl.arange(0, BLOCK_N)
-    if ROT_HALF > 0:
-        pair = pid * (BLOCK_N // 2) + js // 2
-        col_ok = pair < num_out // 2
-        # Pairs past the end read the last pair (never stored).
-        pair = tl.minimum(pair, num_out // 2 - 1)
-        cols = (pair // ROT_HALF) * (2 * ROT_HALF) + pair % ROT_HALF + (js % 2) * ROT_HALF
-    elif SILU_OUT:
+    if SILU_OUT:
         half = num_out // 2
         ch = pid * (BLOCK_N // 2) + js // 2
         col_ok = ch < half
@@ -380,14 +365,13 @@ def _row_words(ptr, words, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def _word_tiles(x_ptr, w_ptr, pid, pid_k, num_out, num_in, stride_w, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, SILU_OUT: tl.constexpr,
-                ROT_HALF: tl.constexpr = 0):
+                BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, SILU_OUT: tl.constexpr):
     """A word kernel program's share: ``(cols, col_ok, js, j_start, j_end, w_ptrs,
     x_ptrs, first weight tile)``, its channels, its words ``j_start .. j_end`` of K (word j
     holds elements 4j..4j+3; num_in is a multiple of 4), the weight's int32 and x's int64
     word pointers of ``[BLOCK_N, BLOCK_K // 4]`` tiles, and its first weight tile, requested
     at once."""
-    cols, col_ok = _channels(pid, num_out, BLOCK_N, SILU_OUT, ROT_HALF)
+    cols, col_ok = _channels(pid, num_out, BLOCK_N, SILU_OUT)
     safe_cols = tl.minimum(cols, num_out - 1)
     QUAD_K: tl.constexpr = BLOCK_K // 4
     js = tl.arange(0, QUAD_K)
@@ -413,40 +397,24 @@ def _gemv_e4m3_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, partial_ptr, loc
                       HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
                       NORM: tl.constexpr, SILU_OUT: tl.constexpr, BLOCK_H: tl.constexpr,
-                      ASM: tl.constexpr, USE_GDC: tl.constexpr,
-                      pos_ptr=None, slot_ptr=None, cos_sin_ptr=None, kc_ptr=None, vc_ptr=None,
-                      stride_cos=0, stride_cb=0, stride_ct=0, stride_ch=0, block_size=1,
-                      k_inv_scale=1.0, v_inv_scale=1.0, num_q_heads=0, num_kv_heads=0,
-                      ROT_HALF: tl.constexpr = 0, IS_FP8: tl.constexpr = False,
-                      EARLY: tl.constexpr = False):
+                      ASM: tl.constexpr, USE_GDC: tl.constexpr):
     """``_gemv_kernel`` for one bfloat16 row and an e4m3 weight, read in words of four
     elements: the weight as int32 (four e4m3), x as int64 (four bfloat16), both ``[BLOCK_N,
     BLOCK_K // 4]`` tiles of one shape (x's rows all the same addresses, loaded once per
     thread), so the compiler gives them one register layout and moves no tile of x through
-    shared memory. ROT_HALF > 0: the q/k/v projection of one token with the rotary
-    embedding and the KV-cache write in the epilogue (``_store_rotary``); its position,
-    slot and cos/sin read before the wait with EARLY (step inputs and a constant table)."""
+    shared memory."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     QUAD_K: tl.constexpr = BLOCK_K // 4
     cols, col_ok, js, j_start, j_end, w_ptrs, x_ptrs, w_next = _word_tiles(
         x_ptr, w_ptr, pid, pid_k, num_out, num_in, stride_w, BLOCK_N, BLOCK_K, SPLIT_K,
-        SILU_OUT, ROT_HALF)
+        SILU_OUT)
     # acc: bytes 0-1 of each word (true values); acc_scaled: bytes 2-3 (times 2^-120).
     acc = tl.zeros([BLOCK_N, QUAD_K], dtype=tl.float32)
     acc_scaled = acc
-    slot = 0
-    cos = tl.zeros([BLOCK_N // 2], dtype=tl.float32)
-    sin = cos
-    if ROT_HALF > 0 and EARLY:
-        slot, cos, sin = _rotary_inputs(pid, pos_ptr, slot_ptr, cos_sin_ptr, stride_cos,
-                                        BLOCK_N, ROT_HALF)
     if USE_GDC:
         gdc_launch_dependents()
         gdc_wait()
-    if ROT_HALF > 0 and not EARLY:
-        slot, cos, sin = _rotary_inputs(pid, pos_ptr, slot_ptr, cos_sin_ptr, stride_cos,
-                                        BLOCK_N, ROT_HALF)
     rstd = 0.0
     res_ptrs = x_ptrs
     norm_w_ptrs = x_ptrs
@@ -470,71 +438,16 @@ def _gemv_e4m3_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, partial_ptr, loc
         res_ptrs += QUAD_K
         norm_w_ptrs += QUAD_K
     out = tl.sum(acc, axis=1) + tl.sum(acc_scaled, axis=1) * _E4M3_UNSCALE
-    if ROT_HALF > 0:
-        out, is_last = _split_sum(out, pid, pid_k, cols, col_ok, partial_ptr, lock_ptr,
-                                  num_out, BLOCK_N, SPLIT_K)
-        if is_last:
-            _store_rotary(y_ptr, _scaled(out, cols, col_ok, scale_ptr, bias_ptr, HAS_BIAS),
-                          pid, num_out, slot, cos, sin, kc_ptr, vc_ptr, stride_cb, stride_ct,
-                          stride_ch, block_size, k_inv_scale, v_inv_scale, num_q_heads,
-                          num_kv_heads, BLOCK_N, ROT_HALF, IS_FP8)
-    else:
-        _finish_row(out, pid, pid_k, cols, col_ok, scale_ptr, bias_ptr, y_ptr, partial_ptr,
-                    lock_ptr, num_out, HAS_BIAS, BLOCK_N, SPLIT_K, SILU_OUT)
+    _finish_row(out, pid, pid_k, cols, col_ok, scale_ptr, bias_ptr, y_ptr, partial_ptr,
+                lock_ptr, num_out, HAS_BIAS, BLOCK_N, SPLIT_K, SILU_OUT)
 
 
 @triton.jit
-def _rotary_inputs(pid, pos_ptr, slot_ptr, cos_sin_ptr, stride_cos, BLOCK_N: tl.constexpr,
-                   ROT_HALF: tl.constexpr):
-    """The token's cache slot and, for the program's ``BLOCK_N // 2`` pairs, cos and sin
-    at its position (float32)."""
-    d = (pid * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)) % ROT_HALF
-    row = cos_sin_ptr + tl.load(pos_ptr).to(tl.int64) * stride_cos
-    return (tl.load(slot_ptr).to(tl.int64), tl.load(row + d).to(tl.float32),
-            tl.load(row + ROT_HALF + d).to(tl.float32))
-
-
-@triton.jit
-def _store_rotary(y_ptr, out, pid, num_out, slot, cos, sin, kc_ptr, vc_ptr, stride_cb,
-                  stride_ct, stride_ch, block_size, k_inv_scale, v_inv_scale, num_q_heads,
-                  num_kv_heads, BLOCK_N: tl.constexpr, ROT_HALF: tl.constexpr,
-                  IS_FP8: tl.constexpr):
-    """The epilogue of a q/k/v projection's ``BLOCK_N // 2`` pairs ``(d, d + ROT_HALF)``
-    (``_channels``), with ``kernels.rotary_kv_cache_write``'s values: each product rounded to
-    y's dtype; query pairs rotated (NeoX style) into y, key and value pairs into y as they
-    are; the rotated key pairs and the value pairs stored in the cache at ``slot`` (none
-    at -1; an FP8 cache scaled by the inverse scales, as ``store_cache`` stores)."""
-    dt = y_ptr.dtype.element_ty
-    a, b = tl.split(tl.reshape(out.to(dt).to(tl.float32), [BLOCK_N // 2, 2]))
-    pair = pid * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
-    ok = pair < num_out // 2
-    head = pair // ROT_HALF
-    d = pair % ROT_HALF
-    row = head * (2 * ROT_HALF) + d
-    turned_a = (a * cos - b * sin).to(dt)
-    turned_b = (b * cos + a * sin).to(dt)
-    is_q = head < num_q_heads
-    tl.store(y_ptr + row, tl.where(is_q, turned_a, a.to(dt)), mask=ok)
-    tl.store(y_ptr + row + ROT_HALF, tl.where(is_q, turned_b, b.to(dt)), mask=ok)
-    kv_head = head - num_q_heads  # keys 0 .. num_kv_heads - 1, then values
-    # The slot as a tensor of the pairs' shape (a scalar in the mask breaks the interpreter).
-    ok = ok & (tl.zeros([BLOCK_N // 2], dtype=tl.int64) + slot >= 0)
-    is_k = ok & (kv_head >= 0) & (kv_head < num_kv_heads)
-    is_v = ok & (kv_head >= num_kv_heads)
-    at = (slot // block_size) * stride_cb + (slot % block_size) * stride_ct + d
-    k_at = kc_ptr + at + kv_head * stride_ch
-    v_at = vc_ptr + at + (kv_head - num_kv_heads) * stride_ch
-    store_cache(k_at, turned_a, k_inv_scale, is_k, IS_FP8)
-    store_cache(k_at + ROT_HALF, turned_b, k_inv_scale, is_k, IS_FP8)
-    store_cache(v_at, a.to(dt), v_inv_scale, is_v, IS_FP8)
-    store_cache(v_at + ROT_HALF, b.to(dt), v_inv_scale, is_v, IS_FP8)
-
-
-@triton.jit
-def _split_sum(out, pid, pid_k, cols, col_ok, partial_ptr, lock_ptr, num_out,
-               BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr):
-    """``(out, is_last)``: with split K, the last program of the column block gets the
-    float32 partials added in split order (the others: is_last False); else ``out``."""
+def _finish_row(out, pid, pid_k, cols, col_ok, scale_ptr, bias_ptr, y_ptr, partial_ptr,
+                lock_ptr, num_out, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                SPLIT_K: tl.constexpr, SILU_OUT: tl.constexpr):
+    """A one-row kernel's epilogue: with split K, the last program of the column block adds
+    the float32 partials in split order; then the scales, the bias and the store."""
     is_last = True
     if SPLIT_K > 1:
         base = partial_ptr + pid_k * num_out + cols
@@ -548,29 +461,11 @@ def _split_sum(out, pid, pid_k, cols, col_ok, partial_ptr, lock_ptr, num_out,
                 out += tl.load(partial_ptr + split * num_out + cols, mask=col_ok, other=0.0,
                                cache_modifier=".cg")
             tl.store(lock_ptr + pid, 0)
-    return out, is_last
-
-
-@triton.jit
-def _scaled(out, cols, col_ok, scale_ptr, bias_ptr, HAS_BIAS: tl.constexpr):
-    """The sums times the weight's scales, plus the bias."""
-    out = out * tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
-    if HAS_BIAS:
-        out = out + tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    return out
-
-
-@triton.jit
-def _finish_row(out, pid, pid_k, cols, col_ok, scale_ptr, bias_ptr, y_ptr, partial_ptr,
-                lock_ptr, num_out, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                SPLIT_K: tl.constexpr, SILU_OUT: tl.constexpr):
-    """A one-row kernel's epilogue: with split K, the last program of the column block adds
-    the float32 partials in split order; then the scales, the bias and the store."""
-    out, is_last = _split_sum(out, pid, pid_k, cols, col_ok, partial_ptr, lock_ptr, num_out,
-                              BLOCK_N, SPLIT_K)
     if is_last:
-        _store_row(y_ptr, _scaled(out, cols, col_ok, scale_ptr, bias_ptr, HAS_BIAS), pid,
-                   cols, col_ok, num_out, BLOCK_N, SILU_OUT)
+        out = out * tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
+        if HAS_BIAS:
+            out = out + tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        _store_row(y_ptr, out, pid, cols, col_ok, num_out, BLOCK_N, SILU_OUT)
 
 
 @triton.jit
@@ -852,73 +747,7 @@ def rms_norm_gemv(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Te
                    (residual, norm_weight, float(eps)), silu_out)
 
 
-def gemv_rotary_kv_write(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                         bias: torch.Tensor | None, num_q_heads: int,
-                         positions: torch.Tensor, cos_sin_cache: torch.Tensor,
-                         key_cache: torch.Tensor, value_cache: torch.Tensor,
-                         slot_mapping: torch.Tensor, k_scale: float = 1.0,
-                         v_scale: float = 1.0) -> torch.Tensor:
-    """One token's q/k/v projection ``gemv(x, weight, bias, weight_scale)`` (rows ``[q | k |
-    v]``, heads of the cache's head dim), then ``kernels.rotary_kv_cache_write`` of its
-    q, k and v (NeoX style over the whole head): returns the ``[1, N]`` product with q
-    rotated, the rotated key and the value stored at the token's slot (none at -1), k and
-    v left in the product as they are. Where the e4m3 word kernel takes the product (one
-    bfloat16 row, an e4m3 weight with scales) it is one launch, the rotation and the cache
-    write in its epilogue (``_store_rotary``; the same values); otherwise, or with
-    ``ROTARY_IN_GEMV`` off, the two calls.
-
-    Args:
-        x: ``[1, K]``; weight ``[N, K]``, weight_scale ``[N]``, bias: as for ``gemv``, with
-            ``N = (num_q_heads + 2 * Hkv) * D``.
-        positions, slot_mapping: ``[1]`` int32/int64.
-        cos_sin_cache: ``[max_positions, D]`` = ``cat(cos, sin)``.
-        key_cache, value_cache, k_scale, v_scale: as for ``rotary_kv_cache_write``
-            (``[num_blocks, block_size, Hkv, D]``).
-    Raises:
-        ValueError: an argument of the wrong shape, dtype or device, naming it.
-    """
-    check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES, last_dim_contiguous=True)
-    check_tensor("key_cache", key_cache, ndim=4)
-    num_kv_heads, head_dim = key_cache.shape[2], key_cache.shape[3]
-    num_out = (num_q_heads + 2 * num_kv_heads) * head_dim
-    if weight.shape[0] != num_out:
-        raise ValueError(f"weight must have (num_q_heads + 2 * {num_kv_heads}) * {head_dim} "
-                         f"= {num_out} rows, got {weight.shape[0]}.")
-    if cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] != head_dim:
-        raise ValueError(f"cos_sin_cache must be [max_positions, {head_dim}] (the whole head "
-                         f"rotated), got {tuple(cos_sin_cache.shape)}.")
-    y = torch.empty((x.shape[0], num_out), dtype=x.dtype, device=x.device)
-    q, k, v = (t.view(x.shape[0], -1, head_dim) for t in y.split(
-        [num_q_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=1))
-    fused = (ROTARY_IN_GEMV and x.shape[0] == 1 and weight_scale is not None
-             and weight.dim() == 2
-             and weight.shape[1] == x.shape[1] and _reads_words(x, weight, x, x, x.shape[1]))
-    if not fused:
-        y.copy_(gemv(x, weight, bias, weight_scale))
-        rotary_kv_cache_write(positions, q, k, v, key_cache, value_cache, slot_mapping,
-                              cos_sin_cache, True, k_scale, v_scale)
-        return y
-    check_kv_write_args(k, v, key_cache, value_cache, slot_mapping)
-    check_tensor("positions", positions, ndim=1, dtypes=INDEX_DTYPES, device=x.device)
-    check_tensor("cos_sin_cache", cos_sin_cache, dtypes=FLOAT_DTYPES, device=x.device,
-                 last_dim_contiguous=True)
-    check_rotary_shapes(positions, cos_sin_cache, 1, head_dim)
-    k_inv, v_inv, is_fp8 = inverse_scales(key_cache, k_scale, v_scale)
-    rotary = dict(pos_ptr=positions, slot_ptr=slot_mapping, cos_sin_ptr=cos_sin_cache,
-                  kc_ptr=key_cache, vc_ptr=value_cache, stride_cos=cos_sin_cache.stride(0),
-                  stride_cb=key_cache.stride(0), stride_ct=key_cache.stride(1),
-                  stride_ch=key_cache.stride(2), block_size=key_cache.shape[1],
-                  k_inv_scale=k_inv, v_inv_scale=v_inv, num_q_heads=num_q_heads,
-                  num_kv_heads=num_kv_heads, ROT_HALF=head_dim // 2, IS_FP8=is_fp8,
-                  EARLY=EARLY_READS)
-    return _launch(x, weight, bias, weight_scale, None, None, False, out=y,
-                   rotary=rotary)[0]
-
-
-def _launch(x, weight, bias, weight_scale, config, norm, silu_out, f16_pairs=False,
-            out=None, rotary=None):
-    """``rotary``: the word kernel's rotary epilogue arguments (``gemv_rotary_kv_write``,
-    which checked that the word kernel takes the product), into ``out``."""
+def _launch(x, weight, bias, weight_scale, config, norm, silu_out, f16_pairs=False):
     check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES, last_dim_contiguous=True)
     check_tensor("weight", weight, ndim=2, dtypes=WEIGHT_DTYPES, device=x.device,
                  last_dim_contiguous=True)
@@ -937,8 +766,8 @@ def _launch(x, weight, bias, weight_scale, config, norm, silu_out, f16_pairs=Fal
     if silu_out and num_out % 2:
         raise ValueError(f"weight must have an even number of rows (gate | up) for "
                          f"silu_out, got {num_out}.")
-    y = out if out is not None else torch.empty(
-        (num_rows, num_out // 2 if silu_out else num_out), dtype=x.dtype, device=x.device)
+    y = torch.empty((num_rows, num_out // 2 if silu_out else num_out), dtype=x.dtype,
+                    device=x.device)
     residual_out = None
     if norm is not None:
         residual_out = torch.empty_like(x)
@@ -992,7 +821,7 @@ def _launch(x, weight, bias, weight_scale, config, norm, silu_out, f16_pairs=Fal
             EVEN_K=num_in % k_per_split == 0, NORM=norm is not None,
             SILU_OUT=silu_out, BLOCK_H=triton.next_power_of_2(num_in) if norm is not None else 1,
             ASM=not is_interpreter(), num_warps=num_warps, num_stages=num_stages,
-            **launch_dependent_args(x.device), **(rotary or {}))
+            **launch_dependent_args(x.device))
         return y, residual_out
     _gemv_kernel[(num_blocks, split_k)](
         x, weight, weight_scale if weight_scale is not None else y,

@@ -96,30 +96,24 @@ def test_graphs_cut_at_attention_match_the_eager_forward():
             == [o.outputs[0].token_ids for o in eager])
 
 
-@pytest.mark.parametrize("switch", ["early_reads", "rotary_in_gemv"])
-def test_fp8_decode_switches_keep_greedy_ids(monkeypatch, switch):
+def test_early_reads_keep_fp8_greedy_ids(monkeypatch):
     """Decode kernels that read the step's inputs and cached keys before they wait for the
     kernel before (``EARLY_READS``: the rotary KV write, decode attention over an FP8
-    cache), and the q/k/v GEMV rotating and writing the cache in its epilogue
-    (``ROTARY_IN_GEMV``), give the greedy ids of the same engine with them off: FP8
-    weights and KV cache, CUDA graphs, contexts from 5 to 700 tokens decoded across
-    split-count changes."""
+    cache) give the greedy ids of the same engine with them off: FP8 weights and KV cache,
+    CUDA graphs, contexts from 5 to 700 tokens decoded across split-count changes."""
     import gc
 
-    from kernels import gemv, paged_decode_attention, rotary_kv_cache_write
+    from kernels import paged_decode_attention, rotary_kv_cache_write
 
     prompts = prompts_of([5, 30, 100, 300, 700], seed=7, vocab=1000)
     params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
     runs = []
-    for on in (False, True):
-        if switch == "early_reads":
-            monkeypatch.setattr(paged_decode_attention, "EARLY_READS", on)
-            monkeypatch.setattr(rotary_kv_cache_write, "EARLY_READS", on)
-        else:
-            monkeypatch.setattr(gemv, "ROTARY_IN_GEMV", on)
-        llm = LLM("random:llama3-8b" if switch == "rotary_in_gemv" else "random:qwen3-0.6b",
-                  device="cuda", dtype="bfloat16", max_model_len=2048, max_num_seqs=8,
-                  num_kv_blocks=512, quantization="fp8", kv_cache_dtype="fp8")
+    for early in (False, True):
+        monkeypatch.setattr(paged_decode_attention, "EARLY_READS", early)
+        monkeypatch.setattr(rotary_kv_cache_write, "EARLY_READS", early)
+        llm = LLM("random:qwen3-0.6b", device="cuda", dtype="bfloat16", max_model_len=2048,
+                  max_num_seqs=8, num_kv_blocks=512, quantization="fp8",
+                  kv_cache_dtype="fp8")
         one_by_one = [llm.generate([{"prompt_token_ids": p}], params, use_tqdm=False)[0]
                       for p in prompts]
         together = llm.generate([{"prompt_token_ids": p} for p in prompts], params,

@@ -11,14 +11,7 @@ import pytest
 import torch
 
 from kernels.fp8 import FP8_DTYPE
-from kernels.gemv import (
-    MAX_ROWS,
-    config_for,
-    gemv,
-    gemv_rotary_kv_write,
-    rms_norm_gemv,
-    split_k_for,
-)
+from kernels.gemv import MAX_ROWS, config_for, gemv, rms_norm_gemv, split_k_for
 from tests.kernels.conftest import (
     DEVICE,
     GPU_DTYPES,
@@ -444,71 +437,3 @@ def test_e4m3_tiles_depend_on_fusion(monkeypatch):
     assert module.config_for(4096, 4096, 1) == (2, 1024, 4, 1, 0)
     assert module.config_for(6144, 4096, 2, fused=True) == (4, 1024, 4, 1, 0)
     assert module.config_for(4096, 14336, 2) == (4, 512, 4, 1, 0)
-
-
-def _check_rotary_epilogue(num_q_heads, num_kv_heads, head_dim, num_in, cache_dtype, slot,
-                           device):
-    """``gemv_rotary_kv_write`` against ``gemv`` then ``rotary_kv_cache_write`` (what it
-    runs where the word kernel does not take the product): the same bits in the product
-    (q rotated, k and v as they are) and in both caches, NaN where nothing was written."""
-    from kernels.rotary_kv_cache_write import rotary_kv_cache_write
-    from tests.kernels.test_rotary import _cos_sin_cache
-
-    num_out = (num_q_heads + 2 * num_kv_heads) * head_dim
-    x, w, s, b, _ = _operands(1, num_out, num_in, torch.bfloat16, FP8_DTYPE, device, True,
-                              True)
-    positions = torch.tensor([1234], device=device)
-    slots = torch.tensor([slot], dtype=torch.int32, device=device)
-    cos_sin = _cos_sin_cache(head_dim, 4096, device)
-    shape = (5, 16, num_kv_heads, head_dim)
-    caches = [torch.full(shape, float("nan"), device=device).to(cache_dtype) for _ in range(4)]
-    got = gemv_rotary_kv_write(x, w, s, b, num_q_heads, positions, cos_sin, caches[0],
-                               caches[1], slots, k_scale=0.5, v_scale=2.0)
-    want = gemv(x, w, b, s)
-    q, k, v = (t.view(1, -1, head_dim) for t in want.split(
-        [num_q_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=1))
-    rotary_kv_cache_write(positions, q, k, v, caches[2], caches[3], slots, cos_sin, True,
-                          0.5, 2.0)
-    assert torch.equal(got, want)
-    for mine, theirs in zip(caches[:2], caches[2:], strict=True):
-        assert torch.equal(mine.view(torch.uint8), theirs.view(torch.uint8))
-    written = ~torch.isnan(caches[0].float()).all(dim=(2, 3))
-    assert int(written.sum()) == (slot >= 0)
-
-
-@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, FP8_DTYPE])
-@pytest.mark.parametrize("slot", [37, -1])
-@pytest.mark.parametrize("num_in", [256, 1024])
-def test_rotary_kv_write_epilogue_gives_the_two_kernels_values(cache_dtype, slot, num_in):
-    """4 query and 2 KV heads of 16; 1,024 inputs split K two ways in the interpreter."""
-    _check_rotary_epilogue(4, 2, 16, num_in, cache_dtype, slot, DEVICE)
-
-
-def test_rotary_kv_write_rejects_what_it_cannot_read():
-    x = torch.zeros(1, 64, dtype=torch.bfloat16, device=DEVICE)
-    w = torch.zeros((2 + 2) * 8, 64, device=DEVICE).to(FP8_DTYPE)
-    s = torch.ones(32, device=DEVICE)
-    cache = torch.zeros(3, 16, 1, 8, dtype=torch.bfloat16, device=DEVICE)
-    pos = torch.zeros(1, dtype=torch.int64, device=DEVICE)
-    slots = torch.zeros(1, dtype=torch.int32, device=DEVICE)
-    cos_sin = torch.zeros(16, 8, device=DEVICE)
-    with pytest.raises(ValueError, match="weight must have"):
-        gemv_rotary_kv_write(x, w, s, None, 3, pos, cos_sin, cache, cache, slots)
-    with pytest.raises(ValueError, match="cos_sin_cache must be"):
-        gemv_rotary_kv_write(x, w, s, None, 2, pos, cos_sin[:, :4], cache, cache, slots)
-    with pytest.raises(ValueError, match="slot_mapping must have"):
-        gemv_rotary_kv_write(x, w, s, None, 2, pos, cos_sin, cache, cache,
-                             torch.zeros(2, dtype=torch.int32, device=DEVICE))
-    with pytest.raises(ValueError, match="positions must have dtype"):
-        gemv_rotary_kv_write(x, w, s, None, 2, pos.float(), cos_sin, cache, cache, slots)
-    with pytest.raises(ValueError, match="k_scale must be"):
-        gemv_rotary_kv_write(x, w, s, None, 2, pos, cos_sin, cache, cache, slots, k_scale=0.0)
-
-
-@pytest.mark.gpu
-@needs_gpu
-@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, FP8_DTYPE])
-@pytest.mark.parametrize("slot", [1234, -1])
-def test_rotary_kv_write_epilogue_at_llama_shape_on_gpu(cache_dtype, slot):
-    """Llama-3-8B's q/k/v: 32 query and 8 KV heads of 128 over 4,096 inputs."""
-    _check_rotary_epilogue(32, 8, 128, 4096, cache_dtype, slot, "cuda")

@@ -129,23 +129,6 @@ class AttentionBackend:
         return self.forward(query, key, value, key_cache, value_cache, metadata, scale,
                             sliding_window, logit_softcap, kv_scales)
 
-    def kv_write_args(self, metadata: AttentionMetadata, key_cache: torch.Tensor,
-                      kv_scales: tuple[float, float] | None
-                      ) -> tuple[torch.Tensor, float, float] | None:
-        """Where the kernel before attention may write the step's keys and values into the
-        cache itself (then ``attend_written``): the slots to write and the
-        ``(k_scale, v_scale)`` to write with; None where the backend writes them
-        (``forward_rotary``)."""
-        return None
-
-    def attend_written(self, query: torch.Tensor, key_cache: torch.Tensor,
-                       value_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
-                       sliding_window: int | None, logit_softcap: float | None,
-                       k_scale: float, v_scale: float) -> torch.Tensor:
-        """``forward``'s attention over a cache that already holds the step's keys and
-        values (written at ``kv_write_args``' slots), ``query`` rotated."""
-        raise NotImplementedError
-
     def scales_for(self, kv_scales: tuple[float, float] | None, key_cache: torch.Tensor
                    ) -> tuple[float, float]:
         """A layer's ``(k_scale, v_scale)`` over ``key_cache``: for an FP8 cache its own,

@@ -45,7 +45,7 @@ from kernels.fp8_mma_gemv import MAX_ROWS as MMA_GEMV_MAX_ROWS
 from kernels.fp8_mma_gemv import fp8_mma_gemv
 from kernels.fp8_mma_gemv import serves as mma_gemv_serves
 from kernels.fp8_quant import per_token_quant_fp8
-from kernels.gemv import gemv, gemv_rotary_kv_write
+from kernels.gemv import gemv
 from kernels.rms_norm import rms_norm_quant_fp8
 from kernels.silu_and_mul import silu_and_mul_quant_fp8
 from worker_svc.layers import ops
@@ -183,23 +183,6 @@ class Fp8Linear(nn.Module):
         else:
             return ops.silu_and_mul(self.forward(x))
         return out.reshape(*x.shape[:-1], self.out_features // 2)
-
-    def forward_rotary_kv(self, x: torch.Tensor, num_q_heads: int, positions: torch.Tensor,
-                          cos_sin_cache: torch.Tensor, key_cache: torch.Tensor,
-                          value_cache: torch.Tensor, slots: torch.Tensor, k_scale: float,
-                          v_scale: float) -> torch.Tensor | None:
-        """``forward(x)`` of a q/k/v projection of one token with the rotary embedding of
-        its q and k heads and the KV-cache write of k and v
-        (``kernels.gemv.gemv_rotary_kv_write``: one launch where the e4m3 GEMV serves), the
-        product ``[1, out]`` with q rotated; None where the GEMV does not take the row (the
-        caller projects, rotates and writes apart)."""
-        x2 = x.reshape(-1, self.in_features)
-        if not (self.is_fp8_native and x2.shape[0] == 1 <= ops.GEMV_MAX_ROWS
-                and self.reduce is None):
-            return None
-        return gemv_rotary_kv_write(x2.contiguous(), self.weight, self.weight_scale,
-                                    self.bias, num_q_heads, positions, cos_sin_cache,
-                                    key_cache, value_cache, slots, k_scale, v_scale)
 
     def quantizes_input(self, x: torch.Tensor) -> bool:
         """Whether a call on ``x`` quantizes it per token with a Triton kernel, which a

@@ -56,21 +56,6 @@ class TritonAttentionBackend(AttentionBackend):
         return self._attend_or_cut(query, key_cache, value_cache, metadata, scale,
                                    sliding_window, logit_softcap, k_scale, v_scale, out)
 
-    def kv_write_args(self, metadata: AttentionMetadata, key_cache: torch.Tensor,
-                      kv_scales: tuple[float, float] | None
-                      ) -> tuple[torch.Tensor, float, float]:
-        """``AttentionBackend.kv_write_args``: the slots ``forward_rotary`` writes at, and
-        the layer's scales."""
-        return (self._slots(metadata), *self.scales_for(kv_scales, key_cache))
-
-    def attend_written(self, query: torch.Tensor, key_cache: torch.Tensor,
-                       value_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
-                       sliding_window: int | None, logit_softcap: float | None,
-                       k_scale: float, v_scale: float) -> torch.Tensor:
-        """``AttentionBackend.attend_written``: ``forward_rotary`` after its write."""
-        return self._attend_or_cut(query, key_cache, value_cache, metadata, scale,
-                                   sliding_window, logit_softcap, k_scale, v_scale, None)
-
     def _slots(self, metadata: AttentionMetadata) -> torch.Tensor:
         """Where this call writes the step's keys and values: the step's slots, or while a
         capture is on, its static slot buffer (filled before each replay)."""

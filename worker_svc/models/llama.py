@@ -88,12 +88,7 @@ class LlamaAttention(nn.Module):
                 attn_metadata: AttentionMetadata, qkv: torch.Tensor | None = None
                 ) -> torch.Tensor:
         """``qkv``: the q/k/v projection already computed (then ``hidden`` is not read)."""
-        if attn_metadata.groups is not None:
-            attn_metadata = attn_metadata.groups[self.kv_group]
         if qkv is None:
-            out = self._project_writing_kv(positions, hidden, kv_cache, attn_metadata)
-            if out is not None:
-                return out
             qkv = self.qkv_proj(hidden)
         num_tokens = qkv.shape[0]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -102,39 +97,13 @@ class LlamaAttention(nn.Module):
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.has_qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
+        if attn_metadata.groups is not None:
+            attn_metadata = attn_metadata.groups[self.kv_group]
         out = self.backend.forward_rotary(positions, self.rotary_emb, q, k, v, kv_cache[0],
                                           kv_cache[1], attn_metadata, self.scale,
                                           self.sliding_window, self.logit_softcap,
                                           self.kv_scales)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
-
-    def _project_writing_kv(self, positions: torch.Tensor, hidden: torch.Tensor,
-                            kv_cache: KVCache, attn_metadata: AttentionMetadata
-                            ) -> torch.Tensor | None:
-        """``forward`` of one token whose q/k/v projection rotates q and k and writes k and
-        v into the cache in its own launch (an FP8 projection:
-        ``Fp8Linear.forward_rotary_kv``), where the backend lets it (``kv_write_args``)
-        and the rotation is NeoX style over whole heads, without q/k norms between; None
-        elsewhere."""
-        project = getattr(self.qkv_proj, "forward_rotary_kv", None)
-        rotary = self.rotary_emb
-        if (project is None or self.has_qk_norm or hidden.shape[0] != 1
-                or not rotary.is_neox_style
-                or rotary.cos_sin_cache.shape[1] != self.head_dim):
-            return None
-        args = self.backend.kv_write_args(attn_metadata, kv_cache[0], self.kv_scales)
-        if args is None:
-            return None
-        slots, k_scale, v_scale = args
-        qkv = project(hidden, self.num_heads, positions, rotary.cos_sin_cache, kv_cache[0],
-                      kv_cache[1], slots, k_scale, v_scale)
-        if qkv is None:
-            return None
-        q = qkv[:, :self.q_size].view(1, self.num_heads, self.head_dim)
-        out = self.backend.attend_written(q, kv_cache[0], kv_cache[1], attn_metadata,
-                                          self.scale, self.sliding_window,
-                                          self.logit_softcap, k_scale, v_scale)
-        return self.o_proj(out.reshape(1, self.q_size))
 
 
 class LlamaMLP(nn.Module):
