@@ -13,7 +13,8 @@ between steps on the serving path:
   step's one-query requests): its split-KV count, a power of two picked from the batch
   and the context;
 - decode-sized linear products (the GEMV kernel, ``ops.GEMV_MAX_ROWS``): one variant per
-  row count, the LM head's included;
+  row count, the LM head's included; FP8 projections past the tensor-core GEMV's rows
+  (``kernels.fp8_gemv``, up to 16): a count of 16 and the others;
 - the sampling kernel: with and without penalties (its 16 radix passes are one variant
   each); the token-bitmask kernel of structured outputs (one variant);
 everything else has one variant per model. CUDA graphs are captured separately
@@ -31,10 +32,11 @@ import torch
 
 from gridllm.common.contract import CachedRequestData, NewRequestData, SchedulerOutput
 from gridllm.common.sampling_params import SamplingParams
-from kernels import chunk_attention, prefill_attention
+from kernels import chunk_attention, fp8_mma_gemv, prefill_attention
 from worker_svc.cuda_graph import context_classes
 from worker_svc.input_batch import InputBatch
 from worker_svc.layers import ops
+from worker_svc.layers.quantization import WEIGHT_ONLY_MAX_ROWS, Fp8Linear
 from worker_svc.request_state import RequestState
 
 # The model runner (worker_svc.model_runner.ModelRunner, which imports this module).
@@ -77,6 +79,8 @@ def warm_up_kernels(runner: ModelRunner) -> None:
             runner.dummy_forward(2, runner.kv_caches, width=width, seq_len=context)
     for rows in range(1, min(ops.GEMV_MAX_ROWS, limit) + 1):
         runner.dummy_forward(rows, runner.kv_caches, logits_rows=rows)
+    for rows in _fp8_weight_only_rows(runner, limit):
+        runner.dummy_forward(rows, runner.kv_caches, logits_rows=rows)
     if _has_eager_decode(runner):
         _, num_kv_heads, _ = runner.kv_geometry()  # this rank's, as the kernel sees them
         # A batch of one reaches every split count a bigger batch can (by the rule of the
@@ -88,6 +92,20 @@ def warm_up_kernels(runner: ModelRunner) -> None:
                 runner.dummy_forward(1, runner.kv_caches, width=width, seq_len=context)
     _synchronize(runner.device)
     logger.info("Triton kernel variants built in %.1f s", time.perf_counter() - start)
+
+
+def _fp8_weight_only_rows(runner: ModelRunner, limit: int) -> list[int]:
+    """Step sizes, up to ``limit``, that build the variants of the FP8 weight-only
+    ``tl.dot`` kernel (``kernels.fp8_gemv``: the rows past the GEMV's and the tensor-core
+    GEMV's, up to ``WEIGHT_ONLY_MAX_ROWS``; Triton specialises a count of 1 and one
+    divisible by 16) where the model holds FP8 projections that run kernels; none
+    otherwise."""
+    if not any(isinstance(m, Fp8Linear) and m.is_fp8_native for m in runner.model.modules()):
+        return []
+    mma = fp8_mma_gemv.ENABLED and fp8_mma_gemv.runs_on(runner.device)
+    first = (fp8_mma_gemv.MAX_ROWS if mma else ops.GEMV_MAX_ROWS) + 1
+    last = min(limit, WEIGHT_ONLY_MAX_ROWS)
+    return sorted(rows for rows in {first, first + 1, WEIGHT_ONLY_MAX_ROWS} if rows <= last)
 
 
 def _has_eager_decode(runner: ModelRunner) -> bool:

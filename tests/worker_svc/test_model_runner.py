@@ -234,3 +234,24 @@ def test_warm_up_builds_the_split_counts_of_the_kernel_that_serves(monkeypatch,
               for n in range(1, runner.max_model_len + 1)}
     assert {pick_num_splits(1, num_kv_heads, n, runner.device, one_warp)
             for n in seen} == wanted
+
+
+def test_warm_up_builds_the_fp8_weight_only_row_classes(monkeypatch, tiny_model_dir):
+    """FP8 projections that run kernels get a step of each row class of the weight-only
+    ``tl.dot`` kernel (past the GEMV's row, or past the tensor-core GEMV's 8 rows where that
+    runs; 16, a count Triton specialises), within the step limit; none without them."""
+    from kernels import fp8_mma_gemv
+    from worker_svc.layers.quantization import Fp8Linear
+    from worker_svc.warmup import _fp8_weight_only_rows
+
+    runner = _runner(tiny_model_dir("llama"), quantization="fp8")
+    layers = [m for m in runner.model.modules() if isinstance(m, Fp8Linear)]
+    assert layers and _fp8_weight_only_rows(runner, 64) == []  # the CPU: no e4m3 kernels
+    for layer in layers:
+        monkeypatch.setattr(layer, "is_fp8_native", True)
+    assert _fp8_weight_only_rows(runner, 64) == [2, 3, 16]
+    monkeypatch.setattr(fp8_mma_gemv, "runs_on", lambda device: True)
+    assert _fp8_weight_only_rows(runner, 64) == [9, 10, 16]
+    assert _fp8_weight_only_rows(runner, 12) == [9, 10]
+    monkeypatch.setattr(fp8_mma_gemv, "ENABLED", False)
+    assert _fp8_weight_only_rows(runner, 64) == [2, 3, 16]
