@@ -10,7 +10,10 @@ twice: a step's LM head or argmax). For each kernel (name and grid) it prints, p
 how many ran, their own time (the sum of their spans) and their **end-to-end** time (from
 the end of the activity before each to its own end). With programmatic dependent launch a
 kernel starts before the one before it ends and waits, so its span counts that wait; the
-end-to-end time does not, and the end-to-end times add up to the step.
+end-to-end time does not, and the end-to-end times add up to the step. ``--layers`` adds
+the same per position in the block of kernels that repeats (a decoder layer: its q/k/v
+and o GEMVs apart, though they share a grid), its length found in the trace or given
+(``--layer-period``).
 """
 
 from __future__ import annotations
@@ -75,12 +78,78 @@ def kernel_table(events: list[dict], marker: str) -> dict:
                 kernels=kernels)
 
 
+def _keys_and_times(events: list[dict]) -> tuple[list[tuple[str, str]], list[float]]:
+    """Each event's (name, grid) and end-to-end time (from the end of the activity before
+    it to its own end; the first event's own span)."""
+    keys, e2e, previous_end = [], [], None
+    for e in events:
+        end = e["ts"] + e["dur"]
+        keys.append((e["name"], json.dumps(e.get("args", {}).get("grid"))))
+        e2e.append(e["dur"] if previous_end is None else max(0.0, end - previous_end))
+        previous_end = end if previous_end is None else max(previous_end, end)
+    return keys, e2e
+
+
+def layer_period(keys: list, longest: int = 64) -> int:
+    """The length of the repeating block of kernels (a decoder layer's): the shortest
+    shift, up to ``longest``, at which more than half of the kernels meet the same kernel
+    again (a step's layers outnumber its other kernels).
+
+    Raises:
+        ValueError: no such shift.
+    """
+    n = len(keys)
+    for p in range(1, min(longest, n // 3) + 1):
+        if sum(keys[i] == keys[i + p] for i in range(n - p)) > (n - p) / 2:
+            return p
+    raise ValueError("layers: no block of kernels repeats in the trace.")
+
+
+def layer_table(events: list[dict], period: int | None = None) -> dict:
+    """Per position in the repeating block of ``period`` kernels (``layer_period`` when
+    None): its kernel, how many whole blocks it was seen in, mean own and end-to-end
+    microseconds. Blocks are read from the start of each stretch where the kernels repeat
+    with that period."""
+    keys, e2e = _keys_and_times(events)
+    period = period or layer_period(keys)
+    n = len(keys)
+    sums = [[0, 0.0, 0.0] for _ in range(period)]
+    labels: list[tuple[str, str] | None] = [None] * period
+    i = 0
+    while i + period < n:
+        if keys[i] != keys[i + period]:
+            i += 1
+            continue
+        start = i
+        while i + period < n and keys[i] == keys[i + period]:
+            i += 1
+        # Kernels start .. i + period - 1 repeat: whole blocks start at start .. i.
+        for block in range(start, i + 1, period):
+            for offset in range(period):
+                j = block + offset
+                labels[offset] = labels[offset] or keys[start + offset]
+                sums[offset][0] += 1
+                sums[offset][1] += events[j]["dur"]
+                sums[offset][2] += e2e[j]
+        i += period
+    positions = [dict(position=o, name=labels[o][0], grid=json.loads(labels[o][1]),
+                      count=c, own_us_mean=own / c, end_to_end_us_mean=t / c)
+                 for o, (c, own, t) in enumerate(sums) if c]
+    return dict(period=period, positions=positions,
+                end_to_end_us_per_block=sum(p["end_to_end_us_mean"] for p in positions))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("trace", help="a Chrome trace (.json or .json.gz) of gpu_busy --trace")
     p.add_argument("--marker", default=None, help="a kernel that runs once a step")
     p.add_argument("--top", type=int, default=25, help="rows printed")
+    p.add_argument("--layers", action="store_true",
+                   help="also a table per position in the repeating block of kernels (a "
+                        "decoder layer)")
+    p.add_argument("--layer-period", type=int, default=None,
+                   help="the block's length in kernels (default: found in the trace)")
     p.add_argument("--output", default=None, help="write the result as JSON here")
     args = p.parse_args(argv)
     opener = gzip.open if args.trace.endswith(".gz") else open
@@ -94,6 +163,15 @@ def main(argv: list[str] | None = None) -> int:
           f"{result['step_us']:.1f} us a step")
     print(format_table(rows, ["kernel", "grid", "a step", "own us", "end-to-end us",
                               "own us each", "end-to-end us each"]))
+    if args.layers or args.layer_period:
+        layers = result["layers"] = layer_table(events, args.layer_period)
+        print(f"\nblocks of {layers['period']} kernels, "
+              f"{layers['end_to_end_us_per_block']:.2f} us end to end each")
+        print(format_table([[p["position"], p["name"][:48], str(p["grid"]), p["count"],
+                             p["own_us_mean"], p["end_to_end_us_mean"]]
+                            for p in layers["positions"]],
+                           ["position", "kernel", "grid", "blocks", "own us",
+                            "end-to-end us"]))
     write_json(args.output, result)
     return 0
 

@@ -64,3 +64,46 @@ def test_main_reads_a_gzipped_trace_and_writes_json(tmp_path, capsys):
     assert tk.main([str(path), "--marker", "head", "--output", str(out)]) == 0
     assert "3 steps between 'head' kernels, 100.0 us a step" in capsys.readouterr().out
     assert json.loads(out.read_text())["num_steps"] == 3
+
+
+def _layered_trace(num_steps=2, num_layers=4):
+    """Steps of an embedding copy, layers of norm (1 us), q/k/v GEMV (10), attention
+    launched early (starts 2 us into the GEMV, ends 3 us after it) and o GEMV (6, the
+    q/k/v GEMV's grid), then the final norm and the head (20)."""
+    events, t = [], 0.0
+    for _ in range(num_steps):
+        events.append(_kernel("embed", t, 2))
+        t += 2
+        for _ in range(num_layers):
+            events += [_kernel("norm", t, 1), _kernel("gemv", t + 1, 10, (64, 1, 1)),
+                       _kernel("attn", t + 3, 11), _kernel("gemv", t + 14, 6, (64, 1, 1))]
+            t += 20
+        events += [_kernel("norm", t, 1), _kernel("head", t + 1, 20)]
+        t += 21
+    return {"traceEvents": events}
+
+
+def test_layer_table_times_each_position_of_the_repeating_block():
+    events = tk.gpu_events(_layered_trace())
+    assert tk.layer_period(tk._keys_and_times(events)[0]) == 4
+    table = tk.layer_table(events)
+    assert table["period"] == 4
+    rows = [(p["name"], p["count"], p["own_us_mean"], p["end_to_end_us_mean"])
+            for p in table["positions"]]
+    # The q/k/v and o GEMVs share a grid but are told apart by their position; attention
+    # counts 3 us end to end (from the GEMV's end), not its 11 us span.
+    assert rows == [("norm", 8, 1, 1), ("gemv", 8, 10, 10), ("attn", 8, 11, 3),
+                    ("gemv", 8, 6, 6)]
+    assert table["end_to_end_us_per_block"] == 20
+    assert tk.layer_table(events, period=8)["period"] == 8  # given, not found
+    with pytest.raises(ValueError, match="repeats"):
+        tk.layer_period([("a", "1"), ("b", "1"), ("c", "1"), ("d", "1")])
+
+
+def test_main_prints_the_layer_table(tmp_path, capsys):
+    path = tmp_path / "busy.json"
+    path.write_text(json.dumps(_layered_trace(3)))
+    out = tmp_path / "k.json"
+    assert tk.main([str(path), "--marker", "head", "--layers", "--output", str(out)]) == 0
+    assert "blocks of 4 kernels, 20.00 us end to end each" in capsys.readouterr().out
+    assert json.loads(out.read_text())["layers"]["period"] == 4
