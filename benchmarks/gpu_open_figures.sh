@@ -117,6 +117,10 @@
 #                        batch-1 FP8 steps with the e4m3 GEMVs' tiles along K as served and
 #                        whole rows (4,096) or half (2,048) for o, o and q/k/v, and those and
 #                        gate/up, in turns
+#   b1_down_4x1024_1, b1_down_8x512_1, b1_down_2x512_1, b1_o_4x1024_1, b1_o_4x512_1,
+#   b1_down_4x1024_2, ...
+#                        batch-1 FP8 steps with the down and o GEMVs at other channel
+#                        counts and tiles, in turns (not yet run)
 #   lat_fp8_o4k, lat_fp8_all4k
 #                        end to end with o, and with all three, whole rows
 #   piecewise_fp8, piecewise_fp8_eager
@@ -378,6 +382,24 @@ for turn in 1 2; do
   step b1_tiles_all4k_$turn 60 $PY -c "$(tiles_with \
     "$O4K, $QKV4K, (28672, 4096): (2, 4096, 4)")" $B1_ARGS \
     --output "$OUT/b1_tiles_all4k_$turn.json"
+done
+# The two GEMVs furthest from copy bandwidth in a layer (o at ~72%, down at ~85%, H100
+# 2026-12-06) at other channel counts and tiles, in the step, twice in turns (against
+# b1_tiles_served_N): down as 4 channels by 1,024 on 2 warps, 8 by 512 on 4, 2 by 512 on
+# 4; o as 4 by 1,024 on 2 and 4 by 512 on 4.
+DOWN="(4096, 14336)"
+OPROJ="(4096, 4096)"
+for turn in 1 2; do
+  step b1_down_4x1024_$turn 60 $PY -c "$(tiles_with "$DOWN: (4, 1024, 2)")" $B1_ARGS \
+    --output "$OUT/b1_down_4x1024_$turn.json"
+  step b1_down_8x512_$turn 60 $PY -c "$(tiles_with "$DOWN: (8, 512, 4)")" $B1_ARGS \
+    --output "$OUT/b1_down_8x512_$turn.json"
+  step b1_down_2x512_$turn 60 $PY -c "$(tiles_with "$DOWN: (2, 512, 4)")" $B1_ARGS \
+    --output "$OUT/b1_down_2x512_$turn.json"
+  step b1_o_4x1024_$turn 60 $PY -c "$(tiles_with "$OPROJ: (4, 1024, 2)")" $B1_ARGS \
+    --output "$OUT/b1_o_4x1024_$turn.json"
+  step b1_o_4x512_$turn 60 $PY -c "$(tiles_with "$OPROJ: (4, 512, 4)")" $B1_ARGS \
+    --output "$OUT/b1_o_4x512_$turn.json"
 done
 # End to end (gridllm bench latency) with o, and with o, q/k/v and gate/up, whole rows.
 step lat_fp8_o4k 90 $PY -c "$(tiles_with "$O4K" gridllm.bench)" ${LAT#*-m gridllm.bench} \
