@@ -369,19 +369,19 @@ def config_for(num_out, num_in, weight_bytes=2, fused=False):
     return served(num_out, num_in, weight_bytes, fused)
 g.config_for = config_for" "${2:-}"
 }
+# tiles_step NAME TILES: batch-1 FP8 steps with TILES, into $OUT/NAME.json.
+tiles_step() {
+  step "$1" 60 $PY -c "$(tiles_with "$2")" $B1_ARGS --output "$OUT/$1.json"
+}
 O4K="(4096, 4096): (2, 4096, 4)"
 QKV4K="(6144, 4096): (2, 4096, 4)"
+GATE_UP4K="(28672, 4096): (2, 4096, 4)"
 for turn in 1 2; do
   step b1_tiles_served_$turn 60 $B1_STEPS --output "$OUT/b1_tiles_served_$turn.json"
-  step b1_tiles_o4k_$turn 60 $PY -c "$(tiles_with "$O4K")" $B1_ARGS \
-    --output "$OUT/b1_tiles_o4k_$turn.json"
-  step b1_tiles_o2k_$turn 60 $PY -c "$(tiles_with "(4096, 4096): (2, 2048, 4)")" $B1_ARGS \
-    --output "$OUT/b1_tiles_o2k_$turn.json"
-  step b1_tiles_oqkv4k_$turn 60 $PY -c "$(tiles_with "$O4K, $QKV4K")" $B1_ARGS \
-    --output "$OUT/b1_tiles_oqkv4k_$turn.json"
-  step b1_tiles_all4k_$turn 60 $PY -c "$(tiles_with \
-    "$O4K, $QKV4K, (28672, 4096): (2, 4096, 4)")" $B1_ARGS \
-    --output "$OUT/b1_tiles_all4k_$turn.json"
+  tiles_step b1_tiles_o4k_$turn "$O4K"
+  tiles_step b1_tiles_o2k_$turn "(4096, 4096): (2, 2048, 4)"
+  tiles_step b1_tiles_oqkv4k_$turn "$O4K, $QKV4K"
+  tiles_step b1_tiles_all4k_$turn "$O4K, $QKV4K, $GATE_UP4K"
 done
 # The two GEMVs furthest from copy bandwidth in a layer (o at ~72%, down at ~85%, H100
 # 2026-12-06) at other channel counts and tiles, in the step, twice in turns (against
@@ -390,22 +390,17 @@ done
 DOWN="(4096, 14336)"
 OPROJ="(4096, 4096)"
 for turn in 1 2; do
-  step b1_down_4x1024_$turn 60 $PY -c "$(tiles_with "$DOWN: (4, 1024, 2)")" $B1_ARGS \
-    --output "$OUT/b1_down_4x1024_$turn.json"
-  step b1_down_8x512_$turn 60 $PY -c "$(tiles_with "$DOWN: (8, 512, 4)")" $B1_ARGS \
-    --output "$OUT/b1_down_8x512_$turn.json"
-  step b1_down_2x512_$turn 60 $PY -c "$(tiles_with "$DOWN: (2, 512, 4)")" $B1_ARGS \
-    --output "$OUT/b1_down_2x512_$turn.json"
-  step b1_o_4x1024_$turn 60 $PY -c "$(tiles_with "$OPROJ: (4, 1024, 2)")" $B1_ARGS \
-    --output "$OUT/b1_o_4x1024_$turn.json"
-  step b1_o_4x512_$turn 60 $PY -c "$(tiles_with "$OPROJ: (4, 512, 4)")" $B1_ARGS \
-    --output "$OUT/b1_o_4x512_$turn.json"
+  tiles_step b1_down_4x1024_$turn "$DOWN: (4, 1024, 2)"
+  tiles_step b1_down_8x512_$turn "$DOWN: (8, 512, 4)"
+  tiles_step b1_down_2x512_$turn "$DOWN: (2, 512, 4)"
+  tiles_step b1_o_4x1024_$turn "$OPROJ: (4, 1024, 2)"
+  tiles_step b1_o_4x512_$turn "$OPROJ: (4, 512, 4)"
 done
 # End to end (gridllm bench latency) with o, and with o, q/k/v and gate/up, whole rows.
 step lat_fp8_o4k 90 $PY -c "$(tiles_with "$O4K" gridllm.bench)" ${LAT#*-m gridllm.bench} \
   --output "$OUT/lat_fp8_o4k.json"
-step lat_fp8_all4k 90 $PY -c "$(tiles_with "$O4K, $QKV4K, (28672, 4096): (2, 4096, 4)" \
-  gridllm.bench)" ${LAT#*-m gridllm.bench} --output "$OUT/lat_fp8_all4k.json"
+step lat_fp8_all4k 90 $PY -c "$(tiles_with "$O4K, $QKV4K, $GATE_UP4K" gridllm.bench)" \
+  ${LAT#*-m gridllm.bench} --output "$OUT/lat_fp8_all4k.json"
 step parity_tests 300 $PYTEST -rf tests/gridllm/test_gpu.py -k "not structured"
 step piecewise_fp8 90 $SMALL --quantization fp8 --kv-cache-dtype fp8 \
   --output "$OUT/piecewise_fp8.json"
