@@ -60,15 +60,14 @@ def kernel_table(events: list[dict], marker: str) -> dict:
     rows: dict[tuple[str, str], list[float]] = collections.defaultdict(lambda: [0, 0.0, 0.0])
     span = 0.0
     for a, b in zip(marks[:-1], marks[1:], strict=True):
-        previous_end = events[a]["ts"] + events[a]["dur"]
-        span += events[b]["ts"] + events[b]["dur"] - previous_end
-        for e in events[a + 1:b + 1]:
-            end = e["ts"] + e["dur"]
-            row = rows[(e["name"], json.dumps(e.get("args", {}).get("grid")))]
+        marker_end = events[a]["ts"] + events[a]["dur"]
+        span += events[b]["ts"] + events[b]["dur"] - marker_end
+        step = events[a + 1:b + 1]
+        for e, e2e in zip(step, _end_to_end(step, marker_end), strict=True):
+            row = rows[_key(e)]
             row[0] += 1
             row[1] += e["dur"]
-            row[2] += max(0.0, end - previous_end)
-            previous_end = max(previous_end, end)
+            row[2] += e2e
     kernels = [dict(name=name, grid=json.loads(grid), per_step=n / num_steps,
                     own_us_per_step=own / num_steps, end_to_end_us_per_step=e2e / num_steps,
                     own_us_mean=own / n, end_to_end_us_mean=e2e / n)
@@ -78,16 +77,21 @@ def kernel_table(events: list[dict], marker: str) -> dict:
                 kernels=kernels)
 
 
-def _keys_and_times(events: list[dict]) -> tuple[list[tuple[str, str]], list[float]]:
-    """Each event's (name, grid) and end-to-end time (from the end of the activity before
-    it to its own end; the first event's own span)."""
-    keys, e2e, previous_end = [], [], None
+def _key(event: dict) -> tuple[str, str]:
+    """What tells kernels apart in the tables: the name and the grid (as JSON)."""
+    return event["name"], json.dumps(event.get("args", {}).get("grid"))
+
+
+def _end_to_end(events: list[dict], previous_end: float | None = None) -> list[float]:
+    """Each event's end-to-end time: from the end of the activity before it (the latest
+    end so far, starting at ``previous_end``) to its own end; without ``previous_end`` the
+    first event's own span."""
+    times = []
     for e in events:
         end = e["ts"] + e["dur"]
-        keys.append((e["name"], json.dumps(e.get("args", {}).get("grid"))))
-        e2e.append(e["dur"] if previous_end is None else max(0.0, end - previous_end))
+        times.append(e["dur"] if previous_end is None else max(0.0, end - previous_end))
         previous_end = end if previous_end is None else max(previous_end, end)
-    return keys, e2e
+    return times
 
 
 def layer_period(keys: list, longest: int = 64) -> int:
@@ -110,7 +114,7 @@ def layer_table(events: list[dict], period: int | None = None) -> dict:
     None): its kernel, how many whole blocks it was seen in, mean own and end-to-end
     microseconds. Blocks are read from the start of each stretch where the kernels repeat
     with that period."""
-    keys, e2e = _keys_and_times(events)
+    keys, e2e = [_key(e) for e in events], _end_to_end(events)
     period = period or layer_period(keys)
     n = len(keys)
     sums = [[0, 0.0, 0.0] for _ in range(period)]

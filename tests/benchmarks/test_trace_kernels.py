@@ -85,7 +85,7 @@ def _layered_trace(num_steps=2, num_layers=4):
 
 def test_layer_table_times_each_position_of_the_repeating_block():
     events = tk.gpu_events(_layered_trace())
-    assert tk.layer_period(tk._keys_and_times(events)[0]) == 4
+    assert tk.layer_period([tk._key(e) for e in events]) == 4
     table = tk.layer_table(events)
     assert table["period"] == 4
     rows = [(p["name"], p["count"], p["own_us_mean"], p["end_to_end_us_mean"])
