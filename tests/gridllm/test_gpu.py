@@ -238,7 +238,8 @@ def _mixed_serving_run(llm, rng):
 @pytest.mark.parametrize("enforce_eager", [False, True])
 def test_no_triton_compilation_after_start(enforce_eager, fp8, triton_compilations):
     """Every Triton variant the serving path launches was built in the runner's warm-up;
-    with FP8 weights and KV cache too (the one-warp decode kernel's split counts)."""
+    with FP8 weights and KV cache too (the one-warp decode kernel's split counts, the FP8
+    weight-only kernel's row classes in eager steps of 9-16 tokens)."""
     triton_compilations.clear()
     quant = dict(quantization="fp8", kv_cache_dtype="fp8") if fp8 else {}
     llm = LLM("random:qwen3-0.6b", device="cuda", dtype="bfloat16", max_model_len=4096,
