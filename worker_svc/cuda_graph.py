@@ -18,7 +18,9 @@ import time
 import torch
 
 from kernels.paged_decode_attention import pick_num_splits
+from kernels.step_inputs import decode_graph_inputs
 from worker_svc.input_batch import BatchInputs
+from worker_svc.layers import ops
 from worker_svc.layers.attention import AttentionMetadata
 
 logger = logging.getLogger(__name__)
@@ -87,6 +89,9 @@ class CudaGraphRunner:
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32,
                                         device=device)
+        self._static = {"input_ids": self.input_ids, "positions": self.positions,
+                        "slot_mapping": self.slot_mapping, "seq_lens": self.seq_lens,
+                        "block_tables": self.block_tables}
         # The same for the KV groups after the first.
         self.group_slot_mapping = torch.full((num_groups - 1, n), -1, dtype=torch.long,
                                              device=device)
@@ -159,13 +164,17 @@ class CudaGraphRunner:
         key = self.graph_key(num_reqs, meta.max_seq_len)
         size = key[0]
         width = meta.block_tables.shape[1]
-        self.input_ids[:num_reqs].copy_(batch.input_ids, non_blocking=True)
-        self.positions[:num_reqs].copy_(batch.positions, non_blocking=True)
-        self.slot_mapping[:num_reqs].copy_(meta.slot_mapping, non_blocking=True)
-        self.slot_mapping[num_reqs:size].fill_(-1)
-        self.seq_lens[:num_reqs].copy_(meta.seq_lens, non_blocking=True)
-        self.seq_lens[num_reqs:size].zero_()
-        self.block_tables[:num_reqs, :width].copy_(meta.block_tables, non_blocking=True)
+        inputs = {"input_ids": batch.input_ids, "positions": batch.positions,
+                  "slot_mapping": meta.slot_mapping, "seq_lens": meta.seq_lens,
+                  "block_tables": meta.block_tables}
+        if ops.uses_triton(batch.input_ids):  # one launch for what follows
+            decode_graph_inputs(inputs, self._static, size)
+        else:
+            for name in ("input_ids", "positions", "slot_mapping", "seq_lens"):
+                self._static[name][:num_reqs].copy_(inputs[name], non_blocking=True)
+            self.slot_mapping[num_reqs:size].fill_(-1)
+            self.seq_lens[num_reqs:size].zero_()
+            self.block_tables[:num_reqs, :width].copy_(meta.block_tables, non_blocking=True)
         for group, view in enumerate((meta.groups or [])[1:]):
             self.group_slot_mapping[group, :num_reqs].copy_(view.slot_mapping,
                                                             non_blocking=True)

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from worker_svc.layers import ops
 from worker_svc.layers.attention import AttentionMetadata
 from worker_svc.request_state import RequestState, has_penalties, needs_masking
 from worker_svc.sampling_metadata import SamplingMetadata
@@ -399,8 +400,8 @@ class InputBatch:
         input_ids_dev = dev["input_ids"]
         if pending_dst.size:
             assert self.last_sampled is not None
-            input_ids_dev[dev["pending_dst"]] = \
-                self.last_sampled[dev["pending_src"]].to(input_ids_dev.dtype)
+            ops.scatter_sampled(input_ids_dev, dev["pending_dst"], dev["pending_src"],
+                                self.last_sampled)
         one_token = num_scheduled == 1
         num_one_token = int(np.count_nonzero(one_token))
         one_token_prefix = num_one_token if one_token[:num_one_token].all() else 0

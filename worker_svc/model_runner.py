@@ -322,7 +322,10 @@ class ModelRunner:
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches,
                                 inputs.attn_metadata)
         prompt_logprobs = self._prompt_logprobs(inputs, hidden)
-        logits = self.model.compute_logits(hidden[inputs.logits_indices])
+        # A step of one token a row samples every row: no gather (a launch saved).
+        every_row = hidden.shape[0] == len(inputs.num_tokens) == inputs.input_ids.shape[0]
+        logits = self.model.compute_logits(hidden if every_row
+                                           else hidden[inputs.logits_indices])
         constrained = batch.constrained_rows(inputs)
         if batch.processor_rows_have_pending_tokens():
             # Extra processors read the token ids on the host: wait for the previous step's

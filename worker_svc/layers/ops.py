@@ -131,6 +131,18 @@ def add_rms_norm_linear(x: torch.Tensor, residual: torch.Tensor, norm, linear,
     return y.reshape(*x.shape[:-1], -1), res.reshape(x.shape)
 
 
+def scatter_sampled(input_ids: torch.Tensor, dst: torch.Tensor, src: torch.Tensor,
+                    sampled: torch.Tensor) -> None:
+    """``input_ids[dst] = sampled[src]`` in place: the tokens the last step sampled, still
+    on the device, as this step's inputs (one launch on CUDA, three torch ops else)."""
+    if _triton(input_ids):
+        from kernels.step_inputs import scatter_sampled as kernel
+
+        kernel(input_ids, dst, src, sampled)
+        return
+    input_ids[dst] = sampled[src].to(input_ids.dtype)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
              residual: torch.Tensor | None = None):
     if _triton(x):

@@ -1,0 +1,112 @@
+import pytest
+import torch
+
+from kernels.step_inputs import decode_graph_inputs, scatter_sampled
+from tests.kernels.conftest import DEVICE, needs_gpu
+
+_NAMES = ("input_ids", "positions", "slot_mapping", "seq_lens")
+
+
+@pytest.mark.parametrize("ids_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("num_pending", [0, 1, 5, 1500])  # 1500: two programs
+def test_scatter_sampled_matches_torch(ids_dtype, num_pending):
+    g = torch.Generator().manual_seed(num_pending)
+    num_tokens = num_pending + 7
+    ids = torch.randint(0, 50_000, (num_tokens,), generator=g, dtype=ids_dtype)
+    sampled = torch.randint(0, 2 ** 31 - 1, (num_pending + 3,), generator=g)
+    dst = torch.randperm(num_tokens, generator=g)[:num_pending]
+    src = torch.randint(0, num_pending + 3, (num_pending,), generator=g, dtype=torch.int32)
+    expected = ids.clone()
+    expected[dst] = sampled[src].to(ids_dtype)
+    out = ids.to(DEVICE)
+    scatter_sampled(out, dst.to(DEVICE), src.to(DEVICE), sampled.to(DEVICE))
+    assert torch.equal(out.cpu(), expected)
+
+
+def test_scatter_sampled_rejects_bad_arguments():
+    ids = torch.zeros(4, dtype=torch.int64, device=DEVICE)
+    index = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+    with pytest.raises(ValueError, match="src"):
+        scatter_sampled(ids, index, index[:1], index)
+    with pytest.raises(ValueError, match="sampled"):
+        scatter_sampled(ids, index, index, index.float())
+    with pytest.raises(ValueError, match="input_ids"):
+        scatter_sampled(ids.view(2, 2), index, index, index)
+
+
+def _graph_buffers(capacity: int, width: int) -> dict[str, torch.Tensor]:
+    # Dtypes and fill values as worker_svc.cuda_graph.CudaGraphRunner allocates them,
+    # made distinct so a missed write shows.
+    return {"input_ids": torch.full((capacity,), 7, dtype=torch.long, device=DEVICE),
+            "positions": torch.full((capacity,), 8, dtype=torch.int32, device=DEVICE),
+            "slot_mapping": torch.full((capacity,), 9, dtype=torch.long, device=DEVICE),
+            "seq_lens": torch.full((capacity,), 10, dtype=torch.int32, device=DEVICE),
+            "block_tables": torch.full((capacity, width), 11, dtype=torch.int32,
+                                       device=DEVICE)}
+
+
+def _inputs(num_reqs: int, width: int, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    # Dtypes as worker_svc.input_batch stages them; the table a view of a wider one.
+    wide = torch.randint(0, 10_000, (num_reqs, width + 5), generator=g, dtype=torch.int32)
+    inputs = {"input_ids": torch.randint(0, 50_000, (num_reqs,), generator=g,
+                                         dtype=torch.int32),
+              "positions": torch.randint(0, 4096, (num_reqs,), generator=g, dtype=torch.int32),
+              "slot_mapping": torch.randint(0, 2 ** 40, (num_reqs,), generator=g),
+              "seq_lens": torch.randint(1, 4096, (num_reqs,), generator=g, dtype=torch.int32),
+              "block_tables": wide[:, :width]}
+    return {name: t.to(DEVICE) for name, t in inputs.items()}
+
+
+def _expected(graph: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor],
+              size: int) -> dict[str, torch.Tensor]:
+    """What CudaGraphRunner's torch copies leave in the buffers."""
+    out = {name: t.clone() for name, t in graph.items()}
+    num_reqs, width = inputs["block_tables"].shape
+    for name in _NAMES:
+        out[name][:num_reqs].copy_(inputs[name])
+    out["block_tables"][:num_reqs, :width].copy_(inputs["block_tables"])
+    out["slot_mapping"][num_reqs:size].fill_(-1)
+    out["seq_lens"][num_reqs:size].zero_()
+    return out
+
+
+@pytest.mark.parametrize("num_reqs,size,width", [(1, 1, 3), (3, 4, 300), (5, 8, 16),
+                                                 (2, 2, 513)])
+def test_decode_graph_inputs_match_the_torch_copies(num_reqs, size, width):
+    capacity, graph_width = 8, 520
+    graph = _graph_buffers(capacity, graph_width)
+    inputs = _inputs(num_reqs, width, seed=size * 1000 + width)
+    expected = _expected(graph, inputs, size)
+    decode_graph_inputs(inputs, graph, size)
+    for name, t in graph.items():
+        assert torch.equal(t.cpu(), expected[name].cpu()), name
+
+
+def test_decode_graph_inputs_rejects_what_does_not_fit():
+    graph = _graph_buffers(4, 16)
+    inputs = _inputs(3, 8, seed=0)
+    with pytest.raises(ValueError, match="size"):
+        decode_graph_inputs(inputs, graph, 2)
+    with pytest.raises(ValueError, match="size"):
+        decode_graph_inputs(inputs, graph, 5)
+    with pytest.raises(ValueError, match="block_tables"):
+        decode_graph_inputs(_inputs(3, 17, seed=0), graph, 4)
+    with pytest.raises(ValueError, match="positions"):
+        decode_graph_inputs({**inputs, "positions": inputs["positions"][:2]}, graph, 4)
+    with pytest.raises(ValueError, match="seq_lens"):
+        decode_graph_inputs({**inputs, "seq_lens": inputs["seq_lens"].float()}, graph, 4)
+    with pytest.raises(ValueError, match="slot_mapping"):
+        decode_graph_inputs(inputs, {**graph, "slot_mapping": graph["slot_mapping"][:3]}, 3)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_decode_graph_inputs_at_the_largest_graph():
+    capacity, graph_width = 256, 8192
+    graph = _graph_buffers(capacity, graph_width)
+    inputs = _inputs(200, 2049, seed=1)
+    expected = _expected(graph, inputs, 256)
+    decode_graph_inputs(inputs, graph, 256)
+    for name, t in graph.items():
+        assert torch.equal(t, expected[name]), name
