@@ -378,6 +378,32 @@ g.config_for = config_for" "${2:-}"
 tiles_step() {
   step "$1" 60 $PY -c "$(tiles_with "$2")" $B1_ARGS --output "$OUT/$1.json"
 }
+# The step's input moves as two kernels (kernels/step_inputs.py) against the torch ops
+# they replace (an index, a cast and an index_put; a cast and four device copies): their
+# GPU test, then batch-1 FP8 steps of random:llama3-8b and batch-64 decode steps of
+# random:qwen3-0.6b (whose host matters more), each way, in turns.
+step inputs_tests 60 $PY -m pytest -q -p no:cacheprovider tests/kernels/test_step_inputs.py
+TORCH_INPUTS="import worker_svc.cuda_graph as cg, worker_svc.layers.ops as o
+def torch_inputs(inputs, graph, size):
+    n, w = inputs['block_tables'].shape
+    for k in ('input_ids', 'positions', 'slot_mapping', 'seq_lens'):
+        graph[k][:n].copy_(inputs[k], non_blocking=True)
+    graph['slot_mapping'][n:size].fill_(-1)
+    graph['seq_lens'][n:size].zero_()
+    graph['block_tables'][:n, :w].copy_(inputs['block_tables'], non_blocking=True)
+def torch_scatter(ids, dst, src, sampled):
+    ids[dst] = sampled[src].to(ids.dtype)
+cg.decode_graph_inputs, o.scatter_sampled = torch_inputs, torch_scatter"
+QWEN_B64="--model random:qwen3-0.6b --batch-size 64 --input-len 128 --num-steps 64"
+for turn in 1 2 3; do
+  step b1_inputs_$turn 60 $B1_STEPS --output "$OUT/b1_inputs_$turn.json"
+  step b1_inputs_torch_$turn 60 $PY -c "$(busy_with "$TORCH_INPUTS")" $B1_ARGS \
+    --output "$OUT/b1_inputs_torch_$turn.json"
+  step qwen_b64_inputs_$turn 60 $PY -m gridllm.bench.gpu_busy $QWEN_B64 \
+    --output "$OUT/qwen_b64_inputs_$turn.json"
+  step qwen_b64_inputs_torch_$turn 60 $PY -c "$(busy_with "$TORCH_INPUTS")" $QWEN_B64 \
+    --output "$OUT/qwen_b64_inputs_torch_$turn.json"
+done
 O4K="(4096, 4096): (2, 4096, 4)"
 QKV4K="(6144, 4096): (2, 4096, 4)"
 GATE_UP4K="(28672, 4096): (2, 4096, 4)"
@@ -406,32 +432,6 @@ step lat_fp8_o4k 90 $PY -c "$(tiles_with "$O4K" gridllm.bench)" ${LAT#*-m gridll
   --output "$OUT/lat_fp8_o4k.json"
 step lat_fp8_all4k 90 $PY -c "$(tiles_with "$O4K, $QKV4K, $GATE_UP4K" gridllm.bench)" \
   ${LAT#*-m gridllm.bench} --output "$OUT/lat_fp8_all4k.json"
-# The step's input moves as two kernels (kernels/step_inputs.py) against the torch ops
-# they replace (an index, a cast and an index_put; a cast and four device copies): their
-# GPU test, then batch-1 FP8 steps of random:llama3-8b and batch-64 decode steps of
-# random:qwen3-0.6b (whose host matters more), each way, in turns.
-step inputs_tests 60 $PY -m pytest -q -p no:cacheprovider tests/kernels/test_step_inputs.py
-TORCH_INPUTS="import worker_svc.cuda_graph as cg, worker_svc.layers.ops as o
-def torch_inputs(inputs, graph, size):
-    n, w = inputs['block_tables'].shape
-    for k in ('input_ids', 'positions', 'slot_mapping', 'seq_lens'):
-        graph[k][:n].copy_(inputs[k], non_blocking=True)
-    graph['slot_mapping'][n:size].fill_(-1)
-    graph['seq_lens'][n:size].zero_()
-    graph['block_tables'][:n, :w].copy_(inputs['block_tables'], non_blocking=True)
-def torch_scatter(ids, dst, src, sampled):
-    ids[dst] = sampled[src].to(ids.dtype)
-cg.decode_graph_inputs, o.scatter_sampled = torch_inputs, torch_scatter"
-QWEN_B64="--model random:qwen3-0.6b --batch-size 64 --input-len 128 --num-steps 64"
-for turn in 1 2 3; do
-  step b1_inputs_$turn 60 $B1_STEPS --output "$OUT/b1_inputs_$turn.json"
-  step b1_inputs_torch_$turn 60 $PY -c "$(busy_with "$TORCH_INPUTS")" $B1_ARGS \
-    --output "$OUT/b1_inputs_torch_$turn.json"
-  step qwen_b64_inputs_$turn 60 $PY -m gridllm.bench.gpu_busy $QWEN_B64 \
-    --output "$OUT/qwen_b64_inputs_$turn.json"
-  step qwen_b64_inputs_torch_$turn 60 $PY -c "$(busy_with "$TORCH_INPUTS")" $QWEN_B64 \
-    --output "$OUT/qwen_b64_inputs_torch_$turn.json"
-done
 step parity_tests 300 $PYTEST -rf tests/gridllm/test_gpu.py -k "not structured"
 step piecewise_fp8 90 $SMALL --quantization fp8 --kv-cache-dtype fp8 \
   --output "$OUT/piecewise_fp8.json"
