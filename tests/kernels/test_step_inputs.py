@@ -110,3 +110,51 @@ def test_decode_graph_inputs_at_the_largest_graph():
     decode_graph_inputs(inputs, graph, 256)
     for name, t in graph.items():
         assert torch.equal(t, expected[name]), name
+
+
+class _Replay:
+    """A captured graph's stand-in: keeps what the static buffers held at replay."""
+
+    def __init__(self, runner):
+        self.runner, self.seen = runner, None
+
+    def replay(self) -> None:
+        self.seen = {name: t.clone() for name, t in self.runner._static.items()}
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+@pytest.mark.parametrize("num_reqs", [1, 3])
+def test_graph_runner_fills_its_buffers_with_the_batch(monkeypatch, num_reqs, kernel):
+    """CudaGraphRunner.run, with the kernel (here in the interpreter) and with its torch
+    copies: at replay the static buffers hold the batch, padding rows included."""
+    import numpy as np
+
+    from worker_svc import cuda_graph
+    from worker_svc.input_batch import BatchInputs
+    from worker_svc.layers import ops
+    from worker_svc.layers.attention import AttentionMetadata
+
+    inputs = _inputs(num_reqs, 16, seed=num_reqs)
+    meta = AttentionMetadata(
+        inputs["slot_mapping"], torch.arange(num_reqs + 1, dtype=torch.int32, device=DEVICE),
+        inputs["seq_lens"], inputs["block_tables"], max_query_len=1, max_seq_len=64)
+    batch = BatchInputs(input_ids=inputs["input_ids"], positions=inputs["positions"],
+                        attn_metadata=meta, starts=np.zeros(num_reqs, dtype=np.int64),
+                        num_tokens=np.ones(num_reqs, dtype=np.int64),
+                        logits_indices=torch.arange(num_reqs, device=DEVICE),
+                        is_sampling=np.ones(num_reqs, dtype=bool), sampling={})
+    monkeypatch.setattr(ops, "uses_triton", lambda x: kernel)
+    runner = cuda_graph.CudaGraphRunner(None, [], max_batch_size=8, max_blocks_per_seq=32,
+                                        max_seq_len=64, device=DEVICE, num_kv_heads=2)
+    for t in runner._static.values():
+        t.fill_(5)  # stale values a missed write would leave
+    graphs = {(s, n): _Replay(runner) for s in runner.sizes for n in range(1, 65)}
+    runner.graphs = graphs
+    runner.outputs = {key: torch.zeros(key[0], 4, device=DEVICE) for key in graphs}
+    size = runner.graph_key(num_reqs, 64)[0]
+    assert size > num_reqs or num_reqs == 1
+    expected = _expected(runner._static, inputs, size)
+    assert runner.run(batch).shape == (num_reqs, 4)
+    (replayed,) = [g.seen for g in graphs.values() if g.seen is not None]
+    for name, t in expected.items():
+        assert torch.equal(replayed[name].cpu(), t.cpu()), name
