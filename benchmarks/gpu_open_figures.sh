@@ -383,17 +383,9 @@ tiles_step() {
 # GPU test, then batch-1 FP8 steps of random:llama3-8b and batch-64 decode steps of
 # random:qwen3-0.6b (whose host matters more), each way, in turns.
 step inputs_tests 60 $PY -m pytest -q -p no:cacheprovider tests/kernels/test_step_inputs.py
-TORCH_INPUTS="import worker_svc.cuda_graph as cg, worker_svc.layers.ops as o
-def torch_inputs(inputs, graph, size):
-    n, w = inputs['block_tables'].shape
-    for k in ('input_ids', 'positions', 'slot_mapping', 'seq_lens'):
-        graph[k][:n].copy_(inputs[k], non_blocking=True)
-    graph['slot_mapping'][n:size].fill_(-1)
-    graph['seq_lens'][n:size].zero_()
-    graph['block_tables'][:n, :w].copy_(inputs['block_tables'], non_blocking=True)
-def torch_scatter(ids, dst, src, sampled):
-    ids[dst] = sampled[src].to(ids.dtype)
-cg.decode_graph_inputs, o.scatter_sampled = torch_inputs, torch_scatter"
+TORCH_INPUTS="import kernels.torch_ref as r
+import worker_svc.cuda_graph as cg, worker_svc.layers.ops as o
+cg.decode_graph_inputs, o.scatter_sampled = r.decode_graph_inputs, r.scatter_sampled"
 QWEN_B64="--model random:qwen3-0.6b --batch-size 64 --input-len 128 --num-steps 64"
 for turn in 1 2 3; do
   step b1_inputs_$turn 60 $B1_STEPS --output "$OUT/b1_inputs_$turn.json"

@@ -295,3 +295,21 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     target = (u * cdf[:, -1])[:, None]
     drawn = torch.searchsorted(cdf, target, right=True)[:, 0].clamp_(max=x.shape[-1] - 1)
     return torch.where(greedy, argmax, drawn)
+
+
+def scatter_sampled(input_ids: torch.Tensor, dst: torch.Tensor, src: torch.Tensor,
+                    sampled: torch.Tensor) -> None:
+    """``input_ids[dst] = sampled[src]`` in place, cast to ``input_ids``' dtype."""
+    input_ids[dst] = sampled[src].to(input_ids.dtype)
+
+
+def decode_graph_inputs(inputs: dict[str, torch.Tensor], graph: dict[str, torch.Tensor],
+                        size: int) -> None:
+    """A decode batch into a CUDA graph's static buffers (``kernels.step_inputs``' layout):
+    rows ``[0, B)`` take ``inputs``, padding rows ``[B, size)`` slot -1 and length 0."""
+    num_reqs, width = inputs["block_tables"].shape
+    for name in ("input_ids", "positions", "slot_mapping", "seq_lens"):
+        graph[name][:num_reqs].copy_(inputs[name], non_blocking=True)
+    graph["slot_mapping"][num_reqs:size].fill_(-1)
+    graph["seq_lens"][num_reqs:size].zero_()
+    graph["block_tables"][:num_reqs, :width].copy_(inputs["block_tables"], non_blocking=True)

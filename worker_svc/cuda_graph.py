@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from kernels import torch_ref
 from kernels.paged_decode_attention import pick_num_splits
 from kernels.step_inputs import decode_graph_inputs
 from worker_svc.input_batch import BatchInputs
@@ -167,14 +168,10 @@ class CudaGraphRunner:
         inputs = {"input_ids": batch.input_ids, "positions": batch.positions,
                   "slot_mapping": meta.slot_mapping, "seq_lens": meta.seq_lens,
                   "block_tables": meta.block_tables}
-        if ops.uses_triton(batch.input_ids):  # one launch for what follows
+        if ops.uses_triton(batch.input_ids):  # one launch for the torch reference's copies
             decode_graph_inputs(inputs, self._static, size)
         else:
-            for name in ("input_ids", "positions", "slot_mapping", "seq_lens"):
-                self._static[name][:num_reqs].copy_(inputs[name], non_blocking=True)
-            self.slot_mapping[num_reqs:size].fill_(-1)
-            self.seq_lens[num_reqs:size].zero_()
-            self.block_tables[:num_reqs, :width].copy_(meta.block_tables, non_blocking=True)
+            torch_ref.decode_graph_inputs(inputs, self._static, size)
         for group, view in enumerate((meta.groups or [])[1:]):
             self.group_slot_mapping[group, :num_reqs].copy_(view.slot_mapping,
                                                             non_blocking=True)

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from kernels import torch_ref
 from kernels.step_inputs import decode_graph_inputs, scatter_sampled
 from tests.kernels.conftest import DEVICE, needs_gpu
 
@@ -17,7 +18,7 @@ def test_scatter_sampled_matches_torch(ids_dtype, num_pending):
     dst = torch.randperm(num_tokens, generator=g)[:num_pending]
     src = torch.randint(0, num_pending + 3, (num_pending,), generator=g, dtype=torch.int32)
     expected = ids.clone()
-    expected[dst] = sampled[src].to(ids_dtype)
+    torch_ref.scatter_sampled(expected, dst, src, sampled)
     out = ids.to(DEVICE)
     scatter_sampled(out, dst.to(DEVICE), src.to(DEVICE), sampled.to(DEVICE))
     assert torch.equal(out.cpu(), expected)
@@ -60,14 +61,8 @@ def _inputs(num_reqs: int, width: int, seed: int) -> dict[str, torch.Tensor]:
 
 def _expected(graph: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor],
               size: int) -> dict[str, torch.Tensor]:
-    """What CudaGraphRunner's torch copies leave in the buffers."""
     out = {name: t.clone() for name, t in graph.items()}
-    num_reqs, width = inputs["block_tables"].shape
-    for name in _NAMES:
-        out[name][:num_reqs].copy_(inputs[name])
-    out["block_tables"][:num_reqs, :width].copy_(inputs["block_tables"])
-    out["slot_mapping"][num_reqs:size].fill_(-1)
-    out["seq_lens"][num_reqs:size].zero_()
+    torch_ref.decode_graph_inputs(inputs, out, size)
     return out
 
 
@@ -81,6 +76,13 @@ def test_decode_graph_inputs_match_the_torch_copies(num_reqs, size, width):
     decode_graph_inputs(inputs, graph, size)
     for name, t in graph.items():
         assert torch.equal(t.cpu(), expected[name].cpu()), name
+    # The reference's layout, spelled out.
+    assert torch.equal(graph["input_ids"][:num_reqs].cpu(), inputs["input_ids"].long().cpu())
+    assert torch.equal(graph["block_tables"][:num_reqs, :width].cpu(),
+                       inputs["block_tables"].cpu())
+    assert (graph["slot_mapping"][num_reqs:size] == -1).all()
+    assert (graph["seq_lens"][num_reqs:size] == 0).all()
+    assert (graph["slot_mapping"][size:] == 9).all()  # past the replayed rows: untouched
 
 
 def test_decode_graph_inputs_rejects_what_does_not_fit():

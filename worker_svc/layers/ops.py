@@ -139,8 +139,8 @@ def scatter_sampled(input_ids: torch.Tensor, dst: torch.Tensor, src: torch.Tenso
         from kernels.step_inputs import scatter_sampled as kernel
 
         kernel(input_ids, dst, src, sampled)
-        return
-    input_ids[dst] = sampled[src].to(input_ids.dtype)
+    else:
+        torch_ref.scatter_sampled(input_ids, dst, src, sampled)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
