@@ -3,8 +3,8 @@
 Between two decode steps the GPU ran, besides the staged inputs' one host copy, eight
 small operations in a row (H100 trace of a batch-1 step: an index, a cast and an index_put
 for the tokens the last step sampled, a cast and four device copies into the CUDA graph's
-static inputs), ~2.5 us each end to end, and the host paid ~10-30 us of torch dispatch for
-each. Here they are two kernels:
+static inputs), 3.2-5.2 us each end to end, and the host paid ~10-30 us of torch dispatch
+for each. Here they are two kernels:
 
 - ``scatter_sampled``: ``input_ids[dst] = sampled[src]`` (the tokens sampled last step,
   still on the device, become this step's inputs);

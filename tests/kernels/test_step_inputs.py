@@ -5,8 +5,6 @@ from kernels import torch_ref
 from kernels.step_inputs import decode_graph_inputs, scatter_sampled
 from tests.kernels.conftest import DEVICE, needs_gpu
 
-_NAMES = ("input_ids", "positions", "slot_mapping", "seq_lens")
-
 
 @pytest.mark.parametrize("ids_dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("num_pending", [0, 1, 5, 1500])  # 1500: two programs
