@@ -124,10 +124,11 @@
 #   lat_fp8_o4k, lat_fp8_all4k
 #                        end to end with o, and with all three, whole rows
 #   inputs_tests, b1_inputs_1, b1_inputs_torch_1, qwen_b64_inputs_1,
-#   qwen_b64_inputs_torch_1, b1_inputs_2, ...
+#   qwen_b64_inputs_torch_1, b1_f32logits_1, qwen_b64_f32logits_1, b1_inputs_2, ...
 #                        the step-input kernels' GPU test, then batch-1 FP8 steps of
 #                        random:llama3-8b and batch-64 decode steps of random:qwen3-0.6b
-#                        with them and with the torch ops they replace, in turns
+#                        with them and with the torch ops they replace, and with the
+#                        greedy argmax over float32 logits instead of bf16, in turns
 #   piecewise_fp8, piecewise_fp8_eager
 #                        the 512-token prompt steps' periods with FP8 weights and KV cache,
 #                        with graphs cut at attention and without (past the budget)
@@ -387,6 +388,12 @@ TORCH_INPUTS="import kernels.torch_ref as r
 import worker_svc.cuda_graph as cg, worker_svc.layers.ops as o
 cg.decode_graph_inputs, o.scatter_sampled = r.decode_graph_inputs, r.scatter_sampled"
 QWEN_B64="--model random:qwen3-0.6b --batch-size 64 --input-len 128 --num-steps 64"
+# Greedy steps' logits converted to float32 before the argmax, as before the sampler took
+# the LM head's bf16 logits as they are (b1_inputs_N and qwen_b64_inputs_N are the served
+# way).
+F32_LOGITS="import worker_svc.sampler as s
+call = s.Sampler.__call__
+s.Sampler.__call__ = lambda self, logits, meta: call(self, logits.float(), meta)"
 for turn in 1 2 3; do
   step b1_inputs_$turn 60 $B1_STEPS --output "$OUT/b1_inputs_$turn.json"
   step b1_inputs_torch_$turn 60 $PY -c "$(busy_with "$TORCH_INPUTS")" $B1_ARGS \
@@ -395,6 +402,10 @@ for turn in 1 2 3; do
     --output "$OUT/qwen_b64_inputs_$turn.json"
   step qwen_b64_inputs_torch_$turn 60 $PY -c "$(busy_with "$TORCH_INPUTS")" $QWEN_B64 \
     --output "$OUT/qwen_b64_inputs_torch_$turn.json"
+  step b1_f32logits_$turn 60 $PY -c "$(busy_with "$F32_LOGITS")" $B1_ARGS \
+    --output "$OUT/b1_f32logits_$turn.json"
+  step qwen_b64_f32logits_$turn 60 $PY -c "$(busy_with "$F32_LOGITS")" $QWEN_B64 \
+    --output "$OUT/qwen_b64_f32logits_$turn.json"
 done
 O4K="(4096, 4096): (2, 4096, 4)"
 QKV4K="(6144, 4096): (2, 4096, 4)"

@@ -151,7 +151,7 @@ class ModelRunner:
         if token_ids is None:
             token_ids = torch.zeros(num_tokens, dtype=torch.int32, device=dev)
         hidden = self.model(token_ids, positions, kv_caches, metadata)
-        self.model.compute_logits(hidden[-logits_rows:])
+        self.model.compute_logits(hidden[-logits_rows:], float32=False)
 
     def _capture_cuda_graphs(self) -> CudaGraphRunner | None:
         # Graphs need host-sync-free kernels: the Triton backend's decode path is.
@@ -322,10 +322,12 @@ class ModelRunner:
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches,
                                 inputs.attn_metadata)
         prompt_logprobs = self._prompt_logprobs(inputs, hidden)
-        # A step of one token a row samples every row: no gather (a launch saved).
+        # A step of one token a row samples every row: no gather (a launch saved). The
+        # logits stay in the LM head's dtype: the sampler converts them where it computes
+        # with them (greedy rows' argmax reads them as they are).
         every_row = hidden.shape[0] == len(inputs.num_tokens) == inputs.input_ids.shape[0]
-        logits = self.model.compute_logits(hidden if every_row
-                                           else hidden[inputs.logits_indices])
+        logits = self.model.compute_logits(
+            hidden if every_row else hidden[inputs.logits_indices], float32=False)
         constrained = batch.constrained_rows(inputs)
         if batch.processor_rows_have_pending_tokens():
             # Extra processors read the token ids on the host: wait for the previous step's

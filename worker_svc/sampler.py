@@ -67,7 +67,9 @@ class Sampler:
         self._generator: torch.Generator | None = None
 
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
-        """Sample ``logits[B, V]`` (not modified); no host sync.
+        """Sample ``logits[B, V]`` (float32 or the LM head's 16-bit dtype; not modified);
+        no host sync. Greedy rows alone take the argmax of the logits as they are (a
+        float32 copy would not change it); everything else computes in float32.
 
         Returns:
             The sampled token ids and, for rows that ask, their raw logprobs.
@@ -75,7 +77,8 @@ class Sampler:
         if logits.dim() != 2 or tuple(logits.shape) != (meta.num_rows, meta.vocab_size):
             raise ValueError(f"logits must have shape ({meta.num_rows}, {meta.vocab_size}), "
                              f"got {tuple(logits.shape)}.")
-        logits = logits.float()
+        if not meta.all_greedy or meta.has_penalties or meta.max_num_logprobs is not None:
+            logits = logits.float()
         token_ids = self.sample(self._mask(logits, meta), meta, with_penalties=True)
         output = SamplerOutput(token_ids=token_ids, num_logprobs=meta.num_logprobs)
         if meta.max_num_logprobs is not None:
@@ -110,7 +113,7 @@ class Sampler:
         # The stages before the penalties (which the draw applies itself).
         if not meta.needs_masking:
             return logits
-        logits = logits.float().clone()
+        logits = logits.to(torch.float32, copy=True)
         if meta.token_bitmask is not None:
             assert meta.bitmask_rows is not None
             if self._uses_kernel(logits):

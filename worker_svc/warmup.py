@@ -151,8 +151,17 @@ def warm_up_steps(runner: ModelRunner) -> None:
     runner.execute_model_async(decode).get_output()
     pending.get_output()
     runner.reset_requests()
+    # Greedy requests alone take the argmax kernel over the logits in the LM head's dtype:
+    # a step of one such request builds it as served.
+    greedy = SchedulerOutput(
+        scheduled_new_reqs=[NewRequestData(
+            "warm-up-greedy", prompt, SamplingParams(temperature=0.0), [],
+            [block_id(0, 0, 0)], 0, [[block_id(0, 0, g)] for g in range(1, num_groups)])],
+        num_scheduled_tokens={"warm-up-greedy": len(prompt)},
+        total_num_scheduled_tokens=len(prompt))
+    runner.execute_model_async(greedy).get_output()
+    runner.reset_requests()
     _warm_up_penalised_sampling(runner)
-    _warm_up_greedy_sampling(runner)
     _warm_up_token_bitmask(runner)
     _synchronize(runner.device)
 
@@ -167,11 +176,6 @@ def _warm_up_penalised_sampling(runner: ModelRunner) -> None:
     # for penalties.
     _warm_up_sampling(runner, SamplingParams(temperature=0.7, top_p=0.8,
                                              repetition_penalty=1.2, frequency_penalty=0.1), 2)
-
-
-def _warm_up_greedy_sampling(runner: ModelRunner) -> None:
-    # Greedy requests alone take the argmax kernel (the steps above mix in a random one).
-    _warm_up_sampling(runner, SamplingParams(temperature=0.0), 1)
 
 
 def _warm_up_sampling(runner: ModelRunner, params: SamplingParams, num_reqs: int) -> None:

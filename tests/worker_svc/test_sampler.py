@@ -246,6 +246,45 @@ def test_all_greedy_kernel_path_is_torch_argmax():
     assert torch.equal(token_ids, logits.argmax(-1)) and int(token_ids[1]) == 600
 
 
+SIXTEEN_BIT_CASES = {
+    "greedy": [SamplingParams(temperature=0.0)] * 3,
+    "greedy, masked": [SamplingParams(temperature=0.0, allowed_token_ids=[3, 4, 9]),
+                       SamplingParams(temperature=0.0, logit_bias={7: 0.01})],
+    "greedy, penalties": [SamplingParams(temperature=0.0, repetition_penalty=1.3),
+                          SamplingParams(temperature=0.0, frequency_penalty=0.2)],
+    "greedy, logprobs": [SamplingParams(temperature=0.0, logprobs=4), SamplingParams(
+        temperature=0.0)],
+    "random": [SamplingParams(temperature=0.7, top_p=0.9, seed=5),
+               SamplingParams(temperature=0.0)],
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("use_kernel", [False, True], ids=["torch", "kernel"])
+@pytest.mark.parametrize("case", list(SIXTEEN_BIT_CASES))
+def test_sixteen_bit_logits_sample_as_their_float32_copy(case, use_kernel, dtype):
+    """The runner hands the sampler the LM head's 16-bit logits: every path (the argmax
+    that reads them as they are, and those that convert them) gives the tokens and
+    logprobs of the float32 copy, ties of the coarse dtype included."""
+    params = SIXTEEN_BIT_CASES[case]
+    if use_kernel and case == "random":
+        pytest.skip("the sampling kernel is covered by tests/kernels/test_sampling.py")
+    vocab_size = 600
+    logits = (torch.randn(len(params), vocab_size, generator=torch.Generator().manual_seed(3))
+              * 3).to(dtype)
+    logits[:, 100] = logits[:, 200] = logits.max() + 1  # a tie: the first index wins
+    original = logits.clone()
+    meta = build(params, vocab_size, prompts=[[100, 5]] * len(params),
+                 outputs=[[200]] * len(params), seeds=[p.seed for p in params])
+    out = Sampler(seed=0, use_kernel=use_kernel)(logits, meta)
+    ref = Sampler(seed=0, use_kernel=use_kernel)(logits.float(), meta)
+    assert torch.equal(out.token_ids, ref.token_ids)
+    assert out.logprobs == ref.logprobs
+    assert torch.equal(logits, original), "the caller's logits were modified"
+    if case == "greedy":
+        assert out.token_ids.tolist() == [100] * len(params)
+
+
 def test_allowed_token_ids_and_min_tokens_hold_when_sampling():
     vocab_size, rows = 30, 3000
     eos = 0

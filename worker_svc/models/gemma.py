@@ -192,13 +192,14 @@ class Gemma2ForCausalLM(nn.Module):
         """
         return self.model(input_ids, positions, kv_caches, attn_metadata)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``[N, hidden] -> [N, vocab]`` float32 logits, soft-capped if the config says so."""
-        logits = self.lm_head(hidden).float()
-        if self.final_logit_softcap is not None:
-            cap = self.final_logit_softcap
-            logits = cap * torch.tanh(logits / cap)
-        return logits
+    def compute_logits(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:
+        """``[N, hidden] -> [N, vocab]`` float32 logits, soft-capped if the config says so
+        (``float32=False``: in the LM head's dtype where no cap applies)."""
+        logits = self.lm_head(hidden)
+        if self.final_logit_softcap is None:
+            return logits.float() if float32 else logits
+        cap = self.final_logit_softcap
+        return cap * torch.tanh(logits.float() / cap)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load HF-named tensors (``model.layers.0.self_attn.q_proj.weight`` ...)."""

@@ -153,9 +153,11 @@ class OPTForCausalLM(nn.Module):
         """Packed ``[T]`` ids and positions -> hidden ``[T, word_embed_proj_dim]``."""
         return self.model.decoder(input_ids, positions, kv_caches, attn_metadata)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``[N, hidden] -> [N, vocab]`` float32 logits."""
-        return self.lm_head(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:
+        """``[N, hidden] -> [N, vocab]`` float32 logits (``float32=False``: in the LM
+        head's dtype)."""
+        logits = self.lm_head(hidden)
+        return logits.float() if float32 else logits
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load HF-named tensors; accepts names with or without the ``model.`` prefix."""
