@@ -162,6 +162,7 @@ def warm_up_steps(runner: ModelRunner) -> None:
     runner.execute_model_async(greedy).get_output()
     runner.reset_requests()
     _warm_up_penalised_sampling(runner)
+    _warm_up_masked_greedy_sampling(runner)
     _warm_up_token_bitmask(runner)
     _synchronize(runner.device)
 
@@ -176,6 +177,11 @@ def _warm_up_penalised_sampling(runner: ModelRunner) -> None:
     # for penalties.
     _warm_up_sampling(runner, SamplingParams(temperature=0.7, top_p=0.8,
                                              repetition_penalty=1.2, frequency_penalty=0.1), 2)
+
+
+def _warm_up_masked_greedy_sampling(runner: ModelRunner) -> None:
+    # Greedy rows whose logits a mask or bias converted take the argmax over float32.
+    _warm_up_sampling(runner, SamplingParams(temperature=0.0, logit_bias={0: 1.0}), 1)
 
 
 def _warm_up_sampling(runner: ModelRunner, params: SamplingParams, num_reqs: int) -> None:
