@@ -166,18 +166,22 @@ if gluon is not None:
         # Tiles 0 .. STAGES - 2 in flight. With EARLY (launched early, not yet waited) the
         # sequence length and block table above are the step's inputs, and the tiles are
         # requested before the wait unless they hold the newest key, which the kernel
-        # before (the KV write) stores.
-        early = False
+        # before (the KV write) stores. (Without EARLY the prologue is one static branch:
+        # a `False` assigned to a name is a runtime i1 in Triton 3.6, and the cp.async
+        # prologue under an `if` of that constant failed its sm_90 lowering.)
         if EARLY:
             newest = seq_len - 1
             early = (end < seq_len) | (newest < start) \
                 | (start + (STAGES - 1) * BLOCK_N <= newest)
-        if early:
-            _issue_prologue(k_smem, v_smem, k_ptrs, v_ptrs, bt_row, start, end, keys_k,
-                            keys_v, stride_cb, stride_ct, BLOCK_SIZE, BLOCK_N, STAGES)
-        if EARLY and USE_GDC:
-            gdc_wait()
-        if not early:
+            if early:
+                _issue_prologue(k_smem, v_smem, k_ptrs, v_ptrs, bt_row, start, end, keys_k,
+                                keys_v, stride_cb, stride_ct, BLOCK_SIZE, BLOCK_N, STAGES)
+            if USE_GDC:
+                gdc_wait()
+            if not early:
+                _issue_prologue(k_smem, v_smem, k_ptrs, v_ptrs, bt_row, start, end, keys_k,
+                                keys_v, stride_cb, stride_ct, BLOCK_SIZE, BLOCK_N, STAGES)
+        else:
             _issue_prologue(k_smem, v_smem, k_ptrs, v_ptrs, bt_row, start, end, keys_k,
                             keys_v, stride_cb, stride_ct, BLOCK_SIZE, BLOCK_N, STAGES)
         n = start + (STAGES - 1) * BLOCK_N
