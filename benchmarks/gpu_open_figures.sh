@@ -129,6 +129,10 @@
 #                        random:llama3-8b and batch-64 decode steps of random:qwen3-0.6b
 #                        with them and with the torch ops they replace, and with the
 #                        greedy argmax over float32 logits instead of bf16, in turns
+#   qknorm_tests, qwen_b64_qknorm_1, qwen_b64_qknorm_off_1, qwen_b64_qknorm_2, ...
+#                        Qwen3's q/k norms in one in-place kernel: its GPU tests, then
+#                        batch-64 decode steps of random:qwen3-0.6b with it and with the
+#                        norms of copied views, in turns
 #   piecewise_fp8, piecewise_fp8_eager
 #                        the 512-token prompt steps' periods with FP8 weights and KV cache,
 #                        with graphs cut at attention and without (past the budget)
@@ -406,6 +410,18 @@ for turn in 1 2 3; do
     --output "$OUT/b1_f32logits_$turn.json"
   step qwen_b64_f32logits_$turn 60 $PY -c "$(busy_with "$F32_LOGITS")" $QWEN_B64 \
     --output "$OUT/qwen_b64_f32logits_$turn.json"
+done
+# Qwen3's per-head q/k norms as one in-place kernel over the projection's views
+# (ops.qk_rms_norm_) against the two norms of copied views: the kernel's GPU tests, then
+# batch-64 decode steps of random:qwen3-0.6b each way, in turns.
+step qknorm_tests 60 $PY -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_rms_norm.py
+QK_NORM_OFF="import worker_svc.layers.ops as o
+o.qk_rms_norm_ = lambda *args: False"
+for turn in 1 2; do
+  step qwen_b64_qknorm_$turn 60 $PY -m gridllm.bench.gpu_busy $QWEN_B64 \
+    --output "$OUT/qwen_b64_qknorm_$turn.json"
+  step qwen_b64_qknorm_off_$turn 60 $PY -c "$(busy_with "$QK_NORM_OFF")" $QWEN_B64 \
+    --output "$OUT/qwen_b64_qknorm_off_$turn.json"
 done
 O4K="(4096, 4096): (2, 4096, 4)"
 QKV4K="(6144, 4096): (2, 4096, 4)"

@@ -1,6 +1,8 @@
 """RMSNorm with an optional fused residual add (one program per row); ``rms_norm_quant_fp8``
 also quantizes the normed row to e4m3 per token for an FP8 linear layer, in place of
-writing it out for ``kernels.fp8_quant`` to read back."""
+writing it out for ``kernels.fp8_quant`` to read back; ``qk_rms_norm_`` normalizes each
+query and key head of a q/k/v projection in place (Qwen3's per-head norms), one launch
+for both where ``rms_norm`` would need each strided view copied first."""
 
 from __future__ import annotations
 
@@ -54,6 +56,29 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
                  mask=mask)
 
 
+@triton.jit
+def _qk_rms_norm_kernel(x_ptr, q_w_ptr, k_w_ptr, stride_t, stride_h, num_heads, num_q_heads,
+                        head_dim, eps, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+                        USE_GDC: tl.constexpr = False):
+    if USE_GDC:  # launched early: wait for the projection that writes x
+        gdc_launch_dependents()
+        gdc_wait()
+    token = tl.program_id(0).to(tl.int64)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < head_dim
+    mask = (heads < num_heads)[:, None] & dim_ok[None, :]
+    ptrs = x_ptr + token * stride_t + heads[:, None] * stride_h + dims[None, :]
+    x = tl.load(ptrs, mask=mask, other=0.0)
+    xf = x.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(xf * xf, axis=1) / head_dim + eps)
+    normed = (xf * rstd[:, None]).to(x.dtype).to(tl.float32)
+    w_q = tl.load(q_w_ptr + dims, mask=dim_ok, other=0.0).to(tl.float32)
+    w_k = tl.load(k_w_ptr + dims, mask=dim_ok, other=0.0).to(tl.float32)
+    w = tl.where((heads < num_q_heads)[:, None], w_q[None, :], w_k[None, :])
+    tl.store(ptrs, (normed * w).to(x.dtype), mask=mask)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
              residual: torch.Tensor | None = None
              ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -104,6 +129,42 @@ def rms_norm_quant_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float,
     res_out = _launch(x2, res2, weight, eps, q.view(-1, x.shape[-1]),
                       (scale, float(inv_max), float(min_scale)))
     return q, scale, None if res_out is None else res_out.view(x.shape)
+
+
+def qk_rms_norm_(qk: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
+                 eps: float, num_q_heads: int) -> torch.Tensor:
+    """``rms_norm`` of every head of ``qk [T, heads, head_dim]`` in place: the first
+    ``num_q_heads`` heads with ``q_weight``, the rest with ``k_weight`` (the query and key
+    heads of a q/k/v projection, read and written through its strides: no copy).
+
+    Args:
+        qk: ``[T, heads, head_dim]``, head dim contiguous, of the weights' dtype.
+        q_weight, k_weight: ``[head_dim]``.
+        eps: added to each head's mean square.
+        num_q_heads: how many leading heads are query heads (0 to ``heads``).
+    Returns:
+        ``qk``, normalized.
+    Raises:
+        ValueError: an argument that is not as described (named).
+    """
+    check_tensor("qk", qk, ndim=3, dtypes=FLOAT_DTYPES, last_dim_contiguous=True)
+    num_tokens, num_heads, head_dim = qk.shape
+    for name, weight in (("q_weight", q_weight), ("k_weight", k_weight)):
+        check_tensor(name, weight, ndim=1, dtypes=(qk.dtype,), device=qk.device,
+                     contiguous=True)
+        check_shape(name, weight, (head_dim,))
+    if not 0 <= num_q_heads <= num_heads:
+        raise ValueError(f"num_q_heads must be in [0, {num_heads}], got {num_q_heads}.")
+    if num_tokens == 0 or num_heads == 0 or head_dim == 0:
+        return qk
+    block_d = next_power_of_2(head_dim)
+    block_h = min(next_power_of_2(num_heads), max(1, 2048 // block_d))
+    _qk_rms_norm_kernel[(num_tokens, triton.cdiv(num_heads, block_h))](
+        qk, q_weight, k_weight, qk.stride(0), qk.stride(1), num_heads, num_q_heads,
+        head_dim, float(eps), BLOCK_H=block_h, BLOCK_D=block_d,
+        num_warps=max(1, min(4, block_h * block_d // 512)),
+        **launch_dependent_args(qk.device))
+    return qk
 
 
 def _check_args(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from kernels import torch_ref
-from kernels.rms_norm import rms_norm
+from kernels.rms_norm import qk_rms_norm_, rms_norm
 from tests.kernels.conftest import (
     DEVICE,
     GPU_DTYPES,
@@ -11,6 +11,8 @@ from tests.kernels.conftest import (
     needs_gpu,
     poisoned_allocations,
 )
+from worker_svc.layers import ops
+from worker_svc.layers.layers import RMSNorm
 
 
 def _check(num_rows: int, hidden: int, dtype: torch.dtype, with_residual: bool,
@@ -58,3 +60,91 @@ def test_rms_norm_rejects_bad_arguments():
 @pytest.mark.parametrize("num_rows,hidden", [(1, 4096), (513, 4096), (2048, 5120)])
 def test_rms_norm_gpu(num_rows, hidden, dtype, with_residual):
     _check(num_rows, hidden, dtype, with_residual, torch.device("cuda"))
+
+
+def _qkv(num_tokens, num_heads, num_kv_heads, head_dim, dtype, device, pad=0):
+    """A q/k/v projection's output rows (``pad`` extra columns a row), as the attention
+    layer splits it: ``(qkv, q, k, v)`` views ``[T, heads, head_dim]``."""
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    rows = torch.randn(num_tokens, q_size + 2 * kv_size + pad, device=device).to(dtype) * 3
+    qkv = rows[:, :q_size + 2 * kv_size]
+    q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+    return (rows, q.view(num_tokens, num_heads, head_dim),
+            k.view(num_tokens, num_kv_heads, head_dim), v.view(num_tokens, num_kv_heads, head_dim))
+
+
+def _check_qk(num_tokens, num_heads, num_kv_heads, head_dim, dtype, device):
+    rows, q, k, v = _qkv(num_tokens, num_heads, num_kv_heads, head_dim, dtype, device, pad=5)
+    before = rows.clone()
+    w_q = (1 + 0.3 * torch.randn(head_dim, device=device)).to(dtype)
+    w_k = (1 - 0.3 * torch.randn(head_dim, device=device)).to(dtype)
+    expected_q = torch_ref.rms_norm(q, w_q, 1e-6)
+    expected_k = torch_ref.rms_norm(k, w_k, 1e-6)
+    qk = q.as_strided((num_tokens, num_heads + num_kv_heads, head_dim), q.stride())
+    assert qk_rms_norm_(qk, w_q, w_k, 1e-6, num_heads) is qk
+    assert_close(q, expected_q, "q heads", dtype)
+    assert_close(k, expected_k, "k heads", dtype)
+    # v and the padding columns are not written.
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    assert torch.equal(rows[:, q_size + kv_size:], before[:, q_size + kv_size:])
+
+
+@pytest.mark.parametrize("dtype", SMALL_DTYPES)
+@pytest.mark.parametrize("num_tokens,num_heads,num_kv_heads,head_dim",
+                         [(1, 4, 2, 16), (7, 6, 2, 100), (3, 28, 12, 64), (5, 2, 2, 8)])
+def test_qk_rms_norm_normalizes_each_head_in_place(num_tokens, num_heads, num_kv_heads,
+                                                   head_dim, dtype):
+    """Each query head with q's weight and each key head with k's, read and written through
+    the projection's strides (rows wider than q and k; 40 heads of 64 take two programs a
+    token), against the reference norm of each view; v is left as it was."""
+    _check_qk(num_tokens, num_heads, num_kv_heads, head_dim, dtype, DEVICE)
+
+
+def test_qk_rms_norm_rejects_bad_arguments():
+    qk = torch.randn(3, 6, 16, device=DEVICE)
+    w = torch.ones(16, device=DEVICE)
+    with pytest.raises(ValueError, match="^qk "):
+        qk_rms_norm_(qk[0], w, w, 1e-6, 4)
+    with pytest.raises(ValueError, match="^q_weight "):
+        qk_rms_norm_(qk, torch.ones(15, device=DEVICE), w, 1e-6, 4)
+    with pytest.raises(ValueError, match="^k_weight "):
+        qk_rms_norm_(qk, w, w.half(), 1e-6, 4)
+    with pytest.raises(ValueError, match="^num_q_heads "):
+        qk_rms_norm_(qk, w, w, 1e-6, 7)
+    with pytest.raises(ValueError, match="^qk "):
+        qk_rms_norm_(qk.transpose(1, 2), w, w, 1e-6, 4)
+
+
+def test_ops_qk_rms_norm_takes_the_projection_views(monkeypatch):
+    """``ops.qk_rms_norm_`` as the attention layer calls it (here with the kernels on in
+    Triton's interpreter): the query and key views of one projection normalize in place as
+    the layer's two RMSNorms would; views of separate buffers, or weights of another dtype,
+    are left to the caller's norms and not written."""
+    monkeypatch.setattr(ops, "_triton", lambda x: True)
+    _, q, k, v = _qkv(4, 8, 2, 32, torch.float32, DEVICE)
+    q_norm, k_norm = RMSNorm(32, 1e-5).to(DEVICE), RMSNorm(32, 1e-5).to(DEVICE)
+    with torch.no_grad():
+        q_norm.weight.uniform_(0.5, 1.5)
+        k_norm.weight.uniform_(-1.5, -0.5)
+    monkeypatch.setattr(ops, "_triton", lambda x: False)
+    expected_q, expected_k = q_norm(q), k_norm(k)
+    monkeypatch.setattr(ops, "_triton", lambda x: True)
+    v_before = v.clone()
+    assert ops.qk_rms_norm_(q, k, q_norm.weight, k_norm.weight, 1e-5)
+    assert_close(q, expected_q, "q", torch.float32)
+    assert_close(k, expected_k, "k", torch.float32)
+    assert torch.equal(v, v_before)
+    apart = k.clone()
+    q_before = q.clone()
+    assert not ops.qk_rms_norm_(q, apart, q_norm.weight, k_norm.weight, 1e-5)
+    assert not ops.qk_rms_norm_(q, k, q_norm.weight.half(), k_norm.weight, 1e-5)
+    assert torch.equal(q, q_before) and torch.equal(apart, k)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("num_tokens,num_heads,num_kv_heads,head_dim",
+                         [(1, 16, 8, 128), (64, 16, 8, 128), (513, 64, 8, 128), (37, 40, 8, 128)])
+def test_qk_rms_norm_gpu(num_tokens, num_heads, num_kv_heads, head_dim, dtype):
+    _check_qk(num_tokens, num_heads, num_kv_heads, head_dim, dtype, torch.device("cuda"))

@@ -152,6 +152,26 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     return torch_ref.rms_norm(x, weight, eps, residual)
 
 
+def qk_rms_norm_(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor,
+                 k_weight: torch.Tensor, eps: float) -> bool:
+    """RMSNorm of each head of a q/k/v projection's ``[T, heads, head_dim]`` query and key
+    views in place (Qwen3's per-head norms), where one kernel can: on CUDA, k's heads
+    following q's in one buffer, the weights of the views' dtype. Returns whether it did
+    (else the caller runs its norms): one launch for both views, and no copy of either
+    (``rms_norm`` would first copy each strided view into rows)."""
+    if not (_triton(q) and q.dtype == k.dtype == q_weight.dtype == k_weight.dtype
+            and q.dim() == k.dim() == 3 and q.shape[0] == k.shape[0]
+            and q.shape[2] == k.shape[2] and q.stride() == k.stride() and q.stride(2) == 1
+            and q.stride(1) == q.shape[2]
+            and k.data_ptr() == q.data_ptr() + q.shape[1] * q.stride(1) * q.element_size()):
+        return False
+    from kernels.rms_norm import qk_rms_norm_ as kernel
+
+    qk = q.as_strided((q.shape[0], q.shape[1] + k.shape[1], q.shape[2]), q.stride())
+    kernel(qk, q_weight, k_weight, eps, q.shape[1])
+    return True
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if _triton(x):
         from kernels.silu_and_mul import silu_and_mul as kernel

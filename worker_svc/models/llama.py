@@ -81,6 +81,8 @@ class LlamaAttention(nn.Module):
             self.q_norm = norm_cls(self.head_dim, config.rms_norm_eps)
             self.k_norm = norm_cls(self.head_dim, config.rms_norm_eps)
         self.has_qk_norm = qk_norm
+        # Plain RMSNorms of q and k may run as one in-place kernel (ops.qk_rms_norm_).
+        self.qk_norm_in_place = qk_norm and norm_cls is RMSNorm
         self.rotary_emb = rotary
         self.backend = backend
 
@@ -95,7 +97,8 @@ class LlamaAttention(nn.Module):
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.has_qk_norm:
+        if self.has_qk_norm and not (self.qk_norm_in_place and ops.qk_rms_norm_(
+                q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)):
             q, k = self.q_norm(q), self.k_norm(k)
         if attn_metadata.groups is not None:
             attn_metadata = attn_metadata.groups[self.kv_group]
