@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 
@@ -148,3 +150,22 @@ def test_ops_qk_rms_norm_takes_the_projection_views(monkeypatch):
                          [(1, 16, 8, 128), (64, 16, 8, 128), (513, 64, 8, 128), (37, 40, 8, 128)])
 def test_qk_rms_norm_gpu(num_tokens, num_heads, num_kv_heads, head_dim, dtype):
     _check_qk(num_tokens, num_heads, num_kv_heads, head_dim, dtype, torch.device("cuda"))
+
+
+def test_qk_rms_norm_compiles_for_sm90_to_vector_loads_and_stores():
+    """Without a GPU: the served variant (bf16, 16 heads of 128 a program, dependent
+    launch) compiles for sm_90 (ptxas runs) and moves the heads' 4 KB in 16-byte vectors
+    (the projection's strides are 16-divisible): two loads and two stores a thread of its
+    128; the weights' two elements a thread are the only scalar loads."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    from tests.kernels.sm90_ptx import compile_triton_for_sm90
+
+    ptx = compile_triton_for_sm90(
+        "kernels.rms_norm", "_qk_rms_norm_kernel",
+        dict(x_ptr="*bf16", q_w_ptr="*bf16", k_w_ptr="*bf16", eps="fp32"),
+        dict(BLOCK_H=16, BLOCK_D=128, USE_GDC=True),
+        aligned=("stride_t", "stride_h", "head_dim"), options={"num_warps": 4})
+    accesses = re.findall(r"(ld|st)\.global(\.[\w.]+)", ptx)
+    assert sorted(accesses) == sorted([("ld", ".v4.b32")] * 2 + [("ld", ".b16")] * 2
+                                      + [("st", ".v4.b32")] * 2), accesses
+    assert "griddepcontrol.wait" in ptx
