@@ -68,8 +68,9 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         """Sample ``logits[B, V]`` (float32 or the LM head's 16-bit dtype; not modified);
-        no host sync. Greedy rows alone take the argmax of the logits as they are (a
-        float32 copy would not change it); everything else computes in float32.
+        no host sync. The kernels read the logits as they are (each load converts to
+        float32 first, so a float32 copy would change nothing), and so does the argmax of
+        greedy rows alone; masks, logprobs and the torch path work on a float32 copy.
 
         Returns:
             The sampled token ids and, for rows that ask, their raw logprobs.
@@ -77,7 +78,8 @@ class Sampler:
         if logits.dim() != 2 or tuple(logits.shape) != (meta.num_rows, meta.vocab_size):
             raise ValueError(f"logits must have shape ({meta.num_rows}, {meta.vocab_size}), "
                              f"got {tuple(logits.shape)}.")
-        if not meta.all_greedy or meta.has_penalties or meta.max_num_logprobs is not None:
+        if meta.max_num_logprobs is not None or not (
+                self._uses_kernel(logits) or (meta.all_greedy and not meta.has_penalties)):
             logits = logits.float()
         token_ids = self.sample(self._mask(logits, meta), meta, with_penalties=True)
         output = SamplerOutput(token_ids=token_ids, num_logprobs=meta.num_logprobs)

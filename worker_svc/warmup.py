@@ -161,7 +161,7 @@ def warm_up_steps(runner: ModelRunner) -> None:
         total_num_scheduled_tokens=len(prompt))
     runner.execute_model_async(greedy).get_output()
     runner.reset_requests()
-    _warm_up_penalised_sampling(runner)
+    _warm_up_sampling_kernel(runner)
     _warm_up_masked_greedy_sampling(runner)
     _warm_up_token_bitmask(runner)
     _synchronize(runner.device)
@@ -172,29 +172,35 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _warm_up_penalised_sampling(runner: ModelRunner) -> None:
-    # A batch of its own: the runner's penalty tables stay unallocated until a request asks
-    # for penalties.
-    _warm_up_sampling(runner, SamplingParams(temperature=0.7, top_p=0.8,
-                                             repetition_penalty=1.2, frequency_penalty=0.1), 2)
+def _warm_up_sampling_kernel(runner: ModelRunner) -> None:
+    # Rows that draw read the logits as the LM head wrote them (the model's dtype), or a
+    # float32 copy where a mask or logprobs made one: the kernel's variants for both, with
+    # penalties and without. Batches of their own: the runner's penalty tables stay
+    # unallocated until a request asks for penalties.
+    for dtype in dict.fromkeys((runner.dtype, torch.float32)):
+        _warm_up_sampling(runner, SamplingParams(temperature=0.7, top_p=0.8), 2, dtype)
+        _warm_up_sampling(runner, SamplingParams(temperature=0.7, top_p=0.8,
+                                                 repetition_penalty=1.2,
+                                                 frequency_penalty=0.1), 2, dtype)
 
 
 def _warm_up_masked_greedy_sampling(runner: ModelRunner) -> None:
     # Greedy rows whose logits a mask or bias converted take the argmax over float32.
-    _warm_up_sampling(runner, SamplingParams(temperature=0.0, logit_bias={0: 1.0}), 1)
+    _warm_up_sampling(runner, SamplingParams(temperature=0.0, logit_bias={0: 1.0}), 1,
+                      torch.float32)
 
 
-def _warm_up_sampling(runner: ModelRunner, params: SamplingParams, num_reqs: int) -> None:
-    """The sampler over zero logits of ``num_reqs`` requests with ``params``, in a batch
-    of their own."""
+def _warm_up_sampling(runner: ModelRunner, params: SamplingParams, num_reqs: int,
+                      dtype: torch.dtype) -> None:
+    """The sampler over zero ``dtype`` logits of ``num_reqs`` requests with ``params``, in
+    a batch of their own."""
     batch = InputBatch(num_reqs, runner.max_model_len, runner.block_size, runner.vocab_size,
                        runner.device)
     for i in range(num_reqs):
         batch.add(RequestState(f"warm-up-{i}", 2, [0, 1], params, [i], 0, seed=i,
                                needs_prompt_logprobs=False))
     inputs = batch.prepare(np.full(num_reqs, 2))
-    logits = torch.zeros(num_reqs, runner.vocab_size, dtype=torch.float32,
-                         device=runner.device)
+    logits = torch.zeros(num_reqs, runner.vocab_size, dtype=dtype, device=runner.device)
     runner.sampler(logits, batch.sampling_metadata(inputs, runner.eos_token_id))
 
 

@@ -256,6 +256,9 @@ SIXTEEN_BIT_CASES = {
         temperature=0.0)],
     "random": [SamplingParams(temperature=0.7, top_p=0.9, seed=5),
                SamplingParams(temperature=0.0)],
+    "random, penalties": [SamplingParams(temperature=1.3, top_k=50, seed=6,
+                                         repetition_penalty=1.2, presence_penalty=0.5),
+                          SamplingParams(temperature=0.0, frequency_penalty=0.3)],
 }
 
 
@@ -263,12 +266,11 @@ SIXTEEN_BIT_CASES = {
 @pytest.mark.parametrize("use_kernel", [False, True], ids=["torch", "kernel"])
 @pytest.mark.parametrize("case", list(SIXTEEN_BIT_CASES))
 def test_sixteen_bit_logits_sample_as_their_float32_copy(case, use_kernel, dtype):
-    """The runner hands the sampler the LM head's 16-bit logits: every path (the argmax
-    that reads them as they are, and those that convert them) gives the tokens and
-    logprobs of the float32 copy, ties of the coarse dtype included."""
+    """The runner hands the sampler the LM head's 16-bit logits: every path (the kernels
+    and the argmax that read them as they are, here in Triton's interpreter, and those that
+    convert them) gives the tokens and logprobs of the float32 copy, ties of the coarse
+    dtype included."""
     params = SIXTEEN_BIT_CASES[case]
-    if use_kernel and case == "random":
-        pytest.skip("the sampling kernel is covered by tests/kernels/test_sampling.py")
     vocab_size = 600
     logits = (torch.randn(len(params), vocab_size, generator=torch.Generator().manual_seed(3))
               * 3).to(dtype)
