@@ -84,13 +84,15 @@ def profile_decode(model: str, batch_size: int = 1, input_len: int = 128,
                    num_steps: int = 32, trace: str | None = None,
                    max_steps_in_flight: int | None = None, quantization: str | None = None,
                    kv_cache_dtype: str = "auto", host_profile: bool = False,
-                   prompt_chunk: int | None = None) -> dict[str, Any]:
+                   prompt_chunk: int | None = None, temperature: float = 0.0
+                   ) -> dict[str, Any]:
     """Profile ``num_steps`` decode steps of ``batch_size`` requests (prefill excluded),
     with the engine's step overlap (``max_steps_in_flight``; None: its default), weights
     and KV cache as ``quantization`` / ``kv_cache_dtype`` say. ``host_profile``: then as many
     decode steps of a fresh batch under cProfile, the host functions taking the most time.
     ``prompt_chunk``: prompt steps of that many tokens instead (``max_num_batched_tokens``),
     the ``num_steps`` steps all within the prompts of ``batch_size`` fresh requests.
+    ``temperature``: the measured requests' (0: greedy; else seeded draws, top-p 0.95).
 
     Returns:
         ``gpu_busy_fraction``, ``ms_per_step`` (wall), ``kernel_ms_per_step``, the top
@@ -109,7 +111,7 @@ def profile_decode(model: str, batch_size: int = 1, input_len: int = 128,
     # none is served from the prefix cache.
     engine, batches, params = warm_engine(
         model, batch_size, input_len, 4 if prompt_chunk is not None else 2, num_steps,
-        max_steps_in_flight, quantization, kv_cache_dtype, prompt_chunk)
+        max_steps_in_flight, quantization, kv_cache_dtype, prompt_chunk, temperature)
     _add(engine, "profile", batches[0], params, prefill=prompt_chunk is None)
     # The same number of steps without the profiler, whose own host work slows the steps.
     with _CountTokens(engine.runner) as tokens:
@@ -127,6 +129,7 @@ def profile_decode(model: str, batch_size: int = 1, input_len: int = 128,
     result: dict[str, Any] = {"model": model, "batch_size": batch_size,
                               "input_len": input_len, "prompt_chunk": prompt_chunk,
                               "quantization": quantization, "kv_cache_dtype": kv_cache_dtype,
+                              "temperature": temperature,
                               "max_steps_in_flight": engine.max_steps_in_flight,
                               "num_steps": num_steps, "ms_per_step": wall_s * 1e3 / num_steps,
                               "ms_per_step_unprofiled": plain_s * 1e3 / num_steps,
@@ -145,8 +148,8 @@ def profile_decode(model: str, batch_size: int = 1, input_len: int = 128,
         for e in kernels:
             totals[e.name] = totals.get(e.name, 0.0) + (e.time_range.end - e.time_range.start)
         result["top_kernels_ms_per_step"] = {
-            name[:80]: us / 1e3 / num_steps
-            for name, us in sorted(totals.items(), key=lambda kv: -kv[1])[:10]}
+            name[:160]: us / 1e3 / num_steps
+            for name, us in sorted(totals.items(), key=lambda kv: -kv[1])[:16]}
     if host is not None:
         result["host_ms_per_step"] = host
     if trace:
@@ -157,13 +160,15 @@ def profile_decode(model: str, batch_size: int = 1, input_len: int = 128,
 
 def warm_engine(model: str, batch_size: int, input_len: int, phases: int, num_steps: int,
                 max_steps_in_flight: int | None = None, quantization: str | None = None,
-                kv_cache_dtype: str = "auto", prompt_chunk: int | None = None):
+                kv_cache_dtype: str = "auto", prompt_chunk: int | None = None,
+                temperature: float = 0.0):
     """An in-process engine for ``model`` whose kernels are compiled and graphs captured
     (a short generation over ``batch_size`` prompts of their own), ``phases`` batches of
     ``batch_size`` random ``input_len``-token prompts (batch 1 was the warm-up's; the others
     are fresh, so none is served from the prefix cache) and the sampling parameters of the
     measured requests: ``num_steps`` decode steps' worth of tokens, or one token where
-    ``prompt_chunk`` (``max_num_batched_tokens``) makes them prompt steps.
+    ``prompt_chunk`` (``max_num_batched_tokens``) makes them prompt steps; greedy, or
+    seeded draws at ``temperature`` (top-p 0.95; the warm-up draws alike).
 
     Returns:
         ``(engine, batches, params)``.
@@ -184,15 +189,14 @@ def warm_engine(model: str, batch_size: int, input_len: int, phases: int, num_st
     requests = random_requests(phases * batch_size, (input_len, input_len), (1, 1),
                                engine.vocab_size, seed=0)
     batches = [requests[i * batch_size:(i + 1) * batch_size] for i in range(phases)]
+    draws = dict(temperature=temperature, **(dict(top_p=0.95, seed=0) if temperature else {}))
     if prompt_chunk is not None:
-        params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+        params = SamplingParams(max_tokens=1, ignore_eos=True, **draws)
     else:
-        params = SamplingParams(temperature=0.0, max_tokens=2 * num_steps + 8,
-                                ignore_eos=True)
+        params = SamplingParams(max_tokens=2 * num_steps + 8, ignore_eos=True, **draws)
     # Warm-up pass: compilation and graph capture happen outside what is measured.
     llm.generate([{"prompt_token_ids": r.prompt_token_ids} for r in batches[1]],
-                 SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
-                 use_tqdm=False)
+                 SamplingParams(max_tokens=8, ignore_eos=True, **draws), use_tqdm=False)
     return engine, batches, params
 
 
@@ -269,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="also profile the host (cProfile) over as many steps of a fresh batch")
     p.add_argument("--prompt-chunk", type=int, default=None,
                    help="profile prompt steps of this many tokens instead of decode steps")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="the measured requests' temperature (0: greedy; else seeded draws "
+                        "with top-p 0.95)")
     p.add_argument("--output", default=None, help="write the result as JSON here")
     args = p.parse_args(argv)
     from gridllm.bench.report import machine_info, write_json
@@ -277,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()
     result = profile_decode(args.model, args.batch_size, args.input_len, args.num_steps,
                             args.trace, args.max_steps_in_flight, args.quantization,
-                            args.kv_cache_dtype, args.host_profile, args.prompt_chunk)
+                            args.kv_cache_dtype, args.host_profile, args.prompt_chunk,
+                            args.temperature)
     result["machine"] = machine_info()
     write_json(args.output, result)
     sys.stdout.write(json.dumps(result, indent=2) + "\n")

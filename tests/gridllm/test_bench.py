@@ -318,7 +318,26 @@ def test_gpu_busy_prompt_steps_are_chunks_of_the_prompts():
     assert any("engine.py" in where and " step x1" in where and ms > 0
                for where, ms in with_callees)
     decode = profile_decode(TINY, batch_size=3, input_len=16, num_steps=2)
-    assert decode["tokens_per_step"] == [3, 3]
+    assert decode["tokens_per_step"] == [3, 3] and decode["temperature"] == 0.0
+
+
+def test_gpu_busy_draws_at_a_temperature(monkeypatch):
+    """``temperature``: the measured requests draw (seeded) instead of taking the argmax."""
+    from gridllm.common.sampling_params import SamplingParams
+
+    seen = []
+    init = SamplingParams.__post_init__
+
+    def record(self):
+        init(self)
+        seen.append((self.max_tokens, self.temperature, self.top_p, self.seed))
+
+    monkeypatch.setattr(SamplingParams, "__post_init__", record)
+    decode = profile_decode(TINY, batch_size=2, input_len=16, num_steps=2, temperature=0.8)
+    assert decode["tokens_per_step"] == [2, 2] and decode["temperature"] == 0.8
+    # The warm-up's 8 tokens a request and the measured requests' 2 x 2 + 8, all drawn.
+    drawn = {p for p in seen if p[0] in (8, 12)}
+    assert drawn == {(8, 0.8, 0.95, 0), (12, 0.8, 0.95, 0)}
 
 
 def test_gpu_busy_prompt_steps_must_fit_the_prompts():
