@@ -323,8 +323,9 @@ class ModelRunner:
                                 inputs.attn_metadata)
         prompt_logprobs = self._prompt_logprobs(inputs, hidden)
         # A step of one token a row samples every row: no gather (a launch saved). The
-        # logits stay in the LM head's dtype: the sampler converts them where it computes
-        # with them (greedy rows' argmax reads them as they are).
+        # logits stay in the LM head's dtype: the argmax and sampling kernels read them as
+        # they are, and the sampler copies them to float32 where it masks them or reports
+        # logprobs.
         every_row = hidden.shape[0] == len(inputs.num_tokens) == inputs.input_ids.shape[0]
         logits = self.model.compute_logits(
             hidden if every_row else hidden[inputs.logits_indices], float32=False)
