@@ -133,9 +133,10 @@
 #                        Qwen3's q/k norms in one in-place kernel: its GPU tests, then
 #                        batch-64 decode steps of random:qwen3-0.6b with it and with the
 #                        norms of copied views, in turns
-#   qwen_b64_draw_1, qwen_b64_draw_f32_1, qwen_b64_draw_2, ...
-#                        batch-64 decode steps of random:qwen3-0.6b that draw (temperature
-#                        0.8): the sampling kernel over bf16 logits and over a float32 copy
+#   sampling_tests, qwen_b64_draw_1, qwen_b64_draw_f32_1, qwen_b64_draw_2, ...
+#                        the sampling kernel's GPU tests, then batch-64 decode steps of
+#                        random:qwen3-0.6b that draw (temperature 0.8): the kernel over
+#                        bf16 logits and over a float32 copy
 #   piecewise_fp8, piecewise_fp8_eager
 #                        the 512-token prompt steps' periods with FP8 weights and KV cache,
 #                        with graphs cut at attention and without (past the budget)
@@ -426,9 +427,11 @@ for turn in 1 2; do
   step qwen_b64_qknorm_off_$turn 60 $PY -c "$(busy_with "$QK_NORM_OFF")" $QWEN_B64 \
     --output "$OUT/qwen_b64_qknorm_off_$turn.json"
 done
-# Rows that draw (temperature 0.8, seeded, top-p 0.95): the sampling kernel over the LM
-# head's bf16 logits against a float32 copy made first, batch-64 decode steps of
+# Rows that draw (temperature 0.8, seeded, top-p 0.95): the sampling kernel's GPU tests
+# (16-bit logits draw their float32 copy's tokens among them), then over the LM head's
+# bf16 logits against a float32 copy made first, batch-64 decode steps of
 # random:qwen3-0.6b, in turns.
+step sampling_tests 90 $PY -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_sampling.py
 for turn in 1 2; do
   step qwen_b64_draw_$turn 60 $PY -m gridllm.bench.gpu_busy $QWEN_B64 --temperature 0.8 \
     --output "$OUT/qwen_b64_draw_$turn.json"

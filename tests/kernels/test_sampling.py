@@ -187,3 +187,32 @@ def test_sampling_gpu_large_vocab():
     _check_processing_and_greedy(64, 128256, torch.device("cuda"))
     _check_distribution(100000, 512, 1.1, 100, 0.95, 0.0, torch.device("cuda"))
     _check_distribution(4000, 128256, 0.7, 40, 0.9, 0.02, torch.device("cuda"))
+
+
+def _check_sixteen_bit_logits(num_rows, vocab, device):
+    """16-bit logits (as the LM head writes them) draw the tokens of their float32 copy,
+    with and without penalties: each load converts to float32 before any arithmetic."""
+    torch.manual_seed(7)
+    params = _params(num_rows, device, temperature=torch.rand(num_rows) + 0.3, top_k=50,
+                     top_p=0.9, min_p=0.01)
+    params["temperature"][::3] = 0.0  # greedy rows among them
+    seeds = torch.arange(num_rows, device=device) * 7919
+    offsets = torch.arange(num_rows, device=device)
+    pen = _penalties(num_rows, vocab, device)
+    for dtype in (torch.bfloat16, torch.float16):
+        logits = (3 * torch.randn(num_rows, vocab, device=device)).to(dtype)
+        for extra in ({}, pen):
+            got = sample(logits, seeds=seeds, offsets=offsets, **params, **extra)
+            expected = sample(logits.float(), seeds=seeds, offsets=offsets, **params,
+                              **extra)
+            assert torch.equal(got, expected), (dtype, bool(extra))
+
+
+def test_sixteen_bit_logits_draw_as_their_float32_copy():
+    _check_sixteen_bit_logits(4, 520, DEVICE)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_sixteen_bit_logits_draw_as_their_float32_copy_gpu():
+    _check_sixteen_bit_logits(64, 151936, torch.device("cuda"))
