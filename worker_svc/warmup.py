@@ -151,18 +151,7 @@ def warm_up_steps(runner: ModelRunner) -> None:
     runner.execute_model_async(decode).get_output()
     pending.get_output()
     runner.reset_requests()
-    # Greedy requests alone take the argmax kernel over the logits in the LM head's dtype:
-    # a step of one such request builds it as served.
-    greedy = SchedulerOutput(
-        scheduled_new_reqs=[NewRequestData(
-            "warm-up-greedy", prompt, SamplingParams(temperature=0.0), [],
-            [block_id(0, 0, 0)], 0, [[block_id(0, 0, g)] for g in range(1, num_groups)])],
-        num_scheduled_tokens={"warm-up-greedy": len(prompt)},
-        total_num_scheduled_tokens=len(prompt))
-    runner.execute_model_async(greedy).get_output()
-    runner.reset_requests()
-    _warm_up_sampling_kernel(runner)
-    _warm_up_masked_greedy_sampling(runner)
+    _warm_up_sampling_kernels(runner)
     _warm_up_token_bitmask(runner)
     _synchronize(runner.device)
 
@@ -172,22 +161,18 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _warm_up_sampling_kernel(runner: ModelRunner) -> None:
-    # Rows that draw read the logits as the LM head wrote them (the model's dtype), or a
-    # float32 copy where a mask or logprobs made one: the kernel's variants for both, with
-    # penalties and without. Batches of their own: the runner's penalty tables stay
-    # unallocated until a request asks for penalties.
+def _warm_up_sampling_kernels(runner: ModelRunner) -> None:
+    # The argmax and sampling kernels read the logits as the LM head wrote them (the
+    # model's dtype), or a float32 copy where a mask or logprobs made one (and Gemma's soft
+    # cap writes float32): their variants for both, draws with penalties and without.
+    # Batches of their own: the runner's penalty tables stay unallocated until a request
+    # asks for penalties.
     for dtype in dict.fromkeys((runner.dtype, torch.float32)):
+        _warm_up_sampling(runner, SamplingParams(temperature=0.0), 1, dtype)
         _warm_up_sampling(runner, SamplingParams(temperature=0.7, top_p=0.8), 2, dtype)
         _warm_up_sampling(runner, SamplingParams(temperature=0.7, top_p=0.8,
                                                  repetition_penalty=1.2,
                                                  frequency_penalty=0.1), 2, dtype)
-
-
-def _warm_up_masked_greedy_sampling(runner: ModelRunner) -> None:
-    # Greedy rows whose logits a mask or bias converted take the argmax over float32.
-    _warm_up_sampling(runner, SamplingParams(temperature=0.0, logit_bias={0: 1.0}), 1,
-                      torch.float32)
 
 
 def _warm_up_sampling(runner: ModelRunner, params: SamplingParams, num_reqs: int,
