@@ -396,9 +396,9 @@ TORCH_INPUTS="import kernels.torch_ref as r
 import worker_svc.cuda_graph as cg, worker_svc.layers.ops as o
 cg.decode_graph_inputs, o.scatter_sampled = r.decode_graph_inputs, r.scatter_sampled"
 QWEN_B64="--model random:qwen3-0.6b --batch-size 64 --input-len 128 --num-steps 64"
-# Greedy steps' logits converted to float32 before the argmax, as before the sampler took
-# the LM head's bf16 logits as they are (b1_inputs_N and qwen_b64_inputs_N are the served
-# way).
+# Logits converted to float32 before the sampler, as before its argmax and sampling
+# kernels took the LM head's bf16 logits as they are (b1_inputs_N and qwen_b64_inputs_N
+# are the served way for greedy steps, qwen_b64_draw_N for draws).
 F32_LOGITS="import worker_svc.sampler as s
 call = s.Sampler.__call__
 s.Sampler.__call__ = lambda self, logits, meta: call(self, logits.float(), meta)"
