@@ -137,6 +137,12 @@
 #                        the sampling kernel's GPU tests, then batch-64 decode steps of
 #                        random:qwen3-0.6b that draw (temperature 0.8): the kernel over
 #                        bf16 logits and over a float32 copy
+#   sampling_bench, qwen_b64_draw_now_1, qwen_b64_draw_prev_1, qwen_b64_draw_now_2, ...
+#                        the sampling kernels alone on decode-sized batches
+#                        (benchmarks/sampling.py), beside the copies of
+#                        kernels/sampling.py that SAMPLING_COMPARE names ("NAME=FILE ..."),
+#                        then batch-64 drawing steps of random:qwen3-0.6b as served and
+#                        with the first of those copies, in turns
 #   piecewise_fp8, piecewise_fp8_eager
 #                        the 512-token prompt steps' periods with FP8 weights and KV cache,
 #                        with graphs cut at attention and without (past the budget)
@@ -437,6 +443,28 @@ for turn in 1 2; do
     --output "$OUT/qwen_b64_draw_$turn.json"
   step qwen_b64_draw_f32_$turn 60 $PY -c "$(busy_with "$F32_LOGITS")" $QWEN_B64 \
     --temperature 0.8 --output "$OUT/qwen_b64_draw_f32_$turn.json"
+done
+# The sampling kernels alone, then in drawing steps, against earlier copies of
+# kernels/sampling.py (SAMPLING_COMPARE="NAME=FILE ...", e.g. from
+# `git show REV:kernels/sampling.py`), in turns.
+COMPARE_ARGS=""
+for spec in ${SAMPLING_COMPARE:-}; do COMPARE_ARGS="$COMPARE_ARGS --compare $spec"; done
+step sampling_bench 150 $PY benchmarks/sampling.py $COMPARE_ARGS \
+  --output "$OUT/sampling_bench.json"
+FIRST_COMPARE=${SAMPLING_COMPARE:-}
+FIRST_COMPARE=${FIRST_COMPARE%% *}
+PREV_SAMPLING="import importlib.util, kernels.sampling as s
+spec = importlib.util.spec_from_file_location('sampling_prev', '${FIRST_COMPARE#*=}')
+prev = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(prev)
+s.sample = prev.sample"
+for turn in 1 2; do
+  step qwen_b64_draw_now_$turn 60 $PY -m gridllm.bench.gpu_busy $QWEN_B64 \
+    --temperature 0.8 --output "$OUT/qwen_b64_draw_now_$turn.json"
+  if [ -n "$FIRST_COMPARE" ]; then
+    step qwen_b64_draw_prev_$turn 60 $PY -c "$(busy_with "$PREV_SAMPLING")" $QWEN_B64 \
+      --temperature 0.8 --output "$OUT/qwen_b64_draw_prev_$turn.json"
+  fi
 done
 O4K="(4096, 4096): (2, 4096, 4)"
 QKV4K="(6144, 4096): (2, 4096, 4)"

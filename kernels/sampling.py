@@ -7,10 +7,12 @@ narrows the key range 16x, so 8 passes always find the exact threshold (ties at 
 threshold are all kept, as in ``torch_ref.filter_logits``). Every pass is a grid of
 (row, vocab chunk) programs that add their partial sums atomically, so the whole GPU
 streams the logits; the launch sequence is fixed (CUDA-graph friendly, no host sync).
-Work shrinks as the search narrows: a pass skips every 256-token sub-block whose max
-(recorded by the first pass) is below the lowest pivot, and rows that converged skip
-their passes. The draw is a Gumbel-max over the survivors with
-Philox noise keyed by a per-row seed and offset, so it is reproducible per request.
+Work shrinks as the search narrows: a pass skips every chunk and every 256-token sub-block
+whose max (recorded by the first pass) is below the lowest pivot, and rows that converged
+(top-k off converges at once) skip their passes. Without a bias or penalties the passes
+re-read the logits (16-bit as the LM head writes them) instead of a float32 workspace.
+The draw is a Gumbel-max over the survivors with Philox noise keyed by a per-row seed and
+offset (one Philox counter serves four tokens), so it is reproducible per request.
 """
 
 from __future__ import annotations
@@ -44,14 +46,26 @@ def _row_max(chunk_max_ptr, row, num_chunks, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
+def _load_scaled(src_ptr, stride_src, row, v, mask, temp, FROM_LOGITS: tl.constexpr):
+    """Processed logits of the tokens ``v`` as ``_prepare_kernel`` computes them: from the
+    workspace it wrote, or (no bias, no penalties) the logits divided by the temperature
+    again, the same operations on the same values."""
+    x = tl.load(src_ptr + row * stride_src + v, mask=mask, other=float("-inf")).to(tl.float32)
+    if FROM_LOGITS:
+        x = x / temp
+    return x
+
+
+@triton.jit
 def _prepare_kernel(
         logits_ptr, ws_ptr, chunk_max_ptr, chunk_arg_ptr, sub_max_ptr, temp_ptr, bias_ptr,
         prompt_mask_ptr, counts_ptr, presence_ptr, frequency_ptr, repetition_ptr,
         stride_logits, stride_bias, stride_prompt, stride_counts, vocab, num_chunks,
         greedy_temp, HAS_BIAS: tl.constexpr, HAS_PENALTIES: tl.constexpr,
-        CHUNK: tl.constexpr, SUB: tl.constexpr):
-    """Processed logits into the workspace; the max (and its first index) of each chunk
-    and the max of each SUB-token sub-block, which later passes use to skip sub-blocks."""
+        FROM_LOGITS: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr):
+    """Processed logits into the workspace (unless later passes re-read the logits); the
+    max (and its first index) of each chunk and the max of each SUB-token sub-block, which
+    later passes use to skip chunks and sub-blocks."""
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     temp = tl.load(temp_ptr + row).to(tl.float32)
@@ -74,7 +88,8 @@ def _prepare_kernel(
         x = tl.where(seen, tl.where(x > 0, x / repetition, x * repetition), x)
         x = x - frequency * count - presence * (count > 0).to(tl.float32)
     x = x / temp
-    tl.store(ws_ptr + row * vocab + v, x, mask=vmask)
+    if not FROM_LOGITS:
+        tl.store(ws_ptr + row * vocab + v, x, mask=vmask)
     tl.store(chunk_max_ptr + row * num_chunks + chunk, tl.max(x, axis=0))
     tl.store(chunk_arg_ptr + row * num_chunks + chunk,
              chunk * CHUNK + tl.argmax(x, axis=0, tie_break_left=True))
@@ -86,22 +101,23 @@ def _prepare_kernel(
 
 @triton.jit
 def _radix_pass_kernel(
-        ws_ptr, chunk_max_ptr, sub_max_ptr, temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr,
-        state_in_ptr, state_out_ptr, sums_in_ptr, sums_out_ptr, mass_k_ptr,
+        src_ptr, stride_src, chunk_max_ptr, sub_max_ptr, temp_ptr, top_k_ptr, top_p_ptr,
+        min_p_ptr, state_in_ptr, state_out_ptr, sums_in_ptr, sums_out_ptr, mass_k_ptr,
         vocab, num_chunks, greedy_temp, TOP_P_PHASE: tl.constexpr, PASS: tl.constexpr,
-        NUM_PIVOTS: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr,
-        BLOCK_C: tl.constexpr):
+        FROM_LOGITS: tl.constexpr, NUM_PIVOTS: tl.constexpr, CHUNK: tl.constexpr,
+        SUB: tl.constexpr, BLOCK_C: tl.constexpr):
     """One radix pass over one vocab chunk of one row.
 
     ``state`` holds each row's key interval ``[a, b]``; ``sums`` the count (top-k) or
     probability mass (top-p) of keys at or above the interval's 16 pivots. Every program
     first narrows the interval from the previous pass's complete sums (all programs get
     the same answer; chunk 0 stores it), then adds its chunk's sums for the new pivots,
-    skipping sub-blocks whose max is below the interval.
+    skipping the chunk, or its sub-blocks, whose max is below the interval.
     """
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
-    if tl.load(temp_ptr + row) < greedy_temp:
+    temp = tl.load(temp_ptr + row)
+    if temp < greedy_temp:
         return
     row_max = _row_max(chunk_max_ptr, row, num_chunks, BLOCK_C)
     key_max = _order_key(row_max).to(tl.int64)
@@ -115,7 +131,8 @@ def _radix_pass_kernel(
         min_p_val = tl.where(min_p > 0, row_max + tl.log(tl.maximum(min_p, 1e-30)),
                              float("-inf"))
         a = _order_key(min_p_val).to(tl.int64)
-        b = key_max
+        # Without top-k the search is over before it starts: its threshold is min-p's.
+        b = tl.where(top_k_on, key_max, a)
     else:
         a = tl.load(state_in_ptr + row * 2)
         b = tl.load(state_in_ptr + row * 2 + 1)
@@ -149,39 +166,52 @@ def _radix_pass_kernel(
     if a == b:
         # Converged: the threshold is known, later passes need no sums.
         return
-    step = (b - a + NUM_PIVOTS) // NUM_PIVOTS
-    pivots = tl.minimum(a + j_idx.to(tl.int64) * step, b).to(tl.int32)
     a32 = a.to(tl.int32)
-    acc = tl.zeros([SUB, NUM_PIVOTS], tl.float32)
-    ws_row = ws_ptr + row * vocab
-    sub_row = sub_max_ptr + row * num_chunks * (CHUNK // SUB)
-    for v0 in range(chunk * CHUNK, (chunk + 1) * CHUNK, SUB):
-        # Most sub-blocks hold nothing at or above the lowest pivot once a is near the
-        # threshold: skip them without reading.
-        if _order_key(tl.load(sub_row + v0 // SUB)) >= a32:
-            v = v0 + tl.arange(0, SUB)
-            x = tl.load(ws_row + v, mask=v < vocab, other=float("-inf"))
-            bits = x.to(tl.int32, bitcast=True)
-            key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-            ge = key[:, None] >= pivots[None, :]
-            # Elementwise accumulation; one cross-thread reduction per program.
-            if TOP_P_PHASE:
-                w = tl.exp2((x - row_max) * 1.4426950408889634)
-                acc += tl.where(ge, w[:, None], 0.0)
-            else:
-                acc += ge.to(tl.float32)
-    tl.atomic_add(sums_out_ptr + row * NUM_PIVOTS + j_idx, tl.sum(acc, axis=0))
+    if _order_key(tl.load(chunk_max_ptr + row * num_chunks + chunk)) < a32:
+        # Nothing in the chunk reaches the lowest pivot: it adds nothing.
+        return
+    # The whole chunk in one load, so no load waits on another. A sub-block whose max is
+    # below the lowest pivot is masked off (not read).
+    t = tl.arange(0, CHUNK)
+    sub_keys = _order_key(tl.load(sub_max_ptr + (row * num_chunks + chunk) * (CHUNK // SUB)
+                                  + t // SUB))
+    v = chunk * CHUNK + t
+    x = _load_scaled(src_ptr, stride_src, row, v, v < tl.where(sub_keys >= a32, vocab, 0),
+                     temp, FROM_LOGITS)
+    key = _order_key(x)
+    if TOP_P_PHASE:
+        w = tl.exp2((x - row_max) * 1.4426950408889634)
+    else:
+        w = tl.full([CHUNK], 1.0, tl.float32)
+    step = (b - a + NUM_PIVOTS) // NUM_PIVOTS
+    sums = tl.zeros([NUM_PIVOTS], tl.float32)
+    for j in tl.static_range(NUM_PIVOTS):
+        # One reduction a pivot (a [CHUNK, NUM_PIVOTS] tile would not fit in registers).
+        pivot = tl.minimum(a + j * step, b).to(tl.int32)
+        sums = tl.where(j_idx == j, tl.sum(tl.where(key >= pivot, w, 0.0), axis=0), sums)
+    tl.atomic_add(sums_out_ptr + row * NUM_PIVOTS + j_idx, sums)
 
 
 @triton.jit
-def _draw_kernel(ws_ptr, sub_max_ptr, temp_ptr, top_p_ptr, state_ptr, sums_ptr, mass_k_ptr,
-                 seed_ptr, offset_ptr, chunk_score_ptr, chunk_tok_ptr, vocab, num_chunks,
-                 greedy_temp, NUM_PIVOTS: tl.constexpr, CHUNK: tl.constexpr,
-                 SUB: tl.constexpr):
+def _token_uniforms(seed, rng_hi, first, NUM: tl.constexpr):
+    """A ``[NUM, 4]`` tile of uniforms for the tokens ``first + 4 * i + c``: Philox counter
+    ``rng_hi + token // 4``, word ``token % 4`` (four tokens a Philox call)."""
+    u0, u1, u2, u3 = tl.rand4x(seed, rng_hi + (first // 4 + tl.arange(0, NUM)).to(tl.int64))
+    c = tl.arange(0, 4)[None, :]
+    return tl.where(c < 2, tl.where(c == 0, u0[:, None], u1[:, None]),
+                    tl.where(c == 2, u2[:, None], u3[:, None]))
+
+
+@triton.jit
+def _draw_kernel(src_ptr, stride_src, chunk_max_ptr, sub_max_ptr, temp_ptr, top_p_ptr,
+                 state_ptr, sums_ptr, mass_k_ptr, seed_ptr, offset_ptr, chunk_score_ptr,
+                 chunk_tok_ptr, vocab, num_chunks, greedy_temp, FROM_LOGITS: tl.constexpr,
+                 NUM_PIVOTS: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr):
     """Closes the top-p search, then a Gumbel-max draw over one chunk's survivors."""
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
-    if tl.load(temp_ptr + row) < greedy_temp:
+    temp = tl.load(temp_ptr + row)
+    if temp < greedy_temp:
         return
     a = tl.load(state_ptr + row * 2)
     b = tl.load(state_ptr + row * 2 + 1)
@@ -193,31 +223,32 @@ def _draw_kernel(ws_ptr, sub_max_ptr, temp_ptr, top_p_ptr, state_ptr, sums_ptr, 
     num_ok = tl.sum((masses >= target).to(tl.int64), axis=0)
     key_thr = tl.where(a == b, a, tl.minimum(a + tl.maximum(num_ok - 1, 0) * step, b))
     key_thr = key_thr.to(tl.int32)
+    out = row * num_chunks + chunk
+    if _order_key(tl.load(chunk_max_ptr + out)) < key_thr:
+        # No survivor in the chunk.
+        tl.store(chunk_score_ptr + out, float("-inf"))
+        tl.store(chunk_tok_ptr + out, chunk * CHUNK)
+        return
 
     seed = tl.load(seed_ptr + row).to(tl.int64)
     rng_hi = tl.load(offset_ptr + row).to(tl.int64) << 32
-    sub_row = sub_max_ptr + row * num_chunks * (CHUNK // SUB)
-    best_score = float("-inf")
-    best_tok = chunk * CHUNK
-    for v0 in range(chunk * CHUNK, (chunk + 1) * CHUNK, SUB):
-        if _order_key(tl.load(sub_row + v0 // SUB)) >= key_thr:
-            v = v0 + tl.arange(0, SUB)
-            vmask = v < vocab
-            x = tl.load(ws_ptr + row * vocab + v, mask=vmask, other=float("-inf"))
-            # Philox counter = (vocab index, row offset), keyed by the row's seed.
-            u = tl.rand(seed, rng_hi + v.to(tl.int64))
-            gumbel = -tl.log(-tl.log(tl.maximum(u, 1e-20)))
-            bits = x.to(tl.int32, bitcast=True)
-            key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-            keep = (key >= key_thr) & (x > float("-inf")) & vmask
-            score = tl.where(keep, x + gumbel, float("-inf"))
-            sub_best = tl.max(score, axis=0)
-            sub_tok = v0 + tl.argmax(score, axis=0, tie_break_left=True)
-            take = sub_best > best_score
-            best_tok = tl.where(take, sub_tok, best_tok)
-            best_score = tl.where(take, sub_best, best_score)
-    tl.store(chunk_score_ptr + row * num_chunks + chunk, best_score)
-    tl.store(chunk_tok_ptr + row * num_chunks + chunk, best_tok)
+    # The chunk as one [CHUNK // 4, 4] tile (token first + 4 * i + c), the uniforms'
+    # layout; a sub-block with no survivor is masked off (not read).
+    i = tl.arange(0, CHUNK // 4)
+    first = chunk * CHUNK
+    v = first + 4 * i[:, None] + tl.arange(0, 4)[None, :]
+    sub_keys = _order_key(tl.load(sub_max_ptr + out * (CHUNK // SUB) + i // (SUB // 4)))
+    end = tl.where(sub_keys >= key_thr, vocab, 0)
+    x = _load_scaled(src_ptr, stride_src, row, v, v < end[:, None], temp, FROM_LOGITS)
+    u = _token_uniforms(seed, rng_hi, first, CHUNK // 4)
+    gumbel = -tl.log(-tl.log(tl.maximum(u, 1e-20)))
+    keep = (_order_key(x) >= key_thr) & (x > float("-inf"))
+    score = tl.where(keep, x + gumbel, float("-inf"))
+    best_score = tl.max(tl.max(score, axis=1), axis=0)
+    # The first token among ties, as an argmax in id order.
+    best_tok = tl.min(tl.min(tl.where(score == best_score, v, 2147483647), axis=1), axis=0)
+    tl.store(chunk_score_ptr + out, best_score)
+    tl.store(chunk_tok_ptr + out, best_tok)
 
 
 @triton.jit
@@ -275,7 +306,8 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
         presence_penalty, frequency_penalty, repetition_penalty: ``[B]`` fp32; all five
             penalty arguments go together.
         workspace: optional ``[B, V]`` fp32 scratch (e.g. preallocated for CUDA graphs);
-            it holds the processed, temperature-scaled logits afterwards.
+            it holds the processed, temperature-scaled logits afterwards. Without one,
+            rows without a bias or penalties re-read ``logits`` in every pass instead.
     Returns:
         ``[B]`` int64 sampled token ids.
     """
@@ -312,7 +344,13 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
                               ("frequency_penalty", frequency_penalty),
                               ("repetition_penalty", repetition_penalty)):
             _row_param(name, penalty, num_rows, dev, (torch.float32,))  # type: ignore[arg-type]
-    if workspace is None:
+    # Without a bias or penalties every pass can recompute the processed logits from
+    # the logits themselves: no float32 copy written, and 16-bit logits read at half the
+    # bytes of one.
+    from_logits = workspace is None and logit_bias is None and not has_penalties
+    if from_logits:
+        workspace = logits  # never written (FROM_LOGITS)
+    elif workspace is None:
         workspace = torch.empty(num_rows, vocab, dtype=torch.float32, device=dev)
     else:
         check_tensor("workspace", workspace, ndim=2, dtypes=(torch.float32,), device=dev,
@@ -355,18 +393,22 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
         prompt_mask.stride(0) if prompt_mask is not None else 0,
         output_counts.stride(0) if output_counts is not None else 0,
         vocab, num_chunks, GREEDY_TEMPERATURE, HAS_BIAS=logit_bias is not None,
-        HAS_PENALTIES=has_penalties, CHUNK=chunk, SUB=sub, num_warps=8)
+        HAS_PENALTIES=has_penalties, FROM_LOGITS=from_logits, CHUNK=chunk, SUB=sub,
+        num_warps=8)
+    src, stride_src = (logits, logits.stride(0)) if from_logits else (workspace, vocab)
     for i in range(num_passes):
         prev = max(i - 1, 0)
         _radix_pass_kernel[grid](
-            workspace, chunk_max, sub_max, temperature, top_k, top_p, min_p, state[prev],
-            state[i], sums[prev], sums[i], mass_k, vocab, num_chunks, GREEDY_TEMPERATURE,
-            TOP_P_PHASE=i >= _NUM_PASSES, PASS=i % _NUM_PASSES, NUM_PIVOTS=_NUM_PIVOTS,
-            CHUNK=chunk, SUB=sub, BLOCK_C=block_c, num_warps=4)
+            src, stride_src, chunk_max, sub_max, temperature, top_k, top_p, min_p,
+            state[prev], state[i], sums[prev], sums[i], mass_k, vocab, num_chunks,
+            GREEDY_TEMPERATURE, TOP_P_PHASE=i >= _NUM_PASSES, PASS=i % _NUM_PASSES,
+            FROM_LOGITS=from_logits, NUM_PIVOTS=_NUM_PIVOTS, CHUNK=chunk, SUB=sub,
+            BLOCK_C=block_c, num_warps=4)
     _draw_kernel[grid](
-        workspace, sub_max, temperature, top_p, state[-1], sums[-1], mass_k, seeds, offsets,
-        chunk_score, chunk_tok, vocab, num_chunks, GREEDY_TEMPERATURE,
-        NUM_PIVOTS=_NUM_PIVOTS, CHUNK=chunk, SUB=sub, num_warps=4)
+        src, stride_src, chunk_max, sub_max, temperature, top_p, state[-1], sums[-1],
+        mass_k, seeds, offsets, chunk_score, chunk_tok, vocab, num_chunks,
+        GREEDY_TEMPERATURE, FROM_LOGITS=from_logits, NUM_PIVOTS=_NUM_PIVOTS, CHUNK=chunk,
+        SUB=sub, num_warps=4)
     _finalize_kernel[(num_rows,)](
         temperature, chunk_max, chunk_arg, chunk_score, chunk_tok, out, num_chunks,
         GREEDY_TEMPERATURE, BLOCK_C=block_c, num_warps=1)

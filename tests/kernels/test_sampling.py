@@ -187,6 +187,9 @@ def test_sampling_gpu_large_vocab():
     _check_processing_and_greedy(64, 128256, torch.device("cuda"))
     _check_distribution(100000, 512, 1.1, 100, 0.95, 0.0, torch.device("cuda"))
     _check_distribution(4000, 128256, 0.7, 40, 0.9, 0.02, torch.device("cuda"))
+    # Top-k off: the top-k search converges at once, top-p searches the whole vocabulary.
+    _check_distribution(100000, 512, 1.1, 0, 0.95, 0.0, torch.device("cuda"))
+    _check_distribution(4000, 128256, 1.0, 0, 0.95, 0.0, torch.device("cuda"))
 
 
 def _check_sixteen_bit_logits(num_rows, vocab, device):
@@ -216,3 +219,36 @@ def test_sixteen_bit_logits_draw_as_their_float32_copy():
 @needs_gpu
 def test_sixteen_bit_logits_draw_as_their_float32_copy_gpu():
     _check_sixteen_bit_logits(64, 151936, torch.device("cuda"))
+
+
+def _check_logits_read_in_place(num_rows, vocab, device, dtypes):
+    """Without a bias or penalties every pass re-reads the logits instead of a float32
+    workspace: the same processed values, so the tokens drawn through a workspace."""
+    torch.manual_seed(3)
+    configs = [(0, 1.0, 0.0), (0, 0.9, 0.0), (20, 1.0, 0.0), (20, 0.8, 0.05),
+               (0, 0.95, 0.02), (0, 1.0, 0.0)]
+    rows = [configs[i % len(configs)] for i in range(num_rows)]
+    top_k, top_p, min_p = ([r[i] for r in rows] for i in range(3))
+    temperature = torch.rand(num_rows) + 0.3
+    temperature[len(configs) - 1::len(configs)] = 0.0  # greedy rows
+    params = _params(num_rows, device, temperature, top_k, top_p, min_p)
+    seeds = torch.arange(num_rows, device=device) * 7919
+    offsets = torch.arange(num_rows, device=device)
+    for dtype in dtypes:
+        logits = (2 * torch.randn(num_rows, vocab, device=device)).to(dtype)
+        direct = sample(logits, seeds=seeds, offsets=offsets, **params)
+        workspace = torch.full((num_rows, vocab), float("nan"), device=device)
+        through = sample(logits, seeds=seeds, offsets=offsets, workspace=workspace,
+                         **params)
+        assert torch.equal(direct, through), dtype
+
+
+def test_logits_read_in_place_draw_as_through_a_workspace():
+    _check_logits_read_in_place(6, 520, DEVICE, (torch.bfloat16,))
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_logits_read_in_place_draw_as_through_a_workspace_gpu():
+    _check_logits_read_in_place(64, 151936, torch.device("cuda"),
+                                (torch.float32, torch.bfloat16))
