@@ -9,7 +9,8 @@ threshold are all kept, as in ``torch_ref.filter_logits``). Every pass is a grid
 streams the logits; the launch sequence is fixed (CUDA-graph friendly, no host sync).
 Work shrinks as the search narrows: a pass skips every chunk and every 256-token sub-block
 whose max (recorded by the first pass) is below the lowest pivot, and rows that converged
-(top-k off converges at once) skip their passes. Without a bias or penalties the passes
+(top-k off converges at once) skip their passes. A chunk mostly live is loaded whole at
+once (no load waits on another); one mostly dead reads its live sub-blocks in turn. Without a bias or penalties the passes
 re-read the logits (16-bit as the LM head writes them) instead of a float32 workspace.
 The draw is a Gumbel-max over the survivors with Philox noise keyed by a per-row seed and
 offset (one Philox counter serves four tokens), so it is reproducible per request.
@@ -170,25 +171,44 @@ def _radix_pass_kernel(
     if _order_key(tl.load(chunk_max_ptr + row * num_chunks + chunk)) < a32:
         # Nothing in the chunk reaches the lowest pivot: it adds nothing.
         return
-    # The whole chunk in one load, so no load waits on another. A sub-block whose max is
-    # below the lowest pivot is masked off (not read).
-    t = tl.arange(0, CHUNK)
-    sub_keys = _order_key(tl.load(sub_max_ptr + (row * num_chunks + chunk) * (CHUNK // SUB)
-                                  + t // SUB))
-    v = chunk * CHUNK + t
-    x = _load_scaled(src_ptr, stride_src, row, v, v < tl.where(sub_keys >= a32, vocab, 0),
-                     temp, FROM_LOGITS)
-    key = _order_key(x)
-    if TOP_P_PHASE:
-        w = tl.exp2((x - row_max) * 1.4426950408889634)
-    else:
-        w = tl.full([CHUNK], 1.0, tl.float32)
     step = (b - a + NUM_PIVOTS) // NUM_PIVOTS
-    sums = tl.zeros([NUM_PIVOTS], tl.float32)
-    for j in tl.static_range(NUM_PIVOTS):
-        # One reduction a pivot (a [CHUNK, NUM_PIVOTS] tile would not fit in registers).
-        pivot = tl.minimum(a + j * step, b).to(tl.int32)
-        sums = tl.where(j_idx == j, tl.sum(tl.where(key >= pivot, w, 0.0), axis=0), sums)
+    sub_row = sub_max_ptr + (row * num_chunks + chunk) * (CHUNK // SUB)
+    subs = tl.arange(0, CHUNK // SUB)
+    num_live = tl.sum((_order_key(tl.load(sub_row + subs)) >= a32).to(tl.int32), axis=0)
+    if num_live * 3 > 2 * (CHUNK // SUB):
+        # Mostly live: the whole chunk in one load, so no load waits on another (a dead
+        # sub-block is masked off, not read), then one reduction a pivot (a [CHUNK,
+        # NUM_PIVOTS] tile would not fit in registers).
+        t = tl.arange(0, CHUNK)
+        end = tl.where(_order_key(tl.load(sub_row + t // SUB)) >= a32, vocab, 0)
+        v = chunk * CHUNK + t
+        x = _load_scaled(src_ptr, stride_src, row, v, v < end, temp, FROM_LOGITS)
+        key = _order_key(x)
+        if TOP_P_PHASE:
+            w = tl.exp2((x - row_max) * 1.4426950408889634)
+        else:
+            w = tl.full([CHUNK], 1.0, tl.float32)
+        sums = tl.zeros([NUM_PIVOTS], tl.float32)
+        for p in tl.static_range(NUM_PIVOTS):
+            pivot = tl.minimum(a + p * step, b).to(tl.int32)
+            sums = tl.where(j_idx == p, tl.sum(tl.where(key >= pivot, w, 0.0), axis=0),
+                            sums)
+    else:
+        # Mostly dead (a narrow interval): only the live sub-blocks, one after another,
+        # into a [SUB, NUM_PIVOTS] tile reduced once.
+        pivots = tl.minimum(a + j_idx.to(tl.int64) * step, b).to(tl.int32)
+        acc = tl.zeros([SUB, NUM_PIVOTS], tl.float32)
+        for s in range(CHUNK // SUB):
+            if _order_key(tl.load(sub_row + s)) >= a32:
+                v = chunk * CHUNK + s * SUB + tl.arange(0, SUB)
+                x = _load_scaled(src_ptr, stride_src, row, v, v < vocab, temp, FROM_LOGITS)
+                ge = _order_key(x)[:, None] >= pivots[None, :]
+                if TOP_P_PHASE:
+                    w = tl.exp2((x - row_max) * 1.4426950408889634)
+                    acc += tl.where(ge, w[:, None], 0.0)
+                else:
+                    acc += ge.to(tl.float32)
+        sums = tl.sum(acc, axis=0)
     tl.atomic_add(sums_out_ptr + row * NUM_PIVOTS + j_idx, sums)
 
 
@@ -200,6 +220,22 @@ def _token_uniforms(seed, rng_hi, first, NUM: tl.constexpr):
     c = tl.arange(0, 4)[None, :]
     return tl.where(c < 2, tl.where(c == 0, u0[:, None], u1[:, None]),
                     tl.where(c == 2, u2[:, None], u3[:, None]))
+
+
+@triton.jit
+def _gumbel_max(src_ptr, stride_src, row, v, end, temp, key_thr, seed, rng_hi, first,
+                NUM: tl.constexpr, FROM_LOGITS: tl.constexpr):
+    """The best score and its token (the first among ties) of the ``[NUM, 4]`` tile of
+    tokens ``v = first + 4 * i + c`` below ``end``: processed logit plus Gumbel noise,
+    over the survivors (key at or above ``key_thr``)."""
+    x = _load_scaled(src_ptr, stride_src, row, v, v < end, temp, FROM_LOGITS)
+    u = _token_uniforms(seed, rng_hi, first, NUM)
+    gumbel = -tl.log(-tl.log(tl.maximum(u, 1e-20)))
+    keep = (_order_key(x) >= key_thr) & (x > float("-inf"))
+    score = tl.where(keep, x + gumbel, float("-inf"))
+    best = tl.max(tl.max(score, axis=1), axis=0)
+    tok = tl.min(tl.min(tl.where(score == best, v, 2147483647), axis=1), axis=0)
+    return best, tok
 
 
 @triton.jit
@@ -232,21 +268,33 @@ def _draw_kernel(src_ptr, stride_src, chunk_max_ptr, sub_max_ptr, temp_ptr, top_
 
     seed = tl.load(seed_ptr + row).to(tl.int64)
     rng_hi = tl.load(offset_ptr + row).to(tl.int64) << 32
-    # The chunk as one [CHUNK // 4, 4] tile (token first + 4 * i + c), the uniforms'
-    # layout; a sub-block with no survivor is masked off (not read).
-    i = tl.arange(0, CHUNK // 4)
     first = chunk * CHUNK
-    v = first + 4 * i[:, None] + tl.arange(0, 4)[None, :]
-    sub_keys = _order_key(tl.load(sub_max_ptr + out * (CHUNK // SUB) + i // (SUB // 4)))
-    end = tl.where(sub_keys >= key_thr, vocab, 0)
-    x = _load_scaled(src_ptr, stride_src, row, v, v < end[:, None], temp, FROM_LOGITS)
-    u = _token_uniforms(seed, rng_hi, first, CHUNK // 4)
-    gumbel = -tl.log(-tl.log(tl.maximum(u, 1e-20)))
-    keep = (_order_key(x) >= key_thr) & (x > float("-inf"))
-    score = tl.where(keep, x + gumbel, float("-inf"))
-    best_score = tl.max(tl.max(score, axis=1), axis=0)
-    # The first token among ties, as an argmax in id order.
-    best_tok = tl.min(tl.min(tl.where(score == best_score, v, 2147483647), axis=1), axis=0)
+    sub_row = sub_max_ptr + out * (CHUNK // SUB)
+    num_live = tl.sum((_order_key(tl.load(sub_row + tl.arange(0, CHUNK // SUB)))
+                       >= key_thr).to(tl.int32), axis=0)
+    if num_live * 3 > 2 * (CHUNK // SUB):
+        # Mostly live: the chunk as one [CHUNK // 4, 4] tile (token first + 4 * i + c),
+        # the uniforms' layout, in one load; a dead sub-block is masked off (not read).
+        i = tl.arange(0, CHUNK // 4)
+        v = first + 4 * i[:, None] + tl.arange(0, 4)[None, :]
+        end = tl.where(_order_key(tl.load(sub_row + i // (SUB // 4))) >= key_thr, vocab, 0)
+        best_score, best_tok = _gumbel_max(src_ptr, stride_src, row, v, end[:, None], temp,
+                                           key_thr, seed, rng_hi, first, CHUNK // 4,
+                                           FROM_LOGITS)
+    else:
+        # Mostly dead: only the live sub-blocks, one after another.
+        in_tile = 4 * tl.arange(0, SUB // 4)[:, None] + tl.arange(0, 4)[None, :]
+        best_score = tl.full([], float("-inf"), tl.float32)
+        best_tok = first
+        for s in range(CHUNK // SUB):
+            v0 = first + s * SUB
+            if _order_key(tl.load(sub_row + s)) >= key_thr:
+                sub_best, sub_tok = _gumbel_max(src_ptr, stride_src, row, v0 + in_tile,
+                                                vocab, temp, key_thr, seed, rng_hi, v0,
+                                                SUB // 4, FROM_LOGITS)
+                take = sub_best > best_score
+                best_tok = tl.where(take, sub_tok, best_tok)
+                best_score = tl.where(take, sub_best, best_score)
     tl.store(chunk_score_ptr + out, best_score)
     tl.store(chunk_tok_ptr + out, best_tok)
 
