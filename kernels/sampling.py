@@ -10,8 +10,9 @@ streams the logits; the launch sequence is fixed (CUDA-graph friendly, no host s
 Work shrinks as the search narrows: a pass skips every chunk and every 256-token sub-block
 whose max (recorded by the first pass) is below the lowest pivot, and rows that converged
 (top-k off converges at once) skip their passes. A chunk mostly live is loaded whole at
-once (no load waits on another); one mostly dead reads its live sub-blocks in turn. Without a bias or penalties the passes
-re-read the logits (16-bit as the LM head writes them) instead of a float32 workspace.
+once (no load waits on another); one mostly dead reads its live sub-blocks in turn.
+Without a bias or penalties the passes re-read the logits (16-bit as the LM head writes
+them) instead of a float32 workspace.
 The draw is a Gumbel-max over the survivors with Philox noise keyed by a per-row seed and
 offset (one Philox counter serves four tokens), so it is reproducible per request.
 """
