@@ -1,18 +1,22 @@
 """LLM(tensor_parallel_size=T) on the CPU (gloo): every sharded tiny architecture gives the
 single-device greedy ids at T=2 and T=4 (KV heads split at 2, replicated at 4), seeded
-sampling draws the same ids on every rank, and a killed rank fails the engine cleanly."""
+sampling draws the same ids on every rank, and a killed rank, or a step that fails on some
+ranks only, fails the engine cleanly."""
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import re
 import signal
+import threading
 import time
 
 import pytest
 
 from gridllm import LLM, SamplingParams
 from gridllm.common.procs import HAS_PROC, is_running
+from tests.gridllm import rank_failures
 from tests.gridllm.test_llm import prompts_of, token_prompts
 from tests.worker_svc.tiny_models import ALL_TINY_ARCHS
 
@@ -65,6 +69,46 @@ def assert_processes_gone(pids: list[int], timeout_s: float = 10.0) -> None:
     while any(is_running(p) for p in pids):
         assert time.monotonic() < deadline, f"rank processes {pids} still running"
         time.sleep(0.05)
+
+
+@pytest.fixture
+def processor_params(monkeypatch):
+    """Registers a logits processor (unregistered after the test) and returns greedy params
+    that enable it; register before building the engine (its followers take the registry
+    as it stands)."""
+    from worker_svc import logits_processors
+
+    def register(fn, verify=None) -> SamplingParams:
+        name = f"test_{fn.__name__}"
+        monkeypatch.setitem(logits_processors._REGISTRY, name,
+                            logits_processors.LogitsProcessorSpec(name, fn, verify))
+        return SamplingParams(temperature=0, max_tokens=10, ignore_eos=True,
+                              logits_processors=[name])
+    return register
+
+
+def generate_bounded(llm: LLM, params: SamplingParams, timeout_s: float = 60.0
+                     ) -> BaseException | None:
+    """``greedy_ids(llm, params=params)`` in a thread; what it raised. A step still running
+    after ``timeout_s`` (rank 0 waiting in a collective) fails the test, its ranks killed so
+    the thread ends."""
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            greedy_ids(llm, params=params)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            raised.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        for pid in llm.engine.runner.follower_pids:
+            os.kill(pid, signal.SIGKILL)
+        thread.join(30.0)
+        pytest.fail(f"the step did not end within {timeout_s:.0f}s")
+    return raised[0] if raised else None
 
 
 def test_sharded_archs_cover_every_sharded_architecture():
@@ -194,6 +238,65 @@ def test_a_killed_rank_fails_the_engine_and_stops_the_others(tiny_model_dir):
     # The group is left: this process can start another engine.
     with LLM(model_dir, tensor_parallel_size=2, **ENGINE) as again:
         assert greedy_ids(again) == reference("llama", model_dir)
+
+
+@pytest.mark.parametrize(("fn", "verify", "message"), [
+    # A follower fails after the step's collectives: rank 0 finishes the step.
+    (rank_failures.raise_on_followers, None,
+     r"tensor-parallel rank 1's step failed while rank 0's did not: "
+     r"RuntimeError: sampling failed on rank 1 alone"),
+    # A follower fails before the step's first collective: rank 0 waits in it.
+    (rank_failures.keep, rank_failures.refuse_on_followers,
+     r"tensor-parallel rank 1's step failed while rank 0's did not: "
+     r"RuntimeError: admission failed on rank 1 alone"),
+    # Rank 0 fails after the collectives, its follower not.
+    (rank_failures.raise_on_rank0, None,
+     r"tensor-parallel rank 0's step failed while rank 1's did not: "
+     r"RuntimeError: sampling failed on rank 0 alone"),
+], ids=["follower-after-collectives", "follower-before-collectives", "rank0-alone"])
+def test_a_step_that_fails_on_some_ranks_only_fails_the_engine(fn, verify, message,
+                                                                tiny_model_dir,
+                                                                processor_params):
+    """The ranks would diverge (or rank 0 would wait for ever): the engine stops, naming
+    the rank and its error, and the process can start another engine."""
+    model_dir = tiny_model_dir("llama")
+    params = processor_params(fn, verify)
+    llm = LLM(model_dir, tensor_parallel_size=2, **ENGINE)
+    try:
+        pids = llm.engine.runner.follower_pids
+        raised = generate_bounded(llm, params)
+        assert isinstance(raised, RuntimeError), raised
+        assert re.search(message, str(raised)), str(raised)
+        assert_processes_gone(pids)
+        with pytest.raises(RuntimeError, match=message):  # the engine stays stopped
+            greedy_ids(llm)
+    finally:
+        llm.shutdown()
+    assert not [p for p in multiprocessing.active_children()
+                if p.name.startswith("gridllm-tp")]
+    assert not [t for t in threading.enumerate() if t.name == "tp-rank-monitor"]
+    with LLM(model_dir, tensor_parallel_size=2, **ENGINE) as again:
+        assert greedy_ids(again) == reference("llama", model_dir)
+
+
+def test_a_step_that_fails_on_every_rank_raises_and_leaves_the_engine_usable(
+        tiny_model_dir, processor_params):
+    """A bad step: every rank raises the same step, rank 0 raises its error (at once, not
+    after waiting out a grace period) and the group stays in step."""
+    from worker_svc.ranks import launch
+
+    model_dir = tiny_model_dir("llama")
+    params = processor_params(rank_failures.raise_on_every_rank)
+    with LLM(model_dir, tensor_parallel_size=4, **ENGINE) as llm:
+        pids = llm.engine.runner.follower_pids
+        started = time.monotonic()
+        raised = generate_bounded(llm, params)
+        assert time.monotonic() - started < launch._STEP_FAILURE_GRACE_S
+        assert isinstance(raised, RuntimeError), raised
+        assert str(raised) == "sampling failed on every rank"
+        assert all(is_running(p) for p in pids)
+        assert greedy_ids(llm) == reference("llama", model_dir)
+    assert_processes_gone(pids)
 
 
 @pytest.mark.parametrize(("size", "message"), [

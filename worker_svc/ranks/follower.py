@@ -1,8 +1,10 @@
 """A follower rank (1 .. T-1) of a tensor-parallel engine: it builds the same ModelRunner
 as rank 0 over its own shard, then runs every step rank 0 sends it, in order.
 
-It keeps no output: rank 0 answers. It exits when rank 0 says stop, or as soon as rank 0
-is gone (its pipes from rank 0 close), even in the middle of a step.
+It keeps no output: rank 0 answers. A step that raises is reported to rank 0 (the step's
+number and the traceback), which stops the whole group unless its own step raised too (a bad
+step every rank fails alike leaves the group in step). It exits when rank 0 says stop, or as
+soon as rank 0 is gone (its pipes from rank 0 close), even in the middle of a step.
 """
 
 from __future__ import annotations
@@ -57,14 +59,16 @@ class FollowerArgs:
 
 
 def run_follower(args: FollowerArgs, steps: Connection, status: Connection,
-                 alive: Connection) -> None:
+                 reports: Connection, alive: Connection) -> None:
     """The follower process's main (a multiprocessing target).
 
     Args:
         args: rank, group and the engine's configs.
-        steps: rank 0's messages: ``("step", SchedulerOutput)``, ``("reset",)``,
-            ``("eos", id)``, ``("stop",)``.
+        steps: rank 0's messages: ``("step", SchedulerOutput, rows digest, step number)``,
+            ``("reset",)``, ``("eos", id)``, ``("stop",)``.
         status: tells rank 0 ``("up",)`` before joining the group, or ``("error", text)``.
+        reports: tells rank 0 ``("step_failed", step number, traceback)`` for each step
+            that raised.
         alive: never carries data; its end of file means rank 0 is gone.
     """
     os.environ.update(args.log_env)
@@ -85,7 +89,7 @@ def run_follower(args: FollowerArgs, steps: Connection, status: Connection,
     status.close()
     logger.info("tensor-parallel rank %d of %d ready (%d KV blocks)", args.rank,
                 args.world_size, runner.num_kv_blocks)
-    _serve(runner, steps, args.rank)
+    _serve(runner, steps, reports, args.rank)
     destroy_tensor_parallel()
 
 
@@ -109,7 +113,7 @@ def _build_runner(args: FollowerArgs, status: Connection) -> ModelRunner:
                        eos_token_id=args.eos_token_id)
 
 
-def _serve(runner, steps: Connection, rank: int) -> None:
+def _serve(runner, steps: Connection, reports: Connection, rank: int) -> None:
     while True:
         try:
             message = pickle.loads(steps.recv_bytes())
@@ -119,13 +123,22 @@ def _serve(runner, steps: Connection, rank: int) -> None:
         kind = message[0]
         if kind == "stop":
             return
-        try:
-            if kind == "step":
-                _check_rows(runner, message[2], rank)
+        if kind == "step":
+            _, scheduler_output, rank0_rows, step_number = message
+            try:
+                _check_rows(runner, rank0_rows, rank)
                 # Outputs are not read here: the runner reads a step's output itself
                 # before it needs it (two steps later, or for logits processors).
-                runner.execute_model_async(message[1])
-            elif kind == "reset":
+                runner.execute_model_async(scheduler_output)
+            except Exception:  # noqa: BLE001 - rank 0 checks that its own step raised too
+                logger.warning("rank %d: step %d failed", rank, step_number, exc_info=True)
+                try:
+                    reports.send(("step_failed", step_number, traceback.format_exc()))
+                except OSError:
+                    return  # rank 0 is gone
+            continue
+        try:
+            if kind == "reset":
                 runner.reset_requests()
             elif kind == "eos":
                 runner.eos_token_id = message[1]

@@ -18,6 +18,15 @@ Failure: a monitor thread in rank 0 waits on every follower. One that exits whil
 engine runs has the others killed and ``on_rank_lost`` called (the worker service exits, so
 its scheduler migrates its requests; the ``LLM`` raises on its next step). A follower exits
 when rank 0 dies: the pipes from rank 0 close.
+
+Steps are numbered. A step that raises on every rank (a bad step: a logits processor that
+raises, say) is raised by rank 0 and leaves the group in step. A step that raises on some
+ranks only stops the engine alike, since the ranks have diverged or wait in a collective
+the failed one never reaches: a follower reports each step that raised (its number and
+traceback) and the monitor, unless rank 0 raised that step too within
+``_STEP_FAILURE_GRACE_S``, stops the group with an error naming the rank and its exception
+(rank 0, stuck in that collective, then fails with it); a step that raised on rank 0 waits
+as long for every follower's report of it, and stops the group if one is missing.
 """
 
 from __future__ import annotations
@@ -30,7 +39,9 @@ import pickle
 import random
 import threading
 import time
+import traceback
 import weakref
+from collections import deque
 from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 from typing import Any
@@ -61,6 +72,14 @@ _CAUSE_GRACE_S = 0.2
 # a failed collective) waits for the monitor to name the lost rank: a loaded host may run
 # the monitor's thread late, and the wait only happens once a follower is gone.
 _CAUSE_MARGIN_S = 5.0
+# How long a step that raised on one rank waits for the others to report the same step
+# raised (they run it in step, so they raise within moments); past it, the engine is lost.
+_STEP_FAILURE_GRACE_S = 5.0
+# How often the monitor looks whether rank 0 has finished a step a follower reported.
+_POLL_S = 0.01
+# Rank 0's latest failed step numbers kept for the followers' reports (which arrive within
+# _STEP_FAILURE_GRACE_S of the step, long before this many steps have run).
+_MAX_FAILED_STEPS = 64
 _LOG_ENV = ("GRIDLLM_LOGGING_LEVEL", "GRIDLLM_LOG_FORMAT", "GRIDLLM_TRACE_FUNCTION")
 
 
@@ -81,8 +100,9 @@ def build_runner(model_config: ModelConfig, cache_config: CacheConfig,
 
     Args:
         model_config, cache_config, scheduler_config, eos_token_id: as for ModelRunner.
-        on_rank_lost: called (from a monitor thread) with what happened when a follower
-            rank dies while the engine runs; the other ranks are killed already.
+        on_rank_lost: called with what happened when a follower rank dies while the
+            engine runs, or a step raises on some ranks only (from the monitor thread, or
+            from the step's); the other ranks are killed already.
     """
     if model_config.tensor_parallel_size == 1:
         from worker_svc.model_runner import ModelRunner
@@ -225,25 +245,29 @@ class TensorParallelRunner:
     def execute_model_async(self, scheduler_output):
         """ModelRunner.execute_model_async on every rank; returns rank 0's output.
 
-        An Exception (a bad step: every rank raises it before any collective) leaves the
-        group in step; anything else (KeyboardInterrupt) may have left rank 0 between two
-        collectives, so the group is stopped and later calls raise.
+        An Exception that every rank raised (a bad step) leaves the group in step; one that
+        rank 0 alone raised, or one raised because a follower was lost, stops the group and
+        raises RuntimeError saying what happened. Anything else (KeyboardInterrupt) may have
+        left rank 0 between two collectives, so the group is stopped. Later calls raise once
+        the group is stopped.
         """
         # The rows rank 0 holds going into the step: a follower holding others has diverged.
         rows = rows_digest(self.runner.input_batch.req_ids)
-        self._ranks.send(("step", scheduler_output, rows))
+        step_number = self._ranks.send_step(scheduler_output, rows)
         try:
-            return self.runner.execute_model_async(scheduler_output)
+            output = self.runner.execute_model_async(scheduler_output)
         except Exception as exc:
-            # A collective that failed because a follower died (gloo: "connection reset")
-            # says what followed; the monitor says what happened.
-            lost = self._ranks.lost_cause()
+            # A collective that failed because a follower died or was stopped (gloo:
+            # "connection reset") says what followed; the monitor says what happened.
+            lost = self._ranks.end_step(step_number, exc)
             if lost is not None:
                 raise RuntimeError(lost) from exc
             raise
         except BaseException as exc:
             self._ranks.stop(f"interrupted in the middle of a step ({type(exc).__name__})")
             raise
+        self._ranks.end_step(step_number)
+        return output
 
     def execute_model(self, scheduler_output):
         return self.execute_model_async(scheduler_output).get_output()
@@ -271,6 +295,8 @@ class _Ranks:
         self.processes: list[Any] = []
         self.steps: list[Connection] = []
         self.statuses: list[Connection] = []
+        # The followers' reports of steps that raised (read by the monitor).
+        self.reports: list[Connection] = []
         self.alive: list[Connection] = []
         self.is_serving = False
         # True once this process joined the group (so stop leaves it).
@@ -283,6 +309,15 @@ class _Ranks:
         # Set by the monitor once it has named the lost rank (``lost``).
         self._cause_known = threading.Event()
         self._monitor: threading.Thread | None = None
+        # The number of the last step sent, and of the last one rank 0 finished.
+        self.num_steps_sent = 0
+        self._last_finished_step = 0
+        # Guards the step outcomes below and ``lost``; notified when they change.
+        self._outcomes = threading.Condition()
+        # Numbers of rank 0's latest steps that raised.
+        self._failed_steps: deque[int] = deque(maxlen=_MAX_FAILED_STEPS)
+        # Per step number, the follower ranks that reported it raised.
+        self._reported_failures: dict[int, set[int]] = {}
 
     def start(self) -> None:
         model_config, cache_config, scheduler_config = self.configs
@@ -302,16 +337,19 @@ class _Ranks:
                                 log_env)
             steps_recv, steps_send = context.Pipe(duplex=False)
             status_recv, status_send = context.Pipe(duplex=False)
+            reports_recv, reports_send = context.Pipe(duplex=False)
             alive_recv, alive_send = context.Pipe(duplex=False)
             process = context.Process(target=run_follower, name=f"gridllm-tp-rank{rank}",
-                                      args=(args, steps_recv, status_send, alive_recv),
+                                      args=(args, steps_recv, status_send, reports_send,
+                                            alive_recv),
                                       daemon=True)
             process.start()
-            for child_end in (steps_recv, status_send, alive_recv):
+            for child_end in (steps_recv, status_send, reports_send, alive_recv):
                 child_end.close()
             self.processes.append(process)
             self.steps.append(steps_send)
             self.statuses.append(status_recv)
+            self.reports.append(reports_recv)
             self.alive.append(alive_send)
             logger.info("tensor-parallel rank %d of %d: pid %d", rank, self.size, process.pid)
         self._wait_until_up()
@@ -339,28 +377,83 @@ class _Ranks:
                 del pending[item]
 
     def _watch(self) -> None:
+        """Stop the group when a follower exits, or reports a step that raised on it but
+        not on rank 0 (rank 0 may record its own failure of that step a moment later, or
+        wait in a collective the follower never reaches: the report waits for rank 0 to
+        finish the step, at most ``_STEP_FAILURE_GRACE_S``)."""
         sentinels = {p.sentinel: p for p in self.processes}
-        ready = wait(list(sentinels))
-        if self._is_stopping.is_set():
-            return
+        reports = {conn: rank for rank, conn in enumerate(self.reports, start=1)}
+        # (rank, step number, traceback, deadline) of reports rank 0 has not matched yet.
+        pending: list[tuple[int, int, str, float]] = []
+        while not self._is_stopping.is_set():
+            try:
+                ready = wait([*sentinels, *reports], _POLL_S if pending else None)
+            except (OSError, ValueError):  # stop() closed the pipes meanwhile
+                return
+            if self._is_stopping.is_set():
+                return
+            # Reports first: a follower that diverged after its report may exit next.
+            for conn in [c for c in ready if c in reports]:
+                message = _receive(conn)
+                if message is None:  # the follower is exiting: its sentinel says more
+                    del reports[conn]
+                    continue
+                _, step_number, text = message
+                rank = reports[conn]
+                with self._outcomes:
+                    self._reported_failures.setdefault(step_number, set()).add(rank)
+                    self._outcomes.notify_all()
+                pending.append((rank, step_number, text,
+                                time.monotonic() + _STEP_FAILURE_GRACE_S))
+            for rank, step_number, text, deadline in list(pending):
+                shared = self._rank0_failed(step_number)
+                if shared is None and time.monotonic() < deadline:
+                    continue
+                if not shared:
+                    self._declare_lost(f"tensor-parallel rank {rank}'s step failed while "
+                                       f"rank 0's did not: {_last_line(text)}")
+                    return
+                pending.remove((rank, step_number, text, deadline))
+            exited = [sentinels[s] for s in ready if s in sentinels]
+            if exited:
+                self._name_exited(exited)
+                return
+
+    def _name_exited(self, exited: list[Any]) -> None:
         # A rank killed by a signal takes the others down with it (their collectives fail
         # and they exit with an error): of the ranks gone within a moment, name the one a
         # signal ended, so the report says what happened rather than what followed.
         time.sleep(_CAUSE_GRACE_S)
         if self._is_stopping.is_set():
             return
-        gone = [sentinels[s] for s in ready] + [p for p in self.processes
-                                                if p.exitcode is not None]
+        gone = exited + [p for p in self.processes if p.exitcode is not None]
         dead = next((p for p in gone if (p.exitcode or 0) < 0), gone[0])
         rank = self.processes.index(dead) + 1
-        self.lost = (f"tensor-parallel rank {rank} (pid {dead.pid}) exited with code "
-                     f"{dead.exitcode}: the engine's ranks are stopped")
+        self._declare_lost(f"tensor-parallel rank {rank} (pid {dead.pid}) exited with code "
+                           f"{dead.exitcode}: the engine's ranks are stopped")
+
+    def _declare_lost(self, what: str) -> None:
+        """Stop the group for good: ``what`` is what every later call raises."""
+        with self._outcomes:
+            if self.lost is not None or self._is_stopping.is_set():
+                return
+            self.lost = what
+            self._outcomes.notify_all()
         self._cause_known.set()
-        logger.error("%s", self.lost)
+        logger.error("%s", what)
         self._kill_all()
         abort_tensor_parallel()
         if self.on_rank_lost is not None and self.is_serving:
-            self.on_rank_lost(self.lost)
+            self.on_rank_lost(what)
+
+    def _rank0_failed(self, step_number: int) -> bool | None:
+        """Whether rank 0's step ``step_number`` raised; None while rank 0 still runs it."""
+        with self._outcomes:
+            if step_number in self._failed_steps:
+                return True
+            if self._last_finished_step >= step_number:
+                return False
+            return None
 
     def failure(self) -> str | None:
         """A follower's startup error (its traceback), or how it was lost, if any."""
@@ -368,6 +461,45 @@ class _Ranks:
             message = _receive(status, block=False)
             if message is not None and message[0] == "error":
                 return f"a tensor-parallel follower failed to start:\n{message[1]}"
+        return self.lost
+
+    def send_step(self, scheduler_output: Any, rows: int) -> int:
+        """Send every follower the next step; returns its number (see ``send``)."""
+        self.num_steps_sent += 1
+        self.send(("step", scheduler_output, rows, self.num_steps_sent))
+        return self.num_steps_sent
+
+    def end_step(self, step_number: int, error: Exception | None = None) -> str | None:
+        """Record that rank 0 finished step ``step_number``, and whether it raised.
+
+        Returns:
+            With ``error``: None if every follower reported the same step raised (a bad
+            step: the group is in step), else why the engine is lost (stopped now if it
+            was not yet: a follower did not raise within ``_STEP_FAILURE_GRACE_S``).
+        """
+        with self._outcomes:
+            if error is not None:
+                self._failed_steps.append(step_number)
+            self._last_finished_step = step_number
+        if error is None:
+            return None
+        lost = self.lost_cause()
+        if lost is not None:
+            return lost
+        deadline = time.monotonic() + _STEP_FAILURE_GRACE_S
+        with self._outcomes:
+            while True:
+                reported = self._reported_failures.get(step_number, set())
+                missing = [r for r in range(1, self.size) if r not in reported]
+                left = deadline - time.monotonic()
+                if not missing or self.lost or self._is_stopping.is_set() or left <= 0:
+                    break
+                self._outcomes.wait(left)
+            self._reported_failures.pop(step_number, None)
+        if missing and self.lost is None:
+            ranks = ", ".join(map(str, missing))
+            self._declare_lost(f"tensor-parallel rank 0's step failed while rank {ranks}'s "
+                               f"did not: {_last_line(_describe_error(error))}")
         return self.lost
 
     def send(self, message: tuple) -> None:
@@ -411,6 +543,8 @@ class _Ranks:
         """
         self._is_stopping.set()
         self._cause_known.set()  # no monitor report is coming: a failed write need not wait
+        with self._outcomes:
+            self._outcomes.notify_all()
         if reason is not None and not self.lost:
             self.lost = f"the tensor-parallel engine was stopped: {reason}"
             self._kill_all()
@@ -422,7 +556,9 @@ class _Ranks:
         for process in self.processes:
             process.join(STOP_TIMEOUT_S)
         self._kill_all()
-        for conn in (*self.steps, *self.statuses, *self.alive):
+        if self._monitor is not None and self._monitor is not threading.current_thread():
+            self._monitor.join(STOP_TIMEOUT_S)
+        for conn in (*self.steps, *self.statuses, *self.reports, *self.alive):
             conn.close()
         if self.has_joined:
             destroy_tensor_parallel()
@@ -439,6 +575,16 @@ def _receive(conn: Connection, block: bool = True) -> tuple | None:
         return conn.recv()
     except (EOFError, OSError):
         return None
+
+
+def _describe_error(error: BaseException) -> str:
+    return "".join(traceback.format_exception_only(type(error), error))
+
+
+def _last_line(text: str) -> str:
+    """The last line of a traceback: the exception's type and message."""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "(no message)"
 
 
 def _describe(process) -> str:
