@@ -437,7 +437,7 @@ done
 # (16-bit logits draw their float32 copy's tokens among them), then over the LM head's
 # bf16 logits against a float32 copy made first, batch-64 decode steps of
 # random:qwen3-0.6b, in turns.
-step sampling_tests 90 $PY -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_sampling.py
+step sampling_tests 150 $PY -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_sampling.py
 for turn in 1 2; do
   step qwen_b64_draw_$turn 60 $PY -m gridllm.bench.gpu_busy $QWEN_B64 --temperature 0.8 \
     --output "$OUT/qwen_b64_draw_$turn.json"
@@ -449,7 +449,7 @@ done
 # `git show REV:kernels/sampling.py`), in turns.
 COMPARE_ARGS=""
 for spec in ${SAMPLING_COMPARE:-}; do COMPARE_ARGS="$COMPARE_ARGS --compare $spec"; done
-step sampling_bench 150 $PY benchmarks/sampling.py $COMPARE_ARGS \
+step sampling_bench 240 $PY benchmarks/sampling.py $COMPARE_ARGS \
   --output "$OUT/sampling_bench.json"
 FIRST_COMPARE=${SAMPLING_COMPARE:-}
 FIRST_COMPARE=${FIRST_COMPARE%% *}

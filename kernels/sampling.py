@@ -31,6 +31,28 @@ GREEDY_TEMPERATURE = 1e-5
 # 8 passes cover the 32-bit key space.
 _NUM_PIVOTS = 16
 _NUM_PASSES = 8
+# Programs an SM up to which every chunk loads whole (all its loads in flight at once):
+# so few leave the SMs waiting on memory latency; past it a mostly dead chunk reads its
+# live sub-blocks in turn, skipping the others' arithmetic.
+_WHOLE_PROGRAMS_PER_SM = 4
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _chunk_sizes() -> tuple[int, int]:
+    """Tokens a program's chunk (4K: B * 32 programs a pass at a 128K vocabulary), tokens
+    a sub-block (the unit a pass skips); small in the interpreter."""
+    return (256, 64) if is_interpreter() else (4096, 256)
+
+
+def max_whole_rows(vocab: int, device: torch.device) -> int:
+    """The most rows of ``vocab`` logits whose passes load every chunk whole: the kernels
+    of those have variants of their own (a warm-up builds both sides)."""
+    return _WHOLE_PROGRAMS_PER_SM * _num_sms(device) // triton.cdiv(vocab, _chunk_sizes()[0])
 
 
 @triton.jit
@@ -106,8 +128,8 @@ def _radix_pass_kernel(
         src_ptr, stride_src, chunk_max_ptr, sub_max_ptr, temp_ptr, top_k_ptr, top_p_ptr,
         min_p_ptr, state_in_ptr, state_out_ptr, sums_in_ptr, sums_out_ptr, mass_k_ptr,
         vocab, num_chunks, greedy_temp, TOP_P_PHASE: tl.constexpr, PASS: tl.constexpr,
-        FROM_LOGITS: tl.constexpr, NUM_PIVOTS: tl.constexpr, CHUNK: tl.constexpr,
-        SUB: tl.constexpr, BLOCK_C: tl.constexpr):
+        FROM_LOGITS: tl.constexpr, WHOLE: tl.constexpr, NUM_PIVOTS: tl.constexpr,
+        CHUNK: tl.constexpr, SUB: tl.constexpr, BLOCK_C: tl.constexpr):
     """One radix pass over one vocab chunk of one row.
 
     ``state`` holds each row's key interval ``[a, b]``; ``sums`` the count (top-k) or
@@ -176,7 +198,7 @@ def _radix_pass_kernel(
     sub_row = sub_max_ptr + (row * num_chunks + chunk) * (CHUNK // SUB)
     subs = tl.arange(0, CHUNK // SUB)
     num_live = tl.sum((_order_key(tl.load(sub_row + subs)) >= a32).to(tl.int32), axis=0)
-    if num_live * 3 > 2 * (CHUNK // SUB):
+    if WHOLE or num_live * 3 > 2 * (CHUNK // SUB):
         # Mostly live: the whole chunk in one load, so no load waits on another (a dead
         # sub-block is masked off, not read), then one reduction a pivot (a [CHUNK,
         # NUM_PIVOTS] tile would not fit in registers).
@@ -243,7 +265,8 @@ def _gumbel_max(src_ptr, stride_src, row, v, end, temp, key_thr, seed, rng_hi, f
 def _draw_kernel(src_ptr, stride_src, chunk_max_ptr, sub_max_ptr, temp_ptr, top_p_ptr,
                  state_ptr, sums_ptr, mass_k_ptr, seed_ptr, offset_ptr, chunk_score_ptr,
                  chunk_tok_ptr, vocab, num_chunks, greedy_temp, FROM_LOGITS: tl.constexpr,
-                 NUM_PIVOTS: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr):
+                 WHOLE: tl.constexpr, NUM_PIVOTS: tl.constexpr, CHUNK: tl.constexpr,
+                 SUB: tl.constexpr):
     """Closes the top-p search, then a Gumbel-max draw over one chunk's survivors."""
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
@@ -273,7 +296,7 @@ def _draw_kernel(src_ptr, stride_src, chunk_max_ptr, sub_max_ptr, temp_ptr, top_
     sub_row = sub_max_ptr + out * (CHUNK // SUB)
     num_live = tl.sum((_order_key(tl.load(sub_row + tl.arange(0, CHUNK // SUB)))
                        >= key_thr).to(tl.int32), axis=0)
-    if num_live * 3 > 2 * (CHUNK // SUB):
+    if WHOLE or num_live * 3 > 2 * (CHUNK // SUB):
         # Mostly live: the chunk as one [CHUNK // 4, 4] tile (token first + 4 * i + c),
         # the uniforms' layout, in one load; a dead sub-block is masked off (not read).
         i = tl.arange(0, CHUNK // 4)
@@ -411,13 +434,12 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     if num_rows == 0:
         return out
 
-    # Chunks of 4K tokens give B * 32 programs per pass at a 128K vocabulary; sub-blocks
-    # of 256 are the unit a pass skips.
-    chunk = 256 if is_interpreter() else 4096
-    sub = 64 if is_interpreter() else 256
+    chunk, sub = _chunk_sizes()
     num_chunks = triton.cdiv(vocab, chunk)
     block_c = triton.next_power_of_2(num_chunks)
     grid = (num_rows, num_chunks)
+    # A grid of few programs an SM waits on memory latency: every chunk loads whole.
+    whole = num_rows <= max_whole_rows(vocab, dev)
     chunk_max = torch.empty(num_rows, num_chunks, dtype=torch.float32, device=dev)
     chunk_arg = torch.empty(num_rows, num_chunks, dtype=torch.int32, device=dev)
     sub_max = torch.empty(num_rows, num_chunks * (chunk // sub), dtype=torch.float32,
@@ -451,13 +473,13 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
             src, stride_src, chunk_max, sub_max, temperature, top_k, top_p, min_p,
             state[prev], state[i], sums[prev], sums[i], mass_k, vocab, num_chunks,
             GREEDY_TEMPERATURE, TOP_P_PHASE=i >= _NUM_PASSES, PASS=i % _NUM_PASSES,
-            FROM_LOGITS=from_logits, NUM_PIVOTS=_NUM_PIVOTS, CHUNK=chunk, SUB=sub,
-            BLOCK_C=block_c, num_warps=4)
+            FROM_LOGITS=from_logits, WHOLE=whole, NUM_PIVOTS=_NUM_PIVOTS, CHUNK=chunk,
+            SUB=sub, BLOCK_C=block_c, num_warps=4)
     _draw_kernel[grid](
         src, stride_src, chunk_max, sub_max, temperature, top_p, state[-1], sums[-1],
         mass_k, seeds, offsets, chunk_score, chunk_tok, vocab, num_chunks,
-        GREEDY_TEMPERATURE, FROM_LOGITS=from_logits, NUM_PIVOTS=_NUM_PIVOTS, CHUNK=chunk,
-        SUB=sub, num_warps=4)
+        GREEDY_TEMPERATURE, FROM_LOGITS=from_logits, WHOLE=whole, NUM_PIVOTS=_NUM_PIVOTS,
+        CHUNK=chunk, SUB=sub, num_warps=4)
     _finalize_kernel[(num_rows,)](
         temperature, chunk_max, chunk_arg, chunk_score, chunk_tok, out, num_chunks,
         GREEDY_TEMPERATURE, BLOCK_C=block_c, num_warps=1)

@@ -16,7 +16,8 @@ between steps on the serving path:
   row count, the LM head's included; FP8 projections past the tensor-core GEMV's rows
   (``kernels.fp8_gemv``, up to 16): a count of 16 and the others;
 - the sampling kernel: with and without penalties (its 16 radix passes are one variant
-  each); the token-bitmask kernel of structured outputs (one variant);
+  each), over few rows (every chunk loaded whole) and more; the token-bitmask kernel of
+  structured outputs (one variant);
 everything else has one variant per model. CUDA graphs are captured separately
 (``CudaGraphRunner.capture``), then real steps run through the whole path.
 """
@@ -166,13 +167,26 @@ def _warm_up_sampling_kernels(runner: ModelRunner) -> None:
     # model's dtype), or a float32 copy where a mask or logprobs made one (and Gemma's soft
     # cap writes float32): their variants for both, draws with penalties and without.
     # Batches of their own: the runner's penalty tables stay unallocated until a request
-    # asks for penalties.
+    # asks for penalties. Draws over few rows load every chunk whole (variants of their
+    # own): a batch on each side of that.
     for dtype in dict.fromkeys((runner.dtype, torch.float32)):
         _warm_up_sampling(runner, SamplingParams(temperature=0.0), 1, dtype)
-        _warm_up_sampling(runner, SamplingParams(temperature=0.7, top_p=0.8), 2, dtype)
-        _warm_up_sampling(runner, SamplingParams(temperature=0.7, top_p=0.8,
-                                                 repetition_penalty=1.2,
-                                                 frequency_penalty=0.1), 2, dtype)
+        for num_reqs in _draw_rows(runner):
+            _warm_up_sampling(runner, SamplingParams(temperature=0.7, top_p=0.8), num_reqs,
+                              dtype)
+            _warm_up_sampling(runner, SamplingParams(temperature=0.7, top_p=0.8,
+                                                     repetition_penalty=1.2,
+                                                     frequency_penalty=0.1), num_reqs, dtype)
+
+
+def _draw_rows(runner: ModelRunner) -> list[int]:
+    """Batch sizes that build the sampling kernel's variants a draw can launch: every chunk
+    loaded whole (``kernels.sampling.max_whole_rows``) or not."""
+    from kernels.sampling import max_whole_rows
+
+    whole = max_whole_rows(runner.vocab_size, runner.device)
+    return list(dict.fromkeys((max(1, min(2, whole)),
+                               min(whole + 1, runner.scheduler_config.max_num_seqs))))
 
 
 def _warm_up_sampling(runner: ModelRunner, params: SamplingParams, num_reqs: int,

@@ -10,6 +10,17 @@ from tests.kernels.conftest import DEVICE, assert_close, needs_gpu
 NEG_INF = float("-inf")
 
 
+@pytest.fixture(params=["whole", "by-live"])
+def chunk_reads(request, monkeypatch):
+    """Every chunk loaded whole (a grid of few programs an SM), or the chunks mostly below
+    the interval reading their live sub-blocks in turn (the other paths of the passes and
+    the draw)."""
+    import kernels.sampling
+
+    monkeypatch.setattr(kernels.sampling, "_WHOLE_PROGRAMS_PER_SM",
+                        10**9 if request.param == "whole" else 0)
+
+
 def _params(num_rows: int, device: torch.device, temperature=1.0, top_k=0, top_p=1.0,
             min_p=0.0):
     def full(v, dtype):
@@ -58,7 +69,7 @@ def _check_processing_and_greedy(num_rows, vocab, device):
     assert bool((tokens[0] != logits[0].argmax()).item())
 
 
-def test_penalties_bias_temperature_and_greedy():
+def test_penalties_bias_temperature_and_greedy(chunk_reads):
     _check_processing_and_greedy(6, 300, DEVICE)
 
 
@@ -177,7 +188,7 @@ def _check_distribution(num_draws: int, vocab: int, temperature: float, top_k: i
                            f"vs probs {probs[support].tolist()}"
 
 
-def test_sampling_matches_filtered_softmax():
+def test_sampling_matches_filtered_softmax(chunk_reads):
     _check_distribution(200, 48, 0.8, 12, 0.9, 0.01, DEVICE)
 
 
@@ -243,7 +254,7 @@ def _check_logits_read_in_place(num_rows, vocab, device, dtypes):
         assert torch.equal(direct, through), dtype
 
 
-def test_logits_read_in_place_draw_as_through_a_workspace():
+def test_logits_read_in_place_draw_as_through_a_workspace(chunk_reads):
     _check_logits_read_in_place(6, 520, DEVICE, (torch.bfloat16,))
 
 

@@ -188,6 +188,27 @@ def test_warm_up_runs_the_serving_path_and_leaves_no_state(tiny_model_dir):
     _check_against_hf(model_dir, prompts, outputs, steps)
 
 
+@pytest.mark.parametrize("num_sms", [1, 16, 132])
+@pytest.mark.parametrize("vocab", [512, 151936, 4_000_000])
+def test_warm_up_draws_build_the_sampling_variants_of_every_batch_size(monkeypatch, num_sms,
+                                                                        vocab):
+    """Every batch size up to the largest draws with the chunks loaded whole, or not, as
+    one of the warm-up's draw batches does."""
+    import types
+
+    import kernels.sampling as sampling
+    from worker_svc.warmup import _draw_rows
+
+    monkeypatch.setattr(sampling, "_num_sms", lambda device: num_sms)
+    runner = types.SimpleNamespace(vocab_size=vocab, device=torch.device("cuda"),
+                                   scheduler_config=types.SimpleNamespace(max_num_seqs=64))
+    warm = _draw_rows(runner)
+    assert all(1 <= n <= 64 for n in warm)
+    whole = sampling.max_whole_rows(vocab, runner.device)
+    sides = {n <= whole for n in warm}
+    assert sides == {n <= whole for n in range(1, 65)}, (warm, whole)
+
+
 @pytest.mark.parametrize("split", [True, False])
 def test_warm_up_builds_eager_decode_variants_where_mixed_steps_launch_them(monkeypatch,
                                                                             split):
