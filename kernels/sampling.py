@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._utils import FLOAT_DTYPES, INDEX_DTYPES, check_tensor, is_interpreter
+from kernels._utils import FLOAT_DTYPES, INDEX_DTYPES, check_tensor, is_interpreter, num_sms
 
 # Below this temperature a row is greedy (SamplingParams' threshold).
 GREEDY_TEMPERATURE = 1e-5
@@ -37,12 +37,6 @@ _NUM_PASSES = 8
 _WHOLE_PROGRAMS_PER_SM = 4
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _chunk_sizes() -> tuple[int, int]:
     """Tokens a program's chunk (4K: B * 32 programs a pass at a 128K vocabulary), tokens
     a sub-block (the unit a pass skips); small in the interpreter."""
@@ -52,7 +46,7 @@ def _chunk_sizes() -> tuple[int, int]:
 def max_whole_rows(vocab: int, device: torch.device) -> int:
     """The most rows of ``vocab`` logits whose passes load every chunk whole: the kernels
     of those have variants of their own (a warm-up builds both sides)."""
-    return _WHOLE_PROGRAMS_PER_SM * _num_sms(device) // triton.cdiv(vocab, _chunk_sizes()[0])
+    return _WHOLE_PROGRAMS_PER_SM * num_sms(device) // triton.cdiv(vocab, _chunk_sizes()[0])
 
 
 @triton.jit

@@ -199,7 +199,7 @@ def test_warm_up_draws_build_the_sampling_variants_of_every_batch_size(monkeypat
     import kernels.sampling as sampling
     from worker_svc.warmup import _draw_rows
 
-    monkeypatch.setattr(sampling, "_num_sms", lambda device: num_sms)
+    monkeypatch.setattr(sampling, "num_sms", lambda device: num_sms)
     runner = types.SimpleNamespace(vocab_size=vocab, device=torch.device("cuda"),
                                    scheduler_config=types.SimpleNamespace(max_num_seqs=64))
     warm = _draw_rows(runner)
