@@ -26,7 +26,8 @@ import torch
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(_HERE))
 
-from kernels import torch_ref  # noqa: E402
+from benchmarks.kernels import graph_bench  # noqa: E402
+from kernels import sampling, torch_ref  # noqa: E402
 
 
 def _load(name: str, path: str):
@@ -85,9 +86,6 @@ def main() -> None:
         parser.error("--turns must be >= 1")
     if not torch.cuda.is_available():
         sys.exit("benchmarks/sampling.py needs a CUDA GPU")
-    graph_bench = _load("kernel_table", os.path.join(_HERE, "kernels.py")).graph_bench
-    from kernels import sampling
-
     modules = {"now": sampling}
     for spec in args.compare:
         name, sep, path = spec.partition("=")

@@ -64,6 +64,17 @@ def _row_max(chunk_max_ptr, row, num_chunks, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
+def _loads_whole(sub_row, key_lo, WHOLE: tl.constexpr, CHUNK: tl.constexpr,
+                 SUB: tl.constexpr):
+    """Whether a program loads its chunk whole: in a grid of few programs an SM
+    (``WHOLE``), or where more than two-thirds of its sub-blocks hold a key at or above
+    ``key_lo`` (``sub_row``: their maxima); else it reads the live ones in turn."""
+    num_live = tl.sum((_order_key(tl.load(sub_row + tl.arange(0, CHUNK // SUB)))
+                       >= key_lo).to(tl.int32), axis=0)
+    return WHOLE or num_live * 3 > 2 * (CHUNK // SUB)
+
+
+@triton.jit
 def _load_scaled(src_ptr, stride_src, row, v, mask, temp, FROM_LOGITS: tl.constexpr):
     """Processed logits of the tokens ``v`` as ``_prepare_kernel`` computes them: from the
     workspace it wrote, or (no bias, no penalties) the logits divided by the temperature
@@ -190,9 +201,7 @@ def _radix_pass_kernel(
         return
     step = (b - a + NUM_PIVOTS) // NUM_PIVOTS
     sub_row = sub_max_ptr + (row * num_chunks + chunk) * (CHUNK // SUB)
-    subs = tl.arange(0, CHUNK // SUB)
-    num_live = tl.sum((_order_key(tl.load(sub_row + subs)) >= a32).to(tl.int32), axis=0)
-    if WHOLE or num_live * 3 > 2 * (CHUNK // SUB):
+    if _loads_whole(sub_row, a32, WHOLE, CHUNK, SUB):
         # Mostly live: the whole chunk in one load, so no load waits on another (a dead
         # sub-block is masked off, not read), then one reduction a pivot (a [CHUNK,
         # NUM_PIVOTS] tile would not fit in registers).
@@ -288,9 +297,7 @@ def _draw_kernel(src_ptr, stride_src, chunk_max_ptr, sub_max_ptr, temp_ptr, top_
     rng_hi = tl.load(offset_ptr + row).to(tl.int64) << 32
     first = chunk * CHUNK
     sub_row = sub_max_ptr + out * (CHUNK // SUB)
-    num_live = tl.sum((_order_key(tl.load(sub_row + tl.arange(0, CHUNK // SUB)))
-                       >= key_thr).to(tl.int32), axis=0)
-    if WHOLE or num_live * 3 > 2 * (CHUNK // SUB):
+    if _loads_whole(sub_row, key_thr, WHOLE, CHUNK, SUB):
         # Mostly live: the chunk as one [CHUNK // 4, 4] tile (token first + 4 * i + c),
         # the uniforms' layout, in one load; a dead sub-block is masked off (not read).
         i = tl.arange(0, CHUNK // 4)
