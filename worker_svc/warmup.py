@@ -169,14 +169,22 @@ def _warm_up_sampling_kernels(runner: ModelRunner) -> None:
     # Batches of their own: the runner's penalty tables stay unallocated until a request
     # asks for penalties. Draws over few rows load every chunk whole (variants of their
     # own): a batch on each side of that.
-    for dtype in dict.fromkeys((runner.dtype, torch.float32)):
-        _warm_up_sampling(runner, SamplingParams(temperature=0.0), 1, dtype)
+    for layout in _logits_layouts(runner):
+        _warm_up_sampling(runner, SamplingParams(temperature=0.0), 1, layout)
         for num_reqs in _draw_rows(runner):
             _warm_up_sampling(runner, SamplingParams(temperature=0.7, top_p=0.8), num_reqs,
-                              dtype)
+                              layout)
             _warm_up_sampling(runner, SamplingParams(temperature=0.7, top_p=0.8,
                                                      repetition_penalty=1.2,
-                                                     frequency_penalty=0.1), num_reqs, dtype)
+                                                     frequency_penalty=0.1), num_reqs, layout)
+
+
+def _logits_layouts(runner: ModelRunner) -> list[tuple[torch.dtype, int]]:
+    """The dtypes and row strides the sampler's logits come in: the LM head's, a row of
+    the vocabulary padded to the tensor-parallel ranks (the kernels specialize on a stride
+    divisible by 16), and a contiguous float32 copy."""
+    head = (runner.dtype, runner.model.lm_head.logits_width)
+    return list(dict.fromkeys((head, (torch.float32, runner.vocab_size))))
 
 
 def _draw_rows(runner: ModelRunner) -> list[int]:
@@ -190,17 +198,19 @@ def _draw_rows(runner: ModelRunner) -> list[int]:
 
 
 def _warm_up_sampling(runner: ModelRunner, params: SamplingParams, num_reqs: int,
-                      dtype: torch.dtype) -> None:
-    """The sampler over zero ``dtype`` logits of ``num_reqs`` requests with ``params``, in
-    a batch of their own."""
+                      layout: tuple[torch.dtype, int]) -> None:
+    """The sampler over zero logits of ``num_reqs`` requests with ``params``, in a batch
+    of their own; ``layout``: the logits' dtype and row stride."""
     batch = InputBatch(num_reqs, runner.max_model_len, runner.block_size, runner.vocab_size,
                        runner.device)
     for i in range(num_reqs):
         batch.add(RequestState(f"warm-up-{i}", 2, [0, 1], params, [i], 0, seed=i,
                                needs_prompt_logprobs=False))
     inputs = batch.prepare(np.full(num_reqs, 2))
-    logits = torch.zeros(num_reqs, runner.vocab_size, dtype=dtype, device=runner.device)
-    runner.sampler(logits, batch.sampling_metadata(inputs, runner.eos_token_id))
+    dtype, width = layout
+    logits = torch.zeros(num_reqs, width, dtype=dtype, device=runner.device)
+    runner.sampler(logits[:, :runner.vocab_size],
+                   batch.sampling_metadata(inputs, runner.eos_token_id))
 
 
 def _warm_up_token_bitmask(runner: ModelRunner) -> None:

@@ -209,6 +209,45 @@ def test_warm_up_draws_build_the_sampling_variants_of_every_batch_size(monkeypat
     assert sides == {n <= whole for n in range(1, 65)}, (warm, whole)
 
 
+@pytest.mark.parametrize("world_size", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_warm_up_samples_logits_laid_out_as_served_ones(monkeypatch, world_size, dtype):
+    """The warm-up's sampler calls read logits of every dtype and row stride a served step
+    hands the sampler: the LM head's output (a vocabulary the tensor-parallel ranks pad to
+    a wider row) and the float32 copy the sampler makes of it."""
+    import dataclasses
+    import types
+
+    import worker_svc.warmup as warmup
+    from worker_svc.parallel.layers import ParallelLMHead
+    from worker_svc.parallel.state import ParallelState, building
+
+    @dataclasses.dataclass(frozen=True)
+    class Gathering(ParallelState):  # all_gather's layout, without a process group
+        def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.cat([x] * self.world_size, dim=-1)
+
+    vocab = 1001
+    with building(Gathering(rank=0, world_size=world_size)):
+        head = ParallelLMHead(8, vocab).to(dtype)
+    served = head(torch.zeros(2, 8, dtype=dtype))
+    assert served.shape == (2, vocab)
+    layouts = {(x.dtype, x.stride(0)) for x in (served, served.to(torch.float32, copy=True))}
+    seen = set()
+
+    def sampler(logits, metadata):
+        assert logits.shape[1] == vocab
+        seen.add((logits.dtype, logits.stride(0)))
+
+    monkeypatch.setattr(warmup, "_draw_rows", lambda runner: [2])
+    runner = types.SimpleNamespace(
+        dtype=dtype, vocab_size=vocab, device=torch.device("cpu"), max_model_len=16,
+        block_size=4, eos_token_id=0, model=types.SimpleNamespace(lm_head=head),
+        sampler=sampler)
+    warmup._warm_up_sampling_kernels(runner)
+    assert layouts <= seen, (layouts, seen)
+
+
 @pytest.mark.parametrize("split", [True, False])
 def test_warm_up_builds_eager_decode_variants_where_mixed_steps_launch_them(monkeypatch,
                                                                             split):

@@ -119,6 +119,8 @@ class ParallelLMHead(nn.Linear):
         super().__init__(hidden_size, part.size, bias=False)
         self.tp: ParallelState = tp
         self.vocab_size = vocab_size
+        # The row stride of the logits forward returns: the vocabulary padded to the ranks.
+        self.logits_width = part.size * tp.world_size
         if tp.is_parallel:
             _mark(self.weight, ShardSpec(0, (part,)))
 
