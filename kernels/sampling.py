@@ -64,14 +64,16 @@ def _row_max(chunk_max_ptr, row, num_chunks, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _loads_whole(sub_row, key_lo, WHOLE: tl.constexpr, CHUNK: tl.constexpr,
-                 SUB: tl.constexpr):
+def _loads_whole(sub_row, key_lo, WHOLE: tl.constexpr, CHOOSE: tl.constexpr,
+                 CHUNK: tl.constexpr, SUB: tl.constexpr):
     """Whether a program loads its chunk whole: in a grid of few programs an SM
-    (``WHOLE``), or where more than two-thirds of its sub-blocks hold a key at or above
-    ``key_lo`` (``sub_row``: their maxima); else it reads the live ones in turn."""
+    (``WHOLE``), or, where it ``CHOOSE``s, when more than two-thirds of its sub-blocks
+    hold a key at or above ``key_lo`` (``sub_row``: their maxima); else it reads the live
+    ones in turn. A kernel that never chooses compiles the one read path: the whole-chunk
+    tile takes registers that the loop, one load after another, needs for its warps."""
     num_live = tl.sum((_order_key(tl.load(sub_row + tl.arange(0, CHUNK // SUB)))
                        >= key_lo).to(tl.int32), axis=0)
-    return WHOLE or num_live * 3 > 2 * (CHUNK // SUB)
+    return WHOLE or (CHOOSE and num_live * 3 > 2 * (CHUNK // SUB))
 
 
 @triton.jit
@@ -201,7 +203,9 @@ def _radix_pass_kernel(
         return
     step = (b - a + NUM_PIVOTS) // NUM_PIVOTS
     sub_row = sub_max_ptr + (row * num_chunks + chunk) * (CHUNK // SUB)
-    if _loads_whole(sub_row, a32, WHOLE, CHUNK, SUB):
+    # Top-k passes read by the loop: a top-k row's interval is narrow after its first
+    # pass, and a row without top-k never gets here (its search is over at once).
+    if _loads_whole(sub_row, a32, WHOLE, TOP_P_PHASE, CHUNK, SUB):
         # Mostly live: the whole chunk in one load, so no load waits on another (a dead
         # sub-block is masked off, not read), then one reduction a pivot (a [CHUNK,
         # NUM_PIVOTS] tile would not fit in registers).
@@ -297,7 +301,7 @@ def _draw_kernel(src_ptr, stride_src, chunk_max_ptr, sub_max_ptr, temp_ptr, top_
     rng_hi = tl.load(offset_ptr + row).to(tl.int64) << 32
     first = chunk * CHUNK
     sub_row = sub_max_ptr + out * (CHUNK // SUB)
-    if _loads_whole(sub_row, key_thr, WHOLE, CHUNK, SUB):
+    if _loads_whole(sub_row, key_thr, WHOLE, True, CHUNK, SUB):
         # Mostly live: the chunk as one [CHUNK // 4, 4] tile (token first + 4 * i + c),
         # the uniforms' layout, in one load; a dead sub-block is masked off (not read).
         i = tl.arange(0, CHUNK // 4)
