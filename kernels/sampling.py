@@ -9,8 +9,10 @@ threshold are all kept, as in ``torch_ref.filter_logits``). Every pass is a grid
 streams the logits; the launch sequence is fixed (CUDA-graph friendly, no host sync).
 Work shrinks as the search narrows: a pass skips every chunk and every 256-token sub-block
 whose max (recorded by the first pass) is below the lowest pivot, and rows that converged
-(top-k off converges at once) skip their passes. A chunk mostly live is loaded whole at
-once (no load waits on another); one mostly dead reads its live sub-blocks in turn.
+(top-k off converges at once) skip their passes. In a grid of few programs an SM every
+chunk is loaded whole at once (no load waits on another); in a larger one the top-k
+passes read a chunk's live sub-blocks in turn, and the top-p passes and the draw load a
+mostly live chunk whole and read a mostly dead one by its live sub-blocks.
 Without a bias or penalties the passes re-read the logits (16-bit as the LM head writes
 them) instead of a float32 workspace.
 The draw is a Gumbel-max over the survivors with Philox noise keyed by a per-row seed and
@@ -32,8 +34,8 @@ GREEDY_TEMPERATURE = 1e-5
 _NUM_PIVOTS = 16
 _NUM_PASSES = 8
 # Programs an SM up to which every chunk loads whole (all its loads in flight at once):
-# so few leave the SMs waiting on memory latency; past it a mostly dead chunk reads its
-# live sub-blocks in turn, skipping the others' arithmetic.
+# so few leave the SMs waiting on memory latency; past it chunks read their live
+# sub-blocks in turn (see ``_loads_whole``), skipping the others' arithmetic.
 _WHOLE_PROGRAMS_PER_SM = 4
 
 
