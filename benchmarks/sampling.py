@@ -7,6 +7,9 @@ replayed from a CUDA graph with the L2 flushed before each replay (``graph_bench
 times another copy of the module too (e.g. ``git show REV:kernels/sampling.py > FILE``),
 in turns with this one, so two versions meet on the same card in the same process.
 
+Each module is told which searches the batch needs (``no_top_k`` / ``no_top_p``, as the
+sampler tells it) where its ``sample`` takes them.
+
 Flat logits (``N(0, 1)``, as a random-weight model writes them) keep nearly the whole
 vocabulary inside top-p 0.95, so every radix pass streams every row; peaked ones
 (``N(0, 4)``) leave most of it below the threshold after the first passes.
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import json
 import os
 import sys
@@ -59,10 +63,13 @@ def run_case(bench, modules: dict, turns: int, case) -> dict:
     offsets = torch.zeros(batch, dtype=torch.int64, device="cuda")
     row = dict(case=name, batch=batch, vocab=vocab, dtype=str(dtype).removeprefix("torch."))
     times: dict[str, list[float]] = {n: [] for n in modules}
+    hints = dict(no_top_k=top_k <= 0, no_top_p=top_p >= 1.0)
+    kwargs = {n: hints if "no_top_k" in inspect.signature(m.sample).parameters else {}
+              for n, m in modules.items()}
     for _ in range(turns):
         for n, module in modules.items():
-            times[n].append(bench(lambda m=module: m.sample(logits, temp, k, p, min_p, seeds,
-                                                            offsets)))
+            times[n].append(bench(lambda m=module, kw=kwargs[n]: m.sample(
+                logits, temp, k, p, min_p, seeds, offsets, **kw)))
     for n, ms in times.items():
         row[f"{n}_ms"] = min(ms)
         row[f"{n}_ms_turns"] = ms

@@ -6,13 +6,16 @@ radix search over the order-preserving int32 image of the fp32 logits: each pass
 narrows the key range 16x, so 8 passes always find the exact threshold (ties at the top-k
 threshold are all kept, as in ``torch_ref.filter_logits``). Every pass is a grid of
 (row, vocab chunk) programs that add their partial sums atomically, so the whole GPU
-streams the logits; the launch sequence is fixed (CUDA-graph friendly, no host sync).
+streams the logits; the launches depend on host arguments only (CUDA-graph friendly, no
+host sync).
 Work shrinks as the search narrows: a pass skips every chunk and every 256-token sub-block
 whose max (recorded by the first pass) is below the lowest pivot, and rows that converged
-(top-k off converges at once) skip their passes. In a grid of few programs an SM every
-chunk is loaded whole at once (no load waits on another); in a larger one the top-k
-passes read a chunk's live sub-blocks in turn, and the top-p passes and the draw load a
-mostly live chunk whole and read a mostly dead one by its live sub-blocks.
+(top-k off converges at once) skip their passes; a search that no row of the batch needs
+(the caller says so: ``no_top_k``, ``no_top_p``) launches its first pass only. In a grid
+of few programs an SM every chunk is loaded whole at once (no load waits on another); in
+a larger one the top-k passes read a chunk's live sub-blocks in turn, and the top-p
+passes and the draw load a mostly live chunk whole and read a mostly dead one by its live
+sub-blocks.
 Without a bias or penalties the passes re-read the logits (16-bit as the LM head writes
 them) instead of a float32 workspace.
 The draw is a Gumbel-max over the survivors with Philox noise keyed by a per-row seed and
@@ -363,8 +366,9 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
            presence_penalty: torch.Tensor | None = None,
            frequency_penalty: torch.Tensor | None = None,
            repetition_penalty: torch.Tensor | None = None,
-           workspace: torch.Tensor | None = None) -> torch.Tensor:
-    """Sample one token per row with per-row parameters (a fixed sequence of launches).
+           workspace: torch.Tensor | None = None, no_top_k: bool = False,
+           no_top_p: bool = False) -> torch.Tensor:
+    """Sample one token per row with per-row parameters (launches set by host arguments).
 
     Per row, in vLLM's order: ``x = logits + logit_bias``; penalties as
     ``torch_ref.apply_penalties``; greedy rows (``temperature < 1e-5``) return
@@ -387,6 +391,10 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
         workspace: optional ``[B, V]`` fp32 scratch (e.g. preallocated for CUDA graphs);
             it holds the processed, temperature-scaled logits afterwards. Without one,
             rows without a bias or penalties re-read ``logits`` in every pass instead.
+        no_top_k, no_top_p: the caller knows that no row draws with top-k (with top-p):
+            that search launches its first pass only (which applies min-p, or closes the
+            top-k search), not its seven others. A row that does filter so gets a wrong
+            threshold.
     Returns:
         ``[B]`` int64 sampled token ids.
     """
@@ -453,9 +461,13 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
                           device=dev)
     chunk_score = torch.empty(num_rows, num_chunks, dtype=torch.float32, device=dev)
     chunk_tok = torch.empty(num_rows, num_chunks, dtype=torch.int32, device=dev)
-    num_passes = 2 * _NUM_PASSES
-    state = torch.empty(num_passes, num_rows, 2, dtype=torch.int64, device=dev)
-    sums = torch.zeros(num_passes, num_rows, _NUM_PIVOTS, dtype=torch.float32, device=dev)
+    # (top-p phase, pass) of each launch: a search no row needs stops after its first
+    # pass, whose rows then hold their converged interval (the other passes would only
+    # hand it on).
+    passes = [(False, i) for i in range(1 if no_top_k else _NUM_PASSES)]
+    passes += [(True, i) for i in range(1 if no_top_p else _NUM_PASSES)]
+    state = torch.empty(len(passes), num_rows, 2, dtype=torch.int64, device=dev)
+    sums = torch.zeros(len(passes), num_rows, _NUM_PIVOTS, dtype=torch.float32, device=dev)
     mass_k = torch.empty(num_rows, dtype=torch.float32, device=dev)
 
     dummy = logits
@@ -474,12 +486,12 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
         HAS_PENALTIES=has_penalties, FROM_LOGITS=from_logits, CHUNK=chunk, SUB=sub,
         num_warps=8)
     src, stride_src = (logits, logits.stride(0)) if from_logits else (workspace, vocab)
-    for i in range(num_passes):
+    for i, (top_p_phase, pass_index) in enumerate(passes):
         prev = max(i - 1, 0)
         _radix_pass_kernel[grid](
             src, stride_src, chunk_max, sub_max, temperature, top_k, top_p, min_p,
             state[prev], state[i], sums[prev], sums[i], mass_k, vocab, num_chunks,
-            GREEDY_TEMPERATURE, TOP_P_PHASE=i >= _NUM_PASSES, PASS=i % _NUM_PASSES,
+            GREEDY_TEMPERATURE, TOP_P_PHASE=top_p_phase, PASS=pass_index,
             FROM_LOGITS=from_logits, WHOLE=whole, NUM_PIVOTS=_NUM_PIVOTS, CHUNK=chunk,
             SUB=sub, BLOCK_C=block_c, num_warps=4)
     _draw_kernel[grid](

@@ -443,11 +443,14 @@ class InputBatch:
         the samples of ``inputs.is_sampling`` rows only)."""
         n = self.num_reqs
         dev = inputs.sampling
+        random = self.temperature[:n] > 0
         meta = SamplingMetadata(
-            num_rows=n, vocab_size=self.vocab_size, all_greedy=not self.temperature[:n].any(),
+            num_rows=n, vocab_size=self.vocab_size, all_greedy=not random.any(),
             temperature=dev["temperature"], top_k=dev["top_k"], top_p=dev["top_p"],
             min_p=dev["min_p"], needs_filter=bool(self.is_filtered[:n].any()),
-            seeds=dev["seeds"], offsets=dev["offsets"])
+            seeds=dev["seeds"], offsets=dev["offsets"],
+            no_top_k=not (random & (self._arrays["top_k"][:n] > 0)).any(),
+            no_top_p=not (random & (self._arrays["top_p"][:n] < 1.0)).any())
         if self.has_penalties[:n].any():
             assert self.prompt_mask is not None and self.output_counts is not None
             meta.presence_penalty = dev["presence_penalty"]

@@ -168,7 +168,8 @@ class Sampler:
             from kernels.sampling import sample as kernel
 
             return kernel(logits, meta.temperature, meta.top_k, meta.top_p, meta.min_p,
-                          seeds, meta.offsets, **penalties)
+                          seeds, meta.offsets, no_top_k=meta.no_top_k,
+                          no_top_p=meta.no_top_p, **penalties)
         return torch_ref.sample(logits, meta.temperature, meta.top_k, meta.top_p, meta.min_p,
                                 seeds, meta.offsets, needs_filter=meta.needs_filter,
                                 **penalties)

@@ -43,6 +43,10 @@ class SamplingMetadata:
     offsets: torch.Tensor
     # Rows without a seed of their own: the sampler draws their keys afresh per call.
     unseeded_rows: torch.Tensor | None = None
+    # True when no random row filters by top-k (by top-p): the sampling kernel launches
+    # the first pass of that search only.
+    no_top_k: bool = False
+    no_top_p: bool = False
     # [B] penalties, [B, V] prompt token mask and output token counts; None without penalties.
     presence_penalty: torch.Tensor | None = None
     frequency_penalty: torch.Tensor | None = None
@@ -133,6 +137,8 @@ class SamplingMetadata:
             min_p=tensor([p.min_p for p in params], torch.float32),
             needs_filter=any(not p.is_greedy and (p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0)
                              for p in params),
+            no_top_k=not any(not p.is_greedy and p.top_k > 0 for p in params),
+            no_top_p=not any(not p.is_greedy and p.top_p < 1.0 for p in params),
             seeds=tensor([0 if s is None else s & SEED_MASK for s in seeds], torch.long),
             offsets=tensor(offsets, torch.long),
             unseeded_rows=tensor(unseeded, torch.long) if unseeded else None,

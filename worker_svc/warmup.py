@@ -168,13 +168,14 @@ def _warm_up_sampling_kernels(runner: ModelRunner) -> None:
     # cap writes float32): their variants for both, draws with penalties and without.
     # Batches of their own: the runner's penalty tables stay unallocated until a request
     # asks for penalties. Draws over few rows load every chunk whole (variants of their
-    # own): a batch on each side of that.
+    # own): a batch on each side of that. Top-k and top-p on, so that every pass of both
+    # searches launches (a batch without one launches only its first).
     for layout in _logits_layouts(runner):
         _warm_up_sampling(runner, SamplingParams(temperature=0.0), 1, layout)
         for num_reqs in _draw_rows(runner):
-            _warm_up_sampling(runner, SamplingParams(temperature=0.7, top_p=0.8), num_reqs,
-                              layout)
-            _warm_up_sampling(runner, SamplingParams(temperature=0.7, top_p=0.8,
+            _warm_up_sampling(runner, SamplingParams(temperature=0.7, top_k=40, top_p=0.8),
+                              num_reqs, layout)
+            _warm_up_sampling(runner, SamplingParams(temperature=0.7, top_k=40, top_p=0.8,
                                                      repetition_penalty=1.2,
                                                      frequency_penalty=0.1), num_reqs, layout)
 

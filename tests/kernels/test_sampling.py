@@ -263,3 +263,70 @@ def test_logits_read_in_place_draw_as_through_a_workspace(chunk_reads):
 def test_logits_read_in_place_draw_as_through_a_workspace_gpu():
     _check_logits_read_in_place(64, 151936, torch.device("cuda"),
                                 (torch.float32, torch.bfloat16))
+
+
+def _check_searches_launched_for_the_batch(num_rows, vocab, device, monkeypatch):
+    """A batch whose rows need no top-k (no top-p) search launches that search's first
+    pass only and draws the tokens of the full launch sequence; a top-k search still
+    closes in the first top-p pass (here, the largest logit beside one a float32 ulp
+    below it, under top-k 1: the search's last interval holds both)."""
+    import kernels.sampling as sampling
+
+    launched = []
+
+    class Recording:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append((kwargs["TOP_P_PHASE"], kwargs["PASS"]))
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(sampling, "_radix_pass_kernel",
+                        Recording(sampling._radix_pass_kernel))
+    torch.manual_seed(5)
+    seeds = torch.arange(num_rows, device=device) * 7919
+    offsets = torch.arange(num_rows, device=device)
+    temperature = torch.rand(num_rows) + 0.5
+    temperature[3::4] = 0.0  # greedy rows
+    batches = {  # flags: (top_k, top_p, min_p) of the rows
+        (True, False): [(0, 0.9, 0.0), (0, 0.6, 0.05), (0, 1.0, 0.02), (0, 1.0, 0.0)],
+        (False, True): [(20, 1.0, 0.0), (1, 1.0, 0.0), (5, 1.0, 0.05), (0, 1.0, 0.0)],
+        (True, True): [(0, 1.0, 0.0), (0, 1.0, 0.05), (0, 1.0, 0.0), (0, 1.0, 0.01)],
+    }
+    passes = {False: 8, True: 1}
+    pen = _penalties(num_rows, vocab, device)
+    for (no_top_k, no_top_p), configs in batches.items():
+        rows = [configs[i % len(configs)] for i in range(num_rows)]
+        top_k, top_p, min_p = ([r[i] for r in rows] for i in range(3))
+        params = _params(num_rows, device, temperature, top_k, top_p, min_p)
+        logits = 2 * torch.randn(num_rows, vocab, device=device)
+        top = logits.argmax(dim=-1)
+        near = (top + 1) % vocab
+        logits[torch.arange(num_rows), near] = torch.nextafter(logits.max(dim=-1).values,
+                                                               torch.tensor(NEG_INF))
+        for extra in ({}, pen):
+            launched.clear()
+            full = sample(logits, seeds=seeds, offsets=offsets, **params, **extra)
+            assert len(launched) == 16
+            launched.clear()
+            got = sample(logits, seeds=seeds, offsets=offsets, no_top_k=no_top_k,
+                         no_top_p=no_top_p, **params, **extra)
+            assert launched == ([(False, i) for i in range(passes[no_top_k])]
+                                + [(True, i) for i in range(passes[no_top_p])])
+            assert torch.equal(got, full), (no_top_k, no_top_p, bool(extra))
+            top_1 = (torch.tensor([k == 1 for k in top_k]) & (temperature > 0)).to(device)
+            if not extra and bool(top_1.any()):
+                assert torch.equal(got[top_1], top[top_1])
+
+
+def test_batches_without_a_search_launch_its_first_pass_only(chunk_reads, monkeypatch):
+    _check_searches_launched_for_the_batch(16, 300, DEVICE, monkeypatch)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_batches_without_a_search_launch_its_first_pass_only_gpu(monkeypatch):
+    _check_searches_launched_for_the_batch(64, 151936, torch.device("cuda"), monkeypatch)

@@ -136,3 +136,31 @@ def test_penalties_follow_the_requests_across_steps_and_rows(tiny_model_dir):
     outputs, _ = run_requests(runner, prompts, params, 6, chunk_budget=5)
     for prompt, p, got in zip(prompts, params, outputs, strict=True):
         assert got == _reference_with_penalties(model_dir, prompt, p, 6)
+
+
+@pytest.mark.parametrize("mix,no_top_k,no_top_p", [
+    ([SamplingParams(temperature=0.7)], True, True),
+    ([SamplingParams(temperature=0.7, top_p=0.9), SamplingParams(temperature=0.0)], True,
+     False),
+    ([SamplingParams(temperature=0.7, top_k=5, min_p=0.1)], False, True),
+    ([SamplingParams(temperature=0.7, top_k=5), SamplingParams(temperature=1.0, top_p=0.5)],
+     False, False),
+    # A greedy row's filters are never applied: they launch no search.
+    ([SamplingParams(temperature=0.0, top_k=5, top_p=0.5), SamplingParams(temperature=0.8)],
+     True, True),
+])
+def test_sampling_metadata_names_the_searches_no_row_needs(mix, no_top_k, no_top_p):
+    """Both ways of building a step's sampling metadata (the persistent batch's and the
+    one from parameters) say which top-k / top-p search no random row of the batch
+    needs; the sampling kernel launches only the first pass of those."""
+    from worker_svc.sampling_metadata import SamplingMetadata
+
+    batch = InputBatch(4, 64, 4, 50, CPU)
+    for i, params in enumerate(mix):
+        batch.add(_state(f"r{i}", [1, 2], params=params))
+    inputs = batch.prepare(np.full(len(mix), 2))
+    from_batch = batch.sampling_metadata(inputs, eos_token_id=None)
+    built = SamplingMetadata.build(mix, [[1, 2]] * len(mix), [[]] * len(mix),
+                                   [None] * len(mix), [None] * len(mix), 50, CPU)
+    for meta in (from_batch, built):
+        assert (meta.no_top_k, meta.no_top_p) == (no_top_k, no_top_p)

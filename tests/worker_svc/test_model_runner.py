@@ -214,7 +214,8 @@ def test_warm_up_draws_build_the_sampling_variants_of_every_batch_size(monkeypat
 def test_warm_up_samples_logits_laid_out_as_served_ones(monkeypatch, world_size, dtype):
     """The warm-up's sampler calls read logits of every dtype and row stride a served step
     hands the sampler: the LM head's output (a vocabulary the tensor-parallel ranks pad to
-    a wider row) and the float32 copy the sampler makes of it."""
+    a wider row) and the float32 copy the sampler makes of it; its draws launch every
+    pass of the top-k and top-p searches (a batch without one launches its first only)."""
     import dataclasses
     import types
 
@@ -234,10 +235,13 @@ def test_warm_up_samples_logits_laid_out_as_served_ones(monkeypatch, world_size,
     assert served.shape == (2, vocab)
     layouts = {(x.dtype, x.stride(0)) for x in (served, served.to(torch.float32, copy=True))}
     seen = set()
+    draws = []
 
     def sampler(logits, metadata):
         assert logits.shape[1] == vocab
         seen.add((logits.dtype, logits.stride(0)))
+        if not metadata.all_greedy:
+            draws.append((metadata.no_top_k, metadata.no_top_p))
 
     monkeypatch.setattr(warmup, "_draw_rows", lambda runner: [2])
     runner = types.SimpleNamespace(
@@ -246,6 +250,7 @@ def test_warm_up_samples_logits_laid_out_as_served_ones(monkeypatch, world_size,
         sampler=sampler)
     warmup._warm_up_sampling_kernels(runner)
     assert layouts <= seen, (layouts, seen)
+    assert draws and set(draws) == {(False, False)}
 
 
 @pytest.mark.parametrize("split", [True, False])
