@@ -453,11 +453,12 @@ step sampling_bench 240 $PY benchmarks/sampling.py $COMPARE_ARGS \
   --output "$OUT/sampling_bench.json"
 FIRST_COMPARE=${SAMPLING_COMPARE:-}
 FIRST_COMPARE=${FIRST_COMPARE%% *}
-PREV_SAMPLING="import importlib.util, kernels.sampling as s
+PREV_SAMPLING="import importlib.util, inspect, kernels.sampling as s
 spec = importlib.util.spec_from_file_location('sampling_prev', '${FIRST_COMPARE#*=}')
 prev = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(prev)
-s.sample = prev.sample"
+takes = inspect.signature(prev.sample).parameters
+s.sample = lambda *a, **k: prev.sample(*a, **{n: v for n, v in k.items() if n in takes})"
 for turn in 1 2; do
   step qwen_b64_draw_now_$turn 60 $PY -m gridllm.bench.gpu_busy $QWEN_B64 \
     --temperature 0.8 --output "$OUT/qwen_b64_draw_now_$turn.json"

@@ -62,22 +62,14 @@ def _order_key(x):
 
 
 @triton.jit
-def _row_max(chunk_max_ptr, row, num_chunks, BLOCK_C: tl.constexpr):
-    c = tl.arange(0, BLOCK_C)
-    return tl.max(tl.load(chunk_max_ptr + row * num_chunks + c, mask=c < num_chunks,
-                          other=float("-inf")), axis=0)
-
-
-@triton.jit
-def _loads_whole(sub_row, key_lo, WHOLE: tl.constexpr, CHOOSE: tl.constexpr,
+def _loads_whole(sub_keys, key_lo, WHOLE: tl.constexpr, CHOOSE: tl.constexpr,
                  CHUNK: tl.constexpr, SUB: tl.constexpr):
     """Whether a program loads its chunk whole: in a grid of few programs an SM
     (``WHOLE``), or, where it ``CHOOSE``s, when more than two-thirds of its sub-blocks
     hold a key at or above ``key_lo`` (``sub_row``: their maxima); else it reads the live
     ones in turn. A kernel that never chooses compiles the one read path: the whole-chunk
     tile takes registers that the loop, one load after another, needs for its warps."""
-    num_live = tl.sum((_order_key(tl.load(sub_row + tl.arange(0, CHUNK // SUB)))
-                       >= key_lo).to(tl.int32), axis=0)
+    num_live = tl.sum((sub_keys >= key_lo).to(tl.int32), axis=0)
     return WHOLE or (CHOOSE and num_live * 3 > 2 * (CHUNK // SUB))
 
 
@@ -152,27 +144,39 @@ def _radix_pass_kernel(
     """
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
+    # Every load a decision below reads, issued before the first decision: one memory
+    # latency for all of them, not one per decision.
     temp = tl.load(temp_ptr + row)
-    if temp < greedy_temp:
-        return
-    row_max = _row_max(chunk_max_ptr, row, num_chunks, BLOCK_C)
-    key_max = _order_key(row_max).to(tl.int64)
+    c = tl.arange(0, BLOCK_C)
+    chunk_maxima = tl.load(chunk_max_ptr + row * num_chunks + c, mask=c < num_chunks,
+                           other=float("-inf"))
     top_k = tl.load(top_k_ptr + row).to(tl.int64)
-    top_k_on = (top_k > 0) & (top_k < vocab)
     top_p = tl.load(top_p_ptr + row).to(tl.float32)
+    chunk_key = _order_key(tl.load(chunk_max_ptr + row * num_chunks + chunk))
+    sub_row = sub_max_ptr + (row * num_chunks + chunk) * (CHUNK // SUB)
+    sub_keys = _order_key(tl.load(sub_row + tl.arange(0, CHUNK // SUB)))
     j_idx = tl.arange(0, NUM_PIVOTS)
     if PASS == 0 and not TOP_P_PHASE:
-        # min-p keeps p >= min_p * p_max, i.e. x >= max + log(min_p).
         min_p = tl.load(min_p_ptr + row).to(tl.float32)
+    else:
+        a = tl.load(state_in_ptr + row * 2)
+        b = tl.load(state_in_ptr + row * 2 + 1)
+        sums = tl.load(sums_in_ptr + row * NUM_PIVOTS + j_idx)
+        if TOP_P_PHASE and PASS > 1:
+            mass_k = tl.load(mass_k_ptr + row)
+    if temp < greedy_temp:
+        return
+    row_max = tl.max(chunk_maxima, axis=0)
+    key_max = _order_key(row_max).to(tl.int64)
+    top_k_on = (top_k > 0) & (top_k < vocab)
+    if PASS == 0 and not TOP_P_PHASE:
+        # min-p keeps p >= min_p * p_max, i.e. x >= max + log(min_p).
         min_p_val = tl.where(min_p > 0, row_max + tl.log(tl.maximum(min_p, 1e-30)),
                              float("-inf"))
         a = _order_key(min_p_val).to(tl.int64)
         # Without top-k the search is over before it starts: its threshold is min-p's.
         b = tl.where(top_k_on, key_max, a)
     else:
-        a = tl.load(state_in_ptr + row * 2)
-        b = tl.load(state_in_ptr + row * 2 + 1)
-        sums = tl.load(sums_in_ptr + row * NUM_PIVOTS + j_idx)
         if TOP_P_PHASE and PASS > 0:
             # The first top-p pass's pivot 0 was the top-k threshold: its mass is the
             # total that top_p is a fraction of.
@@ -180,8 +184,6 @@ def _radix_pass_kernel(
                 mass_k = tl.sum(tl.where(j_idx == 0, sums, 0.0), axis=0)
                 if chunk == 0:
                     tl.store(mass_k_ptr + row, mass_k)
-            else:
-                mass_k = tl.load(mass_k_ptr + row)
             target = tl.where(top_p < 1.0, top_p * mass_k, float("inf"))
         else:
             # Top-k passes, and the first top-p pass closing the top-k search.
@@ -203,19 +205,20 @@ def _radix_pass_kernel(
         # Converged: the threshold is known, later passes need no sums.
         return
     a32 = a.to(tl.int32)
-    if _order_key(tl.load(chunk_max_ptr + row * num_chunks + chunk)) < a32:
+    if chunk_key < a32:
         # Nothing in the chunk reaches the lowest pivot: it adds nothing.
         return
     step = (b - a + NUM_PIVOTS) // NUM_PIVOTS
-    sub_row = sub_max_ptr + (row * num_chunks + chunk) * (CHUNK // SUB)
     # Top-k passes read by the loop: a top-k row's interval is narrow after its first
     # pass, and a row without top-k never gets here (its search is over at once).
-    if _loads_whole(sub_row, a32, WHOLE, TOP_P_PHASE, CHUNK, SUB):
+    if _loads_whole(sub_keys, a32, WHOLE, TOP_P_PHASE, CHUNK, SUB):
         # Mostly live: the whole chunk in one load, so no load waits on another (a dead
         # sub-block is masked off, not read), then one reduction a pivot (a [CHUNK,
         # NUM_PIVOTS] tile would not fit in registers).
         t = tl.arange(0, CHUNK)
-        end = tl.where(_order_key(tl.load(sub_row + t // SUB)) >= a32, vocab, 0)
+        live = tl.reshape(tl.broadcast_to((sub_keys >= a32)[:, None], [CHUNK // SUB, SUB]),
+                          [CHUNK])
+        end = tl.where(live, vocab, 0)
         v = chunk * CHUNK + t
         x = _load_scaled(src_ptr, stride_src, row, v, v < end, temp, FROM_LOGITS)
         key = _order_key(x)
@@ -282,36 +285,42 @@ def _draw_kernel(src_ptr, stride_src, chunk_max_ptr, sub_max_ptr, temp_ptr, top_
     """Closes the top-p search, then a Gumbel-max draw over one chunk's survivors."""
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
+    out = row * num_chunks + chunk
+    # Every load a decision below reads, issued before the first decision.
     temp = tl.load(temp_ptr + row)
-    if temp < greedy_temp:
-        return
     a = tl.load(state_ptr + row * 2)
     b = tl.load(state_ptr + row * 2 + 1)
     j_idx = tl.arange(0, NUM_PIVOTS)
-    step = (b - a + NUM_PIVOTS) // NUM_PIVOTS
     masses = tl.load(sums_ptr + row * NUM_PIVOTS + j_idx)
     top_p = tl.load(top_p_ptr + row).to(tl.float32)
-    target = tl.where(top_p < 1.0, top_p * tl.load(mass_k_ptr + row), float("inf"))
+    mass_k = tl.load(mass_k_ptr + row)
+    chunk_key = _order_key(tl.load(chunk_max_ptr + out))
+    sub_row = sub_max_ptr + out * (CHUNK // SUB)
+    sub_keys = _order_key(tl.load(sub_row + tl.arange(0, CHUNK // SUB)))
+    seed = tl.load(seed_ptr + row).to(tl.int64)
+    rng_hi = tl.load(offset_ptr + row).to(tl.int64) << 32
+    if temp < greedy_temp:
+        return
+    step = (b - a + NUM_PIVOTS) // NUM_PIVOTS
+    target = tl.where(top_p < 1.0, top_p * mass_k, float("inf"))
     num_ok = tl.sum((masses >= target).to(tl.int64), axis=0)
     key_thr = tl.where(a == b, a, tl.minimum(a + tl.maximum(num_ok - 1, 0) * step, b))
     key_thr = key_thr.to(tl.int32)
-    out = row * num_chunks + chunk
-    if _order_key(tl.load(chunk_max_ptr + out)) < key_thr:
+    if chunk_key < key_thr:
         # No survivor in the chunk.
         tl.store(chunk_score_ptr + out, float("-inf"))
         tl.store(chunk_tok_ptr + out, chunk * CHUNK)
         return
 
-    seed = tl.load(seed_ptr + row).to(tl.int64)
-    rng_hi = tl.load(offset_ptr + row).to(tl.int64) << 32
     first = chunk * CHUNK
-    sub_row = sub_max_ptr + out * (CHUNK // SUB)
-    if _loads_whole(sub_row, key_thr, WHOLE, True, CHUNK, SUB):
+    if _loads_whole(sub_keys, key_thr, WHOLE, True, CHUNK, SUB):
         # Mostly live: the chunk as one [CHUNK // 4, 4] tile (token first + 4 * i + c),
         # the uniforms' layout, in one load; a dead sub-block is masked off (not read).
         i = tl.arange(0, CHUNK // 4)
         v = first + 4 * i[:, None] + tl.arange(0, 4)[None, :]
-        end = tl.where(_order_key(tl.load(sub_row + i // (SUB // 4))) >= key_thr, vocab, 0)
+        live = tl.reshape(tl.broadcast_to((sub_keys >= key_thr)[:, None],
+                                          [CHUNK // SUB, SUB // 4]), [CHUNK // 4])
+        end = tl.where(live, vocab, 0)
         best_score, best_tok = _gumbel_max(src_ptr, stride_src, row, v, end[:, None], temp,
                                            key_thr, seed, rng_hi, first, CHUNK // 4,
                                            FROM_LOGITS)

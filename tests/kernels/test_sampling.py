@@ -305,8 +305,8 @@ def _check_searches_launched_for_the_batch(num_rows, vocab, device, monkeypatch)
         logits = 2 * torch.randn(num_rows, vocab, device=device)
         top = logits.argmax(dim=-1)
         near = (top + 1) % vocab
-        logits[torch.arange(num_rows), near] = torch.nextafter(logits.max(dim=-1).values,
-                                                               torch.tensor(NEG_INF))
+        logits[torch.arange(num_rows), near] = torch.nextafter(
+            logits.max(dim=-1).values, torch.tensor(NEG_INF, device=device))
         for extra in ({}, pen):
             launched.clear()
             full = sample(logits, seeds=seeds, offsets=offsets, **params, **extra)
