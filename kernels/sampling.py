@@ -66,9 +66,10 @@ def _loads_whole(sub_keys, key_lo, WHOLE: tl.constexpr, CHOOSE: tl.constexpr,
                  CHUNK: tl.constexpr, SUB: tl.constexpr):
     """Whether a program loads its chunk whole: in a grid of few programs an SM
     (``WHOLE``), or, where it ``CHOOSE``s, when more than two-thirds of its sub-blocks
-    hold a key at or above ``key_lo`` (``sub_row``: their maxima); else it reads the live
-    ones in turn. A kernel that never chooses compiles the one read path: the whole-chunk
-    tile takes registers that the loop, one load after another, needs for its warps."""
+    hold a key at or above ``key_lo`` (``sub_keys``: their maxima's keys); else it reads
+    the live ones in turn. A kernel that never chooses compiles the one read path: the
+    whole-chunk tile takes registers that the loop, one load after another, needs for its
+    warps."""
     num_live = tl.sum((sub_keys >= key_lo).to(tl.int32), axis=0)
     return WHOLE or (CHOOSE and num_live * 3 > 2 * (CHUNK // SUB))
 
