@@ -459,11 +459,13 @@ prev = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(prev)
 takes = inspect.signature(prev.sample).parameters
 s.sample = lambda *a, **k: prev.sample(*a, **{n: v for n, v in k.items() if n in takes})"
+# 90 s a step: the first process of a cold machine, and a copy's first (Triton's cache
+# keys it by its source), build every sampling variant in the warm-up (60 s ran out).
 for turn in 1 2; do
-  step qwen_b64_draw_now_$turn 60 $PY -m gridllm.bench.gpu_busy $QWEN_B64 \
+  step qwen_b64_draw_now_$turn 90 $PY -m gridllm.bench.gpu_busy $QWEN_B64 \
     --temperature 0.8 --output "$OUT/qwen_b64_draw_now_$turn.json"
   if [ -n "$FIRST_COMPARE" ]; then
-    step qwen_b64_draw_prev_$turn 60 $PY -c "$(busy_with "$PREV_SAMPLING")" $QWEN_B64 \
+    step qwen_b64_draw_prev_$turn 90 $PY -c "$(busy_with "$PREV_SAMPLING")" $QWEN_B64 \
       --temperature 0.8 --output "$OUT/qwen_b64_draw_prev_$turn.json"
   fi
 done
