@@ -47,6 +47,7 @@ CASES = [
     ("top-p 0.95, peaked", 64, 151936, torch.bfloat16, 4.0, 0.8, 0, 0.95),
     ("temperature only, flat", 64, 151936, torch.bfloat16, 1.0, 0.8, 0, 1.0),
     ("top-k 50 / top-p 0.9 (kernel table's)", 256, 128256, torch.float32, 4.0, 0.8, 50, 0.9),
+    ("top-k 50 / top-p 0.9, bf16", 256, 128256, torch.bfloat16, 4.0, 0.8, 50, 0.9),
     ("top-p 0.95, flat, batch 8", 8, 128256, torch.bfloat16, 1.0, 1.0, 0, 0.95),
 ]
 

@@ -4,7 +4,10 @@ No pass sorts the vocabulary. Top-k and top-p become value thresholds found by a
 radix search over the order-preserving int32 image of the fp32 logits: each pass counts
 (top-k) or sums the probability mass (top-p) of the logits at or above 16 pivots and
 narrows the key range 16x, so 8 passes always find the exact threshold (ties at the top-k
-threshold are all kept, as in ``torch_ref.filter_logits``). Every pass is a grid of
+threshold are all kept, as in ``torch_ref.filter_logits``). 16-bit logits read in place
+(no bias, no penalties: ``x = logit / T``, a non-decreasing map) are searched over the
+16-bit image of the logits themselves, whose order is ``x``'s: 4 passes a search find the
+same threshold, so the kept tokens are the same. Every pass is a grid of
 (row, vocab chunk) programs that add their partial sums atomically, so the whole GPU
 streams the logits; the launches depend on host arguments only (CUDA-graph friendly, no
 host sync).
@@ -33,7 +36,7 @@ from kernels._utils import FLOAT_DTYPES, INDEX_DTYPES, check_tensor, is_interpre
 # Below this temperature a row is greedy (SamplingParams' threshold).
 GREEDY_TEMPERATURE = 1e-5
 # Pivots per radix pass: 16 (4 bits a pass) keeps the compare matrix in registers;
-# 8 passes cover the 32-bit key space.
+# 8 passes cover the 32-bit key space (4 the 16-bit one).
 _NUM_PIVOTS = 16
 _NUM_PASSES = 8
 # Programs an SM up to which every chunk loads whole (all its loads in flight at once):
@@ -62,6 +65,39 @@ def _order_key(x):
 
 
 @triton.jit
+def _order_key16(raw):
+    """16-bit float (bfloat16/float16) -> int32 in [-32768, 32767] with the same order."""
+    bits = raw.to(tl.int16, bitcast=True).to(tl.int32)
+    return tl.where(bits < 0, bits ^ 0x7FFF, bits)
+
+
+@triton.jit
+def _value_key(v, KEY16: tl.constexpr, dtype: tl.constexpr):
+    """The search's key of float32 values ``v`` (maxima as ``_prepare_kernel`` stored them:
+    16-bit logits' own values under ``KEY16``, exact in ``dtype``)."""
+    if KEY16:
+        return _order_key16(v.to(dtype))
+    else:
+        return _order_key(v)
+
+
+@triton.jit
+def _key16_at_least(m, temp, dtype: tl.constexpr):
+    """The smallest 16-bit key, from -inf's to +inf's, whose logit ``l`` has
+    ``l / temp >= m`` as the kernels compute it (non-decreasing in the key, so a bisection
+    of 16 steps over the key range finds it)."""
+    lo = _order_key16(tl.full([], float("-inf"), dtype))
+    hi = _order_key16(tl.full([], float("inf"), dtype))
+    for _ in tl.static_range(16):
+        mid = lo + (hi - lo) // 2  # lo <= mid < hi (integer // truncates)
+        bits = tl.where(mid < 0, mid ^ 0x7FFF, mid).to(tl.int16)
+        ok = bits.to(dtype, bitcast=True).to(tl.float32) / temp >= m
+        hi = tl.where(ok, mid, hi)
+        lo = tl.where(ok, lo, mid + 1)
+    return hi
+
+
+@triton.jit
 def _loads_whole(sub_keys, key_lo, WHOLE: tl.constexpr, CHOOSE: tl.constexpr,
                  CHUNK: tl.constexpr, SUB: tl.constexpr):
     """Whether a program loads its chunk whole: in a grid of few programs an SM
@@ -75,14 +111,21 @@ def _loads_whole(sub_keys, key_lo, WHOLE: tl.constexpr, CHOOSE: tl.constexpr,
 
 
 @triton.jit
-def _load_scaled(src_ptr, stride_src, row, v, mask, temp, FROM_LOGITS: tl.constexpr):
-    """Processed logits of the tokens ``v`` as ``_prepare_kernel`` computes them: from the
-    workspace it wrote, or (no bias, no penalties) the logits divided by the temperature
-    again, the same operations on the same values."""
-    x = tl.load(src_ptr + row * stride_src + v, mask=mask, other=float("-inf")).to(tl.float32)
+def _load_keyed(src_ptr, stride_src, row, v, mask, temp, FROM_LOGITS: tl.constexpr,
+                KEY16: tl.constexpr):
+    """Processed logits of the tokens ``v`` as ``_prepare_kernel`` computes them, and
+    their search keys: from the workspace it wrote, or (no bias, no penalties) the logits
+    divided by the temperature again, the same operations on the same values; under
+    ``KEY16`` the keys are the 16-bit logits' own."""
+    raw = tl.load(src_ptr + row * stride_src + v, mask=mask, other=float("-inf"))
+    x = raw.to(tl.float32)
     if FROM_LOGITS:
         x = x / temp
-    return x
+    if KEY16:
+        key = _order_key16(raw)
+    else:
+        key = _order_key(x)
+    return x, key
 
 
 @triton.jit
@@ -91,10 +134,12 @@ def _prepare_kernel(
         prompt_mask_ptr, counts_ptr, presence_ptr, frequency_ptr, repetition_ptr,
         stride_logits, stride_bias, stride_prompt, stride_counts, vocab, num_chunks,
         greedy_temp, HAS_BIAS: tl.constexpr, HAS_PENALTIES: tl.constexpr,
-        FROM_LOGITS: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr):
+        FROM_LOGITS: tl.constexpr, KEY16: tl.constexpr, CHUNK: tl.constexpr,
+        SUB: tl.constexpr):
     """Processed logits into the workspace (unless later passes re-read the logits); the
     max (and its first index) of each chunk and the max of each SUB-token sub-block, which
-    later passes use to skip chunks and sub-blocks."""
+    later passes use to skip chunks and sub-blocks (under ``KEY16`` the maxima of the
+    logits themselves: the passes key them as 16-bit values)."""
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     temp = tl.load(temp_ptr + row).to(tl.float32)
@@ -116,14 +161,19 @@ def _prepare_kernel(
         seen = in_prompt | (count > 0)
         x = tl.where(seen, tl.where(x > 0, x / repetition, x * repetition), x)
         x = x - frequency * count - presence * (count > 0).to(tl.float32)
+    raw = x
     x = x / temp
     if not FROM_LOGITS:
         tl.store(ws_ptr + row * vocab + v, x, mask=vmask)
-    tl.store(chunk_max_ptr + row * num_chunks + chunk, tl.max(x, axis=0))
+    if KEY16:
+        top = raw
+    else:
+        top = x
+    tl.store(chunk_max_ptr + row * num_chunks + chunk, tl.max(top, axis=0))
     tl.store(chunk_arg_ptr + row * num_chunks + chunk,
              chunk * CHUNK + tl.argmax(x, axis=0, tie_break_left=True))
     subs = tl.arange(0, CHUNK // SUB)
-    sub_max = tl.max(tl.reshape(x, [CHUNK // SUB, SUB]), axis=1)
+    sub_max = tl.max(tl.reshape(top, [CHUNK // SUB, SUB]), axis=1)
     tl.store(sub_max_ptr + row * num_chunks * (CHUNK // SUB) + chunk * (CHUNK // SUB) + subs,
              sub_max)
 
@@ -133,16 +183,19 @@ def _radix_pass_kernel(
         src_ptr, stride_src, chunk_max_ptr, sub_max_ptr, temp_ptr, top_k_ptr, top_p_ptr,
         min_p_ptr, state_in_ptr, state_out_ptr, sums_in_ptr, sums_out_ptr, mass_k_ptr,
         vocab, num_chunks, greedy_temp, TOP_P_PHASE: tl.constexpr, PASS: tl.constexpr,
-        FROM_LOGITS: tl.constexpr, WHOLE: tl.constexpr, NUM_PIVOTS: tl.constexpr,
-        CHUNK: tl.constexpr, SUB: tl.constexpr, BLOCK_C: tl.constexpr):
+        FROM_LOGITS: tl.constexpr, KEY16: tl.constexpr, WHOLE: tl.constexpr,
+        NUM_PIVOTS: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr,
+        BLOCK_C: tl.constexpr):
     """One radix pass over one vocab chunk of one row.
 
-    ``state`` holds each row's key interval ``[a, b]``; ``sums`` the count (top-k) or
-    probability mass (top-p) of keys at or above the interval's 16 pivots. Every program
-    first narrows the interval from the previous pass's complete sums (all programs get
-    the same answer; chunk 0 stores it), then adds its chunk's sums for the new pivots,
-    skipping the chunk, or its sub-blocks, whose max is below the interval.
+    ``state`` holds each row's key interval ``[a, b]`` (32-bit keys of ``x``, or under
+    ``KEY16`` 16-bit keys of the logits); ``sums`` the count (top-k) or probability mass
+    (top-p) of keys at or above the interval's 16 pivots. Every program first narrows the
+    interval from the previous pass's complete sums (all programs get the same answer;
+    chunk 0 stores it), then adds its chunk's sums for the new pivots, skipping the
+    chunk, or its sub-blocks, whose max is below the interval.
     """
+    dtype: tl.constexpr = src_ptr.dtype.element_ty
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     # Every load a decision below reads, issued before the first decision: one memory
@@ -153,9 +206,9 @@ def _radix_pass_kernel(
                            other=float("-inf"))
     top_k = tl.load(top_k_ptr + row).to(tl.int64)
     top_p = tl.load(top_p_ptr + row).to(tl.float32)
-    chunk_key = _order_key(tl.load(chunk_max_ptr + row * num_chunks + chunk))
+    chunk_key = _value_key(tl.load(chunk_max_ptr + row * num_chunks + chunk), KEY16, dtype)
     sub_row = sub_max_ptr + (row * num_chunks + chunk) * (CHUNK // SUB)
-    sub_keys = _order_key(tl.load(sub_row + tl.arange(0, CHUNK // SUB)))
+    sub_keys = _value_key(tl.load(sub_row + tl.arange(0, CHUNK // SUB)), KEY16, dtype)
     j_idx = tl.arange(0, NUM_PIVOTS)
     if PASS == 0 and not TOP_P_PHASE:
         min_p = tl.load(min_p_ptr + row).to(tl.float32)
@@ -168,13 +221,18 @@ def _radix_pass_kernel(
     if temp < greedy_temp:
         return
     row_max = tl.max(chunk_maxima, axis=0)
-    key_max = _order_key(row_max).to(tl.int64)
+    key_max = _value_key(row_max, KEY16, dtype).to(tl.int64)
+    if KEY16:
+        row_max = row_max / temp  # the logits' max: x's is the same division of it
     top_k_on = (top_k > 0) & (top_k < vocab)
     if PASS == 0 and not TOP_P_PHASE:
         # min-p keeps p >= min_p * p_max, i.e. x >= max + log(min_p).
         min_p_val = tl.where(min_p > 0, row_max + tl.log(tl.maximum(min_p, 1e-30)),
                              float("-inf"))
-        a = _order_key(min_p_val).to(tl.int64)
+        if KEY16:
+            a = _key16_at_least(min_p_val, temp, dtype).to(tl.int64)
+        else:
+            a = _order_key(min_p_val).to(tl.int64)
         # Without top-k the search is over before it starts: its threshold is min-p's.
         b = tl.where(top_k_on, key_max, a)
     else:
@@ -221,8 +279,7 @@ def _radix_pass_kernel(
                           [CHUNK])
         end = tl.where(live, vocab, 0)
         v = chunk * CHUNK + t
-        x = _load_scaled(src_ptr, stride_src, row, v, v < end, temp, FROM_LOGITS)
-        key = _order_key(x)
+        x, key = _load_keyed(src_ptr, stride_src, row, v, v < end, temp, FROM_LOGITS, KEY16)
         if TOP_P_PHASE:
             w = tl.exp2((x - row_max) * 1.4426950408889634)
         else:
@@ -238,10 +295,11 @@ def _radix_pass_kernel(
         pivots = tl.minimum(a + j_idx.to(tl.int64) * step, b).to(tl.int32)
         acc = tl.zeros([SUB, NUM_PIVOTS], tl.float32)
         for s in range(CHUNK // SUB):
-            if _order_key(tl.load(sub_row + s)) >= a32:
+            if _value_key(tl.load(sub_row + s), KEY16, dtype) >= a32:
                 v = chunk * CHUNK + s * SUB + tl.arange(0, SUB)
-                x = _load_scaled(src_ptr, stride_src, row, v, v < vocab, temp, FROM_LOGITS)
-                ge = _order_key(x)[:, None] >= pivots[None, :]
+                x, key = _load_keyed(src_ptr, stride_src, row, v, v < vocab, temp,
+                                     FROM_LOGITS, KEY16)
+                ge = key[:, None] >= pivots[None, :]
                 if TOP_P_PHASE:
                     w = tl.exp2((x - row_max) * 1.4426950408889634)
                     acc += tl.where(ge, w[:, None], 0.0)
@@ -263,14 +321,14 @@ def _token_uniforms(seed, rng_hi, first, NUM: tl.constexpr):
 
 @triton.jit
 def _gumbel_max(src_ptr, stride_src, row, v, end, temp, key_thr, seed, rng_hi, first,
-                NUM: tl.constexpr, FROM_LOGITS: tl.constexpr):
+                NUM: tl.constexpr, FROM_LOGITS: tl.constexpr, KEY16: tl.constexpr):
     """The best score and its token (the first among ties) of the ``[NUM, 4]`` tile of
     tokens ``v = first + 4 * i + c`` below ``end``: processed logit plus Gumbel noise,
     over the survivors (key at or above ``key_thr``)."""
-    x = _load_scaled(src_ptr, stride_src, row, v, v < end, temp, FROM_LOGITS)
+    x, key = _load_keyed(src_ptr, stride_src, row, v, v < end, temp, FROM_LOGITS, KEY16)
     u = _token_uniforms(seed, rng_hi, first, NUM)
     gumbel = -tl.log(-tl.log(tl.maximum(u, 1e-20)))
-    keep = (_order_key(x) >= key_thr) & (x > float("-inf"))
+    keep = (key >= key_thr) & (x > float("-inf"))
     score = tl.where(keep, x + gumbel, float("-inf"))
     best = tl.max(tl.max(score, axis=1), axis=0)
     tok = tl.min(tl.min(tl.where(score == best, v, 2147483647), axis=1), axis=0)
@@ -281,9 +339,10 @@ def _gumbel_max(src_ptr, stride_src, row, v, end, temp, key_thr, seed, rng_hi, f
 def _draw_kernel(src_ptr, stride_src, chunk_max_ptr, sub_max_ptr, temp_ptr, top_p_ptr,
                  state_ptr, sums_ptr, mass_k_ptr, seed_ptr, offset_ptr, chunk_score_ptr,
                  chunk_tok_ptr, vocab, num_chunks, greedy_temp, FROM_LOGITS: tl.constexpr,
-                 WHOLE: tl.constexpr, NUM_PIVOTS: tl.constexpr, CHUNK: tl.constexpr,
-                 SUB: tl.constexpr):
+                 KEY16: tl.constexpr, WHOLE: tl.constexpr, NUM_PIVOTS: tl.constexpr,
+                 CHUNK: tl.constexpr, SUB: tl.constexpr):
     """Closes the top-p search, then a Gumbel-max draw over one chunk's survivors."""
+    dtype: tl.constexpr = src_ptr.dtype.element_ty
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     out = row * num_chunks + chunk
@@ -295,9 +354,9 @@ def _draw_kernel(src_ptr, stride_src, chunk_max_ptr, sub_max_ptr, temp_ptr, top_
     masses = tl.load(sums_ptr + row * NUM_PIVOTS + j_idx)
     top_p = tl.load(top_p_ptr + row).to(tl.float32)
     mass_k = tl.load(mass_k_ptr + row)
-    chunk_key = _order_key(tl.load(chunk_max_ptr + out))
+    chunk_key = _value_key(tl.load(chunk_max_ptr + out), KEY16, dtype)
     sub_row = sub_max_ptr + out * (CHUNK // SUB)
-    sub_keys = _order_key(tl.load(sub_row + tl.arange(0, CHUNK // SUB)))
+    sub_keys = _value_key(tl.load(sub_row + tl.arange(0, CHUNK // SUB)), KEY16, dtype)
     seed = tl.load(seed_ptr + row).to(tl.int64)
     rng_hi = tl.load(offset_ptr + row).to(tl.int64) << 32
     if temp < greedy_temp:
@@ -324,7 +383,7 @@ def _draw_kernel(src_ptr, stride_src, chunk_max_ptr, sub_max_ptr, temp_ptr, top_
         end = tl.where(live, vocab, 0)
         best_score, best_tok = _gumbel_max(src_ptr, stride_src, row, v, end[:, None], temp,
                                            key_thr, seed, rng_hi, first, CHUNK // 4,
-                                           FROM_LOGITS)
+                                           FROM_LOGITS, KEY16)
     else:
         # Mostly dead: only the live sub-blocks, one after another.
         in_tile = 4 * tl.arange(0, SUB // 4)[:, None] + tl.arange(0, 4)[None, :]
@@ -332,10 +391,10 @@ def _draw_kernel(src_ptr, stride_src, chunk_max_ptr, sub_max_ptr, temp_ptr, top_
         best_tok = first
         for s in range(CHUNK // SUB):
             v0 = first + s * SUB
-            if _order_key(tl.load(sub_row + s)) >= key_thr:
+            if _value_key(tl.load(sub_row + s), KEY16, dtype) >= key_thr:
                 sub_best, sub_tok = _gumbel_max(src_ptr, stride_src, row, v0 + in_tile,
                                                 vocab, temp, key_thr, seed, rng_hi, v0,
-                                                SUB // 4, FROM_LOGITS)
+                                                SUB // 4, FROM_LOGITS, KEY16)
                 take = sub_best > best_score
                 best_tok = tl.where(take, sub_tok, best_tok)
                 best_score = tl.where(take, sub_best, best_score)
@@ -403,7 +462,7 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
             rows without a bias or penalties re-read ``logits`` in every pass instead.
         no_top_k, no_top_p: the caller knows that no row draws with top-k (with top-p):
             that search launches its first pass only (which applies min-p, or closes the
-            top-k search), not its seven others. A row that does filter so gets a wrong
+            top-k search), not its others. A row that does filter so gets a wrong
             threshold.
     Returns:
         ``[B]`` int64 sampled token ids.
@@ -445,6 +504,9 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     # the logits themselves: no float32 copy written, and 16-bit logits read at half the
     # bytes of one.
     from_logits = workspace is None and logit_bias is None and not has_penalties
+    # ... and 16-bit logits are searched over their own 16-bit keys: half the passes.
+    key16 = from_logits and logits.dtype in (torch.bfloat16, torch.float16)
+    num_passes = _NUM_PASSES // 2 if key16 else _NUM_PASSES
     if from_logits:
         workspace = logits  # never written (FROM_LOGITS)
     elif workspace is None:
@@ -474,8 +536,8 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     # (top-p phase, pass) of each launch: a search no row needs stops after its first
     # pass, whose rows then hold their converged interval (the other passes would only
     # hand it on).
-    passes = [(False, i) for i in range(1 if no_top_k else _NUM_PASSES)]
-    passes += [(True, i) for i in range(1 if no_top_p else _NUM_PASSES)]
+    passes = [(False, i) for i in range(1 if no_top_k else num_passes)]
+    passes += [(True, i) for i in range(1 if no_top_p else num_passes)]
     state = torch.empty(len(passes), num_rows, 2, dtype=torch.int64, device=dev)
     sums = torch.zeros(len(passes), num_rows, _NUM_PIVOTS, dtype=torch.float32, device=dev)
     mass_k = torch.empty(num_rows, dtype=torch.float32, device=dev)
@@ -493,8 +555,8 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
         prompt_mask.stride(0) if prompt_mask is not None else 0,
         output_counts.stride(0) if output_counts is not None else 0,
         vocab, num_chunks, GREEDY_TEMPERATURE, HAS_BIAS=logit_bias is not None,
-        HAS_PENALTIES=has_penalties, FROM_LOGITS=from_logits, CHUNK=chunk, SUB=sub,
-        num_warps=8)
+        HAS_PENALTIES=has_penalties, FROM_LOGITS=from_logits, KEY16=key16, CHUNK=chunk,
+        SUB=sub, num_warps=8)
     src, stride_src = (logits, logits.stride(0)) if from_logits else (workspace, vocab)
     for i, (top_p_phase, pass_index) in enumerate(passes):
         prev = max(i - 1, 0)
@@ -502,13 +564,13 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
             src, stride_src, chunk_max, sub_max, temperature, top_k, top_p, min_p,
             state[prev], state[i], sums[prev], sums[i], mass_k, vocab, num_chunks,
             GREEDY_TEMPERATURE, TOP_P_PHASE=top_p_phase, PASS=pass_index,
-            FROM_LOGITS=from_logits, WHOLE=whole, NUM_PIVOTS=_NUM_PIVOTS, CHUNK=chunk,
+            FROM_LOGITS=from_logits, KEY16=key16, WHOLE=whole, NUM_PIVOTS=_NUM_PIVOTS, CHUNK=chunk,
             SUB=sub, BLOCK_C=block_c, num_warps=4)
     _draw_kernel[grid](
         src, stride_src, chunk_max, sub_max, temperature, top_p, state[-1], sums[-1],
         mass_k, seeds, offsets, chunk_score, chunk_tok, vocab, num_chunks,
-        GREEDY_TEMPERATURE, FROM_LOGITS=from_logits, WHOLE=whole, NUM_PIVOTS=_NUM_PIVOTS,
-        CHUNK=chunk, SUB=sub, num_warps=4)
+        GREEDY_TEMPERATURE, FROM_LOGITS=from_logits, KEY16=key16, WHOLE=whole,
+        NUM_PIVOTS=_NUM_PIVOTS, CHUNK=chunk, SUB=sub, num_warps=4)
     _finalize_kernel[(num_rows,)](
         temperature, chunk_max, chunk_arg, chunk_score, chunk_tok, out, num_chunks,
         GREEDY_TEMPERATURE, BLOCK_C=block_c, num_warps=1)

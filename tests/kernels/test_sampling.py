@@ -265,11 +265,13 @@ def test_logits_read_in_place_draw_as_through_a_workspace_gpu():
                                 (torch.float32, torch.bfloat16))
 
 
-def _check_searches_launched_for_the_batch(num_rows, vocab, device, monkeypatch):
+def _check_searches_launched_for_the_batch(num_rows, vocab, device, monkeypatch,
+                                           dtype=torch.float32):
     """A batch whose rows need no top-k (no top-p) search launches that search's first
     pass only and draws the tokens of the full launch sequence; a top-k search still
-    closes in the first top-p pass (here, the largest logit beside one a float32 ulp
-    below it, under top-k 1: the search's last interval holds both)."""
+    closes in the first top-p pass (here, the largest logit beside the next value of
+    ``dtype`` below it, under top-k 1: the search's last interval holds both). 16-bit
+    logits read in place search their 16-bit keys: 4 passes a search, not 8."""
     import kernels.sampling as sampling
 
     launched = []
@@ -296,21 +298,21 @@ def _check_searches_launched_for_the_batch(num_rows, vocab, device, monkeypatch)
         (False, True): [(20, 1.0, 0.0), (1, 1.0, 0.0), (5, 1.0, 0.05), (0, 1.0, 0.0)],
         (True, True): [(0, 1.0, 0.0), (0, 1.0, 0.05), (0, 1.0, 0.0), (0, 1.0, 0.01)],
     }
-    passes = {False: 8, True: 1}
     pen = _penalties(num_rows, vocab, device)
     for (no_top_k, no_top_p), configs in batches.items():
         rows = [configs[i % len(configs)] for i in range(num_rows)]
         top_k, top_p, min_p = ([r[i] for r in rows] for i in range(3))
         params = _params(num_rows, device, temperature, top_k, top_p, min_p)
-        logits = 2 * torch.randn(num_rows, vocab, device=device)
+        logits = (2 * torch.randn(num_rows, vocab, device=device)).to(dtype)
         top = logits.argmax(dim=-1)
         near = (top + 1) % vocab
-        logits[torch.arange(num_rows), near] = torch.nextafter(
-            logits.max(dim=-1).values, torch.tensor(NEG_INF, device=device))
+        logits[torch.arange(num_rows), near] = _next_below(logits.max(dim=-1).values)
         for extra in ({}, pen):
+            full_passes = 4 if dtype != torch.float32 and not extra else 8
+            passes = {False: full_passes, True: 1}
             launched.clear()
             full = sample(logits, seeds=seeds, offsets=offsets, **params, **extra)
-            assert len(launched) == 16
+            assert len(launched) == 2 * full_passes
             launched.clear()
             got = sample(logits, seeds=seeds, offsets=offsets, no_top_k=no_top_k,
                          no_top_p=no_top_p, **params, **extra)
@@ -326,7 +328,64 @@ def test_batches_without_a_search_launch_its_first_pass_only(chunk_reads, monkey
     _check_searches_launched_for_the_batch(16, 300, DEVICE, monkeypatch)
 
 
+def test_sixteen_bit_searches_launch_half_the_passes(monkeypatch):
+    _check_searches_launched_for_the_batch(16, 300, DEVICE, monkeypatch, torch.bfloat16)
+
+
 @pytest.mark.gpu
 @needs_gpu
 def test_batches_without_a_search_launch_its_first_pass_only_gpu(monkeypatch):
-    _check_searches_launched_for_the_batch(64, 151936, torch.device("cuda"), monkeypatch)
+    for dtype in (torch.float32, torch.bfloat16):
+        _check_searches_launched_for_the_batch(64, 151936, torch.device("cuda"),
+                                               monkeypatch, dtype)
+
+
+def _next_below(values: torch.Tensor) -> torch.Tensor:
+    """The next value of ``values``' dtype below each (finite, nonzero) value."""
+    if values.dtype == torch.float32:
+        return torch.nextafter(values, torch.tensor(NEG_INF, device=values.device))
+    bits = values.view(torch.int16)
+    return torch.where(values > 0, bits - 1, bits + 1).to(torch.int16).view(values.dtype)
+
+
+def _check_sixteen_bit_min_p_bound(num_rows, per_side, device):
+    """Min-p over 16-bit logits read in place (searched over their own keys) keeps exactly
+    the logits whose ``x`` reaches the bound: one logit at 0 (the max), ``per_side`` at the
+    16-bit value just at or above the bound (kept, and drawn nearly always) and as many at
+    the value just below it (dropped; one key too low a bound draws them about half the
+    time), shuffled over the chunks; the tokens are those of the float32 copy."""
+    gen = torch.Generator().manual_seed(11)
+    min_p = 0.05
+    for dtype in (torch.bfloat16, torch.float16):
+        every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
+        every = every[torch.isfinite(every)].float()
+        for temperature in (1.0, 0.7):
+            # x = logit / T (float32, as the kernels divide); the max's x is 0.
+            bound = torch.log(torch.tensor(min_p))
+            x = every / temperature
+            kept_value = every[x >= bound].min()
+            dropped_value = every[x < bound].max()
+            values = torch.cat([torch.zeros(1), kept_value.repeat(per_side),
+                                dropped_value.repeat(per_side)])
+            order = torch.randperm(values.numel(), generator=gen)
+            row = values[order].to(dtype)
+            dropped = (order > per_side).to(device)  # the positions of dropped values
+            logits = row.to(device).expand(num_rows, -1).contiguous()
+            params = _params(num_rows, device, temperature=temperature, min_p=min_p)
+            seeds = torch.arange(num_rows, device=device) * 7919 + 5
+            offsets = torch.zeros_like(seeds)
+            got = sample(logits, seeds=seeds, offsets=offsets, **params)
+            assert not bool(dropped[got].any()), (dtype, temperature)
+            assert bool((got != int(order.argmin())).any()), (dtype, temperature)
+            expected = sample(logits.float(), seeds=seeds, offsets=offsets, **params)
+            assert torch.equal(got, expected), (dtype, temperature)
+
+
+def test_sixteen_bit_min_p_bound_is_exact(chunk_reads):
+    _check_sixteen_bit_min_p_bound(16, 300, DEVICE)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_sixteen_bit_min_p_bound_is_exact_gpu():
+    _check_sixteen_bit_min_p_bound(64, 60000, torch.device("cuda"))
