@@ -98,6 +98,35 @@ def _key16_at_least(m, temp, dtype: tl.constexpr):
 
 
 @triton.jit
+def _top_p_start(a, b, row_max, top_p, vocab, temp, KEY16: tl.constexpr, dtype: tl.constexpr):
+    """A lower bound of the top-p threshold in ``[a, b]`` (``a`` the top-k threshold): the
+    key of ``L = max + log((1 - p) / V) - 2``. Relative to the max's weight of 1, which the
+    total ``M`` includes, the tokens below ``L`` weigh under ``(1 - p) e^-2 <= (1 - p) M``
+    together, so the tokens at or above it hold more than ``p M``: the threshold is at or
+    above ``L``. Taken for ``p < 0.999`` only, where that margin dwarfs float32 sums'
+    rounding; else ``a``."""
+    lower = row_max + tl.log((1.0 - top_p) / vocab) - 2.0
+    if KEY16:
+        key_lower = _key16_at_least(lower, temp, dtype).to(tl.int64)
+    else:
+        key_lower = _order_key(lower).to(tl.int64)
+    return tl.where(top_p < 0.999, tl.minimum(tl.maximum(a, key_lower), b), a)
+
+
+@triton.jit
+def _pivot_layout(a, b, start, NUM_PIVOTS: tl.constexpr):
+    """``(base, step)`` of a pass's pivots over ``[a, b]``: pivot 0 at ``a``, pivot ``j >=
+    1`` at ``min(base + j * step, b)``. Evenly over ``[a, b]`` when ``start == a``; else
+    (the first top-p pass, ``start`` its lower bound) the other pivots evenly over
+    ``[start, b]``, pivot 0 still summing the whole mass that top-p takes a fraction of."""
+    even = (b - a + NUM_PIVOTS) // NUM_PIVOTS
+    from_start = (b - start + NUM_PIVOTS - 1) // (NUM_PIVOTS - 1)
+    step = tl.where(start == a, even, from_start)
+    base = tl.where(start == a, a, start - from_start)
+    return base, step
+
+
+@triton.jit
 def _loads_whole(sub_keys, key_lo, WHOLE: tl.constexpr, CHOOSE: tl.constexpr,
                  CHUNK: tl.constexpr, SUB: tl.constexpr):
     """Whether a program loads its chunk whole: in a grid of few programs an SM
@@ -249,10 +278,14 @@ def _radix_pass_kernel(
             target = tl.where(top_k_on, top_k.to(tl.float32), float("inf"))
         # F is non-increasing in the pivot, so the passing pivots are a prefix.
         num_ok = tl.sum((sums >= target).to(tl.int64), axis=0)
-        step = (b - a + NUM_PIVOTS) // NUM_PIVOTS
+        if TOP_P_PHASE and PASS == 1:
+            start = _top_p_start(a, b, row_max, top_p, vocab, temp, KEY16, dtype)
+        else:
+            start = a
+        base, step = _pivot_layout(a, b, start, NUM_PIVOTS)
         j = tl.maximum(num_ok - 1, 0)
-        new_a = tl.minimum(a + j * step, b)
-        b = tl.where(num_ok == 0, new_a, tl.minimum(a + (j + 1) * step - 1, b))
+        new_a = tl.where(j == 0, a, tl.minimum(base + j * step, b))
+        b = tl.where(num_ok == 0, new_a, tl.minimum(base + (j + 1) * step - 1, b))
         a = new_a
         if TOP_P_PHASE and PASS == 0:
             # Top-p searches [top-k threshold, max]; nothing to search when it is off.
@@ -267,7 +300,14 @@ def _radix_pass_kernel(
     if chunk_key < a32:
         # Nothing in the chunk reaches the lowest pivot: it adds nothing.
         return
-    step = (b - a + NUM_PIVOTS) // NUM_PIVOTS
+    if TOP_P_PHASE and PASS == 0:
+        # The first top-p pass puts its pivots from a lower bound of the threshold up
+        # (all but pivot 0): the search then needs fewer passes when the max stands
+        # out (a later pass whose interval has converged returns at once).
+        start = _top_p_start(a, b, row_max, top_p, vocab, temp, KEY16, dtype)
+    else:
+        start = a
+    base, step = _pivot_layout(a, b, start, NUM_PIVOTS)
     # Top-k passes read by the loop: a top-k row's interval is narrow after its first
     # pass, and a row without top-k never gets here (its search is over at once).
     if _loads_whole(sub_keys, a32, WHOLE, TOP_P_PHASE, CHUNK, SUB):
@@ -286,13 +326,17 @@ def _radix_pass_kernel(
             w = tl.full([CHUNK], 1.0, tl.float32)
         sums = tl.zeros([NUM_PIVOTS], tl.float32)
         for p in tl.static_range(NUM_PIVOTS):
-            pivot = tl.minimum(a + p * step, b).to(tl.int32)
+            if p == 0:
+                pivot = a32
+            else:
+                pivot = tl.minimum(base + p * step, b).to(tl.int32)
             sums = tl.where(j_idx == p, tl.sum(tl.where(key >= pivot, w, 0.0), axis=0),
                             sums)
     else:
         # Mostly dead (a narrow interval): only the live sub-blocks, one after another,
         # into a [SUB, NUM_PIVOTS] tile reduced once.
-        pivots = tl.minimum(a + j_idx.to(tl.int64) * step, b).to(tl.int32)
+        pivots = tl.where(j_idx == 0, a,
+                          tl.minimum(base + j_idx.to(tl.int64) * step, b)).to(tl.int32)
         acc = tl.zeros([SUB, NUM_PIVOTS], tl.float32)
         for s in range(CHUNK // SUB):
             if _value_key(tl.load(sub_row + s), KEY16, dtype) >= a32:

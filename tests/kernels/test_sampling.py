@@ -340,6 +340,49 @@ def test_batches_without_a_search_launch_its_first_pass_only_gpu(monkeypatch):
                                                monkeypatch, dtype)
 
 
+def _check_top_p_from_its_lower_bound(num_rows, per_group, device):
+    """Top-p whose first pass puts its pivots from a lower bound of the threshold up keeps
+    exactly the reference's tokens: the max at 0, a group at -1 and a group at -2 (mass
+    1, 7.4 and 13.5 at ``per_group`` 20 / 100), the rest at -30 (below the bound); top-p
+    0.3 keeps the max and the -1 group (drawn nearly always), 0.5 the -2 group too; with
+    a top-k below the bound (the rest's ties) and above it (the max and the -1 group).
+    Over 16-bit logits read in place and over float32 (32-bit keys), against the
+    reference's lowest kept value (a value threshold keeps all its ties, where the
+    reference's sorted prefix may stop among them)."""
+    gen = torch.Generator().manual_seed(13)
+    n_a, n_b = per_group
+    rest = 600
+    values = torch.cat([torch.zeros(1), torch.full((n_a,), -1.0), torch.full((n_b,), -2.0),
+                        torch.full((rest,), -30.0)])
+    order = torch.randperm(values.numel(), generator=gen)
+    row = values[order]
+    seeds = torch.arange(num_rows, device=device) * 7919 + 1
+    offsets = torch.zeros_like(seeds)
+    for top_p, top_k, lowest in ((0.3, 0, -1.0), (0.5, 0, -2.0),
+                                 (0.5, 1 + n_a + n_b + 10, -2.0), (0.5, 1 + n_a, -1.0)):
+        params = _params(num_rows, device, temperature=1.0, top_k=top_k, top_p=top_p)
+        kept = torch_ref.filter_logits(row[None], params["top_k"][:1].cpu(),
+                                       params["top_p"][:1].cpu(),
+                                       params["min_p"][:1].cpu())[0] > NEG_INF
+        assert float(row[kept].min()) == lowest
+        for dtype in (torch.bfloat16, torch.float32):
+            logits = row.to(dtype).to(device).expand(num_rows, -1).contiguous()
+            got = sample(logits, seeds=seeds, offsets=offsets, **params)
+            drawn = row.to(device)[got]
+            assert bool((drawn >= lowest).all()), (top_p, top_k, dtype)
+            assert bool((drawn == lowest).any()), (top_p, top_k, dtype)
+
+
+def test_top_p_searches_from_its_lower_bound(chunk_reads):
+    _check_top_p_from_its_lower_bound(16, (20, 100), DEVICE)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_top_p_searches_from_its_lower_bound_gpu():
+    _check_top_p_from_its_lower_bound(64, (2000, 10000), torch.device("cuda"))
+
+
 def _next_below(values: torch.Tensor) -> torch.Tensor:
     """The next value of ``values``' dtype below each (finite, nonzero) value."""
     if values.dtype == torch.float32:
