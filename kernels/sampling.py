@@ -105,7 +105,7 @@ def _top_p_start(a, b, row_max, top_p, vocab, temp, KEY16: tl.constexpr, dtype: 
     together, so the tokens at or above it hold more than ``p M``: the threshold is at or
     above ``L``. Taken for ``p < 0.999`` only, where that margin dwarfs float32 sums'
     rounding; else ``a``."""
-    lower = row_max + tl.log((1.0 - top_p) / vocab) - 2.0
+    lower = row_max + tl.log(tl.maximum(1.0 - top_p, 1e-6) / vocab) - 2.0
     if KEY16:
         key_lower = _key16_at_least(lower, temp, dtype).to(tl.int64)
     else:
