@@ -351,7 +351,7 @@ def _check_top_p_from_its_lower_bound(num_rows, per_group, device):
     reference's sorted prefix may stop among them)."""
     gen = torch.Generator().manual_seed(13)
     n_a, n_b = per_group
-    rest = 600
+    rest = 200
     values = torch.cat([torch.zeros(1), torch.full((n_a,), -1.0), torch.full((n_b,), -2.0),
                         torch.full((rest,), -30.0)])
     order = torch.randperm(values.numel(), generator=gen)
@@ -374,7 +374,7 @@ def _check_top_p_from_its_lower_bound(num_rows, per_group, device):
 
 
 def test_top_p_searches_from_its_lower_bound(chunk_reads):
-    _check_top_p_from_its_lower_bound(16, (20, 100), DEVICE)
+    _check_top_p_from_its_lower_bound(8, (20, 100), DEVICE)
 
 
 @pytest.mark.gpu
@@ -425,7 +425,7 @@ def _check_sixteen_bit_min_p_bound(num_rows, per_side, device):
 
 
 def test_sixteen_bit_min_p_bound_is_exact(chunk_reads):
-    _check_sixteen_bit_min_p_bound(16, 300, DEVICE)
+    _check_sixteen_bit_min_p_bound(8, 150, DEVICE)
 
 
 @pytest.mark.gpu
