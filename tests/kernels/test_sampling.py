@@ -342,7 +342,7 @@ def test_batches_without_a_search_launch_its_first_pass_only_gpu(monkeypatch):
 
 def _check_top_p_from_its_lower_bound(num_rows, per_group, device):
     """Top-p whose first pass puts its pivots from a lower bound of the threshold up keeps
-    exactly the reference's tokens: the max at 0, a group at -1 and a group at -2 (mass
+    the reference's values: the max at 0, a group at -1 and a group at -2 (mass
     1, 7.4 and 13.5 at ``per_group`` 20 / 100), the rest at -30 (below the bound); top-p
     0.3 keeps the max and the -1 group (drawn nearly always), 0.5 the -2 group too; with
     a top-k below the bound (the rest's ties) and above it (the max and the -1 group).
