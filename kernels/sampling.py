@@ -105,12 +105,15 @@ def _top_p_start(a, b, row_max, top_p, vocab, temp, KEY16: tl.constexpr, dtype: 
     together, so the tokens at or above it hold more than ``p M``: the threshold is at or
     above ``L``. Taken for ``p < 0.999`` only, where that margin dwarfs float32 sums'
     rounding; else ``a``."""
-    lower = row_max + tl.log(tl.maximum(1.0 - top_p, 1e-6) / vocab) - 2.0
-    if KEY16:
-        key_lower = _key16_at_least(lower, temp, dtype).to(tl.int64)
-    else:
-        key_lower = _order_key(lower).to(tl.int64)
-    return tl.where(top_p < 0.999, tl.minimum(tl.maximum(a, key_lower), b), a)
+    start = a
+    if top_p < 0.999:
+        lower = row_max + tl.log(tl.maximum(1.0 - top_p, 1e-6) / vocab) - 2.0
+        if KEY16:
+            key_lower = _key16_at_least(lower, temp, dtype).to(tl.int64)
+        else:
+            key_lower = _order_key(lower).to(tl.int64)
+        start = tl.minimum(tl.maximum(a, key_lower), b)
+    return start
 
 
 @triton.jit
@@ -259,7 +262,10 @@ def _radix_pass_kernel(
         min_p_val = tl.where(min_p > 0, row_max + tl.log(tl.maximum(min_p, 1e-30)),
                              float("-inf"))
         if KEY16:
-            a = _key16_at_least(min_p_val, temp, dtype).to(tl.int64)
+            # -inf's key, without the bisection, when min-p is off.
+            a = _order_key16(tl.full([], float("-inf"), dtype)).to(tl.int64)
+            if min_p > 0:
+                a = _key16_at_least(min_p_val, temp, dtype).to(tl.int64)
         else:
             a = _order_key(min_p_val).to(tl.int64)
         # Without top-k the search is over before it starts: its threshold is min-p's.
@@ -405,10 +411,12 @@ def _draw_kernel(src_ptr, stride_src, chunk_max_ptr, sub_max_ptr, temp_ptr, top_
     rng_hi = tl.load(offset_ptr + row).to(tl.int64) << 32
     if temp < greedy_temp:
         return
-    step = (b - a + NUM_PIVOTS) // NUM_PIVOTS
+    # The last top-p pass spread its pivots evenly (a lower bound shapes only the first,
+    # and a single top-p pass means top-p is off).
+    base, step = _pivot_layout(a, b, a, NUM_PIVOTS)
     target = tl.where(top_p < 1.0, top_p * mass_k, float("inf"))
     num_ok = tl.sum((masses >= target).to(tl.int64), axis=0)
-    key_thr = tl.where(a == b, a, tl.minimum(a + tl.maximum(num_ok - 1, 0) * step, b))
+    key_thr = tl.where(a == b, a, tl.minimum(base + tl.maximum(num_ok - 1, 0) * step, b))
     key_thr = key_thr.to(tl.int32)
     if chunk_key < key_thr:
         # No survivor in the chunk.
