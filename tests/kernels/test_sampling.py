@@ -304,9 +304,15 @@ def _check_searches_launched_for_the_batch(num_rows, vocab, device, monkeypatch,
         top_k, top_p, min_p = ([r[i] for r in rows] for i in range(3))
         params = _params(num_rows, device, temperature, top_k, top_p, min_p)
         logits = (2 * torch.randn(num_rows, vocab, device=device)).to(dtype)
+        row_max = logits.max(dim=-1).values
+        below = _next_below(row_max)
         top = logits.argmax(dim=-1)
         near = (top + 1) % vocab
-        logits[torch.arange(num_rows), near] = _next_below(logits.max(dim=-1).values)
+        # A max of its own (16-bit logits often tie at it: top-k 1 keeps every tie) with
+        # the next value below it beside it.
+        logits = torch.minimum(logits, below[:, None])
+        logits[torch.arange(num_rows), top] = row_max
+        logits[torch.arange(num_rows), near] = below
         for extra in ({}, pen):
             full_passes = 4 if dtype != torch.float32 and not extra else 8
             passes = {False: full_passes, True: 1}
