@@ -214,7 +214,7 @@ def _prepare_kernel(
 def _radix_pass_kernel(
         src_ptr, stride_src, chunk_max_ptr, sub_max_ptr, temp_ptr, top_k_ptr, top_p_ptr,
         min_p_ptr, state_in_ptr, state_out_ptr, sums_in_ptr, sums_out_ptr, mass_k_ptr,
-        vocab, num_chunks, greedy_temp, TOP_P_PHASE: tl.constexpr, PASS: tl.constexpr,
+        vocab, num_chunks, greedy_temp, TOP_P_PHASE: tl.constexpr, STAGE: tl.constexpr,
         FROM_LOGITS: tl.constexpr, KEY16: tl.constexpr, WHOLE: tl.constexpr,
         NUM_PIVOTS: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr,
         BLOCK_C: tl.constexpr):
@@ -226,6 +226,9 @@ def _radix_pass_kernel(
     interval from the previous pass's complete sums (all programs get the same answer;
     chunk 0 stores it), then adds its chunk's sums for the new pivots, skipping the
     chunk, or its sub-blocks, whose max is below the interval.
+
+    ``STAGE`` is as much of the pass's place in its search as the code tells apart (see
+    ``_pass_stage``), so a search's later passes share one compiled variant.
     """
     dtype: tl.constexpr = src_ptr.dtype.element_ty
     row = tl.program_id(0).to(tl.int64)
@@ -242,13 +245,13 @@ def _radix_pass_kernel(
     sub_row = sub_max_ptr + (row * num_chunks + chunk) * (CHUNK // SUB)
     sub_keys = _value_key(tl.load(sub_row + tl.arange(0, CHUNK // SUB)), KEY16, dtype)
     j_idx = tl.arange(0, NUM_PIVOTS)
-    if PASS == 0 and not TOP_P_PHASE:
+    if STAGE == 0 and not TOP_P_PHASE:
         min_p = tl.load(min_p_ptr + row).to(tl.float32)
     else:
         a = tl.load(state_in_ptr + row * 2)
         b = tl.load(state_in_ptr + row * 2 + 1)
         sums = tl.load(sums_in_ptr + row * NUM_PIVOTS + j_idx)
-        if TOP_P_PHASE and PASS > 1:
+        if TOP_P_PHASE and STAGE == 2:
             mass_k = tl.load(mass_k_ptr + row)
     if temp < greedy_temp:
         return
@@ -257,7 +260,7 @@ def _radix_pass_kernel(
     if KEY16:
         row_max = row_max / temp  # the logits' max: x's is the same division of it
     top_k_on = (top_k > 0) & (top_k < vocab)
-    if PASS == 0 and not TOP_P_PHASE:
+    if STAGE == 0 and not TOP_P_PHASE:
         # min-p keeps p >= min_p * p_max, i.e. x >= max + log(min_p).
         min_p_val = tl.where(min_p > 0, row_max + tl.log(tl.maximum(min_p, 1e-30)),
                              float("-inf"))
@@ -271,10 +274,10 @@ def _radix_pass_kernel(
         # Without top-k the search is over before it starts: its threshold is min-p's.
         b = tl.where(top_k_on, key_max, a)
     else:
-        if TOP_P_PHASE and PASS > 0:
+        if TOP_P_PHASE and STAGE > 0:
             # The first top-p pass's pivot 0 was the top-k threshold: its mass is the
             # total that top_p is a fraction of.
-            if PASS == 1:
+            if STAGE == 1:
                 mass_k = tl.sum(tl.where(j_idx == 0, sums, 0.0), axis=0)
                 if chunk == 0:
                     tl.store(mass_k_ptr + row, mass_k)
@@ -284,7 +287,7 @@ def _radix_pass_kernel(
             target = tl.where(top_k_on, top_k.to(tl.float32), float("inf"))
         # F is non-increasing in the pivot, so the passing pivots are a prefix.
         num_ok = tl.sum((sums >= target).to(tl.int64), axis=0)
-        if TOP_P_PHASE and PASS == 1:
+        if TOP_P_PHASE and STAGE == 1:
             start = _top_p_start(a, b, row_max, top_p, vocab, temp, KEY16, dtype)
         else:
             start = a
@@ -293,7 +296,7 @@ def _radix_pass_kernel(
         new_a = tl.where(j == 0, a, tl.minimum(base + j * step, b))
         b = tl.where(num_ok == 0, new_a, tl.minimum(base + (j + 1) * step - 1, b))
         a = new_a
-        if TOP_P_PHASE and PASS == 0:
+        if TOP_P_PHASE and STAGE == 0:
             # Top-p searches [top-k threshold, max]; nothing to search when it is off.
             b = tl.where(top_p < 1.0, key_max, a)
     if chunk == 0:
@@ -306,7 +309,7 @@ def _radix_pass_kernel(
     if chunk_key < a32:
         # Nothing in the chunk reaches the lowest pivot: it adds nothing.
         return
-    if TOP_P_PHASE and PASS == 0:
+    if TOP_P_PHASE and STAGE == 0:
         # The first top-p pass puts its pivots from a lower bound of the threshold up
         # (all but pivot 0): the search then needs fewer passes when the max stands
         # out (a later pass whose interval has converged returns at once).
@@ -472,6 +475,13 @@ def _finalize_kernel(temp_ptr, chunk_max_ptr, chunk_arg_ptr, chunk_score_ptr,
     tl.store(out_ptr + row, tl.sum(tl.where(c == best, toks, 0), axis=0).to(tl.int64))
 
 
+def _pass_stage(top_p_phase: bool, pass_index: int) -> int:
+    """The radix pass kernel's ``STAGE``: 0 for a search's first pass, 1 for its second,
+    2 for a later top-p pass (it reads the mass the second stored); a top-k search's later
+    passes run its second's code. A search of 8 passes compiles 3 variants, not 8."""
+    return min(pass_index, 2 if top_p_phase else 1)
+
+
 def _row_param(name: str, t: torch.Tensor, num_rows: int, device: torch.device,
                dtypes) -> None:
     check_tensor(name, t, ndim=1, dtypes=dtypes, device=device, contiguous=True)
@@ -615,7 +625,8 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
         _radix_pass_kernel[grid](
             src, stride_src, chunk_max, sub_max, temperature, top_k, top_p, min_p,
             state[prev], state[i], sums[prev], sums[i], mass_k, vocab, num_chunks,
-            GREEDY_TEMPERATURE, TOP_P_PHASE=top_p_phase, PASS=pass_index,
+            GREEDY_TEMPERATURE, TOP_P_PHASE=top_p_phase,
+            STAGE=_pass_stage(top_p_phase, pass_index),
             FROM_LOGITS=from_logits, KEY16=key16, WHOLE=whole, NUM_PIVOTS=_NUM_PIVOTS, CHUNK=chunk,
             SUB=sub, BLOCK_C=block_c, num_warps=4)
     _draw_kernel[grid](

@@ -282,7 +282,7 @@ def _check_searches_launched_for_the_batch(num_rows, vocab, device, monkeypatch,
 
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                launched.append((kwargs["TOP_P_PHASE"], kwargs["PASS"]))
+                launched.append((kwargs["TOP_P_PHASE"], kwargs["STAGE"]))
                 return self.kernel[grid](*args, **kwargs)
             return launch
 
@@ -322,8 +322,9 @@ def _check_searches_launched_for_the_batch(num_rows, vocab, device, monkeypatch,
             launched.clear()
             got = sample(logits, seeds=seeds, offsets=offsets, no_top_k=no_top_k,
                          no_top_p=no_top_p, **params, **extra)
-            assert launched == ([(False, i) for i in range(passes[no_top_k])]
-                                + [(True, i) for i in range(passes[no_top_p])])
+            # Stages: a top-k search's passes 0, 1, 1, ..., a top-p search's 0, 1, 2, 2, ...
+            assert launched == ([(False, min(i, 1)) for i in range(passes[no_top_k])]
+                                + [(True, min(i, 2)) for i in range(passes[no_top_p])])
             assert torch.equal(got, full), (no_top_k, no_top_p, bool(extra))
             top_1 = (torch.tensor([k == 1 for k in top_k]) & (temperature > 0)).to(device)
             if not extra and bool(top_1.any()):
