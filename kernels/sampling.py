@@ -90,11 +90,17 @@ def _key16_at_least(m, temp, dtype: tl.constexpr):
     hi = _order_key16(tl.full([], float("inf"), dtype))
     for _ in tl.static_range(16):
         mid = lo + (hi - lo) // 2  # lo <= mid < hi (integer // truncates)
-        bits = tl.where(mid < 0, mid ^ 0x7FFF, mid).to(tl.int16)
-        ok = bits.to(dtype, bitcast=True).to(tl.float32) / temp >= m
+        ok = _key16_logit(mid, dtype) / temp >= m
         hi = tl.where(ok, mid, hi)
         lo = tl.where(ok, lo, mid + 1)
     return hi
+
+
+@triton.jit
+def _key16_logit(key, dtype: tl.constexpr):
+    """The 16-bit logit whose ``_order_key16`` is ``key``, as float32."""
+    bits = tl.where(key < 0, key ^ 0x7FFF, key).to(tl.int16)
+    return bits.to(dtype, bitcast=True).to(tl.float32)
 
 
 @triton.jit
@@ -104,15 +110,17 @@ def _top_p_start(a, b, row_max, top_p, vocab, temp, KEY16: tl.constexpr, dtype: 
     total ``M`` includes, the tokens below ``L`` weigh under ``(1 - p) e^-2 <= (1 - p) M``
     together, so the tokens at or above it hold more than ``p M``: the threshold is at or
     above ``L``. Taken for ``p < 0.999`` only, where that margin dwarfs float32 sums'
-    rounding; else ``a``."""
+    rounding; else ``a``. Under ``KEY16`` the bisection for ``L``'s key runs only where
+    ``a``'s own logit lies below ``L`` (a top-k threshold seldom does)."""
     start = a
     if top_p < 0.999:
         lower = row_max + tl.log(tl.maximum(1.0 - top_p, 1e-6) / vocab) - 2.0
         if KEY16:
-            key_lower = _key16_at_least(lower, temp, dtype).to(tl.int64)
+            if _key16_logit(a, dtype) / temp < lower:
+                key_lower = _key16_at_least(lower, temp, dtype).to(tl.int64)
+                start = tl.minimum(tl.maximum(a, key_lower), b)
         else:
-            key_lower = _order_key(lower).to(tl.int64)
-        start = tl.minimum(tl.maximum(a, key_lower), b)
+            start = tl.minimum(tl.maximum(a, _order_key(lower).to(tl.int64)), b)
     return start
 
 
