@@ -143,6 +143,8 @@
 #                        kernels/sampling.py that SAMPLING_COMPARE names ("NAME=FILE ..."),
 #                        then batch-64 drawing steps of random:qwen3-0.6b as served and
 #                        with the first of those copies, in turns
+#   sampling_compile     the sampling kernels' build time from an empty Triton cache, this
+#                        checkout's and those copies' (benchmarks/sampling.py --compile)
 #   piecewise_fp8, piecewise_fp8_eager
 #                        the 512-token prompt steps' periods with FP8 weights and KV cache,
 #                        with graphs cut at attention and without (past the budget)
@@ -451,6 +453,8 @@ COMPARE_ARGS=""
 for spec in ${SAMPLING_COMPARE:-}; do COMPARE_ARGS="$COMPARE_ARGS --compare $spec"; done
 step sampling_bench 240 $PY benchmarks/sampling.py $COMPARE_ARGS \
   --output "$OUT/sampling_bench.json"
+step sampling_compile 300 $PY benchmarks/sampling.py --compile $COMPARE_ARGS \
+  --output "$OUT/sampling_compile.json"
 FIRST_COMPARE=${SAMPLING_COMPARE:-}
 FIRST_COMPARE=${FIRST_COMPARE%% *}
 PREV_SAMPLING="import importlib.util, inspect, kernels.sampling as s
@@ -459,13 +463,14 @@ prev = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(prev)
 takes = inspect.signature(prev.sample).parameters
 s.sample = lambda *a, **k: prev.sample(*a, **{n: v for n, v in k.items() if n in takes})"
-# 90 s a step: the first process of a cold machine, and a copy's first (Triton's cache
-# keys it by its source), build every sampling variant in the warm-up (60 s ran out).
+# 150 s a step: the first process of a cold machine, and a copy's first (Triton's cache
+# keys it by its source), build every sampling variant in the warm-up (an empty cache took
+# 78 s on an H100, and 126 s with a copy whose pass kernel built a variant a pass).
 for turn in 1 2; do
-  step qwen_b64_draw_now_$turn 90 $PY -m gridllm.bench.gpu_busy $QWEN_B64 \
+  step qwen_b64_draw_now_$turn 150 $PY -m gridllm.bench.gpu_busy $QWEN_B64 \
     --temperature 0.8 --output "$OUT/qwen_b64_draw_now_$turn.json"
   if [ -n "$FIRST_COMPARE" ]; then
-    step qwen_b64_draw_prev_$turn 90 $PY -c "$(busy_with "$PREV_SAMPLING")" $QWEN_B64 \
+    step qwen_b64_draw_prev_$turn 150 $PY -c "$(busy_with "$PREV_SAMPLING")" $QWEN_B64 \
       --temperature 0.8 --output "$OUT/qwen_b64_draw_prev_$turn.json"
   fi
 done
