@@ -2,14 +2,16 @@
 
 torch's SDPA on the same 4 x 4096 causal bf16 shapes has measured 534-606 TFLOP/s on one
 H200 depending on when in a script it ran; timing the two in turns, several rounds, puts
-both under the same clocks and power. Per round and cache block size: the served kernel
-(``kernels.prefill_attention.prefill_attention`` over a paged cache, whichever kernel it
-dispatches to) and SDPA (cuDNN's or flash's kernel, as torch picks, on contiguous
-tensors), each the median of about ``--rep-ms`` of runs with L2 flushed; then the median
-ratio.
+both under the same clocks and power. Per round, shape and cache block size: the served
+kernel (``kernels.prefill_attention.prefill_attention`` over a paged cache, whichever kernel
+it dispatches to), each ``--alt`` launch of the Gluon kernel (its keyword arguments, the
+query tiles built once as the served kernel's are) and SDPA (cuDNN's or flash's kernel, as
+torch picks, on contiguous tensors), each the median of about ``--rep-ms`` of runs with L2
+flushed; then the medians of each over the rounds and of each one's ratio to SDPA.
 
 Usage: ``python benchmarks/prefill_vs_sdpa.py [--rounds 5] [--rep-ms 200]
-[--cache-block-sizes 16 64] [--output FILE]``
+[--cache-block-sizes 16 64] [--shapes 4x4096 16x1024] [--alt half_diagonal=0 ...]
+[--output FILE]``
 """
 
 from __future__ import annotations
@@ -26,7 +28,33 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.kernels import bench, paged_kv, prefill_problem  # noqa: E402
 
-NUM_SEQS, SEQ_LEN, HEADS, KV_HEADS, HEAD_DIM = 4, 4096, 32, 8, 128
+HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    """``"4x4096"`` as (sequences, tokens each)."""
+    try:
+        seqs, tokens = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shapes takes SEQSxTOKENS, got {text!r}") from None
+    if seqs < 1 or tokens < 1:
+        raise argparse.ArgumentTypeError(f"--shapes needs positive sizes, got {text!r}")
+    return seqs, tokens
+
+
+def parse_alt(text: str) -> dict:
+    """``"half_diagonal=0,stages=2"`` as the Gluon kernel's keyword arguments."""
+    launch = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise argparse.ArgumentTypeError(f"--alt takes KEY=INT[,KEY=INT], got {text!r}")
+        try:
+            launch[key] = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--alt {key} must be an integer, got "
+                                             f"{value!r}") from None
+    return launch
 
 
 def main() -> None:
@@ -34,46 +62,76 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--rep-ms", type=int, default=200)
     parser.add_argument("--cache-block-sizes", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--shapes", type=parse_shape, nargs="+", default=[(4, 4096)],
+                        help="causal prefills as SEQSxTOKENS (default 4x4096)")
+    parser.add_argument("--alt", type=parse_alt, nargs="*", default=[],
+                        help="Gluon kernel launches to time beside the served kernel, each "
+                             "KEY=INT[,KEY=INT] of gluon_prefill_attention's arguments")
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/prefill_vs_sdpa.py needs a CUDA GPU")
+    from kernels import gluon_prefill_attention as gpa
+    from kernels.prefill_args import query_tiles
     from kernels.prefill_attention import prefill_attention
 
     dtype = torch.bfloat16
-    q, qsl, flops, sdpa = prefill_problem(NUM_SEQS, SEQ_LEN, HEADS, HEAD_DIM, dtype)
-    caches = {b: paged_kv(NUM_SEQS, SEQ_LEN, KV_HEADS, HEAD_DIM, b, dtype)
-              for b in args.cache_block_sizes}
-
-    def tflops(ms: float) -> float:
-        return flops / (ms * 1e-3) / 1e12
-
-    rounds = {b: [] for b in caches}
-    cache = {}  # the Gluon kernel's query tiles, built once as for a step's layers
-    print(f"{torch.cuda.get_device_name()}: {NUM_SEQS}x{SEQ_LEN} causal bf16, {HEADS} heads "
-          f"({KV_HEADS} KV), head dim {HEAD_DIM}; TFLOP/s")
-    print(f"{'round':>5s} {'blocks':>6s} {'served':>8s} {'SDPA':>8s} {'ratio':>6s}")
-    for r in range(args.rounds):
-        for b, (kc, vc, tables, seq) in caches.items():
-            served = tflops(bench(lambda kc=kc, vc=vc, tables=tables, seq=seq:
-                                  prefill_attention(q, kc, vc, tables, seq, qsl,
-                                                    HEAD_DIM ** -0.5, max_query_len=SEQ_LEN,
-                                                    batch_cache=cache,
-                                                    # as served: no one-query request
-                                                    split_one_token=False),
-                                  rep_ms=args.rep_ms))
-            ref = tflops(bench(sdpa, rep_ms=args.rep_ms))
-            rounds[b].append(dict(served_tflops=served, sdpa_tflops=ref))
-            print(f"{r:5d} {b:6d} {served:8.0f} {ref:8.0f} {served / ref:6.2f}")
+    names = ["served"] + [",".join(f"{k}={v}" for k, v in a.items()) for a in args.alt]
+    print(f"{torch.cuda.get_device_name()}: causal bf16, {HEADS} heads ({KV_HEADS} KV), head "
+          f"dim {HEAD_DIM}; TFLOP/s")
+    print(f"{'round':>5s} {'shape':>9s} {'blocks':>6s} "
+          + " ".join(f"{n:>12s}" for n in names) + f" {'SDPA':>8s} {'ratio':>6s}")
+    rounds = {}
     summary = {}
-    for b, rows in rounds.items():
-        summary[b] = dict(
-            served_tflops=statistics.median(x["served_tflops"] for x in rows),
-            sdpa_tflops=statistics.median(x["sdpa_tflops"] for x in rows),
-            ratio=statistics.median(x["served_tflops"] / x["sdpa_tflops"] for x in rows))
-        s = summary[b]
-        print(f"median, blocks of {b}: served {s['served_tflops']:.0f}, SDPA "
-              f"{s['sdpa_tflops']:.0f}, {s['ratio']:.2f}x")
+    for seqs, tokens in args.shapes:
+        q, qsl, flops, sdpa = prefill_problem(seqs, tokens, HEADS, HEAD_DIM, dtype)
+        caches = {b: paged_kv(seqs, tokens, KV_HEADS, HEAD_DIM, b, dtype)
+                  for b in args.cache_block_sizes}
+        shape = f"{seqs}x{tokens}"
+
+        def tflops(ms: float, flops=flops) -> float:
+            return flops / (ms * 1e-3) / 1e12
+
+        cache = {}  # the served kernel's query tiles, built once as for a step's layers
+        for r in range(args.rounds):
+            for b, (kc, vc, tables, seq) in caches.items():
+                row = {"served": tflops(bench(
+                    lambda kc=kc, vc=vc, tables=tables, seq=seq, q=q, qsl=qsl, tokens=tokens:
+                    prefill_attention(q, kc, vc, tables, seq, qsl, HEAD_DIM ** -0.5,
+                                      max_query_len=tokens, batch_cache=cache,
+                                      # as served: no one-query request
+                                      split_one_token=False),
+                    rep_ms=args.rep_ms))}
+                for name, launch in zip(names[1:], args.alt):
+                    if not gpa.serves(q, kc, vc):
+                        continue
+                    tiles = cache.setdefault(("alt", launch.get("persistent", gpa.PERSISTENT)),
+                                             query_tiles(qsl, seq, q.shape[0], tokens,
+                                                         gpa.BLOCK_M, longest_first=launch.get(
+                                                             "persistent", gpa.PERSISTENT)))
+                    row[name] = tflops(bench(
+                        lambda kc=kc, vc=vc, tables=tables, seq=seq, q=q, qsl=qsl,
+                        tokens=tokens, tiles=tiles, launch=launch:
+                        gpa.gluon_prefill_attention(q, kc, vc, tables, seq, qsl,
+                                                    HEAD_DIM ** -0.5, max_query_len=tokens,
+                                                    tiles=tiles, **launch),
+                        rep_ms=args.rep_ms))
+                row["sdpa"] = tflops(bench(sdpa, rep_ms=args.rep_ms))
+                rounds.setdefault(f"{shape} blocks of {b}", []).append(row)
+                print(f"{r:5d} {shape:>9s} {b:6d} "
+                      + " ".join(f"{row.get(n, float('nan')):12.0f}" for n in names)
+                      + f" {row['sdpa']:8.0f} {row['served'] / row['sdpa']:6.2f}")
+        del caches
+    for key, rows in rounds.items():
+        s = summary[key] = {}
+        for n in names + ["sdpa"]:
+            if n in rows[0]:
+                s[f"{n}_tflops"] = statistics.median(x[n] for x in rows)
+                if n != "sdpa":
+                    s[f"{n}_ratio"] = statistics.median(x[n] / x["sdpa"] for x in rows)
+        print(f"median, {key}: " + ", ".join(
+            f"{n} {s[n + '_tflops']:.0f}" + (f" ({s[n + '_ratio']:.2f}x)" if n != "sdpa" else "")
+            for n in names + ["sdpa"] if n + "_tflops" in s))
     if args.output:
         with open(args.output, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(), rounds=rounds,

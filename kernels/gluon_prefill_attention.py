@@ -117,6 +117,14 @@ OVERLAP = False
 # program per item with the overlap (the best of those); a step of one 2,048-token chunk
 # among 200 one-token requests 827 us against 888.
 PERSISTENT = True
+# Whether, without the overlap, a consumer whose rows see at most the first half of the
+# item's last key tile (the diagonal tile of a query tile aligned with the keys: the first
+# warpgroup's 64 rows see its first 64 keys only) scores and reads that half only: the
+# products of that tile run at half width (wgmma N = BLOCK_N / 2 for the scores, K =
+# BLOCK_N / 2 for P @ V) and so does its softmax. A 4 x 4096 causal prefill is 528 key
+# tiles of each warpgroup per head and sequence, 32 of them halved for the first
+# warpgroup: 1.5% of the tensor-core work; a 512-token prompt's, 10%.
+HALF_DIAGONAL = True
 # Registers per thread: the kernel's limit over its 12 warps (a whole register file),
 # the load warp's and the second consumer's; the first consumer gets what is left (240).
 MAX_REGS = 168
@@ -131,6 +139,9 @@ def _layouts(block_n: int) -> dict:
         # wgmma accumulators of one warpgroup: S [64, block_n] and O [64, 128].
         S_LAYOUT=gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                            instr_shape=[16, block_n, 16]),
+        # ... and of the scores of half a tile (HALF_DIAGONAL).
+        S_HALF_LAYOUT=gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                instr_shape=[16, block_n // 2, 16]),
         O_LAYOUT=gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                            instr_shape=[16, HEAD_DIM, 16]),
         # 128-byte swizzle: a [rows, 128] tile is two [rows, 64] slabs of 128-byte rows,
@@ -341,12 +352,19 @@ if gluon is not None and TensorDescriptor is not None:
         mbarrier.wait(turn.index(WG), (section + 1 + WG) & 1)
 
     @gluon.jit
+    def _keys(k_tile, KEYS: gl.constexpr):
+        """The first ``KEYS`` keys of a key tile, as the scores' ``K^T`` operand."""
+        if KEYS < k_tile.shape[0]:
+            k_tile = k_tile.slice(0, KEYS)
+        return k_tile.permute((1, 0))
+
+    @gluon.jit
     def _values_then_scores(p, acc, q, k_smem, v_smem, k_full, k_empty, v_full, v_empty,
                             turn, j, t, done, WG: gl.constexpr, STAGES: gl.constexpr,
-                            S_LAYOUT: gl.constexpr):
-        """``acc + P_j V_j`` and ``S_{j+1} = Q K_{j+1}^T``, issued together on this
-        warpgroup's turn and waited for together."""
-        BLOCK_N: gl.constexpr = k_smem.shape[1]
+                            S_LAYOUT: gl.constexpr, KEYS: gl.constexpr):
+        """``acc + P_j V_j`` and ``S_{j+1} = Q K_{j+1}^T`` (over the next tile's first
+        ``KEYS`` keys), issued together on this warpgroup's turn and waited for
+        together."""
         g = t + j
         stage = g % STAGES
         nxt = (g + 1) % STAGES
@@ -354,8 +372,8 @@ if gluon is not None and TensorDescriptor is not None:
         mbarrier.wait(k_full.index(nxt), (g + 1) // STAGES & 1)
         _my_turn(turn, WG, g + done + 1)
         acc = warpgroup_mma(p, v_smem.index(stage), acc, is_async=True)
-        s = warpgroup_mma(q, k_smem.index(nxt).permute((1, 0)),
-                          gl.zeros([_HALF_M, BLOCK_N], gl.float32, S_LAYOUT),
+        s = warpgroup_mma(q, _keys(k_smem.index(nxt), KEYS),
+                          gl.zeros([_HALF_M, KEYS], gl.float32, S_LAYOUT),
                           use_acc=False, is_async=True)
         mbarrier.arrive(turn.index(1 - WG))
         acc, s = warpgroup_mma_wait(0, deps=[acc, s])
@@ -418,7 +436,8 @@ if gluon is not None and TensorDescriptor is not None:
                             q_row, head, first_pos, seq_len, num_tiles, num_full, num_items,
                             num_heads, qk_scale, WG: gl.constexpr, STAGES: gl.constexpr,
                             OVERLAP: gl.constexpr, PERSISTENT: gl.constexpr,
-                            S_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr,
+                            HALF_DIAGONAL: gl.constexpr, S_LAYOUT: gl.constexpr,
+                            S_HALF_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr,
                             V_ZERO: gl.constexpr):
         BLOCK_N: gl.constexpr = k_smem.shape[1]
         if PERSISTENT:
@@ -431,26 +450,83 @@ if gluon is not None and TensorDescriptor is not None:
                     _consume(q_smem, k_smem, v_smem, q_bar, q_empty, k_full, k_empty, v_full,
                              v_empty, turn, sinks.index(WG), out_ptr, stride_ot, stride_oh,
                              q_row, head, first_pos, seq_len, num_tiles, num_full, qk_scale,
-                             t, done, WG, STAGES, OVERLAP, PERSISTENT, S_LAYOUT, O_LAYOUT,
-                             V_ZERO)
+                             t, done, WG, STAGES, OVERLAP, PERSISTENT, HALF_DIAGONAL,
+                             S_LAYOUT, S_HALF_LAYOUT, O_LAYOUT, V_ZERO)
                 t += num_tiles
                 done += gl.where(num_tiles > 0, 1, 0)
         elif num_tiles > 0:
             _consume(q_smem, k_smem, v_smem, q_bar, q_empty, k_full, k_empty, v_full, v_empty,
                      turn, sinks.index(WG), out_ptr, stride_ot, stride_oh, q_row, head,
                      first_pos, seq_len, num_tiles, num_full, qk_scale, 0, 0, WG, STAGES,
-                     OVERLAP, PERSISTENT, S_LAYOUT, O_LAYOUT, V_ZERO)
+                     OVERLAP, PERSISTENT, HALF_DIAGONAL, S_LAYOUT, S_HALF_LAYOUT, O_LAYOUT,
+                     V_ZERO)
+
+    @gluon.jit
+    def _first_scores(q, k_smem, k_full, k_empty, turn, t, done, WG: gl.constexpr,
+                      STAGES: gl.constexpr, S_LAYOUT: gl.constexpr, KEYS: gl.constexpr):
+        """Section 0 of an item: its first tile's scores (over that tile's first ``KEYS``
+        keys) alone."""
+        mbarrier.wait(k_full.index(t % STAGES), t // STAGES & 1)
+        _my_turn(turn, WG, t + done)
+        s = warpgroup_mma(q, _keys(k_smem.index(t % STAGES), KEYS),
+                          gl.zeros([_HALF_M, KEYS], gl.float32, S_LAYOUT), use_acc=False,
+                          is_async=True)
+        mbarrier.arrive(turn.index(1 - WG))
+        s = warpgroup_mma_wait(0, deps=[s])
+        mbarrier.arrive(k_empty.index(t % STAGES))
+        return s
+
+    @gluon.jit
+    def _last_values(p, acc, v_smem, q_empty, v_full, v_empty, turn, g, done, n0, seq_len,
+                     WG: gl.constexpr, STAGES: gl.constexpr, PERSISTENT: gl.constexpr,
+                     V_ZERO: gl.constexpr):
+        """The item's last ``acc + P V`` (``p``: its operand, as wide as the keys it
+        reads of tile ``g`` of the ring), once every product that reads the query tile is
+        retired."""
+        if PERSISTENT:
+            # The load warp may bring the next item's query tile.
+            mbarrier.arrive(q_empty)
+        KEYS: gl.constexpr = p.shape[1]
+        stage = g % STAGES
+        v_tile = v_smem.index(stage)
+        if KEYS < v_tile.shape[0]:
+            v_tile = v_tile.slice(0, KEYS)
+        mbarrier.wait(v_full.index(stage), g // STAGES & 1)
+        if n0 + KEYS > seq_len:
+            _zero_tail_values(v_tile, n0, seq_len, V_ZERO)
+        _my_turn(turn, WG, g + done + 1)
+        acc = warpgroup_mma(p, v_tile, acc, is_async=True)
+        mbarrier.arrive(turn.index(1 - WG))
+        acc = warpgroup_mma_wait(0, deps=[acc])
+        mbarrier.arrive(v_empty.index(stage))
+        return acc
+
+    @gluon.jit
+    def _half_tile(s, acc, m_i, l_i, q_pos, n0, qk_scale, dtype: gl.constexpr,
+                   S_LAYOUT: gl.constexpr, S_HALF_LAYOUT: gl.constexpr,
+                   O_LAYOUT: gl.constexpr):
+        """``_softmax`` of the last tile's half-width scores ``s`` (masked), with the row
+        positions, maxima and sums carried across the two score layouts."""
+        rows: gl.constexpr = gl.SliceLayout(1, S_HALF_LAYOUT)
+        p, acc, m_i, l_i = _softmax(s, acc, gl.convert_layout(m_i, rows),
+                                    gl.convert_layout(l_i, rows),
+                                    gl.convert_layout(q_pos, rows), n0, qk_scale, dtype, True,
+                                    S_HALF_LAYOUT, O_LAYOUT)
+        return (p, acc, gl.convert_layout(m_i, gl.SliceLayout(1, S_LAYOUT)),
+                gl.convert_layout(l_i, gl.SliceLayout(1, S_LAYOUT)))
 
     @gluon.jit
     def _consume(q_smem, k_smem, v_smem, q_bar, q_empty, k_full, k_empty, v_full, v_empty,
                  turn, sink, out_ptr, stride_ot, stride_oh, q_row, head, first_pos, seq_len,
                  num_tiles, num_full, qk_scale, t, done, WG: gl.constexpr,
                  STAGES: gl.constexpr, OVERLAP: gl.constexpr, PERSISTENT: gl.constexpr,
-                 S_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr, V_ZERO: gl.constexpr):
+                 HALF_DIAGONAL: gl.constexpr, S_LAYOUT: gl.constexpr,
+                 S_HALF_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr, V_ZERO: gl.constexpr):
         """One consumer warpgroup's rows of an item with at least one key tile (``t``: key
         tiles the program's earlier items put through the ring; ``done``: its earlier items
         with work, each of ``t + 1`` turns)."""
         BLOCK_N: gl.constexpr = k_smem.shape[1]
+        HALF_N: gl.constexpr = BLOCK_N // 2
         dtype: gl.constexpr = k_smem.dtype
         q = q_smem.index(WG)
         rows = gl.arange(0, _HALF_M, layout=gl.SliceLayout(1, S_LAYOUT))
@@ -458,72 +534,102 @@ if gluon is not None and TensorDescriptor is not None:
         m_i = gl.full([_HALF_M], float("-inf"), gl.float32, gl.SliceLayout(1, S_LAYOUT))
         l_i = gl.zeros([_HALF_M], gl.float32, gl.SliceLayout(1, S_LAYOUT))
         acc = gl.zeros([_HALF_M, _D], gl.float32, O_LAYOUT)
-
-        # Section 0: the first tile's scores alone.
+        j = num_tiles - 1
+        n0 = j * BLOCK_N
+        # This warpgroup's rows see keys up to hi - 1: at most the last tile's first half?
+        hi = gl.minimum(first_pos + (WG + 1) * _HALF_M, seq_len)
+        if HALF_DIAGONAL:
+            half = hi <= n0 + HALF_N
+        else:
+            half = hi < 0
         mbarrier.wait(q_bar, done & 1)
-        mbarrier.wait(k_full.index(t % STAGES), t // STAGES & 1)
-        _my_turn(turn, WG, t + done)
-        s = warpgroup_mma(q, k_smem.index(t % STAGES).permute((1, 0)),
-                          gl.zeros([_HALF_M, BLOCK_N], gl.float32, S_LAYOUT), use_acc=False,
-                          is_async=True)
-        mbarrier.arrive(turn.index(1 - WG))
-        s = warpgroup_mma_wait(0, deps=[s])
-        mbarrier.arrive(k_empty.index(t % STAGES))
 
         if OVERLAP:
-            # Tile 0's probabilities (the accumulator is still zero: nothing to rescale),
-            # then per tile the next tile's scores and softmax under this one's values.
+            # Section 0: the first tile's scores alone. Then tile 0's probabilities (the
+            # accumulator is still zero: nothing to rescale), then per tile the next
+            # tile's scores and softmax under this one's values.
+            s = _first_scores(q, k_smem, k_full, k_empty, turn, t, done, WG, STAGES,
+                              S_LAYOUT, BLOCK_N)
             if num_full > 0:
                 p, alpha, m_i, l_i = _probabilities(s, m_i, l_i, q_pos, 0, qk_scale, False,
                                                     S_LAYOUT, O_LAYOUT)
             else:
                 p, alpha, m_i, l_i = _probabilities(s, m_i, l_i, q_pos, 0, qk_scale, True,
                                                     S_LAYOUT, O_LAYOUT)
-            for j in range(0, num_full - 1):
+            for jj in range(0, num_full - 1):
                 p, acc, m_i, l_i = _scores_then_values(
                     p, acc, m_i, l_i, q, q_pos, qk_scale, k_smem, v_smem, k_full, k_empty,
-                    v_full, v_empty, turn, sink, j, t, done, WG, STAGES, False, S_LAYOUT,
+                    v_full, v_empty, turn, sink, jj, t, done, WG, STAGES, False, S_LAYOUT,
                     O_LAYOUT)
-            for j in range(gl.maximum(num_full - 1, 0), num_tiles - 1):
+            for jj in range(gl.maximum(num_full - 1, 0), num_tiles - 1):
                 p, acc, m_i, l_i = _scores_then_values(
                     p, acc, m_i, l_i, q, q_pos, qk_scale, k_smem, v_smem, k_full, k_empty,
-                    v_full, v_empty, turn, sink, j, t, done, WG, STAGES, True, S_LAYOUT,
+                    v_full, v_empty, turn, sink, jj, t, done, WG, STAGES, True, S_LAYOUT,
                     O_LAYOUT)
-            j = num_tiles - 1
-            n0 = j * BLOCK_N
-            p = _operand(p, dtype, O_LAYOUT)
+            acc = _last_values(_operand(p, dtype, O_LAYOUT), acc, v_smem, q_empty, v_full,
+                               v_empty, turn, t + j, done, n0, seq_len, WG, STAGES,
+                               PERSISTENT, V_ZERO)
+        elif num_tiles == 1 and half:
+            # One tile, and this warpgroup sees only its first half.
+            s_half = _first_scores(q, k_smem, k_full, k_empty, turn, t, done, WG, STAGES,
+                                   S_HALF_LAYOUT, HALF_N)
+            p_half, acc, m_i, l_i = _half_tile(s_half, acc, m_i, l_i, q_pos, n0, qk_scale,
+                                               dtype, S_LAYOUT, S_HALF_LAYOUT, O_LAYOUT)
+            acc = _last_values(p_half, acc, v_smem, q_empty, v_full, v_empty, turn, t + j, done,
+                               n0, seq_len, WG, STAGES, PERSISTENT, V_ZERO)
         else:
-            for j in range(0, num_full):
-                p, acc, m_i, l_i = _softmax(s, acc, m_i, l_i, q_pos, j * BLOCK_N, qk_scale,
+            s = _first_scores(q, k_smem, k_full, k_empty, turn, t, done, WG, STAGES,
+                              S_LAYOUT, BLOCK_N)
+            # Tiles before the last two: this tile's softmax, then its values and the next
+            # tile's scores.
+            mid = gl.minimum(num_full, num_tiles - 2)
+            for jj in range(0, mid):
+                p, acc, m_i, l_i = _softmax(s, acc, m_i, l_i, q_pos, jj * BLOCK_N, qk_scale,
                                             dtype, False, S_LAYOUT, O_LAYOUT)
                 acc, s = _values_then_scores(p, acc, q, k_smem, v_smem, k_full, k_empty,
-                                             v_full, v_empty, turn, j, t, done, WG, STAGES,
-                                             S_LAYOUT)
-            for j in range(num_full, num_tiles - 1):
-                p, acc, m_i, l_i = _softmax(s, acc, m_i, l_i, q_pos, j * BLOCK_N, qk_scale,
+                                             v_full, v_empty, turn, jj, t, done, WG, STAGES,
+                                             S_LAYOUT, BLOCK_N)
+            for jj in range(mid, num_tiles - 2):
+                p, acc, m_i, l_i = _softmax(s, acc, m_i, l_i, q_pos, jj * BLOCK_N, qk_scale,
                                             dtype, True, S_LAYOUT, O_LAYOUT)
                 acc, s = _values_then_scores(p, acc, q, k_smem, v_smem, k_full, k_empty,
-                                             v_full, v_empty, turn, j, t, done, WG, STAGES,
-                                             S_LAYOUT)
-            # The last tile (it holds the diagonal, and maybe keys past the sequence).
-            j = num_tiles - 1
-            n0 = j * BLOCK_N
-            p, acc, m_i, l_i = _softmax(s, acc, m_i, l_i, q_pos, n0, qk_scale, dtype, True,
-                                        S_LAYOUT, O_LAYOUT)
-        if PERSISTENT:
-            # Every product that reads the query tile is retired: the load warp may bring
-            # the next item's.
-            mbarrier.arrive(q_empty)
-        g = t + j
-        stage = g % STAGES
-        mbarrier.wait(v_full.index(stage), g // STAGES & 1)
-        if n0 + BLOCK_N > seq_len:
-            _zero_tail_values(v_smem.index(stage), n0, seq_len, V_ZERO)
-        _my_turn(turn, WG, g + done + 1)
-        acc = warpgroup_mma(p, v_smem.index(stage), acc, is_async=True)
-        mbarrier.arrive(turn.index(1 - WG))
-        acc = warpgroup_mma_wait(0, deps=[acc])
-        mbarrier.arrive(v_empty.index(stage))
+                                             v_full, v_empty, turn, jj, t, done, WG, STAGES,
+                                             S_LAYOUT, BLOCK_N)
+            if num_tiles == 1:
+                p, acc, m_i, l_i = _softmax(s, acc, m_i, l_i, q_pos, n0, qk_scale, dtype,
+                                            True, S_LAYOUT, O_LAYOUT)
+                acc = _last_values(p, acc, v_smem, q_empty, v_full, v_empty, turn, t + j,
+                                   done, n0, seq_len, WG, STAGES, PERSISTENT, V_ZERO)
+            else:
+                # The tile before the last, then the last tile (it holds the diagonal, and
+                # maybe keys past the sequence), at half width where this warpgroup sees
+                # only its first half.
+                if num_tiles - 2 < num_full:
+                    p, acc, m_i, l_i = _softmax(s, acc, m_i, l_i, q_pos, n0 - BLOCK_N,
+                                                qk_scale, dtype, False, S_LAYOUT, O_LAYOUT)
+                else:
+                    p, acc, m_i, l_i = _softmax(s, acc, m_i, l_i, q_pos, n0 - BLOCK_N,
+                                                qk_scale, dtype, True, S_LAYOUT, O_LAYOUT)
+                if half:
+                    acc, s_half = _values_then_scores(p, acc, q, k_smem, v_smem, k_full,
+                                                      k_empty, v_full, v_empty, turn, j - 1,
+                                                      t, done, WG, STAGES, S_HALF_LAYOUT,
+                                                      HALF_N)
+                    p_half, acc, m_i, l_i = _half_tile(s_half, acc, m_i, l_i, q_pos, n0,
+                                                       qk_scale, dtype, S_LAYOUT,
+                                                       S_HALF_LAYOUT, O_LAYOUT)
+                    acc = _last_values(p_half, acc, v_smem, q_empty, v_full, v_empty, turn,
+                                       t + j, done, n0, seq_len, WG, STAGES, PERSISTENT,
+                                       V_ZERO)
+                else:
+                    acc, s = _values_then_scores(p, acc, q, k_smem, v_smem, k_full, k_empty,
+                                                 v_full, v_empty, turn, j - 1, t, done, WG,
+                                                 STAGES, S_LAYOUT, BLOCK_N)
+                    p, acc, m_i, l_i = _softmax(s, acc, m_i, l_i, q_pos, n0, qk_scale,
+                                                dtype, True, S_LAYOUT, O_LAYOUT)
+                    acc = _last_values(p, acc, v_smem, q_empty, v_full, v_empty, turn,
+                                       t + j, done, n0, seq_len, WG, STAGES, PERSISTENT,
+                                       V_ZERO)
 
         l_o = gl.convert_layout(l_i, gl.SliceLayout(1, O_LAYOUT))
         o = (acc / l_o[:, None]).to(out_ptr.dtype.element_ty)
@@ -541,8 +647,9 @@ if gluon is not None and TensorDescriptor is not None:
             stride_ot, stride_oh, qk_scale, num_items, num_heads,
             GROUP: gl.constexpr, BLOCK_SIZE: gl.constexpr, BLOCK_N: gl.constexpr,
             STAGES: gl.constexpr, OVERLAP: gl.constexpr, PERSISTENT: gl.constexpr,
-            CONSUMER_REGS: gl.constexpr,
-            LOAD_REGS: gl.constexpr, S_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr,
+            HALF_DIAGONAL: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+            LOAD_REGS: gl.constexpr, S_LAYOUT: gl.constexpr, S_HALF_LAYOUT: gl.constexpr,
+            O_LAYOUT: gl.constexpr,
             SMEM: gl.constexpr, TABLE: gl.constexpr, V_ZERO: gl.constexpr,
             SINK: gl.constexpr):
         if PERSISTENT:
@@ -594,12 +701,14 @@ if gluon is not None and TensorDescriptor is not None:
                 q_smem, k_smem, v_smem, q_bar, q_empty, k_full, k_empty, v_full, v_empty, turn,
                 sinks, out_ptr, stride_ot, stride_oh, tiles_ptr, q_row, head, first_pos,
                 seq_len, num_tiles, num_full, num_items, num_heads, qk_scale, 0, STAGES,
-                OVERLAP, PERSISTENT, S_LAYOUT, O_LAYOUT, V_ZERO)),
+                OVERLAP, PERSISTENT, HALF_DIAGONAL, S_LAYOUT, S_HALF_LAYOUT, O_LAYOUT,
+                V_ZERO)),
             (_consumer_partition, (
                 q_smem, k_smem, v_smem, q_bar, q_empty, k_full, k_empty, v_full, v_empty, turn,
                 sinks, out_ptr, stride_ot, stride_oh, tiles_ptr, q_row, head, first_pos,
                 seq_len, num_tiles, num_full, num_items, num_heads, qk_scale, 1, STAGES,
-                OVERLAP, PERSISTENT, S_LAYOUT, O_LAYOUT, V_ZERO)),
+                OVERLAP, PERSISTENT, HALF_DIAGONAL, S_LAYOUT, S_HALF_LAYOUT, O_LAYOUT,
+                V_ZERO)),
             (_load_partition, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, q_empty,
                                k_full, k_empty, v_full, v_empty, bt_ptr, stride_bt, tiles_ptr,
                                req, q_row, head, seq_len, num_tiles, num_items, num_heads,
@@ -638,6 +747,7 @@ def gluon_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor,
                             tiles: torch.Tensor | None = None, *, block_n: int = BLOCK_N,
                             stages: int = STAGES, overlap: bool = OVERLAP,
                             persistent: bool = PERSISTENT,
+                            half_diagonal: bool = HALF_DIAGONAL,
                             consumer_regs: int = CONSUMER_REGS, load_regs: int = LOAD_REGS,
                             max_regs: int = MAX_REGS, check: bool = True) -> torch.Tensor:
     """Causal prefill/extend attention as ``prefill_attention`` (arguments alike; the batch
@@ -658,6 +768,8 @@ def gluon_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor,
         block_n, stages: keys per tile (64 or 128) and ring buffers (2+), for sweeps.
         overlap: run the next tile's softmax under this tile's P @ V (see ``OVERLAP``).
         persistent: a program per SM walking the items (see ``PERSISTENT``).
+        half_diagonal: score and read only the first half of the last key tile where a
+            consumer's rows see no more of it (see ``HALF_DIAGONAL``; without the overlap).
         consumer_regs, load_regs, max_regs: registers per thread of the second consumer
             warpgroup and the load warp, and the kernel's limit (the first consumer gets
             the rest), for sweeps.
@@ -703,6 +815,7 @@ def gluon_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor,
         block_tables.stride(0), out.stride(0), out.stride(1), float(scale) * _LOG2E,
         num_items, num_heads, GROUP=num_heads // num_kv_heads, BLOCK_SIZE=block_size,
         BLOCK_N=block_n, STAGES=stages, OVERLAP=bool(overlap),
-        PERSISTENT=bool(persistent), CONSUMER_REGS=consumer_regs,
+        PERSISTENT=bool(persistent), HALF_DIAGONAL=bool(half_diagonal),
+        CONSUMER_REGS=consumer_regs,
         LOAD_REGS=load_regs, **layouts, num_warps=4, maxnreg=max_regs)
     return out

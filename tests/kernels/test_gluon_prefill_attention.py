@@ -5,6 +5,7 @@ it)"""
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import pathlib
@@ -114,6 +115,15 @@ def test_the_switch_is_on_by_default_and_sends_only_what_the_kernel_serves():
 
 
 @pytest.mark.skipif(not _HAS_GLUON_HOPPER, reason="Triton without Gluon's Hopper API")
+def test_half_diagonal_is_on_by_default_and_needs_no_overlap():
+    """The last key tile at half width is the default launch's, which runs without the
+    overlap (the overlapped path keeps whole tiles)."""
+    assert gpa.HALF_DIAGONAL and not gpa.OVERLAP
+    params = inspect.signature(gpa.gluon_prefill_attention).parameters
+    assert params["half_diagonal"].default is gpa.HALF_DIAGONAL
+
+
+@pytest.mark.skipif(not _HAS_GLUON_HOPPER, reason="Triton without Gluon's Hopper API")
 @pytest.mark.parametrize("block_size,block_n,overlap,persistent",
                          [(16, 128, False, False), (64, 64, False, False),
                           (256, 128, False, False), (16, 128, True, False),
@@ -134,7 +144,8 @@ def test_a_load_warp_feeds_two_consumer_warpgroups(block_size, block_n, overlap,
         "kernels.gluon_prefill_attention", "_gluon_prefill_attention_kernel", block_n,
         dict(bt_ptr="*i32", tiles_ptr="*i32", out_ptr="*bf16"),
         dict(GROUP=4, BLOCK_SIZE=block_size, BLOCK_N=block_n, STAGES=2, OVERLAP=overlap,
-             PERSISTENT=persistent, CONSUMER_REGS=240, LOAD_REGS=24),
+             PERSISTENT=persistent, HALF_DIAGONAL=True, CONSUMER_REGS=240,
+             LOAD_REGS=24),
         floats=("qk_scale",),
         descriptors=dict(desc_q=((256, 4096), [64, 128], "bfloat16"),
                          desc_k=((4096, 1024), [min(block_size, block_n), 64], "bfloat16"),
@@ -151,7 +162,15 @@ def test_a_load_warp_feeds_two_consumer_warpgroups(block_size, block_n, overlap,
     # Per consumer: the first tile's scores, two loops of values and scores, the last
     # tile's values (one wgmma per 16 of the reduction dim).
     per_consumer = 128 // 16 + 2 * (128 // 16 + block_n // 16) + block_n // 16
-    assert ptx.count("wgmma.mma_async") == 2 * per_consumer
+    half_scores = re.findall(rf"wgmma\.mma_async\.sync\.aligned\.m64n{block_n // 2}k16", ptx)
+    if overlap:
+        assert ptx.count("wgmma.mma_async") == 2 * per_consumer
+        assert not half_scores
+    else:
+        # Without the overlap the last two tiles are unrolled, and the last tile's scores
+        # also run at half width (alone or after the tile before's values): 128 / 16 each.
+        assert ptx.count("wgmma.mma_async") >= 2 * per_consumer + len(half_scores)
+        assert len(half_scores) == 2 * 2 * 128 // 16
     waits = set(re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx))
     assert waits == ({"0", "1"} if overlap else {"0"})
     assert re.search(r"setmaxnreg\.inc\.sync\.aligned\.u32\s+240", ptx)
@@ -240,6 +259,16 @@ print(json.dumps(results))
       dict(persistent=True)),
      ([700, 1000], [130, 300], 32, 4, 64, "bfloat16", dict(persistent=True, overlap=False)),
      ([2048, 2048], [2048, 2048], 32, 8, 16, "bfloat16", dict(persistent=True, stages=2))],
+    # The last key tile at half width (the default) and whole: query tiles aligned with the
+    # keys (the first warpgroup halves every item's last tile), a cached prefix whose query
+    # tiles are not (both warpgroups halve, or the first sees none of the last tile), a last
+    # query tile of fewer than 64 rows, 64-key tiles (32-key halves), a program per item.
+    [([4096, 1024, 128], [4096, 512, 128], 16, 4, 16, "bfloat16", {}),
+     ([900, 700, 1000, 64], [900, 130, 1000, 64], 8, 2, 64, "bfloat16", {}),
+     ([900, 700, 1000], [900, 130, 1000], 8, 2, 16, "float16", dict(block_n=64)),
+     ([4096, 1024, 128], [4096, 512, 128], 16, 4, 16, "bfloat16", dict(half_diagonal=False)),
+     ([900, 700, 1000, 64], [900, 130, 1000, 64], 8, 2, 64, "bfloat16",
+      dict(half_diagonal=False, persistent=False))],
     # Through prefill_attention with one-query requests sent to the decode kernel: among
     # chunks, first, with a long context (split-KV), and a batch of them only.
     [([40, 1000, 90, 33, 500, 7], [1, 400, 2, 1, 500, 1], 8, 2, 16, "bfloat16",
@@ -247,7 +276,8 @@ print(json.dumps(results))
      ([300, 77, 1000], [1, 1, 1000], 16, 4, 64, "bfloat16", dict(split_one_token=True)),
      ([129, 20000, 300], [129, 1, 64], 32, 8, 16, "float16", dict(split_one_token=True)),
      ([129, 70], [64, 1], 8, 2, 16, "bfloat16", dict(split_one_token=False))],
-], ids=["defaults", "launches", "no_overlap", "persistent", "split_one_token"])
+], ids=["defaults", "launches", "no_overlap", "persistent", "half_diagonal",
+        "split_one_token"])
 def test_matches_reference_gpu(cases):
     done = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(cases)],
                           capture_output=True, text=True, timeout=_CASE_TIMEOUT_S,
