@@ -96,13 +96,14 @@ def main() -> None:
         for r in range(args.rounds):
             for b, (kc, vc, tables, seq) in caches.items():
                 row = {"served": tflops(bench(
-                    lambda kc=kc, vc=vc, tables=tables, seq=seq, q=q, qsl=qsl, tokens=tokens:
+                    lambda kc=kc, vc=vc, tables=tables, seq=seq, q=q, qsl=qsl, tokens=tokens,
+                    cache=cache:
                     prefill_attention(q, kc, vc, tables, seq, qsl, HEAD_DIM ** -0.5,
                                       max_query_len=tokens, batch_cache=cache,
                                       # as served: no one-query request
                                       split_one_token=False),
                     rep_ms=args.rep_ms))}
-                for name, launch in zip(names[1:], args.alt):
+                for name, launch in zip(names[1:], args.alt, strict=True):
                     if not gpa.serves(q, kc, vc):
                         continue
                     tiles = cache.setdefault(("alt", launch.get("persistent", gpa.PERSISTENT)),
