@@ -172,7 +172,7 @@ STEP_SELECT=${OPEN_STEPS:-} STEP_DIR=$OUT
 step() { timed_step "$@"; }
 
 PYTEST="$PY -m pytest -q -p no:cacheprovider -m gpu"
-step gluon_prefill_tests 200 $PYTEST tests/kernels/test_gluon_prefill_attention.py
+step gluon_prefill_tests 300 $PYTEST tests/kernels/test_gluon_prefill_attention.py
 # No Triton compilation after the warm-up (eager and CUDA graphs).
 step compile_checks 330 $PYTEST -rf tests/gridllm/test_gpu.py -k no_triton_compilation
 step fp8_tests 150 $PYTEST tests/worker_svc/test_fp8_checkpoint.py tests/kernels/test_gemv.py \

@@ -32,7 +32,11 @@ so one's softmax also runs under the other's products. ``OVERLAP=False`` (for sw
 waits for both products before the softmax.
 
 Key tiles wholly at or before the program's first query position run without a mask; the
-others mask ``pos_k <= pos_q``, which also hides keys past the sequence. Cache rows past
+others mask ``pos_k <= pos_q``, which also hides keys past the sequence. A consumer whose
+rows see no key past the first half of the item's last tile (the first warpgroup, on the
+diagonal tile of a query tile aligned with the keys) scores and reads that half only
+(``HALF_DIAGONAL``): the last two tiles are unrolled out of the loop, and the last one's
+products and softmax run at half width. Cache rows past
 the sequence may hold anything, and ``0 * NaN`` is NaN, so the consumers zero those rows
 of the last value tile in shared memory before reading it.
 
