@@ -245,20 +245,23 @@ print(json.dumps(results))
      ([40, 1000, 90, 33, 500, 7], [1, 400, 2, 1, 500, 1], 8, 2, 16, "bfloat16", {}),
      ([700, 77], [130, 77], 16, 2, 32, "bfloat16", dict(stages=3)),
      ([700], [1], 8, 2, 128, "float16", dict(block_n=64, stages=4))],
-    # The defaults run the softmax under P @ V; the sweeps' alternative waits for both
-    # products first: a first tile with and without a mask, one tile only.
-    [([1], [1], 8, 2, 16, "bfloat16", dict(overlap=False)),
-     ([77, 300, 1000], [77, 300, 1000], 16, 4, 16, "bfloat16", dict(overlap=False)),
-     ([700, 1000], [130, 300], 32, 4, 64, "bfloat16", dict(overlap=False, block_n=64)),
-     ([1000, 129], [1000, 129], 8, 8, 256, "float16", dict(overlap=False, stages=2))],
-    # A program per SM walking the items: one item, programs of several items with and
-    # without masks, a mix of one-query requests and chunks, without the overlap.
-    [([1], [1], 8, 2, 16, "bfloat16", dict(persistent=True)),
-     ([77, 300, 1000], [77, 300, 1000], 16, 4, 16, "bfloat16", dict(persistent=True)),
+    # The defaults wait for both products before the softmax; the sweeps' alternative runs
+    # it under P @ V: a first tile with and without a mask, one tile only, persistent.
+    [([1], [1], 8, 2, 16, "bfloat16", dict(overlap=True, persistent=False)),
+     ([77, 300, 1000], [77, 300, 1000], 16, 4, 16, "bfloat16",
+      dict(overlap=True, persistent=False)),
+     ([700, 1000], [130, 300], 32, 4, 64, "bfloat16",
+      dict(overlap=True, block_n=64, persistent=False)),
+     ([1000, 129], [1000, 129], 8, 8, 256, "float16", dict(overlap=True, stages=2)),
+     ([2048, 700], [2048, 130], 16, 4, 16, "bfloat16", dict(overlap=True))],
+    # A program per item instead of the default program per SM walking the items: one
+    # item, several with and without masks, a mix of one-query requests and chunks.
+    [([1], [1], 8, 2, 16, "bfloat16", dict(persistent=False)),
+     ([77, 300, 1000], [77, 300, 1000], 16, 4, 16, "bfloat16", dict(persistent=False)),
      ([40, 1000, 90, 33, 500, 7], [1, 400, 2, 1, 500, 1], 8, 2, 16, "bfloat16",
-      dict(persistent=True)),
-     ([700, 1000], [130, 300], 32, 4, 64, "bfloat16", dict(persistent=True, overlap=False)),
-     ([2048, 2048], [2048, 2048], 32, 8, 16, "bfloat16", dict(persistent=True, stages=2))],
+      dict(persistent=False)),
+     ([700, 1000], [130, 300], 32, 4, 64, "bfloat16", dict(persistent=False)),
+     ([2048, 2048], [2048, 2048], 32, 8, 16, "bfloat16", dict(stages=2))],
     # The last key tile at half width (the default) and whole: query tiles aligned with the
     # keys (the first warpgroup halves every item's last tile), a cached prefix whose query
     # tiles are not (both warpgroups halve, or the first sees none of the last tile), a last
@@ -276,7 +279,7 @@ print(json.dumps(results))
      ([300, 77, 1000], [1, 1, 1000], 16, 4, 64, "bfloat16", dict(split_one_token=True)),
      ([129, 20000, 300], [129, 1, 64], 32, 8, 16, "float16", dict(split_one_token=True)),
      ([129, 70], [64, 1], 8, 2, 16, "bfloat16", dict(split_one_token=False))],
-], ids=["defaults", "launches", "no_overlap", "persistent", "half_diagonal",
+], ids=["defaults", "launches", "overlap", "per_item", "half_diagonal",
         "split_one_token"])
 def test_matches_reference_gpu(cases):
     done = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(cases)],
