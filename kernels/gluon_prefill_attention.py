@@ -35,7 +35,7 @@ Key tiles wholly at or before the program's first query position run without a m
 others mask ``pos_k <= pos_q``, which also hides keys past the sequence. A consumer whose
 rows see no key past the first half of the item's last tile (the first warpgroup, on the
 diagonal tile of a query tile aligned with the keys) scores and reads that half only
-(``HALF_DIAGONAL``): the last two tiles are unrolled out of the loop, and the last one's
+(``HALF_DIAGONAL``): the last tile's step is unrolled out of the loop, and that tile's
 products and softmax run at half width. Cache rows past
 the sequence may hold anything, and ``0 * NaN`` is NaN, so the consumers zero those rows
 of the last value tile in shared memory before reading it.
@@ -121,11 +121,11 @@ OVERLAP = False
 # program per item with the overlap (the best of those); a step of one 2,048-token chunk
 # among 200 one-token requests 827 us against 888.
 PERSISTENT = True
-# Whether, without the overlap, a consumer whose rows see at most the first half of the
-# item's last key tile (the diagonal tile of a query tile aligned with the keys: the first
-# warpgroup's 64 rows see its first 64 keys only) scores and reads that half only: the
-# products of that tile run at half width (wgmma N = BLOCK_N / 2 for the scores, K =
-# BLOCK_N / 2 for P @ V) and so does its softmax. A 4 x 4096 causal prefill is 528 key
+# Whether a consumer whose rows see at most the first half of the item's last key tile
+# (the diagonal tile of a query tile aligned with the keys: the first warpgroup's 64 rows
+# see its first 64 keys only) scores and reads that half only: the products of that tile
+# run at half width (wgmma N = BLOCK_N / 2 for the scores, K = BLOCK_N / 2 for P @ V) and
+# so does its softmax. A 4 x 4096 causal prefill is 528 key
 # tiles of each warpgroup per head and sequence, 32 of them halved for the first
 # warpgroup: 1.5% of the tensor-core work; a 512-token prompt's, 10%.
 HALF_DIAGONAL = True
@@ -390,14 +390,16 @@ if gluon is not None and TensorDescriptor is not None:
                             k_empty, v_full, v_empty, turn, sink, j, t, done,
                             WG: gl.constexpr,
                             STAGES: gl.constexpr, MASKED: gl.constexpr,
-                            S_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr):
-        """``S_{j+1} = Q K_{j+1}^T`` and ``acc + P_j V_j`` (``p``: tile ``j``'s float32
-        probabilities, made the product's operand here) issued together on this
-        warpgroup's turn; the softmax of ``S_{j+1}`` runs while ``P_j V_j`` does, then
-        the accumulator is rescaled: tile ``j + 1``'s float32 probabilities, the
-        accumulator, the row maxima and sums. (Carrying the probabilities to the next step
-        in float32 leaves the operand's registers alone until the product is done, so
-        ptxas has no reason to wait for it before the softmax.)"""
+                            S_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr,
+                            S_NEXT: gl.constexpr, KEYS: gl.constexpr):
+        """``S_{j+1} = Q K_{j+1}^T`` (over the next tile's first ``KEYS`` keys, in layout
+        ``S_NEXT``) and ``acc + P_j V_j`` (``p``: tile ``j``'s float32 probabilities, made
+        the product's operand here) issued together on this warpgroup's turn; the softmax
+        of ``S_{j+1}`` runs while ``P_j V_j`` does, then the accumulator is rescaled: tile
+        ``j + 1``'s float32 probabilities, the accumulator, the row maxima and sums (in
+        ``S_LAYOUT``'s rows). (Carrying the probabilities to the next step in float32
+        leaves the operand's registers alone until the product is done, so ptxas has no
+        reason to wait for it before the softmax.)"""
         BLOCK_N: gl.constexpr = k_smem.shape[1]
         g = t + j
         stage = g % STAGES
@@ -406,23 +408,28 @@ if gluon is not None and TensorDescriptor is not None:
         mbarrier.wait(k_full.index(nxt), (g + 1) // STAGES & 1)
         mbarrier.wait(v_full.index(stage), g // STAGES & 1)
         _my_turn(turn, WG, g + done + 1)
-        s = warpgroup_mma(q, k_smem.index(nxt).permute((1, 0)),
-                          gl.zeros([_HALF_M, BLOCK_N], gl.float32, S_LAYOUT),
+        s = warpgroup_mma(q, _keys(k_smem.index(nxt), KEYS),
+                          gl.zeros([_HALF_M, KEYS], gl.float32, S_NEXT),
                           use_acc=False, is_async=True)
         acc = warpgroup_mma(p, v_smem.index(stage), acc, is_async=True)
         mbarrier.arrive(turn.index(1 - WG))
         # Products complete in issue order: one group left in flight is P_j V_j.
         s = warpgroup_mma_wait(1, deps=[s])
         mbarrier.arrive(k_empty.index(nxt))
-        p_next, alpha, m_i, l_i = _probabilities(s, m_i, l_i, q_pos, (j + 1) * BLOCK_N,
-                                                 qk_scale, MASKED, S_LAYOUT, O_LAYOUT)
+        rows: gl.constexpr = gl.SliceLayout(1, S_NEXT)
+        p_next, alpha, m_i, l_i = _probabilities(
+            s, gl.convert_layout(m_i, rows), gl.convert_layout(l_i, rows),
+            gl.convert_layout(q_pos, rows), (j + 1) * BLOCK_N, qk_scale, MASKED, S_NEXT,
+            O_LAYOUT)
         # ptxas hoists a wait for products above register-only work (here the whole
         # softmax) but not above a shared-memory store: storing the row sums, which need
         # every probability, keeps the softmax ahead of the wait. Nothing reads them.
         sink.store(l_i)
         acc, p = warpgroup_mma_wait(0, deps=[acc, p])
         mbarrier.arrive(v_empty.index(stage))
-        return p_next, acc * alpha[:, None], m_i, l_i
+        rows_out: gl.constexpr = gl.SliceLayout(1, S_LAYOUT)
+        return (p_next, acc * alpha[:, None], gl.convert_layout(m_i, rows_out),
+                gl.convert_layout(l_i, rows_out))
 
     @gluon.jit
     def _zero_tail_values(v_tile, n0, seq_len, V_ZERO: gl.constexpr):
@@ -548,10 +555,19 @@ if gluon is not None and TensorDescriptor is not None:
             half = hi < 0
         mbarrier.wait(q_bar, done & 1)
 
-        if OVERLAP:
+        if num_tiles == 1 and half:
+            # One tile, and this warpgroup sees only its first half.
+            s_half = _first_scores(q, k_smem, k_full, k_empty, turn, t, done, WG, STAGES,
+                                   S_HALF_LAYOUT, HALF_N)
+            p_half, acc, m_i, l_i = _half_tile(s_half, acc, m_i, l_i, q_pos, n0, qk_scale,
+                                               dtype, S_LAYOUT, S_HALF_LAYOUT, O_LAYOUT)
+            acc = _last_values(p_half, acc, v_smem, q_empty, v_full, v_empty, turn, t + j,
+                               done, n0, seq_len, WG, STAGES, PERSISTENT, V_ZERO)
+        elif OVERLAP:
             # Section 0: the first tile's scores alone. Then tile 0's probabilities (the
             # accumulator is still zero: nothing to rescale), then per tile the next
-            # tile's scores and softmax under this one's values.
+            # tile's scores and softmax under this one's values; the last tile's scores at
+            # half width where this warpgroup sees only its first half.
             s = _first_scores(q, k_smem, k_full, k_empty, turn, t, done, WG, STAGES,
                               S_LAYOUT, BLOCK_N)
             if num_full > 0:
@@ -564,23 +580,32 @@ if gluon is not None and TensorDescriptor is not None:
                 p, acc, m_i, l_i = _scores_then_values(
                     p, acc, m_i, l_i, q, q_pos, qk_scale, k_smem, v_smem, k_full, k_empty,
                     v_full, v_empty, turn, sink, jj, t, done, WG, STAGES, False, S_LAYOUT,
-                    O_LAYOUT)
-            for jj in range(gl.maximum(num_full - 1, 0), num_tiles - 1):
+                    O_LAYOUT, S_LAYOUT, BLOCK_N)
+            for jj in range(gl.maximum(num_full - 1, 0), num_tiles - 2):
                 p, acc, m_i, l_i = _scores_then_values(
                     p, acc, m_i, l_i, q, q_pos, qk_scale, k_smem, v_smem, k_full, k_empty,
                     v_full, v_empty, turn, sink, jj, t, done, WG, STAGES, True, S_LAYOUT,
-                    O_LAYOUT)
-            acc = _last_values(_operand(p, dtype, O_LAYOUT), acc, v_smem, q_empty, v_full,
-                               v_empty, turn, t + j, done, n0, seq_len, WG, STAGES,
-                               PERSISTENT, V_ZERO)
-        elif num_tiles == 1 and half:
-            # One tile, and this warpgroup sees only its first half.
-            s_half = _first_scores(q, k_smem, k_full, k_empty, turn, t, done, WG, STAGES,
-                                   S_HALF_LAYOUT, HALF_N)
-            p_half, acc, m_i, l_i = _half_tile(s_half, acc, m_i, l_i, q_pos, n0, qk_scale,
-                                               dtype, S_LAYOUT, S_HALF_LAYOUT, O_LAYOUT)
-            acc = _last_values(p_half, acc, v_smem, q_empty, v_full, v_empty, turn, t + j, done,
-                               n0, seq_len, WG, STAGES, PERSISTENT, V_ZERO)
+                    O_LAYOUT, S_LAYOUT, BLOCK_N)
+            if num_tiles == 1:
+                acc = _last_values(_operand(p, dtype, O_LAYOUT), acc, v_smem, q_empty, v_full,
+                                   v_empty, turn, t + j, done, n0, seq_len, WG, STAGES,
+                                   PERSISTENT, V_ZERO)
+            elif half:
+                p_half, acc, m_i, l_i = _scores_then_values(
+                    p, acc, m_i, l_i, q, q_pos, qk_scale, k_smem, v_smem, k_full, k_empty,
+                    v_full, v_empty, turn, sink, j - 1, t, done, WG, STAGES, True, S_LAYOUT,
+                    O_LAYOUT, S_HALF_LAYOUT, HALF_N)
+                acc = _last_values(_operand(p_half, dtype, O_LAYOUT), acc, v_smem, q_empty,
+                                   v_full, v_empty, turn, t + j, done, n0, seq_len, WG,
+                                   STAGES, PERSISTENT, V_ZERO)
+            else:
+                p, acc, m_i, l_i = _scores_then_values(
+                    p, acc, m_i, l_i, q, q_pos, qk_scale, k_smem, v_smem, k_full, k_empty,
+                    v_full, v_empty, turn, sink, j - 1, t, done, WG, STAGES, True, S_LAYOUT,
+                    O_LAYOUT, S_LAYOUT, BLOCK_N)
+                acc = _last_values(_operand(p, dtype, O_LAYOUT), acc, v_smem, q_empty, v_full,
+                                   v_empty, turn, t + j, done, n0, seq_len, WG, STAGES,
+                                   PERSISTENT, V_ZERO)
         else:
             s = _first_scores(q, k_smem, k_full, k_empty, turn, t, done, WG, STAGES,
                               S_LAYOUT, BLOCK_N)
@@ -773,7 +798,7 @@ def gluon_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor,
         overlap: run the next tile's softmax under this tile's P @ V (see ``OVERLAP``).
         persistent: a program per SM walking the items (see ``PERSISTENT``).
         half_diagonal: score and read only the first half of the last key tile where a
-            consumer's rows see no more of it (see ``HALF_DIAGONAL``; without the overlap).
+            consumer's rows see no more of it (see ``HALF_DIAGONAL``).
         consumer_regs, load_regs, max_regs: registers per thread of the second consumer
             warpgroup and the load warp, and the kernel's limit (the first consumer gets
             the rest), for sweeps.

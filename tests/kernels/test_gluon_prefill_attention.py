@@ -115,10 +115,9 @@ def test_the_switch_is_on_by_default_and_sends_only_what_the_kernel_serves():
 
 
 @pytest.mark.skipif(not _HAS_GLUON_HOPPER, reason="Triton without Gluon's Hopper API")
-def test_half_diagonal_is_on_by_default_and_needs_no_overlap():
-    """The last key tile at half width is the default launch's, which runs without the
-    overlap (the overlapped path keeps whole tiles)."""
-    assert gpa.HALF_DIAGONAL and not gpa.OVERLAP
+def test_half_diagonal_is_on_by_default():
+    """The last key tile at half width is the default launch's."""
+    assert gpa.HALF_DIAGONAL
     params = inspect.signature(gpa.gluon_prefill_attention).parameters
     assert params["half_diagonal"].default is gpa.HALF_DIAGONAL
 
@@ -163,14 +162,11 @@ def test_a_load_warp_feeds_two_consumer_warpgroups(block_size, block_n, overlap,
     # tile's values (one wgmma per 16 of the reduction dim).
     per_consumer = 128 // 16 + 2 * (128 // 16 + block_n // 16) + block_n // 16
     half_scores = re.findall(rf"wgmma\.mma_async\.sync\.aligned\.m64n{block_n // 2}k16", ptx)
-    if overlap:
-        assert ptx.count("wgmma.mma_async") == 2 * per_consumer
-        assert not half_scores
-    else:
-        # Without the overlap the last two tiles are unrolled, and the last tile's scores
-        # also run at half width (alone or after the tile before's values): 128 / 16 each.
-        assert ptx.count("wgmma.mma_async") >= 2 * per_consumer + len(half_scores)
-        assert len(half_scores) == 2 * 2 * 128 // 16
+    # The last tile's scores also run at half width where a consumer's rows see only its
+    # first half (alone, or after the tile before's values): 128 / 16 products each, and
+    # the unrolled last steps add their own copies of the whole-width products.
+    assert len(half_scores) == 2 * 2 * 128 // 16
+    assert ptx.count("wgmma.mma_async") >= 2 * per_consumer + len(half_scores)
     waits = set(re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx))
     assert waits == ({"0", "1"} if overlap else {"0"})
     assert re.search(r"setmaxnreg\.inc\.sync\.aligned\.u32\s+240", ptx)
