@@ -20,9 +20,9 @@
 #                        against the Triton kernels and torch SDPA at cache blocks of 16
 #                        and 64
 #   prefill_vs_sdpa      the served prefill kernel and torch SDPA timed in turns
-#   prefill_half_ab      the same, with the Gluon kernel scoring whole diagonal tiles
-#                        (half_diagonal=0) in the turns too, at 4 x 4096, 16 x 1024 and
-#                        64 x 256 tokens
+#   prefill_half_ab      the same, with the Gluon kernel's last key tile at half width
+#                        where a consumer sees only its first half (half_diagonal=1) in
+#                        the turns too, at 4 x 4096, 16 x 1024 and 64 x 256 tokens
 #   prefill_mixed        prefill attention on a step of one chunk among 200 one-token
 #                        requests (served, gathered, without the split by either
 #                        launch, each part alone): GPU time, host time per call, and a
@@ -187,7 +187,7 @@ GRIDLLM_GLUON_PREFILL=0 step gluon_prefill_sweep 200 $PY benchmarks/attention_sw
   --block-n-prefill 64 --warps-prefill 8 --stages 3 --output "$OUT/gluon_prefill_sweep.json"
 step prefill_vs_sdpa 60 $PY benchmarks/prefill_vs_sdpa.py --output "$OUT/prefill_vs_sdpa.json"
 step prefill_half_ab 150 $PY benchmarks/prefill_vs_sdpa.py --rounds 3 --rep-ms 100 \
-  --shapes 4x4096 16x1024 64x256 --alt half_diagonal=0 --output "$OUT/prefill_half_ab.json"
+  --shapes 4x4096 16x1024 64x256 --alt half_diagonal=1 --output "$OUT/prefill_half_ab.json"
 step prefill_mixed 60 $PY benchmarks/prefill_mixed.py --profile --output "$OUT/prefill_mixed.json"
 # Every decode-attention test on the GPU (the default launches as served).
 step decode_tests 120 $PY -m pytest -q -p no:cacheprovider -rf --maxfail=3 \

@@ -35,8 +35,8 @@ Key tiles wholly at or before the program's first query position run without a m
 others mask ``pos_k <= pos_q``, which also hides keys past the sequence. A consumer whose
 rows see no key past the first half of the item's last tile (the first warpgroup, on the
 diagonal tile of a query tile aligned with the keys) scores and reads that half only
-(``HALF_DIAGONAL``): the last tile's step is unrolled out of the loop, and that tile's
-products and softmax run at half width. Cache rows past
+(``HALF_DIAGONAL``, off by default until measured): the last tile's step is unrolled out
+of the loop, and that tile's products and softmax run at half width. Cache rows past
 the sequence may hold anything, and ``0 * NaN`` is NaN, so the consumers zero those rows
 of the last value tile in shared memory before reading it.
 
@@ -125,10 +125,12 @@ PERSISTENT = True
 # (the diagonal tile of a query tile aligned with the keys: the first warpgroup's 64 rows
 # see its first 64 keys only) scores and reads that half only: the products of that tile
 # run at half width (wgmma N = BLOCK_N / 2 for the scores, K = BLOCK_N / 2 for P @ V) and
-# so does its softmax. A 4 x 4096 causal prefill is 528 key
-# tiles of each warpgroup per head and sequence, 32 of them halved for the first
-# warpgroup: 1.5% of the tensor-core work; a 512-token prompt's, 10%.
-HALF_DIAGONAL = True
+# so does its softmax. A 4 x 4096 causal prefill is 528 key tiles of each warpgroup per head
+# and sequence, 32 of them halved for the first warpgroup: 1.5% of the tensor-core work; a
+# 512-token prompt's, 10%. Off by default until its GPU tests and timing have run
+# (docs/performance.md); off, the kernel compiles to the machine code it had before the
+# option (the tiles' loop is then ``_attend_whole``).
+HALF_DIAGONAL = False
 # Registers per thread: the kernel's limit over its 12 warps (a whole register file),
 # the load warp's and the second consumer's; the first consumer gets what is left (240).
 MAX_REGS = 168
@@ -527,32 +529,110 @@ if gluon is not None and TensorDescriptor is not None:
                 gl.convert_layout(l_i, gl.SliceLayout(1, S_LAYOUT)))
 
     @gluon.jit
-    def _consume(q_smem, k_smem, v_smem, q_bar, q_empty, k_full, k_empty, v_full, v_empty,
-                 turn, sink, out_ptr, stride_ot, stride_oh, q_row, head, first_pos, seq_len,
-                 num_tiles, num_full, qk_scale, t, done, WG: gl.constexpr,
-                 STAGES: gl.constexpr, OVERLAP: gl.constexpr, PERSISTENT: gl.constexpr,
-                 HALF_DIAGONAL: gl.constexpr, S_LAYOUT: gl.constexpr,
-                 S_HALF_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr, V_ZERO: gl.constexpr):
-        """One consumer warpgroup's rows of an item with at least one key tile (``t``: key
-        tiles the program's earlier items put through the ring; ``done``: its earlier items
-        with work, each of ``t + 1`` turns)."""
+    def _attend_whole(q_smem, q_pos, k_smem, v_smem, q_bar, q_empty, k_full, k_empty, v_full,
+                      v_empty, turn, sink, seq_len, num_tiles, num_full, qk_scale, t, done,
+                      WG: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr,
+                      PERSISTENT: gl.constexpr, S_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr,
+                      V_ZERO: gl.constexpr):
+        """A consumer's item over whole key tiles (``HALF_DIAGONAL`` off): the unnormalized
+        output and the row sums."""
         BLOCK_N: gl.constexpr = k_smem.shape[1]
-        HALF_N: gl.constexpr = BLOCK_N // 2
         dtype: gl.constexpr = k_smem.dtype
         q = q_smem.index(WG)
-        rows = gl.arange(0, _HALF_M, layout=gl.SliceLayout(1, S_LAYOUT))
-        q_pos = first_pos + WG * _HALF_M + rows
         m_i = gl.full([_HALF_M], float("-inf"), gl.float32, gl.SliceLayout(1, S_LAYOUT))
         l_i = gl.zeros([_HALF_M], gl.float32, gl.SliceLayout(1, S_LAYOUT))
         acc = gl.zeros([_HALF_M, _D], gl.float32, O_LAYOUT)
+
+        # Section 0: the first tile's scores alone.
+        mbarrier.wait(q_bar, done & 1)
+        mbarrier.wait(k_full.index(t % STAGES), t // STAGES & 1)
+        _my_turn(turn, WG, t + done)
+        s = warpgroup_mma(q, k_smem.index(t % STAGES).permute((1, 0)),
+                          gl.zeros([_HALF_M, BLOCK_N], gl.float32, S_LAYOUT), use_acc=False,
+                          is_async=True)
+        mbarrier.arrive(turn.index(1 - WG))
+        s = warpgroup_mma_wait(0, deps=[s])
+        mbarrier.arrive(k_empty.index(t % STAGES))
+
+        if OVERLAP:
+            # Tile 0's probabilities (the accumulator is still zero: nothing to rescale),
+            # then per tile the next tile's scores and softmax under this one's values.
+            if num_full > 0:
+                p, alpha, m_i, l_i = _probabilities(s, m_i, l_i, q_pos, 0, qk_scale, False,
+                                                    S_LAYOUT, O_LAYOUT)
+            else:
+                p, alpha, m_i, l_i = _probabilities(s, m_i, l_i, q_pos, 0, qk_scale, True,
+                                                    S_LAYOUT, O_LAYOUT)
+            for j in range(0, num_full - 1):
+                p, acc, m_i, l_i = _scores_then_values(
+                    p, acc, m_i, l_i, q, q_pos, qk_scale, k_smem, v_smem, k_full, k_empty,
+                    v_full, v_empty, turn, sink, j, t, done, WG, STAGES, False, S_LAYOUT,
+                    O_LAYOUT, S_LAYOUT, BLOCK_N)
+            for j in range(gl.maximum(num_full - 1, 0), num_tiles - 1):
+                p, acc, m_i, l_i = _scores_then_values(
+                    p, acc, m_i, l_i, q, q_pos, qk_scale, k_smem, v_smem, k_full, k_empty,
+                    v_full, v_empty, turn, sink, j, t, done, WG, STAGES, True, S_LAYOUT,
+                    O_LAYOUT, S_LAYOUT, BLOCK_N)
+            j = num_tiles - 1
+            n0 = j * BLOCK_N
+            p = _operand(p, dtype, O_LAYOUT)
+        else:
+            for j in range(0, num_full):
+                p, acc, m_i, l_i = _softmax(s, acc, m_i, l_i, q_pos, j * BLOCK_N, qk_scale,
+                                            dtype, False, S_LAYOUT, O_LAYOUT)
+                acc, s = _values_then_scores(p, acc, q, k_smem, v_smem, k_full, k_empty,
+                                             v_full, v_empty, turn, j, t, done, WG, STAGES,
+                                             S_LAYOUT, BLOCK_N)
+            for j in range(num_full, num_tiles - 1):
+                p, acc, m_i, l_i = _softmax(s, acc, m_i, l_i, q_pos, j * BLOCK_N, qk_scale,
+                                            dtype, True, S_LAYOUT, O_LAYOUT)
+                acc, s = _values_then_scores(p, acc, q, k_smem, v_smem, k_full, k_empty,
+                                             v_full, v_empty, turn, j, t, done, WG, STAGES,
+                                             S_LAYOUT, BLOCK_N)
+            # The last tile (it holds the diagonal, and maybe keys past the sequence).
+            j = num_tiles - 1
+            n0 = j * BLOCK_N
+            p, acc, m_i, l_i = _softmax(s, acc, m_i, l_i, q_pos, n0, qk_scale, dtype, True,
+                                        S_LAYOUT, O_LAYOUT)
+        if PERSISTENT:
+            # Every product that reads the query tile is retired: the load warp may bring
+            # the next item's.
+            mbarrier.arrive(q_empty)
+        g = t + j
+        stage = g % STAGES
+        mbarrier.wait(v_full.index(stage), g // STAGES & 1)
+        if n0 + BLOCK_N > seq_len:
+            _zero_tail_values(v_smem.index(stage), n0, seq_len, V_ZERO)
+        _my_turn(turn, WG, g + done + 1)
+        acc = warpgroup_mma(p, v_smem.index(stage), acc, is_async=True)
+        mbarrier.arrive(turn.index(1 - WG))
+        acc = warpgroup_mma_wait(0, deps=[acc])
+        mbarrier.arrive(v_empty.index(stage))
+
+        return acc, l_i
+
+    @gluon.jit
+    def _attend_halving(q_smem, q_pos, k_smem, v_smem, q_bar, q_empty, k_full, k_empty,
+                        v_full, v_empty, turn, sink, first_pos, seq_len, num_tiles, num_full,
+                        qk_scale, t, done, WG: gl.constexpr, STAGES: gl.constexpr,
+                        OVERLAP: gl.constexpr, PERSISTENT: gl.constexpr,
+                        S_LAYOUT: gl.constexpr, S_HALF_LAYOUT: gl.constexpr,
+                        O_LAYOUT: gl.constexpr, V_ZERO: gl.constexpr):
+        """A consumer's item with its last key tile at half width where its rows see only
+        that tile's first half (``HALF_DIAGONAL``): the unnormalized output and the row
+        sums."""
+        BLOCK_N: gl.constexpr = k_smem.shape[1]
+        dtype: gl.constexpr = k_smem.dtype
+        q = q_smem.index(WG)
+        m_i = gl.full([_HALF_M], float("-inf"), gl.float32, gl.SliceLayout(1, S_LAYOUT))
+        l_i = gl.zeros([_HALF_M], gl.float32, gl.SliceLayout(1, S_LAYOUT))
+        acc = gl.zeros([_HALF_M, _D], gl.float32, O_LAYOUT)
+        HALF_N: gl.constexpr = BLOCK_N // 2
         j = num_tiles - 1
         n0 = j * BLOCK_N
         # This warpgroup's rows see keys up to hi - 1: at most the last tile's first half?
         hi = gl.minimum(first_pos + (WG + 1) * _HALF_M, seq_len)
-        if HALF_DIAGONAL:
-            half = hi <= n0 + HALF_N
-        else:
-            half = hi < 0
+        half = hi <= n0 + HALF_N
         mbarrier.wait(q_bar, done & 1)
 
         if num_tiles == 1 and half:
@@ -659,6 +739,32 @@ if gluon is not None and TensorDescriptor is not None:
                     acc = _last_values(p, acc, v_smem, q_empty, v_full, v_empty, turn,
                                        t + j, done, n0, seq_len, WG, STAGES, PERSISTENT,
                                        V_ZERO)
+
+        return acc, l_i
+
+    @gluon.jit
+    def _consume(q_smem, k_smem, v_smem, q_bar, q_empty, k_full, k_empty, v_full, v_empty,
+                 turn, sink, out_ptr, stride_ot, stride_oh, q_row, head, first_pos, seq_len,
+                 num_tiles, num_full, qk_scale, t, done, WG: gl.constexpr,
+                 STAGES: gl.constexpr, OVERLAP: gl.constexpr, PERSISTENT: gl.constexpr,
+                 HALF_DIAGONAL: gl.constexpr, S_LAYOUT: gl.constexpr,
+                 S_HALF_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr, V_ZERO: gl.constexpr):
+        """One consumer warpgroup's rows of an item with at least one key tile (``t``: key
+        tiles the program's earlier items put through the ring; ``done``: its earlier items
+        with work, each of ``t + 1`` turns)."""
+        rows = gl.arange(0, _HALF_M, layout=gl.SliceLayout(1, S_LAYOUT))
+        q_pos = first_pos + WG * _HALF_M + rows
+        if HALF_DIAGONAL:
+            acc, l_i = _attend_halving(q_smem, q_pos, k_smem, v_smem, q_bar, q_empty, k_full,
+                                       k_empty, v_full, v_empty, turn, sink, first_pos,
+                                       seq_len, num_tiles, num_full, qk_scale, t, done, WG,
+                                       STAGES, OVERLAP, PERSISTENT, S_LAYOUT, S_HALF_LAYOUT,
+                                       O_LAYOUT, V_ZERO)
+        else:
+            acc, l_i = _attend_whole(q_smem, q_pos, k_smem, v_smem, q_bar, q_empty, k_full,
+                                     k_empty, v_full, v_empty, turn, sink, seq_len, num_tiles,
+                                     num_full, qk_scale, t, done, WG, STAGES, OVERLAP,
+                                     PERSISTENT, S_LAYOUT, O_LAYOUT, V_ZERO)
 
         l_o = gl.convert_layout(l_i, gl.SliceLayout(1, O_LAYOUT))
         o = (acc / l_o[:, None]).to(out_ptr.dtype.element_ty)
