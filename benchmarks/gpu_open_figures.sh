@@ -42,10 +42,11 @@
 #                        (past the default budget: OPEN_STEPS="gemv_f16 lat_fp8 lat_fp8_f16")
 #   lat_bf16             batch-1 decode of random:llama3-8b in bf16 (past the default
 #                        budget: OPEN_STEPS=lat_bf16)
-#   prefill_e2e, prefill_e2e_off
+#   prefill_e2e, prefill_e2e_off, prefill_e2e_half
 #                        offline throughput of random:llama3-8b on 4096-token prompts with
-#                        the Gluon prefill kernel served, then with GRIDLLM_GLUON_PREFILL=0
-#                        (past the default budget: OPEN_STEPS="prefill_e2e prefill_e2e_off")
+#                        the Gluon prefill kernel served, then with GRIDLLM_GLUON_PREFILL=0,
+#                        then with GRIDLLM_GLUON_HALF_DIAGONAL=1 (past the default budget:
+#                        OPEN_STEPS="prefill_e2e prefill_e2e_off prefill_e2e_half")
 #   mixed_e2e, mixed_e2e_nosplit
 #                        offline throughput of random:llama3-8b, 256 requests whose steps mix
 #                        prompt chunks with decodes, then with GRIDLLM_SPLIT_ONE_TOKEN=0
@@ -215,6 +216,8 @@ E2E="$PY -m gridllm.bench throughput --model random:llama3-8b --num-prompts 32
   --max-model-len 8192 --no-roofline --no-tqdm"
 step prefill_e2e 140 $E2E --output "$OUT/prefill_e2e.json"
 GRIDLLM_GLUON_PREFILL=0 step prefill_e2e_off 140 $E2E --output "$OUT/prefill_e2e_off.json"
+GRIDLLM_GLUON_HALF_DIAGONAL=1 step prefill_e2e_half 140 $E2E \
+  --output "$OUT/prefill_e2e_half.json"
 MIXED="$PY -m gridllm.bench throughput --model random:llama3-8b --num-prompts 256
   --input-len-range 256:2048 --output-len-range 64:512 --max-num-batched-tokens 4096
   --no-roofline --no-tqdm"

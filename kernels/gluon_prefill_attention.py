@@ -79,7 +79,7 @@ import functools
 import torch
 
 from kernels._gluon import barrier, gl, gluon, runs_on
-from kernels._utils import num_sms
+from kernels._utils import env_switch, num_sms
 from kernels.paged_decode_attention import _LOG2E
 from kernels.prefill_args import check_prefill_args, longest_query, query_tiles
 
@@ -129,8 +129,9 @@ PERSISTENT = True
 # and sequence, 32 of them halved for the first warpgroup: 1.5% of the tensor-core work; a
 # 512-token prompt's, 10%. Off by default until its GPU tests and timing have run
 # (docs/performance.md); off, the kernel compiles to the machine code it had before the
-# option (the tiles' loop is then ``_attend_whole``).
-HALF_DIAGONAL = False
+# option (the tiles' loop is then ``_attend_whole``). GRIDLLM_GLUON_HALF_DIAGONAL=1 turns it
+# on for a process (end-to-end A/B runs).
+HALF_DIAGONAL = env_switch("GRIDLLM_GLUON_HALF_DIAGONAL", default=False)
 # Registers per thread: the kernel's limit over its 12 warps (a whole register file),
 # the load warp's and the second consumer's; the first consumer gets what is left (240).
 MAX_REGS = 168

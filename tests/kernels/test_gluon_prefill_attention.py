@@ -117,9 +117,27 @@ def test_the_switch_is_on_by_default_and_sends_only_what_the_kernel_serves():
 @pytest.mark.skipif(not _HAS_GLUON_HOPPER, reason="Triton without Gluon's Hopper API")
 def test_half_diagonal_defaults_to_the_modules_switch():
     """The last key tile at half width is an option of the launch, its default the
-    module's ``HALF_DIAGONAL`` (off until measured on a GPU)."""
+    module's ``HALF_DIAGONAL``: off until measured on a GPU, on with
+    ``GRIDLLM_GLUON_HALF_DIAGONAL=1``; another value is refused naming the variable."""
     params = inspect.signature(gpa.gluon_prefill_attention).parameters
     assert params["half_diagonal"].default is gpa.HALF_DIAGONAL
+    root = pathlib.Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k != "GRIDLLM_GLUON_HALF_DIAGONAL"}
+    check = ("import inspect, kernels.gluon_prefill_attention as g; "
+             "d = inspect.signature(g.gluon_prefill_attention).parameters['half_diagonal']; "
+             "print(g.HALF_DIAGONAL, d.default)")
+    for value, expected in ((None, "False False"), ("1", "True True"), ("0", "False False")):
+        done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
+                              timeout=_CASE_TIMEOUT_S, cwd=root,
+                              env=env if value is None
+                              else dict(env, GRIDLLM_GLUON_HALF_DIAGONAL=value))
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.split("\n")[-2] == expected
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
+                          timeout=_CASE_TIMEOUT_S, cwd=root,
+                          env=dict(env, GRIDLLM_GLUON_HALF_DIAGONAL="on"))
+    assert done.returncode != 0
+    assert "GRIDLLM_GLUON_HALF_DIAGONAL must be 0 or 1" in done.stderr
 
 
 @pytest.mark.skipif(not _HAS_GLUON_HOPPER, reason="Triton without Gluon's Hopper API")
