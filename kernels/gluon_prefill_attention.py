@@ -544,16 +544,9 @@ if gluon is not None and TensorDescriptor is not None:
         l_i = gl.zeros([_HALF_M], gl.float32, gl.SliceLayout(1, S_LAYOUT))
         acc = gl.zeros([_HALF_M, _D], gl.float32, O_LAYOUT)
 
-        # Section 0: the first tile's scores alone.
         mbarrier.wait(q_bar, done & 1)
-        mbarrier.wait(k_full.index(t % STAGES), t // STAGES & 1)
-        _my_turn(turn, WG, t + done)
-        s = warpgroup_mma(q, k_smem.index(t % STAGES).permute((1, 0)),
-                          gl.zeros([_HALF_M, BLOCK_N], gl.float32, S_LAYOUT), use_acc=False,
-                          is_async=True)
-        mbarrier.arrive(turn.index(1 - WG))
-        s = warpgroup_mma_wait(0, deps=[s])
-        mbarrier.arrive(k_empty.index(t % STAGES))
+        s = _first_scores(q, k_smem, k_full, k_empty, turn, t, done, WG, STAGES, S_LAYOUT,
+                          BLOCK_N)
 
         if OVERLAP:
             # Tile 0's probabilities (the accumulator is still zero: nothing to rescale),
@@ -595,6 +588,9 @@ if gluon is not None and TensorDescriptor is not None:
             n0 = j * BLOCK_N
             p, acc, m_i, l_i = _softmax(s, acc, m_i, l_i, q_pos, n0, qk_scale, dtype, True,
                                         S_LAYOUT, O_LAYOUT)
+        # The last values as _last_values takes them, written out: through that call this
+        # path compiles to other machine code than the one measured (ptxas orders it
+        # differently), so it stays as it was until the option is measured.
         if PERSISTENT:
             # Every product that reads the query tile is retired: the load warp may bring
             # the next item's.
@@ -609,7 +605,6 @@ if gluon is not None and TensorDescriptor is not None:
         mbarrier.arrive(turn.index(1 - WG))
         acc = warpgroup_mma_wait(0, deps=[acc])
         mbarrier.arrive(v_empty.index(stage))
-
         return acc, l_i
 
     @gluon.jit
@@ -667,11 +662,7 @@ if gluon is not None and TensorDescriptor is not None:
                     p, acc, m_i, l_i, q, q_pos, qk_scale, k_smem, v_smem, k_full, k_empty,
                     v_full, v_empty, turn, sink, jj, t, done, WG, STAGES, True, S_LAYOUT,
                     O_LAYOUT, S_LAYOUT, BLOCK_N)
-            if num_tiles == 1:
-                acc = _last_values(_operand(p, dtype, O_LAYOUT), acc, v_smem, q_empty, v_full,
-                                   v_empty, turn, t + j, done, n0, seq_len, WG, STAGES,
-                                   PERSISTENT, V_ZERO)
-            elif half:
+            if num_tiles > 1 and half:
                 p_half, acc, m_i, l_i = _scores_then_values(
                     p, acc, m_i, l_i, q, q_pos, qk_scale, k_smem, v_smem, k_full, k_empty,
                     v_full, v_empty, turn, sink, j - 1, t, done, WG, STAGES, True, S_LAYOUT,
@@ -680,10 +671,11 @@ if gluon is not None and TensorDescriptor is not None:
                                    v_full, v_empty, turn, t + j, done, n0, seq_len, WG,
                                    STAGES, PERSISTENT, V_ZERO)
             else:
-                p, acc, m_i, l_i = _scores_then_values(
-                    p, acc, m_i, l_i, q, q_pos, qk_scale, k_smem, v_smem, k_full, k_empty,
-                    v_full, v_empty, turn, sink, j - 1, t, done, WG, STAGES, True, S_LAYOUT,
-                    O_LAYOUT, S_LAYOUT, BLOCK_N)
+                if num_tiles > 1:
+                    p, acc, m_i, l_i = _scores_then_values(
+                        p, acc, m_i, l_i, q, q_pos, qk_scale, k_smem, v_smem, k_full,
+                        k_empty, v_full, v_empty, turn, sink, j - 1, t, done, WG, STAGES,
+                        True, S_LAYOUT, O_LAYOUT, S_LAYOUT, BLOCK_N)
                 acc = _last_values(_operand(p, dtype, O_LAYOUT), acc, v_smem, q_empty, v_full,
                                    v_empty, turn, t + j, done, n0, seq_len, WG, STAGES,
                                    PERSISTENT, V_ZERO)
