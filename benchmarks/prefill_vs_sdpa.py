@@ -72,7 +72,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("benchmarks/prefill_vs_sdpa.py needs a CUDA GPU")
     from kernels import gluon_prefill_attention as gpa
-    from kernels.prefill_args import query_tiles
+    from kernels.prefill_args import cached_query_tiles
     from kernels.prefill_attention import prefill_attention
 
     dtype = torch.bfloat16
@@ -106,10 +106,9 @@ def main() -> None:
                 for name, launch in zip(names[1:], args.alt, strict=True):
                     if not gpa.serves(q, kc, vc):
                         continue
-                    tiles = cache.setdefault(("alt", launch.get("persistent", gpa.PERSISTENT)),
-                                             query_tiles(qsl, seq, q.shape[0], tokens,
-                                                         gpa.BLOCK_M, longest_first=launch.get(
-                                                             "persistent", gpa.PERSISTENT)))
+                    tiles = cached_query_tiles(
+                        cache, qsl, seq, q.shape[0], tokens, gpa.BLOCK_M,
+                        longest_first=bool(launch.get("persistent", gpa.PERSISTENT)))
                     row[name] = tflops(bench(
                         lambda kc=kc, vc=vc, tables=tables, seq=seq, q=q, qsl=qsl,
                         tokens=tokens, tiles=tiles, launch=launch:
