@@ -20,9 +20,8 @@
 #                        against the Triton kernels and torch SDPA at cache blocks of 16
 #                        and 64
 #   prefill_vs_sdpa      the served prefill kernel and torch SDPA timed in turns
-#   prefill_half_ab      the same, with the Gluon kernel's last key tile at half width
-#                        where a consumer sees only its first half (half_diagonal=1) in
-#                        the turns too, at 4 x 4096, 16 x 1024 and 64 x 256 tokens
+#   prefill_launches_ab  the same at 4 x 4096 tokens, five rounds, with the Gluon
+#                        kernel's overlap, two stages and both in the turns too
 #   prefill_mixed        prefill attention on a step of one chunk among 200 one-token
 #                        requests (served, gathered, without the split by either
 #                        launch, each part alone): GPU time, host time per call, and a
@@ -42,11 +41,10 @@
 #                        (past the default budget: OPEN_STEPS="gemv_f16 lat_fp8 lat_fp8_f16")
 #   lat_bf16             batch-1 decode of random:llama3-8b in bf16 (past the default
 #                        budget: OPEN_STEPS=lat_bf16)
-#   prefill_e2e, prefill_e2e_off, prefill_e2e_half
+#   prefill_e2e, prefill_e2e_off
 #                        offline throughput of random:llama3-8b on 4096-token prompts with
-#                        the Gluon prefill kernel served, then with GRIDLLM_GLUON_PREFILL=0,
-#                        then with GRIDLLM_GLUON_HALF_DIAGONAL=1 (past the default budget:
-#                        OPEN_STEPS="prefill_e2e prefill_e2e_off prefill_e2e_half")
+#                        the Gluon prefill kernel served, then with GRIDLLM_GLUON_PREFILL=0
+#                        (past the default budget: OPEN_STEPS="prefill_e2e prefill_e2e_off")
 #   mixed_e2e, mixed_e2e_nosplit
 #                        offline throughput of random:llama3-8b, 256 requests whose steps mix
 #                        prompt chunks with decodes, then with GRIDLLM_SPLIT_ONE_TOKEN=0
@@ -187,8 +185,8 @@ GRIDLLM_GLUON_PREFILL=0 step gluon_prefill_sweep 200 $PY benchmarks/attention_sw
   --kinds prefill --gluon-prefill --cache-block-sizes 16 64 --block-m 128 \
   --block-n-prefill 64 --warps-prefill 8 --stages 3 --output "$OUT/gluon_prefill_sweep.json"
 step prefill_vs_sdpa 60 $PY benchmarks/prefill_vs_sdpa.py --output "$OUT/prefill_vs_sdpa.json"
-step prefill_half_ab 150 $PY benchmarks/prefill_vs_sdpa.py --rounds 3 --rep-ms 100 \
-  --shapes 4x4096 16x1024 64x256 --alt half_diagonal=1 --output "$OUT/prefill_half_ab.json"
+step prefill_launches_ab 150 $PY benchmarks/prefill_vs_sdpa.py --rounds 5 \
+  --alt overlap=1 stages=2 overlap=1,stages=2 --output "$OUT/prefill_launches_ab.json"
 step prefill_mixed 60 $PY benchmarks/prefill_mixed.py --profile --output "$OUT/prefill_mixed.json"
 # Every decode-attention test on the GPU (the default launches as served).
 step decode_tests 120 $PY -m pytest -q -p no:cacheprovider -rf --maxfail=3 \
@@ -216,8 +214,6 @@ E2E="$PY -m gridllm.bench throughput --model random:llama3-8b --num-prompts 32
   --max-model-len 8192 --no-roofline --no-tqdm"
 step prefill_e2e 140 $E2E --output "$OUT/prefill_e2e.json"
 GRIDLLM_GLUON_PREFILL=0 step prefill_e2e_off 140 $E2E --output "$OUT/prefill_e2e_off.json"
-GRIDLLM_GLUON_HALF_DIAGONAL=1 step prefill_e2e_half 140 $E2E \
-  --output "$OUT/prefill_e2e_half.json"
 MIXED="$PY -m gridllm.bench throughput --model random:llama3-8b --num-prompts 256
   --input-len-range 256:2048 --output-len-range 64:512 --max-num-batched-tokens 4096
   --no-roofline --no-tqdm"

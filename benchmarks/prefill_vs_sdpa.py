@@ -10,7 +10,7 @@ torch picks, on contiguous tensors), each the median of about ``--rep-ms`` of ru
 flushed; then the medians of each over the rounds and of each one's ratio to SDPA.
 
 Usage: ``python benchmarks/prefill_vs_sdpa.py [--rounds 5] [--rep-ms 200]
-[--cache-block-sizes 16 64] [--shapes 4x4096 16x1024] [--alt half_diagonal=0 ...]
+[--cache-block-sizes 16 64] [--shapes 4x4096 16x1024] [--alt overlap=1 stages=2 ...]
 [--output FILE]``
 """
 
@@ -43,7 +43,7 @@ def parse_shape(text: str) -> tuple[int, int]:
 
 
 def parse_alt(text: str) -> dict:
-    """``"half_diagonal=0,stages=2"`` as the Gluon kernel's keyword arguments."""
+    """``"overlap=1,stages=2"`` as the Gluon kernel's keyword arguments."""
     launch = {}
     for item in text.split(","):
         key, sep, value = item.partition("=")

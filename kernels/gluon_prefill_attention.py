@@ -32,11 +32,7 @@ so one's softmax also runs under the other's products. ``OVERLAP=False`` (for sw
 waits for both products before the softmax.
 
 Key tiles wholly at or before the program's first query position run without a mask; the
-others mask ``pos_k <= pos_q``, which also hides keys past the sequence. A consumer whose
-rows see no key past the first half of the item's last tile (the first warpgroup, on the
-diagonal tile of a query tile aligned with the keys) scores and reads that half only
-(``HALF_DIAGONAL``, off by default until measured): the last tile's step is unrolled out
-of the loop, and that tile's products and softmax run at half width. Cache rows past
+others mask ``pos_k <= pos_q``, which also hides keys past the sequence. Cache rows past
 the sequence may hold anything, and ``0 * NaN`` is NaN, so the consumers zero those rows
 of the last value tile in shared memory before reading it.
 
@@ -79,7 +75,7 @@ import functools
 import torch
 
 from kernels._gluon import barrier, gl, gluon, runs_on
-from kernels._utils import env_switch, num_sms
+from kernels._utils import num_sms
 from kernels.paged_decode_attention import _LOG2E
 from kernels.prefill_args import check_prefill_args, longest_query, query_tiles
 
@@ -121,17 +117,6 @@ OVERLAP = False
 # program per item with the overlap (the best of those); a step of one 2,048-token chunk
 # among 200 one-token requests 827 us against 888.
 PERSISTENT = True
-# Whether a consumer whose rows see at most the first half of the item's last key tile
-# (the diagonal tile of a query tile aligned with the keys: the first warpgroup's 64 rows
-# see its first 64 keys only) scores and reads that half only: the products of that tile
-# run at half width (wgmma N = BLOCK_N / 2 for the scores, K = BLOCK_N / 2 for P @ V) and
-# so does its softmax. A 4 x 4096 causal prefill is 528 key tiles of each warpgroup per head
-# and sequence, 32 of them halved for the first warpgroup: 1.5% of the tensor-core work; a
-# 512-token prompt's, 10%. Off by default until its GPU tests and timing have run
-# (docs/performance.md); off, the kernel compiles to the machine code it had before the
-# option (the tiles' loop is then ``_attend_whole``). GRIDLLM_GLUON_HALF_DIAGONAL=1 turns it
-# on for a process (end-to-end A/B runs).
-HALF_DIAGONAL = env_switch("GRIDLLM_GLUON_HALF_DIAGONAL", default=False)
 # Registers per thread: the kernel's limit over its 12 warps (a whole register file),
 # the load warp's and the second consumer's; the first consumer gets what is left (240).
 MAX_REGS = 168
@@ -146,9 +131,6 @@ def _layouts(block_n: int) -> dict:
         # wgmma accumulators of one warpgroup: S [64, block_n] and O [64, 128].
         S_LAYOUT=gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                            instr_shape=[16, block_n, 16]),
-        # ... and of the scores of half a tile (HALF_DIAGONAL).
-        S_HALF_LAYOUT=gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                instr_shape=[16, block_n // 2, 16]),
         O_LAYOUT=gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                            instr_shape=[16, HEAD_DIM, 16]),
         # 128-byte swizzle: a [rows, 128] tile is two [rows, 64] slabs of 128-byte rows,
@@ -359,19 +341,12 @@ if gluon is not None and TensorDescriptor is not None:
         mbarrier.wait(turn.index(WG), (section + 1 + WG) & 1)
 
     @gluon.jit
-    def _keys(k_tile, KEYS: gl.constexpr):
-        """The first ``KEYS`` keys of a key tile, as the scores' ``K^T`` operand."""
-        if KEYS < k_tile.shape[0]:
-            k_tile = k_tile.slice(0, KEYS)
-        return k_tile.permute((1, 0))
-
-    @gluon.jit
     def _values_then_scores(p, acc, q, k_smem, v_smem, k_full, k_empty, v_full, v_empty,
                             turn, j, t, done, WG: gl.constexpr, STAGES: gl.constexpr,
-                            S_LAYOUT: gl.constexpr, KEYS: gl.constexpr):
-        """``acc + P_j V_j`` and ``S_{j+1} = Q K_{j+1}^T`` (over the next tile's first
-        ``KEYS`` keys), issued together on this warpgroup's turn and waited for
-        together."""
+                            S_LAYOUT: gl.constexpr):
+        """``acc + P_j V_j`` and ``S_{j+1} = Q K_{j+1}^T``, issued together on this
+        warpgroup's turn and waited for together."""
+        BLOCK_N: gl.constexpr = k_smem.shape[1]
         g = t + j
         stage = g % STAGES
         nxt = (g + 1) % STAGES
@@ -379,8 +354,8 @@ if gluon is not None and TensorDescriptor is not None:
         mbarrier.wait(k_full.index(nxt), (g + 1) // STAGES & 1)
         _my_turn(turn, WG, g + done + 1)
         acc = warpgroup_mma(p, v_smem.index(stage), acc, is_async=True)
-        s = warpgroup_mma(q, _keys(k_smem.index(nxt), KEYS),
-                          gl.zeros([_HALF_M, KEYS], gl.float32, S_LAYOUT),
+        s = warpgroup_mma(q, k_smem.index(nxt).permute((1, 0)),
+                          gl.zeros([_HALF_M, BLOCK_N], gl.float32, S_LAYOUT),
                           use_acc=False, is_async=True)
         mbarrier.arrive(turn.index(1 - WG))
         acc, s = warpgroup_mma_wait(0, deps=[acc, s])
@@ -393,16 +368,14 @@ if gluon is not None and TensorDescriptor is not None:
                             k_empty, v_full, v_empty, turn, sink, j, t, done,
                             WG: gl.constexpr,
                             STAGES: gl.constexpr, MASKED: gl.constexpr,
-                            S_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr,
-                            S_NEXT: gl.constexpr, KEYS: gl.constexpr):
-        """``S_{j+1} = Q K_{j+1}^T`` (over the next tile's first ``KEYS`` keys, in layout
-        ``S_NEXT``) and ``acc + P_j V_j`` (``p``: tile ``j``'s float32 probabilities, made
-        the product's operand here) issued together on this warpgroup's turn; the softmax
-        of ``S_{j+1}`` runs while ``P_j V_j`` does, then the accumulator is rescaled: tile
-        ``j + 1``'s float32 probabilities, the accumulator, the row maxima and sums (in
-        ``S_LAYOUT``'s rows). (Carrying the probabilities to the next step in float32
-        leaves the operand's registers alone until the product is done, so ptxas has no
-        reason to wait for it before the softmax.)"""
+                            S_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr):
+        """``S_{j+1} = Q K_{j+1}^T`` and ``acc + P_j V_j`` (``p``: tile ``j``'s float32
+        probabilities, made the product's operand here) issued together on this
+        warpgroup's turn; the softmax of ``S_{j+1}`` runs while ``P_j V_j`` does, then
+        the accumulator is rescaled: tile ``j + 1``'s float32 probabilities, the
+        accumulator, the row maxima and sums. (Carrying the probabilities to the next step
+        in float32 leaves the operand's registers alone until the product is done, so
+        ptxas has no reason to wait for it before the softmax.)"""
         BLOCK_N: gl.constexpr = k_smem.shape[1]
         g = t + j
         stage = g % STAGES
@@ -411,28 +384,23 @@ if gluon is not None and TensorDescriptor is not None:
         mbarrier.wait(k_full.index(nxt), (g + 1) // STAGES & 1)
         mbarrier.wait(v_full.index(stage), g // STAGES & 1)
         _my_turn(turn, WG, g + done + 1)
-        s = warpgroup_mma(q, _keys(k_smem.index(nxt), KEYS),
-                          gl.zeros([_HALF_M, KEYS], gl.float32, S_NEXT),
+        s = warpgroup_mma(q, k_smem.index(nxt).permute((1, 0)),
+                          gl.zeros([_HALF_M, BLOCK_N], gl.float32, S_LAYOUT),
                           use_acc=False, is_async=True)
         acc = warpgroup_mma(p, v_smem.index(stage), acc, is_async=True)
         mbarrier.arrive(turn.index(1 - WG))
         # Products complete in issue order: one group left in flight is P_j V_j.
         s = warpgroup_mma_wait(1, deps=[s])
         mbarrier.arrive(k_empty.index(nxt))
-        rows: gl.constexpr = gl.SliceLayout(1, S_NEXT)
-        p_next, alpha, m_i, l_i = _probabilities(
-            s, gl.convert_layout(m_i, rows), gl.convert_layout(l_i, rows),
-            gl.convert_layout(q_pos, rows), (j + 1) * BLOCK_N, qk_scale, MASKED, S_NEXT,
-            O_LAYOUT)
+        p_next, alpha, m_i, l_i = _probabilities(s, m_i, l_i, q_pos, (j + 1) * BLOCK_N,
+                                                 qk_scale, MASKED, S_LAYOUT, O_LAYOUT)
         # ptxas hoists a wait for products above register-only work (here the whole
         # softmax) but not above a shared-memory store: storing the row sums, which need
         # every probability, keeps the softmax ahead of the wait. Nothing reads them.
         sink.store(l_i)
         acc, p = warpgroup_mma_wait(0, deps=[acc, p])
         mbarrier.arrive(v_empty.index(stage))
-        rows_out: gl.constexpr = gl.SliceLayout(1, S_LAYOUT)
-        return (p_next, acc * alpha[:, None], gl.convert_layout(m_i, rows_out),
-                gl.convert_layout(l_i, rows_out))
+        return p_next, acc * alpha[:, None], m_i, l_i
 
     @gluon.jit
     def _zero_tail_values(v_tile, n0, seq_len, V_ZERO: gl.constexpr):
@@ -450,8 +418,7 @@ if gluon is not None and TensorDescriptor is not None:
                             q_row, head, first_pos, seq_len, num_tiles, num_full, num_items,
                             num_heads, qk_scale, WG: gl.constexpr, STAGES: gl.constexpr,
                             OVERLAP: gl.constexpr, PERSISTENT: gl.constexpr,
-                            HALF_DIAGONAL: gl.constexpr, S_LAYOUT: gl.constexpr,
-                            S_HALF_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr,
+                            S_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr,
                             V_ZERO: gl.constexpr):
         BLOCK_N: gl.constexpr = k_smem.shape[1]
         if PERSISTENT:
@@ -464,89 +431,44 @@ if gluon is not None and TensorDescriptor is not None:
                     _consume(q_smem, k_smem, v_smem, q_bar, q_empty, k_full, k_empty, v_full,
                              v_empty, turn, sinks.index(WG), out_ptr, stride_ot, stride_oh,
                              q_row, head, first_pos, seq_len, num_tiles, num_full, qk_scale,
-                             t, done, WG, STAGES, OVERLAP, PERSISTENT, HALF_DIAGONAL,
-                             S_LAYOUT, S_HALF_LAYOUT, O_LAYOUT, V_ZERO)
+                             t, done, WG, STAGES, OVERLAP, PERSISTENT, S_LAYOUT, O_LAYOUT,
+                             V_ZERO)
                 t += num_tiles
                 done += gl.where(num_tiles > 0, 1, 0)
         elif num_tiles > 0:
             _consume(q_smem, k_smem, v_smem, q_bar, q_empty, k_full, k_empty, v_full, v_empty,
                      turn, sinks.index(WG), out_ptr, stride_ot, stride_oh, q_row, head,
                      first_pos, seq_len, num_tiles, num_full, qk_scale, 0, 0, WG, STAGES,
-                     OVERLAP, PERSISTENT, HALF_DIAGONAL, S_LAYOUT, S_HALF_LAYOUT, O_LAYOUT,
-                     V_ZERO)
+                     OVERLAP, PERSISTENT, S_LAYOUT, O_LAYOUT, V_ZERO)
 
     @gluon.jit
-    def _first_scores(q, k_smem, k_full, k_empty, turn, t, done, WG: gl.constexpr,
-                      STAGES: gl.constexpr, S_LAYOUT: gl.constexpr, KEYS: gl.constexpr):
-        """Section 0 of an item: its first tile's scores (over that tile's first ``KEYS``
-        keys) alone."""
-        mbarrier.wait(k_full.index(t % STAGES), t // STAGES & 1)
-        _my_turn(turn, WG, t + done)
-        s = warpgroup_mma(q, _keys(k_smem.index(t % STAGES), KEYS),
-                          gl.zeros([_HALF_M, KEYS], gl.float32, S_LAYOUT), use_acc=False,
-                          is_async=True)
-        mbarrier.arrive(turn.index(1 - WG))
-        s = warpgroup_mma_wait(0, deps=[s])
-        mbarrier.arrive(k_empty.index(t % STAGES))
-        return s
-
-    @gluon.jit
-    def _last_values(p, acc, v_smem, q_empty, v_full, v_empty, turn, g, done, n0, seq_len,
-                     WG: gl.constexpr, STAGES: gl.constexpr, PERSISTENT: gl.constexpr,
-                     V_ZERO: gl.constexpr):
-        """The item's last ``acc + P V`` (``p``: its operand, as wide as the keys it
-        reads of tile ``g`` of the ring), once every product that reads the query tile is
-        retired."""
-        if PERSISTENT:
-            # The load warp may bring the next item's query tile.
-            mbarrier.arrive(q_empty)
-        KEYS: gl.constexpr = p.shape[1]
-        stage = g % STAGES
-        v_tile = v_smem.index(stage)
-        if KEYS < v_tile.shape[0]:
-            v_tile = v_tile.slice(0, KEYS)
-        mbarrier.wait(v_full.index(stage), g // STAGES & 1)
-        if n0 + KEYS > seq_len:
-            _zero_tail_values(v_tile, n0, seq_len, V_ZERO)
-        _my_turn(turn, WG, g + done + 1)
-        acc = warpgroup_mma(p, v_tile, acc, is_async=True)
-        mbarrier.arrive(turn.index(1 - WG))
-        acc = warpgroup_mma_wait(0, deps=[acc])
-        mbarrier.arrive(v_empty.index(stage))
-        return acc
-
-    @gluon.jit
-    def _half_tile(s, acc, m_i, l_i, q_pos, n0, qk_scale, dtype: gl.constexpr,
-                   S_LAYOUT: gl.constexpr, S_HALF_LAYOUT: gl.constexpr,
-                   O_LAYOUT: gl.constexpr):
-        """``_softmax`` of the last tile's half-width scores ``s`` (masked), with the row
-        positions, maxima and sums carried across the two score layouts."""
-        rows: gl.constexpr = gl.SliceLayout(1, S_HALF_LAYOUT)
-        p, acc, m_i, l_i = _softmax(s, acc, gl.convert_layout(m_i, rows),
-                                    gl.convert_layout(l_i, rows),
-                                    gl.convert_layout(q_pos, rows), n0, qk_scale, dtype, True,
-                                    S_HALF_LAYOUT, O_LAYOUT)
-        return (p, acc, gl.convert_layout(m_i, gl.SliceLayout(1, S_LAYOUT)),
-                gl.convert_layout(l_i, gl.SliceLayout(1, S_LAYOUT)))
-
-    @gluon.jit
-    def _attend_whole(q_smem, q_pos, k_smem, v_smem, q_bar, q_empty, k_full, k_empty, v_full,
-                      v_empty, turn, sink, seq_len, num_tiles, num_full, qk_scale, t, done,
-                      WG: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr,
-                      PERSISTENT: gl.constexpr, S_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr,
-                      V_ZERO: gl.constexpr):
-        """A consumer's item over whole key tiles (``HALF_DIAGONAL`` off): the unnormalized
-        output and the row sums."""
+    def _consume(q_smem, k_smem, v_smem, q_bar, q_empty, k_full, k_empty, v_full, v_empty,
+                 turn, sink, out_ptr, stride_ot, stride_oh, q_row, head, first_pos, seq_len,
+                 num_tiles, num_full, qk_scale, t, done, WG: gl.constexpr,
+                 STAGES: gl.constexpr, OVERLAP: gl.constexpr, PERSISTENT: gl.constexpr,
+                 S_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr, V_ZERO: gl.constexpr):
+        """One consumer warpgroup's rows of an item with at least one key tile (``t``: key
+        tiles the program's earlier items put through the ring; ``done``: its earlier items
+        with work, each of ``t + 1`` turns)."""
         BLOCK_N: gl.constexpr = k_smem.shape[1]
         dtype: gl.constexpr = k_smem.dtype
         q = q_smem.index(WG)
+        rows = gl.arange(0, _HALF_M, layout=gl.SliceLayout(1, S_LAYOUT))
+        q_pos = first_pos + WG * _HALF_M + rows
         m_i = gl.full([_HALF_M], float("-inf"), gl.float32, gl.SliceLayout(1, S_LAYOUT))
         l_i = gl.zeros([_HALF_M], gl.float32, gl.SliceLayout(1, S_LAYOUT))
         acc = gl.zeros([_HALF_M, _D], gl.float32, O_LAYOUT)
 
+        # Section 0: the first tile's scores alone.
         mbarrier.wait(q_bar, done & 1)
-        s = _first_scores(q, k_smem, k_full, k_empty, turn, t, done, WG, STAGES, S_LAYOUT,
-                          BLOCK_N)
+        mbarrier.wait(k_full.index(t % STAGES), t // STAGES & 1)
+        _my_turn(turn, WG, t + done)
+        s = warpgroup_mma(q, k_smem.index(t % STAGES).permute((1, 0)),
+                          gl.zeros([_HALF_M, BLOCK_N], gl.float32, S_LAYOUT), use_acc=False,
+                          is_async=True)
+        mbarrier.arrive(turn.index(1 - WG))
+        s = warpgroup_mma_wait(0, deps=[s])
+        mbarrier.arrive(k_empty.index(t % STAGES))
 
         if OVERLAP:
             # Tile 0's probabilities (the accumulator is still zero: nothing to rescale),
@@ -561,12 +483,12 @@ if gluon is not None and TensorDescriptor is not None:
                 p, acc, m_i, l_i = _scores_then_values(
                     p, acc, m_i, l_i, q, q_pos, qk_scale, k_smem, v_smem, k_full, k_empty,
                     v_full, v_empty, turn, sink, j, t, done, WG, STAGES, False, S_LAYOUT,
-                    O_LAYOUT, S_LAYOUT, BLOCK_N)
+                    O_LAYOUT)
             for j in range(gl.maximum(num_full - 1, 0), num_tiles - 1):
                 p, acc, m_i, l_i = _scores_then_values(
                     p, acc, m_i, l_i, q, q_pos, qk_scale, k_smem, v_smem, k_full, k_empty,
                     v_full, v_empty, turn, sink, j, t, done, WG, STAGES, True, S_LAYOUT,
-                    O_LAYOUT, S_LAYOUT, BLOCK_N)
+                    O_LAYOUT)
             j = num_tiles - 1
             n0 = j * BLOCK_N
             p = _operand(p, dtype, O_LAYOUT)
@@ -576,21 +498,18 @@ if gluon is not None and TensorDescriptor is not None:
                                             dtype, False, S_LAYOUT, O_LAYOUT)
                 acc, s = _values_then_scores(p, acc, q, k_smem, v_smem, k_full, k_empty,
                                              v_full, v_empty, turn, j, t, done, WG, STAGES,
-                                             S_LAYOUT, BLOCK_N)
+                                             S_LAYOUT)
             for j in range(num_full, num_tiles - 1):
                 p, acc, m_i, l_i = _softmax(s, acc, m_i, l_i, q_pos, j * BLOCK_N, qk_scale,
                                             dtype, True, S_LAYOUT, O_LAYOUT)
                 acc, s = _values_then_scores(p, acc, q, k_smem, v_smem, k_full, k_empty,
                                              v_full, v_empty, turn, j, t, done, WG, STAGES,
-                                             S_LAYOUT, BLOCK_N)
+                                             S_LAYOUT)
             # The last tile (it holds the diagonal, and maybe keys past the sequence).
             j = num_tiles - 1
             n0 = j * BLOCK_N
             p, acc, m_i, l_i = _softmax(s, acc, m_i, l_i, q_pos, n0, qk_scale, dtype, True,
                                         S_LAYOUT, O_LAYOUT)
-        # The last values as _last_values takes them, written out: through that call this
-        # path compiles to other machine code than the one measured (ptxas orders it
-        # differently), so it stays as it was until the option is measured.
         if PERSISTENT:
             # Every product that reads the query tile is retired: the load warp may bring
             # the next item's.
@@ -605,159 +524,6 @@ if gluon is not None and TensorDescriptor is not None:
         mbarrier.arrive(turn.index(1 - WG))
         acc = warpgroup_mma_wait(0, deps=[acc])
         mbarrier.arrive(v_empty.index(stage))
-        return acc, l_i
-
-    @gluon.jit
-    def _attend_halving(q_smem, q_pos, k_smem, v_smem, q_bar, q_empty, k_full, k_empty,
-                        v_full, v_empty, turn, sink, first_pos, seq_len, num_tiles, num_full,
-                        qk_scale, t, done, WG: gl.constexpr, STAGES: gl.constexpr,
-                        OVERLAP: gl.constexpr, PERSISTENT: gl.constexpr,
-                        S_LAYOUT: gl.constexpr, S_HALF_LAYOUT: gl.constexpr,
-                        O_LAYOUT: gl.constexpr, V_ZERO: gl.constexpr):
-        """A consumer's item with its last key tile at half width where its rows see only
-        that tile's first half (``HALF_DIAGONAL``): the unnormalized output and the row
-        sums."""
-        BLOCK_N: gl.constexpr = k_smem.shape[1]
-        dtype: gl.constexpr = k_smem.dtype
-        q = q_smem.index(WG)
-        m_i = gl.full([_HALF_M], float("-inf"), gl.float32, gl.SliceLayout(1, S_LAYOUT))
-        l_i = gl.zeros([_HALF_M], gl.float32, gl.SliceLayout(1, S_LAYOUT))
-        acc = gl.zeros([_HALF_M, _D], gl.float32, O_LAYOUT)
-        HALF_N: gl.constexpr = BLOCK_N // 2
-        j = num_tiles - 1
-        n0 = j * BLOCK_N
-        # This warpgroup's rows see keys up to hi - 1: at most the last tile's first half?
-        hi = gl.minimum(first_pos + (WG + 1) * _HALF_M, seq_len)
-        half = hi <= n0 + HALF_N
-        mbarrier.wait(q_bar, done & 1)
-
-        if num_tiles == 1 and half:
-            # One tile, and this warpgroup sees only its first half.
-            s_half = _first_scores(q, k_smem, k_full, k_empty, turn, t, done, WG, STAGES,
-                                   S_HALF_LAYOUT, HALF_N)
-            p_half, acc, m_i, l_i = _half_tile(s_half, acc, m_i, l_i, q_pos, n0, qk_scale,
-                                               dtype, S_LAYOUT, S_HALF_LAYOUT, O_LAYOUT)
-            acc = _last_values(p_half, acc, v_smem, q_empty, v_full, v_empty, turn, t + j,
-                               done, n0, seq_len, WG, STAGES, PERSISTENT, V_ZERO)
-        elif OVERLAP:
-            # Section 0: the first tile's scores alone. Then tile 0's probabilities (the
-            # accumulator is still zero: nothing to rescale), then per tile the next
-            # tile's scores and softmax under this one's values; the last tile's scores at
-            # half width where this warpgroup sees only its first half.
-            s = _first_scores(q, k_smem, k_full, k_empty, turn, t, done, WG, STAGES,
-                              S_LAYOUT, BLOCK_N)
-            if num_full > 0:
-                p, alpha, m_i, l_i = _probabilities(s, m_i, l_i, q_pos, 0, qk_scale, False,
-                                                    S_LAYOUT, O_LAYOUT)
-            else:
-                p, alpha, m_i, l_i = _probabilities(s, m_i, l_i, q_pos, 0, qk_scale, True,
-                                                    S_LAYOUT, O_LAYOUT)
-            for jj in range(0, num_full - 1):
-                p, acc, m_i, l_i = _scores_then_values(
-                    p, acc, m_i, l_i, q, q_pos, qk_scale, k_smem, v_smem, k_full, k_empty,
-                    v_full, v_empty, turn, sink, jj, t, done, WG, STAGES, False, S_LAYOUT,
-                    O_LAYOUT, S_LAYOUT, BLOCK_N)
-            for jj in range(gl.maximum(num_full - 1, 0), num_tiles - 2):
-                p, acc, m_i, l_i = _scores_then_values(
-                    p, acc, m_i, l_i, q, q_pos, qk_scale, k_smem, v_smem, k_full, k_empty,
-                    v_full, v_empty, turn, sink, jj, t, done, WG, STAGES, True, S_LAYOUT,
-                    O_LAYOUT, S_LAYOUT, BLOCK_N)
-            if num_tiles > 1 and half:
-                p_half, acc, m_i, l_i = _scores_then_values(
-                    p, acc, m_i, l_i, q, q_pos, qk_scale, k_smem, v_smem, k_full, k_empty,
-                    v_full, v_empty, turn, sink, j - 1, t, done, WG, STAGES, True, S_LAYOUT,
-                    O_LAYOUT, S_HALF_LAYOUT, HALF_N)
-                acc = _last_values(_operand(p_half, dtype, O_LAYOUT), acc, v_smem, q_empty,
-                                   v_full, v_empty, turn, t + j, done, n0, seq_len, WG,
-                                   STAGES, PERSISTENT, V_ZERO)
-            else:
-                if num_tiles > 1:
-                    p, acc, m_i, l_i = _scores_then_values(
-                        p, acc, m_i, l_i, q, q_pos, qk_scale, k_smem, v_smem, k_full,
-                        k_empty, v_full, v_empty, turn, sink, j - 1, t, done, WG, STAGES,
-                        True, S_LAYOUT, O_LAYOUT, S_LAYOUT, BLOCK_N)
-                acc = _last_values(_operand(p, dtype, O_LAYOUT), acc, v_smem, q_empty, v_full,
-                                   v_empty, turn, t + j, done, n0, seq_len, WG, STAGES,
-                                   PERSISTENT, V_ZERO)
-        else:
-            s = _first_scores(q, k_smem, k_full, k_empty, turn, t, done, WG, STAGES,
-                              S_LAYOUT, BLOCK_N)
-            # Tiles before the last two: this tile's softmax, then its values and the next
-            # tile's scores.
-            mid = gl.minimum(num_full, num_tiles - 2)
-            for jj in range(0, mid):
-                p, acc, m_i, l_i = _softmax(s, acc, m_i, l_i, q_pos, jj * BLOCK_N, qk_scale,
-                                            dtype, False, S_LAYOUT, O_LAYOUT)
-                acc, s = _values_then_scores(p, acc, q, k_smem, v_smem, k_full, k_empty,
-                                             v_full, v_empty, turn, jj, t, done, WG, STAGES,
-                                             S_LAYOUT, BLOCK_N)
-            for jj in range(mid, num_tiles - 2):
-                p, acc, m_i, l_i = _softmax(s, acc, m_i, l_i, q_pos, jj * BLOCK_N, qk_scale,
-                                            dtype, True, S_LAYOUT, O_LAYOUT)
-                acc, s = _values_then_scores(p, acc, q, k_smem, v_smem, k_full, k_empty,
-                                             v_full, v_empty, turn, jj, t, done, WG, STAGES,
-                                             S_LAYOUT, BLOCK_N)
-            if num_tiles == 1:
-                p, acc, m_i, l_i = _softmax(s, acc, m_i, l_i, q_pos, n0, qk_scale, dtype,
-                                            True, S_LAYOUT, O_LAYOUT)
-                acc = _last_values(p, acc, v_smem, q_empty, v_full, v_empty, turn, t + j,
-                                   done, n0, seq_len, WG, STAGES, PERSISTENT, V_ZERO)
-            else:
-                # The tile before the last, then the last tile (it holds the diagonal, and
-                # maybe keys past the sequence), at half width where this warpgroup sees
-                # only its first half.
-                if num_tiles - 2 < num_full:
-                    p, acc, m_i, l_i = _softmax(s, acc, m_i, l_i, q_pos, n0 - BLOCK_N,
-                                                qk_scale, dtype, False, S_LAYOUT, O_LAYOUT)
-                else:
-                    p, acc, m_i, l_i = _softmax(s, acc, m_i, l_i, q_pos, n0 - BLOCK_N,
-                                                qk_scale, dtype, True, S_LAYOUT, O_LAYOUT)
-                if half:
-                    acc, s_half = _values_then_scores(p, acc, q, k_smem, v_smem, k_full,
-                                                      k_empty, v_full, v_empty, turn, j - 1,
-                                                      t, done, WG, STAGES, S_HALF_LAYOUT,
-                                                      HALF_N)
-                    p_half, acc, m_i, l_i = _half_tile(s_half, acc, m_i, l_i, q_pos, n0,
-                                                       qk_scale, dtype, S_LAYOUT,
-                                                       S_HALF_LAYOUT, O_LAYOUT)
-                    acc = _last_values(p_half, acc, v_smem, q_empty, v_full, v_empty, turn,
-                                       t + j, done, n0, seq_len, WG, STAGES, PERSISTENT,
-                                       V_ZERO)
-                else:
-                    acc, s = _values_then_scores(p, acc, q, k_smem, v_smem, k_full, k_empty,
-                                                 v_full, v_empty, turn, j - 1, t, done, WG,
-                                                 STAGES, S_LAYOUT, BLOCK_N)
-                    p, acc, m_i, l_i = _softmax(s, acc, m_i, l_i, q_pos, n0, qk_scale,
-                                                dtype, True, S_LAYOUT, O_LAYOUT)
-                    acc = _last_values(p, acc, v_smem, q_empty, v_full, v_empty, turn,
-                                       t + j, done, n0, seq_len, WG, STAGES, PERSISTENT,
-                                       V_ZERO)
-
-        return acc, l_i
-
-    @gluon.jit
-    def _consume(q_smem, k_smem, v_smem, q_bar, q_empty, k_full, k_empty, v_full, v_empty,
-                 turn, sink, out_ptr, stride_ot, stride_oh, q_row, head, first_pos, seq_len,
-                 num_tiles, num_full, qk_scale, t, done, WG: gl.constexpr,
-                 STAGES: gl.constexpr, OVERLAP: gl.constexpr, PERSISTENT: gl.constexpr,
-                 HALF_DIAGONAL: gl.constexpr, S_LAYOUT: gl.constexpr,
-                 S_HALF_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr, V_ZERO: gl.constexpr):
-        """One consumer warpgroup's rows of an item with at least one key tile (``t``: key
-        tiles the program's earlier items put through the ring; ``done``: its earlier items
-        with work, each of ``t + 1`` turns)."""
-        rows = gl.arange(0, _HALF_M, layout=gl.SliceLayout(1, S_LAYOUT))
-        q_pos = first_pos + WG * _HALF_M + rows
-        if HALF_DIAGONAL:
-            acc, l_i = _attend_halving(q_smem, q_pos, k_smem, v_smem, q_bar, q_empty, k_full,
-                                       k_empty, v_full, v_empty, turn, sink, first_pos,
-                                       seq_len, num_tiles, num_full, qk_scale, t, done, WG,
-                                       STAGES, OVERLAP, PERSISTENT, S_LAYOUT, S_HALF_LAYOUT,
-                                       O_LAYOUT, V_ZERO)
-        else:
-            acc, l_i = _attend_whole(q_smem, q_pos, k_smem, v_smem, q_bar, q_empty, k_full,
-                                     k_empty, v_full, v_empty, turn, sink, seq_len, num_tiles,
-                                     num_full, qk_scale, t, done, WG, STAGES, OVERLAP,
-                                     PERSISTENT, S_LAYOUT, O_LAYOUT, V_ZERO)
 
         l_o = gl.convert_layout(l_i, gl.SliceLayout(1, O_LAYOUT))
         o = (acc / l_o[:, None]).to(out_ptr.dtype.element_ty)
@@ -775,9 +541,8 @@ if gluon is not None and TensorDescriptor is not None:
             stride_ot, stride_oh, qk_scale, num_items, num_heads,
             GROUP: gl.constexpr, BLOCK_SIZE: gl.constexpr, BLOCK_N: gl.constexpr,
             STAGES: gl.constexpr, OVERLAP: gl.constexpr, PERSISTENT: gl.constexpr,
-            HALF_DIAGONAL: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-            LOAD_REGS: gl.constexpr, S_LAYOUT: gl.constexpr, S_HALF_LAYOUT: gl.constexpr,
-            O_LAYOUT: gl.constexpr,
+            CONSUMER_REGS: gl.constexpr,
+            LOAD_REGS: gl.constexpr, S_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr,
             SMEM: gl.constexpr, TABLE: gl.constexpr, V_ZERO: gl.constexpr,
             SINK: gl.constexpr):
         if PERSISTENT:
@@ -829,14 +594,12 @@ if gluon is not None and TensorDescriptor is not None:
                 q_smem, k_smem, v_smem, q_bar, q_empty, k_full, k_empty, v_full, v_empty, turn,
                 sinks, out_ptr, stride_ot, stride_oh, tiles_ptr, q_row, head, first_pos,
                 seq_len, num_tiles, num_full, num_items, num_heads, qk_scale, 0, STAGES,
-                OVERLAP, PERSISTENT, HALF_DIAGONAL, S_LAYOUT, S_HALF_LAYOUT, O_LAYOUT,
-                V_ZERO)),
+                OVERLAP, PERSISTENT, S_LAYOUT, O_LAYOUT, V_ZERO)),
             (_consumer_partition, (
                 q_smem, k_smem, v_smem, q_bar, q_empty, k_full, k_empty, v_full, v_empty, turn,
                 sinks, out_ptr, stride_ot, stride_oh, tiles_ptr, q_row, head, first_pos,
                 seq_len, num_tiles, num_full, num_items, num_heads, qk_scale, 1, STAGES,
-                OVERLAP, PERSISTENT, HALF_DIAGONAL, S_LAYOUT, S_HALF_LAYOUT, O_LAYOUT,
-                V_ZERO)),
+                OVERLAP, PERSISTENT, S_LAYOUT, O_LAYOUT, V_ZERO)),
             (_load_partition, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, q_empty,
                                k_full, k_empty, v_full, v_empty, bt_ptr, stride_bt, tiles_ptr,
                                req, q_row, head, seq_len, num_tiles, num_items, num_heads,
@@ -875,7 +638,6 @@ def gluon_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor,
                             tiles: torch.Tensor | None = None, *, block_n: int = BLOCK_N,
                             stages: int = STAGES, overlap: bool = OVERLAP,
                             persistent: bool = PERSISTENT,
-                            half_diagonal: bool = HALF_DIAGONAL,
                             consumer_regs: int = CONSUMER_REGS, load_regs: int = LOAD_REGS,
                             max_regs: int = MAX_REGS, check: bool = True) -> torch.Tensor:
     """Causal prefill/extend attention as ``prefill_attention`` (arguments alike; the batch
@@ -896,8 +658,6 @@ def gluon_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor,
         block_n, stages: keys per tile (64 or 128) and ring buffers (2+), for sweeps.
         overlap: run the next tile's softmax under this tile's P @ V (see ``OVERLAP``).
         persistent: a program per SM walking the items (see ``PERSISTENT``).
-        half_diagonal: score and read only the first half of the last key tile where a
-            consumer's rows see no more of it (see ``HALF_DIAGONAL``).
         consumer_regs, load_regs, max_regs: registers per thread of the second consumer
             warpgroup and the load warp, and the kernel's limit (the first consumer gets
             the rest), for sweeps.
@@ -943,7 +703,6 @@ def gluon_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor,
         block_tables.stride(0), out.stride(0), out.stride(1), float(scale) * _LOG2E,
         num_items, num_heads, GROUP=num_heads // num_kv_heads, BLOCK_SIZE=block_size,
         BLOCK_N=block_n, STAGES=stages, OVERLAP=bool(overlap),
-        PERSISTENT=bool(persistent), HALF_DIAGONAL=bool(half_diagonal),
-        CONSUMER_REGS=consumer_regs,
+        PERSISTENT=bool(persistent), CONSUMER_REGS=consumer_regs,
         LOAD_REGS=load_regs, **layouts, num_warps=4, maxnreg=max_regs)
     return out

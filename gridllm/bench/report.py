@@ -12,8 +12,7 @@ from typing import Any
 # The environment variables that switch the worker's kernel paths (docs/architecture.md),
 # recorded with each result where set, so an A/B run's files say which side they are.
 KERNEL_SWITCHES = ("GRIDLLM_GEMV_MAX_ROWS", "GRIDLLM_LAUNCH_DEPENDENT", "GRIDLLM_FP8_WORDS",
-                   "GRIDLLM_PREFILL_TMA", "GRIDLLM_GLUON_PREFILL",
-                   "GRIDLLM_GLUON_HALF_DIAGONAL", "GRIDLLM_GLUON_DECODE",
+                   "GRIDLLM_PREFILL_TMA", "GRIDLLM_GLUON_PREFILL", "GRIDLLM_GLUON_DECODE",
                    "GRIDLLM_MMA_GEMV", "GRIDLLM_GEMV_F16", "GRIDLLM_SPLIT_ONE_TOKEN",
                    "GRIDLLM_PIECEWISE_GRAPHS", "GRIDLLM_PIECEWISE_MAX_TOKENS",
                    "GRIDLLM_CHUNK_ATTENTION", "GRIDLLM_DIRECT_LAUNCH", "GRIDLLM_EARLY_READS")

@@ -5,7 +5,6 @@ it)"""
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import pathlib
@@ -115,39 +114,12 @@ def test_the_switch_is_on_by_default_and_sends_only_what_the_kernel_serves():
 
 
 @pytest.mark.skipif(not _HAS_GLUON_HOPPER, reason="Triton without Gluon's Hopper API")
-def test_half_diagonal_defaults_to_the_modules_switch():
-    """The last key tile at half width is an option of the launch, its default the
-    module's ``HALF_DIAGONAL``: off until measured on a GPU, on with
-    ``GRIDLLM_GLUON_HALF_DIAGONAL=1``; another value is refused naming the variable."""
-    params = inspect.signature(gpa.gluon_prefill_attention).parameters
-    assert params["half_diagonal"].default is gpa.HALF_DIAGONAL
-    root = pathlib.Path(__file__).resolve().parents[2]
-    env = {k: v for k, v in os.environ.items() if k != "GRIDLLM_GLUON_HALF_DIAGONAL"}
-    check = ("import inspect, kernels.gluon_prefill_attention as g; "
-             "d = inspect.signature(g.gluon_prefill_attention).parameters['half_diagonal']; "
-             "print(g.HALF_DIAGONAL, d.default)")
-    for value, expected in ((None, "False False"), ("1", "True True"), ("0", "False False")):
-        done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
-                              timeout=_CASE_TIMEOUT_S, cwd=root,
-                              env=env if value is None
-                              else dict(env, GRIDLLM_GLUON_HALF_DIAGONAL=value))
-        assert done.returncode == 0, done.stderr[-3000:]
-        assert done.stdout.split("\n")[-2] == expected
-    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
-                          timeout=_CASE_TIMEOUT_S, cwd=root,
-                          env=dict(env, GRIDLLM_GLUON_HALF_DIAGONAL="on"))
-    assert done.returncode != 0
-    assert "GRIDLLM_GLUON_HALF_DIAGONAL must be 0 or 1" in done.stderr
-
-
-@pytest.mark.skipif(not _HAS_GLUON_HOPPER, reason="Triton without Gluon's Hopper API")
-@pytest.mark.parametrize("block_size,block_n,overlap,persistent,half",
-                         [(16, 128, False, False, False), (64, 64, False, False, False),
-                          (256, 128, False, False, False), (16, 128, True, False, False),
-                          (64, 64, True, False, False), (16, 128, True, True, False),
-                          (16, 128, False, True, True), (64, 64, True, False, True)])
-def test_a_load_warp_feeds_two_consumer_warpgroups(block_size, block_n, overlap, persistent,
-                                                   half):
+@pytest.mark.parametrize("block_size,block_n,overlap,persistent",
+                         [(16, 128, False, False), (64, 64, False, False),
+                          (256, 128, False, False), (16, 128, True, False),
+                          (64, 64, True, False), (16, 128, True, True),
+                          (16, 128, False, True)])
+def test_a_load_warp_feeds_two_consumer_warpgroups(block_size, block_n, overlap, persistent):
     """Compiled for sm_90: the load warp issues a bulk copy per cache block and half head of
     each key and value tile (plus four for the query tile), the block numbers of the next
     tile in one load before it waits for a free stage (so no copy waits on a load of its
@@ -157,15 +129,13 @@ def test_a_load_warp_feeds_two_consumer_warpgroups(block_size, block_n, overlap,
     retired before the softmax; with it, in the machine code of the main loop, the softmax
     (every ``exp2``) runs after the scores' product is retired and before P @ V is. The
     persistent launch (each partition walking the program's items) compiles to the same
-    consumers and copies. With ``half`` (``HALF_DIAGONAL``) the last tile's scores also run
-    at half width, and its step is unrolled out of the main loop, which stays as it was."""
+    consumers and copies."""
     pytest.importorskip("triton.backends.nvidia.compiler")
     ptx, sass = compile_for_sm90(
         "kernels.gluon_prefill_attention", "_gluon_prefill_attention_kernel", block_n,
         dict(bt_ptr="*i32", tiles_ptr="*i32", out_ptr="*bf16"),
         dict(GROUP=4, BLOCK_SIZE=block_size, BLOCK_N=block_n, STAGES=2, OVERLAP=overlap,
-             PERSISTENT=persistent, HALF_DIAGONAL=half, CONSUMER_REGS=240,
-             LOAD_REGS=24),
+             PERSISTENT=persistent, CONSUMER_REGS=240, LOAD_REGS=24),
         floats=("qk_scale",),
         descriptors=dict(desc_q=((256, 4096), [64, 128], "bfloat16"),
                          desc_k=((4096, 1024), [min(block_size, block_n), 64], "bfloat16"),
@@ -182,16 +152,7 @@ def test_a_load_warp_feeds_two_consumer_warpgroups(block_size, block_n, overlap,
     # Per consumer: the first tile's scores, two loops of values and scores, the last
     # tile's values (one wgmma per 16 of the reduction dim).
     per_consumer = 128 // 16 + 2 * (128 // 16 + block_n // 16) + block_n // 16
-    half_scores = re.findall(rf"wgmma\.mma_async\.sync\.aligned\.m64n{block_n // 2}k16", ptx)
-    if half:
-        # The last tile's scores also at half width where a consumer's rows see only its
-        # first half (alone, or after the tile before's values): 128 / 16 products each;
-        # the unrolled last step adds its own copies of the whole-width products.
-        assert len(half_scores) == 2 * 2 * 128 // 16
-        assert ptx.count("wgmma.mma_async") >= 2 * per_consumer + len(half_scores)
-    else:
-        assert ptx.count("wgmma.mma_async") == 2 * per_consumer
-        assert not half_scores
+    assert ptx.count("wgmma.mma_async") == 2 * per_consumer
     waits = set(re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx))
     assert waits == ({"0", "1"} if overlap else {"0"})
     assert re.search(r"setmaxnreg\.inc\.sync\.aligned\.u32\s+240", ptx)
@@ -283,20 +244,6 @@ print(json.dumps(results))
       dict(persistent=False)),
      ([700, 1000], [130, 300], 32, 4, 64, "bfloat16", dict(persistent=False)),
      ([2048, 2048], [2048, 2048], 32, 8, 16, "bfloat16", dict(stages=2))],
-    # The last key tile at half width where a consumer sees only its first half: query
-    # tiles aligned with the keys (the first warpgroup halves every item's last tile), a
-    # cached prefix whose query tiles are not (both warpgroups halve, or the first sees
-    # none of the last tile), a last query tile of fewer than 64 rows, 64-key tiles (32-key
-    # halves), the overlap, a program per item.
-    [([4096, 1024, 128], [4096, 512, 128], 16, 4, 16, "bfloat16", dict(half_diagonal=True)),
-     ([900, 700, 1000, 64], [900, 130, 1000, 64], 8, 2, 64, "bfloat16",
-      dict(half_diagonal=True)),
-     ([900, 700, 1000], [900, 130, 1000], 8, 2, 16, "float16",
-      dict(half_diagonal=True, block_n=64)),
-     ([4096, 700, 1000, 64], [4096, 130, 1000, 64], 16, 4, 16, "bfloat16",
-      dict(half_diagonal=True, overlap=True)),
-     ([900, 700, 1000, 1], [900, 130, 1000, 1], 8, 2, 64, "bfloat16",
-      dict(half_diagonal=True, persistent=False))],
     # Through prefill_attention with one-query requests sent to the decode kernel: among
     # chunks, first, with a long context (split-KV), and a batch of them only.
     [([40, 1000, 90, 33, 500, 7], [1, 400, 2, 1, 500, 1], 8, 2, 16, "bfloat16",
@@ -304,8 +251,7 @@ print(json.dumps(results))
      ([300, 77, 1000], [1, 1, 1000], 16, 4, 64, "bfloat16", dict(split_one_token=True)),
      ([129, 20000, 300], [129, 1, 64], 32, 8, 16, "float16", dict(split_one_token=True)),
      ([129, 70], [64, 1], 8, 2, 16, "bfloat16", dict(split_one_token=False))],
-], ids=["defaults", "launches", "overlap", "per_item", "half_diagonal",
-        "split_one_token"])
+], ids=["defaults", "launches", "overlap", "per_item", "split_one_token"])
 def test_matches_reference_gpu(cases):
     done = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(cases)],
                           capture_output=True, text=True, timeout=_CASE_TIMEOUT_S,
