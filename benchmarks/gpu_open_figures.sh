@@ -22,6 +22,9 @@
 #   prefill_vs_sdpa      the served prefill kernel and torch SDPA timed in turns
 #   prefill_launches_ab  the same at 4 x 4096 tokens, five rounds, with the Gluon
 #                        kernel's overlap, two stages and both in the turns too
+#   item_lead_ab         the same at 4 x 4096, 16 x 1024 and 64 x 256 tokens, with the
+#                        persistent launch's next query tile in a second buffer (two
+#                        stages), the next item's row read early, and both, in the turns
 #   prefill_mixed        prefill attention on a step of one chunk among 200 one-token
 #                        requests (served, gathered, without the split by either
 #                        launch, each part alone): GPU time, host time per call, and a
@@ -187,6 +190,9 @@ GRIDLLM_GLUON_PREFILL=0 step gluon_prefill_sweep 200 $PY benchmarks/attention_sw
 step prefill_vs_sdpa 60 $PY benchmarks/prefill_vs_sdpa.py --output "$OUT/prefill_vs_sdpa.json"
 step prefill_launches_ab 150 $PY benchmarks/prefill_vs_sdpa.py --rounds 5 \
   --alt overlap=1 stages=2 overlap=1,stages=2 --output "$OUT/prefill_launches_ab.json"
+step item_lead_ab 200 $PY benchmarks/prefill_vs_sdpa.py --rounds 4 --rep-ms 100 \
+  --shapes 4x4096 16x1024 64x256 --alt next_row=1 stages=2 query_buffers=2,stages=2 \
+  query_buffers=2,stages=2,next_row=1 --output "$OUT/item_lead_ab.json"
 step prefill_mixed 60 $PY benchmarks/prefill_mixed.py --profile --output "$OUT/prefill_mixed.json"
 # Every decode-attention test on the GPU (the default launches as served).
 step decode_tests 120 $PY -m pytest -q -p no:cacheprovider -rf --maxfail=3 \

@@ -117,6 +117,17 @@ OVERLAP = False
 # program per item with the overlap (the best of those); a step of one 2,048-token chunk
 # among 200 one-token requests 827 us against 888.
 PERSISTENT = True
+# The persistent launch's query tiles in shared memory: with 2, the load warp copies the
+# next item's query tile as soon as it reaches that item's first key tile, instead of once
+# the consumers have released the current item's (two tiles of 32 KB: fits beside two
+# stages of 128-key tiles, not three). A program per item has one item: always 1.
+QUERY_BUFFERS = 1
+# Whether the persistent launch's consumers read the next item's row of the tile list
+# before this item's work (its load's round trip then runs under the work) instead of
+# after it.
+NEXT_ROW = False
+# Shared memory a block may have on Hopper (227 KB).
+_MAX_SMEM = 232448
 # Registers per thread: the kernel's limit over its 12 warps (a whole register file),
 # the load warp's and the second consumer's; the first consumer gets what is left (240).
 MAX_REGS = 168
@@ -191,11 +202,22 @@ if gluon is not None and TensorDescriptor is not None:
                           pieces.slice(h * BLOCK_N + p * PIECE, PIECE))
 
     @gluon.jit
-    def _load_query(desc_q, q_smem, q_bar, q_row, q_col):
-        """Bulk copies of the item's query tile (two halves of 64 rows) into ``q_smem``."""
+    def _query_buffer(done, q_smem):
+        """The query buffer of a program's item that follows ``done`` items with work, and
+        the phase its barriers complete for that item (``q_smem``: two halves a buffer)."""
+        BUFFERS: gl.constexpr = q_smem.shape[0] // 2
+        if BUFFERS == 1:
+            return 0, done & 1
+        else:
+            return done % BUFFERS, done // BUFFERS & 1
+
+    @gluon.jit
+    def _load_query(desc_q, q_smem, q_bar, buf, q_row, q_col):
+        """Bulk copies of the item's query tile (two halves of 64 rows) into buffer ``buf``
+        of ``q_smem``, completing ``q_bar``."""
         mbarrier.expect(q_bar, 2 * desc_q.block_type.nbytes)
-        _tma_load(desc_q, [q_row, q_col], q_bar, q_smem.index(0))
-        _tma_load(desc_q, [q_row + _HALF_M, q_col], q_bar, q_smem.index(1))
+        _tma_load(desc_q, [q_row, q_col], q_bar, q_smem.index(2 * buf))
+        _tma_load(desc_q, [q_row + _HALF_M, q_col], q_bar, q_smem.index(2 * buf + 1))
 
     @gluon.jit
     def _load_item(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, q_empty, k_full,
@@ -208,7 +230,7 @@ if gluon is not None and TensorDescriptor is not None:
         ``done``: its earlier items with work). Persistent, the query tile follows the
         first key tile, once the consumers have released the previous item's."""
         if not PERSISTENT and num_tiles > 0:
-            _load_query(desc_q, q_smem, q_bar, q_row, q_col)
+            _load_query(desc_q, q_smem, q_bar.index(0), 0, q_row, q_col)
         k_pieces = _as_pieces(k_smem, SMEM)
         v_pieces = _as_pieces(v_smem, SMEM)
         tile_bytes: gl.constexpr = BLOCK_N * _D * 2
@@ -233,8 +255,9 @@ if gluon is not None and TensorDescriptor is not None:
                 if j == 0:
                     # The first key tile is on its way (it needs only a free stage); the
                     # query tile waits for the consumers to release the last item's.
-                    mbarrier.wait(q_empty, (done & 1) ^ 1)
-                    _load_query(desc_q, q_smem, q_bar, q_row, q_col)
+                    buf, phase_q = _query_buffer(done, q_smem)
+                    mbarrier.wait(q_empty.index(buf), phase_q ^ 1)
+                    _load_query(desc_q, q_smem, q_bar.index(buf), buf, q_row, q_col)
             mbarrier.wait(v_empty.index(stage), phase)
             mbarrier.expect(v_full.index(stage), tile_bytes)
             _copy_tile(desc_v, v_pieces.index(stage), v_full.index(stage), blocks, n0,
@@ -418,15 +441,32 @@ if gluon is not None and TensorDescriptor is not None:
                             q_row, head, first_pos, seq_len, num_tiles, num_full, num_items,
                             num_heads, qk_scale, WG: gl.constexpr, STAGES: gl.constexpr,
                             OVERLAP: gl.constexpr, PERSISTENT: gl.constexpr,
-                            S_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr,
-                            V_ZERO: gl.constexpr):
+                            NEXT_ROW: gl.constexpr, S_LAYOUT: gl.constexpr,
+                            O_LAYOUT: gl.constexpr, V_ZERO: gl.constexpr):
         BLOCK_N: gl.constexpr = k_smem.shape[1]
         if PERSISTENT:
             t = num_items * 0
             done = num_items * 0
+            if NEXT_ROW:
+                _, n_row, n_pos, n_len, n_tiles, _, n_head = _persistent_item(
+                    tiles_ptr, 0, num_items, num_heads, BLOCK_N)
             for k in range(gl.cdiv(num_items, gl.num_programs(0))):
-                req, q_row, first_pos, seq_len, num_tiles, num_full, head = _persistent_item(
-                    tiles_ptr, k, num_items, num_heads, BLOCK_N)
+                if NEXT_ROW:
+                    # The next item's row is read before this item's work, so its load's
+                    # round trip is not waited for between items. (Its unmasked tiles are
+                    # counted again here: carried through the loop, Triton 3.6 loses them
+                    # and every item reads the first one's.)
+                    q_row = n_row
+                    first_pos = n_pos
+                    seq_len = n_len
+                    num_tiles = n_tiles
+                    head = n_head
+                    num_full = gl.minimum((first_pos + 1) // BLOCK_N, num_tiles - 1)
+                    _, n_row, n_pos, n_len, n_tiles, _, n_head = _persistent_item(
+                        tiles_ptr, k + 1, num_items, num_heads, BLOCK_N)
+                else:
+                    req, q_row, first_pos, seq_len, num_tiles, num_full, head = \
+                        _persistent_item(tiles_ptr, k, num_items, num_heads, BLOCK_N)
                 if num_tiles > 0:
                     _consume(q_smem, k_smem, v_smem, q_bar, q_empty, k_full, k_empty, v_full,
                              v_empty, turn, sinks.index(WG), out_ptr, stride_ot, stride_oh,
@@ -452,7 +492,8 @@ if gluon is not None and TensorDescriptor is not None:
         with work, each of ``t + 1`` turns)."""
         BLOCK_N: gl.constexpr = k_smem.shape[1]
         dtype: gl.constexpr = k_smem.dtype
-        q = q_smem.index(WG)
+        buf, phase_q = _query_buffer(done, q_smem)
+        q = q_smem.index(2 * buf + WG)
         rows = gl.arange(0, _HALF_M, layout=gl.SliceLayout(1, S_LAYOUT))
         q_pos = first_pos + WG * _HALF_M + rows
         m_i = gl.full([_HALF_M], float("-inf"), gl.float32, gl.SliceLayout(1, S_LAYOUT))
@@ -460,7 +501,7 @@ if gluon is not None and TensorDescriptor is not None:
         acc = gl.zeros([_HALF_M, _D], gl.float32, O_LAYOUT)
 
         # Section 0: the first tile's scores alone.
-        mbarrier.wait(q_bar, done & 1)
+        mbarrier.wait(q_bar.index(buf), phase_q)
         mbarrier.wait(k_full.index(t % STAGES), t // STAGES & 1)
         _my_turn(turn, WG, t + done)
         s = warpgroup_mma(q, k_smem.index(t % STAGES).permute((1, 0)),
@@ -513,7 +554,7 @@ if gluon is not None and TensorDescriptor is not None:
         if PERSISTENT:
             # Every product that reads the query tile is retired: the load warp may bring
             # the next item's.
-            mbarrier.arrive(q_empty)
+            mbarrier.arrive(q_empty.index(buf))
         g = t + j
         stage = g % STAGES
         mbarrier.wait(v_full.index(stage), g // STAGES & 1)
@@ -541,7 +582,7 @@ if gluon is not None and TensorDescriptor is not None:
             stride_ot, stride_oh, qk_scale, num_items, num_heads,
             GROUP: gl.constexpr, BLOCK_SIZE: gl.constexpr, BLOCK_N: gl.constexpr,
             STAGES: gl.constexpr, OVERLAP: gl.constexpr, PERSISTENT: gl.constexpr,
-            CONSUMER_REGS: gl.constexpr,
+            QUERY_BUFFERS: gl.constexpr, NEXT_ROW: gl.constexpr, CONSUMER_REGS: gl.constexpr,
             LOAD_REGS: gl.constexpr, S_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr,
             SMEM: gl.constexpr, TABLE: gl.constexpr, V_ZERO: gl.constexpr,
             SINK: gl.constexpr):
@@ -563,13 +604,14 @@ if gluon is not None and TensorDescriptor is not None:
                 tiles_ptr, gl.program_id(1), BLOCK_N)
         dtype: gl.constexpr = desc_k.dtype
 
-        q_smem = gl.allocate_shared_memory(dtype, [2, _HALF_M, _D], SMEM)
+        # QUERY_BUFFERS query tiles, each two halves of 64 rows (a consumer's each).
+        q_smem = gl.allocate_shared_memory(dtype, [2 * QUERY_BUFFERS, _HALF_M, _D], SMEM)
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, _D], SMEM)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, _D], SMEM)
         bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
-        q_bar = gl.allocate_shared_memory(gl.int64, [1, 1], bar_layout).index(0)
+        q_bar = gl.allocate_shared_memory(gl.int64, [QUERY_BUFFERS, 1], bar_layout)
         # (Persistent: the consumers' release of the query tile for the next item's.)
-        q_empty = gl.allocate_shared_memory(gl.int64, [1, 1], bar_layout).index(0)
+        q_empty = gl.allocate_shared_memory(gl.int64, [QUERY_BUFFERS, 1], bar_layout)
         k_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
         k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
         v_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
@@ -577,8 +619,9 @@ if gluon is not None and TensorDescriptor is not None:
         turn = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
         # Each consumer's row sums, stored and never read (see _scores_then_values).
         sinks = gl.allocate_shared_memory(gl.float32, [2, _HALF_M], SINK)
-        mbarrier.init(q_bar, count=1)
-        mbarrier.init(q_empty, count=2)
+        for i in gl.static_range(QUERY_BUFFERS):
+            mbarrier.init(q_bar.index(i), count=1)
+            mbarrier.init(q_empty.index(i), count=2)
         for i in gl.static_range(STAGES):
             mbarrier.init(k_full.index(i), count=1)
             mbarrier.init(v_full.index(i), count=1)
@@ -594,12 +637,12 @@ if gluon is not None and TensorDescriptor is not None:
                 q_smem, k_smem, v_smem, q_bar, q_empty, k_full, k_empty, v_full, v_empty, turn,
                 sinks, out_ptr, stride_ot, stride_oh, tiles_ptr, q_row, head, first_pos,
                 seq_len, num_tiles, num_full, num_items, num_heads, qk_scale, 0, STAGES,
-                OVERLAP, PERSISTENT, S_LAYOUT, O_LAYOUT, V_ZERO)),
+                OVERLAP, PERSISTENT, NEXT_ROW, S_LAYOUT, O_LAYOUT, V_ZERO)),
             (_consumer_partition, (
                 q_smem, k_smem, v_smem, q_bar, q_empty, k_full, k_empty, v_full, v_empty, turn,
                 sinks, out_ptr, stride_ot, stride_oh, tiles_ptr, q_row, head, first_pos,
                 seq_len, num_tiles, num_full, num_items, num_heads, qk_scale, 1, STAGES,
-                OVERLAP, PERSISTENT, S_LAYOUT, O_LAYOUT, V_ZERO)),
+                OVERLAP, PERSISTENT, NEXT_ROW, S_LAYOUT, O_LAYOUT, V_ZERO)),
             (_load_partition, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, q_empty,
                                k_full, k_empty, v_full, v_empty, bt_ptr, stride_bt, tiles_ptr,
                                req, q_row, head, seq_len, num_tiles, num_items, num_heads,
@@ -638,6 +681,7 @@ def gluon_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor,
                             tiles: torch.Tensor | None = None, *, block_n: int = BLOCK_N,
                             stages: int = STAGES, overlap: bool = OVERLAP,
                             persistent: bool = PERSISTENT,
+                            query_buffers: int = QUERY_BUFFERS, next_row: bool = NEXT_ROW,
                             consumer_regs: int = CONSUMER_REGS, load_regs: int = LOAD_REGS,
                             max_regs: int = MAX_REGS, check: bool = True) -> torch.Tensor:
     """Causal prefill/extend attention as ``prefill_attention`` (arguments alike; the batch
@@ -658,6 +702,10 @@ def gluon_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor,
         block_n, stages: keys per tile (64 or 128) and ring buffers (2+), for sweeps.
         overlap: run the next tile's softmax under this tile's P @ V (see ``OVERLAP``).
         persistent: a program per SM walking the items (see ``PERSISTENT``).
+        query_buffers: the persistent launch's query tiles in shared memory, 1 or 2 (see
+            ``QUERY_BUFFERS``; a program per item takes 1).
+        next_row: the persistent launch's consumers read the next item's row early (see
+            ``NEXT_ROW``).
         consumer_regs, load_regs, max_regs: registers per thread of the second consumer
             warpgroup and the load warp, and the kernel's limit (the first consumer gets
             the rest), for sweeps.
@@ -671,6 +719,15 @@ def gluon_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor,
                            query_start_loc)
     if block_n not in (64, 128):
         raise ValueError(f"block_n must be 64 or 128, got {block_n}.")
+    if query_buffers not in (1, 2):
+        raise ValueError(f"query_buffers must be 1 or 2, got {query_buffers}.")
+    query_buffers = query_buffers if persistent else 1
+    tiles_bytes = ((2 * query_buffers * HALF_M + 2 * stages * block_n) * HEAD_DIM
+                   * query.element_size())
+    if tiles_bytes > _MAX_SMEM:
+        raise ValueError(f"stages={stages} and query_buffers={query_buffers} need "
+                         f"{tiles_bytes} bytes of shared memory at block_n={block_n}, more "
+                         f"than a block's {_MAX_SMEM}.")
     if out is None:
         out = torch.empty_like(query)
     max_query_len = longest_query(query, query_start_loc, max_query_len)
@@ -703,6 +760,7 @@ def gluon_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor,
         block_tables.stride(0), out.stride(0), out.stride(1), float(scale) * _LOG2E,
         num_items, num_heads, GROUP=num_heads // num_kv_heads, BLOCK_SIZE=block_size,
         BLOCK_N=block_n, STAGES=stages, OVERLAP=bool(overlap),
-        PERSISTENT=bool(persistent), CONSUMER_REGS=consumer_regs,
+        PERSISTENT=bool(persistent), QUERY_BUFFERS=query_buffers, NEXT_ROW=bool(next_row),
+        CONSUMER_REGS=consumer_regs,
         LOAD_REGS=load_regs, **layouts, num_warps=4, maxnreg=max_regs)
     return out

@@ -72,6 +72,21 @@ def test_tiles_of_another_shape_are_refused_naming_them():
                                     max_query_len=80, tiles=torch.zeros(1, 2, dtype=torch.int32))
 
 
+@pytest.mark.parametrize("launch,match", [
+    (dict(query_buffers=3), "query_buffers must be 1 or 2, got 3"),
+    (dict(query_buffers=2), "stages=3 and query_buffers=2 need 262144 bytes"),
+    (dict(stages=4), "stages=4 and query_buffers=1 need 294912 bytes")])
+def test_launches_past_the_shared_memory_are_refused_naming_them(launch, match):
+    query = torch.zeros(80, 4, 128, dtype=torch.bfloat16)
+    cache = torch.zeros(8, 16, 2, 128, dtype=torch.bfloat16)
+    tables = torch.arange(8, dtype=torch.int32)[None]
+    seq = torch.tensor([80], dtype=torch.int32)
+    qsl = torch.tensor([0, 80], dtype=torch.int32)
+    with pytest.raises(ValueError, match=match):
+        gpa.gluon_prefill_attention(query, cache, cache, tables, seq, qsl, 0.1,
+                                    max_query_len=80, **launch)
+
+
 _SWITCHED_ON = r"""
 import torch
 import kernels._utils as utils
@@ -118,7 +133,8 @@ def test_the_switch_is_on_by_default_and_sends_only_what_the_kernel_serves():
                          [(16, 128, False, False), (64, 64, False, False),
                           (256, 128, False, False), (16, 128, True, False),
                           (64, 64, True, False), (16, 128, True, True),
-                          (16, 128, False, True)])
+                          (16, 128, False, True), (16, 128, False, "lead"),
+                          (16, 128, True, "lead")])
 def test_a_load_warp_feeds_two_consumer_warpgroups(block_size, block_n, overlap, persistent):
     """Compiled for sm_90: the load warp issues a bulk copy per cache block and half head of
     each key and value tile (plus four for the query tile), the block numbers of the next
@@ -129,13 +145,15 @@ def test_a_load_warp_feeds_two_consumer_warpgroups(block_size, block_n, overlap,
     retired before the softmax; with it, in the machine code of the main loop, the softmax
     (every ``exp2``) runs after the scores' product is retired and before P @ V is. The
     persistent launch (each partition walking the program's items) compiles to the same
-    consumers and copies."""
+    consumers and copies, also with two query buffers and the next item's row read early
+    (``"lead"``)."""
     pytest.importorskip("triton.backends.nvidia.compiler")
     ptx, sass = compile_for_sm90(
         "kernels.gluon_prefill_attention", "_gluon_prefill_attention_kernel", block_n,
         dict(bt_ptr="*i32", tiles_ptr="*i32", out_ptr="*bf16"),
         dict(GROUP=4, BLOCK_SIZE=block_size, BLOCK_N=block_n, STAGES=2, OVERLAP=overlap,
-             PERSISTENT=persistent, CONSUMER_REGS=240, LOAD_REGS=24),
+             PERSISTENT=bool(persistent), QUERY_BUFFERS=2 if persistent == "lead" else 1,
+             NEXT_ROW=persistent == "lead", CONSUMER_REGS=240, LOAD_REGS=24),
         floats=("qk_scale",),
         descriptors=dict(desc_q=((256, 4096), [64, 128], "bfloat16"),
                          desc_k=((4096, 1024), [min(block_size, block_n), 64], "bfloat16"),
@@ -244,6 +262,17 @@ print(json.dumps(results))
       dict(persistent=False)),
      ([700, 1000], [130, 300], 32, 4, 64, "bfloat16", dict(persistent=False)),
      ([2048, 2048], [2048, 2048], 32, 8, 16, "bfloat16", dict(stages=2))],
+    # The persistent launch with the next item's query tile in a second buffer (two
+    # stages) and the next item's row read early, alone and together: many short items a
+    # program (each buffer reused several times), one-query requests among chunks, cached
+    # prefixes with 64-key tiles and the overlap, 64-key tiles at three stages.
+    [([256] * 48, [256] * 48, 8, 2, 16, "bfloat16", dict(query_buffers=2, stages=2)),
+     ([256] * 48, [256] * 48, 8, 2, 16, "bfloat16", dict(next_row=True)),
+     ([40, 1000, 90, 33, 500, 7], [1, 400, 2, 1, 500, 1], 8, 2, 16, "bfloat16",
+      dict(query_buffers=2, stages=2, next_row=True)),
+     ([700, 1000, 2048], [130, 300, 2048], 32, 4, 64, "float16",
+      dict(query_buffers=2, stages=2, next_row=True, overlap=True, block_n=64)),
+     ([900, 129], [900, 129], 8, 2, 16, "bfloat16", dict(query_buffers=2, block_n=64))],
     # Through prefill_attention with one-query requests sent to the decode kernel: among
     # chunks, first, with a long context (split-KV), and a batch of them only.
     [([40, 1000, 90, 33, 500, 7], [1, 400, 2, 1, 500, 1], 8, 2, 16, "bfloat16",
@@ -251,7 +280,7 @@ print(json.dumps(results))
      ([300, 77, 1000], [1, 1, 1000], 16, 4, 64, "bfloat16", dict(split_one_token=True)),
      ([129, 20000, 300], [129, 1, 64], 32, 8, 16, "float16", dict(split_one_token=True)),
      ([129, 70], [64, 1], 8, 2, 16, "bfloat16", dict(split_one_token=False))],
-], ids=["defaults", "launches", "overlap", "per_item", "split_one_token"])
+], ids=["defaults", "launches", "overlap", "per_item", "item_lead", "split_one_token"])
 def test_matches_reference_gpu(cases):
     done = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(cases)],
                           capture_output=True, text=True, timeout=_CASE_TIMEOUT_S,
