@@ -265,6 +265,12 @@ if gluon is not None and TensorDescriptor is not None:
             blocks = blocks_next
 
     @gluon.jit
+    def _unmasked_tiles(first_pos, num_tiles, BLOCK_N: gl.constexpr):
+        """Of an item's ``num_tiles`` key tiles, those whose last key is at or before its
+        first query (``first_pos``): they need no mask. The last tile always takes one."""
+        return gl.minimum((first_pos + 1) // BLOCK_N, num_tiles - 1)
+
+    @gluon.jit
     def _tile_row(tiles_ptr, slot, BLOCK_N: gl.constexpr):
         """Slot ``slot`` of ``query_tiles`` in one load round trip: the request (0 for an
         empty slot), the first query row, its position, the sequence length, the key
@@ -276,10 +282,8 @@ if gluon is not None and TensorDescriptor is not None:
         seq_len = gl.load(row + 3)
         hi = gl.minimum(first_pos + _BLOCK_M, seq_len)
         num_tiles = gl.where(req >= 0, gl.cdiv(hi, BLOCK_N), 0)
-        # Tiles whose last key is at or before the first query need no mask; the last
-        # tile always takes one.
-        num_full = gl.minimum((first_pos + 1) // BLOCK_N, num_tiles - 1)
-        return gl.maximum(req, 0), q_row, first_pos, seq_len, num_tiles, num_full
+        return (gl.maximum(req, 0), q_row, first_pos, seq_len, num_tiles,
+                _unmasked_tiles(first_pos, num_tiles, BLOCK_N))
 
     @gluon.jit
     def _persistent_item(tiles_ptr, k, num_items, num_heads, BLOCK_N: gl.constexpr):
@@ -461,7 +465,7 @@ if gluon is not None and TensorDescriptor is not None:
                     seq_len = n_len
                     num_tiles = n_tiles
                     head = n_head
-                    num_full = gl.minimum((first_pos + 1) // BLOCK_N, num_tiles - 1)
+                    num_full = _unmasked_tiles(first_pos, num_tiles, BLOCK_N)
                     _, n_row, n_pos, n_len, n_tiles, _, n_head = _persistent_item(
                         tiles_ptr, k + 1, num_items, num_heads, BLOCK_N)
                 else:
