@@ -25,6 +25,8 @@
 #   item_lead_ab         the same at 4 x 4096, 16 x 1024 and 64 x 256 tokens, with the
 #                        persistent launch's next query tile in a second buffer (two
 #                        stages), the next item's row read early, and both, in the turns
+#   prefill_ncu          Nsight Compute over one launch of the served prefill kernel (64 x 256
+#                        and 4 x 4096) and of SDPA (64 x 256): benchmarks/prefill_ncu.sh
 #   prefill_mixed        prefill attention on a step of one chunk among 200 one-token
 #                        requests (served, gathered, without the split by either
 #                        launch, each part alone): GPU time, host time per call, and a
@@ -193,6 +195,7 @@ step prefill_launches_ab 150 $PY benchmarks/prefill_vs_sdpa.py --rounds 5 \
 step item_lead_ab 200 $PY benchmarks/prefill_vs_sdpa.py --rounds 4 --rep-ms 100 \
   --shapes 4x4096 16x1024 64x256 --alt next_row=1 stages=2 query_buffers=2,stages=2 \
   query_buffers=2,stages=2,next_row=1 --output "$OUT/item_lead_ab.json"
+PY=$PY OUT=$OUT step prefill_ncu 300 bash benchmarks/prefill_ncu.sh
 step prefill_mixed 60 $PY benchmarks/prefill_mixed.py --profile --output "$OUT/prefill_mixed.json"
 # Every decode-attention test on the GPU (the default launches as served).
 step decode_tests 120 $PY -m pytest -q -p no:cacheprovider -rf --maxfail=3 \
