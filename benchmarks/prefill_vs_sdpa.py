@@ -5,7 +5,8 @@ H200 depending on when in a script it ran; timing the two in turns, several roun
 both under the same clocks and power. Per round, shape and cache block size: the served
 kernel (``kernels.prefill_attention.prefill_attention`` over a paged cache, whichever kernel
 it dispatches to), each ``--alt`` launch of the Gluon kernel (its keyword arguments, the
-query tiles built once as the served kernel's are) and SDPA (cuDNN's or flash's kernel, as
+query tiles built once as the served kernel's are; ``longest_first=0`` keeps them request by
+request) and SDPA (cuDNN's or flash's kernel, as
 torch picks, on contiguous tensors), each the median of about ``--rep-ms`` of runs with L2
 flushed; then the medians of each over the rounds and of each one's ratio to SDPA.
 
@@ -106,9 +107,13 @@ def main() -> None:
                 for name, launch in zip(names[1:], args.alt, strict=True):
                     if not gpa.serves(q, kc, vc):
                         continue
-                    tiles = cached_query_tiles(
-                        cache, qsl, seq, q.shape[0], tokens, gpa.BLOCK_M,
-                        longest_first=bool(launch.get("persistent", gpa.PERSISTENT)))
+                    launch = dict(launch)
+                    # (longest_first=0: the persistent launch over the tiles request by
+                    # request, each request's tiles together, instead of longest first.)
+                    longest = bool(launch.pop("longest_first",
+                                              launch.get("persistent", gpa.PERSISTENT)))
+                    tiles = cached_query_tiles(cache, qsl, seq, q.shape[0], tokens,
+                                               gpa.BLOCK_M, longest_first=longest)
                     row[name] = tflops(bench(
                         lambda kc=kc, vc=vc, tables=tables, seq=seq, q=q, qsl=qsl,
                         tokens=tokens, tiles=tiles, launch=launch:
