@@ -126,8 +126,15 @@ QUERY_BUFFERS = 1
 # before this item's work (its load's round trip then runs under the work) instead of
 # after it.
 NEXT_ROW = False
+# Whether the consumers store the output in whole 32-byte sectors (``OUT_LAYOUT``: 16 bytes
+# a thread, regrouped within each warp) instead of straight from the wgmma accumulator's
+# layout (4 bytes a thread, half sectors).
+WHOLE_SECTORS = False
 # Shared memory a block may have on Hopper (227 KB).
 _MAX_SMEM = 232448
+# What the exchange into OUT_LAYOUT adds to the launch's shared memory (Triton 3.6 and 3.9
+# make it through a scratch buffer, not shuffles: 3,840 bytes, rounded up).
+_SECTORS_SCRATCH = 4096
 # Registers per thread: the kernel's limit over its 12 warps (a whole register file),
 # the load warp's and the second consumer's; the first consumer gets what is left (240).
 MAX_REGS = 168
@@ -136,14 +143,27 @@ CONSUMER_REGS = 240
 
 
 @functools.cache
-def _layouts(block_n: int) -> dict:
-    """The kernel's register and shared-memory layouts for tiles of ``block_n`` keys."""
+def _layouts(block_n: int, whole_sectors: bool = WHOLE_SECTORS) -> dict:
+    """The kernel's register and shared-memory layouts for tiles of ``block_n`` keys (the
+    output stored as ``OUT_LAYOUT`` with ``whole_sectors``, else as ``O_LAYOUT``)."""
+    o_layout = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                         instr_shape=[16, HEAD_DIM, 16])
     return dict(
         # wgmma accumulators of one warpgroup: S [64, block_n] and O [64, 128].
         S_LAYOUT=gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                            instr_shape=[16, block_n, 16]),
-        O_LAYOUT=gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                           instr_shape=[16, HEAD_DIM, 16]),
+        O_LAYOUT=o_layout,
+        # The output tile as stored with whole_sectors: O_LAYOUT's values regrouped (each
+        # warp its own rows; Triton makes the exchange through a small shared-memory
+        # scratch, _SECTORS_SCRATCH) so each thread holds 8 consecutive columns of a row (a
+        # 16-byte store) and four lanes 64 contiguous bytes, whole 32-byte sectors. In
+        # O_LAYOUT a thread holds 2 (4 bytes) and a row's 4 lanes 16 bytes, half a sector,
+        # so each sector reaches L2 as two partial writes.
+        OUT_LAYOUT=gl.DistributedLinearLayout(
+            reg_bases=[[0, 1], [0, 2], [0, 4], [8, 0], [0, 32], [0, 64]],
+            lane_bases=[[0, 8], [0, 16], [1, 0], [2, 0], [4, 0]],
+            warp_bases=[[16, 0], [32, 0]], block_bases=[], shape=[HALF_M, HEAD_DIM])
+        if whole_sectors else o_layout,
         # 128-byte swizzle: a [rows, 128] tile is two [rows, 64] slabs of 128-byte rows,
         # so the same bytes read as [2 * rows, 64] are the TMA copies' destinations.
         SMEM=gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2),
@@ -446,7 +466,8 @@ if gluon is not None and TensorDescriptor is not None:
                             num_heads, qk_scale, WG: gl.constexpr, STAGES: gl.constexpr,
                             OVERLAP: gl.constexpr, PERSISTENT: gl.constexpr,
                             NEXT_ROW: gl.constexpr, S_LAYOUT: gl.constexpr,
-                            O_LAYOUT: gl.constexpr, V_ZERO: gl.constexpr):
+                            O_LAYOUT: gl.constexpr, OUT_LAYOUT: gl.constexpr,
+                            V_ZERO: gl.constexpr):
         BLOCK_N: gl.constexpr = k_smem.shape[1]
         if PERSISTENT:
             t = num_items * 0
@@ -476,21 +497,22 @@ if gluon is not None and TensorDescriptor is not None:
                              v_empty, turn, sinks.index(WG), out_ptr, stride_ot, stride_oh,
                              q_row, head, first_pos, seq_len, num_tiles, num_full, qk_scale,
                              t, done, WG, STAGES, OVERLAP, PERSISTENT, S_LAYOUT, O_LAYOUT,
-                             V_ZERO)
+                             OUT_LAYOUT, V_ZERO)
                 t += num_tiles
                 done += gl.where(num_tiles > 0, 1, 0)
         elif num_tiles > 0:
             _consume(q_smem, k_smem, v_smem, q_bar, q_empty, k_full, k_empty, v_full, v_empty,
                      turn, sinks.index(WG), out_ptr, stride_ot, stride_oh, q_row, head,
                      first_pos, seq_len, num_tiles, num_full, qk_scale, 0, 0, WG, STAGES,
-                     OVERLAP, PERSISTENT, S_LAYOUT, O_LAYOUT, V_ZERO)
+                     OVERLAP, PERSISTENT, S_LAYOUT, O_LAYOUT, OUT_LAYOUT, V_ZERO)
 
     @gluon.jit
     def _consume(q_smem, k_smem, v_smem, q_bar, q_empty, k_full, k_empty, v_full, v_empty,
                  turn, sink, out_ptr, stride_ot, stride_oh, q_row, head, first_pos, seq_len,
                  num_tiles, num_full, qk_scale, t, done, WG: gl.constexpr,
                  STAGES: gl.constexpr, OVERLAP: gl.constexpr, PERSISTENT: gl.constexpr,
-                 S_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr, V_ZERO: gl.constexpr):
+                 S_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr, OUT_LAYOUT: gl.constexpr,
+                 V_ZERO: gl.constexpr):
         """One consumer warpgroup's rows of an item with at least one key tile (``t``: key
         tiles the program's earlier items put through the ring; ``done``: its earlier items
         with work, each of ``t + 1`` turns)."""
@@ -571,9 +593,9 @@ if gluon is not None and TensorDescriptor is not None:
         mbarrier.arrive(v_empty.index(stage))
 
         l_o = gl.convert_layout(l_i, gl.SliceLayout(1, O_LAYOUT))
-        o = (acc / l_o[:, None]).to(out_ptr.dtype.element_ty)
-        m = WG * _HALF_M + gl.arange(0, _HALF_M, layout=gl.SliceLayout(1, O_LAYOUT))
-        d = gl.arange(0, _D, layout=gl.SliceLayout(0, O_LAYOUT))
+        o = gl.convert_layout((acc / l_o[:, None]).to(out_ptr.dtype.element_ty), OUT_LAYOUT)
+        m = WG * _HALF_M + gl.arange(0, _HALF_M, layout=gl.SliceLayout(1, OUT_LAYOUT))
+        d = gl.arange(0, _D, layout=gl.SliceLayout(0, OUT_LAYOUT))
         out_rows = (q_row + m).to(gl.int64) * stride_ot + head * stride_oh
         # A row is one of the request's queries while its position is in the sequence.
         gl.store(out_ptr + out_rows[:, None] + d[None, :], o,
@@ -588,8 +610,8 @@ if gluon is not None and TensorDescriptor is not None:
             STAGES: gl.constexpr, OVERLAP: gl.constexpr, PERSISTENT: gl.constexpr,
             QUERY_BUFFERS: gl.constexpr, NEXT_ROW: gl.constexpr, CONSUMER_REGS: gl.constexpr,
             LOAD_REGS: gl.constexpr, S_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr,
-            SMEM: gl.constexpr, TABLE: gl.constexpr, V_ZERO: gl.constexpr,
-            SINK: gl.constexpr):
+            OUT_LAYOUT: gl.constexpr, SMEM: gl.constexpr, TABLE: gl.constexpr,
+            V_ZERO: gl.constexpr, SINK: gl.constexpr):
         if PERSISTENT:
             # Each partition walks the program's items itself (_persistent_item).
             head = 0
@@ -641,12 +663,12 @@ if gluon is not None and TensorDescriptor is not None:
                 q_smem, k_smem, v_smem, q_bar, q_empty, k_full, k_empty, v_full, v_empty, turn,
                 sinks, out_ptr, stride_ot, stride_oh, tiles_ptr, q_row, head, first_pos,
                 seq_len, num_tiles, num_full, num_items, num_heads, qk_scale, 0, STAGES,
-                OVERLAP, PERSISTENT, NEXT_ROW, S_LAYOUT, O_LAYOUT, V_ZERO)),
+                OVERLAP, PERSISTENT, NEXT_ROW, S_LAYOUT, O_LAYOUT, OUT_LAYOUT, V_ZERO)),
             (_consumer_partition, (
                 q_smem, k_smem, v_smem, q_bar, q_empty, k_full, k_empty, v_full, v_empty, turn,
                 sinks, out_ptr, stride_ot, stride_oh, tiles_ptr, q_row, head, first_pos,
                 seq_len, num_tiles, num_full, num_items, num_heads, qk_scale, 1, STAGES,
-                OVERLAP, PERSISTENT, NEXT_ROW, S_LAYOUT, O_LAYOUT, V_ZERO)),
+                OVERLAP, PERSISTENT, NEXT_ROW, S_LAYOUT, O_LAYOUT, OUT_LAYOUT, V_ZERO)),
             (_load_partition, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, q_empty,
                                k_full, k_empty, v_full, v_empty, bt_ptr, stride_bt, tiles_ptr,
                                req, q_row, head, seq_len, num_tiles, num_items, num_heads,
@@ -686,6 +708,7 @@ def gluon_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor,
                             stages: int = STAGES, overlap: bool = OVERLAP,
                             persistent: bool = PERSISTENT,
                             query_buffers: int = QUERY_BUFFERS, next_row: bool = NEXT_ROW,
+                            whole_sectors: bool = WHOLE_SECTORS,
                             consumer_regs: int = CONSUMER_REGS, load_regs: int = LOAD_REGS,
                             max_regs: int = MAX_REGS, check: bool = True) -> torch.Tensor:
     """Causal prefill/extend attention as ``prefill_attention`` (arguments alike; the batch
@@ -710,6 +733,7 @@ def gluon_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor,
             ``QUERY_BUFFERS``; a program per item takes 1).
         next_row: the persistent launch's consumers read the next item's row early (see
             ``NEXT_ROW``).
+        whole_sectors: store the output in whole 32-byte sectors (see ``WHOLE_SECTORS``).
         consumer_regs, load_regs, max_regs: registers per thread of the second consumer
             warpgroup and the load warp, and the kernel's limit (the first consumer gets
             the rest), for sweeps.
@@ -727,9 +751,10 @@ def gluon_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor,
         raise ValueError(f"query_buffers must be 1 or 2, got {query_buffers}.")
     query_buffers = query_buffers if persistent else 1
     tiles_bytes = ((2 * query_buffers * HALF_M + 2 * stages * block_n) * HEAD_DIM
-                   * query.element_size())
+                   * query.element_size()) + (_SECTORS_SCRATCH if whole_sectors else 0)
     if tiles_bytes > _MAX_SMEM:
-        raise ValueError(f"stages={stages} and query_buffers={query_buffers} need "
+        raise ValueError(f"stages={stages} and query_buffers={query_buffers}"
+                         f"{' with whole_sectors' if whole_sectors else ''} need "
                          f"{tiles_bytes} bytes of shared memory at block_n={block_n}, more "
                          f"than a block's {_MAX_SMEM}.")
     if out is None:
@@ -747,7 +772,7 @@ def gluon_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor,
                          f"the query's device, got {tuple(tiles.shape)} {tiles.dtype} on "
                          f"{tiles.device}.")
     num_blocks, block_size, num_kv_heads = key_cache.shape[:3]
-    layouts = _layouts(block_n)
+    layouts = _layouts(block_n, bool(whole_sectors))
     smem = layouts["SMEM"]
     piece = min(block_size, block_n)
     rows = num_blocks * block_size, num_kv_heads * HEAD_DIM

@@ -24,7 +24,8 @@ from triton.runtime.jit import mangle_type
 spec = json.loads(sys.argv[1])
 module = importlib.import_module(spec["module"])
 fn = getattr(module, spec["kernel"])
-layouts = getattr(module, "_layouts")(spec["layouts_arg"])
+args = spec["layouts_arg"]
+layouts = getattr(module, "_layouts")(*args if isinstance(args, list) else [args])
 constexprs = dict(spec["constexprs"], **layouts)
 names = list(inspect.signature(fn.fn).parameters)
 signature = {n: "constexpr" if n in constexprs else spec["pointers"].get(
@@ -44,13 +45,14 @@ else:
 """
 
 
-def compile_for_sm90(module: str, kernel: str, layouts_arg: int, pointers: dict[str, str],
-                     constexprs: dict, floats: tuple[str, ...] = (),
+def compile_for_sm90(module: str, kernel: str, layouts_arg: int | list,
+                     pointers: dict[str, str], constexprs: dict, floats: tuple[str, ...] = (),
                      aligned: tuple[str, ...] = (), descriptors: dict | None = None,
                      options: dict | None = None, sass: bool = False) -> str | tuple[str, str]:
     """PTX of ``module.kernel`` for sm_90 with ``constexprs`` plus ``module._layouts(
-    layouts_arg)``; pointer arguments typed by ``pointers``, ``floats`` float32, the rest
-    int32; pointers, strides and ``aligned`` integers 16-divisible. ``descriptors``: TMA
+    layouts_arg)`` (a list: its arguments); pointer arguments typed by ``pointers``,
+    ``floats`` float32, the rest int32; pointers, strides and ``aligned`` integers
+    16-divisible. ``descriptors``: TMA
     descriptor arguments as ``{name: (2-d shape, block shape, torch dtype name)}``, laid
     out as the layouts' ``SMEM``; ``options``: the compile's (default one warp). With
     ``sass``: the PTX and the machine code ptxas made of it (as cuobjdump prints it)."""
