@@ -126,15 +126,12 @@ QUERY_BUFFERS = 1
 # before this item's work (its load's round trip then runs under the work) instead of
 # after it.
 NEXT_ROW = False
-# Whether the consumers store the output in whole 32-byte sectors (``OUT_LAYOUT``: 16 bytes
+# Whether the consumers store the output in whole 32-byte sectors (``OUT_LAYOUT``: 8 bytes
 # a thread, regrouped within each warp) instead of straight from the wgmma accumulator's
 # layout (4 bytes a thread, half sectors).
 WHOLE_SECTORS = False
 # Shared memory a block may have on Hopper (227 KB).
 _MAX_SMEM = 232448
-# What the exchange into OUT_LAYOUT adds to the launch's shared memory (Triton 3.6 and 3.9
-# make it through a scratch buffer, not shuffles: 3,840 bytes, rounded up).
-_SECTORS_SCRATCH = 4096
 # Registers per thread: the kernel's limit over its 12 warps (a whole register file),
 # the load warp's and the second consumer's; the first consumer gets what is left (240).
 MAX_REGS = 168
@@ -153,15 +150,16 @@ def _layouts(block_n: int, whole_sectors: bool = WHOLE_SECTORS) -> dict:
         S_LAYOUT=gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                            instr_shape=[16, block_n, 16]),
         O_LAYOUT=o_layout,
-        # The output tile as stored with whole_sectors: O_LAYOUT's values regrouped (each
-        # warp its own rows; Triton makes the exchange through a small shared-memory
-        # scratch, _SECTORS_SCRATCH) so each thread holds 8 consecutive columns of a row (a
-        # 16-byte store) and four lanes 64 contiguous bytes, whole 32-byte sectors. In
-        # O_LAYOUT a thread holds 2 (4 bytes) and a row's 4 lanes 16 bytes, half a sector,
-        # so each sector reaches L2 as two partial writes.
+        # The output tile as stored with whole_sectors: O_LAYOUT's values regrouped within
+        # each warp (by shuffles, no shared memory) so each thread holds 4 consecutive
+        # columns of a row (an 8-byte store) and a row's four lanes 32 contiguous bytes, a
+        # whole sector. In O_LAYOUT a thread holds 2 (4 bytes) and a row's four lanes 16
+        # bytes, half a sector, so each sector reaches L2 as two partial writes. (8 columns
+        # a thread, 16-byte stores, takes a shared-memory scratch that three stages of
+        # 128-key tiles leave no room for.)
         OUT_LAYOUT=gl.DistributedLinearLayout(
-            reg_bases=[[0, 1], [0, 2], [0, 4], [8, 0], [0, 32], [0, 64]],
-            lane_bases=[[0, 8], [0, 16], [1, 0], [2, 0], [4, 0]],
+            reg_bases=[[0, 1], [0, 2], [8, 0], [0, 16], [0, 32], [0, 64]],
+            lane_bases=[[0, 4], [0, 8], [1, 0], [2, 0], [4, 0]],
             warp_bases=[[16, 0], [32, 0]], block_bases=[], shape=[HALF_M, HEAD_DIM])
         if whole_sectors else o_layout,
         # 128-byte swizzle: a [rows, 128] tile is two [rows, 64] slabs of 128-byte rows,
@@ -751,10 +749,9 @@ def gluon_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor,
         raise ValueError(f"query_buffers must be 1 or 2, got {query_buffers}.")
     query_buffers = query_buffers if persistent else 1
     tiles_bytes = ((2 * query_buffers * HALF_M + 2 * stages * block_n) * HEAD_DIM
-                   * query.element_size()) + (_SECTORS_SCRATCH if whole_sectors else 0)
+                   * query.element_size())
     if tiles_bytes > _MAX_SMEM:
-        raise ValueError(f"stages={stages} and query_buffers={query_buffers}"
-                         f"{' with whole_sectors' if whole_sectors else ''} need "
+        raise ValueError(f"stages={stages} and query_buffers={query_buffers} need "
                          f"{tiles_bytes} bytes of shared memory at block_n={block_n}, more "
                          f"than a block's {_MAX_SMEM}.")
     if out is None:

@@ -75,8 +75,7 @@ def test_tiles_of_another_shape_are_refused_naming_them():
 @pytest.mark.parametrize("launch,match", [
     (dict(query_buffers=3), "query_buffers must be 1 or 2, got 3"),
     (dict(query_buffers=2), "stages=3 and query_buffers=2 need 262144 bytes"),
-    (dict(stages=4), "stages=4 and query_buffers=1 need 294912 bytes"),
-    (dict(whole_sectors=True), "stages=3 and query_buffers=1 with whole_sectors need 233472")])
+    (dict(stages=4), "stages=4 and query_buffers=1 need 294912 bytes")])
 def test_launches_past_the_shared_memory_are_refused_naming_them(launch, match):
     query = torch.zeros(80, 4, 128, dtype=torch.bfloat16)
     cache = torch.zeros(8, 16, 2, 128, dtype=torch.bfloat16)
@@ -192,25 +191,30 @@ def test_a_load_warp_feeds_two_consumer_warpgroups(block_size, block_n, overlap,
 
 
 @pytest.mark.skipif(not _HAS_GLUON_HOPPER, reason="Triton without Gluon's Hopper API")
-@pytest.mark.parametrize("whole_sectors", [False, True])
-def test_the_output_is_stored_in_whole_sectors_when_asked(whole_sectors):
-    """Compiled for sm_90: each consumer stores its 64 x 128 output rows from the wgmma
-    accumulator's layout in 4-byte stores (32 a thread, a row's four lanes half a 32-byte
-    sector), or with ``whole_sectors`` in 16-byte stores (8 a thread, four lanes 64
-    contiguous bytes of a row)."""
+def test_the_output_is_stored_in_whole_sectors_when_asked():
+    """Compiled for sm_90 as served (three stages of 128-key tiles): each consumer stores
+    its 64 x 128 output rows from the wgmma accumulator's layout in 4-byte stores (32 a
+    thread, a row's four lanes half a 32-byte sector), or with ``whole_sectors`` in 8-byte
+    stores (16 a thread, a row's four lanes a whole sector), regrouped by shuffles: no
+    shared-memory store past those the launch has either way."""
     pytest.importorskip("triton.backends.nvidia.compiler")
-    ptx = compile_for_sm90(
-        "kernels.gluon_prefill_attention", "_gluon_prefill_attention_kernel",
-        [128, whole_sectors], dict(bt_ptr="*i32", tiles_ptr="*i32", out_ptr="*bf16"),
-        dict(GROUP=4, BLOCK_SIZE=16, BLOCK_N=128, STAGES=2, OVERLAP=False, PERSISTENT=True,
-             QUERY_BUFFERS=1, NEXT_ROW=False, CONSUMER_REGS=240, LOAD_REGS=24),
-        floats=("qk_scale",),
-        descriptors=dict(desc_q=((256, 4096), [64, 128], "bfloat16"),
-                         desc_k=((4096, 1024), [16, 64], "bfloat16"),
-                         desc_v=((4096, 1024), [16, 64], "bfloat16")),
-        options={"num_warps": 4, "maxnreg": gpa.MAX_REGS})
-    stores = re.findall(r"st\.global(\.v\d)?\.b32", ptx)
-    assert stores == ([".v4"] * 2 * 8 if whole_sectors else [""] * 2 * 32)
+    ptx = {}
+    for whole_sectors in (False, True):
+        ptx[whole_sectors] = compile_for_sm90(
+            "kernels.gluon_prefill_attention", "_gluon_prefill_attention_kernel",
+            [128, whole_sectors], dict(bt_ptr="*i32", tiles_ptr="*i32", out_ptr="*bf16"),
+            dict(GROUP=4, BLOCK_SIZE=16, BLOCK_N=128, STAGES=3, OVERLAP=False,
+                 PERSISTENT=True, QUERY_BUFFERS=1, NEXT_ROW=False, CONSUMER_REGS=240,
+                 LOAD_REGS=24),
+            floats=("qk_scale",),
+            descriptors=dict(desc_q=((256, 4096), [64, 128], "bfloat16"),
+                             desc_k=((4096, 1024), [16, 64], "bfloat16"),
+                             desc_v=((4096, 1024), [16, 64], "bfloat16")),
+            options={"num_warps": 4, "maxnreg": gpa.MAX_REGS})
+    stores = {k: re.findall(r"st\.global(\.v\d)?\.b32", v) for k, v in ptx.items()}
+    assert stores == {False: [""] * 2 * 32, True: [".v2"] * 2 * 16}
+    assert ptx[True].count("st.shared") == ptx[False].count("st.shared")
+    assert "shfl.sync" in ptx[True]
 
 
 _CHILD = r"""
@@ -296,16 +300,16 @@ print(json.dumps(results))
      ([700, 1000, 2048], [130, 300, 2048], 32, 4, 64, "float16",
       dict(query_buffers=2, stages=2, next_row=True, overlap=True, block_n=64)),
      ([900, 129], [900, 129], 8, 2, 16, "bfloat16", dict(query_buffers=2, block_n=64))],
-    # The output stored in whole sectors (a thread's 8 columns a row): whole and partial
+    # The output stored in whole sectors (a thread's 4 columns a row): whole and partial
     # query tiles (rows past a request's queries are another request's), persistent and
-    # a program per item, float16, 64-key tiles at three stages.
-    [([256] * 48, [256] * 48, 8, 2, 16, "bfloat16", dict(whole_sectors=True, stages=2)),
+    # a program per item, float16, 64-key tiles, the overlap.
+    [([256] * 48, [256] * 48, 8, 2, 16, "bfloat16", dict(whole_sectors=True)),
      ([40, 1000, 90, 33, 500, 7], [1, 400, 2, 1, 500, 1], 8, 2, 16, "bfloat16",
-      dict(whole_sectors=True, stages=2)),
+      dict(whole_sectors=True)),
      ([77, 300, 1000], [77, 300, 1000], 16, 4, 16, "float16",
-      dict(whole_sectors=True, stages=2, persistent=False)),
+      dict(whole_sectors=True, persistent=False)),
      ([700, 1000, 129], [130, 300, 129], 32, 4, 64, "bfloat16",
-      dict(whole_sectors=True, block_n=64))],
+      dict(whole_sectors=True, block_n=64, overlap=True))],
     # Through prefill_attention with one-query requests sent to the decode kernel: among
     # chunks, first, with a long context (split-KV), and a batch of them only.
     [([40, 1000, 90, 33, 500, 7], [1, 400, 2, 1, 500, 1], 8, 2, 16, "bfloat16",
