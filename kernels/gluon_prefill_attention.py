@@ -120,11 +120,15 @@ PERSISTENT = True
 # The persistent launch's query tiles in shared memory: with 2, the load warp copies the
 # next item's query tile as soon as it reaches that item's first key tile, instead of once
 # the consumers have released the current item's (two tiles of 32 KB: fits beside two
-# stages of 128-key tiles, not three). A program per item has one item: always 1.
+# stages of 128-key tiles, not three). A program per item has one item: always 1. H100
+# (2026-12-07), blocks of 16 / 64, with two stages: 64 x 256 175 / 177 TFLOP/s against
+# 174 / 175 for two stages alone (173 / 173 served), and no gain at 4 x 4096 or
+# 16 x 1,024, so 1.
 QUERY_BUFFERS = 1
 # Whether the persistent launch's consumers read the next item's row of the tile list
 # before this item's work (its load's round trip then runs under the work) instead of
-# after it.
+# after it. H100 (2026-12-07): 64 x 256 176 / 175 against 173 / 173, 16 x 1,024 384 / 390
+# against 393 / 393: off.
 NEXT_ROW = False
 # Whether the consumers store the output in whole 32-byte sectors (``OUT_LAYOUT``: 8 bytes
 # a thread, regrouped within each warp) instead of straight from the wgmma accumulator's
