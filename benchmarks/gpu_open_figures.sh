@@ -31,7 +31,8 @@
 #   sectors_tests, sectors_ab
 #                        the output stored in whole 32-byte sectors (whole_sectors): its GPU
 #                        tests, then the same turns at 4 x 4096, 16 x 1024 and 64 x 256 with
-#                        it, and with it over the items request by request
+#                        it, with it over the items request by request, and with every
+#                        other run of equally long tiles backwards (alternate_ties)
 #   prefill_ncu          Nsight Compute over one launch of the served prefill kernel (64 x 256
 #                        and 4 x 4096) and of SDPA (64 x 256): benchmarks/prefill_ncu.sh
 #   prefill_mixed        prefill attention on a step of one chunk among 200 one-token
@@ -207,7 +208,7 @@ step prefill_order_ab 120 $PY benchmarks/prefill_vs_sdpa.py --rounds 3 --rep-ms 
 step sectors_tests 120 $PYTEST tests/kernels/test_gluon_prefill_attention.py -k whole_sectors
 step sectors_ab 200 $PY benchmarks/prefill_vs_sdpa.py --rounds 4 --rep-ms 100 \
   --shapes 4x4096 16x1024 64x256 --alt whole_sectors=1 whole_sectors=1,longest_first=0 \
-  --output "$OUT/sectors_ab.json"
+  alternate_ties=1 whole_sectors=1,alternate_ties=1 --output "$OUT/sectors_ab.json"
 PY=$PY OUT=$OUT step prefill_ncu 300 bash benchmarks/prefill_ncu.sh
 step prefill_mixed 60 $PY benchmarks/prefill_mixed.py --profile --output "$OUT/prefill_mixed.json"
 # Every decode-attention test on the GPU (the default launches as served).

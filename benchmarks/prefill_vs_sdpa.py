@@ -6,9 +6,10 @@ both under the same clocks and power. Per round, shape and cache block size: the
 kernel (``kernels.prefill_attention.prefill_attention`` over a paged cache, whichever kernel
 it dispatches to), each ``--alt`` launch of the Gluon kernel (its keyword arguments, the
 query tiles built once as the served kernel's are; ``longest_first=0`` keeps them request by
-request) and SDPA (cuDNN's or flash's kernel, as
-torch picks, on contiguous tensors), each the median of about ``--rep-ms`` of runs with L2
-flushed; then the medians of each over the rounds and of each one's ratio to SDPA.
+request, ``alternate_ties=1`` runs every other run of equal tiles backwards) and SDPA
+(cuDNN's or flash's kernel, as torch picks, on contiguous tensors), each the median of
+about ``--rep-ms`` of runs with L2 flushed; then the medians of each over the rounds and
+of each one's ratio to SDPA.
 
 Usage: ``python benchmarks/prefill_vs_sdpa.py [--rounds 5] [--rep-ms 200]
 [--cache-block-sizes 16 64] [--shapes 4x4096 16x1024] [--alt overlap=1 stages=2 ...]
@@ -56,6 +57,21 @@ def parse_alt(text: str) -> dict:
             raise argparse.ArgumentTypeError(f"--alt {key} must be an integer, got "
                                              f"{value!r}") from None
     return launch
+
+
+def alternate_ties(tiles: torch.Tensor, block_m: int) -> torch.Tensor:
+    """Longest-first query tiles with every other run of tiles that visit as many keys
+    in reverse (request) order, so a run starts with the requests the last one ended on
+    (their shorter tiles' keys are the freshest in L2)."""
+    rows = tiles.cpu()
+    keys = torch.minimum(rows[:, 2] + block_m, rows[:, 3]).masked_fill(rows[:, 0] < 0, -1)
+    order, start, flip = [], 0, False
+    for i in range(1, len(keys) + 1):
+        if i == len(keys) or keys[i] != keys[start]:
+            run = list(range(start, i))
+            order += run[::-1] if flip and keys[start] >= 0 else run
+            flip, start = not flip, i
+    return rows[order].to(tiles.device).contiguous()
 
 
 def main() -> None:
@@ -114,6 +130,8 @@ def main() -> None:
                                               launch.get("persistent", gpa.PERSISTENT)))
                     tiles = cached_query_tiles(cache, qsl, seq, q.shape[0], tokens,
                                                gpa.BLOCK_M, longest_first=longest)
+                    if launch.pop("alternate_ties", 0):
+                        tiles = alternate_ties(tiles, gpa.BLOCK_M)
                     row[name] = tflops(bench(
                         lambda kc=kc, vc=vc, tables=tables, seq=seq, q=q, qsl=qsl,
                         tokens=tokens, tiles=tiles, launch=launch:
