@@ -206,7 +206,7 @@ step item_lead_ab 200 $PY benchmarks/prefill_vs_sdpa.py --rounds 4 --rep-ms 100 
 step prefill_order_ab 120 $PY benchmarks/prefill_vs_sdpa.py --rounds 3 --rep-ms 100 \
   --shapes 16x1024 64x256 --alt longest_first=0 --output "$OUT/prefill_order_ab.json"
 step sectors_tests 120 $PYTEST tests/kernels/test_gluon_prefill_attention.py -k whole_sectors
-step sectors_ab 200 $PY benchmarks/prefill_vs_sdpa.py --rounds 4 --rep-ms 100 \
+step sectors_ab 200 $PY benchmarks/prefill_vs_sdpa.py --rounds 3 --rep-ms 100 \
   --shapes 4x4096 16x1024 64x256 --alt whole_sectors=1 whole_sectors=1,longest_first=0 \
   alternate_ties=1 whole_sectors=1,alternate_ties=1 --output "$OUT/sectors_ab.json"
 PY=$PY OUT=$OUT step prefill_ncu 300 bash benchmarks/prefill_ncu.sh
