@@ -28,7 +28,7 @@ from benchmarks.prefill_vs_sdpa import (  # noqa: E402
     HEAD_DIM,
     HEADS,
     KV_HEADS,
-    alternate_ties,
+    alt_tiles,
     parse_alt,
     parse_shape,
 )
@@ -51,7 +51,6 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("benchmarks/prefill_profile.py needs a CUDA GPU")
     from kernels import gluon_prefill_attention as gpa
-    from kernels.prefill_args import cached_query_tiles
     from kernels.prefill_attention import prefill_attention
 
     seqs, tokens = args.shape
@@ -60,12 +59,7 @@ def main() -> None:
     kc, vc, tables, seq = paged_kv(seqs, tokens, KV_HEADS, HEAD_DIM, args.cache_block_size,
                                    dtype)
     cache = {}
-    launch = dict(args.alt or {})
-    longest = bool(launch.pop("longest_first", launch.get("persistent", gpa.PERSISTENT)))
-    tiles = cached_query_tiles(cache, qsl, seq, q.shape[0], tokens, gpa.BLOCK_M,
-                               longest_first=longest)
-    if launch.pop("alternate_ties", 0):
-        tiles = alternate_ties(tiles, gpa.BLOCK_M)
+    tiles, launch = alt_tiles(cache, args.alt or {}, qsl, seq, q.shape[0], tokens)
     if args.only in (None, "served"):
         for _ in range(args.launches):
             if args.alt is None:

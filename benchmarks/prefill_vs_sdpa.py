@@ -74,6 +74,24 @@ def alternate_ties(tiles: torch.Tensor, block_m: int) -> torch.Tensor:
     return rows[order].to(tiles.device).contiguous()
 
 
+def alt_tiles(cache: dict, launch: dict, qsl: torch.Tensor, seq: torch.Tensor,
+              num_tokens: int, max_query_len: int) -> tuple[torch.Tensor, dict]:
+    """The query tiles an ``--alt`` launch takes (kept in ``cache`` as a step's layers keep
+    them), and the rest of its arguments, the Gluon kernel's. Beside those, ``--alt``
+    takes ``longest_first=0`` (the persistent launch over the tiles request by request,
+    each request's tiles together) and ``alternate_ties=1`` (``alternate_ties``)."""
+    from kernels import gluon_prefill_attention as gpa
+    from kernels.prefill_args import cached_query_tiles
+
+    launch = dict(launch)
+    longest = bool(launch.pop("longest_first", launch.get("persistent", gpa.PERSISTENT)))
+    tiles = cached_query_tiles(cache, qsl, seq, num_tokens, max_query_len, gpa.BLOCK_M,
+                               longest_first=longest)
+    if launch.pop("alternate_ties", 0):
+        tiles = alternate_ties(tiles, gpa.BLOCK_M)
+    return tiles, launch
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=5)
@@ -89,7 +107,6 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("benchmarks/prefill_vs_sdpa.py needs a CUDA GPU")
     from kernels import gluon_prefill_attention as gpa
-    from kernels.prefill_args import cached_query_tiles
     from kernels.prefill_attention import prefill_attention
 
     dtype = torch.bfloat16
@@ -123,15 +140,7 @@ def main() -> None:
                 for name, launch in zip(names[1:], args.alt, strict=True):
                     if not gpa.serves(q, kc, vc):
                         continue
-                    launch = dict(launch)
-                    # (longest_first=0: the persistent launch over the tiles request by
-                    # request, each request's tiles together, instead of longest first.)
-                    longest = bool(launch.pop("longest_first",
-                                              launch.get("persistent", gpa.PERSISTENT)))
-                    tiles = cached_query_tiles(cache, qsl, seq, q.shape[0], tokens,
-                                               gpa.BLOCK_M, longest_first=longest)
-                    if launch.pop("alternate_ties", 0):
-                        tiles = alternate_ties(tiles, gpa.BLOCK_M)
+                    tiles, launch = alt_tiles(cache, launch, qsl, seq, q.shape[0], tokens)
                     row[name] = tflops(bench(
                         lambda kc=kc, vc=vc, tables=tables, seq=seq, q=q, qsl=qsl,
                         tokens=tokens, tiles=tiles, launch=launch:
