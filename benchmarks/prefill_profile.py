@@ -59,8 +59,9 @@ def main() -> None:
     kc, vc, tables, seq = paged_kv(seqs, tokens, KV_HEADS, HEAD_DIM, args.cache_block_size,
                                    dtype)
     cache = {}
-    tiles, launch = alt_tiles(cache, args.alt or {}, qsl, seq, q.shape[0], tokens)
     if args.only in (None, "served"):
+        if args.alt is not None:
+            tiles, launch = alt_tiles(cache, args.alt, qsl, seq, q.shape[0], tokens)
         for _ in range(args.launches):
             if args.alt is None:
                 prefill_attention(q, kc, vc, tables, seq, qsl, HEAD_DIM ** -0.5,

@@ -52,10 +52,10 @@ def compile_for_sm90(module: str, kernel: str, layouts_arg: int | list,
     """PTX of ``module.kernel`` for sm_90 with ``constexprs`` plus ``module._layouts(
     layouts_arg)`` (a list: its arguments); pointer arguments typed by ``pointers``,
     ``floats`` float32, the rest int32; pointers, strides and ``aligned`` integers
-    16-divisible. ``descriptors``: TMA
-    descriptor arguments as ``{name: (2-d shape, block shape, torch dtype name)}``, laid
-    out as the layouts' ``SMEM``; ``options``: the compile's (default one warp). With
-    ``sass``: the PTX and the machine code ptxas made of it (as cuobjdump prints it)."""
+    16-divisible. ``descriptors``: TMA descriptor arguments as ``{name: (2-d shape, block
+    shape, torch dtype name)}``, laid out as the layouts' ``SMEM``; ``options``: the
+    compile's (default one warp). With ``sass``: the PTX and the machine code ptxas made
+    of it (as cuobjdump prints it)."""
     spec = dict(module=module, kernel=kernel, layouts_arg=layouts_arg, pointers=pointers,
                 constexprs=constexprs, floats=list(floats), aligned=list(aligned),
                 descriptors=descriptors or {}, options=options or {"num_warps": 1},

@@ -128,6 +128,23 @@ def test_the_switch_is_on_by_default_and_sends_only_what_the_kernel_serves():
     assert done.returncode != 0 and "GRIDLLM_GLUON_PREFILL must be 0 or 1" in done.stderr
 
 
+def _compile(layouts_arg: int | list, block_size: int, launch: dict, sass: bool = False):
+    """``compile_for_sm90`` of the kernel with ``launch``'s constexprs (4 query heads a KV
+    head, ``_layouts(*layouts_arg)``'s tiles of keys) at the served register split."""
+    block_n = layouts_arg[0] if isinstance(layouts_arg, list) else layouts_arg
+    piece = min(block_size, block_n)
+    return compile_for_sm90(
+        "kernels.gluon_prefill_attention", "_gluon_prefill_attention_kernel", layouts_arg,
+        dict(bt_ptr="*i32", tiles_ptr="*i32", out_ptr="*bf16"),
+        dict(GROUP=4, BLOCK_SIZE=block_size, BLOCK_N=block_n, CONSUMER_REGS=240,
+             LOAD_REGS=24, **launch),
+        floats=("qk_scale",),
+        descriptors=dict(desc_q=((256, 4096), [64, 128], "bfloat16"),
+                         desc_k=((4096, 1024), [piece, 64], "bfloat16"),
+                         desc_v=((4096, 1024), [piece, 64], "bfloat16")),
+        options={"num_warps": 4, "maxnreg": gpa.MAX_REGS}, sass=sass)
+
+
 @pytest.mark.skipif(not _HAS_GLUON_HOPPER, reason="Triton without Gluon's Hopper API")
 @pytest.mark.parametrize("block_size,block_n,overlap,persistent",
                          [(16, 128, False, False), (64, 64, False, False),
@@ -148,17 +165,10 @@ def test_a_load_warp_feeds_two_consumer_warpgroups(block_size, block_n, overlap,
     consumers and copies, also with two query buffers and the next item's row read early
     (``"lead"``)."""
     pytest.importorskip("triton.backends.nvidia.compiler")
-    ptx, sass = compile_for_sm90(
-        "kernels.gluon_prefill_attention", "_gluon_prefill_attention_kernel", block_n,
-        dict(bt_ptr="*i32", tiles_ptr="*i32", out_ptr="*bf16"),
-        dict(GROUP=4, BLOCK_SIZE=block_size, BLOCK_N=block_n, STAGES=2, OVERLAP=overlap,
-             PERSISTENT=bool(persistent), QUERY_BUFFERS=2 if persistent == "lead" else 1,
-             NEXT_ROW=persistent == "lead", CONSUMER_REGS=240, LOAD_REGS=24),
-        floats=("qk_scale",),
-        descriptors=dict(desc_q=((256, 4096), [64, 128], "bfloat16"),
-                         desc_k=((4096, 1024), [min(block_size, block_n), 64], "bfloat16"),
-                         desc_v=((4096, 1024), [min(block_size, block_n), 64], "bfloat16")),
-        options={"num_warps": 4, "maxnreg": gpa.MAX_REGS}, sass=True)
+    ptx, sass = _compile(block_n, block_size, dict(
+        STAGES=2, OVERLAP=overlap, PERSISTENT=bool(persistent),
+        QUERY_BUFFERS=2 if persistent == "lead" else 1, NEXT_ROW=persistent == "lead"),
+        sass=True)
     pieces = block_n // min(block_size, block_n)
     assert len(re.findall(r"cp\.async\.bulk\.tensor", ptx)) == 2 * 2 * pieces + 4
     if not persistent:  # (persistent, the query tile's copies sit in the first iteration)
@@ -198,19 +208,9 @@ def test_the_output_is_stored_in_whole_sectors_when_asked():
     stores (16 a thread, a row's four lanes a whole sector), regrouped by shuffles: no
     shared-memory store past those the launch has either way."""
     pytest.importorskip("triton.backends.nvidia.compiler")
-    ptx = {}
-    for whole_sectors in (False, True):
-        ptx[whole_sectors] = compile_for_sm90(
-            "kernels.gluon_prefill_attention", "_gluon_prefill_attention_kernel",
-            [128, whole_sectors], dict(bt_ptr="*i32", tiles_ptr="*i32", out_ptr="*bf16"),
-            dict(GROUP=4, BLOCK_SIZE=16, BLOCK_N=128, STAGES=3, OVERLAP=False,
-                 PERSISTENT=True, QUERY_BUFFERS=1, NEXT_ROW=False, CONSUMER_REGS=240,
-                 LOAD_REGS=24),
-            floats=("qk_scale",),
-            descriptors=dict(desc_q=((256, 4096), [64, 128], "bfloat16"),
-                             desc_k=((4096, 1024), [16, 64], "bfloat16"),
-                             desc_v=((4096, 1024), [16, 64], "bfloat16")),
-            options={"num_warps": 4, "maxnreg": gpa.MAX_REGS})
+    served = dict(STAGES=3, OVERLAP=False, PERSISTENT=True, QUERY_BUFFERS=1, NEXT_ROW=False)
+    ptx = {whole_sectors: _compile([128, whole_sectors], 16, served)
+           for whole_sectors in (False, True)}
     stores = {k: re.findall(r"st\.global(\.v\d)?\.b32", v) for k, v in ptx.items()}
     assert stores == {False: [""] * 2 * 32, True: [".v2"] * 2 * 16}
     assert ptx[True].count("st.shared") == ptx[False].count("st.shared")
