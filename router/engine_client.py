@@ -271,7 +271,7 @@ class EngineClient:
             else:
                 call = link.stub.Submit(request, timeout=_remaining(deadline),
                                         metadata=metadata)
-            link.num_inflight += 1
+            polls_before = link.admit()
             # Finished upstream (the scheduler freed the request), not here by a stop string.
             is_upstream_done = False
             is_prefilled = False  # the routing policy counts its prompt as queued until then
@@ -291,7 +291,7 @@ class EngineClient:
             except grpc.aio.AioRpcError as exc:
                 self._raise_unless_resubmittable(exc, link, attempt)
             finally:
-                link.num_inflight -= 1
+                link.release(polls_before)
                 if not is_prefilled:
                     link.prefilled()
                 if not is_upstream_done:

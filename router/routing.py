@@ -49,18 +49,27 @@ class SchedulerLink:
     is_alive: bool = False
     # Requests this router has in flight there (exact, updated per request).
     num_inflight: int = 0
-    # From the last GetStats: queued and running requests (all routers), worker ids.
-    num_reported: int = 0
     worker_ids: list[str] = field(default_factory=list)
     last_ok: float = 0.0
-    # From the last GetStats too: the load a routing policy weighs.
+    # From the last GetStats (all routers' requests): the load a routing policy weighs.
     num_running: int = 0
     num_waiting: int = 0
     num_queued_tokens: int = 0
     kv_usage: float = 0.0
-    # Uncached prompt tokens of this router's requests there that have no first token yet
-    # (exact, where the reported queue lags), one entry per request, oldest first.
-    routed_tokens: collections.deque[int] = field(default_factory=collections.deque)
+    # GetStats polls sent, and the one whose reply the figures above come from. Its
+    # snapshot still counts this router's requests sent before it that have ended since
+    # (and the prompts of those that got their first token since): taken off the reported
+    # load, so a request that just ended does not make its scheduler (and the prefix it
+    # left cached there) look busy until the next poll.
+    polls_sent: int = 0
+    stats_poll: int = 0
+    ended_since_stats: int = 0
+    prefilled_since_stats: int = 0
+    # This router's requests there that have no first token yet, oldest first: their
+    # uncached prompt tokens (exact, where the reported queue lags), their prompt tokens
+    # and the polls sent before them.
+    routed_tokens: collections.deque[tuple[int, int, int]] = field(
+        default_factory=collections.deque)
     # The Session stream this router's requests share (None until the first one; replaced
     # after it ends).
     session: SchedulerSession | None = None
@@ -75,20 +84,43 @@ class SchedulerLink:
             self.session = SchedulerSession(self.stub, self.address)
         return self.session
 
-    @property
-    def load(self) -> int:
-        return max(self.num_inflight, self.num_reported)
-
     def candidate(self, num_overlap_blocks: int) -> Candidate:
-        return Candidate(self.address, num_overlap_blocks, self.num_running, self.num_waiting,
-                         max(self.num_queued_tokens, sum(self.routed_tokens)), self.kv_usage,
-                         self.num_inflight)
+        ended = self.ended_since_stats
+        running = max(self.num_running - ended, 0)
+        waiting = max(self.num_waiting - max(ended - self.num_running, 0), 0)
+        queued = max(self.num_queued_tokens - self.prefilled_since_stats, 0)
+        return Candidate(self.address, num_overlap_blocks, running, waiting,
+                         max(queued, sum(entry[0] for entry in self.routed_tokens)),
+                         self.kv_usage, self.num_inflight)
+
+    def routed(self, num_uncached: int, num_prompt_tokens: int) -> None:
+        """One request was routed here (its first token comes with ``prefilled``)."""
+        self.routed_tokens.append((num_uncached, num_prompt_tokens, self.polls_sent))
 
     def prefilled(self) -> None:
         """One request routed here got its first token (or ended): its prompt no longer
-        waits. Requests are taken oldest first, which the sum does not mind."""
+        waits. Requests are taken oldest first, which the sums do not mind."""
         if self.routed_tokens:
-            self.routed_tokens.popleft()
+            _, num_prompt_tokens, polls_before = self.routed_tokens.popleft()
+            if polls_before < self.stats_poll:
+                self.prefilled_since_stats += num_prompt_tokens
+
+    def admit(self) -> int:
+        """One of this router's requests is sent here; returns the polls sent before it
+        (for ``release``)."""
+        self.num_inflight += 1
+        return self.polls_sent
+
+    def release(self, polls_before: int) -> None:
+        """That request ended (``polls_before`` from its ``admit``)."""
+        self.num_inflight -= 1
+        if polls_before < self.stats_poll:
+            self.ended_since_stats += 1
+
+    def begin_poll(self) -> int:
+        """A GetStats poll is sent: its number, for ``note_load``."""
+        self.polls_sent += 1
+        return self.polls_sent
 
 
 class PrefixIndex:
@@ -260,6 +292,7 @@ class SchedulerPool:
         """GetInfo + GetStats: marks the link alive (a scheduler with workers) or down."""
         try:
             info = await link.stub.GetInfo(scheduler_pb2.GetSchedulerInfoRequest(), timeout=1.0)
+            poll = link.begin_poll()
             stats = await link.stub.GetStats(generate_pb2.GetServerStatsRequest(), timeout=1.0)
         except grpc.aio.AioRpcError:
             self.mark_down(link)
@@ -268,9 +301,8 @@ class SchedulerPool:
         # A scheduler without workers knows no model limits yet: not usable.
         link.is_alive = info.num_workers > 0 and info.vocab_size > 0
         link.info = info if info.vocab_size > 0 else link.info
-        link.num_reported = stats.num_requests_running + stats.num_requests_waiting
         link.worker_ids = [w.worker_id for w in stats.workers if w.is_alive]
-        note_load(link, stats)
+        note_load(link, stats, poll)
         link.last_ok = time.monotonic()
         if link.is_alive and not was_alive:
             logger.info("scheduler %s is serving (%d workers)", link.address, info.num_workers)
@@ -352,15 +384,21 @@ def choose_link(alive: Sequence[SchedulerLink], overlaps: dict[str, int],
     link = alive[index]
     if token_ids:
         # Prefill work sent there: what its cache does not cover.
-        link.routed_tokens.append(
-            max(len(token_ids) - candidates[index].num_overlap_blocks * block_size, 0))
+        link.routed(max(len(token_ids) - candidates[index].num_overlap_blocks * block_size, 0),
+                    len(token_ids))
     if hashes:
         recent.note(link.address, hashes)
     return link
 
 
-def note_load(link: SchedulerLink, stats: generate_pb2.GetServerStatsResponse) -> None:
-    """The load a policy weighs, from a scheduler's GetStats."""
+def note_load(link: SchedulerLink, stats: generate_pb2.GetServerStatsResponse,
+              poll: int) -> None:
+    """The load a policy weighs, from a scheduler's GetStats (the reply to ``poll``, a
+    number from ``link.begin_poll()``; an older poll's late reply is ignored)."""
+    if poll < link.stats_poll:
+        return
+    link.stats_poll = poll
+    link.ended_since_stats = link.prefilled_since_stats = 0
     workers = [w for w in stats.workers if w.is_alive]
     link.num_running = stats.num_requests_running
     link.num_waiting = stats.num_requests_waiting

@@ -133,3 +133,73 @@ def test_routing_never_sends_to_a_dead_scheduler():
 
     for policy in (CacheAwarePolicy(), LeastLoadPolicy(), RoundRobinPolicy()):
         assert asyncio.run(scenario(policy)) == {"127.0.0.1:2"}, policy.name
+
+
+def _stats(num_waiting: int, num_queued_tokens: int):
+    from gridllm.v1 import generate_pb2
+
+    return generate_pb2.GetServerStatsResponse(
+        num_requests_waiting=num_waiting, workers=[generate_pb2.WorkerStats(
+            worker_id="w", kv_blocks_total=100, kv_blocks_free=100, is_alive=True,
+            num_requests_waiting=num_waiting, num_queued_tokens=num_queued_tokens)])
+
+
+def _links():
+    from router.routing import SchedulerLink
+
+    links = [SchedulerLink(name, None, None, is_alive=True) for name in ("a", "b")]
+    for link in links:
+        link.info = _info()
+    return links
+
+
+def test_a_request_ended_since_the_last_poll_leaves_its_prefix_attractive():
+    """The last poll caught this router's request waiting at `a`; it has ended since. The
+    next prompt sharing its cached prefix goes to `a`, as it would after the next poll:
+    the stale snapshot does not count the request any more."""
+    from router.kv_index import RecentRoutes
+    from router.routing import choose_link, note_load
+
+    a, b = _links()
+    prompt = list(range(140))
+    a.routed(len(prompt), len(prompt))
+    polls_before = a.admit()
+    for link, stats in ((a, _stats(1, len(prompt))), (b, _stats(0, 0))):
+        note_load(link, stats, link.begin_poll())
+    stale = a.candidate(0)
+    assert (stale.load, stale.num_queued_tokens) == (1, len(prompt))  # counted while waiting
+    a.prefilled()
+    a.release(polls_before)
+    overlaps = {"a": 128 // BLOCK_SIZE}
+    for seed in range(8):  # whichever way ties would break
+        picked = choose_link([a, b], overlaps, CacheAwarePolicy(seed=seed), prompt, BLOCK_SIZE,
+                             [], RecentRoutes())
+        assert picked is a, seed
+        picked.prefilled()
+    candidate = a.candidate(0)
+    assert (candidate.load, candidate.num_queued_tokens, candidate.num_inflight) == (0, 0, 0)
+    # The next poll's snapshot stands as reported.
+    note_load(a, _stats(1, 7), a.begin_poll())
+    assert (a.candidate(0).load, a.candidate(0).num_queued_tokens) == (1, 7)
+
+
+def test_a_request_sent_after_a_poll_went_out_is_not_taken_off_its_snapshot():
+    """Another router's request waits at `a`. This router's own request went out after the
+    poll did, so the snapshot does not hold it: its end leaves the other one counted. A
+    late reply to an older poll does not replace a newer snapshot."""
+    from router.routing import note_load
+
+    a, _ = _links()
+    poll = a.begin_poll()
+    a.routed(50, 50)
+    polls_before = a.admit()
+    note_load(a, _stats(1, 30), poll)
+    a.prefilled()
+    a.release(polls_before)
+    candidate = a.candidate(0)
+    assert (candidate.load, candidate.num_queued_tokens) == (1, 30)
+    older = a.begin_poll()
+    newer = a.begin_poll()
+    note_load(a, _stats(2, 60), newer)
+    note_load(a, _stats(0, 0), older)
+    assert (a.candidate(0).load, a.candidate(0).num_queued_tokens) == (2, 60)

@@ -159,7 +159,7 @@ class Simulation:
         self._seq = itertools.count()
         self._events: collections.deque = collections.deque()
         # req_id -> (the router's link it went through, the request, the core's request).
-        self._req_route: dict[str, tuple[SchedulerLink, SimRequest, Request]] = {}
+        self._req_route: dict[str, tuple[SchedulerLink, SimRequest, Request, int]] = {}
         self.requests: list[SimRequest] = []
         self._next_router = 0
         self._num_arrivals_pending = 0
@@ -207,8 +207,7 @@ class Simulation:
         index = pick_worker(core_request, [w.core for w in workers], self.pick_policies[group])
         worker = workers[index]
         worker.core.add_request(core_request)
-        link.num_inflight += 1
-        self._req_route[request.req_id] = (link, request, core_request)
+        self._req_route[request.req_id] = (link, request, core_request, link.admit())
         if not worker.is_stepping:
             self._start(worker)
 
@@ -221,7 +220,7 @@ class Simulation:
         updates = worker.finish_step()
         num_finished = 0
         for update in updates:
-            link, request, core_request = self._req_route[update.req_id]
+            link, request, core_request, polls_before = self._req_route[update.req_id]
             if request.first_token_s is None and update.new_token_ids:
                 request.first_token_s = self.now
                 request.num_cached_tokens = max(update.num_cached_tokens, 0)
@@ -229,7 +228,7 @@ class Simulation:
             if update.finished:
                 num_finished += 1
                 del self._req_route[update.req_id]
-                link.num_inflight -= 1
+                link.release(polls_before)
                 request.finish_s = self.now
                 if request.on_finish is not None:
                     request.on_finish(list(core_request.output_token_ids), self.now)
@@ -262,7 +261,8 @@ class Simulation:
             for worker in workers:
                 add_worker_stats(stats, worker.worker_id, worker.core, True)
             for router in self.routers:
-                note_load(router.links[group], stats)
+                link = router.links[group]
+                note_load(link, stats, link.begin_poll())
 
 
 class _Router:
