@@ -57,14 +57,17 @@ class SchedulerLink:
     num_queued_tokens: int = 0
     kv_usage: float = 0.0
     # GetStats polls sent, and the one whose reply the figures above come from. Its
-    # snapshot still counts this router's requests sent before it that have ended since
-    # (and the prompts of those that got their first token since): taken off the reported
-    # load, so a request that just ended does not make its scheduler (and the prefix it
-    # left cached there) look busy until the next poll.
+    # snapshot may still count this router's requests sent before it that have ended or
+    # got their first token since it went out: those are taken off the reported load, so a
+    # request that just ended does not make its scheduler (and the prefix it left cached
+    # there) look busy until the next poll.
     polls_sent: int = 0
     stats_poll: int = 0
     ended_since_stats: int = 0
     prefilled_since_stats: int = 0
+    # Those events since the poll went out: (polls sent before the request, polls sent
+    # before the event, requests ended, prompt tokens that got their first token).
+    exits_since_stats: list[tuple[int, int, int, int]] = field(default_factory=list)
     # This router's requests there that have no first token yet, oldest first: their
     # uncached prompt tokens (exact, where the reported queue lags), their prompt tokens
     # and the polls sent before them.
@@ -102,8 +105,7 @@ class SchedulerLink:
         waits. Requests are taken oldest first, which the sums do not mind."""
         if self.routed_tokens:
             _, num_prompt_tokens, polls_before = self.routed_tokens.popleft()
-            if polls_before < self.stats_poll:
-                self.prefilled_since_stats += num_prompt_tokens
+            self._exit(polls_before, 0, num_prompt_tokens)
 
     def admit(self) -> int:
         """One of this router's requests is sent here; returns the polls sent before it
@@ -114,8 +116,14 @@ class SchedulerLink:
     def release(self, polls_before: int) -> None:
         """That request ended (``polls_before`` from its ``admit``)."""
         self.num_inflight -= 1
+        self._exit(polls_before, 1, 0)
+
+    def _exit(self, polls_before: int, num_ended: int, num_prefilled_tokens: int) -> None:
+        self.exits_since_stats.append((polls_before, self.polls_sent, num_ended,
+                                       num_prefilled_tokens))
         if polls_before < self.stats_poll:
-            self.ended_since_stats += 1
+            self.ended_since_stats += num_ended
+            self.prefilled_since_stats += num_prefilled_tokens
 
     def begin_poll(self) -> int:
         """A GetStats poll is sent: its number, for ``note_load``."""
@@ -398,7 +406,11 @@ def note_load(link: SchedulerLink, stats: generate_pb2.GetServerStatsResponse,
     if poll < link.stats_poll:
         return
     link.stats_poll = poll
-    link.ended_since_stats = link.prefilled_since_stats = 0
+    # Events from before the poll went out are not in its snapshot; later ones of requests
+    # sent before it may be (ended while the poll was under way, say), and are taken off.
+    exits = link.exits_since_stats = [e for e in link.exits_since_stats if e[1] >= poll]
+    link.ended_since_stats = sum(e[2] for e in exits if e[0] < poll)
+    link.prefilled_since_stats = sum(e[3] for e in exits if e[0] < poll)
     workers = [w for w in stats.workers if w.is_alive]
     link.num_running = stats.num_requests_running
     link.num_waiting = stats.num_requests_waiting

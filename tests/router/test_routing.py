@@ -203,3 +203,27 @@ def test_a_request_sent_after_a_poll_went_out_is_not_taken_off_its_snapshot():
     note_load(a, _stats(2, 60), newer)
     note_load(a, _stats(0, 0), older)
     assert (a.candidate(0).load, a.candidate(0).num_queued_tokens) == (2, 60)
+
+
+def test_a_request_that_ends_while_a_poll_is_under_way_is_taken_off_its_reply():
+    """The poll went out while this router's request waited at `a`, and the request ended
+    before the reply came back: the reply may count it (here it does), so it is taken off;
+    events from before the poll went out are not (its snapshot cannot hold them)."""
+    from router.routing import note_load
+
+    a, _ = _links()
+    a.routed(40, 40)
+    early = a.admit()
+    a.prefilled()
+    a.release(early)  # ended before the poll: the snapshot below does not count it
+    a.routed(60, 60)
+    polls_before = a.admit()
+    poll = a.begin_poll()
+    a.prefilled()
+    a.release(polls_before)
+    note_load(a, _stats(2, 90), poll)  # itself (60 tokens) and another router's (30)
+    candidate = a.candidate(0)
+    assert (candidate.load, candidate.num_queued_tokens) == (1, 30)
+    note_load(a, _stats(1, 30), a.begin_poll())
+    assert (a.candidate(0).load, a.candidate(0).num_queued_tokens) == (1, 30)
+    assert a.exits_since_stats == []
