@@ -5,7 +5,8 @@
 # benchmarks/prefill_profile.py; clocks left alone (METHOD.md). Needs PY and
 # OUT set (gpu_open_figures.sh's prefill_ncu step); writes $OUT/ncu_<kernel>_<shape>.txt
 # (the details page), the Gluon kernel's per-instruction counters as
-# $OUT/ncu_<kernel>_<shape>_sass.csv.gz, and the reports ($OUT/*.ncu-rep).
+# $OUT/ncu_<kernel>_<shape>_sass.csv.gz, and the reports ($OUT/*.ncu-rep). NCU_ONLY="served
+# sectors" profiles only the launches of those names (served, sdpa, sectors).
 set -u
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -1)
 if [ -z "$NCU" ]; then
@@ -15,6 +16,7 @@ fi
 "$NCU" --version | tail -1
 rc=0
 profile() {  # profile NAME SHAPE ONLY KERNEL_REGEX [prefill_profile.py's --alt ...]
+  case " ${NCU_ONLY:-$1} " in *" $1 "*) ;; *) return ;; esac
   local rep="$OUT/ncu_$1_$2"
   "$NCU" --clock-control none --set full --import-source no -k "regex:$4" --launch-skip 1 \
     --launch-count 1 -f -o "$rep" $PY benchmarks/prefill_profile.py --shape "$2" --only "$3" \
