@@ -350,6 +350,8 @@ class SchedulerPool:
         """The scheduler for a prompt (waits up to ``timeout_s`` for one to be alive)."""
         alive = await self.wait_alive(timeout_s)
         if len(alive) == 1:
+            # Nothing to choose; noted all the same, so each first token ends its own entry.
+            alive[0].routed(len(token_ids), len(token_ids))
             return alive[0]
         overlaps: dict[str, int] = {}
         hashes: list[int] = []

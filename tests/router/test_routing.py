@@ -227,3 +227,24 @@ def test_a_request_that_ends_while_a_poll_is_under_way_is_taken_off_its_reply():
     note_load(a, _stats(1, 30), a.begin_poll())
     assert (a.candidate(0).load, a.candidate(0).num_queued_tokens) == (1, 30)
     assert a.exits_since_stats == []
+
+
+def test_a_lone_scheduler_notes_each_request_until_its_first_token():
+    """With one scheduler alive there is nothing to choose, but the request is noted as
+    routed all the same: its first token then ends its own entry, not that of a request
+    routed after a second scheduler came back."""
+    async def scenario():
+        pool = SchedulerPool(["127.0.0.1:1", "127.0.0.1:2"], None)
+        try:
+            a, b = pool.links
+            a.is_alive, a.info = True, _info()
+            assert (await pool.pick(list(range(10)), timeout_s=1.0)) is a
+            assert list(a.routed_tokens) == [(10, 10, 0)]
+            b.is_alive, b.info, b.num_inflight = True, _info(), 5  # busy: `a` again
+            assert (await pool.pick(list(range(30)), timeout_s=1.0)) is a
+            a.prefilled()  # the first request's first token
+            assert [entry[0] for entry in a.routed_tokens] == [30]
+        finally:
+            await pool.close()
+
+    asyncio.run(scenario())

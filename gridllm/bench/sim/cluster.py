@@ -281,6 +281,7 @@ class _Router:
 
     def route(self, request: SimRequest) -> SchedulerLink:
         if len(self.links) == 1:
+            self.links[0].routed(len(request.prompt_token_ids), len(request.prompt_token_ids))
             return self.links[0]
         block_size = self.sim.config.block_size
         hashes = prompt_block_hashes(request.prompt_token_ids, block_size, None,
