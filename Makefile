@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 MODEL ?= smollm2-135m
 PORT ?= 50051
 
-.PHONY: test serve lint typecheck protos bench clean
+.PHONY: test serve lint typecheck protos bench sm90 clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,16 @@ $(STAMP): pyproject.toml
 # sockets of the end-to-end tests, which run alike beside each other on two cores.
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider -n 2
+
+# The sm_90 compile tests (`-m sm90`) under the Triton of the GPU image (3.6) instead of the
+# newer one `make test` installs, in their own venv (torch's CPU build, that Triton, pytest):
+# a kernel that compiles for Hopper only under one of them shows here, before any GPU time.
+GPU_TRITON ?= 3.6.0
+SM90_VENV ?= .venv-sm90
+sm90:
+	test -x $(SM90_VENV)/bin/python || $(PYTHON) -m venv $(SM90_VENV)
+	$(SM90_VENV)/bin/python -m pip install -q torch==2.13.0 triton==$(GPU_TRITON) numpy pytest pytest-timeout
+	$(SM90_VENV)/bin/python -m pytest -q -p no:cacheprovider -m sm90 tests/kernels
 
 serve: $(STAMP)
 	$(VENV)/bin/gridllm up --model $(MODEL) --port $(PORT)

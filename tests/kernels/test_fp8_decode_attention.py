@@ -137,6 +137,7 @@ def test_declines_what_it_does_not_run():
                  "tl.dot kernel", torch.bfloat16)
 
 
+@pytest.mark.sm90
 @pytest.mark.skipif(gluon_fp8.gluon is None, reason="Triton without Gluon")
 @pytest.mark.parametrize("block_n,stages,early", [(16, 2, False), (32, 2, False),
                                                    (16, 2, True), (32, 3, True)])

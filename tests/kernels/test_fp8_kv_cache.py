@@ -272,6 +272,7 @@ def test_fp8_cache_at_llama3_8b_shapes(num_splits):
     assert_close(out, expected, "prefill attention, FP8 cache", torch.bfloat16)
 
 
+@pytest.mark.sm90
 @pytest.mark.parametrize("cache_dtype,cvt", [("fp8e4nv", "e4m3x2"), ("fp8e5", "e5m2x2")])
 def test_each_fp8_format_compiles_for_sm90_to_its_own_conversions(cache_dtype, cvt):
     """Without a GPU: the KV write stores each format with its own saturating conversion

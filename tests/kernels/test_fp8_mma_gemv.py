@@ -121,6 +121,7 @@ def _sm90_ptx(block_n: int, stages: int) -> str:
              USE_GDC=True), aligned=("num_in", "num_out", "k_per_split"))
 
 
+@pytest.mark.sm90
 @pytest.mark.skipif(mma_gemv.gluon is None, reason="Triton without Gluon")
 @pytest.mark.parametrize("block_n", [32, 64])
 def test_weight_tiles_reach_the_mma_from_registers(block_n):
@@ -138,6 +139,7 @@ def test_weight_tiles_reach_the_mma_from_registers(block_n):
     assert len(re.findall(r"prmt\.b32", body)) == pairs
 
 
+@pytest.mark.sm90
 @pytest.mark.skipif(mma_gemv.gluon is None, reason="Triton without Gluon")
 @pytest.mark.parametrize("stages", [2, 3])
 def test_weight_is_requested_before_the_dependent_launch_wait(stages):

@@ -253,6 +253,7 @@ def test_fp8_f16_pairs_at_decoder_shapes_on_gpu(num_out, num_in):
     _check_f16_pairs(num_out, num_in, None, True, "cuda", silu=False)
 
 
+@pytest.mark.sm90
 def test_fp8_f16_pairs_compile_for_sm90_to_paired_float16_products():
     """Without a GPU: the kernel's inline PTX assembles for sm_90 (ptxas runs), and its
     loop over a group of four tiles holds, per weight word of a thread, two e4m3 pair

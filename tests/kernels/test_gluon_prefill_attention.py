@@ -145,6 +145,7 @@ def _compile(layouts_arg: int | list, block_size: int, launch: dict, sass: bool 
         options={"num_warps": 4, "maxnreg": gpa.MAX_REGS}, sass=sass)
 
 
+@pytest.mark.sm90
 @pytest.mark.skipif(not _HAS_GLUON_HOPPER, reason="Triton without Gluon's Hopper API")
 @pytest.mark.parametrize("block_size,block_n,overlap,persistent",
                          [(16, 128, False, False), (64, 64, False, False),
@@ -200,6 +201,7 @@ def test_a_load_warp_feeds_two_consumer_warpgroups(block_size, block_n, overlap,
         assert retired[0][0] < exps[0] and exps[-1] < retired[1][0]
 
 
+@pytest.mark.sm90
 @pytest.mark.skipif(not _HAS_GLUON_HOPPER, reason="Triton without Gluon's Hopper API")
 def test_the_output_is_stored_in_whole_sectors_when_asked():
     """Compiled for sm_90 as served (three stages of 128-key tiles): each consumer stores

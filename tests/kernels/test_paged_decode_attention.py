@@ -151,6 +151,7 @@ def test_a_steps_layers_share_one_launch(max_seq_len):
     assert len(cache) == 2
 
 
+@pytest.mark.sm90
 def test_split_merge_loads_everything_in_one_round_trip():
     """The merge kernel (sm_90, compiled without a GPU) issues all its loads, the splits'
     sums included, before its first reduction: it waits on L2 once, not once for the

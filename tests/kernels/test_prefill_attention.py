@@ -244,6 +244,7 @@ def test_query_tiles_kernel_matches_the_torch_ops(seed, block_m):
                                                        first_request=prefix))
 
 
+@pytest.mark.sm90
 def test_query_tiles_kernel_compiles_for_sm90():
     """The tiles kernel compiles for a GPU (the interpreter above does not compile it)."""
     pytest.importorskip("triton.backends.nvidia.compiler")
@@ -305,6 +306,7 @@ def test_split_one_token_matches_the_reference(query_lens, pattern, split, monke
     assert bounds == ([max(seq_lens)] * 2 if split else [])
 
 
+@pytest.mark.sm90
 def test_tma_kernel_compiles_for_sm90():
     """The TMA kernel (Hopper only, so its results are checked on a GPU) compiles for sm_90
     with its tile from the batch's query-tile list: key and value tiles by bulk copies, and

@@ -152,6 +152,7 @@ def test_qk_rms_norm_gpu(num_tokens, num_heads, num_kv_heads, head_dim, dtype):
     _check_qk(num_tokens, num_heads, num_kv_heads, head_dim, dtype, torch.device("cuda"))
 
 
+@pytest.mark.sm90
 def test_qk_rms_norm_compiles_for_sm90_to_vector_loads_and_stores():
     """Without a GPU: the served variant (bf16, 16 heads of 128 a program, dependent
     launch) compiles for sm_90 (ptxas runs) and moves the heads' 4 KB in 16-byte vectors
