@@ -35,7 +35,7 @@
 #                        other run of equally long tiles backwards (alternate_ties)
 #   prefill_ncu          Nsight Compute over one launch of the served prefill kernel (64 x 256
 #                        and 4 x 4096), of SDPA and of the Gluon kernel storing whole sectors
-#                        (64 x 256): benchmarks/prefill_ncu.sh
+#                        (64 x 256): benchmarks/prefill_ncu.sh (NCU_ONLY=sectors: that one only)
 #   prefill_mixed        prefill attention on a step of one chunk among 200 one-token
 #                        requests (served, gathered, without the split by either
 #                        launch, each part alone): GPU time, host time per call, and a
