@@ -59,36 +59,22 @@ def parse_alt(text: str) -> dict:
     return launch
 
 
-def alternate_ties(tiles: torch.Tensor, block_m: int) -> torch.Tensor:
-    """Longest-first query tiles with every other run of tiles that visit as many keys
-    in reverse (request) order, so a run starts with the requests the last one ended on
-    (their shorter tiles' keys are the freshest in L2)."""
-    rows = tiles.cpu()
-    keys = torch.minimum(rows[:, 2] + block_m, rows[:, 3]).masked_fill(rows[:, 0] < 0, -1)
-    order, start, flip = [], 0, False
-    for i in range(1, len(keys) + 1):
-        if i == len(keys) or keys[i] != keys[start]:
-            run = list(range(start, i))
-            order += run[::-1] if flip and keys[start] >= 0 else run
-            flip, start = not flip, i
-    return rows[order].to(tiles.device).contiguous()
-
-
 def alt_tiles(cache: dict, launch: dict, qsl: torch.Tensor, seq: torch.Tensor,
               num_tokens: int, max_query_len: int) -> tuple[torch.Tensor, dict]:
     """The query tiles an ``--alt`` launch takes (kept in ``cache`` as a step's layers keep
     them), and the rest of its arguments, the Gluon kernel's. Beside those, ``--alt``
     takes ``longest_first=0`` (the persistent launch over the tiles request by request,
-    each request's tiles together) and ``alternate_ties=1`` (``alternate_ties``)."""
+    each request's tiles together) and ``alternate_ties=0|1`` (``prefill_args.ALTERNATE_TIES``:
+    every other run of equally long tiles backwards)."""
     from kernels import gluon_prefill_attention as gpa
     from kernels.prefill_args import cached_query_tiles
 
     launch = dict(launch)
     longest = bool(launch.pop("longest_first", launch.get("persistent", gpa.PERSISTENT)))
+    alternate = launch.pop("alternate_ties", None)
     tiles = cached_query_tiles(cache, qsl, seq, num_tokens, max_query_len, gpa.BLOCK_M,
-                               longest_first=longest)
-    if launch.pop("alternate_ties", 0):
-        tiles = alternate_ties(tiles, gpa.BLOCK_M)
+                               longest_first=longest,
+                               alternate_ties=None if alternate is None else bool(alternate))
     return tiles, launch
 
 

@@ -43,6 +43,14 @@ _TILES_BLOCK_B = 256
 # Whether CUDA batches get their query tiles from ``_query_tiles_kernel`` (False: the torch
 # ops, as on the CPU; for an A/B in one process, benchmarks/switch_ab.py).
 TILES_KERNEL = True
+# Whether the longest-first order runs every other run of tiles that visit as many keys
+# backwards (request order reversed), so a run starts on the requests whose keys the run
+# before ended on, still in L2. On a short uniform batch (64 x 256) longest first runs all
+# second tiles and then all first ones, by when the first key tile (which both read) has
+# left L2: Nsight Compute (H100, 2026-12-07) saw that cost, and request order gained 6%
+# there but lost 15% at 16 x 1,024. Off until measured (gpu_open_figures.sh's sectors_ab
+# step times it as ``alternate_ties=1``).
+ALTERNATE_TIES = False
 
 
 @triton.jit(do_not_specialize=["first_req", "num_reqs", "slots", "block_m", "skip_one"])
@@ -104,7 +112,8 @@ def launch_query_tiles(query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
 
 def query_tiles(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_tokens: int,
                 max_query_len: int, block_m: int, longest_first: bool = False,
-                skip_one_token: bool = False, first_request: int = 0) -> torch.Tensor:
+                skip_one_token: bool = False, first_request: int = 0,
+                alternate_ties: bool | None = None) -> torch.Tensor:
     """The batch's query tiles of ``block_m`` queries as the prefill kernels launch them, a
     program per tile and head: ``[slots, 4]`` int32 rows of (request, first query row, its
     position, the request's sequence length), request by request, each request's latest
@@ -115,7 +124,9 @@ def query_tiles(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_token
     request times the longest chunk's tiles would launch mostly empty ones). A step's
     layers can share the rows (``cached_query_tiles``). With ``longest_first`` the tiles
     are ordered by the keys they visit, most first, over the whole batch (the Gluon
-    kernel's persistent launch). With ``skip_one_token`` requests of one query get no
+    kernel's persistent launch), and with ``alternate_ties`` (None: ``ALTERNATE_TIES``)
+    every other run of tiles visiting as many keys backwards. With ``skip_one_token``
+    requests of one query get no
     tile (the decode kernel takes them: ``prefill_attention``'s ``split_one_token``).
     ``first_request``: the tiles of the requests from that one on only (``num_tokens``
     counts their queries; request numbers and rows stay the whole batch's)."""
@@ -123,7 +134,8 @@ def query_tiles(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_token
         return launch_query_tiles(query_start_loc, seq_lens, num_tokens, max_query_len,
                                   block_m, skip_one_token, first_request)
     return query_tiles_by_torch(query_start_loc, seq_lens, num_tokens, max_query_len,
-                                block_m, longest_first, skip_one_token, first_request)
+                                block_m, longest_first, skip_one_token, first_request,
+                                alternate_ties)
 
 
 def tiles_by_kernel(seq_lens: torch.Tensor) -> bool:
@@ -136,7 +148,8 @@ def tiles_by_kernel(seq_lens: torch.Tensor) -> bool:
 def query_tiles_by_torch(query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
                          num_tokens: int, max_query_len: int, block_m: int,
                          longest_first: bool = False, skip_one_token: bool = False,
-                         first_request: int = 0) -> torch.Tensor:
+                         first_request: int = 0,
+                         alternate_ties: bool | None = None) -> torch.Tensor:
     """``query_tiles`` by torch ops (about thirty small ones): the persistent launch's
     longest-first order, CPU tensors, and the kernel's reference."""
     seq_lens = seq_lens[first_request:]
@@ -158,20 +171,41 @@ def query_tiles_by_torch(query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
     rows.masked_fill_(empty[:, None], -1)
     if longest_first:
         keys = torch.minimum(rows[:, 2] + block_m, rows[:, 3]).masked_fill_(empty, -1)
-        rows = rows[torch.argsort(keys, descending=True, stable=True)]
+        order = torch.argsort(keys, descending=True, stable=True)
+        if ALTERNATE_TIES if alternate_ties is None else alternate_ties:
+            order = order[_alternate_runs(keys[order])]
+        rows = rows[order]
     return rows.to(torch.int32)
+
+
+def _alternate_runs(keys: torch.Tensor) -> torch.Tensor:
+    """The gather that reverses every other run of equal ``keys`` (sorted, most first;
+    the first run kept), by device ops (no sync). The empty slots' rows are all -1, so
+    their order does not matter."""
+    n = keys.shape[0]
+    index = torch.arange(n, device=keys.device)
+    starts = torch.ones(n, dtype=torch.bool, device=keys.device)
+    starts[1:] = keys[1:] != keys[:-1]
+    ends = torch.ones_like(starts)
+    ends[:-1] = starts[1:]
+    first = torch.where(starts, index, 0).cummax(0).values
+    last = torch.where(ends, index, n).flip(0).cummin(0).values.flip(0)
+    flip = starts.cumsum(0) % 2 == 0
+    return torch.where(flip, first + last - index, index)
 
 
 def cached_query_tiles(batch_cache: dict | None, query_start_loc: torch.Tensor,
                        seq_lens: torch.Tensor, num_tokens: int, max_query_len: int,
                        block_m: int, skip_one_token: bool = False,
-                       longest_first: bool = False) -> torch.Tensor:
+                       longest_first: bool = False,
+                       alternate_ties: bool | None = None) -> torch.Tensor:
     """``query_tiles``, kept in ``batch_cache`` (a dict that lives as long as the batch
     layout: a step's layers share it) when one is given."""
-    key = ("query_tiles", block_m, skip_one_token, longest_first)
+    key = ("query_tiles", block_m, skip_one_token, longest_first, alternate_ties)
     return kept(batch_cache, key, lambda: query_tiles(
         query_start_loc, seq_lens, num_tokens, max_query_len, block_m,
-        longest_first=longest_first, skip_one_token=skip_one_token))
+        longest_first=longest_first, skip_one_token=skip_one_token,
+        alternate_ties=alternate_ties))
 
 
 @triton.jit

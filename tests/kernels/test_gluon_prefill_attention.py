@@ -61,6 +61,51 @@ def test_query_tiles_list_each_requests_tiles_latest_first(seed):
     assert (longest[len(expected):] == -1).all()
 
 
+def _alternate_ties_by_loop(tiles: torch.Tensor, block_m: int) -> list[list[int]]:
+    """Longest-first rows with every other run of equal key counts reversed, by a loop."""
+    rows = tiles.tolist()
+    keys = [-1 if r[0] < 0 else min(r[2] + block_m, r[3]) for r in rows]
+    out, start, flip = [], 0, False
+    for i in range(1, len(rows) + 1):
+        if i == len(rows) or keys[i] != keys[start]:
+            run = rows[start:i]
+            out += run[::-1] if flip and keys[start] >= 0 else run
+            flip, start = not flip, i
+    return out
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_alternate_ties_reverse_every_other_run_of_equal_tiles(seed):
+    """``alternate_ties``: the longest-first tiles with the second, fourth, ... runs of
+    tiles visiting as many keys in reverse order (the device ops against a loop), the
+    empty slots last; a uniform batch's runs are its requests' second and first tiles."""
+    rng = random.Random(seed)
+    num_reqs = rng.randint(1, 40)
+    length = rng.choice([64, 128, 256, 300])
+    num_q = [length if rng.random() < 0.7 else rng.randint(0, 400) for _ in range(num_reqs)]
+    cached = [rng.choice([0, 0, 128, rng.randint(0, 300)]) for _ in range(num_reqs)]
+    seq_lens = torch.tensor([c + n for c, n in zip(cached, num_q, strict=True)], dtype=torch.int32)
+    qsl = torch.tensor([0] + num_q).cumsum(0).to(torch.int32)
+    args = qsl, seq_lens, sum(num_q), max(num_q), 128
+    longest = query_tiles(*args, longest_first=True, alternate_ties=False)
+    alternated = query_tiles(*args, longest_first=True, alternate_ties=True)
+    assert alternated.dtype == torch.int32 and alternated.is_contiguous()
+    assert alternated.tolist() == _alternate_ties_by_loop(longest, 128)
+    # Only the order within runs changes; with no run of two it changes nothing.
+    assert sorted(alternated.tolist()) == sorted(longest.tolist())
+    # And the request-order list ignores it.
+    assert torch.equal(query_tiles(*args, alternate_ties=True), query_tiles(*args))
+
+
+def test_alternate_ties_on_a_uniform_batch():
+    qsl = torch.arange(0, 4 * 256 + 1, 256, dtype=torch.int32)
+    seq_lens = torch.full((4,), 256, dtype=torch.int32)
+    tiles = query_tiles(qsl, seq_lens, 1024, 256, 128, longest_first=True, alternate_ties=True)
+    # Second tiles (256 keys) request by request, then first tiles (128) backwards.
+    assert tiles[:8, 0].tolist() == [0, 1, 2, 3, 3, 2, 1, 0]
+    assert tiles[:8, 2].tolist() == [128] * 4 + [0] * 4
+
+
 def test_tiles_of_another_shape_are_refused_naming_them():
     query = torch.zeros(80, 4, 128, dtype=torch.bfloat16)
     cache = torch.zeros(8, 16, 2, 128, dtype=torch.bfloat16)
