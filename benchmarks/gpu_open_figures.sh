@@ -29,13 +29,15 @@
 #                        launch's items request by request (a request's tiles together)
 #                        instead of longest first
 #   sectors_tests, sectors_ab
-#                        the output stored in whole 32-byte sectors (whole_sectors): its GPU
-#                        tests, then the same turns at 4 x 4096, 16 x 1024 and 64 x 256 with
-#                        it, with it over the items request by request, and with every
-#                        other run of equally long tiles backwards (alternate_ties)
+#                        the output stored from the accumulator's layout in half sectors
+#                        (whole_sectors=0; served: whole 32-byte sectors): its GPU tests,
+#                        then the same turns at 4 x 4096, 16 x 1024 and 64 x 256 with it,
+#                        with the items request by request, and with every other run of
+#                        equally long tiles backwards (alternate_ties)
 #   prefill_ncu          Nsight Compute over one launch of the served prefill kernel (64 x 256
-#                        and 4 x 4096), of SDPA and of the Gluon kernel storing whole sectors
-#                        (64 x 256): benchmarks/prefill_ncu.sh (NCU_ONLY=sectors: that one only)
+#                        and 4 x 4096), of SDPA and of the Gluon kernel storing half sectors
+#                        (64 x 256): benchmarks/prefill_ncu.sh (NCU_ONLY=half_sectors: that
+#                        one only)
 #   prefill_mixed        prefill attention on a step of one chunk among 200 one-token
 #                        requests (served, gathered, without the split by either
 #                        launch, each part alone): GPU time, host time per call, and a
@@ -206,10 +208,10 @@ step item_lead_ab 200 $PY benchmarks/prefill_vs_sdpa.py --rounds 4 --rep-ms 100 
   query_buffers=2,stages=2,next_row=1 --output "$OUT/item_lead_ab.json"
 step prefill_order_ab 120 $PY benchmarks/prefill_vs_sdpa.py --rounds 3 --rep-ms 100 \
   --shapes 16x1024 64x256 --alt longest_first=0 --output "$OUT/prefill_order_ab.json"
-step sectors_tests 120 $PYTEST tests/kernels/test_gluon_prefill_attention.py -k whole_sectors
+step sectors_tests 120 $PYTEST tests/kernels/test_gluon_prefill_attention.py -k half_sectors
 step sectors_ab 200 $PY benchmarks/prefill_vs_sdpa.py --rounds 3 --rep-ms 100 \
-  --shapes 4x4096 16x1024 64x256 --alt whole_sectors=1 whole_sectors=1,longest_first=0 \
-  alternate_ties=1 whole_sectors=1,alternate_ties=1 --output "$OUT/sectors_ab.json"
+  --shapes 4x4096 16x1024 64x256 --alt whole_sectors=0 longest_first=0 alternate_ties=1 \
+  --output "$OUT/sectors_ab.json"
 PY=$PY OUT=$OUT step prefill_ncu 300 bash benchmarks/prefill_ncu.sh
 step prefill_mixed 60 $PY benchmarks/prefill_mixed.py --profile --output "$OUT/prefill_mixed.json"
 # Every decode-attention test on the GPU (the default launches as served).

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Nsight Compute's full set of sections over one launch of the served prefill attention
 # kernel (64 x 256 and 4 x 4096 causal bf16, cache blocks of 16), of torch's SDPA (64 x
-# 256) and of the Gluon kernel storing whole sectors (64 x 256), from
+# 256) and of the Gluon kernel storing half sectors (64 x 256), from
 # benchmarks/prefill_profile.py; clocks left alone (METHOD.md). Needs PY and
 # OUT set (gpu_open_figures.sh's prefill_ncu step); writes $OUT/ncu_<kernel>_<shape>.txt
 # (the details page), the Gluon kernel's per-instruction counters as
 # $OUT/ncu_<kernel>_<shape>_sass.csv.gz, and the reports ($OUT/*.ncu-rep). NCU_ONLY="served
-# sectors" profiles only the launches of those names (served, sdpa, sectors).
+# half_sectors" profiles only the launches of those names (served, sdpa, half_sectors).
 set -u
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -1)
 if [ -z "$NCU" ]; then
@@ -32,6 +32,7 @@ profile() {  # profile NAME SHAPE ONLY KERNEL_REGEX [prefill_profile.py's --alt 
 profile served 64x256 served gluon_prefill_attention
 profile sdpa 64x256 sdpa "flash|fmha|sdpa|attention"
 profile served 4x4096 served gluon_prefill_attention
-# The output stored in whole sectors (WHOLE_SECTORS), at the short prompts.
-profile sectors 64x256 served gluon_prefill_attention --alt whole_sectors=1
+# The output stored from the accumulator's layout, half sectors a write (served: whole
+# sectors, WHOLE_SECTORS), at the short prompts.
+profile half_sectors 64x256 served gluon_prefill_attention --alt whole_sectors=0
 exit $rc

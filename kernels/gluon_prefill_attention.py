@@ -134,9 +134,10 @@ NEXT_ROW = False
 # a thread, regrouped within each warp) instead of straight from the wgmma accumulator's
 # layout (4 bytes a thread, half sectors, each sector two writes into L2: Nsight Compute
 # counted 8.3 million sector writes for a 134 MB output on an H100, where cuDNN's SDPA
-# makes 4.2 million). Off until its GPU tests and A/B have run (gpu_open_figures.sh's
-# sectors_tests and sectors_ab steps).
-WHOLE_SECTORS = False
+# makes 4.2 million; with whole sectors 4.2 million too). H100 (2026-12-08), blocks of
+# 16 / 64, against the half-sector stores in turns: 64 x 256 197 / 209 TFLOP/s against
+# 174 / 174, 16 x 1,024 430 / 435 against 399 / 395, 4 x 4096 558 / 561 against 540 / 546.
+WHOLE_SECTORS = True
 # Shared memory a block may have on Hopper (227 KB).
 _MAX_SMEM = 232448
 # Registers per thread: the kernel's limit over its 12 warps (a whole register file),

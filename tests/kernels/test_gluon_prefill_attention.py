@@ -248,12 +248,12 @@ def test_a_load_warp_feeds_two_consumer_warpgroups(block_size, block_n, overlap,
 
 @pytest.mark.sm90
 @pytest.mark.skipif(not _HAS_GLUON_HOPPER, reason="Triton without Gluon's Hopper API")
-def test_the_output_is_stored_in_whole_sectors_when_asked():
+def test_the_output_is_stored_in_whole_sectors_as_served():
     """Compiled for sm_90 as served (three stages of 128-key tiles): each consumer stores
-    its 64 x 128 output rows from the wgmma accumulator's layout in 4-byte stores (32 a
-    thread, a row's four lanes half a 32-byte sector), or with ``whole_sectors`` in 8-byte
-    stores (16 a thread, a row's four lanes a whole sector), regrouped by shuffles: no
-    shared-memory store past those the launch has either way."""
+    its 64 x 128 output rows with ``whole_sectors`` (the default) in 8-byte stores (16 a
+    thread, a row's four lanes a whole 32-byte sector), regrouped by shuffles, or without
+    it from the wgmma accumulator's layout in 4-byte stores (32 a thread, a row's four
+    lanes half a sector): no shared-memory store past those the launch has either way."""
     pytest.importorskip("triton.backends.nvidia.compiler")
     served = dict(STAGES=3, OVERLAP=False, PERSISTENT=True, QUERY_BUFFERS=1, NEXT_ROW=False)
     ptx = {whole_sectors: _compile([128, whole_sectors], 16, served)
@@ -262,6 +262,7 @@ def test_the_output_is_stored_in_whole_sectors_when_asked():
     assert stores == {False: [""] * 2 * 32, True: [".v2"] * 2 * 16}
     assert ptx[True].count("st.shared") == ptx[False].count("st.shared")
     assert "shfl.sync" in ptx[True]
+    assert gpa.WHOLE_SECTORS
 
 
 _CHILD = r"""
@@ -347,16 +348,17 @@ print(json.dumps(results))
      ([700, 1000, 2048], [130, 300, 2048], 32, 4, 64, "float16",
       dict(query_buffers=2, stages=2, next_row=True, overlap=True, block_n=64)),
      ([900, 129], [900, 129], 8, 2, 16, "bfloat16", dict(query_buffers=2, block_n=64))],
-    # The output stored in whole sectors (a thread's 4 columns a row): whole and partial
-    # query tiles (rows past a request's queries are another request's), persistent and
-    # a program per item, float16, 64-key tiles, the overlap.
-    [([256] * 48, [256] * 48, 8, 2, 16, "bfloat16", dict(whole_sectors=True)),
+    # The output stored straight from the accumulator's layout (half sectors; the served
+    # launch stores whole ones): whole and partial query tiles (rows past a request's
+    # queries are another request's), persistent and a program per item, float16, 64-key
+    # tiles, the overlap.
+    [([256] * 48, [256] * 48, 8, 2, 16, "bfloat16", dict(whole_sectors=False)),
      ([40, 1000, 90, 33, 500, 7], [1, 400, 2, 1, 500, 1], 8, 2, 16, "bfloat16",
-      dict(whole_sectors=True)),
+      dict(whole_sectors=False)),
      ([77, 300, 1000], [77, 300, 1000], 16, 4, 16, "float16",
-      dict(whole_sectors=True, persistent=False)),
+      dict(whole_sectors=False, persistent=False)),
      ([700, 1000, 129], [130, 300, 129], 32, 4, 64, "bfloat16",
-      dict(whole_sectors=True, block_n=64, overlap=True))],
+      dict(whole_sectors=False, block_n=64, overlap=True))],
     # Through prefill_attention with one-query requests sent to the decode kernel: among
     # chunks, first, with a long context (split-KV), and a batch of them only.
     [([40, 1000, 90, 33, 500, 7], [1, 400, 2, 1, 500, 1], 8, 2, 16, "bfloat16",
@@ -364,7 +366,7 @@ print(json.dumps(results))
      ([300, 77, 1000], [1, 1, 1000], 16, 4, 64, "bfloat16", dict(split_one_token=True)),
      ([129, 20000, 300], [129, 1, 64], 32, 8, 16, "float16", dict(split_one_token=True)),
      ([129, 70], [64, 1], 8, 2, 16, "bfloat16", dict(split_one_token=False))],
-], ids=["defaults", "launches", "overlap", "per_item", "item_lead", "whole_sectors",
+], ids=["defaults", "launches", "overlap", "per_item", "item_lead", "half_sectors",
         "split_one_token"])
 def test_matches_reference_gpu(cases):
     done = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(cases)],
