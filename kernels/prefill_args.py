@@ -48,8 +48,9 @@ TILES_KERNEL = True
 # before ended on, still in L2. On a short uniform batch (64 x 256) longest first runs all
 # second tiles and then all first ones, by when the first key tile (which both read) has
 # left L2: Nsight Compute (H100, 2026-12-07) saw that cost, and request order gained 6%
-# there but lost 15% at 16 x 1,024. Off until measured (gpu_open_figures.sh's sectors_ab
-# step times it as ``alternate_ties=1``).
+# there but lost 15% at 16 x 1,024. Measured (H100, 2026-12-08, blocks of 16 / 64): 64 x
+# 256 175 / 175 TFLOP/s against 174 / 174, 16 x 1,024 407 / 406 against 399 / 395, and
+# with whole-sector stores nothing beside them alone (197 / 208 against 197 / 209): off.
 ALTERNATE_TIES = False
 
 
@@ -126,8 +127,8 @@ def query_tiles(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_token
     are ordered by the keys they visit, most first, over the whole batch (the Gluon
     kernel's persistent launch), and with ``alternate_ties`` (None: ``ALTERNATE_TIES``)
     every other run of tiles visiting as many keys backwards. With ``skip_one_token``
-    requests of one query get no
-    tile (the decode kernel takes them: ``prefill_attention``'s ``split_one_token``).
+    requests of one query get no tile (the decode kernel takes them:
+    ``prefill_attention``'s ``split_one_token``).
     ``first_request``: the tiles of the requests from that one on only (``num_tokens``
     counts their queries; request numbers and rows stay the whole batch's)."""
     if not longest_first and tiles_by_kernel(seq_lens):
