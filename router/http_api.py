@@ -43,6 +43,9 @@ logger = logging.getLogger(__name__)
 
 _ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize",
            "/detokenize", "/metrics", "/health", "/ready")
+# The largest request body read (RouterOptions.max_request_bytes, which bounds a gRPC
+# request message too).
+DEFAULT_MAX_REQUEST_BYTES = 16 << 20
 # A client-chosen id (X-Request-Id) is checked like a gRPC request_id.
 REQUEST_ID_HEADER = "x-request-id"
 
@@ -64,12 +67,16 @@ class HttpApi:
         metrics: the router's metrics, served at ``/metrics``.
         is_ready: readiness (a scheduler with a live worker can serve).
         auth: the API-key check (None: none).
+        max_request_bytes: the largest request body read; a larger one gets 413 before
+            it is read (its declared length), or as soon as it passes the limit (chunked).
     """
 
     def __init__(self, engine: EngineClient, model_name: str, accepted_models: list[str],
                  metrics: RouterMetrics, is_ready: Callable[[], bool],
-                 auth: RouterAuth | None = None):
+                 auth: RouterAuth | None = None,
+                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES):
         self.engine = engine
+        self.max_request_bytes = max_request_bytes
         self.tokenizer = engine.tokenizer
         self.model_name = model_name
         self.accepted_models = {model_name, *accepted_models}
@@ -121,7 +128,7 @@ class HttpApi:
         request_id = request.headers.get(REQUEST_ID_HEADER) or f"{prefix}-{uuid.uuid4().hex}"
         token = request_id_var.set(request_id)
         try:
-            body = await _json_body(request)
+            body = await self._json_body(request)
             self._check_model(body)
             parsed = parse(body, request_id)
             validated = await self._validate(parsed)
@@ -150,6 +157,8 @@ class HttpApi:
 
     def _check_model(self, body: dict) -> None:
         model = body.get("model")
+        if model is not None and not isinstance(model, str):
+            raise bad_request(f"model must be a string, got {type(model).__name__}.", "model")
         if model is not None and model not in self.accepted_models:
             raise ApiError(404, f"The model `{model}` does not exist; this server serves "
                            f"`{self.model_name}`.", "model", "invalid_request_error",
@@ -170,24 +179,27 @@ class HttpApi:
 
     async def tokenize(self, request: Request) -> Response:
         try:
-            body = await _json_body(request)
+            body = await self._json_body(request)
             self._check_model(body)
             add_special = body.get("add_special_tokens")
+            # A text no prompt of the context could hold is refused before it is tokenized
+            # (where the context is known: a scheduler has answered).
+            info = self.engine.pool.any_info()
+            max_model_len = info.max_model_len if info is not None else None
             if "messages" in body:
                 chat = chat_messages(body["messages"])
                 chat.add_generation_prompt = bool(body.get("add_generation_prompt", True))
                 ids = await self.engine.off_loop(
-                    lambda tokenizer: render_chat(tokenizer, chat, "messages"))
+                    lambda tokenizer: render_chat(tokenizer, chat, "chat", max_model_len))
             elif isinstance(body.get("prompt"), str):
                 special = True if add_special is None else bool(add_special)
-                ids = await self.engine.off_loop(
-                    lambda tokenizer: tokenize_text(tokenizer, body["prompt"], special, "prompt"))
+                ids = await self.engine.off_loop(lambda tokenizer: tokenize_text(
+                    tokenizer, body["prompt"], special, "prompt", max_model_len))
             else:
                 raise bad_request("prompt must be a string (or give messages).", "prompt")
             answer: dict[str, Any] = {"count": len(ids), "tokens": ids}
-            info = self.engine.pool.any_info()
-            if info is not None:
-                answer["max_model_len"] = info.max_model_len
+            if max_model_len is not None:
+                answer["max_model_len"] = max_model_len
             return JSONResponse(answer)
         except ValueError as exc:
             return error_response(bad_request(str(exc), param_of(str(exc))))
@@ -196,18 +208,27 @@ class HttpApi:
 
     async def detokenize(self, request: Request) -> Response:
         try:
-            body = await _json_body(request)
+            body = await self._json_body(request)
             self._check_model(body)
             tokens = body.get("tokens")
-            if not isinstance(tokens, list) or not all(
-                    isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in tokens):
+            if not isinstance(tokens, list):
+                raise bad_request("tokens must be a list of token ids.", "tokens")
+            # No sequence of the context is longer (checked before the ids are walked).
+            info = self.engine.pool.any_info()
+            if info is not None and len(tokens) > info.max_model_len:
+                raise bad_request(f"tokens has {len(tokens)} ids; max_model_len is "
+                                  f"{info.max_model_len}.", "tokens")
+            if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                       for t in tokens):
                 raise bad_request("tokens must be a list of token ids.", "tokens")
             if self.tokenizer is None:
                 raise bad_request("tokens: the served model has no tokenizer.", "tokens")
             vocab = len(self.tokenizer)
             if any(t >= vocab for t in tokens):
                 raise bad_request(f"tokens must be token ids in [0, {vocab}).", "tokens")
-            return JSONResponse({"prompt": self.tokenizer.decode(tokens)})
+            # Off the event loop, as tokenizing is: a long decode holds the interpreter.
+            text = await self.engine.off_loop(lambda tokenizer: tokenizer.decode(tokens))
+            return JSONResponse({"prompt": text})
         except ApiError as error:
             return error_response(error)
 
@@ -227,8 +248,29 @@ class HttpApi:
                             status_code=503)
 
 
-async def _json_body(request: Request) -> dict:
-    raw = await request.body()
+    async def _json_body(self, request: Request) -> dict:
+        """The request's JSON object, read up to ``max_request_bytes`` (ApiError 413
+        past it, 400 for anything but a JSON object)."""
+        limit = self.max_request_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise _too_large(int(declared), limit)
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > limit:
+                raise _too_large(None, limit)
+        return _parse_json_object(bytes(raw))
+
+
+def _too_large(size: int | None, limit: int) -> ApiError:
+    has = f"has {size} bytes" if size is not None else f"has more than {limit} bytes"
+    return ApiError(413, f"the request body {has}; this server reads at most {limit} (the "
+                    "router's max_request_bytes).", None, "invalid_request_error",
+                    "request_too_large")
+
+
+def _parse_json_object(raw: bytes) -> dict:
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:

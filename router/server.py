@@ -93,7 +93,7 @@ class RouterOptions:
         "which cancels calls it held too long)")
     max_request_bytes: int = option(
         16 << 20, is_size=True, help="largest request (and response) message the router "
-        "takes; a larger one gets RESOURCE_EXHAUSTED before it is read")
+        "takes; a larger one gets RESOURCE_EXHAUSTED before it is read (an HTTP body: 413)")
     routing_policy: str = option(
         "cache_aware", choices=POLICY_NAMES,
         help="how a scheduler is picked: cache_aware (prefix-cache overlap against load), "
@@ -409,7 +409,8 @@ class RouterServer:
         pool = self.pool
         assert pool is not None
         api = HttpApi(engine, self.options.model_name, [self.options.model], self.metrics,
-                      is_ready=lambda: bool(pool.alive()), auth=self.auth)
+                      is_ready=lambda: bool(pool.alive()), auth=self.auth,
+                      max_request_bytes=self.options.max_request_bytes)
         tls = self.options.tls
         self.http = HttpServer(api.asgi(), self.options.host, self.options.http_port or 0,
                                "router-http", ssl=tls.uvicorn_kwargs() if tls.is_enabled else None)
