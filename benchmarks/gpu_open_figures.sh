@@ -5,7 +5,8 @@
 #   OUT=/path/to/results bash benchmarks/gpu_open_figures.sh
 #
 # Steps (each with a time cap; a step starts only while OPEN_BUDGET_S, default 540 s, has
-# room for it; OPEN_STEPS="name ..." runs only those, OPEN_STEPS=goals the goal table's):
+# room for it; OPEN_STEPS="name ..." runs only those, OPEN_STEPS=goals the goal table's,
+# OPEN_STEPS=by_card those on an H200 and the Hopper checks elsewhere):
 #   gluon_prefill_tests  the warp-specialized Gluon prefill kernel's GPU tests (each group of
 #                        cases in a child process under two minutes, so a barrier deadlock
 #                        fails instead of hanging)
@@ -179,6 +180,17 @@ LOG="$OUT/open.log"
 
 # OPEN_STEPS=goals: the goal table's rows in one call (~9 minutes): the kernel table, the
 # split-KV launch A/B, prefill against SDPA in turns, batch-1 decode in FP8 and bf16.
+# OPEN_STEPS=by_card: those on an H200 (the goals are the H200's); on another card the
+# half-sector store's GPU tests, the kernel table, prefill against SDPA and FP8 batch-1 decode
+# (~7 minutes).
+if [ "${OPEN_STEPS:-}" = by_card ]; then
+  if nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | grep -q H200; then
+    OPEN_STEPS=goals
+  else
+    OPEN_STEPS="sectors_tests kernels prefill_vs_sdpa lat_fp8"
+  fi
+  echo "OPEN_STEPS=$OPEN_STEPS"
+fi
 if [ "${OPEN_STEPS:-}" = goals ]; then
   OPEN_STEPS="kernels split_launch_ab prefill_vs_sdpa lat_fp8 lat_bf16"
 fi
