@@ -247,7 +247,6 @@ class HttpApi:
                              "reason": "no scheduler with a live worker answers"},
                             status_code=503)
 
-
     async def _json_body(self, request: Request) -> dict:
         """The request's JSON object, read up to ``max_request_bytes`` (ApiError 413
         past it, 400 for anything but a JSON object)."""
