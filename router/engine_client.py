@@ -60,6 +60,9 @@ _RESUBMIT_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
                    grpc.StatusCode.UNKNOWN, grpc.StatusCode.ABORTED, grpc.StatusCode.INTERNAL)
 # How requests travel to a scheduler: a shared Session stream, or a Submit call each.
 SCHEDULER_STREAMS = ("session", "submit")
+# The largest request the router reads, a gRPC message or an HTTP body (RouterOptions'
+# max_request_bytes).
+DEFAULT_MAX_REQUEST_BYTES = 16 << 20
 
 
 class RequestFailure(Exception):

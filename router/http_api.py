@@ -23,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gridllm.common.logger import request_id_var
 from router.auth import RouterAuth
-from router.engine_client import EngineClient, RequestFailure
+from router.engine_client import DEFAULT_MAX_REQUEST_BYTES, EngineClient, RequestFailure
 from router.metrics import RouterMetrics
 from router.openai_protocol import (
     ApiError,
@@ -43,9 +43,6 @@ logger = logging.getLogger(__name__)
 
 _ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize",
            "/detokenize", "/metrics", "/health", "/ready")
-# The largest request body read (RouterOptions.max_request_bytes, which bounds a gRPC
-# request message too).
-DEFAULT_MAX_REQUEST_BYTES = 16 << 20
 # A client-chosen id (X-Request-Id) is checked like a gRPC request_id.
 REQUEST_ID_HEADER = "x-request-id"
 

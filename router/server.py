@@ -33,6 +33,7 @@ from gridllm.common.tls import TlsOptions, server_credentials
 from gridllm.v1 import generate_pb2, generate_pb2_grpc
 from router.auth import RouterAuth
 from router.engine_client import (
+    DEFAULT_MAX_REQUEST_BYTES,
     RETRY_AFTER_KEY,
     SCHEDULER_STREAMS,
     EngineClient,
@@ -92,8 +93,9 @@ class RouterOptions:
         "one gets RESOURCE_EXHAUSTED / 429 with a retry hint (instead of queueing inside gRPC, "
         "which cancels calls it held too long)")
     max_request_bytes: int = option(
-        16 << 20, is_size=True, help="largest request (and response) message the router "
-        "takes; a larger one gets RESOURCE_EXHAUSTED before it is read (an HTTP body: 413)")
+        DEFAULT_MAX_REQUEST_BYTES, is_size=True, help="largest request (and response) message "
+        "the router takes; a larger one gets RESOURCE_EXHAUSTED before it is read (an HTTP "
+        "body: 413)")
     routing_policy: str = option(
         "cache_aware", choices=POLICY_NAMES,
         help="how a scheduler is picked: cache_aware (prefix-cache overlap against load), "

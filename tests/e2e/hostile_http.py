@@ -11,7 +11,14 @@ import math
 
 from hypothesis import strategies as st
 
-from tests.e2e.hostile_requests import LIST_SIZES, MAX_MODEL_LEN, PRINTABLE, VOCAB_SIZE
+from tests.e2e.hostile_requests import (
+    LIST_SIZES,
+    MAX_MODEL_LEN,
+    PRINTABLE,
+    VOCAB_SIZE,
+    prompt_text,
+    sized_list,
+)
 
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize")
 
@@ -28,25 +35,11 @@ ANY_JSON = st.recursive(
 TOKEN_ID = st.one_of(st.integers(0, VOCAB_SIZE - 1), st.integers(VOCAB_SIZE, 400), HUGE_INT)
 
 
-def _sized(item, max_small: int = 5):
-    repeated = st.tuples(item, LIST_SIZES).map(lambda pair: [pair[0]] * pair[1])
-    return st.one_of(st.lists(item, max_size=max_small), repeated)
-
-
-@st.composite
-def _text(draw) -> str:
-    if draw(st.integers(0, 9)):
-        return draw(st.text(max_size=120))
-    # Near the context's character bound, or far past it.
-    return draw(st.sampled_from(["a", "日本語 ", "\u0301", "<|im_start|>"])) * draw(
-        st.sampled_from([4000, 50_000, 400_000]))
-
-
-_PROMPT = st.one_of(_text(), st.lists(_text(), max_size=3), _sized(TOKEN_ID),
-                    st.lists(st.lists(TOKEN_ID, max_size=8), max_size=3),
+_PROMPT = st.one_of(prompt_text(), st.lists(prompt_text(), max_size=3),
+                    sized_list(TOKEN_ID), st.lists(st.lists(TOKEN_ID, max_size=8), max_size=3),
                     st.sampled_from([MAX_MODEL_LEN - 9, MAX_MODEL_LEN, 100_000]).map(
                         lambda n: [7] * n))
-_STOP = st.one_of(st.text(max_size=20), _sized(st.text(max_size=200)))
+_STOP = st.one_of(st.text(max_size=20), sized_list(st.text(max_size=200)))
 _LOGIT_BIAS = st.one_of(
     st.dictionaries(st.one_of(st.integers(-5, 400).map(str), st.text(max_size=6)),
                     st.one_of(st.floats(-200, 200), ODD_FLOAT), max_size=4),
@@ -94,11 +87,12 @@ _SAMPLING = {
     "repetition_penalty": (st.floats(0.5, 2), ODD_FLOAT),
     "min_tokens": (st.integers(0, 4), HUGE_INT),
     "ignore_eos": (st.booleans(), None),
-    "stop_token_ids": (st.lists(st.integers(0, VOCAB_SIZE - 1), max_size=3), _sized(TOKEN_ID)),
+    "stop_token_ids": (st.lists(st.integers(0, VOCAB_SIZE - 1), max_size=3),
+                       sized_list(TOKEN_ID)),
     "skip_special_tokens": (st.booleans(), None),
     "include_stop_str_in_output": (st.booleans(), None),
     "allowed_token_ids": (st.lists(st.integers(0, VOCAB_SIZE - 1), min_size=1, max_size=5),
-                          _sized(TOKEN_ID)),
+                          sized_list(TOKEN_ID)),
     "prompt_logprobs": (st.integers(0, 5), HUGE_INT),
     "priority": (st.integers(-5, 5), HUGE_INT),
     "request_id": (st.text(PRINTABLE, max_size=20), st.text(min_size=250, max_size=300)),
@@ -124,7 +118,7 @@ _COMPLETION_ONLY = {
 }
 _ROLES = st.sampled_from(["user", "assistant", "system", "tool", "", "x" * 40])
 _CONTENT = st.one_of(
-    _text(), st.none(),
+    prompt_text(), st.none(),
     st.lists(st.one_of(st.builds(lambda t: {"type": "text", "text": t}, st.text(max_size=30)),
                        st.just({"type": "image_url", "image_url": {"url": "x"}}), ANY_JSON),
              max_size=3))
@@ -197,7 +191,7 @@ def http_requests(draw, model: str) -> tuple[str, bytes]:
         body.update(draw(_fields({**_SAMPLING, **_CHAT_ONLY}, hostile)))
     elif path == "/tokenize":
         if draw(st.booleans()):
-            body["prompt"] = draw(_value((st.text(max_size=60), _text()), hostile))
+            body["prompt"] = draw(_value((st.text(max_size=60), prompt_text()), hostile))
         else:
             body["messages"] = draw(_value(_MESSAGES, hostile))
         body.update(draw(_fields({"add_special_tokens": (st.booleans(), None),
@@ -205,7 +199,7 @@ def http_requests(draw, model: str) -> tuple[str, bytes]:
     else:
         body["tokens"] = draw(_value((
             st.lists(st.integers(0, VOCAB_SIZE - 1), max_size=20),
-            st.one_of(_sized(TOKEN_ID), st.sampled_from(
+            st.one_of(sized_list(TOKEN_ID), st.sampled_from(
                 [MAX_MODEL_LEN, 100_000, 1_000_000]).map(lambda n: [7] * n))), hostile))
     if hostile and draw(st.integers(0, 9)) == 0:  # an unknown field
         body[draw(st.text(min_size=1, max_size=12))] = draw(ANY_JSON)

@@ -36,14 +36,14 @@ PRINTABLE = st.characters(min_codepoint=32, max_codepoint=126)
 LIST_SIZES = st.sampled_from([0, 1, 3, 20, 21, 64, 65, 320, 321, 1024, 1025, 5000])
 
 
-def _sized_list(item, max_small: int = 6):
+def sized_list(item, max_small: int = 6):
     """A short list drawn item by item, or a long one repeating one item (cheap to draw)."""
     repeated = st.tuples(item, LIST_SIZES).map(lambda pair: [pair[0]] * pair[1])
     return st.one_of(st.lists(item, max_size=max_small), repeated)
 
 
-STOP_STRINGS = _sized_list(st.text(max_size=600))
-TOKEN_ID_LISTS = _sized_list(TOKEN_ID)
+STOP_STRINGS = sized_list(st.text(max_size=600))
+TOKEN_ID_LISTS = sized_list(TOKEN_ID)
 LOGIT_BIAS = st.one_of(st.dictionaries(TOKEN_ID, ANY_FLOAT, max_size=4),
                        LIST_SIZES.map(lambda size: dict.fromkeys(range(size), 1.0)))
 
@@ -104,7 +104,7 @@ def sampling_params(draw) -> generate_pb2.SamplingParams:
 
 
 @st.composite
-def _prompt_text(draw) -> str:
+def prompt_text(draw) -> str:
     if draw(st.integers(0, 9)):
         return draw(st.text(max_size=200))
     # Long texts: near the character bound of the context, or far past it.
@@ -120,7 +120,7 @@ def generate_requests(draw) -> generate_pb2.GenerateRequest:
             TEXT, st.text(PRINTABLE, min_size=250, max_size=300))))
     kind = draw(st.sampled_from(["prompt", "prompt", "prompt_token_ids", "chat", "none"]))
     if kind == "prompt":
-        request.prompt = draw(_prompt_text())
+        request.prompt = draw(prompt_text())
     elif kind == "prompt_token_ids":
         ids = draw(st.one_of(
             st.lists(st.one_of(st.integers(0, VOCAB_SIZE - 1), UINT32), max_size=40),

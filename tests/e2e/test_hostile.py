@@ -10,7 +10,6 @@ bounded.
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections import Counter
 
@@ -29,6 +28,7 @@ from gridllm.v1 import generate_pb2
 from router.server import RouterOptions
 from scheduler_svc.server import SchedulerServiceConfig
 from tests.e2e.hostile_requests import MAX_MODEL_LEN, generate_requests
+from tests.e2e.stack_checks import Canary, all_blocks_free, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -81,57 +81,14 @@ def client(hostile_stack):
         yield c
 
 
-def wait_until(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(0.1)
-
-
-def all_blocks_free(client: Client) -> bool:
-    stats = client.server_stats()
-    return (stats.num_requests_running == stats.num_requests_waiting == 0
-            and bool(stats.workers)
-            and all(w.kv_blocks_free == w.kv_blocks_total for w in stats.workers))
-
-
 def canary_once(client: Client) -> tuple[str, list[int]]:
     chunks = list(client.generate_stream(CANARY_PROMPT, CANARY_PARAMS, return_token_ids=True))
     return "".join(c.text for c in chunks), [t for c in chunks for t in c.token_ids]
 
 
-class Canary:
-    """Runs the canary request again and again in a thread until stopped; counts the runs
-    that differ from ``expected`` (and the errors)."""
-
-    def __init__(self, target: str, expected: tuple[str, list[int]]):
-        self.expected = expected
-        self.num_runs = 0
-        self.failures: list[str] = []
-        self._stop = threading.Event()
-        self._client = Client(target, timeout=60.0)
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def __enter__(self) -> Canary:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(120.0)
-        self._client.close()
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                got = canary_once(self._client)
-            except grpc.RpcError as err:
-                self.failures.append(f"{err.code()}: {err.details()}")
-                continue
-            self.num_runs += 1
-            if got != self.expected:
-                self.failures.append(f"run {self.num_runs} differs: {got[0]!r}")
+def grpc_canary(target: str, expected: tuple[str, list[int]]) -> Canary:
+    """The canary request again and again over gRPC, each run compared with ``expected``."""
+    return Canary(Client(target, timeout=60.0), canary_once, expected, grpc.RpcError)
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +149,7 @@ def test_fuzzed_requests_get_only_ok_or_a_refusal_beside_an_identical_canary(
         assert code in ACCEPTED, (code, details, raw)
 
     try:
-        with Canary(hostile_stack.endpoint, undisturbed) as canary:
+        with grpc_canary(hostile_stack.endpoint, undisturbed) as canary:
             fuzz_one()
             fuzz_raw()
             # The canary ran beside the fuzz cases (its last run may end after them).
@@ -249,7 +206,7 @@ def test_requests_that_once_took_a_process_down_are_refused_at_once(
     with grpc.insecure_channel(hostile_stack.endpoint, options=[
             ("grpc.max_send_message_length", 128 << 20)]) as channel:
         call = _raw_call(channel)
-        with Canary(hostile_stack.endpoint, undisturbed) as canary:
+        with grpc_canary(hostile_stack.endpoint, undisturbed) as canary:
             for what, request, _, _ in KNOWN_HOSTILE:
                 start = time.perf_counter()
                 code, details = send(call, request.SerializeToString())

@@ -15,8 +15,6 @@ import http.client
 import json
 import select
 import socket
-import threading
-import time
 from collections import Counter
 
 import psutil
@@ -29,6 +27,7 @@ from gridllm.launcher import LocalStack
 from router.server import RouterOptions
 from tests.e2e.conftest import SERVED_MODEL_NAME, stack_config
 from tests.e2e.hostile_http import http_requests, raw_bodies
+from tests.e2e.stack_checks import Canary, all_blocks_free, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -89,40 +88,6 @@ def canary_once(oai) -> str:
     return "".join(chunk.choices[0].text for chunk in stream if chunk.choices)
 
 
-class Canary:
-    """The canary completion again and again in a thread until stopped; counts the runs
-    that differ from ``expected`` (and the errors)."""
-
-    def __init__(self, base_url: str, expected: str):
-        self.expected = expected
-        self.num_runs = 0
-        self.failures: list[str] = []
-        self._stop = threading.Event()
-        self._client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0,
-                                     timeout=60.0)
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def __enter__(self) -> Canary:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(120.0)
-        self._client.close()
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                got = canary_once(self._client)
-            except openai.APIError as err:
-                self.failures.append(repr(err))
-                continue
-            self.num_runs += 1
-            if got != self.expected:
-                self.failures.append(f"run {self.num_runs} differs: {got!r}")
-
-
 def post(address: tuple[str, int], path: str, body: bytes) -> tuple[int, str]:
     """One request: (status, the answer); a 200 stream is read for a few lines and then the
     connection closed."""
@@ -136,21 +101,6 @@ def post(address: tuple[str, int], path: str, body: bytes) -> tuple[int, str]:
         return response.status, response.read().decode(errors="replace")
     finally:
         conn.close()
-
-
-def wait_until(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(0.1)
-
-
-def all_blocks_free(client: Client) -> bool:
-    stats = client.server_stats()
-    return (stats.num_requests_running == stats.num_requests_waiting == 0
-            and bool(stats.workers)
-            and all(w.kv_blocks_free == w.kv_blocks_total for w in stats.workers))
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +134,9 @@ def test_fuzzed_bodies_get_only_ok_or_a_refusal_beside_an_identical_canary(
         assert status == 400, (status, answer[:300], body)
         assert json.loads(answer)["error"]["type"] == "invalid_request_error"
 
-    canary = Canary(stack.http_endpoint + "/v1", undisturbed)
+    canary = Canary(openai.OpenAI(base_url=stack.http_endpoint + "/v1", api_key="unused",
+                                  max_retries=0, timeout=60.0),
+                    canary_once, undisturbed, openai.APIError)
     try:
         with canary:
             fuzz_one()

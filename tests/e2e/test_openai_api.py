@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import time
 import urllib.error
 import urllib.request
 
@@ -21,6 +20,7 @@ from gridllm.client import Client
 from gridllm.common.sampling_params import SamplingParams
 from gridllm.launcher import LocalStack
 from tests.e2e.conftest import SERVED_MODEL_NAME, stack_config
+from tests.e2e.stack_checks import all_blocks_free, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -68,21 +68,6 @@ def get(url: str) -> tuple[int, str]:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
-
-
-def wait_until(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(0.05)
-
-
-def all_blocks_free(client: Client) -> bool:
-    stats = client.server_stats()
-    return (stats.num_requests_running == 0 and stats.num_requests_waiting == 0
-            and bool(stats.workers)
-            and all(w.kv_blocks_free == w.kv_blocks_total for w in stats.workers))
 
 
 def test_models_health_and_ready(http_stack, oai):
